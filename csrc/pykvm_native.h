@@ -1,0 +1,77 @@
+/*
+ * pykvm native helper: a thin ioctl wrapper and the hot vCPU run loop.
+ *
+ * The struct below is shared with Python (the same text is given to cffi's cdef by
+ * csrc/build_native.py), so keep it plain: fixed-width fields, no bitfields.
+ */
+#ifndef PYKVM_NATIVE_H
+#define PYKVM_NATIVE_H
+
+#include <stdint.h>
+
+/* Why pykvm_loop_run() returned. */
+#define PYKVM_STOP_EXIT          1  /* an exit Python must see; kvm_run holds it */
+#define PYKVM_STOP_DEBUG_EXIT    2  /* the guest wrote to the exit port */
+#define PYKVM_STOP_DEADLINE      3  /* the deadline passed */
+#define PYKVM_STOP_BUDGET        4  /* the exit budget is used up */
+#define PYKVM_STOP_KICK          5  /* pykvm_loop_kick() was called */
+#define PYKVM_STOP_CONSOLE_FULL  6  /* the console buffer is full: drain it and call again */
+#define PYKVM_STOP_SIGNAL        7  /* KVM_RUN was interrupted by someone else's signal */
+#define PYKVM_STOP_MMIO_LOG_FULL 8  /* the coalesced-MMIO log is full: drain it and call again */
+#define PYKVM_STOP_BAD_EXIT      9  /* kvm_run described an I/O outside the shared page */
+
+#define PYKVM_MAX_EXIT_REASON 64
+
+struct pykvm_mmio_record {
+    uint64_t phys_addr;
+    uint32_t len;
+    uint32_t pio;
+    uint8_t data[8];
+};
+
+struct pykvm_loop {
+    /* set up by Python */
+    int32_t vcpu_fd;
+    uint32_t run_size;               /* bytes mapped at `run` (KVM_GET_VCPU_MMAP_SIZE) */
+    uint64_t run;                    /* address of the mmapped struct kvm_run */
+    uint64_t ring;                   /* address of the coalesced-MMIO ring page, or 0 */
+    uint32_t ring_entries;           /* entries the ring holds */
+    uint32_t page_size;
+
+    uint64_t console;                /* address of the console buffer */
+    uint32_t console_cap;
+    uint32_t console_len;            /* bytes in the buffer; Python drains and resets it */
+
+    uint16_t serial_base;            /* 16550 base port (0x3f8), 0 = none */
+    uint16_t debugcon_port;          /* 0xe9, 0 = none */
+    uint16_t exit_port;              /* 0xf4, 0 = none */
+    uint16_t _pad0;
+    uint8_t uart[8];                 /* 16550 register file */
+    uint8_t uart_dll, uart_dlm, _pad1[6];
+
+    uint64_t mmio_log;               /* address of an array of struct pykvm_mmio_record */
+    uint32_t mmio_log_cap;
+    uint32_t mmio_log_len;
+
+    uint64_t budget;                 /* max exits in one call, 0 = unlimited */
+    int64_t deadline_ns;             /* CLOCK_MONOTONIC, absolute; 0 = none */
+
+    /* results */
+    uint32_t exit_value;             /* value written to the exit port */
+    int32_t last_errno;              /* errno of a failed KVM_RUN */
+    uint64_t exits_total;
+    uint64_t counts[64];             /* exits by kvm_run.exit_reason (>= 63 are summed in 63) */
+    uint64_t handled_in_c;           /* exits served without returning to Python */
+
+    /* kick machinery */
+    volatile int32_t kick;
+    volatile int32_t tid;            /* kernel thread id while running, 0 otherwise */
+};
+
+long pykvm_ioctl(int fd, unsigned long request, uint64_t arg);
+int pykvm_loop_run(struct pykvm_loop *l);
+int pykvm_loop_kick(struct pykvm_loop *l);
+int64_t pykvm_monotonic_ns(void);
+int pykvm_kick_signal(void);
+
+#endif

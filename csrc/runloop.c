@@ -1,0 +1,347 @@
+/*
+ * The vCPU run loop. One call runs KVM_RUN until an exit Python must see. The exits it serves
+ * itself: console ports (a 16550 at serial_base, the 0xe9 debug port), the exit port, coalesced
+ * MMIO drains; it counts every exit, honours a deadline and an exit budget, and stops on a kick.
+ *
+ * Kicks are race-free: the kicker sets kvm_run.immediate_exit and then signals the vCPU thread.
+ * If the signal lands before KVM_RUN, immediate_exit makes KVM_RUN return EINTR at once; if it
+ * lands during guest execution the signal forces an exit. The deadline uses a POSIX timer that
+ * signals the vCPU thread itself, whose handler sets immediate_exit through a thread-local pointer.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+
+#include "pykvm_native.h"
+
+#ifndef SIGEV_THREAD_ID
+#define SIGEV_THREAD_ID 4
+#endif
+#ifndef sigev_notify_thread_id
+#define sigev_notify_thread_id _sigev_un._tid
+#endif
+
+#define UART_THR 0
+#define UART_IER 1
+#define UART_IIR 2
+#define UART_LCR 3
+#define UART_MCR 4
+#define UART_LSR 5
+#define UART_MSR 6
+#define UART_SCR 7
+#define UART_LCR_DLAB 0x80
+#define UART_LSR_THRE 0x20
+#define UART_LSR_TEMT 0x40
+
+static __thread struct kvm_run *tls_run;
+static pthread_once_t sig_once = PTHREAD_ONCE_INIT;
+static int kick_sig;
+
+static void kick_handler(int sig, siginfo_t *si, void *uc)
+{
+    (void)sig; (void)si; (void)uc;
+    if (tls_run)
+        tls_run->immediate_exit = 1;
+}
+
+static void install_handler(void)
+{
+    struct sigaction sa;
+
+    kick_sig = SIGRTMIN + 3;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_sigaction = kick_handler;
+    sa.sa_flags = SA_SIGINFO;        /* no SA_RESTART: KVM_RUN must see EINTR */
+    sigemptyset(&sa.sa_mask);
+    sigaction(kick_sig, &sa, NULL);
+}
+
+int pykvm_kick_signal(void)
+{
+    pthread_once(&sig_once, install_handler);
+    return kick_sig;
+}
+
+long pykvm_ioctl(int fd, unsigned long request, uint64_t arg)
+{
+    long r = ioctl(fd, request, (unsigned long)arg);
+    return r < 0 ? -errno : r;
+}
+
+int64_t pykvm_monotonic_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+int pykvm_loop_kick(struct pykvm_loop *l)
+{
+    struct kvm_run *run = (struct kvm_run *)(uintptr_t)l->run;
+    int tid;
+
+    pykvm_kick_signal();
+    l->kick = 1;
+    __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    tid = __atomic_load_n(&l->tid, __ATOMIC_SEQ_CST);
+    if (tid)
+        syscall(SYS_tgkill, getpid(), tid, kick_sig);
+    return 0;
+}
+
+/* Append bytes to the console buffer; returns 0 when it had to stop because the buffer is full. */
+static int console_put(struct pykvm_loop *l, const uint8_t *p, uint32_t n)
+{
+    uint8_t *buf = (uint8_t *)(uintptr_t)l->console;
+    uint32_t room = l->console_cap - l->console_len;
+
+    if (n > room)
+        n = room;
+    memcpy(buf + l->console_len, p, n);
+    l->console_len += n;
+    return l->console_len < l->console_cap;
+}
+
+static uint32_t io_value(const uint8_t *p, uint8_t size)
+{
+    uint32_t v = 0;
+    memcpy(&v, p, size <= 4 ? size : 4);
+    return v;
+}
+
+/* A 16550 that is good enough for polled output: returns the byte a read produces. */
+static uint8_t uart_read(struct pykvm_loop *l, unsigned reg)
+{
+    if ((l->uart[UART_LCR] & UART_LCR_DLAB) && reg <= 1)
+        return reg == 0 ? l->uart_dll : l->uart_dlm;
+    switch (reg) {
+    case UART_THR: return 0;                       /* nothing to receive */
+    case UART_IIR: return 0x01;                    /* no interrupt pending */
+    case UART_LSR: return UART_LSR_THRE | UART_LSR_TEMT;
+    case UART_MSR: return 0xb0;                    /* DCD, DSR, CTS */
+    default: return l->uart[reg];
+    }
+}
+
+enum io_result { IO_NOT_OURS, IO_DONE, IO_STOP_DEBUG_EXIT, IO_STOP_CONSOLE_FULL };
+
+static enum io_result serve_io(struct pykvm_loop *l, struct kvm_run *run, uint8_t *data)
+{
+    uint16_t port = run->io.port;
+    uint8_t size = run->io.size;
+    uint32_t count = run->io.count;
+    int out = run->io.direction == KVM_EXIT_IO_OUT;
+    uint32_t i;
+
+    if (l->exit_port && port == l->exit_port) {
+        if (!out) {
+            memset(data, 0, (size_t)size * count);
+            return IO_DONE;
+        }
+        l->exit_value = io_value(data, size);
+        return IO_STOP_DEBUG_EXIT;
+    }
+    if (l->debugcon_port && port == l->debugcon_port) {
+        if (!out) {
+            memset(data, 0xe9, (size_t)size * count);   /* Bochs: reads return 0xe9 */
+            return IO_DONE;
+        }
+        for (i = 0; i < count; i++)
+            if (!console_put(l, data + (size_t)i * size, 1))
+                return IO_STOP_CONSOLE_FULL;
+        return IO_DONE;
+    }
+    if (l->serial_base && port >= l->serial_base && port < l->serial_base + 8) {
+        unsigned reg = port - l->serial_base;
+        int full = 0;
+        for (i = 0; i < count; i++) {
+            uint8_t *p = data + (size_t)i * size;
+            if (out) {
+                uint8_t v = p[0];
+                if ((l->uart[UART_LCR] & UART_LCR_DLAB) && reg <= 1) {
+                    if (reg == 0) l->uart_dll = v; else l->uart_dlm = v;
+                } else if (reg == UART_THR) {
+                    if (!console_put(l, &v, 1))
+                        full = 1;
+                } else if (reg != UART_LSR && reg != UART_MSR && reg != UART_IIR) {
+                    l->uart[reg] = v;
+                }
+            } else {
+                memset(p, 0, size);
+                p[0] = uart_read(l, reg);
+            }
+        }
+        return full ? IO_STOP_CONSOLE_FULL : IO_DONE;
+    }
+    return IO_NOT_OURS;
+}
+
+/* Move coalesced-MMIO ring entries into the log. Returns 0 if the log filled up. */
+static int drain_ring(struct pykvm_loop *l)
+{
+    struct kvm_coalesced_mmio_ring *ring = (void *)(uintptr_t)l->ring;
+    struct pykvm_mmio_record *log = (void *)(uintptr_t)l->mmio_log;
+    uint32_t first, last, max = l->ring_entries;
+
+    if (!ring || !max)
+        return 1;
+    first = __atomic_load_n(&ring->first, __ATOMIC_ACQUIRE);
+    last = __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE);
+    if (first >= max || last >= max)   /* the ring is shared with the kernel: stay in bounds */
+        return 1;
+    while (first != last) {
+        struct kvm_coalesced_mmio *e = &ring->coalesced_mmio[first];
+        if (l->mmio_log_len >= l->mmio_log_cap)
+            return 0;
+        if (log) {
+            struct pykvm_mmio_record *r = &log[l->mmio_log_len];
+            r->phys_addr = e->phys_addr;
+            r->len = e->len > 8 ? 8 : e->len;
+#ifdef KVM_CAP_COALESCED_PIO
+            r->pio = e->pio;
+#else
+            r->pio = 0;
+#endif
+            memcpy(r->data, e->data, 8);
+        }
+        l->mmio_log_len++;
+        first = (first + 1) % max;
+        __atomic_store_n(&ring->first, first, __ATOMIC_RELEASE);
+    }
+    return 1;
+}
+
+static int arm_deadline(struct pykvm_loop *l, timer_t *timer)
+{
+    struct sigevent sev;
+    struct itimerspec its;
+
+    memset(&sev, 0, sizeof(sev));
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = kick_sig;
+    sev.sigev_notify_thread_id = l->tid;
+    if (timer_create(CLOCK_MONOTONIC, &sev, timer) < 0)
+        return -errno;
+    memset(&its, 0, sizeof(its));
+    its.it_value.tv_sec = l->deadline_ns / 1000000000LL;
+    its.it_value.tv_nsec = l->deadline_ns % 1000000000LL;
+    /* Re-fire every millisecond after the deadline in case one signal lands outside KVM_RUN. */
+    its.it_interval.tv_nsec = 1000000;
+    if (timer_settime(*timer, TIMER_ABSTIME, &its, NULL) < 0) {
+        int e = errno;
+        timer_delete(*timer);
+        return -e;
+    }
+    return 0;
+}
+
+static int run_loop(struct pykvm_loop *l, struct kvm_run *run)
+{
+    uint64_t budget_left = l->budget;
+
+    for (;;) {
+        uint32_t reason;
+        int r;
+
+        if (l->kick)
+            return PYKVM_STOP_KICK;
+        if (l->deadline_ns && pykvm_monotonic_ns() >= l->deadline_ns)
+            return PYKVM_STOP_DEADLINE;
+
+        r = ioctl(l->vcpu_fd, KVM_RUN, 0);
+        if (r < 0) {
+            int e = errno;
+            if (e == EINTR || e == EAGAIN) {
+                __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+                if (l->kick)
+                    return PYKVM_STOP_KICK;
+                if (l->deadline_ns && pykvm_monotonic_ns() >= l->deadline_ns)
+                    return PYKVM_STOP_DEADLINE;
+                return PYKVM_STOP_SIGNAL;
+            }
+            l->last_errno = e;
+            return -e;
+        }
+
+        reason = run->exit_reason;
+        l->exits_total++;
+        l->counts[reason < PYKVM_MAX_EXIT_REASON ? reason : PYKVM_MAX_EXIT_REASON - 1]++;
+
+        if (!drain_ring(l))
+            return PYKVM_STOP_MMIO_LOG_FULL;
+
+        if (reason == KVM_EXIT_IO) {
+            uint64_t off = run->io.data_offset;
+            uint64_t len = (uint64_t)run->io.size * run->io.count;
+            enum io_result res;
+
+            if (run->io.size == 0 || run->io.size > 8 || off < sizeof(*run) ||
+                off > l->run_size || len > l->run_size - off)
+                return PYKVM_STOP_BAD_EXIT;
+            res = serve_io(l, run, (uint8_t *)run + off);
+            if (res == IO_STOP_DEBUG_EXIT) {
+                l->handled_in_c++;
+                return PYKVM_STOP_DEBUG_EXIT;
+            }
+            if (res == IO_STOP_CONSOLE_FULL) {
+                l->handled_in_c++;
+                return PYKVM_STOP_CONSOLE_FULL;
+            }
+            if (res == IO_NOT_OURS)
+                return PYKVM_STOP_EXIT;
+            l->handled_in_c++;
+        } else if (reason == KVM_EXIT_INTR) {
+            l->handled_in_c++;          /* a pending signal of ours: checked at the loop top */
+        } else {
+            return PYKVM_STOP_EXIT;
+        }
+
+        if (l->budget && --budget_left == 0)
+            return PYKVM_STOP_BUDGET;
+    }
+}
+
+int pykvm_loop_run(struct pykvm_loop *l)
+{
+    struct kvm_run *run = (struct kvm_run *)(uintptr_t)l->run;
+    timer_t timer;
+    int have_timer = 0;
+    int ret;
+    sigset_t set;
+
+    pykvm_kick_signal();
+    /* Make sure the kick signal can reach this thread. */
+    sigemptyset(&set);
+    sigaddset(&set, kick_sig);
+    pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+
+    tls_run = run;
+    __atomic_store_n(&l->tid, (int32_t)syscall(SYS_gettid), __ATOMIC_SEQ_CST);
+    l->last_errno = 0;
+
+    if (l->deadline_ns) {
+        ret = arm_deadline(l, &timer);
+        if (ret < 0) {
+            l->last_errno = -ret;
+            goto out;
+        }
+        have_timer = 1;
+    }
+    ret = run_loop(l, run);
+    if (ret == PYKVM_STOP_KICK)
+        l->kick = 0;
+out:
+    if (have_timer)
+        timer_delete(timer);
+    __atomic_store_n(&l->tid, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+    tls_run = NULL;
+    return ret;
+}

@@ -1,0 +1,216 @@
+"""x86 parts of Kvm / Vm / Vcpu: supported CPUID, MSR lists, regs/sregs/fpu, MSRs (KVM_GET_MSRS
+and ONE_REG), CPUID, TSS/identity map, PIT, nested state."""
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from ... import abi
+from ..._ioctl import ioctl
+from ...abi import ffi, ioctls
+from ...errors import KvmTooBig
+
+REG_TYPE_MSR = abi.arch.REG_TYPE_MSR
+
+
+def msr_reg_id(index: int) -> int:
+    """The ONE_REG id of MSR ``index`` (Linux 6.18+): X86 | U64 | type MSR << 32 | index."""
+    if not 0 <= index <= 0xFFFFFFFF:
+        raise ValueError(f"MSR index {index:#x} out of range")
+    return abi.REG_X86 | abi.REG_SIZES["U64"] | (REG_TYPE_MSR << 32) | index
+
+
+def _grow(fd, name, request, ctype, count_field, array_field, first=64, limit=1 << 16):
+    """Call a KVM 'fill this array' ioctl, growing the buffer on E2BIG."""
+    n = first
+    while n <= limit:
+        obj = ffi.new(f"{ctype} *", {array_field: n})
+        assert len(getattr(obj, array_field)) == n
+        setattr(obj, count_field, n)
+        try:
+            ioctl(fd, name, request, obj)
+            return obj
+        except KvmTooBig:
+            got = getattr(obj, count_field)
+            n = got if got > n else n * 2
+    raise RuntimeError(f"{name}: more than {limit} entries")
+
+
+class CpuidEntry(tuple):
+    """(function, index, flags, eax, ebx, ecx, edx)."""
+    __slots__ = ()
+
+    def __new__(cls, function, index, flags, eax, ebx, ecx, edx):
+        return tuple.__new__(cls, (function, index, flags, eax, ebx, ecx, edx))
+
+    function = property(lambda s: s[0])
+    index = property(lambda s: s[1])
+    flags = property(lambda s: s[2])
+    eax = property(lambda s: s[3])
+    ebx = property(lambda s: s[4])
+    ecx = property(lambda s: s[5])
+    edx = property(lambda s: s[6])
+
+
+def _cpuid_entries(c) -> List[CpuidEntry]:
+    return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in (c.entries[i] for i in range(c.nent))]
+
+
+def cpuid_lookup(entries: Iterable[CpuidEntry], function: int, index: int = 0) -> Optional[CpuidEntry]:
+    for e in entries:
+        if e.function == function and (e.index == index or not e.flags & 1):
+            return e
+    return None
+
+
+class KvmArch:
+    def supported_cpuid(self) -> List[CpuidEntry]:
+        """KVM_GET_SUPPORTED_CPUID."""
+        c = _grow(self.fd, "KVM_GET_SUPPORTED_CPUID", ioctls.KVM_GET_SUPPORTED_CPUID,
+                  "struct kvm_cpuid2", "nent", "entries", first=128)
+        return _cpuid_entries(c)
+
+    def msr_index_list(self) -> List[int]:
+        """KVM_GET_MSR_INDEX_LIST: MSRs KVM saves/restores (usable with GET/SET_MSRS, ONE_REG)."""
+        m = _grow(self.fd, "KVM_GET_MSR_INDEX_LIST", ioctls.KVM_GET_MSR_INDEX_LIST,
+                  "struct kvm_msr_list", "nmsrs", "indices", first=256)
+        return [m.indices[i] for i in range(m.nmsrs)]
+
+    def arch_info(self) -> dict:
+        from .nested import nested_report
+        return {"nested": nested_report(self).as_dict()}
+
+
+class VmArch:
+    def _arch_init(self) -> None:
+        pass
+
+    def set_tss_addr(self, addr: int = 0xFFFBD000) -> None:
+        """KVM_SET_TSS_ADDR (3 pages KVM uses on Intel for real-mode emulation)."""
+        ioctl(self.fd, "KVM_SET_TSS_ADDR", ioctls.KVM_SET_TSS_ADDR, addr, what=f"{addr:#x}")
+
+    def set_identity_map_addr(self, addr: int = 0xFFFBC000) -> None:
+        v = ffi.new("uint64_t *", addr)
+        ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", ioctls.KVM_SET_IDENTITY_MAP_ADDR, v,
+              what=f"{addr:#x}")
+
+    def create_pit2(self, *, speaker_dummy: bool = True) -> None:
+        """KVM_CREATE_PIT2: the in-kernel i8254 (needs the irqchip)."""
+        p = ffi.new("struct kvm_pit_config *")
+        p.flags = abi.PIT_SPEAKER_DUMMY if speaker_dummy else 0
+        ioctl(self.fd, "KVM_CREATE_PIT2", ioctls.KVM_CREATE_PIT2, p)
+
+
+class VcpuArch:
+    def _arch_init(self) -> None:
+        pass
+
+    # -- register files -------------------------------------------------------------------
+    def get_regs(self):
+        r = ffi.new("struct kvm_regs *")
+        ioctl(self.fd, "KVM_GET_REGS", ioctls.KVM_GET_REGS, r)
+        return r
+
+    def set_regs(self, regs) -> None:
+        ioctl(self.fd, "KVM_SET_REGS", ioctls.KVM_SET_REGS, regs)
+
+    def get_sregs(self):
+        s = ffi.new("struct kvm_sregs *")
+        ioctl(self.fd, "KVM_GET_SREGS", ioctls.KVM_GET_SREGS, s)
+        return s
+
+    def set_sregs(self, sregs) -> None:
+        ioctl(self.fd, "KVM_SET_SREGS", ioctls.KVM_SET_SREGS, sregs)
+
+    def get_fpu(self):
+        f = ffi.new("struct kvm_fpu *")
+        ioctl(self.fd, "KVM_GET_FPU", ioctls.KVM_GET_FPU, f)
+        return f
+
+    def set_fpu(self, fpu) -> None:
+        ioctl(self.fd, "KVM_SET_FPU", ioctls.KVM_SET_FPU, fpu)
+
+    def translate(self, gva: int) -> Optional[int]:
+        """KVM_TRANSLATE: the guest-physical address for ``gva`` under the vCPU's paging."""
+        t = ffi.new("struct kvm_translation *")
+        t.linear_address = gva
+        ioctl(self.fd, "KVM_TRANSLATE", ioctls.KVM_TRANSLATE, t, what=f"{gva:#x}")
+        return t.physical_address if t.valid else None
+
+    # -- MSRs -----------------------------------------------------------------------------
+    def get_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
+        """KVM_GET_MSRS. Raises if KVM returns fewer MSRs than asked (naming the first missing)."""
+        idx = list(indices)
+        m = ffi.new("struct kvm_msrs *", {"entries": len(idx) or 1})
+        m.nmsrs = len(idx)
+        for i, x in enumerate(idx):
+            m.entries[i].index = x
+        got = ioctl(self.fd, "KVM_GET_MSRS", ioctls.KVM_GET_MSRS, m,
+                    what=",".join(hex(i) for i in idx[:4]) + ("..." if len(idx) > 4 else ""))
+        if got != len(idx):
+            from ...errors import kvm_error
+            import errno
+            raise kvm_error("KVM_GET_MSRS", errno.EINVAL, f"{idx[got]:#x}",
+                            f"MSR {idx[got]:#x} not readable ({got} of {len(idx)} read)")
+        return {m.entries[i].index: m.entries[i].data for i in range(got)}
+
+    def set_msrs(self, values: Dict[int, int]) -> None:
+        """KVM_SET_MSRS; raises naming the first MSR KVM refused."""
+        items = list(values.items())
+        m = ffi.new("struct kvm_msrs *", {"entries": len(items) or 1})
+        m.nmsrs = len(items)
+        for i, (k, v) in enumerate(items):
+            m.entries[i].index, m.entries[i].data = k, v
+        got = ioctl(self.fd, "KVM_SET_MSRS", ioctls.KVM_SET_MSRS, m)
+        if got != len(items):
+            from ...errors import kvm_error
+            import errno
+            raise kvm_error("KVM_SET_MSRS", errno.EINVAL, f"{items[got][0]:#x}",
+                            f"MSR {items[got][0]:#x} refused value {items[got][1]:#x}")
+
+    def get_msr(self, index: int) -> int:
+        return self.get_msrs([index])[index]
+
+    def set_msr(self, index: int, value: int) -> None:
+        self.set_msrs({index: value})
+
+    def get_msr_one_reg(self, index: int) -> int:
+        """Read MSR ``index`` through KVM_GET_ONE_REG (Linux 6.18+)."""
+        return self.get_one_reg(msr_reg_id(index))
+
+    def set_msr_one_reg(self, index: int, value: int) -> None:
+        self.set_one_reg(msr_reg_id(index), value)
+
+    # -- CPUID ----------------------------------------------------------------------------
+    def set_cpuid(self, entries: Iterable[Tuple]) -> None:
+        """KVM_SET_CPUID2 from (function, index, flags, eax, ebx, ecx, edx) tuples."""
+        es = list(entries)
+        c = ffi.new("struct kvm_cpuid2 *", {"entries": len(es) or 1})
+        c.nent = len(es)
+        for i, e in enumerate(es):
+            d = c.entries[i]
+            d.function, d.index, d.flags, d.eax, d.ebx, d.ecx, d.edx = e
+        ioctl(self.fd, "KVM_SET_CPUID2", ioctls.KVM_SET_CPUID2, c, what=f"{len(es)} entries")
+
+    def get_cpuid(self) -> List[CpuidEntry]:
+        """KVM_GET_CPUID2: what this vCPU was given."""
+        c = _grow(self.fd, "KVM_GET_CPUID2", ioctls.KVM_GET_CPUID2, "struct kvm_cpuid2", "nent",
+                  "entries", first=128)
+        return _cpuid_entries(c)
+
+    def nmi(self) -> None:
+        ioctl(self.fd, "KVM_NMI", ioctls.KVM_NMI)
+
+    def interrupt(self, vector: int) -> None:
+        """KVM_INTERRUPT (only without an in-kernel irqchip)."""
+        i = ffi.new("struct kvm_interrupt *")
+        i.irq = vector
+        ioctl(self.fd, "KVM_INTERRUPT", ioctls.KVM_INTERRUPT, i, what=str(vector))
+
+    # -- nested ---------------------------------------------------------------------------
+    def nested_state(self):
+        """KVM_GET_NESTED_STATE → :class:`pykvm.arch.x86.nested.NestedState`."""
+        from .nested import get_nested_state
+        return get_nested_state(self)
+
+    def set_nested_state(self, state) -> None:
+        from .nested import set_nested_state
+        set_nested_state(self, state)

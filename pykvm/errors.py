@@ -1,0 +1,127 @@
+"""pykvm's exceptions. Every failed ioctl raises a :class:`KvmError` subclass chosen by errno, and
+its message names the ioctl, what was asked, the errno name and what it means in that context:
+
+    KVM_SET_ONE_REG(0x80300000070000ff): ENOENT — register not present on this host
+"""
+import errno as _errno
+import os
+
+
+class PykvmError(Exception):
+    """Base of every pykvm exception."""
+
+
+class KvmError(PykvmError, OSError):
+    """An ioctl on a KVM file descriptor failed."""
+
+    def __init__(self, ioctl: str, err: int, what: str = "", hint: str = ""):
+        self.ioctl = ioctl
+        self.what = what
+        self.hint = hint or _default_hint(ioctl, err)
+        name = _errno.errorcode.get(err, f"errno {err}")
+        call = f"{ioctl}({what})" if what else ioctl
+        msg = f"{call}: {name}"
+        if self.hint:
+            msg += f" — {self.hint}"
+        OSError.__init__(self, err, msg)
+        self.errno_name = name
+
+    def __str__(self):
+        return self.args[1]
+
+    def __reduce__(self):
+        return (type(self), (self.ioctl, self.errno, self.what, self.hint))
+
+
+class KvmNotFound(KvmError):
+    """ENOENT: the object (register, slot, ...) does not exist here."""
+
+
+class KvmInvalid(KvmError):
+    """EINVAL: KVM rejected the arguments."""
+
+
+class KvmBusy(KvmError):
+    """EBUSY: not allowed any more (e.g. the vCPU has already run)."""
+
+
+class KvmUnsupported(KvmError):
+    """ENOTTY/ENXIO/EOPNOTSUPP/ENOSYS: this KVM does not implement it."""
+
+
+class KvmPermission(KvmError):
+    """EPERM/EACCES."""
+
+
+class KvmTooBig(KvmError):
+    """E2BIG: the buffer given was too small (KVM reports the size it needs)."""
+
+
+class KvmFault(KvmError):
+    """EFAULT: KVM could not access a buffer or guest memory it was given."""
+
+
+class KvmInterrupted(KvmError):
+    """EINTR: interrupted by a signal."""
+
+
+class KvmExists(KvmError):
+    """EEXIST: already there (slot overlap, device already created)."""
+
+
+_BY_ERRNO = {
+    _errno.ENOENT: KvmNotFound, _errno.EINVAL: KvmInvalid, _errno.EBUSY: KvmBusy,
+    _errno.ENOTTY: KvmUnsupported, _errno.ENXIO: KvmUnsupported,
+    _errno.EOPNOTSUPP: KvmUnsupported, _errno.ENOSYS: KvmUnsupported,
+    _errno.EPERM: KvmPermission, _errno.EACCES: KvmPermission, _errno.E2BIG: KvmTooBig,
+    _errno.EFAULT: KvmFault, _errno.EINTR: KvmInterrupted, _errno.EEXIST: KvmExists,
+}
+
+# Context-specific meanings: (ioctl, errno) first, then errno alone.
+_HINTS = {
+    ("KVM_GET_ONE_REG", _errno.ENOENT): "register not present on this host",
+    ("KVM_SET_ONE_REG", _errno.ENOENT): "register not present on this host",
+    ("KVM_SET_ONE_REG", _errno.EINVAL): "value not allowed for this register",
+    ("KVM_SET_ONE_REG", _errno.EBUSY): "too late: the vCPU has already run",
+    ("KVM_GET_ONE_REG", _errno.EINVAL): "register id not valid on this host",
+    ("KVM_CREATE_VCPU", _errno.EEXIST): "a vCPU with this id already exists",
+    ("KVM_CREATE_VCPU", _errno.EINVAL): "vCPU id out of range",
+    ("KVM_SET_USER_MEMORY_REGION", _errno.EEXIST): "overlaps an existing slot",
+    ("KVM_GET_NESTED_STATE", _errno.EINVAL): "nested virtualization not available on this host",
+    ("KVM_SET_NESTED_STATE", _errno.EINVAL): "nested state rejected",
+    ("KVM_RUN", _errno.EFAULT): "KVM could not access guest memory or the run page",
+    ("KVM_RUN", _errno.ENOEXEC): "the vCPU's state cannot be run",
+}
+_GENERIC = {
+    _errno.ENOTTY: "ioctl not implemented by this KVM",
+    _errno.ENXIO: "not supported by this KVM",
+    _errno.E2BIG: "buffer too small",
+    _errno.EFAULT: "bad address",
+    _errno.EPERM: "not permitted",
+    _errno.EACCES: "permission denied",
+}
+
+
+def _default_hint(ioctl: str, err: int) -> str:
+    return _HINTS.get((ioctl, err)) or _GENERIC.get(err, os.strerror(err))
+
+
+def kvm_error(ioctl: str, err: int, what: str = "", hint: str = "") -> KvmError:
+    """The right :class:`KvmError` subclass for ``err``."""
+    return _BY_ERRNO.get(err, KvmError)(ioctl, err, what, hint)
+
+
+class CapabilityMissing(PykvmError):
+    """A capability the call needs is not offered by this KVM."""
+
+
+class GuestMemoryError(PykvmError, ValueError):
+    """A guest-physical range is not backed by guest RAM (or not writable)."""
+
+
+class GuestError(PykvmError):
+    """The guest did something the VMM cannot honour (bad report, bad I/O, ...)."""
+
+
+class StaleExit(PykvmError):
+    """An exit object was used after the vCPU ran again: its kvm_run contents are gone."""

@@ -1,0 +1,386 @@
+"""Typed vCPU exits.
+
+An exit object borrows its vCPU's shared ``kvm_run`` page: it reads the fields when you ask for
+them and stops being usable once the vCPU runs again (:class:`~pykvm.errors.StaleExit`).
+Guest-controlled sizes and offsets (``io.data_offset``, ``io.size * io.count``, ``mmio.len``) are
+validated before any host memory is touched.
+"""
+from typing import Dict, Optional, Tuple, Type
+
+from . import abi
+from .abi import ffi
+from .errors import GuestError, StaleExit
+
+_RUN_SIZE = ffi.sizeof("struct kvm_run")
+
+
+class Exit:
+    """Base class: ``reason`` (int), ``name`` (e.g. ``"IO"``), ``flags`` (kvm_run.flags)."""
+
+    reason = -1
+
+    def __init__(self, vcpu):
+        self._vcpu = vcpu
+        self._seq = vcpu.run_seq
+        self._reason = vcpu.run_struct.exit_reason
+
+    @property
+    def name(self) -> str:
+        return abi.EXIT_NAMES.get(self._reason, f"EXIT_{self._reason}")
+
+    @property
+    def run(self):
+        """The live kvm_run struct, while this exit is current."""
+        if self._vcpu.run_seq != self._seq or self._vcpu.run_struct is None:
+            raise StaleExit(f"{self.name} exit used after vCPU {self._vcpu.id} ran again")
+        return self._vcpu.run_struct
+
+    @property
+    def flags(self) -> int:
+        return self.run.flags
+
+    @property
+    def guest_mode(self) -> bool:
+        """x86: the exit happened while the vCPU was running a nested (L2) guest."""
+        return bool(self.run.flags & abi.RUN_FLAGS["X86_GUEST_MODE"])
+
+    def fields(self) -> Dict[str, object]:
+        """The exit's decoded fields, for printing and JSON."""
+        return {}
+
+    def __repr__(self):
+        f = ", ".join(f"{k}={v:#x}" if isinstance(v, int) else f"{k}={v!r}"
+                      for k, v in self.fields().items())
+        return f"<{type(self).__name__} {f}>" if f else f"<{type(self).__name__}>"
+
+
+class Unknown(Exit):
+    reason = abi.EXIT_REASONS["UNKNOWN"]
+
+    @property
+    def hardware_exit_reason(self) -> int:
+        return self.run.hw.hardware_exit_reason
+
+    def fields(self):
+        return {"hardware_exit_reason": self.hardware_exit_reason}
+
+
+class Io(Exit):
+    """Port I/O. ``out``: ``data`` holds what the guest wrote. ``in``: call :meth:`respond`."""
+    reason = abi.EXIT_REASONS["IO"]
+
+    @property
+    def port(self) -> int:
+        return self.run.io.port
+
+    @property
+    def size(self) -> int:
+        return self.run.io.size
+
+    @property
+    def count(self) -> int:
+        return self.run.io.count
+
+    @property
+    def is_out(self) -> bool:
+        return self.run.io.direction == abi.KVM_EXIT_IO_OUT
+
+    @property
+    def direction(self) -> str:
+        return "out" if self.is_out else "in"
+
+    def _span(self) -> Tuple[int, int]:
+        io = self.run.io
+        off, n = io.data_offset, io.size * io.count
+        limit = self._vcpu.run_size
+        if io.size not in (1, 2, 4) or off < _RUN_SIZE or off > limit or n > limit - off:
+            raise GuestError(f"I/O exit with data outside the run page: offset={off:#x} "
+                             f"size={io.size} count={io.count}")
+        return off, n
+
+    @property
+    def data(self) -> bytes:
+        off, n = self._span()
+        return bytes(self._vcpu._run_map[off:off + n])
+
+    @property
+    def value(self) -> int:
+        """The first element written, as an int (for ``out``)."""
+        return int.from_bytes(self.data[:self.size], "little")
+
+    def respond(self, data) -> None:
+        """Supply the data an ``in`` reads: bytes (size*count long) or an int (repeated)."""
+        off, n = self._span()
+        if isinstance(data, int):
+            data = (data & ((1 << (8 * self.size)) - 1)).to_bytes(self.size, "little") * self.count
+        data = bytes(data)
+        if len(data) != n:
+            raise ValueError(f"in of {n} bytes needs {n} bytes of data, got {len(data)}")
+        self._vcpu._run_map[off:off + n] = data
+
+    def fields(self):
+        f = {"direction": self.direction, "port": self.port, "size": self.size, "count": self.count}
+        if self.is_out:
+            f["data"] = self.data.hex()
+        return f
+
+
+class Mmio(Exit):
+    """MMIO. Writes: ``data``. Reads: call :meth:`respond`."""
+    reason = abi.EXIT_REASONS["MMIO"]
+
+    @property
+    def phys_addr(self) -> int:
+        return self.run.mmio.phys_addr
+
+    @property
+    def len(self) -> int:
+        n = self.run.mmio.len
+        if not 1 <= n <= 8:
+            raise GuestError(f"MMIO exit with length {n}")
+        return n
+
+    @property
+    def is_write(self) -> bool:
+        return bool(self.run.mmio.is_write)
+
+    @property
+    def data(self) -> bytes:
+        return bytes(ffi.buffer(self.run.mmio.data, self.len))
+
+    @property
+    def value(self) -> int:
+        return int.from_bytes(self.data, "little")
+
+    def respond(self, data) -> None:
+        n = self.len
+        if isinstance(data, int):
+            data = (data & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+        data = bytes(data)
+        if len(data) != n:
+            raise ValueError(f"MMIO read of {n} bytes needs {n} bytes, got {len(data)}")
+        ffi.memmove(self.run.mmio.data, data, n)
+
+    def fields(self):
+        f = {"phys_addr": self.phys_addr, "len": self.len, "is_write": self.is_write}
+        if self.is_write:
+            f["data"] = self.data.hex()
+        return f
+
+
+class Hlt(Exit):
+    reason = abi.EXIT_REASONS["HLT"]
+
+
+class Shutdown(Exit):
+    """x86 triple fault (or a shutdown KVM could not handle)."""
+    reason = abi.EXIT_REASONS["SHUTDOWN"]
+
+
+class Intr(Exit):
+    """KVM_RUN returned because of a signal or a kick."""
+    reason = abi.EXIT_REASONS["INTR"]
+
+
+class IrqWindowOpen(Exit):
+    reason = abi.EXIT_REASONS["IRQ_WINDOW_OPEN"]
+
+
+class Nmi(Exit):
+    reason = abi.EXIT_REASONS["NMI"]
+
+
+class Exception_(Exit):
+    reason = abi.EXIT_REASONS["EXCEPTION"]
+
+    def fields(self):
+        return {"exception": self.run.ex.exception, "error_code": self.run.ex.error_code}
+
+
+class FailEntry(Exit):
+    reason = abi.EXIT_REASONS["FAIL_ENTRY"]
+
+    @property
+    def hardware_entry_failure_reason(self) -> int:
+        return self.run.fail_entry.hardware_entry_failure_reason
+
+    @property
+    def cpu(self) -> int:
+        return self.run.fail_entry.cpu
+
+    def fields(self):
+        return {"hardware_entry_failure_reason": self.hardware_entry_failure_reason, "cpu": self.cpu}
+
+
+class InternalError(Exit):
+    reason = abi.EXIT_REASONS["INTERNAL_ERROR"]
+    SUBERRORS = {v: k for k, v in abi.INTERNAL_ERROR_SUBERRORS.items()}
+
+    @property
+    def suberror(self) -> int:
+        return self.run.internal.suberror
+
+    @property
+    def suberror_name(self) -> str:
+        return self.SUBERRORS.get(self.suberror, f"SUBERROR_{self.suberror}")
+
+    @property
+    def data(self) -> Tuple[int, ...]:
+        n = min(self.run.internal.ndata, 16)
+        return tuple(self.run.internal.data[i] for i in range(n))
+
+    def fields(self):
+        return {"suberror": self.suberror_name, "data": [hex(x) for x in self.data]}
+
+
+class SystemEvent(Exit):
+    reason = abi.EXIT_REASONS["SYSTEM_EVENT"]
+    TYPES = {v: k for k, v in abi.SYSTEM_EVENTS.items()}
+
+    @property
+    def type(self) -> int:
+        return self.run.system_event.type
+
+    @property
+    def type_name(self) -> str:
+        return self.TYPES.get(self.type, f"TYPE_{self.type}")
+
+    @property
+    def data(self) -> Tuple[int, ...]:
+        n = min(self.run.system_event.ndata, 16)
+        return tuple(self.run.system_event.data[i] for i in range(n))
+
+    def fields(self):
+        return {"type": self.type_name, "data": [hex(x) for x in self.data]}
+
+
+class Debug(Exit):
+    reason = abi.EXIT_REASONS["DEBUG"]
+
+    def fields(self):
+        arch = self.run.debug.arch
+        return {k: getattr(arch, k) for k in ("exception", "pc", "dr6", "dr7") if hasattr(arch, k)}
+
+    @property
+    def pc(self) -> Optional[int]:
+        return getattr(self.run.debug.arch, "pc", None)
+
+
+class Hypercall(Exit):
+    reason = abi.EXIT_REASONS["HYPERCALL"]
+
+    @property
+    def nr(self) -> int:
+        return self.run.hypercall.nr
+
+    @property
+    def args(self) -> Tuple[int, ...]:
+        return tuple(self.run.hypercall.args)
+
+    def set_return(self, value: int) -> None:
+        self.run.hypercall.ret = value
+
+    def fields(self):
+        return {"nr": self.nr, "args": [hex(a) for a in self.args]}
+
+
+class _Msr(Exit):
+    @property
+    def index(self) -> int:
+        return self.run.msr.index
+
+    @property
+    def data(self) -> int:
+        return self.run.msr.data
+
+    def respond(self, value: int = 0, *, error: bool = False) -> None:
+        self.run.msr.data = value
+        self.run.msr.error = 1 if error else 0
+
+    def fields(self):
+        return {"index": self.index, "data": self.data, "reason": self.run.msr.reason}
+
+
+class X86Rdmsr(_Msr):
+    reason = abi.EXIT_REASONS["X86_RDMSR"]
+
+
+class X86Wrmsr(_Msr):
+    reason = abi.EXIT_REASONS["X86_WRMSR"]
+
+
+class RiscvSbi(Exit):
+    """An SBI call KVM forwarded to userspace. Answer with :meth:`set_return`."""
+    reason = abi.EXIT_REASONS["RISCV_SBI"]
+
+    @property
+    def extension_id(self) -> int:
+        return self.run.riscv_sbi.extension_id
+
+    @property
+    def function_id(self) -> int:
+        return self.run.riscv_sbi.function_id
+
+    @property
+    def args(self) -> Tuple[int, ...]:
+        return tuple(self.run.riscv_sbi.args)
+
+    def set_return(self, error: int, value: int = 0) -> None:
+        """Write ``ret[0]`` (SBI error, may be negative) and ``ret[1]`` (value)."""
+        mask = (1 << 64) - 1
+        self.run.riscv_sbi.ret[0] = error & mask
+        self.run.riscv_sbi.ret[1] = value & mask
+
+    def fields(self):
+        return {"extension_id": self.extension_id, "function_id": self.function_id,
+                "args": [hex(a) for a in self.args]}
+
+
+class RiscvCsr(Exit):
+    reason = abi.EXIT_REASONS["RISCV_CSR"]
+
+    @property
+    def csr_num(self) -> int:
+        return self.run.riscv_csr.csr_num
+
+    @property
+    def new_value(self) -> int:
+        return self.run.riscv_csr.new_value
+
+    @property
+    def write_mask(self) -> int:
+        return self.run.riscv_csr.write_mask
+
+    def set_return(self, value: int) -> None:
+        self.run.riscv_csr.ret_value = value
+
+    def fields(self):
+        return {"csr_num": self.csr_num, "new_value": self.new_value, "write_mask": self.write_mask}
+
+
+class MemoryFault(Exit):
+    reason = abi.EXIT_REASONS["MEMORY_FAULT"]
+
+    def fields(self):
+        m = self.run.memory_fault
+        return {"flags": m.flags, "gpa": m.gpa, "size": m.size}
+
+
+class Notify(Exit):
+    reason = abi.EXIT_REASONS["NOTIFY"]
+
+
+class IoapicEoi(Exit):
+    reason = abi.EXIT_REASONS["IOAPIC_EOI"]
+
+
+_CLASSES: Dict[int, Type[Exit]] = {
+    c.reason: c for c in (Unknown, Io, Mmio, Hlt, Shutdown, Intr, IrqWindowOpen, Nmi, Exception_,
+                          FailEntry, InternalError, SystemEvent, Debug, Hypercall, X86Rdmsr,
+                          X86Wrmsr, RiscvSbi, RiscvCsr, MemoryFault, Notify, IoapicEoi)
+}
+
+
+def decode_exit(vcpu) -> Exit:
+    """The typed exit for what the vCPU's kvm_run page holds now."""
+    return _CLASSES.get(vcpu.run_struct.exit_reason, Exit)(vcpu)

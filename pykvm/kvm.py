@@ -1,0 +1,90 @@
+"""`Kvm`: the system file descriptor, /dev/kvm."""
+import os
+from typing import Dict, Optional, Union
+
+from . import abi
+from ._fd import FdObject
+from ._ioctl import ioctl
+from .abi import ioctls
+from .arch import current as _arch
+from .errors import CapabilityMissing, KvmError, PykvmError
+
+DEFAULT_PATH = "/dev/kvm"
+
+
+def cap_number(cap: Union[str, int]) -> int:
+    """A capability number from ``"ONE_REG"``, ``"KVM_CAP_ONE_REG"`` or an int."""
+    if isinstance(cap, int):
+        return cap
+    name = cap.upper()
+    if name.startswith("KVM_CAP_"):
+        name = name[len("KVM_CAP_"):]
+    try:
+        return abi.CAPS[name]
+    except KeyError:
+        raise ValueError(f"unknown KVM capability {cap!r}") from None
+
+
+class Kvm(_arch.KvmArch, FdObject):
+    """An open ``/dev/kvm``.
+
+    >>> with Kvm() as kvm:
+    ...     vm = kvm.create_vm()
+    """
+
+    def __init__(self, path: Optional[str] = None):
+        self.path = path or os.environ.get("PYKVM_DEVICE", DEFAULT_PATH)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise PykvmError(f"cannot open {self.path}: {e.strerror}") from e
+        self._own_fd(fd)
+        self.api_version = ioctl(fd, "KVM_GET_API_VERSION", ioctls.KVM_GET_API_VERSION)
+        if self.api_version != 12:
+            self.close()
+            raise PykvmError(f"{self.path}: KVM API version {self.api_version}, pykvm needs 12")
+        self.vcpu_mmap_size = ioctl(fd, "KVM_GET_VCPU_MMAP_SIZE", ioctls.KVM_GET_VCPU_MMAP_SIZE)
+
+    arch = abi.ARCH
+
+    def check_extension(self, cap: Union[str, int]) -> int:
+        """KVM_CHECK_EXTENSION on /dev/kvm: 0 if absent, else a cap-specific value."""
+        n = cap_number(cap)
+        return ioctl(self.fd, "KVM_CHECK_EXTENSION", ioctls.KVM_CHECK_EXTENSION, n, what=str(cap))
+
+    def require(self, cap: Union[str, int]) -> int:
+        """Like :meth:`check_extension` but raises :class:`CapabilityMissing` when absent."""
+        v = self.check_extension(cap)
+        if not v:
+            raise CapabilityMissing(f"KVM_CAP_{abi.CAP_NAMES.get(cap_number(cap), cap)} is not "
+                                    f"offered by {self.path}")
+        return v
+
+    def caps(self) -> Dict[str, int]:
+        """Every capability pykvm knows by name, with its KVM_CHECK_EXTENSION value."""
+        return {name: self.check_extension(num) for name, num in abi.CAPS.items()}
+
+    def create_vm(self, vm_type: int = 0, **kwargs):
+        """KVM_CREATE_VM → :class:`~pykvm.vm.Vm`."""
+        from .vm import Vm
+        fd = ioctl(self.fd, "KVM_CREATE_VM", ioctls.KVM_CREATE_VM, vm_type, what=str(vm_type))
+        return Vm(self, fd, **kwargs)
+
+    def info(self) -> dict:
+        """A JSON-ready description of this KVM (what ``pykvm caps --json`` prints)."""
+        out = {
+            "path": self.path,
+            "api_version": self.api_version,
+            "arch": self.arch,
+            "vcpu_mmap_size": self.vcpu_mmap_size,
+            "caps": self.caps(),
+        }
+        out.update(self.arch_info())
+        return out
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"fd={self._fd}"
+        return f"<Kvm {self.path} {state} api={self.api_version}>"
+
+
+__all__ = ["Kvm", "KvmError", "cap_number"]

@@ -1,0 +1,156 @@
+"""Guest RAM: anonymous shared mappings registered as KVM memory slots, and a bounds-checked
+guest-physical view over them."""
+import mmap
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+from . import abi
+from .abi import ffi
+from .errors import GuestMemoryError
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+@dataclass
+class MemorySlot:
+    """One KVM memory slot backed by an anonymous mapping."""
+    slot: int
+    gpa: int
+    size: int
+    flags: int
+    _map: mmap.mmap
+    _pin: object               # cffi buffer export that gives the host address
+
+    @property
+    def host_addr(self) -> int:
+        return int(ffi.cast("uintptr_t", self._pin))
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.flags & abi.MEM_READONLY)
+
+    @property
+    def log_dirty(self) -> bool:
+        return bool(self.flags & abi.MEM_LOG_DIRTY_PAGES)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, n: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + n <= self.end
+
+    def _release(self) -> None:
+        if self._pin is not None:
+            ffi.release(self._pin)
+            self._pin = None
+        self._map.close()
+
+
+class GuestMemory:
+    """All memory slots of a VM, addressed by guest-physical address."""
+
+    def __init__(self):
+        self._slots: List[MemorySlot] = []
+
+    def __iter__(self) -> Iterator[MemorySlot]:
+        return iter(sorted(self._slots, key=lambda s: s.gpa))
+
+    def _add(self, slot: MemorySlot) -> None:
+        self._slots.append(slot)
+
+    def _remove(self, slot: MemorySlot) -> None:
+        self._slots.remove(slot)
+
+    @property
+    def size(self) -> int:
+        """Bytes of RAM contiguous from guest-physical address 0."""
+        end = 0
+        for s in self:
+            if s.gpa != end:
+                break
+            end = s.end
+        return end
+
+    def slot_at(self, gpa: int) -> Optional[MemorySlot]:
+        for s in self._slots:
+            if s.gpa <= gpa < s.end:
+                return s
+        return None
+
+    def _chunks(self, gpa: int, n: int):
+        """(slot, offset, length) pieces covering [gpa, gpa+n); raises if any byte is unbacked."""
+        if not isinstance(gpa, int) or not isinstance(n, int) or gpa < 0 or n < 0:
+            raise GuestMemoryError(f"bad guest range gpa={gpa!r} len={n!r}")
+        while n > 0:
+            s = self.slot_at(gpa)
+            if s is None:
+                raise GuestMemoryError(f"guest-physical address {gpa:#x} is not backed by RAM")
+            take = min(n, s.end - gpa)
+            yield s, gpa - s.gpa, take
+            gpa += take
+            n -= take
+
+    def read(self, gpa: int, n: int) -> bytes:
+        """Copy ``n`` bytes from guest-physical ``gpa``."""
+        return b"".join(bytes(s._map[o:o + k]) for s, o, k in self._chunks(gpa, n))
+
+    def write(self, gpa: int, data) -> None:
+        """Copy ``data`` to guest-physical ``gpa`` (host writes succeed on read-only slots too:
+        read-only applies to the guest)."""
+        data = memoryview(data).cast("B")
+        pos = 0
+        for s, o, k in list(self._chunks(gpa, len(data))):
+            s._map[o:o + k] = data[pos:pos + k]
+            pos += k
+
+    def view(self, gpa: int, n: int) -> memoryview:
+        """A zero-copy view of ``n`` bytes at ``gpa``; the range must lie within one slot."""
+        chunks = list(self._chunks(gpa, n))
+        if len(chunks) > 1:
+            raise GuestMemoryError(f"range {gpa:#x}+{n:#x} spans more than one memory slot")
+        if not chunks:
+            return memoryview(b"")
+        s, o, k = chunks[0]
+        return memoryview(s._map)[o:o + k]
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 8), "little")
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, (value & (2**64 - 1)).to_bytes(8, "little"))
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 4), "little")
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, (value & 0xFFFFFFFF).to_bytes(4, "little"))
+
+    def read_cstring(self, gpa: int, limit: int = 4096) -> str:
+        """A NUL-terminated string of at most ``limit`` bytes, stopping at the end of RAM."""
+        out = bytearray()
+        while len(out) < limit:
+            s = self.slot_at(gpa + len(out))
+            if s is None:
+                if not out:
+                    raise GuestMemoryError(f"string at {gpa:#x} is not in guest RAM")
+                break
+            o = gpa + len(out) - s.gpa
+            k = min(limit - len(out), s.size - o)
+            chunk = s._map[o:o + k]
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                out += chunk[:nul]
+                break
+            out += chunk
+        return out.decode("utf-8", "replace")
+
+
+def new_mapping(size: int):
+    """An anonymous shared mapping of ``size`` bytes (page-rounded) and its pinned address."""
+    if size <= 0 or size % PAGE_SIZE:
+        raise ValueError(f"memory size must be a positive multiple of {PAGE_SIZE}, got {size:#x}")
+    m = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
+                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    pin = ffi.from_buffer(m)
+    return m, pin

@@ -1,0 +1,272 @@
+"""Run a vCPU until something Python must handle.
+
+:class:`RunLoop` drives a vCPU through the C helper (``pykvm._native``): console ports (a 16550
+and the 0xe9 debug port), the isa-debug-exit port, coalesced-MMIO drains, exit counting, a
+deadline and an exit budget are all served in C with the GIL released. :class:`PyRunLoop` does
+exactly the same in Python on top of :meth:`Vcpu.run`, so the two can be compared.
+"""
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from . import abi
+from ._native import ffi as nffi, lib as nlib
+from .abi import ffi
+from .errors import GuestError, kvm_error
+from .exits import Exit, decode_exit
+
+COM1 = 0x3F8
+DEBUGCON = 0xE9
+DEBUG_EXIT = 0xF4
+
+STOP_NAMES = {
+    nlib.PYKVM_STOP_EXIT: "exit", nlib.PYKVM_STOP_DEBUG_EXIT: "debug_exit",
+    nlib.PYKVM_STOP_DEADLINE: "deadline", nlib.PYKVM_STOP_BUDGET: "budget",
+    nlib.PYKVM_STOP_KICK: "kick",
+}
+
+
+@dataclass
+class Stop:
+    """Why a run returned: ``kind`` is "exit" (``exit`` holds the typed exit), "debug_exit"
+    (``value`` = what the guest wrote to the exit port), "deadline", "budget" or "kick"."""
+    kind: str
+    exit: Optional[Exit] = None
+    value: Optional[int] = None
+
+
+@dataclass
+class MmioRecord:
+    phys_addr: int
+    len: int
+    pio: bool
+    data: bytes
+
+
+@dataclass
+class LoopConfig:
+    serial_base: int = COM1
+    debugcon_port: int = DEBUGCON
+    exit_port: int = DEBUG_EXIT
+    console_cap: int = 1 << 16
+    mmio_log_cap: int = 4096
+
+
+def _ring_address(vcpu):
+    """Address and entry count of the coalesced-MMIO ring page, if KVM offers one."""
+    if not vcpu.vm.kvm.check_extension("COALESCED_MMIO"):
+        return 0, 0
+    import mmap
+    page = mmap.PAGESIZE
+    off = abi.arch.COALESCED_MMIO_PAGE_OFFSET * page
+    if vcpu.run_size < off + page:
+        return 0, 0
+    entries = (page - 8) // ffi.sizeof("struct kvm_coalesced_mmio")
+    return vcpu.run_addr + off, entries
+
+
+class _LoopBase:
+    def __init__(self, vcpu, config: Optional[LoopConfig] = None,
+                 on_console: Optional[Callable[[bytes], None]] = None):
+        self.vcpu = vcpu
+        self.config = config or LoopConfig()
+        self.on_console = on_console
+        self.console = bytearray()
+        self.mmio_log: List[MmioRecord] = []
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self.console += data
+            if self.on_console:
+                self.on_console(bytes(data))
+
+
+class RunLoop(_LoopBase):
+    """The C run loop. ``run()`` returns a :class:`Stop`."""
+
+    native = True
+
+    def __init__(self, vcpu, config=None, on_console=None):
+        super().__init__(vcpu, config, on_console)
+        c = self.config
+        self._l = nffi.new("struct pykvm_loop *")
+        self._console_buf = nffi.new("uint8_t[]", c.console_cap)
+        self._mmio_buf = nffi.new("struct pykvm_mmio_record[]", c.mmio_log_cap)
+        l = self._l
+        l.vcpu_fd = vcpu.fd
+        l.run_size = vcpu.run_size
+        l.run = vcpu.run_addr
+        l.ring, l.ring_entries = _ring_address(vcpu)
+        l.console = int(nffi.cast("uintptr_t", self._console_buf))
+        l.console_cap = c.console_cap
+        l.serial_base, l.debugcon_port, l.exit_port = c.serial_base, c.debugcon_port, c.exit_port
+        l.mmio_log = int(nffi.cast("uintptr_t", self._mmio_buf))
+        l.mmio_log_cap = c.mmio_log_cap
+        nlib.pykvm_kick_signal()
+
+    @property
+    def counts(self) -> Dict[str, int]:
+        """Exits seen by this loop, by reason name."""
+        return {abi.EXIT_NAMES.get(i, f"EXIT_{i}"): self._l.counts[i]
+                for i in range(nlib.PYKVM_MAX_EXIT_REASON) if self._l.counts[i]}
+
+    @property
+    def exits_total(self) -> int:
+        return self._l.exits_total
+
+    @property
+    def handled_in_c(self) -> int:
+        return self._l.handled_in_c
+
+    def _drain(self) -> None:
+        n = self._l.console_len
+        if n:
+            self._emit(bytes(nffi.buffer(self._console_buf, n)))
+            self._l.console_len = 0
+        n = self._l.mmio_log_len
+        for i in range(n):
+            r = self._mmio_buf[i]
+            self.mmio_log.append(MmioRecord(r.phys_addr, r.len, bool(r.pio),
+                                            bytes(nffi.buffer(r.data, r.len))))
+        self._l.mmio_log_len = 0
+
+    def run(self, *, deadline: Optional[float] = None, budget: int = 0) -> Stop:
+        """Run until a stop. ``deadline`` is a ``time.monotonic()`` value; ``budget`` caps the
+        number of exits (0 = no cap)."""
+        l = self._l
+        l.deadline_ns = int(deadline * 1e9) if deadline else 0
+        l.budget = budget
+        v = self.vcpu
+        while True:
+            v.run_seq += 1
+            r = nlib.pykvm_loop_run(l)
+            self._drain()
+            if r < 0:
+                raise kvm_error("KVM_RUN", -r, f"vcpu {v.id}")
+            if r in (nlib.PYKVM_STOP_CONSOLE_FULL, nlib.PYKVM_STOP_MMIO_LOG_FULL,
+                     nlib.PYKVM_STOP_SIGNAL):
+                continue                       # Python got to run signal handlers; go on
+            if r == nlib.PYKVM_STOP_BAD_EXIT:
+                raise GuestError("kvm_run described an I/O outside the shared page")
+            if r == nlib.PYKVM_STOP_EXIT:
+                ex = decode_exit(v)
+                return Stop("exit", ex)
+            if r == nlib.PYKVM_STOP_DEBUG_EXIT:
+                return Stop("debug_exit", value=l.exit_value)
+            return Stop(STOP_NAMES[r])
+
+    def kick(self) -> None:
+        """Stop a running ``run()`` (or the next one) from any thread."""
+        nlib.pykvm_loop_kick(self._l)
+
+
+class PyRunLoop(_LoopBase):
+    """The same loop in Python (one ``Vcpu.run()`` per exit). For comparison and debugging."""
+
+    native = False
+    _UART_LSR = 0x60
+
+    def __init__(self, vcpu, config=None, on_console=None):
+        super().__init__(vcpu, config, on_console)
+        self._counts: Dict[str, int] = {}
+        self.exits_total = 0
+        self.handled_in_c = 0
+        self._uart = bytearray(8)
+        self._dl = bytearray(2)
+        self._kick = threading.Event()
+        self._ring, self._ring_entries = _ring_address(vcpu)
+
+    @property
+    def counts(self) -> Dict[str, int]:
+        return dict(self._counts)
+
+    def _drain_ring(self) -> None:
+        if not self._ring:
+            return
+        ring = ffi.cast("struct kvm_coalesced_mmio_ring *", self._ring)
+        first, last, mx = ring.first, ring.last, self._ring_entries
+        if first >= mx or last >= mx:
+            return
+        while first != last:
+            e = ring.coalesced_mmio[first]
+            n = min(e.len, 8)
+            self.mmio_log.append(MmioRecord(e.phys_addr, n, bool(e.pio),
+                                            bytes(ffi.buffer(e.data, n))))
+            first = (first + 1) % mx
+            ring.first = first
+
+    def _serve_io(self, ex) -> Optional[Stop]:
+        c = self.config
+        port, out = ex.port, ex.is_out
+        if c.exit_port and port == c.exit_port:
+            if out:
+                return Stop("debug_exit", value=int.from_bytes(ex.data[:ex.size], "little"))
+            ex.respond(0)
+            return None
+        if c.debugcon_port and port == c.debugcon_port:
+            if out:
+                self._emit(ex.data[::ex.size])
+            else:
+                ex.respond(0xE9)
+            return None
+        if c.serial_base and c.serial_base <= port < c.serial_base + 8:
+            reg = port - c.serial_base
+            dlab = self._uart[3] & 0x80
+            if out:
+                for b in ex.data[::ex.size]:
+                    if dlab and reg <= 1:
+                        self._dl[reg] = b
+                    elif reg == 0:
+                        self._emit(bytes([b]))
+                    elif reg not in (2, 5, 6):
+                        self._uart[reg] = b
+            else:
+                if dlab and reg <= 1:
+                    v = self._dl[reg]
+                else:
+                    v = {0: 0, 2: 0x01, 5: self._UART_LSR, 6: 0xB0}.get(reg, self._uart[reg])
+                ex.respond(bytes([v] + [0] * (ex.size - 1)) * ex.count)
+            return None
+        return Stop("exit", ex)
+
+    def run(self, *, deadline: Optional[float] = None, budget: int = 0) -> Stop:
+        v = self.vcpu
+        timer = None
+        if deadline:
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), self.kick)
+            timer.daemon = True
+            timer.start()
+        try:
+            left = budget
+            while True:
+                if self._kick.is_set():
+                    self._kick.clear()
+                    return Stop("deadline" if deadline and time.monotonic() >= deadline else "kick")
+                ex = v.run()
+                self.exits_total += 1
+                self._counts[ex.name] = self._counts.get(ex.name, 0) + 1
+                self._drain_ring()
+                if ex.reason == abi.EXIT_REASONS["INTR"]:
+                    continue
+                if ex.reason != abi.EXIT_REASONS["IO"]:
+                    return Stop("exit", ex)
+                stop = self._serve_io(ex)
+                if stop is not None:
+                    return stop
+                if budget:
+                    left -= 1
+                    if left == 0:
+                        return Stop("budget")
+        finally:
+            if timer:
+                timer.cancel()
+
+    def kick(self) -> None:
+        self._kick.set()
+        self.vcpu.kick()
+
+
+def make_loop(vcpu, *, native: bool = True, **kw):
+    """A :class:`RunLoop` (C) or :class:`PyRunLoop` (Python) for ``vcpu``."""
+    return (RunLoop if native else PyRunLoop)(vcpu, **kw)

@@ -1,0 +1,167 @@
+"""`Vcpu`: a vCPU file descriptor — ONE_REG, the mmapped kvm_run, run() → typed exits, kick."""
+import mmap
+import signal
+import threading
+from typing import Dict, List, Union
+
+from . import abi
+from ._fd import FdObject
+from ._ioctl import ioctl
+from ._native import lib as _nlib
+from .abi import ffi, ioctls
+from .arch import current as _arch
+from .errors import KvmTooBig
+from .exits import decode_exit
+from .stats import read_stats
+
+
+class Vcpu(_arch.VcpuArch, FdObject):
+    """A vCPU. Create it with :meth:`pykvm.vm.Vm.create_vcpu`.
+
+    ``run()`` issues one KVM_RUN from Python and returns a typed exit that borrows the shared
+    ``kvm_run`` page (valid until the next run). For the fast path, see
+    :class:`pykvm.runloop.RunLoop`, which serves console/exit ports in C.
+    """
+
+    def __init__(self, vm, fd: int, vcpu_id: int):
+        self.vm = vm
+        self.id = vcpu_id
+        self._own_fd(fd)
+        size = vm.kvm.vcpu_mmap_size
+        self._run_map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._run_pin = ffi.from_buffer(self._run_map)
+        self.run_struct = ffi.cast("struct kvm_run *", self._run_pin)
+        self.run_size = size
+        self.run_seq = 0                 # bumped by every KVM_RUN: exits check it
+        self.exit_counts: Dict[str, int] = {}
+        self._thread_ident = None
+        self._arch_init()
+
+    @property
+    def run_addr(self) -> int:
+        return int(ffi.cast("uintptr_t", self._run_pin))
+
+    # -- ONE_REG --------------------------------------------------------------------------
+    def get_one_reg(self, reg_id: int) -> int:
+        """KVM_GET_ONE_REG: the register's value as an unsigned int of the id's size."""
+        n = abi.reg_size_bytes(reg_id)
+        buf = ffi.new("uint8_t[]", n)
+        r = ffi.new("struct kvm_one_reg *")
+        r.id = reg_id
+        r.addr = int(ffi.cast("uintptr_t", buf))
+        ioctl(self.fd, "KVM_GET_ONE_REG", ioctls.KVM_GET_ONE_REG, r, what=f"{reg_id:#x}")
+        return int.from_bytes(ffi.buffer(buf), "little")
+
+    def set_one_reg(self, reg_id: int, value: Union[int, bytes]) -> None:
+        """KVM_SET_ONE_REG: ``value`` is an int (must fit the id's size) or exactly-sized bytes."""
+        n = abi.reg_size_bytes(reg_id)
+        if isinstance(value, int):
+            if value < 0 or value >> (8 * n):
+                raise ValueError(f"value {value:#x} does not fit register {reg_id:#x} "
+                                 f"({n} bytes)")
+            raw = value.to_bytes(n, "little")
+        else:
+            raw = bytes(value)
+            if len(raw) != n:
+                raise ValueError(f"register {reg_id:#x} takes {n} bytes, got {len(raw)}")
+        buf = ffi.new("uint8_t[]", raw)
+        r = ffi.new("struct kvm_one_reg *")
+        r.id = reg_id
+        r.addr = int(ffi.cast("uintptr_t", buf))
+        ioctl(self.fd, "KVM_SET_ONE_REG", ioctls.KVM_SET_ONE_REG, r, what=f"{reg_id:#x}")
+
+    def reg_list(self) -> List[int]:
+        """KVM_GET_REG_LIST: the ids of every register KVM enumerates for this vCPU."""
+        n = 0
+        for _ in range(4):
+            rl = ffi.new("struct kvm_reg_list *", {"n": n, "reg": n or 1})
+            rl.n = n
+            try:
+                ioctl(self.fd, "KVM_GET_REG_LIST", ioctls.KVM_GET_REG_LIST, rl)
+            except KvmTooBig:
+                n = rl.n       # KVM wrote the count it needs
+                continue
+            return [rl.reg[i] for i in range(rl.n)]
+        raise RuntimeError("KVM_GET_REG_LIST kept growing")
+
+    # -- misc state -----------------------------------------------------------------------
+    def get_mp_state(self) -> int:
+        m = ffi.new("struct kvm_mp_state *")
+        ioctl(self.fd, "KVM_GET_MP_STATE", ioctls.KVM_GET_MP_STATE, m)
+        return m.mp_state
+
+    def set_mp_state(self, state: Union[int, str]) -> None:
+        m = ffi.new("struct kvm_mp_state *")
+        m.mp_state = abi.MP_STATES[state] if isinstance(state, str) else state
+        ioctl(self.fd, "KVM_SET_MP_STATE", ioctls.KVM_SET_MP_STATE, m, what=str(state))
+
+    def enable_cap(self, cap, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the vCPU."""
+        from .kvm import cap_number
+        ec = ffi.new("struct kvm_enable_cap *")
+        ec.cap, ec.flags = cap_number(cap), flags
+        for i, a in enumerate(args[:4]):
+            ec.args[i] = a
+        ioctl(self.fd, "KVM_ENABLE_CAP", ioctls.KVM_ENABLE_CAP, ec, what=str(cap))
+
+    def set_guest_debug(self, *, enable: bool = True, single_step: bool = False,
+                        control: int = 0) -> None:
+        """KVM_SET_GUEST_DEBUG (e.g. single-stepping: every instruction exits with DEBUG)."""
+        g = ffi.new("struct kvm_guest_debug *")
+        g.control = control | (abi.GUESTDBG_ENABLE if enable else 0) | \
+            (abi.GUESTDBG_SINGLESTEP if single_step else 0)
+        ioctl(self.fd, "KVM_SET_GUEST_DEBUG", ioctls.KVM_SET_GUEST_DEBUG, g)
+
+    def stats(self) -> Dict[str, object]:
+        """The vCPU's binary stats (KVM_GET_STATS_FD) as {name: value}."""
+        import os
+        fd = ioctl(self.fd, "KVM_GET_STATS_FD", ioctls.KVM_GET_STATS_FD)
+        try:
+            return read_stats(fd)
+        finally:
+            os.close(fd)
+
+    # -- running --------------------------------------------------------------------------
+    def run(self):
+        """One KVM_RUN from Python; returns the typed exit (see :mod:`pykvm.exits`).
+
+        A kick (:meth:`kick`) makes it return an :class:`~pykvm.exits.Intr` exit."""
+        self._thread_ident = threading.get_ident()
+        try:
+            self.run_seq += 1
+            try:
+                ioctl(self.fd, "KVM_RUN", ioctls.KVM_RUN)
+            except OSError as e:
+                if e.errno not in (4, 11):          # EINTR / EAGAIN: report as an INTR exit
+                    raise
+                self.run_struct.immediate_exit = 0
+                self.run_struct.exit_reason = abi.EXIT_REASONS["INTR"]
+        finally:
+            self._thread_ident = None
+        ex = decode_exit(self)
+        self.exit_counts[ex.name] = self.exit_counts.get(ex.name, 0) + 1
+        return ex
+
+    def kick(self) -> None:
+        """Make a running (or the next) KVM_RUN return: set immediate_exit, then signal the
+        vCPU thread. Safe from any thread."""
+        sig = _nlib.pykvm_kick_signal()
+        self.run_struct.immediate_exit = 1
+        ident = self._thread_ident
+        if ident is not None:
+            try:
+                signal.pthread_kill(ident, sig)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        if self._run_pin is not None:
+            ffi.release(self._run_pin)
+            self._run_pin = None
+            self.run_struct = None
+            self._run_map.close()
+        super().close()
+
+    def __repr__(self):
+        return f"<Vcpu id={self.id} fd={self._fd}>"

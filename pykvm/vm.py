@@ -1,0 +1,216 @@
+"""`Vm`: a VM file descriptor — memory slots, irqchip, eventfds, dirty log, vCPUs, stats."""
+import os
+from typing import Dict, List, Optional
+
+from . import abi
+from ._fd import FdObject
+from ._ioctl import ioctl
+from .abi import ffi, ioctls
+from .arch import current as _arch
+from .errors import GuestMemoryError, PykvmError
+from .memory import PAGE_SIZE, GuestMemory, MemorySlot, new_mapping
+from .stats import read_stats
+
+
+class Vm(_arch.VmArch, FdObject):
+    """A KVM virtual machine. Create it with :meth:`pykvm.Kvm.create_vm`."""
+
+    def __init__(self, kvm, fd: int):
+        self.kvm = kvm
+        self._own_fd(fd)
+        self.memory = GuestMemory()
+        self.vcpus: List = []
+        self._eventfds: List[int] = []
+        self._coalesced: List[tuple] = []
+        self._arch_init()
+
+    # -- capabilities ---------------------------------------------------------------------
+    def check_extension(self, cap) -> int:
+        """KVM_CHECK_EXTENSION on the VM fd (VM-specific answers, e.g. NR_MEMSLOTS)."""
+        from .kvm import cap_number
+        return ioctl(self.fd, "KVM_CHECK_EXTENSION", ioctls.KVM_CHECK_EXTENSION,
+                     cap_number(cap), what=str(cap))
+
+    def enable_cap(self, cap, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM."""
+        from .kvm import cap_number
+        ec = ffi.new("struct kvm_enable_cap *")
+        ec.cap = cap_number(cap)
+        ec.flags = flags
+        for i, a in enumerate(args[:4]):
+            ec.args[i] = a
+        ioctl(self.fd, "KVM_ENABLE_CAP", ioctls.KVM_ENABLE_CAP, ec, what=str(cap))
+
+    # -- memory ---------------------------------------------------------------------------
+    def _free_slot_number(self) -> int:
+        used = {s.slot for s in self.memory}
+        n = 0
+        while n in used:
+            n += 1
+        return n
+
+    def add_memory(self, gpa: int, size: int, *, readonly: bool = False,
+                   log_dirty: bool = False, slot: Optional[int] = None) -> MemorySlot:
+        """Back [gpa, gpa+size) with fresh zeroed host memory (KVM_SET_USER_MEMORY_REGION)."""
+        if gpa < 0 or gpa % PAGE_SIZE:
+            raise GuestMemoryError(f"slot address {gpa:#x} is not page aligned")
+        for s in self.memory:
+            if gpa < s.end and s.gpa < gpa + size:
+                raise GuestMemoryError(
+                    f"[{gpa:#x}, {gpa + size:#x}) overlaps slot {s.slot} [{s.gpa:#x}, {s.end:#x})")
+        flags = (abi.MEM_READONLY if readonly else 0) | (abi.MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+        if slot is None:
+            slot = self._free_slot_number()
+        m, pin = new_mapping(size)
+        ms = MemorySlot(slot, gpa, size, flags, m, pin)
+        try:
+            self._set_region(slot, flags, gpa, size, ms.host_addr)
+        except BaseException:
+            ms._release()
+            raise
+        self.memory._add(ms)
+        return ms
+
+    def _set_region(self, slot, flags, gpa, size, host_addr) -> None:
+        r = ffi.new("struct kvm_userspace_memory_region *")
+        r.slot, r.flags, r.guest_phys_addr = slot, flags, gpa
+        r.memory_size, r.userspace_addr = size, host_addr
+        ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", ioctls.KVM_SET_USER_MEMORY_REGION, r,
+              what=f"slot={slot} gpa={gpa:#x} size={size:#x} flags={flags:#x}")
+
+    def remove_memory(self, slot: MemorySlot) -> None:
+        """Delete a slot (size 0) and unmap its host memory."""
+        self._set_region(slot.slot, 0, slot.gpa, 0, 0)
+        self.memory._remove(slot)
+        slot._release()
+
+    def set_memory_flags(self, slot: MemorySlot, *, log_dirty: bool) -> None:
+        """Turn dirty logging on or off for an existing slot."""
+        flags = (slot.flags & ~abi.MEM_LOG_DIRTY_PAGES) | (abi.MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+        self._set_region(slot.slot, flags, slot.gpa, slot.size, slot.host_addr)
+        slot.flags = flags
+
+    def get_dirty_log(self, slot: MemorySlot) -> List[int]:
+        """KVM_GET_DIRTY_LOG: guest-physical addresses of the pages written since the last call."""
+        pages = slot.size // PAGE_SIZE
+        words = (pages + 63) // 64
+        bitmap = ffi.new("uint64_t[]", max(words, 1))
+        d = ffi.new("struct kvm_dirty_log *")
+        d.slot = slot.slot
+        d.dirty_bitmap = bitmap
+        ioctl(self.fd, "KVM_GET_DIRTY_LOG", ioctls.KVM_GET_DIRTY_LOG, d, what=f"slot={slot.slot}")
+        out = []
+        for w in range(words):
+            bits = bitmap[w]
+            while bits:
+                low = bits & -bits
+                out.append(slot.gpa + (w * 64 + low.bit_length() - 1) * PAGE_SIZE)
+                bits ^= low
+        return out
+
+    # -- interrupts and eventfds ----------------------------------------------------------
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP (x86: PIC + IOAPIC + per-vCPU LAPIC)."""
+        ioctl(self.fd, "KVM_CREATE_IRQCHIP", ioctls.KVM_CREATE_IRQCHIP)
+
+    def irq_line(self, irq: int, level: int) -> None:
+        """KVM_IRQ_LINE: drive GSI ``irq`` to ``level``."""
+        lv = ffi.new("struct kvm_irq_level *")
+        lv.irq, lv.level = irq, level
+        ioctl(self.fd, "KVM_IRQ_LINE", ioctls.KVM_IRQ_LINE, lv, what=f"irq={irq} level={level}")
+
+    def signal_msi(self, address: int, data: int) -> int:
+        """KVM_SIGNAL_MSI; returns >0 if delivered, 0 if blocked by the guest."""
+        m = ffi.new("struct kvm_msi *")
+        m.address_lo, m.address_hi, m.data = address & 0xFFFFFFFF, address >> 32, data
+        return ioctl(self.fd, "KVM_SIGNAL_MSI", ioctls.KVM_SIGNAL_MSI, m,
+                     what=f"addr={address:#x} data={data:#x}")
+
+    def ioeventfd(self, addr: int, length: int, *, pio: bool = False,
+                  datamatch: Optional[int] = None, fd: Optional[int] = None) -> int:
+        """KVM_IOEVENTFD: guest writes to ``addr`` signal an eventfd (returned) without an exit."""
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if fd is None else fd
+        e = ffi.new("struct kvm_ioeventfd *")
+        e.addr, e.len, e.fd = addr, length, efd
+        e.flags = (abi.IOEVENTFD_FLAG_PIO if pio else 0)
+        if datamatch is not None:
+            e.flags |= abi.IOEVENTFD_FLAG_DATAMATCH
+            e.datamatch = datamatch
+        try:
+            ioctl(self.fd, "KVM_IOEVENTFD", ioctls.KVM_IOEVENTFD, e,
+                  what=f"{'pio' if pio else 'mmio'} addr={addr:#x} len={length}")
+        except BaseException:
+            if fd is None:
+                os.close(efd)
+            raise
+        if fd is None:
+            self._eventfds.append(efd)
+        return efd
+
+    def irqfd(self, gsi: int, fd: Optional[int] = None) -> int:
+        """KVM_IRQFD: writing to the returned eventfd raises GSI ``gsi``."""
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if fd is None else fd
+        f = ffi.new("struct kvm_irqfd *")
+        f.fd, f.gsi = efd, gsi
+        try:
+            ioctl(self.fd, "KVM_IRQFD", ioctls.KVM_IRQFD, f, what=f"gsi={gsi} fd={efd}")
+        except BaseException:
+            if fd is None:
+                os.close(efd)
+            raise
+        if fd is None:
+            self._eventfds.append(efd)
+        return efd
+
+    def register_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
+        """KVM_REGISTER_COALESCED_MMIO: guest writes in the zone are queued in the ring page
+        instead of exiting (drained by the run loop)."""
+        z = ffi.new("struct kvm_coalesced_mmio_zone *")
+        z.addr, z.size, z.pio = addr, size, 1 if pio else 0
+        ioctl(self.fd, "KVM_REGISTER_COALESCED_MMIO", ioctls.KVM_REGISTER_COALESCED_MMIO, z,
+              what=f"addr={addr:#x} size={size:#x}")
+        self._coalesced.append((addr, size, pio))
+
+    def unregister_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
+        z = ffi.new("struct kvm_coalesced_mmio_zone *")
+        z.addr, z.size, z.pio = addr, size, 1 if pio else 0
+        ioctl(self.fd, "KVM_UNREGISTER_COALESCED_MMIO", ioctls.KVM_UNREGISTER_COALESCED_MMIO, z,
+              what=f"addr={addr:#x} size={size:#x}")
+        self._coalesced.remove((addr, size, pio))
+
+    # -- vCPUs and stats --------------------------------------------------------------------
+    def create_vcpu(self, vcpu_id: Optional[int] = None):
+        """KVM_CREATE_VCPU → :class:`~pykvm.vcpu.Vcpu` (ids count up from 0 by default)."""
+        from .vcpu import Vcpu
+        if vcpu_id is None:
+            vcpu_id = len(self.vcpus)
+        fd = ioctl(self.fd, "KVM_CREATE_VCPU", ioctls.KVM_CREATE_VCPU, vcpu_id, what=f"id={vcpu_id}")
+        v = Vcpu(self, fd, vcpu_id)
+        self.vcpus.append(v)
+        return v
+
+    def stats(self) -> Dict[str, object]:
+        """The VM's binary stats (KVM_GET_STATS_FD) as {name: value}."""
+        fd = ioctl(self.fd, "KVM_GET_STATS_FD", ioctls.KVM_GET_STATS_FD)
+        try:
+            return read_stats(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Close vCPUs, the VM fd, eventfds, then unmap guest memory."""
+        for v in self.vcpus:
+            v.close()
+        super().close()
+        for efd in self._eventfds:
+            os.close(efd)
+        self._eventfds = []
+        for s in list(self.memory):
+            self.memory._remove(s)
+            s._release()
+
+    def __repr__(self):
+        return f"<Vm fd={self._fd} slots={len(list(self.memory))} vcpus={len(self.vcpus)}>"
+
+
+__all__ = ["Vm", "PykvmError"]
