@@ -48,6 +48,9 @@ class CpuidEntry(tuple):
     ecx = property(lambda s: s[5])
     edx = property(lambda s: s[6])
 
+    def _replace_ebx(self, ebx: int) -> "CpuidEntry":
+        return CpuidEntry(self[0], self[1], self[2], self[3], ebx, self[5], self[6])
+
 
 def _cpuid_entries(c) -> List[CpuidEntry]:
     return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
@@ -214,3 +217,27 @@ class VcpuArch:
     def set_nested_state(self, state) -> None:
         from .nested import set_nested_state
         set_nested_state(self, state)
+
+
+from .platform import Platform  # noqa: E402  (the Machine platform for this arch)
+
+
+def describe_registers(vcpu):
+    """(name, ONE_REG id or None, size, value) rows for ``pykvm regs``: the GPRs and control
+    registers, then every MSR in KVM's index list read through ONE_REG."""
+    rows = []
+    r = vcpu.get_regs()
+    for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+              "r12", "r13", "r14", "r15", "rip", "rflags"):
+        rows.append((n, None, 8, getattr(r, n)))
+    s = vcpu.get_sregs()
+    for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
+        rows.append((n, None, 8, getattr(s, n)))
+    from ...errors import KvmError
+    for idx in vcpu.vm.kvm.msr_index_list():
+        try:
+            v = vcpu.get_msr_one_reg(idx)
+        except KvmError as e:
+            v = e.errno_name
+        rows.append((f"msr {idx:#x}", msr_reg_id(idx), 8, v))
+    return rows

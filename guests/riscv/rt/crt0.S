@@ -1,0 +1,98 @@
+/*
+ * RISC-V S-mode runtime entry.
+ *
+ * Entered in S-mode with paging off, a0 = hart id, a1 = DTB address (the
+ * Linux boot convention).  Sets up a per-hart stack (up to 4 harts), the trap
+ * vector, then calls guest_main(hartid, dtb) and reports DONE.
+ *
+ * pykvm_resume_entry is where an SBI system suspend comes back: KVM resets
+ * the hart with pc = resume address, a0 = hart id, a1 = opaque and every
+ * other GPR zero, so the stack and trap vector are set up again from scratch
+ * (stvec and sscratch are reset too); it then calls
+ * guest_resume(hartid, opaque), which the guest may define.
+ */
+	.file "crt0.S"
+	.equ STACK_SHIFT, 14		/* 16 KiB per hart */
+	.equ TRAP_STACK_SHIFT, 12	/* 4 KiB per hart */
+	.equ MAX_HARTS, 4
+
+	.section .text.start, "ax"
+	.globl _start
+	.type _start, @function
+_start:
+	.option push
+	.option norelax
+	la	gp, __global_pointer$
+	.option pop
+	/* park harts we have no stack for */
+	li	t0, MAX_HARTS
+	bgeu	a0, t0, .Lpark
+	csrw	sie, zero
+	csrw	sscratch, a0		/* trap handler finds the hart id here */
+	la	sp, __stacks_top
+	slli	t0, a0, STACK_SHIFT
+	sub	sp, sp, t0
+	la	t0, pykvm_trap_entry
+	csrw	stvec, t0
+	/* hart 0 clears .bss (fresh guest RAM is zero anyway) */
+	bnez	a0, 2f
+	la	t0, __bss_start
+	la	t1, __bss_end
+1:	bgeu	t0, t1, 2f
+	sd	zero, 0(t0)
+	addi	t0, t0, 8
+	j	1b
+2:	mv	tp, a0
+	call	guest_main
+	call	pykvm_done
+.Lpark:
+	wfi
+	j	.Lpark
+	.size _start, . - _start
+
+	.globl pykvm_resume_entry
+	.type pykvm_resume_entry, @function
+	.balign 4
+pykvm_resume_entry:
+	.option push
+	.option norelax
+	la	gp, __global_pointer$
+	.option pop
+	li	t0, MAX_HARTS
+	bgeu	a0, t0, .Lpark
+	csrw	sie, zero
+	csrw	sscratch, a0
+	la	sp, __stacks_top
+	slli	t0, a0, STACK_SHIFT
+	sub	sp, sp, t0
+	la	t0, pykvm_trap_entry
+	csrw	stvec, t0
+	mv	tp, a0
+	call	guest_resume
+	call	pykvm_done
+	j	.Lpark
+	.size pykvm_resume_entry, . - pykvm_resume_entry
+
+/*
+ * Trap vector (direct mode, so 4-byte aligned).  Every trap is fatal for a
+ * test guest: switch to this hart's trap stack and report TRAP.
+ */
+	.globl pykvm_trap_entry
+	.type pykvm_trap_entry, @function
+	.balign 4
+pykvm_trap_entry:
+	csrr	t0, sscratch
+	li	t1, MAX_HARTS
+	bltu	t0, t1, 3f
+	li	t0, 0
+3:	la	sp, __trap_stacks_top
+	slli	t0, t0, TRAP_STACK_SHIFT
+	sub	sp, sp, t0
+	csrr	a0, scause
+	csrr	a1, sepc
+	csrr	a2, stval
+	call	pykvm_riscv_trap
+	j	.Lpark
+	.size pykvm_trap_entry, . - pykvm_trap_entry
+
+	.section .note.GNU-stack, "", @progbits

@@ -1,0 +1,70 @@
+"""The x86 platform of :class:`pykvm.machine.Machine`: RAM at 0, optional in-kernel irqchip/PIT,
+per-vCPU CPUID (APIC ids), boot state from the loader, and the report port (0x1000)."""
+from typing import Optional
+
+from ... import loader
+from ...report import decode as decode_report
+from . import boot, layout
+from .mixins import CpuidEntry
+
+REPORT_PORT = 0x1000
+
+
+class Platform:
+    ram_base = 0
+    arch = "x86_64"
+
+    def __init__(self, machine, *, irqchip: bool = False, pit: bool = False, cpuid=None):
+        self.m = machine
+        self.irqchip = irqchip or pit
+        self.pit = pit
+        self.cpuid = cpuid
+
+    def create_devices(self) -> None:
+        vm = self.m.vm
+        vm.set_tss_addr(0xFFFBD000)
+        vm.set_identity_map_addr(0xFFFBC000)
+        if self.irqchip:
+            vm.create_irqchip()
+        if self.pit:
+            vm.create_pit2()
+
+    def load(self, image, *, cmdline="", flat_addr=None, flat_mode="real"):
+        if flat_addr is None and isinstance(image, str) and image.endswith(".bin"):
+            flat_addr = layout.REAL_MODE_LOAD_ADDR
+        return loader.load_image(self.m.vm.memory, image, arch="x86_64", cmdline=cmdline,
+                                 flat_addr=flat_addr, flat_mode=flat_mode)
+
+    def vcpu_cpuid(self, index: int):
+        """Supported CPUID with this vCPU's APIC id patched into leaves 1, 0xB and 0x1F."""
+        entries = self.cpuid if self.cpuid is not None else self.m.kvm.supported_cpuid()
+        out = []
+        for e in entries:
+            e = CpuidEntry(*e)
+            if e.function == 1:
+                e = e._replace_ebx((e.ebx & 0x00FFFFFF) | (index << 24))
+            elif e.function in (0xB, 0x1F):
+                e = CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, index)
+            out.append(e)
+        return out
+
+    def setup_vcpu(self, vcpu, index: int) -> None:
+        vcpu.set_cpuid(self.vcpu_cpuid(index))
+        boot.setup_for_image(vcpu, self.m.vm.memory, self.m.image, vcpu_index=index)
+
+    def report_from_exit(self, index: int, ex) -> Optional[object]:
+        if ex.name == "IO" and ex.port == REPORT_PORT and ex.is_out and ex.size == 4:
+            return decode_report(self.m.vm.memory, ex.value, index)
+        return None
+
+    def handle_exit(self, index: int, ex) -> bool:
+        """Exits the platform resumes silently (none on x86 so far)."""
+        return False
+
+    def exit_verdict(self, ex):
+        """(exit status, detail) for a run that ended with exit ``ex``."""
+        if ex.name == "HLT":
+            return 0, "guest halted"
+        if ex.name == "SHUTDOWN":
+            return 1, "guest triple-faulted (SHUTDOWN)"
+        return 1, f"unhandled {ex.name} exit: {ex!r}"

@@ -1,0 +1,99 @@
+"""The guest → host report channel (docs/guest-abi.md): decode a ``struct pykvm_report`` from
+guest memory, bounds-checked, into a :class:`Report`."""
+import struct
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from .errors import GuestError, GuestMemoryError, PykvmError
+
+SYNC, ASSERT_FAILED, DONE, PRINT, EXCEPTION, TRAP = 1, 2, 3, 4, 5, 6
+NAMES = {SYNC: "sync", ASSERT_FAILED: "assert", DONE: "done", PRINT: "print",
+         EXCEPTION: "exception", TRAP: "trap"}
+REPORT_SIZE = 80
+MAX_STRING = 4096
+X86_VECTORS = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
+               8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
+               17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
+
+
+@dataclass
+class Report:
+    kind: str                         # sync, assert, done, print, exception, trap
+    args: Tuple[int, ...] = ()
+    text: str = ""                    # print: the text; assert: the expression
+    file: str = ""
+    line: int = 0
+    values: Optional[Tuple[int, int]] = None
+    message: str = ""
+    vcpu: int = 0
+
+    @property
+    def stage(self) -> Optional[int]:
+        return self.args[0] if self.kind == "sync" and self.args else None
+
+    @property
+    def values_list(self) -> Tuple[int, ...]:
+        """SYNC: the values after the stage."""
+        return self.args[1:] if self.kind == "sync" else self.args
+
+    def describe(self) -> str:
+        if self.kind == "assert":
+            s = f"guest assertion failed at {self.file}:{self.line}: {self.text}"
+            if self.values is not None:
+                a, b = self.values
+                s += f" (left = {a} ({a:#x}), right = {b} ({b:#x}))"
+            if self.message:
+                s += f": {self.message}"
+            return s
+        if self.kind == "exception":
+            vec, err, rip, cr2 = (list(self.args) + [0] * 4)[:4]
+            name = X86_VECTORS.get(vec, f"vector {vec}")
+            return (f"unexpected guest exception {name} (vector {vec}) error code {err:#x} "
+                    f"at RIP {rip:#x}" + (f", CR2 {cr2:#x}" if vec == 14 else ""))
+        if self.kind == "trap":
+            cause, epc, tval = (list(self.args) + [0] * 3)[:3]
+            return f"unexpected guest trap scause {cause:#x} sepc {epc:#x} stval {tval:#x}"
+        return f"{self.kind} {[hex(a) for a in self.args]}"
+
+
+class GuestAssertion(PykvmError, AssertionError):
+    """A guest's GUEST_ASSERT failed, or the guest took an unexpected exception."""
+
+    def __init__(self, report: Report):
+        self.report = report
+        super().__init__(report.describe())
+
+
+def decode(mem, gpa: int, vcpu: int = 0) -> Report:
+    """Read the report at guest-physical ``gpa``. Never touches memory outside guest RAM."""
+    try:
+        raw = mem.read(gpa, REPORT_SIZE)
+    except GuestMemoryError as e:
+        raise GuestError(f"guest report at {gpa:#x} is outside guest RAM") from e
+    cmd, nargs, *args = struct.unpack("<10Q", raw)
+    kind = NAMES.get(cmd)
+    if kind is None:
+        raise GuestError(f"guest report at {gpa:#x} has unknown command {cmd}")
+    args = tuple(args[:min(nargs, 8)])
+    full = struct.unpack("<10Q", raw)[2:]
+
+    def s(addr):
+        if not addr:
+            return ""
+        try:
+            return mem.read_cstring(addr, MAX_STRING)
+        except GuestMemoryError:
+            return f"<bad guest string at {addr:#x}>"
+
+    if kind == "print":
+        n = min(full[1], MAX_STRING) if full[1] else MAX_STRING
+        try:
+            text = mem.read(full[0], n).split(b"\0", 1)[0].decode("utf-8", "replace")
+        except GuestMemoryError:
+            text = f"<bad guest string at {full[0]:#x}>"
+        return Report("print", args, text=text, vcpu=vcpu)
+    if kind == "assert":
+        values = (full[4], full[5]) if full[3] & 1 else None
+        return Report("assert", args, text=s(full[0]), file=s(full[1]), line=full[2],
+                      values=values, message=s(full[6]), vcpu=vcpu)
+    return Report(kind, args, vcpu=vcpu)
