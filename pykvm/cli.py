@@ -67,7 +67,7 @@ def cmd_run(args) -> int:
                                                 sys.stdout.buffer.flush()))
     opts = {}
     if args.irqchip:
-        opts["irqchip"] = True
+        opts["irqchip"] = opts["pit"] = True
     try:
         m = Machine(guest, mem_size=args.mem, vcpus=args.vcpus, cmdline=args.cmdline,
                     on_console=stream, native=not args.python_loop, **opts)

@@ -488,8 +488,23 @@ def load_image(mem, image: Image, *, arch: str = "x86_64", cmdline: str = "",
     write_plan(plan, mem)
     if mbi is not None:
         mem.write(mbi_addr, mbi)
-    params = find_symbol(data, "pykvm_params") if is_elf(data) else None
+    params = _params_symbol(image, data)
     return LoadedImage(plan, plan.entry, plan.mode, mbi_addr, params)
+
+
+def _params_symbol(image: Image, data: bytes) -> Optional[int]:
+    """``pykvm_params`` of an ELF image; for a flat binary given by path, of the ELF next to it
+    (``guest.bin`` -> ``guest.elf``, as the guest build leaves them)."""
+    if is_elf(data):
+        return find_symbol(data, "pykvm_params")
+    if isinstance(image, (str, os.PathLike)):
+        elf = os.path.splitext(os.fspath(image))[0] + ".elf"
+        if os.path.isfile(elf):
+            try:
+                return find_symbol(elf, "pykvm_params")
+            except LoadError:
+                return None
+    return None
 
 
 # ---- symbols ------------------------------------------------------------------------------------

@@ -76,3 +76,28 @@ def kvm():
     from ..kvm import Kvm
     with Kvm() as k:
         yield k
+
+
+@pytest.fixture
+def guest_vm(kvm):
+    """A factory: ``guest_vm("msr", vcpus=1, **machine_options)`` → a started-up
+    :class:`pykvm.machine.Machine` running the named built-in guest (or an image path).
+    Every machine is closed after the test. Drive it selftest-style::
+
+        m = guest_vm("msr")
+        m.set_params(0xC0000081, 0x1234)
+        assert m.sync(stage=1) == (...)
+        m.done()
+
+    A failing GUEST_ASSERT in the guest raises :class:`pykvm.report.GuestAssertion` (an
+    AssertionError) whose message has the guest's expression, file:line and values."""
+    from ..machine import Machine
+    made = []
+
+    def factory(guest, **kw):
+        m = Machine(guest, kvm=kvm, **kw)
+        made.append(m)
+        return m
+    yield factory
+    for m in made:
+        m.close()

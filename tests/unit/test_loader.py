@@ -420,6 +420,9 @@ def test_built_guests_load(built_guests):
     assert li.mode == "protected" and li.multiboot_info == 0x9000
     li = loader.load_image(FakeMem(), built_guests / "hello16.bin", flat_addr=0x8000)
     assert li.mode == "real"
+    # the params symbol of a flat binary comes from the ELF built next to it
+    assert li.params_addr == loader.find_symbol(built_guests / "hello16.elf", "pykvm_params")
+    assert li.params_addr is not None
 
 
 # ---- boot state -----------------------------------------------------------------------------------

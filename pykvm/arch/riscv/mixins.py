@@ -15,3 +15,20 @@ class VmArch:
 class VcpuArch:
     def _arch_init(self) -> None:
         pass
+
+
+def describe_registers(vcpu):
+    """(name, ONE_REG id, size, value) for every register KVM_GET_REG_LIST reports."""
+    from ...errors import KvmError
+    from .cpu import named_reg_list
+    rows = []
+    for reg in named_reg_list(vcpu):
+        try:
+            v = vcpu.get_one_reg(reg.id)
+        except KvmError as e:
+            v = e.errno_name
+        rows.append((reg.name, reg.id, reg.size, v))
+    return rows
+
+
+from .platform import Platform  # noqa: E402,F401

@@ -1,0 +1,554 @@
+"""Building and running the two labs.
+
+An initramfs is two concatenated gzip'd newc archives (the kernel unpacks them in order):
+
+* ``base``: Debian userspace (busybox, Python, libraries), host-side pure-Python packages (pytest and
+  friends), the KVM modules and precompiled .pyc files.  It depends only on pinned inputs, so it is
+  cached under ``<cache>/base/<key>.cpio.gz``;
+* ``payload``: this checkout (``pykvm/``, ``tests/``, built guests, the ``pykvm._native`` extension for
+  the lab's architecture), ``/init`` and the run's configuration.  Rebuilt on every run.
+"""
+
+from __future__ import annotations
+
+import compileall  # noqa: F401  (documentation: the guest .pyc files are made by compileall)
+import glob
+import hashlib
+import importlib.metadata as md
+import json
+import lzma
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import initramfs as ird
+from . import qemu as q
+from .debian import Archive, LabError, extract_deb, log, merged_usr_links, version_key
+
+BASE_FORMAT = 3  # bump when the layout of the base archive changes
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+# pure-Python distributions copied from the host interpreter's site-packages into the image
+HOST_PY_DISTS = ["pytest", "pluggy", "iniconfig", "packaging", "pygments", "ioctl-opt", "pyelftools"]
+
+
+@dataclass
+class LabSpec:
+    name: str
+    arch: str  # Debian arch of the lab's userspace
+    user_suite: str
+    user_packages: list[str]
+    py: str  # "3.13"
+    host_dists: list[str]
+    default_tests: list[str]
+    timeouts: float = 600.0
+    extra: dict = field(default_factory=dict)
+
+
+RISCV = LabSpec(
+    name="riscv",
+    arch="riscv64",
+    user_suite="trixie",
+    user_packages=[
+        "busybox-static", "python3.13-minimal", "libpython3.13-minimal", "libpython3.13-stdlib",
+        "python3-cffi", "python3-cffi-backend", "python3-pycparser", "python3-ply",
+        "libffi8", "libc6", "zlib1g", "libexpat1", "libgcc-s1",
+    ],
+    py="3.13",
+    host_dists=HOST_PY_DISTS,
+    default_tests=["tests/riscv", "tests/lab/inner_smoke"],
+)
+
+NESTED = LabSpec(
+    name="nested",
+    arch="amd64",
+    user_suite="bookworm",
+    user_packages=[
+        "busybox-static", "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
+        "libffi8", "libc6", "zlib1g", "libexpat1", "libgcc-s1",
+    ],
+    py="3.11",
+    # the host's cffi built pykvm._native (same ABI tag as bookworm's python3.11), so ship the same cffi
+    host_dists=HOST_PY_DISTS + ["cffi", "pycparser"],
+    default_tests=["tests/nested", "tests/lab/inner_smoke"],
+)
+
+RISCV_CMDLINE = "console=ttyS0 earlycon=sbi panic=-1 quiet loglevel=4"
+NESTED_CMDLINE = "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init"
+
+
+@dataclass
+class Options:
+    cache: Path
+    out: Path
+    keep: bool = False
+    timeout: float | None = None
+    cpus: list[str] | None = None
+    k: str | None = None
+    tests: list[str] | None = None
+    shell: bool = False
+    refresh: bool = False
+    kernel_suite: str = "sid"
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _host_python(version: str) -> str | None:
+    """An interpreter of the guest's Python minor version on the host, for precompiling .pyc files."""
+    if f"{sys.version_info[0]}.{sys.version_info[1]}" == version:
+        return sys.executable
+    cands = [shutil.which(f"python{version}")]
+    cands += sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{version}*/bin/python{version}")), reverse=True)
+    for c in cands:
+        if not c:
+            continue
+        try:
+            out = subprocess.run([c, "-c", "import sys;print('%d.%d'%sys.version_info[:2])"],
+                                 capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0 and out.stdout.strip() == version:
+            return c
+    return None
+
+
+def _compile_pyc(python: str, root: Path, dirs: list[str]) -> None:
+    """Precompile ``root/<dirs>`` with ``python`` (unchecked-hash .pyc: the image never changes)."""
+    script = (
+        "import compileall, py_compile, sys\n"
+        "root = sys.argv[1]\n"
+        "ok = True\n"
+        "for d in sys.argv[2:]:\n"
+        "    ok &= compileall.compile_dir(root + '/' + d, ddir='/' + d, quiet=2, workers=0,\n"
+        "        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
+    )
+    existing = [d for d in dirs if (root / d).is_dir()]
+    if existing:
+        subprocess.run([python, "-c", script, str(root), *existing], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _decompress_module(src: Path, dest: Path) -> None:
+    data = src.read_bytes()
+    if src.name.endswith(".xz"):
+        data = lzma.decompress(data)
+    elif src.name.endswith(".zst"):
+        data = subprocess.run(["zstd", "-dc", str(src)], check=True, capture_output=True).stdout
+    elif src.name.endswith(".gz"):
+        import gzip
+
+        data = gzip.decompress(data)
+    dest.write_bytes(data)
+
+
+def _copy_host_dists(names: list[str], dest: Path) -> dict[str, str]:
+    """Copy the files of installed distributions ``names`` into ``dest`` (a dist-packages dir)."""
+    versions = {}
+    for name in names:
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError as e:
+            raise LabError(f"host Python lacks {name} (pip install {name})") from e
+        versions[name] = dist.version
+        for f in dist.files or []:
+            parts = Path(str(f)).parts
+            if parts[0] == ".." or "__pycache__" in parts:
+                continue
+            src = Path(str(dist.locate_file(f)))
+            if not src.is_file():
+                continue
+            out = dest / Path(*parts)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, out)
+    return versions
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+
+
+def riscv_kernel(archive: Archive, suite: str) -> tuple[dict, Path, list[tuple[Path, str]]]:
+    """Newest ``linux-binary-<ver>-riscv64`` (≥ 6.14) in ``suite`` with its ``linux-modules``: the
+    kernel Image and kvm.ko (decompressed)."""
+    ix = archive.index(suite, "riscv64")
+    cands = []
+    for n in ix.names_matching(r"linux-binary-(\d+\.\d+[^ ]*)-riscv64"):
+        ver = n[len("linux-binary-") : -len("-riscv64")]
+        if ("linux-modules-" + ver + "-riscv64") not in ix:
+            continue
+        major, minor = (int(x) for x in ver.split(".")[:2])
+        if (major, minor) < (6, 14):
+            continue
+        cands.append((ix.get(n).version, ver, n))
+    if not cands:
+        raise LabError(f"no linux-binary-*-riscv64 >= 6.14 with modules in {suite}/riscv64")
+    cands.sort(key=lambda c: version_key(c[0]))
+    pkgver, kver, binname = cands[-1]
+    binp, modp = ix.get(binname), ix.get(f"linux-modules-{kver}-riscv64")
+    kdir = archive.cache / "unpacked" / f"kernel-riscv-{binp.sha256[:16]}-{modp.sha256[:16]}"
+    stamp = kdir / ".done"
+    if not stamp.exists():
+        kdir.mkdir(parents=True, exist_ok=True)
+        log(f"unpacking {binname} and kvm.ko from {modp.name}")
+        extract_deb(archive.fetch(binp, "kernel"), kdir, lambda r: r.endswith("/vmlinuz") or "/vmlinuz-" in r)
+        got = extract_deb(archive.fetch(modp, "kernel modules"), kdir,
+                          lambda r: "/kernel/arch/riscv/kvm/kvm.ko" in r)
+        if not got:
+            raise LabError(f"{modp.name}: no kernel/arch/riscv/kvm/kvm.ko*")
+        stamp.write_text(json.dumps({"kvm": got}))
+    else:
+        archive.fetch(binp, "kernel")
+        archive.fetch(modp, "kernel modules")
+    vml = sorted(kdir.glob("usr/lib/modules/*/vmlinuz")) + sorted(kdir.glob("boot/vmlinuz-*"))
+    if not vml:
+        raise LabError(f"{binname}: no vmlinuz inside")
+    kvm = [kdir / r for r in json.loads(stamp.read_text())["kvm"]]
+    info = {"kernel_package": binname, "kernel_version": kver, "package_version": pkgver, "suite": suite}
+    return info, vml[0], [(kvm[0], "")]
+
+
+def nested_kernel(archive: Archive, suite: str = "bookworm") -> tuple[dict, Path, list[tuple[Path, str]]]:
+    ix = archive.index(suite, "amd64")
+    meta = ix.get("linux-image-cloud-amd64")
+    img_name = next((a[0] for a in meta.dep_names() if a[0].startswith("linux-image-")), None)
+    if not img_name:
+        raise LabError(f"linux-image-cloud-amd64 {meta.version}: no linux-image-* dependency")
+    img = ix.get(img_name)
+    kdir = archive.cache / "unpacked" / f"kernel-x86-{img.sha256[:16]}"
+    stamp = kdir / ".done"
+    wanted = ("/kernel/virt/lib/irqbypass.ko", "/kernel/arch/x86/kvm/kvm.ko", "/kernel/arch/x86/kvm/kvm-amd.ko")
+    deb = archive.fetch(img, "kernel + modules")
+    if not stamp.exists():
+        kdir.mkdir(parents=True, exist_ok=True)
+        log(f"unpacking {img.name}")
+        got = extract_deb(deb, kdir, lambda r: r.startswith("boot/vmlinuz-")
+                          or any(w in r for w in wanted))
+        stamp.write_text(json.dumps(got))
+    got = json.loads(stamp.read_text())
+    mods = []
+    for w, args in zip(wanted, ("", "", "nested=1")):
+        path = next((g for g in got if w in g), None)
+        if path is None:
+            raise LabError(f"{img.name}: module {w} not found")
+        mods.append((kdir / path, args))
+    vml = sorted(kdir.glob("boot/vmlinuz-*"))
+    if not vml:
+        raise LabError(f"{img.name}: no /boot/vmlinuz-*")
+    info = {"kernel_package": img.name, "package_version": img.version, "suite": suite}
+    return info, vml[0], mods
+
+
+# --------------------------------------------------------------------------------------------------
+# the two archive parts
+
+
+def build_base(archive: Archive, spec: LabSpec, modules: list[tuple[Path, str]], opts: Options) -> tuple[Path, dict]:
+    ix = archive.index(spec.user_suite, spec.arch)
+    pkgs = [ix.get(n) for n in spec.user_packages]
+    debs = [archive.fetch(p, "lab userspace") for p in pkgs]
+    compiler = _host_python(spec.py)
+    dist_versions = {n: md.version(n) for n in spec.host_dists}
+    key = _hash({
+        "format": BASE_FORMAT, "debs": [p.sha256 for p in pkgs], "dists": dist_versions,
+        "modules": [(str(m), a, m.stat().st_size) for m, a in modules], "pyc": bool(compiler),
+        "init": ird.INIT_SCRIPT,
+    })
+    out = archive.cache / "base" / f"{spec.name}-{key}.cpio.gz"
+    info = {"base_key": key, "host_python_packages": dist_versions,
+            "pyc_precompiled_with": compiler and subprocess.run(
+                [compiler, "-c", "import sys;print(sys.version.split()[0])"],
+                capture_output=True, text=True).stdout.strip()}
+    if not compiler:
+        info["pyc_note"] = f"no host python{spec.py}: guest .pyc not precompiled (slower imports)"
+        log(info["pyc_note"])
+    if out.exists():
+        return out, info
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"pykvm-lab-{spec.name}-", dir=archive.cache) as td:
+        root = Path(td) / "root"
+        merged_usr_links(root)
+        drop = ("usr/share/doc/", "usr/share/man/", "usr/share/lintian/", "usr/share/locale/")
+        for deb in debs:
+            extract_deb(deb, root, lambda r: not r.startswith(drop))
+        if not (root / "usr/bin/busybox").exists():
+            raise LabError("busybox-static did not provide /usr/bin/busybox")
+        for name in ("sh", "mount", "insmod", "mknod", "poweroff", "sync", "sleep", "setsid", "cttyhack",
+                     "ls", "cat", "uname", "mkdir", "base64"):
+            link = root / "usr/bin" / name
+            if not link.exists() and not link.is_symlink():
+                link.symlink_to("busybox")
+        py = root / "usr/bin" / "python3"
+        if not py.exists():
+            py.symlink_to(f"python{spec.py}")
+        dist = root / "usr/lib/python3/dist-packages"
+        dist.mkdir(parents=True, exist_ok=True)
+        _copy_host_dists(spec.host_dists, dist)
+        moddir = root / "lab/modules"
+        moddir.mkdir(parents=True)
+        lines = []
+        for m, args in modules:
+            name = m.name.split(".ko")[0] + ".ko"
+            _decompress_module(m, moddir / name)
+            lines.append(f"{name} {args}".strip())
+        (moddir.parent / "modules.list").write_text("\n".join(lines) + "\n")
+        if compiler:
+            log(f"{spec.name}: precompiling guest .pyc with {compiler}")
+            _compile_pyc(compiler, root, [f"usr/lib/python{spec.py}", "usr/lib/python3/dist-packages"])
+        tmp = out.with_suffix(".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        ird.write_initramfs(tmp, root)
+        os.replace(tmp, out)
+    log(f"{spec.name}: base image {out.stat().st_size / 1e6:.1f} MB built in {time.monotonic() - t0:.1f} s")
+    return out, info
+
+
+def build_guests() -> str:
+    makefile = CHECKOUT / "guests" / "Makefile"
+    if not makefile.exists():
+        return "guests/Makefile absent: no guests built"
+    outdir = CHECKOUT / "build" / "guests"
+    r = subprocess.run(["make", "-C", str(CHECKOUT / "guests"), f"OUT={outdir}", f"-j{os.cpu_count() or 1}"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LabError(f"make -C guests failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    return f"guests built into {outdir}"
+
+
+def build_native(spec: LabSpec, archive: Archive, workdir: Path) -> tuple[Path | None, str]:
+    """pykvm._native for the lab's architecture.
+
+    With ``csrc/build_native.py`` (a cffi ``ffibuilder``, API mode): emit its C and compile it with
+    the lab's compiler against the lab Python's headers.  Without it, the nested lab reuses a
+    host-built ``pykvm/_native*.so`` (host pyenv 3.11 and bookworm's python3.11 share the ABI tag
+    cpython-311-x86_64-linux-gnu); the RISC-V lab goes without.
+    """
+    builder = CHECKOUT / "csrc" / "build_native.py"
+    if spec.name == "riscv":
+        suffix, cc = ".cpython-313-riscv64-linux-gnu.so", "riscv64-linux-gnu-gcc"
+    else:
+        suffix, cc = ".cpython-311-x86_64-linux-gnu.so", "gcc"
+        host_suffix = sysconfig.get_config_var("EXT_SUFFIX")
+        if host_suffix != suffix:
+            raise LabError(f"host EXT_SUFFIX {host_suffix} != bookworm python3.11's {suffix}")
+    if not builder.exists():
+        if spec.name == "nested":
+            built = sorted(CHECKOUT.glob("pykvm/_native" + suffix))
+            if built:
+                return built[0], f"host-built {built[0].name}"
+        return None, "csrc/build_native.py absent: pykvm._native not built"
+    if not shutil.which(cc):
+        raise LabError(f"{cc} not found (needed to build pykvm._native for the {spec.name} lab)")
+    incs = [sysconfig.get_paths()["include"]]
+    if spec.name == "riscv":
+        ix = archive.index(RISCV.user_suite, "riscv64")
+        dev = archive.fetch(ix.get("libpython3.13-dev"), "headers for pykvm._native")
+        hdr = archive.cache / "unpacked" / f"py313dev-{ix.get('libpython3.13-dev').sha256[:16]}"
+        if not (hdr / ".done").exists():
+            extract_deb(dev, hdr, lambda r: r.startswith("usr/include/"))
+            (hdr / ".done").touch()
+        incs = [str(hdr / "usr/include/python3.13"), str(hdr / "usr/include/riscv64-linux-gnu/python3.13"),
+                str(hdr / "usr/include")]
+        if not (Path(incs[1]) / "pyconfig.h").exists():
+            raise LabError("libpython3.13-dev riscv64: no pyconfig.h")
+    return compile_cffi_module(builder, workdir, cc, incs, suffix), f"built from {builder.name} with {cc}"
+
+
+def compile_cffi_module(builder: Path, workdir: Path, cc: str, includes: list[str], suffix: str) -> Path:
+    """Emit the C of ``builder``'s ``ffibuilder`` and compile it into ``<module><suffix>``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    c_file = workdir / "_native.c"
+    meta = workdir / "native.json"
+    script = (
+        "import json, runpy, sys\n"
+        "ns = runpy.run_path(sys.argv[1], run_name='pykvm_lab_build')\n"
+        "fb = ns['ffibuilder']\n"
+        "fb.emit_c_code(sys.argv[2])\n"
+        "mod, _src, _ext, kw = fb._assigned_source\n"
+        "json.dump({'module': mod, 'kw': {k: v for k, v in kw.items() if isinstance(v, (list, str))}},"
+        " open(sys.argv[3], 'w'))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(builder), str(c_file), str(meta)],
+                       cwd=builder.parent.parent, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LabError(f"{builder.name}: {r.stderr.strip().splitlines()[-1:]}")
+    m = json.loads(meta.read_text())
+    kw = m["kw"]
+    base = builder.parent.parent
+    rel = lambda p: str(p if os.path.isabs(p) else base / p)
+    out = workdir / (m["module"].rsplit(".", 1)[-1] + suffix)
+    argv = [cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(c_file)]
+    argv += [rel(s) for s in kw.get("sources", [])]
+    argv += [f"-I{i}" for i in includes] + [f"-I{rel(i)}" for i in kw.get("include_dirs", [])]
+    argv += [f"-D{d[0]}={d[1]}" if isinstance(d, list) and d[1] is not None else f"-D{d if isinstance(d, str) else d[0]}"
+             for d in kw.get("define_macros", [])]
+    argv += list(kw.get("extra_compile_args", [])) + list(kw.get("extra_link_args", []))
+    argv += [f"-l{lib}" for lib in kw.get("libraries", [])]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LabError(f"compiling pykvm._native with {cc} failed: {r.stderr.strip()[-400:]}")
+    return out
+
+
+def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[str], nonce: str,
+                  workdir: Path, compiler: str | None) -> tuple[Path, dict]:
+    root = workdir / "payload"
+    if root.exists():
+        shutil.rmtree(root)
+    dst = root / "pykvm"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "_native*.so")
+    shutil.copytree(CHECKOUT / "pykvm", dst / "pykvm", ignore=ignore)
+    if (CHECKOUT / "tests").is_dir():
+        shutil.copytree(CHECKOUT / "tests", dst / "tests", ignore=ignore)
+    for f in ("conftest.py", "pyproject.toml", "pytest.ini", "setup.cfg"):
+        if (CHECKOUT / f).exists():
+            shutil.copy2(CHECKOUT / f, dst / f)
+    info = {"guests": build_guests()}
+    guests = CHECKOUT / "build" / "guests"
+    if guests.is_dir():
+        shutil.copytree(guests, dst / "build" / "guests")
+    native, info["native"] = build_native(spec, archive, workdir / "native")
+    if native:
+        shutil.copy2(native, dst / "pykvm" / native.name)
+    log(f"{spec.name}: pykvm._native: {info['native']}")
+    if compiler:
+        _compile_pyc(compiler, root, ["pykvm/pykvm", "pykvm/tests"])
+    lab = root / "lab"
+    lab.mkdir()
+    args = tests + ["-q", "-rfEs", "--junitxml=/tmp/junit.xml", "-o", "cache_dir=/tmp/pc"]
+    if opts.k:
+        args += ["-k", opts.k]
+    (lab / "pytest-args.json").write_text(json.dumps(args))
+    (lab / "run_pytest.py").write_text(ird.RUN_PYTEST)
+    (lab / "lab.conf").write_text(f"NONCE={nonce}\nSHELL_MODE={1 if opts.shell else 0}\nTESTS='{' '.join(tests)}'\n")
+    init = root / "init"
+    init.write_text(ird.INIT_SCRIPT)
+    init.chmod(0o755)
+    out = workdir / "payload.cpio.gz"
+    ird.write_initramfs(out, root)
+    info["tests"] = tests
+    return out, info
+
+
+def select_tests(spec: LabSpec, requested: list[str] | None) -> list[str]:
+    paths = requested or spec.default_tests
+    present = [p for p in paths if (CHECKOUT / p.split("::")[0]).exists()]
+    missing = sorted(set(paths) - set(present))
+    if missing:
+        log(f"{spec.name}: skipping absent test paths: {' '.join(missing)}")
+    if not present:
+        raise LabError(f"none of the inner test paths exist: {' '.join(paths)}")
+    return present
+
+
+# --------------------------------------------------------------------------------------------------
+# running a lab
+
+
+def run_lab(lab: str, opts: Options) -> int:
+    t_start = time.monotonic()
+    spec = RISCV if lab == "riscv" else NESTED
+    opts.out.mkdir(parents=True, exist_ok=True)
+    workdir = opts.out / lab
+    workdir.mkdir(parents=True, exist_ok=True)
+    xml_out = opts.out / f"{lab}.xml"
+    archive = Archive(opts.cache)
+    if opts.refresh:
+        for suite in {spec.user_suite, opts.kernel_suite if lab == "riscv" else "bookworm"}:
+            archive.index(suite, spec.arch, refresh=True)
+    manifest: dict = {"lab": lab}
+    try:
+        tests = select_tests(spec, opts.tests)
+        if lab == "riscv":
+            kinfo, kernel, modules = riscv_kernel(archive, opts.kernel_suite)
+            qemu = q.trixie_riscv_qemu(archive)
+        else:
+            kinfo, kernel, modules = nested_kernel(archive)
+            qemu = q.x86_qemu(archive)
+        manifest.update(kernel=kinfo, qemu=qemu.version)
+        base, binfo = build_base(archive, spec, modules, opts)
+        manifest.update(binfo)
+        nonce = secrets.token_hex(8)
+        payload, pinfo = build_payload(spec, archive, opts, tests, nonce, workdir, _host_python(spec.py))
+        manifest.update(pinfo)
+        initrd = workdir / "initrd.img"
+        with open(initrd, "wb") as f:
+            for part in (base, payload):
+                with open(part, "rb") as p:
+                    shutil.copyfileobj(p, f)
+        shutil.copy2(kernel, workdir / "vmlinuz")
+        log(f"{lab}: initrd {initrd.stat().st_size / 1e6:.1f} MB; prepared in {time.monotonic() - t_start:.1f} s")
+    except LabError as e:
+        _write_manifest(opts.out, lab, archive, manifest, error=str(e))
+        q.merge_junit([q.BootResult(lab, 3, str(e))], xml_out, lab)
+        print(f"lab {lab}: FAILED: {e}")
+        return 3
+    if lab == "riscv":
+        runs = [(f"riscv-{cpu}", [
+            "-machine", "virt", "-cpu", "rv64,h=true" if cpu == "rv64" else cpu, "-m", "2G", "-smp", "2",
+            "-no-reboot", "-nic", "none", "-kernel", str(workdir / "vmlinuz"), "-initrd", str(initrd),
+            "-append", RISCV_CMDLINE]) for cpu in (opts.cpus or ["rv64", "max"])]
+    else:
+        runs = [("nested", [
+            "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "1024", "-no-reboot", "-nic", "none",
+            "-kernel", str(workdir / "vmlinuz"), "-initrd", str(initrd), "-append", NESTED_CMDLINE])]
+    results = []
+    for name, margs in runs:
+        res = q.boot(qemu, margs, workdir / f"serial-{name}.log", nonce, name,
+                     opts.timeout or spec.timeouts, interactive=opts.shell)
+        results.append(res)
+        if opts.shell:
+            return res.status
+        if res.junit:
+            (workdir / f"junit-{name}.xml").write_bytes(res.junit)
+        print(f"--- {name}: inner pytest ({res.seconds:.1f} s in QEMU) ---")
+        for line in res.summary:
+            print(f"    {line}")
+        if res.reason:
+            print(f"    {res.reason}")
+    root = q.merge_junit(results, xml_out, lab)
+    manifest["runs"] = [{"name": r.name, "status": r.status, "reason": r.reason, "seconds": round(r.seconds, 1),
+                         "log": r.log} for r in results]
+    _write_manifest(opts.out, lab, archive, manifest)
+    if not opts.keep:
+        shutil.rmtree(workdir / "payload", ignore_errors=True)
+        shutil.rmtree(workdir / "native", ignore_errors=True)
+    status = next((r.status for r in results if r.status), 0)
+    if status == 0 and int(root.get("tests", 0)) == 0:
+        status = 5
+    total = time.monotonic() - t_start
+    fails = [r.reason or f"{r.name}: inner pytest exit status {r.status}" for r in results if r.status]
+    print(f"lab {lab}: {root.get('tests')} tests, {root.get('failures')} failures, {root.get('errors')} errors, "
+          f"{root.get('skipped')} skipped; {xml_out}; {total:.0f} s total")
+    if fails:
+        print(f"lab {lab}: FAILED: {fails[0]}")
+    return status
+
+
+def _write_manifest(out: Path, lab: str, archive: Archive, info: dict, error: str | None = None) -> None:
+    path = out / "manifest.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    entry = dict(info)
+    entry["mirror"] = archive.mirror
+    entry["packages"] = sorted({json.dumps(m, sort_keys=True) for m in archive.manifest})
+    entry["packages"] = [json.loads(m) for m in entry["packages"]]
+    if error:
+        entry["error"] = error
+    data[lab] = entry
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
