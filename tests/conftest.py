@@ -17,3 +17,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if f"{os.sep}tests{os.sep}hw{os.sep}" in str(item.fspath):
             item.add_marker(pytest.mark.requires_kvm)
+
+
+pytest_plugins = ["pytester"]
