@@ -49,8 +49,8 @@ class LoopConfig:
     serial_base: int = COM1
     debugcon_port: int = DEBUGCON
     exit_port: int = DEBUG_EXIT
-    console_cap: int = 1 << 16
-    mmio_log_cap: int = 4096
+    console_cap: int = 1 << 14
+    mmio_log_cap: int = 512
 
 
 def _ring_address(vcpu):
