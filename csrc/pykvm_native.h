@@ -15,7 +15,7 @@
 #define PYKVM_STOP_DEADLINE      3  /* the deadline passed */
 #define PYKVM_STOP_BUDGET        4  /* the exit budget is used up */
 #define PYKVM_STOP_KICK          5  /* pykvm_loop_kick() was called */
-#define PYKVM_STOP_CONSOLE_FULL  6  /* the console buffer is full: drain it and call again */
+#define PYKVM_STOP_CONSOLE_FULL  6  /* console bytes to drain (buffer full, or flush time) */
 #define PYKVM_STOP_SIGNAL        7  /* KVM_RUN was interrupted by someone else's signal */
 #define PYKVM_STOP_MMIO_LOG_FULL 8  /* the coalesced-MMIO log is full: drain it and call again */
 #define PYKVM_STOP_BAD_EXIT      9  /* kvm_run described an I/O outside the shared page */
@@ -41,6 +41,8 @@ struct pykvm_loop {
     uint64_t console;                /* address of the console buffer */
     uint32_t console_cap;
     uint32_t console_len;            /* bytes in the buffer; Python drains and resets it */
+    int64_t console_flush_ns;        /* return to Python when bytes waited this long (0 = never) */
+    int64_t console_since_ns;        /* when the oldest undrained byte arrived */
 
     uint16_t serial_base;            /* 16550 base port (0x3f8), 0 = none */
     uint16_t debugcon_port;          /* 0xe9, 0 = none */

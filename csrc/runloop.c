@@ -104,6 +104,8 @@ static int console_put(struct pykvm_loop *l, const uint8_t *p, uint32_t n)
 
     if (n > room)
         n = room;
+    if (l->console_len == 0 && n)
+        l->console_since_ns = pykvm_monotonic_ns();
     memcpy(buf + l->console_len, p, n);
     l->console_len += n;
     return l->console_len < l->console_cap;
@@ -297,6 +299,10 @@ static int run_loop(struct pykvm_loop *l, struct kvm_run *run)
             if (res == IO_NOT_OURS)
                 return PYKVM_STOP_EXIT;
             l->handled_in_c++;
+            /* Let Python stream console output that has waited long enough. */
+            if (l->console_len && l->console_flush_ns &&
+                pykvm_monotonic_ns() - l->console_since_ns >= l->console_flush_ns)
+                return PYKVM_STOP_CONSOLE_FULL;
         } else if (reason == KVM_EXIT_INTR) {
             l->handled_in_c++;          /* a pending signal of ours: checked at the loop top */
         } else {

@@ -77,13 +77,11 @@ def cmd_run(args) -> int:
         return _fail(f"{guest}: {e.strerror}")
     with m:
         if args.trace:
-            m.on_exit_trace = True
+            m.trace = lambda line: print(f"pykvm: {line}", file=sys.stderr)
         r = m.run(timeout=args.timeout)
     if args.json:
         print(json.dumps(r.as_dict(), indent=2))
     else:
-        if r.console and not r.console.endswith(b"\n"):
-            sys.stdout.write("\n")
         sys.stdout.flush()
         if r.exit == "timeout":
             print(f"pykvm: guest did not finish within {args.timeout} s; stopped", file=sys.stderr)
@@ -142,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=10.0, help="seconds before the guest is "
                    "stopped (exit 124; default 10)")
     r.add_argument("--cmdline", default="", help="kernel command line (multiboot)")
-    r.add_argument("--trace", action="store_true", help="print exit counts and timing to stderr")
+    r.add_argument("--trace", action="store_true", help="print every exit and report that reaches "
+                   "Python, then the exit counts and timing, to stderr")
     r.add_argument("--json", action="store_true", help="print one JSON object with exit, "
                    "exit_code, console, exits, seconds")
     r.add_argument("--irqchip", action="store_true", help="create the in-kernel irqchip and PIT")

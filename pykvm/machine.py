@@ -90,6 +90,7 @@ class Machine:
         self.on_console = on_console
         self.reports: List[Report] = []
         self.handlers: Dict[str, Callable] = {}
+        self.trace: Optional[Callable[[str], None]] = None   # called with one line per event
         self._lock = threading.Lock()
         self._stop = threading.Event()
         try:
@@ -151,9 +152,13 @@ class Machine:
             if stop.kind != "exit":
                 return Event("timeout" if stop.kind == "deadline" else stop.kind, index)
             ex = stop.exit
+            if self.trace:
+                self.trace(f"vcpu{index}: {ex!r}")
             rep = self.platform.report_from_exit(index, ex)
             if rep is not None:
                 rep.vcpu = index
+                if self.trace:
+                    self.trace(f"vcpu{index}: guest report {rep.describe()}")
                 if rep.kind == "print":
                     self._console_out(rep.text.encode())
                     continue

@@ -51,6 +51,7 @@ class LoopConfig:
     exit_port: int = DEBUG_EXIT
     console_cap: int = 1 << 14
     mmio_log_cap: int = 512
+    console_flush: float = 0.05      # seconds console bytes may wait before Python sees them
 
 
 def _ring_address(vcpu):
@@ -100,6 +101,7 @@ class RunLoop(_LoopBase):
         l.ring, l.ring_entries = _ring_address(vcpu)
         l.console = int(nffi.cast("uintptr_t", self._console_buf))
         l.console_cap = c.console_cap
+        l.console_flush_ns = int(c.console_flush * 1e9) if on_console else 0
         l.serial_base, l.debugcon_port, l.exit_port = c.serial_base, c.debugcon_port, c.exit_port
         l.mmio_log = int(nffi.cast("uintptr_t", self._mmio_buf))
         l.mmio_log_cap = c.mmio_log_cap

@@ -11,7 +11,6 @@ An initramfs is two concatenated gzip'd newc archives (the kernel unpacks them i
 
 from __future__ import annotations
 
-import compileall  # noqa: F401  (documentation: the guest .pyc files are made by compileall)
 import glob
 import hashlib
 import importlib.metadata as md
@@ -25,7 +24,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import initramfs as ird
@@ -49,8 +48,7 @@ class LabSpec:
     py: str  # "3.13"
     host_dists: list[str]
     default_tests: list[str]
-    timeouts: float = 600.0
-    extra: dict = field(default_factory=dict)
+    timeout: float = 600.0
 
 
 RISCV = LabSpec(
@@ -508,7 +506,7 @@ def run_lab(lab: str, opts: Options) -> int:
     results = []
     for name, margs in runs:
         res = q.boot(qemu, margs, workdir / f"serial-{name}.log", nonce, name,
-                     opts.timeout or spec.timeouts, interactive=opts.shell)
+                     opts.timeout or spec.timeout, interactive=opts.shell)
         results.append(res)
         if opts.shell:
             return res.status
@@ -546,8 +544,8 @@ def _write_manifest(out: Path, lab: str, archive: Archive, info: dict, error: st
         data = {}
     entry = dict(info)
     entry["mirror"] = archive.mirror
-    entry["packages"] = sorted({json.dumps(m, sort_keys=True) for m in archive.manifest})
-    entry["packages"] = [json.loads(m) for m in entry["packages"]]
+    unique = {(m["suite"], m["arch"], m["package"], m["sha256"]): m for m in archive.manifest}
+    entry["packages"] = [unique[k] for k in sorted(unique)]
     if error:
         entry["error"] = error
     data[lab] = entry

@@ -17,7 +17,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
-import json
 import lzma
 import os
 import re
@@ -308,8 +307,8 @@ class Index:
             name = todo.pop(0)
             if name in chosen or skip(name):
                 continue
-            p = self.get(name)
-            if p.name in chosen:
+            p = self.get(name)  # a virtual name resolves to its first real provider
+            if p.name in chosen or skip(p.name):
                 continue
             chosen[p.name] = p
             provided.add(p.name)
@@ -395,13 +394,6 @@ class Archive:
             }
         )
         return dest
-
-    def write_manifest(self, path: Path, extra: dict | None = None) -> None:
-        data = {"mirror": self.mirror, "packages": self.manifest}
-        if extra:
-            data.update(extra)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def sha256_file(path: Path) -> str:
