@@ -4,6 +4,7 @@ Guests are searched in order: ``$PYKVM_GUESTS_DIR``, then ``<checkout>/build/gue
 from ``guests/`` with ``make`` when missing or older than their sources).
 """
 import os
+import shutil
 import subprocess
 import threading
 from typing import List, Optional
@@ -67,9 +68,10 @@ def path(name: str, arch: str = abi.ARCH) -> str:
             for ext in (".bin", ".elf"):   # a flat binary is the real image when both exist
                 p = os.path.join(d, name + ext)
                 if os.path.exists(p) and (attempt or not os.path.isdir(SOURCE_DIR)
+                                          or not shutil.which("make")
                                           or os.path.getmtime(p) >= _newest_source()):
                     return p
-        if attempt == 0 and os.path.isdir(SOURCE_DIR):
+        if attempt == 0 and os.path.isdir(SOURCE_DIR) and shutil.which("make"):
             build()
     raise GuestNotFound(f"no built-in {arch} guest named {name!r} (looked in "
                         f"{', '.join(guest_dirs(arch))})")

@@ -7,7 +7,7 @@ from ... import loader
 from ...errors import KvmError
 from ...report import decode as decode_report
 from . import cpu, fdt, sbi
-from .extensions import SBI_EXT_DBCN  # noqa: F401  (documented EIDs live there)
+from .extensions import canonical_isa_string
 
 RAM_BASE = 0x80000000
 DTB_SPACE = 64 << 10
@@ -66,9 +66,18 @@ class Platform:
         if index:
             vcpu.set_mp_state("STOPPED")  # secondary harts wait for SBI HSM
 
+    def advertised_isa(self, vcpu) -> str:
+        """The riscv,isa the guest is told: what ONE_REG says is on, less what the cpu type
+        asked to turn off but KVM would not let go (e.g. Zicsr under ``min``): the guest is
+        promised exactly the cpu type, and ``cpu_result.not_allowed`` records the rest."""
+        on = {n for n, v in cpu.isa_extensions(vcpu).items() if v}
+        if self.cpu_result is not None:
+            on -= {n for n, want in self.cpu_result.target.items() if not want}
+        return canonical_isa_string(on)
+
     def _write_dtb(self, vcpu) -> None:
         n = len(getattr(self.m, "vcpus", [])) or 1
-        hart = cpu.hart_description(vcpu, 0)
+        hart = dict(cpu.hart_description(vcpu, 0), isa=self.advertised_isa(vcpu))
         harts = [dict(hart, hartid=i) for i in range(max(n, 1))]
         self.dtb = fdt.build_dtb(harts, RAM_BASE, self.m.ram.size, cpu.timebase_frequency(vcpu),
                                  self.cmdline)

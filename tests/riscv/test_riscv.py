@@ -1,0 +1,181 @@
+"""RISC-V on real KVM, run inside the RISC-V lab (QEMU with the H extension, a Debian kernel).
+
+The lab exports PYKVM_LAB_CPU, the QEMU CPU model of this boot: "max" (QEMU 10's model with
+Svvptc, Zabha and Ziccrse) or "rv64" (no Zabha).
+"""
+import errno
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pykvm.arch.riscv import cpu, regs
+from pykvm.arch.riscv.extensions import KVM_ISA_NEVER_DISABLE
+from pykvm.errors import KvmNotFound
+from pykvm.report import GuestAssertion
+
+pytestmark = pytest.mark.requires_arch("riscv64")
+CPU = os.environ.get("PYKVM_LAB_CPU", "")
+
+
+@pytest.fixture
+def vcpu(kvm):
+    with kvm.create_vm() as vm:
+        yield vm.create_vcpu()
+
+
+def test_reg_list_fully_decoded(vcpu):
+    ids = vcpu.reg_list()
+    named = cpu.named_reg_list(vcpu)
+    assert len(ids) == len(named) >= 100
+    unknown = [hex(r.id) for r in named if not r.known]
+    assert not unknown, f"ids without a name: {unknown}"
+    names = {r.name for r in named}
+    for must in ("config.isa", "core.regs.pc", "core.mode", "csr.sstatus", "timer.frequency",
+                 "isa_ext.i", "sbi_ext.dbcn"):
+        assert must in names
+    for r in named:
+        assert regs.decode(r.id).name == r.name and regs.reg_id(r.name) == r.id
+        assert r.size == 1 << ((r.id >> 52) & 0xF)
+    assert cpu.timebase_frequency(vcpu) > 0
+    assert vcpu.get_one_reg(regs.reg_id("timer.frequency")) == cpu.timebase_frequency(vcpu)
+
+
+def test_new_isa_extensions_on_this_cpu_model(vcpu):
+    assert CPU in ("max", "rv64"), "the lab sets PYKVM_LAB_CPU"
+    exts = cpu.isa_extensions(vcpu)
+    assert exts["svvptc"] is True and exts["ziccrse"] is True
+    if CPU == "max":
+        assert exts["zabha"] is True
+        assert vcpu.get_one_reg(regs.reg_id("isa_ext.zabha")) == 1
+    else:
+        assert exts["zabha"] is None
+        with pytest.raises(KvmNotFound):
+            vcpu.get_one_reg(regs.reg_id("isa_ext.zabha"))
+        with pytest.raises(cpu.ExtensionAbsent):
+            cpu.set_isa_extension(vcpu, "zabha", True)
+
+
+def _guest_isa(m):
+    addr, length = m.sync(stage=1)
+    text = m.memory.read(addr, length).decode()
+    m.done()
+    return text
+
+
+def _disableable(vcpu):
+    exts = cpu.isa_extensions(vcpu)
+    for name in ("svvptc", "zicond", "zbb", "zihintpause", "zba"):
+        if exts.get(name) and name not in KVM_ISA_NEVER_DISABLE:
+            return name
+    pytest.fail(f"no disable-able extension among {sorted(n for n, v in exts.items() if v)}")
+
+
+def test_disable_before_first_run(guest_vm, vcpu):
+    ext = _disableable(vcpu)
+    m = guest_vm("isa", cpu_type=f"max,-{ext}")
+    assert cpu.isa_extensions(m.vcpus[0])[ext] is False
+    isa = _guest_isa(m)
+    assert isa.startswith("rv64i") and ext not in isa.split("_")
+    m2 = guest_vm("isa", cpu_type="max")
+    assert ext in _guest_isa(m2).split("_")
+
+
+def test_change_after_first_run_is_busy(guest_vm):
+    m = guest_vm("hello")
+    m.done()
+    ext = _disableable(m.vcpus[0])
+    with pytest.raises(cpu.ExtensionBusy) as ei:
+        cpu.set_isa_extension(m.vcpus[0], ext, False)
+    assert ei.value.errno == errno.EBUSY and "busy" in str(ei.value).lower()
+
+
+def test_min_cpu_type_is_exactly_rv64imafdc(guest_vm):
+    m = guest_vm("isa", cpu_type="min")
+    assert _guest_isa(m) == "rv64imafdc"
+    res = m.platform.cpu_result
+    # what KVM would not turn off is reported, not hidden
+    assert all(not want for want in res.not_allowed.values()) or res.exact
+
+
+def test_min_plus_named_extension(guest_vm, vcpu):
+    ext = _disableable(vcpu)
+    m = guest_vm("isa", cpu_type=f"min,{ext}")
+    assert _guest_isa(m) == f"rv64imafdc_{ext}"
+
+
+def test_system_suspend_waits_and_resumes(guest_vm):
+    m = guest_vm("suspend", suspend_seconds=0.5)
+    hartid, resume, opaque = m.sync(stage=1)
+    assert hartid == 0
+    hart2, opaque2, marker, count = m.sync(stage=2)
+    ev = m.platform.sbi.suspends[0]
+    assert (ev.sleep_type, ev.resume_addr, ev.opaque) == (0, resume, opaque)
+    assert ev.woken_at - ev.requested_at >= 0.5 and not ev.woken_early
+    assert (hart2, opaque2) == (0, opaque)         # a0 = hart id, a1 = opaque at the resume pc
+    assert count == 1
+    m.done()
+
+
+def test_system_suspend_ends_early_on_wake(guest_vm):
+    m = guest_vm("suspend", suspend_seconds=60)
+    m.sync(stage=1)
+    threading.Timer(0.2, m.platform.sbi.wake).start()
+    t0 = time.monotonic()
+    m.sync(stage=2)
+    assert time.monotonic() - t0 < 30
+    assert m.platform.sbi.suspends[0].woken_early
+    m.done()
+
+
+def test_dbcn_console_reaches_host(guest_vm):
+    m = guest_vm("dbcn")
+    assert m.sync(stage=1) == (len("pykvm dbcn write\n"), 0)
+    assert m.sync(stage=2) == (0, 0)
+    m.done()
+    assert m.console.decode() == "pykvm dbcn write\npykvm dbcn byte\n"
+
+
+def test_srst_shutdown_is_a_system_event(guest_vm):
+    m = guest_vm("srst")
+    m.sync(stage=1)
+    ev = m.step()
+    assert ev.kind == "exit" and ev.exit.name == "SYSTEM_EVENT" and ev.exit.type_name == "SHUTDOWN"
+    r = guest_vm("srst").run(timeout=30)
+    assert (r.exit, r.exit_code) == ("SYSTEM_EVENT", 0)
+
+
+def test_failing_guest_assertion_has_file_and_line(guest_vm):
+    with pytest.raises(GuestAssertion, match=r"assert_fail\.c:\d+: .*left = 2.*right = 3"):
+        guest_vm("assert_fail").done()
+
+
+def test_zabha_in_the_guest(guest_vm):
+    m = guest_vm("zabha")
+    vals = m.sync(stage=1)
+    if CPU == "max":
+        assert vals == (1, 0x7F, 0x81, 0x11)       # amoadd.b: byte-wide, no carry into cell[1]
+    else:
+        assert vals == (0,)
+    m.done()
+
+
+def test_caps_json_has_riscv_section():
+    out = subprocess.run([sys.executable, "-m", "pykvm", "caps", "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    info = json.loads(out)
+    rv = info["riscv"]
+    assert info["arch"] == "riscv64" and {"i", "m", "a", "f", "d", "c"} <= set(rv["isa_extensions"])
+    assert "dbcn" in rv["sbi_extensions"] + rv["sbi_extensions_disabled"]
+    assert ("zabha" in rv["isa_extensions"]) == (CPU == "max")
+
+
+def test_regs_command_lists_named_registers():
+    out = subprocess.run([sys.executable, "-m", "pykvm", "regs", "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = json.loads(out)
+    assert any(r["name"] == "core.regs.pc" for r in rows) and len(rows) >= 100
