@@ -427,6 +427,9 @@ def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[st
     lab = root / "lab"
     lab.mkdir()
     args = tests + ["-q", "-rfEs", "--junitxml=/tmp/junit.xml", "-o", "cache_dir=/tmp/pc"]
+    if (CHECKOUT / "pykvm" / "testing" / "plugin.py").exists():
+        # on the host it is a pytest11 entry point of the installed package; the lab has no install
+        args += ["-p", "pykvm.testing.plugin"]
     if opts.k:
         args += ["-k", opts.k]
     (lab / "pytest-args.json").write_text(json.dumps(args))
@@ -498,7 +501,9 @@ def run_lab(lab: str, opts: Options) -> int:
         runs = [(f"riscv-{cpu}", [
             "-machine", "virt", "-cpu", "rv64,h=true" if cpu == "rv64" else cpu, "-m", "2G", "-smp", "2",
             "-no-reboot", "-nic", "none", "-kernel", str(workdir / "vmlinuz"), "-initrd", str(initrd),
-            "-append", RISCV_CMDLINE]) for cpu in (opts.cpus or ["rv64", "max"])]
+            # an unknown name=value on the kernel command line reaches /init's environment:
+            # the inner tests learn which CPU model they run on
+            "-append", f"{RISCV_CMDLINE} PYKVM_LAB_CPU={cpu}"]) for cpu in (opts.cpus or ["rv64", "max"])]
     else:
         runs = [("nested", [
             "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "1024", "-no-reboot", "-nic", "none",

@@ -375,7 +375,7 @@ class Archive:
         if not dest.exists():
             url = f"{self._mirror()}/{p.filename}"
             log(f"downloading {p.name} {p.version} ({p.size / 1e6:.1f} MB)")
-            tmp = dest.with_name(dest.name + ".tmp")
+            tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
             try:
                 _http_get(url, tmp, timeout=300)
             except urllib.error.HTTPError as e:

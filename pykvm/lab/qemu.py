@@ -152,7 +152,7 @@ def boot(
         return BootResult(name, rc, "interactive shell", seconds=time.monotonic() - t0)
 
     argv += ["-display", "none", "-serial", "stdio", "-monitor", "none"]
-    log(f"{name}: booting ({' '.join(argv[-40:])[:200]}...)")
+    log(f"{name}: booting with {qemu.version.split(' (')[0]} (command line at the top of {log_path.name})")
     rc_mark = ird.MARK_RC.format(nonce=nonce)
     err_mark = ird.MARK_INIT_ERROR.format(nonce=nonce)
     seen_end = threading.Event()

@@ -1,0 +1,106 @@
+"""Host-side: run each lab (``python -m pykvm.lab <lab>``) and check what its inner pytest reported.
+
+Each lab boots a Debian kernel in QEMU and runs pytest there on real (in-lab) KVM; the results come
+back as ``build/lab/<lab>.xml``.  These tests fail on any inner failure/error, on a lab that cannot be
+built or booted, and when an expected inner test did not run.  They skip only when the host cannot
+possibly build a lab: no Debian mirror reachable and nothing cached.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "build" / "lab"
+CACHE = Path(os.environ.get("PYKVM_LAB_CACHE", "~/.cache/pykvm/lab")).expanduser()
+
+pytestmark = pytest.mark.lab_boot
+
+# inner tests that must have run (and passed) in each lab, per run name
+SMOKE = ["test_dev_kvm_api_version", "test_create_vm", "test_arch", "test_guest_python", "test_kvm_module_loaded"]
+RISCV = ["test_reg_list_fully_decoded", "test_new_isa_extensions_on_this_cpu_model",
+         "test_disable_before_first_run", "test_change_after_first_run_is_busy",
+         "test_min_cpu_type_is_exactly_rv64imafdc", "test_system_suspend_waits_and_resumes",
+         "test_system_suspend_ends_early_on_wake", "test_dbcn_console_reaches_host",
+         "test_srst_shutdown_is_a_system_event", "test_failing_guest_assertion_has_file_and_line",
+         "test_zabha_in_the_guest", "test_caps_json_has_riscv_section"]
+EXPECTED = {"riscv": {"riscv-rv64": SMOKE + RISCV, "riscv-max": SMOKE + RISCV},
+            "nested": {"nested": SMOKE}}
+SUMMARIES: list = []          # (lab, line) for the terminal summary (see conftest.py)
+
+
+def _can_build() -> str | None:
+    """None if a lab can be attempted, else why not."""
+    sys.path.insert(0, str(ROOT))
+    from pykvm.lab.debian import LabError, debian_mirror
+
+    if (CACHE / "base").is_dir() and any((CACHE / "base").iterdir()):
+        return None
+    try:
+        mirror = debian_mirror()
+    except LabError as e:
+        return f"no Debian mirror configured and no lab cache in {CACHE}: {e}"
+    try:
+        urllib.request.urlopen(f"{mirror}/dists/bookworm/Release", timeout=15).close()
+    except OSError as e:
+        return f"Debian mirror {mirror} unreachable ({e}) and no lab cache in {CACHE}"
+    return None
+
+
+def _cases(xml: Path) -> list[tuple[str, str, str]]:
+    """(run, test name, outcome) for every inner testcase."""
+    out = []
+    for suite in ET.parse(xml).getroot().iter("testsuite"):
+        run = suite.get("hostname", "")
+        for tc in suite.iter("testcase"):
+            name = tc.get("name", "")
+            if name.endswith(f"[{run}]"):  # several runs (CPU models) merged into one file
+                name = name[: -len(f"[{run}]")]
+            outcome = "passed"
+            for kind in ("failure", "error", "skipped"):
+                el = tc.find(kind)
+                if el is not None:
+                    outcome = f"{kind}: {(el.get('message') or '')[:200]}"
+                    break
+            out.append((run, f"{tc.get('classname')}::{name}", outcome))
+    return out
+
+
+@pytest.mark.parametrize("lab", ["riscv", "nested"])
+def test_lab(lab):
+    why = _can_build()
+    if why:
+        pytest.skip(why)
+    xml = OUT / f"{lab}.xml"
+    if xml.exists():
+        xml.unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pykvm.lab", lab, "--timeout", "600"],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800,
+    )
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+    assert xml.exists(), f"lab {lab} wrote no {xml} (exit {proc.returncode}):\n{tail}"
+    cases = _cases(xml)
+    table = "\n".join(f"  [{run}] {name}: {outcome}" for run, name, outcome in cases)
+    print(f"inner tests of lab {lab}:\n{table}")
+    for run in sorted({c[0] for c in cases}):
+        mine = [c for c in cases if c[0] == run]
+        counts = {k: sum(1 for c in mine if c[2].startswith(k)) for k in
+                  ("passed", "failure", "error", "skipped")}
+        SUMMARIES.append((lab, f"{run}: {counts['passed']} passed, {counts['failure']} failed, "
+                               f"{counts['error']} errors, {counts['skipped']} skipped "
+                               f"(inner pytest; JUnit {xml})"))
+    bad = [c for c in cases if c[2].startswith(("failure", "error"))]
+    assert not bad, f"lab {lab}: {len(bad)} inner failures/errors:\n{table}\n{tail}"
+    for run, names in EXPECTED[lab].items():
+        for n in names:
+            hit = [c for c in cases if c[0] == run and c[1].endswith("::" + n)]
+            assert hit and hit[0][2] == "passed", f"lab {lab}: inner {n} did not pass in {run}:\n{table}"
+    assert proc.returncode == 0, f"lab {lab} exited {proc.returncode}:\n{tail}"
