@@ -162,3 +162,25 @@ def test_cli_run_json_and_missing_file(tmp_path):
     assert "Hello from pykvm guest!" in d["console"] and d["exit"] == "done"
     r = _pykvm_run(str(tmp_path / "missing.elf"))
     assert r.returncode == 2 and "Traceback" not in r.stderr.decode()
+
+
+def test_fail_closed_skip_policy(pytester):
+    pytester.makepyfile(test_policy=textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.requires_kvm
+        def test_hw_skips_for_no_good_reason():
+            pytest.skip("flaky, skipping")
+
+        @pytest.mark.requires_arch("s390x")
+        def test_other_arch():
+            pass
+
+        def test_plain_skip_is_fine():
+            pytest.skip("not a hardware test")
+    """))
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    res.assert_outcomes(failed=1, skipped=2)
+    out = res.stdout.str()
+    assert "fail-closed: hardware test skipped although" in out
+    assert "pykvm: host lacks architecture s390x" in out
