@@ -223,3 +223,48 @@ def set_nested_state(vcpu, state) -> None:
     s = ffi.from_buffer("struct kvm_nested_state *", buf)
     ioctl(vcpu.fd, "KVM_SET_NESTED_STATE", ioctls.KVM_SET_NESTED_STATE, s,
           what=f"format={s.format} flags={s.flags:#x} size={s.size}")
+
+
+# -- turning nested SVM on for a guest ----------------------------------------------------------
+
+def enable_svm_cpuid(entries):
+    """``entries`` (CpuidEntry-like tuples) with the SVM bit (0x80000001 ECX[2]) set, and a
+    CPUID 0x8000000A (SVM revision / ASID count) leaf added if missing, for KVM_SET_CPUID2.
+
+    KVM only lets a guest set EFER.SVME (and so VMRUN) when SVM is in that vCPU's CPUID.
+    Machine's x86 platform passes KVM_GET_SUPPORTED_CPUID through, which has the bit when
+    kvm_amd runs with nested=1; this helper makes it explicit (and lets a test give SVM to a
+    hand-built CPUID list)."""
+    from .mixins import CpuidEntry
+    from .svm import CPUID_SVM_ECX_BIT, CPUID_SVM_FEATURES, CPUID_SVM_LEAF
+    out, have_ext, have_features = [], False, False
+    for e in entries:
+        e = CpuidEntry(*e)
+        if e.function == CPUID_SVM_LEAF:
+            e = CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx,
+                           e.ecx | (1 << CPUID_SVM_ECX_BIT), e.edx)
+            have_ext = True
+        elif e.function == CPUID_SVM_FEATURES:
+            have_features = True
+        out.append(e)
+    if not have_ext:
+        out.append(CpuidEntry(CPUID_SVM_LEAF, 0, 0, 0, 0, 1 << CPUID_SVM_ECX_BIT, 0))
+    if not have_features:
+        out.append(CpuidEntry(CPUID_SVM_FEATURES, 0, 0, 1, 8, 0, 0))   # rev 1, 8 ASIDs
+    return out
+
+
+def has_svm_cpuid(entries) -> bool:
+    from .mixins import cpuid_lookup
+    from .svm import CPUID_SVM_ECX_BIT, CPUID_SVM_LEAF
+    e = cpuid_lookup(entries, CPUID_SVM_LEAF)
+    return bool(e and e.ecx & (1 << CPUID_SVM_ECX_BIT))
+
+
+def set_efer_svme(vcpu, on: bool = True) -> None:
+    """Set (or clear) EFER.SVME through KVM_SET_SREGS. KVM refuses SVME unless SVM is in the
+    vCPU's CPUID (see :func:`enable_svm_cpuid`); SVM nested state with GUEST_MODE needs it."""
+    from .svm import EFER_SVME
+    s = vcpu.get_sregs()
+    s.efer = (s.efer | EFER_SVME) if on else (s.efer & ~EFER_SVME)
+    vcpu.set_sregs(s)
