@@ -30,3 +30,21 @@ def _plugin_registered() -> bool:
 
 # Inside the labs pykvm runs from PYTHONPATH (no installed entry point): load the plugin here.
 pytest_plugins = ["pytester"] + ([] if _plugin_registered() else ["pykvm.testing.plugin"])
+
+
+# Tests that run only inside a QEMU lab (tests/lab/test_labs.py boots the labs and checks their
+# results): not collected on the host, so the host run has no skipped hardware tests.
+_LAB_ONLY = [os.path.join(ROOT, "tests", d) for d in ("riscv", "nested", os.path.join("lab", "inner_smoke"))]
+
+
+def _inside_lab() -> bool:
+    return os.path.exists("/lab/lab.conf") or os.environ.get("PYKVM_INNER_TESTS") == "1"
+
+
+def pytest_ignore_collect(collection_path, config):
+    if _inside_lab():
+        return None
+    p = str(collection_path)
+    if any(p == d or p.startswith(d + os.sep) for d in _LAB_ONLY):
+        return True
+    return None
