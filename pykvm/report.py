@@ -1,7 +1,7 @@
 """The guest → host report channel (docs/guest-abi.md): decode a ``struct pykvm_report`` from
 guest memory, bounds-checked, into a :class:`Report`."""
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from .errors import GuestError, GuestMemoryError, PykvmError

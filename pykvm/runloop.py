@@ -7,7 +7,7 @@ exactly the same in Python on top of :meth:`Vcpu.run`, so the two can be compare
 """
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from . import abi

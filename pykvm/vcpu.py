@@ -6,13 +6,12 @@ from typing import Dict, List, Union
 
 from . import abi
 from ._fd import FdObject
-from ._ioctl import ioctl
+from ._ioctl import enable_cap as _enable_cap, ioctl, stats as _stats
 from ._native import lib as _nlib
 from .abi import ffi, ioctls
 from .arch import current as _arch
 from .errors import KvmTooBig
 from .exits import decode_exit
-from .stats import read_stats
 
 
 class Vcpu(_arch.VcpuArch, FdObject):
@@ -98,12 +97,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
 
     def enable_cap(self, cap, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the vCPU."""
-        from .kvm import cap_number
-        ec = ffi.new("struct kvm_enable_cap *")
-        ec.cap, ec.flags = cap_number(cap), flags
-        for i, a in enumerate(args[:4]):
-            ec.args[i] = a
-        ioctl(self.fd, "KVM_ENABLE_CAP", ioctls.KVM_ENABLE_CAP, ec, what=str(cap))
+        _enable_cap(self.fd, cap, args, flags)
 
     def set_guest_debug(self, *, enable: bool = True, single_step: bool = False,
                         control: int = 0) -> None:
@@ -115,12 +109,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
 
     def stats(self) -> Dict[str, object]:
         """The vCPU's binary stats (KVM_GET_STATS_FD) as {name: value}."""
-        import os
-        fd = ioctl(self.fd, "KVM_GET_STATS_FD", ioctls.KVM_GET_STATS_FD)
-        try:
-            return read_stats(fd)
-        finally:
-            os.close(fd)
+        return _stats(self.fd)
 
     # -- running --------------------------------------------------------------------------
     def run(self):

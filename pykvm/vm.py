@@ -4,12 +4,11 @@ from typing import Dict, List, Optional
 
 from . import abi
 from ._fd import FdObject
-from ._ioctl import ioctl
+from ._ioctl import enable_cap as _enable_cap, ioctl, stats as _stats
 from .abi import ffi, ioctls
 from .arch import current as _arch
 from .errors import GuestMemoryError, PykvmError
 from .memory import PAGE_SIZE, GuestMemory, MemorySlot, new_mapping
-from .stats import read_stats
 
 
 class Vm(_arch.VmArch, FdObject):
@@ -33,13 +32,7 @@ class Vm(_arch.VmArch, FdObject):
 
     def enable_cap(self, cap, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM."""
-        from .kvm import cap_number
-        ec = ffi.new("struct kvm_enable_cap *")
-        ec.cap = cap_number(cap)
-        ec.flags = flags
-        for i, a in enumerate(args[:4]):
-            ec.args[i] = a
-        ioctl(self.fd, "KVM_ENABLE_CAP", ioctls.KVM_ENABLE_CAP, ec, what=str(cap))
+        _enable_cap(self.fd, cap, args, flags)
 
     # -- memory ---------------------------------------------------------------------------
     def _free_slot_number(self) -> int:
@@ -129,31 +122,31 @@ class Vm(_arch.VmArch, FdObject):
     def ioeventfd(self, addr: int, length: int, *, pio: bool = False,
                   datamatch: Optional[int] = None, fd: Optional[int] = None) -> int:
         """KVM_IOEVENTFD: guest writes to ``addr`` signal an eventfd (returned) without an exit."""
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if fd is None else fd
-        e = ffi.new("struct kvm_ioeventfd *")
-        e.addr, e.len, e.fd = addr, length, efd
-        e.flags = (abi.IOEVENTFD_FLAG_PIO if pio else 0)
-        if datamatch is not None:
-            e.flags |= abi.IOEVENTFD_FLAG_DATAMATCH
-            e.datamatch = datamatch
-        try:
+        def attach(efd):
+            e = ffi.new("struct kvm_ioeventfd *")
+            e.addr, e.len, e.fd = addr, length, efd
+            e.flags = (abi.IOEVENTFD_FLAG_PIO if pio else 0)
+            if datamatch is not None:
+                e.flags |= abi.IOEVENTFD_FLAG_DATAMATCH
+                e.datamatch = datamatch
             ioctl(self.fd, "KVM_IOEVENTFD", ioctls.KVM_IOEVENTFD, e,
                   what=f"{'pio' if pio else 'mmio'} addr={addr:#x} len={length}")
-        except BaseException:
-            if fd is None:
-                os.close(efd)
-            raise
-        if fd is None:
-            self._eventfds.append(efd)
-        return efd
+        return self._with_eventfd(fd, attach)
 
     def irqfd(self, gsi: int, fd: Optional[int] = None) -> int:
         """KVM_IRQFD: writing to the returned eventfd raises GSI ``gsi``."""
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if fd is None else fd
-        f = ffi.new("struct kvm_irqfd *")
-        f.fd, f.gsi = efd, gsi
-        try:
+        def attach(efd):
+            f = ffi.new("struct kvm_irqfd *")
+            f.fd, f.gsi = efd, gsi
             ioctl(self.fd, "KVM_IRQFD", ioctls.KVM_IRQFD, f, what=f"gsi={gsi} fd={efd}")
+        return self._with_eventfd(fd, attach)
+
+    def _with_eventfd(self, fd: Optional[int], attach) -> int:
+        """Run ``attach(efd)`` on ``fd`` or on a new eventfd that the VM then owns (closed with
+        it, or at once if ``attach`` fails)."""
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if fd is None else fd
+        try:
+            attach(efd)
         except BaseException:
             if fd is None:
                 os.close(efd)
@@ -191,11 +184,7 @@ class Vm(_arch.VmArch, FdObject):
 
     def stats(self) -> Dict[str, object]:
         """The VM's binary stats (KVM_GET_STATS_FD) as {name: value}."""
-        fd = ioctl(self.fd, "KVM_GET_STATS_FD", ioctls.KVM_GET_STATS_FD)
-        try:
-            return read_stats(fd)
-        finally:
-            os.close(fd)
+        return _stats(self.fd)
 
     def close(self) -> None:
         """Close vCPUs, the VM fd, eventfds, then unmap guest memory."""
