@@ -219,7 +219,13 @@ def riscv_kernel(archive: Archive, suite: str) -> tuple[dict, Path, list[tuple[P
     return info, vml[0], [(kvm[0], "")]
 
 
-def nested_kernel(archive: Archive, suite: str = "bookworm") -> tuple[dict, Path, list[tuple[Path, str]]]:
+# The nested lab's kernel comes from trixie (6.12): the kvm_run GUEST_MODE flag and
+# KVM_CAP_X86_GUEST_MODE arrived in Linux 6.11, and bookworm's 6.1 has neither. Its userspace stays
+# bookworm's (python3.11, the host's ABI tag for pykvm._native).
+NESTED_KERNEL_SUITE = "trixie"
+
+
+def nested_kernel(archive: Archive, suite: str = NESTED_KERNEL_SUITE) -> tuple[dict, Path, list[tuple[Path, str]]]:
     ix = archive.index(suite, "amd64")
     meta = ix.get("linux-image-cloud-amd64")
     img_name = next((a[0] for a in meta.dep_names() if a[0].startswith("linux-image-")), None)
@@ -468,7 +474,7 @@ def run_lab(lab: str, opts: Options) -> int:
     xml_out = opts.out / f"{lab}.xml"
     archive = Archive(opts.cache)
     if opts.refresh:
-        for suite in {spec.user_suite, opts.kernel_suite if lab == "riscv" else "bookworm"}:
+        for suite in {spec.user_suite, opts.kernel_suite if lab == "riscv" else NESTED_KERNEL_SUITE}:
             archive.index(suite, spec.arch, refresh=True)
     manifest: dict = {"lab": lab}
     try:

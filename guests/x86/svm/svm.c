@@ -206,13 +206,3 @@ const char *svm_exit_name(uint64_t code)
 		return "EXCP";
 	return "?";
 }
-
-/* Assert an exit code, naming it and L2's RIP if it is not the expected one. */
-#define SVM_ASSERT_EXIT(vmcb, code, want)                                      \
-	GUEST_ASSERT_MSG((code) == (want),                                     \
-			 "#VMEXIT %s (%lx), expected %s (%lx); info1 %lx info2 %lx rip %lx", \
-			 svm_exit_name(code), (unsigned long)(code),           \
-			 svm_exit_name(want), (unsigned long)(want),           \
-			 (unsigned long)(vmcb)->control.exit_info_1,           \
-			 (unsigned long)(vmcb)->control.exit_info_2,           \
-			 (unsigned long)(vmcb)->save.rip)

@@ -192,7 +192,8 @@ struct vmcb *svm_vmcb_setup(void (*rip)(void), void *rsp);
 void svm_intercept_port(uint16_t port);
 /* VMRUN (inside CLGI/STGI) with L2's GPRs; returns the #VMEXIT code. */
 uint64_t svm_run(struct vmcb *vmcb);
-/* Advance L2's RIP past an instruction of `len` bytes (NRIPS if offered). */
+/* Advance L2's RIP past an instruction of `len` bytes (the lab's KVM offers
+ * no NRIPS, so next_rip is not used). */
 void svm_skip(struct vmcb *vmcb, unsigned int len);
 /* A short name for an exit code ("VMMCALL", "HLT", ...) or "?" */
 const char *svm_exit_name(uint64_t code);
@@ -220,5 +221,15 @@ static inline unsigned long read_cr3(void)
 #define SVM_VMMCALL_LEN 3
 /* HLT is f4 */
 #define SVM_HLT_LEN 1
+
+/* Assert an exit code, naming it and L2's RIP if it is not the expected one. */
+#define SVM_ASSERT_EXIT(vmcb, code, want)                                      \
+	GUEST_ASSERT_MSG((code) == (want),                                     \
+			 "#VMEXIT %s (%lx), expected %s (%lx); info1 %lx info2 %lx rip %lx", \
+			 svm_exit_name(code), (unsigned long)(code),           \
+			 svm_exit_name(want), (unsigned long)(want),           \
+			 (unsigned long)(vmcb)->control.exit_info_1,           \
+			 (unsigned long)(vmcb)->control.exit_info_2,           \
+			 (unsigned long)(vmcb)->save.rip)
 
 #endif /* PYKVM_SVM_H */
