@@ -49,19 +49,13 @@ def nested():
 
 
 @pytest.fixture
-def svm_vm(nested, kvm):
+def svm_vm(nested, kvm, guest_vm):
     """``svm_vm(guest)``: a Machine running an L1 guest with SVM explicitly in its CPUID."""
-    made = []
-
     def factory(guest, **kw):
         kw.setdefault("mem_size", MEM)
         kw.setdefault("cpuid", enable_svm_cpuid(kvm.supported_cpuid()))
-        m = Machine(guest, kvm=kvm, **kw)
-        made.append(m)
-        return m
-    yield factory
-    for m in made:
-        m.close()
+        return guest_vm(guest, **kw)
+    return factory
 
 
 @pytest.fixture

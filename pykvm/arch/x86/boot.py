@@ -131,16 +131,22 @@ def _ldt(sregs) -> None:
     fill_segment(sregs.ldt, selector=0, limit=0xFFFF, type=TYPE_LDT, s=0, g=0)
 
 
-def fill_long_mode_sregs(sregs, cr3: int = L.PML4_ADDR) -> None:
-    """Long mode with paging: flat 64-bit CS 0x08, data 0x10, TR 0x20, GDT at GDT_ADDR, no
+def _flat_tables(sregs) -> None:
+    """What long and protected mode share: flat data segments, the TSS, no LDT, our GDT, no
     IDT."""
-    fill_segment(sregs.cs, selector=L.SEL_CODE, type=TYPE_CODE_RX_ACCESSED, l=1, db=0)
     _data_segments(sregs, selector=L.SEL_DATA, type=TYPE_DATA_RW_ACCESSED, db=1)
     fill_segment(sregs.tr, selector=L.SEL_TSS, base=L.TSS_ADDR, limit=L.TSS_LIMIT,
                  type=TYPE_TSS_BUSY, s=0, g=0)
     _ldt(sregs)
     sregs.gdt.base, sregs.gdt.limit = L.GDT_ADDR, L.GDT_LIMIT
     sregs.idt.base, sregs.idt.limit = 0, 0
+
+
+def fill_long_mode_sregs(sregs, cr3: int = L.PML4_ADDR) -> None:
+    """Long mode with paging: flat 64-bit CS 0x08, data 0x10, TR 0x20, GDT at GDT_ADDR, no
+    IDT."""
+    fill_segment(sregs.cs, selector=L.SEL_CODE, type=TYPE_CODE_RX_ACCESSED, l=1, db=0)
+    _flat_tables(sregs)
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
     sregs.cr3 = cr3
     sregs.cr4 = CR4_PAE
@@ -150,12 +156,7 @@ def fill_long_mode_sregs(sregs, cr3: int = L.PML4_ADDR) -> None:
 def fill_protected_mode_sregs(sregs) -> None:
     """32-bit protected mode, paging off: flat CS 0x08 / data 0x10 (base 0, 4 GiB), TR 0x20."""
     fill_segment(sregs.cs, selector=L.SEL_CODE, type=TYPE_CODE_RX_ACCESSED, db=1)
-    _data_segments(sregs, selector=L.SEL_DATA, type=TYPE_DATA_RW_ACCESSED, db=1)
-    fill_segment(sregs.tr, selector=L.SEL_TSS, base=L.TSS_ADDR, limit=L.TSS_LIMIT,
-                 type=TYPE_TSS_BUSY, s=0, g=0)
-    _ldt(sregs)
-    sregs.gdt.base, sregs.gdt.limit = L.GDT_ADDR, L.GDT_LIMIT
-    sregs.idt.base, sregs.idt.limit = 0, 0
+    _flat_tables(sregs)
     sregs.cr0 = CR0_PE | CR0_ET
     sregs.cr3 = 0
     sregs.cr4 = 0
