@@ -19,12 +19,15 @@
 	.section .text.start, "ax"
 	.globl _start
 	.type _start, @function
-_start:
+/*
+ * What both entries do for hart a0: gp, interrupts off, the hart's stack, the trap vector.
+ * Harts we have no stack for are parked.
+ */
+	.macro hart_setup
 	.option push
 	.option norelax
 	la	gp, __global_pointer$
 	.option pop
-	/* park harts we have no stack for */
 	li	t0, MAX_HARTS
 	bgeu	a0, t0, .Lpark
 	csrw	sie, zero
@@ -34,6 +37,10 @@ _start:
 	sub	sp, sp, t0
 	la	t0, pykvm_trap_entry
 	csrw	stvec, t0
+	.endm
+
+_start:
+	hart_setup
 	/* hart 0 clears .bss (fresh guest RAM is zero anyway) */
 	bnez	a0, 2f
 	la	t0, __bss_start
@@ -54,19 +61,7 @@ _start:
 	.type pykvm_resume_entry, @function
 	.balign 4
 pykvm_resume_entry:
-	.option push
-	.option norelax
-	la	gp, __global_pointer$
-	.option pop
-	li	t0, MAX_HARTS
-	bgeu	a0, t0, .Lpark
-	csrw	sie, zero
-	csrw	sscratch, a0
-	la	sp, __stacks_top
-	slli	t0, a0, STACK_SHIFT
-	sub	sp, sp, t0
-	la	t0, pykvm_trap_entry
-	csrw	stvec, t0
+	hart_setup
 	mv	tp, a0
 	call	guest_resume
 	call	pykvm_done
