@@ -30,7 +30,9 @@ RISCV = ["test_reg_list_fully_decoded", "test_new_isa_extensions_on_this_cpu_mod
          "test_min_cpu_type_is_exactly_rv64imafdc", "test_system_suspend_waits_and_resumes",
          "test_system_suspend_ends_early_on_wake", "test_dbcn_console_reaches_host",
          "test_srst_shutdown_is_a_system_event", "test_failing_guest_assertion_has_file_and_line",
-         "test_zabha_in_the_guest", "test_caps_json_has_riscv_section"]
+         "test_zabha_in_the_guest", "test_caps_json_has_riscv_section",
+         "test_extension_kvm_cannot_disable_is_not_allowed",
+         "test_pykvm_run_boots_the_default_riscv_guest", "test_regs_command_lists_named_registers"]
 NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           "test_set_nested_state_size_below_header", "test_set_nested_state_bad_format",
           "test_set_nested_state_guest_mode_needs_svme", "test_set_nested_state_header_only_gif",

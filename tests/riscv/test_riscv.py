@@ -181,3 +181,21 @@ def test_regs_command_lists_named_registers():
                          text=True, check=True).stdout
     rows = json.loads(out)
     assert any(r["name"] == "core.regs.pc" for r in rows) and len(rows) >= 100
+
+
+def test_extension_kvm_cannot_disable_is_not_allowed(vcpu):
+    exts = cpu.isa_extensions(vcpu)
+    fixed = next(n for n in ("zicsr", "zifencei", "zicntr", "zba") if exts.get(n))
+    with pytest.raises(cpu.ExtensionNotAllowed) as ei:
+        cpu.set_isa_extension(vcpu, fixed, False)
+    assert ei.value.errno == errno.EINVAL
+    assert cpu.isa_extensions(vcpu)[fixed] is True
+
+
+def test_pykvm_run_boots_the_default_riscv_guest():
+    r = subprocess.run([sys.executable, "-m", "pykvm", "run", "--json"], capture_output=True,
+                       text=True, timeout=120)
+    d = json.loads(r.stdout)
+    assert r.returncode == 0 and d["exit"] == "done"
+    assert d["console"] == "Hello from a pykvm RISC-V guest\n"
+    assert d["exits"].get("RISCV_SBI", 0) >= 2          # DBCN write + the DONE report
