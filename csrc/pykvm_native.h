@@ -21,6 +21,14 @@
 #define PYKVM_STOP_BAD_EXIT      9  /* kvm_run described an I/O outside the shared page */
 
 #define PYKVM_MAX_EXIT_REASON 64
+#define PYKVM_MAX_RAM 4
+
+/* A guest RAM region the loop may read (SBI debug console writes). */
+struct pykvm_ram {
+    uint64_t gpa;
+    uint64_t host;
+    uint64_t size;
+};
 
 struct pykvm_mmio_record {
     uint64_t phys_addr;
@@ -47,9 +55,13 @@ struct pykvm_loop {
     uint16_t serial_base;            /* 16550 base port (0x3f8), 0 = none */
     uint16_t debugcon_port;          /* 0xe9, 0 = none */
     uint16_t exit_port;              /* 0xf4, 0 = none */
-    uint16_t _pad0;
+    uint16_t sbi_console;            /* serve SBI DBCN write / write_byte in C (RISC-V) */
     uint8_t uart[8];                 /* 16550 register file */
     uint8_t uart_dll, uart_dlm, _pad1[6];
+
+    uint32_t nram;                   /* valid entries in ram[] */
+    uint32_t _pad2;
+    struct pykvm_ram ram[4];
 
     uint64_t mmio_log;               /* address of an array of struct pykvm_mmio_record */
     uint32_t mmio_log_cap;

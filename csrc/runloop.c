@@ -132,6 +132,65 @@ static uint8_t uart_read(struct pykvm_loop *l, unsigned reg)
     }
 }
 
+#define SBI_EXT_DBCN 0x4442434EUL
+#define SBI_DBCN_WRITE 0
+#define SBI_DBCN_WRITE_BYTE 2
+#define SBI_SUCCESS 0
+#define SBI_ERR_INVALID_PARAM (-3L)
+
+/* Host pointer for guest range [gpa, gpa + n) if it lies inside one known RAM region. */
+static const uint8_t *guest_range(const struct pykvm_loop *l, uint64_t gpa, uint64_t n)
+{
+    uint32_t i;
+
+    for (i = 0; i < l->nram && i < PYKVM_MAX_RAM; i++) {
+        const struct pykvm_ram *r = &l->ram[i];
+        if (gpa >= r->gpa && gpa - r->gpa <= r->size && n <= r->size - (gpa - r->gpa))
+            return (const uint8_t *)(uintptr_t)(r->host + (gpa - r->gpa));
+    }
+    return NULL;
+}
+
+enum sbi_result { SBI_NOT_OURS, SBI_DONE, SBI_DONE_CONSOLE_FULL };
+
+/* The SBI debug console (RISC-V): write and write_byte are served here; everything else, and
+ * writes from memory the loop does not know, go to Python. */
+static enum sbi_result serve_sbi(struct pykvm_loop *l, struct kvm_run *run)
+{
+    unsigned long fid = run->riscv_sbi.function_id;
+
+    if (!l->sbi_console || run->riscv_sbi.extension_id != SBI_EXT_DBCN)
+        return SBI_NOT_OURS;
+    if (fid == SBI_DBCN_WRITE) {
+        uint64_t n = run->riscv_sbi.args[0];
+        uint64_t lo = run->riscv_sbi.args[1], hi = run->riscv_sbi.args[2];
+        uint32_t room = l->console_cap - l->console_len;
+        const uint8_t *p;
+
+        if (hi)
+            return SBI_NOT_OURS;
+        if (n > room)
+            n = room;               /* a short write: the SBI spec lets the guest retry */
+        p = guest_range(l, lo, n);
+        if (!p)
+            return SBI_NOT_OURS;
+        console_put(l, p, (uint32_t)n);
+        run->riscv_sbi.ret[0] = SBI_SUCCESS;
+        run->riscv_sbi.ret[1] = n;
+        return l->console_len < l->console_cap ? SBI_DONE : SBI_DONE_CONSOLE_FULL;
+    }
+    if (fid == SBI_DBCN_WRITE_BYTE) {
+        uint8_t b = (uint8_t)run->riscv_sbi.args[0];
+        if (l->console_len >= l->console_cap)
+            return SBI_NOT_OURS;
+        console_put(l, &b, 1);
+        run->riscv_sbi.ret[0] = SBI_SUCCESS;
+        run->riscv_sbi.ret[1] = 0;
+        return SBI_DONE;
+    }
+    return SBI_NOT_OURS;
+}
+
 enum io_result { IO_NOT_OURS, IO_DONE, IO_STOP_DEBUG_EXIT, IO_STOP_CONSOLE_FULL };
 
 static enum io_result serve_io(struct pykvm_loop *l, struct kvm_run *run, uint8_t *data)
@@ -302,6 +361,15 @@ static int run_loop(struct pykvm_loop *l, struct kvm_run *run)
             /* Let Python stream console output that has waited long enough. */
             if (l->console_len && l->console_flush_ns &&
                 pykvm_monotonic_ns() - l->console_since_ns >= l->console_flush_ns)
+                return PYKVM_STOP_CONSOLE_FULL;
+        } else if (reason == KVM_EXIT_RISCV_SBI) {
+            enum sbi_result res = serve_sbi(l, run);
+            if (res == SBI_NOT_OURS)
+                return PYKVM_STOP_EXIT;
+            l->handled_in_c++;
+            if (res == SBI_DONE_CONSOLE_FULL ||
+                (l->console_flush_ns &&
+                 pykvm_monotonic_ns() - l->console_since_ns >= l->console_flush_ns))
                 return PYKVM_STOP_CONSOLE_FULL;
         } else if (reason == KVM_EXIT_INTR) {
             l->handled_in_c++;          /* a pending signal of ours: checked at the loop top */

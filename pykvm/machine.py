@@ -106,8 +106,8 @@ class Machine:
             self.vcpus = [self.vm.create_vcpu(i) for i in range(vcpus)]
             for i, v in enumerate(self.vcpus):
                 self.platform.setup_vcpu(v, i)
-            self.loops = [make_loop(v, native=native, on_console=self._console_out)
-                          for v in self.vcpus]
+            self.loops = [make_loop(v, native=native, config=self.platform.loop_config(),
+                                    on_console=self._console_out) for v in self.vcpus]
         except BaseException:
             self.close()
             raise

@@ -52,6 +52,8 @@ class LoopConfig:
     console_cap: int = 1 << 14
     mmio_log_cap: int = 512
     console_flush: float = 0.05      # seconds console bytes may wait before Python sees them
+    sbi_console: bool = False        # RISC-V: serve SBI DBCN writes in the loop
+    ram: tuple = ()                  # (gpa, host address, size) regions the loop may read
 
 
 def _ring_address(vcpu):
@@ -103,6 +105,11 @@ class RunLoop(_LoopBase):
         l.console_cap = c.console_cap
         l.console_flush_ns = int(c.console_flush * 1e9) if on_console else 0
         l.serial_base, l.debugcon_port, l.exit_port = c.serial_base, c.debugcon_port, c.exit_port
+        l.sbi_console = 1 if c.sbi_console else 0
+        regions = list(c.ram)[:nlib.PYKVM_MAX_RAM]
+        l.nram = len(regions)
+        for i, (gpa, host, size) in enumerate(regions):
+            l.ram[i].gpa, l.ram[i].host, l.ram[i].size = gpa, host, size
         l.mmio_log = int(nffi.cast("uintptr_t", self._mmio_buf))
         l.mmio_log_cap = c.mmio_log_cap
         nlib.pykvm_kick_signal()

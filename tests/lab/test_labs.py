@@ -28,7 +28,7 @@ SMOKE = ["test_dev_kvm_api_version", "test_create_vm", "test_arch", "test_guest_
 RISCV = ["test_reg_list_fully_decoded", "test_new_isa_extensions_on_this_cpu_model",
          "test_disable_before_first_run", "test_change_after_first_run_is_busy",
          "test_min_cpu_type_is_exactly_rv64imafdc", "test_system_suspend_waits_and_resumes",
-         "test_system_suspend_ends_early_on_wake", "test_dbcn_console_reaches_host",
+         "test_system_suspend_ends_early_on_wake", "test_dbcn_console_reaches_host", "test_dbcn_console_is_served_in_c",
          "test_srst_shutdown_is_a_system_event", "test_failing_guest_assertion_has_file_and_line",
          "test_zabha_in_the_guest", "test_caps_json_has_riscv_section",
          "test_extension_kvm_cannot_disable_is_not_allowed",

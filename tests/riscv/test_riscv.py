@@ -199,3 +199,19 @@ def test_pykvm_run_boots_the_default_riscv_guest():
     assert r.returncode == 0 and d["exit"] == "done"
     assert d["console"] == "Hello from a pykvm RISC-V guest\n"
     assert d["exits"].get("RISCV_SBI", 0) >= 2          # DBCN write + the DONE report
+
+
+def test_dbcn_console_is_served_in_c(guest_vm):
+    m = guest_vm("dbcn")
+    m.sync(stage=1)
+    m.sync(stage=2)
+    m.done()
+    loop = m.loops[0]
+    # one write + 16 write_byte calls never crossed into Python; the read and reports did
+    assert loop.handled_in_c >= 17
+    assert m.console.decode() == "pykvm dbcn write\npykvm dbcn byte\n"
+    p = guest_vm("dbcn", native=False)          # the Python loop gives the same console
+    p.sync(stage=1)
+    p.sync(stage=2)
+    p.done()
+    assert p.console == m.console and p.loops[0].handled_in_c == 0

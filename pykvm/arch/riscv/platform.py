@@ -53,6 +53,13 @@ class Platform:
         return loader.load_image(view, image, arch="riscv64", ram_base=RAM_BASE, reserved=None,
                                  flat_addr=flat_addr, flat_mode="riscv")
 
+    def loop_config(self):
+        """No port I/O on RISC-V; the SBI debug console is served in the C loop, reading
+        guest RAM through the regions known now (anything else goes to Python)."""
+        from ...runloop import LoopConfig
+        ram = tuple((s.gpa, s.host_addr, s.size) for s in self.m.vm.memory)
+        return LoopConfig(serial_base=0, debugcon_port=0, exit_port=0, sbi_console=True, ram=ram)
+
     def setup_vcpu(self, vcpu, index: int) -> None:
         self.cpu_result = cpu.apply_cpu_type(vcpu, self.cpu_type, disable=self.disable)
         for name in self.sbi_extensions:

@@ -48,6 +48,11 @@ class Platform:
             out.append(e)
         return out
 
+    def loop_config(self):
+        """COM1, the 0xe9 debug port and isa-debug-exit at 0xf4, served in the C loop."""
+        from ...runloop import LoopConfig
+        return LoopConfig()
+
     def setup_vcpu(self, vcpu, index: int) -> None:
         vcpu.set_cpuid(self.vcpu_cpuid(index))
         boot.setup_for_image(vcpu, self.m.vm.memory, self.m.image, vcpu_index=index)
