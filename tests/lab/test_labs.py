@@ -99,6 +99,10 @@ def test_lab(lab):
     cases = _cases(xml)
     table = "\n".join(f"  [{run}] {name}: {outcome}" for run, name, outcome in cases)
     print(f"inner tests of lab {lab}:\n{table}")
+    for suite in ET.parse(xml).getroot().iter("testsuite"):      # figures the inner tests recorded
+        for prop in suite.iter("property"):
+            SUMMARIES.append((lab, f"{suite.get('hostname', '')}: {prop.get('name')} = "
+                                   f"{prop.get('value')}"))
     for run in sorted({c[0] for c in cases}):
         mine = [c for c in cases if c[0] == run]
         counts = {k: sum(1 for c in mine if c[2].startswith(k)) for k in
