@@ -33,7 +33,6 @@ class Vcpu(_arch.VcpuArch, FdObject):
         self.run_struct = ffi.cast("struct kvm_run *", self._run_pin)
         self.run_size = size
         self.run_seq = 0                 # bumped by every KVM_RUN: exits check it
-        self.exit_counts: Dict[str, int] = {}
         self._thread_ident = None
         self._arch_init()
 
@@ -128,9 +127,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
                 self.run_struct.exit_reason = abi.EXIT_REASONS["INTR"]
         finally:
             self._thread_ident = None
-        ex = decode_exit(self)
-        self.exit_counts[ex.name] = self.exit_counts.get(ex.name, 0) + 1
-        return ex
+        return decode_exit(self)
 
     def kick(self) -> None:
         """Make a running (or the next) KVM_RUN return: set immediate_exit, then signal the
