@@ -63,15 +63,15 @@ def path(name: str, arch: str = abi.ARCH) -> str:
     """The image file of built-in guest ``name`` (``hello``, ``msr``, ...)."""
     if os.sep in name or name.endswith((".elf", ".bin")):
         return name
+    can_build = os.path.isdir(SOURCE_DIR) and shutil.which("make")
+    newest = _newest_source() if can_build else 0.0
     for attempt in range(2):
         for d in guest_dirs(arch):
             for ext in (".bin", ".elf"):   # a flat binary is the real image when both exist
                 p = os.path.join(d, name + ext)
-                if os.path.exists(p) and (attempt or not os.path.isdir(SOURCE_DIR)
-                                          or not shutil.which("make")
-                                          or os.path.getmtime(p) >= _newest_source()):
+                if os.path.exists(p) and (attempt or os.path.getmtime(p) >= newest):
                     return p
-        if attempt == 0 and os.path.isdir(SOURCE_DIR) and shutil.which("make"):
+        if attempt == 0 and can_build:
             build()
     raise GuestNotFound(f"no built-in {arch} guest named {name!r} (looked in "
                         f"{', '.join(guest_dirs(arch))})")

@@ -371,15 +371,17 @@ def timebase_frequency(vcpu) -> int:
     return vcpu.get_one_reg(_regs.reg_id("timer.frequency"))
 
 
-def hart_description(vcpu, hartid: int) -> dict:
-    """A ``harts`` entry for :func:`pykvm.arch.riscv.fdt.build_dtb`."""
+def hart_description(vcpu, hartid: int, isa: str | None = None) -> dict:
+    """A ``harts`` entry for :func:`pykvm.arch.riscv.fdt.build_dtb` (``isa``: a riscv,isa
+    string already known; read through ONE_REG when None)."""
     try:
         mode = satp_mode(vcpu)
     except Exception as exc:  # noqa: BLE001
         if _errno_of(exc) not in (_errno.ENOENT, _errno.EINVAL):
             raise
         mode = 0
-    return {"hartid": hartid, "isa": isa_string(vcpu), "mmu_type": mode}
+    return {"hartid": hartid, "isa": isa if isa is not None else isa_string(vcpu),
+            "mmu_type": mode}
 
 
 def set_boot_state(vcpu, *, pc: int, hartid: int = 0, dtb: int = 0) -> None:

@@ -77,14 +77,15 @@ class Platform:
         """The riscv,isa the guest is told: what ONE_REG says is on, less what the cpu type
         asked to turn off but KVM would not let go (e.g. Zicsr under ``min``): the guest is
         promised exactly the cpu type, and ``cpu_result.not_allowed`` records the rest."""
-        on = {n for n, v in cpu.isa_extensions(vcpu).items() if v}
+        state = self.cpu_result.final if self.cpu_result is not None else cpu.isa_extensions(vcpu)
+        on = {n for n, v in state.items() if v}
         if self.cpu_result is not None:
             on -= {n for n, want in self.cpu_result.target.items() if not want}
         return canonical_isa_string(on)
 
     def _write_dtb(self, vcpu) -> None:
         n = len(getattr(self.m, "vcpus", [])) or 1
-        hart = dict(cpu.hart_description(vcpu, 0), isa=self.advertised_isa(vcpu))
+        hart = cpu.hart_description(vcpu, 0, isa=self.advertised_isa(vcpu))
         harts = [dict(hart, hartid=i) for i in range(max(n, 1))]
         self.dtb = fdt.build_dtb(harts, RAM_BASE, self.m.ram.size, cpu.timebase_frequency(vcpu),
                                  self.cmdline)

@@ -37,8 +37,10 @@ class Platform:
 
     def vcpu_cpuid(self, index: int):
         """Supported CPUID with this vCPU's APIC id patched into leaves 1, 0xB and 0x1F."""
-        entries = self.cpuid if self.cpuid is not None else self.m.kvm.supported_cpuid()
+        if self.cpuid is None:
+            self.cpuid = self.m.kvm.supported_cpuid()     # one ioctl for all vCPUs
         out = []
+        entries = self.cpuid
         for e in entries:
             e = CpuidEntry(*e)
             if e.function == 1:
