@@ -54,10 +54,12 @@ struct pykvm_loop {
 
     uint16_t serial_base;            /* 16550 base port (0x3f8), 0 = none */
     uint16_t debugcon_port;          /* 0xe9, 0 = none */
-    uint16_t exit_port;              /* 0xf4, 0 = none */
+    uint16_t exit_port;              /* first isa-debug-exit port (0xf4), 0 = none */
     uint16_t sbi_console;            /* serve SBI DBCN write / write_byte in C (RISC-V) */
     uint8_t uart[8];                 /* 16550 register file */
-    uint8_t uart_dll, uart_dlm, _pad1[6];
+    uint8_t uart_dll, uart_dlm;
+    uint8_t exit_port_size;          /* isa-debug-exit ports: [exit_port, exit_port + size) */
+    uint8_t _pad1[5];
 
     uint32_t nram;                   /* valid entries in ram[] */
     uint32_t _pad2;
@@ -67,7 +69,8 @@ struct pykvm_loop {
     uint32_t mmio_log_cap;
     uint32_t mmio_log_len;
 
-    uint64_t budget;                 /* max exits in one call, 0 = unlimited */
+    int64_t budget;                  /* exits left, counted down here across calls; < 0 = no cap.
+                                        Python sets it once per RunLoop.run(). */
     int64_t deadline_ns;             /* CLOCK_MONOTONIC, absolute; 0 = none */
 
     /* results */
@@ -86,6 +89,9 @@ long pykvm_ioctl(int fd, unsigned long request, uint64_t arg);
 int pykvm_loop_run(struct pykvm_loop *l);
 int pykvm_loop_kick(struct pykvm_loop *l);
 int64_t pykvm_monotonic_ns(void);
+int pykvm_retire_mapping(uint64_t addr, uint64_t size);
+int64_t pykvm_map_shared(int fd, uint64_t size);
+int pykvm_unmap(uint64_t addr, uint64_t size);
 int pykvm_kick_signal(void);
 
 #endif

@@ -14,6 +14,7 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -80,6 +81,34 @@ int64_t pykvm_monotonic_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/*
+ * Replace [addr, addr + size) with fresh anonymous memory in one step (MAP_FIXED), dropping what
+ * was mapped there (a vCPU's kvm_run page, guest RAM) while keeping the address range owned by
+ * us: a late reader or writer that still holds the address touches harmless zeroes instead of
+ * faulting or, worse, someone else's later mapping. The range is unmapped for good when its
+ * Python mmap object is released.
+ */
+int pykvm_retire_mapping(uint64_t addr, uint64_t size)
+{
+    void *p = mmap((void *)(uintptr_t)addr, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? -errno : 0;
+}
+
+/* Map `size` bytes of `fd` (a vCPU's kvm_run and the pages after it) read-write and shared.
+ * Returns the address, or -errno. Unlike Python's mmap object this keeps no duplicate of the fd,
+ * so closing the vCPU fd and retiring the mapping really lets the vCPU go. */
+int64_t pykvm_map_shared(int fd, uint64_t size)
+{
+    void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    return p == MAP_FAILED ? -errno : (int64_t)(uintptr_t)p;
+}
+
+int pykvm_unmap(uint64_t addr, uint64_t size)
+{
+    return munmap((void *)(uintptr_t)addr, size) < 0 ? -errno : 0;
 }
 
 int pykvm_loop_kick(struct pykvm_loop *l)
@@ -201,7 +230,7 @@ static enum io_result serve_io(struct pykvm_loop *l, struct kvm_run *run, uint8_
     int out = run->io.direction == KVM_EXIT_IO_OUT;
     uint32_t i;
 
-    if (l->exit_port && port == l->exit_port) {
+    if (l->exit_port && port >= l->exit_port && port - l->exit_port < l->exit_port_size) {
         if (!out) {
             memset(data, 0, (size_t)size * count);
             return IO_DONE;
@@ -305,8 +334,6 @@ static int arm_deadline(struct pykvm_loop *l, timer_t *timer)
 
 static int run_loop(struct pykvm_loop *l, struct kvm_run *run)
 {
-    uint64_t budget_left = l->budget;
-
     for (;;) {
         uint32_t reason;
         int r;
@@ -377,7 +404,7 @@ static int run_loop(struct pykvm_loop *l, struct kvm_run *run)
             return PYKVM_STOP_EXIT;
         }
 
-        if (l->budget && --budget_left == 0)
+        if (l->budget > 0 && --l->budget == 0)
             return PYKVM_STOP_BUDGET;
     }
 }

@@ -8,10 +8,24 @@
         ...
         exit = vcpu.run()
 """
-from .errors import (CapabilityMissing, GuestError, GuestMemoryError, KvmBusy, KvmError,
-                     KvmInvalid, KvmNotFound, KvmUnsupported, PykvmError, StaleExit)
-from .kvm import Kvm
-
 __version__ = "0.1.0"
 __all__ = ["Kvm", "KvmError", "KvmNotFound", "KvmInvalid", "KvmBusy", "KvmUnsupported",
-           "CapabilityMissing", "GuestMemoryError", "GuestError", "PykvmError", "StaleExit"]
+           "CapabilityMissing", "GuestMemoryError", "GuestError", "PykvmError", "StaleExit",
+           "Closed", "Busy", "HostMemoryError"]
+
+# The public names are loaded on first use (PEP 562), so ``import pykvm`` and the ``pykvm``
+# command start without loading the ABI, the native helper or the loader.
+
+
+def __getattr__(name):
+    if name == "Kvm":
+        from .kvm import Kvm
+        return Kvm
+    if name in __all__:
+        from . import errors
+        return getattr(errors, name)
+    raise AttributeError(f"module 'pykvm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

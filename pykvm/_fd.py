@@ -2,6 +2,8 @@
 import os
 import weakref
 
+from .errors import Closed
+
 
 class FdObject:
     """Base for objects that own one KVM file descriptor."""
@@ -15,7 +17,7 @@ class FdObject:
     @property
     def fd(self) -> int:
         if self._fd < 0:
-            raise ValueError(f"{type(self).__name__} is closed")
+            raise Closed(f"{type(self).__name__} is closed")
         return self._fd
 
     @property

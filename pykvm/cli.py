@@ -1,20 +1,30 @@
 """The ``pykvm`` command line: ``run``, ``caps``, ``regs``, ``guests``, ``bench``."""
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 
 from . import __version__
 
 EXIT_USAGE = 2
+MAX_MEM = 1 << 40          # 1 TiB: far beyond any test guest, well inside the host's address space
+MAX_VCPUS = 1024
+MAX_TIMEOUT = 10 ** 7      # seconds (about 115 days)
+MAX_CMDLINE = 1 << 16
 
 
 def _size(text: str) -> int:
-    """'64M', '1G', '4096', '0x100000' → bytes."""
-    t = text.strip().upper().rstrip("B").rstrip("I")
+    """'64M', '1G', '4096', '0x100000' → bytes (a positive multiple of 4 KiB, at most 1 TiB)."""
+    t = text.strip().upper()
+    if t.endswith("IB"):
+        t = t[:-2]
+    elif t.endswith("B"):
+        t = t[:-1]
     mult = 1
-    if t and t[-1] in "KMG":
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[t[-1]]
+    if t and t[-1] in "KMGT":
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[t[-1]]
         t = t[:-1]
     try:
         n = int(t, 0) * mult
@@ -22,7 +32,41 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 64M, 1G)") from None
     if n <= 0 or n % 4096:
         raise argparse.ArgumentTypeError(f"size must be a positive multiple of 4 KiB: {text!r}")
+    if n > MAX_MEM:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than the 1T pykvm accepts")
     return n
+
+
+def _int_range(lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range ({lo}..{hi})")
+        return n
+    parse.__name__ = "integer"
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds in [0, MAX_TIMEOUT]; 0 means no deadline."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(v) or v < 0 or v > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds between 0 and {MAX_TIMEOUT}")
+    return v
+
+
+def _cmdline(text: str) -> str:
+    if len(text.encode("utf-8", "surrogateescape")) > MAX_CMDLINE or "\0" in text:
+        raise argparse.ArgumentTypeError(f"command line must be under {MAX_CMDLINE} bytes "
+                                         "without NUL characters")
+    return text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +77,51 @@ class _Parser(argparse.ArgumentParser):
 def _fail(msg: str, code: int = EXIT_USAGE) -> int:
     print(f"pykvm: {msg}", file=sys.stderr)
     return code
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# -- signals --------------------------------------------------------------------------------
+class _Signalled(BaseException):
+    """Raised by the signal handler when no machine is running (start-up, output)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _SignalState:
+    machine = None            # the Machine being run, if any: a signal kicks it
+    signum = None             # the first SIGINT/SIGTERM received
+
+
+_sig = _SignalState()
+
+
+def _on_signal(signum, frame):
+    if _sig.signum is None:
+        _sig.signum = signum
+    m = _sig.machine
+    if m is not None:
+        m._kick_all()         # lock-free: the run ends promptly and the CLI reports the signal
+        return
+    raise _Signalled(signum)
+
+
+def _signal_status(signum: int) -> int:
+    return 128 + signum
+
+
+def _signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _install_signal_handlers() -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _on_signal)
 
 
 def cmd_caps(args) -> int:
@@ -57,12 +146,23 @@ def cmd_caps(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .errors import PykvmError
+    from . import status
+    from .errors import GuestMemoryError, HostMemoryError, PykvmError
     from .guests import GuestNotFound
+    from .loader import LoadError
     from .machine import Machine
+
+    def outcome(exit_name: str, code: int, detail: str) -> int:
+        """Report a run that ended before or outside Machine.run (one line, or one JSON)."""
+        if args.json:
+            print(json.dumps({"exit": exit_name, "exit_code": code, "console": "", "exits": {},
+                              "seconds": 0.0, "detail": detail}, indent=2))
+        print(f"pykvm: {detail}", file=sys.stderr)
+        return code
+
     guest = args.guest
     if guest and not os.path.exists(guest) and os.sep in guest:
-        return _fail(f"no such file: {guest}")
+        return outcome("bad_input", status.BAD_INPUT, f"no such file: {guest}")
     stream = None if args.json else (lambda b: (sys.stdout.buffer.write(b),
                                                 sys.stdout.buffer.flush()))
     opts = {}
@@ -71,14 +171,37 @@ def cmd_run(args) -> int:
     try:
         m = Machine(guest, mem_size=args.mem, vcpus=args.vcpus, cmdline=args.cmdline,
                     on_console=stream, native=not args.python_loop, **opts)
-    except (GuestNotFound, ValueError, PykvmError) as e:
-        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except (GuestNotFound, LoadError, GuestMemoryError, ValueError) as e:
+        return outcome("bad_input", status.BAD_INPUT, _one_line(e))
+    except HostMemoryError as e:
+        return outcome("vmm_error", status.VMM_ERROR, _one_line(e))
+    except PykvmError as e:
+        return outcome("vmm_error", status.VMM_ERROR, _one_line(e))
     except OSError as e:
-        return _fail(f"{guest}: {e.strerror}")
-    with m:
+        return outcome("bad_input", status.BAD_INPUT, f"{guest}: {e.strerror or e}")
+    try:
         if args.trace:
             m.trace = lambda line: print(f"pykvm: {line}", file=sys.stderr)
-        r = m.run(timeout=args.timeout)
+        _sig.machine = m
+        if _sig.signum is not None:           # a signal landed between start-up and here
+            m._kick_all()
+        try:
+            r = m.run(timeout=args.timeout or None)
+        finally:
+            _sig.machine = None
+    finally:
+        m.close()
+    if _sig.signum is not None:
+        code = _signal_status(_sig.signum)
+        detail = f"interrupted by {_signal_name(_sig.signum)}"
+        if args.json:
+            d = r.as_dict()
+            d.update(exit="interrupted", exit_code=code, detail=detail)
+            print(json.dumps(d, indent=2))
+        else:
+            sys.stdout.flush()
+        print(f"pykvm: {detail}", file=sys.stderr)
+        return code
     if args.json:
         print(json.dumps(r.as_dict(), indent=2))
     else:
@@ -87,6 +210,8 @@ def cmd_run(args) -> int:
             print(f"pykvm: guest did not finish within {args.timeout} s; stopped", file=sys.stderr)
         elif r.exit_code and r.detail:
             print(f"pykvm: {r.detail}", file=sys.stderr)
+        if r.console_dropped and args.trace:
+            print(f"pykvm: {r.console_dropped} console bytes not retained", file=sys.stderr)
         if args.trace:
             print(f"pykvm: exits {r.exits}, {r.seconds:.3f} s", file=sys.stderr)
     return r.exit_code
@@ -131,15 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="boot a guest (default: the built-in greeting guest)",
                        description="Boot GUEST (an ELF64, a multiboot ELF32, a flat .bin, or the "
-                       "name of a built-in guest) and stream its console to stdout. Exit status: "
-                       "0 when the guest is done, (V<<1)|1 when it writes V to isa-debug-exit "
-                       "port 0xf4 (as QEMU), 1 on a guest failure, 124 on timeout, 2 on bad input.")
+                       "name of a built-in guest) and stream its console to stdout.",
+                       epilog="exit status: 0 guest done; odd (V<<1)|1 guest wrote V to "
+                       "isa-debug-exit (ports 0xf4-0xf7, as QEMU); 2 bad input; 4 guest failure; "
+                       "6 unhandled exit; 8 VMM/KVM error; 124 timeout; 130 SIGINT; "
+                       "143 SIGTERM (see pykvm.status)")
     r.add_argument("guest", nargs="?", help="image path or built-in guest name")
-    r.add_argument("--mem", type=_size, default=64 << 20, help="guest RAM (default 64M)")
-    r.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
-    r.add_argument("--timeout", type=float, default=10.0, help="seconds before the guest is "
-                   "stopped (exit 124; default 10)")
-    r.add_argument("--cmdline", default="", help="kernel command line (multiboot)")
+    r.add_argument("--mem", type=_size, default=64 << 20, metavar="SIZE",
+                   help="guest RAM, e.g. 64M, 2G (default 64M; at most 1T; mapped lazily)")
+    r.add_argument("--vcpus", type=_int_range(1, MAX_VCPUS), default=1, metavar="N",
+                   help="number of vCPUs (default 1)")
+    r.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="seconds before the guest is stopped (exit 124; default 10; "
+                   "0 = no deadline)")
+    r.add_argument("--cmdline", type=_cmdline, default="", help="kernel command line (multiboot)")
     r.add_argument("--trace", action="store_true", help="print every exit and report that reaches "
                    "Python, then the exit counts and timing, to stderr")
     r.add_argument("--json", action="store_true", help="print one JSON object with exit, "
@@ -165,24 +295,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks: C run loop vs Python loop, VM lifecycle")
     b.add_argument("--json", action="store_true")
-    b.add_argument("--exits", type=int, default=20000, help="I/O exits per measurement")
+    b.add_argument("--exits", type=_int_range(1, 10 ** 8), default=20000, metavar="N",
+                   help="I/O exits per measurement (1..100000000)")
     b.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.cmd:
-        parser.print_help()
-        return EXIT_USAGE
-    from .errors import PykvmError
+    """Entry point of the ``pykvm`` command; returns the exit status (see pykvm.status).
+
+    SIGINT and SIGTERM end any command with one line and status 130 / 143, whenever they
+    arrive: during start-up they abort it, during a run they stop every vCPU first."""
+    _sig.signum = None
     try:
-        return args.func(args)
-    except PykvmError as e:
-        return _fail(str(e), 1)
-    except KeyboardInterrupt:
-        return 130
+        _install_signal_handlers()
+    except ValueError:                       # not the main thread: leave signals alone
+        pass
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.cmd:
+            parser.print_help()
+            return EXIT_USAGE
+        from .errors import PykvmError
+        try:
+            return args.func(args)
+        except PykvmError as e:
+            return _fail(_one_line(e), 8)
+    except (_Signalled, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
+        try:
+            print(f"pykvm: interrupted by {_signal_name(signum)}", file=sys.stderr)
+        except (_Signalled, OSError):
+            pass
+        return _signal_status(signum)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

@@ -125,3 +125,17 @@ class GuestError(PykvmError):
 
 class StaleExit(PykvmError):
     """An exit object was used after the vCPU ran again: its kvm_run contents are gone."""
+
+
+class Closed(PykvmError, ValueError):
+    """The object (``Kvm``, ``Vm``, ``Vcpu``, guest memory, a run loop or a ``Machine``) has been
+    closed; every method of a closed object raises this. A subclass of :class:`ValueError`, as
+    Python's own closed files raise."""
+
+
+class Busy(PykvmError):
+    """The vCPU is already running in another thread (one ``KVM_RUN`` caller at a time)."""
+
+
+class HostMemoryError(PykvmError, MemoryError):
+    """The host could not provide memory pykvm asked for (e.g. mapping guest RAM)."""

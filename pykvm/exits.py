@@ -9,7 +9,7 @@ from typing import Dict, Optional, Tuple, Type
 
 from . import abi
 from .abi import ffi
-from .errors import GuestError, StaleExit
+from .errors import Closed, GuestError, StaleExit
 
 _RUN_SIZE = ffi.sizeof("struct kvm_run")
 
@@ -31,7 +31,9 @@ class Exit:
     @property
     def run(self):
         """The live kvm_run struct, while this exit is current."""
-        if self._vcpu.run_seq != self._seq or self._vcpu.run_struct is None:
+        if self._vcpu._closing:
+            raise Closed(f"{self.name} exit used after vCPU {self._vcpu.id} was closed")
+        if self._vcpu.run_seq != self._seq:
             raise StaleExit(f"{self.name} exit used after vCPU {self._vcpu.id} ran again")
         return self._vcpu.run_struct
 

@@ -7,18 +7,20 @@
 For tests, :meth:`Machine.step` runs one vCPU until the guest reports something (the kernel
 selftests' "run, read the guest's report, assert" loop).
 """
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
-from . import guests
+from . import guests, status
 from .arch import current as _arch
-from .errors import PykvmError
+from .errors import Closed, GuestError, KvmError, PykvmError
 from .exits import Exit
 from .kvm import Kvm
 from .report import GuestAssertion, Report
 from .runloop import make_loop
+from .status import debug_exit_status  # noqa: F401  (re-exported for callers)
 
 
 @dataclass
@@ -26,12 +28,15 @@ class Event:
     """What :meth:`Machine.step` returns.
 
     ``kind``: "report" (``report`` holds a SYNC/DONE/ASSERT/... :class:`Report`), "debug_exit"
-    (``value``), "exit" (an exit nobody handled: ``exit``), "timeout", "kick" or "budget"."""
+    (``value``), "exit" (an exit nobody handled: ``exit``), "timeout", "kick", "budget", or
+    "error" (only from :meth:`Machine.run`: ``error`` holds the exception a vCPU's thread
+    raised)."""
     kind: str
     vcpu: int = 0
     report: Optional[Report] = None
     exit: Optional[Exit] = None
     value: Optional[int] = None
+    error: Optional[BaseException] = None
 
     @property
     def name(self) -> str:
@@ -44,7 +49,16 @@ class Event:
 
 @dataclass
 class RunResult:
-    exit: str                         # "done", "debug_exit", "timeout", "assert", an exit name...
+    """How :meth:`Machine.run` ended.
+
+    ``exit``: "done", "debug_exit", "timeout", a report kind ("assert", "exception", "trap"),
+    "guest_error", "vmm_error", "handler_error", or the name of an unhandled exit ("HLT",
+    "SHUTDOWN", "MMIO"...). ``exit_code``: the status ``pykvm run`` exits with (see
+    :mod:`pykvm.status`). ``console``: the last ``console_limit`` bytes of output
+    (``console_dropped`` counts older bytes not kept). ``exits``: exit counts by reason name.
+    ``seconds``: wall time of the run. ``vcpu``: the vCPU whose event decided the run.
+    ``error``: the exception behind an "*_error" outcome (not in :meth:`as_dict`)."""
+    exit: str
     exit_code: int
     console: bytes
     exits: Dict[str, int]
@@ -52,48 +66,71 @@ class RunResult:
     detail: str = ""
     debug_exit_value: Optional[int] = None
     reports: List[Report] = field(default_factory=list)
+    console_dropped: int = 0
+    reports_dropped: int = 0
+    vcpu: int = 0
+    error: Optional[BaseException] = None
 
     @property
     def console_text(self) -> str:
         return self.console.decode("utf-8", "replace")
 
     def as_dict(self) -> dict:
+        """A JSON-ready dict (what ``pykvm run --json`` prints)."""
         return {"exit": self.exit, "exit_code": self.exit_code, "console": self.console_text,
                 "exits": self.exits, "seconds": round(self.seconds, 6), "detail": self.detail,
-                "debug_exit_value": self.debug_exit_value}
+                "debug_exit_value": self.debug_exit_value, "vcpu": self.vcpu,
+                "console_dropped": self.console_dropped, "reports": len(self.reports),
+                "reports_dropped": self.reports_dropped}
 
 
-# Exit status of `pykvm run` for each way a run can end.
-EXIT_TIMEOUT = 124
-EXIT_GUEST_FAILURE = 1
-
-
-def debug_exit_status(value: int) -> int:
-    """QEMU isa-debug-exit convention: a write of V exits with (V << 1) | 1."""
-    return ((value << 1) | 1) & 0xFF
+# Kept for callers of earlier versions; see pykvm.status for the whole table.
+EXIT_TIMEOUT = status.TIMEOUT
+EXIT_GUEST_FAILURE = status.GUEST_FAILURE
 
 
 class Machine:
     """A VM with RAM, ``vcpus`` vCPUs and ``guest`` loaded (a built-in guest name, a path, or
     image bytes). Options go to the arch platform (x86: ``irqchip``, ``pit``, ``cpuid``;
-    RISC-V: ``cpu_type``, ``suspend_seconds``, ...)."""
+    RISC-V: ``cpu_type``, ``suspend_seconds``, ...).
+
+    ``mem_size``: guest RAM in bytes (mapped ``MAP_NORESERVE``: it costs host memory only as
+    the guest touches it). ``console_limit``: bytes of console output kept in :attr:`console`
+    (older bytes are counted in ``console_dropped``; ``on_console`` still sees everything).
+    ``report_limit``: guest reports kept in :attr:`reports` (more are counted in
+    ``reports_dropped``).
+
+    Raises :class:`ValueError` for bad arguments, :class:`~pykvm.loader.LoadError` for a bad
+    image, :class:`~pykvm.errors.HostMemoryError` when RAM cannot be mapped and
+    :class:`~pykvm.errors.KvmError` when KVM refuses a step. :meth:`close` may be called from
+    any thread at any time; afterwards every method raises :class:`~pykvm.errors.Closed`."""
 
     def __init__(self, guest: Union[str, bytes, None] = None, *, mem_size: int = 64 << 20,
                  vcpus: int = 1, cmdline: str = "", native: bool = True, kvm: Optional[Kvm] = None,
                  on_console: Optional[Callable[[bytes], None]] = None,
-                 flat_addr: Optional[int] = None, flat_mode: str = "real", **platform_opts):
-        if vcpus < 1:
-            raise ValueError("a machine needs at least one vCPU")
+                 flat_addr: Optional[int] = None, flat_mode: str = "real",
+                 console_limit: int = 1 << 20, report_limit: int = 4096, **platform_opts):
+        if not isinstance(vcpus, int) or vcpus < 1:
+            raise ValueError(f"a machine needs at least one vCPU, got {vcpus!r}")
+        self._closed = False
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
-        self.console = bytearray()
+        self._console = bytearray()
+        self.console_limit = console_limit
+        self.console_dropped = 0
         self.on_console = on_console
         self.reports: List[Report] = []
+        self.report_limit = report_limit
+        self.reports_dropped = 0
         self.handlers: Dict[str, Callable] = {}
         self.trace: Optional[Callable[[str], None]] = None   # called with one line per event
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._close_lock = threading.Lock()
+        self._stop = False                 # a plain flag: set from signal handlers too
         try:
+            max_vcpus = self.kvm.check_extension("MAX_VCPUS") or self.kvm.check_extension("NR_VCPUS")
+            if max_vcpus and vcpus > max_vcpus:
+                raise ValueError(f"{vcpus} vCPUs requested; this KVM allows at most {max_vcpus}")
             self.vm = self.kvm.create_vm()
             self.platform = _arch.Platform(self, **platform_opts)
             self.platform.create_devices()
@@ -113,15 +150,43 @@ class Machine:
             raise
 
     # -- plumbing ---------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed("Machine is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     @property
     def memory(self):
+        """Guest memory (:class:`~pykvm.memory.GuestMemory`), addressed by guest-physical
+        address."""
+        self._check_open()
         return self.vm.memory
+
+    @property
+    def console(self) -> bytes:
+        """The last ``console_limit`` bytes the guest wrote to its console."""
+        with self._lock:
+            return bytes(self._console[-self.console_limit:]) if self.console_limit > 0 else b""
 
     def _console_out(self, data: bytes) -> None:
         with self._lock:
-            self.console += data
+            self._console += data
+            if len(self._console) > 2 * self.console_limit:     # trim in amortised O(1)
+                cut = len(self._console) - self.console_limit
+                self.console_dropped += cut
+                del self._console[:cut]
         if self.on_console:
             self.on_console(data)
+
+    def _keep_report(self, rep: Report) -> None:
+        with self._lock:
+            if len(self.reports) < self.report_limit:
+                self.reports.append(rep)
+            else:
+                self.reports_dropped += 1
 
     def on(self, exit_name: str, handler: Callable) -> None:
         """Handle exits named ``exit_name`` ("MMIO", "IO", "HLT", ...): ``handler(machine,
@@ -131,6 +196,7 @@ class Machine:
 
     def set_params(self, *values: int) -> None:
         """Write ``values`` into the guest's ``pykvm_params[]`` array (before running)."""
+        self._check_open()
         addr = self.image.params_addr
         if addr is None:
             raise PykvmError(f"{self.image_name} has no pykvm_params symbol")
@@ -142,11 +208,25 @@ class Machine:
     # -- running ----------------------------------------------------------------------------
     def step(self, index: int = 0, *, timeout: Optional[float] = 10.0, budget: int = 0) -> Event:
         """Run vCPU ``index`` until the guest reports (PRINT reports go to the console and
-        do not end the step), or the run ends some other way."""
+        do not end the step), or the run ends some other way; returns the :class:`Event`.
+
+        ``timeout``: seconds (None or 0 = no deadline). ``budget``: the most exits this step
+        handles (0 = no cap), PRINT reports included. Raises :class:`~pykvm.errors.Closed`
+        after :meth:`close`, :class:`~pykvm.errors.GuestError` for a report pykvm cannot read,
+        :class:`~pykvm.errors.KvmError` if KVM_RUN fails, and whatever an exit handler raises."""
+        self._check_open()
+        if not isinstance(index, int) or not 0 <= index < len(self.loops):
+            raise IndexError(f"no vCPU {index!r} (this machine has {len(self.loops)})")
         loop = self.loops[index]
         deadline = time.monotonic() + timeout if timeout else None
+        start_exits = loop.exits_total
         while True:
-            stop = loop.run(deadline=deadline, budget=budget)
+            left = 0
+            if budget:
+                left = budget - (loop.exits_total - start_exits)
+                if left <= 0:
+                    return Event("budget", index)
+            stop = loop.run(deadline=deadline, budget=left)
             if stop.kind == "debug_exit":
                 return Event("debug_exit", index, value=stop.value)
             if stop.kind != "exit":
@@ -162,8 +242,7 @@ class Machine:
                 if rep.kind == "print":
                     self._console_out(rep.text.encode())
                     continue
-                with self._lock:
-                    self.reports.append(rep)
+                self._keep_report(rep)
                 return Event("report", index, report=rep)
             handler = self.handlers.get(ex.name)
             if handler is not None:
@@ -205,40 +284,80 @@ class Machine:
         return ev.kind
 
     def kick_all(self) -> None:
-        self._stop.set()
-        for l in self.loops:
-            l.kick()
+        """Stop every vCPU's run (or its next one) and end :meth:`run`. Takes no lock: safe
+        from another thread and from a signal handler. Raises :class:`~pykvm.errors.Closed`
+        after :meth:`close`."""
+        self._check_open()
+        self._kick_all()
+
+    def _kick_all(self) -> None:
+        self._stop = True
+        for l in getattr(self, "loops", ()):
+            try:
+                l.kick()
+            except Closed:
+                pass
 
     def _run_one(self, index: int, deadline: Optional[float], results: list) -> None:
-        while True:
-            if self._stop.is_set():
-                results[index] = Event("kick", index)
-                return
-            left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
-            ev = self.step(index, timeout=left)
-            if ev.kind == "report" and ev.report.kind == "sync":
-                continue                       # nobody waits for syncs in a plain run
-            results[index] = ev
-            if not (ev.kind == "report" and ev.report.kind == "done"):
-                self.kick_all()                # one vCPU ending the machine stops the rest
-            return
+        """One vCPU's part of :meth:`run`: every outcome, exceptions included, lands in
+        ``results[index]``; anything but DONE stops the other vCPUs."""
+        try:
+            while True:
+                if self._stop:
+                    results[index] = Event("kick", index)
+                    return
+                left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+                ev = self.step(index, timeout=left)
+                if ev.kind == "report" and ev.report.kind == "sync":
+                    continue                       # nobody waits for syncs in a plain run
+                results[index] = ev
+                break
+        except Exception as e:                     # guest, KVM or handler error: the result
+            ev = results[index] = Event("error", index, error=e)
+        if not (ev.kind == "report" and ev.report.kind == "done"):
+            self._kick_all()                       # one vCPU ending the machine stops the rest
+
+    def _vcpu_thread(self, index: int, deadline: Optional[float], results: list) -> None:
+        # Process-directed signals (Ctrl-C, SIGTERM) belong to the main thread, which reacts
+        # to them; a vCPU thread blocks them so they cannot stall in KVM_RUN there.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        self._run_one(index, deadline, results)
 
     def run(self, timeout: Optional[float] = None) -> RunResult:
         """Run every vCPU (one thread each) until the guest is done, exits, fails or times
-        out; the result carries the console output and exit counts."""
+        out, and return a :class:`RunResult` (console output, exit counts, verdict and
+        status).
+
+        ``timeout``: seconds (None or 0 = no deadline). The first vCPU to fail (a guest
+        failure, an unhandled exit, a KVM error, an exception from an exit handler) stops all
+        the others and decides the result. If the calling thread is interrupted (e.g.
+        KeyboardInterrupt), every vCPU is stopped before the exception propagates. Raises
+        :class:`~pykvm.errors.Closed` if the machine is (or gets) closed."""
+        self._check_open()
+        self._stop = False
         t0 = time.monotonic()
         deadline = t0 + timeout if timeout else None
         results: List[Optional[Event]] = [None] * len(self.vcpus)
         if len(self.vcpus) == 1:
             self._run_one(0, deadline, results)
         else:
-            threads = [threading.Thread(target=self._run_one, args=(i, deadline, results),
+            threads = [threading.Thread(target=self._vcpu_thread, args=(i, deadline, results),
                                         name=f"vcpu{i}", daemon=True)
                        for i in range(len(self.vcpus))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            try:
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    while t.is_alive():
+                        t.join(0.1)
+            except BaseException:
+                self._kick_all()
+                for t in threads:
+                    if t.ident is not None:
+                        t.join()
+                raise
+        if self._closed:
+            raise Closed("Machine was closed while it ran")
         seconds = time.monotonic() - t0
         counts: Dict[str, int] = {}
         for l in self.loops:
@@ -246,12 +365,16 @@ class Machine:
                 counts[k] = counts.get(k, 0) + v
         ev = self._decisive(results)
         exit_name, code, detail, dbg = self._verdict(ev)
-        return RunResult(exit_name, code, bytes(self.console), counts, seconds, detail, dbg,
-                         list(self.reports))
+        return RunResult(exit_name, code, self.console, counts, seconds, detail, dbg,
+                         list(self.reports), self.console_dropped, self.reports_dropped,
+                         ev.vcpu, ev.error)
 
     @staticmethod
     def _decisive(results: List[Optional[Event]]) -> Event:
-        """The event that ended the run: anything but DONE/kick wins."""
+        """The event that ended the run: an error first, then anything but DONE/kick."""
+        for ev in results:
+            if ev is not None and ev.kind == "error":
+                return ev
         for ev in results:
             if ev is not None and ev.kind not in ("kick",) and ev.name != "done":
                 return ev
@@ -262,18 +385,37 @@ class Machine:
         if ev.kind == "report":
             r = ev.report
             if r.kind == "done":
-                return "done", 0, "", None
-            return r.kind, EXIT_GUEST_FAILURE, r.describe(), None
+                return "done", status.OK, "", None
+            return r.kind, status.GUEST_FAILURE, r.describe(), None
         if ev.kind == "debug_exit":
             return "debug_exit", debug_exit_status(ev.value), "", ev.value
         if ev.kind == "timeout":
-            return "timeout", EXIT_TIMEOUT, "guest did not finish in time", None
+            return "timeout", status.TIMEOUT, "guest did not finish in time", None
         if ev.kind == "exit":
             code, detail = self.platform.exit_verdict(ev.exit)
             return ev.exit.name, code, detail, None
-        return ev.kind, EXIT_GUEST_FAILURE, "", None
+        if ev.kind == "error":
+            e = ev.error
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(e, GuestError):
+                return "guest_error", status.GUEST_FAILURE, f"vCPU {ev.vcpu}: {msg}", None
+            if isinstance(e, (KvmError, PykvmError)):
+                return "vmm_error", status.VMM_ERROR, f"vCPU {ev.vcpu}: {msg}", None
+            return ("handler_error", status.VMM_ERROR,
+                    f"vCPU {ev.vcpu}: exit handler raised {type(e).__name__}: {msg}", None)
+        if ev.kind == "budget":
+            return "budget", status.TIMEOUT, "exit budget used up", None
+        return ev.kind, status.VMM_ERROR, "run stopped before the guest finished", None
 
     def close(self) -> None:
+        """Stop every vCPU (waiting until each has left KVM_RUN), then close the VM, its memory
+        and (if the machine opened it) /dev/kvm. Idempotent; safe from any thread, including
+        while :meth:`run` is in progress elsewhere (that run then raises Closed)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._kick_all()
         for v in getattr(self, "vcpus", []):
             v.close()
         if getattr(self, "vm", None) is not None:

@@ -5,10 +5,15 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
 from . import abi
+from ._native import lib as _nlib
 from .abi import ffi
-from .errors import GuestMemoryError
+from .errors import Closed, GuestMemoryError, HostMemoryError
 
 PAGE_SIZE = mmap.PAGESIZE
+# Linux's MAP_NORESERVE (0x4000 on x86_64 and riscv64; Python's mmap module does not export it):
+# guest RAM is declared without reserving swap, so a large guest costs host memory only as it
+# touches pages.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
 @dataclass
@@ -41,10 +46,20 @@ class MemorySlot:
         return self.gpa <= gpa and gpa + n <= self.end
 
     def _release(self) -> None:
-        if self._pin is not None:
-            ffi.release(self._pin)
-            self._pin = None
-        self._map.close()
+        """Give the host memory back. The address range is first replaced by fresh anonymous
+        pages (so a late access through an old address reads zeroes rather than faulting or
+        hitting a later mapping), then unmapped unless a view of it is still exported, in which
+        case it goes with the last view."""
+        if self._pin is None:
+            return
+        host = self.host_addr
+        ffi.release(self._pin)
+        self._pin = None
+        _nlib.pykvm_retire_mapping(host, self.size)
+        try:
+            self._map.close()
+        except BufferError:
+            pass
 
 
 class GuestMemory:
@@ -52,6 +67,13 @@ class GuestMemory:
 
     def __init__(self):
         self._slots: List[MemorySlot] = []
+        self.closed = False
+
+    def _close(self) -> None:
+        for s in list(self._slots):
+            self._slots.remove(s)
+            s._release()
+        self.closed = True
 
     def __iter__(self) -> Iterator[MemorySlot]:
         return iter(sorted(self._slots, key=lambda s: s.gpa))
@@ -73,6 +95,8 @@ class GuestMemory:
         return end
 
     def slot_at(self, gpa: int) -> Optional[MemorySlot]:
+        if self.closed:
+            raise Closed("guest memory is closed (its VM was closed)")
         for s in self._slots:
             if s.gpa <= gpa < s.end:
                 return s
@@ -146,11 +170,27 @@ class GuestMemory:
         return out.decode("utf-8", "replace")
 
 
-def new_mapping(size: int):
-    """An anonymous shared mapping of ``size`` bytes (page-rounded) and its pinned address."""
-    if size <= 0 or size % PAGE_SIZE:
-        raise ValueError(f"memory size must be a positive multiple of {PAGE_SIZE}, got {size:#x}")
-    m = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
-                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+def new_mapping(size: int, gpa: int = 0):
+    """A private anonymous ``MAP_NORESERVE`` mapping of ``size`` bytes for guest RAM at
+    guest-physical ``gpa`` (used only in messages), and the cffi pin that gives its host address.
+
+    Raises :class:`ValueError` for a size that is not a positive multiple of the page size and
+    :class:`~pykvm.errors.HostMemoryError` when the host cannot map that much."""
+    if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
+        raise ValueError(f"memory size must be a positive multiple of {PAGE_SIZE}, got {size!r}")
+    try:
+        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
+                      prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, OverflowError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise HostMemoryError(f"cannot map {_human(size)} of guest RAM at GPA {gpa:#x}: "
+                              f"{why}") from None
     pin = ffi.from_buffer(m)
     return m, pin
+
+
+def _human(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 from . import abi
 from ._native import ffi as nffi, lib as nlib
 from .abi import ffi
-from .errors import GuestError, kvm_error
+from .errors import Closed, GuestError, kvm_error
 from .exits import Exit, decode_exit
 
 COM1 = 0x3F8
@@ -46,11 +46,22 @@ class MmioRecord:
 
 @dataclass
 class LoopConfig:
+    """What a run loop serves and how much it keeps.
+
+    Ports are x86 I/O port numbers (0 = none). ``exit_port``/``exit_port_size`` give QEMU's
+    isa-debug-exit range (``iobase=0xf4,iosize=4``: ports 0xf4–0xf7). ``console_cap`` and
+    ``mmio_log_cap`` size the C loop's buffers (bytes, records); ``console_limit`` (bytes) and
+    ``mmio_log_limit`` (records) cap what the loop *retains* in :attr:`console` and
+    :attr:`mmio_log` — older console bytes and newer MMIO records beyond them are counted in
+    ``console_dropped``/``mmio_dropped`` and still streamed to ``on_console``/``on_mmio``."""
     serial_base: int = COM1
     debugcon_port: int = DEBUGCON
     exit_port: int = DEBUG_EXIT
+    exit_port_size: int = 4
     console_cap: int = 1 << 14
     mmio_log_cap: int = 512
+    console_limit: int = 1 << 20
+    mmio_log_limit: int = 1 << 16
     console_flush: float = 0.05      # seconds console bytes may wait before Python sees them
     sbi_console: bool = False        # RISC-V: serve SBI DBCN writes in the loop
     ram: tuple = ()                  # (gpa, host address, size) regions the loop may read
@@ -71,18 +82,42 @@ def _ring_address(vcpu):
 
 class _LoopBase:
     def __init__(self, vcpu, config: Optional[LoopConfig] = None,
-                 on_console: Optional[Callable[[bytes], None]] = None):
+                 on_console: Optional[Callable[[bytes], None]] = None,
+                 on_mmio: Optional[Callable[[MmioRecord], None]] = None):
         self.vcpu = vcpu
         self.config = config or LoopConfig()
         self.on_console = on_console
-        self.console = bytearray()
+        self.on_mmio = on_mmio
+        self._console = bytearray()
+        self.console_dropped = 0          # console bytes seen but no longer retained
         self.mmio_log: List[MmioRecord] = []
+        self.mmio_dropped = 0             # coalesced records seen beyond mmio_log_limit
+
+    @property
+    def console(self) -> bytes:
+        """The last ``config.console_limit`` bytes of console output (bytes)."""
+        limit = self.config.console_limit
+        return bytes(self._console[-limit:]) if limit > 0 else b""
 
     def _emit(self, data: bytes) -> None:
         if data:
-            self.console += data
+            self._console += data
+            limit = self.config.console_limit
+            if len(self._console) > 2 * limit:       # trim in amortised O(1)
+                cut = len(self._console) - limit
+                self.console_dropped += cut
+                del self._console[:cut]
             if self.on_console:
                 self.on_console(bytes(data))
+
+    def _record_mmio(self, rec: "MmioRecord") -> None:
+        if len(self.mmio_log) < self.config.mmio_log_limit:
+            self.mmio_log.append(rec)
+        else:
+            self.mmio_dropped += 1
+        if self.on_mmio:
+            self.on_mmio(rec)
+
 
 
 class RunLoop(_LoopBase):
@@ -90,8 +125,8 @@ class RunLoop(_LoopBase):
 
     native = True
 
-    def __init__(self, vcpu, config=None, on_console=None):
-        super().__init__(vcpu, config, on_console)
+    def __init__(self, vcpu, config=None, on_console=None, on_mmio=None):
+        super().__init__(vcpu, config, on_console, on_mmio)
         c = self.config
         self._l = nffi.new("struct pykvm_loop *")
         self._console_buf = nffi.new("uint8_t[]", c.console_cap)
@@ -105,6 +140,7 @@ class RunLoop(_LoopBase):
         l.console_cap = c.console_cap
         l.console_flush_ns = int(c.console_flush * 1e9) if on_console else 0
         l.serial_base, l.debugcon_port, l.exit_port = c.serial_base, c.debugcon_port, c.exit_port
+        l.exit_port_size = c.exit_port_size if c.exit_port else 0
         l.sbi_console = 1 if c.sbi_console else 0
         regions = list(c.ram)[:nlib.PYKVM_MAX_RAM]
         l.nram = len(regions)
@@ -136,37 +172,57 @@ class RunLoop(_LoopBase):
         n = self._l.mmio_log_len
         for i in range(n):
             r = self._mmio_buf[i]
-            self.mmio_log.append(MmioRecord(r.phys_addr, r.len, bool(r.pio),
-                                            bytes(nffi.buffer(r.data, r.len))))
+            self._record_mmio(MmioRecord(r.phys_addr, r.len, bool(r.pio),
+                                         bytes(nffi.buffer(r.data, r.len))))
         self._l.mmio_log_len = 0
 
     def run(self, *, deadline: Optional[float] = None, budget: int = 0) -> Stop:
-        """Run until a stop. ``deadline`` is a ``time.monotonic()`` value; ``budget`` caps the
-        number of exits (0 = no cap)."""
+        """Run until a stop and return it (:class:`Stop`).
+
+        ``deadline``: a ``time.monotonic()`` value (seconds) after which the run stops with
+        "deadline". ``budget``: the most exits this call handles (0 = no cap), counted across the
+        loop's internal returns to Python (console streaming, full buffers, signals).
+        Raises :class:`~pykvm.errors.Closed` once the vCPU is closed (a close during the run
+        makes it return "kick" first), :class:`~pykvm.errors.Busy` if another thread runs the
+        vCPU, :class:`~pykvm.errors.GuestError` if ``kvm_run`` describes I/O outside its page, and
+        a :class:`~pykvm.errors.KvmError` if KVM_RUN fails."""
         l = self._l
-        l.deadline_ns = int(deadline * 1e9) if deadline else 0
-        l.budget = budget
         v = self.vcpu
-        while True:
-            v.run_seq += 1
-            r = nlib.pykvm_loop_run(l)
-            self._drain()
-            if r < 0:
-                raise kvm_error("KVM_RUN", -r, f"vcpu {v.id}")
-            if r in (nlib.PYKVM_STOP_CONSOLE_FULL, nlib.PYKVM_STOP_MMIO_LOG_FULL,
-                     nlib.PYKVM_STOP_SIGNAL):
-                continue                       # Python got to run signal handlers; go on
-            if r == nlib.PYKVM_STOP_BAD_EXIT:
-                raise GuestError("kvm_run described an I/O outside the shared page")
-            if r == nlib.PYKVM_STOP_EXIT:
-                ex = decode_exit(v)
-                return Stop("exit", ex)
-            if r == nlib.PYKVM_STOP_DEBUG_EXIT:
-                return Stop("debug_exit", value=l.exit_value)
-            return Stop(STOP_NAMES[r])
+        v._enter_run(self._kick_internal)
+        try:
+            l.deadline_ns = int(deadline * 1e9) if deadline else 0
+            l.budget = budget if budget > 0 else -1
+            while True:
+                if v._closing:
+                    return Stop("kick")
+                v.run_seq += 1
+                r = nlib.pykvm_loop_run(l)
+                self._drain()
+                if r < 0:
+                    raise kvm_error("KVM_RUN", -r, f"vcpu {v.id}")
+                if r in (nlib.PYKVM_STOP_CONSOLE_FULL, nlib.PYKVM_STOP_MMIO_LOG_FULL,
+                         nlib.PYKVM_STOP_SIGNAL):
+                    continue                       # Python got to run signal handlers; go on
+                if r == nlib.PYKVM_STOP_BAD_EXIT:
+                    raise GuestError("kvm_run described an I/O outside the shared page")
+                if r == nlib.PYKVM_STOP_EXIT:
+                    ex = decode_exit(v)
+                    return Stop("exit", ex)
+                if r == nlib.PYKVM_STOP_DEBUG_EXIT:
+                    return Stop("debug_exit", value=l.exit_value)
+                return Stop(STOP_NAMES[r])
+        finally:
+            v._leave_run()
+
+    def _kick_internal(self) -> None:
+        nlib.pykvm_loop_kick(self._l)
 
     def kick(self) -> None:
-        """Stop a running ``run()`` (or the next one) from any thread."""
+        """Stop a running ``run()`` (or the next one) from any thread; takes no lock, so it is
+        safe from a signal handler. Raises :class:`~pykvm.errors.Closed` once the vCPU is
+        closed."""
+        if self.vcpu._closing:
+            raise Closed(f"vCPU {self.vcpu.id} is closed")
         nlib.pykvm_loop_kick(self._l)
 
 
@@ -176,8 +232,8 @@ class PyRunLoop(_LoopBase):
     native = False
     _UART_LSR = 0x60
 
-    def __init__(self, vcpu, config=None, on_console=None):
-        super().__init__(vcpu, config, on_console)
+    def __init__(self, vcpu, config=None, on_console=None, on_mmio=None):
+        super().__init__(vcpu, config, on_console, on_mmio)
         self._counts: Dict[str, int] = {}
         self.exits_total = 0
         self.handled_in_c = 0
@@ -200,15 +256,15 @@ class PyRunLoop(_LoopBase):
         while first != last:
             e = ring.coalesced_mmio[first]
             n = min(e.len, 8)
-            self.mmio_log.append(MmioRecord(e.phys_addr, n, bool(e.pio),
-                                            bytes(ffi.buffer(e.data, n))))
+            self._record_mmio(MmioRecord(e.phys_addr, n, bool(e.pio),
+                                         bytes(ffi.buffer(e.data, n))))
             first = (first + 1) % mx
             ring.first = first
 
     def _serve_io(self, ex) -> Optional[Stop]:
         c = self.config
         port, out = ex.port, ex.is_out
-        if c.exit_port and port == c.exit_port:
+        if c.exit_port and 0 <= port - c.exit_port < c.exit_port_size:
             if out:
                 return Stop("debug_exit", value=int.from_bytes(ex.data[:ex.size], "little"))
             ex.respond(0)
@@ -240,15 +296,20 @@ class PyRunLoop(_LoopBase):
         return Stop("exit", ex)
 
     def run(self, *, deadline: Optional[float] = None, budget: int = 0) -> Stop:
+        """As :meth:`RunLoop.run`, one ``Vcpu.run()`` per exit."""
         v = self.vcpu
+        v._enter_run(self._kick_internal)
         timer = None
-        if deadline:
-            timer = threading.Timer(max(0.0, deadline - time.monotonic()), self.kick)
-            timer.daemon = True
-            timer.start()
         try:
+            if deadline:
+                timer = threading.Timer(max(0.0, deadline - time.monotonic()),
+                                        self._kick_internal)
+                timer.daemon = True
+                timer.start()
             left = budget
             while True:
+                if v._closing:
+                    return Stop("kick")
                 if self._kick.is_set():
                     self._kick.clear()
                     return Stop("deadline" if deadline and time.monotonic() >= deadline else "kick")
@@ -256,13 +317,12 @@ class PyRunLoop(_LoopBase):
                 self.exits_total += 1
                 self._counts[ex.name] = self._counts.get(ex.name, 0) + 1
                 self._drain_ring()
-                if ex.reason == abi.EXIT_REASONS["INTR"]:
-                    continue
-                if ex.reason != abi.EXIT_REASONS["IO"]:
+                if ex.reason == abi.EXIT_REASONS["IO"]:
+                    stop = self._serve_io(ex)
+                    if stop is not None:
+                        return stop
+                elif ex.reason != abi.EXIT_REASONS["INTR"]:
                     return Stop("exit", ex)
-                stop = self._serve_io(ex)
-                if stop is not None:
-                    return stop
                 if budget:
                     left -= 1
                     if left == 0:
@@ -270,10 +330,18 @@ class PyRunLoop(_LoopBase):
         finally:
             if timer:
                 timer.cancel()
+            v._leave_run()
+
+    def _kick_internal(self) -> None:
+        self._kick.set()
+        self.vcpu._kick_thread()
 
     def kick(self) -> None:
-        self._kick.set()
-        self.vcpu.kick()
+        """Stop a running ``run()`` (or the next one) from any thread. Raises
+        :class:`~pykvm.errors.Closed` once the vCPU is closed."""
+        if self.vcpu._closing:
+            raise Closed(f"vCPU {self.vcpu.id} is closed")
+        self._kick_internal()
 
 
 def make_loop(vcpu, *, native: bool = True, **kw):

@@ -1,7 +1,7 @@
 """`Vcpu`: a vCPU file descriptor — ONE_REG, the mmapped kvm_run, run() → typed exits, kick."""
-import mmap
 import signal
 import threading
+import weakref
 from typing import Dict, List, Union
 
 from . import abi
@@ -10,7 +10,7 @@ from ._ioctl import enable_cap as _enable_cap, ioctl, stats as _stats
 from ._native import lib as _nlib
 from .abi import ffi, ioctls
 from .arch import current as _arch
-from .errors import KvmTooBig
+from .errors import Busy, Closed, KvmTooBig, kvm_error
 from .exits import decode_exit
 
 
@@ -27,18 +27,65 @@ class Vcpu(_arch.VcpuArch, FdObject):
         self.id = vcpu_id
         self._own_fd(fd)
         size = vm.kvm.vcpu_mmap_size
-        self._run_map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
-                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self._run_pin = ffi.from_buffer(self._run_map)
-        self.run_struct = ffi.cast("struct kvm_run *", self._run_pin)
+        addr = _nlib.pykvm_map_shared(fd, size)
+        if addr < 0:
+            self._finalizer()
+            raise kvm_error("mmap(kvm_run)", -addr, f"vcpu {vcpu_id} size={size}")
+        # The mapping lives as long as this object: close() retires it (replaces it with zeroed
+        # anonymous memory), the finalizer unmaps it when the last reference goes.
+        self._unmapper = weakref.finalize(self, _nlib.pykvm_unmap, addr, size)
+        self._run_addr = addr
+        self._run_map = ffi.buffer(ffi.cast("uint8_t *", addr), size)
+        self.run_struct = ffi.cast("struct kvm_run *", addr)
         self.run_size = size
         self.run_seq = 0                 # bumped by every KVM_RUN: exits check it
         self._thread_ident = None
+        # Lifecycle: one thread at a time may be inside KVM_RUN (through run() or a run loop);
+        # close() waits for it to leave before the fd is closed and kvm_run unmapped.
+        self._cond = threading.Condition(threading.RLock())
+        self._runner = None              # thread ident of the caller inside a run, or None
+        self._runner_kick = None         # how to make that run return
+        self._run_depth = 0              # nested claims by the same thread (a loop, then run())
+        self._closing = False
+        self._closed_done = False
         self._arch_init()
 
     @property
     def run_addr(self) -> int:
-        return int(ffi.cast("uintptr_t", self._run_pin))
+        """Host address of the mmapped ``struct kvm_run`` (valid while the object lives; after
+        :meth:`close` it points at retired, zeroed memory)."""
+        return self._run_addr
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def _enter_run(self, kick) -> None:
+        """Claim the vCPU for one run (``kick()`` must make that run return promptly).
+
+        Raises :class:`~pykvm.errors.Closed` once :meth:`close` has begun and
+        :class:`~pykvm.errors.Busy` if another thread is running the vCPU."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._closing:
+                raise Closed(f"vCPU {self.id} is closed")
+            if self._runner is not None and self._runner != me:
+                raise Busy(f"vCPU {self.id} is already running in another thread")
+            if self._runner is None:
+                self._runner, self._runner_kick = me, kick
+            self._run_depth += 1
+
+    def _leave_run(self) -> None:
+        with self._cond:
+            self._run_depth -= 1
+            if self._run_depth > 0:
+                return
+            self._runner = self._runner_kick = None
+            finish = self._closing and not self._closed_done
+            self._cond.notify_all()
+        if finish:                        # close() was called from inside the run: finish it
+            self._finish_close()
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise Closed(f"vCPU {self.id} is closed")
 
     # -- ONE_REG --------------------------------------------------------------------------
     def get_one_reg(self, reg_id: int) -> int:
@@ -112,11 +159,15 @@ class Vcpu(_arch.VcpuArch, FdObject):
 
     # -- running --------------------------------------------------------------------------
     def run(self):
-        """One KVM_RUN from Python; returns the typed exit (see :mod:`pykvm.exits`).
+        """One KVM_RUN from Python; returns the typed exit (see :mod:`pykvm.exits`), which
+        borrows ``kvm_run`` until the next run.
 
-        A kick (:meth:`kick`) makes it return an :class:`~pykvm.exits.Intr` exit."""
-        self._thread_ident = threading.get_ident()
+        A kick (:meth:`kick`) makes it return an :class:`~pykvm.exits.Intr` exit. Raises
+        :class:`~pykvm.errors.Closed` after :meth:`close`, :class:`~pykvm.errors.Busy` while
+        another thread runs this vCPU, and a :class:`~pykvm.errors.KvmError` if KVM_RUN fails."""
+        self._enter_run(self._kick_thread)
         try:
+            self._thread_ident = threading.get_ident()
             self.run_seq += 1
             try:
                 ioctl(self.fd, "KVM_RUN", ioctls.KVM_RUN)
@@ -125,13 +176,12 @@ class Vcpu(_arch.VcpuArch, FdObject):
                     raise
                 self.run_struct.immediate_exit = 0
                 self.run_struct.exit_reason = abi.EXIT_REASONS["INTR"]
+            return decode_exit(self)
         finally:
             self._thread_ident = None
-        return decode_exit(self)
+            self._leave_run()
 
-    def kick(self) -> None:
-        """Make a running (or the next) KVM_RUN return: set immediate_exit, then signal the
-        vCPU thread. Safe from any thread."""
+    def _kick_thread(self) -> None:
         sig = _nlib.pykvm_kick_signal()
         self.run_struct.immediate_exit = 1
         ident = self._thread_ident
@@ -141,12 +191,43 @@ class Vcpu(_arch.VcpuArch, FdObject):
             except ProcessLookupError:
                 pass
 
+    def kick(self) -> None:
+        """Make a running (or the next) :meth:`run` return: set ``immediate_exit``, then signal
+        the vCPU thread. Safe from any thread and from a signal handler (it takes no lock).
+        Raises :class:`~pykvm.errors.Closed` after :meth:`close`."""
+        self._check_open()
+        self._kick_thread()
+
     def close(self) -> None:
-        if self._run_pin is not None:
-            ffi.release(self._run_pin)
-            self._run_pin = None
-            self.run_struct = None
-            self._run_map.close()
+        """Stop and close the vCPU (idempotent, safe from any thread).
+
+        If a run is in progress in another thread, it is kicked and waited for until it has left
+        KVM_RUN; then ``kvm_run`` is retired (its address range replaced by zeroed anonymous
+        memory, so nothing can fault on a stale pointer) and the fd closed. Called from inside a
+        run (an exit handler or console callback on the vCPU's own thread), the close completes
+        when that run returns. Every later method call raises :class:`~pykvm.errors.Closed`."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._closed_done:
+                return
+            self._closing = True
+            if self._runner == me:
+                return                        # finished by _leave_run()
+            while self._runner is not None:
+                kick = self._runner_kick
+                if kick is not None:
+                    kick()
+                self._cond.wait(0.02)
+            if self._closed_done:
+                return
+        self._finish_close()
+
+    def _finish_close(self) -> None:
+        with self._cond:
+            if self._closed_done:
+                return
+            self._closed_done = True
+        _nlib.pykvm_retire_mapping(self._run_addr, self.run_size)
         super().close()
 
     def __repr__(self):

@@ -54,7 +54,8 @@ class Vm(_arch.VmArch, FdObject):
         flags = (abi.MEM_READONLY if readonly else 0) | (abi.MEM_LOG_DIRTY_PAGES if log_dirty else 0)
         if slot is None:
             slot = self._free_slot_number()
-        m, pin = new_mapping(size)
+        self.fd                                   # raises Closed on a closed VM
+        m, pin = new_mapping(size, gpa)
         ms = MemorySlot(slot, gpa, size, flags, m, pin)
         try:
             self._set_region(slot, flags, gpa, size, ms.host_addr)
@@ -187,16 +188,17 @@ class Vm(_arch.VmArch, FdObject):
         return _stats(self.fd)
 
     def close(self) -> None:
-        """Close vCPUs, the VM fd, eventfds, then unmap guest memory."""
-        for v in self.vcpus:
+        """Close the VM (idempotent, safe from any thread): stop and close every vCPU (each
+        waits until its running thread, if any, has left KVM_RUN), then close the VM fd and the
+        eventfds it owns, then give guest memory back. Afterwards every method, and
+        :attr:`memory`, raises :class:`~pykvm.errors.Closed`."""
+        for v in list(self.vcpus):
             v.close()
         super().close()
-        for efd in self._eventfds:
+        efds, self._eventfds = self._eventfds, []
+        for efd in efds:
             os.close(efd)
-        self._eventfds = []
-        for s in list(self.memory):
-            self.memory._remove(s)
-            s._release()
+        self.memory._close()
 
     def __repr__(self):
         return f"<Vm fd={self._fd} slots={len(list(self.memory))} vcpus={len(self.vcpus)}>"

@@ -3,7 +3,7 @@ through ONE_REG, DBCN/SUSP enabled before the first run, a generated device tree
 forwarded SBI calls served by :class:`~pykvm.arch.riscv.sbi.SbiServices`."""
 from typing import Iterable, Optional
 
-from ... import loader
+from ... import loader, status
 from ...errors import KvmError
 from ...report import decode as decode_report
 from . import cpu, fdt, sbi
@@ -108,5 +108,5 @@ class Platform:
 
     def exit_verdict(self, ex):
         if ex.name == "SYSTEM_EVENT" and ex.type_name in ("SHUTDOWN", "RESET"):
-            return 0, f"guest requested system {ex.type_name.lower()}"
-        return 1, f"unhandled {ex.name} exit: {ex!r}"
+            return status.OK, f"guest requested system {ex.type_name.lower()}"
+        return status.UNHANDLED_EXIT, f"unhandled {ex.name} exit: {ex!r}"

@@ -2,7 +2,7 @@
 per-vCPU CPUID (APIC ids), boot state from the loader, and the report port (0x1000)."""
 from typing import Optional
 
-from ... import loader
+from ... import loader, status
 from ...report import decode as decode_report
 from . import boot, layout
 from .mixins import CpuidEntry
@@ -71,7 +71,7 @@ class Platform:
     def exit_verdict(self, ex):
         """(exit status, detail) for a run that ended with exit ``ex``."""
         if ex.name == "HLT":
-            return 0, "guest halted"
+            return status.OK, "guest halted"
         if ex.name == "SHUTDOWN":
-            return 1, "guest triple-faulted (SHUTDOWN)"
-        return 1, f"unhandled {ex.name} exit: {ex!r}"
+            return status.GUEST_FAILURE, "guest triple-faulted (SHUTDOWN)"
+        return status.UNHANDLED_EXIT, f"unhandled {ex.name} exit: {ex!r}"

@@ -1,0 +1,44 @@
+"""Exit statuses of ``pykvm run`` (and of :attr:`pykvm.machine.RunResult.exit_code`).
+
+Every odd status belongs to the guest: a write of V to QEMU's isa-debug-exit device
+(``-device isa-debug-exit,iobase=0xf4,iosize=4``, ports 0xf4–0xf7) ends the run with
+``(V << 1) | 1`` (mod 256), exactly as under QEMU, so a test kernel's verdict reads the same under
+both. pykvm's own outcomes use even statuses:
+
+======  ===============================================================================
+status  meaning
+======  ===============================================================================
+0       the guest finished: a DONE report, HLT with nothing left to run, a power-off
+odd     isa-debug-exit: ``(V << 1) | 1`` for a write of V
+2       bad input: a bad option, or an image that is missing, unreadable or malformed
+4       guest failure: a failed GUEST_ASSERT, an unexpected exception/trap, a triple
+        fault, or a report pykvm cannot accept (e.g. outside guest RAM)
+6       unhandled exit: the guest did something no device or handler serves
+        (an unknown port, MMIO outside RAM, KVM_EXIT_INTERNAL_ERROR, FAIL_ENTRY ...)
+8       VMM error: a KVM ioctl failed, the host could not back the guest, or an exit
+        handler raised
+124     timeout: the deadline (``--timeout``) passed first
+130     interrupted by SIGINT (Ctrl-C)
+141     stdout closed (SIGPIPE)
+143     terminated by SIGTERM
+======  ===============================================================================
+
+130 and 124 follow the shell and coreutils' ``timeout``; 141 and 143 (128 + signal number) are
+odd and so overlap with isa-debug-exit values 70 and 71, which a guest should not use.
+"""
+
+OK = 0
+BAD_INPUT = 2
+GUEST_FAILURE = 4
+UNHANDLED_EXIT = 6
+VMM_ERROR = 8
+TIMEOUT = 124
+SIGINT = 130
+SIGPIPE = 141
+SIGTERM = 143
+
+
+def debug_exit_status(value: int) -> int:
+    """QEMU's isa-debug-exit convention: a write of ``value`` exits with ``(value << 1) | 1``,
+    truncated to 8 bits as a process status is."""
+    return ((value << 1) | 1) & 0xFF
