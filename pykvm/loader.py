@@ -11,22 +11,38 @@ Loading happens in three steps, each usable on its own:
 :func:`load_image` does all three and, for multiboot images, also writes the multiboot
 information structure. The memory object only needs ``size``, ``write(gpa, data)`` and
 ``read(gpa, n)``.
+
+Images come from untrusted places, so the loader bounds everything it does by the size of the
+input: only regular files are read, and only up to the guest's RAM size (or
+:data:`MAX_IMAGE_SIZE` when the RAM size is not known); the ELF header counts are capped
+(:data:`MAX_PROGRAM_HEADERS`, :data:`MAX_SECTION_HEADERS`, :data:`MAX_SYMBOLS`); each distinct
+symbol table is read once; segment data are views into the image, never copies per header.
+Every failure is a :class:`LoadError` with a one-line message, and nothing is written to guest
+memory before all checks have passed.
 """
 from __future__ import annotations
 
-import io
+import functools
 import os
+import stat
 import struct
+from collections import namedtuple
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
-
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import SymbolTableSection
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 from .arch.x86 import layout as x86_layout
 from .errors import PykvmError
 
 Image = Union[bytes, bytearray, memoryview, str, os.PathLike]
+
+# Limits on what the loader accepts (see the module docstring).
+MAX_IMAGE_SIZE = 1 << 30          # bytes read when the guest RAM size is not known
+MAX_PROGRAM_HEADERS = 1024        # Linux's binfmt_elf takes at most 64 KiB of program headers
+MAX_SECTION_HEADERS = 0xFF00      # SHN_LORESERVE: the most an ELF names without escapes
+MAX_SYMBOLS = 1 << 20             # symbols read in all, over every symbol table
+MAX_SYMBOL_NAME = 4096            # longer names are skipped (never searched for)
+PARAMS_SYMBOL = "pykvm_params"
+PARAMS_SIZE = 16 * 8              # uint64_t pykvm_params[16] (docs/guest-abi.md)
 
 # ELF constants (from the ELF specification)
 _ELF_MAGIC = b"\x7fELF"
@@ -34,6 +50,26 @@ _ELFCLASS32, _ELFCLASS64 = 1, 2
 _ELFDATA2LSB = 1
 _PT_LOAD = 1
 _PF_X, _PF_W, _PF_R = 1, 2, 4
+_SHT_SYMTAB, _SHT_STRTAB, _SHT_DYNSYM = 2, 3, 11
+_SHN_UNDEF = 0
+_ET_NAMES = {0: "ET_NONE", 1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN", 4: "ET_CORE"}
+_ET_EXEC = 2
+_EM_386, _EM_X86_64, _EM_RISCV = 3, 62, 243
+_EM_NAMES = {_EM_386: "i386", _EM_X86_64: "x86-64", _EM_RISCV: "RISC-V", 40: "ARM",
+             183: "AArch64", 8: "MIPS", 20: "PowerPC", 21: "PowerPC64", 22: "S/390"}
+
+# Header layouts after e_ident, program headers, section headers and symbols, per ELF class.
+_EHDR = {_ELFCLASS32: struct.Struct("<HHIIIIIHHHHHH"), _ELFCLASS64: struct.Struct("<HHIQQQIHHHHHH")}
+_PHDR = {_ELFCLASS32: struct.Struct("<IIIIIIII"), _ELFCLASS64: struct.Struct("<IIQQQQQQ")}
+_SHDR = {_ELFCLASS32: struct.Struct("<IIIIIIIIII"), _ELFCLASS64: struct.Struct("<IIQQQQIIQQ")}
+_SYM = {_ELFCLASS32: struct.Struct("<IIIBBH"), _ELFCLASS64: struct.Struct("<IBBHQQ")}
+_EHSIZE = {_ELFCLASS32: 52, _ELFCLASS64: 64}
+_ADDR_LIMIT = {_ELFCLASS32: 1 << 32, _ELFCLASS64: 1 << 64}
+
+_Ehdr = namedtuple("_Ehdr", "cls type machine version entry phoff shoff flags ehsize "
+                            "phentsize phnum shentsize shnum shstrndx")
+_Phdr = namedtuple("_Phdr", "type offset vaddr paddr filesz memsz flags")
+_Shdr = namedtuple("_Shdr", "type offset size link entsize")
 
 # multiboot v1 constants (from the multiboot specification)
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002
@@ -55,24 +91,44 @@ MBI_FLAG_BOOT_LOADER_NAME = 1 << 9
 E820_RAM = 1
 E820_RESERVED = 2
 
-# what each supported architecture accepts: ELF class -> (e_machine name, boot mode)
+# what each supported architecture accepts: ELF class -> (e_machine, boot mode)
 _ARCHES = {
-    "x86_64": {_ELFCLASS64: ("EM_X86_64", "long"), _ELFCLASS32: ("EM_386", "protected")},
-    "riscv64": {_ELFCLASS64: ("EM_RISCV", "riscv")},
+    "x86_64": {_ELFCLASS64: (_EM_X86_64, "long"), _ELFCLASS32: (_EM_386, "protected")},
+    "riscv64": {_ELFCLASS64: (_EM_RISCV, "riscv")},
 }
-_MACHINE_NAMES = {"EM_X86_64": "x86-64", "EM_386": "i386", "EM_RISCV": "RISC-V"}
 
 
 class LoadError(PykvmError, ValueError):
-    """The image cannot be loaded; the message names the problem."""
+    """The image cannot be loaded; the message names the problem, on one line."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(" ".join(str(message).split()))
+
+
+# Exceptions that malformed input could still raise from arithmetic or unpacking in spite of the
+# explicit checks; the public entry points turn them into LoadError rather than a traceback.
+_INTERNAL_ERRORS = (struct.error, OverflowError, IndexError, KeyError, UnicodeError)
+
+
+def _load_errors_only(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoadError:
+            raise
+        except _INTERNAL_ERRORS as e:
+            raise LoadError(f"malformed image ({type(e).__name__}: {e})") from e
+    return wrapper
 
 
 @dataclass(frozen=True)
 class Segment:
     """One piece of the image: ``data`` goes to guest-physical ``addr``; bytes from
-    ``len(data)`` up to ``memsz`` are zero-filled."""
+    ``len(data)`` up to ``memsz`` are zero-filled. ``data`` is bytes-like: a read-only view
+    into the image, so that no header can make the loader copy the file many times."""
     addr: int
-    data: bytes
+    data: Union[bytes, memoryview]
     memsz: int
     flags: int = _PF_R | _PF_W | _PF_X
     vaddr: Optional[int] = None
@@ -109,6 +165,11 @@ class MultibootHeader:
     def aout_kludge(self) -> bool:
         return bool(self.flags & MB_HDR_AOUT_KLUDGE)
 
+    @property
+    def size(self) -> int:
+        """Bytes the header occupies: 12, 32 with the address fields, 48 with the video ones."""
+        return multiboot_header_size(self.flags)
+
 
 @dataclass
 class LoadPlan:
@@ -143,7 +204,8 @@ class LoadedImage:
     entry: int
     mode: str
     multiboot_info: Optional[int] = None    # address of the multiboot info (EBX), if any
-    params_addr: Optional[int] = None       # address of ``pykvm_params``, if the ELF has it
+    params_addr: Optional[int] = None       # guest-physical address of ``pykvm_params``, if any
+    written: List[Tuple[int, int]] = field(default_factory=list)   # (gpa, length) written
 
     @property
     def boot_regs(self) -> dict:
@@ -155,43 +217,124 @@ class LoadedImage:
 
 # ---- input ----------------------------------------------------------------------------------
 
-def _read_image(image: Image) -> bytes:
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def _too_big(what: str, size: int, limit: int, limit_name: str) -> LoadError:
+    return LoadError(f"{what} is too large: {size:#x} bytes, more than {limit_name} "
+                     f"({limit:#x} bytes)")
+
+
+def _read_image(image: Image, limit: Optional[int] = None,
+                limit_name: str = "guest RAM") -> bytes:
+    """The image's bytes. Paths must name regular files; nothing larger than ``limit`` (the guest
+    RAM size when known, else :data:`MAX_IMAGE_SIZE`) is read. Raises :class:`LoadError`."""
+    if limit is None:
+        limit, limit_name = MAX_IMAGE_SIZE, "the loader's limit MAX_IMAGE_SIZE"
+    _check_int("size limit", limit)
+    limit = max(0, limit)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return bytes(image)
+        n = image.nbytes if isinstance(image, memoryview) else len(image)
+        if n > limit:
+            raise _too_big("guest image", n, limit, limit_name)
+        return image if type(image) is bytes else bytes(image)
+    if not isinstance(image, (str, os.PathLike)):
+        raise LoadError(f"guest image must be bytes or a path, not {type(image).__name__}")
+    shown = repr(image)
     try:
-        with open(image, "rb") as f:
-            return f.read()
+        path = os.fspath(image)
+        shown = repr(path)
+        # Look before opening (opening some devices has side effects), then check the opened
+        # file again: O_NONBLOCK keeps a FIFO without a writer from blocking the open.
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise LoadError(f"guest image {shown} is {_file_kind(st.st_mode)}, not an image file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except (OSError, ValueError, TypeError) as e:
+        if isinstance(e, LoadError):
+            raise
+        what = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise LoadError(f"cannot read guest image {shown}: {what}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LoadError(f"guest image {shown} is {_file_kind(st.st_mode)}, not an image file")
+        if st.st_size > limit:
+            raise _too_big(f"guest image {shown}", st.st_size, limit, limit_name)
+        # st_size can be wrong (/proc, a file growing under us): read to EOF, one byte past
+        # the limit at most.
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise _too_big(f"guest image {shown}", total, limit, limit_name)
+        return b"".join(chunks)
     except OSError as e:
-        raise LoadError(f"cannot read guest image {os.fspath(image)!r}: {e.strerror}") from e
+        raise LoadError(f"cannot read guest image {shown}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
 
 
 def is_elf(data: bytes) -> bool:
-    return data[:4] == _ELF_MAGIC
+    return bytes(data[:4]) == _ELF_MAGIC
 
 
 # ---- multiboot --------------------------------------------------------------------------------
 
+def multiboot_header_size(flags: int) -> int:
+    """Bytes of a multiboot v1 header with these flags (spec §3.1.1): the magic, flags and
+    checksum (12); the a.out-kludge address fields at 12..28 (flag bit 16); the video mode fields
+    at 32..44 (flag bit 2; they come after the address fields whether or not those are used)."""
+    if flags & MB_HDR_VIDEO_MODE:
+        return 48
+    if flags & MB_HDR_AOUT_KLUDGE:
+        return 32
+    return 12
+
+
+@_load_errors_only
 def find_multiboot_header(data: bytes) -> Optional[MultibootHeader]:
-    """The first valid multiboot v1 header in the first 8 KiB (4-byte aligned, checksum OK),
-    or None. Raises :class:`LoadError` if the header is cut off by the end of the file."""
-    limit = min(len(data), MULTIBOOT_SEARCH_LEN)
+    """The first multiboot v1 header that lies wholly in the first 8 KiB (32-bit aligned, magic
+    and checksum OK), or None. A candidate that starts in the first 8 KiB but whose header (with
+    the optional fields its flags ask for) runs past byte 8192 is not a header, as the spec
+    says, and the search goes on. Raises :class:`LoadError` if a header with a valid checksum is
+    cut off by the end of the file."""
+    data = _as_bytes(data)
+    window = data[:MULTIBOOT_SEARCH_LEN]
     magic = struct.pack("<I", MULTIBOOT_HEADER_MAGIC)
-    off = data.find(magic, 0, limit)
+    off = window.find(magic)
     while off >= 0:
-        if off % 4 == 0:
-            if off + 12 > len(data):
-                raise LoadError(f"multiboot header at offset {off:#x} is truncated")
-            m, flags, csum = struct.unpack_from("<III", data, off)
+        # The 12 fixed bytes must be in the file and in the window, else there is no checksum
+        # to trust and this is just data.
+        if off % 4 == 0 and off + 12 <= len(window):
+            m, flags, csum = struct.unpack_from("<III", window, off)
             if (m + flags + csum) & 0xFFFFFFFF == 0:
-                extra = [0] * 9
-                if flags & (MB_HDR_AOUT_KLUDGE | MB_HDR_VIDEO_MODE):
-                    n = 9 if flags & MB_HDR_VIDEO_MODE else 5
-                    if off + 12 + 4 * n > len(data):
+                size = multiboot_header_size(flags)
+                if off + size <= MULTIBOOT_SEARCH_LEN:
+                    if off + size > len(window):
                         raise LoadError(f"multiboot header at offset {off:#x} is truncated "
-                                        f"(flags {flags:#x} need {12 + 4 * n} bytes)")
-                    extra[:n] = struct.unpack_from(f"<{n}I", data, off + 12)
-                return MultibootHeader(off, flags, csum, *extra)
-        off = data.find(magic, off + 1, limit)
+                                        f"(flags {flags:#x} need {size} bytes, the file ends "
+                                        f"at {len(data):#x})")
+                    extra = [0] * 9
+                    n = (size - 12) // 4
+                    extra[:n] = struct.unpack_from(f"<{n}I", window, off + 12)
+                    return MultibootHeader(off, flags, csum, *extra)
+        off = window.find(magic, off + 1)
     return None
 
 
@@ -201,8 +344,12 @@ def _check_multiboot_flags(h: MultibootHeader) -> None:
         raise LoadError(f"multiboot header asks for unsupported features (flags {bad:#x})")
 
 
+@_load_errors_only
 def parse_multiboot_aout(data: bytes, h: MultibootHeader) -> LoadPlan:
     """A plan from a multiboot header's a.out-kludge address fields (flag bit 16)."""
+    data = _as_bytes(data)
+    if not 0 <= h.offset <= len(data) - 12:
+        raise LoadError(f"multiboot header offset {h.offset:#x} is outside the image")
     if h.load_addr > h.header_addr:
         raise LoadError(f"multiboot header: load_addr {h.load_addr:#x} is above header_addr "
                         f"{h.header_addr:#x}")
@@ -227,13 +374,31 @@ def parse_multiboot_aout(data: bytes, h: MultibootHeader) -> LoadPlan:
             raise LoadError(f"multiboot header: bss_end_addr {h.bss_end_addr:#x} is below the "
                             f"end of the loaded data {h.load_addr + size:#x}")
         memsz = h.bss_end_addr - h.load_addr
-    seg = Segment(h.load_addr, data[start:start + size], memsz)
+    if h.load_addr + memsz > 1 << 32:
+        raise LoadError(f"multiboot load range [{h.load_addr:#x}, {h.load_addr + memsz:#x}) "
+                        f"runs past 4 GiB")
+    seg = Segment(h.load_addr, memoryview(data)[start:start + size], memsz)
     if not seg.addr <= h.entry_addr < seg.end or memsz == 0:
         raise LoadError(f"entry point {h.entry_addr:#x} is outside the loaded image "
                         f"[{seg.addr:#x}, {seg.end:#x})")
     return LoadPlan("multiboot-aout", "x86_64", "protected", h.entry_addr, [seg], h)
 
 
+def _c_string(what: str, text) -> bytes:
+    """``text`` as a NUL-terminated C string (UTF-8; ``surrogateescape`` gives back the bytes of
+    a command line that came from argv undecoded)."""
+    if not isinstance(text, str):
+        raise LoadError(f"{what} must be a string, not {type(text).__name__}")
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise LoadError(f"{what} cannot be encoded: {e.reason} at position {e.start}") from e
+    if b"\0" in raw:
+        raise LoadError(f"{what} contains a NUL byte at position {raw.index(0)}")
+    return raw + b"\0"
+
+
+@_load_errors_only
 def build_multiboot_info(ram_size: int, cmdline: str = "", *,
                          addr: int = x86_layout.MULTIBOOT_INFO_ADDR,
                          size: int = x86_layout.MULTIBOOT_INFO_SIZE,
@@ -243,10 +408,17 @@ def build_multiboot_info(ram_size: int, cmdline: str = "", *,
     mem_lower = 640, mem_upper = (RAM below 4 GiB - 1 MiB) / 1 KiB, an e820 memory map, the
     command line and the boot loader name. Everything fits in ``size`` bytes."""
     info_len = 0x80                           # the fixed part (0x78 bytes) rounded up
+    _check_int("RAM size", ram_size)
+    _check_int("multiboot information address", addr)
+    if not 0 <= ram_size < 1 << 64:
+        raise LoadError(f"bad RAM size {ram_size:#x}")
+    if not 0 <= addr or addr + size > 1 << 32:
+        raise LoadError(f"multiboot information [{addr:#x}, {addr + size:#x}) must lie below "
+                        f"4 GiB")
     ranges = _e820(ram_size)
     mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in ranges)
-    name = loader_name.encode() + b"\0"
-    cmd = cmdline.encode() + b"\0"
+    name = _c_string("boot loader name", loader_name)
+    cmd = _c_string("command line", "" if cmdline is None else cmdline)
     mmap_addr = addr + info_len
     name_addr = mmap_addr + len(mmap)
     cmd_addr = name_addr + len(name)
@@ -285,12 +457,16 @@ def _e820(ram_size: int) -> List[Tuple[int, int, int]]:
 
 # ---- ELF ----------------------------------------------------------------------------------------
 
-def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
-    """A plan from an ELF executable. x86_64: ELF64 (long mode, needs p_paddr == p_vaddr) or
-    ELF32 i386 with a multiboot header (protected mode, loaded by p_paddr, or by the a.out
-    kludge fields when header flag bit 16 is set). riscv64: ELF64 loaded by p_paddr."""
-    if arch not in _ARCHES:
-        raise LoadError(f"unknown architecture {arch!r} (known: {', '.join(_ARCHES)})")
+def _as_bytes(data) -> bytes:
+    if type(data) is bytes:
+        return data
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise LoadError(f"image data must be bytes, not {type(data).__name__}")
+
+
+def _elf_header(data: bytes) -> _Ehdr:
+    """The ELF header of a little-endian ELF32/ELF64 file, unchecked beyond its size."""
     if len(data) < 16:
         raise LoadError(f"image truncated: {len(data)} bytes is too short for an ELF header")
     if not is_elf(data):
@@ -300,85 +476,135 @@ def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
         raise LoadError(f"bad ELF class {cls}")
     if enc != _ELFDATA2LSB:
         raise LoadError("ELF file is not little-endian")
+    if len(data) < _EHSIZE[cls]:
+        raise LoadError(f"image truncated: {len(data)} bytes is too short for the ELF header "
+                        f"({_EHSIZE[cls]} bytes)")
+    return _Ehdr(cls, *_EHDR[cls].unpack_from(data, 16))
+
+
+def _table(data: bytes, what: str, off: int, count: int, entsize: int, cap: int):
+    """Check that ``count`` entries of ``entsize`` bytes at ``off`` are sane and in the file."""
+    if count > cap:
+        raise LoadError(f"too many ELF {what}s: {count} (at most {cap})")
+    end = off + count * entsize
+    if end > len(data):
+        raise LoadError(f"image truncated: {what}s end at {end:#x}, the file has "
+                        f"{len(data):#x} bytes")
+    return memoryview(data)[off:end]
+
+
+def _program_headers(data: bytes, h: _Ehdr) -> List[_Phdr]:
+    if h.phnum == 0:
+        raise LoadError("ELF has no program headers")
+    if h.phentsize != _PHDR[h.cls].size:
+        raise LoadError(f"bad ELF program header size {h.phentsize}")
+    raw = _table(data, "program header", h.phoff, h.phnum, h.phentsize, MAX_PROGRAM_HEADERS)
+    out = []
+    for f in _PHDR[h.cls].iter_unpack(raw):
+        if h.cls == _ELFCLASS32:       # type offset vaddr paddr filesz memsz flags align
+            out.append(_Phdr(f[0], f[1], f[2], f[3], f[4], f[5], f[6]))
+        else:                          # type flags offset vaddr paddr filesz memsz align
+            out.append(_Phdr(f[0], f[2], f[3], f[4], f[5], f[6], f[1]))
+    return out
+
+
+def _section_headers(data: bytes, h: _Ehdr) -> List[_Shdr]:
+    """The section headers ([] when there are none); extended numbering (e_shnum 0 and the count
+    in section 0's sh_size) is understood, and the count is capped."""
+    if h.shoff == 0:
+        return []
+    if h.shentsize != _SHDR[h.cls].size:
+        if h.shnum == 0:
+            return []
+        raise LoadError(f"bad ELF section header size {h.shentsize}")
+    shnum = h.shnum
+    if shnum == 0:
+        first = _table(data, "section header", h.shoff, 1, h.shentsize, 1)
+        shnum = _SHDR[h.cls].unpack(first)[5]            # sh_size of section 0
+        if shnum == 0:
+            return []
+    raw = _table(data, "section header", h.shoff, shnum, h.shentsize, MAX_SECTION_HEADERS)
+    # sh_name sh_type sh_flags sh_addr sh_offset sh_size sh_link sh_info sh_addralign sh_entsize
+    return [_Shdr(f[1], f[4], f[5], f[6], f[9]) for f in _SHDR[h.cls].iter_unpack(raw)]
+
+
+@_load_errors_only
+def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
+    """A plan from an ELF executable. x86_64: ELF64 (long mode, needs p_paddr == p_vaddr) or
+    ELF32 i386 with a multiboot header (protected mode, loaded by p_paddr, or by the a.out
+    kludge fields when header flag bit 16 is set). riscv64: ELF64 loaded by p_paddr.
+    The work done is linear in the number of program headers, which is capped."""
+    if arch not in _ARCHES:
+        raise LoadError(f"unknown architecture {arch!r} (known: {', '.join(_ARCHES)})")
+    data = _as_bytes(data)
+    hdr = _elf_header(data)
+    cls = hdr.cls
     allowed = _ARCHES[arch]
     if cls not in allowed:
         raise LoadError(f"{arch} cannot boot a {32 if cls == _ELFCLASS32 else 64}-bit ELF")
     want_machine, mode = allowed[cls]
-    ehsize = 52 if cls == _ELFCLASS32 else 64
-    if len(data) < ehsize:
-        raise LoadError(f"image truncated: {len(data)} bytes is too short for the ELF header "
-                        f"({ehsize} bytes)")
-    try:
-        elf = ELFFile(io.BytesIO(data))
-        hdr = elf.header
-    except Exception as e:        # pyelftools raises ELFError and assorted others on garbage
-        raise LoadError(f"malformed ELF header: {e}") from e
-
-    machine = hdr["e_machine"]
-    if machine != want_machine:
-        got = _MACHINE_NAMES.get(machine, str(machine))
-        raise LoadError(f"wrong machine: {got} ELF, {arch} needs "
-                        f"{_MACHINE_NAMES[want_machine]}")
-    if hdr["e_type"] != "ET_EXEC":
-        raise LoadError(f"not an executable ELF (e_type {hdr['e_type']}); link with a fixed "
-                        f"address (-no-pie, -static)")
-    phnum, phentsize, phoff = hdr["e_phnum"], hdr["e_phentsize"], hdr["e_phoff"]
-    if phnum == 0:
-        raise LoadError("ELF has no program headers")
-    if phentsize != (32 if cls == _ELFCLASS32 else 56):
-        raise LoadError(f"bad ELF program header size {phentsize}")
-    if phoff + phnum * phentsize > len(data):
-        raise LoadError(f"image truncated: program headers end at {phoff + phnum * phentsize:#x}"
-                        f", the file has {len(data):#x} bytes")
+    if hdr.machine != want_machine:
+        got = _EM_NAMES.get(hdr.machine, f"e_machine {hdr.machine}")
+        raise LoadError(f"wrong machine: {got} ELF, {arch} needs {_EM_NAMES[want_machine]}")
+    if hdr.type != _ET_EXEC:
+        raise LoadError(f"not an executable ELF (e_type {_ET_NAMES.get(hdr.type, hdr.type)}); "
+                        f"link with a fixed address (-no-pie, -static)")
+    phdrs = _program_headers(data, hdr)
 
     mb = None
     if arch == "x86_64" and cls == _ELFCLASS32:
         mb = find_multiboot_header(data)
         if mb is None:
-            raise LoadError("32-bit ELF without a multiboot v1 header in its first 8 KiB "
-                            "(or its checksum is wrong)")
+            raise LoadError("32-bit ELF without a multiboot v1 header wholly inside its first "
+                            "8 KiB (or its checksum is wrong)")
         _check_multiboot_flags(mb)
         if mb.aout_kludge:
             plan = parse_multiboot_aout(data, mb)
             plan.format = "elf32-multiboot"
             return plan
 
+    view = memoryview(data)
+    addr_limit = _ADDR_LIMIT[cls]
     segments = []
-    for i in range(phnum):
-        try:
-            ph = elf.get_segment(i).header
-        except Exception as e:
-            raise LoadError(f"malformed program header {i}: {e}") from e
-        if ph["p_type"] not in ("PT_LOAD", _PT_LOAD):
+    for i, ph in enumerate(phdrs):
+        if ph.type != _PT_LOAD:
             continue
-        off, filesz, memsz = ph["p_offset"], ph["p_filesz"], ph["p_memsz"]
-        paddr, vaddr = ph["p_paddr"], ph["p_vaddr"]
-        if filesz > memsz:
-            raise LoadError(f"segment {i}: p_filesz {filesz:#x} is larger than p_memsz "
-                            f"{memsz:#x}")
-        if off + filesz > len(data):
+        if ph.filesz > ph.memsz:
+            raise LoadError(f"segment {i}: p_filesz {ph.filesz:#x} is larger than p_memsz "
+                            f"{ph.memsz:#x}")
+        if ph.offset + ph.filesz > len(data):
             raise LoadError(f"image truncated: segment {i} needs file bytes up to "
-                            f"{off + filesz:#x}, the file has {len(data):#x}")
-        if memsz == 0:
+                            f"{ph.offset + ph.filesz:#x}, the file has {len(data):#x}")
+        if ph.memsz == 0:
             continue
-        if mode == "long" and paddr != vaddr:
-            raise LoadError(f"segment {i}: p_paddr {paddr:#x} != p_vaddr {vaddr:#x}; 64-bit "
-                            f"x86 images run identity-mapped and must be linked that way")
-        segments.append(Segment(paddr, data[off:off + filesz], memsz, ph["p_flags"], vaddr, i))
+        if ph.paddr + ph.memsz > addr_limit or ph.vaddr + ph.memsz > addr_limit:
+            raise LoadError(f"segment {i}: [{ph.paddr:#x} + {ph.memsz:#x}) wraps around the "
+                            f"{'32' if cls == _ELFCLASS32 else '64'}-bit address space")
+        if mode == "long" and ph.paddr != ph.vaddr:
+            raise LoadError(f"segment {i}: p_paddr {ph.paddr:#x} != p_vaddr {ph.vaddr:#x}; "
+                            f"64-bit x86 images run identity-mapped and must be linked that way")
+        segments.append(Segment(ph.paddr, view[ph.offset:ph.offset + ph.filesz], ph.memsz,
+                                ph.flags, ph.vaddr, i))
     if not segments:
         raise LoadError("ELF has no loadable (PT_LOAD) segments")
     _check_overlaps(segments)
 
     # The entry is a virtual address; translate it through the segment containing it.
-    e_entry = hdr["e_entry"]
-    for s in segments:
-        if s.vaddr <= e_entry < s.vaddr + s.memsz:
-            entry = s.addr + (e_entry - s.vaddr)
-            break
-    else:
-        raise LoadError(f"entry point {e_entry:#x} is outside every loadable segment")
+    entry = _virt_to_phys(segments, hdr.entry)
+    if entry is None:
+        raise LoadError(f"entry point {hdr.entry:#x} is outside every loadable segment")
     fmt = "elf32-multiboot" if mb else "elf64"
     return LoadPlan(fmt, arch, mode, entry, segments, mb)
+
+
+def _virt_to_phys(segments: List[Segment], vaddr: int, n: int = 1) -> Optional[int]:
+    """The guest-physical address of ``[vaddr, vaddr + n)`` if one segment holds all of it
+    (segments without a virtual address are identity-mapped)."""
+    for s in segments:
+        base = s.addr if s.vaddr is None else s.vaddr
+        if base <= vaddr and vaddr + n <= base + s.memsz:
+            return s.addr + (vaddr - base)
+    return None
 
 
 def _check_overlaps(segments: List[Segment]) -> None:
@@ -390,17 +616,28 @@ def _check_overlaps(segments: List[Segment]) -> None:
 
 # ---- flat binaries and dispatch -------------------------------------------------------------------
 
+def _check_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise LoadError(f"{name} must be an integer, not {type(value).__name__}")
+
+
+@_load_errors_only
 def parse_flat(data: bytes, addr: int, *, mode: str = "real", entry: Optional[int] = None,
                arch: str = "x86_64") -> LoadPlan:
     """A plan for a flat binary loaded at ``addr`` (entry defaults to ``addr``)."""
+    if arch not in _ARCHES:
+        raise LoadError(f"unknown architecture {arch!r} (known: {', '.join(_ARCHES)})")
     if mode not in ("real", "protected", "long", "riscv"):
         raise LoadError(f"unknown boot mode {mode!r} for a flat binary")
+    _check_int("load address", addr)
+    data = _as_bytes(data)
     if not data:
         raise LoadError("flat binary is empty")
-    if addr < 0:
-        raise LoadError(f"bad load address {addr:#x}")
+    if addr < 0 or addr + len(data) > 1 << 64:
+        raise LoadError(f"bad load address {addr:#x} for a {len(data):#x}-byte image")
     entry = addr if entry is None else entry
-    seg = Segment(addr, bytes(data), len(data))
+    _check_int("entry point", entry)
+    seg = Segment(addr, memoryview(data), len(data))
     if not seg.addr <= entry < seg.end:
         raise LoadError(f"entry point {entry:#x} is outside the image [{seg.addr:#x}, "
                         f"{seg.end:#x})")
@@ -409,11 +646,16 @@ def parse_flat(data: bytes, addr: int, *, mode: str = "real", entry: Optional[in
     return LoadPlan("flat", arch, mode, entry, [seg])
 
 
+@_load_errors_only
 def parse_image(image: Image, *, arch: str = "x86_64", flat_addr: Optional[int] = None,
-                flat_mode: str = "real", flat_entry: Optional[int] = None) -> LoadPlan:
+                flat_mode: str = "real", flat_entry: Optional[int] = None,
+                max_size: Optional[int] = None) -> LoadPlan:
     """Parse any supported image: ELF (see :func:`parse_elf`), a non-ELF file with a multiboot
-    header using the a.out kludge, or a flat binary (needs ``flat_addr``)."""
-    data = _read_image(image)
+    header using the a.out kludge, or a flat binary (needs ``flat_addr``). Images larger than
+    ``max_size`` (default :data:`MAX_IMAGE_SIZE`) are refused without being read."""
+    if arch not in _ARCHES:
+        raise LoadError(f"unknown architecture {arch!r} (known: {', '.join(_ARCHES)})")
+    data = _read_image(image, max_size, "max_size")
     if is_elf(data):
         return parse_elf(data, arch=arch)
     if arch == "x86_64":
@@ -433,10 +675,13 @@ def _default_reserved(plan: LoadPlan) -> Optional[Tuple[int, int]]:
     return (x86_layout.RESERVED_START, x86_layout.RESERVED_END)
 
 
+@_load_errors_only
 def validate_plan(plan: LoadPlan, ram_size: int, *, ram_base: int = 0,
                   reserved: Optional[Tuple[int, int]] = "default") -> None:
     """Raise :class:`LoadError` unless every segment lies in RAM, outside ``reserved``, and no two
     segments overlap."""
+    _check_int("RAM size", ram_size)
+    _check_int("RAM base", ram_base)
     if reserved == "default":
         reserved = _default_reserved(plan)
     ram_end = ram_base + ram_size
@@ -451,91 +696,194 @@ def validate_plan(plan: LoadPlan, ram_size: int, *, ram_base: int = 0,
 
 
 def write_plan(plan: LoadPlan, mem, *, chunk: int = 1 << 20) -> None:
-    """Copy every segment into guest memory and zero-fill ``memsz - filesz``."""
+    """Copy every segment into guest memory and zero-fill ``memsz - filesz``. The plan must have
+    been validated against ``mem`` (:meth:`LoadPlan.validate`)."""
     for s in plan.segments:
-        if s.data:
+        if s.filesz:
             mem.write(s.addr, s.data)
         pos, end = s.addr + s.filesz, s.end
+        zeros = bytes(min(chunk, end - pos)) if end > pos else b""
         while pos < end:
             n = min(chunk, end - pos)
-            mem.write(pos, bytes(n))
+            mem.write(pos, zeros if n == len(zeros) else zeros[:n])
             pos += n
 
 
+@_load_errors_only
 def load_image(mem, image: Image, *, arch: str = "x86_64", cmdline: str = "",
                flat_addr: Optional[int] = None, flat_mode: str = "real",
                flat_entry: Optional[int] = None, ram_base: int = 0,
                reserved: Optional[Tuple[int, int]] = "default",
                multiboot_info_addr: int = x86_layout.MULTIBOOT_INFO_ADDR) -> LoadedImage:
     """Parse, validate and write ``image`` into ``mem``; for multiboot images also write the
-    multiboot information (with ``cmdline``) at ``multiboot_info_addr``."""
-    data = _read_image(image)
+    multiboot information (with ``cmdline``) at ``multiboot_info_addr``. Files larger than the
+    guest RAM are refused before they are read. Every check runs before the first write, so a
+    :class:`LoadError` leaves guest memory as it was. ``LoadedImage.written`` lists the ranges
+    written."""
+    ram_size = mem.size
+    _check_int("RAM size", ram_size)
+    data = _read_image(image, ram_size, "guest RAM")
     plan = parse_image(data, arch=arch, flat_addr=flat_addr, flat_mode=flat_mode,
-                       flat_entry=flat_entry)
-    plan.validate(mem.size, ram_base=ram_base, reserved=reserved)
+                       flat_entry=flat_entry, max_size=len(data))      # already bounded
+    plan.validate(ram_size, ram_base=ram_base, reserved=reserved)
     mbi_addr = None
     mbi = None
     if plan.multiboot is not None:
-        mbi = build_multiboot_info(mem.size, cmdline, addr=multiboot_info_addr)
-        if multiboot_info_addr + len(mbi) > ram_base + mem.size:
-            raise LoadError(f"guest RAM ({mem.size:#x} bytes) too small for the multiboot "
+        _check_int("multiboot information address", multiboot_info_addr)
+        mbi = build_multiboot_info(ram_size, cmdline, addr=multiboot_info_addr)
+        if not ram_base <= multiboot_info_addr or \
+                multiboot_info_addr + len(mbi) > ram_base + ram_size:
+            raise LoadError(f"guest RAM ({ram_size:#x} bytes) too small for the multiboot "
                             f"information at {multiboot_info_addr:#x}")
         for s in plan.segments:
             if s.addr < multiboot_info_addr + len(mbi) and multiboot_info_addr < s.end:
                 raise LoadError(f"{s.describe()} overlaps the multiboot information at "
                                 f"{multiboot_info_addr:#x}")
         mbi_addr = multiboot_info_addr
-    write_plan(plan, mem)
-    if mbi is not None:
-        mem.write(mbi_addr, mbi)
-    params = _params_symbol(image, data)
-    return LoadedImage(plan, plan.entry, plan.mode, mbi_addr, params)
+    params = _params_symbol(image, data, plan)
+    written = [(s.addr, s.memsz) for s in plan.segments]
+    try:
+        write_plan(plan, mem)
+        if mbi is not None:
+            mem.write(mbi_addr, mbi)
+            written.append((mbi_addr, len(mbi)))
+    except (PykvmError, ValueError) as e:     # the memory object disagrees with its size
+        raise LoadError(f"cannot write the image into guest RAM: {e}") from e
+    return LoadedImage(plan, plan.entry, plan.mode, mbi_addr, params, written)
 
 
-def _params_symbol(image: Image, data: bytes) -> Optional[int]:
-    """``pykvm_params`` of an ELF image; for a flat binary given by path, of the ELF next to it
-    (``guest.bin`` -> ``guest.elf``, as the guest build leaves them)."""
+def _params_symbol(image: Image, data: bytes, plan: LoadPlan) -> Optional[int]:
+    """Guest-physical address of ``pykvm_params`` of an ELF image; for a flat binary given by
+    path, of the ELF next to it (``guest.bin`` -> ``guest.elf``, as the guest build leaves
+    them). The whole array must lie inside one loaded segment: an image whose own symbol says
+    otherwise is refused, a neighbour ELF that does not match the binary is ignored."""
     if is_elf(data):
-        return find_symbol(data, "pykvm_params")
+        value = find_symbol(data, PARAMS_SYMBOL)
+        if value is None:
+            return None
+        addr = _virt_to_phys(plan.segments, value, PARAMS_SIZE)
+        if addr is None:
+            raise LoadError(f"{PARAMS_SYMBOL} [{value:#x}, {value + PARAMS_SIZE:#x}) is outside "
+                            f"every loadable segment")
+        return addr
     if isinstance(image, (str, os.PathLike)):
-        elf = os.path.splitext(os.fspath(image))[0] + ".elf"
-        if os.path.isfile(elf):
-            try:
-                return find_symbol(elf, "pykvm_params")
-            except LoadError:
+        try:
+            elf = os.path.splitext(os.fspath(image))[0] + ".elf"
+            if not os.path.isfile(elf):
                 return None
+            value = find_symbol(elf, PARAMS_SYMBOL)
+        except (LoadError, OSError, ValueError):
+            return None
+        if value is None:
+            return None
+        return _virt_to_phys(plan.segments, value, PARAMS_SIZE)
     return None
 
 
 # ---- symbols ------------------------------------------------------------------------------------
 
-def elf_symbols(image: Image) -> dict:
-    """{name: value} of every named symbol in the ELF's symbol tables ({} if not an ELF)."""
+def _symbol_tables(data: bytes, h: _Ehdr) -> List[Tuple[int, _Shdr, _Shdr]]:
+    """(section index, symbol table, its string table) for each distinct symbol table (by file
+    offset and size), checked: in the file, right entry size, a string table that is one, and
+    no two tables overlapping, so that the symbols read in all never exceed the file size."""
+    shdrs = _section_headers(data, h)
+    out, seen = [], set()
+    for i, sh in enumerate(shdrs):
+        if sh.type not in (_SHT_SYMTAB, _SHT_DYNSYM) or sh.size == 0:
+            continue
+        key = (sh.offset, sh.size)
+        if key in seen:
+            continue                          # another header for a table already listed
+        seen.add(key)
+        entsize = _SYM[h.cls].size
+        if sh.entsize != entsize:
+            raise LoadError(f"section {i}: bad symbol entry size {sh.entsize} (want {entsize})")
+        if sh.size % entsize:
+            raise LoadError(f"section {i}: symbol table size {sh.size:#x} is not a multiple of "
+                            f"{entsize}")
+        if sh.offset + sh.size > len(data):
+            raise LoadError(f"image truncated: symbol table of section {i} ends at "
+                            f"{sh.offset + sh.size:#x}, the file has {len(data):#x} bytes")
+        if not 0 < sh.link < len(shdrs):
+            raise LoadError(f"section {i}: string table index {sh.link} is not a section")
+        st = shdrs[sh.link]
+        if st.type != _SHT_STRTAB:
+            raise LoadError(f"section {i}: its string table (section {sh.link}) is not one")
+        if st.offset + st.size > len(data):
+            raise LoadError(f"image truncated: string table of section {sh.link} ends at "
+                            f"{st.offset + st.size:#x}, the file has {len(data):#x} bytes")
+        out.append((i, sh, st))
+    ordered = sorted(out, key=lambda t: t[1].offset)
+    for (i, a, _), (j, b, _) in zip(ordered, ordered[1:]):
+        if a.offset + a.size > b.offset:
+            raise LoadError(f"symbol tables of sections {i} and {j} overlap")
+    total = sum(sh.size // _SYM[h.cls].size for _, sh, _ in out)
+    if total > MAX_SYMBOLS:
+        raise LoadError(f"too many ELF symbols: {total} (at most {MAX_SYMBOLS})")
+    return out
+
+
+def _read_symbols(data: bytes, h: _Ehdr, sh: _Shdr, st: _Shdr,
+                  want: Optional[bytes] = None) -> Iterator[Tuple[bytes, int]]:
+    """(name, value) of the named, defined symbols of one table (only those called ``want``
+    if given). A name is found with one bounded search in the string table (at most
+    :data:`MAX_SYMBOL_NAME` bytes; longer or unterminated names are skipped), so the cost per
+    symbol does not grow with the string table."""
+    str_lo, str_hi = st.offset, st.offset + st.size
+    key = None if want is None else want + b"\0"
+    cls = h.cls
+    for f in _SYM[cls].iter_unpack(memoryview(data)[sh.offset:sh.offset + sh.size]):
+        if cls == _ELFCLASS32:             # st_name st_value st_size st_info st_other st_shndx
+            name_off, value, shndx = f[0], f[1], f[5]
+        else:                              # st_name st_info st_other st_shndx st_value st_size
+            name_off, value, shndx = f[0], f[4], f[3]
+        if name_off == 0 or shndx == _SHN_UNDEF or name_off >= st.size:
+            continue
+        start = str_lo + name_off
+        if key is not None:
+            if start + len(key) <= str_hi and data.startswith(key, start):
+                yield want, value
+            continue
+        end = data.find(b"\0", start, min(str_hi, start + MAX_SYMBOL_NAME + 1))
+        if end > start:
+            yield data[start:end], value
+
+
+def _symbols(image: Image, want: Optional[bytes] = None) -> Iterator[Tuple[bytes, int]]:
     data = _read_image(image)
     if not is_elf(data):
-        return {}
-    try:
-        elf = ELFFile(io.BytesIO(data))
-        out = {}
-        for sec in elf.iter_sections():
-            if isinstance(sec, SymbolTableSection):
-                for sym in sec.iter_symbols():
-                    if sym.name and sym["st_shndx"] != "SHN_UNDEF":
-                        out.setdefault(sym.name, sym["st_value"])
-        return out
-    except Exception as e:
-        raise LoadError(f"malformed ELF symbol table: {e}") from e
+        return
+    h = _elf_header(data)
+    for _, sh, st in _symbol_tables(data, h):
+        yield from _read_symbols(data, h, sh, st, want)
 
 
+@_load_errors_only
+def elf_symbols(image: Image) -> Dict[str, int]:
+    """{name: value} of every named, defined symbol in the ELF's symbol tables, the first
+    definition winning ({} if not an ELF). Each distinct table is read once; the symbols read
+    are bounded by the file size and :data:`MAX_SYMBOLS`."""
+    out: Dict[str, int] = {}
+    for name, value in _symbols(image):
+        out.setdefault(name.decode("utf-8", "replace"), value)
+    return out
+
+
+@_load_errors_only
 def find_symbol(image: Image, name: str) -> Optional[int]:
     """The value (address) of symbol ``name`` in an ELF image, or None."""
-    return elf_symbols(image).get(name)
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise LoadError(f"bad symbol name {name!r}")
+    for _, value in _symbols(image, name.encode("utf-8", "surrogateescape")):
+        return value
+    return None
 
 
 __all__ = [
     "LoadError", "Segment", "MultibootHeader", "LoadPlan", "LoadedImage",
-    "MULTIBOOT_HEADER_MAGIC", "MULTIBOOT_BOOT_MAGIC",
+    "MULTIBOOT_HEADER_MAGIC", "MULTIBOOT_BOOT_MAGIC", "MAX_IMAGE_SIZE", "MAX_PROGRAM_HEADERS",
+    "MAX_SECTION_HEADERS", "MAX_SYMBOLS",
     "parse_image", "parse_elf", "parse_flat", "parse_multiboot_aout", "find_multiboot_header",
-    "build_multiboot_info", "validate_plan", "write_plan", "load_image",
+    "multiboot_header_size", "build_multiboot_info", "validate_plan", "write_plan", "load_image",
     "elf_symbols", "find_symbol", "is_elf",
 ]

@@ -2,6 +2,8 @@
 zero-fill, multiboot info, page tables and register images written into a fake memory."""
 import os
 import shutil
+import signal
+import stat
 import struct
 import subprocess
 from types import SimpleNamespace
@@ -97,13 +99,75 @@ def make_elf(segments, entry, *, cls=64, machine=None, etype=ET_EXEC, endian=1, 
     return eh + ph + bytes(body)
 
 
-def mb_header(flags=0x3, *, magic=0x1BADB002, checksum=None, aout=None):
+def mb_header(flags=0x3, *, magic=0x1BADB002, checksum=None, aout=None, video=None):
     if checksum is None:
         checksum = (-(magic + flags)) & 0xFFFFFFFF
     h = struct.pack("<III", magic, flags, checksum)
-    if aout is not None:
-        h += struct.pack("<5I", *aout)
+    if aout is not None or video is not None:
+        h += struct.pack("<5I", *(aout or (0,) * 5))
+    if video is not None:
+        h += struct.pack("<4I", *video)
     return h
+
+
+SHT_SYMTAB, SHT_STRTAB = 2, 3
+
+
+def with_symbols(img, symbols, *, cls=64, nsymtab=1, shift=0, strtab_type=SHT_STRTAB):
+    """``img`` (from make_elf, no sections yet) plus a string table, one symbol table holding
+    ``symbols`` ({name: value}, all defined in section 1) and section headers: null, the string
+    table, then ``nsymtab`` SHT_SYMTAB headers for the same table, each ``shift`` entries further
+    in (shift=0: all the very same table)."""
+    img = bytearray(img)
+    img += bytes((-len(img)) % 8)
+    strtab = bytearray(b"\0")
+    entsize = 24 if cls == 64 else 16
+    syms = bytearray(entsize)                                    # the null symbol
+    for name, value in symbols.items():
+        off = len(strtab)
+        strtab += name.encode() + b"\0"
+        if cls == 64:
+            syms += struct.pack("<IBBHQQ", off, 0x11, 0, 1, value, 8)
+        else:
+            syms += struct.pack("<IIIBBH", off, value, 8, 0x11, 0, 1)
+    sym_off = len(img)
+    img += syms
+    str_off = len(img)
+    img += strtab
+    img += bytes((-len(img)) % 8)
+    sh_off = len(img)
+    if cls == 64:
+        sh = struct.Struct("<IIQQQQIIQQ")
+        shdr = lambda t, o, s, link, es: sh.pack(0, t, 0, 0, o, s, link, 1, 8, es)
+    else:
+        sh = struct.Struct("<IIIIIIIIII")
+        shdr = lambda t, o, s, link, es: sh.pack(0, t, 0, 0, o, s, link, 1, 4, es)
+    img += bytes(sh.size)
+    img += shdr(strtab_type, str_off, len(strtab), 0, 0)
+    for i in range(nsymtab):
+        skip = min(shift * i, len(syms) // entsize - 1) * entsize
+        img += shdr(SHT_SYMTAB, sym_off + skip, len(syms) - skip, 1, entsize)
+    shnum = 2 + nsymtab
+    if cls == 64:
+        struct.pack_into("<Q", img, 0x28, sh_off)
+        struct.pack_into("<HHH", img, 0x3A, sh.size, shnum if shnum < 0xFF00 else 0, 0)
+    else:
+        struct.pack_into("<I", img, 0x20, sh_off)
+        struct.pack_into("<HHH", img, 0x2E, sh.size, shnum if shnum < 0xFF00 else 0, 0)
+    return bytes(img)
+
+
+@pytest.fixture
+def hang_guard():
+    """Fail (rather than hang) a test that takes longer than 20 s: a regression to reading a
+    FIFO, a device or to quadratic parsing shows up as this."""
+    def expired(signum, frame):
+        raise TimeoutError("the loader took more than 20 s (hang or superlinear work)")
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
 
 
 def seg(vaddr, data, memsz=None, **kw):
@@ -236,8 +300,123 @@ def test_no_load_segments():
 
 
 def test_missing_file():
-    with pytest.raises(LoadError, match="cannot read guest image"):
+    with pytest.raises(LoadError, match="cannot read guest image '/nonexistent/guest.elf': No "
+                                        "such file"):
         loader.parse_image("/nonexistent/guest.elf")
+
+
+# ---- what the loader reads --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dev", ["/dev/zero", "/dev/urandom", "/dev/null"])
+def test_devices_are_refused_without_reading(dev, hang_guard):
+    if not os.path.exists(dev):
+        pytest.skip(f"{dev} is not here")
+    for call in (lambda: loader.parse_image(dev), lambda: loader.load_image(FakeMem(), dev),
+                 lambda: loader.elf_symbols(dev)):
+        with pytest.raises(LoadError, match=f"guest image '{dev}' is a character device, not an "
+                                            f"image file"):
+            call()
+
+
+def test_fifo_without_writer_is_refused_not_waited_on(tmp_path, hang_guard):
+    fifo = tmp_path / "guest.elf"
+    os.mkfifo(fifo)
+    with pytest.raises(LoadError, match="is a FIFO"):
+        loader.load_image(FakeMem(), fifo)
+    with pytest.raises(LoadError, match="is a FIFO"):
+        loader.find_symbol(str(fifo), "pykvm_params")
+
+
+def test_directory_socket_and_odd_arguments(tmp_path):
+    with pytest.raises(LoadError, match="is a directory, not an image file"):
+        loader.parse_image(tmp_path)
+    import socket
+    path = str(tmp_path / "s")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)
+        with pytest.raises(LoadError, match="is a socket"):
+            loader.parse_image(path)
+    with pytest.raises(LoadError, match="must be bytes or a path, not int"):
+        loader.parse_image(0)                 # not file descriptor 0
+    with pytest.raises(LoadError, match="cannot read guest image .*null"):
+        loader.parse_image("a\0b")
+
+
+def _as_nobody(fn):
+    """``fn()``'s result (a string) from a forked child that dropped root first."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # the child: never returns to pytest
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, fn().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return out
+
+
+def test_unreadable_file(tmp_path):
+    p = tmp_path / "guest.elf"
+    p.write_bytes(b"\x7fELF")
+    p.chmod(0)
+
+    def attempt():
+        try:
+            loader.parse_image(p)
+            return "loaded"
+        except LoadError as e:
+            return f"LoadError: {e}"
+        except BaseException as e:
+            return f"{type(e).__name__}: {e}"
+    out = _as_nobody(attempt) if os.geteuid() == 0 else attempt()
+    assert out.startswith("LoadError: cannot read guest image") and "Permission denied" in out
+
+
+def test_size_is_checked_before_reading(tmp_path, hang_guard):
+    big = tmp_path / "big.elf"
+    with open(big, "wb") as f:
+        for size in (1 << 40, loader.MAX_IMAGE_SIZE + 1):     # sparse: no disk used
+            try:
+                f.truncate(size)
+                break
+            except OSError:
+                continue
+    # no RAM known: the module cap; RAM known: the RAM size
+    with pytest.raises(LoadError, match="too large: .* more than the loader's limit"):
+        loader.parse_image(big)
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"\xf4" * (2 * MiB))
+    with pytest.raises(LoadError, match=r"too large: 0x200000 bytes, more than guest RAM "
+                                        r"\(0x100000 bytes\)"):
+        loader.load_image(FakeMem(1 * MiB), small, flat_addr=0)
+    # images given as bytes are held to the same limit
+    with pytest.raises(LoadError, match="more than guest RAM"):
+        loader.load_image(FakeMem(1 * MiB), b"\xf4" * (2 * MiB), flat_addr=0)
+    with pytest.raises(LoadError, match="more than max_size"):
+        loader.parse_image(memoryview(b"\xf4" * 100), flat_addr=0x8000, max_size=99)
+    assert loader.parse_image(bytearray(b"\xf4" * 99), flat_addr=0x8000, max_size=99).high == \
+        0x8000 + 99
+
+
+def test_files_whose_size_lies_are_read_to_the_limit_only():
+    # /proc files say st_size 0: the read goes on to EOF, but never past the limit
+    with pytest.raises(LoadError, match="too large"):
+        loader.parse_image("/proc/self/status", flat_addr=0x8000, max_size=16)
+    assert loader.parse_image("/proc/self/status", flat_addr=0x8000).format == "flat"
+
+
+def test_messages_are_one_line(tmp_path):
+    assert str(LoadError("a\nb\r\n  c")) == "a b c"
+    with pytest.raises(LoadError) as e:
+        loader.parse_image(str(tmp_path / "new\nline.elf"))
+    assert "\n" not in str(e.value) and "new\\nline" in str(e.value)
 
 
 # ---- multiboot ------------------------------------------------------------------------------------
@@ -247,11 +426,65 @@ def test_find_multiboot_header_rules():
     assert loader.find_multiboot_header(bytes(8) + good).offset == 8
     assert loader.find_multiboot_header(bytes(6) + good) is None           # not 4-aligned
     assert loader.find_multiboot_header(bytes(8192) + good) is None        # beyond 8 KiB
-    assert loader.find_multiboot_header(bytes(8188) + good).offset == 8188
     assert loader.find_multiboot_header(mb_header(checksum=1)) is None     # bad checksum
     # a bad candidate before a good one is skipped
     h = loader.find_multiboot_header(mb_header(checksum=5) + good)
     assert h.offset == 12 and h.flags == 3 and not h.aout_kludge
+
+
+AOUT = (0x100000, 0x100000, 0, 0, 0x100000)
+VIDEO = (0, 1024, 768, 32)
+
+
+@pytest.mark.parametrize("off,flags,extra,found", [
+    # the whole header (12, 32 with the a.out fields, 48 with the video fields) must end by 8192
+    (8188, 0x3, {}, False),                       # 12 bytes: ends at 8200
+    (8184, 0x3, {}, False),                       # ends at 8196
+    (8180, 0x3, {}, True),                        # ends at exactly 8192
+    (8180, 0x10003, dict(aout=AOUT), False),      # 32 bytes: ends at 8212
+    (8176, 0x3, {}, True),
+    (8176, 0x10003, dict(aout=AOUT), False),      # ends at 8208
+    (8176, 0x10007, dict(aout=AOUT, video=VIDEO), False),
+    (8176, 0x7, dict(video=VIDEO), False),        # video fields sit at 32..48 either way
+    (8160, 0x10003, dict(aout=AOUT), True),       # ends at exactly 8192
+    (8160, 0x7, dict(video=VIDEO), False),        # 48 bytes: ends at 8208
+    (8144, 0x10007, dict(aout=AOUT, video=VIDEO), True),
+    (8144, 0x7, dict(video=VIDEO), True),
+])
+def test_multiboot_header_must_end_within_8k(off, flags, extra, found):
+    hdr = mb_header(flags, **extra)
+    blob = bytes(off) + hdr + b"\xf4" * 64           # file goes on: not a truncation
+    h = loader.find_multiboot_header(blob)
+    if found:
+        assert h.offset == off and h.flags == flags and h.size == len(hdr)
+        if "video" in extra:
+            assert (h.mode_type, h.width, h.height, h.depth) == VIDEO
+        if "aout" in extra:
+            assert h.entry_addr == AOUT[4]
+    else:
+        assert h is None
+    # the same in an ELF32: a header that runs past 8 KiB does not make it a multiboot image
+    pre = 52 + 32                                    # ELF header + one program header
+    img = make_elf([seg(0x100000, CODE)], 0x100000, cls=32, head=bytes(off - pre) + hdr)
+    assert loader.find_multiboot_header(img) == h
+    if found:
+        assert loader.parse_image(img).multiboot.offset == off
+    else:
+        with pytest.raises(LoadError, match="without a multiboot v1 header wholly inside"):
+            loader.parse_image(img)
+
+
+def test_header_past_8k_is_skipped_for_a_later_one_that_fits():
+    blob = bytes(8160) + mb_header(0x7, video=VIDEO)[:20] + mb_header(0x3) + bytes(64)
+    assert len(bytes(8160) + mb_header(0x7, video=VIDEO)[:20]) == 8180
+    assert loader.find_multiboot_header(blob).offset == 8180
+
+
+def test_magic_at_the_end_of_a_flat_binary_is_just_data():
+    # too short to hold a checksum: not a header, and not a "truncated header" error
+    blob = b"\xf4" * 12 + struct.pack("<II", 0x1BADB002, 0x10000)
+    assert loader.find_multiboot_header(blob) is None
+    assert loader.parse_image(blob, flat_addr=0x8000).format == "flat"
 
 
 def test_elf32_multiboot_uses_paddr_and_translates_entry():
@@ -361,6 +594,22 @@ def test_truncated_multiboot_header():
         loader.find_multiboot_header(mb_header(0x10003))
 
 
+def test_multiboot_aout_past_4g_and_bad_command_lines():
+    aout = (0xFFFFF000, 0xFFFFF000, 0, 0, 0xFFFFF000)       # the whole file: 0x2020 bytes
+    with pytest.raises(LoadError, match="past 4 GiB"):
+        loader.parse_image(mb_header(0x10003, aout=aout) + bytes(0x2000))
+    img = make_elf([seg(0x100000, CODE)], 0x100000, cls=32, head=mb_header())
+    for bad, msg in (("a\0b", "NUL byte"), ("\ud800", "cannot be encoded"), (5, "must be a string")):
+        mem = FakeMem()
+        with pytest.raises(LoadError, match=msg):
+            loader.load_image(mem, img, cmdline=bad)
+        assert mem.buf.count(0xAA) == len(mem.buf)          # nothing written
+    # an argv string that was not valid UTF-8 goes to the guest as the bytes it was
+    mem = FakeMem()
+    li = loader.load_image(mem, img, cmdline=os.fsdecode(b"x=\xff"))
+    assert mem.read(mem.u32(li.multiboot_info + 16), 4) == b"x=\xff\0"
+
+
 # ---- flat binaries --------------------------------------------------------------------------------
 
 def test_flat_real_mode_may_use_low_memory():
@@ -386,6 +635,115 @@ def test_flat_needs_address():
         loader.parse_image(b"\xf4", flat_addr=0x8000, flat_entry=0x9000)
     with pytest.raises(LoadError, match="below 1 MiB"):
         loader.parse_image(b"\xf4" * 0x100, flat_addr=0xFFFF0)
+
+
+# ---- symbols and bounded work -----------------------------------------------------------------------
+
+def test_symbols_from_synthetic_elf():
+    img = with_symbols(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000),
+                       {"_start": 0x100000, "pykvm_params": 0x100100, "x": 1})
+    assert loader.elf_symbols(img) == {"_start": 0x100000, "pykvm_params": 0x100100, "x": 1}
+    assert loader.find_symbol(img, "pykvm_params") == 0x100100
+    assert loader.find_symbol(img, "pykvm") is None
+    li = loader.load_image(FakeMem(), img)
+    assert li.params_addr == 0x100100
+    assert li.written == [(0x100000, 0x1000)]
+    img32 = with_symbols(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000, cls=32,
+                                  head=mb_header()), {"pykvm_params": 0x100200}, cls=32)
+    assert loader.find_symbol(img32, "pykvm_params") == 0x100200
+
+
+def test_params_symbol_is_translated_and_must_lie_in_a_segment():
+    # a higher-half ELF32: the symbol is a virtual address, the host writes the physical one
+    img = with_symbols(make_elf([seg(0xC0100000, CODE, 0x1000, paddr=0x100000)], 0xC0100000,
+                                cls=32, head=mb_header()), {"pykvm_params": 0xC0100040}, cls=32)
+    assert loader.load_image(FakeMem(), img).params_addr == 0x100040
+    for value in (0x2000, 0x100000 + 0x1000 - 64):      # outside / running off the end
+        img = with_symbols(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000),
+                           {"pykvm_params": value})
+        mem = FakeMem()
+        with pytest.raises(LoadError, match="pykvm_params .* is outside every loadable segment"):
+            loader.load_image(mem, img)
+        assert mem.buf.count(0xAA) == len(mem.buf)      # refused before anything was written
+
+
+def test_symbol_table_errors_are_load_errors():
+    base = make_elf([seg(0x100000, CODE)], 0x100000)
+    img = with_symbols(base, {"a": 1}, strtab_type=1)
+    with pytest.raises(LoadError, match="string table .* is not one"):
+        loader.elf_symbols(img)
+    img = bytearray(with_symbols(base, {"a": 1}))
+    struct.pack_into("<H", img, 0x3A, 12)                           # e_shentsize
+    with pytest.raises(LoadError, match="bad ELF section header size 12"):
+        loader.elf_symbols(bytes(img))
+    img = with_symbols(base, {"a": 1})
+    with pytest.raises(LoadError, match="truncated"):
+        loader.elf_symbols(img[:-40])
+    with pytest.raises(LoadError, match="bad symbol name"):
+        loader.find_symbol(img, "")
+
+
+def test_many_headers_for_one_symbol_table_read_it_once(monkeypatch, hang_guard):
+    """The 1000-SYMTAB-headers image of issue 8 (each header the same table of ~4000 symbols)
+    took minutes; each distinct table is now read once."""
+    syms = {f"sym{i}": 0x100000 + i for i in range(4000)}
+    syms["pykvm_params"] = 0x100100
+    img = with_symbols(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000), syms, nsymtab=1000)
+    assert 100_000 < len(img) < 200_000
+    calls = []
+    real = loader._read_symbols
+    monkeypatch.setattr(loader, "_read_symbols",
+                        lambda *a, **k: calls.append(a[2].offset) or real(*a, **k))
+    assert loader.find_symbol(img, "pykvm_params") == 0x100100
+    assert len(loader.elf_symbols(img)) == 4001
+    assert loader.load_image(FakeMem(), img).params_addr == 0x100100
+    assert len(calls) == 3 and len(set(calls)) == 1          # one table read, once per call
+
+
+def test_overlapping_symbol_tables_are_refused(hang_guard):
+    # 1000 headers, each one symbol further into the same table: all distinct, all overlapping
+    syms = {f"sym{i}": 0x100000 + i for i in range(4000)}
+    img = with_symbols(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000), syms, nsymtab=1000,
+                       shift=1)
+    with pytest.raises(LoadError, match="symbol tables of sections 2 and 3 overlap"):
+        loader.elf_symbols(img)
+    with pytest.raises(LoadError, match="overlap"):
+        loader.load_image(FakeMem(), img)
+
+
+def test_absurd_header_counts_are_refused(hang_guard):
+    img = bytearray(make_elf([seg(0x100000, CODE)], 0x100000))
+    struct.pack_into("<H", img, 0x38, 0xFFFF)                      # e_phnum (PN_XNUM)
+    with pytest.raises(LoadError, match="too many ELF program headers: 65535"):
+        loader.parse_image(bytes(img))
+    # extended section numbering: e_shnum 0, the count in section 0's sh_size
+    img = bytearray(with_symbols(make_elf([seg(0x100000, CODE)], 0x100000), {"a": 1}))
+    shoff = struct.unpack_from("<Q", img, 0x28)[0]
+    struct.pack_into("<H", img, 0x3C, 0)
+    struct.pack_into("<Q", img, shoff + 32, 3)                     # the real count: fine
+    assert loader.elf_symbols(bytes(img)) == {"a": 1}
+    struct.pack_into("<Q", img, shoff + 32, 1 << 40)
+    with pytest.raises(LoadError, match="too many ELF section headers"):
+        loader.elf_symbols(bytes(img))
+
+
+def test_segments_sharing_file_bytes_are_not_copied(hang_guard):
+    # 1000 PT_LOAD headers over the same 100 KB of file, at distinct addresses: the plan holds
+    # views of the one image, not 100 MB of copies
+    data = b"\x90" * 100_000
+    n = 1000
+    off = 64 + 56 * n
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    img = ident + struct.pack("<HHIQQQIHHHHHH", ET_EXEC, EM_X86_64, 1, 0x100000, 64, 0, 0, 64,
+                              56, n, 64, 0, 0)
+    for i in range(n):
+        addr = 0x100000 + i * 0x20000
+        img += struct.pack("<IIQQQQQQ", PT_LOAD, 7, off, addr, addr, len(data), len(data), 8)
+    img += data
+    plan = loader.parse_image(bytes(img))
+    assert len(plan.segments) == n
+    assert all(s.data.obj is plan.segments[0].data.obj for s in plan.segments)
+    assert bytes(plan.segments[-1].data) == data
 
 
 # ---- symbols (with the real guests, when the toolchain is here) -----------------------------------
