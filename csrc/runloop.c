@@ -361,9 +361,11 @@ static int run_loop(struct pykvm_loop *l, struct kvm_run *run)
         reason = run->exit_reason;
         l->exits_total++;
         l->counts[reason < PYKVM_MAX_EXIT_REASON ? reason : PYKVM_MAX_EXIT_REASON - 1]++;
+        if (l->budget > 0)
+            l->budget--;                /* every exit counts, whoever handles it */
 
         if (!drain_ring(l))
-            return PYKVM_STOP_MMIO_LOG_FULL;
+            return l->budget == 0 ? PYKVM_STOP_BUDGET : PYKVM_STOP_MMIO_LOG_FULL;
 
         if (reason == KVM_EXIT_IO) {
             uint64_t off = run->io.data_offset;
@@ -378,13 +380,13 @@ static int run_loop(struct pykvm_loop *l, struct kvm_run *run)
                 l->handled_in_c++;
                 return PYKVM_STOP_DEBUG_EXIT;
             }
-            if (res == IO_STOP_CONSOLE_FULL) {
-                l->handled_in_c++;
-                return PYKVM_STOP_CONSOLE_FULL;
-            }
             if (res == IO_NOT_OURS)
                 return PYKVM_STOP_EXIT;
             l->handled_in_c++;
+            if (l->budget == 0)
+                return PYKVM_STOP_BUDGET;   /* Python drains the console on every return */
+            if (res == IO_STOP_CONSOLE_FULL)
+                return PYKVM_STOP_CONSOLE_FULL;
             /* Let Python stream console output that has waited long enough. */
             if (l->console_len && l->console_flush_ns &&
                 pykvm_monotonic_ns() - l->console_since_ns >= l->console_flush_ns)
@@ -394,18 +396,19 @@ static int run_loop(struct pykvm_loop *l, struct kvm_run *run)
             if (res == SBI_NOT_OURS)
                 return PYKVM_STOP_EXIT;
             l->handled_in_c++;
+            if (l->budget == 0)
+                return PYKVM_STOP_BUDGET;
             if (res == SBI_DONE_CONSOLE_FULL ||
-                (l->console_flush_ns &&
+                (l->console_len && l->console_flush_ns &&
                  pykvm_monotonic_ns() - l->console_since_ns >= l->console_flush_ns))
                 return PYKVM_STOP_CONSOLE_FULL;
         } else if (reason == KVM_EXIT_INTR) {
             l->handled_in_c++;          /* a pending signal of ours: checked at the loop top */
+            if (l->budget == 0)
+                return PYKVM_STOP_BUDGET;
         } else {
             return PYKVM_STOP_EXIT;
         }
-
-        if (l->budget > 0 && --l->budget == 0)
-            return PYKVM_STOP_BUDGET;
     }
 }
 

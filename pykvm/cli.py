@@ -1,12 +1,39 @@
 """The ``pykvm`` command line: ``run``, ``caps``, ``regs``, ``guests``, ``bench``."""
-import argparse
-import json
-import math
-import os
 import signal
 import sys
 
-from . import __version__
+
+def _early_signal(signum, frame):
+    # Until main() installs its handlers (a few milliseconds), a signal ends the process the way
+    # main() would: one line, status 128 + signal, no traceback.
+    sys.stderr.write(f"pykvm: interrupted by {signal.Signals(signum).name}\n")
+    sys.stderr.flush()
+    import os
+    os._exit(128 + signum)
+
+
+def _started_as_program() -> bool:
+    """True when this process is the ``pykvm`` command (console script or ``python -m
+    pykvm``), not a program that merely imports pykvm.cli."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return (getattr(spec, "name", "") in ("pykvm.__main__", "pykvm.cli")
+            or sys.argv[0].rsplit("/", 1)[-1] == "pykvm")
+
+
+if _started_as_program():
+    try:
+        for _s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(_s, _early_signal)
+    except ValueError:                 # imported outside the main thread
+        pass
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+
+from . import __version__  # noqa: E402
 
 EXIT_USAGE = 2
 MAX_MEM = 1 << 40          # 1 TiB: far beyond any test guest, well inside the host's address space
@@ -96,6 +123,18 @@ class _Signalled(BaseException):
 class _SignalState:
     machine = None            # the Machine being run, if any: a signal kicks it
     signum = None             # the first SIGINT/SIGTERM received
+    reported = False          # the command has already reported it
+
+
+def _quiet_unraisable(hook):
+    """An unraisablehook that drops our own _Signalled (raised by a signal that happened to land
+    inside a finalizer or weakref callback, where Python cannot propagate it); main() still sees
+    the signal through _sig.signum."""
+    def unraisable(info):
+        if isinstance(info.exc_value, _Signalled):
+            return
+        hook(info)
+    return unraisable
 
 
 _sig = _SignalState()
@@ -120,6 +159,9 @@ def _signal_name(signum: int) -> str:
 
 
 def _install_signal_handlers() -> None:
+    if not getattr(sys.unraisablehook, "_pykvm", False):
+        sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+        sys.unraisablehook._pykvm = True
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, _on_signal)
 
@@ -192,6 +234,7 @@ def cmd_run(args) -> int:
     finally:
         m.close()
     if _sig.signum is not None:
+        _sig.reported = True
         code = _signal_status(_sig.signum)
         detail = f"interrupted by {_signal_name(_sig.signum)}"
         if args.json:
@@ -249,6 +292,31 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_guest_build(args) -> int:
+    """``pykvm guest build FILE``: compile a guest of your own (one .c or .S file) with the
+    packaged guest runtime; print the image's path. 1 when it does not compile (the compiler's
+    own message goes to stderr), 2 on bad input."""
+    import shlex
+    from .guestbuild import MODES, SOURCE_SUFFIXES, GuestBuildError, build, host_arch
+    if not args.source.endswith(SOURCE_SUFFIXES):
+        return _fail(f"{args.source}: a guest source is a .c or .S file")
+    if not os.path.isfile(args.source):
+        return _fail(f"no such file: {args.source}")
+    arch = args.arch or host_arch()
+    if arch not in MODES:
+        return _fail(f"no guest runtime for {arch}; use --arch {' or --arch '.join(MODES)}")
+    if args.mode and args.mode not in MODES[arch]:
+        return _fail(f"{arch} guests have mode {', '.join(MODES[arch])}, not {args.mode!r}")
+    try:
+        image = build(args.source, arch=arch, mode=args.mode, out=args.output,
+                      cflags=shlex.split(args.cflags or ""))
+    except GuestBuildError as e:
+        print(f"pykvm: {e}", file=sys.stderr)
+        return 1
+    print(image)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pykvm", description="A virtual machine monitor library over /dev/kvm.")
     p.add_argument("--version", action="version", version=f"pykvm {__version__}")
@@ -298,6 +366,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--exits", type=_int_range(1, 10 ** 8), default=20000, metavar="N",
                    help="I/O exits per measurement (1..100000000)")
     b.set_defaults(func=cmd_bench)
+
+    gu = sub.add_parser("guest", help="build a guest of your own (pykvm guest build FILE)")
+    gua = gu.add_subparsers(dest="guest_cmd", metavar="ACTION", parser_class=_Parser)
+    gua.required = True
+    gb = gua.add_parser("build", help="compile FILE.c or FILE.S with pykvm's guest runtime",
+                        description="Compile one guest source with the guest runtime pykvm "
+                        "ships (pykvm_guest.h, start-up code, linker scripts) and print the "
+                        "image's path. Images are cached by content in $PYKVM_CACHE/guests "
+                        "(default ~/.cache/pykvm/guests): pykvm run $(pykvm guest build g.c)",
+                        epilog="exit status: 0 built; 1 the compiler or linker failed (its "
+                        "message is on stderr); 2 bad input")
+    gb.add_argument("source", metavar="FILE", help="the guest's .c or .S file")
+    gb.add_argument("--arch", choices=("x86_64", "riscv64"), default=None,
+                    help="target architecture (default: this host's)")
+    gb.add_argument("--mode", choices=("long", "protected", "real", "supervisor"), default=None,
+                    help="x86 boot mode: long (64-bit, guest_main), protected (multiboot "
+                    "32-bit, guest_main32), real (flat .bin at 0x8000, guest_main16); default: "
+                    "the entry point the source defines. RISC-V: supervisor")
+    gb.add_argument("-o", "--output", metavar="OUT", default=None,
+                    help="also copy the image to OUT (real mode: OUT.bin, with OUT.elf beside it)")
+    gb.add_argument("--cflags", default="", metavar="FLAGS",
+                    help="extra compiler options for FILE, e.g. \"-DSTEPS=4 -Iinclude\"")
+    gb.set_defaults(func=cmd_guest_build)
     return p
 
 
@@ -307,11 +398,12 @@ def main(argv=None) -> int:
     SIGINT and SIGTERM end any command with one line and status 130 / 143, whenever they
     arrive: during start-up they abort it, during a run they stop every vCPU first."""
     _sig.signum = None
+    _sig.reported = False
     try:
-        _install_signal_handlers()
-    except ValueError:                       # not the main thread: leave signals alone
-        pass
-    try:
+        try:
+            _install_signal_handlers()
+        except ValueError:                   # not the main thread: leave signals alone
+            pass
         parser = build_parser()
         args = parser.parse_args(argv)
         if not args.cmd:
@@ -319,9 +411,13 @@ def main(argv=None) -> int:
             return EXIT_USAGE
         from .errors import PykvmError
         try:
-            return args.func(args)
+            code = args.func(args)
         except PykvmError as e:
-            return _fail(_one_line(e), 8)
+            code = _fail(_one_line(e), 8)
+        if _sig.signum is not None and not _sig.reported:
+            # a signal whose exception Python swallowed (it landed in a finalizer or callback)
+            raise _Signalled(_sig.signum)
+        return code
     except (_Signalled, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
         try:

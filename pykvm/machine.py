@@ -117,7 +117,7 @@ class Machine:
         self.kvm = kvm or Kvm()
         self._console = bytearray()
         self.console_limit = console_limit
-        self.console_dropped = 0
+        self._console_total = 0
         self.on_console = on_console
         self.reports: List[Report] = []
         self.report_limit = report_limit
@@ -171,13 +171,18 @@ class Machine:
         with self._lock:
             return bytes(self._console[-self.console_limit:]) if self.console_limit > 0 else b""
 
+    @property
+    def console_dropped(self) -> int:
+        """Console bytes the guest wrote that :attr:`console` no longer holds."""
+        with self._lock:
+            return self._console_total - min(len(self._console), max(self.console_limit, 0))
+
     def _console_out(self, data: bytes) -> None:
         with self._lock:
             self._console += data
+            self._console_total += len(data)
             if len(self._console) > 2 * self.console_limit:     # trim in amortised O(1)
-                cut = len(self._console) - self.console_limit
-                self.console_dropped += cut
-                del self._console[:cut]
+                del self._console[:len(self._console) - self.console_limit]
         if self.on_console:
             self.on_console(data)
 
@@ -365,8 +370,9 @@ class Machine:
                 counts[k] = counts.get(k, 0) + v
         ev = self._decisive(results)
         exit_name, code, detail, dbg = self._verdict(ev)
-        return RunResult(exit_name, code, self.console, counts, seconds, detail, dbg,
-                         list(self.reports), self.console_dropped, self.reports_dropped,
+        console, dropped = self.console, self.console_dropped
+        return RunResult(exit_name, code, console, counts, seconds, detail, dbg,
+                         list(self.reports), dropped, self.reports_dropped,
                          ev.vcpu, ev.error)
 
     @staticmethod

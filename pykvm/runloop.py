@@ -89,7 +89,7 @@ class _LoopBase:
         self.on_console = on_console
         self.on_mmio = on_mmio
         self._console = bytearray()
-        self.console_dropped = 0          # console bytes seen but no longer retained
+        self._console_total = 0
         self.mmio_log: List[MmioRecord] = []
         self.mmio_dropped = 0             # coalesced records seen beyond mmio_log_limit
 
@@ -99,14 +99,18 @@ class _LoopBase:
         limit = self.config.console_limit
         return bytes(self._console[-limit:]) if limit > 0 else b""
 
+    @property
+    def console_dropped(self) -> int:
+        """Console bytes seen that :attr:`console` no longer holds."""
+        return self._console_total - min(len(self._console), max(self.config.console_limit, 0))
+
     def _emit(self, data: bytes) -> None:
         if data:
             self._console += data
+            self._console_total += len(data)
             limit = self.config.console_limit
             if len(self._console) > 2 * limit:       # trim in amortised O(1)
-                cut = len(self._console) - limit
-                self.console_dropped += cut
-                del self._console[:cut]
+                del self._console[:len(self._console) - limit]
             if self.on_console:
                 self.on_console(bytes(data))
 

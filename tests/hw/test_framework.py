@@ -21,20 +21,33 @@ FAILING = textwrap.dedent("""
 
 
 def parse_ktap(text):
-    """A strict-enough KTAP v1 reader: version line, plan, then one result line per test."""
-    lines = [l for l in text.splitlines() if l.strip()]
-    assert lines[0] == "KTAP version 1", lines[0]
-    m = re.fullmatch(r"1\.\.(\d+)", lines[1])
-    assert m, lines[1]
-    results = []
-    for l in lines[2:]:
-        if l.startswith("#"):
-            continue
-        r = re.fullmatch(r"(ok|not ok) (\d+) (\S.*?)(?: # (SKIP|TODO)(?: (.*))?)?", l)
-        assert r, f"not a KTAP result line: {l!r}"
-        results.append((r.group(1), int(r.group(2)), r.group(3)))
-    assert [n for _, n, _ in results] == list(range(1, int(m.group(1)) + 1))
+    """A strict-enough KTAP v1 reader for --ktap's layout (one subtest per test module, see
+    pykvm/testing/ktap.py): at each level a version line, a plan and results numbered 1..N,
+    a subtest's lines indented two more spaces before its parent's result; returns the
+    innermost results (the tests) as (verdict, number, name)."""
+    lines = [l for l in text.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    results, rest = _ktap_level(lines, "")
+    assert not rest, rest
     return results
+
+
+def _ktap_level(lines, ind):
+    assert lines[0] == ind + "KTAP version 1", lines[0]
+    plan = re.fullmatch(re.escape(ind) + r"1\.\.(\d+)", lines[1])
+    assert plan, lines[1]
+    lines, n, leaves, sub = lines[2:], 0, [], None
+    while lines and lines[0].startswith(ind):
+        if lines[0].startswith(ind + "  "):
+            assert sub is None, lines[0]
+            sub, lines = _ktap_level(lines, ind + "  ")
+            continue
+        r = re.fullmatch(r"(ok|not ok) (\d+) ([^#]*[^#\s])"
+                         r"(?: # (SKIP|XFAIL|XPASS|ERROR)(?: .*)?)?", lines[0][len(ind):])
+        assert r and int(r.group(2)) == n + 1, f"not result {n + 1}: {lines[0]!r}"
+        leaves += sub if sub is not None else [(r.group(1), int(r.group(2)), r.group(3))]
+        lines, n, sub = lines[1:], n + 1, None
+    assert sub is None and n == int(plan.group(1)), (n, plan.group(0))
+    return leaves, lines
 
 
 def test_failing_guest_assert_fails_pytest_with_file_line_values(pytester):
