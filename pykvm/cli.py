@@ -96,6 +96,19 @@ def _cmdline(text: str) -> str:
     return text
 
 
+def _file_list(text: str) -> tuple:
+    """'a,b args,c' → ('a', 'b args', 'c'): QEMU's -initrd list, where each entry is a file name
+    optionally followed by arguments (multiboot module strings); each file must exist."""
+    items = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("needs at least one file")
+    for item in items:
+        path = item.split()[0]
+        if not os.path.isfile(path):
+            raise argparse.ArgumentTypeError(f"{path!r} is not a regular file")
+    return items
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -212,6 +225,7 @@ def cmd_run(args) -> int:
         opts["irqchip"] = opts["pit"] = True
     try:
         m = Machine(guest, mem_size=args.mem, vcpus=args.vcpus, cmdline=args.cmdline,
+                    initrd=args.initrd,
                     on_console=stream, native=not args.python_loop, **opts)
     except (GuestNotFound, LoadError, GuestMemoryError, ValueError) as e:
         return outcome("bad_input", status.BAD_INPUT, _one_line(e))
@@ -338,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds before the guest is stopped (exit 124; default 10; "
                    "0 = no deadline)")
     r.add_argument("--cmdline", type=_cmdline, default="", help="kernel command line (multiboot)")
+    r.add_argument("--initrd", type=_file_list, default=(), metavar="FILE[,FILE...]",
+                   help="files for the guest, as QEMU's -initrd (x86 multiboot: one module "
+                   "each; RISC-V: the initrd)")
     r.add_argument("--trace", action="store_true", help="print every exit and report that reaches "
                    "Python, then the exit counts and timing, to stderr")
     r.add_argument("--json", action="store_true", help="print one JSON object with exit, "

@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import guests, status
 from .arch import current as _arch
@@ -98,7 +98,8 @@ class Machine:
     the guest touches it). ``console_limit``: bytes of console output kept in :attr:`console`
     (older bytes are counted in ``console_dropped``; ``on_console`` still sees everything).
     ``report_limit``: guest reports kept in :attr:`reports` (more are counted in
-    ``reports_dropped``).
+    ``reports_dropped``). ``initrd``: paths of files to hand the guest (QEMU's ``-initrd``: on
+    x86 multiboot each is a module; on RISC-V the one file is the initrd).
 
     Raises :class:`ValueError` for bad arguments, :class:`~pykvm.loader.LoadError` for a bad
     image, :class:`~pykvm.errors.HostMemoryError` when RAM cannot be mapped and
@@ -109,7 +110,8 @@ class Machine:
                  vcpus: int = 1, cmdline: str = "", native: bool = True, kvm: Optional[Kvm] = None,
                  on_console: Optional[Callable[[bytes], None]] = None,
                  flat_addr: Optional[int] = None, flat_mode: str = "real",
-                 console_limit: int = 1 << 20, report_limit: int = 4096, **platform_opts):
+                 console_limit: int = 1 << 20, report_limit: int = 4096,
+                 initrd: Sequence[str] = (), **platform_opts):
         if not isinstance(vcpus, int) or vcpus < 1:
             raise ValueError(f"a machine needs at least one vCPU, got {vcpus!r}")
         self._closed = False
@@ -138,7 +140,8 @@ class Machine:
             image = guests.path(guest or guests.DEFAULT_GUEST) if guest is None or \
                 isinstance(guest, str) else guest
             self.image_name = image if isinstance(image, str) else "<bytes>"
-            self.image = self.platform.load(image, cmdline=cmdline, flat_addr=flat_addr,
+            self.image = self.platform.load(image, cmdline=cmdline, initrd=tuple(initrd),
+                                            flat_addr=flat_addr,
                                             flat_mode=flat_mode)
             self.vcpus = [self.vm.create_vcpu(i) for i in range(vcpus)]
             for i, v in enumerate(self.vcpus):

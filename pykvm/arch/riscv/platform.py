@@ -47,7 +47,9 @@ class Platform:
     def create_devices(self) -> None:
         pass
 
-    def load(self, image, *, cmdline="", flat_addr=None, flat_mode="riscv"):
+    def load(self, image, *, cmdline="", initrd=(), flat_addr=None, flat_mode="riscv"):
+        if initrd:
+            raise loader.LoadError("--initrd is not supported on this platform yet")
         self.cmdline = cmdline
         view = _RamView(self.m.vm.memory, self.m.ram.size)
         return loader.load_image(view, image, arch="riscv64", ram_base=RAM_BASE, reserved=None,

@@ -29,7 +29,9 @@ class Platform:
         if self.pit:
             vm.create_pit2()
 
-    def load(self, image, *, cmdline="", flat_addr=None, flat_mode="real"):
+    def load(self, image, *, cmdline="", initrd=(), flat_addr=None, flat_mode="real"):
+        if initrd:
+            raise loader.LoadError("--initrd is not supported on this platform yet")
         if flat_addr is None and isinstance(image, str) and image.endswith(".bin"):
             flat_addr = layout.REAL_MODE_LOAD_ADDR
         return loader.load_image(self.m.vm.memory, image, arch="x86_64", cmdline=cmdline,
