@@ -181,7 +181,7 @@ def _install_signal_handlers() -> None:
 
 def cmd_caps(args) -> int:
     from .kvm import Kvm
-    with Kvm(args.device) as kvm:
+    with Kvm() as kvm:
         info = kvm.info()
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=False))
@@ -277,7 +277,7 @@ def cmd_run(args) -> int:
 def cmd_regs(args) -> int:
     from .kvm import Kvm
     from .arch import current
-    with Kvm(args.device) as kvm, kvm.create_vm() as vm:
+    with Kvm() as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu()
         rows = current.describe_registers(vcpu)
     if args.json:
@@ -331,8 +331,19 @@ def cmd_guest_build(args) -> int:
     return 0
 
 
+def _device_option(parser) -> None:
+    parser.add_argument("--device", default=None, metavar="PATH",
+                        help="the KVM device (default: $PYKVM_DEVICE, else /dev/kvm)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="pykvm", description="A virtual machine monitor library over /dev/kvm.")
+    p = _Parser(prog="pykvm", description="A virtual machine monitor library over /dev/kvm.",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="The KVM device is /dev/kvm unless --device PATH or $PYKVM_DEVICE says "
+                "otherwise.\n\nexit status of every command: 0 success; 2 bad input (options, "
+                "images, names); 8 VMM or host error\n(KVM device missing or inaccessible, an "
+                "ioctl failed); 130 SIGINT; 143 SIGTERM; 141 stdout closed.\n`pykvm run` adds: "
+                "odd (V<<1)|1 isa-debug-exit; 4 guest failure; 6 unhandled exit; 124 timeout.")
     p.add_argument("--version", action="version", version=f"pykvm {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
@@ -362,16 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--irqchip", action="store_true", help="create the in-kernel irqchip and PIT")
     r.add_argument("--python-loop", action="store_true", help="run the exit loop in Python "
                    "instead of the C helper")
+    _device_option(r)
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("caps", help="what this KVM offers")
     c.add_argument("--json", action="store_true", help="JSON output")
-    c.add_argument("--device", default=None, help="KVM device (default /dev/kvm)")
+    _device_option(c)
     c.set_defaults(func=cmd_caps)
 
     g = sub.add_parser("regs", help="list a fresh vCPU's registers (name, id, size, value)")
     g.add_argument("--json", action="store_true")
-    g.add_argument("--device", default=None)
+    _device_option(g)
     g.set_defaults(func=cmd_regs)
 
     gl = sub.add_parser("guests", help="list (or --build) the built-in guests")
@@ -379,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     gl.set_defaults(func=cmd_guests)
 
     b = sub.add_parser("bench", help="benchmarks: C run loop vs Python loop, VM lifecycle")
+    _device_option(b)
     b.add_argument("--json", action="store_true")
     b.add_argument("--exits", type=_int_range(1, 10 ** 8), default=20000, metavar="N",
                    help="I/O exits per measurement (1..100000000)")
@@ -427,6 +440,8 @@ def main(argv=None) -> int:
             parser.print_help()
             return EXIT_USAGE
         from .errors import PykvmError
+        if getattr(args, "device", None):
+            os.environ["PYKVM_DEVICE"] = args.device     # every Kvm() of this process
         try:
             code = args.func(args)
         except PykvmError as e:

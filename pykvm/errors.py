@@ -139,3 +139,8 @@ class Busy(PykvmError):
 
 class HostMemoryError(PykvmError, MemoryError):
     """The host could not provide memory pykvm asked for (e.g. mapping guest RAM)."""
+
+
+class KvmDeviceError(PykvmError):
+    """The KVM device (``/dev/kvm``, ``--device``, ``$PYKVM_DEVICE``) cannot be used: missing,
+    no permission, or not a KVM device. The message says what to do about it."""

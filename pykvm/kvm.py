@@ -1,5 +1,7 @@
 """`Kvm`: the system file descriptor, /dev/kvm."""
+import errno
 import os
+import stat
 from typing import Dict, Optional, Union
 
 from . import abi
@@ -7,7 +9,7 @@ from ._fd import FdObject
 from ._ioctl import ioctl
 from .abi import ioctls
 from .arch import current as _arch
-from .errors import CapabilityMissing, KvmError, PykvmError
+from .errors import CapabilityMissing, KvmDeviceError, KvmError, PykvmError
 
 DEFAULT_PATH = "/dev/kvm"
 
@@ -25,6 +27,18 @@ def cap_number(cap: Union[str, int]) -> int:
         raise ValueError(f"unknown KVM capability {cap!r}") from None
 
 
+def _open_hint(path: str, e: OSError) -> str:
+    """One line on why ``path`` could not be opened and what to do."""
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return (f"permission denied opening {path}: add your user to the group that owns it "
+                f"(usually 'kvm': sudo usermod -aG kvm $USER, then log in again), or run as root")
+    if e.errno == errno.ENOENT:
+        return (f"{path} does not exist: load KVM (modprobe kvm_intel or kvm_amd), enable "
+                f"virtualization in the firmware, or pick a device with --device or "
+                f"$PYKVM_DEVICE")
+    return f"cannot open {path}: {e.strerror}"
+
+
 class Kvm(_arch.KvmArch, FdObject):
     """An open ``/dev/kvm``.
 
@@ -33,16 +47,32 @@ class Kvm(_arch.KvmArch, FdObject):
     """
 
     def __init__(self, path: Optional[str] = None):
-        self.path = path or os.environ.get("PYKVM_DEVICE", DEFAULT_PATH)
+        """Open the KVM device: ``path``, else ``$PYKVM_DEVICE``, else ``/dev/kvm``.
+
+        Raises :class:`~pykvm.errors.KvmDeviceError` (one line saying what to do) when the
+        device is missing, not accessible, not a character device or not KVM, or speaks another
+        KVM API version than 12."""
+        self.path = path or os.environ.get("PYKVM_DEVICE") or DEFAULT_PATH
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as e:
-            raise PykvmError(f"cannot open {self.path}: {e.strerror}") from e
+            raise KvmDeviceError(_open_hint(self.path, e)) from None
         self._own_fd(fd)
-        self.api_version = ioctl(fd, "KVM_GET_API_VERSION", ioctls.KVM_GET_API_VERSION)
+        try:
+            if not stat.S_ISCHR(os.fstat(fd).st_mode):
+                raise KvmDeviceError(f"{self.path} is not a KVM device (not a character device)")
+            try:
+                self.api_version = ioctl(fd, "KVM_GET_API_VERSION", ioctls.KVM_GET_API_VERSION)
+            except KvmError as e:
+                raise KvmDeviceError(f"{self.path} is not a KVM device (KVM_GET_API_VERSION: "
+                                     f"{e.errno_name})") from None
+        except BaseException:
+            self.close()
+            raise
         if self.api_version != 12:
             self.close()
-            raise PykvmError(f"{self.path}: KVM API version {self.api_version}, pykvm needs 12")
+            raise KvmDeviceError(f"{self.path}: KVM API version {self.api_version}, "
+                                 "pykvm needs 12")
         self.vcpu_mmap_size = ioctl(fd, "KVM_GET_VCPU_MMAP_SIZE", ioctls.KVM_GET_VCPU_MMAP_SIZE)
 
     arch = abi.ARCH
