@@ -1,5 +1,7 @@
 """pykvm: a virtual machine monitor library over Linux /dev/kvm.
 
+Example::
+
     from pykvm import Kvm
     with Kvm() as kvm:
         vm = kvm.create_vm()

@@ -57,7 +57,7 @@ class RunResult:
     :mod:`pykvm.status`). ``console``: the last ``console_limit`` bytes of output
     (``console_dropped`` counts older bytes not kept). ``exits``: exit counts by reason name.
     ``seconds``: wall time of the run. ``vcpu``: the vCPU whose event decided the run.
-    ``error``: the exception behind an "*_error" outcome (not in :meth:`as_dict`)."""
+    ``error``: the exception behind an ``..._error`` outcome (not in :meth:`as_dict`)."""
     exit: str
     exit_code: int
     console: bytes

@@ -1,7 +1,7 @@
 """KVM RISC-V ONE_REG register ids: encode, decode, name.
 
 A RISC-V ONE_REG id is a 64-bit number laid out like this (facts from the
-Linux uAPI, ``arch/riscv/include/uapi/asm/kvm.h`` and ``include/uapi/linux/kvm.h``):
+Linux uAPI, ``arch/riscv/include/uapi/asm/kvm.h`` and ``include/uapi/linux/kvm.h``)::
 
     bits 63..56  architecture   0x80 = RISC-V
     bits 55..52  size           log2 of the register size in bytes
