@@ -40,6 +40,7 @@ class Event:
 
     @property
     def name(self) -> str:
+        """A short name: the report kind, the exit name, or ``kind``."""
         if self.kind == "report":
             return self.report.kind
         if self.kind == "exit":
@@ -73,6 +74,7 @@ class RunResult:
 
     @property
     def console_text(self) -> str:
+        """The retained console output decoded as UTF-8 (bad bytes replaced)."""
         return self.console.decode("utf-8", "replace")
 
     def as_dict(self) -> dict:
@@ -159,6 +161,7 @@ class Machine:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` has begun."""
         return self._closed
 
     @property
@@ -280,9 +283,11 @@ class Machine:
         return ev.report.values_list
 
     def done(self, index: int = 0, *, timeout: float = 10.0) -> None:
+        """Expect GUEST_DONE from vCPU ``index`` within ``timeout`` seconds (see :meth:`expect`)."""
         self.expect("done", index, timeout=timeout)
 
     def describe(self, ev: Event) -> str:
+        """One human-readable line for an :class:`Event` (used in assertion messages)."""
         if ev.kind == "report":
             return ev.report.describe()
         if ev.kind == "exit":

@@ -28,21 +28,26 @@ class MemorySlot:
 
     @property
     def host_addr(self) -> int:
+        """Host virtual address of the slot's mapping (int; valid while the slot exists)."""
         return int(ffi.cast("uintptr_t", self._pin))
 
     @property
     def readonly(self) -> bool:
+        """True if the guest cannot write the slot (``KVM_MEM_READONLY``: writes exit as MMIO)."""
         return bool(self.flags & abi.MEM_READONLY)
 
     @property
     def log_dirty(self) -> bool:
+        """True if KVM logs the pages the guest writes (``KVM_MEM_LOG_DIRTY_PAGES``)."""
         return bool(self.flags & abi.MEM_LOG_DIRTY_PAGES)
 
     @property
     def end(self) -> int:
+        """Guest-physical address one past the slot's last byte."""
         return self.gpa + self.size
 
     def contains(self, gpa: int, n: int = 1) -> bool:
+        """True if guest-physical [gpa, gpa + n) lies wholly inside this slot."""
         return self.gpa <= gpa and gpa + n <= self.end
 
     def _release(self) -> None:
@@ -95,6 +100,7 @@ class GuestMemory:
         return end
 
     def slot_at(self, gpa: int) -> Optional[MemorySlot]:
+        """The slot backing guest-physical ``gpa``, or None. Raises :class:`~pykvm.errors.Closed` after the VM is closed."""
         if self.closed:
             raise Closed("guest memory is closed (its VM was closed)")
         for s in self._slots:
@@ -139,15 +145,19 @@ class GuestMemory:
         return memoryview(s._map)[o:o + k]
 
     def read_u64(self, gpa: int) -> int:
+        """The little-endian u64 at guest-physical ``gpa`` (raises GuestMemoryError if unbacked)."""
         return int.from_bytes(self.read(gpa, 8), "little")
 
     def write_u64(self, gpa: int, value: int) -> None:
+        """Store ``value`` (taken mod 2**64) little-endian at guest-physical ``gpa``."""
         self.write(gpa, (value & (2**64 - 1)).to_bytes(8, "little"))
 
     def read_u32(self, gpa: int) -> int:
+        """The little-endian u32 at guest-physical ``gpa`` (raises GuestMemoryError if unbacked)."""
         return int.from_bytes(self.read(gpa, 4), "little")
 
     def write_u32(self, gpa: int, value: int) -> None:
+        """Store ``value`` (taken mod 2**32) little-endian at guest-physical ``gpa``."""
         self.write(gpa, (value & 0xFFFFFFFF).to_bytes(4, "little"))
 
     def read_cstring(self, gpa: int, limit: int = 4096) -> str:

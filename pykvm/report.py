@@ -29,6 +29,7 @@ class Report:
 
     @property
     def stage(self) -> Optional[int]:
+        """SYNC: the stage number (args[0]); None for other kinds."""
         return self.args[0] if self.kind == "sync" and self.args else None
 
     @property
@@ -37,6 +38,7 @@ class Report:
         return self.args[1:] if self.kind == "sync" else self.args
 
     def describe(self) -> str:
+        """One line describing the report, e.g. ``guest assertion failed at file.c:12: x == 1``."""
         if self.kind == "assert":
             s = f"guest assertion failed at {self.file}:{self.line}: {self.text}"
             if self.values is not None:
