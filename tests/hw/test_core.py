@@ -11,7 +11,7 @@ import pytest
 
 from pykvm import GuestMemoryError, Kvm, KvmError
 from pykvm.abi import ioctls
-from pykvm.arch.x86.mixins import msr_reg_id
+from pykvm.arch.x86.regs import msr_reg_id
 from pykvm.runloop import PyRunLoop, RunLoop
 
 EFER, STAR, TSC = 0xC0000080, 0xC0000081, 0x10

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pykvm.arch.x86.mixins import msr_reg_id
+from pykvm.arch.x86.regs import msr_reg_id
 from pykvm.report import GuestAssertion
 
 pytestmark = pytest.mark.requires_arch("x86_64")

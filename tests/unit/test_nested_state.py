@@ -4,7 +4,7 @@ import struct
 import pytest
 
 from pykvm.arch.x86 import svm
-from pykvm.arch.x86.mixins import CpuidEntry, cpuid_lookup
+from pykvm.arch.x86.regs import CpuidEntry, cpuid_lookup
 from pykvm.arch.x86.nested import (FLAGS, NestedState, enable_svm_cpuid, has_svm_cpuid)
 
 HDR = 128

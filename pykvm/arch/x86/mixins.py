@@ -6,16 +6,7 @@ from ... import abi
 from ..._ioctl import ioctl
 from ...abi import ffi, ioctls
 from ...errors import KvmTooBig
-
-REG_TYPE_MSR = abi.arch.REG_TYPE_MSR
-
-
-def msr_reg_id(index: int) -> int:
-    """The ONE_REG id of MSR ``index`` (Linux 6.18+): X86 | U64 | type MSR << 32 | index."""
-    if not 0 <= index <= 0xFFFFFFFF:
-        raise ValueError(f"MSR index {index:#x} out of range")
-    return abi.REG_X86 | abi.REG_SIZES["U64"] | (REG_TYPE_MSR << 32) | index
-
+from .regs import REG_TYPE_MSR, CpuidEntry, cpuid_lookup, msr_reg_id  # noqa: F401 (public home)
 
 def _grow(fd, name, request, ctype, count_field, array_field, first=64, limit=1 << 16):
     """Call a KVM 'fill this array' ioctl, growing the buffer on E2BIG."""
@@ -33,35 +24,9 @@ def _grow(fd, name, request, ctype, count_field, array_field, first=64, limit=1 
     raise RuntimeError(f"{name}: more than {limit} entries")
 
 
-class CpuidEntry(tuple):
-    """(function, index, flags, eax, ebx, ecx, edx)."""
-    __slots__ = ()
-
-    def __new__(cls, function, index, flags, eax, ebx, ecx, edx):
-        return tuple.__new__(cls, (function, index, flags, eax, ebx, ecx, edx))
-
-    function = property(lambda s: s[0])
-    index = property(lambda s: s[1])
-    flags = property(lambda s: s[2])
-    eax = property(lambda s: s[3])
-    ebx = property(lambda s: s[4])
-    ecx = property(lambda s: s[5])
-    edx = property(lambda s: s[6])
-
-    def _replace_ebx(self, ebx: int) -> "CpuidEntry":
-        return CpuidEntry(self[0], self[1], self[2], self[3], ebx, self[5], self[6])
-
-
 def _cpuid_entries(c) -> List[CpuidEntry]:
     return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
             for e in (c.entries[i] for i in range(c.nent))]
-
-
-def cpuid_lookup(entries: Iterable[CpuidEntry], function: int, index: int = 0) -> Optional[CpuidEntry]:
-    for e in entries:
-        if e.function == function and (e.index == index or not e.flags & 1):
-            return e
-    return None
 
 
 class KvmArch:

@@ -1,0 +1,46 @@
+"""x86 register helpers for users of :class:`~pykvm.vcpu.Vcpu`: ONE_REG ids of MSRs and CPUID
+entries as returned by ``Kvm.supported_cpuid()`` / accepted by ``Vcpu.set_cpuid()``.
+
+    from pykvm.arch.x86.regs import msr_reg_id
+    vcpu.get_one_reg(msr_reg_id(0xC0000081))     # MSR STAR
+"""
+from typing import Iterable, Optional
+
+from ... import abi
+
+REG_TYPE_MSR = abi.arch.REG_TYPE_MSR
+
+
+def msr_reg_id(index: int) -> int:
+    """The ONE_REG id of MSR ``index`` (Linux 6.18+): X86 | U64 | type MSR << 32 | index."""
+    if not 0 <= index <= 0xFFFFFFFF:
+        raise ValueError(f"MSR index {index:#x} out of range")
+    return abi.REG_X86 | abi.REG_SIZES["U64"] | (REG_TYPE_MSR << 32) | index
+
+
+class CpuidEntry(tuple):
+    """(function, index, flags, eax, ebx, ecx, edx)."""
+    __slots__ = ()
+
+    def __new__(cls, function, index, flags, eax, ebx, ecx, edx):
+        return tuple.__new__(cls, (function, index, flags, eax, ebx, ecx, edx))
+
+    function = property(lambda s: s[0])
+    index = property(lambda s: s[1])
+    flags = property(lambda s: s[2])
+    eax = property(lambda s: s[3])
+    ebx = property(lambda s: s[4])
+    ecx = property(lambda s: s[5])
+    edx = property(lambda s: s[6])
+
+    def _replace_ebx(self, ebx: int) -> "CpuidEntry":
+        return CpuidEntry(self[0], self[1], self[2], self[3], ebx, self[5], self[6])
+
+
+def cpuid_lookup(entries: Iterable[CpuidEntry], function: int, index: int = 0) -> Optional[CpuidEntry]:
+    """The entry for leaf ``function`` (and sub-leaf ``index`` where the entry is indexed,
+    ``KVM_CPUID_FLAG_SIGNIFCANT_INDEX``), or None."""
+    for e in entries:
+        if e.function == function and (e.index == index or not e.flags & 1):
+            return e
+    return None
