@@ -4,10 +4,30 @@ from typing import Optional
 
 from ... import loader, status
 from ...report import decode as decode_report
-from . import boot, layout
+from . import boot, layout, linux
 from .mixins import CpuidEntry
 
 REPORT_PORT = 0x1000
+
+
+def _looks_like_bzimage(image) -> bool:
+    """Peek at the setup header (first 0x210 bytes) of a path or bytes."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return linux.is_bzimage(bytes(image[:0x210]))
+    import os
+    import stat
+    try:
+        if not stat.S_ISREG(os.stat(image).st_mode):
+            return False                      # never open a FIFO or device to peek
+        fd = os.open(image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, TypeError, ValueError):
+        return False                          # the loader reports what is wrong
+    try:
+        return linux.is_bzimage(os.read(fd, 0x210))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 class Platform:
@@ -30,6 +50,16 @@ class Platform:
             vm.create_pit2()
 
     def load(self, image, *, cmdline="", initrd=(), flat_addr=None, flat_mode="real"):
+        if _looks_like_bzimage(image):
+            # A Linux kernel expects a PC: the in-kernel irqchip (local APICs, IOAPIC, PIC) and
+            # PIT. vCPUs do not exist yet, so it is not too late to create them.
+            if not self.irqchip:
+                self.m.vm.create_irqchip()
+                self.irqchip = True
+            if not self.pit:
+                self.m.vm.create_pit2()
+                self.pit = True
+            return linux.load(self.m.vm.memory, image, cmdline=cmdline, initrd=initrd)
         if initrd:
             raise loader.LoadError("--initrd is not supported on this platform yet")
         if flat_addr is None and isinstance(image, str) and image.endswith(".bin"):
@@ -59,6 +89,10 @@ class Platform:
 
     def setup_vcpu(self, vcpu, index: int) -> None:
         vcpu.set_cpuid(self.vcpu_cpuid(index))
+        if isinstance(self.m.image, linux.LinuxImage):
+            if index == 0:                   # the kernel starts the others by INIT/SIPI
+                linux.setup_boot_cpu(vcpu, self.m.vm.memory, self.m.image)
+            return
         boot.setup_for_image(vcpu, self.m.vm.memory, self.m.image, vcpu_index=index)
 
     def report_from_exit(self, index: int, ex) -> Optional[object]:
