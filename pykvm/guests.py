@@ -1,7 +1,16 @@
 """Find (and, in a source checkout, build) pykvm's built-in guests.
 
-Guests are searched in order: ``$PYKVM_GUESTS_DIR``, then ``<checkout>/build/guests`` (built
-from ``guests/`` with ``make`` when missing or older than their sources).
+Guests are searched in order:
+
+1. ``$PYKVM_GUESTS_DIR/<arch dir>`` when that variable is set;
+2. ``pykvm/guests_bin/<arch dir>`` inside the package: a wheel built by ``setup.py`` carries the
+   built-in guests there (compiled from ``guests/`` with the host toolchain when the wheel was
+   built);
+3. ``<checkout>/build/guests/<arch dir>`` in a source checkout (an editable install), built from
+   ``guests/`` with ``make`` when missing or older than their sources.
+
+``<arch dir>`` is ``x86`` or ``riscv``. A name ending in ``.c`` or ``.S`` is a guest source of
+your own: it is compiled with the packaged guest runtime (see :mod:`pykvm.guestbuild`).
 """
 import os
 import shutil
@@ -9,10 +18,10 @@ import subprocess
 import threading
 from typing import List, Optional
 
-from . import abi
 from .errors import PykvmError
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_DIR = os.path.join(_HERE, "guests_bin")
 CHECKOUT = os.path.dirname(_HERE)
 SOURCE_DIR = os.path.join(CHECKOUT, "guests")
 BUILD_DIR = os.path.join(CHECKOUT, "build", "guests")
@@ -21,8 +30,13 @@ _lock = threading.Lock()
 _built = False
 
 
+def _host_arch() -> str:
+    m = os.uname().machine
+    return "x86_64" if m in ("x86_64", "amd64") else m
+
+
 class GuestNotFound(PykvmError):
-    pass
+    """No built-in guest of that name; the message lists the directories searched."""
 
 
 def _newest_source() -> float:
@@ -34,50 +48,102 @@ def _newest_source() -> float:
 
 
 def build(out: str = BUILD_DIR, *, force: bool = False) -> str:
-    """Build the guests from ``guests/`` into ``out`` (make is incremental)."""
+    """Build the guests from ``guests/`` into ``out`` (make is incremental). Only in a source
+    checkout: an installed wheel carries its guests already built (``pykvm/guests_bin``)."""
     global _built
     with _lock:
         if _built and not force:
             return out
         if not os.path.isdir(SOURCE_DIR):
-            raise GuestNotFound("no guests/ source directory next to this pykvm")
-        r = subprocess.run(["make", "-s", "-C", SOURCE_DIR, f"OUT={out}"],
-                           capture_output=True, text=True)
+            where = (f"this pykvm carries its guests prebuilt in {PACKAGE_DIR}"
+                     if os.path.isdir(PACKAGE_DIR) else
+                     f"this pykvm ({_HERE}) was installed without built-in guests")
+            raise GuestNotFound(f"no guests/ source directory next to this pykvm ({SOURCE_DIR}): "
+                                f"{where}; building them works only in a source checkout")
+        if not shutil.which("make"):
+            raise PykvmError("building guests needs 'make' (and gcc, binutils) on PATH")
+        r = subprocess.run(["make", "-s", "-C", SOURCE_DIR, f"OUT={out}",
+                            f"-j{os.cpu_count() or 1}"], capture_output=True, text=True)
         if r.returncode != 0:
             raise PykvmError(f"building guests failed:\n{r.stderr[-4000:]}")
         _built = True
         return out
 
 
-def guest_dirs(arch: str = abi.ARCH) -> List[str]:
-    sub = _ARCH_DIR.get(arch, arch)
+def _in_checkout() -> bool:
+    return os.path.isdir(SOURCE_DIR) or os.path.isdir(BUILD_DIR)
+
+
+def guest_dirs(arch: Optional[str] = None) -> List[str]:
+    """The directories searched for built-in ``arch`` guests (default: the host's), in order."""
+    sub = _ARCH_DIR.get(arch or _host_arch(), arch or _host_arch())
     dirs = []
     env = os.environ.get("PYKVM_GUESTS_DIR")
     if env:
         dirs.append(os.path.join(env, sub))
-    dirs.append(os.path.join(BUILD_DIR, sub))
+    dirs.append(os.path.join(PACKAGE_DIR, sub))
+    if _in_checkout():
+        dirs.append(os.path.join(BUILD_DIR, sub))
     return dirs
 
 
-def path(name: str, arch: str = abi.ARCH) -> str:
-    """The image file of built-in guest ``name`` (``hello``, ``msr``, ...)."""
+def _find(d: str, name: str) -> Optional[str]:
+    for ext in (".bin", ".elf"):   # a flat binary is the real image when both exist
+        p = os.path.join(d, name + ext)
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def _not_found(name: str, arch: str) -> GuestNotFound:
+    looked = []
+    for d in guest_dirs(arch):
+        state = "" if os.path.isdir(d) else " (absent)"
+        looked.append(d + state)
+    hint = ""
+    if not _in_checkout() and not os.path.isdir(os.path.join(PACKAGE_DIR, _ARCH_DIR.get(arch, arch))):
+        hint = ("; this installation has no built-in guests for it (a wheel carries those "
+                "its build machine's toolchain could build)")
+    else:
+        hint = "; `pykvm guests` lists the built-in guests"
+    return GuestNotFound(f"no built-in {arch} guest named {name!r} (looked in "
+                         f"{', '.join(looked)}){hint}")
+
+
+def path(name: str, arch: Optional[str] = None) -> str:
+    """The image file of built-in guest ``name`` (``hello``, ``msr``, ...). A path is returned
+    as it is; a ``.c``/``.S`` source is built (see :func:`pykvm.guestbuild.build`) and its
+    image returned."""
+    if name.endswith((".c", ".S")):
+        from .guestbuild import build as build_source
+        return build_source(name, arch=arch)
     if os.sep in name or name.endswith((".elf", ".bin")):
         return name
-    can_build = os.path.isdir(SOURCE_DIR) and shutil.which("make")
-    newest = _newest_source() if can_build else 0.0
-    for attempt in range(2):
-        for d in guest_dirs(arch):
-            for ext in (".bin", ".elf"):   # a flat binary is the real image when both exist
-                p = os.path.join(d, name + ext)
-                if os.path.exists(p) and (attempt or os.path.getmtime(p) >= newest):
-                    return p
-        if attempt == 0 and can_build:
+    arch = arch or _host_arch()
+    sub = _ARCH_DIR.get(arch, arch)
+    checkout_dir = os.path.join(BUILD_DIR, sub)
+    for d in guest_dirs(arch):
+        if d == checkout_dir:
+            continue
+        p = _find(d, name)
+        if p:
+            return p
+    if _in_checkout():
+        can_build = os.path.isdir(SOURCE_DIR) and shutil.which("make")
+        newest = _newest_source() if can_build else 0.0
+        p = _find(checkout_dir, name)
+        if p and os.path.getmtime(p) >= newest:
+            return p
+        if can_build:
             build()
-    raise GuestNotFound(f"no built-in {arch} guest named {name!r} (looked in "
-                        f"{', '.join(guest_dirs(arch))})")
+            p = _find(checkout_dir, name)
+        if p:
+            return p
+    raise _not_found(name, arch)
 
 
-def available(arch: str = abi.ARCH) -> List[str]:
+def available(arch: Optional[str] = None) -> List[str]:
+    """The names of the built-in guests found for ``arch`` (default: the host's)."""
     names = set()
     for d in guest_dirs(arch):
         if os.path.isdir(d):
@@ -89,4 +155,5 @@ DEFAULT_GUEST = "hello"
 
 
 def default_path() -> Optional[str]:
+    """The image of the default guest (``hello``), what ``pykvm run`` boots without a GUEST."""
     return path(DEFAULT_GUEST)

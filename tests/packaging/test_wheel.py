@@ -1,0 +1,229 @@
+"""Issue 9: pykvm as a new user gets it — an sdist, a wheel built from it, installed (with pytest)
+into a fresh virtualenv outside the repository. Everything below runs there, from a directory
+that is not the checkout: the built-in guests, the command line, a user's own guest beside the
+user's test, the README's test example verbatim, and the plugin's cost.
+
+One virtualenv serves the whole module: building the sdist and the wheel and installing it take
+about 45 s here, the checks a few seconds each."""
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from importtime import importtime_lines, pykvm_cost_us
+from readme_example import write_example
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
+                                 "*.pyc", "*.so", "*.o", ".pytest_cache", "out")
+
+
+def _run(cmd, **kw):
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    kw.setdefault("timeout", 600)
+    return subprocess.run(cmd, **kw)
+
+
+def _copy_source(dst):
+    """The checkout's files as git sees them (tracked, or new and not ignored)."""
+    r = _run(["git", "-C", ROOT, "ls-files", "-z", "-co", "--exclude-standard"]) \
+        if shutil.which("git") and os.path.isdir(os.path.join(ROOT, ".git")) else None
+    if r is None or r.returncode != 0:
+        shutil.copytree(ROOT, dst, ignore=_IGNORE)
+        return
+    for rel in filter(None, r.stdout.split("\0")):
+        src = os.path.join(ROOT, rel)
+        if os.path.isfile(src):
+            os.makedirs(os.path.join(dst, os.path.dirname(rel)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dst, rel))
+
+
+def _build_requires(pyproject):
+    try:
+        import tomllib                                   # Python >= 3.11
+    except ImportError:
+        import ast
+        import re
+        text = open(pyproject).read()
+        return ast.literal_eval(re.search(r"^requires\s*=\s*(\[.*?\])", text, re.M | re.S).group(1))
+    with open(pyproject, "rb") as f:
+        return tomllib.load(f)["build-system"]["requires"]
+
+
+class Venv:
+    def __init__(self, root):
+        self.root = root
+        self.bin = os.path.join(root, "venv", "bin")
+        self.home = os.path.join(root, "home")            # the user's directory: not the checkout
+        self.cache = os.path.join(root, "cache")
+        os.makedirs(self.home)
+
+    def env(self, **extra):
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PYTEST_", "PYKVM_")) and k not in
+               ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME", "PYTHONDONTWRITEBYTECODE",
+                "PYTHONPYCACHEPREFIX")}
+        env["PATH"] = self.bin + os.pathsep + env.get("PATH", "")
+        env["PYKVM_CACHE"] = self.cache
+        env.update(extra)
+        return env
+
+    def run(self, *cmd, cwd=None, env=None, **kw):
+        return _run(list(cmd), cwd=cwd or self.home, env=env or self.env(), **kw)
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("wheel"))
+    assert not root.startswith(ROOT + os.sep)
+    src, dist = os.path.join(root, "src"), os.path.join(root, "dist")
+    _copy_source(src)
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    # the sdist, then a wheel built from it, by the standard front end (PEP 517); the project's
+    # own build (setup.py) builds the guests and copies the guest runtime. The front end runs
+    # environments), in a virtualenv of its own that holds the build requirements once
+    tools = os.path.join(root, "buildtools")
+    r = _run([base, "-m", "venv", tools])
+    assert r.returncode == 0, r.stderr
+    requires = _build_requires(os.path.join(src, "pyproject.toml"))
+    r = _run([os.path.join(tools, "bin", "python"), "-m", "pip", "install", "-q", "build",
+              *requires])
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _run([os.path.join(tools, "bin", "python"), "-m", "build", "--no-isolation",
+              "--outdir", dist, src], cwd=root)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert any(f.endswith(".tar.gz") for f in os.listdir(dist)), os.listdir(dist)
+    wheel = [os.path.join(dist, f) for f in os.listdir(dist) if f.endswith(".whl")]
+    assert len(wheel) == 1, os.listdir(dist)
+    r = _run([base, "-m", "venv", os.path.join(root, "venv")])
+    assert r.returncode == 0, r.stderr
+    v = Venv(root)
+    r = v.run(os.path.join(v.bin, "python"), "-m", "pip", "install", "-q", wheel[0], "pytest")
+    assert r.returncode == 0, r.stdout + r.stderr
+    v.wheel = wheel[0]
+    return v
+
+
+def test_wheel_carries_guests_and_runtime(venv):
+    import zipfile
+    names = zipfile.ZipFile(venv.wheel).namelist()
+    assert "pykvm/guests_bin/x86/hello.elf" in names and "pykvm/guests_bin/x86/hello16.bin" in names
+    for f in ("include/pykvm_guest.h", "x86/rt64/crt0.S", "x86/rt64/link.ld", "x86/rt32/link.ld",
+              "x86/rt16/link.ld", "common/report.c", "riscv/rt/link.ld"):
+        assert f"pykvm/guest_runtime/{f}" in names, f
+    if shutil.which("riscv64-linux-gnu-gcc"):
+        assert "pykvm/guests_bin/riscv/hello.elf" in names
+    r = venv.run("python", "-c", "import pykvm, os; print(os.path.dirname(pykvm.__file__))")
+    assert r.stdout.strip().startswith(os.path.join(venv.root, "venv")), r.stdout + r.stderr
+
+
+def test_pykvm_guests_lists_the_builtin_guests(venv):
+    r = venv.run("pykvm", "guests")
+    assert r.returncode == 0, r.stderr
+    listed = r.stdout.split()
+    for g in ("hello", "hello16", "hello32", "msr", "cpuid", "assert_fail"):
+        assert g in listed, r.stdout
+
+
+@pytest.mark.requires_kvm
+def test_pykvm_run_boots_the_default_guest(venv):
+    r = venv.run("pykvm", "run", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hello from pykvm guest!\nmode: long (64-bit)\n"), r.stdout
+    r = venv.run("pykvm", "run", "hello16", timeout=120)
+    assert r.returncode == 0 and "mode: real (16-bit)" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.requires_kvm
+def test_pykvm_bench_finds_its_guest(venv):
+    r = venv.run("pykvm", "bench", "--exits", "500", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+USER_GUEST = r"""
+    #include "pykvm_guest.h"
+
+    void guest_main(void)
+    {
+        uint64_t n = pykvm_params[0];
+
+        GUEST_PRINTF("counting to %d\n", (int)n);
+        GUEST_SYNC(1, n * (n + 1) / 2);
+        GUEST_ASSERT_EQ(n, 10);
+    }
+"""
+
+USER_TEST = r"""
+    def test_my_guest(guest_vm):
+        m = guest_vm("guests/count.c")
+        m.set_params(10)
+        assert m.sync(stage=1) == (55,)
+        m.done()
+        assert b"counting to 10" in m.console
+"""
+
+
+@pytest.mark.requires_kvm
+def test_users_own_guest_beside_the_users_test(venv):
+    proj = os.path.join(venv.home, "myproject")
+    os.makedirs(os.path.join(proj, "tests", "guests"))
+    with open(os.path.join(proj, "tests", "guests", "count.c"), "w") as f:
+        f.write(textwrap.dedent(USER_GUEST))
+    with open(os.path.join(proj, "tests", "test_count.py"), "w") as f:
+        f.write(textwrap.dedent(USER_TEST))
+    r = venv.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=proj,
+                 timeout=300)
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout + r.stderr
+    # and on the command line
+    r = venv.run("pykvm", "guest", "build", "tests/guests/count.c", cwd=proj)
+    assert r.returncode == 0 and r.stdout.strip().startswith(venv.cache), r.stdout + r.stderr
+    r = venv.run("pykvm", "run", r.stdout.strip(), cwd=proj, timeout=120)
+    assert (r.returncode, r.stdout) == (4, "counting to 0\n")          # n = 0: its assert fails
+    assert "guest assertion failed at count.c:10: n == 10" in r.stderr, r.stderr
+
+
+@pytest.mark.requires_kvm
+def test_readme_example_verbatim(venv):
+    d = os.path.join(venv.home, "readme")
+    os.makedirs(d)
+    write_example(d)
+    r = venv.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=d, timeout=300)
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout + r.stderr
+
+
+def test_no_kvm_skips_and_the_plugin_costs_nothing(venv):
+    d = os.path.join(venv.home, "nokvm")
+    os.makedirs(d)
+    with open(os.path.join(d, "test_hw.py"), "w") as f:
+        f.write(textwrap.dedent("""
+            import sys
+
+            def test_vm(guest_vm):
+                guest_vm("hello")
+
+            def test_plain():
+                assert "pykvm.abi" not in sys.modules
+        """))
+    env = venv.env(PYKVM_DEVICE=os.path.join(d, "no-such-kvm"))
+    r = venv.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", cwd=d, env=env)
+    assert r.returncode == 0 and "1 passed, 1 skipped" in r.stdout, r.stdout + r.stderr
+    assert "pykvm: host lacks a usable" in r.stdout
+    empty = os.path.join(venv.home, "empty")
+    os.makedirs(empty)
+    r = venv.run("python", "-X", "importtime", "-m", "pytest", "--co", "-q", cwd=empty)
+    assert r.returncode == 5, r.stdout + r.stderr
+    rows = importtime_lines(r.stderr)
+    assert rows and not [n for _, _, n in rows if n.split(".")[0] in ("cffi", "_cffi_backend")]
+    assert pykvm_cost_us(rows) < 5000    # entry-point loads are not listed; heavy imports would be
+    costs = []
+    for _ in range(3):
+        r = venv.run("python", "-X", "importtime", "-c", "import pytest, pykvm.testing.plugin",
+                     cwd=empty)
+        rows = importtime_lines(r.stderr)
+        assert "pykvm.testing.plugin" in [n for _, _, n in rows], r.stderr[-1500:]
+        costs.append(pykvm_cost_us(rows))
+    assert min(costs) < 5000, costs
