@@ -30,6 +30,7 @@ from collections import namedtuple
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
+from . import linux_image
 from .arch.x86 import layout as x86_layout
 from .errors import PykvmError
 
@@ -649,15 +650,19 @@ def parse_flat(data: bytes, addr: int, *, mode: str = "real", entry: Optional[in
 @_load_errors_only
 def parse_image(image: Image, *, arch: str = "x86_64", flat_addr: Optional[int] = None,
                 flat_mode: str = "real", flat_entry: Optional[int] = None,
-                max_size: Optional[int] = None) -> LoadPlan:
-    """Parse any supported image: ELF (see :func:`parse_elf`), a non-ELF file with a multiboot
-    header using the a.out kludge, or a flat binary (needs ``flat_addr``). Images larger than
-    ``max_size`` (default :data:`MAX_IMAGE_SIZE`) are refused without being read."""
+                max_size: Optional[int] = None, ram_base: Optional[int] = None) -> LoadPlan:
+    """Parse any supported image: ELF (see :func:`parse_elf`), a Linux Image (RISC-V/arm64
+    header, loaded at ``ram_base`` + its text_offset: :mod:`pykvm.linux_image`), a non-ELF file
+    with a multiboot header using the a.out kludge, or a flat binary (needs ``flat_addr``).
+    Images larger than ``max_size`` (default :data:`MAX_IMAGE_SIZE`) are refused without being
+    read."""
     if arch not in _ARCHES:
         raise LoadError(f"unknown architecture {arch!r} (known: {', '.join(_ARCHES)})")
     data = _read_image(image, max_size, "max_size")
     if is_elf(data):
         return parse_elf(data, arch=arch)
+    if linux_image.detect(data) is not None:
+        return linux_image.load_plan(data, arch=arch, ram_base=ram_base)
     if arch == "x86_64":
         mb = find_multiboot_header(data)
         if mb is not None and mb.aout_kludge:
@@ -724,7 +729,8 @@ def load_image(mem, image: Image, *, arch: str = "x86_64", cmdline: str = "",
     _check_int("RAM size", ram_size)
     data = _read_image(image, ram_size, "guest RAM")
     plan = parse_image(data, arch=arch, flat_addr=flat_addr, flat_mode=flat_mode,
-                       flat_entry=flat_entry, max_size=len(data))      # already bounded
+                       flat_entry=flat_entry, max_size=len(data),      # already bounded
+                       ram_base=ram_base)
     plan.validate(ram_size, ram_base=ram_base, reserved=reserved)
     mbi_addr = None
     mbi = None
