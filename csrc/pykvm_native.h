@@ -56,10 +56,13 @@ struct pykvm_loop {
     uint16_t debugcon_port;          /* 0xe9, 0 = none */
     uint16_t exit_port;              /* first isa-debug-exit port (0xf4), 0 = none */
     uint16_t sbi_console;            /* serve SBI DBCN write / write_byte in C (RISC-V) */
-    uint8_t uart[8];                 /* 16550 register file */
+    uint8_t uart[8];                 /* 16550 register file (the port UART and the MMIO one) */
     uint8_t uart_dll, uart_dlm;
     uint8_t exit_port_size;          /* isa-debug-exit ports: [exit_port, exit_port + size) */
     uint8_t _pad1[5];
+    uint64_t uart_mmio_base;         /* ns16550a as MMIO (RISC-V virt: 0x10000000), 0 = none */
+    uint32_t uart_mmio_shift;        /* register stride: reg N at base + (N << shift) */
+    uint32_t _pad3;
 
     uint32_t nram;                   /* valid entries in ram[] */
     uint32_t _pad2;

@@ -1,7 +1,7 @@
 /*
  * The vCPU run loop. One call runs KVM_RUN until an exit Python must see. The exits it serves
- * itself: console ports (a 16550 at serial_base, the 0xe9 debug port), the exit port, coalesced
- * MMIO drains; it counts every exit, honours a deadline and an exit budget, and stops on a kick.
+ * itself: console ports (a 16550 at serial_base, the 0xe9 debug port), an ns16550a as MMIO at
+ * uart_mmio_base, the SBI debug console, the exit port, coalesced MMIO drains; it counts every exit, honours a deadline and an exit budget, and stops on a kick.
  *
  * Kicks are race-free: the kicker sets kvm_run.immediate_exit and then signals the vCPU thread.
  * If the signal lands before KVM_RUN, immediate_exit makes KVM_RUN return EINTR at once; if it
@@ -161,6 +161,46 @@ static uint8_t uart_read(struct pykvm_loop *l, unsigned reg)
     }
 }
 
+/* A write of v to register reg; returns 0 when THR output found the console buffer full. */
+static int uart_write(struct pykvm_loop *l, unsigned reg, uint8_t v)
+{
+    if ((l->uart[UART_LCR] & UART_LCR_DLAB) && reg <= 1) {
+        if (reg == 0) l->uart_dll = v; else l->uart_dlm = v;
+    } else if (reg == UART_THR) {
+        return console_put(l, &v, 1);
+    } else if (reg != UART_LSR && reg != UART_MSR && reg != UART_IIR) {
+        l->uart[reg] = v;          /* IER, LCR, MCR, SCR read back; FCR (at IIR) is dropped */
+    }
+    return 1;
+}
+
+/* ---- ns16550a as MMIO (RISC-V virt) -----------------------------------------------------
+ * The same register file as the port UART above, at uart_mmio_base with a stride of
+ * 1 << uart_mmio_shift bytes. An access of any width hits the register at its address: a write
+ * uses its low byte, a read returns the register in the low byte and zeroes above. Addresses
+ * between registers (with a stride > 1) or past the eighth register are not ours. */
+enum mmio_result { MMIO_NOT_OURS, MMIO_DONE, MMIO_STOP_CONSOLE_FULL };
+
+static enum mmio_result serve_uart_mmio(struct pykvm_loop *l, struct kvm_run *run)
+{
+    uint64_t base = l->uart_mmio_base, addr = run->mmio.phys_addr, off;
+    uint32_t shift = l->uart_mmio_shift, len = run->mmio.len;
+    unsigned reg;
+
+    if (!base || addr < base || shift > 2 || len == 0 || len > 8)
+        return MMIO_NOT_OURS;
+    off = addr - base;
+    if (off >= (8ULL << shift) || (off & ((1ULL << shift) - 1)))
+        return MMIO_NOT_OURS;
+    reg = (unsigned)(off >> shift);
+    if (run->mmio.is_write)
+        return uart_write(l, reg, run->mmio.data[0]) ? MMIO_DONE : MMIO_STOP_CONSOLE_FULL;
+    memset(run->mmio.data, 0, sizeof(run->mmio.data));
+    run->mmio.data[0] = uart_read(l, reg);
+    return MMIO_DONE;
+}
+/* ---- end of the MMIO UART ---------------------------------------------------------------- */
+
 #define SBI_EXT_DBCN 0x4442434EUL
 #define SBI_DBCN_WRITE 0
 #define SBI_DBCN_WRITE_BYTE 2
@@ -254,15 +294,8 @@ static enum io_result serve_io(struct pykvm_loop *l, struct kvm_run *run, uint8_
         for (i = 0; i < count; i++) {
             uint8_t *p = data + (size_t)i * size;
             if (out) {
-                uint8_t v = p[0];
-                if ((l->uart[UART_LCR] & UART_LCR_DLAB) && reg <= 1) {
-                    if (reg == 0) l->uart_dll = v; else l->uart_dlm = v;
-                } else if (reg == UART_THR) {
-                    if (!console_put(l, &v, 1))
-                        full = 1;
-                } else if (reg != UART_LSR && reg != UART_MSR && reg != UART_IIR) {
-                    l->uart[reg] = v;
-                }
+                if (!uart_write(l, reg, p[0]))
+                    full = 1;
             } else {
                 memset(p, 0, size);
                 p[0] = uart_read(l, reg);
@@ -390,6 +423,17 @@ static int run_loop(struct pykvm_loop *l, struct kvm_run *run)
             /* Let Python stream console output that has waited long enough. */
             if (l->console_len && l->console_flush_ns &&
                 pykvm_monotonic_ns() - l->console_since_ns >= l->console_flush_ns)
+                return PYKVM_STOP_CONSOLE_FULL;
+        } else if (reason == KVM_EXIT_MMIO && l->uart_mmio_base) {
+            enum mmio_result res = serve_uart_mmio(l, run);
+            if (res == MMIO_NOT_OURS)
+                return PYKVM_STOP_EXIT;
+            l->handled_in_c++;
+            if (l->budget == 0)
+                return PYKVM_STOP_BUDGET;
+            if (res == MMIO_STOP_CONSOLE_FULL ||
+                (l->console_len && l->console_flush_ns &&
+                 pykvm_monotonic_ns() - l->console_since_ns >= l->console_flush_ns))
                 return PYKVM_STOP_CONSOLE_FULL;
         } else if (reason == KVM_EXIT_RISCV_SBI) {
             enum sbi_result res = serve_sbi(l, run);

@@ -1,8 +1,9 @@
 """Run a vCPU until something Python must handle.
 
 :class:`RunLoop` drives a vCPU through the C helper (``pykvm._native``): console ports (a 16550
-and the 0xe9 debug port), the isa-debug-exit port, coalesced-MMIO drains, exit counting, a
-deadline and an exit budget are all served in C with the GIL released. :class:`PyRunLoop` does
+and the 0xe9 debug port), an ns16550a as MMIO (RISC-V), the SBI debug console, the
+isa-debug-exit port, coalesced-MMIO drains, exit counting, a deadline and an exit budget are all
+served in C with the GIL released. :class:`PyRunLoop` does
 exactly the same in Python on top of :meth:`Vcpu.run`, so the two can be compared.
 """
 import threading
@@ -48,7 +49,8 @@ class MmioRecord:
 class LoopConfig:
     """What a run loop serves and how much it keeps.
 
-    Ports are x86 I/O port numbers (0 = none). ``exit_port``/``exit_port_size`` give QEMU's
+    Ports are x86 I/O port numbers (0 = none). ``uart_mmio_base`` serves the same 16550
+    registers as MMIO (an ns16550a, as on QEMU's RISC-V ``virt`` machine; 0 = none). ``exit_port``/``exit_port_size`` give QEMU's
     isa-debug-exit range (``iobase=0xf4,iosize=4``: ports 0xf4–0xf7). ``console_cap`` and
     ``mmio_log_cap`` size the C loop's buffers (bytes, records); ``console_limit`` (bytes) and
     ``mmio_log_limit`` (records) cap what the loop *retains* in :attr:`console` and
@@ -65,6 +67,8 @@ class LoopConfig:
     console_flush: float = 0.05      # seconds console bytes may wait before Python sees them
     sbi_console: bool = False        # RISC-V: serve SBI DBCN writes in the loop
     ram: tuple = ()                  # (gpa, host address, size) regions the loop may read
+    uart_mmio_base: int = 0          # an ns16550a as MMIO here (RISC-V virt: 0x10000000), 0 = none
+    uart_mmio_shift: int = 0         # its register stride: register N at base + (N << shift)
 
 
 def _ring_address(vcpu):
@@ -146,6 +150,7 @@ class RunLoop(_LoopBase):
         l.serial_base, l.debugcon_port, l.exit_port = c.serial_base, c.debugcon_port, c.exit_port
         l.exit_port_size = c.exit_port_size if c.exit_port else 0
         l.sbi_console = 1 if c.sbi_console else 0
+        l.uart_mmio_base, l.uart_mmio_shift = c.uart_mmio_base, c.uart_mmio_shift
         regions = list(c.ram)[:nlib.PYKVM_MAX_RAM]
         l.nram = len(regions)
         for i, (gpa, host, size) in enumerate(regions):
@@ -281,23 +286,41 @@ class PyRunLoop(_LoopBase):
             return None
         if c.serial_base and c.serial_base <= port < c.serial_base + 8:
             reg = port - c.serial_base
-            dlab = self._uart[3] & 0x80
             if out:
                 for b in ex.data[::ex.size]:
-                    if dlab and reg <= 1:
-                        self._dl[reg] = b
-                    elif reg == 0:
-                        self._emit(bytes([b]))
-                    elif reg not in (2, 5, 6):
-                        self._uart[reg] = b
+                    self._uart_write(reg, b)
             else:
-                if dlab and reg <= 1:
-                    v = self._dl[reg]
-                else:
-                    v = {0: 0, 2: 0x01, 5: self._UART_LSR, 6: 0xB0}.get(reg, self._uart[reg])
-                ex.respond(bytes([v] + [0] * (ex.size - 1)) * ex.count)
+                ex.respond(bytes([self._uart_read(reg)] + [0] * (ex.size - 1)) * ex.count)
             return None
         return Stop("exit", ex)
+
+    # the 16550 register file, shared by the port UART and the MMIO one (as in csrc/runloop.c)
+    def _uart_write(self, reg: int, b: int) -> None:
+        if self._uart[3] & 0x80 and reg <= 1:
+            self._dl[reg] = b
+        elif reg == 0:
+            self._emit(bytes([b]))
+        elif reg not in (2, 5, 6):
+            self._uart[reg] = b
+
+    def _uart_read(self, reg: int) -> int:
+        if self._uart[3] & 0x80 and reg <= 1:
+            return self._dl[reg]
+        return {0: 0, 2: 0x01, 5: self._UART_LSR, 6: 0xB0}.get(reg, self._uart[reg])
+
+    def _serve_uart_mmio(self, ex) -> bool:
+        """An MMIO exit inside the ns16550a window: served (True), else False."""
+        c = self.config
+        base, shift = c.uart_mmio_base, c.uart_mmio_shift
+        off = ex.phys_addr - base
+        if not base or shift > 2 or not 0 <= off < 8 << shift or off & ((1 << shift) - 1):
+            return False
+        reg = off >> shift
+        if ex.is_write:
+            self._uart_write(reg, ex.data[0])
+        else:
+            ex.respond(self._uart_read(reg))
+        return True
 
     def run(self, *, deadline: Optional[float] = None, budget: int = 0) -> Stop:
         """As :meth:`RunLoop.run`, one ``Vcpu.run()`` per exit."""
@@ -325,6 +348,9 @@ class PyRunLoop(_LoopBase):
                     stop = self._serve_io(ex)
                     if stop is not None:
                         return stop
+                elif ex.reason == abi.EXIT_REASONS["MMIO"] and self.config.uart_mmio_base:
+                    if not self._serve_uart_mmio(ex):
+                        return Stop("exit", ex)
                 elif ex.reason != abi.EXIT_REASONS["INTR"]:
                     return Stop("exit", ex)
                 if budget:
