@@ -43,7 +43,7 @@ from typing import Dict, List, Optional
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
-EXIT_ENVIRONMENT = 3
+EXIT_ENVIRONMENT = 8            # as pykvm.status.VMM_ERROR: /dev/kvm or the host unusable
 EXIT_INTERRUPTED = 130
 
 MODES = ("real", "protected", "long")
