@@ -1,4 +1,5 @@
-"""Tiny real-mode test guests assembled with binutils (GNU as, Intel syntax)."""
+"""Shared helpers of the hardware tests: tiny real-mode guests assembled with binutils (GNU as,
+Intel syntax; loaded flat at 0x8000 with CS = DS = 0) and the process's resident memory."""
 import os
 import subprocess
 import tempfile
@@ -17,3 +18,44 @@ def asm16(body: str) -> bytes:
                        capture_output=True)
         with open(b, "rb") as f:
             return f.read()
+
+
+SPIN = "1:  jmp 1b"
+# vCPU 0 takes the first branch, the others the second (CPUID.1:EBX[31:24] = APIC id = index).
+BY_VCPU = """
+    mov eax, 1
+    cpuid
+    shr ebx, 24
+    test ebx, ebx
+    jnz others
+{first}
+others:
+{others}
+"""
+# A report at {addr} through the report port.
+REPORT = """
+    mov dx, 0x1000
+    mov eax, {addr}
+    out dx, eax
+"""
+# PRINT reports of 4000 bytes, as fast as the guest can send them.
+PRINT_FLOOD = """
+again:
+    mov dx, 0x1000
+    mov eax, 0x8100
+    out dx, eax
+    jmp again
+.org 0x100
+    .quad 4, 2, 0x8200, 4000
+.org 0x200
+    .fill 4000, 1, 0x41
+"""
+
+
+def rss_kib() -> int:
+    """This process's resident set size in KiB (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0

@@ -12,12 +12,11 @@ import pytest
 
 from pykvm import status
 
-from _asm import asm16
+from _asm import BY_VCPU, PRINT_FLOOD, REPORT, SPIN, asm16
 
 pytestmark = pytest.mark.requires_kvm
 
 PYKVM = [sys.executable, "-m", "pykvm"]
-SPIN = "1:  jmp 1b"
 
 
 def _env():
@@ -44,29 +43,10 @@ def images(tmp_path_factory):
     out = {}
     progs = {
         "spin": SPIN,
-        "flood": """
-again:
-    mov dx, 0x1000
-    mov eax, 0x8100
-    out dx, eax
-    jmp again
-.org 0x100
-    .quad 4, 2, 0x8200, 4000
-.org 0x200
-    .fill 4000, 1, 0x41
-""",
+        "flood": PRINT_FLOOD,
         # vCPU 0 reports from outside RAM; the others spin
-        "badreport": """
-    mov eax, 1
-    cpuid
-    shr ebx, 24
-    test ebx, ebx
-    jnz 1f
-    mov dx, 0x1000
-    mov eax, 0xfffff000
-    out dx, eax
-1:  jmp 1b
-""",
+        "badreport": BY_VCPU.format(first=REPORT.format(addr="0xfffff000") + SPIN,
+                                    others=SPIN),
         "exit0": "    mov al, 0\n    out 0xf4, al\n" + SPIN,
         "exit0_f6": "    mov ax, 0\n    out 0xf6, ax\n" + SPIN,
         "unhandled": "    mov al, 1\n    out 0x80, al\n" + SPIN,

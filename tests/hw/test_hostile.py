@@ -14,41 +14,13 @@ from pykvm.errors import Busy, Closed, PykvmError
 from pykvm.machine import Machine
 from pykvm.runloop import make_loop
 
-from _asm import asm16
+from _asm import BY_VCPU, PRINT_FLOOD, REPORT, SPIN, asm16, rss_kib
 
 pytestmark = pytest.mark.requires_kvm
 
 LOAD = 0x8000
 
 
-SPIN = "1:  jmp 1b"
-# vCPU 0 takes the first branch, the others the second (CPUID.1:EBX[31:24] = APIC id = index).
-BY_VCPU = """
-    mov eax, 1
-    cpuid
-    shr ebx, 24
-    test ebx, ebx
-    jnz others
-{first}
-others:
-{others}
-"""
-REPORT = """
-    mov dx, 0x1000
-    mov eax, {addr}
-    out dx, eax
-"""
-PRINT_FLOOD = """
-again:
-    mov dx, 0x1000
-    mov eax, 0x8100
-    out dx, eax
-    jmp again
-.org 0x100
-    .quad 4, 2, 0x8200, 4000
-.org 0x200
-    .fill 4000, 1, 0x41
-"""
 CONSOLE_LOOP = """
     mov al, 0x78
 l:  out 0xe9, al
@@ -239,19 +211,11 @@ def test_pykvm_outcomes_have_distinct_even_statuses():
 
 
 # -- 14: big guests cheaply -------------------------------------------------------------------
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def test_64_gib_guest_costs_no_host_memory_until_touched(kvm):
-    before = _rss_kib()
+    before = rss_kib()
     with kvm.create_vm() as vm:
         slot = vm.add_memory(0, 64 << 30)
-        assert _rss_kib() - before < 32 << 10          # < 32 MiB for 64 GiB declared
+        assert rss_kib() - before < 32 << 10          # < 32 MiB for 64 GiB declared
         vm.memory.write(5 << 30, b"x" * 4096)          # touching one page costs one page
         assert vm.memory.read(5 << 30, 1) == b"x"
         assert slot.size == 64 << 30

@@ -12,6 +12,8 @@ import pytest
 from pykvm.errors import Busy, Closed
 from pykvm.runloop import make_loop
 
+from _asm import rss_kib
+
 pytestmark = pytest.mark.requires_kvm
 
 CYCLES = int(os.environ.get("PYKVM_STRESS_CYCLES", "2000"))
@@ -21,14 +23,6 @@ SPIN = b"\xeb\xfe"                       # jmp $
 
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def _vm_with(kvm, code: bytes):
@@ -106,7 +100,7 @@ def test_thousands_of_cycles_leave_nothing_behind(kvm):
     for _ in range(50):                                  # warm up caches and allocators
         rng.choices(funcs, weights)[0](kvm, rng)
     gc.collect()
-    fds, threads, rss = _fds(), threading.active_count(), _rss_kib()
+    fds, threads, rss = _fds(), threading.active_count(), rss_kib()
     done = {f.__name__: 0 for f in funcs}
     for i in range(CYCLES):
         f = rng.choices(funcs, weights)[0]
@@ -118,5 +112,5 @@ def test_thousands_of_cycles_leave_nothing_behind(kvm):
     assert all(done.values()), done
     assert _fds() == fds
     assert threading.active_count() == threads
-    grown = _rss_kib() - rss
+    grown = rss_kib() - rss
     assert grown < 16 << 10, f"RSS grew {grown} KiB over {CYCLES} cycles {done}"
