@@ -223,6 +223,19 @@ def cmd_run(args) -> int:
     opts = {}
     if args.irqchip:
         opts["irqchip"] = opts["pit"] = True
+    if args.machine is not None:
+        from .arch import current as _cur
+        if _cur.Platform.arch != "x86_64":
+            return outcome("bad_input", status.BAD_INPUT, "--machine applies to x86 guests")
+        opts["pc"] = args.machine == "pc"
+    riscv_opts = {"cpu_type": args.cpu_type, "suspend_seconds": args.suspend_seconds}
+    riscv_opts = {k: v for k, v in riscv_opts.items() if v is not None}
+    if riscv_opts:
+        from .arch import current
+        if current.Platform.arch != "riscv64":
+            flag = "--" + next(iter(riscv_opts)).replace("_", "-")
+            return outcome("bad_input", status.BAD_INPUT, f"{flag} applies to RISC-V guests")
+        opts.update(riscv_opts)
     try:
         m = Machine(guest, mem_size=args.mem, vcpus=args.vcpus, cmdline=args.cmdline,
                     initrd=args.initrd,
@@ -348,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
 
     r = sub.add_parser("run", help="boot a guest (default: the built-in greeting guest)",
-                       description="Boot GUEST (an ELF64, a multiboot ELF32, a flat .bin, or the "
-                       "name of a built-in guest) and stream its console to stdout.",
+                       description="Boot GUEST (an ELF64, a multiboot ELF32, a RISC-V Linux "
+                       "Image, a flat .bin, or the name of a built-in guest) and stream its "
+                       "console to stdout.",
                        epilog="exit status: 0 guest done; odd (V<<1)|1 guest wrote V to "
                        "isa-debug-exit (ports 0xf4-0xf7, as QEMU); 2 bad input; 4 guest failure; "
                        "6 unhandled exit; 8 VMM/KVM error; 124 timeout; 130 SIGINT; "
@@ -362,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="seconds before the guest is stopped (exit 124; default 10; "
                    "0 = no deadline)")
-    r.add_argument("--cmdline", type=_cmdline, default="", help="kernel command line (multiboot)")
+    r.add_argument("--cmdline", type=_cmdline, default="", help="kernel command line "
+                   "(multiboot; RISC-V: /chosen/bootargs)")
     r.add_argument("--initrd", type=_file_list, default=(), metavar="FILE[,FILE...]",
                    help="files for the guest, as QEMU's -initrd (x86 multiboot: one module "
                    "each; RISC-V: the initrd)")
@@ -371,8 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON object with exit, "
                    "exit_code, console, exits, seconds")
     r.add_argument("--irqchip", action="store_true", help="create the in-kernel irqchip and PIT")
+    r.add_argument("--machine", choices=("pc", "bare"), default=None,
+                   help="x86: pc (in-kernel irqchip and PIT, fw_cfg, PCI, ACPI with PM timer, "
+                   "CMOS RTC, S3, pc-testdev; vCPU 0 starts, the others wait for INIT/SIPI) or "
+                   "bare (RAM and console ports; every vCPU starts at the entry); default: pc "
+                   "for multiboot kernels and Linux bzImages, bare otherwise")
     r.add_argument("--python-loop", action="store_true", help="run the exit loop in Python "
                    "instead of the C helper")
+    r.add_argument("--cpu-type", default=None, metavar="TYPE",
+                   help="RISC-V: the ISA extensions the guest gets: max (default), min "
+                   "(rv64imafdc), plus ,ext / ,-ext items, e.g. min,zabha or max,-sstc")
+    r.add_argument("--suspend-seconds", type=_seconds, default=None, metavar="SECONDS",
+                   help="RISC-V: how long an SBI system suspend sleeps (default 0)")
     _device_option(r)
     r.set_defaults(func=cmd_run)
 

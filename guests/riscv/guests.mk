@@ -5,8 +5,10 @@
 # appends its images to GUEST_TARGETS), and by guests/riscv/Makefile for a
 # standalone build:  make -C guests/riscv OUT=<dir>
 #
-# Output: $(OUT)/riscv/<name>.elf for each name in RISCV_GUESTS; the phony
-# target riscv-guests builds them all.
+# Output: $(OUT)/riscv/<name>.elf for each name in RISCV_GUESTS, and for those
+# in RISCV_IMAGE_GUESTS also <name>.bin: the ELF as a flat Linux Image (the
+# runtime starts with an Image header), which pykvm prefers when both exist.
+# The phony target riscv-guests builds them all.
 
 RISCV_DIR := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 SRCDIR ?= $(patsubst %/,%,$(dir $(RISCV_DIR)))
@@ -15,6 +17,7 @@ GUEST_INCLUDE ?= $(SRCDIR)/include
 COMMON_SRCS ?= $(SRCDIR)/common/report.c $(SRCDIR)/common/printf.c \
 	$(SRCDIR)/common/string.c $(SRCDIR)/common/params.c
 RISCV_CC ?= riscv64-linux-gnu-gcc
+RISCV_OBJCOPY ?= $(patsubst %gcc,%objcopy,$(RISCV_CC))
 
 RISCV_CFLAGS := -std=gnu11 -march=rv64imac_zicsr_zifencei -mabi=lp64 -mcmodel=medany \
 	-ffreestanding -fno-builtin -nostdlib -static -fno-pic -fno-pie \
@@ -28,12 +31,13 @@ ifneq ($(shell $(RISCV_CC) -Wl,--help 2>/dev/null | grep -c no-warn-rwx-segments
 RISCV_LDFLAGS += -Wl,--no-warn-rwx-segments
 endif
 
-RISCV_GUESTS := hello dbcn isa suspend srst assert_fail zabha
+RISCV_GUESTS := hello dbcn isa suspend srst assert_fail zabha image initrd uart sbi_width
+RISCV_IMAGE_GUESTS := image initrd uart
 RISCV_RT_SRCS := $(RISCV_DIR)/rt/crt0.S $(RISCV_DIR)/rt/runtime.c $(RISCV_DIR)/rt/fdt.c \
 	$(COMMON_SRCS)
 RISCV_DEPS := $(RISCV_RT_SRCS) $(RISCV_DIR)/rt/link.ld $(RISCV_DIR)/rt/riscv.h \
 	$(GUEST_INCLUDE)/pykvm_guest.h $(RISCV_DIR)/guests.mk
-RISCV_TARGETS := $(RISCV_GUESTS:%=$(OUT)/riscv/%.elf)
+RISCV_TARGETS := $(RISCV_GUESTS:%=$(OUT)/riscv/%.elf) $(RISCV_IMAGE_GUESTS:%=$(OUT)/riscv/%.bin)
 GUEST_TARGETS += $(RISCV_TARGETS)
 
 .PHONY: riscv-guests riscv-clean
@@ -43,6 +47,10 @@ $(OUT)/riscv/%.elf: $(RISCV_DIR)/%.c $(RISCV_DEPS)
 	@mkdir -p $(@D)
 	@$(if $(Q),echo "  RV64    riscv/$*.elf")
 	$(Q)$(RISCV_CC) $(RISCV_CFLAGS) $(RISCV_LDFLAGS) -o $@ $(RISCV_RT_SRCS) $<
+
+$(OUT)/riscv/%.bin: $(OUT)/riscv/%.elf
+	@$(if $(Q),echo "  IMAGE   riscv/$*.bin")
+	$(Q)$(RISCV_OBJCOPY) -O binary $< $@
 
 riscv-clean:
 	rm -rf $(OUT)/riscv

@@ -1,8 +1,10 @@
 /*
  * SBI system suspend round trip.
  *
- * Stage 1 reports SYNC(1, hartid, resume address, opaque) and suspends to RAM
- * with resume_addr = pykvm_resume_entry.  KVM resets the hart on the next run
+ * Stage 1 reports SYNC(1, hartid, resume address, opaque, a0) and suspends to
+ * RAM with resume_addr = pykvm_resume_entry; a0 (the sleep type) is
+ * pykvm_params[0], 0 unless the host sets it (sleep_type is a 32-bit SBI
+ * argument: e.g. 0xffffffff00000000 must act as suspend-to-RAM).  KVM resets the hart on the next run
  * (pc = resume address, a0 = hart id, a1 = opaque, other GPRs zero), so the
  * state we want afterwards lives in RAM (.data).  guest_resume reports
  * SYNC(2, hartid, opaque, saved marker, suspend count), then DONE.
@@ -19,14 +21,16 @@ static volatile uint64_t suspend_count = 1;
 
 void guest_main(unsigned long hartid, void *dtb)
 {
+	unsigned long sleep_type = (unsigned long)pykvm_params[0];
 	struct sbiret r;
 
 	(void)dtb;
 	saved_marker = MARKER;
 	suspend_count = 0;
-	GUEST_SYNC(1, hartid, (uint64_t)(uintptr_t)pykvm_resume_entry, SUSPEND_OPAQUE);
+	GUEST_SYNC(1, hartid, (uint64_t)(uintptr_t)pykvm_resume_entry, SUSPEND_OPAQUE,
+		   sleep_type);
 	suspend_count++;
-	r = sbi_ecall(SBI_EXT_SUSP, SBI_SUSP_SYSTEM_SUSPEND, SBI_SUSP_TO_RAM,
+	r = sbi_ecall(SBI_EXT_SUSP, SBI_SUSP_SYSTEM_SUSPEND, sleep_type,
 		      (unsigned long)pykvm_resume_entry, SUSPEND_OPAQUE, 0, 0, 0);
 	/* Only reached when the suspend was refused. */
 	GUEST_ASSERT_MSG(0, "system_suspend returned error %ld value %ld",

@@ -167,3 +167,48 @@ def test_dtc_accepts_the_blob(tmp_path):
     again = subprocess.run([dtc, "-I", "dts", "-O", "dtb"], input=dts.encode(),
                            capture_output=True, check=True).stdout
     assert parse_dtb(again)[1] == parse_dtb(blob)[1]
+
+
+def test_uart_node_and_stdout_path_as_qemu_virt():
+    blob = F.build_dtb(HARTS[:1], 0x80000000, 0x4000000, 10_000_000, "",
+                       uart_base=F.UART_BASE)
+    _, root = parse_dtb(blob)
+    chosen = root["children"]["chosen"]["props"]
+    assert strs(chosen["stdout-path"]) == ["/soc/serial@10000000"]
+    assert "linux,initrd-start" not in chosen
+    soc = root["children"]["soc"]
+    assert strs(soc["props"]["compatible"]) == ["simple-bus"] and soc["props"]["ranges"] == b""
+    assert u32(soc["props"]["#address-cells"]) == 2 and u32(soc["props"]["#size-cells"]) == 2
+    uart = soc["children"]["serial@10000000"]["props"]
+    assert strs(uart["compatible"]) == ["ns16550a"]
+    assert struct.unpack(">QQ", uart["reg"]) == (0x10000000, 0x100)
+    assert u32(uart["clock-frequency"]) == 3686400
+    assert "interrupts" not in uart                 # no interrupt controller: drivers poll
+    # without a UART: neither the node nor stdout-path
+    _, plain = parse_dtb(F.build_dtb(HARTS[:1], 0x80000000, 0x4000000, 1))
+    assert "soc" not in plain["children"] and "stdout-path" not in \
+        plain["children"]["chosen"]["props"]
+
+
+def test_initrd_in_chosen_as_64_bit_values():
+    _, root = parse_dtb(F.build_dtb(HARTS[:1], 0x80000000, 0x4000000, 1,
+                                    initrd=(0x83ff0000, 0x83ff0123)))
+    chosen = root["children"]["chosen"]["props"]
+    assert struct.unpack(">Q", chosen["linux,initrd-start"]) == (0x83ff0000,)
+    assert struct.unpack(">Q", chosen["linux,initrd-end"]) == (0x83ff0123,)
+    with pytest.raises(ValueError):
+        F.build_dtb(HARTS[:1], 0x80000000, 0x4000000, 1, initrd=(0x2000, 0x1000))
+
+
+def test_dtc_accepts_uart_and_initrd(tmp_path):
+    dtc = shutil.which("dtc")
+    if dtc is None:
+        pytest.skip("dtc not installed (apt-get install device-tree-compiler)")
+    p = tmp_path / "t.dtb"
+    p.write_bytes(F.build_dtb(HARTS[:1], 0x80000000, 0x4000000, 1, uart_base=F.UART_BASE,
+                              initrd=(0x83ff0000, 0x83ff0123)))
+    out = subprocess.run([dtc, "-I", "dtb", "-O", "dts", str(p)], capture_output=True,
+                         text=True, check=True)
+    assert 'stdout-path = "/soc/serial@10000000";' in out.stdout
+    assert 'compatible = "ns16550a";' in out.stdout
+    assert "Warning" not in out.stderr and "ERROR" not in out.stderr, out.stderr

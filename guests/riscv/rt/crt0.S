@@ -5,6 +5,12 @@
  * Linux boot convention).  Sets up a per-hart stack (up to 4 harts), the trap
  * vector, then calls guest_main(hartid, dtb) and reports DONE.
  *
+ * The image starts with a Linux Image header (Documentation/arch/riscv/
+ * boot-image-header.rst): the first instruction jumps over it, so the ELF
+ * boots from _start as before, and `objcopy -O binary` of the ELF is an Image
+ * that any Linux boot loader (QEMU -kernel, pykvm run) places at RAM base +
+ * text_offset (0x200000: where link.ld puts _start) and enters at its start.
+ *
  * pykvm_resume_entry is where an SBI system suspend comes back: KVM resets
  * the hart with pc = resume address, a0 = hart id, a1 = opaque and every
  * other GPR zero, so the stack and trap vector are set up again from scratch
@@ -40,6 +46,18 @@
 	.endm
 
 _start:
+	j	.Lentry
+	.balign	8
+	.dword	0x200000		/* text_offset: _start - RAM base (link.ld) */
+	.dword	_end - _start		/* image_size, .bss and stacks included */
+	.dword	0			/* flags */
+	.word	(0 << 16) | 2		/* header version 0.2 */
+	.word	0			/* res1 */
+	.dword	0			/* res2 */
+	.ascii	"RISCV\0\0\0"		/* magic (deprecated) */
+	.ascii	"RSC\x05"		/* magic2 */
+	.word	0			/* res3 */
+.Lentry:
 	hart_setup
 	/* hart 0 clears .bss (fresh guest RAM is zero anyway) */
 	bnez	a0, 2f

@@ -41,3 +41,27 @@ void sbi_console_puts(const char *s)
 {
 	sbi_console_write(s, pykvm_strlen(s));
 }
+
+void uart_init(uintptr_t base, uint16_t divisor)
+{
+	mmio_write8(base + UART_IER, 0);
+	mmio_write8(base + UART_LCR, UART_LCR_DLAB);
+	mmio_write8(base + UART_THR, divisor & 0xff);	/* DLL */
+	mmio_write8(base + UART_IER, divisor >> 8);	/* DLM */
+	mmio_write8(base + UART_LCR, 0x03);		/* 8N1 */
+	mmio_write8(base + UART_IIR, 0x07);		/* FCR: FIFOs on, cleared */
+	mmio_write8(base + UART_MCR, 0x03);		/* DTR, RTS */
+}
+
+void uart_putc(uintptr_t base, char c)
+{
+	while (!(mmio_read8(base + UART_LSR) & UART_LSR_THRE))
+		;
+	mmio_write8(base + UART_THR, (uint8_t)c);
+}
+
+void uart_puts(uintptr_t base, const char *s)
+{
+	while (*s)
+		uart_putc(base, *s++);
+}

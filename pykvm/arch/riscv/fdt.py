@@ -16,7 +16,8 @@ from typing import Iterable, Sequence, Union
 
 from .extensions import parse_isa_string
 
-__all__ = ["FDT_MAGIC", "Node", "U64", "cells64", "to_dtb", "build_dtb", "mmu_type_name"]
+__all__ = ["FDT_MAGIC", "Node", "U64", "cells64", "to_dtb", "build_dtb", "mmu_type_name",
+           "UART_BASE", "UART_SIZE", "UART_CLOCK"]
 
 FDT_MAGIC = 0xD00DFEED
 FDT_BEGIN_NODE = 1
@@ -172,9 +173,18 @@ def mmu_type_name(mmu: int | str | None) -> str | None:
     return _MMU[mmu]
 
 
+# The ns16550a UART of QEMU's RISC-V ``virt`` machine: where its guests (and their early
+# consoles, e.g. kvm-unit-tests' CONFIG_UART_EARLY_BASE) look first.
+UART_BASE = 0x10000000
+UART_SIZE = 0x100
+UART_CLOCK = 3686400             # Hz, QEMU's value for this UART
+
+
 def build_dtb(harts: Sequence[dict], mem_base: int, mem_size: int,
               timebase_frequency: int, bootargs: str = "", *,
-              model: str = "pykvm,riscv-virt", boot_hartid: int | None = None) -> bytes:
+              model: str = "pykvm,riscv-virt", boot_hartid: int | None = None,
+              uart_base: int | None = None, uart_clock: int = UART_CLOCK,
+              initrd: tuple[int, int] | None = None) -> bytes:
     """The devicetree for a pykvm RISC-V guest.
 
     ``harts``: dicts with ``hartid``, ``isa`` (a ``riscv,isa`` string) and
@@ -183,6 +193,12 @@ def build_dtb(harts: Sequence[dict], mem_base: int, mem_size: int,
     reg, status, compatible "riscv", riscv,isa, riscv,isa-base,
     riscv,isa-extensions, mmu-type and an ``interrupt-controller`` child),
     ``/memory@<base>`` and ``/chosen`` (bootargs).
+
+    ``uart_base``: add an ns16550a UART there as QEMU ``virt`` does
+    (``/soc/serial@<base>``: compatible "ns16550a", reg of :data:`UART_SIZE`
+    bytes, clock-frequency; no interrupts: drivers poll it) and point
+    ``/chosen/stdout-path`` at it. ``initrd``: (start, end) guest-physical
+    addresses, written as ``/chosen/linux,initrd-start`` and ``-end``.
     """
     if not harts:
         raise ValueError("at least one hart is needed")
@@ -192,6 +208,14 @@ def build_dtb(harts: Sequence[dict], mem_base: int, mem_size: int,
 
     chosen = root.child("chosen")
     chosen.set("bootargs", bootargs)
+    if initrd is not None:
+        start, end = initrd
+        if not 0 <= start <= end:
+            raise ValueError(f"bad initrd range [{start:#x}, {end:#x})")
+        chosen.set("linux,initrd-start", U64(start))
+        chosen.set("linux,initrd-end", U64(end))
+    if uart_base is not None:
+        chosen.set("stdout-path", f"/soc/serial@{uart_base:x}")
 
     cpus = root.child("cpus")
     cpus.set("#address-cells", 1).set("#size-cells", 0)
@@ -230,6 +254,16 @@ def build_dtb(harts: Sequence[dict], mem_base: int, mem_size: int,
     mem = root.child(f"memory@{mem_base:x}")
     mem.set("device_type", "memory")
     mem.set("reg", cells64(mem_base, mem_size))
+
+    if uart_base is not None:
+        soc = root.child("soc")
+        soc.set("#address-cells", 2).set("#size-cells", 2)
+        soc.set("compatible", "simple-bus")
+        soc.set("ranges", EMPTY)
+        uart = soc.child(f"serial@{uart_base:x}")
+        uart.set("compatible", "ns16550a")
+        uart.set("reg", cells64(uart_base, UART_SIZE))
+        uart.set("clock-frequency", uart_clock)
 
     boot = boot_hartid if boot_hartid is not None else int(harts[0]["hartid"])
     return to_dtb(root, boot_cpuid=boot)

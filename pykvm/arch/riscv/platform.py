@@ -1,6 +1,13 @@
-"""The RISC-V platform of :class:`pykvm.machine.Machine`: RAM at 0x80000000, cpu type applied
-through ONE_REG, DBCN/SUSP enabled before the first run, a generated device tree in a1, and
-forwarded SBI calls served by :class:`~pykvm.arch.riscv.sbi.SbiServices`."""
+"""The RISC-V platform of :class:`pykvm.machine.Machine`, shaped like QEMU's ``virt`` machine:
+RAM at 0x80000000, an ns16550a UART at 0x10000000 (served in the run loop), cpu type applied
+through ONE_REG, DBCN/SUSP enabled before the first run, a generated device tree in a1, an
+initrd named in it, and forwarded SBI calls served by :class:`~pykvm.arch.riscv.sbi.SbiServices`.
+
+Images: ELF (at their physical addresses), Linux ``Image`` files (at RAM base + their
+``text_offset``, e.g. kvm-unit-tests' ``.flat`` files and Linux itself) and flat binaries.
+Memory map, from the top of RAM down: the device tree (:data:`DTB_SPACE`), then the initrd,
+page-aligned, which must end up above the image."""
+import os
 from typing import Iterable, Optional
 
 from ... import loader, status
@@ -11,6 +18,13 @@ from .extensions import canonical_isa_string
 
 RAM_BASE = 0x80000000
 DTB_SPACE = 64 << 10
+UART_BASE = fdt.UART_BASE
+INITRD_ALIGN = 4096
+
+# SBI system reset (SRST) reasons (SBI spec, "System Reset Extension"); KVM passes the reason
+# in kvm_run.system_event.data[0].
+SRST_REASON_NONE = 0
+SRST_REASON_SYSFAIL = 1
 
 
 class _RamView:
@@ -32,15 +46,17 @@ class Platform:
 
     def __init__(self, machine, *, cpu_type: str = "max", disable: Iterable[str] = (),
                  suspend_seconds: float = 0.0, sbi_extensions: Iterable[str] = ("dbcn", "susp"),
-                 on_suspend=None):
+                 on_suspend=None, uart: bool = True):
         self.m = machine
         self.cpu_type = cpu_type
         self.disable = tuple(disable)
         self.sbi_extensions = tuple(sbi_extensions)
+        self.uart_base = UART_BASE if uart else None
         self.cpu_result = None
         self.dtb_addr = None
         self.dtb = None
         self.cmdline = ""
+        self.initrd = None             # (start, end) guest-physical, once loaded
         self.sbi = sbi.SbiServices(machine.vm.memory, console=machine._console_out,
                                    suspend_seconds=suspend_seconds, on_suspend=on_suspend)
 
@@ -48,22 +64,59 @@ class Platform:
         pass
 
     def load(self, image, *, cmdline="", initrd=(), flat_addr=None, flat_mode="riscv"):
-        if initrd:
-            raise loader.LoadError("--initrd is not supported on this platform yet")
+        """Load ``image`` and, if given, the one ``initrd`` file (QEMU's ``-initrd``): just
+        below the device tree at the top of RAM, page-aligned and clear of the image; the
+        device tree written at the first vCPU's setup names it in ``/chosen``."""
+        initrd = tuple(initrd)
+        if len(initrd) > 1:
+            raise loader.LoadError(f"RISC-V takes one initrd file, got {len(initrd)}")
         self.cmdline = cmdline
-        view = _RamView(self.m.vm.memory, self.m.ram.size)
-        return loader.load_image(view, image, arch="riscv64", ram_base=RAM_BASE, reserved=None,
-                                 flat_addr=flat_addr, flat_mode="riscv")
+        ram_size = self.m.ram.size
+        if ram_size <= DTB_SPACE:
+            raise loader.LoadError(f"guest RAM ({ram_size:#x} bytes) leaves no room beside "
+                                   "the device tree")
+        view = _RamView(self.m.vm.memory, ram_size - DTB_SPACE)    # the DTB's space stays free
+        data = path = None
+        if initrd:
+            path = initrd[0]
+            if isinstance(path, str) and not os.path.isfile(path) and len(path.split()) > 1:
+                raise loader.LoadError(f"a RISC-V initrd takes no arguments: {path!r}")
+            try:
+                data = loader._read_image(path, ram_size, "guest RAM")
+            except loader.LoadError as e:
+                raise loader.LoadError(f"initrd: {e}") from e
+        loaded = loader.load_image(view, image, arch="riscv64", ram_base=RAM_BASE,
+                                   reserved=None, flat_addr=flat_addr, flat_mode="riscv")
+        if data is not None:
+            self.initrd = self._place_initrd(loaded, data, os.fspath(path))
+        return loaded
+
+    def _place_initrd(self, loaded, data: bytes, name: str):
+        ram_size = self.m.ram.size
+        top = RAM_BASE + ram_size - DTB_SPACE
+        start = (top - len(data)) // INITRD_ALIGN * INITRD_ALIGN
+        image_end = max((a + n for a, n in loaded.written), default=RAM_BASE)
+        if start < image_end:
+            raise loader.LoadError(
+                f"initrd {name} ({len(data):#x} bytes) does not fit between the image (ends at "
+                f"{image_end:#x}) and the device tree at {top:#x}; give the guest more --mem")
+        self.m.vm.memory.write(start, data)
+        loaded.written.append((start, len(data)))
+        return start, start + len(data)
 
     def loop_config(self):
         """No port I/O on RISC-V; the SBI debug console is served in the C loop, reading
         guest RAM through the regions known now (anything else goes to Python)."""
         from ...runloop import LoopConfig
         ram = tuple((s.gpa, s.host_addr, s.size) for s in self.m.vm.memory)
-        return LoopConfig(serial_base=0, debugcon_port=0, exit_port=0, sbi_console=True, ram=ram)
+        return LoopConfig(serial_base=0, debugcon_port=0, exit_port=0, sbi_console=True, ram=ram,
+                          uart_mmio_base=self.uart_base or 0)
 
     def setup_vcpu(self, vcpu, index: int) -> None:
-        self.cpu_result = cpu.apply_cpu_type(vcpu, self.cpu_type, disable=self.disable)
+        try:
+            self.cpu_result = cpu.apply_cpu_type(vcpu, self.cpu_type, disable=self.disable)
+        except KeyError as e:             # an extension name nobody knows: the caller's input
+            raise ValueError(e.args[0] if e.args else str(e)) from e
         for name in self.sbi_extensions:
             try:
                 sbi.enable_sbi_extension(vcpu, name)
@@ -90,7 +143,7 @@ class Platform:
         hart = cpu.hart_description(vcpu, 0, isa=self.advertised_isa(vcpu))
         harts = [dict(hart, hartid=i) for i in range(max(n, 1))]
         self.dtb = fdt.build_dtb(harts, RAM_BASE, self.m.ram.size, cpu.timebase_frequency(vcpu),
-                                 self.cmdline)
+                                 self.cmdline, uart_base=self.uart_base, initrd=self.initrd)
         if len(self.dtb) > DTB_SPACE:
             raise ValueError("device tree larger than its space")
         self.dtb_addr = RAM_BASE + self.m.ram.size - DTB_SPACE
@@ -109,6 +162,23 @@ class Platform:
         return False
 
     def exit_verdict(self, ex):
+        """(status, detail) for a run that ended with ``ex``. An SBI system reset reaches us as
+        SYSTEM_EVENT (SHUTDOWN for a shutdown, RESET for a cold or warm reboot) with the SRST
+        reason in data[0]: a shutdown without a failure reason is a finished guest (0); the
+        "system failure" reason, or any other non-zero reason, is a guest failure (4);
+        a reboot without one is a request pykvm does not serve — it does not reboot — so it is
+        an unhandled exit (6). See docs/guest-abi.md."""
         if ex.name == "SYSTEM_EVENT" and ex.type_name in ("SHUTDOWN", "RESET"):
-            return status.OK, f"guest requested system {ex.type_name.lower()}"
+            data = ex.data
+            reason = data[0] & 0xFFFFFFFF if data else SRST_REASON_NONE
+            what = "shutdown" if ex.type_name == "SHUTDOWN" else "reboot"
+            if reason == SRST_REASON_SYSFAIL:
+                return status.GUEST_FAILURE, f"guest requested system {what} (system failure)"
+            if reason != SRST_REASON_NONE:
+                return (status.GUEST_FAILURE,
+                        f"guest requested system {what} with reason {reason:#x}")
+            if what == "shutdown":
+                return status.OK, "guest requested system shutdown"
+            return (status.UNHANDLED_EXIT,
+                    "guest requested a system reboot; pykvm does not reboot guests")
         return status.UNHANDLED_EXIT, f"unhandled {ex.name} exit: {ex!r}"

@@ -12,11 +12,17 @@ memory needs ``read(gpa, n) -> bytes``.
 
 System suspend, as KVM implements it: the SUSP call exits to userspace with
 ``args = (sleep_type, resume_addr, opaque)``; KVM has already checked the
-sleep type and that every other vCPU is stopped (else the guest gets
-SBI_ERR_DENIED without an exit). On the next KVM_RUN it resets the hart:
-pc = resume_addr, a0 = hart id, a1 = opaque, all other GPRs zero, S-mode,
-satp = 0. The return value set here is therefore not seen by the guest on
-success; the wait in between is the time the machine "sleeps".
+sleep type, the resume address and that every other vCPU is stopped (else
+the guest gets the error without an exit), and has queued the resume: on the
+next KVM_RUN it resets the hart to pc = resume_addr, a0 = hart id, a1 =
+opaque, all other GPRs zero, S-mode, satp = 0, whatever is answered here. So
+pykvm does not judge a forwarded suspend again: it sleeps (the wait is the
+time the machine "sleeps") and answers SBI_SUCCESS.
+
+Argument widths: the SBI spec makes some arguments 32-bit (SUSP's
+``sleep_type``, HSM's ``suspend_type``); on RV64 their upper 32 register bits
+are ignored, as Linux's KVM does. :class:`SuspendEvent` records the sleep
+type as those low 32 bits and the register as it came (``a0``).
 """
 
 from __future__ import annotations
@@ -66,7 +72,8 @@ def enable_sbi_extension(vcpu, name: str) -> None:
 
 @dataclass(frozen=True)
 class SuspendEvent:
-    """One SBI system-suspend request."""
+    """One SBI system-suspend request. ``sleep_type``: the low 32 bits of a0 (a 32-bit SBI
+    argument); ``a0``: the register as the guest passed it."""
 
     sleep_type: int
     resume_addr: int
@@ -74,6 +81,7 @@ class SuspendEvent:
     requested_at: float          # time.monotonic()
     woken_at: float | None = None
     woken_early: bool = False
+    a0: int | None = None
 
 
 class SbiServices:
@@ -175,10 +183,10 @@ class SbiServices:
         return SBI_ERR_NOT_SUPPORTED, 0
 
     def _suspend(self, args: tuple) -> tuple[int, int]:
+        # KVM forwarded it, so KVM accepted it (sleep type on its low 32 bits, resume address,
+        # other harts stopped) and queued the resume: sleep, never re-judge (module docstring).
         sleep_type = args[0] & 0xFFFFFFFF
-        if args[0] >> 32 or sleep_type != SUSPEND_TO_RAM:
-            return SBI_ERR_INVALID_PARAM, 0
-        ev = SuspendEvent(sleep_type, args[1], args[2], time.monotonic())
+        ev = SuspendEvent(sleep_type, args[1], args[2], time.monotonic(), a0=args[0])
         self.suspends.append(ev)          # visible to other threads at once
         slot = len(self.suspends) - 1
         if self.on_suspend is not None:
@@ -191,6 +199,6 @@ class SbiServices:
         if woken:
             self._wake.clear()
         self.suspends[slot] = SuspendEvent(ev.sleep_type, ev.resume_addr, ev.opaque,
-                                           ev.requested_at, time.monotonic(), woken)
+                                           ev.requested_at, time.monotonic(), woken, ev.a0)
         return SBI_SUCCESS, 0
 
