@@ -7,6 +7,9 @@ An initramfs is two concatenated gzip'd newc archives (the kernel unpacks them i
   cached under ``<cache>/base/<key>.cpio.gz``;
 * ``payload``: this checkout (``pykvm/``, ``tests/``, built guests, the ``pykvm._native`` extension for
   the lab's architecture), ``/init`` and the run's configuration.  Rebuilt on every run.
+
+Every step names itself (:func:`pykvm.lab.progress.stage`) and logs one line; whatever a step writes
+to the cache happens under that item's file lock, and temporary files are removed on every way out.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import initramfs as ird
+from . import proc as procs
 from . import qemu as q
-from .debian import Archive, LabError, extract_deb, log, merged_usr_links, version_key
+from .debian import Archive, LabError, extract_deb, merged_usr_links, version_key
+from .progress import log, stage
 
 BASE_FORMAT = 3  # bump when the layout of the base archive changes
 
@@ -95,6 +100,7 @@ class Options:
     shell: bool = False
     refresh: bool = False
     kernel_suite: str = "sid"
+    verbose: bool = False  # echo the serial console instead of the live status line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,8 +117,8 @@ def _host_python(version: str) -> str | None:
         if not c:
             continue
         try:
-            out = subprocess.run([c, "-c", "import sys;print('%d.%d'%sys.version_info[:2])"],
-                                 capture_output=True, text=True, timeout=30)
+            out = procs.run([c, "-c", "import sys;print('%d.%d'%sys.version_info[:2])"],
+                            capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
             continue
         if out.returncode == 0 and out.stdout.strip() == version:
@@ -132,8 +138,8 @@ def _compile_pyc(python: str, root: Path, dirs: list[str]) -> None:
     )
     existing = [d for d in dirs if (root / d).is_dir()]
     if existing:
-        subprocess.run([python, "-c", script, str(root), *existing], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.run([python, "-c", script, str(root), *existing], check=False,
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _decompress_module(src: Path, dest: Path) -> None:
@@ -141,7 +147,7 @@ def _decompress_module(src: Path, dest: Path) -> None:
     if src.name.endswith(".xz"):
         data = lzma.decompress(data)
     elif src.name.endswith(".zst"):
-        data = subprocess.run(["zstd", "-dc", str(src)], check=True, capture_output=True).stdout
+        data = procs.run(["zstd", "-dc", str(src)], check=True, capture_output=True).stdout
     elif src.name.endswith(".gz"):
         import gzip
 
@@ -199,18 +205,18 @@ def riscv_kernel(archive: Archive, suite: str) -> tuple[dict, Path, list[tuple[P
     binp, modp = ix.get(binname), ix.get(f"linux-modules-{kver}-riscv64")
     kdir = archive.cache / "unpacked" / f"kernel-riscv-{binp.sha256[:16]}-{modp.sha256[:16]}"
     stamp = kdir / ".done"
+    log(f"riscv: kernel {kver} ({binname} {pkgver}, {suite})")
+    bin_deb, mod_deb = archive.fetch(binp, "kernel"), archive.fetch(modp, "kernel modules")
     if not stamp.exists():
-        kdir.mkdir(parents=True, exist_ok=True)
-        log(f"unpacking {binname} and kvm.ko from {modp.name}")
-        extract_deb(archive.fetch(binp, "kernel"), kdir, lambda r: r.endswith("/vmlinuz") or "/vmlinuz-" in r)
-        got = extract_deb(archive.fetch(modp, "kernel modules"), kdir,
-                          lambda r: "/kernel/arch/riscv/kvm/kvm.ko" in r)
-        if not got:
-            raise LabError(f"{modp.name}: no kernel/arch/riscv/kvm/kvm.ko*")
-        stamp.write_text(json.dumps({"kvm": got}))
-    else:
-        archive.fetch(binp, "kernel")
-        archive.fetch(modp, "kernel modules")
+        with archive.lock(f"unpacked-{kdir.name}", f"unpacking {binname}"):
+            if not stamp.exists():
+                kdir.mkdir(parents=True, exist_ok=True)
+                extract_deb(bin_deb, kdir, lambda r: r.endswith("/vmlinuz") or "/vmlinuz-" in r)
+                got = extract_deb(mod_deb, kdir, lambda r: "/kernel/arch/riscv/kvm/kvm.ko" in r,
+                                  label=f"kvm.ko from {modp.name}")
+                if not got:
+                    raise LabError(f"{modp.name}: no kernel/arch/riscv/kvm/kvm.ko*")
+                stamp.write_text(json.dumps({"kvm": got}))
     vml = sorted(kdir.glob("usr/lib/modules/*/vmlinuz")) + sorted(kdir.glob("boot/vmlinuz-*"))
     if not vml:
         raise LabError(f"{binname}: no vmlinuz inside")
@@ -235,13 +241,15 @@ def nested_kernel(archive: Archive, suite: str = NESTED_KERNEL_SUITE) -> tuple[d
     kdir = archive.cache / "unpacked" / f"kernel-x86-{img.sha256[:16]}"
     stamp = kdir / ".done"
     wanted = ("/kernel/virt/lib/irqbypass.ko", "/kernel/arch/x86/kvm/kvm.ko", "/kernel/arch/x86/kvm/kvm-amd.ko")
+    log(f"nested: kernel {img.name} {img.version} ({suite})")
     deb = archive.fetch(img, "kernel + modules")
     if not stamp.exists():
-        kdir.mkdir(parents=True, exist_ok=True)
-        log(f"unpacking {img.name}")
-        got = extract_deb(deb, kdir, lambda r: r.startswith("boot/vmlinuz-")
-                          or any(w in r for w in wanted))
-        stamp.write_text(json.dumps(got))
+        with archive.lock(f"unpacked-{kdir.name}", f"unpacking {img.name}"):
+            if not stamp.exists():
+                kdir.mkdir(parents=True, exist_ok=True)
+                got = extract_deb(deb, kdir, lambda r: r.startswith("boot/vmlinuz-") or any(w in r for w in wanted),
+                                  label=img.name)
+                stamp.write_text(json.dumps(got))
     got = json.loads(stamp.read_text())
     mods = []
     for w, args in zip(wanted, ("", "", "nested=1")):
@@ -273,16 +281,29 @@ def build_base(archive: Archive, spec: LabSpec, modules: list[tuple[Path, str]],
     })
     out = archive.cache / "base" / f"{spec.name}-{key}.cpio.gz"
     info = {"base_key": key, "host_python_packages": dist_versions,
-            "pyc_precompiled_with": compiler and subprocess.run(
+            "pyc_precompiled_with": compiler and procs.run(
                 [compiler, "-c", "import sys;print(sys.version.split()[0])"],
                 capture_output=True, text=True).stdout.strip()}
     if not compiler:
         info["pyc_note"] = f"no host python{spec.py}: guest .pyc not precompiled (slower imports)"
         log(info["pyc_note"])
     if out.exists():
+        log(f"{spec.name}: base image cached ({out.name}, {out.stat().st_size / 1e6:.1f} MB)")
         return out, info
+    with archive.lock(f"base-{out.name}", f"building {out.name}"):
+        if out.exists():  # another lab built it while this one waited
+            return out, info
+        _build_base_image(spec, debs, modules, compiler, out)
+    return out, info
+
+
+def _build_base_image(spec: LabSpec, debs: list[Path], modules: list[tuple[Path, str]], compiler: str | None,
+                      out: Path) -> None:
+    stage(f"building the {spec.name} base image")
+    log(f"{spec.name}: building the base image (Debian userspace, host Python packages, KVM modules)")
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=f"pykvm-lab-{spec.name}-", dir=archive.cache) as td:
+    # the staging tree lives in the cache (same file system as `out`) and goes on every way out
+    with tempfile.TemporaryDirectory(prefix=f"pykvm-lab-{spec.name}-{os.getpid()}-", dir=out.parent.parent) as td:
         root = Path(td) / "root"
         merged_usr_links(root)
         drop = ("usr/share/doc/", "usr/share/man/", "usr/share/lintian/", "usr/share/locale/")
@@ -312,12 +333,21 @@ def build_base(archive: Archive, spec: LabSpec, modules: list[tuple[Path, str]],
         if compiler:
             log(f"{spec.name}: precompiling guest .pyc with {compiler}")
             _compile_pyc(compiler, root, [f"usr/lib/python{spec.py}", "usr/lib/python3/dist-packages"])
-        tmp = out.with_suffix(".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        ird.write_initramfs(tmp, root)
-        os.replace(tmp, out)
+        log(f"{spec.name}: writing the base image")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(out, lambda tmp: ird.write_initramfs(tmp, root))
     log(f"{spec.name}: base image {out.stat().st_size / 1e6:.1f} MB built in {time.monotonic() - t0:.1f} s")
-    return out, info
+
+
+def _write_atomically(dest: Path, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``dest``; ``tmp`` (named per process) never stays behind."""
+    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def build_guests() -> str:
@@ -325,8 +355,8 @@ def build_guests() -> str:
     if not makefile.exists():
         return "guests/Makefile absent: no guests built"
     outdir = CHECKOUT / "build" / "guests"
-    r = subprocess.run(["make", "-C", str(CHECKOUT / "guests"), f"OUT={outdir}", f"-j{os.cpu_count() or 1}"],
-                       capture_output=True, text=True)
+    r = procs.run(["make", "-C", str(CHECKOUT / "guests"), f"OUT={outdir}", f"-j{os.cpu_count() or 1}"],
+                  capture_output=True, text=True)
     if r.returncode != 0:
         raise LabError(f"make -C guests failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
     return f"guests built into {outdir}"
@@ -362,8 +392,10 @@ def build_native(spec: LabSpec, archive: Archive, workdir: Path) -> tuple[Path |
         dev = archive.fetch(ix.get("libpython3.13-dev"), "headers for pykvm._native")
         hdr = archive.cache / "unpacked" / f"py313dev-{ix.get('libpython3.13-dev').sha256[:16]}"
         if not (hdr / ".done").exists():
-            extract_deb(dev, hdr, lambda r: r.startswith("usr/include/"))
-            (hdr / ".done").touch()
+            with archive.lock(f"unpacked-{hdr.name}", "unpacking libpython3.13-dev"):
+                if not (hdr / ".done").exists():
+                    extract_deb(dev, hdr, lambda r: r.startswith("usr/include/"))
+                    (hdr / ".done").touch()
         incs = [str(hdr / "usr/include/python3.13"), str(hdr / "usr/include/riscv64-linux-gnu/python3.13"),
                 str(hdr / "usr/include")]
         if not (Path(incs[1]) / "pyconfig.h").exists():
@@ -385,8 +417,8 @@ def compile_cffi_module(builder: Path, workdir: Path, cc: str, includes: list[st
         "json.dump({'module': mod, 'kw': {k: v for k, v in kw.items() if isinstance(v, (list, str))}},"
         " open(sys.argv[3], 'w'))\n"
     )
-    r = subprocess.run([sys.executable, "-c", script, str(builder), str(c_file), str(meta)],
-                       cwd=builder.parent.parent, capture_output=True, text=True)
+    r = procs.run([sys.executable, "-c", script, str(builder), str(c_file), str(meta)],
+                  cwd=builder.parent.parent, capture_output=True, text=True)
     if r.returncode != 0:
         raise LabError(f"{builder.name}: {r.stderr.strip().splitlines()[-1:]}")
     m = json.loads(meta.read_text())
@@ -401,7 +433,7 @@ def compile_cffi_module(builder: Path, workdir: Path, cc: str, includes: list[st
              for d in kw.get("define_macros", [])]
     argv += list(kw.get("extra_compile_args", [])) + list(kw.get("extra_link_args", []))
     argv += [f"-l{lib}" for lib in kw.get("libraries", [])]
-    r = subprocess.run(argv, capture_output=True, text=True)
+    r = procs.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
         raise LabError(f"compiling pykvm._native with {cc} failed: {r.stderr.strip()[-400:]}")
     return out
@@ -420,10 +452,12 @@ def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[st
     for f in ("conftest.py", "pyproject.toml", "pytest.ini", "setup.cfg"):
         if (CHECKOUT / f).exists():
             shutil.copy2(CHECKOUT / f, dst / f)
-    info = {"guests": build_guests()}
-    guests = CHECKOUT / "build" / "guests"
-    if guests.is_dir():
-        shutil.copytree(guests, dst / "build" / "guests")
+    # labs running at once share this checkout's build/guests: one make (and copy) at a time
+    with procs.cache_lock(CHECKOUT / "build", "guests", message="waiting for another lab's make -C guests"):
+        info = {"guests": build_guests()}
+        guests = CHECKOUT / "build" / "guests"
+        if guests.is_dir():
+            shutil.copytree(guests, dst / "build" / "guests")
     native, info["native"] = build_native(spec, archive, workdir / "native")
     if native:
         shutil.copy2(native, dst / "pykvm" / native.name)
@@ -466,37 +500,69 @@ def select_tests(spec: LabSpec, requested: list[str] | None) -> list[str]:
 
 
 def run_lab(lab: str, opts: Options) -> int:
+    """Prepare, boot and collect one lab; the exit status (see ``python -m pykvm.lab --help``).
+
+    Two runs of the same lab into the same ``--out`` take turns (a file lock there); the cache may be
+    shared by any number of labs.  On every way out — an interrupt included — QEMU and other children
+    are stopped (in :func:`pykvm.lab.qemu.boot` and :func:`pykvm.lab.proc.run`) and this run's
+    staging files are removed (kept with ``--keep``)."""
+    opts.out.mkdir(parents=True, exist_ok=True)
+    stage(f"waiting for {opts.out}")
+    with procs.cache_lock(opts.out, f"lab-{lab}", message=f"waiting for the other {lab} lab writing to {opts.out}"):
+        workdir = opts.out / lab
+        try:
+            return _run_lab(lab, opts, workdir)
+        finally:
+            if not opts.keep:
+                shutil.rmtree(workdir / "payload", ignore_errors=True)
+                shutil.rmtree(workdir / "native", ignore_errors=True)
+                (workdir / "payload.cpio.gz").unlink(missing_ok=True)
+
+
+def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
     t_start = time.monotonic()
     spec = RISCV if lab == "riscv" else NESTED
-    opts.out.mkdir(parents=True, exist_ok=True)
-    workdir = opts.out / lab
     workdir.mkdir(parents=True, exist_ok=True)
     xml_out = opts.out / f"{lab}.xml"
     archive = Archive(opts.cache)
-    if opts.refresh:
-        for suite in {spec.user_suite, opts.kernel_suite if lab == "riscv" else NESTED_KERNEL_SUITE}:
-            archive.index(suite, spec.arch, refresh=True)
+    stage("resolving packages")
+    log(f"{lab}: resolving packages (cache {archive.cache})")
     manifest: dict = {"lab": lab}
     try:
+        if opts.refresh:
+            for suite in {spec.user_suite, opts.kernel_suite if lab == "riscv" else NESTED_KERNEL_SUITE}:
+                archive.index(suite, spec.arch, refresh=True)
         tests = select_tests(spec, opts.tests)
+        stage("getting the kernel")
         if lab == "riscv":
             kinfo, kernel, modules = riscv_kernel(archive, opts.kernel_suite)
+            stage("getting QEMU")
             qemu = q.trixie_riscv_qemu(archive)
         else:
             kinfo, kernel, modules = nested_kernel(archive)
+            stage("getting QEMU")
             qemu = q.x86_qemu(archive)
+        log(f"{lab}: {qemu.version}")
         manifest.update(kernel=kinfo, qemu=qemu.version)
+        stage("getting the base image")
         base, binfo = build_base(archive, spec, modules, opts)
         manifest.update(binfo)
         nonce = secrets.token_hex(8)
+        stage("building the payload")
+        log(f"{lab}: building the payload (this checkout, guests, pykvm._native for {spec.arch})")
         payload, pinfo = build_payload(spec, archive, opts, tests, nonce, workdir, _host_python(spec.py))
         manifest.update(pinfo)
+        stage("writing the initrd")
         initrd = workdir / "initrd.img"
-        with open(initrd, "wb") as f:
-            for part in (base, payload):
-                with open(part, "rb") as p:
-                    shutil.copyfileobj(p, f)
-        shutil.copy2(kernel, workdir / "vmlinuz")
+
+        def concat(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                for part in (base, payload):
+                    with open(part, "rb") as p:
+                        shutil.copyfileobj(p, f)
+
+        _write_atomically(initrd, concat)
+        _write_atomically(workdir / "vmlinuz", lambda tmp: shutil.copy2(kernel, tmp))
         log(f"{lab}: initrd {initrd.stat().st_size / 1e6:.1f} MB; prepared in {time.monotonic() - t_start:.1f} s")
     except LabError as e:
         _write_manifest(opts.out, lab, archive, manifest, error=str(e))
@@ -517,24 +583,23 @@ def run_lab(lab: str, opts: Options) -> int:
     results = []
     for name, margs in runs:
         res = q.boot(qemu, margs, workdir / f"serial-{name}.log", nonce, name,
-                     opts.timeout or spec.timeout, interactive=opts.shell)
+                     opts.timeout or spec.timeout, interactive=opts.shell, verbose=opts.verbose)
         results.append(res)
         if opts.shell:
             return res.status
         if res.junit:
             (workdir / f"junit-{name}.xml").write_bytes(res.junit)
-        print(f"--- {name}: inner pytest ({res.seconds:.1f} s in QEMU) ---")
+        print(f"--- {name}: inner pytest ({res.seconds:.1f} s in QEMU) ---", flush=True)
         for line in res.summary:
             print(f"    {line}")
         if res.reason:
             print(f"    {res.reason}")
+        sys.stdout.flush()
+    stage("writing the results")
     root = q.merge_junit(results, xml_out, lab)
     manifest["runs"] = [{"name": r.name, "status": r.status, "reason": r.reason, "seconds": round(r.seconds, 1),
                          "log": r.log} for r in results]
     _write_manifest(opts.out, lab, archive, manifest)
-    if not opts.keep:
-        shutil.rmtree(workdir / "payload", ignore_errors=True)
-        shutil.rmtree(workdir / "native", ignore_errors=True)
     status = next((r.status for r in results if r.status), 0)
     if status == 0 and int(root.get("tests", 0)) == 0:
         status = 5
@@ -549,15 +614,17 @@ def run_lab(lab: str, opts: Options) -> int:
 
 def _write_manifest(out: Path, lab: str, archive: Archive, info: dict, error: str | None = None) -> None:
     path = out / "manifest.json"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {}
     entry = dict(info)
     entry["mirror"] = archive.mirror
     unique = {(m["suite"], m["arch"], m["package"], m["sha256"]): m for m in archive.manifest}
     entry["packages"] = [unique[k] for k in sorted(unique)]
     if error:
         entry["error"] = error
-    data[lab] = entry
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    # both labs may write here at once: read-modify-write under a lock, replace atomically
+    with procs.cache_lock(out, "manifest", message=""):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data[lab] = entry
+        _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))

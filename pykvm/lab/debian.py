@@ -9,7 +9,10 @@ Everything here is written for the labs' needs only:
 * downloaded .debs are verified against that SHA256 and cached by it, so a cached run needs no network
   for packages (indexes are re-used while younger than ``INDEX_MAX_AGE``);
 * a .deb is an ``ar`` archive; its ``data.tar.{xz,gz,zst}`` member is unpacked with ``tarfile``
-  (zstd through the ``zstd`` command when no Python zstd module exists).
+  (zstd through the ``zstd`` command when no Python zstd module exists);
+* downloads show their bytes and rate (:mod:`pykvm.lab.progress`), and each download runs under a
+  file lock in the cache (:func:`pykvm.lab.proc.cache_lock`), so labs sharing a cache wait for each
+  other instead of writing the same file.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -32,15 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from .proc import cache_lock, popen, stop
+from .progress import Meter, log
+
 INDEX_MAX_AGE = float(os.environ.get("PYKVM_LAB_INDEX_MAX_AGE", 24 * 3600))
 
 
 class LabError(RuntimeError):
     """A lab could not be prepared or run; the message is the one-line reason."""
-
-
-def log(msg: str) -> None:
-    print(f"[lab] {msg}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,12 +186,20 @@ def version_key(v: str) -> _VKey:
 # HTTP
 
 
-def _http_get(url: str, dest: Path, timeout: float = 60) -> None:
+def _http_get(url: str, dest: Path, timeout: float = 60, label: str = "", size: int = 0) -> None:
+    """Download ``url`` to ``dest`` (through a temporary name), showing bytes and rate as ``label``."""
     tmp = dest.with_name(dest.name + f".part{os.getpid()}")
     req = urllib.request.Request(url, headers={"User-Agent": "pykvm-lab"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f, 1 << 20)
+            total = int(r.headers.get("Content-Length") or 0) or size
+            with Meter(label or os.path.basename(url), total) as meter:
+                while True:
+                    chunk = r.read(1 << 16)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    meter.update(len(chunk))
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
@@ -351,14 +360,17 @@ class Archive:
         path = self.cache / "indexes" / f"{suite}_main_{arch}_Packages.xz"
         fresh = path.exists() and time.time() - path.stat().st_mtime < INDEX_MAX_AGE
         if refresh or not fresh:
-            url = f"{self._mirror()}/dists/{suite}/main/binary-{arch}/Packages.xz"
-            try:
-                log(f"fetching index {suite}/{arch}")
-                _http_get(url, path)
-            except (OSError, urllib.error.URLError) as e:
-                if not path.exists():
-                    raise LabError(f"cannot fetch {url}: {e} (and no cached index)") from e
-                log(f"index fetch failed ({e}); using cached {path.name}")
+            with self.lock(f"index-{suite}-{arch}", f"index {suite}/{arch}"):
+                # another lab may have fetched it while this one waited
+                fresh = path.exists() and time.time() - path.stat().st_mtime < INDEX_MAX_AGE
+                if refresh or not fresh:
+                    url = f"{self._mirror()}/dists/{suite}/main/binary-{arch}/Packages.xz"
+                    try:
+                        _http_get(url, path, label=f"index {suite}/{arch}")
+                    except (OSError, urllib.error.URLError) as e:
+                        if not path.exists():
+                            raise LabError(f"cannot fetch {url}: {e} (and no cached index)") from e
+                        log(f"index fetch failed ({e}); using cached {path.name}")
         text = lzma.decompress(path.read_bytes()).decode("utf-8", "replace")
         idx = Index(suite, arch, text)
         self._indexes[key] = idx
@@ -367,26 +379,22 @@ class Archive:
     def cached_deb(self, p: Package) -> Path:
         return self.cache / "debs" / f"{p.sha256}.deb"
 
+    def lock(self, key: str, what: str = ""):
+        """The cache's file lock for ``key`` (a ``with`` context; see :func:`pykvm.lab.proc.cache_lock`)."""
+        return cache_lock(self.cache, key, what)
+
     def fetch(self, p: Package, purpose: str = "") -> Path:
-        """Download (or reuse) the pool .deb of ``p``, verified against the index's SHA256."""
+        """Download (or reuse) the pool .deb of ``p``, verified against the index's SHA256.
+
+        The download and the check run under the cache lock of that .deb: a second lab fetching the
+        same package waits, then finds it in the cache."""
         if not re.fullmatch(r"[0-9a-f]{64}", p.sha256):
             raise LabError(f"{p.name}: index gives no SHA256")
         dest = self.cached_deb(p)
         if not dest.exists():
-            url = f"{self._mirror()}/{p.filename}"
-            log(f"downloading {p.name} {p.version} ({p.size / 1e6:.1f} MB)")
-            tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
-            try:
-                _http_get(url, tmp, timeout=300)
-            except urllib.error.HTTPError as e:
-                raise LabError(f"cannot download {url}: {e} (index may be stale; retry with --refresh)") from e
-            except (OSError, urllib.error.URLError) as e:
-                raise LabError(f"cannot download {url}: {e}") from e
-            digest = sha256_file(tmp)
-            if digest != p.sha256:
-                tmp.unlink()
-                raise LabError(f"{p.name} {p.version}: sha256 {digest} != index {p.sha256}")
-            os.replace(tmp, dest)
+            with self.lock(f"deb-{p.sha256}", f"{p.name} {p.version}"):
+                if not dest.exists():
+                    self._download(p, dest)
         self.manifest.append(
             {
                 "package": p.name, "version": p.version, "arch": p.arch, "suite": p.suite,
@@ -394,6 +402,24 @@ class Archive:
             }
         )
         return dest
+
+    def _download(self, p: Package, dest: Path) -> None:
+        url = f"{self._mirror()}/{p.filename}"
+        tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+        try:
+            try:
+                _http_get(url, tmp, timeout=300, label=f"{p.name} {p.version}", size=p.size)
+            except urllib.error.HTTPError as e:
+                raise LabError(f"cannot download {url}: {e} (index may be stale; retry with --refresh)") from e
+            except (OSError, urllib.error.URLError) as e:
+                raise LabError(f"cannot download {url}: {e}") from e
+            digest = sha256_file(tmp)
+            if digest != p.sha256:
+                raise LabError(f"{p.name} {p.version}: sha256 {digest} != index {p.sha256}")
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def sha256_file(path: Path) -> str:
@@ -429,42 +455,65 @@ def ar_members(path: Path) -> Iterator[tuple[str, int, int]]:
             f.seek(off)
 
 
-def _open_data_tar(deb: Path) -> tuple[tarfile.TarFile, Callable[[], None]]:
+class _Counted(io.RawIOBase):
+    """A read-only view of ``data`` that reports the bytes read to ``meter`` (unpack progress)."""
+
+    def __init__(self, data: bytes, meter: Meter | None):
+        self._b = io.BytesIO(data)
+        self._meter = meter
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self._b.readinto(buf)
+        if self._meter is not None and n:
+            self._meter.update(n)
+        return n
+
+
+def _data_member(deb: Path) -> tuple[str, bytes]:
     for name, off, size in ar_members(deb):
-        if not name.startswith("data.tar"):
-            continue
-        with open(deb, "rb") as f:
-            f.seek(off)
-            raw = f.read(size)
-        if name == "data.tar.xz":
-            return tarfile.open(fileobj=lzma.LZMAFile(io.BytesIO(raw)), mode="r|"), lambda: None
-        if name == "data.tar.gz":
-            return tarfile.open(fileobj=io.BytesIO(raw), mode="r|gz"), lambda: None
-        if name == "data.tar":
-            return tarfile.open(fileobj=io.BytesIO(raw), mode="r|"), lambda: None
-        if name == "data.tar.zst":
-            try:
-                import zstandard  # type: ignore
-
-                reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw))
-                return tarfile.open(fileobj=reader, mode="r|"), lambda: None
-            except ImportError:
-                pass
-            if not shutil.which("zstd"):
-                raise LabError(f"{deb.name}: data.tar.zst needs the zstd command (apt-get install zstd)")
-            tmp = tempfile.TemporaryFile()  # zstd reads a file, so no pipe-feeding thread is needed
-            tmp.write(raw)
-            tmp.seek(0)
-            proc = subprocess.Popen(["zstd", "-dc"], stdin=tmp, stdout=subprocess.PIPE)
-
-            def done() -> None:
-                proc.stdout.close()  # type: ignore[union-attr]
-                proc.wait()
-                tmp.close()
-
-            return tarfile.open(fileobj=proc.stdout, mode="r|"), done
-        raise LabError(f"{deb.name}: unsupported member {name}")
+        if name.startswith("data.tar"):
+            with open(deb, "rb") as f:
+                f.seek(off)
+                return name, f.read(size)
     raise LabError(f"{deb}: no data.tar member")
+
+
+def _open_data_tar(deb: Path, meter: Meter | None = None) -> tuple[tarfile.TarFile, Callable[[], None]]:
+    name, raw = _data_member(deb)
+    if meter is not None:
+        meter.set_total(len(raw))
+    src = io.BufferedReader(_Counted(raw, meter), 1 << 16)
+    if name == "data.tar.xz":
+        return tarfile.open(fileobj=lzma.LZMAFile(src), mode="r|"), lambda: None
+    if name == "data.tar.gz":
+        return tarfile.open(fileobj=src, mode="r|gz"), lambda: None
+    if name == "data.tar":
+        return tarfile.open(fileobj=src, mode="r|"), lambda: None
+    if name == "data.tar.zst":
+        try:
+            import zstandard  # type: ignore
+
+            reader = zstandard.ZstdDecompressor().stream_reader(src)
+            return tarfile.open(fileobj=reader, mode="r|"), lambda: None
+        except ImportError:
+            pass
+        if not shutil.which("zstd"):
+            raise LabError(f"{deb.name}: data.tar.zst needs the zstd command (apt-get install zstd)")
+        tmp = tempfile.TemporaryFile()  # zstd reads a file, so no pipe-feeding thread is needed
+        tmp.write(raw)
+        tmp.seek(0)
+        proc = popen(["zstd", "-dc"], stdin=tmp, stdout=subprocess.PIPE)
+
+        def done() -> None:
+            proc.stdout.close()  # type: ignore[union-attr]
+            stop(proc)
+            tmp.close()
+
+        return tarfile.open(fileobj=proc.stdout, mode="r|"), done
+    raise LabError(f"{deb.name}: unsupported member {name}")
 
 
 _MERGED = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
@@ -493,15 +542,25 @@ def extract_deb(
     deb: Path,
     root: Path,
     want: Callable[[str], bool] = lambda p: True,
+    label: str | None = None,
 ) -> list[str]:
     """Unpack the data members of ``deb`` whose canonical path satisfies ``want`` into ``root``.
 
     Absolute symlink targets are rewritten relative so they stay inside ``root``.  Device nodes are
-    skipped; hard links become copies.  Returns the canonical paths written.
+    skipped; hard links become copies.  Returns the canonical paths written.  With ``label`` the
+    compressed bytes consumed are shown as progress (worth it for big debs: a kernel's modules).
     """
     root = Path(root)
     written: list[str] = []
-    tf, done = _open_data_tar(deb)
+    meter = None
+    if label:
+        meter = Meter(label, deb.stat().st_size, verb="unpacking", done="unpacked")
+    try:
+        tf, done = _open_data_tar(deb, meter)
+    except BaseException:
+        if meter is not None:
+            meter.close(ok=False)
+        raise
     try:
         for m in tf:
             rel = canonical(m.name)
@@ -534,7 +593,13 @@ def extract_deb(
             else:
                 continue
             written.append(rel)
+    except BaseException:
+        if meter is not None:
+            meter.close(ok=False)
+        raise
     finally:
         tf.close()
         done()
+    if meter is not None:
+        meter.close()
     return written

@@ -4,6 +4,12 @@ RISC-V uses trixie's QEMU 10 (``-cpu max`` with Svvptc/Zabha/Ziccrse; ``rv64`` w
 needs glibc 2.38, so on bookworm it runs through trixie's own dynamic loader with the trixie libraries
 on ``--library-path`` — all unpacked from downloaded, checksummed debs.  The nested x86 lab uses the
 host's ``qemu-system-x86_64`` when installed, else bookworm's deb (same loader trick not needed).
+
+While QEMU runs, :class:`ConsoleProgress` reads the serial console as it arrives (partial lines too:
+pytest's progress dots come without a newline) and a :class:`~pykvm.lab.progress.LiveLine` shows the
+stage (firmware, kernel, KVM ready, pytest with its count, results), the last meaningful console line
+and the elapsed time — or, with ``verbose``, the serial log itself.  QEMU runs in its own process
+group, dies with the lab (``PR_SET_PDEATHSIG``) and is killed in a ``finally`` on any way out.
 """
 
 from __future__ import annotations
@@ -11,8 +17,8 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -21,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import initramfs as ird
-from .debian import Archive, LabError, log
+from . import proc as procs
+from .debian import Archive, LabError, extract_deb
+from .progress import LiveLine, log, stage
 
 
 @dataclass
@@ -35,14 +43,19 @@ class Qemu:
     env: dict[str, str] = field(default_factory=dict)  # added to the environment
 
 
-def _unpack_once(archive: Archive, pkg, dest: Path, want=lambda p: True, purpose: str = "") -> Path:
-    deb = archive.fetch(pkg, purpose)
-    stamp = dest / f".unpacked-{pkg.sha256[:16]}"
-    if not stamp.exists():
-        from .debian import extract_deb
-
-        extract_deb(deb, dest, want)
-        stamp.touch()
+def _unpack_all(archive: Archive, dest: Path, items: list[tuple]) -> Path:
+    """Unpack each ``(package, want, purpose)`` of ``items`` into ``dest`` unless its stamp says it
+    was.  All downloads first, then the unpacking under one cache lock of ``dest`` (labs sharing the
+    cache unpack into the same tree)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    debs = [(archive.fetch(p, purpose), p, want) for p, want, purpose in items]
+    stamp = lambda p: dest / f".unpacked-{p.sha256[:16]}"
+    if any(not stamp(p).exists() for _, p, _ in debs):
+        with archive.lock(f"unpacked-{dest.name}", f"unpacking into {dest.name}"):
+            for deb, p, want in debs:
+                if not stamp(p).exists():
+                    extract_deb(deb, dest, want)
+                    stamp(p).touch()
     return dest
 
 
@@ -58,18 +71,14 @@ def trixie_riscv_qemu(archive: Archive, suite: str = "trixie") -> Qemu:
         skip=lambda n: n != binpkg and not (n.startswith("lib") or n == "zlib1g"),
     )
     root = archive.cache / "unpacked" / f"qemu-riscv-{main.sha256[:16]}"
-    root.mkdir(parents=True, exist_ok=True)
-    for p in libs:
-        if p.name == binpkg:
-            _unpack_once(archive, p, root, lambda r: r == "usr/bin/qemu-system-riscv64", "qemu")
-        else:
-            _unpack_once(
-                archive, p, root,
-                lambda r: r.startswith(("usr/lib/x86_64-linux-gnu/", "usr/lib64/")) and "/gconv/" not in r,
-                "qemu library",
-            )
-    _unpack_once(archive, ix.get("qemu-system-data"), root, lambda r: r.startswith("usr/share/qemu/"), "qemu data")
-    _unpack_once(archive, ix.get("opensbi"), root, lambda r: "/opensbi/generic/" in r, "qemu firmware")
+    lib = lambda r: r.startswith(("usr/lib/x86_64-linux-gnu/", "usr/lib64/")) and "/gconv/" not in r
+    _unpack_all(archive, root, [
+        (p, lambda r: r == "usr/bin/qemu-system-riscv64", "qemu") if p.name == binpkg else (p, lib, "qemu library")
+        for p in libs
+    ] + [
+        (ix.get("qemu-system-data"), lambda r: r.startswith("usr/share/qemu/"), "qemu data"),
+        (ix.get("opensbi"), lambda r: "/opensbi/generic/" in r, "qemu firmware"),
+    ])
     ld = root / "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
     exe = root / "usr/bin/qemu-system-riscv64"
     fw = root / "usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.bin"
@@ -84,7 +93,7 @@ def trixie_riscv_qemu(archive: Archive, suite: str = "trixie") -> Qemu:
     moddir = root / "usr/lib/x86_64-linux-gnu/qemu"
     moddir.mkdir(exist_ok=True)
     env = {"QEMU_MODULE_DIR": str(moddir)}
-    out = subprocess.run(prefix + ["--version"], capture_output=True, text=True, env={**os.environ, **env})
+    out = procs.run(prefix + ["--version"], capture_output=True, text=True, env={**os.environ, **env})
     if out.returncode != 0:
         raise LabError(f"trixie qemu-system-riscv64 does not run: {out.stderr.strip()[:300]}")
     return Qemu(prefix + ["-audio", "none"], out.stdout.splitlines()[0], str(fw), str(root / "usr/share/qemu"), env)
@@ -93,18 +102,19 @@ def trixie_riscv_qemu(archive: Archive, suite: str = "trixie") -> Qemu:
 def x86_qemu(archive: Archive, suite: str = "bookworm") -> Qemu:
     host = shutil.which("qemu-system-x86_64")
     if host:
-        out = subprocess.run([host, "--version"], capture_output=True, text=True)
+        out = procs.run([host, "--version"], capture_output=True, text=True)
         if out.returncode == 0:
             return Qemu([host], out.stdout.splitlines()[0] + " (host)")
     ix = archive.index(suite, "amd64")
     # bookworm's QEMU links against bookworm's libraries, which this (bookworm) host has
     root = archive.cache / "unpacked" / f"qemu-x86-{ix.get('qemu-system-x86').sha256[:16]}"
-    root.mkdir(parents=True, exist_ok=True)
-    _unpack_once(archive, ix.get("qemu-system-x86"), root, lambda r: r == "usr/bin/qemu-system-x86_64", "qemu")
-    _unpack_once(archive, ix.get("qemu-system-data"), root, lambda r: r.startswith("usr/share/qemu/"), "qemu data")
-    _unpack_once(archive, ix.get("seabios"), root, lambda r: r.startswith("usr/share/seabios/"), "qemu firmware")
+    _unpack_all(archive, root, [
+        (ix.get("qemu-system-x86"), lambda r: r == "usr/bin/qemu-system-x86_64", "qemu"),
+        (ix.get("qemu-system-data"), lambda r: r.startswith("usr/share/qemu/"), "qemu data"),
+        (ix.get("seabios"), lambda r: r.startswith("usr/share/seabios/"), "qemu firmware"),
+    ])
     exe = str(root / "usr/bin/qemu-system-x86_64")
-    out = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    out = procs.run([exe, "--version"], capture_output=True, text=True)
     if out.returncode != 0:
         raise LabError(
             f"qemu-system-x86_64 from {suite} does not run ({out.stderr.strip()[:200]}); "
@@ -129,6 +139,130 @@ class BootResult:
     log: str = ""
 
 
+_KTIME = re.compile(r"^\[\s*\d+\.\d+\]\s*")  # a kernel log timestamp
+_PYTEST_PROGRESS = re.compile(r"^([.sFExX]+)\s*(?:\[\s*(\d+)%\])?\s*$")  # pytest -q's dots line
+_OUTCOMES = {".": "passed", "F": "failed", "E": "errors", "s": "skipped", "x": "xfailed", "X": "xpassed"}
+
+
+class ConsoleProgress:
+    """Where a lab boot is, read from its serial console: ``stage``, pytest's ``tests()`` counts and
+    ``percent``, and the ``last`` meaningful line.  ``feed(line)`` for each complete line,
+    ``partial(text)`` for the line being written (pytest's dots arrive one by one).
+
+    Stages only move forward (``STAGES`` order; the kernel's last "reboot: Power down" line does not
+    take a finished run back to "kernel booting"); ``pop_transitions()`` returns each new stage once,
+    with its detail, so a stage that lasted a fraction of a second still gets its line."""
+
+    STAGES = ("starting QEMU", "firmware", "kernel booting", "KVM ready", "pytest starting", "pytest running",
+              "pytest finished", "sending results", "powering off", "/init failed")
+
+    def __init__(self, nonce: str):
+        self.fmt = lambda m: m.format(nonce=nonce)
+        self.stage = self.STAGES[0]
+        self.counts: dict[str, int] = {}
+        self.percent: int | None = None
+        self.last = ""
+        self.summary = ""
+        self.kernel = ""
+        self._in_pytest = False
+        self._in_xml = False
+        self._partial: dict[str, int] = {}
+        self._transitions: list[tuple[str, str]] = [(self.stage, "")]
+        self._stage_detail = ""
+
+    def _to(self, stage_: str, detail: str = "") -> None:
+        if self.STAGES.index(stage_) > self.STAGES.index(self.stage):
+            self.stage, self._stage_detail = stage_, detail
+            self._transitions.append((stage_, detail))
+
+    def pop_transitions(self) -> list[tuple[str, str]]:
+        out, self._transitions = self._transitions, []
+        return out
+
+    def feed(self, line: str) -> None:
+        f = self.fmt
+        text = line.strip()
+        self._partial = {}
+        if not text:
+            return
+        if f(ird.MARK_INIT_ERROR) in text:
+            self.last = text.split(f(ird.MARK_INIT_ERROR), 1)[1].rstrip("@")
+            self._to("/init failed", self.last)
+            return
+        if f(ird.MARK_OUT_BEGIN) in text:
+            self._in_pytest = True
+            self._to("pytest starting")
+            return
+        if f(ird.MARK_OUT_END) in text:
+            self._in_pytest = False
+            self._to("pytest finished", self.summary)
+            return
+        if f(ird.MARK_XML_BEGIN) in text:
+            self._in_xml = True
+            self._to("sending results")
+            return
+        if f(ird.MARK_XML_END) in text:
+            self._in_xml = False
+            return
+        if f(ird.MARK_RC) in text:
+            self._to("powering off")
+            return
+        if self._in_xml:
+            return
+        if self._in_pytest:
+            m = _PYTEST_PROGRESS.match(text)
+            if m:
+                for c in m.group(1):
+                    key = _OUTCOMES[c]
+                    self.counts[key] = self.counts.get(key, 0) + 1
+                if m.group(2) is not None:
+                    self.percent = int(m.group(2))
+                self._to("pytest running")
+                return
+            if re.search(r"\d+ (passed|failed|errors?|skipped|deselected)\b|no tests ran", text):
+                self.summary = text.strip("= ")
+        elif "OpenSBI" in text or text.startswith("Platform Name"):
+            self._to("firmware", text if "OpenSBI" in text else "")
+        elif _KTIME.match(text) or text.startswith("Linux version"):
+            self._to("kernel booting")
+        elif text.startswith("[lab] ") and "kvm:" in text:
+            self.kernel = text[len("[lab] "):].split(";", 1)[0]
+            self._to("KVM ready", f"kernel {self.kernel}")
+        if re.search(r"[A-Za-z]{3}", text):
+            self.last = _KTIME.sub("", text)
+
+    def partial(self, text: str) -> None:
+        """The console line written so far (no newline yet)."""
+        self._partial = {}
+        if self._in_pytest:
+            m = _PYTEST_PROGRESS.match(text.strip())
+            if m and m.group(2) is None:
+                for c in m.group(1):
+                    self._partial[_OUTCOMES[c]] = self._partial.get(_OUTCOMES[c], 0) + 1
+                self._to("pytest running")
+
+    def tests(self) -> dict[str, int]:
+        out = dict(self.counts)
+        for k, v in self._partial.items():
+            out[k] = out.get(k, 0) + v
+        return out
+
+    def describe(self) -> tuple[str, str, str]:
+        """(stage, detail for a terminal line, detail for a plain line)."""
+        t = self.tests()
+        if self.stage == "pytest running":
+            done = sum(t.values())
+            parts = [f"{done} test{'' if done == 1 else 's'} done" + (f" ({self.percent}%)" if self.percent is not None else "")]
+            parts += [f"{v} {k}" for k, v in t.items() if k != "passed" and v]
+            counts = ", ".join(parts)
+            return self.stage, counts + (f"  | {self.last[:100]}" if self.last else ""), counts
+        if self.stage == "pytest finished":
+            return self.stage, self.summary, self.summary
+        if self.stage in ("KVM ready", "/init failed"):
+            return self.stage, self._stage_detail, self._stage_detail
+        return self.stage, self.last[:120], self._stage_detail
+
+
 def boot(
     qemu: Qemu,
     machine_args: list[str],
@@ -137,8 +271,11 @@ def boot(
     name: str,
     timeout: float,
     interactive: bool = False,
+    verbose: bool = False,
 ) -> BootResult:
-    """Run QEMU, tee the serial console to ``log_path``, and parse the /init markers."""
+    """Run QEMU, tee the serial console to ``log_path``, show progress, and parse the /init markers.
+
+    QEMU is killed (with its process group) on every way out of here, an interrupt included."""
     argv = list(qemu.argv_prefix) + ["-no-user-config"]
     if qemu.share:
         argv += ["-L", qemu.share]
@@ -147,8 +284,14 @@ def boot(
     argv += machine_args
     log_path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    stage(f"booting {name}")
     if interactive:
-        rc = subprocess.call(argv + ["-nographic"], env={**os.environ, **qemu.env})
+        # the terminal belongs to QEMU (-nographic): same process group, but still dies with the lab
+        p = procs.popen(argv + ["-nographic"], new_session=False, env={**os.environ, **qemu.env})
+        try:
+            rc = p.wait()
+        finally:
+            procs.stop(p)
         return BootResult(name, rc, "interactive shell", seconds=time.monotonic() - t0)
 
     argv += ["-display", "none", "-serial", "stdio", "-monitor", "none"]
@@ -157,44 +300,86 @@ def boot(
     err_mark = ird.MARK_INIT_ERROR.format(nonce=nonce)
     seen_end = threading.Event()
     lines: list[str] = []
+    partial = [""]  # the console line being written (pump thread -> main thread)
+    watch = ConsoleProgress(nonce)
+    timed_out = False
+    shown = 0
     with open(log_path, "w") as logf:
         logf.write("# " + " ".join(argv) + "\n")
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True, env={**os.environ, **qemu.env},
-        )
+        logf.flush()
 
-        def pump() -> None:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                line = raw.decode("utf-8", "replace").replace("\r", "").rstrip("\n")
-                lines.append(line)
-                logf.write(line + "\n")
-                logf.flush()
-                if rc_mark in line or err_mark in line:
-                    seen_end.set()
+        def pump(fd: int) -> None:
+            buf = b""
+            try:
+                while True:
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    *complete, buf = buf.split(b"\n")
+                    for raw in complete:
+                        line = raw.decode("utf-8", "replace").replace("\r", "")
+                        logf.write(line + "\n")
+                        lines.append(line)
+                        if rc_mark in line or err_mark in line:
+                            seen_end.set()
+                    logf.flush()
+                    partial[0] = buf.decode("utf-8", "replace").replace("\r", "")
+                if buf:
+                    line = buf.decode("utf-8", "replace").replace("\r", "")
+                    logf.write(line + "\n")
+                    lines.append(line)
+            except (OSError, ValueError):  # the pipe or the log closed under us: the boot is over
+                pass
+            partial[0] = ""
 
-        th = threading.Thread(target=pump, daemon=True)
-        th.start()
-        deadline = t0 + timeout
-        timed_out = False
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                timed_out = True
-                break
-            if seen_end.is_set():
-                # /init powers off right after the last marker; do not wait forever if it doesn't
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    pass
-                break
-            time.sleep(0.1)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        th.join(timeout=5)
+        # registered with pykvm.lab.proc from here on: even an interrupt before the `try` stops it
+        proc = procs.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           env={**os.environ, **qemu.env})
+        th = threading.Thread(target=pump, args=(proc.stdout.fileno(),), daemon=True)  # type: ignore[union-attr]
+        live = LiveLine(name, draw=not verbose)
+        try:
+            th.start()
+            deadline = t0 + timeout
+            end_seen_at = None
+            while True:
+                running = proc.poll() is None
+                # everything drawn from here, the main thread: an interrupt stops it all at once
+                n = len(lines)
+                for line in lines[shown:n]:
+                    watch.feed(line)
+                    if verbose:
+                        live.echo(f"  {name}| {line}")
+                shown = n
+                watch.partial(partial[0])
+                for st, detail in watch.pop_transitions():  # every stage gets its line, however short
+                    if not verbose and st != watch.stage:  # (the current one: just below, in full)
+                        live.show(st, detail)
+                if not verbose:
+                    st, tty_detail, plain_detail = watch.describe()
+                    live.show(st, tty_detail, plain_detail)
+                if not running:
+                    break
+                now = time.monotonic()
+                if now > deadline:
+                    timed_out = True
+                    break
+                if seen_end.is_set():
+                    # /init powers off right after the last marker; do not wait forever if it doesn't
+                    end_seen_at = end_seen_at or now
+                    if now - end_seen_at > 15:
+                        break
+                time.sleep(0.1)
+        finally:
+            live.close()
+            procs.stop(proc)  # kills the process group if still running; reaps it either way
+            if th.is_alive():
+                th.join(timeout=5)
+            proc.stdout.close()  # type: ignore[union-attr]
     seconds = time.monotonic() - t0
+    if verbose:
+        for line in lines[shown:]:  # what the pump read after the last look
+            live.echo(f"  {name}| {line}")
     res = parse_console(lines, nonce, name)
     res.seconds = seconds
     res.log = str(log_path)

@@ -4,13 +4,20 @@ Each lab boots a Debian kernel in QEMU and runs pytest there on real (in-lab) KV
 back as ``build/lab/<lab>.xml``.  These tests fail on any inner failure/error, on a lab that cannot be
 built or booted, and when an expected inner test did not run.  They skip only when the host cannot
 possibly build a lab: no Debian mirror reachable and nothing cached.
+
+A lab takes minutes, so its progress lines (one per stage: downloads, base image, payload, each QEMU
+boot's firmware / kernel / KVM / pytest stages and counts) go to the terminal as they come, past
+pytest's output capture, instead of minutes of silence.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -82,20 +89,76 @@ def _cases(xml: Path) -> list[tuple[str, str, str]]:
     return out
 
 
+def _terminal(config):
+    """A function that writes one line to the terminal now, whatever pytest captures."""
+    tr = config.pluginmanager.getplugin("terminalreporter")
+    cap = config.pluginmanager.getplugin("capturemanager")
+
+    def say(line: str) -> None:
+        if tr is None:  # e.g. -p no:terminal
+            print(line, file=sys.__stderr__, flush=True)
+            return
+        off = getattr(cap, "global_and_fixture_disabled", None)
+        with off() if off else contextlib.nullcontext():
+            tr.write_line(line)
+            tr.flush()
+
+    return say
+
+
+def _run_lab(lab: str, say, timeout: float = 1800) -> tuple[int, str]:
+    """``python -m pykvm.lab <lab>``, its output lines passed to ``say`` as they come; (status, output).
+
+    The lab runs in its own process group: on a timeout or an interrupt of this test it gets SIGINT
+    (it then stops QEMU and cleans up), SIGKILL if it has not ended 30 s later."""
+    p = subprocess.Popen([sys.executable, "-m", "pykvm.lab", lab, "--timeout", "600"], cwd=ROOT,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True, env={**os.environ, "PYKVM_LAB_PROGRESS": "plain"})
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGINT)
+
+    timer = threading.Timer(timeout, expire)
+    timer.start()
+    lines = []
+    try:
+        for line in p.stdout:  # type: ignore[union-attr]
+            line = line.rstrip("\n")
+            lines.append(line)
+            say(f"  {lab} | {line}")
+        p.wait()
+    finally:
+        timer.cancel()
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGINT)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        p.stdout.close()  # type: ignore[union-attr]
+    if expired.is_set():
+        lines.append(f"(test: lab {lab} stopped after {timeout:.0f} s)")
+    return p.returncode, "\n".join(lines)
+
+
 @pytest.mark.parametrize("lab", ["riscv", "nested"])
-def test_lab(lab):
+def test_lab(lab, pytestconfig):
     why = _can_build()
     if why:
         pytest.skip(why)
     xml = OUT / f"{lab}.xml"
     if xml.exists():
         xml.unlink()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pykvm.lab", lab, "--timeout", "600"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1800,
-    )
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-    assert xml.exists(), f"lab {lab} wrote no {xml} (exit {proc.returncode}):\n{tail}"
+    say = _terminal(pytestconfig)
+    say(f"lab {lab}: python -m pykvm.lab {lab} (progress as it comes)")
+    returncode, output = _run_lab(lab, say)
+    tail = "\n".join(output.strip().splitlines()[-25:])
+    assert xml.exists(), f"lab {lab} wrote no {xml} (exit {returncode}):\n{tail}"
     cases = _cases(xml)
     table = "\n".join(f"  [{run}] {name}: {outcome}" for run, name, outcome in cases)
     print(f"inner tests of lab {lab}:\n{table}")
@@ -118,4 +181,4 @@ def test_lab(lab):
                    (c[1].endswith("::" + n) or f"::{n}[" in c[1])]       # parametrized too
             assert hit and all(c[2] == "passed" for c in hit), \
                 f"lab {lab}: inner {n} did not pass in {run}:\n{table}"
-    assert proc.returncode == 0, f"lab {lab} exited {proc.returncode}:\n{tail}"
+    assert returncode == 0, f"lab {lab} exited {returncode}:\n{tail}"
