@@ -439,6 +439,36 @@ def compile_cffi_module(builder: Path, workdir: Path, cc: str, includes: list[st
     return out
 
 
+# Builds from outside this checkout that inner tests use when the host has them, named by an
+# environment variable: (variable, lab, where the files go in the lab's checkout, which files).
+# Without the variable nothing is added and the tests that need them skip ("pykvm: host lacks").
+EXTRA_TREES = [
+    # kvm-unit-tests built for riscv64 (tests/riscv/test_kut.py, tests/riscv/kut.py)
+    ("PYKVM_KUT_RISCV_DIR", "riscv", "build/kut-riscv", ("riscv/*.flat", "*.json")),
+]
+
+
+def copy_extra_trees(lab: str, dst: Path) -> dict:
+    """Copy the :data:`EXTRA_TREES` of ``lab`` whose variable is set into the checkout copy
+    ``dst``; returns {variable: what was copied} for the manifest."""
+    info = {}
+    for var, for_lab, where, patterns in EXTRA_TREES:
+        src = os.environ.get(var)
+        if for_lab != lab or not src:
+            continue
+        src_dir = Path(src).expanduser()
+        files = sorted({f for pat in patterns for f in src_dir.glob(pat) if f.is_file()})
+        if not files:
+            raise LabError(f"{var}={src}: no {' or '.join(patterns)} there")
+        for f in files:
+            out = dst / where / f.relative_to(src_dir)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, out)
+        info[var] = f"{src_dir}: {len(files)} files into {where}"
+        log(f"{lab}: {info[var]}")
+    return info
+
+
 def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[str], nonce: str,
                   workdir: Path, compiler: str | None) -> tuple[Path, dict]:
     root = workdir / "payload"
@@ -462,6 +492,7 @@ def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[st
     if native:
         shutil.copy2(native, dst / "pykvm" / native.name)
     log(f"{spec.name}: pykvm._native: {info['native']}")
+    info.update(copy_extra_trees(spec.name, dst))
     if compiler:
         _compile_pyc(compiler, root, ["pykvm/pykvm", "pykvm/tests"])
     lab = root / "lab"
