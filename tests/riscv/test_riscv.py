@@ -110,13 +110,16 @@ def test_min_plus_named_extension(guest_vm, vcpu):
     assert _guest_isa(m) == f"rv64imafdc_{ext}"
 
 
-def test_system_suspend_waits_and_resumes(guest_vm):
+@pytest.mark.parametrize("a0", [0, 0xFFFFFFFF00000000, 1 << 32])
+def test_system_suspend_waits_and_resumes(guest_vm, a0):
+    # sleep_type is a 32-bit SBI argument: upper bits in a0 must not change a thing
     m = guest_vm("suspend", suspend_seconds=0.5)
-    hartid, resume, opaque = m.sync(stage=1)
-    assert hartid == 0
+    m.set_params(a0)
+    hartid, resume, opaque, sleep_a0 = m.sync(stage=1)
+    assert hartid == 0 and sleep_a0 == a0
     hart2, opaque2, marker, count = m.sync(stage=2)
     ev = m.platform.sbi.suspends[0]
-    assert (ev.sleep_type, ev.resume_addr, ev.opaque) == (0, resume, opaque)
+    assert (ev.sleep_type, ev.a0, ev.resume_addr, ev.opaque) == (0, a0, resume, opaque)
     assert ev.woken_at - ev.requested_at >= 0.5 and not ev.woken_early
     assert (hart2, opaque2) == (0, opaque)         # a0 = hart id, a1 = opaque at the resume pc
     assert count == 1
@@ -215,3 +218,119 @@ def test_dbcn_console_is_served_in_c(guest_vm):
     p.sync(stage=2)
     p.done()
     assert p.console == m.console and p.loops[0].handled_in_c == 0
+
+
+# --- real-image pieces: Linux Image header, initrd, ns16550a, SBI widths, SRST statuses ------
+
+def _cstr(m, addr, n=256):
+    return m.memory.read(addr, n).split(b"\0")[0].decode()
+
+
+def test_image_guest_boots_as_a_linux_image(guest_vm):
+    m = guest_vm("image")                        # image.bin: the Image, not the ELF
+    assert m.image_name.endswith("image.bin")
+    assert m.image.plan.format == "linux-image" and m.image.entry == 0x80200000
+    assert m.vcpus[0].get_one_reg(regs.reg_id("core.regs.pc")) == 0x80200000
+    start, hartid, dtb, image_size, magic2, end = m.sync(stage=1)
+    assert (start, hartid, dtb) == (0x80200000, 0, m.platform.dtb_addr)
+    assert image_size == end - start and magic2 == int.from_bytes(b"RSC\x05", "little")
+    m.done()
+
+
+def test_initrd_is_read_back_by_the_guest(guest_vm, tmp_path):
+    data = b"pykvm initrd line one\nsecond line\n" + bytes(range(256)) * 40
+    f = tmp_path / "initrd.img"
+    f.write_bytes(data)
+    m = guest_vm("initrd", initrd=[str(f)])
+    start, end, digest, image_end, dtb = m.sync(stage=1)
+    assert (start, end) == m.platform.initrd and end - start == len(data)
+    assert start % 4096 == 0 and image_end <= start and end <= dtb
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    assert digest == h
+    m.done()
+    assert m.console == b"pykvm initrd line one\n"        # through the UART
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_polled_uart_guest(guest_vm, native):
+    m = guest_vm("uart", native=native)
+    base, freq, path, compat = m.sync(stage=1)
+    assert (base, freq) == (0x10000000, 3686400)
+    assert _cstr(m, path) == "/soc/serial@10000000" and _cstr(m, compat) == "ns16550a"
+    scratch, divisor, lcr, iir, lsr, msr, mcr = m.sync(stage=2)
+    assert (scratch, divisor, lcr, iir, lsr, msr, mcr) == (0xA5, 2, 3, 1, 0x60, 0xB0, 3)
+    m.done()
+    assert m.console == b"Hello from the ns16550a\nand from the SBI debug console\n"
+    if native:                                   # every UART access was served in C
+        assert m.loops[0].counts.get("MMIO", 0) == m.loops[0].handled_in_c - 1
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_sbi_32_bit_arguments(guest_vm, native):
+    m = guest_vm("sbi_width", native=native)
+    # HSM retentive suspend: suspend_type 0 and (1 << 32) | 0 both suspend and wake
+    assert m.sync(stage=1) == (0, 0)
+    # DBCN write_byte takes the low byte: 0x64636241 writes "A"
+    assert m.sync(stage=2) == (0, 0, 0)
+    m.done()
+    assert m.console == b"A\n"
+
+
+@pytest.mark.parametrize("reset_type, reason, code, exit_name", [
+    (0, 0, 0, "SYSTEM_EVENT"),            # shutdown
+    (0, 1, 4, "SYSTEM_EVENT"),            # shutdown, system failure (kvm-unit-tests' FAIL)
+    (1, 0, 6, "SYSTEM_EVENT"),            # cold reboot: pykvm does not reboot
+    (2, 1, 4, "SYSTEM_EVENT"),            # warm reboot, system failure
+])
+def test_srst_reasons_map_to_statuses(guest_vm, reset_type, reason, code, exit_name):
+    m = guest_vm("srst")
+    m.set_params(reset_type, reason)
+    r = m.run(timeout=60)
+    assert (r.exit, r.exit_code) == (exit_name, code), r.detail
+
+
+def _checkout_guest(name):
+    from pykvm import guests
+    return guests.path(name, arch="riscv64")
+
+
+def _pykvm_run(capfd, *argv):
+    """``pykvm run ARGV`` in this process (the CLI's own code path, without another ~7 s
+    interpreter start under TCG): (status, stdout, stderr)."""
+    import signal
+    from pykvm import cli
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    capfd.readouterr()
+    try:
+        code = cli.main(["run", *argv])
+    finally:
+        for s, h in saved.items():              # main() installs its own
+            signal.signal(s, h)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_pykvm_run_boots_an_image_and_streams_the_uart(capfd):
+    img = _checkout_guest("uart")
+    assert img.endswith(".bin")
+    code, out, err = _pykvm_run(capfd, img)
+    assert code == 0, err
+    assert out == "Hello from the ns16550a\nand from the SBI debug console\n"
+
+
+def test_pykvm_run_initrd_and_riscv_options(capfd, tmp_path):
+    f = tmp_path / "rd"
+    f.write_bytes(b"from the initrd\n")
+    code, out, err = _pykvm_run(capfd, _checkout_guest("initrd"), "--initrd", str(f),
+                                "--cpu-type", "min", "--json")
+    assert code == 0 and json.loads(out)["console"] == "from the initrd\n", err
+    t0 = time.monotonic()
+    code, out, err = _pykvm_run(capfd, _checkout_guest("suspend"), "--suspend-seconds", "0.5")
+    assert code == 0, err
+    assert time.monotonic() - t0 >= 0.5
+    code, out, err = _pykvm_run(capfd, _checkout_guest("isa"), "--cpu-type", "max,bogus")
+    assert code == 2 and "bogus" in err
+    code, out, err = _pykvm_run(capfd, _checkout_guest("initrd"), "--initrd", f"{f},{f}")
+    assert code == 2 and "one initrd" in err
