@@ -1,19 +1,60 @@
-"""cffi (API mode) builder for ``pykvm._native``: the ioctl wrapper and the C run loop.
+"""cffi (API mode, out of line) builder for ``pykvm._native``: the KVM ABI, the ioctl wrapper, the C
+run loop and the raw-C benchmark contenders.
 
-Used by setup.py at install time (``cffi_modules``) and by the RISC-V lab, which emits the C with
-``ffibuilder.emit_c_code()`` and cross-compiles it.
+The module carries the *compiled* KVM ABI: our own struct declarations (``pykvm/abi/common.py``
+and ``pykvm/abi/<arch>.py``, the same text ``pykvm.abi`` describes) are given to cffi's cdef *and*
+compiled as C into the module, so ``pykvm._native.ffi`` knows every struct's layout without
+parsing any C when it is imported. ``pykvm.abi`` uses that ``ffi`` when the text compiled in
+(``pykvm_abi_text()``) is the text of the Python sources, and parses the sources itself only when
+the build is stale (``pykvm.abi.COMPILED`` says which; ``tests/unit/test_abi_proof.py`` fails on
+a stale build).
+
+Used by setup.py at install time (``cffi_modules``), by ``csrc/build_sanitized.py`` (the same
+builder with sanitizer flags) and by the labs, which emit the C with ``ffibuilder.emit_c_code()``
+and cross-compile it: the emitted file holds one variant per architecture (x86_64, riscv64) and
+the C compiler's target picks one, so the host that emits it need not be the target.
 """
+import importlib.util
 import os
+import platform
 import re
+import tempfile
 
 import cffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ABI_DIR = os.path.join(os.path.dirname(HERE), "pykvm", "abi")
+ARCHES = {"x86_64": "defined(__x86_64__)",
+          "riscv64": "defined(__riscv) && __riscv_xlen == 64"}
+
+# Functions the C loop calls back into Python (cffi `extern "Python+C"`: defined by cffi in the
+# module's C file, callable from runloop.c; their prototypes are in pykvm_native.h too).
+CALLBACKS = r"""
+extern "Python+C" int pykvm_py_exit(uint32_t loop_id, uint32_t reason, uint32_t info,
+                                    uint64_t a, uint64_t b);
+"""
+
+
+def _abi_module(name: str):
+    """pykvm/abi/<name>.py loaded on its own (those files import nothing), without importing the
+    pykvm package (whose ABI needs the module being built)."""
+    spec = importlib.util.spec_from_file_location(f"_pykvm_build_abi_{name}",
+                                                  os.path.join(ABI_DIR, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def abi_text(arch: str) -> str:
+    """The ABI declarations for ``arch``, in the order pykvm.abi.abi_text() joins them."""
+    common, a = _abi_module("common"), _abi_module(arch)
+    return common.CDEF + a.CDEF + common.KVM_RUN_CDEF
 
 
 def _cdef_from_header() -> str:
     """The declarations cffi needs, taken from our own header (the #define lines become
-    integer constants, the struct and prototypes are given as they are)."""
+    integer constants, the struct and prototypes are given as they are; the Python callbacks
+    are declared separately, see CALLBACKS)."""
     text = open(os.path.join(HERE, "pykvm_native.h")).read()
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     lines = []
@@ -21,23 +62,85 @@ def _cdef_from_header() -> str:
         s = line.strip()
         if s.startswith("#define PYKVM_") and len(s.split()) >= 3:
             lines.append(f"#define {s.split()[1]} ...")
-        elif s.startswith("#") or not s:
+        elif s.startswith("#") or not s or s.startswith("int pykvm_py_"):
             continue
         else:
             lines.append(line)
     return "\n".join(lines)
 
 
-ffibuilder = cffi.FFI()
-ffibuilder.cdef(_cdef_from_header())
-ffibuilder.set_source(
-    "pykvm._native",
-    '#include "pykvm_native.h"',
-    sources=[os.path.relpath(os.path.join(HERE, "runloop.c"))],
-    include_dirs=[os.path.relpath(HERE)],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-    libraries=["rt", "pthread"],
-)
+def _c_string(text: str) -> str:
+    """``text`` as a C string literal (one source line per line of text)."""
+    lines = text.split("\n")
+    return "\n".join('"' + line.replace("\\", "\\\\").replace('"', '\\"')
+                     + ("\\n" if i < len(lines) - 1 else "") + '"'
+                     for i, line in enumerate(lines))
+
+
+def _source(arch: str) -> str:
+    """The C that cffi puts in front of its generated code: our header, then our own ABI
+    declarations compiled as they are (cffi takes every layout from the C compiler), and the text
+    itself so that pykvm.abi can tell a stale build."""
+    text = abi_text(arch)
+    return ("#include <stdint.h>\n#include <stddef.h>\n#include \"pykvm_native.h\"\n\n"
+            f"/* ---- the KVM ABI as pykvm declares it ({arch}) ---- */\n{text}\n"
+            "static const char pykvm_abi_text_[] =\n" + _c_string(text) + ";\n"
+            "const char *pykvm_abi_text(void) { return pykvm_abi_text_; }\n")
+
+
+class _Builder(cffi.FFI):
+    """An FFI whose emit_c_code() writes one variant per architecture (see the module doc)."""
+
+    def emit_c_code(self, filename):
+        module_name, _source_text, _ext, _kwds = self._assigned_source
+        parts = ["/* pykvm._native, generated by csrc/build_native.py: one variant per "
+                 "architecture, the compiler's target picks it */"]
+        with tempfile.TemporaryDirectory() as d:
+            for i, (arch, cond) in enumerate(ARCHES.items()):
+                ffi = make_builder(arch, _Builder=cffi.FFI)
+                c_file = os.path.join(d, f"{arch}.c")
+                from cffi import recompiler
+                recompiler.make_c_source(ffi, module_name, ffi._assigned_source[1], c_file)
+                with open(c_file) as f:
+                    parts.append(f"#{'el' if i else ''}if {cond}\n{f.read()}")
+        parts.append('#else\n#error "pykvm._native: no KVM ABI description for this '
+                     'architecture"\n#endif\n')
+        text = "\n".join(parts)
+        try:
+            with open(filename) as f:
+                if f.read() == text:
+                    return
+        except OSError:
+            pass
+        with open(filename, "w") as f:
+            f.write(text)
+
+
+def make_builder(arch: str, _Builder=_Builder) -> cffi.FFI:
+    """The cffi builder of pykvm._native for ``arch`` ("x86_64" or "riscv64")."""
+    b = _Builder()
+    b.cdef(_cdef_from_header())
+    b.cdef(abi_text(arch))
+    b.cdef("const char *pykvm_abi_text(void);")
+    b.cdef(CALLBACKS)
+    b.set_source(
+        "pykvm._native",
+        _source(arch),
+        sources=[os.path.relpath(os.path.join(HERE, "runloop.c")),
+                 os.path.relpath(os.path.join(HERE, "rawbench.c"))],
+        include_dirs=[os.path.relpath(HERE)],
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        libraries=["rt", "pthread"],
+    )
+    return b
+
+
+def host_arch() -> str:
+    m = platform.machine()
+    return "x86_64" if m in ("x86_64", "amd64") else m
+
+
+ffibuilder = make_builder(host_arch() if host_arch() in ARCHES else "x86_64")
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -19,6 +19,19 @@
 #define PYKVM_STOP_SIGNAL        7  /* KVM_RUN was interrupted by someone else's signal */
 #define PYKVM_STOP_MMIO_LOG_FULL 8  /* the coalesced-MMIO log is full: drain it and call again */
 #define PYKVM_STOP_BAD_EXIT      9  /* kvm_run described an I/O outside the shared page */
+#define PYKVM_STOP_CALLBACK     10  /* a Python exit handler asked to stop (or raised) */
+
+/* pykvm_py_exit() results: resume the guest, stop with this exit, stop (Python says why). */
+#define PYKVM_CB_RESUME 0
+#define PYKVM_CB_STOP_EXIT 1
+#define PYKVM_CB_STOP 2
+
+/* The raw-C benchmark contenders (rawbench.c): which exit each guest loop makes. */
+#define PYKVM_RAW_IO_OUT 1
+#define PYKVM_RAW_IO_IN 2
+#define PYKVM_RAW_MMIO_WRITE 3
+#define PYKVM_RAW_MMIO_READ 4
+#define PYKVM_RAW_HLT 5
 
 #define PYKVM_MAX_EXIT_REASON 64
 #define PYKVM_MAX_RAM 4
@@ -86,6 +99,16 @@ struct pykvm_loop {
     /* kick machinery */
     volatile int32_t kick;
     volatile int32_t tid;            /* kernel thread id while running, 0 otherwise */
+
+    /* Exits the loop does not serve itself, by reason (bit N: exit reason N < 64): those in
+     * resume_mask are counted and resumed in C (e.g. HLT without an in-kernel irqchip); those
+     * in callback_mask go to Python through pykvm_py_exit(loop_id, reason) without leaving the
+     * loop (no teardown, no new KVM_RUN setup); any other returns PYKVM_STOP_EXIT. */
+    uint64_t resume_mask;
+    uint64_t callback_mask;
+    uint32_t loop_id;
+    int32_t _pad4;
+    uint64_t handled_in_py;          /* exits a Python handler resumed from inside the loop */
 };
 
 long pykvm_ioctl(int fd, unsigned long request, uint64_t arg);
@@ -96,5 +119,20 @@ int pykvm_retire_mapping(uint64_t addr, uint64_t size);
 int64_t pykvm_map_shared(int fd, uint64_t size);
 int pykvm_unmap(uint64_t addr, uint64_t size);
 int pykvm_kick_signal(void);
+
+/* Defined by cffi (extern "Python+C" in csrc/build_native.py): runs the Python exit handler of
+ * loop `loop_id` with the GIL held (info, a, b: the exit's fields, see py_exit() in runloop.c);
+ * returns a PYKVM_CB_* value. */
+int pykvm_py_exit(uint32_t loop_id, uint32_t reason, uint32_t info, uint64_t a, uint64_t b);
+
+/* rawbench.c */
+int pykvm_raw_exit_loop(const char *dev, int kind, uint64_t n, const uint8_t *code,
+                        uint32_t code_len, uint64_t ram_size, int64_t *out);
+int pykvm_raw_lifecycle(const char *dev, uint32_t count, const uint8_t *code,
+                        uint32_t code_len, uint64_t ram_size, int64_t *out);
+void *pykvm_raw_vms_create(const char *dev, uint32_t count, uint64_t ram_size,
+                           const uint8_t *image, const uint8_t *pages);
+void pykvm_raw_vms_destroy(void *handle, uint32_t count);
+int pykvm_resident_pages(uint64_t addr, uint64_t size, uint8_t *bitmap);
 
 #endif

@@ -456,6 +456,59 @@ static int run_loop(struct pykvm_loop *l, struct kvm_run *run)
     }
 }
 
+/* Hand an exit to Python with its fields decoded here (so a handler reads plain ints):
+ * info: bit 31 = console or MMIO-log bytes wait to be drained; IO: size | direction << 8, MMIO:
+ * len | is_write << 8. IO: a = port | count << 16 | data_offset << 32 (run_loop() checked the
+ * span), b = the first element; MMIO: a = phys_addr, b = the data (len bytes, little-endian). */
+static int py_exit(struct pykvm_loop *l, struct kvm_run *run, uint32_t reason)
+{
+    uint32_t info = (l->console_len || l->mmio_log_len) ? 0x80000000u : 0;
+    uint64_t a = 0, b = 0;
+
+    if (reason == KVM_EXIT_IO) {
+        info |= run->io.size | (uint32_t)run->io.direction << 8;
+        a = run->io.port | (uint64_t)(run->io.count & 0xffff) << 16 |
+            (uint64_t)(run->io.data_offset & 0xffffffffu) << 32;
+        b = io_value((uint8_t *)run + run->io.data_offset, run->io.size);
+    } else if (reason == KVM_EXIT_MMIO) {
+        uint32_t len = run->mmio.len <= 8 ? run->mmio.len : 0;
+        info |= len | (uint32_t)(run->mmio.is_write ? 1 : 0) << 8;
+        a = run->mmio.phys_addr;
+        memcpy(&b, run->mmio.data, len);
+    }
+    return pykvm_py_exit(l->loop_id, reason, info, a, b);
+}
+
+/* run_loop(), then what it does not serve: exits to count and resume (resume_mask), exits for a
+ * Python handler called from here (callback_mask), anything else back to the caller. */
+static int run_dispatch(struct pykvm_loop *l, struct kvm_run *run)
+{
+    for (;;) {
+        int r = run_loop(l, run);
+        uint32_t reason;
+
+        if (r != PYKVM_STOP_EXIT)
+            return r;
+        reason = run->exit_reason;
+        if (reason >= 64)
+            return r;
+        if ((l->resume_mask >> reason) & 1) {
+            l->handled_in_c++;
+        } else if ((l->callback_mask >> reason) & 1) {
+            int c = py_exit(l, run, reason);
+            if (c == PYKVM_CB_STOP_EXIT)
+                return PYKVM_STOP_EXIT;
+            if (c != PYKVM_CB_RESUME)
+                return PYKVM_STOP_CALLBACK;
+            l->handled_in_py++;
+        } else {
+            return r;
+        }
+        if (l->budget == 0)
+            return PYKVM_STOP_BUDGET;
+    }
+}
+
 int pykvm_loop_run(struct pykvm_loop *l)
 {
     struct kvm_run *run = (struct kvm_run *)(uintptr_t)l->run;
@@ -482,7 +535,7 @@ int pykvm_loop_run(struct pykvm_loop *l)
         }
         have_timer = 1;
     }
-    ret = run_loop(l, run);
+    ret = run_dispatch(l, run);
     if (ret == PYKVM_STOP_KICK)
         l->kick = 0;
 out:

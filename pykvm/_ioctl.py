@@ -1,7 +1,24 @@
-"""Issue ioctls through the C helper (no copies, GIL released) and raise typed errors."""
+"""Issue ioctls through the C helper (no copies, GIL released) and raise typed errors.
+
+There is one way to issue a KVM ioctl: :func:`ioctl` with a row of the table
+(``pykvm.abi.ioctls``), e.g. ``ioctl(vcpu.fd, ioctls.KVM_GET_ONE_REG, reg)``. The row gives the
+request number and, when the ioctl fails, its name, the capability that gates it and the
+architectures it exists on, so an ENOTTY/EINVAL from a KVM that lacks the capability reads
+``KVM_GET_NESTED_STATE: EINVAL — needs KVM_CAP_NESTED_STATE, which this KVM does not offer``.
+"""
+import errno as _errno
+import os
+
 from . import errors
 from ._native import lib as _nlib
-from .abi import ffi
+from .abi import cap_name, cap_number, ffi
+from .abi.ioctls import BY_NAME, KVM_CHECK_EXTENSION, KVM_ENABLE_CAP, KVM_GET_STATS_FD, Ioctl
+from .stats import read_stats
+
+# errnos with which a KVM that lacks an ioctl's capability answers it
+_GATED = frozenset((_errno.ENOTTY, _errno.EINVAL, _errno.ENXIO, _errno.EOPNOTSUPP,
+                    _errno.ENOSYS))
+_native_ioctl = _nlib.pykvm_ioctl
 
 
 def addr(cdata) -> int:
@@ -9,34 +26,89 @@ def addr(cdata) -> int:
     return int(ffi.cast("uintptr_t", cdata))
 
 
-def ioctl(fd: int, name: str, request: int, arg=0, what: str = "", hint: str = "") -> int:
-    """Issue ``request`` on ``fd``; ``arg`` is an int or a cffi pointer. Returns the ioctl's value
-    or raises the :class:`~pykvm.errors.KvmError` subclass for its errno."""
-    if not isinstance(arg, int):
-        arg = addr(arg)
-    r = _nlib.pykvm_ioctl(fd, request, arg)
+def ioctl(fd: int, op: Ioctl, *arg, what: str = "", hint: str = "") -> int:
+    """Issue the ioctl ``op`` (a row of :mod:`pykvm.abi.ioctls`) on ``fd`` with an optional
+    argument (an int or a cffi pointer; default 0). Returns the ioctl's value or raises the
+    :class:`~pykvm.errors.KvmError` subclass for its errno, naming the ioctl, ``what`` it was
+    asked and why it failed."""
+    if type(op) is not Ioctl:
+        op, arg = _legacy(op, arg)
+    a = arg[0] if arg else 0
+    if a.__class__ is not int:
+        a = int(ffi.cast("uintptr_t", a))
+    r = _native_ioctl(fd, op, a)
     if r < 0:
-        raise errors.kvm_error(name, -r, what, hint)
+        raise error(fd, op, -r, what, hint)
     return r
+
+
+def _legacy(name, rest):
+    """The older call form ``ioctl(fd, "NAME", request[, arg], what=, hint=)``, while call sites
+    move to table rows (tests/unit/test_imports.py lists those left)."""
+    op = BY_NAME.get(name) if isinstance(name, str) else None
+    if op is None or not rest or op != rest[0] or len(rest) > 2:
+        raise TypeError(f"ioctl() takes a row of pykvm.abi.ioctls, not {name!r}")
+    return op, rest[1:]
+
+
+def error(fd: int, op: Ioctl, err: int, what: str = "", hint: str = "") -> errors.KvmError:
+    """The exception for ``op`` failing on ``fd`` with ``err``. An ENOTTY/EINVAL-like errno from
+    an ioctl whose capability this KVM does not offer (or that does not exist on this
+    architecture) says so."""
+    if not hint and err in _GATED:
+        hint = gate_hint(fd, op)
+    return errors.kvm_error(op.name, err, what, hint)
+
+
+def gate_hint(fd: int, op: Ioctl) -> str:
+    """Why ``op`` may be refused here: another architecture's ioctl, or a capability this KVM
+    does not offer; "" when neither is the case (or cannot be told)."""
+    if not op.available:
+        return f"{op.name} exists only on {'/'.join(op.arches)}"
+    if op.cap is None:
+        return ""
+    if _cap_value(fd, op) == 0:
+        return f"needs {cap_name(op.cap)}, which this KVM does not offer"
+    return ""
+
+
+def _cap_value(fd: int, op: Ioctl):
+    """KVM_CHECK_EXTENSION(op.cap) on ``fd`` when it is a system or VM fd, else on the KVM
+    device; None when neither answers."""
+    n = cap_number(op.cap)
+    if "system" in op.fd or "vm" in op.fd:
+        r = _native_ioctl(fd, KVM_CHECK_EXTENSION, n)
+        if r >= 0:
+            return r
+    try:
+        dev = os.open(os.environ.get("PYKVM_DEVICE") or "/dev/kvm",
+                      os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        r = _native_ioctl(dev, KVM_CHECK_EXTENSION, n)
+        return r if r >= 0 else None
+    finally:
+        os.close(dev)
+
+
+def check_extension(fd: int, cap) -> int:
+    """KVM_CHECK_EXTENSION on a system or VM fd: 0 if absent, else a cap-specific value."""
+    return ioctl(fd, KVM_CHECK_EXTENSION, cap_number(cap), what=str(cap))
 
 
 def enable_cap(fd: int, cap, args=(), flags: int = 0) -> None:
     """KVM_ENABLE_CAP on a VM or vCPU fd."""
-    from .abi import ioctls
-    from .kvm import cap_number
     ec = ffi.new("struct kvm_enable_cap *")
     ec.cap, ec.flags = cap_number(cap), flags
     for i, a in enumerate(tuple(args)[:4]):
         ec.args[i] = a
-    ioctl(fd, "KVM_ENABLE_CAP", ioctls.KVM_ENABLE_CAP, ec, what=str(cap))
+    ioctl(fd, KVM_ENABLE_CAP, ec, what=str(cap))
 
 
 def stats(fd: int) -> dict:
     """KVM_GET_STATS_FD on a VM or vCPU fd, decoded (the stats fd is closed again)."""
-    import os
-    from .abi import ioctls
-    from .stats import read_stats
-    sfd = ioctl(fd, "KVM_GET_STATS_FD", ioctls.KVM_GET_STATS_FD)
+    sfd = ioctl(fd, KVM_GET_STATS_FD)
     try:
         return read_stats(sfd)
     finally:

@@ -1,106 +1,652 @@
-"""``pykvm bench``: speed and memory as ratios against baselines measured in the same run
-(absolute numbers on these machines are noisy; ratios are what to compare).
+"""``pykvm bench``: what a VMM in Python costs next to hand-written C, QEMU and the interpreter
+itself, as ratios measured in one process run.
 
-* exit loop: a guest writes N bytes to the debug console port. The C loop serves them without
-  returning to Python; the Python loop crosses into Python on every exit. Both are compared
-  with the baseline cost of a trivial vCPU ioctl (KVM_RUN with immediate_exit set).
-* memory: resident-set growth per :class:`~pykvm.machine.Machine` against a bare VM with the
-  same RAM, the same guest image loaded and one vCPU, made with the raw API.
+Every contender of a comparison is measured in the same run, in rounds whose order rotates, so
+drift of the machine hits all of them alike; each figure is the median over the rounds with its
+min–max, and each ratio is the median of the per-round ratios (min–max of those, too).
+
+* **exit cost** (µs per exit) for I/O out, I/O in, MMIO write, MMIO read and HLT. The guest is
+  the same real-mode code for everybody: 1000 copies of one instruction (``out 0x80, al``,
+  ``in al, 0x80``, ``mov [0xf0000], al``, ``mov al, [0xf0000]``, ``hlt``) in a loop. Contenders:
+  ``raw`` — a C loop of bare ioctls on the kernel's own <linux/kvm.h> (csrc/rawbench.c, no
+  pykvm); ``c_loop`` — pykvm's run loop serving the exit in C (port 0x80 as a console port, the
+  MMIO address as an ns16550a, HLT resumed); ``python`` — a Python handler
+  (:meth:`pykvm.runloop.RunLoop.on`) serving every exit; ``machine`` — the same through
+  :meth:`pykvm.machine.Machine.on` (I/O out). Costs are the calling thread's CPU time per exit
+  (what the exit costs, whatever else runs on the machine); wall-clock figures are given beside.
+* **VM lifecycle**: create a VM, one 512 KiB slot, one vCPU, run it to HLT, destroy it: raw C vs
+  pykvm (``Kvm.create_vm`` ... ``Vm.close``); VMs per second.
+* **memory**: resident host memory per VM, with 16 MiB of RAM and the same guest pages resident:
+  raw C, pykvm's ``Vm`` API, and a :class:`~pykvm.machine.Machine`.
+* **boot** to exit as a user sees it, whole processes: ``pykvm run`` of a tiny multiboot guest
+  (it prints "ok" on COM1 and writes 0 to isa-debug-exit) vs ``qemu-system-x86_64 -accel kvm
+  -kernel`` of the same file, kvmtool's ``lkvm`` where installed, ``python -c pass`` (the
+  interpreter's floor) and ``python -c "import pykvm"``.
+* **scaling**: aggregate exits/s of the C loop with 1, 2, 4, ... vCPUs (one thread each), up to
+  the host's CPU count.
+
+``--quick`` finishes in well under a minute; ``--plot FILE.png`` draws the ratios with their
+min–max (matplotlib, the ``bench`` extra).
 """
 import gc
-import json
+import os
+import platform
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 
-from .abi import ioctls
-from ._ioctl import ioctl
+from . import _native
+from .abi import ffi
+
+KINDS = ("io_out", "io_in", "mmio_write", "mmio_read", "hlt")
+_RAW_KIND = {"io_out": 1, "io_in": 2, "mmio_write": 3, "mmio_read": 4, "hlt": 5}
+_INSN = {"io_out": "E680", "io_in": "E480", "mmio_write": "8807", "mmio_read": "8A07",
+         "hlt": "F4"}
+_REASON = {"io_out": "IO", "io_in": "IO", "mmio_write": "MMIO", "mmio_read": "MMIO",
+           "hlt": "HLT"}
+PORT = 0x80
+MMIO_ADDR = 0xF0000
+RAM = 0x80000                 # exit and lifecycle guests: 512 KiB at GPA 0
+CODE_GPA = 0x1000
+UNROLL = 1000
+MEM_RAM = 16 << 20            # memory comparison: 16 MiB of guest RAM
+THRESHOLDS = {"c_loop_vs_raw": 1.05, "python_vs_raw": 1.3, "lifecycle_vs_raw": 1.5,
+              "machine_mem_vs_raw": 1.5, "boot_vs_python_floor": 2.5, "boot_vs_qemu": 0.1}
+
+QUICK = dict(rounds=5, exits=2000, life=10, mem_vms=6, mem_rounds=3, boot=5, boot_qemu=2,
+             scale_exits=3000)
+FULL = dict(rounds=9, exits=10000, life=40, mem_vms=16, mem_rounds=5, boot=15, boot_qemu=5,
+            scale_exits=30000)
+
+
+# -- guests ----------------------------------------------------------------------------------
+def guest_code(kind: str) -> bytes:
+    """Real-mode code for CODE_GPA: DS = 0xF000, BX = 0, AL = 'x', then UNROLL copies of the
+    kind's instruction and a jump back to the first."""
+    body = bytes.fromhex(_INSN[kind]) * UNROLL
+    jmp = b"\xE9" + ((-(len(body) + 3)) & 0xFFFF).to_bytes(2, "little")
+    return bytes.fromhex("B800F08ED831DBB078") + body + jmp
+
+
+def tiny_multiboot() -> bytes:
+    """A multiboot v1 ELF32 at 1 MiB: print "ok" on COM1, write 0 to isa-debug-exit (0xf4),
+    halt. Under QEMU (-device isa-debug-exit,iobase=0xf4) and ``pykvm run`` it exits with 1."""
+    base, hdr = 0x100000, 52 + 32
+    code = bytes.fromhex("66BAF803" "B06F" "EE" "B06B" "EE" "B00A" "EE" "31C0" "E6F4" "F4"
+                         "EBFD")
+    mb = struct.pack("<III", 0x1BADB002, 3, (-(0x1BADB002 + 3)) & 0xFFFFFFFF)
+    size = hdr + len(mb) + len(code)
+    ehdr = b"\x7fELF\x01\x01\x01\x00" + bytes(8) + struct.pack(
+        "<HHIIIIIHHHHHH", 2, 3, 1, base + hdr + len(mb), 52, 0, 0, 52, 32, 1, 40, 0, 0)
+    phdr = struct.pack("<IIIIIIII", 1, 0, base, base, size, size, 7, 0x1000)
+    return ehdr + phdr + mb + code
+
+
+# -- measuring helpers -----------------------------------------------------------------------
+def _device() -> str:
+    return os.environ.get("PYKVM_DEVICE") or "/dev/kvm"
+
+
+def _summary(values):
+    """{"median", "min", "max"} of a list of numbers (None when empty)."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"median": round(statistics.median(vals), 4), "min": round(min(vals), 4),
+            "max": round(max(vals), 4), "n": len(vals)}
+
+
+def _ratio(num, den):
+    """Per-round ratios num[i]/den[i] summarised."""
+    return _summary([a / b for a, b in zip(num, den) if a is not None and b])
 
 
 def _rss_kib() -> int:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4
+        return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
 
 
-def _best(fn, repeat=3):
-    return min(fn() for _ in range(repeat))
+class _Clock:
+    """Thread CPU time and wall time over a block, in ns."""
+
+    def __enter__(self):
+        self.c0, self.w0 = time.thread_time_ns(), time.perf_counter_ns()
+        return self
+
+    def __exit__(self, *exc):
+        self.cpu = time.thread_time_ns() - self.c0
+        self.wall = time.perf_counter_ns() - self.w0
 
 
-def exit_loop(n: int) -> dict:
+def _real_mode_vcpu(kvm, code: bytes, ram: int = RAM):
+    """pykvm's low-level API: a VM with one slot at GPA 0 holding ``code`` at CODE_GPA and one
+    vCPU in real mode at CODE_GPA (what the raw contender sets up with bare ioctls)."""
+    vm = kvm.create_vm()
+    try:
+        vm.add_memory(0, ram)
+        vm.memory.write(CODE_GPA, code)
+        v = vm.create_vcpu()
+        s = v.get_sregs()
+        s.cs.base = s.cs.selector = 0
+        v.set_sregs(s)
+        r = ffi.new("struct kvm_regs *")
+        r.rip, r.rflags = CODE_GPA, 2
+        v.set_regs(r)
+    except BaseException:
+        vm.close()
+        raise
+    return vm, v
+
+
+# -- exit cost -------------------------------------------------------------------------------
+def _exit_raw(kvm, kind, n):
+    code = guest_code(kind)
+    out = ffi.new("int64_t[3]")
+    r = _native.lib.pykvm_raw_exit_loop(_device().encode(), _RAW_KIND[kind], n, code,
+                                        len(code), RAM, out)
+    if r < 0:
+        raise RuntimeError(f"raw C {kind} loop failed: {os.strerror(-r)} (exit {out[2]})")
+    return out[1] / n / 1e3, out[0] / n / 1e3
+
+
+def _exit_c_loop(kvm, kind, n):
+    from .runloop import LoopConfig, RunLoop
+    vm, v = _real_mode_vcpu(kvm, guest_code(kind))
+    with vm:
+        io, mmio = kind.startswith("io"), kind.startswith("mmio")
+        cfg = LoopConfig(serial_base=0, exit_port=0, debugcon_port=PORT if io else 0,
+                         uart_mmio_base=MMIO_ADDR if mmio else 0, console_limit=1 << 12)
+        loop = RunLoop(v, config=cfg)
+        if kind == "hlt":
+            loop.resume("HLT")
+        with _Clock() as c:
+            stop = loop.run(budget=n)
+        if stop.kind != "budget" or loop.handled_in_c != n:
+            raise RuntimeError(f"pykvm C loop {kind}: {stop.kind}, {loop.handled_in_c} of {n} "
+                               "exits served in C")
+    return c.cpu / n / 1e3, c.wall / n / 1e3
+
+
+def _handler(kind, acc):
+    if kind in ("io_out", "mmio_write"):
+        def h(ex):
+            acc[0] += ex.value
+    elif kind in ("io_in", "mmio_read"):
+        def h(ex):
+            ex.respond(0x42)
+    else:
+        def h(ex):
+            return None
+    return h
+
+
+def _exit_python(kvm, kind, n):
+    from .runloop import LoopConfig, RunLoop
+    vm, v = _real_mode_vcpu(kvm, guest_code(kind))
+    acc = [0]
+    with vm:
+        loop = RunLoop(v, config=LoopConfig(serial_base=0, debugcon_port=0, exit_port=0))
+        loop.on(_REASON[kind], _handler(kind, acc))
+        with _Clock() as c:
+            stop = loop.run(budget=n)
+        if stop.kind != "budget" or loop.handled_in_python != n:
+            raise RuntimeError(f"pykvm Python handler {kind}: {stop.kind}, "
+                               f"{loop.handled_in_python} of {n} exits handled")
+    return c.cpu / n / 1e3, c.wall / n / 1e3
+
+
+def _exit_machine(kvm, kind, n):
     from .machine import Machine
-
-    def timed(native: bool) -> float:
-        with Machine("exits", native=native) as m:
-            m.set_params(n, 0xE9)
-            t0 = time.perf_counter()
-            m.sync(stage=1, timeout=120)
-            dt = time.perf_counter() - t0
-            assert len(m.console) == n
-            return dt
-
-    c = _best(lambda: timed(True))
-    py = _best(lambda: timed(False))
-
-    def baseline() -> float:
-        from .kvm import Kvm
-        with Kvm() as kvm, kvm.create_vm() as vm:
-            v = vm.create_vcpu()
-            k = 2000
-            t0 = time.perf_counter()
-            for _ in range(k):
-                v.run_struct.immediate_exit = 1
-                try:
-                    ioctl(v.fd, "KVM_RUN", ioctls.KVM_RUN)
-                except OSError:
-                    pass
-            return (time.perf_counter() - t0) / k
-    base = _best(baseline)
-    c_us, py_us = c / n * 1e6, py / n * 1e6
-    return {"exits": n, "c_loop_us_per_exit": round(c_us, 3), "py_loop_us_per_exit": round(py_us, 3),
-            "baseline_ioctl_us": round(base * 1e6, 3),
-            "ratio_py_over_c": round(py / c, 3),
-            "ratio_c_exit_over_ioctl": round(c_us / (base * 1e6), 3)}
+    acc = [0]
+    inner = _handler(kind, acc)
+    with Machine(guest_code(kind), flat_addr=CODE_GPA, flat_mode="real", mem_size=RAM,
+                 kvm=kvm) as m:
+        m.on(_REASON[kind], lambda machine, index, ex: inner(ex))
+        with _Clock() as c:
+            ev = m.step(budget=n, timeout=None)
+        if ev.kind != "budget":
+            raise RuntimeError(f"Machine.on {kind}: {m.describe(ev)}")
+    return c.cpu / n / 1e3, c.wall / n / 1e3
 
 
-def memory(count: int = 10, ram: int = 16 << 20) -> dict:
-    from .kvm import Kvm
+_EXIT_CONTENDERS = {"raw": _exit_raw, "c_loop": _exit_c_loop, "python": _exit_python,
+                    "machine": _exit_machine}
+
+
+def exit_cost(kvm, rounds: int, n: int) -> dict:
+    out = {}
+    for kind in KINDS:
+        names = list(_EXIT_CONTENDERS) if kind == "io_out" else ["raw", "c_loop", "python"]
+        cpu = {k: [] for k in names}
+        wall = {k: [] for k in names}
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                c, w = _EXIT_CONTENDERS[name](kvm, kind, n)
+                cpu[name].append(c)
+                wall[name].append(w)
+        out[kind] = {name: {"cpu_us": _summary(cpu[name]), "wall_us": _summary(wall[name]),
+                            "cpu_vs_raw": _ratio(cpu[name], cpu["raw"]) if name != "raw" else None,
+                            "wall_vs_raw": _ratio(wall[name], wall["raw"]) if name != "raw"
+                            else None}
+                     for name in names}
+    return out
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+def _life_raw(kvm, count):
+    code = b"\xF4"
+    out = ffi.new("int64_t[3]")
+    r = _native.lib.pykvm_raw_lifecycle(_device().encode(), count, code, len(code), RAM, out)
+    if r < 0:
+        raise RuntimeError(f"raw C lifecycle failed: {os.strerror(-r)}")
+    return out[1] / count / 1e3, out[0] / count / 1e3
+
+
+def _life_pykvm(kvm, count):
+    with _Clock() as c:
+        for _ in range(count):
+            vm, v = _real_mode_vcpu(kvm, b"\xF4")
+            ex = v.run()
+            if ex.name != "HLT":
+                vm.close()
+                raise RuntimeError(f"lifecycle guest: {ex!r}")
+            vm.close()
+    return c.cpu / count / 1e3, c.wall / count / 1e3
+
+
+def lifecycle(kvm, rounds: int, count: int) -> dict:
+    names = {"raw": _life_raw, "pykvm": _life_pykvm}
+    cpu = {k: [] for k in names}
+    wall = {k: [] for k in names}
+    for r in range(rounds):
+        for name in (list(names) if r % 2 == 0 else list(names)[::-1]):
+            c, w = names[name](kvm, count)
+            cpu[name].append(c)
+            wall[name].append(w)
+    return {
+        **{name: {"cpu_us": _summary(cpu[name]), "wall_us": _summary(wall[name]),
+                  "vms_per_s": round(1e6 / statistics.median(wall[name]), 1)}
+           for name in names},
+        "cpu_vs_raw": _ratio(cpu["pykvm"], cpu["raw"]),
+        "wall_vs_raw": _ratio(wall["pykvm"], wall["raw"]),
+    }
+
+
+# -- memory ----------------------------------------------------------------------------------
+def _resident_image(kvm, image_path):
+    """(bitmap, pages) of the guest RAM a Machine has resident after loading ``image_path``."""
     from .machine import Machine
-    with Kvm() as kvm:
-        def grow(make):
+    with Machine(image_path, mem_size=MEM_RAM, kvm=kvm) as m:
+        slot = next(s for s in m.vm.memory if s.gpa == 0)
+        size = min(slot.size, MEM_RAM)
+        bitmap = ffi.new("uint8_t[]", (size // 4096 + 7) // 8)
+        r = _native.lib.pykvm_resident_pages(slot.host_addr, size, bitmap)
+        if r < 0:
+            raise RuntimeError(f"mincore: {os.strerror(-r)}")
+        pages = [i for i in range(size // 4096) if bitmap[i // 8] & (1 << (i % 8))]
+        data = b"".join(m.vm.memory.read(i * 4096, 4096) for i in pages)
+    return bitmap, data, len(pages)
+
+
+def memory(kvm, image_path, rounds: int, count: int) -> dict:
+    from .machine import Machine
+    bitmap, data, npages = _resident_image(kvm, image_path)
+    page_list = [i for i in range(MEM_RAM // 4096) if bitmap[i // 8] & (1 << (i % 8))]
+
+    def raw():
+        h = _native.lib.pykvm_raw_vms_create(_device().encode(), count, MEM_RAM, data, bitmap)
+        if h == ffi.NULL:
+            raise RuntimeError("raw C VMs could not be created")
+        return lambda: _native.lib.pykvm_raw_vms_destroy(h, count)
+
+    def vm_api():
+        vms = []
+        for _ in range(count):
+            vm = kvm.create_vm()
+            vm.add_memory(0, MEM_RAM)
+            for k, i in enumerate(page_list):
+                vm.memory.write(i * 4096, data[k * 4096:(k + 1) * 4096])
+            vm.create_vcpu()
+            vms.append(vm)
+        return lambda: [vm.close() for vm in vms]
+
+    def machines():
+        ms = [Machine(image_path, mem_size=MEM_RAM, kvm=kvm) for _ in range(count)]
+        return lambda: [m.close() for m in ms]
+
+    names = {"raw": raw, "vm_api": vm_api, "machine": machines}
+    kib = {k: [] for k in names}
+    for make in names.values():            # warm-up: allocator arenas, caches, code paths
+        make()()
+    for r in range(rounds):
+        order = list(names)[r % 3:] + list(names)[:r % 3]
+        for name in order:
             gc.collect()
             r0 = _rss_kib()
-            objs = [make() for _ in range(count)]
+            undo = names[name]()
             r1 = _rss_kib()
-            for o in objs:
-                o.close()
-            return (r1 - r0) / count
-
-        from . import guests, loader
-        from .arch import current
-
-        def raw():                    # the same guest pages touched, with the raw API
-            vm = kvm.create_vm()
-            vm.add_memory(current.Platform.ram_base, ram)
-            loader.load_image(vm.memory, guests.path("hello"))
-            vm.create_vcpu()
-            return vm
-        base = grow(raw)
-        mach = grow(lambda: Machine("hello", kvm=kvm, mem_size=ram))
-    return {"vms": count, "raw_vm_kib": round(base, 1), "machine_kib": round(mach, 1),
-            "ratio_machine_over_raw": round(mach / base, 3) if base > 0 else None}
+            undo()
+            kib[name].append((r1 - r0) / count)
+    return {"ram_kib": MEM_RAM // 1024, "resident_guest_pages": npages, "vms": count,
+            **{f"{k}_kib": _summary(v) for k, v in kib.items()},
+            "machine_vs_raw": _ratio(kib["machine"], kib["raw"]),
+            "vm_api_vs_raw": _ratio(kib["vm_api"], kib["raw"])}
 
 
-def run(n: int = 20000) -> dict:
-    return {"exit_loop": exit_loop(n), "memory": memory()}
+# -- boot ------------------------------------------------------------------------------------
+def _pykvm_command():
+    exe = os.path.join(os.path.dirname(sys.executable), "pykvm")
+    if os.access(exe, os.X_OK):
+        return [exe]
+    return [sys.executable, "-m", "pykvm"]
+
+
+def _run_timed(cmd, env, expect):
+    """(wall s, child CPU s) of one whole process; None if it did not exit with ``expect``."""
+    import resource
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, timeout=120)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    if p.returncode != expect:
+        return None, None, (p.returncode, p.stderr.decode(errors="replace").strip()[-300:])
+    return wall, cpu, None
+
+
+def boot(tmp: str, rounds: int, qemu_rounds: int, notes: list) -> dict:
+    image = os.path.join(tmp, "tiny-multiboot.elf")
+    with open(image, "wb") as f:
+        f.write(tiny_multiboot())
+    env = dict(os.environ)
+    if env.pop("PYTHONDONTWRITEBYTECODE", None):
+        notes.append("boot: this environment sets PYTHONDONTWRITEBYTECODE, which makes every "
+                     "Python start recompile pykvm's sources; the Python processes here run "
+                     "with their bytecode cached (PYTHONPYCACHEPREFIX in a temporary "
+                     "directory, warmed once), as after a normal install")
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(tmp, "pycache")
+    cmds = {
+        "pykvm_run": (_pykvm_command() + ["run", image, "--timeout", "20"], 1),
+        "python_floor": ([sys.executable, "-c", "pass"], 0),
+        "import_pykvm": ([sys.executable, "-c", "import pykvm"], 0),
+    }
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu and os.uname().machine == "x86_64":
+        cmds["qemu"] = ([qemu, "-accel", "kvm", "-kernel", image, "-display", "none",
+                         "-serial", "stdio", "-nodefaults", "-no-reboot", "-m", "64",
+                         "-device", "isa-debug-exit,iobase=0xf4,iosize=4"], 1)
+    else:
+        notes.append("boot: qemu-system-x86_64 not found (or not an x86_64 host): "
+                     "boot_vs_qemu is null")
+    lkvm = shutil.which("lkvm") or shutil.which("kvmtool")
+    if lkvm:
+        cmds["kvmtool"] = ([lkvm, "run", "-k", image, "-m", "64", "-c", "1",
+                            "--console", "serial"], None)
+    else:
+        notes.append("boot: kvmtool (lkvm) is not installed; it is not packaged for Debian 12 "
+                     "(bookworm), so there is no kvmtool figure")
+    for name in ("pykvm_run", "python_floor", "import_pykvm"):
+        _run_timed(cmds[name][0], env, cmds[name][1])            # warm the bytecode cache
+    wall = {k: [] for k in cmds}
+    cpu = {k: [] for k in cmds}
+    failed = {}
+    for r in range(rounds):
+        names = [k for k in cmds if k not in ("qemu", "kvmtool") or r < qemu_rounds]
+        names = names[r % len(names):] + names[:r % len(names)]
+        for name in names:
+            cmd, expect = cmds[name]
+            if name in failed:
+                continue
+            w, c, err = _run_timed(cmd, env, expect if expect is not None else 0)
+            if err is not None:
+                if name == "kvmtool":
+                    failed[name] = err
+                    notes.append(f"boot: kvmtool could not boot the multiboot guest "
+                                 f"(exit {err[0]}: {err[1]})")
+                    continue
+                raise RuntimeError(f"boot contender {name} exited {err[0]}: {err[1]}")
+            wall[name].append(w * 1e3)
+            cpu[name].append(c * 1e3)
+    out = {"image": "tiny multiboot ELF32 (prints 'ok' on COM1, isa-debug-exit 0)",
+           "commands": {k: " ".join(v[0]) for k, v in cmds.items()}}
+    for name in cmds:
+        out[name] = {"wall_ms": _summary(wall[name]), "cpu_ms": _summary(cpu[name])}
+    for other in ("python_floor", "qemu", "kvmtool", "import_pykvm"):
+        if other in cmds and wall[other]:
+            n = min(len(wall["pykvm_run"]), len(wall[other]))
+            out[f"pykvm_run_vs_{other}"] = _ratio(wall["pykvm_run"][:n], wall[other][:n])
+    return out
+
+
+# -- scaling ---------------------------------------------------------------------------------
+def scaling(kvm, n: int) -> list:
+    from .runloop import LoopConfig, RunLoop
+    cpus = os.cpu_count() or 1
+    counts = sorted({c for c in (1, 2, 4, 8, 16, 32, 64, 128) if c <= cpus} | {cpus})
+    code = guest_code("io_out")
+    rows = []
+    for k in counts:
+        vm, v0 = _real_mode_vcpu(kvm, code)
+        with vm:
+            vcpus = [v0]
+            for _ in range(k - 1):
+                v = vm.create_vcpu()
+                s = v.get_sregs()
+                s.cs.base = s.cs.selector = 0
+                v.set_sregs(s)
+                r = ffi.new("struct kvm_regs *")
+                r.rip, r.rflags = CODE_GPA, 2
+                v.set_regs(r)
+                vcpus.append(v)
+            cfg = LoopConfig(serial_base=0, exit_port=0, debugcon_port=PORT,
+                             console_limit=1 << 12)
+            loops = [RunLoop(v, config=cfg) for v in vcpus]
+            barrier = threading.Barrier(k + 1)
+            errors = []
+
+            def work(loop):
+                barrier.wait()
+                try:
+                    loop.run(budget=n)
+                except Exception as e:            # pragma: no cover - reported below
+                    errors.append(e)
+            threads = [threading.Thread(target=work, args=(lp,)) for lp in loops]
+            for t in threads:
+                t.start()
+            barrier.wait()
+            t0 = time.perf_counter()
+            for t in threads:
+                t.join()
+            dt = time.perf_counter() - t0
+            if errors:
+                raise errors[0]
+            total = sum(lp.exits_total for lp in loops)
+            rows.append({"vcpus": k, "exits": total, "seconds": round(dt, 4),
+                         "exits_per_s": round(total / dt)})
+    return rows
+
+
+# -- the whole run ---------------------------------------------------------------------------
+def host_info() -> dict:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    backend = next((m for m in ("kvm_pvm", "kvm_intel", "kvm_amd")
+                    if os.path.isdir(f"/sys/module/{m}")), "unknown")
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"machine": platform.machine(), "cpu": model, "cpus": os.cpu_count(),
+            "kernel": platform.release(), "kvm_module": backend, "python": platform.python_version(),
+            "loadavg": load}
+
+
+def _headline(res: dict) -> tuple:
+    """(ratios, ranges): the issue's headline ratios (None where a contender could not run)."""
+    ratios, ranges = {}, {}
+
+    def put(name, summary):
+        ratios[name] = summary["median"] if summary else None
+        if summary:
+            ranges[name] = [summary["min"], summary["max"]]
+    ex = res["exit_cost"]
+    put("c_loop_vs_raw", ex["io_out"]["c_loop"]["cpu_vs_raw"])
+    put("python_vs_raw", ex["io_out"]["python"]["cpu_vs_raw"])
+    put("machine_on_vs_raw", ex["io_out"]["machine"]["cpu_vs_raw"])
+    for kind in KINDS:
+        put(f"c_loop_vs_raw_{kind}", ex[kind]["c_loop"]["cpu_vs_raw"])
+        put(f"python_vs_raw_{kind}", ex[kind]["python"]["cpu_vs_raw"])
+    put("lifecycle_vs_raw", res["lifecycle"]["cpu_vs_raw"])
+    put("machine_mem_vs_raw", res["memory"]["machine_vs_raw"])
+    put("boot_vs_qemu", res["boot"].get("pykvm_run_vs_qemu"))
+    put("boot_vs_python_floor", res["boot"].get("pykvm_run_vs_python_floor"))
+    put("boot_vs_kvmtool", res["boot"].get("pykvm_run_vs_kvmtool"))
+    wall = {"c_loop_vs_raw": ex["io_out"]["c_loop"]["wall_vs_raw"],
+            "python_vs_raw": ex["io_out"]["python"]["wall_vs_raw"],
+            "lifecycle_vs_raw": res["lifecycle"]["wall_vs_raw"]}
+    return ratios, ranges, {k: v["median"] if v else None for k, v in wall.items()}
+
+
+def run(quick: bool = False, exits: int = 0) -> dict:
+    """Every measurement; returns the JSON-ready result (see the module doc)."""
+    from .kvm import Kvm
+    s = dict(QUICK if quick else FULL)
+    if exits:
+        s["exits"] = exits
+    notes = []
+    t0 = time.monotonic()
+    res = {"host": host_info(), "quick": quick, "settings": s}
+    with tempfile.TemporaryDirectory(prefix="pykvm-bench-") as tmp, Kvm() as kvm:
+        image = os.path.join(tmp, "tiny-multiboot.elf")
+        with open(image, "wb") as f:
+            f.write(tiny_multiboot())
+        res["exit_cost"] = exit_cost(kvm, s["rounds"], s["exits"])
+        res["lifecycle"] = lifecycle(kvm, s["rounds"], s["life"])
+        res["memory"] = memory(kvm, image, s["mem_rounds"], s["mem_vms"])
+        res["scaling"] = scaling(kvm, s["scale_exits"])
+        res["boot"] = boot(tmp, s["boot"], s["boot_qemu"], notes)
+    notes.append("exit cost and lifecycle ratios compare the calling thread's CPU time (per-round "
+                 "medians of contender/raw): what the work costs, however loaded the machine "
+                 "is; wall-clock figures and ratios are reported beside them (ratios_wall)")
+    notes.append("memory: resident set growth per VM with the same guest pages resident (raw C "
+                 "copies the pages a Machine has resident after loading the tiny multiboot "
+                 "guest)")
+    ratios, ranges, wall = _headline(res)
+    out = {"ratios": ratios, "ratio_ranges": ranges, "ratios_wall": wall,
+           "thresholds": THRESHOLDS, "notes": notes}
+    out.update(res)
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+# -- output ----------------------------------------------------------------------------------
+def _fmt(summary, unit="", digits=2):
+    if not summary:
+        return "n/a"
+    return (f"{summary['median']:.{digits}f}{unit} ({summary['min']:.{digits}f}–"
+            f"{summary['max']:.{digits}f})")
+
+
+def report(res: dict) -> str:
+    h = res["host"]
+    lines = [f"pykvm bench{' --quick' if res['quick'] else ''} on {h['cpu']} ({h['cpus']} CPUs), "
+             f"Linux {h['kernel']}, {h['kvm_module']}, Python {h['python']}, load {h['loadavg']}",
+             "", "exit cost, µs of CPU per exit: median (min–max)"]
+    for kind in KINDS:
+        row = res["exit_cost"][kind]
+        lines.append(f"  {kind:<11}" + "".join(f"  {k} {_fmt(v['cpu_us'])}" for k, v in row.items()))
+    lc = res["lifecycle"]
+    lines += ["", f"VM lifecycle, µs of CPU per VM: raw C {_fmt(lc['raw']['cpu_us'], digits=0)}, "
+                  f"pykvm {_fmt(lc['pykvm']['cpu_us'], digits=0)}; VMs/s (wall): raw C "
+                  f"{lc['raw']['vms_per_s']}, pykvm {lc['pykvm']['vms_per_s']}"]
+    m = res["memory"]
+    lines.append(f"memory per VM ({m['ram_kib']} KiB RAM, {m['resident_guest_pages']} guest pages "
+                 f"resident), KiB: raw C {_fmt(m['raw_kib'], digits=1)}, Vm API "
+                 f"{_fmt(m['vm_api_kib'], digits=1)}, Machine {_fmt(m['machine_kib'], digits=1)}")
+    b = res["boot"]
+    lines.append("boot to exit, ms wall: " + ", ".join(
+        f"{k} {_fmt(b[k]['wall_ms'], digits=1)}" for k in
+        ("pykvm_run", "python_floor", "import_pykvm", "qemu", "kvmtool") if k in b))
+    lines.append("scaling (C loop, I/O out): " + ", ".join(
+        f"{r['vcpus']} vCPU {r['exits_per_s'] / 1e3:.0f}k exits/s" for r in res["scaling"]))
+    lines += ["", "ratios (median of per-round ratios; limit):"]
+    for k, v in res["ratios"].items():
+        lim = res["thresholds"].get(k)
+        rng = res["ratio_ranges"].get(k)
+        verdict = "" if lim is None or v is None else ("  ok" if v <= lim else "  OVER")
+        lines.append(f"  {k:<28} {'n/a' if v is None else f'{v:.3f}':>7}"
+                     f"{f'  ({rng[0]:.3f}–{rng[1]:.3f})' if rng else ''}"
+                     f"{f'  ≤ {lim}' if lim else ''}{verdict}")
+    lines += [""] + [f"note: {n}" for n in res["notes"]]
+    lines.append(f"({res['seconds']} s)")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> None:
+    """The ratios as horizontal bars with min–max whiskers, log scale, limits marked."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("pykvm bench --plot needs matplotlib (pip install 'pykvm-vmm[bench]')")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k in ("c_loop_vs_raw", "python_vs_raw", "machine_on_vs_raw",
+                         "python_vs_raw_io_in", "python_vs_raw_mmio_write",
+                         "python_vs_raw_mmio_read", "python_vs_raw_hlt", "lifecycle_vs_raw",
+                         "machine_mem_vs_raw", "boot_vs_python_floor", "boot_vs_qemu")
+             if res["ratios"].get(k) is not None]
+    vals = [res["ratios"][k] for k in names]
+    lo = [v - res["ratio_ranges"].get(k, [v, v])[0] for k, v in zip(names, vals)]
+    hi = [res["ratio_ranges"].get(k, [v, v])[1] - v for k, v in zip(names, vals)]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.6))
+    y = list(range(len(names)))[::-1]
+    colors = []
+    for k, v in zip(names, vals):
+        lim = THRESHOLDS.get(k)
+        colors.append("#4c72b0" if lim is None else ("#55a868" if v <= lim else "#c44e52"))
+    ax.barh(y, vals, color=colors, xerr=[lo, hi], capsize=3, ecolor="#333333")
+    for yi, k, v in zip(y, names, vals):
+        lim = THRESHOLDS.get(k)
+        if lim is not None:
+            ax.plot([lim, lim], [yi - 0.4, yi + 0.4], color="#222222", linewidth=2)
+        ax.text(v * 1.04, yi, f"{v:.2f}" if v >= 0.1 else f"{v:.3f}", va="center", fontsize=8)
+    ax.axvline(1.0, color="#888888", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=9)
+    ax.set_xlabel("ratio (log scale; 1 = parity; black tick = required limit; whiskers = "
+                  "min–max over rounds)", fontsize=8)
+    h = res["host"]
+    ax.set_title(f"pykvm bench{' --quick' if res['quick'] else ''}: {h['cpu']}, {h['cpus']} CPUs, "
+                 f"Linux {h['kernel']} ({h['kvm_module']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(args) -> int:
-    res = run(args.exits)
+    import json
+    res = run(quick=getattr(args, "quick", False), exits=getattr(args, "exits", 0) or 0)
+    if getattr(args, "plot", None):
+        plot(res, args.plot)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        e, m = res["exit_loop"], res["memory"]
-        print(f"exit loop ({e['exits']} console exits): C {e['c_loop_us_per_exit']} µs/exit, "
-              f"Python {e['py_loop_us_per_exit']} µs/exit → Python/C = {e['ratio_py_over_c']}×; "
-              f"C exit / bare KVM_RUN ioctl = {e['ratio_c_exit_over_ioctl']}×")
-        print(f"memory per VM: Machine {m['machine_kib']} KiB vs raw VM {m['raw_vm_kib']} KiB "
-              f"→ {m['ratio_machine_over_raw']}×")
+        print(report(res))
     return 0

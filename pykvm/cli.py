@@ -415,11 +415,21 @@ def build_parser() -> argparse.ArgumentParser:
     gl.add_argument("--build", action="store_true")
     gl.set_defaults(func=cmd_guests)
 
-    b = sub.add_parser("bench", help="benchmarks: C run loop vs Python loop, VM lifecycle")
+    b = sub.add_parser("bench", help="benchmarks against raw C, QEMU and the interpreter: exit "
+                       "cost, VM lifecycle, memory, boot, scaling",
+                       description="Measure pykvm against a raw-C KVM loop, QEMU (and kvmtool "
+                       "where installed) and the bare interpreter, all in one run, and print "
+                       "the ratios (see pykvm.bench).")
     _device_option(b)
-    b.add_argument("--json", action="store_true")
-    b.add_argument("--exits", type=_int_range(1, 10 ** 8), default=20000, metavar="N",
-                   help="I/O exits per measurement (1..100000000)")
+    b.add_argument("--json", action="store_true", help="print one JSON object (top-level "
+                   "'ratios', figures, 'notes')")
+    b.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="draw the ratios with min-max whiskers (needs matplotlib: the 'bench' "
+                   "extra)")
+    b.add_argument("--quick", action="store_true", help="fewer rounds: done in under a minute")
+    b.add_argument("--exits", type=_int_range(1, 10 ** 8), default=0, metavar="N",
+                   help="exits per exit-cost measurement (1..100000000; default 2000 with "
+                   "--quick, else 10000)")
     b.set_defaults(func=cmd_bench)
 
     gu = sub.add_parser("guest", help="build a guest of your own (pykvm guest build FILE)")

@@ -1,10 +1,15 @@
 """Typed vCPU exits.
 
 An exit object borrows its vCPU's shared ``kvm_run`` page: it reads the fields when you ask for
-them and stops being usable once the vCPU runs again (:class:`~pykvm.errors.StaleExit`).
-Guest-controlled sizes and offsets (``io.data_offset``, ``io.size * io.count``, ``mmio.len``) are
-validated before any host memory is touched.
+them (and only those) and stops being usable once the vCPU runs again
+(:class:`~pykvm.errors.StaleExit`). Guest-controlled sizes and offsets (``io.data_offset``,
+``io.size * io.count``, ``mmio.len``) are validated before any host memory is touched.
+
+The run loop hands Python handlers exit objects it keeps and reuses (:class:`ExitCache`): an
+exit that nobody holds on to is refilled for the next exit of its kind instead of being
+allocated again; one that somebody keeps is left alone (and goes stale).
 """
+from sys import getrefcount as _refs
 from typing import Dict, Optional, Tuple, Type
 
 from . import abi
@@ -12,30 +17,48 @@ from .abi import ffi
 from .errors import Closed, GuestError, StaleExit
 
 _RUN_SIZE = ffi.sizeof("struct kvm_run")
+_MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
+_IO_OUT = abi.KVM_EXIT_IO_OUT
+
+
+def _dead(ex) -> Exception:
+    """Closed or StaleExit for an exit that is no longer current."""
+    v = ex._vcpu
+    if v._closing:
+        return Closed(f"{ex.name} exit used after vCPU {v.id} was closed")
+    return StaleExit(f"{ex.name} exit used after vCPU {v.id} ran again")
 
 
 class Exit:
     """Base class: ``reason`` (int), ``name`` (e.g. ``"IO"``), ``flags`` (kvm_run.flags)."""
 
+    # _info/_a/_b: the fields the C loop decoded for a handler it called (None: read kvm_run)
+    __slots__ = ("_vcpu", "_seq", "_reason", "_info", "_a", "_b", "__weakref__")
     reason = -1
 
     def __init__(self, vcpu):
         self._vcpu = vcpu
         self._seq = vcpu.run_seq
         self._reason = vcpu.run_struct.exit_reason
+        self._a = None
 
     @property
     def name(self) -> str:
         return abi.EXIT_NAMES.get(self._reason, f"EXIT_{self._reason}")
 
     @property
+    def current(self) -> bool:
+        """Whether this exit is still the vCPU's latest (its fields can be read)."""
+        v = self._vcpu
+        return v.run_seq == self._seq and not v._closing
+
+    @property
     def run(self):
         """The live kvm_run struct, while this exit is current."""
-        if self._vcpu._closing:
-            raise Closed(f"{self.name} exit used after vCPU {self._vcpu.id} was closed")
-        if self._vcpu.run_seq != self._seq:
-            raise StaleExit(f"{self.name} exit used after vCPU {self._vcpu.id} ran again")
-        return self._vcpu.run_struct
+        v = self._vcpu
+        if v.run_seq != self._seq or v._closing:
+            raise _dead(self)
+        return v.run_struct
 
     @property
     def flags(self) -> int:
@@ -57,6 +80,7 @@ class Exit:
 
 
 class Unknown(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["UNKNOWN"]
 
     @property
@@ -69,56 +93,92 @@ class Unknown(Exit):
 
 class Io(Exit):
     """Port I/O. ``out``: ``data`` holds what the guest wrote. ``in``: call :meth:`respond`."""
+    __slots__ = ()
     reason = abi.EXIT_REASONS["IO"]
 
     @property
     def port(self) -> int:
-        return self.run.io.port
+        v = self._vcpu
+        if v.run_seq != self._seq or v._closing:
+            raise _dead(self)
+        a = self._a
+        return v._io.port if a is None else a & 0xFFFF
 
     @property
     def size(self) -> int:
-        return self.run.io.size
+        v = self._vcpu
+        if v.run_seq != self._seq or v._closing:
+            raise _dead(self)
+        return v._io.size if self._a is None else self._info & 0xFF
 
     @property
     def count(self) -> int:
-        return self.run.io.count
+        v = self._vcpu
+        if v.run_seq != self._seq or v._closing:
+            raise _dead(self)
+        a = self._a
+        return v._io.count if a is None else (a >> 16) & 0xFFFF
 
     @property
     def is_out(self) -> bool:
-        return self.run.io.direction == abi.KVM_EXIT_IO_OUT
+        v = self._vcpu
+        if v.run_seq != self._seq or v._closing:
+            raise _dead(self)
+        if self._a is None:
+            return v._io.direction == _IO_OUT
+        return (self._info >> 8) & 0xFF == _IO_OUT
 
     @property
     def direction(self) -> str:
         return "out" if self.is_out else "in"
 
-    def _span(self) -> Tuple[int, int]:
-        io = self.run.io
-        off, n = io.data_offset, io.size * io.count
-        limit = self._vcpu.run_size
-        if io.size not in (1, 2, 4) or off < _RUN_SIZE or off > limit or n > limit - off:
+    def _span(self) -> Tuple[int, int, int]:
+        """(offset, bytes, element size) of the data in the run page, validated."""
+        v = self._vcpu
+        if v.run_seq != self._seq or v._closing:
+            raise _dead(self)
+        a = self._a
+        if a is None:
+            io = v._io
+            off, size, count = io.data_offset, io.size, io.count
+        else:
+            off, size, count = a >> 32, self._info & 0xFF, (a >> 16) & 0xFFFF
+        n = size * count
+        limit = v.run_size
+        if size not in (1, 2, 4) or off < _RUN_SIZE or off > limit or n > limit - off:
             raise GuestError(f"I/O exit with data outside the run page: offset={off:#x} "
-                             f"size={io.size} count={io.count}")
-        return off, n
+                             f"size={size} count={count}")
+        return off, n, size
 
     @property
     def data(self) -> bytes:
-        off, n = self._span()
-        return bytes(self._vcpu._run_map[off:off + n])
+        off, n, _ = self._span()
+        return bytes(self._vcpu._run_bytes[off:off + n])
 
     @property
     def value(self) -> int:
         """The first element written, as an int (for ``out``)."""
-        return int.from_bytes(self.data[:self.size], "little")
+        v = self._vcpu
+        if self._a is not None and v.run_seq == self._seq and not v._closing \
+                and self._info & 0xFF in (1, 2, 4):
+            return self._b                 # decoded (and its span checked) by the C loop
+        off, _, size = self._span()
+        mv = self._vcpu._run_bytes
+        return mv[off] if size == 1 else int.from_bytes(mv[off:off + size], "little")
 
     def respond(self, data) -> None:
         """Supply the data an ``in`` reads: bytes (size*count long) or an int (repeated)."""
-        off, n = self._span()
+        off, n, size = self._span()
+        mv = self._vcpu._run_bytes
         if isinstance(data, int):
-            data = (data & ((1 << (8 * self.size)) - 1)).to_bytes(self.size, "little") * self.count
+            if n == 1:
+                mv[off] = data & 0xFF
+                return
+            data = (data & ((1 << (8 * size)) - 1)).to_bytes(size, "little") * (n // size)
         data = bytes(data)
         if len(data) != n:
             raise ValueError(f"in of {n} bytes needs {n} bytes of data, got {len(data)}")
-        self._vcpu._run_map[off:off + n] = data
+        mv[off:off + n] = data
 
     def fields(self):
         f = {"direction": self.direction, "port": self.port, "size": self.size, "count": self.count}
@@ -129,39 +189,57 @@ class Io(Exit):
 
 class Mmio(Exit):
     """MMIO. Writes: ``data``. Reads: call :meth:`respond`."""
+    __slots__ = ()
     reason = abi.EXIT_REASONS["MMIO"]
 
     @property
     def phys_addr(self) -> int:
-        return self.run.mmio.phys_addr
+        v = self._vcpu
+        if v.run_seq != self._seq or v._closing:
+            raise _dead(self)
+        a = self._a
+        return v._mmio.phys_addr if a is None else a
 
     @property
     def len(self) -> int:
-        n = self.run.mmio.len
+        v = self._vcpu
+        if v.run_seq != self._seq or v._closing:
+            raise _dead(self)
+        n = v._mmio.len if self._a is None else self._info & 0xFF
         if not 1 <= n <= 8:
-            raise GuestError(f"MMIO exit with length {n}")
+            raise GuestError(f"MMIO exit with length {v._mmio.len}")
         return n
 
     @property
     def is_write(self) -> bool:
-        return bool(self.run.mmio.is_write)
+        v = self._vcpu
+        if v.run_seq != self._seq or v._closing:
+            raise _dead(self)
+        if self._a is None:
+            return bool(v._mmio.is_write)
+        return bool(self._info & 0x100)
 
     @property
     def data(self) -> bytes:
-        return bytes(ffi.buffer(self.run.mmio.data, self.len))
+        n = self.len
+        return bytes(self._vcpu._run_bytes[_MMIO_DATA:_MMIO_DATA + n])
 
     @property
     def value(self) -> int:
-        return int.from_bytes(self.data, "little")
+        n = self.len
+        if self._a is not None:
+            return self._b                 # decoded by the C loop
+        return int.from_bytes(self._vcpu._run_bytes[_MMIO_DATA:_MMIO_DATA + n], "little")
 
     def respond(self, data) -> None:
         n = self.len
+        mv = self._vcpu._run_bytes
         if isinstance(data, int):
             data = (data & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
         data = bytes(data)
         if len(data) != n:
             raise ValueError(f"MMIO read of {n} bytes needs {n} bytes, got {len(data)}")
-        ffi.memmove(self.run.mmio.data, data, n)
+        mv[_MMIO_DATA:_MMIO_DATA + n] = data
 
     def fields(self):
         f = {"phys_addr": self.phys_addr, "len": self.len, "is_write": self.is_write}
@@ -171,28 +249,34 @@ class Mmio(Exit):
 
 
 class Hlt(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["HLT"]
 
 
 class Shutdown(Exit):
     """x86 triple fault (or a shutdown KVM could not handle)."""
+    __slots__ = ()
     reason = abi.EXIT_REASONS["SHUTDOWN"]
 
 
 class Intr(Exit):
     """KVM_RUN returned because of a signal or a kick."""
+    __slots__ = ()
     reason = abi.EXIT_REASONS["INTR"]
 
 
 class IrqWindowOpen(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["IRQ_WINDOW_OPEN"]
 
 
 class Nmi(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["NMI"]
 
 
 class Exception_(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["EXCEPTION"]
 
     def fields(self):
@@ -200,6 +284,7 @@ class Exception_(Exit):
 
 
 class FailEntry(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["FAIL_ENTRY"]
 
     @property
@@ -215,6 +300,7 @@ class FailEntry(Exit):
 
 
 class InternalError(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["INTERNAL_ERROR"]
     SUBERRORS = {v: k for k, v in abi.INTERNAL_ERROR_SUBERRORS.items()}
 
@@ -236,6 +322,7 @@ class InternalError(Exit):
 
 
 class SystemEvent(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["SYSTEM_EVENT"]
     TYPES = {v: k for k, v in abi.SYSTEM_EVENTS.items()}
 
@@ -257,6 +344,7 @@ class SystemEvent(Exit):
 
 
 class Debug(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["DEBUG"]
 
     def fields(self):
@@ -269,6 +357,7 @@ class Debug(Exit):
 
 
 class Hypercall(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["HYPERCALL"]
 
     @property
@@ -287,6 +376,7 @@ class Hypercall(Exit):
 
 
 class _Msr(Exit):
+    __slots__ = ()
     @property
     def index(self) -> int:
         return self.run.msr.index
@@ -304,15 +394,18 @@ class _Msr(Exit):
 
 
 class X86Rdmsr(_Msr):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["X86_RDMSR"]
 
 
 class X86Wrmsr(_Msr):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["X86_WRMSR"]
 
 
 class RiscvSbi(Exit):
     """An SBI call KVM forwarded to userspace. Answer with :meth:`set_return`."""
+    __slots__ = ()
     reason = abi.EXIT_REASONS["RISCV_SBI"]
 
     @property
@@ -339,6 +432,7 @@ class RiscvSbi(Exit):
 
 
 class RiscvCsr(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["RISCV_CSR"]
 
     @property
@@ -361,6 +455,7 @@ class RiscvCsr(Exit):
 
 
 class MemoryFault(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["MEMORY_FAULT"]
 
     def fields(self):
@@ -369,10 +464,12 @@ class MemoryFault(Exit):
 
 
 class Notify(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["NOTIFY"]
 
 
 class IoapicEoi(Exit):
+    __slots__ = ()
     reason = abi.EXIT_REASONS["IOAPIC_EOI"]
 
 
@@ -381,8 +478,42 @@ _CLASSES: Dict[int, Type[Exit]] = {
                           FailEntry, InternalError, SystemEvent, Debug, Hypercall, X86Rdmsr,
                           X86Wrmsr, RiscvSbi, RiscvCsr, MemoryFault, Notify, IoapicEoi)
 }
+for _c in _CLASSES.values():
+    _c.name = abi.EXIT_NAMES[_c.reason]        # a plain class attribute: no lookup per access
+del _c
 
 
 def decode_exit(vcpu) -> Exit:
     """The typed exit for what the vCPU's kvm_run page holds now."""
     return _CLASSES.get(vcpu.run_struct.exit_reason, Exit)(vcpu)
+
+
+class ExitCache:
+    """Exit objects of one vCPU, one per exit reason, refilled for each new exit unless
+    somebody still holds the previous one (then a new object takes its place in the cache)."""
+
+    __slots__ = ("vcpu", "_by_reason")
+
+    def __init__(self, vcpu):
+        self.vcpu = vcpu
+        self._by_reason: Dict[int, Exit] = {}
+
+    def get(self, reason: int) -> Exit:
+        """The exit for the vCPU's current kvm_run, whose exit reason is ``reason``."""
+        ex = self._by_reason.get(reason)
+        if ex is None or _refs(ex) > 3:        # the cache, `ex` and getrefcount's argument
+            ex = self._by_reason[reason] = new_exit(self.vcpu, reason)
+        ex._seq = self.vcpu.run_seq
+        ex._a = None
+        return ex
+
+
+def new_exit(vcpu, reason: int) -> Exit:
+    """A blank exit object of the class for ``reason`` (its run sequence number, and any fields
+    decoded ahead, are filled in by whoever hands it out)."""
+    cls = _CLASSES.get(reason, Exit)
+    ex = cls.__new__(cls)
+    ex._vcpu = vcpu
+    ex._reason = reason
+    ex._a = None
+    return ex

@@ -6,25 +6,13 @@ from typing import Dict, Optional, Union
 
 from . import abi
 from ._fd import FdObject
-from ._ioctl import ioctl
-from .abi import ioctls
+from ._ioctl import check_extension as _check_extension, ioctl
+from .abi import cap_number, ioctls
 from .arch import current as _arch
 from .errors import CapabilityMissing, KvmDeviceError, KvmError, PykvmError
+from .vm import Vm
 
 DEFAULT_PATH = "/dev/kvm"
-
-
-def cap_number(cap: Union[str, int]) -> int:
-    """A capability number from ``"ONE_REG"``, ``"KVM_CAP_ONE_REG"`` or an int."""
-    if isinstance(cap, int):
-        return cap
-    name = cap.upper()
-    if name.startswith("KVM_CAP_"):
-        name = name[len("KVM_CAP_"):]
-    try:
-        return abi.CAPS[name]
-    except KeyError:
-        raise ValueError(f"unknown KVM capability {cap!r}") from None
 
 
 def _open_hint(path: str, e: OSError) -> str:
@@ -62,7 +50,7 @@ class Kvm(_arch.KvmArch, FdObject):
             if not stat.S_ISCHR(os.fstat(fd).st_mode):
                 raise KvmDeviceError(f"{self.path} is not a KVM device (not a character device)")
             try:
-                self.api_version = ioctl(fd, "KVM_GET_API_VERSION", ioctls.KVM_GET_API_VERSION)
+                self.api_version = ioctl(fd, ioctls.KVM_GET_API_VERSION)
             except KvmError as e:
                 raise KvmDeviceError(f"{self.path} is not a KVM device (KVM_GET_API_VERSION: "
                                      f"{e.errno_name})") from None
@@ -73,14 +61,13 @@ class Kvm(_arch.KvmArch, FdObject):
             self.close()
             raise KvmDeviceError(f"{self.path}: KVM API version {self.api_version}, "
                                  "pykvm needs 12")
-        self.vcpu_mmap_size = ioctl(fd, "KVM_GET_VCPU_MMAP_SIZE", ioctls.KVM_GET_VCPU_MMAP_SIZE)
+        self.vcpu_mmap_size = ioctl(fd, ioctls.KVM_GET_VCPU_MMAP_SIZE)
 
     arch = abi.ARCH
 
     def check_extension(self, cap: Union[str, int]) -> int:
         """KVM_CHECK_EXTENSION on /dev/kvm: 0 if absent, else a cap-specific value."""
-        n = cap_number(cap)
-        return ioctl(self.fd, "KVM_CHECK_EXTENSION", ioctls.KVM_CHECK_EXTENSION, n, what=str(cap))
+        return _check_extension(self.fd, cap)
 
     def require(self, cap: Union[str, int]) -> int:
         """Like :meth:`check_extension` but raises :class:`CapabilityMissing` when absent."""
@@ -96,8 +83,7 @@ class Kvm(_arch.KvmArch, FdObject):
 
     def create_vm(self, vm_type: int = 0, **kwargs):
         """KVM_CREATE_VM → :class:`~pykvm.vm.Vm`."""
-        from .vm import Vm
-        fd = ioctl(self.fd, "KVM_CREATE_VM", ioctls.KVM_CREATE_VM, vm_type, what=str(vm_type))
+        fd = ioctl(self.fd, ioctls.KVM_CREATE_VM, vm_type, what=str(vm_type))
         return Vm(self, fd, **kwargs)
 
     def info(self) -> dict:

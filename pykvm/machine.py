@@ -86,6 +86,11 @@ class RunResult:
                 "reports_dropped": self.reports_dropped}
 
 
+# What a handler the run loop calls for Machine.on (Machine._fast_handler) returns besides None
+# (resume) and a guest report: leave the exit to step() / a handler ended the step.
+_SLOW = object()
+_HANDLED = object()
+
 # Kept for callers of earlier versions; see pykvm.status for the whole table.
 EXIT_TIMEOUT = status.TIMEOUT
 EXIT_GUEST_FAILURE = status.GUEST_FAILURE
@@ -202,8 +207,41 @@ class Machine:
     def on(self, exit_name: str, handler: Callable) -> None:
         """Handle exits named ``exit_name`` ("MMIO", "IO", "HLT", ...): ``handler(machine,
         vcpu_index, exit)`` returns None to resume the guest, or anything else to end the step
-        with an "exit" event."""
+        with an "exit" event.
+
+        The handler is called from inside the vCPU's run loop (no return through :meth:`step`
+        per exit; guest reports are still recognised first). Its exit object is valid during
+        the call and is reused for later exits unless the handler keeps a reference to it."""
         self.handlers[exit_name] = handler
+        for i, loop in enumerate(getattr(self, "loops", ())):
+            try:
+                loop.on(exit_name, self._fast_handler(i))
+            except ValueError:             # not an exit reason the loop knows: step() serves it
+                pass
+
+    def _fast_handler(self, index: int) -> Callable:
+        """What the run loop calls for an exit some handler of :meth:`on` may want: the same
+        order as :meth:`step` (a guest report first, then the handler), without leaving the
+        loop when the handler resumes the guest."""
+        platform, handlers = self.platform, self.handlers
+
+        def on_exit(ex):
+            if self.trace is not None:
+                return _SLOW                   # step() traces every exit
+            rep = platform.report_from_exit(index, ex)
+            if rep is not None:
+                rep.vcpu = index
+                if rep.kind == "print":
+                    self._console_out(rep.text.encode())
+                    return None
+                return rep                     # step() takes it from Stop.result
+            h = handlers.get(ex.name)
+            if h is None:
+                return _SLOW
+            if h(self, index, ex) is None:
+                return None
+            return _HANDLED
+        return on_exit
 
     def set_params(self, *values: int) -> None:
         """Write ``values`` into the guest's ``pykvm_params[]`` array (before running)."""
@@ -243,9 +281,12 @@ class Machine:
             if stop.kind != "exit":
                 return Event("timeout" if stop.kind == "deadline" else stop.kind, index)
             ex = stop.exit
+            res = stop.result
+            if res is _HANDLED:                # a handler of on() ended the step
+                return Event("exit", index, exit=ex)
             if self.trace:
                 self.trace(f"vcpu{index}: {ex!r}")
-            rep = self.platform.report_from_exit(index, ex)
+            rep = res if isinstance(res, Report) else self.platform.report_from_exit(index, ex)
             if rep is not None:
                 rep.vcpu = index
                 if self.trace:

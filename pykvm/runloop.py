@@ -5,17 +5,34 @@ and the 0xe9 debug port), an ns16550a as MMIO (RISC-V), the SBI debug console, t
 isa-debug-exit port, coalesced-MMIO drains, exit counting, a deadline and an exit budget are all
 served in C with the GIL released. :class:`PyRunLoop` does
 exactly the same in Python on top of :meth:`Vcpu.run`, so the two can be compared.
+
+Exit handlers in Python (:meth:`RunLoop.on`) are called from inside the C loop (a cffi
+``extern "Python"`` callback, ``pykvm_py_exit``): the loop stays in C between exits (no teardown,
+no new deadline timer, no return through :meth:`RunLoop.run`), and each handler gets a reused
+exit object (:class:`~pykvm.exits.ExitCache`) that reads only the fields it asks for.
+:meth:`RunLoop.resume` makes the C loop count and resume an exit (e.g. HLT) without Python.
 """
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 from . import abi
 from ._native import ffi as nffi, lib as nlib
 from .abi import ffi
 from .errors import Closed, GuestError, kvm_error
-from .exits import Exit, decode_exit
+from .exits import Exit, ExitCache, decode_exit, new_exit
+from sys import getrefcount as _refs
+
+_CB_RESUME = nlib.PYKVM_CB_RESUME
+_CB_STOP_EXIT = nlib.PYKVM_CB_STOP_EXIT
+_CB_STOP = nlib.PYKVM_CB_STOP
+_STOP_EXIT = nlib.PYKVM_STOP_EXIT
+_STOP_CALLBACK = nlib.PYKVM_STOP_CALLBACK
+_STOP_AGAIN = (nlib.PYKVM_STOP_CONSOLE_FULL, nlib.PYKVM_STOP_MMIO_LOG_FULL, nlib.PYKVM_STOP_SIGNAL)
+# buffers the C loop fills: not cleared when allocated (pages the loop never writes stay
+# untouched, which keeps an idle Machine small)
+_new_buffer = nffi.new_allocator(should_clear_after_alloc=False)
 
 COM1 = 0x3F8
 DEBUGCON = 0xE9
@@ -31,10 +48,25 @@ STOP_NAMES = {
 @dataclass
 class Stop:
     """Why a run returned: ``kind`` is "exit" (``exit`` holds the typed exit), "debug_exit"
-    (``value`` = what the guest wrote to the exit port), "deadline", "budget" or "kick"."""
+    (``value`` = what the guest wrote to the exit port), "deadline", "budget" or "kick".
+    ``result``: for an "exit" that a handler (:meth:`RunLoop.on`) ended, what it returned."""
     kind: str
     exit: Optional[Exit] = None
     value: Optional[int] = None
+    result: object = None
+
+
+def exit_reason(reason: Union[str, int]) -> int:
+    """An exit reason number from ``"IO"``, ``"KVM_EXIT_IO"`` or an int."""
+    if isinstance(reason, int):
+        return reason
+    name = reason.upper()
+    if name.startswith("KVM_EXIT_"):
+        name = name[len("KVM_EXIT_"):]
+    try:
+        return abi.EXIT_REASONS[name]
+    except KeyError:
+        raise ValueError(f"unknown exit reason {reason!r}") from None
 
 
 @dataclass
@@ -96,6 +128,40 @@ class _LoopBase:
         self._console_total = 0
         self.mmio_log: List[MmioRecord] = []
         self.mmio_dropped = 0             # coalesced records seen beyond mmio_log_limit
+        self._handlers: Dict[int, Callable] = {}
+        self._resume_mask = 0
+        self._exits = ExitCache(vcpu)
+
+    # -- exits handled without leaving the loop ------------------------------------------------
+    def on(self, reason: Union[str, int], handler: Optional[Callable]) -> None:
+        """Call ``handler(exit)`` for every exit of ``reason`` ("IO", "MMIO", "HLT", ... or a
+        number) the loop does not serve itself: returning None resumes the guest, anything
+        else ends the run with ``Stop("exit", exit, result=<that value>)``. What the handler
+        raises ends the run and propagates from :meth:`run`. ``handler=None`` removes it.
+
+        The exit object is only valid during the call (and, if the handler stops the run, until
+        the next run); it is reused for later exits unless the handler keeps a reference."""
+        n = exit_reason(reason)
+        if not 0 <= n < 64:
+            raise ValueError(f"exit reason {n} cannot be handled here (0..63)")
+        if handler is None:
+            self._handlers.pop(n, None)
+        else:
+            self._handlers[n] = handler
+        self._update_masks()
+
+    def resume(self, reason: Union[str, int], on: bool = True) -> None:
+        """Count exits of ``reason`` and resume the guest at once, in the loop (e.g. "HLT"
+        for a guest that halts between timer interrupts served by a device in Python)."""
+        n = exit_reason(reason)
+        if not 0 <= n < 64:
+            raise ValueError(f"exit reason {n} cannot be resumed here (0..63)")
+        self._resume_mask = (self._resume_mask | (1 << n)) if on else \
+            (self._resume_mask & ~(1 << n))
+        self._update_masks()
+
+    def _update_masks(self) -> None:
+        pass
 
     @property
     def console(self) -> bytes:
@@ -128,6 +194,23 @@ class _LoopBase:
 
 
 
+# The loops inside pykvm_loop_run() now, by loop_id → their exit dispatcher: the C loop's
+# Python callback finds it here (registered for the duration of RunLoop.run() only, so nothing
+# is kept alive by it).
+_LOOPS: Dict[int, Callable] = {}
+_next_id = iter(range(1, 1 << 31)).__next__
+
+
+@nffi.def_extern(error=_CB_STOP)
+def pykvm_py_exit(loop_id, reason, info, a, b):
+    """Called by the C loop (GIL held) for an exit in its callback_mask, with the exit's fields
+    decoded (see py_exit() in csrc/runloop.c)."""
+    dispatch = _LOOPS.get(loop_id)
+    if dispatch is None:
+        return _CB_STOP_EXIT
+    return dispatch(reason, info, a, b)
+
+
 class RunLoop(_LoopBase):
     """The C run loop. ``run()`` returns a :class:`Stop`."""
 
@@ -137,9 +220,14 @@ class RunLoop(_LoopBase):
         super().__init__(vcpu, config, on_console, on_mmio)
         c = self.config
         self._l = nffi.new("struct pykvm_loop *")
-        self._console_buf = nffi.new("uint8_t[]", c.console_cap)
-        self._mmio_buf = nffi.new("struct pykvm_mmio_record[]", c.mmio_log_cap)
+        self._console_buf = _new_buffer("uint8_t[]", c.console_cap)
+        self._mmio_buf = _new_buffer("struct pykvm_mmio_record[]", c.mmio_log_cap)
+        self._id = _next_id()
+        self._error = None
+        self._result = None
+        self._last_exit = None
         l = self._l
+        l.loop_id = self._id
         l.vcpu_fd = vcpu.fd
         l.run_size = vcpu.run_size
         l.run = vcpu.run_addr
@@ -173,6 +261,48 @@ class RunLoop(_LoopBase):
     def handled_in_c(self) -> int:
         return self._l.handled_in_c
 
+    @property
+    def handled_in_python(self) -> int:
+        """Exits a handler (:meth:`on`) resumed from inside the loop."""
+        return self._l.handled_in_py
+
+    def _update_masks(self) -> None:
+        mask = 0
+        for n in self._handlers:
+            mask |= 1 << n
+        self._l.callback_mask = mask
+        self._l.resume_mask = self._resume_mask
+
+    def _make_dispatch(self) -> Callable:
+        """The function pykvm_py_exit() calls for this loop: find the handler, fill a reused
+        exit object with the decoded fields, call the handler, tell C what to do."""
+        handlers, objs, v, drain = self._handlers, self._exits._by_reason, self.vcpu, self._drain
+
+        def dispatch(reason, info, a, b):
+            try:
+                if info & 0x80000000:
+                    drain()                # the handler sees the console up to its exit
+                h = handlers.get(reason)
+                if h is None:
+                    return _CB_STOP_EXIT
+                ex = objs.get(reason)
+                if ex is None or _refs(ex) > 3:   # kept by someone: leave it, use a new one
+                    ex = objs[reason] = new_exit(v, reason)
+                ex._seq = v.run_seq
+                ex._info, ex._a, ex._b = info, a, b
+                r = h(ex)
+                if r is not None:
+                    self._result, self._last_exit = r, ex
+                    return _CB_STOP_EXIT
+                if v._closing:
+                    return _CB_STOP
+                v.run_seq += 1             # the exit is gone once the guest runs again
+                return _CB_RESUME
+            except BaseException as e:     # handler errors, KeyboardInterrupt: run() raises
+                self._error = e
+                return _CB_STOP
+        return dispatch
+
     def _drain(self) -> None:
         n = self._l.console_len
         if n:
@@ -198,6 +328,7 @@ class RunLoop(_LoopBase):
         l = self._l
         v = self.vcpu
         v._enter_run(self._kick_internal)
+        _LOOPS[self._id] = self._make_dispatch()     # dropped again when the run ends
         try:
             l.deadline_ns = int(deadline * 1e9) if deadline else 0
             l.budget = budget if budget > 0 else -1
@@ -206,21 +337,31 @@ class RunLoop(_LoopBase):
                     return Stop("kick")
                 v.run_seq += 1
                 r = nlib.pykvm_loop_run(l)
-                self._drain()
+                if l.console_len or l.mmio_log_len:
+                    self._drain()
+                if r == _STOP_EXIT:
+                    ex, self._last_exit = self._last_exit, None
+                    result, self._result = self._result, None
+                    if ex is None:
+                        ex = self._exits.get(v.run_struct.exit_reason)
+                    return Stop("exit", ex, result=result)
+                if r in _STOP_AGAIN:
+                    continue                       # Python got to run signal handlers; go on
+                if r == _STOP_CALLBACK:
+                    err, self._error = self._error, None
+                    if err is not None:
+                        raise err
+                    return Stop("kick")            # the vCPU was closed from a handler
                 if r < 0:
                     raise kvm_error("KVM_RUN", -r, f"vcpu {v.id}")
-                if r in (nlib.PYKVM_STOP_CONSOLE_FULL, nlib.PYKVM_STOP_MMIO_LOG_FULL,
-                         nlib.PYKVM_STOP_SIGNAL):
-                    continue                       # Python got to run signal handlers; go on
                 if r == nlib.PYKVM_STOP_BAD_EXIT:
                     raise GuestError("kvm_run described an I/O outside the shared page")
-                if r == nlib.PYKVM_STOP_EXIT:
-                    ex = decode_exit(v)
-                    return Stop("exit", ex)
                 if r == nlib.PYKVM_STOP_DEBUG_EXIT:
                     return Stop("debug_exit", value=l.exit_value)
                 return Stop(STOP_NAMES[r])
         finally:
+            _LOOPS.pop(self._id, None)
+            self._last_exit = self._result = self._error = None
             v._leave_run()
 
     def _kick_internal(self) -> None:
@@ -246,6 +387,7 @@ class PyRunLoop(_LoopBase):
         self._counts: Dict[str, int] = {}
         self.exits_total = 0
         self.handled_in_c = 0
+        self.handled_in_python = 0
         self._uart = bytearray(8)
         self._dl = bytearray(2)
         self._kick = threading.Event()
@@ -346,13 +488,19 @@ class PyRunLoop(_LoopBase):
                 self._drain_ring()
                 if ex.reason == abi.EXIT_REASONS["IO"]:
                     stop = self._serve_io(ex)
+                    if stop is not None and stop.kind == "exit":
+                        stop = self._unserved(ex)
                     if stop is not None:
                         return stop
                 elif ex.reason == abi.EXIT_REASONS["MMIO"] and self.config.uart_mmio_base:
                     if not self._serve_uart_mmio(ex):
-                        return Stop("exit", ex)
+                        stop = self._unserved(ex)
+                        if stop is not None:
+                            return stop
                 elif ex.reason != abi.EXIT_REASONS["INTR"]:
-                    return Stop("exit", ex)
+                    stop = self._unserved(ex)
+                    if stop is not None:
+                        return stop
                 if budget:
                     left -= 1
                     if left == 0:
@@ -361,6 +509,22 @@ class PyRunLoop(_LoopBase):
             if timer:
                 timer.cancel()
             v._leave_run()
+
+    def _unserved(self, ex) -> Optional[Stop]:
+        """An exit the loop does not serve: resumed (resume()), given to a handler (on()), or
+        the end of the run."""
+        n = ex._reason
+        if 0 <= n < 64 and (self._resume_mask >> n) & 1:
+            self.handled_in_c += 1
+            return None
+        h = self._handlers.get(n)
+        if h is None:
+            return Stop("exit", ex)
+        r = h(ex)
+        if r is not None:
+            return Stop("exit", ex, result=r)
+        self.handled_in_python += 1
+        return None
 
     def _kick_internal(self) -> None:
         self._kick.set()

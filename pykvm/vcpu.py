@@ -13,6 +13,11 @@ from .arch import current as _arch
 from .errors import Busy, Closed, KvmTooBig, kvm_error
 from .exits import decode_exit
 
+_get_ident = threading.get_ident
+_native_ioctl = _nlib.pykvm_ioctl
+_KVM_RUN = int(ioctls.KVM_RUN)
+_EXIT_INTR = abi.EXIT_REASONS["INTR"]
+
 
 class Vcpu(_arch.VcpuArch, FdObject):
     """A vCPU. Create it with :meth:`pykvm.vm.Vm.create_vcpu`.
@@ -36,13 +41,17 @@ class Vcpu(_arch.VcpuArch, FdObject):
         self._unmapper = weakref.finalize(self, _nlib.pykvm_unmap, addr, size)
         self._run_addr = addr
         self._run_map = ffi.buffer(ffi.cast("uint8_t *", addr), size)
+        self._run_bytes = memoryview(self._run_map)      # exits read and write data through it
         self.run_struct = ffi.cast("struct kvm_run *", addr)
+        self._io = self.run_struct.io                   # views into kvm_run, made once
+        self._mmio = self.run_struct.mmio
         self.run_size = size
         self.run_seq = 0                 # bumped by every KVM_RUN: exits check it
         self._thread_ident = None
         # Lifecycle: one thread at a time may be inside KVM_RUN (through run() or a run loop);
         # close() waits for it to leave before the fd is closed and kvm_run unmapped.
-        self._cond = threading.Condition(threading.RLock())
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._runner = None              # thread ident of the caller inside a run, or None
         self._runner_kick = None         # how to make that run return
         self._run_depth = 0              # nested claims by the same thread (a loop, then run())
@@ -62,8 +71,8 @@ class Vcpu(_arch.VcpuArch, FdObject):
 
         Raises :class:`~pykvm.errors.Closed` once :meth:`close` has begun and
         :class:`~pykvm.errors.Busy` if another thread is running the vCPU."""
-        me = threading.get_ident()
-        with self._cond:
+        me = _get_ident()
+        with self._lock:
             if self._closing:
                 raise Closed(f"vCPU {self.id} is closed")
             if self._runner is not None and self._runner != me:
@@ -73,7 +82,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
             self._run_depth += 1
 
     def _leave_run(self) -> None:
-        with self._cond:
+        with self._lock:
             self._run_depth -= 1
             if self._run_depth > 0:
                 return
@@ -95,7 +104,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         r = ffi.new("struct kvm_one_reg *")
         r.id = reg_id
         r.addr = int(ffi.cast("uintptr_t", buf))
-        ioctl(self.fd, "KVM_GET_ONE_REG", ioctls.KVM_GET_ONE_REG, r, what=f"{reg_id:#x}")
+        ioctl(self.fd, ioctls.KVM_GET_ONE_REG, r, what=f"{reg_id:#x}")
         return int.from_bytes(ffi.buffer(buf), "little")
 
     def set_one_reg(self, reg_id: int, value: Union[int, bytes]) -> None:
@@ -114,7 +123,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         r = ffi.new("struct kvm_one_reg *")
         r.id = reg_id
         r.addr = int(ffi.cast("uintptr_t", buf))
-        ioctl(self.fd, "KVM_SET_ONE_REG", ioctls.KVM_SET_ONE_REG, r, what=f"{reg_id:#x}")
+        ioctl(self.fd, ioctls.KVM_SET_ONE_REG, r, what=f"{reg_id:#x}")
 
     def reg_list(self) -> List[int]:
         """KVM_GET_REG_LIST: the ids of every register KVM enumerates for this vCPU."""
@@ -123,7 +132,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
             rl = ffi.new("struct kvm_reg_list *", {"n": n, "reg": n or 1})
             rl.n = n
             try:
-                ioctl(self.fd, "KVM_GET_REG_LIST", ioctls.KVM_GET_REG_LIST, rl)
+                ioctl(self.fd, ioctls.KVM_GET_REG_LIST, rl)
             except KvmTooBig:
                 n = rl.n       # KVM wrote the count it needs
                 continue
@@ -133,13 +142,13 @@ class Vcpu(_arch.VcpuArch, FdObject):
     # -- misc state -----------------------------------------------------------------------
     def get_mp_state(self) -> int:
         m = ffi.new("struct kvm_mp_state *")
-        ioctl(self.fd, "KVM_GET_MP_STATE", ioctls.KVM_GET_MP_STATE, m)
+        ioctl(self.fd, ioctls.KVM_GET_MP_STATE, m)
         return m.mp_state
 
     def set_mp_state(self, state: Union[int, str]) -> None:
         m = ffi.new("struct kvm_mp_state *")
         m.mp_state = abi.MP_STATES[state] if isinstance(state, str) else state
-        ioctl(self.fd, "KVM_SET_MP_STATE", ioctls.KVM_SET_MP_STATE, m, what=str(state))
+        ioctl(self.fd, ioctls.KVM_SET_MP_STATE, m, what=str(state))
 
     def enable_cap(self, cap, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the vCPU."""
@@ -151,7 +160,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         g = ffi.new("struct kvm_guest_debug *")
         g.control = control | (abi.GUESTDBG_ENABLE if enable else 0) | \
             (abi.GUESTDBG_SINGLESTEP if single_step else 0)
-        ioctl(self.fd, "KVM_SET_GUEST_DEBUG", ioctls.KVM_SET_GUEST_DEBUG, g)
+        ioctl(self.fd, ioctls.KVM_SET_GUEST_DEBUG, g)
 
     def stats(self) -> Dict[str, object]:
         """The vCPU's binary stats (KVM_GET_STATS_FD) as {name: value}."""
@@ -167,15 +176,14 @@ class Vcpu(_arch.VcpuArch, FdObject):
         another thread runs this vCPU, and a :class:`~pykvm.errors.KvmError` if KVM_RUN fails."""
         self._enter_run(self._kick_thread)
         try:
-            self._thread_ident = threading.get_ident()
+            self._thread_ident = _get_ident()
             self.run_seq += 1
-            try:
-                ioctl(self.fd, "KVM_RUN", ioctls.KVM_RUN)
-            except OSError as e:
-                if e.errno not in (4, 11):          # EINTR / EAGAIN: report as an INTR exit
-                    raise
+            r = _native_ioctl(self._fd, _KVM_RUN, 0)     # the cheapest call: no wrapper
+            if r < 0:
+                if -r not in (4, 11):               # EINTR / EAGAIN: report as an INTR exit
+                    raise kvm_error("KVM_RUN", -r, f"vcpu {self.id}")
                 self.run_struct.immediate_exit = 0
-                self.run_struct.exit_reason = abi.EXIT_REASONS["INTR"]
+                self.run_struct.exit_reason = _EXIT_INTR
             return decode_exit(self)
         finally:
             self._thread_ident = None

@@ -4,11 +4,13 @@ from typing import Dict, List, Optional
 
 from . import abi
 from ._fd import FdObject
-from ._ioctl import enable_cap as _enable_cap, ioctl, stats as _stats
+from ._ioctl import check_extension as _check_extension, enable_cap as _enable_cap, ioctl
+from ._ioctl import stats as _stats
 from .abi import ffi, ioctls
 from .arch import current as _arch
 from .errors import GuestMemoryError, PykvmError
 from .memory import PAGE_SIZE, GuestMemory, MemorySlot, new_mapping
+from .vcpu import Vcpu
 
 
 class Vm(_arch.VmArch, FdObject):
@@ -26,9 +28,7 @@ class Vm(_arch.VmArch, FdObject):
     # -- capabilities ---------------------------------------------------------------------
     def check_extension(self, cap) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (VM-specific answers, e.g. NR_MEMSLOTS)."""
-        from .kvm import cap_number
-        return ioctl(self.fd, "KVM_CHECK_EXTENSION", ioctls.KVM_CHECK_EXTENSION,
-                     cap_number(cap), what=str(cap))
+        return _check_extension(self.fd, cap)
 
     def enable_cap(self, cap, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM."""
@@ -69,7 +69,7 @@ class Vm(_arch.VmArch, FdObject):
         r = ffi.new("struct kvm_userspace_memory_region *")
         r.slot, r.flags, r.guest_phys_addr = slot, flags, gpa
         r.memory_size, r.userspace_addr = size, host_addr
-        ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", ioctls.KVM_SET_USER_MEMORY_REGION, r,
+        ioctl(self.fd, ioctls.KVM_SET_USER_MEMORY_REGION, r,
               what=f"slot={slot} gpa={gpa:#x} size={size:#x} flags={flags:#x}")
 
     def remove_memory(self, slot: MemorySlot) -> None:
@@ -92,7 +92,7 @@ class Vm(_arch.VmArch, FdObject):
         d = ffi.new("struct kvm_dirty_log *")
         d.slot = slot.slot
         d.dirty_bitmap = bitmap
-        ioctl(self.fd, "KVM_GET_DIRTY_LOG", ioctls.KVM_GET_DIRTY_LOG, d, what=f"slot={slot.slot}")
+        ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, d, what=f"slot={slot.slot}")
         out = []
         for w in range(words):
             bits = bitmap[w]
@@ -105,19 +105,19 @@ class Vm(_arch.VmArch, FdObject):
     # -- interrupts and eventfds ----------------------------------------------------------
     def create_irqchip(self) -> None:
         """KVM_CREATE_IRQCHIP (x86: PIC + IOAPIC + per-vCPU LAPIC)."""
-        ioctl(self.fd, "KVM_CREATE_IRQCHIP", ioctls.KVM_CREATE_IRQCHIP)
+        ioctl(self.fd, ioctls.KVM_CREATE_IRQCHIP)
 
     def irq_line(self, irq: int, level: int) -> None:
         """KVM_IRQ_LINE: drive GSI ``irq`` to ``level``."""
         lv = ffi.new("struct kvm_irq_level *")
         lv.irq, lv.level = irq, level
-        ioctl(self.fd, "KVM_IRQ_LINE", ioctls.KVM_IRQ_LINE, lv, what=f"irq={irq} level={level}")
+        ioctl(self.fd, ioctls.KVM_IRQ_LINE, lv, what=f"irq={irq} level={level}")
 
     def signal_msi(self, address: int, data: int) -> int:
         """KVM_SIGNAL_MSI; returns >0 if delivered, 0 if blocked by the guest."""
         m = ffi.new("struct kvm_msi *")
         m.address_lo, m.address_hi, m.data = address & 0xFFFFFFFF, address >> 32, data
-        return ioctl(self.fd, "KVM_SIGNAL_MSI", ioctls.KVM_SIGNAL_MSI, m,
+        return ioctl(self.fd, ioctls.KVM_SIGNAL_MSI, m,
                      what=f"addr={address:#x} data={data:#x}")
 
     def ioeventfd(self, addr: int, length: int, *, pio: bool = False,
@@ -130,7 +130,7 @@ class Vm(_arch.VmArch, FdObject):
             if datamatch is not None:
                 e.flags |= abi.IOEVENTFD_FLAG_DATAMATCH
                 e.datamatch = datamatch
-            ioctl(self.fd, "KVM_IOEVENTFD", ioctls.KVM_IOEVENTFD, e,
+            ioctl(self.fd, ioctls.KVM_IOEVENTFD, e,
                   what=f"{'pio' if pio else 'mmio'} addr={addr:#x} len={length}")
         return self._with_eventfd(fd, attach)
 
@@ -139,7 +139,7 @@ class Vm(_arch.VmArch, FdObject):
         def attach(efd):
             f = ffi.new("struct kvm_irqfd *")
             f.fd, f.gsi = efd, gsi
-            ioctl(self.fd, "KVM_IRQFD", ioctls.KVM_IRQFD, f, what=f"gsi={gsi} fd={efd}")
+            ioctl(self.fd, ioctls.KVM_IRQFD, f, what=f"gsi={gsi} fd={efd}")
         return self._with_eventfd(fd, attach)
 
     def _with_eventfd(self, fd: Optional[int], attach) -> int:
@@ -161,24 +161,23 @@ class Vm(_arch.VmArch, FdObject):
         instead of exiting (drained by the run loop)."""
         z = ffi.new("struct kvm_coalesced_mmio_zone *")
         z.addr, z.size, z.pio = addr, size, 1 if pio else 0
-        ioctl(self.fd, "KVM_REGISTER_COALESCED_MMIO", ioctls.KVM_REGISTER_COALESCED_MMIO, z,
+        ioctl(self.fd, ioctls.KVM_REGISTER_COALESCED_MMIO, z,
               what=f"addr={addr:#x} size={size:#x}")
         self._coalesced.append((addr, size, pio))
 
     def unregister_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
         z = ffi.new("struct kvm_coalesced_mmio_zone *")
         z.addr, z.size, z.pio = addr, size, 1 if pio else 0
-        ioctl(self.fd, "KVM_UNREGISTER_COALESCED_MMIO", ioctls.KVM_UNREGISTER_COALESCED_MMIO, z,
+        ioctl(self.fd, ioctls.KVM_UNREGISTER_COALESCED_MMIO, z,
               what=f"addr={addr:#x} size={size:#x}")
         self._coalesced.remove((addr, size, pio))
 
     # -- vCPUs and stats --------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: Optional[int] = None):
         """KVM_CREATE_VCPU → :class:`~pykvm.vcpu.Vcpu` (ids count up from 0 by default)."""
-        from .vcpu import Vcpu
         if vcpu_id is None:
             vcpu_id = len(self.vcpus)
-        fd = ioctl(self.fd, "KVM_CREATE_VCPU", ioctls.KVM_CREATE_VCPU, vcpu_id, what=f"id={vcpu_id}")
+        fd = ioctl(self.fd, ioctls.KVM_CREATE_VCPU, vcpu_id, what=f"id={vcpu_id}")
         v = Vcpu(self, fd, vcpu_id)
         self.vcpus.append(v)
         return v

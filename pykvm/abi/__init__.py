@@ -1,17 +1,23 @@
 """The KVM ABI as pykvm sees it: one cffi ``ffi`` holding our own struct declarations for the host
 architecture, the constants, and the ioctl table (``pykvm.abi.ioctls``).
 
-The architecture is chosen once, here, from ``platform.machine()``; code elsewhere never branches
-on it in the middle of a function.
-"""
-import platform
+The declarations are ours (``common.py``, ``x86_64.py``, ``riscv64.py``) and they are compiled
+into ``pykvm._native`` when pykvm is built (csrc/build_native.py), so ``ffi`` is the native
+module's and importing pykvm parses no C. Should the module have been built from other
+declarations than these (a checkout whose ABI files changed since ``pip install -e .``), ``ffi``
+is parsed from the sources instead and :data:`COMPILED` is False (tests/unit/test_abi_proof.py
+fails then: rebuild).
 
-import cffi
+The architecture is chosen once, here; code elsewhere never branches on it in the middle of a
+function.
+"""
+import os
 
 from . import common
 from .common import *  # noqa: F401,F403  (constants are part of this module's API)
+from .common import CAP_NAMES, CAPS
 
-_MACHINE = platform.machine()
+_MACHINE = os.uname().machine
 if _MACHINE in ("x86_64", "amd64"):
     from . import x86_64 as arch
 elif _MACHINE == "riscv64":
@@ -22,13 +28,50 @@ else:  # pragma: no cover - we only describe the two arches we test
 ARCH = arch.ARCH
 
 
-def build_ffi(arch_module) -> cffi.FFI:
-    """An FFI with the common declarations plus one architecture's."""
+def abi_text(arch_module) -> str:
+    """Every declaration of one architecture, as compiled into pykvm._native."""
+    return common.CDEF + arch_module.CDEF + common.KVM_RUN_CDEF
+
+
+def build_ffi(arch_module):
+    """An FFI parsed from the common declarations plus one architecture's (cffi ABI mode)."""
+    import cffi
     f = cffi.FFI()
-    f.cdef(common.CDEF)
-    f.cdef(arch_module.CDEF)
-    f.cdef(common.KVM_RUN_CDEF)
+    f.cdef(abi_text(arch_module))
     return f
 
 
-ffi = build_ffi(arch)
+def _native_ffi():
+    """pykvm._native's ffi if it was compiled from exactly our declarations, else None."""
+    from .. import _native
+    get = getattr(_native.lib, "pykvm_abi_text", None)
+    if get is None:
+        return None
+    if _native.ffi.string(get()).decode() != abi_text(arch):
+        return None
+    return _native.ffi
+
+
+ffi = _native_ffi()
+COMPILED = ffi is not None
+if ffi is None:
+    ffi = build_ffi(arch)
+
+
+def cap_number(cap) -> int:
+    """A capability number from ``"ONE_REG"``, ``"KVM_CAP_ONE_REG"`` or an int."""
+    if isinstance(cap, int):
+        return cap
+    name = cap.upper()
+    if name.startswith("KVM_CAP_"):
+        name = name[len("KVM_CAP_"):]
+    try:
+        return CAPS[name]
+    except KeyError:
+        raise ValueError(f"unknown KVM capability {cap!r}") from None
+
+
+def cap_name(cap) -> str:
+    """``"KVM_CAP_ONE_REG"`` for 70, "ONE_REG" or "KVM_CAP_ONE_REG"."""
+    n = cap_number(cap)
+    return f"KVM_CAP_{CAP_NAMES.get(n, n)}"

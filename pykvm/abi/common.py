@@ -178,7 +178,9 @@ struct kvm_device_attr {
 """
 
 # The kvm_run exit union. The arch module supplies `struct kvm_debug_exit_arch` and
-# `struct kvm_sync_regs`-sized padding is common (2048 bytes).
+# `struct kvm_sync_regs`-sized padding is common (2048 bytes). The members whose struct holds an
+# anonymous union have a struct name of ours (kvm_run_*; the kernel's are unnamed): compiled
+# into pykvm._native, cffi can take such a layout from the C compiler only through a name.
 KVM_RUN_CDEF = r"""
 struct kvm_run {
     uint8_t request_interrupt_window;
@@ -208,7 +210,7 @@ struct kvm_run {
             uint32_t len;
             uint8_t is_write;
         } mmio;
-        struct {
+        struct kvm_run_hypercall {
             uint64_t nr;
             uint64_t args[6];
             uint64_t ret;
@@ -226,7 +228,7 @@ struct kvm_run {
             uint8_t insn_size;
             uint8_t insn_bytes[15];
         } emulation_failure;
-        struct {
+        struct kvm_run_system_event {
             uint32_t type;
             uint32_t ndata;
             union {

@@ -1,42 +1,68 @@
 """Every KVM ioctl pykvm issues, declared once.
 
 Each row gives the name, the fd kind it is issued on, the direction, the command number, the
-argument struct (whose size, computed by cffi from *our* declarations, goes into the request
-number through ``ioctl-opt``), the capability that gates it and the architectures it exists on.
+argument struct (whose size, computed from *our* declarations, goes into the request number:
+``_IOC(dir, KVMIO, nr, size)``, the formula of ``ioctl-opt`` and the kernel's
+``asm-generic/ioctl.h``), the capability that gates it and the architectures it exists on.
+
+A row is an :class:`Ioctl`, which *is* its request number (an ``int``), so every call site passes
+the row itself: ``ioctl(fd, ioctls.KVM_GET_ONE_REG, arg)`` (:func:`pykvm._ioctl.ioctl`), and the
+row's name, capability and architectures are at hand when it fails.
 """
-from dataclasses import dataclass
-from typing import Optional, Tuple
-
-import ioctl_opt
-
 from . import ARCH, KVMIO, ffi
 
 NONE, W, R, WR = "none", "w", "r", "wr"
-_DIRS = {
-    NONE: ioctl_opt.IOC_NONE,
-    W: ioctl_opt.IOC_WRITE,
-    R: ioctl_opt.IOC_READ,
-    WR: ioctl_opt.IOC_READ | ioctl_opt.IOC_WRITE,
-}
+# asm-generic/ioctl.h (x86_64 and riscv64): nr 8 bits, type 8, size 14, dir 2
+_DIRS = {NONE: 0, W: 1, R: 2, WR: 3}
+_NRSHIFT, _TYPESHIFT, _SIZESHIFT, _DIRSHIFT = 0, 8, 16, 30
+_SIZEMASK = (1 << 14) - 1
 ALL = ("x86_64", "riscv64")
 X86 = ("x86_64",)
 
 
-@dataclass(frozen=True)
-class Ioctl:
-    name: str
-    fd: str                      # "system", "vm", "vcpu" or a combination "vm,vcpu"
-    direction: str
-    nr: int
-    arg: Optional[str]           # C type of the argument, or None (the argument is a plain int)
-    cap: Optional[str] = None    # capability that gates it (None: always there)
-    arches: Tuple[str, ...] = ALL
+def ioc(direction: str, nr: int, size: int, type_: int = KVMIO) -> int:
+    """_IOC(dir, type, nr, size)."""
+    if not 0 <= size <= _SIZEMASK:
+        raise ValueError(f"ioctl argument of {size} bytes does not fit the request number")
+    return ((_DIRS[direction] << _DIRSHIFT) | (type_ << _TYPESHIFT) | (nr << _NRSHIFT)
+            | (size << _SIZESHIFT))
+
+
+class Ioctl(int):
+    """One ioctl: an ``int`` equal to its request number, with ``name``, ``fd`` ("system",
+    "vm", "vcpu" or a combination "vm,vcpu"), ``direction``, ``nr``, ``arg`` (the C type of the
+    argument, or None when it is a plain int), ``cap`` (the capability that gates it, None when
+    it is always there) and ``arches``. A row of another architecture than the host's is 0 (its
+    argument struct is not declared here) and has ``available`` False."""
+
+    def __new__(cls, name: str, fd: str, direction: str, nr: int, arg=None, cap=None,
+                arches=ALL):
+        available = ARCH in arches
+        request = ioc(direction, nr, ffi.sizeof(arg) if arg else 0) if available else 0
+        self = int.__new__(cls, request)
+        d = self.__dict__
+        d.update(name=name, fd=fd, direction=direction, nr=nr, arg=arg, cap=cap,
+                 arches=tuple(arches), available=available)
+        return self
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"{self.name} is read-only")
 
     @property
     def request(self) -> int:
         """The ioctl request number: _IOC(dir, KVMIO, nr, sizeof(arg))."""
-        size = ffi.sizeof(self.arg) if self.arg else 0
-        return ioctl_opt.IOC(_DIRS[self.direction], KVMIO, self.nr, size)
+        if not self.available:
+            raise ValueError(f"{self.name} does not exist on {ARCH} (only on "
+                             f"{', '.join(self.arches)})")
+        return int(self)
+
+    def __repr__(self):
+        return f"<Ioctl {self.name} {int(self):#x}>"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return (BY_NAME.__getitem__, (self.name,))
 
 
 TABLE = [
@@ -109,10 +135,8 @@ BY_NAME = {i.name: i for i in TABLE}
 
 def available() -> list:
     """The ioctls that exist on this machine's architecture."""
-    return [i for i in TABLE if ARCH in i.arches]
+    return [i for i in TABLE if i.available]
 
 
-# Module-level request numbers for the host arch, e.g. ``ioctls.KVM_RUN``.
-for _i in available():
-    globals()[_i.name] = _i.request
-del _i
+# The rows by name for the host arch, e.g. ``ioctls.KVM_RUN`` (== its request number 0xae80).
+globals().update((i.name, i) for i in TABLE if i.available)

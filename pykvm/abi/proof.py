@@ -73,10 +73,13 @@ if ARCH == "x86_64":
         arch.NESTED_VMX_FLAGS["PREEMPTION_TIMER_DEADLINE"]
 
 
-def _struct_names() -> List[str]:
+def _struct_names(f=None) -> List[str]:
+    """The KVM structs ``f`` (default: pykvm's ffi) declares; pykvm._native's own ``pykvm_*``
+    structs, which share its compiled ffi, are not KVM ABI, and our names for members of
+    kvm_run (``kvm_run_*``) are checked as fields of kvm_run."""
     names = []
-    for decl in ffi.list_types()[1]:
-        if decl not in _SKIP_STRUCTS:
+    for decl in (f or ffi).list_types()[1]:
+        if decl not in _SKIP_STRUCTS and not decl.startswith(("pykvm_", "kvm_run_")):
             names.append(decl)
     return sorted(names)
 
@@ -95,16 +98,24 @@ def _fields(ctype, prefix="") -> List[Tuple[str, object]]:
     return out
 
 
+def layouts(f=None) -> Dict[str, int]:
+    """Every struct size, field offset and field size that ``f`` (default: pykvm's ffi, the
+    one compiled into pykvm._native) declares."""
+    f = f or ffi
+    items: Dict[str, int] = {}
+    for s in _struct_names(f):
+        t = f.typeof(f"struct {s}")
+        items[f"sizeof(struct {s})"] = f.sizeof(t)
+        for desig, ft in _fields(t):
+            items[f"offsetof(struct {s}, {desig})"] = f.offsetof(t, *desig.split("."))
+            if ft.kind != "array" or ft.length is not None:
+                items[f"sizeof(((struct {s} *)0)->{desig})"] = f.sizeof(ft)
+    return items
+
+
 def ours() -> Dict[str, int]:
     """Every checkable item: name → pykvm's value."""
-    items: Dict[str, int] = {}
-    for s in _struct_names():
-        t = ffi.typeof(f"struct {s}")
-        items[f"sizeof(struct {s})"] = ffi.sizeof(t)
-        for desig, ft in _fields(t):
-            items[f"offsetof(struct {s}, {desig})"] = ffi.offsetof(t, *desig.split("."))
-            if ft.kind != "array" or ft.length is not None:
-                items[f"sizeof(((struct {s} *)0)->{desig})"] = ffi.sizeof(ft)
+    items = layouts()
     for prefix, group in _CONST_GROUPS:
         for n, v in group.items():
             items[f"{prefix}{n}"] = v

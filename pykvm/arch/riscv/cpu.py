@@ -166,6 +166,7 @@ def _ext_index(name: str | int, ids: Mapping[str, int], prefix: str) -> tuple[in
 
 
 def name_of(ids: Mapping[str, int], idx: int, prefix: str) -> str:
+    """The name of extension number ``idx`` in ``ids``, else ``"<prefix>.<idx>"``."""
     for n, i in ids.items():
         if i == idx:
             return n

@@ -52,11 +52,13 @@ class Node:
     children: list["Node"] = field(default_factory=list)
 
     def child(self, name: str, **props) -> "Node":
+        """Append and return a child node called ``name`` with ``props``."""
         node = Node(name, dict(props))
         self.children.append(node)
         return node
 
     def set(self, name: str, value: PropValue) -> "Node":
+        """Set property ``name`` to ``value``; returns the node, so calls chain."""
         self.props[name] = value
         return self
 

@@ -41,6 +41,12 @@ class _RamView:
 
 
 class Platform:
+    """The RISC-V machine of :class:`pykvm.machine.Machine` (module docstring). Options:
+    ``cpu_type`` and ``disable`` (see :func:`pykvm.arch.riscv.cpu.apply_cpu_type`),
+    ``suspend_seconds`` (how long an SBI system suspend sleeps), ``sbi_extensions`` (KVM SBI
+    extensions enabled before the first run), ``on_suspend`` (called with each
+    :class:`~pykvm.arch.riscv.sbi.SuspendEvent`), ``uart`` (the ns16550a at
+    :data:`UART_BASE`: in the device tree and served by the run loop)."""
     ram_base = RAM_BASE
     arch = "riscv64"
 
@@ -61,7 +67,7 @@ class Platform:
                                    suspend_seconds=suspend_seconds, on_suspend=on_suspend)
 
     def create_devices(self) -> None:
-        pass
+        """Nothing to create in KVM: the UART lives in the run loop, SBI in KVM and here."""
 
     def load(self, image, *, cmdline="", initrd=(), flat_addr=None, flat_mode="riscv"):
         """Load ``image`` and, if given, the one ``initrd`` file (QEMU's ``-initrd``): just
@@ -113,6 +119,8 @@ class Platform:
                           uart_mmio_base=self.uart_base or 0)
 
     def setup_vcpu(self, vcpu, index: int) -> None:
+        """Before vCPU ``index`` first runs: its cpu type and SBI extensions, the device tree
+        (written with vCPU 0), the boot registers; harts other than 0 start STOPPED."""
         try:
             self.cpu_result = cpu.apply_cpu_type(vcpu, self.cpu_type, disable=self.disable)
         except KeyError as e:             # an extension name nobody knows: the caller's input
@@ -150,12 +158,14 @@ class Platform:
         self.m.vm.memory.write(self.dtb_addr, self.dtb)
 
     def report_from_exit(self, index: int, ex) -> Optional[object]:
+        """The guest report an exit carries (pykvm's SBI report call), else None."""
         if ex.name == "RISCV_SBI" and ex.extension_id == sbi.PYKVM_REPORT_EID:
             ex.set_return(0, 0)
             return decode_report(self.m.vm.memory, ex.args[0], index)
         return None
 
     def handle_exit(self, index: int, ex) -> bool:
+        """Serve an exit the run loop left to Python (forwarded SBI calls); False: not ours."""
         if ex.name == "RISCV_SBI":
             self.sbi.handle(ex)
             return True

@@ -59,6 +59,7 @@ _MASK64 = 0xFFFFFFFFFFFFFFFF
 
 
 def u64_to_signed(v: int) -> int:
+    """A 64-bit register value as a signed number (SBI error codes are negative)."""
     v &= _MASK64
     return v - (1 << 64) if v & (1 << 63) else v
 
@@ -117,6 +118,7 @@ class SbiServices:
 
     @property
     def console_text(self) -> str:
+        """Debug-console output so far, decoded as UTF-8 ("" when it streams to a callable)."""
         data = bytes(self.console) if not callable(self.console) else b""
         return data.decode("utf-8", "replace")
 

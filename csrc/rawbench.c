@@ -1,0 +1,288 @@
+/*
+ * The raw-C contender of `pykvm bench`: what a hand-written C VMM does with bare ioctls on the
+ * kernel's own <linux/kvm.h>, using nothing of pykvm (not its ABI, ioctl wrapper or run loop).
+ * Compiled into pykvm._native only so that the benchmark can call it in the same process,
+ * alternating with pykvm's contenders.
+ *
+ * Guests are real-mode code at 0x1000 (CS = 0), RAM from GPA 0. The timed functions store
+ * out[0] = wall-clock nanoseconds (CLOCK_MONOTONIC), out[1] = this thread's CPU nanoseconds
+ * (CLOCK_THREAD_CPUTIME_ID: what the work cost, whatever else the machine runs), out[2] = a
+ * checksum of the data served, and return 0 or a negative errno (-EPROTO on an unexpected exit,
+ * whose reason is then in out[2]).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+
+#include "pykvm_native.h"
+
+#define CODE_GPA 0x1000
+
+struct raw_vm {
+    int vm, vcpu;
+    uint8_t *ram;
+    uint64_t ram_size;
+    struct kvm_run *run;
+    int run_size;
+};
+
+static int64_t clock_ns(clockid_t c)
+{
+    struct timespec ts;
+    clock_gettime(c, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void raw_destroy(struct raw_vm *v)
+{
+    if (v->run && v->run != MAP_FAILED)
+        munmap(v->run, v->run_size);
+    if (v->vcpu >= 0)
+        close(v->vcpu);
+    if (v->ram && v->ram != MAP_FAILED)
+        munmap(v->ram, v->ram_size);
+    if (v->vm >= 0)
+        close(v->vm);
+    v->run = NULL;
+    v->ram = NULL;
+    v->vcpu = v->vm = -1;
+}
+
+/* KVM_CREATE_VM, one RAM slot at GPA 0 holding `code` at CODE_GPA (or, with `pages`, the
+ * pages a bitmap names copied from `image`), one vCPU with kvm_run mapped, in real mode at
+ * CODE_GPA when `boot` is set. */
+static int raw_create(struct raw_vm *v, int kvm, uint64_t ram_size, const uint8_t *code,
+                      uint32_t code_len, const uint8_t *pages, int boot)
+{
+    struct kvm_userspace_memory_region region;
+    struct kvm_sregs sregs;
+    struct kvm_regs regs;
+    int e;
+
+    memset(v, 0, sizeof(*v));
+    v->vm = v->vcpu = -1;
+    v->ram_size = ram_size;
+    v->vm = ioctl(kvm, KVM_CREATE_VM, 0);
+    if (v->vm < 0)
+        return -errno;
+    v->ram = mmap(NULL, ram_size, PROT_READ | PROT_WRITE,
+                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (v->ram == MAP_FAILED)
+        goto fail;
+    if (pages) {                 /* `code` holds the named pages one after the other */
+        uint64_t i, k = 0, n = ram_size / 4096;
+        for (i = 0; i < n; i++)
+            if (pages[i / 8] & (1u << (i % 8)))
+                memcpy(v->ram + i * 4096, code + 4096 * k++, 4096);
+    } else if (code_len) {
+        memcpy(v->ram + CODE_GPA, code, code_len);
+    }
+    memset(&region, 0, sizeof(region));
+    region.memory_size = ram_size;
+    region.userspace_addr = (uint64_t)(uintptr_t)v->ram;
+    if (ioctl(v->vm, KVM_SET_USER_MEMORY_REGION, &region) < 0)
+        goto fail;
+    v->vcpu = ioctl(v->vm, KVM_CREATE_VCPU, 0);
+    if (v->vcpu < 0)
+        goto fail;
+    v->run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+    if (v->run_size < 0)
+        goto fail;
+    v->run = mmap(NULL, v->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->vcpu, 0);
+    if (v->run == MAP_FAILED)
+        goto fail;
+    if (!boot)
+        return 0;
+    if (ioctl(v->vcpu, KVM_GET_SREGS, &sregs) < 0)
+        goto fail;
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    if (ioctl(v->vcpu, KVM_SET_SREGS, &sregs) < 0)
+        goto fail;
+    memset(&regs, 0, sizeof(regs));
+    regs.rip = CODE_GPA;
+    regs.rflags = 2;
+    if (ioctl(v->vcpu, KVM_SET_REGS, &regs) < 0)
+        goto fail;
+    return 0;
+fail:
+    e = errno;
+    raw_destroy(v);
+    return -e;
+}
+
+/* One exit of `kind`, served as a C VMM would: 0 if it was that exit, else -EPROTO. */
+static int serve(struct kvm_run *run, int kind, uint64_t *sum)
+{
+    uint8_t *data;
+
+    switch (kind) {
+    case PYKVM_RAW_IO_OUT:
+    case PYKVM_RAW_IO_IN:
+        if (run->exit_reason != KVM_EXIT_IO ||
+            run->io.direction != (kind == PYKVM_RAW_IO_OUT ? KVM_EXIT_IO_OUT : KVM_EXIT_IO_IN))
+            return -EPROTO;
+        data = (uint8_t *)run + run->io.data_offset;
+        if (kind == PYKVM_RAW_IO_OUT)
+            *sum += data[0] + run->io.port;
+        else
+            data[0] = 0x42;
+        return 0;
+    case PYKVM_RAW_MMIO_WRITE:
+    case PYKVM_RAW_MMIO_READ:
+        if (run->exit_reason != KVM_EXIT_MMIO ||
+            run->mmio.is_write != (kind == PYKVM_RAW_MMIO_WRITE))
+            return -EPROTO;
+        if (kind == PYKVM_RAW_MMIO_WRITE)
+            *sum += run->mmio.data[0] + run->mmio.phys_addr;
+        else
+            run->mmio.data[0] = 0x42;
+        return 0;
+    case PYKVM_RAW_HLT:
+        return run->exit_reason == KVM_EXIT_HLT ? 0 : -EPROTO;
+    }
+    return -EINVAL;
+}
+
+int pykvm_raw_exit_loop(const char *dev, int kind, uint64_t n, const uint8_t *code,
+                        uint32_t code_len, uint64_t ram_size, int64_t *out)
+{
+    struct raw_vm v;
+    uint64_t i, sum = 0;
+    int64_t t0, t1, c0, c1;
+    int kvm, r = 0;
+
+    kvm = open(dev, O_RDWR | O_CLOEXEC);
+    if (kvm < 0)
+        return -errno;
+    r = raw_create(&v, kvm, ram_size, code, code_len, NULL, 1);
+    close(kvm);
+    if (r < 0)
+        return r;
+    c0 = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+    t0 = clock_ns(CLOCK_MONOTONIC);
+    for (i = 0; i < n; i++) {
+        if (ioctl(v.vcpu, KVM_RUN, 0) < 0) {
+            r = -errno;
+            break;
+        }
+        r = serve(v.run, kind, &sum);
+        if (r < 0) {
+            sum = v.run->exit_reason;
+            break;
+        }
+    }
+    t1 = clock_ns(CLOCK_MONOTONIC);
+    c1 = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+    raw_destroy(&v);
+    out[0] = t1 - t0;
+    out[1] = c1 - c0;
+    out[2] = (int64_t)sum;
+    return r;
+}
+
+int pykvm_raw_lifecycle(const char *dev, uint32_t count, const uint8_t *code,
+                        uint32_t code_len, uint64_t ram_size, int64_t *out)
+{
+    struct raw_vm v;
+    int64_t t0, t1, c0, c1;
+    uint32_t i;
+    int kvm, r = 0;
+
+    kvm = open(dev, O_RDWR | O_CLOEXEC);
+    if (kvm < 0)
+        return -errno;
+    c0 = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+    t0 = clock_ns(CLOCK_MONOTONIC);
+    for (i = 0; i < count; i++) {
+        r = raw_create(&v, kvm, ram_size, code, code_len, NULL, 1);
+        if (r < 0)
+            break;
+        if (ioctl(v.vcpu, KVM_RUN, 0) < 0)
+            r = -errno;
+        else if (v.run->exit_reason != KVM_EXIT_HLT)
+            r = -EPROTO;
+        raw_destroy(&v);
+        if (r < 0)
+            break;
+    }
+    t1 = clock_ns(CLOCK_MONOTONIC);
+    c1 = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+    close(kvm);
+    out[0] = t1 - t0;
+    out[1] = c1 - c0;
+    out[2] = i;
+    return r;
+}
+
+/* `count` VMs kept alive (for resident-memory measurements): RAM of ram_size whose pages named
+ * in the bitmap `pages` hold the bytes of `image` (those pages one after the other), and one
+ * vCPU each. Returns a handle
+ * for pykvm_raw_vms_destroy(), or NULL (errno set). */
+void *pykvm_raw_vms_create(const char *dev, uint32_t count, uint64_t ram_size,
+                           const uint8_t *image, const uint8_t *pages)
+{
+    struct raw_vm *vms = calloc(count ? count : 1, sizeof(*vms));
+    uint32_t i;
+    int kvm, r = 0;
+
+    if (!vms)
+        return NULL;
+    kvm = open(dev, O_RDWR | O_CLOEXEC);
+    if (kvm < 0) {
+        free(vms);
+        return NULL;
+    }
+    for (i = 0; i < count; i++) {
+        r = raw_create(&vms[i], kvm, ram_size, image, 0, pages, 0);
+        if (r < 0)
+            break;
+    }
+    close(kvm);
+    if (r < 0) {
+        while (i--)
+            raw_destroy(&vms[i]);
+        free(vms);
+        errno = -r;
+        return NULL;
+    }
+    return vms;
+}
+
+void pykvm_raw_vms_destroy(void *handle, uint32_t count)
+{
+    struct raw_vm *vms = handle;
+    uint32_t i;
+
+    for (i = 0; vms && i < count; i++)
+        raw_destroy(&vms[i]);
+    free(vms);
+}
+
+/* mincore(): one bit per page of [addr, addr + size), set where the page is resident. */
+int pykvm_resident_pages(uint64_t addr, uint64_t size, uint8_t *bitmap)
+{
+    uint64_t i, n = (size + 4095) / 4096;
+    unsigned char *vec = malloc(n ? n : 1);
+
+    if (!vec)
+        return -ENOMEM;
+    if (mincore((void *)(uintptr_t)addr, size, vec) < 0) {
+        int e = errno;
+        free(vec);
+        return -e;
+    }
+    memset(bitmap, 0, (n + 7) / 8);
+    for (i = 0; i < n; i++)
+        if (vec[i] & 1)
+            bitmap[i / 8] |= (uint8_t)(1u << (i % 8));
+    free(vec);
+    return 0;
+}
