@@ -16,8 +16,9 @@ min–max, and each ratio is the median of the per-round ratios (min–max of th
   (what the exit costs, whatever else runs on the machine); wall-clock figures are given beside.
 * **VM lifecycle**: create a VM, one 512 KiB slot, one vCPU, run it to HLT, destroy it: raw C vs
   pykvm (``Kvm.create_vm`` ... ``Vm.close``); VMs per second.
-* **memory**: resident host memory per VM, with 16 MiB of RAM and the same guest pages resident:
-  raw C, pykvm's ``Vm`` API, and a :class:`~pykvm.machine.Machine`.
+* **memory**: resident host memory per VM, with 16 MiB of RAM and the same guest pages resident
+  (a tiny ELF64 guest, long mode): raw C, pykvm's ``Vm`` API, and a
+  :class:`~pykvm.machine.Machine`.
 * **boot** to exit as a user sees it, whole processes: ``pykvm run`` of a tiny multiboot guest
   (it prints "ok" on COM1 and writes 0 to isa-debug-exit) vs ``qemu-system-x86_64 -accel kvm
   -kernel`` of the same file, kvmtool's ``lkvm`` where installed, ``python -c pass`` (the
@@ -58,9 +59,9 @@ MEM_RAM = 16 << 20            # memory comparison: 16 MiB of guest RAM
 THRESHOLDS = {"c_loop_vs_raw": 1.05, "python_vs_raw": 1.3, "lifecycle_vs_raw": 1.5,
               "machine_mem_vs_raw": 1.5, "boot_vs_python_floor": 2.5, "boot_vs_qemu": 0.1}
 
-QUICK = dict(rounds=5, exits=2000, life=10, mem_vms=6, mem_rounds=3, boot=5, boot_qemu=2,
+QUICK = dict(rounds=5, exits=2000, life=10, mem_vms=6, mem_rounds=3, boot=5, boot_qemu=1,
              scale_exits=3000)
-FULL = dict(rounds=9, exits=10000, life=40, mem_vms=16, mem_rounds=5, boot=15, boot_qemu=5,
+FULL = dict(rounds=9, exits=10000, life=40, mem_vms=10, mem_rounds=5, boot=15, boot_qemu=5,
             scale_exits=30000)
 
 
@@ -71,6 +72,18 @@ def guest_code(kind: str) -> bytes:
     body = bytes.fromhex(_INSN[kind]) * UNROLL
     jmp = b"\xE9" + ((-(len(body) + 3)) & 0xFFFF).to_bytes(2, "little")
     return bytes.fromhex("B800F08ED831DBB078") + body + jmp
+
+
+def tiny_elf64() -> bytes:
+    """An ELF64 at 1 MiB in pykvm's own image format (booted in long mode on the bare x86
+    platform): write 0 to isa-debug-exit, halt."""
+    base, hdr = 0x100000, 64 + 56
+    code = bytes.fromhex("31C0" "E6F4" "F4" "EBFD")
+    size = hdr + len(code)
+    ehdr = b"\x7fELF\x02\x01\x01\x00" + bytes(8) + struct.pack(
+        "<HHIQQQIHHHHHH", 2, 62, 1, base + hdr, 64, 0, 0, 64, 56, 1, 64, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 7, 0, base, base, size, size, 0x1000)
+    return ehdr + phdr + code
 
 
 def tiny_multiboot() -> bytes:
@@ -322,17 +335,23 @@ def memory(kvm, image_path, rounds: int, count: int) -> dict:
 
     names = {"raw": raw, "vm_api": vm_api, "machine": machines}
     kib = {k: [] for k in names}
-    for make in names.values():            # warm-up: allocator arenas, caches, code paths
+    for make in names.values():            # warm-up (code paths, caches): one batch, freed
         make()()
-    for r in range(rounds):
-        order = list(names)[r % 3:] + list(names)[:r % 3]
-        for name in order:
-            gc.collect()
-            r0 = _rss_kib()
-            undo = names[name]()
-            r1 = _rss_kib()
+    # Every batch stays alive until all are measured, so no batch reuses memory another freed
+    # (which would hide what it allocates).
+    alive = []
+    try:
+        for r in range(rounds):
+            order = list(names)[r % 3:] + list(names)[:r % 3]
+            for name in order:
+                gc.collect()
+                r0 = _rss_kib()
+                alive.append(names[name]())
+                r1 = _rss_kib()
+                kib[name].append((r1 - r0) / count)
+    finally:
+        for undo in alive:
             undo()
-            kib[name].append((r1 - r0) / count)
     return {"ram_kib": MEM_RAM // 1024, "resident_guest_pages": npages, "vms": count,
             **{f"{k}_kib": _summary(v) for k, v in kib.items()},
             "machine_vs_raw": _ratio(kib["machine"], kib["raw"]),
@@ -532,9 +551,9 @@ def run(quick: bool = False, exits: int = 0) -> dict:
     t0 = time.monotonic()
     res = {"host": host_info(), "quick": quick, "settings": s}
     with tempfile.TemporaryDirectory(prefix="pykvm-bench-") as tmp, Kvm() as kvm:
-        image = os.path.join(tmp, "tiny-multiboot.elf")
+        image = os.path.join(tmp, "tiny-elf64.elf")
         with open(image, "wb") as f:
-            f.write(tiny_multiboot())
+            f.write(tiny_elf64())
         res["exit_cost"] = exit_cost(kvm, s["rounds"], s["exits"])
         res["lifecycle"] = lifecycle(kvm, s["rounds"], s["life"])
         res["memory"] = memory(kvm, image, s["mem_rounds"], s["mem_vms"])
@@ -543,9 +562,10 @@ def run(quick: bool = False, exits: int = 0) -> dict:
     notes.append("exit cost and lifecycle ratios compare the calling thread's CPU time (per-round "
                  "medians of contender/raw): what the work costs, however loaded the machine "
                  "is; wall-clock figures and ratios are reported beside them (ratios_wall)")
-    notes.append("memory: resident set growth per VM with the same guest pages resident (raw C "
-                 "copies the pages a Machine has resident after loading the tiny multiboot "
-                 "guest)")
+    notes.append("memory: resident set growth per VM, every VM of every batch alive until all "
+                 "are measured (so none reuses memory another freed); 16 MiB of RAM with the "
+                 "same guest pages resident: raw C copies the pages a Machine has resident "
+                 "after loading a tiny ELF64 guest (bare x86 platform, long mode)")
     ratios, ranges, wall = _headline(res)
     out = {"ratios": ratios, "ratio_ranges": ranges, "ratios_wall": wall,
            "thresholds": THRESHOLDS, "notes": notes}

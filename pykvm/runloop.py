@@ -194,21 +194,46 @@ class _LoopBase:
 
 
 
-# The loops inside pykvm_loop_run() now, by loop_id → their exit dispatcher: the C loop's
-# Python callback finds it here (registered for the duration of RunLoop.run() only, so nothing
-# is kept alive by it).
-_LOOPS: Dict[int, Callable] = {}
+# The loops inside pykvm_loop_run() now, by loop_id → (handlers, exit objects, vCPU, loop): the
+# C loop's Python callback finds them here (registered for the duration of RunLoop.run() only, so
+# nothing is kept alive by it).
+_LOOPS: Dict[int, tuple] = {}
 _next_id = iter(range(1, 1 << 31)).__next__
 
 
 @nffi.def_extern(error=_CB_STOP)
 def pykvm_py_exit(loop_id, reason, info, a, b):
     """Called by the C loop (GIL held) for an exit in its callback_mask, with the exit's fields
-    decoded (see py_exit() in csrc/runloop.c)."""
-    dispatch = _LOOPS.get(loop_id)
-    if dispatch is None:
+    decoded (see py_exit() in csrc/runloop.c): find the handler, fill a reused exit object, call
+    the handler, tell C what to do. Kept in one function: this runs for every such exit."""
+    try:
+        handlers, objs, v, loop = _LOOPS[loop_id]
+    except KeyError:
         return _CB_STOP_EXIT
-    return dispatch(reason, info, a, b)
+    try:
+        if info & 0x80000000:
+            loop._drain()                  # the handler sees the console up to its exit
+        h = handlers.get(reason)
+        if h is None:
+            return _CB_STOP_EXIT
+        ex = objs.get(reason)
+        if ex is None or _refs(ex) > 3:    # kept by someone: leave it, use a new one
+            ex = objs[reason] = new_exit(v, reason)
+        ex._seq = v.run_seq
+        ex._info = info
+        ex._a = a
+        ex._b = b
+        r = h(ex)
+        if r is not None:
+            loop._result, loop._last_exit = r, ex
+            return _CB_STOP_EXIT
+        if v._closing:
+            return _CB_STOP
+        v.run_seq += 1                     # the exit is gone once the guest runs again
+        return _CB_RESUME
+    except BaseException as e:             # handler errors, KeyboardInterrupt: run() raises
+        loop._error = e
+        return _CB_STOP
 
 
 class RunLoop(_LoopBase):
@@ -273,36 +298,6 @@ class RunLoop(_LoopBase):
         self._l.callback_mask = mask
         self._l.resume_mask = self._resume_mask
 
-    def _make_dispatch(self) -> Callable:
-        """The function pykvm_py_exit() calls for this loop: find the handler, fill a reused
-        exit object with the decoded fields, call the handler, tell C what to do."""
-        handlers, objs, v, drain = self._handlers, self._exits._by_reason, self.vcpu, self._drain
-
-        def dispatch(reason, info, a, b):
-            try:
-                if info & 0x80000000:
-                    drain()                # the handler sees the console up to its exit
-                h = handlers.get(reason)
-                if h is None:
-                    return _CB_STOP_EXIT
-                ex = objs.get(reason)
-                if ex is None or _refs(ex) > 3:   # kept by someone: leave it, use a new one
-                    ex = objs[reason] = new_exit(v, reason)
-                ex._seq = v.run_seq
-                ex._info, ex._a, ex._b = info, a, b
-                r = h(ex)
-                if r is not None:
-                    self._result, self._last_exit = r, ex
-                    return _CB_STOP_EXIT
-                if v._closing:
-                    return _CB_STOP
-                v.run_seq += 1             # the exit is gone once the guest runs again
-                return _CB_RESUME
-            except BaseException as e:     # handler errors, KeyboardInterrupt: run() raises
-                self._error = e
-                return _CB_STOP
-        return dispatch
-
     def _drain(self) -> None:
         n = self._l.console_len
         if n:
@@ -328,7 +323,7 @@ class RunLoop(_LoopBase):
         l = self._l
         v = self.vcpu
         v._enter_run(self._kick_internal)
-        _LOOPS[self._id] = self._make_dispatch()     # dropped again when the run ends
+        _LOOPS[self._id] = (self._handlers, self._exits._by_reason, v, self)   # until it ends
         try:
             l.deadline_ns = int(deadline * 1e9) if deadline else 0
             l.budget = budget if budget > 0 else -1
