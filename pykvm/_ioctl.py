@@ -12,7 +12,7 @@ import os
 from . import errors
 from ._native import lib as _nlib
 from .abi import cap_name, cap_number, ffi
-from .abi.ioctls import BY_NAME, KVM_CHECK_EXTENSION, KVM_ENABLE_CAP, KVM_GET_STATS_FD, Ioctl
+from .abi.ioctls import KVM_CHECK_EXTENSION, KVM_ENABLE_CAP, KVM_GET_STATS_FD, Ioctl
 from .stats import read_stats
 
 # errnos with which a KVM that lacks an ioctl's capability answers it
@@ -32,7 +32,7 @@ def ioctl(fd: int, op: Ioctl, *arg, what: str = "", hint: str = "") -> int:
     :class:`~pykvm.errors.KvmError` subclass for its errno, naming the ioctl, ``what`` it was
     asked and why it failed."""
     if type(op) is not Ioctl:
-        op, arg = _legacy(op, arg)
+        raise TypeError(f"ioctl() takes a row of pykvm.abi.ioctls, not {op!r}")
     a = arg[0] if arg else 0
     if a.__class__ is not int:
         a = int(ffi.cast("uintptr_t", a))
@@ -40,15 +40,6 @@ def ioctl(fd: int, op: Ioctl, *arg, what: str = "", hint: str = "") -> int:
     if r < 0:
         raise error(fd, op, -r, what, hint)
     return r
-
-
-def _legacy(name, rest):
-    """The older call form ``ioctl(fd, "NAME", request[, arg], what=, hint=)``, while call sites
-    move to table rows (tests/unit/test_imports.py lists those left)."""
-    op = BY_NAME.get(name) if isinstance(name, str) else None
-    if op is None or not rest or op != rest[0] or len(rest) > 2:
-        raise TypeError(f"ioctl() takes a row of pykvm.abi.ioctls, not {name!r}")
-    return op, rest[1:]
 
 
 def error(fd: int, op: Ioctl, err: int, what: str = "", hint: str = "") -> errors.KvmError:

@@ -203,7 +203,6 @@ def cmd_caps(args) -> int:
 def cmd_run(args) -> int:
     from . import status
     from .errors import GuestMemoryError, HostMemoryError, PykvmError
-    from .guests import GuestNotFound
     from .loader import LoadError
     from .machine import Machine
 
@@ -240,11 +239,15 @@ def cmd_run(args) -> int:
         m = Machine(guest, mem_size=args.mem, vcpus=args.vcpus, cmdline=args.cmdline,
                     initrd=args.initrd,
                     on_console=stream, native=not args.python_loop, **opts)
-    except (GuestNotFound, LoadError, GuestMemoryError, ValueError) as e:
+    except (LoadError, GuestMemoryError, ValueError) as e:
         return outcome("bad_input", status.BAD_INPUT, _one_line(e))
     except HostMemoryError as e:
         return outcome("vmm_error", status.VMM_ERROR, _one_line(e))
     except PykvmError as e:
+        # GuestNotFound: pykvm.guests is imported only when a guest is named, not for a path
+        guests = sys.modules.get("pykvm.guests")
+        if guests is not None and isinstance(e, guests.GuestNotFound):
+            return outcome("bad_input", status.BAD_INPUT, _one_line(e))
         return outcome("vmm_error", status.VMM_ERROR, _one_line(e))
     except OSError as e:
         return outcome("bad_input", status.BAD_INPUT, f"{guest}: {e.strerror or e}")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-from . import guests, status
+from . import status
 from .arch import current as _arch
 from .errors import Closed, GuestError, KvmError, PykvmError
 from .exits import Exit
@@ -86,6 +86,12 @@ class RunResult:
                 "reports_dropped": self.reports_dropped}
 
 
+def _is_image_path(name: str) -> bool:
+    """A name pykvm.guests.path() would return as it is (a path to an image, not a built-in
+    guest's name or a source to build)."""
+    return not name.endswith((".c", ".S")) and ("/" in name or name.endswith((".elf", ".bin")))
+
+
 # What a handler the run loop calls for Machine.on (Machine._fast_handler) returns besides None
 # (resume) and a guest report: leave the exit to step() / a handler ended the step.
 _SLOW = object()
@@ -144,8 +150,10 @@ class Machine:
             self.platform = _arch.Platform(self, **platform_opts)
             self.platform.create_devices()
             self.ram = self.vm.add_memory(self.platform.ram_base, mem_size)
-            image = guests.path(guest or guests.DEFAULT_GUEST) if guest is None or \
-                isinstance(guest, str) else guest
+            image = guest
+            if guest is None or (isinstance(guest, str) and not _is_image_path(guest)):
+                from . import guests               # (lazy: it loads subprocess to build them)
+                image = guests.path(guest or guests.DEFAULT_GUEST)
             self.image_name = image if isinstance(image, str) else "<bytes>"
             self.image = self.platform.load(image, cmdline=cmdline, initrd=tuple(initrd),
                                             flat_addr=flat_addr,
