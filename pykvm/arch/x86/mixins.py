@@ -16,7 +16,7 @@ def _grow(fd, name, request, ctype, count_field, array_field, first=64, limit=1 
         assert len(getattr(obj, array_field)) == n
         setattr(obj, count_field, n)
         try:
-            ioctl(fd, name, request, obj)
+            ioctl(fd, request, obj)
             return obj
         except KvmTooBig:
             got = getattr(obj, count_field)
@@ -53,18 +53,18 @@ class VmArch:
 
     def set_tss_addr(self, addr: int = 0xFFFBD000) -> None:
         """KVM_SET_TSS_ADDR (3 pages KVM uses on Intel for real-mode emulation)."""
-        ioctl(self.fd, "KVM_SET_TSS_ADDR", ioctls.KVM_SET_TSS_ADDR, addr, what=f"{addr:#x}")
+        ioctl(self.fd, ioctls.KVM_SET_TSS_ADDR, addr, what=f"{addr:#x}")
 
     def set_identity_map_addr(self, addr: int = 0xFFFBC000) -> None:
         v = ffi.new("uint64_t *", addr)
-        ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", ioctls.KVM_SET_IDENTITY_MAP_ADDR, v,
+        ioctl(self.fd, ioctls.KVM_SET_IDENTITY_MAP_ADDR, v,
               what=f"{addr:#x}")
 
     def create_pit2(self, *, speaker_dummy: bool = True) -> None:
         """KVM_CREATE_PIT2: the in-kernel i8254 (needs the irqchip)."""
         p = ffi.new("struct kvm_pit_config *")
         p.flags = abi.PIT_SPEAKER_DUMMY if speaker_dummy else 0
-        ioctl(self.fd, "KVM_CREATE_PIT2", ioctls.KVM_CREATE_PIT2, p)
+        ioctl(self.fd, ioctls.KVM_CREATE_PIT2, p)
 
 
 class VcpuArch:
@@ -74,33 +74,33 @@ class VcpuArch:
     # -- register files -------------------------------------------------------------------
     def get_regs(self):
         r = ffi.new("struct kvm_regs *")
-        ioctl(self.fd, "KVM_GET_REGS", ioctls.KVM_GET_REGS, r)
+        ioctl(self.fd, ioctls.KVM_GET_REGS, r)
         return r
 
     def set_regs(self, regs) -> None:
-        ioctl(self.fd, "KVM_SET_REGS", ioctls.KVM_SET_REGS, regs)
+        ioctl(self.fd, ioctls.KVM_SET_REGS, regs)
 
     def get_sregs(self):
         s = ffi.new("struct kvm_sregs *")
-        ioctl(self.fd, "KVM_GET_SREGS", ioctls.KVM_GET_SREGS, s)
+        ioctl(self.fd, ioctls.KVM_GET_SREGS, s)
         return s
 
     def set_sregs(self, sregs) -> None:
-        ioctl(self.fd, "KVM_SET_SREGS", ioctls.KVM_SET_SREGS, sregs)
+        ioctl(self.fd, ioctls.KVM_SET_SREGS, sregs)
 
     def get_fpu(self):
         f = ffi.new("struct kvm_fpu *")
-        ioctl(self.fd, "KVM_GET_FPU", ioctls.KVM_GET_FPU, f)
+        ioctl(self.fd, ioctls.KVM_GET_FPU, f)
         return f
 
     def set_fpu(self, fpu) -> None:
-        ioctl(self.fd, "KVM_SET_FPU", ioctls.KVM_SET_FPU, fpu)
+        ioctl(self.fd, ioctls.KVM_SET_FPU, fpu)
 
     def translate(self, gva: int) -> Optional[int]:
         """KVM_TRANSLATE: the guest-physical address for ``gva`` under the vCPU's paging."""
         t = ffi.new("struct kvm_translation *")
         t.linear_address = gva
-        ioctl(self.fd, "KVM_TRANSLATE", ioctls.KVM_TRANSLATE, t, what=f"{gva:#x}")
+        ioctl(self.fd, ioctls.KVM_TRANSLATE, t, what=f"{gva:#x}")
         return t.physical_address if t.valid else None
 
     # -- MSRs -----------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class VcpuArch:
         m.nmsrs = len(idx)
         for i, x in enumerate(idx):
             m.entries[i].index = x
-        got = ioctl(self.fd, "KVM_GET_MSRS", ioctls.KVM_GET_MSRS, m,
+        got = ioctl(self.fd, ioctls.KVM_GET_MSRS, m,
                     what=",".join(hex(i) for i in idx[:4]) + ("..." if len(idx) > 4 else ""))
         if got != len(idx):
             from ...errors import kvm_error
@@ -127,7 +127,7 @@ class VcpuArch:
         m.nmsrs = len(items)
         for i, (k, v) in enumerate(items):
             m.entries[i].index, m.entries[i].data = k, v
-        got = ioctl(self.fd, "KVM_SET_MSRS", ioctls.KVM_SET_MSRS, m)
+        got = ioctl(self.fd, ioctls.KVM_SET_MSRS, m)
         if got != len(items):
             from ...errors import kvm_error
             import errno
@@ -156,7 +156,7 @@ class VcpuArch:
         for i, e in enumerate(es):
             d = c.entries[i]
             d.function, d.index, d.flags, d.eax, d.ebx, d.ecx, d.edx = e
-        ioctl(self.fd, "KVM_SET_CPUID2", ioctls.KVM_SET_CPUID2, c, what=f"{len(es)} entries")
+        ioctl(self.fd, ioctls.KVM_SET_CPUID2, c, what=f"{len(es)} entries")
 
     def get_cpuid(self) -> List[CpuidEntry]:
         """KVM_GET_CPUID2: what this vCPU was given."""
@@ -165,13 +165,13 @@ class VcpuArch:
         return _cpuid_entries(c)
 
     def nmi(self) -> None:
-        ioctl(self.fd, "KVM_NMI", ioctls.KVM_NMI)
+        ioctl(self.fd, ioctls.KVM_NMI)
 
     def interrupt(self, vector: int) -> None:
         """KVM_INTERRUPT (only without an in-kernel irqchip)."""
         i = ffi.new("struct kvm_interrupt *")
         i.irq = vector
-        ioctl(self.fd, "KVM_INTERRUPT", ioctls.KVM_INTERRUPT, i, what=str(vector))
+        ioctl(self.fd, ioctls.KVM_INTERRUPT, i, what=str(vector))
 
     # -- nested ---------------------------------------------------------------------------
     def nested_state(self):

@@ -71,7 +71,7 @@ class NestedReport:
 
 
 def _cpu_vendor(entries) -> Optional[str]:
-    from .mixins import cpuid_lookup
+    from .regs import cpuid_lookup
     e = cpuid_lookup(entries, 0)
     if e is None:
         return None
@@ -81,7 +81,7 @@ def _cpu_vendor(entries) -> Optional[str]:
 
 def nested_report(kvm, sys_module: str = SYS_MODULE) -> NestedReport:
     """Gather the evidence and give the verdict for ``kvm`` (a :class:`pykvm.Kvm`)."""
-    from .mixins import cpuid_lookup
+    from .regs import cpuid_lookup
     evidence = []
     loaded = [m for m in sorted(os.listdir(sys_module)) if m == "kvm" or m.startswith("kvm_")] \
         if os.path.isdir(sys_module) else []
@@ -204,7 +204,7 @@ def get_nested_state(vcpu) -> NestedState:
         s = ffi.from_buffer("struct kvm_nested_state *", buf)
         s.size = size
         try:
-            ioctl(vcpu.fd, "KVM_GET_NESTED_STATE", ioctls.KVM_GET_NESTED_STATE, s,
+            ioctl(vcpu.fd, ioctls.KVM_GET_NESTED_STATE, s,
                   what=f"size={size}")
         except KvmTooBig:
             size = s.size
@@ -221,7 +221,7 @@ def set_nested_state(vcpu, state) -> None:
         raw = raw + bytes(_HDR_SIZE - len(raw))
     buf = bytearray(raw)
     s = ffi.from_buffer("struct kvm_nested_state *", buf)
-    ioctl(vcpu.fd, "KVM_SET_NESTED_STATE", ioctls.KVM_SET_NESTED_STATE, s,
+    ioctl(vcpu.fd, ioctls.KVM_SET_NESTED_STATE, s,
           what=f"format={s.format} flags={s.flags:#x} size={s.size}")
 
 
@@ -235,7 +235,7 @@ def enable_svm_cpuid(entries):
     Machine's x86 platform passes KVM_GET_SUPPORTED_CPUID through, which has the bit when
     kvm_amd runs with nested=1; this helper makes it explicit (and lets a test give SVM to a
     hand-built CPUID list)."""
-    from .mixins import CpuidEntry
+    from .regs import CpuidEntry
     from .svm import CPUID_SVM_ECX_BIT, CPUID_SVM_FEATURES, CPUID_SVM_LEAF
     out, have_ext, have_features = [], False, False
     for e in entries:
@@ -255,7 +255,7 @@ def enable_svm_cpuid(entries):
 
 
 def has_svm_cpuid(entries) -> bool:
-    from .mixins import cpuid_lookup
+    from .regs import cpuid_lookup
     from .svm import CPUID_SVM_ECX_BIT, CPUID_SVM_LEAF
     e = cpuid_lookup(entries, CPUID_SVM_LEAF)
     return bool(e and e.ecx & (1 << CPUID_SVM_ECX_BIT))

@@ -5,7 +5,7 @@ from typing import Optional
 from ... import loader, status
 from ...report import decode as decode_report
 from . import boot, layout, linux
-from .mixins import CpuidEntry
+from .regs import CpuidEntry
 
 REPORT_PORT = 0x1000
 
