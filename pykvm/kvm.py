@@ -65,6 +65,16 @@ class Kvm(_arch.KvmArch, FdObject):
 
     arch = abi.ARCH
 
+    if hasattr(_arch.KvmArch, "supported_cpuid"):          # x86
+        def supported_cpuid(self):
+            """KVM_GET_SUPPORTED_CPUID, asked once per open device (the answer does not change
+            while it is open) and shared by every machine made with it: each call returns a new
+            list of the same immutable entries."""
+            cached = self.__dict__.get("_supported_cpuid")
+            if cached is None:
+                cached = self._supported_cpuid = tuple(super().supported_cpuid())
+            return list(cached)
+
     def check_extension(self, cap: Union[str, int]) -> int:
         """KVM_CHECK_EXTENSION on /dev/kvm: 0 if absent, else a cap-specific value."""
         return _check_extension(self.fd, cap)

@@ -30,6 +30,9 @@ _CB_STOP = nlib.PYKVM_CB_STOP
 _STOP_EXIT = nlib.PYKVM_STOP_EXIT
 _STOP_CALLBACK = nlib.PYKVM_STOP_CALLBACK
 _STOP_AGAIN = (nlib.PYKVM_STOP_CONSOLE_FULL, nlib.PYKVM_STOP_MMIO_LOG_FULL, nlib.PYKVM_STOP_SIGNAL)
+_STOP_FULL = (nlib.PYKVM_STOP_CONSOLE_FULL, nlib.PYKVM_STOP_MMIO_LOG_FULL)
+_CONSOLE_START = 256          # bytes and records the C loop's buffers start with
+_MMIO_LOG_START = 8
 # buffers the C loop fills: not cleared when allocated (pages the loop never writes stay
 # untouched, which keeps an idle Machine small)
 _new_buffer = nffi.new_allocator(should_clear_after_alloc=False)
@@ -84,7 +87,8 @@ class LoopConfig:
     Ports are x86 I/O port numbers (0 = none). ``uart_mmio_base`` serves the same 16550
     registers as MMIO (an ns16550a, as on QEMU's RISC-V ``virt`` machine; 0 = none). ``exit_port``/``exit_port_size`` give QEMU's
     isa-debug-exit range (``iobase=0xf4,iosize=4``: ports 0xf4–0xf7). ``console_cap`` and
-    ``mmio_log_cap`` size the C loop's buffers (bytes, records); ``console_limit`` (bytes) and
+    ``mmio_log_cap`` are the most the C loop's buffers grow to (bytes, records; they start
+    small and double each time a run fills them); ``console_limit`` (bytes) and
     ``mmio_log_limit`` (records) cap what the loop *retains* in :attr:`console` and
     :attr:`mmio_log` — older console bytes and newer MMIO records beyond them are counted in
     ``console_dropped``/``mmio_dropped`` and still streamed to ``on_console``/``on_mmio``."""
@@ -245,12 +249,15 @@ class RunLoop(_LoopBase):
         super().__init__(vcpu, config, on_console, on_mmio)
         c = self.config
         self._l = nffi.new("struct pykvm_loop *")
-        self._console_buf = _new_buffer("uint8_t[]", c.console_cap)
-        self._mmio_buf = _new_buffer("struct pykvm_mmio_record[]", c.mmio_log_cap)
+        # The buffers start small (an idle machine stays small) and grow when a run fills them.
+        self._console_buf = _new_buffer("uint8_t[]", max(1, min(c.console_cap, _CONSOLE_START)))
+        self._mmio_buf = _new_buffer("struct pykvm_mmio_record[]",
+                                     max(1, min(c.mmio_log_cap, _MMIO_LOG_START)))
         self._id = _next_id()
         self._error = None
         self._result = None
         self._last_exit = None
+        self._grow = None             # (console full, MMIO log full) after the last C return
         l = self._l
         l.loop_id = self._id
         l.vcpu_fd = vcpu.fd
@@ -258,7 +265,7 @@ class RunLoop(_LoopBase):
         l.run = vcpu.run_addr
         l.ring, l.ring_entries = _ring_address(vcpu)
         l.console = int(nffi.cast("uintptr_t", self._console_buf))
-        l.console_cap = c.console_cap
+        l.console_cap = len(self._console_buf)
         l.console_flush_ns = int(c.console_flush * 1e9) if on_console else 0
         l.serial_base, l.debugcon_port, l.exit_port = c.serial_base, c.debugcon_port, c.exit_port
         l.exit_port_size = c.exit_port_size if c.exit_port else 0
@@ -269,7 +276,7 @@ class RunLoop(_LoopBase):
         for i, (gpa, host, size) in enumerate(regions):
             l.ram[i].gpa, l.ram[i].host, l.ram[i].size = gpa, host, size
         l.mmio_log = int(nffi.cast("uintptr_t", self._mmio_buf))
-        l.mmio_log_cap = c.mmio_log_cap
+        l.mmio_log_cap = len(self._mmio_buf)
         nlib.pykvm_kick_signal()
 
     @property
@@ -297,6 +304,21 @@ class RunLoop(_LoopBase):
             mask |= 1 << n
         self._l.callback_mask = mask
         self._l.resume_mask = self._resume_mask
+
+    def _grow_buffers(self) -> None:
+        """After a run that filled a buffer (drained since): double it, up to the config's cap."""
+        l, c = self._l, self.config
+        console_full, mmio_full = self._grow
+        self._grow = None
+        if console_full and l.console_cap < c.console_cap and not l.console_len:
+            self._console_buf = _new_buffer("uint8_t[]", min(c.console_cap, 2 * l.console_cap))
+            l.console = int(nffi.cast("uintptr_t", self._console_buf))
+            l.console_cap = len(self._console_buf)
+        if mmio_full and l.mmio_log_cap < c.mmio_log_cap and not l.mmio_log_len:
+            self._mmio_buf = _new_buffer("struct pykvm_mmio_record[]",
+                                         min(c.mmio_log_cap, 2 * l.mmio_log_cap))
+            l.mmio_log = int(nffi.cast("uintptr_t", self._mmio_buf))
+            l.mmio_log_cap = len(self._mmio_buf)
 
     def _drain(self) -> None:
         n = self._l.console_len
@@ -333,6 +355,9 @@ class RunLoop(_LoopBase):
                 v.run_seq += 1
                 r = nlib.pykvm_loop_run(l)
                 if l.console_len or l.mmio_log_len:
+                    if r in _STOP_FULL:
+                        self._grow = (l.console_len >= l.console_cap,
+                                      l.mmio_log_len >= l.mmio_log_cap)
                     self._drain()
                 if r == _STOP_EXIT:
                     ex, self._last_exit = self._last_exit, None
@@ -341,6 +366,8 @@ class RunLoop(_LoopBase):
                         ex = self._exits.get(v.run_struct.exit_reason)
                     return Stop("exit", ex, result=result)
                 if r in _STOP_AGAIN:
+                    if self._grow is not None:
+                        self._grow_buffers()
                     continue                       # Python got to run signal handlers; go on
                 if r == _STOP_CALLBACK:
                     err, self._error = self._error, None
