@@ -59,9 +59,9 @@ MEM_RAM = 16 << 20            # memory comparison: 16 MiB of guest RAM
 THRESHOLDS = {"c_loop_vs_raw": 1.05, "python_vs_raw": 1.3, "lifecycle_vs_raw": 1.5,
               "machine_mem_vs_raw": 1.5, "boot_vs_python_floor": 2.5, "boot_vs_qemu": 0.1}
 
-QUICK = dict(rounds=5, exits=2000, life=10, mem_vms=6, mem_rounds=3, boot=5, boot_qemu=1,
+QUICK = dict(rounds=5, exits=2000, life=20, mem_vms=32, mem_rounds=3, boot=5, boot_qemu=1,
              scale_exits=3000)
-FULL = dict(rounds=9, exits=10000, life=40, mem_vms=10, mem_rounds=5, boot=15, boot_qemu=5,
+FULL = dict(rounds=9, exits=10000, life=40, mem_vms=48, mem_rounds=5, boot=15, boot_qemu=5,
             scale_exits=30000)
 
 
@@ -307,18 +307,18 @@ def _resident_image(kvm, image_path):
     return bitmap, data, len(pages)
 
 
-def memory(kvm, image_path, rounds: int, count: int) -> dict:
+def _memory_makers(kvm, image_path, bitmap, data):
+    """kind → make(count) → undo(): ``count`` VMs of that kind, alive until undo()."""
     from .machine import Machine
-    bitmap, data, npages = _resident_image(kvm, image_path)
     page_list = [i for i in range(MEM_RAM // 4096) if bitmap[i // 8] & (1 << (i % 8))]
 
-    def raw():
+    def raw(count):
         h = _native.lib.pykvm_raw_vms_create(_device().encode(), count, MEM_RAM, data, bitmap)
         if h == ffi.NULL:
             raise RuntimeError("raw C VMs could not be created")
         return lambda: _native.lib.pykvm_raw_vms_destroy(h, count)
 
-    def vm_api():
+    def vm_api(count):
         vms = []
         for _ in range(count):
             vm = kvm.create_vm()
@@ -329,29 +329,51 @@ def memory(kvm, image_path, rounds: int, count: int) -> dict:
             vms.append(vm)
         return lambda: [vm.close() for vm in vms]
 
-    def machines():
+    def machines(count):
         ms = [Machine(image_path, mem_size=MEM_RAM, kvm=kvm) for _ in range(count)]
         return lambda: [m.close() for m in ms]
 
-    names = {"raw": raw, "vm_api": vm_api, "machine": machines}
+    return {"raw": raw, "vm_api": vm_api, "machine": machines}
+
+
+def memory_child(kind: str, count: int, image_path: str) -> dict:
+    """In a fresh process (so no VM reuses memory an earlier measurement freed): resident set
+    growth per VM of ``kind`` when ``count`` more are made after a first ``count`` (the
+    marginal cost, once the memory a fresh process has free is used up)."""
+    import json
+    from .kvm import Kvm
+    with Kvm() as kvm:
+        bitmap, data, npages = _resident_image(kvm, image_path)   # also warms the code paths
+        make = _memory_makers(kvm, image_path, bitmap, data)[kind]
+        make(1)()
+        first = make(count)            # uses up the memory the start-up left free ...
+        gc.collect()
+        r0 = _rss_kib()
+        undo = make(count)             # ... so this batch shows what one more VM costs
+        r1 = _rss_kib()
+        undo()
+        first()
+    out = {"kib": (r1 - r0) / count, "pages": npages}
+    print(json.dumps(out))
+    return out
+
+
+def memory(kvm, image_path, rounds: int, count: int) -> dict:
+    import json
+    names = ("raw", "vm_api", "machine")
     kib = {k: [] for k in names}
-    for make in names.values():            # warm-up (code paths, caches): one batch, freed
-        make()()
-    # Every batch stays alive until all are measured, so no batch reuses memory another freed
-    # (which would hide what it allocates).
-    alive = []
-    try:
-        for r in range(rounds):
-            order = list(names)[r % 3:] + list(names)[:r % 3]
-            for name in order:
-                gc.collect()
-                r0 = _rss_kib()
-                alive.append(names[name]())
-                r1 = _rss_kib()
-                kib[name].append((r1 - r0) / count)
-    finally:
-        for undo in alive:
-            undo()
+    npages = 0
+    for r in range(rounds):
+        for name in names[r % 3:] + names[:r % 3]:
+            code = (f"from pykvm import bench; bench.memory_child({name!r}, {count}, "
+                    f"{image_path!r})")
+            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               timeout=300)
+            if p.returncode != 0:
+                raise RuntimeError(f"memory measurement ({name}) failed: {p.stderr[-500:]}")
+            res = json.loads(p.stdout.splitlines()[-1])
+            kib[name].append(res["kib"])
+            npages = res["pages"]
     return {"ram_kib": MEM_RAM // 1024, "resident_guest_pages": npages, "vms": count,
             **{f"{k}_kib": _summary(v) for k, v in kib.items()},
             "machine_vs_raw": _ratio(kib["machine"], kib["raw"]),
@@ -562,10 +584,11 @@ def run(quick: bool = False, exits: int = 0) -> dict:
     notes.append("exit cost and lifecycle ratios compare the calling thread's CPU time (per-round "
                  "medians of contender/raw): what the work costs, however loaded the machine "
                  "is; wall-clock figures and ratios are reported beside them (ratios_wall)")
-    notes.append("memory: resident set growth per VM, every VM of every batch alive until all "
-                 "are measured (so none reuses memory another freed); 16 MiB of RAM with the "
-                 "same guest pages resident: raw C copies the pages a Machine has resident "
-                 "after loading a tiny ELF64 guest (bare x86 platform, long mode)")
+    notes.append("memory: resident set growth per VM for a second batch of VMs made after a "
+                 "first (the marginal cost per VM), each measured in a fresh process; 16 "
+                 "MiB of RAM with the same guest pages resident: raw C copies the pages a "
+                 "Machine has resident after loading a tiny ELF64 guest (bare x86 platform, "
+                 "long mode)")
     ratios, ranges, wall = _headline(res)
     out = {"ratios": ratios, "ratio_ranges": ranges, "ratios_wall": wall,
            "thresholds": THRESHOLDS, "notes": notes}
