@@ -96,6 +96,7 @@ with Kvm() as kvm, kvm.create_vm() as vm:
     l.vcpu_fd, l.run_size, l.run = vcpu.fd, vcpu.run_size, vcpu.run_addr
     l.console, l.console_cap = int(nffi.cast("uintptr_t", buf)), 64   # ... said to be 64
     l.serial_base = 0x3f8
+    l.budget = -1                                  # no exit budget (0 would stop after one)
     print("survived", nlib.pykvm_loop_run(l), l.console_len)
 """
 
