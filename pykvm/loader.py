@@ -403,11 +403,18 @@ def _c_string(what: str, text) -> bytes:
 def build_multiboot_info(ram_size: int, cmdline: str = "", *,
                          addr: int = x86_layout.MULTIBOOT_INFO_ADDR,
                          size: int = x86_layout.MULTIBOOT_INFO_SIZE,
-                         loader_name: str = "pykvm") -> bytes:
+                         loader_name: str = "pykvm",
+                         memory_map: Optional[List[Tuple[int, int, int]]] = None,
+                         modules: List[Tuple[int, int, str]] = ()) -> bytes:
     """The multiboot information block, as QEMU's ``-kernel`` builds it, to be written at
-    ``addr``: flags MEM | BOOT_DEVICE | CMDLINE | MODS (none) | MMAP | BOOT_LOADER_NAME,
+    ``addr``: flags MEM | BOOT_DEVICE | CMDLINE | MODS | MMAP | BOOT_LOADER_NAME,
     mem_lower = 640, mem_upper = (RAM below 4 GiB - 1 MiB) / 1 KiB, an e820 memory map, the
-    command line and the boot loader name. Everything fits in ``size`` bytes."""
+    module list, the command line and the boot loader name. Everything fits in ``size`` bytes.
+
+    ``memory_map``: (base, length, type) entries (default: RAM contiguous from 0, the classic
+    legacy holes reserved); mem_upper is then the length of the RAM entry at 1 MiB.
+    ``modules``: (start, end, string) of modules already in guest memory (multiboot spec
+    3.3: mods_addr points at 16-byte entries mod_start, mod_end, string, reserved)."""
     info_len = 0x80                           # the fixed part (0x78 bytes) rounded up
     _check_int("RAM size", ram_size)
     _check_int("multiboot information address", addr)
@@ -416,28 +423,40 @@ def build_multiboot_info(ram_size: int, cmdline: str = "", *,
     if not 0 <= addr or addr + size > 1 << 32:
         raise LoadError(f"multiboot information [{addr:#x}, {addr + size:#x}) must lie below "
                         f"4 GiB")
-    ranges = _e820(ram_size)
+    ranges = list(memory_map) if memory_map is not None else _e820(ram_size)
     mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in ranges)
     name = _c_string("boot loader name", loader_name)
     cmd = _c_string("command line", "" if cmdline is None else cmdline)
+    mod_strings = [_c_string("module string", m[2]) for m in modules]
     mmap_addr = addr + info_len
-    name_addr = mmap_addr + len(mmap)
+    mods_addr = mmap_addr + len(mmap)
+    name_addr = mods_addr + 16 * len(modules)
     cmd_addr = name_addr + len(name)
-    total = cmd_addr + len(cmd) - addr
+    strings_addr = cmd_addr + len(cmd)
+    total = strings_addr + sum(len(m) for m in mod_strings) - addr
     if total > size:
-        raise LoadError(f"command line too long for the multiboot information area "
-                        f"({len(cmd)} bytes, room for {size - (cmd_addr - addr)})")
+        what = "command line and module strings" if modules else "command line"
+        raise LoadError(f"{what} too long for the multiboot information area ({total} bytes, "
+                        f"room for {size})")
     low = min(ram_size, 640 * 1024)
-    upper = max(0, min(ram_size, 4 << 30) - (1 << 20)) // 1024
+    if memory_map is None:
+        upper = max(0, min(ram_size, 4 << 30) - (1 << 20)) // 1024
+    else:
+        upper = next((n for a, n, t in ranges if a == 0x100000 and t == E820_RAM), 0) // 1024
+    mods = bytearray()
+    pos = strings_addr
+    for (start, end, _), text in zip(modules, mod_strings):
+        mods += struct.pack("<IIII", start, end, pos, 0)
+        pos += len(text)
     info = bytearray(info_len)
     struct.pack_into("<IIIII", info, 0,
                      MBI_FLAG_MEM | MBI_FLAG_BOOT_DEVICE | MBI_FLAG_CMDLINE | MBI_FLAG_MODS |
                      MBI_FLAG_MMAP | MBI_FLAG_BOOT_LOADER_NAME,
                      low // 1024, min(upper, 0xFFFFFFFF), 0x8000FFFF, cmd_addr)
-    struct.pack_into("<II", info, 20, 0, mmap_addr)        # mods_count, mods_addr (empty list)
+    struct.pack_into("<II", info, 20, len(modules), mods_addr if modules else mmap_addr)
     struct.pack_into("<II", info, 44, len(mmap), mmap_addr)
     struct.pack_into("<I", info, 64, name_addr)
-    return bytes(info) + mmap + name + cmd
+    return bytes(info) + mmap + bytes(mods) + name + cmd + b"".join(mod_strings)
 
 
 def _e820(ram_size: int) -> List[Tuple[int, int, int]]:

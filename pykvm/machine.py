@@ -142,6 +142,7 @@ class Machine:
         self._lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._stop = False                 # a plain flag: set from signal handlers too
+        self.vcpu_count = vcpus            # known to the platform before the vCPUs exist
         try:
             max_vcpus = self.kvm.check_extension("MAX_VCPUS") or self.kvm.check_extension("NR_VCPUS")
             if max_vcpus and vcpus > max_vcpus:
@@ -149,7 +150,9 @@ class Machine:
             self.vm = self.kvm.create_vm()
             self.platform = _arch.Platform(self, **platform_opts)
             self.platform.create_devices()
-            self.ram = self.vm.add_memory(self.platform.ram_base, mem_size)
+            add_ram = getattr(self.platform, "add_ram", None)     # x86: RAM around the hole
+            self.ram = add_ram(mem_size) if add_ram else \
+                self.vm.add_memory(self.platform.ram_base, mem_size)
             image = guest
             if guest is None or (isinstance(guest, str) and not _is_image_path(guest)):
                 from . import guests               # (lazy: it loads subprocess to build them)
@@ -372,6 +375,9 @@ class Machine:
                 ev = self.step(index, timeout=left)
                 if ev.kind == "report" and ev.report.kind == "sync":
                     continue                       # nobody waits for syncs in a plain run
+                if ev.kind == "kick" and not self._stop and \
+                        getattr(self.platform, "hold", lambda i: False)(index):
+                    continue                       # the platform paused this vCPU (x86 S3)
                 results[index] = ev
                 break
         except Exception as e:                     # guest, KVM or handler error: the result
@@ -479,6 +485,9 @@ class Machine:
                 return
             self._closed = True
         self._kick_all()
+        close = getattr(getattr(self, "platform", None), "close", None)
+        if close is not None:
+            close()                        # platform timers and threads
         for v in getattr(self, "vcpus", []):
             v.close()
         if getattr(self, "vm", None) is not None:

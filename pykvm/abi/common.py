@@ -61,6 +61,39 @@ struct kvm_pit_config {
     uint32_t pad[15];
 };
 
+struct kvm_irq_routing_irqchip {
+    uint32_t irqchip;
+    uint32_t pin;
+};
+
+struct kvm_irq_routing_msi {
+    uint32_t address_lo;
+    uint32_t address_hi;
+    uint32_t data;
+    union {
+        uint32_t pad;
+        uint32_t devid;
+    };
+};
+
+struct kvm_irq_routing_entry {
+    uint32_t gsi;
+    uint32_t type;
+    uint32_t flags;
+    uint32_t pad;
+    union {
+        struct kvm_irq_routing_irqchip irqchip;
+        struct kvm_irq_routing_msi msi;
+        uint32_t pad[8];
+    } u;
+};
+
+struct kvm_irq_routing {
+    uint32_t nr;
+    uint32_t flags;
+    struct kvm_irq_routing_entry entries[];
+};
+
 struct kvm_ioeventfd {
     uint64_t datamatch;
     uint64_t addr;
@@ -313,6 +346,13 @@ IRQFD_FLAG_DEASSIGN = 1 << 0
 IRQFD_FLAG_RESAMPLE = 1 << 1
 
 PIT_SPEAKER_DUMMY = 1
+
+# GSI routing entry types (KVM_SET_GSI_ROUTING) and in-kernel irqchip numbers.
+IRQ_ROUTING_IRQCHIP = 1
+IRQ_ROUTING_MSI = 2
+IRQCHIP_PIC_MASTER = 0
+IRQCHIP_PIC_SLAVE = 1
+IRQCHIP_IOAPIC = 2
 
 # MP states.
 MP_STATES = {

@@ -3,6 +3,11 @@
 ARCH = "x86_64"
 
 CDEF = r"""
+struct kvm_reinject_control {
+    uint8_t pit_reinject;
+    uint8_t reserved[31];
+};
+
 struct kvm_debug_exit_arch {
     uint32_t exception;
     uint32_t pad;

@@ -61,9 +61,9 @@ _FL_DB = 0x4
 _FL_L = 0x2
 
 
-def gdt_bytes(mode: str) -> bytes:
+def gdt_bytes(mode: str, tss_addr: int = L.TSS_ADDR) -> bytes:
     """The VMM's GDT for ``mode`` ("long" or "protected"): code at SEL_CODE, data at SEL_DATA,
-    a 32-bit code segment at SEL_CODE32 and a busy TSS at SEL_TSS."""
+    a 32-bit code segment at SEL_CODE32 and a busy TSS (at ``tss_addr``) at SEL_TSS."""
     if mode == "long":
         code = descriptor(0, 0xFFFFF, _ACC_CODE, _FL_G | _FL_L)
     elif mode == "protected":
@@ -72,42 +72,54 @@ def gdt_bytes(mode: str) -> bytes:
         raise ValueError(f"no GDT for mode {mode!r}")
     data = descriptor(0, 0xFFFFF, _ACC_DATA, _FL_G | _FL_DB)
     code32 = descriptor(0, 0xFFFFF, _ACC_CODE, _FL_G | _FL_DB)
-    tss_lo = descriptor(L.TSS_ADDR, L.TSS_LIMIT, _ACC_TSS, 0)
-    tss_hi = L.TSS_ADDR >> 32            # upper half of a 16-byte system descriptor
+    tss_lo = descriptor(tss_addr, L.TSS_LIMIT, _ACC_TSS, 0)
+    tss_hi = tss_addr >> 32              # upper half of a 16-byte system descriptor
     return struct.pack("<6Q", 0, code, data, code32, tss_lo, tss_hi)
 
 
-def write_gdt(mem, mode: str) -> None:
+def write_gdt(mem, mode: str, layout: L.BootLayout = L.DEFAULT_LAYOUT) -> None:
     """Write the GDT and a zeroed TSS (I/O bitmap base past the limit: no bitmap)."""
-    gdt = gdt_bytes(mode)
+    gdt = gdt_bytes(mode, layout.tss)
     assert len(gdt) == L.GDT_LIMIT + 1
-    mem.write(L.GDT_ADDR, gdt)
+    mem.write(layout.gdt, gdt)
     tss = bytearray(L.TSS_LIMIT + 1)
     struct.pack_into("<H", tss, 0x66, L.TSS_LIMIT + 1)
-    mem.write(L.TSS_ADDR, bytes(tss))
+    mem.write(layout.tss, bytes(tss))
 
 
-def write_identity_map(mem, ram_size: Optional[int] = None) -> int:
-    """Write PML4/PDPT/PDs identity-mapping max(4 GiB, RAM) with 2 MiB pages; returns CR3."""
+def ram_top(mem) -> int:
+    """The end of the highest RAM slot of ``mem`` (its ``size`` if it does not list slots)."""
+    try:
+        ends = [s.end for s in mem]
+    except TypeError:
+        ends = []
+    return max(ends + [mem.size])
+
+
+def write_identity_map(mem, ram_size: Optional[int] = None,
+                       layout: L.BootLayout = L.DEFAULT_LAYOUT) -> int:
+    """Write PML4/PDPT/PDs identity-mapping max(4 GiB, the top of RAM) with 2 MiB pages;
+    returns CR3. ``ram_size`` defaults to the end of the highest RAM slot (RAM above the
+    32-bit hole included)."""
     if ram_size is None:
-        ram_size = mem.size
+        ram_size = ram_top(mem)
     size = L.identity_map_size(ram_size)
     n_pd = size // L.GiB
     if n_pd > L.PD_MAX_PAGES:
         raise ValueError(f"guest RAM {ram_size:#x} is larger than the boot page tables can map "
                          f"({L.PD_MAX_PAGES} GiB)")
     pml4 = bytearray(L.PAGE_SIZE)
-    struct.pack_into("<Q", pml4, 0, L.PDPT_ADDR | PTE_P | PTE_RW)
+    struct.pack_into("<Q", pml4, 0, layout.pdpt | PTE_P | PTE_RW)
     pdpt = bytearray(L.PAGE_SIZE)
     for i in range(n_pd):
-        struct.pack_into("<Q", pdpt, 8 * i, (L.PD_ADDR + i * L.PAGE_SIZE) | PTE_P | PTE_RW)
+        struct.pack_into("<Q", pdpt, 8 * i, (layout.pd + i * L.PAGE_SIZE) | PTE_P | PTE_RW)
     flags = PTE_P | PTE_RW | PTE_PS
     big = 2 * L.MiB
     pds = struct.pack(f"<{512 * n_pd}Q", *(i * big | flags for i in range(512 * n_pd)))
-    mem.write(L.PML4_ADDR, bytes(pml4))
-    mem.write(L.PDPT_ADDR, bytes(pdpt))
-    mem.write(L.PD_ADDR, pds)
-    return L.PML4_ADDR
+    mem.write(layout.pml4, bytes(pml4))
+    mem.write(layout.pdpt, bytes(pdpt))
+    mem.write(layout.pd, pds)
+    return layout.pml4
 
 
 # ---- register state --------------------------------------------------------------------------------
@@ -131,32 +143,33 @@ def _ldt(sregs) -> None:
     fill_segment(sregs.ldt, selector=0, limit=0xFFFF, type=TYPE_LDT, s=0, g=0)
 
 
-def _flat_tables(sregs) -> None:
+def _flat_tables(sregs, layout: L.BootLayout = L.DEFAULT_LAYOUT) -> None:
     """What long and protected mode share: flat data segments, the TSS, no LDT, our GDT, no
     IDT."""
     _data_segments(sregs, selector=L.SEL_DATA, type=TYPE_DATA_RW_ACCESSED, db=1)
-    fill_segment(sregs.tr, selector=L.SEL_TSS, base=L.TSS_ADDR, limit=L.TSS_LIMIT,
+    fill_segment(sregs.tr, selector=L.SEL_TSS, base=layout.tss, limit=L.TSS_LIMIT,
                  type=TYPE_TSS_BUSY, s=0, g=0)
     _ldt(sregs)
-    sregs.gdt.base, sregs.gdt.limit = L.GDT_ADDR, L.GDT_LIMIT
+    sregs.gdt.base, sregs.gdt.limit = layout.gdt, L.GDT_LIMIT
     sregs.idt.base, sregs.idt.limit = 0, 0
 
 
-def fill_long_mode_sregs(sregs, cr3: int = L.PML4_ADDR) -> None:
+def fill_long_mode_sregs(sregs, cr3: int = L.PML4_ADDR,
+                         layout: L.BootLayout = L.DEFAULT_LAYOUT) -> None:
     """Long mode with paging: flat 64-bit CS 0x08, data 0x10, TR 0x20, GDT at GDT_ADDR, no
     IDT."""
     fill_segment(sregs.cs, selector=L.SEL_CODE, type=TYPE_CODE_RX_ACCESSED, l=1, db=0)
-    _flat_tables(sregs)
+    _flat_tables(sregs, layout)
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
     sregs.cr3 = cr3
     sregs.cr4 = CR4_PAE
     sregs.efer = EFER_LME | EFER_LMA
 
 
-def fill_protected_mode_sregs(sregs) -> None:
+def fill_protected_mode_sregs(sregs, layout: L.BootLayout = L.DEFAULT_LAYOUT) -> None:
     """32-bit protected mode, paging off: flat CS 0x08 / data 0x10 (base 0, 4 GiB), TR 0x20."""
     fill_segment(sregs.cs, selector=L.SEL_CODE, type=TYPE_CODE_RX_ACCESSED, db=1)
-    _flat_tables(sregs)
+    _flat_tables(sregs, layout)
     sregs.cr0 = CR0_PE | CR0_ET
     sregs.cr3 = 0
     sregs.cr4 = 0
@@ -194,33 +207,36 @@ def _set_regs(vcpu, *, rip: int, rsp: int, **values: int) -> None:
 # ---- the three entry modes ------------------------------------------------------------------------
 
 def setup_long_mode(vcpu, mem, entry: int, stack_top: Optional[int] = None, *,
-                    vcpu_index: int = 0, write_tables: bool = True) -> None:
+                    vcpu_index: int = 0, write_tables: bool = True,
+                    layout: L.BootLayout = L.DEFAULT_LAYOUT) -> None:
     """Enter ``entry`` in 64-bit long mode with the first max(4 GiB, RAM) identity-mapped.
 
     ``stack_top`` defaults to the top of vCPU ``vcpu_index``'s stack page. With several vCPUs,
-    pass ``write_tables=False`` after the first to skip rewriting the (identical) tables."""
+    pass ``write_tables=False`` after the first to skip rewriting the (identical) tables.
+    ``layout``: where the page tables, GDT, TSS and stacks go."""
     if stack_top is None:
-        stack_top = L.stack_top(vcpu_index)
-    cr3 = L.PML4_ADDR
+        stack_top = layout.stack_top(vcpu_index)
+    cr3 = layout.pml4
     if write_tables:
-        cr3 = write_identity_map(mem)
-        write_gdt(mem, "long")
+        cr3 = write_identity_map(mem, layout=layout)
+        write_gdt(mem, "long", layout)
     sregs = vcpu.get_sregs()
-    fill_long_mode_sregs(sregs, cr3)
+    fill_long_mode_sregs(sregs, cr3, layout)
     vcpu.set_sregs(sregs)
     _set_regs(vcpu, rip=entry, rsp=stack_top)
 
 
 def setup_protected_mode(vcpu, mem, entry: int, eax: int = 0, ebx: int = 0,
-                         esp: Optional[int] = None, *, vcpu_index: int = 0) -> None:
+                         esp: Optional[int] = None, *, vcpu_index: int = 0,
+                         layout: L.BootLayout = L.DEFAULT_LAYOUT) -> None:
     """Enter ``entry`` in flat 32-bit protected mode, paging and interrupts off, as the multiboot
     specification describes (pass EAX = 0x2BADB002 and EBX = the info address for multiboot).
     ``esp`` defaults to the vCPU's boot stack (multiboot leaves ESP undefined)."""
     if esp is None:
-        esp = L.stack_top(vcpu_index)
-    write_gdt(mem, "protected")
+        esp = layout.stack_top(vcpu_index)
+    write_gdt(mem, "protected", layout)
     sregs = vcpu.get_sregs()
-    fill_protected_mode_sregs(sregs)
+    fill_protected_mode_sregs(sregs, layout)
     vcpu.set_sregs(sregs)
     _set_regs(vcpu, rip=entry, rsp=esp, rax=eax & 0xFFFFFFFF, rbx=ebx & 0xFFFFFFFF)
 
@@ -247,15 +263,18 @@ def real_mode_entry(addr: int) -> tuple:
 
 
 def setup_for_image(vcpu, mem, loaded, *, vcpu_index: int = 0,
-                    stack_top: Optional[int] = None) -> None:
-    """Prepare ``vcpu`` to run a :class:`pykvm.loader.LoadedImage` according to its mode."""
+                    stack_top: Optional[int] = None,
+                    layout: L.BootLayout = L.DEFAULT_LAYOUT) -> None:
+    """Prepare ``vcpu`` to run a :class:`pykvm.loader.LoadedImage` according to its mode
+    (``layout``: where the VMM's page tables, GDT, TSS and stacks go)."""
     mode = loaded.mode
     if mode == "long":
-        setup_long_mode(vcpu, mem, loaded.entry, stack_top, vcpu_index=vcpu_index)
+        setup_long_mode(vcpu, mem, loaded.entry, stack_top, vcpu_index=vcpu_index,
+                        layout=layout)
     elif mode == "protected":
         regs = loaded.boot_regs
         setup_protected_mode(vcpu, mem, loaded.entry, regs.get("eax", 0), regs.get("ebx", 0),
-                             stack_top, vcpu_index=vcpu_index)
+                             stack_top, vcpu_index=vcpu_index, layout=layout)
     elif mode == "real":
         cs, ip = real_mode_entry(loaded.entry)
         setup_real_mode(vcpu, cs, ip)

@@ -8,20 +8,21 @@ from ...abi import ffi, ioctls
 from ...errors import KvmTooBig
 from .regs import REG_TYPE_MSR, CpuidEntry, cpuid_lookup, msr_reg_id  # noqa: F401 (public home)
 
-def _grow(fd, name, request, ctype, count_field, array_field, first=64, limit=1 << 16):
-    """Call a KVM 'fill this array' ioctl, growing the buffer on E2BIG."""
+def _grow(fd, op, ctype, count_field, array_field, first=64, limit=1 << 16):
+    """Call a KVM 'fill this array' ioctl (a row of pykvm.abi.ioctls), growing the buffer on
+    E2BIG."""
     n = first
     while n <= limit:
         obj = ffi.new(f"{ctype} *", {array_field: n})
         assert len(getattr(obj, array_field)) == n
         setattr(obj, count_field, n)
         try:
-            ioctl(fd, request, obj)
+            ioctl(fd, op, obj)
             return obj
         except KvmTooBig:
             got = getattr(obj, count_field)
             n = got if got > n else n * 2
-    raise RuntimeError(f"{name}: more than {limit} entries")
+    raise RuntimeError(f"{op.name}: more than {limit} entries")
 
 
 def _cpuid_entries(c) -> List[CpuidEntry]:
@@ -32,13 +33,13 @@ def _cpuid_entries(c) -> List[CpuidEntry]:
 class KvmArch:
     def supported_cpuid(self) -> List[CpuidEntry]:
         """KVM_GET_SUPPORTED_CPUID."""
-        c = _grow(self.fd, "KVM_GET_SUPPORTED_CPUID", ioctls.KVM_GET_SUPPORTED_CPUID,
+        c = _grow(self.fd, ioctls.KVM_GET_SUPPORTED_CPUID,
                   "struct kvm_cpuid2", "nent", "entries", first=128)
         return _cpuid_entries(c)
 
     def msr_index_list(self) -> List[int]:
         """KVM_GET_MSR_INDEX_LIST: MSRs KVM saves/restores (usable with GET/SET_MSRS, ONE_REG)."""
-        m = _grow(self.fd, "KVM_GET_MSR_INDEX_LIST", ioctls.KVM_GET_MSR_INDEX_LIST,
+        m = _grow(self.fd, ioctls.KVM_GET_MSR_INDEX_LIST,
                   "struct kvm_msr_list", "nmsrs", "indices", first=256)
         return [m.indices[i] for i in range(m.nmsrs)]
 
@@ -65,6 +66,27 @@ class VmArch:
         p = ffi.new("struct kvm_pit_config *")
         p.flags = abi.PIT_SPEAKER_DUMMY if speaker_dummy else 0
         ioctl(self.fd, ioctls.KVM_CREATE_PIT2, p)
+
+    def reinject_control(self, pit_reinject: bool) -> None:
+        """KVM_REINJECT_CONTROL: whether the in-kernel PIT re-injects ticks the guest missed
+        (QEMU's ``kvm-pit.lost_tick_policy``: delay = re-inject, discard = do not)."""
+        c = ffi.new("struct kvm_reinject_control *")
+        c.pit_reinject = 1 if pit_reinject else 0
+        ioctl(self.fd, ioctls.KVM_REINJECT_CONTROL, c,
+              what=f"pit_reinject={c.pit_reinject}")
+
+    def set_gsi_routing(self, routes) -> None:
+        """KVM_SET_GSI_ROUTING from (gsi, irqchip, pin) triples (irqchip: 0 PIC master,
+        1 PIC slave, 2 IOAPIC); replaces the whole table."""
+        routes = list(routes)
+        r = ffi.new("struct kvm_irq_routing *", {"entries": max(1, len(routes))})
+        r.nr, r.flags = len(routes), 0
+        for i, (gsi, chip, pin) in enumerate(routes):
+            e = r.entries[i]
+            e.gsi, e.type, e.flags = gsi, abi.IRQ_ROUTING_IRQCHIP, 0
+            e.u.irqchip.irqchip, e.u.irqchip.pin = chip, pin
+        ioctl(self.fd, ioctls.KVM_SET_GSI_ROUTING, r,
+              what=f"{len(routes)} routes")
 
 
 class VcpuArch:
@@ -160,9 +182,13 @@ class VcpuArch:
 
     def get_cpuid(self) -> List[CpuidEntry]:
         """KVM_GET_CPUID2: what this vCPU was given."""
-        c = _grow(self.fd, "KVM_GET_CPUID2", ioctls.KVM_GET_CPUID2, "struct kvm_cpuid2", "nent",
+        c = _grow(self.fd, ioctls.KVM_GET_CPUID2, "struct kvm_cpuid2", "nent",
                   "entries", first=128)
         return _cpuid_entries(c)
+
+    def tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest's TSC frequency in kHz."""
+        return ioctl(self.fd, ioctls.KVM_GET_TSC_KHZ)
 
     def nmi(self) -> None:
         ioctl(self.fd, ioctls.KVM_NMI)

@@ -1,0 +1,59 @@
+/*
+ * pc_pmtimer: the ACPI PM timer (port from the FADT, 3.579545 MHz, 24 bits)
+ * and the PM1 event/control registers.
+ *
+ * params[0] = reads (default 2000); params[1] = 1: also count PM timer ticks
+ * over one RTC second.
+ *
+ * SYNC(1, pm_tmr_blk, first value, last value, ticks elapsed (sum of deltas),
+ *      tsc cycles elapsed, largest single delta, reads)
+ * SYNC(2, PM1_CNT, PM1_EN after writing 0x0401, PM1_STS & ~TMR_STS after
+ *      writing all-ones, byte read of PM1_EN's low half)
+ * SYNC(3, PM ticks between two RTC updates)          (params[1] = 1)
+ */
+#include "pc.h"
+
+void guest_main(void)
+{
+	struct acpi_header *fadt = acpi_find("FACP");
+	uint32_t n = pykvm_params[0] ? (uint32_t)pykvm_params[0] : 2000;
+	uint16_t tmr, evt, cnt;
+	uint32_t first, prev, cur, delta, max = 0, i;
+	uint64_t total = 0, tsc0, tsc1;
+
+	GUEST_ASSERT(fadt != NULL);
+	tmr = (uint16_t)rd32(fadt, 76);
+	evt = (uint16_t)rd32(fadt, 56);
+	cnt = (uint16_t)rd32(fadt, 64);
+	tsc0 = rdtsc();
+	first = prev = cur = inl(tmr);
+	GUEST_ASSERT_EQ(first >> 24, 0);
+	for (i = 0; i < n; i++) {
+		cur = inl(tmr);
+		GUEST_ASSERT_EQ(cur >> 24, 0);
+		delta = (cur - prev) & 0xffffff;
+		/* monotonic: a step "backwards" would be a huge delta mod 2^24 */
+		GUEST_ASSERT(delta < 0x800000);
+		if (delta > max)
+			max = delta;
+		total += delta;
+		prev = cur;
+	}
+	tsc1 = rdtsc();
+	GUEST_SYNC(1, tmr, first, cur, total, tsc1 - tsc0, max, n);
+
+	outw(evt + 2, 0x0401);
+	outw(evt, 0xffff);
+	GUEST_SYNC(2, inw(cnt), inw(evt + 2), inw(evt) & ~1u, inb(evt + 2));
+	outw(evt + 2, 0);
+
+	if (pykvm_params[1]) {
+		uint32_t a, b;
+
+		rtc_wait_update();
+		a = inl(tmr);
+		rtc_wait_update();
+		b = inl(tmr);
+		GUEST_SYNC(3, (b - a) & 0xffffff);
+	}
+}

@@ -1,0 +1,179 @@
+"""Putting an x86 image into a machine's RAM: the image where it is linked, multiboot modules,
+the multiboot information and the VMM's own boot structures where the image is not.
+
+The rules (docs/guest-abi.md, "Memory layout"):
+
+* the image may use any RAM the platform does not claim — below 1 MiB too (a multiboot kernel
+  linked at 0x8000 is fine); the PC machine claims [0x9FC00, 1 MiB) (EBDA, the legacy video
+  window, the ACPI tables and the BIOS area);
+* multiboot modules (QEMU's ``-initrd a,b args``) go page-aligned right after the image, in the
+  order given, each with its string ("file args"), as QEMU's multiboot loader places them;
+* the multiboot information goes at 0x9000 when that is free, else after the modules;
+* the GDT, TSS, page tables (long mode) and boot stacks keep the classic layout
+  (:mod:`pykvm.arch.x86.layout`) when it is free, else move as a block to the first free
+  64 KiB-aligned window below 4 GiB.
+
+Nothing is written before every placement has been checked; failures are
+:class:`pykvm.loader.LoadError`.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+from ... import loader
+from . import layout as L
+
+PAGE = 0x1000
+FOUR_GIB = 1 << 32
+Range = Tuple[int, int]
+
+
+def _overlaps(a: Range, b: Range) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+class _Space:
+    """Free-space bookkeeping over RAM ranges: what is taken, what is free."""
+
+    def __init__(self, ram: Sequence[Range], taken: Sequence[Range] = ()):
+        self.ram = sorted(ram)
+        self.taken: List[Range] = [r for r in taken if r[1] > r[0]]
+
+    def in_ram(self, r: Range) -> bool:
+        return any(lo <= r[0] and r[1] <= hi for lo, hi in self.ram)
+
+    def free(self, r: Range) -> bool:
+        return self.in_ram(r) and not any(_overlaps(r, t) for t in self.taken)
+
+    def take(self, r: Range) -> None:
+        if r[1] > r[0]:
+            self.taken.append(r)
+
+    def alloc(self, size: int, align: int = PAGE, lo: int = 0, hi: int = FOUR_GIB) -> int:
+        """The lowest ``align``-aligned address >= ``lo`` where ``size`` free bytes fit below
+        ``hi``; raises LoadError if there is none."""
+        size = max(size, 1)
+        starts = sorted({lo} | {t[1] for t in self.taken} | {r[0] for r in self.ram})
+        for s in starts:
+            a = max(s, lo)
+            a = (a + align - 1) // align * align
+            for _ in range(64):                  # step past whatever is in the way
+                r = (a, a + size)
+                if r[1] > hi:
+                    break
+                if self.free(r):
+                    return a
+                blocker = [t[1] for t in self.taken if _overlaps(r, t)]
+                if not blocker:
+                    break                        # not in RAM here: try the next start
+                a = (max(blocker) + align - 1) // align * align
+        raise loader.LoadError(f"no room for {size:#x} bytes of boot data in guest RAM below "
+                               f"{hi:#x}; give the guest more --mem")
+
+
+@dataclass
+class PlacedImage:
+    """What :func:`load` did: the loader's view plus where pykvm put its own things."""
+    loaded: "loader.LoadedImage"
+    layout: L.BootLayout
+    modules: List[Tuple[int, int, str]] = field(default_factory=list)
+    cmdline: str = ""
+
+
+def _module_items(initrd) -> List[Tuple[str, str]]:
+    out = []
+    for item in initrd:
+        text = os.fspath(item) if not isinstance(item, str) else item
+        path = text.split()[0] if text.split() else text
+        out.append((path, text))
+    return out
+
+
+def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
+         name: Optional[str] = None, ram: Sequence[Range], memory_map,
+         claimed: Sequence[Range] = (), flat_addr: Optional[int] = None,
+         flat_mode: str = "real", boot_vcpus: int = 1, ram_top: int = 0) -> PlacedImage:
+    """Load ``image`` (a path or bytes) into ``mem``.
+
+    ``ram``: the guest's RAM ranges; ``memory_map``: the E820 map the guest is told about;
+    ``claimed``: ranges the platform owns (no image byte may land there); ``boot_vcpus``: how
+    many vCPUs start at the entry (each needs a boot stack); ``ram_top``: the end of the highest
+    RAM (how much a long-mode boot identity-maps). Multiboot images get the command line
+    ``"<name> <cmdline>"`` (the image's file name first, as QEMU and GRUB pass it) and one module
+    per ``initrd`` item."""
+    low_ram = max((hi for lo, hi in ram if lo == 0), default=0)
+    data = loader._read_image(image, max(hi for lo, hi in ram), "guest RAM")
+    plan = loader.parse_image(data, arch="x86_64", flat_addr=flat_addr, flat_mode=flat_mode,
+                              max_size=len(data))
+    space = _Space(ram, claimed)
+    for s in plan.segments:
+        r = (s.addr, s.end)
+        if not space.in_ram(r):
+            raise loader.LoadError(f"{s.describe()} is outside guest RAM "
+                                   f"({', '.join(f'[{a:#x}, {b:#x})' for a, b in ram)})")
+        for c in claimed:
+            if _overlaps(r, c):
+                raise loader.LoadError(f"{s.describe()} overlaps [{c[0]:#x}, {c[1]:#x}), which "
+                                       f"the platform uses (EBDA, video window, ACPI/BIOS area)")
+    image_ranges = [(s.addr, s.end) for s in plan.segments]
+    for r in image_ranges:
+        space.take(r)
+    multiboot = plan.multiboot is not None
+    if initrd and not multiboot:
+        raise loader.LoadError("--initrd modules need a multiboot image (or a Linux bzImage)")
+
+    # modules, page-aligned after the image, in order
+    modules: List[Tuple[int, int, str]] = []
+    blobs = []
+    if multiboot:
+        pos = (max(e for _, e in image_ranges) + PAGE - 1) // PAGE * PAGE
+        for path, text in _module_items(initrd):
+            blob = loader._read_image(path, low_ram, "guest RAM")
+            start = space.alloc(len(blob), PAGE, lo=pos)
+            space.take((start, start + max(len(blob), 1)))
+            modules.append((start, start + len(blob), text))
+            blobs.append(blob)
+            pos = (start + len(blob) + PAGE - 1) // PAGE * PAGE
+
+    # the multiboot information
+    mbi = None
+    mbi_addr = None
+    mb_cmdline = ""
+    if multiboot:
+        label = name if name is not None else (os.fspath(image) if isinstance(
+            image, (str, os.PathLike)) else "kernel")
+        mb_cmdline = f"{label} {cmdline or ''}"
+        probe = loader.build_multiboot_info(low_ram, mb_cmdline, addr=0, size=1 << 20,
+                                            memory_map=memory_map, modules=modules)
+        size = max(L.MULTIBOOT_INFO_SIZE, (len(probe) + PAGE - 1) // PAGE * PAGE)
+        mbi_addr = L.MULTIBOOT_INFO_ADDR
+        if not space.free((mbi_addr, mbi_addr + size)):
+            mbi_addr = space.alloc(size, PAGE, lo=modules[-1][1] if modules else 0)
+        mbi = loader.build_multiboot_info(low_ram, mb_cmdline, addr=mbi_addr, size=size,
+                                          memory_map=memory_map, modules=modules)
+        space.take((mbi_addr, mbi_addr + size))
+
+    # the VMM's boot structures
+    layout = L.DEFAULT_LAYOUT
+    need = layout.ranges(plan.mode, boot_vcpus, ram_top)
+    if need and not all(space.free(r) for r in need):
+        span = L.BOOT_WINDOW_END
+        base = space.alloc(span, L.BOOT_WINDOW_ALIGN, lo=L.BOOT_WINDOW_ALIGN)
+        layout = L.BootLayout(base)
+    for r in layout.ranges(plan.mode, boot_vcpus, ram_top):
+        space.take(r)
+
+    params = loader._params_symbol(image, data, plan)
+    written = [(s.addr, s.memsz) for s in plan.segments]
+    try:
+        loader.write_plan(plan, mem)
+        for (start, end, _), blob in zip(modules, blobs):
+            mem.write(start, blob)
+            written.append((start, end - start))
+        if mbi is not None:
+            mem.write(mbi_addr, mbi)
+            written.append((mbi_addr, len(mbi)))
+    except (ValueError, loader.PykvmError) as e:
+        raise loader.LoadError(f"cannot write the image into guest RAM: {e}") from e
+    li = loader.LoadedImage(plan, plan.entry, plan.mode, mbi_addr, params, written)
+    return PlacedImage(li, layout, modules, mb_cmdline)

@@ -1,0 +1,374 @@
+"""The PC machine: which device answers at which port and address, the ACPI tables, the IRQ
+routing, timed device events and S3 sleep/resume. Modelled on QEMU's ``pc`` (i440FX) machine as
+kvm-unit-tests and multiboot kernels see it after SeaBIOS.
+
+=====================  ================================================================
+where                  what
+=====================  ================================================================
+in-kernel (KVM)        local APICs (0xFEE00000), IOAPIC (0xFEC00000), the two 8259 PICs
+                       (0x20, 0xA0, ELCR 0x4D0), the i8254 PIT (0x40-0x43, 0x61) without
+                       re-injection of lost ticks (QEMU ``kvm-pit.lost_tick_policy=discard``)
+C run loop             COM1 (0x3F8), debug console (0xE9), isa-debug-exit (0xF4-0xF7)
+0x70-0x71              CMOS RTC (:mod:`.rtc`), IRQ 8
+0x92                   port 92: A20 reads as on; bit 0 written = reset
+0x510-0x511            fw_cfg (:mod:`.fwcfg`)
+0x600-0x60B            ACPI PM1a event/control blocks and the PM timer (:mod:`.pm`), SCI = IRQ 9
+0xCF8-0xCFF            PCI configuration mechanism #1 (:mod:`.pci`); 0xCF9 reset control
+0xE0-0xEB, 0x2000+     pc-testdev (:mod:`.testdev`), MMIO window 0xFF000000-0xFF00FFFF
+0xE0000-0xFFFFF        ACPI tables (:mod:`.acpi`): RSDP at 0xE0000
+anything else          unassigned: reads all-ones, writes are dropped (as on a PC bus)
+=====================  ================================================================
+
+GSI routing is QEMU's: ISA IRQs 0-15 reach the PICs (IRQ 2 is the cascade) and the IOAPIC pin of
+the same number except IRQ 0 (the PIT), which reaches IOAPIC pin 2 — what the MADT's interrupt
+source override says; GSIs 16-23 reach the IOAPIC only.
+
+S3: a write of SLP_EN with SLP_TYP 1 to PM1a_CNT stops every vCPU with RAM kept. The machine
+wakes at the RTC alarm when one is armed and PM1 RTC_EN is set, else at once; then vCPU 0
+restarts in real mode at the FACS firmware waking vector (CS = vector >> 4, IP = vector & 0xF,
+other segments 0) — or in flat 32-bit protected mode at X_Firmware_Waking_Vector when the OS set
+that — and the other vCPUs wait for INIT/SIPI, as after a firmware resume. PM1 WAK_STS (and
+RTC_STS) are set. Device state (APICs, PIC, PIT, RTC, PCI) is kept across the sleep.
+"""
+import heapq
+import itertools
+import struct
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+from ... import abi
+from . import acpi, boot, layout as L
+from .fwcfg import DATA_PORT as FWCFG_DATA, SELECTOR_PORT as FWCFG_SELECTOR, FwCfg
+from .pci import PciHost
+from .pm import AcpiPm
+from .rtc import CmosRtc
+from .testdev import (FLUSH_PORT, IOMEM_BASE, IOMEM_SIZE, IRQ_LINES, IRQ_PORT, SCRATCH_BYTE_PORT,
+                      SCRATCH_PORT, PcTestdev)
+
+PORT92 = 0x92
+RTC_IRQ = 8
+SCI_IRQ = acpi.SCI_IRQ
+ACPI_TABLES_ADDR = L.BIOS_AREA_START
+PC_CLAIMED = ((L.EBDA_START, L.LOW_RAM_END),)       # EBDA, video window, ACPI + BIOS area
+
+
+def qemu_gsi_routes() -> List[Tuple[int, int, int]]:
+    """(gsi, irqchip, pin) as QEMU's pc sets them up for the in-kernel irqchip."""
+    routes = []
+    for i in range(8):
+        if i != 2:
+            routes.append((i, abi.IRQCHIP_PIC_MASTER, i))
+    for i in range(8, 16):
+        routes.append((i, abi.IRQCHIP_PIC_SLAVE, i - 8))
+    for i in range(24):
+        if i == 0:
+            routes.append((0, abi.IRQCHIP_IOAPIC, 2))
+        elif i != 2:
+            routes.append((i, abi.IRQCHIP_IOAPIC, i))
+    return routes
+
+
+class Scheduler:
+    """Timed callbacks on one daemon thread (monotonic nanoseconds). ``schedule(key, when,
+    fn)`` replaces the pending event of the same key."""
+
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns):
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._heap: List[tuple] = []
+        self._live: Dict[str, int] = {}
+        self._seq = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+
+    def schedule(self, key: str, when_ns: Optional[int], fn: Callable[[], None]) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            if when_ns is None:
+                self._live.pop(key, None)
+                return
+            n = next(self._seq)
+            self._live[key] = n
+            heapq.heappush(self._heap, (when_ns, n, key, fn))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name="pykvm-pc-timers",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _main(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed:
+                    while self._heap and self._live.get(self._heap[0][2]) != self._heap[0][1]:
+                        heapq.heappop(self._heap)            # superseded
+                    if self._heap:
+                        wait = (self._heap[0][0] - self.clock()) / 1e9
+                        if wait <= 0:
+                            break
+                        self._cond.wait(min(wait, 1.0))
+                    else:
+                        self._cond.wait()
+                if self._closed:
+                    return
+                _, n, key, fn = heapq.heappop(self._heap)
+                self._live.pop(key, None)
+            try:
+                fn()
+            except Exception:                 # a device callback must not kill the timer thread
+                pass
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class PcMachine:
+    """The devices of the PC machine for :class:`pykvm.arch.x86.platform.Platform`."""
+
+    def __init__(self, machine, *, vcpus: int, ram_size: int, below_4g: int, above_4g: int,
+                 pit: bool = True):
+        self.m = machine
+        self.vcpus = vcpus
+        self.ram_size = ram_size
+        self.below_4g, self.above_4g = below_4g, above_4g
+        self.pit = pit
+        self.power_event: Optional[str] = None       # "poweroff" or "reset" once requested
+        self.unassigned: Dict[int, int] = {}         # port -> accesses nobody answered
+        self.sleeps = 0
+        self.tables: Optional[acpi.AcpiTables] = None
+        self.scheduler = Scheduler()
+        self._pending_sleep: Optional[int] = None
+        self._irq_lock = threading.Lock()
+        self._s3 = threading.Condition()
+        self._sleeping = False
+        self._s3_kicked: set = set()
+        self._parked: set = set()
+        self.fwcfg = FwCfg(ram_size=ram_size, nb_cpus=vcpus)
+        self.pci = PciHost(on_reset=lambda: self._power("reset"))
+        self.pm = AcpiPm(set_sci=lambda level: self.irq(SCI_IRQ, level),
+                         on_sleep=self._on_sleep)
+        self.rtc = CmosRtc(set_irq=lambda level: self.irq(RTC_IRQ, level),
+                           on_alarm=lambda: self.pm.raise_status(0x400),
+                           on_change=self._rtc_changed)
+        self.rtc.set_memory_info(below_4g=below_4g, above_4g=above_4g, cpus=vcpus)
+        self.testdev = PcTestdev(set_irq=self.irq)
+        self.port92 = 0x02
+        self.ports: Dict[int, object] = {}
+        for p in (0x70, 0x71):
+            self.ports[p] = self.rtc
+        for p in range(acpi.PM_BASE, acpi.PM_BASE + 12):
+            self.ports[p] = self.pm
+        for p in range(0xCF8, 0xD00):
+            self.ports[p] = self.pci
+        for p in list(range(SCRATCH_PORT, SCRATCH_PORT + 4)) + \
+                list(range(FLUSH_PORT, FLUSH_PORT + 4)) + \
+                list(range(SCRATCH_BYTE_PORT, SCRATCH_BYTE_PORT + 4)) + \
+                list(range(IRQ_PORT, IRQ_PORT + IRQ_LINES)):
+            self.ports[p] = self.testdev
+
+    # -- set-up ------------------------------------------------------------------------------
+    def create_chips(self) -> None:
+        """The in-kernel irqchip and PIT, with QEMU's GSI routing."""
+        vm = self.m.vm
+        vm.create_irqchip()
+        vm.set_gsi_routing(qemu_gsi_routes())
+        if self.pit:
+            vm.create_pit2()
+            try:
+                vm.reinject_control(False)
+            except Exception:                 # an old KVM without the ioctl: keep its default
+                pass
+
+    def write_tables(self, mem) -> acpi.AcpiTables:
+        self.tables = acpi.build_tables(ACPI_TABLES_ADDR, self.vcpus)
+        mem.write(self.tables.base, self.tables.blob)
+        return self.tables
+
+    def close(self) -> None:
+        self.scheduler.close()
+        with self._s3:
+            self._sleeping = False
+            self._s3.notify_all()
+
+    # -- interrupts ------------------------------------------------------------------------
+    def irq(self, gsi: int, level: int) -> None:
+        """Drive ISA IRQ / GSI ``gsi`` (through KVM's routing)."""
+        with self._irq_lock:
+            try:
+                self.m.vm.irq_line(gsi, level)
+            except Exception:
+                if not getattr(self.m, "closed", False):
+                    raise
+
+    def _rtc_changed(self) -> None:
+        self.scheduler.schedule("rtc", self.rtc.next_event_ns(), self._rtc_timer)
+
+    def _rtc_timer(self) -> None:
+        self.rtc.poll()
+        self._rtc_changed()
+
+    def _pm_timer(self) -> None:
+        self.pm.timer_event()
+        self._pm_changed()
+
+    def _pm_changed(self) -> None:
+        when = self.pm.next_timer_flip_ns() if self.pm.timer_interrupt_enabled else None
+        self.scheduler.schedule("pmtmr", when, self._pm_timer)
+
+    # -- exits -----------------------------------------------------------------------------
+    def io_read(self, port: int, size: int) -> int:
+        dev = self.ports.get(port)
+        if dev is not None:
+            return dev.read(port, size)
+        if port in (FWCFG_SELECTOR, FWCFG_DATA):
+            return int.from_bytes(self.fwcfg.io_read(port, size, 1), "little")
+        if port == PORT92:
+            return self.port92
+        self.unassigned[port] = self.unassigned.get(port, 0) + 1
+        return (1 << (8 * size)) - 1
+
+    def io_write(self, port: int, size: int, value: int) -> None:
+        dev = self.ports.get(port)
+        if dev is not None:
+            dev.write(port, size, value)
+            if dev is self.pm:
+                self._pm_changed()
+            return
+        if port in (FWCFG_SELECTOR, FWCFG_DATA):
+            self.fwcfg.io_write(port, size, value.to_bytes(size, "little"))
+        elif port == PORT92:
+            self.port92 = (value & 0x02) | 0x02      # A20 stays on
+            if value & 0x01:
+                self._power("reset")
+        else:
+            self.unassigned[port] = self.unassigned.get(port, 0) + 1
+
+    def handle_exit(self, index: int, ex) -> bool:
+        """Serve an exit; False when the run must end (a power event, an exit not ours)."""
+        name = ex.name
+        if name == "IO":
+            port, size, count = ex.port, ex.size, ex.count
+            if ex.is_out:
+                data = ex.data
+                for i in range(count):
+                    self.io_write(port, size, int.from_bytes(data[i * size:(i + 1) * size],
+                                                             "little"))
+            else:
+                if port == FWCFG_DATA and size == 1:
+                    ex.respond(self.fwcfg.io_read(port, 1, count))
+                else:
+                    ex.respond(b"".join(self.io_read(port, size).to_bytes(size, "little")
+                                        for _ in range(count)))
+        elif name == "MMIO":
+            addr, n = ex.phys_addr, ex.len
+            if IOMEM_BASE <= addr < IOMEM_BASE + IOMEM_SIZE:
+                if ex.is_write:
+                    self.testdev.mmio_write(addr, ex.data)
+                else:
+                    ex.respond(self.testdev.mmio_read(addr, n))
+            elif not ex.is_write:
+                ex.respond(b"\xff" * n)               # nothing there: a master abort
+        else:
+            return False
+        if self._pending_sleep is not None:
+            typ, self._pending_sleep = self._pending_sleep, None
+            if typ == acpi.SLP_TYP_S3:
+                return self.suspend(index)
+            if typ == acpi.SLP_TYP_S5:
+                self._power("poweroff")
+        return self.power_event is None
+
+    def _power(self, what: str) -> None:
+        if self.power_event is None:
+            self.power_event = what
+
+    def _on_sleep(self, slp_typ: int) -> None:
+        self._pending_sleep = slp_typ
+
+    # -- S3 ------------------------------------------------------------------------------------
+    def hold(self, index: int) -> bool:
+        """vCPU ``index``'s run was kicked: if S3 did it, park until the machine wakes (then
+        True: run on), else False."""
+        with self._s3:
+            if index not in self._s3_kicked:
+                return False
+            self._s3_kicked.discard(index)
+            self._parked.add(index)
+            self._s3.notify_all()
+            while self._sleeping and not self.m._stop and not self.m.closed:
+                self._s3.wait(0.05)
+            self._parked.discard(index)
+            return not self.m._stop
+
+    def _wait(self, until_ns: int) -> bool:
+        """Sleep until ``until_ns`` (monotonic) unless the machine is stopped; True if woken
+        on time."""
+        while True:
+            left = until_ns - time.monotonic_ns()
+            if left <= 0:
+                return True
+            if self.m._stop or self.m.closed:
+                return False
+            time.sleep(min(left / 1e9, 0.01))
+
+    def suspend(self, index: int) -> bool:
+        """S3 entered by vCPU ``index``; returns when the machine has woken (True: run on)."""
+        self.sleeps += 1
+        others = [j for j in range(len(self.m.vcpus)) if j != index]
+        with self._s3:
+            self._sleeping = True
+            self._s3_kicked.update(others)
+        for j in others:
+            try:
+                self.m.loops[j].kick()
+            except Exception:
+                pass
+        # wait (briefly) for every other vCPU to be parked or outside KVM_RUN
+        deadline = time.monotonic() + 1.0
+        with self._s3:
+            while time.monotonic() < deadline and any(
+                    j not in self._parked and self.m.vcpus[j]._runner is not None
+                    for j in others):
+                self._s3.wait(0.01)
+        # when does the machine wake?
+        wake_ns = time.monotonic_ns()
+        by_rtc = False
+        if self.pm.rtc_wake_enabled and self.rtc.alarm_armed():
+            when = self.rtc.next_event_ns()
+            if when is not None:
+                wake_ns, by_rtc = when, True
+        woke = self._wait(wake_ns)
+        if woke:
+            self.pm.wake(by_rtc)
+            self.rtc.poll()
+            self._resume_cpus()
+        with self._s3:
+            self._sleeping = False
+            self._s3.notify_all()
+        return woke
+
+    def waking_vectors(self) -> Tuple[int, int]:
+        """(Firmware_Waking_Vector, X_Firmware_Waking_Vector) from the FACS in guest RAM."""
+        raw = self.m.vm.memory.read(self.tables.addr["FACS"], 64)
+        return (struct.unpack_from("<I", raw, acpi.FACS_WAKING_VECTOR)[0],
+                struct.unpack_from("<Q", raw, acpi.FACS_X_WAKING_VECTOR)[0])
+
+    def _resume_cpus(self) -> None:
+        vec, xvec = self.waking_vectors()
+        bsp = self.m.vcpus[0]
+        if xvec:
+            # ACPI: a nonzero X_Firmware_Waking_Vector asks for a 32-bit protected-mode wake
+            sregs = bsp.get_sregs()
+            boot.fill_protected_mode_sregs(sregs)
+            sregs.gdt.base, sregs.gdt.limit = 0, 0
+            bsp.set_sregs(sregs)
+            boot._set_regs(bsp, rip=xvec & 0xFFFFFFFF, rsp=0)
+        else:
+            boot.setup_real_mode(bsp, (vec >> 4) & 0xFFFF, vec & 0xF, sp=0)
+        bsp.set_mp_state("RUNNABLE")
+        for v in self.m.vcpus[1:]:
+            v.set_mp_state("UNINITIALIZED")

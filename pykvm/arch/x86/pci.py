@@ -1,0 +1,182 @@
+"""PCI configuration space through configuration mechanism #1 (ports 0xCF8-0xCFF), with the
+functions of QEMU's ``pc`` (i440FX) board that pykvm models.
+
+* 0xCF8, 32-bit: CONFIG_ADDRESS — bit 31 enable, bits 23:16 bus, 15:11 device, 10:8 function,
+  7:2 register (dword). Only 32-bit accesses reach it; a byte at 0xCF9 is the PIIX reset
+  control register (bit 2 with bit 1: hard reset).
+* 0xCFC-0xCFF: CONFIG_DATA — the dword at the selected register; the low two bits of the port
+  pick the byte an 8- or 16-bit access starts at.
+
+Functions on bus 0 (IDs as QEMU presents them):
+
+======  ===========  ===========  ===========================================
+dev.fn  vendor:dev   class        what
+======  ===========  ===========  ===========================================
+00.0    8086:1237    06 00 00     i440FX host bridge (PMC), revision 02
+01.0    8086:7000    06 01 00     PIIX3 PCI-to-ISA bridge (multi-function)
+01.3    8086:7113    06 80 00     PIIX4 ACPI power management, revision 03:
+                                  PMBA (0x40) = 0x0601, PMREGMISC (0x80) = 1
+======  ===========  ===========  ===========================================
+
+Absent functions and disabled accesses read all-ones; writes to them are dropped. Writes to a
+present function change only the bytes that function lets software write (command, latency
+timer, interrupt line and the chipset registers above 0x40 that firmware programs: PAM, SMRAM...),
+which are stored and read back but have no other effect.
+"""
+import threading
+from typing import Dict, Optional, Tuple
+
+CONFIG_ADDRESS = 0xCF8
+CONFIG_DATA = 0xCFC
+RESET_CONTROL = 0xCF9
+
+PCI_VENDOR_ID = 0x00
+PCI_DEVICE_ID = 0x02
+PCI_COMMAND = 0x04
+PCI_STATUS = 0x06
+PCI_REVISION = 0x08
+PCI_CLASS_PROG = 0x09
+PCI_HEADER_TYPE = 0x0E
+PCI_SUBSYSTEM_VENDOR_ID = 0x2C
+PCI_SUBSYSTEM_ID = 0x2E
+PCI_INTERRUPT_LINE = 0x3C
+PCI_INTERRUPT_PIN = 0x3D
+
+VENDOR_INTEL = 0x8086
+SUBSYSTEM_VENDOR_QEMU = 0x1AF4        # Red Hat / Qumranet, as QEMU fills subsystem ids
+SUBSYSTEM_QEMU = 0x1100
+
+
+class PciFunction:
+    """256 bytes of configuration space and a mask of the bytes software may write."""
+
+    def __init__(self, vendor: int, device: int, class_code: int, *, revision: int = 0,
+                 header_type: int = 0, writable: Tuple[Tuple[int, int], ...] = ()):
+        self.config = bytearray(256)
+        self.wmask = bytearray(256)
+        self.put16(PCI_VENDOR_ID, vendor)
+        self.put16(PCI_DEVICE_ID, device)
+        self.config[PCI_REVISION] = revision
+        self.config[PCI_CLASS_PROG:PCI_CLASS_PROG + 3] = class_code.to_bytes(3, "little")
+        self.config[PCI_HEADER_TYPE] = header_type
+        self.put16(PCI_SUBSYSTEM_VENDOR_ID, SUBSYSTEM_VENDOR_QEMU)
+        self.put16(PCI_SUBSYSTEM_ID, SUBSYSTEM_QEMU)
+        for off, mask in ((PCI_COMMAND, 0x07), (PCI_COMMAND + 1, 0x05), (0x0C, 0xFF),
+                          (0x0D, 0xFF), (PCI_INTERRUPT_LINE, 0xFF)) + tuple(writable):
+            self.wmask[off] = mask
+
+    def put16(self, off: int, v: int) -> None:
+        self.config[off:off + 2] = v.to_bytes(2, "little")
+
+    def read(self, off: int, size: int) -> int:
+        return int.from_bytes(self.config[off:off + size], "little")
+
+    def write(self, off: int, size: int, value: int) -> None:
+        for i in range(size):
+            m = self.wmask[off + i]
+            if m:
+                b = (value >> (8 * i)) & 0xFF
+                self.config[off + i] = (self.config[off + i] & ~m) | (b & m)
+
+
+def _range(lo: int, hi: int, mask: int = 0xFF):
+    return tuple((o, mask) for o in range(lo, hi))
+
+
+def i440fx_host_bridge() -> PciFunction:
+    # 0x50-0x5f: PMCCFG, DRAM control, PAM0-6; 0x72: SMRAM; 0x57-0x5f DRB...: firmware writes
+    return PciFunction(VENDOR_INTEL, 0x1237, 0x060000, revision=0x02,
+                       writable=_range(0x50, 0x60) + _range(0x72, 0x73))
+
+
+def piix3_isa_bridge() -> PciFunction:
+    # 0x60-0x63: PIRQ route control; 0x4c-0x4f, 0x69..., 0xa0-0xaf: misc ISA/APIC control
+    f = PciFunction(VENDOR_INTEL, 0x7000, 0x060100, header_type=0x80,
+                    writable=_range(0x4C, 0x50) + _range(0x60, 0x64) + _range(0x69, 0x6A) +
+                    _range(0x70, 0x72) + _range(0x76, 0x78) + _range(0x80, 0x81) +
+                    _range(0x82, 0x83) + _range(0xA0, 0xB0))
+    f.config[0x60:0x64] = b"\x80\x80\x80\x80"       # PIRQA-D routing disabled at reset
+    return f
+
+
+def piix4_pm(pm_base: int = 0x600, sci_irq: int = 9) -> PciFunction:
+    f = PciFunction(VENDOR_INTEL, 0x7113, 0x068000, revision=0x03)
+    f.config[0x40:0x44] = (pm_base | 1).to_bytes(4, "little")     # PMBA, I/O space indicator
+    f.config[0x80] = 0x01                                          # PMREGMISC: PM I/O enabled
+    f.config[PCI_INTERRUPT_PIN] = 0x01                             # INTA#
+    f.config[PCI_INTERRUPT_LINE] = sci_irq
+    return f
+
+
+class PciHost:
+    """Configuration mechanism #1 over a set of functions on bus 0, keyed (device, function).
+    ``on_reset`` is called for a hard reset request through 0xCF9."""
+
+    def __init__(self, functions: Optional[Dict[Tuple[int, int], PciFunction]] = None,
+                 on_reset=None):
+        self.functions = dict(functions) if functions is not None else {
+            (0, 0): i440fx_host_bridge(),
+            (1, 0): piix3_isa_bridge(),
+            (1, 3): piix4_pm(),
+        }
+        self.address = 0
+        self.rcr = 0
+        self.on_reset = on_reset
+        self._lock = threading.Lock()
+
+    def _target(self, address: int) -> Optional[Tuple[PciFunction, int]]:
+        if not address & 0x80000000:
+            return None
+        bus = (address >> 16) & 0xFF
+        dev = (address >> 11) & 0x1F
+        fn = (address >> 8) & 0x7
+        if bus != 0:
+            return None
+        f = self.functions.get((dev, fn))
+        if f is None:
+            return None
+        return f, address & 0xFC
+
+    def config_read(self, address: int, offset_in_dword: int, size: int) -> int:
+        """The ``size``-byte value at byte ``offset_in_dword`` of the dword ``address``
+        selects (all-ones if nothing answers)."""
+        t = self._target(address)
+        if t is None:
+            return (1 << (8 * size)) - 1
+        f, reg = t
+        return f.read(reg + offset_in_dword, size)
+
+    def config_write(self, address: int, offset_in_dword: int, size: int, value: int) -> None:
+        t = self._target(address)
+        if t is not None:
+            f, reg = t
+            f.write(reg + offset_in_dword, size, value)
+
+    # -- ports -----------------------------------------------------------------------------
+    def read(self, port: int, size: int) -> int:
+        with self._lock:
+            if port == CONFIG_ADDRESS and size == 4:
+                return self.address
+            if port == RESET_CONTROL and size == 1:
+                return self.rcr
+            if CONFIG_DATA <= port <= CONFIG_DATA + 3:
+                off = port - CONFIG_DATA
+                size = min(size, 4 - off)
+                return self.config_read(self.address, off, size)
+        return (1 << (8 * size)) - 1
+
+    def write(self, port: int, size: int, value: int) -> None:
+        reset = False
+        with self._lock:
+            if port == CONFIG_ADDRESS and size == 4:
+                self.address = value & 0xFFFFFFFF
+            elif port == RESET_CONTROL and size == 1:
+                # PIIX RCR: bit 1 = hard reset, bit 2 = reset CPU (the 0 -> 1 transition)
+                if value & 0x04 and not self.rcr & 0x04:
+                    reset = True
+                self.rcr = value & 0x02
+            elif CONFIG_DATA <= port <= CONFIG_DATA + 3:
+                off = port - CONFIG_DATA
+                self.config_write(self.address, off, min(size, 4 - off), value)
+        if reset and self.on_reset:
+            self.on_reset()

@@ -1,0 +1,361 @@
+"""The PC's CMOS real-time clock (a Motorola MC146818 as the PC wires it): index port 0x70 (bit 7
+masks NMI), data port 0x71, 128 bytes of CMOS.
+
+Registers (MC146818A data sheet; the PC's use of the CMOS bytes):
+
+====  ===========================================================================
+0-9   seconds, seconds alarm, minutes, minutes alarm, hours, hours alarm, day of week
+      (1 = Sunday), day of month, month, year: the guest's time, UTC from the host clock at
+      start-up, in BCD or binary (B.DM) and 24- or 12-hour form (B.24/12, PM = bit 7)
+0x0A  A: UIP (bit 7, read-only), divider (6:4, 010 = 32.768 kHz), rate select (3:0)
+0x0B  B: SET (7), PIE (6), AIE (5), UIE (4), SQWE (3), DM (2), 24/12 (1), DSE (0)
+0x0C  C (read-only, cleared by reading): IRQF (7), PF (6), AF (5), UF (4)
+0x0D  D: VRT (bit 7, always 1)
+0x32  century (BCD)
+====  ===========================================================================
+
+The clock ticks once per second of host time. UIP reads 1 during the 244 µs before each update
+and — so that a guest polling for it cannot miss it between two reads — also on the first read
+of A after an update that no read of A saw in progress, if the read before it came less than
+20 ms before that update. SET freezes the time registers (they
+read back what is written); clearing SET starts the clock from them. An alarm register with its
+two high bits set matches any value ("don't care").
+
+Each second boundary sets UF, and AF when the time then matches the alarm; PF is set at the
+periodic rate rate select names. IRQF = (PF & PIE) | (AF & AIE) | (UF & UIE); while it is set the
+IRQ 8 line is high (``set_irq``), reading C lowers it. ``on_alarm`` is called for every alarm
+(the PC machine sets PM1 RTC_STS and wakes from S3). :meth:`next_event_ns` tells the machine
+when to call :meth:`poll` next so that an enabled interrupt is raised on time.
+"""
+import calendar
+import threading
+import time
+from typing import Callable, Optional
+
+INDEX_PORT = 0x70
+DATA_PORT = 0x71
+
+SECONDS, SECONDS_ALARM, MINUTES, MINUTES_ALARM, HOURS, HOURS_ALARM = 0, 1, 2, 3, 4, 5
+DAY_OF_WEEK, DAY_OF_MONTH, MONTH, YEAR = 6, 7, 8, 9
+REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D
+CENTURY = 0x32
+
+A_UIP = 0x80
+A_DV_MASK = 0x70
+A_DV_NORMAL = 0x20
+A_RS_MASK = 0x0F
+B_SET, B_PIE, B_AIE, B_UIE, B_SQWE, B_DM, B_24H, B_DSE = 0x80, 0x40, 0x20, 0x10, 0x08, 0x04, \
+    0x02, 0x01
+C_IRQF, C_PF, C_AF, C_UF = 0x80, 0x40, 0x20, 0x10
+D_VRT = 0x80
+DONT_CARE = 0xC0
+
+NS = 1_000_000_000
+UIP_WINDOW_NS = 244_000            # UIP goes high this long before each update
+UIP_POLL_GAP_NS = 20_000_000       # a read of A this close before a missed update still sees it
+TIME_REGS = (SECONDS, MINUTES, HOURS, DAY_OF_WEEK, DAY_OF_MONTH, MONTH, YEAR)
+
+
+def bcd(v: int) -> int:
+    return ((v // 10) << 4) | (v % 10)
+
+
+def from_bcd(v: int) -> int:
+    return (v >> 4) * 10 + (v & 0xF)
+
+
+def periodic_ns(rate_select: int) -> Optional[int]:
+    """The periodic interrupt period for rate select bits (32.768 kHz time base), or None."""
+    rs = rate_select & 0xF
+    if rs == 0:
+        return None
+    if rs <= 2:
+        rs += 7                          # 1 -> 256 Hz, 2 -> 128 Hz (as rates 8 and 9)
+    return (1 << (rs - 1)) * NS // 32768
+
+
+class CmosRtc:
+    """The RTC and its CMOS. ``set_irq(level)`` drives IRQ 8; ``clock`` gives monotonic
+    nanoseconds; ``wall`` the host's UTC time in nanoseconds at start-up."""
+
+    def __init__(self, *, set_irq: Optional[Callable[[int], None]] = None,
+                 on_alarm: Optional[Callable[[], None]] = None,
+                 on_change: Optional[Callable[[], None]] = None,
+                 clock: Callable[[], int] = time.monotonic_ns,
+                 wall_ns: Optional[int] = None):
+        self.set_irq = set_irq
+        self.on_alarm = on_alarm
+        self.on_change = on_change          # registers changed: reschedule poll()
+        self.clock = clock
+        self._lock = threading.RLock()
+        self.cmos = bytearray(128)
+        self.index = 0
+        self.nmi_masked = False
+        now = clock()
+        wall = time.time_ns() if wall_ns is None else wall_ns
+        self.offset_ns = wall - now       # guest RTC time (ns since the epoch) = mono + offset
+        self.cmos[REG_A] = A_DV_NORMAL | 0x06          # 32.768 kHz, 1024 Hz periodic rate
+        self.cmos[REG_B] = B_24H
+        self.cmos[REG_D] = D_VRT
+        self._last_ns = now                # flags (UF/AF/PF) are accounted up to here
+        self._last_a_ns = now              # when A was last read, and whether it showed UIP
+        self._a_showed_uip = False
+        self._irq = 0
+
+    # -- time ------------------------------------------------------------------------------
+    def guest_ns(self, mono: Optional[int] = None) -> int:
+        return (self.clock() if mono is None else mono) + self.offset_ns
+
+    def _running(self) -> bool:
+        return not self.cmos[REG_B] & B_SET and \
+            (self.cmos[REG_A] & A_DV_MASK) == A_DV_NORMAL
+
+    def _encode(self, v: int) -> int:
+        return v if self.cmos[REG_B] & B_DM else bcd(v)
+
+    def _decode(self, v: int) -> int:
+        return v if self.cmos[REG_B] & B_DM else from_bcd(v)
+
+    def _encode_hour(self, h: int) -> int:
+        if self.cmos[REG_B] & B_24H:
+            return self._encode(h)
+        return self._encode(h % 12 or 12) | (0x80 if h >= 12 else 0)
+
+    def _decode_hour(self, v: int) -> int:
+        if self.cmos[REG_B] & B_24H:
+            return self._decode(v)
+        h = self._decode(v & 0x7F) % 12
+        return h + 12 if v & 0x80 else h
+
+    def _time_regs(self, seconds: int) -> dict:
+        t = time.gmtime(seconds)
+        year = t.tm_year
+        return {SECONDS: self._encode(t.tm_sec), MINUTES: self._encode(t.tm_min),
+                HOURS: self._encode_hour(t.tm_hour),
+                DAY_OF_WEEK: self._encode((t.tm_wday + 1) % 7 + 1),    # Sunday = 1
+                DAY_OF_MONTH: self._encode(t.tm_mday), MONTH: self._encode(t.tm_mon),
+                YEAR: self._encode(year % 100), CENTURY: bcd(year // 100)}
+
+    def _regs_to_seconds(self) -> int:
+        c = self.cmos
+        year = from_bcd(c[CENTURY]) * 100 + self._decode(c[YEAR])
+        try:
+            return calendar.timegm((year, max(1, self._decode(c[MONTH])),
+                                    max(1, self._decode(c[DAY_OF_MONTH])),
+                                    self._decode_hour(c[HOURS]), self._decode(c[MINUTES]),
+                                    self._decode(c[SECONDS]), 0, 0, 0))
+        except (ValueError, OverflowError):
+            return self.guest_ns() // NS
+
+    def _freeze(self) -> None:
+        """Latch the current time into the time registers (SET went high)."""
+        for reg, v in self._time_regs(self.guest_ns() // NS).items():
+            self.cmos[reg] = v
+
+    def _restart_from_regs(self, keep_phase: bool) -> None:
+        now = self.clock()
+        phase = self.guest_ns(now) % NS if keep_phase else 0
+        self.offset_ns = self._regs_to_seconds() * NS + phase - now
+        self._last_ns = now
+
+    # -- flags ---------------------------------------------------------------------------------
+    def _alarm_matches(self, seconds: int) -> bool:
+        t = time.gmtime(seconds)
+        c = self.cmos
+        for reg, value in ((SECONDS_ALARM, t.tm_sec), (MINUTES_ALARM, t.tm_min)):
+            if c[reg] & DONT_CARE != DONT_CARE and self._decode(c[reg]) != value:
+                return False
+        h = c[HOURS_ALARM]
+        return h & DONT_CARE == DONT_CARE or self._decode_hour(h) == t.tm_hour
+
+    def _next_alarm(self, after_s: int, limit_s: int) -> Optional[int]:
+        """The first second s with after_s < s <= limit_s whose time matches the alarm."""
+        s = after_s + 1
+        while s <= limit_s:
+            if self._alarm_matches(s):
+                return s
+            t = time.gmtime(s)
+            c = self.cmos
+            # skip whole hours / minutes that cannot match
+            if c[HOURS_ALARM] & DONT_CARE != DONT_CARE and \
+                    self._decode_hour(c[HOURS_ALARM]) != t.tm_hour:
+                s += 3600 - t.tm_min * 60 - t.tm_sec
+            elif c[MINUTES_ALARM] & DONT_CARE != DONT_CARE and \
+                    self._decode(c[MINUTES_ALARM]) != t.tm_min:
+                s += 60 - t.tm_sec
+            else:
+                s += 1
+            if s - after_s > 2 * 86400:
+                return None                       # the alarm can never match
+        return None
+
+    def _account(self, now: int) -> int:
+        """Flags from the events in (last, now]; returns the new C bits (not yet IRQF)."""
+        last = self._last_ns
+        self._last_ns = now
+        bits = 0
+        if now <= last:
+            return 0
+        rate = periodic_ns(self.cmos[REG_A])
+        if rate and (self.cmos[REG_A] & A_DV_MASK) == A_DV_NORMAL and \
+                self.guest_ns(now) // rate != self.guest_ns(last) // rate:
+            bits |= C_PF
+        if self._running():
+            s0, s1 = self.guest_ns(last) // NS, self.guest_ns(now) // NS
+            if s1 > s0:
+                bits |= C_UF
+                if self._next_alarm(s0, s1) is not None:
+                    bits |= C_AF
+        return bits
+
+    def _update_flags(self, now: Optional[int] = None) -> None:
+        now = self.clock() if now is None else now
+        new = self._account(now)
+        c = self.cmos[REG_C] | new
+        b = self.cmos[REG_B]
+        if (c & C_PF and b & B_PIE) or (c & C_AF and b & B_AIE) or (c & C_UF and b & B_UIE):
+            c |= C_IRQF
+        self.cmos[REG_C] = c
+        if new & C_AF and self.on_alarm:
+            self.on_alarm()
+        self._drive_irq()
+
+    def _drive_irq(self) -> None:
+        level = 1 if self.cmos[REG_C] & C_IRQF else 0
+        if level != self._irq:
+            self._irq = level
+            if self.set_irq:
+                self.set_irq(level)
+
+    def poll(self) -> None:
+        """Account the events up to now and raise IRQ 8 for enabled ones (the PC machine calls
+        this at :meth:`next_event_ns`)."""
+        with self._lock:
+            self._update_flags()
+
+    def next_event_ns(self) -> Optional[int]:
+        """The monotonic time of the next event an enabled interrupt waits for, or None."""
+        with self._lock:
+            b = self.cmos[REG_B]
+            now = self.clock()
+            out = []
+            if b & B_PIE:
+                rate = periodic_ns(self.cmos[REG_A])
+                if rate:
+                    g = self.guest_ns(now)
+                    out.append((g // rate + 1) * rate - self.offset_ns)
+            if self._running() and b & (B_UIE | B_AIE):
+                s = self.guest_ns(now) // NS
+                if b & B_UIE:
+                    out.append((s + 1) * NS - self.offset_ns)
+                else:
+                    a = self._next_alarm(s, s + 2 * 86400)
+                    if a is not None:
+                        out.append(a * NS - self.offset_ns)
+            return min(out) if out else None
+
+    def alarm_armed(self) -> bool:
+        """Whether an alarm interrupt is enabled and can happen."""
+        with self._lock:
+            if not (self.cmos[REG_B] & B_AIE and self._running()):
+                return False
+            s = self.guest_ns() // NS
+            return self._next_alarm(s, s + 2 * 86400) is not None
+
+    # -- ports ---------------------------------------------------------------------------------
+    def _uip(self, now: int) -> bool:
+        if not self._running():
+            return False
+        g = self.guest_ns(now)
+        in_window = NS - g % NS <= UIP_WINDOW_NS
+        last = self.guest_ns(self._last_a_ns)
+        # an update that fell between two reads of a guest polling A (reads less than
+        # UIP_POLL_GAP_NS apart around it) still shows as UIP once
+        missed = not self._a_showed_uip and last // NS != g // NS and \
+            (last // NS + 1) * NS - last <= UIP_POLL_GAP_NS
+        self._last_a_ns = now
+        self._a_showed_uip = in_window or missed
+        return self._a_showed_uip
+
+    def read_register(self, reg: int) -> int:
+        with self._lock:
+            now = self.clock()
+            if reg == REG_A:
+                return (self.cmos[REG_A] & ~A_UIP) | (A_UIP if self._uip(now) else 0)
+            if reg == REG_C:
+                self._update_flags(now)
+                v = self.cmos[REG_C]
+                self.cmos[REG_C] = 0
+                self._drive_irq()
+                return v
+            if reg == REG_D:
+                return D_VRT
+            if (reg in TIME_REGS or reg == CENTURY) and not self.cmos[REG_B] & B_SET:
+                return self._time_regs(self.guest_ns(now) // NS)[reg]
+            return self.cmos[reg & 0x7F]
+
+    def write_register(self, reg: int, value: int) -> None:
+        with self._lock:
+            value &= 0xFF
+            if reg == REG_A:
+                self._update_flags()
+                self.cmos[REG_A] = value & ~A_UIP
+            elif reg == REG_B:
+                self._update_flags()
+                old = self.cmos[REG_B]
+                if value & B_SET:
+                    value &= ~B_UIE              # SET clears UIE
+                    if not old & B_SET:
+                        self._freeze()
+                self.cmos[REG_B] = value
+                if old & B_SET and not value & B_SET:
+                    self._restart_from_regs(keep_phase=False)
+                # the guest may have just enabled an interrupt whose flag is already set
+                c = self.cmos[REG_C]
+                if (c & C_PF and value & B_PIE) or (c & C_AF and value & B_AIE) or \
+                        (c & C_UF and value & B_UIE):
+                    self.cmos[REG_C] = c | C_IRQF
+                    self._drive_irq()
+            elif reg in (REG_C, REG_D):
+                pass                                  # read-only
+            elif reg in TIME_REGS or reg == CENTURY:
+                if self.cmos[REG_B] & B_SET:
+                    self.cmos[reg] = value
+                else:
+                    self._update_flags()
+                    self._freeze()
+                    self.cmos[reg] = value
+                    self._restart_from_regs(keep_phase=True)
+            else:
+                self.cmos[reg & 0x7F] = value
+        if self.on_change:
+            self.on_change()
+
+    def read(self, port: int, size: int) -> int:
+        """An IN at 0x70 (the index register is write-only: reads give 0xff) or 0x71."""
+        if port == DATA_PORT:
+            return self.read_register(self.index) | (0xFFFFFF00 & ((1 << (8 * size)) - 1))
+        return (1 << (8 * size)) - 1
+
+    def write(self, port: int, size: int, value: int) -> None:
+        if port == INDEX_PORT:
+            self.index = value & 0x7F
+            self.nmi_masked = bool(value & 0x80)
+        elif port == DATA_PORT:
+            self.write_register(self.index, value & 0xFF)
+
+    # -- firmware defaults -------------------------------------------------------------------
+    def set_memory_info(self, *, below_4g: int, above_4g: int, cpus: int) -> None:
+        """The CMOS bytes a PC BIOS leaves describing RAM and CPUs (base memory 640 KiB; KiB
+        above 1 MiB at 0x17/0x30; 64 KiB units above 16 MiB at 0x34 and above 4 GiB at 0x5b;
+        CPUs - 1 at 0x5f)."""
+        c = self.cmos
+        c[0x15], c[0x16] = 0x80, 0x02                       # 640 KiB
+        ext = min(max(0, below_4g - (1 << 20)) >> 10, 0xFFFF)
+        c[0x17], c[0x18] = ext & 0xFF, ext >> 8
+        c[0x30], c[0x31] = ext & 0xFF, ext >> 8
+        over16 = min(max(0, below_4g - (16 << 20)) >> 16, 0xFFFF)
+        c[0x34], c[0x35] = over16 & 0xFF, over16 >> 8
+        high = above_4g >> 16
+        c[0x5B], c[0x5C], c[0x5D] = high & 0xFF, (high >> 8) & 0xFF, (high >> 16) & 0xFF
+        c[0x5F] = max(0, cpus - 1) & 0xFF

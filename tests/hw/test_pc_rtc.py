@@ -1,0 +1,51 @@
+"""Issue 10: the PC machine's CMOS RTC (ports 0x70/0x71): registers, the update cycle (UIP),
+the alarm and update-ended interrupts through the IOAPIC, SET, and CMOS RAM — seen by
+guests/x86/pc_rtc.c."""
+import calendar
+import time
+
+import pytest
+
+pytestmark = pytest.mark.requires_arch("x86_64")
+
+
+def bcd(v):
+    return (v >> 4) * 10 + (v & 0xF)
+
+
+def test_rtc_registers_update_cycle_alarm_and_set(guest_vm):
+    m = guest_vm("pc_rtc", pc=True)
+    before = time.time()
+    a, b, d, century, year, month, day = m.sync(stage=1)
+    assert a == 0x26                     # 32.768 kHz divider, 1024 Hz rate select, UIP clear
+    assert b == 0x02                     # 24-hour BCD, no interrupts enabled
+    assert d == 0x80                     # valid RAM and time
+    hours, minutes, s0, _, uip = m.sync(stage=2)
+    assert uip == 1
+    guest = calendar.timegm((bcd(century) * 100 + bcd(year), bcd(month), bcd(day),
+                             bcd(hours), bcd(minutes), bcd(s0)))
+    assert abs(guest - before) < 5      # UTC from the host clock
+    _, _, s0b, s1, _ = m.sync(stage=2)
+    assert 1 <= (bcd(s1) - bcd(s0b)) % 60 <= 3   # an update moved the seconds on (1 unless
+    #                                              the host kept the guest off the CPU)
+    alarm, sec_at_irq, c, irqs, vector = m.sync(stage=3)
+    assert (irqs, vector) == (1, 0x48)   # IRQ 8 through IOAPIC pin 8
+    assert c & 0xA0 == 0xA0              # IRQF | AF
+    assert sec_at_irq == alarm           # it fired at the alarm second
+    irqs, c = m.sync(stage=4)
+    assert irqs == 2 and c & 0x90 == 0x90    # update-ended interrupts: IRQF | UF
+    b_now, h12, hh, mm, ss, ram = m.sync(stage=5)
+    assert b_now == 0x02
+    assert h12 == 0x8C                   # binary 12-hour mode: PM | 12
+    assert (hh, mm) == (0x12, 0x34) and ss in (0x56, 0x57)   # the clock runs on from 12:34:56
+    assert ram == 0xA5                   # CMOS RAM
+    m.done()
+
+
+def test_cmos_describes_memory_and_cpus(guest_vm):
+    m = guest_vm("pc_fwcfg", pc=True, vcpus=2, mem_size=6 << 30)
+    cmos = m.platform.pcm.rtc.cmos
+    assert cmos[0x15] | cmos[0x16] << 8 == 640
+    assert cmos[0x34] | cmos[0x35] << 8 == ((3 << 30) - (16 << 20)) >> 16
+    assert cmos[0x5B] | cmos[0x5C] << 8 | cmos[0x5D] << 16 == (3 << 30) >> 16
+    assert cmos[0x5F] == 1
