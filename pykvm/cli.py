@@ -29,11 +29,21 @@ if _started_as_program():
         pass
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 
 from . import __version__  # noqa: E402
+
+
+class _Json:
+    """``json``, imported when a command first prints JSON (most runs never do)."""
+
+    def dumps(self, *args, **kw):
+        import json
+        return json.dumps(*args, **kw)
+
+
+json = _Json()
 
 EXIT_USAGE = 2
 MAX_MEM = 1 << 40          # 1 TiB: far beyond any test guest, well inside the host's address space
@@ -462,6 +472,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point of the ``pykvm`` command; returns the exit status (see pykvm.status).
+
+    Started as the ``pykvm`` program (``argv`` None), it flushes its output and ends the process
+    at once with that status instead of returning: the interpreter's own teardown of every
+    loaded module costs more than some whole commands (VMs and fds are closed by then)."""
+    code = _main(argv)
+    if argv is None and _started_as_program():
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            code = 141
+        except (OSError, ValueError):
+            pass
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os._exit(code)
+    return code
+
+
+def _main(argv=None) -> int:
+    """:func:`main` up to the exit status.
 
     SIGINT and SIGTERM end any command with one line and status 130 / 143, whenever they
     arrive: during start-up they abort it, during a run they stop every vCPU first."""

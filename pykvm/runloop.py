@@ -14,7 +14,6 @@ exit object (:class:`~pykvm.exits.ExitCache`) that reads only the fields it asks
 """
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Union
 
 from . import abi
@@ -48,15 +47,51 @@ STOP_NAMES = {
 }
 
 
-@dataclass
-class Stop:
+class _Record:
+    """A small record class (what ``@dataclass`` writes, without its cost at import): fields
+    from ``_fields``, keyword or positional, ``==`` and ``repr``."""
+    __slots__ = ()
+    _fields: tuple = ()
+    _defaults: dict = {}
+
+    def __init__(self, *args, **kw):
+        names = self._fields
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__} takes at most {len(names)} arguments")
+        for name, value in zip(names, args):
+            setattr(self, name, value)
+        for name in names[len(args):]:
+            if name in kw:
+                setattr(self, name, kw.pop(name))
+            elif name in self._defaults:
+                setattr(self, name, self._defaults[name])
+            else:
+                raise TypeError(f"{type(self).__name__} needs {name!r}")
+        if kw:
+            raise TypeError(f"{type(self).__name__} has no field {next(iter(kw))!r}")
+
+    def __repr__(self):
+        return f"{type(self).__name__}(" + ", ".join(
+            f"{n}={getattr(self, n)!r}" for n in self._fields) + ")"
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self._fields)
+
+    __hash__ = None
+
+
+class Stop(_Record):
     """Why a run returned: ``kind`` is "exit" (``exit`` holds the typed exit), "debug_exit"
     (``value`` = what the guest wrote to the exit port), "deadline", "budget" or "kick".
     ``result``: for an "exit" that a handler (:meth:`RunLoop.on`) ended, what it returned."""
-    kind: str
-    exit: Optional[Exit] = None
-    value: Optional[int] = None
-    result: object = None
+    __slots__ = _fields = ("kind", "exit", "value", "result")
+    _defaults = {"exit": None, "value": None, "result": None}
+
+    def __init__(self, kind: str, exit: Optional[Exit] = None, value: Optional[int] = None,
+                 result: object = None):
+        self.kind, self.exit, self.value, self.result = kind, exit, value, result
 
 
 def exit_reason(reason: Union[str, int]) -> int:
@@ -72,16 +107,15 @@ def exit_reason(reason: Union[str, int]) -> int:
         raise ValueError(f"unknown exit reason {reason!r}") from None
 
 
-@dataclass
-class MmioRecord:
-    phys_addr: int
-    len: int
-    pio: bool
-    data: bytes
+class MmioRecord(_Record):
+    """One coalesced MMIO (or PIO) write: ``phys_addr``, ``len``, ``pio``, ``data``."""
+    __slots__ = _fields = ("phys_addr", "len", "pio", "data")
+
+    def __init__(self, phys_addr: int, len: int, pio: bool, data: bytes):
+        self.phys_addr, self.len, self.pio, self.data = phys_addr, len, pio, data
 
 
-@dataclass
-class LoopConfig:
+class LoopConfig(_Record):
     """What a run loop serves and how much it keeps.
 
     Ports are x86 I/O port numbers (0 = none). ``uart_mmio_base`` serves the same 16550
@@ -105,6 +139,10 @@ class LoopConfig:
     ram: tuple = ()                  # (gpa, host address, size) regions the loop may read
     uart_mmio_base: int = 0          # an ns16550a as MMIO here (RISC-V virt: 0x10000000), 0 = none
     uart_mmio_shift: int = 0         # its register stride: register N at base + (N << shift)
+
+
+LoopConfig._fields = tuple(LoopConfig.__annotations__)
+LoopConfig._defaults = {n: getattr(LoopConfig, n) for n in LoopConfig._fields}
 
 
 def _ring_address(vcpu):
