@@ -19,10 +19,12 @@ min–max, and each ratio is the median of the per-round ratios (min–max of th
 * **memory**: resident host memory per VM, with 16 MiB of RAM and the same guest pages resident
   (a tiny ELF64 guest, long mode): raw C, pykvm's ``Vm`` API, and a
   :class:`~pykvm.machine.Machine`.
-* **boot** to exit as a user sees it, whole processes: ``pykvm run`` of a tiny multiboot guest
-  (it prints "ok" on COM1 and writes 0 to isa-debug-exit) vs ``qemu-system-x86_64 -accel kvm
-  -kernel`` of the same file, kvmtool's ``lkvm`` where installed, ``python -c pass`` (the
-  interpreter's floor) and ``python -c "import pykvm"``.
+* **boot** to exit as a user sees it, whole processes: ``pykvm run`` of a tiny guest in pykvm's
+  own format (an ELF64 that writes 0 to isa-debug-exit) vs ``python -c pass`` (the interpreter's
+  floor) and ``python -c "import pykvm"``; ``pykvm run`` of a tiny multiboot guest (it prints
+  "ok" on COM1 and writes 0 to isa-debug-exit; pykvm boots it on its pc machine) vs
+  ``qemu-system-x86_64 -accel kvm -kernel`` of the same file and kvmtool's ``lkvm`` where
+  installed.
 * **scaling**: aggregate exits/s of the C loop with 1, 2, 4, ... vCPUs (one thread each), up to
   the host's CPU count.
 
@@ -407,6 +409,9 @@ def boot(tmp: str, rounds: int, qemu_rounds: int, notes: list) -> dict:
     image = os.path.join(tmp, "tiny-multiboot.elf")
     with open(image, "wb") as f:
         f.write(tiny_multiboot())
+    image64 = os.path.join(tmp, "tiny-elf64.elf")
+    with open(image64, "wb") as f:
+        f.write(tiny_elf64())
     env = dict(os.environ)
     if env.pop("PYTHONDONTWRITEBYTECODE", None):
         notes.append("boot: this environment sets PYTHONDONTWRITEBYTECODE, which makes every "
@@ -415,7 +420,8 @@ def boot(tmp: str, rounds: int, qemu_rounds: int, notes: list) -> dict:
                      "directory, warmed once), as after a normal install")
     env["PYTHONPYCACHEPREFIX"] = os.path.join(tmp, "pycache")
     cmds = {
-        "pykvm_run": (_pykvm_command() + ["run", image, "--timeout", "20"], 1),
+        "pykvm_run": (_pykvm_command() + ["run", image64, "--timeout", "20"], 1),
+        "pykvm_run_multiboot": (_pykvm_command() + ["run", image, "--timeout", "20"], 1),
         "python_floor": ([sys.executable, "-c", "pass"], 0),
         "import_pykvm": ([sys.executable, "-c", "import pykvm"], 0),
     }
@@ -434,7 +440,7 @@ def boot(tmp: str, rounds: int, qemu_rounds: int, notes: list) -> dict:
     else:
         notes.append("boot: kvmtool (lkvm) is not installed; it is not packaged for Debian 12 "
                      "(bookworm), so there is no kvmtool figure")
-    for name in ("pykvm_run", "python_floor", "import_pykvm"):
+    for name in ("pykvm_run", "pykvm_run_multiboot", "python_floor", "import_pykvm"):
         _run_timed(cmds[name][0], env, cmds[name][1])            # warm the bytecode cache
     wall = {k: [] for k in cmds}
     cpu = {k: [] for k in cmds}
@@ -456,14 +462,26 @@ def boot(tmp: str, rounds: int, qemu_rounds: int, notes: list) -> dict:
                 raise RuntimeError(f"boot contender {name} exited {err[0]}: {err[1]}")
             wall[name].append(w * 1e3)
             cpu[name].append(c * 1e3)
-    out = {"image": "tiny multiboot ELF32 (prints 'ok' on COM1, isa-debug-exit 0)",
+    out = {"images": {"pykvm_run": "tiny ELF64, pykvm's own guest format (bare x86 machine): "
+                                    "isa-debug-exit 0",
+                      "pykvm_run_multiboot": "tiny multiboot ELF32 (QEMU's -kernel format; the "
+                                             "pc machine by default): prints 'ok' on COM1, "
+                                             "isa-debug-exit 0"},
            "commands": {k: " ".join(v[0]) for k, v in cmds.items()}}
     for name in cmds:
         out[name] = {"wall_ms": _summary(wall[name]), "cpu_ms": _summary(cpu[name])}
-    for other in ("python_floor", "qemu", "kvmtool", "import_pykvm"):
-        if other in cmds and wall[other]:
-            n = min(len(wall["pykvm_run"]), len(wall[other]))
-            out[f"pykvm_run_vs_{other}"] = _ratio(wall["pykvm_run"][:n], wall[other][:n])
+
+    def vs(a, b, key):
+        if wall[a] and wall[b]:
+            n = min(len(wall[a]), len(wall[b]))
+            out[key] = _ratio(wall[a][:n], wall[b][:n])
+    vs("pykvm_run", "python_floor", "pykvm_run_vs_python_floor")
+    vs("pykvm_run", "import_pykvm", "pykvm_run_vs_import_pykvm")
+    vs("pykvm_run_multiboot", "python_floor", "pykvm_run_multiboot_vs_python_floor")
+    if "qemu" in cmds:
+        vs("pykvm_run_multiboot", "qemu", "pykvm_run_multiboot_vs_qemu")
+    if "kvmtool" in cmds:
+        vs("pykvm_run_multiboot", "kvmtool", "pykvm_run_multiboot_vs_kvmtool")
     return out
 
 
@@ -554,9 +572,10 @@ def _headline(res: dict) -> tuple:
         put(f"python_vs_raw_{kind}", ex[kind]["python"]["cpu_vs_raw"])
     put("lifecycle_vs_raw", res["lifecycle"]["cpu_vs_raw"])
     put("machine_mem_vs_raw", res["memory"]["machine_vs_raw"])
-    put("boot_vs_qemu", res["boot"].get("pykvm_run_vs_qemu"))
+    put("boot_vs_qemu", res["boot"].get("pykvm_run_multiboot_vs_qemu"))
     put("boot_vs_python_floor", res["boot"].get("pykvm_run_vs_python_floor"))
-    put("boot_vs_kvmtool", res["boot"].get("pykvm_run_vs_kvmtool"))
+    put("boot_multiboot_vs_python_floor", res["boot"].get("pykvm_run_multiboot_vs_python_floor"))
+    put("boot_vs_kvmtool", res["boot"].get("pykvm_run_multiboot_vs_kvmtool"))
     wall = {"c_loop_vs_raw": ex["io_out"]["c_loop"]["wall_vs_raw"],
             "python_vs_raw": ex["io_out"]["python"]["wall_vs_raw"],
             "lifecycle_vs_raw": res["lifecycle"]["wall_vs_raw"]}
@@ -624,7 +643,8 @@ def report(res: dict) -> str:
     b = res["boot"]
     lines.append("boot to exit, ms wall: " + ", ".join(
         f"{k} {_fmt(b[k]['wall_ms'], digits=1)}" for k in
-        ("pykvm_run", "python_floor", "import_pykvm", "qemu", "kvmtool") if k in b))
+        ("pykvm_run", "pykvm_run_multiboot", "python_floor", "import_pykvm", "qemu",
+         "kvmtool") if k in b))
     lines.append("scaling (C loop, I/O out): " + ", ".join(
         f"{r['vcpus']} vCPU {r['exits_per_s'] / 1e3:.0f}k exits/s" for r in res["scaling"]))
     lines += ["", "ratios (median of per-round ratios; limit):"]
@@ -652,7 +672,8 @@ def plot(res: dict, path: str) -> None:
     names = [k for k in ("c_loop_vs_raw", "python_vs_raw", "machine_on_vs_raw",
                          "python_vs_raw_io_in", "python_vs_raw_mmio_write",
                          "python_vs_raw_mmio_read", "python_vs_raw_hlt", "lifecycle_vs_raw",
-                         "machine_mem_vs_raw", "boot_vs_python_floor", "boot_vs_qemu")
+                         "machine_mem_vs_raw", "boot_vs_python_floor",
+                         "boot_multiboot_vs_python_floor", "boot_vs_qemu")
              if res["ratios"].get(k) is not None]
     vals = [res["ratios"][k] for k in names]
     lo = [v - res["ratio_ranges"].get(k, [v, v])[0] for k, v in zip(names, vals)]

@@ -62,8 +62,9 @@ def test_quick_json_has_the_figures_behind_the_ratios(quick):
     assert mem["resident_guest_pages"] >= 1 and mem["raw_kib"]["median"] > 0
     assert mem["machine_kib"]["median"] > 0 and mem["vm_api_kib"]["median"] > 0
     boot = res["boot"]
-    for name in ("pykvm_run", "python_floor", "import_pykvm"):
+    for name in ("pykvm_run", "pykvm_run_multiboot", "python_floor", "import_pykvm"):
         assert boot[name]["wall_ms"]["median"] > 0
+    assert res["ratios"]["boot_multiboot_vs_python_floor"] > 0
     assert [r["vcpus"] for r in res["scaling"]][0] == 1
     assert res["scaling"][-1]["vcpus"] == os.cpu_count()
     assert all(r["exits_per_s"] > 0 for r in res["scaling"])
