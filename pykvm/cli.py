@@ -237,6 +237,13 @@ def cmd_run(args) -> int:
         if _cur.Platform.arch != "x86_64":
             return outcome("bad_input", status.BAD_INPUT, "--machine applies to x86 guests")
         opts["pc"] = args.machine == "pc"
+    if args.pc_device:
+        from .arch import current as _cur
+        if _cur.Platform.arch != "x86_64":
+            return outcome("bad_input", status.BAD_INPUT, "--pc-device applies to x86 guests")
+        if args.machine == "bare":
+            return outcome("bad_input", status.BAD_INPUT, "--pc-device needs the pc machine")
+        opts["devices"] = tuple(args.pc_device)
     riscv_opts = {"cpu_type": args.cpu_type, "suspend_seconds": args.suspend_seconds}
     riscv_opts = {k: v for k, v in riscv_opts.items() if v is not None}
     if riscv_opts:
@@ -404,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "CMOS RTC, S3, pc-testdev; vCPU 0 starts, the others wait for INIT/SIPI) or "
                    "bare (RAM and console ports; every vCPU starts at the entry); default: pc "
                    "for multiboot kernels and Linux bzImages, bare otherwise")
+    r.add_argument("--pc-device", action="append", default=[], metavar="NAME",
+                   choices=("edu", "intel-iommu"),
+                   help="x86 PC: add a device, as QEMU's -device: edu (QEMU's educational PCI "
+                   "device) or intel-iommu (VT-d with DMA and interrupt remapping); repeatable")
     r.add_argument("--python-loop", action="store_true", help="run the exit loop in Python "
                    "instead of the C helper")
     r.add_argument("--cpu-type", default=None, metavar="TYPE",

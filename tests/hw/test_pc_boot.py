@@ -1,7 +1,6 @@
 """Issue 10: booting on the PC machine — multiboot modules and command line, images linked below
 1 MiB, the memory map around the 32-bit PCI hole (4 and 6 GiB guests), SMP bring-up by
 INIT/SIPI, the machine chosen by the image — with guests of our own (guests/x86/pc_*.c)."""
-import os
 
 import pytest
 

@@ -16,7 +16,9 @@ make``); it is never part of this repository. The tests and their parameters com
   the test's ``qemu_params`` less any ``-cpu`` option (``-cpu host``/``max`` abort on a host whose
   KVM is served by kvm_pvm; QEMU's default CPU model is used instead).
 * pykvm runs ``pykvm run X.flat --vcpus N --mem M --cmdline ARGS --initrd ENV --timeout T``,
-  where ``M`` is QEMU's ``-m`` (128 MiB when the test gives none, QEMU's default).
+  where ``M`` is QEMU's ``-m`` (128 MiB when the test gives none, QEMU's default), plus
+  ``--pc-device edu`` / ``--pc-device intel-iommu`` where QEMU gets those ``-device``s (see
+  :func:`pykvm_options`).
 
 Both get the same environment file (what ``run_tests.sh`` writes: TARGET, QEMU_ACCEL, the QEMU
 and kernel versions). A test's verdict follows kvm-unit-tests: exit status 1 (isa-debug-exit
@@ -255,10 +257,30 @@ def qemu_command(t: Test, kut: str, env: str, qemu: str) -> List[str]:
             ["-append", expand_args(t.test_args), "-initrd", env])
 
 
+PYKVM_DEVICES = ("edu", "intel-iommu")
+
+
+def pykvm_options(t: Test) -> List[str]:
+    """pykvm run options for the test's qemu_params: ``-m`` → ``--mem`` (QEMU's 128 MiB when
+    absent); ``-device edu`` / ``-device intel-iommu,...`` → ``--pc-device``. The rest has no
+    pykvm counterpart and is left out: ``-cpu`` (dropped for QEMU too), ``-M q35,...`` (pykvm's
+    PC with those devices stands in for q35), ``-machine pit=off`` (pykvm keeps the PIT),
+    ``-overcommit``, ``-enable-kvm``, other ``-device``s (the tests that need them are skipped
+    by their ``check`` lines or fail under QEMU here too)."""
+    out = ["--mem", f"{t.mem() >> 20}M"]
+    toks = shlex.split(t.qemu_params)
+    for i, tok in enumerate(toks):
+        if tok == "-device" and i + 1 < len(toks):
+            name = toks[i + 1].split(",")[0]
+            if name in PYKVM_DEVICES:
+                out += ["--pc-device", name]
+    return out
+
+
 def pykvm_command(t: Test, kut: str, env: str, pykvm: List[str]) -> List[str]:
-    return pykvm + ["run", os.path.join(kut, "x86", t.file), "--vcpus", str(t.smp),
-                    "--mem", f"{t.mem() >> 20}M", "--cmdline", expand_args(t.test_args),
-                    "--initrd", env, "--timeout", f"{t.timeout:g}"]
+    return pykvm + ["run", os.path.join(kut, "x86", t.file), "--vcpus", str(t.smp)] + \
+        pykvm_options(t) + ["--cmdline", expand_args(t.test_args), "--initrd", env,
+                            "--timeout", f"{t.timeout:g}"]
 
 
 def _qemu_key(t: Test, kut: str, qemu: str) -> str:

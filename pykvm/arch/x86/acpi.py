@@ -189,6 +189,16 @@ def madt(apic_ids: Sequence[int], overrides=PC_OVERRIDES) -> bytes:
     return table(b"APIC", 1, bytes(body))
 
 
+def dmar(register_base: int, ioapic_id: int = IOAPIC_ID) -> bytes:
+    """The DMA Remapping table (VT-d spec 8.1) of one IOMMU covering every PCI device
+    (INCLUDE_PCI_ALL) with interrupt remapping, and the IOAPIC in its device scope (at the
+    pseudo bus 0xFF, device 0x1F, as QEMU's q35 declares it)."""
+    scope = struct.pack("<BBHBBBB", 3, 8, 0, ioapic_id, 0xFF, 0x1F, 0)     # IOAPIC scope
+    drhd = struct.pack("<HHBBHQ", 0, 16 + len(scope), 1, 0, 0, register_base) + scope
+    body = struct.pack("<BB10x", 39 - 1, 1) + drhd          # host address width, INTR_REMAP
+    return table(b"DMAR", 1, body)
+
+
 @dataclass
 class AcpiTables:
     """The tables laid out at ``base``: ``blob`` is what to write there; ``addr`` maps each
@@ -206,9 +216,10 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-def build_tables(base: int, vcpus: int) -> AcpiTables:
+def build_tables(base: int, vcpus: int, *, iommu: int = 0) -> AcpiTables:
     """Every table for a PC with ``vcpus`` vCPUs (APIC ids 0..vcpus-1), laid out from ``base``
-    (16-byte aligned): RSDP, FACS (64-byte aligned), DSDT, FADT, MADT, RSDT, XSDT."""
+    (16-byte aligned): RSDP, FACS (64-byte aligned), DSDT, FADT, MADT, (DMAR for a VT-d
+    IOMMU whose registers are at ``iommu``), RSDT, XSDT."""
     if base % 16:
         raise ValueError(f"ACPI tables base {base:#x} is not 16-byte aligned")
     addr: Dict[str, int] = {}
@@ -227,6 +238,13 @@ def build_tables(base: int, vcpus: int) -> AcpiTables:
     addr["APIC"] = pos
     pos = _align(pos + len(m), 16)
     entries = [addr["FACP"], addr["APIC"]]
+    extra = []
+    if iommu:
+        d2 = dmar(iommu)
+        addr["DMAR"] = pos
+        pos = _align(pos + len(d2), 16)
+        entries.append(addr["DMAR"])
+        extra.append(("DMAR", d2))
     r = rsdt(entries)
     addr["RSDT"] = pos
     pos = _align(pos + len(r), 16)
@@ -234,8 +252,9 @@ def build_tables(base: int, vcpus: int) -> AcpiTables:
     addr["XSDT"] = pos
     pos += len(x)
     blob = bytearray(pos - base)
-    for name, data in (("RSDP", rsdp(addr["RSDT"], addr["XSDT"])), ("FACS", facs()),
-                       ("DSDT", d), ("FACP", f), ("APIC", m), ("RSDT", r), ("XSDT", x)):
+    parts = [("RSDP", rsdp(addr["RSDT"], addr["XSDT"])), ("FACS", facs()), ("DSDT", d),
+             ("FACP", f), ("APIC", m), ("RSDT", r), ("XSDT", x)] + extra
+    for name, data in parts:
         off = addr[name] - base
         blob[off:off + len(data)] = data
     return AcpiTables(base, bytes(blob), addr)

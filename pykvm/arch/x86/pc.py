@@ -19,6 +19,13 @@ C run loop             COM1 (0x3F8), debug console (0xE9), isa-debug-exit (0xF4-
 anything else          unassigned: reads all-ones, writes are dropped (as on a PC bus)
 =====================  ================================================================
 
+Optional devices (``devices=``, ``pykvm run --device``), as QEMU's ``-device`` adds them:
+
+* ``edu`` — QEMU's educational PCI device (:mod:`.edu`) at 00:03.0, BAR 0 at 0xFEA00000,
+  INTA# on IRQ 11 (what SeaBIOS gives slot 3), MSI;
+* ``intel-iommu`` — a VT-d IOMMU (:mod:`.vtd`) at 0xFED90000 with DMA and interrupt
+  remapping, and an ACPI DMAR table.
+
 GSI routing is QEMU's: ISA IRQs 0-15 reach the PICs (IRQ 2 is the cascade) and the IOAPIC pin of
 the same number except IRQ 0 (the PIT), which reaches IOAPIC pin 2 — what the MADT's interrupt
 source override says; GSIs 16-23 reach the IOAPIC only.
@@ -45,6 +52,11 @@ from .pm import AcpiPm
 from .rtc import CmosRtc
 from .testdev import (FLUSH_PORT, IOMEM_BASE, IOMEM_SIZE, IRQ_LINES, IRQ_PORT, SCRATCH_BYTE_PORT,
                       SCRATCH_PORT, PcTestdev)
+
+DEVICES = ("edu", "intel-iommu")
+EDU_SLOT = 3
+EDU_BAR = 0xFEA00000
+EDU_IRQ = 11
 
 PORT92 = 0x92
 RTC_IRQ = 8
@@ -130,7 +142,10 @@ class PcMachine:
     """The devices of the PC machine for :class:`pykvm.arch.x86.platform.Platform`."""
 
     def __init__(self, machine, *, vcpus: int, ram_size: int, below_4g: int, above_4g: int,
-                 pit: bool = True):
+                 pit: bool = True, devices=()):
+        unknown = [d for d in devices if d not in DEVICES]
+        if unknown:
+            raise ValueError(f"no PC device {unknown[0]!r} (known: {', '.join(DEVICES)})")
         self.m = machine
         self.vcpus = vcpus
         self.ram_size = ram_size
@@ -156,6 +171,18 @@ class PcMachine:
                            on_change=self._rtc_changed)
         self.rtc.set_memory_info(below_4g=below_4g, above_4g=above_4g, cpus=vcpus)
         self.testdev = PcTestdev(set_irq=self.irq)
+        self.vtd = self.edu = None
+        mem = machine.vm.memory
+        if "intel-iommu" in devices:
+            from .vtd import Vtd
+            self.vtd = Vtd(mem, signal_msi=self._signal_msi)
+        if "edu" in devices:
+            from .edu import Edu
+            self.edu = Edu(bdf=EDU_SLOT << 3, bar=EDU_BAR, intx_line=EDU_IRQ, memory=mem,
+                           msi=self._device_msi, set_intx=lambda level: self.irq(EDU_IRQ, level),
+                           translate=self._dma_translate)
+            self.edu.pci.on_write = self.edu.config_changed
+            self.pci.functions[(EDU_SLOT, 0)] = self.edu.pci
         self.port92 = 0x02
         self.ports: Dict[int, object] = {}
         for p in (0x70, 0x71):
@@ -184,7 +211,10 @@ class PcMachine:
                 pass
 
     def write_tables(self, mem) -> acpi.AcpiTables:
-        self.tables = acpi.build_tables(ACPI_TABLES_ADDR, self.vcpus)
+        """Write the ACPI tables into the BIOS area of guest RAM."""
+        from .vtd import BASE as VTD_BASE
+        self.tables = acpi.build_tables(ACPI_TABLES_ADDR, self.vcpus,
+                                        iommu=VTD_BASE if self.vtd else 0)
         mem.write(self.tables.base, self.tables.blob)
         return self.tables
 
@@ -203,6 +233,23 @@ class PcMachine:
             except Exception:
                 if not getattr(self.m, "closed", False):
                     raise
+
+    def _signal_msi(self, address: int, data: int) -> None:
+        try:
+            self.m.vm.signal_msi(address, data)
+        except Exception:
+            if not getattr(self.m, "closed", False):
+                raise
+
+    def _device_msi(self, source_id: int, address: int, data: int) -> None:
+        """An MSI a PCI device sends: through the IOMMU's interrupt remapping if there is one."""
+        if self.vtd is not None:
+            self.vtd.deliver_msi(address, data)
+        else:
+            self._signal_msi(address, data)
+
+    def _dma_translate(self, source_id: int, address: int, write: bool) -> int:
+        return self.vtd.translate(source_id, address, write) if self.vtd else address
 
     def _rtc_changed(self) -> None:
         self.scheduler.schedule("rtc", self.rtc.next_event_ns(), self._rtc_timer)
@@ -265,11 +312,18 @@ class PcMachine:
                                         for _ in range(count)))
         elif name == "MMIO":
             addr, n = ex.phys_addr, ex.len
+            dev = None
             if IOMEM_BASE <= addr < IOMEM_BASE + IOMEM_SIZE:
+                dev = self.testdev
+            elif self.vtd is not None and 0xFED90000 <= addr < 0xFED91000:
+                dev = self.vtd
+            elif self.edu is not None and self.edu.decodes(addr):
+                dev = self.edu
+            if dev is not None:
                 if ex.is_write:
-                    self.testdev.mmio_write(addr, ex.data)
+                    dev.mmio_write(addr, ex.data)
                 else:
-                    ex.respond(self.testdev.mmio_read(addr, n))
+                    ex.respond(dev.mmio_read(addr, n))
             elif not ex.is_write:
                 ex.respond(b"\xff" * n)               # nothing there: a master abort
         else:

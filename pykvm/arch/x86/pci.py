@@ -5,7 +5,8 @@ functions of QEMU's ``pc`` (i440FX) board that pykvm models.
   7:2 register (dword). Only 32-bit accesses reach it; a byte at 0xCF9 is the PIIX reset
   control register (bit 2 with bit 1: hard reset).
 * 0xCFC-0xCFF: CONFIG_DATA — the dword at the selected register; the low two bits of the port
-  pick the byte an 8- or 16-bit access starts at.
+  (ORed, as QEMU does, with the low two bits written to CONFIG_ADDRESS) pick the byte an 8- or
+  16-bit access starts at.
 
 Functions on bus 0 (IDs as QEMU presents them):
 
@@ -39,6 +40,8 @@ PCI_CLASS_PROG = 0x09
 PCI_HEADER_TYPE = 0x0E
 PCI_SUBSYSTEM_VENDOR_ID = 0x2C
 PCI_SUBSYSTEM_ID = 0x2E
+PCI_BAR0 = 0x10
+PCI_CAPABILITY_LIST = 0x34
 PCI_INTERRUPT_LINE = 0x3C
 PCI_INTERRUPT_PIN = 0x3D
 
@@ -64,6 +67,9 @@ class PciFunction:
         for off, mask in ((PCI_COMMAND, 0x07), (PCI_COMMAND + 1, 0x05), (0x0C, 0xFF),
                           (0x0D, 0xFF), (PCI_INTERRUPT_LINE, 0xFF)) + tuple(writable):
             self.wmask[off] = mask
+        self.bars = {}
+        self.msi_offset = 0
+        self.on_write = None               # called after a configuration write, if set
 
     def put16(self, off: int, v: int) -> None:
         self.config[off:off + 2] = v.to_bytes(2, "little")
@@ -77,6 +83,57 @@ class PciFunction:
             if m:
                 b = (value >> (8 * i)) & 0xFF
                 self.config[off + i] = (self.config[off + i] & ~m) | (b & m)
+
+    # -- BARs and MSI (devices that have them) ----------------------------------------------
+    def add_bar(self, index: int, size: int, addr: int, *, mem64: bool = False) -> None:
+        """A memory BAR of ``size`` bytes (a power of two, >= 16) at ``addr``, as firmware
+        leaves it assigned. Software sizes it the usual way (write all-ones, read the mask)."""
+        off = PCI_BAR0 + 4 * index
+        flags = 0x4 if mem64 else 0x0
+        mask = ~(size - 1) & 0xFFFFFFF0
+        self.config[off:off + 4] = ((addr & mask) | flags).to_bytes(4, "little")
+        self.wmask[off:off + 4] = mask.to_bytes(4, "little")
+        if mem64:
+            self.config[off + 4:off + 8] = (addr >> 32).to_bytes(4, "little")
+            self.wmask[off + 4:off + 8] = b"\xff" * 4
+        self.bars[index] = (size, mem64)
+
+    def bar_address(self, index: int) -> int:
+        """Where memory BAR ``index`` is decoded now (its register, less the flag bits)."""
+        off = PCI_BAR0 + 4 * index
+        addr = self.read(off, 4) & 0xFFFFFFF0
+        if self.bars[index][1]:
+            addr |= self.read(off + 4, 4) << 32
+        return addr
+
+    @property
+    def memory_enabled(self) -> bool:
+        return bool(self.config[PCI_COMMAND] & 0x02)
+
+    @property
+    def bus_master(self) -> bool:
+        return bool(self.config[PCI_COMMAND] & 0x04)
+
+    def add_msi(self, offset: int = 0x40) -> None:
+        """An MSI capability with a 64-bit address and one vector (the capability list
+        starts here)."""
+        self.msi_offset = offset
+        self.config[offset] = 0x05                 # capability id: MSI
+        self.config[offset + 1] = self.config[PCI_CAPABILITY_LIST]
+        self.put16(offset + 2, 0x0080)             # 64-bit address capable, 1 vector
+        self.wmask[offset + 2] = 0x01              # MSI enable
+        self.wmask[offset + 4:offset + 8] = b"\xfc\xff\xff\xff"      # address, dword aligned
+        self.wmask[offset + 8:offset + 12] = b"\xff" * 4                # upper address
+        self.wmask[offset + 12:offset + 14] = b"\xff\xff"              # data
+        self.config[PCI_CAPABILITY_LIST] = offset
+        self.config[PCI_STATUS] |= 0x10            # capabilities list present
+
+    def msi(self):
+        """(enabled, address, data) of the MSI capability (enabled False without one)."""
+        o = self.msi_offset
+        if not o or not self.config[o + 2] & 1:
+            return False, 0, 0
+        return True, self.read(o + 4, 4) | self.read(o + 8, 4) << 32, self.read(o + 12, 2)
 
 
 def _range(lo: int, hi: int, mask: int = 0xFF):
@@ -151,6 +208,8 @@ class PciHost:
         if t is not None:
             f, reg = t
             f.write(reg + offset_in_dword, size, value)
+            if f.on_write is not None:
+                f.on_write()
 
     # -- ports -----------------------------------------------------------------------------
     def read(self, port: int, size: int) -> int:
@@ -160,7 +219,9 @@ class PciHost:
             if port == RESET_CONTROL and size == 1:
                 return self.rcr
             if CONFIG_DATA <= port <= CONFIG_DATA + 3:
-                off = port - CONFIG_DATA
+                # as QEMU: the address register's low bits (reserved on real chipsets) are
+                # ORed with the port's, so a byte/word offset may come from either
+                off = ((port - CONFIG_DATA) | self.address) & 3
                 size = min(size, 4 - off)
                 return self.config_read(self.address, off, size)
         return (1 << (8 * size)) - 1
@@ -176,7 +237,7 @@ class PciHost:
                     reset = True
                 self.rcr = value & 0x02
             elif CONFIG_DATA <= port <= CONFIG_DATA + 3:
-                off = port - CONFIG_DATA
+                off = ((port - CONFIG_DATA) | self.address) & 3
                 self.config_write(self.address, off, min(size, 4 - off), value)
         if reset and self.on_reset:
             self.on_reset()

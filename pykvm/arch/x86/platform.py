@@ -78,14 +78,14 @@ def is_multiboot(head: bytes) -> bool:
 
 class Platform:
     """The x86 machine under a :class:`pykvm.machine.Machine` (see the module docstring).
-    Options: ``pc`` (True: the PC machine, False: bare, None: by image), ``irqchip`` and ``pit``
-    (bare machine: the in-kernel irqchip and PIT), ``cpuid`` (entries instead of the supported
-    CPUID)."""
+    Options: ``pc`` (True: the PC machine, False: bare, None: by image), ``devices`` (optional
+    PC devices: "edu", "intel-iommu"), ``irqchip`` and ``pit`` (bare machine: the in-kernel
+    irqchip and PIT), ``cpuid`` (entries instead of the supported CPUID)."""
     ram_base = 0
     arch = "x86_64"
 
     def __init__(self, machine, *, irqchip: bool = False, pit: bool = False, cpuid=None,
-                 pc: Optional[bool] = None):
+                 pc: Optional[bool] = None, devices=()):
         if pc not in (None, True, False):
             raise ValueError(f"pc must be True, False or None (by image), not {pc!r}")
         self.m = machine
@@ -93,6 +93,9 @@ class Platform:
         self.pit = pit
         self.cpuid = cpuid
         self.pc = pc
+        self.devices = tuple(devices)
+        if self.devices and pc is False:
+            raise ValueError("devices need the PC machine (pc=True or by image)")
         self.pcm = None                    # the PcMachine, once the machine is a PC
         self.ram_size = 0
         self.below_4g = self.above_4g = 0
@@ -134,7 +137,8 @@ class Platform:
     def _make_pc(self) -> None:
         from .pc import PcMachine
         self.pcm = PcMachine(self.m, vcpus=self.m.vcpu_count, ram_size=self.ram_size,
-                             below_4g=self.below_4g, above_4g=self.above_4g)
+                             below_4g=self.below_4g, above_4g=self.above_4g,
+                             devices=self.devices)
         self.pcm.create_chips()
         self.irqchip = self.pit = True
         self.pcm.write_tables(self.m.vm.memory)
@@ -149,7 +153,7 @@ class Platform:
         head = _head(image)
         bz = linux.is_bzimage(head[:0x210]) if len(head) >= 0x210 else False
         if self.pc is None:
-            self.pc = bz or is_multiboot(head)
+            self.pc = bz or is_multiboot(head) or bool(self.devices)
         self.memory_map = layout.e820_map(self.below_4g, self.above_4g, bios_area=self.pc)
         # vCPUs do not exist yet, so it is not too late for the irqchip and the PIT
         if self.pc:
