@@ -62,8 +62,10 @@ static int raw_create(struct raw_vm *v, int kvm, uint64_t ram_size, const uint8_
                       uint32_t code_len, const uint8_t *pages, int boot)
 {
     struct kvm_userspace_memory_region region;
+#ifdef __x86_64__
     struct kvm_sregs sregs;
     struct kvm_regs regs;
+#endif
     int e;
 
     memset(v, 0, sizeof(*v));
@@ -100,6 +102,7 @@ static int raw_create(struct raw_vm *v, int kvm, uint64_t ram_size, const uint8_
         goto fail;
     if (!boot)
         return 0;
+#ifdef __x86_64__
     if (ioctl(v->vcpu, KVM_GET_SREGS, &sregs) < 0)
         goto fail;
     sregs.cs.base = 0;
@@ -112,6 +115,10 @@ static int raw_create(struct raw_vm *v, int kvm, uint64_t ram_size, const uint8_
     if (ioctl(v->vcpu, KVM_SET_REGS, &regs) < 0)
         goto fail;
     return 0;
+#else
+    errno = ENOTSUP;              /* the raw contenders boot x86 real-mode code only */
+    goto fail;
+#endif
 fail:
     e = errno;
     raw_destroy(v);

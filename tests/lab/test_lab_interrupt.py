@@ -121,7 +121,11 @@ def test_sigint_leaves_nothing_behind(moment, pattern, after, must_run, tmp_path
     reader.start()
     try:
         # a cold cache downloads ~330 MB first; a warm one gets to QEMU in 10-30 s
-        assert seen.wait(900), f"lab never got to {moment!r}:\n" + "\n".join(lines[-20:])
+        end = time.monotonic() + 900
+        while not seen.wait(0.5):
+            assert lab.poll() is None, (f"lab ended (status {lab.returncode}) before {moment!r}:\n"
+                                        + "\n".join(lines[-20:]))
+            assert time.monotonic() < end, f"lab never got to {moment!r}:\n" + "\n".join(lines[-20:])
         time.sleep(after)
         before = _descendants(lab.pid)
         if must_run:
