@@ -7,18 +7,18 @@ CSR and TIMER types are the ``unsigned long`` index of a field in these structs.
 ARCH = "riscv64"
 
 CDEF = r"""
+/* The kernel's riscv kvm_debug_exit_arch and kvm_guest_debug_arch are empty structs (size 0 in
+ * GNU C), which cffi cannot size as C does. kvm_debug_exit_arch appears only inside kvm_run's
+ * 256-byte exit union, where one placeholder byte moves no offset; kvm_guest_debug leaves its
+ * empty arch member out, so its size (8, which KVM_SET_GUEST_DEBUG's number encodes) is the
+ * kernel's. */
 struct kvm_debug_exit_arch {
-    char _empty[0];
-};
-
-struct kvm_guest_debug_arch {
-    char _empty[0];
+    uint8_t _none;
 };
 
 struct kvm_guest_debug {
     uint32_t control;
     uint32_t pad;
-    struct kvm_guest_debug_arch arch;
 };
 
 struct kvm_riscv_config {
