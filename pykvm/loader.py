@@ -137,13 +137,16 @@ class Segment:
 
     @property
     def filesz(self) -> int:
+        """Bytes the file supplies for this segment (the rest up to memsz is zero-filled)."""
         return len(self.data)
 
     @property
     def end(self) -> int:
+        """Guest-physical address one past the segment's last byte (addr + memsz)."""
         return self.addr + self.memsz
 
     def describe(self) -> str:
+        """A short name for messages, e.g. segment 1 [0x100000, 0x102000)."""
         return f"segment {self.index} [{self.addr:#x}, {self.end:#x})"
 
 
@@ -164,6 +167,7 @@ class MultibootHeader:
 
     @property
     def aout_kludge(self) -> bool:
+        """True if flags bit 16 says the header's address fields (a.out kludge) give the layout."""
         return bool(self.flags & MB_HDR_AOUT_KLUDGE)
 
     @property
@@ -184,10 +188,12 @@ class LoadPlan:
 
     @property
     def low(self) -> int:
+        """Lowest guest-physical address any segment occupies (0 with no segments)."""
         return min((s.addr for s in self.segments), default=0)
 
     @property
     def high(self) -> int:
+        """Guest-physical address one past the highest segment byte (0 with no segments)."""
         return max((s.end for s in self.segments), default=0)
 
     def validate(self, ram_size: int, *, ram_base: int = 0,
@@ -292,6 +298,7 @@ def _read_image(image: Image, limit: Optional[int] = None,
 
 
 def is_elf(data: bytes) -> bool:
+    """True if ``data`` starts with the ELF magic (0x7f, ``ELF``)."""
     return bytes(data[:4]) == _ELF_MAGIC
 
 

@@ -123,6 +123,7 @@ class Outcome:
         self.diags = list(diags)
 
     def line(self, number: int, name: str) -> str:
+        """The KTAP result line for this outcome: ok|not ok N name [# DIRECTIVE reason]."""
         s = f"{'ok' if self.ok else 'not ok'} {number} {escape_name(name)}"
         if self.directive:
             s += f" # {self.directive}" + (f" {self.data}" if self.data else "")
@@ -256,6 +257,8 @@ class KtapWriter:
         return Outcome("pass")
 
     def collect_outcome(self, name, rep):
+        """The :class:`Outcome` of a collection report for ``name`` (a module that failed to import
+        or was skipped)."""
         if rep.skipped:
             return Outcome("skip", "SKIP", self._skip_reason(rep))
         msg = self._message_lines(rep)
@@ -265,6 +268,7 @@ class KtapWriter:
     # -- output -----------------------------------------------------------------------------
 
     def render(self, items=(), exitstatus=0) -> str:
+        """The whole KTAP v1 document for the collected items and pytest's exitstatus (str)."""
         groups = {}     # top-level name -> {"children": {name: Outcome}, "self": Outcome|None}
 
         def group(nodeid):

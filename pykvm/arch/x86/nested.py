@@ -67,6 +67,7 @@ class NestedReport:
     x86_guest_mode: int = 0
 
     def as_dict(self) -> dict:
+        """A JSON-ready dict of the report (what pykvm caps --json shows under nested)."""
         return asdict(self)
 
 
@@ -147,23 +148,28 @@ class NestedState:
 
     @property
     def format_name(self) -> str:
+        """VMX, SVM or FORMAT_<n>: the kind of the state."""
         return FORMATS.get(self.format, f"FORMAT_{self.format}")
 
     @property
     def flag_names(self) -> List[str]:
+        """Names of the KVM_STATE_NESTED_* flags set (unknown bits as one hex value)."""
         return [n for n, b in FLAGS.items() if self.flags & b] + \
             ([f"{self.flags & ~sum(FLAGS.values()):#x}"] if self.flags & ~sum(FLAGS.values()) else [])
 
     @property
     def guest_mode(self) -> bool:
+        """True if the vCPU was running a nested (L2) guest when the state was taken."""
         return bool(self.flags & FLAGS["GUEST_MODE"])
 
     @property
     def header_only(self) -> bool:
+        """True if the state carries no format-specific data (only the header)."""
         return not self.data
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> "NestedState":
+        """Decode a struct kvm_nested_state buffer; raises ValueError if shorter than the header."""
         if len(raw) < _HDR_SIZE:
             raise ValueError(f"nested state needs at least {_HDR_SIZE} bytes, got {len(raw)}")
         s = ffi.from_buffer("struct kvm_nested_state *", bytearray(raw[:_HDR_SIZE]))
@@ -179,6 +185,7 @@ class NestedState:
         return st
 
     def to_bytes(self) -> bytes:
+        """The struct kvm_nested_state buffer for KVM_SET_NESTED_STATE (header + data)."""
         buf = bytearray(_HDR_SIZE + len(self.data))
         s = ffi.from_buffer("struct kvm_nested_state *", buf)
         s.format, s.flags, s.size = self.format, self.flags, self.size
@@ -194,6 +201,8 @@ class NestedState:
 
 
 def get_nested_state(vcpu) -> NestedState:
+    """KVM_GET_NESTED_STATE of ``vcpu`` as a :class:`NestedState`; raises NestedUnavailable when
+    KVM_CAP_NESTED_STATE is 0 and a KvmError if the ioctl fails."""
     max_size = vcpu.vm.kvm.check_extension("NESTED_STATE")
     if not max_size:
         raise NestedUnavailable("KVM_GET_NESTED_STATE: KVM_CAP_NESTED_STATE is 0 on this host "
@@ -255,6 +264,7 @@ def enable_svm_cpuid(entries):
 
 
 def has_svm_cpuid(entries) -> bool:
+    """True if CPUID leaf 0x80000001 in entries advertises SVM (ECX bit 2)."""
     from .regs import cpuid_lookup
     from .svm import CPUID_SVM_ECX_BIT, CPUID_SVM_LEAF
     e = cpuid_lookup(entries, CPUID_SVM_LEAF)

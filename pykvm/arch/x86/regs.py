@@ -25,13 +25,13 @@ class CpuidEntry(tuple):
     def __new__(cls, function, index, flags, eax, ebx, ecx, edx):
         return tuple.__new__(cls, (function, index, flags, eax, ebx, ecx, edx))
 
-    function = property(lambda s: s[0])
-    index = property(lambda s: s[1])
-    flags = property(lambda s: s[2])
-    eax = property(lambda s: s[3])
-    ebx = property(lambda s: s[4])
-    ecx = property(lambda s: s[5])
-    edx = property(lambda s: s[6])
+    function = property(lambda s: s[0], doc='CPUID leaf (the EAX input).')
+    index = property(lambda s: s[1], doc='CPUID sub-leaf (the ECX input), meaningful when ``flags`` has KVM_CPUID_FLAG_SIGNIFCANT_INDEX.')
+    flags = property(lambda s: s[2], doc='KVM_CPUID_FLAG_* bits.')
+    eax = property(lambda s: s[3], doc='EAX output.')
+    ebx = property(lambda s: s[4], doc='EBX output.')
+    ecx = property(lambda s: s[5], doc='ECX output.')
+    edx = property(lambda s: s[6], doc='EDX output.')
 
     def _replace_ebx(self, ebx: int) -> "CpuidEntry":
         return CpuidEntry(self[0], self[1], self[2], self[3], ebx, self[5], self[6])
