@@ -684,21 +684,31 @@ def plot(res: dict, path: str) -> None:
     for k, v in zip(names, vals):
         lim = THRESHOLDS.get(k)
         colors.append("#4c72b0" if lim is None else ("#55a868" if v <= lim else "#c44e52"))
-    ax.barh(y, vals, color=colors, xerr=[lo, hi], capsize=3, ecolor="#333333")
-    for yi, k, v in zip(y, names, vals):
+    ax.barh(y, vals, color=colors, xerr=[lo, hi], capsize=3, ecolor="#333333", height=0.6)
+    for yi, k, v, up in zip(y, names, vals, hi):
         lim = THRESHOLDS.get(k)
+        right = v + up
         if lim is not None:
-            ax.plot([lim, lim], [yi - 0.4, yi + 0.4], color="#222222", linewidth=2)
-        ax.text(v * 1.04, yi, f"{v:.2f}" if v >= 0.1 else f"{v:.3f}", va="center", fontsize=8)
+            ax.plot([lim, lim], [yi - 0.42, yi + 0.42], color="#111111", linewidth=2.5)
+            right = max(right, lim)
+        label = (f"{v:.2f}" if v >= 0.1 else f"{v:.3f}") + (f"  (≤ {lim})" if lim else "")
+        ax.text(right * 1.07, yi, label, va="center", fontsize=8)
     ax.axvline(1.0, color="#888888", linestyle="--", linewidth=1)
     ax.set_xscale("log")
+    ax.set_xlim(min(vals + [0.5]) / 1.6, max(v + u for v, u in zip(vals, hi)) * 2.6)
     ax.set_yticks(y)
     ax.set_yticklabels(names, fontsize=9)
-    ax.set_xlabel("ratio (log scale; 1 = parity; black tick = required limit; whiskers = "
-                  "min–max over rounds)", fontsize=8)
+    ax.set_xlabel("pykvm / contender (log scale; dashed: parity; black tick: required limit; "
+                  "whiskers: min–max over rounds)", fontsize=8)
+    from matplotlib.patches import Patch
+    ax.legend(handles=[Patch(color="#55a868", label="within its limit"),
+                       Patch(color="#c44e52", label="over its limit"),
+                       Patch(color="#4c72b0", label="reported (no limit)")],
+              fontsize=8, loc="lower right")
     h = res["host"]
     ax.set_title(f"pykvm bench{' --quick' if res['quick'] else ''}: {h['cpu']}, {h['cpus']} CPUs, "
-                 f"Linux {h['kernel']} ({h['kvm_module']})", fontsize=9)
+                 f"Linux {h['kernel']} ({h['kvm_module']}), load {h['loadavg'][0] if h['loadavg'] else '?'}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
