@@ -128,7 +128,11 @@ class GuestMemory:
     def write(self, gpa: int, data) -> None:
         """Copy ``data`` to guest-physical ``gpa`` (host writes succeed on read-only slots too:
         read-only applies to the guest)."""
-        data = memoryview(data).cast("B")
+        try:
+            data = memoryview(data).cast("B")
+        except TypeError:
+            raise GuestMemoryError(f"guest memory takes bytes-like data, not "
+                                   f"{type(data).__name__}") from None
         pos = 0
         for s, o, k in list(self._chunks(gpa, len(data))):
             s._map[o:o + k] = data[pos:pos + k]
@@ -150,6 +154,7 @@ class GuestMemory:
 
     def write_u64(self, gpa: int, value: int) -> None:
         """Store ``value`` (taken mod 2**64) little-endian at guest-physical ``gpa``."""
+        _check_value(value)
         self.write(gpa, (value & (2**64 - 1)).to_bytes(8, "little"))
 
     def read_u32(self, gpa: int) -> int:
@@ -158,6 +163,7 @@ class GuestMemory:
 
     def write_u32(self, gpa: int, value: int) -> None:
         """Store ``value`` (taken mod 2**32) little-endian at guest-physical ``gpa``."""
+        _check_value(value)
         self.write(gpa, (value & 0xFFFFFFFF).to_bytes(4, "little"))
 
     def read_cstring(self, gpa: int, limit: int = 4096) -> str:
@@ -178,6 +184,11 @@ class GuestMemory:
                 break
             out += chunk
         return out.decode("utf-8", "replace")
+
+
+def _check_value(value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise GuestMemoryError(f"guest memory values are ints, not {type(value).__name__}")
 
 
 def new_mapping(size: int, gpa: int = 0):

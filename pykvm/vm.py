@@ -44,9 +44,26 @@ class Vm(_arch.VmArch, FdObject):
 
     def add_memory(self, gpa: int, size: int, *, readonly: bool = False,
                    log_dirty: bool = False, slot: Optional[int] = None) -> MemorySlot:
-        """Back [gpa, gpa+size) with fresh zeroed host memory (KVM_SET_USER_MEMORY_REGION)."""
-        if gpa < 0 or gpa % PAGE_SIZE:
-            raise GuestMemoryError(f"slot address {gpa:#x} is not page aligned")
+        """Back guest-physical [gpa, gpa + size) with fresh zeroed host memory
+        (KVM_SET_USER_MEMORY_REGION) and return its :class:`~pykvm.memory.MemorySlot`.
+
+        ``gpa`` and ``size`` are bytes, page aligned, inside the 64-bit guest-physical space;
+        ``slot`` (default: the lowest free number) is KVM's slot number, 0..32767. Raises
+        :class:`~pykvm.errors.GuestMemoryError` for bad values or an overlap,
+        :class:`~pykvm.errors.HostMemoryError` when the host cannot map the RAM and a
+        :class:`~pykvm.errors.KvmError` when KVM refuses the slot."""
+        for name, v in (("address", gpa), ("size", size)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise GuestMemoryError(f"slot {name} must be an int, not {type(v).__name__}")
+        if gpa < 0 or gpa % PAGE_SIZE or gpa >= 1 << 64:
+            raise GuestMemoryError(f"slot address {gpa:#x} is not a page-aligned guest-physical "
+                                   "address")
+        if size <= 0 or size % PAGE_SIZE or gpa + size > 1 << 64:
+            raise GuestMemoryError(f"slot size {size:#x} must be a positive multiple of "
+                                   f"{PAGE_SIZE} that fits above {gpa:#x}")
+        if slot is not None and (not isinstance(slot, int) or isinstance(slot, bool)
+                                 or not 0 <= slot < 1 << 15):
+            raise GuestMemoryError(f"slot number {slot!r} is not in 0..32767")
         for s in self.memory:
             if gpa < s.end and s.gpa < gpa + size:
                 raise GuestMemoryError(
@@ -73,7 +90,15 @@ class Vm(_arch.VmArch, FdObject):
               what=f"slot={slot} gpa={gpa:#x} size={size:#x} flags={flags:#x}")
 
     def remove_memory(self, slot: MemorySlot) -> None:
-        """Delete a slot (size 0) and unmap its host memory."""
+        """Delete a slot this VM holds (KVM_SET_USER_MEMORY_REGION with size 0) and give its
+        host memory back. A slot already removed, or another VM's, raises
+        :class:`~pykvm.errors.GuestMemoryError` before KVM is asked anything."""
+        self.fd                                   # raises Closed on a closed VM
+        if not any(s is slot for s in self.memory):
+            what = (f"memory slot {slot.slot} at {slot.gpa:#x}" if isinstance(slot, MemorySlot)
+                    else repr(slot))
+            raise GuestMemoryError(f"{what} is not a memory slot of this VM (already removed, "
+                                   "or another VM's)")
         self._set_region(slot.slot, 0, slot.gpa, 0, 0)
         self.memory._remove(slot)
         slot._release()
@@ -166,6 +191,8 @@ class Vm(_arch.VmArch, FdObject):
         self._coalesced.append((addr, size, pio))
 
     def unregister_coalesced_mmio(self, addr: int, size: int, *, pio: bool = False) -> None:
+        """KVM_UNREGISTER_COALESCED_MMIO: stop coalescing the zone registered with the same
+        ``addr``, ``size`` (bytes) and ``pio``."""
         z = ffi.new("struct kvm_coalesced_mmio_zone *")
         z.addr, z.size, z.pio = addr, size, 1 if pio else 0
         ioctl(self.fd, ioctls.KVM_UNREGISTER_COALESCED_MMIO, z,
@@ -174,9 +201,14 @@ class Vm(_arch.VmArch, FdObject):
 
     # -- vCPUs and stats --------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: Optional[int] = None):
-        """KVM_CREATE_VCPU → :class:`~pykvm.vcpu.Vcpu` (ids count up from 0 by default)."""
+        """KVM_CREATE_VCPU → :class:`~pykvm.vcpu.Vcpu` (ids count up from 0 by default).
+
+        ``vcpu_id`` is the vCPU's id (x86: its initial APIC id), an int >= 0; KVM's limit is
+        KVM_CAP_MAX_VCPU_ID. Raises ValueError for a bad id and a KvmError if KVM refuses it."""
         if vcpu_id is None:
             vcpu_id = len(self.vcpus)
+        if not isinstance(vcpu_id, int) or isinstance(vcpu_id, bool) or not 0 <= vcpu_id < 1 << 31:
+            raise ValueError(f"vCPU id must be an int in 0..2**31-1, not {vcpu_id!r}")
         fd = ioctl(self.fd, ioctls.KVM_CREATE_VCPU, vcpu_id, what=f"id={vcpu_id}")
         v = Vcpu(self, fd, vcpu_id)
         self.vcpus.append(v)

@@ -229,3 +229,41 @@ def test_ram_the_host_cannot_map_is_a_clear_error(kvm):
             vm.add_memory(0, 256 << 40)
         vm.add_memory(0, 1 << 20)                    # the VM is still fine
     assert isinstance(HostMemoryError("x"), PykvmError)
+
+
+# -- careless API arguments -----------------------------------------------------------------------
+def test_stale_or_foreign_slot_is_refused_before_kvm_is_asked(kvm):
+    from pykvm.errors import GuestMemoryError
+    with kvm.create_vm() as vm, kvm.create_vm() as other:
+        a = vm.add_memory(0, 1 << 20)
+        vm.remove_memory(a)
+        b = vm.add_memory(0, 2 << 20)                 # reuses slot number 0
+        with pytest.raises(GuestMemoryError, match="not a memory slot of this VM"):
+            vm.remove_memory(a)
+        with pytest.raises(GuestMemoryError, match="not a memory slot of this VM"):
+            vm.remove_memory(other.add_memory(0, 4096))
+        assert [s for s in vm.memory] == [b]
+        vm.memory.write(0x1000, b"\xf4")              # the live slot still backs the guest
+        v = vm.create_vcpu()
+        s = v.get_sregs(); s.cs.base = s.cs.selector = 0; v.set_sregs(s)
+        r = v.get_regs(); r.rip, r.rflags = 0x1000, 2; v.set_regs(r)
+        assert v.run().name == "HLT"
+
+
+@pytest.mark.parametrize("call", [
+    lambda vm: vm.add_memory(2 ** 64, 4096), lambda vm: vm.add_memory("0", 4096),
+    lambda vm: vm.add_memory(None, 4096), lambda vm: vm.add_memory(1 << 30, 0),
+    lambda vm: vm.add_memory(1 << 30, -4096), lambda vm: vm.add_memory(1 << 30, 4095),
+    lambda vm: vm.add_memory(1 << 30, 4096, slot=-1),
+    lambda vm: vm.add_memory(1 << 30, 4096, slot=2 ** 32),
+    lambda vm: vm.memory.write(0, "text"), lambda vm: vm.memory.write(0, None),
+    lambda vm: vm.memory.write_u64(0, 1.5), lambda vm: vm.create_vcpu(-1),
+    lambda vm: vm.create_vcpu("1"),
+])
+def test_careless_arguments_get_typed_errors(kvm, call):
+    with kvm.create_vm() as vm:
+        vm.add_memory(0, 1 << 20)
+        with pytest.raises((PykvmError, ValueError)) as ei:
+            call(vm)
+        assert isinstance(ei.value, PykvmError) or type(ei.value) is ValueError
+        assert not isinstance(ei.value, (OverflowError, TypeError))
