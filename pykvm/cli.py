@@ -29,6 +29,7 @@ if _started_as_program():
         pass
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 
@@ -119,9 +120,25 @@ def _file_list(text: str) -> tuple:
     return items
 
 
+def _wants_json(argv=None) -> bool:
+    """True if the command line asks `pykvm run` for JSON (looked at before or without
+    argparse, so that even a bad option or an early signal is answered with one object)."""
+    args = sys.argv[1:] if argv is None else argv
+    return "--json" in args and bool(args) and args[0] == "run"
+
+
+def _print_json_outcome(exit_name: str, code: int, detail: str) -> None:
+    import json
+    print(json.dumps({"exit": exit_name, "exit_code": code, "console": "", "exits": {},
+                      "seconds": 0.0, "detail": detail}, indent=2))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        line = f"{self.prog}: error: {message}"
+        if _wants_json():
+            _print_json_outcome("bad_input", EXIT_USAGE, line)
+        self.exit(EXIT_USAGE, line + "\n")
 
 
 def _fail(msg: str, code: int = EXIT_USAGE) -> int:
@@ -210,6 +227,50 @@ def cmd_caps(args) -> int:
     return 0
 
 
+class _OutputFailed(Exception):
+    """stdout could not take the guest's console output (closed pipe, full disk...)."""
+
+
+_output = {"error": None}     # the first OSError writing the console to stdout
+
+
+def _console_stream():
+    """on_console for `pykvm run`: write to stdout; if stdout fails (a reader that went away,
+    a full disk), remember why, stop the machine and drop further output."""
+    out = sys.stdout.buffer
+
+    def write(data: bytes) -> None:
+        if _output["error"] is not None:
+            return
+        try:
+            out.write(data)
+            out.flush()
+        except (OSError, ValueError) as e:
+            _output["error"] = e
+            m = _sig.machine
+            if m is not None:
+                m._kick_all()
+    return write
+
+
+def _output_failure() -> int:
+    """The status for a failed stdout: 141 for a closed pipe (as SIGPIPE would give), else one
+    line and 8. Further writes go to /dev/null so nothing fails again at exit."""
+    e = _output["error"]
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    if isinstance(e, BrokenPipeError):
+        return 141
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    try:
+        print(f"pykvm: cannot write to stdout: {why}", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+    return 8
+
+
 def cmd_run(args) -> int:
     from . import status
     from .errors import GuestMemoryError, HostMemoryError, PykvmError
@@ -227,8 +288,7 @@ def cmd_run(args) -> int:
     guest = args.guest
     if guest and not os.path.exists(guest) and os.sep in guest:
         return outcome("bad_input", status.BAD_INPUT, f"no such file: {guest}")
-    stream = None if args.json else (lambda b: (sys.stdout.buffer.write(b),
-                                                sys.stdout.buffer.flush()))
+    stream = None if args.json else _console_stream()
     opts = {}
     if args.irqchip:
         opts["irqchip"] = opts["pit"] = True
@@ -263,7 +323,9 @@ def cmd_run(args) -> int:
     except PykvmError as e:
         # GuestNotFound: pykvm.guests is imported only when a guest is named, not for a path
         guests = sys.modules.get("pykvm.guests")
-        if guests is not None and isinstance(e, guests.GuestNotFound):
+        gbuild = sys.modules.get("pykvm.guestbuild")
+        if (guests is not None and isinstance(e, guests.GuestNotFound)) or \
+                (gbuild is not None and isinstance(e, gbuild.GuestBuildError)):
             return outcome("bad_input", status.BAD_INPUT, _one_line(e))
         return outcome("vmm_error", status.VMM_ERROR, _one_line(e))
     except OSError as e:
@@ -280,6 +342,8 @@ def cmd_run(args) -> int:
             _sig.machine = None
     finally:
         m.close()
+    if _output["error"] is not None:
+        return _output_failure()
     if _sig.signum is not None:
         _sig.reported = True
         code = _signal_status(_sig.signum)
@@ -360,6 +424,8 @@ def cmd_guest_build(args) -> int:
     except GuestBuildError as e:
         print(f"pykvm: {e}", file=sys.stderr)
         return 1
+    except OSError as e:                     # -o names a place we cannot write
+        return _fail(f"cannot write {args.output or 'the image'}: {e.strerror or e}")
     print(image)
     return 0
 
@@ -510,6 +576,9 @@ def _main(argv=None) -> int:
     arrive: during start-up they abort it, during a run they stop every vCPU first."""
     _sig.signum = None
     _sig.reported = False
+    _output["error"] = None
+    if sys.stdout is None:                   # started with stdout closed (>&-)
+        sys.stdout = open(os.devnull, "w")
     try:
         try:
             _install_signal_handlers()
@@ -533,14 +602,19 @@ def _main(argv=None) -> int:
         return code
     except (_Signalled, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
+        detail = f"interrupted by {_signal_name(signum)}"
         try:
-            print(f"pykvm: interrupted by {_signal_name(signum)}", file=sys.stderr)
-        except (_Signalled, OSError):
+            if _wants_json(argv):
+                _print_json_outcome("interrupted", _signal_status(signum), detail)
+            print(f"pykvm: {detail}", file=sys.stderr)
+        except (_Signalled, OSError, ValueError):
             pass
         return _signal_status(signum)
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+    except OSError as e:                     # writing our own output failed
+        if e.errno not in (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EBADF):
+            raise
+        _output["error"] = e
+        return _output_failure()
 
 
 if __name__ == "__main__":

@@ -203,3 +203,33 @@ def test_big_ram_is_named_as_ram(images):
                        text=True, timeout=60, env=env)
     assert r.returncode == status.VMM_ERROR, r.stderr
     assert "cannot map 8 GiB of guest RAM" in one_line_error(r.stderr)
+
+
+# -- stdout that goes away or fills up ------------------------------------------------------------
+def test_stdout_failures_are_statuses_not_tracebacks(images, tmp_path):
+    flood = tmp_path / "conflood.bin"
+    flood.write_bytes(asm16("    mov al, 0x78\nl:  out 0xe9, al\n    jmp l\n"))
+    for vcpus in ("1", "4"):
+        p = subprocess.Popen(PYKVM + ["run", str(flood), "--vcpus", vcpus, "--timeout", "30"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+        p.stdout.read(1)
+        p.stdout.close()                              # the reader goes away (| head -c1)
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=30) == status.SIGPIPE and "Traceback" not in err, err
+    with open("/dev/full", "w") as full:
+        for args in (["run", "hello"], ["run", "hello", "--json"], ["caps"]):
+            r = subprocess.run(PYKVM + args, stdout=full, stderr=subprocess.PIPE, text=True,
+                               timeout=60, env=_env())
+            assert r.returncode == status.VMM_ERROR, (args, r.stderr)
+            assert "No space left on device" in one_line_error(r.stderr)
+    r = subprocess.run(PYKVM + ["run", "hello"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True, timeout=60, env=_env(), close_fds=True,
+                       preexec_fn=lambda: os.close(1))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [["--mem", "nan"], ["--vcpus", "0"], ["--bogus"]])
+def test_json_is_printed_for_bad_options_too(args):
+    r = run_cli("run", "--json", *args, timeout=30)
+    d = json.loads(r.stdout)
+    assert d["exit_code"] == status.BAD_INPUT == r.returncode and d["exit"] == "bad_input"
