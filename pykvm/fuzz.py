@@ -1727,7 +1727,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and long mode on /dev/kvm, each in a fresh VM under a deadline, and count "
                     "how they end. Worker crashes, hangs, unexpected Python exceptions and "
                     "fd/RSS growth are findings, saved as reproducers for --replay.",
-        epilog="Exit status: 0 no findings, 1 findings, 2 bad arguments, 3 /dev/kvm unusable, "
+        epilog="Exit status: 0 no findings, 1 findings, 2 bad arguments, 8 /dev/kvm or the host unusable, "
                "130 interrupted (the summary so far is printed). See docs/fuzzing.md.",
     )
     p.add_argument("--runs", type=_positive_int, default=1000, metavar="N",
@@ -1795,6 +1795,14 @@ def main(argv=None) -> int:
         if err:
             print(f"python -m pykvm.fuzz: {err}", file=sys.stderr)
             return EXIT_ENVIRONMENT
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            if not os.access(args.out, os.W_OK):
+                raise PermissionError(13, "not writable")
+        except OSError as e:
+            print(f"python -m pykvm.fuzz: error: --out {args.out}: {e.strerror or e}",
+                  file=sys.stderr)
+            return EXIT_USAGE
         sup = Supervisor(runs=args.runs, seed=args.seed, jobs=args.jobs, deadline=args.deadline,
                          modes=args.modes, max_vcpus=args.max_vcpus, out_dir=args.out,
                          quiet=args.quiet, inject=args._inject, start=args._start,
