@@ -247,7 +247,9 @@ def _read_image(image: Image, limit: Optional[int] = None,
                 limit_name: str = "guest RAM") -> bytes:
     """The image's bytes. Paths must name regular files; nothing larger than ``limit`` (the guest
     RAM size when known, else :data:`MAX_IMAGE_SIZE`) is read. Raises :class:`LoadError`."""
-    if limit is None:
+    if limit is None or limit > MAX_IMAGE_SIZE:
+        # never more than MAX_IMAGE_SIZE, however large the RAM: a file is read into host
+        # memory whole before it is checked further
         limit, limit_name = MAX_IMAGE_SIZE, "the loader's limit MAX_IMAGE_SIZE"
     _check_int("size limit", limit)
     limit = max(0, limit)
