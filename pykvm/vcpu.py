@@ -51,7 +51,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         # Lifecycle: one thread at a time may be inside KVM_RUN (through run() or a run loop);
         # close() waits for it to leave before the fd is closed and kvm_run unmapped.
         self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = None                # a Condition on _lock, made by the first close() to wait
         self._runner = None              # thread ident of the caller inside a run, or None
         self._runner_kick = None         # how to make that run return
         self._run_depth = 0              # nested claims by the same thread (a loop, then run())
@@ -88,7 +88,8 @@ class Vcpu(_arch.VcpuArch, FdObject):
                 return
             self._runner = self._runner_kick = None
             finish = self._closing and not self._closed_done
-            self._cond.notify_all()
+            if self._cond is not None:
+                self._cond.notify_all()
         if finish:                        # close() was called from inside the run: finish it
             self._finish_close()
 
@@ -215,12 +216,14 @@ class Vcpu(_arch.VcpuArch, FdObject):
         run (an exit handler or console callback on the vCPU's own thread), the close completes
         when that run returns. Every later method call raises :class:`~pykvm.errors.Closed`."""
         me = threading.get_ident()
-        with self._cond:
+        with self._lock:
             if self._closed_done:
                 return
             self._closing = True
             if self._runner == me:
                 return                        # finished by _leave_run()
+            if self._runner is not None and self._cond is None:
+                self._cond = threading.Condition(self._lock)
             while self._runner is not None:
                 kick = self._runner_kick
                 if kick is not None:
@@ -231,7 +234,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         self._finish_close()
 
     def _finish_close(self) -> None:
-        with self._cond:
+        with self._lock:
             if self._closed_done:
                 return
             self._closed_done = True
