@@ -133,6 +133,41 @@ def _print_json_outcome(exit_name: str, code: int, detail: str) -> None:
                       "seconds": 0.0, "detail": detail}, indent=2))
 
 
+class _Unused:
+    """Takes the arguments of a command this invocation does not run (nobody parses them)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kw: self
+
+
+class _Commands(argparse._SubParsersAction):
+    """The subcommands. With ``only`` set (the command on this command line), every other
+    command is listed (name, help) but its parser is not built: building all of them costs
+    more than some whole commands."""
+    only = None
+
+    def add_parser(self, name, **kwargs):
+        if self.only is None or name == self.only:
+            return super().add_parser(name, **kwargs)
+        if "help" in kwargs:
+            self._choices_actions.append(self._ChoicesPseudoAction(name, (), kwargs["help"]))
+        self._name_parser_map[name] = _UNUSED
+        return _UNUSED
+
+
+_UNUSED = _Unused()
+
+
+def _command_of(argv) -> "str | None":
+    """The subcommand an argument list names (None when it asks for help or names none)."""
+    for a in argv:
+        if a in ("-h", "--help", "--version"):
+            return None
+        if not a.startswith("-"):
+            return a
+    return None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         line = f"{self.prog}: error: {message}"
@@ -435,7 +470,8 @@ def _device_option(parser) -> None:
                         help="the KVM device (default: $PYKVM_DEVICE, else /dev/kvm)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only=None) -> argparse.ArgumentParser:
+    """The ``pykvm`` parser; ``only``: build the arguments of that subcommand alone."""
     p = _Parser(prog="pykvm", description="A virtual machine monitor library over /dev/kvm.",
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="The KVM device is /dev/kvm unless --device PATH or $PYKVM_DEVICE says "
@@ -444,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "ioctl failed); 130 SIGINT; 143 SIGTERM; 141 stdout closed.\n`pykvm run` adds: "
                 "odd (V<<1)|1 isa-debug-exit; 4 guest failure; 6 unhandled exit; 124 timeout.")
     p.add_argument("--version", action="version", version=f"pykvm {__version__}")
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser, action=_Commands)
+    sub.only = only
 
     r = sub.add_parser("run", help="boot a guest (default: the built-in greeting guest)",
                        description="Boot GUEST (an ELF64, a multiboot ELF32, a RISC-V Linux "
@@ -584,7 +621,7 @@ def _main(argv=None) -> int:
             _install_signal_handlers()
         except ValueError:                   # not the main thread: leave signals alone
             pass
-        parser = build_parser()
+        parser = build_parser(_command_of(sys.argv[1:] if argv is None else argv))
         args = parser.parse_args(argv)
         if not args.cmd:
             parser.print_help()
