@@ -60,6 +60,17 @@ class Vcpu(_arch.VcpuArch, FdObject):
         self._arch_init()
 
     @property
+    def fd(self) -> int:
+        """The vCPU file descriptor, for an ioctl. Raises :class:`~pykvm.errors.Closed` after
+        :meth:`close` and :class:`~pykvm.errors.Busy` while another thread runs the vCPU: KVM
+        would hold any other vCPU ioctl until that run returns, which may be never."""
+        runner = self._runner
+        if runner is not None and runner != threading.get_ident():
+            raise Busy(f"vCPU {self.id} is running in another thread: kick it (or let the run "
+                       "end) before other vCPU ioctls")
+        return FdObject.fd.fget(self)
+
+    @property
     def run_addr(self) -> int:
         """Host address of the mmapped ``struct kvm_run`` (valid while the object lives; after
         :meth:`close` it points at retired, zeroed memory)."""

@@ -267,3 +267,18 @@ def test_careless_arguments_get_typed_errors(kvm, call):
             call(vm)
         assert isinstance(ei.value, PykvmError) or type(ei.value) is ValueError
         assert not isinstance(ei.value, (OverflowError, TypeError))
+
+
+def test_other_vcpu_ioctls_while_another_thread_runs_it_are_busy():
+    with machine(SPIN) as m:
+        v = m.vcpus[0]
+        t = threading.Thread(target=m.step, kwargs={"timeout": 30})
+        t.start()
+        time.sleep(0.2)
+        for call in (v.get_regs, v.get_sregs, lambda: v.get_one_reg(0x2030000200000010)):
+            with pytest.raises(Busy):
+                call()                   # KVM would block it until the run ends
+        m.kick_all()
+        t.join(10)
+        assert not t.is_alive()
+        assert v.get_regs().rip >= 0x8000
