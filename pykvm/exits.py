@@ -44,6 +44,7 @@ class Exit:
 
     @property
     def name(self) -> str:
+        """The exit reason's name, e.g. ``"IO"``."""
         return abi.EXIT_NAMES.get(self._reason, f"EXIT_{self._reason}")
 
     @property
@@ -62,6 +63,7 @@ class Exit:
 
     @property
     def flags(self) -> int:
+        """``kvm_run.flags`` (x86: SMM, bus lock, guest mode)."""
         return self.run.flags
 
     @property
@@ -85,6 +87,7 @@ class Unknown(Exit):
 
     @property
     def hardware_exit_reason(self) -> int:
+        """The hardware's reason, for an exit KVM could not classify."""
         return self.run.hw.hardware_exit_reason
 
     def fields(self):
@@ -98,6 +101,7 @@ class Io(Exit):
 
     @property
     def port(self) -> int:
+        """The I/O port."""
         v = self._vcpu
         if v.run_seq != self._seq or v._closing:
             raise _dead(self)
@@ -106,6 +110,7 @@ class Io(Exit):
 
     @property
     def size(self) -> int:
+        """Bytes per element (1, 2 or 4)."""
         v = self._vcpu
         if v.run_seq != self._seq or v._closing:
             raise _dead(self)
@@ -113,6 +118,7 @@ class Io(Exit):
 
     @property
     def count(self) -> int:
+        """Elements (more than 1 for ``rep ins``/``rep outs``)."""
         v = self._vcpu
         if v.run_seq != self._seq or v._closing:
             raise _dead(self)
@@ -121,6 +127,7 @@ class Io(Exit):
 
     @property
     def is_out(self) -> bool:
+        """True for ``out``, False for ``in``."""
         v = self._vcpu
         if v.run_seq != self._seq or v._closing:
             raise _dead(self)
@@ -130,6 +137,7 @@ class Io(Exit):
 
     @property
     def direction(self) -> str:
+        """``"out"`` or ``"in"``."""
         return "out" if self.is_out else "in"
 
     def _span(self) -> Tuple[int, int, int]:
@@ -152,6 +160,7 @@ class Io(Exit):
 
     @property
     def data(self) -> bytes:
+        """What the guest wrote (``out``): ``size * count`` bytes."""
         off, n, _ = self._span()
         return bytes(self._vcpu._run_bytes[off:off + n])
 
@@ -194,6 +203,7 @@ class Mmio(Exit):
 
     @property
     def phys_addr(self) -> int:
+        """The guest-physical address accessed."""
         v = self._vcpu
         if v.run_seq != self._seq or v._closing:
             raise _dead(self)
@@ -202,6 +212,7 @@ class Mmio(Exit):
 
     @property
     def len(self) -> int:
+        """Bytes accessed (1..8; anything else raises GuestError)."""
         v = self._vcpu
         if v.run_seq != self._seq or v._closing:
             raise _dead(self)
@@ -212,6 +223,7 @@ class Mmio(Exit):
 
     @property
     def is_write(self) -> bool:
+        """True for a write, False for a read."""
         v = self._vcpu
         if v.run_seq != self._seq or v._closing:
             raise _dead(self)
@@ -221,17 +233,20 @@ class Mmio(Exit):
 
     @property
     def data(self) -> bytes:
+        """What the guest wrote (``len`` bytes)."""
         n = self.len
         return bytes(self._vcpu._run_bytes[_MMIO_DATA:_MMIO_DATA + n])
 
     @property
     def value(self) -> int:
+        """What the guest wrote, as a little-endian int."""
         n = self.len
         if self._a is not None:
             return self._b                 # decoded by the C loop
         return int.from_bytes(self._vcpu._run_bytes[_MMIO_DATA:_MMIO_DATA + n], "little")
 
     def respond(self, data) -> None:
+        """Supply what a read returns: ``len`` bytes, or an int (truncated to ``len`` bytes)."""
         n = self.len
         mv = self._vcpu._run_bytes
         if isinstance(data, int):
@@ -289,10 +304,12 @@ class FailEntry(Exit):
 
     @property
     def hardware_entry_failure_reason(self) -> int:
+        """Why the hardware refused to enter the guest."""
         return self.run.fail_entry.hardware_entry_failure_reason
 
     @property
     def cpu(self) -> int:
+        """The host CPU the entry failed on."""
         return self.run.fail_entry.cpu
 
     def fields(self):
@@ -306,14 +323,17 @@ class InternalError(Exit):
 
     @property
     def suberror(self) -> int:
+        """KVM's sub-error number (1 = emulation failure, ...)."""
         return self.run.internal.suberror
 
     @property
     def suberror_name(self) -> str:
+        """The sub-error's name, e.g. ``"EMULATION"``."""
         return self.SUBERRORS.get(self.suberror, f"SUBERROR_{self.suberror}")
 
     @property
     def data(self) -> Tuple[int, ...]:
+        """KVM's extra words about the error (at most 16)."""
         n = min(self.run.internal.ndata, 16)
         return tuple(self.run.internal.data[i] for i in range(n))
 
@@ -328,14 +348,17 @@ class SystemEvent(Exit):
 
     @property
     def type(self) -> int:
+        """The event type number (1 = shutdown, 2 = reset, ...)."""
         return self.run.system_event.type
 
     @property
     def type_name(self) -> str:
+        """The event type's name, e.g. ``"SHUTDOWN"``."""
         return self.TYPES.get(self.type, f"TYPE_{self.type}")
 
     @property
     def data(self) -> Tuple[int, ...]:
+        """The event's data words (at most 16)."""
         n = min(self.run.system_event.ndata, 16)
         return tuple(self.run.system_event.data[i] for i in range(n))
 
@@ -353,6 +376,7 @@ class Debug(Exit):
 
     @property
     def pc(self) -> Optional[int]:
+        """The guest address of the debug exit (x86), or None."""
         return getattr(self.run.debug.arch, "pc", None)
 
 
@@ -362,13 +386,16 @@ class Hypercall(Exit):
 
     @property
     def nr(self) -> int:
+        """The hypercall number."""
         return self.run.hypercall.nr
 
     @property
     def args(self) -> Tuple[int, ...]:
+        """The six argument words."""
         return tuple(self.run.hypercall.args)
 
     def set_return(self, value: int) -> None:
+        """Set the value the guest's hypercall returns."""
         self.run.hypercall.ret = value
 
     def fields(self):
@@ -410,14 +437,17 @@ class RiscvSbi(Exit):
 
     @property
     def extension_id(self) -> int:
+        """The SBI extension id (a7)."""
         return self.run.riscv_sbi.extension_id
 
     @property
     def function_id(self) -> int:
+        """The SBI function id (a6)."""
         return self.run.riscv_sbi.function_id
 
     @property
     def args(self) -> Tuple[int, ...]:
+        """The six argument registers (a0..a5)."""
         return tuple(self.run.riscv_sbi.args)
 
     def set_return(self, error: int, value: int = 0) -> None:
@@ -437,17 +467,21 @@ class RiscvCsr(Exit):
 
     @property
     def csr_num(self) -> int:
+        """The CSR number the guest accessed."""
         return self.run.riscv_csr.csr_num
 
     @property
     def new_value(self) -> int:
+        """The value the guest writes."""
         return self.run.riscv_csr.new_value
 
     @property
     def write_mask(self) -> int:
+        """Which bits the guest writes."""
         return self.run.riscv_csr.write_mask
 
     def set_return(self, value: int) -> None:
+        """Set the value the guest's CSR read returns."""
         self.run.riscv_csr.ret_value = value
 
     def fields(self):

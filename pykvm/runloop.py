@@ -325,10 +325,12 @@ class RunLoop(_LoopBase):
 
     @property
     def exits_total(self) -> int:
+        """Exits this loop has seen (served in C, by handlers, or returned)."""
         return self._l.exits_total
 
     @property
     def handled_in_c(self) -> int:
+        """Exits the C loop served or resumed itself."""
         return self._l.handled_in_c
 
     @property
@@ -455,6 +457,7 @@ class PyRunLoop(_LoopBase):
 
     @property
     def counts(self) -> Dict[str, int]:
+        """Exits seen by this loop, by reason name."""
         return dict(self._counts)
 
     def _drain_ring(self) -> None:

@@ -153,11 +153,13 @@ class Vcpu(_arch.VcpuArch, FdObject):
 
     # -- misc state -----------------------------------------------------------------------
     def get_mp_state(self) -> int:
+        """KVM_GET_MP_STATE: the vCPU's multiprocessing state (``abi.MP_STATES``)."""
         m = ffi.new("struct kvm_mp_state *")
         ioctl(self.fd, ioctls.KVM_GET_MP_STATE, m)
         return m.mp_state
 
     def set_mp_state(self, state: Union[int, str]) -> None:
+        """KVM_SET_MP_STATE, from a number or a name such as ``"RUNNABLE"``."""
         m = ffi.new("struct kvm_mp_state *")
         m.mp_state = abi.MP_STATES[state] if isinstance(state, str) else state
         ioctl(self.fd, ioctls.KVM_SET_MP_STATE, m, what=str(state))
