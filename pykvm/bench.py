@@ -234,6 +234,10 @@ _EXIT_CONTENDERS = {"raw": _exit_raw, "c_loop": _exit_c_loop, "python": _exit_py
 
 
 def exit_cost(kvm, rounds: int, n: int) -> dict:
+    """Exit cost of every kind in ``KINDS``: ``rounds`` rounds, the contenders' order rotating, of
+    ``n`` exits per contender. Returns {kind: {contender: {"cpu_us", "wall_us", "cpu_vs_raw",
+    "wall_vs_raw"}}}: µs per exit and per-round ratios to raw C, each a median/min/max summary.
+    Raises RuntimeError when a contender does not serve all its exits."""
     out = {}
     for kind in KINDS:
         names = list(_EXIT_CONTENDERS) if kind == "io_out" else ["raw", "c_loop", "python"]
@@ -276,6 +280,10 @@ def _life_pykvm(kvm, count):
 
 
 def lifecycle(kvm, rounds: int, count: int) -> dict:
+    """VM lifecycle cost (create a VM with one 512 KiB slot and one vCPU, run it to HLT, destroy
+    it), raw C against pykvm: ``rounds`` rounds of ``count`` VMs per contender, the order
+    alternating. Returns each contender's µs per VM (CPU and wall) and VMs per second, and the
+    ``cpu_vs_raw`` and ``wall_vs_raw`` ratios."""
     names = {"raw": _life_raw, "pykvm": _life_pykvm}
     cpu = {k: [] for k in names}
     wall = {k: [] for k in names}
@@ -361,6 +369,10 @@ def memory_child(kind: str, count: int, image_path: str) -> dict:
 
 
 def memory(kvm, image_path, rounds: int, count: int) -> dict:
+    """Resident host memory per VM (KiB) for raw C, the ``Vm`` API and a Machine with 16 MiB of
+    RAM, each measured by :func:`memory_child` in a fresh Python process booting ``image_path``;
+    ``rounds`` rounds of ``count`` VMs. Returns the summaries and the ``machine_vs_raw`` and
+    ``vm_api_vs_raw`` ratios; raises RuntimeError if a child fails."""
     import json
     names = ("raw", "vm_api", "machine")
     kib = {k: [] for k in names}
@@ -406,6 +418,11 @@ def _run_timed(cmd, env, expect):
 
 
 def boot(tmp: str, rounds: int, qemu_rounds: int, notes: list) -> dict:
+    """Boot-to-exit time of whole processes: ``pykvm run`` of the tiny ELF64 and multiboot guests
+    (written into the directory ``tmp``) against ``python -c pass``, ``python -c "import pykvm"``
+    and, where installed, QEMU and kvmtool (those only in the first ``qemu_rounds`` of ``rounds``
+    rounds). Returns wall and CPU ms summaries and ratios; appends explanations to ``notes``.
+    Raises RuntimeError when a contender other than kvmtool exits with the wrong status."""
     image = os.path.join(tmp, "tiny-multiboot.elf")
     with open(image, "wb") as f:
         f.write(tiny_multiboot())
@@ -487,6 +504,9 @@ def boot(tmp: str, rounds: int, qemu_rounds: int, notes: list) -> dict:
 
 # -- scaling ---------------------------------------------------------------------------------
 def scaling(kvm, n: int) -> list:
+    """Aggregate exit rate of the C run loop (I/O out to port 0x80) with 1, 2, 4, ... vCPUs up to
+    the host's CPU count, one thread per vCPU running ``n`` exits. Returns one dict per vCPU count:
+    "vcpus", "exits", "seconds" (wall) and "exits_per_s"."""
     from .runloop import LoopConfig, RunLoop
     cpus = os.cpu_count() or 1
     counts = sorted({c for c in (1, 2, 4, 8, 16, 32, 64, 128) if c <= cpus} | {cpus})
@@ -535,6 +555,9 @@ def scaling(kvm, n: int) -> list:
 
 # -- the whole run ---------------------------------------------------------------------------
 def host_info() -> dict:
+    """The host as the report describes it: architecture, CPU model and count, kernel release, the
+    loaded KVM module (kvm_intel, kvm_amd, kvm_pvm or "unknown"), Python version and load averages
+    (None where unavailable)."""
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -625,6 +648,8 @@ def _fmt(summary, unit="", digits=2):
 
 
 def report(res: dict) -> str:
+    """The human-readable text of a :func:`run` result: each figure as median (min–max), each
+    headline ratio against its limit, then the notes."""
     h = res["host"]
     lines = [f"pykvm bench{' --quick' if res['quick'] else ''} on {h['cpu']} ({h['cpus']} CPUs), "
              f"Linux {h['kernel']}, {h['kvm_module']}, Python {h['python']}, load {h['loadavg']}",
@@ -715,6 +740,9 @@ def plot(res: dict, path: str) -> None:
 
 
 def main(args) -> int:
+    """The ``pykvm bench`` command: measure (``args.quick``, ``args.exits``), draw the ratios to
+    ``args.plot`` if set, and print the result as JSON (``args.json``) or as the text report.
+    Returns the exit status, 0."""
     import json
     res = run(quick=getattr(args, "quick", False), exits=getattr(args, "exits", 0) or 0)
     if getattr(args, "plot", None):

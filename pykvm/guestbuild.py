@@ -107,6 +107,7 @@ class GuestBuildError(PykvmError):
 
 # -- where things are ---------------------------------------------------------------------------
 def host_arch() -> str:
+    """The host's machine name as ``os.uname()`` reports it, with "amd64" spelled "x86_64"."""
     m = os.uname().machine
     return "x86_64" if m in ("x86_64", "amd64") else m
 

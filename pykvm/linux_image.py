@@ -74,6 +74,8 @@ class LinuxImageHeader:
         return max(self.image_size, file_size)
 
     def describe(self) -> str:
+        """A one-line summary for messages: the architecture, the header version if it has one, and
+        ``text_offset`` and ``image_size`` (bytes) in hex."""
         v = f" v{self.version[0]}.{self.version[1]}" if self.version else ""
         return (f"{self.arch} Linux Image{v} (text_offset {self.text_offset:#x}, image_size "
                 f"{self.image_size:#x})")

@@ -95,10 +95,14 @@ def rsdp(rsdt_addr: int, xsdt_addr: int) -> bytes:
 
 
 def rsdt(entries: Sequence[int]) -> bytes:
+    """The Root System Description Table (ACPI 6.x §5.2.7): the header and one 32-bit
+    guest-physical table address per item of ``entries``."""
     return table(b"RSDT", 1, b"".join(struct.pack("<I", a) for a in entries))
 
 
 def xsdt(entries: Sequence[int]) -> bytes:
+    """The Extended System Description Table (ACPI 6.x §5.2.8): the header and one 64-bit
+    guest-physical table address per item of ``entries``."""
     return table(b"XSDT", 1, b"".join(struct.pack("<Q", a) for a in entries))
 
 
@@ -209,6 +213,8 @@ class AcpiTables:
 
     @property
     def end(self) -> int:
+        """The guest-physical address just past the last byte of the tables
+        (``base + len(blob)``)."""
         return self.base + len(self.blob)
 
 

@@ -65,11 +65,16 @@ class FwCfg:
         self.items[key] = bytes(data)
 
     def select(self, key: int) -> None:
+        """Select item ``key`` (the low 16 bits are kept) and rewind its read offset to 0, as a
+        write to the selector port does (QEMU fw_cfg legacy I/O interface)."""
         with self._lock:
             self.selected = key & 0xFFFF
             self.offset = 0
 
     def read_byte(self) -> int:
+        """The next byte of the selected item, advancing the read offset: what an 8-bit read of the
+        data port returns. Only the low 14 bits of the selector name the item; 0 past the item's end
+        and for keys that name no item."""
         with self._lock:
             data = self.items.get(self.selected & 0x3FFF, b"")
             if self.offset < len(data):
@@ -95,6 +100,9 @@ class FwCfg:
         return bytes(out)
 
     def io_write(self, port: int, size: int, data: bytes) -> None:
+        """An OUT of ``size`` bytes ``data`` (little-endian) at ``port``: at the selector port
+        (0x510) it selects that item; writes to the data port, and to any other port, are
+        ignored."""
         if port == SELECTOR_PORT:
             # QEMU's selector register is 16 bits wide; a byte write selects that byte's value
             self.select(int.from_bytes(data[-size:], "little") & 0xFFFF)

@@ -95,6 +95,9 @@ class Scheduler:
         self._closed = False
 
     def schedule(self, key: str, when_ns: Optional[int], fn: Callable[[], None]) -> None:
+        """Call ``fn`` on the timer thread at monotonic time ``when_ns`` (nanoseconds), replacing
+        the pending event of ``key``; ``when_ns`` None cancels it. Starts the thread on first use;
+        does nothing once the scheduler is closed."""
         with self._cond:
             if self._closed:
                 return
@@ -133,6 +136,8 @@ class Scheduler:
                 pass
 
     def close(self) -> None:
+        """Stop the timer thread: pending events are dropped and later :meth:`schedule` calls
+        ignored."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -219,6 +224,7 @@ class PcMachine:
         return self.tables
 
     def close(self) -> None:
+        """Stop the device timers and release any vCPU thread waiting in S3 sleep."""
         self.scheduler.close()
         with self._s3:
             self._sleeping = False
@@ -268,6 +274,9 @@ class PcMachine:
 
     # -- exits -----------------------------------------------------------------------------
     def io_read(self, port: int, size: int) -> int:
+        """Serve an IN of ``size`` bytes (1, 2 or 4) at I/O ``port``: from the device that owns the
+        port, fw_cfg or port 0x92. Unassigned ports read all-ones and are counted in
+        ``unassigned``."""
         dev = self.ports.get(port)
         if dev is not None:
             return dev.read(port, size)
@@ -279,6 +288,9 @@ class PcMachine:
         return (1 << (8 * size)) - 1
 
     def io_write(self, port: int, size: int, value: int) -> None:
+        """Serve an OUT of ``value`` (``size`` bytes) at I/O ``port``: to the device that owns the
+        port, fw_cfg, or port 0x92 (bit 0 requests a reset; A20 stays enabled). Writes to
+        unassigned ports are dropped and counted in ``unassigned``."""
         dev = self.ports.get(port)
         if dev is not None:
             dev.write(port, size, value)

@@ -72,12 +72,17 @@ class PciFunction:
         self.on_write = None               # called after a configuration write, if set
 
     def put16(self, off: int, v: int) -> None:
+        """Store the 16-bit ``v`` little-endian at configuration offset ``off``, regardless of the
+        write mask."""
         self.config[off:off + 2] = v.to_bytes(2, "little")
 
     def read(self, off: int, size: int) -> int:
+        """The ``size``-byte little-endian value at configuration offset ``off``."""
         return int.from_bytes(self.config[off:off + size], "little")
 
     def write(self, off: int, size: int, value: int) -> None:
+        """A software write of ``size`` bytes of ``value`` (little-endian) at configuration offset
+        ``off``: only the bits the write mask allows change."""
         for i in range(size):
             m = self.wmask[off + i]
             if m:
@@ -108,10 +113,13 @@ class PciFunction:
 
     @property
     def memory_enabled(self) -> bool:
+        """Whether Memory Space Enable (bit 1 of the command register) is set."""
         return bool(self.config[PCI_COMMAND] & 0x02)
 
     @property
     def bus_master(self) -> bool:
+        """Whether Bus Master Enable (bit 2 of the command register) is set: the function may
+        DMA."""
         return bool(self.config[PCI_COMMAND] & 0x04)
 
     def add_msi(self, offset: int = 0x40) -> None:
@@ -141,12 +149,16 @@ def _range(lo: int, hi: int, mask: int = 0xFF):
 
 
 def i440fx_host_bridge() -> PciFunction:
+    """Function 00.0: the i440FX host bridge (8086:1237, revision 2), with the chipset registers
+    firmware programs writable (0x50-0x5f: PAM and DRAM control; 0x72: SMRAM)."""
     # 0x50-0x5f: PMCCFG, DRAM control, PAM0-6; 0x72: SMRAM; 0x57-0x5f DRB...: firmware writes
     return PciFunction(VENDOR_INTEL, 0x1237, 0x060000, revision=0x02,
                        writable=_range(0x50, 0x60) + _range(0x72, 0x73))
 
 
 def piix3_isa_bridge() -> PciFunction:
+    """Function 01.0: the PIIX3 PCI-to-ISA bridge (8086:7000, multi-function header), PIRQ routing
+    (0x60-0x63) disabled as at reset, its ISA and APIC control registers writable."""
     # 0x60-0x63: PIRQ route control; 0x4c-0x4f, 0x69..., 0xa0-0xaf: misc ISA/APIC control
     f = PciFunction(VENDOR_INTEL, 0x7000, 0x060100, header_type=0x80,
                     writable=_range(0x4C, 0x50) + _range(0x60, 0x64) + _range(0x69, 0x6A) +
@@ -157,6 +169,9 @@ def piix3_isa_bridge() -> PciFunction:
 
 
 def piix4_pm(pm_base: int = 0x600, sci_irq: int = 9) -> PciFunction:
+    """Function 01.3: PIIX4 ACPI power management (8086:7113, revision 3), PMBA (0x40) =
+    ``pm_base`` (an I/O port) with the I/O space bit, PM I/O enabled (PMREGMISC = 1) and INTA# on
+    interrupt line ``sci_irq``."""
     f = PciFunction(VENDOR_INTEL, 0x7113, 0x068000, revision=0x03)
     f.config[0x40:0x44] = (pm_base | 1).to_bytes(4, "little")     # PMBA, I/O space indicator
     f.config[0x80] = 0x01                                          # PMREGMISC: PM I/O enabled
@@ -204,6 +219,9 @@ class PciHost:
         return f.read(reg + offset_in_dword, size)
 
     def config_write(self, address: int, offset_in_dword: int, size: int, value: int) -> None:
+        """Write the ``size``-byte ``value`` at byte ``offset_in_dword`` of the dword that
+        CONFIG_ADDRESS value ``address`` selects, then call the function's ``on_write``; dropped if
+        nothing answers."""
         t = self._target(address)
         if t is not None:
             f, reg = t
@@ -213,6 +231,9 @@ class PciHost:
 
     # -- ports -----------------------------------------------------------------------------
     def read(self, port: int, size: int) -> int:
+        """An IN of ``size`` bytes at ``port``: CONFIG_ADDRESS (0xCF8, 32-bit only), the reset
+        control register (0xCF9, 8-bit only) or CONFIG_DATA (0xCFC-0xCFF), as in PCI Local Bus
+        Specification configuration mechanism #1; anything else reads all-ones."""
         with self._lock:
             if port == CONFIG_ADDRESS and size == 4:
                 return self.address
@@ -227,6 +248,9 @@ class PciHost:
         return (1 << (8 * size)) - 1
 
     def write(self, port: int, size: int, value: int) -> None:
+        """An OUT of ``size`` bytes of ``value`` at ``port``: set CONFIG_ADDRESS (0xCF8, 32-bit),
+        write the reset control register (0xCF9, 8-bit; setting bit 2 calls ``on_reset``, outside
+        the lock) or write configuration data through CONFIG_DATA (0xCFC-0xCFF)."""
         reset = False
         with self._lock:
             if port == CONFIG_ADDRESS and size == 4:

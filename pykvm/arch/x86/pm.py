@@ -48,6 +48,8 @@ CNT_MASK = 0x0007 | SLP_TYP_MASK      # the bits that read back
 
 
 def ticks_since(t0_ns: int, now_ns: int) -> int:
+    """PM timer ticks (3.579545 MHz) from monotonic time ``t0_ns`` to ``now_ns`` (nanoseconds),
+    rounded down and not wrapped."""
     return (now_ns - t0_ns) * PM_TIMER_HZ // 1_000_000_000
 
 
@@ -76,6 +78,7 @@ class AcpiPm:
         return ticks_since(self.t0, self.clock())
 
     def timer(self) -> int:
+        """The PM_TMR value now: the ticks since start-up, wrapped to 24 bits."""
         return self.ticks() & TIMER_MASK
 
     def next_timer_flip_ns(self) -> int:
@@ -112,10 +115,12 @@ class AcpiPm:
 
     @property
     def rtc_wake_enabled(self) -> bool:
+        """Whether PM1 RTC_EN is set: an RTC alarm may wake the machine from sleep."""
         return bool(self.en & RTC_STS)
 
     @property
     def timer_interrupt_enabled(self) -> bool:
+        """Whether PM1 TMR_EN is set: each flip of timer bit 23 raises the SCI."""
         return bool(self.en & TMR_STS)
 
     # -- registers ---------------------------------------------------------------------------

@@ -57,10 +57,12 @@ TIME_REGS = (SECONDS, MINUTES, HOURS, DAY_OF_WEEK, DAY_OF_MONTH, MONTH, YEAR)
 
 
 def bcd(v: int) -> int:
+    """``v`` (0-99) in packed BCD: tens in the high nibble, units in the low one."""
     return ((v // 10) << 4) | (v % 10)
 
 
 def from_bcd(v: int) -> int:
+    """The number a packed BCD byte ``v`` holds (the inverse of :func:`bcd`)."""
     return (v >> 4) * 10 + (v & 0xF)
 
 
@@ -104,6 +106,8 @@ class CmosRtc:
 
     # -- time ------------------------------------------------------------------------------
     def guest_ns(self, mono: Optional[int] = None) -> int:
+        """The guest's RTC time in nanoseconds since the Unix epoch (UTC) at monotonic time
+        ``mono`` (nanoseconds; now when None)."""
         return (self.clock() if mono is None else mono) + self.offset_ns
 
     def _running(self) -> bool:
@@ -278,6 +282,9 @@ class CmosRtc:
         return self._a_showed_uip
 
     def read_register(self, reg: int) -> int:
+        """CMOS register ``reg`` (0-0x7f) as a read of port 0x71 returns it: A with UIP computed, C
+        read and cleared (lowering IRQ 8), D with VRT set, the time registers from the running
+        clock unless SET is on, any other byte as stored."""
         with self._lock:
             now = self.clock()
             if reg == REG_A:
@@ -295,6 +302,9 @@ class CmosRtc:
             return self.cmos[reg & 0x7F]
 
     def write_register(self, reg: int, value: int) -> None:
+        """Write byte ``value`` to CMOS register ``reg``: A; B (setting SET freezes the clock and
+        clears UIE, clearing SET restarts the clock from the time registers); a time register (sets
+        the clock); C and D are read-only; other bytes are stored. Calls ``on_change`` after."""
         with self._lock:
             value &= 0xFF
             if reg == REG_A:
@@ -338,6 +348,8 @@ class CmosRtc:
         return (1 << (8 * size)) - 1
 
     def write(self, port: int, size: int, value: int) -> None:
+        """An OUT at port 0x70 (selects the register, bit 7 masks NMI) or 0x71 (writes the selected
+        register); other ports are ignored."""
         if port == INDEX_PORT:
             self.index = value & 0x7F
             self.nmi_masked = bool(value & 0x80)

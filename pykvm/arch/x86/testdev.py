@@ -22,6 +22,9 @@ IOMEM_SIZE = 0x10000
 
 
 class PcTestdev:
+    """QEMU's ``pc-testdev``: the scratch register, the flush port, the IRQ ports and 64 KiB of I/O
+    memory (see the module docstring). ``set_irq(line, level)``, if given, drives ISA IRQ
+    ``line``."""
     def __init__(self, set_irq: Optional[Callable[[int, int], None]] = None):
         self.set_irq = set_irq
         self.data = 0
@@ -30,6 +33,8 @@ class PcTestdev:
         self._lock = threading.Lock()
 
     def read(self, port: int, size: int) -> int:
+        """An IN of ``size`` bytes (1, 2 or 4) at I/O ``port``: the scratch register starting at
+        byte ``port & 3``; the write-only flush and IRQ ports (and any other) read all-ones."""
         if SCRATCH_PORT <= port < SCRATCH_PORT + 4 or \
                 SCRATCH_BYTE_PORT <= port < SCRATCH_BYTE_PORT + 4:
             shift = 8 * (port & 3)
@@ -38,6 +43,9 @@ class PcTestdev:
         return (1 << (8 * size)) - 1          # flush and IRQ ports are write-only
 
     def write(self, port: int, size: int, value: int) -> None:
+        """An OUT of ``size`` bytes of ``value`` at I/O ``port``: set the scratch register's bytes
+        from byte ``port & 3``, count a flush (0xe4-0xe7), or set ISA IRQ line ``port - 0x2000`` to
+        (low byte of ``value`` != 0). Other ports are ignored."""
         if SCRATCH_PORT <= port < SCRATCH_PORT + 4 or \
                 SCRATCH_BYTE_PORT <= port < SCRATCH_BYTE_PORT + 4:
             shift = 8 * (port & 3)
@@ -51,12 +59,16 @@ class PcTestdev:
                 self.set_irq(port - IRQ_PORT, 1 if value & 0xFF else 0)
 
     def mmio_read(self, addr: int, n: int) -> bytes:
+        """``n`` bytes of I/O memory at guest-physical ``addr`` (inside 0xff000000-0xff00ffff),
+        zero-padded where the access runs past the end of the window."""
         off = addr - IOMEM_BASE
         with self._lock:
             chunk = bytes(self.iomem[off:off + n])
         return chunk + bytes(n - len(chunk))
 
     def mmio_write(self, addr: int, data: bytes) -> None:
+        """Store ``data`` at guest-physical ``addr`` in the I/O memory window; bytes past its end
+        are dropped."""
         off = addr - IOMEM_BASE
         with self._lock:
             n = min(len(data), IOMEM_SIZE - off)
