@@ -17,7 +17,8 @@ def test_rtc_registers_update_cycle_alarm_and_set(guest_vm):
     m = guest_vm("pc_rtc", pc=True)
     before = time.time()
     a, b, d, century, year, month, day = m.sync(stage=1)
-    assert a == 0x26                     # 32.768 kHz divider, 1024 Hz rate select, UIP clear
+    assert a & 0x7F == 0x26              # 32.768 kHz divider, 1024 Hz rate select (bit 7, UIP,
+                                         # may be caught set: the update cycle runs on its own)
     assert b == 0x02                     # 24-hour BCD, no interrupts enabled
     assert d == 0x80                     # valid RAM and time
     hours, minutes, s0, _, uip = m.sync(stage=2)
