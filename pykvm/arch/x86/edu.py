@@ -74,6 +74,7 @@ class Edu:
         self.dma_errors = 0
 
     def decodes(self, addr: int) -> bool:
+        """Whether guest-physical ``addr`` falls in BAR 0 (with memory decoding on)."""
         base = self.pci.bar_address(0)
         return self.pci.memory_enabled and base <= addr < base + BAR_SIZE
 
@@ -134,6 +135,7 @@ class Edu:
 
     # -- registers ----------------------------------------------------------------------
     def mmio_read(self, addr: int, n: int) -> bytes:
+        """``n`` bytes read at guest-physical ``addr`` in BAR 0."""
         off = addr - self.pci.bar_address(0)
         with self._lock:
             regs = {REG_ID: ID, REG_ALIVE: ~self.alive & 0xFFFFFFFF,
@@ -152,6 +154,7 @@ class Edu:
             return (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
 
     def mmio_write(self, addr: int, data: bytes) -> None:
+        """A write of ``data`` at guest-physical ``addr`` in BAR 0."""
         off = addr - self.pci.bar_address(0)
         value = int.from_bytes(data, "little")
         with self._lock:

@@ -77,10 +77,12 @@ class Vtd:
 
     @property
     def gsts(self) -> int:
+        """The global status register."""
         return self._r(GSTS)
 
     # -- registers ---------------------------------------------------------------------------
     def mmio_read(self, addr: int, n: int) -> bytes:
+        """``n`` bytes read at guest-physical ``addr`` in the register page."""
         off = addr - BASE
         with self._lock:
             if off == GCMD:
@@ -88,6 +90,7 @@ class Vtd:
             return bytes(self.regs[off:off + n]) + bytes(max(0, off + n - SIZE))
 
     def mmio_write(self, addr: int, data: bytes) -> None:
+        """A write of ``data`` at guest-physical ``addr`` in the register page."""
         off = addr - BASE
         value = int.from_bytes(data, "little")
         with self._lock:
@@ -211,6 +214,7 @@ class Vtd:
             return addr, vector | delivery << 8 | trigger << 15
 
     def deliver_msi(self, address: int, data: int) -> None:
+        """Send a device's MSI on, remapped (see :meth:`remap_msi`); a blocked one is dropped."""
         out = self.remap_msi(address, data)
         if out is not None:
             self.signal_msi(*out)
