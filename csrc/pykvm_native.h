@@ -72,10 +72,13 @@ struct pykvm_loop {
     uint8_t uart[8];                 /* 16550 register file (the port UART and the MMIO one) */
     uint8_t uart_dll, uart_dlm;
     uint8_t exit_port_size;          /* isa-debug-exit ports: [exit_port, exit_port + size) */
-    uint8_t _pad1[5];
+    uint8_t uart_irq;                /* GSI the UART interrupt drives (KVM_IRQ_LINE), 0 = none */
+    uint8_t uart_thre;               /* THR-empty interrupt pending (IIR 0x02 while IER.THRI) */
+    uint8_t uart_irq_level;          /* the level last driven on uart_irq */
+    uint8_t _pad1[2];
     uint64_t uart_mmio_base;         /* ns16550a as MMIO (RISC-V virt: 0x10000000), 0 = none */
     uint32_t uart_mmio_shift;        /* register stride: reg N at base + (N << shift) */
-    uint32_t _pad3;
+    int32_t uart_irq_fd;             /* VM fd for the UART's KVM_IRQ_LINE (with uart_irq) */
 
     uint32_t nram;                   /* valid entries in ram[] */
     uint32_t _pad2;
@@ -107,8 +110,18 @@ struct pykvm_loop {
     uint64_t resume_mask;
     uint64_t callback_mask;
     uint32_t loop_id;
-    int32_t _pad4;
+    int32_t uart_lock;               /* guards this loop's UART state when others share it */
     uint64_t handled_in_py;          /* exits a Python handler resumed from inside the loop */
+    uint64_t uart_owner;             /* address of the loop whose UART state (uart[], uart_dll,
+                                        uart_dlm, uart_thre, uart_irq*, uart_out*) this loop uses:
+                                        one UART for all vCPUs of a machine; 0 = its own */
+    uint64_t uart_out;               /* the owner's: a UART output buffer all its loops write
+                                        in order (drained by pykvm_uart_take); 0 = THR bytes go
+                                        to each loop's console buffer */
+    uint32_t uart_out_cap;
+    uint32_t uart_out_len;
+    int64_t uart_out_since_ns;       /* when its oldest byte arrived */
+    uint64_t uart_out_dropped;       /* bytes that found it full */
 };
 
 long pykvm_ioctl(int fd, unsigned long request, uint64_t arg);
@@ -119,6 +132,7 @@ int pykvm_retire_mapping(uint64_t addr, uint64_t size);
 int64_t pykvm_map_shared(int fd, uint64_t size);
 int pykvm_unmap(uint64_t addr, uint64_t size);
 int pykvm_kick_signal(void);
+uint32_t pykvm_uart_take(struct pykvm_loop *l, uint8_t *dst, uint32_t cap);
 
 /* Defined by cffi (extern "Python+C" in csrc/build_native.py): runs the Python exit handler of
  * loop `loop_id` with the GIL held (info, a, b: the exit's fields, see py_exit() in runloop.c);

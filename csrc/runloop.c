@@ -11,6 +11,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -40,6 +41,10 @@
 #define UART_LCR_DLAB 0x80
 #define UART_LSR_THRE 0x20
 #define UART_LSR_TEMT 0x40
+#define UART_IER_THRI 0x02
+#define UART_IIR_NO_INT 0x01
+#define UART_IIR_THRI 0x02
+#define UART_MCR_LOOP 0x10
 
 static __thread struct kvm_run *tls_run;
 static pthread_once_t sig_once = PTHREAD_ONCE_INIT;
@@ -147,31 +152,139 @@ static uint32_t io_value(const uint8_t *p, uint8_t size)
     return v;
 }
 
-/* A 16550 that is good enough for polled output: returns the byte a read produces. */
-static uint8_t uart_read(struct pykvm_loop *l, unsigned reg)
+/* A 16550 whose transmitter is always empty (output is instant), as Linux's 8250 driver sees it:
+ *  - THR-empty interrupt: pending after a THR write and when IER.THRI is turned on; an IIR read
+ *    that reports it (0x02) clears it; with uart_irq set, the UART's interrupt output
+ *    (IER.THRI and pending) drives that GSI through KVM_IRQ_LINE (x86 COM1: IRQ 4 on the
+ *    in-kernel irqchip); without one, IIR still tells a polling driver (RISC-V: no PLIC) to send;
+ *  - loopback (MCR bit 4): MSR mirrors MCR (DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD), as the
+ *    8250 probe checks, and THR bytes loop back instead of reaching the console;
+ *  - one UART per machine: a loop whose uart_owner is set uses that loop's state, under its
+ *    uart_lock (vCPUs access it from their own threads), and with the owner's uart_out its
+ *    output goes to one buffer in the order the vCPUs wrote it. */
+static struct pykvm_loop *uart_lock(struct pykvm_loop *l)
 {
+    struct pykvm_loop *u = l->uart_owner ? (struct pykvm_loop *)(uintptr_t)l->uart_owner : l;
+
+    while (__atomic_exchange_n(&u->uart_lock, 1, __ATOMIC_ACQUIRE))
+        sched_yield();
+    return u;
+}
+
+static void uart_unlock(struct pykvm_loop *u)
+{
+    __atomic_store_n(&u->uart_lock, 0, __ATOMIC_RELEASE);
+}
+
+static void uart_update_irq(struct pykvm_loop *l)
+{
+    uint8_t level = (l->uart[UART_IER] & UART_IER_THRI) && l->uart_thre;
+    struct kvm_irq_level irq;
+
+    if (!l->uart_irq || level == l->uart_irq_level)
+        return;
+    l->uart_irq_level = level;
+    irq.irq = l->uart_irq;
+    irq.level = level;
+    ioctl(l->uart_irq_fd, KVM_IRQ_LINE, &irq);
+}
+
+static uint8_t uart_read_locked(struct pykvm_loop *l, unsigned reg)
+{
+    uint8_t mcr = l->uart[UART_MCR];
+
     if ((l->uart[UART_LCR] & UART_LCR_DLAB) && reg <= 1)
         return reg == 0 ? l->uart_dll : l->uart_dlm;
     switch (reg) {
     case UART_THR: return 0;                       /* nothing to receive */
-    case UART_IIR: return 0x01;                    /* no interrupt pending */
+    case UART_IIR:
+        if ((l->uart[UART_IER] & UART_IER_THRI) && l->uart_thre) {
+            l->uart_thre = 0;
+            uart_update_irq(l);
+            return UART_IIR_THRI;
+        }
+        return UART_IIR_NO_INT;
     case UART_LSR: return UART_LSR_THRE | UART_LSR_TEMT;
-    case UART_MSR: return 0xb0;                    /* DCD, DSR, CTS */
+    case UART_MSR:
+        if (mcr & UART_MCR_LOOP)
+            return (uint8_t)(((mcr & 1) << 5) | ((mcr & 2) << 3) | ((mcr & 4) << 4) | ((mcr & 8) << 4));
+        return 0xb0;                               /* DCD, DSR, CTS */
     default: return l->uart[reg];
     }
 }
 
-/* A write of v to register reg; returns 0 when THR output found the console buffer full. */
+static uint8_t uart_read(struct pykvm_loop *l, unsigned reg)
+{
+    struct pykvm_loop *u = uart_lock(l);
+    uint8_t v = uart_read_locked(u, reg);
+
+    uart_unlock(u);
+    return v;
+}
+
+/* A write of v to register reg; returns 0 when THR output found the console buffer full. The
+ * state is the shared UART's (u), the output goes to this vCPU's console buffer (l). */
 static int uart_write(struct pykvm_loop *l, unsigned reg, uint8_t v)
 {
-    if ((l->uart[UART_LCR] & UART_LCR_DLAB) && reg <= 1) {
-        if (reg == 0) l->uart_dll = v; else l->uart_dlm = v;
+    struct pykvm_loop *u = uart_lock(l);
+    int room = 1;
+
+    if ((u->uart[UART_LCR] & UART_LCR_DLAB) && reg <= 1) {
+        if (reg == 0) u->uart_dll = v; else u->uart_dlm = v;
     } else if (reg == UART_THR) {
-        return console_put(l, &v, 1);
+        if (u->uart[UART_MCR] & UART_MCR_LOOP) {
+            /* looped back to the receiver: not output */
+        } else if (u->uart_out) {
+            /* One buffer for all vCPUs: bytes written in turn by different vCPUs keep their
+             * order. This vCPU returns to Python to drain it when it is nearly full or its
+             * oldest byte has waited console_flush_ns. */
+            uint8_t *out = (uint8_t *)(uintptr_t)u->uart_out;
+            int64_t now = pykvm_monotonic_ns();
+
+            if (u->uart_out_len < u->uart_out_cap) {
+                if (!u->uart_out_len)
+                    u->uart_out_since_ns = now;
+                out[u->uart_out_len++] = v;
+            } else {
+                u->uart_out_dropped++;
+            }
+            if (u->uart_out_len + 64 >= u->uart_out_cap ||
+                (l->console_flush_ns && now - u->uart_out_since_ns >= l->console_flush_ns))
+                room = 0;
+        } else {
+            room = console_put(l, &v, 1);
+        }
+        u->uart_thre = 1;
+    } else if (reg == UART_IER) {
+        if ((v & UART_IER_THRI) && !(u->uart[UART_IER] & UART_IER_THRI))
+            u->uart_thre = 1;
+        u->uart[UART_IER] = v & 0x0f;
     } else if (reg != UART_LSR && reg != UART_MSR && reg != UART_IIR) {
-        l->uart[reg] = v;          /* IER, LCR, MCR, SCR read back; FCR (at IIR) is dropped */
+        u->uart[reg] = v;          /* LCR, MCR, SCR read back; FCR (at IIR) is dropped */
     }
-    return 1;
+    uart_update_irq(u);
+    uart_unlock(u);
+    return room;
+}
+
+/* Move up to cap bytes of the shared UART output of l's UART (its owner's) to dst, in order;
+ * returns how many. Any thread may call it: it takes the UART lock. */
+uint32_t pykvm_uart_take(struct pykvm_loop *l, uint8_t *dst, uint32_t cap)
+{
+    struct pykvm_loop *u = uart_lock(l);
+    uint8_t *out = (uint8_t *)(uintptr_t)u->uart_out;
+    uint32_t n = 0;
+
+    if (out) {
+        n = u->uart_out_len < cap ? u->uart_out_len : cap;
+        memcpy(dst, out, n);
+        memmove(out, out + n, u->uart_out_len - n);
+        u->uart_out_len -= n;
+        if (u->uart_out_len)
+            u->uart_out_since_ns = pykvm_monotonic_ns();
+    }
+    uart_unlock(u);
+    return n;
 }
 
 /* ---- ns16550a as MMIO (RISC-V virt) -----------------------------------------------------

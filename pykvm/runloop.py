@@ -139,6 +139,59 @@ class LoopConfig(_Record):
     ram: tuple = ()                  # (gpa, host address, size) regions the loop may read
     uart_mmio_base: int = 0          # an ns16550a as MMIO here (RISC-V virt: 0x10000000), 0 = none
     uart_mmio_shift: int = 0         # its register stride: register N at base + (N << shift)
+    uart_irq: int = 0                # GSI the UART's interrupt drives (x86 COM1: 4), 0 = none
+    uart_group: object = None        # a UartGroup: one UART for all the loops given it
+
+
+class UartGroup:
+    """One 16550 for every vCPU of a machine: give the same group to each loop's
+    :class:`LoopConfig` (``uart_group``) and they share one register file and interrupt state
+    (the C loop under a lock, as ``uart_owner``); without a group each loop has its own.
+
+    The UART (csrc/runloop.c and :class:`PyRunLoop` alike): the transmitter is always empty;
+    a THR-empty interrupt is pending after a THR write and when IER.THRI is turned on, and an IIR
+    read reporting it (0x02) clears it; with ``uart_irq`` the interrupt output (IER.THRI and
+    pending) drives that GSI through KVM_IRQ_LINE; in loopback (MCR bit 4) MSR mirrors MCR and
+    THR bytes stay off the console. The C loops of a group write THR bytes to one buffer (in
+    the order the vCPUs wrote them), which any of them drains when it returns to Python (the
+    writer returns when the oldest byte has waited ``console_flush`` or the buffer is nearly
+    full); :class:`PyRunLoop` emits each byte as it comes."""
+
+    OUT_CAP = 1 << 16
+
+    def __init__(self):
+        self._owner = None            # the first native loop's struct (kept alive here)
+        self._out = self._take = None
+        self._drain_lock = threading.Lock()
+        self.regs = bytearray(8)      # PyRunLoop's shared state
+        self.dl = bytearray(2)
+        self.thre = False
+        self.level = 0
+        self.lock = threading.Lock()
+
+    def _join(self, l) -> int:
+        """The address a native loop's ``uart_owner`` gets (0 for the first, the owner)."""
+        if self._owner is None:
+            self._owner = l
+            self._out = nffi.new("uint8_t[]", self.OUT_CAP)
+            self._take = nffi.new("uint8_t[]", self.OUT_CAP)
+            l.uart_out, l.uart_out_cap = int(nffi.cast("uintptr_t", self._out)), self.OUT_CAP
+            return 0
+        return int(nffi.cast("uintptr_t", self._owner))
+
+    def _drain(self, emit) -> None:
+        """Hand the shared output written so far to ``emit``, in order (any loop's thread)."""
+        if self._owner is None or not self._owner.uart_out_len:
+            return
+        with self._drain_lock:            # take and emit together: two drainers keep the order
+            n = nlib.pykvm_uart_take(self._owner, self._take, self.OUT_CAP)
+            if n:
+                emit(bytes(nffi.buffer(self._take, n)))
+
+    @property
+    def dropped(self) -> int:
+        """THR bytes the C loops' shared buffer had no room for."""
+        return self._owner.uart_out_dropped if self._owner is not None else 0
 
 
 LoopConfig._fields = tuple(LoopConfig.__annotations__)
@@ -309,6 +362,10 @@ class RunLoop(_LoopBase):
         l.exit_port_size = c.exit_port_size if c.exit_port else 0
         l.sbi_console = 1 if c.sbi_console else 0
         l.uart_mmio_base, l.uart_mmio_shift = c.uart_mmio_base, c.uart_mmio_shift
+        l.uart_irq, l.uart_irq_fd = (c.uart_irq, vcpu.vm.fd) if c.uart_irq else (0, -1)
+        self._ugroup = c.uart_group
+        if c.uart_group is not None:
+            l.uart_owner = c.uart_group._join(l)
         regions = list(c.ram)[:nlib.PYKVM_MAX_RAM]
         l.nram = len(regions)
         for i, (gpa, host, size) in enumerate(regions):
@@ -365,6 +422,8 @@ class RunLoop(_LoopBase):
         if n:
             self._emit(bytes(nffi.buffer(self._console_buf, n)))
             self._l.console_len = 0
+        if self._ugroup is not None:
+            self._ugroup._drain(self._emit)
         n = self._l.mmio_log_len
         for i in range(n):
             r = self._mmio_buf[i]
@@ -394,6 +453,8 @@ class RunLoop(_LoopBase):
                     return Stop("kick")
                 v.run_seq += 1
                 r = nlib.pykvm_loop_run(l)
+                if self._ugroup is not None:
+                    self._ugroup._drain(self._emit)
                 if l.console_len or l.mmio_log_len:
                     if r in _STOP_FULL:
                         self._grow = (l.console_len >= l.console_cap,
@@ -450,8 +511,7 @@ class PyRunLoop(_LoopBase):
         self.exits_total = 0
         self.handled_in_c = 0
         self.handled_in_python = 0
-        self._uart = bytearray(8)
-        self._dl = bytearray(2)
+        self._ug = self.config.uart_group or UartGroup()   # the UART state (shared or own)
         self._kick = threading.Event()
         self._ring, self._ring_entries = _ring_address(vcpu)
 
@@ -499,19 +559,48 @@ class PyRunLoop(_LoopBase):
             return None
         return Stop("exit", ex)
 
-    # the 16550 register file, shared by the port UART and the MMIO one (as in csrc/runloop.c)
+    # the 16550 register file, shared by the port UART and the MMIO one (as in csrc/runloop.c;
+    # see UartGroup)
+    def _uart_irq(self, u) -> None:
+        level = 1 if (u.regs[1] & 0x02) and u.thre else 0
+        if self.config.uart_irq and level != u.level:
+            u.level = level
+            self.vcpu.vm.irq_line(self.config.uart_irq, level)
+
     def _uart_write(self, reg: int, b: int) -> None:
-        if self._uart[3] & 0x80 and reg <= 1:
-            self._dl[reg] = b
-        elif reg == 0:
-            self._emit(bytes([b]))
-        elif reg not in (2, 5, 6):
-            self._uart[reg] = b
+        u = self._ug
+        with u.lock:
+            if u.regs[3] & 0x80 and reg <= 1:
+                u.dl[reg] = b
+            elif reg == 0:
+                if not u.regs[4] & 0x10:          # not in loopback
+                    self._emit(bytes([b]))
+                u.thre = True
+            elif reg == 1:
+                if b & 0x02 and not u.regs[1] & 0x02:
+                    u.thre = True
+                u.regs[1] = b & 0x0F
+            elif reg not in (2, 5, 6):
+                u.regs[reg] = b
+            self._uart_irq(u)
 
     def _uart_read(self, reg: int) -> int:
-        if self._uart[3] & 0x80 and reg <= 1:
-            return self._dl[reg]
-        return {0: 0, 2: 0x01, 5: self._UART_LSR, 6: 0xB0}.get(reg, self._uart[reg])
+        u = self._ug
+        with u.lock:
+            if u.regs[3] & 0x80 and reg <= 1:
+                return u.dl[reg]
+            if reg == 2:
+                if u.regs[1] & 0x02 and u.thre:
+                    u.thre = False
+                    self._uart_irq(u)
+                    return 0x02
+                return 0x01
+            if reg == 6:
+                mcr = u.regs[4]
+                if mcr & 0x10:
+                    return ((mcr & 1) << 5) | ((mcr & 2) << 3) | ((mcr & 4) << 4) | ((mcr & 8) << 4)
+                return 0xB0
+            return {0: 0, 5: self._UART_LSR}.get(reg, u.regs[reg])
 
     def _serve_uart_mmio(self, ex) -> bool:
         """An MMIO exit inside the ns16550a window: served (True), else False."""

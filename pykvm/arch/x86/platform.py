@@ -202,9 +202,12 @@ class Platform:
         return out
 
     def loop_config(self):
-        """COM1, the 0xe9 debug port and isa-debug-exit at 0xf4, served in the C loop."""
-        from ...runloop import LoopConfig
-        return LoopConfig()
+        """COM1, the 0xe9 debug port and isa-debug-exit at 0xf4, served in the C loop; COM1 is
+        one UART for all vCPUs, its THR-empty interrupt on IRQ 4 when there is an irqchip."""
+        from ...runloop import LoopConfig, UartGroup
+        if getattr(self, "_uart_group", None) is None:
+            self._uart_group = UartGroup()
+        return LoopConfig(uart_irq=4 if self.irqchip else 0, uart_group=self._uart_group)
 
     def setup_vcpu(self, vcpu, index: int) -> None:
         """CPUID and boot state of vCPU ``index`` (on a PC only vCPU 0 gets a boot state)."""
