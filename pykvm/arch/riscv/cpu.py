@@ -381,8 +381,19 @@ def hart_description(vcpu, hartid: int, isa: str | None = None) -> dict:
         if _errno_of(exc) not in (_errno.ENOENT, _errno.EINVAL):
             raise
         mode = 0
-    return {"hartid": hartid, "isa": isa if isa is not None else isa_string(vcpu),
-            "mmu_type": mode}
+    out = {"hartid": hartid, "isa": isa if isa is not None else isa_string(vcpu),
+           "mmu_type": mode}
+    # cache-block sizes (Linux drops Zicbom/Zicboz/Zicbop without them: "no cbom-block-size")
+    for ext in ("zicbom", "zicboz", "zicbop"):
+        try:
+            size = vcpu.get_one_reg(_regs.reg_id(f"config.{ext}_block_size"))
+        except Exception as exc:  # noqa: BLE001 - absent on older kernels
+            if _errno_of(exc) not in (_errno.ENOENT, _errno.EINVAL):
+                raise
+            size = 0
+        if size:
+            out[f"{ext[2:]}_block_size"] = size
+    return out
 
 
 def set_boot_state(vcpu, *, pc: int, hartid: int = 0, dtb: int = 0) -> None:

@@ -245,6 +245,10 @@ def build_dtb(harts: Sequence[dict], mem_base: int, mem_size: int,
         mmu = mmu_type_name(hart.get("mmu_type", hart.get("satp_mode")))
         if mmu:
             cpu.set("mmu-type", mmu)
+        exts = set(cpu.props["riscv,isa-extensions"])
+        for cbo in ("cbom", "cboz", "cbop"):     # riscv,cbom-block-size ... (riscv/cpus.yaml)
+            if hart.get(f"{cbo}_block_size") and f"zi{cbo}" in exts:
+                cpu.set(f"riscv,{cbo}-block-size", int(hart[f"{cbo}_block_size"]))
         intc = cpu.child("interrupt-controller")
         intc.set("#address-cells", 0)
         intc.set("#interrupt-cells", 1)

@@ -20,6 +20,8 @@ RAM_BASE = 0x80000000
 DTB_SPACE = 64 << 10
 UART_BASE = fdt.UART_BASE
 INITRD_ALIGN = 4096
+CSR_SEED = 0x015                # Zkr entropy source CSR
+SEED_OPST_ES16 = 0b10 << 30     # "16 bits of entropy follow"
 
 # SBI system reset (SRST) reasons (SBI spec, "System Reset Extension"); KVM passes the reason
 # in kvm_run.system_event.data[0].
@@ -113,10 +115,12 @@ class Platform:
     def loop_config(self):
         """No port I/O on RISC-V; the SBI debug console is served in the C loop, reading
         guest RAM through the regions known now (anything else goes to Python)."""
-        from ...runloop import LoopConfig
+        from ...runloop import LoopConfig, UartGroup
         ram = tuple((s.gpa, s.host_addr, s.size) for s in self.m.vm.memory)
+        if getattr(self, "_uart_group", None) is None:
+            self._uart_group = UartGroup()        # one UART, whichever hart touches it
         return LoopConfig(serial_base=0, debugcon_port=0, exit_port=0, sbi_console=True, ram=ram,
-                          uart_mmio_base=self.uart_base or 0)
+                          uart_mmio_base=self.uart_base or 0, uart_group=self._uart_group)
 
     def setup_vcpu(self, vcpu, index: int) -> None:
         """Before vCPU ``index`` first runs: its cpu type and SBI extensions, the device tree
@@ -168,6 +172,11 @@ class Platform:
         """Serve an exit the run loop left to Python (forwarded SBI calls); False: not ours."""
         if ex.name == "RISCV_SBI":
             self.sbi.handle(ex)
+            return True
+        if ex.name == "RISCV_CSR" and ex.csr_num == CSR_SEED:
+            # Zkr's entropy source, which KVM leaves to the VMM (Linux reads it at boot when the
+            # ISA has Zkr): status ES16 (bits 31:30 = 0b10) and 16 bits of host entropy
+            ex.set_return(SEED_OPST_ES16 | int.from_bytes(os.urandom(2), "little"))
             return True
         return False
 
