@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import initramfs as ird
+from . import linux_guest
 from . import proc as procs
 from . import qemu as q
 from .debian import Archive, LabError, extract_deb, merged_usr_links, version_key
@@ -578,6 +579,8 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
         stage("getting the base image")
         base, binfo = build_base(archive, spec, modules, opts)
         manifest.update(binfo)
+        stage("getting the Linux guest")
+        lpart, manifest["linux_guest"] = linux_guest.lab_part(archive, spec, kernel)
         nonce = secrets.token_hex(8)
         stage("building the payload")
         log(f"{lab}: building the payload (this checkout, guests, pykvm._native for {spec.arch})")
@@ -588,7 +591,7 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
 
         def concat(tmp: Path) -> None:
             with open(tmp, "wb") as f:
-                for part in (base, payload):
+                for part in (base, lpart, payload):
                     with open(part, "rb") as p:
                         shutil.copyfileobj(p, f)
 

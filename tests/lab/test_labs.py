@@ -39,14 +39,18 @@ RISCV = ["test_reg_list_fully_decoded", "test_new_isa_extensions_on_this_cpu_mod
          "test_srst_shutdown_is_a_system_event", "test_failing_guest_assertion_has_file_and_line",
          "test_zabha_in_the_guest", "test_caps_json_has_riscv_section",
          "test_extension_kvm_cannot_disable_is_not_allowed",
-         "test_pykvm_run_boots_the_default_riscv_guest", "test_regs_command_lists_named_registers"]
+         "test_pykvm_run_boots_the_default_riscv_guest", "test_regs_command_lists_named_registers",
+         # a Linux guest (tests/riscv/test_linux.py): /init, SBI suspend/resume, SRST, cpu types
+         "test_linux_boots_to_init_suspends_resumes_and_powers_off",
+         "test_linux_with_cpu_type_min_has_only_the_base_isa"]
 NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           "test_set_nested_state_size_below_header", "test_set_nested_state_bad_format",
           "test_set_nested_state_guest_mode_needs_svme", "test_set_nested_state_header_only_gif",
           "test_l2_port_io_reaches_host_and_l1_sees_vmmcall_hlt",
           "test_l2_io_exit_has_guest_mode_flag_l1_exit_has_not",
           "test_nested_state_at_l2_io_exit_restores_into_fresh_vm",
-          "test_asid_change_l2_sees_l1_writes", "test_round_trip_rate"]
+          "test_asid_change_l2_sees_l1_writes", "test_round_trip_rate",
+          "test_linux_bzimage_boots_to_init_and_powers_off"]     # tests/nested/test_linux.py
 EXPECTED = {"riscv": {"riscv-rv64": SMOKE + RISCV, "riscv-max": SMOKE + RISCV},
             "nested": {"nested": SMOKE + NESTED}}
 SUMMARIES: list = []          # (lab, line) for the terminal summary (see conftest.py)
