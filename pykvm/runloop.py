@@ -157,7 +157,7 @@ class UartGroup:
     writer returns when the oldest byte has waited ``console_flush`` or the buffer is nearly
     full); :class:`PyRunLoop` emits each byte as it comes."""
 
-    OUT_CAP = 1 << 16
+    OUT_CAP = 1 << 12                 # bytes; the writer hands over well before it fills
 
     def __init__(self):
         self._owner = None            # the first native loop's struct (kept alive here)
