@@ -80,7 +80,10 @@ MB_HDR_PAGE_ALIGN = 1 << 0
 MB_HDR_MEMORY_INFO = 1 << 1
 MB_HDR_VIDEO_MODE = 1 << 2
 MB_HDR_AOUT_KLUDGE = 1 << 16
-_MB_HDR_UNSUPPORTED = 0xFFF8          # required-feature bits 3..15: none defined, none supported
+# Required-feature bits 3..15 define nothing. The spec says a boot loader that does not know a
+# requested bit must refuse the image; QEMU's -kernel loader (hw/i386/multiboot.c) ignores every
+# flag but bits 2 (video mode: a warning) and 16 (a.out kludge), and pykvm boots what QEMU boots.
+_MB_HDR_UNDEFINED = 0xFFF8
 
 MBI_FLAG_MEM = 1 << 0
 MBI_FLAG_BOOT_DEVICE = 1 << 1
@@ -179,7 +182,8 @@ class MultibootHeader:
 @dataclass
 class LoadPlan:
     """Where every byte of an image goes, the entry point and the boot mode."""
-    format: str                       # "elf64", "elf32-multiboot", "multiboot-aout", "flat"
+    format: str                       # "elf64", "elf32-multiboot", "elf64-multiboot-aout",
+                                      # "multiboot-aout", "linux-image" or "flat"
     arch: str                         # "x86_64" or "riscv64"
     mode: str                         # "long", "protected", "real" or "riscv"
     entry: int                        # guest-physical entry address
@@ -346,12 +350,6 @@ def find_multiboot_header(data: bytes) -> Optional[MultibootHeader]:
                     return MultibootHeader(off, flags, csum, *extra)
         off = window.find(magic, off + 1)
     return None
-
-
-def _check_multiboot_flags(h: MultibootHeader) -> None:
-    bad = h.flags & _MB_HDR_UNSUPPORTED
-    if bad:
-        raise LoadError(f"multiboot header asks for unsupported features (flags {bad:#x})")
 
 
 @_load_errors_only
@@ -560,14 +558,26 @@ def _section_headers(data: bytes, h: _Ehdr) -> List[_Shdr]:
 @_load_errors_only
 def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
     """A plan from an ELF executable. x86_64: ELF64 (long mode, needs p_paddr == p_vaddr) or
-    ELF32 i386 with a multiboot header (protected mode, loaded by p_paddr, or by the a.out
-    kludge fields when header flag bit 16 is set). riscv64: ELF64 loaded by p_paddr.
+    ELF32 i386 with a multiboot header (protected mode, loaded by p_paddr); any ELF whose
+    multiboot header sets flag bit 16 is loaded by the a.out kludge fields instead, in
+    protected mode, as QEMU does. riscv64: ELF64 loaded by p_paddr.
     The work done is linear in the number of program headers, which is capped."""
     if arch not in _ARCHES:
         raise LoadError(f"unknown architecture {arch!r} (known: {', '.join(_ARCHES)})")
     data = _as_bytes(data)
     hdr = _elf_header(data)
     cls = hdr.cls
+    if arch == "x86_64":
+        # A multiboot header asking for the a.out kludge (flag bit 16) decides the layout of
+        # any ELF, 32- or 64-bit: QEMU's -kernel (hw/i386/multiboot.c) looks at the flag before
+        # the ELF headers and then loads by the header's address fields alone, entering in
+        # protected mode. 64-bit kernels with a 32-bit entry stub boot under QEMU this way
+        # (without the flag QEMU refuses an x86-64 ELF; pykvm boots it in long mode).
+        kludge = find_multiboot_header(data)
+        if kludge is not None and kludge.aout_kludge:
+            plan = parse_multiboot_aout(data, kludge)
+            plan.format = "elf32-multiboot" if cls == _ELFCLASS32 else "elf64-multiboot-aout"
+            return plan
     allowed = _ARCHES[arch]
     if cls not in allowed:
         raise LoadError(f"{arch} cannot boot a {32 if cls == _ELFCLASS32 else 64}-bit ELF")
@@ -586,11 +596,6 @@ def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
         if mb is None:
             raise LoadError("32-bit ELF without a multiboot v1 header wholly inside its first "
                             "8 KiB (or its checksum is wrong)")
-        _check_multiboot_flags(mb)
-        if mb.aout_kludge:
-            plan = parse_multiboot_aout(data, mb)
-            plan.format = "elf32-multiboot"
-            return plan
 
     view = memoryview(data)
     addr_limit = _ADDR_LIMIT[cls]
@@ -694,7 +699,6 @@ def parse_image(image: Image, *, arch: str = "x86_64", flat_addr: Optional[int] 
     if arch == "x86_64":
         mb = find_multiboot_header(data)
         if mb is not None and mb.aout_kludge:
-            _check_multiboot_flags(mb)
             return parse_multiboot_aout(data, mb)
     if flat_addr is None:
         raise LoadError("not an ELF file (bad magic) and no load address given for a flat "
@@ -729,17 +733,37 @@ def validate_plan(plan: LoadPlan, ram_size: int, *, ram_base: int = 0,
 
 
 def write_plan(plan: LoadPlan, mem, *, chunk: int = 1 << 20) -> None:
-    """Copy every segment into guest memory and zero-fill ``memsz - filesz``. The plan must have
-    been validated against ``mem`` (:meth:`LoadPlan.validate`)."""
+    """Copy every segment into guest memory and make ``memsz - filesz`` read as zeros. The plan
+    must have been validated against ``mem`` (:meth:`LoadPlan.validate`).
+
+    The zero fill commits no host memory for RAM that is already zero (a BSS or image size
+    field may name most of the guest's RAM; docs/guest-abi.md): with a memory object that has
+    ``zero(gpa, n)`` (:meth:`pykvm.memory.GuestMemory.zero`: whole pages dropped with
+    ``madvise``), that does it; otherwise each ``chunk``-byte piece is read and written only if
+    it is not all zeros already. Either way the range reads as zeros afterwards, also in RAM
+    that an earlier run wrote."""
     for s in plan.segments:
         if s.filesz:
             mem.write(s.addr, s.data)
-        pos, end = s.addr + s.filesz, s.end
-        zeros = bytes(min(chunk, end - pos)) if end > pos else b""
-        while pos < end:
-            n = min(chunk, end - pos)
-            mem.write(pos, zeros if n == len(zeros) else zeros[:n])
-            pos += n
+        if s.end > s.addr + s.filesz:
+            zero_fill(mem, s.addr + s.filesz, s.end - s.addr - s.filesz, chunk=chunk)
+
+
+def zero_fill(mem, gpa: int, n: int, *, chunk: int = 1 << 20) -> None:
+    """Make guest-physical ``[gpa, gpa + n)`` of ``mem`` read as zeros, committing host memory
+    only where it held something else (see :func:`write_plan`)."""
+    zero = getattr(mem, "zero", None)
+    if callable(zero):
+        zero(gpa, n)
+        return
+    pos, end = gpa, gpa + n
+    zeros = bytes(min(chunk, n))
+    while pos < end:
+        k = min(chunk, end - pos)
+        want = zeros if k == len(zeros) else zeros[:k]
+        if bytes(mem.read(pos, k)) != want:
+            mem.write(pos, want)
+        pos += k
 
 
 @_load_errors_only
@@ -918,6 +942,7 @@ __all__ = [
     "MULTIBOOT_HEADER_MAGIC", "MULTIBOOT_BOOT_MAGIC", "MAX_IMAGE_SIZE", "MAX_PROGRAM_HEADERS",
     "MAX_SECTION_HEADERS", "MAX_SYMBOLS",
     "parse_image", "parse_elf", "parse_flat", "parse_multiboot_aout", "find_multiboot_header",
-    "multiboot_header_size", "build_multiboot_info", "validate_plan", "write_plan", "load_image",
+    "multiboot_header_size", "build_multiboot_info", "validate_plan", "write_plan", "zero_fill",
+    "load_image",
     "elf_symbols", "find_symbol", "is_elf",
 ]

@@ -1,4 +1,4 @@
-"""Guest RAM: anonymous shared mappings registered as KVM memory slots, and a bounds-checked
+"""Guest RAM: private anonymous (MAP_NORESERVE) mappings registered as KVM memory slots, and a bounds-checked
 guest-physical view over them."""
 import mmap
 from dataclasses import dataclass
@@ -14,6 +14,8 @@ PAGE_SIZE = mmap.PAGESIZE
 # guest RAM is declared without reserving swap, so a large guest costs host memory only as it
 # touches pages.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+# madvise(2) advice that drops pages of a private anonymous mapping: they read as zeros after.
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
 @dataclass
@@ -137,6 +139,36 @@ class GuestMemory:
         for s, o, k in list(self._chunks(gpa, len(data))):
             s._map[o:o + k] = data[pos:pos + k]
             pos += k
+
+    def zero(self, gpa: int, n: int) -> None:
+        """Make guest-physical ``[gpa, gpa + n)`` read as zeros without committing host memory
+        for it: whole pages are handed back with ``madvise(MADV_DONTNEED)`` (guest RAM is a
+        private anonymous mapping, so they read as zeros again and cost no host memory until
+        touched), partial pages at either end are written with zeros. Correct whatever the RAM
+        held before (a reload after a run); KVM drops its mappings of the pages through its
+        MMU notifier. Raises :class:`~pykvm.errors.GuestMemoryError` if any byte is unbacked
+        (checked before anything changes)."""
+        chunks = list(self._chunks(gpa, n))
+        for s, o, k in chunks:
+            start = -(-o // PAGE_SIZE) * PAGE_SIZE          # first whole page
+            end = (o + k) // PAGE_SIZE * PAGE_SIZE          # end of the last whole page
+            if end <= start:
+                s._map[o:o + k] = bytes(k)
+                continue
+            if o < start:
+                s._map[o:start] = bytes(start - o)
+            if end < o + k:
+                s._map[end:o + k] = bytes(o + k - end)
+            try:
+                s._map.madvise(_MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError, AttributeError):
+                # no madvise here: write the zeros, a page-sized piece at a time, skipping
+                # pages that already read as zero (an untouched page reads as the shared zero
+                # page and stays uncommitted)
+                zero_page = bytes(PAGE_SIZE)
+                for p in range(start, end, PAGE_SIZE):
+                    if s._map[p:p + PAGE_SIZE] != zero_page:
+                        s._map[p:p + PAGE_SIZE] = zero_page
 
     def view(self, gpa: int, n: int) -> memoryview:
         """A zero-copy view of ``n`` bytes at ``gpa``; the range must lie within one slot."""
