@@ -6,6 +6,13 @@ The rules (docs/guest-abi.md, "Memory layout"):
 * the image may use any RAM the platform does not claim — below 1 MiB too (a multiboot kernel
   linked at 0x8000 is fine); the PC machine claims [0x9FC00, 1 MiB) (EBDA, the legacy video
   window, the ACPI tables and the BIOS area);
+* image bytes that fall in a claimed range are not loaded, as QEMU's pc loses the bytes of a
+  ``-kernel`` image that land in its VGA window and write-protected BIOS shadow
+  (:data:`pykvm.arch.x86.layout.PC_NO_RAM_FOR_IMAGES`): GNU ld's default layout for a kernel
+  linked at 1 MiB starts with a read-only LOAD segment a page below 1 MiB that holds only the
+  ELF and program headers, and such kernels boot. The platform's tables stay intact. An image
+  whose entry point (or ``pykvm_params``) lies in a claimed range cannot work there and is
+  refused;
 * multiboot modules (QEMU's ``-initrd a,b args``) go page-aligned right after the image, in the
   order given, each with its string ("file args"), as QEMU's multiboot loader places them;
 * the multiboot information goes at 0x9000 when that is free, else after the modules;
@@ -73,11 +80,54 @@ class _Space:
 
 @dataclass
 class PlacedImage:
-    """What :func:`load` did: the loader's view plus where pykvm put its own things."""
+    """What :func:`load` did: the loader's view plus where pykvm put its own things.
+    ``dropped``: [(start, end)) guest-physical ranges of image segments that were not loaded
+    because the platform claims them (see the module docstring)."""
     loaded: "loader.LoadedImage"
     layout: L.BootLayout
     modules: List[Tuple[int, int, str]] = field(default_factory=list)
     cmdline: str = ""
+    dropped: List[Range] = field(default_factory=list)
+
+
+def _claimed_by(claimed: Sequence[Range], addr: int, n: int = 1) -> Optional[Range]:
+    """The first claimed range that [addr, addr + n) overlaps, or None."""
+    for c in claimed:
+        if _overlaps((addr, addr + max(n, 1)), c):
+            return c
+    return None
+
+
+def clip_segments(segments: Sequence["loader.Segment"], claimed: Sequence[Range]):
+    """Split ``segments`` around the ``claimed`` ranges: (the pieces outside every claimed
+    range, as :class:`pykvm.loader.Segment` objects that keep their file bytes, zero-fill and
+    virtual addresses; the [start, end) ranges left out). Work is linear in segments times
+    claimed ranges."""
+    kept, dropped = [], []
+    cuts = sorted(c for c in claimed if c[1] > c[0])
+    for s in segments:
+        pieces = [(s.addr, s.end)]
+        for c0, c1 in cuts:
+            nxt = []
+            for a, b in pieces:
+                if not _overlaps((a, b), (c0, c1)):
+                    nxt.append((a, b))
+                    continue
+                dropped.append((max(a, c0), min(b, c1)))
+                if a < c0:
+                    nxt.append((a, c0))
+                if c1 < b:
+                    nxt.append((c1, b))
+            pieces = nxt
+        if pieces == [(s.addr, s.end)]:
+            kept.append(s)
+            continue
+        for a, b in pieces:
+            lo, hi = a - s.addr, b - s.addr
+            data = s.data[min(lo, s.filesz):min(hi, s.filesz)]
+            vaddr = None if s.vaddr is None else s.vaddr + lo
+            kept.append(loader.Segment(a, data, b - a, s.flags, vaddr, s.index))
+    return kept, dropped
 
 
 def _module_items(initrd) -> List[Tuple[str, str]]:
@@ -96,7 +146,8 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
     """Load ``image`` (a path or bytes) into ``mem``.
 
     ``ram``: the guest's RAM ranges; ``memory_map``: the E820 map the guest is told about;
-    ``claimed``: ranges the platform owns (no image byte may land there); ``boot_vcpus``: how
+    ``claimed``: ranges the platform owns (image bytes there are not loaded; an entry point
+    there is refused); ``boot_vcpus``: how
     many vCPUs start at the entry (each needs a boot stack); ``ram_top``: the end of the highest
     RAM (how much a long-mode boot identity-maps). Multiboot images get the command line
     ``"<name> <cmdline>"`` (the image's file name first, as QEMU and GRUB pass it) and one module
@@ -111,13 +162,15 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
         if not space.in_ram(r):
             raise loader.LoadError(f"{s.describe()} is outside guest RAM "
                                    f"({', '.join(f'[{a:#x}, {b:#x})' for a, b in ram)})")
-        for c in claimed:
-            if _overlaps(r, c):
-                raise loader.LoadError(f"{s.describe()} overlaps [{c[0]:#x}, {c[1]:#x}), which "
-                                       f"the platform uses (EBDA, video window, ACPI/BIOS area)")
+    c = _claimed_by(claimed, plan.entry)
+    if c is not None:
+        raise loader.LoadError(f"entry point {plan.entry:#x} lies in [{c[0]:#x}, {c[1]:#x}), "
+                               f"which the platform uses (EBDA, video window, ACPI/BIOS area): "
+                               f"image bytes there are not loaded, as on QEMU's pc")
+    kept, dropped = clip_segments(plan.segments, claimed)
     image_ranges = [(s.addr, s.end) for s in plan.segments]
-    for r in image_ranges:
-        space.take(r)
+    for s in kept:
+        space.take((s.addr, s.end))
     multiboot = plan.multiboot is not None
     if initrd and not multiboot:
         raise loader.LoadError("--initrd modules need a multiboot image (or a Linux bzImage)")
@@ -164,9 +217,17 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
         space.take(r)
 
     params = loader._params_symbol(image, data, plan)
-    written = [(s.addr, s.memsz) for s in plan.segments]
+    if params is not None:
+        c = _claimed_by(claimed, params, loader.PARAMS_SIZE)
+        if c is not None:
+            raise loader.LoadError(f"{loader.PARAMS_SYMBOL} at {params:#x} lies in "
+                                   f"[{c[0]:#x}, {c[1]:#x}), which the platform uses (EBDA, "
+                                   f"video window, ACPI/BIOS area)")
+    to_write = loader.LoadPlan(plan.format, plan.arch, plan.mode, plan.entry, kept,
+                               plan.multiboot)
+    written = [(s.addr, s.memsz) for s in kept]
     try:
-        loader.write_plan(plan, mem)
+        loader.write_plan(to_write, mem)
         for (start, end, _), blob in zip(modules, blobs):
             mem.write(start, blob)
             written.append((start, end - start))
@@ -176,4 +237,4 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
     except (ValueError, loader.PykvmError) as e:
         raise loader.LoadError(f"cannot write the image into guest RAM: {e}") from e
     li = loader.LoadedImage(plan, plan.entry, plan.mode, mbi_addr, params, written)
-    return PlacedImage(li, layout, modules, mb_cmdline)
+    return PlacedImage(li, layout, modules, mb_cmdline, dropped)

@@ -173,6 +173,16 @@ KVM_TSS_ADDR = 0xFFFBD000                   # three pages
 EBDA_START = 0x9FC00                        # the last 1 KiB below 640 KiB, as a PC BIOS keeps it
 BIOS_AREA_START = 0xE0000                   # ACPI tables and the RSDP live here (PC machine)
 LOW_RAM_END = 0x100000
+VGA_WINDOW_START = 0xA0000                  # legacy VGA memory: a device, not RAM, on a PC
+OPTION_ROM_START = 0xC0000                  # option ROMs, then the system BIOS, up to 1 MiB
+
+# Where QEMU's pc has no writable RAM when its multiboot option ROM copies a -kernel image into
+# place: [0xA0000, 0xC0000) is the VGA window (device memory) and [0xC0000, 1 MiB) is the
+# option ROM and BIOS shadow that SeaBIOS write-protects (its make_bios_readonly, through the
+# i440FX PAM registers) before it boots. Image bytes QEMU would write there are lost, so a
+# kernel linked at 1 MiB whose first LOAD segment (GNU ld's ELF and program headers) starts a
+# page below boots all the same. pykvm's PC keeps its ACPI tables in this range.
+PC_NO_RAM_FOR_IMAGES = ((VGA_WINDOW_START, LOW_RAM_END),)
 
 
 def ram_split(size: int):
