@@ -6,8 +6,11 @@ import sys
 def _early_signal(signum, frame):
     # Until main() installs its handlers (a few milliseconds), a signal ends the process the way
     # main() would: one line, status 128 + signal, no traceback.
-    sys.stderr.write(f"pykvm: interrupted by {signal.Signals(signum).name}\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write(f"pykvm: interrupted by {signal.Signals(signum).name}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):     # stderr closed or full: the status says it
+        pass
     import os
     os._exit(128 + signum)
 
@@ -30,10 +33,12 @@ if _started_as_program():
 
 import argparse  # noqa: E402
 import errno  # noqa: E402
+import io  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 
 from . import __version__  # noqa: E402
+from .outfile import check_report_path  # noqa: E402
 
 
 class _Json:
@@ -47,6 +52,8 @@ class _Json:
 json = _Json()
 
 EXIT_USAGE = 2
+EXIT_VMM = 8               # pykvm.status.VMM_ERROR (not imported: most commands never need it)
+JSON_COMMANDS = ("run", "caps", "regs", "bench")     # the commands that take --json
 MAX_MEM = 1 << 40          # 1 TiB: far beyond any test guest, well inside the host's address space
 MAX_VCPUS = 1024
 MAX_TIMEOUT = 10 ** 7      # seconds (about 115 days)
@@ -120,17 +127,50 @@ def _file_list(text: str) -> tuple:
     return items
 
 
+_invocation = {"argv": None}      # the argument list main() was given (None: sys.argv[1:])
+
+
 def _wants_json(argv=None) -> bool:
-    """True if the command line asks `pykvm run` for JSON (looked at before or without
-    argparse, so that even a bad option or an early signal is answered with one object)."""
-    args = sys.argv[1:] if argv is None else argv
-    return "--json" in args and bool(args) and args[0] == "run"
+    """True if the command line asks a command that takes ``--json`` (JSON_COMMANDS) for JSON.
+    Looked at before or without argparse, so that even a bad option, an early signal or a
+    failure before the command starts is answered with one object."""
+    if argv is None:
+        argv = _invocation["argv"]
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--" in args:
+        args = args[:args.index("--")]
+    return "--json" in args and _command_of(args) in JSON_COMMANDS
+
+
+def _err(line: str) -> None:
+    """``line`` on stderr; where stderr is closed or cannot be written, nothing (the exit
+    status still tells the failure)."""
+    stream = sys.stderr
+    if stream is None:
+        return
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _print_json_outcome(exit_name: str, code: int, detail: str) -> None:
+    """The one JSON object of a command that ended without a result of its own (bad input, a
+    host or KVM failure, a signal): the shape of ``pykvm run --json``'s object, for every
+    command that takes --json."""
     import json
     print(json.dumps({"exit": exit_name, "exit_code": code, "console": "", "exits": {},
                       "seconds": 0.0, "detail": detail}, indent=2))
+
+
+def _report(exit_name: str, code: int, detail: str, as_json: bool) -> int:
+    """Report an outcome that is not a command's own result: the JSON object on stdout with
+    --json, and always one line on stderr. Returns ``code``."""
+    if as_json:
+        _print_json_outcome(exit_name, code, detail)
+    _err(f"pykvm: {detail}")
+    return code
 
 
 class _Unused:
@@ -173,12 +213,131 @@ class _Parser(argparse.ArgumentParser):
         line = f"{self.prog}: error: {message}"
         if _wants_json():
             _print_json_outcome("bad_input", EXIT_USAGE, line)
-        self.exit(EXIT_USAGE, line + "\n")
+        _err(line)
+        raise SystemExit(EXIT_USAGE)
 
 
 def _fail(msg: str, code: int = EXIT_USAGE) -> int:
-    print(f"pykvm: {msg}", file=sys.stderr)
+    _err(f"pykvm: {msg}")
     return code
+
+
+# -- host-side failures ---------------------------------------------------------------------
+# errnos that mean the host ran out of something (not bad input, not the guest's doing)
+HOST_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN)
+
+
+def _human_bytes(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
+
+
+def _limits(*names: str) -> str:
+    """The finite soft limits among ``names`` (RLIMIT_* names), e.g. "RLIMIT_AS=96 MiB"."""
+    import resource
+    out = []
+    for name in names:
+        try:
+            soft, _ = resource.getrlimit(getattr(resource, name))
+        except (AttributeError, OSError, ValueError):
+            continue
+        if soft == resource.RLIM_INFINITY:
+            continue
+        out.append(f"{name}={soft if name in ('RLIMIT_NOFILE', 'RLIMIT_NPROC') else _human_bytes(soft)}")
+    return ", ".join(out)
+
+
+def _file_max() -> str:
+    try:
+        with open("/proc/sys/fs/file-max") as f:
+            return f"fs.file-max={f.read().strip()}"
+    except OSError:
+        return ""
+
+
+def _causes(e: BaseException):
+    """``e`` and the exceptions it was raised from or while handling, outermost first."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _resource_of(e: BaseException) -> "str | None":
+    """What ran out on the host, as "<resource> (<limit>)", when ``e`` (or what caused it) is a
+    host-resource failure: an OSError with EMFILE/ENFILE/ENOMEM/EAGAIN, a MemoryError, or
+    Python's "can't start new thread"; None otherwise."""
+    for x in _causes(e):
+        if isinstance(x, OSError) and x.errno in HOST_ERRNOS:
+            if x.errno == errno.EMFILE:
+                what, lim = "too many open files", _limits("RLIMIT_NOFILE")
+            elif x.errno == errno.ENFILE:
+                what, lim = "the system's table of open files is full", _file_max()
+            elif x.errno == errno.ENOMEM:
+                what, lim = "out of memory", _limits("RLIMIT_AS", "RLIMIT_DATA",
+                                                     "RLIMIT_MEMLOCK")
+            else:
+                what = "cannot create another thread or process (resource temporarily unavailable)"
+                lim = _limits("RLIMIT_NPROC", "RLIMIT_AS")
+            return what + (f" ({lim})" if lim else "")
+        if isinstance(x, MemoryError):
+            lim = _limits("RLIMIT_AS", "RLIMIT_DATA")
+            return "out of memory" + (f" ({lim})" if lim else "")
+        if isinstance(x, RuntimeError) and "can't start new thread" in str(x):
+            lim = _limits("RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_STACK")
+            return "cannot start a thread" + (f" ({lim})" if lim else "")
+    return None
+
+
+def _host_failure(e: BaseException) -> "str | None":
+    """One line for a host-side failure (see :func:`_resource_of`) naming the resource and its
+    limit, e.g. "host limit: too many open files (RLIMIT_NOFILE=5) opening /dev/kvm"; None when
+    ``e`` is something else."""
+    resource = _resource_of(e)
+    if resource is None:
+        return None
+    from .errors import PykvmError
+    own = _one_line(e)
+    if "host limit" in own:                       # the raiser already said it
+        return own
+    line = f"host limit: {resource}"
+    if isinstance(e, PykvmError):
+        line += f": {own}"                        # pykvm's own message says what it was doing
+    elif isinstance(e, OSError) and e.filename is not None:
+        line += f" opening {e.filename}"
+    return line
+
+
+def _classify(e: Exception) -> "tuple[str, int, str]":
+    """(exit name, status, one line) for an exception that ended a command: a host-resource
+    failure or any pykvm error is a VMM error (8); bad input a command did not catch itself
+    (an unknown built-in guest, an image that will not build) is 2; anything else is an
+    internal VMM error (8) named by its type and place, never a traceback (set
+    $PYKVM_TRACEBACK=1 to get one)."""
+    host = _host_failure(e)
+    if host is not None:
+        return "vmm_error", EXIT_VMM, host
+    from .errors import PykvmError
+    guests = sys.modules.get("pykvm.guests")
+    gbuild = sys.modules.get("pykvm.guestbuild")
+    if (guests is not None and isinstance(e, guests.GuestNotFound)) or \
+            (gbuild is not None and isinstance(e, gbuild.GuestBuildError)):
+        return "bad_input", EXIT_USAGE, _one_line(e)
+    if isinstance(e, PykvmError):
+        return "vmm_error", EXIT_VMM, _one_line(e)
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename is not None else ""
+        return "vmm_error", EXIT_VMM, f"{where}{e.strerror or _one_line(e)}"
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    at = ""
+    if tb is not None:
+        at = f" at {os.path.basename(tb.tb_frame.f_code.co_filename)}:{tb.tb_lineno}"
+    return "vmm_error", EXIT_VMM, f"internal error: {type(e).__name__}: {_one_line(e)}{at}"
 
 
 def _one_line(e: BaseException) -> str:
@@ -262,11 +421,75 @@ def cmd_caps(args) -> int:
     return 0
 
 
-class _OutputFailed(Exception):
-    """stdout could not take the guest's console output (closed pipe, full disk...)."""
+_output = {"error": None,     # the first OSError writing to stdout
+           "wrapped": False}  # stdout is a _StdoutRaw (so _output["error"] is exact)
 
 
-_output = {"error": None}     # the first OSError writing the console to stdout
+class _StdoutRaw(io.RawIOBase):
+    """fd 1 for the ``pykvm`` program's sys.stdout: every write that fails is remembered in
+    ``_output["error"]`` (then raised as usual), so a failure of stdout (a closed pipe, a full
+    disk, an fd opened read-only) is told apart from any other OSError a command meets."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self._fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def isatty(self) -> bool:
+        return os.isatty(self._fd)
+
+    def write(self, b) -> int:
+        try:
+            return os.write(self._fd, b)
+        except OSError as e:
+            if _output["error"] is None:
+                _output["error"] = e
+            raise
+
+
+def _watch_stdout() -> None:
+    """Give the ``pykvm`` program a sys.stdout whose failures are recorded (see _StdoutRaw),
+    with the encoding and buffering the interpreter chose."""
+    old = sys.stdout
+    raw = _StdoutRaw(old.fileno())
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw), encoding=old.encoding,
+                                  errors=old.errors, line_buffering=old.line_buffering)
+    _output["wrapped"] = True
+
+
+def _stdout_failed(e: OSError) -> bool:
+    """Whether ``e`` (an OSError that ended a command) was a failed write to stdout."""
+    if _output["wrapped"]:
+        return _output["error"] is not None
+    if e.errno in (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT):
+        _output["error"] = e
+        return True
+    return False
+
+
+def _fill_closed_std_fds() -> "list[int]":
+    """Put /dev/null on any of fds 0, 1, 2 that is closed, so that no file pykvm opens later
+    (/dev/kvm, a vCPU, an image) lands on a standard stream and gets our output or the C
+    helper's messages written into it. Returns the fds that were closed."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+            try:
+                new = os.open(os.devnull, os.O_RDWR)
+            except OSError:
+                continue
+            if new != fd:
+                os.dup2(new, fd)
+                os.close(new)
+    return closed
 
 
 def _console_stream():
@@ -281,7 +504,8 @@ def _console_stream():
             out.write(data)
             out.flush()
         except (OSError, ValueError) as e:
-            _output["error"] = e
+            if _output["error"] is None:
+                _output["error"] = e
             m = _sig.machine
             if m is not None:
                 m._kick_all()
@@ -290,20 +514,24 @@ def _console_stream():
 
 def _output_failure() -> int:
     """The status for a failed stdout: 141 for a closed pipe (as SIGPIPE would give), else one
-    line and 8. Further writes go to /dev/null so nothing fails again at exit."""
+    line on stderr and 8. Further writes (and what is still buffered) go to /dev/null, so
+    nothing fails again at exit."""
     e = _output["error"]
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
+    try:
+        sys.stdout.flush()                 # drop what is buffered into /dev/null
     except (OSError, ValueError, AttributeError):
         pass
     if isinstance(e, BrokenPipeError):
         return 141
     why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    try:
-        print(f"pykvm: cannot write to stdout: {why}", file=sys.stderr)
-    except (OSError, ValueError):
-        pass
-    return 8
+    _err(f"pykvm: cannot write to stdout: {why}")
+    return EXIT_VMM
 
 
 def cmd_run(args) -> int:
@@ -314,11 +542,7 @@ def cmd_run(args) -> int:
 
     def outcome(exit_name: str, code: int, detail: str) -> int:
         """Report a run that ended before or outside Machine.run (one line, or one JSON)."""
-        if args.json:
-            print(json.dumps({"exit": exit_name, "exit_code": code, "console": "", "exits": {},
-                              "seconds": 0.0, "detail": detail}, indent=2))
-        print(f"pykvm: {detail}", file=sys.stderr)
-        return code
+        return _report(exit_name, code, detail, args.json)
 
     guest = args.guest
     if guest and not os.path.exists(guest) and os.sep in guest:
@@ -351,23 +575,24 @@ def cmd_run(args) -> int:
         m = Machine(guest, mem_size=args.mem, vcpus=args.vcpus, cmdline=args.cmdline,
                     initrd=args.initrd,
                     on_console=stream, native=not args.python_loop, **opts)
-    except (LoadError, GuestMemoryError, ValueError) as e:
-        return outcome("bad_input", status.BAD_INPUT, _one_line(e))
-    except HostMemoryError as e:
-        return outcome("vmm_error", status.VMM_ERROR, _one_line(e))
-    except PykvmError as e:
-        # GuestNotFound: pykvm.guests is imported only when a guest is named, not for a path
-        guests = sys.modules.get("pykvm.guests")
-        gbuild = sys.modules.get("pykvm.guestbuild")
-        if (guests is not None and isinstance(e, guests.GuestNotFound)) or \
-                (gbuild is not None and isinstance(e, gbuild.GuestBuildError)):
+    except Exception as e:
+        host = _host_failure(e)             # the host ran out of fds, memory or threads
+        if host is not None:
+            return outcome("vmm_error", status.VMM_ERROR, host)
+        if isinstance(e, (LoadError, GuestMemoryError, ValueError)):
+            # a bad image, or options this machine cannot honour (e.g. more vCPUs than its
+            # tables can describe): refused up front, naming the limit
             return outcome("bad_input", status.BAD_INPUT, _one_line(e))
-        return outcome("vmm_error", status.VMM_ERROR, _one_line(e))
-    except OSError as e:
-        return outcome("bad_input", status.BAD_INPUT, f"{guest}: {e.strerror or e}")
+        if isinstance(e, HostMemoryError):
+            return outcome("vmm_error", status.VMM_ERROR, _one_line(e))
+        if isinstance(e, OSError) and not isinstance(e, PykvmError):
+            # the image could not be read (no permission, a directory, I/O error ...)
+            name = e.filename if e.filename is not None else (guest or "the guest image")
+            return outcome("bad_input", status.BAD_INPUT, f"{name}: {e.strerror or e}")
+        return outcome(*_classify(e))
     try:
         if args.trace:
-            m.trace = lambda line: print(f"pykvm: {line}", file=sys.stderr)
+            m.trace = lambda line: _err(f"pykvm: {line}")
         _sig.machine = m
         if _sig.signum is not None:           # a signal landed between start-up and here
             m._kick_all()
@@ -389,20 +614,21 @@ def cmd_run(args) -> int:
             print(json.dumps(d, indent=2))
         else:
             sys.stdout.flush()
-        print(f"pykvm: {detail}", file=sys.stderr)
+        _err(f"pykvm: {detail}")
         return code
     if args.json:
         print(json.dumps(r.as_dict(), indent=2))
+        sys.stdout.flush()                   # a failure to write it is the run's outcome
     else:
         sys.stdout.flush()
         if r.exit == "timeout":
-            print(f"pykvm: guest did not finish within {args.timeout} s; stopped", file=sys.stderr)
+            _err(f"pykvm: guest did not finish within {args.timeout} s; stopped")
         elif r.exit_code and r.detail:
-            print(f"pykvm: {r.detail}", file=sys.stderr)
+            _err(f"pykvm: {r.detail}")
         if r.console_dropped and args.trace:
-            print(f"pykvm: {r.console_dropped} console bytes not retained", file=sys.stderr)
+            _err(f"pykvm: {r.console_dropped} console bytes not retained")
         if args.trace:
-            print(f"pykvm: exits {r.exits}, {r.seconds:.3f} s", file=sys.stderr)
+            _err(f"pykvm: exits {r.exits}, {r.seconds:.3f} s")
     return r.exit_code
 
 
@@ -434,6 +660,11 @@ def cmd_guests(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.plot is not None:
+        try:
+            check_report_path(args.plot, "the plot")    # refused before minutes of measuring
+        except OSError as e:
+            return _report("bad_input", EXIT_USAGE, f"--plot: {e}", args.json)
     from .bench import main as bench_main
     return bench_main(args)
 
@@ -453,20 +684,37 @@ def cmd_guest_build(args) -> int:
         return _fail(f"no guest runtime for {arch}; use --arch {' or --arch '.join(MODES)}")
     if args.mode and args.mode not in MODES[arch]:
         return _fail(f"{arch} guests have mode {', '.join(MODES[arch])}, not {args.mode!r}")
+    if args.output is not None:
+        try:
+            check_report_path(args.output, "the image")     # no directory, socket, disk
+        except OSError as e:
+            return _fail(str(e))
     try:
         image = build(args.source, arch=arch, mode=args.mode, out=args.output,
                       cflags=shlex.split(args.cflags or ""))
     except GuestBuildError as e:
-        print(f"pykvm: {e}", file=sys.stderr)
+        _err(f"pykvm: {e}")
         return 1
-    except OSError as e:                     # -o names a place we cannot write
-        return _fail(f"cannot write {args.output or 'the image'}: {e.strerror or e}")
+    except OSError as e:
+        host = _host_failure(e)
+        if host is not None:
+            return _fail(host, EXIT_VMM)
+        why = f"cannot write {args.output or 'the image'}: {e.strerror or e}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
+            return _fail(why, EXIT_VMM)      # the host's disk, not the command line
+        return _fail(why)                    # -o names a place we cannot write
     print(image)
     return 0
 
 
+def _device_path(text: str) -> str:
+    if not text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"not a device path: {text!r}")
+    return text
+
+
 def _device_option(parser) -> None:
-    parser.add_argument("--device", default=None, metavar="PATH",
+    parser.add_argument("--device", type=_device_path, default=None, metavar="PATH",
                         help="the KVM device (default: $PYKVM_DEVICE, else /dev/kvm)")
 
 
@@ -494,8 +742,9 @@ def build_parser(only=None) -> argparse.ArgumentParser:
     r.add_argument("guest", nargs="?", help="image path or built-in guest name")
     r.add_argument("--mem", type=_size, default=64 << 20, metavar="SIZE",
                    help="guest RAM, e.g. 64M, 2G (default 64M; at most 1T; mapped lazily)")
-    r.add_argument("--vcpus", type=_int_range(1, MAX_VCPUS), default=1, metavar="N",
-                   help="number of vCPUs (default 1)")
+    r.add_argument("--vcpus", "--smp", type=_int_range(1, MAX_VCPUS), default=1, metavar="N",
+                   help="number of vCPUs (default 1; a machine refuses more than its tables "
+                   "can describe)")
     r.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="seconds before the guest is stopped (exit 124; default 10; "
                    "0 = no deadline)")
@@ -590,52 +839,98 @@ def main(argv=None) -> int:
     Started as the ``pykvm`` program (``argv`` None), it flushes its output and ends the process
     at once with that status instead of returning: the interpreter's own teardown of every
     loaded module costs more than some whole commands (VMs and fds are closed by then)."""
-    code = _main(argv)
-    if argv is None and _started_as_program():
+    program = argv is None and _started_as_program()
+    code = _main(argv, program)
+    if program:
         try:
             sys.stdout.flush()
         except BrokenPipeError:
             code = 141
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            if not code:
+                _err(f"pykvm: cannot write to stdout: {getattr(e, 'strerror', None) or e}")
+                code = EXIT_VMM
+        except AttributeError:                # no stdout at all (said already)
             pass
         try:
             sys.stderr.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             pass
         os._exit(code)
     return code
 
 
-def _main(argv=None) -> int:
+def _main(argv=None, program=False) -> int:
     """:func:`main` up to the exit status.
 
     SIGINT and SIGTERM end any command with one line and status 130 / 143, whenever they
-    arrive: during start-up they abort it, during a run they stop every vCPU first."""
+    arrive: during start-up they abort it, during a run they stop every vCPU first. Output
+    that cannot be written (stdout closed, a full disk, an fd not open for writing) is one line
+    on stderr and status 8 (141 for a reader that went away), never success. Any other failure
+    is one line (and, with --json, one JSON object) with the status of its class: 2 bad input,
+    8 a host-side or VMM failure (out of fds, memory or threads; KVM missing; an ioctl)."""
     _sig.signum = None
     _sig.reported = False
     _output["error"] = None
-    if sys.stdout is None:                   # started with stdout closed (>&-)
+    _output["wrapped"] = False
+    _invocation["argv"] = argv
+    if program:
+        closed = _fill_closed_std_fds()
+        if 1 in closed or sys.stdout is None:       # started with stdout closed (>&-)
+            if sys.stderr is None and 2 not in closed:
+                sys.stderr = open(2, "w", closefd=False)
+            _err("pykvm: cannot write to stdout: it is closed")
+            return EXIT_VMM
+        if 2 in closed or sys.stderr is None:
+            sys.stderr = None                       # _err says nothing; statuses still tell
+    if sys.stdout is None:                   # in-process, with no stdout: nothing to write
         sys.stdout = open(os.devnull, "w")
     try:
         try:
             _install_signal_handlers()
         except ValueError:                   # not the main thread: leave signals alone
             pass
+        if program:
+            _watch_stdout()
         parser = build_parser(_command_of(sys.argv[1:] if argv is None else argv))
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:              # --help, --version, or a usage error (said)
+            code = e.code if isinstance(e.code, int) else EXIT_USAGE
+            sys.stdout.flush()
+            return code
         if not args.cmd:
             parser.print_help()
+            sys.stdout.flush()
             return EXIT_USAGE
-        from .errors import PykvmError
         if getattr(args, "device", None):
             os.environ["PYKVM_DEVICE"] = args.device     # every Kvm() of this process
         try:
             code = args.func(args)
-        except PykvmError as e:
-            code = _fail(_one_line(e), 8)
+        except (_Signalled, KeyboardInterrupt):
+            raise
+        except SystemExit as e:               # a command gave up with a message or a status
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:                             # e.g. bench --plot without matplotlib
+                code = _report("bad_input", EXIT_USAGE, str(e.code), _wants_json(argv))
+        except OSError as e:
+            if _stdout_failed(e):
+                return _output_failure()
+            code = _report(*_classify(e), _wants_json(argv))
+        except Exception as e:                # noqa: BLE001 - every failure is one line
+            if _output["error"] is not None:  # stdout failed first: that is the outcome
+                return _output_failure()
+            if os.environ.get("PYKVM_TRACEBACK"):
+                import traceback
+                traceback.print_exc()
+            code = _report(*_classify(e), _wants_json(argv))
         if _sig.signum is not None and not _sig.reported:
             # a signal whose exception Python swallowed (it landed in a finalizer or callback)
             raise _Signalled(_sig.signum)
+        sys.stdout.flush()                   # a failure to write is the command's outcome
+        if _output["error"] is not None:
+            return _output_failure()
         return code
     except (_Signalled, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
@@ -643,14 +938,13 @@ def _main(argv=None) -> int:
         try:
             if _wants_json(argv):
                 _print_json_outcome("interrupted", _signal_status(signum), detail)
-            print(f"pykvm: {detail}", file=sys.stderr)
+            _err(f"pykvm: {detail}")
         except (_Signalled, OSError, ValueError):
             pass
         return _signal_status(signum)
     except OSError as e:                     # writing our own output failed
-        if e.errno not in (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EBADF):
-            raise
-        _output["error"] = e
+        if not _stdout_failed(e):
+            return _report(*_classify(e), False)
         return _output_failure()
 
 

@@ -79,9 +79,11 @@ never a raw traceback. The module summary and the kselftest-style ``# Totals:`` 
 tests by kind; the last line gives pytest's exit status.
 """
 import os
-import tempfile
+import sys
 
 import pytest
+
+from ..outfile import check_report_path, write_report
 
 INDENT = "  "
 MAX_DIAG_LINES = 20
@@ -111,6 +113,15 @@ def _one_line(text: str) -> str:
     return text if len(text) <= MAX_DATA else text[:MAX_DATA - 3] + "..."
 
 
+def _say(line: str) -> None:
+    """One line on stderr, even where stderr is closed or full (then nothing is said)."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 class Outcome:
     """One KTAP result: kind (one of KINDS), verdict, directive and its data, and the
     diagnostic lines that go directly before the result line."""
@@ -134,7 +145,11 @@ class KtapWriter:
     """Collects every phase's report and writes the KTAP file when the session finishes."""
 
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
+        """``path``: where the KTAP document goes (see :func:`pykvm.outfile.write_report`).
+        A path that can never take it (a directory, socket or block device) raises
+        :class:`pykvm.outfile.ReportPathError` at once, before any test runs."""
+        check_report_path(path, "KTAP")
+        self.path = os.path.abspath(path)      # as given: symlinks are followed when written
         self.tests = {}        # nodeid -> {when: TestReport}, in the order tests first reported
         self.collected = {}    # nodeid -> failed or skipped CollectReport
         self.order = {}        # module (node id before "::") -> rank, in collection order
@@ -154,18 +169,19 @@ class KtapWriter:
             self.collected[report.nodeid] = report
 
     def pytest_sessionfinish(self, session, exitstatus):
+        """Write the KTAP file (see :mod:`pykvm.outfile`: a regular file is replaced atomically;
+        a symlink, character device or FIFO is written through, never replaced). A file that
+        cannot be written is one line on stderr and a failing pytest status (the session's own
+        failure status if it had one, else INTERNAL_ERROR), never a traceback: pytest's summary
+        still follows."""
         self.rootdir = str(getattr(session.config, "rootpath", "") or "")
         text = self.render(getattr(session, "items", None) or [], exitstatus)
-        d = os.path.dirname(self.path)
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ktap-", dir=d)    # readers never see half a file
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+            write_report(self.path, text, "KTAP")
+        except OSError as e:
+            _say(f"pykvm: {e}")
+            if int(session.exitstatus) in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
     # -- outcomes ---------------------------------------------------------------------------
 

@@ -49,19 +49,25 @@ def pytest_addoption(parser):
     """``--ktap FILE``."""
     g = parser.getgroup("pykvm")
     g.addoption("--ktap", metavar="FILE", default=None,
-                help="write test results in KTAP format to FILE")
+                help="write test results in KTAP format to FILE (a regular file is replaced "
+                "atomically; a symlink, device or FIFO is written through)")
 
 
 def pytest_configure(config):
-    """Register the markers; with ``--ktap``, the KTAP writer."""
+    """Register the markers; with ``--ktap``, the KTAP writer. A ``--ktap`` path that can never
+    take the report (empty, a directory, a socket, a block device) is a usage error (pytest
+    status 4, one line) before any test runs."""
     for line in ("requires_kvm: needs a usable /dev/kvm",
                  "requires_cap(name): needs KVM_CAP_<name> (implies requires_kvm)",
                  "requires_arch(name): runs only on this host architecture (implies requires_kvm)"):
         config.addinivalue_line("markers", line)
     path = config.getoption("--ktap")
-    if path:
+    if path is not None:
         from .ktap import KtapWriter
-        config._pykvm_ktap = KtapWriter(path)
+        try:
+            config._pykvm_ktap = KtapWriter(path)
+        except OSError as e:       # a directory, socket, block device: refused before any test
+            raise pytest.UsageError(f"--ktap: {e}") from None
         config.pluginmanager.register(config._pykvm_ktap, "pykvm-ktap")
 
 
