@@ -69,12 +69,60 @@ class KvmExists(KvmError):
     """EEXIST: already there (slot overlap, device already created)."""
 
 
+class HostResourceError(PykvmError):
+    """The host ran out of something pykvm needs: ``resource`` names it (``"memory"``,
+    ``"file descriptors"``, ``"threads"``). A failure of the host, never of the guest:
+    :class:`~pykvm.machine.Machine` reports it as a VMM error (status 8). The message is one
+    line naming the resource and, where there is one, the limit to raise."""
+
+    resource = "host resources"
+
+    def __init__(self, message: str = "", resource: str = ""):
+        super().__init__(message)
+        if resource:
+            self.resource = resource
+
+
+class HostMemoryError(HostResourceError, MemoryError):
+    """The host could not provide memory pykvm asked for (e.g. mapping guest RAM)."""
+
+    resource = "memory"
+
+
+class KvmFdLimit(KvmError, HostResourceError):
+    """EMFILE/ENFILE: KVM could not make a file descriptor (a VM, a vCPU, a stats or device
+    fd) because the process's (``ulimit -n``) or the system's limit is reached."""
+
+    resource = "file descriptors"
+
+
+class KvmNoMemory(KvmError, HostMemoryError):
+    """ENOMEM: the kernel could not allocate what KVM needed for this ioctl."""
+
+
+class GuestRamUnbacked(KvmFault, HostMemoryError):
+    """KVM_RUN failed with EFAULT: the host could not back guest RAM (typically a memory limit:
+    a cgroup at its ``memory.max`` with the OOM killer off, ``ulimit -v``). ``gpa``: the
+    guest-physical address KVM named (KVM_EXIT_MEMORY_FAULT), or None."""
+
+    def __init__(self, ioctl: str, err: int, what: str = "", hint: str = "", gpa=None):
+        self.gpa = gpa
+        if not hint:
+            at = f" at GPA {gpa:#x}" if gpa is not None else ""
+            hint = f"host could not back guest RAM{at} (memory limit?)"
+        super().__init__(ioctl, err, what, hint)
+
+    def __reduce__(self):
+        return (type(self), (self.ioctl, self.errno, self.what, self.hint, self.gpa))
+
+
 _BY_ERRNO = {
     _errno.ENOENT: KvmNotFound, _errno.EINVAL: KvmInvalid, _errno.EBUSY: KvmBusy,
     _errno.ENOTTY: KvmUnsupported, _errno.ENXIO: KvmUnsupported,
     _errno.EOPNOTSUPP: KvmUnsupported, _errno.ENOSYS: KvmUnsupported,
     _errno.EPERM: KvmPermission, _errno.EACCES: KvmPermission, _errno.E2BIG: KvmTooBig,
     _errno.EFAULT: KvmFault, _errno.EINTR: KvmInterrupted, _errno.EEXIST: KvmExists,
+    _errno.EMFILE: KvmFdLimit, _errno.ENFILE: KvmFdLimit, _errno.ENOMEM: KvmNoMemory,
 }
 
 # Context-specific meanings: (ioctl, errno) first, then errno alone.
@@ -99,6 +147,9 @@ _GENERIC = {
     _errno.EFAULT: "bad address",
     _errno.EPERM: "not permitted",
     _errno.EACCES: "permission denied",
+    _errno.EMFILE: "out of file descriptors: the process's limit (ulimit -n) is reached",
+    _errno.ENFILE: "out of file descriptors: the system's limit (fs.file-max) is reached",
+    _errno.ENOMEM: "out of host memory",
 }
 
 
@@ -137,10 +188,48 @@ class Busy(PykvmError):
     """The vCPU is already running in another thread (one ``KVM_RUN`` caller at a time)."""
 
 
-class HostMemoryError(PykvmError, MemoryError):
-    """The host could not provide memory pykvm asked for (e.g. mapping guest RAM)."""
-
-
 class KvmDeviceError(PykvmError):
     """The KVM device (``/dev/kvm``, ``--device``, ``$PYKVM_DEVICE``) cannot be used: missing,
     no permission, or not a KVM device. The message says what to do about it."""
+
+
+class MachineEnded(PykvmError):
+    """:meth:`pykvm.machine.Machine.run` was asked to run a machine that cannot run again
+    (the guest powered off, or reset a machine that pykvm does not reboot). ``reason``: why,
+    in a few words."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"the machine cannot run again: {reason}")
+
+
+_THREAD_MESSAGES = ("can't start new thread", "cannot start new thread")
+
+
+def host_resource_error(e: BaseException):
+    """The :class:`HostResourceError` that ``e`` amounts to when it is the host running out of
+    a resource (itself when it already is one), else None: a Python :class:`MemoryError`
+    (memory), an :class:`OSError` with EMFILE/ENFILE (file descriptors), ENOMEM (memory) or
+    EAGAIN from a thread start, and the :class:`RuntimeError` Python raises when it cannot
+    start a thread (threads: ``ulimit -u``, or ``ulimit -v`` too small for a thread's stack).
+    Pure; the result's ``__cause__`` is ``e``."""
+    if isinstance(e, HostResourceError):
+        return e
+    out = None
+    if isinstance(e, MemoryError):
+        out = HostMemoryError(f"out of host memory ({type(e).__name__}"
+                              f"{': ' + str(e) if str(e) else ''})")
+    elif isinstance(e, RuntimeError) and any(m in str(e) for m in _THREAD_MESSAGES):
+        out = HostResourceError(f"cannot start a thread: {e} (thread limit ulimit -u, or too "
+                                "little address space under ulimit -v)", "threads")
+    elif isinstance(e, OSError) and e.errno in (_errno.EMFILE, _errno.ENFILE):
+        what = f"{e.filename}: " if e.filename else ""
+        limit = "the process's limit (ulimit -n)" if e.errno == _errno.EMFILE else \
+            "the system's limit (fs.file-max)"
+        out = HostResourceError(f"out of file descriptors: {what}{os.strerror(e.errno)} "
+                                f"({limit} is reached)", "file descriptors")
+    elif isinstance(e, OSError) and e.errno == _errno.ENOMEM:
+        out = HostMemoryError(f"out of host memory: {e.strerror or os.strerror(e.errno)}")
+    if out is not None:
+        out.__cause__ = e
+    return out

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple, Type
 
 from . import abi
 from .abi import ffi
-from .errors import Closed, GuestError, StaleExit
+from .errors import Closed, GuestError, GuestRamUnbacked, StaleExit, kvm_error
 
 _RUN_SIZE = ffi.sizeof("struct kvm_run")
 _MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
@@ -515,6 +515,28 @@ _CLASSES: Dict[int, Type[Exit]] = {
 for _c in _CLASSES.values():
     _c.name = abi.EXIT_NAMES[_c.reason]        # a plain class attribute: no lookup per access
 del _c
+
+
+_EFAULT = 14
+_EXIT_MEMORY_FAULT = abi.EXIT_REASONS["MEMORY_FAULT"]
+
+
+def kvm_run_error(vcpu, err: int):
+    """The exception for KVM_RUN on ``vcpu`` failing with errno ``err``: EFAULT is the host
+    failing to back guest RAM (:class:`~pykvm.errors.GuestRamUnbacked`, with the GPA when KVM
+    filled in ``kvm_run.memory_fault``, KVM_CAP_MEMORY_FAULT_INFO), anything else the
+    :class:`~pykvm.errors.KvmError` for that errno."""
+    what = f"vcpu {vcpu.id}"
+    if err == _EFAULT:
+        gpa = None
+        try:
+            run = vcpu.run_struct
+            if run.exit_reason == _EXIT_MEMORY_FAULT:
+                gpa = int(run.memory_fault.gpa)
+        except Exception:                      # noqa: BLE001 — a closed vCPU: no GPA
+            pass
+        return GuestRamUnbacked("KVM_RUN", err, what, gpa=gpa)
+    return kvm_error("KVM_RUN", err, what)
 
 
 def decode_exit(vcpu) -> Exit:

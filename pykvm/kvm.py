@@ -9,7 +9,8 @@ from ._fd import FdObject
 from ._ioctl import check_extension as _check_extension, ioctl
 from .abi import cap_number, ioctls
 from .arch import current as _arch
-from .errors import CapabilityMissing, KvmDeviceError, KvmError, PykvmError
+from .errors import (CapabilityMissing, KvmDeviceError, KvmError, PykvmError,
+                     host_resource_error)
 from .vm import Vm
 
 DEFAULT_PATH = "/dev/kvm"
@@ -39,11 +40,15 @@ class Kvm(_arch.KvmArch, FdObject):
 
         Raises :class:`~pykvm.errors.KvmDeviceError` (one line saying what to do) when the
         device is missing, not accessible, not a character device or not KVM, or speaks another
-        KVM API version than 12."""
+        KVM API version than 12, and :class:`~pykvm.errors.HostResourceError` when the process
+        is out of file descriptors (EMFILE/ENFILE) or memory."""
         self.path = path or os.environ.get("PYKVM_DEVICE") or DEFAULT_PATH
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as e:
+            hr = host_resource_error(e)         # out of fds or memory: the host, not the device
+            if hr is not None:
+                raise hr from e
             raise KvmDeviceError(_open_hint(self.path, e)) from None
         self._own_fd(fd)
         try:

@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import status
 from .arch import current as _arch
-from .errors import Closed, GuestError, KvmError, PykvmError
+from .errors import (Closed, GuestError, GuestMemoryError, GuestRamUnbacked, HostResourceError,
+                     KvmError, MachineEnded, PykvmError, host_resource_error)
 from .exits import Exit
 from .kvm import Kvm
 from .report import GuestAssertion, Report
@@ -102,6 +103,28 @@ EXIT_TIMEOUT = status.TIMEOUT
 EXIT_GUEST_FAILURE = status.GUEST_FAILURE
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _exit_brief(ex) -> str:
+    """A short description of the exit being served (``"MMIO write at 0x..."``)."""
+    if ex is None:
+        return ""
+    try:
+        return f"{ex.name} exit {ex!r}"
+    except Exception:                          # noqa: BLE001 — a stale or odd exit
+        return f"{ex.name} exit"
+
+
+def _guest_fault(ex, e: GuestMemoryError) -> GuestError:
+    """The guest's fault for a guest-chosen address outside RAM (``e``) met while serving
+    ``ex`` (or None when unknown): one line naming both."""
+    what = _exit_brief(ex)
+    return GuestError(f"guest fault: {_one_line(e)}" + (f" (serving its {what})" if what else ""))
+
+
 class Machine:
     """A VM with RAM, ``vcpus`` vCPUs and ``guest`` loaded (a built-in guest name, a path, or
     image bytes). Options go to the arch platform (x86: ``irqchip``, ``pit``, ``cpuid``;
@@ -114,10 +137,15 @@ class Machine:
     ``reports_dropped``). ``initrd``: paths of files to hand the guest (QEMU's ``-initrd``: on
     x86 multiboot each is a module; on RISC-V the one file is the initrd).
 
-    Raises :class:`ValueError` for bad arguments, :class:`~pykvm.loader.LoadError` for a bad
-    image, :class:`~pykvm.errors.HostMemoryError` when RAM cannot be mapped and
-    :class:`~pykvm.errors.KvmError` when KVM refuses a step. :meth:`close` may be called from
-    any thread at any time; afterwards every method raises :class:`~pykvm.errors.Closed`."""
+    Raises :class:`ValueError` for bad arguments — among them options the machine cannot
+    honour, refused before any VM is created and naming the limit (more vCPUs than KVM allows,
+    KVM_CAP_MAX_VCPUS / KVM_CAP_MAX_VCPU_ID, or than the platform's tables can describe, e.g.
+    the pc machine's 255) —, :class:`~pykvm.loader.LoadError` for a bad image,
+    :class:`~pykvm.errors.HostResourceError` when the host runs out of something (its
+    ``resource``: memory — :class:`~pykvm.errors.HostMemoryError` —, file descriptors,
+    threads) and :class:`~pykvm.errors.KvmError` when KVM refuses a step. :meth:`close` may be
+    called from any thread at any time; afterwards every method raises
+    :class:`~pykvm.errors.Closed`."""
 
     def __init__(self, guest: Union[str, bytes, None] = None, *, mem_size: int = 64 << 20,
                  vcpus: int = 1, cmdline: str = "", native: bool = True, kvm: Optional[Kvm] = None,
@@ -143,21 +171,21 @@ class Machine:
         self._close_lock = threading.Lock()
         self._stop = False                 # a plain flag: set from signal handlers too
         self.vcpu_count = vcpus            # known to the platform before the vCPUs exist
+        self._ended: Optional[str] = None  # why the machine cannot run again, once it cannot
+        self._symbols = None               # the image's symbol table, read on first need
         try:
-            max_vcpus = self.kvm.check_extension("MAX_VCPUS") or self.kvm.check_extension("NR_VCPUS")
-            if max_vcpus and vcpus > max_vcpus:
-                raise ValueError(f"{vcpus} vCPUs requested; this KVM allows at most {max_vcpus}")
+            image = guest
+            if guest is None or (isinstance(guest, str) and not _is_image_path(guest)):
+                from . import guests               # (lazy: it loads subprocess to build them)
+                image = guests.path(guest or guests.DEFAULT_GUEST)
+            self.image_name = image if isinstance(image, str) else "<bytes>"
+            self._check_vcpu_limits(vcpus, image, platform_opts)
             self.vm = self.kvm.create_vm()
             self.platform = _arch.Platform(self, **platform_opts)
             self.platform.create_devices()
             add_ram = getattr(self.platform, "add_ram", None)     # x86: RAM around the hole
             self.ram = add_ram(mem_size) if add_ram else \
                 self.vm.add_memory(self.platform.ram_base, mem_size)
-            image = guest
-            if guest is None or (isinstance(guest, str) and not _is_image_path(guest)):
-                from . import guests               # (lazy: it loads subprocess to build them)
-                image = guests.path(guest or guests.DEFAULT_GUEST)
-            self.image_name = image if isinstance(image, str) else "<bytes>"
             self.image = self.platform.load(image, cmdline=cmdline, initrd=tuple(initrd),
                                             flat_addr=flat_addr,
                                             flat_mode=flat_mode)
@@ -166,9 +194,30 @@ class Machine:
                 self.platform.setup_vcpu(v, i)
             self.loops = [make_loop(v, native=native, config=self.platform.loop_config(),
                                     on_console=self._console_out) for v in self.vcpus]
-        except BaseException:
+        except BaseException as e:
             self.close()
+            hr = host_resource_error(e)
+            if hr is not None and hr is not e:
+                raise hr from e                # the host ran out of something: say which
             raise
+
+    def _check_vcpu_limits(self, vcpus: int, image, platform_opts: dict) -> None:
+        """Refuse (ValueError naming the limit) a vCPU count this KVM or the platform cannot
+        honour, before any VM exists: KVM_CAP_MAX_VCPUS (else KVM_CAP_NR_VCPUS, the
+        recommended count older kernels report) and KVM_CAP_MAX_VCPU_ID (ids run 0..vcpus-1),
+        then the platform's own limit (:meth:`Platform.max_vcpus`)."""
+        kvm = self.kvm
+        max_vcpus = kvm.check_extension("MAX_VCPUS") or kvm.check_extension("NR_VCPUS")
+        if max_vcpus and vcpus > max_vcpus:
+            raise ValueError(f"{vcpus} vCPUs requested; this KVM allows at most {max_vcpus} "
+                             "(KVM_CAP_MAX_VCPUS)")
+        max_id = kvm.check_extension("MAX_VCPU_ID")
+        if max_id and vcpus > max_id:
+            raise ValueError(f"{vcpus} vCPUs requested; this KVM's vCPU ids stop below "
+                             f"{max_id} (KVM_CAP_MAX_VCPU_ID)")
+        limit, why = _arch.Platform.max_vcpus(image, **platform_opts)
+        if limit is not None and vcpus > limit:
+            raise ValueError(f"{vcpus} vCPUs requested; {why} at most {limit}")
 
     # -- plumbing ---------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -249,7 +298,11 @@ class Machine:
             h = handlers.get(ex.name)
             if h is None:
                 return _SLOW
-            if h(self, index, ex) is None:
+            try:
+                r = h(self, index, ex)
+            except GuestMemoryError as e:
+                raise _guest_fault(ex, e) from e
+            if r is None:
                 return None
             return _HANDLED
         return on_exit
@@ -271,9 +324,14 @@ class Machine:
         do not end the step), or the run ends some other way; returns the :class:`Event`.
 
         ``timeout``: seconds (None or 0 = no deadline). ``budget``: the most exits this step
-        handles (0 = no cap), PRINT reports included. Raises :class:`~pykvm.errors.Closed`
-        after :meth:`close`, :class:`~pykvm.errors.GuestError` for a report pykvm cannot read,
-        :class:`~pykvm.errors.KvmError` if KVM_RUN fails, and whatever an exit handler raises."""
+        handles (0 = no cap), PRINT reports included. A step that ends by its deadline or
+        budget leaves the vCPU where it stopped: the next step runs on from there. Raises
+        :class:`~pykvm.errors.Closed` after :meth:`close`, :class:`~pykvm.errors.GuestError`
+        for a report pykvm cannot read or a guest-chosen address outside guest RAM met while
+        serving an exit (a :class:`~pykvm.errors.GuestMemoryError` from a handler or device
+        becomes one, naming the exit), :class:`~pykvm.errors.KvmError` if KVM_RUN fails
+        (:class:`~pykvm.errors.GuestRamUnbacked` when the host could not back guest RAM), and
+        whatever else an exit handler raises."""
         self._check_open()
         if not isinstance(index, int) or not 0 <= index < len(self.loops):
             raise IndexError(f"no vCPU {index!r} (this machine has {len(self.loops)})")
@@ -308,12 +366,15 @@ class Machine:
                 self._keep_report(rep)
                 return Event("report", index, report=rep)
             handler = self.handlers.get(ex.name)
-            if handler is not None:
-                if handler(self, index, ex) is None:
+            try:
+                if handler is not None:
+                    if handler(self, index, ex) is None:
+                        continue
+                    return Event("exit", index, exit=ex)
+                if self.platform.handle_exit(index, ex):
                     continue
-                return Event("exit", index, exit=ex)
-            if self.platform.handle_exit(index, ex):
-                continue
+            except GuestMemoryError as e:      # a guest-chosen address outside RAM
+                raise _guest_fault(ex, e) from e
             return Event("exit", index, exit=ex)
 
     def expect(self, kind: str, index: int = 0, *, timeout: Optional[float] = 10.0) -> Event:
@@ -398,32 +459,35 @@ class Machine:
 
         ``timeout``: seconds (None or 0 = no deadline). The first vCPU to fail (a guest
         failure, an unhandled exit, a KVM error, an exception from an exit handler) stops all
-        the others and decides the result. If the calling thread is interrupted (e.g.
-        KeyboardInterrupt), every vCPU is stopped before the exception propagates. Raises
-        :class:`~pykvm.errors.Closed` if the machine is (or gets) closed."""
+        the others and decides the result. A run that ends by its deadline (or by a kick)
+        leaves every vCPU where it stopped: a later ``run()`` runs the guest on from there.
+        If the calling thread is interrupted (e.g. KeyboardInterrupt), every vCPU is stopped
+        before the exception propagates.
+
+        Outcomes are classified by whose fault they are (:meth:`_verdict`): the guest's
+        (a report, a guest-chosen address outside RAM met while serving its request:
+        ``guest_error``, status 4), unhandled exits (6), the host's (a KVM ioctl failing,
+        the host out of memory, file descriptors or threads, guest RAM the host could not
+        back: ``vmm_error``, status 8) and exceptions of exit handlers (``handler_error``, 8).
+
+        Raises :class:`~pykvm.errors.Closed` if the machine is (or gets) closed, and
+        :class:`~pykvm.errors.MachineEnded` (one line saying why) when an earlier run ended
+        the machine for good: the guest powered off, or asked for a reset pykvm does not
+        perform."""
         self._check_open()
+        if self._ended is not None:
+            raise MachineEnded(self._ended)
         self._stop = False
         t0 = time.monotonic()
         deadline = t0 + timeout if timeout else None
         results: List[Optional[Event]] = [None] * len(self.vcpus)
-        if len(self.vcpus) == 1:
-            self._run_one(0, deadline, results)
-        else:
-            threads = [threading.Thread(target=self._vcpu_thread, args=(i, deadline, results),
-                                        name=f"vcpu{i}", daemon=True)
-                       for i in range(len(self.vcpus))]
-            try:
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    while t.is_alive():
-                        t.join(0.1)
-            except BaseException:
-                self._kick_all()
-                for t in threads:
-                    if t.ident is not None:
-                        t.join()
-                raise
+        try:
+            if len(self.vcpus) == 1:
+                self._run_one(0, deadline, results)
+            else:
+                self._run_threads(deadline, results)
+        finally:
+            self._settle()
         if self._closed:
             raise Closed("Machine was closed while it ran")
         seconds = time.monotonic() - t0
@@ -433,10 +497,56 @@ class Machine:
                 counts[k] = counts.get(k, 0) + v
         ev = self._decisive(results)
         exit_name, code, detail, dbg = self._verdict(ev)
+        ended = self.platform.ended(ev.exit if ev.kind == "exit" else None)
+        if ended:
+            self._ended = ended
         console, dropped = self.console, self.console_dropped
         return RunResult(exit_name, code, console, counts, seconds, detail, dbg,
                          list(self.reports), dropped, self.reports_dropped,
                          ev.vcpu, ev.error)
+
+    def _run_threads(self, deadline: Optional[float], results: list) -> None:
+        """One thread per vCPU; a thread the host cannot start (thread limit, address space)
+        ends the run as that vCPU's :class:`~pykvm.errors.HostResourceError` (the vCPUs already
+        started are stopped)."""
+        threads = [threading.Thread(target=self._vcpu_thread, args=(i, deadline, results),
+                                    name=f"vcpu{i}", daemon=True)
+                   for i in range(len(self.vcpus))]
+        try:
+            for i, t in enumerate(threads):
+                try:
+                    t.start()
+                except RuntimeError as e:      # "can't start new thread"
+                    hr = HostResourceError(f"cannot start the thread of vCPU {i}: {e} (thread "
+                                           "limit ulimit -u, or too little address space "
+                                           "under ulimit -v)", "threads")
+                    hr.__cause__ = e
+                    results[i] = Event("error", i, error=hr)
+                    self._kick_all()
+                    break
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.1)
+        except BaseException:
+            self._kick_all()
+            for t in threads:
+                if t.ident is not None:
+                    t.join()
+            raise
+
+    def _settle(self) -> None:
+        """After a run, with every vCPU out of KVM_RUN: withdraw the kicks this run's ending
+        left pending (the vCPU that stopped first kicks the others, and one that had already
+        returned keeps the kick), so that the next run runs the guest instead of returning
+        "kick" at once."""
+        if not self._stop or self._closed:
+            return
+        self._stop = False
+        for l in self.loops:
+            try:
+                l.clear_kick()
+            except Closed:
+                pass
 
     @staticmethod
     def _decisive(results: List[Optional[Event]]) -> Event:
@@ -461,11 +571,22 @@ class Machine:
         if ev.kind == "timeout":
             return "timeout", status.TIMEOUT, "guest did not finish in time", None
         if ev.kind == "exit":
+            unbacked = self._unbacked_ram(ev.exit)
+            if unbacked is not None:
+                return ("vmm_error", status.VMM_ERROR, f"vCPU {ev.vcpu}: host could not back "
+                        f"guest RAM at GPA {unbacked:#x} (memory limit?)", None)
             code, detail = self.platform.exit_verdict(ev.exit)
+            if ev.exit.name == "INTERNAL_ERROR":
+                detail = self._describe_internal_error(ev.vcpu, ev.exit) or detail
             return ev.exit.name, code, detail, None
         if ev.kind == "error":
             e = ev.error
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if isinstance(e, GuestMemoryError):       # met while serving the guest: its fault
+                e = _guest_fault(None, e)
+            hr = None if isinstance(e, (GuestError, KvmError)) else host_resource_error(e)
+            if hr is not None:
+                e = hr
+            msg = _one_line(e)
             if isinstance(e, GuestError):
                 return "guest_error", status.GUEST_FAILURE, f"vCPU {ev.vcpu}: {msg}", None
             if isinstance(e, (KvmError, PykvmError)):
@@ -475,6 +596,43 @@ class Machine:
         if ev.kind == "budget":
             return "budget", status.TIMEOUT, "exit budget used up", None
         return ev.kind, status.VMM_ERROR, "run stopped before the guest finished", None
+
+    def _unbacked_ram(self, ex) -> Optional[int]:
+        """The GPA of an MMIO (or MEMORY_FAULT) exit that lies inside a writable RAM slot, else
+        None. KVM exits to userspace for guest RAM only when the host could not provide the
+        page (a memory cgroup at its limit with the OOM killer off): a host failure, not an
+        access of the guest to nothing (only read-only slots exit for guest writes)."""
+        try:
+            if ex.name == "MMIO":
+                gpa = ex.phys_addr
+            elif ex.name == "MEMORY_FAULT":
+                gpa = ex.run.memory_fault.gpa
+            else:
+                return None
+            slot = self.vm.memory.slot_at(gpa)
+        except PykvmError:
+            return None
+        if slot is None or slot.readonly:
+            return None
+        return gpa
+
+    def _describe_internal_error(self, index: int, ex) -> str:
+        """One line on a KVM_EXIT_INTERNAL_ERROR in the guest's terms (the platform's
+        :meth:`describe_internal_error`: program counter, symbol or file:line, CPU mode, the
+        instruction decoded); "" when the vCPU's state cannot be read."""
+        try:
+            return self.platform.describe_internal_error(self.vcpus[index], ex, self.symbols)
+        except Exception:                      # noqa: BLE001 — the plain detail stays
+            return ""
+
+    @property
+    def symbols(self):
+        """The guest image's symbols (:class:`pykvm.symbols.Symbols`; empty for an image
+        without an ELF symbol table or given as bytes), read on first use."""
+        if self._symbols is None:
+            from .symbols import Symbols
+            self._symbols = Symbols.from_image(self.image_name)
+        return self._symbols
 
     def close(self) -> None:
         """Stop every vCPU (waiting until each has left KVM_RUN), then close the VM, its memory

@@ -19,8 +19,8 @@ from typing import Callable, Dict, List, Optional, Union
 from . import abi
 from ._native import ffi as nffi, lib as nlib
 from .abi import ffi
-from .errors import Closed, GuestError, kvm_error
-from .exits import Exit, ExitCache, decode_exit, new_exit
+from .errors import Closed, GuestError, HostResourceError
+from .exits import Exit, ExitCache, decode_exit, kvm_run_error, new_exit
 from sys import getrefcount as _refs
 
 _CB_RESUME = nlib.PYKVM_CB_RESUME
@@ -476,7 +476,7 @@ class RunLoop(_LoopBase):
                         raise err
                     return Stop("kick")            # the vCPU was closed from a handler
                 if r < 0:
-                    raise kvm_error("KVM_RUN", -r, f"vcpu {v.id}")
+                    raise kvm_run_error(v, -r)
                 if r == nlib.PYKVM_STOP_BAD_EXIT:
                     raise GuestError("kvm_run described an I/O outside the shared page")
                 if r == nlib.PYKVM_STOP_DEBUG_EXIT:
@@ -497,6 +497,15 @@ class RunLoop(_LoopBase):
         if self.vcpu._closing:
             raise Closed(f"vCPU {self.vcpu.id} is closed")
         nlib.pykvm_loop_kick(self._l)
+
+    def clear_kick(self) -> None:
+        """Withdraw a kick that no run has taken yet (the next ``run()`` then runs the guest).
+        For the owner of the loop, between runs. Raises :class:`~pykvm.errors.Closed` once
+        the vCPU is closed."""
+        if self.vcpu._closing:
+            raise Closed(f"vCPU {self.vcpu.id} is closed")
+        self._l.kick = 0
+        self.vcpu.run_struct.immediate_exit = 0
 
 
 class PyRunLoop(_LoopBase):
@@ -623,17 +632,25 @@ class PyRunLoop(_LoopBase):
         timer = None
         try:
             if deadline:
+                # the timer only interrupts KVM_RUN; the loop itself sees the deadline pass
+                # (so a timer firing as the run ends leaves no kick behind for the next run)
                 timer = threading.Timer(max(0.0, deadline - time.monotonic()),
-                                        self._kick_internal)
+                                        v._kick_thread)
                 timer.daemon = True
-                timer.start()
+                try:
+                    timer.start()
+                except RuntimeError as e:      # "can't start new thread"
+                    raise HostResourceError(f"cannot start the deadline timer thread of vCPU "
+                                            f"{v.id}: {e}", "threads") from e
             left = budget
             while True:
                 if v._closing:
                     return Stop("kick")
                 if self._kick.is_set():
                     self._kick.clear()
-                    return Stop("deadline" if deadline and time.monotonic() >= deadline else "kick")
+                    return Stop("kick")
+                if deadline and time.monotonic() >= deadline:
+                    return Stop("deadline")
                 ex = v.run()
                 self.exits_total += 1
                 self._counts[ex.name] = self._counts.get(ex.name, 0) + 1
@@ -660,6 +677,8 @@ class PyRunLoop(_LoopBase):
         finally:
             if timer:
                 timer.cancel()
+                timer.join()                   # its kick, if it fired, has landed
+            v.run_struct.immediate_exit = 0    # not meant for the next run (as in C)
             v._leave_run()
 
     def _unserved(self, ex) -> Optional[Stop]:
@@ -688,6 +707,13 @@ class PyRunLoop(_LoopBase):
         if self.vcpu._closing:
             raise Closed(f"vCPU {self.vcpu.id} is closed")
         self._kick_internal()
+
+    def clear_kick(self) -> None:
+        """As :meth:`RunLoop.clear_kick`."""
+        if self.vcpu._closing:
+            raise Closed(f"vCPU {self.vcpu.id} is closed")
+        self._kick.clear()
+        self.vcpu.run_struct.immediate_exit = 0
 
 
 def make_loop(vcpu, *, native: bool = True, **kw):

@@ -11,7 +11,7 @@ from ._native import lib as _nlib
 from .abi import ffi, ioctls
 from .arch import current as _arch
 from .errors import Busy, Closed, KvmTooBig, kvm_error
-from .exits import decode_exit
+from .exits import decode_exit, kvm_run_error
 
 _get_ident = threading.get_ident
 _native_ioctl = _nlib.pykvm_ioctl
@@ -187,7 +187,9 @@ class Vcpu(_arch.VcpuArch, FdObject):
 
         A kick (:meth:`kick`) makes it return an :class:`~pykvm.exits.Intr` exit. Raises
         :class:`~pykvm.errors.Closed` after :meth:`close`, :class:`~pykvm.errors.Busy` while
-        another thread runs this vCPU, and a :class:`~pykvm.errors.KvmError` if KVM_RUN fails."""
+        another thread runs this vCPU, and a :class:`~pykvm.errors.KvmError` if KVM_RUN fails
+        (:class:`~pykvm.errors.GuestRamUnbacked` for EFAULT: the host could not back guest
+        RAM)."""
         self._enter_run(self._kick_thread)
         try:
             self._thread_ident = _get_ident()
@@ -195,7 +197,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
             r = _native_ioctl(self._fd, _KVM_RUN, 0)     # the cheapest call: no wrapper
             if r < 0:
                 if -r not in (4, 11):               # EINTR / EAGAIN: report as an INTR exit
-                    raise kvm_error("KVM_RUN", -r, f"vcpu {self.id}")
+                    raise kvm_run_error(self, -r)
                 self.run_struct.immediate_exit = 0
                 self.run_struct.exit_reason = _EXIT_INTR
             return decode_exit(self)

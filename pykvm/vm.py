@@ -8,7 +8,7 @@ from ._ioctl import check_extension as _check_extension, enable_cap as _enable_c
 from ._ioctl import stats as _stats
 from .abi import ffi, ioctls
 from .arch import current as _arch
-from .errors import GuestMemoryError, PykvmError
+from .errors import GuestMemoryError, PykvmError, host_resource_error
 from .memory import PAGE_SIZE, GuestMemory, MemorySlot, new_mapping
 from .vcpu import Vcpu
 
@@ -169,8 +169,15 @@ class Vm(_arch.VmArch, FdObject):
 
     def _with_eventfd(self, fd: Optional[int], attach) -> int:
         """Run ``attach(efd)`` on ``fd`` or on a new eventfd that the VM then owns (closed with
-        it, or at once if ``attach`` fails)."""
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) if fd is None else fd
+        it, or at once if ``attach`` fails). A new eventfd the host cannot make raises
+        :class:`~pykvm.errors.HostResourceError` (file descriptors, memory)."""
+        if fd is None:
+            try:
+                efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            except OSError as e:               # EMFILE/ENFILE/ENOMEM: the host's limits
+                raise (host_resource_error(e) or e) from e
+        else:
+            efd = fd
         try:
             attach(efd)
         except BaseException:

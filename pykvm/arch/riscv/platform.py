@@ -5,19 +5,21 @@ initrd named in it, and forwarded SBI calls served by :class:`~pykvm.arch.riscv.
 
 Images: ELF (at their physical addresses), Linux ``Image`` files (at RAM base + their
 ``text_offset``, e.g. kvm-unit-tests' ``.flat`` files and Linux itself) and flat binaries.
-Memory map, from the top of RAM down: the device tree (:data:`DTB_SPACE`), then the initrd,
-page-aligned, which must end up above the image."""
+Memory map, from the top of RAM down: the device tree (:data:`DTB_SPACE`, more for machines
+of many harts: :func:`dtb_space`), then the initrd, page-aligned, which must end up above the
+image."""
 import os
 from typing import Iterable, Optional
 
 from ... import loader, status
 from ...errors import KvmError
 from ...report import decode as decode_report
-from . import cpu, fdt, sbi
+from . import cpu, decode, fdt, sbi
 from .extensions import canonical_isa_string
 
 RAM_BASE = 0x80000000
 DTB_SPACE = 64 << 10
+DTB_SPACE_PER_HART = 2 << 10    # bytes: a cpu@N node with every ISA extension named is ~1 KiB
 UART_BASE = fdt.UART_BASE
 INITRD_ALIGN = 4096
 CSR_SEED = 0x015                # Zkr entropy source CSR
@@ -27,6 +29,14 @@ SEED_OPST_ES16 = 0b10 << 30     # "16 bits of entropy follow"
 # in kvm_run.system_event.data[0].
 SRST_REASON_NONE = 0
 SRST_REASON_SYSFAIL = 1
+
+
+def dtb_space(harts: int) -> int:
+    """Bytes kept for the device tree at the top of RAM for a machine of ``harts`` harts:
+    :data:`DTB_SPACE` (64 KiB), or, for more than 16 harts, room for each hart's node
+    (:data:`DTB_SPACE_PER_HART`) besides 32 KiB for the rest, rounded up to 64 KiB."""
+    need = (32 << 10) + harts * DTB_SPACE_PER_HART
+    return max(DTB_SPACE, -(-need // DTB_SPACE) * DTB_SPACE)
 
 
 class _RamView:
@@ -65,8 +75,16 @@ class Platform:
         self.dtb = None
         self.cmdline = ""
         self.initrd = None             # (start, end) guest-physical, once loaded
+        self.dtb_space = dtb_space(getattr(machine, "vcpu_count", 1))
         self.sbi = sbi.SbiServices(machine.vm.memory, console=machine._console_out,
                                    suspend_seconds=suspend_seconds, on_suspend=on_suspend)
+
+    @staticmethod
+    def max_vcpus(image, **_opts):
+        """(most harts, what sets that limit) for a machine of these options: (None, "") —
+        the device tree grows with the harts (:func:`dtb_space`) and the UART and SBI serve
+        any number, so KVM's KVM_CAP_MAX_VCPUS is the limit."""
+        return None, ""
 
     def create_devices(self) -> None:
         """Nothing to create in KVM: the UART lives in the run loop, SBI in KVM and here."""
@@ -80,10 +98,10 @@ class Platform:
             raise loader.LoadError(f"RISC-V takes one initrd file, got {len(initrd)}")
         self.cmdline = cmdline
         ram_size = self.m.ram.size
-        if ram_size <= DTB_SPACE:
+        if ram_size <= self.dtb_space:
             raise loader.LoadError(f"guest RAM ({ram_size:#x} bytes) leaves no room beside "
                                    "the device tree")
-        view = _RamView(self.m.vm.memory, ram_size - DTB_SPACE)    # the DTB's space stays free
+        view = _RamView(self.m.vm.memory, ram_size - self.dtb_space)    # the DTB's space stays free
         data = path = None
         if initrd:
             path = initrd[0]
@@ -101,7 +119,7 @@ class Platform:
 
     def _place_initrd(self, loaded, data: bytes, name: str):
         ram_size = self.m.ram.size
-        top = RAM_BASE + ram_size - DTB_SPACE
+        top = RAM_BASE + ram_size - self.dtb_space
         start = (top - len(data)) // INITRD_ALIGN * INITRD_ALIGN
         image_end = max((a + n for a, n in loaded.written), default=RAM_BASE)
         if start < image_end:
@@ -156,9 +174,10 @@ class Platform:
         harts = [dict(hart, hartid=i) for i in range(max(n, 1))]
         self.dtb = fdt.build_dtb(harts, RAM_BASE, self.m.ram.size, cpu.timebase_frequency(vcpu),
                                  self.cmdline, uart_base=self.uart_base, initrd=self.initrd)
-        if len(self.dtb) > DTB_SPACE:
-            raise ValueError("device tree larger than its space")
-        self.dtb_addr = RAM_BASE + self.m.ram.size - DTB_SPACE
+        if len(self.dtb) > self.dtb_space:
+            raise ValueError(f"device tree ({len(self.dtb)} bytes) larger than its space "
+                             f"({self.dtb_space} bytes): a shorter command line, or fewer harts")
+        self.dtb_addr = RAM_BASE + self.m.ram.size - self.dtb_space
         self.m.vm.memory.write(self.dtb_addr, self.dtb)
 
     def report_from_exit(self, index: int, ex) -> Optional[object]:
@@ -179,6 +198,22 @@ class Platform:
             ex.set_return(SEED_OPST_ES16 | int.from_bytes(os.urandom(2), "little"))
             return True
         return False
+
+    def describe_internal_error(self, vcpu, ex, symbols=None) -> str:
+        """One line on a KVM_EXIT_INTERNAL_ERROR of hart ``vcpu`` in the guest's terms: pc,
+        symbol and file:line, privilege and translation mode, the instruction decoded
+        (:mod:`.decode`)."""
+        return decode.describe_internal_error(vcpu, self.m.vm.memory, ex, symbols)
+
+    def ended(self, ex) -> str:
+        """Why this machine cannot run again after a run that ended with exit ``ex`` (None for
+        another ending), "" if it can: an SBI system reset (SRST: shutdown, cold or warm
+        reboot) — KVM has stopped every hart, and pykvm does not reboot."""
+        if ex is not None and ex.name == "SYSTEM_EVENT" and ex.type_name in ("SHUTDOWN", "RESET"):
+            what = "shut the system down" if ex.type_name == "SHUTDOWN" else \
+                "asked for a reboot, which pykvm does not perform"
+            return f"the guest {what} (SBI system reset)"
+        return ""
 
     def exit_verdict(self, ex):
         """(status, detail) for a run that ended with ``ex``. An SBI system reset reaches us as

@@ -17,10 +17,15 @@ from typing import Optional
 from ... import loader, status
 from ...memory import new_mapping
 from ...report import decode as decode_report
-from . import boot, images, layout, linux
+from . import boot, decode, images, layout, linux
 from .regs import CpuidEntry
 
 REPORT_PORT = 0x1000
+# xAPIC ids are 8 bits and 0xff is the broadcast id, so ids 0..254 name CPUs: the most vCPUs an
+# x86 machine with an interrupt controller can describe (the MADT's Processor Local APIC
+# structure has a one-byte APIC ID, ACPI 6.5 table 5.22; QEMU's pc stops at 255 without
+# x2APIC and interrupt remapping).
+XAPIC_MAX_CPUS = 255
 
 
 def _looks_like_bzimage(image) -> bool:
@@ -102,6 +107,25 @@ class Platform:
         self.memory_map = []
         self.boot_layout = layout.DEFAULT_LAYOUT
         self.placed = None                 # images.PlacedImage of a non-Linux image
+
+    @staticmethod
+    def max_vcpus(image, *, pc: Optional[bool] = None, devices=(), irqchip: bool = False,
+                  pit: bool = False, **_opts):
+        """(most vCPUs, what sets that limit) for a machine made with these options and
+        ``image`` (a path or bytes), asked before anything is created: the pc machine and a
+        bare machine with the in-kernel irqchip give every vCPU an xAPIC id, so 255
+        (:data:`XAPIC_MAX_CPUS`); a bare machine without one has no limit of its own
+        ((None, ""): KVM's applies). The image is only peeked at (its first 8 KiB)."""
+        if pc is None:
+            head = _head(image) if image is not None else b""
+            pc = bool(devices) or (len(head) >= 0x210 and linux.is_bzimage(head[:0x210])) \
+                or is_multiboot(head)
+        if pc:
+            return XAPIC_MAX_CPUS, ("the pc machine's MADT and 8-bit xAPIC ids (0xff is "
+                                    "broadcast) describe")
+        if irqchip or pit:
+            return XAPIC_MAX_CPUS, "the in-kernel irqchip's 8-bit xAPIC ids (0xff is broadcast) name"
+        return None, ""
 
     def create_devices(self) -> None:
         """VM-wide set-up before RAM exists: KVM's real-mode TSS and identity-map pages (in the
@@ -195,7 +219,8 @@ class Platform:
         for e in entries:
             e = CpuidEntry(*e)
             if e.function == 1:
-                e = e._replace_ebx((e.ebx & 0x00FFFFFF) | (index << 24))
+                # the initial APIC id's low 8 bits (the x2APIC id, whole, is in leaf 0xB)
+                e = e._replace_ebx((e.ebx & 0x00FFFFFF) | ((index & 0xFF) << 24))
             elif e.function in (0xB, 0x1F):
                 e = CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, index)
             out.append(e)
@@ -242,6 +267,20 @@ class Platform:
         """Stop the PC machine's timers (Machine.close calls this)."""
         if self.pcm is not None:
             self.pcm.close()
+
+    def describe_internal_error(self, vcpu, ex, symbols=None) -> str:
+        """One line on a KVM_EXIT_INTERNAL_ERROR of ``vcpu`` in the guest's terms: RIP, symbol
+        and file:line, CPU mode, the instruction decoded (:mod:`.decode`)."""
+        return decode.describe_internal_error(vcpu, self.m.vm.memory, ex, symbols)
+
+    def ended(self, ex) -> str:
+        """Why this machine cannot run again after a run that ended with exit ``ex`` (or None
+        for another ending), "" if it can: the guest powered off (ACPI S5) or reset it."""
+        if self.pcm is not None and self.pcm.power_event == "poweroff":
+            return "the guest powered off (ACPI S5)"
+        if self.pcm is not None and self.pcm.power_event == "reset":
+            return "the guest reset the machine, and pykvm does not reboot"
+        return ""
 
     def exit_verdict(self, ex):
         """(exit status, detail) for a run that ended with exit ``ex``."""

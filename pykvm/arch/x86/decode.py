@@ -1,0 +1,135 @@
+"""An x86 vCPU's failure in the guest's terms: where it was (RIP, the guest symbol and
+file:line), in which CPU mode, and the instruction there, decoded.
+
+Used for ``KVM_EXIT_INTERNAL_ERROR`` (Linux's Documentation/virt/kvm/api.rst, "KVM_EXIT_INTERNAL_ERROR"): for the
+EMULATION sub-error (KVM's instruction emulator met an instruction it cannot emulate) KVM may
+hand over the instruction bytes itself (``flags`` bit 0, KVM_INTERNAL_ERROR_EMULATION_FLAG_
+INSTRUCTION_BYTES: ``data[0]`` = flags, then ``insn_size`` (1 byte) and 15 bytes of instruction);
+otherwise the bytes are read from guest memory at CS.base + RIP, translated through the guest's
+page tables by KVM (KVM_TRANSLATE) when paging is on.
+
+The decoder is capstone (a dependency of pykvm); where it is missing the instruction is given as
+hex bytes.
+"""
+from typing import Optional, Tuple
+
+from ...abi import INTERNAL_ERROR_SUBERRORS
+
+MAX_INSN = 15                        # bytes: the longest x86 instruction (SDM vol. 2, 2.3.11)
+PAGE = 4096
+FLAG_INSTRUCTION_BYTES = 1 << 0      # KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+CR0_PE, CR0_PG = 1 << 0, 1 << 31
+EFER_LMA = 1 << 10
+RFLAGS_VM = 1 << 17
+
+_SUBERROR_TEXT = {
+    "EMULATION": "KVM could not emulate the instruction",
+    "SIMUL_EX": "KVM met an exception while delivering another (simultaneous exceptions)",
+    "DELIVERY_EV": "KVM could not deliver an event (an exception or interrupt) to the guest",
+    "UNEXPECTED_EXIT_REASON": "the hardware exited for a reason KVM does not expect",
+}
+_SUBERRORS = {v: k for k, v in INTERNAL_ERROR_SUBERRORS.items()}
+
+
+def cpu_mode(cr0: int, efer: int, cs_l: int, cs_db: int, rflags: int = 0) -> Tuple[str, int]:
+    """(mode name, code size in bits) from the vCPU's control state (SDM vol. 3, 2.2 "Modes of
+    operation"): "real" (CR0.PE = 0), "virtual-8086" (EFLAGS.VM), "long" (EFER.LMA and CS.L),
+    "compat" (EFER.LMA, CS.L = 0; 32- or 16-bit by CS.D) or "protected" (32- or 16-bit by
+    CS.D)."""
+    if not cr0 & CR0_PE:
+        return "real", 16
+    if rflags & RFLAGS_VM:
+        return "virtual-8086", 16
+    if efer & EFER_LMA:
+        if cs_l:
+            return "long", 64
+        return "compat", 32 if cs_db else 16
+    return "protected", 32 if cs_db else 16
+
+
+def kvm_insn_bytes(suberror: int, data) -> Optional[bytes]:
+    """The instruction bytes KVM put in an EMULATION internal error's data (``data[0]`` =
+    flags with bit 0 set, then ``insn_size`` and up to 15 bytes), or None."""
+    if _SUBERRORS.get(suberror) != "EMULATION" or len(data) < 3:
+        return None
+    if not data[0] & FLAG_INSTRUCTION_BYTES:
+        return None
+    raw = int(data[1]).to_bytes(8, "little") + int(data[2]).to_bytes(8, "little")
+    n = raw[0]
+    if not 1 <= n <= MAX_INSN:
+        return None
+    return raw[1:1 + n]
+
+
+def read_guest_code(vcpu, memory, linear: int, paging: bool, n: int = MAX_INSN) -> bytes:
+    """Up to ``n`` bytes at guest-linear ``linear``: through KVM_TRANSLATE page by page when
+    ``paging``, else linear = physical; stops at the first page that is not mapped or not RAM
+    (so it may return fewer bytes, or none)."""
+    out = b""
+    addr = linear & ((1 << 64) - 1)
+    while len(out) < n:
+        take = min(n - len(out), PAGE - (addr & (PAGE - 1)))
+        gpa = vcpu.translate(addr) if paging else addr
+        if gpa is None:
+            break
+        try:
+            out += memory.read(gpa, take)
+        except Exception:                  # noqa: BLE001 — not RAM (MMIO, nothing)
+            break
+        addr = (addr + take) & ((1 << 64) - 1)
+    return out
+
+
+def disassemble(code: bytes, address: int, bits: int) -> Tuple[str, int]:
+    """(text, length) of the first instruction in ``code`` at ``address`` for a ``bits``-bit
+    code segment, decoded by capstone (Intel syntax): e.g. ("vpxor xmm0, xmm0, xmm0", 4).
+    Without capstone, or for bytes it cannot decode, the text is the bytes in hex and the
+    length 0."""
+    hexed = code.hex(" ") if code else "(no bytes)"
+    try:
+        import capstone
+    except ImportError:
+        return f"bytes {hexed}", 0
+    mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
+    try:
+        md = capstone.Cs(capstone.CS_ARCH_X86, mode)
+        for insn in md.disasm(code, address):
+            text = f"{insn.mnemonic} {insn.op_str}".strip()
+            return text, insn.size
+    except capstone.CsError:
+        pass
+    return f"undecodable bytes {hexed}", 0
+
+
+def describe_internal_error(vcpu, memory, ex, symbols=None) -> str:
+    """One line for a KVM_EXIT_INTERNAL_ERROR ``ex`` of ``vcpu`` (stopped, not running): what
+    KVM says went wrong, at RIP (with the symbol and file:line from ``symbols``, a
+    :class:`pykvm.symbols.Symbols`), in which CPU mode, and the instruction there decoded with
+    its bytes, e.g. ``KVM could not emulate the instruction at RIP 0x200008 (bad_insn+0x0,
+    g.S:8) in long mode (64-bit): vpxor xmm0, xmm0, xmm0 [c5 f9 ef c0]``. Raises
+    :class:`~pykvm.errors.KvmError` when the vCPU's registers cannot be read."""
+    regs = vcpu.get_regs()
+    sregs = vcpu.get_sregs()
+    rip = int(regs.rip)
+    mode, bits = cpu_mode(int(sregs.cr0), int(sregs.efer), int(sregs.cs.l), int(sregs.cs.db),
+                          int(regs.rflags))
+    if bits < 64:
+        rip &= 0xFFFFFFFF if bits == 32 else 0xFFFF
+    sub = int(ex.suberror)
+    data = ex.data
+    code = kvm_insn_bytes(sub, data)
+    if code is None:
+        base = 0 if bits == 64 else int(sregs.cs.base)
+        code = read_guest_code(vcpu, memory, base + rip, bool(sregs.cr0 & CR0_PG))
+    insn, n = disassemble(code, rip, bits)
+    shown = code[:n] if n else code
+    where = symbols.describe(rip) if symbols is not None else ""
+    name = _SUBERRORS.get(sub, f"SUBERROR_{sub}")
+    what = _SUBERROR_TEXT.get(name, f"KVM internal error {name}")
+    line = (f"{what} at RIP {rip:#x}" + (f" ({where})" if where else "")
+            + f" in {mode} mode ({bits}-bit): {insn}")
+    if n:
+        line += f" [{shown.hex(' ')}]"
+    if name != "EMULATION" and data:
+        line += f"; KVM data {[hex(x) for x in data]}"
+    return line
