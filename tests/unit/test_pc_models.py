@@ -255,6 +255,7 @@ def test_edu_registers_dma_and_interrupts():
     intx, msis = [], []
     e = Edu(bdf=0x18, bar=0xFEA00000, intx_line=11, memory=ram,
             msi=lambda s, a, d: msis.append((a, d)), set_intx=intx.append)
+    e.pci.write(0x04, 2, 0x06)                          # memory, bus master (as QEMU, DMA needs it)
     w = lambda off, v, n=4: e.mmio_write(0xFEA00000 + off, v.to_bytes(n, "little"))  # noqa: E731
     r = lambda off, n=4: int.from_bytes(e.mmio_read(0xFEA00000 + off, n), "little")  # noqa: E731
     assert r(0) == 0x010000ED

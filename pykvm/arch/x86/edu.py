@@ -2,7 +2,10 @@
 to test DMA remapping and interrupt remapping through an IOMMU.
 
 PCI 1234:11e8, class 00ff00, revision 0x10, one 1 MiB memory BAR, INTA#, an MSI capability.
-Registers in BAR 0 (4- and 8-byte accesses):
+Registers in BAR 0, as QEMU's hw/misc/edu.c serves them: only naturally aligned 4-byte accesses
+below 0x80 and 4- or 8-byte ones from 0x80 on; any other size or alignment reads 0 (QEMU's
+unassigned read) and a write is ignored; an 8-byte read below 0x80 and a read at an offset
+without a register read all-ones.
 
 =====  ==  ==========================================================================
 0x00   RO  identification 0x010000ed (version 1.0)
@@ -14,24 +17,33 @@ Registers in BAR 0 (4- and 8-byte accesses):
 0x64   WO  interrupt acknowledge: the value's bits are cleared from the status
 0x80   RW  DMA source address          0x88  RW  DMA destination address
 0x90   RW  DMA count                   0x98  RW  DMA command: bit 0 start (clears when
-           done), bit 1 direction (1: device buffer to RAM), bit 2 raise interrupt 0x100
+           done), bit 1 direction (1: device buffer to RAM), bit 2 raise interrupt 0x100;
+           a write without bit 0 is ignored
 =====  ==  ==========================================================================
 
-The device's own DMA buffer is 4 KiB at device address 0x40000. DMA runs at once (the start bit
-reads 0 right away) and goes through ``translate`` (the IOMMU, if the machine has one). While the
-interrupt status is non-zero the device interrupts: an MSI when MSI is enabled (each raise sends
-one), else INTA# held high.
+The device's own DMA buffer is 4 KiB at device address 0x40000 (not reachable through the BAR,
+as in QEMU). DMA runs at once (the start bit reads 0 right away), only with PCI bus mastering
+on, with the RAM address clamped to 28 bits (QEMU's ``dma_mask``), page by page through
+``translate`` (the IOMMU, if the machine has one). A page the IOMMU blocks or that is not RAM
+is unassigned memory, as in QEMU: reads give zeros, writes are dropped; the completion
+interrupt is raised all the same. While the interrupt status is non-zero the device
+interrupts: an MSI when MSI is enabled (each raise sends one, only with bus mastering on, as
+an MSI is a memory write), else INTA# held high. No value a guest writes makes a method here
+raise.
 """
 import threading
 from typing import Callable, Optional
 
+from ...errors import GuestMemoryError
 from .pci import PciFunction
+from .vtd import DmaFault
 
 VENDOR_QEMU = 0x1234
 DEVICE_EDU = 0x11E8
 BAR_SIZE = 1 << 20
 DMA_START = 0x40000
 DMA_SIZE = 4096
+DMA_MASK = (1 << 28) - 1            # QEMU's default dma_mask property: 28-bit DMA addresses
 ID = 0x010000ED
 
 REG_ID, REG_ALIVE, REG_FACTORIAL = 0x00, 0x04, 0x08
@@ -85,7 +97,7 @@ class Edu:
             if self._intx:
                 self._intx = 0
                 self.set_intx(0)
-            if raised and self.intr_status:
+            if raised and self.intr_status and self.pci.bus_master:
                 self.msi_out(self.bdf, address, data)
             return
         level = 1 if self.intr_status else 0
@@ -98,70 +110,97 @@ class Edu:
         self._update_irq(True)
 
     # -- DMA --------------------------------------------------------------------------------
+    def _page(self, addr: int, n: int, write: bool, data: bytes = b"") -> bytes:
+        """One transfer of ``n`` bytes within a page at device address ``addr``: through the
+        IOMMU to guest RAM. Where the request is blocked (bus mastering off, an IOMMU fault) or
+        lands outside RAM, it meets unassigned memory as in QEMU: a read gives zeros
+        (``unassigned_mem_read``), a write is dropped."""
+        try:
+            if not self.pci.bus_master:
+                raise DmaFault("bus mastering is off")
+            gpa = self.translate(self.bdf, addr, write) if self.translate else addr
+            if write:
+                self.memory.write(gpa, data)
+                return b""
+            out = self.memory.read(gpa, n)
+            if len(out) != n:
+                raise GuestMemoryError(f"{gpa:#x}+{n:#x} is not RAM")
+            return out
+        except (DmaFault, GuestMemoryError, ValueError, OverflowError, IndexError):
+            self.dma_errors += 1
+            return b"" if write else bytes(n)
+
     def _ram(self, addr: int, n: int, write: bool, data: bytes = b"") -> bytes:
-        """Read or write ``n`` bytes at device address ``addr``, page by page through the
-        IOMMU."""
+        """Read or write ``n`` bytes (at most :data:`DMA_SIZE`) at device address ``addr``, page
+        by page (see :meth:`_page`)."""
         out = bytearray()
         pos = 0
         while pos < n:
-            a = addr + pos
+            a = (addr + pos) & ((1 << 64) - 1)
             chunk = min(n - pos, 0x1000 - (a & 0xFFF))
-            gpa = self.translate(self.bdf, a, write) if self.translate else a
-            if write:
-                self.memory.write(gpa, data[pos:pos + chunk])
-            else:
-                out += self.memory.read(gpa, chunk)
+            out += self._page(a, chunk, write, data[pos:pos + chunk])
             pos += chunk
         return bytes(out)
 
     def _dma(self) -> None:
+        """Carry out the programmed transfer at once (QEMU's ``edu_dma_timer``). The device side
+        must lie in the 4 KiB buffer at :data:`DMA_START` (QEMU only logs a transfer outside it;
+        here it moves nothing), the RAM side address is clamped to :data:`DMA_MASK` as QEMU's
+        ``edu_clamp_addr`` does. The start bit clears and, with bit 2 of the command, interrupt
+        0x100 is raised whatever became of the transfer."""
         n = self.dma_count
-        try:
-            if self.dma_cmd & DMA_CMD_FROM_DEV:
-                off = self.dma_src - DMA_START
-                if not (0 <= off and off + n <= DMA_SIZE):
-                    raise ValueError("DMA source outside the device buffer")
-                self._ram(self.dma_dst, n, True, bytes(self.buffer[off:off + n]))
+        to_ram = self.dma_cmd & DMA_CMD_FROM_DEV
+        dev = self.dma_src if to_ram else self.dma_dst
+        off = dev - DMA_START
+        if 0 <= off and off + n <= DMA_SIZE:
+            if to_ram:
+                self._ram(self.dma_dst & DMA_MASK, n, True, bytes(self.buffer[off:off + n]))
             else:
-                off = self.dma_dst - DMA_START
-                if not (0 <= off and off + n <= DMA_SIZE):
-                    raise ValueError("DMA destination outside the device buffer")
-                self.buffer[off:off + n] = self._ram(self.dma_src, n, False)
-        except Exception:
-            self.dma_errors += 1               # an IOMMU fault or a bad address: no transfer
+                self.buffer[off:off + n] = self._ram(self.dma_src & DMA_MASK, n, False)
+        else:
+            self.dma_errors += 1
         self.dma_cmd &= ~DMA_CMD_START
         if self.dma_cmd & DMA_CMD_IRQ:
             self._raise(IRQ_DMA)
 
     # -- registers ----------------------------------------------------------------------
+    @staticmethod
+    def _valid(off: int, n: int) -> bool:
+        """QEMU's edu_mmio_ops ``.valid``: 4- or 8-byte, naturally aligned."""
+        return n in (4, 8) and off % n == 0
+
     def mmio_read(self, addr: int, n: int) -> bytes:
-        """``n`` bytes read at guest-physical ``addr`` in BAR 0."""
+        """``n`` bytes read at guest-physical ``addr`` in BAR 0, as QEMU's ``edu_mmio_read``:
+        an access of another size or alignment reads 0; below 0x80 only 4-byte reads answer
+        (8-byte ones read all-ones), from 0x80 4- and 8-byte ones; an offset with no register
+        reads all-ones."""
         off = addr - self.pci.bar_address(0)
+        if not self._valid(off, n):
+            return bytes(max(n, 0))
         with self._lock:
+            if off < 0x80 and n != 4:
+                return b"\xff" * n
             regs = {REG_ID: ID, REG_ALIVE: ~self.alive & 0xFFFFFFFF,
                     REG_FACTORIAL: self.factorial, REG_STATUS: self.status,
                     REG_INTR_STATUS: self.intr_status, REG_DMA_SRC: self.dma_src,
                     REG_DMA_DST: self.dma_dst, REG_DMA_COUNT: self.dma_count,
                     REG_DMA_CMD: self.dma_cmd}
-            if DMA_START <= off < DMA_START + DMA_SIZE:
-                chunk = bytes(self.buffer[off - DMA_START:off - DMA_START + n])
-                return chunk + b"\xff" * (n - len(chunk))
-            value = regs.get(off & ~7 if off >= 0x80 else off)
+            value = regs.get(off)
             if value is None:
                 return b"\xff" * n
-            if off >= 0x80 and off & 7:
-                value >>= 32
             return (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
 
     def mmio_write(self, addr: int, data: bytes) -> None:
-        """A write of ``data`` at guest-physical ``addr`` in BAR 0."""
+        """A write of ``data`` at guest-physical ``addr`` in BAR 0, as QEMU's
+        ``edu_mmio_write``: ignored unless a naturally aligned 4-byte access (4 or 8 from 0x80
+        on); read-only and unknown offsets ignore it; the command register takes a value only
+        with the start bit."""
         off = addr - self.pci.bar_address(0)
+        if not self._valid(off, len(data)) or (off < 0x80 and len(data) != 4):
+            return
         value = int.from_bytes(data, "little")
         with self._lock:
-            if DMA_START <= off < DMA_START + DMA_SIZE:
-                o = off - DMA_START
-                self.buffer[o:o + len(data)] = data[:DMA_SIZE - o]
-            elif off == REG_ALIVE:
+            if off == REG_ALIVE:
                 self.alive = value & 0xFFFFFFFF
             elif off == REG_FACTORIAL:
                 n, f = value & 0xFFFFFFFF, 1
@@ -177,16 +216,15 @@ class Edu:
             elif off == REG_INTR_ACK:
                 self.intr_status &= ~value & 0xFFFFFFFF
                 self._update_irq(False)
-            elif off >= 0x80 and (off & ~7) in (REG_DMA_SRC, REG_DMA_DST, REG_DMA_COUNT,
-                                                 REG_DMA_CMD):
-                reg = off & ~7
-                shift = 32 * ((off & 7) // 4)
-                mask = ((1 << (8 * len(data))) - 1) << shift
-                name = {REG_DMA_SRC: "dma_src", REG_DMA_DST: "dma_dst",
-                        REG_DMA_COUNT: "dma_count", REG_DMA_CMD: "dma_cmd"}[reg]
-                setattr(self, name, (getattr(self, name) & ~mask) | ((value << shift) & mask))
-                if reg == REG_DMA_CMD and self.dma_cmd & DMA_CMD_START:
-                    self._dma()
+            elif off == REG_DMA_SRC:
+                self.dma_src = value
+            elif off == REG_DMA_DST:
+                self.dma_dst = value
+            elif off == REG_DMA_COUNT:
+                self.dma_count = value
+            elif off == REG_DMA_CMD and value & DMA_CMD_START:
+                self.dma_cmd = value
+                self._dma()
 
     def config_changed(self) -> None:
         """After a configuration-space write: MSI may have been switched on or off."""

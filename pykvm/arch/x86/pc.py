@@ -45,6 +45,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ... import abi
+from ...errors import GuestMemoryError
 from . import acpi, boot, layout as L
 from .fwcfg import DATA_PORT as FWCFG_DATA, SELECTOR_PORT as FWCFG_SELECTOR, FwCfg
 from .pci import PciHost
@@ -250,7 +251,7 @@ class PcMachine:
     def _device_msi(self, source_id: int, address: int, data: int) -> None:
         """An MSI a PCI device sends: through the IOMMU's interrupt remapping if there is one."""
         if self.vtd is not None:
-            self.vtd.deliver_msi(address, data)
+            self.vtd.deliver_msi(address, data, source_id)
         else:
             self._signal_msi(address, data)
 
@@ -332,10 +333,20 @@ class PcMachine:
             elif self.edu is not None and self.edu.decodes(addr):
                 dev = self.edu
             if dev is not None:
+                # a device reports a guest-programmed bad address itself; should guest memory
+                # still refuse a request made on the guest's behalf, it is the guest's fault
+                # and ends as a master abort, never as a VMM error
                 if ex.is_write:
-                    dev.mmio_write(addr, ex.data)
+                    try:
+                        dev.mmio_write(addr, ex.data)
+                    except GuestMemoryError:
+                        pass
                 else:
-                    ex.respond(dev.mmio_read(addr, n))
+                    try:
+                        data = dev.mmio_read(addr, n)
+                    except GuestMemoryError:
+                        data = b"\xff" * n
+                    ex.respond(data)
             elif not ex.is_write:
                 ex.respond(b"\xff" * n)               # nothing there: a master abort
         else:

@@ -6,7 +6,10 @@ functions of QEMU's ``pc`` (i440FX) board that pykvm models.
   control register (bit 2 with bit 1: hard reset).
 * 0xCFC-0xCFF: CONFIG_DATA — the dword at the selected register; the low two bits of the port
   (ORed, as QEMU does, with the low two bits written to CONFIG_ADDRESS) pick the byte an 8- or
-  16-bit access starts at.
+  16-bit access starts at. As QEMU's memory core does, an access is split into naturally
+  aligned pieces inside 0xCFC-0xCFF (a 4-byte IN at 0xCFD is a byte and a word), each piece
+  reading or writing configuration space on its own; bytes past 0xCFF belong to other
+  (unassigned) ports: all-ones on read, dropped on write.
 
 Functions on bus 0 (IDs as QEMU presents them):
 
@@ -77,13 +80,16 @@ class PciFunction:
         self.config[off:off + 2] = v.to_bytes(2, "little")
 
     def read(self, off: int, size: int) -> int:
-        """The ``size``-byte little-endian value at configuration offset ``off``."""
+        """The ``size``-byte little-endian value at configuration offset ``off``; bytes past the
+        256-byte space read 0 (as QEMU's pci_host_config_read_common shortens the access)."""
+        if off < 0:
+            return 0
         return int.from_bytes(self.config[off:off + size], "little")
 
     def write(self, off: int, size: int, value: int) -> None:
         """A software write of ``size`` bytes of ``value`` (little-endian) at configuration offset
         ``off``: only the bits the write mask allows change."""
-        for i in range(size):
+        for i in range(max(0, min(size, 256 - off))):
             m = self.wmask[off + i]
             if m:
                 b = (value >> (8 * i)) & 0xFF
@@ -229,6 +235,23 @@ class PciHost:
             if f.on_write is not None:
                 f.on_write()
 
+    @staticmethod
+    def _data_pieces(port: int, size: int):
+        """How QEMU's memory core splits an access of ``size`` bytes at CONFIG_DATA port
+        ``port``: naturally aligned pieces (offset in the dword, bytes) inside 0xCFC-0xCFF, then
+        (None, bytes) for what lies past 0xCFF (other, unassigned ports)."""
+        pos = port - CONFIG_DATA
+        left = size
+        while left > 0 and pos < 4:
+            n = min(left, 4 - pos)
+            while n > 1 and (n & (n - 1) or pos % n):
+                n -= 1
+            yield pos, n
+            pos += n
+            left -= n
+        if left > 0:
+            yield None, left
+
     # -- ports -----------------------------------------------------------------------------
     def read(self, port: int, size: int) -> int:
         """An IN of ``size`` bytes at ``port``: CONFIG_ADDRESS (0xCF8, 32-bit only), the reset
@@ -240,11 +263,15 @@ class PciHost:
             if port == RESET_CONTROL and size == 1:
                 return self.rcr
             if CONFIG_DATA <= port <= CONFIG_DATA + 3:
-                # as QEMU: the address register's low bits (reserved on real chipsets) are
-                # ORed with the port's, so a byte/word offset may come from either
-                off = ((port - CONFIG_DATA) | self.address) & 3
-                size = min(size, 4 - off)
-                return self.config_read(self.address, off, size)
+                value = done = 0
+                for pos, n in self._data_pieces(port, size):
+                    if pos is None:
+                        piece = (1 << (8 * n)) - 1          # past 0xCFF: unassigned ports
+                    else:
+                        piece = self.config_read(self.address, (pos | self.address) & 3, n)
+                    value |= piece << (8 * done)
+                    done += n
+                return value
         return (1 << (8 * size)) - 1
 
     def write(self, port: int, size: int, value: int) -> None:
@@ -261,7 +288,11 @@ class PciHost:
                     reset = True
                 self.rcr = value & 0x02
             elif CONFIG_DATA <= port <= CONFIG_DATA + 3:
-                off = ((port - CONFIG_DATA) | self.address) & 3
-                self.config_write(self.address, off, min(size, 4 - off), value)
+                done = 0
+                for pos, n in self._data_pieces(port, size):
+                    if pos is not None:
+                        self.config_write(self.address, (pos | self.address) & 3, n,
+                                          (value >> (8 * done)) & ((1 << (8 * n)) - 1))
+                    done += n
         if reset and self.on_reset:
             self.on_reset()

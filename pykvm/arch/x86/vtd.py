@@ -1,73 +1,199 @@
 """An Intel VT-d IOMMU (Intel Virtualization Technology for Directed I/O, architecture
-specification) at 0xFED90000, where QEMU's q35 puts it: DMA remapping with second-level page
-tables and interrupt remapping of MSIs, with queued invalidation.
+specification, "VT-d spec" below) at 0xFED90000, where QEMU's q35 puts it: DMA remapping with
+second-level page tables, interrupt remapping of MSIs, queued invalidation, and fault reporting
+through fault recording registers and the fault event interrupt.
 
-Registers (4 KiB, 4- and 8-byte accesses): VER 0x00 (1.0), CAP 0x08 (39-bit AGAW, 2 MiB and
-1 GiB pages, 16-bit domain ids), ECAP 0x10 (queued invalidation, interrupt remapping, no x2APIC
-mode), GCMD 0x18 / GSTS 0x1C (TE, SRTP, QIE, IRE, SIRTP; the status bits follow the commands at
-once), RTADDR 0x20, CCMD 0x28, FSTS 0x34, FECTL 0x38, IQH 0x80 / IQT 0x88 / IQA 0x90 / ICS 0x9C,
-IRTA 0xB8, IOTLB at 0x208 (IRO = 0x20).
+Registers (one 4 KiB page; VT-d spec chapter 11). As QEMU's ``intel_iommu`` (``vtd_mem_ops``:
+``.valid``/``.impl`` 4..8 bytes, aligned), only naturally aligned 4- and 8-byte accesses reach
+them; any other size or alignment reads 0 and a write is ignored. An 8-byte access at a 32-bit
+register covers it and the next one. Every register keeps its read-only, reserved (read 0) and
+write-1-to-clear bits for every access, and GSTS changes only through GCMD.
 
-* Translation (GSTS.TES): root table [bus] → context table [devfn] → 3- or 4-level second-level
-  page table (context AW 1 or 2), 4 KiB, 2 MiB and 1 GiB pages; pass-through contexts (TT 2)
-  translate to themselves. A fault (no present entry, no permission) makes the access fail; it
-  sets FSTS.PPF but keeps no fault record.
-* Interrupt remapping (GSTS.IRES): an MSI in remappable format (address bit 4) is looked up in
-  the IRTE table at IRTA by its handle (+ subhandle with SHV) and delivered in compatibility
-  format with the entry's vector, delivery mode, trigger mode and destination (xAPIC:
-  DST[15:8]). Compatibility-format MSIs pass unchanged. Interrupts from the in-kernel IOAPIC are
-  not remapped: a remappable-format redirection entry is read by it as a compatibility one (its
-  vector and low destination bits still reach the CPU the entry names in the common case of
-  APIC id 0).
-* Queued invalidation: writing IQT processes the descriptors from IQH; every type is accepted
-  (there are no caches to invalidate) and wait descriptors write their status word / set
-  ICS.IWC.
+======  ==  ========================================================================
+0x00    RO  VER 1.0
+0x08    RO  CAP: ND 16-bit domain ids, SAGAW 39-bit (3-level), MGAW 39, FRO 0x220, NFR 8
+            (NFR field 7), SLLPS 2 MiB and 1 GiB, DWD, DRD
+0x10    RO  ECAP: QI, IR, PT (pass-through), IRO 0x200 (IOTLB registers at 0x200/0x208)
+0x18    WO  GCMD: TE, SRTP, WBF, QIE, IRE, SIRTP, CFI (reads 0)
+0x1C    RO  GSTS: TES, RTPS, WBFS (never pending), QIES, IRES, IRTPS, CFIS
+0x20    RW  RTADDR (bits 63:12), latched by GCMD.SRTP
+0x28    RW  CCMD: ICC (done at once, CAIG = CIRG), CIRG, FM, SID, DID
+0x34        FSTS: PFO, IQE, ICE, ITE RW1C; PPF (any fault record's F bit) and FRI RO
+0x38        FECTL: IM RW (set at reset), IP RO
+0x3C    RW  FEDATA (15:0)   0x40 FEADDR (31:2)   0x44 FEUADDR
+0x80    RO  IQH (18:4)      0x88 IQT (18:4)       0x90 IQA (63:12, QS 2:0)
+0x9C        ICS: IWC RW1C
+0xA0        IECTL: IM RW (set at reset), IP RO; 0xA4 IEDATA, 0xA8 IEADDR, 0xAC IEUADDR
+0xB8    RW  IRTA (63:12, S 3:0), latched by GCMD.SIRTP
+0x200   RW  IVA             0x208 IOTLB: IVT (done at once, IAIG = IIRG), IIRG, DR, DW, DID
+0x220       fault recording registers 0-7, 16 bytes each: F (bit 127) RW1C, the rest RO
+======  ==  ========================================================================
+
+* Translation (GSTS.TES, VT-d spec 3.4-3.7): root table [bus] → context table [devfn] →
+  3-level second-level page table (context AW 1), 4 KiB, 2 MiB and 1 GiB pages; pass-through
+  contexts (TT 2) translate to themselves. A request that cannot be translated is blocked and,
+  unless the context entry's FPD bit suppresses it (for the faults it qualifies), recorded as a
+  primary fault (VT-d spec 7.2.1, 7.3) with the fault reasons of VT-d spec appendix "Non-
+  Recoverable Fault Reason Encodings": 1 root entry not present, 2 context entry not present,
+  3 invalid context entry (TT or AW not supported), 4 address beyond the context's width,
+  5 write / 6 read without permission (or not present), 7 second-level paging entry access
+  error, 8 root table access error, 9 context table access error, 0xA/0xB/0xC reserved bits set
+  in a root / context / second-level paging entry. An access error is a table entry that is not
+  in guest RAM (beyond RAM, on a device's registers, beyond 2^64).
+* Interrupt remapping (GSTS.IRES, VT-d spec 5.1): an MSI in remappable format (address bit 4)
+  is looked up in the IRTE table (latched IRTA) by its handle (+ subhandle with SHV) and
+  delivered in compatibility format with the entry's vector, delivery mode, trigger mode and
+  destination (xAPIC: DST[15:8]); its source id is checked as the IRTE's SVT/SQ/SID say.
+  Blocked interrupts are recorded (unless the IRTE's FPD suppresses it) with reasons 0x21 handle
+  beyond the table (IRTA.S), 0x22 IRTE not present, 0x23 IRTE not in guest RAM, 0x24 reserved
+  IRTE bits set, 0x26 source id check failed; the fault information is the handle (bits 63:48).
+  Compatibility-format MSIs pass unchanged (as QEMU does). Interrupts from the in-kernel IOAPIC
+  are not remapped: a remappable-format redirection entry is read by it as a compatibility one.
+* Fault events (VT-d spec 7.3.1): PPF (a new record while none was pending), PFO and IQE set
+  FECTL.IP when no earlier condition is pending; with FECTL.IM clear the MSI FEADDR/FEUADDR +
+  FEDATA is sent (not remapped) and IP cleared, else it is sent when software clears IM. IP
+  clears when software has cleared every condition.
+* Queued invalidation (VT-d spec 6.5.2): writing IQT processes the 128-bit descriptors from IQH
+  (context-cache 1, IOTLB 2, interrupt entry cache 4, invalidation wait 5; there are no caches,
+  so only the wait descriptor acts: its status write, ICS.IWC and the invalidation completion
+  event IECTL/IEDATA/IEADDR). An invalid tail (beyond the queue), a descriptor not in guest RAM,
+  an unsupported type (3 device-TLB: no ECAP.DT; 6, 7 and higher) or reserved bits set, and a
+  wait descriptor whose status address is not in guest RAM, set FSTS.IQE with IQH left at the
+  faulting descriptor; nothing more is fetched until software clears IQE and writes IQT.
+  FSTS.ICE and FSTS.ITE only concern device-TLB invalidations, which this IOMMU does not offer
+  (ECAP.DT clear): they never set, but are write-1-to-clear as the spec defines them.
+
+No value a guest writes makes a method here raise: faults are reported as above.
 """
 import struct
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
+
+from ...errors import GuestMemoryError
 
 BASE = 0xFED90000
 SIZE = 0x1000
 
 VER, CAP, ECAP, GCMD, GSTS, RTADDR, CCMD = 0x00, 0x08, 0x10, 0x18, 0x1C, 0x20, 0x28
-FSTS, FECTL, IQH, IQT, IQA, ICS, IRTA = 0x34, 0x38, 0x80, 0x88, 0x90, 0x9C, 0xB8
+FSTS, FECTL, FEDATA, FEADDR, FEUADDR = 0x34, 0x38, 0x3C, 0x40, 0x44
+IQH, IQT, IQA, ICS, IECTL, IEDATA, IEADDR, IEUADDR = 0x80, 0x88, 0x90, 0x9C, 0xA0, 0xA4, 0xA8, 0xAC
+IRTA = 0xB8
 IRO = 0x20                                 # IOTLB registers at IRO * 16
+IVA = IRO * 16
 IOTLB = IRO * 16 + 8
+FRO = 0x220                                # fault recording registers
+NFR = 8                                    # how many
 
 GCMD_TE, GCMD_SRTP, GCMD_WBF, GCMD_QIE = 1 << 31, 1 << 30, 1 << 27, 1 << 26
 GCMD_IRE, GCMD_SIRTP, GCMD_CFI = 1 << 25, 1 << 24, 1 << 23
-GSTS_TES, GSTS_RTPS, GSTS_QIES, GSTS_IRES, GSTS_IRTPS = 1 << 31, 1 << 30, 1 << 26, 1 << 25, \
-    1 << 24
-FSTS_PPF = 1 << 1
+GSTS_TES, GSTS_RTPS, GSTS_WBFS, GSTS_QIES = 1 << 31, 1 << 30, 1 << 27, 1 << 26
+GSTS_IRES, GSTS_IRTPS, GSTS_CFIS = 1 << 25, 1 << 24, 1 << 23
+FSTS_PFO, FSTS_PPF, FSTS_IQE, FSTS_ICE, FSTS_ITE = 1 << 0, 1 << 1, 1 << 4, 1 << 5, 1 << 6
+FSTS_FRI_SHIFT = 8
+FECTL_IM, FECTL_IP = 1 << 31, 1 << 30
 ICS_IWC = 1
+FRCD_F = 1 << 63                           # in the record's high quadword
+FRCD_T_READ = 1 << 62
 
 CAP_VALUE = (2                              # ND: 16-bit domain ids
              | (0x2 << 8)                   # SAGAW: 39-bit (3-level)
              | (38 << 16)                   # MGAW - 1
-             | ((0x220 >> 4) << 24)         # FRO: fault recording registers at 0x220
+             | ((FRO >> 4) << 24)           # FRO
              | (1 << 34) | (1 << 35)        # SLLPS: 2 MiB and 1 GiB pages
+             | ((NFR - 1) << 40)            # NFR - 1
              | (1 << 54) | (1 << 55))       # DWD, DRD
-ECAP_VALUE = (1 << 1) | (1 << 3) | (IRO << 8)   # QI, IR, IOTLB register offset
+ECAP_VALUE = (1 << 1) | (1 << 3) | (1 << 6) | (IRO << 8)   # QI, IR, PT, IOTLB register offset
+MGAW = 39
+
+# fault reasons (VT-d spec, non-recoverable fault reason encodings)
+FR_ROOT_NOT_PRESENT, FR_CONTEXT_NOT_PRESENT, FR_CONTEXT_INVALID, FR_ADDRESS_BEYOND = 1, 2, 3, 4
+FR_WRITE, FR_READ, FR_PAGING_ENTRY_ACCESS, FR_ROOT_TABLE_ACCESS = 5, 6, 7, 8
+FR_CONTEXT_TABLE_ACCESS, FR_ROOT_RESERVED, FR_CONTEXT_RESERVED, FR_PAGING_RESERVED = 9, 0xA, 0xB, 0xC
+FR_IR_INDEX_OVER, FR_IR_ENTRY_NOT_PRESENT, FR_IR_TABLE_ACCESS = 0x21, 0x22, 0x23
+FR_IR_IRTE_RESERVED, FR_IR_SID = 0x24, 0x26
+_FPD_QUALIFIED = frozenset((FR_ADDRESS_BEYOND, FR_WRITE, FR_READ, FR_PAGING_ENTRY_ACCESS,
+                            FR_PAGING_RESERVED, FR_IR_ENTRY_NOT_PRESENT, FR_IR_IRTE_RESERVED,
+                            FR_IR_SID))
+
+# reserved bits of the 128-bit invalidation descriptors (low, high), per type
+_DESC_RESERVED = {
+    1: (0xFFFC00000000FFC0, ~0 & 0xFFFFFFFFFFFFFFFF),      # context-cache invalidate
+    2: (0xFFFFFFFF0000F100, 0xF80),                        # IOTLB invalidate
+    4: (0xFFFF000007FFF1E0, ~0 & 0xFFFFFFFFFFFFFFFF),      # interrupt entry cache invalidate
+    5: (0x00000000FFFFF180, 0x3),                          # invalidation wait
+}
+_M64 = (1 << 64) - 1
+_PHYS = (1 << 52) - 1 & ~0xFFF             # address bits of table pointers and PTEs
 
 
 class DmaFault(Exception):
-    """A DMA address the IOMMU does not translate."""
+    """A DMA address the IOMMU does not translate (the fault has been recorded as the VT-d spec
+    says); ``reason`` is the fault reason code."""
+
+    def __init__(self, message: str, reason: int = 0):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _layout():
+    """(write mask, write-1-to-clear mask) bytearrays of the register page."""
+    wmask, w1c = bytearray(SIZE), bytearray(SIZE)
+
+    def put(arr, off, value, size):
+        arr[off:off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+    put(wmask, RTADDR, ~0xFFF, 8)
+    put(wmask, CCMD, (1 << 63) | (3 << 61) | (3 << 32) | 0xFFFFFFFF, 8)
+    put(w1c, FSTS, FSTS_PFO | FSTS_IQE | FSTS_ICE | FSTS_ITE, 4)
+    put(wmask, FECTL, FECTL_IM, 4)
+    put(wmask, FEDATA, 0xFFFF, 4)
+    put(wmask, FEADDR, 0xFFFFFFFC, 4)
+    put(wmask, FEUADDR, 0xFFFFFFFF, 4)
+    put(wmask, IQT, 0x7FFF0, 8)
+    put(wmask, IQA, ~0xFFF | 0x7, 8)
+    put(w1c, ICS, ICS_IWC, 4)
+    put(wmask, IECTL, FECTL_IM, 4)
+    put(wmask, IEDATA, 0xFFFF, 4)
+    put(wmask, IEADDR, 0xFFFFFFFC, 4)
+    put(wmask, IEUADDR, 0xFFFFFFFF, 4)
+    put(wmask, IRTA, ~0xFFF | 0xF, 8)
+    put(wmask, IVA, ~0xFFF | 0x7F, 8)
+    put(wmask, IOTLB, (1 << 63) | (3 << 60) | (3 << 48) | (0xFFFF << 32), 8)
+    for i in range(NFR):
+        put(w1c, FRO + 16 * i + 8, FRCD_F, 8)
+    return bytes(wmask), bytes(w1c)
+
+
+_WMASK, _W1C = _layout()
 
 
 class Vtd:
-    """The IOMMU's registers and what they control. ``memory``: guest memory (read/write by
-    guest-physical address); ``signal_msi(address, data)``: deliver a compatibility MSI."""
+    """The IOMMU's registers and what they control. ``memory``: guest memory (``read(gpa, n)``,
+    ``write(gpa, data)`` by guest-physical address, raising
+    :class:`~pykvm.errors.GuestMemoryError` where there is no RAM); ``signal_msi(address,
+    data)``: deliver a compatibility-format MSI (64-bit address, 32-bit data)."""
 
     def __init__(self, memory, signal_msi: Callable[[int, int], None]):
         self.memory = memory
         self.signal_msi = signal_msi
         self.regs = bytearray(SIZE)
-        struct.pack_into("<I", self.regs, VER, 0x10)
-        struct.pack_into("<Q", self.regs, CAP, CAP_VALUE)
-        struct.pack_into("<Q", self.regs, ECAP, ECAP_VALUE)
         self._lock = threading.RLock()
-        self.faults = 0
+        self.faults = 0                    # DMA requests blocked (recorded or not)
+        self.ir_faults = 0                 # interrupt requests blocked
+        self.reset()
+
+    def reset(self) -> None:
+        """The registers as at power-on (VT-d spec chapter 11 reset values)."""
+        with self._lock:
+            self.regs[:] = bytes(SIZE)
+            self._w(VER, 0x10)
+            self._w(CAP, CAP_VALUE, 8)
+            self._w(ECAP, ECAP_VALUE, 8)
+            self._w(FECTL, FECTL_IM)
+            self._w(IECTL, FECTL_IM)
+            self._root = 0                 # RTADDR as latched by SRTP
+            self._irta = 0                 # IRTA as latched by SIRTP
+            self._next_frcd = 0
 
     def _r(self, off: int, size: int = 4) -> int:
         return int.from_bytes(self.regs[off:off + size], "little")
@@ -75,135 +201,311 @@ class Vtd:
     def _w(self, off: int, value: int, size: int = 4) -> None:
         self.regs[off:off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
+    def _set(self, off: int, bits: int) -> None:
+        self._w(off, self._r(off) | bits)
+
+    def _clear(self, off: int, bits: int) -> None:
+        self._w(off, self._r(off) & ~bits)
+
     @property
     def gsts(self) -> int:
         """The global status register."""
         return self._r(GSTS)
 
+    # -- guest memory: never raises ------------------------------------------------------------
+    def _read(self, gpa: int, n: int) -> Optional[bytes]:
+        """``n`` bytes at guest-physical ``gpa``, or None where any of them is not RAM."""
+        if gpa < 0 or gpa + n > 1 << 64:
+            return None
+        try:
+            data = self.memory.read(gpa, n)
+        except (GuestMemoryError, ValueError, OverflowError, IndexError):
+            return None
+        return data if len(data) == n else None
+
+    def _read_q(self, gpa: int) -> Optional[int]:
+        data = self._read(gpa, 8)
+        return None if data is None else int.from_bytes(data, "little")
+
+    def _write(self, gpa: int, data: bytes) -> bool:
+        """Store ``data`` at guest-physical ``gpa``; False (nothing written) if not all RAM."""
+        if gpa < 0 or gpa + len(data) > 1 << 64 or self._read(gpa, len(data)) is None:
+            return False
+        try:
+            self.memory.write(gpa, data)
+        except (GuestMemoryError, ValueError, OverflowError, IndexError):
+            return False
+        return True
+
+    def _msi(self, address: int, data: int) -> None:
+        try:
+            self.signal_msi(address, data)
+        except Exception:                  # a closing VM: the interrupt has nowhere to go
+            pass
+
     # -- registers ---------------------------------------------------------------------------
+    @staticmethod
+    def _valid(off: int, n: int) -> bool:
+        """QEMU's vtd_mem_ops: 4- or 8-byte, naturally aligned, inside the page."""
+        return n in (4, 8) and off % n == 0 and 0 <= off <= SIZE - n
+
     def mmio_read(self, addr: int, n: int) -> bytes:
-        """``n`` bytes read at guest-physical ``addr`` in the register page."""
+        """``n`` bytes read at guest-physical ``addr`` in the register page (zeros for an access
+        of another size or alignment)."""
         off = addr - BASE
+        if not self._valid(off, n):
+            return bytes(max(n, 0))
         with self._lock:
-            if off == GCMD:
-                return bytes(n)                 # write-only
-            return bytes(self.regs[off:off + n]) + bytes(max(0, off + n - SIZE))
+            return bytes(self.regs[off:off + n])
 
     def mmio_write(self, addr: int, data: bytes) -> None:
-        """A write of ``data`` at guest-physical ``addr`` in the register page."""
-        off = addr - BASE
+        """A write of ``data`` at guest-physical ``addr`` in the register page (ignored unless a
+        naturally aligned 4- or 8-byte access)."""
+        off, n = addr - BASE, len(data)
+        if not self._valid(off, n):
+            return
         value = int.from_bytes(data, "little")
         with self._lock:
-            if off == GCMD:
-                self._command(value & 0xFFFFFFFF)
-            elif off in (VER, VER + 4, CAP, CAP + 4, ECAP, ECAP + 4, GSTS, IQH, IQH + 4):
-                pass                                           # read-only
-            elif off == ICS:
-                self._w(ICS, self._r(ICS) & ~value)            # write 1 to clear
-            elif off == FSTS:
-                self._w(FSTS, self._r(FSTS) & ~(value & 0x7F))
-            elif off in (CCMD, CCMD + 4) or off in (IOTLB, IOTLB + 4):
-                self.regs[off:off + len(data)] = data
-                top = (CCMD if off < IOTLB else IOTLB) + 4
-                self._w(top, self._r(top) & 0x7FFFFFFF)       # ICC / IVT: done at once
-            elif off == IQT:
-                self._w(IQT, value & 0x7FFF0, 4)
+            old = self._r(off, n)
+            wm = int.from_bytes(_WMASK[off:off + n], "little")
+            w1c = int.from_bytes(_W1C[off:off + n], "little")
+            self._w(off, ((old & ~wm) | (value & wm)) & ~(w1c & value), n)
+            end = off + n
+
+            def hit(reg: int) -> bool:
+                return off <= reg < end
+
+            if hit(GCMD):
+                self._command((value >> (8 * (GCMD - off))) & 0xFFFFFFFF)
+            if hit(CCMD + 4) and self._r(CCMD + 4) & (1 << 31):
+                hi = self._r(CCMD + 4)             # ICC: done at once, CAIG = CIRG
+                hi = (hi & ~((1 << 31) | (3 << 27))) | (((hi >> 29) & 3) << 27)
+                self._w(CCMD + 4, hi)
+            if hit(IOTLB + 4) and self._r(IOTLB + 4) & (1 << 31):
+                hi = self._r(IOTLB + 4)            # IVT: done at once, IAIG = IIRG
+                hi = (hi & ~((1 << 31) | (3 << 25))) | (((hi >> 28) & 3) << 25)
+                self._w(IOTLB + 4, hi)
+            if any(hit(FRO + 16 * i + 12) for i in range(NFR)):
+                self._update_ppf()
+            if hit(FSTS) or any(hit(FRO + 16 * i + 12) for i in range(NFR)):
+                self._maybe_clear_fault_ip()
+            if hit(FECTL) and not self._r(FECTL) & FECTL_IM and self._r(FECTL) & FECTL_IP:
+                self._clear(FECTL, FECTL_IP)
+                self._send_event(FEADDR, FEDATA, FEUADDR)
+            if hit(ICS) and not self._r(ICS) & ICS_IWC:
+                self._clear(IECTL, FECTL_IP)
+            if hit(IECTL) and not self._r(IECTL) & FECTL_IM and self._r(IECTL) & FECTL_IP:
+                self._clear(IECTL, FECTL_IP)
+                self._send_event(IEADDR, IEDATA, IEUADDR)
+            if hit(IQT):
                 self._process_queue()
-            else:
-                self.regs[off:off + len(data)] = data[:SIZE - off]
+
+    def _send_event(self, addr_reg: int, data_reg: int, uaddr_reg: int) -> None:
+        self._msi(self._r(addr_reg) | self._r(uaddr_reg) << 32, self._r(data_reg))
 
     def _command(self, cmd: int) -> None:
-        sts = self._r(GSTS)
-        for c, s in ((GCMD_TE, GSTS_TES), (GCMD_QIE, GSTS_QIES), (GCMD_IRE, GSTS_IRES)):
+        """A GCMD write (VT-d spec 10.4.4): the state bits follow the command, one-shot bits
+        latch their pointer."""
+        old = self._r(GSTS)
+        sts = old
+        for c, s in ((GCMD_TE, GSTS_TES), (GCMD_QIE, GSTS_QIES), (GCMD_IRE, GSTS_IRES),
+                     (GCMD_CFI, GSTS_CFIS)):
             sts = (sts | s) if cmd & c else (sts & ~s)
         if cmd & GCMD_SRTP:
-            sts |= GSTS_RTPS                       # root table pointer latched
+            self._root = self._r(RTADDR, 8) & ~0xFFF
+            sts |= GSTS_RTPS
         if cmd & GCMD_SIRTP:
+            self._irta = self._r(IRTA, 8)
             sts |= GSTS_IRTPS
-        if cmd & GCMD_QIE and not self._r(GSTS) & GSTS_QIES:
-            self._w(IQH, 0, 8)
+        if (sts ^ old) & GSTS_QIES:
+            self._w(IQH, 0, 8)                     # the queue starts at its base
         self._w(GSTS, sts)
 
+    # -- faults --------------------------------------------------------------------------------
+    def _frcd_hi(self, i: int) -> int:
+        return self._r(FRO + 16 * i + 8, 8)
+
+    def _update_ppf(self) -> None:
+        if any(self._frcd_hi(i) & FRCD_F for i in range(NFR)):
+            self._set(FSTS, FSTS_PPF)
+        else:
+            self._clear(FSTS, FSTS_PPF)
+
+    def _maybe_clear_fault_ip(self) -> None:
+        if not self._r(FSTS) & (FSTS_PFO | FSTS_PPF | FSTS_IQE | FSTS_ICE | FSTS_ITE):
+            self._clear(FECTL, FECTL_IP)
+
+    def _fault_event(self, before: int) -> None:
+        """A new fault condition: the fault event interrupt unless one is already pending
+        (``before``: FSTS before the condition was set)."""
+        if before & (FSTS_PFO | FSTS_PPF | FSTS_IQE | FSTS_ICE | FSTS_ITE):
+            return
+        if self._r(FECTL) & FECTL_IM:
+            self._set(FECTL, FECTL_IP)
+        else:
+            self._send_event(FEADDR, FEDATA, FEUADDR)
+
+    def _record(self, source_id: int, reason: int, info: int, read: bool) -> None:
+        """Primary fault logging (VT-d spec 7.3.1): into the next fault recording register, or
+        FSTS.PFO when it is still in use."""
+        fsts = self._r(FSTS)
+        if fsts & FSTS_PFO:
+            return
+        i = self._next_frcd
+        if self._frcd_hi(i) & FRCD_F:
+            self._set(FSTS, FSTS_PFO)
+            self._fault_event(fsts)
+            return
+        hi = FRCD_F | (FRCD_T_READ if read else 0) | (reason & 0xFF) << 32 | (source_id & 0xFFFF)
+        self._w(FRO + 16 * i, info & _M64, 8)
+        self._w(FRO + 16 * i + 8, hi, 8)
+        self._next_frcd = (i + 1) % NFR
+        if not fsts & FSTS_PPF:
+            self._w(FSTS, (self._r(FSTS) & ~(0xFF << FSTS_FRI_SHIFT)) | i << FSTS_FRI_SHIFT)
+        self._set(FSTS, FSTS_PPF)
+        self._fault_event(fsts)
+
+    def fault_records(self) -> list:
+        """The pending fault records: (index, source id, reason, fault info, is read)."""
+        with self._lock:
+            out = []
+            for i in range(NFR):
+                hi = self._frcd_hi(i)
+                if hi & FRCD_F:
+                    out.append((i, hi & 0xFFFF, (hi >> 32) & 0xFF, self._r(FRO + 16 * i, 8),
+                                bool(hi & FRCD_T_READ)))
+            return out
+
+    # -- queued invalidation -------------------------------------------------------------------
+    def _queue_error(self) -> None:
+        before = self._r(FSTS)
+        self._set(FSTS, FSTS_IQE)
+        self._fault_event(before)
+
     def _process_queue(self) -> None:
-        if not self._r(GSTS) & GSTS_QIES:
+        """Fetch and carry out descriptors from IQH up to IQT (VT-d spec 6.5.2); at most one
+        pass over the queue (256 << QS entries)."""
+        if not self._r(GSTS) & GSTS_QIES or self._r(FSTS) & FSTS_IQE:
             return
         iqa = self._r(IQA, 8)
         base, entries = iqa & ~0xFFF, 256 << (iqa & 7)
-        head, tail = self._r(IQH, 8) >> 4, self._r(IQT, 8) >> 4
-        for _ in range(entries):
-            if head == tail:
-                break
-            lo, hi = struct.unpack("<QQ", self.memory.read(base + head * 16, 16))
-            if lo & 0xF == 5:                      # invalidation wait descriptor
-                if lo & (1 << 5):                  # SW: write the status data
-                    self.memory.write(hi & ~3, struct.pack("<I", lo >> 32))
-                if lo & (1 << 4):                  # IF
-                    self._w(ICS, self._r(ICS) | ICS_IWC)
-            head = (head + 1) % entries
+        head, tail = (self._r(IQH, 8) >> 4) % entries, self._r(IQT, 8) >> 4
+        if tail >= entries:                        # a tail beyond the queue
+            self._queue_error()
+            return
+        while head != tail:
+            # fetch a run of contiguous descriptors at once; one by one where that fails
+            run = (tail - head) if tail > head else (entries - head)
+            blob = self._read(base + head * 16, run * 16)
+            for k in range(run):
+                raw = blob[k * 16:k * 16 + 16] if blob is not None else \
+                    self._read(base + (head + k) * 16, 16)
+                if raw is None or not self._descriptor(*struct.unpack("<QQ", raw)):
+                    self._w(IQH, (head + k) << 4, 8)
+                    self._queue_error()
+                    return
+            head = (head + run) % entries
         self._w(IQH, head << 4, 8)
+
+    def _descriptor(self, lo: int, hi: int) -> bool:
+        """Carry out one descriptor; False for an invalid one (an IQE)."""
+        kind = lo & 0xF
+        if (lo >> 9) & 7 or kind not in _DESC_RESERVED:    # type[6:4] or an unsupported type
+            return False
+        rlo, rhi = _DESC_RESERVED[kind]
+        if lo & rlo or hi & rhi:
+            return False
+        if kind == 5:                              # invalidation wait
+            if lo & (1 << 5) and not self._write(hi & ~3, struct.pack("<I", lo >> 32)):
+                return False                       # SW: the status write failed
+            if lo & (1 << 4) and not self._r(ICS) & ICS_IWC:    # IF
+                self._set(ICS, ICS_IWC)
+                if self._r(IECTL) & FECTL_IM:
+                    self._set(IECTL, FECTL_IP)
+                else:
+                    self._send_event(IEADDR, IEDATA, IEUADDR)
+        return True
 
     # -- DMA remapping -------------------------------------------------------------------------
     def translate(self, source_id: int, addr: int, write: bool) -> int:
         """The guest-physical address DMA to ``addr`` from PCI requester ``source_id``
-        (bus << 8 | devfn) reaches; raises :class:`DmaFault`."""
+        (bus << 8 | devfn) reaches; raises :class:`DmaFault` for a blocked request, after
+        recording it (VT-d spec 7.3.1)."""
         with self._lock:
             if not self._r(GSTS) & GSTS_TES:
                 return addr
-            try:
-                return self._walk(source_id, addr, write)
-            except DmaFault:
-                self.faults += 1
-                self._w(FSTS, self._r(FSTS) | FSTS_PPF)
-                raise
+            out = self._walk(source_id & 0xFFFF, addr & _M64, write)
+            if isinstance(out, int):
+                return out
+            reason, fpd = out
+            self.faults += 1
+            if not (fpd and reason in _FPD_QUALIFIED):
+                self._record(source_id, reason, addr & ~0xFFF & _M64, not write)
+            raise DmaFault(f"DMA {'write' if write else 'read'} at {addr:#x} from "
+                           f"{source_id:#06x} blocked (fault reason {reason:#x})", reason)
 
-    def _q(self, gpa: int) -> int:
-        return struct.unpack("<Q", self.memory.read(gpa, 8))[0]
-
-    def _walk(self, sid: int, addr: int, write: bool) -> int:
-        root = self._r(RTADDR, 8) & ~0xFFF
-        re = self._q(root + (sid >> 8) * 16)
-        if not re & 1:
-            raise DmaFault(f"no root entry for bus {sid >> 8}")
-        ctx = re & ~0xFFF & ((1 << 52) - 1)
-        lo, hi = self._q(ctx + (sid & 0xFF) * 16), self._q(ctx + (sid & 0xFF) * 16 + 8)
+    def _walk(self, sid: int, addr: int, write: bool):
+        """The translated address, or (fault reason, context FPD)."""
+        re = self._read(self._root + (sid >> 8) * 16, 16)
+        if re is None:
+            return FR_ROOT_TABLE_ACCESS, False
+        rlo, rhi = struct.unpack("<QQ", re)
+        if not rlo & 1:
+            return FR_ROOT_NOT_PRESENT, False
+        if rlo & 0xFFE or rhi:
+            return FR_ROOT_RESERVED, False
+        ce = self._read((rlo & _PHYS) + (sid & 0xFF) * 16, 16)
+        if ce is None:
+            return FR_CONTEXT_TABLE_ACCESS, False
+        lo, hi = struct.unpack("<QQ", ce)
         if not lo & 1:
-            raise DmaFault(f"no context entry for {sid:#06x}")
-        tt = (lo >> 2) & 3
+            return FR_CONTEXT_NOT_PRESENT, False
+        fpd = bool(lo & 2)
+        if lo & 0xFF0 or hi & ~((0xFFFF << 8) | 0x7F) & _M64:
+            return FR_CONTEXT_RESERVED, fpd
+        tt, aw = (lo >> 2) & 3, hi & 7
+        if tt not in (0, 2) or aw != 1:            # TT 1 needs ECAP.DT; SAGAW: 39-bit only
+            return FR_CONTEXT_INVALID, fpd
+        if addr >> MGAW:
+            return FR_ADDRESS_BEYOND, fpd
         if tt == 2:
             return addr                            # pass-through
-        levels = {1: 3, 2: 4}.get(hi & 7)
-        if levels is None:
-            raise DmaFault(f"unsupported address width {hi & 7}")
-        if addr >> (12 + 9 * levels):
-            raise DmaFault(f"address {addr:#x} beyond the context's width")
-        table = lo & ~0xFFF & ((1 << 52) - 1)
-        for level in range(levels, 0, -1):
+        table = lo & _PHYS
+        for level in (3, 2, 1):
             shift = 12 + 9 * (level - 1)
-            pte = self._q(table + ((addr >> shift) & 0x1FF) * 8)
+            pte = self._read_q(table + ((addr >> shift) & 0x1FF) * 8)
+            if pte is None:
+                return FR_PAGING_ENTRY_ACCESS, fpd
             if not pte & (2 if write else 1):
-                raise DmaFault(f"no {'write' if write else 'read'} permission at {addr:#x}")
-            page = pte & ((1 << 52) - 1) & ~0xFFF
-            if level == 1 or (pte & 0x80 and level in (2, 3)):
+                return (FR_WRITE if write else FR_READ), fpd
+            page = pte & _PHYS
+            if level == 1 or pte & 0x80:
+                if level > 1 and page & ((1 << shift) - 1):
+                    return FR_PAGING_RESERVED, fpd     # a large page's low address bits
                 return (page & ~((1 << shift) - 1)) | (addr & ((1 << shift) - 1))
             table = page
-        raise DmaFault("walk ended without a page")
+        return FR_PAGING_ENTRY_ACCESS, fpd             # not reached
 
     # -- interrupt remapping -----------------------------------------------------------------
-    def remap_msi(self, address: int, data: int) -> Optional[tuple]:
-        """The compatibility-format (address, data) an MSI turns into, or None if it is
-        blocked (no present IRTE)."""
+    def remap_msi(self, address: int, data: int,
+                  source_id: Optional[int] = None) -> Optional[Tuple[int, int]]:
+        """The compatibility-format (address, data) an MSI from requester ``source_id``
+        (bus << 8 | devfn; None: not checked) turns into, or None if it is blocked (the fault
+        recorded as the VT-d spec says)."""
         with self._lock:
             if not self._r(GSTS) & GSTS_IRES or not address & (1 << 4):
                 return address, data
             handle = ((address >> 5) & 0x7FFF) | (((address >> 2) & 1) << 15)
             if address & (1 << 3):                 # SHV: the subhandle comes from the data
-                handle += data & 0xFFFF
-            irta = self._r(IRTA, 8)
-            if handle >= 1 << ((irta & 0xF) + 1):
+                handle = (handle + (data & 0xFFFF)) & 0xFFFF
+            reason, entry = self._irte(handle, source_id)
+            if reason:
+                self.ir_faults += 1
+                fpd = entry is not None and entry[0] & 2
+                if not (fpd and reason in _FPD_QUALIFIED):
+                    self._record(source_id or 0, reason, handle << 48, False)
                 return None
-            lo, hi = struct.unpack("<QQ", self.memory.read((irta & ~0xFFF) + handle * 16, 16))
-            if not lo & 1:
-                return None
+            lo = entry[0]
             dest_mode = (lo >> 2) & 1
             redir_hint = (lo >> 3) & 1
             trigger = (lo >> 4) & 1
@@ -213,8 +515,34 @@ class Vtd:
             addr = 0xFEE00000 | dest << 12 | redir_hint << 3 | dest_mode << 2
             return addr, vector | delivery << 8 | trigger << 15
 
-    def deliver_msi(self, address: int, data: int) -> None:
+    def _irte(self, handle: int, source_id: Optional[int]):
+        """(0, (lo, hi)) for a usable IRTE, else (fault reason, entry or None)."""
+        irta = self._irta
+        if handle >= 1 << ((irta & 0xF) + 1):
+            return FR_IR_INDEX_OVER, None
+        raw = self._read((irta & ~0xFFF & _M64) + handle * 16, 16)
+        if raw is None:
+            return FR_IR_TABLE_ACCESS, None
+        lo, hi = struct.unpack("<QQ", raw)
+        if not lo & 1:
+            return FR_IR_ENTRY_NOT_PRESENT, (lo, hi)
+        if lo & ((7 << 12) | (0xFF << 24)) or hi >> 20:
+            return FR_IR_IRTE_RESERVED, (lo, hi)
+        svt, sq, sid = (hi >> 18) & 3, (hi >> 16) & 3, hi & 0xFFFF
+        if source_id is not None and svt:
+            if svt == 1:
+                mask = (0xFFFF, 0xFFFB, 0xFFF9, 0xFFF8)[sq]
+                ok = (source_id & mask) == (sid & mask)
+            elif svt == 2:
+                ok = (sid >> 8) <= (source_id >> 8) <= (sid & 0xFF)
+            else:
+                ok = False
+            if not ok:
+                return FR_IR_SID, (lo, hi)
+        return 0, (lo, hi)
+
+    def deliver_msi(self, address: int, data: int, source_id: Optional[int] = None) -> None:
         """Send a device's MSI on, remapped (see :meth:`remap_msi`); a blocked one is dropped."""
-        out = self.remap_msi(address, data)
+        out = self.remap_msi(address, data, source_id)
         if out is not None:
-            self.signal_msi(*out)
+            self._msi(*out)
