@@ -69,14 +69,14 @@ def _head(image, n: int = 8192) -> bytes:
 
 def is_multiboot(head: bytes) -> bool:
     """Whether an image (its first 8 KiB) is a multiboot v1 kernel: an ELF32 with a multiboot
-    header, or any file whose header uses the a.out kludge."""
+    header, or any file (an ELF64 too, as QEMU reads it) whose header uses the a.out kludge."""
     try:
         mb = loader.find_multiboot_header(head)
     except loader.LoadError:
         return False
     if mb is None:
         return False
-    if loader.is_elf(head):
+    if loader.is_elf(head) and not mb.aout_kludge:
         return len(head) > 4 and head[4] == 1        # ELFCLASS32
     return mb.aout_kludge
 
