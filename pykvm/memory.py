@@ -1,5 +1,5 @@
-"""Guest RAM: private anonymous (MAP_NORESERVE) mappings registered as KVM memory slots, and a bounds-checked
-guest-physical view over them."""
+"""Guest RAM: private anonymous (MAP_NORESERVE) mappings registered as KVM memory slots, and a
+bounds-checked guest-physical view over them."""
 import mmap
 from dataclasses import dataclass
 from typing import Iterator, List, Optional

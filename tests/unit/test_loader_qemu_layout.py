@@ -149,3 +149,28 @@ def test_overlapping_elf_segments_are_refused_as_qemu_refuses_them():
                    head=mb_header())
     with pytest.raises(LoadError, match="overlapping segments"):
         loader.parse_image(img)
+
+
+def test_clip_segments_random_layouts_lose_and_move_no_byte():
+    import random
+    rng = random.Random(16)
+    for _ in range(300):
+        segs, pos = [], rng.randrange(0, 0x120000, 0x10)
+        for i in range(rng.randrange(1, 5)):
+            memsz = rng.randrange(1, 0x30000)
+            filesz = rng.randrange(0, memsz + 1)
+            data = bytes(rng.randrange(256) for _ in range(min(filesz, 64))) * \
+                (filesz // 64 + 1)
+            segs.append(loader.Segment(pos, memoryview(data[:filesz]), memsz, 7, None, i))
+            pos += memsz + rng.randrange(0, 0x8000)
+        claimed = sorted({(a, a + rng.randrange(1, 0x40000))
+                          for a in (rng.randrange(0, 0x120000) for _ in range(2))})
+        kept, dropped = images.clip_segments(segs, claimed)
+        for k in kept:                                  # nothing kept in a claimed range
+            assert not any(k.addr < c1 and c0 < k.end for c0, c1 in claimed)
+            src = next(s for s in segs if s.index == k.index)
+            off = k.addr - src.addr                     # same bytes at the same addresses
+            assert bytes(k.data) == bytes(src.data[off:off + k.memsz])
+            assert k.filesz <= k.memsz
+        covered = sorted([(k.addr, k.end) for k in kept] + dropped)
+        assert sum(b - a for a, b in covered) == sum(s.memsz for s in segs)

@@ -10,8 +10,9 @@ The rules (docs/guest-abi.md, "Memory layout"):
   ``-kernel`` image that land in its VGA window and write-protected BIOS shadow
   (:data:`pykvm.arch.x86.layout.PC_NO_RAM_FOR_IMAGES`): GNU ld's default layout for a kernel
   linked at 1 MiB starts with a read-only LOAD segment a page below 1 MiB that holds only the
-  ELF and program headers, and such kernels boot. The platform's tables stay intact. An image
-  whose entry point (or ``pykvm_params``) lies in a claimed range cannot work there and is
+  ELF and program headers, and such kernels boot. The platform's tables stay intact (in the
+  EBDA, RAM on QEMU, pykvm keeps the platform's area too rather than the image's bytes). An
+  image whose entry point (or ``pykvm_params``) lies in a claimed range cannot work there and is
   refused;
 * multiboot modules (QEMU's ``-initrd a,b args``) go page-aligned right after the image, in the
   order given, each with its string ("file args"), as QEMU's multiboot loader places them;
