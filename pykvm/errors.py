@@ -206,13 +206,15 @@ class MachineEnded(PykvmError):
 _THREAD_MESSAGES = ("can't start new thread", "cannot start new thread")
 
 
-def host_resource_error(e: BaseException):
+def host_resource_error(e: BaseException, _depth: int = 0):
     """The :class:`HostResourceError` that ``e`` amounts to when it is the host running out of
     a resource (itself when it already is one), else None: a Python :class:`MemoryError`
     (memory), an :class:`OSError` with EMFILE/ENFILE (file descriptors), ENOMEM (memory) or
     EAGAIN from a thread start, and the :class:`RuntimeError` Python raises when it cannot
-    start a thread (threads: ``ulimit -u``, or ``ulimit -v`` too small for a thread's stack).
-    Pure; the result's ``__cause__`` is ``e``."""
+    start a thread (threads: ``ulimit -u``, or ``ulimit -v`` too small for a thread's stack);
+    also when ``e`` merely wraps such an error (its ``__cause__`` chain, e.g. a
+    :class:`~pykvm.loader.LoadError` for an image the process had no descriptor left to open).
+    Pure; the result's ``__cause__`` is the error it stands for."""
     if isinstance(e, HostResourceError):
         return e
     out = None
@@ -230,6 +232,8 @@ def host_resource_error(e: BaseException):
                                 f"({limit} is reached)", "file descriptors")
     elif isinstance(e, OSError) and e.errno == _errno.ENOMEM:
         out = HostMemoryError(f"out of host memory: {e.strerror or os.strerror(e.errno)}")
+    if out is None and e.__cause__ is not None and _depth < 4:
+        return host_resource_error(e.__cause__, _depth + 1)  # wrapped: a LoadError over EMFILE
     if out is not None:
         out.__cause__ = e
     return out

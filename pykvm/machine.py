@@ -179,7 +179,7 @@ class Machine:
                 from . import guests               # (lazy: it loads subprocess to build them)
                 image = guests.path(guest or guests.DEFAULT_GUEST)
             self.image_name = image if isinstance(image, str) else "<bytes>"
-            self._check_vcpu_limits(vcpus, image, platform_opts)
+            self._check_vcpu_limits(vcpus, image, dict(platform_opts, flat_mode=flat_mode))
             self.vm = self.kvm.create_vm()
             self.platform = _arch.Platform(self, **platform_opts)
             self.platform.create_devices()
@@ -205,7 +205,8 @@ class Machine:
         """Refuse (ValueError naming the limit) a vCPU count this KVM or the platform cannot
         honour, before any VM exists: KVM_CAP_MAX_VCPUS (else KVM_CAP_NR_VCPUS, the
         recommended count older kernels report) and KVM_CAP_MAX_VCPU_ID (ids run 0..vcpus-1),
-        then the platform's own limit (:meth:`Platform.max_vcpus`)."""
+        then the platform's own limit (``Platform.max_vcpus``; ``platform_opts`` include
+        ``flat_mode``)."""
         kvm = self.kvm
         max_vcpus = kvm.check_extension("MAX_VCPUS") or kvm.check_extension("NR_VCPUS")
         if max_vcpus and vcpus > max_vcpus:
@@ -296,8 +297,8 @@ class Machine:
                     return None
                 return rep                     # step() takes it from Stop.result
             h = handlers.get(ex.name)
-            if h is None:
-                return _SLOW
+            if h is None or (ex.name == "MMIO" and self._unbacked_ram(ex) is not None):
+                return _SLOW                   # (guest RAM the host failed: step() ends it)
             try:
                 r = h(self, index, ex)
             except GuestMemoryError as e:
@@ -365,6 +366,8 @@ class Machine:
                     continue
                 self._keep_report(rep)
                 return Event("report", index, report=rep)
+            if ex.name == "MMIO" and self._unbacked_ram(ex) is not None:
+                return Event("exit", index, exit=ex)   # no device lives in RAM: the host failed
             handler = self.handlers.get(ex.name)
             try:
                 if handler is not None:
@@ -517,9 +520,9 @@ class Machine:
                 try:
                     t.start()
                 except RuntimeError as e:      # "can't start new thread"
-                    hr = HostResourceError(f"cannot start the thread of vCPU {i}: {e} (thread "
-                                           "limit ulimit -u, or too little address space "
-                                           "under ulimit -v)", "threads")
+                    hr = HostResourceError(f"out of threads: cannot start the thread of this "
+                                           f"vCPU ({e}; thread limit ulimit -u, or too little "
+                                           "address space under ulimit -v)", "threads")
                     hr.__cause__ = e
                     results[i] = Event("error", i, error=hr)
                     self._kick_all()

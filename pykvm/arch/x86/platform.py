@@ -110,19 +110,24 @@ class Platform:
 
     @staticmethod
     def max_vcpus(image, *, pc: Optional[bool] = None, devices=(), irqchip: bool = False,
-                  pit: bool = False, **_opts):
+                  pit: bool = False, flat_mode: str = "real", **_opts):
         """(most vCPUs, what sets that limit) for a machine made with these options and
-        ``image`` (a path or bytes), asked before anything is created: the pc machine and a
-        bare machine with the in-kernel irqchip give every vCPU an xAPIC id, so 255
-        (:data:`XAPIC_MAX_CPUS`); a bare machine without one has no limit of its own
-        ((None, ""): KVM's applies). The image is only peeked at (its first 8 KiB)."""
+        ``image`` (a path or bytes), asked before anything is created: the pc machine gives
+        every vCPU an xAPIC id in its MADT, so 255 (:data:`XAPIC_MAX_CPUS`); the bare machine
+        starts every vCPU of an ELF or a protected/long-mode flat image on its own boot stack,
+        of which the boot layout has :data:`.layout.MAX_VCPUS` (64), and with the in-kernel
+        irqchip its xAPIC ids stop at 255; a bare real-mode flat image without an irqchip has
+        no limit of its own ((None, ""): KVM's applies). The image is only peeked at (its
+        first 8 KiB)."""
+        head = _head(image) if image is not None else b""
         if pc is None:
-            head = _head(image) if image is not None else b""
             pc = bool(devices) or (len(head) >= 0x210 and linux.is_bzimage(head[:0x210])) \
                 or is_multiboot(head)
         if pc:
             return XAPIC_MAX_CPUS, ("the pc machine's MADT and 8-bit xAPIC ids (0xff is "
                                     "broadcast) describe")
+        if loader.is_elf(head) or flat_mode in ("long", "protected"):
+            return layout.MAX_VCPUS, "the bare machine's boot layout has stacks for"
         if irqchip or pit:
             return XAPIC_MAX_CPUS, "the in-kernel irqchip's 8-bit xAPIC ids (0xff is broadcast) name"
         return None, ""
