@@ -15,7 +15,15 @@ Everything else is a *finding*, saved as a reproducer that ``--replay`` runs aga
 * ``hang``      the case ran past its deadline + 2 s;
 * ``exception`` pykvm raised something that is not a ``PykvmError`` (the traceback is kept);
 * ``leak``      the worker's fd count or RSS grew past a bound over the baseline taken after a
-                warm-up (the reproducer names the range of cases to run again).
+                warm-up (the reproducer names the range of cases to run again);
+* ``vmm_error`` (device mode) the guest ended the machine with pykvm's VMM-error status (8): a
+                device or exit handler raised, or KVM refused what a device asked of it;
+* ``cpu``       (device mode) the VMM's host CPU time exceeded the bound per guest access
+                (:data:`pykvm.fuzz_devices.CPU_PER_ACCESS_S`).
+
+``--devices`` switches to the device mode (:mod:`pykvm.fuzz_devices`): each case is a PC machine
+with the optional devices, whose one to four vCPUs drive every device with random accesses and
+programming sequences.
 
 Cases run in worker processes (``python -m pykvm.fuzz`` started with a hidden worker option);
 the supervisor hands them index ranges over a pipe, reads one JSON line per case back, kills and
@@ -29,6 +37,7 @@ import json
 import math
 import os
 import random
+import re
 import selectors
 import signal
 import struct
@@ -40,6 +49,8 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
+from . import fuzz_devices
+
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
@@ -49,7 +60,7 @@ EXIT_INTERRUPTED = 130
 MODES = ("real", "protected", "long")
 CASE_FORMAT = "pykvm-fuzz-case/1"
 FINDING_FORMAT = "pykvm-fuzz-finding/1"
-FINDING_KINDS = ("crash", "hang", "exception", "leak")
+FINDING_KINDS = ("crash", "hang", "exception", "leak", "vmm_error", "cpu")
 
 DEFAULT_DEADLINE = 0.05
 DEFAULT_OUT = os.path.join("build", "fuzz-findings")
@@ -274,6 +285,25 @@ def generate_case(seed: int, index: int, *, modes=MODES, max_vcpus: int = 4,
     }
 
 
+def _generate(gen: dict, index: int) -> dict:
+    """Case ``index`` of the run that ``gen`` (Supervisor.gen) describes, either mode."""
+    make = fuzz_devices.generate_case if gen.get("devices") else generate_case
+    return make(gen["seed"], index, modes=gen["modes"], max_vcpus=gen["max_vcpus"],
+                deadline=gen["deadline"])
+
+
+def _case_to_json(case: dict) -> dict:
+    if case.get("format") == fuzz_devices.CASE_FORMAT:
+        return fuzz_devices.case_to_json(case)
+    return case_to_json(case)
+
+
+def _case_from_json(d: dict) -> dict:
+    if d.get("format") == fuzz_devices.CASE_FORMAT:
+        return fuzz_devices.case_from_json(d)
+    return case_from_json(d)
+
+
 def case_to_json(case: dict) -> dict:
     out = dict(case)
     out["blobs"] = [{"gpa": gpa, "hex": bytes(data).hex()} for gpa, data in case["blobs"]]
@@ -358,8 +388,12 @@ class CaseRunner:
         res = {"outcome": None, "stops": []}
         try:
             self._injections(case["index"])
-            with self.kvm.create_vm() as vm:
-                self._run_in_vm(vm, case, res)
+            if case.get("format") == fuzz_devices.CASE_FORMAT:
+                res.update(fuzz_devices.run_case(self.kvm, case,
+                                                 inject=self.inject.get(case["index"], ())))
+            else:
+                with self.kvm.create_vm() as vm:
+                    self._run_in_vm(vm, case, res)
         except PykvmError as e:
             res["outcome"] = type(e).__name__
             res["detail"] = _error_detail(e)
@@ -554,13 +588,12 @@ def _worker_main(inject) -> int:
         if op == "run":
             g = msg["gen"]
             for index in range(msg["start"], msg["stop"]):
-                case = generate_case(g["seed"], index, modes=g["modes"], max_vcpus=g["max_vcpus"],
-                                     deadline=g["deadline"])
+                case = _generate(g, index)
                 r = runner.run(case)
                 r.update(ev="result", index=index, mode=case["mode"])
                 send(r)
         elif op == "case":
-            case = case_from_json(msg["case"])
+            case = _case_from_json(msg["case"])
             r = runner.run(case)
             r.update(ev="result", index=case["index"], mode=case["mode"])
             send(r)
@@ -609,7 +642,26 @@ def _signature(f: dict) -> str:
         return f"crash: {f.get('signal') or ('exit status %s' % f.get('exit_status'))}"
     if f["kind"] == "leak":
         return f"leak: {f.get('resource')}"
+    if f["kind"] == "vmm_error":
+        return f"vmm_error: {_where(f['detail'])}"
     return f["kind"]
+
+
+_FRAME = re.compile(r'File "([^"]*)", line \d+, in (\S+)')
+
+
+def _where(detail: str) -> str:
+    """"ExceptionType at module.py:function" for a VMM-error detail: the exception and the
+    innermost frame in a device model or run loop (else in pykvm), or the verdict line without
+    its numbers when there is no traceback."""
+    lines = detail.strip().splitlines()
+    frames = [(m.group(1), m.group(2)) for m in _FRAME.finditer(detail) if "/pykvm/" in m.group(1)]
+    if not frames:
+        return re.sub(r"0x[0-9a-fA-F]+|\d+", "N", lines[0] if lines else "?")[:160]
+    pick = [f for f in frames if "/arch/" in f[0] or "runloop" in f[0]] or frames
+    path, func = pick[-1]
+    exc = lines[-1].split(":")[0].strip() if lines else "?"
+    return f"{exc} at {path.split('/pykvm/', 1)[1]}:{func}"
 
 
 class _Worker:
@@ -704,7 +756,7 @@ class Supervisor:
                  out_dir: str, quiet: bool = False, inject=(), start: int = 0,
                  warmup: int = WARMUP, fd_slack: int = FD_SLACK, rss_slack_mb: float = RSS_SLACK_MB,
                  check_interval: float = CHECK_INTERVAL, grace: float = HANG_GRACE,
-                 progress_interval: float = PROGRESS_INTERVAL):
+                 progress_interval: float = PROGRESS_INTERVAL, devices: bool = False):
         self.runs, self.seed, self.jobs = runs, seed, jobs
         self.deadline, self.modes, self.max_vcpus = deadline, list(modes), max_vcpus
         self.out_dir, self.quiet, self.inject = out_dir, quiet, list(inject)
@@ -712,7 +764,10 @@ class Supervisor:
         self.warmup, self.fd_slack, self.rss_slack_kib = warmup, fd_slack, int(rss_slack_mb * 1024)
         self.check_interval, self.grace = check_interval, grace
         self.progress_interval = progress_interval
+        self.devices = devices
         self.gen = {"seed": seed, "modes": self.modes, "max_vcpus": max_vcpus, "deadline": deadline}
+        if devices:
+            self.gen["devices"] = True
         self.pending: collections.deque = collections.deque()    # indices not yet handed out
         self.outcomes: collections.Counter = collections.Counter()
         self.by_mode: Dict[str, collections.Counter] = {m: collections.Counter() for m in self.modes}
@@ -786,10 +841,9 @@ class Supervisor:
             if k in f:
                 doc[k] = f[k]
         if f["kind"] != "leak" and f["index"] is not None:
-            case = generate_case(self.seed, f["index"], modes=self.modes,
-                                 max_vcpus=self.max_vcpus, deadline=self.deadline)
+            case = _generate(self.gen, f["index"])
             doc["mode"], doc["vcpus"] = case["mode"], len(case["vcpus"])
-            doc["case"] = case_to_json(case)
+            doc["case"] = _case_to_json(case)
             name = f"{f['kind']}-s{self.seed}-i{f['index']}.json"
         else:
             name = f"{f['kind']}-s{self.seed}-{f.get('start', 0)}-{f.get('stop', 0)}.json"
@@ -1004,7 +1058,8 @@ class Supervisor:
             "outcome_details": dict(self.details.most_common()),
             "stops": dict(self.stops.most_common()),
             "crashes": kinds["crash"], "hangs": kinds["hang"], "leaks": kinds["leak"],
-            "exceptions": kinds["exception"],
+            "exceptions": kinds["exception"], "vmm_errors": kinds["vmm_error"],
+            "cpu_overruns": kinds["cpu"], "devices": self.devices,
             "finding_signatures": dict(self.signatures.most_common()),
             "findings": [{k: f[k] for k in ("kind", "index", "detail", "file") if k in f}
                          for f in self.findings[:500]],
@@ -1016,7 +1071,8 @@ class Supervisor:
 def _print_summary(s: dict, out=sys.stdout) -> None:
     p = lambda *a: print(*a, file=out)       # noqa: E731
     state = " (interrupted)" if s["interrupted"] else ""
-    p(f"pykvm fuzz{state}: {s['runs']} runs in {s['seconds']:.1f} s ({s['runs_per_s']:.1f} runs/s); "
+    what = " --devices" if s.get("devices") else ""
+    p(f"pykvm fuzz{what}{state}: {s['runs']} runs in {s['seconds']:.1f} s ({s['runs_per_s']:.1f} runs/s); "
       f"seed {s['seed']}, jobs {s['jobs']}, modes {','.join(s['modes'])}, "
       f"deadline {s['deadline']} s, up to {s['max_vcpus']} vCPUs")
     p("outcomes:")
@@ -1031,6 +1087,9 @@ def _print_summary(s: dict, out=sys.stdout) -> None:
     p(f"hangs: {s['hangs']}")
     p(f"leaks: {s['leaks']}")
     p(f"exceptions: {s['exceptions']}")
+    if s.get("devices"):
+        p(f"vmm errors: {s['vmm_errors']}")
+        p(f"cpu overruns: {s['cpu_overruns']}")
     if s["findings"]:
         p("findings:")
         for sig, n in s["finding_signatures"].items():
@@ -1059,7 +1118,8 @@ def replay(path: str, *, as_json: bool = False, grace: float = HANG_GRACE,
         sup = Supervisor(runs=doc["stop"] - doc["start"], start=doc["start"], seed=g["seed"],
                          jobs=1, deadline=g["deadline"], modes=g["modes"],
                          max_vcpus=g["max_vcpus"], out_dir=out_dir, quiet=quiet,
-                         inject=doc.get("inject", ()), warmup=min(WARMUP, max(1, (doc["stop"] - doc["start"]) // 4)))
+                         inject=doc.get("inject", ()), devices=bool(g.get("devices")),
+                         warmup=min(WARMUP, max(1, (doc["stop"] - doc["start"]) // 4)))
         sup.run()
         s = sup.summary()
         s["replay"] = path
@@ -1070,10 +1130,11 @@ def replay(path: str, *, as_json: bool = False, grace: float = HANG_GRACE,
         case_doc, inject, expected = doc["case"], doc.get("inject", []), doc["kind"]
     else:
         case_doc, inject, expected = doc, [], None
-    case = case_from_json(case_doc)
+    case = _case_from_json(case_doc)
     sup = Supervisor(runs=1, seed=case["seed"], jobs=1, deadline=case["deadline"],
                      modes=[case["mode"]], max_vcpus=len(case["vcpus"]), out_dir=out_dir,
-                     quiet=True, inject=inject, grace=grace)
+                     quiet=True, inject=inject, grace=grace,
+                     devices=case.get("format") == fuzz_devices.CASE_FORMAT)
     result = _replay_one(sup, case, case_doc)
     result.update(replay=path, expected=expected, mode=case["mode"], vcpus=len(case["vcpus"]),
                   seed=case["seed"], index=case["index"])
@@ -1242,7 +1303,7 @@ def _modes(text: str) -> List[str]:
 
 def _inject_spec(text: str) -> str:
     kind, sep, at = text.partition("@")
-    if not sep or kind not in ("crash", "hang", "raise", "leakfd", "leakmem"):
+    if not sep or kind not in ("crash", "hang", "raise", "leakfd", "leakmem", "vmmerror", "cpu"):
         raise argparse.ArgumentTypeError(f"bad injection {text!r} (KIND@INDEX)")
     try:
         int(at)
@@ -1259,20 +1320,34 @@ def build_parser() -> argparse.ArgumentParser:
                     "and long mode on /dev/kvm, each in a fresh VM under a deadline, and count "
                     "how they end. Worker crashes, hangs, unexpected Python exceptions and "
                     "fd/RSS growth are findings, saved as reproducers for --replay.",
-        epilog="Exit status: 0 no findings, 1 findings, 2 bad arguments, 8 /dev/kvm or the host unusable, "
-               "130 interrupted (the summary so far is printed). See docs/fuzzing.md.",
+        epilog="Device mode (--devices): each case is a PC machine with a random subset of the "
+               "optional devices edu and intel-iommu whose 1-4 vCPUs (long or protected mode) "
+               "drive every device concurrently: random port and MMIO accesses of every width "
+               "and alignment, fw_cfg, PCI configuration (BARs, MSI), VT-d (tables, queues, "
+               "interrupt remapping, faults), edu DMA and interrupts, RTC, ACPI PM, pc-testdev, "
+               "the 16550 and resets, with tables, queues and DMA buffers at random addresses. "
+               "There a guest that ends the machine with the VMM-error status (vmm_error) or "
+               "costs the host more than 2 ms of CPU per access on average (cpu) is a finding "
+               "too. Exit status: 0 no findings, 1 findings, 2 bad arguments, 8 /dev/kvm or the "
+               "host unusable, 130 interrupted (the summary so far is printed). See "
+               "docs/fuzzing.md.",
     )
+    p.add_argument("--devices", action="store_true",
+                   help="device mode: fuzz the PC machine's devices instead of the CPU (see "
+                        "below); --modes then picks from protected,long")
     p.add_argument("--runs", type=_positive_int, default=1000, metavar="N",
                    help="number of cases to run (default %(default)s)")
     p.add_argument("--seed", type=_seed, default=0, metavar="S",
                    help="run seed: case I of seed S is always the same guest (default %(default)s)")
     p.add_argument("--jobs", type=_jobs, default=min(os.cpu_count() or 1, 4), metavar="J",
                    help="worker processes (default: CPUs, at most 4: %(default)s here)")
-    p.add_argument("--deadline", type=_seconds, default=DEFAULT_DEADLINE, metavar="SECONDS",
-                   help="how long each guest may run (default %(default)s); a case still running "
+    p.add_argument("--deadline", type=_seconds, default=None, metavar="SECONDS",
+                   help=f"how long each guest may run (default {DEFAULT_DEADLINE}, "
+                        f"{fuzz_devices.DEFAULT_DEADLINE} with --devices); a case still running "
                         "2 s past its deadline is a hang")
-    p.add_argument("--modes", type=_modes, default=",".join(MODES), metavar="LIST",
-                   help="comma-separated CPU modes to draw from (default %(default)s)")
+    p.add_argument("--modes", type=_modes, default=None, metavar="LIST",
+                   help="comma-separated CPU modes to draw from (default "
+                        f"{','.join(MODES)}; {','.join(fuzz_devices.MODES)} with --devices)")
     p.add_argument("--max-vcpus", type=_vcpus, default=4, metavar="N",
                    help="most vCPUs in one guest, each run in its own thread (default %(default)s)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
@@ -1308,9 +1383,19 @@ def _check_kvm() -> Optional[str]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args._worker:
         return _worker_main(args._inject)
+    if args.deadline is None:
+        args.deadline = fuzz_devices.DEFAULT_DEADLINE if args.devices else DEFAULT_DEADLINE
+    if args.modes is None:
+        args.modes = list(fuzz_devices.MODES if args.devices else MODES)
+    elif args.devices:
+        bad = [m for m in args.modes if m not in fuzz_devices.MODES]
+        if bad:
+            parser.error(f"argument --modes: device mode runs in {','.join(fuzz_devices.MODES)}, "
+                         f"not {bad[0]!r}")
     try:
         if args.replay:
             if not os.path.isfile(args.replay):
@@ -1340,7 +1425,7 @@ def main(argv=None) -> int:
                          quiet=args.quiet, inject=args._inject, start=args._start,
                          warmup=args._warmup, fd_slack=args._fd_slack,
                          rss_slack_mb=args._rss_slack_mb, check_interval=args._check_interval,
-                         grace=args._grace)
+                         grace=args._grace, devices=args.devices)
         try:
             sup.run()
         except RuntimeError as e:
