@@ -1,0 +1,77 @@
+"""KVM_EXIT_INTERNAL_ERROR in the guest's terms (issue 16, fault 7): on this host's KVM a
+VEX-encoded instruction in ring 0 is one KVM's emulator cannot emulate; the run's detail names
+RIP, the guest symbol and file:line, the CPU mode and the instruction decoded by capstone."""
+import sys
+
+import pytest
+
+from pykvm import status
+from pykvm.arch.x86 import decode
+from pykvm.machine import Machine
+
+from _elfguest import elf_guest
+
+VEX = """
+    mov rax, 1
+    nop
+bad_insn:
+    vpxor xmm0, xmm0, xmm0
+    hlt
+"""
+VEX32 = """
+    mov eax, 1
+bad_insn:
+    vpxor xmm0, xmm0, xmm0
+1:  jmp 1b
+"""
+
+
+def _emulation_failure(m):
+    r = m.run(timeout=10)
+    if r.exit != "INTERNAL_ERROR":
+        pytest.skip(f"this host's KVM runs the VEX instruction (ended with {r.exit})")
+    return r
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "py-loop"])
+def test_long_mode_failure_names_rip_symbol_line_mode_and_mnemonic(tmp_path, native):
+    path = elf_guest(tmp_path, VEX)
+    with Machine(path, native=native) as m:
+        r = _emulation_failure(m)
+        assert r.exit_code == status.UNHANDLED_EXIT
+        assert "\n" not in r.detail
+        assert "could not emulate" in r.detail
+        assert "RIP 0x200008" in r.detail                    # 7-byte mov, 1-byte nop
+        assert "bad_insn+0x0" in r.detail and "guest.S:" in r.detail
+        assert "long mode (64-bit)" in r.detail
+        assert "vpxor xmm0, xmm0, xmm0" in r.detail and "[c5 f9 ef c0]" in r.detail
+
+
+def test_protected_mode_failure_on_the_pc_machine(tmp_path):
+    path = elf_guest(tmp_path, VEX32, bits=32, text=0x100000, data=0x180000)
+    with Machine(path) as m:
+        assert m.platform.pcm is not None                    # a multiboot kernel: the pc
+        r = _emulation_failure(m)
+        assert "protected mode (32-bit)" in r.detail
+        assert "vpxor xmm0, xmm0, xmm0" in r.detail and "bad_insn+0x0" in r.detail
+
+
+def test_bytes_read_through_the_guest_page_tables_match_kvms(tmp_path):
+    """Where KVM gives no instruction bytes, they are read at RIP through KVM_TRANSLATE."""
+    path = elf_guest(tmp_path, VEX)
+    with Machine(path) as m:
+        _emulation_failure(m)
+        v = m.vcpus[0]
+        rip = v.get_regs().rip
+        code = decode.read_guest_code(v, m.memory, rip, paging=True)
+        assert code[:4] == bytes.fromhex("c5f9efc0")
+        assert decode.disassemble(code, rip, 64) == ("vpxor xmm0, xmm0, xmm0", 4)
+
+
+def test_without_capstone_the_bytes_are_given_in_hex(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "capstone", None)       # import capstone fails
+    path = elf_guest(tmp_path, VEX)
+    with Machine(path) as m:
+        r = _emulation_failure(m)
+        assert "RIP 0x200008" in r.detail and "long mode" in r.detail
+        assert "bytes c5 f9 ef c0" in r.detail and "\n" not in r.detail

@@ -1,0 +1,103 @@
+"""A deadline ends one run, not the machine (issue 16, fault 10): after ``run(timeout=...)``
+times out, the next ``run()`` runs the guest on from where it stopped — both run loops, one
+vCPU and several — and a machine that cannot run again (the guest powered off) says why in
+one line."""
+import pytest
+
+from pykvm import status
+from pykvm.errors import MachineEnded
+from pykvm.machine import Machine
+
+from _elfguest import elf_guest
+
+COUNTER = 0x210000
+# every vCPU increments the same counter in RAM, forever
+COUNT = """
+    mov rbx, offset counter
+1:  lock inc qword ptr [rbx]
+    jmp 1b
+.data
+.globl counter
+counter: .quad 0
+"""
+# multiboot (pc machine): ACPI S5 through PM1a_CNT (0x604: SLP_TYP 0 | SLP_EN), then spin
+POWEROFF = """
+    mov dx, 0x604
+    mov ax, 0x2000
+    out dx, ax
+1:  jmp 1b
+"""
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "py-loop"])
+def test_run_after_a_timeout_runs_the_guest_on(tmp_path, native, vcpus):
+    path = elf_guest(tmp_path, COUNT)
+    with Machine(path, native=native, vcpus=vcpus) as m:
+        seen = []
+        for _ in range(3):
+            r = m.run(timeout=0.2)
+            assert (r.exit, r.exit_code) == ("timeout", status.TIMEOUT), r.detail
+            assert 0.15 < r.seconds < 2
+            seen.append(m.memory.read_u64(COUNTER))
+        assert 0 < seen[0] < seen[1] < seen[2]               # progress in every run
+
+
+# counts, and writes a byte to the debug console port 0xe9 (an exit served in the loop)
+COUNT_AND_EXIT = """
+    mov rbx, offset counter
+1:  inc qword ptr [rbx]
+    mov al, 0x2e
+    out 0xe9, al
+    jmp 1b
+.data
+.globl counter
+counter: .quad 0
+"""
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "py-loop"])
+def test_step_after_a_deadline_runs_on(tmp_path, native):
+    path = elf_guest(tmp_path, COUNT)
+    with Machine(path, native=native) as m:
+        assert m.step(timeout=0.1).kind == "timeout"
+        a = m.memory.read_u64(COUNTER)
+        assert m.step(timeout=0.1).kind == "timeout"
+        b = m.memory.read_u64(COUNTER)
+        assert m.run(timeout=0.1).exit == "timeout"
+        assert 0 < a < b < m.memory.read_u64(COUNTER)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "py-loop"])
+def test_step_after_its_exit_budget_runs_on(tmp_path, native):
+    path = elf_guest(tmp_path, COUNT_AND_EXIT)
+    with Machine(path, native=native) as m:
+        counts = []
+        for _ in range(3):
+            assert m.step(budget=50, timeout=10).kind == "budget"
+            counts.append(m.memory.read_u64(COUNTER))
+        assert counts[0] >= 49 and counts[1] - counts[0] == 50 and counts[2] - counts[1] == 50
+        assert m.run(timeout=0.1).exit == "timeout"
+        assert m.memory.read_u64(COUNTER) > counts[2]
+
+
+def test_kick_all_then_run_again(tmp_path):
+    """A kick that stopped a run is used up: the run after it runs the guest."""
+    path = elf_guest(tmp_path, COUNT)
+    with Machine(path, vcpus=2) as m:
+        import threading
+        threading.Timer(0.1, m.kick_all).start()
+        assert m.run(timeout=5).exit == "kick"
+        before = m.memory.read_u64(COUNTER)
+        r = m.run(timeout=0.2)
+        assert r.exit == "timeout" and m.memory.read_u64(COUNTER) > before
+
+
+def test_a_powered_off_machine_says_why_it_cannot_run_again(tmp_path):
+    path = elf_guest(tmp_path, POWEROFF, bits=32, text=0x100000, data=0x180000)
+    with Machine(path) as m:
+        r = m.run(timeout=10)
+        assert r.exit_code == status.OK and "powered off" in r.detail
+        with pytest.raises(MachineEnded, match="cannot run again: the guest powered off") as ei:
+            m.run(timeout=1)
+        assert "\n" not in str(ei.value)
