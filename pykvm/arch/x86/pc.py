@@ -312,17 +312,26 @@ class PcMachine:
         name = ex.name
         if name == "IO":
             port, size, count = ex.port, ex.size, ex.count
+            # guest memory refusing a request made on the guest's behalf (a device's DMA) is
+            # the guest's fault: the access ends as a master abort, never as a VMM error
             if ex.is_out:
                 data = ex.data
-                for i in range(count):
-                    self.io_write(port, size, int.from_bytes(data[i * size:(i + 1) * size],
-                                                             "little"))
+                try:
+                    for i in range(count):
+                        self.io_write(port, size,
+                                      int.from_bytes(data[i * size:(i + 1) * size], "little"))
+                except GuestMemoryError:
+                    pass
             else:
-                if port == FWCFG_DATA and size == 1:
-                    ex.respond(self.fwcfg.io_read(port, 1, count))
-                else:
-                    ex.respond(b"".join(self.io_read(port, size).to_bytes(size, "little")
-                                        for _ in range(count)))
+                try:
+                    if port == FWCFG_DATA and size == 1:
+                        out = self.fwcfg.io_read(port, 1, count)
+                    else:
+                        out = b"".join(self.io_read(port, size).to_bytes(size, "little")
+                                       for _ in range(count))
+                except GuestMemoryError:
+                    out = b"\xff" * (size * count)
+                ex.respond(out)
         elif name == "MMIO":
             addr, n = ex.phys_addr, ex.len
             dev = None
