@@ -422,6 +422,7 @@ def cmd_caps(args) -> int:
 
 
 _output = {"error": None,     # the first OSError writing to stdout
+           "reported": False, # _output_failure() has said so
            "wrapped": False}  # stdout is a _StdoutRaw (so _output["error"] is exact)
 
 
@@ -517,6 +518,13 @@ def _output_failure() -> int:
     line on stderr and 8. Further writes (and what is still buffered) go to /dev/null, so
     nothing fails again at exit."""
     e = _output["error"]
+    if isinstance(e, BrokenPipeError):
+        code = 141
+    else:
+        code = EXIT_VMM
+    if _output["reported"]:                 # said once already (run reports it, then main)
+        return code
+    _output["reported"] = True
     try:
         fd = os.open(os.devnull, os.O_WRONLY)
         os.dup2(fd, sys.stdout.fileno())
@@ -527,11 +535,11 @@ def _output_failure() -> int:
         sys.stdout.flush()                 # drop what is buffered into /dev/null
     except (OSError, ValueError, AttributeError):
         pass
-    if isinstance(e, BrokenPipeError):
-        return 141
+    if code == 141:
+        return code
     why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
     _err(f"pykvm: cannot write to stdout: {why}")
-    return EXIT_VMM
+    return code
 
 
 def cmd_run(args) -> int:
@@ -619,6 +627,8 @@ def cmd_run(args) -> int:
     if args.json:
         print(json.dumps(r.as_dict(), indent=2))
         sys.stdout.flush()                   # a failure to write it is the run's outcome
+        if r.exit_code and r.detail:         # as for every failure: one line on stderr too
+            _err(f"pykvm: {r.detail}")
     else:
         sys.stdout.flush()
         if r.exit == "timeout":
@@ -872,6 +882,7 @@ def _main(argv=None, program=False) -> int:
     _sig.signum = None
     _sig.reported = False
     _output["error"] = None
+    _output["reported"] = False
     _output["wrapped"] = False
     _invocation["argv"] = argv
     if program:

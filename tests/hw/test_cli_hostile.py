@@ -222,10 +222,12 @@ def test_stdout_failures_are_statuses_not_tracebacks(images, tmp_path):
                                timeout=60, env=_env())
             assert r.returncode == status.VMM_ERROR, (args, r.stderr)
             assert "No space left on device" in one_line_error(r.stderr)
+    # stdout closed (>&-): the output cannot be written, so the command fails (issue 16)
     r = subprocess.run(PYKVM + ["run", "hello"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                        text=True, timeout=60, env=_env(), close_fds=True,
                        preexec_fn=lambda: os.close(1))
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == status.VMM_ERROR, r.stderr
+    assert one_line_error(r.stderr) == "pykvm: cannot write to stdout: it is closed"
 
 
 @pytest.mark.parametrize("args", [["--mem", "nan"], ["--vcpus", "0"], ["--bogus"]])
