@@ -1,9 +1,10 @@
 """``python -m pykvm.lab {riscv,nested}``: build a lab image, boot it in QEMU, run pytest inside.
 
 Exit status: the inner pytest's status; 3 when the lab could not be prepared or booted (or /init
-failed), 4 on timeout, 5 when no results came back; 130 / 143 / 129 when SIGINT / SIGTERM / SIGHUP
-stopped it (QEMU and every other child stopped, temporary files removed, one line on stderr).
-The one-line reason is printed last.
+failed) or its results (JUnit XML, manifest) could not be written, 4 on timeout, 5 when no
+results came back; 130 / 143 / 129 when SIGINT / SIGTERM / SIGHUP stopped it (QEMU and every
+other child stopped, temporary files removed, one line on stderr). The one-line reason is
+printed last.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from ..outfile import ReportPathError  # noqa: E402
 from . import progress  # noqa: E402
 from .build import CHECKOUT, Options, run_lab  # noqa: E402
 
@@ -77,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.monotonic() - t0:.0f} s; QEMU and all child processes stopped, temporary files removed",
               file=sys.stderr, flush=True)
         return e.status
+    except ReportPathError as e:          # the results (JUnit XML, manifest) could not be written
+        progress.silence()
+        print(f"lab {lab}: {e}", file=sys.stderr, flush=True)
+        return 3
 
 
 if __name__ == "__main__":

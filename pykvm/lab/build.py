@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..outfile import write_report
 from . import initramfs as ird
 from . import linux_guest
 from . import proc as procs
@@ -661,4 +662,4 @@ def _write_manifest(out: Path, lab: str, archive: Archive, info: dict, error: st
         except (OSError, ValueError):
             data = {}
         data[lab] = entry
-        _write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+        write_report(path, json.dumps(data, indent=2, sort_keys=True) + "\n", "the lab manifest")

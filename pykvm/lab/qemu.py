@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..outfile import write_report
 from . import initramfs as ird
 from . import proc as procs
 from .debian import Archive, LabError, extract_deb
@@ -460,6 +462,8 @@ def merge_junit(results: list[BootResult], out: Path, lab: str) -> ET.Element:
             root.append(s)
     for k, v in tot.items():
         root.set(k, str(v))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(root).write(out, encoding="utf-8", xml_declaration=True)
+    buf = io.BytesIO()
+    ET.ElementTree(root).write(buf, encoding="utf-8", xml_declaration=True)
+    # atomic for a regular file; a symlink, device or FIFO is written through, never replaced
+    write_report(out, buf.getvalue(), "the JUnit XML")
     return root

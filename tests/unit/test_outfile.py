@@ -191,3 +191,17 @@ def test_full_file_system_leaves_the_old_file_and_no_temp(tmp_path):
     assert lines[0] == f"{errno.ENOSPC} cannot write report to {mnt}/r.txt: No space left on device"
     assert lines[1] == "old"
     assert lines[2] == "['fill', 'r.txt']"
+
+
+def test_lab_junit_xml_goes_through_a_symlink_and_fails_in_one_line(tmp_path):
+    """The lab's own results (python -m pykvm.lab: <out>/<lab>.xml) follow the same rules."""
+    from pykvm.lab import qemu
+    target = tmp_path / "real.xml"
+    link = tmp_path / "riscv.xml"
+    link.symlink_to(target)
+    res = [qemu.BootResult("riscv-max", 3, "no results")]
+    qemu.merge_junit(res, link, "riscv")
+    assert link.is_symlink() and target.read_bytes().startswith(b"<?xml")
+    with pytest.raises(ReportPathError) as ei:
+        qemu.merge_junit(res, "/dev/full", "riscv")
+    assert str(ei.value) == "cannot write the JUnit XML to /dev/full: No space left on device"
