@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 from ... import loader, status
 from ...errors import KvmError
 from ...report import decode as decode_report
-from . import cpu, decode, fdt, sbi
+from . import cpu, fdt, insn, sbi
 from .extensions import canonical_isa_string
 
 RAM_BASE = 0x80000000
@@ -202,8 +202,8 @@ class Platform:
     def describe_internal_error(self, vcpu, ex, symbols=None) -> str:
         """One line on a KVM_EXIT_INTERNAL_ERROR of hart ``vcpu`` in the guest's terms: pc,
         symbol and file:line, privilege and translation mode, the instruction decoded
-        (:mod:`.decode`)."""
-        return decode.describe_internal_error(vcpu, self.m.vm.memory, ex, symbols)
+        (:mod:`.insn`)."""
+        return insn.describe_internal_error(vcpu, self.m.vm.memory, ex, symbols)
 
     def ended(self, ex) -> str:
         """Why this machine cannot run again after a run that ended with exit ``ex`` (None for

@@ -1,6 +1,7 @@
-"""A RISC-V hart's failure in the guest's terms (the counterpart of :mod:`pykvm.arch.x86.decode`):
-the pc with the guest symbol and file:line, the privilege mode and address translation, and the
-instruction at pc, decoded.
+"""A RISC-V hart's failure in the guest's terms (the counterpart of :mod:`pykvm.arch.x86.decode`,
+named ``insn`` because ``pykvm.arch.riscv.decode`` is the ONE_REG id decoder): the pc with the
+guest symbol and file:line, the privilege mode and address translation, and the instruction at
+pc, decoded.
 
 RISC-V KVM has no KVM_TRANSLATE: the instruction is fetched through the guest's own page tables,
 walked here as the privileged spec's "Virtual Address Translation Process" (RISC-V privileged
