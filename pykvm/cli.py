@@ -735,8 +735,11 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                 epilog="The KVM device is /dev/kvm unless --device PATH or $PYKVM_DEVICE says "
                 "otherwise.\n\nexit status of every command: 0 success; 2 bad input (options, "
                 "images, names); 8 VMM or host error\n(KVM device missing or inaccessible, an "
-                "ioctl failed); 130 SIGINT; 143 SIGTERM; 141 stdout closed.\n`pykvm run` adds: "
-                "odd (V<<1)|1 isa-debug-exit; 4 guest failure; 6 unhandled exit; 124 timeout.")
+                "ioctl failed, a host limit on open files, memory or threads,\noutput that "
+                "cannot be written); 130 SIGINT; 143 SIGTERM; 141 stdout's reader went away.\n"
+                "`pykvm run` adds: odd (V<<1)|1 isa-debug-exit; 4 guest failure; 6 unhandled "
+                "exit; 124 timeout.\nEvery failure is one line on stderr; with --json, also "
+                "one JSON object on stdout.")
     p.add_argument("--version", action="version", version=f"pykvm {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser, action=_Commands)
     sub.only = only
