@@ -245,7 +245,8 @@ def _limits(*names: str) -> str:
             continue
         if soft == resource.RLIM_INFINITY:
             continue
-        out.append(f"{name}={soft if name in ('RLIMIT_NOFILE', 'RLIMIT_NPROC') else _human_bytes(soft)}")
+        counted = name in ("RLIMIT_NOFILE", "RLIMIT_NPROC")      # a count, not bytes
+        out.append(f"{name}={soft if counted else _human_bytes(soft)}")
     return ", ".join(out)
 
 
