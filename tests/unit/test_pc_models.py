@@ -103,7 +103,9 @@ def test_pm_timer_and_pm1_registers():
     p.timer_event()
     assert sci == [1]
     assert p.read(0x604, 2) & pm.SCI_EN
-    p.write(0x605, 1, 0x24)                            # high byte: SLP_EN | SLP_TYP 1
+    p.write(0x605, 1, 0x24)            # QEMU: a byte at 0x605 is the whole register, zero-extended
+    assert sleeps == [] and p.read(0x604, 2) == pm.SCI_EN     # GBL_RLS (bit 2) is write-only
+    p.write(0x604, 2, 0x2400)                          # SLP_EN | SLP_TYP 1
     assert sleeps == [1] and not p.read(0x604, 2) & pm.SLP_EN
 
 

@@ -1,29 +1,53 @@
-"""QEMU's firmware configuration device (fw_cfg), legacy I/O interface, as the PC machine has it.
+"""QEMU's firmware configuration device (fw_cfg), legacy I/O interface, as QEMU's x86 machines
+have it (docs/specs/fw_cfg.rst and hw/nvram/fw_cfg.c in QEMU).
 
-Two ports (docs/specs/fw_cfg.rst in QEMU):
+QEMU's x86 fw_cfg is one 2-port I/O region at 0x510 (``fw_cfg_comb_mem_ops``): both ports
+behave the same, and what an access does depends on its width only:
 
-* selector, port 0x510: a 16-bit write selects an item by key and rewinds its read offset;
-* data, port 0x511: each 8-bit read returns the next byte of the selected item, 0 past its end
-  (and for keys that name no item).
+=============  ====================================================================
+access         effect
+=============  ====================================================================
+8-bit read     the next byte of the selected item (0 past its end, or if none is)
+8-bit write    a data write: ignored (QEMU 2.4 and later have no writable items)
+16-bit write   at 0x510: select the item whose key is the value, rewind to its start
+other          16-bit reads and 32-bit accesses at 0x510 are not valid: reads give 0,
+               writes do nothing; at 0x511 a wider access is cut into a byte for
+               0x511 and unassigned ports after it (all-ones), see :mod:`.ioaccess`
+=============  ====================================================================
 
-Items pykvm provides (the keys are QEMU's):
+Keys (16 bits): bit 15 (FW_CFG_ARCH_LOCAL) picks the architecture's table, bit 14
+(FW_CFG_WRITE_CHANNEL) is ignored for reads, and bits 13:0 index the table; an index at or
+past 0x40 (the 0x20 generic keys and QEMU's 0x20 default file slots) selects no item, and an
+index with no item reads zeros. The items pykvm provides:
 
-====  ================  =========================================================
-key   name              value
-====  ================  =========================================================
-0x00  signature         ``b"QEMU"``
-0x01  id                u32 1 (traditional interface only: no DMA)
-0x03  ram_size          u64 bytes of RAM (all of it, both sides of the 32-bit hole)
-0x05  nb_cpus           u16 vCPUs the machine starts with
-0x0f  max_cpus          u16 the most vCPUs it can have (= nb_cpus here)
-0x19  file_dir          u32 big-endian file count (0): no named files
-====  ================  =========================================================
+======  ================  ==========================================================
+key     name              value
+======  ================  ==========================================================
+0x00    signature         ``b"QEMU"``
+0x01    id                u32 1: the traditional interface only (bit 1, DMA, is clear:
+                          pykvm has no DMA register at 0x514)
+0x03    ram_size          u64 bytes of RAM (all of it, both sides of the 32-bit hole)
+0x04    nographic         u16 1
+0x05    nb_cpus           u16 vCPUs the machine starts with
+0x0f    max_cpus          u16 the most vCPUs it can have (= nb_cpus here)
+0x19    file_dir          u32 big-endian file count (0): no named files
+0x8000  acpi_tables       absent, as in QEMU without ``-acpitable`` (no data: reads 0)
+0x8001  smbios_entries    absent, as in QEMU's current (non-legacy) machine types
+0x8002  irq0_override     u32 1: ISA IRQ 0 is routed to GSI 2 (the MADT says so too)
+0x8003  e820_table        absent: QEMU serves its E820 map as the file ``etc/e820`` only
+0x8004  hpet              QEMU's ``struct hpet_fw_config`` with no HPET: count 0xff, then
+                          8 zeroed 15-byte entries (121 bytes)
+======  ================  ==========================================================
 
-The device only keeps bytes; it does not know where its ports are (the PC machine routes them).
+The device only keeps bytes; it does not know where its ports are (the PC machine routes 0x510
+and 0x511 to :meth:`FwCfg.io_read` / :meth:`FwCfg.io_write`). Each access costs work in
+proportion to the bytes it moves, however many a ``rep insb`` asks for.
 """
 import struct
 import threading
 from typing import Dict, Optional
+
+from .ioaccess import pieces
 
 SELECTOR_PORT = 0x510
 DATA_PORT = 0x511
@@ -37,18 +61,38 @@ FW_CFG_NB_CPUS = 0x05
 FW_CFG_MACHINE_ID = 0x06
 FW_CFG_MAX_CPUS = 0x0F
 FW_CFG_FILE_DIR = 0x19
+FW_CFG_FILE_FIRST = 0x20
+FW_CFG_FILE_SLOTS = 0x20           # QEMU's default number of file slots
+FW_CFG_MAX_ENTRY = FW_CFG_FILE_FIRST + FW_CFG_FILE_SLOTS   # exclusive
+
+FW_CFG_WRITE_CHANNEL = 0x4000
+FW_CFG_ARCH_LOCAL = 0x8000
+FW_CFG_ENTRY_MASK = 0x3FFF
+FW_CFG_INVALID = 0xFFFF
+
+FW_CFG_ACPI_TABLES = FW_CFG_ARCH_LOCAL + 0
+FW_CFG_SMBIOS_ENTRIES = FW_CFG_ARCH_LOCAL + 1
+FW_CFG_IRQ0_OVERRIDE = FW_CFG_ARCH_LOCAL + 2
+FW_CFG_E820_TABLE = FW_CFG_ARCH_LOCAL + 3
+FW_CFG_HPET = FW_CFG_ARCH_LOCAL + 4
 
 ID_TRADITIONAL = 1            # bit 0: the traditional (port) interface; bit 1 would be DMA
+HPET_FW_ENTRIES = 8           # struct hpet_fw_config: u8 count, 8 x {u32, u64, u16, u8}
+HPET_FW_ENTRY_SIZE = 15
+
+# QEMU's x86 fw_cfg region: ports 0x510-0x511, valid widths up to 4 (fw_cfg_comb_valid then
+# accepts 1-byte accesses and 2-byte writes only)
+_PORTS = ((SELECTOR_PORT, 2, 4),)
 
 
 class FwCfg:
-    """The item store and the two registers. Thread-safe: vCPUs share one selector, as on a
-    real machine (a guest serialises its accesses itself)."""
+    """The two item tables and the selector state. Thread-safe: vCPUs share one selector, as on
+    a real machine (a guest serialises its accesses itself)."""
 
     def __init__(self, *, ram_size: int, nb_cpus: int, max_cpus: Optional[int] = None):
-        self.items: Dict[int, bytes] = {}
+        self.items: Dict[int, bytes] = {}      # by key (bit 15 set for the arch table)
         self._lock = threading.Lock()
-        self.selected = 0
+        self.selected = FW_CFG_SIGNATURE       # the current key, FW_CFG_INVALID when none
         self.offset = 0
         self.add(FW_CFG_SIGNATURE, b"QEMU")
         self.add(FW_CFG_ID, struct.pack("<I", ID_TRADITIONAL))
@@ -57,53 +101,76 @@ class FwCfg:
         self.add(FW_CFG_NB_CPUS, struct.pack("<H", nb_cpus))
         self.add(FW_CFG_MAX_CPUS, struct.pack("<H", nb_cpus if max_cpus is None else max_cpus))
         self.add(FW_CFG_FILE_DIR, struct.pack(">I", 0))
+        self.add(FW_CFG_IRQ0_OVERRIDE, struct.pack("<I", 1))
+        self.add(FW_CFG_HPET, bytes([0xFF]) + bytes(HPET_FW_ENTRIES * HPET_FW_ENTRY_SIZE))
 
     def add(self, key: int, data: bytes) -> None:
-        """Add or replace item ``key`` (0..0x3fff)."""
-        if not 0 <= key <= 0x3FFF:
+        """Add or replace item ``key``: an index below 0x40, with bit 15 for the arch table.
+        Raises ValueError for any other key (a host-side programming error)."""
+        if key & ~(FW_CFG_ARCH_LOCAL | FW_CFG_ENTRY_MASK) or \
+                key & FW_CFG_ENTRY_MASK >= FW_CFG_MAX_ENTRY:
             raise ValueError(f"fw_cfg key {key:#x} out of range")
         self.items[key] = bytes(data)
 
-    def select(self, key: int) -> None:
-        """Select item ``key`` (the low 16 bits are kept) and rewind its read offset to 0, as a
-        write to the selector port does (QEMU fw_cfg legacy I/O interface)."""
+    def select(self, key: int) -> bool:
+        """Select item ``key`` (16 bits) and rewind its read offset to 0, as a 16-bit write to
+        the selector does (QEMU's ``fw_cfg_select``); a key whose index is 0x40 or more selects
+        nothing. Returns whether the key names a valid entry."""
+        key &= 0xFFFF
         with self._lock:
-            self.selected = key & 0xFFFF
             self.offset = 0
+            if key & FW_CFG_ENTRY_MASK >= FW_CFG_MAX_ENTRY:
+                self.selected = FW_CFG_INVALID
+                return False
+            self.selected = key
+            return True
+
+    def _item(self) -> bytes:
+        sel = self.selected
+        if sel == FW_CFG_INVALID:
+            return b""
+        return self.items.get(sel & (FW_CFG_ARCH_LOCAL | FW_CFG_ENTRY_MASK), b"")
+
+    def read_data(self, n: int) -> bytes:
+        """The next ``n`` bytes of the selected item (zeros past its end, or when nothing is
+        selected), advancing the read offset: ``n`` 8-bit data reads. Costs O(n)."""
+        with self._lock:
+            data = self._item()
+            chunk = data[self.offset:self.offset + n]
+            self.offset = min(len(data), self.offset + n)
+        return chunk + bytes(n - len(chunk))
 
     def read_byte(self) -> int:
-        """The next byte of the selected item, advancing the read offset: what an 8-bit read of the
-        data port returns. Only the low 14 bits of the selector name the item; 0 past the item's end
-        and for keys that name no item."""
-        with self._lock:
-            data = self.items.get(self.selected & 0x3FFF, b"")
-            if self.offset < len(data):
-                b = data[self.offset]
-                self.offset += 1
-                return b
-            return 0
+        """One 8-bit data read (:meth:`read_data` of 1 byte)."""
+        return self.read_data(1)[0]
 
     # -- port interface (the PC machine calls these) ----------------------------------------
-    def io_read(self, port: int, size: int, count: int) -> bytes:
-        """Bytes for an IN of ``count`` units of ``size`` bytes at ``port``."""
-        out = bytearray()
-        for _ in range(count):
-            if port == DATA_PORT:
-                # wider reads of the data port return one byte each, in the low byte
-                unit = bytes([self.read_byte()]) + bytes(size - 1)
+    def _read_unit(self, port: int, size: int) -> int:
+        value = 0
+        for region, _off, n, pos in pieces(port, size, _PORTS):
+            if region is None:
+                v = (1 << (8 * n)) - 1               # unassigned ports: all-ones
+            elif n == 1:
+                v = self.read_byte()
             else:
-                with self._lock:
-                    sel = self.selected
-                unit = (sel & ((1 << (8 * size)) - 1)).to_bytes(size, "little") \
-                    if port == SELECTOR_PORT else b"\xff" * size
-            out += unit
-        return bytes(out)
+                v = 0                                 # not a valid access: QEMU reads 0
+            value |= v << (8 * pos)
+        return value
+
+    def io_read(self, port: int, size: int, count: int) -> bytes:
+        """Bytes for an IN of ``count`` units of ``size`` bytes (1, 2 or 4) at ``port`` (0x510
+        or 0x511), as QEMU answers each (module docstring). Work is O(count * size)."""
+        count = max(0, count)
+        if size == 1:
+            return self.read_data(count)              # a rep insb: one slice
+        return b"".join(self._read_unit(port, size).to_bytes(size, "little")
+                        for _ in range(count))
 
     def io_write(self, port: int, size: int, data: bytes) -> None:
-        """An OUT of ``size`` bytes ``data`` (little-endian) at ``port``: at the selector port
-        (0x510) it selects that item; writes to the data port, and to any other port, are
-        ignored."""
-        if port == SELECTOR_PORT:
-            # QEMU's selector register is 16 bits wide; a byte write selects that byte's value
-            self.select(int.from_bytes(data[-size:], "little") & 0xFFFF)
-        # writes to the data port are ignored (no writable items)
+        """An OUT of ``size`` bytes ``data`` (little-endian) at ``port``: only a 16-bit write
+        that starts at the selector port selects; other writes do nothing (module
+        docstring)."""
+        value = int.from_bytes(bytes(data[:size]), "little")
+        for region, off, n, pos in pieces(port, size, _PORTS):
+            if region is not None and n == 2 and off == 0:
+                self.select((value >> (8 * pos)) & 0xFFFF)

@@ -7,19 +7,33 @@ port        size   register
                    RTC_STS (10), WAK_STS (15); write 1 to clear
 0x602       16     PM1a_EN: TMR_EN (0), GBL_EN (5), PWRBTN_EN (8), SLPBTN_EN (9), RTC_EN (10)
 0x604       16     PM1a_CNT: SCI_EN (0, reads 1: there is no SMI command port, the machine is
-                   always in ACPI mode), BM_RLD (1), GBL_RLS (2), SLP_TYP (12:10), SLP_EN (13,
+                   always in ACPI mode, and ACPI 4.8.3.2.1 leaves the bit to the hardware),
+                   BM_RLD (1), GBL_RLS (2, write-only), SLP_TYP (12:10), SLP_EN (13,
                    write-only: a write with it set enters the sleep state SLP_TYP names)
-0x608       32     PM_TMR: a 24-bit counter at 3.579545 MHz (FADT TMR_VAL_EXT clear)
+0x608       32     PM_TMR: a 24-bit counter at 3.579545 MHz (FADT TMR_VAL_EXT clear),
+                   read-only
 ==========  =====  =====================================================================
 
-Byte and word accesses to any part of a register work as on the PIIX4. TMR_STS is set each time
-bit 23 of the timer changes; the SCI (IRQ 9) is asserted while any enabled status bit is set
-and SCI_EN is on. A write of SLP_EN calls ``on_sleep(slp_typ)``; the PC machine enters S3
-(SLP_TYP 1) or powers off (SLP_TYP 0, S5).
+Reserved bits read 0 and ignore writes; status bits are write-1-to-clear. Widths and offsets are
+as QEMU's ACPI core (hw/acpi/core.c, QEMU 7.2 as Debian ships it) takes them, each access cut by
+:mod:`.ioaccess`: the event block (0x600-0x603) and the control register (0x604-0x605) take 1-
+and 2-byte accesses, each served as a 16-bit access at the byte's offset (a byte read at 0x600
+or 0x602 gives the low byte of STS or EN, at 0x601 or 0x603 gives 0; a byte write at 0x600 or
+0x602 writes the byte zero-extended, so it clears EN's high byte; one at 0x601 or 0x603 does
+nothing; the control register is read and written whole at either offset); a 4-byte access is
+two 2-byte ones. The timer block (0x608-0x60b) takes any width, each part reading the timer's
+low bits; writes to it do nothing. Ports 0x606-0x607 are unassigned (all-ones).
+
+TMR_STS is set each time bit 23 of the timer changes; the SCI (IRQ 9) is asserted while any
+enabled status bit is set and SCI_EN is on. A write of SLP_EN calls ``on_sleep(slp_typ)``; the
+PC machine enters S3 (SLP_TYP 1) or powers off (SLP_TYP 0, S5). Every access costs constant
+work (the timer is arithmetic on the clock).
 """
 import threading
 import time
 from typing import Callable, Optional
+
+from .ioaccess import pieces
 
 PM_TIMER_HZ = 3579545
 TIMER_MASK = 0xFFFFFF
@@ -44,7 +58,11 @@ SCI_EN = 1 << 0
 SLP_TYP_SHIFT = 10
 SLP_TYP_MASK = 7 << SLP_TYP_SHIFT
 SLP_EN = 1 << 13
-CNT_MASK = 0x0007 | SLP_TYP_MASK      # the bits that read back
+CNT_MASK = 0x0003 | SLP_TYP_MASK      # the bits that read back (GBL_RLS, SLP_EN: write-only)
+
+# QEMU's PIIX4 PM regions: (first port, ports, largest valid access)
+_EVT, _CNT, _TMR = 0, 1, 2
+_PORTS = ((STS_PORT, 4, 2), (CNT_PORT, 2, 2), (TMR_PORT, 4, 4))
 
 
 def ticks_since(t0_ns: int, now_ns: int) -> int:
@@ -124,55 +142,50 @@ class AcpiPm:
         return bool(self.en & TMR_STS)
 
     # -- registers ---------------------------------------------------------------------------
-    def _reg16(self, base: int) -> int:
-        if base == STS_PORT:
-            self._sync_timer_status()
-            return self.sts
-        if base == EN_PORT:
-            return self.en
+    def _read16(self, region: int, off: int) -> int:
+        if region == _EVT:
+            if off == 0:
+                self._sync_timer_status()
+                return self.sts
+            return self.en if off == 2 else 0
         return self.cnt & CNT_MASK
 
     def read(self, port: int, size: int) -> int:
-        """An IN of ``size`` bytes at ``port`` (0x600-0x60b)."""
+        """An IN of ``size`` bytes (1, 2 or 4) at ``port`` (0x600-0x60b), as the module
+        docstring says."""
         with self._lock:
             value = 0
-            timer = self.timer() if port + size > TMR_PORT else 0    # one sample per access
-            for i in range(size):
-                p = port + i
-                if TMR_PORT <= p < TMR_PORT + 4:
-                    b = (timer >> (8 * (p - TMR_PORT))) & 0xFF
-                elif STS_PORT <= p < CNT_PORT + 2:
-                    base = p & ~1
-                    b = (self._reg16(base) >> (8 * (p & 1))) & 0xFF
+            timer = None
+            for region, off, n, pos in pieces(port, size, _PORTS):
+                mask = (1 << (8 * n)) - 1
+                if region is None:
+                    v = mask
+                elif region == _TMR:
+                    if timer is None:
+                        timer = self.timer()            # one sample per access
+                    v = timer & mask
                 else:
-                    b = 0xFF
-                value |= b << (8 * i)
+                    v = self._read16(region, off) & mask
+                value |= v << (8 * pos)
             return value
 
     def write(self, port: int, size: int, value: int) -> None:
-        """An OUT of ``size`` bytes at ``port``."""
+        """An OUT of ``size`` bytes of ``value`` at ``port``, as the module docstring says:
+        PM1_STS bits written 1 are cleared, PM1_EN takes the value (reserved bits stay 0),
+        PM1_CNT keeps BM_RLD and SLP_TYP and sleeps on SLP_EN; the timer ignores writes."""
         sleep = None
         with self._lock:
-            for base in (STS_PORT, EN_PORT, CNT_PORT):
-                # the part of this 16-bit register the access covers
-                lo, hi = max(port, base), min(port + size, base + 2)
-                if lo >= hi:
-                    continue
-                mask = 0
-                bits = 0
-                for p in range(lo, hi):
-                    shift = 8 * (p - base)
-                    mask |= 0xFF << shift
-                    bits |= ((value >> (8 * (p - port))) & 0xFF) << shift
-                if base == STS_PORT:
+            for region, off, n, pos in pieces(port, size, _PORTS):
+                v = (value >> (8 * pos)) & ((1 << (8 * n)) - 1)   # zero-extended to 16 bits
+                if region == _EVT and off == 0:
                     self._sync_timer_status()
-                    self.sts &= ~(bits & STS_MASK)
-                elif base == EN_PORT:
-                    self.en = (self.en & ~mask) | (bits & mask & EN_MASK)
-                else:
-                    self.cnt = ((self.cnt & ~mask) | (bits & mask)) & CNT_MASK | SCI_EN
-                    if bits & mask & SLP_EN:
-                        sleep = (bits & SLP_TYP_MASK) >> SLP_TYP_SHIFT
+                    self.sts &= ~(v & STS_MASK)
+                elif region == _EVT and off == 2:
+                    self.en = v & EN_MASK
+                elif region == _CNT:
+                    self.cnt = (v & CNT_MASK) | SCI_EN
+                    if v & SLP_EN:
+                        sleep = (v & SLP_TYP_MASK) >> SLP_TYP_SHIFT
             self._update_sci()
         if sleep is not None and self.on_sleep:
             self.on_sleep(sleep)

@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Callable, Optional
 
+from .ioaccess import pieces
+
 INDEX_PORT = 0x70
 DATA_PORT = 0x71
 
@@ -53,6 +55,7 @@ DONT_CARE = 0xC0
 NS = 1_000_000_000
 UIP_WINDOW_NS = 244_000            # UIP goes high this long before each update
 UIP_POLL_GAP_NS = 20_000_000       # a read of A this close before a missed update still sees it
+_PORTS = ((INDEX_PORT, 2, 4),)      # QEMU's "rtc" I/O region: 2 ports, any width up to 4
 TIME_REGS = (SECONDS, MINUTES, HOURS, DAY_OF_WEEK, DAY_OF_MONTH, MONTH, YEAR)
 
 
@@ -110,9 +113,15 @@ class CmosRtc:
         ``mono`` (nanoseconds; now when None)."""
         return (self.clock() if mono is None else mono) + self.offset_ns
 
+    def _divider_running(self) -> bool:
+        """Whether register A's divider bits (DV2-0, bits 6:4) let the divider chain run: 000,
+        001 and 010 do (QEMU's ``rtc_running``); 11x holds it in reset, the rest are test modes
+        that stop it."""
+        return (self.cmos[REG_A] & A_DV_MASK) <= A_DV_NORMAL
+
     def _running(self) -> bool:
-        return not self.cmos[REG_B] & B_SET and \
-            (self.cmos[REG_A] & A_DV_MASK) == A_DV_NORMAL
+        """Whether the time registers count: the divider runs and B.SET is clear."""
+        return not self.cmos[REG_B] & B_SET and self._divider_running()
 
     def _encode(self, v: int) -> int:
         return v if self.cmos[REG_B] & B_DM else bcd(v)
@@ -156,42 +165,62 @@ class CmosRtc:
         for reg, v in self._time_regs(self.guest_ns() // NS).items():
             self.cmos[reg] = v
 
-    def _restart_from_regs(self, keep_phase: bool) -> None:
+    def _restart_from_regs(self, phase_ns: Optional[int] = None) -> None:
+        """Start the clock from the time registers, ``phase_ns`` into the current second (the
+        running clock's own phase when None)."""
         now = self.clock()
-        phase = self.guest_ns(now) % NS if keep_phase else 0
+        phase = self.guest_ns(now) % NS if phase_ns is None else phase_ns
         self.offset_ns = self._regs_to_seconds() * NS + phase - now
         self._last_ns = now
 
     # -- flags ---------------------------------------------------------------------------------
-    def _alarm_matches(self, seconds: int) -> bool:
-        t = time.gmtime(seconds)
-        c = self.cmos
-        for reg, value in ((SECONDS_ALARM, t.tm_sec), (MINUTES_ALARM, t.tm_min)):
-            if c[reg] & DONT_CARE != DONT_CARE and self._decode(c[reg]) != value:
-                return False
-        h = c[HOURS_ALARM]
-        return h & DONT_CARE == DONT_CARE or self._decode_hour(h) == t.tm_hour
+    def _alarm_field(self, reg: int, top: int, hour: bool = False) -> Optional[int]:
+        """The one value (0 <= v < top) alarm register ``reg`` matches, -1 for "don't care" (its two
+        high bits set), or None when no time register value can ever equal it (an invalid BCD
+        digit, a value out of range, hour 0 in 12-hour mode): the MC146818 compares the alarm
+        byte with the time byte as stored, in the current DM and 24/12 modes."""
+        a = self.cmos[reg]
+        if a & DONT_CARE == DONT_CARE:
+            return -1
+        if hour:
+            v = self._decode_hour(a)
+            return v if 0 <= v < top and self._encode_hour(v) == a else None
+        v = self._decode(a)
+        return v if 0 <= v < top and self._encode(v) == a else None
 
-    def _next_alarm(self, after_s: int, limit_s: int) -> Optional[int]:
-        """The first second s with after_s < s <= limit_s whose time matches the alarm."""
-        s = after_s + 1
-        while s <= limit_s:
-            if self._alarm_matches(s):
-                return s
-            t = time.gmtime(s)
-            c = self.cmos
-            # skip whole hours / minutes that cannot match
-            if c[HOURS_ALARM] & DONT_CARE != DONT_CARE and \
-                    self._decode_hour(c[HOURS_ALARM]) != t.tm_hour:
-                s += 3600 - t.tm_min * 60 - t.tm_sec
-            elif c[MINUTES_ALARM] & DONT_CARE != DONT_CARE and \
-                    self._decode(c[MINUTES_ALARM]) != t.tm_min:
-                s += 60 - t.tm_sec
-            else:
-                s += 1
-            if s - after_s > 2 * 86400:
-                return None                       # the alarm can never match
-        return None
+    def _next_alarm(self, after_s: int) -> Optional[int]:
+        """The first second s > ``after_s`` (guest seconds since the epoch) whose time of day
+        matches the alarm registers, or None if it never can. Closed form: a constant amount of
+        work whatever the alarm (MC146818A data sheet, "Alarm"; a day has no leap second here)."""
+        sec = self._alarm_field(SECONDS_ALARM, 60)
+        mnt = self._alarm_field(MINUTES_ALARM, 60)
+        hr = self._alarm_field(HOURS_ALARM, 24, hour=True)
+        if sec is None or mnt is None or hr is None:
+            return None
+
+        def first(field, at_least, top):
+            """The smallest value >= at_least the field matches, or None."""
+            if field == -1:
+                return at_least if at_least < top else None
+            return field if field >= at_least else None
+
+        t = after_s + 1
+        day, sod = divmod(t, 86400)
+        h0, rest = divmod(sod, 3600)
+        m0, s0 = divmod(rest, 60)
+        lo_s, lo_m, lo_h = first(sec, 0, 60), first(mnt, 0, 60), first(hr, 0, 24)
+        if hr == -1 or hr == h0:
+            if mnt == -1 or mnt == m0:
+                s = first(sec, s0, 60)
+                if s is not None:
+                    return day * 86400 + h0 * 3600 + m0 * 60 + s
+            m = first(mnt, m0 + 1, 60)
+            if m is not None:
+                return day * 86400 + h0 * 3600 + m * 60 + lo_s
+        h = first(hr, h0 + 1, 24)
+        if h is not None:
+            return day * 86400 + h * 3600 + lo_m * 60 + lo_s
+        return (day + 1) * 86400 + lo_h * 3600 + lo_m * 60 + lo_s
 
     def _account(self, now: int) -> int:
         """Flags from the events in (last, now]; returns the new C bits (not yet IRQF)."""
@@ -201,14 +230,15 @@ class CmosRtc:
         if now <= last:
             return 0
         rate = periodic_ns(self.cmos[REG_A])
-        if rate and (self.cmos[REG_A] & A_DV_MASK) == A_DV_NORMAL and \
+        if rate and self._divider_running() and \
                 self.guest_ns(now) // rate != self.guest_ns(last) // rate:
             bits |= C_PF
         if self._running():
             s0, s1 = self.guest_ns(last) // NS, self.guest_ns(now) // NS
             if s1 > s0:
                 bits |= C_UF
-                if self._next_alarm(s0, s1) is not None:
+                a = self._next_alarm(s0)
+                if a is not None and a <= s1:
                     bits |= C_AF
         return bits
 
@@ -243,7 +273,7 @@ class CmosRtc:
             b = self.cmos[REG_B]
             now = self.clock()
             out = []
-            if b & B_PIE:
+            if b & B_PIE and self._divider_running():
                 rate = periodic_ns(self.cmos[REG_A])
                 if rate:
                     g = self.guest_ns(now)
@@ -253,7 +283,7 @@ class CmosRtc:
                 if b & B_UIE:
                     out.append((s + 1) * NS - self.offset_ns)
                 else:
-                    a = self._next_alarm(s, s + 2 * 86400)
+                    a = self._next_alarm(s)
                     if a is not None:
                         out.append(a * NS - self.offset_ns)
             return min(out) if out else None
@@ -263,8 +293,7 @@ class CmosRtc:
         with self._lock:
             if not (self.cmos[REG_B] & B_AIE and self._running()):
                 return False
-            s = self.guest_ns() // NS
-            return self._next_alarm(s, s + 2 * 86400) is not None
+            return self._next_alarm(self.guest_ns() // NS) is not None
 
     # -- ports ---------------------------------------------------------------------------------
     def _uip(self, now: int) -> bool:
@@ -297,64 +326,97 @@ class CmosRtc:
                 return v
             if reg == REG_D:
                 return D_VRT
-            if (reg in TIME_REGS or reg == CENTURY) and not self.cmos[REG_B] & B_SET:
+            if (reg in TIME_REGS or reg == CENTURY) and self._running():
                 return self._time_regs(self.guest_ns(now) // NS)[reg]
             return self.cmos[reg & 0x7F]
 
     def write_register(self, reg: int, value: int) -> None:
-        """Write byte ``value`` to CMOS register ``reg``: A; B (setting SET freezes the clock and
-        clears UIE, clearing SET restarts the clock from the time registers); a time register (sets
-        the clock); C and D are read-only; other bytes are stored. Calls ``on_change`` after."""
+        """Write byte ``value`` to CMOS register ``reg`` (0-0x7f), as QEMU's mc146818rtc does:
+
+        * A: UIP (bit 7) is read-only; stopping the divider (DV2-0 not 000/001/010) latches the
+          time into the time registers, starting it again restarts the clock from them, the first
+          update half a second after leaving divider reset (11x);
+        * B: setting SET latches the time and clears UIE, clearing it restarts the clock from the
+          time registers (keeping the sub-second phase); IRQF (and IRQ 8) then follows the flags
+          in C the new B enables;
+        * C and D are read-only; a time register sets the clock while it runs (stored only while
+          it is stopped); any other byte is stored.
+
+        Calls ``on_change`` after."""
         with self._lock:
             value &= 0xFF
+            reg &= 0x7F
             if reg == REG_A:
                 self._update_flags()
+                was_running = self._running()
+                old = self.cmos[REG_A]
+                if was_running and (value & A_DV_MASK) > A_DV_NORMAL:
+                    self._freeze()
                 self.cmos[REG_A] = value & ~A_UIP
+                if not was_running and self._running():
+                    self._restart_from_regs(NS // 2 if old & 0x60 == 0x60 else 0)
             elif reg == REG_B:
                 self._update_flags()
                 old = self.cmos[REG_B]
+                was_running = self._running()
                 if value & B_SET:
                     value &= ~B_UIE              # SET clears UIE
-                    if not old & B_SET:
+                    if was_running:
                         self._freeze()
                 self.cmos[REG_B] = value
-                if old & B_SET and not value & B_SET:
-                    self._restart_from_regs(keep_phase=False)
-                # the guest may have just enabled an interrupt whose flag is already set
+                if old & B_SET and not value & B_SET and self._running():
+                    self._restart_from_regs()
+                # IRQF follows the flags the new B enables (QEMU raises or lowers IRQ 8 here)
                 c = self.cmos[REG_C]
-                if (c & C_PF and value & B_PIE) or (c & C_AF and value & B_AIE) or \
-                        (c & C_UF and value & B_UIE):
+                if c & value & (C_PF | C_AF | C_UF):
                     self.cmos[REG_C] = c | C_IRQF
-                    self._drive_irq()
+                else:
+                    self.cmos[REG_C] = c & ~C_IRQF
+                self._drive_irq()
             elif reg in (REG_C, REG_D):
                 pass                                  # read-only
             elif reg in TIME_REGS or reg == CENTURY:
-                if self.cmos[REG_B] & B_SET:
-                    self.cmos[reg] = value
-                else:
+                if self._running():
                     self._update_flags()
                     self._freeze()
                     self.cmos[reg] = value
-                    self._restart_from_regs(keep_phase=True)
+                    self._restart_from_regs()
+                else:
+                    self.cmos[reg] = value
             else:
-                self.cmos[reg & 0x7F] = value
+                self.cmos[reg] = value
         if self.on_change:
             self.on_change()
 
     def read(self, port: int, size: int) -> int:
-        """An IN at 0x70 (the index register is write-only: reads give 0xff) or 0x71."""
-        if port == DATA_PORT:
-            return self.read_register(self.index) | (0xFFFFFF00 & ((1 << (8 * size)) - 1))
-        return (1 << (8 * size)) - 1
+        """An IN of ``size`` bytes (1, 2 or 4) at ``port`` (0x70 or 0x71), cut as QEMU cuts it
+        (:mod:`.ioaccess`: the RTC's two ports take byte accesses, and a wider one at 0x70 is a
+        run of bytes alternating index, data): the index port is write-only and reads 0xff, the
+        data port reads the selected register, ports past 0x71 read 0xff."""
+        value = 0
+        for region, off, n, pos in pieces(port, size, _PORTS):
+            for k in range(n):
+                if region is None or not (off + k) & 1:
+                    b = 0xFF
+                else:
+                    b = self.read_register(self.index)
+                value |= b << (8 * (pos + k))
+        return value
 
     def write(self, port: int, size: int, value: int) -> None:
-        """An OUT at port 0x70 (selects the register, bit 7 masks NMI) or 0x71 (writes the selected
-        register); other ports are ignored."""
-        if port == INDEX_PORT:
-            self.index = value & 0x7F
-            self.nmi_masked = bool(value & 0x80)
-        elif port == DATA_PORT:
-            self.write_register(self.index, value & 0xFF)
+        """An OUT of ``size`` bytes of ``value`` at ``port``, byte by byte as :meth:`read`: at
+        0x70 (and every even offset) select the register (bits 6:0) and set the NMI mask (bit 7),
+        at 0x71 (odd offsets) write the selected register; bytes past 0x71 are dropped."""
+        for region, off, n, pos in pieces(port, size, _PORTS):
+            if region is None:
+                continue
+            for k in range(n):
+                b = (value >> (8 * (pos + k))) & 0xFF
+                if (off + k) & 1:
+                    self.write_register(self.index, b)
+                else:
+                    self.index = b & 0x7F
+                    self.nmi_masked = bool(b & 0x80)
 
     # -- firmware defaults -------------------------------------------------------------------
     def set_memory_info(self, *, below_4g: int, above_4g: int, cpus: int) -> None:
