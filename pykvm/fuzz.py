@@ -836,6 +836,8 @@ class Supervisor:
         doc = {"format": FINDING_FORMAT, "kind": f["kind"], "detail": f.get("detail", ""),
                "seed": self.seed, "index": f["index"], "inject": self.inject,
                "generator": self.gen, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if f["kind"] == "leak":                  # the bounds it was found with, for --replay
+            doc["fd_slack"], doc["rss_slack_mb"] = self.fd_slack, self.rss_slack_kib / 1024
         for k in ("outcome", "signal", "exit_status", "stderr", "resource", "baseline", "value",
                   "start", "stop"):
             if k in f:
@@ -1114,12 +1116,18 @@ def replay(path: str, *, as_json: bool = False, grace: float = HANG_GRACE,
     with open(path) as f:
         doc = json.load(f)
     if doc.get("format") == FINDING_FORMAT and doc.get("kind") == "leak":
+        # The recorded range runs in one worker (twice as many cases from its start, so that
+        # a leak found at the range's end grows past the bound again), sampled every 50 ms
+        # against the bounds it was found with.
         g = doc["generator"]
-        sup = Supervisor(runs=doc["stop"] - doc["start"], start=doc["start"], seed=g["seed"],
+        n = doc["stop"] - doc["start"]
+        sup = Supervisor(runs=2 * n, start=doc["start"], seed=g["seed"],
                          jobs=1, deadline=g["deadline"], modes=g["modes"],
                          max_vcpus=g["max_vcpus"], out_dir=out_dir, quiet=quiet,
                          inject=doc.get("inject", ()), devices=bool(g.get("devices")),
-                         warmup=min(WARMUP, max(1, (doc["stop"] - doc["start"]) // 4)))
+                         warmup=min(WARMUP, max(1, n // 4)), check_interval=0.05,
+                         fd_slack=doc.get("fd_slack", FD_SLACK),
+                         rss_slack_mb=doc.get("rss_slack_mb", RSS_SLACK_MB))
         sup.run()
         s = sup.summary()
         s["replay"] = path
