@@ -10,16 +10,21 @@ status  meaning
 ======  ===============================================================================
 0       the guest finished: a DONE report, HLT with nothing left to run, a power-off
 odd     isa-debug-exit: ``(V << 1) | 1`` for a write of V
-2       bad input: a bad option, or an image that is missing, unreadable or malformed
+2       bad input: a bad option (including one the machine cannot honour, e.g. more vCPUs
+        than its tables describe; the line names the limit), or an image that is
+        missing, unreadable or malformed
 4       guest failure: a failed GUEST_ASSERT, an unexpected exception/trap, a triple
-        fault, or a report pykvm cannot accept (e.g. outside guest RAM)
+        fault, a report pykvm cannot accept (e.g. outside guest RAM), or a request the
+        VMM cannot serve because of guest-provided values (a buffer outside RAM)
 6       unhandled exit: the guest did something no device or handler serves
         (an unknown port, MMIO outside RAM, KVM_EXIT_INTERNAL_ERROR, FAIL_ENTRY ...)
-8       VMM error: a KVM ioctl failed, the host could not back the guest, or an exit
-        handler raised
+8       VMM error: a host-side failure, never the guest's doing: a KVM ioctl failed, a host
+        limit was reached (file descriptors, memory, threads; the line names it), the
+        host could not back guest RAM, output could not be written (stdout closed or
+        full, a report file), or pykvm's own code failed (an exit handler raised)
 124     timeout: the deadline (``--timeout``) passed first
 130     interrupted by SIGINT (Ctrl-C)
-141     stdout closed (SIGPIPE)
+141     the reader of stdout went away (SIGPIPE)
 143     terminated by SIGTERM
 ======  ===============================================================================
 
