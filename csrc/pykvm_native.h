@@ -122,6 +122,14 @@ struct pykvm_loop {
     uint32_t uart_out_len;
     int64_t uart_out_since_ns;       /* when its oldest byte arrived */
     uint64_t uart_out_dropped;       /* bytes that found it full */
+    /* the 16550's receiver (fed only by loopback, MCR bit 4): the owner's, like uart[] */
+    uint8_t uart_rbr;                /* receiver buffer register (FIFOs off) */
+    uint8_t uart_lsr;                /* LSR bits DR (0) and OE (1); THRE and TEMT read set */
+    uint8_t uart_fcr;                /* FCR as kept: FIFO enable (0), DMA mode (3), trigger (7:6) */
+    uint8_t uart_rx_head;            /* receive FIFO: index of its oldest byte */
+    uint8_t uart_rx_count;           /* receive FIFO: bytes held (0-16) */
+    uint8_t _pad3[3];
+    uint8_t uart_rx[16];             /* receive FIFO */
 };
 
 long pykvm_ioctl(int fd, unsigned long request, uint64_t arg);

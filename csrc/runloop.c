@@ -39,12 +39,25 @@
 #define UART_MSR 6
 #define UART_SCR 7
 #define UART_LCR_DLAB 0x80
+#define UART_LSR_DR 0x01
+#define UART_LSR_OE 0x02
+#define UART_LSR_INT_ANY 0x1e            /* OE, PE, FE, BI: receiver line status */
 #define UART_LSR_THRE 0x20
 #define UART_LSR_TEMT 0x40
+#define UART_IER_RDI 0x01
 #define UART_IER_THRI 0x02
+#define UART_IER_RLSI 0x04
 #define UART_IIR_NO_INT 0x01
 #define UART_IIR_THRI 0x02
+#define UART_IIR_RDI 0x04
+#define UART_IIR_RLSI 0x06
+#define UART_IIR_CTI 0x0c
+#define UART_IIR_FE 0xc0
+#define UART_FCR_FE 0x01
+#define UART_FCR_RFR 0x02
+#define UART_FCR_XFR 0x04
 #define UART_MCR_LOOP 0x10
+#define UART_RX_FIFO 16
 
 static __thread struct kvm_run *tls_run;
 static pthread_once_t sig_once = PTHREAD_ONCE_INIT;
@@ -158,7 +171,15 @@ static uint32_t io_value(const uint8_t *p, uint8_t size)
  *    (IER.THRI and pending) drives that GSI through KVM_IRQ_LINE (x86 COM1: IRQ 4 on the
  *    in-kernel irqchip); without one, IIR still tells a polling driver (RISC-V: no PLIC) to send;
  *  - loopback (MCR bit 4): MSR mirrors MCR (DTR->DSR, RTS->CTS, OUT1->RI, OUT2->DCD), as the
- *    8250 probe checks, and THR bytes loop back instead of reaching the console;
+ *    8250 probe checks, and each THR byte goes to the receiver instead of the console: RBR
+ *    returns it and LSR.DR is set; FIFOs off, a byte arriving while DR is set overwrites RBR
+ *    and sets LSR.OE; FIFOs on (FCR bit 0), bytes queue in a 16-byte FIFO and one arriving
+ *    when it is full is lost and sets LSR.OE; reading LSR clears OE (16550 data sheet, QEMU's
+ *    serial.c). IIR reports, by priority, receiver line status (IER.ELSI and OE), received
+ *    data (IER.ERBFI and DR: 0x04 at the FIFO trigger level, below it the character timeout
+ *    0x0c at once, since the transmitter is instant), then THR empty; with FIFOs on its bits
+ *    7:6 are set. FCR: enabling or disabling the FIFOs clears them, bit 1 clears the receive
+ *    FIFO, bit 2 the transmit one (THR-empty pending again);
  *  - one UART per machine: a loop whose uart_owner is set uses that loop's state, under its
  *    uart_lock (vCPUs access it from their own threads), and with the owner's uart_out its
  *    output goes to one buffer in the order the vCPUs wrote it. */
@@ -176,9 +197,25 @@ static void uart_unlock(struct pykvm_loop *u)
     __atomic_store_n(&u->uart_lock, 0, __ATOMIC_RELEASE);
 }
 
+/* IIR as the interrupt sources now stand (QEMU's serial_update_irq priorities). */
+static uint8_t uart_iir(const struct pykvm_loop *l)
+{
+    static const uint8_t trigger[4] = { 1, 4, 8, 14 };
+    uint8_t ier = l->uart[UART_IER], fe = l->uart_fcr & UART_FCR_FE;
+    uint8_t id = UART_IIR_NO_INT;
+
+    if ((ier & UART_IER_RLSI) && (l->uart_lsr & UART_LSR_INT_ANY))
+        id = UART_IIR_RLSI;
+    else if ((ier & UART_IER_RDI) && (l->uart_lsr & UART_LSR_DR))
+        id = fe && l->uart_rx_count < trigger[l->uart_fcr >> 6] ? UART_IIR_CTI : UART_IIR_RDI;
+    else if ((ier & UART_IER_THRI) && l->uart_thre)
+        id = UART_IIR_THRI;
+    return (uint8_t)(id | (fe ? UART_IIR_FE : 0));
+}
+
 static void uart_update_irq(struct pykvm_loop *l)
 {
-    uint8_t level = (l->uart[UART_IER] & UART_IER_THRI) && l->uart_thre;
+    uint8_t level = !(uart_iir(l) & UART_IIR_NO_INT);
     struct kvm_irq_level irq;
 
     if (!l->uart_irq || level == l->uart_irq_level)
@@ -189,22 +226,61 @@ static void uart_update_irq(struct pykvm_loop *l)
     ioctl(l->uart_irq_fd, KVM_IRQ_LINE, &irq);
 }
 
+/* A byte reaches the receiver (loopback). */
+static void uart_receive(struct pykvm_loop *l, uint8_t v)
+{
+    if (l->uart_fcr & UART_FCR_FE) {
+        if (l->uart_rx_count >= UART_RX_FIFO) {
+            l->uart_lsr |= UART_LSR_OE;
+        } else {
+            l->uart_rx[(l->uart_rx_head + l->uart_rx_count) % UART_RX_FIFO] = v;
+            l->uart_rx_count++;
+        }
+    } else {
+        if (l->uart_lsr & UART_LSR_DR)
+            l->uart_lsr |= UART_LSR_OE;
+        l->uart_rbr = v;
+    }
+    l->uart_lsr |= UART_LSR_DR;
+}
+
 static uint8_t uart_read_locked(struct pykvm_loop *l, unsigned reg)
 {
-    uint8_t mcr = l->uart[UART_MCR];
+    uint8_t mcr = l->uart[UART_MCR], v;
 
     if ((l->uart[UART_LCR] & UART_LCR_DLAB) && reg <= 1)
         return reg == 0 ? l->uart_dll : l->uart_dlm;
     switch (reg) {
-    case UART_THR: return 0;                       /* nothing to receive */
+    case UART_THR:                                 /* RBR */
+        if (l->uart_fcr & UART_FCR_FE) {
+            v = 0;
+            if (l->uart_rx_count) {
+                v = l->uart_rx[l->uart_rx_head % UART_RX_FIFO];
+                l->uart_rx_head = (uint8_t)((l->uart_rx_head + 1) % UART_RX_FIFO);
+                l->uart_rx_count--;
+            }
+            if (!l->uart_rx_count)
+                l->uart_lsr &= (uint8_t)~UART_LSR_DR;
+        } else {
+            v = l->uart_rbr;
+            l->uart_lsr &= (uint8_t)~UART_LSR_DR;
+        }
+        uart_update_irq(l);
+        return v;
     case UART_IIR:
-        if ((l->uart[UART_IER] & UART_IER_THRI) && l->uart_thre) {
+        v = uart_iir(l);
+        if ((v & 0x0f) == UART_IIR_THRI) {
             l->uart_thre = 0;
             uart_update_irq(l);
-            return UART_IIR_THRI;
         }
-        return UART_IIR_NO_INT;
-    case UART_LSR: return UART_LSR_THRE | UART_LSR_TEMT;
+        return v;
+    case UART_LSR:
+        v = (uint8_t)(l->uart_lsr | UART_LSR_THRE | UART_LSR_TEMT);
+        if (l->uart_lsr & UART_LSR_INT_ANY) {
+            l->uart_lsr &= (uint8_t)~UART_LSR_INT_ANY;  /* OE clears when read */
+            uart_update_irq(l);
+        }
+        return v;
     case UART_MSR:
         if (mcr & UART_MCR_LOOP)
             return (uint8_t)(((mcr & 1) << 5) | ((mcr & 2) << 3) | ((mcr & 4) << 4) | ((mcr & 8) << 4));
@@ -233,7 +309,7 @@ static int uart_write(struct pykvm_loop *l, unsigned reg, uint8_t v)
         if (reg == 0) u->uart_dll = v; else u->uart_dlm = v;
     } else if (reg == UART_THR) {
         if (u->uart[UART_MCR] & UART_MCR_LOOP) {
-            /* looped back to the receiver: not output */
+            uart_receive(u, v);        /* looped back to the receiver: not output */
         } else if (u->uart_out) {
             /* One buffer for all vCPUs: bytes written in turn by different vCPUs keep their
              * order. This vCPU returns to Python to drain it when it is nearly full or its
@@ -256,11 +332,23 @@ static int uart_write(struct pykvm_loop *l, unsigned reg, uint8_t v)
         }
         u->uart_thre = 1;
     } else if (reg == UART_IER) {
-        if ((v & UART_IER_THRI) && !(u->uart[UART_IER] & UART_IER_THRI))
-            u->uart_thre = 1;
+        if ((v ^ u->uart[UART_IER]) & UART_IER_THRI)
+            u->uart_thre = (v & UART_IER_THRI) ? 1 : 0;
         u->uart[UART_IER] = v & 0x0f;
-    } else if (reg != UART_LSR && reg != UART_MSR && reg != UART_IIR) {
-        u->uart[reg] = v;          /* LCR, MCR, SCR read back; FCR (at IIR) is dropped */
+    } else if (reg == UART_IIR) {                  /* FCR */
+        if ((v ^ u->uart_fcr) & UART_FCR_FE)
+            v |= UART_FCR_RFR | UART_FCR_XFR;      /* FIFOs flushed when enabled or disabled */
+        if (v & UART_FCR_RFR) {
+            u->uart_lsr &= (uint8_t)~UART_LSR_DR;
+            u->uart_rx_head = u->uart_rx_count = 0;
+        }
+        if (v & UART_FCR_XFR)
+            u->uart_thre = 1;
+        u->uart_fcr = v & 0xc9;
+    } else if (reg == UART_MCR) {
+        u->uart[UART_MCR] = v & 0x1f;
+    } else if (reg != UART_LSR && reg != UART_MSR) {
+        u->uart[reg] = v;          /* LCR, SCR read back */
     }
     uart_update_irq(u);
     uart_unlock(u);

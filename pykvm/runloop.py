@@ -12,6 +12,7 @@ no new deadline timer, no return through :meth:`RunLoop.run`), and each handler 
 exit object (:class:`~pykvm.exits.ExitCache`) that reads only the fields it asks for.
 :meth:`RunLoop.resume` makes the C loop count and resume an exit (e.g. HLT) without Python.
 """
+import collections
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Union
@@ -152,7 +153,12 @@ class UartGroup:
     a THR-empty interrupt is pending after a THR write and when IER.THRI is turned on, and an IIR
     read reporting it (0x02) clears it; with ``uart_irq`` the interrupt output (IER.THRI and
     pending) drives that GSI through KVM_IRQ_LINE; in loopback (MCR bit 4) MSR mirrors MCR and
-    THR bytes stay off the console. The C loops of a group write THR bytes to one buffer (in
+    THR bytes go to the receiver instead of the console (RBR returns them, LSR.DR; FIFOs off, a
+    byte arriving while DR is set overwrites RBR and sets LSR.OE; FIFOs on, a 16-byte FIFO whose
+    overflow is lost and sets LSR.OE; an LSR read clears OE); IIR reports receiver line status,
+    received data (0x04 at the FIFO trigger level, the character timeout 0x0c below it) and THR
+    empty, in that priority, with bits 7:6 set while the FIFOs are on (the 16550 data sheet,
+    QEMU's serial.c). The C loops of a group write THR bytes to one buffer (in
     the order the vCPUs wrote them), which any of them drains when it returns to Python (the
     writer returns when the oldest byte has waited ``console_flush`` or the buffer is nearly
     full); :class:`PyRunLoop` emits each byte as it comes."""
@@ -166,6 +172,10 @@ class UartGroup:
         self.regs = bytearray(8)      # PyRunLoop's shared state
         self.dl = bytearray(2)
         self.thre = False
+        self.rbr = 0                  # receiver buffer (FIFOs off)
+        self.lsr = 0                  # LSR bits DR and OE (THRE, TEMT always read set)
+        self.fcr = 0                  # FCR as kept: bits 0, 3, 7:6
+        self.rx = collections.deque()  # receive FIFO (at most 16 bytes)
         self.level = 0
         self.lock = threading.Lock()
 
@@ -564,17 +574,45 @@ class PyRunLoop(_LoopBase):
                 for b in ex.data[::ex.size]:
                     self._uart_write(reg, b)
             else:
-                ex.respond(bytes([self._uart_read(reg)] + [0] * (ex.size - 1)) * ex.count)
+                pad = bytes(ex.size - 1)
+                ex.respond(b"".join(bytes([self._uart_read(reg)]) + pad
+                                    for _ in range(ex.count)))      # each read counts (RBR)
             return None
         return Stop("exit", ex)
 
     # the 16550 register file, shared by the port UART and the MMIO one (as in csrc/runloop.c;
     # see UartGroup)
+    _UART_TRIGGER = (1, 4, 8, 14)
+
+    def _uart_iir(self, u) -> int:
+        ier, fe = u.regs[1], u.fcr & 0x01
+        if ier & 0x04 and u.lsr & 0x1E:
+            iid = 0x06                                  # receiver line status
+        elif ier & 0x01 and u.lsr & 0x01:
+            iid = 0x0C if fe and len(u.rx) < self._UART_TRIGGER[u.fcr >> 6] else 0x04
+        elif ier & 0x02 and u.thre:
+            iid = 0x02
+        else:
+            iid = 0x01
+        return iid | (0xC0 if fe else 0)
+
     def _uart_irq(self, u) -> None:
-        level = 1 if (u.regs[1] & 0x02) and u.thre else 0
+        level = 0 if self._uart_iir(u) & 0x01 else 1
         if self.config.uart_irq and level != u.level:
             u.level = level
             self.vcpu.vm.irq_line(self.config.uart_irq, level)
+
+    def _uart_receive(self, u, b: int) -> None:
+        if u.fcr & 0x01:
+            if len(u.rx) >= 16:
+                u.lsr |= 0x02                           # overrun: the byte is lost
+            else:
+                u.rx.append(b)
+        else:
+            if u.lsr & 0x01:
+                u.lsr |= 0x02                           # overrun: RBR overwritten
+            u.rbr = b
+        u.lsr |= 0x01
 
     def _uart_write(self, reg: int, b: int) -> None:
         u = self._ug
@@ -582,14 +620,27 @@ class PyRunLoop(_LoopBase):
             if u.regs[3] & 0x80 and reg <= 1:
                 u.dl[reg] = b
             elif reg == 0:
-                if not u.regs[4] & 0x10:          # not in loopback
+                if u.regs[4] & 0x10:                    # loopback: to the receiver
+                    self._uart_receive(u, b)
+                else:
                     self._emit(bytes([b]))
                 u.thre = True
             elif reg == 1:
-                if b & 0x02 and not u.regs[1] & 0x02:
-                    u.thre = True
+                if (b ^ u.regs[1]) & 0x02:
+                    u.thre = bool(b & 0x02)
                 u.regs[1] = b & 0x0F
-            elif reg not in (2, 5, 6):
+            elif reg == 2:                              # FCR
+                if (b ^ u.fcr) & 0x01:
+                    b |= 0x06                           # FIFOs flushed on enable/disable
+                if b & 0x02:
+                    u.lsr &= ~0x01
+                    u.rx.clear()
+                if b & 0x04:
+                    u.thre = True
+                u.fcr = b & 0xC9
+            elif reg == 4:
+                u.regs[4] = b & 0x1F
+            elif reg not in (5, 6):
                 u.regs[reg] = b
             self._uart_irq(u)
 
@@ -598,18 +649,34 @@ class PyRunLoop(_LoopBase):
         with u.lock:
             if u.regs[3] & 0x80 and reg <= 1:
                 return u.dl[reg]
+            if reg == 0:
+                if u.fcr & 0x01:
+                    v = u.rx.popleft() if u.rx else 0
+                    if not u.rx:
+                        u.lsr &= ~0x01
+                else:
+                    v = u.rbr
+                    u.lsr &= ~0x01
+                self._uart_irq(u)
+                return v
             if reg == 2:
-                if u.regs[1] & 0x02 and u.thre:
+                v = self._uart_iir(u)
+                if v & 0x0F == 0x02:
                     u.thre = False
                     self._uart_irq(u)
-                    return 0x02
-                return 0x01
+                return v
+            if reg == 5:
+                v = u.lsr | self._UART_LSR
+                if u.lsr & 0x1E:
+                    u.lsr &= ~0x1E                      # OE clears when read
+                    self._uart_irq(u)
+                return v
             if reg == 6:
                 mcr = u.regs[4]
                 if mcr & 0x10:
                     return ((mcr & 1) << 5) | ((mcr & 2) << 3) | ((mcr & 4) << 4) | ((mcr & 8) << 4)
                 return 0xB0
-            return {0: 0, 5: self._UART_LSR}.get(reg, u.regs[reg])
+            return u.regs[reg]
 
     def _serve_uart_mmio(self, ex) -> bool:
         """An MMIO exit inside the ns16550a window: served (True), else False."""
