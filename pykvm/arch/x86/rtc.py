@@ -18,8 +18,12 @@ The clock ticks once per second of host time. UIP reads 1 during the 244 µs bef
 and — so that a guest polling for it cannot miss it between two reads — also on the first read
 of A after an update that no read of A saw in progress, if the read before it came less than
 20 ms before that update. SET freezes the time registers (they
-read back what is written); clearing SET starts the clock from them. An alarm register with its
-two high bits set matches any value ("don't care").
+read back what is written); clearing SET starts the clock from them. So does register A's divider:
+DV2-0 other than 000/001/010 stops the clock (11x holds the divider in reset), and leaving reset
+restarts it with the first update half a second later (QEMU's mc146818rtc). An alarm register
+with its two high bits set matches any value ("don't care"); one no time register value can equal
+in the current DM and 24/12 modes (an invalid BCD digit, 60 seconds, hour 0 in 12-hour mode)
+never matches. The next alarm is found in closed form, and every port access costs constant work.
 
 Each second boundary sets UF, and AF when the time then matches the alarm; PF is set at the
 periodic rate rate select names. IRQF = (PF & PIE) | (AF & AIE) | (UF & UIE); while it is set the
