@@ -1395,6 +1395,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args._worker:
         return _worker_main(args._inject)
+    if args.devices and not fuzz_devices.supported():
+        print("python -m pykvm.fuzz: error: --devices drives the x86 PC machine's devices; "
+              f"this host is {fuzz_devices.host_arch()}", file=sys.stderr)
+        return EXIT_USAGE
     if args.deadline is None:
         args.deadline = fuzz_devices.DEFAULT_DEADLINE if args.devices else DEFAULT_DEADLINE
     if args.modes is None:

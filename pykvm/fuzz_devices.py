@@ -43,9 +43,10 @@ import resource
 import struct
 import time
 import traceback
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from . import status
+from .arch import current as _current
 from .arch.x86 import boot, layout as L
 from .errors import PykvmError
 from .fuzz_stream import _le, _Stream
@@ -125,6 +126,17 @@ DEVICE_MMIO = ((VTD_BASE, 0x1000), (EDU_BAR, 0x100), (EDU_BAR + 0x40000, 0x1000)
 # RunResult's exit ("debug_exit", "timeout", "SHUTDOWN", an unhandled exit ...), or "done"
 # (vCPU 0 finished its operations), "guest_exception" (the guest took an exception),
 # "s3_resumed", "reset", "poweroff", or a PykvmError class name raised setting the case up.
+
+
+def host_arch() -> str:
+    """The architecture of the machines pykvm builds here ("x86_64", "riscv64")."""
+    return _current.Platform.arch
+
+
+def supported() -> bool:
+    """Whether this host runs device cases: they are x86 PC machines (the RISC-V platform's
+    devices are exercised by the tests inside ``python -m pykvm.lab riscv``)."""
+    return host_arch() == "x86_64"
 
 
 # ================================================================================================
