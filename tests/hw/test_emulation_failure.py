@@ -1,6 +1,6 @@
 """KVM_EXIT_INTERNAL_ERROR in the guest's terms (issue 16, fault 7): on this host's KVM a
 VEX-encoded instruction in ring 0 is one KVM's emulator cannot emulate; the run's detail names
-RIP, the guest symbol and file:line, the CPU mode and the instruction decoded by capstone."""
+RIP, the guest symbol and file:line, the CPU mode and the instruction decoded by iced-x86."""
 import sys
 
 import pytest
@@ -68,8 +68,8 @@ def test_bytes_read_through_the_guest_page_tables_match_kvms(tmp_path):
         assert decode.disassemble(code, rip, 64) == ("vpxor xmm0, xmm0, xmm0", 4)
 
 
-def test_without_capstone_the_bytes_are_given_in_hex(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "capstone", None)       # import capstone fails
+def test_without_the_decoder_the_bytes_are_given_in_hex(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "iced_x86", None)        # import iced_x86 fails
     path = elf_guest(tmp_path, VEX)
     with Machine(path) as m:
         r = _emulation_failure(m)

@@ -8,8 +8,8 @@ INSTRUCTION_BYTES: ``data[0]`` = flags, then ``insn_size`` (1 byte) and 15 bytes
 otherwise the bytes are read from guest memory at CS.base + RIP, translated through the guest's
 page tables by KVM (KVM_TRANSLATE) when paging is on.
 
-The decoder is capstone (a dependency of pykvm); where it is missing the instruction is given as
-hex bytes.
+The decoder is iced-x86 (a dependency of pykvm on x86_64 hosts); where it is missing the
+instruction is given as hex bytes.
 """
 from typing import Optional, Tuple
 
@@ -82,23 +82,26 @@ def read_guest_code(vcpu, memory, linear: int, paging: bool, n: int = MAX_INSN) 
 
 def disassemble(code: bytes, address: int, bits: int) -> Tuple[str, int]:
     """(text, length) of the first instruction in ``code`` at ``address`` for a ``bits``-bit
-    code segment, decoded by capstone (Intel syntax): e.g. ("vpxor xmm0, xmm0, xmm0", 4).
-    Without capstone, or for bytes it cannot decode, the text is the bytes in hex and the
-    length 0."""
+    code segment (16, 32 or 64), decoded by iced-x86 (Intel syntax): e.g.
+    ("vpxor xmm0, xmm0, xmm0", 4). Without iced-x86, or for bytes that do not form a whole
+    valid instruction, the text is the bytes in hex and the length 0.
+
+    iced-x86 is an ordinary CPython extension; capstone's binding is not used on x86 because it
+    loads its library with RTLD_DEEPBIND, which the ASan runtime of pykvm's sanitized runs
+    refuses (the process dies)."""
     hexed = code.hex(" ") if code else "(no bytes)"
     try:
-        import capstone
+        import iced_x86
     except ImportError:
         return f"bytes {hexed}", 0
-    mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
-    try:
-        md = capstone.Cs(capstone.CS_ARCH_X86, mode)
-        for insn in md.disasm(code, address):
-            text = f"{insn.mnemonic} {insn.op_str}".strip()
-            return text, insn.size
-    except capstone.CsError:
-        pass
-    return f"undecodable bytes {hexed}", 0
+    if not code:
+        return f"bytes {hexed}", 0
+    insn = iced_x86.Decoder(bits, code, ip=address & ((1 << 64) - 1)).decode()
+    if insn.code == iced_x86.Code.INVALID:
+        return f"undecodable bytes {hexed}", 0
+    fmt = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)
+    fmt.space_after_operand_separator = True
+    return fmt.format(insn), insn.len
 
 
 def describe_internal_error(vcpu, memory, ex, symbols=None) -> str:

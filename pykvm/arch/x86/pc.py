@@ -37,6 +37,7 @@ other segments 0) — or in flat 32-bit protected mode at X_Firmware_Waking_Vect
 that — and the other vCPUs wait for INIT/SIPI, as after a firmware resume. PM1 WAK_STS (and
 RTC_STS) are set. Device state (APICs, PIC, PIT, RTC, PCI) is kept across the sleep.
 """
+import errno
 import heapq
 import itertools
 import struct
@@ -45,7 +46,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ... import abi
-from ...errors import GuestMemoryError
+from ...errors import Closed, GuestMemoryError, KvmError
 from . import acpi, boot, layout as L
 from .fwcfg import DATA_PORT as FWCFG_DATA, SELECTOR_PORT as FWCFG_SELECTOR, FwCfg
 from .pci import PciHost
@@ -159,6 +160,7 @@ class PcMachine:
         self.pit = pit
         self.power_event: Optional[str] = None       # "poweroff" or "reset" once requested
         self.unassigned: Dict[int, int] = {}         # port -> accesses nobody answered
+        self.msi_dropped = 0                         # MSIs no local APIC accepted
         self.sleeps = 0
         self.tables: Optional[acpi.AcpiTables] = None
         self.scheduler = Scheduler()
@@ -242,9 +244,21 @@ class PcMachine:
                     raise
 
     def _signal_msi(self, address: int, data: int) -> None:
+        """Deliver a compatibility-format MSI (guest-programmed ``address``/``data``) through
+        KVM_SIGNAL_MSI. A message no local APIC accepts (KVM answers EPERM: no destination
+        matched) or that is no valid MSI (EINVAL: e.g. bits KVM reserves in the address) is
+        dropped and counted in ``msi_dropped``, as a PCI write to an address nothing decodes is
+        lost on real hardware; the guest's values never end the VM."""
         try:
             self.m.vm.signal_msi(address, data)
-        except Exception:
+        except KvmError as e:
+            if getattr(self.m, "closed", False):
+                return
+            if e.errno in (errno.EPERM, errno.EINVAL):
+                self.msi_dropped += 1
+                return
+            raise
+        except Closed:
             if not getattr(self.m, "closed", False):
                 raise
 
