@@ -1061,6 +1061,9 @@ def run_case(kvm, case: dict, inject=()) -> dict:
         pcm = getattr(m.platform, "pcm", None)
         power = getattr(pcm, "power_event", None)
         sleeps = getattr(pcm, "sleeps", 0)
+        sched = getattr(pcm, "scheduler", None)
+        timer_failures = getattr(sched, "failures", 0)
+        timer_trace = getattr(sched, "last_failure", None)
     finally:
         m.close()
     exits = sum(r.exits.values())
@@ -1084,6 +1087,10 @@ def run_case(kvm, case: dict, inject=()) -> dict:
         if r.error is not None:
             detail += _error_detail(r.error)
         res["finding"] = {"kind": "vmm_error", "detail": detail}
+    elif timer_failures:
+        res["finding"] = {"kind": "exception", "detail":
+                          f"{timer_failures} device timer callback(s) raised; the latest:\n"
+                          f"{timer_trace}"}
     elif cpu > bound or cpu_all > bound_all:
         res["finding"] = {"kind": "cpu", "detail":
                           f"the VMM used {cpu * 1000:.1f} ms of user CPU (bound "

@@ -43,6 +43,7 @@ import itertools
 import struct
 import threading
 import time
+import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ... import abi
@@ -85,7 +86,8 @@ def qemu_gsi_routes() -> List[Tuple[int, int, int]]:
 
 class Scheduler:
     """Timed callbacks on one daemon thread (monotonic nanoseconds). ``schedule(key, when,
-    fn)`` replaces the pending event of the same key."""
+    fn)`` replaces the pending event of the same key. A callback that raises is counted in
+    ``failures`` (its traceback kept in ``last_failure``) and the thread goes on."""
 
     def __init__(self, clock: Callable[[], int] = time.monotonic_ns):
         self.clock = clock
@@ -95,6 +97,8 @@ class Scheduler:
         self._seq = itertools.count()
         self._thread: Optional[threading.Thread] = None
         self._closed = False
+        self.failures = 0                     # device callbacks that raised
+        self.last_failure: Optional[str] = None   # the traceback of the latest one
 
     def schedule(self, key: str, when_ns: Optional[int], fn: Callable[[], None]) -> None:
         """Call ``fn`` on the timer thread at monotonic time ``when_ns`` (nanoseconds), replacing
@@ -134,8 +138,10 @@ class Scheduler:
                 self._live.pop(key, None)
             try:
                 fn()
-            except Exception:                 # a device callback must not kill the timer thread
-                pass
+            except Exception as e:            # a device callback must not kill the timer thread,
+                self.failures += 1            # but its failure stays visible (pykvm's own bug)
+                self.last_failure = "".join(traceback.format_exception(type(e), e,
+                                                                       e.__traceback__))
 
     def close(self) -> None:
         """Stop the timer thread: pending events are dropped and later :meth:`schedule` calls
