@@ -11,8 +11,11 @@ nothing (yet)              created atomically: a temporary file in the same dire
                            reader sees the old file or the whole new one, never half of it
 a regular file             replaced the same way; the new file keeps the old one's permission
                            bits (a new one gets 0666 less the umask, as open(2) would)
-a symlink                  written *through*: the link is opened (following it) and written;
-                           the link itself stays. Through ``/proc/<pid>/fd/N`` or ``/dev/fd/N``
+a symlink                  written *through*: what the link resolves to is written as this
+                           table says for it (a regular target replaced atomically in its own
+                           directory, so a failed write leaves the old report whole; a device
+                           or FIFO written); the link itself stays. Through
+                           ``/proc/<pid>/fd/N`` or ``/dev/fd/N``
                            (``/dev/stdout``, ``/dev/stderr``) the open file is appended to, never
                            truncated, so ``--ktap /dev/stdout > log`` keeps what came before
 a character device, FIFO   written through, as a shell redirection would (``/dev/null``,
@@ -107,17 +110,18 @@ def write_report(path, data, what: str = "report") -> None:
         data = data.encode("utf-8")
     check_report_path(p, what)
     try:
-        if os.path.islink(p) or _through_fd_link(p):
-            _write_through(p, data, append=_through_fd_link(p))
+        if _through_fd_link(p):
+            _write_through(p, data, append=True)
             return
+        target = os.path.realpath(p) if os.path.islink(p) else p
         try:
-            st = os.stat(p)
+            st = os.stat(target)
         except FileNotFoundError:
             st = None
         if st is not None and not stat.S_ISREG(st.st_mode):      # a device or a FIFO
-            _write_through(p, data, append=False)
+            _write_through(target, data, append=False)
             return
-        _replace(p, data, st)
+        _replace(target, data, st)        # a link's regular (or missing) target: atomically
     except ReportPathError:
         raise
     except OSError as e:

@@ -49,14 +49,19 @@ def test_regular_file_is_replaced_atomically_keeping_its_mode(tmp_path):
 
 
 def test_symlink_is_written_through_and_stays_a_symlink(tmp_path):
-    target = tmp_path / "target.txt"
+    """A link to a regular file: the target is replaced atomically in its own directory (a new
+    inode renamed over it), the link stays as it was."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    target = sub / "target.txt"
     target.write_text("previous\n")
     ino = target.stat().st_ino
     link = tmp_path / "link"
     link.symlink_to(target)
     write_report(link, "through\n")
     assert link.is_symlink() and os.readlink(link) == str(target)
-    assert target.read_text() == "through\n" and target.stat().st_ino == ino
+    assert target.read_text() == "through\n" and target.stat().st_ino != ino
+    assert _leftovers(sub) == [] and _leftovers(tmp_path) == []
 
 
 def test_dangling_symlink_creates_its_target(tmp_path):
@@ -159,15 +164,20 @@ def test_paths_that_cannot_take_a_report_are_refused(tmp_path, kind):
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
                     reason="mounting a tmpfs needs root and unshare(1)")
-def test_full_file_system_leaves_the_old_file_and_no_temp(tmp_path):
-    """A 16 KiB tmpfs, filled: replacing a report there fails with ENOSPC in one line, the old
-    report is intact and no temporary file stays behind."""
+@pytest.mark.parametrize("via", ["file", "symlink"])
+def test_full_file_system_leaves_the_old_file_and_no_temp(tmp_path, via):
+    """A 16 KiB tmpfs, filled: replacing a report there (named directly, or through a symlink
+    to it) fails with ENOSPC in one line, the old report is intact and no temporary file stays
+    behind."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
+    name = "r.txt" if via == "file" else "l"
     code = ("import os, sys\n"
             "from pykvm.outfile import write_report, ReportPathError\n"
             "d = sys.argv[1]\n"
             "write_report(os.path.join(d, 'r.txt'), 'old\\n')\n"
+            f"if {name!r} == 'l':\n"
+            "    os.symlink('r.txt', os.path.join(d, 'l'))\n"
             "with open(os.path.join(d, 'fill'), 'wb', buffering=0) as f:\n"
             "    try:\n"
             "        while True:\n"
@@ -175,7 +185,7 @@ def test_full_file_system_leaves_the_old_file_and_no_temp(tmp_path):
             "    except OSError:\n"
             "        pass\n"
             "try:\n"
-            "    write_report(os.path.join(d, 'r.txt'), 'n' * 65536)\n"
+            f"    write_report(os.path.join(d, {name!r}), 'n' * 65536)\n"
             "except ReportPathError as e:\n"
             "    print(e.errno, e)\n"
             "print(open(os.path.join(d, 'r.txt')).read().strip())\n"
@@ -188,9 +198,9 @@ def test_full_file_system_leaves_the_old_file_and_no_temp(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == f"{errno.ENOSPC} cannot write report to {mnt}/r.txt: No space left on device"
+    assert lines[0] == f"{errno.ENOSPC} cannot write report to {mnt}/{name}: No space left on device"
     assert lines[1] == "old"
-    assert lines[2] == "['fill', 'r.txt']"
+    assert lines[2] == ("['fill', 'r.txt']" if via == "file" else "['fill', 'l', 'r.txt']")
 
 
 def test_lab_junit_xml_goes_through_a_symlink_and_fails_in_one_line(tmp_path):
