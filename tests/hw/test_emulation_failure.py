@@ -75,3 +75,17 @@ def test_without_the_decoder_the_bytes_are_given_in_hex(tmp_path, monkeypatch):
         r = _emulation_failure(m)
         assert "RIP 0x200008" in r.detail and "long mode" in r.detail
         assert "bytes c5 f9 ef c0" in r.detail and "\n" not in r.detail
+
+
+# Real mode, CS != 0 (a flat image at 0x8000): mov ax, 0x800; mov ds, ax;
+# ljmp 0x790:0x70a; mov al, 'R'; out 0xe9, al; vpxor xmm0, xmm0, [bx+si]; hlt
+REAL_MODE_CS = bytes.fromhex("b800088ed8ea0a079007b052e6e9c5f9ef00f4")
+
+
+def test_real_mode_failure_names_cs_ip_and_the_linear_address():
+    with Machine(REAL_MODE_CS, flat_addr=0x8000, flat_mode="real") as m:
+        r = m.run(timeout=10)
+    assert r.console == b"R"
+    assert r.exit_code == status.UNHANDLED_EXIT, r.detail
+    assert "at CS:IP 0x790:0x70e (linear 0x800e)" in r.detail
+    assert "in real mode (16-bit): vpxor xmm0, xmm0, [bx+si] [c5 f9 ef 00]" in r.detail

@@ -106,8 +106,9 @@ def disassemble(code: bytes, address: int, bits: int) -> Tuple[str, int]:
 
 def describe_internal_error(vcpu, memory, ex, symbols=None) -> str:
     """One line for a KVM_EXIT_INTERNAL_ERROR ``ex`` of ``vcpu`` (stopped, not running): what
-    KVM says went wrong, at RIP (with the symbol and file:line from ``symbols``, a
-    :class:`pykvm.symbols.Symbols`), in which CPU mode, and the instruction there decoded with
+    KVM says went wrong, at RIP (CS:IP and the linear address in real and virtual-8086 mode,
+    the linear address too where CS has a base; the symbol and file:line from ``symbols``, a
+    :class:`pykvm.symbols.Symbols`, looked up by linear address), in which CPU mode, and the instruction there decoded with
     its bytes, e.g. ``KVM could not emulate the instruction at RIP 0x200008 (bad_insn+0x0,
     g.S:8) in long mode (64-bit): vpxor xmm0, xmm0, xmm0 [c5 f9 ef c0]``. Raises
     :class:`~pykvm.errors.KvmError` when the vCPU's registers cannot be read."""
@@ -121,15 +122,22 @@ def describe_internal_error(vcpu, memory, ex, symbols=None) -> str:
     sub = int(ex.suberror)
     data = ex.data
     code = kvm_insn_bytes(sub, data)
+    base = 0 if bits == 64 else int(sregs.cs.base)
+    linear = (base + rip) & ((1 << 64) - 1)
     if code is None:
-        base = 0 if bits == 64 else int(sregs.cs.base)
-        code = read_guest_code(vcpu, memory, base + rip, bool(sregs.cr0 & CR0_PG))
+        code = read_guest_code(vcpu, memory, linear, bool(sregs.cr0 & CR0_PG))
     insn, n = disassemble(code, rip, bits)
     shown = code[:n] if n else code
-    where = symbols.describe(rip) if symbols is not None else ""
+    where = symbols.describe(linear) if symbols is not None else ""   # link addresses: linear
     name = _SUBERRORS.get(sub, f"SUBERROR_{sub}")
     what = _SUBERROR_TEXT.get(name, f"KVM internal error {name}")
-    line = (f"{what} at RIP {rip:#x}" + (f" ({where})" if where else "")
+    if mode in ("real", "virtual-8086"):
+        at = f"CS:IP {int(sregs.cs.selector):#x}:{rip:#x} (linear {linear:#x})"
+    elif base:
+        at = f"RIP {rip:#x} (CS base {base:#x}, linear {linear:#x})"
+    else:
+        at = f"RIP {rip:#x}"
+    line = (f"{what} at {at}" + (f" ({where})" if where else "")
             + f" in {mode} mode ({bits}-bit): {insn}")
     if n:
         line += f" [{shown.hex(' ')}]"
