@@ -189,7 +189,7 @@ class PcMachine:
         mem = machine.vm.memory
         if "intel-iommu" in devices:
             from .vtd import Vtd
-            self.vtd = Vtd(mem, signal_msi=self._signal_msi)
+            self.vtd = Vtd(mem, signal_msi=self._signal_msi, defer=self._vtd_defer)
         if "edu" in devices:
             from .edu import Edu
             self.edu = Edu(bdf=EDU_SLOT << 3, bar=EDU_BAR, intx_line=EDU_IRQ, memory=mem,
@@ -277,6 +277,11 @@ class PcMachine:
 
     def _dma_translate(self, source_id: int, address: int, write: bool) -> int:
         return self.vtd.translate(source_id, address, write) if self.vtd else address
+
+    def _vtd_defer(self, delay_ns: int, fn: Callable[[], None]) -> None:
+        """The IOMMU's handle on the timer thread: ``fn`` in ``delay_ns`` nanoseconds (its
+        invalidation queue's next step; one pending at a time)."""
+        self.scheduler.schedule("vtd-iq", self.scheduler.clock() + delay_ns, fn)
 
     def _rtc_changed(self) -> None:
         self.scheduler.schedule("rtc", self.rtc.next_event_ns(), self._rtc_timer)

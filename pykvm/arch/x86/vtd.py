@@ -53,10 +53,14 @@ write-1-to-clear bits for every access, and GSTS changes only through GCMD.
   FECTL.IP when no earlier condition is pending; with FECTL.IM clear the MSI FEADDR/FEUADDR +
   FEDATA is sent (not remapped) and IP cleared, else it is sent when software clears IM. IP
   clears when software has cleared every condition.
-* Queued invalidation (VT-d spec 6.5.2): writing IQT processes the 128-bit descriptors from IQH
-  (context-cache 1, IOTLB 2, interrupt entry cache 4, invalidation wait 5; there are no caches,
-  so only the wait descriptor acts: its status write, ICS.IWC and the invalidation completion
-  event IECTL/IEDATA/IEADDR). An invalid tail (beyond the queue), a descriptor not in guest RAM,
+* Queued invalidation (VT-d spec 6.5.2): the 128-bit descriptors from IQH to IQT are fetched
+  asynchronously, as hardware does: an IQT write consumes up to ``IQ_BATCH`` (64) at once and,
+  while more remain, the machine's timer thread goes on in steps of up to 64 every
+  ``IQ_STEP_NS`` (2 ms), IQH advancing past each step (an IQT write while a step is scheduled
+  only moves the tail); software learns of completion from wait descriptors' status writes,
+  ICS.IWC and IQH. Descriptor types: context-cache 1, IOTLB 2, interrupt entry cache 4,
+  invalidation wait 5; there are no caches, so only the wait descriptor acts (its status
+  write, ICS.IWC and the invalidation completion event IECTL/IEDATA/IEADDR). An invalid tail (beyond the queue), a descriptor not in guest RAM,
   an unsupported type (3 device-TLB: no ECAP.DT; 6, 7 and higher) or reserved bits set, and a
   wait descriptor whose status address is not in guest RAM, set FSTS.IQE with IQH left at the
   faulting descriptor; nothing more is fetched until software clears IQE and writes IQT.
@@ -123,6 +127,10 @@ _DESC_RESERVED = {
     5: (0x00000000FFFFF180, 0x3),                          # invalidation wait
 }
 _M64 = (1 << 64) - 1
+# queued invalidation runs in steps (VT-d spec 6.5.2: hardware fetches descriptors
+# asynchronously, software learns of completion through wait descriptors, ICS.IWC and IQH)
+IQ_BATCH = 64                              # descriptors one step consumes at most
+IQ_STEP_NS = 2_000_000                     # nanoseconds from one scheduled step to the next
 _PHYS = (1 << 52) - 1 & ~0xFFF             # address bits of table pointers and PTEs
 
 
@@ -170,16 +178,33 @@ _WMASK, _W1C = _layout()
 class Vtd:
     """The IOMMU's registers and what they control. ``memory``: guest memory (``read(gpa, n)``,
     ``write(gpa, data)`` by guest-physical address, raising
-    :class:`~pykvm.errors.GuestMemoryError` where there is no RAM); ``signal_msi(address,
-    data)``: deliver a compatibility-format MSI (64-bit address, 32-bit data)."""
+    :class:`~pykvm.errors.GuestMemoryError` where there is no RAM, a write before it changes
+    anything); ``signal_msi(address, data)``: deliver a compatibility-format MSI (64-bit
+    address, 32-bit data); ``defer(delay_ns, fn)``: call ``fn()`` once, on another thread,
+    ``delay_ns`` nanoseconds from now (the machine's timer thread), for the invalidation
+    queue's later steps. Without ``defer`` a queue longer than :data:`IQ_BATCH` descriptors
+    moves on one step per IQT write.
 
-    def __init__(self, memory, signal_msi: Callable[[int, int], None]):
+    Host work per guest access is bounded: a register write consumes at most
+    :data:`IQ_BATCH` invalidation descriptors (none while a step is scheduled), the rest
+    follow in scheduled steps of at most :data:`IQ_BATCH`, one per :data:`IQ_STEP_NS`;
+    translation and interrupt remapping read a fixed number of table entries. Counters:
+    ``iq_fetched`` descriptors consumed, ``iq_sync_max`` the most consumed by one register
+    write, ``iq_deferred_steps`` scheduled steps run."""
+
+    def __init__(self, memory, signal_msi: Callable[[int, int], None],
+                 defer: Optional[Callable[[int, Callable[[], None]], None]] = None):
         self.memory = memory
         self.signal_msi = signal_msi
+        self.defer = defer
         self.regs = bytearray(SIZE)
         self._lock = threading.RLock()
         self.faults = 0                    # DMA requests blocked (recorded or not)
         self.ir_faults = 0                 # interrupt requests blocked
+        self.iq_fetched = 0                # invalidation descriptors consumed
+        self.iq_sync_max = 0               # the most consumed by one register write
+        self.iq_deferred_steps = 0         # scheduled queue steps run
+        self._iq_deferred = False          # a queue step is scheduled
         self.reset()
 
     def reset(self) -> None:
@@ -228,8 +253,9 @@ class Vtd:
         return None if data is None else int.from_bytes(data, "little")
 
     def _write(self, gpa: int, data: bytes) -> bool:
-        """Store ``data`` at guest-physical ``gpa``; False (nothing written) if not all RAM."""
-        if gpa < 0 or gpa + len(data) > 1 << 64 or self._read(gpa, len(data)) is None:
+        """Store ``data`` at guest-physical ``gpa``; False (nothing written) if not all RAM
+        (``memory.write`` checks the whole range before it writes anything)."""
+        if gpa < 0 or gpa + len(data) > 1 << 64:
             return False
         try:
             self.memory.write(gpa, data)
@@ -383,29 +409,64 @@ class Vtd:
         self._fault_event(before)
 
     def _process_queue(self) -> None:
-        """Fetch and carry out descriptors from IQH up to IQT (VT-d spec 6.5.2); at most one
-        pass over the queue (256 << QS entries)."""
-        if not self._r(GSTS) & GSTS_QIES or self._r(FSTS) & FSTS_IQE:
+        """An IQT write (VT-d spec 6.5.2): with a step already scheduled, the new tail only
+        extends its work; otherwise one step runs now."""
+        if self._iq_deferred:
             return
+        n = self._iq_step()
+        if n > self.iq_sync_max:
+            self.iq_sync_max = n
+
+    def _iq_continue(self) -> None:
+        """A scheduled step (on the ``defer`` caller's thread)."""
+        with self._lock:
+            self._iq_deferred = False
+            self.iq_deferred_steps += 1
+            self._iq_step()
+
+    def _iq_step(self) -> int:
+        """Fetch and carry out at most :data:`IQ_BATCH` descriptors from IQH towards IQT, advance
+        IQH past them and, if the queue is still not empty, ask ``defer`` to run the next step
+        :data:`IQ_STEP_NS` later. Returns how many descriptors were consumed. Nothing is
+        fetched while QIES is clear or FSTS.IQE is set."""
+        if not self._r(GSTS) & GSTS_QIES or self._r(FSTS) & FSTS_IQE:
+            return 0
         iqa = self._r(IQA, 8)
         base, entries = iqa & ~0xFFF, 256 << (iqa & 7)
         head, tail = (self._r(IQH, 8) >> 4) % entries, self._r(IQT, 8) >> 4
         if tail >= entries:                        # a tail beyond the queue
             self._queue_error()
-            return
-        while head != tail:
-            # fetch a run of contiguous descriptors at once; one by one where that fails
-            run = (tail - head) if tail > head else (entries - head)
+            return 0
+        done = 0
+        while head != tail and done < IQ_BATCH:
+            # one read for a run of contiguous descriptors; one by one where that fails, to
+            # find the first that is not in RAM
+            run = min((tail - head) if tail > head else (entries - head), IQ_BATCH - done)
             blob = self._read(base + head * 16, run * 16)
-            for k in range(run):
-                raw = blob[k * 16:k * 16 + 16] if blob is not None else \
-                    self._read(base + (head + k) * 16, 16)
-                if raw is None or not self._descriptor(*struct.unpack("<QQ", raw)):
+            if blob is not None:
+                descs = struct.iter_unpack("<QQ", blob)
+            else:
+                descs = (self._desc_at(base + (head + k) * 16) for k in range(run))
+            k = 0
+            for desc in descs:
+                if desc is None or not self._descriptor(*desc):
                     self._w(IQH, (head + k) << 4, 8)
+                    self.iq_fetched += done + k
                     self._queue_error()
-                    return
+                    return done + k
+                k += 1
+            done += run
             head = (head + run) % entries
         self._w(IQH, head << 4, 8)
+        self.iq_fetched += done
+        if head != tail and self.defer is not None:
+            self._iq_deferred = True
+            self.defer(IQ_STEP_NS, self._iq_continue)
+        return done
+
+    def _desc_at(self, gpa: int) -> Optional[Tuple[int, int]]:
+        raw = self._read(gpa, 16)
+        return None if raw is None else struct.unpack("<QQ", raw)
 
     def _descriptor(self, lo: int, hi: int) -> bool:
         """Carry out one descriptor; False for an invalid one (an IQE)."""
