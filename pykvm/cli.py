@@ -142,17 +142,18 @@ def _wants_json(argv=None) -> bool:
     return "--json" in args and _command_of(args) in JSON_COMMANDS
 
 
-def _err(line: str) -> None:
+def _err(line: str) -> bool:
     """``line`` on stderr; where stderr is closed or cannot be written, nothing (the exit
-    status still tells the failure)."""
+    status still tells the failure). Returns whether the line was written."""
     stream = sys.stderr
     if stream is None:
-        return
+        return False
     try:
         stream.write(line + "\n")
         stream.flush()
     except (OSError, ValueError):
-        pass
+        return False
+    return True
 
 
 def _print_json_outcome(exit_name: str, code: int, detail: str) -> None:
@@ -599,9 +600,15 @@ def cmd_run(args) -> int:
             name = e.filename if e.filename is not None else (guest or "the guest image")
             return outcome("bad_input", status.BAD_INPUT, f"{name}: {e.strerror or e}")
         return outcome(*_classify(e))
+    trace_lost = []                           # --trace lines stderr did not take
+
+    def trace(line: str) -> None:
+        if not trace_lost and not _err(f"pykvm: {line}"):
+            trace_lost.append(line)
+            m._kick_all()                      # asked-for output is lost: stop the run
     try:
         if args.trace:
-            m.trace = lambda line: _err(f"pykvm: {line}")
+            m.trace = trace
         _sig.machine = m
         if _sig.signum is not None:           # a signal landed between start-up and here
             m._kick_all()
@@ -613,6 +620,15 @@ def cmd_run(args) -> int:
         m.close()
     if _output["error"] is not None:
         return _output_failure()
+    if trace_lost:
+        # the trace the user asked for could not be written to stderr (closed or full)
+        _err("pykvm: cannot write the --trace output to stderr")
+        if args.json:
+            d = r.as_dict()
+            d.update(exit="vmm_error", exit_code=EXIT_VMM,
+                     detail="cannot write the --trace output to stderr")
+            print(json.dumps(d, indent=2))
+        return EXIT_VMM
     if _sig.signum is not None:
         _sig.reported = True
         code = _signal_status(_sig.signum)
@@ -638,8 +654,8 @@ def cmd_run(args) -> int:
             _err(f"pykvm: {r.detail}")
         if r.console_dropped and args.trace:
             _err(f"pykvm: {r.console_dropped} console bytes not retained")
-        if args.trace:
-            _err(f"pykvm: exits {r.exits}, {r.seconds:.3f} s")
+        if args.trace and not _err(f"pykvm: exits {r.exits}, {r.seconds:.3f} s"):
+            return EXIT_VMM                  # the trace's last line was lost (stderr full)
     return r.exit_code
 
 
