@@ -15,8 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import status
 from .arch import current as _arch
-from .errors import (Closed, GuestError, GuestMemoryError, GuestRamUnbacked, HostResourceError,
-                     KvmError, MachineEnded, PykvmError, host_resource_error)
+from .errors import (Busy, Closed, GuestError, GuestMemoryError, GuestRamUnbacked,
+                     HostResourceError, KvmError, MachineEnded, PykvmError, host_resource_error)
 from .exits import Exit
 from .kvm import Kvm
 from .report import GuestAssertion, Report
@@ -169,6 +169,7 @@ class Machine:
         self.trace: Optional[Callable[[str], None]] = None   # called with one line per event
         self._lock = threading.Lock()
         self._close_lock = threading.Lock()
+        self._run_lock = threading.Lock()  # one run() at a time
         self._stop = False                 # a plain flag: set from signal handlers too
         self.vcpu_count = vcpus            # known to the platform before the vCPUs exist
         self._ended: Optional[str] = None  # why the machine cannot run again, once it cannot
@@ -473,13 +474,22 @@ class Machine:
         the host out of memory, file descriptors or threads, guest RAM the host could not
         back: ``vmm_error``, status 8) and exceptions of exit handlers (``handler_error``, 8).
 
-        Raises :class:`~pykvm.errors.Closed` if the machine is (or gets) closed, and
+        Raises :class:`~pykvm.errors.Closed` if the machine is (or gets) closed,
+        :class:`~pykvm.errors.Busy` if another thread is running it, and
         :class:`~pykvm.errors.MachineEnded` (one line saying why) when an earlier run ended
         the machine for good: the guest powered off, or asked for a reset pykvm does not
         perform."""
         self._check_open()
         if self._ended is not None:
             raise MachineEnded(self._ended)
+        if not self._run_lock.acquire(blocking=False):
+            raise Busy("Machine.run: this machine is already running in another thread")
+        try:
+            return self._run_locked(timeout)
+        finally:
+            self._run_lock.release()
+
+    def _run_locked(self, timeout: Optional[float]) -> RunResult:
         self._stop = False
         t0 = time.monotonic()
         deadline = t0 + timeout if timeout else None

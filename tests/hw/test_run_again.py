@@ -2,10 +2,13 @@
 times out, the next ``run()`` runs the guest on from where it stopped — both run loops, one
 vCPU and several — and a machine that cannot run again (the guest powered off) says why in
 one line."""
+import threading
+import time
+
 import pytest
 
 from pykvm import status
-from pykvm.errors import MachineEnded
+from pykvm.errors import Busy, MachineEnded
 from pykvm.machine import Machine
 
 from _elfguest import elf_guest
@@ -101,3 +104,20 @@ def test_a_powered_off_machine_says_why_it_cannot_run_again(tmp_path):
         with pytest.raises(MachineEnded, match="cannot run again: the guest powered off") as ei:
             m.run(timeout=1)
         assert "\n" not in str(ei.value)
+
+
+def test_a_second_concurrent_run_raises_busy(tmp_path):
+    """Calling run() while another thread runs the machine is the caller's mistake: Busy,
+    at once, and the first run is not disturbed."""
+    path = elf_guest(tmp_path, COUNT)
+    with Machine(path) as m:
+        got = []
+        t = threading.Thread(target=lambda: got.append(m.run(timeout=1.0)))
+        t.start()
+        deadline = time.monotonic() + 10
+        while m.vcpus[0]._runner is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with pytest.raises(Busy, match="already running"):
+            m.run(timeout=0.1)
+        t.join()
+        assert got[0].exit == "timeout"
