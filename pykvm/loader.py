@@ -22,7 +22,9 @@ memory before all checks have passed.
 """
 from __future__ import annotations
 
+import errno
 import functools
+import mmap
 import os
 import stat
 import struct
@@ -38,6 +40,8 @@ Image = Union[bytes, bytearray, memoryview, str, os.PathLike]
 
 # Limits on what the loader accepts (see the module docstring).
 MAX_IMAGE_SIZE = 1 << 30          # bytes read when the guest RAM size is not known
+STREAM_CHUNK = 1 << 20            # bytes read and written at a time (host memory bound)
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)    # Linux's value on x86_64/riscv64
 MAX_PROGRAM_HEADERS = 1024        # Linux's binfmt_elf takes at most 64 KiB of program headers
 MAX_SECTION_HEADERS = 0xFF00      # SHN_LORESERVE: the most an ELF names without escapes
 MAX_SYMBOLS = 1 << 20             # symbols read in all, over every symbol table
@@ -247,23 +251,11 @@ def _too_big(what: str, size: int, limit: int, limit_name: str) -> LoadError:
                      f"({limit:#x} bytes)")
 
 
-def _read_image(image: Image, limit: Optional[int] = None,
-                limit_name: str = "guest RAM") -> bytes:
-    """The image's bytes. Paths must name regular files; nothing larger than ``limit`` (the guest
-    RAM size when known, else :data:`MAX_IMAGE_SIZE`) is read. Raises :class:`LoadError`."""
-    if limit is None or limit > MAX_IMAGE_SIZE:
-        # never more than MAX_IMAGE_SIZE, however large the RAM: a file is read into host
-        # memory whole before it is checked further
-        limit, limit_name = MAX_IMAGE_SIZE, "the loader's limit MAX_IMAGE_SIZE"
-    _check_int("size limit", limit)
-    limit = max(0, limit)
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        n = image.nbytes if isinstance(image, memoryview) else len(image)
-        if n > limit:
-            raise _too_big("guest image", n, limit, limit_name)
-        return image if type(image) is bytes else bytes(image)
+def _open_regular(image, what: str):
+    """(fd, fstat result, the name for messages) of the regular file ``image`` names, opened
+    read-only. Raises :class:`LoadError` for anything that is not a readable regular file."""
     if not isinstance(image, (str, os.PathLike)):
-        raise LoadError(f"guest image must be bytes or a path, not {type(image).__name__}")
+        raise LoadError(f"{what} must be bytes or a path, not {type(image).__name__}")
     shown = repr(image)
     try:
         path = os.fspath(image)
@@ -272,35 +264,243 @@ def _read_image(image: Image, limit: Optional[int] = None,
         # file again: O_NONBLOCK keeps a FIFO without a writer from blocking the open.
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
-            raise LoadError(f"guest image {shown} is {_file_kind(st.st_mode)}, not an image file")
+            raise LoadError(f"{what} {shown} is {_file_kind(st.st_mode)}, not an image file")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except (OSError, ValueError, TypeError) as e:
         if isinstance(e, LoadError):
             raise
-        what = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise LoadError(f"cannot read guest image {shown}: {what}") from e
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise LoadError(f"cannot read {what} {shown}: {why}") from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise LoadError(f"guest image {shown} is {_file_kind(st.st_mode)}, not an image file")
+            raise LoadError(f"{what} {shown} is {_file_kind(st.st_mode)}, not an image file")
+    except BaseException as e:
+        os.close(fd)
+        if isinstance(e, OSError):
+            raise LoadError(f"cannot read {what} {shown}: {e.strerror or e}") from e
+        raise
+    return fd, st, shown
+
+
+def _read_to_eof(fd: int, limit: int, what: str, limit_name: str) -> bytes:
+    """The bytes of ``fd`` up to EOF, reading one byte past ``limit`` at most (for files whose
+    st_size is 0 or wrong: /proc, a file growing under us)."""
+    chunks, total = [], 0
+    while total <= limit:
+        chunk = os.read(fd, min(STREAM_CHUNK, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    if total > limit:
+        raise _too_big(what, total, limit, limit_name)
+    return b"".join(chunks)
+
+
+def _data_extents(fd: int, size: int) -> Iterator[Tuple[int, int]]:
+    """[start, end) file ranges of ``fd`` below ``size`` that may hold data, in order: the
+    file system's extents (``lseek`` SEEK_DATA/SEEK_HOLE, lseek(2)) where it reports them,
+    else the whole file. Holes between them read as zeros."""
+    seek_data = getattr(os, "SEEK_DATA", None)
+    seek_hole = getattr(os, "SEEK_HOLE", None)
+    if seek_data is None or seek_hole is None:
+        if size:
+            yield 0, size
+        return
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, seek_data)
+        except OSError as e:
+            if e.errno == errno.ENXIO:        # no data at or after pos
+                return
+            yield pos, size                   # SEEK_DATA not supported: all of it is data
+            return
+        if start >= size:
+            return
+        try:
+            end = min(os.lseek(fd, start, seek_hole), size)
+        except OSError:
+            end = size
+        if end <= start:                      # a file changing under us: take the rest as data
+            end = size
+        yield start, end
+        pos = end
+
+
+def _chunks_of(start: int, end: int, chunk: int) -> Iterator[Tuple[int, int]]:
+    """(offset, length) pieces of [start, end) that end on ``chunk`` boundaries."""
+    pos = start
+    while pos < end:
+        k = min(end, (pos // chunk + 1) * chunk) - pos
+        yield pos, k
+        pos += k
+
+
+def _pread_exact(fd: int, n: int, off: int, what: str) -> bytes:
+    out = os.pread(fd, n, off)
+    if len(out) != n:
+        raise LoadError(f"{what} changed while it was read (it ends at {off + len(out):#x}, "
+                        f"it had {off + n:#x} bytes or more)")
+    return out
+
+
+def _is_zero(chunk) -> bool:
+    """True if bytes-like ``chunk`` holds only zero bytes (one bounded copy and compare)."""
+    b = bytes(chunk)
+    return not b or (b[0] == 0 and b == bytes(len(b)))
+
+
+def _map_file(fd: int, size: int, what: str) -> mmap.mmap:
+    """The first ``size`` bytes of ``fd`` in a private anonymous mapping: only the file's data
+    extents are read (holes stay untouched pages), in :data:`STREAM_CHUNK` pieces, and a piece
+    that turns out all zeros is not stored (the untouched pages read as zeros), so host memory
+    follows the file's non-zero bytes, not its size."""
+    try:
+        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    except (OSError, OverflowError, ValueError) as e:
+        raise LoadError(f"cannot map {size:#x} bytes for {what}: "
+                        f"{getattr(e, 'strerror', None) or e}") from e
+    for lo, hi in _data_extents(fd, size):
+        for off, k in _chunks_of(lo, hi, STREAM_CHUNK):
+            data = _pread_exact(fd, k, off, what)
+            if _is_zero(data):
+                continue                      # the mapping already reads as zeros there
+            m[off:off + k] = data
+    return m
+
+
+def _read_image(image: Image, limit: Optional[int] = None,
+                limit_name: str = "guest RAM", what: str = "guest image"):
+    """The image's bytes: ``bytes`` (or the ``mmap`` given), or for a file larger than
+    :data:`STREAM_CHUNK` a private anonymous ``mmap`` that holds only its non-zero data
+    (:func:`_map_file`: a 1 GiB file of mostly zeros costs host memory for its non-zero
+    bytes only). Paths must name regular files; nothing larger than ``limit`` (the guest RAM
+    size when known, else :data:`MAX_IMAGE_SIZE`) is read. Raises :class:`LoadError`."""
+    if limit is None or limit > MAX_IMAGE_SIZE:
+        # never more than MAX_IMAGE_SIZE, however large the RAM
+        limit, limit_name = MAX_IMAGE_SIZE, "the loader's limit MAX_IMAGE_SIZE"
+    _check_int("size limit", limit)
+    limit = max(0, limit)
+    if isinstance(image, (bytes, bytearray, memoryview, mmap.mmap)):
+        n = image.nbytes if isinstance(image, memoryview) else len(image)
+        if n > limit:
+            raise _too_big(what, n, limit, limit_name)
+        return image if type(image) in (bytes, mmap.mmap) else bytes(image)
+    if not isinstance(image, (str, os.PathLike)):
+        raise LoadError(f"{what} must be bytes or a path, not {type(image).__name__}")
+    fd, st, shown = _open_regular(image, what)
+    try:
         if st.st_size > limit:
-            raise _too_big(f"guest image {shown}", st.st_size, limit, limit_name)
-        # st_size can be wrong (/proc, a file growing under us): read to EOF, one byte past
-        # the limit at most.
-        chunks, total = [], 0
-        while total <= limit:
-            chunk = os.read(fd, min(1 << 20, limit + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > limit:
-            raise _too_big(f"guest image {shown}", total, limit, limit_name)
-        return b"".join(chunks)
+            raise _too_big(f"{what} {shown}", st.st_size, limit, limit_name)
+        if st.st_size <= STREAM_CHUNK:
+            return _read_to_eof(fd, limit, f"{what} {shown}", limit_name)
+        m = _map_file(fd, st.st_size, f"{what} {shown}")
+        if os.pread(fd, 1, st.st_size):
+            raise LoadError(f"{what} {shown} changed while it was read (it grew past "
+                            f"{st.st_size:#x} bytes)")
+        return m
     except OSError as e:
-        raise LoadError(f"cannot read guest image {shown}: {e.strerror or e}") from e
+        raise LoadError(f"cannot read {what} {shown}: {e.strerror or e}") from e
     finally:
         os.close(fd)
+
+
+class InputFile:
+    """A loader input that goes into guest RAM whole — a multiboot module, a Linux initrd —
+    opened but not read: :attr:`size` is known at once, :meth:`copy_to` streams the bytes into
+    guest memory in :data:`STREAM_CHUNK` pieces, skipping the file's holes and turning all-zero
+    pieces into :func:`zero_fill`, so host memory stays bounded by the chunk size (plus the
+    guest pages that get non-zero bytes) whatever the file's size. A path must name a regular
+    file of at most ``limit`` bytes (``limit_name`` names that limit in messages); bytes-like
+    sources are taken as they are. Files whose ``st_size`` is 0 (``/proc``) are read whole,
+    bounded by ``limit``. Raises :class:`LoadError`; use as a context manager or call
+    :meth:`close`."""
+
+    def __init__(self, source, limit: int, limit_name: str = "guest RAM",
+                 what: str = "initrd"):
+        _check_int("size limit", limit)
+        self.what = what
+        self._fd = None
+        self._data = None
+        if isinstance(source, (bytes, bytearray, memoryview, mmap.mmap)):
+            self._data = memoryview(source).cast("B")
+            self.name = "<bytes>"
+            if len(self._data) > limit:
+                raise _too_big(what, len(self._data), limit, limit_name)
+            self.size = len(self._data)
+            return
+        fd, st, shown = _open_regular(source, what)
+        self.name = shown
+        try:
+            if st.st_size > limit:
+                raise _too_big(f"{what} {shown}", st.st_size, limit, limit_name)
+            if st.st_size == 0:
+                self._data = memoryview(_read_to_eof(fd, max(0, limit), f"{what} {shown}",
+                                                     limit_name))
+                os.close(fd)
+                fd = None
+                self.size = len(self._data)
+            else:
+                self.size = st.st_size
+        except OSError as e:
+            os.close(fd)
+            raise LoadError(f"cannot read {what} {shown}: {e.strerror or e}") from e
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        self._fd = fd
+
+    def copy_to(self, mem, gpa: int, *, fresh: bool = False) -> None:
+        """Make guest-physical ``[gpa, gpa + size)`` of ``mem`` hold the file's bytes. Holes
+        and all-zero pieces are zero-filled (:func:`zero_fill`: no host memory committed), or
+        left alone with ``fresh=True`` (RAM known to read as zeros already). Raises
+        :class:`LoadError` if the file shrank since it was opened; ``mem``'s own errors
+        (unbacked addresses) pass through."""
+        if self._data is not None:
+            copy_into(mem, gpa, self._data, fresh=fresh)
+            return
+        if self._fd is None:
+            raise LoadError(f"{self.what} {self.name} is closed")
+        fd, size, what = self._fd, self.size, f"{self.what} {self.name}"
+        try:
+            pos = 0
+            for lo, hi in _data_extents(fd, size):
+                if lo > pos and not fresh:
+                    zero_fill(mem, gpa + pos, lo - pos)
+                for off, k in _chunks_of(lo, hi, STREAM_CHUNK):
+                    data = _pread_exact(fd, k, off, what)
+                    if not _is_zero(data):
+                        mem.write(gpa + off, data)
+                    elif not fresh:
+                        zero_fill(mem, gpa + off, k)
+                pos = hi
+            if pos < size:
+                _pread_exact(fd, 1, size - 1, what)        # a hole at the end, or a shrunk file
+                if not fresh:
+                    zero_fill(mem, gpa + pos, size - pos)
+        except OSError as e:
+            raise LoadError(f"cannot read {what}: {e.strerror or e}") from e
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def is_elf(data: bytes) -> bool:
@@ -485,7 +685,9 @@ def _e820(ram_size: int) -> List[Tuple[int, int, int]]:
 # ---- ELF ----------------------------------------------------------------------------------------
 
 def _as_bytes(data) -> bytes:
-    if type(data) is bytes:
+    """``data`` as ``bytes``; an ``mmap`` from :func:`_read_image` is used as it is (it has
+    the bytes methods the parsers use: slicing, ``find``, the buffer protocol)."""
+    if type(data) is bytes or isinstance(data, mmap.mmap):
         return data
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
@@ -623,12 +825,28 @@ def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
         raise LoadError("ELF has no loadable (PT_LOAD) segments")
     _check_overlaps(segments)
 
-    # The entry is a virtual address; translate it through the segment containing it.
-    entry = _virt_to_phys(segments, hdr.entry)
-    if entry is None:
-        raise LoadError(f"entry point {hdr.entry:#x} is outside every loadable segment")
+    entry = _entry_address(phdrs, hdr.entry, addr_limit)
+    if not any(s.addr <= entry < s.end for s in segments):
+        shown = f"{hdr.entry:#x}" if entry == hdr.entry else \
+            f"{hdr.entry:#x} (physical {entry:#x})"
+        raise LoadError(f"entry point {shown} is outside every loadable segment")
     fmt = "elf32-multiboot" if mb else "elf64"
     return LoadPlan(fmt, arch, mode, entry, segments, mb)
+
+
+def _entry_address(phdrs: List[_Phdr], e_entry: int, addr_limit: int) -> int:
+    """The guest-physical entry of an ELF whose segments load by ``p_paddr``, by QEMU's rule
+    (``load_elf`` in include/hw/elf_ops.h, used by -kernel on x86 multiboot and RISC-V): ``e_entry``
+    is translated by a ``PT_LOAD`` segment that is executable (``PF_X``), has ``p_vaddr !=
+    p_paddr`` and whose file bytes ``[p_vaddr, p_vaddr + p_filesz)`` hold it (the last such
+    segment wins); otherwise ``e_entry`` is already physical (a higher-half kernel linked with
+    ``ENTRY(_start - KERNEL_VMA)``). Arithmetic wraps at the class's address size."""
+    entry = e_entry
+    for ph in phdrs:
+        if (ph.type == _PT_LOAD and ph.flags & _PF_X and ph.vaddr != ph.paddr and
+                ph.vaddr <= e_entry < ph.vaddr + ph.filesz):
+            entry = (e_entry - ph.vaddr + ph.paddr) % addr_limit
+    return entry
 
 
 def _virt_to_phys(segments: List[Segment], vaddr: int, n: int = 1) -> Optional[int]:
@@ -741,12 +959,28 @@ def write_plan(plan: LoadPlan, mem, *, chunk: int = 1 << 20) -> None:
     ``zero(gpa, n)`` (:meth:`pykvm.memory.GuestMemory.zero`: whole pages dropped with
     ``madvise``), that does it; otherwise each ``chunk``-byte piece is read and written only if
     it is not all zeros already. Either way the range reads as zeros afterwards, also in RAM
-    that an earlier run wrote."""
+    that an earlier run wrote. File bytes are copied ``chunk`` bytes at a time and all-zero
+    chunks are zero-filled the same way (:func:`copy_into`), so an image of mostly zeros
+    commits host memory only for its non-zero bytes."""
     for s in plan.segments:
         if s.filesz:
-            mem.write(s.addr, s.data)
+            copy_into(mem, s.addr, s.data, chunk=chunk)
         if s.end > s.addr + s.filesz:
             zero_fill(mem, s.addr + s.filesz, s.end - s.addr - s.filesz, chunk=chunk)
+
+
+def copy_into(mem, gpa: int, data, *, chunk: int = STREAM_CHUNK, fresh: bool = False) -> None:
+    """Copy bytes-like ``data`` to guest-physical ``gpa`` of ``mem``, ``chunk`` bytes at a time
+    (pieces end on ``chunk`` boundaries of ``data``); a piece of zeros is zero-filled
+    (:func:`zero_fill`, committing no host memory), or skipped with ``fresh=True`` (RAM known
+    to read as zeros). ``mem``'s errors pass through."""
+    view = memoryview(data).cast("B")
+    for off, k in _chunks_of(0, len(view), max(1, chunk)):
+        piece = view[off:off + k]
+        if not _is_zero(piece):
+            mem.write(gpa + off, piece)
+        elif not fresh:
+            zero_fill(mem, gpa + off, k, chunk=chunk)
 
 
 def zero_fill(mem, gpa: int, n: int, *, chunk: int = 1 << 20) -> None:
@@ -899,7 +1133,7 @@ def _read_symbols(data: bytes, h: _Ehdr, sh: _Shdr, st: _Shdr,
             continue
         start = str_lo + name_off
         if key is not None:
-            if start + len(key) <= str_hi and data.startswith(key, start):
+            if start + len(key) <= str_hi and data[start:start + len(key)] == key:
                 yield want, value
             continue
         end = data.find(b"\0", start, min(str_hi, start + MAX_SYMBOL_NAME + 1))
@@ -943,6 +1177,7 @@ __all__ = [
     "MAX_SECTION_HEADERS", "MAX_SYMBOLS",
     "parse_image", "parse_elf", "parse_flat", "parse_multiboot_aout", "find_multiboot_header",
     "multiboot_header_size", "build_multiboot_info", "validate_plan", "write_plan", "zero_fill",
+    "copy_into", "InputFile", "STREAM_CHUNK",
     "load_image",
     "elf_symbols", "find_symbol", "is_elf",
 ]

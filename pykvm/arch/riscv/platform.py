@@ -107,28 +107,32 @@ class Platform:
             path = initrd[0]
             if isinstance(path, str) and not os.path.isfile(path) and len(path.split()) > 1:
                 raise loader.LoadError(f"a RISC-V initrd takes no arguments: {path!r}")
-            try:
-                data = loader._read_image(path, ram_size, "guest RAM")
+            try:                  # opened, then streamed into RAM: never read whole
+                data = loader.InputFile(path, ram_size, "guest RAM", what="file")
             except loader.LoadError as e:
                 raise loader.LoadError(f"initrd: {e}") from e
-        loaded = loader.load_image(view, image, arch="riscv64", ram_base=RAM_BASE,
-                                   reserved=None, flat_addr=flat_addr, flat_mode="riscv")
-        if data is not None:
-            self.initrd = self._place_initrd(loaded, data, os.fspath(path))
+        try:
+            loaded = loader.load_image(view, image, arch="riscv64", ram_base=RAM_BASE,
+                                       reserved=None, flat_addr=flat_addr, flat_mode="riscv")
+            if data is not None:
+                self.initrd = self._place_initrd(loaded, data, os.fspath(path))
+        finally:
+            if data is not None:
+                data.close()
         return loaded
 
-    def _place_initrd(self, loaded, data: bytes, name: str):
+    def _place_initrd(self, loaded, data, name: str):
         ram_size = self.m.ram.size
         top = RAM_BASE + ram_size - self.dtb_space
-        start = (top - len(data)) // INITRD_ALIGN * INITRD_ALIGN
+        start = (top - data.size) // INITRD_ALIGN * INITRD_ALIGN
         image_end = max((a + n for a, n in loaded.written), default=RAM_BASE)
         if start < image_end:
             raise loader.LoadError(
-                f"initrd {name} ({len(data):#x} bytes) does not fit between the image (ends at "
+                f"initrd {name} ({data.size:#x} bytes) does not fit between the image (ends at "
                 f"{image_end:#x}) and the device tree at {top:#x}; give the guest more --mem")
-        self.m.vm.memory.write(start, data)
-        loaded.written.append((start, len(data)))
-        return start, start + len(data)
+        data.copy_to(self.m.vm.memory, start)
+        loaded.written.append((start, data.size))
+        return start, start + data.size
 
     def loop_config(self):
         """No port I/O on RISC-V; the SBI debug console is served in the C loop, reading

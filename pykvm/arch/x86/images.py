@@ -4,18 +4,23 @@ the multiboot information and the VMM's own boot structures where the image is n
 The rules (docs/guest-abi.md, "Memory layout"):
 
 * the image may use any RAM the platform does not claim — below 1 MiB too (a multiboot kernel
-  linked at 0x8000 is fine); the PC machine claims [0x9FC00, 1 MiB) (EBDA, the legacy video
-  window, the ACPI tables and the BIOS area);
+  linked at 0x8000 is fine, and so is one with bytes in the EBDA [0x9FC00, 0xA0000), which is
+  RAM on QEMU's pc: its multiboot option ROM copies a ``-kernel`` image there, and pykvm keeps
+  nothing of its own there); the PC machine claims [0xA0000, 1 MiB)
+  (:data:`pykvm.arch.x86.layout.PC_NO_RAM_FOR_IMAGES`: the legacy video window, the option-ROM
+  and BIOS shadow, where pykvm keeps its ACPI tables);
 * image bytes that fall in a claimed range are not loaded, as QEMU's pc loses the bytes of a
-  ``-kernel`` image that land in its VGA window and write-protected BIOS shadow
-  (:data:`pykvm.arch.x86.layout.PC_NO_RAM_FOR_IMAGES`): GNU ld's default layout for a kernel
-  linked at 1 MiB starts with a read-only LOAD segment a page below 1 MiB that holds only the
-  ELF and program headers, and such kernels boot. The platform's tables stay intact (in the
-  EBDA, RAM on QEMU, pykvm keeps the platform's area too rather than the image's bytes). An
-  image whose entry point (or ``pykvm_params``) lies in a claimed range cannot work there and is
-  refused;
+  ``-kernel`` image that land in its VGA window and write-protected BIOS shadow: GNU ld's
+  default layout for a kernel linked at 1 MiB starts with a read-only LOAD segment a page below
+  1 MiB that holds only the ELF and program headers, and such kernels boot. The platform's
+  tables stay intact. An image whose entry point (or ``pykvm_params``) lies in a claimed range
+  cannot work there and is refused;
+* pykvm's own placements (modules, the multiboot information, boot structures) use only RAM
+  the E820 map calls usable, so they never land in the EBDA or another reserved range;
 * multiboot modules (QEMU's ``-initrd a,b args``) go page-aligned right after the image, in the
-  order given, each with its string ("file args"), as QEMU's multiboot loader places them;
+  order given, each with its string ("file args"), as QEMU's multiboot loader places them; they
+  are streamed into guest RAM (:class:`pykvm.loader.InputFile`: holes and zero chunks commit no
+  host memory);
 * the multiboot information goes at 0x9000 when that is free, else after the modules;
 * the GDT, TSS, page tables (long mode) and boot stacks keep the classic layout
   (:mod:`pykvm.arch.x86.layout`) when it is free, else move as a block to the first free
@@ -24,6 +29,7 @@ The rules (docs/guest-abi.md, "Memory layout"):
 Nothing is written before every placement has been checked; failures are
 :class:`pykvm.loader.LoadError`.
 """
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -158,6 +164,10 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
     plan = loader.parse_image(data, arch="x86_64", flat_addr=flat_addr, flat_mode=flat_mode,
                               max_size=len(data))
     space = _Space(ram, claimed)
+    # the VMM's own placements keep to E820 RAM (the image's bytes may use the EBDA, as on QEMU)
+    for base, length, kind in memory_map or ():
+        if kind != loader.E820_RAM:
+            space.take((base, base + length))
     for s in plan.segments:
         r = (s.addr, s.end)
         if not space.in_ram(r):
@@ -166,8 +176,9 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
     c = _claimed_by(claimed, plan.entry)
     if c is not None:
         raise loader.LoadError(f"entry point {plan.entry:#x} lies in [{c[0]:#x}, {c[1]:#x}), "
-                               f"which the platform uses (EBDA, video window, ACPI/BIOS area): "
-                               f"image bytes there are not loaded, as on QEMU's pc")
+                               f"which the platform uses (video window, option ROM/BIOS "
+                               f"area, ACPI tables): image bytes there are not loaded, as on "
+                               f"QEMU's pc")
     kept, dropped = clip_segments(plan.segments, claimed)
     image_ranges = [(s.addr, s.end) for s in plan.segments]
     for s in kept:
@@ -177,17 +188,30 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
         raise loader.LoadError("--initrd modules need a multiboot image (or a Linux bzImage)")
 
     # modules, page-aligned after the image, in order
+    with contextlib.ExitStack() as files:
+        return _place(mem, image, data, plan, space, kept, dropped, image_ranges, files,
+                      cmdline=cmdline, initrd=initrd, name=name, claimed=claimed,
+                      memory_map=memory_map, boot_vcpus=boot_vcpus, ram_top=ram_top,
+                      low_ram=low_ram)
+
+
+def _place(mem, image, data, plan, space, kept, dropped, image_ranges, files, *, cmdline,
+           initrd, name, claimed, memory_map, boot_vcpus, ram_top, low_ram) -> PlacedImage:
+    """The rest of :func:`load` once the image is parsed: modules (opened into ``files``, an
+    ExitStack that closes them), multiboot information, boot structures, then the writes."""
+    multiboot = plan.multiboot is not None
     modules: List[Tuple[int, int, str]] = []
     blobs = []
     if multiboot:
         pos = (max(e for _, e in image_ranges) + PAGE - 1) // PAGE * PAGE
         for path, text in _module_items(initrd):
-            blob = loader._read_image(path, low_ram, "guest RAM")
-            start = space.alloc(len(blob), PAGE, lo=pos)
-            space.take((start, start + max(len(blob), 1)))
-            modules.append((start, start + len(blob), text))
+            blob = files.enter_context(loader.InputFile(path, low_ram, "guest RAM",
+                                                        what="multiboot module"))
+            start = space.alloc(blob.size, PAGE, lo=pos)
+            space.take((start, start + max(blob.size, 1)))
+            modules.append((start, start + blob.size, text))
             blobs.append(blob)
-            pos = (start + len(blob) + PAGE - 1) // PAGE * PAGE
+            pos = (start + blob.size + PAGE - 1) // PAGE * PAGE
 
     # the multiboot information
     mbi = None
@@ -222,19 +246,21 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
         c = _claimed_by(claimed, params, loader.PARAMS_SIZE)
         if c is not None:
             raise loader.LoadError(f"{loader.PARAMS_SYMBOL} at {params:#x} lies in "
-                                   f"[{c[0]:#x}, {c[1]:#x}), which the platform uses (EBDA, "
-                                   f"video window, ACPI/BIOS area)")
+                                   f"[{c[0]:#x}, {c[1]:#x}), which the platform uses (video "
+                                   f"window, option ROM/BIOS area, ACPI tables)")
     to_write = loader.LoadPlan(plan.format, plan.arch, plan.mode, plan.entry, kept,
                                plan.multiboot)
     written = [(s.addr, s.memsz) for s in kept]
     try:
         loader.write_plan(to_write, mem)
         for (start, end, _), blob in zip(modules, blobs):
-            mem.write(start, blob)
+            blob.copy_to(mem, start)
             written.append((start, end - start))
         if mbi is not None:
             mem.write(mbi_addr, mbi)
             written.append((mbi_addr, len(mbi)))
+    except loader.LoadError:
+        raise
     except (ValueError, loader.PykvmError) as e:
         raise loader.LoadError(f"cannot write the image into guest RAM: {e}") from e
     li = loader.LoadedImage(plan, plan.entry, plan.mode, mbi_addr, params, written)

@@ -18,6 +18,7 @@ What pykvm does, as a boot loader of protocol 2.12 or later:
 
 Addresses are guest-physical; sizes are bytes. Errors are :class:`pykvm.loader.LoadError`.
 """
+import contextlib
 import struct
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -212,36 +213,49 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
     if len(text) > limit:
         raise _err(f"kernel command line is {len(text) - 1} bytes; this kernel takes at "
                         f"most {limit - 1}")
-    rd = b""
-    for item in initrd:
-        path = item.split()[0] if isinstance(item, str) else item
-        rd += loader._read_image(path, ram_size, "guest RAM")
+    with contextlib.ExitStack() as files:
+        rds = []
+        for item in initrd:
+            path = item.split()[0] if isinstance(item, str) else item
+            rds.append(files.enter_context(loader.InputFile(path, ram_size, "guest RAM")))
+        return _place(mem, data, hdr, kernel, load_addr, need, text, rds, e820, ram_size)
+
+
+def _place(mem, data, hdr, kernel, load_addr, need, text, rds, e820, ram_size) -> LinuxImage:
+    """The rest of :func:`load`: place the initrd files (concatenated, streamed into guest
+    RAM by :class:`pykvm.loader.InputFile`), build the zero page, then write everything."""
+    rd_len = sum(f.size for f in rds)
     rd_place = None
-    if rd:
+    if rd_len:
         top = min(hdr.initrd_addr_max or 0x37FFFFFF, 0xFFFFFFFF) + 1
         best = None
         for lo, hi in _ram_ranges(e820):
             hi = min(hi, top)
-            start = (hi - len(rd)) & ~(L.PAGE_SIZE - 1)
+            start = (hi - rd_len) & ~(L.PAGE_SIZE - 1)
             if start >= max(lo, load_addr + need) and (best is None or start > best):
                 best = start
         if best is None:
-            raise _err(f"no room for the {len(rd)}-byte initrd above the kernel and below "
+            raise _err(f"no room for the {rd_len}-byte initrd above the kernel and below "
                             f"{top:#x} in {ram_size:#x} bytes of RAM")
-        rd_place = (best, len(rd))
+        rd_place = (best, rd_len)
     bp = build_boot_params(data, hdr, e820=e820, cmdline_addr=CMDLINE_ADDR, initrd=rd_place)
     written = []
     try:
-        mem.write(load_addr, kernel)
+        loader.copy_into(mem, load_addr, kernel)
         written.append((load_addr, len(kernel)))
         mem.write(ZERO_PAGE_ADDR, bp)
         written.append((ZERO_PAGE_ADDR, len(bp)))
         mem.write(CMDLINE_ADDR, text)
         written.append((CMDLINE_ADDR, len(text)))
         if rd_place:
-            mem.write(rd_place[0], rd)
+            pos = rd_place[0]
+            for f in rds:
+                f.copy_to(mem, pos)
+                pos += f.size
             written.append(rd_place)
-    except ValueError as e:
+    except loader.LoadError:
+        raise
+    except (ValueError, loader.PykvmError) as e:
         raise _err(f"cannot write the kernel into guest RAM: {e}") from e
     return LinuxImage(load_addr + KERNEL_64_ENTRY_OFFSET, load_addr, ZERO_PAGE_ADDR,
                       CMDLINE_ADDR, rd_place, hdr, written)

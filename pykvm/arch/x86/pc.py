@@ -65,7 +65,7 @@ PORT92 = 0x92
 RTC_IRQ = 8
 SCI_IRQ = acpi.SCI_IRQ
 ACPI_TABLES_ADDR = L.BIOS_AREA_START
-PC_CLAIMED = ((L.EBDA_START, L.LOW_RAM_END),)       # EBDA, video window, ACPI + BIOS area
+PC_CLAIMED = L.PC_NO_RAM_FOR_IMAGES    # video window, ACPI + BIOS area (the EBDA is image RAM)
 
 
 def qemu_gsi_routes() -> List[Tuple[int, int, int]]:
