@@ -490,16 +490,19 @@ static enum io_result serve_io(struct pykvm_loop *l, struct kvm_run *run, uint8_
         return IO_DONE;
     }
     if (l->serial_base && port >= l->serial_base && port < l->serial_base + 8) {
-        unsigned reg = port - l->serial_base;
+        /* QEMU's serial_io_ops: 1-byte registers; a wider access is one access per byte at
+         * consecutive registers, the register number taken mod 8 (serial_ioport_*: addr & 7) */
+        unsigned reg = port - l->serial_base, j;
         int full = 0;
         for (i = 0; i < count; i++) {
             uint8_t *p = data + (size_t)i * size;
-            if (out) {
-                if (!uart_write(l, reg, p[0]))
-                    full = 1;
-            } else {
-                memset(p, 0, size);
-                p[0] = uart_read(l, reg);
+            for (j = 0; j < size; j++) {
+                if (out) {
+                    if (!uart_write(l, (reg + j) & 7, p[j]))
+                        full = 1;
+                } else {
+                    p[j] = uart_read(l, (reg + j) & 7);
+                }
             }
         }
         return full ? IO_STOP_CONSOLE_FULL : IO_DONE;

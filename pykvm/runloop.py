@@ -569,14 +569,17 @@ class PyRunLoop(_LoopBase):
                 ex.respond(0xE9)
             return None
         if c.serial_base and c.serial_base <= port < c.serial_base + 8:
-            reg = port - c.serial_base
+            # QEMU's serial_io_ops: 1-byte registers; a wider access is one access per byte at
+            # consecutive registers, the register number taken mod 8 (serial_ioport_*: addr & 7)
+            reg, size = port - c.serial_base, ex.size
             if out:
-                for b in ex.data[::ex.size]:
-                    self._uart_write(reg, b)
+                data = ex.data
+                for i in range(ex.count):
+                    for j in range(size):
+                        self._uart_write((reg + j) & 7, data[i * size + j])
             else:
-                pad = bytes(ex.size - 1)
-                ex.respond(b"".join(bytes([self._uart_read(reg)]) + pad
-                                    for _ in range(ex.count)))      # each read counts (RBR)
+                ex.respond(bytes(self._uart_read((reg + j) & 7)
+                                 for _ in range(ex.count) for j in range(size)))
             return None
         return Stop("exit", ex)
 
