@@ -24,7 +24,7 @@
 #define QS 7
 #define ENTRIES (256u << QS)
 #define ROUNDS 20
-#define POLLS 50000000ull
+#define POLLS 5000000ull
 
 static uint64_t queue[ENTRIES][2] __attribute__((aligned(4096)));
 static volatile uint32_t status[ENTRIES];
