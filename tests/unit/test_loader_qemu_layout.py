@@ -1,8 +1,9 @@
 """Issue 16, fault 5: images QEMU's ``-kernel`` boots load on pykvm's PC, and the platform's
 own structures stay intact. QEMU's pc loses the image bytes that land in its VGA window and
 its write-protected BIOS shadow ([0xA0000, 1 MiB)); pykvm's PC drops the bytes that land in
-what it claims ([0x9FC00, 1 MiB): EBDA, video window, ACPI tables and BIOS area) and refuses an
-image whose entry point lies there. Multiboot header rules follow hw/i386/multiboot.c."""
+what it claims (the same range: video window, ACPI tables and BIOS area) and refuses an image
+whose entry point lies there. These tests claim [0x9FC00, 1 MiB), as a platform that keeps the
+EBDA would (pykvm's PC leaves the EBDA to images: test_loader_hostile_inputs.py). Multiboot header rules follow hw/i386/multiboot.c."""
 import struct
 
 import pytest
@@ -14,7 +15,7 @@ from pykvm.loader import LoadError
 from test_loader import CODE, FakeMem, make_elf, mb_header, seg
 
 MiB = 1 << 20
-CLAIMED = [(layout.EBDA_START, layout.LOW_RAM_END)]     # the PC machine's (pc.PC_CLAIMED)
+CLAIMED = [(layout.EBDA_START, layout.LOW_RAM_END)]     # a platform that claims the EBDA too
 PATTERN = bytes(range(256)) * ((layout.LOW_RAM_END - layout.EBDA_START) // 256)
 
 
