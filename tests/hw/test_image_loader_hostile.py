@@ -10,7 +10,6 @@
 QEMU (TCG) is run for comparison when qemu-system-x86_64 is installed."""
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys

@@ -12,7 +12,6 @@
 Guest RAM is the real thing (:func:`pykvm.memory.new_mapping`), measured through its mapping's
 ``Rss`` in /proc/self/smaps; the loader's own peak is measured as VmHWM of a subprocess."""
 import os
-import struct
 import subprocess
 import sys
 import textwrap
