@@ -837,9 +837,9 @@ def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
 def _entry_address(phdrs: List[_Phdr], e_entry: int, addr_limit: int) -> int:
     """The guest-physical entry of an ELF whose segments load by ``p_paddr``, by QEMU's rule
     (``load_elf`` in include/hw/elf_ops.h, used by -kernel on x86 multiboot and RISC-V):
-    ``e_entry`` is translated by a ``PT_LOAD`` segment that is executable (``PF_X``), has ``p_vaddr !=
-    p_paddr`` and whose file bytes ``[p_vaddr, p_vaddr + p_filesz)`` hold it (the last such
-    segment wins); otherwise ``e_entry`` is already physical (a higher-half kernel linked with
+    ``e_entry`` is translated by a ``PT_LOAD`` segment that is executable (``PF_X``), has
+    ``p_vaddr != p_paddr`` and whose file bytes ``[p_vaddr, p_vaddr + p_filesz)`` hold it (the
+    last such segment wins); otherwise ``e_entry`` is already physical (a higher-half kernel linked with
     ``ENTRY(_start - KERNEL_VMA)``). Arithmetic wraps at the class's address size."""
     entry = e_entry
     for ph in phdrs:
