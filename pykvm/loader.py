@@ -839,8 +839,8 @@ def _entry_address(phdrs: List[_Phdr], e_entry: int, addr_limit: int) -> int:
     (``load_elf`` in include/hw/elf_ops.h, used by -kernel on x86 multiboot and RISC-V):
     ``e_entry`` is translated by a ``PT_LOAD`` segment that is executable (``PF_X``), has
     ``p_vaddr != p_paddr`` and whose file bytes ``[p_vaddr, p_vaddr + p_filesz)`` hold it (the
-    last such segment wins); otherwise ``e_entry`` is already physical (a higher-half kernel linked with
-    ``ENTRY(_start - KERNEL_VMA)``). Arithmetic wraps at the class's address size."""
+    last such segment wins); otherwise ``e_entry`` is already physical (a higher-half kernel
+    linked with ``ENTRY(_start - KERNEL_VMA)``). Arithmetic wraps at the class's address size."""
     entry = e_entry
     for ph in phdrs:
         if (ph.type == _PT_LOAD and ph.flags & _PF_X and ph.vaddr != ph.paddr and
