@@ -83,7 +83,8 @@ _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
 from .fuzz_stream import (  # noqa: E402,F401  (re-exported: pykvm.fuzz.RAM_SIZE ...)
     CPUID_LEAVES, CR0_BITS, CR4_BITS, D_GDT32, D_GDT64, D_IDT32, D_IDT64, D_IVT, D_JUNK,
     D_LGDT32, DESC_ADDR, HIGH_IMAGE, IDT32_ADDR, IDT64_ADDR, LONG_GDT_ADDR, MMIO_ADDRS, MSRS,
-    PML4, PORTS, RAM_SIZE, REAL_IMAGE, ROM_ADDR, ROM_SIZE, SELECTORS, _le, _Stream)
+    PML4, PORTS, RAM_SIZE, REAL_IMAGE, ROM_ADDR, ROM_SIZE, SELECTORS, _le, _Stream,
+    blobs_from_json, blobs_to_json)
 
 # Exits after which the vCPU is run again (until the case's stop budget is used up).
 RESUMABLE = frozenset({"IO", "MMIO", "HLT", "INTR", "IRQ_WINDOW_OPEN", "DEBUG", "X86_RDMSR",
@@ -305,17 +306,14 @@ def _case_from_json(d: dict) -> dict:
 
 
 def case_to_json(case: dict) -> dict:
-    out = dict(case)
-    out["blobs"] = [{"gpa": gpa, "hex": bytes(data).hex()} for gpa, data in case["blobs"]]
-    return out
+    """``case`` with its blobs in JSON form (a reproducer's "case")."""
+    return dict(case, blobs=blobs_to_json(case["blobs"]))
 
 
 def case_from_json(d: dict) -> dict:
     if d.get("format") != CASE_FORMAT:
         raise ValueError(f"not a pykvm fuzz case (format {d.get('format')!r})")
-    out = dict(d)
-    out["blobs"] = [(b["gpa"], bytes.fromhex(b["hex"])) for b in d["blobs"]]
-    return out
+    return dict(d, blobs=blobs_from_json(d["blobs"]))
 
 
 # ================================================================================================

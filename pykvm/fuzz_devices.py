@@ -49,7 +49,7 @@ from . import status
 from .arch import current as _current
 from .arch.x86 import boot, layout as L
 from .errors import PykvmError
-from .fuzz_stream import _le, _Stream
+from .fuzz_stream import _le, _Stream, blobs_from_json, blobs_to_json
 from .machine import Machine
 
 CASE_FORMAT = "pykvm-fuzz-device-case/1"
@@ -782,17 +782,14 @@ def generate_case(seed: int, index: int, *, modes=MODES, max_vcpus: int = MAX_VC
 
 
 def case_to_json(case: dict) -> dict:
-    out = dict(case)
-    out["blobs"] = [{"gpa": gpa, "hex": bytes(data).hex()} for gpa, data in case["blobs"]]
-    return out
+    """``case`` with its blobs in JSON form (a reproducer's "case")."""
+    return dict(case, blobs=blobs_to_json(case["blobs"]))
 
 
 def case_from_json(d: dict) -> dict:
     if d.get("format") != CASE_FORMAT:
         raise ValueError(f"not a pykvm device fuzz case (format {d.get('format')!r})")
-    out = dict(d)
-    out["blobs"] = [(b["gpa"], bytes.fromhex(b["hex"])) for b in d["blobs"]]
-    return out
+    return dict(d, blobs=blobs_from_json(d["blobs"]))
 
 
 # ================================================================================================

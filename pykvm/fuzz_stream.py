@@ -51,6 +51,17 @@ SELECTORS = (0, 0x08, 0x10, 0x18, 0x20, 0x23, 0x2B, 0x33, 0x1000, 0xFFFF)
 
 
 
+def blobs_to_json(blobs) -> list:
+    """A case's ``blobs`` ((guest-physical address, bytes) pairs written into RAM before the
+    run) as JSON-ready dicts ``{"gpa", "hex"}``."""
+    return [{"gpa": gpa, "hex": bytes(data).hex()} for gpa, data in blobs]
+
+
+def blobs_from_json(items) -> list:
+    """The inverse of :func:`blobs_to_json`."""
+    return [(b["gpa"], bytes.fromhex(b["hex"])) for b in items]
+
+
 def _le(value: int, n: int) -> bytes:
     return (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
 

@@ -1,5 +1,6 @@
 """Shared helpers of the hardware tests: tiny real-mode guests assembled with binutils (GNU as,
-Intel syntax; loaded flat at 0x8000 with CS = DS = 0) and the process's resident memory."""
+Intel syntax; loaded flat at 0x8000 with CS = DS = 0), a real-mode vCPU at a given address, and
+the process's resident memory."""
 import os
 import subprocess
 import tempfile
@@ -18,6 +19,31 @@ def asm16(body: str) -> bytes:
                        capture_output=True)
         with open(b, "rb") as f:
             return f.read()
+
+
+def real_mode_vcpu(vm, *, rip: int = 0x1000, flat_data: bool = False):
+    """A new vCPU of ``vm`` in real mode at CS:IP 0:``rip`` with RFLAGS 2 (and DS = ES = 0 when
+    ``flat_data``)."""
+    v = vm.create_vcpu()
+    s = v.get_sregs()
+    s.cs.base, s.cs.selector = 0, 0
+    if flat_data:
+        s.ds.base, s.ds.selector = 0, 0
+        s.es.base, s.es.selector = 0, 0
+    v.set_sregs(s)
+    r = v.get_regs()
+    r.rip, r.rflags = rip, 2
+    v.set_regs(r)
+    return v
+
+
+def real_mode_vm(kvm, code: bytes, ram: int, *, at: int = 0x1000, flat_data: bool = False):
+    """(vm, vcpu): a VM of ``ram`` bytes at GPA 0 holding ``code`` at ``at``, and one real-mode
+    vCPU starting there (see :func:`real_mode_vcpu`)."""
+    vm = kvm.create_vm()
+    vm.add_memory(0, ram)
+    vm.memory.write(at, code)
+    return vm, real_mode_vcpu(vm, rip=at, flat_data=flat_data)
 
 
 SPIN = "1:  jmp 1b"

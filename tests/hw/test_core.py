@@ -14,6 +14,8 @@ from pykvm.abi import ioctls
 from pykvm.arch.x86.regs import msr_reg_id
 from pykvm.runloop import PyRunLoop, RunLoop
 
+from _asm import real_mode_vm
+
 EFER, STAR, TSC = 0xC0000080, 0xC0000081, 0x10
 
 C_CAPS = textwrap.dedent(r"""
@@ -168,17 +170,7 @@ def test_stats(kvm):
 
 
 def _real_mode(kvm, code):
-    vm = kvm.create_vm()
-    vm.add_memory(0, 1 << 20)
-    vm.memory.write(0x1000, code)
-    v = vm.create_vcpu()
-    s = v.get_sregs()
-    s.cs.base, s.cs.selector = 0, 0
-    v.set_sregs(s)
-    r = v.get_regs()
-    r.rip, r.rflags = 0x1000, 2
-    v.set_regs(r)
-    return vm, v
+    return real_mode_vm(kvm, code, 1 << 20)
 
 
 # mov dx,0x3f8; mov al,'H'; out dx,al; mov al,'i'; out dx,al; mov dx,0x80; out dx,al;

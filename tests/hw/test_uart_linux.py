@@ -6,7 +6,7 @@ import pytest
 
 from pykvm.runloop import LoopConfig, PyRunLoop, RunLoop, UartGroup
 
-from _asm import asm16
+from _asm import asm16, real_mode_vcpu
 
 RAM = 0x10000
 OUT = 0x500
@@ -128,14 +128,7 @@ def _vm(kvm, code, irqchip=False, vcpus=1):
         vm.create_irqchip()
     out = []
     for _ in range(vcpus):
-        v = vm.create_vcpu()
-        s = v.get_sregs()
-        s.cs.base, s.cs.selector = 0, 0
-        v.set_sregs(s)
-        r = v.get_regs()
-        r.rip, r.rflags = 0x1000, 2
-        v.set_regs(r)
-        out.append(v)
+        out.append(real_mode_vcpu(vm))
     return vm, out
 
 

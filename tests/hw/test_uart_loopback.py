@@ -10,7 +10,7 @@ import pytest
 
 from pykvm.runloop import LoopConfig, PyRunLoop, RunLoop
 
-from _asm import asm16
+from _asm import asm16, real_mode_vm
 
 RAM = 0x10000
 OUT = 0x500             # where the guest stores what it reads
@@ -76,16 +76,7 @@ EXPECT = [0x60, 0x00, 0x61, 0x01, 0x41, 0x60, 0x63, 0x61, 0x43, 0x04, 0x44, 0x01
 @pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])
 def test_uart_loopback(kvm, loop_cls, window):
     code = asm16(".org 0x1000\n" + _guest(window))[0x1000:]
-    vm = kvm.create_vm()
-    vm.add_memory(0, RAM)
-    vm.memory.write(0x1000, code)
-    v = vm.create_vcpu()
-    s = v.get_sregs()
-    s.cs.base, s.cs.selector = 0, 0
-    v.set_sregs(s)
-    r = v.get_regs()
-    r.rip, r.rflags = 0x1000, 2
-    v.set_regs(r)
+    vm, v = real_mode_vm(kvm, code, RAM)
     with vm:
         cfg = LoopConfig(uart_mmio_base=MMIO) if window == "mmio" else LoopConfig()
         loop = loop_cls(v, cfg)
@@ -119,17 +110,7 @@ def test_uart_loopback_rep_insb_pops_each_byte(kvm):
     """
     code = asm16(".org 0x1000\n" + body)[0x1000:]
     for loop_cls in (RunLoop, PyRunLoop):
-        vm = kvm.create_vm()
-        vm.add_memory(0, RAM)
-        vm.memory.write(0x1000, code)
-        v = vm.create_vcpu()
-        s = v.get_sregs()
-        s.cs.base, s.cs.selector = 0, 0
-        s.es.base, s.es.selector = 0, 0
-        v.set_sregs(s)
-        r = v.get_regs()
-        r.rip, r.rflags = 0x1000, 2
-        v.set_regs(r)
+        vm, v = real_mode_vm(kvm, code, RAM, flat_data=True)
         with vm:
             st = loop_cls(v).run()
             assert st.exit.name == "HLT"

@@ -4,7 +4,7 @@ import pytest
 
 from pykvm.runloop import LoopConfig, PyRunLoop, RunLoop
 
-from _asm import asm16
+from _asm import asm16, real_mode_vm
 
 UART = 0x20000          # segment 0x2000: reachable from real mode, above the 64 KiB of RAM
 RAM = 0x10000
@@ -57,17 +57,7 @@ msg: .asciz "ns16550a over MMIO\\n"
 
 
 def _vm(kvm, code):
-    vm = kvm.create_vm()
-    vm.add_memory(0, RAM)
-    vm.memory.write(0x1000, code)
-    v = vm.create_vcpu()
-    s = v.get_sregs()
-    s.cs.base, s.cs.selector = 0, 0
-    v.set_sregs(s)
-    r = v.get_regs()
-    r.rip, r.rflags = 0x1000, 2
-    v.set_regs(r)
-    return vm, v
+    return real_mode_vm(kvm, code, RAM)
 
 
 @pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])

@@ -7,7 +7,7 @@ import pytest
 
 from pykvm.runloop import PyRunLoop, RunLoop
 
-from _asm import asm16
+from _asm import asm16, real_mode_vm
 
 RAM = 0x10000
 OUT = 0x500
@@ -40,17 +40,7 @@ BODY = f"""
 @pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])
 def test_wide_port_accesses_reach_consecutive_registers(kvm, loop_cls):
     code = asm16(".org 0x1000\n" + BODY)[0x1000:]
-    vm = kvm.create_vm()
-    vm.add_memory(0, RAM)
-    vm.memory.write(0x1000, code)
-    v = vm.create_vcpu()
-    s = v.get_sregs()
-    s.cs.base, s.cs.selector = 0, 0
-    s.ds.base, s.ds.selector = 0, 0
-    v.set_sregs(s)
-    r = v.get_regs()
-    r.rip, r.rflags = 0x1000, 2
-    v.set_regs(r)
+    vm, v = real_mode_vm(kvm, code, RAM, flat_data=True)
     with vm:
         loop = loop_cls(v)
         st = loop.run()
