@@ -52,6 +52,23 @@ class MemorySlot:
         """True if guest-physical [gpa, gpa + n) lies wholly inside this slot."""
         return self.gpa <= gpa and gpa + n <= self.end
 
+    def resident(self) -> int:
+        """Bytes of this slot's host mapping resident in host RAM now (the ``Rss`` of the
+        mapping that holds :attr:`host_addr` in ``/proc/self/smaps``): what the guest (or a
+        loader) has touched. Where the kernel merged an adjacent anonymous mapping with it,
+        that is counted too. Raises :class:`LookupError` if the mapping is not found."""
+        base = self.host_addr
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = lo <= base < hi
+                elif inside and line.startswith("Rss:"):
+                    return int(line.split()[1]) * 1024
+        raise LookupError(f"no mapping at host address {base:#x} in /proc/self/smaps")
+
     def _release(self) -> None:
         """Give the host memory back. The address range is first replaced by fresh anonymous
         pages (so a late access through an old address reads zeroes rather than faulting or

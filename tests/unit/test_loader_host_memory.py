@@ -33,17 +33,8 @@ def big_ram():
 
 
 def rss_kib(mem) -> int:
-    """Resident KiB of the mapping behind ``mem``'s first slot (/proc/self/smaps)."""
-    base = next(iter(mem)).host_addr
-    with open("/proc/self/smaps") as f:
-        inside = False
-        for line in f:
-            head = line.split()[0]
-            if "-" in head and not head.endswith(":"):
-                inside = int(head.split("-")[0], 16) == base
-            elif inside and line.startswith("Rss:"):
-                return int(line.split()[1])
-    raise AssertionError("mapping not found in /proc/self/smaps")
+    """Resident KiB of ``mem``'s first slot (:meth:`pykvm.memory.MemorySlot.resident`)."""
+    return next(iter(mem)).resident() // 1024
 
 
 class View:
@@ -151,5 +142,18 @@ def test_guest_memory_zero_outside_ram_changes_nothing():
         with pytest.raises(GuestMemoryError):
             mem.zero(4096, 4 * 4096)
         assert mem.read(0, 4 * 4096) == b"\x5a" * 4 * 4096
+    finally:
+        mem._close()
+
+
+def test_slot_resident_follows_what_is_touched_and_zeroed():
+    mem = ram(64 * MiB)
+    try:
+        slot = next(iter(mem))
+        before = slot.resident()
+        mem.write(16 * MiB, b"\x01" * (4 * MiB))
+        assert slot.resident() - before >= 4 * MiB
+        mem.zero(16 * MiB, 4 * MiB)                   # whole pages: released again
+        assert slot.resident() - before < 1 * MiB
     finally:
         mem._close()
