@@ -1,11 +1,12 @@
 """An x86 vCPU's failure in the guest's terms: where it was (RIP, the guest symbol and
 file:line), in which CPU mode, and the instruction there, decoded.
 
-Used for ``KVM_EXIT_INTERNAL_ERROR`` (Linux's Documentation/virt/kvm/api.rst, "KVM_EXIT_INTERNAL_ERROR"): for the
-EMULATION sub-error (KVM's instruction emulator met an instruction it cannot emulate) KVM may
-hand over the instruction bytes itself (``flags`` bit 0, KVM_INTERNAL_ERROR_EMULATION_FLAG_
-INSTRUCTION_BYTES: ``data[0]`` = flags, then ``insn_size`` (1 byte) and 15 bytes of instruction);
-otherwise the bytes are read from guest memory at CS.base + RIP, translated through the guest's
+Used for ``KVM_EXIT_INTERNAL_ERROR`` (Linux's Documentation/virt/kvm/api.rst,
+"KVM_EXIT_INTERNAL_ERROR"): for the EMULATION sub-error (KVM's instruction emulator met an
+instruction it cannot emulate) KVM may hand over the instruction bytes itself (``flags`` bit 0,
+``KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES``: ``data[0]`` = flags, then ``insn_size``
+(1 byte) and 15 bytes of instruction); otherwise the bytes are read from guest memory at
+CS.base + RIP, translated through the guest's
 page tables by KVM (KVM_TRANSLATE) when paging is on.
 
 The decoder is iced-x86 (a dependency of pykvm on x86_64 hosts); where it is missing the
