@@ -6,8 +6,8 @@ Used for ``KVM_EXIT_INTERNAL_ERROR`` (Linux's Documentation/virt/kvm/api.rst,
 instruction it cannot emulate) KVM may hand over the instruction bytes itself (``flags`` bit 0,
 ``KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES``: ``data[0]`` = flags, then ``insn_size``
 (1 byte) and 15 bytes of instruction); otherwise the bytes are read from guest memory at
-CS.base + RIP, translated through the guest's
-page tables by KVM (KVM_TRANSLATE) when paging is on.
+CS.base + RIP, translated through the guest's page tables by KVM (KVM_TRANSLATE) when paging
+is on.
 
 The decoder is iced-x86 (a dependency of pykvm on x86_64 hosts); where it is missing the
 instruction is given as hex bytes.
