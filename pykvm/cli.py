@@ -3,16 +3,46 @@ import signal
 import sys
 
 
+def _json_requested(args) -> bool:
+    """Whether an argument list asks a command that takes ``--json`` for JSON (self-contained:
+    the early signal handler uses it before the rest of this module exists)."""
+    args = list(args)
+    if "--" in args:
+        args = args[:args.index("--")]
+    if "--json" not in args:
+        return False
+    for a in args:
+        if a in ("-h", "--help", "--version"):
+            return False
+        if not a.startswith("-"):
+            return a in ("run", "caps", "regs", "bench")
+    return False
+
+
 def _early_signal(signum, frame):
     # Until main() installs its handlers (a few milliseconds), a signal ends the process the way
-    # main() would: one line, status 128 + signal, no traceback.
+    # main() would: one line (and with --json the one JSON object), status 128 + signal, no
+    # traceback.
+    name = signal.Signals(signum).name
+    code = 128 + signum
     try:
-        sys.stderr.write(f"pykvm: interrupted by {signal.Signals(signum).name}\n")
+        if _json_requested(sys.argv[1:]):
+            import json
+            obj = {"exit": "interrupted", "exit_code": code, "console": "", "exits": {},
+                   "seconds": 0.0, "detail": f"interrupted by {name}"}
+            data = (json.dumps(obj, indent=2) + "\n").encode()
+            import os
+            while data:
+                data = data[os.write(1, data):]
+    except (OSError, ValueError):      # stdout closed or full: the status says it
+        pass
+    try:
+        sys.stderr.write(f"pykvm: interrupted by {name}\n")
         sys.stderr.flush()
     except (OSError, ValueError, AttributeError):     # stderr closed or full: the status says it
         pass
     import os
-    os._exit(128 + signum)
+    os._exit(code)
 
 
 def _started_as_program() -> bool:
@@ -33,11 +63,13 @@ if _started_as_program():
 
 import argparse  # noqa: E402
 import errno  # noqa: E402
-import io  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 
 from . import __version__  # noqa: E402
+from . import _cliutil  # noqa: E402
+from ._cliutil import err as _err, output as _output  # noqa: E402
+from ._cliutil import stdout_failed as _stdout_failed  # noqa: E402
 from .outfile import check_report_path  # noqa: E402
 
 
@@ -136,33 +168,25 @@ def _wants_json(argv=None) -> bool:
     failure before the command starts is answered with one object."""
     if argv is None:
         argv = _invocation["argv"]
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--" in args:
-        args = args[:args.index("--")]
-    return "--json" in args and _command_of(args) in JSON_COMMANDS
+    return _json_requested(sys.argv[1:] if argv is None else argv)
 
 
-def _err(line: str) -> bool:
-    """``line`` on stderr; where stderr is closed or cannot be written, nothing (the exit
-    status still tells the failure). Returns whether the line was written."""
-    stream = sys.stderr
-    if stream is None:
-        return False
-    try:
-        stream.write(line + "\n")
-        stream.flush()
-    except (OSError, ValueError):
-        return False
-    return True
+def _emit_json(obj) -> None:
+    """Print the command's one JSON object on stdout. From the moment it is called the outcome
+    is decided: a SIGINT/SIGTERM that lands while (or after) the object is written ends nothing
+    and is not reported again, so every outcome prints exactly one object and the status is the
+    object's ``exit_code``."""
+    _sig.committed = True
+    text = json.dumps(obj, indent=2)
+    print(text)
 
 
 def _print_json_outcome(exit_name: str, code: int, detail: str) -> None:
     """The one JSON object of a command that ended without a result of its own (bad input, a
     host or KVM failure, a signal): the shape of ``pykvm run --json``'s object, for every
     command that takes --json."""
-    import json
-    print(json.dumps({"exit": exit_name, "exit_code": code, "console": "", "exits": {},
-                      "seconds": 0.0, "detail": detail}, indent=2))
+    _emit_json({"exit": exit_name, "exit_code": code, "console": "", "exits": {},
+                "seconds": 0.0, "detail": detail})
 
 
 def _report(exit_name: str, code: int, detail: str, as_json: bool) -> int:
@@ -359,6 +383,7 @@ class _Signalled(BaseException):
 class _SignalState:
     machine = None            # the Machine being run, if any: a signal kicks it
     signum = None             # the first SIGINT/SIGTERM received
+    committed = False         # the one JSON object is being (or was) printed: signals end nothing
     reported = False          # the command has already reported it
 
 
@@ -377,6 +402,8 @@ _sig = _SignalState()
 
 
 def _on_signal(signum, frame):
+    if _sig.committed:        # the outcome's JSON object is out (or going out): it stands
+        return
     if _sig.signum is None:
         _sig.signum = signum
     m = _sig.machine
@@ -407,7 +434,7 @@ def cmd_caps(args) -> int:
     with Kvm() as kvm:
         info = kvm.info()
     if args.json:
-        print(json.dumps(info, indent=2, sort_keys=False))
+        _emit_json(info)
         return 0
     print(f"{info['path']}: KVM API {info['api_version']}, arch {info['arch']}, "
           f"vcpu mmap {info['vcpu_mmap_size']} bytes")
@@ -423,76 +450,9 @@ def cmd_caps(args) -> int:
     return 0
 
 
-_output = {"error": None,     # the first OSError writing to stdout
-           "reported": False, # _output_failure() has said so
-           "wrapped": False}  # stdout is a _StdoutRaw (so _output["error"] is exact)
-
-
-class _StdoutRaw(io.RawIOBase):
-    """fd 1 for the ``pykvm`` program's sys.stdout: every write that fails is remembered in
-    ``_output["error"]`` (then raised as usual), so a failure of stdout (a closed pipe, a full
-    disk, an fd opened read-only) is told apart from any other OSError a command meets."""
-
-    def __init__(self, fd: int):
-        super().__init__()
-        self._fd = fd
-
-    def writable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def isatty(self) -> bool:
-        return os.isatty(self._fd)
-
-    def write(self, b) -> int:
-        try:
-            return os.write(self._fd, b)
-        except OSError as e:
-            if _output["error"] is None:
-                _output["error"] = e
-            raise
-
-
-def _watch_stdout() -> None:
-    """Give the ``pykvm`` program a sys.stdout whose failures are recorded (see _StdoutRaw),
-    with the encoding and buffering the interpreter chose."""
-    old = sys.stdout
-    raw = _StdoutRaw(old.fileno())
-    sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw), encoding=old.encoding,
-                                  errors=old.errors, line_buffering=old.line_buffering)
-    _output["wrapped"] = True
-
-
-def _stdout_failed(e: OSError) -> bool:
-    """Whether ``e`` (an OSError that ended a command) was a failed write to stdout."""
-    if _output["wrapped"]:
-        return _output["error"] is not None
-    if e.errno in (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EBADF, errno.EDQUOT):
-        _output["error"] = e
-        return True
-    return False
-
-
-def _fill_closed_std_fds() -> "list[int]":
-    """Put /dev/null on any of fds 0, 1, 2 that is closed, so that no file pykvm opens later
-    (/dev/kvm, a vCPU, an image) lands on a standard stream and gets our output or the C
-    helper's messages written into it. Returns the fds that were closed."""
-    closed = []
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            closed.append(fd)
-            try:
-                new = os.open(os.devnull, os.O_RDWR)
-            except OSError:
-                continue
-            if new != fd:
-                os.dup2(new, fd)
-                os.close(new)
-    return closed
+def _output_failure() -> int:
+    """The status for a failed stdout: 141 for a closed pipe, else one line and 8."""
+    return _cliutil.output_failure("pykvm", EXIT_VMM)
 
 
 def _console_stream():
@@ -513,35 +473,6 @@ def _console_stream():
             if m is not None:
                 m._kick_all()
     return write
-
-
-def _output_failure() -> int:
-    """The status for a failed stdout: 141 for a closed pipe (as SIGPIPE would give), else one
-    line on stderr and 8. Further writes (and what is still buffered) go to /dev/null, so
-    nothing fails again at exit."""
-    e = _output["error"]
-    if isinstance(e, BrokenPipeError):
-        code = 141
-    else:
-        code = EXIT_VMM
-    if _output["reported"]:                 # said once already (run reports it, then main)
-        return code
-    _output["reported"] = True
-    try:
-        fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, sys.stdout.fileno())
-        os.close(fd)
-    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
-        pass
-    try:
-        sys.stdout.flush()                 # drop what is buffered into /dev/null
-    except (OSError, ValueError, AttributeError):
-        pass
-    if code == 141:
-        return code
-    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    _err(f"pykvm: cannot write to stdout: {why}")
-    return code
 
 
 def cmd_run(args) -> int:
@@ -627,7 +558,7 @@ def cmd_run(args) -> int:
             d = r.as_dict()
             d.update(exit="vmm_error", exit_code=EXIT_VMM,
                      detail="cannot write the --trace output to stderr")
-            print(json.dumps(d, indent=2))
+            _emit_json(d)
         return EXIT_VMM
     if _sig.signum is not None:
         _sig.reported = True
@@ -636,13 +567,13 @@ def cmd_run(args) -> int:
         if args.json:
             d = r.as_dict()
             d.update(exit="interrupted", exit_code=code, detail=detail)
-            print(json.dumps(d, indent=2))
+            _emit_json(d)
         else:
             sys.stdout.flush()
         _err(f"pykvm: {detail}")
         return code
     if args.json:
-        print(json.dumps(r.as_dict(), indent=2))
+        _emit_json(r.as_dict())
         sys.stdout.flush()                   # a failure to write it is the run's outcome
         if r.exit_code and r.detail:         # as for every failure: one line on stderr too
             _err(f"pykvm: {r.detail}")
@@ -666,9 +597,9 @@ def cmd_regs(args) -> int:
         vcpu = vm.create_vcpu()
         rows = current.describe_registers(vcpu)
     if args.json:
-        print(json.dumps([{"name": n, "id": hex(i) if i is not None else None, "size": s,
-                           "value": hex(v) if isinstance(v, int) else v}
-                          for n, i, s, v in rows], indent=2))
+        _emit_json([{"name": n, "id": hex(i) if i is not None else None, "size": s,
+                     "value": hex(v) if isinstance(v, int) else v}
+                    for n, i, s, v in rows])
         return 0
     for n, i, s, v in rows:
         ident = f"{i:#018x}" if i is not None else "-"
@@ -712,9 +643,10 @@ def cmd_guest_build(args) -> int:
     if args.mode and args.mode not in MODES[arch]:
         return _fail(f"{arch} guests have mode {', '.join(MODES[arch])}, not {args.mode!r}")
     if args.output is not None:
-        try:
-            check_report_path(args.output, "the image")     # no directory, socket, disk
-        except OSError as e:
+        from .guestbuild import check_output
+        try:          # not the source itself, not a missing directory, no directory/socket/disk
+            check_output(args.source, args.output, arch=arch, mode=args.mode)
+        except (OSError, GuestBuildError) as e:
             return _fail(str(e))
     try:
         image = build(args.source, arch=arch, mode=args.mode, out=args.output,
@@ -870,22 +802,12 @@ def main(argv=None) -> int:
     at once with that status instead of returning: the interpreter's own teardown of every
     loaded module costs more than some whole commands (VMs and fds are closed by then)."""
     program = argv is None and _started_as_program()
-    code = _main(argv, program)
+    try:
+        code = _main(argv, program)
+    except (_Signalled, KeyboardInterrupt) as e:      # a second signal while the first was told
+        code = _signal_status(e.signum if isinstance(e, _Signalled) else signal.SIGINT)
     if program:
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            code = 141
-        except (OSError, ValueError) as e:
-            if not code:
-                _err(f"pykvm: cannot write to stdout: {getattr(e, 'strerror', None) or e}")
-                code = EXIT_VMM
-        except AttributeError:                # no stdout at all (said already)
-            pass
-        try:
-            sys.stderr.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
+        code = _cliutil.finish_program(code, "pykvm", EXIT_VMM)
         os._exit(code)
     return code
 
@@ -901,19 +823,14 @@ def _main(argv=None, program=False) -> int:
     8 a host-side or VMM failure (out of fds, memory or threads; KVM missing; an ioctl)."""
     _sig.signum = None
     _sig.reported = False
-    _output["error"] = None
-    _output["reported"] = False
-    _output["wrapped"] = False
+    _sig.committed = False
     _invocation["argv"] = argv
     if program:
-        closed = _fill_closed_std_fds()
-        if 1 in closed or sys.stdout is None:       # started with stdout closed (>&-)
-            if sys.stderr is None and 2 not in closed:
-                sys.stderr = open(2, "w", closefd=False)
-            _err("pykvm: cannot write to stdout: it is closed")
-            return EXIT_VMM
-        if 2 in closed or sys.stderr is None:
-            sys.stderr = None                       # _err says nothing; statuses still tell
+        code = _cliutil.start_program("pykvm", EXIT_VMM)   # stdout closed: one line, 8
+        if code is not None:
+            return code
+    else:
+        _cliutil.reset()
     if sys.stdout is None:                   # in-process, with no stdout: nothing to write
         sys.stdout = open(os.devnull, "w")
     try:
@@ -921,8 +838,6 @@ def _main(argv=None, program=False) -> int:
             _install_signal_handlers()
         except ValueError:                   # not the main thread: leave signals alone
             pass
-        if program:
-            _watch_stdout()
         parser = build_parser(_command_of(sys.argv[1:] if argv is None else argv))
         try:
             args = parser.parse_args(argv)
@@ -966,8 +881,9 @@ def _main(argv=None, program=False) -> int:
     except (_Signalled, KeyboardInterrupt) as e:
         signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
         detail = f"interrupted by {_signal_name(signum)}"
+        committed, _sig.committed = _sig.committed, True      # a second signal ends nothing
         try:
-            if _wants_json(argv):
+            if _wants_json(argv) and not committed:
                 _print_json_outcome("interrupted", _signal_status(signum), detail)
             _err(f"pykvm: {detail}")
         except (_Signalled, OSError, ValueError):

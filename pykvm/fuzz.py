@@ -32,6 +32,7 @@ See docs/fuzzing.md.
 """
 import argparse
 import collections
+import errno
 import faulthandler
 import json
 import math
@@ -49,7 +50,8 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
-from . import fuzz_devices
+from . import _cliutil, fuzz_devices
+from .outfile import ReportPathError, check_report_path, write_report
 
 EXIT_OK = 0
 EXIT_FINDINGS = 1
@@ -780,6 +782,7 @@ class Supervisor:
         self.workers: List[_Worker] = []
         self.sel = selectors.DefaultSelector()
         self.failed_starts = 0
+        self.save_error: Optional[OSError] = None   # the first reproducer that could not be saved
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _record(self, w: _Worker, msg: dict) -> None:
@@ -821,7 +824,13 @@ class Supervisor:
         if self.signatures[sig] > MAX_FILES_PER_SIGNATURE:
             f["file"] = None                 # the same finding again: counted, not saved
             return f
-        f["file"] = self._save(f)
+        try:
+            f["file"] = self._save(f)
+        except OSError as e:                 # the findings directory cannot take it (full ...)
+            f["file"] = None
+            if self.save_error is None:
+                self.save_error = e
+                _cliutil.err(f"{PROG}: {e}")
         if not self.quiet:
             where = f"case {index}" if index is not None else "worker"
             first = (detail.strip().splitlines() or [""])[-1][:200]
@@ -848,11 +857,7 @@ class Supervisor:
         else:
             name = f"{f['kind']}-s{self.seed}-{f.get('start', 0)}-{f.get('stop', 0)}.json"
         path = os.path.join(self.out_dir, name)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
+        write_report(path, json.dumps(doc, indent=1) + "\n", "the reproducer")  # atomically
         return path
 
     # -- workers ----------------------------------------------------------------------------
@@ -1238,9 +1243,39 @@ def _select_one(w: _Worker, timeout: float) -> str:
 # Command line
 # ================================================================================================
 
+PROG = "python -m pykvm.fuzz"
+_invocation = {"json": False}     # whether this command line asked for --json
+
+
+def _json_requested(argv) -> bool:
+    args = list(argv)
+    if "--" in args:
+        args = args[:args.index("--")]
+    return "--json" in args and not any(a in ("-h", "--help") for a in args)
+
+
+def _fail(code: int, line: str) -> int:
+    """A run that ended without a summary: ``line`` on stderr and, with --json, one JSON object
+    on stdout (``exit``, ``exit_code``, ``detail``). Returns ``code``."""
+    if _invocation["json"]:
+        name = {EXIT_USAGE: "bad_input", EXIT_ENVIRONMENT: "host_error",
+                EXIT_INTERRUPTED: "interrupted"}.get(code, "error")
+        try:
+            print(json.dumps({"exit": name, "exit_code": code, "detail": line}, indent=1))
+        except (OSError, ValueError):        # stdout failed: told by the program's exit
+            pass
+    _cliutil.err(line)
+    return code
+
+
+# errnos that mean the host, not the command line, failed a path (a full disk, no memory ...)
+_HOST_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+                errno.EROFS)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        raise SystemExit(_fail(EXIT_USAGE, f"{self.prog}: error: {message}"))
 
 
 def _positive_int(text: str) -> int:
@@ -1388,15 +1423,42 @@ def _check_kvm() -> Optional[str]:
     return None
 
 
+def _check_out_dir(path: str) -> "tuple[int, str] | None":
+    """Refuse, before any case runs, a findings directory reproducers can never be written to:
+    (status, one line), or None when ``path`` is (or can be made) a writable directory.
+    A file, device or FIFO where the directory should be is bad input (2); a host that cannot
+    create it (a full or read-only file system) is a host failure (8)."""
+    where = f"{PROG}: error: --out {path}"
+    try:
+        if os.path.lexists(path):
+            if not os.path.isdir(path):
+                return EXIT_USAGE, f"{where}: not a directory"
+        else:
+            check_report_path(path, "reproducers")      # its nearest parent: a directory
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            return EXIT_USAGE, f"{where}: {os.strerror(errno.EACCES)}"
+    except ReportPathError as e:
+        return (EXIT_ENVIRONMENT if e.errno in _HOST_ERRNOS else EXIT_USAGE), f"{PROG}: error: {e}"
+    except OSError as e:
+        return ((EXIT_ENVIRONMENT if e.errno in _HOST_ERRNOS else EXIT_USAGE),
+                f"{where}: {e.strerror or e}")
+    return None
+
+
 def main(argv=None) -> int:
+    """``python -m pykvm.fuzz``; returns the exit status (docs/fuzzing.md "Exit status"):
+    0 no findings, 1 findings, 2 bad arguments, 8 /dev/kvm or the host unusable (including a
+    stdout or findings directory that cannot take the output), 130 interrupted. Every failure
+    is one line on stderr and, with --json, one JSON object on stdout."""
+    _invocation["json"] = _json_requested(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args._worker:
         return _worker_main(args._inject)
     if args.devices and not fuzz_devices.supported():
-        print("python -m pykvm.fuzz: error: --devices drives the x86 PC machine's devices; "
-              f"this host is {fuzz_devices.host_arch()}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(EXIT_USAGE, f"{PROG}: error: --devices drives the x86 PC machine's "
+                     f"devices; this host is {fuzz_devices.host_arch()}")
     if args.deadline is None:
         args.deadline = fuzz_devices.DEFAULT_DEADLINE if args.devices else DEFAULT_DEADLINE
     if args.modes is None:
@@ -1409,27 +1471,18 @@ def main(argv=None) -> int:
     try:
         if args.replay:
             if not os.path.isfile(args.replay):
-                print(f"python -m pykvm.fuzz: error: no such file: {args.replay}", file=sys.stderr)
-                return EXIT_USAGE
+                return _fail(EXIT_USAGE, f"{PROG}: error: no such file: {args.replay}")
             try:
                 return replay(args.replay, as_json=args.json, grace=args._grace, out_dir=args.out,
                               quiet=args.quiet)
-            except (ValueError, KeyError) as e:
-                print(f"python -m pykvm.fuzz: error: {args.replay} is not a reproducer: {e}",
-                      file=sys.stderr)
-                return EXIT_USAGE
+            except (ValueError, KeyError, TypeError) as e:
+                return _fail(EXIT_USAGE, f"{PROG}: error: {args.replay} is not a reproducer: {e}")
+        bad_out = _check_out_dir(args.out)
+        if bad_out:
+            return _fail(*bad_out)
         err = _check_kvm()
         if err:
-            print(f"python -m pykvm.fuzz: {err}", file=sys.stderr)
-            return EXIT_ENVIRONMENT
-        try:
-            os.makedirs(args.out, exist_ok=True)
-            if not os.access(args.out, os.W_OK):
-                raise PermissionError(13, "not writable")
-        except OSError as e:
-            print(f"python -m pykvm.fuzz: error: --out {args.out}: {e.strerror or e}",
-                  file=sys.stderr)
-            return EXIT_USAGE
+            return _fail(EXIT_ENVIRONMENT, f"{PROG}: {err}")
         sup = Supervisor(runs=args.runs, seed=args.seed, jobs=args.jobs, deadline=args.deadline,
                          modes=args.modes, max_vcpus=args.max_vcpus, out_dir=args.out,
                          quiet=args.quiet, inject=args._inject, start=args._start,
@@ -1439,8 +1492,7 @@ def main(argv=None) -> int:
         try:
             sup.run()
         except RuntimeError as e:
-            print(f"python -m pykvm.fuzz: {e}", file=sys.stderr)
-            return EXIT_ENVIRONMENT
+            return _fail(EXIT_ENVIRONMENT, f"{PROG}: {e}")
         s = sup.summary()
         if args.json:
             print(json.dumps(s, indent=1))
@@ -1449,11 +1501,37 @@ def main(argv=None) -> int:
         sys.stdout.flush()
         if s["interrupted"]:
             return EXIT_INTERRUPTED
+        if sup.save_error is not None:       # findings whose reproducers were lost: said once
+            return EXIT_ENVIRONMENT
         return EXIT_FINDINGS if s["findings"] else EXIT_OK
     except KeyboardInterrupt:
-        print("python -m pykvm.fuzz: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(EXIT_INTERRUPTED, f"{PROG}: interrupted")
+
+
+def _program() -> int:
+    """``python -m pykvm.fuzz`` as a program: stdout that cannot take the output (closed, full,
+    a reader gone) is one line on stderr and status 8 (141 for a closed pipe), never success and
+    never a traceback; stderr that cannot be written only loses its messages."""
+    if "--_worker" in sys.argv[1:]:              # a worker: its stdout is the protocol pipe
+        return main()
+    code = _cliutil.start_program(PROG, EXIT_ENVIRONMENT)
+    if code is not None:
+        return code
+    _cliutil.tolerant_stderr()
+    try:
+        code = main()
+    except SystemExit as e:                      # --help, or a usage error (said)
+        code = e.code if isinstance(e.code, int) else EXIT_USAGE
+    except OSError as e:
+        if _cliutil.stdout_failed(e):
+            code = EXIT_ENVIRONMENT              # told by finish_program
+        else:                                    # the host failed us (fds, processes, disk)
+            where = f"{e.filename}: " if e.filename else ""
+            code = _fail(EXIT_ENVIRONMENT, f"{PROG}: {where}{e.strerror or e}")
+    except MemoryError:
+        code = _fail(EXIT_ENVIRONMENT, f"{PROG}: out of memory")
+    return _cliutil.finish_program(code, PROG, EXIT_ENVIRONMENT)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_program())

@@ -31,6 +31,7 @@ elsewhere); ``riscv64-linux-gnu-gcc`` for RISC-V (``gcc`` on a riscv64 host). Th
 variables ``PYKVM_X86_CC``, ``PYKVM_X86_LD``, ``PYKVM_X86_OBJCOPY`` and ``PYKVM_RISCV_CC``
 override them.
 """
+import errno
 import hashlib
 import os
 import re
@@ -41,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import PykvmError
+from .outfile import ReportPathError, check_report_path, write_report
 
 __all__ = ["GuestBuildError", "build", "runtime_dir", "cache_dir", "host_arch", "ARCHES",
            "MODES", "RUNTIME_PARTS", "SOURCE_SUFFIXES"]
@@ -336,8 +338,11 @@ def build(source, *, arch: Optional[str] = None, mode: Optional[str] = None,
     ``source_root``: the directory whose prefix is stripped from ``__FILE__`` (default: the
     source's own directory, so a guest assertion reads ``my_guest.c:12``).
 
-    Raises :class:`GuestBuildError` (with the compiler's message) when the build fails."""
+    Raises :class:`GuestBuildError` (with the compiler's message) when the build fails, and
+    :class:`pykvm.outfile.ReportPathError` (before compiling) for an ``out`` that
+    :func:`check_output` refuses, or when writing it fails."""
     src, arch, mode = _check_args(source, arch, mode)
+    outs = check_output(src, out, arch=arch, mode=mode) if out else None   # before compiling
     plan = _Plan(src, arch, mode, cflags, source_root)
     key = plan.key()
     base = os.path.join(cache or cache_dir(), "guests")
@@ -357,15 +362,55 @@ def build(source, *, arch: Optional[str] = None, mode: Optional[str] = None,
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
     image = os.path.join(final, names[0])
-    if out:
-        out = os.path.abspath(out)
-        os.makedirs(os.path.dirname(out), exist_ok=True)
+    if outs:
         if plan.flat:
-            elf_out = os.path.splitext(out)[0] + ".elf"
-            if elf_out == out:
-                raise GuestBuildError(f"{out}: a real-mode guest is a flat binary; name it "
-                                      "*.bin (its ELF goes next to it as *.elf)")
-            shutil.copyfile(os.path.join(final, names[1]), elf_out)
-        shutil.copyfile(image, out)
-        image = out
+            with open(os.path.join(final, names[1]), "rb") as f:
+                write_report(outs[1], f.read(), "the image's ELF")
+        with open(image, "rb") as f:
+            write_report(outs[0], f.read(), "the image")
+        image = outs[0]
     return image
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name one file (hard links and symlinks included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:                    # one of them does not exist (yet): not the same file
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output(source, out, *, arch: Optional[str] = None,
+                 mode: Optional[str] = None) -> List[str]:
+    """The paths ``build(source, out=out)`` writes (``[out]``, or for a real-mode flat binary
+    ``[out, out-without-suffix.elf]``), checked before anything is compiled, as gcc's ``-o``:
+    an output that names the source itself (by any path: a symlink, a hard link) is refused,
+    as is an output in a directory that does not exist (gcc: "No such file or directory"), a
+    directory, socket or block device (see :func:`pykvm.outfile.check_report_path`), and a
+    real-mode output named ``*.elf`` (its ELF would overwrite it).
+
+    Raises :class:`pykvm.outfile.ReportPathError` (an OSError, one line) for a path refused;
+    :class:`GuestBuildError` when ``source``, ``arch`` or ``mode`` is not usable."""
+    src, arch, mode = _check_args(source, arch, mode)
+    o = os.path.abspath(os.fspath(out))
+    outs = [o]
+    if arch == "x86_64" and _X86_MODES[mode].flat:
+        elf_out = os.path.splitext(o)[0] + ".elf"
+        if elf_out == o:
+            raise ReportPathError(errno.EINVAL, f"cannot write the image to {out}: a real-mode "
+                                  "guest is a flat binary; name it *.bin (its ELF goes next to "
+                                  "it as *.elf)", out)
+        outs.append(elf_out)
+    for p in outs:
+        shown = out if p == o else p
+        if _same_file(p, src):
+            raise ReportPathError(errno.EINVAL, f"cannot write the image to {shown}: it is the "
+                                  f"input file {source}", shown)
+        parent = os.path.dirname(p)
+        if not os.path.isdir(parent):
+            err = errno.ENOTDIR if os.path.exists(parent) else errno.ENOENT
+            raise ReportPathError(err, f"cannot write the image to {shown}: "
+                                  f"{os.strerror(err)}: {os.path.dirname(shown) or parent}",
+                                  shown)
+        check_report_path(p, "the image")
+    return outs

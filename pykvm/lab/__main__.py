@@ -1,10 +1,12 @@
 """``python -m pykvm.lab {riscv,nested}``: build a lab image, boot it in QEMU, run pytest inside.
 
-Exit status: the inner pytest's status; 3 when the lab could not be prepared or booted (or /init
-failed) or its results (JUnit XML, manifest) could not be written, 4 on timeout, 5 when no
-results came back; 130 / 143 / 129 when SIGINT / SIGTERM / SIGHUP stopped it (QEMU and every
-other child stopped, temporary files removed, one line on stderr). The one-line reason is
-printed last.
+Exit status: the inner pytest's status; 2 bad arguments (including an --out or --cache that
+is not, and cannot become, a directory); 3 when the lab could not be prepared or booted (or
+/init failed), a directory it needs could not be created, or its results (JUnit XML, manifest)
+could not be written; 4 on timeout; 5 when no results came back; 8 when stdout cannot take the
+output (closed, a full disk; 141 when its reader went away), as for every pykvm command;
+130 / 143 / 129 when SIGINT / SIGTERM / SIGHUP stopped it (QEMU and every other child stopped,
+temporary files removed, one line on stderr). The one-line reason is printed last.
 """
 
 from __future__ import annotations
@@ -18,18 +20,66 @@ if __name__ == "__main__":
     proc.install_signal_handlers()
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from ..outfile import ReportPathError  # noqa: E402
+from .. import _cliutil  # noqa: E402
+from ..outfile import ReportPathError, check_report_path  # noqa: E402
 from . import progress  # noqa: E402
 from .build import CHECKOUT, Options, run_lab  # noqa: E402
 
+PROG = "python -m pykvm.lab"
+EXIT_PREPARE = 3          # the lab could not be prepared (here: a directory it needs)
+EXIT_OUTPUT = 8           # stdout cannot take the output (as pykvm's own commands)
+# errnos that mean the host failed a path, not the command line (a full or read-only disk ...)
+_HOST_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+                errno.EROFS)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line (no usage block), status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _dir_argument(text: str) -> Path:
+    """An --out/--cache directory: one that exists, or whose nearest existing parent is a
+    directory (it is created when the lab starts). A file, device, FIFO or socket there is
+    refused (argparse's one line, status 2): the lab never writes over what a path names."""
+    if not text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"not a directory path: {text!r}")
+    p = Path(text).expanduser()
+    if os.path.lexists(p):
+        if not p.is_dir():
+            raise argparse.ArgumentTypeError(f"{text}: not a directory")
+        return p
+    try:
+        check_report_path(p, "the directory")        # the parents: directories
+    except ReportPathError as e:
+        raise argparse.ArgumentTypeError(f"{text}: {os.strerror(e.errno)}") from None
+    return p
+
+
+def _make_dirs(opts: Options) -> "tuple[int, str] | None":
+    """Create --out and --cache before any work: (status, one line) when one cannot be made or
+    written (2 when the path is refused, 3 when the host fails it), else None."""
+    for opt, d in (("--out", opts.out), ("--cache", opts.cache)):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        except OSError as e:
+            code = EXIT_PREPARE if e.errno in _HOST_ERRNOS else 2
+            return code, f"{PROG}: error: argument {opt}: {d}: {e.strerror or e}"
+    return None
+
 
 def _parse(argv: list[str] | None) -> tuple[str, Options]:
-    p = argparse.ArgumentParser(
-        prog="python -m pykvm.lab",
+    p = _Parser(
+        prog=PROG,
         description="Run pykvm's inner test suites on real KVM inside QEMU: 'riscv' (a RISC-V hart with "
         "the H extension, Debian sid kernel) or 'nested' (x86_64 with nested SVM under TCG, Debian "
         "bookworm cloud kernel). Results go to <out>/<lab>.xml (JUnit) and <out>/manifest.json. "
@@ -39,10 +89,10 @@ def _parse(argv: list[str] | None) -> tuple[str, Options]:
     p.add_argument("lab", choices=["riscv", "nested"])
     p.add_argument("tests", nargs="*", help="inner test paths relative to the checkout (default: riscv: "
                    "tests/riscv tests/lab/inner_smoke; nested: tests/nested tests/lab/inner_smoke; absent ones are skipped)")
-    p.add_argument("--cache", type=Path, default=Path(os.environ.get("PYKVM_LAB_CACHE", "~/.cache/pykvm/lab")),
+    p.add_argument("--cache", type=_dir_argument, default=Path(os.environ.get("PYKVM_LAB_CACHE", "~/.cache/pykvm/lab")),
                    help="download/unpack cache (default ~/.cache/pykvm/lab, or $PYKVM_LAB_CACHE); "
                    "labs may share one at the same time")
-    p.add_argument("--out", type=Path, default=CHECKOUT / "build" / "lab", help="output dir (default <checkout>/build/lab)")
+    p.add_argument("--out", type=_dir_argument, default=CHECKOUT / "build" / "lab", help="output dir (default <checkout>/build/lab)")
     p.add_argument("--keep", action="store_true", help="keep the staging trees of the run in <out>/<lab>/")
     p.add_argument("--timeout", type=float, help="seconds per QEMU boot (default 600)")
     p.add_argument("--cpu", action="append", help="riscv CPU model (rv64 or max; repeatable; default both)")
@@ -69,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     lab = "?"
     try:
         lab, opts = _parse(argv)
+        bad = _make_dirs(opts)
+        if bad:
+            print(bad[1], file=sys.stderr, flush=True)
+            return bad[0]
         return run_lab(lab, opts)
     except proc.Interrupted as e:
         # `finally` blocks on the way here stopped QEMU and removed the staging files; stop what is left
@@ -83,7 +137,33 @@ def main(argv: list[str] | None = None) -> int:
         progress.silence()
         print(f"lab {lab}: {e}", file=sys.stderr, flush=True)
         return 3
+    except OSError as e:
+        if _cliutil.stdout_failed(e):
+            raise
+        progress.silence()                # a directory or file the lab needs failed the host
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lab {lab}: {where}{e.strerror or e}", file=sys.stderr, flush=True)
+        return 3
+
+
+def _program() -> int:
+    """``python -m pykvm.lab`` as a program: stdout closed, full or gone is one line on stderr
+    and status 8 (141 for a reader that went away), never success and never a traceback; a
+    stderr that cannot be written only loses the progress lines."""
+    code = _cliutil.start_program(PROG, EXIT_OUTPUT)
+    if code is not None:
+        return code
+    _cliutil.tolerant_stderr()
+    try:
+        code = main()
+    except SystemExit as e:               # --help, or a usage error (said)
+        code = e.code if isinstance(e.code, int) else 2
+    except OSError as e:
+        if not _cliutil.stdout_failed(e):
+            raise
+        code = EXIT_OUTPUT
+    return _cliutil.finish_program(code, PROG, EXIT_OUTPUT)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_program())

@@ -167,6 +167,7 @@ def test_cli_guest_build(tmp_path, cache):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().startswith(str(cache)) and r.stdout.strip().endswith("boot.bin")
     out = tmp_path / "out" / "b.bin"
+    out.parent.mkdir()                    # -o does not create directories (as gcc's)
     r = _cli(str(src), "-o", str(out), "--mode", "real")
     assert (r.returncode, r.stdout.strip()) == (0, str(out)), r.stderr
     assert out.stat().st_size > 0 and (tmp_path / "out" / "b.elf").exists()
