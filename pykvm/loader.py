@@ -615,8 +615,9 @@ def build_multiboot_info(ram_size: int, cmdline: str = "", *,
                          modules: List[Tuple[int, int, str]] = ()) -> bytes:
     """The multiboot information block, as QEMU's ``-kernel`` builds it, to be written at
     ``addr``: flags MEM | BOOT_DEVICE | CMDLINE | MODS | MMAP | BOOT_LOADER_NAME,
-    mem_lower = 640, mem_upper = (RAM below 4 GiB - 1 MiB) / 1 KiB, an e820 memory map, the
-    module list, the command line and the boot loader name. Everything fits in ``size`` bytes.
+    mem_lower = the RAM entry at 0 in KiB (639), mem_upper = (RAM below 4 GiB - 1 MiB) / 1 KiB,
+    an e820 memory map, the module list, the command line and the boot loader name. Everything
+    fits in ``size`` bytes.
 
     ``memory_map``: (base, length, type) entries (default: RAM contiguous from 0, the classic
     legacy holes reserved); mem_upper is then the length of the RAM entry at 1 MiB.
@@ -645,7 +646,9 @@ def build_multiboot_info(ram_size: int, cmdline: str = "", *,
         what = "command line and module strings" if modules else "command line"
         raise LoadError(f"{what} too long for the multiboot information area ({total} bytes, "
                         f"room for {size})")
-    low = min(ram_size, 640 * 1024)
+    # mem_lower: the RAM entry at 0 (639 KiB: the EBDA's 1 KiB below 640 KiB is reserved, as
+    # QEMU's multiboot ROM reports it after SeaBIOS)
+    low = min(640 * 1024, next((n for a, n, t in ranges if a == 0 and t == E820_RAM), 0))
     if memory_map is None:
         upper = max(0, min(ram_size, 4 << 30) - (1 << 20)) // 1024
     else:

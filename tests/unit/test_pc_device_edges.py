@@ -191,14 +191,18 @@ def test_fw_cfg_selector_is_16_bit_only():
     f.io_write(0x510, 1, b"\x03")                             # a data write: ignored
     assert f.io_read(0x511, 1, 1) == b"E"
     f.io_write(0x510, 4, (0x00050003).to_bytes(4, "little"))  # not a valid access
-    f.io_write(0x511, 2, b"\x03\x00")                         # a byte at 0x511: data write
+    f.io_write(0x511, 2, b"\x03\x00")                         # 16-bit at 0x511: not valid
     assert f.io_read(0x511, 1, 1) == b"M"
     assert f.io_read(0x510, 1, 1) == b"U"                     # 8-bit reads at 0x510: data too
     sel(f, 0)
-    assert f.io_read(0x510, 2, 1) == b"\0\0"                  # 16-bit reads: not valid, 0
+    # QEMU 7.2 (TCG: an IN reaches the region whole): 16- and 32-bit reads at either port are
+    # not valid accesses: 0, and the read position stays (fw2.elf of the hostile run)
+    assert f.io_read(0x510, 2, 1) == b"\0\0"
     assert f.io_read(0x510, 4, 1) == bytes(4)
-    assert f.io_read(0x511, 2, 1) == b"Q\xff"                 # a byte, then unassigned 0x512
-    assert f.io_read(0x511, 4, 1) == b"E\xff\xff\xff"
+    assert f.io_read(0x511, 2, 1) == b"\0\0"
+    assert f.io_read(0x511, 4, 1) == bytes(4)
+    assert f.io_read(0x511, 2, 3) == bytes(6)                 # rep insw: each unit likewise
+    assert f.io_read(0x511, 1, 1) == b"Q"                     # nothing was consumed
 
 
 def test_fw_cfg_arch_keys_write_channel_and_invalid_keys():

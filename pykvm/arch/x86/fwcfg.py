@@ -1,18 +1,21 @@
 """QEMU's firmware configuration device (fw_cfg), legacy I/O interface, as QEMU's x86 machines
 have it (docs/specs/fw_cfg.rst and hw/nvram/fw_cfg.c in QEMU).
 
-QEMU's x86 fw_cfg is one 2-port I/O region at 0x510 (``fw_cfg_comb_mem_ops``): both ports
-behave the same, and what an access does depends on its width only:
+QEMU's x86 fw_cfg is one 2-port I/O region at 0x510 (``fw_cfg_comb_mem_ops``, whose
+``fw_cfg_comb_valid`` accepts 1-byte accesses and 2-byte writes, naturally aligned): both ports
+behave the same, and what an access does depends on its width only. An IN or OUT reaches the
+region whole (as in QEMU 7.2 under TCG, checked against it), never cut into bytes:
 
 =============  ====================================================================
 access         effect
 =============  ====================================================================
-8-bit read     the next byte of the selected item (0 past its end, or if none is)
+8-bit read     the next byte of the selected item (0 past its end, or if none is),
+               at 0x510 or 0x511
 8-bit write    a data write: ignored (QEMU 2.4 and later have no writable items)
 16-bit write   at 0x510: select the item whose key is the value, rewind to its start
-other          16-bit reads and 32-bit accesses at 0x510 are not valid: reads give 0,
-               writes do nothing; at 0x511 a wider access is cut into a byte for
-               0x511 and unassigned ports after it (all-ones), see :mod:`.ioaccess`
+other          not valid: 16- and 32-bit reads at either port give 0 and do not move
+               the read position (each unit of a ``rep insw``/``insd`` likewise); a
+               16-bit write at 0x511 and 32-bit writes do nothing
 =============  ====================================================================
 
 Keys (16 bits): bit 15 (FW_CFG_ARCH_LOCAL) picks the architecture's table, bit 14
@@ -47,7 +50,6 @@ import struct
 import threading
 from typing import Dict, Optional
 
-from .ioaccess import pieces
 
 SELECTOR_PORT = 0x510
 DATA_PORT = 0x511
@@ -79,10 +81,6 @@ FW_CFG_HPET = FW_CFG_ARCH_LOCAL + 4
 ID_TRADITIONAL = 1            # bit 0: the traditional (port) interface; bit 1 would be DMA
 HPET_FW_ENTRIES = 8           # struct hpet_fw_config: u8 count, 8 x {u32, u64, u16, u8}
 HPET_FW_ENTRY_SIZE = 15
-
-# QEMU's x86 fw_cfg region: ports 0x510-0x511, valid widths up to 4 (fw_cfg_comb_valid then
-# accepts 1-byte accesses and 2-byte writes only)
-_PORTS = ((SELECTOR_PORT, 2, 4),)
 
 
 class FwCfg:
@@ -145,32 +143,17 @@ class FwCfg:
         return self.read_data(1)[0]
 
     # -- port interface (the PC machine calls these) ----------------------------------------
-    def _read_unit(self, port: int, size: int) -> int:
-        value = 0
-        for region, _off, n, pos in pieces(port, size, _PORTS):
-            if region is None:
-                v = (1 << (8 * n)) - 1               # unassigned ports: all-ones
-            elif n == 1:
-                v = self.read_byte()
-            else:
-                v = 0                                 # not a valid access: QEMU reads 0
-            value |= v << (8 * pos)
-        return value
-
     def io_read(self, port: int, size: int, count: int) -> bytes:
         """Bytes for an IN of ``count`` units of ``size`` bytes (1, 2 or 4) at ``port`` (0x510
-        or 0x511), as QEMU answers each (module docstring). Work is O(count * size)."""
+        or 0x511), as QEMU answers each (module docstring): bytes of the item for 8-bit units,
+        zeros otherwise. Work is O(count * size)."""
         count = max(0, count)
         if size == 1:
             return self.read_data(count)              # a rep insb: one slice
-        return b"".join(self._read_unit(port, size).to_bytes(size, "little")
-                        for _ in range(count))
+        return bytes(size * count)                    # not a valid access: QEMU reads 0
 
     def io_write(self, port: int, size: int, data: bytes) -> None:
         """An OUT of ``size`` bytes ``data`` (little-endian) at ``port``: only a 16-bit write
-        that starts at the selector port selects; other writes do nothing (module
-        docstring)."""
-        value = int.from_bytes(bytes(data[:size]), "little")
-        for region, off, n, pos in pieces(port, size, _PORTS):
-            if region is not None and n == 2 and off == 0:
-                self.select((value >> (8 * pos)) & 0xFFFF)
+        at the selector port selects; other writes do nothing (module docstring)."""
+        if size == 2 and port == SELECTOR_PORT:
+            self.select(int.from_bytes(bytes(data[:2]), "little"))

@@ -9,10 +9,12 @@ in-kernel (KVM)        local APICs (0xFEE00000), IOAPIC (0xFEC00000), the two 82
                        (0x20, 0xA0, ELCR 0x4D0), the i8254 PIT (0x40-0x43, 0x61) without
                        re-injection of lost ticks (QEMU ``kvm-pit.lost_tick_policy=discard``)
 C run loop             COM1 (0x3F8), debug console (0xE9), isa-debug-exit (0xF4-0xF7)
+0x60, 0x64             i8042 keyboard controller (:mod:`.i8042`): probing, reset, IRQ 1/12
 0x70-0x71              CMOS RTC (:mod:`.rtc`), IRQ 8
 0x92                   port 92: A20 reads as on; bit 0 written = reset
 0x510-0x511            fw_cfg (:mod:`.fwcfg`)
-0x600-0x60B            ACPI PM1a event/control blocks and the PM timer (:mod:`.pm`), SCI = IRQ 9
+0x600-0x60B            ACPI PM1a event/control blocks and the PM timer (:mod:`.pm`), SCI = IRQ 9;
+                       moved or turned off by the guest through PMBA / PMREGMISC of 00:01.3
 0xCF8-0xCFF            PCI configuration mechanism #1 (:mod:`.pci`); 0xCF9 reset control
 0xE0-0xEB, 0x2000+     pc-testdev (:mod:`.testdev`), MMIO window 0xFF000000-0xFF00FFFF
 0xE0000-0xFFFFF        ACPI tables (:mod:`.acpi`): RSDP at 0xE0000
@@ -50,7 +52,8 @@ from ... import abi
 from ...errors import Closed, GuestMemoryError, KvmError
 from . import acpi, boot, layout as L
 from .fwcfg import DATA_PORT as FWCFG_DATA, SELECTOR_PORT as FWCFG_SELECTOR, FwCfg
-from .pci import PciHost
+from .i8042 import I8042, PORTS as I8042_PORTS
+from .pci import PM_FUNCTION, PciHost
 from .pm import AcpiPm
 from .rtc import CmosRtc
 from .testdev import (FLUSH_PORT, IOMEM_BASE, IOMEM_SIZE, IRQ_LINES, IRQ_PORT, SCRATCH_BYTE_PORT,
@@ -151,6 +154,22 @@ class Scheduler:
             self._cond.notify_all()
 
 
+class _Rebased:
+    """A device seen at ports moved by ``-delta``: an access at ``port`` reaches
+    ``device`` at ``port + delta`` (the PM block wherever PMBA puts it; the device keeps
+    QEMU pc's default addresses)."""
+
+    def __init__(self, device, delta: int = 0):
+        self.device = device
+        self.delta = delta
+
+    def read(self, port: int, size: int) -> int:
+        return self.device.read(port + self.delta, size)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        self.device.write(port + self.delta, size, value)
+
+
 class PcMachine:
     """The devices of the PC machine for :class:`pykvm.arch.x86.platform.Platform`."""
 
@@ -197,19 +216,27 @@ class PcMachine:
                            translate=self._dma_translate)
             self.edu.pci.on_write = self.edu.config_changed
             self.pci.functions[(EDU_SLOT, 0)] = self.edu.pci
+        self.i8042 = I8042(on_reset=lambda: self._power("reset"), set_irq=self.irq)
         self.port92 = 0x02
-        self.ports: Dict[int, object] = {}
+        # the port map, kept here only: fixed devices, then the PM block where the guest's
+        # PMBA puts it (fixed devices win where they overlap, see _map_pm)
+        self._fixed_ports: Dict[int, object] = {}
+        for p in I8042_PORTS:
+            self._fixed_ports[p] = self.i8042
         for p in (0x70, 0x71):
-            self.ports[p] = self.rtc
-        for p in range(acpi.PM_BASE, acpi.PM_BASE + 12):
-            self.ports[p] = self.pm
+            self._fixed_ports[p] = self.rtc
         for p in range(0xCF8, 0xD00):
-            self.ports[p] = self.pci
+            self._fixed_ports[p] = self.pci
         for p in list(range(SCRATCH_PORT, SCRATCH_PORT + 4)) + \
                 list(range(FLUSH_PORT, FLUSH_PORT + 4)) + \
                 list(range(SCRATCH_BYTE_PORT, SCRATCH_BYTE_PORT + 4)) + \
                 list(range(IRQ_PORT, IRQ_PORT + IRQ_LINES)):
-            self.ports[p] = self.testdev
+            self._fixed_ports[p] = self.testdev
+        self.ports: Dict[int, object] = {}
+        self.pm_base: Optional[int] = None           # where the PM block answers (None: off)
+        self._pm_port = _Rebased(self.pm)
+        self.pci.functions[PM_FUNCTION].on_write = self._map_pm
+        self._map_pm()
 
     # -- set-up ------------------------------------------------------------------------------
     def create_chips(self) -> None:
@@ -298,6 +325,28 @@ class PcMachine:
         when = self.pm.next_timer_flip_ns() if self.pm.timer_interrupt_enabled else None
         self.scheduler.schedule("pmtmr", when, self._pm_timer)
 
+    # -- the port map ------------------------------------------------------------------------
+    def _map_pm(self) -> None:
+        """Put the PM block where 00:01.3's PMBA and PMREGMISC say (called after every
+        configuration write to that function, as QEMU's ``pm_io_space_update``): base = PMBA &
+        0xFFC0, decoded while PMREGMISC bit 0 (PM I/O enable) is set. Twelve ports (PM1a_EVT,
+        PM1a_CNT, PM_TMR); where they overlap a fixed device's port (fw_cfg and port 0x92
+        included) the fixed device answers.
+        Bounded work: a few dozen dictionary entries."""
+        base, enabled = self.pci.pm_io_space()
+        new_base = base if enabled else None
+        if new_base == self.pm_base and self.ports:
+            return
+        self.pm_base = new_base
+        ports: Dict[int, object] = {}
+        if new_base is not None:
+            self._pm_port.delta = acpi.PM_BASE - new_base
+            for p in range(new_base, min(new_base + 12, 0x10000)):
+                if p not in (FWCFG_SELECTOR, FWCFG_DATA, PORT92):
+                    ports[p] = self._pm_port
+        ports.update(self._fixed_ports)
+        self.ports = ports
+
     # -- exits -----------------------------------------------------------------------------
     def io_read(self, port: int, size: int) -> int:
         """Serve an IN of ``size`` bytes (1, 2 or 4) at I/O ``port``: from the device that owns the
@@ -320,7 +369,7 @@ class PcMachine:
         dev = self.ports.get(port)
         if dev is not None:
             dev.write(port, size, value)
-            if dev is self.pm:
+            if dev is self._pm_port:
                 self._pm_changed()
             return
         if port in (FWCFG_SELECTOR, FWCFG_DATA):

@@ -1,31 +1,51 @@
 """PCI configuration space through configuration mechanism #1 (ports 0xCF8-0xCFF), with the
 functions of QEMU's ``pc`` (i440FX) board that pykvm models.
 
-* 0xCF8, 32-bit: CONFIG_ADDRESS — bit 31 enable, bits 23:16 bus, 15:11 device, 10:8 function,
-  7:2 register (dword). Only 32-bit accesses reach it; a byte at 0xCF9 is the PIIX reset
-  control register (bit 2 with bit 1: hard reset).
-* 0xCFC-0xCFF: CONFIG_DATA — the dword at the selected register; the low two bits of the port
-  (ORed, as QEMU does, with the low two bits written to CONFIG_ADDRESS) pick the byte an 8- or
-  16-bit access starts at. As QEMU's memory core does, an access is split into naturally
-  aligned pieces inside 0xCFC-0xCFF (a 4-byte IN at 0xCFD is a byte and a word), each piece
-  reading or writing configuration space on its own; bytes past 0xCFF belong to other
-  (unassigned) ports: all-ones on read, dropped on write.
+Each access is answered as QEMU 7.2 answers it (``hw/pci/pci_host.c`` and the PIIX3 reset
+control register, run under TCG, where an IN or OUT reaches the region holding its first port
+whole; checked against it):
 
-Functions on bus 0 (IDs as QEMU presents them):
+* 0xCF8-0xCFB: CONFIG_ADDRESS — bit 31 enable, bits 23:16 bus, 15:11 device, 10:8 function,
+  7:0 register. Only a 32-bit write at 0xCF8 sets it. A naturally aligned read of any width
+  (a byte at 0xCF8, 0xCFA or 0xCFB, a word at 0xCF8 or 0xCFA, the dword) gives the register's
+  low bits (QEMU's handler ignores the offset); an unaligned one reads 0.
+* 0xCF9: the PIIX reset control register (it overlays CONFIG_ADDRESS's second byte): every byte
+  of an access reads the register; every byte written sets it to bit 1 (hard reset type) and
+  requests a reset when bit 2 is set.
+* 0xCFC-0xCFF: CONFIG_DATA. QEMU's data region takes naturally aligned accesses only (its ops
+  leave ``.valid.unaligned`` false): a byte anywhere, a word at 0xCFC or 0xCFE, the dword at
+  0xCFC. An unaligned access (a word at 0xCFD or 0xCFF, a dword at 0xCFD-0xCFF) reads 0 and
+  its write is dropped. A valid access reads or writes configuration space at the selected
+  register plus the port's low two bits ORed with CONFIG_ADDRESS's (as QEMU's
+  ``pci_data_read`` does), ``size`` bytes from there, possibly past the dword; bytes past the
+  256-byte space read 0. With bit 31 clear or no function there, reads are all-ones and
+  writes are dropped.
 
-======  ===========  ===========  ===========================================
-dev.fn  vendor:dev   class        what
-======  ===========  ===========  ===========================================
-00.0    8086:1237    06 00 00     i440FX host bridge (PMC), revision 02
-01.0    8086:7000    06 01 00     PIIX3 PCI-to-ISA bridge (multi-function)
-01.3    8086:7113    06 80 00     PIIX4 ACPI power management, revision 03:
-                                  PMBA (0x40) = 0x0601, PMREGMISC (0x80) = 1
-======  ===========  ===========  ===========================================
+Functions on bus 0 (IDs as QEMU presents them; command and status registers as the guest finds
+them after SeaBIOS: I/O, memory and SERR# enabled, QEMU's DEVSEL timing):
 
-Absent functions and disabled accesses read all-ones; writes to them are dropped. Writes to a
-present function change only the bytes that function lets software write (command, latency
-timer, interrupt line and the chipset registers above 0x40 that firmware programs: PAM, SMRAM...),
-which are stored and read back but have no other effect.
+======  ===========  ===========  ========  ======  =================================
+dev.fn  vendor:dev   class        command   status  what
+======  ===========  ===========  ========  ======  =================================
+00.0    8086:1237    06 00 00     0x0103    0x0000  i440FX host bridge (PMC), rev 02
+01.0    8086:7000    06 01 00     0x0103    0x0200  PIIX3 PCI-to-ISA bridge
+                                                    (multi-function)
+01.3    8086:7113    06 80 00     0x0103    0x0280  PIIX4 ACPI power management, rev 03:
+                                                    PMBA (0x40) = 0x0601, PMREGMISC
+                                                    (0x80) = 1
+======  ===========  ===========  ========  ======  =================================
+
+Writable bits are QEMU's (``pci_init_wmask``): command bits 0-2, 8 and 10, cache line size
+(0x0C), interrupt line (0x3C) and, on these three chipset functions, every byte from 0x40 to
+0xFF. Everything else is read-only: IDs, status, revision, class, the latency timer (0x0D,
+which QEMU keeps 0: the datasheets make it writable on the PIIX3 and i440FX), header type, BIST
+and interrupt pin. Values written above 0x40 are stored and read back; only PMBA and PMREGMISC
+have an effect (the PC machine moves or turns off the PM I/O block, see :meth:`PciHost.
+pm_io_space`). QEMU does not implement the i440FX SMRAM register's fixed C_BASE_SEG bits nor
+D_LCK: 0x72 resets to 0x02 and takes any byte (the datasheet fixes bits 2:0 at 010 and locks
+the register once D_LCK is set). PIIX3 registers hold QEMU's reset values (``piix3_reset``);
+PIRQ routing (0x60-0x63) stays disabled (0x80) where SeaBIOS would route PIRQA-D to IRQ 10, 10,
+11, 11.
 """
 import threading
 from typing import Dict, Optional, Tuple
@@ -68,7 +88,7 @@ class PciFunction:
         self.put16(PCI_SUBSYSTEM_VENDOR_ID, SUBSYSTEM_VENDOR_QEMU)
         self.put16(PCI_SUBSYSTEM_ID, SUBSYSTEM_QEMU)
         for off, mask in ((PCI_COMMAND, 0x07), (PCI_COMMAND + 1, 0x05), (0x0C, 0xFF),
-                          (0x0D, 0xFF), (PCI_INTERRUPT_LINE, 0xFF)) + tuple(writable):
+                          (PCI_INTERRUPT_LINE, 0xFF)) + tuple(writable):
             self.wmask[off] = mask
         self.bars = {}
         self.msi_offset = 0
@@ -154,33 +174,59 @@ def _range(lo: int, hi: int, mask: int = 0xFF):
     return tuple((o, mask) for o in range(lo, hi))
 
 
+PM_FUNCTION = (1, 3)               # (device, function) of the PIIX4 PM function
+PMBA = 0x40
+PMREGMISC = 0x80
+PMBA_MASK = 0xFFC0                 # the PM block is 64 ports, aligned (QEMU: io_base & 0xffc0)
+SEABIOS_COMMAND = 0x0103           # I/O, memory space, SERR# enabled
+DEVSEL_MEDIUM = 0x0200
+FAST_BACK_TO_BACK = 0x0080
+I440FX_SMRAM = 0x72
+I440FX_SMRAM_RESET = 0x02          # C_BASE_SEG = 010 (0xA0000)
+
+
+def _chipset(vendor: int, device: int, class_code: int, *, status: int, **kw) -> PciFunction:
+    f = PciFunction(vendor, device, class_code, writable=_range(0x40, 0x100), **kw)
+    f.put16(PCI_COMMAND, SEABIOS_COMMAND)
+    f.put16(PCI_STATUS, status)
+    return f
+
+
 def i440fx_host_bridge() -> PciFunction:
-    """Function 00.0: the i440FX host bridge (8086:1237, revision 2), with the chipset registers
-    firmware programs writable (0x50-0x5f: PAM and DRAM control; 0x72: SMRAM)."""
-    # 0x50-0x5f: PMCCFG, DRAM control, PAM0-6; 0x72: SMRAM; 0x57-0x5f DRB...: firmware writes
-    return PciFunction(VENDOR_INTEL, 0x1237, 0x060000, revision=0x02,
-                       writable=_range(0x50, 0x60) + _range(0x72, 0x73))
+    """Function 00.0: the i440FX host bridge (8086:1237, revision 2), SMRAM (0x72) at its reset
+    value 0x02; 0x40-0xFF writable and without effect (PAM, SMRAM: pykvm maps no shadow RAM nor
+    SMRAM)."""
+    f = _chipset(VENDOR_INTEL, 0x1237, 0x060000, status=0, revision=0x02)
+    f.config[I440FX_SMRAM] = I440FX_SMRAM_RESET
+    return f
+
+
+# QEMU's piix3_reset values above 0x40 (the PIRQ route registers 0x60-0x63 are 0x80)
+_PIIX3_RESET = {0x4C: 0x4D, 0x4E: 0x03, 0x60: 0x80, 0x61: 0x80, 0x62: 0x80, 0x63: 0x80,
+                0x69: 0x02, 0x70: 0x80, 0x76: 0x0C, 0x77: 0x0C, 0x78: 0x02, 0xA0: 0x08,
+                0xA8: 0x0F}
 
 
 def piix3_isa_bridge() -> PciFunction:
-    """Function 01.0: the PIIX3 PCI-to-ISA bridge (8086:7000, multi-function header), PIRQ routing
-    (0x60-0x63) disabled as at reset, its ISA and APIC control registers writable."""
-    # 0x60-0x63: PIRQ route control; 0x4c-0x4f, 0x69..., 0xa0-0xaf: misc ISA/APIC control
-    f = PciFunction(VENDOR_INTEL, 0x7000, 0x060100, header_type=0x80,
-                    writable=_range(0x4C, 0x50) + _range(0x60, 0x64) + _range(0x69, 0x6A) +
-                    _range(0x70, 0x72) + _range(0x76, 0x78) + _range(0x80, 0x81) +
-                    _range(0x82, 0x83) + _range(0xA0, 0xB0))
-    f.config[0x60:0x64] = b"\x80\x80\x80\x80"       # PIRQA-D routing disabled at reset
+    """Function 01.0: the PIIX3 PCI-to-ISA bridge (8086:7000, multi-function header) with
+    QEMU's reset values (IORT 0x4C = 0x4D, XBCS 0x4E = 0x03, PIRQ routing 0x60-0x63 disabled,
+    TOM 0x69 = 0x02, MBIRQ 0x70 = 0x80, MBDMA 0x76-0x77 = 0x0C, PCSC 0x78 = 0x02, SMICNTL 0xA0
+    = 0x08, SMIREQ... 0xA8 = 0x0F) and DEVSEL medium in the status register."""
+    f = _chipset(VENDOR_INTEL, 0x7000, 0x060100, status=DEVSEL_MEDIUM, header_type=0x80)
+    for off, v in _PIIX3_RESET.items():
+        f.config[off] = v
     return f
 
 
 def piix4_pm(pm_base: int = 0x600, sci_irq: int = 9) -> PciFunction:
     """Function 01.3: PIIX4 ACPI power management (8086:7113, revision 3), PMBA (0x40) =
-    ``pm_base`` (an I/O port) with the I/O space bit, PM I/O enabled (PMREGMISC = 1) and INTA# on
-    interrupt line ``sci_irq``."""
-    f = PciFunction(VENDOR_INTEL, 0x7113, 0x068000, revision=0x03)
-    f.config[0x40:0x44] = (pm_base | 1).to_bytes(4, "little")     # PMBA, I/O space indicator
-    f.config[0x80] = 0x01                                          # PMREGMISC: PM I/O enabled
+    ``pm_base`` (an I/O port) with the I/O space bit, PM I/O enabled (PMREGMISC = 1), as
+    SeaBIOS leaves them, INTA# on interrupt line ``sci_irq``. PMBA and PMREGMISC are writable
+    (all 8 bits of each byte, as in QEMU: bit 0 of PMBA then reads back as written)."""
+    f = _chipset(VENDOR_INTEL, 0x7113, 0x068000, status=DEVSEL_MEDIUM | FAST_BACK_TO_BACK,
+                 revision=0x03)
+    f.config[PMBA:PMBA + 4] = (pm_base | 1).to_bytes(4, "little")   # PMBA, I/O space indicator
+    f.config[PMREGMISC] = 0x01                                     # PMREGMISC: PM I/O enabled
     f.config[PCI_INTERRUPT_PIN] = 0x01                             # INTA#
     f.config[PCI_INTERRUPT_LINE] = sci_irq
     return f
@@ -235,64 +281,53 @@ class PciHost:
             if f.on_write is not None:
                 f.on_write()
 
-    @staticmethod
-    def _data_pieces(port: int, size: int):
-        """How QEMU's memory core splits an access of ``size`` bytes at CONFIG_DATA port
-        ``port``: naturally aligned pieces (offset in the dword, bytes) inside 0xCFC-0xCFF, then
-        (None, bytes) for what lies past 0xCFF (other, unassigned ports)."""
-        pos = port - CONFIG_DATA
-        left = size
-        while left > 0 and pos < 4:
-            n = min(left, 4 - pos)
-            while n > 1 and (n & (n - 1) or pos % n):
-                n -= 1
-            yield pos, n
-            pos += n
-            left -= n
-        if left > 0:
-            yield None, left
+    def pm_io_space(self) -> Tuple[int, bool]:
+        """(base port, enabled) of the PIIX4 PM I/O block as 00:01.3's configuration says:
+        PMBA & 0xFFC0 and PMREGMISC bit 0 (QEMU's ``pm_io_space_update``); (0, False) without
+        that function."""
+        f = self.functions.get(PM_FUNCTION)
+        if f is None:
+            return 0, False
+        return f.read(PMBA, 4) & PMBA_MASK, bool(f.config[PMREGMISC] & 1)
 
     # -- ports -----------------------------------------------------------------------------
     def read(self, port: int, size: int) -> int:
-        """An IN of ``size`` bytes at ``port``: CONFIG_ADDRESS (0xCF8, 32-bit only), the reset
-        control register (0xCF9, 8-bit only) or CONFIG_DATA (0xCFC-0xCFF), as in PCI Local Bus
-        Specification configuration mechanism #1; anything else reads all-ones."""
+        """An IN of ``size`` bytes (1, 2 or 4) at ``port`` (0xCF8-0xCFF), as the module
+        docstring says; any other port reads all-ones."""
         with self._lock:
-            if port == CONFIG_ADDRESS and size == 4:
-                return self.address
-            if port == RESET_CONTROL and size == 1:
-                return self.rcr
+            if port == RESET_CONTROL:
+                return self.rcr * (0x01010101 & ((1 << (8 * size)) - 1))
+            if CONFIG_ADDRESS <= port < CONFIG_DATA:
+                if (port - CONFIG_ADDRESS) % size:
+                    return 0                            # unaligned: not a valid access
+                return self.address & ((1 << (8 * size)) - 1)
             if CONFIG_DATA <= port <= CONFIG_DATA + 3:
-                value = done = 0
-                for pos, n in self._data_pieces(port, size):
-                    if pos is None:
-                        piece = (1 << (8 * n)) - 1          # past 0xCFF: unassigned ports
-                    else:
-                        piece = self.config_read(self.address, (pos | self.address) & 3, n)
-                    value |= piece << (8 * done)
-                    done += n
-                return value
+                pos = port - CONFIG_DATA
+                if pos % size:
+                    return 0                            # unaligned: not a valid access
+                return self.config_read(self.address, (pos | self.address) & 3, size)
         return (1 << (8 * size)) - 1
 
     def write(self, port: int, size: int, value: int) -> None:
-        """An OUT of ``size`` bytes of ``value`` at ``port``: set CONFIG_ADDRESS (0xCF8, 32-bit),
-        write the reset control register (0xCF9, 8-bit; setting bit 2 calls ``on_reset``, outside
-        the lock) or write configuration data through CONFIG_DATA (0xCFC-0xCFF)."""
+        """An OUT of ``size`` bytes of ``value`` at ``port``: set CONFIG_ADDRESS (a 32-bit write
+        at 0xCF8), write the reset control register (each byte at 0xCF9; bit 2 calls
+        ``on_reset``, outside the lock) or write configuration data through CONFIG_DATA
+        (0xCFC-0xCFF, naturally aligned only); anything else is dropped."""
         reset = False
         with self._lock:
-            if port == CONFIG_ADDRESS and size == 4:
+            if port == RESET_CONTROL:
+                for i in range(size):
+                    b = (value >> (8 * i)) & 0xFF
+                    if b & 0x04:                        # PIIX RCR: reset CPU
+                        reset = True
+                        break
+                    self.rcr = b & 0x02                 # keep the hard reset type only
+            elif port == CONFIG_ADDRESS and size == 4:
                 self.address = value & 0xFFFFFFFF
-            elif port == RESET_CONTROL and size == 1:
-                # PIIX RCR: bit 1 = hard reset, bit 2 = reset CPU (the 0 -> 1 transition)
-                if value & 0x04 and not self.rcr & 0x04:
-                    reset = True
-                self.rcr = value & 0x02
             elif CONFIG_DATA <= port <= CONFIG_DATA + 3:
-                done = 0
-                for pos, n in self._data_pieces(port, size):
-                    if pos is not None:
-                        self.config_write(self.address, (pos | self.address) & 3, n,
-                                          (value >> (8 * done)) & ((1 << (8 * n)) - 1))
-                    done += n
+                pos = port - CONFIG_DATA
+                if pos % size == 0:
+                    self.config_write(self.address, (pos | self.address) & 3, size,
+                                      value & ((1 << (8 * size)) - 1))
         if reset and self.on_reset:
             self.on_reset()

@@ -31,7 +31,6 @@ IRQ 8 line is high (``set_irq``), reading C lowers it. ``on_alarm`` is called fo
 (the PC machine sets PM1 RTC_STS and wakes from S3). :meth:`next_event_ns` tells the machine
 when to call :meth:`poll` next so that an enabled interrupt is raised on time.
 """
-import calendar
 import threading
 import time
 from typing import Callable, Optional
@@ -73,6 +72,18 @@ def from_bcd(v: int) -> int:
     return (v >> 4) * 10 + (v & 0xF)
 
 
+def _days_from_civil(year: int, month: int) -> int:
+    """Days from 1970-01-01 to the first of ``month`` (1-12) of ``year`` (proleptic Gregorian,
+    any year): closed form."""
+    y = year - (month <= 2)
+    era = y // 400
+    yoe = y - era * 400
+    mp = (month + 9) % 12
+    doy = (153 * mp + 2) // 5
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
 def periodic_ns(rate_select: int) -> Optional[int]:
     """The periodic interrupt period for rate select bits (32.768 kHz time base), or None."""
     rs = rate_select & 0xF
@@ -110,6 +121,8 @@ class CmosRtc:
         self._last_a_ns = now              # when A was last read, and whether it showed UIP
         self._a_showed_uip = False
         self._irq = 0
+        self._raw: Optional[dict] = None   # the bytes the clock restarted from (_current_regs)
+        self._raw_s = 0                    # and the guest second they stand for
 
     # -- time ------------------------------------------------------------------------------
     def guest_ns(self, mono: Optional[int] = None) -> int:
@@ -154,28 +167,56 @@ class CmosRtc:
                 YEAR: self._encode(year % 100), CENTURY: bcd(year // 100)}
 
     def _regs_to_seconds(self) -> int:
+        """The time the registers hold, decoded in the current DM and 24/12 modes, leniently:
+        a byte that is no valid value in these modes (BCD bytes read as binary after a DM
+        switch, day 0, month 13...) still counts arithmetically (a day of month past the end
+        runs into the next month, as QEMU's ``mktimegm`` takes it), so what the guest wrote is
+        never replaced by host time. Closed form."""
         c = self.cmos
         year = from_bcd(c[CENTURY]) * 100 + self._decode(c[YEAR])
-        try:
-            return calendar.timegm((year, max(1, self._decode(c[MONTH])),
-                                    max(1, self._decode(c[DAY_OF_MONTH])),
-                                    self._decode_hour(c[HOURS]), self._decode(c[MINUTES]),
-                                    self._decode(c[SECONDS]), 0, 0, 0))
-        except (ValueError, OverflowError):
-            return self.guest_ns() // NS
+        month = self._decode(c[MONTH]) - 1
+        year += month // 12
+        month = month % 12 + 1
+        days = _days_from_civil(year, month) + self._decode(c[DAY_OF_MONTH]) - 1
+        return days * 86400 + self._decode_hour(c[HOURS]) * 3600 + \
+            self._decode(c[MINUTES]) * 60 + self._decode(c[SECONDS])
+
+    def _current_regs(self, seconds: int) -> dict:
+        """The time registers at guest second ``seconds`` while the clock runs: computed from
+        the time, except the bytes the guest wrote (or that were latched) at the last restart
+        whose field no update has carried into since: until the first update the seconds byte,
+        until the minute changes the minutes byte, and so on up to the date bytes until the day
+        changes. The MC146818 counts the bytes as stored, so a byte that is no valid value in
+        the current mode reads back as written until the chip carries into it."""
+        regs = self._time_regs(seconds)
+        raw = self._raw
+        if raw is not None:
+            t0 = self._raw_s
+            for unit, fields in ((1, (SECONDS,)), (60, (MINUTES,)), (3600, (HOURS,)),
+                                 (86400, (DAY_OF_WEEK, DAY_OF_MONTH, MONTH, YEAR, CENTURY))):
+                if seconds // unit != t0 // unit:
+                    break
+                for reg in fields:
+                    regs[reg] = raw[reg]
+        return regs
 
     def _freeze(self) -> None:
         """Latch the current time into the time registers (SET went high)."""
-        for reg, v in self._time_regs(self.guest_ns() // NS).items():
+        for reg, v in self._current_regs(self.guest_ns() // NS).items():
             self.cmos[reg] = v
+        self._raw = None
 
     def _restart_from_regs(self, phase_ns: Optional[int] = None) -> None:
         """Start the clock from the time registers, ``phase_ns`` into the current second (the
-        running clock's own phase when None)."""
+        running clock's own phase when None). The register bytes are kept (see
+        :meth:`_current_regs`)."""
         now = self.clock()
         phase = self.guest_ns(now) % NS if phase_ns is None else phase_ns
-        self.offset_ns = self._regs_to_seconds() * NS + phase - now
+        start = self._regs_to_seconds()
+        self.offset_ns = start * NS + phase - now
         self._last_ns = now
+        self._raw = {reg: self.cmos[reg] for reg in TIME_REGS + (CENTURY,)}
+        self._raw_s = start
 
     # -- flags ---------------------------------------------------------------------------------
     def _alarm_field(self, reg: int, top: int, hour: bool = False) -> Optional[int]:
@@ -331,7 +372,7 @@ class CmosRtc:
             if reg == REG_D:
                 return D_VRT
             if (reg in TIME_REGS or reg == CENTURY) and self._running():
-                return self._time_regs(self.guest_ns(now) // NS)[reg]
+                return self._current_regs(self.guest_ns(now) // NS)[reg]
             return self.cmos[reg & 0x7F]
 
     def write_register(self, reg: int, value: int) -> None:
