@@ -22,6 +22,7 @@ memory before all checks have passed.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import mmap
@@ -592,6 +593,46 @@ def parse_multiboot_aout(data: bytes, h: MultibootHeader) -> LoadPlan:
     return LoadPlan("multiboot-aout", "x86_64", "protected", h.entry_addr, [seg], h)
 
 
+def split_initrd_option(text: str) -> List[str]:
+    """QEMU's ``-initrd`` list for multiboot, item by item (hw/i386/multiboot.c with
+    ``get_opt_value``, as QEMU 7.2 runs it): items are separated by ``,``; ``,,`` stands for
+    one comma inside an item ("mod1.bin a,,b,mod2.bin" -> ["mod1.bin a,b", "mod2.bin"]); a
+    single ``,`` at the very end starts no item; "" is no item at all. Items are kept verbatim
+    (no stripping: each is the module's string, :func:`initrd_module_path` its file), so an
+    empty or blank first item is a file name QEMU cannot open either ("Failed to open file
+    ''"). Raises :class:`LoadError` if ``text`` is not a string. Work is linear in its
+    length."""
+    if not isinstance(text, str):
+        raise LoadError(f"initrd list must be a string, not {type(text).__name__}")
+    items, cur, i, n = [], [], 0, len(text)
+    if n == 0:
+        return items
+    while i < n:
+        ch = text[i]
+        if ch == ",":
+            if i + 1 < n and text[i + 1] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+            i += 1
+            if i == n:               # a trailing separator ends the list
+                return items
+            continue
+        cur.append(ch)
+        i += 1
+    items.append("".join(cur))
+    return items
+
+
+def initrd_module_path(item: str) -> str:
+    """The file name of one ``-initrd`` item: everything before its first space (QEMU's
+    multiboot loader cuts at ``strchr(item, ' ')``; the rest are the module's arguments, and the
+    whole item is its string). An item that starts with a space names the file ""."""
+    return item.split(" ", 1)[0]
+
+
 def _c_string(what: str, text) -> bytes:
     """``text`` as a NUL-terminated C string (UTF-8; ``surrogateescape`` gives back the bytes of
     a command line that came from argv undecoded)."""
@@ -714,25 +755,38 @@ def _elf_header(data: bytes) -> _Ehdr:
     return _Ehdr(cls, *_EHDR[cls].unpack_from(data, 16))
 
 
-def _table(data: bytes, what: str, off: int, count: int, entsize: int, cap: int):
-    """Check that ``count`` entries of ``entsize`` bytes at ``off`` are sane and in the file."""
+def _entries(data: bytes, what: str, off: int, count: int, entsize: int, layout: struct.Struct,
+             cap: int) -> Iterator[tuple]:
+    """The ``count`` table entries at ``off``, ``entsize`` bytes apart, each unpacked by
+    ``layout`` (its first ``layout.size`` bytes; ELF spec: the header's e_phentsize or
+    e_shentsize is the stride, and may be larger than the structure the class defines)."""
     if count > cap:
         raise LoadError(f"too many ELF {what}s: {count} (at most {cap})")
-    end = off + count * entsize
+    if count == 0:
+        return iter(())
+    # the last entry needs only its structure's bytes in the file, not a whole stride
+    end = off + (count - 1) * entsize + layout.size
     if end > len(data):
         raise LoadError(f"image truncated: {what}s end at {end:#x}, the file has "
                         f"{len(data):#x} bytes")
-    return memoryview(data)[off:end]
+    return (layout.unpack_from(data, off + i * entsize) for i in range(count))
 
 
 def _program_headers(data: bytes, h: _Ehdr) -> List[_Phdr]:
+    """The program headers, ``e_phentsize`` bytes apart (the ELF spec's stride: at least
+    sizeof(Elf32_Phdr) = 32 or sizeof(Elf64_Phdr) = 56; larger strides are legal and their
+    extra bytes are skipped)."""
     if h.phnum == 0:
         raise LoadError("ELF has no program headers")
-    if h.phentsize != _PHDR[h.cls].size:
-        raise LoadError(f"bad ELF program header size {h.phentsize}")
-    raw = _table(data, "program header", h.phoff, h.phnum, h.phentsize, MAX_PROGRAM_HEADERS)
+    if h.phnum > MAX_PROGRAM_HEADERS:
+        raise LoadError(f"too many ELF program headers: {h.phnum} (at most "
+                        f"{MAX_PROGRAM_HEADERS})")
+    if h.phentsize < _PHDR[h.cls].size:
+        raise LoadError(f"bad ELF program header size {h.phentsize} (e_phentsize must be at "
+                        f"least {_PHDR[h.cls].size} for this ELF class)")
     out = []
-    for f in _PHDR[h.cls].iter_unpack(raw):
+    for f in _entries(data, "program header", h.phoff, h.phnum, h.phentsize, _PHDR[h.cls],
+                      MAX_PROGRAM_HEADERS):
         if h.cls == _ELFCLASS32:       # type offset vaddr paddr filesz memsz flags align
             out.append(_Phdr(f[0], f[1], f[2], f[3], f[4], f[5], f[6]))
         else:                          # type flags offset vaddr paddr filesz memsz align
@@ -745,19 +799,22 @@ def _section_headers(data: bytes, h: _Ehdr) -> List[_Shdr]:
     in section 0's sh_size) is understood, and the count is capped."""
     if h.shoff == 0:
         return []
-    if h.shentsize != _SHDR[h.cls].size:
+    layout = _SHDR[h.cls]
+    if h.shentsize < layout.size:
         if h.shnum == 0:
             return []
-        raise LoadError(f"bad ELF section header size {h.shentsize}")
+        raise LoadError(f"bad ELF section header size {h.shentsize} (e_shentsize must be at "
+                        f"least {layout.size} for this ELF class)")
     shnum = h.shnum
     if shnum == 0:
-        first = _table(data, "section header", h.shoff, 1, h.shentsize, 1)
-        shnum = _SHDR[h.cls].unpack(first)[5]            # sh_size of section 0
+        first = list(_entries(data, "section header", h.shoff, 1, h.shentsize, layout, 1))
+        shnum = first[0][5]                              # sh_size of section 0
         if shnum == 0:
             return []
-    raw = _table(data, "section header", h.shoff, shnum, h.shentsize, MAX_SECTION_HEADERS)
     # sh_name sh_type sh_flags sh_addr sh_offset sh_size sh_link sh_info sh_addralign sh_entsize
-    return [_Shdr(f[1], f[4], f[5], f[6], f[9]) for f in _SHDR[h.cls].iter_unpack(raw)]
+    return [_Shdr(f[1], f[4], f[5], f[6], f[9])
+            for f in _entries(data, "section header", h.shoff, shnum, h.shentsize, layout,
+                              MAX_SECTION_HEADERS)]
 
 
 @_load_errors_only
@@ -805,25 +862,26 @@ def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
     view = memoryview(data)
     addr_limit = _ADDR_LIMIT[cls]
     segments = []
+    memsz = _qemu_load_sizes(phdrs)
     for i, ph in enumerate(phdrs):
         if ph.type != _PT_LOAD:
             continue
         if ph.filesz > ph.memsz:
             raise LoadError(f"segment {i}: p_filesz {ph.filesz:#x} is larger than p_memsz "
                             f"{ph.memsz:#x}")
-        if ph.offset + ph.filesz > len(data):
+        if ph.filesz and ph.offset + ph.filesz > len(data):    # no file bytes: no p_offset
             raise LoadError(f"image truncated: segment {i} needs file bytes up to "
                             f"{ph.offset + ph.filesz:#x}, the file has {len(data):#x}")
-        if ph.memsz == 0:
+        if memsz[i] == 0:
             continue
-        if ph.paddr + ph.memsz > addr_limit or ph.vaddr + ph.memsz > addr_limit:
-            raise LoadError(f"segment {i}: [{ph.paddr:#x} + {ph.memsz:#x}) wraps around the "
+        if ph.paddr + memsz[i] > addr_limit:      # loaded by p_paddr; p_vaddr is not used
+            raise LoadError(f"segment {i}: [{ph.paddr:#x} + {memsz[i]:#x}) wraps around the "
                             f"{'32' if cls == _ELFCLASS32 else '64'}-bit address space")
         if mode == "long" and ph.paddr != ph.vaddr:
             raise LoadError(f"segment {i}: p_paddr {ph.paddr:#x} != p_vaddr {ph.vaddr:#x}; "
                             f"64-bit x86 images run identity-mapped and must be linked that way")
-        segments.append(Segment(ph.paddr, view[ph.offset:ph.offset + ph.filesz], ph.memsz,
-                                ph.flags, ph.vaddr, i))
+        data_view = view[ph.offset:ph.offset + ph.filesz] if ph.filesz else b""
+        segments.append(Segment(ph.paddr, data_view, memsz[i], ph.flags, ph.vaddr, i))
     if not segments:
         raise LoadError("ELF has no loadable (PT_LOAD) segments")
     _check_overlaps(segments)
@@ -862,11 +920,57 @@ def _virt_to_phys(segments: List[Segment], vaddr: int, n: int = 1) -> Optional[i
     return None
 
 
+def _qemu_load_sizes(phdrs: List[_Phdr]) -> Dict[int, int]:
+    """{program header index: bytes loaded} for each PT_LOAD, by QEMU's ``load_elf``
+    (include/hw/elf_ops.h), which ``-kernel`` uses for multiboot ELF kernels and RISC-V
+    images: a segment whose zero-filled tail ``[p_paddr + p_filesz, p_paddr + p_memsz)``
+    overlaps another PT_LOAD's ``[p_paddr, p_paddr + p_memsz)`` (as given in its header; an
+    empty one counts where it lies strictly inside the tail) is taken to be zeroed at run time
+    by the image itself and is loaded as ``p_filesz`` bytes; every other segment as
+    ``p_memsz`` bytes. GNU ld never emits such layouts, but hand-made and embedded-style images
+    (BSS given as memsz but packed behind the next segment) do, and QEMU boots them.
+
+    Work is O(n log n) in the number of program headers: the intervals are sorted by start,
+    and for each tail the largest end among the intervals starting below the tail's end is
+    looked up (the two largest are kept, so the segment itself can be left out)."""
+    loads = [(ph.paddr, ph.paddr + ph.memsz, i) for i, ph in enumerate(phdrs)
+             if ph.type == _PT_LOAD]
+    sizes = {i: phdrs[i].memsz for _, _, i in loads}
+    tails = [i for i in sizes if phdrs[i].memsz > phdrs[i].filesz]
+    if not tails or len(loads) < 2:
+        return sizes
+    loads.sort()
+    starts = [a for a, _, _ in loads]
+    # best[k]: ((largest end, its index), second largest end) over loads[:k + 1]
+    best, top, second = [], (-1, -1), -1
+    for _, end, i in loads:
+        if end > top[0]:
+            top, second = (end, i), top[0]
+        elif end > second:
+            second = end
+        best.append((top, second))
+    for i in tails:
+        ph = phdrs[i]
+        lo, hi = ph.paddr + ph.filesz, ph.paddr + ph.memsz
+        k = bisect.bisect_left(starts, hi) - 1       # loads[:k + 1] start below the tail's end
+        if k < 0:
+            continue
+        (end, who), runner_up = best[k]
+        other_end = runner_up if who == i else end
+        if other_end > lo:
+            sizes[i] = ph.filesz
+    return sizes
+
+
 def _check_overlaps(segments: List[Segment]) -> None:
+    """Refuse segments that overlap (after :func:`_qemu_load_sizes`). QEMU's -kernel refuses
+    them as well: its ROM loader reports "Some ROM regions are overlapping", or the multiboot
+    loader "Error while fetching elf kernel from rom" (hw/core/loader.c, hw/i386/multiboot.c)."""
     ordered = sorted(segments, key=lambda s: s.addr)
     for a, b in zip(ordered, ordered[1:]):
         if a.end > b.addr:
-            raise LoadError(f"overlapping segments: {a.describe()} and {b.describe()}")
+            raise LoadError(f"overlapping segments: {a.describe()} and {b.describe()} (QEMU's "
+                            f"-kernel refuses them too: \"Some ROM regions are overlapping\")")
 
 
 # ---- flat binaries and dispatch -------------------------------------------------------------------
@@ -1050,17 +1154,20 @@ def load_image(mem, image: Image, *, arch: str = "x86_64", cmdline: str = "",
 def _params_symbol(image: Image, data: bytes, plan: LoadPlan) -> Optional[int]:
     """Guest-physical address of ``pykvm_params`` of an ELF image; for a flat binary given by
     path, of the ELF next to it (``guest.bin`` -> ``guest.elf``, as the guest build leaves
-    them). The whole array must lie inside one loaded segment: an image whose own symbol says
-    otherwise is refused, a neighbour ELF that does not match the binary is ignored."""
+    them); None if there is none. The whole array must lie inside one loaded segment.
+
+    Section headers and symbol tables do not decide whether an image boots: QEMU's
+    ``load_elf`` reads symbols only for its debugger and boots an image whose tables are bad,
+    so a malformed table, or a ``pykvm_params`` outside every loaded segment, means "no
+    parameters" (:meth:`pykvm.machine.Machine.set_params` then says the image has none)."""
     if is_elf(data):
-        value = find_symbol(data, PARAMS_SYMBOL)
+        try:
+            value = find_symbol(data, PARAMS_SYMBOL)
+        except LoadError:
+            return None
         if value is None:
             return None
-        addr = _virt_to_phys(plan.segments, value, PARAMS_SIZE)
-        if addr is None:
-            raise LoadError(f"{PARAMS_SYMBOL} [{value:#x}, {value + PARAMS_SIZE:#x}) is outside "
-                            f"every loadable segment")
-        return addr
+        return _virt_to_phys(plan.segments, value, PARAMS_SIZE)
     if isinstance(image, (str, os.PathLike)):
         try:
             elf = os.path.splitext(os.fspath(image))[0] + ".elf"
@@ -1182,5 +1289,5 @@ __all__ = [
     "multiboot_header_size", "build_multiboot_info", "validate_plan", "write_plan", "zero_fill",
     "copy_into", "InputFile", "STREAM_CHUNK",
     "load_image",
-    "elf_symbols", "find_symbol", "is_elf",
+    "elf_symbols", "find_symbol", "is_elf", "split_initrd_option", "initrd_module_path",
 ]

@@ -270,9 +270,18 @@ def test_segment_in_reserved_region():
 
 
 def test_overlapping_segments():
-    img = make_elf([seg(0x100000, CODE, 0x2000), seg(0x101000, CODE)], 0x100000)
+    # file bytes over file bytes: QEMU's -kernel refuses such an image, and so does pykvm
+    img = make_elf([seg(0x100000, CODE, 0x2000), seg(0x100020, CODE)], 0x100000)
     with pytest.raises(LoadError, match="overlapping segments: segment 0 .* and segment 1"):
         loader.parse_image(img)
+
+
+def test_bss_over_another_segment_is_not_loaded_as_in_qemu():
+    # QEMU's load_elf: a zero-filled tail that overlaps another segment is left to the image
+    # (the segment is loaded as p_filesz bytes), test_loader_qemu_elf_rules.py has the cases
+    img = make_elf([seg(0x100000, CODE, 0x2000), seg(0x101000, CODE)], 0x100000)
+    plan = loader.parse_image(img)
+    assert [(s.addr, s.memsz) for s in plan.segments] == [(0x100000, 64), (0x101000, 64)]
 
 
 def test_filesz_larger_than_memsz():
@@ -655,7 +664,7 @@ def test_symbols_from_synthetic_elf():
     assert loader.find_symbol(img32, "pykvm_params") == 0x100200
 
 
-def test_params_symbol_is_translated_and_must_lie_in_a_segment():
+def test_params_symbol_is_translated_and_must_lie_in_a_segment_to_count():
     # a higher-half ELF32: the symbol is a virtual address, the host writes the physical one
     img = with_symbols(make_elf([seg(0xC0100000, CODE, 0x1000, paddr=0x100000)], 0xC0100000,
                                 cls=32, head=mb_header()), {"pykvm_params": 0xC0100040}, cls=32)
@@ -663,10 +672,8 @@ def test_params_symbol_is_translated_and_must_lie_in_a_segment():
     for value in (0x2000, 0x100000 + 0x1000 - 64):      # outside / running off the end
         img = with_symbols(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000),
                            {"pykvm_params": value})
-        mem = FakeMem()
-        with pytest.raises(LoadError, match="pykvm_params .* is outside every loadable segment"):
-            loader.load_image(mem, img)
-        assert mem.buf.count(0xAA) == len(mem.buf)      # refused before anything was written
+        # QEMU boots such an image (symbols never decide a boot): it has no parameters
+        assert loader.load_image(FakeMem(), img).params_addr is None
 
 
 def test_symbol_table_errors_are_load_errors():
@@ -709,8 +716,8 @@ def test_overlapping_symbol_tables_are_refused(hang_guard):
                        shift=1)
     with pytest.raises(LoadError, match="symbol tables of sections 2 and 3 overlap"):
         loader.elf_symbols(img)
-    with pytest.raises(LoadError, match="overlap"):
-        loader.load_image(FakeMem(), img)
+    # the image still boots (QEMU ignores symbol tables it cannot read), without parameters
+    assert loader.load_image(FakeMem(), img).params_addr is None
 
 
 def test_absurd_header_counts_are_refused(hang_guard):

@@ -89,7 +89,8 @@ class _Space:
 class PlacedImage:
     """What :func:`load` did: the loader's view plus where pykvm put its own things.
     ``dropped``: [(start, end)) guest-physical ranges of image segments that were not loaded
-    because the platform claims them (see the module docstring)."""
+    because the platform claims them or (multiboot images) because no RAM is there (see the
+    module docstring)."""
     loaded: "loader.LoadedImage"
     layout: L.BootLayout
     modules: List[Tuple[int, int, str]] = field(default_factory=list)
@@ -137,12 +138,25 @@ def clip_segments(segments: Sequence["loader.Segment"], claimed: Sequence[Range]
     return kept, dropped
 
 
+def _holes(ram: Sequence[Range]) -> List[Range]:
+    """The [start, end) ranges of the 64-bit guest-physical space that ``ram`` leaves out."""
+    out, pos = [], 0
+    for lo, hi in sorted(ram):
+        if lo > pos:
+            out.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < 1 << 64:
+        out.append((pos, 1 << 64))
+    return out
+
+
 def _module_items(initrd) -> List[Tuple[str, str]]:
+    """(file name, module string) per ``initrd`` item, by QEMU's rule
+    (:func:`pykvm.loader.initrd_module_path`)."""
     out = []
     for item in initrd:
         text = os.fspath(item) if not isinstance(item, str) else item
-        path = text.split()[0] if text.split() else text
-        out.append((path, text))
+        out.append((loader.initrd_module_path(text), text))
     return out
 
 
@@ -168,19 +182,29 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
     for base, length, kind in memory_map or ():
         if kind != loader.E820_RAM:
             space.take((base, base + length))
-    for s in plan.segments:
-        r = (s.addr, s.end)
-        if not space.in_ram(r):
-            raise loader.LoadError(f"{s.describe()} is outside guest RAM "
-                                   f"({', '.join(f'[{a:#x}, {b:#x})' for a, b in ram)})")
+    shown_ram = ', '.join(f'[{a:#x}, {b:#x})' for a, b in ram)
+    segments, beyond = plan.segments, []
+    if plan.multiboot is not None:
+        # QEMU's multiboot loader copies the image to its load address through fw_cfg (and
+        # its ELF ROM blobs at reset): bytes that land where the pc has no RAM are lost and the
+        # kernel boots (a bss_end_addr or p_memsz past the end of RAM is common in hand-made
+        # images). The same here: what lies outside RAM is not loaded.
+        segments, beyond = clip_segments(plan.segments, _holes(ram))
+    for s in segments:
+        if not space.in_ram((s.addr, s.end)):
+            raise loader.LoadError(f"{s.describe()} is outside guest RAM ({shown_ram})")
+    if not any(s.addr <= plan.entry < s.end for s in segments):
+        raise loader.LoadError(f"entry point {plan.entry:#x} is outside guest RAM "
+                               f"({shown_ram}); the image bytes there cannot be loaded")
     c = _claimed_by(claimed, plan.entry)
     if c is not None:
         raise loader.LoadError(f"entry point {plan.entry:#x} lies in [{c[0]:#x}, {c[1]:#x}), "
                                f"which the platform uses (video window, option ROM/BIOS "
                                f"area, ACPI tables): image bytes there are not loaded, as on "
                                f"QEMU's pc")
-    kept, dropped = clip_segments(plan.segments, claimed)
-    image_ranges = [(s.addr, s.end) for s in plan.segments]
+    kept, dropped = clip_segments(segments, claimed)
+    dropped = sorted(dropped + beyond)
+    image_ranges = [(s.addr, s.end) for s in segments]
     for s in kept:
         space.take((s.addr, s.end))
     multiboot = plan.multiboot is not None
@@ -242,12 +266,9 @@ def _place(mem, image, data, plan, space, kept, dropped, image_ranges, files, *,
         space.take(r)
 
     params = loader._params_symbol(image, data, plan)
-    if params is not None:
-        c = _claimed_by(claimed, params, loader.PARAMS_SIZE)
-        if c is not None:
-            raise loader.LoadError(f"{loader.PARAMS_SYMBOL} at {params:#x} lies in "
-                                   f"[{c[0]:#x}, {c[1]:#x}), which the platform uses (video "
-                                   f"window, option ROM/BIOS area, ACPI tables)")
+    if params is not None and (_claimed_by(claimed, params, loader.PARAMS_SIZE) or not any(
+            s.addr <= params and params + loader.PARAMS_SIZE <= s.end for s in kept)):
+        params = None         # not loaded (claimed or outside RAM): the image has no parameters
     to_write = loader.LoadPlan(plan.format, plan.arch, plan.mode, plan.entry, kept,
                                plan.multiboot)
     written = [(s.addr, s.memsz) for s in kept]
