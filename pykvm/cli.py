@@ -147,13 +147,13 @@ def _cmdline(text: str) -> str:
 
 
 def _file_list(text: str) -> tuple:
-    """'a,b args,c' → ('a', 'b args', 'c'): QEMU's -initrd list, where each entry is a file name
-    optionally followed by arguments (multiboot module strings); each file must exist."""
-    items = tuple(p.strip() for p in text.split(",") if p.strip())
-    if not items:
-        raise argparse.ArgumentTypeError("needs at least one file")
+    """'a,b args,,x,c' → ('a', 'b args,x', 'c'): QEMU's -initrd list (",," is a comma inside an
+    entry; "" is no file), where each entry is a file name optionally followed by arguments
+    (multiboot module strings); each file must exist."""
+    from .loader import initrd_module_path, split_initrd_option
+    items = tuple(split_initrd_option(text))
     for item in items:
-        path = item.split()[0]
+        path = initrd_module_path(item)
         if not os.path.isfile(path):
             raise argparse.ArgumentTypeError(f"{path!r} is not a regular file")
     return items
