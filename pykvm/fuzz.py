@@ -834,12 +834,15 @@ class Supervisor:
         if not self.quiet:
             where = f"case {index}" if index is not None else "worker"
             first = (detail.strip().splitlines() or [""])[-1][:200]
-            print(f"pykvm.fuzz: finding: {kind} at {where}: {first} -> {f['file']}",
+            print(f"pykvm.fuzz: finding: {kind} at {where}: {first} -> "
+                  f"{f['file'] or '(reproducer not saved)'}",
                   file=sys.stderr, flush=True)
         return f
 
     def _save(self, f: dict) -> str:
-        os.makedirs(self.out_dir, exist_ok=True)
+        """Write the finding's reproducer into the findings directory (created if missing) as
+        pykvm.outfile writes reports: atomically, never over a device, FIFO or symlink. Raises
+        ReportPathError (one line) when it cannot be written."""
         doc = {"format": FINDING_FORMAT, "kind": f["kind"], "detail": f.get("detail", ""),
                "seed": self.seed, "index": f["index"], "inject": self.inject,
                "generator": self.gen, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -1073,7 +1076,8 @@ class Supervisor:
         }
 
 
-def _print_summary(s: dict, out=sys.stdout) -> None:
+def _print_summary(s: dict, out=None) -> None:
+    out = sys.stdout if out is None else out     # the stdout of now (a program watches it)
     p = lambda *a: print(*a, file=out)       # noqa: E731
     state = " (interrupted)" if s["interrupted"] else ""
     what = " --devices" if s.get("devices") else ""

@@ -1,0 +1,194 @@
+"""Output and path edges of the tools that need no /dev/kvm (issue 16, faults 8, 9, 11):
+``pykvm guest build -o``, ``python -m pykvm.lab``'s path options and stdout, the fuzzer's
+argument errors and findings directory, and the shared stdout machinery (pykvm._cliutil).
+Every failure is one line on stderr with the documented status, never a traceback, never
+success with the output lost, and nothing a path names is destroyed."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def sh(cmd: str, timeout=120, cwd=ROOT):
+    """Run ``cmd`` under /bin/sh (so that ``>&-`` and ``>/dev/full`` mean what they say)."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run(["/bin/sh", "-c", cmd], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env)
+
+
+def one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+PY = f"{sys.executable} -m"
+
+
+# -- pykvm guest build -o -----------------------------------------------------------------------
+@pytest.fixture
+def source(tmp_path):
+    src = tmp_path / "g.c"
+    src.write_text('#include "pykvm_guest.h"\nvoid guest_main(void) { }\n')
+    return src
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
+@pytest.mark.parametrize("how", ["same", "dotted", "symlink", "hardlink"])
+def test_guest_build_refuses_output_naming_the_source(tmp_path, source, how):
+    before = source.read_bytes()
+    out = {"same": str(source),
+           "dotted": str(tmp_path / "." / "sub" / ".." / "g.c"),
+           "symlink": str(tmp_path / "link.c"),
+           "hardlink": str(tmp_path / "hard.c")}[how]
+    (tmp_path / "sub").mkdir()
+    if how == "symlink":
+        os.symlink(source, out)
+    elif how == "hardlink":
+        os.link(source, out)
+    r = sh(f"{PY} pykvm guest build {source} -o {out}")
+    assert r.returncode == 2, r
+    assert "input file" in one_line(r.stderr)
+    assert source.read_bytes() == before and r.stdout == ""
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
+def test_guest_build_output_paths(tmp_path, source):
+    """A missing directory is refused as gcc does (nothing created); a file where a directory
+    should be, a directory as the output, a real-mode image named *.elf: one line, 2."""
+    for out, words in ((tmp_path / "nodir" / "x.elf", "No such file or directory"),
+                       (source / "x.elf", "Not a directory"),
+                       (tmp_path, "directory")):
+        r = sh(f"{PY} pykvm guest build {source} -o {out}")
+        assert r.returncode == 2 and words in one_line(r.stderr), (out, r)
+    assert not (tmp_path / "nodir").exists()
+    real = tmp_path / "r.c"
+    real.write_text('#include "pykvm_guest.h"\nvoid guest_main16(void) { }\n')
+    r = sh(f"{PY} pykvm guest build {real} -o {tmp_path / 'r.elf'}")
+    assert r.returncode == 2 and "*.bin" in one_line(r.stderr)
+    # a real-mode image whose ELF (OUT.elf) would be the source: refused
+    src_elf = tmp_path / "s.elf"
+    os.link(real, src_elf)
+    r = sh(f"{PY} pykvm guest build {real} -o {tmp_path / 's.bin'}")
+    assert r.returncode == 2 and "input file" in one_line(r.stderr)
+    assert src_elf.read_bytes() == real.read_bytes()
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
+def test_guest_build_output_written_through_or_replaced(tmp_path, source):
+    """-o over a regular file replaces it atomically (its mode kept); -o through a symlink
+    writes the link's target and keeps the link; -o /dev/null writes through the device."""
+    old = tmp_path / "old.elf"
+    old.write_bytes(b"old")
+    old.chmod(0o640)
+    r = sh(f"{PY} pykvm guest build {source} -o {old}")
+    assert r.returncode == 0, r.stderr
+    assert old.read_bytes()[:4] == b"\x7fELF" and (old.stat().st_mode & 0o777) == 0o640
+    link = tmp_path / "link.elf"
+    target = tmp_path / "target.elf"
+    os.symlink(target.name, link)
+    r = sh(f"{PY} pykvm guest build {source} -o {link}")
+    assert r.returncode == 0, r.stderr
+    assert os.path.islink(link) and target.read_bytes()[:4] == b"\x7fELF"
+    r = sh(f"{PY} pykvm guest build {source} -o /dev/null")
+    assert r.returncode == 0 and os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+# -- python -m pykvm.lab (arguments and stdout only: no lab is run) ----------------------------
+@pytest.mark.parametrize("redir,code", [(">/dev/full", 8), (">&-", 8)])
+def test_lab_help_on_broken_stdout(redir, code):
+    r = sh(f"{PY} pykvm.lab --help {redir}")
+    assert r.returncode == code
+    assert "cannot write to stdout" in one_line(r.stderr)
+
+
+def test_lab_help_with_stderr_closed():
+    r = sh(f"{PY} pykvm.lab --help 2>&-")
+    assert r.returncode == 0 and "usage:" in r.stdout
+
+
+@pytest.mark.parametrize("args", [
+    "riscv --out /proc/version",
+    "riscv --out /dev/null",
+    "nested --cache /dev/null/x",
+    "nested --cache /proc/version",
+    "riscv --out {file}",
+    "riscv --cache {file}/sub",
+    "riscv --out ''",
+    "bogus",
+    "riscv --timeout x",
+])
+def test_lab_path_options_refused_in_one_line(tmp_path, args):
+    f = tmp_path / "file"
+    f.write_text("keep")
+    r = sh(f"{PY} pykvm.lab " + args.format(file=f), timeout=60)
+    assert r.returncode == 2, r
+    line = one_line(r.stderr)
+    assert line.startswith("python -m pykvm.lab: error:")
+    assert f.read_text() == "keep" and os.path.exists("/dev/null")
+
+
+# -- python -m pykvm.fuzz (arguments only here; runs are in tests/hw/test_cli_edges.py) ---------
+@pytest.mark.parametrize("redir", [">/dev/full", ">&-"])
+def test_fuzz_help_on_broken_stdout(redir):
+    r = sh(f"{PY} pykvm.fuzz --help {redir}")
+    assert r.returncode == 8
+    assert "cannot write to stdout" in one_line(r.stderr)
+
+
+@pytest.mark.parametrize("args", ["--bogus", "--runs 0", "--replay /nonexistent",
+                                  "--out /proc/version --runs 1", "--out /dev/null --runs 1",
+                                  "--out {file} --runs 1", "--out {file}/sub --runs 1"])
+@pytest.mark.parametrize("as_json", [False, True])
+def test_fuzz_bad_arguments(tmp_path, args, as_json):
+    f = tmp_path / "file"
+    f.write_text("keep")
+    cmd = f"{PY} pykvm.fuzz " + args.format(file=f) + (" --json" if as_json else "")
+    r = sh(cmd, timeout=60)
+    assert r.returncode == 2, r
+    line = one_line(r.stderr)
+    if as_json:
+        obj = json.loads(r.stdout)
+        assert obj["exit_code"] == 2 and obj["detail"] == line
+    else:
+        assert r.stdout == ""
+    assert f.read_text() == "keep"
+
+
+def test_fuzz_reproducer_that_cannot_be_saved_is_told_once(tmp_path, capsys):
+    """A findings directory that stops taking reproducers (here: a file put where it was) loses
+    no finding silently: one line, the finding kept with file None, and the run's status is 8."""
+    from pykvm import fuzz
+    out = tmp_path / "findings"
+    sup = fuzz.Supervisor(runs=1, seed=0, jobs=1, deadline=0.1, modes=["long"], max_vcpus=1,
+                          out_dir=str(out))
+    f = sup._finding("crash", 3, detail="first")
+    assert f["file"] and json.loads(open(f["file"]).read())["index"] == 3
+    shutil.rmtree(out)
+    out.write_text("not a directory")
+    f2 = sup._finding("hang", 4, detail="second")
+    f3 = sup._finding("hang", 5, detail="third")
+    assert f2["file"] is None and f3["file"] is None and sup.save_error is not None
+    err = capsys.readouterr().err
+    assert err.count("cannot write the reproducer") == 1 and "Traceback" not in err
+    assert out.read_text() == "not a directory"
+
+
+def test_fuzz_reproducer_written_through_a_symlink(tmp_path):
+    """A reproducer name that is a symlink is written through (the link stays), atomically."""
+    from pykvm import fuzz
+    out = tmp_path / "findings"
+    out.mkdir()
+    target = tmp_path / "elsewhere.json"
+    os.symlink(target, out / "crash-s0-i7.json")
+    sup = fuzz.Supervisor(runs=1, seed=0, jobs=1, deadline=0.1, modes=["long"], max_vcpus=1,
+                          out_dir=str(out), quiet=True)
+    f = sup._finding("crash", 7, detail="x")
+    assert os.path.islink(out / "crash-s0-i7.json")
+    assert json.loads(target.read_text())["index"] == 7 and f["file"]
