@@ -194,10 +194,9 @@ class CmosRtc:
             t0 = self._raw_s
             for unit, fields in ((1, (SECONDS,)), (60, (MINUTES,)), (3600, (HOURS,)),
                                  (86400, (DAY_OF_WEEK, DAY_OF_MONTH, MONTH, YEAR, CENTURY))):
-                if seconds // unit != t0 // unit:
-                    break
-                for reg in fields:
-                    regs[reg] = raw[reg]
+                if seconds // unit == t0 // unit:        # no carry into these fields yet
+                    for reg in fields:
+                        regs[reg] = raw[reg]
         return regs
 
     def _freeze(self) -> None:
