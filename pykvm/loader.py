@@ -847,7 +847,9 @@ def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
     if hdr.machine != want_machine:
         got = _EM_NAMES.get(hdr.machine, f"e_machine {hdr.machine}")
         raise LoadError(f"wrong machine: {got} ELF, {arch} needs {_EM_NAMES[want_machine]}")
-    if hdr.type != _ET_EXEC:
+    # QEMU's load_elf (multiboot ELF32, RISC-V -kernel) loads any e_type by p_paddr; pykvm's
+    # own identity-mapped x86-64 ELF boot (which QEMU has no counterpart of) wants ET_EXEC.
+    if hdr.type != _ET_EXEC and mode == "long":
         raise LoadError(f"not an executable ELF (e_type {_ET_NAMES.get(hdr.type, hdr.type)}); "
                         f"link with a fixed address (-no-pie, -static)")
     phdrs = _program_headers(data, hdr)
