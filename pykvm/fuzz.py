@@ -1374,7 +1374,8 @@ def build_parser() -> argparse.ArgumentParser:
                "There a guest that ends the machine with the VMM-error status (vmm_error) or "
                "costs the host more than 2 ms of CPU per access on average (cpu) is a finding "
                "too. Exit status: 0 no findings, 1 findings, 2 bad arguments, 8 /dev/kvm or the "
-               "host unusable, 130 interrupted (the summary so far is printed). See "
+               "host unusable (stdout closed or full, a reproducer that could not be saved), "
+               "141 stdout's reader gone, 130 interrupted (the summary so far is printed). See "
                "docs/fuzzing.md.",
     )
     p.add_argument("--devices", action="store_true",
