@@ -29,6 +29,6 @@ void guest_main(void)
 	inb(0x511);
 	again = fw_cfg_read(FW_CFG_SIGNATURE, 4);	/* selecting rewinds */
 	fw_cfg_select(FW_CFG_SIGNATURE);
-	wide = inw(0x511);			/* one byte, then 0x512: all-ones */
+	wide = inw(0x511);			/* not valid (QEMU 7.2): 0 */
 	GUEST_SYNC(2, unknown, past, again, wide);
 }

@@ -26,9 +26,9 @@ void guest_main(void)
 	fw_cfg_select(FW_CFG_SIGNATURE);
 	w = inw(0x510);
 	l = inl(0x510);
-	w511 = inw(0x511);			/* 'Q' | 0xff00 */
+	w511 = inw(0x511);			/* not valid: 0, no advance */
 	outw(0x511, 3);
-	b3 = inb(0x511);			/* 'E' */
+	b3 = inb(0x511);			/* 'Q' */
 	GUEST_SYNC(1, b0, b1, b2, w, l, w511, b3);
 
 	GUEST_SYNC(2, fw_cfg_read(0x4003, 8), fw_cfg_read(0x8003, 8), fw_cfg_read(0x8002, 4),

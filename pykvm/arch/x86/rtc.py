@@ -123,6 +123,7 @@ class CmosRtc:
         self._irq = 0
         self._raw: Optional[dict] = None   # the bytes the clock restarted from (_current_regs)
         self._raw_s = 0                    # and the guest second they stand for
+        self._raw_mode = 0                 # and the DM / 24-hour bits they were written in
 
     # -- time ------------------------------------------------------------------------------
     def guest_ns(self, mono: Optional[int] = None) -> int:
@@ -187,10 +188,12 @@ class CmosRtc:
         whose field no update has carried into since: until the first update the seconds byte,
         until the minute changes the minutes byte, and so on up to the date bytes until the day
         changes. The MC146818 counts the bytes as stored, so a byte that is no valid value in
-        the current mode reads back as written until the chip carries into it."""
+        the current mode reads back as written until the chip carries into it. Once the guest
+        changes DM or 24/12 while the clock runs, every byte is the time in the new mode (as
+        QEMU re-encodes it)."""
         regs = self._time_regs(seconds)
         raw = self._raw
-        if raw is not None:
+        if raw is not None and self.cmos[REG_B] & (B_DM | B_24H) == self._raw_mode:
             t0 = self._raw_s
             for unit, fields in ((1, (SECONDS,)), (60, (MINUTES,)), (3600, (HOURS,)),
                                  (86400, (DAY_OF_WEEK, DAY_OF_MONTH, MONTH, YEAR, CENTURY))):
@@ -216,6 +219,7 @@ class CmosRtc:
         self._last_ns = now
         self._raw = {reg: self.cmos[reg] for reg in TIME_REGS + (CENTURY,)}
         self._raw_s = start
+        self._raw_mode = self.cmos[REG_B] & (B_DM | B_24H)
 
     # -- flags ---------------------------------------------------------------------------------
     def _alarm_field(self, reg: int, top: int, hour: bool = False) -> Optional[int]:
