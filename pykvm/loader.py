@@ -823,7 +823,9 @@ def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
     ELF32 i386 with a multiboot header (protected mode, loaded by p_paddr); any ELF whose
     multiboot header sets flag bit 16 is loaded by the a.out kludge fields instead, in
     protected mode, as QEMU does. riscv64: ELF64 loaded by p_paddr.
-    The work done is linear in the number of program headers, which is capped."""
+    Segment sizes follow QEMU's ``load_elf`` (:func:`_qemu_load_sizes`); ``e_type`` must be
+    ET_EXEC only for the x86-64 long-mode boot (QEMU loads any type by p_paddr).
+    The work done is O(n log n) in the number of program headers, which is capped."""
     if arch not in _ARCHES:
         raise LoadError(f"unknown architecture {arch!r} (known: {', '.join(_ARCHES)})")
     data = _as_bytes(data)
