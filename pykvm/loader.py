@@ -1118,13 +1118,14 @@ def load_image(mem, image: Image, *, arch: str = "x86_64", cmdline: str = "",
                reserved: Optional[Tuple[int, int]] = "default",
                multiboot_info_addr: int = x86_layout.MULTIBOOT_INFO_ADDR) -> LoadedImage:
     """Parse, validate and write ``image`` into ``mem``; for multiboot images also write the
-    multiboot information (with ``cmdline``) at ``multiboot_info_addr``. Files larger than the
-    guest RAM are refused before they are read. Every check runs before the first write, so a
+    multiboot information (with ``cmdline``) at ``multiboot_info_addr``. Files larger than
+    :data:`MAX_IMAGE_SIZE` are refused before they are read; a file larger than the guest RAM
+    boots when what it loads fits (an ELF with debug information). Every check runs before the first write, so a
     :class:`LoadError` leaves guest memory as it was. ``LoadedImage.written`` lists the ranges
     written."""
     ram_size = mem.size
     _check_int("RAM size", ram_size)
-    data = _read_image(image, ram_size, "guest RAM")
+    data = _read_image(image)              # what is loaded must fit RAM (validate, below)
     plan = parse_image(data, arch=arch, flat_addr=flat_addr, flat_mode=flat_mode,
                        flat_entry=flat_entry, max_size=len(data),      # already bounded
                        ram_base=ram_base)

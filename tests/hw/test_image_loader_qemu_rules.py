@@ -113,6 +113,17 @@ def test_pykvm_run_boots_it_with_qemus_console_and_status(imgs, name):
     assert (r.stdout, r.returncode) == (expected, STATUS), r.stderr
 
 
+def test_a_file_larger_than_ram_boots_when_what_it_loads_fits(tmp_path):
+    # an ELF whose file is mostly bytes no segment loads (debug information, say): 96 MiB of
+    # file for 64 MiB of RAM, as QEMU boots it
+    path = tmp_path / "big-debug.img"
+    with open(path, "wb") as f:
+        f.write(_elf32([(0x100000, MB + _code(b"OK\n"), 0x1000)], 0x10000C))
+        f.truncate(96 << 20)
+    r = _run([str(path)])
+    assert (r.stdout, r.returncode) == ("OK\n", STATUS), r.stderr
+
+
 def test_overlapping_file_bytes_are_one_line_and_bad_input(tmp_path):
     # QEMU 7.2 refuses this one too ("Error while fetching elf kernel from rom")
     path = tmp_path / "overlap.img"

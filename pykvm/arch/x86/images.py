@@ -174,7 +174,9 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
     ``"<name> <cmdline>"`` (the image's file name first, as QEMU and GRUB pass it) and one module
     per ``initrd`` item."""
     low_ram = max((hi for lo, hi in ram if lo == 0), default=0)
-    data = loader._read_image(image, max(hi for lo, hi in ram), "guest RAM")
+    # the file may be larger than RAM (an ELF with debug information, as QEMU boots it): what
+    # is loaded must fit RAM, and no file over MAX_IMAGE_SIZE is read
+    data = loader._read_image(image)
     plan = loader.parse_image(data, arch="x86_64", flat_addr=flat_addr, flat_mode=flat_mode,
                               max_size=len(data))
     space = _Space(ram, claimed)
