@@ -84,6 +84,25 @@ def _days_from_civil(year: int, month: int) -> int:
     return era * 146097 + doe - 719468
 
 
+def _civil_from_days(days: int):
+    """(year, month 1-12, day 1-31) of the day ``days`` after 1970-01-01 (proleptic Gregorian,
+    any integer): closed form, the inverse of :func:`_days_from_civil`."""
+    z = days + 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (month <= 2), month, day
+
+
+# The RTC counts years 0-9999 (a BCD century byte and a year byte): 10,000 Gregorian years are
+# 25 cycles of 146,097 days, a whole number of weeks, so the clock wraps cleanly after them.
+CLOCK_PERIOD_S = 25 * 146097 * 86400
+
+
 def periodic_ns(rate_select: int) -> Optional[int]:
     """The periodic interrupt period for rate select bits (32.768 kHz time base), or None."""
     rs = rate_select & 0xF
@@ -159,12 +178,17 @@ class CmosRtc:
         return h + 12 if v & 0x80 else h
 
     def _time_regs(self, seconds: int) -> dict:
-        t = time.gmtime(seconds)
-        year = t.tm_year
-        return {SECONDS: self._encode(t.tm_sec), MINUTES: self._encode(t.tm_min),
-                HOURS: self._encode_hour(t.tm_hour),
-                DAY_OF_WEEK: self._encode((t.tm_wday + 1) % 7 + 1),    # Sunday = 1
-                DAY_OF_MONTH: self._encode(t.tm_mday), MONTH: self._encode(t.tm_mon),
+        # any guest second (a guest may set any date, or none that exists): the chip's 10,000
+        # year range wraps, so every byte stays a byte; no host calendar call is involved
+        days, sod = divmod(seconds % CLOCK_PERIOD_S, 86400)
+        year, month, mday = _civil_from_days(days)
+        year %= 10000
+        hour, rest = divmod(sod, 3600)
+        minute, sec = divmod(rest, 60)
+        wday = (days + 4) % 7 + 1                  # 1970-01-01 was a Thursday; Sunday = 1
+        return {SECONDS: self._encode(sec), MINUTES: self._encode(minute),
+                HOURS: self._encode_hour(hour), DAY_OF_WEEK: self._encode(wday),
+                DAY_OF_MONTH: self._encode(mday), MONTH: self._encode(month),
                 YEAR: self._encode(year % 100), CENTURY: bcd(year // 100)}
 
     def _regs_to_seconds(self) -> int:
