@@ -195,6 +195,7 @@ class PcMachine:
         self._sleeping = False
         self._s3_kicked: set = set()
         self._parked: set = set()
+        self._resume_pending: set = set()   # vCPUs yet to take their state after a wake
         self.fwcfg = FwCfg(ram_size=ram_size, nb_cpus=vcpus)
         self.pci = PciHost(on_reset=lambda: self._power("reset"))
         self.pm = AcpiPm(set_sci=lambda level: self.irq(SCI_IRQ, level),
@@ -452,7 +453,7 @@ class PcMachine:
     # -- S3 ------------------------------------------------------------------------------------
     def hold(self, index: int) -> bool:
         """vCPU ``index``'s run was kicked: if S3 did it, park until the machine wakes (then
-        True: run on), else False."""
+        True: run on, in the state the wake gave it), else False."""
         with self._s3:
             if index not in self._s3_kicked:
                 return False
@@ -462,7 +463,10 @@ class PcMachine:
             while self._sleeping and not self.m._stop and not self.m.closed:
                 self._s3.wait(0.05)
             self._parked.discard(index)
-            return not self.m._stop
+            if self.m._stop:
+                return False
+        self._apply_resume(index)
+        return True
 
     def _wait(self, until_ns: int) -> bool:
         """Sleep until ``until_ns`` (monotonic) unless the machine is stopped; True if woken
@@ -476,12 +480,25 @@ class PcMachine:
             time.sleep(min(left / 1e9, 0.01))
 
     def suspend(self, index: int) -> bool:
-        """S3 entered by vCPU ``index``; returns when the machine has woken (True: run on)."""
-        self.sleeps += 1
+        """S3 entered by vCPU ``index``; returns when the machine has woken (True: run on).
+
+        The other vCPUs are kicked and park in :meth:`hold`. Every vCPU takes its wake state
+        (vCPU 0 at the waking vector, the others waiting for INIT/SIPI) in its own thread, as
+        it leaves S3, so no vCPU ioctl ever targets a vCPU another thread runs. A vCPU that
+        enters S3 while another one is already taking the machine there parks like the others
+        (two vCPUs writing SLP_EN at once put the machine to sleep once)."""
         others = [j for j in range(len(self.m.vcpus)) if j != index]
         with self._s3:
-            self._sleeping = True
-            self._s3_kicked.update(others)
+            if self._sleeping:                     # another vCPU is suspending the machine
+                self._s3_kicked.add(index)
+                joined = True
+            else:
+                joined = False
+                self._sleeping = True
+                self._s3_kicked.update(others)
+        if joined:
+            return self.hold(index)
+        self.sleeps += 1
         for j in others:
             try:
                 self.m.loops[j].kick()
@@ -505,30 +522,40 @@ class PcMachine:
         if woke:
             self.pm.wake(by_rtc)
             self.rtc.poll()
-            self._resume_cpus()
+            with self._s3:
+                self._resume_pending = set(range(len(self.m.vcpus)))
         with self._s3:
             self._sleeping = False
             self._s3.notify_all()
+        if woke:
+            self._apply_resume(index)
         return woke
+
+    def _apply_resume(self, index: int) -> None:
+        """Give vCPU ``index`` (called from its own thread) its state after an S3 wake, once:
+        vCPU 0 restarts at the FACS waking vector, the others wait for INIT/SIPI."""
+        with self._s3:
+            if index not in self._resume_pending:
+                return
+            self._resume_pending.discard(index)
+        v = self.m.vcpus[index]
+        if index != 0:
+            v.set_mp_state("UNINITIALIZED")
+            return
+        vec, xvec = self.waking_vectors()
+        if xvec:
+            # ACPI: a nonzero X_Firmware_Waking_Vector asks for a 32-bit protected-mode wake
+            sregs = v.get_sregs()
+            boot.fill_protected_mode_sregs(sregs)
+            sregs.gdt.base, sregs.gdt.limit = 0, 0
+            v.set_sregs(sregs)
+            boot._set_regs(v, rip=xvec & 0xFFFFFFFF, rsp=0)
+        else:
+            boot.setup_real_mode(v, (vec >> 4) & 0xFFFF, vec & 0xF, sp=0)
+        v.set_mp_state("RUNNABLE")
 
     def waking_vectors(self) -> Tuple[int, int]:
         """(Firmware_Waking_Vector, X_Firmware_Waking_Vector) from the FACS in guest RAM."""
         raw = self.m.vm.memory.read(self.tables.addr["FACS"], 64)
         return (struct.unpack_from("<I", raw, acpi.FACS_WAKING_VECTOR)[0],
                 struct.unpack_from("<Q", raw, acpi.FACS_X_WAKING_VECTOR)[0])
-
-    def _resume_cpus(self) -> None:
-        vec, xvec = self.waking_vectors()
-        bsp = self.m.vcpus[0]
-        if xvec:
-            # ACPI: a nonzero X_Firmware_Waking_Vector asks for a 32-bit protected-mode wake
-            sregs = bsp.get_sregs()
-            boot.fill_protected_mode_sregs(sregs)
-            sregs.gdt.base, sregs.gdt.limit = 0, 0
-            bsp.set_sregs(sregs)
-            boot._set_regs(bsp, rip=xvec & 0xFFFFFFFF, rsp=0)
-        else:
-            boot.setup_real_mode(bsp, (vec >> 4) & 0xFFFF, vec & 0xF, sp=0)
-        bsp.set_mp_state("RUNNABLE")
-        for v in self.m.vcpus[1:]:
-            v.set_mp_state("UNINITIALIZED")
