@@ -54,9 +54,10 @@ def test_i8042_wide_accesses_are_byte_runs():
     assert k.read(0x64, 2) == 0x1C1C and k.read(0x64, 4) == 0x1C1C1C1C
     k.write(0x64, 2, 0xD2 | 0x20 << 8)       # 0xd2, then 0x20 queues the command byte
     k.write(0x64, 1, 0xD2)
-    k.write(0x60, 4, 0x44332211)             # 0x11 into the buffer, then 3 keyboard bytes
-    assert k.read(0x60, 4) == 0xFAFA1161
-    assert k.read(0x60, 2) == 0xFAFA         # the last byte repeats once the buffer is empty
+    k.write(0x60, 4, 0x44332211)             # 0x11 into the buffer, then 3 unknown keyboard
+                                             # commands: each answered 0xFE (resend)
+    assert k.read(0x60, 4) == 0xFEFE1161
+    assert k.read(0x60, 2) == 0xFEFE         # the last byte repeats once the buffer is empty
     assert k.read(0x62, 1) == 0xFF
 
 
@@ -268,3 +269,23 @@ def test_multiboot_mem_lower_is_the_ram_below_the_ebda():
     info = loader.build_multiboot_info(64 << 20, memory_map=[(0, 0x9F000, 1),
                                                              (0x100000, 63 << 20, 1)])
     assert int.from_bytes(info[4:8], "little") == 0x9F000 // 1024
+
+
+def test_i8042_keyboard_answers_as_qemus_ps2_keyboard():
+    """QEMU's hw/input/ps2.c: unknown commands are answered 0xFE (resend); 0xF0 0x00 reports the
+    scan code set (translated while the controller translates), 0xF0 1-3 selects it."""
+    def answers(*cmds):
+        k = Kbc().k
+        out = []
+        for c in cmds:
+            k.write(0x60, 1, c)
+            while k.read(0x64, 1) & 1:           # OBF: take what the keyboard answered
+                out.append(k.read(0x60, 1))
+        return out
+    assert answers(0x12) == [0xFE] and answers(0xEF) == [0xFE]
+    assert answers(0xF0, 0x00) == [0xFA, 0xFA, 0x41]             # set 2, translated
+    assert answers(0xF0, 0x01, 0xF0, 0x00) == [0xFA, 0xFA, 0xFA, 0xFA, 0x43]
+    assert answers(0xF0, 0x07) == [0xFA, 0xFE]
+    assert answers(0xED, 0x07, 0xF3, 0x20, 0xF4) == [0xFA] * 5
+    assert answers(0xFF) == [0xFA, 0xAA] and answers(0xEE) == [0xEE]
+    assert answers(0xF2) == [0xFA, 0xAB, 0x41]

@@ -14,11 +14,14 @@ What is modelled:
   CPU reset, bit 1 = A20), 0xD2/0xD3 write the keyboard/mouse output buffer (next data byte),
   0xD4 write to the mouse (next data byte), 0xDD/0xDF A20 off/on, 0xF0-0xFF pulse output port
   bits (bit 0 pulsed, as in 0xFE: CPU reset; others do nothing); any other command is ignored;
-* a keyboard and a mouse that only answer commands: every byte written to them is
-  acknowledged (0xFA); keyboard 0xFF (reset) adds 0xAA, 0xF2 (identify) adds 0xAB 0x41 (0x83
-  without translation), 0xEE (echo) answers 0xEE alone; mouse 0xFF adds 0xAA 0x00 and 0xF2
-  adds 0x00. They never produce key presses or movement (no input backend), and command
-  parameters (LEDs, rates, resolution) are acknowledged and dropped;
+* a keyboard and a mouse that only answer commands, as QEMU's ``hw/input/ps2.c``: the keyboard
+  acknowledges (0xFA) 0x00, 0xF4, 0xFA, 0xF5/0xF6 (reset), 0xFF (reset, then 0xAA), 0xF2
+  (identify: then 0xAB 0x41, 0x83 without translation), and 0xED/0xF0/0xF3/0xFC with their
+  parameter byte; 0xF0 0x00 answers the scan code set (0x43/0x41/0x3F for sets 1-3 while the
+  controller translates, else 1-3), 0xF0 1-3 selects it; 0xEE (echo) answers 0xEE alone; any
+  other command answers 0xFE (resend). The mouse acknowledges every byte; 0xFF adds 0xAA 0x00
+  and 0xF2 adds 0x00. They never produce key presses or movement (no input backend), and
+  LED, rate and resolution parameters are acknowledged and dropped;
 * IRQ 1 while keyboard data waits and command byte bit 0 is set (bit 4 clear), IRQ 12 while
   mouse data waits and bit 1 is set.
 
@@ -32,10 +35,11 @@ interrupt, mouse disabled, scan code translation), output port 0xCF (QEMU's rese
 the data port repeating the keyboard's last byte 0xFA. QEMU's power-on values are status 0x18,
 command byte 0x03.
 
-Widths (as QEMU under TCG, whose regions take one byte at a time): an access of 2 or 4 bytes at
-0x60 or 0x64 is that many byte accesses to the same register, the lowest byte first; ports
-0x61-0x63 and 0x65-0x67 are not this device. Reading an empty output buffer repeats the last
-byte read. Each access costs constant work; the output queues hold 16 bytes each (more are
+Widths: an access of 2 or 4 bytes at 0x60 or 0x64 is that many byte accesses to the same
+register, the lowest byte first (the 8042's registers are 8 bits wide). QEMU 7.2 under TCG
+differs here: its keyboard sees a 16-bit write to 0x60 as one unknown command and answers 0xFE.
+No driver issues such accesses; ports 0x61-0x63 and 0x65-0x67 are not this device. Reading
+an empty output buffer repeats the last byte read. Each access costs constant work; the output queues hold 16 bytes each (more are
 dropped, as QEMU's PS/2 queue does when full).
 """
 import threading
@@ -90,7 +94,11 @@ CCMD_RESET = 0xFE
 
 SELF_TEST_OK = 0x55
 ACK = 0xFA
+RESEND = 0xFE
 POR = 0xAA
+KBD_SCANCODE = 0xF0                           # get (parameter 0) / set (1-3) the scan code set
+_KBD_PARAM_CMDS = (0xED, KBD_SCANCODE, 0xF3, 0xFC)   # LEDs, scan code set, rate, make/break
+_SET_ID = {1: 0x43, 2: 0x41, 3: 0x3F}          # a set's number as the translating 8042 shows it
 QUEUE_SIZE = 16
 
 _EXPECTS_DATA = (CCMD_WRITE_MODE, CCMD_WRITE_OBUF, CCMD_WRITE_AUX_OBUF, CCMD_WRITE_MOUSE,
@@ -114,7 +122,8 @@ class I8042:
         self.kbd: deque = deque()
         self.aux: deque = deque()
         self.last = {_KBD: ACK, _AUX: 0}        # what an empty queue repeats
-        self.kbd_param = False                  # the keyboard waits for a parameter byte
+        self.kbd_cmd: Optional[int] = None      # the keyboard command waiting for its parameter
+        self.scancode_set = 2
         self.aux_param = False
         self._irq = {KBD_IRQ: 0, MOUSE_IRQ: 0}
 
@@ -157,21 +166,41 @@ class I8042:
 
     # -- the keyboard and mouse (command answers only) -------------------------------------
     def _keyboard(self, b: int) -> None:
-        if self.kbd_param:                       # the parameter of 0xED, 0xF0, 0xF3
-            self.kbd_param = False
+        """A byte for the keyboard (QEMU's ``ps2_write_keyboard``): a command, or the parameter
+        of the one before."""
+        cmd, self.kbd_cmd = self.kbd_cmd, None
+        if cmd == KBD_SCANCODE:
+            if b == 0:                           # get: the set, translated when the controller
+                self._queue(ACK)                 # translates (command byte bit 6)
+                self._queue(_SET_ID[self.scancode_set] if self.mode & MODE_KCC
+                            else self.scancode_set)
+            elif 1 <= b <= 3:
+                self.scancode_set = b
+                self._queue(ACK)
+            else:
+                self._queue(RESEND)
+            return
+        if cmd is not None:                      # LEDs, typematic rate, make/break: taken
             self._queue(ACK)
             return
         if b == 0xEE:                            # echo
             self._queue(0xEE)
-            return
-        self._queue(ACK)
-        if b == 0xFF:
-            self._queue(POR)
-        elif b == 0xF2:
+        elif b == 0xF2:                          # identify: an MF2 keyboard
+            self._queue(ACK)
             self._queue(0xAB)
             self._queue(0x41 if self.mode & MODE_KCC else 0x83)
-        elif b in (0xED, 0xF0, 0xF3):
-            self.kbd_param = True
+        elif b in _KBD_PARAM_CMDS:
+            self.kbd_cmd = b
+            self._queue(ACK)
+        elif b in (0xF5, 0xF6, 0xFF):            # reset (and disable / enable scanning)
+            self.scancode_set = 2
+            self._queue(ACK)
+            if b == 0xFF:
+                self._queue(POR)
+        elif b in (0x00, 0xF4, 0xFA):            # QEMU acknowledges these without more
+            self._queue(ACK)
+        else:                                    # anything else: "send the command again"
+            self._queue(RESEND)
 
     def _mouse(self, b: int) -> None:
         if self.aux_param:                       # the parameter of 0xE8, 0xF3
