@@ -658,10 +658,14 @@ def cmd_guest_build(args) -> int:
         host = _host_failure(e)
         if host is not None:
             return _fail(host, EXIT_VMM)
+        from .outfile import ReportPathError
+        if isinstance(e, ReportPathError):   # the checked output could not be written (a full,
+            return _fail(str(e), EXIT_VMM)   # read-only or forbidden place): output lost, 8
         why = f"cannot write {args.output or 'the image'}: {e.strerror or e}"
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
-            return _fail(why, EXIT_VMM)      # the host's disk, not the command line
-        return _fail(why)                    # -o names a place we cannot write
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.EROFS,
+                       errno.EACCES, errno.EPERM):
+            return _fail(why, EXIT_VMM)      # the host refused the write, not the command line
+        return _fail(why)
     print(image)
     return 0
 

@@ -36,6 +36,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -407,8 +408,12 @@ def check_output(source, out, *, arch: Optional[str] = None,
             raise ReportPathError(errno.EINVAL, f"cannot write the image to {shown}: it is the "
                                   f"input file {source}", shown)
         parent = os.path.dirname(p)
-        if not os.path.isdir(parent):
-            err = errno.ENOTDIR if os.path.exists(parent) else errno.ENOENT
+        try:
+            st = os.stat(parent)
+            err = 0 if stat.S_ISDIR(st.st_mode) else errno.ENOTDIR
+        except OSError as e:                   # missing, a symlink loop, no permission ...
+            err = e.errno or errno.ENOENT
+        if err:
             raise ReportPathError(err, f"cannot write the image to {shown}: "
                                   f"{os.strerror(err)}: {os.path.dirname(shown) or parent}",
                                   shown)
