@@ -67,7 +67,7 @@ def test_pm_timer_counts_at_3_579545_mhz(guest_vm):
     assert cnt & 1 == 1                                # SCI_EN: always in ACPI mode
     assert en == 0x0401 and en_low == 0x01             # PM1_EN reads back, by word or byte
     assert sts == 0                                    # write-1-to-clear
-    (per_rtc_second,) = m.sync(stage=3)
+    per_rtc_second = sorted(m.sync(stage=3))[1]       # the median of three RTC seconds
     assert 0.8 * 3_579_545 < per_rtc_second < 1.2 * 3_579_545   # ticks per RTC second
     m.done()
 
