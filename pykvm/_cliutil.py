@@ -229,3 +229,29 @@ def finish_program(code: int, prog: str, status: int) -> int:
     except (OSError, ValueError):
         pass
     return code
+
+
+def run_program(main, prog: str, status: int, usage_status: int, host_failure=None) -> int:
+    """Run ``main()`` (returning an exit status) as a program's body, the way every pykvm tool
+    does: stdout checked first (:func:`start_program`), stderr made tolerant, ``SystemExit``
+    (``--help``, a usage error already said) turned into its status (``usage_status`` when it
+    has none), an ``OSError`` from stdout into ``status``, and output lost at the end never
+    success (:func:`finish_program`). Any other ``OSError`` or ``MemoryError`` goes to
+    ``host_failure(e)`` (which returns the status, having said one line), or is raised when
+    there is none."""
+    code = start_program(prog, status)
+    if code is not None:
+        return code
+    tolerant_stderr()
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else usage_status
+    except (OSError, MemoryError) as e:
+        if isinstance(e, OSError) and stdout_failed(e):
+            code = status                     # told by finish_program
+        elif host_failure is None:
+            raise
+        else:
+            code = host_failure(e)
+    return finish_program(code, prog, status)

@@ -1519,23 +1519,13 @@ def _program() -> int:
     never a traceback; stderr that cannot be written only loses its messages."""
     if "--_worker" in sys.argv[1:]:              # a worker: its stdout is the protocol pipe
         return main()
-    code = _cliutil.start_program(PROG, EXIT_ENVIRONMENT)
-    if code is not None:
-        return code
-    _cliutil.tolerant_stderr()
-    try:
-        code = main()
-    except SystemExit as e:                      # --help, or a usage error (said)
-        code = e.code if isinstance(e.code, int) else EXIT_USAGE
-    except OSError as e:
-        if _cliutil.stdout_failed(e):
-            code = EXIT_ENVIRONMENT              # told by finish_program
-        else:                                    # the host failed us (fds, processes, disk)
-            where = f"{e.filename}: " if e.filename else ""
-            code = _fail(EXIT_ENVIRONMENT, f"{PROG}: {where}{e.strerror or e}")
-    except MemoryError:
-        code = _fail(EXIT_ENVIRONMENT, f"{PROG}: out of memory")
-    return _cliutil.finish_program(code, PROG, EXIT_ENVIRONMENT)
+
+    def host_failure(e) -> int:                  # the host failed us (fds, processes, disk)
+        if isinstance(e, MemoryError):
+            return _fail(EXIT_ENVIRONMENT, f"{PROG}: out of memory")
+        where = f"{e.filename}: " if e.filename else ""
+        return _fail(EXIT_ENVIRONMENT, f"{PROG}: {where}{e.strerror or e}")
+    return _cliutil.run_program(main, PROG, EXIT_ENVIRONMENT, EXIT_USAGE, host_failure)
 
 
 if __name__ == "__main__":

@@ -150,19 +150,7 @@ def _program() -> int:
     """``python -m pykvm.lab`` as a program: stdout closed, full or gone is one line on stderr
     and status 8 (141 for a reader that went away), never success and never a traceback; a
     stderr that cannot be written only loses the progress lines."""
-    code = _cliutil.start_program(PROG, EXIT_OUTPUT)
-    if code is not None:
-        return code
-    _cliutil.tolerant_stderr()
-    try:
-        code = main()
-    except SystemExit as e:               # --help, or a usage error (said)
-        code = e.code if isinstance(e.code, int) else 2
-    except OSError as e:
-        if not _cliutil.stdout_failed(e):
-            raise
-        code = EXIT_OUTPUT
-    return _cliutil.finish_program(code, PROG, EXIT_OUTPUT)
+    return _cliutil.run_program(main, PROG, EXIT_OUTPUT, 2)
 
 
 if __name__ == "__main__":
