@@ -89,3 +89,27 @@ def test_real_mode_failure_names_cs_ip_and_the_linear_address():
     assert r.exit_code == status.UNHANDLED_EXIT, r.detail
     assert "at CS:IP 0x790:0x70e (linear 0x800e)" in r.detail
     assert "in real mode (16-bit): vpxor xmm0, xmm0, [bx+si] [c5 f9 ef 00]" in r.detail
+
+
+# The VEX instruction straddles a page boundary: KVM's own bytes stop at the end of the first
+# page, so the rest is read from guest memory (across the boundary) and the whole is decoded.
+VEX32_ACROSS_PAGES = """
+    jmp bad_insn
+    .balign 4096
+    .skip 4094, 0x90
+bad_insn:
+    vpxor xmm3, xmm2, xmm1
+1:  jmp 1b
+"""
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_an_instruction_across_a_page_boundary_is_decoded_whole(tmp_path, bits):
+    if bits == 32:
+        path = elf_guest(tmp_path, VEX32_ACROSS_PAGES, bits=32, text=0x100000, data=0x180000)
+    else:
+        path = elf_guest(tmp_path, VEX32_ACROSS_PAGES.replace("1:  jmp 1b", "hlt"))
+    with Machine(path) as m:
+        r = _emulation_failure(m)
+    assert "bad_insn+0x0" in r.detail
+    assert "vpxor xmm3, xmm2, xmm1 [c5 e9 ef d9]" in r.detail, r.detail

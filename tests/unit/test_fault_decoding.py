@@ -186,3 +186,22 @@ def test_riscv_dtb_space_grows_with_the_harts():
     assert rvp.dtb_space(1) == rvp.DTB_SPACE == rvp.dtb_space(16)
     assert rvp.dtb_space(64) >= (32 << 10) + 64 * rvp.DTB_SPACE_PER_HART
     assert rvp.dtb_space(1024) % rvp.DTB_SPACE == 0
+
+
+def test_symbol_of_a_kernel_run_at_another_virtual_address_than_linked():
+    """A kernel linked low and run mapped high: no symbol at the linear RIP, so the physical
+    address the guest's page tables give it is looked up."""
+    from pykvm.arch.x86.decode import _where
+
+    class Syms:
+        def describe(self, addr):
+            return "hi+0x0" if addr == 0x101FFD else ""
+
+    class Cpu:
+        def translate(self, linear):
+            return linear - 0xFFFFFFFF80000000
+
+    assert _where(Syms(), Cpu(), 0xFFFFFFFF80101FFD, paging=True) == "hi+0x0"
+    assert _where(Syms(), Cpu(), 0xFFFFFFFF80101FFD, paging=False) == ""
+    assert _where(Syms(), Cpu(), 0x101FFD, paging=True) == "hi+0x0"
+    assert _where(None, Cpu(), 0x101FFD, paging=True) == ""

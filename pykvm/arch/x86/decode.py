@@ -105,6 +105,24 @@ def disassemble(code: bytes, address: int, bits: int) -> Tuple[str, int]:
     return fmt.format(insn), insn.len
 
 
+def _where(symbols, vcpu, linear: int, paging: bool) -> str:
+    """The symbol (and file:line) at guest-linear ``linear``: the image's link addresses are
+    linear ones, unless the guest runs its code at another virtual address than it was linked
+    for (a kernel mapped high, linked low), where the physical address KVM_TRANSLATE gives is
+    looked up too; "" when neither names a symbol."""
+    if symbols is None:
+        return ""
+    where = symbols.describe(linear)
+    if not where and paging:
+        try:
+            gpa = vcpu.translate(linear)
+        except Exception:                  # noqa: BLE001 — best effort: no symbol then
+            gpa = None
+        if gpa is not None and gpa != linear:
+            where = symbols.describe(gpa)
+    return where
+
+
 def describe_internal_error(vcpu, memory, ex, symbols=None) -> str:
     """One line for a KVM_EXIT_INTERNAL_ERROR ``ex`` of ``vcpu`` (stopped, not running): what
     KVM says went wrong, at RIP (CS:IP and the linear address in real and virtual-8086 mode,
@@ -125,11 +143,17 @@ def describe_internal_error(vcpu, memory, ex, symbols=None) -> str:
     code = kvm_insn_bytes(sub, data)
     base = 0 if bits == 64 else int(sregs.cs.base)
     linear = (base + rip) & ((1 << 64) - 1)
-    if code is None:
-        code = read_guest_code(vcpu, memory, linear, bool(sregs.cr0 & CR0_PG))
-    insn, n = disassemble(code, rip, bits)
+    paging = bool(sregs.cr0 & CR0_PG)
+    insn, n = disassemble(code, rip, bits) if code else ("", 0)
+    if not n:
+        # KVM's own bytes stop where its fetch stopped (at the end of a page, say): read the
+        # instruction from guest memory, across the page boundary, and decode that instead
+        mem_code = read_guest_code(vcpu, memory, linear, paging)
+        mem_insn, mem_n = disassemble(mem_code, rip, bits)
+        if mem_n or not code:
+            code, insn, n = mem_code, mem_insn, mem_n
     shown = code[:n] if n else code
-    where = symbols.describe(linear) if symbols is not None else ""   # link addresses: linear
+    where = _where(symbols, vcpu, linear, paging)
     name = _SUBERRORS.get(sub, f"SUBERROR_{sub}")
     what = _SUBERROR_TEXT.get(name, f"KVM internal error {name}")
     if mode in ("real", "virtual-8086"):
