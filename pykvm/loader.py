@@ -16,8 +16,8 @@ Images come from untrusted places, so the loader bounds everything it does by th
 input: only regular files are read, never more than :data:`MAX_IMAGE_SIZE` (a file may be
 larger than the guest's RAM, as an ELF with debug information is, when what it loads fits;
 the Linux boot protocol's images and initrds are held to the RAM size); the ELF header counts
-are capped (:data:`MAX_PROGRAM_HEADERS`, :data:`MAX_SECTION_HEADERS`, :data:`MAX_SYMBOLS`); each distinct
-symbol table is read once; segment data are views into the image, never copies per header.
+are capped (:data:`MAX_PROGRAM_HEADERS`, :data:`MAX_SECTION_HEADERS`, :data:`MAX_SYMBOLS`);
+each distinct symbol table is read once; segment data are views into the image, never copies per header.
 Every failure is a :class:`LoadError` with a one-line message, and nothing is written to guest
 memory before all checks have passed.
 """
