@@ -135,13 +135,7 @@ def memcg():
 @pytest.mark.parametrize("loop", ["c", "py"])
 def test_guest_ram_the_host_cannot_back_is_a_vmm_error(tmp_path, memcg, loop):
     path = elf_guest(tmp_path, TOUCH)
-    env = dict(os.environ)
-    if "ASAN_OPTIONS" in env:
-        # under the sanitized run: ASan's quarantine hands out fresh pages for every Python
-        # object, so at the cgroup's limit (OOM killer off) the interpreter itself would wait
-        # for memory; without quarantine it reuses what it frees, as a plain build does
-        env["ASAN_OPTIONS"] += ":quarantine_size_mb=0"
-    out = _child(CGROUP, path, memcg, loop, timeout=90, env=env)
+    out = _child(CGROUP, path, memcg, loop, timeout=90)
     assert (out["exit"], out["code"]) == ("vmm_error", status.VMM_ERROR), out
     assert "host could not back guest RAM at GPA 0x" in out["detail"], out
     assert "memory limit" in out["detail"]

@@ -124,7 +124,12 @@ def test_hw_tests_pass_under_asan_and_ubsan(sanitized_native, tmp_path):
     checks = os.path.join(ROOT, "tests", "sanitize", "sanitized_checks.py")
     cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "hw"), checks,
            "-p", "no:cacheprovider", "-q", "-rfEs", f"--junitxml={junit}",
-           "--basetemp", str(tmp_path / "child")]
+           "--basetemp", str(tmp_path / "child"),
+           # the one test this rerun leaves to the plain run: a process at a memory cgroup's
+           # limit with the OOM killer off. ASan's allocator takes fresh pages where the plain
+           # build reuses freed memory, so there the process itself may wait for ever
+           "--deselect",
+           "tests/hw/test_host_limits.py::test_guest_ram_the_host_cannot_back_is_a_vmm_error"]
     t0 = time.monotonic()
     r = subprocess.run(cmd, env=san.runtime_env(sanitized_native, logs), cwd=ROOT,
                        capture_output=True, text=True, timeout=CHILD_TIMEOUT)
