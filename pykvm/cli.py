@@ -867,10 +867,14 @@ def _main(argv=None, program=False) -> int:
         except OSError as e:
             if _stdout_failed(e):
                 return _output_failure()
+            if _sig.signum is not None:       # the signal's exception, wrapped by the code it hit
+                raise _Signalled(_sig.signum) from e
             code = _report(*_classify(e), _wants_json(argv))
         except Exception as e:                # noqa: BLE001 - every failure is one line
             if _output["error"] is not None:  # stdout failed first: that is the outcome
                 return _output_failure()
+            if _sig.signum is not None:       # e.g. a RuntimeError around it from __set_name__
+                raise _Signalled(_sig.signum) from e
             if os.environ.get("PYKVM_TRACEBACK"):
                 import traceback
                 traceback.print_exc()
