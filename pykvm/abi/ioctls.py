@@ -1,31 +1,48 @@
 """Every KVM ioctl pykvm issues, declared once.
 
 Each row gives the name, the fd kind it is issued on, the direction, the command number, the
-argument struct (whose size, computed from *our* declarations, goes into the request number:
-``_IOC(dir, KVMIO, nr, size)``, the formula of ``ioctl-opt`` and the kernel's
-``asm-generic/ioctl.h``), the capability that gates it and the architectures it exists on.
+argument struct, the capability that gates it and the architectures it exists on. The request
+number is computed by ``ioctl-opt`` (:func:`ioctl_opt.IOC`, the kernel's
+``asm-generic/ioctl.h`` ``_IOC(dir, type, nr, size)`` in Python) from the row's direction, KVMIO,
+the command number and the argument's size in bytes taken from *our* cffi declarations
+(``ffi.sizeof``), so the struct layout and the number can never disagree. The header proof
+(:mod:`pykvm.abi.proof`) checks every number against the installed ``<linux/kvm.h>`` by
+compiling it, independently of this computation.
 
 A row is an :class:`Ioctl`, which *is* its request number (an ``int``), so every call site passes
 the row itself: ``ioctl(fd, ioctls.KVM_GET_ONE_REG, arg)`` (:func:`pykvm._ioctl.ioctl`), and the
 row's name, capability and architectures are at hand when it fails.
 """
+import ioctl_opt
+
 from . import ARCH, KVMIO, ffi
 
+# Directions as the kernel's _IOC names them from user space's side: W is _IOW (user space
+# writes the argument to the kernel), R is _IOR, WR is _IOWR.
 NONE, W, R, WR = "none", "w", "r", "wr"
-# asm-generic/ioctl.h (x86_64 and riscv64): nr 8 bits, type 8, size 14, dir 2
-_DIRS = {NONE: 0, W: 1, R: 2, WR: 3}
-_NRSHIFT, _TYPESHIFT, _SIZESHIFT, _DIRSHIFT = 0, 8, 16, 30
-_SIZEMASK = (1 << 14) - 1
+_DIRS = {NONE: ioctl_opt.IOC_NONE, W: ioctl_opt.IOC_WRITE, R: ioctl_opt.IOC_READ,
+         WR: ioctl_opt.IOC_READ | ioctl_opt.IOC_WRITE}
+# The largest argument size the request number's size field holds (14 bits on x86_64 and
+# riscv64, asm-generic/ioctl.h), as ioctl-opt exports it.
+_SIZE_MAX = ioctl_opt.IOCSIZE_MASK >> ioctl_opt.IOCSIZE_SHIFT
 ALL = ("x86_64", "riscv64")
 X86 = ("x86_64",)
 
 
 def ioc(direction: str, nr: int, size: int, type_: int = KVMIO) -> int:
-    """_IOC(dir, type, nr, size)."""
-    if not 0 <= size <= _SIZEMASK:
+    """The request number ``_IOC(dir, type_, nr, size)``, computed by :func:`ioctl_opt.IOC`.
+
+    ``direction`` is one of NONE, W, R, WR; ``nr`` and ``type_`` are 8-bit command and driver
+    numbers; ``size`` is the argument's size in bytes. Raises ValueError for an unknown direction
+    or a field that does not fit its bits (ioctl-opt only asserts, which ``python -O`` drops).
+    """
+    if direction not in _DIRS:
+        raise ValueError(f"ioctl direction {direction!r} is not one of {', '.join(_DIRS)}")
+    if not 0 <= size <= _SIZE_MAX:
         raise ValueError(f"ioctl argument of {size} bytes does not fit the request number")
-    return ((_DIRS[direction] << _DIRSHIFT) | (type_ << _TYPESHIFT) | (nr << _NRSHIFT)
-            | (size << _SIZESHIFT))
+    if not (0 <= nr <= 0xFF and 0 <= type_ <= 0xFF):
+        raise ValueError(f"ioctl type {type_:#x} / nr {nr:#x} does not fit 8 bits")
+    return ioctl_opt.IOC(_DIRS[direction], type_, nr, size)
 
 
 class Ioctl(int):
@@ -50,7 +67,8 @@ class Ioctl(int):
 
     @property
     def request(self) -> int:
-        """The ioctl request number: _IOC(dir, KVMIO, nr, sizeof(arg))."""
+        """The ioctl request number: ``ioctl_opt.IOC(dir, KVMIO, nr, sizeof(arg))``. Raises
+        ValueError for a row of another architecture."""
         if not self.available:
             raise ValueError(f"{self.name} does not exist on {ARCH} (only on "
                              f"{', '.join(self.arches)})")
