@@ -3,6 +3,11 @@
 A C probe that includes ``<linux/kvm.h>`` prints, for every struct size, field offset and size,
 constant and ioctl number pykvm defines, the header's value. Items the installed header does not
 have (newer than it) are dropped after the compiler names them, and reported as such.
+
+The two sides are computed independently: pykvm's ioctl numbers come from ``ioctl_opt.IOC`` over
+the sizes of our cffi declarations (:mod:`pykvm.abi.ioctls`), the header's from the C compiler
+expanding ``<linux/kvm.h>``'s own ``_IOW``/``_IOR``/``_IOWR`` over the kernel's structs, so a
+wrong direction, command number or struct size in our table shows as a mismatch.
 """
 import os
 import re
