@@ -68,6 +68,7 @@ import os  # noqa: E402
 
 from . import __version__  # noqa: E402
 from . import _cliutil  # noqa: E402
+from ._host import HOST_ARCH  # noqa: E402
 from ._cliutil import err as _err, output as _output  # noqa: E402
 from ._cliutil import stdout_failed as _stdout_failed  # noqa: E402
 from .outfile import check_report_path  # noqa: E402
@@ -150,7 +151,7 @@ def _file_list(text: str) -> tuple:
     """'a,b args,,x,c' → ('a', 'b args,x', 'c'): QEMU's -initrd list (",," is a comma inside an
     entry; "" is no file), where each entry is a file name optionally followed by arguments
     (multiboot module strings); each file must exist."""
-    from .loader import initrd_module_path, split_initrd_option
+    from .boot import initrd_module_path, split_initrd_option
     items = tuple(split_initrd_option(text))
     for item in items:
         path = initrd_module_path(item)
@@ -478,7 +479,7 @@ def _console_stream():
 def cmd_run(args) -> int:
     from . import status
     from .errors import GuestMemoryError, HostMemoryError, PykvmError
-    from .loader import LoadError
+    from .boot import LoadError
     from .machine import Machine
 
     def outcome(exit_name: str, code: int, detail: str) -> int:
@@ -493,13 +494,11 @@ def cmd_run(args) -> int:
     if args.irqchip:
         opts["irqchip"] = opts["pit"] = True
     if args.machine is not None:
-        from .arch import current as _cur
-        if _cur.Platform.arch != "x86_64":
+        if HOST_ARCH != "x86_64":
             return outcome("bad_input", status.BAD_INPUT, "--machine applies to x86 guests")
         opts["pc"] = args.machine == "pc"
     if args.pc_device:
-        from .arch import current as _cur
-        if _cur.Platform.arch != "x86_64":
+        if HOST_ARCH != "x86_64":
             return outcome("bad_input", status.BAD_INPUT, "--pc-device applies to x86 guests")
         if args.machine == "bare":
             return outcome("bad_input", status.BAD_INPUT, "--pc-device needs the pc machine")
@@ -507,8 +506,7 @@ def cmd_run(args) -> int:
     riscv_opts = {"cpu_type": args.cpu_type, "suspend_seconds": args.suspend_seconds}
     riscv_opts = {k: v for k, v in riscv_opts.items() if v is not None}
     if riscv_opts:
-        from .arch import current
-        if current.Platform.arch != "riscv64":
+        if HOST_ARCH != "riscv64":
             flag = "--" + next(iter(riscv_opts)).replace("_", "-")
             return outcome("bad_input", status.BAD_INPUT, f"{flag} applies to RISC-V guests")
         opts.update(riscv_opts)

@@ -213,7 +213,7 @@ def host_resource_error(e: BaseException, _depth: int = 0):
     EAGAIN from a thread start, and the :class:`RuntimeError` Python raises when it cannot
     start a thread (threads: ``ulimit -u``, or ``ulimit -v`` too small for a thread's stack);
     also when ``e`` merely wraps such an error (its ``__cause__`` chain, e.g. a
-    :class:`~pykvm.loader.LoadError` for an image the process had no descriptor left to open).
+    :class:`~pykvm.boot.LoadError` for an image the process had no descriptor left to open).
     Pure; the result's ``__cause__`` is the error it stands for."""
     if isinstance(e, HostResourceError):
         return e

@@ -197,7 +197,7 @@ def generate_case(seed: int, index: int, *, modes=MODES, max_vcpus: int = 4,
                   deadline: float = DEFAULT_DEADLINE) -> dict:
     """The case ``index`` of run ``seed``: a pure function of its arguments (the supervisor
     regenerates a finding's case from them to write the reproducer)."""
-    from .arch.x86 import boot, layout as L
+    from .arch.x86 import modes as cpu_modes, layout as L
     assert L.PML4_ADDR == PML4 and DESC_ADDR + 0x80 <= L.GDT_ADDR   # our tables fit the layout
     rng = random.Random(f"pykvm-fuzz:{seed}:{index}")
     mode = rng.choice(list(modes))
@@ -229,10 +229,10 @@ def generate_case(seed: int, index: int, *, modes=MODES, max_vcpus: int = 4,
     blobs = [(base, image), (DESC_ADDR, _descriptors(rng))]
     handlers = [base + b for b in bounds]
     blobs.append((IDT32_ADDR, _gates(rng, handlers, wide=False)))
-    blobs.append((LONG_GDT_ADDR, boot.gdt_bytes("long")))
+    blobs.append((LONG_GDT_ADDR, cpu_modes.gdt_bytes("long")))
     blobs.append((IDT64_ADDR, _gates(rng, handlers, wide=True)))
     if mode == "real":
-        blobs.append((L.GDT_ADDR, boot.gdt_bytes("protected")))     # for real -> protected
+        blobs.append((L.GDT_ADDR, cpu_modes.gdt_bytes("protected")))     # for real -> protected
         if rng.random() < 0.5:                                     # an IVT into the image
             ivt = b"".join(struct.pack("<HH", (base + rng.choice(bounds)) & 0xFFFF, 0)
                            for _ in range(256))
@@ -261,7 +261,7 @@ def generate_case(seed: int, index: int, *, modes=MODES, max_vcpus: int = 4,
             if rng.random() < 0.05:
                 cs, ip = rng.getrandbits(16), rng.getrandbits(16)
             else:
-                cs, ip = boot.real_mode_entry(entry % 0x100000)
+                cs, ip = cpu_modes.real_mode_entry(entry % 0x100000)
             v["cs"] = cs
             v["regs"]["rip"] = ip
             v["regs"]["rsp"] = L.REAL_MODE_STACK_TOP if rng.random() < 0.8 else rng.getrandbits(16)
@@ -428,7 +428,7 @@ class CaseRunner:
         sys.unraisablehook = unraisable_hook
 
     def _run_in_vm(self, vm, case: dict, res: dict) -> None:
-        from .arch.x86 import boot
+        from .arch.x86 import modes as cpu_modes
         from .runloop import make_loop
         vm.set_tss_addr(0xFFFBD000)
         vm.set_identity_map_addr(0xFFFBC000)
@@ -448,12 +448,12 @@ class CaseRunner:
                 v.set_cpuid(self._cpuid_for(i))
             regs = spec["regs"]
             if mode == "long":
-                boot.setup_long_mode(v, mem, regs["rip"], regs["rsp"], vcpu_index=i,
+                cpu_modes.setup_long_mode(v, mem, regs["rip"], regs["rsp"], vcpu_index=i,
                                      write_tables=(i == 0))
             elif mode == "protected":
-                boot.setup_protected_mode(v, mem, regs["rip"], esp=regs["rsp"], vcpu_index=i)
+                cpu_modes.setup_protected_mode(v, mem, regs["rip"], esp=regs["rsp"], vcpu_index=i)
             else:
-                boot.setup_real_mode(v, spec["cs"], regs["rip"], sp=regs["rsp"] & 0xFFFF)
+                cpu_modes.setup_real_mode(v, spec["cs"], regs["rip"], sp=regs["rsp"] & 0xFFFF)
             if spec.get("idt") or spec.get("sregs"):
                 s = v.get_sregs()
                 if spec.get("idt"):
@@ -470,7 +470,7 @@ class CaseRunner:
                 setattr(r, name, value)
             v.set_regs(r)
         if case["page_tables"]:
-            boot.write_identity_map(mem)
+            cpu_modes.write_identity_map(mem)
         for gpa, data in case["blobs"]:
             mem.write(gpa, data)
         loops = [make_loop(v, native=case["native"]) for v in vcpus]

@@ -46,8 +46,8 @@ import traceback
 from typing import Dict, List
 
 from . import status
-from .arch import current as _current
-from .arch.x86 import boot, layout as L
+from ._host import HOST_ARCH
+from .arch.x86 import modes, layout as L
 from .errors import PykvmError
 from .fuzz_stream import _le, _Stream, blobs_from_json, blobs_to_json
 from .machine import Machine
@@ -130,7 +130,7 @@ DEVICE_MMIO = ((VTD_BASE, 0x1000), (EDU_BAR, 0x100), (EDU_BAR + 0x40000, 0x1000)
 
 def host_arch() -> str:
     """The architecture of the machines pykvm builds here ("x86_64", "riscv64")."""
-    return _current.Platform.arch
+    return HOST_ARCH
 
 
 def supported() -> bool:
@@ -1023,10 +1023,10 @@ def run_case(kvm, case: dict, inject=()) -> dict:
         for i, v in enumerate(m.vcpus):
             if i:                            # APs start at their code, as if after INIT/SIPI
                 if bits == 64:
-                    boot.setup_long_mode(v, mem, CODE_BASE + i * CODE_STRIDE, vcpu_index=i,
+                    modes.setup_long_mode(v, mem, CODE_BASE + i * CODE_STRIDE, vcpu_index=i,
                                          write_tables=False, layout=lay)
                 else:
-                    boot.setup_protected_mode(v, mem, CODE_BASE + i * CODE_STRIDE,
+                    modes.setup_protected_mode(v, mem, CODE_BASE + i * CODE_STRIDE,
                                               vcpu_index=i, layout=lay)
                 v.set_mp_state("RUNNABLE")
             if case["idt"]:

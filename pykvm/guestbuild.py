@@ -42,6 +42,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ._host import host_arch
 from .errors import PykvmError
 from .outfile import ReportPathError, check_report_path, write_report
 
@@ -109,10 +110,6 @@ class GuestBuildError(PykvmError):
 
 
 # -- where things are ---------------------------------------------------------------------------
-def host_arch() -> str:
-    """The host's machine name as ``os.uname()`` reports it, with "amd64" spelled "x86_64"."""
-    m = os.uname().machine
-    return "x86_64" if m in ("x86_64", "amd64") else m
 
 
 def runtime_dir() -> str:

@@ -18,6 +18,7 @@ import subprocess
 import threading
 from typing import List, Optional
 
+from ._host import HOST_ARCH
 from .errors import PykvmError
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,9 +31,6 @@ _lock = threading.Lock()
 _built = False
 
 
-def _host_arch() -> str:
-    m = os.uname().machine
-    return "x86_64" if m in ("x86_64", "amd64") else m
 
 
 class GuestNotFound(PykvmError):
@@ -76,7 +74,7 @@ def _in_checkout() -> bool:
 
 def guest_dirs(arch: Optional[str] = None) -> List[str]:
     """The directories searched for built-in ``arch`` guests (default: the host's), in order."""
-    sub = _ARCH_DIR.get(arch or _host_arch(), arch or _host_arch())
+    sub = _ARCH_DIR.get(arch or HOST_ARCH, arch or HOST_ARCH)
     dirs = []
     env = os.environ.get("PYKVM_GUESTS_DIR")
     if env:
@@ -119,7 +117,7 @@ def path(name: str, arch: Optional[str] = None) -> str:
         return build_source(name, arch=arch)
     if os.sep in name or name.endswith((".elf", ".bin")):
         return name
-    arch = arch or _host_arch()
+    arch = arch or HOST_ARCH
     sub = _ARCH_DIR.get(arch, arch)
     checkout_dir = os.path.join(BUILD_DIR, sub)
     for d in guest_dirs(arch):

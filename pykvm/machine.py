@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import status
-from .arch import current as _arch
+from .platform import Platform as _Platform
 from .errors import (Busy, Closed, GuestError, GuestMemoryError, GuestRamUnbacked,
                      HostResourceError, KvmError, MachineEnded, PykvmError, host_resource_error)
 from .exits import Exit
@@ -140,7 +140,7 @@ class Machine:
     Raises :class:`ValueError` for bad arguments — among them options the machine cannot
     honour, refused before any VM is created and naming the limit (more vCPUs than KVM allows,
     KVM_CAP_MAX_VCPUS / KVM_CAP_MAX_VCPU_ID, or than the platform's tables can describe, e.g.
-    the pc machine's 255) —, :class:`~pykvm.loader.LoadError` for a bad image,
+    the pc machine's 255) —, :class:`~pykvm.boot.LoadError` for a bad image,
     :class:`~pykvm.errors.HostResourceError` when the host runs out of something (its
     ``resource``: memory — :class:`~pykvm.errors.HostMemoryError` —, file descriptors,
     threads) and :class:`~pykvm.errors.KvmError` when KVM refuses a step. :meth:`close` may be
@@ -182,7 +182,7 @@ class Machine:
             self.image_name = image if isinstance(image, str) else "<bytes>"
             self._check_vcpu_limits(vcpus, image, dict(platform_opts, flat_mode=flat_mode))
             self.vm = self.kvm.create_vm()
-            self.platform = _arch.Platform(self, **platform_opts)
+            self.platform = _Platform(self, **platform_opts)
             self.platform.create_devices()
             add_ram = getattr(self.platform, "add_ram", None)     # x86: RAM around the hole
             self.ram = add_ram(mem_size) if add_ram else \
@@ -217,7 +217,7 @@ class Machine:
         if max_id and vcpus > max_id:
             raise ValueError(f"{vcpus} vCPUs requested; this KVM's vCPU ids stop below "
                              f"{max_id} (KVM_CAP_MAX_VCPU_ID)")
-        limit, why = _arch.Platform.max_vcpus(image, **platform_opts)
+        limit, why = _Platform.max_vcpus(image, **platform_opts)
         if limit is not None and vcpus > limit:
             raise ValueError(f"{vcpus} vCPUs requested; {why} at most {limit}")
 
@@ -643,7 +643,7 @@ class Machine:
         """The guest image's symbols (:class:`pykvm.symbols.Symbols`; empty for an image
         without an ELF symbol table or given as bytes), read on first use."""
         if self._symbols is None:
-            from .symbols import Symbols
+            from .boot.symbols import Symbols
             self._symbols = Symbols.from_image(self.image_name)
         return self._symbols
 

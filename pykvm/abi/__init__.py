@@ -11,19 +11,17 @@ fails then: rebuild).
 The architecture is chosen once, here; code elsewhere never branches on it in the middle of a
 function.
 """
-import os
-
+from .._host import HOST_ARCH
 from . import common
 from .common import *  # noqa: F401,F403  (constants are part of this module's API)
 from .common import CAP_NAMES, CAPS
 
-_MACHINE = os.uname().machine
-if _MACHINE in ("x86_64", "amd64"):
+if HOST_ARCH == "x86_64":
     from . import x86_64 as arch
-elif _MACHINE == "riscv64":
+elif HOST_ARCH == "riscv64":
     from . import riscv64 as arch
 else:  # pragma: no cover - we only describe the two arches we test
-    raise ImportError(f"pykvm: no KVM ABI description for this machine ({_MACHINE})")
+    raise ImportError(f"pykvm: no KVM ABI description for this machine ({HOST_ARCH})")
 
 ARCH = arch.ARCH
 

@@ -1,24 +1,16 @@
-"""Architecture packages. ``current`` is the host's: ``pykvm.arch.x86.mixins`` or
-``pykvm.arch.riscv.mixins``, imported on first use (so that a module of one arch, e.g.
-``pykvm.arch.x86.layout``, can be imported without the mixins and everything they pull in).
+"""Architecture packages: the arch ioctl helpers below the vCPU layer, and each architecture's
+facts (register ids, CPU modes, extension tables, the x86 boot layout).
 
-Each arch module provides three mixins that the common classes inherit from:
-``KvmArch`` (system fd), ``VmArch`` (VM fd) and ``VcpuArch`` (vCPU fd), and the ``Platform`` of
-:class:`pykvm.machine.Machine`, so that common code never branches on the architecture in the
-middle of a function.
+``current`` is the host's mixins module (``pykvm.arch.x86.mixins`` or
+``pykvm.arch.riscv.mixins``), which provides ``KvmArch`` (system fd), ``VmArch`` (VM fd) and
+``VcpuArch`` (vCPU fd) for the common classes to inherit from, and ``describe_registers``, so
+that common code never branches on the architecture in the middle of a function.
 """
-import importlib
-import os
+from .._host import HOST_ARCH
 
-__all__ = ["current"]
+if HOST_ARCH == "riscv64":
+    from .riscv import mixins as current
+else:
+    from .x86 import mixins as current
 
-_HOST = os.uname().machine
-_CURRENT = {"x86_64": ".x86.mixins", "amd64": ".x86.mixins", "riscv64": ".riscv.mixins"}
-
-
-def __getattr__(name):
-    if name == "current":
-        mod = importlib.import_module(_CURRENT.get(_HOST, ".x86.mixins"), __name__)
-        globals()["current"] = mod
-        return mod
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["current", "HOST_ARCH"]

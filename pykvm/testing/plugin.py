@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+from .._host import host_arch
+
 LACKS = "pykvm: host lacks"          # prefix of the only skips allowed where /dev/kvm exists
 DEFAULT_PATH = "/dev/kvm"            # pykvm.kvm.DEFAULT_PATH, without importing pykvm.kvm
 SUPPORTED_ARCHES = ("x86_64", "riscv64")
@@ -28,10 +30,6 @@ def kvm_usable() -> bool:
     return os.access(kvm_path(), os.R_OK | os.W_OK)
 
 
-def host_arch() -> str:
-    """The host architecture as pykvm names it (``x86_64``, ``riscv64``, ...)."""
-    m = os.uname().machine
-    return "x86_64" if m in ("x86_64", "amd64") else m
 
 
 def _lacks_host() -> str:

@@ -2,7 +2,7 @@
 guest of our own that walks the tables as an OS does."""
 import pytest
 
-from pykvm.arch.x86 import acpi
+from pykvm.platform import acpi
 
 pytestmark = pytest.mark.requires_arch("x86_64")
 

@@ -72,7 +72,7 @@ def test_image_below_1mib_gets_boot_structures_elsewhere(guest_vm, tmp_path):
 
 def test_image_overlapping_the_pc_bios_area_is_refused():
     import struct
-    from pykvm.loader import LoadError
+    from pykvm.boot import LoadError
     # a tiny multiboot a.out-kludge image asking to be loaded at 0xE0000 (the ACPI tables)
     hdr = struct.pack("<IIIIIIII", 0x1BADB002, 0x10000, (-(0x1BADB002 + 0x10000)) & 0xFFFFFFFF,
                       0xE0000, 0xE0000, 0, 0, 0xE0020)

@@ -6,7 +6,7 @@ recording registers with reasons 8 and 0x23, the fault event MSI) and the guest 
 with status 0."""
 import pytest
 
-from pykvm.arch.x86 import vtd as V
+from pykvm.devices import vtd as V
 
 pytestmark = pytest.mark.requires_arch("x86_64")
 

@@ -6,7 +6,7 @@ guest sees every wait descriptor's status written, ICS.IWC and IQH as the VT-d s
 says, without a fault."""
 import pytest
 
-from pykvm.arch.x86 import vtd as V
+from pykvm.devices import vtd as V
 
 pytestmark = pytest.mark.requires_arch("x86_64")
 

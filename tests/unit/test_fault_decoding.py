@@ -10,12 +10,12 @@ import pytest
 
 from pykvm import errors
 from pykvm.arch.riscv import insn as rv
-from pykvm.arch.riscv import platform as rvp
+from pykvm.platform import riscv_virt as rvp
 from pykvm.arch.riscv import sbi
 from pykvm.arch.riscv.extensions import SBI_ERR_INVALID_PARAM, SBI_EXT_DBCN, SBI_SUCCESS
 from pykvm.arch.x86 import decode as x86
 from pykvm.memory import GuestMemory
-from pykvm.symbols import Symbols
+from pykvm.boot.symbols import Symbols
 
 
 # -- x86 -------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pykvm.arch.riscv import cpu, fdt
+from pykvm.arch.riscv import cpu
+from pykvm.platform import fdt
 from pykvm.lab import linux_guest
 
 
@@ -174,7 +175,7 @@ def test_hart_description_reads_the_block_sizes():
 
 
 def test_riscv_platform_answers_the_zkr_seed_csr():
-    from pykvm.arch.riscv import platform
+    from pykvm.platform import riscv_virt as platform
     machine = SimpleNamespace(vm=SimpleNamespace(memory=None), _console_out=lambda b: None)
     p = platform.Platform(machine)
     got = []

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pykvm import loader
-from pykvm.loader import LoadError
-from pykvm.arch.x86 import boot, layout
+from pykvm import boot
+from pykvm.boot import LoadError
+from pykvm.arch.x86 import modes, layout
 
 EM_386, EM_X86_64, EM_AARCH64, EM_RISCV = 3, 62, 183, 243
 ET_EXEC, ET_DYN = 2, 3
@@ -183,7 +183,7 @@ def test_elf64_load_and_bss_zero_fill():
     data = b"\x11" * 100
     img = make_elf([seg(0x100000, CODE), seg(0x200000, data, 0x3000, flags=6)], 0x100010)
     mem = FakeMem()
-    li = loader.load_image(mem, img)
+    li = boot.load_image(mem, img)
     assert li.mode == "long" and li.entry == 0x100010
     assert li.plan.format == "elf64"
     assert mem.read(0x100000, 64) == CODE
@@ -196,7 +196,7 @@ def test_elf64_load_and_bss_zero_fill():
 def test_non_load_segments_and_empty_ones_are_ignored():
     img = make_elf([seg(0x100000, CODE), seg(0x5000, b"note", type=PT_NOTE),
                     seg(0x300000, b"", 0)], 0x100000)
-    plan = loader.parse_image(img)
+    plan = boot.parse_image(img)
     assert [s.addr for s in plan.segments] == [0x100000]
 
 
@@ -204,114 +204,114 @@ def test_non_load_segments_and_empty_ones_are_ignored():
 def test_truncated_headers(cut):
     img = make_elf([seg(0x100000, CODE)], 0x100000)
     with pytest.raises(LoadError, match="truncated|malformed"):
-        loader.parse_image(img[:cut])
+        boot.parse_image(img[:cut])
 
 
 def test_truncated_segment_data():
     img = make_elf([seg(0x100000, CODE * 4)], 0x100000)
     with pytest.raises(LoadError, match="truncated: segment 0"):
-        loader.parse_image(img[:-10])
+        boot.parse_image(img[:-10])
 
 
 def test_bad_magic():
     img = bytearray(make_elf([seg(0x100000, CODE)], 0x100000))
     img[1] = ord("X")
     with pytest.raises(LoadError, match="bad magic"):
-        loader.parse_image(bytes(img))
+        boot.parse_image(bytes(img))
 
 
 def test_bad_class_and_endianness():
     img = bytearray(make_elf([seg(0x100000, CODE)], 0x100000))
     img[4] = 3
     with pytest.raises(LoadError, match="bad ELF class 3"):
-        loader.parse_image(bytes(img))
+        boot.parse_image(bytes(img))
     big = make_elf([seg(0x100000, CODE)], 0x100000, endian=2)
     with pytest.raises(LoadError, match="little-endian"):
-        loader.parse_image(big)
+        boot.parse_image(big)
 
 
 def test_wrong_machine():
     img = make_elf([seg(0x100000, CODE)], 0x100000, machine=EM_AARCH64)
     with pytest.raises(LoadError, match="wrong machine"):
-        loader.parse_image(img)
+        boot.parse_image(img)
     rv = make_elf([seg(0x80000000, CODE)], 0x80000000, machine=EM_RISCV)
     with pytest.raises(LoadError, match="wrong machine: RISC-V ELF, x86_64 needs x86-64"):
-        loader.parse_image(rv)
+        boot.parse_image(rv)
     # ... but riscv64 takes it, and refuses x86
-    assert loader.parse_image(rv, arch="riscv64").mode == "riscv"
+    assert boot.parse_image(rv, arch="riscv64").mode == "riscv"
     with pytest.raises(LoadError, match="wrong machine"):
-        loader.parse_image(make_elf([seg(0x100000, CODE)], 0x100000), arch="riscv64")
+        boot.parse_image(make_elf([seg(0x100000, CODE)], 0x100000), arch="riscv64")
 
 
 def test_wrong_class_for_arch():
     img = make_elf([seg(0x100000, CODE)], 0x100000, cls=32, head=mb_header())
     with pytest.raises(LoadError, match="riscv64 cannot boot a 32-bit ELF"):
-        loader.parse_image(img, arch="riscv64")
+        boot.parse_image(img, arch="riscv64")
 
 
 def test_not_executable():
     img = make_elf([seg(0x100000, CODE)], 0x100000, etype=ET_DYN)
     with pytest.raises(LoadError, match="not an executable ELF"):
-        loader.parse_image(img)
+        boot.parse_image(img)
 
 
 def test_segment_outside_ram():
     img = make_elf([seg(0x100000, CODE), seg(0xF00000, b"x", 0x200000)], 0x100000)
     with pytest.raises(LoadError, match=r"segment 1 \[0xf00000, 0x1100000\) is outside guest RAM"):
-        loader.load_image(FakeMem(), img)
+        boot.load_image(FakeMem(), img)
 
 
 def test_segment_in_reserved_region():
     img = make_elf([seg(0x8000, CODE)], 0x8000)
     with pytest.raises(LoadError, match="VMM-reserved region"):
-        loader.load_image(FakeMem(), img)
+        boot.load_image(FakeMem(), img)
     # an explicit reserved=None lifts the check
-    loader.load_image(FakeMem(), img, reserved=None)
+    boot.load_image(FakeMem(), img, reserved=None)
 
 
 def test_overlapping_segments():
     # file bytes over file bytes: QEMU's -kernel refuses such an image, and so does pykvm
     img = make_elf([seg(0x100000, CODE, 0x2000), seg(0x100020, CODE)], 0x100000)
     with pytest.raises(LoadError, match="overlapping segments: segment 0 .* and segment 1"):
-        loader.parse_image(img)
+        boot.parse_image(img)
 
 
 def test_bss_over_another_segment_is_not_loaded_as_in_qemu():
     # QEMU's load_elf: a zero-filled tail that overlaps another segment is left to the image
     # (the segment is loaded as p_filesz bytes), test_loader_qemu_elf_rules.py has the cases
     img = make_elf([seg(0x100000, CODE, 0x2000), seg(0x101000, CODE)], 0x100000)
-    plan = loader.parse_image(img)
+    plan = boot.parse_image(img)
     assert [(s.addr, s.memsz) for s in plan.segments] == [(0x100000, 64), (0x101000, 64)]
 
 
 def test_filesz_larger_than_memsz():
     img = make_elf([seg(0x100000, CODE, 16)], 0x100000)
     with pytest.raises(LoadError, match="p_filesz 0x40 is larger than p_memsz 0x10"):
-        loader.parse_image(img)
+        boot.parse_image(img)
 
 
 def test_entry_outside_segments():
     img = make_elf([seg(0x100000, CODE)], 0x100040)
     with pytest.raises(LoadError, match="entry point 0x100040 is outside every loadable segment"):
-        loader.parse_image(img)
+        boot.parse_image(img)
 
 
 def test_elf64_needs_identity_link():
     img = make_elf([seg(0xFFFFFFFF80100000, CODE, paddr=0x100000)], 0xFFFFFFFF80100000)
     with pytest.raises(LoadError, match="p_paddr 0x100000 != p_vaddr"):
-        loader.parse_image(img)
+        boot.parse_image(img)
 
 
 def test_no_load_segments():
     img = make_elf([seg(0x100000, b"n", type=PT_NOTE)], 0x100000)
     with pytest.raises(LoadError, match="no loadable"):
-        loader.parse_image(img)
+        boot.parse_image(img)
 
 
 def test_missing_file():
     with pytest.raises(LoadError, match="cannot read guest image '/nonexistent/guest.elf': No "
                                         "such file"):
-        loader.parse_image("/nonexistent/guest.elf")
+        boot.parse_image("/nonexistent/guest.elf")
 
 
 # ---- what the loader reads --------------------------------------------------------------------------
@@ -320,8 +320,8 @@ def test_missing_file():
 def test_devices_are_refused_without_reading(dev, hang_guard):
     if not os.path.exists(dev):
         pytest.skip(f"{dev} is not here")
-    for call in (lambda: loader.parse_image(dev), lambda: loader.load_image(FakeMem(), dev),
-                 lambda: loader.elf_symbols(dev)):
+    for call in (lambda: boot.parse_image(dev), lambda: boot.load_image(FakeMem(), dev),
+                 lambda: boot.elf_symbols(dev)):
         with pytest.raises(LoadError, match=f"guest image '{dev}' is a character device, not an "
                                             f"image file"):
             call()
@@ -331,24 +331,24 @@ def test_fifo_without_writer_is_refused_not_waited_on(tmp_path, hang_guard):
     fifo = tmp_path / "guest.elf"
     os.mkfifo(fifo)
     with pytest.raises(LoadError, match="is a FIFO"):
-        loader.load_image(FakeMem(), fifo)
+        boot.load_image(FakeMem(), fifo)
     with pytest.raises(LoadError, match="is a FIFO"):
-        loader.find_symbol(str(fifo), "pykvm_params")
+        boot.find_symbol(str(fifo), "pykvm_params")
 
 
 def test_directory_socket_and_odd_arguments(tmp_path):
     with pytest.raises(LoadError, match="is a directory, not an image file"):
-        loader.parse_image(tmp_path)
+        boot.parse_image(tmp_path)
     import socket
     path = str(tmp_path / "s")
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(path)
         with pytest.raises(LoadError, match="is a socket"):
-            loader.parse_image(path)
+            boot.parse_image(path)
     with pytest.raises(LoadError, match="must be bytes or a path, not int"):
-        loader.parse_image(0)                 # not file descriptor 0
+        boot.parse_image(0)                 # not file descriptor 0
     with pytest.raises(LoadError, match="cannot read guest image .*null"):
-        loader.parse_image("a\0b")
+        boot.parse_image("a\0b")
 
 
 def _as_nobody(fn):
@@ -378,7 +378,7 @@ def test_unreadable_file(tmp_path):
 
     def attempt():
         try:
-            loader.parse_image(p)
+            boot.parse_image(p)
             return "loaded"
         except LoadError as e:
             return f"LoadError: {e}"
@@ -391,7 +391,7 @@ def test_unreadable_file(tmp_path):
 def test_size_is_checked_before_reading(tmp_path, hang_guard):
     big = tmp_path / "big.elf"
     with open(big, "wb") as f:
-        for size in (1 << 40, loader.MAX_IMAGE_SIZE + 1):     # sparse: no disk used
+        for size in (1 << 40, boot.MAX_IMAGE_SIZE + 1):     # sparse: no disk used
             try:
                 f.truncate(size)
                 break
@@ -399,9 +399,9 @@ def test_size_is_checked_before_reading(tmp_path, hang_guard):
                 continue
     # the module cap, whatever the RAM: never read
     with pytest.raises(LoadError, match="too large: .* more than the loader's limit"):
-        loader.parse_image(big)
+        boot.parse_image(big)
     with pytest.raises(LoadError, match="too large: .* more than the loader's limit"):
-        loader.load_image(FakeMem(1 * MiB), big, flat_addr=0)
+        boot.load_image(FakeMem(1 * MiB), big, flat_addr=0)
     # a file larger than RAM is read (an ELF's debug information need not fit), but what it
     # loads must fit RAM; images given as bytes alike
     small = tmp_path / "small.bin"
@@ -409,24 +409,24 @@ def test_size_is_checked_before_reading(tmp_path, hang_guard):
     for image in (small, b"\xf4" * (2 * MiB)):
         with pytest.raises(LoadError, match=r"segment 0 \[0x0, 0x200000\) is outside guest RAM "
                                             r"\[0x0, 0x100000\)"):
-            loader.load_image(FakeMem(1 * MiB), image, flat_addr=0, flat_mode="protected")
+            boot.load_image(FakeMem(1 * MiB), image, flat_addr=0, flat_mode="protected")
     with pytest.raises(LoadError, match="more than max_size"):
-        loader.parse_image(memoryview(b"\xf4" * 100), flat_addr=0x8000, max_size=99)
-    assert loader.parse_image(bytearray(b"\xf4" * 99), flat_addr=0x8000, max_size=99).high == \
+        boot.parse_image(memoryview(b"\xf4" * 100), flat_addr=0x8000, max_size=99)
+    assert boot.parse_image(bytearray(b"\xf4" * 99), flat_addr=0x8000, max_size=99).high == \
         0x8000 + 99
 
 
 def test_files_whose_size_lies_are_read_to_the_limit_only():
     # /proc files say st_size 0: the read goes on to EOF, but never past the limit
     with pytest.raises(LoadError, match="too large"):
-        loader.parse_image("/proc/self/status", flat_addr=0x8000, max_size=16)
-    assert loader.parse_image("/proc/self/status", flat_addr=0x8000).format == "flat"
+        boot.parse_image("/proc/self/status", flat_addr=0x8000, max_size=16)
+    assert boot.parse_image("/proc/self/status", flat_addr=0x8000).format == "flat"
 
 
 def test_messages_are_one_line(tmp_path):
     assert str(LoadError("a\nb\r\n  c")) == "a b c"
     with pytest.raises(LoadError) as e:
-        loader.parse_image(str(tmp_path / "new\nline.elf"))
+        boot.parse_image(str(tmp_path / "new\nline.elf"))
     assert "\n" not in str(e.value) and "new\\nline" in str(e.value)
 
 
@@ -434,12 +434,12 @@ def test_messages_are_one_line(tmp_path):
 
 def test_find_multiboot_header_rules():
     good = mb_header()
-    assert loader.find_multiboot_header(bytes(8) + good).offset == 8
-    assert loader.find_multiboot_header(bytes(6) + good) is None           # not 4-aligned
-    assert loader.find_multiboot_header(bytes(8192) + good) is None        # beyond 8 KiB
-    assert loader.find_multiboot_header(mb_header(checksum=1)) is None     # bad checksum
+    assert boot.find_multiboot_header(bytes(8) + good).offset == 8
+    assert boot.find_multiboot_header(bytes(6) + good) is None           # not 4-aligned
+    assert boot.find_multiboot_header(bytes(8192) + good) is None        # beyond 8 KiB
+    assert boot.find_multiboot_header(mb_header(checksum=1)) is None     # bad checksum
     # a bad candidate before a good one is skipped
-    h = loader.find_multiboot_header(mb_header(checksum=5) + good)
+    h = boot.find_multiboot_header(mb_header(checksum=5) + good)
     assert h.offset == 12 and h.flags == 3 and not h.aout_kludge
 
 
@@ -465,7 +465,7 @@ VIDEO = (0, 1024, 768, 32)
 def test_multiboot_header_must_end_within_8k(off, flags, extra, found):
     hdr = mb_header(flags, **extra)
     blob = bytes(off) + hdr + b"\xf4" * 64           # file goes on: not a truncation
-    h = loader.find_multiboot_header(blob)
+    h = boot.find_multiboot_header(blob)
     if found:
         assert h.offset == off and h.flags == flags and h.size == len(hdr)
         if "video" in extra:
@@ -477,32 +477,32 @@ def test_multiboot_header_must_end_within_8k(off, flags, extra, found):
     # the same in an ELF32: a header that runs past 8 KiB does not make it a multiboot image
     pre = 52 + 32                                    # ELF header + one program header
     img = make_elf([seg(0x100000, CODE)], 0x100000, cls=32, head=bytes(off - pre) + hdr)
-    assert loader.find_multiboot_header(img) == h
+    assert boot.find_multiboot_header(img) == h
     if found:
-        assert loader.parse_image(img).multiboot.offset == off
+        assert boot.parse_image(img).multiboot.offset == off
     else:
         with pytest.raises(LoadError, match="without a multiboot v1 header wholly inside"):
-            loader.parse_image(img)
+            boot.parse_image(img)
 
 
 def test_header_past_8k_is_skipped_for_a_later_one_that_fits():
     blob = bytes(8160) + mb_header(0x7, video=VIDEO)[:20] + mb_header(0x3) + bytes(64)
     assert len(bytes(8160) + mb_header(0x7, video=VIDEO)[:20]) == 8180
-    assert loader.find_multiboot_header(blob).offset == 8180
+    assert boot.find_multiboot_header(blob).offset == 8180
 
 
 def test_magic_at_the_end_of_a_flat_binary_is_just_data():
     # too short to hold a checksum: not a header, and not a "truncated header" error
     blob = b"\xf4" * 12 + struct.pack("<II", 0x1BADB002, 0x10000)
-    assert loader.find_multiboot_header(blob) is None
-    assert loader.parse_image(blob, flat_addr=0x8000).format == "flat"
+    assert boot.find_multiboot_header(blob) is None
+    assert boot.parse_image(blob, flat_addr=0x8000).format == "flat"
 
 
 def test_elf32_multiboot_uses_paddr_and_translates_entry():
     img = make_elf([seg(0xC0100000, CODE, 0x1000, paddr=0x100000)], 0xC0100004, cls=32,
                    head=mb_header())
     mem = FakeMem()
-    li = loader.load_image(mem, img, cmdline="console=ttyS0 quiet")
+    li = boot.load_image(mem, img, cmdline="console=ttyS0 quiet")
     assert li.plan.format == "elf32-multiboot" and li.mode == "protected"
     assert li.entry == 0x100004
     assert mem.read(0x100000, 64) == CODE
@@ -514,14 +514,14 @@ def test_elf32_multiboot_uses_paddr_and_translates_entry():
 def test_elf32_without_multiboot_header():
     img = make_elf([seg(0x100000, CODE)], 0x100000, cls=32)
     with pytest.raises(LoadError, match="without a multiboot v1 header"):
-        loader.parse_image(img)
+        boot.parse_image(img)
 
 
 def test_multiboot_undefined_flag_bits_ignored_as_qemu_does():
     # QEMU's hw/i386/multiboot.c looks only at bits 2 and 16; an image asking for the
     # undefined bits 3..15 boots there, so it boots here.
     img = make_elf([seg(0x100000, CODE)], 0x100000, cls=32, head=mb_header(flags=0x3 | 0x10))
-    plan = loader.parse_image(img)
+    plan = boot.parse_image(img)
     assert plan.format == "elf32-multiboot" and plan.entry == 0x100000
 
 
@@ -529,7 +529,7 @@ def test_multiboot_info_contents():
     ram = 64 * MiB
     mem = FakeMem(ram)
     img = make_elf([seg(0x100000, CODE)], 0x100000, cls=32, head=mb_header())
-    li = loader.load_image(mem, img, cmdline="hello exit=3")
+    li = boot.load_image(mem, img, cmdline="hello exit=3")
     a = li.multiboot_info
     assert 0x9000 <= a < 0xA000
     flags = mem.u32(a)
@@ -557,10 +557,10 @@ def test_multiboot_info_contents():
 
 
 def test_multiboot_info_limits():
-    info = loader.build_multiboot_info(8 << 30)
+    info = boot.build_multiboot_info(8 << 30)
     assert struct.unpack_from("<I", info, 8)[0] == (4 << 30) // 1024 - 1024   # 32-bit field
     with pytest.raises(LoadError, match="command line too long"):
-        loader.build_multiboot_info(64 * MiB, "x" * 5000)
+        boot.build_multiboot_info(64 * MiB, "x" * 5000)
 
 
 def test_multiboot_aout_kludge():
@@ -571,7 +571,7 @@ def test_multiboot_aout_kludge():
     blob = b"\x90" * 0x10 + hdr
     blob += b"\xcc" * (0x60 - len(blob))       # more file than load_end_addr asks for
     mem = FakeMem()
-    li = loader.load_image(mem, blob, cmdline="x")
+    li = boot.load_image(mem, blob, cmdline="x")
     assert li.plan.format == "multiboot-aout" and li.entry == 0x200020
     (s,) = li.plan.segments
     assert (s.addr, s.filesz, s.memsz) == (0x200000, 0x40, 0x1000)
@@ -583,7 +583,7 @@ def test_multiboot_aout_kludge():
 def test_multiboot_aout_kludge_in_elf32_takes_precedence():
     aout = (0x300000, 0x300000, 0, 0, 0x300000)
     img = make_elf([seg(0x100000, CODE)], 0x100000, cls=32, head=mb_header(0x10003, aout=aout))
-    plan = loader.parse_image(img)
+    plan = boot.parse_image(img)
     hdr_off = plan.multiboot.offset
     assert plan.entry == 0x300000 and plan.segments[0].addr == 0x300000
     assert plan.segments[0].data == img[hdr_off:]
@@ -599,27 +599,27 @@ def test_multiboot_aout_kludge_in_elf32_takes_precedence():
 def test_multiboot_aout_kludge_errors(aout, msg):
     blob = mb_header(0x10003, aout=aout) + bytes(0x40)
     with pytest.raises(LoadError, match=msg):
-        loader.parse_image(blob)
+        boot.parse_image(blob)
 
 
 def test_truncated_multiboot_header():
     with pytest.raises(LoadError, match="truncated"):
-        loader.find_multiboot_header(mb_header(0x10003))
+        boot.find_multiboot_header(mb_header(0x10003))
 
 
 def test_multiboot_aout_past_4g_and_bad_command_lines():
     aout = (0xFFFFF000, 0xFFFFF000, 0, 0, 0xFFFFF000)       # the whole file: 0x2020 bytes
     with pytest.raises(LoadError, match="past 4 GiB"):
-        loader.parse_image(mb_header(0x10003, aout=aout) + bytes(0x2000))
+        boot.parse_image(mb_header(0x10003, aout=aout) + bytes(0x2000))
     img = make_elf([seg(0x100000, CODE)], 0x100000, cls=32, head=mb_header())
     for bad, msg in (("a\0b", "NUL byte"), ("\ud800", "cannot be encoded"), (5, "must be a string")):
         mem = FakeMem()
         with pytest.raises(LoadError, match=msg):
-            loader.load_image(mem, img, cmdline=bad)
+            boot.load_image(mem, img, cmdline=bad)
         assert mem.buf.count(0xAA) == len(mem.buf)          # nothing written
     # an argv string that was not valid UTF-8 goes to the guest as the bytes it was
     mem = FakeMem()
-    li = loader.load_image(mem, img, cmdline=os.fsdecode(b"x=\xff"))
+    li = boot.load_image(mem, img, cmdline=os.fsdecode(b"x=\xff"))
     assert mem.read(mem.u32(li.multiboot_info + 16), 4) == b"x=\xff\0"
 
 
@@ -627,27 +627,27 @@ def test_multiboot_aout_past_4g_and_bad_command_lines():
 
 def test_flat_real_mode_may_use_low_memory():
     mem = FakeMem()
-    li = loader.load_image(mem, b"\xfa\xf4", flat_addr=0x8000)
+    li = boot.load_image(mem, b"\xfa\xf4", flat_addr=0x8000)
     assert li.mode == "real" and li.entry == 0x8000
     assert mem.read(0x8000, 2) == b"\xfa\xf4"
-    assert boot.real_mode_entry(0x8000) == (0, 0x8000)
-    assert boot.real_mode_entry(0x12345) == (0x1234, 5)
+    assert modes.real_mode_entry(0x8000) == (0, 0x8000)
+    assert modes.real_mode_entry(0x12345) == (0x1234, 5)
 
 
 def test_flat_long_mode_respects_reserved_region():
     with pytest.raises(LoadError, match="VMM-reserved"):
-        loader.load_image(FakeMem(), b"\xf4", flat_addr=0x8000, flat_mode="long")
-    li = loader.load_image(FakeMem(), b"\xf4", flat_addr=0x100000, flat_mode="long")
+        boot.load_image(FakeMem(), b"\xf4", flat_addr=0x8000, flat_mode="long")
+    li = boot.load_image(FakeMem(), b"\xf4", flat_addr=0x100000, flat_mode="long")
     assert li.mode == "long"
 
 
 def test_flat_needs_address():
     with pytest.raises(LoadError, match="no load address"):
-        loader.parse_image(b"\xf4\xf4\xf4\xf4")
+        boot.parse_image(b"\xf4\xf4\xf4\xf4")
     with pytest.raises(LoadError, match="entry point"):
-        loader.parse_image(b"\xf4", flat_addr=0x8000, flat_entry=0x9000)
+        boot.parse_image(b"\xf4", flat_addr=0x8000, flat_entry=0x9000)
     with pytest.raises(LoadError, match="below 1 MiB"):
-        loader.parse_image(b"\xf4" * 0x100, flat_addr=0xFFFF0)
+        boot.parse_image(b"\xf4" * 0x100, flat_addr=0xFFFF0)
 
 
 # ---- symbols and bounded work -----------------------------------------------------------------------
@@ -655,43 +655,43 @@ def test_flat_needs_address():
 def test_symbols_from_synthetic_elf():
     img = with_symbols(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000),
                        {"_start": 0x100000, "pykvm_params": 0x100100, "x": 1})
-    assert loader.elf_symbols(img) == {"_start": 0x100000, "pykvm_params": 0x100100, "x": 1}
-    assert loader.find_symbol(img, "pykvm_params") == 0x100100
-    assert loader.find_symbol(img, "pykvm") is None
-    li = loader.load_image(FakeMem(), img)
+    assert boot.elf_symbols(img) == {"_start": 0x100000, "pykvm_params": 0x100100, "x": 1}
+    assert boot.find_symbol(img, "pykvm_params") == 0x100100
+    assert boot.find_symbol(img, "pykvm") is None
+    li = boot.load_image(FakeMem(), img)
     assert li.params_addr == 0x100100
     assert li.written == [(0x100000, 0x1000)]
     img32 = with_symbols(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000, cls=32,
                                   head=mb_header()), {"pykvm_params": 0x100200}, cls=32)
-    assert loader.find_symbol(img32, "pykvm_params") == 0x100200
+    assert boot.find_symbol(img32, "pykvm_params") == 0x100200
 
 
 def test_params_symbol_is_translated_and_must_lie_in_a_segment_to_count():
     # a higher-half ELF32: the symbol is a virtual address, the host writes the physical one
     img = with_symbols(make_elf([seg(0xC0100000, CODE, 0x1000, paddr=0x100000)], 0xC0100000,
                                 cls=32, head=mb_header()), {"pykvm_params": 0xC0100040}, cls=32)
-    assert loader.load_image(FakeMem(), img).params_addr == 0x100040
+    assert boot.load_image(FakeMem(), img).params_addr == 0x100040
     for value in (0x2000, 0x100000 + 0x1000 - 64):      # outside / running off the end
         img = with_symbols(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000),
                            {"pykvm_params": value})
         # QEMU boots such an image (symbols never decide a boot): it has no parameters
-        assert loader.load_image(FakeMem(), img).params_addr is None
+        assert boot.load_image(FakeMem(), img).params_addr is None
 
 
 def test_symbol_table_errors_are_load_errors():
     base = make_elf([seg(0x100000, CODE)], 0x100000)
     img = with_symbols(base, {"a": 1}, strtab_type=1)
     with pytest.raises(LoadError, match="string table .* is not one"):
-        loader.elf_symbols(img)
+        boot.elf_symbols(img)
     img = bytearray(with_symbols(base, {"a": 1}))
     struct.pack_into("<H", img, 0x3A, 12)                           # e_shentsize
     with pytest.raises(LoadError, match="bad ELF section header size 12"):
-        loader.elf_symbols(bytes(img))
+        boot.elf_symbols(bytes(img))
     img = with_symbols(base, {"a": 1})
     with pytest.raises(LoadError, match="truncated"):
-        loader.elf_symbols(img[:-40])
+        boot.elf_symbols(img[:-40])
     with pytest.raises(LoadError, match="bad symbol name"):
-        loader.find_symbol(img, "")
+        boot.find_symbol(img, "")
 
 
 def test_many_headers_for_one_symbol_table_read_it_once(monkeypatch, hang_guard):
@@ -702,12 +702,12 @@ def test_many_headers_for_one_symbol_table_read_it_once(monkeypatch, hang_guard)
     img = with_symbols(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000), syms, nsymtab=1000)
     assert 100_000 < len(img) < 200_000
     calls = []
-    real = loader._read_symbols
-    monkeypatch.setattr(loader, "_read_symbols",
+    real = boot.elf._read_symbols
+    monkeypatch.setattr(boot.elf, "_read_symbols",
                         lambda *a, **k: calls.append(a[2].offset) or real(*a, **k))
-    assert loader.find_symbol(img, "pykvm_params") == 0x100100
-    assert len(loader.elf_symbols(img)) == 4001
-    assert loader.load_image(FakeMem(), img).params_addr == 0x100100
+    assert boot.find_symbol(img, "pykvm_params") == 0x100100
+    assert len(boot.elf_symbols(img)) == 4001
+    assert boot.load_image(FakeMem(), img).params_addr == 0x100100
     assert len(calls) == 3 and len(set(calls)) == 1          # one table read, once per call
 
 
@@ -717,25 +717,25 @@ def test_overlapping_symbol_tables_are_refused(hang_guard):
     img = with_symbols(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000), syms, nsymtab=1000,
                        shift=1)
     with pytest.raises(LoadError, match="symbol tables of sections 2 and 3 overlap"):
-        loader.elf_symbols(img)
+        boot.elf_symbols(img)
     # the image still boots (QEMU ignores symbol tables it cannot read), without parameters
-    assert loader.load_image(FakeMem(), img).params_addr is None
+    assert boot.load_image(FakeMem(), img).params_addr is None
 
 
 def test_absurd_header_counts_are_refused(hang_guard):
     img = bytearray(make_elf([seg(0x100000, CODE)], 0x100000))
     struct.pack_into("<H", img, 0x38, 0xFFFF)                      # e_phnum (PN_XNUM)
     with pytest.raises(LoadError, match="too many ELF program headers: 65535"):
-        loader.parse_image(bytes(img))
+        boot.parse_image(bytes(img))
     # extended section numbering: e_shnum 0, the count in section 0's sh_size
     img = bytearray(with_symbols(make_elf([seg(0x100000, CODE)], 0x100000), {"a": 1}))
     shoff = struct.unpack_from("<Q", img, 0x28)[0]
     struct.pack_into("<H", img, 0x3C, 0)
     struct.pack_into("<Q", img, shoff + 32, 3)                     # the real count: fine
-    assert loader.elf_symbols(bytes(img)) == {"a": 1}
+    assert boot.elf_symbols(bytes(img)) == {"a": 1}
     struct.pack_into("<Q", img, shoff + 32, 1 << 40)
     with pytest.raises(LoadError, match="too many ELF section headers"):
-        loader.elf_symbols(bytes(img))
+        boot.elf_symbols(bytes(img))
 
 
 def test_segments_sharing_file_bytes_are_not_copied(hang_guard):
@@ -751,7 +751,7 @@ def test_segments_sharing_file_bytes_are_not_copied(hang_guard):
         addr = 0x100000 + i * 0x20000
         img += struct.pack("<IIQQQQQQ", PT_LOAD, 7, off, addr, addr, len(data), len(data), 8)
     img += data
-    plan = loader.parse_image(bytes(img))
+    plan = boot.parse_image(bytes(img))
     assert len(plan.segments) == n
     assert all(s.data.obj is plan.segments[0].data.obj for s in plan.segments)
     assert bytes(plan.segments[-1].data) == data
@@ -771,26 +771,26 @@ def built_guests(tmp_path_factory):
 
 def test_find_symbol_in_built_guest(built_guests):
     path = built_guests / "hello.elf"
-    addr = loader.find_symbol(path, "pykvm_params")
+    addr = boot.find_symbol(path, "pykvm_params")
     assert addr is not None and addr >= 0x100000 and addr % 8 == 0
-    assert loader.find_symbol(path.read_bytes(), "_start") == loader.parse_image(path).entry
-    assert loader.find_symbol(path, "no_such_symbol") is None
-    assert loader.find_symbol(b"\xf4" * 8, "pykvm_params") is None
+    assert boot.find_symbol(path.read_bytes(), "_start") == boot.parse_image(path).entry
+    assert boot.find_symbol(path, "no_such_symbol") is None
+    assert boot.find_symbol(b"\xf4" * 8, "pykvm_params") is None
     mem = FakeMem()
-    li = loader.load_image(mem, path)
+    li = boot.load_image(mem, path)
     assert li.params_addr == addr and mem.read(addr, 128) == bytes(128)
 
 
 def test_built_guests_load(built_guests):
     for name in ("hello", "cpuid", "timer", "vcpu_id"):
-        li = loader.load_image(FakeMem(), built_guests / f"{name}.elf")
+        li = boot.load_image(FakeMem(), built_guests / f"{name}.elf")
         assert li.mode == "long" and li.entry == 0x100000
-    li = loader.load_image(FakeMem(), built_guests / "hello32.elf", cmdline="exit=1")
+    li = boot.load_image(FakeMem(), built_guests / "hello32.elf", cmdline="exit=1")
     assert li.mode == "protected" and li.multiboot_info == 0x9000
-    li = loader.load_image(FakeMem(), built_guests / "hello16.bin", flat_addr=0x8000)
+    li = boot.load_image(FakeMem(), built_guests / "hello16.bin", flat_addr=0x8000)
     assert li.mode == "real"
     # the params symbol of a flat binary comes from the ELF built next to it
-    assert li.params_addr == loader.find_symbol(built_guests / "hello16.elf", "pykvm_params")
+    assert li.params_addr == boot.find_symbol(built_guests / "hello16.elf", "pykvm_params")
     assert li.params_addr is not None
 
 
@@ -808,7 +808,7 @@ class FakeVcpu:
                                      gdt=SimpleNamespace(base=0, limit=0),
                                      idt=SimpleNamespace(base=9, limit=9),
                                      cr0=0, cr2=0, cr3=0, cr4=0, cr8=0, efer=0, apic_base=0xFEE00900)
-        self.regs = SimpleNamespace(**{n: 0x55 for n in boot._GPRS}, rip=0, rflags=0)
+        self.regs = SimpleNamespace(**{n: 0x55 for n in modes._GPRS}, rip=0, rflags=0)
 
     def get_sregs(self):
         return self.sregs
@@ -824,20 +824,20 @@ class FakeVcpu:
 
 
 def test_gdt_descriptors():
-    assert boot.descriptor(0, 0xFFFFF, 0x9B, 0xA) == 0x00AF9B000000FFFF
-    assert boot.descriptor(0, 0xFFFFF, 0x93, 0xC) == 0x00CF93000000FFFF
-    g = struct.unpack("<6Q", boot.gdt_bytes("long"))
+    assert modes.descriptor(0, 0xFFFFF, 0x9B, 0xA) == 0x00AF9B000000FFFF
+    assert modes.descriptor(0, 0xFFFFF, 0x93, 0xC) == 0x00CF93000000FFFF
+    g = struct.unpack("<6Q", modes.gdt_bytes("long"))
     assert g[1] == 0x00AF9B000000FFFF and g[2] == 0x00CF93000000FFFF
-    assert struct.unpack("<6Q", boot.gdt_bytes("protected"))[1] == 0x00CF9B000000FFFF
+    assert struct.unpack("<6Q", modes.gdt_bytes("protected"))[1] == 0x00CF9B000000FFFF
 
 
 def test_setup_long_mode():
     mem = FakeMem(8 * MiB)
     v = FakeVcpu()
-    boot.setup_long_mode(v, mem, 0x100000, None, vcpu_index=2)
+    modes.setup_long_mode(v, mem, 0x100000, None, vcpu_index=2)
     s, r = v.sregs, v.regs
-    assert s.cr0 & boot.CR0_PG and s.cr0 & boot.CR0_PE and s.cr4 & boot.CR4_PAE
-    assert s.efer & (boot.EFER_LME | boot.EFER_LMA) == boot.EFER_LME | boot.EFER_LMA
+    assert s.cr0 & modes.CR0_PG and s.cr0 & modes.CR0_PE and s.cr4 & modes.CR4_PAE
+    assert s.efer & (modes.EFER_LME | modes.EFER_LMA) == modes.EFER_LME | modes.EFER_LMA
     assert s.cr3 == layout.PML4_ADDR
     assert (s.cs.selector, s.cs.l, s.cs.db, s.cs.type, s.cs.present) == (8, 1, 0, 0xB, 1)
     assert all(getattr(s, n).selector == 0x10 for n in ("ds", "es", "ss"))
@@ -853,30 +853,30 @@ def test_setup_long_mode():
     assert mem.u64(layout.PDPT_ADDR + 32) == 0
     assert mem.u64(layout.PD_ADDR) == 0x83
     assert mem.u64(layout.PD_ADDR + 8 * 2047) == (2047 << 21) | 0x83
-    assert mem.read(layout.GDT_ADDR, 48) == boot.gdt_bytes("long")
+    assert mem.read(layout.GDT_ADDR, 48) == modes.gdt_bytes("long")
 
 
 def test_setup_protected_mode():
     mem = FakeMem()
     v = FakeVcpu()
-    boot.setup_protected_mode(v, mem, 0x100000, 0x2BADB002, 0x9000)
+    modes.setup_protected_mode(v, mem, 0x100000, 0x2BADB002, 0x9000)
     s, r = v.sregs, v.regs
-    assert s.cr0 & boot.CR0_PE and not s.cr0 & boot.CR0_PG and s.efer == 0
+    assert s.cr0 & modes.CR0_PE and not s.cr0 & modes.CR0_PG and s.efer == 0
     assert (s.cs.db, s.cs.l, s.cs.g, s.cs.limit, s.cs.base) == (1, 0, 1, 0xFFFFFFFF, 0)
     assert (r.rax, r.rbx, r.rip, r.rflags) == (0x2BADB002, 0x9000, 0x100000, 2)
 
 
 def test_setup_real_mode():
     v = FakeVcpu()
-    boot.setup_real_mode(v, 0x800, 0x10)
+    modes.setup_real_mode(v, 0x800, 0x10)
     s, r = v.sregs, v.regs
-    assert not s.cr0 & boot.CR0_PE
+    assert not s.cr0 & modes.CR0_PE
     assert (s.cs.selector, s.cs.base, s.cs.limit, s.cs.db) == (0x800, 0x8000, 0xFFFF, 0)
     assert (s.ds.base, s.ds.selector) == (0, 0)
     assert (s.idt.base, s.idt.limit) == (0, 0x3FF)
     assert (r.rip, r.rsp) == (0x10, layout.REAL_MODE_STACK_TOP)
     with pytest.raises(ValueError):
-        boot.setup_real_mode(v, 0x10000, 0)
+        modes.setup_real_mode(v, 0x10000, 0)
 
 
 def test_big_ram_identity_map_and_limits():
@@ -888,10 +888,10 @@ def test_big_ram_identity_map_and_limits():
             self.writes[gpa] = len(data)
 
     m = Sized()
-    boot.write_identity_map(m)
+    modes.write_identity_map(m)
     assert m.writes[layout.PD_ADDR] == 6 * 4096
     m.size = 40 << 30
     with pytest.raises(ValueError, match="larger than the boot page tables"):
-        boot.write_identity_map(m)
+        modes.write_identity_map(m)
     with pytest.raises(ValueError):
         layout.stack_top(layout.MAX_VCPUS)

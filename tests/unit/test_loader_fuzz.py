@@ -24,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pykvm import loader
+from pykvm import boot
 from pykvm.arch.x86 import layout
-from pykvm.loader import LoadError
+from pykvm.boot import LoadError
 from pykvm.memory import GuestMemory, MemorySlot, new_mapping
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -311,14 +311,14 @@ def check_load(img, *, base=0, **kw):
     arch = "riscv64" if base else "x86_64"
     extra = dict(ram_base=base, reserved=None) if base else {}
     try:
-        li = loader.load_image(r.target(), img, arch=arch, cmdline="fuzz=1", **kw, **extra)
+        li = boot.load_image(r.target(), img, arch=arch, cmdline="fuzz=1", **kw, **extra)
     except LoadError as e:
         check_error(e)
         assert r.map[:] == SENTINEL, "a refused image changed guest RAM"
         return None
     check_loaded(li, r, arch, kw)
     # the other entry points take the same bytes without any other exception
-    for fn in (lambda: loader.elf_symbols(img), lambda: loader.find_multiboot_header(img)):
+    for fn in (lambda: boot.elf_symbols(img), lambda: boot.find_multiboot_header(img)):
         try:
             fn()
         except LoadError as e:
@@ -329,7 +329,7 @@ def check_load(img, *, base=0, **kw):
 def check_error(e):
     msg = str(e)
     assert msg and "\n" not in msg and "\r" not in msg, f"not a one-line message: {msg!r}"
-    assert not isinstance(e.__cause__, loader._INTERNAL_ERRORS), \
+    assert not isinstance(e.__cause__, boot.image._INTERNAL_ERRORS), \
         f"an internal error leaked through as {msg!r}"
 
 
@@ -347,12 +347,12 @@ def check_loaded(li, r, arch, kw):
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "overlapping segments loaded"
     assert any(s.addr <= li.entry < s.end for s in plan.segments), "entry outside the image"
     if li.params_addr is not None:
-        assert any(s.addr <= li.params_addr and li.params_addr + loader.PARAMS_SIZE <= s.end
+        assert any(s.addr <= li.params_addr and li.params_addr + boot.PARAMS_SIZE <= s.end
                    for s in plan.segments), "pykvm_params outside the image"
     # what the loader says it wrote, and nothing else, changed
     want = [(s.addr, s.memsz) for s in plan.segments]
     if li.multiboot_info is not None:
-        mbi = loader.build_multiboot_info(RAM_SIZE, "fuzz=1", addr=li.multiboot_info)
+        mbi = boot.build_multiboot_info(RAM_SIZE, "fuzz=1", addr=li.multiboot_info)
         want.append((li.multiboot_info, len(mbi)))
         assert r.mem.read(li.multiboot_info, len(mbi)) == mbi
     assert li.written == want

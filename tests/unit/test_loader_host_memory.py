@@ -7,8 +7,9 @@ import struct
 
 import pytest
 
-from pykvm import loader
-from pykvm.arch.x86 import images, layout
+from pykvm import boot
+from pykvm.arch.x86 import layout
+from pykvm.boot import x86_images
 from pykvm.memory import GuestMemory, MemorySlot, new_mapping
 
 from test_loader import make_elf, mb_header, seg
@@ -61,7 +62,7 @@ def aout_image(bss_end):
 def test_aout_bss_near_the_top_of_2g_commits_little(big_ram, via):
     mem = big_ram if via == "GuestMemory.zero" else View(big_ram)
     before = rss_kib(big_ram)
-    li = loader.load_image(mem, aout_image(0x78000000))
+    li = boot.load_image(mem, aout_image(0x78000000))
     assert li.plan.segments[0].end == 0x78000000
     assert rss_kib(big_ram) - before < BOUND_KIB
     assert big_ram.read(0x100040, 1) == b"\xf4"
@@ -70,14 +71,14 @@ def test_aout_bss_near_the_top_of_2g_commits_little(big_ram, via):
 def test_elf_with_huge_memsz_commits_little(big_ram):
     img = make_elf([seg(0x100000, b"\xf4" * 100, memsz=0x70000000)], 0x100000)
     before = rss_kib(big_ram)
-    loader.load_image(big_ram, img)
+    boot.load_image(big_ram, img)
     assert rss_kib(big_ram) - before < BOUND_KIB
 
 
 def test_pc_placement_with_huge_bss_commits_little(big_ram):
     # the PC machine's loader (modules, multiboot info, boot structures) on top
     before = rss_kib(big_ram)
-    placed = images.load(big_ram, aout_image(0x7F000000), ram=[(0, 2 * GiB)],
+    placed = x86_images.load(big_ram, aout_image(0x7F000000), ram=[(0, 2 * GiB)],
                          memory_map=layout.e820_map(2 * GiB, bios_area=True),
                          claimed=[(layout.EBDA_START, layout.LOW_RAM_END)])
     assert placed.loaded.entry == 0x100040
@@ -94,7 +95,7 @@ def test_riscv_image_size_commits_little():
         before = rss_kib(mem)
         view = View(mem)
         view.base, view.size = 0, 2 * GiB          # as the RISC-V platform's RAM view
-        li = loader.load_image(view, hdr + bytes(4096), arch="riscv64", ram_base=base,
+        li = boot.load_image(view, hdr + bytes(4096), arch="riscv64", ram_base=base,
                                reserved=None)
         assert li.plan.segments[0].memsz == 0x76000000
         assert rss_kib(mem) - before < BOUND_KIB
@@ -107,11 +108,11 @@ def test_bss_is_zero_after_a_reload_into_written_ram():
     mem = ram(64 * MiB)
     try:
         img = make_elf([seg(0x100000, b"\xf4" * 100, memsz=0x300123)], 0x100000)
-        loader.load_image(mem, img)
+        boot.load_image(mem, img)
         for a in (0x100064, 0x100FFF, 0x101000, 0x2FFFFF, 0x400122):   # partial, whole pages
             mem.write(a, b"\xAA")
         mem.write(0x400123, b"\xBB")                                     # past the BSS: kept
-        loader.load_image(mem, img)
+        boot.load_image(mem, img)
         assert mem.read(0x100064, 0x300123 - 100) == bytes(0x300123 - 100)
         assert mem.read(0x100000, 100) == b"\xf4" * 100
         assert mem.read(0x400123, 1) == b"\xBB"

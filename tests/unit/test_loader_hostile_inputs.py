@@ -18,9 +18,11 @@ import textwrap
 
 import pytest
 
-from pykvm import loader
-from pykvm.arch.riscv import platform as riscv_platform
-from pykvm.arch.x86 import images, layout, linux, pc
+from pykvm import boot
+from pykvm.platform import riscv_virt as riscv_platform
+from pykvm.arch.x86 import layout
+from pykvm.platform import pc
+from pykvm.boot import x86_images, linux_x86
 from pykvm.memory import GuestMemory, MemorySlot, new_mapping
 
 from test_loader import EM_RISCV, make_elf, mb_header, seg
@@ -55,7 +57,7 @@ def rss_kib(mem) -> int:
 
 
 def pc_load(mem, image, **kw):
-    return images.load(mem, image, ram=[(0, mem.size)], memory_map=PC_MAP,
+    return x86_images.load(mem, image, ram=[(0, mem.size)], memory_map=PC_MAP,
                        claimed=list(pc.PC_CLAIMED), **kw)
 
 
@@ -69,14 +71,14 @@ def test_higher_half_kernel_with_a_physical_entry():
     # linked at 0xC0100000, loaded at 1 MiB, ENTRY(_start - 0xC0000000): e_entry is physical
     img = elf32_mb([seg(0xC0100000, b"\xf4" * 64, paddr=0x100000, flags=PF_R | PF_X)],
                    0x10000C)
-    plan = loader.parse_elf(img)
+    plan = boot.parse_elf(img)
     assert plan.entry == 0x10000C and plan.segments[0].addr == 0x100000
 
 
 def test_higher_half_kernel_with_a_virtual_entry_is_translated():
     img = elf32_mb([seg(0xC0100000, b"\xf4" * 64, paddr=0x100000, flags=PF_R | PF_X)],
                    0xC010000C)
-    assert loader.parse_elf(img).entry == 0x10000C
+    assert boot.parse_elf(img).entry == 0x10000C
 
 
 @pytest.mark.parametrize("flags,entry,why", [
@@ -86,32 +88,32 @@ def test_higher_half_kernel_with_a_virtual_entry_is_translated():
 def test_entries_qemu_does_not_translate_are_physical_and_refused(flags, entry, why):
     img = elf32_mb([seg(0xC0100000, b"\xf4" * 64, memsz=0x1000, paddr=0x100000, flags=flags)],
                    entry)
-    with pytest.raises(loader.LoadError, match="outside every loadable segment"):
-        loader.parse_elf(img)
+    with pytest.raises(boot.LoadError, match="outside every loadable segment"):
+        boot.parse_elf(img)
 
 
 def test_identity_segments_take_the_entry_as_it_is():
     img = elf32_mb([seg(0x100000, b"\xf4" * 64, flags=PF_R | PF_X),
                     seg(0x200000, b"\x11" * 16, flags=PF_R | PF_W)], 0x200004)
-    assert loader.parse_elf(img).entry == 0x200004        # in a data segment: QEMU jumps there
+    assert boot.parse_elf(img).entry == 0x200004        # in a data segment: QEMU jumps there
 
 
 def test_riscv_elf_follows_the_same_rule():
     img = make_elf([seg(0xFFFFFFFF80000000, b"\x13\0\0\0" * 16, paddr=0x80200000,
                         flags=PF_R | PF_X)], 0x80200008, machine=EM_RISCV)
-    assert loader.parse_elf(img, arch="riscv64").entry == 0x80200008
+    assert boot.parse_elf(img, arch="riscv64").entry == 0x80200008
     img = make_elf([seg(0xFFFFFFFF80000000, b"\x13\0\0\0" * 16, paddr=0x80200000,
                         flags=PF_R | PF_X)], 0xFFFFFFFF80000008, machine=EM_RISCV)
-    assert loader.parse_elf(img, arch="riscv64").entry == 0x80200008
+    assert boot.parse_elf(img, arch="riscv64").entry == 0x80200008
 
 
 def test_elf64_long_mode_guests_unchanged():
     img = make_elf([seg(0x100000, b"\xf4" * 64)], 0x100010)
-    assert loader.parse_elf(img).entry == 0x100010
-    with pytest.raises(loader.LoadError, match="outside every loadable segment"):
-        loader.parse_elf(make_elf([seg(0x100000, b"\xf4" * 64)], 0x300000))
-    with pytest.raises(loader.LoadError, match="p_paddr 0x200000 != p_vaddr"):
-        loader.parse_elf(make_elf([seg(0x100000, b"\xf4" * 64, paddr=0x200000)], 0x200000))
+    assert boot.parse_elf(img).entry == 0x100010
+    with pytest.raises(boot.LoadError, match="outside every loadable segment"):
+        boot.parse_elf(make_elf([seg(0x100000, b"\xf4" * 64)], 0x300000))
+    with pytest.raises(boot.LoadError, match="p_paddr 0x200000 != p_vaddr"):
+        boot.parse_elf(make_elf([seg(0x100000, b"\xf4" * 64, paddr=0x200000)], 0x200000))
 
 
 # ---- F2: the EBDA is image RAM ---------------------------------------------------------------
@@ -133,7 +135,7 @@ def test_image_bytes_and_entry_in_the_ebda_load(big_ram):
 @pytest.mark.parametrize("entry", [0xA0000, 0xC0000, 0xE0000, 0xFFFF0])
 def test_entries_in_the_video_window_or_bios_area_stay_refused(big_ram, entry):
     img = elf32_mb([seg(0x9F000, b"\xf4" * 0x61000, flags=PF_R | PF_X)], entry)
-    with pytest.raises(loader.LoadError, match="platform uses"):
+    with pytest.raises(boot.LoadError, match="platform uses"):
         pc_load(big_ram, img)
 
 
@@ -177,7 +179,7 @@ def check_pieces(mem, base):
 
 
 def test_input_file_streams_a_sparse_gib_without_committing_it(big_ram, tmp_path):
-    f = loader.InputFile(sparse_file(tmp_path / "rd", GiB, PIECES), 2 * GiB)
+    f = boot.InputFile(sparse_file(tmp_path / "rd", GiB, PIECES), 2 * GiB)
     with f:
         assert f.size == GiB
         before = rss_kib(big_ram)
@@ -192,7 +194,7 @@ def test_input_file_zero_chunks_overwrite_old_bytes(big_ram, tmp_path):
     big_ram.write(0x10000000, b"\xAA" * (4 * MiB))
     path = tmp_path / "rd"
     path.write_bytes(bytes(2 * MiB) + b"x" + bytes(MiB))   # written zeros, not holes
-    with loader.InputFile(str(path), GiB) as f:
+    with boot.InputFile(str(path), GiB) as f:
         f.copy_to(big_ram, 0x10000000)
     assert big_ram.read(0x10000000, 3 * MiB + 1) == bytes(2 * MiB) + b"x" + bytes(MiB)
     assert big_ram.read(0x10000000 + 3 * MiB + 1, 16) == b"\xAA" * 16
@@ -201,23 +203,23 @@ def test_input_file_zero_chunks_overwrite_old_bytes(big_ram, tmp_path):
 def test_input_file_that_shrinks_is_refused(big_ram, tmp_path):
     path = tmp_path / "rd"
     path.write_bytes(b"y" * (3 * MiB))
-    with loader.InputFile(str(path), GiB) as f:
+    with boot.InputFile(str(path), GiB) as f:
         os.truncate(path, MiB)
-        with pytest.raises(loader.LoadError, match="changed while it was read"):
+        with pytest.raises(boot.LoadError, match="changed while it was read"):
             f.copy_to(big_ram, 0x1000000)
 
 
 def test_input_file_refusals(tmp_path):
-    with pytest.raises(loader.LoadError, match="too large"):
-        loader.InputFile(sparse_file(tmp_path / "big", 2 * MiB, {}), MiB)
-    with pytest.raises(loader.LoadError, match="a directory"):
-        loader.InputFile(str(tmp_path), MiB)
-    with pytest.raises(loader.LoadError, match="No such file"):
-        loader.InputFile(str(tmp_path / "none"), MiB)
+    with pytest.raises(boot.LoadError, match="too large"):
+        boot.InputFile(sparse_file(tmp_path / "big", 2 * MiB, {}), MiB)
+    with pytest.raises(boot.LoadError, match="a directory"):
+        boot.InputFile(str(tmp_path), MiB)
+    with pytest.raises(boot.LoadError, match="No such file"):
+        boot.InputFile(str(tmp_path / "none"), MiB)
 
 
 def test_input_file_with_no_st_size_is_read_bounded(big_ram):
-    with loader.InputFile("/proc/self/cmdline", MiB) as f:    # st_size 0, bytes on read
+    with boot.InputFile("/proc/self/cmdline", MiB) as f:    # st_size 0, bytes on read
         assert f.size > 0
         f.copy_to(big_ram, 0x100000)
     assert b"python" in big_ram.read(0x100000, f.size).lower()
@@ -239,7 +241,7 @@ def test_x86_linux_initrd_sparse_gib(big_ram, tmp_path):
     rd2 = tmp_path / "rd2"
     rd2.write_bytes(b"070701")
     before = rss_kib(big_ram)
-    img = linux.load(big_ram, bzimage(), initrd=[rd1, str(rd2)],
+    img = linux_x86.load(big_ram, bzimage(), initrd=[rd1, str(rd2)],
                      e820=layout.e820_map(2 * GiB))
     assert rss_kib(big_ram) - before < BOUND_KIB
     start, size = img.initrd
@@ -298,16 +300,18 @@ def test_a_big_image_of_zeros_commits_little(big_ram, tmp_path, sparse):
 
 def test_read_image_maps_a_big_file_sparsely(tmp_path):
     path = aout_file(tmp_path / "img", 64 * MiB)
-    data = loader._read_image(path, GiB)
+    data = boot.image._read_image(path, GiB)
     assert len(data) == 64 * MiB and data[-4096:] == b"T" * 4096
     assert data[MiB:MiB + 16] == bytes(16)
-    plan = loader.parse_image(data)
+    plan = boot.parse_image(data)
     assert plan.entry == 0x100020 and plan.segments[0].memsz == 64 * MiB
 
 
 PEAK_SCRIPT = textwrap.dedent("""
     import sys
-    from pykvm.arch.x86 import images, layout, pc
+    from pykvm.arch.x86 import layout
+    from pykvm.platform import pc
+    from pykvm.boot import x86_images
     from pykvm.memory import GuestMemory, MemorySlot, new_mapping
     def hwm():
         for line in open("/proc/self/status"):
@@ -317,7 +321,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     m, pin = new_mapping(2 << 30)
     mem._add(MemorySlot(0, 0, 2 << 30, 0, m, pin))
     base = hwm()
-    images.load(mem, sys.argv[1], ram=[(0, 2 << 30)],
+    x86_images.load(mem, sys.argv[1], ram=[(0, 2 << 30)],
                 memory_map=layout.e820_map(2 << 30, bios_area=True),
                 claimed=list(pc.PC_CLAIMED), initrd=sys.argv[2:])
     print(base, hwm())

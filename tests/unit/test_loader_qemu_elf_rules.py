@@ -1,5 +1,5 @@
 """Issue 16, fault 5 (third round): the ELF and ``-initrd`` rules of QEMU 7.2's ``-kernel``,
-as pure-model checks of :mod:`pykvm.loader` (no KVM).
+as pure-model checks of :mod:`pykvm.boot` (no KVM).
 
 What QEMU does, and where (hw/i386/multiboot.c, include/hw/elf_ops.h ``load_elf``,
 hw/core/loader.c), checked against qemu-system-x86_64 7.2 with hand-made images:
@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from pykvm import loader
-from pykvm.loader import LoadError
+from pykvm import boot
+from pykvm.boot import LoadError
 
 from test_loader import EM_386, FakeMem, make_elf, mb_header, seg, with_symbols
 from test_loader import hang_guard  # noqa: F401  (a fixture)
@@ -58,7 +58,7 @@ def elf32(segments, entry, *, phentsize=32, etype=2, head=None):
 def test_program_headers_are_e_phentsize_apart(phentsize):
     img = elf32([(0x100000, CODE, 0x1000), (0x200000, b"\x11" * 32, 0x40)], 0x100000,
                 phentsize=phentsize)
-    plan = loader.parse_image(img)
+    plan = boot.parse_image(img)
     assert [(s.addr, s.memsz, bytes(s.data[:1])) for s in plan.segments] == \
         [(0x100000, 0x1000, b"\xf4"), (0x200000, 0x40, b"\x11")]
 
@@ -66,7 +66,7 @@ def test_program_headers_are_e_phentsize_apart(phentsize):
 def test_program_header_stride_below_the_structure_is_refused():
     img = elf32([(0x100000, CODE, 0x1000)], 0x100000, phentsize=24)
     with pytest.raises(LoadError, match="e_phentsize must be at least 32"):
-        loader.parse_image(img)
+        boot.parse_image(img)
 
 
 def test_elf64_program_headers_are_e_phentsize_apart():
@@ -76,7 +76,7 @@ def test_elf64_program_headers_are_e_phentsize_apart():
     ph = [bytes(img[64 + 56 * i:64 + 56 * (i + 1)]) for i in range(2)]
     img[64:64 + 128] = ph[0] + bytes(8) + ph[1] + bytes(8)
     struct.pack_into("<H", img, 54, 64)                         # e_phentsize
-    plan = loader.parse_image(bytes(img))
+    plan = boot.parse_image(bytes(img))
     assert [(s.addr, s.memsz) for s in plan.segments] == [(0x100000, 64), (0x200000, 0x100)]
 
 
@@ -91,7 +91,7 @@ def test_section_headers_are_e_shentsize_apart():
     img += wide
     struct.pack_into("<Q", img, 0x28, new_off)
     struct.pack_into("<H", img, 0x3A, shentsize + 16)
-    assert loader.find_symbol(bytes(img), "pykvm_params") == 0x100000
+    assert boot.find_symbol(bytes(img), "pykvm_params") == 0x100000
 
 
 # ---- file bytes ---------------------------------------------------------------------------
@@ -99,11 +99,11 @@ def test_section_headers_are_e_shentsize_apart():
 @pytest.mark.parametrize("offset", [0x7FFFFFFF, 0x1031, 0xFFFFFFFF])
 def test_empty_file_part_needs_no_file_bytes(offset):
     img = elf32([(0x100000, CODE, 0x1000), (0x300000, b"", 0x1000, offset)], 0x100000)
-    plan = loader.parse_image(img)
+    plan = boot.parse_image(img)
     assert [(s.addr, s.filesz, s.memsz) for s in plan.segments] == \
         [(0x100000, 64, 0x1000), (0x300000, 0, 0x1000)]
     mem = FakeMem()
-    loader.load_image(mem, img)
+    boot.load_image(mem, img)
     assert mem.read(0x300000, 0x1000) == bytes(0x1000)
 
 
@@ -111,7 +111,7 @@ def test_file_bytes_past_the_end_are_still_refused():
     # QEMU: "Error while loading elf kernel"
     img = elf32([(0x100000, CODE, 0x1000), (0x300000, b"x", 0x10, 0x7FFFFFFF)], 0x100000)
     with pytest.raises(LoadError, match="image truncated: segment 1 needs file bytes"):
-        loader.parse_image(img)
+        boot.parse_image(img)
 
 
 # ---- overlapping segments: QEMU's load_elf rule ----------------------------------------------
@@ -119,25 +119,25 @@ def test_file_bytes_past_the_end_are_still_refused():
 def test_segment_inside_another_segments_bss_keeps_both_file_parts():
     # img/e13.elf of the report: 16 bytes at 0x100800, inside the first segment's BSS
     img = elf32([(0x100000, CODE, 0x1000), (0x100800, b"\x02" * 16, 0x10)], 0x100000)
-    plan = loader.parse_image(img)
+    plan = boot.parse_image(img)
     assert [(s.addr, s.memsz) for s in plan.segments] == [(0x100000, 64), (0x100800, 16)]
     mem = FakeMem()
-    loader.load_image(mem, img)
+    boot.load_image(mem, img)
     assert mem.read(0x100000, 64) == CODE and mem.read(0x100800, 16) == b"\x02" * 16
 
 
 def test_two_bss_tails_over_each_other_both_shrink():
     img = elf32([(0x100000, CODE, 0x1000), (0x100800, b"\x11" * 16, 0x1000)], 0x100000)
-    plan = loader.parse_image(img)
+    plan = boot.parse_image(img)
     assert [(s.addr, s.memsz) for s in plan.segments] == [(0x100000, 64), (0x100800, 16)]
 
 
 def test_an_empty_segment_strictly_inside_a_bss_shrinks_it():
     img = elf32([(0x100000, CODE, 0x1000), (0x100800, b"", 0)], 0x100000)
-    assert [(s.addr, s.memsz) for s in loader.parse_image(img).segments] == [(0x100000, 64)]
+    assert [(s.addr, s.memsz) for s in boot.parse_image(img).segments] == [(0x100000, 64)]
     # at the BSS's first byte it is not inside (QEMU compares with >=)
     img = elf32([(0x100000, CODE, 0x1000), (0x100040, b"", 0)], 0x100000)
-    assert [(s.addr, s.memsz) for s in loader.parse_image(img).segments] == [(0x100000, 0x1000)]
+    assert [(s.addr, s.memsz) for s in boot.parse_image(img).segments] == [(0x100000, 0x1000)]
 
 
 @pytest.mark.parametrize("second", [(0x100011, b"X", 1), (0x0FF000, b"\x22" * 0x1012, 0x1012)])
@@ -145,7 +145,7 @@ def test_file_bytes_over_file_bytes_are_refused_as_qemu_refuses_them(second):
     img = elf32([(0x100000, CODE, 0x1000), second], 0x100000)
     with pytest.raises(LoadError, match="overlapping segments: .*Some ROM regions are "
                                         "overlapping"):
-        loader.parse_image(img)
+        boot.parse_image(img)
 
 
 def _brute_force_sizes(phdrs):
@@ -173,16 +173,16 @@ def test_the_fast_rule_equals_qemus_loop_on_random_layouts():
         for _ in range(rng.randrange(1, 9)):
             memsz = rng.choice([0, 1, 0x10, 0x100, 0x800])
             filesz = rng.randrange(0, memsz + 1)
-            phdrs.append(loader._Phdr(rng.choice([1, 1, 1, 6]), 0,
+            phdrs.append(boot.elf._Phdr(rng.choice([1, 1, 1, 6]), 0,
                                       0, rng.randrange(0, 0x1000, 8), filesz, memsz, 7))
-        assert loader._qemu_load_sizes(phdrs) == _brute_force_sizes(phdrs), phdrs
+        assert boot.elf._qemu_load_sizes(phdrs) == _brute_force_sizes(phdrs), phdrs
 
 
 def test_the_rule_costs_n_log_n_for_the_most_headers(hang_guard):
-    n = loader.MAX_PROGRAM_HEADERS
-    phdrs = [loader._Phdr(1, 0, 0, 0x100000 + 0x10 * i, 0, 0x10, 7) for i in range(n)]
+    n = boot.MAX_PROGRAM_HEADERS
+    phdrs = [boot.elf._Phdr(1, 0, 0, 0x100000 + 0x10 * i, 0, 0x10, 7) for i in range(n)]
     t = time.process_time()
-    sizes = loader._qemu_load_sizes(phdrs)
+    sizes = boot.elf._qemu_load_sizes(phdrs)
     assert time.process_time() - t < 0.5
     assert set(sizes.values()) == {0x10}                       # adjacent, none overlaps
 
@@ -192,13 +192,13 @@ def test_the_rule_costs_n_log_n_for_the_most_headers(hang_guard):
 @pytest.mark.parametrize("etype", [1, 3, 4])
 def test_multiboot_elf32_of_any_e_type_loads_by_p_paddr(etype):
     img = elf32([(0x100000, CODE, 0x1000)], 0x100000, etype=etype)
-    assert loader.parse_image(img).format == "elf32-multiboot"
+    assert boot.parse_image(img).format == "elf32-multiboot"
 
 
 def test_pykvm_own_x86_64_elf_still_wants_et_exec():
     img = make_elf([seg(0x100000, CODE)], 0x100000, etype=3)
     with pytest.raises(LoadError, match="not an executable ELF"):
-        loader.parse_image(img)
+        boot.parse_image(img)
 
 
 # ---- symbols never decide a boot -----------------------------------------------------------
@@ -208,8 +208,8 @@ def test_a_bad_symbol_table_does_not_refuse_the_image():
                                  {"pykvm_params": 0x100000}))
     struct.pack_into("<H", img, 0x3A, 12)                       # e_shentsize below 64
     with pytest.raises(LoadError, match="bad ELF section header size 12"):
-        loader.elf_symbols(bytes(img))
-    assert loader.load_image(FakeMem(), bytes(img)).params_addr is None
+        boot.elf_symbols(bytes(img))
+    assert boot.load_image(FakeMem(), bytes(img)).params_addr is None
 
 
 # ---- -initrd ------------------------------------------------------------------------------------
@@ -229,18 +229,18 @@ def test_a_bad_symbol_table_does_not_refuse_the_image():
     ("mod1.bin  x y ,mod2.bin", ["mod1.bin  x y ", "mod2.bin"]),
 ])
 def test_initrd_list_splits_as_qemu_does(text, items):
-    assert loader.split_initrd_option(text) == items
+    assert boot.split_initrd_option(text) == items
 
 
 @pytest.mark.parametrize("item,path", [("mod1.bin a,b", "mod1.bin"), (" mod1.bin", ""),
                                        ("m\tx y", "m\tx"), ("a", "a")])
 def test_module_file_name_ends_at_the_first_space(item, path):
-    assert loader.initrd_module_path(item) == path
+    assert boot.initrd_module_path(item) == path
 
 
 def test_initrd_split_is_linear(hang_guard):
     text = ",," * 500000 + "," + "x" * 1000000
     t = time.process_time()
-    items = loader.split_initrd_option(text)
+    items = boot.split_initrd_option(text)
     assert time.process_time() - t < 2
     assert items == ["," * 500000, "x" * 1000000]

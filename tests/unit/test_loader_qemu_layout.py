@@ -8,9 +8,10 @@ import struct
 
 import pytest
 
-from pykvm import loader
-from pykvm.arch.x86 import images, layout
-from pykvm.loader import LoadError
+from pykvm import boot
+from pykvm.arch.x86 import layout
+from pykvm.boot import x86_images
+from pykvm.boot import LoadError
 
 from test_loader import CODE, FakeMem, make_elf, mb_header, seg
 
@@ -24,7 +25,7 @@ def pc_load(img, ram=64 * MiB, **kw):
     (standing for the ACPI tables and BIOS data). Returns (memory, PlacedImage)."""
     mem = FakeMem(ram)
     mem.write(layout.EBDA_START, PATTERN)
-    placed = images.load(mem, img, ram=[(0, ram)],
+    placed = x86_images.load(mem, img, ram=[(0, ram)],
                          memory_map=layout.e820_map(ram, bios_area=True), claimed=CLAIMED, **kw)
     return mem, placed
 
@@ -93,21 +94,21 @@ def test_nothing_is_written_when_refused():
     mem = FakeMem(64 * MiB)
     before = mem.read(0x90000, 0x70100)
     with pytest.raises(LoadError):
-        images.load(mem, img, ram=[(0, 64 * MiB)], memory_map=layout.e820_map(64 * MiB),
+        x86_images.load(mem, img, ram=[(0, 64 * MiB)], memory_map=layout.e820_map(64 * MiB),
                     claimed=CLAIMED)
     assert mem.read(0x90000, 0x70100) == before
 
 
 def test_without_claimed_ranges_nothing_is_dropped():
     mem = FakeMem(64 * MiB)
-    placed = images.load(mem, ld_default_layout(), ram=[(0, 64 * MiB)],
+    placed = x86_images.load(mem, ld_default_layout(), ram=[(0, 64 * MiB)],
                          memory_map=layout.e820_map(64 * MiB))
     assert placed.dropped == [] and mem.read(0xFF000, 4) == b"\x7fELF"
 
 
 def test_clip_segments_keeps_virtual_addresses_and_zero_fill():
-    s = loader.Segment(0x9F000, memoryview(b"\xAB" * 0x2000), 0x70000, 7, 0xC009F000, 3)
-    kept, dropped = images.clip_segments([s], [(0x9FC00, 0x100000)])
+    s = boot.Segment(0x9F000, memoryview(b"\xAB" * 0x2000), 0x70000, 7, 0xC009F000, 3)
+    kept, dropped = x86_images.clip_segments([s], [(0x9FC00, 0x100000)])
     assert dropped == [(0x9FC00, 0x100000)]
     (low,) = [k for k in kept if k.addr < 0x9FC00]
     (high,) = [k for k in kept if k.addr >= 0x100000]
@@ -123,7 +124,7 @@ def test_elf64_with_aout_kludge_is_loaded_by_the_header_fields_in_protected_mode
     hdr = mb_header(0x10003, aout=(0x100000, 0x100000, 0, 0x110000, 0x100000 + 0x40))
     img = make_elf([seg(0x200000, CODE)], 0x200000, cls=64, head=hdr)
     off = img.index(hdr)
-    plan = loader.parse_image(img)
+    plan = boot.parse_image(img)
     assert plan.format == "elf64-multiboot-aout" and plan.mode == "protected"
     assert plan.entry == 0x100040 and plan.segments[0].addr == 0x100000
     assert bytes(plan.segments[0].data[:len(hdr)]) == hdr and plan.multiboot.offset == off
@@ -132,16 +133,16 @@ def test_elf64_with_aout_kludge_is_loaded_by_the_header_fields_in_protected_mode
 def test_elf64_with_a_plain_multiboot_header_still_boots_in_long_mode():
     # QEMU refuses an x86-64 ELF without the kludge; pykvm keeps booting it, in long mode
     img = make_elf([seg(0x100000, CODE)], 0x100000, cls=64, head=mb_header())
-    plan = loader.parse_image(img)
+    plan = boot.parse_image(img)
     assert plan.format == "elf64" and plan.mode == "long"
 
 
 @pytest.mark.parametrize("flags", [0x8, 0x10, 0x8000, 0xFFF8 | 0x3])
 def test_undefined_required_bits_are_ignored(flags):
     img = make_elf([seg(0x100000, CODE)], 0x100000, cls=32, head=mb_header(flags))
-    assert loader.parse_image(img).mode == "protected"
+    assert boot.parse_image(img).mode == "protected"
     kludge = mb_header(flags | 0x10000, aout=(0x100000, 0x100000, 0, 0, 0x100000))
-    assert loader.parse_image(kludge + CODE).format == "multiboot-aout"
+    assert boot.parse_image(kludge + CODE).format == "multiboot-aout"
 
 
 def test_overlapping_elf_segments_are_refused_as_qemu_refuses_them():
@@ -151,7 +152,7 @@ def test_overlapping_elf_segments_are_refused_as_qemu_refuses_them():
     img = make_elf([seg(0x100000, CODE, memsz=0x2000), seg(0x100020, CODE)], 0x100000, cls=32,
                    head=mb_header())
     with pytest.raises(LoadError, match="overlapping segments"):
-        loader.parse_image(img)
+        boot.parse_image(img)
 
 
 def test_clip_segments_random_layouts_lose_and_move_no_byte():
@@ -164,11 +165,11 @@ def test_clip_segments_random_layouts_lose_and_move_no_byte():
             filesz = rng.randrange(0, memsz + 1)
             data = bytes(rng.randrange(256) for _ in range(min(filesz, 64))) * \
                 (filesz // 64 + 1)
-            segs.append(loader.Segment(pos, memoryview(data[:filesz]), memsz, 7, None, i))
+            segs.append(boot.Segment(pos, memoryview(data[:filesz]), memsz, 7, None, i))
             pos += memsz + rng.randrange(0, 0x8000)
         claimed = sorted({(a, a + rng.randrange(1, 0x40000))
                           for a in (rng.randrange(0, 0x120000) for _ in range(2))})
-        kept, dropped = images.clip_segments(segs, claimed)
+        kept, dropped = x86_images.clip_segments(segs, claimed)
         for k in kept:                                  # nothing kept in a claimed range
             assert not any(k.addr < c1 and c0 < k.end for c0, c1 in claimed)
             src = next(s for s in segs if s.index == k.index)

@@ -7,9 +7,9 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pykvm.arch.x86 import pm, rtc
-from pykvm.arch.x86.fwcfg import FwCfg
-from pykvm.arch.x86.testdev import PcTestdev
+from pykvm.devices import acpi_pm as pm, cmos_rtc as rtc
+from pykvm.devices.fw_cfg import FwCfg
+from pykvm.devices.testdev import PcTestdev
 
 NS = 1_000_000_000
 GiB = 1 << 30

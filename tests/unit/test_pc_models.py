@@ -6,12 +6,14 @@ import struct
 
 import pytest
 
-from pykvm.arch.x86 import acpi, layout, pm, rtc
-from pykvm.arch.x86.edu import Edu
-from pykvm.arch.x86.fwcfg import FwCfg
-from pykvm.arch.x86.images import _Space
-from pykvm.arch.x86.pci import PciHost
-from pykvm.arch.x86.vtd import BASE as VTD, DmaFault, Vtd
+from pykvm.platform import acpi
+from pykvm.arch.x86 import layout
+from pykvm.devices import acpi_pm as pm, cmos_rtc as rtc
+from pykvm.devices.edu import Edu
+from pykvm.devices.fw_cfg import FwCfg
+from pykvm.boot.x86_images import _Space
+from pykvm.devices.pci_host import PciHost
+from pykvm.devices.vtd import BASE as VTD, DmaFault, Vtd
 
 GiB = 1 << 30
 NS = 1_000_000_000

@@ -6,10 +6,10 @@ import types
 
 from hypothesis import given, settings, strategies as st
 
-from pykvm import loader
-from pykvm.arch.x86 import i8042, rtc
-from pykvm.arch.x86.pc import PcMachine
-from pykvm.arch.x86.pci import PciHost
+from pykvm import boot
+from pykvm.devices import i8042, cmos_rtc as rtc
+from pykvm.platform.pc import PcMachine
+from pykvm.devices.pci_host import PciHost
 
 NS = 1_000_000_000
 
@@ -264,9 +264,9 @@ def test_rtc_any_bytes_under_any_mode_never_raise(writes):
 # -- multiboot ----------------------------------------------------------------------------------
 
 def test_multiboot_mem_lower_is_the_ram_below_the_ebda():
-    info = loader.build_multiboot_info(64 << 20)
+    info = boot.build_multiboot_info(64 << 20)
     assert int.from_bytes(info[4:8], "little") == 639
-    info = loader.build_multiboot_info(64 << 20, memory_map=[(0, 0x9F000, 1),
+    info = boot.build_multiboot_info(64 << 20, memory_map=[(0, 0x9F000, 1),
                                                              (0x100000, 63 << 20, 1)])
     assert int.from_bytes(info[4:8], "little") == 0x9F000 // 1024
 

@@ -4,7 +4,7 @@ dropped, time running for any span — every register read is one byte, nothing 
 clock wraps after the chip's 10,000 years as the century byte does."""
 from hypothesis import given, settings, strategies as st
 
-from pykvm.arch.x86 import rtc
+from pykvm.devices import cmos_rtc as rtc
 
 NS = 1_000_000_000
 INDEX, DATA = 0x70, 0x71

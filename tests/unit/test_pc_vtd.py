@@ -9,9 +9,9 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pykvm.arch.x86 import vtd as V
-from pykvm.arch.x86.edu import DMA_START, Edu
-from pykvm.arch.x86.pci import PciHost
+from pykvm.devices import vtd as V
+from pykvm.devices.edu import DMA_START, Edu
+from pykvm.devices.pci_host import PciHost
 from pykvm.errors import GuestMemoryError
 
 RAM_END = 0x100000                  # slot 0: [0, 1 MiB)

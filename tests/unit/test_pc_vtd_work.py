@@ -3,9 +3,9 @@ the host bounded work, counted here in descriptors consumed and guest-memory ope
 in wall-clock time).
 
 Queued invalidation (VT-d spec 6.5.2) is asynchronous on hardware: an IQT write consumes at most
-:data:`~pykvm.arch.x86.vtd.IQ_BATCH` descriptors, the rest follow in steps the IOMMU asks its
+:data:`~pykvm.devices.vtd.IQ_BATCH` descriptors, the rest follow in steps the IOMMU asks its
 ``defer`` handle for (the pc machine's timer thread), one step pending at a time, each at most a
-batch and :data:`~pykvm.arch.x86.vtd.IQ_STEP_NS` after the last; software sees completion through
+batch and :data:`~pykvm.devices.vtd.IQ_STEP_NS` after the last; software sees completion through
 the wait descriptors' status writes, ICS.IWC and IQH. DMA translation and interrupt remapping
 read a fixed number of table entries whatever the guest programmed; edu's DMA moves at most its
 4 KiB buffer whatever DMA count is written."""
@@ -13,8 +13,8 @@ import struct
 
 from hypothesis import given, settings, strategies as st
 
-from pykvm.arch.x86 import vtd as V
-from pykvm.arch.x86.edu import DMA_START, Edu
+from pykvm.devices import vtd as V
+from pykvm.devices.edu import DMA_START, Edu
 from pykvm.errors import GuestMemoryError
 
 RAM = 4 << 20

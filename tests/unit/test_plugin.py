@@ -63,7 +63,7 @@ def test_plugin_adds_under_5ms_and_loads_no_core(tmp_path):
         pytest.main(["--co", "-q", "-p", "no:cacheprovider"])
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("pykvm", "cffi", "_cffi_backend")))
     """)], cwd=empty, env=env, capture_output=True, text=True)
-    assert r.stdout.strip().splitlines()[-1] == "['pykvm', 'pykvm.testing', 'pykvm.testing.plugin']"
+    assert r.stdout.strip().splitlines()[-1] == "['pykvm', 'pykvm._host', 'pykvm.testing', 'pykvm.testing.plugin']"
 
 
 TESTS = """

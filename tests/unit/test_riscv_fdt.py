@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from pykvm.arch.riscv import fdt as F
+from pykvm.platform import fdt as F
 
 
 def parse_dtb(blob):

@@ -4,8 +4,8 @@ import struct
 
 import pytest
 
-from pykvm import linux_image as L
-from pykvm import loader
+from pykvm.boot import linux_image as L
+from pykvm import boot
 
 RAM_BASE = 0x80000000
 
@@ -74,26 +74,26 @@ def test_bad_headers():
         L.parse_header(riscv_image(text_offset=0x123))
     with pytest.raises(ValueError, match="implausibly large"):
         L.parse_header(riscv_image(image_size=1 << 62))
-    with pytest.raises(loader.LoadError, match="2 MiB aligned"):
+    with pytest.raises(boot.LoadError, match="2 MiB aligned"):
         L.load_plan(riscv_image(), arch="riscv64", ram_base=0x80001000)
 
 
 def test_loader_dispatch_places_image_at_ram_base_plus_text_offset():
     data = riscv_image(image_size=0x3000)
-    plan = loader.parse_image(data, arch="riscv64", ram_base=RAM_BASE)
+    plan = boot.parse_image(data, arch="riscv64", ram_base=RAM_BASE)
     assert (plan.format, plan.arch, plan.mode, plan.entry) == \
         ("linux-image", "riscv64", "riscv", RAM_BASE + 0x200000)
     (seg,) = plan.segments
     assert (seg.addr, seg.filesz, seg.memsz) == (RAM_BASE + 0x200000, len(data), 0x3000)
     # no ram_base: QEMU virt's
-    assert loader.parse_image(data, arch="riscv64").entry == 0x80200000
+    assert boot.parse_image(data, arch="riscv64").entry == 0x80200000
 
 
 def test_load_zero_fills_up_to_image_size():
     mem = Mem(4 << 20)
     mem.buf[0x200000 + 0x2000] = 0xAA                       # stale bytes inside image_size
     data = riscv_image(image_size=0x3000)
-    li = loader.load_image(mem, data, arch="riscv64", ram_base=RAM_BASE, reserved=None)
+    li = boot.load_image(mem, data, arch="riscv64", ram_base=RAM_BASE, reserved=None)
     assert li.entry == RAM_BASE + 0x200000 and li.mode == "riscv"
     assert mem.read(RAM_BASE + 0x200000, len(data)) == data
     assert mem.read(RAM_BASE + 0x202000, 1) == b"\0"
@@ -103,17 +103,17 @@ def test_load_zero_fills_up_to_image_size():
 def test_image_size_not_file_size_must_fit_in_ram():
     data = riscv_image(image_size=0x300000)                 # a small file, a large kernel
     mem = Mem(4 << 20)
-    with pytest.raises(loader.LoadError, match=r"outside guest RAM"):
-        loader.load_image(mem, data, arch="riscv64", ram_base=RAM_BASE, reserved=None)
+    with pytest.raises(boot.LoadError, match=r"outside guest RAM"):
+        boot.load_image(mem, data, arch="riscv64", ram_base=RAM_BASE, reserved=None)
     assert not any(mem.buf)                                  # nothing written
-    loader.load_image(Mem(6 << 20), data, arch="riscv64", ram_base=RAM_BASE, reserved=None)
+    boot.load_image(Mem(6 << 20), data, arch="riscv64", ram_base=RAM_BASE, reserved=None)
 
 
 def test_other_architectures_kernel_is_refused():
-    with pytest.raises(loader.LoadError, match="riscv64 Linux Image .* cannot boot on x86_64"):
-        loader.parse_image(riscv_image(), arch="x86_64")
-    with pytest.raises(loader.LoadError, match="arm64 Linux Image .* cannot boot on riscv64"):
-        loader.parse_image(arm64_image(), arch="riscv64")
+    with pytest.raises(boot.LoadError, match="riscv64 Linux Image .* cannot boot on x86_64"):
+        boot.parse_image(riscv_image(), arch="x86_64")
+    with pytest.raises(boot.LoadError, match="arm64 Linux Image .* cannot boot on riscv64"):
+        boot.parse_image(arm64_image(), arch="riscv64")
 
 
 GUESTS = os.path.join(os.path.dirname(__file__), "..", "..", "build", "guests", "riscv")
@@ -125,10 +125,10 @@ def test_built_in_image_guest_is_an_image_of_its_elf():
     bin_, elf = (os.path.join(GUESTS, "image" + e) for e in (".bin", ".elf"))
     h = L.parse_header(open(bin_, "rb").read())
     assert h.arch == "riscv64" and h.text_offset == 0x200000 and h.version == (0, 2)
-    img = loader.parse_image(bin_, arch="riscv64", ram_base=RAM_BASE)
-    assert img.entry == loader.parse_image(elf, arch="riscv64").entry == 0x80200000
-    syms = loader.elf_symbols(elf)
+    img = boot.parse_image(bin_, arch="riscv64", ram_base=RAM_BASE)
+    assert img.entry == boot.parse_image(elf, arch="riscv64").entry == 0x80200000
+    syms = boot.elf_symbols(elf)
     assert h.image_size == syms["_end"] - syms["_start"]
     # set_params works on the Image: pykvm_params comes from the ELF beside it
-    li = loader.load_image(Mem(4 << 20), bin_, arch="riscv64", ram_base=RAM_BASE, reserved=None)
+    li = boot.load_image(Mem(4 << 20), bin_, arch="riscv64", ram_base=RAM_BASE, reserved=None)
     assert li.params_addr == syms["pykvm_params"]

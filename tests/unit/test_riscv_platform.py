@@ -4,8 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pykvm import loader, status
-from pykvm.arch.riscv import platform as P
+from pykvm import boot
+
+from pykvm import status
+from pykvm.platform import riscv_virt as P
 
 from test_riscv_linux_image import Mem, RAM_BASE, riscv_image
 
@@ -34,19 +36,19 @@ def test_initrd_that_does_not_fit_is_bad_input(tmp_path):
     m = machine(4 << 20)
     big = tmp_path / "big"
     big.write_bytes(bytes(2 << 20))                           # meets the image at 2 MiB + 12 KiB
-    with pytest.raises(loader.LoadError, match="does not fit between the image"):
+    with pytest.raises(boot.LoadError, match="does not fit between the image"):
         P.Platform(m).load(riscv_image(image_size=0x3000), initrd=(str(big),))
-    with pytest.raises(loader.LoadError, match="one initrd"):
+    with pytest.raises(boot.LoadError, match="one initrd"):
         P.Platform(m).load(riscv_image(), initrd=(str(big), str(big)))
-    with pytest.raises(loader.LoadError, match="initrd: cannot read"):
+    with pytest.raises(boot.LoadError, match="initrd: cannot read"):
         P.Platform(m).load(riscv_image(), initrd=(str(tmp_path / "missing"),))
-    with pytest.raises(loader.LoadError, match="takes no arguments"):
+    with pytest.raises(boot.LoadError, match="takes no arguments"):
         P.Platform(m).load(riscv_image(), initrd=(f"{big} root=/dev/vda",))
 
 
 def test_image_may_not_reach_into_the_dtb():
     m = machine(4 << 20)
-    with pytest.raises(loader.LoadError, match="outside guest RAM"):
+    with pytest.raises(boot.LoadError, match="outside guest RAM"):
         P.Platform(m).load(riscv_image(image_size=(2 << 20) - 0x1000))
 
 

@@ -1,11 +1,11 @@
-"""The x86 Linux boot protocol loader (pykvm.arch.x86.linux) against synthetic bzImages: the
+"""The x86 Linux boot protocol loader (pykvm.boot.linux_x86) against synthetic bzImages: the
 zero page a boot loader must build (boot.rst), placement, and refusals."""
 import struct
 
 import pytest
 
-from pykvm.arch.x86 import linux
-from pykvm.loader import LoadError
+from pykvm.boot import linux_x86
+from pykvm.boot import LoadError
 
 
 class Ram:
@@ -45,7 +45,7 @@ def test_zero_page_cmdline_initrd_and_entry(tmp_path):
     rd = tmp_path / "initrd"
     rd.write_bytes(b"070701" + b"x" * 5000)
     ram = Ram(64 << 20)
-    img = linux.load(ram, bzimage(), cmdline="console=ttyS0 rdinit=/init", initrd=[str(rd)])
+    img = linux_x86.load(ram, bzimage(), cmdline="console=ttyS0 rdinit=/init", initrd=[str(rd)])
     assert img.load_addr == 0x1000000 and img.entry == 0x1000200
     assert ram.read(0x1000000, 4096) == b"\x90" * 4096
     bp = ram.read(img.boot_params, 4096)
@@ -68,15 +68,15 @@ def test_zero_page_cmdline_initrd_and_entry(tmp_path):
 ])
 def test_refusals(kw, words):
     with pytest.raises(LoadError, match=words):
-        linux.load(Ram(64 << 20), bzimage(**kw))
+        linux_x86.load(Ram(64 << 20), bzimage(**kw))
 
 
 def test_command_line_longer_than_the_kernel_takes():
     with pytest.raises(LoadError, match="at most 15"):
-        linux.load(Ram(64 << 20), bzimage(cmdline_size=15), cmdline="x" * 40)
+        linux_x86.load(Ram(64 << 20), bzimage(cmdline_size=15), cmdline="x" * 40)
 
 
 def test_not_a_bzimage():
-    assert not linux.is_bzimage(b"\x7fELF" + bytes(1000))
+    assert not linux_x86.is_bzimage(b"\x7fELF" + bytes(1000))
     with pytest.raises(LoadError, match="not a bzImage"):
-        linux.parse_setup_header(bytes(4096))
+        linux_x86.parse_setup_header(bytes(4096))

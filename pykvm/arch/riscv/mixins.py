@@ -1,9 +1,12 @@
-"""RISC-V parts of Kvm / Vm / Vcpu. RISC-V has no GET_REGS: everything goes through ONE_REG."""
+"""RISC-V parts of Kvm / Vm / Vcpu (the arch ioctl helpers below the vCPU layer). RISC-V has no
+GET_REGS: everything goes through ONE_REG."""
+from ...errors import KvmError
+from .cpu import named_reg_list
+from .report import riscv_report
 
 
 class KvmArch:
     def arch_info(self) -> dict:
-        from .report import riscv_report
         return {"riscv": riscv_report(self)}
 
 
@@ -19,8 +22,6 @@ class VcpuArch:
 
 def describe_registers(vcpu):
     """(name, ONE_REG id, size, value) for every register KVM_GET_REG_LIST reports."""
-    from ...errors import KvmError
-    from .cpu import named_reg_list
     rows = []
     for reg in named_reg_list(vcpu):
         try:
@@ -29,6 +30,3 @@ def describe_registers(vcpu):
             v = e.errno_name
         rows.append((reg.name, reg.id, reg.size, v))
     return rows
-
-
-from .platform import Platform  # noqa: E402,F401

@@ -3,7 +3,7 @@
 Everything the VMM itself puts into guest RAM lives in the reserved window
 ``RESERVED_START``..``RESERVED_END`` (0x1000–0x9ffff); images are linked at 1 MiB or above
 (see docs/guest-abi.md). This module is the single place these addresses are defined; the loader
-and :mod:`pykvm.arch.x86.boot` import them from here.
+and :mod:`pykvm.arch.x86.modes` import them from here.
 
     0x00000 - 0x00fff   free (real-mode IVT area)
     0x01000 - 0x01fff   GDT (0x1000) and TSS (0x1800)

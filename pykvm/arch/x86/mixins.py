@@ -1,11 +1,13 @@
-"""x86 parts of Kvm / Vm / Vcpu: supported CPUID, MSR lists, regs/sregs/fpu, MSRs (KVM_GET_MSRS
+"""x86 parts of Kvm / Vm / Vcpu (the arch ioctl helpers below the vCPU layer): supported CPUID, MSR lists, regs/sregs/fpu, MSRs (KVM_GET_MSRS
 and ONE_REG), CPUID, TSS/identity map, PIT, nested state."""
+import errno
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from ... import abi
 from ..._ioctl import ioctl
 from ...abi import ffi, ioctls
-from ...errors import KvmTooBig
+from ...errors import KvmError, KvmTooBig, kvm_error
+from .nested import get_nested_state, nested_report, set_nested_state
 from .regs import REG_TYPE_MSR, CpuidEntry, cpuid_lookup, msr_reg_id  # noqa: F401 (public home)
 
 def _grow(fd, op, ctype, count_field, array_field, first=64, limit=1 << 16):
@@ -44,7 +46,6 @@ class KvmArch:
         return [m.indices[i] for i in range(m.nmsrs)]
 
     def arch_info(self) -> dict:
-        from .nested import nested_report
         return {"nested": nested_report(self).as_dict()}
 
 
@@ -136,8 +137,6 @@ class VcpuArch:
         got = ioctl(self.fd, ioctls.KVM_GET_MSRS, m,
                     what=",".join(hex(i) for i in idx[:4]) + ("..." if len(idx) > 4 else ""))
         if got != len(idx):
-            from ...errors import kvm_error
-            import errno
             raise kvm_error("KVM_GET_MSRS", errno.EINVAL, f"{idx[got]:#x}",
                             f"MSR {idx[got]:#x} not readable ({got} of {len(idx)} read)")
         return {m.entries[i].index: m.entries[i].data for i in range(got)}
@@ -151,8 +150,6 @@ class VcpuArch:
             m.entries[i].index, m.entries[i].data = k, v
         got = ioctl(self.fd, ioctls.KVM_SET_MSRS, m)
         if got != len(items):
-            from ...errors import kvm_error
-            import errno
             raise kvm_error("KVM_SET_MSRS", errno.EINVAL, f"{items[got][0]:#x}",
                             f"MSR {items[got][0]:#x} refused value {items[got][1]:#x}")
 
@@ -202,15 +199,10 @@ class VcpuArch:
     # -- nested ---------------------------------------------------------------------------
     def nested_state(self):
         """KVM_GET_NESTED_STATE → :class:`pykvm.arch.x86.nested.NestedState`."""
-        from .nested import get_nested_state
         return get_nested_state(self)
 
     def set_nested_state(self, state) -> None:
-        from .nested import set_nested_state
         set_nested_state(self, state)
-
-
-from .platform import Platform  # noqa: E402  (the Machine platform for this arch)
 
 
 def describe_registers(vcpu):
@@ -224,7 +216,6 @@ def describe_registers(vcpu):
     s = vcpu.get_sregs()
     for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"):
         rows.append((n, None, 8, getattr(s, n)))
-    from ...errors import KvmError
     for idx in vcpu.vm.kvm.msr_index_list():
         try:
             v = vcpu.get_msr_one_reg(idx)

@@ -13,6 +13,8 @@ from ... import abi
 from ..._ioctl import ioctl
 from ...abi import ffi, ioctls
 from ...errors import KvmTooBig, PykvmError, kvm_error
+from .regs import CpuidEntry, cpuid_lookup
+from .svm import CPUID_SVM_ECX_BIT, CPUID_SVM_FEATURES, CPUID_SVM_LEAF, EFER_SVME
 
 SYS_MODULE = "/sys/module"
 _HDR_SIZE = ffi.sizeof("struct kvm_nested_state")   # 128
@@ -72,7 +74,6 @@ class NestedReport:
 
 
 def _cpu_vendor(entries) -> Optional[str]:
-    from .regs import cpuid_lookup
     e = cpuid_lookup(entries, 0)
     if e is None:
         return None
@@ -82,7 +83,6 @@ def _cpu_vendor(entries) -> Optional[str]:
 
 def nested_report(kvm, sys_module: str = SYS_MODULE) -> NestedReport:
     """Gather the evidence and give the verdict for ``kvm`` (a :class:`pykvm.Kvm`)."""
-    from .regs import cpuid_lookup
     evidence = []
     loaded = [m for m in sorted(os.listdir(sys_module)) if m == "kvm" or m.startswith("kvm_")] \
         if os.path.isdir(sys_module) else []
@@ -244,8 +244,6 @@ def enable_svm_cpuid(entries):
     Machine's x86 platform passes KVM_GET_SUPPORTED_CPUID through, which has the bit when
     kvm_amd runs with nested=1; this helper makes it explicit (and lets a test give SVM to a
     hand-built CPUID list)."""
-    from .regs import CpuidEntry
-    from .svm import CPUID_SVM_ECX_BIT, CPUID_SVM_FEATURES, CPUID_SVM_LEAF
     out, have_ext, have_features = [], False, False
     for e in entries:
         e = CpuidEntry(*e)
@@ -265,8 +263,6 @@ def enable_svm_cpuid(entries):
 
 def has_svm_cpuid(entries) -> bool:
     """True if CPUID leaf 0x80000001 in entries advertises SVM (ECX bit 2)."""
-    from .regs import cpuid_lookup
-    from .svm import CPUID_SVM_ECX_BIT, CPUID_SVM_LEAF
     e = cpuid_lookup(entries, CPUID_SVM_LEAF)
     return bool(e and e.ecx & (1 << CPUID_SVM_ECX_BIT))
 
@@ -274,7 +270,6 @@ def has_svm_cpuid(entries) -> bool:
 def set_efer_svme(vcpu, on: bool = True) -> None:
     """Set (or clear) EFER.SVME through KVM_SET_SREGS. KVM refuses SVME unless SVM is in the
     vCPU's CPUID (see :func:`enable_svm_cpuid`); SVM nested state with GUEST_MODE needs it."""
-    from .svm import EFER_SVME
     s = vcpu.get_sregs()
     s.efer = (s.efer | EFER_SVME) if on else (s.efer & ~EFER_SVME)
     vcpu.set_sregs(s)

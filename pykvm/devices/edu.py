@@ -34,8 +34,8 @@ raise.
 import threading
 from typing import Callable, Optional
 
-from ...errors import GuestMemoryError
-from .pci import PciFunction
+from ..errors import GuestMemoryError
+from .pci_host import PciFunction
 from .vtd import DmaFault
 
 VENDOR_QEMU = 0x1234

@@ -14,11 +14,15 @@ import os
 import stat
 from typing import Optional
 
-from ... import loader, status
-from ...memory import new_mapping
-from ...report import decode as decode_report
-from . import boot, decode, images, layout, linux
-from .regs import CpuidEntry
+from .. import boot as loader, status
+from ..abi import ffi
+from ..memory import new_mapping
+from ..report import decode as decode_report
+from ..runloop import LoopConfig, UartGroup
+from ..arch.x86 import modes as boot, decode, layout
+from ..boot import x86_images as images, linux_x86 as linux
+from ..arch.x86.regs import CpuidEntry
+from .pc import PC_CLAIMED, PcMachine
 
 REPORT_PORT = 0x1000
 # xAPIC ids are 8 bits and 0xff is the broadcast id, so ids 0..254 name CPUs: the most vCPUs an
@@ -148,7 +152,6 @@ class Platform:
             # one mapping of the whole size first, so that a host too small for it says so
             # in one message naming the RAM size asked for
             m, pin = new_mapping(size, 0)
-            from ...abi import ffi
             ffi.release(pin)
             m.close()
         low = self.m.vm.add_memory(0, below)
@@ -164,7 +167,6 @@ class Platform:
         return out
 
     def _make_pc(self) -> None:
-        from .pc import PcMachine
         self.pcm = PcMachine(self.m, vcpus=self.m.vcpu_count, ram_size=self.ram_size,
                              below_4g=self.below_4g, above_4g=self.above_4g,
                              devices=self.devices)
@@ -211,7 +213,6 @@ class Platform:
 
     def _claimed(self):
         if self.pc:
-            from .pc import PC_CLAIMED
             return list(PC_CLAIMED)
         return []
 
@@ -234,7 +235,6 @@ class Platform:
     def loop_config(self):
         """COM1, the 0xe9 debug port and isa-debug-exit at 0xf4, served in the C loop; COM1 is
         one UART for all vCPUs, its THR-empty interrupt on IRQ 4 when there is an irqchip."""
-        from ...runloop import LoopConfig, UartGroup
         if getattr(self, "_uart_group", None) is None:
             self._uart_group = UartGroup()
         return LoopConfig(uart_irq=4 if self.irqchip else 0, uart_group=self._uart_group)

@@ -265,7 +265,7 @@ def real_mode_entry(addr: int) -> tuple:
 def setup_for_image(vcpu, mem, loaded, *, vcpu_index: int = 0,
                     stack_top: Optional[int] = None,
                     layout: L.BootLayout = L.DEFAULT_LAYOUT) -> None:
-    """Prepare ``vcpu`` to run a :class:`pykvm.loader.LoadedImage` according to its mode
+    """Prepare ``vcpu`` to run a :class:`pykvm.boot.LoadedImage` according to its mode
     (``layout``: where the VMM's page tables, GDT, TSS and stacks go)."""
     mode = loaded.mode
     if mode == "long":

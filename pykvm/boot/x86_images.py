@@ -19,7 +19,7 @@ The rules (docs/guest-abi.md, "Memory layout"):
   the E820 map calls usable, so they never land in the EBDA or another reserved range;
 * multiboot modules (QEMU's ``-initrd a,b args``) go page-aligned right after the image, in the
   order given, each with its string ("file args"), as QEMU's multiboot loader places them; they
-  are streamed into guest RAM (:class:`pykvm.loader.InputFile`: holes and zero chunks commit no
+  are streamed into guest RAM (:class:`pykvm.InputFile`: holes and zero chunks commit no
   host memory);
 * the multiboot information goes at 0x9000 when that is free, else after the modules;
 * the GDT, TSS, page tables (long mode) and boot stacks keep the classic layout
@@ -27,15 +27,19 @@ The rules (docs/guest-abi.md, "Memory layout"):
   64 KiB-aligned window below 4 GiB.
 
 Nothing is written before every placement has been checked; failures are
-:class:`pykvm.loader.LoadError`.
+:class:`pykvm.LoadError`.
 """
 import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
-from ... import loader
-from . import layout as L
+from ..arch.x86 import layout as L
+from ..errors import PykvmError
+from .elf import PARAMS_SIZE, _params_symbol
+from .formats import parse_image
+from .image import InputFile, LoadedImage, LoadError, LoadPlan, Segment, _read_image, write_plan
+from .multiboot import E820_RAM, MULTIBOOT_BOOT_MAGIC, build_multiboot_info, initrd_module_path
 
 PAGE = 0x1000
 FOUR_GIB = 1 << 32
@@ -81,7 +85,7 @@ class _Space:
                 if not blocker:
                     break                        # not in RAM here: try the next start
                 a = (max(blocker) + align - 1) // align * align
-        raise loader.LoadError(f"no room for {size:#x} bytes of boot data in guest RAM below "
+        raise LoadError(f"no room for {size:#x} bytes of boot data in guest RAM below "
                                f"{hi:#x}; give the guest more --mem")
 
 
@@ -91,7 +95,7 @@ class PlacedImage:
     ``dropped``: [(start, end)) guest-physical ranges of image segments that were not loaded
     because the platform claims them or (multiboot images) because no RAM is there (see the
     module docstring)."""
-    loaded: "loader.LoadedImage"
+    loaded: "LoadedImage"
     layout: L.BootLayout
     modules: List[Tuple[int, int, str]] = field(default_factory=list)
     cmdline: str = ""
@@ -106,9 +110,9 @@ def _claimed_by(claimed: Sequence[Range], addr: int, n: int = 1) -> Optional[Ran
     return None
 
 
-def clip_segments(segments: Sequence["loader.Segment"], claimed: Sequence[Range]):
+def clip_segments(segments: Sequence["Segment"], claimed: Sequence[Range]):
     """Split ``segments`` around the ``claimed`` ranges: (the pieces outside every claimed
-    range, as :class:`pykvm.loader.Segment` objects that keep their file bytes, zero-fill and
+    range, as :class:`pykvm.Segment` objects that keep their file bytes, zero-fill and
     virtual addresses; the [start, end) ranges left out). Work is linear in segments times
     claimed ranges."""
     kept, dropped = [], []
@@ -134,7 +138,7 @@ def clip_segments(segments: Sequence["loader.Segment"], claimed: Sequence[Range]
             lo, hi = a - s.addr, b - s.addr
             data = s.data[min(lo, s.filesz):min(hi, s.filesz)]
             vaddr = None if s.vaddr is None else s.vaddr + lo
-            kept.append(loader.Segment(a, data, b - a, s.flags, vaddr, s.index))
+            kept.append(Segment(a, data, b - a, s.flags, vaddr, s.index))
     return kept, dropped
 
 
@@ -152,11 +156,11 @@ def _holes(ram: Sequence[Range]) -> List[Range]:
 
 def _module_items(initrd) -> List[Tuple[str, str]]:
     """(file name, module string) per ``initrd`` item, by QEMU's rule
-    (:func:`pykvm.loader.initrd_module_path`)."""
+    (:func:`pykvm.initrd_module_path`)."""
     out = []
     for item in initrd:
         text = os.fspath(item) if not isinstance(item, str) else item
-        out.append((loader.initrd_module_path(text), text))
+        out.append((initrd_module_path(text), text))
     return out
 
 
@@ -176,13 +180,13 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
     low_ram = max((hi for lo, hi in ram if lo == 0), default=0)
     # the file may be larger than RAM (an ELF with debug information, as QEMU boots it): what
     # is loaded must fit RAM, and no file over MAX_IMAGE_SIZE is read
-    data = loader._read_image(image)
-    plan = loader.parse_image(data, arch="x86_64", flat_addr=flat_addr, flat_mode=flat_mode,
+    data = _read_image(image)
+    plan = parse_image(data, arch="x86_64", flat_addr=flat_addr, flat_mode=flat_mode,
                               max_size=len(data))
     space = _Space(ram, claimed)
     # the VMM's own placements keep to E820 RAM (the image's bytes may use the EBDA, as on QEMU)
     for base, length, kind in memory_map or ():
-        if kind != loader.E820_RAM:
+        if kind != E820_RAM:
             space.take((base, base + length))
     shown_ram = ', '.join(f'[{a:#x}, {b:#x})' for a, b in ram)
     segments, beyond = plan.segments, []
@@ -194,13 +198,13 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
         segments, beyond = clip_segments(plan.segments, _holes(ram))
     for s in segments:
         if not space.in_ram((s.addr, s.end)):
-            raise loader.LoadError(f"{s.describe()} is outside guest RAM ({shown_ram})")
+            raise LoadError(f"{s.describe()} is outside guest RAM ({shown_ram})")
     if not any(s.addr <= plan.entry < s.end for s in segments):
-        raise loader.LoadError(f"entry point {plan.entry:#x} is outside guest RAM "
+        raise LoadError(f"entry point {plan.entry:#x} is outside guest RAM "
                                f"({shown_ram}); the image bytes there cannot be loaded")
     c = _claimed_by(claimed, plan.entry)
     if c is not None:
-        raise loader.LoadError(f"entry point {plan.entry:#x} lies in [{c[0]:#x}, {c[1]:#x}), "
+        raise LoadError(f"entry point {plan.entry:#x} lies in [{c[0]:#x}, {c[1]:#x}), "
                                f"which the platform uses (video window, option ROM/BIOS "
                                f"area, ACPI tables): image bytes there are not loaded, as on "
                                f"QEMU's pc")
@@ -211,7 +215,7 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
         space.take((s.addr, s.end))
     multiboot = plan.multiboot is not None
     if initrd and not multiboot:
-        raise loader.LoadError("--initrd modules need a multiboot image (or a Linux bzImage)")
+        raise LoadError("--initrd modules need a multiboot image (or a Linux bzImage)")
 
     # modules, page-aligned after the image, in order
     with contextlib.ExitStack() as files:
@@ -231,7 +235,7 @@ def _place(mem, image, data, plan, space, kept, dropped, image_ranges, files, *,
     if multiboot:
         pos = (max(e for _, e in image_ranges) + PAGE - 1) // PAGE * PAGE
         for path, text in _module_items(initrd):
-            blob = files.enter_context(loader.InputFile(path, low_ram, "guest RAM",
+            blob = files.enter_context(InputFile(path, low_ram, "guest RAM",
                                                         what="multiboot module"))
             start = space.alloc(blob.size, PAGE, lo=pos)
             space.take((start, start + max(blob.size, 1)))
@@ -247,13 +251,13 @@ def _place(mem, image, data, plan, space, kept, dropped, image_ranges, files, *,
         label = name if name is not None else (os.fspath(image) if isinstance(
             image, (str, os.PathLike)) else "kernel")
         mb_cmdline = f"{label} {cmdline or ''}"
-        probe = loader.build_multiboot_info(low_ram, mb_cmdline, addr=0, size=1 << 20,
+        probe = build_multiboot_info(low_ram, mb_cmdline, addr=0, size=1 << 20,
                                             memory_map=memory_map, modules=modules)
         size = max(L.MULTIBOOT_INFO_SIZE, (len(probe) + PAGE - 1) // PAGE * PAGE)
         mbi_addr = L.MULTIBOOT_INFO_ADDR
         if not space.free((mbi_addr, mbi_addr + size)):
             mbi_addr = space.alloc(size, PAGE, lo=modules[-1][1] if modules else 0)
-        mbi = loader.build_multiboot_info(low_ram, mb_cmdline, addr=mbi_addr, size=size,
+        mbi = build_multiboot_info(low_ram, mb_cmdline, addr=mbi_addr, size=size,
                                           memory_map=memory_map, modules=modules)
         space.take((mbi_addr, mbi_addr + size))
 
@@ -267,24 +271,25 @@ def _place(mem, image, data, plan, space, kept, dropped, image_ranges, files, *,
     for r in layout.ranges(plan.mode, boot_vcpus, ram_top):
         space.take(r)
 
-    params = loader._params_symbol(image, data, plan)
-    if params is not None and (_claimed_by(claimed, params, loader.PARAMS_SIZE) or not any(
-            s.addr <= params and params + loader.PARAMS_SIZE <= s.end for s in kept)):
+    params = _params_symbol(image, data, plan)
+    if params is not None and (_claimed_by(claimed, params, PARAMS_SIZE) or not any(
+            s.addr <= params and params + PARAMS_SIZE <= s.end for s in kept)):
         params = None         # not loaded (claimed or outside RAM): the image has no parameters
-    to_write = loader.LoadPlan(plan.format, plan.arch, plan.mode, plan.entry, kept,
+    to_write = LoadPlan(plan.format, plan.arch, plan.mode, plan.entry, kept,
                                plan.multiboot)
     written = [(s.addr, s.memsz) for s in kept]
     try:
-        loader.write_plan(to_write, mem)
+        write_plan(to_write, mem)
         for (start, end, _), blob in zip(modules, blobs):
             blob.copy_to(mem, start)
             written.append((start, end - start))
         if mbi is not None:
             mem.write(mbi_addr, mbi)
             written.append((mbi_addr, len(mbi)))
-    except loader.LoadError:
+    except LoadError:
         raise
-    except (ValueError, loader.PykvmError) as e:
-        raise loader.LoadError(f"cannot write the image into guest RAM: {e}") from e
-    li = loader.LoadedImage(plan, plan.entry, plan.mode, mbi_addr, params, written)
+    except (ValueError, PykvmError) as e:
+        raise LoadError(f"cannot write the image into guest RAM: {e}") from e
+    regs = {"eax": MULTIBOOT_BOOT_MAGIC, "ebx": mbi_addr} if mbi_addr is not None else {}
+    li = LoadedImage(plan, plan.entry, plan.mode, mbi_addr, params, written, regs)
     return PlacedImage(li, layout, modules, mb_cmdline, dropped)

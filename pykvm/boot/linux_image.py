@@ -35,6 +35,8 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
+from .image import LoadError, LoadPlan, Segment
+
 __all__ = ["HEADER_SIZE", "LinuxImageHeader", "detect", "parse_header", "load_plan", "plan_image"]
 
 HEADER_SIZE = 64
@@ -121,11 +123,10 @@ DEFAULT_RAM_BASE = {"riscv64": 0x80000000, "arm64": 0x40000000}
 
 
 def load_plan(data, *, arch: str, ram_base: Optional[int] = None):
-    """The loader's entry (``pykvm.loader.parse_image``): parse the header of ``data`` and plan
+    """The loader's entry (``pykvm.boot.parse_image``): parse the header of ``data`` and plan
     it for a machine of ``arch`` whose RAM starts at ``ram_base`` (default: QEMU ``virt``'s).
-    Raises :class:`pykvm.loader.LoadError` for a bad header or another architecture's
+    Raises :class:`pykvm.boot.LoadError` for a bad header or another architecture's
     kernel."""
-    from .loader import LoadError
     try:
         header = parse_header(data)
     except ValueError as e:
@@ -139,10 +140,9 @@ def load_plan(data, *, arch: str, ram_base: Optional[int] = None):
 
 
 def plan_image(data, header: LinuxImageHeader, *, ram_base: int):
-    """A :class:`pykvm.loader.LoadPlan` for an Image: one segment at ``ram_base +
+    """A :class:`pykvm.boot.LoadPlan` for an Image: one segment at ``ram_base +
     text_offset`` holding the file and zero-filled up to ``image_size``, entry at its first
     byte. ``ram_base`` must be 2 MiB aligned (the boot protocols ask for it)."""
-    from .loader import LoadError, LoadPlan, Segment
     if ram_base % IMAGE_ALIGN:
         raise LoadError(f"{header.describe()} needs a 2 MiB aligned RAM base, not {ram_base:#x}")
     view = memoryview(bytes(data) if not isinstance(data, (bytes, memoryview)) else data)

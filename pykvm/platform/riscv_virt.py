@@ -11,11 +11,13 @@ image."""
 import os
 from typing import Iterable, Optional
 
-from ... import loader, status
-from ...errors import KvmError
-from ...report import decode as decode_report
-from . import cpu, fdt, insn, sbi
-from .extensions import canonical_isa_string
+from .. import boot as loader, status
+from ..errors import KvmError
+from ..report import decode as decode_report
+from ..runloop import LoopConfig, UartGroup
+from ..arch.riscv import cpu, insn, sbi
+from . import fdt
+from ..arch.riscv.extensions import canonical_isa_string
 
 RAM_BASE = 0x80000000
 DTB_SPACE = 64 << 10
@@ -137,7 +139,6 @@ class Platform:
     def loop_config(self):
         """No port I/O on RISC-V; the SBI debug console is served in the C loop, reading
         guest RAM through the regions known now (anything else goes to Python)."""
-        from ...runloop import LoopConfig, UartGroup
         ram = tuple((s.gpa, s.host_addr, s.size) for s in self.m.vm.memory)
         if getattr(self, "_uart_group", None) is None:
             self._uart_group = UartGroup()        # one UART, whichever hart touches it

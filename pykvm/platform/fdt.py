@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence, Union
 
-from .extensions import parse_isa_string
+from ..arch.riscv.extensions import parse_isa_string
 
 __all__ = ["FDT_MAGIC", "Node", "U64", "cells64", "to_dtb", "build_dtb", "mmu_type_name",
            "UART_BASE", "UART_SIZE", "UART_CLOCK"]

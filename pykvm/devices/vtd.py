@@ -73,7 +73,7 @@ import struct
 import threading
 from typing import Callable, Optional, Tuple
 
-from ...errors import GuestMemoryError
+from ..errors import GuestMemoryError
 
 BASE = 0xFED90000
 SIZE = 0x1000

@@ -16,20 +16,19 @@ What pykvm does, as a boot loader of protocol 2.12 or later:
 * enters at load address + 0x200 in 64-bit mode with paging identity-mapping RAM, interrupts
   off and RSI = the zero page's guest-physical address (boot.rst, "64-bit Boot Protocol").
 
-Addresses are guest-physical; sizes are bytes. Errors are :class:`pykvm.loader.LoadError`.
+Addresses are guest-physical; sizes are bytes. Errors are :class:`pykvm.LoadError`.
 """
 import contextlib
 import struct
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from ... import loader
-from . import boot, layout as L
+from ..arch.x86 import layout as L, modes
+from ..errors import PykvmError
+from .image import InputFile, LoadError, _c_string, _read_image, copy_into
+from .multiboot import E820_RAM, _e820
 
 
-def _err(msg: str):
-    """A :class:`pykvm.loader.LoadError` (looked up late: the loader imports this package)."""
-    return loader.LoadError(msg)
 
 SETUP_HEADER_OFFSET = 0x1F1
 BOOT_FLAG = 0xAA55
@@ -110,12 +109,12 @@ def is_bzimage(data: bytes) -> bool:
 def parse_setup_header(data: bytes) -> SetupHeader:
     """Read and check the setup header of bzImage ``data``; raises LoadError."""
     if not is_bzimage(data):
-        raise _err("not a bzImage (no 0xAA55 boot flag and HdrS magic in the setup header)")
+        raise LoadError("not a bzImage (no 0xAA55 boot flag and HdrS magic in the setup header)")
     if len(data) < 0x268:
-        raise _err(f"bzImage truncated in its setup header ({len(data)} bytes)")
+        raise LoadError(f"bzImage truncated in its setup header ({len(data)} bytes)")
     version = struct.unpack_from("<H", data, HDR_VERSION)[0]
     if version < MIN_VERSION:
-        raise _err(f"bzImage boot protocol {version >> 8}.{version & 0xFF} is too old: "
+        raise LoadError(f"bzImage boot protocol {version >> 8}.{version & 0xFF} is too old: "
                         "pykvm needs 2.12 or later (a 64-bit entry point)")
     setup_sects = data[HDR_SETUP_SECTS] or 4
     hdr = SetupHeader(
@@ -129,11 +128,11 @@ def parse_setup_header(data: bytes) -> SetupHeader:
         initrd_addr_max=struct.unpack_from("<I", data, HDR_INITRD_ADDR_MAX)[0],
         header_end=0x202 + data[0x201])
     if not hdr.xloadflags & XLF_KERNEL_64:
-        raise _err("bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)")
+        raise LoadError("bzImage has no 64-bit entry point (XLF_KERNEL_64 not set)")
     if hdr.kernel_offset >= len(data):
-        raise _err(f"bzImage setup ({hdr.kernel_offset} bytes) covers the whole file")
+        raise LoadError(f"bzImage setup ({hdr.kernel_offset} bytes) covers the whole file")
     if not 0x202 < hdr.header_end <= 0x280:
-        raise _err(f"bzImage setup header ends at a bad offset {hdr.header_end:#x}")
+        raise LoadError(f"bzImage setup header ends at a bad offset {hdr.header_end:#x}")
     return hdr
 
 
@@ -147,7 +146,7 @@ def build_boot_params(data: bytes, hdr: SetupHeader, *, e820, cmdline_addr: int,
     """The 4 KiB zero page for bzImage ``data``: its setup header, filled in as a boot loader
     must (boot.rst, "Details of header fields"), and the E820 map."""
     if len(e820) > E820_MAX_ENTRIES_ZEROPAGE:
-        raise _err(f"{len(e820)} E820 entries do not fit the zero page")
+        raise LoadError(f"{len(e820)} E820 entries do not fit the zero page")
     bp = bytearray(BOOT_PARAMS_SIZE)
     bp[SETUP_HEADER_OFFSET:hdr.header_end] = data[SETUP_HEADER_OFFSET:hdr.header_end]
     bp[HDR_TYPE_OF_LOADER] = TYPE_OF_LOADER_UNDEFINED
@@ -183,7 +182,7 @@ class LinuxImage:
 
 
 def _ram_ranges(e820) -> List[Tuple[int, int]]:
-    return [(a, a + n) for a, n, t in e820 if t == loader.E820_RAM]
+    return [(a, a + n) for a, n, t in e820 if t == E820_RAM]
 
 
 def _in_ram(e820, addr: int, size: int) -> bool:
@@ -197,8 +196,8 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
     archives) into guest memory ``mem``. ``e820`` defaults to pykvm's x86 map of ``mem.size``
     bytes. Every check runs before the first write; raises LoadError."""
     ram_size = mem.size
-    e820 = list(e820) if e820 is not None else loader._e820(ram_size)
-    data = loader._read_image(image, ram_size, "guest RAM")
+    e820 = list(e820) if e820 is not None else _e820(ram_size)
+    data = _read_image(image, ram_size, "guest RAM")
     hdr = parse_setup_header(data)
     kernel = memoryview(data)[hdr.kernel_offset:]
     load_addr = DEFAULT_LOAD_ADDR
@@ -206,24 +205,24 @@ def load(mem, image, *, cmdline: str = "", initrd: Sequence[str] = (),
         load_addr = hdr.pref_address
     need = max(hdr.init_size, len(kernel))
     if not _in_ram(e820, load_addr, need):
-        raise _err(f"guest RAM ({ram_size:#x} bytes) is too small for this kernel: it "
+        raise LoadError(f"guest RAM ({ram_size:#x} bytes) is too small for this kernel: it "
                         f"needs {need:#x} bytes from {load_addr:#x} (init_size)")
-    text = loader._c_string("kernel command line", cmdline)
+    text = _c_string("kernel command line", cmdline)
     limit = min(CMDLINE_MAX, (hdr.cmdline_size or 255) + 1)
     if len(text) > limit:
-        raise _err(f"kernel command line is {len(text) - 1} bytes; this kernel takes at "
+        raise LoadError(f"kernel command line is {len(text) - 1} bytes; this kernel takes at "
                         f"most {limit - 1}")
     with contextlib.ExitStack() as files:
         rds = []
         for item in initrd:
             path = item.split()[0] if isinstance(item, str) else item
-            rds.append(files.enter_context(loader.InputFile(path, ram_size, "guest RAM")))
+            rds.append(files.enter_context(InputFile(path, ram_size, "guest RAM")))
         return _place(mem, data, hdr, kernel, load_addr, need, text, rds, e820, ram_size)
 
 
 def _place(mem, data, hdr, kernel, load_addr, need, text, rds, e820, ram_size) -> LinuxImage:
     """The rest of :func:`load`: place the initrd files (concatenated, streamed into guest
-    RAM by :class:`pykvm.loader.InputFile`), build the zero page, then write everything."""
+    RAM by :class:`pykvm.InputFile`), build the zero page, then write everything."""
     rd_len = sum(f.size for f in rds)
     rd_place = None
     if rd_len:
@@ -235,13 +234,13 @@ def _place(mem, data, hdr, kernel, load_addr, need, text, rds, e820, ram_size) -
             if start >= max(lo, load_addr + need) and (best is None or start > best):
                 best = start
         if best is None:
-            raise _err(f"no room for the {rd_len}-byte initrd above the kernel and below "
+            raise LoadError(f"no room for the {rd_len}-byte initrd above the kernel and below "
                             f"{top:#x} in {ram_size:#x} bytes of RAM")
         rd_place = (best, rd_len)
     bp = build_boot_params(data, hdr, e820=e820, cmdline_addr=CMDLINE_ADDR, initrd=rd_place)
     written = []
     try:
-        loader.copy_into(mem, load_addr, kernel)
+        copy_into(mem, load_addr, kernel)
         written.append((load_addr, len(kernel)))
         mem.write(ZERO_PAGE_ADDR, bp)
         written.append((ZERO_PAGE_ADDR, len(bp)))
@@ -253,10 +252,10 @@ def _place(mem, data, hdr, kernel, load_addr, need, text, rds, e820, ram_size) -
                 f.copy_to(mem, pos)
                 pos += f.size
             written.append(rd_place)
-    except loader.LoadError:
+    except LoadError:
         raise
-    except (ValueError, loader.PykvmError) as e:
-        raise _err(f"cannot write the kernel into guest RAM: {e}") from e
+    except (ValueError, PykvmError) as e:
+        raise LoadError(f"cannot write the kernel into guest RAM: {e}") from e
     return LinuxImage(load_addr + KERNEL_64_ENTRY_OFFSET, load_addr, ZERO_PAGE_ADDR,
                       CMDLINE_ADDR, rd_place, hdr, written)
 
@@ -265,7 +264,7 @@ def setup_boot_cpu(vcpu, mem, image: LinuxImage) -> None:
     """Enter the kernel's 64-bit entry on the boot CPU: long mode with RAM identity-mapped,
     interrupts off, RSI = the zero page (boot.rst, "64-bit Boot Protocol"). Other CPUs are
     started by the kernel itself (INIT/SIPI through the in-kernel local APIC)."""
-    boot.setup_long_mode(vcpu, mem, image.entry, L.stack_top(0), vcpu_index=0)
+    modes.setup_long_mode(vcpu, mem, image.entry, L.stack_top(0), vcpu_index=0)
     r = vcpu.get_regs()
     r.rsi = image.boot_params
     r.rflags = 2

@@ -48,16 +48,16 @@ import time
 import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ... import abi
-from ...errors import Closed, GuestMemoryError, KvmError
-from . import acpi, boot, layout as L
-from .fwcfg import DATA_PORT as FWCFG_DATA, SELECTOR_PORT as FWCFG_SELECTOR, FwCfg
-from .i8042 import I8042, PORTS as I8042_PORTS
-from .pci import PM_FUNCTION, PciHost
-from .pm import AcpiPm
-from .rtc import CmosRtc
-from .testdev import (FLUSH_PORT, IOMEM_BASE, IOMEM_SIZE, IRQ_LINES, IRQ_PORT, SCRATCH_BYTE_PORT,
-                      SCRATCH_PORT, PcTestdev)
+from .. import abi
+from ..errors import Closed, GuestMemoryError, KvmError
+from . import acpi
+from ..arch.x86 import modes, layout as L
+from ..devices.fw_cfg import DATA_PORT as FWCFG_DATA, SELECTOR_PORT as FWCFG_SELECTOR, FwCfg
+from ..devices.i8042 import I8042, PORTS as I8042_PORTS
+from ..devices.pci_host import PM_FUNCTION, PciHost
+from ..devices.acpi_pm import AcpiPm
+from ..devices.cmos_rtc import CmosRtc
+from ..devices.testdev import FLUSH_PORT, IOMEM_BASE, IOMEM_SIZE, IRQ_LINES, IRQ_PORT, SCRATCH_BYTE_PORT, SCRATCH_PORT, PcTestdev
 
 DEVICES = ("edu", "intel-iommu")
 EDU_SLOT = 3
@@ -208,10 +208,10 @@ class PcMachine:
         self.vtd = self.edu = None
         mem = machine.vm.memory
         if "intel-iommu" in devices:
-            from .vtd import Vtd
+            from ..devices.vtd import Vtd
             self.vtd = Vtd(mem, signal_msi=self._signal_msi, defer=self._vtd_defer)
         if "edu" in devices:
-            from .edu import Edu
+            from ..devices.edu import Edu
             self.edu = Edu(bdf=EDU_SLOT << 3, bar=EDU_BAR, intx_line=EDU_IRQ, memory=mem,
                            msi=self._device_msi, set_intx=lambda level: self.irq(EDU_IRQ, level),
                            translate=self._dma_translate)
@@ -254,7 +254,7 @@ class PcMachine:
 
     def write_tables(self, mem) -> acpi.AcpiTables:
         """Write the ACPI tables into the BIOS area of guest RAM."""
-        from .vtd import BASE as VTD_BASE
+        from ..devices.vtd import BASE as VTD_BASE
         self.tables = acpi.build_tables(ACPI_TABLES_ADDR, self.vcpus,
                                         iommu=VTD_BASE if self.vtd else 0)
         mem.write(self.tables.base, self.tables.blob)
@@ -546,12 +546,12 @@ class PcMachine:
         if xvec:
             # ACPI: a nonzero X_Firmware_Waking_Vector asks for a 32-bit protected-mode wake
             sregs = v.get_sregs()
-            boot.fill_protected_mode_sregs(sregs)
+            modes.fill_protected_mode_sregs(sregs)
             sregs.gdt.base, sregs.gdt.limit = 0, 0
             v.set_sregs(sregs)
-            boot._set_regs(v, rip=xvec & 0xFFFFFFFF, rsp=0)
+            modes._set_regs(v, rip=xvec & 0xFFFFFFFF, rsp=0)
         else:
-            boot.setup_real_mode(v, (vec >> 4) & 0xFFFF, vec & 0xF, sp=0)
+            modes.setup_real_mode(v, (vec >> 4) & 0xFFFF, vec & 0xF, sp=0)
         v.set_mp_state("RUNNABLE")
 
     def waking_vectors(self) -> Tuple[int, int]:

@@ -1,0 +1,423 @@
+"""ELF images (ELF64; ELF32 with a multiboot header), loaded by physical address as QEMU's
+``load_elf`` loads them, and their symbol tables. Header counts are capped
+(:data:`MAX_PROGRAM_HEADERS`, :data:`MAX_SECTION_HEADERS`, :data:`MAX_SYMBOLS`) and each
+distinct symbol table is read once, so a hostile file costs time linear in its size."""
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+from collections import namedtuple
+from typing import Dict, Iterator, List, Optional, Tuple
+
+
+from .image import PF_X, Image, LoadError, LoadPlan, Segment, _as_bytes, _check_overlaps, _read_image, _load_errors_only
+from .multiboot import find_multiboot_header, parse_multiboot_aout
+
+MAX_PROGRAM_HEADERS = 1024        # Linux's binfmt_elf takes at most 64 KiB of program headers
+MAX_SECTION_HEADERS = 0xFF00      # SHN_LORESERVE: the most an ELF names without escapes
+MAX_SYMBOLS = 1 << 20             # symbols read in all, over every symbol table
+MAX_SYMBOL_NAME = 4096            # longer names are skipped (never searched for)
+PARAMS_SYMBOL = "pykvm_params"
+PARAMS_SIZE = 16 * 8              # uint64_t pykvm_params[16] (docs/guest-abi.md)
+
+# ELF constants (from the ELF specification)
+_ELF_MAGIC = b"\x7fELF"
+_ELFCLASS32, _ELFCLASS64 = 1, 2
+_ELFDATA2LSB = 1
+_PT_LOAD = 1
+_SHT_SYMTAB, _SHT_STRTAB, _SHT_DYNSYM = 2, 3, 11
+_SHN_UNDEF = 0
+_ET_NAMES = {0: "ET_NONE", 1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN", 4: "ET_CORE"}
+_ET_EXEC = 2
+_EM_386, _EM_X86_64, _EM_RISCV = 3, 62, 243
+_EM_NAMES = {_EM_386: "i386", _EM_X86_64: "x86-64", _EM_RISCV: "RISC-V", 40: "ARM",
+             183: "AArch64", 8: "MIPS", 20: "PowerPC", 21: "PowerPC64", 22: "S/390"}
+
+# Header layouts after e_ident, program headers, section headers and symbols, per ELF class.
+_EHDR = {_ELFCLASS32: struct.Struct("<HHIIIIIHHHHHH"), _ELFCLASS64: struct.Struct("<HHIQQQIHHHHHH")}
+_PHDR = {_ELFCLASS32: struct.Struct("<IIIIIIII"), _ELFCLASS64: struct.Struct("<IIQQQQQQ")}
+_SHDR = {_ELFCLASS32: struct.Struct("<IIIIIIIIII"), _ELFCLASS64: struct.Struct("<IIQQQQIIQQ")}
+_SYM = {_ELFCLASS32: struct.Struct("<IIIBBH"), _ELFCLASS64: struct.Struct("<IBBHQQ")}
+_EHSIZE = {_ELFCLASS32: 52, _ELFCLASS64: 64}
+_ADDR_LIMIT = {_ELFCLASS32: 1 << 32, _ELFCLASS64: 1 << 64}
+
+_Ehdr = namedtuple("_Ehdr", "cls type machine version entry phoff shoff flags ehsize "
+                            "phentsize phnum shentsize shnum shstrndx")
+_Phdr = namedtuple("_Phdr", "type offset vaddr paddr filesz memsz flags")
+_Shdr = namedtuple("_Shdr", "type offset size link entsize")
+
+
+# what each supported architecture accepts: ELF class -> (e_machine, boot mode)
+_ARCHES = {
+    "x86_64": {_ELFCLASS64: (_EM_X86_64, "long"), _ELFCLASS32: (_EM_386, "protected")},
+    "riscv64": {_ELFCLASS64: (_EM_RISCV, "riscv")},
+}
+
+
+
+def is_elf(data: bytes) -> bool:
+    """True if ``data`` starts with the ELF magic (0x7f, ``ELF``)."""
+    return bytes(data[:4]) == _ELF_MAGIC
+
+
+
+def _elf_header(data: bytes) -> _Ehdr:
+    """The ELF header of a little-endian ELF32/ELF64 file, unchecked beyond its size."""
+    if len(data) < 16:
+        raise LoadError(f"image truncated: {len(data)} bytes is too short for an ELF header")
+    if not is_elf(data):
+        raise LoadError("not an ELF file (bad magic)")
+    cls, enc = data[4], data[5]
+    if cls not in (_ELFCLASS32, _ELFCLASS64):
+        raise LoadError(f"bad ELF class {cls}")
+    if enc != _ELFDATA2LSB:
+        raise LoadError("ELF file is not little-endian")
+    if len(data) < _EHSIZE[cls]:
+        raise LoadError(f"image truncated: {len(data)} bytes is too short for the ELF header "
+                        f"({_EHSIZE[cls]} bytes)")
+    return _Ehdr(cls, *_EHDR[cls].unpack_from(data, 16))
+
+
+def _entries(data: bytes, what: str, off: int, count: int, entsize: int, layout: struct.Struct,
+             cap: int) -> Iterator[tuple]:
+    """The ``count`` table entries at ``off``, ``entsize`` bytes apart, each unpacked by
+    ``layout`` (its first ``layout.size`` bytes; ELF spec: the header's e_phentsize or
+    e_shentsize is the stride, and may be larger than the structure the class defines)."""
+    if count > cap:
+        raise LoadError(f"too many ELF {what}s: {count} (at most {cap})")
+    if count == 0:
+        return iter(())
+    # the last entry needs only its structure's bytes in the file, not a whole stride
+    end = off + (count - 1) * entsize + layout.size
+    if end > len(data):
+        raise LoadError(f"image truncated: {what}s end at {end:#x}, the file has "
+                        f"{len(data):#x} bytes")
+    return (layout.unpack_from(data, off + i * entsize) for i in range(count))
+
+
+def _program_headers(data: bytes, h: _Ehdr) -> List[_Phdr]:
+    """The program headers, ``e_phentsize`` bytes apart (the ELF spec's stride: at least
+    sizeof(Elf32_Phdr) = 32 or sizeof(Elf64_Phdr) = 56; larger strides are legal and their
+    extra bytes are skipped)."""
+    if h.phnum == 0:
+        raise LoadError("ELF has no program headers")
+    if h.phnum > MAX_PROGRAM_HEADERS:
+        raise LoadError(f"too many ELF program headers: {h.phnum} (at most "
+                        f"{MAX_PROGRAM_HEADERS})")
+    if h.phentsize < _PHDR[h.cls].size:
+        raise LoadError(f"bad ELF program header size {h.phentsize} (e_phentsize must be at "
+                        f"least {_PHDR[h.cls].size} for this ELF class)")
+    out = []
+    for f in _entries(data, "program header", h.phoff, h.phnum, h.phentsize, _PHDR[h.cls],
+                      MAX_PROGRAM_HEADERS):
+        if h.cls == _ELFCLASS32:       # type offset vaddr paddr filesz memsz flags align
+            out.append(_Phdr(f[0], f[1], f[2], f[3], f[4], f[5], f[6]))
+        else:                          # type flags offset vaddr paddr filesz memsz align
+            out.append(_Phdr(f[0], f[2], f[3], f[4], f[5], f[6], f[1]))
+    return out
+
+
+def _section_headers(data: bytes, h: _Ehdr) -> List[_Shdr]:
+    """The section headers ([] when there are none); extended numbering (e_shnum 0 and the count
+    in section 0's sh_size) is understood, and the count is capped."""
+    if h.shoff == 0:
+        return []
+    layout = _SHDR[h.cls]
+    if h.shentsize < layout.size:
+        if h.shnum == 0:
+            return []
+        raise LoadError(f"bad ELF section header size {h.shentsize} (e_shentsize must be at "
+                        f"least {layout.size} for this ELF class)")
+    shnum = h.shnum
+    if shnum == 0:
+        first = list(_entries(data, "section header", h.shoff, 1, h.shentsize, layout, 1))
+        shnum = first[0][5]                              # sh_size of section 0
+        if shnum == 0:
+            return []
+    # sh_name sh_type sh_flags sh_addr sh_offset sh_size sh_link sh_info sh_addralign sh_entsize
+    return [_Shdr(f[1], f[4], f[5], f[6], f[9])
+            for f in _entries(data, "section header", h.shoff, shnum, h.shentsize, layout,
+                              MAX_SECTION_HEADERS)]
+
+
+@_load_errors_only
+def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
+    """A plan from an ELF executable. x86_64: ELF64 (long mode, needs p_paddr == p_vaddr) or
+    ELF32 i386 with a multiboot header (protected mode, loaded by p_paddr); any ELF whose
+    multiboot header sets flag bit 16 is loaded by the a.out kludge fields instead, in
+    protected mode, as QEMU does. riscv64: ELF64 loaded by p_paddr.
+    Segment sizes follow QEMU's ``load_elf`` (:func:`_qemu_load_sizes`); ``e_type`` must be
+    ET_EXEC only for the x86-64 long-mode boot (QEMU loads any type by p_paddr).
+    The work done is O(n log n) in the number of program headers, which is capped."""
+    if arch not in _ARCHES:
+        raise LoadError(f"unknown architecture {arch!r} (known: {', '.join(_ARCHES)})")
+    data = _as_bytes(data)
+    hdr = _elf_header(data)
+    cls = hdr.cls
+    if arch == "x86_64":
+        # A multiboot header asking for the a.out kludge (flag bit 16) decides the layout of
+        # any ELF, 32- or 64-bit: QEMU's -kernel (hw/i386/multiboot.c) looks at the flag before
+        # the ELF headers and then loads by the header's address fields alone, entering in
+        # protected mode. 64-bit kernels with a 32-bit entry stub boot under QEMU this way
+        # (without the flag QEMU refuses an x86-64 ELF; pykvm boots it in long mode).
+        kludge = find_multiboot_header(data)
+        if kludge is not None and kludge.aout_kludge:
+            plan = parse_multiboot_aout(data, kludge)
+            plan.format = "elf32-multiboot" if cls == _ELFCLASS32 else "elf64-multiboot-aout"
+            return plan
+    allowed = _ARCHES[arch]
+    if cls not in allowed:
+        raise LoadError(f"{arch} cannot boot a {32 if cls == _ELFCLASS32 else 64}-bit ELF")
+    want_machine, mode = allowed[cls]
+    if hdr.machine != want_machine:
+        got = _EM_NAMES.get(hdr.machine, f"e_machine {hdr.machine}")
+        raise LoadError(f"wrong machine: {got} ELF, {arch} needs {_EM_NAMES[want_machine]}")
+    # QEMU's load_elf (multiboot ELF32, RISC-V -kernel) loads any e_type by p_paddr; pykvm's
+    # own identity-mapped x86-64 ELF boot (which QEMU has no counterpart of) wants ET_EXEC.
+    if hdr.type != _ET_EXEC and mode == "long":
+        raise LoadError(f"not an executable ELF (e_type {_ET_NAMES.get(hdr.type, hdr.type)}); "
+                        f"link with a fixed address (-no-pie, -static)")
+    phdrs = _program_headers(data, hdr)
+
+    mb = None
+    if arch == "x86_64" and cls == _ELFCLASS32:
+        mb = find_multiboot_header(data)
+        if mb is None:
+            raise LoadError("32-bit ELF without a multiboot v1 header wholly inside its first "
+                            "8 KiB (or its checksum is wrong)")
+
+    view = memoryview(data)
+    addr_limit = _ADDR_LIMIT[cls]
+    segments = []
+    memsz = _qemu_load_sizes(phdrs)
+    for i, ph in enumerate(phdrs):
+        if ph.type != _PT_LOAD:
+            continue
+        if ph.filesz > ph.memsz:
+            raise LoadError(f"segment {i}: p_filesz {ph.filesz:#x} is larger than p_memsz "
+                            f"{ph.memsz:#x}")
+        if ph.filesz and ph.offset + ph.filesz > len(data):    # no file bytes: no p_offset
+            raise LoadError(f"image truncated: segment {i} needs file bytes up to "
+                            f"{ph.offset + ph.filesz:#x}, the file has {len(data):#x}")
+        if memsz[i] == 0:
+            continue
+        if ph.paddr + memsz[i] > addr_limit:      # loaded by p_paddr; p_vaddr is not used
+            raise LoadError(f"segment {i}: [{ph.paddr:#x} + {memsz[i]:#x}) wraps around the "
+                            f"{'32' if cls == _ELFCLASS32 else '64'}-bit address space")
+        if mode == "long" and ph.paddr != ph.vaddr:
+            raise LoadError(f"segment {i}: p_paddr {ph.paddr:#x} != p_vaddr {ph.vaddr:#x}; "
+                            f"64-bit x86 images run identity-mapped and must be linked that way")
+        data_view = view[ph.offset:ph.offset + ph.filesz] if ph.filesz else b""
+        segments.append(Segment(ph.paddr, data_view, memsz[i], ph.flags, ph.vaddr, i))
+    if not segments:
+        raise LoadError("ELF has no loadable (PT_LOAD) segments")
+    _check_overlaps(segments)
+
+    entry = _entry_address(phdrs, hdr.entry, addr_limit)
+    if not any(s.addr <= entry < s.end for s in segments):
+        shown = f"{hdr.entry:#x}" if entry == hdr.entry else \
+            f"{hdr.entry:#x} (physical {entry:#x})"
+        raise LoadError(f"entry point {shown} is outside every loadable segment")
+    fmt = "elf32-multiboot" if mb else "elf64"
+    return LoadPlan(fmt, arch, mode, entry, segments, mb)
+
+
+def _entry_address(phdrs: List[_Phdr], e_entry: int, addr_limit: int) -> int:
+    """The guest-physical entry of an ELF whose segments load by ``p_paddr``, by QEMU's rule
+    (``load_elf`` in include/hw/elf_ops.h, used by -kernel on x86 multiboot and RISC-V):
+    ``e_entry`` is translated by a ``PT_LOAD`` segment that is executable (``PF_X``), has
+    ``p_vaddr != p_paddr`` and whose file bytes ``[p_vaddr, p_vaddr + p_filesz)`` hold it (the
+    last such segment wins); otherwise ``e_entry`` is already physical (a higher-half kernel
+    linked with ``ENTRY(_start - KERNEL_VMA)``). Arithmetic wraps at the class's address size."""
+    entry = e_entry
+    for ph in phdrs:
+        if (ph.type == _PT_LOAD and ph.flags & PF_X and ph.vaddr != ph.paddr and
+                ph.vaddr <= e_entry < ph.vaddr + ph.filesz):
+            entry = (e_entry - ph.vaddr + ph.paddr) % addr_limit
+    return entry
+
+
+def _virt_to_phys(segments: List[Segment], vaddr: int, n: int = 1) -> Optional[int]:
+    """The guest-physical address of ``[vaddr, vaddr + n)`` if one segment holds all of it
+    (segments without a virtual address are identity-mapped)."""
+    for s in segments:
+        base = s.addr if s.vaddr is None else s.vaddr
+        if base <= vaddr and vaddr + n <= base + s.memsz:
+            return s.addr + (vaddr - base)
+    return None
+
+
+def _qemu_load_sizes(phdrs: List[_Phdr]) -> Dict[int, int]:
+    """{program header index: bytes loaded} for each PT_LOAD, by QEMU's ``load_elf``
+    (include/hw/elf_ops.h), which ``-kernel`` uses for multiboot ELF kernels and RISC-V
+    images: a segment whose zero-filled tail ``[p_paddr + p_filesz, p_paddr + p_memsz)``
+    overlaps another PT_LOAD's ``[p_paddr, p_paddr + p_memsz)`` (as given in its header; an
+    empty one counts where it lies strictly inside the tail) is taken to be zeroed at run time
+    by the image itself and is loaded as ``p_filesz`` bytes; every other segment as
+    ``p_memsz`` bytes. GNU ld never emits such layouts, but hand-made and embedded-style images
+    (BSS given as memsz but packed behind the next segment) do, and QEMU boots them.
+
+    Work is O(n log n) in the number of program headers: the intervals are sorted by start,
+    and for each tail the largest end among the intervals starting below the tail's end is
+    looked up (the two largest are kept, so the segment itself can be left out)."""
+    loads = [(ph.paddr, ph.paddr + ph.memsz, i) for i, ph in enumerate(phdrs)
+             if ph.type == _PT_LOAD]
+    sizes = {i: phdrs[i].memsz for _, _, i in loads}
+    tails = [i for i in sizes if phdrs[i].memsz > phdrs[i].filesz]
+    if not tails or len(loads) < 2:
+        return sizes
+    loads.sort()
+    starts = [a for a, _, _ in loads]
+    # best[k]: ((largest end, its index), second largest end) over loads[:k + 1]
+    best, top, second = [], (-1, -1), -1
+    for _, end, i in loads:
+        if end > top[0]:
+            top, second = (end, i), top[0]
+        elif end > second:
+            second = end
+        best.append((top, second))
+    for i in tails:
+        ph = phdrs[i]
+        lo, hi = ph.paddr + ph.filesz, ph.paddr + ph.memsz
+        k = bisect.bisect_left(starts, hi) - 1       # loads[:k + 1] start below the tail's end
+        if k < 0:
+            continue
+        (end, who), runner_up = best[k]
+        other_end = runner_up if who == i else end
+        if other_end > lo:
+            sizes[i] = ph.filesz
+    return sizes
+
+
+
+def _params_symbol(image: Image, data: bytes, plan: LoadPlan) -> Optional[int]:
+    """Guest-physical address of ``pykvm_params`` of an ELF image; for a flat binary given by
+    path, of the ELF next to it (``guest.bin`` -> ``guest.elf``, as the guest build leaves
+    them); None if there is none. The whole array must lie inside one loaded segment.
+
+    Section headers and symbol tables do not decide whether an image boots: QEMU's
+    ``load_elf`` reads symbols only for its debugger and boots an image whose tables are bad,
+    so a malformed table, or a ``pykvm_params`` outside every loaded segment, means "no
+    parameters" (:meth:`pykvm.machine.Machine.set_params` then says the image has none)."""
+    if is_elf(data):
+        try:
+            value = find_symbol(data, PARAMS_SYMBOL)
+        except LoadError:
+            return None
+        if value is None:
+            return None
+        return _virt_to_phys(plan.segments, value, PARAMS_SIZE)
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            elf = os.path.splitext(os.fspath(image))[0] + ".elf"
+            if not os.path.isfile(elf):
+                return None
+            value = find_symbol(elf, PARAMS_SYMBOL)
+        except (LoadError, OSError, ValueError):
+            return None
+        if value is None:
+            return None
+        return _virt_to_phys(plan.segments, value, PARAMS_SIZE)
+    return None
+
+
+# ---- symbols ------------------------------------------------------------------------------------
+
+def _symbol_tables(data: bytes, h: _Ehdr) -> List[Tuple[int, _Shdr, _Shdr]]:
+    """(section index, symbol table, its string table) for each distinct symbol table (by file
+    offset and size), checked: in the file, right entry size, a string table that is one, and
+    no two tables overlapping, so that the symbols read in all never exceed the file size."""
+    shdrs = _section_headers(data, h)
+    out, seen = [], set()
+    for i, sh in enumerate(shdrs):
+        if sh.type not in (_SHT_SYMTAB, _SHT_DYNSYM) or sh.size == 0:
+            continue
+        key = (sh.offset, sh.size)
+        if key in seen:
+            continue                          # another header for a table already listed
+        seen.add(key)
+        entsize = _SYM[h.cls].size
+        if sh.entsize != entsize:
+            raise LoadError(f"section {i}: bad symbol entry size {sh.entsize} (want {entsize})")
+        if sh.size % entsize:
+            raise LoadError(f"section {i}: symbol table size {sh.size:#x} is not a multiple of "
+                            f"{entsize}")
+        if sh.offset + sh.size > len(data):
+            raise LoadError(f"image truncated: symbol table of section {i} ends at "
+                            f"{sh.offset + sh.size:#x}, the file has {len(data):#x} bytes")
+        if not 0 < sh.link < len(shdrs):
+            raise LoadError(f"section {i}: string table index {sh.link} is not a section")
+        st = shdrs[sh.link]
+        if st.type != _SHT_STRTAB:
+            raise LoadError(f"section {i}: its string table (section {sh.link}) is not one")
+        if st.offset + st.size > len(data):
+            raise LoadError(f"image truncated: string table of section {sh.link} ends at "
+                            f"{st.offset + st.size:#x}, the file has {len(data):#x} bytes")
+        out.append((i, sh, st))
+    ordered = sorted(out, key=lambda t: t[1].offset)
+    for (i, a, _), (j, b, _) in zip(ordered, ordered[1:]):
+        if a.offset + a.size > b.offset:
+            raise LoadError(f"symbol tables of sections {i} and {j} overlap")
+    total = sum(sh.size // _SYM[h.cls].size for _, sh, _ in out)
+    if total > MAX_SYMBOLS:
+        raise LoadError(f"too many ELF symbols: {total} (at most {MAX_SYMBOLS})")
+    return out
+
+
+def _read_symbols(data: bytes, h: _Ehdr, sh: _Shdr, st: _Shdr,
+                  want: Optional[bytes] = None) -> Iterator[Tuple[bytes, int]]:
+    """(name, value) of the named, defined symbols of one table (only those called ``want``
+    if given). A name is found with one bounded search in the string table (at most
+    :data:`MAX_SYMBOL_NAME` bytes; longer or unterminated names are skipped), so the cost per
+    symbol does not grow with the string table."""
+    str_lo, str_hi = st.offset, st.offset + st.size
+    key = None if want is None else want + b"\0"
+    cls = h.cls
+    for f in _SYM[cls].iter_unpack(memoryview(data)[sh.offset:sh.offset + sh.size]):
+        if cls == _ELFCLASS32:             # st_name st_value st_size st_info st_other st_shndx
+            name_off, value, shndx = f[0], f[1], f[5]
+        else:                              # st_name st_info st_other st_shndx st_value st_size
+            name_off, value, shndx = f[0], f[4], f[3]
+        if name_off == 0 or shndx == _SHN_UNDEF or name_off >= st.size:
+            continue
+        start = str_lo + name_off
+        if key is not None:
+            if start + len(key) <= str_hi and data[start:start + len(key)] == key:
+                yield want, value
+            continue
+        end = data.find(b"\0", start, min(str_hi, start + MAX_SYMBOL_NAME + 1))
+        if end > start:
+            yield data[start:end], value
+
+
+def _symbols(image: Image, want: Optional[bytes] = None) -> Iterator[Tuple[bytes, int]]:
+    data = _read_image(image)
+    if not is_elf(data):
+        return
+    h = _elf_header(data)
+    for _, sh, st in _symbol_tables(data, h):
+        yield from _read_symbols(data, h, sh, st, want)
+
+
+@_load_errors_only
+def elf_symbols(image: Image) -> Dict[str, int]:
+    """{name: value} of every named, defined symbol in the ELF's symbol tables, the first
+    definition winning ({} if not an ELF). Each distinct table is read once; the symbols read
+    are bounded by the file size and :data:`MAX_SYMBOLS`."""
+    out: Dict[str, int] = {}
+    for name, value in _symbols(image):
+        out.setdefault(name.decode("utf-8", "replace"), value)
+    return out
+
+
+@_load_errors_only
+def find_symbol(image: Image, name: str) -> Optional[int]:
+    """The value (address) of symbol ``name`` in an ELF image, or None."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise LoadError(f"bad symbol name {name!r}")
+    for _, value in _symbols(image, name.encode("utf-8", "surrogateescape")):
+        return value
+    return None
+
+

@@ -1,0 +1,206 @@
+"""The buses devices sit on: one for x86 port I/O (:data:`PIO_LIMIT` ports) and one for MMIO
+(guest-physical addresses), each a sorted map of address ranges to devices that refuses
+overlaps (Firecracker's ``vstate/bus.rs``, kvmtool's ``kvm__register_iotrap``).
+
+Every device speaks one protocol, :class:`Device`: ``read(offset, size) -> int`` and
+``write(offset, size, value)``, where ``offset`` is the accessed address minus the range's
+``base`` plus the ``offset`` the range was inserted with (a device with several register blocks,
+such as the i8042's ports 0x60 and 0x64, inserts each block at the offset its register map
+gives it) and ``size`` is 1, 2, 4 or 8 bytes. Values are little-endian integers of ``size``
+bytes.
+
+The bus is also the memory core: it cuts a guest access into the pieces a device accepts, as
+QEMU's ``flatview_read_continue``/``memory_access_size`` (``system/physmem.c``) do. An access of
+``size`` bytes at ``addr`` goes, piece by piece, to the range holding the piece's first byte; a
+piece is as long as what is left, but no longer than the range's ``max_access`` nor than the
+alignment of its offset inside the range (``offset & -offset``), rounded down to a power of two;
+it is not cut at the range's end (I/O ranges are not RAM). Bytes no range claims behave as
+QEMU's unassigned accesses: reads give all-ones, writes are dropped, and both are counted in
+:attr:`Bus.unassigned`. A device meeting guest memory it cannot reach while serving an access
+(:class:`~pykvm.errors.GuestMemoryError`, e.g. a DMA to a guest-programmed address) ends the
+access as a master abort: the read gives all-ones, the write is dropped; it never ends the VM.
+
+Work per access is bounded: at most ``size`` pieces, each found by a binary search.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
+
+from ..errors import GuestMemoryError, PykvmError
+
+PIO_LIMIT = 1 << 16               # x86 I/O ports 0..0xFFFF
+MMIO_LIMIT = 1 << 64              # guest-physical addresses
+
+
+@runtime_checkable
+class Device(Protocol):
+    """What a bus calls. ``offset``: bytes from the start of the device's register map (see the
+    module docstring); ``size``: 1, 2, 4 or 8 bytes, never more than the ``max_access`` of the
+    range it was inserted with. Neither method may raise for any guest-chosen offset, size or
+    value (guest nonsense is the device's to answer, as its hardware would)."""
+
+    def read(self, offset: int, size: int) -> int:
+        """The value (``size`` bytes, little-endian) the guest reads at ``offset``."""
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Take the guest's write of ``value`` (``size`` bytes) at ``offset``."""
+
+
+class BusConflict(PykvmError, ValueError):
+    """A range inserted on a bus overlaps one already there, or lies outside the bus."""
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One range on a bus: ``[base, base + size)`` goes to ``device`` at ``offset`` + (address
+    - base); accesses are cut to at most ``max_access`` bytes (a power of two)."""
+    base: int
+    size: int
+    device: Device
+    offset: int = 0
+    max_access: int = 4
+    name: str = ""
+
+    @property
+    def end(self) -> int:
+        """One past the range's last address."""
+        return self.base + self.size
+
+    def describe(self) -> str:
+        """e.g. ``i8042 [0x60, 0x61)``."""
+        return f"{self.name or type(self.device).__name__} [{self.base:#x}, {self.end:#x})"
+
+
+def _pow2floor(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+class Bus:
+    """Address ranges mapped to devices (see the module docstring). ``name``: "pio" or "mmio",
+    for messages; ``limit``: one past the highest address. Thread-safe: vCPU threads access it
+    while the guest's configuration writes move ranges (a PCI BAR, the ACPI PM block)."""
+
+    def __init__(self, name: str, limit: int):
+        self.name = name
+        self.limit = limit
+        self._starts: List[int] = []
+        self._maps: List[Mapping] = []
+        self._lock = threading.Lock()
+        self.unassigned: Dict[int, int] = {}     # address -> accesses no range answered
+        self._unassigned_cap = 4096              # distinct addresses counted (bounded memory)
+
+    # -- ranges ----------------------------------------------------------------------------
+    def insert(self, base: int, size: int, device: Device, *, offset: int = 0,
+               max_access: int = 4, name: str = "") -> Mapping:
+        """Map ``[base, base + size)`` to ``device`` (see :class:`Mapping`). Raises
+        :class:`BusConflict` naming both ranges if it overlaps a range already inserted, or
+        if it does not lie inside the bus; :class:`ValueError` for a size or ``max_access``
+        that is no positive power of two where one is needed."""
+        if not (isinstance(base, int) and isinstance(size, int)) or size <= 0:
+            raise ValueError(f"{self.name} bus: bad range base={base!r} size={size!r}")
+        if max_access not in (1, 2, 4, 8):
+            raise ValueError(f"{self.name} bus: max_access must be 1, 2, 4 or 8, not {max_access!r}")
+        m = Mapping(base, size, device, offset, max_access, name)
+        if base < 0 or m.end > self.limit:
+            raise BusConflict(f"{self.name} bus: {m.describe()} lies outside the bus "
+                              f"[0, {self.limit:#x})")
+        with self._lock:
+            i = bisect.bisect_right(self._starts, base)
+            for other in self._maps[max(i - 1, 0):i + 1]:
+                if other.base < m.end and base < other.end:
+                    raise BusConflict(f"{self.name} bus: {m.describe()} overlaps "
+                                      f"{other.describe()}")
+            self._starts.insert(i, base)
+            self._maps.insert(i, m)
+        return m
+
+    def remove(self, device: Device) -> int:
+        """Take every range of ``device`` off the bus; returns how many there were."""
+        with self._lock:
+            keep = [m for m in self._maps if m.device is not device]
+            gone = len(self._maps) - len(keep)
+            self._maps = keep
+            self._starts = [m.base for m in keep]
+        return gone
+
+    def find(self, addr: int) -> Optional[Mapping]:
+        """The range holding ``addr``, or None."""
+        maps, starts = self._maps, self._starts      # replaced whole under the lock: a
+        i = bisect.bisect_right(starts, addr) - 1    # consistent pair without taking it
+        if i >= 0 and addr < maps[i].end:
+            return maps[i]
+        return None
+
+    def mappings(self) -> Tuple[Mapping, ...]:
+        """Every range, by address."""
+        return tuple(self._maps)
+
+    # -- accesses --------------------------------------------------------------------------
+    def _pieces(self, addr: int, size: int):
+        done = 0
+        while done < size:
+            a = addr + done
+            m = self.find(a)
+            cap = m.max_access if m is not None else 8
+            off = a - m.base if m is not None else a
+            if off:
+                cap = min(cap, off & -off)
+            n = _pow2floor(min(size - done, cap))
+            yield m, a, n, done
+            done += n
+
+    def _count_unassigned(self, addr: int) -> None:
+        n = self.unassigned.get(addr)
+        if n is not None or len(self.unassigned) < self._unassigned_cap:
+            self.unassigned[addr] = (n or 0) + 1
+
+    def read(self, addr: int, size: int) -> int:
+        """The value a guest read of ``size`` bytes at ``addr`` gets (see the module
+        docstring: cut into pieces, unassigned bytes and master aborts read all-ones)."""
+        value = 0
+        for m, a, n, pos in self._pieces(addr, size):
+            if m is None:
+                self._count_unassigned(a)
+                v = (1 << (8 * n)) - 1
+            else:
+                try:
+                    v = m.device.read(m.offset + (a - m.base), n) & ((1 << (8 * n)) - 1)
+                except GuestMemoryError:
+                    v = (1 << (8 * n)) - 1
+            value |= v << (8 * pos)
+        return value
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        """Hand a guest write of ``value`` (``size`` bytes) at ``addr`` to the devices it
+        covers (unassigned bytes and master aborts are dropped)."""
+        for m, a, n, pos in self._pieces(addr, size):
+            if m is None:
+                self._count_unassigned(a)
+                continue
+            try:
+                m.device.write(m.offset + (a - m.base), n, (value >> (8 * pos)) & ((1 << (8 * n)) - 1))
+            except GuestMemoryError:
+                pass
+
+    def read_bytes(self, addr: int, size: int, count: int = 1) -> bytes:
+        """``count`` reads of ``size`` bytes at ``addr`` (a string ``INS``), as bytes. A device
+        with ``read_repeated(offset, size, count) -> bytes`` serves all of them in one call
+        when one range holds the whole access (fw_cfg's data port: a 4 KiB ``rep insb``)."""
+        m = self.find(addr)
+        fast = getattr(m.device, "read_repeated", None) if m is not None else None
+        if fast is not None and addr + size <= m.end and size <= m.max_access and \
+                not (addr - m.base) % size:
+            try:
+                return fast(m.offset + (addr - m.base), size, count)
+            except GuestMemoryError:
+                return b"\xff" * (size * count)
+        return b"".join(self.read(addr, size).to_bytes(size, "little") for _ in range(count))
+
+    def write_bytes(self, addr: int, size: int, data: bytes) -> None:
+        """Writes of ``size`` bytes at ``addr``, one per ``size``-byte piece of ``data`` (a
+        string ``OUTS``)."""
+        for i in range(0, len(data) - size + 1, size):
+            self.write(addr, size, int.from_bytes(data[i:i + size], "little"))
