@@ -456,6 +456,12 @@ def _output_failure() -> int:
     return _cliutil.output_failure("pykvm", EXIT_VMM)
 
 
+def _python_loop():
+    """The reference Python run loop (``--python-loop``), loaded only when asked for."""
+    from .runloop import PyRunLoop
+    return PyRunLoop
+
+
 def _console_stream():
     """on_console for `pykvm run`: write to stdout; if stdout fails (a reader that went away,
     a full disk), remember why, stop the machine and drop further output."""
@@ -513,7 +519,7 @@ def cmd_run(args) -> int:
     try:
         m = Machine(guest, mem_size=args.mem, vcpus=args.vcpus, cmdline=args.cmdline,
                     initrd=args.initrd,
-                    on_console=stream, native=not args.python_loop, **opts)
+                    on_console=stream, loop=_python_loop() if args.python_loop else None, **opts)
     except Exception as e:
         host = _host_failure(e)             # the host ran out of fds, memory or threads
         if host is not None:

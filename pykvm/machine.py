@@ -20,7 +20,7 @@ from .errors import (Busy, Closed, GuestError, GuestMemoryError, GuestRamUnbacke
 from .exits import Exit
 from .kvm import Kvm
 from .report import GuestAssertion, Report
-from .runloop import make_loop
+from .runloop import RunLoop
 from .status import debug_exit_status  # noqa: F401  (re-exported for callers)
 
 
@@ -135,7 +135,10 @@ class Machine:
     (older bytes are counted in ``console_dropped``; ``on_console`` still sees everything).
     ``report_limit``: guest reports kept in :attr:`reports` (more are counted in
     ``reports_dropped``). ``initrd``: paths of files to hand the guest (QEMU's ``-initrd``: on
-    x86 multiboot each is a module; on RISC-V the one file is the initrd).
+    x86 multiboot each is a module; on RISC-V the one file is the initrd). ``loop``: the run-loop
+    class for each vCPU, called as ``loop(vcpu, config=, on_console=)``
+    (:class:`~pykvm.runloop.RunLoop`, the C loop, by default; the reference Python loop of
+    :mod:`pykvm.testing` serves differential tests).
 
     Raises :class:`ValueError` for bad arguments — among them options the machine cannot
     honour, refused before any VM is created and naming the limit (more vCPUs than KVM allows,
@@ -148,7 +151,7 @@ class Machine:
     :class:`~pykvm.errors.Closed`."""
 
     def __init__(self, guest: Union[str, bytes, None] = None, *, mem_size: int = 64 << 20,
-                 vcpus: int = 1, cmdline: str = "", native: bool = True, kvm: Optional[Kvm] = None,
+                 vcpus: int = 1, cmdline: str = "", loop: Optional[Callable] = None, kvm: Optional[Kvm] = None,
                  on_console: Optional[Callable[[bytes], None]] = None,
                  flat_addr: Optional[int] = None, flat_mode: str = "real",
                  console_limit: int = 1 << 20, report_limit: int = 4096,
@@ -193,7 +196,8 @@ class Machine:
             self.vcpus = [self.vm.create_vcpu(i) for i in range(vcpus)]
             for i, v in enumerate(self.vcpus):
                 self.platform.setup_vcpu(v, i)
-            self.loops = [make_loop(v, native=native, config=self.platform.loop_config(),
+            loop_class = loop or RunLoop
+            self.loops = [loop_class(v, config=self.platform.loop_config(),
                                     on_console=self._console_out) for v in self.vcpus]
         except BaseException as e:
             self.close()
