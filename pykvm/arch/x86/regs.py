@@ -4,7 +4,7 @@ entries as returned by ``Kvm.supported_cpuid()`` / accepted by ``Vcpu.set_cpuid(
     from pykvm.arch.x86.regs import msr_reg_id
     vcpu.get_one_reg(msr_reg_id(0xC0000081))     # MSR STAR
 """
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 from ... import abi
 
@@ -44,3 +44,18 @@ def cpuid_lookup(entries: Iterable[CpuidEntry], function: int, index: int = 0) -
         if e.function == function and (e.index == index or not e.flags & 1):
             return e
     return None
+
+
+def cpuid_for_vcpu(entries: Iterable, index: int) -> List[CpuidEntry]:
+    """``entries`` (as from ``Kvm.supported_cpuid()``) with vCPU ``index``'s APIC id patched in,
+    as a firmware gives each CPU its own: leaf 1 EBX[31:24] (the initial xAPIC id, its low 8
+    bits) and leaves 0xB and 0x1F EDX (the x2APIC id, whole). Intel SDM vol. 2A, CPUID."""
+    out = []
+    for e in entries:
+        e = CpuidEntry(*e)
+        if e.function == 1:
+            e = e._replace_ebx((e.ebx & 0x00FFFFFF) | ((index & 0xFF) << 24))
+        elif e.function in (0xB, 0x1F):
+            e = CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, index)
+        out.append(e)
+    return out
