@@ -150,8 +150,3 @@ def available(arch: Optional[str] = None) -> List[str]:
 
 
 DEFAULT_GUEST = "hello"
-
-
-def default_path() -> Optional[str]:
-    """The image of the default guest (``hello``), what ``pykvm run`` boots without a GUEST."""
-    return path(DEFAULT_GUEST)

@@ -40,7 +40,6 @@ VMM_ERROR = 8
 TIMEOUT = 124
 SIGINT = 130
 SIGPIPE = 141
-SIGTERM = 143
 
 
 def debug_exit_status(value: int) -> int:

@@ -266,13 +266,5 @@ def build_tables(base: int, vcpus: int, *, iommu: int = 0) -> AcpiTables:
     return AcpiTables(base, bytes(blob), addr)
 
 
-def parse_table(data: bytes) -> dict:
-    """Header fields of a table (for tests and debugging)."""
-    sig, length, rev, csum, oem, oemtab, oemrev, creator, crev = struct.unpack_from(
-        "<4sIBB6s8sI4sI", data)
-    return {"signature": sig, "length": length, "revision": rev, "checksum": csum,
-            "oem_id": oem, "oem_table_id": oemtab}
-
-
 __all__ = ["build_tables", "AcpiTables", "rsdp", "rsdt", "xsdt", "fadt", "facs", "dsdt", "madt",
            "checksum", "table"]
