@@ -1,6 +1,7 @@
 """Build hooks.
 
-* cffi compiles the C helper (csrc/) into pykvm._native.
+* cffi compiles the C run loop (csrc/) into pykvm._native and the raw-C contender of
+  ``pykvm bench`` (csrc/rawbench.c) into pykvm._rawbench, a module of its own.
 * build_py builds the built-in guests from guests/ with the host toolchain
   (``make -C guests``) into ``pykvm/guests_bin/<x86|riscv>/`` and copies the guest runtime
   (header, start-up code, helpers, linker scripts) into ``pykvm/guest_runtime/``, so a wheel, and
@@ -90,4 +91,5 @@ class build_py(_build_py):
         _say(f"{n} built-in guest images in {dst}")
 
 
-setup(cffi_modules=["csrc/build_native.py:ffibuilder"], cmdclass={"build_py": build_py})
+setup(cffi_modules=["csrc/build_native.py:ffibuilder", "csrc/build_rawbench.py:ffibuilder"],
+      cmdclass={"build_py": build_py})

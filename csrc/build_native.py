@@ -1,5 +1,5 @@
-"""cffi (API mode, out of line) builder for ``pykvm._native``: the KVM ABI, the ioctl wrapper, the C
-run loop and the raw-C benchmark contenders.
+"""cffi (API mode, out of line) builder for ``pykvm._native``: the KVM ABI, the ioctl wrapper and
+the C run loop (the raw-C benchmark contender is pykvm._rawbench, csrc/build_rawbench.py).
 
 The module carries the *compiled* KVM ABI: our own struct declarations (``pykvm/abi/common.py``
 and ``pykvm/abi/<arch>.py``, the same text ``pykvm.abi`` describes) are given to cffi's cdef *and*
@@ -126,8 +126,7 @@ def make_builder(arch: str, _Builder=_Builder) -> cffi.FFI:
     b.set_source(
         "pykvm._native",
         _source(arch),
-        sources=[os.path.relpath(os.path.join(HERE, "runloop.c")),
-                 os.path.relpath(os.path.join(HERE, "rawbench.c"))],
+        sources=[os.path.relpath(os.path.join(HERE, "runloop.c"))],
         include_dirs=[os.path.relpath(HERE)],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         libraries=["rt", "pthread"],

@@ -26,13 +26,6 @@
 #define PYKVM_CB_STOP_EXIT 1
 #define PYKVM_CB_STOP 2
 
-/* The raw-C benchmark contenders (rawbench.c): which exit each guest loop makes. */
-#define PYKVM_RAW_IO_OUT 1
-#define PYKVM_RAW_IO_IN 2
-#define PYKVM_RAW_MMIO_WRITE 3
-#define PYKVM_RAW_MMIO_READ 4
-#define PYKVM_RAW_HLT 5
-
 #define PYKVM_MAX_EXIT_REASON 64
 #define PYKVM_MAX_RAM 4
 
@@ -146,15 +139,5 @@ uint32_t pykvm_uart_take(struct pykvm_loop *l, uint8_t *dst, uint32_t cap);
  * loop `loop_id` with the GIL held (info, a, b: the exit's fields, see py_exit() in runloop.c);
  * returns a PYKVM_CB_* value. */
 int pykvm_py_exit(uint32_t loop_id, uint32_t reason, uint32_t info, uint64_t a, uint64_t b);
-
-/* rawbench.c */
-int pykvm_raw_exit_loop(const char *dev, int kind, uint64_t n, const uint8_t *code,
-                        uint32_t code_len, uint64_t ram_size, int64_t *out);
-int pykvm_raw_lifecycle(const char *dev, uint32_t count, const uint8_t *code,
-                        uint32_t code_len, uint64_t ram_size, int64_t *out);
-void *pykvm_raw_vms_create(const char *dev, uint32_t count, uint64_t ram_size,
-                           const uint8_t *image, const uint8_t *pages);
-void pykvm_raw_vms_destroy(void *handle, uint32_t count);
-int pykvm_resident_pages(uint64_t addr, uint64_t size, uint8_t *bitmap);
 
 #endif

@@ -1,8 +1,9 @@
 /*
  * The raw-C contender of `pykvm bench`: what a hand-written C VMM does with bare ioctls on the
  * kernel's own <linux/kvm.h>, using nothing of pykvm (not its ABI, ioctl wrapper or run loop).
- * Compiled into pykvm._native only so that the benchmark can call it in the same process,
- * alternating with pykvm's contenders.
+ * Built as its own extension, pykvm._rawbench (csrc/build_rawbench.py), so that the benchmark
+ * can call it in the same process, alternating with pykvm's contenders; pykvm._native (the run
+ * loop) holds none of it.
  *
  * Guests are real-mode code at 0x1000 (CS = 0), RAM from GPA 0. The timed functions store
  * out[0] = wall-clock nanoseconds (CLOCK_MONOTONIC), out[1] = this thread's CPU nanoseconds
@@ -21,7 +22,7 @@
 #include <unistd.h>
 #include <linux/kvm.h>
 
-#include "pykvm_native.h"
+#include "rawbench.h"
 
 #define CODE_GPA 0x1000
 

@@ -8,10 +8,10 @@ min–max, and each ratio is the median of the per-round ratios (min–max of th
 * **exit cost** (µs per exit) for I/O out, I/O in, MMIO write, MMIO read and HLT. The guest is
   the same real-mode code for everybody: 1000 copies of one instruction (``out 0x80, al``,
   ``in al, 0x80``, ``mov [0xf0000], al``, ``mov al, [0xf0000]``, ``hlt``) in a loop. Contenders:
-  ``raw`` — a C loop of bare ioctls on the kernel's own <linux/kvm.h> (csrc/rawbench.c, no
-  pykvm); ``c_loop`` — pykvm's run loop serving the exit in C (port 0x80 as a console port, the
-  MMIO address as an ns16550a, HLT resumed); ``python`` — a Python handler
-  (:meth:`pykvm.runloop.RunLoop.on`) serving every exit; ``machine`` — the same through
+  ``raw`` — a C loop of bare ioctls on the kernel's own <linux/kvm.h> (csrc/rawbench.c, the
+  module pykvm._rawbench; no pykvm); ``c_loop`` — pykvm's run loop serving the exit in C (port
+  0x80 as a console port, the MMIO address as an ns16550a, HLT resumed); ``python`` — a Python
+  handler (:meth:`pykvm.runloop.RunLoop.on`) serving every exit; ``machine`` — the same through
   :meth:`pykvm.machine.Machine.on` (I/O out). Costs are the calling thread's CPU time per exit
   (what the exit costs, whatever else runs on the machine); wall-clock figures are given beside.
 * **VM lifecycle**: create a VM, one 512 KiB slot, one vCPU, run it to HLT, destroy it: raw C vs
@@ -43,11 +43,13 @@ import tempfile
 import threading
 import time
 
-from . import _native
+from . import _rawbench
 from .abi import ffi
 
 KINDS = ("io_out", "io_in", "mmio_write", "mmio_read", "hlt")
-_RAW_KIND = {"io_out": 1, "io_in": 2, "mmio_write": 3, "mmio_read": 4, "hlt": 5}
+_RAW_KIND = {"io_out": _rawbench.lib.PYKVM_RAW_IO_OUT, "io_in": _rawbench.lib.PYKVM_RAW_IO_IN,
+             "mmio_write": _rawbench.lib.PYKVM_RAW_MMIO_WRITE,
+             "mmio_read": _rawbench.lib.PYKVM_RAW_MMIO_READ, "hlt": _rawbench.lib.PYKVM_RAW_HLT}
 _INSN = {"io_out": "E680", "io_in": "E480", "mmio_write": "8807", "mmio_read": "8A07",
          "hlt": "F4"}
 _REASON = {"io_out": "IO", "io_in": "IO", "mmio_write": "MMIO", "mmio_read": "MMIO",
@@ -161,9 +163,9 @@ def _real_mode_vcpu(kvm, code: bytes, ram: int = RAM):
 # -- exit cost -------------------------------------------------------------------------------
 def _exit_raw(kvm, kind, n):
     code = guest_code(kind)
-    out = ffi.new("int64_t[3]")
-    r = _native.lib.pykvm_raw_exit_loop(_device().encode(), _RAW_KIND[kind], n, code,
-                                        len(code), RAM, out)
+    out = _rawbench.ffi.new("int64_t[3]")
+    r = _rawbench.lib.pykvm_raw_exit_loop(_device().encode(), _RAW_KIND[kind], n, code,
+                                          len(code), RAM, out)
     if r < 0:
         raise RuntimeError(f"raw C {kind} loop failed: {os.strerror(-r)} (exit {out[2]})")
     return out[1] / n / 1e3, out[0] / n / 1e3
@@ -260,8 +262,8 @@ def exit_cost(kvm, rounds: int, n: int) -> dict:
 # -- lifecycle -------------------------------------------------------------------------------
 def _life_raw(kvm, count):
     code = b"\xF4"
-    out = ffi.new("int64_t[3]")
-    r = _native.lib.pykvm_raw_lifecycle(_device().encode(), count, code, len(code), RAM, out)
+    out = _rawbench.ffi.new("int64_t[3]")
+    r = _rawbench.lib.pykvm_raw_lifecycle(_device().encode(), count, code, len(code), RAM, out)
     if r < 0:
         raise RuntimeError(f"raw C lifecycle failed: {os.strerror(-r)}")
     return out[1] / count / 1e3, out[0] / count / 1e3
@@ -308,8 +310,8 @@ def _resident_image(kvm, image_path):
     with Machine(image_path, mem_size=MEM_RAM, kvm=kvm) as m:
         slot = next(s for s in m.vm.memory if s.gpa == 0)
         size = min(slot.size, MEM_RAM)
-        bitmap = ffi.new("uint8_t[]", (size // 4096 + 7) // 8)
-        r = _native.lib.pykvm_resident_pages(slot.host_addr, size, bitmap)
+        bitmap = _rawbench.ffi.new("uint8_t[]", (size // 4096 + 7) // 8)
+        r = _rawbench.lib.pykvm_resident_pages(slot.host_addr, size, bitmap)
         if r < 0:
             raise RuntimeError(f"mincore: {os.strerror(-r)}")
         pages = [i for i in range(size // 4096) if bitmap[i // 8] & (1 << (i % 8))]
@@ -323,10 +325,10 @@ def _memory_makers(kvm, image_path, bitmap, data):
     page_list = [i for i in range(MEM_RAM // 4096) if bitmap[i // 8] & (1 << (i % 8))]
 
     def raw(count):
-        h = _native.lib.pykvm_raw_vms_create(_device().encode(), count, MEM_RAM, data, bitmap)
-        if h == ffi.NULL:
+        h = _rawbench.lib.pykvm_raw_vms_create(_device().encode(), count, MEM_RAM, data, bitmap)
+        if h == _rawbench.ffi.NULL:
             raise RuntimeError("raw C VMs could not be created")
-        return lambda: _native.lib.pykvm_raw_vms_destroy(h, count)
+        return lambda: _rawbench.lib.pykvm_raw_vms_destroy(h, count)
 
     def vm_api(count):
         vms = []

@@ -1,11 +1,16 @@
 """QEMU's ``edu`` educational PCI device (QEMU docs/specs/edu.rst), which kvm-unit-tests drives
 to test DMA remapping and interrupt remapping through an IOMMU.
 
-PCI 1234:11e8, class 00ff00, revision 0x10, one 1 MiB memory BAR, INTA#, an MSI capability.
-Registers in BAR 0, as QEMU's hw/misc/edu.c serves them: only naturally aligned 4-byte accesses
-below 0x80 and 4- or 8-byte ones from 0x80 on; any other size or alignment reads 0 (QEMU's
-unassigned read) and a write is ignored; an 8-byte read below 0x80 and a read at an offset
-without a register read all-ones.
+PCI 1234:11e8, class 00ff00, revision 0x10, one 1 MiB 32-bit memory BAR, INTA#, an MSI
+capability. Registers in BAR 0, served through the device protocol of :mod:`pykvm.devices.bus`
+(``read(offset, size)``/``write(offset, size, value)``, ``offset`` from BAR 0's base) as QEMU's
+hw/misc/edu.c serves them (``edu_mmio_ops``: ``.valid``/``.impl`` 4..8 bytes, so the bus range
+takes accesses of up to 8 bytes): only naturally aligned 4-byte accesses below 0x80 and 4- or
+8-byte ones from 0x80 on; any other size or alignment reads 0 (QEMU's unassigned read) and a
+write is ignored; an 8-byte read below 0x80 and a read at an offset without a register read
+all-ones. The bus, as QEMU's memory core, first cuts a guest access into naturally aligned
+pieces of at most 8 bytes: an 8-byte access at 0x84 is a 4-byte one at 0x84 (no register) and
+one at 0x88 (the low half of the DMA destination), as in QEMU.
 
 =====  ==  ==========================================================================
 0x00   RO  identification 0x010000ed (version 1.0)
@@ -57,9 +62,30 @@ IRQ_DMA = 0x100
 
 
 class Edu:
-    """The device. ``memory``: guest memory (read/write by guest-physical address);
-    ``translate(requester_id, address, write)``: device address -> guest-physical (default:
-    identity); ``msi(address, data)`` and ``set_intx(level)`` deliver its interrupts."""
+    """The device. ``bdf``: its PCI requester id (bus << 8 | device << 3 | function); ``bar``:
+    the guest-physical address firmware leaves BAR 0 at; ``intx_line``: the interrupt line
+    register's value; ``memory``: guest memory (``read(gpa, n)``/``write(gpa, data)`` by
+    guest-physical address, :class:`~pykvm.errors.GuestMemoryError` where there is no RAM);
+    ``translate(requester_id, address, write)``: device address -> guest-physical (the IOMMU;
+    default: identity), raising :class:`~pykvm.devices.vtd.DmaFault` for a blocked request;
+    ``msi(requester_id, address, data)`` and ``set_intx(level)`` deliver its interrupts.
+
+    Its register window moves: the guest reprograms BAR 0 and the command register through PCI
+    configuration space (``self.pci``). :meth:`bar0_window` says where the window decodes now
+    (None: nowhere). The platform maps it on its MMIO bus and, after every configuration write
+    (``pci.on_write``, which must also call :meth:`config_changed`), maps it again::
+
+        mmio.remove(edu)
+        base = edu.bar0_window()
+        if base is not None:
+            mmio.insert(base, Edu.MMIO_SIZE, edu, max_access=Edu.MMIO_MAX_ACCESS)
+
+    A guest may program BAR 0 over another device's range; ``insert`` then raises
+    :class:`~pykvm.devices.bus.BusConflict`, which the platform must catch (the window then
+    decodes nowhere) so that no guest write ends the VM."""
+
+    MMIO_SIZE = BAR_SIZE                   # bytes in BAR 0's window
+    MMIO_MAX_ACCESS = 8                    # QEMU's edu_mmio_ops .valid.max_access_size
 
     def __init__(self, *, bdf: int, bar: int, intx_line: int, memory,
                  msi: Callable[[int, int, int], None], set_intx: Callable[[int], None],
@@ -85,10 +111,20 @@ class Edu:
         self._lock = threading.RLock()
         self.dma_errors = 0
 
-    def decodes(self, addr: int) -> bool:
-        """Whether guest-physical ``addr`` falls in BAR 0 (with memory decoding on)."""
-        base = self.pci.bar_address(0)
-        return self.pci.memory_enabled and base <= addr < base + BAR_SIZE
+    def bar0_window(self) -> Optional[int]:
+        """The guest-physical base of BAR 0's :data:`MMIO_SIZE`-byte window, or None where it
+        decodes nowhere. As QEMU's ``pci_bar_address``: None while Memory Space Enable
+        (command register bit 1) is clear, while the BAR holds 0 (unprogrammed), and where the
+        window would wrap or, for a 32-bit BAR, reach 0xFFFFFFFF (software writing all-ones
+        to size the BAR)."""
+        if not self.pci.memory_enabled:
+            return None
+        base = self.pci.bar_address(0) & ~(BAR_SIZE - 1)
+        last = base + BAR_SIZE - 1
+        mem64 = self.pci.bars[0][1]
+        if base == 0 or last >= (1 << 64) - 1 or (not mem64 and last >= 0xFFFFFFFF):
+            return None
+        return base
 
     # -- interrupts ------------------------------------------------------------------------
     def _update_irq(self, raised: bool) -> None:
@@ -169,17 +205,17 @@ class Edu:
         """QEMU's edu_mmio_ops ``.valid``: 4- or 8-byte, naturally aligned."""
         return n in (4, 8) and off % n == 0
 
-    def mmio_read(self, addr: int, n: int) -> bytes:
-        """``n`` bytes read at guest-physical ``addr`` in BAR 0, as QEMU's ``edu_mmio_read``:
-        an access of another size or alignment reads 0; below 0x80 only 4-byte reads answer
-        (8-byte ones read all-ones), from 0x80 4- and 8-byte ones; an offset with no register
-        reads all-ones."""
-        off = addr - self.pci.bar_address(0)
+    def read(self, offset: int, size: int) -> int:
+        """The ``size``-byte little-endian value read at ``offset`` bytes into BAR 0, as QEMU's
+        ``edu_mmio_read``: an access of another size or alignment reads 0; below 0x80 only
+        4-byte reads answer (8-byte ones read all-ones), from 0x80 4- and 8-byte ones; an
+        offset with no register reads all-ones."""
+        off, n = offset, size
         if not self._valid(off, n):
-            return bytes(max(n, 0))
+            return 0
         with self._lock:
             if off < 0x80 and n != 4:
-                return b"\xff" * n
+                return (1 << (8 * n)) - 1
             regs = {REG_ID: ID, REG_ALIVE: ~self.alive & 0xFFFFFFFF,
                     REG_FACTORIAL: self.factorial, REG_STATUS: self.status,
                     REG_INTR_STATUS: self.intr_status, REG_DMA_SRC: self.dma_src,
@@ -187,18 +223,18 @@ class Edu:
                     REG_DMA_CMD: self.dma_cmd}
             value = regs.get(off)
             if value is None:
-                return b"\xff" * n
-            return (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+                return (1 << (8 * n)) - 1
+            return value & ((1 << (8 * n)) - 1)
 
-    def mmio_write(self, addr: int, data: bytes) -> None:
-        """A write of ``data`` at guest-physical ``addr`` in BAR 0, as QEMU's
-        ``edu_mmio_write``: ignored unless a naturally aligned 4-byte access (4 or 8 from 0x80
-        on); read-only and unknown offsets ignore it; the command register takes a value only
-        with the start bit."""
-        off = addr - self.pci.bar_address(0)
-        if not self._valid(off, len(data)) or (off < 0x80 and len(data) != 4):
+    def write(self, offset: int, size: int, value: int) -> None:
+        """A write of ``value`` (``size`` bytes, little-endian) at ``offset`` bytes into BAR 0,
+        as QEMU's ``edu_mmio_write``: ignored unless a naturally aligned 4-byte access (4 or 8
+        from 0x80 on); read-only and unknown offsets ignore it; the command register takes a
+        value only with the start bit."""
+        off = offset
+        if not self._valid(off, size) or (off < 0x80 and size != 4):
             return
-        value = int.from_bytes(data, "little")
+        value &= (1 << (8 * size)) - 1
         with self._lock:
             if off == REG_ALIVE:
                 self.alive = value & 0xFFFFFFFF

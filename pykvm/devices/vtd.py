@@ -3,11 +3,17 @@ specification, "VT-d spec" below) at 0xFED90000, where QEMU's q35 puts it: DMA r
 second-level page tables, interrupt remapping of MSIs, queued invalidation, and fault reporting
 through fault recording registers and the fault event interrupt.
 
-Registers (one 4 KiB page; VT-d spec chapter 11). As QEMU's ``intel_iommu`` (``vtd_mem_ops``:
-``.valid``/``.impl`` 4..8 bytes, aligned), only naturally aligned 4- and 8-byte accesses reach
-them; any other size or alignment reads 0 and a write is ignored. An 8-byte access at a 32-bit
-register covers it and the next one. Every register keeps its read-only, reserved (read 0) and
-write-1-to-clear bits for every access, and GSTS changes only through GCMD.
+Registers (one 4 KiB page; VT-d spec chapter 11), served through the device protocol of
+:mod:`pykvm.devices.bus` (``read(offset, size)``/``write(offset, size, value)``, ``offset`` from
+:data:`BASE`; the range is :attr:`Vtd.MMIO_RANGES`, accesses of up to 8 bytes). As QEMU's
+``intel_iommu`` (``vtd_mem_ops``: ``.valid``/``.impl`` 4..8 bytes, aligned), only naturally
+aligned 4- and 8-byte accesses reach them; any other size reads 0 and a write is ignored. The
+bus, as QEMU's memory core, first cuts a guest access into naturally aligned pieces of at most
+8 bytes (an 8-byte access at a 4-aligned address becomes two 4-byte ones, a 4-byte access at an
+odd address 1- and 2-byte ones, which read 0); the device refuses a misaligned piece all the
+same when called directly. An 8-byte access at a 32-bit register covers it and the next one.
+Every register keeps its read-only, reserved (read 0) and write-1-to-clear bits for every
+access, and GSTS changes only through GCMD.
 
 ======  ==  ========================================================================
 0x00    RO  VER 1.0
@@ -190,7 +196,13 @@ class Vtd:
     follow in scheduled steps of at most :data:`IQ_BATCH`, one per :data:`IQ_STEP_NS`;
     translation and interrupt remapping read a fixed number of table entries. Counters:
     ``iq_fetched`` descriptors consumed, ``iq_sync_max`` the most consumed by one register
-    write, ``iq_deferred_steps`` scheduled steps run."""
+    write, ``iq_deferred_steps`` scheduled steps run.
+
+    On a bus: :attr:`MMIO_RANGES` (``(base, size, offset, max_access)``: the 4 KiB page at
+    :data:`BASE`, offsets from 0, accesses of up to 8 bytes as QEMU's ``valid.max_access_size``)
+    for ``Bus.attach``; the range never moves."""
+
+    MMIO_RANGES = ((BASE, SIZE, 0, 8),)
 
     def __init__(self, memory, signal_msi: Callable[[int, int], None],
                  defer: Optional[Callable[[int, Callable[[], None]], None]] = None):
@@ -272,25 +284,27 @@ class Vtd:
     # -- registers ---------------------------------------------------------------------------
     @staticmethod
     def _valid(off: int, n: int) -> bool:
-        """QEMU's vtd_mem_ops: 4- or 8-byte, naturally aligned, inside the page."""
+        """QEMU's vtd_mem_ops ``.valid``: 4- or 8-byte, naturally aligned, inside the page."""
         return n in (4, 8) and off % n == 0 and 0 <= off <= SIZE - n
 
-    def mmio_read(self, addr: int, n: int) -> bytes:
-        """``n`` bytes read at guest-physical ``addr`` in the register page (zeros for an access
-        of another size or alignment)."""
-        off = addr - BASE
-        if not self._valid(off, n):
-            return bytes(max(n, 0))
+    def read(self, offset: int, size: int) -> int:
+        """The ``size``-byte little-endian value read at ``offset`` bytes into the register page
+        (:class:`~pykvm.devices.bus.Device`); 0 for an access of another size or alignment, or
+        one not inside the page (QEMU's unassigned read for an invalid access)."""
+        if not self._valid(offset, size):
+            return 0
         with self._lock:
-            return bytes(self.regs[off:off + n])
+            return self._r(offset, size)
 
-    def mmio_write(self, addr: int, data: bytes) -> None:
-        """A write of ``data`` at guest-physical ``addr`` in the register page (ignored unless a
-        naturally aligned 4- or 8-byte access)."""
-        off, n = addr - BASE, len(data)
-        if not self._valid(off, n):
+    def write(self, offset: int, size: int, value: int) -> None:
+        """A write of ``value`` (``size`` bytes, little-endian) at ``offset`` bytes into the
+        register page (:class:`~pykvm.devices.bus.Device`): ignored unless a naturally aligned
+        4- or 8-byte access inside the page; only writable bits change, write-1-to-clear bits
+        clear, and the register's side effects follow (module docstring)."""
+        if not self._valid(offset, size):
             return
-        value = int.from_bytes(data, "little")
+        off, n = offset, size
+        value &= (1 << (8 * n)) - 1
         with self._lock:
             old = self._r(off, n)
             wm = int.from_bytes(_WMASK[off:off + n], "little")

@@ -109,15 +109,14 @@ def test_guest_code_is_one_instruction_unrolled():
 @pytest.mark.requires_kvm
 def test_raw_contender_refuses_the_wrong_exit(kvm):
     """The raw-C loop checks every exit it serves (an out guest is not counted as HLTs)."""
-    from pykvm import _native
-    from pykvm.abi import ffi
+    from pykvm import _rawbench
     code = bench.guest_code("io_out")
-    out = ffi.new("int64_t[3]")
-    r = _native.lib.pykvm_raw_exit_loop(b"/dev/kvm", bench._RAW_KIND["hlt"], 10, code,
-                                        len(code), bench.RAM, out)
+    out = _rawbench.ffi.new("int64_t[3]")
+    r = _rawbench.lib.pykvm_raw_exit_loop(b"/dev/kvm", bench._RAW_KIND["hlt"], 10, code,
+                                          len(code), bench.RAM, out)
     assert r < 0 and out[2] == 2                   # -EPROTO on KVM_EXIT_IO (2)
-    r = _native.lib.pykvm_raw_exit_loop(b"/dev/kvm", bench._RAW_KIND["io_out"], 10, code,
-                                        len(code), bench.RAM, out)
+    r = _rawbench.lib.pykvm_raw_exit_loop(b"/dev/kvm", bench._RAW_KIND["io_out"], 10, code,
+                                          len(code), bench.RAM, out)
     assert r == 0 and out[2] == 10 * (0x78 + 0x80) and out[0] > 0 and out[1] > 0
 
 
