@@ -9,6 +9,7 @@ import pytest
 from pykvm.platform import acpi
 from pykvm.arch.x86 import layout
 from pykvm.devices import acpi_pm as pm, cmos_rtc as rtc
+from pykvm.devices.bus import MMIO_LIMIT, Bus
 from pykvm.devices.edu import Edu
 from pykvm.devices.fw_cfg import FwCfg
 from pykvm.boot.x86_images import _Space
@@ -207,6 +208,19 @@ def test_boot_structure_placement_skips_what_is_taken():
     assert all(s.free(r) for r in layout.BootLayout(base).ranges("protected", 1, 64 << 20))
 
 
+def mmio(dev):
+    """An MMIO bus holding ``dev`` where it decodes now: its ``MMIO_RANGES`` (the VT-d page) or
+    edu's BAR 0 window, as the platform maps them."""
+    bus = Bus("mmio", MMIO_LIMIT)
+    if isinstance(dev, Edu):
+        if dev.bar0_window() is not None:
+            bus.insert(dev.bar0_window(), Edu.MMIO_SIZE, dev, max_access=Edu.MMIO_MAX_ACCESS)
+    else:
+        for base, size, offset, max_access in dev.MMIO_RANGES:
+            bus.insert(base, size, dev, offset=offset, max_access=max_access)
+    return bus
+
+
 def vtd_with_tables(ram, *, devfn=0x18, iova=0x200000, page=0x9000):
     v = Vtd(ram, signal_msi=lambda a, d: None)
     root, ctx, l3, l2, l1 = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000
@@ -215,22 +229,22 @@ def vtd_with_tables(ram, *, devfn=0x18, iova=0x200000, page=0x9000):
     ram.write(l3, struct.pack("<Q", l2 | 3))
     ram.write(l2 + 8 * (iova >> 21), struct.pack("<Q", l1 | 3))
     ram.write(l1, struct.pack("<Q", page | 1))          # read-only
-    v.mmio_write(VTD + 0x20, struct.pack("<Q", root))
-    v.mmio_write(VTD + 0x18, struct.pack("<I", 1 << 30))
-    v.mmio_write(VTD + 0x18, struct.pack("<I", (1 << 30) | (1 << 31)))
+    mmio(v).write(VTD + 0x20, 8, root)
+    mmio(v).write(VTD + 0x18, 4, 1 << 30)
+    mmio(v).write(VTD + 0x18, 4, (1 << 30) | (1 << 31))
     return v
 
 
 def test_vtd_translation_permissions_and_faults():
     ram = Ram()
     v = vtd_with_tables(ram)
-    assert v.mmio_read(VTD + 0x1C, 4) == struct.pack("<I", (1 << 31) | (1 << 30))
+    assert mmio(v).read(VTD + 0x1C, 4) == (1 << 31) | (1 << 30)
     assert v.translate(0x18, 0x200123, False) == 0x9123
     with pytest.raises(DmaFault):
         v.translate(0x18, 0x200123, True)             # no write permission
     with pytest.raises(DmaFault):
         v.translate(0x20, 0x200000, False)            # no context entry
-    assert v.faults == 2 and v.mmio_read(VTD + 0x34, 4)[0] & 2
+    assert v.faults == 2 and mmio(v).read(VTD + 0x34, 4) & 2
 
 
 def test_vtd_interrupt_remapping_and_queue():
@@ -239,19 +253,19 @@ def test_vtd_interrupt_remapping_and_queue():
     v = Vtd(ram, signal_msi=lambda a, d: sent.append((a, d)))
     v.deliver_msi(0xFEE00000, 0x41)                    # IR off: unchanged
     ram.write(0x6000 + 16 * 7, struct.pack("<QQ", 1 | (0x55 << 16) | (2 << 40), 0))
-    v.mmio_write(VTD + 0xB8, struct.pack("<Q", 0x6000 | 3))
-    v.mmio_write(VTD + 0x18, struct.pack("<I", (1 << 24)))
-    v.mmio_write(VTD + 0x18, struct.pack("<I", (1 << 25)))
+    mmio(v).write(VTD + 0xB8, 8, 0x6000 | 3)
+    mmio(v).write(VTD + 0x18, 4, (1 << 24))
+    mmio(v).write(VTD + 0x18, 4, (1 << 25))
     v.deliver_msi(0xFEE00000 | 1 << 4 | 7 << 5, 0)     # remappable, handle 7
     v.deliver_msi(0xFEE00000 | 1 << 4 | 8 << 5, 0)     # handle 8: not present, blocked
     assert sent == [(0xFEE00000, 0x41), (0xFEE02000, 0x55)]
     # queued invalidation: a wait descriptor writes its status word
-    v.mmio_write(VTD + 0x90, struct.pack("<Q", 0x7000))
-    v.mmio_write(VTD + 0x18, struct.pack("<I", (1 << 26) | (1 << 25)))
+    mmio(v).write(VTD + 0x90, 8, 0x7000)
+    mmio(v).write(VTD + 0x18, 4, (1 << 26) | (1 << 25))
     ram.write(0x7000, struct.pack("<QQ", 5 | 1 << 5 | 0xABCD << 32, 0x8000))
-    v.mmio_write(VTD + 0x88, struct.pack("<Q", 16))
+    mmio(v).write(VTD + 0x88, 8, 16)
     assert ram.read(0x8000, 4) == struct.pack("<I", 0xABCD)
-    assert struct.unpack("<Q", v.mmio_read(VTD + 0x80, 8))[0] == 16
+    assert mmio(v).read(VTD + 0x80, 8) == 16
 
 
 def test_edu_registers_dma_and_interrupts():
@@ -260,8 +274,8 @@ def test_edu_registers_dma_and_interrupts():
     e = Edu(bdf=0x18, bar=0xFEA00000, intx_line=11, memory=ram,
             msi=lambda s, a, d: msis.append((a, d)), set_intx=intx.append)
     e.pci.write(0x04, 2, 0x06)                          # memory, bus master (as QEMU, DMA needs it)
-    w = lambda off, v, n=4: e.mmio_write(0xFEA00000 + off, v.to_bytes(n, "little"))  # noqa: E731
-    r = lambda off, n=4: int.from_bytes(e.mmio_read(0xFEA00000 + off, n), "little")  # noqa: E731
+    w = lambda off, v, n=4: mmio(e).write(0xFEA00000 + off, n, v)  # noqa: E731
+    r = lambda off, n=4: mmio(e).read(0xFEA00000 + off, n)  # noqa: E731
     assert r(0) == 0x010000ED
     w(4, 5)
     assert r(4) == 0xFFFFFFFA

@@ -14,6 +14,7 @@ import struct
 from hypothesis import given, settings, strategies as st
 
 from pykvm.devices import vtd as V
+from pykvm.devices.bus import MMIO_LIMIT, Bus
 from pykvm.devices.edu import DMA_START, Edu
 from pykvm.errors import GuestMemoryError
 
@@ -61,20 +62,33 @@ class Deferred:
         self.pending.pop(0)()
 
 
+def mmio(dev):
+    """An MMIO bus holding ``dev`` where it decodes now: its ``MMIO_RANGES`` (the VT-d page) or
+    edu's BAR 0 window, as the platform maps them."""
+    bus = Bus("mmio", MMIO_LIMIT)
+    if isinstance(dev, Edu):
+        if dev.bar0_window() is not None:
+            bus.insert(dev.bar0_window(), Edu.MMIO_SIZE, dev, max_access=Edu.MMIO_MAX_ACCESS)
+    else:
+        for base, size, offset, max_access in dev.MMIO_RANGES:
+            bus.insert(base, size, dev, offset=offset, max_access=max_access)
+    return bus
+
+
 def w32(v, off, val):
-    v.mmio_write(V.BASE + off, struct.pack("<I", val & 0xFFFFFFFF))
+    mmio(v).write(V.BASE + off, 4, val & 0xFFFFFFFF)
 
 
 def w64(v, off, val):
-    v.mmio_write(V.BASE + off, struct.pack("<Q", val & (1 << 64) - 1))
+    mmio(v).write(V.BASE + off, 8, val & (1 << 64) - 1)
 
 
 def r32(v, off):
-    return struct.unpack("<I", v.mmio_read(V.BASE + off, 4))[0]
+    return mmio(v).read(V.BASE + off, 4)
 
 
 def r64(v, off):
-    return struct.unpack("<Q", v.mmio_read(V.BASE + off, 8))[0]
+    return mmio(v).read(V.BASE + off, 8)
 
 
 def full_queue(defer=None):
@@ -240,8 +254,9 @@ def test_edu_dma_touches_at_most_its_buffer_whatever_the_count(src, dst, count, 
     edu = Edu(bdf=3 << 3, bar=0xFEA00000, intx_line=11, memory=mem,
               msi=lambda *a: None, set_intx=lambda level: None)
     edu.pci.config[0x04] = 0x06                     # memory decoding, bus master
+    bus = mmio(edu)
     for off, val in ((0x80, src), (0x88, dst), (0x90, count), (0x98, cmd | 1)):
-        edu.mmio_write(0xFEA00000 + off, struct.pack("<Q", val))
+        bus.write(0xFEA00000 + off, 8, val)
     assert mem.reads + mem.writes <= 2
     if cmd & 2 and DMA_START <= src and src - DMA_START + count <= 4096:
         assert mem.writes <= 2
