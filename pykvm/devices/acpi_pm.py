@@ -16,24 +16,30 @@ port        size   register
 
 Reserved bits read 0 and ignore writes; status bits are write-1-to-clear. Widths and offsets are
 as QEMU's ACPI core (hw/acpi/core.c, QEMU 7.2 as Debian ships it) takes them, each access cut by
-:mod:`.ioaccess`: the event block (0x600-0x603) and the control register (0x604-0x605) take 1-
+the port bus (:mod:`.bus`) at the three blocks :func:`pio_ranges` declares: the event block (0x600-0x603) and the control register (0x604-0x605) take 1-
 and 2-byte accesses, each served as a 16-bit access at the byte's offset (a byte read at 0x600
 or 0x602 gives the low byte of STS or EN, at 0x601 or 0x603 gives 0; a byte write at 0x600 or
 0x602 writes the byte zero-extended, so it clears EN's high byte; one at 0x601 or 0x603 does
 nothing; the control register is read and written whole at either offset); a 4-byte access is
 two 2-byte ones. The timer block (0x608-0x60b) takes any width, each part reading the timer's
-low bits; writes to it do nothing. Ports 0x606-0x607 are unassigned (all-ones).
+low bits (sampled once per piece the bus hands over); writes to it do nothing. Ports
+0x606-0x607 are unassigned (all-ones).
+
+The device's register map (the offsets the bus hands it) is the block's own: STS 0, EN 2, CNT
+4, TMR 8. The guest moves the block (PIIX4 PMBA) or turns it off (PMREGMISC): the platform
+then takes the device off the port bus and attaches it again at :func:`pio_ranges` of the new
+base.
 
 TMR_STS is set each time bit 23 of the timer changes; the SCI (IRQ 9) is asserted while any
 enabled status bit is set and SCI_EN is on. A write of SLP_EN calls ``on_sleep(slp_typ)``; the
-PC machine enters S3 (SLP_TYP 1) or powers off (SLP_TYP 0, S5). Every access costs constant
+PC machine enters S3 (SLP_TYP 1) or powers off (SLP_TYP 0, S5). Every register write calls
+``on_change()`` (the PC machine reschedules the timer interrupt while TMR_EN is set). Every access costs constant
 work (the timer is arithmetic on the clock).
 """
 import threading
 import time
 from typing import Callable, Optional
 
-from .ioaccess import pieces
 
 PM_TIMER_HZ = 3579545
 TIMER_MASK = 0xFFFFFF
@@ -60,9 +66,20 @@ SLP_TYP_MASK = 7 << SLP_TYP_SHIFT
 SLP_EN = 1 << 13
 CNT_MASK = 0x0003 | SLP_TYP_MASK      # the bits that read back (GBL_RLS, SLP_EN: write-only)
 
-# QEMU's PIIX4 PM regions: (first port, ports, largest valid access)
-_EVT, _CNT, _TMR = 0, 1, 2
-_PORTS = ((STS_PORT, 4, 2), (CNT_PORT, 2, 2), (TMR_PORT, 4, 4))
+PM_BASE = STS_PORT                    # where SeaBIOS leaves the block (PMBA = 0x600)
+# offsets in the block (the device's register map)
+STS_OFFSET, EN_OFFSET, CNT_OFFSET, TMR_OFFSET = 0, 2, 4, 8
+BLOCK_PORTS = 12                      # 0x606-0x607 inside it are unassigned
+
+
+def pio_ranges(base: int = PM_BASE):
+    """The block's port ranges with PM1a_EVT at port ``base`` (QEMU's PIIX4 PM regions): the
+    event block (4 ports, 1- and 2-byte accesses), PM1a_CNT (2 ports, 1 and 2 bytes) and PM_TMR
+    (4 ports, up to 4 bytes), as ``(base, size, offset, max_access)`` tuples for
+    :meth:`.bus.Bus.attach`. ``base`` must leave the 12 ports inside 0-0xffff (a PMBA value
+    masked with 0xFFC0 always does)."""
+    return ((base + STS_OFFSET, 4, STS_OFFSET, 2), (base + CNT_OFFSET, 2, CNT_OFFSET, 2),
+            (base + TMR_OFFSET, 4, TMR_OFFSET, 4))
 
 
 def ticks_since(t0_ns: int, now_ns: int) -> int:
@@ -74,13 +91,18 @@ def ticks_since(t0_ns: int, now_ns: int) -> int:
 class AcpiPm:
     """The PM1a event/control blocks and the PM timer. ``set_sci(level)``: drive the SCI line;
     ``on_sleep(slp_typ)``: a write of SLP_EN (called without the device lock held);
-    ``clock``: nanoseconds (time.monotonic_ns)."""
+    ``on_change()``: after every register write (without the lock; TMR_EN may have changed);
+    ``clock``: nanoseconds (time.monotonic_ns). :attr:`PIO_RANGES`: the block at 0x600."""
+
+    PIO_RANGES = pio_ranges(PM_BASE)
 
     def __init__(self, *, set_sci: Optional[Callable[[int], None]] = None,
                  on_sleep: Optional[Callable[[int], None]] = None,
+                 on_change: Optional[Callable[[], None]] = None,
                  clock: Callable[[], int] = time.monotonic_ns):
         self.set_sci = set_sci
         self.on_sleep = on_sleep
+        self.on_change = on_change
         self.clock = clock
         self._lock = threading.RLock()
         self.t0 = clock()
@@ -141,54 +163,50 @@ class AcpiPm:
         """Whether PM1 TMR_EN is set: each flip of timer bit 23 raises the SCI."""
         return bool(self.en & TMR_STS)
 
-    # -- registers ---------------------------------------------------------------------------
-    def _read16(self, region: int, off: int) -> int:
-        if region == _EVT:
-            if off == 0:
-                self._sync_timer_status()
-                return self.sts
-            return self.en if off == 2 else 0
-        return self.cnt & CNT_MASK
-
-    def read(self, port: int, size: int) -> int:
-        """An IN of ``size`` bytes (1, 2 or 4) at ``port`` (0x600-0x60b), as the module
-        docstring says."""
+    # -- the bus protocol (offsets in the block: STS 0, EN 2, CNT 4, TMR 8) ------------------
+    def read(self, offset: int, size: int) -> int:
+        """``size`` bytes read at ``offset`` of the block, as the bus cuts them (module
+        docstring): each byte offset of the event and control blocks reads the 16-bit register
+        there (STS at 0, EN at 2, 0 at 1 and 3, CNT at 4 and 5) truncated to ``size``; the
+        timer block reads the timer's low bits; any other offset reads all-ones."""
+        mask = (1 << (8 * size)) - 1
         with self._lock:
-            value = 0
-            timer = None
-            for region, off, n, pos in pieces(port, size, _PORTS):
-                mask = (1 << (8 * n)) - 1
-                if region is None:
-                    v = mask
-                elif region == _TMR:
-                    if timer is None:
-                        timer = self.timer()            # one sample per access
-                    v = timer & mask
-                else:
-                    v = self._read16(region, off) & mask
-                value |= v << (8 * pos)
-            return value
-
-    def write(self, port: int, size: int, value: int) -> None:
-        """An OUT of ``size`` bytes of ``value`` at ``port``, as the module docstring says:
-        PM1_STS bits written 1 are cleared, PM1_EN takes the value (reserved bits stay 0),
-        PM1_CNT keeps BM_RLD and SLP_TYP and sleeps on SLP_EN; the timer ignores writes."""
-        sleep = None
-        with self._lock:
-            for region, off, n, pos in pieces(port, size, _PORTS):
-                v = (value >> (8 * pos)) & ((1 << (8 * n)) - 1)   # zero-extended to 16 bits
-                if region == _EVT and off == 0:
+            if STS_OFFSET <= offset < CNT_OFFSET:
+                if offset == STS_OFFSET:
                     self._sync_timer_status()
-                    self.sts &= ~(v & STS_MASK)
-                elif region == _EVT and off == 2:
-                    self.en = v & EN_MASK
-                elif region == _CNT:
-                    self.cnt = (v & CNT_MASK) | SCI_EN
-                    if v & SLP_EN:
-                        sleep = (v & SLP_TYP_MASK) >> SLP_TYP_SHIFT
+                    v = self.sts
+                else:
+                    v = self.en if offset == EN_OFFSET else 0
+            elif CNT_OFFSET <= offset < CNT_OFFSET + 2:
+                v = self.cnt & CNT_MASK
+            elif TMR_OFFSET <= offset < TMR_OFFSET + 4:
+                v = self.timer()
+            else:
+                v = mask
+            return v & mask
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """``size`` bytes of ``value`` written at ``offset``, zero-extended to 16 bits (module
+        docstring): PM1_STS bits written 1 are cleared, PM1_EN takes the value (reserved bits
+        stay 0), PM1_CNT keeps BM_RLD and SLP_TYP and sleeps on SLP_EN (``on_sleep``); other
+        offsets, the timer included, ignore writes. Calls ``on_change`` last."""
+        sleep = None
+        v = value & ((1 << (8 * size)) - 1)
+        with self._lock:
+            if offset == STS_OFFSET:
+                self._sync_timer_status()
+                self.sts &= ~(v & STS_MASK)
+            elif offset == EN_OFFSET:
+                self.en = v & EN_MASK
+            elif CNT_OFFSET <= offset < CNT_OFFSET + 2:
+                self.cnt = (v & CNT_MASK) | SCI_EN
+                if v & SLP_EN:
+                    sleep = (v & SLP_TYP_MASK) >> SLP_TYP_SHIFT
             self._update_sci()
         if sleep is not None and self.on_sleep:
             self.on_sleep(sleep)
+        if self.on_change:
+            self.on_change()
 
     def wake(self, by_rtc: bool) -> None:
         """The machine woke from a sleep state: WAK_STS (and RTC_STS for an RTC alarm)."""

@@ -9,6 +9,11 @@ such as the i8042's ports 0x60 and 0x64, inserts each block at the offset its re
 gives it) and ``size`` is 1, 2, 4 or 8 bytes. Values are little-endian integers of ``size``
 bytes.
 
+A device class declares where it sits by default: ``PIO_RANGES`` (for the port bus) or
+``MMIO_RANGES`` (for the MMIO bus), a tuple of ``(base, size, offset, max_access)``; the platform
+registers it with one line, :meth:`Bus.attach`. A device on both buses exposes a second object
+for the other bus (pc-testdev's ``iomem``).
+
 The bus is also the memory core: it cuts a guest access into the pieces a device accepts, as
 QEMU's ``flatview_read_continue``/``memory_access_size`` (``system/physmem.c``) do. An access of
 ``size`` bytes at ``addr`` goes, piece by piece, to the range holding the piece's first byte; a
@@ -27,12 +32,16 @@ from __future__ import annotations
 import bisect
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 from ..errors import GuestMemoryError, PykvmError
 
 PIO_LIMIT = 1 << 16               # x86 I/O ports 0..0xFFFF
 MMIO_LIMIT = 1 << 64              # guest-physical addresses
+
+# where a device class says it sits (its ``PIO_RANGES`` / ``MMIO_RANGES``): (base address,
+# size in bytes or ports, offset of the block in the device's register map, max_access bytes)
+RangeSpec = Tuple[int, int, int, int]
 
 
 @runtime_checkable
@@ -86,8 +95,9 @@ class Bus:
     def __init__(self, name: str, limit: int):
         self.name = name
         self.limit = limit
-        self._starts: List[int] = []
-        self._maps: List[Mapping] = []
+        # (starts, mappings), sorted by base; replaced whole under the lock so that a reader
+        # takes one consistent pair without locking
+        self._table: Tuple[Tuple[int, ...], Tuple[Mapping, ...]] = ((), ())
         self._lock = threading.Lock()
         self.unassigned: Dict[int, int] = {}     # address -> accesses no range answered
         self._unassigned_cap = 4096              # distinct addresses counted (bounded memory)
@@ -108,35 +118,64 @@ class Bus:
             raise BusConflict(f"{self.name} bus: {m.describe()} lies outside the bus "
                               f"[0, {self.limit:#x})")
         with self._lock:
-            i = bisect.bisect_right(self._starts, base)
-            for other in self._maps[max(i - 1, 0):i + 1]:
+            starts, maps = self._table
+            i = bisect.bisect_right(starts, base)
+            for other in maps[max(i - 1, 0):i + 1]:
                 if other.base < m.end and base < other.end:
                     raise BusConflict(f"{self.name} bus: {m.describe()} overlaps "
                                       f"{other.describe()}")
-            self._starts.insert(i, base)
-            self._maps.insert(i, m)
+            self._table = (starts[:i] + (base,) + starts[i:], maps[:i] + (m,) + maps[i:])
         return m
+
+    def attach(self, device: Device, ranges: Optional[Sequence[RangeSpec]] = None) \
+            -> List[Mapping]:
+        """Insert every range of ``device``: ``ranges`` if given, else the class's declared
+        ``PIO_RANGES`` (on a bus named "pio") or ``MMIO_RANGES`` (on one named "mmio"), each a
+        ``(base, size, offset, max_access)`` tuple (see :meth:`insert`). All or nothing: if
+        one range is refused (:class:`BusConflict`, :class:`ValueError`) the ones already
+        inserted are taken off again before the error propagates. Returns the new mappings,
+        in the order given. Raises :class:`ValueError` if ``ranges`` is omitted and the
+        device declares none for this bus."""
+        if ranges is None:
+            attr = {"pio": "PIO_RANGES", "mmio": "MMIO_RANGES"}.get(self.name)
+            ranges = getattr(device, attr, None) if attr else None
+            if ranges is None:
+                raise ValueError(f"{self.name} bus: {type(device).__name__} declares no "
+                                 f"ranges for this bus")
+        done: List[Mapping] = []
+        try:
+            for base, size, offset, max_access in ranges:
+                done.append(self.insert(base, size, device, offset=offset,
+                                        max_access=max_access))
+        except BaseException:
+            self._drop(done)
+            raise
+        return done
+
+    def _drop(self, gone: Sequence[Mapping]) -> None:
+        with self._lock:
+            keep = tuple(m for m in self._table[1] if not any(m is g for g in gone))
+            self._table = (tuple(m.base for m in keep), keep)
 
     def remove(self, device: Device) -> int:
         """Take every range of ``device`` off the bus; returns how many there were."""
         with self._lock:
-            keep = [m for m in self._maps if m.device is not device]
-            gone = len(self._maps) - len(keep)
-            self._maps = keep
-            self._starts = [m.base for m in keep]
-        return gone
+            maps = self._table[1]
+            keep = tuple(m for m in maps if m.device is not device)
+            self._table = (tuple(m.base for m in keep), keep)
+        return len(maps) - len(keep)
 
     def find(self, addr: int) -> Optional[Mapping]:
         """The range holding ``addr``, or None."""
-        maps, starts = self._maps, self._starts      # replaced whole under the lock: a
-        i = bisect.bisect_right(starts, addr) - 1    # consistent pair without taking it
+        starts, maps = self._table                   # one consistent pair, without the lock
+        i = bisect.bisect_right(starts, addr) - 1
         if i >= 0 and addr < maps[i].end:
             return maps[i]
         return None
 
     def mappings(self) -> Tuple[Mapping, ...]:
         """Every range, by address."""
-        return tuple(self._maps)
+        return self._table[1]
 
     # -- accesses --------------------------------------------------------------------------
     def _pieces(self, addr: int, size: int):

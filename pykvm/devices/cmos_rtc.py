@@ -35,8 +35,6 @@ import threading
 import time
 from typing import Callable, Optional
 
-from .ioaccess import pieces
-
 INDEX_PORT = 0x70
 DATA_PORT = 0x71
 
@@ -58,7 +56,6 @@ DONT_CARE = 0xC0
 NS = 1_000_000_000
 UIP_WINDOW_NS = 244_000            # UIP goes high this long before each update
 UIP_POLL_GAP_NS = 20_000_000       # a read of A this close before a missed update still sees it
-_PORTS = ((INDEX_PORT, 2, 4),)      # QEMU's "rtc" I/O region: 2 ports, any width up to 4
 TIME_REGS = (SECONDS, MINUTES, HOURS, DAY_OF_WEEK, DAY_OF_MONTH, MONTH, YEAR)
 
 
@@ -114,8 +111,15 @@ def periodic_ns(rate_select: int) -> Optional[int]:
 
 
 class CmosRtc:
-    """The RTC and its CMOS. ``set_irq(level)`` drives IRQ 8; ``clock`` gives monotonic
-    nanoseconds; ``wall`` the host's UTC time in nanoseconds at start-up."""
+    """The RTC and its CMOS. ``set_irq(level)`` drives IRQ 8; ``on_alarm()`` is called for
+    every alarm; ``on_change()`` after every port write (reschedule :meth:`poll`); ``clock``
+    gives monotonic nanoseconds; ``wall_ns`` the host's UTC time in nanoseconds at start-up
+    (default: now).
+
+    On the port bus: one two-port block at 0x70 (offset 0: index, 1: data) taking accesses of
+    up to 4 bytes, QEMU's "rtc" I/O region (the bus cuts an access at 0x71 to one byte)."""
+
+    PIO_RANGES = ((INDEX_PORT, 2, 0, 4),)
 
     def __init__(self, *, set_irq: Optional[Callable[[int], None]] = None,
                  on_alarm: Optional[Callable[[], None]] = None,
@@ -460,35 +464,29 @@ class CmosRtc:
         if self.on_change:
             self.on_change()
 
-    def read(self, port: int, size: int) -> int:
-        """An IN of ``size`` bytes (1, 2 or 4) at ``port`` (0x70 or 0x71), cut as QEMU cuts it
-        (:mod:`.ioaccess`: the RTC's two ports take byte accesses, and a wider one at 0x70 is a
-        run of bytes alternating index, data): the index port is write-only and reads 0xff, the
-        data port reads the selected register, ports past 0x71 read 0xff."""
+    def read(self, offset: int, size: int) -> int:
+        """``size`` bytes read at ``offset`` of the RTC's two-port block (0: index, 1: data), as
+        the bus hands them (:attr:`PIO_RANGES`: accesses of up to 4 bytes, not cut at the
+        block's end, as QEMU's "rtc" region takes them): each byte at an even offset is the
+        write-only index port and reads 0xff, each byte at an odd offset reads the selected
+        register (so a 4-byte read at 0x70 is index, data, index, data)."""
         value = 0
-        for region, off, n, pos in pieces(port, size, _PORTS):
-            for k in range(n):
-                if region is None or not (off + k) & 1:
-                    b = 0xFF
-                else:
-                    b = self.read_register(self.index)
-                value |= b << (8 * (pos + k))
+        for k in range(size):
+            b = self.read_register(self.index) if (offset + k) & 1 else 0xFF
+            value |= b << (8 * k)
         return value
 
-    def write(self, port: int, size: int, value: int) -> None:
-        """An OUT of ``size`` bytes of ``value`` at ``port``, byte by byte as :meth:`read`: at
-        0x70 (and every even offset) select the register (bits 6:0) and set the NMI mask (bit 7),
-        at 0x71 (odd offsets) write the selected register; bytes past 0x71 are dropped."""
-        for region, off, n, pos in pieces(port, size, _PORTS):
-            if region is None:
-                continue
-            for k in range(n):
-                b = (value >> (8 * (pos + k))) & 0xFF
-                if (off + k) & 1:
-                    self.write_register(self.index, b)
-                else:
-                    self.index = b & 0x7F
-                    self.nmi_masked = bool(b & 0x80)
+    def write(self, offset: int, size: int, value: int) -> None:
+        """``size`` bytes of ``value`` written at ``offset``, byte by byte as :meth:`read`: at
+        an even offset select the register (bits 6:0) and set the NMI mask (bit 7), at an odd
+        one write the selected register."""
+        for k in range(size):
+            b = (value >> (8 * k)) & 0xFF
+            if (offset + k) & 1:
+                self.write_register(self.index, b)
+            else:
+                self.index = b & 0x7F
+                self.nmi_masked = bool(b & 0x80)
 
     # -- firmware defaults -------------------------------------------------------------------
     def set_memory_info(self, *, below_4g: int, above_4g: int, cpus: int) -> None:

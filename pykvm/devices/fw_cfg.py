@@ -42,8 +42,10 @@ key     name              value
                           8 zeroed 15-byte entries (121 bytes)
 ======  ================  ==========================================================
 
-The device only keeps bytes; it does not know where its ports are (the PC machine routes 0x510
-and 0x511 to :meth:`FwCfg.io_read` / :meth:`FwCfg.io_write`). Each access costs work in
+On the port bus (:mod:`.bus`) the device is two one-port ranges (0x510 at offset 0, 0x511 at
+offset 1) taking accesses of up to 4 bytes, so that each access reaches it whole and it judges
+the width itself. A string read (``rep insb``) is served in one call by
+:meth:`FwCfg.read_repeated`, which :meth:`.bus.Bus.read_bytes` uses. Each access costs work in
 proportion to the bytes it moves, however many a ``rep insb`` asks for.
 """
 import struct
@@ -53,6 +55,8 @@ from typing import Dict, Optional
 
 SELECTOR_PORT = 0x510
 DATA_PORT = 0x511
+SELECTOR_OFFSET = 0            # the ports' offsets in the device's map
+DATA_OFFSET = 1
 
 FW_CFG_SIGNATURE = 0x00
 FW_CFG_ID = 0x01
@@ -85,7 +89,11 @@ HPET_FW_ENTRY_SIZE = 15
 
 class FwCfg:
     """The two item tables and the selector state. Thread-safe: vCPUs share one selector, as on
-    a real machine (a guest serialises its accesses itself)."""
+    a real machine (a guest serialises its accesses itself). ``ram_size``: bytes of RAM;
+    ``nb_cpus``/``max_cpus``: vCPUs at start and at most (default ``nb_cpus``). Items beyond
+    the built-in ones are added with :meth:`add`."""
+
+    PIO_RANGES = ((SELECTOR_PORT, 1, SELECTOR_OFFSET, 4), (DATA_PORT, 1, DATA_OFFSET, 4))
 
     def __init__(self, *, ram_size: int, nb_cpus: int, max_cpus: Optional[int] = None):
         self.items: Dict[int, bytes] = {}      # by key (bit 15 set for the arch table)
@@ -142,18 +150,29 @@ class FwCfg:
         """One 8-bit data read (:meth:`read_data` of 1 byte)."""
         return self.read_data(1)[0]
 
-    # -- port interface (the PC machine calls these) ----------------------------------------
-    def io_read(self, port: int, size: int, count: int) -> bytes:
-        """Bytes for an IN of ``count`` units of ``size`` bytes (1, 2 or 4) at ``port`` (0x510
-        or 0x511), as QEMU answers each (module docstring): bytes of the item for 8-bit units,
-        zeros otherwise. Work is O(count * size)."""
+    # -- the bus protocol (offset 0: port 0x510, 1: port 0x511) -------------------------------
+    def read(self, offset: int, size: int) -> int:
+        """One read of ``size`` bytes (1-4) at ``offset`` (0 or 1), as QEMU answers it (module
+        docstring): an 8-bit read is the next byte of the item, wider reads give 0 and do not
+        move the read position; any other offset reads all-ones."""
+        if offset not in (SELECTOR_OFFSET, DATA_OFFSET):
+            return (1 << (8 * size)) - 1
+        return self.read_byte() if size == 1 else 0
+
+    def read_repeated(self, offset: int, size: int, count: int) -> bytes:
+        """``count`` reads of ``size`` bytes at ``offset`` (a ``rep insb``/``insw``/``insd``),
+        as bytes: one slice of the item for 8-bit units, zeros otherwise (each unit as
+        :meth:`read` answers it). Work is O(count * size); a count below 0 is taken as 0."""
         count = max(0, count)
+        if offset not in (SELECTOR_OFFSET, DATA_OFFSET):
+            return b"\xff" * (size * count)
         if size == 1:
-            return self.read_data(count)              # a rep insb: one slice
+            return self.read_data(count)
         return bytes(size * count)                    # not a valid access: QEMU reads 0
 
-    def io_write(self, port: int, size: int, data: bytes) -> None:
-        """An OUT of ``size`` bytes ``data`` (little-endian) at ``port``: only a 16-bit write
-        at the selector port selects; other writes do nothing (module docstring)."""
-        if size == 2 and port == SELECTOR_PORT:
-            self.select(int.from_bytes(bytes(data[:2]), "little"))
+    def write(self, offset: int, size: int, value: int) -> None:
+        """A write of ``size`` bytes of ``value`` at ``offset``: only a 16-bit write at the
+        selector (offset 0) selects (:meth:`select`); other writes do nothing (module
+        docstring)."""
+        if size == 2 and offset == SELECTOR_OFFSET:
+            self.select(value & 0xFFFF)

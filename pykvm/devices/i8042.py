@@ -50,6 +50,8 @@ DATA_PORT = 0x60
 STATUS_PORT = 0x64
 COMMAND_PORT = 0x64
 PORTS = (DATA_PORT, STATUS_PORT)
+DATA_OFFSET = 0                 # the registers' offsets in the device's map (port - 0x60)
+STATUS_OFFSET = 4
 
 KBD_IRQ = 1
 MOUSE_IRQ = 12
@@ -108,7 +110,14 @@ _KBD, _AUX = 1, 2
 
 class I8042:
     """The controller. ``on_reset()``: a CPU reset request (called without the lock held);
-    ``set_irq(irq, level)``: drive ISA IRQ 1 or 12."""
+    ``set_irq(irq, level)``: drive ISA IRQ 1 or 12.
+
+    On the port bus (:mod:`.bus`): each register is a one-port range taking accesses of up to
+    4 bytes, so that an access starting at 0x60 or 0x64 reaches it whole (a run of byte
+    accesses to that register, as the module docstring says); an access starting at another
+    port is cut by the bus and its bytes at 0x60/0x64 reach the register one at a time."""
+
+    PIO_RANGES = ((DATA_PORT, 1, DATA_OFFSET, 4), (STATUS_PORT, 1, STATUS_OFFSET, 4))
 
     def __init__(self, *, on_reset: Optional[Callable[[], None]] = None,
                  set_irq: Optional[Callable[[int, int], None]] = None):
@@ -276,18 +285,18 @@ class I8042:
             return not b & OUT_RESET
         return False
 
-    # -- ports -------------------------------------------------------------------------------
-    def read(self, port: int, size: int) -> int:
-        """An IN of ``size`` bytes (1, 2 or 4) at ``port`` (0x60 or 0x64): ``size`` byte reads of
-        the data or status register, the first in the lowest byte; any other port reads
-        all-ones."""
-        if port not in PORTS:
+    # -- the bus protocol (offsets: DATA_OFFSET, STATUS_OFFSET; see PIO_RANGES) -------------
+    def read(self, offset: int, size: int) -> int:
+        """``size`` bytes (1-4) read at ``offset``: ``size`` byte reads of the data register
+        (offset 0) or the status register (offset 4), the first in the lowest byte; any other
+        offset reads all-ones. Never raises."""
+        if offset not in (DATA_OFFSET, STATUS_OFFSET):
             return (1 << (8 * size)) - 1
         with self._lock:
             value = 0
             changes = []
             for i in range(size):
-                if port == STATUS_PORT:
+                if offset == STATUS_OFFSET:
                     b = self.status
                 else:
                     b = self._read_data()
@@ -296,18 +305,18 @@ class I8042:
         self._signal(changes)
         return value
 
-    def write(self, port: int, size: int, value: int) -> None:
-        """An OUT of ``size`` bytes of ``value`` at ``port``: ``size`` byte writes, lowest byte
-        first, to the command register (0x64) or the data register (0x60); a reset request calls
-        ``on_reset`` once. Other ports: dropped."""
-        if port not in PORTS:
+    def write(self, offset: int, size: int, value: int) -> None:
+        """``size`` bytes of ``value`` written at ``offset``: ``size`` byte writes, lowest byte
+        first, to the command register (offset 4) or the data register (offset 0); a reset
+        request calls ``on_reset`` once, outside the lock. Other offsets: dropped."""
+        if offset not in (DATA_OFFSET, STATUS_OFFSET):
             return
         reset = False
         with self._lock:
             changes = []
             for i in range(size):
                 b = (value >> (8 * i)) & 0xFF
-                if port == COMMAND_PORT:
+                if offset == STATUS_OFFSET:
                     reset |= self._write_command(b)
                 else:
                     reset |= self._write_data(b)

@@ -53,6 +53,8 @@ from typing import Dict, Optional, Tuple
 CONFIG_ADDRESS = 0xCF8
 CONFIG_DATA = 0xCFC
 RESET_CONTROL = 0xCF9
+RCR_OFFSET = RESET_CONTROL - CONFIG_ADDRESS       # offsets in the device's map: port - 0xCF8
+DATA_OFFSET = CONFIG_DATA - CONFIG_ADDRESS
 
 PCI_VENDOR_ID = 0x00
 PCI_DEVICE_ID = 0x02
@@ -234,7 +236,14 @@ def piix4_pm(pm_base: int = 0x600, sci_irq: int = 9) -> PciFunction:
 
 class PciHost:
     """Configuration mechanism #1 over a set of functions on bus 0, keyed (device, function).
-    ``on_reset`` is called for a hard reset request through 0xCF9."""
+    ``on_reset`` is called for a hard reset request through 0xCF9.
+
+    On the port bus: eight one-port ranges (0xCF8-0xCFF, offsets 0-7) taking accesses of up to
+    4 bytes, so that every IN or OUT reaches the device whole at the port it starts at and the
+    device judges its alignment (module docstring). The platform keeps the PM block where
+    00:01.3 says: it sets ``functions[PM_FUNCTION].on_write`` and reads :meth:`pm_io_space`."""
+
+    PIO_RANGES = tuple((CONFIG_ADDRESS + i, 1, i, 4) for i in range(8))
 
     def __init__(self, functions: Optional[Dict[Tuple[int, int], PciFunction]] = None,
                  on_reset=None):
@@ -290,42 +299,44 @@ class PciHost:
             return 0, False
         return f.read(PMBA, 4) & PMBA_MASK, bool(f.config[PMREGMISC] & 1)
 
-    # -- ports -----------------------------------------------------------------------------
-    def read(self, port: int, size: int) -> int:
-        """An IN of ``size`` bytes (1, 2 or 4) at ``port`` (0xCF8-0xCFF), as the module
-        docstring says; any other port reads all-ones."""
+    # -- the bus protocol (offset = port - 0xCF8) ------------------------------------------
+    def read(self, offset: int, size: int) -> int:
+        """An access of ``size`` bytes (1-4) starting at port 0xCF8 + ``offset``, whole, as the
+        module docstring says: CONFIG_ADDRESS (offsets 0-3, aligned only), the reset control
+        register (1), CONFIG_DATA (4-7, aligned only); any other offset reads all-ones."""
         with self._lock:
-            if port == RESET_CONTROL:
+            if offset == RCR_OFFSET:
                 return self.rcr * (0x01010101 & ((1 << (8 * size)) - 1))
-            if CONFIG_ADDRESS <= port < CONFIG_DATA:
-                if (port - CONFIG_ADDRESS) % size:
+            if 0 <= offset < DATA_OFFSET:
+                if offset % size:
                     return 0                            # unaligned: not a valid access
                 return self.address & ((1 << (8 * size)) - 1)
-            if CONFIG_DATA <= port <= CONFIG_DATA + 3:
-                pos = port - CONFIG_DATA
+            if DATA_OFFSET <= offset < DATA_OFFSET + 4:
+                pos = offset - DATA_OFFSET
                 if pos % size:
                     return 0                            # unaligned: not a valid access
                 return self.config_read(self.address, (pos | self.address) & 3, size)
         return (1 << (8 * size)) - 1
 
-    def write(self, port: int, size: int, value: int) -> None:
-        """An OUT of ``size`` bytes of ``value`` at ``port``: set CONFIG_ADDRESS (a 32-bit write
-        at 0xCF8), write the reset control register (each byte at 0xCF9; bit 2 calls
-        ``on_reset``, outside the lock) or write configuration data through CONFIG_DATA
-        (0xCFC-0xCFF, naturally aligned only); anything else is dropped."""
+    def write(self, offset: int, size: int, value: int) -> None:
+        """An access of ``size`` bytes of ``value`` starting at port 0xCF8 + ``offset``, whole:
+        set CONFIG_ADDRESS (a 32-bit write at offset 0), write the reset control register
+        (each byte at offset 1; bit 2 calls ``on_reset``, outside the lock) or write
+        configuration data through CONFIG_DATA (offsets 4-7, naturally aligned only); anything
+        else is dropped."""
         reset = False
         with self._lock:
-            if port == RESET_CONTROL:
+            if offset == RCR_OFFSET:
                 for i in range(size):
                     b = (value >> (8 * i)) & 0xFF
                     if b & 0x04:                        # PIIX RCR: reset CPU
                         reset = True
                         break
                     self.rcr = b & 0x02                 # keep the hard reset type only
-            elif port == CONFIG_ADDRESS and size == 4:
+            elif offset == 0 and size == 4:
                 self.address = value & 0xFFFFFFFF
-            elif CONFIG_DATA <= port <= CONFIG_DATA + 3:
-                pos = port - CONFIG_DATA
+            elif DATA_OFFSET <= offset < DATA_OFFSET + 4:
+                pos = offset - DATA_OFFSET
                 if pos % size == 0:
                     self.config_write(self.address, (pos | self.address) & 3, size,
                                       value & ((1 << (8 * size)) - 1))

@@ -8,11 +8,20 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pykvm.devices import acpi_pm as pm, cmos_rtc as rtc
+from pykvm.devices.bus import PIO_LIMIT, Bus
 from pykvm.devices.fw_cfg import FwCfg
 from pykvm.devices.testdev import PcTestdev
 
 NS = 1_000_000_000
 GiB = 1 << 30
+
+
+def pio(dev):
+    """A port bus with ``dev`` attached where its class says (``PIO_RANGES``): every access in
+    these tests goes through the bus, as the guest's do."""
+    bus = Bus("pio", PIO_LIMIT)
+    bus.attach(dev)
+    return bus
 
 
 class Clock:
@@ -71,14 +80,15 @@ def test_next_alarm_is_closed_form_and_matches_stepping(sec, mnt, hr, mode, afte
 
 def test_never_matching_alarm_costs_constant_work_per_cmos_write():
     r, clk = make_rtc()
+    io = pio(r)
     r.write_register(rtc.REG_B, rtc.B_24H | rtc.B_AIE)
     r.write_register(rtc.SECONDS_ALARM, 0x7F)                 # BCD 7F: never a seconds value
     calls = []
     real = r._time_regs
     r._time_regs = lambda s: calls.append(s) or real(s)
     for i in range(1000):
-        r.write(0x70, 1, 0x40 + (i & 0x3F))
-        r.write(0x71, 1, i & 0xFF)                            # CMOS RAM writes
+        io.write(0x70, 1, 0x40 + (i & 0x3F))
+        io.write(0x71, 1, i & 0xFF)                            # CMOS RAM writes
         r.next_event_ns()
         clk.t += NS // 3
         r.poll()
@@ -105,6 +115,7 @@ def test_alarm_values(alarm, mode, expect):
 # -- RTC: fault 2 (registers and widths) --------------------------------------------------------
 def test_rtc_read_only_bits_and_read_to_clear():
     r, clk = make_rtc()
+    io = pio(r)
     r.write_register(rtc.REG_D, 0)
     assert r.read_register(rtc.REG_D) == 0x80                 # VRT read-only
     r.write_register(rtc.REG_A, 0xA6)
@@ -115,22 +126,23 @@ def test_rtc_read_only_bits_and_read_to_clear():
     clk.t += 2 * NS
     assert r.read_register(rtc.REG_C) == rtc.C_IRQF | rtc.C_UF | rtc.C_PF
     assert r.read_register(rtc.REG_C) == 0                    # cleared by reading
-    r.write(0x70, 1, 0x8F)                                    # bit 7: NMI mask, not the index
+    io.write(0x70, 1, 0x8F)                                    # bit 7: NMI mask, not the index
     assert r.index == 0x0F and r.nmi_masked
-    r.write(0x70, 1, 0x0F)
+    io.write(0x70, 1, 0x0F)
     assert not r.nmi_masked
 
 
 def test_rtc_widths_as_qemu():
     r, _ = make_rtc()
-    r.write(0x70, 2, 0x5A20)                                  # index 0x20, then data 0x5a
+    io = pio(r)
+    io.write(0x70, 2, 0x5A20)                                  # index 0x20, then data 0x5a
     assert r.cmos[0x20] == 0x5A
-    assert r.read(0x70, 2) == 0x5AFF                          # index port reads 0xff
-    assert r.read(0x71, 2) == 0xFF5A                          # 0x72 unassigned
-    assert r.read(0x70, 4) == 0x5AFF5AFF                      # index, data, index, data
-    r.write(0x70, 4, 0x66217755)                              # cmos[0x55]=0x77, cmos[0x21]=0x66
+    assert io.read(0x70, 2) == 0x5AFF                          # index port reads 0xff
+    assert io.read(0x71, 2) == 0xFF5A                          # 0x72 unassigned
+    assert io.read(0x70, 4) == 0x5AFF5AFF                      # index, data, index, data
+    io.write(0x70, 4, 0x66217755)                              # cmos[0x55]=0x77, cmos[0x21]=0x66
     assert (r.cmos[0x55], r.cmos[0x21]) == (0x77, 0x66)
-    r.write(0x71, 4, 0xFFFFFF33)                              # one data byte; the rest dropped
+    io.write(0x71, 4, 0xFFFFFF33)                              # one data byte; the rest dropped
     assert r.cmos[0x21] == 0x33 and r.index == 0x21
 
 
@@ -168,12 +180,13 @@ def test_rtc_b_write_lowers_irqf_when_flag_no_longer_enabled():
                 max_size=60))
 def test_rtc_hostile_accesses_never_raise(ops):
     r, clk = make_rtc()
+    io = pio(r)
     for port, size, value, is_write, dt in ops:
         clk.t += dt
         if is_write:
-            r.write(port, size, value)
+            io.write(port, size, value)
         else:
-            assert 0 <= r.read(port, size) < 1 << (8 * size)
+            assert 0 <= io.read(port, size) < 1 << (8 * size)
         r.next_event_ns()
         r.alarm_armed()
         assert r.read_register(rtc.REG_D) == 0x80
@@ -181,36 +194,36 @@ def test_rtc_hostile_accesses_never_raise(ops):
 
 # -- fw_cfg: faults 2, 3, 6 -------------------------------------------------------------------
 def sel(f, key):
-    f.io_write(0x510, 2, key.to_bytes(2, "little"))
+    f.write_bytes(0x510, 2, key.to_bytes(2, "little"))
 
 
 def test_fw_cfg_selector_is_16_bit_only():
-    f = FwCfg(ram_size=6 * GiB, nb_cpus=3)
+    f = pio(FwCfg(ram_size=6 * GiB, nb_cpus=3))
     sel(f, 0)
-    assert f.io_read(0x511, 1, 1) == b"Q"
-    f.io_write(0x510, 1, b"\x03")                             # a data write: ignored
-    assert f.io_read(0x511, 1, 1) == b"E"
-    f.io_write(0x510, 4, (0x00050003).to_bytes(4, "little"))  # not a valid access
-    f.io_write(0x511, 2, b"\x03\x00")                         # 16-bit at 0x511: not valid
-    assert f.io_read(0x511, 1, 1) == b"M"
-    assert f.io_read(0x510, 1, 1) == b"U"                     # 8-bit reads at 0x510: data too
+    assert f.read_bytes(0x511, 1, 1) == b"Q"
+    f.write_bytes(0x510, 1, b"\x03")                             # a data write: ignored
+    assert f.read_bytes(0x511, 1, 1) == b"E"
+    f.write_bytes(0x510, 4, (0x00050003).to_bytes(4, "little"))  # not a valid access
+    f.write_bytes(0x511, 2, b"\x03\x00")                         # 16-bit at 0x511: not valid
+    assert f.read_bytes(0x511, 1, 1) == b"M"
+    assert f.read_bytes(0x510, 1, 1) == b"U"                     # 8-bit reads at 0x510: data too
     sel(f, 0)
     # QEMU 7.2 (TCG: an IN reaches the region whole): 16- and 32-bit reads at either port are
     # not valid accesses: 0, and the read position stays (fw2.elf of the hostile run)
-    assert f.io_read(0x510, 2, 1) == b"\0\0"
-    assert f.io_read(0x510, 4, 1) == bytes(4)
-    assert f.io_read(0x511, 2, 1) == b"\0\0"
-    assert f.io_read(0x511, 4, 1) == bytes(4)
-    assert f.io_read(0x511, 2, 3) == bytes(6)                 # rep insw: each unit likewise
-    assert f.io_read(0x511, 1, 1) == b"Q"                     # nothing was consumed
+    assert f.read_bytes(0x510, 2, 1) == b"\0\0"
+    assert f.read_bytes(0x510, 4, 1) == bytes(4)
+    assert f.read_bytes(0x511, 2, 1) == b"\0\0"
+    assert f.read_bytes(0x511, 4, 1) == bytes(4)
+    assert f.read_bytes(0x511, 2, 3) == bytes(6)                 # rep insw: each unit likewise
+    assert f.read_bytes(0x511, 1, 1) == b"Q"                     # nothing was consumed
 
 
 def test_fw_cfg_arch_keys_write_channel_and_invalid_keys():
-    f = FwCfg(ram_size=6 * GiB, nb_cpus=3)
+    f = pio(FwCfg(ram_size=6 * GiB, nb_cpus=3))
 
     def item(key, n):
         sel(f, key)
-        return f.io_read(0x511, 1, n)
+        return f.read_bytes(0x511, 1, n)
     assert item(0x4003, 8) == struct.pack("<Q", 6 * GiB)      # bit 14 ignored for reads
     assert item(0x8003, 8) == bytes(8)                        # no legacy E820 item (QEMU)
     assert item(0x8000, 4) == bytes(4) and item(0x8001, 4) == bytes(4)
@@ -224,49 +237,52 @@ def test_fw_cfg_arch_keys_write_channel_and_invalid_keys():
 
 
 def test_fw_cfg_huge_rep_insb_costs_its_size():
-    f = FwCfg(ram_size=6 * GiB, nb_cpus=3)
+    dev = FwCfg(ram_size=6 * GiB, nb_cpus=3)
+    f = pio(dev)
     sel(f, 0)
-    out = f.io_read(0x511, 1, 1 << 16)
-    assert out[:4] == b"QEMU" and out[4:] == bytes((1 << 16) - 4) and f.offset == 4
+    out = f.read_bytes(0x511, 1, 1 << 16)
+    assert out[:4] == b"QEMU" and out[4:] == bytes((1 << 16) - 4) and dev.offset == 4
 
 
 # -- PM: fault 2 ------------------------------------------------------------------------------
 def test_pm_widths_as_qemu_acpi_core():
     clk = Clock(0)
     p = pm.AcpiPm(clock=clk)
-    p.write(0x602, 2, 0xFFFF)
-    assert p.read(0x602, 2) == pm.EN_MASK                     # reserved bits stay 0
-    p.write(0x602, 2, 0x0401)
-    assert p.read(0x602, 1) == 0x01 and p.read(0x603, 1) == 0
-    assert p.read(0x601, 2) == 0x0100
-    assert p.read(0x600, 4) == 0x0401_0000 | p.read(0x600, 2)
-    assert p.read(0x602, 4) == 0x0401 | (pm.SCI_EN << 16)
-    assert p.read(0x604, 4) == 0xFFFF_0000 | pm.SCI_EN        # 0x606-0x607 unassigned
-    assert p.read(0x606, 1) == 0xFF and p.read(0x606, 2) == 0xFFFF
-    p.write(0x602, 1, 0x05)                                   # zero-extended: EN high byte 0
-    assert p.read(0x602, 2) == 0x0001
-    p.write(0x603, 1, 0x04)                                   # offset 3: nothing
-    assert p.read(0x602, 2) == 0x0001
-    p.write(0x600, 4, 0x0100_0000)                            # STS W1C 0, EN = 0x0100
-    assert p.read(0x602, 2) == 0x0100
-    p.write(0x604, 2, 0x0006)                                 # SCI_EN stays, GBL_RLS write-only
-    assert p.read(0x604, 2) == 0x0003
+    io = pio(p)
+    io.write(0x602, 2, 0xFFFF)
+    assert io.read(0x602, 2) == pm.EN_MASK                     # reserved bits stay 0
+    io.write(0x602, 2, 0x0401)
+    assert io.read(0x602, 1) == 0x01 and io.read(0x603, 1) == 0
+    assert io.read(0x601, 2) == 0x0100
+    assert io.read(0x600, 4) == 0x0401_0000 | io.read(0x600, 2)
+    assert io.read(0x602, 4) == 0x0401 | (pm.SCI_EN << 16)
+    assert io.read(0x604, 4) == 0xFFFF_0000 | pm.SCI_EN        # 0x606-0x607 unassigned
+    assert io.read(0x606, 1) == 0xFF and io.read(0x606, 2) == 0xFFFF
+    io.write(0x602, 1, 0x05)                                   # zero-extended: EN high byte 0
+    assert io.read(0x602, 2) == 0x0001
+    io.write(0x603, 1, 0x04)                                   # offset 3: nothing
+    assert io.read(0x602, 2) == 0x0001
+    io.write(0x600, 4, 0x0100_0000)                            # STS W1C 0, EN = 0x0100
+    assert io.read(0x602, 2) == 0x0100
+    io.write(0x604, 2, 0x0006)                                 # SCI_EN stays, GBL_RLS write-only
+    assert io.read(0x604, 2) == 0x0003
 
 
 def test_pm_status_write_one_to_clear_and_timer_read_only():
     clk = Clock(0)
     p = pm.AcpiPm(clock=clk)
+    io = pio(p)
     p.raise_status(pm.RTC_STS | pm.WAK_STS)
-    p.write(0x600, 2, pm.RTC_STS)
-    assert p.read(0x600, 2) == pm.WAK_STS
-    p.write(0x600, 2, 0)
-    assert p.read(0x600, 2) == pm.WAK_STS                     # writing 0 keeps it
+    io.write(0x600, 2, pm.RTC_STS)
+    assert io.read(0x600, 2) == pm.WAK_STS
+    io.write(0x600, 2, 0)
+    assert io.read(0x600, 2) == pm.WAK_STS                     # writing 0 keeps it
     clk.t = NS
-    before = p.read(0x608, 4)
+    before = io.read(0x608, 4)
     for size in (1, 2, 4):
-        p.write(0x608, size, 0)
-    assert p.read(0x608, 4) == before == 3_579_545
-    assert p.read(0x608, 1) == before & 0xFF and p.read(0x60A, 2) == before & 0xFFFF
+        io.write(0x608, size, 0)
+    assert io.read(0x608, 4) == before == 3_579_545
+    assert io.read(0x608, 1) == before & 0xFF and io.read(0x60A, 2) == before & 0xFFFF
 
 
 @settings(max_examples=200, deadline=None)
@@ -274,11 +290,12 @@ def test_pm_status_write_one_to_clear_and_timer_read_only():
                           st.integers(0, 0xFFFFFFFF), st.booleans()), max_size=60))
 def test_pm_hostile_accesses(ops):
     p = pm.AcpiPm(clock=Clock(NS))
+    io = pio(p)
     for port, size, value, is_write in ops:
         if is_write:
-            p.write(port, size, value)
+            io.write(port, size, value)
         else:
-            assert 0 <= p.read(port, size) < 1 << (8 * size)
+            assert 0 <= io.read(port, size) < 1 << (8 * size)
         assert not p.en & ~pm.EN_MASK and not p.sts & ~pm.STS_MASK
         assert p.cnt & pm.SCI_EN and not p.cnt & ~pm.CNT_MASK
 
@@ -286,7 +303,8 @@ def test_pm_hostile_accesses(ops):
 # -- pc-testdev: fault 2 ----------------------------------------------------------------------
 def test_testdev_widths_as_qemu():
     irqs = []
-    t = PcTestdev(set_irq=lambda line, level: irqs.append((line, level)))
+    dev = PcTestdev(set_irq=lambda line, level: irqs.append((line, level)))
+    t = pio(dev)
     t.write(0xE0, 4, 0x11223344)
     assert t.read(0xE0, 4) == 0x11223344 and t.read(0xE1, 2) == 0x2233
     assert t.read(0xE2, 4) == 0x1122                          # then the flush port: 0
@@ -294,6 +312,6 @@ def test_testdev_widths_as_qemu():
     assert t.read(0xEA, 4) == 0xFFFF1122                      # past 0xeb: unassigned
     assert t.read(0xE4, 1) == 0 and t.read(0x2000, 1) == 0
     t.write(0xE3, 2, 0xAA55)                                  # byte 3, then a flush
-    assert t.read(0xE0, 4) == 0x55223344 and t.flushes == 1
+    assert t.read(0xE0, 4) == 0x55223344 and dev.flushes == 1
     t.write(0x2016, 2, 0x0100)                                # two lines, a byte each
     assert irqs == [(22, 0), (23, 1)]

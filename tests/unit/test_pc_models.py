@@ -9,7 +9,7 @@ import pytest
 from pykvm.platform import acpi
 from pykvm.arch.x86 import layout
 from pykvm.devices import acpi_pm as pm, cmos_rtc as rtc
-from pykvm.devices.bus import MMIO_LIMIT, Bus
+from pykvm.devices.bus import MMIO_LIMIT, PIO_LIMIT, Bus
 from pykvm.devices.edu import Edu
 from pykvm.devices.fw_cfg import FwCfg
 from pykvm.boot.x86_images import _Space
@@ -39,21 +39,30 @@ class Ram:
         self.b[a:a + len(d)] = d
 
 
+def pio(dev):
+    """A port bus with ``dev`` attached where its class says (``PIO_RANGES``): every access in
+    these tests goes through the bus, as the guest's do."""
+    bus = Bus("pio", PIO_LIMIT)
+    bus.attach(dev)
+    return bus
+
+
 def test_fw_cfg_items_rewind_and_zeros():
-    f = FwCfg(ram_size=6 * GiB, nb_cpus=3)
-    f.io_write(0x510, 2, (0x03).to_bytes(2, "little"))
-    assert int.from_bytes(f.io_read(0x511, 1, 8), "little") == 6 * GiB
-    assert f.io_read(0x511, 1, 2) == b"\0\0"          # past the end
-    f.io_write(0x510, 2, b"\x05\x00")
-    assert f.io_read(0x511, 1, 2) == b"\x03\x00"
-    f.io_write(0x510, 2, b"\x00\x00")
-    assert f.io_read(0x511, 1, 4) == b"QEMU"
-    f.io_write(0x510, 2, b"\x34\x12")
-    assert f.io_read(0x511, 1, 4) == bytes(4)         # unknown key
+    f = pio(FwCfg(ram_size=6 * GiB, nb_cpus=3))
+    f.write_bytes(0x510, 2, (0x03).to_bytes(2, "little"))
+    assert int.from_bytes(f.read_bytes(0x511, 1, 8), "little") == 6 * GiB
+    assert f.read_bytes(0x511, 1, 2) == b"\0\0"          # past the end
+    f.write_bytes(0x510, 2, b"\x05\x00")
+    assert f.read_bytes(0x511, 1, 2) == b"\x03\x00"
+    f.write_bytes(0x510, 2, b"\x00\x00")
+    assert f.read_bytes(0x511, 1, 4) == b"QEMU"
+    f.write_bytes(0x510, 2, b"\x34\x12")
+    assert f.read_bytes(0x511, 1, 4) == bytes(4)         # unknown key
 
 
 def test_pci_mechanism_1():
-    p = PciHost()
+    h = PciHost()
+    p = pio(h)
     p.write(0xCF8, 4, 0x8000_0000)
     assert p.read(0xCFC, 4) == 0x1237_8086
     assert p.read(0xCFE, 2) == 0x1237
@@ -65,7 +74,7 @@ def test_pci_mechanism_1():
     assert p.read(0xCFC, 4) == 0xFFFF_FFFF
     assert p.read(0xCF8, 4) == 0
     resets = []
-    p.on_reset = lambda: resets.append(1)
+    h.on_reset = lambda: resets.append(1)
     p.write(0xCF9, 1, 0x06)
     assert resets == [1]
 
@@ -94,22 +103,23 @@ def test_pm_timer_and_pm1_registers():
     clk = Clock(0)
     sleeps, sci = [], []
     p = pm.AcpiPm(set_sci=sci.append, on_sleep=sleeps.append, clock=clk)
+    io = pio(p)
     clk.t = NS                                         # one second: 3579545 ticks
-    assert p.read(0x608, 4) == 3_579_545
+    assert io.read(0x608, 4) == 3_579_545
     clk.t = 5 * NS                                     # past 2^24 ticks: wraps, TMR_STS set
-    assert p.read(0x608, 4) == (5 * 3_579_545) & 0xFFFFFF
-    assert p.read(0x600, 2) & pm.TMR_STS
-    p.write(0x600, 2, pm.TMR_STS)
-    assert not p.read(0x600, 2) & pm.TMR_STS
-    p.write(0x602, 2, pm.TMR_STS)                      # TMR_EN: the next flip raises the SCI
+    assert io.read(0x608, 4) == (5 * 3_579_545) & 0xFFFFFF
+    assert io.read(0x600, 2) & pm.TMR_STS
+    io.write(0x600, 2, pm.TMR_STS)
+    assert not io.read(0x600, 2) & pm.TMR_STS
+    io.write(0x602, 2, pm.TMR_STS)                      # TMR_EN: the next flip raises the SCI
     clk.t = p.next_timer_flip_ns()
     p.timer_event()
     assert sci == [1]
-    assert p.read(0x604, 2) & pm.SCI_EN
-    p.write(0x605, 1, 0x24)            # QEMU: a byte at 0x605 is the whole register, zero-extended
-    assert sleeps == [] and p.read(0x604, 2) == pm.SCI_EN     # GBL_RLS (bit 2) is write-only
-    p.write(0x604, 2, 0x2400)                          # SLP_EN | SLP_TYP 1
-    assert sleeps == [1] and not p.read(0x604, 2) & pm.SLP_EN
+    assert io.read(0x604, 2) & pm.SCI_EN
+    io.write(0x605, 1, 0x24)            # QEMU: a byte at 0x605 is the whole register, zero-extended
+    assert sleeps == [] and io.read(0x604, 2) == pm.SCI_EN     # GBL_RLS (bit 2) is write-only
+    io.write(0x604, 2, 0x2400)                          # SLP_EN | SLP_TYP 1
+    assert sleeps == [1] and not io.read(0x604, 2) & pm.SLP_EN
 
 
 def make_rtc(**kw):

@@ -8,10 +8,19 @@ from hypothesis import given, settings, strategies as st
 
 from pykvm import boot
 from pykvm.devices import i8042, cmos_rtc as rtc
+from pykvm.devices.bus import PIO_LIMIT, Bus
 from pykvm.platform.pc import PcMachine
 from pykvm.devices.pci_host import PciHost
 
 NS = 1_000_000_000
+
+
+def pio(dev):
+    """A port bus with ``dev`` attached where its class says (``PIO_RANGES``): every access in
+    these tests goes through the bus, as the guest's do."""
+    bus = Bus("pio", PIO_LIMIT)
+    bus.attach(dev)
+    return bus
 
 
 class Kbc:
@@ -19,6 +28,7 @@ class Kbc:
         self.resets = 0
         self.irqs = []
         self.k = i8042.I8042(on_reset=self.reset, set_irq=lambda n, l: self.irqs.append((n, l)))
+        self.bus = pio(self.k)
 
     def reset(self):
         self.resets += 1
@@ -26,7 +36,7 @@ class Kbc:
 
 def test_i8042_probe_sequence_as_qemu():
     c = Kbc()
-    k = c.k
+    k = c.bus
     assert (k.read(0x64, 1), k.read(0x60, 1)) == (0x1C, 0xFA)
     k.write(0x64, 1, 0xAA)                                  # self test
     assert (k.read(0x64, 1), k.read(0x60, 1), k.read(0x64, 1)) == (0x1D, 0x55, 0x1C)
@@ -50,7 +60,7 @@ def test_i8042_probe_sequence_as_qemu():
 
 
 def test_i8042_wide_accesses_are_byte_runs():
-    k = Kbc().k
+    k = Kbc().bus
     assert k.read(0x64, 2) == 0x1C1C and k.read(0x64, 4) == 0x1C1C1C1C
     k.write(0x64, 2, 0xD2 | 0x20 << 8)       # 0xd2, then 0x20 queues the command byte
     k.write(0x64, 1, 0xD2)
@@ -65,29 +75,29 @@ def test_i8042_reset_paths():
     for seq in ([(0x64, 0xFE)], [(0x64, 0xF0)], [(0x64, 0xFA)], [(0x64, 0xD1), (0x60, 0xCE)]):
         c = Kbc()
         for port, v in seq:
-            c.k.write(port, 1, v)
+            c.bus.write(port, 1, v)
         assert c.resets == 1, seq
     for seq in ([(0x64, 0xFF)], [(0x64, 0xF1)], [(0x64, 0xD1), (0x60, 0xCD)]):
         c = Kbc()
         for port, v in seq:
-            c.k.write(port, 1, v)
+            c.bus.write(port, 1, v)
         assert c.resets == 0, seq
     c = Kbc()
-    c.k.write(0x64, 1, 0xD1)
-    c.k.write(0x60, 1, 0xCD)                                # A20 off: kept, read back
-    c.k.write(0x64, 1, 0xD0)
-    assert c.k.read(0x60, 1) == 0xCD
+    c.bus.write(0x64, 1, 0xD1)
+    c.bus.write(0x60, 1, 0xCD)                                # A20 off: kept, read back
+    c.bus.write(0x64, 1, 0xD0)
+    assert c.bus.read(0x60, 1) == 0xCD
 
 
 def test_i8042_irq1_follows_the_buffer_and_command_byte():
     c = Kbc()
-    c.k.write(0x64, 1, 0xAA)
+    c.bus.write(0x64, 1, 0xAA)
     assert c.irqs == [(1, 1)]
-    c.k.read(0x60, 1)
+    c.bus.read(0x60, 1)
     assert c.irqs[-1] == (1, 0)
-    c.k.write(0x64, 1, 0x60)
-    c.k.write(0x60, 1, 0x60)                                # KBD_INT off
-    c.k.write(0x64, 1, 0xAA)
+    c.bus.write(0x64, 1, 0x60)
+    c.bus.write(0x60, 1, 0x60)                                # KBD_INT off
+    c.bus.write(0x64, 1, 0xAA)
     assert c.irqs[-1] == (1, 0)
 
 
@@ -95,19 +105,20 @@ def test_i8042_irq1_follows_the_buffer_and_command_byte():
 @given(st.lists(st.tuples(st.sampled_from([0x60, 0x61, 0x64, 0x65]), st.sampled_from([1, 2, 4]),
                           st.integers(0, 0xFFFFFFFF), st.booleans()), max_size=80))
 def test_i8042_hostile_accesses_never_raise_and_stay_bounded(ops):
-    k = Kbc().k
+    c = Kbc()
+    k = c.bus
     for port, size, v, is_write in ops:
         if is_write:
             k.write(port, size, v & ((1 << (8 * size)) - 1))
         else:
             assert 0 <= k.read(port, size) < 1 << (8 * size)
-    assert len(k.kbd) <= i8042.QUEUE_SIZE and len(k.aux) <= i8042.QUEUE_SIZE
+    assert len(c.k.kbd) <= i8042.QUEUE_SIZE and len(c.k.aux) <= i8042.QUEUE_SIZE
 
 
 # -- PCI --------------------------------------------------------------------------------------
 
 def test_pci_data_port_takes_aligned_accesses_only():
-    h = PciHost()
+    h = pio(PciHost())
     h.write(0xCF8, 4, 0x80000000)
     assert [h.read(p, 2) for p in range(0xCFC, 0xD00)] == [0x8086, 0, 0x1237, 0]
     assert [h.read(p, 4) for p in range(0xCFC, 0xD00)] == [0x12378086, 0, 0, 0]
@@ -122,7 +133,7 @@ def test_pci_data_port_takes_aligned_accesses_only():
 
 def test_pci_address_register_reads_and_reset_control():
     resets = []
-    h = PciHost(on_reset=lambda: resets.append(1))
+    h = pio(PciHost(on_reset=lambda: resets.append(1)))
     h.write(0xCF8, 4, 0x80000807)
     h.write(0xCF8, 1, 0x12)                                 # only a dword write sets it
     assert (h.read(0xCF8, 4), h.read(0xCF8, 1), h.read(0xCFA, 2), h.read(0xCFB, 1)) == \
@@ -135,7 +146,7 @@ def test_pci_address_register_reads_and_reset_control():
 
 
 def test_pci_read_only_and_writable_bytes_as_qemu():
-    h = PciHost()
+    h = pio(PciHost())
 
     def rw(addr, size, value=None, port=0xCFC):
         h.write(0xCF8, 4, 0x80000000 | addr & ~3)
@@ -156,7 +167,7 @@ def test_pci_read_only_and_writable_bytes_as_qemu():
 
 
 def test_smram_reset_value():
-    h = PciHost()
+    h = pio(PciHost())
     h.write(0xCF8, 4, 0x80000070)
     assert h.read(0xCFE, 1) == 0x02
 
@@ -275,7 +286,7 @@ def test_i8042_keyboard_answers_as_qemus_ps2_keyboard():
     """QEMU's hw/input/ps2.c: unknown commands are answered 0xFE (resend); 0xF0 0x00 reports the
     scan code set (translated while the controller translates), 0xF0 1-3 selects it."""
     def answers(*cmds):
-        k = Kbc().k
+        k = Kbc().bus
         out = []
         for c in cmds:
             k.write(0x60, 1, c)

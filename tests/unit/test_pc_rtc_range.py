@@ -5,6 +5,7 @@ clock wraps after the chip's 10,000 years as the century byte does."""
 from hypothesis import given, settings, strategies as st
 
 from pykvm.devices import cmos_rtc as rtc
+from pykvm.devices.bus import PIO_LIMIT, Bus
 
 NS = 1_000_000_000
 INDEX, DATA = 0x70, 0x71
@@ -20,8 +21,12 @@ class Clock:
 
 
 def _rtc():
+    """The RTC on a port bus (every access goes through it, as the guest's do), and its
+    clock."""
     clk = Clock()
-    return rtc.CmosRtc(clock=clk, wall_ns=1_796_006_527 * NS), clk
+    bus = Bus("pio", PIO_LIMIT)
+    bus.attach(rtc.CmosRtc(clock=clk, wall_ns=1_796_006_527 * NS))
+    return bus, clk
 
 
 def _w(r, reg, val):
