@@ -1,12 +1,23 @@
 """ELF images (ELF64; ELF32 with a multiboot header), loaded by physical address as QEMU's
-``load_elf`` loads them, and their symbol tables. Header counts are capped
-(:data:`MAX_PROGRAM_HEADERS`, :data:`MAX_SECTION_HEADERS`, :data:`MAX_SYMBOLS`) and each
-distinct symbol table is read once, so a hostile file costs time linear in its size."""
+``load_elf`` loads them, and their symbol tables, read with pyelftools (``elftools``).
+
+Images come from untrusted places, and pyelftools trusts what a file says: it reads as many
+headers as ``e_phnum`` or ``e_shnum`` name, follows a ``PT_DYNAMIC`` segment through every
+section, and reads a string up to the next NUL byte wherever that is. So every table is checked
+here before pyelftools reads it: header counts against :data:`MAX_PROGRAM_HEADERS`,
+:data:`MAX_SECTION_HEADERS` and :data:`MAX_SYMBOLS`, entry sizes against the class's
+structures, tables and string tables inside the file, each distinct symbol table read once and
+no two overlapping, and names found with one bounded search of at most :data:`MAX_SYMBOL_NAME`
+bytes. pyelftools then decodes the ELF header and each program header, section header and
+symbol (``ELFFile.structs``), so a hostile file costs time linear in its size and every
+failure is a one-line :class:`LoadError`. ``elftools`` is imported on first use (importing it
+costs about 50 ms, more than the rest of ``pykvm.machine`` needs at import; see
+tests/unit/test_imports.py)."""
 from __future__ import annotations
 
 import bisect
+import functools
 import os
-import struct
 from collections import namedtuple
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -26,26 +37,26 @@ _ELF_MAGIC = b"\x7fELF"
 _ELFCLASS32, _ELFCLASS64 = 1, 2
 _ELFDATA2LSB = 1
 _PT_LOAD = 1
-_SHT_SYMTAB, _SHT_STRTAB, _SHT_DYNSYM = 2, 3, 11
-_SHN_UNDEF = 0
 _ET_NAMES = {0: "ET_NONE", 1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN", 4: "ET_CORE"}
 _ET_EXEC = 2
 _EM_386, _EM_X86_64, _EM_RISCV = 3, 62, 243
 _EM_NAMES = {_EM_386: "i386", _EM_X86_64: "x86-64", _EM_RISCV: "RISC-V", 40: "ARM",
              183: "AArch64", 8: "MIPS", 20: "PowerPC", 21: "PowerPC64", 22: "S/390"}
-
-# Header layouts after e_ident, program headers, section headers and symbols, per ELF class.
-_EHDR = {_ELFCLASS32: struct.Struct("<HHIIIIIHHHHHH"), _ELFCLASS64: struct.Struct("<HHIQQQIHHHHHH")}
-_PHDR = {_ELFCLASS32: struct.Struct("<IIIIIIII"), _ELFCLASS64: struct.Struct("<IIQQQQQQ")}
-_SHDR = {_ELFCLASS32: struct.Struct("<IIIIIIIIII"), _ELFCLASS64: struct.Struct("<IIQQQQIIQQ")}
-_SYM = {_ELFCLASS32: struct.Struct("<IIIBBH"), _ELFCLASS64: struct.Struct("<IBBHQQ")}
+_SHF_ALLOC = 2
+# sizes of the ELF header, program header, section header and symbol per class (ELF spec
+# "ELF Header", "Program Header", "Sections", "Symbol Table"); pyelftools' structures agree
 _EHSIZE = {_ELFCLASS32: 52, _ELFCLASS64: 64}
+_PHDR_SIZE = {_ELFCLASS32: 32, _ELFCLASS64: 56}
+_SHDR_SIZE = {_ELFCLASS32: 40, _ELFCLASS64: 64}
+_SYM_SIZE = {_ELFCLASS32: 16, _ELFCLASS64: 24}
 _ADDR_LIMIT = {_ELFCLASS32: 1 << 32, _ELFCLASS64: 1 << 64}
 
 _Ehdr = namedtuple("_Ehdr", "cls type machine version entry phoff shoff flags ehsize "
                             "phentsize phnum shentsize shnum shstrndx")
 _Phdr = namedtuple("_Phdr", "type offset vaddr paddr filesz memsz flags")
-_Shdr = namedtuple("_Shdr", "type offset size link entsize")
+# sh_addr and sh_flags are for pykvm.boot.symbols (where each allocated section ends)
+_Shdr = namedtuple("_Shdr", "type offset size link entsize addr flags name",
+                   defaults=(0, 0, 0))
 
 
 # what each supported architecture accepts: ELF class -> (e_machine, boot mode)
@@ -54,6 +65,20 @@ _ARCHES = {
     "riscv64": {_ELFCLASS64: (_EM_RISCV, "riscv")},
 }
 
+_elftools = None
+
+
+def _pyelftools():
+    """(ELFFile, struct_parse, ELFError, enums module), imported once, on the first ELF read
+    (``import pykvm.machine`` must not pay for it: tests/unit/test_imports.py)."""
+    global _elftools
+    if _elftools is None:
+        from elftools.common.exceptions import ELFError
+        from elftools.common.utils import struct_parse
+        from elftools.elf import enums
+        from elftools.elf.elffile import ELFFile
+        _elftools = (ELFFile, struct_parse, ELFError, enums)
+    return _elftools
 
 
 def is_elf(data: bytes) -> bool:
@@ -61,87 +86,154 @@ def is_elf(data: bytes) -> bool:
     return bytes(data[:4]) == _ELF_MAGIC
 
 
+class _ImageStream:
+    """A read-only, seekable binary stream over an image's bytes (``bytes`` or the ``mmap``
+    :func:`pykvm.boot.image._read_image` gives) that copies only what is read, for
+    pyelftools' ``ELFFile`` (``io.BytesIO`` would copy a mapped 1 GiB image whole)."""
 
-def _elf_header(data: bytes) -> _Ehdr:
-    """The ELF header of a little-endian ELF32/ELF64 file, unchecked beyond its size."""
-    if len(data) < 16:
-        raise LoadError(f"image truncated: {len(data)} bytes is too short for an ELF header")
-    if not is_elf(data):
-        raise LoadError("not an ELF file (bad magic)")
-    cls, enc = data[4], data[5]
-    if cls not in (_ELFCLASS32, _ELFCLASS64):
-        raise LoadError(f"bad ELF class {cls}")
-    if enc != _ELFDATA2LSB:
-        raise LoadError("ELF file is not little-endian")
-    if len(data) < _EHSIZE[cls]:
-        raise LoadError(f"image truncated: {len(data)} bytes is too short for the ELF header "
-                        f"({_EHSIZE[cls]} bytes)")
-    return _Ehdr(cls, *_EHDR[cls].unpack_from(data, 16))
+    def __init__(self, data):
+        self._view = memoryview(data)
+        self._size = len(self._view)
+        self._pos = 0
 
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, self._size)[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
 
-def _entries(data: bytes, what: str, off: int, count: int, entsize: int, layout: struct.Struct,
-             cap: int) -> Iterator[tuple]:
-    """The ``count`` table entries at ``off``, ``entsize`` bytes apart, each unpacked by
-    ``layout`` (its first ``layout.size`` bytes; ELF spec: the header's e_phentsize or
-    e_shentsize is the stride, and may be larger than the structure the class defines)."""
-    if count > cap:
-        raise LoadError(f"too many ELF {what}s: {count} (at most {cap})")
-    if count == 0:
-        return iter(())
-    # the last entry needs only its structure's bytes in the file, not a whole stride
-    end = off + (count - 1) * entsize + layout.size
-    if end > len(data):
-        raise LoadError(f"image truncated: {what}s end at {end:#x}, the file has "
-                        f"{len(data):#x} bytes")
-    return (layout.unpack_from(data, off + i * entsize) for i in range(count))
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        start = min(self._pos, self._size)
+        end = self._size if n is None or n < 0 else min(self._size, start + n)
+        self._pos = max(self._pos, end)
+        return bytes(self._view[start:end])
 
 
-def _program_headers(data: bytes, h: _Ehdr) -> List[_Phdr]:
+class _Elf:
+    """One ELF file as pyelftools reads it, with the header checked enough for pyelftools to
+    parse it: ``hdr`` (an :class:`_Ehdr` with numeric fields), ``data`` (the image bytes),
+    ``file`` (the ``ELFFile``)."""
+
+    def __init__(self, data):
+        if len(data) < 16:
+            raise LoadError(f"image truncated: {len(data)} bytes is too short for an ELF header")
+        if not is_elf(data):
+            raise LoadError("not an ELF file (bad magic)")
+        cls, enc = data[4], data[5]
+        if cls not in (_ELFCLASS32, _ELFCLASS64):
+            raise LoadError(f"bad ELF class {cls}")
+        if enc != _ELFDATA2LSB:
+            raise LoadError("ELF file is not little-endian")
+        if len(data) < _EHSIZE[cls]:
+            raise LoadError(f"image truncated: {len(data)} bytes is too short for the ELF header "
+                            f"({_EHSIZE[cls]} bytes)")
+        ELFFile, self._parse, self._error, enums = _pyelftools()
+        self.data = data
+        try:
+            self.file = ELFFile(_ImageStream(data))
+        except self._error as e:         # the checks above leave nothing for it to refuse
+            raise LoadError(f"malformed ELF header: {e}") from e
+        h = self.file.header
+        self.hdr = _Ehdr(cls, _number(h["e_type"], enums.ENUM_E_TYPE),
+                         _number(h["e_machine"], enums.ENUM_E_MACHINE),
+                         _number(h["e_version"], enums.ENUM_E_VERSION), h["e_entry"],
+                         h["e_phoff"], h["e_shoff"], h["e_flags"], h["e_ehsize"],
+                         h["e_phentsize"], h["e_phnum"], h["e_shentsize"], h["e_shnum"],
+                         h["e_shstrndx"])
+
+    def entries(self, what: str, off: int, count: int, entsize: int, structure, size: int,
+                cap: int) -> Iterator:
+        """The ``count`` table entries at ``off``, ``entsize`` bytes apart, each decoded by
+        pyelftools' ``structure`` (its first ``size`` bytes; ELF spec: the header's
+        e_phentsize or e_shentsize is the stride, and may be larger than the structure the
+        class defines). Count and extent are checked before anything is decoded."""
+        if count > cap:
+            raise LoadError(f"too many ELF {what}s: {count} (at most {cap})")
+        if count == 0:
+            return iter(())
+        # the last entry needs only its structure's bytes in the file, not a whole stride
+        end = off + (count - 1) * entsize + size
+        if end > len(self.data):
+            raise LoadError(f"image truncated: {what}s end at {end:#x}, the file has "
+                            f"{len(self.data):#x} bytes")
+        stream, parse = self.file.stream, self._parse
+        return (parse(structure, stream, off + i * entsize) for i in range(count))
+
+
+def _elf_errors_only(fn):
+    """``fn`` with any error pyelftools reports (``ELFError``: its parse errors included) turned
+    into a one-line :class:`LoadError`, after :func:`_load_errors_only`'s own conversions.
+    The checks made before pyelftools reads a table leave it nothing to refuse; this is the
+    backstop that keeps a missed case a one-line error."""
+    inner = _load_errors_only(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return inner(*args, **kwargs)
+        except Exception as e:
+            if _elftools is not None and isinstance(e, _elftools[2]):
+                raise LoadError(f"malformed ELF ({e})") from e
+            raise
+    return wrapper
+
+
+def _number(value, names: dict) -> int:
+    """The number behind a field pyelftools decoded to its enumerator's name."""
+    return names.get(value, value) if isinstance(value, str) else value
+
+
+def _program_headers(elf: _Elf) -> List[_Phdr]:
     """The program headers, ``e_phentsize`` bytes apart (the ELF spec's stride: at least
     sizeof(Elf32_Phdr) = 32 or sizeof(Elf64_Phdr) = 56; larger strides are legal and their
-    extra bytes are skipped)."""
+    extra bytes are skipped). Decoded by pyelftools' ``Elf_Phdr`` (not ``get_segment``, which
+    for a ``PT_DYNAMIC`` walks every section of the file: quadratic on a hostile header)."""
+    h = elf.hdr
     if h.phnum == 0:
         raise LoadError("ELF has no program headers")
     if h.phnum > MAX_PROGRAM_HEADERS:
         raise LoadError(f"too many ELF program headers: {h.phnum} (at most "
                         f"{MAX_PROGRAM_HEADERS})")
-    if h.phentsize < _PHDR[h.cls].size:
+    size = _PHDR_SIZE[h.cls]
+    if h.phentsize < size:
         raise LoadError(f"bad ELF program header size {h.phentsize} (e_phentsize must be at "
-                        f"least {_PHDR[h.cls].size} for this ELF class)")
-    out = []
-    for f in _entries(data, "program header", h.phoff, h.phnum, h.phentsize, _PHDR[h.cls],
-                      MAX_PROGRAM_HEADERS):
-        if h.cls == _ELFCLASS32:       # type offset vaddr paddr filesz memsz flags align
-            out.append(_Phdr(f[0], f[1], f[2], f[3], f[4], f[5], f[6]))
-        else:                          # type flags offset vaddr paddr filesz memsz align
-            out.append(_Phdr(f[0], f[2], f[3], f[4], f[5], f[6], f[1]))
-    return out
+                        f"least {size} for this ELF class)")
+    return [_Phdr(_PT_LOAD if p["p_type"] == "PT_LOAD" else p["p_type"], p["p_offset"],
+                  p["p_vaddr"], p["p_paddr"], p["p_filesz"], p["p_memsz"], p["p_flags"])
+            for p in elf.entries("program header", h.phoff, h.phnum, h.phentsize,
+                                 elf.file.structs.Elf_Phdr, size, MAX_PROGRAM_HEADERS)]
 
 
-def _section_headers(data: bytes, h: _Ehdr) -> List[_Shdr]:
+def _section_headers(elf: _Elf) -> List[_Shdr]:
     """The section headers ([] when there are none); extended numbering (e_shnum 0 and the count
-    in section 0's sh_size) is understood, and the count is capped."""
+    in section 0's sh_size) is understood, and the count is capped. Decoded by pyelftools'
+    ``Elf_Shdr`` without their names (``ELFFile.get_section`` looks each name up in the
+    section name table up to the next NUL byte, wherever that is)."""
+    h = elf.hdr
     if h.shoff == 0:
         return []
-    layout = _SHDR[h.cls]
-    if h.shentsize < layout.size:
+    size = _SHDR_SIZE[h.cls]
+    if h.shentsize < size:
         if h.shnum == 0:
             return []
         raise LoadError(f"bad ELF section header size {h.shentsize} (e_shentsize must be at "
-                        f"least {layout.size} for this ELF class)")
+                        f"least {size} for this ELF class)")
+    structure = elf.file.structs.Elf_Shdr
     shnum = h.shnum
     if shnum == 0:
-        first = list(_entries(data, "section header", h.shoff, 1, h.shentsize, layout, 1))
-        shnum = first[0][5]                              # sh_size of section 0
+        first = list(elf.entries("section header", h.shoff, 1, h.shentsize, structure, size, 1))
+        shnum = first[0]["sh_size"]                      # sh_size of section 0
         if shnum == 0:
             return []
-    # sh_name sh_type sh_flags sh_addr sh_offset sh_size sh_link sh_info sh_addralign sh_entsize
-    return [_Shdr(f[1], f[4], f[5], f[6], f[9])
-            for f in _entries(data, "section header", h.shoff, shnum, h.shentsize, layout,
-                              MAX_SECTION_HEADERS)]
+    return [_Shdr(s["sh_type"], s["sh_offset"], s["sh_size"], s["sh_link"], s["sh_entsize"],
+                  s["sh_addr"], s["sh_flags"], s["sh_name"])
+            for s in elf.entries("section header", h.shoff, shnum, h.shentsize, structure,
+                                 size, MAX_SECTION_HEADERS)]
 
 
-@_load_errors_only
+@_elf_errors_only
 def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
     """A plan from an ELF executable. x86_64: ELF64 (long mode, needs p_paddr == p_vaddr) or
     ELF32 i386 with a multiboot header (protected mode, loaded by p_paddr); any ELF whose
@@ -153,7 +245,8 @@ def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
     if arch not in _ARCHES:
         raise LoadError(f"unknown architecture {arch!r} (known: {', '.join(_ARCHES)})")
     data = _as_bytes(data)
-    hdr = _elf_header(data)
+    elf = _Elf(data)
+    hdr = elf.hdr
     cls = hdr.cls
     if arch == "x86_64":
         # A multiboot header asking for the a.out kludge (flag bit 16) decides the layout of
@@ -178,7 +271,7 @@ def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
     if hdr.type != _ET_EXEC and mode == "long":
         raise LoadError(f"not an executable ELF (e_type {_ET_NAMES.get(hdr.type, hdr.type)}); "
                         f"link with a fixed address (-no-pie, -static)")
-    phdrs = _program_headers(data, hdr)
+    phdrs = _program_headers(elf)
 
     mb = None
     if arch == "x86_64" and cls == _ELFCLASS32:
@@ -324,20 +417,21 @@ def _params_symbol(image: Image, data: bytes, plan: LoadPlan) -> Optional[int]:
 
 # ---- symbols ------------------------------------------------------------------------------------
 
-def _symbol_tables(data: bytes, h: _Ehdr) -> List[Tuple[int, _Shdr, _Shdr]]:
+def _symbol_tables(elf: _Elf) -> List[Tuple[int, _Shdr, _Shdr]]:
     """(section index, symbol table, its string table) for each distinct symbol table (by file
     offset and size), checked: in the file, right entry size, a string table that is one, and
     no two tables overlapping, so that the symbols read in all never exceed the file size."""
-    shdrs = _section_headers(data, h)
+    data, cls = elf.data, elf.hdr.cls
+    shdrs = _section_headers(elf)
+    entsize = _SYM_SIZE[cls]
     out, seen = [], set()
     for i, sh in enumerate(shdrs):
-        if sh.type not in (_SHT_SYMTAB, _SHT_DYNSYM) or sh.size == 0:
+        if sh.type not in ("SHT_SYMTAB", "SHT_DYNSYM") or sh.size == 0:
             continue
         key = (sh.offset, sh.size)
         if key in seen:
             continue                          # another header for a table already listed
         seen.add(key)
-        entsize = _SYM[h.cls].size
         if sh.entsize != entsize:
             raise LoadError(f"section {i}: bad symbol entry size {sh.entsize} (want {entsize})")
         if sh.size % entsize:
@@ -349,7 +443,7 @@ def _symbol_tables(data: bytes, h: _Ehdr) -> List[Tuple[int, _Shdr, _Shdr]]:
         if not 0 < sh.link < len(shdrs):
             raise LoadError(f"section {i}: string table index {sh.link} is not a section")
         st = shdrs[sh.link]
-        if st.type != _SHT_STRTAB:
+        if st.type != "SHT_STRTAB":
             raise LoadError(f"section {i}: its string table (section {sh.link}) is not one")
         if st.offset + st.size > len(data):
             raise LoadError(f"image truncated: string table of section {sh.link} ends at "
@@ -359,65 +453,84 @@ def _symbol_tables(data: bytes, h: _Ehdr) -> List[Tuple[int, _Shdr, _Shdr]]:
     for (i, a, _), (j, b, _) in zip(ordered, ordered[1:]):
         if a.offset + a.size > b.offset:
             raise LoadError(f"symbol tables of sections {i} and {j} overlap")
-    total = sum(sh.size // _SYM[h.cls].size for _, sh, _ in out)
+    total = sum(sh.size // entsize for _, sh, _ in out)
     if total > MAX_SYMBOLS:
         raise LoadError(f"too many ELF symbols: {total} (at most {MAX_SYMBOLS})")
     return out
 
 
-def _read_symbols(data: bytes, h: _Ehdr, sh: _Shdr, st: _Shdr,
-                  want: Optional[bytes] = None) -> Iterator[Tuple[bytes, int]]:
-    """(name, value) of the named, defined symbols of one table (only those called ``want``
-    if given). A name is found with one bounded search in the string table (at most
-    :data:`MAX_SYMBOL_NAME` bytes; longer or unterminated names are skipped), so the cost per
-    symbol does not grow with the string table."""
+def _read_symbols(elf: _Elf, data: bytes, sh: _Shdr, st: _Shdr,
+                  want: Optional[bytes] = None) -> Iterator[Tuple[bytes, object]]:
+    """(name, entry) of the named, defined symbols of one table (only those called ``want`` if
+    given); ``entry`` is pyelftools' decoded ``Elf_Sym`` (``st_value``, ``st_size``,
+    ``st_info``, ``st_shndx``). A name is found with one bounded search in the string table
+    (at most :data:`MAX_SYMBOL_NAME` bytes; longer or unterminated names are skipped), so the
+    cost per symbol does not grow with the string table: pyelftools' own
+    ``SymbolTableSection.iter_symbols`` reads each name up to the next NUL anywhere in the
+    file, quadratic on a table whose names all point at one long unterminated run.
+
+    Looking for ``want``: the string table is searched for ``want`` + NUL first (a C-speed
+    scan), and a table that does not hold the name is not decoded at all."""
     str_lo, str_hi = st.offset, st.offset + st.size
-    key = None if want is None else want + b"\0"
-    cls = h.cls
-    for f in _SYM[cls].iter_unpack(memoryview(data)[sh.offset:sh.offset + sh.size]):
-        if cls == _ELFCLASS32:             # st_name st_value st_size st_info st_other st_shndx
-            name_off, value, shndx = f[0], f[1], f[5]
-        else:                              # st_name st_info st_other st_shndx st_value st_size
-            name_off, value, shndx = f[0], f[4], f[3]
-        if name_off == 0 or shndx == _SHN_UNDEF or name_off >= st.size:
+    entsize = sh.entsize
+    count = sh.size // entsize
+    structure, stream, parse = elf.file.structs.Elf_Sym, elf.file.stream, elf._parse
+    if want is not None:
+        key = want + b"\0"
+        wanted, pos = set(), data.find(key, str_lo, str_hi)
+        while pos >= 0:                  # names hold no NUL: matches never overlap
+            wanted.add(pos - str_lo)
+            pos = data.find(key, pos + len(key), str_hi)
+        wanted.discard(0)
+        if not wanted:
+            return
+        for i in range(count):
+            sym = parse(structure, stream, sh.offset + i * entsize)
+            if sym["st_name"] in wanted and sym["st_shndx"] != "SHN_UNDEF":
+                yield want, sym
+        return
+    for i in range(count):
+        sym = parse(structure, stream, sh.offset + i * entsize)
+        name_off = sym["st_name"]
+        if name_off == 0 or sym["st_shndx"] == "SHN_UNDEF" or name_off >= st.size:
             continue
         start = str_lo + name_off
-        if key is not None:
-            if start + len(key) <= str_hi and data[start:start + len(key)] == key:
-                yield want, value
-            continue
         end = data.find(b"\0", start, min(str_hi, start + MAX_SYMBOL_NAME + 1))
         if end > start:
-            yield data[start:end], value
+            yield bytes(data[start:end]), sym
 
 
-def _symbols(image: Image, want: Optional[bytes] = None) -> Iterator[Tuple[bytes, int]]:
+def _symbol_entries(image: Image, want: Optional[bytes] = None, *,
+                    sections: Optional[list] = None) -> Iterator[Tuple[bytes, object]]:
+    """(name, pyelftools ``Elf_Sym``) of every named, defined symbol of the ELF ``image``, table
+    by table (nothing if it is not an ELF). ``sections``: a list that receives the section
+    headers (:class:`_Shdr`), for callers that want section extents too."""
     data = _read_image(image)
     if not is_elf(data):
         return
-    h = _elf_header(data)
-    for _, sh, st in _symbol_tables(data, h):
-        yield from _read_symbols(data, h, sh, st, want)
+    elf = _Elf(data)
+    if sections is not None:
+        sections.extend(_section_headers(elf))
+    for _, sh, st in _symbol_tables(elf):
+        yield from _read_symbols(elf, data, sh, st, want)
 
 
-@_load_errors_only
+@_elf_errors_only
 def elf_symbols(image: Image) -> Dict[str, int]:
     """{name: value} of every named, defined symbol in the ELF's symbol tables, the first
     definition winning ({} if not an ELF). Each distinct table is read once; the symbols read
     are bounded by the file size and :data:`MAX_SYMBOLS`."""
     out: Dict[str, int] = {}
-    for name, value in _symbols(image):
-        out.setdefault(name.decode("utf-8", "replace"), value)
+    for name, sym in _symbol_entries(image):
+        out.setdefault(name.decode("utf-8", "replace"), sym["st_value"])
     return out
 
 
-@_load_errors_only
+@_elf_errors_only
 def find_symbol(image: Image, name: str) -> Optional[int]:
     """The value (address) of symbol ``name`` in an ELF image, or None."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise LoadError(f"bad symbol name {name!r}")
-    for _, value in _symbols(image, name.encode("utf-8", "surrogateescape")):
-        return value
+    for _, sym in _symbol_entries(image, name.encode("utf-8", "surrogateescape")):
+        return sym["st_value"]
     return None
-
-
