@@ -458,8 +458,8 @@ def _output_failure() -> int:
 
 def _python_loop():
     """The reference Python run loop (``--python-loop``), loaded only when asked for."""
-    from .runloop import PyRunLoop
-    return PyRunLoop
+    from .testing.reference_loop import ReferenceLoop
+    return ReferenceLoop
 
 
 def _console_stream():
@@ -499,15 +499,7 @@ def cmd_run(args) -> int:
     opts = {}
     if args.irqchip:
         opts["irqchip"] = opts["pit"] = True
-    if args.machine is not None:
-        if HOST_ARCH != "x86_64":
-            return outcome("bad_input", status.BAD_INPUT, "--machine applies to x86 guests")
-        opts["pc"] = args.machine == "pc"
     if args.pc_device:
-        if HOST_ARCH != "x86_64":
-            return outcome("bad_input", status.BAD_INPUT, "--pc-device applies to x86 guests")
-        if args.machine == "bare":
-            return outcome("bad_input", status.BAD_INPUT, "--pc-device needs the pc machine")
         opts["devices"] = tuple(args.pc_device)
     riscv_opts = {"cpu_type": args.cpu_type, "suspend_seconds": args.suspend_seconds}
     riscv_opts = {k: v for k, v in riscv_opts.items() if v is not None}
@@ -518,7 +510,7 @@ def cmd_run(args) -> int:
         opts.update(riscv_opts)
     try:
         m = Machine(guest, mem_size=args.mem, vcpus=args.vcpus, cmdline=args.cmdline,
-                    initrd=args.initrd,
+                    initrd=args.initrd, machine=args.machine,
                     on_console=stream, loop=_python_loop() if args.python_loop else None, **opts)
     except Exception as e:
         host = _host_failure(e)             # the host ran out of fds, memory or threads
@@ -728,15 +720,17 @@ def build_parser(only=None) -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON object with exit, "
                    "exit_code, console, exits, seconds")
     r.add_argument("--irqchip", action="store_true", help="create the in-kernel irqchip and PIT")
-    r.add_argument("--machine", choices=("pc", "bare"), default=None,
-                   help="x86: pc (in-kernel irqchip and PIT, fw_cfg, PCI, ACPI with PM timer, "
-                   "CMOS RTC, S3, pc-testdev; vCPU 0 starts, the others wait for INIT/SIPI) or "
-                   "bare (RAM and console ports; every vCPU starts at the entry); default: pc "
-                   "for multiboot kernels and Linux bzImages, bare otherwise")
+    r.add_argument("--machine", default="auto", metavar="NAME",
+                   help="the machine, as QEMU's -machine: on x86 pc (in-kernel irqchip and PIT, "
+                   "fw_cfg, PCI, ACPI with PM timer, CMOS RTC, S3, pc-testdev; vCPU 0 starts, "
+                   "the others wait for INIT/SIPI) or bare (RAM and console ports; every vCPU "
+                   "starts at the entry), on RISC-V virt; auto (default): pc for multiboot "
+                   "kernels, Linux bzImages and --pc-device, bare for other x86 images, virt on "
+                   "RISC-V")
     r.add_argument("--pc-device", action="append", default=[], metavar="NAME",
-                   choices=("edu", "intel-iommu"),
-                   help="x86 PC: add a device, as QEMU's -device: edu (QEMU's educational PCI "
-                   "device) or intel-iommu (VT-d with DMA and interrupt remapping); repeatable")
+                   help="x86 pc machine: add a device by QEMU's -device name (edu: QEMU's "
+                   "educational PCI device; intel-iommu: VT-d with DMA and interrupt "
+                   "remapping); repeatable")
     r.add_argument("--python-loop", action="store_true", help="run the exit loop in Python "
                    "instead of the C helper")
     r.add_argument("--cpu-type", default=None, metavar="TYPE",

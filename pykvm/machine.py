@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from . import status
-from .platform import Platform as _Platform
-from .errors import (Busy, Closed, GuestError, GuestMemoryError, GuestRamUnbacked,
-                     HostResourceError, KvmError, MachineEnded, PykvmError, host_resource_error)
+from . import guests
+from .boot import read_head
+from .platform import MachineControl, choose as choose_platform
+from .errors import (Busy, Closed, GuestError, GuestMemoryError, HostResourceError,
+                     KvmError, MachineEnded, PykvmError, host_resource_error)
 from .exits import Exit
 from .kvm import Kvm
 from .report import GuestAssertion, Report
@@ -96,7 +98,6 @@ def _is_image_path(name: str) -> bool:
 # What a handler the run loop calls for Machine.on (Machine._fast_handler) returns besides None
 # (resume) and a guest report: leave the exit to step() / a handler ended the step.
 _SLOW = object()
-_HANDLED = object()
 
 # Kept for callers of earlier versions; see pykvm.status for the whole table.
 EXIT_TIMEOUT = status.TIMEOUT
@@ -127,8 +128,10 @@ def _guest_fault(ex, e: GuestMemoryError) -> GuestError:
 
 class Machine:
     """A VM with RAM, ``vcpus`` vCPUs and ``guest`` loaded (a built-in guest name, a path, or
-    image bytes). Options go to the arch platform (x86: ``irqchip``, ``pit``, ``cpuid``;
-    RISC-V: ``cpu_type``, ``suspend_seconds``, ...).
+    image bytes) on the machine ``machine``: "pc" or "bare" on x86, "virt" on RISC-V, or "auto"
+    (the default: :func:`pykvm.platform.choose` picks by the image). Other keyword options go
+    to the machine (pc: ``devices``, ``cpuid``; bare: ``irqchip``, ``pit``, ``cpuid``; virt:
+    ``cpu_type``, ``disable``, ``suspend_seconds``, ...).
 
     ``mem_size``: guest RAM in bytes (mapped ``MAP_NORESERVE``: it costs host memory only as
     the guest touches it). ``console_limit``: bytes of console output kept in :attr:`console`
@@ -155,7 +158,7 @@ class Machine:
                  on_console: Optional[Callable[[bytes], None]] = None,
                  flat_addr: Optional[int] = None, flat_mode: str = "real",
                  console_limit: int = 1 << 20, report_limit: int = 4096,
-                 initrd: Sequence[str] = (), **platform_opts):
+                 initrd: Sequence[str] = (), machine: str = "auto", **platform_opts):
         if not isinstance(vcpus, int) or vcpus < 1:
             raise ValueError(f"a machine needs at least one vCPU, got {vcpus!r}")
         self._closed = False
@@ -180,25 +183,24 @@ class Machine:
         try:
             image = guest
             if guest is None or (isinstance(guest, str) and not _is_image_path(guest)):
-                from . import guests               # (lazy: it loads subprocess to build them)
                 image = guests.path(guest or guests.DEFAULT_GUEST)
             self.image_name = image if isinstance(image, str) else "<bytes>"
-            self._check_vcpu_limits(vcpus, image, dict(platform_opts, flat_mode=flat_mode))
+            cls, fmt = choose_platform(machine, read_head(image), **platform_opts)
+            self._check_vcpu_limits(vcpus, cls, fmt, dict(platform_opts, flat_mode=flat_mode))
             self.vm = self.kvm.create_vm()
-            self.platform = _Platform(self, **platform_opts)
-            self.platform.create_devices()
-            add_ram = getattr(self.platform, "add_ram", None)     # x86: RAM around the hole
-            self.ram = add_ram(mem_size) if add_ram else \
-                self.vm.add_memory(self.platform.ram_base, mem_size)
+            control = MachineControl(console=self._console_out, stopping=self._stopping,
+                                     kick=self._kick_one, in_run=self._in_run)
+            self.platform = cls(self.vm, self.kvm, control, vcpus=vcpus, mem_size=mem_size,
+                                **platform_opts)
+            self.ram = self.platform.ram
             self.image = self.platform.load(image, cmdline=cmdline, initrd=tuple(initrd),
-                                            flat_addr=flat_addr,
-                                            flat_mode=flat_mode)
+                                            flat_addr=flat_addr, flat_mode=flat_mode)
             self.vcpus = [self.vm.create_vcpu(i) for i in range(vcpus)]
             for i, v in enumerate(self.vcpus):
                 self.platform.setup_vcpu(v, i)
             loop_class = loop or RunLoop
             self.loops = [loop_class(v, config=self.platform.loop_config(),
-                                    on_console=self._console_out) for v in self.vcpus]
+                                     on_console=self._console_out) for v in self.vcpus]
         except BaseException as e:
             self.close()
             hr = host_resource_error(e)
@@ -206,12 +208,11 @@ class Machine:
                 raise hr from e                # the host ran out of something: say which
             raise
 
-    def _check_vcpu_limits(self, vcpus: int, image, platform_opts: dict) -> None:
-        """Refuse (ValueError naming the limit) a vCPU count this KVM or the platform cannot
+    def _check_vcpu_limits(self, vcpus: int, cls, image_format: str, options: dict) -> None:
+        """Refuse (ValueError naming the limit) a vCPU count this KVM or the machine cannot
         honour, before any VM exists: KVM_CAP_MAX_VCPUS (else KVM_CAP_NR_VCPUS, the
         recommended count older kernels report) and KVM_CAP_MAX_VCPU_ID (ids run 0..vcpus-1),
-        then the platform's own limit (``Platform.max_vcpus``; ``platform_opts`` include
-        ``flat_mode``)."""
+        then the machine's own limit (``max_vcpus`` of the platform class ``cls``)."""
         kvm = self.kvm
         max_vcpus = kvm.check_extension("MAX_VCPUS") or kvm.check_extension("NR_VCPUS")
         if max_vcpus and vcpus > max_vcpus:
@@ -221,9 +222,19 @@ class Machine:
         if max_id and vcpus > max_id:
             raise ValueError(f"{vcpus} vCPUs requested; this KVM's vCPU ids stop below "
                              f"{max_id} (KVM_CAP_MAX_VCPU_ID)")
-        limit, why = _Platform.max_vcpus(image, **platform_opts)
+        limit, why = cls.max_vcpus(image_format, **options)
         if limit is not None and vcpus > limit:
             raise ValueError(f"{vcpus} vCPUs requested; {why} at most {limit}")
+
+    # -- the handles the platform gets (MachineControl) --------------------------------------
+    def _stopping(self) -> bool:
+        return self._stop or self._closed
+
+    def _kick_one(self, index: int) -> None:
+        self.loops[index].kick()
+
+    def _in_run(self, index: int) -> bool:
+        return self.vcpus[index].running
 
     # -- plumbing ---------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -286,32 +297,42 @@ class Machine:
                 pass
 
     def _fast_handler(self, index: int) -> Callable:
-        """What the run loop calls for an exit some handler of :meth:`on` may want: the same
-        order as :meth:`step` (a guest report first, then the handler), without leaving the
-        loop when the handler resumes the guest."""
-        platform, handlers = self.platform, self.handlers
-
+        """What the run loop calls for an exit some handler of :meth:`on` may want: the one
+        dispatch order of :meth:`_serve`, without leaving the loop when the guest resumes."""
         def on_exit(ex):
             if self.trace is not None:
                 return _SLOW                   # step() traces every exit
-            rep = platform.report_from_exit(index, ex)
-            if rep is not None:
-                rep.vcpu = index
-                if rep.kind == "print":
-                    self._console_out(rep.text.encode())
-                    return None
-                return rep                     # step() takes it from Stop.result
-            h = handlers.get(ex.name)
-            if h is None or (ex.name == "MMIO" and self._unbacked_ram(ex) is not None):
-                return _SLOW                   # (guest RAM the host failed: step() ends it)
-            try:
-                r = h(self, index, ex)
-            except GuestMemoryError as e:
-                raise _guest_fault(ex, e) from e
-            if r is None:
-                return None
-            return _HANDLED
+            ev = self._serve(index, ex)
+            return None if ev is None else ev  # an Event ends the step (Stop.result)
         return on_exit
+
+    def _serve(self, index: int, ex) -> Optional[Event]:
+        """Serve exit ``ex`` of vCPU ``index`` in the one order every path uses: a guest report
+        (PRINT goes to the console), guest RAM the host failed to back (never a device's), the
+        handler of :meth:`on`, the platform. Returns None to resume the guest, else the
+        :class:`Event` that ends the step. A :class:`~pykvm.errors.GuestMemoryError` met on the
+        way is the guest's fault (:class:`~pykvm.errors.GuestError`, naming the exit)."""
+        rep = self.platform.report_from_exit(index, ex)
+        if rep is not None:
+            rep.vcpu = index
+            if self.trace:
+                self.trace(f"vcpu{index}: guest report {rep.describe()}")
+            if rep.kind == "print":
+                self._console_out(rep.text.encode())
+                return None
+            self._keep_report(rep)
+            return Event("report", index, report=rep)
+        if ex.name == "MMIO" and self._unbacked_ram(ex) is not None:
+            return Event("exit", index, exit=ex)   # no device lives in RAM: the host failed
+        handler = self.handlers.get(ex.name)
+        try:
+            if handler is not None:
+                return None if handler(self, index, ex) is None else Event("exit", index, exit=ex)
+            if self.platform.handle_exit(index, ex):
+                return None
+        except GuestMemoryError as e:          # a guest-chosen address outside RAM
+            raise _guest_fault(ex, e) from e
+        return Event("exit", index, exit=ex)
 
     def set_params(self, *values: int) -> None:
         """Write ``values`` into the guest's ``pykvm_params[]`` array (before running)."""
@@ -356,34 +377,13 @@ class Machine:
             if stop.kind != "exit":
                 return Event("timeout" if stop.kind == "deadline" else stop.kind, index)
             ex = stop.exit
-            res = stop.result
-            if res is _HANDLED:                # a handler of on() ended the step
-                return Event("exit", index, exit=ex)
+            if isinstance(stop.result, Event):  # the loop's callback served it (_serve)
+                return stop.result
             if self.trace:
                 self.trace(f"vcpu{index}: {ex!r}")
-            rep = res if isinstance(res, Report) else self.platform.report_from_exit(index, ex)
-            if rep is not None:
-                rep.vcpu = index
-                if self.trace:
-                    self.trace(f"vcpu{index}: guest report {rep.describe()}")
-                if rep.kind == "print":
-                    self._console_out(rep.text.encode())
-                    continue
-                self._keep_report(rep)
-                return Event("report", index, report=rep)
-            if ex.name == "MMIO" and self._unbacked_ram(ex) is not None:
-                return Event("exit", index, exit=ex)   # no device lives in RAM: the host failed
-            handler = self.handlers.get(ex.name)
-            try:
-                if handler is not None:
-                    if handler(self, index, ex) is None:
-                        continue
-                    return Event("exit", index, exit=ex)
-                if self.platform.handle_exit(index, ex):
-                    continue
-            except GuestMemoryError as e:      # a guest-chosen address outside RAM
-                raise _guest_fault(ex, e) from e
-            return Event("exit", index, exit=ex)
+            ev = self._serve(index, ex)
+            if ev is not None:
+                return ev
 
     def expect(self, kind: str, index: int = 0, *, timeout: Optional[float] = 10.0) -> Event:
         """Step and insist on a report of ``kind`` ("sync", "done"); a guest assertion or
@@ -444,8 +444,7 @@ class Machine:
                 ev = self.step(index, timeout=left)
                 if ev.kind == "report" and ev.report.kind == "sync":
                     continue                       # nobody waits for syncs in a plain run
-                if ev.kind == "kick" and not self._stop and \
-                        getattr(self.platform, "hold", lambda i: False)(index):
+                if ev.kind == "kick" and not self._stop and self.platform.hold(index):
                     continue                       # the platform paused this vCPU (x86 S3)
                 results[index] = ev
                 break
@@ -660,9 +659,8 @@ class Machine:
                 return
             self._closed = True
         self._kick_all()
-        close = getattr(getattr(self, "platform", None), "close", None)
-        if close is not None:
-            close()                        # platform timers and threads
+        if getattr(self, "platform", None) is not None:
+            self.platform.close()          # platform timers and threads
         for v in getattr(self, "vcpus", []):
             v.close()
         if getattr(self, "vm", None) is not None:

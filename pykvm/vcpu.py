@@ -77,6 +77,11 @@ class Vcpu(_arch.VcpuArch, FdObject):
         return self._run_addr
 
     # -- lifecycle --------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """True while some thread is inside a run of this vCPU (:meth:`run` or a run loop)."""
+        return self._runner is not None
+
     def _enter_run(self, kick) -> None:
         """Claim the vCPU for one run (``kick()`` must make that run return promptly).
 

@@ -25,10 +25,15 @@ Every failure is a :class:`LoadError` with a one-line message, and nothing is wr
 memory before all checks have passed.
 """
 from .formats import detect, load_image, parse_image
-from .image import ARCHES, MAX_IMAGE_SIZE, STREAM_CHUNK, Image, InputFile, LoadedImage, LoadError, LoadPlan, Segment, copy_into, validate_plan, write_plan, zero_fill
-from .elf import MAX_PROGRAM_HEADERS, MAX_SECTION_HEADERS, MAX_SYMBOLS, PARAMS_SIZE, PARAMS_SYMBOL, elf_symbols, find_symbol, is_elf, parse_elf
+from .image import (ARCHES, MAX_IMAGE_SIZE, STREAM_CHUNK, Image, InputFile, LoadedImage,
+                    LoadError, LoadPlan, Segment, copy_into, read_head, validate_plan,
+                    write_plan, zero_fill)
+from .elf import (MAX_PROGRAM_HEADERS, MAX_SECTION_HEADERS, MAX_SYMBOLS, PARAMS_SIZE,
+                  PARAMS_SYMBOL, elf_symbols, find_symbol, is_elf, parse_elf)
 from .flat import parse_flat
-from .multiboot import MULTIBOOT_BOOT_MAGIC, MULTIBOOT_HEADER_MAGIC, MultibootHeader, build_multiboot_info, find_multiboot_header, initrd_module_path, multiboot_header_size, parse_multiboot_aout, split_initrd_option
+from .multiboot import (MULTIBOOT_BOOT_MAGIC, MULTIBOOT_HEADER_MAGIC, MultibootHeader,
+                        build_multiboot_info, find_multiboot_header, initrd_module_path,
+                        multiboot_header_size, parse_multiboot_aout, split_initrd_option)
 
 __all__ = [
     "LoadError", "Segment", "MultibootHeader", "LoadPlan", "LoadedImage",
@@ -39,5 +44,5 @@ __all__ = [
     "copy_into", "InputFile", "STREAM_CHUNK",
     "load_image",
     "elf_symbols", "find_symbol", "is_elf", "split_initrd_option", "initrd_module_path",
-    "PARAMS_SYMBOL", "PARAMS_SIZE", "ARCHES", "Image", "detect", "MULTIBOOT_BOOT_MAGIC",
+    "PARAMS_SYMBOL", "PARAMS_SIZE", "read_head", "ARCHES", "Image", "detect",
 ]

@@ -528,3 +528,22 @@ def zero_fill(mem, gpa: int, n: int, *, chunk: int = 1 << 20) -> None:
             mem.write(pos, want)
         pos += k
 
+
+def read_head(image: Image, n: int = 8192) -> bytes:
+    """The first ``n`` bytes of ``image`` (a path or bytes), enough for
+    :func:`pykvm.boot.detect`; b"" when it cannot be read (the loader then reports what is
+    wrong). Never opens anything but a regular file, so a FIFO or device cannot block."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image[:n])
+    try:
+        if not stat.S_ISREG(os.stat(image).st_mode):
+            return b""
+        fd = os.open(image, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, TypeError, ValueError):
+        return b""
+    try:
+        return os.read(fd, n)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)

@@ -1,6 +1,8 @@
 """The PC machine: which device answers at which port and address, the ACPI tables, the IRQ
 routing, timed device events and S3 sleep/resume. Modelled on QEMU's ``pc`` (i440FX) machine as
-kvm-unit-tests and multiboot kernels see it after SeaBIOS.
+kvm-unit-tests and multiboot kernels see it after SeaBIOS. Every device sits on the port-I/O
+or the MMIO bus (:mod:`pykvm.devices.bus`) at the place the table below gives; the platform
+itself only wires interrupts, timers, DMA translation and power events between them.
 
 =====================  ================================================================
 where                  what
@@ -9,23 +11,23 @@ in-kernel (KVM)        local APICs (0xFEE00000), IOAPIC (0xFEC00000), the two 82
                        (0x20, 0xA0, ELCR 0x4D0), the i8254 PIT (0x40-0x43, 0x61) without
                        re-injection of lost ticks (QEMU ``kvm-pit.lost_tick_policy=discard``)
 C run loop             COM1 (0x3F8), debug console (0xE9), isa-debug-exit (0xF4-0xF7)
-0x60, 0x64             i8042 keyboard controller (:mod:`.i8042`): probing, reset, IRQ 1/12
-0x70-0x71              CMOS RTC (:mod:`.rtc`), IRQ 8
-0x92                   port 92: A20 reads as on; bit 0 written = reset
-0x510-0x511            fw_cfg (:mod:`.fwcfg`)
-0x600-0x60B            ACPI PM1a event/control blocks and the PM timer (:mod:`.pm`), SCI = IRQ 9;
+0x60, 0x64             i8042 keyboard controller (:mod:`pykvm.devices.i8042`), IRQ 1/12
+0x70-0x71              CMOS RTC (:mod:`pykvm.devices.cmos_rtc`), IRQ 8
+0x92                   System Control Port A (:mod:`pykvm.devices.port92`)
+0x510-0x511            fw_cfg (:mod:`pykvm.devices.fw_cfg`)
+0x600-0x60B            ACPI PM1a event/control blocks and the PM timer (:mod:`pykvm.devices.acpi_pm`), SCI = IRQ 9;
                        moved or turned off by the guest through PMBA / PMREGMISC of 00:01.3
-0xCF8-0xCFF            PCI configuration mechanism #1 (:mod:`.pci`); 0xCF9 reset control
-0xE0-0xEB, 0x2000+     pc-testdev (:mod:`.testdev`), MMIO window 0xFF000000-0xFF00FFFF
+0xCF8-0xCFF            PCI configuration mechanism #1 (:mod:`pykvm.devices.pci_host`); 0xCF9 reset control
+0xE0-0xEB, 0x2000+     pc-testdev (:mod:`pykvm.devices.testdev`), MMIO window 0xFF000000-0xFF00FFFF
 0xE0000-0xFFFFF        ACPI tables (:mod:`.acpi`): RSDP at 0xE0000
 anything else          unassigned: reads all-ones, writes are dropped (as on a PC bus)
 =====================  ================================================================
 
 Optional devices (``devices=``, ``pykvm run --device``), as QEMU's ``-device`` adds them:
 
-* ``edu`` — QEMU's educational PCI device (:mod:`.edu`) at 00:03.0, BAR 0 at 0xFEA00000,
+* ``edu`` — QEMU's educational PCI device (:mod:`pykvm.devices.edu`) at 00:03.0, BAR 0 at 0xFEA00000,
   INTA# on IRQ 11 (what SeaBIOS gives slot 3), MSI;
-* ``intel-iommu`` — a VT-d IOMMU (:mod:`.vtd`) at 0xFED90000 with DMA and interrupt
+* ``intel-iommu`` — a VT-d IOMMU (:mod:`pykvm.devices.vtd`) at 0xFED90000 with DMA and interrupt
   remapping, and an ACPI DMAR table.
 
 GSI routing is QEMU's: ISA IRQs 0-15 reach the PICs (IRQ 2 is the cascade) and the IOAPIC pin of
@@ -40,31 +42,33 @@ that — and the other vCPUs wait for INIT/SIPI, as after a firmware resume. PM1
 RTC_STS) are set. Device state (APICs, PIC, PIT, RTC, PCI) is kept across the sleep.
 """
 import errno
-import heapq
-import itertools
 import struct
 import threading
 import time
-import traceback
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, ClassVar, List, Optional, Tuple
 
-from .. import abi
-from ..errors import Closed, GuestMemoryError, KvmError
-from . import acpi
-from ..arch.x86 import modes, layout as L
-from ..devices.fw_cfg import DATA_PORT as FWCFG_DATA, SELECTOR_PORT as FWCFG_SELECTOR, FwCfg
-from ..devices.i8042 import I8042, PORTS as I8042_PORTS
-from ..devices.pci_host import PM_FUNCTION, PciHost
+from .. import abi, status
+from ..arch.x86 import layout as L, modes
 from ..devices.acpi_pm import AcpiPm
+from ..devices.bus import MMIO_LIMIT, PIO_LIMIT, Bus, BusConflict
+from ..devices.clock import Scheduler
 from ..devices.cmos_rtc import CmosRtc
-from ..devices.testdev import FLUSH_PORT, IOMEM_BASE, IOMEM_SIZE, IRQ_LINES, IRQ_PORT, SCRATCH_BYTE_PORT, SCRATCH_PORT, PcTestdev
+from ..devices.edu import Edu
+from ..devices.fw_cfg import FwCfg
+from ..devices.i8042 import I8042
+from ..devices.pci_host import PM_FUNCTION, PciHost
+from ..devices.port92 import Port92
+from ..devices.testdev import PcTestdev
+from ..devices.vtd import Vtd
+from ..errors import Closed, KvmError
+from . import acpi
+from .base import MachineControl
+from .x86 import XAPIC_MAX_CPUS, X86Platform
 
-DEVICES = ("edu", "intel-iommu")
+DEVICES = ("edu", "intel-iommu")       # optional devices, QEMU's -device names
 EDU_SLOT = 3
 EDU_BAR = 0xFEA00000
 EDU_IRQ = 11
-
-PORT92 = 0x92
 RTC_IRQ = 8
 SCI_IRQ = acpi.SCI_IRQ
 ACPI_TABLES_ADDR = L.BIOS_AREA_START
@@ -87,105 +91,29 @@ def qemu_gsi_routes() -> List[Tuple[int, int, int]]:
     return routes
 
 
-class Scheduler:
-    """Timed callbacks on one daemon thread (monotonic nanoseconds). ``schedule(key, when,
-    fn)`` replaces the pending event of the same key. A callback that raises is counted in
-    ``failures`` (its traceback kept in ``last_failure``) and the thread goes on."""
+class PcPlatform(X86Platform):
+    """The PC machine (module docstring). ``devices``: optional devices by QEMU's ``-device``
+    name (:data:`DEVICES`); ``cpuid``: as :class:`.x86.X86Platform`; ``irqchip``/``pit``: the
+    PC always has both (True; False is refused). Raises :class:`ValueError` for an unknown
+    device name."""
+    name: ClassVar[str] = "pc"
+    boot_vcpus_all: ClassVar[bool] = False       # vCPU 0 starts; the others wait for INIT/SIPI
+    claimed = PC_CLAIMED
+    bios_area: ClassVar[bool] = True
 
-    def __init__(self, clock: Callable[[], int] = time.monotonic_ns):
-        self.clock = clock
-        self._cond = threading.Condition()
-        self._heap: List[tuple] = []
-        self._live: Dict[str, int] = {}
-        self._seq = itertools.count()
-        self._thread: Optional[threading.Thread] = None
-        self._closed = False
-        self.failures = 0                     # device callbacks that raised
-        self.last_failure: Optional[str] = None   # the traceback of the latest one
-
-    def schedule(self, key: str, when_ns: Optional[int], fn: Callable[[], None]) -> None:
-        """Call ``fn`` on the timer thread at monotonic time ``when_ns`` (nanoseconds), replacing
-        the pending event of ``key``; ``when_ns`` None cancels it. Starts the thread on first use;
-        does nothing once the scheduler is closed."""
-        with self._cond:
-            if self._closed:
-                return
-            if when_ns is None:
-                self._live.pop(key, None)
-                return
-            n = next(self._seq)
-            self._live[key] = n
-            heapq.heappush(self._heap, (when_ns, n, key, fn))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._main, name="pykvm-pc-timers",
-                                                daemon=True)
-                self._thread.start()
-            self._cond.notify()
-
-    def _main(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed:
-                    while self._heap and self._live.get(self._heap[0][2]) != self._heap[0][1]:
-                        heapq.heappop(self._heap)            # superseded
-                    if self._heap:
-                        wait = (self._heap[0][0] - self.clock()) / 1e9
-                        if wait <= 0:
-                            break
-                        self._cond.wait(min(wait, 1.0))
-                    else:
-                        self._cond.wait()
-                if self._closed:
-                    return
-                _, n, key, fn = heapq.heappop(self._heap)
-                self._live.pop(key, None)
-            try:
-                fn()
-            except Exception as e:            # a device callback must not kill the timer thread,
-                self.failures += 1            # but its failure stays visible (pykvm's own bug)
-                self.last_failure = "".join(traceback.format_exception(type(e), e,
-                                                                       e.__traceback__))
-
-    def close(self) -> None:
-        """Stop the timer thread: pending events are dropped and later :meth:`schedule` calls
-        ignored."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-class _Rebased:
-    """A device seen at ports moved by ``-delta``: an access at ``port`` reaches
-    ``device`` at ``port + delta`` (the PM block wherever PMBA puts it; the device keeps
-    QEMU pc's default addresses)."""
-
-    def __init__(self, device, delta: int = 0):
-        self.device = device
-        self.delta = delta
-
-    def read(self, port: int, size: int) -> int:
-        return self.device.read(port + self.delta, size)
-
-    def write(self, port: int, size: int, value: int) -> None:
-        self.device.write(port + self.delta, size, value)
-
-
-class PcMachine:
-    """The devices of the PC machine for :class:`pykvm.arch.x86.platform.Platform`."""
-
-    def __init__(self, machine, *, vcpus: int, ram_size: int, below_4g: int, above_4g: int,
-                 pit: bool = True, devices=()):
+    def __init__(self, vm, kvm, control: MachineControl, *, vcpus: int, mem_size: int,
+                 cpuid=None, devices=(), irqchip: bool = True, pit: bool = True):
+        if not (irqchip and pit):
+            raise ValueError("the pc machine always has the in-kernel irqchip and PIT")
+        devices = tuple(devices)
         unknown = [d for d in devices if d not in DEVICES]
         if unknown:
             raise ValueError(f"no PC device {unknown[0]!r} (known: {', '.join(DEVICES)})")
-        self.m = machine
-        self.vcpus = vcpus
-        self.ram_size = ram_size
-        self.below_4g, self.above_4g = below_4g, above_4g
-        self.pit = pit
+        super().__init__(vm, kvm, control, vcpus=vcpus, mem_size=mem_size, cpuid=cpuid)
+        self.devices = devices
         self.power_event: Optional[str] = None       # "poweroff" or "reset" once requested
-        self.unassigned: Dict[int, int] = {}         # port -> accesses nobody answered
         self.msi_dropped = 0                         # MSIs no local APIC accepted
+        self.edu_bar_conflicts = 0                   # BAR placements over another device
         self.sleeps = 0
         self.tables: Optional[acpi.AcpiTables] = None
         self.scheduler = Scheduler()
@@ -196,69 +124,73 @@ class PcMachine:
         self._s3_kicked: set = set()
         self._parked: set = set()
         self._resume_pending: set = set()   # vCPUs yet to take their state after a wake
-        self.fwcfg = FwCfg(ram_size=ram_size, nb_cpus=vcpus)
-        self.pci = PciHost(on_reset=lambda: self._power("reset"))
-        self.pm = AcpiPm(set_sci=lambda level: self.irq(SCI_IRQ, level),
-                         on_sleep=self._on_sleep)
+        self._vcpus: dict = {}              # index -> vCPU, as setup_vcpu meets them
+        self.pio = Bus("pio", PIO_LIMIT)
+        self.mmio = Bus("mmio", MMIO_LIMIT)
+        self._create_chips()
+        mem = vm.memory
+        below, above = self.below_4g, self.above_4g
+        # the devices, each at its place on a bus (fixed devices first: they win over the PM
+        # block where the guest moves it onto them, see _map_pm)
+        self.i8042 = I8042(on_reset=lambda: self._power("reset"), set_irq=self.irq)
         self.rtc = CmosRtc(set_irq=lambda level: self.irq(RTC_IRQ, level),
                            on_alarm=lambda: self.pm.raise_status(0x400),
                            on_change=self._rtc_changed)
-        self.rtc.set_memory_info(below_4g=below_4g, above_4g=above_4g, cpus=vcpus)
+        self.rtc.set_memory_info(below_4g=below, above_4g=above, cpus=vcpus)
+        self.pci = PciHost(on_reset=lambda: self._power("reset"))
+        self.fwcfg = FwCfg(ram_size=mem_size, nb_cpus=vcpus)
+        self.port92 = Port92(on_reset=lambda: self._power("reset"))
         self.testdev = PcTestdev(set_irq=self.irq)
+        self.pm = AcpiPm(set_sci=lambda level: self.irq(SCI_IRQ, level), on_sleep=self._on_sleep)
+        for dev in (self.i8042, self.rtc, self.pci, self.fwcfg, self.port92, self.testdev):
+            self.pio.attach(dev)
+        self.mmio.attach(self.testdev.iomem)
         self.vtd = self.edu = None
-        mem = machine.vm.memory
         if "intel-iommu" in devices:
-            from ..devices.vtd import Vtd
             self.vtd = Vtd(mem, signal_msi=self._signal_msi, defer=self._vtd_defer)
+            self.mmio.attach(self.vtd)
         if "edu" in devices:
-            from ..devices.edu import Edu
             self.edu = Edu(bdf=EDU_SLOT << 3, bar=EDU_BAR, intx_line=EDU_IRQ, memory=mem,
                            msi=self._device_msi, set_intx=lambda level: self.irq(EDU_IRQ, level),
                            translate=self._dma_translate)
-            self.edu.pci.on_write = self.edu.config_changed
             self.pci.functions[(EDU_SLOT, 0)] = self.edu.pci
-        self.i8042 = I8042(on_reset=lambda: self._power("reset"), set_irq=self.irq)
-        self.port92 = 0x02
-        # the port map, kept here only: fixed devices, then the PM block where the guest's
-        # PMBA puts it (fixed devices win where they overlap, see _map_pm)
-        self._fixed_ports: Dict[int, object] = {}
-        for p in I8042_PORTS:
-            self._fixed_ports[p] = self.i8042
-        for p in (0x70, 0x71):
-            self._fixed_ports[p] = self.rtc
-        for p in range(0xCF8, 0xD00):
-            self._fixed_ports[p] = self.pci
-        for p in list(range(SCRATCH_PORT, SCRATCH_PORT + 4)) + \
-                list(range(FLUSH_PORT, FLUSH_PORT + 4)) + \
-                list(range(SCRATCH_BYTE_PORT, SCRATCH_BYTE_PORT + 4)) + \
-                list(range(IRQ_PORT, IRQ_PORT + IRQ_LINES)):
-            self._fixed_ports[p] = self.testdev
-        self.ports: Dict[int, object] = {}
+            self.edu.pci.on_write = self._edu_config_written
+            self._map_edu()
         self.pm_base: Optional[int] = None           # where the PM block answers (None: off)
-        self._pm_port = _Rebased(self.pm)
+        self._pm_mapped = False
         self.pci.functions[PM_FUNCTION].on_write = self._map_pm
         self._map_pm()
+        self._write_tables()
+
+    @classmethod
+    def max_vcpus(cls, image_format: str, **_options) -> Tuple[Optional[int], str]:
+        """255 (:data:`.x86.XAPIC_MAX_CPUS`): the MADT gives every vCPU an xAPIC id."""
+        return XAPIC_MAX_CPUS, "the pc machine's MADT and 8-bit xAPIC ids (0xff is broadcast) describe"
 
     # -- set-up ------------------------------------------------------------------------------
-    def create_chips(self) -> None:
-        """The in-kernel irqchip and PIT, with QEMU's GSI routing."""
-        vm = self.m.vm
+    def _create_chips(self) -> None:
+        """The in-kernel irqchip and PIT, with QEMU's GSI routing and no re-injection of lost
+        PIT ticks (``kvm-pit.lost_tick_policy=discard``)."""
+        vm = self.vm
         vm.create_irqchip()
         vm.set_gsi_routing(qemu_gsi_routes())
-        if self.pit:
-            vm.create_pit2()
-            try:
-                vm.reinject_control(False)
-            except Exception:                 # an old KVM without the ioctl: keep its default
-                pass
+        vm.create_pit2()
+        try:
+            vm.reinject_control(False)
+        except KvmError:                      # an old KVM without the ioctl: keep its default
+            pass
+        self.irqchip = True
 
-    def write_tables(self, mem) -> acpi.AcpiTables:
-        """Write the ACPI tables into the BIOS area of guest RAM."""
-        from ..devices.vtd import BASE as VTD_BASE
+    def _write_tables(self) -> None:
+        """The ACPI tables, in the BIOS area of guest RAM."""
         self.tables = acpi.build_tables(ACPI_TABLES_ADDR, self.vcpus,
-                                        iommu=VTD_BASE if self.vtd else 0)
-        mem.write(self.tables.base, self.tables.blob)
-        return self.tables
+                                        iommu=self.vtd.MMIO_RANGES[0][0] if self.vtd else 0)
+        self.vm.memory.write(self.tables.base, self.tables.blob)
+
+    def setup_vcpu(self, vcpu, index: int) -> None:
+        """As :meth:`.x86.X86Platform.setup_vcpu`; the platform keeps the vCPU for S3."""
+        self._vcpus[index] = vcpu
+        super().setup_vcpu(vcpu, index)
 
     def close(self) -> None:
         """Stop the device timers and release any vCPU thread waiting in S3 sleep."""
@@ -267,14 +199,14 @@ class PcMachine:
             self._sleeping = False
             self._s3.notify_all()
 
-    # -- interrupts ------------------------------------------------------------------------
+    # -- interrupts, DMA, timers: the handles the devices were given -------------------------
     def irq(self, gsi: int, level: int) -> None:
         """Drive ISA IRQ / GSI ``gsi`` (through KVM's routing)."""
         with self._irq_lock:
             try:
-                self.m.vm.irq_line(gsi, level)
-            except Exception:
-                if not getattr(self.m, "closed", False):
+                self.vm.irq_line(gsi, level)
+            except (KvmError, Closed):
+                if not self.control.stopping():
                     raise
 
     def _signal_msi(self, address: int, data: int) -> None:
@@ -284,16 +216,16 @@ class PcMachine:
         dropped and counted in ``msi_dropped``, as a PCI write to an address nothing decodes is
         lost on real hardware; the guest's values never end the VM."""
         try:
-            self.m.vm.signal_msi(address, data)
+            self.vm.signal_msi(address, data)
         except KvmError as e:
-            if getattr(self.m, "closed", False):
+            if self.control.stopping():
                 return
             if e.errno in (errno.EPERM, errno.EINVAL):
                 self.msi_dropped += 1
                 return
             raise
         except Closed:
-            if not getattr(self.m, "closed", False):
+            if not self.control.stopping():
                 raise
 
     def _device_msi(self, source_id: int, address: int, data: int) -> None:
@@ -326,113 +258,72 @@ class PcMachine:
         when = self.pm.next_timer_flip_ns() if self.pm.timer_interrupt_enabled else None
         self.scheduler.schedule("pmtmr", when, self._pm_timer)
 
-    # -- the port map ------------------------------------------------------------------------
+    # -- ranges the guest moves ------------------------------------------------------------
     def _map_pm(self) -> None:
         """Put the PM block where 00:01.3's PMBA and PMREGMISC say (called after every
         configuration write to that function, as QEMU's ``pm_io_space_update``): base = PMBA &
-        0xFFC0, decoded while PMREGMISC bit 0 (PM I/O enable) is set. Twelve ports (PM1a_EVT,
-        PM1a_CNT, PM_TMR); where they overlap a fixed device's port (fw_cfg and port 0x92
-        included) the fixed device answers.
-        Bounded work: a few dozen dictionary entries."""
+        0xFFC0, decoded while PMREGMISC bit 0 (PM I/O enable) is set. Where its ports overlap a
+        fixed device's (fw_cfg and port 0x92 included) the fixed device answers: the block is
+        inserted around them. Bounded work: a dozen ports."""
         base, enabled = self.pci.pm_io_space()
         new_base = base if enabled else None
-        if new_base == self.pm_base and self.ports:
+        if new_base == self.pm_base and self._pm_mapped:
             return
-        self.pm_base = new_base
-        ports: Dict[int, object] = {}
-        if new_base is not None:
-            self._pm_port.delta = acpi.PM_BASE - new_base
-            for p in range(new_base, min(new_base + 12, 0x10000)):
-                if p not in (FWCFG_SELECTOR, FWCFG_DATA, PORT92):
-                    ports[p] = self._pm_port
-        ports.update(self._fixed_ports)
-        self.ports = ports
+        self.pm_base, self._pm_mapped = new_base, True
+        self.pio.remove(self.pm)
+        if new_base is None:
+            return
+        for rbase, size, offset, max_access in self.pm.PIO_RANGES:
+            start = new_base + (rbase - acpi.PM_BASE)
+            end = min(start + size, PIO_LIMIT)
+            port = start
+            while port < end:
+                if self.pio.find(port) is not None:        # a fixed device's port
+                    port += 1
+                    continue
+                run = port
+                while port < end and self.pio.find(port) is None:
+                    port += 1
+                self.pio.insert(run, port - run, self.pm, offset=offset + (run - start),
+                                max_access=max_access, name="acpi-pm")
+
+    def _edu_config_written(self) -> None:
+        self.edu.config_changed()
+        self._map_edu()
+
+    def _map_edu(self) -> None:
+        """Decode edu's BAR 0 where the guest put it (nothing while memory decoding is off). A
+        BAR the guest places over another device's range is not decoded (counted in
+        ``edu_bar_conflicts``), so a guest cannot take a device's registers away."""
+        self.mmio.remove(self.edu)
+        base = self.edu.bar0_window()
+        if base is None:
+            return
+        try:
+            self.mmio.insert(base, Edu.MMIO_SIZE, self.edu, max_access=Edu.MMIO_MAX_ACCESS,
+                             name="edu")
+        except BusConflict:
+            self.edu_bar_conflicts += 1
 
     # -- exits -----------------------------------------------------------------------------
-    def io_read(self, port: int, size: int) -> int:
-        """Serve an IN of ``size`` bytes (1, 2 or 4) at I/O ``port``: from the device that owns the
-        port, fw_cfg or port 0x92. Unassigned ports read all-ones and are counted in
-        ``unassigned``."""
-        dev = self.ports.get(port)
-        if dev is not None:
-            return dev.read(port, size)
-        if port in (FWCFG_SELECTOR, FWCFG_DATA):
-            return int.from_bytes(self.fwcfg.io_read(port, size, 1), "little")
-        if port == PORT92:
-            return self.port92
-        self.unassigned[port] = self.unassigned.get(port, 0) + 1
-        return (1 << (8 * size)) - 1
-
-    def io_write(self, port: int, size: int, value: int) -> None:
-        """Serve an OUT of ``value`` (``size`` bytes) at I/O ``port``: to the device that owns the
-        port, fw_cfg, or port 0x92 (bit 0 requests a reset; A20 stays enabled). Writes to
-        unassigned ports are dropped and counted in ``unassigned``."""
-        dev = self.ports.get(port)
-        if dev is not None:
-            dev.write(port, size, value)
-            if dev is self._pm_port:
-                self._pm_changed()
-            return
-        if port in (FWCFG_SELECTOR, FWCFG_DATA):
-            self.fwcfg.io_write(port, size, value.to_bytes(size, "little"))
-        elif port == PORT92:
-            self.port92 = (value & 0x02) | 0x02      # A20 stays on
-            if value & 0x01:
-                self._power("reset")
-        else:
-            self.unassigned[port] = self.unassigned.get(port, 0) + 1
-
     def handle_exit(self, index: int, ex) -> bool:
-        """Serve an exit; False when the run must end (a power event, an exit not ours)."""
+        """Serve an IO or MMIO exit on the buses; False when the run must end (a power event,
+        an exit not the PC's)."""
         name = ex.name
         if name == "IO":
-            port, size, count = ex.port, ex.size, ex.count
-            # guest memory refusing a request made on the guest's behalf (a device's DMA) is
-            # the guest's fault: the access ends as a master abort, never as a VMM error
+            port, size = ex.port, ex.size
             if ex.is_out:
-                data = ex.data
-                try:
-                    for i in range(count):
-                        self.io_write(port, size,
-                                      int.from_bytes(data[i * size:(i + 1) * size], "little"))
-                except GuestMemoryError:
-                    pass
+                self.pio.write_bytes(port, size, ex.data)
+                if self.pm_base is not None and self.pm_base <= port < self.pm_base + 12:
+                    self._pm_changed()
             else:
-                try:
-                    if port == FWCFG_DATA and size == 1:
-                        out = self.fwcfg.io_read(port, 1, count)
-                    else:
-                        out = b"".join(self.io_read(port, size).to_bytes(size, "little")
-                                       for _ in range(count))
-                except GuestMemoryError:
-                    out = b"\xff" * (size * count)
-                ex.respond(out)
+                ex.respond(self.pio.read_bytes(port, size, ex.count))
         elif name == "MMIO":
             addr, n = ex.phys_addr, ex.len
-            dev = None
-            if IOMEM_BASE <= addr < IOMEM_BASE + IOMEM_SIZE:
-                dev = self.testdev
-            elif self.vtd is not None and 0xFED90000 <= addr < 0xFED91000:
-                dev = self.vtd
-            elif self.edu is not None and self.edu.decodes(addr):
-                dev = self.edu
-            if dev is not None:
-                # a device reports a guest-programmed bad address itself; should guest memory
-                # still refuse a request made on the guest's behalf, it is the guest's fault
-                # and ends as a master abort, never as a VMM error
-                if ex.is_write:
-                    try:
-                        dev.mmio_write(addr, ex.data)
-                    except GuestMemoryError:
-                        pass
-                else:
-                    try:
-                        data = dev.mmio_read(addr, n)
-                    except GuestMemoryError:
-                        data = b"\xff" * n
-                    ex.respond(data)
-            elif not ex.is_write:
-                ex.respond(b"\xff" * n)               # nothing there: a master abort
+            if ex.is_write:
+                self.mmio.write(addr, n, int.from_bytes(ex.data, "little"))
+            else:
+                ex.respond(self.mmio.read(addr, n).to_bytes(n, "little"))
         else:
             return False
         if self._pending_sleep is not None:
@@ -450,6 +341,23 @@ class PcMachine:
     def _on_sleep(self, slp_typ: int) -> None:
         self._pending_sleep = slp_typ
 
+    def ended(self, ex) -> str:
+        """Why this machine cannot run again: the guest powered off (ACPI S5) or reset it."""
+        if self.power_event == "poweroff":
+            return "the guest powered off (ACPI S5)"
+        if self.power_event == "reset":
+            return "the guest reset the machine, and pykvm does not reboot"
+        return ""
+
+    def exit_verdict(self, ex) -> Tuple[int, str]:
+        """A power-off is a finished guest, a reset one pykvm does not perform; otherwise as
+        :meth:`.x86.X86Platform.exit_verdict`."""
+        if self.power_event == "poweroff":
+            return status.OK, "guest powered off (ACPI S5)"
+        if self.power_event == "reset":
+            return status.OK, "guest reset the machine (pykvm does not reboot)"
+        return super().exit_verdict(ex)
+
     # -- S3 ------------------------------------------------------------------------------------
     def hold(self, index: int) -> bool:
         """vCPU ``index``'s run was kicked: if S3 did it, park until the machine wakes (then
@@ -460,10 +368,10 @@ class PcMachine:
             self._s3_kicked.discard(index)
             self._parked.add(index)
             self._s3.notify_all()
-            while self._sleeping and not self.m._stop and not self.m.closed:
+            while self._sleeping and not self.control.stopping():
                 self._s3.wait(0.05)
             self._parked.discard(index)
-            if self.m._stop:
+            if self.control.stopping():
                 return False
         self._apply_resume(index)
         return True
@@ -475,7 +383,7 @@ class PcMachine:
             left = until_ns - time.monotonic_ns()
             if left <= 0:
                 return True
-            if self.m._stop or self.m.closed:
+            if self.control.stopping():
                 return False
             time.sleep(min(left / 1e9, 0.01))
 
@@ -487,7 +395,7 @@ class PcMachine:
         it leaves S3, so no vCPU ioctl ever targets a vCPU another thread runs. A vCPU that
         enters S3 while another one is already taking the machine there parks like the others
         (two vCPUs writing SLP_EN at once put the machine to sleep once)."""
-        others = [j for j in range(len(self.m.vcpus)) if j != index]
+        others = [j for j in range(self.vcpus) if j != index]
         with self._s3:
             if self._sleeping:                     # another vCPU is suspending the machine
                 self._s3_kicked.add(index)
@@ -501,14 +409,14 @@ class PcMachine:
         self.sleeps += 1
         for j in others:
             try:
-                self.m.loops[j].kick()
-            except Exception:
+                self.control.kick(j)
+            except Closed:
                 pass
         # wait (briefly) for every other vCPU to be parked or outside KVM_RUN
         deadline = time.monotonic() + 1.0
         with self._s3:
             while time.monotonic() < deadline and any(
-                    j not in self._parked and self.m.vcpus[j]._runner is not None
+                    j not in self._parked and self.control.in_run(j)
                     for j in others):
                 self._s3.wait(0.01)
         # when does the machine wake?
@@ -523,7 +431,7 @@ class PcMachine:
             self.pm.wake(by_rtc)
             self.rtc.poll()
             with self._s3:
-                self._resume_pending = set(range(len(self.m.vcpus)))
+                self._resume_pending = set(range(self.vcpus))
         with self._s3:
             self._sleeping = False
             self._s3.notify_all()
@@ -538,7 +446,7 @@ class PcMachine:
             if index not in self._resume_pending:
                 return
             self._resume_pending.discard(index)
-        v = self.m.vcpus[index]
+        v = self._vcpus[index]
         if index != 0:
             v.set_mp_state("UNINITIALIZED")
             return
@@ -556,6 +464,6 @@ class PcMachine:
 
     def waking_vectors(self) -> Tuple[int, int]:
         """(Firmware_Waking_Vector, X_Firmware_Waking_Vector) from the FACS in guest RAM."""
-        raw = self.m.vm.memory.read(self.tables.addr["FACS"], 64)
+        raw = self.vm.memory.read(self.tables.addr["FACS"], 64)
         return (struct.unpack_from("<I", raw, acpi.FACS_WAKING_VECTOR)[0],
                 struct.unpack_from("<Q", raw, acpi.FACS_X_WAKING_VECTOR)[0])

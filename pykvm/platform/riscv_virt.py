@@ -1,4 +1,4 @@
-"""The RISC-V platform of :class:`pykvm.machine.Machine`, shaped like QEMU's ``virt`` machine:
+"""The RISC-V ``virt`` machine (``--machine virt``), shaped like QEMU's ``virt`` machine:
 RAM at 0x80000000, an ns16550a UART at 0x10000000 (served in the run loop), cpu type applied
 through ONE_REG, DBCN/SUSP enabled before the first run, a generated device tree in a1, an
 initrd named in it, and forwarded SBI calls served by :class:`~pykvm.arch.riscv.sbi.SbiServices`.
@@ -9,15 +9,16 @@ Memory map, from the top of RAM down: the device tree (:data:`DTB_SPACE`, more f
 of many harts: :func:`dtb_space`), then the initrd, page-aligned, which must end up above the
 image."""
 import os
-from typing import Iterable, Optional
+from typing import ClassVar, Iterable, Optional, Tuple
 
-from .. import boot as loader, status
+from .. import boot, status
+from ..arch.riscv import cpu, insn, sbi
+from ..arch.riscv.extensions import canonical_isa_string
 from ..errors import KvmError
 from ..report import decode as decode_report
 from ..runloop import LoopConfig, UartGroup
-from ..arch.riscv import cpu, insn, sbi
 from . import fdt
-from ..arch.riscv.extensions import canonical_isa_string
+from .base import MachineControl
 
 RAM_BASE = 0x80000000
 DTB_SPACE = 64 << 10
@@ -54,20 +55,24 @@ class _RamView:
         return self._mem.read(gpa, n)
 
 
-class Platform:
-    """The RISC-V machine of :class:`pykvm.machine.Machine` (module docstring). Options:
+class VirtPlatform:
+    """The RISC-V machine (module docstring). ``vm``/``kvm``: the VM and ``/dev/kvm``
+    handles; ``vcpus``: harts; ``mem_size``: RAM in bytes from :data:`RAM_BASE`. Options:
     ``cpu_type`` and ``disable`` (see :func:`pykvm.arch.riscv.cpu.apply_cpu_type`),
     ``suspend_seconds`` (how long an SBI system suspend sleeps), ``sbi_extensions`` (KVM SBI
     extensions enabled before the first run), ``on_suspend`` (called with each
     :class:`~pykvm.arch.riscv.sbi.SuspendEvent`), ``uart`` (the ns16550a at
     :data:`UART_BASE`: in the device tree and served by the run loop)."""
-    ram_base = RAM_BASE
-    arch = "riscv64"
+    name: ClassVar[str] = "virt"
+    arch: ClassVar[str] = "riscv64"
+    ram_base: ClassVar[int] = RAM_BASE
 
-    def __init__(self, machine, *, cpu_type: str = "max", disable: Iterable[str] = (),
+    def __init__(self, vm, kvm, control: MachineControl, *, vcpus: int, mem_size: int,
+                 cpu_type: str = "max", disable: Iterable[str] = (),
                  suspend_seconds: float = 0.0, sbi_extensions: Iterable[str] = ("dbcn", "susp"),
                  on_suspend=None, uart: bool = True):
-        self.m = machine
+        self.vm, self.kvm, self.control = vm, kvm, control
+        self.vcpus = vcpus
         self.cpu_type = cpu_type
         self.disable = tuple(disable)
         self.sbi_extensions = tuple(sbi_extensions)
@@ -77,19 +82,18 @@ class Platform:
         self.dtb = None
         self.cmdline = ""
         self.initrd = None             # (start, end) guest-physical, once loaded
-        self.dtb_space = dtb_space(getattr(machine, "vcpu_count", 1))
-        self.sbi = sbi.SbiServices(machine.vm.memory, console=machine._console_out,
+        self.image = None
+        self.dtb_space = dtb_space(vcpus)
+        self._uart_group = UartGroup()        # one UART, whichever hart touches it
+        self.sbi = sbi.SbiServices(vm.memory, console=control.console,
                                    suspend_seconds=suspend_seconds, on_suspend=on_suspend)
+        self.ram = vm.add_memory(RAM_BASE, mem_size)
 
-    @staticmethod
-    def max_vcpus(image, **_opts):
-        """(most harts, what sets that limit) for a machine of these options: (None, "") —
-        the device tree grows with the harts (:func:`dtb_space`) and the UART and SBI serve
-        any number, so KVM's KVM_CAP_MAX_VCPUS is the limit."""
+    @classmethod
+    def max_vcpus(cls, image_format: str, **_options) -> Tuple[Optional[int], str]:
+        """(None, ""): the device tree grows with the harts (:func:`dtb_space`) and the UART
+        and SBI serve any number, so KVM's KVM_CAP_MAX_VCPUS is the limit."""
         return None, ""
-
-    def create_devices(self) -> None:
-        """Nothing to create in KVM: the UART lives in the run loop, SBI in KVM and here."""
 
     def load(self, image, *, cmdline="", initrd=(), flat_addr=None, flat_mode="riscv"):
         """Load ``image`` and, if given, the one ``initrd`` file (QEMU's ``-initrd``): just
@@ -97,49 +101,50 @@ class Platform:
         device tree written at the first vCPU's setup names it in ``/chosen``."""
         initrd = tuple(initrd)
         if len(initrd) > 1:
-            raise loader.LoadError(f"RISC-V takes one initrd file, got {len(initrd)}")
+            raise boot.LoadError(f"RISC-V takes one initrd file, got {len(initrd)}")
         self.cmdline = cmdline
-        ram_size = self.m.ram.size
+        ram_size = self.ram.size
         if ram_size <= self.dtb_space:
-            raise loader.LoadError(f"guest RAM ({ram_size:#x} bytes) leaves no room beside "
+            raise boot.LoadError(f"guest RAM ({ram_size:#x} bytes) leaves no room beside "
                                    "the device tree")
-        view = _RamView(self.m.vm.memory, ram_size - self.dtb_space)    # the DTB's space stays free
+        view = _RamView(self.vm.memory, ram_size - self.dtb_space)    # the DTB's space stays free
         data = path = None
         if initrd:
             path = initrd[0]
             if isinstance(path, str) and not os.path.isfile(path) and len(path.split()) > 1:
-                raise loader.LoadError(f"a RISC-V initrd takes no arguments: {path!r}")
+                raise boot.LoadError(f"a RISC-V initrd takes no arguments: {path!r}")
             try:                  # opened, then streamed into RAM: never read whole
-                data = loader.InputFile(path, ram_size, "guest RAM", what="file")
-            except loader.LoadError as e:
-                raise loader.LoadError(f"initrd: {e}") from e
+                data = boot.InputFile(path, ram_size, "guest RAM", what="file")
+            except boot.LoadError as e:
+                raise boot.LoadError(f"initrd: {e}") from e
         try:
-            loaded = loader.load_image(view, image, arch="riscv64", ram_base=RAM_BASE,
+            loaded = boot.load_image(view, image, arch="riscv64", ram_base=RAM_BASE,
                                        reserved=None, flat_addr=flat_addr, flat_mode="riscv")
             if data is not None:
                 self.initrd = self._place_initrd(loaded, data, os.fspath(path))
         finally:
             if data is not None:
                 data.close()
+        self.image = loaded
         return loaded
 
     def _place_initrd(self, loaded, data, name: str):
-        ram_size = self.m.ram.size
+        ram_size = self.ram.size
         top = RAM_BASE + ram_size - self.dtb_space
         start = (top - data.size) // INITRD_ALIGN * INITRD_ALIGN
         image_end = max((a + n for a, n in loaded.written), default=RAM_BASE)
         if start < image_end:
-            raise loader.LoadError(
+            raise boot.LoadError(
                 f"initrd {name} ({data.size:#x} bytes) does not fit between the image (ends at "
                 f"{image_end:#x}) and the device tree at {top:#x}; give the guest more --mem")
-        data.copy_to(self.m.vm.memory, start)
+        data.copy_to(self.vm.memory, start)
         loaded.written.append((start, data.size))
         return start, start + data.size
 
     def loop_config(self):
         """No port I/O on RISC-V; the SBI debug console is served in the C loop, reading
         guest RAM through the regions known now (anything else goes to Python)."""
-        ram = tuple((s.gpa, s.host_addr, s.size) for s in self.m.vm.memory)
+        ram = tuple((s.gpa, s.host_addr, s.size) for s in self.vm.memory)
         if getattr(self, "_uart_group", None) is None:
             self._uart_group = UartGroup()        # one UART, whichever hart touches it
         return LoopConfig(serial_base=0, debugcon_port=0, exit_port=0, sbi_console=True, ram=ram,
@@ -159,7 +164,7 @@ class Platform:
                 pass                      # absent on this kernel: guests see NOT_SUPPORTED
         if index == 0:
             self._write_dtb(vcpu)
-        cpu.set_boot_state(vcpu, pc=self.m.image.entry, hartid=index, dtb=self.dtb_addr)
+        cpu.set_boot_state(vcpu, pc=self.image.entry, hartid=index, dtb=self.dtb_addr)
         if index:
             vcpu.set_mp_state("STOPPED")  # secondary harts wait for SBI HSM
 
@@ -174,22 +179,21 @@ class Platform:
         return canonical_isa_string(on)
 
     def _write_dtb(self, vcpu) -> None:
-        n = len(getattr(self.m, "vcpus", [])) or 1
         hart = cpu.hart_description(vcpu, 0, isa=self.advertised_isa(vcpu))
-        harts = [dict(hart, hartid=i) for i in range(max(n, 1))]
-        self.dtb = fdt.build_dtb(harts, RAM_BASE, self.m.ram.size, cpu.timebase_frequency(vcpu),
+        harts = [dict(hart, hartid=i) for i in range(max(self.vcpus, 1))]
+        self.dtb = fdt.build_dtb(harts, RAM_BASE, self.ram.size, cpu.timebase_frequency(vcpu),
                                  self.cmdline, uart_base=self.uart_base, initrd=self.initrd)
         if len(self.dtb) > self.dtb_space:
             raise ValueError(f"device tree ({len(self.dtb)} bytes) larger than its space "
                              f"({self.dtb_space} bytes): a shorter command line, or fewer harts")
-        self.dtb_addr = RAM_BASE + self.m.ram.size - self.dtb_space
-        self.m.vm.memory.write(self.dtb_addr, self.dtb)
+        self.dtb_addr = RAM_BASE + self.ram.size - self.dtb_space
+        self.vm.memory.write(self.dtb_addr, self.dtb)
 
     def report_from_exit(self, index: int, ex) -> Optional[object]:
         """The guest report an exit carries (pykvm's SBI report call), else None."""
         if ex.name == "RISCV_SBI" and ex.extension_id == sbi.PYKVM_REPORT_EID:
             ex.set_return(0, 0)
-            return decode_report(self.m.vm.memory, ex.args[0], index)
+            return decode_report(self.vm.memory, ex.args[0], index)
         return None
 
     def handle_exit(self, index: int, ex) -> bool:
@@ -204,11 +208,19 @@ class Platform:
             return True
         return False
 
+    def hold(self, index: int) -> bool:
+        """The virt machine never parks a hart (SBI suspend sleeps inside the exit)."""
+        return False
+
+    def close(self) -> None:
+        """End an SBI system suspend that is sleeping, so its hart's thread returns."""
+        self.sbi.wake()
+
     def describe_internal_error(self, vcpu, ex, symbols=None) -> str:
         """One line on a KVM_EXIT_INTERNAL_ERROR of hart ``vcpu`` in the guest's terms: pc,
         symbol and file:line, privilege and translation mode, the instruction decoded
         (:mod:`.insn`)."""
-        return insn.describe_internal_error(vcpu, self.m.vm.memory, ex, symbols)
+        return insn.describe_internal_error(vcpu, self.vm.memory, ex, symbols)
 
     def ended(self, ex) -> str:
         """Why this machine cannot run again after a run that ended with exit ``ex`` (None for

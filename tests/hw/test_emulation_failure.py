@@ -10,6 +10,7 @@ from pykvm.arch.x86 import decode
 from pykvm.machine import Machine
 
 from _elfguest import elf_guest
+from _loops import LOOP_IDS, LOOPS
 
 VEX = """
     mov rax, 1
@@ -33,10 +34,10 @@ def _emulation_failure(m):
     return r
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "py-loop"])
-def test_long_mode_failure_names_rip_symbol_line_mode_and_mnemonic(tmp_path, native):
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
+def test_long_mode_failure_names_rip_symbol_line_mode_and_mnemonic(tmp_path, loop_cls):
     path = elf_guest(tmp_path, VEX)
-    with Machine(path, native=native) as m:
+    with Machine(path, loop=loop_cls) as m:
         r = _emulation_failure(m)
         assert r.exit_code == status.UNHANDLED_EXIT
         assert "\n" not in r.detail
@@ -50,7 +51,7 @@ def test_long_mode_failure_names_rip_symbol_line_mode_and_mnemonic(tmp_path, nat
 def test_protected_mode_failure_on_the_pc_machine(tmp_path):
     path = elf_guest(tmp_path, VEX32, bits=32, text=0x100000, data=0x180000)
     with Machine(path) as m:
-        assert m.platform.pcm is not None                    # a multiboot kernel: the pc
+        assert m.platform.name == "pc"                    # a multiboot kernel: the pc
         r = _emulation_failure(m)
         assert "protected mode (32-bit)" in r.detail
         assert "vpxor xmm0, xmm0, xmm0" in r.detail and "bad_insn+0x0" in r.detail

@@ -159,5 +159,5 @@ def test_more_vcpus_than_the_machine_describes_is_refused_up_front(tmp_path, opt
 
 def test_the_pc_machine_takes_255_vcpus(tmp_path):
     path = elf_guest(tmp_path, SPIN)
-    with Machine(path, vcpus=255, pc=True) as m:
+    with Machine(path, vcpus=255, machine="pc") as m:
         assert len(m.vcpus) == 255

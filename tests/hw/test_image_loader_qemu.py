@@ -148,7 +148,7 @@ def test_tables_intact_and_host_memory_follows_the_guest(imgs, name):
         assert rss < 64 * 1024, f"loading committed {rss} KiB"
         r = m.run(timeout=20)
         assert (r.console_text, r.exit_code) == (CONSOLE, 7)
-        tables = m.platform.pcm.tables
+        tables = m.platform.tables
         assert m.vm.memory.read(tables.base, len(tables.blob)) == tables.blob
         assert _rss_kib(m) < 64 * 1024
     finally:

@@ -82,7 +82,7 @@ def test_image_overlapping_the_pc_bios_area_is_refused():
 
 @pytest.mark.parametrize("mem", [64 << 20, 4 * GiB, 6 * GiB])
 def test_big_guests_read_the_same_apic_versions(guest_vm, mem):
-    m = guest_vm("pc_apic", pc=True, mem_size=mem)
+    m = guest_vm("pc_apic", machine="pc", mem_size=mem)
     high = 4 * GiB + (2 << 20)
     m.set_params(high if mem > 4 * GiB - 512 * (1 << 20) else 0)
     ioapic_ver, lapic_ver, ram, back, ioapic_id = m.sync(stage=1)
@@ -113,7 +113,7 @@ def test_memory_map_follows_the_pci_hole(guest_vm, mem, below, above):
 
 @pytest.mark.parametrize("vcpus", [1, 2, 4])
 def test_smp_bring_up_by_init_sipi(guest_vm, vcpus):
-    m = guest_vm("pc_smp", pc=True, vcpus=vcpus)
+    m = guest_vm("pc_smp", machine="pc", vcpus=vcpus)
     r = m.run(timeout=30)
     assert (r.exit, r.exit_code) == ("debug_exit", 1), r.detail
     (stage, (ran, cpus, mask, bsp)), = syncs(r)
@@ -122,14 +122,14 @@ def test_smp_bring_up_by_init_sipi(guest_vm, vcpus):
 
 
 def test_machine_is_chosen_by_the_image(guest_vm):
-    assert guest_vm("pc_multiboot").platform.pcm is not None          # multiboot: a PC
-    assert guest_vm("hello").platform.pcm is None                     # ELF64: bare
-    assert guest_vm("pc_multiboot", pc=False).platform.pcm is None    # unless asked
-    assert guest_vm("hello", pc=True).platform.pcm is not None
+    assert guest_vm("pc_multiboot").platform.name == "pc"          # multiboot: a PC
+    assert guest_vm("hello").platform.name == "bare"                     # ELF64: bare
+    assert guest_vm("pc_multiboot", machine="bare").platform.name == "bare"    # unless asked
+    assert guest_vm("hello", machine="pc").platform.name == "pc"
 
 
 def test_unassigned_ports_on_a_pc_read_all_ones(guest_vm):
-    m = guest_vm("pc_fwcfg", pc=True)
-    assert m.platform.pcm.io_read(0x1234, 2) == 0xFFFF
-    m.platform.pcm.io_write(0x1234, 1, 0)         # dropped
-    assert m.platform.pcm.unassigned[0x1234] == 2
+    m = guest_vm("pc_fwcfg", machine="pc")
+    assert m.platform.pio.read(0x1234, 2) == 0xFFFF
+    m.platform.pio.write(0x1234, 1, 0)         # dropped
+    assert m.platform.pio.unassigned[0x1234] == 2

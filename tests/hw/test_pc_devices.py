@@ -9,7 +9,7 @@ QEMU = int.from_bytes(b"QEMU", "little")
 
 @pytest.mark.parametrize("vcpus,mem", [(1, 64 << 20), (3, 256 << 20)])
 def test_fw_cfg_items(guest_vm, vcpus, mem):
-    m = guest_vm("pc_fwcfg", pc=True, vcpus=vcpus, mem_size=mem)
+    m = guest_vm("pc_fwcfg", machine="pc", vcpus=vcpus, mem_size=mem)
     sig, ident, ram, cpus, max_cpus = m.sync(stage=1)
     assert (sig, ident, ram, cpus, max_cpus) == (QEMU, 1, mem, vcpus, vcpus)
     unknown, past_end, again, wide = m.sync(stage=2)
@@ -20,7 +20,7 @@ def test_fw_cfg_items(guest_vm, vcpus, mem):
 
 
 def test_pci_host_bridge_is_i440fx_and_absent_functions_read_ones(guest_vm):
-    m = guest_vm("pc_pci", pc=True)
+    m = guest_vm("pc_pci", machine="pc")
     host_id, class_rev, hdr, isa_id, isa_hdr, pm_id, pmba = m.sync(stage=1)
     assert host_id == 0x1237_8086                     # 00:00.0 Intel 82441FX (i440FX)
     assert class_rev == 0x0600_0002                   # host bridge, revision 2
@@ -39,7 +39,7 @@ def test_pci_host_bridge_is_i440fx_and_absent_functions_read_ones(guest_vm):
 
 
 def test_pc_testdev_scratch_ports_iomem_and_irq_lines(guest_vm):
-    m = guest_vm("pc_testdev", pc=True)
+    m = guest_vm("pc_testdev", machine="pc")
     wide, packed, hi, byte_view, last, insb = m.sync(stage=1)
     assert wide == packed == 0x1122_3344              # a write is read back, at any width
     assert hi == 0x1122
@@ -51,4 +51,4 @@ def test_pc_testdev_scratch_ports_iomem_and_irq_lines(guest_vm):
     hits, vector = m.sync(stage=3)
     assert (hits, vector) == (1, 0x76)                # ISA IRQ 14 through the IOAPIC, once
     m.done()
-    assert m.platform.pcm.testdev.iomem[0x100:0x104] == (0xCAFE_F00D).to_bytes(4, "little")
+    assert m.platform.testdev.iomem[0x100:0x104] == (0xCAFE_F00D).to_bytes(4, "little")

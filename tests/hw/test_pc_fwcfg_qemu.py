@@ -13,7 +13,7 @@ pytestmark = pytest.mark.requires_arch("x86_64")
 
 def test_fw_cfg_selector_widths_and_arch_keys(guest_vm):
     mem = 256 << 20
-    m = guest_vm("pc_fwcfg_qemu", pc=True, mem_size=mem)
+    m = guest_vm("pc_fwcfg_qemu", machine="pc", mem_size=mem)
     b0, b1, b2, w, l, w511, b3 = m.sync(stage=1)
     assert (b0, b1, b2) == (ord("E"), ord("M"), ord("U"))   # no selection by 8/32-bit writes
     assert (w, l) == (0, 0)                                  # invalid reads: 0, no advance

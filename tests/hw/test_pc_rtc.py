@@ -14,7 +14,7 @@ def bcd(v):
 
 
 def test_rtc_registers_update_cycle_alarm_and_set(guest_vm):
-    m = guest_vm("pc_rtc", pc=True)
+    m = guest_vm("pc_rtc", machine="pc")
     before = time.time()
     a, b, d, century, year, month, day = m.sync(stage=1)
     assert a & 0x7F == 0x26              # 32.768 kHz divider, 1024 Hz rate select (bit 7, UIP,
@@ -44,8 +44,8 @@ def test_rtc_registers_update_cycle_alarm_and_set(guest_vm):
 
 
 def test_cmos_describes_memory_and_cpus(guest_vm):
-    m = guest_vm("pc_fwcfg", pc=True, vcpus=2, mem_size=6 << 30)
-    cmos = m.platform.pcm.rtc.cmos
+    m = guest_vm("pc_fwcfg", machine="pc", vcpus=2, mem_size=6 << 30)
+    cmos = m.platform.rtc.cmos
     assert cmos[0x15] | cmos[0x16] << 8 == 640
     assert cmos[0x34] | cmos[0x35] << 8 == ((3 << 30) - (16 << 20)) >> 16
     assert cmos[0x5B] | cmos[0x5C] << 8 | cmos[0x5D] << 16 == (3 << 30) >> 16

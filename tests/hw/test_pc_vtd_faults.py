@@ -26,6 +26,6 @@ def test_guest_sees_vtd_faults_and_runs_on(guest_vm):
     assert (ver, cap_lo | cap_hi << 32) == (0x10, V.CAP_VALUE)
     assert gsts == (V.GSTS_TES | V.GSTS_RTPS | V.GSTS_QIES | V.GSTS_IRES | V.GSTS_IRTPS)
     assert fsts == 0
-    pcm = m.platform.pcm
+    pcm = m.platform
     assert pcm.vtd.faults == 1 and pcm.vtd.ir_faults == 1 and pcm.edu.dma_errors == 1
     m.done()

@@ -15,7 +15,7 @@ ENTRIES = 256 << 7
 
 def test_a_full_invalidation_queue_completes_in_bounded_steps(guest_vm):
     m = guest_vm("pc_vtd_queue", devices=("intel-iommu",))
-    vtd = m.platform.pcm.vtd
+    vtd = m.platform.vtd
     done, iqh, fsts, ics, polls = m.sync(stage=1)
     assert done == ENTRIES - 1 and iqh == (ENTRIES - 1) << 4 and fsts == 0 and ics == 0
     assert vtd.iq_sync_max <= V.IQ_BATCH
@@ -27,5 +27,5 @@ def test_a_full_invalidation_queue_completes_in_bounded_steps(guest_vm):
     assert done == ENTRIES and iqh == 0 and fsts == 0
     assert vtd.iq_fetched - fetched >= ENTRIES        # every descriptor fetched again
     assert vtd.iq_sync_max <= V.IQ_BATCH              # 40 IQT writes, each at most a batch
-    assert m.platform.pcm.scheduler.failures == 0
+    assert m.platform.scheduler.failures == 0
     m.done()
