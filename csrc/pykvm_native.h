@@ -105,12 +105,13 @@ struct pykvm_loop {
     uint32_t loop_id;
     int32_t uart_lock;               /* guards this loop's UART state when others share it */
     uint64_t handled_in_py;          /* exits a Python handler resumed from inside the loop */
-    uint64_t uart_owner;             /* address of the loop whose UART state (uart[], uart_dll,
-                                        uart_dlm, uart_thre, uart_irq*, uart_out*) this loop uses:
-                                        one UART for all vCPUs of a machine; 0 = its own */
+    uint64_t uart_owner;             /* address of the struct whose UART state (uart[],
+                                        uart_dll, uart_dlm, uart_thre, uart_irq*, uart_out*,
+                                        the receiver) this loop uses: a UartGroup's, one UART
+                                        for all vCPUs of a machine; 0 = its own */
     uint64_t uart_out;               /* the owner's: a UART output buffer all its loops write
                                         in order (drained by pykvm_uart_take); 0 = THR bytes go
-                                        to each loop's console buffer */
+                                        to this struct's console buffer */
     uint32_t uart_out_cap;
     uint32_t uart_out_len;
     int64_t uart_out_since_ns;       /* when its oldest byte arrived */
@@ -134,6 +135,7 @@ int64_t pykvm_map_shared(int fd, uint64_t size);
 int pykvm_unmap(uint64_t addr, uint64_t size);
 int pykvm_kick_signal(void);
 uint32_t pykvm_uart_take(struct pykvm_loop *l, uint8_t *dst, uint32_t cap);
+uint8_t pykvm_uart_access(struct pykvm_loop *l, unsigned reg, int is_write, uint8_t value);
 
 /* Defined by cffi (extern "Python+C" in csrc/build_native.py): runs the Python exit handler of
  * loop `loop_id` with the GIL held (info, a, b: the exit's fields, see py_exit() in runloop.c);

@@ -151,7 +151,9 @@ static int console_put(struct pykvm_loop *l, const uint8_t *p, uint32_t n)
 
     if (n > room)
         n = room;
-    if (l->console_len == 0 && n)
+    if (!buf || !n)                    /* no buffer (a UART's state alone), or no room */
+        return l->console_len < l->console_cap;
+    if (l->console_len == 0)
         l->console_since_ns = pykvm_monotonic_ns();
     memcpy(buf + l->console_len, p, n);
     l->console_len += n;
@@ -180,9 +182,11 @@ static uint32_t io_value(const uint8_t *p, uint8_t size)
  *    0x0c at once, since the transmitter is instant), then THR empty; with FIFOs on its bits
  *    7:6 are set. FCR: enabling or disabling the FIFOs clears them, bit 1 clears the receive
  *    FIFO, bit 2 the transmit one (THR-empty pending again);
- *  - one UART per machine: a loop whose uart_owner is set uses that loop's state, under its
- *    uart_lock (vCPUs access it from their own threads), and with the owner's uart_out its
- *    output goes to one buffer in the order the vCPUs wrote it. */
+ *  - one UART per machine: a loop whose uart_owner is set uses the state of that struct (a
+ *    pykvm.runloop.UartGroup's, which belongs to no loop), under its uart_lock (vCPUs access
+ *    it from their own threads), and with the owner's uart_out its output goes to one buffer
+ *    in the order the vCPUs wrote it. Python reaches the same state through
+ *    pykvm_uart_access() (pykvm.devices.uart16550.Uart16550): there is no second model. */
 static struct pykvm_loop *uart_lock(struct pykvm_loop *l)
 {
     struct pykvm_loop *u = l->uart_owner ? (struct pykvm_loop *)(uintptr_t)l->uart_owner : l;
@@ -373,6 +377,21 @@ uint32_t pykvm_uart_take(struct pykvm_loop *l, uint8_t *dst, uint32_t cap)
     }
     uart_unlock(u);
     return n;
+}
+
+/* One register access to the 16550 whose state l holds (or, with l->uart_owner, the shared
+ * one): reg 0-7 (RBR/THR/DLL, IER/DLM, IIR/FCR, LCR, MCR, LSR, MSR, SCR; higher numbers are
+ * taken mod 8). A read returns the register's value, with the side effects of reading it (RBR
+ * pops the receiver, IIR acknowledges THR empty, LSR clears OE). A write returns 1, or 0 when
+ * its THR byte left the output buffer in need of draining (nearly full, or its oldest byte has
+ * waited l->console_flush_ns). Takes the UART lock: any thread may call it. This is the same
+ * code the C loop serves port and MMIO accesses with, for Python (pykvm.devices.uart16550). */
+uint8_t pykvm_uart_access(struct pykvm_loop *l, unsigned reg, int is_write, uint8_t value)
+{
+    reg &= 7;
+    if (is_write)
+        return (uint8_t)uart_write(l, reg, value);
+    return uart_read(l, reg);
 }
 
 /* ---- ns16550a as MMIO (RISC-V virt) -----------------------------------------------------

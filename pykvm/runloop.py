@@ -1,27 +1,31 @@
 """Run a vCPU until something Python must handle.
 
-:class:`RunLoop` drives a vCPU through the C helper (``pykvm._native``): console ports (a 16550
-and the 0xe9 debug port), an ns16550a as MMIO (RISC-V), the SBI debug console, the
-isa-debug-exit port, coalesced-MMIO drains, exit counting, a deadline and an exit budget are all
-served in C with the GIL released. :class:`PyRunLoop` does
-exactly the same in Python on top of :meth:`Vcpu.run`, so the two can be compared.
+:class:`RunLoop` drives a vCPU through the C helper (``pykvm._native``): the ports and windows
+its :class:`LoopConfig` names (a 16550, as port I/O or as MMIO, a debug console port, an
+isa-debug-exit range), the SBI debug console, coalesced-MMIO drains, exit counting, a deadline
+and an exit budget are all served in C with the GIL released. The loop knows no machine: a
+platform says which ports and addresses it serves (the default config serves none).
 
 Exit handlers in Python (:meth:`RunLoop.on`) are called from inside the C loop (a cffi
 ``extern "Python"`` callback, ``pykvm_py_exit``): the loop stays in C between exits (no teardown,
 no new deadline timer, no return through :meth:`RunLoop.run`), and each handler gets a reused
 exit object (:class:`~pykvm.exits.ExitCache`) that reads only the fields it asks for.
 :meth:`RunLoop.resume` makes the C loop count and resume an exit (e.g. HLT) without Python.
+
+There is one 16550 model, the C one (csrc/runloop.c): :class:`UartGroup` holds one UART's state
+for every loop given it, and :class:`pykvm.devices.uart16550.Uart16550` reaches that same state
+from Python (the reference loop in :mod:`pykvm.testing.reference_loop` serves the UART through
+it). Console output is kept by :class:`ConsoleBuffer`.
 """
-import collections
+import mmap
 import threading
-import time
 from typing import Callable, Dict, List, Optional, Union
 
 from . import abi
 from ._native import ffi as nffi, lib as nlib
 from .abi import ffi
-from .errors import Closed, GuestError, HostResourceError
-from .exits import Exit, ExitCache, decode_exit, kvm_run_error, new_exit
+from .errors import Closed, GuestError
+from .exits import Exit, ExitCache, kvm_run_error, new_exit
 from sys import getrefcount as _refs
 
 _CB_RESUME = nlib.PYKVM_CB_RESUME
@@ -36,10 +40,6 @@ _MMIO_LOG_START = 8
 # buffers the C loop fills: not cleared when allocated (pages the loop never writes stay
 # untouched, which keeps an idle Machine small)
 _new_buffer = nffi.new_allocator(should_clear_after_alloc=False)
-
-COM1 = 0x3F8
-DEBUGCON = 0xE9
-DEBUG_EXIT = 0xF4
 
 STOP_NAMES = {
     nlib.PYKVM_STOP_EXIT: "exit", nlib.PYKVM_STOP_DEBUG_EXIT: "debug_exit",
@@ -117,20 +117,24 @@ class MmioRecord(_Record):
 
 
 class LoopConfig(_Record):
-    """What a run loop serves and how much it keeps.
+    """What a run loop serves and how much it keeps. The defaults serve nothing: a platform
+    names its ports and windows (the PC: ``serial_base=0x3F8, debugcon_port=0xE9,
+    exit_port=0xF4, exit_port_size=4``; RISC-V virt: ``uart_mmio_base=0x10000000``).
 
-    Ports are x86 I/O port numbers (0 = none). ``uart_mmio_base`` serves the same 16550
-    registers as MMIO (an ns16550a, as on QEMU's RISC-V ``virt`` machine; 0 = none). ``exit_port``/``exit_port_size`` give QEMU's
-    isa-debug-exit range (``iobase=0xf4,iosize=4``: ports 0xf4–0xf7). ``console_cap`` and
+    ``serial_base``: first of the 16550's eight I/O ports (0 = none). ``debugcon_port``: a
+    Bochs/QEMU debug console port (writes are console bytes, reads return 0xE9; 0 = none).
+    ``exit_port``/``exit_port_size``: QEMU's isa-debug-exit range (``iobase=0xf4,iosize=4``:
+    ports 0xf4–0xf7; 0 = none). ``uart_mmio_base`` serves the same 16550 registers as MMIO (an
+    ns16550a, as on QEMU's RISC-V ``virt`` machine; 0 = none). ``console_cap`` and
     ``mmio_log_cap`` are the most the C loop's buffers grow to (bytes, records; they start
     small and double each time a run fills them); ``console_limit`` (bytes) and
     ``mmio_log_limit`` (records) cap what the loop *retains* in :attr:`console` and
     :attr:`mmio_log` — older console bytes and newer MMIO records beyond them are counted in
     ``console_dropped``/``mmio_dropped`` and still streamed to ``on_console``/``on_mmio``."""
-    serial_base: int = COM1
-    debugcon_port: int = DEBUGCON
-    exit_port: int = DEBUG_EXIT
-    exit_port_size: int = 4
+    serial_base: int = 0             # 16550 base port (PC COM1: 0x3F8), 0 = none
+    debugcon_port: int = 0           # debug console port (PC: 0xE9), 0 = none
+    exit_port: int = 0               # isa-debug-exit first port (PC: 0xF4), 0 = none
+    exit_port_size: int = 4          # ports in the isa-debug-exit range
     console_cap: int = 1 << 14
     mmio_log_cap: int = 512
     console_limit: int = 1 << 20
@@ -146,73 +150,144 @@ class LoopConfig(_Record):
 
 class UartGroup:
     """One 16550 for every vCPU of a machine: give the same group to each loop's
-    :class:`LoopConfig` (``uart_group``) and they share one register file and interrupt state
-    (the C loop under a lock, as ``uart_owner``); without a group each loop has its own.
+    :class:`LoopConfig` (``uart_group``) and they share one register file, receiver and
+    interrupt state; without a group each :class:`RunLoop` has its own UART.
 
-    The UART (csrc/runloop.c and :class:`PyRunLoop` alike): the transmitter is always empty;
-    a THR-empty interrupt is pending after a THR write and when IER.THRI is turned on, and an IIR
-    read reporting it (0x02) clears it; with ``uart_irq`` the interrupt output (IER.THRI and
-    pending) drives that GSI through KVM_IRQ_LINE; in loopback (MCR bit 4) MSR mirrors MCR and
-    THR bytes go to the receiver instead of the console (RBR returns them, LSR.DR; FIFOs off, a
-    byte arriving while DR is set overwrites RBR and sets LSR.OE; FIFOs on, a 16-byte FIFO whose
-    overflow is lost and sets LSR.OE; an LSR read clears OE); IIR reports receiver line status,
-    received data (0x04 at the FIFO trigger level, the character timeout 0x0c below it) and THR
-    empty, in that priority, with bits 7:6 set while the FIFOs are on (the 16550 data sheet,
-    QEMU's serial.c). The C loops of a group write THR bytes to one buffer (in
-    the order the vCPUs wrote them), which any of them drains when it returns to Python (the
-    writer returns when the oldest byte has waited ``console_flush`` or the buffer is nearly
-    full); :class:`PyRunLoop` emits each byte as it comes."""
+    The state is a ``struct pykvm_loop`` of the group's own (:attr:`state`, used for nothing
+    but the UART) that the C loops reach through ``uart_owner`` and Python code through
+    :class:`~pykvm.devices.uart16550.Uart16550` (``pykvm_uart_access``), always under the
+    UART's lock: the model is the C one (csrc/runloop.c), whose register behaviour
+    :class:`~pykvm.devices.uart16550.Uart16550` documents. THR bytes go to one buffer of
+    :data:`OUT_CAP` bytes in the order the vCPUs wrote them; a loop drains it whenever it
+    returns to Python (a C writer returns when the oldest byte has waited ``console_flush`` or
+    the buffer is nearly full); bytes finding it full are counted in :attr:`dropped`. The first
+    loop that joins with a ``uart_irq`` connects the UART's interrupt output to that GSI of its
+    VM (KVM_IRQ_LINE)."""
 
     OUT_CAP = 1 << 12                 # bytes; the writer hands over well before it fills
 
     def __init__(self):
-        self._owner = None            # the first native loop's struct (kept alive here)
-        self._out = self._take = None
+        self.state = nffi.new("struct pykvm_loop *")   # the UART alone (no vCPU, no buffers)
+        self._out = nffi.new("uint8_t[]", self.OUT_CAP)
+        self._take = nffi.new("uint8_t[]", self.OUT_CAP)
+        self.state.uart_out = int(nffi.cast("uintptr_t", self._out))
+        self.state.uart_out_cap = self.OUT_CAP
+        self.state.uart_irq_fd = -1
         self._drain_lock = threading.Lock()
-        self.regs = bytearray(8)      # PyRunLoop's shared state
-        self.dl = bytearray(2)
-        self.thre = False
-        self.rbr = 0                  # receiver buffer (FIFOs off)
-        self.lsr = 0                  # LSR bits DR and OE (THRE, TEMT always read set)
-        self.fcr = 0                  # FCR as kept: bits 0, 3, 7:6
-        self.rx = collections.deque()  # receive FIFO (at most 16 bytes)
-        self.level = 0
-        self.lock = threading.Lock()
 
-    def _join(self, l) -> int:
-        """The address a native loop's ``uart_owner`` gets (0 for the first, the owner)."""
-        if self._owner is None:
-            self._owner = l
-            self._out = nffi.new("uint8_t[]", self.OUT_CAP)
-            self._take = nffi.new("uint8_t[]", self.OUT_CAP)
-            l.uart_out, l.uart_out_cap = int(nffi.cast("uintptr_t", self._out)), self.OUT_CAP
-            return 0
-        return int(nffi.cast("uintptr_t", self._owner))
+    @property
+    def address(self) -> int:
+        """The address of :attr:`state` (what a loop's ``uart_owner`` holds)."""
+        return int(nffi.cast("uintptr_t", self.state))
 
-    def _drain(self, emit) -> None:
-        """Hand the shared output written so far to ``emit``, in order (any loop's thread)."""
-        if self._owner is None or not self._owner.uart_out_len:
+    def connect_irq(self, vm, gsi: int) -> None:
+        """Drive ``gsi`` of ``vm`` (:class:`~pykvm.vm.Vm`, KVM_IRQ_LINE) from the UART's
+        interrupt output, unless a line is connected already (0 = none: nothing changes)."""
+        s = self.state
+        if gsi and not s.uart_irq:
+            s.uart_irq_fd = vm.fd
+            s.uart_irq = gsi
+
+    def drain(self, emit: Callable[[bytes], None]) -> None:
+        """Hand the THR output written so far to ``emit``, in order (any thread)."""
+        if not self.state.uart_out_len:
             return
         with self._drain_lock:            # take and emit together: two drainers keep the order
-            n = nlib.pykvm_uart_take(self._owner, self._take, self.OUT_CAP)
+            n = nlib.pykvm_uart_take(self.state, self._take, self.OUT_CAP)
             if n:
                 emit(bytes(nffi.buffer(self._take, n)))
 
+
     @property
     def dropped(self) -> int:
-        """THR bytes the C loops' shared buffer had no room for."""
-        return self._owner.uart_out_dropped if self._owner is not None else 0
+        """THR bytes the shared output buffer had no room for."""
+        return self.state.uart_out_dropped
+
+
+class ConsoleBuffer:
+    """Console output as a machine or a run loop keeps it: the last ``limit`` bytes
+    (:attr:`data`), a count of older bytes no longer held (:attr:`dropped`), and an optional
+    ``on_data(bytes)`` callback that sees every byte, kept or not.
+
+    :meth:`append` is thread-safe (vCPU threads append concurrently) and amortised O(1) per byte:
+    the buffer grows to at most ``2 * limit`` bytes (plus one append) before the oldest bytes
+    are cut off in one step. ``limit <= 0`` keeps nothing. ``on_data`` is called after the
+    bytes are kept, outside the lock, in the appending thread; what it raises propagates to the
+    caller of :meth:`append`."""
+
+    __slots__ = ("limit", "on_data", "_buf", "_total", "_lock")
+
+    def __init__(self, limit: int = 1 << 20, on_data: Optional[Callable[[bytes], None]] = None):
+        self.limit = limit
+        self.on_data = on_data
+        self._buf = bytearray()
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def append(self, data: bytes) -> None:
+        """Keep ``data`` (bytes-like) and stream it to ``on_data``."""
+        if not data:
+            return
+        data = bytes(data)
+        with self._lock:
+            self._total += len(data)
+            limit = self.limit
+            if limit > 0:
+                self._buf += data
+                if len(self._buf) > 2 * limit:
+                    del self._buf[:len(self._buf) - limit]
+            elif self._buf:
+                self._buf.clear()
+        cb = self.on_data
+        if cb is not None:
+            cb(data)
+
+    @property
+    def data(self) -> bytes:
+        """The last ``limit`` bytes appended."""
+        with self._lock:
+            limit = self.limit
+            return bytes(self._buf[-limit:]) if limit > 0 else b""
+
+    @property
+    def total(self) -> int:
+        """Bytes appended since creation (or :meth:`clear`)."""
+        return self._total
+
+    @property
+    def dropped(self) -> int:
+        """Bytes appended that :attr:`data` no longer holds."""
+        with self._lock:
+            return self._total - min(len(self._buf), max(self.limit, 0))
+
+    @property
+    def held(self) -> int:
+        """Bytes held in memory now (at most ``2 * limit`` after an append of at most
+        ``limit`` bytes)."""
+        return len(self._buf)
+
+    def clear(self) -> None:
+        """Forget everything (data and counts)."""
+        with self._lock:
+            self._buf.clear()
+            self._total = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"ConsoleBuffer(limit={self.limit}, total={self._total})"
 
 
 LoopConfig._fields = tuple(LoopConfig.__annotations__)
 LoopConfig._defaults = {n: getattr(LoopConfig, n) for n in LoopConfig._fields}
 
 
-def _ring_address(vcpu):
-    """Address and entry count of the coalesced-MMIO ring page, if KVM offers one."""
+def coalesced_ring(vcpu):
+    """Host address and entry count of ``vcpu``'s coalesced-MMIO ring page (the page at
+    KVM_COALESCED_MMIO_PAGE_OFFSET of its kvm_run mapping), or ``(0, 0)`` if KVM offers none."""
     if not vcpu.vm.kvm.check_extension("COALESCED_MMIO"):
         return 0, 0
-    import mmap
     page = mmap.PAGESIZE
     off = abi.arch.COALESCED_MMIO_PAGE_OFFSET * page
     if vcpu.run_size < off + page:
@@ -221,16 +296,18 @@ def _ring_address(vcpu):
     return vcpu.run_addr + off, entries
 
 
-class _LoopBase:
+class LoopBase:
+    """What every run loop shares: the configuration, exit handlers (:meth:`on`), resumed
+    exits (:meth:`resume`), the console (:attr:`console_buffer`) and the coalesced-MMIO log.
+    Subclasses: :class:`RunLoop` (C) and the reference loop of :mod:`pykvm.testing`."""
+
     def __init__(self, vcpu, config: Optional[LoopConfig] = None,
                  on_console: Optional[Callable[[bytes], None]] = None,
                  on_mmio: Optional[Callable[[MmioRecord], None]] = None):
         self.vcpu = vcpu
         self.config = config or LoopConfig()
-        self.on_console = on_console
         self.on_mmio = on_mmio
-        self._console = bytearray()
-        self._console_total = 0
+        self.console_buffer = ConsoleBuffer(self.config.console_limit, on_console)
         self.mmio_log: List[MmioRecord] = []
         self.mmio_dropped = 0             # coalesced records seen beyond mmio_log_limit
         self._handlers: Dict[int, Callable] = {}
@@ -269,25 +346,26 @@ class _LoopBase:
         pass
 
     @property
+    def on_console(self) -> Optional[Callable[[bytes], None]]:
+        """Called with every console byte string the guest writes (or None)."""
+        return self.console_buffer.on_data
+
+    @on_console.setter
+    def on_console(self, fn: Optional[Callable[[bytes], None]]) -> None:
+        self.console_buffer.on_data = fn
+
+    @property
     def console(self) -> bytes:
         """The last ``config.console_limit`` bytes of console output (bytes)."""
-        limit = self.config.console_limit
-        return bytes(self._console[-limit:]) if limit > 0 else b""
+        return self.console_buffer.data
 
     @property
     def console_dropped(self) -> int:
         """Console bytes seen that :attr:`console` no longer holds."""
-        return self._console_total - min(len(self._console), max(self.config.console_limit, 0))
+        return self.console_buffer.dropped
 
     def _emit(self, data: bytes) -> None:
-        if data:
-            self._console += data
-            self._console_total += len(data)
-            limit = self.config.console_limit
-            if len(self._console) > 2 * limit:       # trim in amortised O(1)
-                del self._console[:len(self._console) - limit]
-            if self.on_console:
-                self.on_console(bytes(data))
+        self.console_buffer.append(data)
 
     def _record_mmio(self, rec: "MmioRecord") -> None:
         if len(self.mmio_log) < self.config.mmio_log_limit:
@@ -341,7 +419,7 @@ def pykvm_py_exit(loop_id, reason, info, a, b):
         return _CB_STOP
 
 
-class RunLoop(_LoopBase):
+class RunLoop(LoopBase):
     """The C run loop. ``run()`` returns a :class:`Stop`."""
 
     native = True
@@ -364,7 +442,7 @@ class RunLoop(_LoopBase):
         l.vcpu_fd = vcpu.fd
         l.run_size = vcpu.run_size
         l.run = vcpu.run_addr
-        l.ring, l.ring_entries = _ring_address(vcpu)
+        l.ring, l.ring_entries = coalesced_ring(vcpu)
         l.console = int(nffi.cast("uintptr_t", self._console_buf))
         l.console_cap = len(self._console_buf)
         l.console_flush_ns = int(c.console_flush * 1e9) if on_console else 0
@@ -375,7 +453,8 @@ class RunLoop(_LoopBase):
         l.uart_irq, l.uart_irq_fd = (c.uart_irq, vcpu.vm.fd) if c.uart_irq else (0, -1)
         self._ugroup = c.uart_group
         if c.uart_group is not None:
-            l.uart_owner = c.uart_group._join(l)
+            c.uart_group.connect_irq(vcpu.vm, c.uart_irq)
+            l.uart_owner = c.uart_group.address
         regions = list(c.ram)[:nlib.PYKVM_MAX_RAM]
         l.nram = len(regions)
         for i, (gpa, host, size) in enumerate(regions):
@@ -433,7 +512,7 @@ class RunLoop(_LoopBase):
             self._emit(bytes(nffi.buffer(self._console_buf, n)))
             self._l.console_len = 0
         if self._ugroup is not None:
-            self._ugroup._drain(self._emit)
+            self._ugroup.drain(self._emit)
         n = self._l.mmio_log_len
         for i in range(n):
             r = self._mmio_buf[i]
@@ -464,7 +543,7 @@ class RunLoop(_LoopBase):
                 v.run_seq += 1
                 r = nlib.pykvm_loop_run(l)
                 if self._ugroup is not None:
-                    self._ugroup._drain(self._emit)
+                    self._ugroup.drain(self._emit)
                 if l.console_len or l.mmio_log_len:
                     if r in _STOP_FULL:
                         self._grow = (l.console_len >= l.console_cap,
@@ -516,276 +595,3 @@ class RunLoop(_LoopBase):
             raise Closed(f"vCPU {self.vcpu.id} is closed")
         self._l.kick = 0
         self.vcpu.run_struct.immediate_exit = 0
-
-
-class PyRunLoop(_LoopBase):
-    """The same loop in Python (one ``Vcpu.run()`` per exit). For comparison and debugging."""
-
-    native = False
-    _UART_LSR = 0x60
-
-    def __init__(self, vcpu, config=None, on_console=None, on_mmio=None):
-        super().__init__(vcpu, config, on_console, on_mmio)
-        self._counts: Dict[str, int] = {}
-        self.exits_total = 0
-        self.handled_in_c = 0
-        self.handled_in_python = 0
-        self._ug = self.config.uart_group or UartGroup()   # the UART state (shared or own)
-        self._kick = threading.Event()
-        self._ring, self._ring_entries = _ring_address(vcpu)
-
-    @property
-    def counts(self) -> Dict[str, int]:
-        """Exits seen by this loop, by reason name."""
-        return dict(self._counts)
-
-    def _drain_ring(self) -> None:
-        if not self._ring:
-            return
-        ring = ffi.cast("struct kvm_coalesced_mmio_ring *", self._ring)
-        first, last, mx = ring.first, ring.last, self._ring_entries
-        if first >= mx or last >= mx:
-            return
-        while first != last:
-            e = ring.coalesced_mmio[first]
-            n = min(e.len, 8)
-            self._record_mmio(MmioRecord(e.phys_addr, n, bool(e.pio),
-                                         bytes(ffi.buffer(e.data, n))))
-            first = (first + 1) % mx
-            ring.first = first
-
-    def _serve_io(self, ex) -> Optional[Stop]:
-        c = self.config
-        port, out = ex.port, ex.is_out
-        if c.exit_port and 0 <= port - c.exit_port < c.exit_port_size:
-            if out:
-                return Stop("debug_exit", value=int.from_bytes(ex.data[:ex.size], "little"))
-            ex.respond(0)
-            return None
-        if c.debugcon_port and port == c.debugcon_port:
-            if out:
-                self._emit(ex.data[::ex.size])
-            else:
-                ex.respond(0xE9)
-            return None
-        if c.serial_base and c.serial_base <= port < c.serial_base + 8:
-            # QEMU's serial_io_ops: 1-byte registers; a wider access is one access per byte at
-            # consecutive registers, the register number taken mod 8 (serial_ioport_*: addr & 7)
-            reg, size = port - c.serial_base, ex.size
-            if out:
-                data = ex.data
-                for i in range(ex.count):
-                    for j in range(size):
-                        self._uart_write((reg + j) & 7, data[i * size + j])
-            else:
-                ex.respond(bytes(self._uart_read((reg + j) & 7)
-                                 for _ in range(ex.count) for j in range(size)))
-            return None
-        return Stop("exit", ex)
-
-    # the 16550 register file, shared by the port UART and the MMIO one (as in csrc/runloop.c;
-    # see UartGroup)
-    _UART_TRIGGER = (1, 4, 8, 14)
-
-    def _uart_iir(self, u) -> int:
-        ier, fe = u.regs[1], u.fcr & 0x01
-        if ier & 0x04 and u.lsr & 0x1E:
-            iid = 0x06                                  # receiver line status
-        elif ier & 0x01 and u.lsr & 0x01:
-            iid = 0x0C if fe and len(u.rx) < self._UART_TRIGGER[u.fcr >> 6] else 0x04
-        elif ier & 0x02 and u.thre:
-            iid = 0x02
-        else:
-            iid = 0x01
-        return iid | (0xC0 if fe else 0)
-
-    def _uart_irq(self, u) -> None:
-        level = 0 if self._uart_iir(u) & 0x01 else 1
-        if self.config.uart_irq and level != u.level:
-            u.level = level
-            self.vcpu.vm.irq_line(self.config.uart_irq, level)
-
-    def _uart_receive(self, u, b: int) -> None:
-        if u.fcr & 0x01:
-            if len(u.rx) >= 16:
-                u.lsr |= 0x02                           # overrun: the byte is lost
-            else:
-                u.rx.append(b)
-        else:
-            if u.lsr & 0x01:
-                u.lsr |= 0x02                           # overrun: RBR overwritten
-            u.rbr = b
-        u.lsr |= 0x01
-
-    def _uart_write(self, reg: int, b: int) -> None:
-        u = self._ug
-        with u.lock:
-            if u.regs[3] & 0x80 and reg <= 1:
-                u.dl[reg] = b
-            elif reg == 0:
-                if u.regs[4] & 0x10:                    # loopback: to the receiver
-                    self._uart_receive(u, b)
-                else:
-                    self._emit(bytes([b]))
-                u.thre = True
-            elif reg == 1:
-                if (b ^ u.regs[1]) & 0x02:
-                    u.thre = bool(b & 0x02)
-                u.regs[1] = b & 0x0F
-            elif reg == 2:                              # FCR
-                if (b ^ u.fcr) & 0x01:
-                    b |= 0x06                           # FIFOs flushed on enable/disable
-                if b & 0x02:
-                    u.lsr &= ~0x01
-                    u.rx.clear()
-                if b & 0x04:
-                    u.thre = True
-                u.fcr = b & 0xC9
-            elif reg == 4:
-                u.regs[4] = b & 0x1F
-            elif reg not in (5, 6):
-                u.regs[reg] = b
-            self._uart_irq(u)
-
-    def _uart_read(self, reg: int) -> int:
-        u = self._ug
-        with u.lock:
-            if u.regs[3] & 0x80 and reg <= 1:
-                return u.dl[reg]
-            if reg == 0:
-                if u.fcr & 0x01:
-                    v = u.rx.popleft() if u.rx else 0
-                    if not u.rx:
-                        u.lsr &= ~0x01
-                else:
-                    v = u.rbr
-                    u.lsr &= ~0x01
-                self._uart_irq(u)
-                return v
-            if reg == 2:
-                v = self._uart_iir(u)
-                if v & 0x0F == 0x02:
-                    u.thre = False
-                    self._uart_irq(u)
-                return v
-            if reg == 5:
-                v = u.lsr | self._UART_LSR
-                if u.lsr & 0x1E:
-                    u.lsr &= ~0x1E                      # OE clears when read
-                    self._uart_irq(u)
-                return v
-            if reg == 6:
-                mcr = u.regs[4]
-                if mcr & 0x10:
-                    return ((mcr & 1) << 5) | ((mcr & 2) << 3) | ((mcr & 4) << 4) | ((mcr & 8) << 4)
-                return 0xB0
-            return u.regs[reg]
-
-    def _serve_uart_mmio(self, ex) -> bool:
-        """An MMIO exit inside the ns16550a window: served (True), else False."""
-        c = self.config
-        base, shift = c.uart_mmio_base, c.uart_mmio_shift
-        off = ex.phys_addr - base
-        if not base or shift > 2 or not 0 <= off < 8 << shift or off & ((1 << shift) - 1):
-            return False
-        reg = off >> shift
-        if ex.is_write:
-            self._uart_write(reg, ex.data[0])
-        else:
-            ex.respond(self._uart_read(reg))
-        return True
-
-    def run(self, *, deadline: Optional[float] = None, budget: int = 0) -> Stop:
-        """As :meth:`RunLoop.run`, one ``Vcpu.run()`` per exit."""
-        v = self.vcpu
-        v._enter_run(self._kick_internal)
-        timer = None
-        try:
-            if deadline:
-                # the timer only interrupts KVM_RUN; the loop itself sees the deadline pass
-                # (so a timer firing as the run ends leaves no kick behind for the next run)
-                timer = threading.Timer(max(0.0, deadline - time.monotonic()),
-                                        v._kick_thread)
-                timer.daemon = True
-                try:
-                    timer.start()
-                except RuntimeError as e:      # "can't start new thread"
-                    raise HostResourceError(f"cannot start the deadline timer thread of vCPU "
-                                            f"{v.id}: {e}", "threads") from e
-            left = budget
-            while True:
-                if v._closing:
-                    return Stop("kick")
-                if self._kick.is_set():
-                    self._kick.clear()
-                    return Stop("kick")
-                if deadline and time.monotonic() >= deadline:
-                    return Stop("deadline")
-                ex = v.run()
-                self.exits_total += 1
-                self._counts[ex.name] = self._counts.get(ex.name, 0) + 1
-                self._drain_ring()
-                if ex.reason == abi.EXIT_REASONS["IO"]:
-                    stop = self._serve_io(ex)
-                    if stop is not None and stop.kind == "exit":
-                        stop = self._unserved(ex)
-                    if stop is not None:
-                        return stop
-                elif ex.reason == abi.EXIT_REASONS["MMIO"] and self.config.uart_mmio_base:
-                    if not self._serve_uart_mmio(ex):
-                        stop = self._unserved(ex)
-                        if stop is not None:
-                            return stop
-                elif ex.reason != abi.EXIT_REASONS["INTR"]:
-                    stop = self._unserved(ex)
-                    if stop is not None:
-                        return stop
-                if budget:
-                    left -= 1
-                    if left == 0:
-                        return Stop("budget")
-        finally:
-            if timer:
-                timer.cancel()
-                timer.join()                   # its kick, if it fired, has landed
-            v.run_struct.immediate_exit = 0    # not meant for the next run (as in C)
-            v._leave_run()
-
-    def _unserved(self, ex) -> Optional[Stop]:
-        """An exit the loop does not serve: resumed (resume()), given to a handler (on()), or
-        the end of the run."""
-        n = ex._reason
-        if 0 <= n < 64 and (self._resume_mask >> n) & 1:
-            self.handled_in_c += 1
-            return None
-        h = self._handlers.get(n)
-        if h is None:
-            return Stop("exit", ex)
-        r = h(ex)
-        if r is not None:
-            return Stop("exit", ex, result=r)
-        self.handled_in_python += 1
-        return None
-
-    def _kick_internal(self) -> None:
-        self._kick.set()
-        self.vcpu._kick_thread()
-
-    def kick(self) -> None:
-        """Stop a running ``run()`` (or the next one) from any thread. Raises
-        :class:`~pykvm.errors.Closed` once the vCPU is closed."""
-        if self.vcpu._closing:
-            raise Closed(f"vCPU {self.vcpu.id} is closed")
-        self._kick_internal()
-
-    def clear_kick(self) -> None:
-        """As :meth:`RunLoop.clear_kick`."""
-        if self.vcpu._closing:
-            raise Closed(f"vCPU {self.vcpu.id} is closed")
-        self._kick.clear()
-        self.vcpu.run_struct.immediate_exit = 0
-
-
-def make_loop(vcpu, *, native: bool = True, **kw):
-    """A :class:`RunLoop` (C) or :class:`PyRunLoop` (Python) for ``vcpu``."""
-    return (RunLoop if native else PyRunLoop)(vcpu, **kw)

@@ -12,9 +12,10 @@ import pytest
 from pykvm import GuestMemoryError, Kvm, KvmError
 from pykvm.abi import ioctls
 from pykvm.arch.x86.regs import msr_reg_id
-from pykvm.runloop import PyRunLoop, RunLoop
+from pykvm.runloop import RunLoop
 
 from _asm import real_mode_vm
+from _loops import LOOP_IDS, LOOPS, pc_config
 
 EFER, STAR, TSC = 0xC0000080, 0xC0000081, 0x10
 
@@ -178,11 +179,11 @@ def _real_mode(kvm, code):
 PROGRAM = bytes.fromhex("BAF803B048EEB069EEBA8000EEBAF400B005EEF4")
 
 
-@pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
 def test_run_loops_agree(kvm, loop_cls):
     vm, v = _real_mode(kvm, PROGRAM)
     with vm:
-        loop = loop_cls(v)
+        loop = loop_cls(v, pc_config())
         st = loop.run()
         assert st.kind == "exit" and st.exit.name == "IO" and st.exit.port == 0x80
         assert st.exit.data == b"i"
@@ -194,7 +195,7 @@ def test_run_loops_agree(kvm, loop_cls):
         assert st.kind == "exit" and st.exit.name == "HLT"
 
 
-@pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
 def test_deadline_and_kick_stop_a_spinning_guest(kvm, loop_cls):
     import threading
     import time
@@ -224,7 +225,7 @@ def test_exit_is_stale_after_next_run(kvm):
 def test_budget(kvm):
     vm, v = _real_mode(kvm, bytes.fromhex("BAF803B041EEEBFB"))  # loop: out 'A' forever
     with vm:
-        loop = RunLoop(v)
+        loop = RunLoop(v, pc_config())
         assert loop.run(budget=50).kind == "budget"
         assert loop.exits_total == 50 and bytes(loop.console) == b"A" * 50
 

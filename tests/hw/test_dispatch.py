@@ -9,11 +9,12 @@ import pytest
 from pykvm import Closed, StaleExit
 from pykvm.abi import ffi
 from pykvm.machine import Machine
-from pykvm.runloop import LoopConfig, PyRunLoop, RunLoop
+from pykvm.runloop import LoopConfig, RunLoop
+from pykvm.testing.reference_loop import ReferenceLoop
 
 pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_arch("x86_64")]
 
-BARE = LoopConfig(serial_base=0, debugcon_port=0, exit_port=0)
+BARE = LoopConfig()                        # serves no port: every exit is the handlers'
 OUT_LOOP = "B07AE680EBFC"                  # mov al, 'z'; out 0x80, al; jmp back to the out
 IN_OUT_LOOP = "E480E681EBFA"               # in al, 0x80; out 0x81, al; jmp back
 MMIO_LOOP = "B800F08ED831DB" "B055" "8807" "8A07" "8807" "EBF6"   # ds:bx = 0xf0000: write
@@ -34,7 +35,7 @@ def _vcpu(kvm, code_hex):
     return vm, v
 
 
-@pytest.fixture(params=[RunLoop, PyRunLoop], ids=["c", "py"])
+@pytest.fixture(params=[RunLoop, ReferenceLoop], ids=["c", "py"])
 def loop_cls(request):
     return request.param
 
@@ -177,7 +178,7 @@ def test_console_reaches_python_before_the_handler_runs(kvm):
     # out 0xe9 'A' (served in C), then out 0x80 (to Python): the handler sees the 'A'
     vm, v = _vcpu(kvm, "B041E6E9E680EBF8")
     with vm:
-        loop = RunLoop(v, LoopConfig(serial_base=0, exit_port=0))
+        loop = RunLoop(v, LoopConfig(debugcon_port=0xE9))
         seen = []
         loop.on("IO", lambda ex: seen.append(len(loop.console)))
         loop.run(budget=10)

@@ -9,6 +9,7 @@ from pykvm import status
 from pykvm.machine import Machine
 
 from _elfguest import elf_guest
+from _loops import LOOP_IDS, LOOPS, ReferenceLoop
 
 # the guest asks port 0x500 to read guest memory at the address it writes (far outside RAM)
 BAD_ADDRESS = """
@@ -23,10 +24,10 @@ def _read_where_the_guest_says(m, index, ex):
     m.memory.read(ex.value, 16)                 # GuestMemoryError: not RAM
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "py-loop"])
-def test_guest_address_outside_ram_in_a_handler_is_a_guest_fault(tmp_path, native):
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
+def test_guest_address_outside_ram_in_a_handler_is_a_guest_fault(tmp_path, loop_cls):
     path = elf_guest(tmp_path, BAD_ADDRESS)
-    with Machine(path, native=native) as m:
+    with Machine(path, loop=loop_cls) as m:
         m.on("IO", _read_where_the_guest_says)
         r = m.run(timeout=10)
         assert (r.exit, r.exit_code) == ("guest_error", status.GUEST_FAILURE), r.detail
@@ -38,7 +39,7 @@ def test_guest_address_outside_ram_in_a_handler_is_a_guest_fault(tmp_path, nativ
 def test_guest_address_outside_ram_in_step_is_a_guest_error_event(tmp_path):
     from pykvm.errors import GuestError
     path = elf_guest(tmp_path, BAD_ADDRESS)
-    with Machine(path, native=False) as m:
+    with Machine(path, loop=ReferenceLoop) as m:
         m.on("IO", _read_where_the_guest_says)
         with pytest.raises(GuestError, match="guest fault: guest-physical address 0xfffff000"):
             m.step(timeout=10)
@@ -62,7 +63,7 @@ def test_a_report_outside_ram_is_the_guests_failure(tmp_path):
     out dx, eax
 1:  jmp 1b
 """)
-    for native in (True, False):
-        with Machine(path, native=native) as m:
+    for loop_cls in LOOPS:
+        with Machine(path, loop=loop_cls) as m:
             r = m.run(timeout=10)
             assert (r.exit, r.exit_code) == ("guest_error", status.GUEST_FAILURE), r.detail

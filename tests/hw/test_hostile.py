@@ -12,9 +12,10 @@ import pytest
 from pykvm import status
 from pykvm.errors import Busy, Closed, PykvmError
 from pykvm.machine import Machine
-from pykvm.runloop import make_loop
+from pykvm.runloop import RunLoop
 
 from _asm import BY_VCPU, PRINT_FLOOD, REPORT, SPIN, asm16, rss_kib
+from _loops import LOOP_IDS, LOOPS, pc_config
 
 pytestmark = pytest.mark.requires_kvm
 
@@ -33,10 +34,10 @@ def machine(code: str, **kw) -> Machine:
 
 
 # -- 1: closing while a vCPU runs, and every method of a closed object ------------------------
-@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "python-loop"])
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
 @pytest.mark.parametrize("vcpus", [1, 3])
-def test_close_while_running_waits_for_every_vcpu(native, vcpus):
-    m = machine(SPIN, vcpus=vcpus, native=native)
+def test_close_while_running_waits_for_every_vcpu(loop_cls, vcpus):
+    m = machine(SPIN, vcpus=vcpus, loop=loop_cls)
     out = {}
 
     def runner():
@@ -61,15 +62,15 @@ def test_close_while_running_waits_for_every_vcpu(native, vcpus):
     m.close()                                     # idempotent
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "python-loop"])
-def test_closed_vcpu_and_loop_raise_closed_and_never_drive_a_reused_fd(kvm, native):
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
+def test_closed_vcpu_and_loop_raise_closed_and_never_drive_a_reused_fd(kvm, loop_cls):
     vm = kvm.create_vm()
     vm.add_memory(0, 1 << 20)
     vm.memory.write(0x1000, b"\xf4")              # hlt
     v = vm.create_vcpu()
     s = v.get_sregs(); s.cs.base = s.cs.selector = 0; v.set_sregs(s)
     r = v.get_regs(); r.rip, r.rflags = 0x1000, 2; v.set_regs(r)
-    loop = make_loop(v, native=native)
+    loop = loop_cls(v, pc_config())
     v.close()
     for call in (v.run, v.kick, loop.kick, lambda: loop.run(deadline=time.monotonic() + 1),
                  v.get_regs, lambda: v.get_one_reg(0x2030000200000010)):
@@ -172,17 +173,17 @@ def test_console_flood_in_the_loop_is_bounded():
         r = m.run(timeout=1.0)
         loop = m.loops[0]
         assert len(loop.console) <= loop.config.console_limit
-        assert len(loop._console) <= 2 * loop.config.console_limit
+        assert loop.console_buffer.held <= 2 * loop.config.console_limit
     assert len(r.console) <= 4096 and r.console_dropped > 0
 
 
 # -- 5: the exit budget is a budget -------------------------------------------------------------
-@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "python-loop"])
-def test_budget_counts_exits_across_console_streaming(native):
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
+def test_budget_counts_exits_across_console_streaming(loop_cls):
     streamed = []
-    with machine(CONSOLE_LOOP, native=native, on_console=streamed.append) as m:
+    with machine(CONSOLE_LOOP, loop=loop_cls, on_console=streamed.append) as m:
         loop = m.loops[0]
-        if native:
+        if loop_cls is RunLoop:
             loop._l.console_flush_ns = 1           # return to Python after every exit
         stop = loop.run(deadline=time.monotonic() + 60, budget=3000)
         assert stop.kind == "budget"
@@ -194,12 +195,12 @@ def test_budget_counts_exits_across_console_streaming(native):
 
 # -- 9: exit statuses ---------------------------------------------------------------------------
 @pytest.mark.parametrize("port", [0xF4, 0xF5, 0xF6, 0xF7])
-@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "python-loop"])
-def test_isa_debug_exit_on_its_whole_range(port, native):
-    with machine(f"    mov al, 0\n    out {port:#x}, al\n" + SPIN, native=native) as m:
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
+def test_isa_debug_exit_on_its_whole_range(port, loop_cls):
+    with machine(f"    mov al, 0\n    out {port:#x}, al\n" + SPIN, loop=loop_cls) as m:
         r = m.run(timeout=10)
     assert r.exit == "debug_exit" and r.exit_code == 1 and r.debug_exit_value == 0
-    with machine("    mov al, 0\n    out 0xf8, al\n" + SPIN, native=native) as m:
+    with machine("    mov al, 0\n    out 0xf8, al\n" + SPIN, loop=loop_cls) as m:
         assert m.run(timeout=10).exit_code == status.UNHANDLED_EXIT
 
 

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from pykvm.errors import Busy, Closed
-from pykvm.runloop import make_loop
+from pykvm.runloop import RunLoop
+from pykvm.testing.reference_loop import ReferenceLoop
 
 from _asm import rss_kib
 
@@ -41,7 +42,7 @@ def _vm_with(kvm, code: bytes):
 
 def _run_to_halt(kvm, rng):
     vm, v = _vm_with(kvm, HLT)
-    loop = make_loop(v, native=rng.random() < 0.8)
+    loop = (RunLoop if rng.random() < 0.8 else ReferenceLoop)(v)
     stop = loop.run(deadline=time.monotonic() + 10)
     assert stop.kind == "exit" and stop.exit.name == "HLT"
     vm.close()
@@ -49,7 +50,7 @@ def _run_to_halt(kvm, rng):
 
 def _close_racing_run(kvm, rng):
     vm, v = _vm_with(kvm, SPIN)
-    loop = make_loop(v, native=rng.random() < 0.7)
+    loop = (RunLoop if rng.random() < 0.7 else ReferenceLoop)(v)
     box = {}
 
     def runner():
@@ -71,7 +72,7 @@ def _close_racing_run(kvm, rng):
 
 def _kick_at_random(kvm, rng):
     vm, v = _vm_with(kvm, SPIN)
-    loop = make_loop(v, native=rng.random() < 0.7)
+    loop = (RunLoop if rng.random() < 0.7 else ReferenceLoop)(v)
     t = threading.Thread(target=lambda: loop.run(deadline=time.monotonic() + 30))
     t.start()
     time.sleep(rng.random() * 0.003)
@@ -86,7 +87,7 @@ def _kick_at_random(kvm, rng):
 def _abandon(kvm, rng):
     vm, v = _vm_with(kvm, HLT)
     if rng.random() < 0.5:
-        make_loop(v).run(deadline=time.monotonic() + 10)
+        RunLoop(v).run(deadline=time.monotonic() + 10)
     # dropped without close(): the finalizers close fds and unmap memory
 
 

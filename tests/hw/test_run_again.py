@@ -12,6 +12,7 @@ from pykvm.errors import Busy, MachineEnded
 from pykvm.machine import Machine
 
 from _elfguest import elf_guest
+from _loops import LOOP_IDS, LOOPS
 
 COUNTER = 0x210000
 # every vCPU increments the same counter in RAM, forever
@@ -33,10 +34,10 @@ POWEROFF = """
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])
-@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "py-loop"])
-def test_run_after_a_timeout_runs_the_guest_on(tmp_path, native, vcpus):
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
+def test_run_after_a_timeout_runs_the_guest_on(tmp_path, loop_cls, vcpus):
     path = elf_guest(tmp_path, COUNT)
-    with Machine(path, native=native, vcpus=vcpus) as m:
+    with Machine(path, loop=loop_cls, vcpus=vcpus) as m:
         seen = []
         for _ in range(3):
             r = m.run(timeout=0.2)
@@ -59,10 +60,10 @@ counter: .quad 0
 """
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "py-loop"])
-def test_step_after_a_deadline_runs_on(tmp_path, native):
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
+def test_step_after_a_deadline_runs_on(tmp_path, loop_cls):
     path = elf_guest(tmp_path, COUNT)
-    with Machine(path, native=native) as m:
+    with Machine(path, loop=loop_cls) as m:
         assert m.step(timeout=0.1).kind == "timeout"
         a = m.memory.read_u64(COUNTER)
         assert m.step(timeout=0.1).kind == "timeout"
@@ -71,10 +72,10 @@ def test_step_after_a_deadline_runs_on(tmp_path, native):
         assert 0 < a < b < m.memory.read_u64(COUNTER)
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["c-loop", "py-loop"])
-def test_step_after_its_exit_budget_runs_on(tmp_path, native):
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
+def test_step_after_its_exit_budget_runs_on(tmp_path, loop_cls):
     path = elf_guest(tmp_path, COUNT_AND_EXIT)
-    with Machine(path, native=native) as m:
+    with Machine(path, loop=loop_cls) as m:
         counts = []
         for _ in range(3):
             assert m.step(budget=50, timeout=10).kind == "budget"

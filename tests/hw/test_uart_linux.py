@@ -1,12 +1,13 @@
 """The run loops' 16550 as Linux's 8250 driver probes and drives it, on this host's KVM: the
 loopback test (MSR mirrors MCR), the THR-empty interrupt (IIR 0x02 while IER.THRI, cleared by the
 IIR read, raised again by a THR write) delivered on IRQ 4 through the in-kernel irqchip, and one
-UART shared by every vCPU of a machine (the C loop and PyRunLoop alike)."""
+UART shared by every vCPU of a machine (the C loop and the reference loop alike)."""
 import pytest
 
-from pykvm.runloop import LoopConfig, PyRunLoop, RunLoop, UartGroup
+from pykvm.runloop import UartGroup
 
 from _asm import asm16, real_mode_vcpu
+from _loops import LOOP_IDS, LOOPS, pc_config
 
 RAM = 0x10000
 OUT = 0x500
@@ -132,29 +133,29 @@ def _vm(kvm, code, irqchip=False, vcpus=1):
     return vm, out
 
 
-@pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
 def test_uart_passes_the_8250_probe_and_reports_thr_empty(kvm, loop_cls):
     vm, (v,) = _vm(kvm, asm16(".org 0x1000\n" + PROBE)[0x1000:])
     with vm:
-        loop = loop_cls(v, LoopConfig())
+        loop = loop_cls(v, pc_config())
         assert loop.run().exit.name == "HLT"
         assert list(vm.memory.read(OUT, 8)) == [0x90, 0x60, 0xB0, 0x01, 0x02, 0x01, 0x02, 0x0F]
         assert bytes(loop.console) == b"Y"
 
 
 @pytest.mark.requires_cap("IRQCHIP")
-@pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
 def test_uart_thr_empty_interrupt_on_irq4(kvm, loop_cls):
     vm, (v,) = _vm(kvm, asm16(".org 0x1000\n" + IRQ)[0x1000:], irqchip=True)
     with vm:
-        loop = loop_cls(v, LoopConfig(uart_irq=4))
+        loop = loop_cls(v, pc_config(uart_irq=4))
         st = loop.run(deadline=None)
         assert st.kind == "exit" and st.exit.name == "IO" and st.exit.port == EXIT_PORT, st
         assert list(vm.memory.read(OUT, 3)) == [0x02, 0x02, 0x02]     # three interrupts, THRE each
         assert bytes(loop.console) == b"ii"
 
 
-@pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
 def test_one_uart_for_all_vcpus(kvm, loop_cls):
     # vCPU 0 sets DLAB and IER.THRI; vCPU 1, running afterwards, sees that state
     first = asm16(".org 0x1000\n" + """
@@ -197,8 +198,8 @@ def test_one_uart_for_all_vcpus(kvm, loop_cls):
         r.rip = 0x2000
         v1.set_regs(r)
         group = UartGroup()
-        l0 = loop_cls(v0, LoopConfig(uart_group=group))
-        l1 = loop_cls(v1, LoopConfig(uart_group=group))
+        l0 = loop_cls(v0, pc_config(uart_group=group))
+        l1 = loop_cls(v1, pc_config(uart_group=group))
         assert l0.run().exit.name == "HLT"
         assert l1.run().exit.name == "HLT"
         assert list(vm.memory.read(OUT, 2)) == [0x0C, 0x02]
@@ -210,6 +211,6 @@ def test_one_uart_for_all_vcpus(kvm, loop_cls):
             r = w1.get_regs()
             r.rip = 0x2000
             w1.set_regs(r)
-            assert loop_cls(w0, LoopConfig()).run().exit.name == "HLT"
-            assert loop_cls(w1, LoopConfig()).run().exit.name == "HLT"
+            assert loop_cls(w0, pc_config()).run().exit.name == "HLT"
+            assert loop_cls(w1, pc_config()).run().exit.name == "HLT"
             assert list(vm2.memory.read(OUT, 2)) == [0x00, 0x01]

@@ -1,6 +1,6 @@
 """Issue 16, fault 6: the run loops' 16550 in loopback mode (MCR bit 4), driven by a real-mode
 guest on this host's KVM through both register windows (x86 ports at 0x3f8, the ns16550a MMIO
-window RISC-V uses) and both loops (csrc/runloop.c and PyRunLoop). The expected values follow
+window RISC-V uses) and both loops (the C loop and the reference loop, which reach one model: csrc/runloop.c). The expected values follow
 the 16550 data sheet and QEMU's serial.c (LSR, RBR, IIR and MSR in loopback were checked by hand
 against qemu-system-x86_64 7.2; the character timeout, which QEMU raises 4 character times
 after the last byte, is immediate here as the transmitter is): a transmitted byte reaches RBR with LSR.DR and
@@ -8,9 +8,10 @@ never the console, overrun sets LSR.OE (cleared by reading LSR), the 16-byte FIF
 it, the received-data and character-timeout interrupts in IIR, and MSR mirroring MCR."""
 import pytest
 
-from pykvm.runloop import LoopConfig, PyRunLoop, RunLoop
+from pykvm.runloop import LoopConfig
 
 from _asm import asm16, real_mode_vm
+from _loops import LOOP_IDS, LOOPS, pc_config
 
 RAM = 0x10000
 OUT = 0x500             # where the guest stores what it reads
@@ -73,12 +74,12 @@ EXPECT = [0x60, 0x00, 0x61, 0x01, 0x41, 0x60, 0x63, 0x61, 0x43, 0x04, 0x44, 0x01
 
 
 @pytest.mark.parametrize("window", ["port", "mmio"])
-@pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
 def test_uart_loopback(kvm, loop_cls, window):
     code = asm16(".org 0x1000\n" + _guest(window))[0x1000:]
     vm, v = real_mode_vm(kvm, code, RAM)
     with vm:
-        cfg = LoopConfig(uart_mmio_base=MMIO) if window == "mmio" else LoopConfig()
+        cfg = LoopConfig(uart_mmio_base=MMIO) if window == "mmio" else pc_config()
         loop = loop_cls(v, cfg)
         st = loop.run()
         assert st.kind == "exit" and st.exit.name == "HLT"
@@ -109,9 +110,9 @@ def test_uart_loopback_rep_insb_pops_each_byte(kvm):
         hlt
     """
     code = asm16(".org 0x1000\n" + body)[0x1000:]
-    for loop_cls in (RunLoop, PyRunLoop):
+    for loop_cls in LOOPS:
         vm, v = real_mode_vm(kvm, code, RAM, flat_data=True)
         with vm:
-            st = loop_cls(v).run()
+            st = loop_cls(v, pc_config()).run()
             assert st.exit.name == "HLT"
             assert vm.memory.read(OUT, 4) == b"123\0", loop_cls

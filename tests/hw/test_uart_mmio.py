@@ -2,9 +2,10 @@
 host's KVM: a real-mode guest drives it like a polled driver, at a base it can reach."""
 import pytest
 
-from pykvm.runloop import LoopConfig, PyRunLoop, RunLoop
+from pykvm.runloop import LoopConfig
 
 from _asm import asm16, real_mode_vm
+from _loops import LOOP_IDS, LOOPS
 
 UART = 0x20000          # segment 0x2000: reachable from real mode, above the 64 KiB of RAM
 RAM = 0x10000
@@ -60,7 +61,7 @@ def _vm(kvm, code):
     return real_mode_vm(kvm, code, RAM)
 
 
-@pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
 def test_mmio_uart_polled_driver(kvm, loop_cls):
     code = asm16(".org 0x1000\n" + GUEST)[0x1000:]
     vm, v = _vm(kvm, code)
@@ -80,7 +81,7 @@ def test_mmio_uart_polled_driver(kvm, loop_cls):
         assert loop.run().exit.name == "HLT"
 
 
-@pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
 def test_mmio_uart_off_by_default(kvm, loop_cls):
     vm, v = _vm(kvm, asm16(".org 0x1000\n" + GUEST)[0x1000:])
     with vm:
@@ -88,7 +89,7 @@ def test_mmio_uart_off_by_default(kvm, loop_cls):
         assert st.kind == "exit" and st.exit.name == "MMIO" and st.exit.phys_addr == UART + 7
 
 
-@pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
 def test_mmio_uart_register_stride(kvm, loop_cls):
     # reg-shift 2 (registers 4 bytes apart): THR at +0, LSR at +20; +1 is between registers
     code = asm16(".org 0x1000\n" + """

@@ -5,9 +5,8 @@ memory core turns a wider access into one access per byte at consecutive registe
 and IER, ``in eax, dx`` at 0x3fc reads MCR, LSR, MSR and SCR."""
 import pytest
 
-from pykvm.runloop import PyRunLoop, RunLoop
-
 from _asm import asm16, real_mode_vm
+from _loops import LOOP_IDS, LOOPS, pc_config
 
 RAM = 0x10000
 OUT = 0x500
@@ -37,12 +36,12 @@ BODY = f"""
 """
 
 
-@pytest.mark.parametrize("loop_cls", [RunLoop, PyRunLoop])
+@pytest.mark.parametrize("loop_cls", LOOPS, ids=LOOP_IDS)
 def test_wide_port_accesses_reach_consecutive_registers(kvm, loop_cls):
     code = asm16(".org 0x1000\n" + BODY)[0x1000:]
     vm, v = real_mode_vm(kvm, code, RAM, flat_data=True)
     with vm:
-        loop = loop_cls(v)
+        loop = loop_cls(v, pc_config())
         st = loop.run()
         assert st.kind == "exit" and st.exit.name == "HLT"
         got = vm.memory.read(OUT, 8)

@@ -17,6 +17,8 @@ from pykvm.arch.riscv import cpu, regs
 from pykvm.arch.riscv.extensions import KVM_ISA_NEVER_DISABLE
 from pykvm.errors import KvmNotFound
 from pykvm.report import GuestAssertion
+from pykvm.runloop import RunLoop
+from pykvm.testing.reference_loop import ReferenceLoop
 
 pytestmark = pytest.mark.requires_arch("riscv64")
 CPU = os.environ.get("PYKVM_LAB_CPU", "")
@@ -213,7 +215,7 @@ def test_dbcn_console_is_served_in_c(guest_vm):
     # one write + 16 write_byte calls never crossed into Python; the read and reports did
     assert loop.handled_in_c >= 17
     assert m.console.decode() == "pykvm dbcn write\npykvm dbcn byte\n"
-    p = guest_vm("dbcn", native=False)          # the Python loop gives the same console
+    p = guest_vm("dbcn", loop=ReferenceLoop)          # the Python loop gives the same console
     p.sync(stage=1)
     p.sync(stage=2)
     p.done()
@@ -253,9 +255,9 @@ def test_initrd_is_read_back_by_the_guest(guest_vm, tmp_path):
     assert m.console == b"pykvm initrd line one\n"        # through the UART
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_polled_uart_guest(guest_vm, native):
-    m = guest_vm("uart", native=native)
+@pytest.mark.parametrize("loop_cls", [RunLoop, ReferenceLoop], ids=["c-loop", "py-loop"])
+def test_polled_uart_guest(guest_vm, loop_cls):
+    m = guest_vm("uart", loop=loop_cls)
     base, freq, path, compat = m.sync(stage=1)
     assert (base, freq) == (0x10000000, 3686400)
     assert _cstr(m, path) == "/soc/serial@10000000" and _cstr(m, compat) == "ns16550a"
@@ -264,13 +266,13 @@ def test_polled_uart_guest(guest_vm, native):
     assert (scratch, divisor, lcr, iir, lsr, msr, mcr) == (0xA5, 2, 3, 0xC1, 0x60, 0xB0, 3)
     m.done()
     assert m.console == b"Hello from the ns16550a\nand from the SBI debug console\n"
-    if native:                                   # every UART access was served in C
+    if loop_cls is RunLoop:                      # every UART access was served in C
         assert m.loops[0].counts.get("MMIO", 0) == m.loops[0].handled_in_c - 1
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_sbi_32_bit_arguments(guest_vm, native):
-    m = guest_vm("sbi_width", native=native)
+@pytest.mark.parametrize("loop_cls", [RunLoop, ReferenceLoop], ids=["c-loop", "py-loop"])
+def test_sbi_32_bit_arguments(guest_vm, loop_cls):
+    m = guest_vm("sbi_width", loop=loop_cls)
     # HSM retentive suspend: suspend_type 0 and (1 << 32) | 0 both suspend and wake
     assert m.sync(stage=1) == (0, 0)
     # DBCN write_byte takes the low byte: 0x64636241 writes "A"
