@@ -1,6 +1,7 @@
-"""The device fuzzer: ``python -m pykvm.fuzz --devices`` (see docs/fuzzing.md, "Device mode").
+"""Device cases of the device fuzzer, ``python -m pykvm.fuzz --devices`` (docs/fuzzing.md,
+"Device mode"): their generation and the assembling of their guest code.
 
-Each *device case* is a PC machine (:class:`pykvm.machine.Machine` with ``pc=True`` and a random
+Each *device case* is a PC machine (:class:`pykvm.machine.Machine` with ``machine="pc"`` and a random
 subset of the optional devices ``edu`` and ``intel-iommu``) running a small generated guest on
 one to four vCPUs at once, in 64-bit long mode or 32-bit protected mode. Each vCPU executes its
 own list of *operations*, each one a few x86 instructions that touch a device:
@@ -19,7 +20,7 @@ movs   ``rep movs`` of ``count`` items between two addresses (RAM and MMIO)
 rmw    load ``src``, AND a mask, OR a mask, store to ``dst`` (VT-d's GSTS -> GCMD)
 pause  a delay loop (timers fire, other vCPUs interleave)
 sti    interrupts on for a delay loop (the IDT's handlers send the LAPIC an EOI and return)
-raw    instructions of :class:`pykvm.fuzz_stream._Stream` aimed at the devices
+raw    instructions of :class:`pykvm.fuzz.generator.InstructionStream` aimed at the devices
 ====== ================================================================================
 
 The operation lists come from *recipes* per device — fw_cfg (selector, data, DMA), PCI
@@ -34,43 +35,20 @@ run, at addresses drawn from :func:`_Gen.addr`'s classes: inside RAM, beyond RAM
 (VT-d's own registers, the LAPIC, the IOAPIC ...), at 2^64 - 4096 and crossing the end of RAM.
 
 A case is a pure function of (seed, index, max_vcpus, deadline, modes) (:func:`generate_case`)
-and is kept in its JSON form (:data:`CASE_FORMAT`) in reproducers. :func:`run_case` runs one
-and classifies it (see :data:`CPU_PER_ACCESS_S` for the host-CPU bound).
+and is kept in its JSON form (:data:`CASE_FORMAT`) in reproducers; :func:`assemble` turns its
+operations into the flat guest image. :func:`pykvm.fuzz.device_runner.run_case` runs one and
+classifies it (see :data:`pykvm.fuzz.device_runner.CPU_PER_ACCESS_S` for the host-CPU bound).
 """
-import os
 import random
-import resource
 import struct
-import time
-import traceback
-from typing import Dict, List
+from typing import List
 
-from . import status
-from ._host import HOST_ARCH
-from .arch.x86 import modes, layout as L
-from .errors import PykvmError
-from .fuzz_stream import _le, _Stream, blobs_from_json, blobs_to_json
-from .machine import Machine
+from ..arch.x86 import layout as L
+from .generator import InstructionStream, blobs_from_json, blobs_to_json, le_bytes
 
 CASE_FORMAT = "pykvm-fuzz-device-case/1"
 MODES = ("protected", "long")
-DEFAULT_DEADLINE = 0.2
-
-# ---- the host-CPU bound ---------------------------------------------------------------------
-# A case's VMM CPU time is the worker's user CPU time over Machine.run() minus the time it spent
-# in guest mode (/proc/self/stat guest_time: on a VMX/SVM host guest time is counted as user
-# time; under kvm_pvm guest execution is system time). The device models are Python: their work
-# is user time. It must stay under
-#   CPU_FIXED_S + CPU_PER_ACCESS_S * (exits + items of string instructions)
-#     + CPU_TIMER_SHARE * min(run time, deadline + 50 ms)
-# i.e. on average 2 ms of host CPU per guest access, plus a fixed 50 ms (thread start-up, the
-# first exit of each kind) and half a core for device timers (an RTC at 8 kHz) while the guest
-# may run. VMM work done in the kernel on the VMM's behalf (system calls, page faults of DMA)
-# cannot be told from guest execution here; it is held to a second, looser bound: all CPU time
-# (user + system) under the first bound plus one core per vCPU while the guest may run.
-CPU_FIXED_S = 0.05
-CPU_PER_ACCESS_S = 0.002
-CPU_TIMER_SHARE = 0.5
+DEFAULT_DEADLINE = 0.2          # seconds each guest may run
 
 # ---- guest-physical layout of a device case ---------------------------------------------------
 CODE_BASE = L.IMAGE_BASE             # vCPU i's code at CODE_BASE + i * CODE_STRIDE
@@ -122,29 +100,13 @@ DEVICE_PORTS = ((0x70, 2), (0x510, 12), (0x600, 12), (0xCF8, 8), (0xE0, 12), (0x
 DEVICE_MMIO = ((VTD_BASE, 0x1000), (EDU_BAR, 0x100), (EDU_BAR + 0x40000, 0x1000),
                (TESTDEV_IOMEM, 0x10000), (LAPIC, 0x1000), (IOAPIC, 0x20), (HPET, 0x400))
 
-# Reasons a device case ends that are not findings, as :func:`run_case` names them: the
-# RunResult's exit ("debug_exit", "timeout", "SHUTDOWN", an unhandled exit ...), or "done"
-# (vCPU 0 finished its operations), "guest_exception" (the guest took an exception),
-# "s3_resumed", "reset", "poweroff", or a PykvmError class name raised setting the case up.
-
-
-def host_arch() -> str:
-    """The architecture of the machines pykvm builds here ("x86_64", "riscv64")."""
-    return HOST_ARCH
-
-
-def supported() -> bool:
-    """Whether this host runs device cases: they are x86 PC machines (the RISC-V platform's
-    devices are exercised by the tests inside ``python -m pykvm.lab riscv``)."""
-    return host_arch() == "x86_64"
-
 
 # ================================================================================================
 # Generation
 # ================================================================================================
 
-class _DevStream(_Stream):
-    """:class:`_Stream` with its I/O templates aimed at the PC machine's devices."""
+class _DevStream(InstructionStream):
+    """:class:`~pykvm.fuzz.generator.InstructionStream` with its I/O templates aimed at the PC machine's devices."""
 
     def port(self) -> int:
         r = self.r
@@ -168,7 +130,7 @@ class _DevStream(_Stream):
         if r.random() < 0.35:
             self.emit(size_pre, r.choice((0xE4, 0xE5, 0xE6, 0xE7)), self.port() & 0xFF)
             return
-        self.emit((b"\x66" if self.bits != 16 else b"") + b"\xBA" + _le(self.port(), 2))
+        self.emit((b"\x66" if self.bits != 16 else b"") + b"\xBA" + le_bytes(self.port(), 2))
         self.emit(size_pre, r.choice((0xEC, 0xED, 0xEE, 0xEF)))
 
     NOISE = ("t_io", "t_mmio", "t_mov_imm", "t_moffs")
@@ -787,6 +749,7 @@ def case_to_json(case: dict) -> dict:
 
 
 def case_from_json(d: dict) -> dict:
+    """The inverse of :func:`case_to_json`; ValueError for a document of another format."""
     if d.get("format") != CASE_FORMAT:
         raise ValueError(f"not a pykvm device fuzz case (format {d.get('format')!r})")
     return dict(d, blobs=blobs_from_json(d["blobs"]))
@@ -808,9 +771,9 @@ class _Asm:
     def movi(self, reg: int, value: int) -> None:
         value &= (1 << 64) - 1
         if self.bits == 64 and value >> 32:
-            self.code += bytes([0x48 | (reg >> 3), 0xB8 + (reg & 7)]) + _le(value, 8)
+            self.code += bytes([0x48 | (reg >> 3), 0xB8 + (reg & 7)]) + le_bytes(value, 8)
         else:
-            self.code += bytes([0xB8 + reg]) + _le(value, 4)
+            self.code += bytes([0xB8 + reg]) + le_bytes(value, 4)
 
     def _w(self) -> bytes:
         return b"\x48" if self.bits == 64 else b""
@@ -833,9 +796,9 @@ class _Asm:
     def mmx_value(self, value: int) -> None:
         """mm0 = ``value`` through this vCPU's scratch slot."""
         scratch = SCRATCH_ADDR + 16 * self.vcpu
-        self.code += b"\xC7\x05" + _le(scratch, 4) + _le(value, 4)
-        self.code += b"\xC7\x05" + _le(scratch + 4, 4) + _le(value >> 32, 4)
-        self.code += b"\x0F\x6F\x05" + _le(scratch, 4)
+        self.code += b"\xC7\x05" + le_bytes(scratch, 4) + le_bytes(value, 4)
+        self.code += b"\xC7\x05" + le_bytes(scratch + 4, 4) + le_bytes(value >> 32, 4)
+        self.code += b"\x0F\x6F\x05" + le_bytes(scratch, 4)
 
     def delay(self, n: int) -> None:
         self.movi(1, max(1, n))
@@ -931,7 +894,7 @@ def assemble(case: dict) -> bytes:
     return bytes(image)
 
 
-def _idt(bits: int) -> bytes:
+def idt_bytes(bits: int) -> bytes:
     """256 gates: vectors 0-31 to the exception handler, the rest to the interrupt handler."""
     out = bytearray()
     exc, irq = HANDLER_ADDR, HANDLER_ADDR + 0x40
@@ -944,173 +907,12 @@ def _idt(bits: int) -> bytes:
     return bytes(out)
 
 
-def _handlers(bits: int) -> bytes:
+def handler_bytes(bits: int) -> bytes:
+    """The code at HANDLER_ADDR: the exception handler (isa-debug-exit EXC_VALUE, then halt) and,
+    0x40 bytes on, the interrupt handler (a LAPIC EOI, then IRET), for ``bits`` 32 or 64."""
     exc = bytes([0xB0, EXC_VALUE, 0xE6, 0xF4, 0xFA, 0xF4, 0xEB, 0xFD])
     if bits == 64:       # push rax; mov rax, LAPIC EOI; mov dword [rax], 0; pop rax; iretq
-        irq = b"\x50\x48\xB8" + _le(LAPIC + 0xB0, 8) + b"\xC7\x00\x00\x00\x00\x00\x58\x48\xCF"
+        irq = b"\x50\x48\xB8" + le_bytes(LAPIC + 0xB0, 8) + b"\xC7\x00\x00\x00\x00\x00\x58\x48\xCF"
     else:
-        irq = b"\x50\xB8" + _le(LAPIC + 0xB0, 4) + b"\xC7\x00\x00\x00\x00\x00\x58\xCF"
+        irq = b"\x50\xB8" + le_bytes(LAPIC + 0xB0, 4) + b"\xC7\x00\x00\x00\x00\x00\x58\xCF"
     return exc + bytes(0x40 - len(exc)) + irq
-
-
-# ================================================================================================
-# Running a case
-# ================================================================================================
-
-def _guest_ticks() -> int:
-    """guest_time of this process (/proc/self/stat field 43, clock ticks)."""
-    try:
-        with open("/proc/self/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[40])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _cpu_times():
-    """(user CPU seconds less the time in guest mode, user + system CPU seconds) of this
-    process so far."""
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime - _guest_ticks() / os.sysconf("SC_CLK_TCK"), ru.ru_utime + ru.ru_stime
-
-
-def cpu_bound(exits: int, items: int, seconds: float, deadline: float) -> float:
-    """The most VMM (user) CPU seconds a case may use (see :data:`CPU_PER_ACCESS_S`)."""
-    return CPU_FIXED_S + CPU_PER_ACCESS_S * (exits + items) + \
-        CPU_TIMER_SHARE * min(seconds, deadline + 0.05)
-
-
-def total_cpu_bound(exits: int, items: int, seconds: float, deadline: float,
-                    vcpus: int) -> float:
-    """The most user + system CPU seconds a case may use: :func:`cpu_bound` plus one core per
-    vCPU while the guest may run."""
-    return cpu_bound(exits, items, seconds, deadline) + vcpus * min(seconds, deadline + 0.05)
-
-
-def _error_detail(e: BaseException) -> str:
-    return "".join(traceback.format_exception(type(e), e, e.__traceback__))
-
-
-def run_case(kvm, case: dict, inject=()) -> dict:
-    """Run device ``case`` on ``kvm`` (an open :class:`pykvm.Kvm`). Returns {"outcome", "stops"
-    (exit counts), "cpu" (VMM CPU seconds), "cpu_bound", "exits", "seconds"} and, for a
-    finding, "finding" = {"kind": "vmm_error" | "cpu", "detail"}. Exceptions that are not
-    :class:`~pykvm.errors.PykvmError` propagate (the caller records them as findings).
-
-    ``inject`` (test hooks): "vmmerror" makes an exit handler raise (the run must end as a VMM
-    error), "cpu" makes the first port or MMIO exit burn 0.4 s of host CPU."""
-    res: Dict[str, object] = {"outcome": None, "stops": {}}
-    image = assemble(case)
-    nv = len(case["vcpus"])
-    bits = 64 if case["mode"] == "long" else 32
-    try:
-        m = Machine(image, mem_size=case["ram"], vcpus=nv, kvm=kvm, pc=True,
-                    devices=tuple(case["devices"]), flat_addr=CODE_BASE, flat_mode=case["mode"],
-                    native=case["native"], console_limit=1 << 16)
-    except PykvmError as e:
-        res["outcome"] = type(e).__name__
-        res["detail"] = str(e)[:200]
-        return res
-    try:
-        mem = m.memory
-        for gpa, data in case["blobs"]:
-            mem.write(gpa, data)
-        mem.write(HANDLER_ADDR, _handlers(bits))
-        mem.write(DONE_ADDR, bytes(16))
-        mem.write(WAKE_ADDR, bytes([0xB0, WAKE_VALUE, 0xE6, 0xF4, 0xFA, 0xF4, 0xEB, 0xFD]))
-        if case["idt"]:
-            mem.write(IDT_ADDR, _idt(bits))
-        lay = m.platform.boot_layout
-        for i, v in enumerate(m.vcpus):
-            if i:                            # APs start at their code, as if after INIT/SIPI
-                if bits == 64:
-                    modes.setup_long_mode(v, mem, CODE_BASE + i * CODE_STRIDE, vcpu_index=i,
-                                         write_tables=False, layout=lay)
-                else:
-                    modes.setup_protected_mode(v, mem, CODE_BASE + i * CODE_STRIDE,
-                                              vcpu_index=i, layout=lay)
-                v.set_mp_state("RUNNABLE")
-            if case["idt"]:
-                s = v.get_sregs()
-                s.idt.base, s.idt.limit = IDT_ADDR, (16 if bits == 64 else 8) * 256 - 1
-                v.set_sregs(s)
-        _set_waking_vector(m, case)
-        if "vmmerror" in inject:
-            def broken(machine, index, ex):
-                raise RuntimeError("injected exit-handler failure")
-            m.on("IO", broken)
-            m.on("MMIO", broken)
-        if "cpu" in inject:
-            burnt = []
-
-            def slow(machine, index, ex):
-                if not burnt:                    # 0.4 s of host CPU for one guest access
-                    burnt.append(1)
-                    t = time.thread_time() + 0.4
-                    while time.thread_time() < t:
-                        sum(range(20000))        # user time, few system calls
-                machine.platform.handle_exit(index, ex)
-            m.on("IO", slow)
-            m.on("MMIO", slow)
-        (u0, a0), t0 = _cpu_times(), time.monotonic()
-        r = m.run(timeout=case["deadline"])
-        (u1, a1), seconds = _cpu_times(), time.monotonic() - t0
-        cpu, cpu_all = u1 - u0, a1 - a0
-        pcm = getattr(m.platform, "pcm", None)
-        power = getattr(pcm, "power_event", None)
-        sleeps = getattr(pcm, "sleeps", 0)
-        sched = getattr(pcm, "scheduler", None)
-        timer_failures = getattr(sched, "failures", 0)
-        timer_trace = getattr(sched, "last_failure", None)
-    finally:
-        m.close()
-    exits = sum(r.exits.values())
-    res.update(stops=dict(r.exits), exits=exits, cpu=round(cpu, 6), cpu_all=round(cpu_all, 6),
-               seconds=seconds, exit_code=r.exit_code)
-    items = case.get("items", 0)
-    bound = cpu_bound(exits, items, seconds, case["deadline"])
-    bound_all = total_cpu_bound(exits, items, seconds, case["deadline"], nv)
-    res["cpu_bound"], res["cpu_all_bound"] = round(bound, 6), round(bound_all, 6)
-    outcome = r.exit
-    if r.exit == "debug_exit":
-        outcome = {EXC_VALUE: "guest_exception", WAKE_VALUE: "s3_resumed",
-                   DONE_VALUE: "done"}.get(r.debug_exit_value, "debug_exit")
-    elif power in ("reset", "poweroff") and r.exit_code != status.VMM_ERROR:
-        outcome = power
-    res["outcome"] = outcome
-    if sleeps:
-        res["detail"] = f"after {sleeps} S3 sleep(s)"
-    if r.exit_code == status.VMM_ERROR or r.exit in ("vmm_error", "handler_error"):
-        detail = f"{r.exit} (status {r.exit_code}): {r.detail}\n"
-        if r.error is not None:
-            detail += _error_detail(r.error)
-        res["finding"] = {"kind": "vmm_error", "detail": detail}
-    elif timer_failures:
-        res["finding"] = {"kind": "exception", "detail":
-                          f"{timer_failures} device timer callback(s) raised; the latest:\n"
-                          f"{timer_trace}"}
-    elif cpu > bound or cpu_all > bound_all:
-        res["finding"] = {"kind": "cpu", "detail":
-                          f"the VMM used {cpu * 1000:.1f} ms of user CPU (bound "
-                          f"{bound * 1000:.1f} ms: {CPU_PER_ACCESS_S * 1000:g} ms per access) "
-                          f"and {cpu_all * 1000:.1f} ms in all (bound {bound_all * 1000:.1f} ms) "
-                          f"for {exits} exits and {items} string items in "
-                          f"{seconds * 1000:.1f} ms on {nv} vCPU(s); exits: {dict(r.exits)}"}
-    return res
-
-
-def _set_waking_vector(m, case: dict) -> None:
-    """Point the FACS waking vector (real mode) or X waking vector (32-bit) at WAKE_ADDR, so an
-    S3 resume ends the case visibly."""
-    pcm = getattr(m.platform, "pcm", None)
-    tables = getattr(pcm, "tables", None)
-    facs = getattr(tables, "addr", {}).get("FACS") if tables is not None else None
-    if facs is None:
-        return
-    if case.get("wake_x"):
-        m.memory.write(facs + 24, struct.pack("<Q", WAKE_ADDR))     # X_Firmware_Waking_Vector
-    else:
-        m.memory.write(facs + 12, struct.pack("<I", WAKE_ADDR))     # Firmware_Waking_Vector
-
-
-__all__ = ["CASE_FORMAT", "MODES", "DEFAULT_DEADLINE", "CPU_PER_ACCESS_S", "generate_case",
-           "case_to_json", "case_from_json", "assemble", "run_case", "cpu_bound"]

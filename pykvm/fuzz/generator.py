@@ -1,19 +1,35 @@
-"""Building blocks of the fuzzers' guests (:mod:`pykvm.fuzz`, :mod:`pykvm.fuzz_devices`): the
-guest-physical layout of a random-guest case and :class:`_Stream`, a random but valid x86
-instruction stream for 16-, 32- or 64-bit code that follows the mode switches it emits itself.
+"""Random-guest cases of ``python -m pykvm.fuzz``: :func:`generate_case` and the instruction
+stream it draws code from.
 
-Which ports, MMIO addresses and RAM addresses the stream's I/O templates use comes from the
-methods :meth:`_Stream.port`, :meth:`_Stream.mmio_addr` and :meth:`_Stream.ram_addr`, which a
-subclass overrides (the device fuzzer aims them at the PC machine's devices).
+A case is a pure function of (seed, index, modes, max_vcpus, deadline): random bytes or a random
+but valid x86 instruction stream (:class:`InstructionStream`: moves, ALU, port and string I/O,
+MMIO stores, HLT, CLI/STI, UD2, INT3, RDMSR/WRMSR, CPUID, moves to control registers,
+LGDT/LIDT, far jumps, mode switches ...), random general registers, flags and entry points, one
+to four vCPUs, in real, protected or long mode. Its JSON form (:func:`case_to_json`) is what a
+reproducer keeps.
+
+:class:`InstructionStream` follows the mode switches it emits itself; which ports, MMIO
+addresses and RAM addresses its I/O templates use comes from :meth:`InstructionStream.port`,
+:meth:`InstructionStream.mmio_addr` and :meth:`InstructionStream.ram_addr`, which a subclass
+overrides (the device fuzzer, :mod:`pykvm.fuzz.device_generator`, aims them at the PC machine's
+devices).
 """
+import math
 import random
+import struct
 from typing import List, Optional
+
+from ..arch.x86 import layout as L, modes as cpu_modes
+
+MODES = ("real", "protected", "long")
+CASE_FORMAT = "pykvm-fuzz-case/1"
+DEFAULT_DEADLINE = 0.05         # seconds each guest may run
 
 # ---- the guest-physical layout every case uses ------------------------------------------------
 # Boot structures come from pykvm.arch.x86.layout (GDT 0x1000, PML4 0x2000, PDPT 0x3000, page
 # directories 0x10000, stacks 0x30000). The fuzzer adds its own tables in free reserved space:
 RAM_SIZE = 2 << 20
-DESC_ADDR = 0x0F00            # pseudo-descriptors for LGDT/LIDT (see _descriptors)
+DESC_ADDR = 0x0F00            # pseudo-descriptors for LGDT/LIDT (see descriptors())
 IDT32_ADDR = 0x4000           # 256 32-bit gates
 LONG_GDT_ADDR = 0x4800        # a copy of the long-mode GDT, for protected -> long switches
 IDT64_ADDR = 0x5000           # 256 64-bit gates
@@ -21,7 +37,7 @@ REAL_IMAGE = 0x8000           # real-mode code (CS = 0)
 HIGH_IMAGE = 0x100000         # protected / long mode code
 ROM_ADDR = 0x400000           # an optional read-only slot (guest writes to it exit as MMIO)
 ROM_SIZE = 0x4000
-PML4 = 0x2000                 # pykvm.arch.x86.layout.PML4_ADDR (checked in generate_case)
+PML4 = L.PML4_ADDR            # what the stream's mode switches load into CR3
 
 D_GDT32 = DESC_ADDR + 0x00    # 6 bytes: the boot GDT at 0x1000
 D_GDT64 = DESC_ADDR + 0x10    # 10 bytes: the long GDT copy (64-bit LGDT form)
@@ -50,7 +66,6 @@ CPUID_LEAVES = (0, 1, 2, 4, 6, 7, 0xB, 0xD, 0x14, 0x1F, 0x40000000, 0x40000001, 
 SELECTORS = (0, 0x08, 0x10, 0x18, 0x20, 0x23, 0x2B, 0x33, 0x1000, 0xFFFF)
 
 
-
 def blobs_to_json(blobs) -> list:
     """A case's ``blobs`` ((guest-physical address, bytes) pairs written into RAM before the
     run) as JSON-ready dicts ``{"gpa", "hex"}``."""
@@ -62,11 +77,12 @@ def blobs_from_json(items) -> list:
     return [(b["gpa"], bytes.fromhex(b["hex"])) for b in items]
 
 
-def _le(value: int, n: int) -> bytes:
+def le_bytes(value: int, n: int) -> bytes:
+    """The low ``n`` bytes of ``value``, little-endian (an instruction's immediate or offset)."""
     return (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
 
 
-class _Stream:
+class InstructionStream:
     """A random x86 instruction stream for one code image. ``bits`` (16/32/64) follows the
     mode switches the stream itself performs."""
 
@@ -147,9 +163,9 @@ class _Stream:
         xb, bb = 0, 0
         if self.bits == 16:
             if (mod == 0 and rm == 6) or mod == 2:
-                out += _le(self.value(16), 2)
+                out += le_bytes(self.value(16), 2)
             elif mod == 1:
-                out += _le(r.getrandbits(8), 1)
+                out += le_bytes(r.getrandbits(8), 1)
             return 0, 0, bytes(out)
         disp32 = (mod == 0 and rm == 5) or mod == 2
         if rm == 4:
@@ -162,29 +178,29 @@ class _Stream:
         elif self.bits == 64:
             bb = r.choice((0, 8)) | rm
         if disp32:
-            out += _le(self.value(32), 4)
+            out += le_bytes(self.value(32), 4)
         elif mod == 1:
-            out += _le(r.getrandbits(8), 1)
+            out += le_bytes(r.getrandbits(8), 1)
         return xb, bb, bytes(out)
 
     def absolute(self, reg: int, addr: int) -> bytes:
         """A ModRM memory operand for the absolute address ``addr``."""
         if self.bits == 16:
-            return bytes([0x06 | (reg & 7) << 3]) + _le(addr, 2)
+            return bytes([0x06 | (reg & 7) << 3]) + le_bytes(addr, 2)
         if self.bits == 32:
-            return bytes([0x05 | (reg & 7) << 3]) + _le(addr, 4)
-        return bytes([0x04 | (reg & 7) << 3, 0x25]) + _le(addr, 4)     # SIB: no base, no index
+            return bytes([0x05 | (reg & 7) << 3]) + le_bytes(addr, 4)
+        return bytes([0x04 | (reg & 7) << 3, 0x25]) + le_bytes(addr, 4)     # SIB: no base, no index
 
     def load(self, reg: int, value: int) -> None:
         """mov r32, imm32 (a 66 prefix in 16-bit code; zero-extends in 64-bit code)."""
         pre = b"\x66" if self.bits == 16 else b""
-        self.emit(pre, self.rex(b=reg), 0xB8 + (reg & 7), _le(value, 4))
+        self.emit(pre, self.rex(b=reg), 0xB8 + (reg & 7), le_bytes(value, 4))
 
     # -- templates --------------------------------------------------------------------------
     def t_mov_imm(self):
         pre, size, w = self.opsize()
         reg = self.reg()
-        self.emit(pre, self.rex(w=w, b=reg), 0xB8 + (reg & 7), _le(self.value(8 * size), size))
+        self.emit(pre, self.rex(w=w, b=reg), 0xB8 + (reg & 7), le_bytes(self.value(8 * size), size))
 
     def t_alu(self):
         op = self.r.choice((0x00, 0x01, 0x02, 0x03, 0x08, 0x09, 0x0B, 0x11, 0x19, 0x21, 0x23,
@@ -204,9 +220,9 @@ class _Stream:
             ext = self.r.randrange(8)
         xb, bb, m = self.modrm(ext)
         if op in (0x83, 0xC1):
-            imm = _le(self.r.getrandbits(8), 1)
+            imm = le_bytes(self.r.getrandbits(8), 1)
         elif op in (0x81, 0xC7) or (op == 0xF7 and ext == 0):
-            imm = _le(self.value(32), min(size, 4))
+            imm = le_bytes(self.value(32), min(size, 4))
         else:
             imm = b""
         self.emit(pre, self.rex(w=w, x=xb, b=bb), op, m, imm)
@@ -216,7 +232,7 @@ class _Stream:
         pre, _, w = self.opsize()
         n = {16: 2, 32: 4, 64: 8}[self.bits]
         addr = self.r.choice((self.value(32), self.r.choice(MMIO_ADDRS), self.r.randrange(RAM_SIZE)))
-        self.emit(pre, self.rex(w=w), op, _le(addr, n))
+        self.emit(pre, self.rex(w=w), op, le_bytes(addr, n))
 
     def port(self) -> int:
         """An I/O port for the I/O templates (a subclass aims them elsewhere)."""
@@ -238,7 +254,7 @@ class _Stream:
             p = self.port() & 0xFF
             self.emit(size_pre, r.choice((0xE4, 0xE5, 0xE6, 0xE7)), p)
             return
-        dx = (b"\x66" if self.bits != 16 else b"") + b"\xBA" + _le(self.port(), 2)
+        dx = (b"\x66" if self.bits != 16 else b"") + b"\xBA" + le_bytes(self.port(), 2)
         self.emit(dx)
         if k < 0.75:
             self.emit(size_pre, r.choice((0xEC, 0xED, 0xEE, 0xEF)))
@@ -257,7 +273,7 @@ class _Stream:
         pre, size, w = self.opsize()
         op = r.choice((0x89, 0x8B, 0x88, 0x8A, 0x01, 0x31, 0x85, 0xC7))
         if op == 0xC7:                                       # mov [reg], imm
-            m, imm = bytes([reg]), _le(r.getrandbits(32), min(size, 4))
+            m, imm = bytes([reg]), le_bytes(r.getrandbits(32), min(size, 4))
         else:
             m, imm = bytes([r.randrange(8) << 3 | reg]), b""
         self.emit(a32, pre, self.rex(w=w), op, m, imm)
@@ -316,7 +332,7 @@ class _Stream:
             v = self.value(32)
         if r.random() < 0.4 and cr in (0, 4):      # read-modify-write, like real code does
             self.emit(0x0F, 0x20, 0xC0 | cr << 3 | reg)                         # mov reg, crN
-            self.emit(b"\x66" if self.bits == 16 else b"", 0x81, 0xC8 | reg, _le(v, 4))  # or
+            self.emit(b"\x66" if self.bits == 16 else b"", 0x81, 0xC8 | reg, le_bytes(v, 4))  # or
         else:
             self.load(reg, v)
         rexr = b"\x44" if cr == 8 and self.bits == 64 else b""
@@ -344,7 +360,7 @@ class _Stream:
         r = self.r
         reg = r.randrange(8)
         k = r.random()
-        self.emit(b"\x66" if self.bits != 16 else b"", 0xB8 + reg, _le(r.choice(SELECTORS), 2))
+        self.emit(b"\x66" if self.bits != 16 else b"", 0xB8 + reg, le_bytes(r.choice(SELECTORS), 2))
         if k < 0.6:
             self.emit(0x8E, 0xC0 | r.choice((0, 2, 3, 4, 5, 1)) << 3 | reg)    # mov sreg, r16
         else:
@@ -357,12 +373,12 @@ class _Stream:
         skip = r.choice((0, 0, 0, 2, 16))
         n = 2 if self.bits == 16 else 4
         if self.bits == 64 or r.random() < 0.3:
-            self.emit(0x6A, sel) if sel < 0x80 else self.emit(0x68, _le(sel, n))
+            self.emit(0x6A, sel) if sel < 0x80 else self.emit(0x68, le_bytes(sel, n))
             ret = b"\x48\xCB" if self.bits == 64 else b"\xCB"
-            self.emit(0x68, _le(self.here(1 + n + len(ret)) + skip, n))
+            self.emit(0x68, le_bytes(self.here(1 + n + len(ret)) + skip, n))
             self.emit(ret)
         else:
-            self.emit(0xEA, _le(self.here(1 + n + 2) + skip, n), _le(sel, 2))
+            self.emit(0xEA, le_bytes(self.here(1 + n + 2) + skip, n), le_bytes(sel, 2))
 
     def t_jump(self):
         r = self.r
@@ -380,7 +396,7 @@ class _Stream:
                 self.emit(0x90)
         elif k < 0.85:
             n = 2 if self.bits == 16 else 4
-            self.emit(r.choice((0xE8, 0xE9)), _le(r.randrange(0, 16), n))
+            self.emit(r.choice((0xE8, 0xE9)), le_bytes(r.randrange(0, 16), n))
         else:
             xb, bb, m = self.modrm(r.choice((2, 4)))            # call/jmp r/m
             self.emit(self.rex(x=xb, b=bb), 0xFF, m)
@@ -394,7 +410,7 @@ class _Stream:
         elif k < 0.8:
             self.emit(self.rex(b=reg), 0x58 + (reg & 7))
         elif k < 0.9:
-            self.emit(0xC8, _le(r.getrandbits(16), 2), r.randrange(4))    # enter
+            self.emit(0xC8, le_bytes(r.getrandbits(16), 2), r.randrange(4))    # enter
         else:
             self.emit(0xC9)                                                # leave
 
@@ -434,7 +450,7 @@ class _Stream:
         self.emit(0x0F, 0x20, 0xC0)                                 # mov eax, cr0
         self.emit(0x0C, 0x01)                                       # or al, 1
         self.emit(0x0F, 0x22, 0xC0)                                 # mov cr0, eax
-        self.emit(0x66, 0xEA, _le(self.here(8), 4), _le(0x08, 2))   # jmp dword 0x08:next
+        self.emit(0x66, 0xEA, le_bytes(self.here(8), 4), le_bytes(0x08, 2))   # jmp dword 0x08:next
         self.bits = 32
 
     def t_to_long(self):
@@ -445,17 +461,17 @@ class _Stream:
         self.emit(0x0F, 0x20, 0xE0)                                 # mov eax, cr4
         self.emit(0x83, 0xC8, 0x20)                                 # or eax, PAE
         self.emit(0x0F, 0x22, 0xE0)                                 # mov cr4, eax
-        self.emit(0xB8, _le(PML4, 4))                               # mov eax, PML4
+        self.emit(0xB8, le_bytes(PML4, 4))                               # mov eax, PML4
         self.emit(0x0F, 0x22, 0xD8)                                 # mov cr3, eax
-        self.emit(0xB9, _le(0xC0000080, 4))                         # mov ecx, EFER
+        self.emit(0xB9, le_bytes(0xC0000080, 4))                         # mov ecx, EFER
         self.emit(0x0F, 0x32)                                       # rdmsr
-        self.emit(0x0D, _le(0x100, 4))                              # or eax, LME
+        self.emit(0x0D, le_bytes(0x100, 4))                              # or eax, LME
         self.emit(0x0F, 0x30)                                       # wrmsr
         self.emit(0x0F, 0x01, self.absolute(2, D_LGDT32))           # lgdt [long GDT copy]
         self.emit(0x0F, 0x20, 0xC0)                                 # mov eax, cr0
-        self.emit(0x0D, _le(0x80000000, 4))                         # or eax, PG
+        self.emit(0x0D, le_bytes(0x80000000, 4))                         # or eax, PG
         self.emit(0x0F, 0x22, 0xC0)                                 # mov cr0, eax
-        self.emit(0xEA, _le(self.here(7), 4), _le(0x08, 2))         # jmp 0x08:next (64-bit)
+        self.emit(0xEA, le_bytes(self.here(7), 4), le_bytes(0x08, 2))         # jmp 0x08:next (64-bit)
         self.bits = 64
 
     def t_to_compat(self):
@@ -463,7 +479,7 @@ class _Stream:
         if self.bits != 64:
             return self.t_to_long()
         self.emit(0x6A, 0x18)                                       # push 0x18
-        self.emit(0x68, _le(self.here(5 + 2), 4))                   # push next
+        self.emit(0x68, le_bytes(self.here(5 + 2), 4))                   # push next
         self.emit(0x48, 0xCB)                                       # retfq
         self.bits = 32
 
@@ -474,7 +490,7 @@ class _Stream:
     def t_console(self):
         self.emit(0xB0, self.r.randrange(0x20, 0x7F))
         self.emit(0xE6, 0xE9) if self.r.random() < 0.5 else \
-            self.emit(b"\x66" if self.bits != 16 else b"", 0xBA, _le(0x3F8, 2), 0xEE)
+            self.emit(b"\x66" if self.bits != 16 else b"", 0xBA, le_bytes(0x3F8, 2), 0xEE)
 
     TEMPLATES = (
         (10, "t_mov_imm"), (10, "t_alu"), (6, "t_alu_imm"), (3, "t_moffs"), (9, "t_io"),
@@ -504,3 +520,218 @@ class _Stream:
         elif k < 0.8:
             self.emit(0xEB, 0xFE)
         # else: fall through into whatever follows the image
+
+assert DESC_ADDR + 0x80 <= L.GDT_ADDR     # the descriptor block fits under the boot GDT
+
+_GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+# ================================================================================================
+# Case generation
+# ================================================================================================
+
+def descriptors(rng: random.Random) -> bytes:
+    """The pseudo-descriptor block at DESC_ADDR (see the D_* offsets)."""
+    d = bytearray(0x80)
+    struct.pack_into("<HI", d, 0x00, L.GDT_LIMIT, L.GDT_ADDR)
+    struct.pack_into("<HQ", d, 0x10, L.GDT_LIMIT, LONG_GDT_ADDR)
+    struct.pack_into("<HI", d, 0x20, L.GDT_LIMIT, LONG_GDT_ADDR)
+    struct.pack_into("<HI", d, 0x30, 256 * 8 - 1, IDT32_ADDR)
+    struct.pack_into("<HQ", d, 0x40, 256 * 16 - 1, IDT64_ADDR)
+    struct.pack_into("<HI", d, 0x50, 0x3FF, 0)
+    d[0x60:0x70] = rng.randbytes(16)
+    return bytes(d)
+
+
+def _gates(rng: random.Random, targets: List[int], wide: bool) -> bytes:
+    """256 interrupt/trap gates (CS 0x08) whose handlers are ``targets`` (a few are junk)."""
+    out = bytearray()
+    for _ in range(256):
+        if rng.random() < 0.05:
+            out += rng.randbytes(16 if wide else 8)
+            continue
+        off = rng.choice(targets)
+        typ = rng.choice((0x8E, 0x8E, 0x8F))
+        lo = (off & 0xFFFF) | 0x08 << 16 | typ << 40 | ((off >> 16) & 0xFFFF) << 48
+        out += struct.pack("<Q", lo)
+        if wide:
+            out += struct.pack("<Q", off >> 32)
+    return bytes(out)
+
+
+def _reg_value(rng: random.Random, wide: bool) -> int:
+    k = rng.random()
+    if k < 0.2:
+        return 0
+    if k < 0.4:
+        return rng.randrange(0x10000)
+    if k < 0.6:
+        return rng.randrange(RAM_SIZE)
+    if k < 0.75:
+        return rng.choice(PORTS + MSRS + MMIO_ADDRS)
+    if k < 0.9 or not wide:
+        return rng.getrandbits(32)
+    return rng.getrandbits(64)
+
+
+def _rflags(rng: random.Random, mode: str) -> int:
+    k = rng.random()
+    if k < 0.01:
+        return rng.getrandbits(64)                  # reserved bits and all
+    f = 0x2
+    for bit in (0, 2, 4, 6, 7, 10, 11):             # CF PF AF ZF SF DF OF
+        if rng.random() < 0.3:
+            f |= 1 << bit
+    if rng.random() < 0.2:
+        f |= 1 << 9                                 # IF
+    if rng.random() < 0.03:
+        f |= 1 << 8                                 # TF
+    if rng.random() < 0.1:
+        f |= rng.randrange(4) << 12                 # IOPL
+    for bit in (14, 16, 18, 21):                    # NT RF AC ID
+        if rng.random() < 0.05:
+            f |= 1 << bit
+    if mode != "long" and rng.random() < 0.02:
+        f |= 1 << 17                                # VM: virtual-8086 mode
+    return f
+
+
+_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+_SEG_BITS = {"type": 4, "present": 1, "dpl": 2, "db": 1, "s": 1, "l": 1, "g": 1, "avl": 1,
+             "unusable": 1, "selector": 16, "limit": 32, "base": 64}
+
+
+def _sregs_noise(rng: random.Random) -> dict:
+    """A few special-register fields set to odd values (KVM may refuse them: KvmInvalid)."""
+    out = {}
+    for _ in range(rng.randint(1, 3)):
+        k = rng.random()
+        if k < 0.4:
+            name = rng.choice(("cr0", "cr4", "efer", "cr3", "cr8", "apic_base", "cr2"))
+            bits = {"cr0": CR0_BITS, "cr4": CR4_BITS}.get(name)
+            if bits and rng.random() < 0.7:
+                value = sum(b for b in bits if rng.random() < 0.3)
+            elif name == "efer":
+                value = rng.choice((0x100, 0x400, 0x500, 0xD01, 0x800, rng.getrandbits(16)))
+            else:
+                value = rng.getrandbits(rng.choice((8, 32, 64)))
+        else:
+            field = rng.choice(tuple(_SEG_BITS))
+            name = f"{rng.choice(_SEGMENTS)}.{field}"
+            w = _SEG_BITS[field]
+            value = rng.getrandbits(w) if rng.random() < 0.7 else rng.getrandbits(min(w, 8)) & \
+                ((1 << w) - 1)
+        out[name] = value
+    return out
+
+
+def generate_case(seed: int, index: int, *, modes=MODES, max_vcpus: int = 4,
+                  deadline: float = DEFAULT_DEADLINE) -> dict:
+    """The case ``index`` of run ``seed``: a pure function of its arguments (the supervisor
+    regenerates a finding's case from them to write the reproducer).
+
+    Returns the case as a dict (:data:`CASE_FORMAT`): ``mode``, ``style`` ("valid", "raw" or
+    "tiny"), ``slots`` and ``blobs`` (guest-physical addresses, bytes), ``vcpus`` (registers,
+    entry points, odd special-register values), ``deadline`` (seconds), ``max_stops``, and the
+    machine's switches (``irqchip``, ``pit``, ``cpuid``, ``native``: the C run loop, else the
+    Python reference loop)."""
+    rng = random.Random(f"pykvm-fuzz:{seed}:{index}")
+    mode = rng.choice(list(modes))
+    nvcpus = 1 if max_vcpus == 1 or rng.random() < 0.5 else rng.randint(2, max_vcpus)
+    base = REAL_IMAGE if mode == "real" else HIGH_IMAGE
+    bits = {"real": 16, "protected": 32, "long": 64}[mode]
+    page_tables = mode != "long" and rng.random() < 0.3
+
+    style = rng.choices(("valid", "raw", "tiny"), (70, 20, 10))[0]
+    size = int(math.exp(rng.uniform(math.log(16), math.log(2048))))
+    bounds = [0]
+    if style == "raw":
+        image = rng.randbytes(size)
+    elif style == "tiny":
+        image = rng.choice((b"", b"\xF4", b"\xEB\xFE", b"\x0F\x0B", b"\xCC", b"\xB0\x01\xE6\xF4",
+                            b"\xFA\xF4", b"\xFB\xF4", b"\xE4\x60", b"\x0F\x01\xC1",
+                            b"\xF3\x6C", b"\x0F\x30", b"\x0F\x32", b"\x0F\xA2\xF4",
+                            rng.randbytes(rng.randrange(1, 8))))
+    else:
+        s = InstructionStream(rng, bits, base, page_tables=page_tables)
+        while len(s.code) < size:
+            s.one()
+        if rng.random() < 0.8:
+            s.terminate()
+        image, bounds = bytes(s.code), s.bounds or [0]
+    if not image:
+        bounds = [0]
+
+    blobs = [(base, image), (DESC_ADDR, descriptors(rng))]
+    handlers = [base + b for b in bounds]
+    blobs.append((IDT32_ADDR, _gates(rng, handlers, wide=False)))
+    blobs.append((LONG_GDT_ADDR, cpu_modes.gdt_bytes("long")))
+    blobs.append((IDT64_ADDR, _gates(rng, handlers, wide=True)))
+    if mode == "real":
+        blobs.append((L.GDT_ADDR, cpu_modes.gdt_bytes("protected")))     # for real -> protected
+        if rng.random() < 0.5:                                     # an IVT into the image
+            ivt = b"".join(struct.pack("<HH", (base + rng.choice(bounds)) & 0xFFFF, 0)
+                           for _ in range(256))
+            blobs.append((0, ivt))
+    if rng.random() < 0.1:                                         # junk somewhere in RAM
+        blobs.append((rng.randrange(0x100000, RAM_SIZE - 0x1000), rng.randbytes(rng.randrange(1, 512))))
+
+    slots = [{"gpa": 0, "size": RAM_SIZE, "readonly": False}]
+    if rng.random() < 0.2:
+        slots.append({"gpa": ROM_ADDR, "size": ROM_SIZE, "readonly": True})
+        blobs.append((ROM_ADDR, rng.randbytes(ROM_SIZE)))
+
+    vcpus = []
+    for i in range(nvcpus):
+        k = rng.random()
+        if k < 0.8:
+            entry = base + rng.choice(bounds)
+        elif k < 0.9:
+            entry = base + rng.randrange(max(len(image), 1))
+        elif k < 0.96:
+            entry = rng.randrange(RAM_SIZE)
+        else:
+            entry = rng.choice(MMIO_ADDRS) if mode != "real" else rng.randrange(0x100000)
+        v = {"regs": {name: _reg_value(rng, mode == "long") for name in _GPRS}}
+        if mode == "real":
+            if rng.random() < 0.05:
+                cs, ip = rng.getrandbits(16), rng.getrandbits(16)
+            else:
+                cs, ip = cpu_modes.real_mode_entry(entry % 0x100000)
+            v["cs"] = cs
+            v["regs"]["rip"] = ip
+            v["regs"]["rsp"] = L.REAL_MODE_STACK_TOP if rng.random() < 0.8 else rng.getrandbits(16)
+        else:
+            v["regs"]["rip"] = entry
+            v["regs"]["rsp"] = L.stack_top(i) if rng.random() < 0.8 else _reg_value(rng, mode == "long")
+        v["regs"]["rflags"] = _rflags(rng, mode)
+        if rng.random() < 0.05:
+            v["sregs"] = _sregs_noise(rng)
+        if mode == "protected" and rng.random() < 0.4:
+            v["idt"] = [IDT32_ADDR, 256 * 8 - 1]
+        elif mode == "long" and rng.random() < 0.4:
+            v["idt"] = [IDT64_ADDR, 256 * 16 - 1]
+        vcpus.append(v)
+
+    irqchip = rng.random() < 0.1
+    return {
+        "format": CASE_FORMAT, "seed": seed, "index": index, "mode": mode, "style": style,
+        "deadline": deadline, "max_stops": rng.choice((1, 1, 2, 3, 4, 8)),
+        "irqchip": irqchip, "pit": irqchip and rng.random() < 0.5,
+        "cpuid": rng.random() < 0.95, "native": rng.random() < 0.9,
+        "page_tables": page_tables, "slots": slots, "blobs": blobs, "vcpus": vcpus,
+        "io_seed": rng.getrandbits(32),
+    }
+
+
+def case_to_json(case: dict) -> dict:
+    """``case`` with its blobs in JSON form (a reproducer's "case")."""
+    return dict(case, blobs=blobs_to_json(case["blobs"]))
+
+
+def case_from_json(d: dict) -> dict:
+    """The inverse of :func:`case_to_json`; ValueError for a document of another format."""
+    if d.get("format") != CASE_FORMAT:
+        raise ValueError(f"not a pykvm fuzz case (format {d.get('format')!r})")
+    return dict(d, blobs=blobs_from_json(d["blobs"]))

@@ -13,6 +13,7 @@ import pytest
 
 from pykvm import Kvm
 from pykvm import fuzz
+from pykvm.fuzz import supervisor
 
 pytestmark = pytest.mark.requires_kvm
 
@@ -131,7 +132,7 @@ def test_fd_leak_is_a_finding(tmp_path):
                            "--_warmup", "20", "--_check-interval", "0.1")
     assert rc == 1 and s["leaks"] >= 1 and (s["crashes"], s["hangs"]) == (0, 0)
     leak = json.loads(open(s["findings"][0]["file"]).read())
-    assert leak["resource"] == "fds" and leak["value"] > leak["baseline"] + fuzz.FD_SLACK
+    assert leak["resource"] == "fds" and leak["value"] > leak["baseline"] + supervisor.FD_SLACK
     assert leak["start"] <= 50 < leak["stop"]
 
 

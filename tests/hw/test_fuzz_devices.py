@@ -12,7 +12,8 @@ import time
 import pytest
 
 from pykvm import Kvm
-from pykvm import fuzz, fuzz_devices
+from pykvm import fuzz
+from pykvm.fuzz import device_generator, device_runner
 
 # the device mode drives the x86 PC machine (a RISC-V host refuses it: see the last test)
 pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_arch("x86_64")]
@@ -47,7 +48,7 @@ def test_seeded_quick_run_of_the_device_mode_finds_nothing(tmp_path):
     assert s["outcomes"].get("done", 0) > 200, s["outcomes"]
     assert len(s["outcomes"]) >= 4, s["outcomes"]
     assert {"reset", "poweroff", "s3_resumed"} & set(s["outcomes"]), s["outcomes"]
-    for mode in fuzz_devices.MODES:
+    for mode in device_generator.MODES:
         assert sum(s["outcomes_by_mode"][mode].values()) > 100, s["outcomes_by_mode"]
     assert s["stops"].get("IO", 0) > 5000 and s["stops"].get("MMIO", 0) > 2000, s["stops"]
     assert elapsed < 120
@@ -57,7 +58,7 @@ def _index_with_device_exits(seed: int, start: int) -> int:
     """An index whose case sends vCPU 0 to a port pykvm serves in Python (an exit the injected
     handlers see) before anything that ends the machine."""
     for i in range(start, start + 200):
-        c = fuzz_devices.generate_case(seed, i)
+        c = device_generator.generate_case(seed, i)
         ops = c["vcpus"][0]["ops"]
         if ops and ops[0][0] in ("out", "in") and ops[0][1] in (0x70, 0x71, 0xCF8, 0xCFC, 0x510) \
                 and c["native"] and len(c["vcpus"]) == 1:
@@ -82,8 +83,8 @@ def test_each_injected_finding_kind_is_saved_and_replays(tmp_path):
         assert f["index"] == index and os.path.isfile(f["file"]), f
         doc = json.loads(open(f["file"]).read())
         assert doc["kind"] == kind and doc["generator"].get("devices") is True
-        case = fuzz_devices.case_from_json(doc["case"])
-        assert case == fuzz_devices.generate_case(seed, index)
+        case = fuzz.case_from_json(doc["case"])
+        assert case == device_generator.generate_case(seed, index)
         rc, r, err = fuzz_json("--replay", f["file"], "--out", str(tmp_path / f"again-{kind}"))
         assert rc == 1 and r["finding"] == kind and r["reproduced"] is True, (kind, r, err)
     assert "injected exit-handler failure" in by_kind["vmm_error"]["detail"]
@@ -114,15 +115,15 @@ def test_hang_and_leak_in_device_mode(tmp_path):
 def test_device_case_replays_to_its_outcome(tmp_path):
     with Kvm() as kvm:
         for index in range(50):
-            case = fuzz_devices.generate_case(2, index, max_vcpus=1)
-            res = fuzz_devices.run_case(kvm, case)
+            case = device_generator.generate_case(2, index, max_vcpus=1)
+            res = device_runner.run_case(kvm, case)
             if res["outcome"] == "done" and not res.get("finding"):
                 break
         else:
             pytest.fail("no case finished its operations among 50")
     assert res["exits"] > 0 and 0 <= res["cpu"] <= res["cpu_bound"]
     path = tmp_path / "case.json"
-    path.write_text(json.dumps(fuzz_devices.case_to_json(case)))
+    path.write_text(json.dumps(fuzz.case_to_json(case)))
     rc, r, err = fuzz_json("--replay", str(path), "--out", str(tmp_path / "f"))
     assert rc == 0 and r["outcome"] == "done" and r["finding"] is None, (r, err)
     assert (r["seed"], r["index"]) == (2, index)
@@ -153,8 +154,8 @@ LONG_RUN_FINDINGS = [(1, 349), (1, 2637), (1, 6072)]
 
 @pytest.mark.parametrize("seed,index", LONG_RUN_FINDINGS)
 def test_long_run_findings_stay_fixed(seed, index):
-    case = fuzz_devices.generate_case(seed, index)
+    case = device_generator.generate_case(seed, index)
     with Kvm() as kvm:
         for _ in range(3):                          # interleavings vary from run to run
-            r = fuzz_devices.run_case(kvm, case)
+            r = device_runner.run_case(kvm, case)
             assert "finding" not in r, r["finding"]["detail"]
