@@ -38,7 +38,7 @@ work (the timer is arithmetic on the clock).
 """
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 
 PM_TIMER_HZ = 3579545
@@ -72,7 +72,7 @@ STS_OFFSET, EN_OFFSET, CNT_OFFSET, TMR_OFFSET = 0, 2, 4, 8
 BLOCK_PORTS = 12                      # 0x606-0x607 inside it are unassigned
 
 
-def pio_ranges(base: int = PM_BASE):
+def pio_ranges(base: int = PM_BASE) -> Tuple[Tuple[int, int, int, int], ...]:
     """The block's port ranges with PM1a_EVT at port ``base`` (QEMU's PIIX4 PM regions): the
     event block (4 ports, 1- and 2-byte accesses), PM1a_CNT (2 ports, 1 and 2 bytes) and PM_TMR
     (4 ports, up to 4 bytes), as ``(base, size, offset, max_access)`` tuples for
@@ -189,20 +189,23 @@ class AcpiPm:
         """``size`` bytes of ``value`` written at ``offset``, zero-extended to 16 bits (module
         docstring): PM1_STS bits written 1 are cleared, PM1_EN takes the value (reserved bits
         stay 0), PM1_CNT keeps BM_RLD and SLP_TYP and sleeps on SLP_EN (``on_sleep``); other
-        offsets, the timer included, ignore writes. Calls ``on_change`` last."""
+        offsets, the timer included, ignore writes. The SCI level is recomputed after each
+        STS or EN write, piece by piece as the bus hands them (QEMU's ``acpi_pm_evt_write``).
+        Calls ``on_change`` last."""
         sleep = None
         v = value & ((1 << (8 * size)) - 1)
         with self._lock:
             if offset == STS_OFFSET:
                 self._sync_timer_status()
                 self.sts &= ~(v & STS_MASK)
+                self._update_sci()
             elif offset == EN_OFFSET:
                 self.en = v & EN_MASK
+                self._update_sci()
             elif CNT_OFFSET <= offset < CNT_OFFSET + 2:
                 self.cnt = (v & CNT_MASK) | SCI_EN
                 if v & SLP_EN:
                     sleep = (v & SLP_TYP_MASK) >> SLP_TYP_SHIFT
-            self._update_sci()
         if sleep is not None and self.on_sleep:
             self.on_sleep(sleep)
         if self.on_change:

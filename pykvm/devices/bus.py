@@ -32,7 +32,8 @@ from __future__ import annotations
 import bisect
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import (Dict, Iterator, List, Optional, Protocol, Sequence, Tuple,
+                    runtime_checkable)
 
 from ..errors import GuestMemoryError, PykvmError
 
@@ -178,7 +179,8 @@ class Bus:
         return self._table[1]
 
     # -- accesses --------------------------------------------------------------------------
-    def _pieces(self, addr: int, size: int):
+    def _pieces(self, addr: int, size: int) \
+            -> Iterator[Tuple[Optional[Mapping], int, int, int]]:
         done = 0
         while done < size:
             a = addr + done
@@ -230,10 +232,10 @@ class Bus:
         when one range holds the whole access (fw_cfg's data port: a 4 KiB ``rep insb``)."""
         m = self.find(addr)
         fast = getattr(m.device, "read_repeated", None) if m is not None else None
-        if fast is not None and addr + size <= m.end and size <= m.max_access and \
-                not (addr - m.base) % size:
+        if m is not None and fast is not None and addr + size <= m.end and \
+                size <= m.max_access and not (addr - m.base) % size:
             try:
-                return fast(m.offset + (addr - m.base), size, count)
+                return bytes(fast(m.offset + (addr - m.base), size, count))
             except GuestMemoryError:
                 return b"\xff" * (size * count)
         return b"".join(self.read(addr, size).to_bytes(size, "little") for _ in range(count))

@@ -17,7 +17,7 @@ The port blocks' offsets in the device's register map: the scratch register at 0
 port at 0x04, the scratch bytes at 0x08, IRQ line n at 0x20 + n.
 """
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 SCRATCH_PORT = 0xE0
 FLUSH_PORT = 0xE4
@@ -41,7 +41,7 @@ class TestdevIomem:
     MMIO_RANGES = ((IOMEM_BASE, IOMEM_SIZE, 0, 8),)
     __test__ = False                      # not a pytest class, whatever its name says
 
-    def __init__(self, lock):
+    def __init__(self, lock: threading.Lock):
         self.data = bytearray(IOMEM_SIZE)
         self._lock = lock
 
@@ -62,7 +62,7 @@ class TestdevIomem:
             n = max(0, min(size, IOMEM_SIZE - offset))
             self.data[offset:offset + n] = data[:n]
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Union[int, slice]) -> Union[int, bytes]:
         with self._lock:
             return bytes(self.data[index]) if isinstance(index, slice) else self.data[index]
 
