@@ -29,6 +29,7 @@ MAX_PROGRAM_HEADERS = 1024        # Linux's binfmt_elf takes at most 64 KiB of p
 MAX_SECTION_HEADERS = 0xFF00      # SHN_LORESERVE: the most an ELF names without escapes
 MAX_SYMBOLS = 1 << 20             # symbols read in all, over every symbol table
 MAX_SYMBOL_NAME = 4096            # longer names are skipped (never searched for)
+_FEW_NAMES = 8                    # find_symbol: string table copies of a name scanned for alone
 PARAMS_SYMBOL = "pykvm_params"
 PARAMS_SIZE = 16 * 8              # uint64_t pykvm_params[16] (docs/guest-abi.md)
 
@@ -417,12 +418,15 @@ def _params_symbol(image: Image, data: bytes, plan: LoadPlan) -> Optional[int]:
 
 # ---- symbols ------------------------------------------------------------------------------------
 
-def _symbol_tables(elf: _Elf) -> List[Tuple[int, _Shdr, _Shdr]]:
+def _symbol_tables(elf: _Elf, shdrs: Optional[List[_Shdr]] = None
+                   ) -> List[Tuple[int, _Shdr, _Shdr]]:
     """(section index, symbol table, its string table) for each distinct symbol table (by file
     offset and size), checked: in the file, right entry size, a string table that is one, and
-    no two tables overlapping, so that the symbols read in all never exceed the file size."""
+    no two tables overlapping, so that the symbols read in all never exceed the file size.
+    ``shdrs``: the section headers if already read."""
     data, cls = elf.data, elf.hdr.cls
-    shdrs = _section_headers(elf)
+    if shdrs is None:
+        shdrs = _section_headers(elf)
     entsize = _SYM_SIZE[cls]
     out, seen = [], set()
     for i, sh in enumerate(shdrs):
@@ -484,8 +488,23 @@ def _read_symbols(elf: _Elf, data: bytes, sh: _Shdr, st: _Shdr,
         wanted.discard(0)
         if not wanted:
             return
-        for i in range(count):
-            sym = parse(structure, stream, sh.offset + i * entsize)
+        if len(wanted) <= _FEW_NAMES:
+            # st_name is the first 4 bytes of an entry in either class (little-endian): find
+            # the entries that name ``want`` with a C-speed scan per offset, decode only those
+            first = sh.offset + sh.size
+            hits = []
+            for off in wanted:
+                pat = off.to_bytes(4, "little")
+                pos = data.find(pat, sh.offset, first)
+                while pos >= 0:
+                    if (pos - sh.offset) % entsize == 0:
+                        hits.append(pos)
+                    pos = data.find(pat, pos + 1, first)
+            offsets = sorted(hits)
+        else:                            # many copies of the name: decode every entry once
+            offsets = range(sh.offset, sh.offset + count * entsize, entsize)
+        for pos in offsets:
+            sym = parse(structure, stream, pos)
             if sym["st_name"] in wanted and sym["st_shndx"] != "SHN_UNDEF":
                 yield want, sym
         return
@@ -500,17 +519,13 @@ def _read_symbols(elf: _Elf, data: bytes, sh: _Shdr, st: _Shdr,
             yield bytes(data[start:end]), sym
 
 
-def _symbol_entries(image: Image, want: Optional[bytes] = None, *,
-                    sections: Optional[list] = None) -> Iterator[Tuple[bytes, object]]:
+def _symbol_entries(image: Image, want: Optional[bytes] = None) -> Iterator[Tuple[bytes, object]]:
     """(name, pyelftools ``Elf_Sym``) of every named, defined symbol of the ELF ``image``, table
-    by table (nothing if it is not an ELF). ``sections``: a list that receives the section
-    headers (:class:`_Shdr`), for callers that want section extents too."""
+    by table (nothing if it is not an ELF)."""
     data = _read_image(image)
     if not is_elf(data):
         return
     elf = _Elf(data)
-    if sections is not None:
-        sections.extend(_section_headers(elf))
     for _, sh, st in _symbol_tables(elf):
         yield from _read_symbols(elf, data, sh, st, want)
 
@@ -534,3 +549,17 @@ def find_symbol(image: Image, name: str) -> Optional[int]:
     for _, sym in _symbol_entries(image, name.encode("utf-8", "surrogateescape")):
         return sym["st_value"]
     return None
+
+
+@_elf_errors_only
+def _symbols_and_sections(data) -> Tuple[list, List[_Shdr], Optional[_Elf]]:
+    """([(name, pyelftools ``Elf_Sym``)...], section headers, the :class:`_Elf`) of ELF image
+    bytes ``data``, every table checked as :func:`elf_symbols` checks it; ([], [], None) if
+    ``data`` is not an ELF. For :class:`pykvm.boot.symbols.Symbols`. Raises LoadError."""
+    if not is_elf(data):
+        return [], [], None
+    elf = _Elf(data)
+    sections = _section_headers(elf)
+    syms = [entry for _, sh, st in _symbol_tables(elf, sections)
+            for entry in _read_symbols(elf, data, sh, st)]
+    return syms, sections, elf
