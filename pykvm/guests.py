@@ -18,6 +18,7 @@ import subprocess
 import threading
 from typing import List, Optional
 
+from . import guestbuild
 from ._host import HOST_ARCH
 from .errors import PykvmError
 
@@ -113,8 +114,7 @@ def path(name: str, arch: Optional[str] = None) -> str:
     as it is; a ``.c``/``.S`` source is built (see :func:`pykvm.guestbuild.build`) and its
     image returned."""
     if name.endswith((".c", ".S")):
-        from .guestbuild import build as build_source
-        return build_source(name, arch=arch)
+        return guestbuild.build(name, arch=arch)
     if os.sep in name or name.endswith((".elf", ".bin")):
         return name
     arch = arch or HOST_ARCH

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 from . import status
 from . import guests
 from .boot import read_head
+from .boot.symbols import Symbols
 from .platform import MachineControl, choose as choose_platform
 from .errors import (Busy, Closed, GuestError, GuestMemoryError, HostResourceError,
                      KvmError, MachineEnded, PykvmError, host_resource_error)
@@ -646,7 +647,6 @@ class Machine:
         """The guest image's symbols (:class:`pykvm.symbols.Symbols`; empty for an image
         without an ELF symbol table or given as bytes), read on first use."""
         if self._symbols is None:
-            from .boot.symbols import Symbols
             self._symbols = Symbols.from_image(self.image_name)
         return self._symbols
 

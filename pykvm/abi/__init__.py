@@ -39,12 +39,16 @@ def build_ffi(arch_module):
     return f
 
 
+try:
+    from .. import _native
+except ImportError:             # not built: the ABI facts alone still work (cffi ABI mode)
+    _native = None
+
+
 def _native_ffi():
     """pykvm._native's ffi if it was compiled from exactly our declarations, else None (also
-    when the native module is not built: the ABI facts alone still work)."""
-    try:
-        from .. import _native
-    except ImportError:
+    when the native module is not built)."""
+    if _native is None:
         return None
     get = getattr(_native.lib, "pykvm_abi_text", None)
     if get is None:
