@@ -21,7 +21,7 @@ from ..arch.x86 import modes as cpu_modes
 from ..arch.x86.regs import cpuid_for_vcpu
 from ..errors import PykvmError
 from ..kvm import Kvm
-from ..runloop import RunLoop
+from ..runloop import LoopConfig, RunLoop
 from ..testing.reference_loop import ReferenceLoop
 from . import cases, device_runner
 
@@ -173,7 +173,8 @@ class CaseRunner:
         for gpa, data in case["blobs"]:
             mem.write(gpa, data)
         loop_class = RunLoop if case["native"] else ReferenceLoop
-        loops = [loop_class(v) for v in vcpus]
+        loops = [loop_class(v, LoopConfig(serial_base=0x3F8, debugcon_port=0xE9, exit_port=0xF4))
+                 for v in vcpus]              # the PC's ports: LoopConfig serves none itself
 
         state = {"winner": None, "results": [None] * len(vcpus)}
         lock = threading.Lock()
