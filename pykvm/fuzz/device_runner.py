@@ -151,12 +151,9 @@ def run_case(kvm, case: dict, inject=()) -> dict:
         r = m.run(timeout=case["deadline"])
         (u1, a1), seconds = _cpu_times(), time.monotonic() - t0
         cpu, cpu_all = u1 - u0, a1 - a0
-        pcm = getattr(m.platform, "pcm", None)
-        power = getattr(pcm, "power_event", None)
-        sleeps = getattr(pcm, "sleeps", 0)
-        sched = getattr(pcm, "scheduler", None)
-        timer_failures = getattr(sched, "failures", 0)
-        timer_trace = getattr(sched, "last_failure", None)
+        pc = m.platform                      # the pc machine: its power and timer state
+        power, sleeps = pc.power_event, pc.sleeps
+        timer_failures, timer_trace = pc.scheduler.failures, pc.scheduler.last_failure
     finally:
         m.close()
     exits = sum(r.exits.values())
@@ -197,11 +194,7 @@ def run_case(kvm, case: dict, inject=()) -> dict:
 def _set_waking_vector(m, case: dict) -> None:
     """Point the FACS waking vector (real mode) or X waking vector (32-bit) at WAKE_ADDR, so an
     S3 resume ends the case visibly."""
-    pcm = getattr(m.platform, "pcm", None)
-    tables = getattr(pcm, "tables", None)
-    facs = getattr(tables, "addr", {}).get("FACS") if tables is not None else None
-    if facs is None:
-        return
+    facs = m.platform.tables.addr["FACS"]
     if case.get("wake_x"):
         m.memory.write(facs + 24, struct.pack("<Q", WAKE_ADDR))     # X_Firmware_Waking_Vector
     else:
