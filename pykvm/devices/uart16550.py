@@ -55,7 +55,7 @@ An offset that is no register's (past the eighth register, or between registers 
 (an exit for Python), as ``serve_uart_mmio`` in csrc/runloop.c does. No access raises, and each
 costs at most eight register accesses under the UART's lock.
 """
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from .._native import lib as _nlib
 from ..runloop import UartGroup
@@ -136,7 +136,7 @@ class Uart16550:
     # -- output ------------------------------------------------------------------------------
     def take(self) -> bytes:
         """The THR output written so far and not yet drained (every writer's, in order)."""
-        out = []
+        out: List[bytes] = []
         self.group.drain(out.append)
         return b"".join(out)
 
