@@ -91,10 +91,10 @@ def test_plot_is_a_png(quick):
 
 
 def test_tiny_multiboot_guest_is_a_multiboot_elf32():
-    from pykvm import loader
+    from pykvm.boot import multiboot
     image = bench.tiny_multiboot()
     assert image[:5] == b"\x7fELF\x01"
-    mb = loader.find_multiboot_header(image)
+    mb = multiboot.find_multiboot_header(image)
     assert mb is not None
 
 
