@@ -46,6 +46,7 @@ D_IDT32 = DESC_ADDR + 0x30
 D_IDT64 = DESC_ADDR + 0x40
 D_IVT = DESC_ADDR + 0x50
 D_JUNK = DESC_ADDR + 0x60
+assert D_JUNK + 0x20 <= L.GDT_ADDR     # the descriptor block fits under the boot GDT
 
 PORTS = (0x3F8, 0x3F9, 0x3FA, 0x3FB, 0x3FC, 0x3FD, 0x3FE, 0x3FF, 0xE9, 0xF4, 0x20, 0x21, 0xA0,
          0xA1, 0x40, 0x41, 0x42, 0x43, 0x60, 0x61, 0x64, 0x70, 0x71, 0x80, 0x92, 0xCF8, 0xCFC,
@@ -521,7 +522,6 @@ class InstructionStream:
             self.emit(0xEB, 0xFE)
         # else: fall through into whatever follows the image
 
-assert DESC_ADDR + 0x80 <= L.GDT_ADDR     # the descriptor block fits under the boot GDT
 
 _GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
