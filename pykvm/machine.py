@@ -23,7 +23,7 @@ from .errors import (Busy, Closed, GuestError, GuestMemoryError, HostResourceErr
 from .exits import Exit
 from .kvm import Kvm
 from .report import GuestAssertion, Report
-from .runloop import RunLoop
+from .runloop import ConsoleBuffer, RunLoop
 from .status import debug_exit_status  # noqa: F401  (re-exported for callers)
 
 
@@ -165,10 +165,7 @@ class Machine:
         self._closed = False
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
-        self._console = bytearray()
-        self.console_limit = console_limit
-        self._console_total = 0
-        self.on_console = on_console
+        self._console = ConsoleBuffer(console_limit, on_console)
         self.reports: List[Report] = []
         self.report_limit = report_limit
         self.reports_dropped = 0
@@ -200,8 +197,10 @@ class Machine:
             for i, v in enumerate(self.vcpus):
                 self.platform.setup_vcpu(v, i)
             loop_class = loop or RunLoop
-            self.loops = [loop_class(v, config=self.platform.loop_config(),
-                                     on_console=self._console_out) for v in self.vcpus]
+            config = self.platform.loop_config()
+            config.console_limit = 0           # the machine keeps the console, not each loop
+            self.loops = [loop_class(v, config=config, on_console=self._console_out)
+                          for v in self.vcpus]
         except BaseException as e:
             self.close()
             hr = host_resource_error(e)
@@ -257,23 +256,33 @@ class Machine:
     @property
     def console(self) -> bytes:
         """The last ``console_limit`` bytes the guest wrote to its console."""
-        with self._lock:
-            return bytes(self._console[-self.console_limit:]) if self.console_limit > 0 else b""
+        return self._console.data
 
     @property
     def console_dropped(self) -> int:
         """Console bytes the guest wrote that :attr:`console` no longer holds."""
-        with self._lock:
-            return self._console_total - min(len(self._console), max(self.console_limit, 0))
+        return self._console.dropped
+
+    @property
+    def console_limit(self) -> int:
+        """Bytes of console output :attr:`console` keeps (settable)."""
+        return self._console.limit
+
+    @console_limit.setter
+    def console_limit(self, value: int) -> None:
+        self._console.limit = value
+
+    @property
+    def on_console(self) -> Optional[Callable[[bytes], None]]:
+        """Called with every piece of console output, as it comes (settable)."""
+        return self._console.on_data
+
+    @on_console.setter
+    def on_console(self, fn: Optional[Callable[[bytes], None]]) -> None:
+        self._console.on_data = fn
 
     def _console_out(self, data: bytes) -> None:
-        with self._lock:
-            self._console += data
-            self._console_total += len(data)
-            if len(self._console) > 2 * self.console_limit:     # trim in amortised O(1)
-                del self._console[:len(self._console) - self.console_limit]
-        if self.on_console:
-            self.on_console(data)
+        self._console.append(data)
 
     def _keep_report(self, rep: Report) -> None:
         with self._lock:

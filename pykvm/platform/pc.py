@@ -141,7 +141,8 @@ class PcPlatform(X86Platform):
         self.fwcfg = FwCfg(ram_size=mem_size, nb_cpus=vcpus)
         self.port92 = Port92(on_reset=lambda: self._power("reset"))
         self.testdev = PcTestdev(set_irq=self.irq)
-        self.pm = AcpiPm(set_sci=lambda level: self.irq(SCI_IRQ, level), on_sleep=self._on_sleep)
+        self.pm = AcpiPm(set_sci=lambda level: self.irq(SCI_IRQ, level), on_sleep=self._on_sleep,
+                         on_change=self._pm_changed)
         for dev in (self.i8042, self.rtc, self.pci, self.fwcfg, self.port92, self.testdev):
             self.pio.attach(dev)
         self.mmio.attach(self.testdev.iomem)
@@ -314,8 +315,6 @@ class PcPlatform(X86Platform):
             port, size = ex.port, ex.size
             if ex.is_out:
                 self.pio.write_bytes(port, size, ex.data)
-                if self.pm_base is not None and self.pm_base <= port < self.pm_base + 12:
-                    self._pm_changed()
             else:
                 ex.respond(self.pio.read_bytes(port, size, ex.count))
         elif name == "MMIO":

@@ -176,8 +176,8 @@ def test_hart_description_reads_the_block_sizes():
 
 def test_riscv_platform_answers_the_zkr_seed_csr():
     from pykvm.platform import riscv_virt as platform
-    machine = SimpleNamespace(vm=SimpleNamespace(memory=None), _console_out=lambda b: None)
-    p = platform.Platform(machine)
+    from test_riscv_platform import virt
+    p = virt(None, 4 << 20)
     got = []
     ex = SimpleNamespace(name="RISCV_CSR", csr_num=platform.CSR_SEED, set_return=got.append)
     assert p.handle_exit(0, ex) is True

@@ -255,9 +255,8 @@ def test_riscv_initrd_sparse_gib(tmp_path):
     base = riscv_platform.RAM_BASE
     mem = ram(2 * GiB, base)
     try:
-        m = SimpleNamespace(vm=SimpleNamespace(memory=mem), ram=SimpleNamespace(size=2 * GiB),
-                            _console_out=lambda b: None)
-        p = riscv_platform.Platform(m)
+        from test_riscv_platform import virt
+        p = virt(mem, 2 * GiB)
         before = rss_kib(mem)
         p.load(riscv_image(image_size=0x3000), initrd=(sparse_file(tmp_path / "rd", GiB,
                                                                     PIECES),))

@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 from pykvm import boot
 from pykvm.devices import i8042, cmos_rtc as rtc
 from pykvm.devices.bus import PIO_LIMIT, Bus
-from pykvm.platform.pc import PcMachine
+from pykvm.platform.base import MachineControl
+from pykvm.platform.pc import PcPlatform
 from pykvm.devices.pci_host import PciHost
 
 NS = 1_000_000_000
@@ -172,37 +173,50 @@ def test_smram_reset_value():
     assert h.read(0xCFE, 1) == 0x02
 
 
+class _RamStub:
+    """Writes only (the ACPI tables)."""
+    def write(self, gpa, data):
+        pass
+
+
 def _pc():
-    machine = types.SimpleNamespace(vm=types.SimpleNamespace(memory=None))
-    pc = PcMachine(machine, vcpus=1, ram_size=64 << 20, below_4g=64 << 20, above_4g=0)
-    return pc
+    """The PC machine's devices and buses over a VM whose ioctls do nothing (no KVM here)."""
+    nop = lambda *a, **k: None                                       # noqa: E731
+    vm = types.SimpleNamespace(memory=_RamStub(), set_tss_addr=nop, set_identity_map_addr=nop,
+                               add_memory=lambda gpa, size: types.SimpleNamespace(gpa=gpa,
+                                                                                  size=size),
+                               create_irqchip=nop, set_gsi_routing=nop, create_pit2=nop,
+                               reinject_control=nop, irq_line=nop)
+    control = MachineControl(console=nop, stopping=lambda: False, kick=nop,
+                             in_run=lambda i: False)
+    return PcPlatform(vm, None, control, vcpus=1, mem_size=64 << 20)
 
 
 def test_pmba_and_pmregmisc_move_and_disable_the_pm_block():
     pc = _pc()
     try:
-        assert pc.io_read(0x608, 4) != 0xFFFFFFFF
-        pc.io_write(0xCF8, 4, 0x80000B40)
-        pc.io_write(0xCFC, 4, 0xB000)
-        assert pc.io_read(0xCFC, 4) == 0xB000                # bit 0 writable in QEMU
-        assert pc.io_read(0x608, 4) == 0xFFFFFFFF           # the old ports are dead
-        t1 = pc.io_read(0xB008, 4)
-        assert t1 <= 0xFFFFFF and pc.io_read(0xB004, 2) == 1   # timer; PM1_CNT.SCI_EN
-        pc.io_write(0xB002, 2, 0x0001)                      # PM1_EN.TMR_EN at the new base
+        assert pc.pio.read(0x608, 4) != 0xFFFFFFFF
+        pc.pio.write(0xCF8, 4, 0x80000B40)
+        pc.pio.write(0xCFC, 4, 0xB000)
+        assert pc.pio.read(0xCFC, 4) == 0xB000                # bit 0 writable in QEMU
+        assert pc.pio.read(0x608, 4) == 0xFFFFFFFF           # the old ports are dead
+        t1 = pc.pio.read(0xB008, 4)
+        assert t1 <= 0xFFFFFF and pc.pio.read(0xB004, 2) == 1   # timer; PM1_CNT.SCI_EN
+        pc.pio.write(0xB002, 2, 0x0001)                      # PM1_EN.TMR_EN at the new base
         assert pc.pm.en == 1
-        pc.io_write(0xCF8, 4, 0x80000B80)
-        pc.io_write(0xCFC, 1, 0)                            # PMREGMISC: PM I/O off
-        assert pc.io_read(0xB008, 4) == 0xFFFFFFFF
-        pc.io_write(0xCFC, 1, 1)
-        assert pc.io_read(0xB008, 4) != 0xFFFFFFFF
-        pc.io_write(0xCF8, 4, 0x80000B40)
-        pc.io_write(0xCFC, 4, 0x0540)                       # over nothing: base 0x540
-        assert pc.io_read(0x548, 4) != 0xFFFFFFFF
-        pc.io_write(0xCFC, 4, 0x0070)                       # base 0x40 (PIT ports: in-kernel)
-        pc.io_write(0xCFC, 4, 0x0510)                       # base 0x500: fw_cfg keeps 0x510
-        assert pc.io_read(0x510, 1) == ord("Q")
-        pc.io_write(0xCFC, 4, 0xFFFF)                       # 0xffc0: clipped at 0xffff
-        assert pc.io_read(0xFFC8, 4) != 0xFFFFFFFF
+        pc.pio.write(0xCF8, 4, 0x80000B80)
+        pc.pio.write(0xCFC, 1, 0)                            # PMREGMISC: PM I/O off
+        assert pc.pio.read(0xB008, 4) == 0xFFFFFFFF
+        pc.pio.write(0xCFC, 1, 1)
+        assert pc.pio.read(0xB008, 4) != 0xFFFFFFFF
+        pc.pio.write(0xCF8, 4, 0x80000B40)
+        pc.pio.write(0xCFC, 4, 0x0540)                       # over nothing: base 0x540
+        assert pc.pio.read(0x548, 4) != 0xFFFFFFFF
+        pc.pio.write(0xCFC, 4, 0x0070)                       # base 0x40 (PIT ports: in-kernel)
+        pc.pio.write(0xCFC, 4, 0x0510)                       # base 0x500: fw_cfg keeps 0x510
+        assert pc.pio.read(0x510, 1) == ord("Q")
+        pc.pio.write(0xCFC, 4, 0xFFFF)                       # 0xffc0: clipped at 0xffff
+        assert pc.pio.read(0xFFC8, 4) != 0xFFFFFFFF
     finally:
         pc.close()
 
@@ -210,7 +224,7 @@ def test_pmba_and_pmregmisc_move_and_disable_the_pm_block():
 def test_i8042_reset_ends_the_run_as_a_reset():
     pc = _pc()
     try:
-        pc.io_write(0x64, 1, 0xFE)
+        pc.pio.write(0x64, 1, 0xFE)
         assert pc.power_event == "reset"
     finally:
         pc.close()

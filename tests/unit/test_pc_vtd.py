@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pykvm.devices import vtd as V
-from pykvm.devices.bus import MMIO_LIMIT, Bus
+from pykvm.devices.bus import MMIO_LIMIT, PIO_LIMIT, Bus
 from pykvm.devices.edu import DMA_START, Edu
 from pykvm.devices.pci_host import PciHost
 from pykvm.errors import GuestMemoryError
@@ -488,10 +488,18 @@ def test_edu_hostile_programming_never_raises(ops):
 
 
 # -- PCI configuration mechanism #1 --------------------------------------------------------
+def pio(dev):
+    """A port bus with ``dev`` attached where its class says."""
+    bus = Bus("pio", PIO_LIMIT)
+    bus.attach(dev)
+    return bus
+
+
 def test_pci_read_only_fields_hold_for_every_width_and_alignment():
-    h = PciHost()
-    before = {k: bytes(f.config) for k, f in h.functions.items()}
-    for dev, fn in list(h.functions) + [(5, 0), (1, 7)]:
+    host = PciHost()
+    h = pio(host)
+    before = {k: bytes(f.config) for k, f in host.functions.items()}
+    for dev, fn in list(host.functions) + [(5, 0), (1, 7)]:
         for reg in range(0, 256, 4):
             for low in range(4):
                 h.write(0xCF8, 4, 0x80000000 | dev << 11 | fn << 8 | reg | low)
@@ -499,13 +507,13 @@ def test_pci_read_only_fields_hold_for_every_width_and_alignment():
                     for size in (1, 2, 4):
                         h.write(port, size, 0xFFFFFFFF)
                         h.read(port, size)
-    for k, f in h.functions.items():
+    for k, f in host.functions.items():
         for off in (0, 1, 2, 3, 8, 9, 10, 11, 0x0E, 0x2C, 0x2D, 0x2E, 0x2F, 0x34):
             assert f.config[off] == before[k][off], (k, off)
 
 
 def test_pci_absent_functions_and_crossing_accesses():
-    h = PciHost()
+    h = pio(PciHost())
     h.write(0xCF8, 4, 0x80000000 | 7 << 11)
     assert h.read(0xCFC, 4) == 0xFFFFFFFF and h.read(0xCFE, 2) == 0xFFFF
     h.write(0xCF8, 4, 0x80000000)

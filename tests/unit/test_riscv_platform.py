@@ -12,17 +12,26 @@ from pykvm.platform import riscv_virt as P
 from test_riscv_linux_image import Mem, RAM_BASE, riscv_image
 
 
-def machine(ram=4 << 20):
-    mem = Mem(ram)
-    return SimpleNamespace(vm=SimpleNamespace(memory=mem), ram=SimpleNamespace(size=ram),
-                           _console_out=lambda b: None)
+def machine(ram=4 << 20, **options):
+    """The virt machine over ``ram`` bytes of fake guest memory (no KVM here)."""
+    return virt(Mem(ram), ram, **options)
+
+
+def virt(mem, ram, **options):
+    """The virt machine over fake guest memory ``mem`` of ``ram`` bytes (no KVM here)."""
+    from pykvm.platform.base import MachineControl
+    vm = SimpleNamespace(memory=mem, add_memory=lambda gpa, size: SimpleNamespace(gpa=gpa,
+                                                                                  size=size))
+    control = MachineControl(console=lambda b: None, stopping=lambda: False,
+                             kick=lambda i: None, in_run=lambda i: False)
+    return P.VirtPlatform(vm, None, control, vcpus=1, mem_size=ram, **options)
 
 
 def test_initrd_goes_below_the_dtb_page_aligned(tmp_path):
     m = machine()
     initrd = tmp_path / "env"
     initrd.write_bytes(b"FOO=foo\nBAR=bar\n" * 300)          # 4800 bytes
-    p = P.Platform(m)
+    p = m
     li = p.load(riscv_image(image_size=0x3000), initrd=(str(initrd),))
     top = RAM_BASE + (4 << 20) - P.DTB_SPACE
     start, end = p.initrd
@@ -37,27 +46,29 @@ def test_initrd_that_does_not_fit_is_bad_input(tmp_path):
     big = tmp_path / "big"
     big.write_bytes(bytes(2 << 20))                           # meets the image at 2 MiB + 12 KiB
     with pytest.raises(boot.LoadError, match="does not fit between the image"):
-        P.Platform(m).load(riscv_image(image_size=0x3000), initrd=(str(big),))
+        m.load(riscv_image(image_size=0x3000), initrd=(str(big),))
     with pytest.raises(boot.LoadError, match="one initrd"):
-        P.Platform(m).load(riscv_image(), initrd=(str(big), str(big)))
+        m.load(riscv_image(), initrd=(str(big), str(big)))
     with pytest.raises(boot.LoadError, match="initrd: cannot read"):
-        P.Platform(m).load(riscv_image(), initrd=(str(tmp_path / "missing"),))
+        m.load(riscv_image(), initrd=(str(tmp_path / "missing"),))
     with pytest.raises(boot.LoadError, match="takes no arguments"):
-        P.Platform(m).load(riscv_image(), initrd=(f"{big} root=/dev/vda",))
+        m.load(riscv_image(), initrd=(f"{big} root=/dev/vda",))
 
 
 def test_image_may_not_reach_into_the_dtb():
     m = machine(4 << 20)
     with pytest.raises(boot.LoadError, match="outside guest RAM"):
-        P.Platform(m).load(riscv_image(image_size=(2 << 20) - 0x1000))
+        m.load(riscv_image(image_size=(2 << 20) - 0x1000))
 
 
 def test_loop_config_serves_the_uart_unless_disabled():
     m = machine()
     m.vm.memory = []                                           # no RAM regions: nothing to read
-    assert P.Platform(m).loop_config().uart_mmio_base == 0x10000000
-    assert P.Platform(m, uart=False).loop_config().uart_mmio_base == 0
-    assert P.Platform(m).loop_config().sbi_console
+    assert m.loop_config().uart_mmio_base == 0x10000000
+    off = machine(uart=False)
+    off.vm.memory = []
+    assert off.loop_config().uart_mmio_base == 0
+    assert m.loop_config().sbi_console
 
 
 def event(type_name, *data):
@@ -75,5 +86,5 @@ def event(type_name, *data):
     (event("CRASH", 0), status.UNHANDLED_EXIT),
 ])
 def test_srst_statuses(ev, code):
-    got, detail = P.Platform(machine()).exit_verdict(ev)
+    got, detail = machine().exit_verdict(ev)
     assert got == code and detail
