@@ -426,7 +426,9 @@ def compile_cffi_module(builder: Path, workdir: Path, cc: str, includes: list[st
     m = json.loads(meta.read_text())
     kw = m["kw"]
     base = builder.parent.parent
-    rel = lambda p: str(p if os.path.isabs(p) else base / p)
+
+    def rel(p: str) -> str:
+        return str(p if os.path.isabs(p) else base / p)
     out = workdir / (m["module"].rsplit(".", 1)[-1] + suffix)
     argv = [cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(c_file)]
     argv += [rel(s) for s in kw.get("sources", [])]
@@ -477,7 +479,8 @@ def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[st
     if root.exists():
         shutil.rmtree(root)
     dst = root / "pykvm"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "_native*.so")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "_native*.so",
+                                    "_rawbench*.so")       # host builds: not the lab's arch
     shutil.copytree(CHECKOUT / "pykvm", dst / "pykvm", ignore=ignore)
     if (CHECKOUT / "tests").is_dir():
         shutil.copytree(CHECKOUT / "tests", dst / "tests", ignore=ignore)
