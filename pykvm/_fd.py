@@ -16,9 +16,15 @@ class FdObject:
 
     @property
     def fd(self) -> int:
-        if self._fd < 0:
+        """The descriptor; :class:`~pykvm.errors.Closed` once closed."""
+        if self._fd < 0:                # inline, not _check_open(): read on every ioctl
             raise Closed(f"{type(self).__name__} is closed")
         return self._fd
+
+    def _check_open(self) -> None:
+        """Raise :class:`~pykvm.errors.Closed` if this object's descriptor is closed."""
+        if self._fd < 0:
+            raise Closed(f"{type(self).__name__} is closed")
 
     @property
     def closed(self) -> bool:

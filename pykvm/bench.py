@@ -533,13 +533,13 @@ def scaling(kvm, n: int) -> list:
             barrier = threading.Barrier(k + 1)
             errors = []
 
-            def work(loop):
+            def work(loop, barrier: threading.Barrier, errors: list) -> None:
                 barrier.wait()
                 try:
                     loop.run(budget=n)
-                except Exception as e:            # pragma: no cover - reported below
+                except Exception as e:  # noqa: BLE001 pragma: no cover — reported below
                     errors.append(e)
-            threads = [threading.Thread(target=work, args=(lp,)) for lp in loops]
+            threads = [threading.Thread(target=work, args=(lp, barrier, errors)) for lp in loops]
             for t in threads:
                 t.start()
             barrier.wait()
@@ -692,7 +692,7 @@ def plot(res: dict, path: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("pykvm bench --plot needs matplotlib (pip install 'pykvm-vmm[bench]')")
+        raise SystemExit("pykvm bench --plot needs matplotlib (pip install 'pykvm-vmm[bench]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -512,7 +512,7 @@ def cmd_run(args) -> int:
         m = Machine(guest, mem_size=args.mem, vcpus=args.vcpus, cmdline=args.cmdline,
                     initrd=args.initrd, machine=args.machine,
                     on_console=stream, loop=_python_loop() if args.python_loop else None, **opts)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 — every failure is classified into an outcome below
         host = _host_failure(e)             # the host ran out of fds, memory or threads
         if host is not None:
             return outcome("vmm_error", status.VMM_ERROR, host)
@@ -868,7 +868,7 @@ def _main(argv=None, program=False) -> int:
             if _sig.signum is not None:       # the signal's exception, wrapped by the code it hit
                 raise _Signalled(_sig.signum) from e
             code = _report(*_classify(e), _wants_json(argv))
-        except Exception as e:                # noqa: BLE001 - every failure is one line
+        except Exception as e:                # every failure is one line
             if _output["error"] is not None:  # stdout failed first: that is the outcome
                 return _output_failure()
             if _sig.signum is not None:       # e.g. a RuntimeError around it from __set_name__

@@ -9,8 +9,7 @@ from ._fd import FdObject
 from ._ioctl import check_extension as _check_extension, ioctl
 from .abi import cap_number, ioctls
 from .arch import current as _arch
-from .errors import (CapabilityMissing, KvmDeviceError, KvmError, PykvmError,
-                     host_resource_error)
+from .errors import (CapabilityMissing, KvmDeviceError, KvmError, host_resource_error)
 from .vm import Vm
 
 DEFAULT_PATH = "/dev/kvm"

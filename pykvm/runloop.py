@@ -414,7 +414,7 @@ def pykvm_py_exit(loop_id, reason, info, a, b):
             return _CB_STOP
         v.run_seq += 1                     # the exit is gone once the guest runs again
         return _CB_RESUME
-    except BaseException as e:             # handler errors, KeyboardInterrupt: run() raises
+    except BaseException as e:  # noqa: BLE001 — handler errors, KeyboardInterrupt: run() raises
         loop._error = e
         return _CB_STOP
 
@@ -437,30 +437,30 @@ class RunLoop(LoopBase):
         self._result = None
         self._last_exit = None
         self._grow = None             # (console full, MMIO log full) after the last C return
-        l = self._l
-        l.loop_id = self._id
-        l.vcpu_fd = vcpu.fd
-        l.run_size = vcpu.run_size
-        l.run = vcpu.run_addr
-        l.ring, l.ring_entries = coalesced_ring(vcpu)
-        l.console = int(nffi.cast("uintptr_t", self._console_buf))
-        l.console_cap = len(self._console_buf)
-        l.console_flush_ns = int(c.console_flush * 1e9) if on_console else 0
-        l.serial_base, l.debugcon_port, l.exit_port = c.serial_base, c.debugcon_port, c.exit_port
-        l.exit_port_size = c.exit_port_size if c.exit_port else 0
-        l.sbi_console = 1 if c.sbi_console else 0
-        l.uart_mmio_base, l.uart_mmio_shift = c.uart_mmio_base, c.uart_mmio_shift
-        l.uart_irq, l.uart_irq_fd = (c.uart_irq, vcpu.vm.fd) if c.uart_irq else (0, -1)
+        cl = self._l
+        cl.loop_id = self._id
+        cl.vcpu_fd = vcpu.fd
+        cl.run_size = vcpu.run_size
+        cl.run = vcpu.run_addr
+        cl.ring, cl.ring_entries = coalesced_ring(vcpu)
+        cl.console = int(nffi.cast("uintptr_t", self._console_buf))
+        cl.console_cap = len(self._console_buf)
+        cl.console_flush_ns = int(c.console_flush * 1e9) if on_console else 0
+        cl.serial_base, cl.debugcon_port, cl.exit_port = c.serial_base, c.debugcon_port, c.exit_port
+        cl.exit_port_size = c.exit_port_size if c.exit_port else 0
+        cl.sbi_console = 1 if c.sbi_console else 0
+        cl.uart_mmio_base, cl.uart_mmio_shift = c.uart_mmio_base, c.uart_mmio_shift
+        cl.uart_irq, cl.uart_irq_fd = (c.uart_irq, vcpu.vm.fd) if c.uart_irq else (0, -1)
         self._ugroup = c.uart_group
         if c.uart_group is not None:
             c.uart_group.connect_irq(vcpu.vm, c.uart_irq)
-            l.uart_owner = c.uart_group.address
+            cl.uart_owner = c.uart_group.address
         regions = list(c.ram)[:nlib.PYKVM_MAX_RAM]
-        l.nram = len(regions)
+        cl.nram = len(regions)
         for i, (gpa, host, size) in enumerate(regions):
-            l.ram[i].gpa, l.ram[i].host, l.ram[i].size = gpa, host, size
-        l.mmio_log = int(nffi.cast("uintptr_t", self._mmio_buf))
-        l.mmio_log_cap = len(self._mmio_buf)
+            cl.ram[i].gpa, cl.ram[i].host, cl.ram[i].size = gpa, host, size
+        cl.mmio_log = int(nffi.cast("uintptr_t", self._mmio_buf))
+        cl.mmio_log_cap = len(self._mmio_buf)
         nlib.pykvm_kick_signal()
 
     @property
@@ -493,18 +493,18 @@ class RunLoop(LoopBase):
 
     def _grow_buffers(self) -> None:
         """After a run that filled a buffer (drained since): double it, up to the config's cap."""
-        l, c = self._l, self.config
+        cl, c = self._l, self.config
         console_full, mmio_full = self._grow
         self._grow = None
-        if console_full and l.console_cap < c.console_cap and not l.console_len:
-            self._console_buf = _new_buffer("uint8_t[]", min(c.console_cap, 2 * l.console_cap))
-            l.console = int(nffi.cast("uintptr_t", self._console_buf))
-            l.console_cap = len(self._console_buf)
-        if mmio_full and l.mmio_log_cap < c.mmio_log_cap and not l.mmio_log_len:
+        if console_full and cl.console_cap < c.console_cap and not cl.console_len:
+            self._console_buf = _new_buffer("uint8_t[]", min(c.console_cap, 2 * cl.console_cap))
+            cl.console = int(nffi.cast("uintptr_t", self._console_buf))
+            cl.console_cap = len(self._console_buf)
+        if mmio_full and cl.mmio_log_cap < c.mmio_log_cap and not cl.mmio_log_len:
             self._mmio_buf = _new_buffer("struct pykvm_mmio_record[]",
-                                         min(c.mmio_log_cap, 2 * l.mmio_log_cap))
-            l.mmio_log = int(nffi.cast("uintptr_t", self._mmio_buf))
-            l.mmio_log_cap = len(self._mmio_buf)
+                                         min(c.mmio_log_cap, 2 * cl.mmio_log_cap))
+            cl.mmio_log = int(nffi.cast("uintptr_t", self._mmio_buf))
+            cl.mmio_log_cap = len(self._mmio_buf)
 
     def _drain(self) -> None:
         n = self._l.console_len
@@ -530,24 +530,24 @@ class RunLoop(LoopBase):
         makes it return "kick" first), :class:`~pykvm.errors.Busy` if another thread runs the
         vCPU, :class:`~pykvm.errors.GuestError` if ``kvm_run`` describes I/O outside its page, and
         a :class:`~pykvm.errors.KvmError` if KVM_RUN fails."""
-        l = self._l
+        cl = self._l
         v = self.vcpu
         v._enter_run(self._kick_internal)
         _LOOPS[self._id] = (self._handlers, self._exits._by_reason, v, self)   # until it ends
         try:
-            l.deadline_ns = int(deadline * 1e9) if deadline else 0
-            l.budget = budget if budget > 0 else -1
+            cl.deadline_ns = int(deadline * 1e9) if deadline else 0
+            cl.budget = budget if budget > 0 else -1
             while True:
                 if v._closing:
                     return Stop("kick")
                 v.run_seq += 1
-                r = nlib.pykvm_loop_run(l)
+                r = nlib.pykvm_loop_run(cl)
                 if self._ugroup is not None:
                     self._ugroup.drain(self._emit)
-                if l.console_len or l.mmio_log_len:
+                if cl.console_len or cl.mmio_log_len:
                     if r in _STOP_FULL:
-                        self._grow = (l.console_len >= l.console_cap,
-                                      l.mmio_log_len >= l.mmio_log_cap)
+                        self._grow = (cl.console_len >= cl.console_cap,
+                                      cl.mmio_log_len >= cl.mmio_log_cap)
                     self._drain()
                 if r == _STOP_EXIT:
                     ex, self._last_exit = self._last_exit, None
@@ -569,7 +569,7 @@ class RunLoop(LoopBase):
                 if r == nlib.PYKVM_STOP_BAD_EXIT:
                     raise GuestError("kvm_run described an I/O outside the shared page")
                 if r == nlib.PYKVM_STOP_DEBUG_EXIT:
-                    return Stop("debug_exit", value=l.exit_value)
+                    return Stop("debug_exit", value=cl.exit_value)
                 return Stop(STOP_NAMES[r])
         finally:
             _LOOPS.pop(self._id, None)

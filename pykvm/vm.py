@@ -71,7 +71,7 @@ class Vm(_arch.VmArch, FdObject):
         flags = (abi.MEM_READONLY if readonly else 0) | (abi.MEM_LOG_DIRTY_PAGES if log_dirty else 0)
         if slot is None:
             slot = self._free_slot_number()
-        self.fd                                   # raises Closed on a closed VM
+        self._check_open()
         m, pin = new_mapping(size, gpa)
         ms = MemorySlot(slot, gpa, size, flags, m, pin)
         try:
@@ -93,7 +93,7 @@ class Vm(_arch.VmArch, FdObject):
         """Delete a slot this VM holds (KVM_SET_USER_MEMORY_REGION with size 0) and give its
         host memory back. A slot already removed, or another VM's, raises
         :class:`~pykvm.errors.GuestMemoryError` before KVM is asked anything."""
-        self.fd                                   # raises Closed on a closed VM
+        self._check_open()
         if not any(s is slot for s in self.memory):
             what = (f"memory slot {slot.slot} at {slot.gpa:#x}" if isinstance(slot, MemorySlot)
                     else repr(slot))

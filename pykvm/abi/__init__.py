@@ -13,7 +13,7 @@ function.
 """
 from .._host import HOST_ARCH
 from . import common
-from .common import *  # noqa: F401,F403  (constants are part of this module's API)
+from .common import *  # noqa: F403  (constants are part of this module's API)
 from .common import CAP_NAMES, CAPS
 
 if HOST_ARCH == "x86_64":

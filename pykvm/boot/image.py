@@ -403,7 +403,7 @@ class InputFile:
     def __del__(self):
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 — __del__ must not raise (e.g. at interpreter exit)
             pass
 
 

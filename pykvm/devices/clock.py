@@ -63,8 +63,8 @@ class Scheduler:
                 self._live.pop(key, None)
             try:
                 fn()
-            except Exception as e:            # a device callback must not kill the timer thread,
-                self.failures += 1            # but its failure stays visible (pykvm's own bug)
+            except Exception as e:  # noqa: BLE001 — a device callback must not kill the timer
+                self.failures += 1    # thread, but its failure stays visible (pykvm's own bug)
                 self.last_failure = "".join(traceback.format_exception(type(e), e,
                                                                        e.__traceback__))
 

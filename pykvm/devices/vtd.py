@@ -278,7 +278,7 @@ class Vtd:
     def _msi(self, address: int, data: int) -> None:
         try:
             self.signal_msi(address, data)
-        except Exception:                  # a closing VM: the interrupt has nowhere to go
+        except Exception:  # noqa: BLE001 — a closing VM: the interrupt has nowhere to go
             pass
 
     # -- registers ---------------------------------------------------------------------------

@@ -725,7 +725,7 @@ def generate_case(seed: int, index: int, *, modes=MODES, max_vcpus: int = MAX_VC
     g = _Gen(rng, ram=ram, mode=mode, devices=devices)
     focus = rng.choice([fn for _, fn, need in RECIPES if need is None or need in devices])
     vcpus = []
-    for i in range(nv):
+    for _ in range(nv):
         ops = _program(g, rng.randint(4, 40), focus)
         if rng.random() < 0.15:
             for _ in range(rng.randint(1, 3)):

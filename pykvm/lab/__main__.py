@@ -19,16 +19,16 @@ if __name__ == "__main__":
     # first thing, so that a Ctrl-C from here on ends the lab cleanly (no traceback)
     proc.install_signal_handlers()
 
-import argparse  # noqa: E402
-import errno  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import errno
+import os
+import time
+from pathlib import Path
 
-from .. import _cliutil  # noqa: E402
-from ..outfile import ReportPathError, check_report_path  # noqa: E402
-from . import progress  # noqa: E402
-from .build import CHECKOUT, Options, run_lab  # noqa: E402
+from .. import _cliutil
+from ..outfile import ReportPathError, check_report_path
+from . import progress
+from .build import CHECKOUT, Options, run_lab
 
 PROG = "python -m pykvm.lab"
 EXIT_PREPARE = 3          # the lab could not be prepared (here: a directory it needs)

@@ -276,7 +276,9 @@ def fetch_kernel(archive, arch: str, suite: str | None = None) -> tuple[Path, st
             raise LabError(f"no linux-binary-*-riscv64 >= 6.14 in {suite}")
         cands.sort(key=lambda c: version_key(c[0]))
         pkg = ix.get(cands[-1][1])
-        want = lambda r: r.endswith("/vmlinuz") or "/vmlinuz-" in r
+
+        def want(r: str) -> bool:
+            return r.endswith("/vmlinuz") or "/vmlinuz-" in r
     elif arch == "amd64":
         suite = suite or "trixie"
         ix = archive.index(suite, arch)
@@ -285,7 +287,9 @@ def fetch_kernel(archive, arch: str, suite: str | None = None) -> tuple[Path, st
         if not name:
             raise LabError(f"linux-image-cloud-amd64 {meta.version}: no linux-image-* dependency")
         pkg = ix.get(name)
-        want = lambda r: r.startswith("boot/vmlinuz-")
+
+        def want(r: str) -> bool:
+            return r.startswith("boot/vmlinuz-")
     else:
         raise LabError(f"no Debian kernel known for {arch}")
     kdir = archive.cache / "unpacked" / f"linux-guest-kernel-{pkg.sha256[:16]}"

@@ -97,7 +97,7 @@ def silence(clear: bool = True) -> None:
         try:
             bar.leave = False
             bar.close()
-        except Exception:  # a half-drawn bar must not stop the lab from ending
+        except Exception:  # noqa: BLE001 — a half-drawn bar must not stop the lab from ending
             pass
     _bars.clear()
 

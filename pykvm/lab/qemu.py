@@ -51,7 +51,9 @@ def _unpack_all(archive: Archive, dest: Path, items: list[tuple]) -> Path:
     cache unpack into the same tree)."""
     dest.mkdir(parents=True, exist_ok=True)
     debs = [(archive.fetch(p, purpose), p, want) for p, want, purpose in items]
-    stamp = lambda p: dest / f".unpacked-{p.sha256[:16]}"
+
+    def stamp(p) -> Path:
+        return dest / f".unpacked-{p.sha256[:16]}"
     if any(not stamp(p).exists() for _, p, _ in debs):
         with archive.lock(f"unpacked-{dest.name}", f"unpacking into {dest.name}"):
             for deb, p, want in debs:
@@ -73,7 +75,9 @@ def trixie_riscv_qemu(archive: Archive, suite: str = "trixie") -> Qemu:
         skip=lambda n: n != binpkg and not (n.startswith("lib") or n == "zlib1g"),
     )
     root = archive.cache / "unpacked" / f"qemu-riscv-{main.sha256[:16]}"
-    lib = lambda r: r.startswith(("usr/lib/x86_64-linux-gnu/", "usr/lib64/")) and "/gconv/" not in r
+
+    def lib(r: str) -> bool:
+        return r.startswith(("usr/lib/x86_64-linux-gnu/", "usr/lib64/")) and "/gconv/" not in r
     _unpack_all(archive, root, [
         (p, lambda r: r == "usr/bin/qemu-system-riscv64", "qemu") if p.name == binpkg else (p, lib, "qemu library")
         for p in libs
@@ -394,28 +398,30 @@ def boot(
 
 def _between(lines: list[str], begin: str, end: str) -> list[str] | None:
     try:
-        i = next(k for k, l in enumerate(lines) if begin in l)
+        i = next(k for k, line in enumerate(lines) if begin in line)
     except StopIteration:
         return None
     out = []
-    for l in lines[i + 1 :]:
-        if end in l:
+    for line in lines[i + 1 :]:
+        if end in line:
             return out
-        out.append(l)
+        out.append(line)
     return None
 
 
 def parse_console(lines: list[str], nonce: str, name: str) -> BootResult:
-    fmt = lambda m: m.format(nonce=nonce)
-    err = next((l for l in lines if fmt(ird.MARK_INIT_ERROR) in l), None)
+
+    def fmt(m: str) -> str:
+        return m.format(nonce=nonce)
+    err = next((line for line in lines if fmt(ird.MARK_INIT_ERROR) in line), None)
     if err:
         why = err.split(fmt(ird.MARK_INIT_ERROR), 1)[1].rstrip("@")
         return BootResult(name, 3, f"{name}: lab /init failed: {why}")
     output = _between(lines, fmt(ird.MARK_OUT_BEGIN), fmt(ird.MARK_OUT_END))
-    rc_line = next((l for l in lines if fmt(ird.MARK_RC) in l), None)
+    rc_line = next((line for line in lines if fmt(ird.MARK_RC) in line), None)
     if output is None or rc_line is None:
-        started = any(fmt(ird.MARK_OUT_BEGIN) in l for l in lines)
-        tail = next((l for l in reversed(lines) if l.strip()), "no console output")
+        started = any(fmt(ird.MARK_OUT_BEGIN) in line for line in lines)
+        tail = next((line for line in reversed(lines) if line.strip()), "no console output")
         what = "inner pytest did not finish" if started else "lab did not reach the tests"
         return BootResult(name, 3, f"{name}: {what}; last console line: {tail[:160]!r}")
     status = int(rc_line.split(fmt(ird.MARK_RC), 1)[1].split("@", 1)[0])
@@ -424,14 +430,14 @@ def parse_console(lines: list[str], nonce: str, name: str) -> BootResult:
     reason = ""
     if b64 is not None:
         try:
-            junit = base64.b64decode("".join(l.strip() for l in b64), validate=True)
+            junit = base64.b64decode("".join(line.strip() for line in b64), validate=True)
         except (binascii.Error, ValueError):
             reason = f"{name}: JUnit XML came back corrupted"
             status = status or 5
     elif status not in (5,):  # 5 = no tests collected: pytest still writes the XML, so this is odd
         reason = f"{name}: inner pytest wrote no JUnit XML"
         status = status or 5
-    summary = [l for l in output if l.strip()][-15:]
+    summary = [line for line in output if line.strip()][-15:]
     return BootResult(name, status, reason, summary, "\n".join(output), junit)
 
 

@@ -208,9 +208,9 @@ class KtapWriter:
         else:
             text = lr if isinstance(lr, str) else getattr(rep, "longreprtext", "") or str(lr)
             lines = str(text).splitlines()
-            marked = [l[1:].strip() for l in lines if l.startswith("E ")]
-            lines = marked or [l for l in lines if l.strip()][-MAX_DIAG_LINES:]
-        lines = [_printable(l) for l in lines if l.strip()] or ["(no message)"]
+            marked = [line[1:].strip() for line in lines if line.startswith("E ")]
+            lines = marked or [line for line in lines if line.strip()][-MAX_DIAG_LINES:]
+        lines = [_printable(line) for line in lines if line.strip()] or ["(no message)"]
         if len(lines) > MAX_DIAG_LINES:
             lines = lines[:MAX_DIAG_LINES - 1] + [f"... ({len(lines) - MAX_DIAG_LINES + 1} "
                                                   "more lines)"]

@@ -111,7 +111,7 @@ def _read_ext_table(vcpu, rtype: int, table: tuple[str, ...], kind: str,
         known_ids.add(rid)
         try:
             out[name] = bool(vcpu.get_one_reg(rid))
-        except Exception as exc:  # noqa: BLE001 - errno decides
+        except Exception as exc:  # errno decides
             if _errno_of(exc) in (_errno.ENOENT, _errno.EINVAL):
                 out[name] = None
             else:
@@ -119,7 +119,7 @@ def _read_ext_table(vcpu, rtype: int, table: tuple[str, ...], kind: str,
     if include_unknown:
         try:
             ids = list(vcpu.reg_list())
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if _errno_of(exc) is None:
                 raise
             ids = []
@@ -129,7 +129,7 @@ def _read_ext_table(vcpu, rtype: int, table: tuple[str, ...], kind: str,
                     and r.name not in out):
                 try:
                     out[r.name] = bool(vcpu.get_one_reg(rid))
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     if _errno_of(exc) in (_errno.ENOENT, _errno.EINVAL):
                         out[r.name] = None
                     else:
@@ -177,7 +177,7 @@ def _set_ext(vcpu, rtype: int, kind: str, idx: int, name: str, enabled: bool) ->
     rid = _regs.make_id(rtype, idx, subtype=_regs.EXT_SINGLE)
     try:
         vcpu.set_one_reg(rid, 1 if enabled else 0)
-    except Exception as exc:  # noqa: BLE001 - classified by errno below
+    except Exception as exc:  # classified by errno below
         cls = _ERRNO_CLASSES.get(_errno_of(exc))
         if cls is None:
             raise
@@ -377,7 +377,7 @@ def hart_description(vcpu, hartid: int, isa: str | None = None) -> dict:
     string already known; read through ONE_REG when None)."""
     try:
         mode = satp_mode(vcpu)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if _errno_of(exc) not in (_errno.ENOENT, _errno.EINVAL):
             raise
         mode = 0
@@ -387,7 +387,7 @@ def hart_description(vcpu, hartid: int, isa: str | None = None) -> dict:
     for ext in ("zicbom", "zicboz", "zicbop"):
         try:
             size = vcpu.get_one_reg(_regs.reg_id(f"config.{ext}_block_size"))
-        except Exception as exc:  # noqa: BLE001 - absent on older kernels
+        except Exception as exc:  # absent on older kernels
             if _errno_of(exc) not in (_errno.ENOENT, _errno.EINVAL):
                 raise
             size = 0

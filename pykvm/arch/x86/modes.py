@@ -125,7 +125,8 @@ def write_identity_map(mem, ram_size: Optional[int] = None,
 # ---- register state --------------------------------------------------------------------------------
 
 def fill_segment(seg, *, selector: int, base: int = 0, limit: int = 0xFFFFFFFF, type: int,
-                 s: int = 1, dpl: int = 0, present: int = 1, db: int = 0, l: int = 0,
+                 s: int = 1, dpl: int = 0, present: int = 1, db: int = 0,
+                 l: int = 0,  # noqa: E741 — the descriptor's L bit, as struct kvm_segment names it
                  g: int = 1, avl: int = 0, unusable: int = 0) -> None:
     """Set every field of a ``struct kvm_segment`` (limit is in bytes, as KVM wants it)."""
     seg.base, seg.limit, seg.selector, seg.type = base, limit, selector, type
