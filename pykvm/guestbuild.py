@@ -18,6 +18,9 @@ Modes (x86_64): ``long`` (64-bit ELF at 1 MiB, entry ``guest_main()``), ``protec
 (32-bit multiboot ELF, entry ``guest_main32(magic, info)``) and ``real`` (a flat binary at 0x8000,
 entry ``guest_main16()``; the ELF is kept beside it for ``pykvm_params``). Without a mode the
 source decides: a ``guest_main16`` means real, a ``guest_main32`` protected, anything else long.
+A protected-mode source with a ``#define PYKVM_LINK_LOW`` line is linked at 0x8000, below 1 MiB
+(``x86/rt32/link_low.ld``), instead of at 1 MiB. ``guests/Makefile`` sorts its sources by the
+same rules.
 RISC-V has one mode, ``supervisor`` (entry ``guest_main(hartid, dtb)``).
 
 Results are cached by content: the key hashes the preprocessed source (so every header it
@@ -163,9 +166,16 @@ def _no_warn_rwx(ld_help_cmd: List[str]) -> bool:
 
 
 # -- the build ----------------------------------------------------------------------------------
-def _guess_mode(source: str) -> str:
+_LINK_LOW = re.compile(r"^[ \t]*#[ \t]*define[ \t]+PYKVM_LINK_LOW\b", re.M)
+
+
+def _source_text(source: str) -> str:
     with open(source, "r", encoding="utf-8", errors="replace") as f:
-        text = f.read()
+        return f.read()
+
+
+def _guess_mode(source: str) -> str:
+    text = _source_text(source)
     if re.search(r"\bguest_main16\b", text):
         return "real"
     if re.search(r"\bguest_main32\b", text):
@@ -248,8 +258,11 @@ class _Plan:
             self.objcopy = _tool("PYKVM_X86_OBJCOPY", "objcopy", "x86_64-linux-gnu-objcopy",
                                  arch) if m.flat else None
             self.rt_cflags = m.cflags + tuple(maps) + (f"-I{self.rt}/include",)
-            self.ldflags = tuple(f"{self.rt}/{a}" if a.endswith("link.ld") else a
-                                 for a in m.ldflags)
+            script = "link.ld"
+            if mode == "protected" and _LINK_LOW.search(_source_text(source)):
+                script = "link_low.ld"             # linked at 0x8000 (guests/Makefile agrees)
+            self.ldflags = tuple(f"{self.rt}/{a[:-len('link.ld')]}{script}"
+                                 if a.endswith("link.ld") else a for a in m.ldflags)
             self.rt_srcs = tuple(os.path.join(self.rt, s) for s in m.rt_srcs)
             self.flat = m.flat
             tools = [self.cc, self.ld] + ([self.objcopy] if self.objcopy else [])

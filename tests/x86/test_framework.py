@@ -16,7 +16,7 @@ FAILING = textwrap.dedent("""
         guest_vm("assert_fail").done()
 
     def test_guest_ok(guest_vm):
-        guest_vm("vcpu_id").sync(stage=1)
+        guest_vm("cpuid").sync(stage=1)
 """)
 
 

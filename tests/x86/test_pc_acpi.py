@@ -13,7 +13,7 @@ def sig(text):
 
 @pytest.mark.parametrize("vcpus", [1, 4])
 def test_acpi_tables_checksums_and_content(guest_vm, vcpus):
-    m = guest_vm("pc_acpi", machine="pc", vcpus=vcpus)
+    m = guest_vm("pc_acpi.c", machine="pc", vcpus=vcpus)
     rsdp, rev, sum20, sum36, rsdt, xsdt, oem = m.sync(stage=1)
     assert 0xE0000 <= rsdp < 0x100000 and rsdp % 16 == 0
     assert (rev, sum20, sum36) == (2, 0, 0)            # both RSDP checksums
@@ -53,7 +53,7 @@ def test_acpi_tables_checksums_and_content(guest_vm, vcpus):
 
 
 def test_pm_timer_counts_at_3_579545_mhz(guest_vm):
-    m = guest_vm("pc_pmtimer", machine="pc")
+    m = guest_vm("pc_pmtimer.c", machine="pc")
     m.set_params(3000, 1)
     port, first, last, ticks, tsc, max_step, reads = m.sync(stage=1)
     assert port == 0x608 and reads == 3000
@@ -74,7 +74,7 @@ def test_pm_timer_counts_at_3_579545_mhz(guest_vm):
 
 @pytest.mark.parametrize("alarm", [0, 1])
 def test_s3_resumes_at_the_facs_waking_vector(guest_vm, alarm):
-    m = guest_vm("pc_s3", machine="pc")
+    m = guest_vm("pc_s3.c", machine="pc")
     m.set_params(alarm)
     facs, vector, cnt, evt, armed = m.sync(stage=1)
     assert (vector, cnt, evt, armed) == (0x8000, 0x604, 0x600, alarm)
@@ -90,7 +90,7 @@ def test_s3_resumes_at_the_facs_waking_vector(guest_vm, alarm):
 
 
 def test_s3_with_several_vcpus_parks_them_and_resumes_the_boot_cpu(guest_vm):
-    m = guest_vm("pc_s3", machine="pc", vcpus=3)
+    m = guest_vm("pc_s3.c", machine="pc", vcpus=3)
     r = m.run(timeout=30)
     assert (r.exit, r.exit_code) == ("debug_exit", (0x53 << 1) | 1), r.detail
     stages = [rep.stage for rep in r.reports if rep.kind == "sync"]

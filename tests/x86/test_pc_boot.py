@@ -1,10 +1,9 @@
 """Issue 10: booting on the PC machine — multiboot modules and command line, images linked below
 1 MiB, the memory map around the 32-bit PCI hole (4 and 6 GiB guests), SMP bring-up by
-INIT/SIPI, the machine chosen by the image — with guests of our own (guests/x86/pc_*.c)."""
+INIT/SIPI, the machine chosen by the image — with guests of our own (pc_*.c, beside this file)."""
 
 import pytest
 
-from pykvm import guests
 from pykvm.machine import Machine
 
 pytestmark = pytest.mark.requires_arch("x86_64")
@@ -23,17 +22,17 @@ def run(guest_vm, name, **kw):
     return m, syncs(r)
 
 
-def test_multiboot_modules_and_command_line(guest_vm, tmp_path):
+def test_multiboot_modules_and_command_line(guest_vm, guest_image, tmp_path):
     a = tmp_path / "first.bin"
     a.write_bytes(b"hello\n")
     b = tmp_path / "second.bin"
     b.write_bytes(bytes(range(256)) * 20 + b"\x7f")
-    m, s = run(guest_vm, "pc_multiboot", cmdline="x=1 y", initrd=[str(a), f"{b} arg1 arg2"])
+    m, s = run(guest_vm, "pc_multiboot.c", cmdline="x=1 y", initrd=[str(a), f"{b} arg1 arg2"])
     mem = m.memory
     (_, (magic, mbi, flags, lower, upper, cmdline, here)), (_, info) = s[0], s[1]
     assert magic == 0x2BADB002 and flags & 0x24F == 0x24F      # MEM|DEV|CMDLINE|MODS|MMAP|NAME
     # the image's file name first, then the arguments (as QEMU's and GRUB's loaders pass it)
-    assert mem.read_cstring(cmdline) == f"{guests.path('pc_multiboot')} x=1 y"
+    assert mem.read_cstring(cmdline) == f"{guest_image('pc_multiboot.c')} x=1 y"
     mods_count, mods_addr, mmap_len, mmap_addr, name_addr, image_end = info
     assert mem.read_cstring(name_addr) == "pykvm"
     assert mods_count == 2
@@ -48,17 +47,17 @@ def test_multiboot_modules_and_command_line(guest_vm, tmp_path):
     assert not (mbi <= s0 < mbi + 4096)
 
 
-def test_multiboot_without_modules(guest_vm):
-    m, s = run(guest_vm, "pc_multiboot")
+def test_multiboot_without_modules(guest_vm, guest_image):
+    m, s = run(guest_vm, "pc_multiboot.c")
     mods_count = s[1][1][0]
     assert mods_count == 0
-    assert m.memory.read_cstring(s[0][1][5]) == f"{guests.path('pc_multiboot')} "
+    assert m.memory.read_cstring(s[0][1][5]) == f"{guest_image('pc_multiboot.c')} "
 
 
 def test_image_below_1mib_gets_boot_structures_elsewhere(guest_vm, tmp_path):
     mod = tmp_path / "m"
     mod.write_bytes(b"low!")
-    m, s = run(guest_vm, "pc_lowmem", initrd=[str(mod)])
+    m, s = run(guest_vm, "pc_lowmem.c", initrd=[str(mod)])
     magic, mbi, flags, lower, upper, cmdline, here = s[0][1]
     image_end = s[1][1][5]
     assert magic == 0x2BADB002
@@ -82,7 +81,7 @@ def test_image_overlapping_the_pc_bios_area_is_refused():
 
 @pytest.mark.parametrize("mem", [64 << 20, 4 * GiB, 6 * GiB])
 def test_big_guests_read_the_same_apic_versions(guest_vm, mem):
-    m = guest_vm("pc_apic", machine="pc", mem_size=mem)
+    m = guest_vm("pc_apic.c", machine="pc", mem_size=mem)
     high = 4 * GiB + (2 << 20)
     m.set_params(high if mem > 4 * GiB - 512 * (1 << 20) else 0)
     ioapic_ver, lapic_ver, ram, back, ioapic_id = m.sync(stage=1)
@@ -99,7 +98,7 @@ def test_big_guests_read_the_same_apic_versions(guest_vm, mem):
                                              (4 * GiB, 3 * GiB, GiB),
                                              (6 * GiB, 3 * GiB, 3 * GiB)])
 def test_memory_map_follows_the_pci_hole(guest_vm, mem, below, above):
-    m, s = run(guest_vm, "pc_multiboot", mem_size=mem)
+    m, s = run(guest_vm, "pc_multiboot.c", mem_size=mem)
     upper = s[0][1][4]
     assert upper == (below - (1 << 20)) // 1024
     mmap = [tuple(v[1:4]) for st, v in s if st == 4]
@@ -113,7 +112,7 @@ def test_memory_map_follows_the_pci_hole(guest_vm, mem, below, above):
 
 @pytest.mark.parametrize("vcpus", [1, 2, 4])
 def test_smp_bring_up_by_init_sipi(guest_vm, vcpus):
-    m = guest_vm("pc_smp", machine="pc", vcpus=vcpus)
+    m = guest_vm("pc_smp.c", machine="pc", vcpus=vcpus)
     r = m.run(timeout=30)
     assert (r.exit, r.exit_code) == ("debug_exit", 1), r.detail
     (stage, (ran, cpus, mask, bsp)), = syncs(r)
@@ -122,14 +121,14 @@ def test_smp_bring_up_by_init_sipi(guest_vm, vcpus):
 
 
 def test_machine_is_chosen_by_the_image(guest_vm):
-    assert guest_vm("pc_multiboot").platform.name == "pc"          # multiboot: a PC
+    assert guest_vm("pc_multiboot.c").platform.name == "pc"          # multiboot: a PC
     assert guest_vm("hello").platform.name == "bare"                     # ELF64: bare
-    assert guest_vm("pc_multiboot", machine="bare").platform.name == "bare"    # unless asked
+    assert guest_vm("pc_multiboot.c", machine="bare").platform.name == "bare"    # unless asked
     assert guest_vm("hello", machine="pc").platform.name == "pc"
 
 
 def test_unassigned_ports_on_a_pc_read_all_ones(guest_vm):
-    m = guest_vm("pc_fwcfg", machine="pc")
+    m = guest_vm("pc_fwcfg.c", machine="pc")
     assert m.platform.pio.read(0x1234, 2) == 0xFFFF
     m.platform.pio.write(0x1234, 1, 0)         # dropped
     assert m.platform.pio.unassigned[0x1234] == 2

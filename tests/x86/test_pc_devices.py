@@ -1,5 +1,5 @@
 """Issue 10: the PC machine's fw_cfg, PCI configuration space and pc-testdev, each seen by a
-guest of our own (guests/x86/pc_*.c) on this host's /dev/kvm."""
+guest of our own (pc_*.c, beside this file) on this host's /dev/kvm."""
 import pytest
 
 pytestmark = pytest.mark.requires_arch("x86_64")
@@ -9,7 +9,7 @@ QEMU = int.from_bytes(b"QEMU", "little")
 
 @pytest.mark.parametrize("vcpus,mem", [(1, 64 << 20), (3, 256 << 20)])
 def test_fw_cfg_items(guest_vm, vcpus, mem):
-    m = guest_vm("pc_fwcfg", machine="pc", vcpus=vcpus, mem_size=mem)
+    m = guest_vm("pc_fwcfg.c", machine="pc", vcpus=vcpus, mem_size=mem)
     sig, ident, ram, cpus, max_cpus = m.sync(stage=1)
     assert (sig, ident, ram, cpus, max_cpus) == (QEMU, 1, mem, vcpus, vcpus)
     unknown, past_end, again, wide = m.sync(stage=2)
@@ -20,7 +20,7 @@ def test_fw_cfg_items(guest_vm, vcpus, mem):
 
 
 def test_pci_host_bridge_is_i440fx_and_absent_functions_read_ones(guest_vm):
-    m = guest_vm("pc_pci", machine="pc")
+    m = guest_vm("pc_pci.c", machine="pc")
     host_id, class_rev, hdr, isa_id, isa_hdr, pm_id, pmba = m.sync(stage=1)
     assert host_id == 0x1237_8086                     # 00:00.0 Intel 82441FX (i440FX)
     assert class_rev == 0x0600_0002                   # host bridge, revision 2
@@ -39,7 +39,7 @@ def test_pci_host_bridge_is_i440fx_and_absent_functions_read_ones(guest_vm):
 
 
 def test_pc_testdev_scratch_ports_iomem_and_irq_lines(guest_vm):
-    m = guest_vm("pc_testdev", machine="pc")
+    m = guest_vm("pc_testdev.c", machine="pc")
     wide, packed, hi, byte_view, last, insb = m.sync(stage=1)
     assert wide == packed == 0x1122_3344              # a write is read back, at any width
     assert hi == 0x1122

@@ -1,6 +1,6 @@
 """Issue 16, fault 6: QEMU's x86 fw_cfg as a guest sees it on this host's KVM — the 16-bit
 selector (8- and 32-bit writes select nothing), 8-bit reads as data reads at both ports, invalid
-widths reading 0, and the keys with bit 14 or 15 set (guests/x86/pc_fwcfg_qemu.c). The values
+widths reading 0, and the keys with bit 14 or 15 set (pc_fwcfg_qemu.c, beside this file). The values
 are what qemu-system-x86_64 7.2 returned for the same accesses, except where pykvm differs by
 design: 0x8003 is absent as in current QEMU (7.2 still served a legacy table), 0x8004 describes
 no HPET (pykvm has none), and 0x514 has no DMA register (FW_CFG_ID bit 1 is clear)."""
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.requires_arch("x86_64")
 
 def test_fw_cfg_selector_widths_and_arch_keys(guest_vm):
     mem = 256 << 20
-    m = guest_vm("pc_fwcfg_qemu", machine="pc", mem_size=mem)
+    m = guest_vm("pc_fwcfg_qemu.c", machine="pc", mem_size=mem)
     b0, b1, b2, w, l, w511, b3 = m.sync(stage=1)
     assert (b0, b1, b2) == (ord("E"), ord("M"), ord("U"))   # no selection by 8/32-bit writes
     assert (w, l) == (0, 0)                                  # invalid reads: 0, no advance

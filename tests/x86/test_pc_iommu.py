@@ -1,13 +1,13 @@
 """Issue 10 (what kvm-unit-tests' intel_iommu test needs): QEMU's edu PCI device and a VT-d
 IOMMU on the PC machine (``pc_device`` options, ``pykvm run --pc-device``), driven by
-guests/x86/pc_iommu.c."""
+pc_iommu.c (beside this file)."""
 import pytest
 
 pytestmark = pytest.mark.requires_arch("x86_64")
 
 
 def test_edu_dma_and_interrupts_through_vtd(guest_vm):
-    m = guest_vm("pc_iommu", devices=("edu", "intel-iommu"))
+    m = guest_vm("pc_iommu.c", devices=("edu", "intel-iommu"))
     assert m.platform.name == "pc"                 # devices make a PC
     devfn, bar, size, ident, alive, fact = m.sync(stage=1)
     assert (devfn, bar, size) == (3 << 3, 0xFEA00000, 0xFFF00000)    # 1 MiB BAR, as assigned
@@ -25,4 +25,4 @@ def test_edu_dma_and_interrupts_through_vtd(guest_vm):
 
 def test_unknown_pc_device_is_refused(guest_vm):
     with pytest.raises(ValueError, match="no PC device"):
-        guest_vm("pc_fwcfg", devices=("floppy",))
+        guest_vm("pc_fwcfg.c", devices=("floppy",))

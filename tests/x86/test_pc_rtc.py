@@ -1,6 +1,6 @@
 """Issue 10: the PC machine's CMOS RTC (ports 0x70/0x71): registers, the update cycle (UIP),
 the alarm and update-ended interrupts through the IOAPIC, SET, and CMOS RAM — seen by
-guests/x86/pc_rtc.c."""
+pc_rtc.c (beside this file)."""
 import calendar
 import time
 
@@ -14,7 +14,7 @@ def bcd(v):
 
 
 def test_rtc_registers_update_cycle_alarm_and_set(guest_vm):
-    m = guest_vm("pc_rtc", machine="pc")
+    m = guest_vm("pc_rtc.c", machine="pc")
     before = time.time()
     a, b, d, century, year, month, day = m.sync(stage=1)
     assert a & 0x7F == 0x26              # 32.768 kHz divider, 1024 Hz rate select (bit 7, UIP,
@@ -44,7 +44,7 @@ def test_rtc_registers_update_cycle_alarm_and_set(guest_vm):
 
 
 def test_cmos_describes_memory_and_cpus(guest_vm):
-    m = guest_vm("pc_fwcfg", machine="pc", vcpus=2, mem_size=6 << 30)
+    m = guest_vm("pc_fwcfg.c", machine="pc", vcpus=2, mem_size=6 << 30)
     cmos = m.platform.rtc.cmos
     assert cmos[0x15] | cmos[0x16] << 8 == 640
     assert cmos[0x34] | cmos[0x35] << 8 == ((3 << 30) - (16 << 20)) >> 16

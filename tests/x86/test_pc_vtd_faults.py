@@ -1,4 +1,4 @@
-"""Issue 16, faults 1 and 2 on real KVM: a guest (guests/x86/pc_vtd_faults.c) programs the VT-d
+"""Issue 16, faults 1 and 2 on real KVM: a guest (pc_vtd_faults.c, beside this file) programs the VT-d
 IOMMU with an invalidation queue on the LAPIC page, a root table past the end of RAM and an
 interrupt remapping table at 2^64 - 4096, and writes all-ones over read-only registers with
 narrow and unaligned stores. The IOMMU reports each fault as the VT-d spec says (FSTS.IQE, fault
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.requires_arch("x86_64")
 
 
 def test_guest_sees_vtd_faults_and_runs_on(guest_vm):
-    m = guest_vm("pc_vtd_faults", devices=("edu", "intel-iommu"))
+    m = guest_vm("pc_vtd_faults.c", devices=("edu", "intel-iommu"))
     fsts, iqh, events = m.sync(stage=1)
     assert fsts == V.FSTS_IQE and iqh == 0 and events == 1       # queue fetch error at IQH 0
     fsts, rec_hi, rec_lo, events, cmd = m.sync(stage=2)

@@ -1,4 +1,4 @@
-"""Issue 16, fault 3 on real KVM: a guest (guests/x86/pc_vtd_queue.c) hands the VT-d IOMMU a
+"""Issue 16, fault 3 on real KVM: a guest (pc_vtd_queue.c, beside this file) hands the VT-d IOMMU a
 32768-entry invalidation queue of wait descriptors and sweeps IQT between 32767 and 0 as the
 hostile reproducer does. Each IQT write costs the host at most a batch of descriptors
 (``Vtd.iq_sync_max``); the rest is fetched on the pc timer thread in bounded steps, and the
@@ -14,7 +14,7 @@ ENTRIES = 256 << 7
 
 
 def test_a_full_invalidation_queue_completes_in_bounded_steps(guest_vm):
-    m = guest_vm("pc_vtd_queue", devices=("intel-iommu",))
+    m = guest_vm("pc_vtd_queue.c", devices=("intel-iommu",))
     vtd = m.platform.vtd
     done, iqh, fsts, ics, polls = m.sync(stage=1)
     assert done == ENTRIES - 1 and iqh == (ENTRIES - 1) << 4 and fsts == 0 and ics == 0

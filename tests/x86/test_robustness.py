@@ -75,10 +75,11 @@ def test_bad_guest_ranges(vcpu):
     assert mem.read((1 << 20) - 1, 1) == b"\0"              # nothing was written
 
 
-def test_machine_with_four_vcpus_leaves_nothing_behind():
+def test_machine_with_four_vcpus_leaves_nothing_behind(guest_image):
+    image = guest_image("vcpu_id.c")
     fds, threads = set(os.listdir("/proc/self/fd")), threading.active_count()
     for _ in range(3):
-        with Machine("vcpu_id", vcpus=4) as m:
+        with Machine(image, vcpus=4) as m:
             assert m.run(timeout=10).exit == "done"
     assert set(os.listdir("/proc/self/fd")) == fds
     assert threading.active_count() == threads

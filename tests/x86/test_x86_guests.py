@@ -43,7 +43,7 @@ def test_guest_msr_write_visible_via_one_reg_and_get_msrs(guest_vm):
 
 
 def test_readonly_slot_write_is_mmio_and_memory_unchanged(guest_vm):
-    m = guest_vm("readonly")
+    m = guest_vm("readonly.c")
     rom = m.vm.add_memory(0x10000000, 0x10000, readonly=True)
     m.memory.write(rom.gpa, (0x1122334455667788).to_bytes(8, "little"))
     writes = []
@@ -57,7 +57,7 @@ def test_readonly_slot_write_is_mmio_and_memory_unchanged(guest_vm):
 
 
 def test_dirty_log_matches_pages_written(guest_vm):
-    m = guest_vm("dirty")
+    m = guest_vm("dirty.c")
     slot = m.vm.add_memory(0x8000000, 64 * 4096, log_dirty=True)
     assert m.vm.get_dirty_log(slot) == []
     m.set_params(slot.gpa + 3 * 4096, 10, 2 * 4096, 2)       # 10 pages, every other one, 2 rounds
@@ -71,7 +71,7 @@ def test_dirty_log_matches_pages_written(guest_vm):
 
 
 def test_coalesced_mmio_collects_writes_without_exits(guest_vm):
-    m = guest_vm("coalesced")
+    m = guest_vm("coalesced.c")
     m.vm.register_coalesced_mmio(0xD0000000, 0x1000)
     m.set_params(0xD0000000, 8)
     assert m.sync(stage=1) == (0xD0000000, 8)
@@ -83,7 +83,7 @@ def test_coalesced_mmio_collects_writes_without_exits(guest_vm):
 
 
 def test_ioeventfd_signals_without_an_exit(guest_vm):
-    m = guest_vm("ioeventfd")
+    m = guest_vm("ioeventfd.c")
     pio = m.vm.ioeventfd(0x6000, 4, pio=True, datamatch=0x42)
     mmio = m.vm.ioeventfd(0xE0000000, 4)
     m.set_params(0x6000, 0xE0000000, 0x42, 4)
@@ -96,7 +96,7 @@ def test_ioeventfd_signals_without_an_exit(guest_vm):
 
 
 def test_irqfd_delivers_interrupts_to_the_guest_idt(guest_vm):
-    m = guest_vm("timer", irqchip=True)            # no PIT: IRQ0 comes from our irqfd only
+    m = guest_vm("timer.c", irqchip=True)            # no PIT: IRQ0 comes from our irqfd only
     m.on("IO", lambda m_, i, ex: None if ex.port in (0x40, 0x43) else ex)
     efd = m.vm.irqfd(0)
     m.set_params(5)
@@ -117,7 +117,7 @@ def test_irqfd_delivers_interrupts_to_the_guest_idt(guest_vm):
 
 
 def test_irqchip_and_pit_deliver_timer_interrupts(guest_vm):
-    m = guest_vm("timer", irqchip=True, pit=True)
+    m = guest_vm("timer.c", irqchip=True, pit=True)
     m.set_params(20)
     ticks, tsc_delta = m.sync(stage=1)
     assert ticks == 20 and tsc_delta > 0
@@ -125,12 +125,12 @@ def test_irqchip_and_pit_deliver_timer_interrupts(guest_vm):
 
 
 def test_triple_fault_is_shutdown(guest_vm):
-    ev = guest_vm("triple_fault").step()
+    ev = guest_vm("triple_fault.c").step()
     assert ev.kind == "exit" and ev.exit.name == "SHUTDOWN"
 
 
 def test_fetch_from_unbacked_memory_is_internal_error(guest_vm):
-    m = guest_vm("unbacked")
+    m = guest_vm("unbacked.c")
     m.set_params(0xC0000000)
     assert m.sync(stage=1) == (0xC0000000,)
     ev = m.step()
@@ -140,21 +140,21 @@ def test_fetch_from_unbacked_memory_is_internal_error(guest_vm):
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_each_vcpu_reports_its_own_id(guest_vm, n):
-    m = guest_vm("vcpu_id", vcpus=n)
+    m = guest_vm("vcpu_id.c", vcpus=n)
     for i in range(n):
         assert m.sync(i, stage=1) == (i,)
         m.done(i)
 
 
 def test_runaway_guest_is_stopped_by_the_deadline(guest_vm):
-    m = guest_vm("spin")
+    m = guest_vm("spin.c")
     r = m.run(timeout=0.3)
     assert (r.exit, r.exit_code) == ("timeout", 124)
     assert r.seconds < 10
 
 
 def test_binary_stats_show_the_exits_the_guest_caused(guest_vm):
-    m = guest_vm("exits")
+    m = guest_vm("exits.c")
     m.on("IO", lambda m_, i, ex: None if ex.port == 0x80 else ex)
     before = m.vcpus[0].stats()
     m.set_params(300, 0x80)
@@ -180,7 +180,7 @@ def test_guest_assertion_carries_file_line_and_values(guest_vm):
 
 
 def test_unexpected_exception_names_the_vector(guest_vm):
-    m = guest_vm("unbacked")
+    m = guest_vm("unbacked.c")
     m.set_params(0x500000000)                 # beyond the 4 GiB identity map: #PF
     m.sync(stage=1)
     with pytest.raises(GuestAssertion, match=r"#PF \(vector 14\).*CR2 0x500000000"):
