@@ -12,10 +12,11 @@ def checkout():
 
 
 def pytest_collection_modifyitems(config, items):
-    # Everything under tests/hw needs the real /dev/kvm: mark it so the fail-closed policy
-    # (skip = failure where /dev/kvm exists) applies.
+    # Everything under tests/hw and tests/x86 needs the real /dev/kvm: mark it so the
+    # fail-closed policy (skip = failure where /dev/kvm exists) applies.
+    hw = tuple(f"{os.sep}tests{os.sep}{d}{os.sep}" for d in ("hw", "x86"))
     for item in items:
-        if f"{os.sep}tests{os.sep}hw{os.sep}" in str(item.fspath):
+        if any(d in str(item.fspath) for d in hw):
             item.add_marker(pytest.mark.requires_kvm)
 
 

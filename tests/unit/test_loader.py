@@ -782,7 +782,7 @@ def test_find_symbol_in_built_guest(built_guests):
 
 
 def test_built_guests_load(built_guests):
-    for name in ("hello", "cpuid", "timer", "vcpu_id"):
+    for name in ("hello", "cpuid", "msr", "assert_fail"):
         li = boot.load_image(FakeMem(), built_guests / f"{name}.elf")
         assert li.mode == "long" and li.entry == 0x100000
     li = boot.load_image(FakeMem(), built_guests / "hello32.elf", cmdline="exit=1")

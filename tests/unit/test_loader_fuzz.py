@@ -152,7 +152,7 @@ def synthetic_seeds():
 
 def built_seeds():
     """The guests the project builds, when they have been built."""
-    pick = {"elf64": ["x86/hello.elf", "x86/timer.elf"], "elf32": ["x86/hello32.elf"],
+    pick = {"elf64": ["x86/hello.elf", "x86/msr.elf"], "elf32": ["x86/hello32.elf"],
             "flat": ["x86/hello16.bin"], "riscv": ["riscv/hello.elf"]}
     out = {}
     for kind, names in pick.items():
