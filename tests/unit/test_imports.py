@@ -1,6 +1,5 @@
-"""Lean imports and one ioctl path: what importing pykvm loads, no import cycles among the core
-modules (counting imports hidden inside functions), and every ioctl call site passing a row of
-the ioctl table."""
+"""Lean imports and one ioctl path: what importing pykvm loads, and every ioctl call site passing
+a row of the ioctl table. (The layers and the absence of import cycles: test_layers.py.)"""
 import ast
 import json
 import os
@@ -11,12 +10,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PKG = os.path.join(ROOT, "pykvm")
-
-# The core: the fd types and what they stand on, the arch code, the run loops and Machine.
-CORE_PREFIXES = ("pykvm._fd", "pykvm._ioctl", "pykvm.abi", "pykvm.errors", "pykvm.kvm",
-                 "pykvm.vm", "pykvm.vcpu", "pykvm.memory", "pykvm.exits", "pykvm.runloop",
-                 "pykvm.stats", "pykvm.status", "pykvm.arch", "pykvm.machine")
-
 
 def _modules():
     mods = {}
@@ -55,49 +48,6 @@ def _imports(name, path, mods):
             if t in mods and t != name:
                 out.setdefault(t, node.lineno)
     return out
-
-
-def _cycles(graph):
-    """Strongly connected components with more than one module (Tarjan)."""
-    index, low, stack, on, comps = {}, {}, [], set(), []
-    counter = [0]
-
-    def visit(v):
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on.add(v)
-        for w in graph.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                comps.append(sorted(comp))
-
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 5000))
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return comps
-
-
-def test_no_import_cycle_among_the_core_modules():
-    mods = _modules()
-    core = {m for m in mods if m.startswith(CORE_PREFIXES)}
-    graph = {m: {t for t in _imports(m, mods[m], mods) if t in core} for m in core}
-    cycles = _cycles(graph)
-    assert not cycles, "import cycles (module-level and in-function imports):\n" + "\n".join(
-        " <-> ".join(c) for c in cycles)
 
 
 def _ioctl_calls():

@@ -97,7 +97,9 @@ def test_a_vcpu_thread_that_cannot_start_is_a_vmm_error_naming_threads(tmp_path)
 CGROUP = r"""
 import json, os, sys
 from pykvm.machine import Machine
-with Machine(sys.argv[1], mem_size=1 << 30, native=sys.argv[3] == "c") as m:
+from pykvm.testing.reference_loop import ReferenceLoop
+loop = None if sys.argv[3] == "c" else ReferenceLoop
+with Machine(sys.argv[1], mem_size=1 << 30, loop=loop) as m:
     with open(os.path.join(sys.argv[2], "cgroup.procs"), "w") as f:
         f.write(str(os.getpid()))
     r = m.run(timeout=30)
