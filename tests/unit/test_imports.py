@@ -8,23 +8,10 @@ import sys
 
 import pytest
 
+from test_layers import _modules
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PKG = os.path.join(ROOT, "pykvm")
-
-def _modules():
-    mods = {}
-    for dirpath, _, files in os.walk(PKG):
-        if "__pycache__" in dirpath:
-            continue
-        for f in files:
-            if f.endswith(".py"):
-                path = os.path.join(dirpath, f)
-                name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
-                if name.endswith(".__init__"):
-                    name = name[: -len(".__init__")]
-                mods[name] = path
-    return mods
-
 
 def _imports(name, path, mods):
     """{imported pykvm module: line} for every import statement in the file, at module level

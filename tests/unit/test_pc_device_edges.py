@@ -8,20 +8,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pykvm.devices import acpi_pm as pm, cmos_rtc as rtc
-from pykvm.devices.bus import PIO_LIMIT, Bus
 from pykvm.devices.fw_cfg import FwCfg
 from pykvm.devices.testdev import PcTestdev
 
+from device_buses import pio
+
 NS = 1_000_000_000
 GiB = 1 << 30
-
-
-def pio(dev):
-    """A port bus with ``dev`` attached where its class says (``PIO_RANGES``): every access in
-    these tests goes through the bus, as the guest's do."""
-    bus = Bus("pio", PIO_LIMIT)
-    bus.attach(dev)
-    return bus
 
 
 class Clock:

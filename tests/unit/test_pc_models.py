@@ -9,12 +9,13 @@ import pytest
 from pykvm.platform import acpi
 from pykvm.arch.x86 import layout
 from pykvm.devices import acpi_pm as pm, cmos_rtc as rtc
-from pykvm.devices.bus import MMIO_LIMIT, PIO_LIMIT, Bus
 from pykvm.devices.edu import Edu
 from pykvm.devices.fw_cfg import FwCfg
 from pykvm.boot.x86_images import _Space
 from pykvm.devices.pci_host import PciHost
 from pykvm.devices.vtd import BASE as VTD, DmaFault, Vtd
+
+from device_buses import mmio, pio
 
 GiB = 1 << 30
 NS = 1_000_000_000
@@ -37,14 +38,6 @@ class Ram:
 
     def write(self, a, d):
         self.b[a:a + len(d)] = d
-
-
-def pio(dev):
-    """A port bus with ``dev`` attached where its class says (``PIO_RANGES``): every access in
-    these tests goes through the bus, as the guest's do."""
-    bus = Bus("pio", PIO_LIMIT)
-    bus.attach(dev)
-    return bus
 
 
 def test_fw_cfg_items_rewind_and_zeros():
@@ -216,19 +209,6 @@ def test_boot_structure_placement_skips_what_is_taken():
     base = s.alloc(layout.BOOT_WINDOW_END, layout.BOOT_WINDOW_ALIGN, lo=layout.BOOT_WINDOW_ALIGN)
     assert base % 0x10000 == 0 and base >= 0x3B000
     assert all(s.free(r) for r in layout.BootLayout(base).ranges("protected", 1, 64 << 20))
-
-
-def mmio(dev):
-    """An MMIO bus holding ``dev`` where it decodes now: its ``MMIO_RANGES`` (the VT-d page) or
-    edu's BAR 0 window, as the platform maps them."""
-    bus = Bus("mmio", MMIO_LIMIT)
-    if isinstance(dev, Edu):
-        if dev.bar0_window() is not None:
-            bus.insert(dev.bar0_window(), Edu.MMIO_SIZE, dev, max_access=Edu.MMIO_MAX_ACCESS)
-    else:
-        for base, size, offset, max_access in dev.MMIO_RANGES:
-            bus.insert(base, size, dev, offset=offset, max_access=max_access)
-    return bus
 
 
 def vtd_with_tables(ram, *, devfn=0x18, iova=0x200000, page=0x9000):

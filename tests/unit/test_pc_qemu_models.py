@@ -8,20 +8,13 @@ from hypothesis import given, settings, strategies as st
 
 from pykvm import boot
 from pykvm.devices import i8042, cmos_rtc as rtc
-from pykvm.devices.bus import PIO_LIMIT, Bus
 from pykvm.platform.base import MachineControl
 from pykvm.platform.pc import PcPlatform
 from pykvm.devices.pci_host import PciHost
 
+from device_buses import pio
+
 NS = 1_000_000_000
-
-
-def pio(dev):
-    """A port bus with ``dev`` attached where its class says (``PIO_RANGES``): every access in
-    these tests goes through the bus, as the guest's do."""
-    bus = Bus("pio", PIO_LIMIT)
-    bus.attach(dev)
-    return bus
 
 
 class Kbc:

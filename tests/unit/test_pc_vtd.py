@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pykvm.devices import vtd as V
-from pykvm.devices.bus import MMIO_LIMIT, PIO_LIMIT, Bus
 from pykvm.devices.edu import DMA_START, Edu
 from pykvm.devices.pci_host import PciHost
 from pykvm.errors import GuestMemoryError
+
+from device_buses import mmio, pio
 
 RAM_END = 0x100000                  # slot 0: [0, 1 MiB)
 SLOT1 = (0x200000, 0x300000)        # slot 1 after a hole
@@ -50,19 +51,6 @@ class Mem:
         for b, o, k in list(self._chunks(gpa, len(data))):
             b[o:o + k] = data[pos:pos + k]
             pos += k
-
-
-def mmio(dev):
-    """An MMIO bus holding ``dev`` where it decodes now: its ``MMIO_RANGES`` (the VT-d page) or
-    edu's BAR 0 window, as the platform maps them."""
-    bus = Bus("mmio", MMIO_LIMIT)
-    if isinstance(dev, Edu):
-        if dev.bar0_window() is not None:
-            bus.insert(dev.bar0_window(), Edu.MMIO_SIZE, dev, max_access=Edu.MMIO_MAX_ACCESS)
-    else:
-        for base, size, offset, max_access in dev.MMIO_RANGES:
-            bus.insert(base, size, dev, offset=offset, max_access=max_access)
-    return bus
 
 
 def vtd():
@@ -488,11 +476,6 @@ def test_edu_hostile_programming_never_raises(ops):
 
 
 # -- PCI configuration mechanism #1 --------------------------------------------------------
-def pio(dev):
-    """A port bus with ``dev`` attached where its class says."""
-    bus = Bus("pio", PIO_LIMIT)
-    bus.attach(dev)
-    return bus
 
 
 def test_pci_read_only_fields_hold_for_every_width_and_alignment():

@@ -14,9 +14,10 @@ import struct
 from hypothesis import given, settings, strategies as st
 
 from pykvm.devices import vtd as V
-from pykvm.devices.bus import MMIO_LIMIT, Bus
 from pykvm.devices.edu import DMA_START, Edu
 from pykvm.errors import GuestMemoryError
+
+from device_buses import mmio
 
 RAM = 4 << 20
 QUEUE = 0x100000                    # 32768 descriptors: [1 MiB, 1.5 MiB)
@@ -60,19 +61,6 @@ class Deferred:
 
     def run_one(self):
         self.pending.pop(0)()
-
-
-def mmio(dev):
-    """An MMIO bus holding ``dev`` where it decodes now: its ``MMIO_RANGES`` (the VT-d page) or
-    edu's BAR 0 window, as the platform maps them."""
-    bus = Bus("mmio", MMIO_LIMIT)
-    if isinstance(dev, Edu):
-        if dev.bar0_window() is not None:
-            bus.insert(dev.bar0_window(), Edu.MMIO_SIZE, dev, max_access=Edu.MMIO_MAX_ACCESS)
-    else:
-        for base, size, offset, max_access in dev.MMIO_RANGES:
-            bus.insert(base, size, dev, offset=offset, max_access=max_access)
-    return bus
 
 
 def w32(v, off, val):
