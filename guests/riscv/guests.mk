@@ -5,10 +5,11 @@
 # appends its images to GUEST_TARGETS), and by guests/riscv/Makefile for a
 # standalone build:  make -C guests/riscv OUT=<dir>
 #
-# Output: $(OUT)/riscv/<name>.elf for each name in RISCV_GUESTS, and for those
-# in RISCV_IMAGE_GUESTS also <name>.bin: the ELF as a flat Linux Image (the
-# runtime starts with an Image header), which pykvm prefers when both exist.
-# The phony target riscv-guests builds them all.
+# Output: $(OUT)/riscv/<name>.elf for every riscv/<name>.c (a new guest needs
+# no line here), and for a source with a `#define PYKVM_LINUX_IMAGE` line also
+# <name>.bin: the ELF as a flat Linux Image (the runtime starts with an Image
+# header), which pykvm prefers when both exist.  The phony target
+# riscv-guests builds them all.
 
 RISCV_DIR := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 SRCDIR ?= $(patsubst %/,%,$(dir $(RISCV_DIR)))
@@ -31,8 +32,11 @@ ifneq ($(shell $(RISCV_CC) -Wl,--help 2>/dev/null | grep -c no-warn-rwx-segments
 RISCV_LDFLAGS += -Wl,--no-warn-rwx-segments
 endif
 
-RISCV_GUESTS := hello dbcn isa suspend srst assert_fail zabha image initrd uart sbi_width
-RISCV_IMAGE_GUESTS := image initrd uart
+RISCV_SRCS := $(sort $(wildcard $(RISCV_DIR)/*.c))
+RISCV_HASH := \#
+RISCV_GUESTS := $(sort $(basename $(notdir $(RISCV_SRCS))))
+RISCV_IMAGE_GUESTS := $(sort $(basename $(notdir $(shell grep -lE \
+	'^[[:space:]]*$(RISCV_HASH)[[:space:]]*define[[:space:]]+PYKVM_LINUX_IMAGE\b' $(RISCV_SRCS) /dev/null))))
 RISCV_RT_SRCS := $(RISCV_DIR)/rt/crt0.S $(RISCV_DIR)/rt/runtime.c $(RISCV_DIR)/rt/fdt.c \
 	$(COMMON_SRCS)
 RISCV_DEPS := $(RISCV_RT_SRCS) $(RISCV_DIR)/rt/link.ld $(RISCV_DIR)/rt/riscv.h \

@@ -20,3 +20,6 @@ void guest_main(unsigned long hartid, void *dtb)
 		   image_size, magic2, (uint64_t)(uintptr_t)_end);
 	GUEST_DONE();
 }
+
+/* guests.mk: build image.bin too, this ELF as a flat Linux Image (see rt/crt0.S) */
+#define PYKVM_LINUX_IMAGE 1

@@ -45,3 +45,6 @@ void guest_main(unsigned long hartid, void *dtb)
 	}
 	GUEST_DONE();
 }
+
+/* guests.mk: build initrd.bin too, this ELF as a flat Linux Image (see rt/crt0.S) */
+#define PYKVM_LINUX_IMAGE 1

@@ -48,3 +48,6 @@ void guest_main(unsigned long hartid, void *dtb)
 	sbi_console_puts("and from the SBI debug console\n");
 	GUEST_DONE();
 }
+
+/* guests.mk: build uart.bin too, this ELF as a flat Linux Image (see rt/crt0.S) */
+#define PYKVM_LINUX_IMAGE 1
