@@ -7,8 +7,9 @@ that makes ``pykvm._native`` resolve to that build in every Python process start
 * the toolchain and the runtime wiring catch a heap overflow and undefined behaviour in a
   small library of our own (so a clean run below means something);
 * the sanitized helper itself reports a console buffer overflow that we provoke on purpose;
-* the hardware tests (tests/hw) pass against the sanitized helper with no sanitizer report from
-  any process, and the child run proves it used that build (tests/sanitize/sanitized_checks.py).
+* the hardware tests (tests/hw and tests/x86) pass against the sanitized helper with no sanitizer
+  report from any process, and the child run proves it used that build
+  (tests/sanitize/sanitized_checks.py).
 """
 import importlib.util
 import os
@@ -116,20 +117,22 @@ def test_sanitized_helper_reports_an_overflow_we_provoke(sanitized_native, tmp_p
 
 @pytest.mark.requires_kvm
 def test_hw_tests_pass_under_asan_and_ubsan(sanitized_native, tmp_path):
-    """tests/hw against the sanitized helper: all pass, no process reports anything."""
+    """tests/hw and tests/x86 against the sanitized helper: all pass, no process reports
+    anything."""
     logs = san.DEFAULT_REPORTS
     for old in san.reports(logs):
         os.unlink(os.path.join(logs, old))
     junit = tmp_path / "child.xml"
     checks = os.path.join(ROOT, "tests", "sanitize", "sanitized_checks.py")
-    cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "hw"), checks,
+    cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "hw"),
+           os.path.join(ROOT, "tests", "x86"), checks,
            "-p", "no:cacheprovider", "-q", "-rfEs", f"--junitxml={junit}",
            "--basetemp", str(tmp_path / "child"),
            # the one test this rerun leaves to the plain run: a process at a memory cgroup's
            # limit with the OOM killer off. ASan's allocator takes fresh pages where the plain
            # build reuses freed memory, so there the process itself may wait for ever
            "--deselect",
-           "tests/hw/test_host_limits.py::test_guest_ram_the_host_cannot_back_is_a_vmm_error"]
+           "tests/x86/test_host_limits.py::test_guest_ram_the_host_cannot_back_is_a_vmm_error"]
     t0 = time.monotonic()
     r = subprocess.run(cmd, env=san.runtime_env(sanitized_native, logs), cwd=ROOT,
                        capture_output=True, text=True, timeout=CHILD_TIMEOUT)
@@ -138,8 +141,8 @@ def test_hw_tests_pass_under_asan_and_ubsan(sanitized_native, tmp_path):
     print(f"sanitized child run: {took:.1f}s, exit {r.returncode}\n{out[-3000:]}")
     found = _errors(logs)
     last = (out.strip().splitlines() or ["(no output)"])[-1]
-    SUMMARY.append(f"tests/hw under ASan+UBSan: {last.strip('= ')} (child {took:.1f}s, exit "
-                   f"{r.returncode}); sanitizer error reports: {len(found)}")
+    SUMMARY.append(f"tests/hw and tests/x86 under ASan+UBSan: {last.strip('= ')} (child "
+                   f"{took:.1f}s, exit {r.returncode}); sanitizer error reports: {len(found)}")
     assert not found, f"sanitizer reports:\n{_fmt(found)}"
     assert not ERROR.search(out), out[-6000:]
     assert r.returncode == 0, out[-6000:]
@@ -147,7 +150,7 @@ def test_hw_tests_pass_under_asan_and_ubsan(sanitized_native, tmp_path):
     cases = {(c.get("classname"), c.get("name")): c for c in ET.parse(junit).iter("testcase")}
     names = [f"{k[0]}::{k[1]}" for k in cases]
     assert not any("test_sanitizers" in n for n in names), "the child must not run this file"
-    hw = [n for n in names if n.startswith("tests.hw.")]
+    hw = [n for n in names if n.startswith(("tests.hw.", "tests.x86."))]
     assert len(hw) >= 20, names                   # it really ran the hardware tests
     for name in ("test_pykvm_uses_the_sanitized_helper", "test_python_subprocesses_use_it_too"):
         c = [v for k, v in cases.items() if k[1] == name]

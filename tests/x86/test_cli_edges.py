@@ -76,12 +76,12 @@ def test_sigterm_at_every_moment_gives_one_json_object(spin, entry):
 
 # -- every entry point, every broken stream --------------------------------------------------
 PYKVM_COMMANDS = ["", "run", "run --json", "caps", "caps --json", "regs", "regs --json",
-                  "guests", "guest build tests/hw/_edges_guest.c"]
+                  "guests", "guest build tests/x86/_edges_guest.c"]
 
 
 @pytest.fixture(scope="module")
 def guest_source():
-    path = os.path.join(ROOT, "tests", "hw", "_edges_guest.c")
+    path = os.path.join(ROOT, "tests", "x86", "_edges_guest.c")
     with open(path, "w") as f:
         f.write('#include "pykvm_guest.h"\nvoid guest_main(void) { }\n')
     yield path

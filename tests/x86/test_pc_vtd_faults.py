@@ -1,5 +1,5 @@
-"""Issue 16, faults 1 and 2 on real KVM: a guest (pc_vtd_faults.c, beside this file) programs the VT-d
-IOMMU with an invalidation queue on the LAPIC page, a root table past the end of RAM and an
+"""Issue 16, faults 1 and 2 on real KVM: a guest (pc_vtd_faults.c, beside this file) programs the
+VT-d IOMMU with an invalidation queue on the LAPIC page, a root table past the end of RAM and an
 interrupt remapping table at 2^64 - 4096, and writes all-ones over read-only registers with
 narrow and unaligned stores. The IOMMU reports each fault as the VT-d spec says (FSTS.IQE, fault
 recording registers with reasons 8 and 0x23, the fault event MSI) and the guest runs to the end

@@ -1,4 +1,6 @@
-"""Issue 3: KVM regression tests on this host, each with a guest of its own (guests/x86/*.c).
+"""Issue 3: KVM regression tests on this host, each with a guest of its own: a source beside this
+file (``guest_vm("dirty.c")``), or a built-in guest of guests/x86 by name (``cpuid``, ``msr``,
+``assert_fail``: the product names those too).
 
 Shape, as in the kernel's selftests: create a VM running the guest; loop: run, read the guest's
 report, assert.
