@@ -1,8 +1,11 @@
 """A file descriptor that closes exactly once: by close(), by the context manager, or on GC."""
 import os
 import weakref
+from typing import TypeVar
 
 from .errors import Closed
+
+_Self = TypeVar("_Self", bound="FdObject")
 
 
 class FdObject:
@@ -36,8 +39,8 @@ class FdObject:
             self._fd = -1
             self._finalizer()
 
-    def __enter__(self):
+    def __enter__(self: _Self) -> _Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -8,10 +8,11 @@ architectures it exists on, so an ENOTTY/EINVAL from a KVM that lacks the capabi
 """
 import errno as _errno
 import os
+from typing import Dict, Iterable, Optional
 
 from . import errors
 from ._native import lib as _nlib
-from .abi import cap_name, cap_number, ffi
+from .abi import Cap, CData, cap_name, cap_number, ffi
 from .abi.ioctls import KVM_CHECK_EXTENSION, KVM_ENABLE_CAP, KVM_GET_STATS_FD, Ioctl
 from .stats import read_stats
 
@@ -21,12 +22,12 @@ _GATED = frozenset((_errno.ENOTTY, _errno.EINVAL, _errno.ENXIO, _errno.EOPNOTSUP
 _native_ioctl = _nlib.pykvm_ioctl
 
 
-def addr(cdata) -> int:
+def addr(cdata: CData) -> int:
     """The address of a cffi object (from any FFI) as an int."""
     return int(ffi.cast("uintptr_t", cdata))
 
 
-def ioctl(fd: int, op: Ioctl, *arg, what: str = "", hint: str = "") -> int:
+def ioctl(fd: int, op: Ioctl, *arg: CData, what: str = "", hint: str = "") -> int:
     """Issue the ioctl ``op`` (a row of :mod:`pykvm.abi.ioctls`) on ``fd`` with an optional
     argument (an int or a cffi pointer; default 0). Returns the ioctl's value or raises the
     :class:`~pykvm.errors.KvmError` subclass for its errno, naming the ioctl, ``what`` it was
@@ -36,7 +37,7 @@ def ioctl(fd: int, op: Ioctl, *arg, what: str = "", hint: str = "") -> int:
     a = arg[0] if arg else 0
     if a.__class__ is not int:
         a = int(ffi.cast("uintptr_t", a))
-    r = _native_ioctl(fd, op, a)
+    r: int = _native_ioctl(fd, op, a)
     if r < 0:
         raise error(fd, op, -r, what, hint)
     return r
@@ -63,12 +64,14 @@ def gate_hint(fd: int, op: Ioctl) -> str:
     return ""
 
 
-def _cap_value(fd: int, op: Ioctl):
+def _cap_value(fd: int, op: Ioctl) -> Optional[int]:
     """KVM_CHECK_EXTENSION(op.cap) on ``fd`` when it is a system or VM fd, else on the KVM
-    device; None when neither answers."""
+    device; None when neither answers (or ``op`` is not gated by a capability)."""
+    if op.cap is None:
+        return None
     n = cap_number(op.cap)
     if "system" in op.fd or "vm" in op.fd:
-        r = _native_ioctl(fd, KVM_CHECK_EXTENSION, n)
+        r: int = _native_ioctl(fd, KVM_CHECK_EXTENSION, n)
         if r >= 0:
             return r
     try:
@@ -83,12 +86,12 @@ def _cap_value(fd: int, op: Ioctl):
         os.close(dev)
 
 
-def check_extension(fd: int, cap) -> int:
+def check_extension(fd: int, cap: Cap) -> int:
     """KVM_CHECK_EXTENSION on a system or VM fd: 0 if absent, else a cap-specific value."""
     return ioctl(fd, KVM_CHECK_EXTENSION, cap_number(cap), what=str(cap))
 
 
-def enable_cap(fd: int, cap, args=(), flags: int = 0) -> None:
+def enable_cap(fd: int, cap: Cap, args: Iterable[int] = (), flags: int = 0) -> None:
     """KVM_ENABLE_CAP on a VM or vCPU fd."""
     ec = ffi.new("struct kvm_enable_cap *")
     ec.cap, ec.flags = cap_number(cap), flags
@@ -97,7 +100,7 @@ def enable_cap(fd: int, cap, args=(), flags: int = 0) -> None:
     ioctl(fd, KVM_ENABLE_CAP, ec, what=str(cap))
 
 
-def stats(fd: int) -> dict:
+def stats(fd: int) -> Dict[str, object]:
     """KVM_GET_STATS_FD on a VM or vCPU fd, decoded (the stats fd is closed again)."""
     sfd = ioctl(fd, KVM_GET_STATS_FD)
     try:

@@ -5,6 +5,7 @@ its message names the ioctl, what was asked, the errno name and what it means in
 """
 import errno as _errno
 import os
+from typing import Optional, Tuple
 
 
 class PykvmError(Exception):
@@ -26,10 +27,10 @@ class KvmError(PykvmError, OSError):
         OSError.__init__(self, err, msg)
         self.errno_name = name
 
-    def __str__(self):
-        return self.args[1]
+    def __str__(self) -> str:
+        return str(self.args[1])
 
-    def __reduce__(self):
+    def __reduce__(self) -> Tuple[type, Tuple[object, ...]]:
         return (type(self), (self.ioctl, self.errno, self.what, self.hint))
 
 
@@ -105,14 +106,15 @@ class GuestRamUnbacked(KvmFault, HostMemoryError):
     a cgroup at its ``memory.max`` with the OOM killer off, ``ulimit -v``). ``gpa``: the
     guest-physical address KVM named (KVM_EXIT_MEMORY_FAULT), or None."""
 
-    def __init__(self, ioctl: str, err: int, what: str = "", hint: str = "", gpa=None):
+    def __init__(self, ioctl: str, err: int, what: str = "", hint: str = "",
+                 gpa: Optional[int] = None):
         self.gpa = gpa
         if not hint:
             at = f" at GPA {gpa:#x}" if gpa is not None else ""
             hint = f"host could not back guest RAM{at} (memory limit?)"
         super().__init__(ioctl, err, what, hint)
 
-    def __reduce__(self):
+    def __reduce__(self) -> Tuple[type, Tuple[object, ...]]:
         return (type(self), (self.ioctl, self.errno, self.what, self.hint, self.gpa))
 
 
@@ -206,7 +208,7 @@ class MachineEnded(PykvmError):
 _THREAD_MESSAGES = ("can't start new thread", "cannot start new thread")
 
 
-def host_resource_error(e: BaseException, _depth: int = 0):
+def host_resource_error(e: BaseException, _depth: int = 0) -> Optional["HostResourceError"]:
     """The :class:`HostResourceError` that ``e`` amounts to when it is the host running out of
     a resource (itself when it already is one), else None: a Python :class:`MemoryError`
     (memory), an :class:`OSError` with EMFILE/ENFILE (file descriptors), ENOMEM (memory) or
@@ -217,7 +219,7 @@ def host_resource_error(e: BaseException, _depth: int = 0):
     Pure; the result's ``__cause__`` is the error it stands for."""
     if isinstance(e, HostResourceError):
         return e
-    out = None
+    out: Optional[HostResourceError] = None
     if isinstance(e, MemoryError):
         out = HostMemoryError(f"out of host memory ({type(e).__name__}"
                               f"{': ' + str(e) if str(e) else ''})")

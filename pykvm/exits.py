@@ -10,18 +10,32 @@ exit that nobody holds on to is refilled for the next exit of its kind instead o
 allocated again; one that somebody keeps is left alone (and goes stale).
 """
 from sys import getrefcount as _refs
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Optional, Protocol, Tuple, Type, Union
 
 from . import abi
-from .abi import ffi
-from .errors import Closed, GuestError, GuestRamUnbacked, StaleExit, kvm_error
+from .abi import CData, ffi
+from .errors import Closed, GuestError, GuestRamUnbacked, KvmError, StaleExit, kvm_error
 
 _RUN_SIZE = ffi.sizeof("struct kvm_run")
 _MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
 _IO_OUT = abi.KVM_EXIT_IO_OUT
 
 
-def _dead(ex) -> Exception:
+class VcpuView(Protocol):
+    """What an exit reads of its vCPU, a :class:`pykvm.vcpu.Vcpu` (a protocol: the vCPU layer
+    sits above this one)."""
+
+    id: int
+    run_seq: int                 # bumped by every KVM_RUN
+    run_size: int                # bytes of the mmapped kvm_run
+    run_struct: CData            # struct kvm_run *
+    _closing: bool
+    _io: CData                   # run_struct.io
+    _mmio: CData                 # run_struct.mmio
+    _run_bytes: memoryview       # the kvm_run page, writable
+
+
+def _dead(ex: "Exit") -> Exception:
     """Closed or StaleExit for an exit that is no longer current."""
     v = ex._vcpu
     if v._closing:
@@ -34,9 +48,15 @@ class Exit:
 
     # _info/_a/_b: the fields the C loop decoded for a handler it called (None: read kvm_run)
     __slots__ = ("_vcpu", "_seq", "_reason", "_info", "_a", "_b", "__weakref__")
+    _vcpu: VcpuView
+    _seq: int
+    _reason: int
+    _info: int                   # size | direction << 8 (I/O), len | is_write << 8 (MMIO)
+    _a: Optional[int]            # port | count << 16 | data_offset << 32 (I/O), address (MMIO)
+    _b: int                      # the first element written, little-endian
     reason = -1
 
-    def __init__(self, vcpu):
+    def __init__(self, vcpu: VcpuView):
         self._vcpu = vcpu
         self._seq = vcpu.run_seq
         self._reason = vcpu.run_struct.exit_reason
@@ -54,7 +74,7 @@ class Exit:
         return v.run_seq == self._seq and not v._closing
 
     @property
-    def run(self):
+    def run(self) -> CData:
         """The live kvm_run struct, while this exit is current."""
         v = self._vcpu
         if v.run_seq != self._seq or v._closing:
@@ -75,7 +95,7 @@ class Exit:
         """The exit's decoded fields, for printing and JSON."""
         return {}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         f = ", ".join(f"{k}={v:#x}" if isinstance(v, int) else f"{k}={v!r}"
                       for k, v in self.fields().items())
         return f"<{type(self).__name__} {f}>" if f else f"<{type(self).__name__}>"
@@ -90,7 +110,7 @@ class Unknown(Exit):
         """The hardware's reason, for an exit KVM could not classify."""
         return self.run.hw.hardware_exit_reason
 
-    def fields(self):
+    def fields(self) -> Dict[str, object]:
         return {"hardware_exit_reason": self.hardware_exit_reason}
 
 
@@ -175,7 +195,7 @@ class Io(Exit):
         mv = self._vcpu._run_bytes
         return mv[off] if size == 1 else int.from_bytes(mv[off:off + size], "little")
 
-    def respond(self, data) -> None:
+    def respond(self, data: Union[int, bytes]) -> None:
         """Supply the data an ``in`` reads: bytes (size*count long) or an int (repeated)."""
         off, n, size = self._span()
         mv = self._vcpu._run_bytes
@@ -189,8 +209,9 @@ class Io(Exit):
             raise ValueError(f"in of {n} bytes needs {n} bytes of data, got {len(data)}")
         mv[off:off + n] = data
 
-    def fields(self):
-        f = {"direction": self.direction, "port": self.port, "size": self.size, "count": self.count}
+    def fields(self) -> Dict[str, object]:
+        f: Dict[str, object] = {"direction": self.direction, "port": self.port, "size": self.size,
+                                "count": self.count}
         if self.is_out:
             f["data"] = self.data.hex()
         return f
@@ -245,7 +266,7 @@ class Mmio(Exit):
             return self._b                 # decoded by the C loop
         return int.from_bytes(self._vcpu._run_bytes[_MMIO_DATA:_MMIO_DATA + n], "little")
 
-    def respond(self, data) -> None:
+    def respond(self, data: Union[int, bytes]) -> None:
         """Supply what a read returns: ``len`` bytes, or an int (truncated to ``len`` bytes)."""
         n = self.len
         mv = self._vcpu._run_bytes
@@ -256,8 +277,9 @@ class Mmio(Exit):
             raise ValueError(f"MMIO read of {n} bytes needs {n} bytes, got {len(data)}")
         mv[_MMIO_DATA:_MMIO_DATA + n] = data
 
-    def fields(self):
-        f = {"phys_addr": self.phys_addr, "len": self.len, "is_write": self.is_write}
+    def fields(self) -> Dict[str, object]:
+        f: Dict[str, object] = {"phys_addr": self.phys_addr, "len": self.len,
+                                "is_write": self.is_write}
         if self.is_write:
             f["data"] = self.data.hex()
         return f
@@ -294,7 +316,7 @@ class Exception_(Exit):
     __slots__ = ()
     reason = abi.EXIT_REASONS["EXCEPTION"]
 
-    def fields(self):
+    def fields(self) -> Dict[str, object]:
         return {"exception": self.run.ex.exception, "error_code": self.run.ex.error_code}
 
 
@@ -312,7 +334,7 @@ class FailEntry(Exit):
         """The host CPU the entry failed on."""
         return self.run.fail_entry.cpu
 
-    def fields(self):
+    def fields(self) -> Dict[str, object]:
         return {"hardware_entry_failure_reason": self.hardware_entry_failure_reason, "cpu": self.cpu}
 
 
@@ -337,7 +359,7 @@ class InternalError(Exit):
         n = min(self.run.internal.ndata, 16)
         return tuple(self.run.internal.data[i] for i in range(n))
 
-    def fields(self):
+    def fields(self) -> Dict[str, object]:
         return {"suberror": self.suberror_name, "data": [hex(x) for x in self.data]}
 
 
@@ -362,7 +384,7 @@ class SystemEvent(Exit):
         n = min(self.run.system_event.ndata, 16)
         return tuple(self.run.system_event.data[i] for i in range(n))
 
-    def fields(self):
+    def fields(self) -> Dict[str, object]:
         return {"type": self.type_name, "data": [hex(x) for x in self.data]}
 
 
@@ -370,7 +392,7 @@ class Debug(Exit):
     __slots__ = ()
     reason = abi.EXIT_REASONS["DEBUG"]
 
-    def fields(self):
+    def fields(self) -> Dict[str, object]:
         arch = self.run.debug.arch
         return {k: getattr(arch, k) for k in ("exception", "pc", "dr6", "dr7") if hasattr(arch, k)}
 
@@ -398,7 +420,7 @@ class Hypercall(Exit):
         """Set the value the guest's hypercall returns."""
         self.run.hypercall.ret = value
 
-    def fields(self):
+    def fields(self) -> Dict[str, object]:
         return {"nr": self.nr, "args": [hex(a) for a in self.args]}
 
 
@@ -416,7 +438,7 @@ class _Msr(Exit):
         self.run.msr.data = value
         self.run.msr.error = 1 if error else 0
 
-    def fields(self):
+    def fields(self) -> Dict[str, object]:
         return {"index": self.index, "data": self.data, "reason": self.run.msr.reason}
 
 
@@ -456,7 +478,7 @@ class RiscvSbi(Exit):
         self.run.riscv_sbi.ret[0] = error & mask
         self.run.riscv_sbi.ret[1] = value & mask
 
-    def fields(self):
+    def fields(self) -> Dict[str, object]:
         return {"extension_id": self.extension_id, "function_id": self.function_id,
                 "args": [hex(a) for a in self.args]}
 
@@ -484,7 +506,7 @@ class RiscvCsr(Exit):
         """Set the value the guest's CSR read returns."""
         self.run.riscv_csr.ret_value = value
 
-    def fields(self):
+    def fields(self) -> Dict[str, object]:
         return {"csr_num": self.csr_num, "new_value": self.new_value, "write_mask": self.write_mask}
 
 
@@ -492,7 +514,7 @@ class MemoryFault(Exit):
     __slots__ = ()
     reason = abi.EXIT_REASONS["MEMORY_FAULT"]
 
-    def fields(self):
+    def fields(self) -> Dict[str, object]:
         m = self.run.memory_fault
         return {"flags": m.flags, "gpa": m.gpa, "size": m.size}
 
@@ -513,7 +535,8 @@ _CLASSES: Dict[int, Type[Exit]] = {
                           X86Wrmsr, RiscvSbi, RiscvCsr, MemoryFault, Notify, IoapicEoi)
 }
 for _c in _CLASSES.values():
-    _c.name = abi.EXIT_NAMES[_c.reason]        # a plain class attribute: no lookup per access
+    # a plain class attribute that shadows Exit.name (the property): no lookup per access
+    _c.name = abi.EXIT_NAMES[_c.reason]  # type: ignore[method-assign, assignment]
 del _c
 
 
@@ -521,7 +544,7 @@ _EFAULT = 14
 _EXIT_MEMORY_FAULT = abi.EXIT_REASONS["MEMORY_FAULT"]
 
 
-def kvm_run_error(vcpu, err: int):
+def kvm_run_error(vcpu: VcpuView, err: int) -> KvmError:
     """The exception for KVM_RUN on ``vcpu`` failing with errno ``err``: EFAULT is the host
     failing to back guest RAM (:class:`~pykvm.errors.GuestRamUnbacked`, with the GPA when KVM
     filled in ``kvm_run.memory_fault``, KVM_CAP_MEMORY_FAULT_INFO), anything else the
@@ -539,7 +562,7 @@ def kvm_run_error(vcpu, err: int):
     return kvm_error("KVM_RUN", err, what)
 
 
-def decode_exit(vcpu) -> Exit:
+def decode_exit(vcpu: VcpuView) -> Exit:
     """The typed exit for what the vCPU's kvm_run page holds now."""
     return _CLASSES.get(vcpu.run_struct.exit_reason, Exit)(vcpu)
 
@@ -550,7 +573,7 @@ class ExitCache:
 
     __slots__ = ("vcpu", "_by_reason")
 
-    def __init__(self, vcpu):
+    def __init__(self, vcpu: VcpuView):
         self.vcpu = vcpu
         self._by_reason: Dict[int, Exit] = {}
 
@@ -564,7 +587,7 @@ class ExitCache:
         return ex
 
 
-def new_exit(vcpu, reason: int) -> Exit:
+def new_exit(vcpu: VcpuView, reason: int) -> Exit:
     """A blank exit object of the class for ``reason`` (its run sequence number, and any fields
     decoded ahead, are filled in by whoever hands it out)."""
     cls = _CLASSES.get(reason, Exit)

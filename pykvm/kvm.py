@@ -2,7 +2,7 @@
 import errno
 import os
 import stat
-from typing import Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from . import abi
 from ._fd import FdObject
@@ -70,7 +70,7 @@ class Kvm(_arch.KvmArch, FdObject):
     arch = abi.ARCH
 
     if hasattr(_arch.KvmArch, "supported_cpuid"):          # x86
-        def supported_cpuid(self):
+        def supported_cpuid(self) -> "List[_arch.CpuidEntry]":
             """KVM_GET_SUPPORTED_CPUID, asked once per open device (the answer does not change
             while it is open) and shared by every machine made with it: each call returns a new
             list of the same immutable entries."""
@@ -95,14 +95,14 @@ class Kvm(_arch.KvmArch, FdObject):
         """Every capability pykvm knows by name, with its KVM_CHECK_EXTENSION value."""
         return {name: self.check_extension(num) for name, num in abi.CAPS.items()}
 
-    def create_vm(self, vm_type: int = 0, **kwargs):
+    def create_vm(self, vm_type: int = 0, **kwargs: Any) -> Vm:
         """KVM_CREATE_VM → :class:`~pykvm.vm.Vm`."""
         fd = ioctl(self.fd, ioctls.KVM_CREATE_VM, vm_type, what=str(vm_type))
         return Vm(self, fd, **kwargs)
 
-    def info(self) -> dict:
+    def info(self) -> Dict[str, object]:
         """A JSON-ready description of this KVM (what ``pykvm caps --json`` prints)."""
-        out = {
+        out: Dict[str, object] = {
             "path": self.path,
             "api_version": self.api_version,
             "arch": self.arch,
@@ -112,7 +112,7 @@ class Kvm(_arch.KvmArch, FdObject):
         out.update(self.arch_info())
         return out
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
         return f"<Kvm {self.path} {state} api={self.api_version}>"
 

@@ -2,11 +2,11 @@
 bounds-checked guest-physical view over them."""
 import mmap
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple, Union
 
 from . import abi
 from ._native import lib as _nlib
-from .abi import ffi
+from .abi import CData, ffi
 from .errors import Closed, GuestMemoryError, HostMemoryError
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -89,7 +89,7 @@ class MemorySlot:
 class GuestMemory:
     """All memory slots of a VM, addressed by guest-physical address."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._slots: List[MemorySlot] = []
         self.closed = False
 
@@ -127,7 +127,7 @@ class GuestMemory:
                 return s
         return None
 
-    def _chunks(self, gpa: int, n: int):
+    def _chunks(self, gpa: int, n: int) -> Iterator[Tuple["MemorySlot", int, int]]:
         """(slot, offset, length) pieces covering [gpa, gpa+n); raises if any byte is unbacked."""
         if not isinstance(gpa, int) or not isinstance(n, int) or gpa < 0 or n < 0:
             raise GuestMemoryError(f"bad guest range gpa={gpa!r} len={n!r}")
@@ -144,7 +144,7 @@ class GuestMemory:
         """Copy ``n`` bytes from guest-physical ``gpa``."""
         return b"".join(bytes(s._map[o:o + k]) for s, o, k in self._chunks(gpa, n))
 
-    def write(self, gpa: int, data) -> None:
+    def write(self, gpa: int, data: Union[bytes, bytearray, memoryview]) -> None:
         """Copy ``data`` to guest-physical ``gpa`` (host writes succeed on read-only slots too:
         read-only applies to the guest)."""
         try:
@@ -235,12 +235,12 @@ class GuestMemory:
         return out.decode("utf-8", "replace")
 
 
-def _check_value(value) -> None:
+def _check_value(value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise GuestMemoryError(f"guest memory values are ints, not {type(value).__name__}")
 
 
-def new_mapping(size: int, gpa: int = 0):
+def new_mapping(size: int, gpa: int = 0) -> Tuple[mmap.mmap, CData]:
     """A private anonymous ``MAP_NORESERVE`` mapping of ``size`` bytes for guest RAM at
     guest-physical ``gpa`` (used only in messages), and the cffi pin that gives its host address.
 

@@ -2,7 +2,7 @@
 import signal
 import threading
 import weakref
-from typing import Dict, List, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from . import abi
 from ._fd import FdObject
@@ -11,7 +11,7 @@ from ._native import lib as _nlib
 from .abi import ffi, ioctls
 from .arch import current as _arch
 from .errors import Busy, Closed, KvmTooBig, kvm_error
-from .exits import decode_exit, kvm_run_error
+from .exits import Exit, decode_exit, kvm_run_error
 
 _get_ident = threading.get_ident
 _native_ioctl = _nlib.pykvm_ioctl
@@ -27,7 +27,9 @@ class Vcpu(_arch.VcpuArch, FdObject):
     :class:`pykvm.runloop.RunLoop`, which serves console/exit ports in C.
     """
 
-    def __init__(self, vm, fd: int, vcpu_id: int):
+    # ``vm``: the pykvm.vm.Vm that made it (Any: vm.py imports this module, so naming the type
+    # here would make an import cycle)
+    def __init__(self, vm: Any, fd: int, vcpu_id: int):
         self.vm = vm
         self.id = vcpu_id
         self._own_fd(fd)
@@ -47,13 +49,14 @@ class Vcpu(_arch.VcpuArch, FdObject):
         self._mmio = self.run_struct.mmio
         self.run_size = size
         self.run_seq = 0                 # bumped by every KVM_RUN: exits check it
-        self._thread_ident = None
+        self._thread_ident: Optional[int] = None
         # Lifecycle: one thread at a time may be inside KVM_RUN (through run() or a run loop);
         # close() waits for it to leave before the fd is closed and kvm_run unmapped.
         self._lock = threading.RLock()
-        self._cond = None                # a Condition on _lock, made by the first close() to wait
-        self._runner = None              # thread ident of the caller inside a run, or None
-        self._runner_kick = None         # how to make that run return
+        # a Condition on _lock, made by the first close() to wait
+        self._cond: Optional[threading.Condition] = None
+        self._runner: Optional[int] = None      # thread ident of the caller inside a run, or None
+        self._runner_kick: Optional[Callable[[], None]] = None  # how to make that run return
         self._run_depth = 0              # nested claims by the same thread (a loop, then run())
         self._closing = False
         self._closed_done = False
@@ -68,7 +71,10 @@ class Vcpu(_arch.VcpuArch, FdObject):
         if runner is not None and runner != threading.get_ident():
             raise Busy(f"vCPU {self.id} is running in another thread: kick it (or let the run "
                        "end) before other vCPU ioctls")
-        return FdObject.fd.fget(self)
+        fd = self._fd                    # FdObject.fd, inlined
+        if fd < 0:
+            raise Closed(f"{type(self).__name__} is closed")
+        return fd
 
     @property
     def run_addr(self) -> int:
@@ -82,7 +88,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         """True while some thread is inside a run of this vCPU (:meth:`run` or a run loop)."""
         return self._runner is not None
 
-    def _enter_run(self, kick) -> None:
+    def _enter_run(self, kick: Callable[[], None]) -> None:
         """Claim the vCPU for one run (``kick()`` must make that run return promptly).
 
         Raises :class:`~pykvm.errors.Closed` once :meth:`close` has begun and
@@ -169,7 +175,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         m.mp_state = abi.MP_STATES[state] if isinstance(state, str) else state
         ioctl(self.fd, ioctls.KVM_SET_MP_STATE, m, what=str(state))
 
-    def enable_cap(self, cap, *args: int, flags: int = 0) -> None:
+    def enable_cap(self, cap: abi.Cap, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the vCPU."""
         _enable_cap(self.fd, cap, args, flags)
 
@@ -186,7 +192,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         return _stats(self.fd)
 
     # -- running --------------------------------------------------------------------------
-    def run(self):
+    def run(self) -> Exit:
         """One KVM_RUN from Python; returns the typed exit (see :mod:`pykvm.exits`), which
         borrows ``kvm_run`` until the next run.
 
@@ -244,11 +250,12 @@ class Vcpu(_arch.VcpuArch, FdObject):
                 return                        # finished by _leave_run()
             if self._runner is not None and self._cond is None:
                 self._cond = threading.Condition(self._lock)
-            while self._runner is not None:
+            cond = self._cond                 # set whenever there is a runner to wait for
+            while self._runner is not None and cond is not None:
                 kick = self._runner_kick
                 if kick is not None:
                     kick()
-                self._cond.wait(0.02)
+                cond.wait(0.02)
             if self._closed_done:
                 return
         self._finish_close()
@@ -261,5 +268,5 @@ class Vcpu(_arch.VcpuArch, FdObject):
         _nlib.pykvm_retire_mapping(self._run_addr, self.run_size)
         super().close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Vcpu id={self.id} fd={self._fd}>"

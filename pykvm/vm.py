@@ -1,6 +1,6 @@
 """`Vm`: a VM file descriptor — memory slots, irqchip, eventfds, dirty log, vCPUs, stats."""
 import os
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import abi
 from ._fd import FdObject
@@ -16,21 +16,23 @@ from .vcpu import Vcpu
 class Vm(_arch.VmArch, FdObject):
     """A KVM virtual machine. Create it with :meth:`pykvm.Kvm.create_vm`."""
 
-    def __init__(self, kvm, fd: int):
+    # ``kvm``: the pykvm.kvm.Kvm that made it (Any: kvm.py imports this module, so naming the
+    # type here would make an import cycle)
+    def __init__(self, kvm: Any, fd: int):
         self.kvm = kvm
         self._own_fd(fd)
         self.memory = GuestMemory()
-        self.vcpus: List = []
+        self.vcpus: List[Vcpu] = []
         self._eventfds: List[int] = []
-        self._coalesced: List[tuple] = []
+        self._coalesced: List[Tuple[int, int, bool]] = []       # (addr, size, pio)
         self._arch_init()
 
     # -- capabilities ---------------------------------------------------------------------
-    def check_extension(self, cap) -> int:
+    def check_extension(self, cap: abi.Cap) -> int:
         """KVM_CHECK_EXTENSION on the VM fd (VM-specific answers, e.g. NR_MEMSLOTS)."""
         return _check_extension(self.fd, cap)
 
-    def enable_cap(self, cap, *args: int, flags: int = 0) -> None:
+    def enable_cap(self, cap: abi.Cap, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the VM."""
         _enable_cap(self.fd, cap, args, flags)
 
@@ -82,7 +84,7 @@ class Vm(_arch.VmArch, FdObject):
         self.memory._add(ms)
         return ms
 
-    def _set_region(self, slot, flags, gpa, size, host_addr) -> None:
+    def _set_region(self, slot: int, flags: int, gpa: int, size: int, host_addr: int) -> None:
         r = ffi.new("struct kvm_userspace_memory_region *")
         r.slot, r.flags, r.guest_phys_addr = slot, flags, gpa
         r.memory_size, r.userspace_addr = size, host_addr
@@ -148,7 +150,7 @@ class Vm(_arch.VmArch, FdObject):
     def ioeventfd(self, addr: int, length: int, *, pio: bool = False,
                   datamatch: Optional[int] = None, fd: Optional[int] = None) -> int:
         """KVM_IOEVENTFD: guest writes to ``addr`` signal an eventfd (returned) without an exit."""
-        def attach(efd):
+        def attach(efd: int) -> None:
             e = ffi.new("struct kvm_ioeventfd *")
             e.addr, e.len, e.fd = addr, length, efd
             e.flags = (abi.IOEVENTFD_FLAG_PIO if pio else 0)
@@ -161,13 +163,13 @@ class Vm(_arch.VmArch, FdObject):
 
     def irqfd(self, gsi: int, fd: Optional[int] = None) -> int:
         """KVM_IRQFD: writing to the returned eventfd raises GSI ``gsi``."""
-        def attach(efd):
+        def attach(efd: int) -> None:
             f = ffi.new("struct kvm_irqfd *")
             f.fd, f.gsi = efd, gsi
             ioctl(self.fd, ioctls.KVM_IRQFD, f, what=f"gsi={gsi} fd={efd}")
         return self._with_eventfd(fd, attach)
 
-    def _with_eventfd(self, fd: Optional[int], attach) -> int:
+    def _with_eventfd(self, fd: Optional[int], attach: Callable[[int], None]) -> int:
         """Run ``attach(efd)`` on ``fd`` or on a new eventfd that the VM then owns (closed with
         it, or at once if ``attach`` fails). A new eventfd the host cannot make raises
         :class:`~pykvm.errors.HostResourceError` (file descriptors, memory)."""
@@ -207,7 +209,7 @@ class Vm(_arch.VmArch, FdObject):
         self._coalesced.remove((addr, size, pio))
 
     # -- vCPUs and stats --------------------------------------------------------------------
-    def create_vcpu(self, vcpu_id: Optional[int] = None):
+    def create_vcpu(self, vcpu_id: Optional[int] = None) -> Vcpu:
         """KVM_CREATE_VCPU → :class:`~pykvm.vcpu.Vcpu` (ids count up from 0 by default).
 
         ``vcpu_id`` is the vCPU's id (x86: its initial APIC id), an int >= 0; KVM's limit is
@@ -238,7 +240,7 @@ class Vm(_arch.VmArch, FdObject):
             os.close(efd)
         self.memory._close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Vm fd={self._fd} slots={len(list(self.memory))} vcpus={len(self.vcpus)}>"
 
 

@@ -11,11 +11,21 @@ fails then: rebuild).
 The architecture is chosen once, here; code elsewhere never branches on it in the middle of a
 function.
 """
+from types import ModuleType
+from typing import Any, Optional, Union
+
 from .._host import HOST_ARCH
 from . import common
 from .common import *  # noqa: F403  (constants are part of this module's API)
 from .common import CAP_NAMES, CAPS
 
+# cffi ships no type information: a cffi value (an FFI, a struct, a pointer, an array, a buffer)
+# is typed CData, an alias of Any, so signatures still say where a C value goes.
+CData = Any
+# a capability: its number, or its name with or without the KVM_CAP_ prefix
+Cap = Union[int, str]
+
+arch: ModuleType
 if HOST_ARCH == "x86_64":
     from . import x86_64 as arch
 elif HOST_ARCH == "riscv64":
@@ -23,15 +33,16 @@ elif HOST_ARCH == "riscv64":
 else:  # pragma: no cover - we only describe the two arches we test
     raise ImportError(f"pykvm: no KVM ABI description for this machine ({HOST_ARCH})")
 
-ARCH = arch.ARCH
+ARCH: str = arch.ARCH
 
 
-def abi_text(arch_module) -> str:
+def abi_text(arch_module: ModuleType) -> str:
     """Every declaration of one architecture, as compiled into pykvm._native."""
-    return common.CDEF + arch_module.CDEF + common.KVM_RUN_CDEF
+    text: str = common.CDEF + arch_module.CDEF + common.KVM_RUN_CDEF
+    return text
 
 
-def build_ffi(arch_module):
+def build_ffi(arch_module: ModuleType) -> CData:
     """An FFI parsed from the common declarations plus one architecture's (cffi ABI mode)."""
     import cffi
     f = cffi.FFI()
@@ -45,7 +56,7 @@ except ImportError:             # not built: the ABI facts alone still work (cff
     _native = None
 
 
-def _native_ffi():
+def _native_ffi() -> Optional[CData]:
     """pykvm._native's ffi if it was compiled from exactly our declarations, else None (also
     when the native module is not built)."""
     if _native is None:
@@ -58,13 +69,12 @@ def _native_ffi():
     return _native.ffi
 
 
-ffi = _native_ffi()
-COMPILED = ffi is not None
-if ffi is None:
-    ffi = build_ffi(arch)
+_compiled = _native_ffi()
+COMPILED = _compiled is not None
+ffi: CData = _compiled if _compiled is not None else build_ffi(arch)
 
 
-def cap_number(cap) -> int:
+def cap_number(cap: Cap) -> int:
     """A capability number from ``"ONE_REG"``, ``"KVM_CAP_ONE_REG"`` or an int."""
     if isinstance(cap, int):
         return cap
@@ -77,7 +87,7 @@ def cap_number(cap) -> int:
         raise ValueError(f"unknown KVM capability {cap!r}") from None
 
 
-def cap_name(cap) -> str:
+def cap_name(cap: Cap) -> str:
     """``"KVM_CAP_ONE_REG"`` for 70, "ONE_REG" or "KVM_CAP_ONE_REG"."""
     n = cap_number(cap)
     return f"KVM_CAP_{CAP_NAMES.get(n, n)}"

@@ -13,6 +13,8 @@ A row is an :class:`Ioctl`, which *is* its request number (an ``int``), so every
 the row itself: ``ioctl(fd, ioctls.KVM_GET_ONE_REG, arg)`` (:func:`pykvm._ioctl.ioctl`), and the
 row's name, capability and architectures are at hand when it fails.
 """
+from typing import Any, Iterable, List, Optional, Tuple
+
 import ioctl_opt
 
 from . import ARCH, KVMIO, ffi
@@ -42,7 +44,7 @@ def ioc(direction: str, nr: int, size: int, type_: int = KVMIO) -> int:
         raise ValueError(f"ioctl argument of {size} bytes does not fit the request number")
     if not (0 <= nr <= 0xFF and 0 <= type_ <= 0xFF):
         raise ValueError(f"ioctl type {type_:#x} / nr {nr:#x} does not fit 8 bits")
-    return ioctl_opt.IOC(_DIRS[direction], type_, nr, size)
+    return int(ioctl_opt.IOC(_DIRS[direction], type_, nr, size))
 
 
 class Ioctl(int):
@@ -52,8 +54,17 @@ class Ioctl(int):
     it is always there) and ``arches``. A row of another architecture than the host's is 0 (its
     argument struct is not declared here) and has ``available`` False."""
 
-    def __new__(cls, name: str, fd: str, direction: str, nr: int, arg=None, cap=None,
-                arches=ALL):
+    name: str
+    fd: str
+    direction: str
+    nr: int
+    arg: Optional[str]
+    cap: Optional[str]
+    arches: Tuple[str, ...]
+    available: bool
+
+    def __new__(cls, name: str, fd: str, direction: str, nr: int, arg: Optional[str] = None,
+                cap: Optional[str] = None, arches: Iterable[str] = ALL) -> "Ioctl":
         available = ARCH in arches
         request = ioc(direction, nr, ffi.sizeof(arg) if arg else 0) if available else 0
         self = int.__new__(cls, request)
@@ -62,7 +73,7 @@ class Ioctl(int):
                  arches=tuple(arches), available=available)
         return self
 
-    def __setattr__(self, key, value):
+    def __setattr__(self, key: str, value: object) -> None:
         raise AttributeError(f"{self.name} is read-only")
 
     @property
@@ -74,12 +85,12 @@ class Ioctl(int):
                              f"{', '.join(self.arches)})")
         return int(self)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<Ioctl {self.name} {int(self):#x}>"
 
     __str__ = __repr__
 
-    def __reduce__(self):
+    def __reduce__(self) -> Tuple[Any, Tuple[str]]:
         return (BY_NAME.__getitem__, (self.name,))
 
 
@@ -153,10 +164,17 @@ TABLE = [
 BY_NAME = {i.name: i for i in TABLE}
 
 
-def available() -> list:
+def available() -> List[Ioctl]:
     """The ioctls that exist on this machine's architecture."""
     return [i for i in TABLE if i.available]
 
 
 # The rows by name for the host arch, e.g. ``ioctls.KVM_RUN`` (== its request number 0xae80).
 globals().update((i.name, i) for i in TABLE if i.available)
+
+
+def __getattr__(name: str) -> Ioctl:
+    """Only reached for a name that is not a row of this host's architecture (the rows are
+    module globals, installed above); it types ``ioctls.KVM_RUN`` and the like as
+    :class:`Ioctl` for mypy."""
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

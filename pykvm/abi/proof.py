@@ -13,9 +13,9 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from . import ARCH, arch, common, ffi, ioctls
+from . import ARCH, CData, arch, common, ffi, ioctls
 
 # Structs that are pykvm's own or are named differently in the kernel.
 _SKIP_STRUCTS = {"user_regs_struct"}
@@ -83,7 +83,7 @@ if ARCH == "x86_64":
         arch.NESTED_VMX_FLAGS["PREEMPTION_TIMER_DEADLINE"]
 
 
-def _struct_names(f=None) -> List[str]:
+def _struct_names(f: Optional[CData] = None) -> List[str]:
     """The KVM structs ``f`` (default: pykvm's ffi) declares; pykvm._native's own ``pykvm_*``
     structs, which share its compiled ffi, are not KVM ABI, and our names for members of
     kvm_run (``kvm_run_*``) are checked as fields of kvm_run."""
@@ -94,7 +94,7 @@ def _struct_names(f=None) -> List[str]:
     return sorted(names)
 
 
-def _fields(ctype, prefix="") -> List[Tuple[str, object]]:
+def _fields(ctype: CData, prefix: str = "") -> List[Tuple[str, CData]]:
     """(designator, field type) for every named field, recursing into anonymous and named
     struct/union members (flexible arrays included)."""
     out = []
@@ -108,7 +108,7 @@ def _fields(ctype, prefix="") -> List[Tuple[str, object]]:
     return out
 
 
-def layouts(f=None) -> Dict[str, int]:
+def layouts(f: Optional[CData] = None) -> Dict[str, int]:
     """Every struct size, field offset and field size that ``f`` (default: pykvm's ffi, the
     one compiled into pykvm._native) declares."""
     f = f or ffi
@@ -184,7 +184,7 @@ def theirs(names: List[str], cc: str = "cc") -> Tuple[Dict[str, int], List[str]]
     return vals, missing
 
 
-def compare(cc: str = "cc"):
+def compare(cc: str = "cc") -> Tuple[List[str], List[Tuple[str, int, int]], List[str]]:
     """(checked, mismatches, missing): mismatches are (name, ours, theirs)."""
     mine = ours()
     hdr, missing = theirs(list(mine), cc)

@@ -8,9 +8,10 @@ that common code never branches on the architecture in the middle of a function.
 """
 from .._host import HOST_ARCH
 
-if HOST_ARCH == "riscv64":
-    from .riscv import mixins as current
-else:
+if HOST_ARCH != "riscv64":
     from .x86 import mixins as current
+else:
+    # mypy types `current` as the x86 module; the RISC-V one provides the same class names
+    from .riscv import mixins as current  # type: ignore[no-redef]
 
 __all__ = ["current", "HOST_ARCH"]
