@@ -52,7 +52,7 @@ def test_quick_json_has_the_figures_behind_the_ratios(quick):
     for kind in bench.KINDS:
         row = res["exit_cost"][kind]
         assert {"raw", "c_loop", "python"} <= set(row)
-        for name, fig in row.items():
+        for fig in row.values():
             assert fig["cpu_us"]["min"] <= fig["cpu_us"]["median"] <= fig["cpu_us"]["max"]
             assert fig["wall_us"]["median"] > 0
     assert "machine" in res["exit_cost"]["io_out"]

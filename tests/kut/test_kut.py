@@ -20,7 +20,7 @@ import tempfile
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compare  # noqa: E402
+import compare
 
 KUT = os.environ.get("PYKVM_KUT_DIR", "")
 QEMU = os.environ.get("PYKVM_KUT_QEMU", "qemu-system-x86_64")

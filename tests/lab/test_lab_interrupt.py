@@ -142,7 +142,7 @@ def test_sigint_leaves_nothing_behind(moment, pattern, after, must_run, tmp_path
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert re.fullmatch(r"lab riscv: interrupted by SIGINT while .+; QEMU and all child processes stopped, "
                         r"temporary files removed", lines[-1]), err
-    assert all(l.startswith("[lab] ") for l in lines[:-1]), err  # progress lines, then the one closing line
+    assert all(line.startswith("[lab] ") for line in lines[:-1]), err  # progress lines, then the one closing line
     assert _still_there(before) == {}, f"left running after SIGINT at {moment!r}"
     ours = {p: c for p, (_, c) in _procs().items() if "qemu-system-" in c and str(out) in c}
     assert ours == {}, f"QEMU of this run still running: {ours}"

@@ -115,7 +115,9 @@ def test_silence(plain, capsys):
 
 def test_console_progress_stages_and_counts():
     n = "n0"
-    m = lambda s: s.format(nonce=n)
+
+    def m(s):
+        return s.format(nonce=n)
     w = ConsoleProgress(n)
     assert w.pop_transitions() == [("starting QEMU", "")]
     for line in ["OpenSBI v1.6", "   ____ ", "[    0.000000] Machine model: riscv-virtio,qemu",

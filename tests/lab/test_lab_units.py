@@ -189,7 +189,9 @@ def test_cpio_writer(tmp_path):
 def _console(nonce: str, rc: int, xml: bytes | None) -> list[str]:
     import base64
 
-    m = lambda s: s.format(nonce=nonce)
+
+    def m(s):
+        return s.format(nonce=nonce)
     lines = ["[    0.1] booting", m(initramfs.MARK_OUT_BEGIN), "..  [100%]", "2 passed in 0.1s", m(initramfs.MARK_OUT_END)]
     if xml is not None:
         lines += [m(initramfs.MARK_XML_BEGIN)] + base64.encodebytes(xml).decode().splitlines() + [m(initramfs.MARK_XML_END)]

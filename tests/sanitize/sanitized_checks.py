@@ -23,8 +23,8 @@ def _expected():
 def test_pykvm_uses_the_sanitized_helper():
     import pykvm
     import pykvm._native
-    import pykvm.machine  # noqa: F401  (the modules that use the helper)
-    import pykvm.runloop  # noqa: F401
+    import pykvm.machine  # (the modules that use the helper)
+    import pykvm.runloop
     want = _expected()
     assert os.path.realpath(pykvm._native.__file__) == want
     assert _mapped(open("/proc/self/maps").read()) == ({want}, True, True)

@@ -100,4 +100,4 @@ def test_a_table_row_is_its_request_number():
     other = [r for r in ioctls.TABLE if not r.available]
     for r in other:
         with pytest.raises(ValueError, match="does not exist on"):
-            r.request
+            _ = r.request

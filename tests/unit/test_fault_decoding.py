@@ -28,7 +28,7 @@ from pykvm.boot.symbols import Symbols
     (0x80000011, 0x500, 0, 1, 0, ("compat", 32)),
     (0x80000011, 0x500, 0, 0, 0, ("compat", 16)),
 ])
-def test_cpu_mode_follows_cr0_efer_and_cs(cr0, efer, l, db, rflags, want):
+def test_cpu_mode_follows_cr0_efer_and_cs(cr0, efer, l, db, rflags, want):  # noqa: E741 — CS.L
     assert x86.cpu_mode(cr0, efer, l, db, rflags) == want
 
 

@@ -30,7 +30,7 @@ def snprintf(request, tmp_path_factory):
     return fmt
 
 
-L, LL, I, U = ctypes.c_long, ctypes.c_longlong, ctypes.c_int, ctypes.c_uint
+L, LL, I, U = ctypes.c_long, ctypes.c_longlong, ctypes.c_int, ctypes.c_uint  # noqa: E741 — C types
 
 
 @pytest.mark.parametrize("f,args,want", [

@@ -3,7 +3,6 @@ zero-fill, multiboot info, page tables and register images written into a fake m
 import os
 import shutil
 import signal
-import stat
 import struct
 import subprocess
 from types import SimpleNamespace
@@ -138,10 +137,14 @@ def with_symbols(img, symbols, *, cls=64, nsymtab=1, shift=0, strtab_type=SHT_ST
     sh_off = len(img)
     if cls == 64:
         sh = struct.Struct("<IIQQQQIIQQ")
-        shdr = lambda t, o, s, link, es: sh.pack(0, t, 0, 0, o, s, link, 1, 8, es)
+
+        def shdr(t, o, s, link, es):
+            return sh.pack(0, t, 0, 0, o, s, link, 1, 8, es)
     else:
         sh = struct.Struct("<IIIIIIIIII")
-        shdr = lambda t, o, s, link, es: sh.pack(0, t, 0, 0, o, s, link, 1, 4, es)
+
+        def shdr(t, o, s, link, es):
+            return sh.pack(0, t, 0, 0, o, s, link, 1, 4, es)
     img += bytes(sh.size)
     img += shdr(strtab_type, str_off, len(strtab), 0, 0)
     for i in range(nsymtab):
@@ -382,7 +385,7 @@ def test_unreadable_file(tmp_path):
             return "loaded"
         except LoadError as e:
             return f"LoadError: {e}"
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 — any other failure is reported by name
             return f"{type(e).__name__}: {e}"
     out = _as_nobody(attempt) if os.geteuid() == 0 else attempt()
     assert out.startswith("LoadError: cannot read guest image") and "Permission denied" in out

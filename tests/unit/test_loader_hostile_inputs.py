@@ -251,7 +251,6 @@ def test_x86_linux_initrd_sparse_gib(big_ram, tmp_path):
 
 
 def test_riscv_initrd_sparse_gib(tmp_path):
-    from types import SimpleNamespace
     base = riscv_platform.RAM_BASE
     mem = ram(2 * GiB, base)
     try:

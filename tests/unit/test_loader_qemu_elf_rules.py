@@ -178,7 +178,7 @@ def test_the_fast_rule_equals_qemus_loop_on_random_layouts():
         assert boot.elf._qemu_load_sizes(phdrs) == _brute_force_sizes(phdrs), phdrs
 
 
-def test_the_rule_costs_n_log_n_for_the_most_headers(hang_guard):
+def test_the_rule_costs_n_log_n_for_the_most_headers(hang_guard):  # noqa: F811 — the fixture
     n = boot.MAX_PROGRAM_HEADERS
     phdrs = [boot.elf._Phdr(1, 0, 0, 0x100000 + 0x10 * i, 0, 0x10, 7) for i in range(n)]
     t = time.process_time()
@@ -238,7 +238,7 @@ def test_module_file_name_ends_at_the_first_space(item, path):
     assert boot.initrd_module_path(item) == path
 
 
-def test_initrd_split_is_linear(hang_guard):
+def test_initrd_split_is_linear(hang_guard):  # noqa: F811 — the imported fixture
     text = ",," * 500000 + "," + "x" * 1000000
     t = time.process_time()
     items = boot.split_initrd_option(text)

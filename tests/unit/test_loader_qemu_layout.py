@@ -4,7 +4,6 @@ its write-protected BIOS shadow ([0xA0000, 1 MiB)); pykvm's PC drops the bytes t
 what it claims (the same range: video window, ACPI tables and BIOS area) and refuses an image
 whose entry point lies there. These tests claim [0x9FC00, 1 MiB), as a platform that keeps the
 EBDA would (pykvm's PC leaves the EBDA to images: test_loader_hostile_inputs.py). Multiboot header rules follow hw/i386/multiboot.c."""
-import struct
 
 import pytest
 

@@ -21,7 +21,7 @@ class Kbc:
     def __init__(self):
         self.resets = 0
         self.irqs = []
-        self.k = i8042.I8042(on_reset=self.reset, set_irq=lambda n, l: self.irqs.append((n, l)))
+        self.k = i8042.I8042(on_reset=self.reset, set_irq=lambda n, lvl: self.irqs.append((n, lvl)))
         self.bus = pio(self.k)
 
     def reset(self):

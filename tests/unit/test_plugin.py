@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from importtime import importtime_lines, pykvm_cost_us
 

@@ -219,7 +219,7 @@ def test_exit_is_stale_after_next_run(kvm):
         assert ex.name == "IO" and ex.port == 0x3F8
         v.run()
         with pytest.raises(StaleExit):
-            ex.port
+            _ = ex.port
 
 
 def test_budget(kvm):

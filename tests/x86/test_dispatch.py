@@ -100,7 +100,7 @@ def test_a_handler_value_ends_the_run_with_that_exit(kvm, loop_cls):
         stop2 = loop.run(budget=100)
         assert stop2.kind == "exit" and stop2.result is None
         with pytest.raises(StaleExit):
-            stop.exit.port
+            _ = stop.exit.port
 
 
 def test_handler_exception_propagates_from_run(kvm, loop_cls):
@@ -132,9 +132,9 @@ def test_exit_objects_are_reused_unless_kept_and_kept_ones_go_stale(kvm):
         assert ids[0] == ids[1] == ids[2]             # nobody kept them: one object
         assert ids[3] != ids[2] and ids[3] == ids[4] == ids[5]
         with pytest.raises(StaleExit):
-            kept[0].port
+            _ = kept[0].port
         with pytest.raises(StaleExit):
-            kept[0].value
+            _ = kept[0].value
 
 
 def test_resume_counts_exits_in_c(kvm):

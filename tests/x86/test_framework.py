@@ -1,6 +1,5 @@
 """The pytest framework itself: a failing guest assertion fails the test with the guest's
 file:line and values; --ktap writes parseable KTAP; foreign ELF images boot like under QEMU."""
-import os
 import re
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ def parse_ktap(text):
     pykvm/testing/ktap.py): at each level a version line, a plan and results numbered 1..N,
     a subtest's lines indented two more spaces before its parent's result; returns the
     innermost results (the tests) as (verdict, number, name)."""
-    lines = [l for l in text.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     results, rest = _ktap_level(lines, "")
     assert not rest, rest
     return results

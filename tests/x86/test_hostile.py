@@ -43,7 +43,7 @@ def test_close_while_running_waits_for_every_vcpu(loop_cls, vcpus):
     def runner():
         try:
             out["result"] = m.run(timeout=30)
-        except BaseException as e:               # noqa: B902 - we assert on it below
+        except BaseException as e:  # noqa: BLE001 — we assert on it below
             out["error"] = e
 
     t = threading.Thread(target=runner)
@@ -68,8 +68,12 @@ def test_closed_vcpu_and_loop_raise_closed_and_never_drive_a_reused_fd(kvm, loop
     vm.add_memory(0, 1 << 20)
     vm.memory.write(0x1000, b"\xf4")              # hlt
     v = vm.create_vcpu()
-    s = v.get_sregs(); s.cs.base = s.cs.selector = 0; v.set_sregs(s)
-    r = v.get_regs(); r.rip, r.rflags = 0x1000, 2; v.set_regs(r)
+    s = v.get_sregs()
+    s.cs.base = s.cs.selector = 0
+    v.set_sregs(s)
+    r = v.get_regs()
+    r.rip, r.rflags = 0x1000, 2
+    v.set_regs(r)
     loop = loop_cls(v, pc_config())
     v.close()
     for call in (v.run, v.kick, loop.kick, lambda: loop.run(deadline=time.monotonic() + 1),
@@ -246,8 +250,12 @@ def test_stale_or_foreign_slot_is_refused_before_kvm_is_asked(kvm):
         assert [s for s in vm.memory] == [b]
         vm.memory.write(0x1000, b"\xf4")              # the live slot still backs the guest
         v = vm.create_vcpu()
-        s = v.get_sregs(); s.cs.base = s.cs.selector = 0; v.set_sregs(s)
-        r = v.get_regs(); r.rip, r.rflags = 0x1000, 2; v.set_regs(r)
+        s = v.get_sregs()
+        s.cs.base = s.cs.selector = 0
+        v.set_sregs(s)
+        r = v.get_regs()
+        r.rip, r.rflags = 0x1000, 2
+        v.set_regs(r)
         assert v.run().name == "HLT"
 
 

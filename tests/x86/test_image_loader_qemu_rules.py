@@ -13,7 +13,6 @@ and status:
 Each guest prints through COM1 and exits through isa-debug-exit (port 0xf4) with 0x11: a
 process status of 35, as QEMU reports (0x11 << 1) | 1. One case is compared with QEMU (TCG)
 when qemu-system-x86_64 is installed."""
-import os
 import shutil
 import struct
 import subprocess

@@ -39,7 +39,7 @@ def test_rows_of_another_architecture_say_where_they_exist():
                        ("riscv64",))
     assert not row.available and int(row) == 0
     with pytest.raises(ValueError, match="does not exist on x86_64"):
-        row.request
+        _ = row.request
     assert gate_hint(-1, row) == "KVM_ELSEWHERE exists only on riscv64"
     e = error(-1, row, 25)                          # ENOTTY
     assert str(e) == "KVM_ELSEWHERE: ENOTTY — KVM_ELSEWHERE exists only on riscv64"

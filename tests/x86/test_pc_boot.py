@@ -29,7 +29,7 @@ def test_multiboot_modules_and_command_line(guest_vm, guest_image, tmp_path):
     b.write_bytes(bytes(range(256)) * 20 + b"\x7f")
     m, s = run(guest_vm, "pc_multiboot.c", cmdline="x=1 y", initrd=[str(a), f"{b} arg1 arg2"])
     mem = m.memory
-    (_, (magic, mbi, flags, lower, upper, cmdline, here)), (_, info) = s[0], s[1]
+    (_, (magic, mbi, flags, _lower, _upper, cmdline, _here)), (_, info) = s[0], s[1]
     assert magic == 0x2BADB002 and flags & 0x24F == 0x24F      # MEM|DEV|CMDLINE|MODS|MMAP|NAME
     # the image's file name first, then the arguments (as QEMU's and GRUB's loaders pass it)
     assert mem.read_cstring(cmdline) == f"{guest_image('pc_multiboot.c')} x=1 y"

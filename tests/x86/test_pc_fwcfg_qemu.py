@@ -4,7 +4,6 @@ widths reading 0, and the keys with bit 14 or 15 set (pc_fwcfg_qemu.c, beside th
 are what qemu-system-x86_64 7.2 returned for the same accesses, except where pykvm differs by
 design: 0x8003 is absent as in current QEMU (7.2 still served a legacy table), 0x8004 describes
 no HPET (pykvm has none), and 0x514 has no DMA register (FW_CFG_ID bit 1 is clear)."""
-import struct
 
 import pytest
 
@@ -14,7 +13,7 @@ pytestmark = pytest.mark.requires_arch("x86_64")
 def test_fw_cfg_selector_widths_and_arch_keys(guest_vm):
     mem = 256 << 20
     m = guest_vm("pc_fwcfg_qemu.c", machine="pc", mem_size=mem)
-    b0, b1, b2, w, l, w511, b3 = m.sync(stage=1)
+    b0, b1, b2, w, l, w511, b3 = m.sync(stage=1)  # noqa: E741 — b/w/l: access widths
     assert (b0, b1, b2) == (ord("E"), ord("M"), ord("U"))   # no selection by 8/32-bit writes
     assert (w, l) == (0, 0)                                  # invalid reads: 0, no advance
     assert w511 == 0                                         # QEMU 7.2: not valid, no advance

@@ -26,12 +26,12 @@ def test_io_exit_with_data_outside_the_run_page(vcpu):
     run.io.data_offset = 4096
     ex = decode_exit(vcpu)
     with pytest.raises(GuestError, match="outside the run page"):
-        ex.data
+        _ = ex.data
     with pytest.raises(GuestError):
         ex.respond(0)
     run.io.count, run.io.data_offset = 1, 1 << 40
     with pytest.raises(GuestError):
-        decode_exit(vcpu).data
+        _ = decode_exit(vcpu).data
 
 
 def test_mmio_exit_with_bad_length(vcpu):
@@ -39,7 +39,7 @@ def test_mmio_exit_with_bad_length(vcpu):
     run.exit_reason = EXIT_REASONS["MMIO"]
     run.mmio.len = 200
     with pytest.raises(GuestError, match="length 200"):
-        decode_exit(vcpu).data
+        _ = decode_exit(vcpu).data
 
 
 def test_reports_pointing_outside_ram(vcpu):

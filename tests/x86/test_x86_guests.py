@@ -7,7 +7,6 @@ report, assert.
 """
 import os
 import threading
-import time
 
 import pytest
 

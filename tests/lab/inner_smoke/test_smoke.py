@@ -48,7 +48,7 @@ def test_arch():
         assert open("/sys/module/kvm_amd/parameters/nested").read().strip() in ("1", "Y")
         assert " svm" in open("/proc/cpuinfo").read()
     else:
-        isa = next(l for l in open("/proc/cpuinfo") if l.startswith("isa"))
+        isa = next(line for line in open("/proc/cpuinfo") if line.startswith("isa"))
         assert "h" in isa.split(":", 1)[1].strip().split("_")[0][4:]
 
 
