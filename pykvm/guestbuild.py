@@ -208,7 +208,7 @@ def _failure(what: str, cmd: Sequence[str], rc: int, out: str) -> GuestBuildErro
     whole output and the command."""
     out = out.strip()
     lines = out.splitlines()
-    first = next((l for l in lines if _PROBLEM.search(l)), lines[0] if lines else "")
+    first = next((ln for ln in lines if _PROBLEM.search(ln)), lines[0] if lines else "")
     first = first or f"{os.path.basename(cmd[0])} exited {rc}"
     return GuestBuildError(f"{what} failed: {first}\n{out}\n(command: {' '.join(cmd)})")
 
