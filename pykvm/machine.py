@@ -24,7 +24,7 @@ from .exits import Exit
 from .kvm import Kvm
 from .report import GuestAssertion, Report
 from .runloop import ConsoleBuffer, RunLoop
-from .status import debug_exit_status  # noqa: F401  (re-exported for callers)
+from .status import debug_exit_status
 
 
 @dataclass
@@ -436,9 +436,9 @@ class Machine:
 
     def _kick_all(self) -> None:
         self._stop = True
-        for l in getattr(self, "loops", ()):
+        for lp in getattr(self, "loops", ()):
             try:
-                l.kick()
+                lp.kick()
             except Closed:
                 pass
 
@@ -458,7 +458,7 @@ class Machine:
                     continue                       # the platform paused this vCPU (x86 S3)
                 results[index] = ev
                 break
-        except Exception as e:                     # guest, KVM or handler error: the result
+        except Exception as e:  # noqa: BLE001 — guest, KVM or handler error: the result
             ev = results[index] = Event("error", index, error=e)
         if not (ev.kind == "report" and ev.report.kind == "done"):
             self._kick_all()                       # one vCPU ending the machine stops the rest
@@ -518,8 +518,8 @@ class Machine:
             raise Closed("Machine was closed while it ran")
         seconds = time.monotonic() - t0
         counts: Dict[str, int] = {}
-        for l in self.loops:
-            for k, v in l.counts.items():
+        for lp in self.loops:
+            for k, v in lp.counts.items():
                 counts[k] = counts.get(k, 0) + v
         ev = self._decisive(results)
         exit_name, code, detail, dbg = self._verdict(ev)
@@ -568,9 +568,9 @@ class Machine:
         if not self._stop or self._closed:
             return
         self._stop = False
-        for l in self.loops:
+        for lp in self.loops:
             try:
-                l.clear_kick()
+                lp.clear_kick()
             except Closed:
                 pass
 
