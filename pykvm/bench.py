@@ -44,6 +44,7 @@ import threading
 import time
 
 from . import _rawbench
+from ._host import HOST_ARCH
 from .abi import ffi
 
 KINDS = ("io_out", "io_in", "mmio_write", "mmio_read", "hlt")
@@ -445,7 +446,7 @@ def boot(tmp: str, rounds: int, qemu_rounds: int, notes: list) -> dict:
         "import_pykvm": ([sys.executable, "-c", "import pykvm"], 0),
     }
     qemu = shutil.which("qemu-system-x86_64")
-    if qemu and os.uname().machine == "x86_64":
+    if qemu and HOST_ARCH == "x86_64":
         cmds["qemu"] = ([qemu, "-accel", "kvm", "-kernel", image, "-display", "none",
                          "-serial", "stdio", "-nodefaults", "-no-reboot", "-m", "64",
                          "-device", "isa-debug-exit,iobase=0xf4,iosize=4"], 1)
@@ -575,7 +576,7 @@ def host_info() -> dict:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
-    return {"machine": platform.machine(), "cpu": model, "cpus": os.cpu_count(),
+    return {"machine": HOST_ARCH, "cpu": model, "cpus": os.cpu_count(),
             "kernel": platform.release(), "kvm_module": backend, "python": platform.python_version(),
             "loadavg": load}
 
