@@ -2,7 +2,7 @@
 
 Everything here is written from the KVM userspace API description (Documentation/virt/kvm/api.rst
 and the uAPI's documented layouts). Struct text is kept as C declarations so that cffi computes the
-layout; ``tests/hw/test_abi_proof.py`` compares every offset, size, constant and ioctl number with
+layout; ``tests/unit/test_abi_proof.py`` compares every offset, size, constant and ioctl number with
 the kernel headers installed on the machine.
 """
 

@@ -134,7 +134,7 @@ def test_lab_path_options_refused_in_one_line(tmp_path, args):
     assert f.read_text() == "keep" and os.path.exists("/dev/null")
 
 
-# -- python -m pykvm.fuzz (arguments only here; runs are in tests/hw/test_cli_edges.py) ---------
+# -- python -m pykvm.fuzz (arguments only here; runs are in tests/x86/test_cli_edges.py) --------
 @pytest.mark.parametrize("redir", [">/dev/full", ">&-"])
 def test_fuzz_help_on_broken_stdout(redir):
     r = sh(f"{PY} pykvm.fuzz --help {redir}")

@@ -1,7 +1,7 @@
 """Issue 16 (faults 2 and 6): the i8042 controller, PCI configuration access widths and
 writable bits, PMBA/PMREGMISC moving the PM block, the RTC keeping the guest's bytes across a
 mode switch and multiboot ``mem_lower``, as QEMU 7.2 does them (values observed under QEMU TCG
-after SeaBIOS; tests/hw/test_pc_qemu_devices.py runs the same on /dev/kvm and QEMU)."""
+after SeaBIOS; tests/x86/test_pc_qemu_devices.py runs the same on /dev/kvm and QEMU)."""
 import types
 
 from hypothesis import given, settings, strategies as st
