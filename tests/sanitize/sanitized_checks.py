@@ -31,7 +31,8 @@ def test_pykvm_uses_the_sanitized_helper():
 
 
 def test_python_subprocesses_use_it_too():
-    # tests/hw starts `python -m pykvm ...` and pytester subprocesses: they inherit the hook
+    # tests/hw and tests/x86 start `python -m pykvm ...` and pytester subprocesses: they inherit
+    # the hook
     probe = ("import pykvm, pykvm.runloop, pykvm._native as n; "
              "print(n.__file__); print(open('/proc/self/maps').read())")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
