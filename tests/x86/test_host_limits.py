@@ -147,7 +147,7 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.mark.parametrize("opts,limit", [({"pc": True}, "255"), ({}, "64"),
+@pytest.mark.parametrize("opts,limit", [({"machine": "pc"}, "255"), ({}, "64"),
                                         ({"irqchip": True}, "64")])
 def test_more_vcpus_than_the_machine_describes_is_refused_up_front(tmp_path, opts, limit):
     path = elf_guest(tmp_path, SPIN)
