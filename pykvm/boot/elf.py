@@ -70,16 +70,44 @@ _elftools = None
 
 
 def _pyelftools():
-    """(ELFFile, struct_parse, ELFError, enums module), imported once, on the first ELF read
+    """(ELFStructs, struct_parse, ELFError, enums module), imported once, on the first ELF read
     (``import pykvm.machine`` must not pay for it: tests/unit/test_imports.py)."""
     global _elftools
     if _elftools is None:
         from elftools.common.exceptions import ELFError
         from elftools.common.utils import struct_parse
         from elftools.elf import enums
-        from elftools.elf.elffile import ELFFile
-        _elftools = (ELFFile, struct_parse, ELFError, enums)
+        from elftools.elf.structs import ELFStructs
+        _elftools = (ELFStructs, struct_parse, ELFError, enums)
     return _elftools
+
+
+# pyelftools' structures for one (class, e_type, e_machine, EI_OSABI), built once: building them
+# is most of what an ELFFile costs (about a hundred construct objects), and the garbage it left
+# behind per image showed as resident memory per Machine. Bounded: a hostile stream of images
+# with ever new e_machine values keeps at most this many.
+_STRUCTS: "dict" = {}
+_STRUCTS_MAX = 16
+
+
+def _structs(cls: int, e_type, e_machine, osabi):
+    """The cached ``ELFStructs`` for a little-endian ELF of class ``cls`` (1: 32, 2: 64)."""
+    key = (cls, e_type, e_machine, osabi)
+    got = _STRUCTS.get(key)
+    if got is None:
+        ELFStructs = _pyelftools()[0]
+        got = ELFStructs(little_endian=True, elfclass=32 if cls == _ELFCLASS32 else 64)
+        got.create_basic_structs()
+        got.create_advanced_structs(e_type, e_machine, osabi)
+        if len(_STRUCTS) >= _STRUCTS_MAX:
+            _STRUCTS.pop(next(iter(_STRUCTS)))
+        _STRUCTS[key] = got
+    return got
+
+
+def _basic_structs(cls: int):
+    """The cached basic structures (enough for the ELF header) of class ``cls``."""
+    return _structs(cls, None, None, None)
 
 
 def is_elf(data: bytes) -> bool:
@@ -115,7 +143,8 @@ class _ImageStream:
 class _Elf:
     """One ELF file as pyelftools reads it, with the header checked enough for pyelftools to
     parse it: ``hdr`` (an :class:`_Ehdr` with numeric fields), ``data`` (the image bytes),
-    ``file`` (the ``ELFFile``)."""
+    ``stream`` (the image as a stream) and ``structs`` (pyelftools' ``ELFStructs`` for its class
+    and machine, cached across images)."""
 
     def __init__(self, data):
         if len(data) < 16:
@@ -130,19 +159,28 @@ class _Elf:
         if len(data) < _EHSIZE[cls]:
             raise LoadError(f"image truncated: {len(data)} bytes is too short for the ELF header "
                             f"({_EHSIZE[cls]} bytes)")
-        ELFFile, self._parse, self._error, enums = _pyelftools()
+        _, self._parse, self._error, enums = _pyelftools()
         self.data = data
+        self.stream = _ImageStream(data)
         try:
-            self.file = ELFFile(_ImageStream(data))
+            h = self._parse(_basic_structs(cls).Elf_Ehdr, self.stream, 0)
+            self.structs = _structs(cls, h["e_type"], h["e_machine"],
+                                    h["e_ident"]["EI_OSABI"])
         except self._error as e:         # the checks above leave nothing for it to refuse
             raise LoadError(f"malformed ELF header: {e}") from e
-        h = self.file.header
+        self.header = h
         self.hdr = _Ehdr(cls, _number(h["e_type"], enums.ENUM_E_TYPE),
                          _number(h["e_machine"], enums.ENUM_E_MACHINE),
                          _number(h["e_version"], enums.ENUM_E_VERSION), h["e_entry"],
                          h["e_phoff"], h["e_shoff"], h["e_flags"], h["e_ehsize"],
                          h["e_phentsize"], h["e_phnum"], h["e_shentsize"], h["e_shnum"],
                          h["e_shstrndx"])
+
+    def elffile(self):
+        """pyelftools' ``ELFFile`` over this image (for its DWARF reader: built only when line
+        tables are asked for, after the checks of :mod:`.symbols`)."""
+        from elftools.elf.elffile import ELFFile      # (imported with the rest on first use)
+        return ELFFile(_ImageStream(self.data))
 
     def entries(self, what: str, off: int, count: int, entsize: int, structure, size: int,
                 cap: int) -> Iterator:
@@ -159,7 +197,7 @@ class _Elf:
         if end > len(self.data):
             raise LoadError(f"image truncated: {what}s end at {end:#x}, the file has "
                             f"{len(self.data):#x} bytes")
-        stream, parse = self.file.stream, self._parse
+        stream, parse = self.stream, self._parse
         return (parse(structure, stream, off + i * entsize) for i in range(count))
 
 
@@ -204,7 +242,7 @@ def _program_headers(elf: _Elf) -> List[_Phdr]:
     return [_Phdr(_PT_LOAD if p["p_type"] == "PT_LOAD" else p["p_type"], p["p_offset"],
                   p["p_vaddr"], p["p_paddr"], p["p_filesz"], p["p_memsz"], p["p_flags"])
             for p in elf.entries("program header", h.phoff, h.phnum, h.phentsize,
-                                 elf.file.structs.Elf_Phdr, size, MAX_PROGRAM_HEADERS)]
+                                 elf.structs.Elf_Phdr, size, MAX_PROGRAM_HEADERS)]
 
 
 def _section_headers(elf: _Elf) -> List[_Shdr]:
@@ -221,7 +259,7 @@ def _section_headers(elf: _Elf) -> List[_Shdr]:
             return []
         raise LoadError(f"bad ELF section header size {h.shentsize} (e_shentsize must be at "
                         f"least {size} for this ELF class)")
-    structure = elf.file.structs.Elf_Shdr
+    structure = elf.structs.Elf_Shdr
     shnum = h.shnum
     if shnum == 0:
         first = list(elf.entries("section header", h.shoff, 1, h.shentsize, structure, size, 1))
@@ -478,7 +516,7 @@ def _read_symbols(elf: _Elf, data: bytes, sh: _Shdr, st: _Shdr,
     str_lo, str_hi = st.offset, st.offset + st.size
     entsize = sh.entsize
     count = sh.size // entsize
-    structure, stream, parse = elf.file.structs.Elf_Sym, elf.file.stream, elf._parse
+    structure, stream, parse = elf.structs.Elf_Sym, elf.stream, elf._parse
     if want is not None:
         key = want + b"\0"
         wanted, pos = set(), data.find(key, str_lo, str_hi)

@@ -103,7 +103,7 @@ class Symbols:
         except _NoDwarf:
             return
         data = elf.data
-        dwarf = elf.file.get_dwarf_info(relocate_dwarf_sections=False)
+        dwarf = elf.elffile().get_dwarf_info(relocate_dwarf_sections=False)
         units = []
         for n, cu in enumerate(dwarf.iter_CUs()):      # CU headers only, one after another
             if n >= MAX_DWARF_UNITS:

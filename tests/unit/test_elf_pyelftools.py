@@ -10,6 +10,7 @@ import time
 
 import pytest
 from elftools.elf.elffile import ELFFile
+from elftools.elf.structs import ELFStructs
 
 from pykvm import boot
 from pykvm.boot import elf as elfmod
@@ -30,8 +31,10 @@ def _seconds(fn, repeat=3):
 def test_elf_images_are_read_by_pyelftools():
     img = with_symbols(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000), {"pykvm_params": 0x100100})
     elf = elfmod._Elf(img)
-    assert isinstance(elf.file, ELFFile)
-    assert elf.file.header["e_machine"] == "EM_X86_64"
+    assert isinstance(elf.structs, ELFStructs)                   # pyelftools' structures
+    assert elf.header["e_machine"] == "EM_X86_64"                # decoded by pyelftools
+    assert elf.structs is elfmod._Elf(bytes(img)).structs        # built once per class/machine
+    assert isinstance(elf.elffile(), ELFFile)                    # DWARF: the whole ELFFile
     assert boot.parse_image(img).entry == 0x100000
     assert boot.find_symbol(img, "pykvm_params") == 0x100100
 
