@@ -34,15 +34,13 @@ elsewhere); ``riscv64-linux-gnu-gcc`` for RISC-V (``gcc`` on a riscv64 host). Th
 variables ``PYKVM_X86_CC``, ``PYKVM_X86_LD``, ``PYKVM_X86_OBJCOPY`` and ``PYKVM_RISCV_CC``
 override them.
 """
+# The standard-library modules only a build needs (subprocess, shutil, tempfile, hashlib,
+# concurrent.futures) are imported where a build uses them: pykvm.machine imports this module
+# (through pykvm.guests), and `pykvm run` of an image file must not pay for them.
 import errno
-import hashlib
 import os
 import re
-import shutil
 import stat
-import subprocess
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._host import host_arch
@@ -136,6 +134,7 @@ def cache_dir() -> str:
 
 def _tool(env: str, native: str, cross: str, arch: str) -> str:
     name = os.environ.get(env) or (native if host_arch() == arch else cross)
+    import shutil
     found = shutil.which(name)
     if not found:
         hint = {"riscv64-linux-gnu-gcc": " (Debian/Ubuntu: apt-get install gcc-riscv64-linux-gnu)",
@@ -160,6 +159,7 @@ def _no_warn_rwx(ld_help_cmd: List[str]) -> bool:
     silences a warning, so it is not part of the cache key."""
     key = " ".join(ld_help_cmd)
     if key not in _LD_HAS_NO_WARN_RWX:
+        import subprocess
         r = subprocess.run(ld_help_cmd, capture_output=True, text=True)
         _LD_HAS_NO_WARN_RWX[key] = "no-warn-rwx-segments" in (r.stdout + r.stderr)
     return _LD_HAS_NO_WARN_RWX[key]
@@ -214,6 +214,7 @@ def _failure(what: str, cmd: Sequence[str], rc: int, out: str) -> GuestBuildErro
 
 
 def _run(cmd: Sequence[str], what: str) -> None:
+    import subprocess
     r = subprocess.run(list(cmd), capture_output=True, text=True)
     if r.returncode != 0:
         raise _failure(what, cmd, r.returncode, r.stderr + r.stdout)
@@ -281,6 +282,7 @@ class _Plan:
         self.tools = tools
 
     def key(self) -> str:
+        import hashlib
         h = hashlib.sha256()
         h.update(f"pykvm-guest {_FORMAT} {self.arch} {self.mode} {self.name}\0".encode())
         for t in self.tools:
@@ -291,6 +293,7 @@ class _Plan:
         _hash_runtime(h, self.rt, self.arch)
         # the source as the compiler sees it: every header it includes, __FILE__ as mapped
         cmd = [self.cc] + list(self.cflags) + ["-E", "-P", self.source]
+        import subprocess
         r = subprocess.run(cmd, capture_output=True)
         if r.returncode != 0:
             raise _failure(self.what, cmd, r.returncode, r.stderr.decode("utf-8", "replace"))
@@ -323,6 +326,7 @@ class _Plan:
         user_o = os.path.join(obj, "guest", os.path.basename(self.source) + ".o")
         os.makedirs(os.path.dirname(user_o), exist_ok=True)
         jobs.append(([self.cc] + list(self.cflags) + ["-c", self.source, "-o", user_o], what))
+        from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as ex:
             for f in [ex.submit(_run, cmd, w) for cmd, w in jobs]:
                 f.result()
@@ -333,6 +337,7 @@ class _Plan:
         if self.flat:
             _run([self.objcopy, "-O", "binary", elf, os.path.join(d, self.name + ".bin")],
                  what + ": objcopy")
+        import shutil
         shutil.rmtree(obj)
 
 
@@ -361,6 +366,8 @@ def build(source, *, arch: Optional[str] = None, mode: Optional[str] = None,
     names = plan.outputs()
     if not all(os.path.isfile(os.path.join(final, n)) for n in names):
         os.makedirs(base, exist_ok=True)
+        import shutil
+        import tempfile
         tmp = tempfile.mkdtemp(prefix=f".{plan.name}-", dir=base)
         try:
             plan.build_into(tmp)

@@ -13,8 +13,6 @@ Guests are searched in order:
 your own: it is compiled with the packaged guest runtime (see :mod:`pykvm.guestbuild`).
 """
 import os
-import shutil
-import subprocess
 import threading
 from typing import List, Optional
 
@@ -59,6 +57,8 @@ def build(out: str = BUILD_DIR, *, force: bool = False) -> str:
                      f"this pykvm ({_HERE}) was installed without built-in guests")
             raise GuestNotFound(f"no guests/ source directory next to this pykvm ({SOURCE_DIR}): "
                                 f"{where}; building them works only in a source checkout")
+        import shutil                  # (build-time modules: see pykvm.guestbuild)
+        import subprocess
         if not shutil.which("make"):
             raise PykvmError("building guests needs 'make' (and gcc, binutils) on PATH")
         r = subprocess.run(["make", "-s", "-C", SOURCE_DIR, f"OUT={out}",
@@ -127,6 +127,7 @@ def path(name: str, arch: Optional[str] = None) -> str:
         if p:
             return p
     if _in_checkout():
+        import shutil
         can_build = os.path.isdir(SOURCE_DIR) and shutil.which("make")
         newest = _newest_source() if can_build else 0.0
         p = _find(checkout_dir, name)

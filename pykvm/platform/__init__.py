@@ -2,51 +2,63 @@
 module per machine — ``pc`` (:mod:`.pc`), ``bare`` (:mod:`.bare`) on x86, ``virt``
 (:mod:`.riscv_virt`) on RISC-V — each a :class:`~.base.Platform`; :func:`choose` picks one by
 name, or by the image when the name is "auto", before anything is created or loaded."""
+import importlib
 import inspect
-from typing import Dict, Optional, Tuple, Type
+from typing import Callable, Dict, Tuple, Type
 
 from .._host import HOST_ARCH
 from ..boot import detect
 from .base import MachineControl, Platform
 
-if HOST_ARCH == "riscv64":
-    from .riscv_virt import VirtPlatform
-    PLATFORMS: Dict[str, Type] = {"virt": VirtPlatform}
-    PC_DEVICES: Tuple[str, ...] = ()
+__all__ = ["MachineControl", "Platform", "MACHINES", "choose", "machine_class"]
 
-    def _auto(fmt: str, options: dict) -> str:
-        return "virt"
-else:
-    from .bare import BarePlatform
-    from .pc import DEVICES as PC_DEVICES, PcPlatform
-    PLATFORMS = {"pc": PcPlatform, "bare": BarePlatform}
+# machine name -> (architecture, module in this package, class). A machine's module, and the
+# device models it brings, is imported only when that machine is chosen: booting a bare ELF guest
+# does not load the PC's devices (about 10 ms of `pykvm run`'s start-up).
+MACHINES: Dict[str, Tuple[str, str, str]] = {
+    "pc": ("x86_64", ".pc", "PcPlatform"),
+    "bare": ("x86_64", ".bare", "BarePlatform"),
+    "virt": ("riscv64", ".riscv_virt", "VirtPlatform"),
+}
 
-    def _auto(fmt: str, options: dict) -> str:
-        """A multiboot kernel, a Linux bzImage or PC devices ask for the PC; else bare."""
-        return "pc" if fmt in ("multiboot", "linux-x86") or options.get("devices") else "bare"
 
-__all__ = ["MachineControl", "Platform", "PLATFORMS", "PC_DEVICES", "choose", "MACHINE_NAMES"]
+def _auto_x86(fmt: str, options: dict) -> str:
+    """A multiboot kernel, a Linux bzImage or PC devices ask for the PC; else bare."""
+    return "pc" if fmt in ("multiboot", "linux-x86") or options.get("devices") else "bare"
 
-# every machine pykvm has, by architecture (for --help and messages on any host)
-MACHINE_NAMES = {"x86_64": ("pc", "bare"), "riscv64": ("virt",)}
+
+def _auto_riscv(fmt: str, options: dict) -> str:
+    """RISC-V has one machine."""
+    return "virt"
+
+
+_AUTO: Callable[[str, dict], str] = {"x86_64": _auto_x86, "riscv64": _auto_riscv}.get(
+    HOST_ARCH, _auto_x86)
+
+
+def machine_class(name: str) -> Type:
+    """The platform class of machine ``name`` on this host; raises :class:`ValueError` naming
+    the machines this host has for a name it has not (another architecture's, or none)."""
+    entry = MACHINES.get(name)
+    if entry is None or entry[0] != HOST_ARCH:
+        where = f" (a {entry[0]} machine)" if entry is not None else ""
+        here = ", ".join(n for n, e in MACHINES.items() if e[0] == HOST_ARCH)
+        raise ValueError(f"no machine {name!r} on this {HOST_ARCH} host{where}; machines here: "
+                         f"{here}")
+    return getattr(importlib.import_module(entry[1], __name__), entry[2])
 
 
 def choose(name: str, head: bytes, **options) -> Tuple[Type, str]:
     """(platform class, image format) for machine ``name`` ("auto", or one of
-    :data:`PLATFORMS`) and an image whose first bytes are ``head`` (8 KiB;
+    :data:`MACHINES`) and an image whose first bytes are ``head`` (8 KiB;
     :func:`pykvm.boot.read_head`). "auto" picks, on x86, ``pc`` for a multiboot kernel, a Linux
     bzImage or when PC ``devices`` are asked for, else ``bare``; on RISC-V, ``virt``. Raises
     :class:`ValueError` naming the machines this host has for an unknown name, and for options
     that need another machine (PC ``devices`` on ``bare``) or that the machine does not have."""
     fmt = detect(head, arch=HOST_ARCH)
     if name in (None, "auto"):
-        name = _auto(fmt, options)
-    cls: Optional[Type] = PLATFORMS.get(name)
-    if cls is None:
-        other = [a for a, names in MACHINE_NAMES.items() if name in names]
-        where = f" (a {other[0]} machine)" if other else ""
-        raise ValueError(f"no machine {name!r} on this {HOST_ARCH} host{where}; machines here: "
-                         f"{', '.join(PLATFORMS)}")
+        name = _AUTO(fmt, options)
+    cls = machine_class(name)
     if options.get("devices") and name != "pc":
         raise ValueError(f"devices ({', '.join(options['devices'])}) need the pc machine, "
                          f"not {name!r}")

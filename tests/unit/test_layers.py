@@ -172,3 +172,14 @@ def test_each_layer_has_modules(layer):
     mods, _ = _graph()
     rank = [n for n, _ in LAYERS].index(layer)
     assert any(_layer(m) == rank for m in mods)
+
+
+def test_machines_loaded_by_name_are_platform_modules():
+    """The one dynamic import (a machine's module, loaded when it is chosen) stays inside the
+    platform layer, and every machine named exists."""
+    from pykvm import platform
+    mods, _ = _graph()
+    for name, (_arch, module, cls) in platform.MACHINES.items():
+        full = "pykvm.platform" + module
+        assert full in mods and _layer(full) == _layer("pykvm.platform"), name
+        assert f"class {cls}" in open(mods[full]).read(), name

@@ -93,12 +93,18 @@ def test_a_vcpu_thread_that_cannot_start_is_a_vmm_error_naming_threads(tmp_path)
 
 # The child joins the cgroup once its machine exists, so that what the limit meets is the guest
 # touching its RAM, not the interpreter starting (under ASan the process itself is larger, and
-# with the OOM killer off an allocation over the limit would wait for ever).
+# with the OOM killer off an allocation over the limit would wait for ever). For the same
+# reason it keeps headroom in Python's allocator for what runs after the limit is met (the exit,
+# the verdict, the JSON line): free slots in pools of every small size class, made before it
+# joins. Without them the first fresh pool page (pymalloc_pool_extend) waits in
+# mem_cgroup_oom_synchronize for ever, whichever code asks for it.
 CGROUP = r"""
 import json, os, sys
 from pykvm.machine import Machine
 from pykvm.testing.reference_loop import ReferenceLoop
 loop = None if sys.argv[3] == "c" else ReferenceLoop
+cushion = [bytes(n) for _ in range(64) for n in range(1, 512, 8)]
+del cushion[::2]                      # every second one freed: slots in pools already faulted in
 with Machine(sys.argv[1], mem_size=1 << 30, loop=loop) as m:
     with open(os.path.join(sys.argv[2], "cgroup.procs"), "w") as f:
         f.write(str(os.getpid()))
