@@ -22,16 +22,19 @@ import struct
 from dataclasses import dataclass, field
 from typing import Dict, Sequence
 
+from ..devices import acpi_pm
+
 OEM_ID = b"PYKVM "
 OEM_TABLE_ID = b"PYKVMPC "
 OEM_REVISION = 1
 CREATOR_ID = b"PYKV"
 CREATOR_REVISION = 1
 
-PM_BASE = 0x600
-PM1A_EVT_BLK = PM_BASE
-PM1A_CNT_BLK = PM_BASE + 0x04
-PM_TMR_BLK = PM_BASE + 0x08
+# the PM block where the device model sits by default (the FADT points the guest at it)
+PM_BASE = acpi_pm.STS_PORT
+PM1A_EVT_BLK = acpi_pm.STS_PORT
+PM1A_CNT_BLK = acpi_pm.CNT_PORT
+PM_TMR_BLK = acpi_pm.TMR_PORT
 PM1_EVT_LEN = 4
 PM1_CNT_LEN = 2
 PM_TMR_LEN = 4
