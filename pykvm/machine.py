@@ -23,7 +23,7 @@ from .errors import (Busy, Closed, GuestError, GuestMemoryError, HostResourceErr
 from .exits import Exit
 from .kvm import Kvm
 from .report import GuestAssertion, Report
-from .runloop import ConsoleBuffer, RunLoop
+from .runloop import ConsoleBuffer, LoopBase, RunLoop
 from .status import debug_exit_status
 
 
@@ -160,8 +160,13 @@ class Machine:
                  flat_addr: Optional[int] = None, flat_mode: str = "real",
                  console_limit: int = 1 << 20, report_limit: int = 4096,
                  initrd: Sequence[str] = (), machine: str = "auto", **platform_opts):
-        if not isinstance(vcpus, int) or vcpus < 1:
+        if not isinstance(vcpus, int) or isinstance(vcpus, bool):
+            raise ValueError(f"vcpus must be an integer, not {vcpus!r}")
+        if vcpus < 1:
             raise ValueError(f"a machine needs at least one vCPU, got {vcpus!r}")
+        if not (isinstance(loop, type) and issubclass(loop, LoopBase)) and loop is not None:
+            raise ValueError(f"loop must be a run-loop class (pykvm.runloop.RunLoop or a "
+                             f"subclass of LoopBase), not {loop!r}")
         self._closed = False
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
@@ -183,7 +188,8 @@ class Machine:
             if guest is None or (isinstance(guest, str) and not _is_image_path(guest)):
                 image = guests.path(guest or guests.DEFAULT_GUEST)
             self.image_name = image if isinstance(image, str) else "<bytes>"
-            cls, fmt = choose_platform(machine, read_head(image), **platform_opts)
+            cls, fmt, platform_opts = choose_platform(machine, read_head(image),
+                                                      **platform_opts)
             self._check_vcpu_limits(vcpus, cls, fmt, dict(platform_opts, flat_mode=flat_mode))
             self.vm = self.kvm.create_vm()
             control = MachineControl(console=self._console_out, stopping=self._stopping,

@@ -37,6 +37,7 @@ from typing import (Dict, Iterator, List, Optional, Protocol, Sequence, Tuple,
 
 from ..errors import GuestMemoryError, PykvmError
 
+ACCESS_SIZES = frozenset((1, 2, 4, 8))  # bytes one access may carry
 PIO_LIMIT = 1 << 16               # x86 I/O ports 0..0xFFFF
 MMIO_LIMIT = 1 << 64              # guest-physical addresses
 
@@ -84,6 +85,16 @@ class Mapping:
         return f"{self.name or type(self.device).__name__} [{self.base:#x}, {self.end:#x})"
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_access(bus: "Bus", addr: int, size: int) -> None:
+    if size.__class__ is not int or size not in ACCESS_SIZES or addr.__class__ is not int:
+        raise ValueError(f"{bus.name} bus: an access is 1, 2, 4 or 8 bytes at an integer "
+                         f"address, not {size!r} bytes at {addr!r}")
+
+
 def _pow2floor(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
@@ -94,6 +105,8 @@ class Bus:
     while the guest's configuration writes move ranges (a PCI BAR, the ACPI PM block)."""
 
     def __init__(self, name: str, limit: int):
+        if not _is_int(limit) or limit <= 0:
+            raise ValueError(f"bus limit must be a positive integer, not {limit!r}")
         self.name = name
         self.limit = limit
         # (starts, mappings), sorted by base; replaced whole under the lock so that a reader
@@ -110,10 +123,16 @@ class Bus:
         :class:`BusConflict` naming both ranges if it overlaps a range already inserted, or
         if it does not lie inside the bus; :class:`ValueError` for a size or ``max_access``
         that is no positive power of two where one is needed."""
-        if not (isinstance(base, int) and isinstance(size, int)) or size <= 0:
+        if not (_is_int(base) and _is_int(size)) or size <= 0:
             raise ValueError(f"{self.name} bus: bad range base={base!r} size={size!r}")
-        if max_access not in (1, 2, 4, 8):
+        if not _is_int(offset) or offset < 0:
+            raise ValueError(f"{self.name} bus: offset must be an integer >= 0, not {offset!r}")
+        if not _is_int(max_access) or max_access not in ACCESS_SIZES:
             raise ValueError(f"{self.name} bus: max_access must be 1, 2, 4 or 8, not {max_access!r}")
+        if not (callable(getattr(device, "read", None)) and
+                callable(getattr(device, "write", None))):
+            raise TypeError(f"{self.name} bus: {type(device).__name__} is no device (it needs "
+                            "read(offset, size) and write(offset, size, value))")
         m = Mapping(base, size, device, offset, max_access, name)
         if base < 0 or m.end > self.limit:
             raise BusConflict(f"{self.name} bus: {m.describe()} lies outside the bus "
@@ -145,7 +164,11 @@ class Bus:
                                  f"ranges for this bus")
         done: List[Mapping] = []
         try:
-            for base, size, offset, max_access in ranges:
+            for spec in ranges:
+                if not (isinstance(spec, tuple) and len(spec) == 4):
+                    raise ValueError(f"{self.name} bus: a range of {type(device).__name__} must "
+                                     f"be (base, size, offset, max_access), not {spec!r}")
+                base, size, offset, max_access = spec
                 done.append(self.insert(base, size, device, offset=offset,
                                         max_access=max_access))
         except BaseException:
@@ -200,7 +223,9 @@ class Bus:
 
     def read(self, addr: int, size: int) -> int:
         """The value a guest read of ``size`` bytes at ``addr`` gets (see the module
-        docstring: cut into pieces, unassigned bytes and master aborts read all-ones)."""
+        docstring: cut into pieces, unassigned bytes and master aborts read all-ones). Raises
+        :class:`ValueError` for a ``size`` other than 1, 2, 4 or 8."""
+        _check_access(self, addr, size)
         value = 0
         for m, a, n, pos in self._pieces(addr, size):
             if m is None:
@@ -216,7 +241,9 @@ class Bus:
 
     def write(self, addr: int, size: int, value: int) -> None:
         """Hand a guest write of ``value`` (``size`` bytes) at ``addr`` to the devices it
-        covers (unassigned bytes and master aborts are dropped)."""
+        covers (unassigned bytes and master aborts are dropped). Raises :class:`ValueError`
+        for a ``size`` other than 1, 2, 4 or 8."""
+        _check_access(self, addr, size)
         for m, a, n, pos in self._pieces(addr, size):
             if m is None:
                 self._count_unassigned(a)
@@ -230,6 +257,9 @@ class Bus:
         """``count`` reads of ``size`` bytes at ``addr`` (a string ``INS``), as bytes. A device
         with ``read_repeated(offset, size, count) -> bytes`` serves all of them in one call
         when one range holds the whole access (fw_cfg's data port: a 4 KiB ``rep insb``)."""
+        _check_access(self, addr, size)
+        if not _is_int(count) or count < 0:
+            raise ValueError(f"{self.name} bus: count must be an integer >= 0, not {count!r}")
         m = self.find(addr)
         fast = getattr(m.device, "read_repeated", None) if m is not None else None
         if m is not None and fast is not None and addr + size <= m.end and \
@@ -243,5 +273,6 @@ class Bus:
     def write_bytes(self, addr: int, size: int, data: bytes) -> None:
         """Writes of ``size`` bytes at ``addr``, one per ``size``-byte piece of ``data`` (a
         string ``OUTS``)."""
+        _check_access(self, addr, size)
         for i in range(0, len(data) - size + 1, size):
             self.write(addr, size, int.from_bytes(data[i:i + size], "little"))

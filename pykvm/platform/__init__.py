@@ -39,24 +39,38 @@ _AUTO: Callable[[str, dict], str] = {"x86_64": _auto_x86, "riscv64": _auto_riscv
 def machine_class(name: str) -> Type:
     """The platform class of machine ``name`` on this host; raises :class:`ValueError` naming
     the machines this host has for a name it has not (another architecture's, or none)."""
-    entry = MACHINES.get(name)
+    entry = MACHINES.get(name) if isinstance(name, str) else None
     if entry is None or entry[0] != HOST_ARCH:
         where = f" (a {entry[0]} machine)" if entry is not None else ""
         here = ", ".join(n for n, e in MACHINES.items() if e[0] == HOST_ARCH)
-        raise ValueError(f"no machine {name!r} on this {HOST_ARCH} host{where}; machines here: "
-                         f"{here}")
+        raise ValueError(f"no machine {_shown(name)} on this {HOST_ARCH} host{where}; machines "
+                         f"here: {here} (or auto)")
     return getattr(importlib.import_module(entry[1], __name__), entry[2])
 
 
-def choose(name: str, head: bytes, **options) -> Tuple[Type, str]:
-    """(platform class, image format) for machine ``name`` ("auto", or one of
+def _shown(name: str) -> str:
+    """``name`` for a message: repr, cut short (a caller's string may be anything)."""
+    return repr(name) if len(name) <= 40 else repr(name[:40]) + "..."
+
+
+def choose(name: str, head: bytes, **options) -> Tuple[Type, str, dict]:
+    """(platform class, image format, its options) for machine ``name`` ("auto", or one of
     :data:`MACHINES`) and an image whose first bytes are ``head`` (8 KiB;
     :func:`pykvm.boot.read_head`). "auto" picks, on x86, ``pc`` for a multiboot kernel, a Linux
     bzImage or when PC ``devices`` are asked for, else ``bare``; on RISC-V, ``virt``. Raises
     :class:`ValueError` naming the machines this host has for an unknown name, and for options
-    that need another machine (PC ``devices`` on ``bare``) or that the machine does not have."""
+    that need another machine (PC ``devices`` on ``bare``) or that the machine does not have.
+    The options returned are those given, less an empty ``devices``."""
+    if not isinstance(name, str):
+        raise ValueError(f"machine must be a name (a string), not {name!r}")
+    devices = options.get("devices")
+    if devices is not None and (isinstance(devices, (str, bytes)) or not all(
+            isinstance(d, str) for d in devices)):
+        raise ValueError(f"devices must be a sequence of device names, not {devices!r}")
+    if not devices:
+        options.pop("devices", None)          # none asked for: any machine will do
     fmt = detect(head, arch=HOST_ARCH)
-    if name in (None, "auto"):
+    if name == "auto":
         name = _AUTO(fmt, options)
     cls = machine_class(name)
     if options.get("devices") and name != "pc":
@@ -69,4 +83,4 @@ def choose(name: str, head: bytes, **options) -> Tuple[Type, str]:
                                                        "mem_size")]
             raise ValueError(f"the {name} machine has no option {opt!r} (its options: "
                              f"{', '.join(known) or 'none'})")
-    return cls, fmt
+    return cls, fmt, options

@@ -23,7 +23,7 @@ C run loop             COM1 (0x3F8), debug console (0xE9), isa-debug-exit (0xF4-
 anything else          unassigned: reads all-ones, writes are dropped (as on a PC bus)
 =====================  ================================================================
 
-Optional devices (``devices=``, ``pykvm run --device``), as QEMU's ``-device`` adds them:
+Optional devices (``devices=``, ``pykvm run --pc-device``), as QEMU's ``-device`` adds them:
 
 * ``edu`` — QEMU's educational PCI device (:mod:`pykvm.devices.edu`) at 00:03.0, BAR 0 at 0xFEA00000,
   INTA# on IRQ 11 (what SeaBIOS gives slot 3), MSI;

@@ -250,3 +250,37 @@ def test_ranges_move_while_other_threads_access():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_bad_arguments_are_typed_errors_that_leave_the_bus_as_it_was():
+    """Caller mistakes (never the guest's: a guest only chooses addresses and sizes through
+    exits) are refused where they are made, and nothing half-done stays on the bus."""
+    bus = pio()
+    good = Recorder()
+    bus.insert(0x60, 1, good)
+    with pytest.raises(TypeError, match="is no device"):
+        bus.insert(0x70, 1, None)
+    for kw in ({"offset": -1}, {"offset": "x"}, {"max_access": 4.0}, {"max_access": 3}):
+        with pytest.raises(ValueError):
+            bus.insert(0x70, 1, Recorder(), **kw)
+    for base in (True, 1.0, "0x70"):
+        with pytest.raises(ValueError):
+            bus.insert(base, 1, Recorder())
+    for size in (0, -1, 3, 16, 1.0, "4", True):
+        with pytest.raises(ValueError, match="1, 2, 4 or 8 bytes"):
+            bus.read(0x60, size)
+        with pytest.raises(ValueError, match="1, 2, 4 or 8 bytes"):
+            bus.write(0x60, size, 0)
+        with pytest.raises(ValueError, match="1, 2, 4 or 8 bytes"):
+            bus.write_bytes(0x60, size, b"abc")
+    with pytest.raises(ValueError, match="count"):
+        bus.read_bytes(0x60, 1, -1)
+
+    class D(Recorder):
+        PIO_RANGES = ((0x900, 1, 0),)            # three fields, not four
+    with pytest.raises(ValueError, match=r"\(base, size, offset, max_access\)"):
+        bus.attach(D())
+    with pytest.raises(ValueError, match="limit"):
+        Bus("pio", -1)
+    assert [m.device for m in bus.mappings()] == [good]
+    assert bus.read(0x60, 1) == good.read(0, 1)
