@@ -703,7 +703,9 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                        "143 SIGTERM (see pykvm.status)")
     r.add_argument("guest", nargs="?", help="image path or built-in guest name")
     r.add_argument("--mem", type=_size, default=64 << 20, metavar="SIZE",
-                   help="guest RAM, e.g. 64M, 2G (default 64M; at most 1T; mapped lazily)")
+                   help="guest RAM, e.g. 64M, 2G (default 64M; mapped lazily; at most 1T, and 31G for "
+                   "an x86 guest pykvm starts in long mode, whose boot page tables map 32 GiB "
+                   "of addresses)")
     r.add_argument("--vcpus", "--smp", type=_int_range(1, MAX_VCPUS), default=1, metavar="N",
                    help="number of vCPUs (default 1; a machine refuses more than its tables "
                    "can describe)")

@@ -894,7 +894,7 @@ def test_big_ram_identity_map_and_limits():
     modes.write_identity_map(m)
     assert m.writes[layout.PD_ADDR] == 6 * 4096
     m.size = 40 << 30
-    with pytest.raises(ValueError, match="larger than the boot page tables"):
+    with pytest.raises(ValueError, match="above the 32 GiB the boot page tables map"):
         modes.write_identity_map(m)
     with pytest.raises(ValueError):
         layout.stack_top(layout.MAX_VCPUS)

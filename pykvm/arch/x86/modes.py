@@ -106,8 +106,10 @@ def write_identity_map(mem, ram_size: Optional[int] = None,
     size = L.identity_map_size(ram_size)
     n_pd = size // L.GiB
     if n_pd > L.PD_MAX_PAGES:
-        raise ValueError(f"guest RAM {ram_size:#x} is larger than the boot page tables can map "
-                         f"({L.PD_MAX_PAGES} GiB)")
+        raise ValueError(f"guest RAM reaches GPA {ram_size:#x}, above the {L.PD_MAX_PAGES} GiB the "
+                         f"boot page tables map (RAM beyond 3 GiB sits above the 32-bit PCI "
+                         f"hole, from 4 GiB): give a long-mode guest at most "
+                         f"{L.PD_MAX_PAGES - 1} GiB")
     pml4 = bytearray(L.PAGE_SIZE)
     struct.pack_into("<Q", pml4, 0, layout.pdpt | PTE_P | PTE_RW)
     pdpt = bytearray(L.PAGE_SIZE)
