@@ -30,6 +30,13 @@ min–max, and each ratio is the median of the per-round ratios (min–max of th
 
 ``--quick`` finishes in well under a minute; ``--plot FILE.png`` draws the ratios with their
 min–max (matplotlib, the ``bench`` extra).
+
+``--curves`` measures instead how each cost grows as the work grows (:func:`curves`): exits/s
+against vCPUs (to twice the host's CPUs), the create→run→destroy rate with 0 to 1000 other VMs
+alive, resident memory per VM with 1 to 100 VMs alive, Machine create time and resident memory
+against guest RAM size (64 MiB to 64 GiB) and kvm-unit-tests wall time against QEMU (where a
+kvm-unit-tests build is named by PYKVM_KUT_DIR), with Firecracker's published figures beside the
+matching curves; ``--plot`` then draws one panel per curve. docs/cost-curves.md shows a run.
 """
 import gc
 import os
@@ -40,6 +47,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
@@ -510,49 +518,13 @@ def scaling(kvm, n: int) -> list:
     """Aggregate exit rate of the C run loop (I/O out to port 0x80) with 1, 2, 4, ... vCPUs up to
     the host's CPU count, one thread per vCPU running ``n`` exits. Returns one dict per vCPU count:
     "vcpus", "exits", "seconds" (wall) and "exits_per_s"."""
-    from .runloop import LoopConfig, RunLoop
     cpus = os.cpu_count() or 1
     counts = sorted({c for c in (1, 2, 4, 8, 16, 32, 64, 128) if c <= cpus} | {cpus})
-    code = guest_code("io_out")
     rows = []
     for k in counts:
-        vm, v0 = _real_mode_vcpu(kvm, code)
-        with vm:
-            vcpus = [v0]
-            for _ in range(k - 1):
-                v = vm.create_vcpu()
-                s = v.get_sregs()
-                s.cs.base = s.cs.selector = 0
-                v.set_sregs(s)
-                r = ffi.new("struct kvm_regs *")
-                r.rip, r.rflags = CODE_GPA, 2
-                v.set_regs(r)
-                vcpus.append(v)
-            cfg = LoopConfig(serial_base=0, exit_port=0, debugcon_port=PORT,
-                             console_limit=1 << 12)
-            loops = [RunLoop(v, config=cfg) for v in vcpus]
-            barrier = threading.Barrier(k + 1)
-            errors = []
-
-            def work(loop, barrier: threading.Barrier, errors: list) -> None:
-                barrier.wait()
-                try:
-                    loop.run(budget=n)
-                except Exception as e:  # noqa: BLE001 pragma: no cover — reported below
-                    errors.append(e)
-            threads = [threading.Thread(target=work, args=(lp, barrier, errors)) for lp in loops]
-            for t in threads:
-                t.start()
-            barrier.wait()
-            t0 = time.perf_counter()
-            for t in threads:
-                t.join()
-            dt = time.perf_counter() - t0
-            if errors:
-                raise errors[0]
-            total = sum(lp.exits_total for lp in loops)
-            rows.append({"vcpus": k, "exits": total, "seconds": round(dt, 4),
-                         "exits_per_s": round(total / dt)})
+        total, dt = _exit_rate(kvm, k, n)
+        rows.append({"vcpus": k, "exits": total, "seconds": round(dt, 4),
+                     "exits_per_s": round(total / dt)})
     return rows
 
 
@@ -744,9 +716,16 @@ def plot(res: dict, path: str) -> None:
 
 def main(args) -> int:
     """The ``pykvm bench`` command: measure (``args.quick``, ``args.exits``), draw the ratios to
-    ``args.plot`` if set, and print the result as JSON (``args.json``) or as the text report.
+    ``args.plot`` if set, and print the result as JSON (``args.json``) or as the text report;
+    with ``args.curves`` the cost curves instead (:func:`curves`, drawn by :func:`plot_curves`).
     Returns the exit status, 0."""
     import json
+    if getattr(args, "curves", False):
+        res = curves(quick=getattr(args, "quick", False))
+        if getattr(args, "plot", None):
+            plot_curves(res, args.plot)
+        print(json.dumps(res, indent=2) if args.json else curves_report(res))
+        return 0
     res = run(quick=getattr(args, "quick", False), exits=getattr(args, "exits", 0) or 0)
     if getattr(args, "plot", None):
         plot(res, args.plot)
@@ -755,3 +734,538 @@ def main(args) -> int:
     else:
         print(report(res))
     return 0
+
+
+# -- cost curves -----------------------------------------------------------------------------
+# ``pykvm bench --curves``: how each cost grows as the work grows, measured on this host, with
+# the published figures of Firecracker beside the matching curves (reference values, measured
+# by Firecracker on its own hosts and guests: never a limit this bench holds pykvm to).
+ALIVE_COUNTS = (0, 10, 100, 1000)       # other VMs alive during the create→run→destroy loop
+MEM_COUNTS = (1, 10, 100)               # VMs alive when the marginal memory per VM is taken
+RAM_SIZES = (64 << 20, 256 << 20, 1 << 30, 4 << 30, 16 << 30, 64 << 30)   # guest RAM, bytes
+KUT_TESTS_QUICK = ("smptest", "vmexit_cpuid")
+KUT_TESTS_FULL = ("smptest", "vmexit_cpuid", "vmexit_mov_to_cr8", "vmexit_inl_pmtimer",
+                  "idt_test")
+CURVES_QUICK = dict(scale_exits=5000, scale_reps=1, life=30, life_rounds=2, mem_rounds=1,
+                    ram_reps=1, kut_tests=KUT_TESTS_QUICK)
+CURVES_FULL = dict(scale_exits=100000, scale_reps=3, life=100, life_rounds=5, mem_rounds=5,
+                   ram_reps=5, kut_tests=KUT_TESTS_FULL)
+CURVE_NAMES = ("exits_vs_vcpus", "lifecycle_vs_alive", "memory_per_vm_vs_vms",
+               "create_ms_vs_ram", "resident_vs_ram", "kut_vs_qemu")
+ANCHORS = {
+    "firecracker_creation_rate": {
+        "value": 5.0, "unit": "microVMs/s per host core",
+        "label": "Firecracker: 5 microVMs per host core per second",
+        "source": "Firecracker docs/design.md: \"a steady mutation rate of 5 microVMs per host "
+                  "core per second\" (a microVM with a minimal Linux kernel, 1 vCPU, 128 MiB)",
+        "url": "https://github.com/firecracker-microvm/firecracker/blob/main/docs/design.md"},
+    "firecracker_vmm_overhead": {
+        "value": 5120.0, "unit": "KiB per VM (at most)",
+        "label": "Firecracker: ≤ 5 MiB VMM overhead per microVM",
+        "source": "Firecracker SPECIFICATION.md: the VMM threads' memory overhead <= 5 MiB "
+                  "(a microVM of 1 vCPU and 128 MiB, Firecracker-tuned guest kernel)",
+        "url": "https://github.com/firecracker-microvm/firecracker/blob/main/SPECIFICATION.md"},
+}
+
+
+def _progress(msg: str) -> None:
+    print(f"pykvm bench --curves: {msg}", file=sys.stderr, flush=True)
+
+
+def _curve(title: str, x: str, x_unit: str, y: str, y_unit: str, series: dict, main: str,
+           anchor=None, notes=(), not_measured=None, log_x=False, log_y=False, **extra) -> dict:
+    """One curve as ``curves`` returns it: ``points`` (the main series, [x, y] pairs), every
+    ``series`` by label, the quantities and units of both axes, the anchor beside it (None where
+    none applies), notes, and ``not_measured`` (None, or why the curve has no points)."""
+    return {"title": title, "x": x, "x_unit": x_unit, "y": y, "y_unit": y_unit,
+            "main_series": main, "points": series.get(main, []), "series": series,
+            "anchor": anchor, "notes": list(notes), "not_measured": not_measured,
+            "log_x": log_x, "log_y": log_y, **extra}
+
+
+def _anchor(key: str, **over) -> dict:
+    return dict(ANCHORS[key], key=key, **over)
+
+
+def _exit_rate(kvm, k: int, n: int) -> tuple:
+    """(exits, wall seconds) of ``k`` vCPUs of one VM, one thread each, every thread running the
+    C loop for ``n`` I/O-out exits (port 0x80), started together behind a barrier."""
+    from .runloop import LoopConfig, RunLoop
+    code = guest_code("io_out")
+    vm, v0 = _real_mode_vcpu(kvm, code)
+    with vm:
+        vcpus = [v0]
+        for _ in range(k - 1):
+            v = vm.create_vcpu()
+            s = v.get_sregs()
+            s.cs.base = s.cs.selector = 0
+            v.set_sregs(s)
+            r = ffi.new("struct kvm_regs *")
+            r.rip, r.rflags = CODE_GPA, 2
+            v.set_regs(r)
+            vcpus.append(v)
+        cfg = LoopConfig(serial_base=0, exit_port=0, debugcon_port=PORT, console_limit=1 << 12)
+        loops = [RunLoop(v, config=cfg) for v in vcpus]
+        barrier = threading.Barrier(k + 1)
+        errors: list = []
+
+        def work(loop, barrier: threading.Barrier, errors: list) -> None:
+            barrier.wait()
+            try:
+                loop.run(budget=n)
+            except Exception as e:  # noqa: BLE001 pragma: no cover — re-raised below
+                errors.append(e)
+        threads = [threading.Thread(target=work, args=(lp, barrier, errors)) for lp in loops]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        dt = time.perf_counter() - t0
+        if errors:
+            raise errors[0]
+        return sum(lp.exits_total for lp in loops), dt
+
+
+def exits_vs_vcpus(kvm, n: int, reps: int) -> dict:
+    """Curve: aggregate exits/s (wall) of one VM's vCPUs all running the C loop, for 1, 2, 4, ...
+    vCPUs up to twice the host's CPU count (beyond the CPU count the vCPU threads are
+    overcommitted); ``n`` exits per vCPU, the median of ``reps`` runs per point."""
+    cpus = os.cpu_count() or 1
+    counts = sorted({c for c in (1 << i for i in range(12)) if c <= 2 * cpus} | {cpus, 2 * cpus}
+                    | (set(range(1, 2 * cpus + 1)) if cpus <= 4 else set()))
+    pts, per = [], []
+    for k in counts:
+        rates = []
+        for _ in range(reps):
+            total, dt = _exit_rate(kvm, k, n)
+            rates.append(total / dt)
+        rate = statistics.median(rates)
+        pts.append([k, round(rate)])
+        per.append([k, round(rate / k)])
+        _progress(f"exits/s with {k} vCPU(s): {rate / 1e3:.0f}k")
+    return _curve("I/O exits per second against vCPUs (C run loop, one VM)", "vCPUs", "vCPUs",
+                  "exits per second, all vCPUs together", "exits/s",
+                  {"all vCPUs": pts, "per vCPU": per}, "all vCPUs", host_cpus=cpus,
+                  notes=[f"one thread per vCPU, {n} I/O-out exits (port 0x80) each, wall clock "
+                         f"from a common start to the last thread's end, median of {reps}; "
+                         f"the host has {cpus} CPUs: counts above it are overcommitted"])
+
+
+def _life_machine(kvm, count):
+    from .machine import Machine
+    with _Clock() as c:
+        for _ in range(count):
+            with Machine(b"\xF4", flat_addr=CODE_GPA, flat_mode="real", mem_size=RAM,
+                         kvm=kvm) as m:
+                ev = m.step(timeout=30)
+                if ev.kind != "exit":
+                    raise RuntimeError(f"lifecycle Machine: {m.describe(ev)}")
+    return c.cpu / count / 1e3, c.wall / count / 1e3
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def lifecycle_vs_alive(kvm, count: int, rounds: int, notes: list) -> dict:
+    """Curve: create→run→destroy rate (VMs/s, wall) of raw C, pykvm's Vm API and a Machine (one
+    512 KiB slot, one vCPU, run to HLT) while 0, 10, 100 and 1000 other VMs stay alive in this
+    process; ``rounds`` rounds of ``count`` VMs per contender and point. Raises the soft
+    RLIMIT_NOFILE to the hard limit if the alive VMs need it (restored afterwards); where the
+    largest count cannot be reached (the fd limit, or a failure to create a VM) measures at the
+    largest count reached and says why in the curve's notes."""
+    import resource
+    cnotes = []
+    f0 = _open_fds()
+    vm, v = _real_mode_vcpu(kvm, b"\xF4")
+    per_vm = max(1, _open_fds() - f0)
+    vm.close()
+    margin = 64
+    need = _open_fds() + max(ALIVE_COUNTS) * per_vm + margin
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = saved
+    if soft != resource.RLIM_INFINITY and soft < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            cnotes.append(f"the soft open-files limit (ulimit -n) {soft} was raised to the hard "
+                          f"limit {hard} for this curve ({need} descriptors wanted)")
+            soft = hard
+        except (OSError, ValueError) as e:
+            cnotes.append(f"the soft open-files limit {soft} could not be raised to {hard}: {e}")
+    targets = list(ALIVE_COUNTS)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        top = max(0, (soft - _open_fds() - margin) // per_vm)
+        cnotes.append(f"{max(ALIVE_COUNTS)} VMs alive need about {need} open files "
+                      f"({per_vm} per VM) but the limit is {soft}: measured up to {top}")
+        targets = sorted({min(t, top) for t in targets})
+    names = {"raw C": _life_raw, "pykvm Vm API": _life_pykvm, "Machine": _life_machine}
+    for fn in names.values():                   # warm the code paths and the kernel's caches
+        fn(kvm, max(1, count // 4))
+    series = {k: [] for k in names}
+    cpu_us = {k: [] for k in names}
+    alive: list = []
+    try:
+        for target in targets:
+            stuck = None
+            while len(alive) < target:
+                try:
+                    vm, v = _real_mode_vcpu(kvm, b"\xF4")
+                except OSError as e:
+                    stuck = e
+                    break
+                alive.append(vm)
+                v.run()
+            if stuck is not None:
+                cnotes.append(f"could not keep {target} VMs alive: creating VM {len(alive) + 1} "
+                              f"failed ({stuck}); measured with {len(alive)}")
+            x = len(alive)
+            if series["raw C"] and series["raw C"][-1][0] == x:
+                break
+            wall = {k: [] for k in names}
+            cpu = {k: [] for k in names}
+            for r in range(rounds):
+                order = list(names)[r % 3:] + list(names)[:r % 3]
+                for name in order:
+                    c, w = names[name](kvm, count)
+                    cpu[name].append(c)
+                    wall[name].append(w)
+            for name in names:
+                series[name].append([x, round(1e6 / statistics.median(wall[name]), 1)])
+                cpu_us[name].append([x, round(statistics.median(cpu[name]), 1)])
+            _progress(f"create→run→destroy with {x} VMs alive: " + ", ".join(
+                f"{k} {series[k][-1][1]:.0f} VMs/s" for k in names))
+            if stuck is not None:
+                break
+    finally:
+        for vm in alive:
+            vm.close()
+        if resource.getrlimit(resource.RLIMIT_NOFILE) != saved:
+            resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+    notes.extend(cnotes)
+    cpus = os.cpu_count() or 1
+    return _curve(
+        "create→run→destroy rate against VMs alive in the process", "other VMs alive", "VMs",
+        "VMs created, run to HLT and destroyed per second (one thread)", "VMs/s", series,
+        "pykvm Vm API", log_x=True, log_y=True, cpu_us_per_vm=cpu_us, fds_per_vm=per_vm,
+        anchor=_anchor("firecracker_creation_rate", host_value=5.0 * cpus,
+                       comparable=f"drawn at 5 VMs/s, one core's share (each loop here runs on "
+                       f"one thread); this {cpus}-CPU host's share would be {5 * cpus} VMs/s. "
+                       "Not like for like: a Firecracker microVM boots a Linux kernel in its "
+                       "own process; the VMs here run one HLT instruction"),
+        notes=cnotes + [f"each point: {count} VMs per contender, median of {rounds} rounds "
+                        "(order rotating); the alive VMs are Vm-API VMs of the same shape, "
+                        "each run to HLT once; CPU µs per VM in cpu_us_per_vm"])
+
+
+def memory_vs_vms(image_path: str, rounds: int) -> dict:
+    """Curve: resident host memory per VM (KiB, marginal: the growth for N more VMs made after a
+    first N, in a fresh process by :func:`memory_child`) for N = 1, 10, 100 Machines (16 MiB of
+    RAM, the tiny ELF64 guest loaded, not started) and raw-C VMs with the same
+    guest pages resident; the median of ``rounds`` processes per point. Raises RuntimeError if a
+    child fails."""
+    import json
+    kinds = {"Machine": "machine", "raw C": "raw"}
+    series: dict = {k: [] for k in kinds}
+    series["Machine less its guest pages"] = []
+    for n in MEM_COUNTS:
+        got: dict = {k: [] for k in kinds}
+        pages = 0
+        for _ in range(rounds):
+            for label, kind in kinds.items():
+                code = (f"from pykvm import bench; bench.memory_child({kind!r}, {n}, "
+                        f"{image_path!r})")
+                p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                   timeout=300)
+                if p.returncode != 0:
+                    raise RuntimeError(f"memory per VM ({kind}, {n}) failed: {p.stderr[-500:]}")
+                res = json.loads(p.stdout.splitlines()[-1])
+                got[label].append(res["kib"])
+                pages = res["pages"]
+        for label in kinds:
+            series[label].append([n, round(statistics.median(got[label]), 1)])
+        series["Machine less its guest pages"].append(
+            [n, round(statistics.median(got["Machine"]) - pages * 4, 1)])
+        _progress(f"resident memory per VM with {n} alive: Machine "
+                  f"{series['Machine'][-1][1]:.0f} KiB, raw C {series['raw C'][-1][1]:.0f} KiB")
+    return _curve(
+        "resident host memory per VM against VMs alive", "VMs alive (N)", "VMs",
+        "resident host memory per VM (marginal)", "KiB", series, "Machine", log_x=True,
+        log_y=True,
+        anchor=_anchor("firecracker_vmm_overhead",
+                       comparable="Firecracker counts its VMM threads' memory apart from the "
+                       "guest's; 'Machine less its guest pages' is the matching figure here "
+                       "(resident growth less the guest RAM pages resident)"),
+        notes=[f"{MEM_RAM >> 20} MiB of guest RAM per VM, the tiny ELF64 guest loaded (bare x86 "
+               "machine, long mode, not started); resident set growth per VM for a second batch "
+               f"of N made after a first N, each point in a fresh process, median of {rounds}; "
+               "kernel memory (KVM's own structures) is not in the resident set"])
+
+
+def ram_child(image_path: str, reps: int) -> dict:
+    """In a fresh process: Machine create time (ms, wall, the constructor) and resident set
+    growth (KiB, after running to the first exit) for each size of ``RAM_SIZES``, in real mode
+    (a flat one-instruction HLT guest) and in long mode (the tiny ELF64 at ``image_path``); the
+    median of ``reps`` per size. A size a mode refuses (ValueError/OSError) is recorded with the
+    refusal's text under "refused". Prints and returns {"real": [[MiB, ms, KiB]...], "long":
+    [...], "refused": {"long:MiB": text}}."""
+    import json
+    from .kvm import Kvm
+    from .machine import Machine
+    out: dict = {"real": [], "long": [], "refused": {}}
+    with Kvm() as kvm:
+        def make(mode: str, size: int):
+            if mode == "real":
+                return Machine(b"\xF4", flat_addr=CODE_GPA, flat_mode="real", mem_size=size,
+                               kvm=kvm)
+            return Machine(image_path, mem_size=size, kvm=kvm)
+        for mode in ("real", "long"):
+            make(mode, RAM_SIZES[0]).close()                 # warm the code paths
+            for size in RAM_SIZES:
+                ms, kib = [], []
+                try:
+                    for _ in range(reps):
+                        gc.collect()
+                        r0 = _rss_kib()
+                        t0 = time.perf_counter()
+                        m = make(mode, size)
+                        t1 = time.perf_counter()
+                        try:
+                            m.step(timeout=30)
+                            kib.append(_rss_kib() - r0)
+                        finally:
+                            m.close()
+                        ms.append((t1 - t0) * 1e3)
+                except (ValueError, OSError) as e:
+                    out["refused"][f"{mode}:{size >> 20}"] = str(e)
+                    continue
+                out[mode].append([size >> 20, round(statistics.median(ms), 2),
+                                  statistics.median(kib)])
+    print(json.dumps(out))
+    return out
+
+
+def ram_curves(image_path: str, reps: int, notes: list) -> tuple:
+    """Curves: Machine create time (ms) and resident host memory (KiB) against guest RAM size,
+    64 MiB to 64 GiB, measured by :func:`ram_child` in a fresh process."""
+    import json
+    code = f"from pykvm import bench; bench.ram_child({image_path!r}, {reps})"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise RuntimeError(f"create time against RAM size failed: {p.stderr[-500:]}")
+    res = json.loads(p.stdout.splitlines()[-1])
+    cnotes = [f"long mode refused {int(k.split(':')[1]) >> 10} GiB: {v}" if
+              int(k.split(":")[1]) >= 1024 else f"{k} refused: {v}"
+              for k, v in res["refused"].items()]
+    notes.extend(cnotes)
+    labels = {"real": "real mode (flat HLT guest)", "long": "long mode (tiny ELF64)"}
+    ms = {labels[m]: [[mib, t] for mib, t, _ in res[m]] for m in labels}
+    kib = {labels[m]: [[mib, r] for mib, _, r in res[m]] for m in labels}
+    for m in labels:
+        _progress(f"{labels[m]}: create ms by RAM MiB " +
+                  ", ".join(f"{mib}: {t:.1f}" for mib, t, _ in res[m]))
+    common = [f"bare x86 machine; RAM mapped lazily (MAP_NORESERVE); median of {reps}; the "
+              "long-mode boot page tables map 32 GiB of addresses, so long mode stops at 31 GiB "
+              "(RAM above 3 GiB sits above the PCI hole)"] + cnotes
+    main = labels["real"]
+    return (_curve("Machine create time against guest RAM size", "guest RAM", "MiB",
+                   "Machine() create time (wall)", "ms", ms, main, log_x=True, notes=common),
+            _curve("resident host memory of one Machine against guest RAM size", "guest RAM",
+                   "MiB", "resident set growth after running to the first exit", "KiB", kib,
+                   main, log_x=True, log_y=True, notes=common + [
+                       "kernel memory (KVM's per-slot arrays, which grow with RAM size) is not "
+                       "in the resident set"],
+                   anchor=_anchor("firecracker_vmm_overhead",
+                                  comparable="Firecracker's VMM overhead excludes guest memory; "
+                                  "here the guest touches a page or two")))
+
+
+def _kut_dir():
+    """(kvm-unit-tests tree, tests/kut/compare.py) or (None, why not)."""
+    kut = os.environ.get("PYKVM_KUT_DIR")
+    if not kut:
+        return None, "no kvm-unit-tests build (PYKVM_KUT_DIR is not set; see " \
+                     "docs/kvm-unit-tests.md)"
+    if not os.path.isfile(os.path.join(kut, "x86", "unittests.cfg")):
+        return None, f"no kvm-unit-tests build: {kut}/x86/unittests.cfg not found"
+    compare = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "tests", "kut", "compare.py")
+    if not os.path.isfile(compare):
+        return None, "tests/kut/compare.py (in a source checkout of pykvm) is needed"
+    if not shutil.which("qemu-system-x86_64"):
+        return None, "qemu-system-x86_64 is not installed"
+    return (kut, compare), None
+
+
+def kut_vs_qemu(tests, notes: list) -> dict:
+    """Curve: wall seconds of kvm-unit-tests tests under ``pykvm run`` against QEMU ``-accel
+    kvm`` (tests/kut/compare.py, one run each), one point per test both pass: [QEMU s, pykvm s].
+    Without a kvm-unit-tests build (PYKVM_KUT_DIR) the curve has no points and says why."""
+    import json
+    title = "kvm-unit-tests wall time: pykvm against QEMU"
+    found, why = _kut_dir()
+    series: dict = {"tests both pass": []}
+    kw = dict(log_x=False, anchor=None)
+    if found is None:
+        notes.append(f"kvm-unit-tests against QEMU: not measured: {why}")
+        return _curve(title, "QEMU -accel kvm wall time", "s", "pykvm run wall time", "s",
+                      series, "tests both pass", not_measured=why, **kw)
+    kut, compare = found
+    with tempfile.TemporaryDirectory(prefix="pykvm-curves-kut-") as tmp:
+        out = os.path.join(tmp, "kut.json")
+        cmd = [sys.executable, compare, kut, "--json", out, "--pykvm",
+               " ".join(_pykvm_command())]
+        for t in tests:
+            cmd += ["-k", t]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        try:
+            with open(out) as f:
+                res = json.load(f)
+        except (OSError, ValueError):
+            why = f"tests/kut/compare.py failed (exit {p.returncode}): {p.stderr[-300:]}"
+            notes.append(f"kvm-unit-tests against QEMU: not measured: {why}")
+            return _curve(title, "QEMU -accel kvm wall time", "s", "pykvm run wall time", "s",
+                          series, "tests both pass", not_measured=why, **kw)
+    names = []
+    for name, q in res.get("qemu", {}).items():
+        pk = res.get("pykvm", {}).get(name)
+        if q["verdict"] == "PASS" and pk and pk["verdict"] == "PASS":
+            series["tests both pass"].append([round(q["seconds"], 3), round(pk["seconds"], 3)])
+            names.append(name)
+    _progress(f"kvm-unit-tests: {len(names)} tests pass under both")
+    nm = None if names else "no selected kvm-unit-tests test passed under both QEMU and pykvm"
+    return _curve(title, "QEMU -accel kvm wall time", "s", "pykvm run wall time", "s", series,
+                  "tests both pass", not_measured=nm, tests=names, **kw,
+                  notes=["whole processes, one run each (tests/kut/compare.py); points below "
+                         "the diagonal are tests pykvm finishes sooner"])
+
+
+def curves(quick: bool = False) -> dict:
+    """``pykvm bench --curves``: every cost curve of this host (see ``CURVE_NAMES``), with the
+    Firecracker anchors beside the matching ones, the host (load average included) and the
+    settings; progress lines go to stderr. Returns the JSON-ready result."""
+    from .kvm import Kvm
+    s = dict(CURVES_QUICK if quick else CURVES_FULL)
+    notes: list = []
+    t0 = time.monotonic()
+    out: dict = {"kind": "curves", "host": host_info(), "quick": quick,
+                 "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
+                 "anchors": ANCHORS, "curves": {}}
+    c = out["curves"]
+    with tempfile.TemporaryDirectory(prefix="pykvm-curves-") as tmp, Kvm() as kvm:
+        image = os.path.join(tmp, "tiny-elf64.elf")
+        with open(image, "wb") as f:
+            f.write(tiny_elf64())
+        _progress("exits/s against vCPUs")
+        c["exits_vs_vcpus"] = exits_vs_vcpus(kvm, s["scale_exits"], s["scale_reps"])
+        _progress("create→run→destroy rate against VMs alive")
+        c["lifecycle_vs_alive"] = lifecycle_vs_alive(kvm, s["life"], s["life_rounds"], notes)
+        _progress("resident memory per VM against VMs alive")
+        c["memory_per_vm_vs_vms"] = memory_vs_vms(image, s["mem_rounds"])
+        _progress("create time and resident memory against guest RAM size")
+        c["create_ms_vs_ram"], c["resident_vs_ram"] = ram_curves(image, s["ram_reps"], notes)
+        _progress("kvm-unit-tests against QEMU")
+        c["kut_vs_qemu"] = kut_vs_qemu(s["kut_tests"], notes)
+    out["host"]["loadavg_after"] = host_info()["loadavg"]
+    out["notes"] = notes
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+def _fmt_num(v) -> str:
+    if isinstance(v, float) and not v.is_integer():
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return f"{int(v)}"
+
+
+def curves_report(res: dict) -> str:
+    """The human-readable text of a :func:`curves` result: each curve's points per series, its
+    anchor and notes."""
+    h = res["host"]
+    lines = [f"pykvm bench --curves{' --quick' if res['quick'] else ''} on {h['cpu']} "
+             f"({h['cpus']} CPUs), Linux {h['kernel']}, {h['kvm_module']}, load {h['loadavg']}"]
+    for name, cv in res["curves"].items():
+        lines += ["", f"{cv['title']} ({name}): {cv['y_unit']} by {cv['x']} ({cv['x_unit']})"]
+        if cv["not_measured"]:
+            lines.append(f"  not measured: {cv['not_measured']}")
+        for label, pts in cv["series"].items():
+            if pts:
+                lines.append(f"  {label:<30} " + "  ".join(
+                    f"{_fmt_num(x)}: {_fmt_num(y)}" for x, y in pts))
+        a = cv["anchor"]
+        if a:
+            lines.append(f"  anchor: {a['label']} ({a['source']})")
+    lines += [""] + [f"note: {n}" for n in res["notes"]]
+    lines.append(f"({res['seconds']} s)")
+    return "\n".join(lines)
+
+
+def plot_curves(res: dict, path: str) -> None:
+    """Draw every curve of a :func:`curves` result in its own panel (anchors dashed, the host in
+    the title) to ``path`` (PNG, matplotlib's Agg backend)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("pykvm bench --plot needs matplotlib (pip install 'pykvm-vmm[bench]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in CURVE_NAMES if n in res["curves"]]
+    cols = 3
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows + 0.8), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
+        cv = res["curves"][name]
+        ax.set_title(cv["title"], fontsize=9)
+        ax.set_xlabel(f"{cv['x']} ({cv['x_unit']})", fontsize=8)
+        ax.set_ylabel(f"{cv['y']} ({cv['y_unit']})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if cv["not_measured"] and not any(cv["series"].values()):
+            ax.text(0.5, 0.5, "not measured:\n" + textwrap.fill(cv["not_measured"], 40),
+                    ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        for label, pts in cv["series"].items():
+            if not pts:
+                continue
+            xs = [max(x, 0.5) if cv["log_x"] else x for x, _ in pts]
+            ax.plot(xs, [y for _, y in pts], marker="o", markersize=3, label=label,
+                    linestyle="none" if name == "kut_vs_qemu" else "-")
+            if cv["log_y"]:                     # small values far below the anchor: label them
+                for x, (_, y) in zip(xs, pts):
+                    ax.annotate(_fmt_num(y), (x, max(y, 1)), fontsize=6,
+                                textcoords="offset points", xytext=(3, 3))
+        if name == "kut_vs_qemu":
+            top = max(max(x, y) for pts in cv["series"].values() for x, y in pts)
+            ax.plot([0, top], [0, top], color="#888888", linestyle=":", linewidth=1,
+                    label="same time")
+        if cv.get("host_cpus"):
+            ax.axvline(cv["host_cpus"], color="#888888", linestyle=":", linewidth=1,
+                       label=f"host CPUs ({cv['host_cpus']})")
+        if cv["anchor"]:
+            ax.axhline(cv["anchor"]["value"], color="#c44e52", linestyle="--", linewidth=1.2,
+                       label=cv["anchor"]["label"])
+        if cv["log_x"]:
+            ax.set_xscale("log")
+            if name == "lifecycle_vs_alive":
+                ax.set_xticks([max(x, 0.5) for x, _ in cv["points"]])
+                ax.set_xticklabels([str(int(x)) for x, _ in cv["points"]])
+        if name == "exits_vs_vcpus":
+            ax.set_xticks([x for x, _ in cv["points"]])
+        if cv["log_y"]:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6.5)
+    h = res["host"]
+    fig.suptitle(f"pykvm cost curves{' (--quick)' if res['quick'] else ''} on {h['cpu']}, "
+                 f"{h['cpus']} CPUs, Linux {h['kernel']}, KVM backend {h['kvm_module']}, load "
+                 f"{h['loadavg'][0] if h['loadavg'] else '?'}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

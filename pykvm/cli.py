@@ -769,6 +769,11 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                    help="draw the ratios with min-max whiskers (needs matplotlib: the 'bench' "
                    "extra)")
     b.add_argument("--quick", action="store_true", help="fewer rounds: done in under a minute")
+    b.add_argument("--curves", action="store_true", help="measure how each cost grows with the "
+                   "work instead (exits/s against vCPUs, VM create rate against VMs alive, "
+                   "memory per VM, create time and memory against guest RAM size, "
+                   "kvm-unit-tests against QEMU) with Firecracker's figures beside them; "
+                   "--plot draws one panel per curve")
     b.add_argument("--exits", type=_int_range(1, 10 ** 8), default=0, metavar="N",
                    help="exits per exit-cost measurement (1..100000000; default 2000 with "
                    "--quick, else 10000)")
