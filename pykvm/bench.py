@@ -745,7 +745,7 @@ MEM_COUNTS = (1, 10, 100)               # VMs alive when the marginal memory per
 RAM_SIZES = (64 << 20, 256 << 20, 1 << 30, 4 << 30, 16 << 30, 64 << 30)   # guest RAM, bytes
 KUT_TESTS_QUICK = ("smptest", "vmexit_cpuid")
 KUT_TESTS_FULL = ("smptest", "vmexit_cpuid", "vmexit_mov_to_cr8", "vmexit_inl_pmtimer",
-                  "idt_test")
+                  "vmexit_ipi", "idt_test")
 CURVES_QUICK = dict(scale_exits=5000, scale_reps=1, life=30, life_rounds=2, mem_rounds=1,
                     ram_reps=1, kut_tests=KUT_TESTS_QUICK)
 CURVES_FULL = dict(scale_exits=100000, scale_reps=3, life=100, life_rounds=5, mem_rounds=5,
@@ -1193,6 +1193,8 @@ def curves_report(res: dict) -> str:
             if pts:
                 lines.append(f"  {label:<30} " + "  ".join(
                     f"{_fmt_num(x)}: {_fmt_num(y)}" for x, y in pts))
+        if cv.get("tests"):
+            lines.append("  tests: " + ", ".join(cv["tests"]))
         a = cv["anchor"]
         if a:
             lines.append(f"  anchor: {a['label']} ({a['source']})")
@@ -1240,6 +1242,9 @@ def plot_curves(res: dict, path: str) -> None:
                     ax.annotate(_fmt_num(y), (x, max(y, 1)), fontsize=6,
                                 textcoords="offset points", xytext=(3, 3))
         if name == "kut_vs_qemu":
+            for test, (x, y) in zip(cv.get("tests", []), cv["points"]):
+                ax.annotate(test, (x, y), fontsize=6, textcoords="offset points",
+                            xytext=(3, 3))
             top = max(max(x, y) for pts in cv["series"].values() for x, y in pts)
             ax.plot([0, top], [0, top], color="#888888", linestyle=":", linewidth=1,
                     label="same time")
