@@ -37,7 +37,7 @@ from typing import (Dict, Iterator, List, Optional, Protocol, Sequence, Tuple,
 
 from ..errors import GuestMemoryError, PykvmError
 
-ACCESS_SIZES = frozenset((1, 2, 4, 8))  # bytes one access may carry
+ACCESS_SIZES = frozenset((1, 2, 4, 8))  # bytes a range may take at once (its max_access)
 PIO_LIMIT = 1 << 16               # x86 I/O ports 0..0xFFFF
 MMIO_LIMIT = 1 << 64              # guest-physical addresses
 
@@ -90,9 +90,11 @@ def _is_int(v: object) -> bool:
 
 
 def _check_access(bus: "Bus", addr: int, size: int) -> None:
-    if size.__class__ is not int or size not in ACCESS_SIZES or addr.__class__ is not int:
-        raise ValueError(f"{bus.name} bus: an access is 1, 2, 4 or 8 bytes at an integer "
-                         f"address, not {size!r} bytes at {addr!r}")
+    # any size from 1 to 8 bytes: a guest's MMIO access may be 3, 5, 6 or 7 bytes wide
+    # (kvm_run.mmio.len), and the bus cuts it into the pieces the devices take
+    if size.__class__ is not int or not 1 <= size <= 8 or addr.__class__ is not int:
+        raise ValueError(f"{bus.name} bus: an access is 1 to 8 bytes at an integer address, "
+                         f"not {size!r} bytes at {addr!r}")
 
 
 def _pow2floor(n: int) -> int:
@@ -224,7 +226,8 @@ class Bus:
     def read(self, addr: int, size: int) -> int:
         """The value a guest read of ``size`` bytes at ``addr`` gets (see the module
         docstring: cut into pieces, unassigned bytes and master aborts read all-ones). Raises
-        :class:`ValueError` for a ``size`` other than 1, 2, 4 or 8."""
+        :class:`ValueError` for a ``size`` outside 1..8 (a caller's mistake: a guest's
+        accesses are never wider)."""
         _check_access(self, addr, size)
         value = 0
         for m, a, n, pos in self._pieces(addr, size):
@@ -242,7 +245,7 @@ class Bus:
     def write(self, addr: int, size: int, value: int) -> None:
         """Hand a guest write of ``value`` (``size`` bytes) at ``addr`` to the devices it
         covers (unassigned bytes and master aborts are dropped). Raises :class:`ValueError`
-        for a ``size`` other than 1, 2, 4 or 8."""
+        for a ``size`` outside 1..8 (a caller's mistake: a guest's accesses are never wider)."""
         _check_access(self, addr, size)
         for m, a, n, pos in self._pieces(addr, size):
             if m is None:

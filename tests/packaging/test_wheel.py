@@ -117,6 +117,16 @@ def test_wheel_carries_guests_and_runtime(venv):
         assert f"pykvm/guest_runtime/{f}" in names, f
     if shutil.which("riscv64-linux-gnu-gcc"):
         assert "pykvm/guests_bin/riscv/hello.elf" in names
+    # every module of the package (boot/, devices/, platform/, fuzz/, testing/ ...) and both
+    # compiled modules: the run loop and the benchmark's raw-C contender
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for dirpath, _, files in os.walk(os.path.join(root, "pykvm")):
+        for f in files:
+            if f.endswith(".py") and "__pycache__" not in dirpath:
+                rel = os.path.relpath(os.path.join(dirpath, f), root)
+                assert rel in names, f"{rel} is not in the wheel"
+    for mod in ("_native", "_rawbench"):
+        assert any(n.startswith(f"pykvm/{mod}.") and n.endswith(".so") for n in names), mod
     r = venv.run("python", "-c", "import pykvm, os; print(os.path.dirname(pykvm.__file__))")
     assert r.stdout.strip().startswith(os.path.join(venv.root, "venv")), r.stdout + r.stderr
 
@@ -136,6 +146,8 @@ def test_pykvm_run_boots_the_default_guest(venv):
     assert r.stdout.startswith("Hello from pykvm guest!\nmode: long (64-bit)\n"), r.stdout
     r = venv.run("pykvm", "run", "hello16", timeout=120)
     assert r.returncode == 0 and "mode: real (16-bit)" in r.stdout, r.stdout + r.stderr
+    r = venv.run("pykvm", "run", "--machine", "pc", "--pc-device", "edu", timeout=120)
+    assert r.returncode == 0 and "Hello from pykvm guest!" in r.stdout, r.stdout + r.stderr
 
 
 @pytest.mark.requires_kvm
