@@ -82,6 +82,11 @@ def _pyelftools():
     return _elftools
 
 
+def load_reader() -> None:
+    """Import pyelftools now (it is imported on the first ELF read otherwise, ~12 ms)."""
+    _pyelftools()
+
+
 # pyelftools' structures for one (class, e_type, e_machine, EI_OSABI), built once: building them
 # is most of what an ELFFile costs (about a hundred construct objects), and the garbage it left
 # behind per image showed as resident memory per Machine. Bounded: a hostile stream of images

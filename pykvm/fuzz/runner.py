@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import Dict, List
 
-from .. import status
+from .. import platform, status
 from ..arch.x86 import modes as cpu_modes
 from ..arch.x86.regs import cpuid_for_vcpu
 from ..errors import PykvmError
@@ -279,6 +279,7 @@ def worker_main(inject) -> int:
         kvm = Kvm()
         runner = CaseRunner(kvm, inject)
         runner.install_hooks()
+        platform.preload()          # machines and the ELF reader: not inside a case's deadline
     except PykvmError as e:
         send({"ev": "fatal", "error": str(e)})
         return status.VMM_ERROR

@@ -8,9 +8,10 @@ from typing import Callable, Dict, Tuple, Type
 
 from .._host import HOST_ARCH
 from ..boot import detect
+from ..boot.elf import load_reader as elf_reader
 from .base import MachineControl, Platform
 
-__all__ = ["MachineControl", "Platform", "MACHINES", "choose", "machine_class"]
+__all__ = ["MachineControl", "Platform", "MACHINES", "choose", "machine_class", "preload"]
 
 # machine name -> (architecture, module in this package, class). A machine's module, and the
 # device models it brings, is imported only when that machine is chosen: booting a bare ELF guest
@@ -46,6 +47,15 @@ def machine_class(name: str) -> Type:
         raise ValueError(f"no machine {_shown(name)} on this {HOST_ARCH} host{where}; machines "
                          f"here: {here} (or auto)")
     return getattr(importlib.import_module(entry[1], __name__), entry[2])
+
+
+def preload() -> None:
+    """Import every machine of this host and the ELF reader now: a long-running process (a fuzz
+    worker, a server) pays it at start rather than inside its first run's deadline."""
+    for name, (arch, _, _) in MACHINES.items():
+        if arch == HOST_ARCH:
+            machine_class(name)
+    elf_reader()
 
 
 def _shown(name: str) -> str:
