@@ -22,6 +22,8 @@ odd     isa-debug-exit: ``(V << 1) | 1`` for a write of V
         limit was reached (file descriptors, memory, threads; the line names it), the
         host could not back guest RAM, output could not be written (stdout closed or
         full, a report file), or pykvm's own code failed (an exit handler raised)
+10      ``pykvm bench`` only: a ratio stayed over its limit when measured again (the
+        line names each, with its value and limit)
 124     timeout: the deadline (``--timeout``) passed first
 130     interrupted by SIGINT (Ctrl-C)
 141     the reader of stdout went away (SIGPIPE)
@@ -37,6 +39,7 @@ BAD_INPUT = 2
 GUEST_FAILURE = 4
 UNHANDLED_EXIT = 6
 VMM_ERROR = 8
+OVER_LIMIT = 10
 TIMEOUT = 124
 SIGINT = 130
 SIGPIPE = 141
