@@ -379,24 +379,29 @@ def memory_child(kind: str, count: int, image_path: str) -> dict:
     return out
 
 
+def _memory_in_child(kind: str, count: int, image_path: str) -> dict:
+    """:func:`memory_child` run in a fresh Python process; raises RuntimeError if it fails."""
+    import json
+    code = f"from pykvm import bench; bench.memory_child({kind!r}, {count}, {image_path!r})"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    if p.returncode != 0:
+        raise RuntimeError(f"memory measurement ({kind}, {count} VMs) failed: "
+                           f"{p.stderr[-500:]}")
+    return json.loads(p.stdout.splitlines()[-1])
+
+
 def memory(kvm, image_path, rounds: int, count: int) -> dict:
     """Resident host memory per VM (KiB) for raw C, the ``Vm`` API and a Machine with 16 MiB of
     RAM, each measured by :func:`memory_child` in a fresh Python process booting ``image_path``;
     ``rounds`` rounds of ``count`` VMs. Returns the summaries and the ``machine_vs_raw`` and
     ``vm_api_vs_raw`` ratios; raises RuntimeError if a child fails."""
-    import json
     names = ("raw", "vm_api", "machine")
     kib = {k: [] for k in names}
     npages = 0
     for r in range(rounds):
         for name in names[r % 3:] + names[:r % 3]:
-            code = (f"from pykvm import bench; bench.memory_child({name!r}, {count}, "
-                    f"{image_path!r})")
-            p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                               timeout=300)
-            if p.returncode != 0:
-                raise RuntimeError(f"memory measurement ({name}) failed: {p.stderr[-500:]}")
-            res = json.loads(p.stdout.splitlines()[-1])
+            res = _memory_in_child(name, count, image_path)
             kib[name].append(res["kib"])
             npages = res["pages"]
     return {"ram_kib": MEM_RAM // 1024, "resident_guest_pages": npages, "vms": count,
@@ -992,7 +997,6 @@ def memory_vs_vms(image_path: str, rounds: int) -> dict:
     RAM, the tiny ELF64 guest loaded, not started) and raw-C VMs with the same
     guest pages resident; the median of ``rounds`` processes per point. Raises RuntimeError if a
     child fails."""
-    import json
     kinds = {"Machine": "machine", "raw C": "raw"}
     series: dict = {k: [] for k in kinds}
     series["Machine less its guest pages"] = []
@@ -1001,13 +1005,7 @@ def memory_vs_vms(image_path: str, rounds: int) -> dict:
         pages = 0
         for _ in range(rounds):
             for label, kind in kinds.items():
-                code = (f"from pykvm import bench; bench.memory_child({kind!r}, {n}, "
-                        f"{image_path!r})")
-                p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                   timeout=300)
-                if p.returncode != 0:
-                    raise RuntimeError(f"memory per VM ({kind}, {n}) failed: {p.stderr[-500:]}")
-                res = json.loads(p.stdout.splitlines()[-1])
+                res = _memory_in_child(kind, n, image_path)
                 got[label].append(res["kib"])
                 pages = res["pages"]
         for label in kinds:
