@@ -27,13 +27,6 @@ ABI_DIR = os.path.join(os.path.dirname(HERE), "pykvm", "abi")
 ARCHES = {"x86_64": "defined(__x86_64__)",
           "riscv64": "defined(__riscv) && __riscv_xlen == 64"}
 
-# Functions the C loop calls back into Python (cffi `extern "Python+C"`: defined by cffi in the
-# module's C file, callable from runloop.c; their prototypes are in pykvm_native.h too).
-CALLBACKS = r"""
-extern "Python+C" int pykvm_py_exit(uint32_t loop_id, uint32_t reason, uint32_t info,
-                                    uint64_t a, uint64_t b);
-"""
-
 
 def _abi_module(name: str):
     """pykvm/abi/<name>.py loaded on its own (those files import nothing), without importing the
@@ -53,8 +46,8 @@ def abi_text(arch: str) -> str:
 
 def _cdef_from_header() -> str:
     """The declarations cffi needs, taken from our own header (the #define lines become
-    integer constants, the struct and prototypes are given as they are; the Python callbacks
-    are declared separately, see CALLBACKS)."""
+    integer constants, the struct and prototypes are given as they are, except pykvm_py_call():
+    the loop's call into Python, made with the CPython C API in csrc/pyexit.c)."""
     text = open(os.path.join(HERE, "pykvm_native.h")).read()
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     lines = []
@@ -122,11 +115,10 @@ def make_builder(arch: str, _Builder=_Builder) -> cffi.FFI:
     b.cdef(_cdef_from_header())
     b.cdef(abi_text(arch))
     b.cdef("const char *pykvm_abi_text(void);")
-    b.cdef(CALLBACKS)
     b.set_source(
         "pykvm._native",
         _source(arch),
-        sources=[os.path.relpath(os.path.join(HERE, "runloop.c"))],
+        sources=[os.path.relpath(os.path.join(HERE, f)) for f in ("runloop.c", "pyexit.c")],
         include_dirs=[os.path.relpath(HERE)],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         libraries=["rt", "pthread"],

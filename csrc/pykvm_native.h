@@ -21,18 +21,25 @@
 #define PYKVM_STOP_BAD_EXIT      9  /* kvm_run described an I/O outside the shared page */
 #define PYKVM_STOP_CALLBACK     10  /* a Python exit handler asked to stop (or raised) */
 
-/* pykvm_py_exit() results: resume the guest, stop with this exit, stop (Python says why). */
+/* pykvm_py_call() results: resume the guest, stop with this exit, stop (Python says why). */
 #define PYKVM_CB_RESUME 0
 #define PYKVM_CB_STOP_EXIT 1
 #define PYKVM_CB_STOP 2
 
 #define PYKVM_MAX_EXIT_REASON 64
 #define PYKVM_MAX_RAM 4
+#define PYKVM_MAX_GUARD 4
 
 /* A guest RAM region the loop may read (SBI debug console writes). */
 struct pykvm_ram {
     uint64_t gpa;
     uint64_t host;
+    uint64_t size;
+};
+
+/* A guest-physical range [gpa, gpa + size). */
+struct pykvm_range {
+    uint64_t gpa;
     uint64_t size;
 };
 
@@ -98,13 +105,16 @@ struct pykvm_loop {
 
     /* Exits the loop does not serve itself, by reason (bit N: exit reason N < 64): those in
      * resume_mask are counted and resumed in C (e.g. HLT without an in-kernel irqchip); those
-     * in callback_mask go to Python through pykvm_py_exit(loop_id, reason) without leaving the
+     * in callback_mask go to their Python handler through pykvm_py_call() without leaving the
      * loop (no teardown, no new KVM_RUN setup); any other returns PYKVM_STOP_EXIT. */
     uint64_t resume_mask;
     uint64_t callback_mask;
-    uint32_t loop_id;
+    uint32_t _pad4;
     int32_t uart_lock;               /* guards this loop's UART state when others share it */
     uint64_t handled_in_py;          /* exits a Python handler resumed from inside the loop */
+    uint64_t py_ctx;                 /* set by run_handlers() (csrc/pyexit.c) for its call: the
+                                        handlers the loop may call; 0 = none (exits in
+                                        callback_mask are returned as PYKVM_STOP_EXIT) */
     uint64_t uart_owner;             /* address of the struct whose UART state (uart[],
                                         uart_dll, uart_dlm, uart_thre, uart_irq*, uart_out*,
                                         the receiver) this loop uses: a UartGroup's, one UART
@@ -124,6 +134,15 @@ struct pykvm_loop {
     uint8_t uart_rx_count;           /* receive FIFO: bytes held (0-16) */
     uint8_t _pad3[3];
     uint8_t uart_rx[16];             /* receive FIFO */
+
+    /* Exits never given to a handler (callback_mask), returned instead (PYKVM_STOP_EXIT) so that
+     * the caller sees them first: I/O on report_port (pykvm's x86 guest-report port; 0 = none),
+     * SBI calls of extension report_sbi_eid (RISC-V; 0 = none), MMIO inside a guarded RAM range
+     * (KVM exits for guest RAM only when the host could not back the page). */
+    uint16_t report_port;
+    uint16_t nguard;                 /* valid entries in guard[] */
+    uint32_t report_sbi_eid;
+    struct pykvm_range guard[4];      /* PYKVM_MAX_GUARD */
 };
 
 long pykvm_ioctl(int fd, unsigned long request, uint64_t arg);
@@ -137,9 +156,11 @@ int pykvm_kick_signal(void);
 uint32_t pykvm_uart_take(struct pykvm_loop *l, uint8_t *dst, uint32_t cap);
 uint8_t pykvm_uart_access(struct pykvm_loop *l, unsigned reg, int is_write, uint8_t value);
 
-/* Defined by cffi (extern "Python+C" in csrc/build_native.py): runs the Python exit handler of
- * loop `loop_id` with the GIL held (info, a, b: the exit's fields, see py_exit() in runloop.c);
- * returns a PYKVM_CB_* value. */
-int pykvm_py_exit(uint32_t loop_id, uint32_t reason, uint32_t info, uint64_t a, uint64_t b);
+/* csrc/pyexit.c: adds run_handlers() to the pykvm._native module (once, at import; 0 or -1). */
+int pykvm_pyapi_install(void);
+/* csrc/pyexit.c, for the loop only (not given to cffi): runs the Python exit handler of `reason`
+ * with the GIL taken back (info, a, b: the exit's fields, see py_exit() in runloop.c); returns a
+ * PYKVM_CB_* value. */
+int pykvm_py_call(struct pykvm_loop *l, uint32_t reason, uint32_t info, uint64_t a, uint64_t b);
 
 #endif

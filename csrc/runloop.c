@@ -699,7 +699,27 @@ static int py_exit(struct pykvm_loop *l, struct kvm_run *run, uint32_t reason)
         a = run->mmio.phys_addr;
         memcpy(&b, run->mmio.data, len);
     }
-    return pykvm_py_exit(l->loop_id, reason, info, a, b);
+    return pykvm_py_call(l, reason, info, a, b);
+}
+
+/* Whether an exit in callback_mask may go to its handler: not a guest report, not an MMIO exit
+ * in guest RAM (see report_port in pykvm_native.h). */
+static int handler_may_serve(const struct pykvm_loop *l, const struct kvm_run *run,
+                             uint32_t reason)
+{
+    uint32_t i;
+
+    if (reason == KVM_EXIT_IO)
+        return !l->report_port || run->io.port != l->report_port;
+    if (reason == KVM_EXIT_MMIO) {
+        for (i = 0; i < l->nguard && i < PYKVM_MAX_GUARD; i++)
+            if (run->mmio.phys_addr - l->guard[i].gpa < l->guard[i].size)
+                return 0;
+        return 1;
+    }
+    if (reason == KVM_EXIT_RISCV_SBI)
+        return !l->report_sbi_eid || run->riscv_sbi.extension_id != l->report_sbi_eid;
+    return 1;
 }
 
 /* run_loop(), then what it does not serve: exits to count and resume (resume_mask), exits for a
@@ -717,7 +737,7 @@ static int run_dispatch(struct pykvm_loop *l, struct kvm_run *run)
             return r;
         if ((l->resume_mask >> reason) & 1) {
             l->handled_in_c++;
-        } else if ((l->callback_mask >> reason) & 1) {
+        } else if (((l->callback_mask >> reason) & 1) && handler_may_serve(l, run, reason)) {
             int c = py_exit(l, run, reason);
             if (c == PYKVM_CB_STOP_EXIT)
                 return PYKVM_STOP_EXIT;

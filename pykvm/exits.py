@@ -13,6 +13,7 @@ from sys import getrefcount as _refs
 from typing import Dict, Optional, Protocol, Tuple, Type, Union
 
 from . import abi
+from ._loopstate import ExitState, RunState
 from .abi import CData, ffi
 from .errors import Closed, GuestError, GuestRamUnbacked, KvmError, StaleExit, kvm_error
 
@@ -26,10 +27,9 @@ class VcpuView(Protocol):
     sits above this one)."""
 
     id: int
-    run_seq: int                 # bumped by every KVM_RUN
     run_size: int                # bytes of the mmapped kvm_run
     run_struct: CData            # struct kvm_run *
-    _closing: bool
+    _rs: RunState                # seq (bumped by every KVM_RUN) and closing, as C fields
     _io: CData                   # run_struct.io
     _mmio: CData                 # run_struct.mmio
     _run_bytes: memoryview       # the kvm_run page, writable
@@ -38,29 +38,29 @@ class VcpuView(Protocol):
 def _dead(ex: "Exit") -> Exception:
     """Closed or StaleExit for an exit that is no longer current."""
     v = ex._vcpu
-    if v._closing:
+    if v._rs.closing:
         return Closed(f"{ex.name} exit used after vCPU {v.id} was closed")
     return StaleExit(f"{ex.name} exit used after vCPU {v.id} ran again")
 
 
-class Exit:
+class Exit(ExitState):
     """Base class: ``reason`` (int), ``name`` (e.g. ``"IO"``), ``flags`` (kvm_run.flags)."""
 
-    # _info/_a/_b: the fields the C loop decoded for a handler it called (None: read kvm_run)
-    __slots__ = ("_vcpu", "_seq", "_reason", "_info", "_a", "_b", "__weakref__")
+    # From ExitState (C fields the C loop fills for a handler it calls): _rs (the vCPU's
+    # RunState), _seq (the _rs.seq this exit belongs to); _decoded (True: _info/_a/_b hold the exit's fields; False:
+    # read kvm_run); _info: size | direction << 8 (I/O), len | is_write << 8 (MMIO); _a: port |
+    # count << 16 | data_offset << 32 (I/O), the address (MMIO); _b: the first element written.
+    __slots__ = ("_vcpu", "_reason", "__weakref__")
     _vcpu: VcpuView
-    _seq: int
+    _rs: RunState
     _reason: int
-    _info: int                   # size | direction << 8 (I/O), len | is_write << 8 (MMIO)
-    _a: Optional[int]            # port | count << 16 | data_offset << 32 (I/O), address (MMIO)
-    _b: int                      # the first element written, little-endian
     reason = -1
 
     def __init__(self, vcpu: VcpuView):
         self._vcpu = vcpu
-        self._seq = vcpu.run_seq
+        self._rs = rs = vcpu._rs
+        self._seq = rs.seq
         self._reason = vcpu.run_struct.exit_reason
-        self._a = None
 
     @property
     def name(self) -> str:
@@ -70,16 +70,16 @@ class Exit:
     @property
     def current(self) -> bool:
         """Whether this exit is still the vCPU's latest (its fields can be read)."""
-        v = self._vcpu
-        return v.run_seq == self._seq and not v._closing
+        rs = self._rs
+        return rs.seq == self._seq and not rs.closing
 
     @property
     def run(self) -> CData:
         """The live kvm_run struct, while this exit is current."""
-        v = self._vcpu
-        if v.run_seq != self._seq or v._closing:
+        rs = self._rs
+        if rs.seq != self._seq or rs.closing:
             raise _dead(self)
-        return v.run_struct
+        return self._vcpu.run_struct
 
     @property
     def flags(self) -> int:
@@ -122,38 +122,36 @@ class Io(Exit):
     @property
     def port(self) -> int:
         """The I/O port."""
-        v = self._vcpu
-        if v.run_seq != self._seq or v._closing:
+        rs, v = self._rs, self._vcpu
+        if rs.seq != self._seq or rs.closing:
             raise _dead(self)
-        a = self._a
-        return v._io.port if a is None else a & 0xFFFF
+        return self._a & 0xFFFF if self._decoded else v._io.port
 
     @property
     def size(self) -> int:
         """Bytes per element (1, 2 or 4)."""
-        v = self._vcpu
-        if v.run_seq != self._seq or v._closing:
+        rs, v = self._rs, self._vcpu
+        if rs.seq != self._seq or rs.closing:
             raise _dead(self)
-        return v._io.size if self._a is None else self._info & 0xFF
+        return self._info & 0xFF if self._decoded else v._io.size
 
     @property
     def count(self) -> int:
         """Elements (more than 1 for ``rep ins``/``rep outs``)."""
-        v = self._vcpu
-        if v.run_seq != self._seq or v._closing:
+        rs, v = self._rs, self._vcpu
+        if rs.seq != self._seq or rs.closing:
             raise _dead(self)
-        a = self._a
-        return v._io.count if a is None else (a >> 16) & 0xFFFF
+        return (self._a >> 16) & 0xFFFF if self._decoded else v._io.count
 
     @property
     def is_out(self) -> bool:
         """True for ``out``, False for ``in``."""
-        v = self._vcpu
-        if v.run_seq != self._seq or v._closing:
+        rs, v = self._rs, self._vcpu
+        if rs.seq != self._seq or rs.closing:
             raise _dead(self)
-        if self._a is None:
-            return v._io.direction == _IO_OUT
-        return (self._info >> 8) & 0xFF == _IO_OUT
+        if self._decoded:
+            return (self._info >> 8) & 0xFF == _IO_OUT
+        return v._io.direction == _IO_OUT
 
     @property
     def direction(self) -> str:
@@ -162,15 +160,15 @@ class Io(Exit):
 
     def _span(self) -> Tuple[int, int, int]:
         """(offset, bytes, element size) of the data in the run page, validated."""
-        v = self._vcpu
-        if v.run_seq != self._seq or v._closing:
+        rs, v = self._rs, self._vcpu
+        if rs.seq != self._seq or rs.closing:
             raise _dead(self)
-        a = self._a
-        if a is None:
+        if self._decoded:
+            a = self._a
+            off, size, count = a >> 32, self._info & 0xFF, (a >> 16) & 0xFFFF
+        else:
             io = v._io
             off, size, count = io.data_offset, io.size, io.count
-        else:
-            off, size, count = a >> 32, self._info & 0xFF, (a >> 16) & 0xFFFF
         n = size * count
         limit = v.run_size
         if size not in (1, 2, 4) or off < _RUN_SIZE or off > limit or n > limit - off:
@@ -184,19 +182,21 @@ class Io(Exit):
         off, n, _ = self._span()
         return bytes(self._vcpu._run_bytes[off:off + n])
 
-    @property
-    def value(self) -> int:
-        """The first element written, as an int (for ``out``)."""
-        v = self._vcpu
-        if self._a is not None and v.run_seq == self._seq and not v._closing \
-                and self._info & 0xFF in (1, 2, 4):
-            return self._b                 # decoded (and its span checked) by the C loop
+    value = ExitState._value
+    """The first element written, as an int (for ``out``). Raises StaleExit/Closed once the
+    vCPU ran again or closed, GuestError for data outside the run page."""
+
+    def _value_slow(self) -> int:
         off, _, size = self._span()
         mv = self._vcpu._run_bytes
         return mv[off] if size == 1 else int.from_bytes(mv[off:off + size], "little")
 
-    def respond(self, data: Union[int, bytes]) -> None:
-        """Supply the data an ``in`` reads: bytes (size*count long) or an int (repeated)."""
+    respond = ExitState._respond
+    """respond(data): supply the data an ``in`` reads: bytes (``size * count`` long) or an int
+    (repeated for each element). Raises ValueError for bytes of another length, StaleExit/Closed
+    once the vCPU ran again or closed."""
+
+    def _respond_slow(self, data: Union[int, bytes]) -> None:
         off, n, size = self._span()
         mv = self._vcpu._run_bytes
         if isinstance(data, int):
@@ -225,19 +225,18 @@ class Mmio(Exit):
     @property
     def phys_addr(self) -> int:
         """The guest-physical address accessed."""
-        v = self._vcpu
-        if v.run_seq != self._seq or v._closing:
+        rs, v = self._rs, self._vcpu
+        if rs.seq != self._seq or rs.closing:
             raise _dead(self)
-        a = self._a
-        return v._mmio.phys_addr if a is None else a
+        return self._a if self._decoded else v._mmio.phys_addr
 
     @property
     def len(self) -> int:
         """Bytes accessed (1..8; anything else raises GuestError)."""
-        v = self._vcpu
-        if v.run_seq != self._seq or v._closing:
+        rs, v = self._rs, self._vcpu
+        if rs.seq != self._seq or rs.closing:
             raise _dead(self)
-        n = v._mmio.len if self._a is None else self._info & 0xFF
+        n = self._info & 0xFF if self._decoded else v._mmio.len
         if not 1 <= n <= 8:
             raise GuestError(f"MMIO exit with length {v._mmio.len}")
         return n
@@ -245,12 +244,12 @@ class Mmio(Exit):
     @property
     def is_write(self) -> bool:
         """True for a write, False for a read."""
-        v = self._vcpu
-        if v.run_seq != self._seq or v._closing:
+        rs, v = self._rs, self._vcpu
+        if rs.seq != self._seq or rs.closing:
             raise _dead(self)
-        if self._a is None:
-            return bool(v._mmio.is_write)
-        return bool(self._info & 0x100)
+        if self._decoded:
+            return bool(self._info & 0x100)
+        return bool(v._mmio.is_write)
 
     @property
     def data(self) -> bytes:
@@ -258,16 +257,22 @@ class Mmio(Exit):
         n = self.len
         return bytes(self._vcpu._run_bytes[_MMIO_DATA:_MMIO_DATA + n])
 
-    @property
-    def value(self) -> int:
-        """What the guest wrote, as a little-endian int."""
+    value = ExitState._value
+    """What the guest wrote, as a little-endian int. Raises StaleExit/Closed once the vCPU ran
+    again or closed, GuestError for a length outside 1..8."""
+
+    def _value_slow(self) -> int:
         n = self.len
-        if self._a is not None:
+        if self._decoded:
             return self._b                 # decoded by the C loop
         return int.from_bytes(self._vcpu._run_bytes[_MMIO_DATA:_MMIO_DATA + n], "little")
 
-    def respond(self, data: Union[int, bytes]) -> None:
-        """Supply what a read returns: ``len`` bytes, or an int (truncated to ``len`` bytes)."""
+    respond = ExitState._respond
+    """respond(data): supply what a read returns: ``len`` bytes, or an int (truncated to ``len``
+    bytes). Raises ValueError for bytes of another length, StaleExit/Closed once the vCPU ran
+    again or closed."""
+
+    def _respond_slow(self, data: Union[int, bytes]) -> None:
         n = self.len
         mv = self._vcpu._run_bytes
         if isinstance(data, int):
@@ -582,8 +587,8 @@ class ExitCache:
         ex = self._by_reason.get(reason)
         if ex is None or _refs(ex) > 3:        # the cache, `ex` and getrefcount's argument
             ex = self._by_reason[reason] = new_exit(self.vcpu, reason)
-        ex._seq = self.vcpu.run_seq
-        ex._a = None
+        ex._seq = self.vcpu._rs.seq
+        ex._decoded = False
         return ex
 
 
@@ -593,6 +598,6 @@ def new_exit(vcpu: VcpuView, reason: int) -> Exit:
     cls = _CLASSES.get(reason, Exit)
     ex = cls.__new__(cls)
     ex._vcpu = vcpu
+    ex._rs = vcpu._rs
     ex._reason = reason
-    ex._a = None
     return ex

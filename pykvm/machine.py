@@ -7,6 +7,7 @@
 For tests, :meth:`Machine.step` runs one vCPU until the guest reports something (the kernel
 selftests' "run, read the guest's report, assert" loop).
 """
+import functools
 import signal
 import threading
 import time
@@ -96,10 +97,6 @@ def _is_image_path(name: str) -> bool:
     return not name.endswith((".c", ".S")) and ("/" in name or name.endswith((".elf", ".bin")))
 
 
-# What a handler the run loop calls for Machine.on (Machine._fast_handler) returns besides None
-# (resume) and a guest report: leave the exit to step() / a handler ended the step.
-_SLOW = object()
-
 # Kept for callers of earlier versions; see pykvm.status for the whole table.
 EXIT_TIMEOUT = status.TIMEOUT
 EXIT_GUEST_FAILURE = status.GUEST_FAILURE
@@ -175,7 +172,8 @@ class Machine:
         self.report_limit = report_limit
         self.reports_dropped = 0
         self.handlers: Dict[str, Callable] = {}
-        self.trace: Optional[Callable[[str], None]] = None   # called with one line per event
+        self._trace: Optional[Callable[[str], None]] = None
+        self._in_loops: Dict[str, Callable] = {}   # the handlers the run loops call now
         self._lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._run_lock = threading.Lock()  # one run() at a time
@@ -297,30 +295,54 @@ class Machine:
             else:
                 self.reports_dropped += 1
 
-    def on(self, exit_name: str, handler: Callable) -> None:
+    def on(self, exit_name: str, handler: Optional[Callable]) -> None:
         """Handle exits named ``exit_name`` ("MMIO", "IO", "HLT", ...): ``handler(machine,
         vcpu_index, exit)`` returns None to resume the guest, or anything else to end the step
-        with an "exit" event.
+        with an "exit" event. ``handler=None`` removes it.
 
-        The handler is called from inside the vCPU's run loop (no return through :meth:`step`
-        per exit; guest reports are still recognised first). Its exit object is valid during
-        the call and is reused for later exits unless the handler keeps a reference to it."""
-        self.handlers[exit_name] = handler
-        for i, loop in enumerate(getattr(self, "loops", ())):
-            try:
-                loop.on(exit_name, self._fast_handler(i))
-            except ValueError:             # not an exit reason the loop knows: step() serves it
-                pass
+        The run loop calls the handler itself, from inside the loop (no Python between them, no
+        return through :meth:`step` per exit), after what comes first in every path (see
+        :meth:`_serve`): guest reports and MMIO exits in guest RAM never reach it. Its exit
+        object is valid during the call and is reused for later exits unless the handler keeps
+        a reference to it. While :attr:`trace` is set, every exit goes through :meth:`step`."""
+        if handler is None:
+            self.handlers.pop(exit_name, None)
+        else:
+            self.handlers[exit_name] = handler
+        self._sync_loops()
 
-    def _fast_handler(self, index: int) -> Callable:
-        """What the run loop calls for an exit some handler of :meth:`on` may want: the one
-        dispatch order of :meth:`_serve`, without leaving the loop when the guest resumes."""
-        def on_exit(ex):
-            if self.trace is not None:
-                return _SLOW                   # step() traces every exit
-            ev = self._serve(index, ex)
-            return None if ev is None else ev  # an Event ends the step (Stop.result)
-        return on_exit
+    @property
+    def trace(self) -> Optional[Callable[[str], None]]:
+        """Called with one line (str) per event and exit while set; None: no tracing."""
+        return self._trace
+
+    @trace.setter
+    def trace(self, fn: Optional[Callable[[str], None]]) -> None:
+        self._trace = fn
+        self._sync_loops()
+
+    def _sync_loops(self) -> None:
+        """Give each run loop the handlers of :meth:`on`, each bound to this machine and the
+        vCPU's index (``functools.partial``, called from C), none while tracing; guard the
+        guest RAM slots there are now (:meth:`RunLoop.guard_ram`)."""
+        loops = getattr(self, "loops", ())
+        want = {} if self._trace is not None else dict(self.handlers)
+        if not loops:
+            return
+        guard = [(s.gpa, s.size) for s in self.vm.memory if not s.readonly]
+        for i, loop in enumerate(loops):
+            loop.guard_ram(guard)
+            for name in self._in_loops.keys() - want.keys():
+                try:
+                    loop.on(name, None)
+                except ValueError:
+                    pass
+            for name, h in want.items():
+                try:
+                    loop.on(name, functools.partial(h, self, i))
+                except ValueError:             # not an exit reason the loop knows: step() serves it
+                    pass
+        self._in_loops = want
 
     def _serve(self, index: int, ex) -> Optional[Event]:
         """Serve exit ``ex`` of vCPU ``index`` in the one order every path uses: a guest report
@@ -387,14 +409,17 @@ class Machine:
                 left = budget - (loop.exits_total - start_exits)
                 if left <= 0:
                     return Event("budget", index)
-            stop = loop.run(deadline=deadline, budget=left)
+            try:
+                stop = loop.run(deadline=deadline, budget=left)
+            except GuestMemoryError as e:      # from a handler of on(): the guest's fault
+                raise _guest_fault(loop.failed_exit, e) from e
             if stop.kind == "debug_exit":
                 return Event("debug_exit", index, value=stop.value)
             if stop.kind != "exit":
                 return Event("timeout" if stop.kind == "deadline" else stop.kind, index)
             ex = stop.exit
-            if isinstance(stop.result, Event):  # the loop's callback served it (_serve)
-                return stop.result
+            if stop.result is not None:        # a handler of on() ended the step
+                return Event("exit", index, exit=ex)
             if self.trace:
                 self.trace(f"vcpu{index}: {ex!r}")
             ev = self._serve(index, ex)

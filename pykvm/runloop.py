@@ -6,10 +6,12 @@ isa-debug-exit range), the SBI debug console, coalesced-MMIO drains, exit counti
 and an exit budget are all served in C with the GIL released. The loop knows no machine: a
 platform says which ports and addresses it serves (the default config serves none).
 
-Exit handlers in Python (:meth:`RunLoop.on`) are called from inside the C loop (a cffi
-``extern "Python"`` callback, ``pykvm_py_exit``): the loop stays in C between exits (no teardown,
-no new deadline timer, no return through :meth:`RunLoop.run`), and each handler gets a reused
-exit object (:class:`~pykvm.exits.ExitCache`) that reads only the fields it asks for.
+Exit handlers in Python (:meth:`RunLoop.on`) are called from inside the C loop
+(``run_handlers`` in csrc/pyexit.c, through the CPython C API: the GIL is taken back for the
+handler only, and no Python code but the handler runs for an exit): the loop stays in C between
+exits (no teardown, no new deadline timer, no return through :meth:`RunLoop.run`), and each
+handler gets a reused exit object (:class:`~pykvm.exits.ExitCache`), filled in C, that reads only
+the fields it asks for.
 :meth:`RunLoop.resume` makes the C loop count and resume an exit (e.g. HLT) without Python.
 
 There is one 16550 model, the C one (csrc/runloop.c): :class:`UartGroup` holds one UART's state
@@ -19,19 +21,19 @@ it). Console output is kept by :class:`ConsoleBuffer`.
 """
 import mmap
 import threading
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from . import abi
 from ._native import ffi as nffi, lib as nlib
 from .abi import ffi
 from .errors import Closed, GuestError
+from ._loopstate import run_handlers as _run_handlers
 from .exits import Exit, ExitCache, kvm_run_error, new_exit
-from sys import getrefcount as _refs
 
-_CB_RESUME = nlib.PYKVM_CB_RESUME
-_CB_STOP_EXIT = nlib.PYKVM_CB_STOP_EXIT
-_CB_STOP = nlib.PYKVM_CB_STOP
 _STOP_EXIT = nlib.PYKVM_STOP_EXIT
+_EXIT_IO = abi.EXIT_REASONS["IO"]
+_EXIT_MMIO = abi.EXIT_REASONS["MMIO"]
+_EXIT_SBI = abi.EXIT_REASONS["RISCV_SBI"]
 _STOP_CALLBACK = nlib.PYKVM_STOP_CALLBACK
 _STOP_AGAIN = (nlib.PYKVM_STOP_CONSOLE_FULL, nlib.PYKVM_STOP_MMIO_LOG_FULL, nlib.PYKVM_STOP_SIGNAL)
 _STOP_FULL = (nlib.PYKVM_STOP_CONSOLE_FULL, nlib.PYKVM_STOP_MMIO_LOG_FULL)
@@ -130,7 +132,11 @@ class LoopConfig(_Record):
     small and double each time a run fills them); ``console_limit`` (bytes) and
     ``mmio_log_limit`` (records) cap what the loop *retains* in :attr:`console` and
     :attr:`mmio_log` — older console bytes and newer MMIO records beyond them are counted in
-    ``console_dropped``/``mmio_dropped`` and still streamed to ``on_console``/``on_mmio``."""
+    ``console_dropped``/``mmio_dropped`` and still streamed to ``on_console``/``on_mmio``.
+    ``report_port`` (x86) and ``report_sbi_eid`` (RISC-V): pykvm's guest-report port and SBI
+    extension (docs/guest-abi.md; 0 = none): those exits are never given to a handler of
+    :meth:`RunLoop.on`, :meth:`RunLoop.run` returns them, so that the caller sees guest
+    reports first."""
     serial_base: int = 0             # 16550 base port (PC COM1: 0x3F8), 0 = none
     debugcon_port: int = 0           # debug console port (PC: 0xE9), 0 = none
     exit_port: int = 0               # isa-debug-exit first port (PC: 0xF4), 0 = none
@@ -146,6 +152,8 @@ class LoopConfig(_Record):
     uart_mmio_shift: int = 0         # its register stride: register N at base + (N << shift)
     uart_irq: int = 0                # GSI the UART's interrupt drives (x86 COM1: 4), 0 = none
     uart_group: object = None        # a UartGroup: one UART for all the loops given it
+    report_port: int = 0             # x86: guest-report port (0x1000), never a handler's
+    report_sbi_eid: int = 0          # RISC-V: guest-report SBI extension, never a handler's
 
 
 class UartGroup:
@@ -313,13 +321,18 @@ class LoopBase:
         self._handlers: Dict[int, Callable] = {}
         self._resume_mask = 0
         self._exits = ExitCache(vcpu)
+        self._guard: Tuple[Tuple[int, int], ...] = ()
+        self.failed_exit: Optional[Exit] = None
 
     # -- exits handled without leaving the loop ------------------------------------------------
     def on(self, reason: Union[str, int], handler: Optional[Callable]) -> None:
         """Call ``handler(exit)`` for every exit of ``reason`` ("IO", "MMIO", "HLT", ... or a
         number) the loop does not serve itself: returning None resumes the guest, anything
         else ends the run with ``Stop("exit", exit, result=<that value>)``. What the handler
-        raises ends the run and propagates from :meth:`run`. ``handler=None`` removes it.
+        raises ends the run and propagates from :meth:`run` (:attr:`failed_exit` is then that
+        exit). ``handler=None`` removes it. Guest reports (``LoopConfig.report_port``,
+        ``report_sbi_eid``) and MMIO exits in guarded RAM (:meth:`guard_ram`) never reach a
+        handler: :meth:`run` returns them.
 
         The exit object is only valid during the call (and, if the handler stops the run, until
         the next run); it is reused for later exits unless the handler keeps a reference."""
@@ -344,6 +357,42 @@ class LoopBase:
 
     def _update_masks(self) -> None:
         pass
+
+    def guard_ram(self, ranges) -> None:
+        """Never give a handler of :meth:`on` an MMIO exit inside these guest-physical ranges
+        (``(gpa, size)`` pairs, bytes): :meth:`run` returns it. KVM exits for guest RAM only
+        when the host could not back the page, which is the caller's to report, not a device
+        access. More than ``PYKVM_MAX_GUARD`` (4) ranges are merged into covering ones (what
+        falls between them is returned too). Raises ValueError for a negative or empty range."""
+        rs = sorted((int(g), int(n)) for g, n in ranges)
+        for g, n in rs:
+            if g < 0 or n <= 0 or g + n > 1 << 64:
+                raise ValueError(f"bad guest RAM range gpa={g:#x} size={n:#x}")
+        merged: List[List[int]] = []
+        for g, n in rs:
+            if merged and g <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], g + n)
+            else:
+                merged.append([g, g + n])
+        while len(merged) > nlib.PYKVM_MAX_GUARD:   # close the smallest gap
+            i = min(range(len(merged) - 1), key=lambda k: merged[k + 1][0] - merged[k][1])
+            merged[i][1] = merged[i + 1][1]
+            del merged[i + 1]
+        self._guard = tuple((lo, hi - lo) for lo, hi in merged)
+        self._update_masks()
+
+    def _handler_may_serve(self, ex: Exit) -> bool:
+        """Whether an exit may go to its handler (see :meth:`guard_ram` and
+        ``LoopConfig.report_port``); the C loop decides the same in handler_may_serve()."""
+        r, c = ex.reason, self.config
+        if r == _EXIT_IO:
+            return not c.report_port or ex.port != c.report_port
+        if r == _EXIT_MMIO:
+            a = ex.phys_addr
+            return not any(0 <= a - g < n for g, n in self._guard)
+        if r == _EXIT_SBI:
+            return not c.report_sbi_eid or ex.extension_id != c.report_sbi_eid
+        return True
 
     @property
     def on_console(self) -> Optional[Callable[[bytes], None]]:
@@ -377,48 +426,6 @@ class LoopBase:
 
 
 
-# The loops inside pykvm_loop_run() now, by loop_id → (handlers, exit objects, vCPU, loop): the
-# C loop's Python callback finds them here (registered for the duration of RunLoop.run() only, so
-# nothing is kept alive by it).
-_LOOPS: Dict[int, tuple] = {}
-_next_id = iter(range(1, 1 << 31)).__next__
-
-
-@nffi.def_extern(error=_CB_STOP)
-def pykvm_py_exit(loop_id, reason, info, a, b):
-    """Called by the C loop (GIL held) for an exit in its callback_mask, with the exit's fields
-    decoded (see py_exit() in csrc/runloop.c): find the handler, fill a reused exit object, call
-    the handler, tell C what to do. Kept in one function: this runs for every such exit."""
-    try:
-        handlers, objs, v, loop = _LOOPS[loop_id]
-    except KeyError:
-        return _CB_STOP_EXIT
-    try:
-        if info & 0x80000000:
-            loop._drain()                  # the handler sees the console up to its exit
-        h = handlers.get(reason)
-        if h is None:
-            return _CB_STOP_EXIT
-        ex = objs.get(reason)
-        if ex is None or _refs(ex) > 3:    # kept by someone: leave it, use a new one
-            ex = objs[reason] = new_exit(v, reason)
-        ex._seq = v.run_seq
-        ex._info = info
-        ex._a = a
-        ex._b = b
-        r = h(ex)
-        if r is not None:
-            loop._result, loop._last_exit = r, ex
-            return _CB_STOP_EXIT
-        if v._closing:
-            return _CB_STOP
-        v.run_seq += 1                     # the exit is gone once the guest runs again
-        return _CB_RESUME
-    except BaseException as e:  # noqa: BLE001 — handler errors, KeyboardInterrupt: run() raises
-        loop._error = e
-        return _CB_STOP
-
-
 class RunLoop(LoopBase):
     """The C run loop. ``run()`` returns a :class:`Stop`."""
 
@@ -432,13 +439,11 @@ class RunLoop(LoopBase):
         self._console_buf = _new_buffer("uint8_t[]", max(1, min(c.console_cap, _CONSOLE_START)))
         self._mmio_buf = _new_buffer("struct pykvm_mmio_record[]",
                                      max(1, min(c.mmio_log_cap, _MMIO_LOG_START)))
-        self._id = _next_id()
         self._error = None
         self._result = None
         self._last_exit = None
         self._grow = None             # (console full, MMIO log full) after the last C return
         cl = self._l
-        cl.loop_id = self._id
         cl.vcpu_fd = vcpu.fd
         cl.run_size = vcpu.run_size
         cl.run = vcpu.run_addr
@@ -461,6 +466,7 @@ class RunLoop(LoopBase):
             cl.ram[i].gpa, cl.ram[i].host, cl.ram[i].size = gpa, host, size
         cl.mmio_log = int(nffi.cast("uintptr_t", self._mmio_buf))
         cl.mmio_log_cap = len(self._mmio_buf)
+        cl.report_port, cl.report_sbi_eid = c.report_port, c.report_sbi_eid
         nlib.pykvm_kick_signal()
 
     @property
@@ -488,8 +494,13 @@ class RunLoop(LoopBase):
         mask = 0
         for n in self._handlers:
             mask |= 1 << n
-        self._l.callback_mask = mask
-        self._l.resume_mask = self._resume_mask
+        cl = self._l
+        cl.callback_mask = mask
+        cl.resume_mask = self._resume_mask
+        cl.nguard = 0
+        for i, (g, n) in enumerate(self._guard):
+            cl.guard[i].gpa, cl.guard[i].size = g, n
+        cl.nguard = len(self._guard)
 
     def _grow_buffers(self) -> None:
         """After a run that filled a buffer (drained since): double it, up to the config's cap."""
@@ -533,15 +544,17 @@ class RunLoop(LoopBase):
         cl = self._l
         v = self.vcpu
         v._enter_run(self._kick_internal)
-        _LOOPS[self._id] = (self._handlers, self._exits._by_reason, v, self)   # until it ends
+        self.failed_exit = None
+        args = (int(nffi.cast("uintptr_t", cl)), self._handlers, self._exits._by_reason, v, v._rs,
+                self, new_exit)
         try:
             cl.deadline_ns = int(deadline * 1e9) if deadline else 0
             cl.budget = budget if budget > 0 else -1
             while True:
-                if v._closing:
+                if v._rs.closing:
                     return Stop("kick")
-                v.run_seq += 1
-                r = nlib.pykvm_loop_run(cl)
+                v._rs.seq += 1
+                r = _run_handlers(*args)
                 if self._ugroup is not None:
                     self._ugroup.drain(self._emit)
                 if cl.console_len or cl.mmio_log_len:
@@ -572,7 +585,6 @@ class RunLoop(LoopBase):
                     return Stop("debug_exit", value=cl.exit_value)
                 return Stop(STOP_NAMES[r])
         finally:
-            _LOOPS.pop(self._id, None)
             self._last_exit = self._result = self._error = None
             v._leave_run()
 
@@ -583,7 +595,7 @@ class RunLoop(LoopBase):
         """Stop a running ``run()`` (or the next one) from any thread; takes no lock, so it is
         safe from a signal handler. Raises :class:`~pykvm.errors.Closed` once the vCPU is
         closed."""
-        if self.vcpu._closing:
+        if self.vcpu._rs.closing:
             raise Closed(f"vCPU {self.vcpu.id} is closed")
         nlib.pykvm_loop_kick(self._l)
 
@@ -591,7 +603,7 @@ class RunLoop(LoopBase):
         """Withdraw a kick that no run has taken yet (the next ``run()`` then runs the guest).
         For the owner of the loop, between runs. Raises :class:`~pykvm.errors.Closed` once
         the vCPU is closed."""
-        if self.vcpu._closing:
+        if self.vcpu._rs.closing:
             raise Closed(f"vCPU {self.vcpu.id} is closed")
         self._l.kick = 0
         self.vcpu.run_struct.immediate_exit = 0

@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 from . import abi
 from ._fd import FdObject
 from ._ioctl import enable_cap as _enable_cap, ioctl, stats as _stats
+from ._loopstate import RunState
 from ._native import lib as _nlib
 from .abi import ffi, ioctls
 from .arch import current as _arch
@@ -48,7 +49,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         self._io = self.run_struct.io                   # views into kvm_run, made once
         self._mmio = self.run_struct.mmio
         self.run_size = size
-        self.run_seq = 0                 # bumped by every KVM_RUN: exits check it
+        self._rs = RunState(addr, size)  # seq: bumped by every KVM_RUN (exits check it); closing
         self._thread_ident: Optional[int] = None
         # Lifecycle: one thread at a time may be inside KVM_RUN (through run() or a run loop);
         # close() waits for it to leave before the fd is closed and kvm_run unmapped.
@@ -58,9 +59,14 @@ class Vcpu(_arch.VcpuArch, FdObject):
         self._runner: Optional[int] = None      # thread ident of the caller inside a run, or None
         self._runner_kick: Optional[Callable[[], None]] = None  # how to make that run return
         self._run_depth = 0              # nested claims by the same thread (a loop, then run())
-        self._closing = False
         self._closed_done = False
         self._arch_init()
+
+    @property
+    def run_seq(self) -> int:
+        """KVM_RUNs made so far (each run loop entry and each exit a handler resumed count one):
+        an exit object belongs to one value of it and is stale after."""
+        return self._rs.seq
 
     @property
     def fd(self) -> int:
@@ -95,7 +101,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         :class:`~pykvm.errors.Busy` if another thread is running the vCPU."""
         me = _get_ident()
         with self._lock:
-            if self._closing:
+            if self._rs.closing:
                 raise Closed(f"vCPU {self.id} is closed")
             if self._runner is not None and self._runner != me:
                 raise Busy(f"vCPU {self.id} is already running in another thread")
@@ -109,14 +115,14 @@ class Vcpu(_arch.VcpuArch, FdObject):
             if self._run_depth > 0:
                 return
             self._runner = self._runner_kick = None
-            finish = self._closing and not self._closed_done
+            finish = self._rs.closing and not self._closed_done
             if self._cond is not None:
                 self._cond.notify_all()
         if finish:                        # close() was called from inside the run: finish it
             self._finish_close()
 
     def _check_open(self) -> None:
-        if self._closing:
+        if self._rs.closing:
             raise Closed(f"vCPU {self.id} is closed")
 
     # -- ONE_REG --------------------------------------------------------------------------
@@ -204,7 +210,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         self._enter_run(self._kick_thread)
         try:
             self._thread_ident = _get_ident()
-            self.run_seq += 1
+            self._rs.seq += 1
             r = _native_ioctl(self._fd, _KVM_RUN, 0)     # the cheapest call: no wrapper
             if r < 0:
                 if -r not in (4, 11):               # EINTR / EAGAIN: report as an INTR exit
@@ -245,7 +251,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         with self._lock:
             if self._closed_done:
                 return
-            self._closing = True
+            self._rs.closing = True
             if self._runner == me:
                 return                        # finished by _leave_run()
             if self._runner is not None and self._cond is None:

@@ -148,7 +148,8 @@ class VirtPlatform:
         if getattr(self, "_uart_group", None) is None:
             self._uart_group = UartGroup()        # one UART, whichever hart touches it
         return LoopConfig(serial_base=0, debugcon_port=0, exit_port=0, sbi_console=True, ram=ram,
-                          uart_mmio_base=self.uart_base or 0, uart_group=self._uart_group)
+                          uart_mmio_base=self.uart_base or 0, uart_group=self._uart_group,
+                          report_sbi_eid=sbi.PYKVM_REPORT_EID)
 
     def setup_vcpu(self, vcpu, index: int) -> None:
         """Before vCPU ``index`` first runs: its cpu type and SBI extensions, the device tree

@@ -137,10 +137,12 @@ class X86Platform:
 
     def loop_config(self) -> LoopConfig:
         """COM1, the 0xE9 debug console and isa-debug-exit at 0xF4, served in the C loop; COM1 is
-        one UART for all vCPUs, its interrupt on IRQ 4 when there is an irqchip."""
+        one UART for all vCPUs, its interrupt on IRQ 4 when there is an irqchip; the report
+        port's exits always come back to the machine."""
         return LoopConfig(serial_base=COM1, debugcon_port=DEBUGCON_PORT,
                           exit_port=DEBUG_EXIT_PORT, exit_port_size=DEBUG_EXIT_SIZE,
-                          uart_irq=COM1_IRQ if self.irqchip else 0, uart_group=self._uart_group)
+                          uart_irq=COM1_IRQ if self.irqchip else 0, uart_group=self._uart_group,
+                          report_port=REPORT_PORT)
 
     # -- exits ----------------------------------------------------------------------------
     def report_from_exit(self, index: int, ex) -> Optional[object]:

@@ -128,6 +128,7 @@ class ReferenceLoop(LoopBase):
         """As :meth:`pykvm.runloop.RunLoop.run`, one ``Vcpu.run()`` per exit."""
         v = self.vcpu
         v._enter_run(self._kick_internal)
+        self.failed_exit = None
         timer = None
         try:
             if deadline:
@@ -143,7 +144,7 @@ class ReferenceLoop(LoopBase):
                                             f"{v.id}: {e}", "threads") from e
             left = budget
             while True:
-                if v._closing:
+                if v._rs.closing:
                     return Stop("kick")
                 if self._kick.is_set():
                     self._kick.clear()
@@ -188,9 +189,13 @@ class ReferenceLoop(LoopBase):
             self.handled_in_c += 1
             return None
         h = self._handlers.get(n)
-        if h is None:
+        if h is None or not self._handler_may_serve(ex):
             return Stop("exit", ex)
-        r = h(ex)
+        try:
+            r = h(ex)
+        except BaseException:
+            self.failed_exit = ex
+            raise
         if r is not None:
             return Stop("exit", ex, result=r)
         self.handled_in_python += 1
@@ -203,13 +208,13 @@ class ReferenceLoop(LoopBase):
     def kick(self) -> None:
         """Stop a running ``run()`` (or the next one) from any thread. Raises
         :class:`~pykvm.errors.Closed` once the vCPU is closed."""
-        if self.vcpu._closing:
+        if self.vcpu._rs.closing:
             raise Closed(f"vCPU {self.vcpu.id} is closed")
         self._kick_internal()
 
     def clear_kick(self) -> None:
         """As :meth:`pykvm.runloop.RunLoop.clear_kick`."""
-        if self.vcpu._closing:
+        if self.vcpu._rs.closing:
             raise Closed(f"vCPU {self.vcpu.id} is closed")
         self._kick.clear()
         self.vcpu.run_struct.immediate_exit = 0

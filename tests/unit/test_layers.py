@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PKG = os.path.join(ROOT, "pykvm")
 
 LAYERS = [
-    ("abi", ("pykvm._host", "pykvm.abi", "pykvm._native", "pykvm.errors", "pykvm.status",
-             "pykvm.outfile")),
+    ("abi", ("pykvm._host", "pykvm.abi", "pykvm._native", "pykvm._loopstate", "pykvm.errors",
+             "pykvm.status", "pykvm.outfile")),
     ("ioctl", ("pykvm._ioctl", "pykvm._fd", "pykvm.stats")),
     ("arch", ("pykvm.arch",)),
     ("memory/exits", ("pykvm.memory", "pykvm.exits", "pykvm.report")),
