@@ -102,9 +102,14 @@ class PcPlatform(X86Platform):
     bios_area: ClassVar[bool] = True
 
     def __init__(self, vm, kvm, control: MachineControl, *, vcpus: int, mem_size: int,
-                 cpuid=None, devices=(), irqchip: bool = True, pit: bool = True):
+                 cpuid=None, devices=(), irqchip: bool = True, pit: bool = True,
+                 lost_tick_policy: str = "delay"):
         if not (irqchip and pit):
             raise ValueError("the pc machine always has the in-kernel irqchip and PIT")
+        if lost_tick_policy not in ("delay", "discard"):
+            raise ValueError(f"lost_tick_policy {lost_tick_policy!r} is not delay or discard "
+                             "(QEMU's kvm-pit policies)")
+        self.lost_tick_policy = lost_tick_policy
         devices = tuple(devices)
         unknown = [d for d in devices if d not in DEVICES]
         if unknown:
@@ -170,16 +175,20 @@ class PcPlatform(X86Platform):
 
     # -- set-up ------------------------------------------------------------------------------
     def _create_chips(self) -> None:
-        """The in-kernel irqchip and PIT, with QEMU's GSI routing and no re-injection of lost
-        PIT ticks (``kvm-pit.lost_tick_policy=discard``)."""
+        """The in-kernel irqchip and PIT, with QEMU's GSI routing. Lost PIT ticks follow
+        ``lost_tick_policy`` as QEMU's ``kvm-pit`` does: "delay" (QEMU's default, and KVM's for
+        a new PIT: the ticks a guest missed are re-injected; no ioctl) or "discard"
+        (KVM_REINJECT_CONTROL off, which waits for an SRCU grace period in the kernel when it
+        unregisters the PIT's ack notifier: 10-14 ms of start-up on kvm_pvm hosts)."""
         vm = self.vm
         vm.create_irqchip()
         vm.set_gsi_routing(qemu_gsi_routes())
         vm.create_pit2()
-        try:
-            vm.reinject_control(False)
-        except KvmError:                      # an old KVM without the ioctl: keep its default
-            pass
+        if self.lost_tick_policy == "discard":
+            try:
+                vm.reinject_control(False)
+            except KvmError:                  # an old KVM without the ioctl: keep its default
+                pass
         self.irqchip = True
 
     def _write_tables(self) -> None:
