@@ -235,6 +235,30 @@ def _command_of(argv) -> "str | None":
 
 
 class _Parser(argparse.ArgumentParser):
+    # argparse makes a help formatter for every add_argument() (to check the metavar), and a
+    # formatter asks the terminal's width (importing shutil: ~3 ms of every start). Only help
+    # and usage text needs the width; building the parser uses a fixed one.
+    _for_output = False
+
+    def _get_formatter(self):
+        if self._for_output:
+            return super()._get_formatter()
+        return self.formatter_class(prog=self.prog, width=80)
+
+    def format_help(self):
+        self._for_output = True
+        try:
+            return super().format_help()
+        finally:
+            self._for_output = False
+
+    def format_usage(self):
+        self._for_output = True
+        try:
+            return super().format_usage()
+        finally:
+            self._for_output = False
+
     def error(self, message):
         line = f"{self.prog}: error: {message}"
         if _wants_json():
