@@ -1,23 +1,31 @@
 """ELF images (ELF64; ELF32 with a multiboot header), loaded by physical address as QEMU's
-``load_elf`` loads them, and their symbol tables, read with pyelftools (``elftools``).
+``load_elf`` loads them, and their symbol tables.
 
-Images come from untrusted places, and pyelftools trusts what a file says: it reads as many
-headers as ``e_phnum`` or ``e_shnum`` name, follows a ``PT_DYNAMIC`` segment through every
-section, and reads a string up to the next NUL byte wherever that is. So every table is checked
-here before pyelftools reads it: header counts against :data:`MAX_PROGRAM_HEADERS`,
-:data:`MAX_SECTION_HEADERS` and :data:`MAX_SYMBOLS`, entry sizes against the class's
-structures, tables and string tables inside the file, each distinct symbol table read once and
-no two overlapping, and names found with one bounded search of at most :data:`MAX_SYMBOL_NAME`
-bytes. pyelftools then decodes the ELF header and each program header, section header and
-symbol (``ELFFile.structs``), so a hostile file costs time linear in its size and every
-failure is a one-line :class:`LoadError`. ``elftools`` is imported on first use (importing it
-costs about 50 ms, more than the rest of ``pykvm.machine`` needs at import; see
-tests/unit/test_imports.py)."""
+The records read here have layouts fixed by the ELF specification (``Elf32_Ehdr`` /
+``Elf64_Ehdr``, ``_Phdr``, ``_Shdr``, ``_Sym``; little-endian only), so they are decoded with the
+standard :mod:`struct` module, one precompiled :class:`struct.Struct` per record and class
+(:data:`_EHDR`, :data:`_PHDR`, :data:`_SHDR`, :data:`_SYM`), into plain numbers: the ELF header
+as an :class:`_Ehdr`, program headers as :class:`_Phdr`, section headers as :class:`_Shdr` and
+symbols as :class:`_Sym`. pyelftools (``elftools``) decoded them until issue 18: importing it
+cost 7-15 ms (its bundled ``construct`` imports ``pdb`` and ``inspect``) and building its
+structures for the first image several ms more, about 22 ms of every ``pykvm run`` in all, for
+four fixed-size records. pyelftools is now imported only for DWARF line tables
+(:mod:`pykvm.boot.symbols`, when a failure's address is described at file:line), through
+:meth:`_Elf.elffile`; tests/unit/test_elf_struct_decode.py holds the two decoders to the same
+fields on real images.
+
+Images come from untrusted places, so every table is checked before a byte of it is decoded:
+header counts against :data:`MAX_PROGRAM_HEADERS`, :data:`MAX_SECTION_HEADERS` and
+:data:`MAX_SYMBOLS`, entry sizes against the class's records, tables and string tables inside
+the file, each distinct symbol table read once and no two overlapping, and names found with one
+bounded search of at most :data:`MAX_SYMBOL_NAME` bytes. A hostile file costs time linear in
+its size and every failure is a one-line :class:`LoadError`.
+"""
 from __future__ import annotations
 
 import bisect
-import functools
 import os
+import struct
 from collections import namedtuple
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -44,12 +52,31 @@ _EM_386, _EM_X86_64, _EM_RISCV = 3, 62, 243
 _EM_NAMES = {_EM_386: "i386", _EM_X86_64: "x86-64", _EM_RISCV: "RISC-V", 40: "ARM",
              183: "AArch64", 8: "MIPS", 20: "PowerPC", 21: "PowerPC64", 22: "S/390"}
 _SHF_ALLOC = 2
-# sizes of the ELF header, program header, section header and symbol per class (ELF spec
-# "ELF Header", "Program Header", "Sections", "Symbol Table"); pyelftools' structures agree
-_EHSIZE = {_ELFCLASS32: 52, _ELFCLASS64: 64}
-_PHDR_SIZE = {_ELFCLASS32: 32, _ELFCLASS64: 56}
-_SHDR_SIZE = {_ELFCLASS32: 40, _ELFCLASS64: 64}
-_SYM_SIZE = {_ELFCLASS32: 16, _ELFCLASS64: 24}
+SHT_SYMTAB, SHT_STRTAB, SHT_NOBITS, SHT_DYNSYM = 2, 3, 8, 11       # sh_type
+SHN_UNDEF, SHN_ABS = 0, 0xFFF1                                     # st_shndx
+STT_NOTYPE, STT_OBJECT, STT_FUNC = 0, 1, 2                         # st_info & 0xf
+
+# The records, little-endian, per class (ELF spec "ELF Header", "Program Header", "Sections",
+# "Symbol Table"; the 64-bit ones from the System V gABI). Fields not used are skipped ("x"):
+# e_ident (checked byte by byte before), p_align, sh_info, sh_addralign, st_other.
+#   Elf_Ehdr: e_type e_machine e_version e_entry e_phoff e_shoff e_flags e_ehsize e_phentsize
+#             e_phnum e_shentsize e_shnum e_shstrndx
+#   Elf32_Phdr: p_type p_offset p_vaddr p_paddr p_filesz p_memsz p_flags [p_align]
+#   Elf64_Phdr: p_type p_flags p_offset p_vaddr p_paddr p_filesz p_memsz [p_align]
+#   Elf_Shdr: sh_name sh_type sh_flags sh_addr sh_offset sh_size sh_link [sh_info sh_addralign]
+#             sh_entsize
+#   Elf32_Sym: st_name st_value st_size st_info [st_other] st_shndx
+#   Elf64_Sym: st_name st_info [st_other] st_shndx st_value st_size
+_EHDR = {_ELFCLASS32: struct.Struct("<16xHHIIIIIHHHHHH"),
+         _ELFCLASS64: struct.Struct("<16xHHIQQQIHHHHHH")}
+_PHDR = {_ELFCLASS32: struct.Struct("<IIIIIII4x"), _ELFCLASS64: struct.Struct("<IIQQQQQ8x")}
+_SHDR = {_ELFCLASS32: struct.Struct("<IIIIIII8xI"), _ELFCLASS64: struct.Struct("<IIQQQQI12xQ")}
+_SYM = {_ELFCLASS32: struct.Struct("<IIIBxH"), _ELFCLASS64: struct.Struct("<IBxHQQ")}
+# their sizes: sizeof(Elf32_*) and sizeof(Elf64_*)
+_EHSIZE = {c: s.size for c, s in _EHDR.items()}          # 52, 64
+_PHDR_SIZE = {c: s.size for c, s in _PHDR.items()}       # 32, 56
+_SHDR_SIZE = {c: s.size for c, s in _SHDR.items()}       # 40, 64
+_SYM_SIZE = {c: s.size for c, s in _SYM.items()}         # 16, 24
 _ADDR_LIMIT = {_ELFCLASS32: 1 << 32, _ELFCLASS64: 1 << 64}
 
 _Ehdr = namedtuple("_Ehdr", "cls type machine version entry phoff shoff flags ehsize "
@@ -58,6 +85,36 @@ _Phdr = namedtuple("_Phdr", "type offset vaddr paddr filesz memsz flags")
 # sh_addr and sh_flags are for pykvm.boot.symbols (where each allocated section ends)
 _Shdr = namedtuple("_Shdr", "type offset size link entsize addr flags name",
                    defaults=(0, 0, 0))
+# a symbol: st_name (offset in its string table), st_value, st_size, st_info (binding << 4 |
+# type: the type is ``info & 0xf``), st_shndx (SHN_UNDEF: not defined here)
+_Sym = namedtuple("_Sym", "name value size info shndx")
+
+
+def _phdr32(t, off, vaddr, paddr, filesz, memsz, flags) -> _Phdr:
+    return _Phdr(t, off, vaddr, paddr, filesz, memsz, flags)
+
+
+def _phdr64(t, flags, off, vaddr, paddr, filesz, memsz) -> _Phdr:
+    return _Phdr(t, off, vaddr, paddr, filesz, memsz, flags)
+
+
+def _shdr(name, t, flags, addr, off, size, link, entsize) -> _Shdr:
+    return _Shdr(t, off, size, link, entsize, addr, flags, name)
+
+
+def _sym32(name, value, size, info, shndx) -> _Sym:
+    return _Sym(name, value, size, info, shndx)
+
+
+def _sym64(name, info, shndx, value, size) -> _Sym:
+    return _Sym(name, value, size, info, shndx)
+
+
+# record class -> (Struct, its fields -> namedtuple)
+_PHDR_DECODE = {_ELFCLASS32: (_PHDR[_ELFCLASS32], _phdr32),
+                _ELFCLASS64: (_PHDR[_ELFCLASS64], _phdr64)}
+_SHDR_DECODE = {c: (s, _shdr) for c, s in _SHDR.items()}
+_SYM_DECODE = {_ELFCLASS32: (_SYM[_ELFCLASS32], _sym32), _ELFCLASS64: (_SYM[_ELFCLASS64], _sym64)}
 
 
 # what each supported architecture accepts: ELF class -> (e_machine, boot mode)
@@ -66,53 +123,14 @@ _ARCHES = {
     "riscv64": {_ELFCLASS64: (_EM_RISCV, "riscv")},
 }
 
-_elftools = None
-
-
-def _pyelftools():
-    """(ELFStructs, struct_parse, ELFError, enums module), imported once, on the first ELF read
-    (``import pykvm.machine`` must not pay for it: tests/unit/test_imports.py)."""
-    global _elftools
-    if _elftools is None:
-        from elftools.common.exceptions import ELFError
-        from elftools.common.utils import struct_parse
-        from elftools.elf import enums
-        from elftools.elf.structs import ELFStructs
-        _elftools = (ELFStructs, struct_parse, ELFError, enums)
-    return _elftools
-
 
 def load_reader() -> None:
-    """Import pyelftools now (it is imported on the first ELF read otherwise, ~12 ms)."""
-    _pyelftools()
-
-
-# pyelftools' structures for one (class, e_type, e_machine, EI_OSABI), built once: building them
-# is most of what an ELFFile costs (about a hundred construct objects), and the garbage it left
-# behind per image showed as resident memory per Machine. Bounded: a hostile stream of images
-# with ever new e_machine values keeps at most this many.
-_STRUCTS: "dict" = {}
-_STRUCTS_MAX = 16
-
-
-def _structs(cls: int, e_type, e_machine, osabi):
-    """The cached ``ELFStructs`` for a little-endian ELF of class ``cls`` (1: 32, 2: 64)."""
-    key = (cls, e_type, e_machine, osabi)
-    got = _STRUCTS.get(key)
-    if got is None:
-        ELFStructs = _pyelftools()[0]
-        got = ELFStructs(little_endian=True, elfclass=32 if cls == _ELFCLASS32 else 64)
-        got.create_basic_structs()
-        got.create_advanced_structs(e_type, e_machine, osabi)
-        if len(_STRUCTS) >= _STRUCTS_MAX:
-            _STRUCTS.pop(next(iter(_STRUCTS)))
-        _STRUCTS[key] = got
-    return got
-
-
-def _basic_structs(cls: int):
-    """The cached basic structures (enough for the ELF header) of class ``cls``."""
-    return _structs(cls, None, None, None)
+    """Import now the one part of ELF reading that is imported on first use: pyelftools' DWARF
+    reader (``elftools.elf.elffile``, 10-25 ms), which :mod:`pykvm.boot.symbols` needs to name
+    a failure's address by file:line. Booting needs nothing imported (headers and symbols are
+    decoded with :mod:`struct`); a long-running process (a fuzz worker: ``platform.preload``)
+    calls this so that describing its first failure does not pay the import inside a deadline."""
+    from elftools.elf.elffile import ELFFile  # noqa: F401 — imported for its side effect
 
 
 def is_elf(data: bytes) -> bool:
@@ -146,10 +164,9 @@ class _ImageStream:
 
 
 class _Elf:
-    """One ELF file as pyelftools reads it, with the header checked enough for pyelftools to
-    parse it: ``hdr`` (an :class:`_Ehdr` with numeric fields), ``data`` (the image bytes),
-    ``stream`` (the image as a stream) and ``structs`` (pyelftools' ``ELFStructs`` for its class
-    and machine, cached across images)."""
+    """One ELF file with its header checked and decoded: ``hdr`` (an :class:`_Ehdr`, numbers
+    only) and ``data`` (the image: ``bytes`` or an ``mmap``). Raises :class:`LoadError` for a
+    file too short for its ELF header, bad magic, an unknown class or a big-endian file."""
 
     def __init__(self, data):
         if len(data) < 16:
@@ -164,76 +181,43 @@ class _Elf:
         if len(data) < _EHSIZE[cls]:
             raise LoadError(f"image truncated: {len(data)} bytes is too short for the ELF header "
                             f"({_EHSIZE[cls]} bytes)")
-        _, self._parse, self._error, enums = _pyelftools()
         self.data = data
-        self.stream = _ImageStream(data)
-        try:
-            h = self._parse(_basic_structs(cls).Elf_Ehdr, self.stream, 0)
-            self.structs = _structs(cls, h["e_type"], h["e_machine"],
-                                    h["e_ident"]["EI_OSABI"])
-        except self._error as e:         # the checks above leave nothing for it to refuse
-            raise LoadError(f"malformed ELF header: {e}") from e
-        self.header = h
-        self.hdr = _Ehdr(cls, _number(h["e_type"], enums.ENUM_E_TYPE),
-                         _number(h["e_machine"], enums.ENUM_E_MACHINE),
-                         _number(h["e_version"], enums.ENUM_E_VERSION), h["e_entry"],
-                         h["e_phoff"], h["e_shoff"], h["e_flags"], h["e_ehsize"],
-                         h["e_phentsize"], h["e_phnum"], h["e_shentsize"], h["e_shnum"],
-                         h["e_shstrndx"])
+        self.hdr = _Ehdr(cls, *_EHDR[cls].unpack_from(data, 0))
 
     def elffile(self):
         """pyelftools' ``ELFFile`` over this image (for its DWARF reader: built only when line
-        tables are asked for, after the checks of :mod:`.symbols`)."""
-        from elftools.elf.elffile import ELFFile      # (imported with the rest on first use)
+        tables are asked for, after the checks of :mod:`.symbols`; pyelftools is imported
+        here, on first use)."""
+        from elftools.elf.elffile import ELFFile
         return ELFFile(_ImageStream(self.data))
 
-    def entries(self, what: str, off: int, count: int, entsize: int, structure, size: int,
-                cap: int) -> Iterator:
+    def entries(self, what: str, off: int, count: int, entsize: int, decode: tuple,
+                cap: int) -> list:
         """The ``count`` table entries at ``off``, ``entsize`` bytes apart, each decoded by
-        pyelftools' ``structure`` (its first ``size`` bytes; ELF spec: the header's
-        e_phentsize or e_shentsize is the stride, and may be larger than the structure the
-        class defines). Count and extent are checked before anything is decoded."""
+        ``decode`` (a (``struct.Struct``, function of its fields) pair from :data:`_PHDR_DECODE`,
+        :data:`_SHDR_DECODE` or :data:`_SYM_DECODE`) from its first ``Struct.size`` bytes (ELF
+        spec: the header's e_phentsize or e_shentsize is the stride, and may be larger than the
+        record the class defines). Count and extent are checked before anything is decoded:
+        raises :class:`LoadError` for more than ``cap`` entries or a table past the file's end."""
         if count > cap:
             raise LoadError(f"too many ELF {what}s: {count} (at most {cap})")
         if count == 0:
-            return iter(())
-        # the last entry needs only its structure's bytes in the file, not a whole stride
-        end = off + (count - 1) * entsize + size
+            return []
+        rec, make = decode
+        # the last entry needs only its record's bytes in the file, not a whole stride
+        end = off + (count - 1) * entsize + rec.size
         if end > len(self.data):
             raise LoadError(f"image truncated: {what}s end at {end:#x}, the file has "
                             f"{len(self.data):#x} bytes")
-        stream, parse = self.stream, self._parse
-        return (parse(structure, stream, off + i * entsize) for i in range(count))
-
-
-def _elf_errors_only(fn):
-    """``fn`` with any error pyelftools reports (``ELFError``: its parse errors included) turned
-    into a one-line :class:`LoadError`, after :func:`_load_errors_only`'s own conversions.
-    The checks made before pyelftools reads a table leave it nothing to refuse; this is the
-    backstop that keeps a missed case a one-line error."""
-    inner = _load_errors_only(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return inner(*args, **kwargs)
-        except Exception as e:
-            if _elftools is not None and isinstance(e, _elftools[2]):
-                raise LoadError(f"malformed ELF ({e})") from e
-            raise
-    return wrapper
-
-
-def _number(value, names: dict) -> int:
-    """The number behind a field pyelftools decoded to its enumerator's name."""
-    return names.get(value, value) if isinstance(value, str) else value
+        unpack, data = rec.unpack_from, self.data
+        return [make(*unpack(data, off + i * entsize)) for i in range(count)]
 
 
 def _program_headers(elf: _Elf) -> List[_Phdr]:
     """The program headers, ``e_phentsize`` bytes apart (the ELF spec's stride: at least
     sizeof(Elf32_Phdr) = 32 or sizeof(Elf64_Phdr) = 56; larger strides are legal and their
-    extra bytes are skipped). Decoded by pyelftools' ``Elf_Phdr`` (not ``get_segment``, which
-    for a ``PT_DYNAMIC`` walks every section of the file: quadratic on a hostile header)."""
+    extra bytes are skipped). Raises :class:`LoadError` for none, too many, a stride below the
+    record size or a table past the file's end."""
     h = elf.hdr
     if h.phnum == 0:
         raise LoadError("ELF has no program headers")
@@ -244,17 +228,15 @@ def _program_headers(elf: _Elf) -> List[_Phdr]:
     if h.phentsize < size:
         raise LoadError(f"bad ELF program header size {h.phentsize} (e_phentsize must be at "
                         f"least {size} for this ELF class)")
-    return [_Phdr(_PT_LOAD if p["p_type"] == "PT_LOAD" else p["p_type"], p["p_offset"],
-                  p["p_vaddr"], p["p_paddr"], p["p_filesz"], p["p_memsz"], p["p_flags"])
-            for p in elf.entries("program header", h.phoff, h.phnum, h.phentsize,
-                                 elf.structs.Elf_Phdr, size, MAX_PROGRAM_HEADERS)]
+    return elf.entries("program header", h.phoff, h.phnum, h.phentsize, _PHDR_DECODE[h.cls],
+                       MAX_PROGRAM_HEADERS)
 
 
 def _section_headers(elf: _Elf) -> List[_Shdr]:
     """The section headers ([] when there are none); extended numbering (e_shnum 0 and the count
-    in section 0's sh_size) is understood, and the count is capped. Decoded by pyelftools'
-    ``Elf_Shdr`` without their names (``ELFFile.get_section`` looks each name up in the
-    section name table up to the next NUL byte, wherever that is)."""
+    in section 0's sh_size) is understood, and the count is capped. Names are left as offsets
+    (``_Shdr.name``) into the section name table, looked up only by :mod:`.symbols`, bounded.
+    Raises :class:`LoadError`."""
     h = elf.hdr
     if h.shoff == 0:
         return []
@@ -264,20 +246,18 @@ def _section_headers(elf: _Elf) -> List[_Shdr]:
             return []
         raise LoadError(f"bad ELF section header size {h.shentsize} (e_shentsize must be at "
                         f"least {size} for this ELF class)")
-    structure = elf.structs.Elf_Shdr
+    decode = _SHDR_DECODE[h.cls]
     shnum = h.shnum
     if shnum == 0:
-        first = list(elf.entries("section header", h.shoff, 1, h.shentsize, structure, size, 1))
-        shnum = first[0]["sh_size"]                      # sh_size of section 0
+        first = elf.entries("section header", h.shoff, 1, h.shentsize, decode, 1)
+        shnum = first[0].size                            # sh_size of section 0
         if shnum == 0:
             return []
-    return [_Shdr(s["sh_type"], s["sh_offset"], s["sh_size"], s["sh_link"], s["sh_entsize"],
-                  s["sh_addr"], s["sh_flags"], s["sh_name"])
-            for s in elf.entries("section header", h.shoff, shnum, h.shentsize, structure,
-                                 size, MAX_SECTION_HEADERS)]
+    return elf.entries("section header", h.shoff, shnum, h.shentsize, decode,
+                       MAX_SECTION_HEADERS)
 
 
-@_elf_errors_only
+@_load_errors_only
 def parse_elf(data: bytes, *, arch: str = "x86_64") -> LoadPlan:
     """A plan from an ELF executable. x86_64: ELF64 (long mode, needs p_paddr == p_vaddr) or
     ELF32 i386 with a multiboot header (protected mode, loaded by p_paddr); any ELF whose
@@ -473,7 +453,7 @@ def _symbol_tables(elf: _Elf, shdrs: Optional[List[_Shdr]] = None
     entsize = _SYM_SIZE[cls]
     out, seen = [], set()
     for i, sh in enumerate(shdrs):
-        if sh.type not in ("SHT_SYMTAB", "SHT_DYNSYM") or sh.size == 0:
+        if sh.type not in (SHT_SYMTAB, SHT_DYNSYM) or sh.size == 0:
             continue
         key = (sh.offset, sh.size)
         if key in seen:
@@ -490,7 +470,7 @@ def _symbol_tables(elf: _Elf, shdrs: Optional[List[_Shdr]] = None
         if not 0 < sh.link < len(shdrs):
             raise LoadError(f"section {i}: string table index {sh.link} is not a section")
         st = shdrs[sh.link]
-        if st.type != "SHT_STRTAB":
+        if st.type != SHT_STRTAB:
             raise LoadError(f"section {i}: its string table (section {sh.link}) is not one")
         if st.offset + st.size > len(data):
             raise LoadError(f"image truncated: string table of section {sh.link} ends at "
@@ -507,21 +487,21 @@ def _symbol_tables(elf: _Elf, shdrs: Optional[List[_Shdr]] = None
 
 
 def _read_symbols(elf: _Elf, data: bytes, sh: _Shdr, st: _Shdr,
-                  want: Optional[bytes] = None) -> Iterator[Tuple[bytes, object]]:
-    """(name, entry) of the named, defined symbols of one table (only those called ``want`` if
-    given); ``entry`` is pyelftools' decoded ``Elf_Sym`` (``st_value``, ``st_size``,
-    ``st_info``, ``st_shndx``). A name is found with one bounded search in the string table
-    (at most :data:`MAX_SYMBOL_NAME` bytes; longer or unterminated names are skipped), so the
-    cost per symbol does not grow with the string table: pyelftools' own
-    ``SymbolTableSection.iter_symbols`` reads each name up to the next NUL anywhere in the
-    file, quadratic on a table whose names all point at one long unterminated run.
+                  want: Optional[bytes] = None) -> Iterator[Tuple[bytes, _Sym]]:
+    """(name, :class:`_Sym`) of the named, defined symbols of one table (only those called
+    ``want`` if given), the table checked by :func:`_symbol_tables` first (inside the file, its
+    entry size the class's ``Elf_Sym``). A name is found with one bounded search in the string
+    table (at most :data:`MAX_SYMBOL_NAME` bytes; longer or unterminated names are skipped), so
+    the cost per symbol does not grow with the string table (reading each name up to the next
+    NUL anywhere in the file, as pyelftools' ``iter_symbols`` does, is quadratic on a table
+    whose names all point at one long unterminated run).
 
     Looking for ``want``: the string table is searched for ``want`` + NUL first (a C-speed
     scan), and a table that does not hold the name is not decoded at all."""
     str_lo, str_hi = st.offset, st.offset + st.size
     entsize = sh.entsize
     count = sh.size // entsize
-    structure, stream, parse = elf.structs.Elf_Sym, elf.stream, elf._parse
+    rec, make = _SYM_DECODE[elf.hdr.cls]
     if want is not None:
         key = want + b"\0"
         wanted, pos = set(), data.find(key, str_lo, str_hi)
@@ -547,14 +527,15 @@ def _read_symbols(elf: _Elf, data: bytes, sh: _Shdr, st: _Shdr,
         else:                            # many copies of the name: decode every entry once
             offsets = range(sh.offset, sh.offset + count * entsize, entsize)
         for pos in offsets:
-            sym = parse(structure, stream, pos)
-            if sym["st_name"] in wanted and sym["st_shndx"] != "SHN_UNDEF":
+            sym = make(*rec.unpack_from(data, pos))
+            if sym.name in wanted and sym.shndx != SHN_UNDEF:
                 yield want, sym
         return
-    for i in range(count):
-        sym = parse(structure, stream, sh.offset + i * entsize)
-        name_off = sym["st_name"]
-        if name_off == 0 or sym["st_shndx"] == "SHN_UNDEF" or name_off >= st.size:
+    table = memoryview(data)[sh.offset:sh.offset + count * entsize]   # entsize == rec.size
+    for fields in rec.iter_unpack(table):
+        sym = make(*fields)
+        name_off = sym.name
+        if name_off == 0 or sym.shndx == SHN_UNDEF or name_off >= st.size:
             continue
         start = str_lo + name_off
         end = data.find(b"\0", start, min(str_hi, start + MAX_SYMBOL_NAME + 1))
@@ -562,8 +543,8 @@ def _read_symbols(elf: _Elf, data: bytes, sh: _Shdr, st: _Shdr,
             yield bytes(data[start:end]), sym
 
 
-def _symbol_entries(image: Image, want: Optional[bytes] = None) -> Iterator[Tuple[bytes, object]]:
-    """(name, pyelftools ``Elf_Sym``) of every named, defined symbol of the ELF ``image``, table
+def _symbol_entries(image: Image, want: Optional[bytes] = None) -> Iterator[Tuple[bytes, _Sym]]:
+    """(name, :class:`_Sym`) of every named, defined symbol of the ELF ``image``, table
     by table (nothing if it is not an ELF)."""
     data = _read_image(image)
     if not is_elf(data):
@@ -573,30 +554,30 @@ def _symbol_entries(image: Image, want: Optional[bytes] = None) -> Iterator[Tupl
         yield from _read_symbols(elf, data, sh, st, want)
 
 
-@_elf_errors_only
+@_load_errors_only
 def elf_symbols(image: Image) -> Dict[str, int]:
     """{name: value} of every named, defined symbol in the ELF's symbol tables, the first
     definition winning ({} if not an ELF). Each distinct table is read once; the symbols read
     are bounded by the file size and :data:`MAX_SYMBOLS`."""
     out: Dict[str, int] = {}
     for name, sym in _symbol_entries(image):
-        out.setdefault(name.decode("utf-8", "replace"), sym["st_value"])
+        out.setdefault(name.decode("utf-8", "replace"), sym.value)
     return out
 
 
-@_elf_errors_only
+@_load_errors_only
 def find_symbol(image: Image, name: str) -> Optional[int]:
     """The value (address) of symbol ``name`` in an ELF image, or None."""
     if not isinstance(name, str) or not name or "\0" in name:
         raise LoadError(f"bad symbol name {name!r}")
     for _, sym in _symbol_entries(image, name.encode("utf-8", "surrogateescape")):
-        return sym["st_value"]
+        return sym.value
     return None
 
 
-@_elf_errors_only
-def _symbols_and_sections(data) -> Tuple[list, List[_Shdr], Optional[_Elf]]:
-    """([(name, pyelftools ``Elf_Sym``)...], section headers, the :class:`_Elf`) of ELF image
+@_load_errors_only
+def _symbols_and_sections(data) -> Tuple[List[Tuple[bytes, _Sym]], List[_Shdr], Optional[_Elf]]:
+    """([(name, :class:`_Sym`)...], section headers, the :class:`_Elf`) of ELF image
     bytes ``data``, every table checked as :func:`elf_symbols` checks it; ([], [], None) if
     ``data`` is not an ELF. For :class:`pykvm.boot.symbols.Symbols`. Raises LoadError."""
     if not is_elf(data):

@@ -5,9 +5,10 @@ messages such as an emulation failure's (``RIP 0x200006 (bad_insn+0x0, guest.S:8
 Only ELF images have symbols; a flat binary, a bzImage or an image given as bytes has none and
 :meth:`Symbols.describe` then returns "". The image is read once, on the first look-up, through
 the loader's reader (:func:`pykvm.boot.image._read_image`: regular files only, bounded in
-size) and its symbols by the loader's ELF reader (:mod:`pykvm.boot.elf`: pyelftools behind
-bounds checks). Line tables are read with pyelftools' DWARF reader (DWARF 5 section 6.2, "Line
-Number Information") only after checks that keep hostile DWARF linear in the file's size:
+size) and its symbols by the loader's ELF reader (:mod:`pykvm.boot.elf`: bounds checks, then
+the fixed ELF records decoded with :mod:`struct`). Line tables are read with pyelftools' DWARF
+reader (DWARF 5 section 6.2, "Line Number Information"; pyelftools is imported then, on the
+first line look-up, not when an image boots) only after checks that keep hostile DWARF linear in the file's size:
 section names bounded, no compressed sections (a decompression bomb), strings in .debug_str and
 .debug_line_str shorter than :data:`MAX_DWARF_STRING`, at most :data:`MAX_DWARF_UNITS`
 compilation units whose abbreviation tables and line programs do not overlap, at most
@@ -18,7 +19,8 @@ import bisect
 import os
 from typing import List, Optional, Tuple
 
-from .elf import MAX_SYMBOL_NAME, _Elf, _Shdr, _symbols_and_sections
+from .elf import (MAX_SYMBOL_NAME, SHN_ABS, SHN_UNDEF, SHT_NOBITS, STT_FUNC, STT_NOTYPE,
+                  STT_OBJECT, _Elf, _Shdr, _Sym, _symbols_and_sections)
 from .image import LoadError, _read_image
 
 MAX_LINE_ROWS = 1 << 20        # DWARF line rows read at most (bounded work for a huge image)
@@ -76,20 +78,20 @@ class Symbols:
         self._starts = [s[0] for s in self._syms]
         self._lines.sort()
 
-    def _read_symbols(self, syms, sections: List[_Shdr]) -> None:
+    def _read_symbols(self, syms: List[Tuple[bytes, _Sym]], sections: List[_Shdr]) -> None:
         # where each allocated section ends: a label (a symbol of size 0) reaches no further
         ends = sorted((sec.addr, sec.addr + sec.size) for sec in sections
                       if sec.flags & _SHF_ALLOC and sec.size)
         for raw, sym in syms:
-            kind = sym["st_info"]["type"]
-            if kind not in ("STT_FUNC", "STT_NOTYPE", "STT_OBJECT"):
+            kind = sym.info & 0xF                 # ELF32_ST_TYPE / ELF64_ST_TYPE
+            if kind not in (STT_FUNC, STT_NOTYPE, STT_OBJECT):
                 continue
-            if sym["st_shndx"] in ("SHN_UNDEF", "SHN_ABS"):
+            if sym.shndx in (SHN_UNDEF, SHN_ABS):
                 continue
             name = raw.decode("utf-8", "replace")
-            if kind == "STT_NOTYPE" and name.startswith((".L", "$")):
+            if kind == STT_NOTYPE and name.startswith((".L", "$")):
                 continue                   # assembler-local labels and mapping symbols
-            start, size = sym["st_value"], sym["st_size"]
+            start, size = sym.value, sym.size
             if not size:
                 size = next((hi - start for lo, hi in ends if lo <= start < hi), 0)
                 if not size:
@@ -229,7 +231,7 @@ def _dwarf_sections(elf: _Elf, sections: List[_Shdr]) -> dict:
         if sec.flags & _SHF_COMPRESSED or name.startswith(b".zdebug"):
             raise _NoDwarf
         if name.startswith(b".debug_") or name == b".eh_frame":
-            if sec.type != "SHT_NOBITS":
+            if sec.type != SHT_NOBITS:
                 if sec.offset + sec.size > len(data):
                     raise _NoDwarf
                 total += sec.size
