@@ -11,9 +11,9 @@ import functools
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
+from ._record import field, Record
 from . import status
 from . import guests
 from .boot import read_head
@@ -28,8 +28,7 @@ from .runloop import ConsoleBuffer, LoopBase, RunLoop
 from .status import debug_exit_status
 
 
-@dataclass
-class Event:
+class Event(Record, slots=True):
     """What :meth:`Machine.step` returns.
 
     ``kind``: "report" (``report`` holds a SYNC/DONE/ASSERT/... :class:`Report`), "debug_exit"
@@ -53,8 +52,7 @@ class Event:
         return self.kind
 
 
-@dataclass
-class RunResult:
+class RunResult(Record):
     """How :meth:`Machine.run` ended.
 
     ``exit``: "done", "debug_exit", "timeout", a report kind ("assert", "exception", "trap"),

@@ -1,9 +1,9 @@
 """Guest RAM: private anonymous (MAP_NORESERVE) mappings registered as KVM memory slots, and a
 bounds-checked guest-physical view over them."""
 import mmap
-from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple, Union
 
+from ._record import Record
 from . import abi
 from ._native import lib as _nlib
 from .abi import CData, ffi
@@ -18,8 +18,7 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
-@dataclass
-class MemorySlot:
+class MemorySlot(Record):
     """One KVM memory slot backed by an anonymous mapping."""
     slot: int
     gpa: int

@@ -1,9 +1,9 @@
 """The guest → host report channel (docs/guest-abi.md): decode a ``struct pykvm_report`` from
 guest memory, bounds-checked, into a :class:`Report`."""
 import struct
-from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from ._record import Record
 from .errors import GuestError, GuestMemoryError, PykvmError
 
 SYNC, ASSERT_FAILED, DONE, PRINT, EXCEPTION, TRAP = 1, 2, 3, 4, 5, 6
@@ -16,8 +16,11 @@ X86_VECTORS = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#
                17: "#AC", 18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
 
 
-@dataclass
-class Report:
+class Report(Record, slots=True):
+    """One guest report, decoded (:func:`decode`). ``kind``: "sync", "assert", "done", "print",
+    "exception" or "trap"; ``args``: its integer arguments; ``text``, ``file``, ``line``,
+    ``values``, ``message``: what an assertion (or a print) carries; ``vcpu``: the vCPU index
+    that sent it."""
     kind: str                         # sync, assert, done, print, exception, trap
     args: Tuple[int, ...] = ()
     text: str = ""                    # print: the text; assert: the expression

@@ -24,6 +24,7 @@ import threading
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from . import abi
+from ._record import Record as _Record
 from ._native import ffi as nffi, lib as nlib
 from .abi import ffi
 from .errors import Closed, GuestError
@@ -48,41 +49,6 @@ STOP_NAMES = {
     nlib.PYKVM_STOP_DEADLINE: "deadline", nlib.PYKVM_STOP_BUDGET: "budget",
     nlib.PYKVM_STOP_KICK: "kick",
 }
-
-
-class _Record:
-    """A small record class (what ``@dataclass`` writes, without its cost at import): fields
-    from ``_fields``, keyword or positional, ``==`` and ``repr``."""
-    __slots__ = ()
-    _fields: tuple = ()
-    _defaults: dict = {}
-
-    def __init__(self, *args, **kw):
-        names = self._fields
-        if len(args) > len(names):
-            raise TypeError(f"{type(self).__name__} takes at most {len(names)} arguments")
-        for name, value in zip(names, args):
-            setattr(self, name, value)
-        for name in names[len(args):]:
-            if name in kw:
-                setattr(self, name, kw.pop(name))
-            elif name in self._defaults:
-                setattr(self, name, self._defaults[name])
-            else:
-                raise TypeError(f"{type(self).__name__} needs {name!r}")
-        if kw:
-            raise TypeError(f"{type(self).__name__} has no field {next(iter(kw))!r}")
-
-    def __repr__(self):
-        return f"{type(self).__name__}(" + ", ".join(
-            f"{n}={getattr(self, n)!r}" for n in self._fields) + ")"
-
-    def __eq__(self, other):
-        if type(other) is not type(self):
-            return NotImplemented
-        return all(getattr(self, n) == getattr(other, n) for n in self._fields)
-
-    __hash__ = None
 
 
 class Stop(_Record):

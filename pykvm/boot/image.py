@@ -16,10 +16,10 @@ import mmap
 import os
 import stat
 import struct
-from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 
+from .._record import field, Record
 from ..arch.x86 import layout as x86_layout
 from ..errors import PykvmError
 
@@ -62,8 +62,7 @@ def _load_errors_only(fn):
 
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(Record, frozen=True, slots=True):
     """One piece of the image: ``data`` goes to guest-physical ``addr``; bytes from
     ``len(data)`` up to ``memsz`` are zero-filled. ``data`` is bytes-like: a read-only view
     into the image, so that no header can make the loader copy the file many times."""
@@ -90,8 +89,7 @@ class Segment:
 
 
 
-@dataclass
-class LoadPlan:
+class LoadPlan(Record):
     """Where every byte of an image goes, the entry point and the boot mode."""
     format: str                       # "elf64", "elf32-multiboot", "elf64-multiboot-aout",
                                       # "multiboot-aout", "linux-image" or "flat"
@@ -121,8 +119,7 @@ class LoadPlan:
 
 
 
-@dataclass
-class LoadedImage:
+class LoadedImage(Record):
     """What a boot format's loader did."""
     plan: LoadPlan
     entry: int

@@ -32,9 +32,9 @@ the kind of header a file has, :func:`plan_image` turns it into a loader plan.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Optional
 
+from .._record import Record
 from .image import LoadError, LoadPlan, Segment
 
 __all__ = ["HEADER_SIZE", "LinuxImageHeader", "detect", "parse_header", "load_plan", "plan_image"]
@@ -53,8 +53,7 @@ MAX_SPAN = 1 << 40
 _ARCH = {"riscv64": "riscv64", "arm64": "arm64"}
 
 
-@dataclass(frozen=True)
-class LinuxImageHeader:
+class LinuxImageHeader(Record, frozen=True, slots=True):
     """A parsed Image header. ``arch``: "riscv64" or "arm64"; ``image_size``: as declared (0 on
     old arm64 images); ``version``: (major, minor) of a RISC-V header, None for arm64."""
     arch: str

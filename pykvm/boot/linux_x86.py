@@ -20,9 +20,9 @@ Addresses are guest-physical; sizes are bytes. Errors are :class:`pykvm.LoadErro
 """
 import contextlib
 import struct
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+from .._record import Record
 from ..arch.x86 import layout as L, modes
 from ..errors import PykvmError
 from .image import InputFile, LoadError, _c_string, _read_image, copy_into
@@ -77,8 +77,7 @@ CMDLINE_ADDR = 0x9000
 CMDLINE_MAX = 0x1000
 
 
-@dataclass
-class SetupHeader:
+class SetupHeader(Record):
     """The fields of a bzImage's setup header pykvm uses (boot.rst, "The real-mode kernel
     header")."""
     version: int
@@ -166,8 +165,7 @@ def build_boot_params(data: bytes, hdr: SetupHeader, *, e820, cmdline_addr: int,
     return bytes(bp)
 
 
-@dataclass
-class LinuxImage:
+class LinuxImage(Record):
     """What :func:`load` put into guest RAM (guest-physical addresses, byte sizes)."""
     entry: int                     # 64-bit entry: load address + 0x200
     load_addr: int

@@ -4,10 +4,10 @@ QEMU's ``-kernel`` (hw/i386/multiboot.c) builds it."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 
+from .._record import Record
 from ..arch.x86 import layout as x86_layout
 from .image import LoadError, LoadPlan, Segment, _as_bytes, _c_string, _check_int, _load_errors_only
 
@@ -35,8 +35,10 @@ E820_RAM = 1
 E820_RESERVED = 2
 
 
-@dataclass(frozen=True)
-class MultibootHeader:
+class MultibootHeader(Record, frozen=True, slots=True):
+    """A multiboot v1 header as found in an image (spec section 3.1): its file ``offset``,
+    ``flags``, ``checksum``, and the address and video fields (0 when the flags leave them
+    out)."""
     offset: int                       # file offset of the header
     flags: int
     checksum: int

@@ -31,9 +31,9 @@ Nothing is written before every placement has been checked; failures are
 """
 import contextlib
 import os
-from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
+from .._record import field, Record
 from ..arch.x86 import layout as L
 from ..errors import PykvmError
 from .elf import PARAMS_SIZE, _params_symbol
@@ -89,8 +89,7 @@ class _Space:
                                f"{hi:#x}; give the guest more --mem")
 
 
-@dataclass
-class PlacedImage:
+class PlacedImage(Record):
     """What :func:`load` did: the loader's view plus where pykvm put its own things.
     ``dropped``: [(start, end)) guest-physical ranges of image segments that were not loaded
     because the platform claims them or (multiboot images) because no RAM is there (see the

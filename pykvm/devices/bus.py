@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import bisect
 import threading
-from dataclasses import dataclass
 from typing import (Dict, Iterator, List, Optional, Protocol, Sequence, Tuple,
                     runtime_checkable)
 
+from .._record import Record
 from ..errors import GuestMemoryError, PykvmError
 
 ACCESS_SIZES = frozenset((1, 2, 4, 8))  # bytes a range may take at once (its max_access)
@@ -64,8 +64,7 @@ class BusConflict(PykvmError, ValueError):
     """A range inserted on a bus overlaps one already there, or lies outside the bus."""
 
 
-@dataclass(frozen=True)
-class Mapping:
+class Mapping(Record, frozen=True, slots=True):
     """One range on a bus: ``[base, base + size)`` goes to ``device`` at ``offset`` + (address
     - base); accesses are cut to at most ``max_access`` bytes (a power of two)."""
     base: int

@@ -19,9 +19,9 @@
 Everything is pure data: the PC machine writes the bytes into guest RAM.
 """
 import struct
-from dataclasses import dataclass, field
 from typing import Dict, Sequence
 
+from .._record import field, Record
 from ..devices import acpi_pm
 
 OEM_ID = b"PYKVM "
@@ -206,8 +206,7 @@ def dmar(register_base: int, ioapic_id: int = IOAPIC_ID) -> bytes:
     return table(b"DMAR", 1, body)
 
 
-@dataclass
-class AcpiTables:
+class AcpiTables(Record):
     """The tables laid out at ``base``: ``blob`` is what to write there; ``addr`` maps each
     signature (and "RSDP") to its guest-physical address."""
     base: int

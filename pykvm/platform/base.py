@@ -12,15 +12,14 @@ machine asks the platform, in this order, whether an exit is a guest report
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional, Protocol, Tuple
 
+from .._record import Record
 from ..boot import LoadedImage
 from ..runloop import LoopConfig
 
 
-@dataclass(frozen=True)
-class MachineControl:
+class MachineControl(Record, frozen=True, slots=True):
     """The handles a platform gets from its machine (every one safe from any thread):
 
     ``console(data)`` — bytes the guest wrote to a console the platform serves (SBI DBCN);

@@ -11,9 +11,9 @@ and the strings block (NUL-terminated property names).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 from typing import Iterable, Sequence, Union
 
+from .._record import field, Record
 from ..arch.riscv.extensions import parse_isa_string
 
 __all__ = ["FDT_MAGIC", "Node", "U64", "cells64", "to_dtb", "build_dtb", "mmu_type_name",
@@ -43,8 +43,7 @@ EMPTY = Empty()
 PropValue = Union[str, Sequence[str], int, Sequence[int], bytes, Empty]
 
 
-@dataclass
-class Node:
+class Node(Record):
     """A devicetree node; properties keep their insertion order."""
 
     name: str

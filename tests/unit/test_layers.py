@@ -15,7 +15,7 @@ PKG = os.path.join(ROOT, "pykvm")
 
 LAYERS = [
     ("abi", ("pykvm._host", "pykvm.abi", "pykvm._native", "pykvm._loopstate", "pykvm.errors",
-             "pykvm.status", "pykvm.outfile")),
+             "pykvm.status", "pykvm.outfile", "pykvm._record")),
     ("ioctl", ("pykvm._ioctl", "pykvm._fd", "pykvm.stats")),
     ("arch", ("pykvm.arch",)),
     ("memory/exits", ("pykvm.memory", "pykvm.exits", "pykvm.report")),

@@ -17,9 +17,9 @@ vCPU has already run". Extension setters turn those into
 from __future__ import annotations
 
 import errno as _errno
-from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from ..._record import field, Record
 from . import regs as _regs
 from .extensions import (
     ISA_EXT_IDS, ISA_EXTENSIONS, MIN_EXTENSIONS, SBI_EXT_IDS, SBI_EXTENSIONS,
@@ -204,8 +204,7 @@ def set_sbi_extension(vcpu, name: str | int, enabled: bool) -> None:
 
 # --- CPU types ------------------------------------------------------------------
 
-@dataclass
-class CpuTypeResult:
+class CpuTypeResult(Record):
     """What :func:`apply_cpu_type` did.
 
     ``target``: the state asked of every extension KVM offers;

@@ -28,8 +28,8 @@ Only rv64 is modelled: ``unsigned long`` registers are 8 bytes.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from ..._record import Record
 from .extensions import ISA_EXT_IDS, ISA_EXTENSIONS, SBI_EXT_IDS, SBI_EXTENSIONS
 
 __all__ = [
@@ -177,8 +177,7 @@ def make_id(rtype: int, index: int, *, subtype: int = 0, size: int = _ULONG) -> 
             | (subtype << SUBTYPE_SHIFT) | index)
 
 
-@dataclass(frozen=True)
-class RiscvReg:
+class RiscvReg(Record, frozen=True, slots=True):
     """One decoded register id."""
 
     id: int

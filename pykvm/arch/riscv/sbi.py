@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
+from ..._record import Record
 from .cpu import set_sbi_extension
 from .extensions import (
     PYKVM_REPORT_EID, SBI_ERR_INVALID_PARAM, SBI_ERR_NOT_SUPPORTED, SBI_EXT_DBCN,
@@ -71,8 +71,7 @@ def enable_sbi_extension(vcpu, name: str) -> None:
     set_sbi_extension(vcpu, name, True)
 
 
-@dataclass(frozen=True)
-class SuspendEvent:
+class SuspendEvent(Record, frozen=True, slots=True):
     """One SBI system-suspend request. ``sleep_type``: the low 32 bits of a0 (a 32-bit SBI
     argument); ``a0``: the register as the guest passed it."""
 

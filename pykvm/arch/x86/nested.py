@@ -6,9 +6,9 @@ KVM_CAP_NESTED_STATE is non-zero.
 """
 import errno
 import os
-from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
+from ..._record import as_dict, field, Record
 from ... import abi
 from ..._ioctl import ioctl
 from ...abi import ffi, ioctls
@@ -53,8 +53,12 @@ def _switch(value: Optional[str]):
         return value
 
 
-@dataclass
-class NestedReport:
+class NestedReport(Record):
+    """Whether nested virtualization is available (``available``, ``backend``, ``reason``) and
+    the evidence for the verdict: the lines in ``evidence``, the CPU ``vendor``, the KVM
+    ``module`` and its ``switches`` (parameter name -> value), the VMX/SVM CPUID bits KVM
+    offers, ``KVM_CAP_NESTED_STATE`` (bytes), ``KVM_CAP_HYPERV_ENLIGHTENED_VMCS`` and
+    ``KVM_CAP_X86_GUEST_MODE``."""
     available: bool
     backend: str                      # "vmx", "svm" or another module name / "none"
     reason: str
@@ -70,7 +74,7 @@ class NestedReport:
 
     def as_dict(self) -> dict:
         """A JSON-ready dict of the report (what pykvm caps --json shows under nested)."""
-        return asdict(self)
+        return as_dict(self)
 
 
 def _cpu_vendor(entries) -> Optional[str]:
@@ -131,8 +135,7 @@ def nested_report(kvm, sys_module: str = SYS_MODULE) -> NestedReport:
                         cpuid_vmx, cpuid_svm, size, evmcs, guest_mode)
 
 
-@dataclass
-class NestedState:
+class NestedState(Record):
     """A decoded ``struct kvm_nested_state``. ``data`` is what follows the 128-byte header
     (empty for a header-only state, which is valid: VMXON-only, or SVM with just GIF)."""
     format: int
