@@ -126,7 +126,8 @@ _ARCHES = {
 
 def load_reader() -> None:
     """Import now the one part of ELF reading that is imported on first use: pyelftools' DWARF
-    reader (``elftools.elf.elffile``, 10-25 ms), which :mod:`pykvm.boot.symbols` needs to name
+    reader (``elftools.elf.elffile`` and the DWARF modules it imports: about 40 ms on the
+    development machine), which :mod:`pykvm.boot.symbols` needs to name
     a failure's address by file:line. Booting needs nothing imported (headers and symbols are
     decoded with :mod:`struct`); a long-running process (a fuzz worker: ``platform.preload``)
     calls this so that describing its first failure does not pay the import inside a deadline."""
