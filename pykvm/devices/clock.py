@@ -5,7 +5,6 @@ import heapq
 import itertools
 import threading
 import time
-import traceback
 from typing import Callable, Dict, List, Optional
 
 
@@ -65,6 +64,7 @@ class Scheduler:
                 fn()
             except Exception as e:  # noqa: BLE001 — a device callback must not kill the timer
                 self.failures += 1    # thread, but its failure stays visible (pykvm's own bug)
+                import traceback          # only on a failure: it costs ~5 ms to import
                 self.last_failure = "".join(traceback.format_exception(type(e), e,
                                                                        e.__traceback__))
 
