@@ -9,6 +9,17 @@ parsing any C when it is imported. ``pykvm.abi`` uses that ``ffi`` when the text
 the build is stale (``pykvm.abi.COMPILED`` says which; ``tests/unit/test_abi_proof.py`` fails on
 a stale build).
 
+It carries the ioctl request numbers too (``pykvm_ioctl_text()``): every row of
+``pykvm/abi/ioctl_rows.py`` that exists on the variant's architecture, its number computed here
+with ``ioctl_opt.IOC`` (so ioctl-opt is a build requirement) over the argument's size as this
+builder's cffi declarations give it (``ffi.sizeof``: our declarations have no ``...``, so cffi
+lays them out itself, on any host, without running code built for the target). Each of those
+sizes is also compiled as a ``_Static_assert`` next to the declarations, so the C compiler of the
+target (the labs cross-compile for riscv64) refuses a build whose layout differs from the one
+the numbers were computed with. ``pykvm.abi.ioctls`` takes the numbers from there when the build
+is current and imports ioctl-opt (and ctypes) only otherwise; ``tests/unit/test_ioctl_opt.py``
+recomputes every one with ioctl-opt.
+
 Used by setup.py at install time (``cffi_modules``), by ``csrc/build_sanitized.py`` (the same
 builder with sanitizer flags) and by the labs, which emit the C with ``ffibuilder.emit_c_code()``
 and cross-compile it: the emitted file holds one variant per architecture (x86_64, riscv64) and
@@ -44,6 +55,28 @@ def abi_text(arch: str) -> str:
     return common.CDEF + a.CDEF + common.KVM_RUN_CDEF
 
 
+def ioctl_numbers(ffi: cffi.FFI, arch: str) -> list:
+    """[(row key, request number, argument type or None, its size in bytes)] for every ioctl row
+    that exists on ``arch``: the number is ``ioctl_opt.IOC(dir, KVMIO, nr, ffi.sizeof(arg))``
+    over ``ffi``, a builder that has been given ``arch``'s ABI declarations. Raises ValueError
+    for an argument too large for the number's size field."""
+    import ioctl_opt
+    rows, common = _abi_module("ioctl_rows"), _abi_module("common")
+    dirs = {rows.NONE: ioctl_opt.IOC_NONE, rows.W: ioctl_opt.IOC_WRITE,
+            rows.R: ioctl_opt.IOC_READ, rows.WR: ioctl_opt.IOC_READ | ioctl_opt.IOC_WRITE}
+    size_max = ioctl_opt.IOCSIZE_MASK >> ioctl_opt.IOCSIZE_SHIFT
+    out = []
+    for name, _fd, direction, nr, arg, _cap, arches in rows.ROWS:
+        if arch not in arches:
+            continue
+        size = ffi.sizeof(arg) if arg else 0
+        if size > size_max:
+            raise ValueError(f"{name}: {arg} is {size} bytes, more than an ioctl number holds")
+        number = int(ioctl_opt.IOC(dirs[direction], common.KVMIO, nr, size))
+        out.append((rows.ioctl_key(name, direction, nr, common.KVMIO, arg), number, arg, size))
+    return out
+
+
 def _cdef_from_header() -> str:
     """The declarations cffi needs, taken from our own header (the #define lines become
     integer constants, the struct and prototypes are given as they are, except pykvm_py_call():
@@ -70,15 +103,25 @@ def _c_string(text: str) -> str:
                      for i, line in enumerate(lines))
 
 
-def _source(arch: str) -> str:
+def _source(arch: str, numbers: list) -> str:
     """The C that cffi puts in front of its generated code: our header, then our own ABI
     declarations compiled as they are (cffi takes every layout from the C compiler), and the text
-    itself so that pykvm.abi can tell a stale build."""
+    itself so that pykvm.abi can tell a stale build; then the ioctl table (``numbers``, from
+    :func:`ioctl_numbers`) as text, one "<key> <number in hex>" line a row, after the compiler
+    has checked each argument size the numbers encode."""
     text = abi_text(arch)
+    asserts = "".join(f'_Static_assert(sizeof({arg}) == {size}, "pykvm ioctl table: '
+                      f'sizeof({arg}) is not the {size} bytes its request numbers encode");\n'
+                      for arg, size in sorted({(a, n) for _k, _v, a, n in numbers if a}))
+    table = "\n".join(f"{key} {number:#x}" for key, number, _a, _n in numbers)
     return ("#include <stdint.h>\n#include <stddef.h>\n#include \"pykvm_native.h\"\n\n"
             f"/* ---- the KVM ABI as pykvm declares it ({arch}) ---- */\n{text}\n"
             "static const char pykvm_abi_text_[] =\n" + _c_string(text) + ";\n"
-            "const char *pykvm_abi_text(void) { return pykvm_abi_text_; }\n")
+            "const char *pykvm_abi_text(void) { return pykvm_abi_text_; }\n\n"
+            "/* ---- the ioctl request numbers, computed with ioctl_opt.IOC by "
+            "csrc/build_native.py ---- */\n" + asserts +
+            "static const char pykvm_ioctl_text_[] =\n" + _c_string(table) + ";\n"
+            "const char *pykvm_ioctl_text(void) { return pykvm_ioctl_text_; }\n")
 
 
 class _Builder(cffi.FFI):
@@ -114,10 +157,10 @@ def make_builder(arch: str, _Builder=_Builder) -> cffi.FFI:
     b = _Builder()
     b.cdef(_cdef_from_header())
     b.cdef(abi_text(arch))
-    b.cdef("const char *pykvm_abi_text(void);")
+    b.cdef("const char *pykvm_abi_text(void);\nconst char *pykvm_ioctl_text(void);")
     b.set_source(
         "pykvm._native",
-        _source(arch),
+        _source(arch, ioctl_numbers(b, arch)),
         sources=[os.path.relpath(os.path.join(HERE, f)) for f in ("runloop.c", "pyexit.c")],
         include_dirs=[os.path.relpath(HERE)],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],

@@ -11,19 +11,29 @@ fails then: rebuild).
 The architecture is chosen once, here; code elsewhere never branches on it in the middle of a
 function.
 """
-from types import ModuleType
-from typing import Any, Optional, Union
+from __future__ import annotations
 
 from .._host import HOST_ARCH
 from . import common
 from .common import *  # noqa: F403  (constants are part of this module's API)
 from .common import CAP_NAMES, CAPS
 
-# cffi ships no type information: a cffi value (an FFI, a struct, a pointer, an array, a buffer)
-# is typed CData, an alias of Any, so signatures still say where a C value goes.
-CData = Any
-# a capability: its number, or its name with or without the KVM_CAP_ prefix
-Cap = Union[int, str]
+# typing is imported for the type checker only (mypy takes any name TYPE_CHECKING as True):
+# importing pykvm does not load it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import ModuleType
+    from typing import Any, Optional, Union
+
+    # cffi ships no type information: a cffi value (an FFI, a struct, a pointer, an array, a
+    # buffer) is typed CData, an alias of Any, so signatures still say where a C value goes.
+    CData = Any
+    # a capability: its number, or its name with or without the KVM_CAP_ prefix
+    Cap = Union[int, str]
+else:
+    # the same names at run time, where annotations only name them
+    CData = object
+    Cap = (int, str)
 
 arch: ModuleType
 if HOST_ARCH == "x86_64":
@@ -51,7 +61,7 @@ def build_ffi(arch_module: ModuleType) -> CData:
 
 
 try:
-    from .. import _native
+    from .. import _native as _native  # (re-exported: pykvm.abi.ioctls reads its table)
 except ImportError:             # not built: the ABI facts alone still work (cffi ABI mode)
     _native = None
 

@@ -9,13 +9,18 @@ the sizes of our cffi declarations (:mod:`pykvm.abi.ioctls`), the header's from 
 expanding ``<linux/kvm.h>``'s own ``_IOW``/``_IOR``/``_IOWR`` over the kernel's structs, so a
 wrong direction, command number or struct size in our table shows as a mismatch.
 """
+from __future__ import annotations
+
 import os
 import re
 import subprocess
 import tempfile
-from typing import Dict, List, Optional, Tuple
 
 from . import ARCH, CData, arch, common, ffi, ioctls
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional, Tuple
 
 # Structs that are pykvm's own or are named differently in the kernel.
 _SKIP_STRUCTS = {"user_regs_struct"}
