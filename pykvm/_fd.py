@@ -1,11 +1,16 @@
 """A file descriptor that closes exactly once: by close(), by the context manager, or on GC."""
+from __future__ import annotations
+
 import os
 import weakref
-from typing import TypeVar
 
 from .errors import Closed
 
-_Self = TypeVar("_Self", bound="FdObject")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    _Self = TypeVar("_Self", bound="FdObject")
 
 
 class FdObject:

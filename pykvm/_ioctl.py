@@ -6,15 +6,20 @@ request number and, when the ioctl fails, its name, the capability that gates it
 architectures it exists on, so an ENOTTY/EINVAL from a KVM that lacks the capability reads
 ``KVM_GET_NESTED_STATE: EINVAL — needs KVM_CAP_NESTED_STATE, which this KVM does not offer``.
 """
+from __future__ import annotations
+
 import errno as _errno
 import os
-from typing import Dict, Iterable, Optional
 
 from . import errors
 from ._native import lib as _nlib
 from .abi import Cap, CData, cap_name, cap_number, ffi
 from .abi.ioctls import KVM_CHECK_EXTENSION, KVM_ENABLE_CAP, KVM_GET_STATS_FD, Ioctl
 from .stats import read_stats
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, Iterable, Optional
 
 # errnos with which a KVM that lacks an ioctl's capability answers it
 _GATED = frozenset((_errno.ENOTTY, _errno.EINVAL, _errno.ENXIO, _errno.EOPNOTSUPP,

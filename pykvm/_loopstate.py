@@ -10,14 +10,18 @@ when this module is first imported).
 - :func:`run_handlers`: ``pykvm_loop_run()`` with the GIL released, calling
   :meth:`pykvm.runloop.RunLoop.on` handlers with the GIL taken back for each call only.
 """
-from typing import TYPE_CHECKING, Any, Callable, Dict
+from __future__ import annotations
 
 from ._native import lib as _lib
+
+TYPE_CHECKING = False                 # (not typing's: importing typing costs ~5 ms at start-up)
 
 if _lib.pykvm_pyapi_install() != 0:
     raise ImportError("pykvm._native: the run loop's Python types could not be installed")
 
 if TYPE_CHECKING:                     # what the C types look like to a type checker
+    from typing import Any, Callable, Dict
+
     class RunState:
         seq: int
         closing: bool

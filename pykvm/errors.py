@@ -3,9 +3,14 @@ its message names the ioctl, what was asked, the errno name and what it means in
 
     KVM_SET_ONE_REG(0x80300000070000ff): ENOENT — register not present on this host
 """
+from __future__ import annotations
+
 import errno as _errno
 import os
-from typing import Optional, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Tuple
 
 
 class PykvmError(Exception):

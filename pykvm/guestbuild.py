@@ -34,6 +34,8 @@ elsewhere); ``riscv64-linux-gnu-gcc`` for RISC-V (``gcc`` on a riscv64 host). Th
 variables ``PYKVM_X86_CC``, ``PYKVM_X86_LD``, ``PYKVM_X86_OBJCOPY`` and ``PYKVM_RISCV_CC``
 override them.
 """
+from __future__ import annotations
+
 # The standard-library modules only a build needs (subprocess, shutil, tempfile, hashlib,
 # concurrent.futures) are imported where a build uses them: pykvm.machine imports this module
 # (through pykvm.guests), and `pykvm run` of an image file must not pay for them.
@@ -41,11 +43,14 @@ import errno
 import os
 import re
 import stat
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from ._host import host_arch
 from .errors import PykvmError
 from .outfile import ReportPathError, check_report_path, write_report
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["GuestBuildError", "build", "runtime_dir", "cache_dir", "host_arch", "ARCHES",
            "MODES", "RUNTIME_PARTS", "SOURCE_SUFFIXES"]

@@ -12,13 +12,18 @@ Guests are searched in order:
 ``<arch dir>`` is ``x86`` or ``riscv``. A name ending in ``.c`` or ``.S`` is a guest source of
 your own: it is compiled with the packaged guest runtime (see :mod:`pykvm.guestbuild`).
 """
+from __future__ import annotations
+
 import os
 import threading
-from typing import List, Optional
 
 from . import guestbuild
 from ._host import HOST_ARCH
 from .errors import PykvmError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Optional
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = os.path.join(_HERE, "guests_bin")

@@ -1,8 +1,9 @@
 """`Kvm`: the system file descriptor, /dev/kvm."""
+from __future__ import annotations
+
 import errno
 import os
 import stat
-from typing import Any, Dict, List, Optional, Union
 
 from . import abi
 from ._fd import FdObject
@@ -11,6 +12,10 @@ from .abi import cap_number, ioctls
 from .arch import current as _arch
 from .errors import (CapabilityMissing, KvmDeviceError, KvmError, host_resource_error)
 from .vm import Vm
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Union
 
 DEFAULT_PATH = "/dev/kvm"
 

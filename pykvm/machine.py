@@ -7,11 +7,12 @@
 For tests, :meth:`Machine.step` runs one vCPU until the guest reports something (the kernel
 selftests' "run, read the guest's report, assert" loop).
 """
+from __future__ import annotations
+
 import functools
 import signal
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from ._record import field, Record
 from . import status
@@ -26,6 +27,10 @@ from .kvm import Kvm
 from .report import GuestAssertion, Report
 from .runloop import ConsoleBuffer, LoopBase, RunLoop
 from .status import debug_exit_status
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Optional, Sequence, Union
 
 
 class Event(Record, slots=True):

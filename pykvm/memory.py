@@ -1,13 +1,18 @@
 """Guest RAM: private anonymous (MAP_NORESERVE) mappings registered as KVM memory slots, and a
 bounds-checked guest-physical view over them."""
+from __future__ import annotations
+
 import mmap
-from typing import Iterator, List, Optional, Tuple, Union
 
 from ._record import Record
 from . import abi
 from ._native import lib as _nlib
 from .abi import CData, ffi
 from .errors import Closed, GuestMemoryError, HostMemoryError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterator, List, Optional, Tuple, Union
 
 PAGE_SIZE = mmap.PAGESIZE
 # Linux's MAP_NORESERVE (0x4000 on x86_64 and riscv64; Python's mmap module does not export it):

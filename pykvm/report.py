@@ -1,10 +1,15 @@
 """The guest → host report channel (docs/guest-abi.md): decode a ``struct pykvm_report`` from
 guest memory, bounds-checked, into a :class:`Report`."""
+from __future__ import annotations
+
 import struct
-from typing import Optional, Tuple
 
 from ._record import Record
 from .errors import GuestError, GuestMemoryError, PykvmError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Tuple
 
 SYNC, ASSERT_FAILED, DONE, PRINT, EXCEPTION, TRAP = 1, 2, 3, 4, 5, 6
 NAMES = {SYNC: "sync", ASSERT_FAILED: "assert", DONE: "done", PRINT: "print",

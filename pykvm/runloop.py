@@ -19,9 +19,10 @@ for every loop given it, and :class:`pykvm.devices.uart16550.Uart16550` reaches 
 from Python (the reference loop in :mod:`pykvm.testing.reference_loop` serves the UART through
 it). Console output is kept by :class:`ConsoleBuffer`.
 """
+from __future__ import annotations
+
 import mmap
 import threading
-from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from . import abi
 from ._record import Record as _Record
@@ -30,6 +31,10 @@ from .abi import ffi
 from .errors import Closed, GuestError
 from ._loopstate import run_handlers as _run_handlers
 from .exits import Exit, ExitCache, kvm_run_error, new_exit
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Optional, Tuple, Union
 
 _STOP_EXIT = nlib.PYKVM_STOP_EXIT
 _EXIT_IO = abi.EXIT_REASONS["IO"]

@@ -1,10 +1,15 @@
 """Decode a KVM binary stats file descriptor (KVM_GET_STATS_FD) into a dict."""
+from __future__ import annotations
+
 import os
 import struct
-from typing import Dict
 
 from . import abi
 from .abi import ffi
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict
 
 _HDR = ffi.sizeof("struct kvm_stats_header")
 _DESC = ffi.sizeof("struct kvm_stats_desc")

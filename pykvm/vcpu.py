@@ -1,8 +1,9 @@
 """`Vcpu`: a vCPU file descriptor — ONE_REG, the mmapped kvm_run, run() → typed exits, kick."""
+from __future__ import annotations
+
 import signal
 import threading
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Union
 
 from . import abi
 from ._fd import FdObject
@@ -13,6 +14,10 @@ from .abi import ffi, ioctls
 from .arch import current as _arch
 from .errors import Busy, Closed, KvmTooBig, kvm_error
 from .exits import Exit, decode_exit, kvm_run_error
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, List, Optional, Union
 
 _get_ident = threading.get_ident
 _native_ioctl = _nlib.pykvm_ioctl

@@ -1,6 +1,7 @@
 """`Vm`: a VM file descriptor — memory slots, irqchip, eventfds, dirty log, vCPUs, stats."""
+from __future__ import annotations
+
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import abi
 from ._fd import FdObject
@@ -11,6 +12,10 @@ from .arch import current as _arch
 from .errors import GuestMemoryError, PykvmError, host_resource_error
 from .memory import PAGE_SIZE, GuestMemory, MemorySlot, new_mapping
 from .vcpu import Vcpu
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
 class Vm(_arch.VmArch, FdObject):

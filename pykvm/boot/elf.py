@@ -27,11 +27,13 @@ import bisect
 import os
 import struct
 from collections import namedtuple
-from typing import Dict, Iterator, List, Optional, Tuple
-
 
 from .image import PF_X, Image, LoadError, LoadPlan, Segment, _as_bytes, _check_overlaps, _read_image, _load_errors_only
 from .multiboot import find_multiboot_header, parse_multiboot_aout
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, Iterator, List, Optional, Tuple
 
 MAX_PROGRAM_HEADERS = 1024        # Linux's binfmt_elf takes at most 64 KiB of program headers
 MAX_SECTION_HEADERS = 0xFF00      # SHN_LORESERVE: the most an ELF names without escapes

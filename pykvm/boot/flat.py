@@ -2,9 +2,11 @@
 given entry) in the boot mode asked for."""
 from __future__ import annotations
 
-from typing import Optional
-
 from .image import ARCHES, LoadError, LoadPlan, Segment, _as_bytes, _check_int, _load_errors_only
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 
 @_load_errors_only

@@ -2,8 +2,6 @@
 RAM (:func:`load_image`): the dispatcher over the format modules."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 from ..arch.x86 import layout as x86_layout
 from ..errors import PykvmError
 from . import linux_image, linux_x86
@@ -11,6 +9,10 @@ from .elf import _params_symbol, is_elf, parse_elf
 from .flat import parse_flat
 from .image import ARCHES, Image, LoadedImage, LoadError, LoadPlan, _check_int, _load_errors_only, _read_image, write_plan
 from .multiboot import MULTIBOOT_BOOT_MAGIC, build_multiboot_info, find_multiboot_header, parse_multiboot_aout
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Tuple
 
 
 @_load_errors_only

@@ -16,14 +16,22 @@ import mmap
 import os
 import stat
 import struct
-from typing import Dict, Iterator, List, Optional, Tuple, Union
-
 
 from .._record import field, Record
 from ..arch.x86 import layout as x86_layout
 from ..errors import PykvmError
 
-Image = Union[bytes, bytearray, memoryview, str, os.PathLike]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, Iterator, List, Optional, Tuple, Union
+
+# what a loader takes as an image: its bytes, or the path of a file holding them (for the type
+# checker a Union; at run time the same types as a tuple, e.g. for isinstance, since importing
+# typing would cost ~5 ms of every start)
+if TYPE_CHECKING:
+    Image = Union[bytes, bytearray, memoryview, str, os.PathLike]
+else:
+    Image = (bytes, bytearray, memoryview, str, os.PathLike)
 
 # Limits on what the loader accepts (see the module docstring).
 MAX_IMAGE_SIZE = 1 << 30          # bytes read when the guest RAM size is not known

@@ -32,10 +32,13 @@ the kind of header a file has, :func:`plan_image` turns it into a loader plan.
 from __future__ import annotations
 
 import struct
-from typing import Optional
 
 from .._record import Record
 from .image import LoadError, LoadPlan, Segment
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 __all__ = ["HEADER_SIZE", "LinuxImageHeader", "detect", "parse_header", "load_plan", "plan_image"]
 

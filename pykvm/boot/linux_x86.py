@@ -18,15 +18,20 @@ What pykvm does, as a boot loader of protocol 2.12 or later:
 
 Addresses are guest-physical; sizes are bytes. Errors are :class:`pykvm.LoadError`.
 """
+from __future__ import annotations
+
 import contextlib
 import struct
-from typing import List, Optional, Sequence, Tuple
 
 from .._record import Record
 from ..arch.x86 import layout as L, modes
 from ..errors import PykvmError
 from .image import InputFile, LoadError, _c_string, _read_image, copy_into
 from .multiboot import E820_RAM, _e820
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Optional, Sequence, Tuple
 
 
 

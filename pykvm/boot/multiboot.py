@@ -4,12 +4,14 @@ QEMU's ``-kernel`` (hw/i386/multiboot.c) builds it."""
 from __future__ import annotations
 
 import struct
-from typing import List, Optional, Tuple
-
 
 from .._record import Record
 from ..arch.x86 import layout as x86_layout
 from .image import LoadError, LoadPlan, Segment, _as_bytes, _c_string, _check_int, _load_errors_only
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Optional, Tuple
 
 # multiboot v1 constants (from the multiboot specification)
 MULTIBOOT_HEADER_MAGIC = 0x1BADB002

@@ -15,13 +15,18 @@ compilation units whose abbreviation tables and line programs do not overlap, at
 :data:`MAX_LINE_ROWS` rows. A malformed symbol table gives no symbols and malformed DWARF no
 lines, never an error.
 """
+from __future__ import annotations
+
 import bisect
 import os
-from typing import List, Optional, Tuple
 
 from .elf import (MAX_SYMBOL_NAME, SHN_ABS, SHN_UNDEF, SHT_NOBITS, STT_FUNC, STT_NOTYPE,
                   STT_OBJECT, _Elf, _Shdr, _Sym, _symbols_and_sections)
 from .image import LoadError, _read_image
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Optional, Tuple
 
 MAX_LINE_ROWS = 1 << 20        # DWARF line rows read at most (bounded work for a huge image)
 MAX_DWARF_UNITS = 1 << 14      # compilation units looked at, at most

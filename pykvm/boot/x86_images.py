@@ -29,9 +29,10 @@ The rules (docs/guest-abi.md, "Memory layout"):
 Nothing is written before every placement has been checked; failures are
 :class:`pykvm.LoadError`.
 """
+from __future__ import annotations
+
 import contextlib
 import os
-from typing import List, Optional, Sequence, Tuple
 
 from .._record import field, Record
 from ..arch.x86 import layout as L
@@ -41,9 +42,14 @@ from .formats import parse_image
 from .image import InputFile, LoadedImage, LoadError, LoadPlan, Segment, _read_image, write_plan
 from .multiboot import E820_RAM, MULTIBOOT_BOOT_MAGIC, build_multiboot_info, initrd_module_path
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import List, Optional, Sequence, Tuple
+
+    Range = Tuple[int, int]
+
 PAGE = 0x1000
 FOUR_GIB = 1 << 32
-Range = Tuple[int, int]
 
 
 def _overlaps(a: Range, b: Range) -> bool:

@@ -36,9 +36,14 @@ PC machine enters S3 (SLP_TYP 1) or powers off (SLP_TYP 0, S5). Every register w
 ``on_change()`` (the PC machine reschedules the timer interrupt while TMR_EN is set). Every access costs constant
 work (the timer is arithmetic on the clock).
 """
+from __future__ import annotations
+
 import threading
 import time
-from typing import Callable, Optional, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Optional, Tuple
 
 
 PM_TIMER_HZ = 3579545

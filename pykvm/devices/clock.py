@@ -1,11 +1,16 @@
 """The clock devices are given: timed callbacks on one daemon thread (:class:`Scheduler`), so a
 device model arms a timer (the RTC's next alarm or update, the PM timer's overflow, VT-d's
 deferred invalidation work) without owning a thread."""
+from __future__ import annotations
+
 import heapq
 import itertools
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Dict, List, Optional
 
 
 class Scheduler:

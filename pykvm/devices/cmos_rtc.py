@@ -31,9 +31,14 @@ IRQ 8 line is high (``set_irq``), reading C lowers it. ``on_alarm`` is called fo
 (the PC machine sets PM1 RTC_STS and wakes from S3). :meth:`next_event_ns` tells the machine
 when to call :meth:`poll` next so that an enabled interrupt is raised on time.
 """
+from __future__ import annotations
+
 import threading
 import time
-from typing import Callable, Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Optional
 
 INDEX_PORT = 0x70
 DATA_PORT = 0x71

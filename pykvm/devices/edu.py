@@ -36,12 +36,17 @@ interrupts: an MSI when MSI is enabled (each raise sends one, only with bus mast
 an MSI is a memory write), else INTA# held high. No value a guest writes makes a method here
 raise.
 """
+from __future__ import annotations
+
 import threading
-from typing import Callable, Optional
 
 from ..errors import GuestMemoryError
 from .pci_host import PciFunction
 from .vtd import DmaFault
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Optional
 
 VENDOR_QEMU = 0x1234
 DEVICE_EDU = 0x11E8

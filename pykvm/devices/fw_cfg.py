@@ -48,9 +48,14 @@ the width itself. A string read (``rep insb``) is served in one call by
 :meth:`FwCfg.read_repeated`, which :meth:`.bus.Bus.read_bytes` uses. Each access costs work in
 proportion to the bytes it moves, however many a ``rep insb`` asks for.
 """
+from __future__ import annotations
+
 import struct
 import threading
-from typing import Dict, Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, Optional
 
 
 SELECTOR_PORT = 0x510

@@ -42,9 +42,14 @@ No driver issues such accesses; ports 0x61-0x63 and 0x65-0x67 are not this devic
 an empty output buffer repeats the last byte read. Each access costs constant work; the output queues hold 16 bytes each (more are
 dropped, as QEMU's PS/2 queue does when full).
 """
+from __future__ import annotations
+
 import threading
 from collections import deque
-from typing import Callable, Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Optional
 
 DATA_PORT = 0x60
 STATUS_PORT = 0x64

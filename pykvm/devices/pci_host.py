@@ -47,8 +47,13 @@ the register once D_LCK is set). PIIX3 registers hold QEMU's reset values (``pii
 PIRQ routing (0x60-0x63) stays disabled (0x80) where SeaBIOS would route PIRQA-D to IRQ 10, 10,
 11, 11.
 """
+from __future__ import annotations
+
 import threading
-from typing import Dict, Optional, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, Optional, Tuple
 
 CONFIG_ADDRESS = 0xCF8
 CONFIG_DATA = 0xCFC

@@ -10,8 +10,13 @@ As pykvm's PC has always answered it: an access of any width (1, 2 or 4 bytes) s
 0x92 reaches the register whole; a read gives the register (0x02) zero-extended, a write takes
 the value's low byte. Each access costs constant work.
 """
+from __future__ import annotations
+
 import threading
-from typing import Callable, Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Optional
 
 PORT = 0x92
 RESET = 0x01

@@ -16,8 +16,13 @@
 The port blocks' offsets in the device's register map: the scratch register at 0x00, the flush
 port at 0x04, the scratch bytes at 0x08, IRQ line n at 0x20 + n.
 """
+from __future__ import annotations
+
 import threading
-from typing import Callable, Optional, Union
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Optional, Union
 
 SCRATCH_PORT = 0xE0
 FLUSH_PORT = 0xE4

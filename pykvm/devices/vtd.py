@@ -75,11 +75,16 @@ access, and GSTS changes only through GCMD.
 
 No value a guest writes makes a method here raise: faults are reported as above.
 """
+from __future__ import annotations
+
 import struct
 import threading
-from typing import Callable, Optional, Tuple
 
 from ..errors import GuestMemoryError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Optional, Tuple
 
 BASE = 0xFED90000
 SIZE = 0x1000

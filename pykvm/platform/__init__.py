@@ -2,13 +2,18 @@
 module per machine — ``pc`` (:mod:`.pc`), ``bare`` (:mod:`.bare`) on x86, ``virt``
 (:mod:`.riscv_virt`) on RISC-V — each a :class:`~.base.Platform`; :func:`choose` picks one by
 name, or by the image when the name is "auto", before anything is created or loaded."""
+from __future__ import annotations
+
 import importlib
-from typing import Callable, Dict, Tuple, Type
 
 from .._host import HOST_ARCH
 from ..boot import detect
 from ..boot.elf import load_reader as elf_reader
 from .base import MachineControl, Platform
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Dict, Tuple, Type
 
 __all__ = ["MachineControl", "Platform", "MACHINES", "choose", "machine_class", "preload"]
 

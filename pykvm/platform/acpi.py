@@ -18,11 +18,16 @@
 
 Everything is pure data: the PC machine writes the bytes into guest RAM.
 """
+from __future__ import annotations
+
 import struct
-from typing import Dict, Sequence
 
 from .._record import field, Record
 from ..devices import acpi_pm
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, Sequence
 
 OEM_ID = b"PYKVM "
 OEM_TABLE_ID = b"PYKVMPC "

@@ -2,11 +2,15 @@
 asked for (``irqchip``, ``pit``) or when the image is a Linux kernel, the in-kernel irqchip and
 PIT; no firmware tables, no other device. Every vCPU starts at the image's entry, each on its own
 boot stack (:mod:`pykvm.arch.x86.layout`). pykvm's own guests boot here by default."""
-from typing import ClassVar, Optional, Tuple
+from __future__ import annotations
 
 from ..arch.x86 import layout
 from .base import MachineControl
 from .x86 import XAPIC_MAX_CPUS, X86Platform
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import ClassVar, Optional, Tuple
 
 
 class BarePlatform(X86Platform):

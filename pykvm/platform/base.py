@@ -12,11 +12,15 @@ machine asks the platform, in this order, whether an exit is a guest report
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Optional, Protocol, Tuple
-
 from .._record import Record
 from ..boot import LoadedImage
 from ..runloop import LoopConfig
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, ClassVar, Optional, Protocol, Tuple
+else:
+    from .._record import Protocol   # a run-time stand-in: importing typing costs ~5 ms
 
 
 class MachineControl(Record, frozen=True, slots=True):

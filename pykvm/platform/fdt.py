@@ -11,10 +11,13 @@ and the strings block (NUL-terminated property names).
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Sequence, Union
 
 from .._record import field, Record
 from ..arch.riscv.extensions import parse_isa_string
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable, Sequence, Union
 
 __all__ = ["FDT_MAGIC", "Node", "U64", "cells64", "to_dtb", "build_dtb", "mmu_type_name",
            "UART_BASE", "UART_SIZE", "UART_CLOCK"]
@@ -40,7 +43,8 @@ class Empty:
 
 EMPTY = Empty()
 
-PropValue = Union[str, Sequence[str], int, Sequence[int], bytes, Empty]
+if TYPE_CHECKING:
+    PropValue = Union[str, Sequence[str], int, Sequence[int], bytes, Empty]
 
 
 class Node(Record):

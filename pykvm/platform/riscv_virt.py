@@ -8,8 +8,9 @@ Images: ELF (at their physical addresses), Linux ``Image`` files (at RAM base + 
 Memory map, from the top of RAM down: the device tree (:data:`DTB_SPACE`, more for machines
 of many harts: :func:`dtb_space`), then the initrd, page-aligned, which must end up above the
 image."""
+from __future__ import annotations
+
 import os
-from typing import ClassVar, Iterable, Optional, Tuple
 
 from .. import boot, status
 from ..arch.riscv import cpu, insn, sbi
@@ -19,6 +20,10 @@ from ..report import decode as decode_report
 from ..runloop import LoopConfig, UartGroup
 from . import fdt
 from .base import MachineControl
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import ClassVar, Iterable, Optional, Tuple
 
 RAM_BASE = 0x80000000
 DTB_SPACE = 64 << 10

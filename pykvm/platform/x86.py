@@ -6,7 +6,7 @@ Linux boot protocol (:mod:`pykvm.boot.linux_x86`), anything else through
 :mod:`pykvm.boot.x86_images`; the console ports the C run loop serves (COM1 0x3F8, the 0xE9
 debug console, isa-debug-exit at 0xF4-0xF7); and pykvm's guest-report port (0x1000).
 """
-from typing import ClassVar, List, Optional, Sequence, Tuple
+from __future__ import annotations
 
 from .. import status
 from ..abi import ffi
@@ -17,6 +17,10 @@ from ..memory import new_mapping
 from ..report import decode as decode_report
 from ..runloop import LoopConfig, UartGroup
 from .base import MachineControl
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import ClassVar, List, Optional, Sequence, Tuple
 
 REPORT_PORT = 0x1000              # pykvm's guest-report port (docs/guest-abi.md)
 COM1 = 0x3F8                      # the 16550 the C loop serves

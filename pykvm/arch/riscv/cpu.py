@@ -17,7 +17,6 @@ vCPU has already run". Extension setters turn those into
 from __future__ import annotations
 
 import errno as _errno
-from typing import Iterable, Mapping
 
 from ..._record import field, Record
 from . import regs as _regs
@@ -25,6 +24,10 @@ from .extensions import (
     ISA_EXT_IDS, ISA_EXTENSIONS, MIN_EXTENSIONS, SBI_EXT_IDS, SBI_EXTENSIONS,
     canonical_isa_string,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable, Mapping
 
 __all__ = [
     "ExtensionError", "ExtensionAbsent", "ExtensionNotAllowed", "ExtensionBusy",

@@ -11,7 +11,9 @@ an id past the end of the table still decodes, as ``isa_ext.<n>``.
 
 from __future__ import annotations
 
-from typing import Iterable
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable
 
 __all__ = [
     "ISA_EXTENSIONS", "ISA_EXT_IDS", "ISA_EXT_SINCE", "ISA_NEXT_EXTENSIONS",

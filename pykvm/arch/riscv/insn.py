@@ -9,10 +9,14 @@ ISA, 12.3.2, for Sv39/Sv48/Sv57; satp.MODE 8/9/10, 0 = Bare), each table read fr
 (the guest-physical addresses KVM's G-stage maps). The decoder is capstone (RV64GC); where it
 is missing the instruction is given as hex bytes.
 """
-from typing import Optional, Tuple
+from __future__ import annotations
 
 from ...abi import INTERNAL_ERROR_SUBERRORS
 from . import regs as _regs
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Tuple
 
 PAGE = 4096
 SATP_MODES = {0: ("bare", 0), 8: ("Sv39", 3), 9: ("Sv48", 4), 10: ("Sv57", 5)}

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
 
 from ..._record import Record
 from .cpu import set_sbi_extension
@@ -37,6 +36,10 @@ from .extensions import (
     PYKVM_REPORT_EID, SBI_ERR_INVALID_PARAM, SBI_ERR_NOT_SUPPORTED, SBI_EXT_DBCN,
     SBI_EXT_SUSP, SBI_SUCCESS,
 )
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable
 
 __all__ = [
     "DBCN_WRITE", "DBCN_READ", "DBCN_WRITE_BYTE", "SUSP_SYSTEM_SUSPEND",

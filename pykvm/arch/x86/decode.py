@@ -12,9 +12,13 @@ is on.
 The decoder is iced-x86 (a dependency of pykvm on x86_64 hosts); where it is missing the
 instruction is given as hex bytes.
 """
-from typing import Optional, Tuple
+from __future__ import annotations
 
 from ...abi import INTERNAL_ERROR_SUBERRORS
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Tuple
 
 MAX_INSN = 15                        # bytes: the longest x86 instruction (SDM vol. 2, 2.3.11)
 PAGE = 4096

@@ -1,7 +1,8 @@
 """x86 parts of Kvm / Vm / Vcpu (the arch ioctl helpers below the vCPU layer): supported CPUID, MSR lists, regs/sregs/fpu, MSRs (KVM_GET_MSRS
 and ONE_REG), CPUID, TSS/identity map, PIT, nested state."""
+from __future__ import annotations
+
 import errno
-from typing import Dict, Iterable, List, Optional, Tuple
 
 from ... import abi
 from ..._ioctl import ioctl
@@ -9,6 +10,10 @@ from ...abi import ffi, ioctls
 from ...errors import KvmError, KvmTooBig, kvm_error
 from .nested import get_nested_state, nested_report, set_nested_state
 from .regs import REG_TYPE_MSR, CpuidEntry, cpuid_lookup, msr_reg_id  # noqa: F401 (public home)
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, Iterable, List, Optional, Tuple
 
 def _grow(fd, op, ctype, count_field, array_field, first=64, limit=1 << 16):
     """Call a KVM 'fill this array' ioctl (a row of pykvm.abi.ioctls), growing the buffer on

@@ -9,9 +9,12 @@ so they can be tested without KVM.
 from __future__ import annotations
 
 import struct
-from typing import Optional
 
 from . import layout as L
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional
 
 # control register / EFER bits (architectural values)
 CR0_PE = 1 << 0

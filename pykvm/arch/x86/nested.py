@@ -4,9 +4,10 @@ The verdict never claims more than the evidence: nested is *available* only when
 KVM module is loaded with ``nested`` on, the VMX/SVM bit is in KVM_GET_SUPPORTED_CPUID, and
 KVM_CAP_NESTED_STATE is non-zero.
 """
+from __future__ import annotations
+
 import errno
 import os
-from typing import Dict, List, Optional
 
 from ..._record import as_dict, field, Record
 from ... import abi
@@ -15,6 +16,10 @@ from ...abi import ffi, ioctls
 from ...errors import KvmTooBig, PykvmError, kvm_error
 from .regs import CpuidEntry, cpuid_lookup
 from .svm import CPUID_SVM_ECX_BIT, CPUID_SVM_FEATURES, CPUID_SVM_LEAF, EFER_SVME
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, List, Optional
 
 SYS_MODULE = "/sys/module"
 _HDR_SIZE = ffi.sizeof("struct kvm_nested_state")   # 128

@@ -4,9 +4,13 @@ entries as returned by ``Kvm.supported_cpuid()`` / accepted by ``Vcpu.set_cpuid(
     from pykvm.arch.x86.regs import msr_reg_id
     vcpu.get_one_reg(msr_reg_id(0xC0000081))     # MSR STAR
 """
-from typing import Iterable, List, Optional
+from __future__ import annotations
 
 from ... import abi
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Iterable, List, Optional
 
 REG_TYPE_MSR = abi.arch.REG_TYPE_MSR
 

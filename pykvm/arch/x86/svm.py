@@ -5,7 +5,11 @@ A VMCB is one 4 KiB page: the control area at 0x000 and the state save area at 0
 KVM_GET_NESTED_STATE on SVM, ``NestedState.data`` holds a VMCB image (L1's vmcb12 control
 area and L1's own saved state), so :func:`vmcb_field` can read it.
 """
-from typing import Dict
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict
 
 MSR_EFER = 0xC0000080
 MSR_VM_CR = 0xC0010114
