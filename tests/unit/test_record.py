@@ -300,3 +300,44 @@ def test_optional_annotations_are_fine():
     class WithOptional(Record):
         a: Optional[int] = None
     assert WithOptional().a is None and WithOptional(3).a == 3
+
+
+def test_string_annotations_as_the_future_import_writes_them():
+    # modules on the start-up path use `from __future__ import annotations`: every annotation
+    # reaches the record class as a string, ClassVar ones included
+    ns = {"__annotations__": {"a": "int", "k": "ClassVar[int]", "b": "Optional[List[int]]"},
+          "k": 7, "b": None}
+    Rec = type(Record)("Rec", (Record,), ns)
+    assert fields(Rec) == ("a", "b") and Rec.k == 7
+    assert Rec(1) == Rec(1, None) and repr(Rec(2, [3])) == "Rec(a=2, b=[3])"
+    assert str(inspect.signature(Rec)) == "(a: 'int', b: 'Optional[List[int]]' = None) -> None"
+
+
+def test_protocol_stand_in_checks_methods_only_when_runtime_checkable():
+    from pykvm._record import Protocol, runtime_checkable
+    from pykvm.devices.bus import Device
+    from pykvm.devices.i8042 import I8042
+
+    class Reader(Protocol):
+        def read(self, offset: int, size: int) -> int: ...
+
+    @runtime_checkable
+    class Checked(Protocol):
+        def read(self, offset: int, size: int) -> int: ...
+
+    class HasRead:
+        def read(self, offset, size):
+            return 0
+
+    class NotCallable:
+        read = 5
+
+    assert not isinstance(HasRead(), Reader)          # structural only with runtime_checkable
+    assert isinstance(HasRead(), Checked) and not isinstance(NotCallable(), Checked)
+    assert not isinstance(object(), Checked)
+
+    class Sub(Checked):
+        pass
+    assert isinstance(Sub(), Checked)                  # nominal subclasses too
+    # the bus's Device protocol: a device model is one, a thing without write() is not
+    assert isinstance(I8042(), Device) and not isinstance(HasRead(), Device)
