@@ -56,8 +56,8 @@ static PyTypeObject *RunState_Type, *ExitState_Type;
 /* What one run_handlers() call lends the loop (borrowed: its arguments outlive the call). */
 struct py_ctx {
     PyThreadState *tstate;  /* the caller's, saved while the GIL is released */
-    PyObject *handlers;     /* dict: exit reason (int) -> handler(exit) */
-    PyObject *exits;        /* dict: exit reason (int) -> the reusable exit object */
+    PyObject *handlers;     /* list of 64: exit reason -> handler(exit), or None */
+    PyObject *exits;        /* list of 64: exit reason -> the reusable exit object, or None */
     PyObject *vcpu;         /* the Vcpu, for new_exit() */
     RunState *rs;           /* the Vcpu's RunState */
     PyObject *loop;         /* the RunLoop: _drain(), _result, _last_exit, _error */
@@ -89,7 +89,7 @@ static int stop_with_error(struct py_ctx *c)
 /* The GIL is held: call the handler of `reason` with the exit object, filled in. */
 static int call_handler(struct py_ctx *c, uint32_t reason, uint32_t info, uint64_t a, uint64_t b)
 {
-    PyObject *key, *h, *ex, *res;
+    PyObject *h, *ex, *res, *key;
     ExitState *st;
     int ret;
 
@@ -99,28 +99,32 @@ static int call_handler(struct py_ctx *c, uint32_t reason, uint32_t info, uint64
             return stop_with_error(c);
         Py_DECREF(res);
     }
-    key = PyLong_FromUnsignedLong(reason);   /* < 64: a cached small int */
-    if (key == NULL)
+    h = PyList_GetItem(c->handlers, reason);          /* borrowed; 64 entries, reason < 64 */
+    if (h == NULL)
         return stop_with_error(c);
-    h = PyDict_GetItemWithError(c->handlers, key);
-    if (h == NULL) {
-        Py_DECREF(key);
-        return PyErr_Occurred() ? stop_with_error(c) : PYKVM_CB_STOP_EXIT;
-    }
+    if (h == Py_None)
+        return PYKVM_CB_STOP_EXIT;
     Py_INCREF(h);                            /* the handler may remove itself */
-    ex = PyDict_GetItemWithError(c->exits, key);
-    if (ex != NULL && Py_REFCNT(ex) == 1) {  /* held by the cache only: reuse it */
+    ex = PyList_GetItem(c->exits, reason);
+    if (ex == NULL) {
+        Py_DECREF(h);
+        return stop_with_error(c);
+    }
+    if (ex != Py_None && Py_REFCNT(ex) == 1) {        /* held by the cache only: reuse it */
         Py_INCREF(ex);
     } else {
-        if (ex == NULL && PyErr_Occurred())
-            goto error;
-        ex = PyObject_CallFunctionObjArgs(c->new_exit, c->vcpu, key, NULL);
-        if (ex == NULL || PyDict_SetItem(c->exits, key, ex) < 0)
+        key = PyLong_FromUnsignedLong(reason);
+        ex = key == NULL ? NULL : PyObject_CallFunctionObjArgs(c->new_exit, c->vcpu, key, NULL);
+        Py_XDECREF(key);
+        if (ex == NULL)
             goto error;
         if (!PyObject_TypeCheck(ex, ExitState_Type)) {
             PyErr_SetString(PyExc_TypeError, "new_exit() did not return an ExitState");
             goto error;
         }
+        Py_INCREF(ex);                       /* one for the cache (taken by SetItem), one here */
+        if (PyList_SetItem(c->exits, reason, ex) < 0)
+            goto error;
     }
     st = (ExitState *)ex;
     st->seq = c->rs->seq;
@@ -162,7 +166,6 @@ error:
 out:
     Py_XDECREF(ex);
     Py_DECREF(h);
-    Py_DECREF(key);
     return ret;
 }
 
@@ -188,10 +191,15 @@ static PyObject *run_handlers(PyObject *self, PyObject *args)
     struct pykvm_loop *l;
     int r;
 
-    if (!PyArg_ParseTuple(args, "KO!O!OO!OO:run_handlers", &addr, &PyDict_Type, &c.handlers,
-                          &PyDict_Type, &c.exits, &c.vcpu, RunState_Type, &c.rs, &c.loop,
+    if (!PyArg_ParseTuple(args, "KO!O!OO!OO:run_handlers", &addr, &PyList_Type, &c.handlers,
+                          &PyList_Type, &c.exits, &c.vcpu, RunState_Type, &c.rs, &c.loop,
                           &c.new_exit))
         return NULL;
+    if (PyList_Size(c.handlers) != PYKVM_MAX_EXIT_REASON ||
+        PyList_Size(c.exits) != PYKVM_MAX_EXIT_REASON) {
+        PyErr_SetString(PyExc_ValueError, "run_handlers: handlers and exits are lists of 64");
+        return NULL;
+    }
     if (addr == 0) {
         PyErr_SetString(PyExc_ValueError, "run_handlers: no loop");
         return NULL;
@@ -213,7 +221,8 @@ static PyMethodDef run_handlers_def = {
     "run_handlers", run_handlers, METH_VARARGS,
     "run_handlers(loop_address, handlers, exits, vcpu, run_state, loop, new_exit) -> int\n\n"
     "pykvm_loop_run() on the struct pykvm_loop at loop_address, with the GIL released; exits\n"
-    "in its callback_mask call handlers[reason](exit) with the GIL held (see pykvm.runloop)."};
+    "in its callback_mask call handlers[reason](exit) with the GIL held (handlers and exits:\n"
+    "lists of 64, indexed by exit reason; see pykvm.runloop)."};
 
 static void state_free(PyObject *self)
 {

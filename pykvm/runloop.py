@@ -290,6 +290,8 @@ class LoopBase:
         self.mmio_log: List[MmioRecord] = []
         self.mmio_dropped = 0             # coalesced records seen beyond mmio_log_limit
         self._handlers: Dict[int, Callable] = {}
+        # the same, indexed by exit reason (None: no handler), as the C loop reads them
+        self._handler_slots: List[Optional[Callable]] = [None] * 64
         self._resume_mask = 0
         self._exits = ExitCache(vcpu)
         self._guard: Tuple[Tuple[int, int], ...] = ()
@@ -314,6 +316,7 @@ class LoopBase:
             self._handlers.pop(n, None)
         else:
             self._handlers[n] = handler
+        self._handler_slots[n] = handler
         self._update_masks()
 
     def resume(self, reason: Union[str, int], on: bool = True) -> None:
@@ -411,6 +414,7 @@ class RunLoop(LoopBase):
         self._mmio_buf = _new_buffer("struct pykvm_mmio_record[]",
                                      max(1, min(c.mmio_log_cap, _MMIO_LOG_START)))
         self._error = None
+        self._exit_slots: List[Optional[Exit]] = [None] * 64   # handlers' exit objects, by reason
         self._result = None
         self._last_exit = None
         self._grow = None             # (console full, MMIO log full) after the last C return
@@ -516,7 +520,7 @@ class RunLoop(LoopBase):
         v = self.vcpu
         v._enter_run(self._kick_internal)
         self.failed_exit = None
-        args = (int(nffi.cast("uintptr_t", cl)), self._handlers, self._exits._by_reason, v, v._rs,
+        args = (int(nffi.cast("uintptr_t", cl)), self._handler_slots, self._exit_slots, v, v._rs,
                 self, new_exit)
         try:
             cl.deadline_ns = int(deadline * 1e9) if deadline else 0

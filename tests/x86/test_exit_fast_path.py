@@ -253,12 +253,15 @@ def test_run_handlers_and_run_state_refuse_bad_arguments(kvm):
     vm, v = _vcpu(kvm, OUT_WORD)
     with vm:
         rs = v._rs
+        slots = [None] * 64
         with pytest.raises(ValueError):
-            run_handlers(0, {}, {}, v, rs, None, None)
+            run_handlers(0, slots, list(slots), v, rs, None, None)
         with pytest.raises(TypeError):
-            run_handlers(1, [], {}, v, rs, None, None)
+            run_handlers(1, {}, list(slots), v, rs, None, None)
+        with pytest.raises(ValueError, match="lists of 64"):
+            run_handlers(1, [None] * 3, list(slots), v, rs, None, None)
         with pytest.raises(TypeError):
-            run_handlers(1, {}, {}, v, object(), None, None)
+            run_handlers(1, slots, list(slots), v, object(), None, None)
         with pytest.raises(ValueError):
             RunState(0, 1 << 12)
         with pytest.raises(ValueError):
