@@ -123,7 +123,7 @@ class Ioctl(int):
     __str__ = __repr__
 
     def __reduce__(self) -> Tuple[Any, Tuple[str]]:
-        return (BY_NAME.__getitem__, (self.name,))
+        return (row, (self.name,))             # unpickles to this module's row of that name
 
 
 TABLE = [Ioctl(*row) for row in ROWS]
@@ -133,6 +133,11 @@ COMPILED = all(ioctl_key(i.name, i.direction, i.nr, KVMIO, i.arg) in _BUILT
                for i in TABLE if i.available)
 
 BY_NAME = {i.name: i for i in TABLE}
+
+
+def row(name: str) -> Ioctl:
+    """The table's row named ``name`` (e.g. ``"KVM_RUN"``). Raises KeyError for no such row."""
+    return BY_NAME[name]
 
 
 def available() -> List[Ioctl]:

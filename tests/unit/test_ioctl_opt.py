@@ -195,3 +195,13 @@ def test_the_checks_hold_under_python_dash_O():
                        timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["ValueError", "ValueError"]
+
+
+def test_every_row_pickles_and_copies_to_itself():
+    import copy
+    import pickle
+    from pykvm.abi import ioctls
+    for r in ioctls.TABLE:
+        assert pickle.loads(pickle.dumps(r)) is r, r.name
+        assert copy.deepcopy(r) is r and copy.copy(r) is r
+    assert ioctls.row("KVM_RUN") is ioctls.KVM_RUN
