@@ -98,6 +98,8 @@ static int call_handler(struct py_ctx *c, uint32_t reason, uint32_t info, uint64
         if (res == NULL)
             return stop_with_error(c);
         Py_DECREF(res);
+        if (c->rs->closing)                  /* closed by a console callback */
+            return PYKVM_CB_STOP;
     }
     h = PyList_GetItem(c->handlers, reason);          /* borrowed; 64 entries, reason < 64 */
     if (h == NULL)
@@ -110,7 +112,8 @@ static int call_handler(struct py_ctx *c, uint32_t reason, uint32_t info, uint64
         Py_DECREF(h);
         return stop_with_error(c);
     }
-    if (ex != Py_None && Py_REFCNT(ex) == 1) {        /* held by the cache only: reuse it */
+    if (ex != Py_None && Py_REFCNT(ex) == 1 && PyObject_TypeCheck(ex, ExitState_Type)) {
+        /* held by the cache only: reuse it */
         Py_INCREF(ex);
     } else {
         key = PyLong_FromUnsignedLong(reason);
@@ -255,9 +258,33 @@ static PyObject *run_state_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     return (PyObject *)rs;
 }
 
+static PyObject *closing_get(PyObject *self, void *closure)
+{
+    return PyBool_FromLong(((RunState *)self)->closing);
+}
+
+/* Closing is one way: once set, a vCPU's exits (and its loops) never run it again. */
+static int closing_set(PyObject *self, PyObject *value, void *closure)
+{
+    RunState *rs = (RunState *)self;
+    int truth = value == NULL ? 0 : PyObject_IsTrue(value);
+
+    if (truth < 0)
+        return -1;
+    if (!truth && rs->closing) {
+        PyErr_SetString(PyExc_ValueError, "a closing vCPU cannot be reopened");
+        return -1;
+    }
+    rs->closing = (char)truth;
+    return 0;
+}
+
+static PyGetSetDef run_state_getset[] = {
+    {"closing", closing_get, closing_set, "the vCPU is closing (set once, never cleared)", NULL},
+    {NULL, NULL, NULL, NULL, NULL}};
+
 static PyMemberDef run_state_members[] = {
     {"seq", T_ULONGLONG, offsetof(RunState, seq), 0, "KVM_RUNs so far (exits of another are stale)"},
-    {"closing", T_BOOL, offsetof(RunState, closing), 0, "the vCPU is closing"},
     {"run", T_ULONGLONG, offsetof(RunState, run), READONLY, "host address of kvm_run"},
     {"run_size", T_UINT, offsetof(RunState, run_size), READONLY, "bytes mapped at run"},
     {NULL, 0, 0, 0, NULL}};
@@ -266,6 +293,7 @@ static PyType_Slot run_state_slots[] = {
     {Py_tp_doc, (void *)"RunState(run_address, run_size): a vCPU's run sequence number and "
                         "closing flag, as C fields."},
     {Py_tp_members, run_state_members},
+    {Py_tp_getset, run_state_getset},
     {Py_tp_dealloc, (void *)state_free},
     {Py_tp_new, (void *)run_state_new},
     {0, NULL}};
@@ -286,7 +314,8 @@ static int exit_fast(ExitState *st)
 {
     RunState *rs = (RunState *)st->rs;
 
-    return st->decoded && st->fast && rs != NULL && rs->seq == st->seq && !rs->closing;
+    return st->decoded && st->fast && rs != NULL && Py_TYPE(rs) == RunState_Type &&
+        rs->seq == st->seq && !rs->closing;
 }
 
 static PyObject *exit_value(PyObject *self, void *closure)
@@ -310,33 +339,119 @@ static PyObject *exit_respond(PyObject *self, PyObject *data)
     v = PyLong_AsUnsignedLongLongMask(data);
     if (v == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
+    size = st->info & 0xff;
     if (st->reason == KVM_EXIT_IO) {
         off = st->a >> 32;
-        size = st->info & 0xff;
         n = size * ((st->a >> 16) & 0xffff);
+        if ((size != 1 && size != 2 && size != 4) || n == 0 || off < sizeof(struct kvm_run))
+            return PyObject_CallMethodObjArgs(self, s_respond_slow, data, NULL);
     } else {
         off = offsetof(struct kvm_run, mmio.data);
-        size = n = st->info & 0xff;
+        n = size;
+        if (size < 1 || size > 8)
+            return PyObject_CallMethodObjArgs(self, s_respond_slow, data, NULL);
     }
-    if ((st->reason == KVM_EXIT_IO && off < sizeof(struct kvm_run)) || off > rs->run_size ||
-        n > rs->run_size - off)                /* checked by the loop already; kept local */
+    /* the loop checked the span when it decoded the exit; checked here again all the same */
+    if (off > rs->run_size || n > rs->run_size - off)
         return PyObject_CallMethodObjArgs(self, s_respond_slow, data, NULL);
+    if (size < 8)
+        v &= (1ULL << (8 * size)) - 1;
     p = (uint8_t *)(uintptr_t)rs->run + off;
     for (i = 0; i + size <= n; i += size)    /* little-endian, as x86 and RISC-V are */
         memcpy(p + i, &v, size);
+    st->b = v;                               /* value now reads what the guest will read */
     Py_RETURN_NONE;
 }
 
-static PyMemberDef exit_state_members[] = {
-    {"_rs", T_OBJECT_EX, offsetof(ExitState, rs), 0, NULL},
-    {"_seq", T_ULONGLONG, offsetof(ExitState, seq), 0, NULL},
-    {"_a", T_ULONGLONG, offsetof(ExitState, a), 0, NULL},
-    {"_b", T_ULONGLONG, offsetof(ExitState, b), 0, NULL},
-    {"_info", T_UINT, offsetof(ExitState, info), 0, NULL},
-    {"_decoded", T_BOOL, offsetof(ExitState, decoded), 0, NULL},
-    {NULL, 0, 0, 0, NULL}};
+/* The fields as attributes. Any assignment from Python takes the exit off the fast paths (the
+ * C loop sets `fast` again when it refills the exit), and `_rs` takes a RunState only. */
+enum { F_RS, F_SEQ, F_A, F_B, F_INFO, F_DECODED };
+
+static PyObject *field_get(PyObject *self, void *closure)
+{
+    ExitState *st = (ExitState *)self;
+
+    switch ((int)(intptr_t)closure) {
+    case F_RS:
+        if (st->rs == NULL) {
+            PyErr_SetString(PyExc_AttributeError, "_rs");
+            return NULL;
+        }
+        Py_INCREF(st->rs);
+        return st->rs;
+    case F_SEQ:
+        return PyLong_FromUnsignedLongLong(st->seq);
+    case F_A:
+        return PyLong_FromUnsignedLongLong(st->a);
+    case F_B:
+        return PyLong_FromUnsignedLongLong(st->b);
+    case F_INFO:
+        return PyLong_FromUnsignedLong(st->info);
+    default:
+        return PyBool_FromLong(st->decoded);
+    }
+}
+
+static int field_set(PyObject *self, PyObject *value, void *closure)
+{
+    ExitState *st = (ExitState *)self;
+    int field = (int)(intptr_t)closure, truth;
+    unsigned long long v;
+    PyObject *old;
+
+    st->fast = 0;
+    if (field == F_RS) {
+        if (value != NULL && !PyObject_TypeCheck(value, RunState_Type)) {
+            PyErr_SetString(PyExc_TypeError, "_rs must be a RunState");
+            return -1;
+        }
+        old = st->rs;
+        Py_XINCREF(value);
+        st->rs = value;
+        Py_XDECREF(old);
+        return 0;
+    }
+    if (value == NULL) {
+        PyErr_SetString(PyExc_TypeError, "exit fields cannot be deleted");
+        return -1;
+    }
+    if (field == F_DECODED) {
+        truth = PyObject_IsTrue(value);
+        if (truth < 0)
+            return -1;
+        st->decoded = (char)truth;
+        return 0;
+    }
+    v = PyLong_AsUnsignedLongLong(value);
+    if (v == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    switch (field) {
+    case F_SEQ:
+        st->seq = v;
+        break;
+    case F_A:
+        st->a = v;
+        break;
+    case F_B:
+        st->b = v;
+        break;
+    default:
+        if (v > 0xffffffffULL) {
+            PyErr_SetString(PyExc_OverflowError, "_info is 32 bits");
+            return -1;
+        }
+        st->info = (unsigned int)v;
+    }
+    return 0;
+}
 
 static PyGetSetDef exit_state_getset[] = {
+    {"_rs", field_get, field_set, "the vCPU's RunState", (void *)F_RS},
+    {"_seq", field_get, field_set, "the RunState seq this exit belongs to", (void *)F_SEQ},
+    {"_a", field_get, field_set, "decoded field a (see py_exit() in csrc/runloop.c)", (void *)F_A},
+    {"_b", field_get, field_set, "decoded field b", (void *)F_B},
+    {"_info", field_get, field_set, "decoded size/direction", (void *)F_INFO},
+    {"_decoded", field_get, field_set, "the loop decoded the fields", (void *)F_DECODED},
     {"_value", exit_value, NULL,
      "The data the guest wrote, as an int (I/O: the first element; MMIO: len bytes, "
      "little-endian). Served in C while the exit is current and was decoded by the run loop; "
@@ -352,7 +467,6 @@ static PyMethodDef exit_state_methods[] = {
 
 static PyType_Slot exit_state_slots[] = {
     {Py_tp_doc, (void *)"ExitState: the fields of an exit the C loop fills (base of Exit)."},
-    {Py_tp_members, exit_state_members},
     {Py_tp_getset, exit_state_getset},
     {Py_tp_methods, exit_state_methods},
     {Py_tp_dealloc, (void *)exit_state_dealloc},

@@ -15,7 +15,7 @@ import threading
 import time
 
 from ._record import field, Record
-from . import status
+from . import abi, status
 from . import guests
 from .boot import read_head
 from .boot.symbols import Symbols
@@ -25,7 +25,7 @@ from .errors import (Busy, Closed, GuestError, GuestMemoryError, HostResourceErr
 from .exits import Exit
 from .kvm import Kvm
 from .report import GuestAssertion, Report
-from .runloop import ConsoleBuffer, LoopBase, RunLoop
+from .runloop import ConsoleBuffer, LoopBase, RunLoop, exit_reason
 from .status import debug_exit_status
 
 TYPE_CHECKING = False
@@ -298,8 +298,9 @@ class Machine:
             else:
                 self.reports_dropped += 1
 
-    def on(self, exit_name: str, handler: Optional[Callable]) -> None:
-        """Handle exits named ``exit_name`` ("MMIO", "IO", "HLT", ...): ``handler(machine,
+    def on(self, exit_name: Union[str, int], handler: Optional[Callable]) -> None:
+        """Handle exits named ``exit_name`` ("MMIO", "IO", "HLT", ..., "KVM_EXIT_IO" or the
+        number, any case): ``handler(machine,
         vcpu_index, exit)`` returns None to resume the guest, or anything else to end the step
         with an "exit" event. ``handler=None`` removes it.
 
@@ -308,6 +309,10 @@ class Machine:
         :meth:`_serve`): guest reports and MMIO exits in guest RAM never reach it. Its exit
         object is valid during the call and is reused for later exits unless the handler keeps
         a reference to it. While :attr:`trace` is set, every exit goes through :meth:`step`."""
+        try:                                # "io", "KVM_EXIT_IO" and 2 all name "IO"
+            exit_name = abi.EXIT_NAMES.get(exit_reason(exit_name), exit_name)
+        except (ValueError, AttributeError):
+            pass                            # not a reason pykvm knows: kept as given
         if handler is None:
             self.handlers.pop(exit_name, None)
         else:

@@ -28,7 +28,7 @@ from . import abi
 from ._record import Record as _Record
 from ._native import ffi as nffi, lib as nlib
 from .abi import ffi
-from .errors import Closed, GuestError
+from .errors import Busy, Closed, GuestError
 from ._loopstate import run_handlers as _run_handlers
 from .exits import Exit, ExitCache, kvm_run_error, new_exit
 
@@ -340,7 +340,7 @@ class LoopBase:
         falls between them is returned too). Raises ValueError for a negative or empty range."""
         rs = sorted((int(g), int(n)) for g, n in ranges)
         for g, n in rs:
-            if g < 0 or n <= 0 or g + n > 1 << 64:
+            if g < 0 or n <= 0 or n >= 1 << 64 or g + n > 1 << 64:
                 raise ValueError(f"bad guest RAM range gpa={g:#x} size={n:#x}")
         merged: List[List[int]] = []
         for g, n in rs:
@@ -352,7 +352,8 @@ class LoopBase:
             i = min(range(len(merged) - 1), key=lambda k: merged[k + 1][0] - merged[k][1])
             merged[i][1] = merged[i + 1][1]
             del merged[i + 1]
-        self._guard = tuple((lo, hi - lo) for lo, hi in merged)
+        # a merged range can reach 2**64; its size is kept below (the last byte left out)
+        self._guard = tuple((lo, min(hi - lo, (1 << 64) - 1)) for lo, hi in merged)
         self._update_masks()
 
     def _handler_may_serve(self, ex: Exit) -> bool:
@@ -518,6 +519,8 @@ class RunLoop(LoopBase):
         a :class:`~pykvm.errors.KvmError` if KVM_RUN fails."""
         cl = self._l
         v = self.vcpu
+        if cl.py_ctx:                      # a handler of this loop: it is running already
+            raise Busy("this run loop is running: its handlers cannot run it again")
         v._enter_run(self._kick_internal)
         self.failed_exit = None
         args = (int(nffi.cast("uintptr_t", cl)), self._handler_slots, self._exit_slots, v, v._rs,

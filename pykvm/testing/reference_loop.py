@@ -22,7 +22,7 @@ from typing import Dict, Optional
 from .. import abi
 from ..abi import ffi
 from ..devices.uart16550 import Uart16550
-from ..errors import Closed, HostResourceError
+from ..errors import Busy, Closed, HostResourceError
 from ..runloop import LoopBase, MmioRecord, Stop, UartGroup, coalesced_ring
 
 _EXIT_IO = abi.EXIT_REASONS["IO"]
@@ -46,6 +46,7 @@ class ReferenceLoop(LoopBase):
         self.handled_in_c = 0         # exits resumed by the loop itself (resume()), as in C
         self.handled_in_python = 0
         self._kick = threading.Event()
+        self._running = False         # inside run(): a handler cannot run the loop again
         self._ring, self._ring_entries = coalesced_ring(vcpu)
         self._uart_pio = self._uart_mmio = None
         group = c.uart_group
@@ -127,7 +128,10 @@ class ReferenceLoop(LoopBase):
     def run(self, *, deadline: Optional[float] = None, budget: int = 0) -> Stop:
         """As :meth:`pykvm.runloop.RunLoop.run`, one ``Vcpu.run()`` per exit."""
         v = self.vcpu
+        if self._running:                  # a handler of this loop: it is running already
+            raise Busy("this run loop is running: its handlers cannot run it again")
         v._enter_run(self._kick_internal)
+        self._running = True
         self.failed_exit = None
         timer = None
         try:
@@ -179,6 +183,7 @@ class ReferenceLoop(LoopBase):
                 timer.cancel()
                 timer.join()                   # its kick, if it fired, has landed
             v.run_struct.immediate_exit = 0    # not meant for the next run (as in C)
+            self._running = False
             v._leave_run()
 
     def _unserved(self, ex) -> Optional[Stop]:

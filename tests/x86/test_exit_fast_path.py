@@ -268,3 +268,108 @@ def test_run_handlers_and_run_state_refuse_bad_arguments(kvm):
             RunState(0x1000, 16)                          # smaller than struct kvm_run
         with pytest.raises(AttributeError):
             rs.run = 0                                    # read-only: exits write through it
+
+
+# -- a caller who writes the exit's private fields, or calls things at the wrong moment ---------
+def test_fields_written_from_python_take_the_exit_off_the_c_path(kvm, loop_cls):
+    """Whatever is written into the decoded fields, respond() and value stay inside kvm_run (the
+    checked Python path answers) and never hang: sizes 0 and 0xff, huge counts, a foreign _rs."""
+    vm, v = _vcpu(kvm, MMIO_READS)
+    with vm:
+        loop = loop_cls(v, BARE)
+        outcomes = []
+
+        def meddle(ex):
+            for field, value in (("_info", 0x100), ("_info", 0xFF), ("_a", 0xFFFF_FFFF_FFFF)):
+                setattr(ex, field, value)
+                for call in (lambda: ex.respond(5), lambda: ex.value):
+                    try:
+                        call()
+                        outcomes.append("ok")
+                    except GuestError:
+                        outcomes.append("GuestError")
+            with pytest.raises(TypeError):
+                ex._rs = b"\xff" * 8
+            with pytest.raises(TypeError):
+                del ex._seq
+            return "stop"
+        loop.on("MMIO", meddle)
+        stop = loop.run(budget=3)
+        assert stop.result == "stop" and outcomes      # answered, one way or the other
+        run_bytes = bytes(v._run_bytes)
+        assert len(run_bytes) == v.run_size             # nothing beyond it was asked for
+
+
+def test_a_foreign_object_in_the_exit_cache_is_replaced(kvm):
+    vm, v = _vcpu(kvm, OUT_WORD)
+    with vm:
+        loop = RunLoop(v, BARE)
+        seen = []
+        loop.on("IO", lambda ex: seen.append(ex.value))
+        loop._exit_slots[2] = bytearray(8)              # IO is exit reason 2
+        assert loop.run(budget=3).kind == "budget" and seen == [0x1234] * 3
+
+
+def test_value_after_respond_is_what_the_guest_reads(kvm, loop_cls):
+    vm, v = _vcpu(kvm, REP_INSW)
+    with vm:
+        loop = loop_cls(v, BARE)
+        seen = []
+
+        def answer(ex):
+            ex.respond(0x1BEEF)
+            seen.append(ex.value)
+        loop.on("IO", answer)
+        loop.run(budget=1)
+        assert seen == [0xBEEF]
+
+
+def test_a_handler_running_its_own_loop_again_is_busy_and_the_run_goes_on(kvm, loop_cls):
+    vm, v = _vcpu(kvm, OUT_WORD)
+    with vm:
+        loop = loop_cls(v, BARE)
+        errors = []
+
+        def again(ex):
+            try:
+                loop.run(budget=1)
+            except Exception as e:  # noqa: BLE001 — what it raises is the point
+                errors.append(type(e).__name__)
+            _ = ex.value                                # still current
+        loop.on("IO", again)
+        stop = loop.run(budget=3)
+        assert stop.kind == "budget" and loop.exits_total == 3
+        assert errors == ["Busy"] * 3
+
+
+def test_machine_on_takes_any_spelling_of_an_exit_reason(kvm):
+    for name in ("io", "KVM_EXIT_IO", 2):
+        with _machine(OUT_WORD, kvm=kvm) as m:
+            seen = []
+            m.on(name, lambda machine, index, ex: seen.append(ex.port))
+            m.step(budget=2, timeout=None)
+            m.trace = lambda line: None
+            m.step(budget=2, timeout=None)
+            assert seen == [0x80] * 4, name
+
+
+def test_guard_ram_refuses_sizes_beyond_64_bits_and_the_loop_stays_usable(kvm, loop_cls):
+    vm, v = _vcpu(kvm, MMIO_WRITE)
+    with vm:
+        loop = loop_cls(v, BARE)
+        with pytest.raises(ValueError):
+            loop.guard_ram([(0, 1 << 64)])
+        loop.guard_ram([(0, 1 << 63), (1 << 63, 1 << 63)])   # merged: all but the last byte
+        calls = []
+        loop.on("MMIO", calls.append)
+        stop = loop.run(budget=2)
+        assert stop.kind == "exit" and calls == []
+
+
+def test_a_closing_vcpu_cannot_be_reopened(kvm):
+    vm, v = _vcpu(kvm, OUT_WORD)
+    with vm:
+        v.close()
+        with pytest.raises(ValueError):
+            v._rs.closing = False
+        assert v._rs.closing
