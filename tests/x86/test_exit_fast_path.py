@@ -342,15 +342,15 @@ def test_a_handler_running_its_own_loop_again_is_busy_and_the_run_goes_on(kvm, l
         assert errors == ["Busy"] * 3
 
 
-def test_machine_on_takes_any_spelling_of_an_exit_reason(kvm):
-    for name in ("io", "KVM_EXIT_IO", 2):
-        with _machine(OUT_WORD, kvm=kvm) as m:
-            seen = []
-            m.on(name, lambda machine, index, ex: seen.append(ex.port))
-            m.step(budget=2, timeout=None)
-            m.trace = lambda line: None
-            m.step(budget=2, timeout=None)
-            assert seen == [0x80] * 4, name
+@pytest.mark.parametrize("name", ["io", "KVM_EXIT_IO", 2])
+def test_machine_on_takes_any_spelling_of_an_exit_reason(kvm, name):
+    with _machine(OUT_WORD, kvm=kvm) as m:
+        seen = []
+        m.on(name, lambda machine, index, ex: seen.append(ex.port))
+        m.step(budget=2, timeout=None)
+        m.trace = lambda line: None
+        m.step(budget=2, timeout=None)
+        assert seen == [0x80] * 4
 
 
 def test_guard_ram_refuses_sizes_beyond_64_bits_and_the_loop_stays_usable(kvm, loop_cls):
