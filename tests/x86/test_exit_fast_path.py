@@ -6,11 +6,12 @@ import pytest
 
 from pykvm import Closed, GuestError, StaleExit
 from pykvm._loopstate import RunState, run_handlers
-from pykvm.abi import ffi
 from pykvm.errors import GuestMemoryError
 from pykvm.machine import Machine
 from pykvm.runloop import LoopConfig, RunLoop
 from pykvm.testing.reference_loop import ReferenceLoop
+
+from _asm import real_mode_vm
 
 pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_arch("x86_64")]
 
@@ -29,17 +30,7 @@ BARE = LoopConfig()                               # serves no port: every exit i
 
 def _vcpu(kvm, code_hex):
     """A VM with 512 KiB of RAM at GPA 0, ``code_hex`` at 0x1000, one vCPU in real mode there."""
-    vm = kvm.create_vm()
-    vm.add_memory(0, 0x80000)
-    vm.memory.write(0x1000, bytes.fromhex(code_hex))
-    v = vm.create_vcpu()
-    s = v.get_sregs()
-    s.cs.base = s.cs.selector = 0
-    v.set_sregs(s)
-    r = ffi.new("struct kvm_regs *")
-    r.rip, r.rflags = 0x1000, 2
-    v.set_regs(r)
-    return vm, v
+    return real_mode_vm(kvm, bytes.fromhex(code_hex), 0x80000)
 
 
 @pytest.fixture(params=[RunLoop, ReferenceLoop], ids=["c", "py"])
