@@ -16,7 +16,8 @@ from sys import getrefcount as _refs
 from . import abi
 from ._loopstate import ExitState, RunState
 from .abi import CData, ffi
-from .errors import Closed, GuestError, GuestRamUnbacked, KvmError, StaleExit, kvm_error
+from .errors import (Closed, GuestError, GuestRamUnbacked, KvmError, PykvmError, StaleExit,
+                     kvm_error)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -103,8 +104,16 @@ class Exit(ExitState):
         return {}
 
     def __repr__(self) -> str:
+        """The exit and its fields; never raises (a stale or closed exit says so instead, and a
+        field the guest made unreadable shows the error's one line)."""
+        try:
+            fields = self.fields()
+        except (StaleExit, Closed) as e:
+            return f"<{type(self).__name__} ({'closed' if isinstance(e, Closed) else 'stale'})>"
+        except (PykvmError, ValueError, AttributeError) as e:
+            return f"<{type(self).__name__} (unreadable: {e})>"
         f = ", ".join(f"{k}={v:#x}" if isinstance(v, int) else f"{k}={v!r}"
-                      for k, v in self.fields().items())
+                      for k, v in fields.items())
         return f"<{type(self).__name__} {f}>" if f else f"<{type(self).__name__}>"
 
 

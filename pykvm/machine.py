@@ -37,14 +37,15 @@ class Event(Record, slots=True):
     """What :meth:`Machine.step` returns.
 
     ``kind``: "report" (``report`` holds a SYNC/DONE/ASSERT/... :class:`Report`), "debug_exit"
-    (``value``), "exit" (an exit nobody handled: ``exit``), "timeout", "kick", "budget", or
-    "error" (only from :meth:`Machine.run`: ``error`` holds the exception a vCPU's thread
-    raised)."""
+    (``value``: what the guest wrote), "exit" (``exit``: an exit nobody handled, or one whose
+    :meth:`Machine.on` handler ended the step, ``value`` then holding what the handler
+    returned), "timeout", "kick", "budget", or "error" (only from :meth:`Machine.run`:
+    ``error`` holds the exception a vCPU's thread raised)."""
     kind: str
     vcpu: int = 0
     report: Optional[Report] = None
     exit: Optional[Exit] = None
-    value: Optional[int] = None
+    value: Optional[object] = None
     error: Optional[BaseException] = None
 
     @property
@@ -300,7 +301,8 @@ class Machine:
 
     def on(self, exit_name: Union[str, int], handler: Optional[Callable]) -> None:
         """Handle exits named ``exit_name`` ("MMIO", "IO", "HLT", ..., "KVM_EXIT_IO" or the
-        number, any case): ``handler(machine,
+        number, any case; anything else raises ValueError, a non-callable handler TypeError):
+        ``handler(machine,
         vcpu_index, exit)`` returns None to resume the guest, or anything else to end the step
         with an "exit" event. ``handler=None`` removes it.
 
@@ -309,10 +311,12 @@ class Machine:
         :meth:`_serve`): guest reports and MMIO exits in guest RAM never reach it. Its exit
         object is valid during the call and is reused for later exits unless the handler keeps
         a reference to it. While :attr:`trace` is set, every exit goes through :meth:`step`."""
-        try:                                # "io", "KVM_EXIT_IO" and 2 all name "IO"
-            exit_name = abi.EXIT_NAMES.get(exit_reason(exit_name), exit_name)
-        except (ValueError, AttributeError):
-            pass                            # not a reason pykvm knows: kept as given
+        n = exit_reason(exit_name)          # "io", "KVM_EXIT_IO" and 2 all name "IO"
+        if n not in abi.EXIT_NAMES:
+            raise ValueError(f"unknown exit reason {exit_name!r}")
+        exit_name = abi.EXIT_NAMES[n]
+        if handler is not None and not callable(handler):
+            raise TypeError(f"an exit handler must be callable or None, not {handler!r}")
         if handler is None:
             self.handlers.pop(exit_name, None)
         else:
@@ -373,7 +377,8 @@ class Machine:
         handler = self.handlers.get(ex.name)
         try:
             if handler is not None:
-                return None if handler(self, index, ex) is None else Event("exit", index, exit=ex)
+                r = handler(self, index, ex)
+                return None if r is None else Event("exit", index, exit=ex, value=r)
             if self.platform.handle_exit(index, ex):
                 return None
         except GuestMemoryError as e:          # a guest-chosen address outside RAM
@@ -427,7 +432,7 @@ class Machine:
                 return Event("timeout" if stop.kind == "deadline" else stop.kind, index)
             ex = stop.exit
             if stop.result is not None:        # a handler of on() ended the step
-                return Event("exit", index, exit=ex)
+                return Event("exit", index, exit=ex, value=stop.result)
             if self.trace:
                 self.trace(f"vcpu{index}: {ex!r}")
             ev = self._serve(index, ex)

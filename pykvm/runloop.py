@@ -69,7 +69,10 @@ class Stop(_Record):
 
 
 def exit_reason(reason: Union[str, int]) -> int:
-    """An exit reason number from ``"IO"``, ``"KVM_EXIT_IO"`` or an int."""
+    """An exit reason number from ``"IO"``, ``"KVM_EXIT_IO"`` (any case) or an int. Raises
+    ValueError for an unknown name, TypeError for anything but a str or an int."""
+    if isinstance(reason, bool) or not isinstance(reason, (int, str)):
+        raise TypeError(f"an exit reason is a name or a number, not {reason!r}")
     if isinstance(reason, int):
         return reason
     name = reason.upper()
@@ -312,6 +315,8 @@ class LoopBase:
         n = exit_reason(reason)
         if not 0 <= n < 64:
             raise ValueError(f"exit reason {n} cannot be handled here (0..63)")
+        if handler is not None and not callable(handler):
+            raise TypeError(f"an exit handler must be callable or None, not {handler!r}")
         if handler is None:
             self._handlers.pop(n, None)
         else:

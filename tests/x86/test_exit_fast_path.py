@@ -364,3 +364,47 @@ def test_a_closing_vcpu_cannot_be_reopened(kvm):
         with pytest.raises(ValueError):
             v._rs.closing = False
         assert v._rs.closing
+
+
+def test_repr_of_a_kept_exit_never_raises(kvm, loop_cls):
+    vm, v = _vcpu(kvm, OUT_WORD)
+    with vm:
+        loop = loop_cls(v, BARE)
+        kept = []
+        loop.on("IO", kept.append)
+        loop.run(budget=2)
+        loop.on("IO", None)
+        loop.run(budget=1)
+        assert repr(kept[0]) == "<Io (stale)>"
+        v.close()
+        assert repr(kept[1]) == "<Io (closed)>"
+
+
+@pytest.mark.parametrize("reason,error", [("bogus", ValueError), ("MIMO", ValueError),
+                                          (99, ValueError), (None, TypeError), (2.0, TypeError),
+                                          (True, TypeError)])
+def test_unknown_or_odd_exit_reasons_are_refused_at_registration(kvm, reason, error):
+    with _machine(OUT_WORD, kvm=kvm) as m:
+        with pytest.raises(error):
+            m.on(reason, lambda machine, index, ex: None)
+        with pytest.raises(error):
+            m.loops[0].on(reason, lambda ex: None)
+        assert m.handlers == {}
+
+
+def test_a_handler_that_is_not_callable_is_refused(kvm):
+    with _machine(OUT_WORD, kvm=kvm) as m:
+        with pytest.raises(TypeError):
+            m.on("IO", 42)
+        with pytest.raises(TypeError):
+            m.loops[0].on("IO", "not a function")
+
+
+def test_what_a_machine_handler_returns_is_the_events_value(kvm):
+    with _machine(OUT_WORD, kvm=kvm) as m:
+        m.on("IO", lambda machine, index, ex: ("stopped at", ex.port))
+        ev = m.step(timeout=None, budget=5)
+        assert ev.kind == "exit" and ev.value == ("stopped at", 0x80)
+        m.trace = lambda line: None                      # the step() path says the same
+        ev = m.step(timeout=None, budget=5)
+        assert ev.kind == "exit" and ev.value == ("stopped at", 0x80)
