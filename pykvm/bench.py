@@ -382,12 +382,29 @@ def memory_child(kind: str, count: int, image_path: str) -> dict:
     return out
 
 
+def _cached_bytecode_env(tmp: str) -> dict:
+    """This process's environment for a child Python that runs with its bytecode cached (in
+    ``tmp``/pycache), as after a normal install, whatever PYTHONDONTWRITEBYTECODE says here."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = os.path.join(tmp, "pycache")
+    return env
+
+
 def _memory_in_child(kind: str, count: int, image_path: str) -> dict:
-    """:func:`memory_child` run in a fresh Python process; raises RuntimeError if it fails."""
+    """:func:`memory_child` run in a fresh Python process with its bytecode cached (a process
+    that compiles pykvm's sources first has their garbage to reuse, which hid about a third of
+    a Machine's own memory); raises RuntimeError if it fails."""
     import json
+    tmp = os.path.dirname(os.path.abspath(image_path))
+    env = _cached_bytecode_env(tmp)
+    if not os.path.isdir(env["PYTHONPYCACHEPREFIX"]):      # warm the cache once
+        subprocess.run([sys.executable, "-c", f"from pykvm import bench; "
+                        f"bench.memory_child({kind!r}, 1, {image_path!r})"],
+                       capture_output=True, env=env, timeout=300)
     code = f"from pykvm import bench; bench.memory_child({kind!r}, {count}, {image_path!r})"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, env=env)
     if p.returncode != 0:
         raise RuntimeError(f"memory measurement ({kind}, {count} VMs) failed: "
                            f"{p.stderr[-500:]}")
@@ -448,13 +465,12 @@ def boot(tmp: str, rounds: int, qemu_rounds: int, notes: list) -> dict:
     image64 = os.path.join(tmp, "tiny-elf64.elf")
     with open(image64, "wb") as f:
         f.write(tiny_elf64())
-    env = dict(os.environ)
-    if env.pop("PYTHONDONTWRITEBYTECODE", None):
-        notes.append("boot: this environment sets PYTHONDONTWRITEBYTECODE, which makes every "
-                     "Python start recompile pykvm's sources; the Python processes here run "
-                     "with their bytecode cached (PYTHONPYCACHEPREFIX in a temporary "
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        notes.append("boot and memory: this environment sets PYTHONDONTWRITEBYTECODE, which "
+                     "makes every Python start recompile pykvm's sources; the Python processes "
+                     "here run with their bytecode cached (PYTHONPYCACHEPREFIX in a temporary "
                      "directory, warmed once), as after a normal install")
-    env["PYTHONPYCACHEPREFIX"] = os.path.join(tmp, "pycache")
+    env = _cached_bytecode_env(tmp)
     cmds = {
         "pykvm_run": (_pykvm_command() + ["run", image64, "--timeout", "20"], 1),
         "pykvm_run_multiboot": (_pykvm_command() + ["run", image, "--timeout", "20"], 1),

@@ -293,8 +293,9 @@ class LoopBase:
         self.mmio_log: List[MmioRecord] = []
         self.mmio_dropped = 0             # coalesced records seen beyond mmio_log_limit
         self._handlers: Dict[int, Callable] = {}
-        # the same, indexed by exit reason (None: no handler), as the C loop reads them
-        self._handler_slots: List[Optional[Callable]] = [None] * 64
+        # the same, indexed by exit reason (None: no handler), as the C loop reads them; made by
+        # the first on() (a loop without handlers keeps no per-loop lists)
+        self._handler_slots: Optional[List[Optional[Callable]]] = None
         self._resume_mask = 0
         self._exits = ExitCache(vcpu)
         self._guard: Tuple[Tuple[int, int], ...] = ()
@@ -321,6 +322,8 @@ class LoopBase:
             self._handlers.pop(n, None)
         else:
             self._handlers[n] = handler
+        if self._handler_slots is None:
+            self._handler_slots = [None] * 64
         self._handler_slots[n] = handler
         self._update_masks()
 
@@ -406,6 +409,10 @@ class LoopBase:
 
 
 
+# what the C loop gets for a loop that never had a handler (it reads it only to call one)
+_NO_SLOTS: List[None] = [None] * 64
+
+
 class RunLoop(LoopBase):
     """The C run loop. ``run()`` returns a :class:`Stop`."""
 
@@ -420,7 +427,7 @@ class RunLoop(LoopBase):
         self._mmio_buf = _new_buffer("struct pykvm_mmio_record[]",
                                      max(1, min(c.mmio_log_cap, _MMIO_LOG_START)))
         self._error = None
-        self._exit_slots: List[Optional[Exit]] = [None] * 64   # handlers' exit objects, by reason
+        self._exit_slots: Optional[List[Optional[Exit]]] = None   # handlers' exits, by reason
         self._result = None
         self._last_exit = None
         self._grow = None             # (console full, MMIO log full) after the last C return
@@ -528,8 +535,10 @@ class RunLoop(LoopBase):
             raise Busy("this run loop is running: its handlers cannot run it again")
         v._enter_run(self._kick_internal)
         self.failed_exit = None
-        args = (int(nffi.cast("uintptr_t", cl)), self._handler_slots, self._exit_slots, v, v._rs,
-                self, new_exit)
+        if self._handler_slots is not None and self._exit_slots is None:
+            self._exit_slots = [None] * 64
+        args = (int(nffi.cast("uintptr_t", cl)), self._handler_slots or _NO_SLOTS,
+                self._exit_slots or _NO_SLOTS, v, v._rs, self, new_exit)
         try:
             cl.deadline_ns = int(deadline * 1e9) if deadline else 0
             cl.budget = budget if budget > 0 else -1
