@@ -36,6 +36,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Callable, Dict, List, Optional, Tuple, Union
 
+    from .abi import CData
+
 _STOP_EXIT = nlib.PYKVM_STOP_EXIT
 _EXIT_IO = abi.EXIT_REASONS["IO"]
 _EXIT_MMIO = abi.EXIT_REASONS["MMIO"]
@@ -150,8 +152,10 @@ class UartGroup:
 
     def __init__(self):
         self.state = nffi.new("struct pykvm_loop *")   # the UART alone (no vCPU, no buffers)
-        self._out = nffi.new("uint8_t[]", self.OUT_CAP)
-        self._take = nffi.new("uint8_t[]", self.OUT_CAP)
+        # not cleared: the C writer fills it from the start and nothing reads past what it
+        # wrote, so a machine whose guest never writes to the UART keeps none of it resident
+        self._out = _new_buffer("uint8_t[]", self.OUT_CAP)
+        self._take: Optional[CData] = None          # made by the first drain with output
         self.state.uart_out = int(nffi.cast("uintptr_t", self._out))
         self.state.uart_out_cap = self.OUT_CAP
         self.state.uart_irq_fd = -1
@@ -175,6 +179,8 @@ class UartGroup:
         if not self.state.uart_out_len:
             return
         with self._drain_lock:            # take and emit together: two drainers keep the order
+            if self._take is None:
+                self._take = _new_buffer("uint8_t[]", self.OUT_CAP)
             n = nlib.pykvm_uart_take(self.state, self._take, self.OUT_CAP)
             if n:
                 emit(bytes(nffi.buffer(self._take, n)))
