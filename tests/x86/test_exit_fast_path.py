@@ -2,6 +2,8 @@
 fields filled in C, ``value``/``respond`` served in C while the exit is current, and what never
 reaches a handler (guest reports, MMIO in guarded RAM). Each behaviour is checked against the
 reference loop, whose exits read kvm_run from Python (the slow paths)."""
+import time
+
 import pytest
 
 from pykvm import Closed, GuestError, StaleExit
@@ -409,3 +411,23 @@ def test_what_a_machine_handler_returns_is_the_events_value(kvm):
         m.trace = lambda line: None                      # the step() path says the same
         ev = m.step(timeout=None, budget=5)
         assert ev.kind == "exit" and ev.value == ("stopped at", 0x80)
+
+
+OUT_THEN_SPIN = "E680" "EBFE"                       # out 0x80, al; then spin without exiting
+
+
+def test_a_thread_a_handler_starts_runs_while_the_guest_spins(kvm, loop_cls):
+    """Alone in the interpreter, the C loop keeps the GIL across KVM_RUN; a thread started by a
+    handler must still run while the guest spins without exits (its kick ends the run)."""
+    import threading
+    vm, v = _vcpu(kvm, OUT_THEN_SPIN)
+    with vm:
+        loop = loop_cls(v, BARE)
+        started = []
+
+        def start_kicker(ex):
+            t = threading.Thread(target=lambda: (started.append(1), loop.kick()), daemon=True)
+            t.start()
+        loop.on("IO", start_kicker)
+        stop = loop.run(deadline=time.monotonic() + 20)
+        assert stop.kind == "kick" and started == [1]
