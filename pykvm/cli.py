@@ -725,7 +725,8 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                        "isa-debug-exit (ports 0xf4-0xf7, as QEMU); 2 bad input; 4 guest failure; "
                        "6 unhandled exit; 8 VMM/KVM error; 124 timeout; 130 SIGINT; "
                        "143 SIGTERM (see pykvm.status)")
-    r.add_argument("guest", nargs="?", help="image path or built-in guest name")
+    r.add_argument("guest", nargs="?", help="image path or built-in guest name (default: hello, "
+                   "the greeting guest; `pykvm guests` lists them)")
     r.add_argument("--mem", type=_size, default=64 << 20, metavar="SIZE",
                    help="guest RAM, e.g. 64M, 2G (default 64M; mapped lazily; at most 1T, and 31G for "
                    "an x86 guest pykvm starts in long mode, whose boot page tables map 32 GiB "
