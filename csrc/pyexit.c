@@ -182,10 +182,19 @@ out:
  * Any new thread can only be started by Python code of this thread, i.e. by a handler or a
  * console callback, and the loop asks again after each: the next KVM_RUN then releases it.
  * Signals still interrupt KVM_RUN either way. On any error, not alone. */
+static PyCFunction thread_count_c;          /* its C function, called without the call protocol */
+static PyObject *thread_count_self;
+
 static int alone(void)
 {
-    PyObject *n = thread_count == NULL ? NULL : PyObject_CallObject(thread_count, NULL);
-    long v = n == NULL ? -1 : PyLong_AsLong(n);
+    PyObject *n;
+    long v;
+
+    if (thread_count_c != NULL)
+        n = thread_count_c(thread_count_self, NULL);          /* METH_NOARGS */
+    else
+        n = thread_count == NULL ? NULL : PyObject_CallObject(thread_count, NULL);
+    v = n == NULL ? -1 : PyLong_AsLong(n);
 
     Py_XDECREF(n);
     if (v == -1 && PyErr_Occurred())
@@ -545,6 +554,11 @@ int pykvm_pyapi_install(void)
     if (mod != NULL) {
         thread_count = PyObject_GetAttrString(mod, "_count");   /* kept for good */
         Py_DECREF(mod);
+        if (thread_count != NULL && PyCFunction_Check(thread_count) &&
+            PyCFunction_GetFlags(thread_count) == METH_NOARGS) {
+            thread_count_c = PyCFunction_GetFunction(thread_count);
+            thread_count_self = PyCFunction_GetSelf(thread_count);   /* borrowed: the module */
+        }
     }
     PyErr_Clear();                           /* without it, the GIL is always released */
     mod = PyImport_AddModule("pykvm._native");        /* borrowed; imported by our caller */

@@ -73,7 +73,7 @@ THRESHOLDS = {"c_loop_vs_raw": 1.05, "python_vs_raw": 1.3, "machine_on_vs_python
               "lifecycle_vs_raw": 1.5, "machine_mem_vs_raw": 1.5, "boot_vs_python_floor": 2.0,
               "boot_multiboot_vs_python_floor": 2.0, "boot_vs_qemu": 0.1}
 
-QUICK = dict(rounds=5, exits=2000, life=20, mem_vms=128, mem_rounds=3, boot=5, boot_qemu=1,
+QUICK = dict(rounds=5, exits=10000, life=20, mem_vms=128, mem_rounds=3, boot=5, boot_qemu=1,
              scale_exits=3000)
 FULL = dict(rounds=9, exits=10000, life=40, mem_vms=128, mem_rounds=5, boot=15, boot_qemu=5,
             scale_exits=30000)

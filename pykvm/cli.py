@@ -800,8 +800,8 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                    "kvm-unit-tests against QEMU) with Firecracker's figures beside them; "
                    "--plot draws one panel per curve")
     b.add_argument("--exits", type=_int_range(1, 10 ** 8), default=0, metavar="N",
-                   help="exits per exit-cost measurement (1..100000000; default 2000 with "
-                   "--quick, else 10000)")
+                   help="exits per exit-cost measurement (1..100000000; default 10000, "
+                   "with --quick too: fewer let the loop's set-up weigh on each exit)")
     b.set_defaults(func=cmd_bench)
 
     gu = sub.add_parser("guest", help="build a guest of your own (pykvm guest build FILE)")
