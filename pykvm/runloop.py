@@ -298,10 +298,9 @@ class LoopBase:
         self.console_buffer = ConsoleBuffer(self.config.console_limit, on_console)
         self.mmio_log: List[MmioRecord] = []
         self.mmio_dropped = 0             # coalesced records seen beyond mmio_log_limit
-        self._handlers: Dict[int, Callable] = {}
-        # the same, indexed by exit reason (None: no handler), as the C loop reads them; made by
-        # the first on() (a loop without handlers keeps no per-loop lists)
-        self._handler_slots: Optional[List[Optional[Callable]]] = None
+        # handlers by exit reason (None: no handler), as the C loop reads them; made by the
+        # first on() (a loop without handlers keeps no per-loop list)
+        self._handlers: Optional[List[Optional[Callable]]] = None
         self._resume_mask = 0
         self._exits = ExitCache(vcpu)
         self._guard: Tuple[Tuple[int, int], ...] = ()
@@ -324,13 +323,9 @@ class LoopBase:
             raise ValueError(f"exit reason {n} cannot be handled here (0..63)")
         if handler is not None and not callable(handler):
             raise TypeError(f"an exit handler must be callable or None, not {handler!r}")
-        if handler is None:
-            self._handlers.pop(n, None)
-        else:
-            self._handlers[n] = handler
-        if self._handler_slots is None:
-            self._handler_slots = [None] * 64
-        self._handler_slots[n] = handler
+        if self._handlers is None:
+            self._handlers = [None] * 64
+        self._handlers[n] = handler
         self._update_masks()
 
     def resume(self, reason: Union[str, int], on: bool = True) -> None:
@@ -428,6 +423,7 @@ class RunLoop(LoopBase):
         super().__init__(vcpu, config, on_console, on_mmio)
         c = self.config
         self._l = nffi.new("struct pykvm_loop *")
+        self._address = int(nffi.cast("uintptr_t", self._l))      # what run_handlers takes
         # The buffers start small (an idle machine stays small) and grow when a run fills them.
         self._console_buf = _new_buffer("uint8_t[]", max(1, min(c.console_cap, _CONSOLE_START)))
         self._mmio_buf = _new_buffer("struct pykvm_mmio_record[]",
@@ -486,8 +482,9 @@ class RunLoop(LoopBase):
 
     def _update_masks(self) -> None:
         mask = 0
-        for n in self._handlers:
-            mask |= 1 << n
+        for n, h in enumerate(self._handlers or ()):
+            if h is not None:
+                mask |= 1 << n
         cl = self._l
         cl.callback_mask = mask
         cl.resume_mask = self._resume_mask
@@ -541,10 +538,10 @@ class RunLoop(LoopBase):
             raise Busy("this run loop is running: its handlers cannot run it again")
         v._enter_run(self._kick_internal)
         self.failed_exit = None
-        if self._handler_slots is not None and self._exit_slots is None:
+        if self._handlers is not None and self._exit_slots is None:
             self._exit_slots = [None] * 64
-        args = (int(nffi.cast("uintptr_t", cl)), self._handler_slots or _NO_SLOTS,
-                self._exit_slots or _NO_SLOTS, v, v._rs, self, new_exit)
+        args = (self._address, self._handlers or _NO_SLOTS, self._exit_slots or _NO_SLOTS, v,
+                v._rs, self, new_exit)
         try:
             cl.deadline_ns = int(deadline * 1e9) if deadline else 0
             cl.budget = budget if budget > 0 else -1

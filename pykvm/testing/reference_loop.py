@@ -193,7 +193,7 @@ class ReferenceLoop(LoopBase):
         if 0 <= n < 64 and (self._resume_mask >> n) & 1:
             self.handled_in_c += 1
             return None
-        h = self._handlers.get(n)
+        h = self._handlers[n] if self._handlers is not None and 0 <= n < 64 else None
         if h is None or not self._handler_may_serve(ex):
             return Stop("exit", ex)
         try:
