@@ -157,17 +157,22 @@ def _real_mode_vcpu(kvm, code: bytes, ram: int = RAM):
     try:
         vm.add_memory(0, ram)
         vm.memory.write(CODE_GPA, code)
-        v = vm.create_vcpu()
-        s = v.get_sregs()
-        s.cs.base = s.cs.selector = 0
-        v.set_sregs(s)
-        r = ffi.new("struct kvm_regs *")
-        r.rip, r.rflags = CODE_GPA, 2
-        v.set_regs(r)
+        v = _real_mode_start(vm.create_vcpu())
     except BaseException:
         vm.close()
         raise
     return vm, v
+
+
+def _real_mode_start(v):
+    """Vcpu ``v``, set to start in real mode at CODE_GPA (cs = 0); returns it."""
+    s = v.get_sregs()
+    s.cs.base = s.cs.selector = 0
+    v.set_sregs(s)
+    r = ffi.new("struct kvm_regs *")
+    r.rip, r.rflags = CODE_GPA, 2
+    v.set_regs(r)
+    return v
 
 
 # -- exit cost -------------------------------------------------------------------------------
@@ -848,14 +853,7 @@ def _exit_rate(kvm, k: int, n: int) -> tuple:
     with vm:
         vcpus = [v0]
         for _ in range(k - 1):
-            v = vm.create_vcpu()
-            s = v.get_sregs()
-            s.cs.base = s.cs.selector = 0
-            v.set_sregs(s)
-            r = ffi.new("struct kvm_regs *")
-            r.rip, r.rflags = CODE_GPA, 2
-            v.set_regs(r)
-            vcpus.append(v)
+            vcpus.append(_real_mode_start(vm.create_vcpu()))
         cfg = LoopConfig(serial_base=0, exit_port=0, debugcon_port=PORT, console_limit=1 << 12)
         loops = [RunLoop(v, config=cfg) for v in vcpus]
         barrier = threading.Barrier(k + 1)
