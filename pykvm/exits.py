@@ -55,9 +55,10 @@ class Exit(ExitState):
     """Base class: ``reason`` (int), ``name`` (e.g. ``"IO"``), ``flags`` (kvm_run.flags)."""
 
     # From ExitState (C fields the C loop fills for a handler it calls): _rs (the vCPU's
-    # RunState), _seq (the _rs.seq this exit belongs to); _decoded (True: _info/_a/_b hold the exit's fields; False:
-    # read kvm_run); _info: size | direction << 8 (I/O), len | is_write << 8 (MMIO); _a: port |
-    # count << 16 | data_offset << 32 (I/O), the address (MMIO); _b: the first element written.
+    # RunState), _seq (the _rs.seq this exit belongs to); _decoded (True: _info/_a/_b hold the
+    # exit's fields; False: read kvm_run); _info: size | direction << 8 (I/O), len | is_write
+    # << 8 (MMIO); _a: port | count << 16 | data_offset << 32 (I/O), the address (MMIO); _b: the
+    # first element written.
     __slots__ = ("_vcpu", "_reason", "__weakref__")
     _vcpu: VcpuView
     _rs: RunState
