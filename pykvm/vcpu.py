@@ -12,7 +12,7 @@ from ._loopstate import RunState
 from ._native import lib as _nlib
 from .abi import ffi, ioctls
 from .arch import current as _arch
-from .errors import Busy, Closed, KvmTooBig, kvm_error
+from .errors import Busy, Closed, GuestError, KvmTooBig, kvm_error
 from .exits import Exit, decode_exit, kvm_run_error
 
 TYPE_CHECKING = False
@@ -226,6 +226,25 @@ class Vcpu(_arch.VcpuArch, FdObject):
         finally:
             self._thread_ident = None
             self._leave_run()
+
+    def complete_io(self) -> None:
+        """Finish the I/O or MMIO exit KVM is waiting on without running the guest: one
+        KVM_RUN with ``kvm_run.immediate_exit`` set (Linux's Documentation/virt/kvm/api.rst,
+        "immediate_exit": pending operations complete, then KVM_RUN returns EINTR). Afterwards
+        the registers are those after the instruction (an IN's data, from ``kvm_run``, in
+        RAX; RIP past it), so they can be read or changed consistently.
+
+        Call it on the thread that runs the vCPU, from an exit handler or between runs.
+        Raises :class:`~pykvm.errors.Busy` from another thread's run,
+        :class:`~pykvm.errors.Closed` after :meth:`close`, :class:`~pykvm.errors.KvmError` if
+        KVM_RUN fails, and :class:`~pykvm.errors.GuestError` if completing the exit needs
+        userspace again (KVM returned another exit: a string I/O with iterations left)."""
+        self.run_struct.immediate_exit = 1
+        ex = self.run()
+        if ex.name != "INTR":
+            self.run_struct.immediate_exit = 0
+            raise GuestError(f"vCPU {self.id}: completing the pending exit gave another "
+                             f"exit ({ex.name})")
 
     def _kick_thread(self) -> None:
         sig = _nlib.pykvm_kick_signal()

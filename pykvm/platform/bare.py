@@ -20,10 +20,17 @@ class BarePlatform(X86Platform):
 
     def __init__(self, vm, kvm, control: MachineControl, *, vcpus: int, mem_size: int,
                  cpuid=None, irqchip: bool = False, pit: bool = False):
-        super().__init__(vm, kvm, control, vcpus=vcpus, mem_size=mem_size, cpuid=cpuid)
         self.pit = False
-        if irqchip or pit:
+        self._want_irqchip = irqchip or pit
+        super().__init__(vm, kvm, control, vcpus=vcpus, mem_size=mem_size, cpuid=cpuid)
+        if pit:
             self._create_chips(pit)
+
+    def _create_irqchip(self) -> None:
+        """The in-kernel irqchip when ``irqchip`` or ``pit`` asked for it (before RAM: see
+        :meth:`.x86.X86Platform._create_irqchip`)."""
+        if self._want_irqchip:
+            self._create_chips(False)
 
     @classmethod
     def max_vcpus(cls, image_format: str, *, flat_mode: str = "real", irqchip: bool = False,

@@ -9,7 +9,8 @@ where                  what
 =====================  ================================================================
 in-kernel (KVM)        local APICs (0xFEE00000), IOAPIC (0xFEC00000), the two 8259 PICs
                        (0x20, 0xA0, ELCR 0x4D0), the i8254 PIT (0x40-0x43, 0x61) without
-                       re-injection of lost ticks (QEMU ``kvm-pit.lost_tick_policy=discard``)
+                       re-injection of lost ticks (QEMU ``kvm-pit.lost_tick_policy=discard``),
+                       created when the guest first touches its ports (see below)
 C run loop             COM1 (0x3F8), debug console (0xE9), isa-debug-exit (0xF4-0xF7)
 0x60, 0x64             i8042 keyboard controller (:mod:`pykvm.devices.i8042`), IRQ 1/12
 0x70-0x71              CMOS RTC (:mod:`pykvm.devices.cmos_rtc`), IRQ 8
@@ -29,6 +30,16 @@ Optional devices (``devices=``, ``pykvm run --pc-device``), as QEMU's ``-device`
   INTA# on IRQ 11 (what SeaBIOS gives slot 3), MSI;
 * ``intel-iommu`` — a VT-d IOMMU (:mod:`pykvm.devices.vtd`) at 0xFED90000 with DMA and interrupt
   remapping, and an ACPI DMAR table.
+
+The PIT is KVM's, created on the guest's first access to one of its ports (0x40-0x43,
+0x61): that access exits to the VMM, which creates the PIT (``KVM_CREATE_PIT2``, then
+``KVM_REINJECT_CONTROL`` for the lost-tick policy) and makes the vCPU execute the instruction
+again (:meth:`.x86.X86Platform.replay_port_io`), so the guest sees the PIT of a PC from its
+first access on. A guest that never touches the PIT never pays for it: on the kvm_pvm hosts
+measured (Intel Xeon, 2 CPUs, Linux 6.18) setting a new PIT's lost-tick policy, or
+destroying a PIT that re-injects, waits for one or two SRCU grace periods of the VM, 12-15
+ms each, more than the rest of the machine's start-up. A PIT created this way starts its
+channels at the moment of that first access, as if the PC's power-on had happened then.
 
 GSI routing is QEMU's: ISA IRQs 0-15 reach the PICs (IRQ 2 is the cascade) and the IOAPIC pin of
 the same number except IRQ 0 (the PIT), which reaches IOAPIC pin 2 — what the MADT's interrupt
@@ -71,6 +82,8 @@ if TYPE_CHECKING:
     from typing import Callable, ClassVar, List, Optional, Tuple
 
 DEVICES = ("edu", "intel-iommu")       # optional devices, QEMU's -device names
+PIT_PORTS = range(0x40, 0x44)          # KVM's i8254 (KVM_PIT_BASE_ADDRESS, KVM_PIT_MEM_LENGTH)
+SPEAKER_PORT = 0x61                    # its port 0x61 (KVM_SPEAKER_BASE_ADDRESS)
 EDU_SLOT = 3
 EDU_BAR = 0xFEA00000
 EDU_IRQ = 11
@@ -135,9 +148,10 @@ class PcPlatform(X86Platform):
         self._parked: set = set()
         self._resume_pending: set = set()   # vCPUs yet to take their state after a wake
         self._vcpus: dict = {}              # index -> vCPU, as setup_vcpu meets them
+        self.pit_created = False                    # KVM's PIT exists (made at first use)
+        self._pit_lock = threading.Lock()
         self.pio = Bus("pio", PIO_LIMIT)
         self.mmio = Bus("mmio", MMIO_LIMIT)
-        self._create_chips()
         mem = vm.memory
         below, above = self.below_4g, self.above_4g
         # the devices, each at its place on a bus (fixed devices first: they win over the PM
@@ -179,8 +193,10 @@ class PcPlatform(X86Platform):
         return XAPIC_MAX_CPUS, "the pc machine's MADT and 8-bit xAPIC ids (0xff is broadcast) describe"
 
     # -- set-up ------------------------------------------------------------------------------
-    def _create_chips(self) -> None:
-        """The in-kernel irqchip and PIT, with QEMU's GSI routing. Lost PIT ticks follow
+    def _create_irqchip(self) -> None:
+        """The in-kernel irqchip, with QEMU's GSI routing, before RAM (see
+        :meth:`.x86.X86Platform._create_irqchip`); the PIT comes at its first use
+        (:meth:`_ensure_pit`). Lost PIT ticks follow
         ``lost_tick_policy`` as QEMU's ``kvm-pit`` does: "discard" (the default here;
         KVM_REINJECT_CONTROL off) or "delay" (QEMU's default and a new PIT's: missed ticks are
         re-injected; no ioctl).
@@ -188,19 +204,27 @@ class PcPlatform(X86Platform):
         Measured on kvm_pvm hosts (Intel Xeon, 2 CPUs, Linux 6.18): a PIT whose re-injection is
         on holds an IRQ ack notifier, and removing it waits for an SRCU grace period of the
         VM's irq_srcu, 12-15 ms whenever a grace period ended shortly before (the routing just
-        set up), 0.1-0.4 ms otherwise. "discard" pays that once, here; "delay" pays it, and a
-        second one for the mask notifier, when the VM is destroyed (26 ms median against 0.4
-        ms), so "discard" costs less over a VM's life."""
+        set up), 0.1-0.4 ms otherwise. "discard" pays that once, at the PIT's creation;
+        "delay" pays it, and a second one for the mask notifier, when the VM is destroyed (26
+        ms median against 0.4 ms), so "discard" costs less over a VM's life."""
         vm = self.vm
         vm.create_irqchip()
         vm.set_gsi_routing(qemu_gsi_routes())
-        vm.create_pit2()
-        if self.lost_tick_policy == "discard":
-            try:
-                vm.reinject_control(False)
-            except KvmError:                  # an old KVM without the ioctl: keep its default
-                pass
         self.irqchip = True
+
+    def _ensure_pit(self) -> None:
+        """Create the in-kernel PIT with the lost-tick policy, once (module docstring)."""
+        with self._pit_lock:
+            if self.pit_created:
+                return
+            vm = self.vm
+            vm.create_pit2()
+            if self.lost_tick_policy == "discard":
+                try:
+                    vm.reinject_control(False)
+                except KvmError:              # an old KVM without the ioctl: keep its default
+                    pass
+            self.pit_created = True
 
     def _write_tables(self) -> None:
         """The ACPI tables, in the BIOS area of guest RAM."""
@@ -333,6 +357,10 @@ class PcPlatform(X86Platform):
         name = ex.name
         if name == "IO":
             port, size = ex.port, ex.size
+            if (port in PIT_PORTS and port + size <= PIT_PORTS.stop) or port == SPEAKER_PORT:
+                self._ensure_pit()          # the first access: KVM serves the next one
+                self.replay_port_io(self._vcpus[index], ex)
+                return self.power_event is None
             if ex.is_out:
                 self.pio.write_bytes(port, size, ex.data)
             else:

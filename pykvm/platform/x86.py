@@ -13,6 +13,7 @@ from ..abi import ffi
 from ..arch.x86 import decode, layout, modes
 from ..arch.x86.regs import cpuid_for_vcpu
 from ..boot import detect, linux_x86, read_head, x86_images
+from ..errors import GuestError
 from ..memory import new_mapping
 from ..report import decode as decode_report
 from ..runloop import LoopConfig, UartGroup
@@ -59,11 +60,23 @@ class X86Platform:
         self._uart_group = UartGroup()    # COM1: one UART for all vCPUs
         vm.set_tss_addr(layout.KVM_TSS_ADDR)
         vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        self._create_irqchip()
         self.ram = self._add_ram(mem_size)
         self.memory_map = layout.e820_map(self.below_4g, self.above_4g,
                                           bios_area=self.bios_area)
 
     bios_area: ClassVar[bool] = False         # the e820 map reserves the PC BIOS area
+
+    def _create_irqchip(self) -> None:
+        """The in-kernel interrupt controllers a machine has from the start: none here.
+
+        A machine with them creates them here, before RAM's memory slot, for the sake of the
+        VM's teardown. Measured on kvm_pvm hosts (Intel Xeon, 2 CPUs, Linux 6.18): each device
+        KVM_CREATE_IRQCHIP puts on a KVM I/O bus frees the bus it replaces after an SRCU grace
+        period of the VM (``call_srcu``), and destroying the VM waits for those
+        (``srcu_barrier`` in ``kvm_destroy_vm``): 15.5 ms at close when RAM came first. A
+        memory slot added after them waits for an expedited grace period instead, which
+        takes the pending ones along: 7.8 ms at creation, 0.2 ms at close."""
 
     # -- RAM --------------------------------------------------------------------------------
     def _add_ram(self, size: int):
@@ -158,6 +171,42 @@ class X86Platform:
     def handle_exit(self, index: int, ex) -> bool:
         """Exits this machine serves beyond the C loop's: none (the PC serves its devices)."""
         return False
+
+    def replay_port_io(self, vcpu, ex) -> None:
+        """Make ``vcpu`` execute again the IN/OUT instruction behind its current I/O exit ``ex``
+        instead of finishing it here: for an access that a device KVM now serves in the
+        kernel (created after the exit) must see. Called on the vCPU's thread while the
+        exit is pending.
+
+        The exit is completed first (:meth:`~pykvm.vcpu.Vcpu.complete_io`), then every
+        register is put back as it was at the exit, RIP at the instruction's start. Where RIP
+        is at the start during the exit (VMX and SVM: KVM skips the instruction when it
+        completes it) that is RIP at the exit; where the backend has moved RIP past the
+        instruction before exiting (kvm_pvm), the instruction is found in the code just before
+        it (:func:`pykvm.arch.x86.decode.port_io_length`). Raises
+        :class:`~pykvm.errors.GuestError` for string I/O or code that no longer holds the
+        instruction."""
+        port, size, is_out = ex.port, ex.size, ex.is_out     # the exit is stale once completed
+        regs = vcpu.get_regs()
+        rip = regs.rip
+        vcpu.complete_io()
+        if vcpu.get_regs().rip == rip:                 # RIP was past the instruction already
+            sregs = vcpu.get_sregs()
+            _, bits = decode.cpu_mode(sregs.cr0, sregs.efer, sregs.cs.l, sregs.cs.db,
+                                      regs.rflags)
+            if bits != 64:
+                rip &= 0xFFFF if bits == 16 else 0xFFFFFFFF
+            want = 3
+            start = max(rip - want, 0)
+            base = 0 if bits == 64 else sregs.cs.base       # long mode ignores CS.base
+            code = decode.read_guest_code(vcpu, self.vm.memory, base + start,
+                                          bool(sregs.cr0 & decode.CR0_PG), rip - start)
+            try:
+                regs.rip = rip - decode.port_io_length(code, port=port, size=size, is_out=is_out,
+                                                       bits=bits)
+            except ValueError as e:
+                raise GuestError(f"cannot replay the port access at RIP {rip:#x}: {e}") from e
+        vcpu.set_regs(regs)
 
     def hold(self, index: int) -> bool:
         """No x86 machine but the PC parks vCPUs."""

@@ -85,6 +85,57 @@ def read_guest_code(vcpu, memory, linear: int, paging: bool, n: int = MAX_INSN) 
     return out
 
 
+# one-byte opcodes of IN/OUT (SDM vol. 2A/2B "IN", "OUT"), by (is_out, byte access, port in DX)
+_PIO_OPCODES = {
+    (False, True, False): 0xE4, (False, False, False): 0xE5,   # IN AL/eAX, imm8
+    (True, True, False): 0xE6, (True, False, False): 0xE7,     # OUT imm8, AL/eAX
+    (False, True, True): 0xEC, (False, False, True): 0xED,     # IN AL/eAX, DX
+    (True, True, True): 0xEE, (True, False, True): 0xEF,       # OUT DX, AL/eAX
+}
+OPSIZE_PREFIX = 0x66
+
+
+def port_io_length(code_before: bytes, *, port: int, size: int, is_out: bool, bits: int) -> int:
+    """How many bytes before a return address the non-string IN/OUT instruction that made an
+    I/O exit starts, given the bytes that end there (``code_before``, at least 3 of them where
+    the guest has them). ``port``/``size`` (1, 2 or 4 bytes)/``is_out``: the exit's;
+    ``bits``: the code segment's size (16, 32, 64; :func:`cpu_mode`).
+
+    The instruction is ``[66] opcode [imm8]``: the DX form (one byte, EC-EF) or, for ports
+    below 256, the imm8 form (two bytes, E4-E7, then the port). The two can only be confused
+    for ports 0xEC-0xEF (``E4 EC`` is ``in al, 0xec`` and also a byte 0xE4 then ``in al,
+    dx``); there both readings are refused with :class:`ValueError`. The operand-size prefix (0x66) is counted when the access size needs it
+    (16-bit accesses in 32/64-bit code, 32-bit ones in 16-bit code); any other prefix
+    (segment, REX) changes nothing a non-string IN/OUT does and is left out, so executing
+    from the returned start repeats the same access. Raises :class:`ValueError` when the
+    bytes do not end in such an instruction (string I/O, code changed under the exit)."""
+    if size not in (1, 2, 4) or bits not in (16, 32, 64):
+        raise ValueError(f"no IN/OUT of {size} bytes in {bits}-bit code")
+    byte = size == 1
+    need_prefix = not byte and (size == 2) != (bits == 16)
+    dx_op = _PIO_OPCODES[(is_out, byte, True)]
+    imm_op = _PIO_OPCODES[(is_out, byte, False)]
+    n = len(code_before)
+    imm_form = port < 0x100 and n >= 2 and code_before[-2] == imm_op and code_before[-1] == port
+    dx_form = n >= 1 and code_before[-1] == dx_op
+    if imm_form and dx_form:
+        raise ValueError(f"the bytes {code_before[-2:].hex(' ')} read as either form of the "
+                         f"instruction for port {port:#x}")
+    if imm_form:
+        length = 2
+    elif dx_form:
+        length = 1
+    else:
+        raise ValueError(f"the bytes before the return address ({code_before.hex(' ')}) end "
+                         f"in no {'OUT' if is_out else 'IN'} of {size} bytes at port {port:#x}")
+    if need_prefix:
+        if n < length + 1 or code_before[-length - 1] != OPSIZE_PREFIX:
+            raise ValueError(f"an {size}-byte port access in {bits}-bit code needs the "
+                             f"operand-size prefix, and it is not there ({code_before.hex(' ')})")
+        length += 1
+    return length
+
+
 def disassemble(code: bytes, address: int, bits: int) -> Tuple[str, int]:
     """(text, length) of the first instruction in ``code`` at ``address`` for a ``bits``-bit
     code segment (16, 32 or 64), decoded by iced-x86 (Intel syntax): e.g.
