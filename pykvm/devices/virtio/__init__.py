@@ -48,14 +48,16 @@ QUEUE_MAX = 256            # queue size a device offers unless it says otherwise
 
 
 class DeviceHandles:
-    """What a transport gives its device: ``interrupt(cause)`` raises :data:`INT_VRING` (used
-    buffers) or :data:`INT_CONFIG` (configuration change) as the transport signals it (an
-    interrupt line, an MSI-X vector per queue), honouring the driver's suppression;
+    """What a transport gives its device: ``interrupt(cause, queue=-1)`` raises
+    :data:`INT_VRING` (used buffers in queue ``queue``; pass the index, which a transport with
+    a vector per queue needs) or :data:`INT_CONFIG` (configuration change) as the transport
+    signals it (an interrupt line, an MSI-X vector per queue); the device calls it when
+    ``Virtqueue.needs_interrupt()`` says the driver wants one;
     ``needs_reset()`` sets DEVICE_NEEDS_RESET and tells the driver (section 2.1.2)."""
 
     __slots__ = ("interrupt", "needs_reset")
 
-    def __init__(self, interrupt: Callable[[int], None], needs_reset: Callable[[], None]):
+    def __init__(self, interrupt: Callable[..., None], needs_reset: Callable[[], None]):
         self.interrupt = interrupt
         self.needs_reset = needs_reset
 
