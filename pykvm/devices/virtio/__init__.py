@@ -20,7 +20,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, List, Optional
+    from typing import Any, Callable, Optional, Sequence
 
 # device types (virtio 1.2, section 5)
 ID_NET, ID_BLOCK, ID_CONSOLE, ID_RNG = 1, 2, 3, 4
@@ -86,7 +86,7 @@ class VirtioDevice:
         """A driver write to the configuration space (ignored unless the device has writable
         fields)."""
 
-    def activate(self, features: int, queues: List[Optional[object]],
+    def activate(self, features: int, queues: Sequence[Optional[Any]],
                  handles: DeviceHandles) -> None:
         """The driver set DRIVER_OK: ``features`` are the negotiated bits; ``queues`` has one
         :class:`.queue.Virtqueue` per queue index (None where the driver did not enable it)."""
