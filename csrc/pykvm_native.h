@@ -126,7 +126,8 @@ struct pykvm_loop {
     uint32_t uart_out_len;
     int64_t uart_out_since_ns;       /* when its oldest byte arrived */
     uint64_t uart_out_dropped;       /* bytes that found it full */
-    /* the 16550's receiver (fed only by loopback, MCR bit 4): the owner's, like uart[] */
+    /* the 16550's receiver (fed by loopback, MCR bit 4, and by host input through uart_in):
+     * the owner's, like uart[] */
     uint8_t uart_rbr;                /* receiver buffer register (FIFOs off) */
     uint8_t uart_lsr;                /* LSR bits DR (0) and OE (1); THRE and TEMT read set */
     uint8_t uart_fcr;                /* FCR as kept: FIFO enable (0), DMA mode (3), trigger (7:6) */
@@ -134,6 +135,14 @@ struct pykvm_loop {
     uint8_t uart_rx_count;           /* receive FIFO: bytes held (0-16) */
     uint8_t _pad3[3];
     uint8_t uart_rx[16];             /* receive FIFO */
+    /* host input (pykvm_uart_input): the owner's ring of bytes that wait for room in the
+     * receiver; they move in as the guest reads RBR (none while in loopback) */
+    uint64_t uart_in;                /* address of the ring, 0 = the UART takes no host input */
+    uint32_t uart_in_cap;            /* the ring's size in bytes */
+    uint32_t uart_in_head;           /* index of its oldest byte */
+    uint32_t uart_in_len;            /* bytes it holds */
+    uint32_t _pad6;
+    uint64_t uart_in_delivered;      /* bytes moved from the ring into the receiver */
 
     /* Exits never given to a handler (callback_mask), returned instead (PYKVM_STOP_EXIT) so that
      * the caller sees them first: I/O on report_port (pykvm's x86 guest-report port; 0 = none),
@@ -155,6 +164,7 @@ int pykvm_unmap(uint64_t addr, uint64_t size);
 int pykvm_kick_signal(void);
 uint32_t pykvm_uart_take(struct pykvm_loop *l, uint8_t *dst, uint32_t cap);
 uint8_t pykvm_uart_access(struct pykvm_loop *l, unsigned reg, int is_write, uint8_t value);
+uint32_t pykvm_uart_input(struct pykvm_loop *l, const uint8_t *buf, uint32_t n);
 
 /* csrc/pyexit.c: adds run_handlers() to the pykvm._native module (once, at import; 0 or -1). */
 int pykvm_pyapi_install(void);

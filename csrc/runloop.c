@@ -168,6 +168,12 @@ static uint32_t io_value(const uint8_t *p, uint8_t size)
 }
 
 /* A 16550 whose transmitter is always empty (output is instant), as Linux's 8250 driver sees it:
+ *  - host input (pykvm_uart_input, the machine's console input): bytes wait in a ring of the
+ *    owner's (uart_in, e.g. 4 KiB) and move into the receiver as it has room: the FIFO up to
+ *    16 bytes (FIFOs on) or RBR when LSR.DR is clear (FIFOs off), at once and again after each
+ *    RBR read, so a guest that reads RBR while LSR.DR is set gets every byte, in order, and
+ *    host input never overruns the receiver (the ring, not the guest, tells the host to wait).
+ *    None moves in while in loopback, where the receiver hears the transmitter only;
  *  - THR-empty interrupt: pending after a THR write and when IER.THRI is turned on; an IIR read
  *    that reports it (0x02) clears it; with uart_irq set, the UART's interrupt output
  *    (IER.THRI and pending) drives that GSI through KVM_IRQ_LINE (x86 COM1: IRQ 4 on the
@@ -230,7 +236,7 @@ static void uart_update_irq(struct pykvm_loop *l)
     ioctl(l->uart_irq_fd, KVM_IRQ_LINE, &irq);
 }
 
-/* A byte reaches the receiver (loopback). */
+/* A byte reaches the receiver (loopback, or host input with room for it). */
 static void uart_receive(struct pykvm_loop *l, uint8_t v)
 {
     if (l->uart_fcr & UART_FCR_FE) {
@@ -246,6 +252,27 @@ static void uart_receive(struct pykvm_loop *l, uint8_t v)
         l->uart_rbr = v;
     }
     l->uart_lsr |= UART_LSR_DR;
+}
+
+/* Move waiting host input into the receiver while it has room (see above); under the lock. */
+static void uart_fill(struct pykvm_loop *l)
+{
+    const uint8_t *ring = (const uint8_t *)(uintptr_t)l->uart_in;
+    uint32_t cap = l->uart_in_cap;
+
+    if (!ring || !cap || !l->uart_in_len || (l->uart[UART_MCR] & UART_MCR_LOOP))
+        return;
+    if (l->uart_in_len > cap)            /* the ring's fields are ours alone: stay in bounds */
+        l->uart_in_len = cap;
+    while (l->uart_in_len) {
+        if (l->uart_fcr & UART_FCR_FE ? l->uart_rx_count >= UART_RX_FIFO
+                                      : (l->uart_lsr & UART_LSR_DR) != 0)
+            break;
+        uart_receive(l, ring[l->uart_in_head % cap]);
+        l->uart_in_head = (l->uart_in_head % cap + 1) % cap;
+        l->uart_in_len--;
+        l->uart_in_delivered++;
+    }
 }
 
 static uint8_t uart_read_locked(struct pykvm_loop *l, unsigned reg)
@@ -269,6 +296,7 @@ static uint8_t uart_read_locked(struct pykvm_loop *l, unsigned reg)
             v = l->uart_rbr;
             l->uart_lsr &= (uint8_t)~UART_LSR_DR;
         }
+        uart_fill(l);                              /* the next host byte takes its place */
         uart_update_irq(l);
         return v;
     case UART_IIR:
@@ -354,6 +382,7 @@ static int uart_write(struct pykvm_loop *l, unsigned reg, uint8_t v)
     } else if (reg != UART_LSR && reg != UART_MSR) {
         u->uart[reg] = v;          /* LCR, SCR read back */
     }
+    uart_fill(u);                  /* after a FIFO flush or the end of loopback */
     uart_update_irq(u);
     uart_unlock(u);
     return room;
@@ -392,6 +421,36 @@ uint8_t pykvm_uart_access(struct pykvm_loop *l, unsigned reg, int is_write, uint
     if (is_write)
         return (uint8_t)uart_write(l, reg, value);
     return uart_read(l, reg);
+}
+
+/* Host input for l's UART (its owner's): append up to n bytes of buf to the input ring and
+ * move what the receiver has room for into it, raising the received-data interrupt as IER
+ * asks (through uart_irq, KVM_IRQ_LINE: a vCPU halted with interrupts on wakes up). Returns
+ * the bytes accepted: fewer than n (maybe 0) when the ring is full, never blocking; 0 when the
+ * UART has no ring (uart_in). Takes the UART lock: any thread may call it while vCPUs run. */
+uint32_t pykvm_uart_input(struct pykvm_loop *l, const uint8_t *buf, uint32_t n)
+{
+    struct pykvm_loop *u = uart_lock(l);
+    uint8_t *ring = (uint8_t *)(uintptr_t)u->uart_in;
+    uint32_t cap = u->uart_in_cap, tail, first;
+
+    if (!ring || !cap || !buf) {
+        uart_unlock(u);
+        return 0;
+    }
+    if (u->uart_in_len > cap)
+        u->uart_in_len = cap;
+    if (n > cap - u->uart_in_len)
+        n = cap - u->uart_in_len;
+    tail = (u->uart_in_head % cap + u->uart_in_len) % cap;
+    first = n < cap - tail ? n : cap - tail;       /* up to the ring's end, then from 0 */
+    memcpy(ring + tail, buf, first);
+    memcpy(ring, buf + first, n - first);
+    u->uart_in_len += n;
+    uart_fill(u);
+    uart_update_irq(u);
+    uart_unlock(u);
+    return n;
 }
 
 /* ---- ns16550a as MMIO (RISC-V virt) -----------------------------------------------------

@@ -292,6 +292,40 @@ class Machine:
     def _console_out(self, data: bytes) -> None:
         self._console.append(data)
 
+    # -- console input ------------------------------------------------------------------------
+    def _serial(self):
+        """The serial console's :class:`~pykvm.runloop.UartGroup`; ValueError if none."""
+        self._check_open()
+        loops = getattr(self, "loops", None) or ()
+        c = loops[0].config if loops else None
+        if c is None or c.uart_group is None or not (c.serial_base or c.uart_mmio_base):
+            raise ValueError("this machine has no serial console to send input to")
+        return c.uart_group
+
+    def send_console(self, data: bytes) -> int:
+        """Type ``data`` (bytes) into the guest's serial console: the 16550 the run loops serve
+        (x86 pc and bare machines: COM1 at port 0x3F8, on IRQ 4 when the machine has an
+        in-kernel irqchip; RISC-V virt: the ns16550a at 0x10000000). The bytes go to a 4 KiB
+        input ring (:data:`pykvm.runloop.UartGroup.IN_CAP`) that feeds the UART's receiver as
+        the guest reads it (LSR.DR, RBR, the 16-byte FIFO, the received-data interrupt, which
+        wakes a vCPU halted with interrupts on), so nothing accepted is lost or reordered.
+
+        Returns how many leading bytes of ``data`` were accepted: all of them, or fewer (0
+        when the ring is full) while the guest has not read what waits; send the rest later.
+        Never blocks; safe from any thread while :meth:`run` runs. Raises
+        :class:`~pykvm.errors.Closed` after :meth:`close`, ValueError when the machine has no
+        serial console (RISC-V ``uart=False``), TypeError for a ``str``."""
+        return self._serial().feed(data)
+
+    def flush_console(self) -> None:
+        """Hand the serial console output the guest has written so far to :attr:`console`
+        and ``on_console`` now, from any thread (an interactive console calls it a few times
+        a second). Without it, output waits for its vCPU to leave the run loop (at most
+        ``console_flush`` after the next UART access, or at the run's end), which a guest
+        halted waiting for input does not do. Raises :class:`~pykvm.errors.Closed` after
+        :meth:`close`, ValueError when the machine has no serial console."""
+        self._serial().drain(self._console_out)
+
     def _keep_report(self, rep: Report) -> None:
         with self._lock:
             if len(self.reports) < self.report_limit:

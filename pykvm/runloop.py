@@ -146,9 +146,14 @@ class UartGroup:
     returns to Python (a C writer returns when the oldest byte has waited ``console_flush`` or
     the buffer is nearly full); bytes finding it full are counted in :attr:`dropped`. The first
     loop that joins with a ``uart_irq`` connects the UART's interrupt output to that GSI of its
-    VM (KVM_IRQ_LINE)."""
+    VM (KVM_IRQ_LINE).
+
+    Host input (:meth:`feed`, the console's keyboard) waits in a ring of :data:`IN_CAP` bytes and
+    moves into the receiver (its 16-byte FIFO, or RBR with the FIFOs off) as the guest reads RBR,
+    so nothing the ring accepted is lost or reordered, whatever the guest's pace."""
 
     OUT_CAP = 1 << 12                 # bytes; the writer hands over well before it fills
+    IN_CAP = 1 << 12                  # bytes of host input waiting for the guest
 
     def __init__(self):
         self.state = nffi.new("struct pykvm_loop *")   # the UART alone (no vCPU, no buffers)
@@ -159,6 +164,9 @@ class UartGroup:
         self.state.uart_out = int(nffi.cast("uintptr_t", self._out))
         self.state.uart_out_cap = self.OUT_CAP
         self.state.uart_irq_fd = -1
+        self._in = _new_buffer("uint8_t[]", self.IN_CAP)   # not cleared either: C reads only
+        self.state.uart_in = int(nffi.cast("uintptr_t", self._in))   # what it wrote
+        self.state.uart_in_cap = self.IN_CAP
         self._drain_lock = threading.Lock()
 
     @property
@@ -190,6 +198,32 @@ class UartGroup:
     def dropped(self) -> int:
         """THR bytes the shared output buffer had no room for."""
         return self.state.uart_out_dropped
+
+    def feed(self, data: bytes) -> int:
+        """Host input for the UART's receiver (``bytes``, ``bytearray`` or ``memoryview``):
+        as much of ``data`` as the input ring has room for (:data:`IN_CAP` bytes less what still
+        waits) is taken, in order, and moved into the receiver as it has room, raising the
+        received-data interrupt as the guest's IER asks (``pykvm_uart_input`` in
+        csrc/runloop.c). Returns the bytes taken, from 0 (the ring is full: call again once the
+        guest has read some) to ``len(data)``; never blocks. Any thread, while vCPUs run.
+        Raises TypeError for a ``str`` or other non-buffer."""
+        if isinstance(data, str):
+            raise TypeError("UART input is bytes, not str (encode it first)")
+        view = memoryview(data).cast("B")
+        if not len(view):
+            return 0
+        return nlib.pykvm_uart_input(self.state, nffi.from_buffer("uint8_t[]", view),
+                                     len(view))
+
+    @property
+    def input_waiting(self) -> int:
+        """Bytes of host input the guest has not yet taken into its receiver."""
+        return self.state.uart_in_len
+
+    @property
+    def input_delivered(self) -> int:
+        """Bytes of host input moved into the receiver so far."""
+        return self.state.uart_in_delivered
 
 
 class ConsoleBuffer:

@@ -40,6 +40,15 @@ reg   read                write
   (DCD, DSR, CTS).
 * FCR: turning the FIFOs on or off clears both; bit 1 clears the receive FIFO (and DR), bit 2
   the transmit FIFO (THR empty pending again); bits 0, 3 and 7:6 are kept.
+* Host input (:meth:`Uart16550.feed`, :meth:`pykvm.runloop.UartGroup.feed`; the machine's
+  :meth:`~pykvm.machine.Machine.send_console`): bytes wait in the group's input ring
+  (:data:`~pykvm.runloop.UartGroup.IN_CAP`, 4 KiB) and move into the receiver whenever it has
+  room — the FIFO up to 16 bytes, or RBR while LSR.DR is clear with the FIFOs off — at once and
+  after each RBR read. Host input therefore never overruns the receiver: a guest that reads
+  RBR while LSR.DR is set gets every byte in order, and a full ring makes ``feed`` take fewer
+  bytes instead. The received-data interrupt (and the character timeout below the trigger
+  level) follows as above. Nothing moves in while in loopback; a FIFO flush (FCR) drops what
+  the receiver held, as on the chip, and refills it from the ring.
 
 Register N sits at offset ``N << regshift``. Two access models, as QEMU's two memory-region ops:
 
@@ -133,7 +142,12 @@ class Uart16550:
         if self.on_output is not None:
             self.group.drain(self.on_output)
 
-    # -- output ------------------------------------------------------------------------------
+    # -- input and output ----------------------------------------------------------------------
+    def feed(self, data: bytes) -> int:
+        """Host input for the receiver: :meth:`pykvm.runloop.UartGroup.feed` of this UART's
+        group (returns the bytes taken, 0 when its ring is full; never blocks)."""
+        return self.group.feed(data)
+
     def take(self) -> bytes:
         """The THR output written so far and not yet drained (every writer's, in order)."""
         out: List[bytes] = []
