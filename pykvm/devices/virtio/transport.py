@@ -174,6 +174,8 @@ class TransportCore:
     # -- what the device may do ----------------------------------------------------------
     def _interrupt(self, cause: int, queue: int = -1) -> None:
         with self.lock:
+            if cause & INT_CONFIG:               # the configuration changed (section 2.5.1)
+                self.config_generation = (self.config_generation + 1) & 0xFF
             self.signal(cause, queue)
 
     def _needs_reset(self) -> None:
