@@ -21,6 +21,8 @@ C run loop             COM1 (0x3F8), debug console (0xE9), isa-debug-exit (0xF4-
 0xCF8-0xCFF            PCI configuration mechanism #1 (:mod:`pykvm.devices.pci_host`); 0xCF9 reset control
 0xE0-0xEB, 0x2000+     pc-testdev (:mod:`pykvm.devices.testdev`), MMIO window 0xFF000000-0xFF00FFFF
 0xE0000-0xFFFFF        ACPI tables (:mod:`.acpi`): RSDP at 0xE0000
+0xFEB00000 + i*0x200   virtio-mmio device i (``virtio_mmio=``, :mod:`pykvm.devices.virtio.mmio`),
+                       i < 8, its interrupt on IOAPIC GSI 16 + i (level)
 anything else          unassigned: reads all-ones, writes are dropped (as on a PC bus)
 =====================  ================================================================
 
@@ -30,6 +32,14 @@ Optional devices (``devices=``, ``pykvm run --pc-device``), as QEMU's ``-device`
   INTA# on IRQ 11 (what SeaBIOS gives slot 3), MSI;
 * ``intel-iommu`` — a VT-d IOMMU (:mod:`pykvm.devices.vtd`) at 0xFED90000 with DMA and interrupt
   remapping, and an ACPI DMAR table.
+
+Virtio devices on virtio-mmio (``virtio_mmio=``: a sequence of
+:class:`pykvm.devices.virtio.VirtioDevice` objects, at most :data:`VIRTIO_MMIO_MAX`) sit where
+QEMU's microvm puts them: device *i* at 0xFEB00000 + *i* x 0x200, its level-triggered interrupt
+on IOAPIC GSI 16 + *i* (a GSI only the IOAPIC has, so no ISA device shares it). A Linux guest
+finds them through the kernel command line, to which :meth:`PcPlatform.load` appends one
+``virtio_mmio.device=512@<base>:<gsi>`` per device (``CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES``),
+as QEMU's microvm does; other guests probe the windows (MagicValue "virt" at offset 0).
 
 The PIT is KVM's, created on the guest's first access to one of its ports (0x40-0x43,
 0x61): that access exits to the VMM, which creates the PIT (``KVM_CREATE_PIT2``, then
@@ -61,6 +71,7 @@ import time
 
 from .. import abi, status
 from ..arch.x86 import layout as L, modes
+from ..boot import detect, read_head
 from ..devices.acpi_pm import AcpiPm
 from ..devices.bus import MMIO_LIMIT, PIO_LIMIT, Bus, BusConflict
 from ..devices.clock import Scheduler
@@ -70,6 +81,9 @@ from ..devices.fw_cfg import FwCfg
 from ..devices.i8042 import I8042
 from ..devices.pci_host import PM_FUNCTION, PciHost
 from ..devices.port92 import Port92
+from ..devices.virtio import VirtioDevice
+from ..devices.virtio.mmio import MAX_ACCESS as VIRTIO_MMIO_ACCESS, MMIO_SIZE as VIRTIO_MMIO_SIZE
+from ..devices.virtio.mmio import VirtioMmio, cmdline_fragment
 from ..devices.testdev import PcTestdev
 from ..devices.vtd import Vtd
 from ..errors import Closed, KvmError
@@ -87,6 +101,9 @@ SPEAKER_PORT = 0x61                    # its port 0x61 (KVM_SPEAKER_BASE_ADDRESS
 EDU_SLOT = 3
 EDU_BAR = 0xFEA00000
 EDU_IRQ = 11
+VIRTIO_MMIO_BASE = 0xFEB00000          # QEMU microvm's first virtio-mmio window
+VIRTIO_MMIO_GSI = 16                   # device i: GSI 16 + i (IOAPIC pins 16-23)
+VIRTIO_MMIO_MAX = 8
 RTC_IRQ = 8
 SCI_IRQ = acpi.SCI_IRQ
 ACPI_TABLES_ADDR = L.BIOS_AREA_START
@@ -112,8 +129,11 @@ def qemu_gsi_routes() -> List[Tuple[int, int, int]]:
 class PcPlatform(X86Platform):
     """The PC machine (module docstring). ``devices``: optional devices by QEMU's ``-device``
     name (:data:`DEVICES`); ``cpuid``: as :class:`.x86.X86Platform`; ``irqchip``/``pit``: the
-    PC always has both (True; False is refused). Raises :class:`ValueError` for an unknown
-    device name."""
+    PC always has both (True; False is refused); ``virtio_mmio``: virtio device models
+    (:class:`pykvm.devices.virtio.VirtioDevice`) on virtio-mmio transports, see the module
+    docstring (:attr:`virtio_mmio_devices` lists ``(base, gsi, transport)``). Raises
+    :class:`ValueError` for an unknown device name, more than :data:`VIRTIO_MMIO_MAX` virtio
+    devices or one that is not a VirtioDevice."""
     name: ClassVar[str] = "pc"
     boot_vcpus_all: ClassVar[bool] = False       # vCPU 0 starts; the others wait for INIT/SIPI
     claimed = PC_CLAIMED
@@ -121,7 +141,7 @@ class PcPlatform(X86Platform):
 
     def __init__(self, vm, kvm, control: MachineControl, *, vcpus: int, mem_size: int,
                  cpuid=None, devices=(), irqchip: bool = True, pit: bool = True,
-                 lost_tick_policy: str = "discard"):
+                 lost_tick_policy: str = "discard", virtio_mmio=()):
         if not (irqchip and pit):
             raise ValueError("the pc machine always has the in-kernel irqchip and PIT")
         if lost_tick_policy not in ("delay", "discard"):
@@ -132,6 +152,14 @@ class PcPlatform(X86Platform):
         unknown = [d for d in devices if d not in DEVICES]
         if unknown:
             raise ValueError(f"no PC device {unknown[0]!r} (known: {', '.join(DEVICES)})")
+        virtio_mmio = tuple(virtio_mmio)
+        if len(virtio_mmio) > VIRTIO_MMIO_MAX:
+            raise ValueError(f"{len(virtio_mmio)} virtio-mmio devices; the pc machine has "
+                             f"{VIRTIO_MMIO_MAX} windows (GSIs {VIRTIO_MMIO_GSI}-"
+                             f"{VIRTIO_MMIO_GSI + VIRTIO_MMIO_MAX - 1})")
+        for d in virtio_mmio:
+            if not isinstance(d, VirtioDevice):
+                raise ValueError(f"virtio_mmio takes VirtioDevice objects, not {d!r}")
         super().__init__(vm, kvm, control, vcpus=vcpus, mem_size=mem_size, cpuid=cpuid)
         self.devices = devices
         self.power_event: Optional[str] = None       # "poweroff" or "reset" once requested
@@ -170,6 +198,13 @@ class PcPlatform(X86Platform):
         for dev in (self.i8042, self.rtc, self.pci, self.fwcfg, self.port92, self.testdev):
             self.pio.attach(dev)
         self.mmio.attach(self.testdev.iomem)
+        self.virtio_mmio_devices: List[Tuple[int, int, VirtioMmio]] = []
+        for i, model in enumerate(virtio_mmio):
+            base, gsi = VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_GSI + i
+            transport = VirtioMmio(model, mem, set_irq=lambda level, g=gsi: self.irq(g, level))
+            self.mmio.insert(base, VIRTIO_MMIO_SIZE, transport, max_access=VIRTIO_MMIO_ACCESS,
+                             name=f"virtio-mmio{i}")
+            self.virtio_mmio_devices.append((base, gsi, transport))
         self.vtd = self.edu = None
         if "intel-iommu" in devices:
             self.vtd = Vtd(mem, signal_msi=self._signal_msi, defer=self._vtd_defer)
@@ -237,9 +272,23 @@ class PcPlatform(X86Platform):
         self._vcpus[index] = vcpu
         super().setup_vcpu(vcpu, index)
 
+    def load(self, image, *, cmdline: str = "", **kw):
+        """As :meth:`.x86.X86Platform.load`; a Linux kernel's command line gets one
+        ``virtio_mmio.device=`` per virtio-mmio device (:meth:`virtio_mmio_cmdline`)."""
+        if self.virtio_mmio_devices and detect(read_head(image)) == "linux-x86":
+            cmdline = " ".join(p for p in (cmdline, self.virtio_mmio_cmdline()) if p)
+        return super().load(image, cmdline=cmdline, **kw)
+
+    def virtio_mmio_cmdline(self) -> str:
+        """The Linux command-line words that describe the virtio-mmio devices ("" if none)."""
+        return " ".join(cmdline_fragment(base, gsi) for base, gsi, _ in self.virtio_mmio_devices)
+
     def close(self) -> None:
-        """Stop the device timers and release any vCPU thread waiting in S3 sleep."""
+        """Stop the device timers, release any vCPU thread waiting in S3 sleep and the
+        virtio devices' host resources."""
         self.scheduler.close()
+        for _, _, transport in getattr(self, "virtio_mmio_devices", ()):
+            transport.close()
         with self._s3:
             self._sleeping = False
             self._s3.notify_all()
