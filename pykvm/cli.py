@@ -506,6 +506,49 @@ def _console_stream():
     return write
 
 
+def _stdin_fd() -> "int | None":
+    """0 if standard input is open (any kind of file), else None. Asked before the machine
+    opens anything, so that a closed fd 0 cannot later name one of the VM's own files."""
+    try:
+        os.fstat(0)
+    except OSError:
+        return None
+    return 0
+
+
+def _console_target(m, args):
+    """(feed, flush) for the run's console input: ``feed(bytes) -> bytes accepted`` takes
+    keystrokes and piped input, ``flush()`` shows the guest's output written so far. The serial
+    console (the default): :meth:`Machine.send_console` and :meth:`Machine.flush_console`.
+    (None, None) when the machine has no serial console.
+
+    Hook for ``--console virtio``: return the virtio console's ``feed`` here instead (same
+    contract: bytes in, count accepted out, any thread), and None for flush (its output goes
+    out as the device transmits)."""
+    try:
+        m.flush_console()
+    except ValueError:
+        return None, None
+    return m.send_console, m.flush_console
+
+
+def _console_session(m, args, input_fd, interactive, on_quit):
+    """Raw mode on the terminal (when interactive) and the console thread
+    (:class:`pykvm._terminal.ConsolePump`) for one run; (terminal or None, pump or None).
+    A pump the host cannot start (no fds or threads left) leaves the run without input."""
+    from ._terminal import ConsolePump, RawTerminal
+    feed, flush = _console_target(m, args)
+    if feed is None:
+        return None, None
+    term = RawTerminal(input_fd).__enter__() if interactive and input_fd is not None else None
+    try:
+        pump = ConsolePump(input_fd, feed, escapes=interactive, on_quit=on_quit,
+                           flush=flush).start()
+    except (OSError, RuntimeError):
+        pump = None
+    return term, pump
+
+
 def cmd_run(args) -> int:
     from . import status
     from .errors import GuestMemoryError, HostMemoryError, PykvmError
@@ -519,6 +562,10 @@ def cmd_run(args) -> int:
     guest = args.guest
     if guest and not os.path.exists(guest) and os.sep in guest:
         return outcome("bad_input", status.BAD_INPUT, f"no such file: {guest}")
+    input_fd = None if args.no_input else _stdin_fd()
+    interactive = input_fd is not None and not args.json and os.isatty(input_fd)
+    if args.timeout is None:                  # a person at the console decides when it ends
+        args.timeout = 0.0 if interactive else 10.0
     stream = None if args.json else _console_stream()
     opts = {}
     if args.irqchip:
@@ -557,6 +604,12 @@ def cmd_run(args) -> int:
         if not trace_lost and not _err(f"pykvm: {line}"):
             trace_lost.append(line)
             m._kick_all()                      # asked-for output is lost: stop the run
+    quit_key = []                             # Ctrl-A x was typed at the console
+
+    def on_quit() -> None:
+        quit_key.append(True)
+        m._kick_all()
+    term = pump = None
     try:
         if args.trace:
             m.trace = trace
@@ -564,9 +617,14 @@ def cmd_run(args) -> int:
         if _sig.signum is not None:           # a signal landed between start-up and here
             m._kick_all()
         try:
+            term, pump = _console_session(m, args, input_fd, interactive, on_quit)
             r = m.run(timeout=args.timeout or None)
         finally:
             _sig.machine = None
+            if pump is not None:
+                pump.stop()
+            if term is not None:
+                term.restore()                # before any line of ours reaches the terminal
     finally:
         m.close()
     if _output["error"] is not None:
@@ -592,6 +650,16 @@ def cmd_run(args) -> int:
             sys.stdout.flush()
         _err(f"pykvm: {detail}")
         return code
+    if quit_key:                              # stopped at the console: as a Ctrl-C would
+        detail = "stopped at the console (Ctrl-A x)"
+        if args.json:
+            d = r.as_dict()
+            d.update(exit="interrupted", exit_code=status.SIGINT, detail=detail)
+            _emit_json(d)
+        else:
+            sys.stdout.flush()
+        _err(f"pykvm: {detail}")
+        return status.SIGINT
     if args.json:
         _emit_json(r.as_dict())
         sys.stdout.flush()                   # a failure to write it is the run's outcome
@@ -723,8 +791,13 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                        "console to stdout.",
                        epilog="exit status: 0 guest done; odd (V<<1)|1 guest wrote V to "
                        "isa-debug-exit (ports 0xf4-0xf7, as QEMU); 2 bad input; 4 guest failure; "
-                       "6 unhandled exit; 8 VMM/KVM error; 124 timeout; 130 SIGINT; "
-                       "143 SIGTERM (see pykvm.status)")
+                       "6 unhandled exit; 8 VMM/KVM error; 124 timeout; 130 SIGINT or Ctrl-A x "
+                       "at the console; 143 SIGTERM (see pykvm.status). Console input: "
+                       "standard input feeds the guest's serial console (x86 COM1, RISC-V "
+                       "ns16550a). A terminal is put in raw mode for the run and restored "
+                       "after it: keys go to the guest (Ctrl-C too); Ctrl-A x quits, Ctrl-A h "
+                       "prints help, Ctrl-A Ctrl-A sends Ctrl-A. Other input (a pipe, a file) is "
+                       "sent as it is until its end. --no-input turns this off.")
     r.add_argument("guest", nargs="?", help="image path or built-in guest name (default: hello, "
                    "the greeting guest; `pykvm guests` lists them)")
     r.add_argument("--mem", type=_size, default=64 << 20, metavar="SIZE",
@@ -734,9 +807,13 @@ def build_parser(only=None) -> argparse.ArgumentParser:
     r.add_argument("--vcpus", "--smp", type=_int_range(1, MAX_VCPUS), default=1, metavar="N",
                    help="number of vCPUs (default 1; a machine refuses more than its tables "
                    "can describe)")
-    r.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
-                   help="seconds before the guest is stopped (exit 124; default 10; "
-                   "0 = no deadline)")
+    r.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="seconds before the guest is stopped (exit 124; default 10, none "
+                   "with an interactive console; 0 = no deadline)")
+    r.add_argument("--no-input", action="store_true",
+                   help="do not read standard input: the guest's console gets no input and "
+                   "the terminal is left as it is (default: stdin feeds the serial console; "
+                   "a terminal becomes interactive, Ctrl-A x quits, Ctrl-A h helps)")
     r.add_argument("--cmdline", type=_cmdline, default="", help="kernel command line "
                    "(multiboot; RISC-V: /chosen/bootargs)")
     r.add_argument("--initrd", type=_file_list, default=(), metavar="FILE[,FILE...]",

@@ -25,7 +25,7 @@ odd     isa-debug-exit: ``(V << 1) | 1`` for a write of V
 10      ``pykvm bench`` only: a ratio stayed over its limit when measured again (the
         line names each, with its value and limit)
 124     timeout: the deadline (``--timeout``) passed first
-130     interrupted by SIGINT (Ctrl-C)
+130     interrupted by SIGINT (Ctrl-C), or stopped at an interactive console by Ctrl-A x
 141     the reader of stdout went away (SIGPIPE)
 143     terminated by SIGTERM
 ======  ===============================================================================

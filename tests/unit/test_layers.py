@@ -26,8 +26,8 @@ LAYERS = [
     ("platform", ("pykvm.platform",)),
     ("machine", ("pykvm.machine",)),
     ("facade", ("pykvm",)),          # the package's lazy public names (PEP 562)
-    ("tools", ("pykvm.cli", "pykvm.__main__", "pykvm._cliutil", "pykvm.testing",
-               "pykvm.fuzz", "pykvm.bench", "pykvm._rawbench", "pykvm.lab")),
+    ("tools", ("pykvm.cli", "pykvm.__main__", "pykvm._cliutil", "pykvm._terminal",
+               "pykvm.testing", "pykvm.fuzz", "pykvm.bench", "pykvm._rawbench", "pykvm.lab")),
 ]
 COMPILED = ("pykvm._native", "pykvm._rawbench")     # extension modules (no .py to read)
 # modules whose functions may import (downward) to keep start-up cheap

@@ -7,6 +7,7 @@
  * RBR while LSR.DR is set and echoes each byte: a-z in upper case, other control bytes but
  * CR, LF and TAB as ^X, everything else as it is. Byte 0x04 (Ctrl-D) ends the echo.
  *
+ * prints "serial_echo: ready" (CR LF) on COM1, then
  * SYNC(1)                                                ready: input may come
  * SYNC(2, bytes received before Ctrl-D, their sum, LSR.OE seen, interrupts, bytes after the
  *      first RBR read of an interrupt (more than one: the FIFO or the host ring refilled it))
@@ -24,6 +25,12 @@ static volatile int ended;
 static void put(uint8_t c)
 {
 	outb(COM1, c);			/* the transmitter is always empty here */
+}
+
+static void puts_com1(const char *s)
+{
+	while (*s)
+		put((uint8_t)*s++);
 }
 
 static void echo(uint8_t c)
@@ -74,6 +81,7 @@ void guest_main(void)
 	outb(COM1 + 2, (uint8_t)pykvm_params[0]);
 	outb(COM1 + 4, 0x0b);			/* DTR, RTS, OUT2 */
 	outb(COM1 + 1, 0x01);			/* IER: received data */
+	puts_com1("serial_echo: ready\r\n");
 	GUEST_SYNC(1);
 	while (!ended) {
 		cli();
