@@ -74,14 +74,16 @@ def test_the_guest_ending_by_itself_restores_the_terminal(echo_image):
     assert child.exitstatus == 0
 
 
-def test_sigterm_restores_the_terminal(echo_image):
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_restores_the_terminal(echo_image, sig, code):
     child, before = _spawn(echo_image)
     child.send("x")
     child.expect_exact("X")
-    os.kill(child.pid, signal.SIGTERM)
-    child.expect_exact("interrupted by SIGTERM")
+    os.kill(child.pid, sig)                     # kill(1): the keys no longer send signals
+    child.expect_exact(f"interrupted by {sig.name}")
     _finish(child, before)
-    assert child.exitstatus == 143
+    assert child.exitstatus == code
 
 
 def test_no_input_leaves_the_terminal_alone(echo_image):
