@@ -28,10 +28,10 @@ MACHINES: Dict[str, Tuple[str, str, str]] = {
 
 
 def _auto_x86(fmt: str, options: dict) -> str:
-    """A multiboot kernel, a Linux bzImage, PC devices or virtio-mmio devices ask for the PC;
+    """A multiboot kernel, a Linux bzImage, PC devices or virtio devices ask for the PC;
     else bare."""
     return ("pc" if fmt in ("multiboot", "linux-x86") or options.get("devices")
-            or options.get("virtio_mmio") else "bare")
+            or options.get("virtio_mmio") or options.get("virtio_pci") else "bare")
 
 
 def _auto_riscv(fmt: str, options: dict) -> str:
@@ -85,8 +85,9 @@ def choose(name: str, head: bytes, **options) -> Tuple[Type, str, dict]:
         raise ValueError(f"devices must be a sequence of device names, not {devices!r}")
     if not devices:
         options.pop("devices", None)          # none asked for: any machine will do
-    if "virtio_mmio" in options and not options["virtio_mmio"]:
-        options.pop("virtio_mmio")            # no virtio-mmio devices: likewise
+    for key in ("virtio_mmio", "virtio_pci"):
+        if key in options and not options[key]:
+            options.pop(key)                  # no virtio devices: likewise
     fmt = detect(head, arch=HOST_ARCH)
     if name == "auto":
         name = _AUTO(fmt, options)

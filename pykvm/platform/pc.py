@@ -33,6 +33,14 @@ Optional devices (``devices=``, ``pykvm run --pc-device``), as QEMU's ``-device`
 * ``intel-iommu`` — a VT-d IOMMU (:mod:`pykvm.devices.vtd`) at 0xFED90000 with DMA and interrupt
   remapping, and an ACPI DMAR table.
 
+Virtio devices on PCI (``virtio_pci=``: a sequence of
+:class:`pykvm.devices.virtio.VirtioDevice` objects, at most :data:`VIRTIO_PCI_MAX`), as QEMU's
+``-device virtio-*-pci`` adds them: device *i* is function 00:(4 + *i*).0
+(:mod:`pykvm.devices.virtio.pci`), its MSI-X table in BAR 1 at 0xFE000000 + *i* x 0x10000 and its
+virtio registers in BAR 4 0x4000 above that, INTA# on IRQ 10 or 11 (SeaBIOS's PIIX routing:
+PIRQ ``(slot + pin - 1) & 3`` of 10, 10, 11, 11). INTx lines are wired-OR: a line shared by
+several functions (edu included) is high while any of them holds it.
+
 Virtio devices on virtio-mmio (``virtio_mmio=``: a sequence of
 :class:`pykvm.devices.virtio.VirtioDevice` objects, at most :data:`VIRTIO_MMIO_MAX`) sit where
 QEMU's microvm puts them: device *i* at 0xFEB00000 + *i* x 0x200, its level-triggered interrupt
@@ -84,6 +92,7 @@ from ..devices.port92 import Port92
 from ..devices.virtio import VirtioDevice
 from ..devices.virtio.mmio import MAX_ACCESS as VIRTIO_MMIO_ACCESS, MMIO_SIZE as VIRTIO_MMIO_SIZE
 from ..devices.virtio.mmio import VirtioMmio, cmdline_fragment
+from ..devices.virtio.pci import VirtioPci
 from ..devices.testdev import PcTestdev
 from ..devices.vtd import Vtd
 from ..errors import Closed, KvmError
@@ -93,7 +102,7 @@ from .x86 import XAPIC_MAX_CPUS, X86Platform
 
 TYPE_CHECKING = False            # typing is not imported at run time (~5 ms of every start)
 if TYPE_CHECKING:
-    from typing import Callable, ClassVar, List, Optional, Tuple
+    from typing import Callable, ClassVar, Dict, List, Optional, Tuple
 
 DEVICES = ("edu", "intel-iommu")       # optional devices, QEMU's -device names
 PIT_PORTS = range(0x40, 0x44)          # KVM's i8254 (KVM_PIT_BASE_ADDRESS, KVM_PIT_MEM_LENGTH)
@@ -102,6 +111,10 @@ EDU_SLOT = 3
 EDU_BAR = 0xFEA00000
 EDU_IRQ = 11
 VIRTIO_MMIO_BASE = 0xFEB00000          # QEMU microvm's first virtio-mmio window
+VIRTIO_PCI_SLOT = 4                    # first PCI slot of virtio-pci functions
+VIRTIO_PCI_MAX = 8
+VIRTIO_PCI_BARS = 0xFE000000           # BAR 1 of function i at + i * 0x10000, BAR 4 at + 0x4000
+PIRQ_LINES = (10, 10, 11, 11)          # SeaBIOS's PIRQA-D on the PIIX
 VIRTIO_MMIO_GSI = 16                   # device i: GSI 16 + i (IOAPIC pins 16-23)
 VIRTIO_MMIO_MAX = 8
 RTC_IRQ = 8
@@ -141,7 +154,7 @@ class PcPlatform(X86Platform):
 
     def __init__(self, vm, kvm, control: MachineControl, *, vcpus: int, mem_size: int,
                  cpuid=None, devices=(), irqchip: bool = True, pit: bool = True,
-                 lost_tick_policy: str = "discard", virtio_mmio=()):
+                 lost_tick_policy: str = "discard", virtio_mmio=(), virtio_pci=()):
         if not (irqchip and pit):
             raise ValueError("the pc machine always has the in-kernel irqchip and PIT")
         if lost_tick_policy not in ("delay", "discard"):
@@ -157,9 +170,14 @@ class PcPlatform(X86Platform):
             raise ValueError(f"{len(virtio_mmio)} virtio-mmio devices; the pc machine has "
                              f"{VIRTIO_MMIO_MAX} windows (GSIs {VIRTIO_MMIO_GSI}-"
                              f"{VIRTIO_MMIO_GSI + VIRTIO_MMIO_MAX - 1})")
-        for d in virtio_mmio:
-            if not isinstance(d, VirtioDevice):
-                raise ValueError(f"virtio_mmio takes VirtioDevice objects, not {d!r}")
+        virtio_pci = tuple(virtio_pci)
+        if len(virtio_pci) > VIRTIO_PCI_MAX:
+            raise ValueError(f"{len(virtio_pci)} virtio-pci devices; the pc machine has "
+                             f"{VIRTIO_PCI_MAX} slots for them")
+        for name, ds in (("virtio_mmio", virtio_mmio), ("virtio_pci", virtio_pci)):
+            for d in ds:
+                if not isinstance(d, VirtioDevice):
+                    raise ValueError(f"{name} takes VirtioDevice objects, not {d!r}")
         super().__init__(vm, kvm, control, vcpus=vcpus, mem_size=mem_size, cpuid=cpuid)
         self.devices = devices
         self.power_event: Optional[str] = None       # "poweroff" or "reset" once requested
@@ -205,13 +223,29 @@ class PcPlatform(X86Platform):
             self.mmio.insert(base, VIRTIO_MMIO_SIZE, transport, max_access=VIRTIO_MMIO_ACCESS,
                              name=f"virtio-mmio{i}")
             self.virtio_mmio_devices.append((base, gsi, transport))
+        self._intx_sources: Dict[int, set] = {}    # ISA line -> PCI functions holding it
+        self._intx_lock = threading.Lock()
+        self.virtio_bar_conflicts = 0
+        self.virtio_pci_devices: List[Tuple[int, VirtioPci]] = []
+        for i, model in enumerate(virtio_pci):
+            slot = VIRTIO_PCI_SLOT + i
+            line = PIRQ_LINES[slot & 3]
+            bar1 = VIRTIO_PCI_BARS + i * 0x10000
+            transport = VirtioPci(model, mem, bars=(bar1, bar1 + 0x4000), intx_line=line,
+                                  send_msi=lambda a, d, b=slot << 3: self._device_msi(b, a, d),
+                                  set_intx=lambda level, n=line, b=slot: self._intx(n, b, level))
+            self.pci.functions[(slot, 0)] = transport.pci
+            transport.pci.on_write = lambda t=transport: self._virtio_pci_config_written(t)
+            self.virtio_pci_devices.append((slot, transport))
+            self._map_virtio_pci(transport)
         self.vtd = self.edu = None
         if "intel-iommu" in devices:
             self.vtd = Vtd(mem, signal_msi=self._signal_msi, defer=self._vtd_defer)
             self.mmio.attach(self.vtd)
         if "edu" in devices:
             self.edu = Edu(bdf=EDU_SLOT << 3, bar=EDU_BAR, intx_line=EDU_IRQ, memory=mem,
-                           msi=self._device_msi, set_intx=lambda level: self.irq(EDU_IRQ, level),
+                           msi=self._device_msi,
+                           set_intx=lambda level: self._intx(EDU_IRQ, EDU_SLOT, level),
                            translate=self._dma_translate)
             self.pci.functions[(EDU_SLOT, 0)] = self.edu.pci
             self.edu.pci.on_write = self._edu_config_written
@@ -289,6 +323,8 @@ class PcPlatform(X86Platform):
         self.scheduler.close()
         for _, _, transport in getattr(self, "virtio_mmio_devices", ()):
             transport.close()
+        for _, pci_transport in getattr(self, "virtio_pci_devices", ()):
+            pci_transport.core.close()
         with self._s3:
             self._sleeping = False
             self._s3.notify_all()
@@ -302,6 +338,19 @@ class PcPlatform(X86Platform):
             except (KvmError, Closed):
                 if not self.control.stopping():
                     raise
+
+    def _intx(self, line: int, source: int, level: int) -> None:
+        """PCI function ``source`` (its slot) drives INTx on ISA ``line``: the line is the OR
+        of every function on it, as wired-OR PCI interrupt lines are."""
+        with self._intx_lock:                    # held across the ioctl: levels stay in order
+            holders = self._intx_sources.setdefault(line, set())
+            before = bool(holders)
+            if level:
+                holders.add(source)
+            else:
+                holders.discard(source)
+            if bool(holders) != before:
+                self.irq(line, int(not before))
 
     def _signal_msi(self, address: int, data: int) -> None:
         """Deliver a compatibility-format MSI (guest-programmed ``address``/``data``) through
@@ -380,6 +429,21 @@ class PcPlatform(X86Platform):
                     port += 1
                 self.pio.insert(run, port - run, self.pm, offset=offset + (run - start),
                                 max_access=max_access, name="acpi-pm")
+
+    def _virtio_pci_config_written(self, transport: VirtioPci) -> None:
+        transport.config_changed()
+        self._map_virtio_pci(transport)
+
+    def _map_virtio_pci(self, transport: VirtioPci) -> None:
+        """Decode a virtio-pci function's BARs where the guest put them (nothing while memory
+        decoding is off); a BAR over another device's range is not decoded."""
+        self.mmio.remove(transport)
+        self.mmio.remove(transport.msix)
+        for base, size, dev in transport.windows():
+            try:
+                self.mmio.insert(base, size, dev, max_access=8, name="virtio-pci")
+            except BusConflict:
+                self.virtio_bar_conflicts += 1
 
     def _edu_config_written(self) -> None:
         self.edu.config_changed()

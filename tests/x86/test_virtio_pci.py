@@ -1,0 +1,34 @@
+"""virtio-pci on the pc machine, on the real /dev/kvm: a tiny guest finds virtio-rng and
+virtio-blk by their PCI capabilities, negotiates, sets up queues with MSI-X vectors and reads
+random bytes, writes, flushes and reads back a sector of a raw image file, asks for the disk's
+serial, and gets the spec's status for requests it should not make (``virtio_pci.c``)."""
+import pytest
+
+from pykvm.devices.virtio.blk import VirtioBlk
+from pykvm.devices.virtio.rng import VirtioRng
+
+pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_arch("x86_64")]
+
+OK, IOERR, UNSUPP = 0, 1, 2
+
+
+def test_rng_and_blk_over_virtio_pci(guest_vm, tmp_path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(64 * 1024))
+    disk = VirtioBlk(str(img), serial="pykvm-disk0")
+    m = guest_vm("virtio_pci.c", machine="pc", virtio_pci=[VirtioRng(), disk])
+    rng_id, blk_id, caps, table, mult = m.sync(stage=1)
+    assert rng_id == 0x1AF4 | 0x1044 << 16 and blk_id == 0x1AF4 | 0x1042 << 16
+    assert caps & 0b111110 == 0b111110                 # common, notify, ISR, device, PCI cfg
+    assert table == 2 and mult == 4
+    status, lens, differ, msis = m.sync(stage=2)
+    assert status & 8 and lens == 32 | 32 << 32 and differ == 1 and msis == 2
+    capacity, ws, fs, rs, same, id8, blk_msis = m.sync(stage=3)
+    assert capacity == 128 and (ws, fs, rs) == (OK, OK, OK) and same == 1
+    assert id8.to_bytes(8, "little") == b"pykvm-di"
+    assert blk_msis == 4
+    sector = img.read_bytes()[512:1024]
+    assert sector == bytes((i * 7 + 3) & 0xFF for i in range(512))   # in the file itself
+    past, unknown, blk_status = m.sync(stage=4)
+    assert past == IOERR and unknown == UNSUPP and blk_status & 4 and not blk_status & 64
+    m.done()
