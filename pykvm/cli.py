@@ -519,17 +519,20 @@ def _stdin_fd() -> "int | None":
 def _console_target(m, args):
     """(feed, flush) for the run's console input: ``feed(bytes) -> bytes accepted`` takes
     keystrokes and piped input, ``flush()`` shows the guest's output written so far. The serial
-    console (the default): :meth:`Machine.send_console` and :meth:`Machine.flush_console`.
-    (None, None) when the machine has no serial console.
-
-    Hook for ``--console virtio``: return the virtio console's ``feed`` here instead (same
-    contract: bytes in, count accepted out, any thread), and None for flush (its output goes
-    out as the device transmits)."""
+    console (the default): :meth:`Machine.send_console` and :meth:`Machine.flush_console`;
+    with ``--console virtio`` the virtio console's ``feed`` (its output goes out as the device
+    transmits; the serial port's is still flushed). (None, None) when there is no console to
+    feed."""
     try:
         m.flush_console()
-    except ValueError:
+        flush = m.flush_console
+    except ValueError:                       # no serial console on this machine
+        flush = None
+    if args.console == "virtio" and m.virtio_console is not None:
+        return m.virtio_console.feed, flush
+    if flush is None:
         return None, None
-    return m.send_console, m.flush_console
+    return m.send_console, flush
 
 
 def _console_session(m, args, input_fd, interactive, on_quit):
@@ -572,6 +575,12 @@ def cmd_run(args) -> int:
         opts["irqchip"] = opts["pit"] = True
     if args.pc_device:
         opts["devices"] = tuple(args.pc_device)
+    if args.disk:
+        opts["disks"] = list(args.disk)
+    if args.rng:
+        opts["rng"] = True
+    if args.console != "serial":
+        opts["console"] = args.console
     riscv_opts = {"cpu_type": args.cpu_type, "suspend_seconds": args.suspend_seconds}
     riscv_opts = {k: v for k, v in riscv_opts.items() if v is not None}
     if riscv_opts:
@@ -831,6 +840,17 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                    "starts at the entry), on RISC-V virt; auto (default): pc for multiboot "
                    "kernels, Linux bzImages and --pc-device, bare for other x86 images, virt on "
                    "RISC-V")
+    r.add_argument("--disk", "-d", action="append", default=[], metavar="FILE[,ro]",
+                   help="a virtio-blk disk backed by the raw image FILE (kvmtool's -d): ,ro "
+                   "opens it read-only, ,serial=NAME sets the serial the guest reads; a "
+                   "writable image is locked against other users; repeatable (x86: on the pc "
+                   "machine's PCI bus)")
+    r.add_argument("--rng", action="store_true",
+                   help="a virtio-rng device fed from the host's getrandom()")
+    r.add_argument("--console", choices=("serial", "virtio"), default="serial",
+                   help="the console the terminal or standard input talks to: the 16550 "
+                   "serial port (default; Linux: console=ttyS0) or a virtio console "
+                   "(Linux: console=hvc0); the serial port's output is shown either way")
     r.add_argument("--pc-device", action="append", default=[], metavar="NAME",
                    help="x86 pc machine: add a device by QEMU's -device name (edu: QEMU's "
                    "educational PCI device; intel-iommu: VT-d with DMA and interrupt "

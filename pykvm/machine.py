@@ -22,6 +22,10 @@ from .boot.symbols import Symbols
 from .platform import MachineControl, choose as choose_platform
 from .errors import (Busy, Closed, GuestError, GuestMemoryError, HostResourceError,
                      KvmError, MachineEnded, PykvmError, host_resource_error)
+from .devices.virtio import VirtioDevice
+from .devices.virtio.blk import VirtioBlk, disk_from_spec
+from .devices.virtio.console import VirtioConsole
+from .devices.virtio.rng import VirtioRng
 from .exits import Exit
 from .kvm import Kvm
 from .report import GuestAssertion, Report
@@ -160,7 +164,8 @@ class Machine:
                  on_console: Optional[Callable[[bytes], None]] = None,
                  flat_addr: Optional[int] = None, flat_mode: str = "real",
                  console_limit: int = 1 << 20, report_limit: int = 4096,
-                 initrd: Sequence[str] = (), machine: str = "auto", **platform_opts):
+                 initrd: Sequence[str] = (), machine: str = "auto", disks: Sequence = (),
+                 rng: bool = False, console: str = "serial", **platform_opts):
         if not isinstance(vcpus, int) or isinstance(vcpus, bool):
             raise ValueError(f"vcpus must be an integer, not {vcpus!r}")
         if vcpus < 1:
@@ -185,7 +190,14 @@ class Machine:
         self.vcpu_count = vcpus            # known to the platform before the vCPUs exist
         self._ended: Optional[str] = None  # why the machine cannot run again, once it cannot
         self._symbols = None               # the image's symbol table, read on first need
+        self.virtio_console: Optional[VirtioConsole] = None
+        self._virtio: List[VirtioDevice] = []
         try:
+            virtio = self._virtio_devices(disks, rng, console)
+            if virtio:
+                if platform_opts.get("virtio"):
+                    virtio = list(platform_opts["virtio"]) + virtio
+                platform_opts["virtio"] = virtio
             image = guest
             if guest is None or (isinstance(guest, str) and not _is_image_path(guest)):
                 image = guests.path(guest or guests.DEFAULT_GUEST)
@@ -215,6 +227,32 @@ class Machine:
             if hr is not None and hr is not e:
                 raise hr from e                # the host ran out of something: say which
             raise
+
+    def _virtio_devices(self, disks, rng: bool, console: str) -> List[VirtioDevice]:
+        """The virtio devices ``disks``, ``rng`` and ``console`` ask for, in that order (on the
+        pc machine they become PCI functions 00:04.0 onwards). A disk is a
+        :class:`~pykvm.devices.virtio.blk.VirtioBlk` or its description ``FILE[,ro]
+        [,serial=NAME]``; the machine closes the devices. Raises ValueError for a bad value
+        (:class:`~pykvm.devices.virtio.blk.DiskError` for a disk)."""
+        if console not in ("serial", "virtio"):
+            raise ValueError(f"console must be 'serial' or 'virtio', not {console!r}")
+        if isinstance(disks, (str, bytes)) or not isinstance(disks, (list, tuple)):
+            raise ValueError(f"disks must be a list of disk images, not {disks!r}")
+        out = self._virtio
+        for d in disks:
+            if isinstance(d, VirtioBlk):
+                out.append(d)
+            elif isinstance(d, str):
+                out.append(disk_from_spec(d))
+            else:
+                raise ValueError(f"a disk is a path 'FILE[,ro][,serial=NAME]' or a VirtioBlk, "
+                                 f"not {d!r}")
+        if rng:
+            out.append(VirtioRng())
+        if console == "virtio":
+            self.virtio_console = VirtioConsole(self._console_out)
+            out.append(self.virtio_console)
+        return list(out)
 
     def _check_vcpu_limits(self, vcpus: int, cls, image_format: str, options: dict) -> None:
         """Refuse (ValueError naming the limit) a vCPU count this KVM or the machine cannot
@@ -750,6 +788,10 @@ class Machine:
             self.platform.close()          # platform timers and threads
         for v in getattr(self, "vcpus", []):
             v.close()
+        if getattr(self, "platform", None) is not None:
+            self.platform.close_devices()  # no vCPU can be inside a device any more
+        for d in getattr(self, "_virtio", ()):
+            d.close()                      # those a failed start never gave a platform
         if getattr(self, "vm", None) is not None:
             self.vm.close()
         if self._own_kvm and getattr(self, "kvm", None) is not None:

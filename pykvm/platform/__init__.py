@@ -31,7 +31,8 @@ def _auto_x86(fmt: str, options: dict) -> str:
     """A multiboot kernel, a Linux bzImage, PC devices or virtio devices ask for the PC;
     else bare."""
     return ("pc" if fmt in ("multiboot", "linux-x86") or options.get("devices")
-            or options.get("virtio_mmio") or options.get("virtio_pci") else "bare")
+            or options.get("virtio_mmio") or options.get("virtio_pci") or options.get("virtio")
+            else "bare")
 
 
 def _auto_riscv(fmt: str, options: dict) -> str:
@@ -85,7 +86,7 @@ def choose(name: str, head: bytes, **options) -> Tuple[Type, str, dict]:
         raise ValueError(f"devices must be a sequence of device names, not {devices!r}")
     if not devices:
         options.pop("devices", None)          # none asked for: any machine will do
-    for key in ("virtio_mmio", "virtio_pci"):
+    for key in ("virtio_mmio", "virtio_pci", "virtio"):
         if key in options and not options[key]:
             options.pop(key)                  # no virtio devices: likewise
     fmt = detect(head, arch=HOST_ARCH)

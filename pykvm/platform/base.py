@@ -82,3 +82,7 @@ class Platform(Protocol):
 
     def close(self) -> None:
         """Stop the platform's timers and threads (idempotent)."""
+
+    def close_devices(self) -> None:
+        """Release the devices' host resources (image files, locks), once no vCPU runs any
+        more (idempotent)."""

@@ -142,11 +142,13 @@ def qemu_gsi_routes() -> List[Tuple[int, int, int]]:
 class PcPlatform(X86Platform):
     """The PC machine (module docstring). ``devices``: optional devices by QEMU's ``-device``
     name (:data:`DEVICES`); ``cpuid``: as :class:`.x86.X86Platform`; ``irqchip``/``pit``: the
-    PC always has both (True; False is refused); ``virtio_mmio``: virtio device models
-    (:class:`pykvm.devices.virtio.VirtioDevice`) on virtio-mmio transports, see the module
-    docstring (:attr:`virtio_mmio_devices` lists ``(base, gsi, transport)``). Raises
-    :class:`ValueError` for an unknown device name, more than :data:`VIRTIO_MMIO_MAX` virtio
-    devices or one that is not a VirtioDevice."""
+    PC always has both (True; False is refused); ``virtio`` (and ``virtio_pci``): virtio
+    device models (:class:`pykvm.devices.virtio.VirtioDevice`) as PCI functions
+    (:attr:`virtio_pci_devices` lists ``(slot, transport)``); ``virtio_mmio``: models on
+    virtio-mmio transports (:attr:`virtio_mmio_devices` lists ``(base, gsi, transport)``); see
+    the module docstring. The machine closes the models it was given. Raises
+    :class:`ValueError` for an unknown device name, more virtio devices than
+    :data:`VIRTIO_PCI_MAX` or :data:`VIRTIO_MMIO_MAX`, or one that is not a VirtioDevice."""
     name: ClassVar[str] = "pc"
     boot_vcpus_all: ClassVar[bool] = False       # vCPU 0 starts; the others wait for INIT/SIPI
     claimed = PC_CLAIMED
@@ -154,7 +156,7 @@ class PcPlatform(X86Platform):
 
     def __init__(self, vm, kvm, control: MachineControl, *, vcpus: int, mem_size: int,
                  cpuid=None, devices=(), irqchip: bool = True, pit: bool = True,
-                 lost_tick_policy: str = "discard", virtio_mmio=(), virtio_pci=()):
+                 lost_tick_policy: str = "discard", virtio_mmio=(), virtio_pci=(), virtio=()):
         if not (irqchip and pit):
             raise ValueError("the pc machine always has the in-kernel irqchip and PIT")
         if lost_tick_policy not in ("delay", "discard"):
@@ -170,7 +172,7 @@ class PcPlatform(X86Platform):
             raise ValueError(f"{len(virtio_mmio)} virtio-mmio devices; the pc machine has "
                              f"{VIRTIO_MMIO_MAX} windows (GSIs {VIRTIO_MMIO_GSI}-"
                              f"{VIRTIO_MMIO_GSI + VIRTIO_MMIO_MAX - 1})")
-        virtio_pci = tuple(virtio_pci)
+        virtio_pci = tuple(virtio_pci) + tuple(virtio)       # the PC's own transport is PCI
         if len(virtio_pci) > VIRTIO_PCI_MAX:
             raise ValueError(f"{len(virtio_pci)} virtio-pci devices; the pc machine has "
                              f"{VIRTIO_PCI_MAX} slots for them")
@@ -318,16 +320,18 @@ class PcPlatform(X86Platform):
         return " ".join(cmdline_fragment(base, gsi) for base, gsi, _ in self.virtio_mmio_devices)
 
     def close(self) -> None:
-        """Stop the device timers, release any vCPU thread waiting in S3 sleep and the
-        virtio devices' host resources."""
+        """Stop the device timers and release any vCPU thread waiting in S3 sleep."""
         self.scheduler.close()
+        with self._s3:
+            self._sleeping = False
+            self._s3.notify_all()
+
+    def close_devices(self) -> None:
+        """Close the virtio devices (their image files and locks), once no vCPU runs."""
         for _, _, transport in getattr(self, "virtio_mmio_devices", ()):
             transport.close()
         for _, pci_transport in getattr(self, "virtio_pci_devices", ()):
             pci_transport.core.close()
-        with self._s3:
-            self._sleeping = False
-            self._s3.notify_all()
 
     # -- interrupts, DMA, timers: the handles the devices were given -------------------------
     def irq(self, gsi: int, level: int) -> None:

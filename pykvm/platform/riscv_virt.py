@@ -222,6 +222,9 @@ class VirtPlatform:
         """End an SBI system suspend that is sleeping, so its hart's thread returns."""
         self.sbi.wake()
 
+    def close_devices(self) -> None:
+        """No device of this machine holds host resources."""
+
     def describe_internal_error(self, vcpu, ex, symbols=None) -> str:
         """One line on a KVM_EXIT_INTERNAL_ERROR of hart ``vcpu`` in the guest's terms: pc,
         symbol and file:line, privilege and translation mode, the instruction decoded

@@ -232,3 +232,6 @@ class X86Platform:
 
     def close(self) -> None:
         """Nothing runs in the background of this machine."""
+
+    def close_devices(self) -> None:
+        """No device of this machine holds host resources."""

@@ -12,11 +12,16 @@ pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_arch("x86_64")]
 OK, IOERR, UNSUPP = 0, 1, 2
 
 
-def test_rng_and_blk_over_virtio_pci(guest_vm, tmp_path):
+@pytest.mark.parametrize("how", ["virtio_pci", "Machine options"])
+def test_rng_and_blk_over_virtio_pci(guest_vm, tmp_path, how):
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(64 * 1024))
-    disk = VirtioBlk(str(img), serial="pykvm-disk0")
-    m = guest_vm("virtio_pci.c", machine="pc", virtio_pci=[VirtioRng(), disk])
+    if how == "virtio_pci":                      # device models handed to the pc machine
+        disk = VirtioBlk(str(img), serial="pykvm-disk0")
+        m = guest_vm("virtio_pci.c", machine="pc", virtio_pci=[VirtioRng(), disk])
+    else:                                        # what `pykvm run --disk ... --rng` asks for
+        m = guest_vm("virtio_pci.c", disks=[f"{img},serial=pykvm-disk0"], rng=True)
+        assert m.platform.name == "pc"
     rng_id, blk_id, caps, table, mult = m.sync(stage=1)
     assert rng_id == 0x1AF4 | 0x1044 << 16 and blk_id == 0x1AF4 | 0x1042 << 16
     assert caps & 0b111110 == 0b111110                 # common, notify, ISR, device, PCI cfg
@@ -32,3 +37,35 @@ def test_rng_and_blk_over_virtio_pci(guest_vm, tmp_path):
     past, unknown, blk_status = m.sync(stage=4)
     assert past == IOERR and unknown == UNSUPP and blk_status & 4 and not blk_status & 64
     m.done()
+
+
+def test_a_second_writer_of_one_image_is_refused(tmp_path):
+    from pykvm.devices.virtio.blk import DiskLocked
+    from pykvm.machine import Machine
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(4096))
+    with Machine("hello", disks=[str(img)]):
+        with pytest.raises(DiskLocked, match="disk.img"):
+            Machine("hello", disks=[str(img)])
+        with pytest.raises(DiskLocked):                 # not even read-only while written
+            Machine("hello", disks=[f"{img},ro"])
+    with Machine("hello", disks=[f"{img},ro"]), Machine("hello", disks=[f"{img},ro"]):
+        pass                                            # readers share
+
+
+@pytest.mark.parametrize("bad, match", [
+    (["/nonexistent/disk.img"], "cannot open"), (["{tmp}"], "directory"),
+    (["{img},bogus"], "unknown disk option"), ("{img}", "list of disk images"),
+    ([42], "a disk is a path"),
+])
+def test_bad_disks_are_refused_in_one_line(tmp_path, bad, match):
+    from pykvm.machine import Machine
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(512))
+
+    def fill(v):
+        return v.format(tmp=tmp_path, img=img) if isinstance(v, str) else v
+    bad = fill(bad) if isinstance(bad, str) else [fill(b) for b in bad]
+    with pytest.raises(ValueError, match=match) as ei:
+        Machine("hello", disks=bad)
+    assert "\n" not in str(ei.value)

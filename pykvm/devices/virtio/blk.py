@@ -462,3 +462,23 @@ class VirtioBlk(VirtioDevice):
                 raise OSError(errno.EIO, "short write")
             off += done
             n -= done
+
+
+def disk_from_spec(spec: str) -> VirtioBlk:
+    """A :class:`VirtioBlk` from a command-line disk description in kvmtool's ``-d`` form,
+    ``FILE[,ro][,serial=NAME]`` (QEMU's ``readonly=on`` is taken as ``ro`` too). Raises
+    :class:`DiskError` for an unknown option or anything :class:`VirtioBlk` refuses."""
+    if not isinstance(spec, str) or not spec:
+        raise DiskError(f"a disk is FILE[,ro][,serial=NAME], not {spec!r}")
+    path, *opts = spec.split(",")
+    readonly, serial = False, ""
+    for o in opts:
+        if o in ("ro", "readonly", "readonly=on"):
+            readonly = True
+        elif o in ("rw", "readonly=off"):
+            readonly = False
+        elif o.startswith("serial="):
+            serial = o[len("serial="):]
+        else:
+            raise DiskError(f"{path}: unknown disk option {o!r} (known: ro, serial=NAME)")
+    return VirtioBlk(path, readonly=readonly, serial=serial)
