@@ -37,8 +37,6 @@ holding the image) fails at construction with :class:`DiskLocked`.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -95,6 +93,8 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2); raises OSError (EOPNOTSUPP where the host has no fallocate)."""
     global _libc
     if _libc is None:
+        import ctypes                       # only where a disk punches holes: ~2 ms of import
+        import ctypes.util
         try:
             lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             fn = lib.fallocate
@@ -106,6 +106,7 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc is False:
         raise OSError(errno.EOPNOTSUPP, "fallocate is not available")
     if _libc(fd, mode, offset, length) != 0:
+        import ctypes
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
