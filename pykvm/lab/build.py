@@ -82,7 +82,8 @@ NESTED = LabSpec(
     ],
     py="3.11",
     # the host's cffi built pykvm._native (same ABI tag as bookworm's python3.11), so ship the same cffi
-    host_dists=HOST_PY_DISTS + ["cffi", "pycparser"],
+    # pexpect drives the Linux guest's console under a pty (tests/nested/test_linux_virtio.py)
+    host_dists=HOST_PY_DISTS + ["cffi", "pycparser", "pexpect", "ptyprocess"],
     default_tests=["tests/nested", "tests/lab/inner_smoke"],
 )
 
@@ -262,7 +263,8 @@ def nested_kernel(archive: Archive, suite: str = NESTED_KERNEL_SUITE) -> tuple[d
     vml = sorted(kdir.glob("boot/vmlinuz-*"))
     if not vml:
         raise LabError(f"{img.name}: no /boot/vmlinuz-*")
-    info = {"kernel_package": img.name, "package_version": img.version, "suite": suite}
+    # modules_deb: the package with the kernel's modules, for the root-disk guest (linux_guest.lab_part)
+    info = {"kernel_package": img.name, "package_version": img.version, "suite": suite, "modules_deb": str(deb)}
     return info, vml[0], mods
 
 
@@ -584,7 +586,9 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
         base, binfo = build_base(archive, spec, modules, opts)
         manifest.update(binfo)
         stage("getting the Linux guest")
-        lpart, manifest["linux_guest"] = linux_guest.lab_part(archive, spec, kernel)
+        mdeb = kinfo.get("modules_deb")
+        lpart, manifest["linux_guest"] = linux_guest.lab_part(archive, spec, kernel,
+                                                              modules_deb=Path(mdeb) if mdeb else None)
         nonce = secrets.token_hex(8)
         stage("building the payload")
         log(f"{lab}: building the payload (this checkout, guests, pykvm._native for {spec.arch})")

@@ -47,6 +47,7 @@ KERNEL_NAME = {"riscv64": "Image", "amd64": "bzImage"}
 DEBIAN_ARCH = {"riscv64": "riscv64", "x86_64": "amd64", "amd64": "amd64"}
 # where the lab image carries the Linux guest
 LAB_DIR = "/lab/linux"
+ROOT_DISK_MIB = 16     # the root disk the labs carry (ext4; the lab keeps it in RAM)
 
 # /init of the guest initramfs (busybox sh). Every line it prints starts with MARK.
 GUEST_INIT = r"""#!/bin/sh
@@ -218,16 +219,28 @@ def build_initramfs(archive, suite: str, arch: str, out: Path | None = None) -> 
     return cached, info
 
 
-def lab_part(archive, spec, kernel: Path) -> tuple[Path, dict]:
+def lab_part(archive, spec, kernel: Path, *, modules_deb: Path | None = None) -> tuple[Path, dict]:
     """The lab image's Linux-guest part: a gzip'd newc archive with ``/lab/linux/<Image|bzImage>``
     (the lab's own kernel ``kernel``), ``/lab/linux/initrd.img`` (the guest initramfs, built from
-    the lab's busybox-static) and ``/lab/linux/info.json``. Cached in ``<cache>/base/``."""
+    the lab's busybox-static) and ``/lab/linux/info.json``. With ``modules_deb`` (the .deb holding
+    that kernel's modules) also the root-disk guest of :mod:`pykvm.lab.rootfs`:
+    ``/lab/linux/root.img`` (ext4, :data:`ROOT_DISK_MIB` MiB) and ``/lab/linux/root-initrd.img``
+    (the boot initramfs with the virtio modules). Cached in ``<cache>/base/``."""
     from .progress import log
     initrd, info = build_initramfs(archive, spec.user_suite, spec.arch)
+    root_img = root_initrd = None
+    if modules_deb is not None:
+        from . import rootfs
+        rinfo: dict = {}
+        root_initrd = rootfs.build_boot_initramfs(spec.arch, modules_deb=modules_deb, archive=archive,
+                                                  suite=spec.user_suite, info=rinfo)
+        root_img = rootfs.build_root_image(spec.arch, size_mib=ROOT_DISK_MIB, archive=archive,
+                                           suite=spec.user_suite, info=rinfo)
+        info = dict(info, **rinfo, root_image=f"{LAB_DIR}/root.img", root_initrd=f"{LAB_DIR}/root-initrd.img")
     name = KERNEL_NAME[spec.arch]
     st = kernel.stat()
     key = _key({"format": FORMAT, "kernel": [str(kernel), st.st_size, int(st.st_mtime)],
-                "initrd": initrd.name})
+                "initrd": initrd.name, "root": [p.name if p else None for p in (root_img, root_initrd)]})
     out = archive.cache / "base" / f"linux-{spec.name}-{key}.cpio.gz"
     info = dict(info, kernel=str(kernel), kernel_file=f"{LAB_DIR}/{name}", lab_part=out.name)
     if out.exists():
@@ -245,13 +258,17 @@ def lab_part(archive, spec, kernel: Path) -> tuple[Path, dict]:
                     w.dir(d)
                 w.file(f"lab/linux/{name}", kernel.read_bytes())
                 w.file("lab/linux/initrd.img", initrd.read_bytes())
+                if root_img is not None and root_initrd is not None:
+                    w.file("lab/linux/root.img", root_img.read_bytes())
+                    w.file("lab/linux/root-initrd.img", root_initrd.read_bytes())
                 w.file("lab/linux/info.json", json.dumps(dict(info, kernel=kernel.name)).encode())
                 w.close()
             os.replace(tmp, out)
         finally:
             if tmp.exists():
                 tmp.unlink()
-    log(f"{spec.name}: Linux guest part {out.stat().st_size / 1e6:.1f} MB ({name} + busybox initramfs)")
+    log(f"{spec.name}: Linux guest part {out.stat().st_size / 1e6:.1f} MB ({name} + busybox initramfs"
+        + (", root disk + boot initramfs" if root_img is not None else "") + ")")
     return out, info
 
 
@@ -304,6 +321,28 @@ def fetch_kernel(archive, arch: str, suite: str | None = None) -> tuple[Path, st
     if not got:
         raise LabError(f"{pkg.name}: no vmlinuz inside")
     return got[0], f"{pkg.name} {pkg.version} ({suite}/{arch})"
+
+
+def fetch_kernel_with_modules(archive, arch: str, suite: str | None = None) -> tuple[Path, str, Path]:
+    """:func:`fetch_kernel` plus the .deb that holds that kernel's modules (amd64: the
+    ``linux-image-*`` package itself; riscv64: ``linux-modules-<ver>-riscv64`` of the same suite).
+    Returns (kernel, description, modules .deb). Raises LabError."""
+    from .debian import LabError
+    kernel, desc = fetch_kernel(archive, arch, suite)
+    name, version = desc.split(" ", 1)[0], desc.split(" ", 2)[1]
+    suite = desc.rsplit("(", 1)[1].split("/", 1)[0]
+    ix = archive.index(suite, arch)
+    if arch == "riscv64":
+        ver = name[len("linux-binary-"):-len("-riscv64")]
+        mname = f"linux-modules-{ver}-riscv64"
+        if mname not in ix:
+            raise LabError(f"{mname} not in {suite}/{arch} (needed for {name}'s modules)")
+        mpkg = ix.get(mname)
+    else:
+        mpkg = ix.get(name)
+    if mpkg.version != version and arch == "amd64":
+        raise LabError(f"{name}: index version {mpkg.version} != {version}")
+    return kernel, desc, archive.fetch(mpkg, "linux guest kernel modules")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,6 +415,20 @@ def lab_files() -> tuple[Path, Path] | None:
     return (kernel, initrd) if kernel.is_file() and initrd.is_file() else None
 
 
+def root_files() -> tuple[Path, Path, Path] | None:
+    """(kernel, boot initramfs, root.img) of the root-disk guest the lab image carries in
+    :data:`LAB_DIR` (:mod:`pykvm.lab.rootfs`), or None (outside a lab, or a lab without it)."""
+    d = Path(LAB_DIR)
+    try:
+        info = json.loads((d / "info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if "root_image" not in info:
+        return None
+    files = (Path(info["kernel_file"]), Path(info["root_initrd"]), Path(info["root_image"]))
+    return files if all(f.is_file() for f in files) else None
+
+
 def console_echo(prefix: str):
     """With ``PYKVM_LINUX_ECHO=1`` in the environment (e.g. on the lab kernel's command line), a
     ``run_guest`` echo that writes each guest line to ``/dev/console`` as it comes (inside a lab:
@@ -400,7 +453,7 @@ def run_guest(kernel, initrd, *, cmdline: str, extra=(), timeout: float = 600.0,
     argv = [sys.executable, "-m", "pykvm", "run", str(kernel), "--initrd", str(initrd),
             "--cmdline", cmdline, "--timeout", str(int(timeout)), *extra]
     t0 = time.monotonic()
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     err: list = []
     th = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
     th.start()

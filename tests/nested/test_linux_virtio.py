@@ -1,0 +1,210 @@
+"""An x86 Linux guest with its root on virtio-blk, booted by ``pykvm run`` inside the nested lab.
+
+The lab carries the root-disk guest of ``pykvm/lab/rootfs.py`` in ``/lab/linux``: the lab's own
+Debian kernel (bzImage), a boot initramfs with the kernel's virtio_blk / virtio_rng modules that
+mounts ``root=/dev/vda`` and switch_roots, and ``root.img`` (ext4 from Debian's busybox-static,
+built with ``mke2fs -d``). Each test boots a fresh copy of that image on the pc machine's
+virtio-pci (MSI-X through the in-kernel irqchip), with ``--rng`` for virtio-rng:
+
+* the root is mounted read-write from /dev/vda; a token the test chose is written and synced by
+  the first boot, found in the image file by the host, and read back by a second boot;
+* ``/dev/hwrng`` is served by virtio_rng and gives bytes;
+* a disk given ``,ro`` is mounted read-only, refuses a write, and its image file is unchanged;
+* interactive sessions: pexpect runs ``pykvm run`` under a pty, waits for the shell prompt on
+  the serial console (ttyS0) or on the virtio console (hvc0), types commands, reads the answers
+  and leaves the shell, which powers the guest off (exit status 0).
+
+Each boot's times (to the root mounted, to the root's init, the whole run) are printed and
+recorded as JUnit properties (``build/lab/nested.xml``).
+"""
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pykvm.lab import linux_guest
+from pykvm.testing.plugin import LACKS, kvm_usable
+
+pytestmark = [
+    pytest.mark.requires_arch("x86_64"),
+    pytest.mark.filterwarnings("ignore:record_property is incompatible:pytest.PytestWarning"),
+]
+
+TIMEOUT = 240             # seconds per boot; one takes ~15-25 s in the lab
+MEM = "256M"
+CMDLINE = "panic=-1 loglevel=4 root=/dev/vda rw"
+# one console only: busybox's cttyhack puts the shell on the last one /sys/class/tty/console/active
+# names, and pykvm feeds only the console --console names
+CONSOLE = {"serial": "console=ttyS0", "virtio": "console=hvc0"}
+PROMPT = r"pykvm:/[^\r\n#]*# "
+
+
+@pytest.fixture(scope="module")
+def files():
+    if not kvm_usable():
+        pytest.skip(f"{LACKS} a usable /dev/kvm")
+    f = linux_guest.root_files()
+    if f is None:
+        pytest.skip(f"{LACKS} the root-disk Linux guest ({linux_guest.LAB_DIR}/root.img: the nested lab carries it)")
+    return f
+
+
+def _copy(files, tmp_path):
+    disk = tmp_path / "root.img"
+    shutil.copyfile(files[2], disk)
+    return disk
+
+
+def _boot(files, disk_arg, extra_cmdline, *, console="serial"):
+    kernel, initrd, _ = files
+    r = linux_guest.run_guest(kernel, initrd, cmdline=f"{CONSOLE[console]} {CMDLINE} {extra_cmdline}",
+                              extra=["--disk", str(disk_arg), "--rng", "--mem", MEM, "--console", console],
+                              timeout=TIMEOUT, echo=linux_guest.console_echo("guest"))
+    print(f"\n$ {' '.join(r.argv[2:])}\n{r.console}\n(exit {r.status}, {r.seconds:.1f} s){r.stderr}")
+    return r
+
+
+def _timings(r, what, record_property):
+    mounted, init = r.first("root /dev/vda mounted"), r.first("root init")
+    t = {"mounted_s": mounted and round(mounted[0], 1), "root_init_s": init and round(init[0], 1),
+         "run_s": round(r.seconds, 1)}
+    for k, v in t.items():
+        record_property(f"{what}_{k}", v)
+    print(f"timing {what}: root mounted {t['mounted_s']} s, root init {t['root_init_s']} s, "
+          f"whole run {t['run_s']} s")
+    return t
+
+
+def _mark(r, prefix):
+    m = r.first(prefix)
+    assert m, f"no '{prefix}' line (exit {r.status}, {r.seconds:.0f} s):\n{r.tail()}\n{r.stderr}"
+    return m[1]
+
+
+@pytest.fixture(scope="module")
+def two_boots(files, tmp_path_factory):
+    """Two batch boots of one fresh root image: the first writes a token, the second reads it."""
+    disk = _copy(files, tmp_path_factory.mktemp("blk"))
+    token = secrets.token_hex(12)
+    first = _boot(files, disk, f"pykvm.batch pykvm.token={token}")
+    image_has_token = token.encode() in disk.read_bytes()
+    second = _boot(files, disk, "pykvm.batch")
+    return token, first, second, image_has_token
+
+
+def test_virtio_blk_root_mounted_from_vda(two_boots, record_property):
+    _, first, _, _ = two_boots
+    _timings(first, "blk_boot1", record_property)
+    assert "mounted rw (ext4)" in _mark(first, "root /dev/vda mounted")
+    root = _mark(first, "root init")
+    assert re.search(r"root: /dev/vda / ext4 rw", root), root
+    assert re.search(r"disk vda: \d+ sectors, ro=0", _mark(first, "disk vda")), first.tail()
+    assert first.first("powering off"), first.tail()
+    assert first.status == 0, f"pykvm run exited {first.status}: {first.stderr}\n{first.tail()}"
+
+
+def test_virtio_blk_data_survives_reboot(two_boots, record_property):
+    token, first, second, image_has_token = two_boots
+    assert _mark(first, "token on disk") == "token on disk: none"
+    assert _mark(first, "token written") == f"token written: {token}"
+    assert image_has_token, "the token the guest wrote and synced is not in the image file"
+    _timings(second, "blk_boot2", record_property)
+    assert _mark(second, "token on disk") == f"token on disk: {token}", second.tail()
+    assert second.status == 0, f"pykvm run exited {second.status}: {second.stderr}\n{second.tail()}"
+
+
+def test_virtio_rng_hwrng_readable(two_boots):
+    _, first, second, _ = two_boots
+    for r in (first, second):
+        cur = _mark(r, "hwrng:")
+        assert re.search(r"current=virtio_rng", cur), cur
+        got = _mark(r, "hwrng bytes")
+        assert re.fullmatch(r"hwrng bytes: [0-9a-f]{32}", got), got
+    b1, b2 = (_mark(r, "hwrng bytes").split()[-1] for r in (first, second))
+    assert b1 != b2 and len(set(b1)) > 4, (b1, b2)       # 16 random bytes, not a constant
+
+
+def test_virtio_blk_read_only_disk_unchanged(files, tmp_path, record_property):
+    disk = _copy(files, tmp_path)
+    before = hashlib.sha256(disk.read_bytes()).hexdigest(), disk.stat().st_mtime_ns
+    r = _boot(files, f"{disk},ro", "pykvm.batch pykvm.write-probe pykvm.token=never")
+    _timings(r, "blk_ro", record_property)
+    assert "mounted ro (ext4)" in _mark(r, "root /dev/vda mounted"), r.tail()
+    assert re.search(r"disk vda: \d+ sectors, ro=1", _mark(r, "disk vda")), r.tail()
+    assert _mark(r, "token write") == "token write failed", r.tail()
+    probe = _mark(r, "write probe")
+    assert probe.startswith("write probe: refused") and "Read-only" in probe, probe
+    assert r.status == 0, f"pykvm run exited {r.status}: {r.stderr}\n{r.tail()}"
+    after = hashlib.sha256(disk.read_bytes()).hexdigest(), disk.stat().st_mtime_ns
+    assert after == before, "a read-only disk's image changed"
+
+
+# --------------------------------------------------------------------------------------------------
+# interactive sessions
+
+
+def _ensure_devpts():
+    """The lab's /init mounts no devpts; pexpect needs one for its pty."""
+    if os.path.ismount("/dev/pts"):
+        return
+    os.makedirs("/dev/pts", exist_ok=True)
+    r = subprocess.run(["mount", "-t", "devpts", "devpts", "/dev/pts"], capture_output=True, text=True)
+    if r.returncode != 0 and not os.path.ismount("/dev/pts"):
+        pytest.skip(f"{LACKS} a devpts for pseudo-terminals ({r.stderr.strip()})")
+
+
+def _interactive(files, tmp_path, console, record_property):
+    pexpect = pytest.importorskip("pexpect")
+    _ensure_devpts()
+    kernel, initrd, _ = files
+    disk = _copy(files, tmp_path)
+    nonce = secrets.token_hex(6)
+    cmdline = f"{CONSOLE[console]} {CMDLINE} pykvm.nonce={nonce}"
+    argv = ["-m", "pykvm", "run", str(kernel), "--initrd", str(initrd), "--disk", str(disk), "--rng",
+            "--mem", MEM, "--console", console, "--timeout", str(TIMEOUT), "--cmdline", cmdline]
+    t0 = time.monotonic()
+    child = pexpect.spawn(sys.executable, argv, timeout=TIMEOUT, echo=False, encoding="utf-8",
+                          codec_errors="replace", env=dict(os.environ, TERM="dumb"))
+    log = []
+    child.logfile_read = type("L", (), {"write": lambda self, s: log.append(s), "flush": lambda self: None})()
+    try:
+        try:
+            child.expect(PROMPT)
+            t_prompt = time.monotonic() - t0
+            child.sendline("cat /proc/cmdline")
+            child.expect(rf"pykvm\.nonce={nonce}")
+            child.expect(PROMPT)
+            child.sendline("echo $((6*7))")
+            child.expect(r"\r\n42\r\n")
+            child.expect(PROMPT)
+            child.sendline("cat /sys/class/tty/console/active; exit")
+            child.expect("powering off")
+            child.expect(pexpect.EOF)
+        except (pexpect.TIMEOUT, pexpect.EOF) as e:
+            pytest.fail(f"interactive session on {console} stopped ({type(e).__name__}) after "
+                        f"{time.monotonic() - t0:.0f} s; console:\n{''.join(log)[-4000:]}")
+    finally:
+        child.close(force=True)
+    total = time.monotonic() - t0
+    text = "".join(log)
+    print(f"\n$ {sys.executable} {' '.join(argv)}\n{text}\n(exit {child.exitstatus}, {total:.1f} s)")
+    record_property(f"console_{console}_prompt_s", round(t_prompt, 1))
+    record_property(f"console_{console}_run_s", round(total, 1))
+    print(f"timing console {console}: shell prompt {t_prompt:.1f} s, whole session {total:.1f} s")
+    active = re.search(r"\r\n((?:ttyS0|hvc0)[^\r\n]*)\r\n", text)
+    assert active and active.group(1) == CONSOLE[console].split("=")[1], text[-2000:]
+    assert child.exitstatus == 0, f"pykvm run exited {child.exitstatus} / signal {child.signalstatus}"
+
+
+def test_serial_console_interactive_shell(files, tmp_path, record_property):
+    _interactive(files, tmp_path, "serial", record_property)
+
+
+def test_virtio_console_interactive_shell(files, tmp_path, record_property):
+    _interactive(files, tmp_path, "virtio", record_property)
