@@ -24,8 +24,9 @@ root took it — and gives a shell on the console (prompt ``pykvm:<cwd># ``; lea
 or with ``pykvm.batch`` powers off at once. Before powering off it remounts the root read-only,
 so the next boot finds a clean file system.
 
-For users: ``python -m pykvm.lab.rootfs [--arch x86_64|riscv64] [--out DIR]`` builds kernel,
-initramfs and root disk and prints the ``pykvm run`` command (docs/linux-guests.md).
+For users: ``python -m pykvm.lab.linux_guest --root-disk [--arch x86_64|riscv64] [--out DIR]``
+builds kernel, boot initramfs and root disk and prints the ``pykvm run`` command
+(docs/linux-guests.md).
 
 Errors: every failure to get or build a piece is a :class:`pykvm.lab.debian.LabError` with a
 one-line reason (a package missing from the index, a checksum mismatch, ``mke2fs`` missing or
@@ -34,7 +35,6 @@ failing, a module or one of its dependencies missing from the package).
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
@@ -43,7 +43,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -452,53 +451,3 @@ def build_boot_initramfs(arch: str, out=None, *, modules_deb=None, modules=None,
     if not cached.exists():
         raise LabError(f"{cached}: not built")
     return cached
-
-
-# --------------------------------------------------------------------------------------------------
-# for users
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .proc import install_signal_handlers
-    install_signal_handlers()
-    host = os.uname().machine
-    p = argparse.ArgumentParser(
-        prog="python -m pykvm.lab.rootfs",
-        description="Build a minimal Linux VM from Debian packages (checked against the Debian "
-        "index's SHA256, cached in the lab cache): a kernel, a boot initramfs with the modules "
-        "its root needs, and an ext4 root disk with busybox; print the pykvm run command.")
-    p.add_argument("--arch", choices=("riscv64", "x86_64"), default="riscv64" if host == "riscv64" else "x86_64")
-    p.add_argument("--out", type=Path, default=Path("build/linux-vm"),
-                   help="output directory (default build/linux-vm)")
-    p.add_argument("--size", type=int, default=DEFAULT_SIZE_MIB, metavar="MIB",
-                   help=f"root disk size in MiB (default {DEFAULT_SIZE_MIB})")
-    p.add_argument("--cache", type=Path, default=Path(os.environ.get("PYKVM_LAB_CACHE", "~/.cache/pykvm/lab")))
-    a = p.parse_args(argv)
-    from .debian import LabError
-    from .linux_guest import fetch_kernel_with_modules
-    darch = DEBIAN_ARCH[a.arch]
-    archive = _archive(None, a.cache)
-    out = a.out / a.arch
-    try:
-        kernel, kdesc, mdeb = fetch_kernel_with_modules(archive, darch)
-        out.mkdir(parents=True, exist_ok=True)
-        kout = out / ("Image" if darch == "riscv64" else "bzImage")
-        shutil.copyfile(kernel, kout)
-        info: dict = {}
-        initrd = build_boot_initramfs(darch, out / "initrd.img", modules_deb=mdeb, archive=archive, info=info)
-        img = build_root_image(darch, out, size_mib=a.size, archive=archive, info=info)
-    except LabError as e:
-        print(f"rootfs: {e}", file=sys.stderr)
-        return 3
-    print(f"kernel:    {kout}  ({kdesc})")
-    print(f"initramfs: {initrd}  ({info['boot_busybox']}; modules: {' '.join(info['boot_modules']) or 'none'})")
-    print(f"root disk: {img}  (ext4, {a.size} MiB; {info['root_busybox']})")
-    con = "ttyS0"
-    print(f"boot it:   pykvm run {kout} --initrd {initrd} --disk {img} --rng --mem 256M "
-          f"--cmdline 'console={con} root=/dev/vda rw loglevel=4'")
-    print(f"           (--console virtio with console=hvc0 for the virtio console; --disk {img},ro to keep it unchanged)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
