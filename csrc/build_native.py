@@ -161,7 +161,8 @@ def make_builder(arch: str, _Builder=_Builder) -> cffi.FFI:
     b.set_source(
         "pykvm._native",
         _source(arch, ioctl_numbers(b, arch)),
-        sources=[os.path.relpath(os.path.join(HERE, f)) for f in ("runloop.c", "pyexit.c")],
+        sources=[os.path.relpath(os.path.join(HERE, f))
+                 for f in ("runloop.c", "pyexit.c", "virtio_blk.c")],
         include_dirs=[os.path.relpath(HERE)],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         libraries=["rt", "pthread"],

@@ -166,6 +166,63 @@ uint32_t pykvm_uart_take(struct pykvm_loop *l, uint8_t *dst, uint32_t cap);
 uint8_t pykvm_uart_access(struct pykvm_loop *l, unsigned reg, int is_write, uint8_t value);
 uint32_t pykvm_uart_input(struct pykvm_loop *l, const uint8_t *buf, uint32_t n);
 
+/* csrc/virtio_blk.c: virtio-blk's request queue served by a worker thread, off the GIL (see
+ * there and pykvm/devices/virtio/fastpath.py). */
+#define PYKVM_BLK_MAX_SLOTS 16
+#define PYKVM_BLK_EV_IRQ 1               /* an interrupt Python must send itself */
+#define PYKVM_BLK_EV_BROKEN 2            /* the ring broke a rule: DEVICE_NEEDS_RESET */
+#define PYKVM_BLK_EV_QUIT 4              /* the worker was stopped: free the handle */
+
+struct pykvm_blk_slot {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t hva;
+};
+
+struct pykvm_blk_cfg {
+    int32_t vm_fd;
+    int32_t image_fd;
+    uint32_t readonly;
+    uint32_t block_size;             /* bytes, a power of 2 from 512 */
+    uint64_t capacity;               /* 512-byte sectors */
+    uint64_t features;               /* negotiated */
+    uint64_t notify_gpa;             /* where the driver's notification write lands */
+    uint32_t qsize;
+    uint32_t event_idx;
+    uint32_t indirect;
+    uint32_t may_unmap;
+    uint64_t desc;
+    uint64_t avail;
+    uint64_t used;
+    uint16_t last_avail;             /* the queue's state when the worker takes it over */
+    uint16_t used_idx;
+    uint16_t signalled;
+    uint16_t notify_on;
+    uint8_t serial[20];              /* GET_ID, NUL-padded */
+    uint32_t nslots;
+    struct pykvm_blk_slot slots[16]; /* PYKVM_BLK_MAX_SLOTS: guest RAM */
+};
+
+struct pykvm_blk_state {
+    uint16_t last_avail;
+    uint16_t used_idx;
+    uint16_t signalled;
+    uint16_t notify_on;
+    uint32_t broken;
+    uint32_t _pad;
+    uint64_t requests;
+    uint64_t direct_msis;
+    uint64_t python_irqs;
+    char why[160];
+};
+
+void *pykvm_blk_start(const struct pykvm_blk_cfg *cfg, char *err, uint32_t errlen);
+void pykvm_blk_set_msi(void *h, uint64_t address, uint32_t data, int direct);
+void pykvm_blk_kick(void *h);
+void pykvm_blk_stop(void *h, struct pykvm_blk_state *out);
+uint32_t pykvm_blk_wait_events(void *h);
+void pykvm_blk_free(void *h);
+
 /* csrc/pyexit.c: adds run_handlers() to the pykvm._native module (once, at import; 0 or -1). */
 int pykvm_pyapi_install(void);
 /* csrc/pyexit.c, for the loop only (not given to cffi): runs the Python exit handler of `reason`

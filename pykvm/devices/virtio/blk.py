@@ -34,6 +34,12 @@ The image is locked with an open-file-description lock over the whole file (``F_
 ``flock`` where the host has no OFD locks): a write lock for a writable disk, a read lock for a
 read-only one, so a second writable :class:`VirtioBlk` (in this or another process, or a QEMU
 holding the image) fails at construction with :class:`DiskLocked`.
+
+The C path (:mod:`.fastpath`): on a transport that tells the device where its notify address is
+(:meth:`VirtioBlk.fastpath_update`, virtio-pci on the pc machine), queue 0 is served by a C
+worker thread instead of :meth:`VirtioBlk.notify`, with the same checks and the same results;
+the code here stays the reference and serves every other case (``native=False``,
+``PYKVM_VIRTIO_BLK_NATIVE=0``, virtio-mmio, a host that refuses the worker).
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ import struct
 
 from ...errors import GuestMemoryError, PykvmError
 from . import ID_BLOCK, INT_VRING, QUEUE_MAX, DeviceHandles, VirtioDevice
+from .fastpath import BlkWorker, FastPathUnavailable, enabled_by_default
 from .queue import QueueError
 
 TYPE_CHECKING = False
@@ -190,14 +197,18 @@ class VirtioBlk(VirtioDevice):
     directory or other non-file, an image whose size is not a multiple of 512 bytes, and
     :class:`DiskLocked` when another user holds the image (module docstring). Attributes:
     ``path``, ``readonly``, ``serial``, ``block_size``, ``size`` (bytes), ``capacity`` (512-byte
-    sectors), ``may_unmap`` (whether a write-zeroes with UNMAP punches a hole here)."""
+    sectors), ``may_unmap`` (whether a write-zeroes with UNMAP punches a hole here).
+
+    ``native``: serve the queue with the C worker where the transport allows (module
+    docstring); None (default) follows ``PYKVM_VIRTIO_BLK_NATIVE`` (on unless "0").
+    ``native_error`` is why the C path was refused (None while it was not)."""
 
     device_id = ID_BLOCK
     num_queues = 1
     queue_max = QUEUE_MAX
 
     def __init__(self, path: str, *, readonly: bool = False, serial: str = "",
-                 block_size: int = 512):
+                 block_size: int = 512, native: Optional[bool] = None):
         if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
             raise DiskError(f"disk image path must be a non-empty path, not {path!r}")
         path = os.fspath(path)
@@ -254,6 +265,10 @@ class VirtioBlk(VirtioDevice):
         self._handles: Optional[DeviceHandles] = None
         self._features = 0
         self._broken = False
+        self.native = enabled_by_default() if native is None else bool(native)
+        self.native_error: Optional[str] = None
+        self._worker: Optional[BlkWorker] = None
+        self.native_stats = {"workers": 0, "requests": 0, "direct_msis": 0, "python_irqs": 0}
 
     def __repr__(self) -> str:
         return (f"VirtioBlk({self.path!r}, {self.capacity} sectors"
@@ -302,6 +317,7 @@ class VirtioBlk(VirtioDevice):
         self._broken = False
 
     def reset(self) -> None:
+        self._stop_worker()
         self._queue = None
         self._handles = None
         self._features = 0
@@ -315,13 +331,72 @@ class VirtioBlk(VirtioDevice):
         if fd >= 0:
             os.close(fd)
 
+    # ---- the C path (module docstring, :mod:`.fastpath`) ---------------------------------
+
+    def fastpath_update(self, vm: Any, notify_gpa: Optional[int],
+                        msi: Optional[Tuple[int, int]]) -> None:
+        """Called by the transport, under its lock, whenever where queue 0's notification lands
+        or how its interrupt is sent may have changed: ``vm`` (:class:`pykvm.vm.Vm`, None: no
+        C path on this transport), ``notify_gpa`` (None: BAR 4 is not decoded), ``msi``
+        ((address, data) the worker may send itself, None: interrupts go through the
+        transport). Starts, moves or stops the worker; never raises for anything the guest
+        did (a refusal leaves the Python path on and sets :attr:`native_error`)."""
+        q, h = self._queue, self._handles
+        w = self._worker
+        if (not self.native or vm is None or notify_gpa is None or q is None or h is None
+                or self._broken or self._fd < 0):
+            self._stop_worker()
+            return
+        if w is not None and w.notify_gpa != notify_gpa:
+            self._stop_worker()
+            w = None
+            if self._broken:
+                return
+        if w is None:
+            try:
+                w = BlkWorker(vm_fd=vm.fd, image_fd=self._fd, readonly=self.readonly,
+                              block_size=self.block_size, capacity=self.capacity,
+                              features=self._features, may_unmap=self.may_unmap,
+                              serial=self.serial.encode(), queue=q, memory=q._memory,
+                              notify_gpa=notify_gpa, on_irq=lambda: self._worker_irq(h),
+                              on_broken=lambda why: self._worker_broken(h))
+            except FastPathUnavailable as e:
+                self.native_error = str(e)
+                self.native = False
+                return
+            self._worker = w
+            self.native_stats["workers"] += 1
+        w.set_msi(msi)
+
+    def _worker_irq(self, h: DeviceHandles) -> None:
+        if self._handles is h:                    # not after a reset
+            h.interrupt(INT_VRING, 0)
+
+    def _worker_broken(self, h: DeviceHandles) -> None:
+        if self._handles is h:
+            self._broken = True
+            h.needs_reset()
+
+    def _stop_worker(self) -> None:
+        w, self._worker = self._worker, None
+        if w is None:
+            return
+        if w.stop() is not None:
+            self._broken = True
+        for k, v in w.stats.items():
+            self.native_stats[k] += v
+
     # ---- requests ---------------------------------------------------------------------
 
     def notify(self, index: int) -> None:
         """Serve every request the driver made available in queue 0, then interrupt the driver
-        if it wants one. Never raises for anything the guest did."""
+        if it wants one (or, with the C worker on, have the worker look). Never raises for
+        anything the guest did."""
         q, h = self._queue, self._handles
         if index != 0 or q is None or h is None or self._broken:
+            return
+        if self._worker is not None:
+            self._worker.kick()
             return
         pushed = False
         try:

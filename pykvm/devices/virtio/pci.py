@@ -116,6 +116,23 @@ class VirtioPci:
         f.config[MSIX_CAP + 8:MSIX_CAP + 12] = (MSIX_PBA | BAR_MSIX).to_bytes(4, "little")
         self.pci = f
         self.msix = _MsixBar(self)
+        self.fastpath_vm = None        # the Vm, where the platform lets a device's C path in
+
+    def fastpath_sync(self) -> None:
+        """Tell a device with a C path (``fastpath_update``, :mod:`.fastpath`) where queue 0's
+        notification lands and the message its vector sends now (None while MSI-X is off,
+        the function or the entry is masked, or the queue has no vector). Under the core lock."""
+        fn = getattr(self.core.device, "fastpath_update", None)
+        if fn is None:
+            return
+        notify = next((base + NOTIFY for base, _size, dev in self.windows() if dev is self), None)
+        msi = None
+        q = self.core.queues[0] if self.core.queues else None
+        if q is not None and self.msix_enabled and not self.msix_function_masked \
+                and q.vector < self.nvectors:
+            address, data, masked = self._entry(q.vector)
+            msi = None if masked else (address, data)
+        fn(self.fastpath_vm, notify, msi)
 
     # -- where the BARs decode -------------------------------------------------------------
     def windows(self):
@@ -136,6 +153,7 @@ class VirtioPci:
         with self.core.lock:
             self._deliver_pending()
             self._update_intx()
+            self.fastpath_sync()
 
     # -- MSI-X ---------------------------------------------------------------------------
     @property
@@ -217,6 +235,7 @@ class VirtioPci:
         with core.lock:
             if COMMON <= offset < COMMON + REGION_SIZE:
                 self._common_write(offset - COMMON, size, value)
+                self.fastpath_sync()
             elif DEVICE <= offset < DEVICE + REGION_SIZE:
                 core.device.config_write(offset - DEVICE, size, value)
 
@@ -360,3 +379,4 @@ class _MsixBar:
                         b = 0
                     o.table[pos] = b
                 o._deliver_pending()               # an unmasked entry sends what was pending
+                o.fastpath_sync()
