@@ -22,10 +22,6 @@ from .boot.symbols import Symbols
 from .platform import MachineControl, choose as choose_platform
 from .errors import (Busy, Closed, GuestError, GuestMemoryError, HostResourceError,
                      KvmError, MachineEnded, PykvmError, host_resource_error)
-from .devices.virtio import VirtioDevice
-from .devices.virtio.blk import VirtioBlk, disk_from_spec
-from .devices.virtio.console import VirtioConsole
-from .devices.virtio.rng import VirtioRng
 from .exits import Exit
 from .kvm import Kvm
 from .report import GuestAssertion, Report
@@ -139,6 +135,13 @@ class Machine:
     to the machine (pc: ``devices``, ``cpuid``; bare: ``irqchip``, ``pit``, ``cpuid``; virt:
     ``cpu_type``, ``disable``, ``suspend_seconds``, ...).
 
+    ``disks``: virtio-blk disks, each a raw image path with kvmtool's options
+    (``"FILE[,ro][,serial=NAME]"``) or a :class:`pykvm.devices.virtio.blk.VirtioBlk`; ``rng``: a
+    virtio-rng device; ``console``: "serial" (the 16550 only) or "virtio" (also a virtio
+    console, :attr:`virtio_console`, whose output joins :attr:`console` and whose ``feed(bytes)``
+    is its input). They are virtio 1.2 devices on the machine's transport (pc: PCI functions
+    00:04.0 onwards, in this order; auto picks pc for them); the machine closes them.
+
     ``mem_size``: guest RAM in bytes (mapped ``MAP_NORESERVE``: it costs host memory only as
     the guest touches it). ``console_limit``: bytes of console output kept in :attr:`console`
     (older bytes are counted in ``console_dropped``; ``on_console`` still sees everything).
@@ -190,20 +193,24 @@ class Machine:
         self.vcpu_count = vcpus            # known to the platform before the vCPUs exist
         self._ended: Optional[str] = None  # why the machine cannot run again, once it cannot
         self._symbols = None               # the image's symbol table, read on first need
-        self.virtio_console: Optional[VirtioConsole] = None
-        self._virtio: List[VirtioDevice] = []
+        self.virtio_console = None         # the virtio console (console="virtio"), if any
+        self._virtio: list = []            # virtio models made here, closed with the machine
         try:
-            virtio = self._virtio_devices(disks, rng, console)
-            if virtio:
-                if platform_opts.get("virtio"):
-                    virtio = list(platform_opts["virtio"]) + virtio
-                platform_opts["virtio"] = virtio
+            if console not in ("serial", "virtio"):
+                raise ValueError(f"console must be 'serial' or 'virtio', not {console!r}")
+            if isinstance(disks, (str, bytes)) or not isinstance(disks, (list, tuple)):
+                raise ValueError(f"disks must be a list of disk images, not {disks!r}")
+            if disks or rng or console != "serial":
+                platform_opts["virtio_spec"] = (tuple(disks), bool(rng), console)
             image = guest
             if guest is None or (isinstance(guest, str) and not _is_image_path(guest)):
                 image = guests.path(guest or guests.DEFAULT_GUEST)
             self.image_name = image if isinstance(image, str) else "<bytes>"
             cls, fmt, platform_opts = choose_platform(machine, read_head(image),
                                                       **platform_opts)
+            spec = platform_opts.pop("virtio_spec", None)
+            if spec is not None:
+                self._make_virtio(cls, spec, platform_opts)
             self._check_vcpu_limits(vcpus, cls, fmt, dict(platform_opts, flat_mode=flat_mode))
             self.vm = self.kvm.create_vm()
             control = MachineControl(console=self._console_out, stopping=self._stopping,
@@ -228,31 +235,15 @@ class Machine:
                 raise hr from e                # the host ran out of something: say which
             raise
 
-    def _virtio_devices(self, disks, rng: bool, console: str) -> List[VirtioDevice]:
-        """The virtio devices ``disks``, ``rng`` and ``console`` ask for, in that order (on the
-        pc machine they become PCI functions 00:04.0 onwards). A disk is a
-        :class:`~pykvm.devices.virtio.blk.VirtioBlk` or its description ``FILE[,ro]
-        [,serial=NAME]``; the machine closes the devices. Raises ValueError for a bad value
+    def _make_virtio(self, cls, spec, platform_opts: dict) -> None:
+        """Build the virtio models ``spec`` = (disks, rng, console) asks for through the machine
+        class's ``make_virtio`` (machines with a virtio transport have one) and add them to its
+        ``virtio`` option; the machine closes them. Raises ValueError for a bad value
         (:class:`~pykvm.devices.virtio.blk.DiskError` for a disk)."""
-        if console not in ("serial", "virtio"):
-            raise ValueError(f"console must be 'serial' or 'virtio', not {console!r}")
-        if isinstance(disks, (str, bytes)) or not isinstance(disks, (list, tuple)):
-            raise ValueError(f"disks must be a list of disk images, not {disks!r}")
-        out = self._virtio
-        for d in disks:
-            if isinstance(d, VirtioBlk):
-                out.append(d)
-            elif isinstance(d, str):
-                out.append(disk_from_spec(d))
-            else:
-                raise ValueError(f"a disk is a path 'FILE[,ro][,serial=NAME]' or a VirtioBlk, "
-                                 f"not {d!r}")
-        if rng:
-            out.append(VirtioRng())
-        if console == "virtio":
-            self.virtio_console = VirtioConsole(self._console_out)
-            out.append(self.virtio_console)
-        return list(out)
+        disks, rng, console = spec              # choose_platform checked make_virtio is there
+        devices, self.virtio_console = cls.make_virtio(disks, rng, console, self._console_out)
+        self._virtio.extend(devices)
+        platform_opts["virtio"] = list(platform_opts.get("virtio") or ()) + devices
 
     def _check_vcpu_limits(self, vcpus: int, cls, image_format: str, options: dict) -> None:
         """Refuse (ValueError naming the limit) a vCPU count this KVM or the machine cannot

@@ -32,6 +32,7 @@ def _auto_x86(fmt: str, options: dict) -> str:
     else bare."""
     return ("pc" if fmt in ("multiboot", "linux-x86") or options.get("devices")
             or options.get("virtio_mmio") or options.get("virtio_pci") or options.get("virtio")
+            or options.get("virtio_spec")
             else "bare")
 
 
@@ -86,7 +87,7 @@ def choose(name: str, head: bytes, **options) -> Tuple[Type, str, dict]:
         raise ValueError(f"devices must be a sequence of device names, not {devices!r}")
     if not devices:
         options.pop("devices", None)          # none asked for: any machine will do
-    for key in ("virtio_mmio", "virtio_pci", "virtio"):
+    for key in ("virtio_mmio", "virtio_pci", "virtio", "virtio_spec"):
         if key in options and not options[key]:
             options.pop(key)                  # no virtio devices: likewise
     fmt = detect(head, arch=HOST_ARCH)
@@ -98,7 +99,12 @@ def choose(name: str, head: bytes, **options) -> Tuple[Type, str, dict]:
                          f"not {name!r}")
     code = cls.__init__.__code__          # its parameters (inspect costs ~8 ms to import)
     params = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+    if "virtio_spec" in options and getattr(cls, "make_virtio", None) is None:
+        raise ValueError(f"the {name} machine has no virtio devices (disks, rng, "
+                         f"console='virtio'); the pc machine has")
     for opt in options:
+        if opt == "virtio_spec":              # built by Machine through cls.make_virtio
+            continue
         if opt not in params or opt in ("self", "vm", "kvm", "control", "vcpus", "mem_size"):
             known = [p for p in params if p not in ("self", "vm", "kvm", "control", "vcpus",
                                                        "mem_size")]

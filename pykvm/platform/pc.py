@@ -93,6 +93,7 @@ from ..devices.virtio import VirtioDevice
 from ..devices.virtio.mmio import MAX_ACCESS as VIRTIO_MMIO_ACCESS, MMIO_SIZE as VIRTIO_MMIO_SIZE
 from ..devices.virtio.mmio import VirtioMmio, cmdline_fragment
 from ..devices.virtio.pci import VirtioPci
+from . import virtio_devices
 from ..devices.testdev import PcTestdev
 from ..devices.vtd import Vtd
 from ..errors import Closed, KvmError
@@ -259,6 +260,8 @@ class PcPlatform(X86Platform):
         self.pci.functions[PM_FUNCTION].on_write = self._map_pm
         self._map_pm()
         self._write_tables()
+
+    make_virtio = staticmethod(virtio_devices.build)   # disks, rng, console -> models
 
     @classmethod
     def max_vcpus(cls, image_format: str, **_options) -> Tuple[Optional[int], str]:

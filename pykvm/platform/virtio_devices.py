@@ -1,0 +1,46 @@
+"""The virtio devices a machine is asked for in plain terms — disks by path, a random number
+generator, a virtio console — made into device models (:mod:`pykvm.devices.virtio`). The
+machines that have virtio transports (pc: PCI; RISC-V virt: MMIO) build them through
+:func:`build`; the models then go to the transport as the platform option ``virtio``.
+"""
+from __future__ import annotations
+
+from ..devices.virtio.blk import VirtioBlk, disk_from_spec
+from ..devices.virtio.console import VirtioConsole
+from ..devices.virtio.rng import VirtioRng
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, List, Optional, Sequence, Tuple
+
+    from ..devices.virtio import VirtioDevice
+
+
+def build(disks: Sequence, rng: bool, console: str,
+          console_out: Callable[[bytes], None]) -> Tuple[List[VirtioDevice], Optional[VirtioConsole]]:
+    """(models, the virtio console or None) for ``disks`` (each a
+    :class:`~pykvm.devices.virtio.blk.VirtioBlk` or its description ``FILE[,ro][,serial=NAME]``),
+    ``rng`` and ``console`` ("serial": none; "virtio": a console whose output goes to
+    ``console_out``), in that order. What was opened is closed again if a later one fails.
+    Raises ValueError (:class:`~pykvm.devices.virtio.blk.DiskError` for a disk)."""
+    out: List[VirtioDevice] = []
+    vcon: Optional[VirtioConsole] = None
+    try:
+        for d in disks:
+            if isinstance(d, VirtioBlk):
+                out.append(d)
+            elif isinstance(d, str):
+                out.append(disk_from_spec(d))
+            else:
+                raise ValueError(f"a disk is a path 'FILE[,ro][,serial=NAME]' or a VirtioBlk, "
+                                 f"not {d!r}")
+        if rng:
+            out.append(VirtioRng())
+        if console == "virtio":
+            vcon = VirtioConsole(console_out)
+            out.append(vcon)
+    except BaseException:
+        for dev in out:
+            dev.close()
+        raise
+    return out, vcon
