@@ -208,6 +208,12 @@ struct kvm_device_attr {
     uint64_t attr;
     uint64_t addr;
 };
+
+struct kvm_create_device {
+    uint32_t type;
+    uint32_t fd;
+    uint32_t flags;
+};
 """
 
 # The kvm_run exit union. The arch module supplies `struct kvm_debug_exit_arch` and

@@ -1,9 +1,10 @@
 """The rows of pykvm's ioctl table, as plain data: every KVM ioctl pykvm issues, declared once.
 
-A row gives the name, the fd kind it is issued on ("system", "vm", "vcpu" or a combination
-"vm,vcpu"), the direction (NONE, W, R, WR: _IO, _IOW, _IOR, _IOWR), the command number, the
-argument's C type (None when the argument is a plain int), the capability that gates it (None
-when it is always there) and the architectures it exists on. :mod:`pykvm.abi.ioctls` makes each
+A row gives the name, the fd kind it is issued on ("system", "vm", "vcpu", "device" for a
+descriptor from KVM_CREATE_DEVICE, or a combination "vm,vcpu"), the direction (NONE, W, R, WR:
+_IO, _IOW, _IOR, _IOWR), the command number, the argument's C type (None when the argument is
+a plain int), the capability that gates it (None when it is always there) and the architectures
+it exists on. :mod:`pykvm.abi.ioctls` makes each
 row an :class:`~pykvm.abi.ioctls.Ioctl`, an ``int`` equal to its request number.
 
 Like ``common.py`` and the arch modules, this file imports nothing, so csrc/build_native.py loads
@@ -82,6 +83,11 @@ ROWS = (
     _row("KVM_CLEAR_DIRTY_LOG", "vm", WR, 0xC0, "struct kvm_clear_dirty_log",
          "MANUAL_DIRTY_LOG_PROTECT2"),
     _row("KVM_GET_STATS_FD", "vm,vcpu", NONE, 0xCE, None, "BINARY_STATS_FD"),
+    # in-kernel devices (KVM_CREATE_DEVICE on the VM; the attribute ioctls on the fd it returns)
+    _row("KVM_CREATE_DEVICE", "vm", WR, 0xE0, "struct kvm_create_device", "DEVICE_CTRL"),
+    _row("KVM_SET_DEVICE_ATTR", "device", W, 0xE1, "struct kvm_device_attr", "DEVICE_CTRL"),
+    _row("KVM_GET_DEVICE_ATTR", "device", W, 0xE2, "struct kvm_device_attr", "DEVICE_CTRL"),
+    _row("KVM_HAS_DEVICE_ATTR", "device", W, 0xE3, "struct kvm_device_attr", "DEVICE_CTRL"),
     # vCPU
     _row("KVM_RUN", "vcpu", NONE, 0x80, None),
     _row("KVM_GET_REGS", "vcpu", R, 0x81, "struct kvm_regs", arches=X86),

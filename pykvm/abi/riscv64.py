@@ -65,3 +65,57 @@ struct kvm_riscv_timer {
 
 # The coalesced-MMIO ring page follows kvm_run in the vCPU mmap.
 COALESCED_MMIO_PAGE_OFFSET = 1
+
+# The in-kernel AIA irqchip (APLIC + per-hart IMSIC), a KVM_CREATE_DEVICE device: facts from the
+# kernel's include/uapi/linux/kvm.h (enum kvm_device_type) and
+# arch/riscv/include/uapi/asm/kvm.h ("Device Control API: RISC-V AIA"). Every CONFIG attribute
+# is a u32; ADDR attributes are u64 guest-physical addresses; CTRL_INIT takes no value.
+KVM_DEV_TYPE_RISCV_AIA = 11
+KVM_CREATE_DEVICE_TEST = 1                 # kvm_create_device.flags: only ask whether it exists
+
+KVM_DEV_RISCV_APLIC_ALIGN = 0x1000
+KVM_DEV_RISCV_APLIC_SIZE = 0x4000
+KVM_DEV_RISCV_APLIC_MAX_HARTS = 0x4000
+KVM_DEV_RISCV_IMSIC_ALIGN = 0x1000
+KVM_DEV_RISCV_IMSIC_SIZE = 0x1000          # one interrupt file (page) per hart and guest
+
+KVM_DEV_RISCV_AIA_GRP_CONFIG = 0
+KVM_DEV_RISCV_AIA_CONFIG_MODE = 0
+KVM_DEV_RISCV_AIA_CONFIG_IDS = 1
+KVM_DEV_RISCV_AIA_CONFIG_SRCS = 2
+KVM_DEV_RISCV_AIA_CONFIG_GROUP_BITS = 3
+KVM_DEV_RISCV_AIA_CONFIG_GROUP_SHIFT = 4
+KVM_DEV_RISCV_AIA_CONFIG_HART_BITS = 5
+KVM_DEV_RISCV_AIA_CONFIG_GUEST_BITS = 6
+
+# CONFIG_MODE values: trap-and-emulate the IMSIC, IMSIC guest interrupt files, or the files where
+# the host has them and emulation elsewhere
+KVM_DEV_RISCV_AIA_MODE_EMUL = 0
+KVM_DEV_RISCV_AIA_MODE_HWACCEL = 1
+KVM_DEV_RISCV_AIA_MODE_AUTO = 2
+
+KVM_DEV_RISCV_AIA_IDS_MIN = 63             # CONFIG_IDS: 63, 127, ... (a multiple of 64, less 1)
+KVM_DEV_RISCV_AIA_IDS_MAX = 2048
+KVM_DEV_RISCV_AIA_SRCS_MAX = 1024
+KVM_DEV_RISCV_AIA_GROUP_BITS_MAX = 8
+KVM_DEV_RISCV_AIA_GROUP_SHIFT_MIN = 24
+KVM_DEV_RISCV_AIA_GROUP_SHIFT_MAX = 56
+KVM_DEV_RISCV_AIA_HART_BITS_MAX = 16
+KVM_DEV_RISCV_AIA_GUEST_BITS_MAX = 8
+
+KVM_DEV_RISCV_AIA_GRP_ADDR = 1
+KVM_DEV_RISCV_AIA_ADDR_APLIC = 0
+
+
+def KVM_DEV_RISCV_AIA_ADDR_IMSIC(vcpu: int) -> int:
+    """The ADDR attribute of vCPU ``vcpu``'s IMSIC (its S-level interrupt file)."""
+    return 1 + vcpu
+
+
+KVM_DEV_RISCV_AIA_ADDR_MAX = 1 + KVM_DEV_RISCV_APLIC_MAX_HARTS
+
+KVM_DEV_RISCV_AIA_GRP_CTRL = 2
+KVM_DEV_RISCV_AIA_CTRL_INIT = 0
+
+KVM_DEV_RISCV_AIA_GRP_APLIC = 3
+KVM_DEV_RISCV_AIA_GRP_IMSIC = 4

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from typing import Iterable, Sequence, Union
 
 __all__ = ["FDT_MAGIC", "Node", "U64", "cells64", "to_dtb", "build_dtb", "mmu_type_name",
-           "UART_BASE", "UART_SIZE", "UART_CLOCK"]
+           "UART_BASE", "UART_SIZE", "UART_CLOCK", "AiaNodes", "VirtioMmioNode",
+           "IRQ_S_EXT", "IRQ_TYPE_LEVEL_HIGH", "VIRTIO_MMIO_BASE", "VIRTIO_MMIO_STRIDE",
+           "VIRTIO_MMIO_IRQ", "VIRTIO_MMIO_MAX"]
 
 FDT_MAGIC = 0xD00DFEED
 FDT_BEGIN_NODE = 1
@@ -185,11 +187,48 @@ UART_SIZE = 0x100
 UART_CLOCK = 3686400             # Hz, QEMU's value for this UART
 
 
+# QEMU virt's virtio-mmio slots (hw/riscv/virt.c: VIRT_VIRTIO at 0x10001000, one 4 KiB page
+# each, VIRTIO_IRQ 1 + i on the interrupt controller, VIRTIO_COUNT 8)
+VIRTIO_MMIO_BASE = 0x10001000
+VIRTIO_MMIO_STRIDE = 0x1000
+VIRTIO_MMIO_IRQ = 1
+VIRTIO_MMIO_MAX = 8
+
+IRQ_S_EXT = 9                    # the supervisor external interrupt, on each hart's cpu-intc
+IRQ_TYPE_LEVEL_HIGH = 4          # interrupt specifier flags (dt-bindings/interrupt-controller/irq.h)
+
+
+class AiaNodes(Record):
+    """The AIA interrupt controllers to describe, as QEMU virt writes them under KVM: the
+    S-level IMSIC files (``riscv,imsics`` at ``imsic_base``, one ``imsic_stride``-byte block
+    per hart, ``num_ids`` MSI identities, guest index bits when there are guest files) and
+    the APLIC (``riscv,aplic`` at ``aplic_base``, ``aplic_size`` bytes, ``num_sources``
+    wired sources, delivering as MSIs to that IMSIC: ``msi-parent``)."""
+
+    imsic_base: int
+    imsic_stride: int
+    num_ids: int
+    aplic_base: int
+    aplic_size: int
+    num_sources: int
+    guest_index_bits: int = 0
+
+
+class VirtioMmioNode(Record):
+    """One ``virtio,mmio`` node: ``base`` and ``size`` (bytes) of its window and ``irq``, its
+    APLIC source (level-triggered)."""
+
+    base: int
+    size: int
+    irq: int
+
+
 def build_dtb(harts: Sequence[dict], mem_base: int, mem_size: int,
               timebase_frequency: int, bootargs: str = "", *,
               model: str = "pykvm,riscv-virt", boot_hartid: int | None = None,
               uart_base: int | None = None, uart_clock: int = UART_CLOCK,
-              initrd: tuple[int, int] | None = None) -> bytes:
+              initrd: tuple[int, int] | None = None, aia: AiaNodes | None = None,
+              virtio_mmio: Sequence[VirtioMmioNode] = ()) -> bytes:
     """The devicetree for a pykvm RISC-V guest.
 
     ``harts``: dicts with ``hartid``, ``isa`` (a ``riscv,isa`` string) and
@@ -204,6 +243,17 @@ def build_dtb(harts: Sequence[dict], mem_base: int, mem_size: int,
     bytes, clock-frequency; no interrupts: drivers poll it) and point
     ``/chosen/stdout-path`` at it. ``initrd``: (start, end) guest-physical
     addresses, written as ``/chosen/linux,initrd-start`` and ``-end``.
+
+    ``aia``: add ``/soc/interrupt-controller@<imsic>`` (compatible "riscv,imsics",
+    ``interrupts-extended`` = each hart's cpu-intc phandle with :data:`IRQ_S_EXT`, in hart
+    order) and ``/soc/interrupt-controller@<aplic>`` (compatible "riscv,aplic", ``msi-parent``
+    = the IMSIC's phandle, two interrupt cells: source and flags) as :class:`AiaNodes` says.
+    ``virtio_mmio``: ``/soc/virtio_mmio@<base>`` nodes (compatible "virtio,mmio", ``reg``,
+    ``interrupts`` = <irq :data:`IRQ_TYPE_LEVEL_HIGH`>, ``interrupt-parent`` = the APLIC), in
+    the order given (Linux probes them in that order: the first disk is vda); they need
+    ``aia``. Phandles: the harts' cpu-intc nodes 1..n in hart order, then the IMSIC, then the
+    APLIC. Raises ValueError for virtio-mmio nodes without ``aia``, overlapping windows, or a
+    source outside the APLIC's.
     """
     if not harts:
         raise ValueError("at least one hart is needed")
@@ -264,15 +314,58 @@ def build_dtb(harts: Sequence[dict], mem_base: int, mem_size: int,
     mem.set("device_type", "memory")
     mem.set("reg", cells64(mem_base, mem_size))
 
-    if uart_base is not None:
+    virtio_mmio = list(virtio_mmio)
+    if virtio_mmio and aia is None:
+        raise ValueError("virtio-mmio nodes need an interrupt controller (aia)")
+    if uart_base is not None or aia is not None or virtio_mmio:
         soc = root.child("soc")
         soc.set("#address-cells", 2).set("#size-cells", 2)
         soc.set("compatible", "simple-bus")
         soc.set("ranges", EMPTY)
+    if uart_base is not None:
         uart = soc.child(f"serial@{uart_base:x}")
         uart.set("compatible", "ns16550a")
         uart.set("reg", cells64(uart_base, UART_SIZE))
         uart.set("clock-frequency", uart_clock)
+    if aia is not None:
+        intc_phandles = list(range(1, phandle))          # the harts' cpu-intc, in hart order
+        imsic_phandle, aplic_phandle = phandle, phandle + 1
+        phandle += 2
+        imsic = soc.child(f"interrupt-controller@{aia.imsic_base:x}")
+        imsic.set("compatible", "riscv,imsics")
+        imsic.set("#interrupt-cells", 0)
+        imsic.set("interrupt-controller", EMPTY)
+        imsic.set("msi-controller", EMPTY)
+        imsic.set("#msi-cells", 0)
+        imsic.set("interrupts-extended", [c for p in intc_phandles for c in (p, IRQ_S_EXT)])
+        imsic.set("reg", cells64(aia.imsic_base, aia.imsic_stride * len(intc_phandles)))
+        imsic.set("riscv,num-ids", aia.num_ids)
+        if aia.guest_index_bits:
+            imsic.set("riscv,guest-index-bits", aia.guest_index_bits)
+        imsic.set("phandle", imsic_phandle)
+        aplic = soc.child(f"interrupt-controller@{aia.aplic_base:x}")
+        aplic.set("compatible", "riscv,aplic")
+        aplic.set("#address-cells", 0)
+        aplic.set("#interrupt-cells", 2)
+        aplic.set("interrupt-controller", EMPTY)
+        aplic.set("msi-parent", imsic_phandle)
+        aplic.set("reg", cells64(aia.aplic_base, aia.aplic_size))
+        aplic.set("riscv,num-sources", aia.num_sources)
+        aplic.set("phandle", aplic_phandle)
+        windows: list[tuple[int, int]] = []
+        for dev in virtio_mmio:
+            if not 1 <= dev.irq <= aia.num_sources:
+                raise ValueError(f"virtio-mmio@{dev.base:x}: source {dev.irq} is not one of "
+                                 f"the APLIC's 1..{aia.num_sources}")
+            for b, e in windows:
+                if dev.base < e and b < dev.base + dev.size:
+                    raise ValueError(f"virtio-mmio@{dev.base:x} overlaps the window at {b:#x}")
+            windows.append((dev.base, dev.base + dev.size))
+            node = soc.child(f"virtio_mmio@{dev.base:x}")
+            node.set("compatible", "virtio,mmio")
+            node.set("reg", cells64(dev.base, dev.size))
+            node.set("interrupt-parent", aplic_phandle)
+            node.set("interrupts", [dev.irq, IRQ_TYPE_LEVEL_HIGH])
 
     boot = boot_hartid if boot_hartid is not None else int(harts[0]["hartid"])
     return to_dtb(root, boot_cpuid=boot)

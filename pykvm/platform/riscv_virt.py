@@ -7,15 +7,32 @@ Images: ELF (at their physical addresses), Linux ``Image`` files (at RAM base + 
 ``text_offset``, e.g. kvm-unit-tests' ``.flat`` files and Linux itself) and flat binaries.
 Memory map, from the top of RAM down: the device tree (:data:`DTB_SPACE`, more for machines
 of many harts: :func:`dtb_space`), then the initrd, page-aligned, which must end up above the
-image."""
+image.
+
+Virtio devices (``virtio=`` or its alias ``virtio_mmio=``: a sequence of
+:class:`pykvm.devices.virtio.VirtioDevice` objects, at most :data:`VIRTIO_MMIO_MAX`) sit on
+virtio-mmio transports where QEMU's virt puts them: device *i* at 0x10001000 + *i* x 0x1000
+(:mod:`pykvm.devices.virtio.mmio`, 4 KiB windows), its level-triggered interrupt on APLIC
+source 1 + *i*, each a ``virtio,mmio`` node of the device tree. Their interrupts go through
+KVM's in-kernel AIA irqchip (:mod:`pykvm.arch.riscv.aia`: an APLIC at 0x0D000000 delivering
+MSIs to an IMSIC file per hart from 0x28000000, described in the device tree as QEMU's virt
+describes them under KVM), driven with KVM_IRQ_LINE. The AIA is created when virtio devices
+are asked for (or ``aia=True``); a host whose KVM has none refuses such a machine with one line
+(:class:`~pykvm.arch.riscv.aia.AiaUnavailable`). The guest needs Ssaia to use its IMSIC: a cpu
+type without it is refused (ValueError) when the AIA is on."""
 from __future__ import annotations
 
 import os
+import threading
 
 from .. import boot, status
+from ..arch.riscv import aia as aia_mod
 from ..arch.riscv import cpu, insn, sbi
 from ..arch.riscv.extensions import canonical_isa_string
-from ..errors import KvmError
+from ..devices.bus import MMIO_LIMIT, Bus
+from ..devices.virtio import VirtioDevice
+from ..devices.virtio.mmio import MAX_ACCESS as VIRTIO_MMIO_ACCESS, VirtioMmio
+from ..errors import Closed, KvmError
 from ..report import decode as decode_report
 from ..runloop import LoopConfig, UartGroup
 from . import fdt
@@ -23,13 +40,17 @@ from .base import MachineControl
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import ClassVar, Iterable, Optional, Tuple
+    from typing import ClassVar, Iterable, List, Optional, Tuple
 
 RAM_BASE = 0x80000000
 DTB_SPACE = 64 << 10
 DTB_SPACE_PER_HART = 2 << 10    # bytes: a cpu@N node with every ISA extension named is ~1 KiB
 UART_BASE = fdt.UART_BASE
 INITRD_ALIGN = 4096
+VIRTIO_MMIO_BASE = fdt.VIRTIO_MMIO_BASE      # device i at base + i * stride
+VIRTIO_MMIO_STRIDE = fdt.VIRTIO_MMIO_STRIDE
+VIRTIO_MMIO_IRQ = fdt.VIRTIO_MMIO_IRQ        # device i on APLIC source 1 + i
+VIRTIO_MMIO_MAX = fdt.VIRTIO_MMIO_MAX
 CSR_SEED = 0x015                # Zkr entropy source CSR
 SEED_OPST_ES16 = 0b10 << 30     # "16 bits of entropy follow"
 
@@ -67,7 +88,14 @@ class VirtPlatform:
     ``suspend_seconds`` (how long an SBI system suspend sleeps), ``sbi_extensions`` (KVM SBI
     extensions enabled before the first run), ``on_suspend`` (called with each
     :class:`~pykvm.arch.riscv.sbi.SuspendEvent`), ``uart`` (the ns16550a at
-    :data:`UART_BASE`: in the device tree and served by the run loop)."""
+    :data:`UART_BASE`: in the device tree and served by the run loop), ``virtio`` /
+    ``virtio_mmio`` (virtio device models on virtio-mmio, module docstring; the two lists are
+    joined, ``virtio_mmio`` first: :attr:`virtio_mmio_devices` lists ``(base, irq,
+    transport)``), ``aia`` (None: the in-kernel AIA irqchip when there are virtio devices;
+    True: always, False: never, which refuses virtio devices), ``aia_mode`` ("emul",
+    "hwaccel", "auto" or None for KVM's default). Raises ValueError for more than
+    :data:`VIRTIO_MMIO_MAX` devices or one that is not a VirtioDevice,
+    :class:`~pykvm.arch.riscv.aia.AiaUnavailable` where the host has no AIA."""
     name: ClassVar[str] = "virt"
     arch: ClassVar[str] = "riscv64"
     ram_base: ClassVar[int] = RAM_BASE
@@ -75,7 +103,18 @@ class VirtPlatform:
     def __init__(self, vm, kvm, control: MachineControl, *, vcpus: int, mem_size: int,
                  cpu_type: str = "max", disable: Iterable[str] = (),
                  suspend_seconds: float = 0.0, sbi_extensions: Iterable[str] = ("dbcn", "susp"),
-                 on_suspend=None, uart: bool = True):
+                 on_suspend=None, uart: bool = True, virtio=(), virtio_mmio=(),
+                 aia: Optional[bool] = None, aia_mode: Optional[str] = None):
+        models = tuple(virtio_mmio) + tuple(virtio)
+        if len(models) > VIRTIO_MMIO_MAX:
+            raise ValueError(f"{len(models)} virtio devices; the virt machine has "
+                             f"{VIRTIO_MMIO_MAX} virtio-mmio slots")
+        for d in models:
+            if not isinstance(d, VirtioDevice):
+                raise ValueError(f"virtio takes VirtioDevice objects, not {d!r}")
+        if models and aia is False:
+            raise ValueError("virtio devices on the virt machine need the AIA irqchip "
+                             "(aia=False was given)")
         self.vm, self.kvm, self.control = vm, kvm, control
         self.vcpus = vcpus
         self.cpu_type = cpu_type
@@ -93,6 +132,25 @@ class VirtPlatform:
         self.sbi = sbi.SbiServices(vm.memory, console=control.console,
                                    suspend_seconds=suspend_seconds, on_suspend=on_suspend)
         self.ram = vm.add_memory(RAM_BASE, mem_size)
+        self.aia: Optional[aia_mod.Aia] = None
+        self.mmio = Bus("mmio", MMIO_LIMIT)
+        self.virtio_mmio_devices: List[Tuple[int, int, VirtioMmio]] = []
+        self._irq_lock = threading.Lock()
+        if models or aia:
+            try:
+                self.aia = aia_mod.Aia(vm.fd, max(vcpus, 1), mode=aia_mode)
+            except aia_mod.AiaUnavailable as e:
+                if models:
+                    raise aia_mod.AiaUnavailable(
+                        f"virtio devices need an interrupt controller: {e}") from None
+                raise
+        for i, model in enumerate(models):
+            base, irq = VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_IRQ + i
+            transport = VirtioMmio(model, vm.memory,
+                                   set_irq=lambda level, n=irq: self.irq(n, level))
+            self.mmio.insert(base, VIRTIO_MMIO_STRIDE, transport, max_access=VIRTIO_MMIO_ACCESS,
+                             name=f"virtio-mmio{i}")
+            self.virtio_mmio_devices.append((base, irq, transport))
 
     @classmethod
     def max_vcpus(cls, image_format: str, **_options) -> Tuple[Optional[int], str]:
@@ -168,6 +226,14 @@ class VirtPlatform:
                 sbi.enable_sbi_extension(vcpu, name)
             except (KvmError, cpu.ExtensionError):
                 pass                      # absent on this kernel: guests see NOT_SUPPORTED
+        if self.aia is not None:
+            if self.cpu_result is not None and not self.cpu_result.final.get("ssaia"):
+                raise ValueError(f"cpu type {self.cpu_type!r} leaves out Ssaia, which the "
+                                 "guest needs to take interrupts from the AIA irqchip "
+                                 "(virtio devices)")
+            self.aia.set_imsic(index)
+            if index == max(self.vcpus, 1) - 1:
+                self.aia.init()          # every vCPU has its IMSIC: the irqchip goes live
         if index == 0:
             self._write_dtb(vcpu)
         cpu.set_boot_state(vcpu, pc=self.image.entry, hartid=index, dtb=self.dtb_addr)
@@ -188,12 +254,37 @@ class VirtPlatform:
         hart = cpu.hart_description(vcpu, 0, isa=self.advertised_isa(vcpu))
         harts = [dict(hart, hartid=i) for i in range(max(self.vcpus, 1))]
         self.dtb = fdt.build_dtb(harts, RAM_BASE, self.ram.size, cpu.timebase_frequency(vcpu),
-                                 self.cmdline, uart_base=self.uart_base, initrd=self.initrd)
+                                 self.cmdline, uart_base=self.uart_base, initrd=self.initrd,
+                                 aia=self.aia_nodes(), virtio_mmio=self.virtio_nodes())
         if len(self.dtb) > self.dtb_space:
             raise ValueError(f"device tree ({len(self.dtb)} bytes) larger than its space "
                              f"({self.dtb_space} bytes): a shorter command line, or fewer harts")
         self.dtb_addr = RAM_BASE + self.ram.size - self.dtb_space
         self.vm.memory.write(self.dtb_addr, self.dtb)
+
+    def aia_nodes(self) -> Optional[fdt.AiaNodes]:
+        """The device tree's description of the AIA irqchip (None without one)."""
+        a = self.aia
+        if a is None:
+            return None
+        return fdt.AiaNodes(imsic_base=a.imsic_base, imsic_stride=aia_mod.imsic_stride(a.guest_bits),
+                            num_ids=a.ids, aplic_base=a.aplic_base, aplic_size=aia_mod.APLIC_SIZE,
+                            num_sources=a.sources, guest_index_bits=a.guest_bits)
+
+    def virtio_nodes(self) -> List[fdt.VirtioMmioNode]:
+        """The device tree's ``virtio,mmio`` nodes, one per virtio device."""
+        return [fdt.VirtioMmioNode(base=base, size=VIRTIO_MMIO_STRIDE, irq=irq)
+                for base, irq, _ in self.virtio_mmio_devices]
+
+    def irq(self, source: int, level: int) -> None:
+        """Drive APLIC source ``source`` to ``level`` (KVM_IRQ_LINE); after the machine has
+        begun stopping a refused ioctl is dropped."""
+        with self._irq_lock:
+            try:
+                self.vm.irq_line(source, level)
+            except (KvmError, Closed):
+                if not self.control.stopping():
+                    raise
 
     def report_from_exit(self, index: int, ex) -> Optional[object]:
         """The guest report an exit carries (pykvm's SBI report call), else None."""
@@ -212,6 +303,14 @@ class VirtPlatform:
             # ISA has Zkr): status ES16 (bits 31:30 = 0b10) and 16 bits of host entropy
             ex.set_return(SEED_OPST_ES16 | int.from_bytes(os.urandom(2), "little"))
             return True
+        if ex.name == "MMIO" and self.virtio_mmio_devices and \
+                self.mmio.find(ex.phys_addr) is not None:
+            addr, n = ex.phys_addr, ex.len
+            if ex.is_write:
+                self.mmio.write(addr, n, int.from_bytes(ex.data, "little"))
+            else:
+                ex.respond(self.mmio.read(addr, n).to_bytes(n, "little"))
+            return True
         return False
 
     def hold(self, index: int) -> bool:
@@ -223,7 +322,12 @@ class VirtPlatform:
         self.sbi.wake()
 
     def close_devices(self) -> None:
-        """No device of this machine holds host resources."""
+        """Close the virtio devices (their image files and locks) and the AIA device's
+        descriptor, once no vCPU runs."""
+        for _, _, transport in getattr(self, "virtio_mmio_devices", ()):
+            transport.close()
+        if getattr(self, "aia", None) is not None:
+            self.aia.close()
 
     def describe_internal_error(self, vcpu, ex, symbols=None) -> str:
         """One line on a KVM_EXIT_INTERNAL_ERROR of hart ``vcpu`` in the guest's terms: pc,
