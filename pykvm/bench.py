@@ -542,6 +542,79 @@ def boot(tmp: str, rounds: int, qemu_rounds: int, notes: list) -> dict:
     return out
 
 
+# -- virtio-blk ------------------------------------------------------------------------------
+BLK_GUEST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
+                         "bench", "virtio_blk_bench.c")
+BLK_CASES = (("read", "r", 1), ("write", "w", 1), ("read_qd32", "r", 32))
+
+
+def virtio_blk(tmp: str, rounds: int, n: int, notes: list, cases=BLK_CASES) -> dict:
+    """Host CPU per 4 KiB virtio-blk request of a tiny guest (tests/bench/virtio_blk_bench.c, a
+    multiboot ELF32 that makes ``n`` requests at queue depth 1 or 32 and halts between
+    completions): ``pykvm run --disk`` with the Python data path (``PYKVM_VIRTIO_BLK_NATIVE=0``),
+    with the C path (:mod:`pykvm.devices.virtio.fastpath`), and ``qemu-system-x86_64 -accel kvm
+    -machine pc -kernel`` with ``-device virtio-blk-pci`` (modern only) on the same image file.
+    Each figure is whole-process CPU (user + system, every thread) of a run with ``n`` requests
+    minus that of a run with none, from the same round (so boot, SeaBIOS included, cancels),
+    divided by ``n``; requests/s likewise from wall time. Returns {case: {contender: {"cpu_us",
+    "req_per_s"}}, "cpu_vs_qemu": {case: {"python", "c"}}}, or None (with a note) where the
+    guest source or QEMU is missing. Raises RuntimeError if a run fails."""
+    from .guestbuild import build
+    qemu = shutil.which("qemu-system-x86_64")
+    if not os.path.isfile(BLK_GUEST) or not qemu or HOST_ARCH != "x86_64":
+        notes.append("virtio_blk: needs a checkout (tests/bench/virtio_blk_bench.c), an x86_64 "
+                     "host and qemu-system-x86_64; not measured")
+        return None
+    image = build(BLK_GUEST, mode="protected")
+    disk = os.path.join(tmp, "blk-bench.img")
+    with open(disk, "wb") as f:
+        for _ in range(16):
+            f.write(os.urandom(1 << 20))
+    env = _cached_bytecode_env(tmp)
+
+    def cmd(who, line):
+        if who == "qemu":
+            return ([qemu, "-accel", "kvm", "-machine", "pc", "-m", "64", "-display", "none",
+                     "-nodefaults", "-no-reboot", "-kernel", image, "-append", line,
+                     "-drive", f"file={disk},if=none,id=d0,format=raw",
+                     "-device", "virtio-blk-pci,drive=d0,disable-legacy=on",
+                     "-device", "isa-debug-exit,iobase=0xf4,iosize=4"], env)
+        e = dict(env, PYKVM_VIRTIO_BLK_NATIVE="1" if who == "c" else "0")
+        return (_pykvm_command() + ["run", image, "--no-input", "--disk", disk, "--cmdline",
+                                    line, "--timeout", "600"], e)
+    who_all = ("python", "c", "qemu")
+    runs = [("idle", "n=0 d=1 o=r")] + [(c, f"n={n} d={d} o={o}") for c, o, d in cases]
+    cpu = {(w, r): [] for w in who_all for r, _ in runs}
+    wall = {(w, r): [] for w in who_all for r, _ in runs}
+    _run_timed(*cmd("c", "n=0"), 1)                              # warm caches
+    for rnd in range(rounds):
+        order = runs[rnd % len(runs):] + runs[:rnd % len(runs)]
+        for r, line in order:
+            for w in who_all[rnd % 3:] + who_all[:rnd % 3]:
+                c, e = cmd(w, line)
+                wl, cp, err = _run_timed(c, e, 1)
+                if err is not None:
+                    raise RuntimeError(f"virtio_blk {w} {line!r} exited {err[0]}: {err[1]}")
+                cpu[(w, r)].append(cp)
+                wall[(w, r)].append(wl)
+    out: dict = {"requests": n, "block": 4096, "rounds": rounds, "cpu_vs_qemu": {}}
+    for case, _o, _d in cases:
+        row = {}
+        per = {}
+        for w in who_all:
+            us = [(a - b) / n * 1e6 for a, b in zip(cpu[(w, case)], cpu[(w, "idle")])]
+            rate = [n / max(a - b, 1e-9) for a, b in zip(wall[(w, case)], wall[(w, "idle")])]
+            per[w] = us
+            row[w] = {"cpu_us": _summary(us), "req_per_s": _summary(rate)}
+        out[case] = row
+        out["cpu_vs_qemu"][case] = {w: _ratio(per[w], per["qemu"]) for w in ("python", "c")}
+    notes.append("virtio_blk: host CPU per request is whole-process CPU (vCPU thread, device "
+                 "threads, QEMU's I/O threads) of n requests minus a run with none, so the "
+                 "guest's own instructions are in it for every contender alike (on kvm_pvm "
+                 "hosts ring-0 guest code is emulated, which makes that part large)")
+    return out
+
+
 # -- scaling ---------------------------------------------------------------------------------
 def scaling(kvm, n: int) -> list:
     """Aggregate exit rate of the C run loop (I/O out to port 0x80) with 1, 2, 4, ... vCPUs up to

@@ -1,0 +1,345 @@
+"""virtio-blk's C path (pykvm.devices.virtio.fastpath, csrc/virtio_blk.c) against the Python path
+it mirrors: requests driven through a real split virtqueue in a real VM's RAM, the worker thread
+woken as a notification wakes it, the answers compared with the Python path's for the same
+requests (hostile ones included), ring rule breaks ending in DEVICE_NEEDS_RESET, interrupts
+through Python and sent by the worker itself, a write that survives SIGKILL after FLUSH, and a
+real guest on the pc machine (tests/bench/virtio_blk_bench.c) whose notifications no longer
+exit to user space."""
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pykvm.devices.virtio import F_VERSION_1, INT_VRING, DeviceHandles
+from pykvm.devices.virtio.blk import (F_FLUSH, S_OK, T_FLUSH, T_GET_ID, T_IN,
+                                      T_OUT, VirtioBlk)
+from pykvm.devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Virtqueue
+from pykvm.kvm import Kvm
+
+pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_arch("x86_64")]
+
+SLOT = 1 << 20                  # two adjacent slots: [0, 1 MiB) and [1 MiB, 2 MiB)
+DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000
+HEAP = 0x10000
+QSIZE = 64
+NOTIFY = 0xFE004000 + 0x3000    # where the pc machine's first virtio-pci function's notify is
+IMAGE = 1 << 20
+
+
+@pytest.fixture
+def vm():
+    with Kvm() as kvm, kvm.create_vm() as v:
+        v.create_irqchip()
+        v.add_memory(0, SLOT)
+        v.add_memory(SLOT, SLOT)
+        yield v
+
+
+def make_image(path):
+    data = bytes(i * 7 % 251 for i in range(IMAGE))
+    path.write_bytes(data)
+    return data
+
+
+class Driver:
+    """The driver's side of queue 0 (as tests/unit/test_virtio_blk.py's), with the device's C
+    worker started (``native``) or the Python path, waiting for the used ring either way."""
+
+    def __init__(self, vm, dev, native, features=None, msi=None):
+        self.vm, self.mem, self.dev = vm, vm.memory, dev
+        self.mem.zero(0, 2 * SLOT)
+        self.q = Virtqueue(self.mem, 0, QSIZE, DESC, AVAIL, USED, event_idx=False,
+                           indirect=False)
+        self.avail_idx = 0
+        self.irqs = []
+        self.resets = 0
+        if features is None:
+            features = dev.device_features() | (1 << F_VERSION_1)
+        self.handles = DeviceHandles(lambda cause, queue=-1: self.irqs.append((cause, queue)),
+                                     self._reset)
+        dev.activate(features, [self.q], self.handles)
+        if native:
+            dev.fastpath_update(vm, NOTIFY, msi)
+            assert dev._worker is not None, dev.native_error
+
+    def _reset(self):
+        self.resets += 1
+
+    def make_available(self, head=0):
+        self.mem.write(AVAIL + 4 + 2 * (self.avail_idx % QSIZE), struct.pack("<H", head))
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.mem.write(AVAIL + 2, struct.pack("<H", self.avail_idx))
+        self.dev.notify(0)
+
+    def wait(self, want_reset=False):
+        """Until the used index reaches what was made available (or a reset is asked for)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if want_reset and self.resets:
+                return
+            if not want_reset and struct.unpack("<H", self.mem.read(USED + 2, 2))[0] == \
+                    self.avail_idx:
+                return
+            time.sleep(0.001)
+        raise AssertionError("the device did not answer")
+
+    def submit(self, bufs, at=HEAP):
+        laid, gpa = [], at
+        for k, (b, w) in enumerate(bufs):
+            n = b if isinstance(b, int) else len(b)
+            self.mem.write(gpa, b"\xee" * n if isinstance(b, int) else b)
+            last = k == len(bufs) - 1
+            self.mem.write(DESC + 16 * k, struct.pack(
+                "<QIHH", gpa, n, (DESC_F_WRITE if w else 0) | (0 if last else DESC_F_NEXT),
+                k + 1))
+            laid.append((gpa, n, w))
+            gpa += n + 64
+        self.make_available()
+        self.wait()
+        return laid
+
+    def used(self):
+        idx = struct.unpack("<H", self.mem.read(USED + 2, 2))[0]
+        return struct.unpack("<II", self.mem.read(USED + 4 + 8 * ((idx - 1) % QSIZE), 8))
+
+    def request(self, rtype, sector=0, out=b"", in_len=0, at=HEAP):
+        bufs = [(struct.pack("<IIQ", rtype, 0, sector), False)]
+        if out:
+            bufs.append((out, False))
+        elif in_len:
+            bufs.append((in_len, True))
+        bufs.append((1, True))
+        laid = self.submit(bufs, at)
+        data = b"".join(self.mem.read(g, n) for g, n, w in laid[1:-1] if w)
+        return self.mem.read(laid[-1][0], 1)[0], data, self.used()[1]
+
+
+def test_round_trip_through_the_worker(vm, tmp_path):
+    img = tmp_path / "d.img"
+    orig = make_image(img)
+    dev = VirtioBlk(str(img), serial="fast0")
+    try:
+        d = Driver(vm, dev, native=True, features=dev.device_features() | (1 << F_VERSION_1)
+                   | (1 << F_FLUSH))
+        payload = bytes(range(256)) * 8
+        assert d.request(T_OUT, 8, out=payload)[0] == S_OK
+        assert d.request(T_FLUSH)[0] == S_OK
+        assert img.read_bytes()[8 * 512:8 * 512 + 2048] == payload        # in the file
+        st, data, used = d.request(T_IN, 8, in_len=2048, at=SLOT - 1024)  # spans both slots
+        assert (st, data, used) == (S_OK, payload, 2049)
+        st, data, used = d.request(T_GET_ID, in_len=20)
+        assert (st, data, used) == (S_OK, b"fast0".ljust(20, b"\0"), 21)
+        assert d.request(T_IN, 0, in_len=512)[1] == orig[:512]
+        assert d.irqs and set(d.irqs) == {(INT_VRING, 0)}   # through Python: msi=None
+        dev.reset()                                          # stops and joins the worker
+        assert dev._worker is None and dev.native_stats["requests"] == 5
+        assert dev.native_stats["python_irqs"] >= 1 and dev.native_stats["direct_msis"] == 0
+    finally:
+        dev.close()
+
+
+def test_the_worker_sends_an_unmasked_vector_itself(vm, tmp_path):
+    img = tmp_path / "d.img"
+    make_image(img)
+    dev = VirtioBlk(str(img))
+    try:
+        d = Driver(vm, dev, native=True, msi=(0xFEE00000, 0x41))
+        for _ in range(3):
+            assert d.request(T_IN, 0, in_len=512)[0] == S_OK
+        dev.fastpath_update(vm, NOTIFY, None)               # masked: Python raises it
+        assert d.request(T_IN, 0, in_len=512)[0] == S_OK
+        time.sleep(0.05)
+        dev.reset()
+        assert dev.native_stats["direct_msis"] == 3 and dev.native_stats["python_irqs"] == 1
+        assert len(d.irqs) == 1
+    finally:
+        dev.close()
+
+
+def _raw(rtype, sector=0):
+    return struct.pack("<IIQ", rtype, 0, sector)
+
+
+HOSTILE = [
+    ("header too short", [(_raw(T_IN)[:8], False), (512, True), (1, True)]),
+    ("header in a writable buffer", [(16, True), (1, True)]),
+    ("no status byte", [(_raw(T_FLUSH), False)]),
+    ("read past the end", [(_raw(T_IN, 2047), False), (1024, True), (1, True)]),
+    ("write past the end", [(_raw(T_OUT, 2048), False), (b"w" * 512, False), (1, True)]),
+    ("sector near 2**64", [(_raw(T_IN, 2 ** 64 - 1), False), (512, True), (1, True)]),
+    ("read not a multiple of 512", [(_raw(T_IN), False), (100, True), (1, True)]),
+    ("read with device-readable data", [(_raw(T_IN), False), (b"r" * 512, False),
+                                        (512, True), (1, True)]),
+    ("write with device-writable data", [(_raw(T_OUT), False), (b"w" * 512, False),
+                                         (512, True), (1, True)]),
+    ("unknown type", [(_raw(99), False), (1, True)]),
+    ("discard not negotiated", [(_raw(11), False), (struct.pack("<QII", 0, 8, 0), False),
+                                (1, True)]),
+    ("write zeroes", [(_raw(13), False), (struct.pack("<QII", 0, 8, 0), False), (1, True)]),
+    ("get id into 3 bytes", [(_raw(T_GET_ID), False), (3, True)]),
+]
+
+
+@pytest.mark.parametrize("name,bufs", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_requests_answered_as_the_python_path_answers(vm, tmp_path, name, bufs):
+    seen = []
+    for native in (False, True):
+        img = tmp_path / f"d{int(native)}.img"
+        make_image(img)
+        dev = VirtioBlk(str(img), native=native, serial="abcdef")
+        try:
+            features = dev.device_features() | (1 << F_VERSION_1)
+            if name == "discard not negotiated":
+                features &= ~(1 << 13)
+            d = Driver(vm, dev, native=native, features=features)
+            laid = d.submit(bufs)
+            writable = b"".join(vm.memory.read(g, n) for g, n, w in laid if w)
+            seen.append((d.used(), writable, d.resets, img.read_bytes()))
+            assert d.request(T_IN, 0, in_len=512)[0] == S_OK     # still usable
+        finally:
+            dev.close()
+    assert seen[0] == seen[1]
+    assert seen[0][2] == 0                               # no reset for any of them
+
+
+def _loop(mem):
+    mem.write(DESC, struct.pack("<QIHH", HEAP, 16, DESC_F_NEXT, 0))
+
+
+def _past_table(mem):
+    mem.write(DESC, struct.pack("<QIHH", HEAP, 16, DESC_F_NEXT, QSIZE))
+
+
+def _indirect_without_feature(mem):
+    mem.write(DESC, struct.pack("<QIHH", HEAP, 32, DESC_F_INDIRECT, 0))
+
+
+def _outside_ram(mem):
+    mem.write(DESC, struct.pack("<QIHH", 0x40000000, 512, DESC_F_WRITE, 0))
+
+
+def _readable_after_writable(mem):
+    mem.write(DESC, struct.pack("<QIHH", HEAP, 16, DESC_F_WRITE | DESC_F_NEXT, 1))
+    mem.write(DESC + 16, struct.pack("<QIHH", HEAP + 64, 16, 0, 0))
+
+
+def _lengths_past_32_bits(mem):
+    for i in range(3):
+        mem.write(DESC + 16 * i, struct.pack("<QIHH", 0, 0x7FFFFFFF, DESC_F_WRITE | (
+            DESC_F_NEXT if i < 2 else 0), i + 1))
+
+
+@pytest.mark.parametrize("breaker", [_loop, _past_table, _indirect_without_feature, _outside_ram,
+                                     _readable_after_writable, "index far ahead"],
+                         ids=lambda b: b if isinstance(b, str) else b.__name__.strip("_"))
+def test_ring_rule_breaks_end_in_needs_reset(vm, tmp_path, breaker):
+    img = tmp_path / "d.img"
+    orig = make_image(img)
+    dev = VirtioBlk(str(img))
+    try:
+        d = Driver(vm, dev, native=True)
+        if breaker == "index far ahead":
+            vm.memory.write(AVAIL + 2, struct.pack("<H", QSIZE + 1))
+            dev.notify(0)
+        else:
+            breaker(vm.memory)
+            d.make_available()
+        d.wait(want_reset=True)
+        assert d.resets == 1 and dev._broken
+        dev.notify(0)                               # broken until reset: nothing more
+        time.sleep(0.02)
+        assert d.resets == 1
+        dev.reset()
+        assert d.q.broken                            # the worker handed back why
+        assert img.read_bytes() == orig
+        d2 = Driver(vm, dev, native=True)           # after the reset a fresh queue works
+        assert d2.request(T_FLUSH)[0] == S_OK
+    finally:
+        dev.close()
+
+
+def test_lengths_summing_past_32_bits_need_reset(vm, tmp_path):
+    img = tmp_path / "d.img"
+    make_image(img)
+    dev = VirtioBlk(str(img))
+    try:
+        d = Driver(vm, dev, native=True)
+        _lengths_past_32_bits(vm.memory)
+        d.make_available()
+        d.wait(want_reset=True)
+        assert d.resets == 1
+    finally:
+        dev.close()
+
+
+CHILD = textwrap.dedent("""
+    import struct, sys, time
+    sys.path.insert(0, {here!r})
+    from test_virtio_blk_fastpath import Driver, SLOT
+    from pykvm.devices.virtio import F_VERSION_1
+    from pykvm.devices.virtio.blk import F_FLUSH, T_FLUSH, T_OUT, VirtioBlk
+    from pykvm.kvm import Kvm
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    vm.create_irqchip()
+    vm.add_memory(0, SLOT)
+    vm.add_memory(SLOT, SLOT)
+    dev = VirtioBlk(sys.argv[1])
+    d = Driver(vm, dev, native=True,
+               features=dev.device_features() | (1 << F_VERSION_1) | (1 << F_FLUSH))
+    assert d.request(T_OUT, 10, out=bytes.fromhex(sys.argv[2]))[0] == 0
+    assert d.request(T_FLUSH)[0] == 0
+    print("flushed", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_flushed_write_through_the_worker_survives_sigkill(tmp_path):
+    img = tmp_path / "d.img"
+    orig = make_image(img)
+    payload = os.urandom(4 * 512)
+    code = CHILD.format(here=os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen([sys.executable, "-c", code, str(img), payload.hex()],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()
+        assert line == "flushed\n", child.stderr.read() if child.poll() is not None else line
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+        child.stderr.close()
+    data = img.read_bytes()
+    assert data[10 * 512:10 * 512 + len(payload)] == payload
+    assert data[:10 * 512] == orig[:10 * 512]
+
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                     "virtio_blk_bench.c")
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["C", "Python"])
+@pytest.mark.parametrize("line", ["n=300 d=1 o=w", "n=300 d=8 o=r"])
+def test_a_guest_on_the_pc_machine(guest_image, tmp_path, native, line):
+    from pykvm.machine import Machine
+    img = tmp_path / "d.img"
+    make_image(img)
+    dev = VirtioBlk(str(img), native=native)
+    with Machine(guest_image(BENCH, mode="protected"), machine="pc", virtio_pci=[dev],
+                 cmdline=line) as m:
+        res = m.run(timeout=60)
+        assert res.exit == "debug_exit" and res.debug_exit_value == 0, res
+        notified_by_exit = res.exits.get("MMIO", 0)
+    if native:                       # notifications came through the ioeventfd
+        assert dev.native_stats["requests"] == 300 and notified_by_exit < 40   # set-up only
+        assert dev.native_stats["direct_msis"] >= 1
+    else:
+        assert dev.native_stats["workers"] == 0 and notified_by_exit > 40
