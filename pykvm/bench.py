@@ -71,12 +71,13 @@ UNROLL = 1000
 MEM_RAM = 16 << 20            # memory comparison: 16 MiB of guest RAM
 THRESHOLDS = {"c_loop_vs_raw": 1.05, "python_vs_raw": 1.3, "machine_on_vs_python": 1.1,
               "lifecycle_vs_raw": 1.5, "machine_mem_vs_raw": 1.5, "boot_vs_python_floor": 2.0,
-              "boot_multiboot_vs_python_floor": 2.0, "boot_vs_qemu": 0.1}
+              "boot_multiboot_vs_python_floor": 2.0, "boot_vs_qemu": 0.1,
+              "virtio_blk_cpu_vs_qemu": 1.0}
 
 QUICK = dict(rounds=5, exits=10000, life=20, mem_vms=128, mem_rounds=3, boot=5, boot_qemu=1,
-             scale_exits=3000)
+             scale_exits=3000, blk_rounds=1, blk_requests=3000)
 FULL = dict(rounds=9, exits=10000, life=40, mem_vms=128, mem_rounds=5, boot=15, boot_qemu=5,
-            scale_exits=30000)
+            scale_exits=30000, blk_rounds=3, blk_requests=10000)
 
 
 # -- guests ----------------------------------------------------------------------------------
@@ -677,6 +678,8 @@ def _headline(res: dict) -> tuple:
     put("boot_vs_python_floor", res["boot"].get("pykvm_run_vs_python_floor"))
     put("boot_multiboot_vs_python_floor", res["boot"].get("pykvm_run_multiboot_vs_python_floor"))
     put("boot_vs_kvmtool", res["boot"].get("pykvm_run_multiboot_vs_kvmtool"))
+    blk = res.get("virtio_blk")
+    put("virtio_blk_cpu_vs_qemu", blk["cpu_vs_qemu"]["read"]["c"] if blk else None)
     wall = {"c_loop_vs_raw": ex["io_out"]["c_loop"]["wall_vs_raw"],
             "python_vs_raw": ex["io_out"]["python"]["wall_vs_raw"],
             "lifecycle_vs_raw": res["lifecycle"]["wall_vs_raw"]}
@@ -701,6 +704,7 @@ def run(quick: bool = False, exits: int = 0) -> dict:
         res["memory"] = memory(kvm, image, s["mem_rounds"], s["mem_vms"])
         res["scaling"] = scaling(kvm, s["scale_exits"])
         res["boot"] = boot(tmp, s["boot"], s["boot_qemu"], notes)
+        res["virtio_blk"] = virtio_blk(tmp, s["blk_rounds"], s["blk_requests"], notes)
     notes.append("exit cost and lifecycle ratios compare the calling thread's CPU time (per-round "
                  "medians of contender/raw): what the work costs, however loaded the machine "
                  "is; wall-clock figures and ratios are reported beside them (ratios_wall)")
@@ -748,6 +752,11 @@ def report(res: dict) -> str:
         f"{k} {_fmt(b[k]['wall_ms'], digits=1)}" for k in
         ("pykvm_run", "pykvm_run_multiboot", "python_floor", "import_pykvm", "qemu",
          "kvmtool") if k in b))
+    blk = res.get("virtio_blk")
+    for case in (k for k, _o, _d in BLK_CASES if blk and k in blk):
+        lines.append(f"virtio-blk 4 KiB {case}, µs of host CPU per request (requests/s): " +
+                     ", ".join(f"{w} {_fmt(v['cpu_us'], digits=1)} ({v['req_per_s']['median']:.0f})"
+                               for w, v in blk[case].items()))
     lines.append("scaling (C loop, I/O out): " + ", ".join(
         f"{r['vcpus']} vCPU {r['exits_per_s'] / 1e3:.0f}k exits/s" for r in res["scaling"]))
     lines += ["", "ratios (median of per-round ratios; limit):"]
