@@ -35,7 +35,7 @@ from ..devices.virtio.mmio import MAX_ACCESS as VIRTIO_MMIO_ACCESS, VirtioMmio
 from ..errors import Closed, KvmError
 from ..report import decode as decode_report
 from ..runloop import LoopConfig, UartGroup
-from . import fdt
+from . import fdt, virtio_devices
 from .base import MachineControl
 
 TYPE_CHECKING = False
@@ -151,6 +151,8 @@ class VirtPlatform:
             self.mmio.insert(base, VIRTIO_MMIO_STRIDE, transport, max_access=VIRTIO_MMIO_ACCESS,
                              name=f"virtio-mmio{i}")
             self.virtio_mmio_devices.append((base, irq, transport))
+
+    make_virtio = staticmethod(virtio_devices.build)   # disks, rng, console -> models
 
     @classmethod
     def max_vcpus(cls, image_format: str, **_options) -> Tuple[Optional[int], str]:
