@@ -224,7 +224,9 @@ def riscv_kernel(archive: Archive, suite: str) -> tuple[dict, Path, list[tuple[P
     if not vml:
         raise LabError(f"{binname}: no vmlinuz inside")
     kvm = [kdir / r for r in json.loads(stamp.read_text())["kvm"]]
-    info = {"kernel_package": binname, "kernel_version": kver, "package_version": pkgver, "suite": suite}
+    # modules_deb: for the root-disk guest (linux_guest.lab_part), as the nested lab's kernel has
+    info = {"kernel_package": binname, "kernel_version": kver, "package_version": pkgver, "suite": suite,
+            "modules_deb": str(mod_deb)}
     return info, vml[0], [(kvm[0], "")]
 
 
@@ -613,7 +615,10 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
         return 3
     if lab == "riscv":
         runs = [(f"riscv-{cpu}", [
-            "-machine", "virt", "-cpu", "rv64,h=true" if cpu == "rv64" else cpu, "-m", "2G", "-smp", "2",
+            # AIA (APLIC + IMSIC, with Smaia/Ssaia on the harts): L1's KVM then offers its
+            # in-kernel AIA irqchip (KVM_DEV_TYPE_RISCV_AIA), which pykvm's virtio devices need
+            "-machine", "virt,aia=aplic-imsic",
+            "-cpu", "rv64,h=true,smaia=true,ssaia=true" if cpu == "rv64" else cpu, "-m", "2G", "-smp", "2",
             "-no-reboot", "-nic", "none", "-kernel", str(workdir / "vmlinuz"), "-initrd", str(initrd),
             # an unknown name=value on the kernel command line reaches /init's environment:
             # the inner tests learn which CPU model they run on
