@@ -366,7 +366,7 @@ def _root_disk_vm(archive, arch: str, name: str, out_dir: Path, size_mib: int) -
     print(f"initramfs: {initrd}  ({info['boot_busybox']}; modules: {' '.join(info['boot_modules']) or 'none'})")
     print(f"root disk: {img}  (ext4, {size_mib} MiB; {info['root_busybox']})")
     print(f"boot it:   pykvm run {kout} --initrd {initrd} --disk {img} --rng --mem 256M "
-          "--cmdline 'console=ttyS0 root=/dev/vda rw loglevel=4'")
+          "--cmdline 'console=ttyS0 root=/dev/vda rw pci=noacpi loglevel=4'")
     print("           (--console virtio with console=hvc0 instead of ttyS0 for the virtio console; "
           f"--disk {img},ro keeps the image unchanged; exit the shell to power off)")
     return 0

@@ -100,9 +100,11 @@ while read -r mod args; do
   insmod "/lib/modules/$mod" $args || echo "$M insmod $mod failed"
 done < /lib/modules/modules.list
 i=0
-while [ ! -b "$root" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+while [ ! -b "$root" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 if [ ! -b "$root" ]; then
   echo "$M root $root did not appear; block devices: $(ls /sys/block 2>/dev/null)"
+  echo "$M PCI functions: $(cd /sys/bus/pci/devices 2>/dev/null && for f in *; do printf '%s=%s:%s ' $f $(cat $f/vendor $f/device); done)"
+  dmesg | grep -iE 'pci|virtio|msi' | tail -30
   poweroff -f; sleep 5
 fi
 dev=${root#/dev/}
