@@ -15,7 +15,7 @@ from .._host import HOST_ARCH
 from ..errors import PykvmError
 from ..kvm import Kvm
 from ..outfile import ReportPathError, check_report_path
-from . import device_generator, device_runner, generator
+from . import device_generator, device_runner, generator, virtio_generator
 from .replay import replay
 from .runner import worker_main
 from .supervisor import (DEFAULT_OUT, EXIT_ENVIRONMENT, EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_OK,
@@ -114,6 +114,8 @@ def _modes(text: str) -> List[str]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise argparse.ArgumentTypeError("no modes given (use real,protected,long)")
+    if all(p in virtio_generator.MODES for p in parts):       # --virtio targets
+        return [m for m in virtio_generator.MODES if m in parts]
     bad = [p for p in parts if p not in generator.MODES]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown mode {bad[0]!r} "
@@ -151,11 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
                "too. Exit status: 0 no findings, 1 findings, 2 bad arguments, 8 /dev/kvm or the "
                "host unusable (stdout closed or full, a reproducer that could not be saved), "
                "141 stdout's reader gone, 130 interrupted (the summary so far is printed). See "
-               "docs/fuzzing.md.",
+               "docs/fuzzing.md. Virtio mode (--virtio): each case is a hostile driver of one "
+               "virtio device (rng, blk on a temporary image, blk-ro, console) behind "
+               "virtio-mmio or virtio-pci, replayed on the host against the real model: "
+               "registers and configuration space of every width, PCI configuration with its "
+               "PCI_CFG window and MSI-X, broken initialisations, rings laid out in guest RAM "
+               "and mutated (loops, indices past the table, bad indirect tables, lengths near "
+               "2^32, buffers outside RAM, avail index jumps), then notified; --modes picks "
+               f"targets from {','.join(virtio_generator.MODES)}. There an invariant the "
+               "device broke (invariant), an operation over 5 s (cpu) or host memory or fds "
+               "kept (leak) are findings too.",
     )
     p.add_argument("--devices", action="store_true",
                    help="device mode: fuzz the PC machine's devices instead of the CPU (see "
                         "below); --modes then picks from protected,long")
+    p.add_argument("--virtio", action="store_true",
+                   help="virtio mode: fuzz the virtio transports and devices (see below); "
+                        "--modes then picks targets such as mmio-rng,pci-blk")
     p.add_argument("--runs", type=_positive_int, default=1000, metavar="N",
                    help="number of cases to run (default %(default)s)")
     p.add_argument("--seed", type=_seed, default=0, metavar="S",
@@ -239,11 +253,22 @@ def main(argv=None) -> int:
     if args.devices and not device_runner.supported():
         return _fail(EXIT_USAGE, f"{PROG}: error: --devices drives the x86 PC machine's "
                      f"devices; this host is {HOST_ARCH}")
+    if args.virtio and args.devices:
+        parser.error("--virtio and --devices are different modes: pick one")
     if args.deadline is None:
-        args.deadline = (device_generator.DEFAULT_DEADLINE if args.devices
+        args.deadline = (virtio_generator.DEFAULT_DEADLINE if args.virtio else
+                         device_generator.DEFAULT_DEADLINE if args.devices
                          else generator.DEFAULT_DEADLINE)
     if args.modes is None:
-        args.modes = list(device_generator.MODES if args.devices else generator.MODES)
+        args.modes = list(virtio_generator.MODES if args.virtio else
+                          device_generator.MODES if args.devices else generator.MODES)
+    elif args.virtio:
+        bad = [m for m in args.modes if m not in virtio_generator.MODES]
+        if bad:
+            parser.error("argument --modes: virtio mode runs the targets "
+                         f"{','.join(virtio_generator.MODES)}, not {bad[0]!r}")
+    elif any(m in virtio_generator.MODES for m in args.modes):
+        parser.error(f"argument --modes: {args.modes[0]!r} is a --virtio target")
     elif args.devices:
         bad = [m for m in args.modes if m not in device_generator.MODES]
         if bad:
@@ -269,7 +294,7 @@ def main(argv=None) -> int:
                          quiet=args.quiet, inject=args._inject, start=args._start,
                          warmup=args._warmup, fd_slack=args._fd_slack,
                          rss_slack_mb=args._rss_slack_mb, check_interval=args._check_interval,
-                         grace=args._grace, devices=args.devices)
+                         grace=args._grace, devices=args.devices, virtio=args.virtio)
         try:
             sup.run()
         except RuntimeError as e:

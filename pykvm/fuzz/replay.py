@@ -33,6 +33,7 @@ def replay(path: str, *, as_json: bool = False, grace: float = HANG_GRACE,
                          jobs=1, deadline=g["deadline"], modes=g["modes"],
                          max_vcpus=g["max_vcpus"], out_dir=out_dir, quiet=quiet,
                          inject=doc.get("inject", ()), devices=bool(g.get("devices")),
+                         virtio=bool(g.get("virtio")),
                          warmup=min(WARMUP, max(1, n // 4)), check_interval=0.05,
                          fd_slack=doc.get("fd_slack", FD_SLACK),
                          rss_slack_mb=doc.get("rss_slack_mb", RSS_SLACK_MB))
@@ -50,7 +51,7 @@ def replay(path: str, *, as_json: bool = False, grace: float = HANG_GRACE,
     sup = Supervisor(runs=1, seed=case["seed"], jobs=1, deadline=case["deadline"],
                      modes=[case["mode"]], max_vcpus=len(case["vcpus"]), out_dir=out_dir,
                      quiet=True, inject=inject, grace=grace,
-                     devices=cases.is_device_case(case))
+                     devices=cases.is_device_case(case), virtio=cases.is_virtio_case(case))
     result = _replay_one(sup, case, case_doc)
     result.update(replay=path, expected=expected, mode=case["mode"], vcpus=len(case["vcpus"]),
                   seed=case["seed"], index=case["index"])

@@ -23,7 +23,7 @@ from ..errors import PykvmError
 from ..kvm import Kvm
 from ..runloop import LoopConfig, RunLoop
 from ..testing.reference_loop import ReferenceLoop
-from . import cases, device_runner
+from . import cases, device_runner, virtio_runner
 
 # Exits after which the vCPU is run again (until the case's stop budget is used up).
 RESUMABLE = frozenset({"IO", "MMIO", "HLT", "INTR", "IRQ_WINDOW_OPEN", "DEBUG", "X86_RDMSR",
@@ -89,7 +89,9 @@ class CaseRunner:
         res = {"outcome": None, "stops": []}
         try:
             self._injections(case["index"])
-            if cases.is_device_case(case):
+            if cases.is_virtio_case(case):
+                res.update(virtio_runner.run_case(self.kvm, case))
+            elif cases.is_device_case(case):
                 res.update(device_runner.run_case(self.kvm, case,
                                                   inject=self.inject.get(case["index"], ())))
             else:

@@ -12,7 +12,10 @@ A case that ends in an *outcome* (:mod:`pykvm.fuzz.runner`) is counted. Everythi
 * ``vmm_error`` (device mode) the guest ended the machine with pykvm's VMM-error status (8): a
                 device or exit handler raised, or KVM refused what a device asked of it;
 * ``cpu``       (device mode) the VMM's host CPU time exceeded the bound per guest access
-                (:data:`pykvm.fuzz.device_runner.CPU_PER_ACCESS_S`).
+                (:data:`pykvm.fuzz.device_runner.CPU_PER_ACCESS_S`);
+* ``invariant`` (virtio mode) a virtio device broke a rule :mod:`pykvm.fuzz.virtio_runner`
+                checks after every operation (running with a broken queue, an interrupt
+                line out of step, a read-only image written).
 
 Cases run in worker processes (``python -m pykvm.fuzz`` started with a hidden worker option,
 :func:`pykvm.fuzz.runner.worker_main`); the :class:`Supervisor` hands them index ranges over a
@@ -45,7 +48,7 @@ EXIT_ENVIRONMENT = status.VMM_ERROR   # /dev/kvm or the host unusable
 EXIT_INTERRUPTED = status.SIGINT
 
 FINDING_FORMAT = "pykvm-fuzz-finding/1"
-FINDING_KINDS = ("crash", "hang", "exception", "leak", "vmm_error", "cpu")
+FINDING_KINDS = ("crash", "hang", "exception", "leak", "vmm_error", "cpu", "invariant")
 
 DEFAULT_OUT = os.path.join("build", "fuzz-findings")
 HANG_GRACE = 2.0              # a case running past deadline + this is a hang
@@ -219,7 +222,8 @@ class Supervisor:
                  out_dir: str, quiet: bool = False, inject=(), start: int = 0,
                  warmup: int = WARMUP, fd_slack: int = FD_SLACK, rss_slack_mb: float = RSS_SLACK_MB,
                  check_interval: float = CHECK_INTERVAL, grace: float = HANG_GRACE,
-                 progress_interval: float = PROGRESS_INTERVAL, devices: bool = False):
+                 progress_interval: float = PROGRESS_INTERVAL, devices: bool = False,
+                 virtio: bool = False):
         self.runs, self.seed, self.jobs = runs, seed, jobs
         self.deadline, self.modes, self.max_vcpus = deadline, list(modes), max_vcpus
         self.out_dir, self.quiet, self.inject = out_dir, quiet, list(inject)
@@ -231,6 +235,9 @@ class Supervisor:
         self.gen = {"seed": seed, "modes": self.modes, "max_vcpus": max_vcpus, "deadline": deadline}
         if devices:
             self.gen["devices"] = True
+        self.virtio = virtio
+        if virtio:
+            self.gen["virtio"] = True
         self.pending: collections.deque = collections.deque()    # indices not yet handed out
         self.outcomes: collections.Counter = collections.Counter()
         self.by_mode: Dict[str, collections.Counter] = {m: collections.Counter() for m in self.modes}
@@ -531,6 +538,7 @@ class Supervisor:
             "crashes": kinds["crash"], "hangs": kinds["hang"], "leaks": kinds["leak"],
             "exceptions": kinds["exception"], "vmm_errors": kinds["vmm_error"],
             "cpu_overruns": kinds["cpu"], "devices": self.devices,
+            "virtio": self.virtio, "invariants": kinds["invariant"],
             "finding_signatures": dict(self.signatures.most_common()),
             "findings": [{k: f[k] for k in ("kind", "index", "detail", "file") if k in f}
                          for f in self.findings[:500]],
@@ -544,7 +552,7 @@ def print_summary(s: dict, out=None) -> None:
     out = sys.stdout if out is None else out     # the stdout of now (a program watches it)
     p = lambda *a: print(*a, file=out)       # noqa: E731
     state = " (interrupted)" if s["interrupted"] else ""
-    what = " --devices" if s.get("devices") else ""
+    what = " --virtio" if s.get("virtio") else " --devices" if s.get("devices") else ""
     p(f"pykvm fuzz{what}{state}: {s['runs']} runs in {s['seconds']:.1f} s ({s['runs_per_s']:.1f} runs/s); "
       f"seed {s['seed']}, jobs {s['jobs']}, modes {','.join(s['modes'])}, "
       f"deadline {s['deadline']} s, up to {s['max_vcpus']} vCPUs")
@@ -562,6 +570,9 @@ def print_summary(s: dict, out=None) -> None:
     p(f"exceptions: {s['exceptions']}")
     if s.get("devices"):
         p(f"vmm errors: {s['vmm_errors']}")
+        p(f"cpu overruns: {s['cpu_overruns']}")
+    if s.get("virtio"):
+        p(f"invariants broken: {s['invariants']}")
         p(f"cpu overruns: {s['cpu_overruns']}")
     if s["findings"]:
         p("findings:")

@@ -2,7 +2,11 @@
 
 Queues: receiveq (0, host -> guest) and transmitq (1, guest -> host). Bytes the driver places
 in the transmitq go to the ``on_output`` callback, in order, in pieces of at most 64 KiB (a
-guest cannot make the host hold more than that of its output at once). Host input given to
+guest cannot make the host hold more than that of its output at once), and at most
+:data:`OUTPUT_BUDGET` (16 MiB) per notification of the transmitq: descriptors may all name the
+same guest pages, so a few KiB of guest RAM could otherwise ask for 2^32 bytes per chain times
+the queue size; chains past the budget are still returned (used length 0) and their bytes are
+counted in :attr:`VirtioConsole.output_dropped`. Host input given to
 :meth:`VirtioConsole.feed` waits in a bounded buffer (64 KiB; what does not fit is dropped and
 counted in :attr:`VirtioConsole.input_dropped`) until the driver makes receive buffers
 available: it is delivered on :meth:`~VirtioConsole.feed`, on the driver's notification of
@@ -33,6 +37,7 @@ F_SIZE, F_MULTIPORT, F_EMERG_WRITE = 0, 1, 2
 RECEIVEQ, TRANSMITQ = 0, 1
 INPUT_LIMIT = 64 * 1024            # bytes of host input held for the guest
 OUTPUT_PIECE = 64 * 1024           # most bytes handed to on_output at once
+OUTPUT_BUDGET = 16 << 20           # most bytes output per transmitq notification
 CONFIG_SIZE = 12
 
 
@@ -42,7 +47,8 @@ class VirtioConsole(VirtioDevice):
     propagates to the caller of :meth:`notify`); ``cols``/``rows``: the terminal size the
     driver reads (1..65535 each, ValueError otherwise). :meth:`feed` may be called from any
     thread. Counters: ``input_dropped`` (bytes of host input lost to a full buffer),
-    ``output_bytes`` (bytes the guest sent)."""
+    ``output_bytes`` (bytes the guest sent), ``output_dropped`` (bytes past
+    :data:`OUTPUT_BUDGET` in one notification, not output)."""
 
     device_id = ID_CONSOLE
     num_queues = 2
@@ -55,6 +61,7 @@ class VirtioConsole(VirtioDevice):
         self.cols, self.rows = cols, rows
         self.input_dropped = 0
         self.output_bytes = 0
+        self.output_dropped = 0
         self._rx_lock = threading.Lock()      # the receive queue, the input buffer, the state
         self._input = bytearray()
         self._queues: List[Optional[Any]] = [None, None]
@@ -156,13 +163,14 @@ class VirtioConsole(VirtioDevice):
         h.needs_reset()
 
     def _deliver(self) -> None:
-        """Fill the driver's receive buffers with pending input. The interrupt is raised after
-        the lock is let go (the transport's lock may be held by a vCPU waiting for ours)."""
+        """Fill the driver's receive buffers with pending input. The interrupt and
+        DEVICE_NEEDS_RESET are raised after the lock is let go (both take the transport's
+        lock, which a vCPU may hold while it waits for ours)."""
         with self._rx_lock:
             q, h = self._queues[RECEIVEQ], self._handles
             if q is None or h is None or self._broken or not self._input:
                 return
-            pushed = False
+            pushed = failed = irq = False
             try:
                 while self._input:
                     chain = q.pop()
@@ -174,9 +182,10 @@ class VirtioConsole(VirtioDevice):
                     pushed = True
                 irq = pushed and q.needs_interrupt()
             except QueueError:
-                self._fail(h)
-                return
-        if irq:
+                self._broken = failed = True
+        if failed:
+            h.needs_reset()
+        elif irq:
             h.interrupt(INT_VRING, RECEIVEQ)
 
     def _transmit(self) -> None:
@@ -186,13 +195,20 @@ class VirtioConsole(VirtioDevice):
         pushed = False
         out: List[bytes] = []
         held = 0
+        budget = OUTPUT_BUDGET
         try:
             while True:
                 chain = q.pop()
                 if chain is None:
                     break
-                for off in range(0, chain.readable_len, OUTPUT_PIECE):
-                    piece = chain.read(off, OUTPUT_PIECE)
+                off = 0
+                while off < chain.readable_len:
+                    if budget <= 0:                # the rest of this notification: dropped
+                        self.output_dropped += chain.readable_len - off
+                        break
+                    piece = chain.read(off, min(OUTPUT_PIECE, budget))
+                    off += len(piece)
+                    budget -= len(piece)
                     self.output_bytes += len(piece)
                     out.append(piece)
                     held += len(piece)
