@@ -184,7 +184,7 @@ def _interactive(files, tmp_path, console, record_property):
             child.expect(rf"pykvm\.nonce={nonce}")
             child.expect(PROMPT)
             child.sendline("echo $((6*7))")
-            child.expect(r"\r\n42\r\n")
+            child.expect(r"[\r\n]42[\r\n]")          # the answer on a line of its own
             child.expect(PROMPT)
             child.sendline("cat /sys/class/tty/console/active; exit")
             child.expect("powering off")
@@ -200,7 +200,7 @@ def _interactive(files, tmp_path, console, record_property):
     record_property(f"console_{console}_prompt_s", round(t_prompt, 1))
     record_property(f"console_{console}_run_s", round(total, 1))
     print(f"timing console {console}: shell prompt {t_prompt:.1f} s, whole session {total:.1f} s")
-    active = re.search(r"\r\n((?:ttyS0|hvc0)[^\r\n]*)\r\n", text)
+    active = re.search(r"[\r\n]((?:ttyS0|hvc0)[^\r\n]*)[\r\n]", text)
     assert active and active.group(1) == CONSOLE[console].split("=")[1], text[-2000:]
     assert child.exitstatus == 0, f"pykvm run exited {child.exitstatus} / signal {child.signalstatus}"
 
