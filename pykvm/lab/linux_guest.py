@@ -365,10 +365,8 @@ def _root_disk_vm(archive, arch: str, name: str, out_dir: Path, size_mib: int) -
     print(f"kernel:    {kout}  ({kdesc})")
     print(f"initramfs: {initrd}  ({info['boot_busybox']}; modules: {' '.join(info['boot_modules']) or 'none'})")
     print(f"root disk: {img}  (ext4, {size_mib} MiB; {info['root_busybox']})")
-    # x86: pykvm's DSDT has no PCI host bridge, so Linux must scan bus 0 itself (docs/linux-guests.md)
-    pci = " pci=noacpi" if arch == "amd64" else ""
     print(f"boot it:   pykvm run {kout} --initrd {initrd} --disk {img} --rng --mem 256M "
-          f"--cmdline 'console=ttyS0 root=/dev/vda rw{pci} loglevel=4'")
+          f"--cmdline 'console=ttyS0 root=/dev/vda rw loglevel=4'")
     print("           (--console virtio with console=hvc0 instead of ttyS0 for the virtio console; "
           f"--disk {img},ro keeps the image unchanged; exit the shell to power off)")
     return 0

@@ -10,7 +10,10 @@
   block, RTC century at CMOS 0x32, the reset register (0xCF9, value 6) — QEMU's pc ports;
 * FACS, 64-byte aligned, version 2: the firmware waking vector the OS writes before S3;
 * DSDT: ``\\_S3_`` = Package {1, 1, 0, 0} and ``\\_S5_`` = Package {0, 0, 0, 0}, the SLP_TYP
-  values QEMU's DSDT names (a 16-bit write of 0x2400 to PM1a_CNT enters S3, 0x2000 S5);
+  values QEMU's DSDT names (a 16-bit write of 0x2400 to PM1a_CNT enters S3, 0x2000 S5), and
+  the PCI root bridge ``\\_SB.PCI0`` (``PNP0A03``, bus 0, its I/O and 32-bit memory windows in
+  ``_CRS``, a ``_PRT`` giving each slot's INTA#-INTD# the GSI of its PIRQ) so that an ACPI OS
+  scans the bus;
 * MADT: the local APIC address 0xFEE00000 with PCAT_COMPAT, one enabled local APIC per vCPU
   (processor uid = APIC id = index), the IOAPIC (id 0, 0xFEC00000, GSI base 0), the interrupt
   source overrides QEMU's pc declares (ISA IRQ 0 → GSI 2, edge; IRQs 5, 9, 10, 11 → the same
@@ -126,12 +129,15 @@ FACS_64BIT_WAKE_SUPPORTED = 1 << 1
 
 
 def _aml_pkglength(n: int) -> bytes:
-    """AML PkgLength for a package whose contents (after the PkgLength) are ``n`` bytes."""
+    """AML PkgLength for a package whose contents (after the PkgLength) are ``n`` bytes (ACPI
+    6.5, 20.2.4: one byte up to 63, else 2-4 bytes, the low nibble first)."""
     if n + 1 < 0x40:
         return bytes([n + 1])
-    total = n + 2
-    assert total < 0x1000
-    return bytes([0x40 | (total & 0xF), total >> 4])
+    for extra in (1, 2, 3):
+        total = n + 1 + extra
+        if total < 1 << (4 + 8 * extra):
+            return bytes([(extra << 6) | (total & 0xF)]) + (total >> 4).to_bytes(extra, "little")
+    raise ValueError(f"AML package of {n} bytes is too long")
 
 
 def _aml_sleep_object(name: bytes, typ: int) -> bytes:
@@ -143,9 +149,69 @@ def _aml_sleep_object(name: bytes, typ: int) -> bytes:
     return b"\x08" + name + b"\x12" + _aml_pkglength(len(body)) + body
 
 
-def dsdt() -> bytes:
-    """A minimal DSDT: the \\_S3_ and \\_S5_ sleep type packages."""
+def _aml_int(v: int) -> bytes:
+    """An AML integer: Zero, One, or the shortest of Byte/Word/DWordConst (ACPI 20.2.3)."""
+    if v in (0, 1):
+        return bytes([v])
+    for prefix, n in ((0x0A, 1), (0x0B, 2), (0x0C, 4)):
+        if v < 1 << (8 * n):
+            return bytes([prefix]) + v.to_bytes(n, "little")
+    return b"\x0E" + v.to_bytes(8, "little")
+
+
+def _aml_package(elems: Sequence[bytes]) -> bytes:
+    body = bytes([len(elems)]) + b"".join(elems)
+    return b"\x12" + _aml_pkglength(len(body)) + body
+
+
+def _aml_buffer(data: bytes) -> bytes:
+    body = _aml_int(len(data)) + data
+    return b"\x11" + _aml_pkglength(len(body)) + body
+
+
+# PCI interrupt links as SeaBIOS programs the PIIX: INTx pin p (0 = INTA#) of slot s reaches
+# PIRQ (s + p) & 3, and PIRQA-D are ISA IRQs 10, 10, 11, 11 (pc.PIRQ_LINES)
+PIRQ_IRQS = (10, 10, 11, 11)
+PCI_HOLE_END = 0xFEBFFFFF          # below the IOAPIC: the 32-bit window PCI BARs take
+
+
+def _pci_host_bridge(hole_start: int) -> bytes:
+    """``Scope (\\_SB) { Device (PCI0) {...} }``: the PCI root bridge (``PNP0A03``) on bus 0,
+    decoding configuration mechanism #1, every I/O port but 0xCF8-0xCFF, the VGA window and
+    the 32-bit hole [``hole_start``, 0xFEBFFFFF] (``_CRS``, ACPI 6.5 section 6.4), with a
+    ``_PRT`` routing every slot's INTA#-INTD# to the GSI of its PIRQ (section 6.2.13)."""
+    word = "<BHBBBHHHHH"                  # Word Address Space Descriptor (6.4.3.5.3)
+    flags = 0x0C                          # producer, positive decode, min and max fixed
+    crs = (struct.pack(word, 0x88, 13, 2, flags, 0, 0, 0x00, 0xFF, 0, 0x100) +       # bus
+           struct.pack("<BBHHBB", 0x47, 1, 0xCF8, 0xCF8, 1, 8) +                    # conf1 ports
+           struct.pack(word, 0x88, 13, 1, flags, 3, 0, 0x0000, 0x0CF7, 0, 0x0CF8) +
+           struct.pack(word, 0x88, 13, 1, flags, 3, 0, 0x0D00, 0xFFFF, 0, 0xF300))
+    dword = "<BHBBBIIIII"                 # DWord Address Space Descriptor (6.4.3.5.2)
+    for lo, hi in ((0x000A0000, 0x000BFFFF), (hole_start, PCI_HOLE_END)):
+        if lo < hi:
+            crs += struct.pack(dword, 0x87, 23, 0, flags, 0x03, 0, lo, hi, 0, hi - lo + 1)
+    crs += b"\x79\x00"                   # End Tag, checksum 0 (6.4.2.9)
+    prt = [_aml_package([_aml_int((slot << 16) | 0xFFFF), _aml_int(pin), b"\x00",
+                         _aml_int(PIRQ_IRQS[(slot + pin) & 3])])
+           for slot in range(1, 32) for pin in range(4)]
+    body = (b"PCI0" +
+            b"\x08_HID\x0C" + bytes((0x41, 0xD0, 0x0A, 0x03)) +        # EISAID ("PNP0A03")
+            b"\x08_ADR" + _aml_int(0) + b"\x08_UID" + _aml_int(0) +
+            b"\x08_BBN" + _aml_int(0) +
+            b"\x08_CRS" + _aml_buffer(crs) +
+            b"\x08_PRT" + _aml_package(prt))
+    device = b"\x5B\x82" + _aml_pkglength(len(body)) + body
+    scope = b"\\_SB_" + device
+    return b"\x10" + _aml_pkglength(len(scope)) + scope
+
+
+def dsdt(pci_hole_start: int = 0) -> bytes:
+    """The DSDT: the \\_S3_ and \\_S5_ sleep type packages and, with ``pci_hole_start`` (the
+    first address above low RAM), the PCI root bridge \\_SB.PCI0 that tells an ACPI OS to
+    scan bus 0 (:func:`_pci_host_bridge`)."""
     aml = _aml_sleep_object(b"_S3_", SLP_TYP_S3) + _aml_sleep_object(b"_S5_", SLP_TYP_S5)
+    if pci_hole_start:
+        aml += _pci_host_bridge(pci_hole_start)
     return table(b"DSDT", 2, aml)
 
 
@@ -229,10 +295,11 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-def build_tables(base: int, vcpus: int, *, iommu: int = 0) -> AcpiTables:
+def build_tables(base: int, vcpus: int, *, iommu: int = 0, pci_hole_start: int = 0) -> AcpiTables:
     """Every table for a PC with ``vcpus`` vCPUs (APIC ids 0..vcpus-1), laid out from ``base``
-    (16-byte aligned): RSDP, FACS (64-byte aligned), DSDT, FADT, MADT, (DMAR for a VT-d
-    IOMMU whose registers are at ``iommu``), RSDT, XSDT."""
+    (16-byte aligned): RSDP, FACS (64-byte aligned), DSDT (with the PCI root bridge when
+    ``pci_hole_start``, the first address above low RAM, is given), FADT, MADT, (DMAR for a
+    VT-d IOMMU whose registers are at ``iommu``), RSDT, XSDT."""
     if base % 16:
         raise ValueError(f"ACPI tables base {base:#x} is not 16-byte aligned")
     addr: Dict[str, int] = {}
@@ -241,7 +308,7 @@ def build_tables(base: int, vcpus: int, *, iommu: int = 0) -> AcpiTables:
     pos = _align(pos + 36, 64)
     addr["FACS"] = pos
     pos = _align(pos + 64, 16)
-    d = dsdt()
+    d = dsdt(pci_hole_start)
     addr["DSDT"] = pos
     pos = _align(pos + len(d), 16)
     f = fadt(addr["FACS"], addr["DSDT"])

@@ -115,7 +115,7 @@ VIRTIO_MMIO_BASE = 0xFEB00000          # QEMU microvm's first virtio-mmio window
 VIRTIO_PCI_SLOT = 4                    # first PCI slot of virtio-pci functions
 VIRTIO_PCI_MAX = 8
 VIRTIO_PCI_BARS = 0xFE000000           # BAR 1 of function i at + i * 0x10000, BAR 4 at + 0x4000
-PIRQ_LINES = (10, 10, 11, 11)          # SeaBIOS's PIRQA-D on the PIIX
+PIRQ_LINES = acpi.PIRQ_IRQS              # SeaBIOS's PIRQA-D on the PIIX
 VIRTIO_MMIO_GSI = 16                   # device i: GSI 16 + i (IOAPIC pins 16-23)
 VIRTIO_MMIO_MAX = 8
 RTC_IRQ = 8
@@ -305,7 +305,8 @@ class PcPlatform(X86Platform):
     def _write_tables(self) -> None:
         """The ACPI tables, in the BIOS area of guest RAM."""
         self.tables = acpi.build_tables(ACPI_TABLES_ADDR, self.vcpus,
-                                        iommu=self.vtd.MMIO_RANGES[0][0] if self.vtd else 0)
+                                        iommu=self.vtd.MMIO_RANGES[0][0] if self.vtd else 0,
+                                        pci_hole_start=self.below_4g)
         self.vm.memory.write(self.tables.base, self.tables.blob)
 
     def setup_vcpu(self, vcpu, index: int) -> None:

@@ -38,10 +38,8 @@ pytestmark = [
 
 TIMEOUT = 240             # seconds per boot; one takes ~15-25 s in the lab
 MEM = "256M"
-# pci=noacpi: pykvm's DSDT describes no PCI host bridge (PNP0A03), so Linux, which takes its PCI
-# roots from ACPI, would scan no bus; without ACPI IRQ routing it probes bus 0 through the
-# 0xCF8/0xCFC ports itself (virtio-pci interrupts are MSI-X, which need no routing)
-CMDLINE = "panic=-1 loglevel=4 root=/dev/vda rw pci=noacpi"
+# Linux finds the virtio-pci functions through the DSDT's PCI root bridge (\_SB.PCI0)
+CMDLINE = "panic=-1 loglevel=4 root=/dev/vda rw"
 # one console only: busybox's cttyhack puts the shell on the last one /sys/class/tty/console/active
 # names, and pykvm feeds only the console --console names
 CONSOLE = {"serial": "console=ttyS0", "virtio": "console=hvc0"}
