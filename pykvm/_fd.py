@@ -39,10 +39,13 @@ class FdObject:
         return self._fd < 0
 
     def close(self) -> None:
-        """Close the file descriptor (idempotent)."""
+        """Close the file descriptor (idempotent). Closed here, not through the finalizer:
+        finalizers stop running once the interpreter has begun to exit (or anything has run
+        its atexit functions), and an explicit close must close regardless."""
         if self._fd >= 0:
-            self._fd = -1
-            self._finalizer()
+            fd, self._fd = self._fd, -1
+            if self._finalizer.detach() is not None:
+                os.close(fd)
 
     def __enter__(self: _Self) -> _Self:
         return self

@@ -194,7 +194,7 @@ class Machine:
         self._ended: Optional[str] = None  # why the machine cannot run again, once it cannot
         self._symbols = None               # the image's symbol table, read on first need
         self.virtio_console = None         # the virtio console (console="virtio"), if any
-        self._virtio: list = []            # virtio models made here, closed with the machine
+        self._virtio: Sequence = ()        # virtio models made here, closed with the machine
         try:
             if console not in ("serial", "virtio"):
                 raise ValueError(f"console must be 'serial' or 'virtio', not {console!r}")
@@ -242,7 +242,7 @@ class Machine:
         (:class:`~pykvm.devices.virtio.blk.DiskError` for a disk)."""
         disks, rng, console = spec              # choose_platform checked make_virtio is there
         devices, self.virtio_console = cls.make_virtio(disks, rng, console, self._console_out)
-        self._virtio.extend(devices)
+        self._virtio = tuple(devices)
         platform_opts["virtio"] = list(platform_opts.get("virtio") or ()) + devices
 
     def _check_vcpu_limits(self, vcpus: int, cls, image_format: str, options: dict) -> None:

@@ -164,10 +164,8 @@ class UartGroup:
         self.state.uart_out = int(nffi.cast("uintptr_t", self._out))
         self.state.uart_out_cap = self.OUT_CAP
         self.state.uart_irq_fd = -1
-        self._in = _new_buffer("uint8_t[]", self.IN_CAP)   # not cleared either: C reads only
-        self.state.uart_in = int(nffi.cast("uintptr_t", self._in))   # what it wrote
-        self.state.uart_in_cap = self.IN_CAP
-        self._drain_lock = threading.Lock()
+        self._in: Optional[CData] = None            # the input ring, made by the first feed
+        self._drain_lock = threading.Lock()           # also guards the input ring's making
 
     @property
     def address(self) -> int:
@@ -212,6 +210,16 @@ class UartGroup:
         view = memoryview(data).cast("B")
         if not len(view):
             return 0
+        if self._in is None:
+            with self._drain_lock:
+                if self._in is None:
+                    # not cleared: C reads only what it wrote; made here, not at start-up, so a
+                    # machine nobody types into keeps none of it. The size is stored before
+                    # the address, which is what tells the C side the ring exists
+                    ring = _new_buffer("uint8_t[]", self.IN_CAP)
+                    self.state.uart_in_cap = self.IN_CAP
+                    self.state.uart_in = int(nffi.cast("uintptr_t", ring))
+                    self._in = ring
         return nlib.pykvm_uart_input(self.state, nffi.from_buffer("uint8_t[]", view),
                                      len(view))
 

@@ -42,7 +42,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         size = vm.kvm.vcpu_mmap_size
         addr = _nlib.pykvm_map_shared(fd, size)
         if addr < 0:
-            self._finalizer()
+            FdObject.close(self)                 # the fd, whatever the interpreter state
             raise kvm_error("mmap(kvm_run)", -addr, f"vcpu {vcpu_id} size={size}")
         # The mapping lives as long as this object: close() retires it (replaces it with zeroed
         # anonymous memory), the finalizer unmaps it when the last reference goes.

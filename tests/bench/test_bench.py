@@ -15,7 +15,7 @@ pytestmark = pytest.mark.requires_arch("x86_64")
 RESULTS: list = []            # shown in the terminal summary (conftest.py)
 REQUIRED = ("c_loop_vs_raw", "python_vs_raw", "machine_on_vs_python", "lifecycle_vs_raw",
             "machine_mem_vs_raw", "boot_vs_qemu", "boot_vs_python_floor",
-            "boot_multiboot_vs_python_floor")
+            "boot_multiboot_vs_python_floor", "virtio_blk_cpu_vs_qemu")
 
 
 @pytest.fixture(scope="module")

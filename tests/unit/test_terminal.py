@@ -1,9 +1,10 @@
 """pykvm._terminal: QEMU's Ctrl-A escapes, raw mode on a real pseudo-terminal and its
 restoration, and the console thread that carries input to a ``feed`` that takes it at its own
 pace (nothing lost or reordered, the end of input, Ctrl-A x, the help line, periodic flushes)."""
-import atexit
 import os
 import pty
+import subprocess
+import sys
 import termios
 import threading
 import time
@@ -74,11 +75,19 @@ def test_restore_is_idempotent_and_survives_an_exception(a_pty):
 
 
 def test_restore_is_registered_with_atexit_while_raw(a_pty):
+    # a child process leaves raw mode on without restoring: its interpreter's exit must. (Not
+    # atexit._run_exitfuncs() here: that would run this test process's own exit functions,
+    # weakref.finalize's among them, which stops every later finalizer.)
     _, slave = a_pty
     before = termios.tcgetattr(slave)
-    t = RawTerminal(slave).__enter__()
-    atexit._run_exitfuncs()                            # what interpreter exit would do
-    assert termios.tcgetattr(slave) == before and not t.active
+    code = ("import sys, termios; from pykvm._terminal import RawTerminal\n"
+            "fd = int(sys.argv[1]); cooked = termios.tcgetattr(fd)\n"
+            "t = RawTerminal(fd).__enter__()\n"
+            "assert t.active and termios.tcgetattr(fd) != cooked\n")
+    r = subprocess.run([sys.executable, "-c", code, str(slave)], pass_fds=(slave,),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert termios.tcgetattr(slave) == before
 
 
 def test_not_a_terminal_is_left_alone():
