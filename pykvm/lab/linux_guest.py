@@ -28,6 +28,8 @@ import gzip
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import sys
 import tempfile
@@ -436,6 +438,80 @@ class GuestRun:
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.console.splitlines()[-n:])
+
+    def mark(self, prefix: str) -> str:
+        """The text of the first mark starting with ``prefix``; for tests: raises
+        AssertionError with the run's exit status, time and console tail when there is none."""
+        m = self.first(prefix)
+        if m is None:
+            raise AssertionError(f"no '{prefix}' line (exit {self.status}, {self.seconds:.0f} s):"
+                                 f"\n{self.tail()}\n{self.stderr}")
+        return m[1]
+
+    def check_exit(self) -> None:
+        """For tests: AssertionError unless ``pykvm run`` exited 0."""
+        if self.status != 0:
+            raise AssertionError(f"pykvm run exited {self.status}: {self.stderr}\n{self.tail()}")
+
+
+# -- the root-disk guest's checks, shared by the labs' tests (tests/nested, tests/riscv) --------
+def copy_root(root_img: Path, directory: Path) -> Path:
+    """A fresh copy of the root image ``root_img`` in ``directory`` (each test writes its own)."""
+    disk = Path(directory) / "root.img"
+    shutil.copyfile(root_img, disk)
+    return disk
+
+
+def token_boots(boot, disk: Path):
+    """Two batch boots of one root image through ``boot(disk, extra_cmdline) -> GuestRun``: the
+    first writes a random token and syncs, the second reads it. Returns (token, first run,
+    second run, whether the image file held the token between them)."""
+    token = secrets.token_hex(12)
+    first = boot(disk, f"pykvm.batch pykvm.token={token}")
+    image_has_token = token.encode() in Path(disk).read_bytes()
+    second = boot(disk, "pykvm.batch")
+    return token, first, second, image_has_token
+
+
+def check_root_on_vda(run: GuestRun) -> None:
+    """For tests: the run mounted /dev/vda read-write as ext4 and ran its init from there."""
+    if "mounted rw (ext4)" not in run.mark("root /dev/vda mounted"):
+        raise AssertionError(run.tail())
+    root = run.mark("root init")
+    if not re.search(r"root: /dev/vda / ext4 rw", root):
+        raise AssertionError(root)
+    if not re.search(r"disk vda: \d+ sectors, ro=0", run.mark("disk vda")):
+        raise AssertionError(run.tail())
+    run.check_exit()
+
+
+def check_token_survived(token: str, first: GuestRun, second: GuestRun,
+                         image_has_token: bool) -> None:
+    """For tests (:func:`token_boots`): the first boot found no token and wrote it, the image
+    file held it, the second boot read it back."""
+    if first.mark("token on disk") != "token on disk: none" or \
+            first.mark("token written") != f"token written: {token}":
+        raise AssertionError(first.tail())
+    if not image_has_token:
+        raise AssertionError("the token the guest wrote and synced is not in the image file")
+    if second.mark("token on disk") != f"token on disk: {token}":
+        raise AssertionError(second.tail())
+    second.check_exit()
+
+
+def check_hwrng(*runs: GuestRun) -> None:
+    """For tests: each run's /dev/hwrng was virtio_rng and gave 16 bytes, different each time."""
+    seen = []
+    for r in runs:
+        cur = r.mark("hwrng:")
+        if not re.search(r"current=virtio_rng", cur):
+            raise AssertionError(cur)
+        got = r.mark("hwrng bytes")
+        if not re.fullmatch(r"hwrng bytes: [0-9a-f]{32}", got):
+            raise AssertionError(got)
+        seen.append(got.split()[-1])
+    if len(set(seen)) != len(seen) or any(len(set(b)) <= 4 for b in seen):
+        raise AssertionError(f"hwrng gave {seen}: not 16 random bytes each time")
 
 
 def lab_files() -> tuple[Path, Path] | None:

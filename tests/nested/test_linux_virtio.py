@@ -21,7 +21,6 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -56,12 +55,6 @@ def files():
     return f
 
 
-def _copy(files, tmp_path):
-    disk = tmp_path / "root.img"
-    shutil.copyfile(files[2], disk)
-    return disk
-
-
 def _boot(files, disk_arg, extra_cmdline, *, console="serial"):
     kernel, initrd, _ = files
     r = linux_guest.run_guest(kernel, initrd, cmdline=f"{CONSOLE[console]} {CMDLINE} {extra_cmdline}",
@@ -82,64 +75,40 @@ def _timings(r, what, record_property):
     return t
 
 
-def _mark(r, prefix):
-    m = r.first(prefix)
-    assert m, f"no '{prefix}' line (exit {r.status}, {r.seconds:.0f} s):\n{r.tail()}\n{r.stderr}"
-    return m[1]
-
-
 @pytest.fixture(scope="module")
 def two_boots(files, tmp_path_factory):
     """Two batch boots of one fresh root image: the first writes a token, the second reads it."""
-    disk = _copy(files, tmp_path_factory.mktemp("blk"))
-    token = secrets.token_hex(12)
-    first = _boot(files, disk, f"pykvm.batch pykvm.token={token}")
-    image_has_token = token.encode() in disk.read_bytes()
-    second = _boot(files, disk, "pykvm.batch")
-    return token, first, second, image_has_token
+    disk = linux_guest.copy_root(files[2], tmp_path_factory.mktemp("blk"))
+    return linux_guest.token_boots(lambda d, extra: _boot(files, d, extra), disk)
 
 
 def test_virtio_blk_root_mounted_from_vda(two_boots, record_property):
     _, first, _, _ = two_boots
     _timings(first, "blk_boot1", record_property)
-    assert "mounted rw (ext4)" in _mark(first, "root /dev/vda mounted")
-    root = _mark(first, "root init")
-    assert re.search(r"root: /dev/vda / ext4 rw", root), root
-    assert re.search(r"disk vda: \d+ sectors, ro=0", _mark(first, "disk vda")), first.tail()
+    linux_guest.check_root_on_vda(first)
     assert first.first("powering off"), first.tail()
-    assert first.status == 0, f"pykvm run exited {first.status}: {first.stderr}\n{first.tail()}"
 
 
 def test_virtio_blk_data_survives_reboot(two_boots, record_property):
     token, first, second, image_has_token = two_boots
-    assert _mark(first, "token on disk") == "token on disk: none"
-    assert _mark(first, "token written") == f"token written: {token}"
-    assert image_has_token, "the token the guest wrote and synced is not in the image file"
     _timings(second, "blk_boot2", record_property)
-    assert _mark(second, "token on disk") == f"token on disk: {token}", second.tail()
-    assert second.status == 0, f"pykvm run exited {second.status}: {second.stderr}\n{second.tail()}"
+    linux_guest.check_token_survived(token, first, second, image_has_token)
 
 
 def test_virtio_rng_hwrng_readable(two_boots):
     _, first, second, _ = two_boots
-    for r in (first, second):
-        cur = _mark(r, "hwrng:")
-        assert re.search(r"current=virtio_rng", cur), cur
-        got = _mark(r, "hwrng bytes")
-        assert re.fullmatch(r"hwrng bytes: [0-9a-f]{32}", got), got
-    b1, b2 = (_mark(r, "hwrng bytes").split()[-1] for r in (first, second))
-    assert b1 != b2 and len(set(b1)) > 4, (b1, b2)       # 16 random bytes, not a constant
+    linux_guest.check_hwrng(first, second)
 
 
 def test_virtio_blk_read_only_disk_unchanged(files, tmp_path, record_property):
-    disk = _copy(files, tmp_path)
+    disk = linux_guest.copy_root(files[2], tmp_path)
     before = hashlib.sha256(disk.read_bytes()).hexdigest(), disk.stat().st_mtime_ns
     r = _boot(files, f"{disk},ro", "pykvm.batch pykvm.write-probe pykvm.token=never")
     _timings(r, "blk_ro", record_property)
-    assert "mounted ro (ext4)" in _mark(r, "root /dev/vda mounted"), r.tail()
-    assert re.search(r"disk vda: \d+ sectors, ro=1", _mark(r, "disk vda")), r.tail()
-    assert _mark(r, "token write") == "token write failed", r.tail()
-    probe = _mark(r, "write probe")
+    assert "mounted ro (ext4)" in r.mark("root /dev/vda mounted"), r.tail()
+    assert re.search(r"disk vda: \d+ sectors, ro=1", r.mark("disk vda")), r.tail()
+    assert r.mark("token write") == "token write failed", r.tail()
+    probe = r.mark("write probe")
     assert probe.startswith("write probe: refused") and "Read-only" in probe, probe
     assert r.status == 0, f"pykvm run exited {r.status}: {r.stderr}\n{r.tail()}"
     after = hashlib.sha256(disk.read_bytes()).hexdigest(), disk.stat().st_mtime_ns
@@ -164,7 +133,7 @@ def _interactive(files, tmp_path, console, record_property):
     pexpect = pytest.importorskip("pexpect")
     _ensure_devpts()
     kernel, initrd, _ = files
-    disk = _copy(files, tmp_path)
+    disk = linux_guest.copy_root(files[2], tmp_path)
     nonce = secrets.token_hex(6)
     cmdline = f"{CONSOLE[console]} {CMDLINE} pykvm.nonce={nonce}"
     argv = ["-m", "pykvm", "run", str(kernel), "--initrd", str(initrd), "--disk", str(disk), "--rng",

@@ -19,7 +19,6 @@ Where L1's KVM has no AIA device, ``pykvm run --disk`` fails with one line, chec
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -57,12 +56,6 @@ def files():
     return f
 
 
-def _copy(files, tmp_path):
-    disk = tmp_path / "root.img"
-    shutil.copyfile(files[2], disk)
-    return disk
-
-
 def _boot(files, disk, extra_cmdline):
     kernel, initrd, _ = files
     r = linux_guest.run_guest(kernel, initrd, cmdline=f"{CMDLINE} {extra_cmdline}",
@@ -72,52 +65,28 @@ def _boot(files, disk, extra_cmdline):
     return r
 
 
-def _mark(r, prefix):
-    m = r.first(prefix)
-    assert m, f"no '{prefix}' line (exit {r.status}, {r.seconds:.0f} s):\n{r.tail()}\n{r.stderr}"
-    return m[1]
-
-
 @pytest.fixture(scope="module")
 def two_boots(files, tmp_path_factory):
     """Two batch boots of one fresh root image: the first writes a token, the second reads it."""
-    disk = _copy(files, tmp_path_factory.mktemp("blk"))
-    token = secrets.token_hex(12)
-    first = _boot(files, disk, f"pykvm.batch pykvm.token={token}")
-    image_has_token = token.encode() in disk.read_bytes()
-    second = _boot(files, disk, "pykvm.batch")
-    return token, first, second, image_has_token
+    disk = linux_guest.copy_root(files[2], tmp_path_factory.mktemp("blk"))
+    return linux_guest.token_boots(lambda d, extra: _boot(files, d, extra), disk)
 
 
 def test_virtio_blk_root_mounted_from_vda(two_boots, record_property):
     _, first, _, _ = two_boots
     record_property("riscv_virtio_boot1_s", round(first.seconds, 1))
-    assert "mounted rw (ext4)" in _mark(first, "root /dev/vda mounted"), first.tail()
-    root = _mark(first, "root init")
-    assert re.search(r"root: /dev/vda / ext4 rw", root), root
-    assert re.search(r"disk vda: \d+ sectors, ro=0", _mark(first, "disk vda")), first.tail()
-    assert first.status == 0, f"pykvm run exited {first.status}: {first.stderr}\n{first.tail()}"
+    linux_guest.check_root_on_vda(first)
 
 
 def test_virtio_blk_data_survives_reboot(two_boots, record_property):
     token, first, second, image_has_token = two_boots
-    assert _mark(first, "token on disk") == "token on disk: none"
-    assert _mark(first, "token written") == f"token written: {token}"
-    assert image_has_token, "the token the guest wrote and synced is not in the image file"
     record_property("riscv_virtio_boot2_s", round(second.seconds, 1))
-    assert _mark(second, "token on disk") == f"token on disk: {token}", second.tail()
-    assert second.status == 0, f"pykvm run exited {second.status}: {second.stderr}\n{second.tail()}"
+    linux_guest.check_token_survived(token, first, second, image_has_token)
 
 
 def test_virtio_rng_hwrng_readable(two_boots):
     _, first, second, _ = two_boots
-    for r in (first, second):
-        cur = _mark(r, "hwrng:")
-        assert re.search(r"current=virtio_rng", cur), cur
-        got = _mark(r, "hwrng bytes")
-        assert re.fullmatch(r"hwrng bytes: [0-9a-f]{32}", got), got
-    b1, b2 = (_mark(r, "hwrng bytes").split()[-1] for r in (first, second))
-    assert b1 != b2 and len(set(b1)) > 4, (b1, b2)
+    linux_guest.check_hwrng(first, second)
 
 
 def test_virtio_without_aia_is_one_line():
@@ -197,7 +166,7 @@ class _Session:
 
 def test_virtio_console_serial_interactive(files, tmp_path, record_property):
     kernel, initrd, _ = files
-    disk = _copy(files, tmp_path)
+    disk = linux_guest.copy_root(files[2], tmp_path)
     nonce = secrets.token_hex(6)
     argv = ["-m", "pykvm", "run", str(kernel), "--initrd", str(initrd), "--disk", str(disk), "--rng",
             "--mem", MEM, "--timeout", str(TIMEOUT), "--cmdline", f"{CMDLINE} pykvm.nonce={nonce}"]
