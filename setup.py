@@ -24,7 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 GUESTS = os.path.join(HERE, "guests")
 # Keep in step with pykvm/guestbuild.py RUNTIME_PARTS (tests/unit/test_guestbuild.py checks).
 RUNTIME_PARTS = ("include", "common", "x86/rt16", "x86/rt32", "x86/rt64", "x86/svm", "riscv/rt")
-RUNTIME_DOCS = ("README.md",)
+# single files of the runtime: its README, and the x86 helpers guests include by name (the PC's
+# ports and PCI, the virtio drivers)
+RUNTIME_FILES = ("README.md", "x86/pc.h", "x86/virtio.h")
 
 
 def _say(msg):
@@ -51,8 +53,9 @@ class build_py(_build_py):
         for part in RUNTIME_PARTS:
             shutil.copytree(os.path.join(GUESTS, part), os.path.join(dst, part),
                             ignore=shutil.ignore_patterns("*.o", "*.d", "__pycache__"))
-        for doc in RUNTIME_DOCS:
-            shutil.copy2(os.path.join(GUESTS, doc), os.path.join(dst, doc))
+        for name in RUNTIME_FILES:
+            os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
+            shutil.copy2(os.path.join(GUESTS, name), os.path.join(dst, name))
 
     def _build_guests(self, dst):
         tmp = os.path.join(self.get_finalized_command("build").build_temp, "guests")

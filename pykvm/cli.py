@@ -54,9 +54,15 @@ def _started_as_program() -> bool:
             or sys.argv[0].rsplit("/", 1)[-1] == "pykvm")
 
 
+# signals whose default action ends the process: each ends a command with one line, its
+# status 128 + the signal's number, and the terminal restored (SIGINT 130, SIGTERM 143,
+# SIGHUP 129 when the terminal goes away, SIGQUIT 131, SIGUSR1/2)
+ENDING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                  signal.SIGUSR2)
+
 if _started_as_program():
     try:
-        for _s in (signal.SIGINT, signal.SIGTERM):
+        for _s in ENDING_SIGNALS:
             signal.signal(_s, _early_signal)
     except ValueError:                 # imported outside the main thread
         pass
@@ -314,7 +320,9 @@ def _causes(e: BaseException):
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         yield e
-        e = e.__cause__ or e.__context__
+        # "raise ... from None" says the error being handled is no cause (e.g. a disk lock
+        # refused with EAGAIN is the image being in use, not the host out of threads)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
 
 
 def _resource_of(e: BaseException) -> "str | None":
@@ -450,7 +458,7 @@ def _install_signal_handlers() -> None:
     if not getattr(sys.unraisablehook, "_pykvm", False):
         sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
         sys.unraisablehook._pykvm = True
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in ENDING_SIGNALS:
         signal.signal(s, _on_signal)
 
 
@@ -840,7 +848,8 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                    "starts at the entry), on RISC-V virt; auto (default): pc for multiboot "
                    "kernels, Linux bzImages and --pc-device, bare for other x86 images, virt on "
                    "RISC-V")
-    r.add_argument("--disk", "-d", action="append", default=[], metavar="FILE[,ro]",
+    r.add_argument("--disk", "-d", action="append", default=[],
+                   metavar="FILE[,ro][,serial=NAME]",
                    help="a virtio-blk disk backed by the raw image FILE (kvmtool's -d): ,ro "
                    "opens it read-only, ,serial=NAME sets the serial the guest reads; a "
                    "writable image is locked against other users; repeatable (x86: on the pc "

@@ -135,8 +135,9 @@ class Machine:
     to the machine (pc: ``devices``, ``cpuid``; bare: ``irqchip``, ``pit``, ``cpuid``; virt:
     ``cpu_type``, ``disable``, ``suspend_seconds``, ...).
 
-    ``disks``: virtio-blk disks, each a raw image path with kvmtool's options
-    (``"FILE[,ro][,serial=NAME]"``) or a :class:`pykvm.devices.virtio.blk.VirtioBlk`; ``rng``: a
+    ``disks``: virtio-blk disks (a list; None: none), each a raw image path with kvmtool's
+    options (``"FILE[,ro][,serial=NAME]"``, a comma in FILE written ``,,``), an
+    :class:`os.PathLike` or a :class:`pykvm.devices.virtio.blk.VirtioBlk`; ``rng`` (bool): a
     virtio-rng device; ``console``: "serial" (the 16550 only) or "virtio" (also a virtio
     console, :attr:`virtio_console`, whose output joins :attr:`console` and whose ``feed(bytes)``
     is its input). They are virtio 1.2 devices on the machine's transport (pc: PCI functions
@@ -198,8 +199,12 @@ class Machine:
         try:
             if console not in ("serial", "virtio"):
                 raise ValueError(f"console must be 'serial' or 'virtio', not {console!r}")
+            if disks is None:
+                disks = ()
             if isinstance(disks, (str, bytes)) or not isinstance(disks, (list, tuple)):
                 raise ValueError(f"disks must be a list of disk images, not {disks!r}")
+            if not isinstance(rng, bool):
+                raise ValueError(f"rng must be True or False, not {rng!r}")
             if disks or rng or console != "serial":
                 platform_opts["virtio_spec"] = (tuple(disks), bool(rng), console)
             image = guest

@@ -28,6 +28,10 @@ odd     isa-debug-exit: ``(V << 1) | 1`` for a write of V
 130     interrupted by SIGINT (Ctrl-C), or stopped at an interactive console by Ctrl-A x
 141     the reader of stdout went away (SIGPIPE)
 143     terminated by SIGTERM
+129,    ended by SIGHUP (the terminal went away), SIGQUIT, SIGUSR1 or SIGUSR2: 128 + the
+131,    signal's number, one line and the terminal restored, as for SIGTERM
+138,
+140
 ======  ===============================================================================
 
 130 and 124 follow the shell and coreutils' ``timeout``; 141 and 143 (128 + signal number) are

@@ -5,6 +5,8 @@ machines that have virtio transports (pc: PCI; RISC-V virt: MMIO) build them thr
 """
 from __future__ import annotations
 
+import os
+
 from ..devices.virtio.blk import VirtioBlk, disk_from_spec
 from ..devices.virtio.console import VirtioConsole
 from ..devices.virtio.rng import VirtioRng
@@ -31,6 +33,8 @@ def build(disks: Sequence, rng: bool, console: str,
                 out.append(d)
             elif isinstance(d, str):
                 out.append(disk_from_spec(d))
+            elif isinstance(d, os.PathLike):
+                out.append(VirtioBlk(os.fspath(d)))
             else:
                 raise ValueError(f"a disk is a path 'FILE[,ro][,serial=NAME]' or a VirtioBlk, "
                                  f"not {d!r}")

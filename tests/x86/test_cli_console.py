@@ -74,8 +74,9 @@ def test_the_guest_ending_by_itself_restores_the_terminal(echo_image):
     assert child.exitstatus == 0
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
-                         ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129),
+                                       (signal.SIGQUIT, 131), (signal.SIGUSR1, 138)],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1"])
 def test_a_signal_restores_the_terminal(echo_image, sig, code):
     child, before = _spawn(echo_image)
     child.send("x")

@@ -69,3 +69,42 @@ def test_bad_disks_are_refused_in_one_line(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match) as ei:
         Machine("hello", disks=bad)
     assert "\n" not in str(ei.value)
+
+
+def test_a_locked_image_is_bad_input_on_the_command_line_not_a_host_limit(tmp_path):
+    import subprocess
+    import sys
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4096))
+    r = subprocess.run([sys.executable, "-m", "pykvm", "run", "hello", "--disk", str(img),
+                        "--disk", str(img)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"pykvm: {img}: failed to get write lock: the image is in use (another VM, or another "
+        "disk of this one)"]
+
+
+def test_a_machine_nobody_closed_lets_go_of_its_disk_when_collected(tmp_path):
+    import gc
+    import weakref
+    from pykvm.machine import Machine
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4096))
+    m = Machine("hello", disks=[img])                  # an os.PathLike is a disk too
+    m.run(timeout=10)
+    gone = weakref.ref(m)
+    del m
+    gc.collect()
+    assert gone() is None
+    Machine("hello", disks=[str(img)]).close()         # the lock went with it
+
+
+def test_a_comma_in_a_disk_file_name_is_written_twice(tmp_path):
+    from pykvm.devices.virtio.blk import disk_from_spec
+    img = tmp_path / "a,b.img"
+    img.write_bytes(bytes(4096))
+    d = disk_from_spec(f"{str(img).replace(',', ',,')},ro,serial=s1")
+    try:
+        assert (d.path, d.readonly, d.serial) == (str(img), True, "s1")
+    finally:
+        d.close()

@@ -48,6 +48,7 @@ import fcntl
 import os
 import stat
 import struct
+import weakref
 
 from ...errors import GuestMemoryError, PykvmError
 from . import ID_BLOCK, INT_VRING, QUEUE_MAX, DeviceHandles, VirtioDevice
@@ -131,16 +132,16 @@ def _lock(fd: int, path: str, exclusive: bool) -> None:
             return
         except OSError as e:
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise DiskLocked(f"{path}: failed to get {what} lock: is another process "
-                                 "using the image?") from None
+                raise DiskLocked(f"{path}: failed to get {what} lock: the image is in use "
+                                 "(another VM, or another disk of this one)") from None
             if e.errno not in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
                 raise DiskError(f"{path}: cannot lock the image: {e.strerror}") from None
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-            raise DiskLocked(f"{path}: failed to get {what} lock: is another process using "
-                             "the image?") from None
+            raise DiskLocked(f"{path}: failed to get {what} lock: the image is in use "
+                             "(another VM, or another disk of this one)") from None
         raise DiskError(f"{path}: cannot lock the image: {e.strerror}") from None
 
 
@@ -185,6 +186,27 @@ def _vectored(fn: Any, fd: int, views: List[memoryview], offset: int) -> None:
             views[0] = views[0][done:]
 
 
+class _Held:
+    """What a :class:`VirtioBlk` holds outside Python: the image's fd (and so its lock) and the
+    C worker. Released by ``close()`` or, for a disk nobody closed, when the disk is collected
+    (a weakref finalizer: it runs before anything of a collected machine, its guest RAM
+    included, is torn down, so the worker stops before the memory it uses goes)."""
+
+    __slots__ = ("fd", "worker")
+
+    def __init__(self, fd: int = -1):
+        self.fd = fd
+        self.worker: Optional[BlkWorker] = None
+
+    def release(self) -> None:
+        w, self.worker = self.worker, None
+        if w is not None:
+            w.stop()
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
 class VirtioBlk(VirtioDevice):
     """A virtio block device on the raw image at ``path``.
 
@@ -226,7 +248,7 @@ class VirtioBlk(VirtioDevice):
         self.readonly = bool(readonly)
         self.serial = serial
         self.block_size = block_size
-        self._fd = -1
+        self._held = _Held()
         flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC
         try:
             fd = os.open(path, flags)
@@ -249,7 +271,8 @@ class VirtioBlk(VirtioDevice):
         except BaseException:
             os.close(fd)
             raise
-        self._fd = fd
+        self._held.fd = fd
+        self._finalizer = weakref.finalize(self, _Held.release, self._held)
         self.size = size
         self.capacity = size // SECTOR
         self.may_unmap = False
@@ -267,8 +290,23 @@ class VirtioBlk(VirtioDevice):
         self._broken = False
         self.native = enabled_by_default() if native is None else bool(native)
         self.native_error: Optional[str] = None
-        self._worker: Optional[BlkWorker] = None
         self.native_stats = {"workers": 0, "requests": 0, "direct_msis": 0, "python_irqs": 0}
+
+    @property
+    def _fd(self) -> int:
+        return self._held.fd
+
+    @_fd.setter
+    def _fd(self, fd: int) -> None:
+        self._held.fd = fd
+
+    @property
+    def _worker(self) -> Optional[BlkWorker]:
+        return self._held.worker
+
+    @_worker.setter
+    def _worker(self, w: Optional[BlkWorker]) -> None:
+        self._held.worker = w
 
     def __repr__(self) -> str:
         return (f"VirtioBlk({self.path!r}, {self.capacity} sectors"
@@ -542,11 +580,13 @@ class VirtioBlk(VirtioDevice):
 
 def disk_from_spec(spec: str) -> VirtioBlk:
     """A :class:`VirtioBlk` from a command-line disk description in kvmtool's ``-d`` form,
-    ``FILE[,ro][,serial=NAME]`` (QEMU's ``readonly=on`` is taken as ``ro`` too). Raises
+    ``FILE[,ro][,serial=NAME]`` (QEMU's ``readonly=on`` is taken as ``ro`` too; a comma in
+    FILE is written ``,,`` as in QEMU's options). Raises
     :class:`DiskError` for an unknown option or anything :class:`VirtioBlk` refuses."""
     if not isinstance(spec, str) or not spec:
         raise DiskError(f"a disk is FILE[,ro][,serial=NAME], not {spec!r}")
-    path, *opts = spec.split(",")
+    # a comma in the file name is written twice, as QEMU's option syntax has it
+    path, *opts = (p.replace("\0", ",") for p in spec.replace(",,", "\0").split(","))
     readonly, serial = False, ""
     for o in opts:
         if o in ("ro", "readonly", "readonly=on"):
@@ -556,5 +596,6 @@ def disk_from_spec(spec: str) -> VirtioBlk:
         elif o.startswith("serial="):
             serial = o[len("serial="):]
         else:
-            raise DiskError(f"{path}: unknown disk option {o!r} (known: ro, serial=NAME)")
+            raise DiskError(f"{path}: unknown disk option {o!r} (known: ro, rw, serial=NAME; "
+                            "a comma in the file name is written ,,)")
     return VirtioBlk(path, readonly=readonly, serial=serial)
