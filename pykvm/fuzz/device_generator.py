@@ -44,7 +44,7 @@ import struct
 from typing import List
 
 from ..arch.x86 import layout as L
-from .generator import InstructionStream, blobs_from_json, blobs_to_json, le_bytes
+from .generator import InstructionStream, blobs_from_json, blobs_to_json, edge_value, le_bytes
 
 CASE_FORMAT = "pykvm-fuzz-device-case/1"
 MODES = ("protected", "long")
@@ -210,19 +210,7 @@ class _Gen:
                 self.blobs.append((a, bytes(data[a - addr:b - addr])))
 
     def value(self, size: int) -> int:
-        r = self.r
-        k = r.random()
-        if k < 0.2:
-            v = 0
-        elif k < 0.35:
-            v = -1
-        elif k < 0.5:
-            v = 1 << r.randrange(8 * size)
-        elif k < 0.6:
-            v = r.randrange(0x100)
-        else:
-            v = r.getrandbits(8 * size)
-        return v & ((1 << (8 * size)) - 1)
+        return edge_value(self.r, size)
 
     def width(self, *, mmio: bool = True) -> int:
         if mmio and self.mode == "long":

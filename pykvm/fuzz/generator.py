@@ -83,6 +83,24 @@ def le_bytes(value: int, n: int) -> bytes:
     return (value & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
 
 
+def edge_value(r, size: int, *, small_below: float = 0.6) -> int:
+    """A ``size``-byte value a hostile guest would write, drawn with ``r`` (random.Random):
+    0, all-ones, one bit set, a small number (up to ``small_below`` of the draws, cumulative) or
+    random bits."""
+    k = r.random()
+    if k < 0.2:
+        v = 0
+    elif k < 0.35:
+        v = -1
+    elif k < 0.5:
+        v = 1 << r.randrange(8 * size)
+    elif k < small_below:
+        v = r.randrange(0x100)
+    else:
+        v = r.getrandbits(8 * size)
+    return v & ((1 << (8 * size)) - 1)
+
+
 class InstructionStream:
     """A random x86 instruction stream for one code image. ``bits`` (16/32/64) follows the
     mode switches the stream itself performs."""

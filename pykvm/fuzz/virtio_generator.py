@@ -40,7 +40,7 @@ import random
 import struct
 from typing import Dict, List, Optional
 
-from .generator import blobs_from_json, blobs_to_json
+from .generator import blobs_from_json, blobs_to_json, edge_value
 
 CASE_FORMAT = "pykvm-fuzz-virtio-case/1"
 TRANSPORTS = ("mmio", "pci")
@@ -114,19 +114,7 @@ class _Gen:
 
     # -- values and addresses --------------------------------------------------------------
     def value(self, size: int) -> int:
-        r = self.r
-        k = r.random()
-        if k < 0.2:
-            v = 0
-        elif k < 0.35:
-            v = -1
-        elif k < 0.5:
-            v = 1 << r.randrange(8 * size)
-        elif k < 0.65:
-            v = r.randrange(0x100)
-        else:
-            v = r.getrandbits(8 * size)
-        return v & ((1 << (8 * size)) - 1)
+        return edge_value(self.r, size, small_below=0.65)
 
     def ring_space(self, n: int, align: int = 16) -> int:
         a = (self._next_ring + align - 1) & ~(align - 1)
