@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from pykvm.devices.virtio import F_VERSION_1, INT_VRING, DeviceHandles
+from pykvm.devices.virtio import (F_VERSION_1, INT_VRING, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
+                                  STATUS_DRIVER_OK, STATUS_FEATURES_OK, DeviceHandles)
 from pykvm.devices.virtio.blk import (F_FLUSH, S_OK, T_FLUSH, T_GET_ID, T_IN,
                                       T_OUT, VirtioBlk)
 from pykvm.devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Virtqueue
@@ -273,6 +274,81 @@ def test_lengths_summing_past_32_bits_need_reset(vm, tmp_path):
         d.make_available()
         d.wait(want_reset=True)
         assert d.resets == 1
+    finally:
+        dev.close()
+
+
+class _CountingBlk(VirtioBlk):
+    """virtio-blk that counts the transport's calls of its C-path hook (the real hook runs)."""
+    calls = 0
+
+    def fastpath_update(self, vm, notify_gpa, msi):
+        self.calls += 1
+        super().fastpath_update(vm, notify_gpa, msi)
+
+
+def test_the_pci_transport_tells_the_worker_each_change_it_mirrors(vm, tmp_path):
+    """Through virtio-pci's registers as a driver writes them: the C path hears of the writes
+    that change what it mirrors (status, queue 0's vector and MSI-X entry, MSI-X enable and
+    function mask) and of nothing else, and its worker serves the queue with the message it
+    was told."""
+    from pykvm.devices.virtio import pci as P
+    img = tmp_path / "d.img"
+    orig = make_image(img)
+    dev = _CountingBlk(str(img))
+    t = P.VirtioPci(dev, vm.memory, bars=(0xFE000000, 0xFE004000), intx_line=10,
+                    send_msi=lambda a, d: None, set_intx=lambda level: None)
+    t.fastpath_vm = vm
+    vm.memory.zero(0, 2 * SLOT)
+    ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
+    try:
+        t.pci.write(P.MSIX_CAP + 2, 2, 0x8000)                   # MSI-X on, as firmware leaves
+        t.config_changed()
+        t.msix.write(16, 4, 0xFEE00000)                          # entry 1, still masked
+        t.msix.write(16 + 8, 4, 0x41)
+        t.write(0x14, 1, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        before = dev.calls
+        features = dev.device_features() | (1 << F_VERSION_1)
+        for sel in (0, 1):                                       # nothing mirrored changes
+            t.write(0x08, 4, sel)
+            t.write(0x0C, 4, features >> (32 * sel) & 0xFFFFFFFF)
+        for off, size, value in ((0x16, 2, 0), (0x18, 2, QSIZE), (0x20, 8, DESC),
+                                 (0x28, 8, AVAIL), (0x30, 8, USED), (0x1C, 2, 1),
+                                 (0x10, 2, 0)):
+            t.write(off, size, value)
+        t.msix.write(32, 4, 0xFEE00000)                          # another vector's entry
+        assert dev.calls == before
+        t.write(0x1A, 2, 1)                                      # queue 0's vector
+        assert dev.calls == before + 1
+        t.write(0x14, 1, ok)
+        t.write(0x14, 1, ok | STATUS_DRIVER_OK)                  # the worker starts
+        w = dev._worker
+        assert w is not None and w.notify_gpa == NOTIFY and w.msi is None   # entry masked
+        t.msix.write(16 + 12, 4, 0)                              # unmasked: its message
+        assert w.msi == (0xFEE00000, 0x41)
+        vm.memory.write(HEAP, struct.pack("<IIQ", T_IN, 0, 0))
+        for k, (gpa, n, fl) in enumerate(((HEAP, 16, 0), (HEAP + 64, 512, DESC_F_WRITE),
+                                          (HEAP + 640, 1, DESC_F_WRITE))):
+            vm.memory.write(DESC + 16 * k, struct.pack("<QIHH", gpa, n,
+                                                       fl | (DESC_F_NEXT if k < 2 else 0), k + 1))
+        vm.memory.write(AVAIL + 2, struct.pack("<H", 1))
+        t.write(0x3000, 2, 0)                                    # a notify the worker sees
+        deadline = time.monotonic() + 10
+        while vm.memory.read(USED + 2, 2) != b"\x01\x00" and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert vm.memory.read(HEAP + 640, 1) == b"\0" and vm.memory.read(HEAP + 64, 512) == \
+            orig[:512]
+        t.pci.write(P.MSIX_CAP + 3, 1, 0xC0)                     # function masked
+        t.config_changed()
+        assert w.msi is None
+        t.pci.write(P.MSIX_CAP + 3, 1, 0x80)
+        t.config_changed()
+        assert w.msi == (0xFEE00000, 0x41)
+        t.write(0x1A, 2, P.NO_VECTOR)                            # no vector: Python raises it
+        assert w.msi is None and dev._worker is w
+        t.write(0x14, 1, 0)                                      # reset: the worker is gone
+        assert dev._worker is None
+        assert dev.native_stats["requests"] == 1 and dev.native_stats["direct_msis"] == 1
     finally:
         dev.close()
 

@@ -49,6 +49,11 @@ NOTIFY_MULTIPLIER = 4
 MSIX_TABLE, MSIX_PBA = 0x000, 0x800
 MAX_VECTORS = 64
 NO_VECTOR = 0xFFFF
+# the common-configuration fields whose writes change what a device's C path mirrors
+# (:meth:`VirtioPci.fastpath_sync`): device_status (the device starts, stops or resets) and
+# queue_msix_vector (queue 0's message); the notify address and MSI-X enable / function mask live
+# in configuration space (:meth:`VirtioPci.config_changed`), table entries in BAR 1
+FASTPATH_FIELDS = (0x14, 0x1A)
 
 CAP_VENDOR, CAP_MSIX = 0x09, 0x11
 CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE, CFG_PCI = 1, 2, 3, 4, 5
@@ -235,7 +240,8 @@ class VirtioPci:
         with core.lock:
             if COMMON <= offset < COMMON + REGION_SIZE:
                 self._common_write(offset - COMMON, size, value)
-                self.fastpath_sync()
+                if offset - COMMON in FASTPATH_FIELDS:
+                    self.fastpath_sync()
             elif DEVICE <= offset < DEVICE + REGION_SIZE:
                 core.device.config_write(offset - DEVICE, size, value)
 
@@ -379,4 +385,7 @@ class _MsixBar:
                         b = 0
                     o.table[pos] = b
                 o._deliver_pending()               # an unmasked entry sends what was pending
-                o.fastpath_sync()
+                q = o.core.queues[0] if o.core.queues else None
+                if q is not None and q.vector < o.nvectors and \
+                        offset < 16 * (q.vector + 1) and 16 * q.vector < end:
+                    o.fastpath_sync()              # queue 0's entry: the C path's message
