@@ -6,31 +6,22 @@ through Python and sent by the worker itself, a write that survives SIGKILL afte
 real guest on the pc machine (tests/bench/virtio_blk_bench.c) whose notifications no longer
 exit to user space."""
 import os
-import signal
 import struct
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 
 from pykvm.devices.virtio import (F_VERSION_1, INT_VRING, STATUS_ACKNOWLEDGE, STATUS_DRIVER,
-                                  STATUS_DRIVER_OK, STATUS_FEATURES_OK, DeviceHandles)
+                                  STATUS_DRIVER_OK, STATUS_FEATURES_OK)
 from pykvm.devices.virtio.blk import (F_FLUSH, S_OK, T_FLUSH, T_GET_ID, T_IN,
                                       T_OUT, VirtioBlk)
-from pykvm.devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Virtqueue
+from pykvm.devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from pykvm.kvm import Kvm
+from pykvm.testing.blk_driver import HOSTILE as SHARED_HOSTILE
+from pykvm.testing.blk_driver import (AVAIL, DESC, HEAP, KILLED_AT, NOTIFY, QSIZE, SLOT, USED,
+                                      BlkDriver, header, kill_after_flush, make_image, segment)
 
 pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_arch("x86_64")]
-
-SLOT = 1 << 20                  # two adjacent slots: [0, 1 MiB) and [1 MiB, 2 MiB)
-DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000
-HEAP = 0x10000
-QSIZE = 64
-NOTIFY = 0xFE004000 + 0x3000    # where the pc machine's first virtio-pci function's notify is
-IMAGE = 1 << 20
-
 
 @pytest.fixture
 def vm():
@@ -41,83 +32,15 @@ def vm():
         yield v
 
 
-def make_image(path):
-    data = bytes(i * 7 % 251 for i in range(IMAGE))
-    path.write_bytes(data)
-    return data
-
-
-class Driver:
-    """The driver's side of queue 0 (as tests/unit/test_virtio_blk.py's), with the device's C
-    worker started (``native``) or the Python path, waiting for the used ring either way."""
+class Driver(BlkDriver):
+    """The driver's side of queue 0 in the VM's RAM (:class:`BlkDriver`, no indirect tables),
+    with the device's C worker started (``native``) or the Python path."""
 
     def __init__(self, vm, dev, native, features=None, msi=None):
-        self.vm, self.mem, self.dev = vm, vm.memory, dev
-        self.mem.zero(0, 2 * SLOT)
-        self.q = Virtqueue(self.mem, 0, QSIZE, DESC, AVAIL, USED, event_idx=False,
-                           indirect=False)
-        self.avail_idx = 0
-        self.irqs = []
-        self.resets = 0
-        if features is None:
-            features = dev.device_features() | (1 << F_VERSION_1)
-        self.handles = DeviceHandles(lambda cause, queue=-1: self.irqs.append((cause, queue)),
-                                     self._reset)
-        dev.activate(features, [self.q], self.handles)
+        super().__init__(vm.memory, dev, features, indirect=False)
         if native:
             dev.fastpath_update(vm, NOTIFY, msi)
             assert dev._worker is not None, dev.native_error
-
-    def _reset(self):
-        self.resets += 1
-
-    def make_available(self, head=0):
-        self.mem.write(AVAIL + 4 + 2 * (self.avail_idx % QSIZE), struct.pack("<H", head))
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        self.mem.write(AVAIL + 2, struct.pack("<H", self.avail_idx))
-        self.dev.notify(0)
-
-    def wait(self, want_reset=False):
-        """Until the used index reaches what was made available (or a reset is asked for)."""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if want_reset and self.resets:
-                return
-            if not want_reset and struct.unpack("<H", self.mem.read(USED + 2, 2))[0] == \
-                    self.avail_idx:
-                return
-            time.sleep(0.001)
-        raise AssertionError("the device did not answer")
-
-    def submit(self, bufs, at=HEAP):
-        laid, gpa = [], at
-        for k, (b, w) in enumerate(bufs):
-            n = b if isinstance(b, int) else len(b)
-            self.mem.write(gpa, b"\xee" * n if isinstance(b, int) else b)
-            last = k == len(bufs) - 1
-            self.mem.write(DESC + 16 * k, struct.pack(
-                "<QIHH", gpa, n, (DESC_F_WRITE if w else 0) | (0 if last else DESC_F_NEXT),
-                k + 1))
-            laid.append((gpa, n, w))
-            gpa += n + 64
-        self.make_available()
-        self.wait()
-        return laid
-
-    def used(self):
-        idx = struct.unpack("<H", self.mem.read(USED + 2, 2))[0]
-        return struct.unpack("<II", self.mem.read(USED + 4 + 8 * ((idx - 1) % QSIZE), 8))
-
-    def request(self, rtype, sector=0, out=b"", in_len=0, at=HEAP):
-        bufs = [(struct.pack("<IIQ", rtype, 0, sector), False)]
-        if out:
-            bufs.append((out, False))
-        elif in_len:
-            bufs.append((in_len, True))
-        bufs.append((1, True))
-        laid = self.submit(bufs, at)
-        data = b"".join(self.mem.read(g, n) for g, n, w in laid[1:-1] if w)
-        return self.mem.read(laid[-1][0], 1)[0], data, self.used()[1]
 
 
 def test_round_trip_through_the_worker(vm, tmp_path):
@@ -162,27 +85,11 @@ def test_the_worker_sends_an_unmasked_vector_itself(vm, tmp_path):
         dev.close()
 
 
-def _raw(rtype, sector=0):
-    return struct.pack("<IIQ", rtype, 0, sector)
-
-
-HOSTILE = [
-    ("header too short", [(_raw(T_IN)[:8], False), (512, True), (1, True)]),
-    ("header in a writable buffer", [(16, True), (1, True)]),
-    ("no status byte", [(_raw(T_FLUSH), False)]),
-    ("read past the end", [(_raw(T_IN, 2047), False), (1024, True), (1, True)]),
-    ("write past the end", [(_raw(T_OUT, 2048), False), (b"w" * 512, False), (1, True)]),
-    ("sector near 2**64", [(_raw(T_IN, 2 ** 64 - 1), False), (512, True), (1, True)]),
-    ("read not a multiple of 512", [(_raw(T_IN), False), (100, True), (1, True)]),
-    ("read with device-readable data", [(_raw(T_IN), False), (b"r" * 512, False),
-                                        (512, True), (1, True)]),
-    ("write with device-writable data", [(_raw(T_OUT), False), (b"w" * 512, False),
-                                         (512, True), (1, True)]),
-    ("unknown type", [(_raw(99), False), (1, True)]),
-    ("discard not negotiated", [(_raw(11), False), (struct.pack("<QII", 0, 8, 0), False),
-                                (1, True)]),
-    ("write zeroes", [(_raw(13), False), (struct.pack("<QII", 0, 8, 0), False), (1, True)]),
-    ("get id into 3 bytes", [(_raw(T_GET_ID), False), (3, True)]),
+# the Python path's hostile requests and more; the C path must answer each as Python does
+HOSTILE = [(name, bufs) for name, bufs, _ in SHARED_HOSTILE] + [
+    ("discard not negotiated", [(header(11), False), (segment(0, 8), False), (1, True)]),
+    ("write zeroes", [(header(13), False), (segment(0, 8), False), (1, True)]),
+    ("get id into 3 bytes", [(header(T_GET_ID), False), (3, True)]),
 ]
 
 
@@ -353,49 +260,14 @@ def test_the_pci_transport_tells_the_worker_each_change_it_mirrors(vm, tmp_path)
         dev.close()
 
 
-CHILD = textwrap.dedent("""
-    import struct, sys, time
-    sys.path.insert(0, {here!r})
-    from test_virtio_blk_fastpath import Driver, SLOT
-    from pykvm.devices.virtio import F_VERSION_1
-    from pykvm.devices.virtio.blk import F_FLUSH, T_FLUSH, T_OUT, VirtioBlk
-    from pykvm.kvm import Kvm
-    kvm = Kvm()
-    vm = kvm.create_vm()
-    vm.create_irqchip()
-    vm.add_memory(0, SLOT)
-    vm.add_memory(SLOT, SLOT)
-    dev = VirtioBlk(sys.argv[1])
-    d = Driver(vm, dev, native=True,
-               features=dev.device_features() | (1 << F_VERSION_1) | (1 << F_FLUSH))
-    assert d.request(T_OUT, 10, out=bytes.fromhex(sys.argv[2]))[0] == 0
-    assert d.request(T_FLUSH)[0] == 0
-    print("flushed", flush=True)
-    time.sleep(60)
-""")
-
-
 def test_flushed_write_through_the_worker_survives_sigkill(tmp_path):
     img = tmp_path / "d.img"
     orig = make_image(img)
     payload = os.urandom(4 * 512)
-    code = CHILD.format(here=os.path.dirname(os.path.abspath(__file__)))
-    child = subprocess.Popen([sys.executable, "-c", code, str(img), payload.hex()],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = child.stdout.readline()
-        assert line == "flushed\n", child.stderr.read() if child.poll() is not None else line
-        os.kill(child.pid, signal.SIGKILL)
-        assert child.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.stdout.close()
-        child.stderr.close()
+    kill_after_flush(img, payload, native=True)
     data = img.read_bytes()
-    assert data[10 * 512:10 * 512 + len(payload)] == payload
-    assert data[:10 * 512] == orig[:10 * 512]
+    assert data[KILLED_AT * 512:KILLED_AT * 512 + len(payload)] == payload
+    assert data[:KILLED_AT * 512] == orig[:KILLED_AT * 512]
 
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
