@@ -598,5 +598,33 @@ def run_guest(kernel, initrd, *, cmdline: str, extra=(), timeout: float = 600.0,
                     (err[0] if err else b"").decode("utf-8", "replace"))
 
 
+def boot_root(files: tuple, disk, cmdline: str, *, timeout: float, mem: str = "256M",
+              extra=()) -> GuestRun:
+    """For tests: one boot of the root-disk guest (``files``: :func:`root_files`) by
+    ``pykvm run KERNEL --initrd INITRD --cmdline CMDLINE --disk DISK --rng --mem MEM EXTRA...``
+    (``disk``: a path, with ``,ro`` or other options after it as ``--disk`` takes them;
+    ``timeout``: seconds). The command and console are printed (pytest shows them for a failing
+    test); returns the run."""
+    kernel, initrd, _ = files
+    r = run_guest(kernel, initrd, cmdline=cmdline,
+                  extra=["--disk", str(disk), "--rng", "--mem", mem, *extra], timeout=timeout,
+                  echo=console_echo("guest"))
+    print(f"\n$ {' '.join(r.argv[2:])}\n{r.console}\n(exit {r.status}, {r.seconds:.1f} s){r.stderr}")
+    return r
+
+
+def ensure_devpts() -> str | None:
+    """For tests that need a pseudo-terminal: mount a devpts on /dev/pts where none is (a lab's
+    /init mounts none). Returns None when one is there, else why it could not be mounted."""
+    import subprocess
+    if os.path.ismount("/dev/pts"):
+        return None
+    os.makedirs("/dev/pts", exist_ok=True)
+    r = subprocess.run(["mount", "-t", "devpts", "devpts", "/dev/pts"], capture_output=True, text=True)
+    if r.returncode != 0 and not os.path.ismount("/dev/pts"):
+        return f"a devpts for pseudo-terminals ({r.stderr.strip()})"
+    return None
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,6 @@ import hashlib
 import os
 import re
 import secrets
-import subprocess
 import sys
 import time
 
@@ -56,12 +55,8 @@ def files():
 
 
 def _boot(files, disk_arg, extra_cmdline, *, console="serial"):
-    kernel, initrd, _ = files
-    r = linux_guest.run_guest(kernel, initrd, cmdline=f"{CONSOLE[console]} {CMDLINE} {extra_cmdline}",
-                              extra=["--disk", str(disk_arg), "--rng", "--mem", MEM, "--console", console],
-                              timeout=TIMEOUT, echo=linux_guest.console_echo("guest"))
-    print(f"\n$ {' '.join(r.argv[2:])}\n{r.console}\n(exit {r.status}, {r.seconds:.1f} s){r.stderr}")
-    return r
+    return linux_guest.boot_root(files, disk_arg, f"{CONSOLE[console]} {CMDLINE} {extra_cmdline}",
+                                 timeout=TIMEOUT, mem=MEM, extra=["--console", console])
 
 
 def _timings(r, what, record_property):
@@ -119,19 +114,11 @@ def test_virtio_blk_read_only_disk_unchanged(files, tmp_path, record_property):
 # interactive sessions
 
 
-def _ensure_devpts():
-    """The lab's /init mounts no devpts; pexpect needs one for its pty."""
-    if os.path.ismount("/dev/pts"):
-        return
-    os.makedirs("/dev/pts", exist_ok=True)
-    r = subprocess.run(["mount", "-t", "devpts", "devpts", "/dev/pts"], capture_output=True, text=True)
-    if r.returncode != 0 and not os.path.ismount("/dev/pts"):
-        pytest.skip(f"{LACKS} a devpts for pseudo-terminals ({r.stderr.strip()})")
-
-
 def _interactive(files, tmp_path, console, record_property):
     pexpect = pytest.importorskip("pexpect")
-    _ensure_devpts()
+    why = linux_guest.ensure_devpts()
+    if why:
+        pytest.skip(f"{LACKS} {why}")
     kernel, initrd, _ = files
     disk = linux_guest.copy_root(files[2], tmp_path)
     nonce = secrets.token_hex(6)

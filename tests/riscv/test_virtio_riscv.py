@@ -57,12 +57,8 @@ def files():
 
 
 def _boot(files, disk, extra_cmdline):
-    kernel, initrd, _ = files
-    r = linux_guest.run_guest(kernel, initrd, cmdline=f"{CMDLINE} {extra_cmdline}",
-                              extra=["--disk", str(disk), "--rng", "--mem", MEM, "--vcpus", "2"],
-                              timeout=TIMEOUT, echo=linux_guest.console_echo("guest"))
-    print(f"\n$ {' '.join(r.argv[2:])}\n{r.console}\n(exit {r.status}, {r.seconds:.1f} s){r.stderr}")
-    return r
+    return linux_guest.boot_root(files, disk, f"{CMDLINE} {extra_cmdline}", timeout=TIMEOUT,
+                                 mem=MEM, extra=["--vcpus", "2"])
 
 
 @pytest.fixture(scope="module")
@@ -109,16 +105,6 @@ def test_virtio_without_aia_is_one_line():
 
 # --------------------------------------------------------------------------------------------------
 # the serial console, interactively
-
-
-def _ensure_devpts():
-    """The lab's /init mounts no devpts; pexpect needs one for its pty."""
-    if os.path.ismount("/dev/pts"):
-        return
-    os.makedirs("/dev/pts", exist_ok=True)
-    r = subprocess.run(["mount", "-t", "devpts", "devpts", "/dev/pts"], capture_output=True, text=True)
-    if r.returncode != 0 and not os.path.ismount("/dev/pts"):
-        pytest.skip(f"{LACKS} a devpts for pseudo-terminals ({r.stderr.strip()})")
 
 
 class _Session:
