@@ -315,10 +315,8 @@ class _PciCore(TransportCore):
         self.owner.signal(cause, queue)
 
     def reset_signals(self) -> None:
-        owner = getattr(self, "owner", None)
-        if owner is not None and hasattr(owner, "isr"):
-            owner.isr = 0
-            owner._update_intx()
+        self.owner.isr = 0                       # only reset() calls it: owner is complete
+        self.owner._update_intx()
 
 
 class _VirtioFunction(PciFunction):
