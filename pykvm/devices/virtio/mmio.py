@@ -215,9 +215,6 @@ class VirtioMmio(TransportCore):
         elif offset == STATUS:
             self.write_status(value)
         elif offset in _ADDRESS_REGS:
-            q = self.selected
-            if q is not None and self.queue_writable():
-                field, shift = _ADDRESS_REGS[offset]
-                old = getattr(q, field)
-                setattr(q, field, (old & ~(0xFFFFFFFF << shift)) | (value << shift))
+            field, shift = _ADDRESS_REGS[offset]
+            self.write_queue_address(field, value, shift)
         # SHMSel, QueueReset (VIRTIO_F_RING_RESET is not offered) and reserved: dropped

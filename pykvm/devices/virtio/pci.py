@@ -295,13 +295,9 @@ class VirtioPci:
         elif off == 0x1C and size == 2 and q is not None:
             if value == 1 and c.queue_writable():
                 q.enabled = True                   # 0 is not a way to disable (4.1.4.3.2)
-        elif (off in (0x20, 0x24, 0x28, 0x2C, 0x30, 0x34) and (size == 4 or size == 8 and not off & 4)
-              and c.queue_writable()):
-            field = {0x20: "desc", 0x28: "driver", 0x30: "device"}[off & ~7]
-            old = getattr(q, field)
-            shift = 32 if off & 4 else 0
-            width_mask = ((1 << (8 * size)) - 1) << shift
-            setattr(q, field, (old & ~width_mask) | (value << shift))
+        elif off in (0x20, 0x24, 0x28, 0x2C, 0x30, 0x34) and (size == 4 or size == 8 and not off & 4):
+            c.write_queue_address({0x20: "desc", 0x28: "driver", 0x30: "device"}[off & ~7], value,
+                                  32 if off & 4 else 0, 8 * size)
 
 
 class _PciCore(TransportCore):

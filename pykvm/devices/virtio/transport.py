@@ -157,6 +157,17 @@ class TransportCore:
                     and size & (size - 1) == 0):
                 q.size = size
 
+    def write_queue_address(self, field: str, value: int, shift: int, width: int = 32) -> None:
+        """The driver's write of ``width`` bits (32 or 64) of the selected queue's ``field``
+        ("desc", "driver" or "device": a GPA) at bit ``shift`` (0 or 32); the other bits stay.
+        Ignored once the queue's set-up is final (:meth:`queue_writable`)."""
+        with self.lock:
+            q = self.selected
+            if q is None or not self.queue_writable():
+                return
+            mask = ((1 << width) - 1) << shift
+            setattr(q, field, (getattr(q, field) & ~mask) | ((value << shift) & mask))
+
     def notify(self, index: int) -> None:
         """The driver's notification for queue ``index``: the device processes it when it is
         running and the queue is live; anything else is dropped (a notification for a queue
