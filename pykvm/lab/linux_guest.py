@@ -557,16 +557,28 @@ def run_guest(kernel, initrd, *, cmdline: str, extra=(), timeout: float = 600.0,
               echo=None) -> GuestRun:
     """``python -m pykvm run KERNEL --initrd INITRD --cmdline CMDLINE EXTRA...`` with the console
     read as it comes (each :data:`MARK` line timestamped); ``echo(line)`` sees every line."""
+    argv = [sys.executable, "-m", "pykvm", "run", str(kernel), "--initrd", str(initrd),
+            "--cmdline", cmdline, "--timeout", str(int(timeout)), *extra]
+    return run_console(argv, timeout=timeout + 60, echo=echo)
+
+
+def run_console(argv: list, *, timeout: float, echo=None, env=None) -> GuestRun:
+    """Run ``argv`` (a VMM whose standard output is the guest's console: ``pykvm run``, QEMU with
+    ``-serial stdio``) with standard input closed, reading the console as it comes (each
+    :data:`MARK` line timestamped; ``echo(line)`` sees every line). Killed after ``timeout``
+    seconds (then the status is the kill's, -9, and the console so far is kept)."""
     import subprocess
     import threading
     import time
-    argv = [sys.executable, "-m", "pykvm", "run", str(kernel), "--initrd", str(initrd),
-            "--cmdline", cmdline, "--timeout", str(int(timeout)), *extra]
     t0 = time.monotonic()
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env)
     err: list = []
     th = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
     th.start()
+    killer = threading.Timer(timeout, p.kill)
+    killer.daemon = True
+    killer.start()
     lines, marks = [], []
     buf = b""
     try:
@@ -584,8 +596,9 @@ def run_guest(kernel, initrd, *, cmdline: str, extra=(), timeout: float = 600.0,
                     echo(line)
                 if MARK in line:
                     marks.append((now, line.split(MARK, 1)[1].strip()))
-        p.wait(timeout=timeout + 60)
+        p.wait(timeout=30)
     finally:
+        killer.cancel()
         if p.poll() is None:
             p.kill()
             p.wait()
@@ -594,7 +607,7 @@ def run_guest(kernel, initrd, *, cmdline: str, extra=(), timeout: float = 600.0,
         p.stderr.close()
     if buf:
         lines.append(buf.decode("utf-8", "replace"))
-    return GuestRun(argv, p.returncode, "\n".join(lines), marks, time.monotonic() - t0,
+    return GuestRun(list(argv), p.returncode, "\n".join(lines), marks, time.monotonic() - t0,
                     (err[0] if err else b"").decode("utf-8", "replace"))
 
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
+import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -127,6 +130,104 @@ def x86_qemu(archive: Archive, suite: str = "bookworm") -> Qemu:
             "apt-get install qemu-system-x86"
         )
     return Qemu([exe], out.stdout.splitlines()[0], share=str(root / "usr/share/qemu"))
+
+
+# --------------------------------------------------------------------------------------------------
+# QEMU inside a lab (for the inner tests that compare pykvm with QEMU -accel kvm)
+
+INNER_FORMAT = 1  # bump when the layout of the inner QEMU part changes
+# the binary package and program of QEMU for each lab userspace arch
+_INNER = {"amd64": ("qemu-system-x86", "qemu-system-x86_64", "x86_64-linux-gnu"),
+          "riscv64": ("qemu-system-riscv", "qemu-system-riscv64", "riscv64-linux-gnu")}
+# firmware a guest booted with -kernel needs (x86: SeaBIOS and the option ROMs -kernel loads);
+# RISC-V under KVM runs no firmware (KVM is the SBI implementation)
+_INNER_DATA = {"amd64": (("seabios", ("usr/share/seabios/bios-256k.bin",)),
+                         ("qemu-system-data", ("usr/share/qemu/linuxboot_dma.bin",
+                                               "usr/share/qemu/kvmvapic.bin"))),
+               "riscv64": ()}
+
+
+def _needed(path: Path) -> list[str]:
+    """DT_NEEDED sonames of the ELF file ``path``."""
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+    with open(path, "rb") as f:
+        for sec in ELFFile(f).iter_sections():
+            if isinstance(sec, DynamicSection):
+                return [t.needed for t in sec.iter_tags() if t.entry.d_tag == "DT_NEEDED"]
+    return []
+
+
+def inner_qemu_part(archive: Archive, suite: str, arch: str, provided: list[str], name: str) -> tuple[Path, dict]:
+    """A gzip'd newc part with QEMU for the lab's own ``suite``/``arch`` under ``/lab/qemu``
+    (``bin/<program>``, ``lib/`` with the shared libraries it loads, ``share/`` with the firmware
+    it needs, ``info.json``), for QEMU ``-accel kvm`` inside the lab
+    (:mod:`pykvm.lab.blkbench`). The libraries are the DT_NEEDED closure of the program among
+    its packages' dependency closure, less the packages in ``provided`` (the lab's userspace
+    already has them). Cached in ``<cache>/base/``. Returns (path, info); raises LabError."""
+    binpkg, prog, triplet = _INNER[arch]
+    ix = archive.index(suite, arch)
+    if binpkg not in ix:
+        binpkg = "qemu-system-misc"
+    main = ix.get(binpkg)
+    keep = set(provided)
+    pkgs = ix.closure([binpkg], skip=lambda n: n in keep or (
+        n != binpkg and not (n.startswith("lib") or n == "zlib1g")))
+    data = [(ix.get(p), files) for p, files in _INNER_DATA[arch]]
+    key = _hash_pkgs([p.sha256 for p in pkgs] + [p.sha256 for p, _ in data] + [INNER_FORMAT])
+    out = archive.cache / "base" / f"qemu-{name}-{key}.cpio.gz"
+    info = {"inner_qemu": f"{main.name} {main.version} ({suite}/{arch})"}
+    if out.exists():
+        return out, info
+    root = archive.cache / "unpacked" / f"inner-qemu-{name}-{key}"
+    libdirs = (f"usr/lib/{triplet}/", f"lib/{triplet}/")
+
+    def lib(r: str) -> bool:
+        return r.startswith(libdirs) and ".so" in r and "/gconv/" not in r
+    _unpack_all(archive, root, [
+        (p, (lambda r: r == f"usr/bin/{prog}") if p.name == binpkg else lib, "lab QEMU") for p in pkgs
+    ] + [(p, (lambda r, f=files: r in f), "lab QEMU firmware") for p, files in data])
+    exe = root / "usr/bin" / prog
+    if not exe.exists():
+        raise LabError(f"{main.name}: no usr/bin/{prog} inside")
+    found = {f.name: f for d in libdirs if (root / d).is_dir() for f in (root / d).iterdir()}
+    libs: dict[str, Path] = {}
+    todo = _needed(exe)
+    while todo:
+        so = todo.pop()
+        if so in libs or so not in found:
+            continue            # not ours: the lab's userspace provides it (libc, zlib ...)
+        libs[so] = found[so].resolve()
+        todo += _needed(libs[so])
+    with archive.lock(f"base-{out.name}", f"building {out.name}"):
+        if not out.exists():
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            try:
+                with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
+                    w = ird.CpioWriter(gz)
+                    for d in ("lab", "lab/qemu", "lab/qemu/bin", "lab/qemu/lib", "lab/qemu/share"):
+                        w.dir(d)
+                    w.file(f"lab/qemu/bin/{prog}", exe.read_bytes(), 0o755)
+                    for so, path in sorted(libs.items()):
+                        w.file(f"lab/qemu/lib/{so}", path.read_bytes(), 0o755)
+                    for _, files in data:
+                        for f in files:
+                            w.file(f"lab/qemu/share/{Path(f).name}", (root / f).resolve().read_bytes())
+                    w.file("lab/qemu/info.json", json.dumps({
+                        "exe": prog, "version": f"{main.name} {main.version} ({suite}/{arch})",
+                        "libraries": sorted(libs)}).encode())
+                    w.close()
+                os.replace(tmp, out)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+    log(f"{name}: QEMU for inside the lab: {info['inner_qemu']}, {len(libs)} libraries, "
+        f"{out.stat().st_size / 1e6:.1f} MB")
+    return out, info
+
+
+def _hash_pkgs(items: list) -> str:
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:20]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,6 +540,19 @@ def parse_console(lines: list[str], nonce: str, name: str) -> BootResult:
         status = status or 5
     summary = [line for line in output if line.strip()][-15:]
     return BootResult(name, status, reason, summary, "\n".join(output), junit)
+
+
+def bench_lines(junit: bytes | None) -> list[str]:
+    """``name: value`` for each JUnit property named ``bench_*`` in an inner run's ``junit`` (the
+    inner benchmarks record their side-by-side results so; the lab prints them in its summary)."""
+    if not junit:
+        return []
+    try:
+        root = ET.fromstring(junit)
+    except ET.ParseError:
+        return []
+    return [f"{p.get('name')}: {p.get('value')}" for p in root.iter("property")
+            if (p.get("name") or "").startswith("bench_")]
 
 
 def merge_junit(results: list[BootResult], out: Path, lab: str) -> ET.Element:

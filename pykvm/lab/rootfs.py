@@ -20,7 +20,9 @@ The root's ``/sbin/init`` prints one line per step, each starting with
 earlier boot left in ``/pykvm-token``, ``/dev/hwrng`` (the rng-core driver in use and 16 bytes read
 from it); then it acts on the kernel command line — ``pykvm.token=T`` writes ``T`` to
 ``/pykvm-token`` and syncs, ``pykvm.write-probe`` tries to create a file and reports whether the
-root took it — and gives a shell on the console (prompt ``pykvm:<cwd># ``; leaving it powers off),
+root took it, ``pykvm.blkbench=SECONDS`` runs ``/usr/bin/blkbench`` on the disk whose serial is
+``pykvm-bench`` (:mod:`pykvm.lab.blkbench`) — and gives a shell on the console (prompt
+``pykvm:<cwd># ``; leaving it powers off),
 or with ``pykvm.batch`` powers off at once. Before powering off it remounts the root read-only,
 so the next boot finds a clean file system.
 
@@ -134,12 +136,13 @@ mkdir -p /dev/pts && mount -t devpts devpts /dev/pts 2>/dev/null
 hostname pykvm
 read up idle < /proc/uptime
 echo "$M root init: uptime ${up}s, $(uname -r) $(uname -m), root: $(grep ' / ' /proc/mounts | tail -1)"
-token=; batch=0; probe=0
+token=; batch=0; probe=0; bench=
 for a in $(cat /proc/cmdline); do
   case "$a" in
     pykvm.token=*) token=${a#pykvm.token=} ;;
     pykvm.batch) batch=1 ;;
     pykvm.write-probe) probe=1 ;;
+    pykvm.blkbench=*) bench=${a#pykvm.blkbench=} ;;
   esac
 done
 for b in /sys/block/vd*; do
@@ -164,6 +167,13 @@ if [ -c /dev/hwrng ]; then
 else
   echo "$M hwrng: none"
 fi
+if [ -n "$bench" ]; then
+  dev=
+  for b in /sys/block/vd*; do [ "$(cat $b/serial 2>/dev/null)" = pykvm-bench ] && dev=/dev/${b##*/}; done
+  if [ -z "$dev" ]; then echo "$M blkbench: no disk with serial pykvm-bench"
+  elif [ ! -x /usr/bin/blkbench ]; then echo "$M blkbench: not in this root image"
+  else blkbench "$dev" "$bench" "$M" 2>&1 || echo "$M blkbench failed"; fi
+fi
 if [ "$batch" != 1 ]; then
   echo "$M shell (exit or Ctrl-D powers off)"
   setsid cttyhack sh -l
@@ -182,6 +192,8 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin:/run/bin
 
 # applets linked in the image's /bin (the root's /sbin/init links the rest into /run/bin, which
 # works on a read-only root too)
+BLKBENCH_SOURCE = Path(__file__).with_name("blkbench.c")
+
 _ROOT_LINKS = ("sh", "mount", "hostname", "mkdir", "cat", "grep", "tail", "uname", "sync", "poweroff",
                "setsid", "cttyhack", "stty", "sleep", "head", "od", "tr", "rm", "ls", "echo", "dmesg")
 
@@ -240,6 +252,39 @@ def _copy_out(cached: Path, out_dir, name: str) -> Path:
     return out
 
 
+# -- the disk benchmark's guest program (pykvm/lab/blkbench.py runs it) ------------------------
+def blkbench_compiler(arch: str) -> str | None:
+    """The C compiler that builds static programs for ``arch`` (``x86_64``/``amd64`` or
+    ``riscv64``) on this host, or None."""
+    native = {"x86_64": "x86_64", "amd64": "x86_64", "riscv64": "riscv64"}.get(arch)
+    if native is None:
+        return None
+    if os.uname().machine == native:
+        return shutil.which("gcc") or shutil.which("cc")
+    return shutil.which(f"{native}-linux-gnu-gcc")
+
+
+def build_blkbench(arch: str) -> bytes | None:
+    """``pykvm/lab/blkbench.c`` built static for ``arch``; None where this host has no compiler for it.
+    Raises RuntimeError with the compiler's last line when the build fails."""
+    cc = blkbench_compiler(arch)
+    if cc is None:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "blkbench"
+        r = subprocess.run([cc, "-O2", "-static", "-Wall", "-o", str(out), str(BLKBENCH_SOURCE)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            msg = (r.stderr or r.stdout).strip().splitlines()
+            raise RuntimeError(f"{cc} blkbench.c failed: {msg[-1] if msg else r.returncode}")
+        return out.read_bytes()
+
+
+def blkbench_source() -> str:
+    """What the built program depends on (its source), for cache keys."""
+    return BLKBENCH_SOURCE.read_text()
+
+
 def build_root_image(arch: str, out_dir=None, *, size_mib: int = DEFAULT_SIZE_MIB, archive=None,
                      suite: str = DEFAULT_SUITE, cache=None, info: dict | None = None) -> Path:
     """The root disk: a raw ext4 image of ``size_mib`` MiB (8 to 65536) with busybox-static of
@@ -260,11 +305,14 @@ def build_root_image(arch: str, out_dir=None, *, size_mib: int = DEFAULT_SIZE_MI
     mke2fs = mke2fs_path()
     mver = _mke2fs_version(mke2fs)
     bb, bb_sha, bb_desc = _busybox(archive, suite, darch)
+    bench_cc = blkbench_compiler(darch)
     key = _key({"format": FORMAT, "busybox": bb_sha, "init": ROOT_INIT, "profile": PROFILE,
-                "links": _ROOT_LINKS, "features": EXT4_FEATURES, "size": int(size_mib), "mke2fs": mver})
+                "links": _ROOT_LINKS, "features": EXT4_FEATURES, "size": int(size_mib), "mke2fs": mver,
+                "blkbench": bench_cc and blkbench_source()})
     cached = archive.cache / "rootfs" / f"root-{darch}-{key}.img"
     if info is not None:
-        info.update(root_busybox=bb_desc, root_image_key=key, root_size_mib=int(size_mib), mke2fs=mver)
+        info.update(root_busybox=bb_desc, root_image_key=key, root_size_mib=int(size_mib), mke2fs=mver,
+                    root_blkbench=f"built with {bench_cc}" if bench_cc else "left out (no C compiler for this arch)")
     if not cached.exists():
         with archive.lock(f"rootfs-{cached.name}", f"building {cached.name}"):
             if not cached.exists():
@@ -280,6 +328,13 @@ def build_root_image(arch: str, out_dir=None, *, size_mib: int = DEFAULT_SIZE_MI
                     bbp.chmod(0o755)
                     for a in _ROOT_LINKS:
                         (root / "usr/bin" / a).symlink_to("busybox")
+                    try:
+                        prog = build_blkbench(darch)
+                    except RuntimeError as e:
+                        raise LabError(f"root disk: {e}") from None
+                    if prog is not None:
+                        (root / "usr/bin/blkbench").write_bytes(prog)
+                        (root / "usr/bin/blkbench").chmod(0o755)
                     init = root / "usr/sbin/init"
                     init.write_text(ROOT_INIT)
                     init.chmod(0o755)

@@ -1,0 +1,205 @@
+"""Disk throughput inside a lab's Linux guest: pykvm against QEMU ``-accel kvm`` (issue 19's benchmark).
+
+Both VMMs boot the same guest inside the same lab boot: the lab's Debian kernel, the root-disk
+guest's boot initramfs and a copy of its ``root.img`` (:mod:`pykvm.lab.rootfs`), plus a second
+raw disk, ``bench.img``, with the serial number :data:`SERIAL`, written in full by the host first
+so that no read hits a hole. Both serve the images through the host's page cache (pykvm's
+virtio-blk uses ``pread``/``pwrite``/``fdatasync``; QEMU runs ``cache=writeback,aio=threads``, its
+default) over the same transport (virtio-pci with MSI-X on x86, virtio-mmio with the in-kernel AIA
+on RISC-V), with one vCPU and the same memory size.
+
+The guest's ``/sbin/init`` sees ``pykvm.blkbench=SECONDS`` and runs ``/usr/bin/blkbench`` (from
+``pykvm/lab/blkbench.c``, built static for the guest's arch) on the disk with that serial: 1 MiB
+sequential and 4 KiB random writes and reads with ``O_DIRECT`` at queue depth 1, each phase for
+SECONDS, writes ended by ``fdatasync``. :func:`parse` reads its lines; :func:`compare` puts the
+two VMMs side by side (throughput ratio pykvm / QEMU: above 1 is pykvm faster).
+
+QEMU inside the lab comes from the lab's own Debian suite and arch (``/lab/qemu``, put there by
+:func:`pykvm.lab.qemu.inner_qemu_part`); :func:`inner_qemu` is None in a lab boot without it.
+
+The program is built on the host with the root image (:func:`pykvm.lab.rootfs.build_blkbench`);
+this module runs inside the lab on the standard library alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import linux_guest
+
+SERIAL = "pykvm-bench"                  # the bench disk's virtio-blk serial (GET_ID)
+PHASES = ("seq-write-1m", "seq-read-1m", "rand-write-4k", "rand-read-4k")
+QEMU_DIR = Path("/lab/qemu")            # where a lab boot carries its inner QEMU
+DISK_MIB = 64                           # the bench disk's size
+MIB = 1 << 20
+
+_LINE = re.compile(r"blkbench (\S+) bytes=(\d+) ops=(\d+) seconds=([\d.]+)")
+
+
+# -- running and comparing (inside a lab) -------------------------------------------------------------
+@dataclass(frozen=True)
+class Phase:
+    """One phase's result: ``bytes`` moved in ``ops`` requests over ``seconds`` (guest wall time)."""
+    name: str
+    bytes: int
+    ops: int
+    seconds: float
+
+    @property
+    def mib_s(self) -> float:
+        """Throughput in MiB/s (2**20 bytes per second)."""
+        return self.bytes / MIB / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def iops(self) -> float:
+        """Requests per second."""
+        return self.ops / self.seconds if self.seconds > 0 else 0.0
+
+
+def parse(marks) -> dict[str, Phase]:
+    """The phases in ``marks`` (``GuestRun.marks``: (seconds, text) pairs), by phase name."""
+    out = {}
+    for _, text in marks:
+        m = _LINE.match(text)
+        if m:
+            out[m[1]] = Phase(m[1], int(m[2]), int(m[3]), float(m[4]))
+    return out
+
+
+def make_disk(path: Path, mib: int = DISK_MIB) -> Path:
+    """``path`` as a raw image of ``mib`` MiB, every block written (no holes)."""
+    block = bytes((i * 131 + 7) & 0xFF for i in range(256)) * (MIB // 256)
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(block)
+    return path
+
+
+def inner_qemu() -> tuple[list[str], dict[str, str]] | None:
+    """(argv prefix, environment) of the QEMU this lab boot carries in :data:`QEMU_DIR`, or None."""
+    try:
+        info = json.loads((QEMU_DIR / "info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    env = dict(os.environ, LD_LIBRARY_PATH=str(QEMU_DIR / "lib"))
+    return [str(QEMU_DIR / "bin" / info["exe"]), "-L", str(QEMU_DIR / "share")], env
+
+
+def qemu_version() -> str:
+    try:
+        return json.loads((QEMU_DIR / "info.json").read_text()).get("version", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def qemu_argv(arch: str, kernel, initrd, *, cmdline: str, disks, mem: str) -> list[str]:
+    """QEMU's machine arguments for the same guest as ``pykvm run`` boots: ``disks`` are
+    (path, serial) pairs, the first the root (/dev/vda)."""
+    if arch in ("x86_64", "amd64"):
+        machine = ["-M", "pc", "-cpu", "host"]
+        blk = "virtio-blk-pci,disable-legacy=on"
+    else:
+        machine = ["-M", "virt,aia=aplic-imsic", "-cpu", "host"]
+        blk = "virtio-blk-device"
+    argv = ["-accel", "kvm", *machine, "-smp", "1", "-m", mem, "-nodefaults", "-no-user-config",
+            "-display", "none", "-serial", "stdio", "-no-reboot",
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
+    for i, (path, serial) in enumerate(disks):
+        argv += ["-drive", f"file={path},format=raw,if=none,id=d{i},cache=writeback,aio=threads",
+                 "-device", f"{blk},drive=d{i}" + (f",serial={serial}" if serial else "")]
+    return argv
+
+
+def table(pykvm: dict[str, Phase], qemu: dict[str, Phase]) -> list[str]:
+    """The two runs side by side, one line per phase (MiB/s, IOPS, ratio pykvm / QEMU)."""
+    rows = [f"{'phase':14} {'pykvm MiB/s':>12} {'QEMU MiB/s':>11} {'pykvm IOPS':>11} {'QEMU IOPS':>10} "
+            f"{'ratio':>6}"]
+    for name in PHASES:
+        p, q = pykvm.get(name), qemu.get(name)
+        if p is None or q is None:
+            rows.append(f"{name:14} missing ({'pykvm' if p is None else 'QEMU'} printed no result)")
+            continue
+        ratio = p.mib_s / q.mib_s if q.mib_s else float("inf")
+        rows.append(f"{name:14} {p.mib_s:12.2f} {q.mib_s:11.2f} {p.iops:11.1f} {q.iops:10.1f} {ratio:6.2f}")
+    return rows
+
+
+def ratios(pykvm: dict[str, Phase], qemu: dict[str, Phase]) -> dict[str, float]:
+    """Throughput ratio pykvm / QEMU per phase present in both (above 1: pykvm faster)."""
+    return {n: round(pykvm[n].mib_s / qemu[n].mib_s, 3) for n in PHASES
+            if n in pykvm and n in qemu and qemu[n].mib_s > 0}
+
+
+@dataclass
+class Comparison:
+    """Both boots of :func:`compare`: the runs (``GuestRun``) and their phases."""
+    pykvm_run: linux_guest.GuestRun
+    qemu_run: linux_guest.GuestRun
+    pykvm: dict
+    qemu: dict
+
+    def lines(self) -> list[str]:
+        return table(self.pykvm, self.qemu)
+
+    def properties(self) -> dict[str, object]:
+        """JUnit properties: ``bench_blk_<phase>`` (text, printed in the lab's summary) and
+        ``ratio_blk_<phase>`` (pykvm / QEMU throughput)."""
+        out: dict[str, object] = {}
+        for name, r in ratios(self.pykvm, self.qemu).items():
+            p, q = self.pykvm[name], self.qemu[name]
+            out[f"bench_blk_{name}"] = (f"pykvm {p.mib_s:.2f} MiB/s ({p.iops:.0f} IOPS), QEMU {q.mib_s:.2f} MiB/s "
+                                        f"({q.iops:.0f} IOPS), pykvm/QEMU {r:.2f}")
+            out[f"ratio_blk_{name}"] = r
+        return out
+
+
+def compare(kernel, initrd, root_img, workdir, *, arch: str, cmdline: str, seconds: float = 2.0,
+            mem: str = "256M", pykvm_extra=(), timeout: float = 300.0, echo=None) -> Comparison:
+    """Boot the root-disk guest twice in ``workdir`` — with ``pykvm run``, then with the lab's
+    QEMU — each on a fresh copy of ``root_img`` and a fresh bench disk, with
+    ``pykvm.blkbench=seconds pykvm.batch`` added to ``cmdline``. Raises RuntimeError when this lab
+    boot carries no QEMU (:func:`inner_qemu`)."""
+    qemu = inner_qemu()
+    if qemu is None:
+        raise RuntimeError(f"no QEMU in this lab boot ({QEMU_DIR})")
+    workdir = Path(workdir)
+    cmd = f"{cmdline} pykvm.batch pykvm.blkbench={seconds:g}"
+    runs = {}
+    for vmm in ("pykvm", "qemu"):
+        d = workdir / vmm
+        d.mkdir(parents=True, exist_ok=True)
+        root = linux_guest.copy_root(Path(root_img), d)
+        bench = make_disk(d / "bench.img")
+        if vmm == "pykvm":
+            runs[vmm] = linux_guest.run_guest(
+                kernel, initrd, cmdline=cmd, timeout=timeout, echo=echo,
+                extra=["--disk", str(root), "--disk", f"{bench},serial={SERIAL}", "--mem", mem,
+                       "--vcpus", "1", *pykvm_extra])
+        else:
+            prefix, env = qemu
+            argv = prefix + qemu_argv(arch, kernel, initrd, cmdline=cmd, mem=mem,
+                                      disks=[(root, None), (bench, SERIAL)])
+            runs[vmm] = linux_guest.run_console(argv, timeout=timeout, echo=echo, env=env)
+    return Comparison(runs["pykvm"], runs["qemu"], parse(runs["pykvm"].marks), parse(runs["qemu"].marks))
+
+
+def report(cmp: Comparison, record_property) -> None:
+    """For the labs' tests: print both runs' console tails and the side-by-side table, record the
+    JUnit properties (:meth:`Comparison.properties`), and raise AssertionError unless both VMMs
+    ran every phase and exited 0 (the ratios are reported, never asserted)."""
+    for vmm, run in (("pykvm", cmp.pykvm_run), ("QEMU", cmp.qemu_run)):
+        print(f"\n$ {' '.join(map(str, run.argv))}\n{run.tail(30)}\n({vmm}: exit {run.status}, "
+              f"{run.seconds:.1f} s){run.stderr[-2000:]}")
+    print(f"\nvirtio-blk in the guest, pykvm against {qemu_version()} -accel kvm, queue depth 1, O_DIRECT:")
+    print("\n".join(cmp.lines()))
+    for name, value in cmp.properties().items():
+        record_property(name, value)
+    for vmm, run, phases in (("pykvm", cmp.pykvm_run, cmp.pykvm), ("QEMU", cmp.qemu_run, cmp.qemu)):
+        missing = [p for p in PHASES if p not in phases]
+        assert not missing, (f"{vmm}: no result for {', '.join(missing)} (exit {run.status}):\n"
+                             f"{run.tail()}\n{run.stderr[-2000:]}")
+        assert run.status == 0, f"{vmm} exited {run.status}: {run.stderr[-2000:]}\n{run.tail()}"
