@@ -53,6 +53,7 @@ class X86Platform:
         self.vm, self.kvm, self.control = vm, kvm, control
         self.vcpus = vcpus
         self.cpuid = cpuid
+        self._cpuid_given = cpuid is not None
         self.irqchip = False
         self.placed = None                # x86_images.PlacedImage of a non-Linux image
         self.image = None                 # what load() loaded
@@ -134,10 +135,12 @@ class X86Platform:
 
     # -- vCPUs ----------------------------------------------------------------------------
     def vcpu_cpuid(self, index: int):
-        """The CPUID vCPU ``index`` gets: the supported (or given) entries with its APIC id."""
+        """The CPUID vCPU ``index`` gets: the supported (or given) entries with its APIC id, and
+        the hypervisor bit on supported ones (:func:`~pykvm.arch.x86.regs.cpuid_for_vcpu`)."""
         if self.cpuid is None:
             self.cpuid = self.kvm.supported_cpuid()     # one ioctl for all vCPUs
-        return cpuid_for_vcpu(self.cpuid, index)
+        # entries the caller gave are theirs to the bit (a test may want no hypervisor bit)
+        return cpuid_for_vcpu(self.cpuid, index, hypervisor=not self._cpuid_given)
 
     def setup_vcpu(self, vcpu, index: int) -> None:
         """CPUID and boot state of vCPU ``index`` (a Linux kernel, and a PC, start only vCPU 0:

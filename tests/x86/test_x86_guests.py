@@ -30,6 +30,30 @@ def test_cpuid_set_by_vmm_is_what_the_guest_sees(guest_vm, kvm):
     m.done()
 
 
+def test_guest_sees_the_hypervisor_bit_and_kvm_leaves_unless_its_cpuid_was_given(guest_vm, kvm):
+    # a Linux guest looks for KVM's leaves (kvm-clock ...) only under CPUID.1:ECX[31]
+    m = guest_vm("cpuid")
+    m.set_params(2, 1, 0)
+    assert m.sync(stage=1)[4] >> 31 == 1
+    m.sync(stage=2)                              # leaf 0, the guest's second report
+    m.done()
+    m = guest_vm("cpuid")
+    m.set_params(2, 0x40000000, 0)
+    _, _, _, ebx, ecx, edx = m.sync(stage=1)
+    assert b"".join(r.to_bytes(4, "little") for r in (ebx, ecx, edx)) == b"KVMKVMKVM\0\0\0"
+    m.sync(stage=2)                              # leaf 0, the guest's second report
+    m.done()
+    # the caller's own entries are set as given: here leaf 1 without the bit
+    given = [e if e[0] != 1 else (*e[:5], e[5] & ~(1 << 31), e[6]) for e in kvm.supported_cpuid()]
+    m = guest_vm("cpuid", cpuid=given)
+    leaf1 = next(e for e in m.vcpus[0].get_cpuid() if e.function == 1)
+    assert leaf1.ecx >> 31 == 0
+    m.set_params(2, 1, 0)
+    m.sync(stage=1)
+    m.sync(stage=2)
+    m.done()
+
+
 def test_guest_msr_write_visible_via_one_reg_and_get_msrs(guest_vm):
     m = guest_vm("msr")
     value = 0x0023001044445555

@@ -50,15 +50,27 @@ def cpuid_lookup(entries: Iterable[CpuidEntry], function: int, index: int = 0) -
     return None
 
 
-def cpuid_for_vcpu(entries: Iterable, index: int) -> List[CpuidEntry]:
-    """``entries`` (as from ``Kvm.supported_cpuid()``) with vCPU ``index``'s APIC id patched in,
-    as a firmware gives each CPU its own: leaf 1 EBX[31:24] (the initial xAPIC id, its low 8
-    bits) and leaves 0xB and 0x1F EDX (the x2APIC id, whole). Intel SDM vol. 2A, CPUID."""
+# CPUID.1:ECX bit 31: "running under a hypervisor". KVM_GET_SUPPORTED_CPUID leaves it to the VMM
+# (QEMU, kvmtool and Firecracker set it); without it a Linux guest never looks at the KVM leaves
+# 0x40000000+ (hypervisor_cpuid_base() requires it), so it gets no kvm-clock and falls back to
+# the ACPI PM timer or the TSC, with a port read per clock read on the first.
+CPUID_1_ECX_HYPERVISOR = 1 << 31
+
+
+def cpuid_for_vcpu(entries: Iterable, index: int, *, hypervisor: bool = True) -> List[CpuidEntry]:
+    """``entries`` (as from ``Kvm.supported_cpuid()``) as vCPU ``index`` gets them: its APIC id
+    patched in, as a firmware gives each CPU its own — leaf 1 EBX[31:24] (the initial xAPIC id,
+    its low 8 bits) and leaves 0xB and 0x1F EDX (the x2APIC id, whole), Intel SDM vol. 2A,
+    CPUID — and, with ``hypervisor`` (default), leaf 1 ECX bit 31 (:data:`CPUID_1_ECX_HYPERVISOR`)
+    set, as every VMM does, so that guests find KVM's paravirtual leaves (Linux
+    ``Documentation/virt/kvm/x86/cpuid.rst``); ``hypervisor=False`` leaves ECX as given."""
     out = []
     for e in entries:
         e = CpuidEntry(*e)
         if e.function == 1:
             e = e._replace_ebx((e.ebx & 0x00FFFFFF) | ((index & 0xFF) << 24))
+            if hypervisor:
+                e = CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx | CPUID_1_ECX_HYPERVISOR, e.edx)
         elif e.function in (0xB, 0x1F):
             e = CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, index)
         out.append(e)
