@@ -690,6 +690,9 @@ def cmd_run(args) -> int:
             _err(f"pykvm: {r.detail}")
         if r.console_dropped and args.trace:
             _err(f"pykvm: {r.console_dropped} console bytes not retained")
+        if args.trace:
+            for name, counts in m.device_counters().items():
+                _err(f"pykvm: {name} {counts}")
         if args.trace and not _err(f"pykvm: exits {r.exits}, {r.seconds:.3f} s"):
             return EXIT_VMM                  # the trace's last line was lost (stderr full)
     return r.exit_code

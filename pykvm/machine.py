@@ -771,6 +771,18 @@ class Machine:
             self._symbols = Symbols.from_image(self.image_name)
         return self._symbols
 
+    def device_counters(self) -> dict:
+        """{name: counters} of the virtio devices this machine made (``disks=``, ``rng=``,
+        ``console="virtio"``), named by kind and index (``virtio-blk0``, ``virtio-blk1``,
+        ``virtio-rng0``...); each value is the device's ``counters()`` (a dict of ints). Valid
+        while the machine runs and after :meth:`close` (then final)."""
+        out: dict = {}
+        for d in self._virtio:
+            kind = "virtio-" + type(d).__name__.removeprefix("Virtio").lower()
+            n = sum(1 for k in out if k.rstrip("0123456789") == kind)
+            out[f"{kind}{n}"] = d.counters()
+        return out
+
     def close(self) -> None:
         """Stop every vCPU (waiting until each has left KVM_RUN), then close the VM, its memory
         and (if the machine opened it) /dev/kvm. Idempotent; safe from any thread, including

@@ -37,6 +37,13 @@ def test_rng_and_blk_over_virtio_pci(guest_vm, tmp_path, how):
     past, unknown, blk_status = m.sync(stage=4)
     assert past == IOERR and unknown == UNSUPP and blk_status & 4 and not blk_status & 64
     m.done()
+    if how == "Machine options":
+        m.close()                                # a running C worker's counts join at its stop
+        counters = m.device_counters()
+        assert set(counters) == {"virtio-rng0", "virtio-blk0"}, counters
+        blk = counters["virtio-blk0"]
+        # write, flush, read, GET_ID, one past the end, one of an unknown type
+        assert blk["python_requests"] + blk["native_requests"] == 6, blk
 
 
 def test_a_second_writer_of_one_image_is_refused(tmp_path):

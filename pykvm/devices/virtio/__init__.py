@@ -20,7 +20,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Optional, Sequence
+    from typing import Any, Callable, Dict, Optional, Sequence
 
 # device types (virtio 1.2, section 5)
 ID_NET, ID_BLOCK, ID_CONSOLE, ID_RNG = 1, 2, 3, 4
@@ -101,3 +101,8 @@ class VirtioDevice:
 
     def close(self) -> None:
         """Release host resources (files, threads). Idempotent."""
+
+    def counters(self) -> Dict[str, int]:
+        """The device's event counters by name (requests served, interrupts sent ...), for
+        ``pykvm run --trace`` and :meth:`pykvm.machine.Machine.device_counters`; {} if none."""
+        return {}

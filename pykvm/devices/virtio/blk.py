@@ -57,7 +57,7 @@ from .queue import QueueError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, List, Optional, Sequence, Tuple
+    from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 SECTOR = 512
 
@@ -291,6 +291,7 @@ class VirtioBlk(VirtioDevice):
         self.native = enabled_by_default() if native is None else bool(native)
         self.native_error: Optional[str] = None
         self.native_stats = {"workers": 0, "requests": 0, "direct_msis": 0, "python_irqs": 0}
+        self.python_requests = 0            # requests served on the Python path
 
     @property
     def _fd(self) -> int:
@@ -463,9 +464,19 @@ class VirtioBlk(VirtioDevice):
                 self._broken = True
                 h.needs_reset()
 
+    def counters(self) -> Dict[str, int]:
+        """``python_requests`` (served on the Python path) and the C path's totals over its
+        workers so far: ``native_workers`` started, ``native_requests`` served,
+        ``native_direct_msis`` (interrupts the worker sent itself with KVM_SIGNAL_MSI) and
+        ``native_python_irqs`` (interrupts it handed to Python). A running worker's counts join
+        when it stops (reset, close)."""
+        return {"python_requests": self.python_requests,
+                **{f"native_{k}": v for k, v in self.native_stats.items()}}
+
     def _serve(self, chain: Any) -> int:
         """Carry out one request; returns the bytes written into its writable part. Raises
         QueueError only when guest RAM under the chain is gone."""
+        self.python_requests += 1
         wlen = chain.writable_len
         if wlen < 1:
             return 0                                  # no status byte: nowhere to answer
