@@ -154,7 +154,10 @@ sleep 10
 
 # `python3 -m pytest <args>` with the arguments taken from a JSON list, so that a -k expression with
 # spaces or quotes needs no shell quoting.
-RUN_PYTEST = """import json, runpy, sys
-sys.argv = ["pytest"] + json.load(open("/lab/pytest-args.json"))
+# PYKVM_LAB_PYTEST=<name> on the lab kernel's command line (it reaches /init's environment) picks
+# /lab/pytest-args-<name>.json: a boot of its own for some tests (pykvm/lab/build.py, qemu_tests)
+RUN_PYTEST = """import json, os, runpy, sys
+name = os.environ.get("PYKVM_LAB_PYTEST", "")
+sys.argv = ["pytest"] + json.load(open(f"/lab/pytest-args-{name}.json" if name else "/lab/pytest-args.json"))
 runpy.run_module("pytest", run_name="__main__", alter_sys=True)
 """

@@ -1,0 +1,26 @@
+"""Which lab boot runs which inner tests (pykvm/lab/build.py ``split_tests``): tests that compare
+pykvm with QEMU inside the lab get a boot of their own whose initrd carries that QEMU."""
+from pykvm.lab.build import NESTED, RISCV, split_tests
+
+BENCH = "tests/nested/test_blk_bench_nested.py"
+
+
+def test_a_folder_above_a_qemu_test_keeps_the_rest_and_sends_that_test_to_its_own_boot():
+    main, qemu = split_tests(NESTED, ["tests/nested", "tests/lab/inner_smoke"])
+    assert main == ["tests/nested", f"--ignore={BENCH}", "tests/lab/inner_smoke"]
+    assert qemu == [BENCH]
+    main, qemu = split_tests(NESTED, ["tests"])
+    assert main == ["tests", f"--ignore={BENCH}"] and qemu == [BENCH]
+
+
+def test_a_qemu_test_named_alone_or_by_node_id_runs_only_in_the_qemu_boot():
+    assert split_tests(NESTED, [BENCH]) == ([], [BENCH])
+    node = f"{BENCH}::test_virtio_blk_throughput_against_qemu"
+    assert split_tests(NESTED, [node, "tests/nested/test_linux.py"]) == (["tests/nested/test_linux.py"], [node])
+
+
+def test_tests_elsewhere_leave_the_qemu_boot_out():
+    assert split_tests(RISCV, ["tests/riscv/test_riscv.py"]) == (["tests/riscv/test_riscv.py"], [])
+    assert split_tests(RISCV, ["tests/riscvx"]) == (["tests/riscvx"], [])    # a prefix is no folder
+    main, qemu = split_tests(RISCV, ["tests/riscv/"])
+    assert qemu == ["tests/riscv/test_blk_bench_riscv.py"] and main[0] == "tests/riscv/"
