@@ -148,6 +148,7 @@ class VirtPlatform:
             base, irq = VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_IRQ + i
             transport = VirtioMmio(model, vm.memory,
                                    set_irq=lambda level, n=irq: self.irq(n, level))
+            transport.enable_fastpath(vm, base)
             self.mmio.insert(base, VIRTIO_MMIO_STRIDE, transport, max_access=VIRTIO_MMIO_ACCESS,
                              name=f"virtio-mmio{i}")
             self.virtio_mmio_devices.append((base, irq, transport))

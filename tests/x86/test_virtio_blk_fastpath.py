@@ -260,6 +260,58 @@ def test_the_pci_transport_tells_the_worker_each_change_it_mirrors(vm, tmp_path)
         dev.close()
 
 
+def test_the_mmio_transport_starts_the_worker_at_driver_ok_and_raises_its_line(vm, tmp_path):
+    """virtio-mmio (RISC-V's transport): the platform's ``enable_fastpath`` lets the worker in at
+    DRIVER_OK on the window's QueueNotify; its interrupts set InterruptStatus and raise the one
+    line through the transport; a reset stops it."""
+    from pykvm.devices.virtio import mmio as M
+    base = 0xFEB00000
+    img = tmp_path / "d.img"
+    orig = make_image(img)
+    dev = VirtioBlk(str(img))
+    levels = []
+    t = M.VirtioMmio(dev, vm.memory, set_irq=levels.append)
+    t.enable_fastpath(vm, base)
+    vm.memory.zero(0, 2 * SLOT)
+    try:
+        t.write(M.STATUS, 4, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
+        features = dev.device_features() | (1 << F_VERSION_1)
+        for sel in (0, 1):
+            t.write(0x024, 4, sel)
+            t.write(0x020, 4, features >> (32 * sel) & 0xFFFFFFFF)
+        t.write(M.QUEUE_SEL, 4, 0)
+        t.write(M.QUEUE_NUM, 4, QSIZE)
+        for reg, gpa in ((0x080, DESC), (0x090, AVAIL), (0x0A0, USED)):
+            t.write(reg, 4, gpa & 0xFFFFFFFF)
+            t.write(reg + 4, 4, gpa >> 32)
+        t.write(M.QUEUE_READY, 4, 1)
+        t.write(M.STATUS, 4, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK)
+        assert dev._worker is None
+        t.write(M.STATUS, 4, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
+        w = dev._worker
+        assert w is not None and w.notify_gpa == base + M.QUEUE_NOTIFY and w.msi is None
+        vm.memory.write(HEAP, struct.pack("<IIQ", T_IN, 0, 0))
+        for k, (gpa, n, fl) in enumerate(((HEAP, 16, 0), (HEAP + 64, 512, DESC_F_WRITE),
+                                          (HEAP + 640, 1, DESC_F_WRITE))):
+            vm.memory.write(DESC + 16 * k, struct.pack("<QIHH", gpa, n,
+                                                       fl | (DESC_F_NEXT if k < 2 else 0), k + 1))
+        vm.memory.write(AVAIL + 2, struct.pack("<H", 1))
+        t.write(M.QUEUE_NOTIFY, 4, 0)
+        deadline = time.monotonic() + 10
+        while not (levels and t.interrupt_status) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert vm.memory.read(USED + 2, 2) == b"\x01\x00"
+        assert vm.memory.read(HEAP + 640, 1) == b"\0" and vm.memory.read(HEAP + 64, 512) == orig[:512]
+        assert levels == [1] and t.read(M.INTERRUPT_STATUS, 4) == INT_VRING
+        t.write(M.INTERRUPT_ACK, 4, INT_VRING)
+        assert levels == [1, 0]
+        t.write(M.STATUS, 4, 0)                                  # reset: the worker is gone
+        assert dev._worker is None
+        assert dev.counters()["native_requests"] == 1 and dev.counters()["native_python_irqs"] == 1
+    finally:
+        dev.close()
+
+
 def test_flushed_write_through_the_worker_survives_sigkill(tmp_path):
     img = tmp_path / "d.img"
     orig = make_image(img)

@@ -50,7 +50,7 @@ from .transport import TransportCore
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable
+    from typing import Callable, Optional
 
 MMIO_SIZE = 0x200
 MAX_ACCESS = 8                  # the bus hands 8-byte accesses whole (config space may use them)
@@ -98,7 +98,18 @@ class VirtioMmio(TransportCore):
         self.interrupt_status = 0
         self._level = 0
         self.interrupts = 0                  # times the line was raised (tests, stats)
+        # where the platform lets a device's C path in (:meth:`enable_fastpath`)
+        self.fastpath_vm = None
+        self.fastpath_notify: Optional[int] = None
         super().__init__(device, memory)
+
+    def enable_fastpath(self, vm, base: int) -> None:
+        """Let a device with a C path (``fastpath_update``, :mod:`.fastpath`: virtio-blk) serve
+        queue 0 itself once the driver sets DRIVER_OK: ``vm`` (:class:`pykvm.vm.Vm`) for its
+        ioeventfd on this window's QueueNotify (``base`` + 0x050, a GPA). Its interrupts still
+        come through :meth:`signal` (InterruptStatus and the one line are the transport's).
+        Called by the platform once, before the guest runs."""
+        self.fastpath_vm, self.fastpath_notify = vm, base + QUEUE_NOTIFY
 
     # -- the interrupt line ------------------------------------------------------------------
     def _update_line(self) -> None:
@@ -214,6 +225,9 @@ class VirtioMmio(TransportCore):
             self._update_line()
         elif offset == STATUS:
             self.write_status(value)
+            fn = getattr(self.device, "fastpath_update", None)
+            if fn is not None and self.status & STATUS_DRIVER_OK:
+                fn(self.fastpath_vm, self.fastpath_notify, None)   # no-op without a vm
         elif offset in _ADDRESS_REGS:
             field, shift = _ADDRESS_REGS[offset]
             self.write_queue_address(field, value, shift)
