@@ -450,11 +450,16 @@ class PcPlatform(X86Platform):
         decoding is off); a BAR over another device's range is not decoded."""
         self.mmio.remove(transport)
         self.mmio.remove(transport.msix)
+        mapped = []
         for base, size, dev in transport.windows():
             try:
                 self.mmio.insert(base, size, dev, max_access=8, name="virtio-pci")
+                mapped.append((base, size, dev))
             except BusConflict:
                 self.virtio_bar_conflicts += 1
+        with transport.core.lock:              # the C path follows what the bus decodes
+            transport.mapped_windows = mapped
+            transport.fastpath_sync()
 
     def _edu_config_written(self) -> None:
         self.edu.config_changed()

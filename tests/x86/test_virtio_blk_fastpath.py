@@ -253,9 +253,19 @@ def test_the_pci_transport_tells_the_worker_each_change_it_mirrors(vm, tmp_path)
         assert w.msi == (0xFEE00000, 0x41)
         t.write(0x1A, 2, P.NO_VECTOR)                            # no vector: Python raises it
         assert w.msi is None and dev._worker is w
+        with t.core.lock:                # BAR 4 refused by the platform's bus (over another device)
+            t.mapped_windows = [w_ for w_ in t.windows() if w_[2] is not t]
+            t.fastpath_sync()
+        assert dev._worker is None                               # no ioeventfd in its place
+        with t.core.lock:
+            t.mapped_windows = t.windows()
+            t.fastpath_sync()
+        w = dev._worker
+        assert w is not None and w.notify_gpa == NOTIFY
         t.write(0x14, 1, 0)                                      # reset: the worker is gone
         assert dev._worker is None
         assert dev.native_stats["requests"] == 1 and dev.native_stats["direct_msis"] == 1
+        assert dev.native_stats["workers"] == 2
     finally:
         dev.close()
 

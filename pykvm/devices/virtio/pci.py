@@ -33,7 +33,7 @@ from ..pci_host import PciFunction
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable
+    from typing import Callable, Optional
 
 VENDOR_VIRTIO = 0x1AF4
 DEVICE_BASE = 0x1040                     # modern device id = 0x1040 + virtio device type
@@ -122,15 +122,22 @@ class VirtioPci:
         self.pci = f
         self.msix = _MsixBar(self)
         self.fastpath_vm = None        # the Vm, where the platform lets a device's C path in
+        # [(base, size, bus device)] the platform's bus really decodes (a BAR placed over another
+        # device is refused there); None: no platform says, so :meth:`windows` is taken
+        self.mapped_windows: Optional[list] = None
 
     def fastpath_sync(self) -> None:
         """Tell a device with a C path (``fastpath_update``, :mod:`.fastpath`) where queue 0's
         notification lands and the message its vector sends now (None while MSI-X is off,
-        the function or the entry is masked, or the queue has no vector). Under the core lock."""
+        the function or the entry is masked, or the queue has no vector). Under the core lock.
+        The notify address is None while BAR 4 is not decoded, or not mapped by the platform
+        (:attr:`mapped_windows`)."""
         fn = getattr(self.core.device, "fastpath_update", None)
         if fn is None:
             return
-        notify = next((base + NOTIFY for base, _size, dev in self.windows() if dev is self), None)
+        wins = self.windows() if self.mapped_windows is None else self.mapped_windows
+        # only a BAR the bus decodes: an ioeventfd elsewhere would take another device's writes
+        notify = next((base + NOTIFY for base, _size, dev in wins if dev is self), None)
         msi = None
         q = self.core.queues[0] if self.core.queues else None
         if q is not None and self.msix_enabled and not self.msix_function_masked \
