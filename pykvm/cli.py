@@ -678,7 +678,9 @@ def cmd_run(args) -> int:
         _err(f"pykvm: {detail}")
         return status.SIGINT
     if args.json:
-        _emit_json(r.as_dict())
+        d = r.as_dict()
+        d["devices"] = m.device_counters()
+        _emit_json(d)
         sys.stdout.flush()                   # a failure to write it is the run's outcome
         if r.exit_code and r.detail:         # as for every failure: one line on stderr too
             _err(f"pykvm: {r.detail}")
@@ -692,7 +694,8 @@ def cmd_run(args) -> int:
             _err(f"pykvm: {r.console_dropped} console bytes not retained")
         if args.trace:
             for name, counts in m.device_counters().items():
-                _err(f"pykvm: {name} {counts}")
+                if counts:                       # a device that counts nothing says nothing
+                    _err(f"pykvm: {name} " + " ".join(f"{k}={v}" for k, v in counts.items()))
         if args.trace and not _err(f"pykvm: exits {r.exits}, {r.seconds:.3f} s"):
             return EXIT_VMM                  # the trace's last line was lost (stderr full)
     return r.exit_code
@@ -840,9 +843,10 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                    help="files for the guest, as QEMU's -initrd (x86 multiboot: one module "
                    "each; RISC-V: the initrd)")
     r.add_argument("--trace", action="store_true", help="print every exit and report that reaches "
-                   "Python, then the exit counts and timing, to stderr")
+                   "Python, then each virtio device's counters, the exit counts and timing, "
+                   "to stderr")
     r.add_argument("--json", action="store_true", help="print one JSON object with exit, "
-                   "exit_code, console, exits, seconds")
+                   "exit_code, console, exits, seconds, devices (virtio device counters)")
     r.add_argument("--irqchip", action="store_true", help="create the in-kernel irqchip and PIT")
     r.add_argument("--machine", default="auto", metavar="NAME",
                    help="the machine, as QEMU's -machine: on x86 pc (in-kernel irqchip and PIT, "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from ..devices.virtio.blk import VirtioBlk, disk_from_spec
+from ..devices.virtio.blk import DiskError, VirtioBlk, disk_from_spec
 from ..devices.virtio.console import VirtioConsole
 from ..devices.virtio.rng import VirtioRng
 
@@ -23,14 +23,22 @@ def build(disks: Sequence, rng: bool, console: str,
     """(models, the virtio console or None) for ``disks`` (each a
     :class:`~pykvm.devices.virtio.blk.VirtioBlk` or its description ``FILE[,ro][,serial=NAME]``),
     ``rng`` and ``console`` ("serial": none; "virtio": a console whose output goes to
-    ``console_out``), in that order. What was opened is closed again if a later one fails.
+    ``console_out``), in that order. What this call opened is closed again if a later one fails
+    (a VirtioBlk the caller gave stays open).
     Raises ValueError (:class:`~pykvm.devices.virtio.blk.DiskError` for a disk)."""
     out: List[VirtioDevice] = []
+    given: List[VirtioDevice] = []          # the caller's own models: not closed here on failure
     vcon: Optional[VirtioConsole] = None
     try:
         for d in disks:
             if isinstance(d, VirtioBlk):
+                if d.closed:
+                    raise DiskError(f"{d.path}: this VirtioBlk was closed (make a new one)")
+                if any(d is o for o in out):
+                    raise DiskError(f"{d.path}: the same VirtioBlk is given twice (one model "
+                                    "serves one transport)")
                 out.append(d)
+                given.append(d)
             elif isinstance(d, str):
                 out.append(disk_from_spec(d))
             elif isinstance(d, os.PathLike):
@@ -45,6 +53,7 @@ def build(disks: Sequence, rng: bool, console: str,
             out.append(vcon)
     except BaseException:
         for dev in out:
-            dev.close()
+            if not any(dev is g for g in given):
+                dev.close()
         raise
     return out, vcon

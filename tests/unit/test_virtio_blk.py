@@ -330,6 +330,27 @@ def test_bad_images_and_options(tmp_path):
     VirtioBlk(str(good)).close()                  # no failed attempt left a lock or an fd
 
 
+def test_a_fifo_is_refused_without_blocking_and_disk_options_do_not_contradict(tmp_path):
+    import os
+    from pykvm.devices.virtio.blk import disk_from_spec
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for readonly in (True, False):                # O_RDONLY on a FIFO would wait for a writer
+        with pytest.raises(DiskError, match="not a file"):
+            VirtioBlk(str(fifo), readonly=readonly)
+    good = tmp_path / "good.img"
+    make_image(good, 4096)
+    for spec, msg in ((f"{good},ro,rw", "both read-only and read-write"),
+                      (f"{good},readonly=off,ro", "both read-only and read-write"),
+                      (f"{good},serial=a,serial=b", "serial= given twice")):
+        with pytest.raises(DiskError, match=msg):
+            disk_from_spec(spec)
+    d = disk_from_spec(f"{good},ro,readonly=on,serial=s1")
+    assert d.readonly and d.serial == "s1" and not d.closed
+    d.close()
+    assert d.closed
+
+
 def test_empty_image_has_no_sectors(memory, tmp_path):
     img = tmp_path / "empty.img"
     make_image(img, 0)

@@ -46,6 +46,20 @@ def test_rng_and_blk_over_virtio_pci(guest_vm, tmp_path, how):
         assert blk["python_requests"] + blk["native_requests"] == 6, blk
 
 
+def test_a_virtio_blk_given_twice_or_closed_is_refused_and_the_callers_stays_open(tmp_path):
+    from pykvm.devices.virtio.blk import DiskError
+    from pykvm.machine import Machine
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(4096))
+    disk = VirtioBlk(str(img))
+    with pytest.raises(DiskError, match="given twice"):
+        Machine("hello", disks=[disk, disk])
+    assert not disk.closed                       # the caller's model is not closed on failure
+    disk.close()
+    with pytest.raises(DiskError, match="was closed"):
+        Machine("hello", disks=[disk])
+
+
 def test_a_second_writer_of_one_image_is_refused(tmp_path):
     from pykvm.devices.virtio.blk import DiskLocked
     from pykvm.machine import Machine
@@ -89,6 +103,22 @@ def test_a_locked_image_is_bad_input_on_the_command_line_not_a_host_limit(tmp_pa
     assert r.stderr.strip().splitlines() == [
         f"pykvm: {img}: failed to get write lock: the image is in use (another VM, or another "
         "disk of this one)"]
+
+
+def test_run_json_and_trace_give_each_virtio_devices_counters(tmp_path):
+    import json
+    import subprocess
+    import sys
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(4096))
+    base = [sys.executable, "-m", "pykvm", "run", "hello", "--disk", str(img), "--rng", "--no-input"]
+    r = subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=60)
+    devices = json.loads(r.stdout)["devices"]
+    assert set(devices) == {"virtio-blk0", "virtio-rng0"} and devices["virtio-rng0"] == {}
+    assert devices["virtio-blk0"]["python_requests"] == 0      # hello never touches the disk
+    r = subprocess.run(base + ["--trace"], capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("pykvm: virtio-")]
+    assert len(lines) == 1 and lines[0].startswith("pykvm: virtio-blk0 python_requests=0 "), lines
 
 
 def test_a_machine_nobody_closed_lets_go_of_its_disk_when_collected(tmp_path):

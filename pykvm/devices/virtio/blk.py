@@ -249,17 +249,22 @@ class VirtioBlk(VirtioDevice):
         self.serial = serial
         self.block_size = block_size
         self._held = _Held()
-        flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC
+        # O_NONBLOCK: a FIFO or a device node must not block the open (a FIFO opened O_RDONLY
+        # waits for a writer); the type is checked before anything is read
+        flags = (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             fd = os.open(path, flags)
         except OSError as e:
+            hint = "" if self.readonly or e.errno not in (errno.EACCES, errno.EROFS) else \
+                " (add ,ro to use it read-only)"
             raise DiskError(f"{path}: cannot open the disk image"
-                            f"{' read-only' if self.readonly else ''}: {e.strerror}") from None
+                            f"{' read-only' if self.readonly else ''}: {e.strerror}{hint}") from None
         try:
             st = os.fstat(fd)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a file"
                 raise DiskError(f"{path}: {kind}, not a disk image")
+            os.set_blocking(fd, True)
             size = os.lseek(fd, 0, os.SEEK_END)
             if size % SECTOR:
                 raise DiskError(f"{path}: image size {size} bytes is not a multiple of "
@@ -308,6 +313,11 @@ class VirtioBlk(VirtioDevice):
     @_worker.setter
     def _worker(self, w: Optional[BlkWorker]) -> None:
         self._held.worker = w
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran (the image is closed and its lock released)."""
+        return self._fd < 0
 
     def __repr__(self) -> str:
         return (f"VirtioBlk({self.path!r}, {self.capacity} sectors"
@@ -598,15 +608,19 @@ def disk_from_spec(spec: str) -> VirtioBlk:
         raise DiskError(f"a disk is FILE[,ro][,serial=NAME], not {spec!r}")
     # a comma in the file name is written twice, as QEMU's option syntax has it
     path, *opts = (p.replace("\0", ",") for p in spec.replace(",,", "\0").split(","))
-    readonly, serial = False, ""
+    readonly: Optional[bool] = None
+    serial: Optional[str] = None
     for o in opts:
-        if o in ("ro", "readonly", "readonly=on"):
-            readonly = True
-        elif o in ("rw", "readonly=off"):
-            readonly = False
+        if o in ("ro", "readonly", "readonly=on", "rw", "readonly=off"):
+            want = o not in ("rw", "readonly=off")
+            if readonly is not None and readonly != want:
+                raise DiskError(f"{path}: the disk options say both read-only and read-write")
+            readonly = want
         elif o.startswith("serial="):
+            if serial is not None:
+                raise DiskError(f"{path}: serial= given twice")
             serial = o[len("serial="):]
         else:
             raise DiskError(f"{path}: unknown disk option {o!r} (known: ro, rw, serial=NAME; "
                             "a comma in the file name is written ,,)")
-    return VirtioBlk(path, readonly=readonly, serial=serial)
+    return VirtioBlk(path, readonly=bool(readonly), serial=serial or "")
