@@ -16,8 +16,10 @@
  *
  *   PREFIX blkbench PHASE bytes=N ops=N seconds=S
  *
- * The host side (pykvm/lab/blkbench.py) parses those lines.  Exit status 0, or 1 with one line on
- * stderr naming the failed call and errno.  Built static (no libc needed in the guest's root).
+ * The host side (pykvm/lab/blkbench.py) parses those lines.  Exit status 0; 1 with one line on
+ * stderr naming the failed call and errno; 2 for a bad command line.  DEVICE must take O_DIRECT
+ * (a block device, or a file on a file system that supports it) and hold at least 1 MiB.  Built
+ * static (no libc needed in the guest's root).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -53,8 +55,9 @@ static void phase(int fd, const char *name, int write, uint32_t bs, int random, 
     uint64_t blocks = size / bs, ops = 0, pos = 0, x = 0x9E3779B97F4A7C15ull;
     double t0 = now(), t;
     if (blocks == 0) {
-        errno = EINVAL;
-        die("device smaller than one block");
+        fprintf(stderr, "blkbench: the device holds %llu bytes, less than one %u-byte block\n",
+                (unsigned long long)size, bs);
+        exit(1);
     }
     do {
         uint64_t blk;
@@ -87,13 +90,18 @@ int main(int argc, char **argv)
         fprintf(stderr, "usage: blkbench DEVICE SECONDS [PREFIX]\n");
         return 2;
     }
-    double seconds = atof(argv[2]);
+    char *end;
+    double seconds = strtod(argv[2], &end);
     const char *prefix = argc > 3 ? argv[3] : "";
-    if (!(seconds > 0 && seconds <= 600)) {
+    if (end == argv[2] || *end || !(seconds > 0 && seconds <= 600)) {
         fprintf(stderr, "blkbench: SECONDS must be in (0, 600]\n");
         return 2;
     }
     int fd = open(argv[1], O_RDWR | O_DIRECT);
+    if (fd < 0 && errno == EINVAL) {
+        fprintf(stderr, "blkbench: %s: cannot be opened with O_DIRECT\n", argv[1]);
+        return 1;
+    }
     if (fd < 0)
         die(argv[1]);
     uint64_t size = 0;
@@ -104,8 +112,11 @@ int main(int argc, char **argv)
         size = (uint64_t)end;
     }
     char *buf;
-    if (posix_memalign((void **)&buf, PAGE, MIB) != 0)
+    int err = posix_memalign((void **)&buf, PAGE, MIB);
+    if (err != 0) {
+        errno = err;                           /* it returns the error, errno is untouched */
         die("posix_memalign");
+    }
     for (uint32_t i = 0; i < MIB; i++)
         buf[i] = (char)(i * 131u + 7u);
     phase(fd, "seq-write-1m", 1, MIB, 0, size, seconds, buf, prefix);

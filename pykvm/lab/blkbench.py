@@ -37,7 +37,8 @@ QEMU_DIR = Path("/lab/qemu")            # where a lab boot carries its inner QEM
 DISK_MIB = 64                           # the bench disk's size
 MIB = 1 << 20
 
-_LINE = re.compile(r"blkbench (\S+) bytes=(\d+) ops=(\d+) seconds=([\d.]+)")
+# one phase's line, as blkbench.c prints it (after an optional prefix, e.g. the console mark)
+_LINE = re.compile(r"(?:^|\s)blkbench (\S+) bytes=(\d+) ops=(\d+) seconds=(\d+(?:\.\d+)?)\s*$")
 
 
 # -- running and comparing (inside a lab) -------------------------------------------------------------
@@ -61,11 +62,13 @@ class Phase:
 
 
 def parse(marks) -> dict[str, Phase]:
-    """The phases in ``marks`` (``GuestRun.marks``: (seconds, text) pairs), by phase name."""
+    """The phases in ``marks`` (``GuestRun.marks``: (seconds, text) pairs; the text may carry a
+    prefix before ``blkbench``), by phase name. A line that is not exactly blkbench.c's form, or
+    reports no request or no time, is not a result."""
     out = {}
     for _, text in marks:
-        m = _LINE.match(text)
-        if m:
+        m = _LINE.search(text)
+        if m and int(m[3]) > 0 and float(m[4]) > 0:
             out[m[1]] = Phase(m[1], int(m[2]), int(m[3]), float(m[4]))
     return out
 
@@ -102,14 +105,17 @@ def qemu_argv(arch: str, kernel, initrd, *, cmdline: str, disks, mem: str) -> li
     if arch in ("x86_64", "amd64"):
         machine = ["-M", "pc", "-cpu", "host"]
         blk = "virtio-blk-pci,disable-legacy=on"
-    else:
+    elif arch == "riscv64":
         machine = ["-M", "virt,aia=aplic-imsic", "-cpu", "host"]
         blk = "virtio-blk-device"
+    else:
+        raise ValueError(f"no QEMU machine for arch {arch!r} (x86_64, amd64, riscv64)")
     argv = ["-accel", "kvm", *machine, "-smp", "1", "-m", mem, "-nodefaults", "-no-user-config",
             "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
     for i, (path, serial) in enumerate(disks):
-        argv += ["-drive", f"file={path},format=raw,if=none,id=d{i},cache=writeback,aio=threads",
+        q = str(path).replace(",", ",,")            # QEMU's option syntax: a comma doubled
+        argv += ["-drive", f"file={q},format=raw,if=none,id=d{i},cache=writeback,aio=threads",
                  "-device", f"{blk},drive=d{i}" + (f",serial={serial}" if serial else "")]
     return argv
 
@@ -123,8 +129,8 @@ def table(pykvm: dict[str, Phase], qemu: dict[str, Phase]) -> list[str]:
         if p is None or q is None:
             rows.append(f"{name:14} missing ({'pykvm' if p is None else 'QEMU'} printed no result)")
             continue
-        ratio = p.mib_s / q.mib_s if q.mib_s else float("inf")
-        rows.append(f"{name:14} {p.mib_s:12.2f} {q.mib_s:11.2f} {p.iops:11.1f} {q.iops:10.1f} {ratio:6.2f}")
+        ratio = f"{p.mib_s / q.mib_s:6.2f}" if q.mib_s else f"{'n/a':>6}"
+        rows.append(f"{name:14} {p.mib_s:12.2f} {q.mib_s:11.2f} {p.iops:11.1f} {q.iops:10.1f} {ratio}")
     return rows
 
 

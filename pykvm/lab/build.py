@@ -542,12 +542,20 @@ def split_tests(spec: LabSpec, tests: list[str]) -> tuple[list[str], list[str]]:
     main: list[str] = []
     qemu: list[str] = []
     for t in tests:
-        path = t.split("::")[0].rstrip("/")
-        hit = [q for q in spec.qemu_tests if q == path or q.startswith(path + "/")]
+        raw, sep, node = t.partition("::")
+        path = os.path.normpath(raw) if raw else "."
+        if os.path.isabs(path):
+            try:
+                path = os.path.relpath(path, CHECKOUT)
+            except ValueError:
+                pass
+        hit = [q for q in spec.qemu_tests if path == "." or q == path or q.startswith(path + "/")]
         if not hit:
             main.append(t)
         elif path in spec.qemu_tests:
-            qemu.append(t)                      # the file or a node id in it: QEMU boot only
+            name = path + sep + node               # the file or a node id in it: QEMU boot only
+            if name not in qemu:
+                qemu.append(name)
         else:
             main += [t] + [f"--ignore={q}" for q in hit]
             qemu += [q for q in hit if q not in qemu]

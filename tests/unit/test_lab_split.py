@@ -24,3 +24,12 @@ def test_tests_elsewhere_leave_the_qemu_boot_out():
     assert split_tests(RISCV, ["tests/riscvx"]) == (["tests/riscvx"], [])    # a prefix is no folder
     main, qemu = split_tests(RISCV, ["tests/riscv/"])
     assert qemu == ["tests/riscv/test_blk_bench_riscv.py"] and main[0] == "tests/riscv/"
+
+
+def test_paths_are_normalised_before_they_are_split():
+    from pykvm.lab.build import CHECKOUT
+    for spelled in ("./tests/nested", "tests//nested/", str(CHECKOUT / "tests/nested")):
+        main, qemu = split_tests(NESTED, [spelled])
+        assert qemu == [BENCH] and f"--ignore={BENCH}" in main, spelled
+    assert split_tests(NESTED, [f"./{BENCH}", BENCH, f"{BENCH}/"]) == ([], [BENCH])
+    assert split_tests(NESTED, ["tests/nested", BENCH])[1] == [BENCH]      # once
