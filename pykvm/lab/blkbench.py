@@ -209,3 +209,31 @@ def report(cmp: Comparison, record_property) -> None:
         assert not missing, (f"{vmm}: no result for {', '.join(missing)} (exit {run.status}):\n"
                              f"{run.tail()}\n{run.stderr[-2000:]}")
         assert run.status == 0, f"{vmm} exited {run.status}: {run.stderr[-2000:]}\n{run.tail()}"
+
+
+def missing(arch: str) -> str | None:
+    """What this lab boot lacks for the comparison on ``arch``, as the end of a "host lacks ..."
+    sentence, or None: the root-disk Linux guest (``/lab/linux/root.img``), the lab's QEMU
+    (:data:`QEMU_DIR`), and on riscv64 KVM's in-kernel AIA (virtio-mmio's interrupts)."""
+    if linux_guest.root_files() is None:
+        return f"the root-disk Linux guest ({linux_guest.LAB_DIR}/root.img: the labs carry it)"
+    if inner_qemu() is None:
+        return f"QEMU in this lab boot ({QEMU_DIR}: only the lab's -qemu boot carries it)"
+    if arch == "riscv64":
+        from ..arch.riscv import aia
+        from ..kvm import Kvm
+        with Kvm() as kvm, kvm.create_vm() as vm:
+            if not aia.available(vm.fd):
+                return "KVM's in-kernel RISC-V AIA (KVM_DEV_TYPE_RISCV_AIA)"
+    return None
+
+
+def run_and_report(arch: str, cmdline: str, workdir, record_property) -> Comparison:
+    """For the labs' tests: :func:`compare` on the lab's root-disk guest, then :func:`report`."""
+    files = linux_guest.root_files()
+    assert files is not None, "missing() first"
+    kernel, initrd, root = files
+    cmp = compare(kernel, initrd, root, workdir, arch=arch, cmdline=cmdline,
+                  echo=linux_guest.console_echo("guest"))
+    report(cmp, record_property)
+    return cmp

@@ -96,6 +96,22 @@ class CpioWriter:
             self.f.write(b"\0" * (512 - pos % 512))
 
 
+def write_part(out: Path, fill, *, level: int = 6) -> None:
+    """Write a gzip'd newc archive to ``out`` atomically: ``fill(writer)`` adds the entries to a
+    :class:`CpioWriter` (the trailer is added here); a temporary file beside ``out`` (named
+    with the process id) is renamed over it, or removed on any failure. ``level``: gzip's."""
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0) as gz:
+            w = CpioWriter(gz)
+            fill(w)
+            w.close()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_initramfs(path: Path, root: Path, extra_files: dict[str, tuple[bytes, int]] | None = None) -> int:
     """Write ``root`` plus /dev/console, /dev/null and ``extra_files`` as a gzip'd newc cpio."""
     path = Path(path)

@@ -251,24 +251,18 @@ def lab_part(archive, spec, kernel: Path, *, modules_deb: Path | None = None) ->
         if out.exists():
             return out, info
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        try:
-            # the kernel compresses little and the lab's kernel decompresses it: level 1 is enough
-            with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
-                w = ird.CpioWriter(gz)
-                for d in ("lab", "lab/linux"):
-                    w.dir(d)
-                w.file(f"lab/linux/{name}", kernel.read_bytes())
-                w.file("lab/linux/initrd.img", initrd.read_bytes())
-                if root_img is not None and root_initrd is not None:
-                    w.file("lab/linux/root.img", root_img.read_bytes())
-                    w.file("lab/linux/root-initrd.img", root_initrd.read_bytes())
-                w.file("lab/linux/info.json", json.dumps(dict(info, kernel=kernel.name)).encode())
-                w.close()
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+
+        def fill(w: ird.CpioWriter) -> None:
+            for d in ("lab", "lab/linux"):
+                w.dir(d)
+            w.file(f"lab/linux/{name}", kernel.read_bytes())
+            w.file("lab/linux/initrd.img", initrd.read_bytes())
+            if root_img is not None and root_initrd is not None:
+                w.file("lab/linux/root.img", root_img.read_bytes())
+                w.file("lab/linux/root-initrd.img", root_initrd.read_bytes())
+            w.file("lab/linux/info.json", json.dumps(dict(info, kernel=kernel.name)).encode())
+        # the kernel compresses little and the lab's kernel decompresses it: level 1 is enough
+        ird.write_part(out, fill, level=1)
     log(f"{spec.name}: Linux guest part {out.stat().st_size / 1e6:.1f} MB ({name} + busybox initramfs"
         + (", root disk + boot initramfs" if root_img is not None else "") + ")")
     return out, info

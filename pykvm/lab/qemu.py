@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gzip
 import hashlib
 import io
 import json
@@ -201,26 +200,19 @@ def inner_qemu_part(archive: Archive, suite: str, arch: str, provided: list[str]
         todo += _needed(libs[so])
     with archive.lock(f"base-{out.name}", f"building {out.name}"):
         if not out.exists():
-            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-            try:
-                with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
-                    w = ird.CpioWriter(gz)
-                    for d in ("lab", "lab/qemu", "lab/qemu/bin", "lab/qemu/lib", "lab/qemu/share"):
-                        w.dir(d)
-                    w.file(f"lab/qemu/bin/{prog}", exe.read_bytes(), 0o755)
-                    for so, path in sorted(libs.items()):
-                        w.file(f"lab/qemu/lib/{so}", path.read_bytes(), 0o755)
-                    for _, files in data:
-                        for f in files:
-                            w.file(f"lab/qemu/share/{Path(f).name}", (root / f).resolve().read_bytes())
-                    w.file("lab/qemu/info.json", json.dumps({
-                        "exe": prog, "version": f"{main.name} {main.version} ({suite}/{arch})",
-                        "libraries": sorted(libs)}).encode())
-                    w.close()
-                os.replace(tmp, out)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            def fill(w: ird.CpioWriter) -> None:
+                for d in ("lab", "lab/qemu", "lab/qemu/bin", "lab/qemu/lib", "lab/qemu/share"):
+                    w.dir(d)
+                w.file(f"lab/qemu/bin/{prog}", exe.read_bytes(), 0o755)
+                for so, path in sorted(libs.items()):
+                    w.file(f"lab/qemu/lib/{so}", path.read_bytes(), 0o755)
+                for _, files in data:
+                    for f in files:
+                        w.file(f"lab/qemu/share/{Path(f).name}", (root / f).resolve().read_bytes())
+                w.file("lab/qemu/info.json", json.dumps({
+                    "exe": prog, "version": f"{main.name} {main.version} ({suite}/{arch})",
+                    "libraries": sorted(libs)}).encode())
+            ird.write_part(out, fill)
     log(f"{name}: QEMU for inside the lab: {info['inner_qemu']}, {len(libs)} libraries, "
         f"{out.stat().st_size / 1e6:.1f} MB")
     return out, info

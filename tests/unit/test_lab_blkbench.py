@@ -58,3 +58,20 @@ def test_the_guest_program_on_a_file(tmp_path):
                           ([str(tmp_path / "none"), "1"], 1, "No such file")):
         r = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == rc and msg in r.stderr and len(r.stderr.splitlines()) == 1, (args, r)
+
+
+def test_write_part_is_atomic(tmp_path):
+    import gzip
+
+    from pykvm.lab.initramfs import write_part
+    out = tmp_path / "part.cpio.gz"
+
+    def broken(w):
+        w.dir("lab")
+        raise RuntimeError("half-way")
+    with pytest.raises(RuntimeError):
+        write_part(out, broken)
+    assert list(tmp_path.iterdir()) == []                  # neither the part nor a temporary
+    write_part(out, lambda w: w.file("lab/x", b"hello"))
+    data = gzip.decompress(out.read_bytes())
+    assert data.startswith(b"070701") and b"lab/x" in data and b"TRAILER!!!" in data

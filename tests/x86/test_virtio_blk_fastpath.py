@@ -194,6 +194,16 @@ class _CountingBlk(VirtioBlk):
         super().fastpath_update(vm, notify_gpa, msi)
 
 
+def _make_one_read_available(vm):
+    """Put one request in queue 0 by hand: read sector 0 into HEAP + 64, status at HEAP + 640."""
+    vm.memory.write(HEAP, struct.pack("<IIQ", T_IN, 0, 0))
+    for k, (gpa, n, fl) in enumerate(((HEAP, 16, 0), (HEAP + 64, 512, DESC_F_WRITE),
+                                      (HEAP + 640, 1, DESC_F_WRITE))):
+        vm.memory.write(DESC + 16 * k, struct.pack("<QIHH", gpa, n,
+                                                   fl | (DESC_F_NEXT if k < 2 else 0), k + 1))
+    vm.memory.write(AVAIL + 2, struct.pack("<H", 1))
+
+
 def test_the_pci_transport_tells_the_worker_each_change_it_mirrors(vm, tmp_path):
     """Through virtio-pci's registers as a driver writes them: the C path hears of the writes
     that change what it mirrors (status, queue 0's vector and MSI-X entry, MSI-X enable and
@@ -233,12 +243,7 @@ def test_the_pci_transport_tells_the_worker_each_change_it_mirrors(vm, tmp_path)
         assert w is not None and w.notify_gpa == NOTIFY and w.msi is None   # entry masked
         t.msix.write(16 + 12, 4, 0)                              # unmasked: its message
         assert w.msi == (0xFEE00000, 0x41)
-        vm.memory.write(HEAP, struct.pack("<IIQ", T_IN, 0, 0))
-        for k, (gpa, n, fl) in enumerate(((HEAP, 16, 0), (HEAP + 64, 512, DESC_F_WRITE),
-                                          (HEAP + 640, 1, DESC_F_WRITE))):
-            vm.memory.write(DESC + 16 * k, struct.pack("<QIHH", gpa, n,
-                                                       fl | (DESC_F_NEXT if k < 2 else 0), k + 1))
-        vm.memory.write(AVAIL + 2, struct.pack("<H", 1))
+        _make_one_read_available(vm)
         t.write(0x3000, 2, 0)                                    # a notify the worker sees
         deadline = time.monotonic() + 10
         while vm.memory.read(USED + 2, 2) != b"\x01\x00" and time.monotonic() < deadline:
@@ -300,12 +305,7 @@ def test_the_mmio_transport_starts_the_worker_at_driver_ok_and_raises_its_line(v
         t.write(M.STATUS, 4, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK)
         w = dev._worker
         assert w is not None and w.notify_gpa == base + M.QUEUE_NOTIFY and w.msi is None
-        vm.memory.write(HEAP, struct.pack("<IIQ", T_IN, 0, 0))
-        for k, (gpa, n, fl) in enumerate(((HEAP, 16, 0), (HEAP + 64, 512, DESC_F_WRITE),
-                                          (HEAP + 640, 1, DESC_F_WRITE))):
-            vm.memory.write(DESC + 16 * k, struct.pack("<QIHH", gpa, n,
-                                                       fl | (DESC_F_NEXT if k < 2 else 0), k + 1))
-        vm.memory.write(AVAIL + 2, struct.pack("<H", 1))
+        _make_one_read_available(vm)
         t.write(M.QUEUE_NOTIFY, 4, 0)
         deadline = time.monotonic() + 10
         while not (levels and t.interrupt_status) and time.monotonic() < deadline:
