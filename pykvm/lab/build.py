@@ -61,7 +61,7 @@ class LabSpec:
     # not unpack it and a QEMU-under-TCG stall there costs that boot only (a nested-SVM L1 has
     # been seen to stop dead under a disk benchmark, QEMU's L2 and pykvm's alike)
     qemu_tests: list[str] = field(default_factory=list)
-    qemu_timeout: float = 300.0
+    qemu_timeout: float = 240.0     # the benchmark boot takes 60-90 s
 
 
 RISCV = LabSpec(
@@ -686,18 +686,27 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
             runs.append((f"riscv-{cpus[0]}-qemu", riscv(cpus[0], initrd_qemu, " PYKVM_LAB_PYTEST=qemu"),
                          opts.timeout or spec.qemu_timeout))
     else:
-        def nested(image: Path, extra: str = "") -> list[str]:
-            return ["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "1024", "-no-reboot", "-nic", "none",
+        def nested(image: Path, extra: str = "", smp: str = "1") -> list[str]:
+            return ["-accel", "tcg", "-cpu", "max", "-smp", smp, "-m", "1024", "-no-reboot", "-nic", "none",
                     "-kernel", str(workdir / "vmlinuz"), "-initrd", str(image), "-append", NESTED_CMDLINE + extra]
         if main:
             runs.append(("nested", nested(initrd_qemu if opts.shell else initrd), timeout))
         if qemu_boot:
-            runs.append(("nested-qemu", nested(initrd_qemu, " PYKVM_LAB_PYTEST=qemu"),
+            # two L1 CPUs: the benchmark's two VMMs keep a vCPU thread and an I/O thread busy
+            runs.append(("nested-qemu", nested(initrd_qemu, " PYKVM_LAB_PYTEST=qemu", smp="2"),
                          opts.timeout or spec.qemu_timeout))
     results = []
     for name, margs, boot_timeout in runs:
         res = q.boot(qemu, margs, workdir / f"serial-{name}.log", nonce, name,
                      boot_timeout, interactive=opts.shell, verbose=opts.verbose)
+        if res.status == 4 and name.endswith("-qemu") and not opts.shell:
+            # a TCG-run L1 has been seen to stop dead under the disk benchmark (no console output,
+            # not even its own timers; QEMU's L2 and pykvm's alike): that boot gets one more try,
+            # and the lab's output says so
+            print(f"--- {name}: timed out after {res.seconds:.0f} s ({res.reason}); booting it once more ---",
+                  flush=True)
+            res = q.boot(qemu, margs, workdir / f"serial-{name}-again.log", nonce, name,
+                         boot_timeout, interactive=False, verbose=opts.verbose)
         results.append(res)
         if opts.shell:
             return res.status

@@ -4,10 +4,41 @@ def pytest_configure(config):
                             "needs the Debian mirror or a warm cache")
 
 
+def _labs_module():
+    import sys
+    return sys.modules.get("test_labs") or sys.modules.get("tests.lab.test_labs")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The lab tests come last: their labs start when collection ends and run beside the rest."""
+    labs = [i for i in items if i.get_closest_marker("lab_boot")]
+    if labs:
+        ids = {id(i) for i in labs}
+        items[:] = [i for i in items if id(i) not in ids] + labs
+
+
+def pytest_collection_finish(session):
+    """Start the selected labs in the background (each takes minutes, mostly QEMU's own CPU), so
+    that they run while the rest of the suite does; test_lab then follows its lab's output."""
+    if session.config.option.collectonly:
+        return
+    mod = _labs_module()
+    labs = [i.callspec.params["lab"] for i in session.items
+            if i.get_closest_marker("lab_boot") and hasattr(i, "callspec") and "lab" in i.callspec.params]
+    if mod is not None and labs:
+        mod.start_labs(labs)
+
+
+def pytest_sessionfinish(session):
+    """Labs still running (an interrupted or stopped session) are stopped and clean up."""
+    mod = _labs_module()
+    if mod is not None:
+        mod.stop_labs()
+
+
 def pytest_terminal_summary(terminalreporter):
     """Show each lab's inner pytest summary in the host run's summary."""
-    import sys
-    mod = sys.modules.get("test_labs") or sys.modules.get("tests.lab.test_labs")
+    mod = _labs_module()
     if mod is not None and mod.SUMMARIES:
         terminalreporter.section("pykvm labs: inner pytest results")
         for lab, line in mod.SUMMARIES:
