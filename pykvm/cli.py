@@ -858,9 +858,10 @@ def build_parser(only=None) -> argparse.ArgumentParser:
     r.add_argument("--disk", "-d", action="append", default=[],
                    metavar="FILE[,ro][,serial=NAME]",
                    help="a virtio-blk disk backed by the raw image FILE (kvmtool's -d): ,ro "
-                   "opens it read-only, ,serial=NAME sets the serial the guest reads; a "
-                   "writable image is locked against other users; repeatable (x86: on the pc "
-                   "machine's PCI bus)")
+                   "(or QEMU's readonly=on) opens it read-only, ,rw read-write (the default), "
+                   ",serial=NAME sets the serial the guest reads (ASCII, up to 20 bytes); a comma "
+                   "in FILE is written ,,; a writable image is locked against other users; "
+                   "repeatable (x86: on the pc machine's PCI bus)")
     r.add_argument("--rng", action="store_true",
                    help="a virtio-rng device fed from the host's getrandom()")
     r.add_argument("--console", choices=("serial", "virtio"), default="serial",

@@ -316,6 +316,7 @@ def test_bad_images_and_options(tmp_path):
         ((str(tmp_path),), {}, "a directory"),
         ((str(odd),), {}, "1000 bytes is not a multiple of 512"),
         (("/dev/null",), {}, "not a file"),
+        (("/proc/self/status",), {"readonly": True}, "cannot tell the image's size"),
         ((str(good),), {"serial": "x" * 21}, "serial"),
         ((str(good),), {"serial": "d\u00e9j\u00e0"}, "serial"),
         ((str(good),), {"block_size": 1000}, "block size"),

@@ -265,7 +265,11 @@ class VirtioBlk(VirtioDevice):
                 kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a file"
                 raise DiskError(f"{path}: {kind}, not a disk image")
             os.set_blocking(fd, True)
-            size = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                size = os.lseek(fd, 0, os.SEEK_END)
+            except OSError as e:                  # e.g. a /proc file: no end to seek to
+                raise DiskError(f"{path}: cannot tell the image's size ({e.strerror}), "
+                                "not a disk image") from None
             if size % SECTOR:
                 raise DiskError(f"{path}: image size {size} bytes is not a multiple of "
                                 f"{SECTOR}")
