@@ -11,8 +11,10 @@ on RISC-V), with one vCPU and the same memory size.
 The guest's ``/sbin/init`` sees ``pykvm.blkbench=SECONDS`` and runs ``/usr/bin/blkbench`` (from
 ``pykvm/lab/blkbench.c``, built static for the guest's arch) on the disk with that serial: 1 MiB
 sequential and 4 KiB random writes and reads with ``O_DIRECT`` at queue depth 1, each phase for
-SECONDS, writes ended by ``fdatasync``. :func:`parse` reads its lines; :func:`compare` puts the
-two VMMs side by side (throughput ratio pykvm / QEMU: above 1 is pykvm faster).
+SECONDS, writes ended by ``fdatasync``. :func:`parse` reads its lines. :func:`compare` boots each
+VMM twice, in the order pykvm, QEMU, QEMU, pykvm (a host load that drifts over the four boots then
+weighs on both alike), combines each VMM's two runs per phase (:func:`combine`) and puts the two
+side by side (throughput ratio pykvm / QEMU: above 1 is pykvm faster).
 
 QEMU inside the lab comes from the lab's own Debian suite and arch (``/lab/qemu``, put there by
 :func:`pykvm.lab.qemu.inner_qemu_part`); :func:`inner_qemu` is None in a lab boot without it.
@@ -140,11 +142,25 @@ def ratios(pykvm: dict[str, Phase], qemu: dict[str, Phase]) -> dict[str, float]:
             if n in pykvm and n in qemu and qemu[n].mib_s > 0}
 
 
+def combine(runs: list[dict[str, Phase]]) -> dict[str, Phase]:
+    """One result per phase from several runs of it: bytes, requests and seconds summed, so the
+    throughput is the runs' total over their total time. A phase missing from any run is left
+    out (then :func:`report` names it)."""
+    out = {}
+    for name in PHASES:
+        got = [r[name] for r in runs if name in r]
+        if runs and len(got) == len(runs):
+            out[name] = Phase(name, sum(p.bytes for p in got), sum(p.ops for p in got),
+                              sum(p.seconds for p in got))
+    return out
+
+
 @dataclass
 class Comparison:
-    """Both boots of :func:`compare`: the runs (``GuestRun``) and their phases."""
-    pykvm_run: linux_guest.GuestRun
-    qemu_run: linux_guest.GuestRun
+    """The boots of :func:`compare`: each VMM's runs (``GuestRun``, in boot order) and their
+    phases combined over those runs (:func:`combine`)."""
+    pykvm_runs: list[linux_guest.GuestRun]
+    qemu_runs: list[linux_guest.GuestRun]
     pykvm: dict
     qemu: dict
 
@@ -163,25 +179,30 @@ class Comparison:
         return out
 
 
-def compare(kernel, initrd, root_img, workdir, *, arch: str, cmdline: str, seconds: float = 2.0,
-            mem: str = "256M", pykvm_extra=(), timeout: float = 300.0, echo=None) -> Comparison:
-    """Boot the root-disk guest twice in ``workdir`` — with ``pykvm run``, then with the lab's
-    QEMU — each on a fresh copy of ``root_img`` and a fresh bench disk, with
-    ``pykvm.blkbench=seconds pykvm.batch`` added to ``cmdline``. Raises RuntimeError when this lab
-    boot carries no QEMU (:func:`inner_qemu`)."""
+def compare(kernel, initrd, root_img, workdir, *, arch: str, cmdline: str, seconds: float = 1.5,
+            rounds: int = 2, mem: str = "256M", pykvm_extra=(), timeout: float = 300.0,
+            echo=None) -> Comparison:
+    """Boot the root-disk guest ``2 * rounds`` times in ``workdir``, with ``pykvm run`` and with
+    the lab's QEMU in the order pykvm, QEMU, QEMU, pykvm, ... (so a load that changes steadily over
+    the boots weighs on both alike), each on a fresh copy of ``root_img`` and a fresh bench disk,
+    with ``pykvm.blkbench=seconds pykvm.batch`` added to ``cmdline``. Raises RuntimeError when
+    this lab boot carries no QEMU (:func:`inner_qemu`), ValueError for ``rounds`` < 1."""
     qemu = inner_qemu()
     if qemu is None:
         raise RuntimeError(f"no QEMU in this lab boot ({QEMU_DIR})")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, not {rounds}")
     workdir = Path(workdir)
     cmd = f"{cmdline} pykvm.batch pykvm.blkbench={seconds:g}"
-    runs = {}
-    for vmm in ("pykvm", "qemu"):
-        d = workdir / vmm
+    runs: dict[str, list] = {"pykvm": [], "qemu": []}
+    order = [vmm for r in range(rounds) for vmm in (("pykvm", "qemu") if r % 2 == 0 else ("qemu", "pykvm"))]
+    for i, vmm in enumerate(order):
+        d = workdir / f"{i}-{vmm}"
         d.mkdir(parents=True, exist_ok=True)
         root = linux_guest.copy_root(Path(root_img), d)
         bench = make_disk(d / "bench.img")
         if vmm == "pykvm":
-            runs[vmm] = linux_guest.run_guest(
+            run = linux_guest.run_guest(
                 kernel, initrd, cmdline=cmd, timeout=timeout, echo=echo,
                 extra=["--disk", str(root), "--disk", f"{bench},serial={SERIAL}", "--mem", mem,
                        "--vcpus", "1", *pykvm_extra])
@@ -189,26 +210,36 @@ def compare(kernel, initrd, root_img, workdir, *, arch: str, cmdline: str, secon
             prefix, env = qemu
             argv = prefix + qemu_argv(arch, kernel, initrd, cmdline=cmd, mem=mem,
                                       disks=[(root, None), (bench, SERIAL)])
-            runs[vmm] = linux_guest.run_console(argv, timeout=timeout, echo=echo, env=env)
-    return Comparison(runs["pykvm"], runs["qemu"], parse(runs["pykvm"].marks), parse(runs["qemu"].marks))
+            run = linux_guest.run_console(argv, timeout=timeout, echo=echo, env=env)
+        runs[vmm].append(run)
+        for f in (root, bench):                     # the lab keeps its files in RAM
+            f.unlink()
+    return Comparison(runs["pykvm"], runs["qemu"], combine([parse(r.marks) for r in runs["pykvm"]]),
+                      combine([parse(r.marks) for r in runs["qemu"]]))
 
 
 def report(cmp: Comparison, record_property) -> None:
-    """For the labs' tests: print both runs' console tails and the side-by-side table, record the
-    JUnit properties (:meth:`Comparison.properties`), and raise AssertionError unless both VMMs
-    ran every phase and exited 0 (the ratios are reported, never asserted)."""
-    for vmm, run in (("pykvm", cmp.pykvm_run), ("QEMU", cmp.qemu_run)):
-        print(f"\n$ {' '.join(map(str, run.argv))}\n{run.tail(30)}\n({vmm}: exit {run.status}, "
-              f"{run.seconds:.1f} s){run.stderr[-2000:]}")
-    print(f"\nvirtio-blk in the guest, pykvm against {qemu_version()} -accel kvm, queue depth 1, O_DIRECT:")
+    """For the labs' tests: print each run's console tail and phases and the side-by-side table,
+    record the JUnit properties (:meth:`Comparison.properties`), and raise AssertionError unless
+    every run of both VMMs ran every phase and exited 0 (the ratios are reported, never
+    asserted)."""
+    for vmm, vmm_runs in (("pykvm", cmp.pykvm_runs), ("QEMU", cmp.qemu_runs)):
+        for run in vmm_runs:
+            got = parse(run.marks)
+            print(f"\n$ {' '.join(map(str, run.argv))}\n{run.tail(12)}\n({vmm}: exit {run.status}, "
+                  f"{run.seconds:.1f} s; " + ", ".join(f"{n} {p.mib_s:.2f} MiB/s" for n, p in got.items())
+                  + f"){run.stderr[-2000:]}")
+    print(f"\nvirtio-blk in the guest, pykvm against {qemu_version()} -accel kvm, queue depth 1, O_DIRECT, "
+          f"{len(cmp.pykvm_runs)} boots each:")
     print("\n".join(cmp.lines()))
     for name, value in cmp.properties().items():
         record_property(name, value)
-    for vmm, run, phases in (("pykvm", cmp.pykvm_run, cmp.pykvm), ("QEMU", cmp.qemu_run, cmp.qemu)):
-        missing = [p for p in PHASES if p not in phases]
-        assert not missing, (f"{vmm}: no result for {', '.join(missing)} (exit {run.status}):\n"
-                             f"{run.tail()}\n{run.stderr[-2000:]}")
-        assert run.status == 0, f"{vmm} exited {run.status}: {run.stderr[-2000:]}\n{run.tail()}"
+    for vmm, vmm_runs in (("pykvm", cmp.pykvm_runs), ("QEMU", cmp.qemu_runs)):
+        for run in vmm_runs:
+            lost = [p for p in PHASES if p not in parse(run.marks)]
+            assert not lost, (f"{vmm}: no result for {', '.join(lost)} (exit {run.status}):\n"
+                              f"{run.tail()}\n{run.stderr[-2000:]}")
+            assert run.status == 0, f"{vmm} exited {run.status}: {run.stderr[-2000:]}\n{run.tail()}"
 
 
 def missing(arch: str) -> str | None:

@@ -75,3 +75,12 @@ def test_write_part_is_atomic(tmp_path):
     write_part(out, lambda w: w.file("lab/x", b"hello"))
     data = gzip.decompress(out.read_bytes())
     assert data.startswith(b"070701") and b"lab/x" in data and b"TRAILER!!!" in data
+
+
+def test_combine_sums_runs_and_drops_a_phase_one_run_lacks():
+    a = blkbench.parse([(0, "blkbench seq-read-1m bytes=1048576 ops=1 seconds=1.0"),
+                        (0, "blkbench rand-read-4k bytes=4096 ops=1 seconds=1.0")])
+    b = blkbench.parse([(0, "blkbench seq-read-1m bytes=3145728 ops=3 seconds=1.0")])
+    both = blkbench.combine([a, b])
+    assert set(both) == {"seq-read-1m"} and both["seq-read-1m"].mib_s == 2.0
+    assert blkbench.combine([]) == {}
