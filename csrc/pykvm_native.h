@@ -152,6 +152,13 @@ struct pykvm_loop {
     uint16_t nguard;                 /* valid entries in guard[] */
     uint32_t report_sbi_eid;
     struct pykvm_range guard[4];      /* PYKVM_MAX_GUARD */
+
+    /* virtio-mmio windows whose InterruptStatus (base + 0x060, 32-bit reads) and InterruptACK
+     * (base + 0x064, 32-bit writes) this loop serves itself (csrc/virtio_irq.c): addresses of
+     * the transports' pykvm_vmmio_irq handles; other accesses to those windows go to Python */
+    uint32_t nvmmio;                 /* valid entries in vmmio[] */
+    uint32_t _pad7;
+    uint64_t vmmio[16];              /* PYKVM_MAX_VMMIO */
 };
 
 long pykvm_ioctl(int fd, unsigned long request, uint64_t arg);
@@ -165,6 +172,28 @@ int pykvm_kick_signal(void);
 uint32_t pykvm_uart_take(struct pykvm_loop *l, uint8_t *dst, uint32_t cap);
 uint8_t pykvm_uart_access(struct pykvm_loop *l, unsigned reg, int is_write, uint8_t value);
 uint32_t pykvm_uart_input(struct pykvm_loop *l, const uint8_t *buf, uint32_t n);
+
+/* csrc/virtio_irq.c: a virtio-mmio transport's InterruptStatus and its level-triggered line
+ * (KVM_IRQ_LINE), one handle per transport, shared by the C run loops (which serve
+ * InterruptStatus reads and InterruptACK writes without leaving C), a device's C worker (which
+ * raises used-buffer interrupts itself) and Python (every other cause, and reset). The line is
+ * high exactly while InterruptStatus is not 0 (virtio 1.2 section 4.2.3.4). */
+#define PYKVM_MAX_VMMIO 16
+#define PYKVM_VMMIO_INTERRUPT_STATUS 0x60
+#define PYKVM_VMMIO_INTERRUPT_ACK 0x64
+struct pykvm_vmmio_counts {
+    uint32_t status;                 /* InterruptStatus now */
+    uint32_t level;                  /* the line's level now */
+    uint64_t raised;                 /* times the line went high */
+    uint64_t served;                 /* register accesses the C run loops served */
+    int32_t last_errno;              /* errno of the last KVM_IRQ_LINE the VM refused, 0 = none */
+    uint32_t _pad;
+};
+void *pykvm_vmmio_new(uint64_t base, int32_t vm_fd, uint32_t gsi);
+int pykvm_vmmio_signal(void *h, uint32_t bits);
+int pykvm_vmmio_ack(void *h, uint32_t bits);
+void pykvm_vmmio_get(void *h, struct pykvm_vmmio_counts *out);
+void pykvm_vmmio_free(void *h);
 
 /* csrc/virtio_blk.c: virtio-blk's request queue served by a worker thread, off the GIL (see
  * there and pykvm/devices/virtio/fastpath.py). */
@@ -201,6 +230,9 @@ struct pykvm_blk_cfg {
     uint8_t serial[20];              /* GET_ID, NUL-padded */
     uint32_t nslots;
     struct pykvm_blk_slot slots[16]; /* PYKVM_BLK_MAX_SLOTS: guest RAM */
+    uint64_t vmmio_irq;              /* a virtio-mmio transport's pykvm_vmmio_irq handle: the
+                                        worker raises its interrupts through it; 0 = MSI or
+                                        Python (pykvm_blk_set_msi) */
 };
 
 struct pykvm_blk_state {
@@ -213,6 +245,7 @@ struct pykvm_blk_state {
     uint64_t requests;
     uint64_t direct_msis;
     uint64_t python_irqs;
+    uint64_t direct_lines;           /* interrupts raised through cfg.vmmio_irq */
     char why[160];
 };
 

@@ -1,7 +1,7 @@
 /*
  * The vCPU run loop. One call runs KVM_RUN until an exit Python must see. The exits it serves
  * itself: console ports (a 16550 at serial_base, the 0xe9 debug port), an ns16550a as MMIO at
- * uart_mmio_base, the SBI debug console, the exit port, coalesced MMIO drains; it counts every exit, honours a deadline and an exit budget, and stops on a kick.
+ * uart_mmio_base, virtio-mmio InterruptStatus/InterruptACK (virtio_irq.c), the SBI debug console, the exit port, coalesced MMIO drains; it counts every exit, honours a deadline and an exit budget, and stops on a kick.
  *
  * Kicks are race-free: the kicker sets kvm_run.immediate_exit and then signals the vCPU thread.
  * If the signal lands before KVM_RUN, immediate_exit makes KVM_RUN return EINTR at once; if it
@@ -480,6 +480,9 @@ static enum mmio_result serve_uart_mmio(struct pykvm_loop *l, struct kvm_run *ru
 }
 /* ---- end of the MMIO UART ---------------------------------------------------------------- */
 
+/* virtio-mmio InterruptStatus reads and InterruptACK writes (csrc/virtio_irq.c): 1 = served. */
+int pykvm_vmmio_serve(const uint64_t *handles, uint32_t n, struct kvm_run *run);
+
 #define SBI_EXT_DBCN 0x4442434EUL
 #define SBI_DBCN_WRITE 0
 #define SBI_DBCN_WRITE_BYTE 2
@@ -706,8 +709,12 @@ static int run_loop(struct pykvm_loop *l, struct kvm_run *run)
             if (l->console_len && l->console_flush_ns &&
                 pykvm_monotonic_ns() - l->console_since_ns >= l->console_flush_ns)
                 return PYKVM_STOP_CONSOLE_FULL;
-        } else if (reason == KVM_EXIT_MMIO && l->uart_mmio_base) {
-            enum mmio_result res = serve_uart_mmio(l, run);
+        } else if (reason == KVM_EXIT_MMIO && (l->uart_mmio_base || l->nvmmio)) {
+            enum mmio_result res = MMIO_NOT_OURS;
+            if (l->nvmmio && pykvm_vmmio_serve(l->vmmio, l->nvmmio, run))
+                res = MMIO_DONE;
+            if (res == MMIO_NOT_OURS)
+                res = serve_uart_mmio(l, run);
             if (res == MMIO_NOT_OURS)
                 return PYKVM_STOP_EXIT;
             l->handled_in_c++;

@@ -76,7 +76,7 @@ struct blk {
 	uint64_t rd_len, wr_len;
 	struct iovec *iov;
 	uint32_t iov_cap;
-	uint64_t requests, direct_msis, python_irqs;
+	uint64_t requests, direct_msis, python_irqs, direct_lines;
 };
 
 /* ---- guest memory ---------------------------------------------------------------------- */
@@ -638,6 +638,11 @@ static void interrupt(struct blk *b)
 	struct kvm_msi m;
 	int direct;
 
+	if (b->c.vmmio_irq) {            /* virtio-mmio: InterruptStatus and the line, in C */
+		pykvm_vmmio_signal((void *)(uintptr_t)b->c.vmmio_irq, 1);
+		b->direct_lines++;
+		return;
+	}
 	memset(&m, 0, sizeof(m));
 	pthread_mutex_lock(&b->lock);
 	direct = b->msi_direct;
@@ -836,6 +841,7 @@ void pykvm_blk_stop(void *h, struct pykvm_blk_state *out)
 	out->requests = b->requests;
 	out->direct_msis = b->direct_msis;
 	out->python_irqs = b->python_irqs;
+	out->direct_lines = b->direct_lines;
 	memcpy(out->why, b->why, sizeof(out->why));
 	pthread_mutex_lock(&b->lock);
 	b->stopped = 1;

@@ -112,7 +112,9 @@ class LoopConfig(_Record):
     ``report_port`` (x86) and ``report_sbi_eid`` (RISC-V): pykvm's guest-report port and SBI
     extension (docs/guest-abi.md; 0 = none): those exits are never given to a handler of
     :meth:`RunLoop.on`, :meth:`RunLoop.run` returns them, so that the caller sees guest
-    reports first."""
+    reports first. ``vmmio``: virtio-mmio windows' interrupt state kept in C
+    (:class:`pykvm.devices.virtio.fastpath.MmioLine`, anything with an ``address``): the loop
+    answers their 32-bit InterruptStatus reads and InterruptACK writes itself."""
     serial_base: int = 0             # 16550 base port (PC COM1: 0x3F8), 0 = none
     debugcon_port: int = 0           # debug console port (PC: 0xE9), 0 = none
     exit_port: int = 0               # isa-debug-exit first port (PC: 0xF4), 0 = none
@@ -130,6 +132,8 @@ class LoopConfig(_Record):
     uart_group: object = None        # a UartGroup: one UART for all the loops given it
     report_port: int = 0             # x86: guest-report port (0x1000), never a handler's
     report_sbi_eid: int = 0          # RISC-V: guest-report SBI extension, never a handler's
+    vmmio: tuple = ()                # virtio-mmio lines (MmioLine) whose InterruptStatus and
+                                     # InterruptACK the C loop serves (at most PYKVM_MAX_VMMIO)
 
 
 class UartGroup:
@@ -499,6 +503,10 @@ class RunLoop(LoopBase):
         cl.mmio_log = int(nffi.cast("uintptr_t", self._mmio_buf))
         cl.mmio_log_cap = len(self._mmio_buf)
         cl.report_port, cl.report_sbi_eid = c.report_port, c.report_sbi_eid
+        lines = list(c.vmmio)[:nlib.PYKVM_MAX_VMMIO]     # the rest stay with Python's bus
+        cl.nvmmio = len(lines)
+        for i, line in enumerate(lines):
+            cl.vmmio[i] = line.address
         nlib.pykvm_kick_signal()
 
     @property

@@ -223,7 +223,7 @@ class PcPlatform(X86Platform):
         for i, model in enumerate(virtio_mmio):
             base, gsi = VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE, VIRTIO_MMIO_GSI + i
             transport = VirtioMmio(model, mem, set_irq=lambda level, g=gsi: self.irq(g, level))
-            transport.enable_fastpath(vm, base)
+            transport.enable_fastpath(vm, base, gsi, quiet=self.control.stopping)
             self.mmio.insert(base, VIRTIO_MMIO_SIZE, transport, max_access=VIRTIO_MMIO_ACCESS,
                              name=f"virtio-mmio{i}")
             self.virtio_mmio_devices.append((base, gsi, transport))

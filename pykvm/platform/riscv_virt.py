@@ -148,7 +148,7 @@ class VirtPlatform:
             base, irq = VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE, VIRTIO_MMIO_IRQ + i
             transport = VirtioMmio(model, vm.memory,
                                    set_irq=lambda level, n=irq: self.irq(n, level))
-            transport.enable_fastpath(vm, base)
+            transport.enable_fastpath(vm, base, irq, quiet=self.control.stopping)
             self.mmio.insert(base, VIRTIO_MMIO_STRIDE, transport, max_access=VIRTIO_MMIO_ACCESS,
                              name=f"virtio-mmio{i}")
             self.virtio_mmio_devices.append((base, irq, transport))
@@ -208,14 +208,17 @@ class VirtPlatform:
         return start, start + data.size
 
     def loop_config(self):
-        """No port I/O on RISC-V; the SBI debug console is served in the C loop, reading
-        guest RAM through the regions known now (anything else goes to Python)."""
+        """No port I/O on RISC-V; the SBI debug console and the virtio-mmio windows'
+        InterruptStatus/InterruptACK are served in the C loop, the console reading guest RAM
+        through the regions known now (anything else goes to Python)."""
         ram = tuple((s.gpa, s.host_addr, s.size) for s in self.vm.memory)
         if getattr(self, "_uart_group", None) is None:
             self._uart_group = UartGroup()        # one UART, whichever hart touches it
         return LoopConfig(serial_base=0, debugcon_port=0, exit_port=0, sbi_console=True, ram=ram,
                           uart_mmio_base=self.uart_base or 0, uart_group=self._uart_group,
-                          report_sbi_eid=sbi.PYKVM_REPORT_EID)
+                          report_sbi_eid=sbi.PYKVM_REPORT_EID,
+                          vmmio=tuple(line for _, _, t in self.virtio_mmio_devices
+                                      for line in t.loop_handles()))
 
     def setup_vcpu(self, vcpu, index: int) -> None:
         """Before vCPU ``index`` first runs: its cpu type and SBI extensions, the device tree

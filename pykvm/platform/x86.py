@@ -47,6 +47,7 @@ class X86Platform:
     ram_base: ClassVar[int] = 0
     boot_vcpus_all: ClassVar[bool] = True     # every vCPU starts at the entry (bare), or vCPU 0
     claimed: ClassVar[Sequence[Tuple[int, int]]] = ()   # guest-physical ranges images avoid
+    virtio_mmio_devices: Sequence = ()        # (base, gsi, VirtioMmio) of the machine's windows
 
     def __init__(self, vm, kvm, control: MachineControl, *, vcpus: int, mem_size: int,
                  cpuid=None):
@@ -158,11 +159,14 @@ class X86Platform:
     def loop_config(self) -> LoopConfig:
         """COM1, the 0xE9 debug console and isa-debug-exit at 0xF4, served in the C loop; COM1 is
         one UART for all vCPUs, its interrupt on IRQ 4 when there is an irqchip; the report
-        port's exits always come back to the machine."""
+        port's exits always come back to the machine; the virtio-mmio windows' InterruptStatus
+        and InterruptACK are served in the C loop too."""
         return LoopConfig(serial_base=COM1, debugcon_port=DEBUGCON_PORT,
                           exit_port=DEBUG_EXIT_PORT, exit_port_size=DEBUG_EXIT_SIZE,
                           uart_irq=COM1_IRQ if self.irqchip else 0, uart_group=self._uart_group,
-                          report_port=REPORT_PORT)
+                          report_port=REPORT_PORT,
+                          vmmio=tuple(line for _, _, t in self.virtio_mmio_devices
+                                      for line in t.loop_handles()))
 
     # -- exits ----------------------------------------------------------------------------
     def report_from_exit(self, index: int, ex) -> Optional[object]:

@@ -275,18 +275,22 @@ def test_the_pci_transport_tells_the_worker_each_change_it_mirrors(vm, tmp_path)
         dev.close()
 
 
-def test_the_mmio_transport_starts_the_worker_at_driver_ok_and_raises_its_line(vm, tmp_path):
+@pytest.mark.parametrize("c_line", [False, True], ids=["python-line", "c-line"])
+def test_the_mmio_transport_starts_the_worker_at_driver_ok_and_raises_its_line(vm, tmp_path,
+                                                                               c_line):
     """virtio-mmio (RISC-V's transport): the platform's ``enable_fastpath`` lets the worker in at
     DRIVER_OK on the window's QueueNotify; its interrupts set InterruptStatus and raise the one
-    line through the transport; a reset stops it."""
+    line, through the transport's ``set_irq`` or, given the line's GSI, in C by the worker itself
+    (KVM_IRQ_LINE on the VM's irqchip, no Python on the way); a reset stops it."""
     from pykvm.devices.virtio import mmio as M
-    base = 0xFEB00000
+    base, gsi = 0xFEB00000, 16
     img = tmp_path / "d.img"
     orig = make_image(img)
     dev = VirtioBlk(str(img))
     levels = []
     t = M.VirtioMmio(dev, vm.memory, set_irq=levels.append)
-    t.enable_fastpath(vm, base)
+    t.enable_fastpath(vm, base, gsi if c_line else None)
+    assert (t.line is not None) == c_line and len(t.loop_handles()) == int(c_line)
     vm.memory.zero(0, 2 * SLOT)
     try:
         t.write(M.STATUS, 4, STATUS_ACKNOWLEDGE | STATUS_DRIVER)
@@ -308,16 +312,31 @@ def test_the_mmio_transport_starts_the_worker_at_driver_ok_and_raises_its_line(v
         _make_one_read_available(vm)
         t.write(M.QUEUE_NOTIFY, 4, 0)
         deadline = time.monotonic() + 10
-        while not (levels and t.interrupt_status) and time.monotonic() < deadline:
+        while not t.interrupt_status and time.monotonic() < deadline:
             time.sleep(0.001)
+        if not c_line:
+            while not levels and time.monotonic() < deadline:
+                time.sleep(0.001)
         assert vm.memory.read(USED + 2, 2) == b"\x01\x00"
         assert vm.memory.read(HEAP + 640, 1) == b"\0" and vm.memory.read(HEAP + 64, 512) == orig[:512]
-        assert levels == [1] and t.read(M.INTERRUPT_STATUS, 4) == INT_VRING
+        assert t.read(M.INTERRUPT_STATUS, 4) == INT_VRING
+        if c_line:
+            assert levels == []                                  # set_irq is not used
+            assert t.line.counts() == {"status": INT_VRING, "level": 1, "raised": 1,
+                                       "served": 0, "last_errno": 0}
+        else:
+            assert levels == [1]
         t.write(M.INTERRUPT_ACK, 4, INT_VRING)
-        assert levels == [1, 0]
+        if c_line:
+            assert t.line.counts()["level"] == 0 and t.interrupt_status == 0
+        else:
+            assert levels == [1, 0]
+        assert t.interrupts == 1
         t.write(M.STATUS, 4, 0)                                  # reset: the worker is gone
         assert dev._worker is None
-        assert dev.counters()["native_requests"] == 1 and dev.counters()["native_python_irqs"] == 1
+        c = dev.counters()
+        assert c["native_requests"] == 1
+        assert (c["native_python_irqs"], c["native_direct_lines"]) == ((0, 1) if c_line else (1, 0))
     finally:
         dev.close()
 

@@ -299,7 +299,8 @@ class VirtioBlk(VirtioDevice):
         self._broken = False
         self.native = enabled_by_default() if native is None else bool(native)
         self.native_error: Optional[str] = None
-        self.native_stats = {"workers": 0, "requests": 0, "direct_msis": 0, "python_irqs": 0}
+        self.native_stats = {"workers": 0, "requests": 0, "direct_msis": 0, "python_irqs": 0,
+                             "direct_lines": 0}
         self.python_requests = 0            # requests served on the Python path
 
     @property
@@ -387,12 +388,13 @@ class VirtioBlk(VirtioDevice):
     # ---- the C path (module docstring, :mod:`.fastpath`) ---------------------------------
 
     def fastpath_update(self, vm: Any, notify_gpa: Optional[int],
-                        msi: Optional[Tuple[int, int]]) -> None:
+                        msi: Optional[Tuple[int, int]], line: Any = None) -> None:
         """Called by the transport, under its lock, whenever where queue 0's notification lands
         or how its interrupt is sent may have changed: ``vm`` (:class:`pykvm.vm.Vm`, None: no
         C path on this transport), ``notify_gpa`` (None: BAR 4 is not decoded), ``msi``
         ((address, data) the worker may send itself, None: interrupts go through the
-        transport). Starts, moves or stops the worker; never raises for anything the guest
+        transport), ``line`` (virtio-mmio: the transport's :class:`.fastpath.MmioLine`, which the
+        worker raises itself; None: ``msi`` or Python). Starts, moves or stops the worker; never raises for anything the guest
         did (a refusal leaves the Python path on and sets :attr:`native_error`)."""
         q, h = self._queue, self._handles
         w = self._worker
@@ -412,7 +414,7 @@ class VirtioBlk(VirtioDevice):
                               features=self._features, may_unmap=self.may_unmap,
                               serial=self.serial.encode(), queue=q, memory=q._memory,
                               notify_gpa=notify_gpa, on_irq=lambda: self._worker_irq(h),
-                              on_broken=lambda why: self._worker_broken(h))
+                              on_broken=lambda why: self._worker_broken(h), line=line)
             except FastPathUnavailable as e:
                 self.native_error = str(e)
                 self.native = False

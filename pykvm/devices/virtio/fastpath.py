@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import threading
 
-from ...errors import PykvmError
+from ...errors import KvmError, PykvmError
 from ..._native import ffi, lib
 
 TYPE_CHECKING = False
@@ -54,6 +54,57 @@ class FastPathUnavailable(PykvmError):
     ioeventfd or the thread); the device stays on the Python path. One line saying why."""
 
 
+class MmioLine:
+    """A virtio-mmio transport's InterruptStatus and its level-triggered interrupt line, kept
+    in C (``csrc/virtio_irq.c``) so that the C run loops serve the driver's InterruptStatus
+    reads and InterruptACK writes (virtio 1.2 section 4.2.2) and a C worker raises used-buffer
+    interrupts without any of them passing through Python. ``base``: the window's GPA;
+    ``vm_fd``: the VM whose KVM_IRQ_LINE drives ``gsi`` (x86: a GSI; RISC-V: an APLIC
+    source); ``quiet()``: true once a refused KVM_IRQ_LINE is no error (the machine is stopping).
+    The line is high exactly while the status is not 0. Freed with the object (the transport
+    keeps it as long as the machine's loops and workers can use it)."""
+
+    def __init__(self, base: int, vm_fd: int, gsi: int,
+                 quiet: Optional[Callable[[], bool]] = None):
+        self._quiet = quiet
+        h = lib.pykvm_vmmio_new(base, vm_fd, gsi)
+        if h == ffi.NULL:
+            raise MemoryError("virtio-mmio interrupt state")
+        self._h = ffi.gc(h, lib.pykvm_vmmio_free)
+        self.address = int(ffi.cast("uintptr_t", h))
+        self.base, self.gsi = base, gsi
+        self._out = ffi.new("struct pykvm_vmmio_counts *")
+
+    def _check(self, r: int, what: str) -> None:
+        if r and not (self._quiet is not None and self._quiet()):
+            raise KvmError("KVM_IRQ_LINE", r, f"virtio-mmio {what}, line {self.gsi}")
+
+    def signal(self, bits: int) -> None:
+        """Set ``bits`` (1: used buffers, 2: configuration change) and raise the line. Raises
+        :class:`pykvm.errors.KvmError` when KVM refuses KVM_IRQ_LINE, unless ``quiet()`` (the
+        constructor's: the machine is stopping) says to drop it."""
+        self._check(lib.pykvm_vmmio_signal(self._h, bits & 3), "signal")
+
+    def ack(self, bits: int) -> None:
+        """Clear ``bits`` (InterruptACK; 0xFFFFFFFF on reset), lowering the line at 0. Raises
+        as :meth:`signal`."""
+        self._check(lib.pykvm_vmmio_ack(self._h, bits & 0xFFFFFFFF), "ack")
+
+    def counts(self) -> dict:
+        """``status`` and ``level`` now; ``raised`` (times the line went high), ``served``
+        (register accesses the C run loops answered), ``last_errno`` (0: KVM took every
+        level)."""
+        o = self._out
+        lib.pykvm_vmmio_get(self._h, o)
+        return {"status": o.status, "level": o.level, "raised": o.raised, "served": o.served,
+                "last_errno": o.last_errno}
+
+    @property
+    def status(self) -> int:
+        """InterruptStatus now."""
+        return self.counts()["status"]
+
+
 class BlkWorker:
     """One virtio-blk queue served by a C worker thread. ``vm_fd``: the VM's file descriptor;
     ``image_fd``: the open image; ``queue``: the :class:`.queue.Virtqueue` whose state the worker
@@ -61,12 +112,14 @@ class BlkWorker:
     (:class:`pykvm.memory.GuestMemory`); ``notify_gpa``: the guest-physical address of the
     queue's notification; ``serial``: the GET_ID bytes (20, NUL-padded); ``on_irq()`` /
     ``on_broken(why)``: called from the events thread for an interrupt Python must raise and
-    for a ring that broke a rule. Raises :class:`FastPathUnavailable`."""
+    for a ring that broke a rule; ``line``: a virtio-mmio transport's :class:`MmioLine`, through
+    which the worker raises its interrupts itself (None: MSI or Python). Raises
+    :class:`FastPathUnavailable`."""
 
     def __init__(self, *, vm_fd: int, image_fd: int, readonly: bool, block_size: int,
                  capacity: int, features: int, may_unmap: bool, serial: bytes, queue: Any,
                  memory: Any, notify_gpa: int, on_irq: Callable[[], None],
-                 on_broken: Callable[[str], None]):
+                 on_broken: Callable[[str], None], line: Optional[MmioLine] = None):
         slots = [(s.gpa, s.size, s.host_addr) for s in memory]
         if len(slots) > lib.PYKVM_BLK_MAX_SLOTS:
             raise FastPathUnavailable(f"{len(slots)} memory slots, the C path takes at most "
@@ -81,6 +134,8 @@ class BlkWorker:
         c.last_avail, c.used_idx = queue.last_avail, queue.used_idx
         c.signalled, c.notify_on = queue._signalled, int(queue._notify)
         c.serial = serial[:20].ljust(20, b"\0")
+        c.vmmio_irq = line.address if line is not None else 0
+        self._line = line                      # kept alive while the worker may use it
         c.nslots = len(slots)
         for i, (gpa, size, hva) in enumerate(slots):
             c.slots[i].gpa, c.slots[i].size, c.slots[i].hva = gpa, size, hva
@@ -92,7 +147,7 @@ class BlkWorker:
         self.queue = queue
         self.notify_gpa = notify_gpa
         self.msi: Optional[Tuple[int, int]] = None
-        self.stats = {"requests": 0, "direct_msis": 0, "python_irqs": 0}
+        self.stats = {"requests": 0, "direct_msis": 0, "python_irqs": 0, "direct_lines": 0}
         self._stopped = False
         self._on_irq, self._on_broken = on_irq, on_broken
         self._why = ""
@@ -126,7 +181,7 @@ class BlkWorker:
         q.last_avail, q.used_idx, q._signalled = st.last_avail, st.used_idx, st.signalled
         q._notify = bool(st.notify_on)
         self.stats = {"requests": st.requests, "direct_msis": st.direct_msis,
-                      "python_irqs": st.python_irqs}
+                      "python_irqs": st.python_irqs, "direct_lines": st.direct_lines}
         if st.broken:
             self._why = ffi.string(st.why).decode(errors="replace")
             q.broken = self._why

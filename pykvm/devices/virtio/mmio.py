@@ -42,10 +42,17 @@ The interrupt is one level-triggered line, high while InterruptStatus is not 0: 
 notification sets bit 0, a configuration change (or DEVICE_NEEDS_RESET, section 2.1.2) bit 1.
 One lock (:attr:`TransportCore.lock`) serializes every access, so several vCPU threads and the
 device's own threads may use it at once.
+
+Where the platform gives the line's GSI (:meth:`VirtioMmio.enable_fastpath`), InterruptStatus
+and the line live in C (:class:`.fastpath.MmioLine`): the C run loops answer the driver's
+32-bit InterruptStatus reads and InterruptACK writes without returning to Python, and
+virtio-blk's C worker raises its used-buffer interrupts itself, so a request costs no Python at
+all; this class reads and changes the same state for everything else.
 """
 from __future__ import annotations
 
 from . import INT_CONFIG, INT_VRING, STATUS_DRIVER_OK, VirtioDevice
+from .fastpath import MmioLine
 from .transport import TransportCore
 
 TYPE_CHECKING = False
@@ -95,42 +102,77 @@ class VirtioMmio(TransportCore):
 
     def __init__(self, device: VirtioDevice, memory, set_irq: Callable[[int], None]):
         self.set_irq = set_irq
-        self.interrupt_status = 0
+        self._status = 0
         self._level = 0
-        self.interrupts = 0                  # times the line was raised (tests, stats)
+        self._interrupts = 0
         # where the platform lets a device's C path in (:meth:`enable_fastpath`)
         self.fastpath_vm = None
         self.fastpath_notify: Optional[int] = None
+        self.line: Optional[MmioLine] = None
         super().__init__(device, memory)
 
-    def enable_fastpath(self, vm, base: int) -> None:
+    def enable_fastpath(self, vm, base: int, gsi: Optional[int] = None,
+                        quiet: Optional[Callable[[], bool]] = None) -> None:
         """Let a device with a C path (``fastpath_update``, :mod:`.fastpath`: virtio-blk) serve
         queue 0 itself once the driver sets DRIVER_OK: ``vm`` (:class:`pykvm.vm.Vm`) for its
-        ioeventfd on this window's QueueNotify (``base`` + 0x050, a GPA). Its interrupts still
-        come through :meth:`signal` (InterruptStatus and the one line are the transport's).
-        Called by the platform once, before the guest runs."""
+        ioeventfd on this window's QueueNotify (``base`` + 0x050, a GPA). With ``gsi`` (the
+        line's KVM_IRQ_LINE number: an x86 GSI, a RISC-V APLIC source), InterruptStatus and
+        the line move into C (:attr:`line`, module docstring) and ``set_irq`` is no longer
+        called; the platform then gives :meth:`loop_handles` to its run loops; ``quiet()``
+        true: a refused KVM_IRQ_LINE is dropped (the machine is stopping). Called by the
+        platform once, before the guest runs."""
         self.fastpath_vm, self.fastpath_notify = vm, base + QUEUE_NOTIFY
+        if gsi is not None:
+            with self.lock:
+                line = MmioLine(base, vm.fd, gsi, quiet)
+                if self._status:
+                    line.signal(self._status)
+                self.line = line
+
+    def loop_handles(self) -> tuple:
+        """What a run loop's ``vmmio`` configuration takes for this window (the C handle's
+        address), or () when InterruptStatus is kept in Python."""
+        return (self.line,) if self.line is not None else ()
 
     # -- the interrupt line ------------------------------------------------------------------
+    @property
+    def interrupt_status(self) -> int:
+        """InterruptStatus now (bit 0: used buffers, bit 1: configuration change)."""
+        return self.line.status if self.line is not None else self._status
+
+    @property
+    def interrupts(self) -> int:
+        """Times the line went high (tests, stats)."""
+        return self.line.counts()["raised"] if self.line is not None else self._interrupts
+
     def _update_line(self) -> None:
-        level = 1 if self.interrupt_status else 0
+        level = 1 if self._status else 0
         if level != self._level:
             self._level = level
             if level:
-                self.interrupts += 1
+                self._interrupts += 1
             self.set_irq(level)
 
     def signal(self, cause: int, queue: int) -> None:
         """Set ``cause`` (:data:`INT_VRING` / :data:`INT_CONFIG`) in InterruptStatus and raise
         the line (the queue does not matter: there is one line)."""
         with self.lock:
-            self.interrupt_status |= cause & (INT_VRING | INT_CONFIG)
+            if self.line is not None:
+                self.line.signal(cause & (INT_VRING | INT_CONFIG))
+                return
+            self._status |= cause & (INT_VRING | INT_CONFIG)
             self._update_line()
+
+    def _ack(self, bits: int) -> None:
+        if self.line is not None:
+            self.line.ack(bits)
+            return
+        self._status &= ~bits
+        self._update_line()
 
     def reset_signals(self) -> None:
         """A reset clears InterruptStatus and lowers the line."""
-        self.interrupt_status = 0
-        self._update_line()
+        self._ack(0xFFFFFFFF)
 
     def config_changed(self) -> None:
         """The device's configuration space changed (a disk resized, a console resized): a
@@ -221,13 +263,12 @@ class VirtioMmio(TransportCore):
         elif offset == QUEUE_NOTIFY:
             self.notify(value)
         elif offset == INTERRUPT_ACK:
-            self.interrupt_status &= ~value
-            self._update_line()
+            self._ack(value)
         elif offset == STATUS:
             self.write_status(value)
             fn = getattr(self.device, "fastpath_update", None)
             if fn is not None and self.status & STATUS_DRIVER_OK:
-                fn(self.fastpath_vm, self.fastpath_notify, None)   # no-op without a vm
+                fn(self.fastpath_vm, self.fastpath_notify, None, self.line)  # no-op without a vm
         elif offset in _ADDRESS_REGS:
             field, shift = _ADDRESS_REGS[offset]
             self.write_queue_address(field, value, shift)
