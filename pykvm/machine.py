@@ -62,8 +62,8 @@ class RunResult(Record):
     """How :meth:`Machine.run` ended.
 
     ``exit``: "done", "debug_exit", "timeout", a report kind ("assert", "exception", "trap"),
-    "guest_error", "vmm_error", "handler_error", or the name of an unhandled exit ("HLT",
-    "SHUTDOWN", "MMIO"...). ``exit_code``: the status ``pykvm run`` exits with (see
+    "guest_error", "vmm_error", "handler_error", "stopped" (:meth:`Machine.stop`, status 0),
+    or the name of an unhandled exit ("HLT", "SHUTDOWN", "MMIO"...). ``exit_code``: the status ``pykvm run`` exits with (see
     :mod:`pykvm.status`). ``console``: the last ``console_limit`` bytes of output
     (``console_dropped`` counts older bytes not kept). ``exits``: exit counts by reason name.
     ``seconds``: wall time of the run. ``vcpu``: the vCPU whose event decided the run.
@@ -196,6 +196,16 @@ class Machine:
         self._symbols = None               # the image's symbol table, read on first need
         self.virtio_console = None         # the virtio console (console="virtio"), if any
         self._virtio: Sequence = ()        # virtio models made here, closed with the machine
+        # pause()/resume()/stop() (the control socket's verbs): the vCPUs pause() holds wait on
+        # _pause_cv; _pauses counts pause() calls, so that a vCPU tells a pause's kick (taken
+        # at once, or after it was already held) from one that ends the run
+        self._pause_cv = threading.Condition()
+        self._pause_wanted = False         # pause() asked, resume() not yet
+        self._pauses = 0
+        self._kicks_seen: Dict[int, int] = {}   # vCPU -> _pauses when its last kick was taken
+        self._held: set = set()            # vCPUs held by pause() now
+        self._active: set = set()          # vCPUs inside run() now
+        self._stop_reason: Optional[str] = None   # why stop() ends the run
         try:
             if console not in ("serial", "virtio"):
                 raise ValueError(f"console must be 'serial' or 'virtio', not {console!r}")
@@ -557,23 +567,131 @@ class Machine:
     def _run_one(self, index: int, deadline: Optional[float], results: list) -> None:
         """One vCPU's part of :meth:`run`: every outcome, exceptions included, lands in
         ``results[index]``; anything but DONE stops the other vCPUs."""
+        with self._pause_cv:
+            self._active.add(index)
         try:
             while True:
                 if self._stop:
                     results[index] = Event("kick", index)
                     return
+                if self._pause_wanted:             # pause(): held here until resume()
+                    ev = self._hold(index, deadline)
+                    if ev is None:
+                        continue
+                    results[index] = ev
+                    break
                 left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
                 ev = self.step(index, timeout=left)
                 if ev.kind == "report" and ev.report.kind == "sync":
                     continue                       # nobody waits for syncs in a plain run
                 if ev.kind == "kick" and not self._stop and self.platform.hold(index):
                     continue                       # the platform paused this vCPU (x86 S3)
+                if ev.kind == "kick" and not self._stop and self._pause_kick(index):
+                    continue                       # pause()'s kick: the loop's top holds it
                 results[index] = ev
                 break
         except Exception as e:  # noqa: BLE001 — guest, KVM or handler error: the result
             ev = results[index] = Event("error", index, error=e)
+        finally:
+            with self._pause_cv:
+                self._active.discard(index)
+                self._pause_cv.notify_all()
         if not (ev.kind == "report" and ev.report.kind == "done"):
             self._kick_all()                       # one vCPU ending the machine stops the rest
+
+    # -- pause, resume, stop (pykvm.control serves them on a socket) ---------------------------
+    def _pause_kick(self, index: int) -> bool:
+        """vCPU ``index``'s run returned "kick": True when pause() may have sent it (a pause
+        came since this vCPU last took a kick; kicks do not queue, so one taken kick answers
+        every kick sent before it), False when the kick ends the run."""
+        seen, self._kicks_seen[index] = self._kicks_seen.get(index, 0), self._pauses
+        return seen != self._pauses
+
+    def _hold(self, index: int, deadline: Optional[float]) -> Optional[Event]:
+        """Hold vCPU ``index`` (out of KVM_RUN, in its own thread) while :meth:`pause` is in
+        force; None once :meth:`resume` lets it run on, else the :class:`Event` that ends its
+        part of the run: "timeout" when ``deadline`` (``time.monotonic()`` seconds) passes
+        while held, "kick" when the machine is stopped or closed."""
+        with self._pause_cv:
+            self._held.add(index)
+            self._pause_cv.notify_all()
+            try:
+                while self._pause_wanted and not self._stop and not self._closed:
+                    wait = 0.05                    # signals and _kick_all() notify nobody
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            return Event("timeout", index)
+                        wait = min(wait, left)
+                    self._pause_cv.wait(wait)
+            finally:
+                self._held.discard(index)
+                self._pause_cv.notify_all()
+        if self._stop or self._closed:
+            return Event("kick", index)
+        return None
+
+    @property
+    def paused(self) -> bool:
+        """True while :meth:`pause` is in force and every vCPU of the run in progress (if
+        any) is held out of KVM_RUN: the guest does not advance."""
+        with self._pause_cv:
+            return self._pause_wanted and self._active <= self._held
+
+    def pause(self, timeout: Optional[float] = 5.0) -> bool:
+        """Stop every vCPU and hold it out of KVM_RUN until :meth:`resume` (kvmtool's
+        ``pause``); a vCPU then runs on from where it stopped. Safe from any thread (not from a
+        signal handler, nor from an exit handler of this machine's own vCPUs: it waits).
+
+        Each vCPU is kicked (``immediate_exit`` then a signal, race-free with the C loop) and
+        holds itself in its own thread when its run returns. A pause before :meth:`run` (or
+        between runs) holds the vCPUs as the next run starts. A run's deadline still counts
+        while it is paused: a run paused past its deadline ends with "timeout".
+        :meth:`stop` and :meth:`close` end a paused run. Idempotent.
+
+        ``timeout``: seconds to wait until every running vCPU is held (None: no wait).
+        Returns :attr:`paused` (False when some vCPU was not held in time, e.g. inside a
+        slow exit handler: it is held when it next returns to the loop). Raises
+        :class:`~pykvm.errors.Closed` after :meth:`close`."""
+        self._check_open()
+        with self._pause_cv:
+            self._pause_wanted = True
+            self._pauses += 1
+        for lp in getattr(self, "loops", ()):
+            try:
+                lp.kick()
+            except Closed:
+                pass
+        if timeout is None:
+            return self.paused
+        end = time.monotonic() + timeout
+        with self._pause_cv:
+            while self._pause_wanted and not (self._active <= self._held):
+                left = end - time.monotonic()
+                if left <= 0 or self._closed:
+                    break
+                self._pause_cv.wait(min(left, 0.05))
+            return self._pause_wanted and self._active <= self._held
+
+    def resume(self) -> None:
+        """Let the vCPUs :meth:`pause` holds run on (kvmtool's ``resume``); nothing when the
+        machine is not paused. Raises :class:`~pykvm.errors.Closed` after :meth:`close`."""
+        self._check_open()
+        with self._pause_cv:
+            self._pause_wanted = False
+            self._pause_cv.notify_all()
+
+    def stop(self, reason: str = "stopped on request") -> None:
+        """End the run in progress (or the next one, at once) as kvmtool's ``stop`` does: its
+        :class:`RunResult` has ``exit`` "stopped", status 0 and ``detail`` ``reason`` (str).
+        A paused machine is resumed first, so that its vCPUs leave their hold. Safe from any
+        thread. Raises :class:`~pykvm.errors.Closed` after :meth:`close`."""
+        self._check_open()
+        self._stop_reason = str(reason)
+        self._kick_all()
+        with self._pause_cv:
+            self._pause_wanted = False
+            self._pause_cv.notify_all()
 
     def _vcpu_thread(self, index: int, deadline: Optional[float], results: list) -> None:
         # Process-directed signals (Ctrl-C, SIGTERM) belong to the main thread, which reacts
@@ -615,7 +733,7 @@ class Machine:
             self._run_lock.release()
 
     def _run_locked(self, timeout: Optional[float]) -> RunResult:
-        self._stop = False
+        self._stop = self._stop_reason is not None     # stop() before the run: it ends at once
         t0 = time.monotonic()
         deadline = t0 + timeout if timeout else None
         results: List[Optional[Event]] = [None] * len(self.vcpus)
@@ -635,6 +753,10 @@ class Machine:
                 counts[k] = counts.get(k, 0) + v
         ev = self._decisive(results)
         exit_name, code, detail, dbg = self._verdict(ev)
+        if self._stop_reason is not None:
+            if ev.kind == "kick":                      # stop() ended it, nothing else did
+                exit_name, code, detail, dbg = "stopped", status.OK, self._stop_reason, None
+            self._stop_reason = None
         ended = self.platform.ended(ev.exit if ev.kind == "exit" else None)
         if ended:
             self._ended = ended
@@ -680,11 +802,12 @@ class Machine:
         if not self._stop or self._closed:
             return
         self._stop = False
-        for lp in self.loops:
+        for i, lp in enumerate(self.loops):
             try:
                 lp.clear_kick()
             except Closed:
                 pass
+            self._kicks_seen[i] = self._pauses     # no pause's kick is pending any more
 
     @staticmethod
     def _decisive(results: List[Optional[Event]]) -> Event:
