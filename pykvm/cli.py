@@ -587,6 +587,8 @@ def cmd_run(args) -> int:
         opts["disks"] = list(args.disk)
     if args.rng:
         opts["rng"] = True
+    if args.net:
+        opts["nets"] = list(args.net)
     if args.console != "serial":
         opts["console"] = args.console
     riscv_opts = {"cpu_type": args.cpu_type, "suspend_seconds": args.suspend_seconds}
@@ -864,6 +866,15 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                    "repeatable (x86: on the pc machine's PCI bus)")
     r.add_argument("--rng", action="store_true",
                    help="a virtio-rng device fed from the host's getrandom()")
+    r.add_argument("--net", "-n", action="append", default=[],
+                   metavar="user|tap[,ifname=NAME][,mac=MAC][,mtu=N][,link=up|down]",
+                   help="a virtio-net interface (QEMU's -nic, kvmtool's -n): user = user-mode "
+                   "networking through passt (no privileges; the guest gets the host's address "
+                   "by DHCP and reaches host and outside TCP/UDP services), tap = the tap "
+                   "device ifname=NAME, created when absent (needs CAP_NET_ADMIN) or attached "
+                   "to; mac= the guest's MAC (default 52:54:00 and three random bytes), mtu= "
+                   "68-65535 (default 1500), link=down starts with the link down; repeatable "
+                   "(x86: on the pc machine's PCI bus)")
     r.add_argument("--console", choices=("serial", "virtio"), default="serial",
                    help="the console the terminal or standard input talks to: the 16550 "
                    "serial port (default; Linux: console=ttyS0) or a virtio console "

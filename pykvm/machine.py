@@ -140,8 +140,11 @@ class Machine:
     :class:`os.PathLike` or a :class:`pykvm.devices.virtio.blk.VirtioBlk`; ``rng`` (bool): a
     virtio-rng device; ``console``: "serial" (the 16550 only) or "virtio" (also a virtio
     console, :attr:`virtio_console`, whose output joins :attr:`console` and whose ``feed(bytes)``
-    is its input). They are virtio 1.2 devices on the machine's transport (pc: PCI functions
-    00:04.0 onwards, in this order; auto picks pc for them); the machine closes them.
+    is its input); ``nets``: virtio-net interfaces (a list), each
+    ``"user|tap[,ifname=NAME][,mac=MAC][,mtu=N][,link=up|down]"`` (user: passt; tap: a tap
+    device created or attached) or a :class:`pykvm.devices.virtio.net.VirtioNet`. They are
+    virtio 1.2 devices on the machine's transport (pc: PCI functions 00:04.0 onwards, in this
+    order; auto picks pc for them); the machine closes them.
 
     ``mem_size``: guest RAM in bytes (mapped ``MAP_NORESERVE``: it costs host memory only as
     the guest touches it). ``console_limit``: bytes of console output kept in :attr:`console`
@@ -169,7 +172,8 @@ class Machine:
                  flat_addr: Optional[int] = None, flat_mode: str = "real",
                  console_limit: int = 1 << 20, report_limit: int = 4096,
                  initrd: Sequence[str] = (), machine: str = "auto", disks: Sequence = (),
-                 rng: bool = False, console: str = "serial", **platform_opts):
+                 rng: bool = False, console: str = "serial", nets: Sequence = (),
+                 **platform_opts):
         if not isinstance(vcpus, int) or isinstance(vcpus, bool):
             raise ValueError(f"vcpus must be an integer, not {vcpus!r}")
         if vcpus < 1:
@@ -215,8 +219,12 @@ class Machine:
                 raise ValueError(f"disks must be a list of disk images, not {disks!r}")
             if not isinstance(rng, bool):
                 raise ValueError(f"rng must be True or False, not {rng!r}")
-            if disks or rng or console != "serial":
-                platform_opts["virtio_spec"] = (tuple(disks), bool(rng), console)
+            if nets is None:
+                nets = ()
+            if isinstance(nets, (str, bytes)) or not isinstance(nets, (list, tuple)):
+                raise ValueError(f"nets must be a list of networks, not {nets!r}")
+            if disks or rng or console != "serial" or nets:
+                platform_opts["virtio_spec"] = (tuple(disks), bool(rng), console, tuple(nets))
             image = guest
             if guest is None or (isinstance(guest, str) and not _is_image_path(guest)):
                 image = guests.path(guest or guests.DEFAULT_GUEST)
@@ -251,12 +259,13 @@ class Machine:
             raise
 
     def _make_virtio(self, cls, spec, platform_opts: dict) -> None:
-        """Build the virtio models ``spec`` = (disks, rng, console) asks for through the machine
-        class's ``make_virtio`` (machines with a virtio transport have one) and add them to its
+        """Build the virtio models ``spec`` = (disks, rng, console, nets) asks for through the
+        machine class's ``make_virtio`` (machines with a virtio transport have one) and add them to its
         ``virtio`` option; the machine closes them. Raises ValueError for a bad value
         (:class:`~pykvm.devices.virtio.blk.DiskError` for a disk)."""
-        disks, rng, console = spec              # choose_platform checked make_virtio is there
-        devices, self.virtio_console = cls.make_virtio(disks, rng, console, self._console_out)
+        disks, rng, console, nets = spec        # choose_platform checked make_virtio is there
+        devices, self.virtio_console = cls.make_virtio(disks, rng, console, self._console_out,
+                                                       nets)
         self._virtio = tuple(devices)
         platform_opts["virtio"] = list(platform_opts.get("virtio") or ()) + devices
 
@@ -896,8 +905,9 @@ class Machine:
 
     def device_counters(self) -> dict:
         """{name: counters} of the virtio devices this machine made (``disks=``, ``rng=``,
-        ``console="virtio"``), named by kind and index (``virtio-blk0``, ``virtio-blk1``,
-        ``virtio-rng0``...); each value is the device's ``counters()`` (a dict of ints). Valid
+        ``console="virtio"``, ``nets=``), named by kind and index (``virtio-blk0``,
+        ``virtio-blk1``, ``virtio-rng0``, ``virtio-net0``...); each value is the device's
+        ``counters()`` (a dict of ints). Valid
         while the machine runs and after :meth:`close` (then final)."""
         out: dict = {}
         for d in self._virtio:

@@ -1,5 +1,5 @@
 """The virtio devices a machine is asked for in plain terms — disks by path, a random number
-generator, a virtio console — made into device models (:mod:`pykvm.devices.virtio`). The
+generator, a virtio console, network interfaces by backend — made into device models (:mod:`pykvm.devices.virtio`). The
 machines that have virtio transports (pc: PCI; RISC-V virt: MMIO) build them through
 :func:`build`; the models then go to the transport as the platform option ``virtio``.
 """
@@ -9,6 +9,7 @@ import os
 
 from ..devices.virtio.blk import DiskError, VirtioBlk, disk_from_spec
 from ..devices.virtio.console import VirtioConsole
+from ..devices.virtio.net import NetError, VirtioNet, net_from_spec
 from ..devices.virtio.rng import VirtioRng
 
 TYPE_CHECKING = False
@@ -19,13 +20,16 @@ if TYPE_CHECKING:
 
 
 def build(disks: Sequence, rng: bool, console: str,
-          console_out: Callable[[bytes], None]) -> Tuple[List[VirtioDevice], Optional[VirtioConsole]]:
+          console_out: Callable[[bytes], None],
+          nets: Sequence = ()) -> Tuple[List[VirtioDevice], Optional[VirtioConsole]]:
     """(models, the virtio console or None) for ``disks`` (each a
     :class:`~pykvm.devices.virtio.blk.VirtioBlk` or its description ``FILE[,ro][,serial=NAME]``),
-    ``rng`` and ``console`` ("serial": none; "virtio": a console whose output goes to
-    ``console_out``), in that order. What this call opened is closed again if a later one fails
-    (a VirtioBlk the caller gave stays open).
-    Raises ValueError (:class:`~pykvm.devices.virtio.blk.DiskError` for a disk)."""
+    ``rng``, ``console`` ("serial": none; "virtio": a console whose output goes to
+    ``console_out``) and ``nets`` (each a :class:`~pykvm.devices.virtio.net.VirtioNet` or its
+    description ``user|tap[,ifname=NAME][,mac=MAC][,mtu=N][,link=up|down]``), in that order.
+    What this call opened is closed again if a later one fails (a model the caller gave stays
+    open). Raises ValueError (:class:`~pykvm.devices.virtio.blk.DiskError` for a disk,
+    :class:`~pykvm.devices.virtio.net.NetError` for a network)."""
     out: List[VirtioDevice] = []
     given: List[VirtioDevice] = []          # the caller's own models: not closed here on failure
     vcon: Optional[VirtioConsole] = None
@@ -51,6 +55,18 @@ def build(disks: Sequence, rng: bool, console: str,
         if console == "virtio":
             vcon = VirtioConsole(console_out)
             out.append(vcon)
+        for n in nets:
+            if isinstance(n, VirtioNet):
+                if n.closed or any(n is o for o in out):
+                    raise NetError(f"{n!r}: closed, or given twice (one model serves one "
+                                   "transport)")
+                out.append(n)
+                given.append(n)
+            elif isinstance(n, str):
+                out.append(net_from_spec(n))
+            else:
+                raise NetError(f"a network is 'user|tap[,ifname=NAME][,mac=MAC][,mtu=N]"
+                               f"[,link=up|down]' or a VirtioNet, not {n!r}")
     except BaseException:
         for dev in out:
             if not any(dev is g for g in given):

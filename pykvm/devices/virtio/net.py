@@ -1,0 +1,436 @@
+"""virtio-net, one receive/transmit queue pair (OASIS virtio 1.2, section 5.1), on a host
+backend (:mod:`.net_backends`: a tap device, or user-mode networking through passt).
+
+Queues: receiveq1 (0, host -> guest), transmitq1 (1, guest -> host); no control queue.
+Features (section 5.1.3): VIRTIO_NET_F_MTU (3), VIRTIO_NET_F_MAC (5), VIRTIO_NET_F_STATUS (16);
+no checksum or segmentation offloads and no VIRTIO_NET_F_MRG_RXBUF, so every frame goes whole,
+checksummed, in one buffer chain. Configuration space (section 5.1.4): mac[6] @0, status u16 @6
+(VIRTIO_NET_S_LINK_UP = 1), max_virtqueue_pairs u16 @8 (1), mtu u16 @10.
+
+Every chain starts with the 12-byte ``struct virtio_net_hdr`` (section 5.1.6: flags, gso_type,
+hdr_len, gso_size, csum_start, csum_offset, num_buffers). The device writes it as zeroes with
+num_buffers 1 on receive, and ignores the driver's on transmit (nothing was negotiated that gives
+its fields a meaning).
+
+Limits, each a drop that is counted (:meth:`VirtioNet.counters`), never an error of the VMM:
+
+* a transmitted frame (after the header) shorter than an Ethernet header (14 bytes) or with no
+  header: ``tx_dropped_malformed``; longer than ``mtu`` + 18 (Ethernet header and one VLAN tag):
+  ``tx_dropped_oversize`` (its bytes are not even read); the backend had no room or is gone:
+  ``tx_dropped_backend``; the link is down: ``tx_dropped_link_down``. The chain is returned
+  (used length 0) in every case;
+* a received frame longer than ``mtu`` + 18: ``rx_dropped_oversize``; a frame that does not fit
+  the next receive chain: ``rx_dropped_small_buffer`` (the chain is returned with length 0,
+  which drivers count as a length error); the link is down or the driver has not started the
+  device: ``rx_dropped_link_down`` / ``rx_dropped_no_buffer``;
+* frames that arrive while the driver has no receive buffers wait in a bounded list
+  (:data:`RX_PENDING_FRAMES` frames, :data:`RX_PENDING_BYTES` bytes); past it they are dropped
+  (``rx_dropped_no_buffer``): a flood from the host side costs bounded memory, and the thread
+  reads at most :data:`RX_BATCH` frames before it serves the queues again.
+
+Chains that break the ring rules (:class:`~.queue.QueueError`: a buffer outside guest RAM, a
+loop ...) set DEVICE_NEEDS_RESET, as for every device here.
+
+Threads: one host thread per device, started at the first DRIVER_OK and stopped by
+:meth:`VirtioNet.close`, moves the frames: it polls the backend's fd and an eventfd the driver's
+notifications (of either queue) write, and does all the queue work under the device's lock. It
+raises interrupts after letting that lock go (the transport's lock, which a vCPU may hold while it
+waits for ours, is taken by an interrupt).
+"""
+from __future__ import annotations
+
+import os
+import re
+import select
+import struct
+import threading
+
+from . import ID_NET, INT_CONFIG, INT_VRING, DeviceHandles, VirtioDevice
+from .net_backends import (MAX_FRAME, NetBackend, NetError, VNET_HDR_LEN, check_ifname,
+                           make_backend)
+from .queue import QueueError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Sequence, Union
+
+# feature bits (section 5.1.3)
+F_CSUM, F_GUEST_CSUM, F_MTU, F_MAC, F_MRG_RXBUF, F_STATUS, F_CTRL_VQ = 0, 1, 3, 5, 15, 16, 17
+S_LINK_UP = 1
+RXQ, TXQ = 0, 1
+ETH_HLEN = 14
+FRAME_OVERHEAD = ETH_HLEN + 4           # a frame may carry mtu bytes, its header and a VLAN tag
+MTU_MIN, MTU_MAX = 68, MAX_FRAME - FRAME_OVERHEAD
+RX_PENDING_FRAMES = 256
+RX_PENDING_BYTES = 4 << 20
+RX_BATCH = 64
+CONFIG_SIZE = 12
+_RX_HDR = struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 1)      # num_buffers = 1
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+_COUNTERS = ("rx_packets", "rx_bytes", "rx_dropped_no_buffer", "rx_dropped_oversize",
+             "rx_dropped_small_buffer", "rx_dropped_link_down", "tx_packets", "tx_bytes",
+             "tx_dropped_malformed", "tx_dropped_oversize", "tx_dropped_backend",
+             "tx_dropped_link_down")
+
+
+def parse_mac(mac: Union[str, bytes]) -> bytes:
+    """Six bytes from ``"52:54:00:12:34:56"`` (or six bytes as given); a multicast address (the
+    low bit of the first byte) is refused. Raises :class:`NetError`."""
+    if isinstance(mac, (bytes, bytearray)) and len(mac) == 6:
+        raw = bytes(mac)
+    elif isinstance(mac, str) and _MAC_RE.match(mac):
+        raw = bytes.fromhex(mac.replace(":", ""))
+    else:
+        raise NetError(f"MAC address {mac!r} must be six hex bytes like 52:54:00:12:34:56")
+    if raw[0] & 1:
+        raise NetError(f"MAC address {mac!r} is a multicast address")
+    return raw
+
+
+def random_mac() -> bytes:
+    """A MAC address in QEMU's 52:54:00 range with three random bytes."""
+    return b"\x52\x54\x00" + os.urandom(3)
+
+
+class VirtioNet(VirtioDevice):
+    """A virtio network device on ``backend`` (a :class:`~.net_backends.NetBackend`; the device
+    owns it and closes it). ``mac``: the address the driver reads (str or 6 bytes; default a
+    random 52:54:00:xx:xx:xx); ``mtu``: the largest payload in bytes (68..65535, default 1500);
+    ``link``: whether the link starts up. Raises :class:`NetError` (a ValueError) for a bad
+    option. Attributes ``mac`` (bytes), ``mtu``, ``link_up``, ``backend``."""
+
+    device_id = ID_NET
+    num_queues = 2
+
+    def __init__(self, backend: NetBackend, *, mac: Union[str, bytes, None] = None,
+                 mtu: int = 1500, link: bool = True):
+        if not isinstance(backend, NetBackend):
+            raise NetError(f"a virtio-net backend is a NetBackend, not {backend!r}")
+        if not isinstance(mtu, int) or isinstance(mtu, bool) or not MTU_MIN <= mtu <= MTU_MAX:
+            raise NetError(f"MTU {mtu!r} must be an integer in {MTU_MIN}..{MTU_MAX}")
+        self.mac = random_mac() if mac is None else parse_mac(mac)
+        self.mtu = mtu
+        self.max_frame = mtu + FRAME_OVERHEAD
+        self.link_up = bool(link)
+        self.backend = backend
+        self._lock = threading.Lock()          # queues, handles, pending frames, counters
+        self._queues: List[Optional[Any]] = [None, None]
+        self._handles: Optional[DeviceHandles] = None
+        self._features = 0
+        self._broken = False
+        self._pending: List[bytes] = []
+        self._pending_bytes = 0
+        self._count: Dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self._evfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (f"VirtioNet({self.backend!r}, mac={self.mac_str}, mtu={self.mtu}, "
+                f"link={'up' if self.link_up else 'down'})")
+
+    @property
+    def mac_str(self) -> str:
+        return ":".join(f"{b:02x}" for b in self.mac)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ---- features and configuration ----------------------------------------------------
+
+    def device_features(self) -> int:
+        """VIRTIO_NET_F_MTU, VIRTIO_NET_F_MAC and VIRTIO_NET_F_STATUS."""
+        return (1 << F_MTU) | (1 << F_MAC) | (1 << F_STATUS)
+
+    def config_read(self, offset: int, size: int) -> int:
+        """Bytes of ``struct virtio_net_config`` (module docstring); past its end 0."""
+        if offset < 0 or size <= 0:
+            return 0
+        cfg = self.mac + struct.pack("<HHH", S_LINK_UP if self.link_up else 0, 1, self.mtu)
+        return int.from_bytes(cfg[offset:offset + size], "little")
+
+    def set_link(self, up: bool) -> None:
+        """Set the link up or down; the driver is told with a configuration-change interrupt
+        when the device is running. While down, frames both ways are dropped and counted."""
+        up = bool(up)
+        if up == self.link_up:
+            return
+        self.link_up = up
+        with self._lock:
+            h = self._handles
+        if h is not None:
+            h.interrupt(INT_CONFIG, -1)
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def activate(self, features: int, queues: Sequence[Optional[Any]],
+                 handles: DeviceHandles) -> None:
+        """Take the queues and start the frame thread (once)."""
+        with self._lock:
+            self._features = features
+            self._queues = [queues[i] if i < len(queues) else None for i in (RXQ, TXQ)]
+            self._handles = handles
+            self._broken = False
+            start = self._thread is None and not self._closed
+            if start:
+                self._thread = threading.Thread(target=self._run, name="virtio-net",
+                                                daemon=True)
+        if start:
+            assert self._thread is not None
+            self._thread.start()
+        self._kick()
+
+    def reset(self) -> None:
+        """Drop the queues and the frames waiting for receive buffers."""
+        with self._lock:
+            self._queues = [None, None]
+            self._handles = None
+            self._features = 0
+            self._broken = False
+            self._drop_pending()
+
+    def close(self) -> None:
+        """Stop the thread, close the backend (a tap goes, passt is killed) and the eventfd.
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.reset()
+        self._stopping = True
+        self._kick()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=10)
+        self.backend.close()
+        fd, self._evfd = self._evfd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def counters(self) -> Dict[str, int]:
+        """Frames and bytes each way and the drops by reason (module docstring), plus
+        ``rx_dropped`` / ``tx_dropped`` (their sums) and ``rx_pending`` (frames waiting for
+        receive buffers now)."""
+        with self._lock:
+            c = dict(self._count)
+            c["rx_pending"] = len(self._pending)
+        c["rx_dropped"] = sum(v for k, v in c.items() if k.startswith("rx_dropped_"))
+        c["tx_dropped"] = sum(v for k, v in c.items() if k.startswith("tx_dropped_"))
+        return c
+
+    @property
+    def backend_error(self) -> Optional[str]:
+        """Why the backend stopped working (one line), or None."""
+        return self.backend.error
+
+    # ---- notifications ---------------------------------------------------------------
+
+    def notify(self, index: int) -> None:
+        """Either queue: wake the frame thread (new receive buffers, frames to send)."""
+        if index in (RXQ, TXQ):
+            self._kick()
+
+    def _kick(self) -> None:
+        fd = self._evfd
+        if fd >= 0:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:
+                pass
+
+    # ---- the frame thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        be, ev = self.backend, self._evfd
+        poller = select.poll()
+        poller.register(ev, select.POLLIN)
+        bfd = be.fileno()
+        while not self._stopping:
+            mask = 0
+            if be.error is None:
+                mask = select.POLLIN | (select.POLLOUT if be.wants_write() else 0)
+            if mask:
+                poller.register(bfd, mask)
+            else:
+                try:
+                    poller.unregister(bfd)
+                except KeyError:
+                    pass
+            try:
+                events = poller.poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd == ev:
+                    try:
+                        os.eventfd_read(ev)
+                    except OSError:
+                        pass
+            if self._stopping:
+                break
+            self._pump()
+
+    def _pump(self) -> None:
+        """One round: send what the driver queued, read up to :data:`RX_BATCH` frames, fill
+        receive buffers; then the interrupts (outside the lock)."""
+        be = self.backend
+        irq: List[int] = []
+        failed = False
+        with self._lock:
+            h = self._handles
+            try:
+                be.flush()
+                if self._transmit():
+                    irq.append(TXQ)
+                for _ in range(RX_BATCH):
+                    if be.error is not None:
+                        break
+                    frame = be.recv()
+                    if frame is None:
+                        break
+                    self._arrived(frame)
+                if self._deliver():
+                    irq.append(RXQ)
+            except QueueError:
+                self._broken = failed = True
+                self._drop_pending()
+        if h is None:
+            return
+        if failed:
+            h.needs_reset()
+        for q in irq:
+            h.interrupt(INT_VRING, q)
+
+    def _drop_pending(self) -> None:
+        self._count["rx_dropped_no_buffer"] += len(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    def _arrived(self, frame: bytes) -> None:
+        """A frame from the backend: counted and dropped, or kept for the receive queue."""
+        c = self._count
+        if len(frame) > self.max_frame:
+            c["rx_dropped_oversize"] += 1
+        elif not self.link_up:
+            c["rx_dropped_link_down"] += 1
+        elif (self._queues[RXQ] is None or self._broken
+              or len(self._pending) >= RX_PENDING_FRAMES
+              or self._pending_bytes + len(frame) > RX_PENDING_BYTES):
+            c["rx_dropped_no_buffer"] += 1
+        else:
+            self._pending.append(frame)
+            self._pending_bytes += len(frame)
+
+    def _deliver(self) -> bool:
+        """Move waiting frames into receive chains; whether the driver wants an interrupt."""
+        q = self._queues[RXQ]
+        if q is None or self._broken or not self._pending:
+            return False
+        c = self._count
+        pushed = False
+        while self._pending:
+            chain = q.pop()
+            if chain is None:
+                break
+            frame = self._pending.pop(0)
+            self._pending_bytes -= len(frame)
+            if chain.writable_len < VNET_HDR_LEN + len(frame):
+                c["rx_dropped_small_buffer"] += 1
+                q.push(chain, 0)
+            else:
+                chain.write(_RX_HDR)
+                chain.write(frame, VNET_HDR_LEN)
+                q.push(chain, VNET_HDR_LEN + len(frame))
+                c["rx_packets"] += 1
+                c["rx_bytes"] += len(frame)
+            pushed = True
+        return pushed and q.needs_interrupt()
+
+    def _transmit(self) -> bool:
+        """Send the chains the driver made available while the backend has room; whether the
+        driver wants an interrupt. Work is bounded by the queue size per round."""
+        q = self._queues[TXQ]
+        if q is None or self._broken:
+            return False
+        be, c = self.backend, self._count
+        pushed = False
+        for _ in range(q.size):
+            if be.error is None and not be.can_send():
+                break                           # POLLOUT brings us back
+            chain = q.pop()
+            if chain is None:
+                break
+            n = chain.readable_len - VNET_HDR_LEN
+            if n < ETH_HLEN:
+                c["tx_dropped_malformed"] += 1
+            elif n > self.max_frame:
+                c["tx_dropped_oversize"] += 1
+            elif not self.link_up:
+                c["tx_dropped_link_down"] += 1
+            else:
+                frame = chain.read(VNET_HDR_LEN, n)
+                if be.send(frame):
+                    c["tx_packets"] += 1
+                    c["tx_bytes"] += n
+                else:
+                    c["tx_dropped_backend"] += 1
+            q.push(chain, 0)
+            pushed = True
+        else:
+            self._kick()                        # a full round: come back for the rest
+        return pushed and q.needs_interrupt()
+
+
+_BOOL = {"up": True, "on": True, "down": False, "off": False}
+
+
+def net_from_spec(spec: str) -> VirtioNet:
+    """A :class:`VirtioNet` from a command-line description in QEMU's ``-nic`` words:
+    ``user[,mac=MAC][,mtu=N][,link=up|down]`` (passt) or
+    ``tap[,ifname=NAME][,mac=MAC][,mtu=N][,link=up|down]``. Raises :class:`NetError` for an
+    unknown backend or option, a bad value, or a backend that cannot be set up."""
+    if not isinstance(spec, str) or not spec:
+        raise NetError(f"a network is user|tap[,ifname=NAME][,mac=MAC][,mtu=N][,link=up|down], "
+                       f"not {spec!r}")
+    kind, *opts = spec.split(",")
+    if kind not in ("user", "tap"):
+        raise NetError(f"unknown network backend {kind!r} (known: user, tap)")
+    seen: Dict[str, str] = {}
+    for o in opts:
+        key, eq, val = o.partition("=")
+        if not eq or key not in ("ifname", "mac", "mtu", "link"):
+            raise NetError(f"{kind}: unknown network option {o!r} (known: "
+                           f"{'ifname=NAME, ' if kind == 'tap' else ''}mac=MAC, mtu=N, "
+                           "link=up|down)")
+        if key in seen:
+            raise NetError(f"{kind}: {key}= given twice")
+        seen[key] = val
+    ifname = seen.get("ifname")
+    if ifname is not None:
+        if kind != "tap":
+            raise NetError("ifname= applies to tap networking, not user")
+        check_ifname(ifname)
+    mac = parse_mac(seen["mac"]) if "mac" in seen else None
+    mtu = 1500
+    if "mtu" in seen:
+        if not seen["mtu"].isdigit() or not MTU_MIN <= int(seen["mtu"]) <= MTU_MAX:
+            raise NetError(f"{kind}: mtu={seen['mtu']} must be an integer in "
+                           f"{MTU_MIN}..{MTU_MAX}")
+        mtu = int(seen["mtu"])
+    link = True
+    if "link" in seen:
+        if seen["link"] not in _BOOL:
+            raise NetError(f"{kind}: link={seen['link']} must be up or down")
+        link = _BOOL[seen["link"]]
+    backend = make_backend(kind, ifname=ifname)
+    try:
+        return VirtioNet(backend, mac=mac, mtu=mtu, link=link)
+    except BaseException:
+        backend.close()
+        raise
+
+
+__all__ = ["VirtioNet", "net_from_spec", "parse_mac", "random_mac", "NetError",
+           "RX_PENDING_FRAMES", "RX_PENDING_BYTES"]
