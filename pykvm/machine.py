@@ -641,6 +641,11 @@ class Machine:
         return None
 
     @property
+    def running(self) -> bool:
+        """True while :meth:`run` is in progress (in any thread), paused or not."""
+        return self._run_lock.locked()
+
+    @property
     def paused(self) -> bool:
         """True while :meth:`pause` is in force and every vCPU of the run in progress (if
         any) is held out of KVM_RUN: the guest does not advance."""

@@ -25,6 +25,7 @@ LAYERS = [
     ("devices", ("pykvm.devices",)),
     ("platform", ("pykvm.platform",)),
     ("machine", ("pykvm.machine",)),
+    ("control", ("pykvm.control",)),  # a running machine's control socket
     ("facade", ("pykvm",)),          # the package's lazy public names (PEP 562)
     ("tools", ("pykvm.cli", "pykvm.__main__", "pykvm._cliutil", "pykvm._terminal",
                "pykvm.testing", "pykvm.fuzz", "pykvm.bench", "pykvm._rawbench", "pykvm.lab")),
