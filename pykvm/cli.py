@@ -15,7 +15,7 @@ def _json_requested(args) -> bool:
         if a in ("-h", "--help", "--version"):
             return False
         if not a.startswith("-"):
-            return a in ("run", "caps", "regs", "bench")
+            return a in ("run", "caps", "regs", "bench", "list", "stat", "debug")
     return False
 
 
@@ -92,7 +92,7 @@ json = _Json()
 
 EXIT_USAGE = 2
 EXIT_VMM = 8               # pykvm.status.VMM_ERROR (not imported: most commands never need it)
-JSON_COMMANDS = ("run", "caps", "regs", "bench")     # the commands that take --json
+JSON_COMMANDS = ("run", "caps", "regs", "bench", "list", "stat", "debug")  # take --json
 MAX_MEM = 1 << 40          # 1 TiB: far beyond any test guest, well inside the host's address space
 MAX_VCPUS = 1024
 MAX_TIMEOUT = 10 ** 7      # seconds (about 115 days)
@@ -628,8 +628,18 @@ def cmd_run(args) -> int:
     def on_quit() -> None:
         quit_key.append(True)
         m._kick_all()
-    term = pump = None
+    term = pump = control = None
     try:
+        if args.name is not None or args.control:
+            from .control import ControlError, ControlServer
+            try:
+                control = ControlServer(m, args.name)
+            except ControlError as e:          # a live VM of that name, an unsafe directory
+                return outcome("bad_input", status.BAD_INPUT, str(e))
+            except OSError as e:
+                return outcome(*_classify(e))
+            if args.trace:
+                _err(f"pykvm: control socket {control.path}")
         if args.trace:
             m.trace = trace
         _sig.machine = m
@@ -645,6 +655,8 @@ def cmd_run(args) -> int:
             if term is not None:
                 term.restore()                # before any line of ours reaches the terminal
     finally:
+        if control is not None:
+            control.close()                   # the socket goes before the machine
         m.close()
     if _output["error"] is not None:
         return _output_failure()
@@ -690,7 +702,7 @@ def cmd_run(args) -> int:
         sys.stdout.flush()
         if r.exit == "timeout":
             _err(f"pykvm: guest did not finish within {args.timeout} s; stopped")
-        elif r.exit_code and r.detail:
+        elif (r.exit_code or r.exit == "stopped") and r.detail:
             _err(f"pykvm: {r.detail}")
         if r.console_dropped and args.trace:
             _err(f"pykvm: {r.console_dropped} console bytes not retained")
@@ -781,6 +793,125 @@ def cmd_guest_build(args) -> int:
         return _fail(why)
     print(image)
     return 0
+
+
+# -- control of a running VM (pykvm.control) --------------------------------------------------
+def _vm_name(text: str) -> str:
+    from .control import ControlError, check_name
+    try:
+        return check_name(text)
+    except ControlError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _control_fail(e, as_json: bool) -> int:
+    """A control request that failed: 2 for a bad name, no such VM, a stale socket, an unsafe
+    directory or a request the VM refused; 8 when the VM failed to do what it was asked."""
+    code = EXIT_VMM if getattr(e, "code", "") in ("failed", "timeout", "closed") else EXIT_USAGE
+    return _report("bad_input" if code == EXIT_USAGE else "vmm_error", code, str(e), as_json)
+
+
+def _hex_fields(d: dict, names) -> str:
+    return " ".join(f"{n}={d[n]:#x}" for n in names if isinstance(d.get(n), int))
+
+
+def cmd_list(args) -> int:
+    """``pykvm list``: every VM with a control socket, asked for its state."""
+    from .control import ControlError, list_vms
+    try:
+        vms = list_vms()
+    except ControlError as e:
+        return _control_fail(e, args.json)
+    if args.json:
+        _emit_json([{k: v for k, v in d.items() if k not in ("ok", "cmd")} for d in vms])
+        return 0
+    print(f"{'NAME':<24} {'PID':>8}  {'STATE':<8} {'VCPUS':>5}  GUEST")
+    for d in vms:
+        if not d.get("ok"):
+            print(f"{d['name']:<24} {'-':>8}  {'error':<8} {'-':>5}  {d.get('error', '')}")
+            continue
+        print(f"{d['name']:<24} {d.get('pid', '-'):>8}  {d.get('state', '?'):<8} "
+              f"{d.get('vcpus', '-'):>5}  {d.get('guest', '')}")
+    return 0
+
+
+def cmd_control(args) -> int:
+    """``pykvm pause|resume|stop|stat|debug NAME``: one request to the VM's control socket."""
+    from .control import Client, ControlError
+    as_json = getattr(args, "json", False)
+    verb = {"debug": "dump"}.get(args.cmd, args.cmd)
+    if args.cmd == "debug" and not args.dump:
+        return _report("bad_input", EXIT_USAGE, "debug: nothing to do (use --dump)", as_json)
+    try:
+        with Client(args.name) as c:
+            resp = c.call(verb)
+    except ControlError as e:
+        return _control_fail(e, as_json)
+    body = {k: v for k, v in resp.items() if k not in ("ok", "cmd")}
+    if as_json:
+        _emit_json(body)
+        return 0
+    if verb == "stat":
+        print(f"{args.name}: {body.get('state')}")
+        for title, stats in [("vm", body.get("vm") or {})] + [
+                (f"vcpu{i}", st) for i, st in enumerate(body.get("vcpus") or [])]:
+            print(f"{title}:")
+            for k, v in stats.items():
+                print(f"  {k:<36} {v}")
+        exits = body.get("exits") or {}
+        print("exits: " + (" ".join(f"{k}={v}" for k, v in exits.items()) or "none"))
+        for dev, counts in (body.get("devices") or {}).items():
+            print(f"{dev}: " + " ".join(f"{k}={v}" for k, v in counts.items()))
+        return 0
+    if verb == "dump":
+        for v in body.get("vcpus") or []:
+            print(f"vCPU {v['index']}:")
+            regs = v.get("regs") or {}
+            names = list(regs)
+            for i in range(0, len(names), 4):
+                print("  " + _hex_fields(regs, names[i:i + 4]))
+            sregs = v.get("sregs") or {}
+            for n, val in sregs.items():
+                if isinstance(val, dict):
+                    print(f"  {n:<4} " + _hex_fields(val, list(val)))
+            crs = [n for n, val in sregs.items() if isinstance(val, int)]
+            if crs:
+                print("  " + _hex_fields(sregs, crs))
+            if "mode" in v:
+                print(f"  mode={v['mode']}")
+        return 0
+    print(f"{args.name}: {body.get('state')}")
+    return 0
+
+
+def _control_parsers(sub) -> None:
+    """The verbs that talk to a running VM's control socket (kvmtool's words)."""
+    where = ("The socket is <dir>/NAME.sock, dir being $PYKVM_CONTROL_DIR, else "
+             "$XDG_RUNTIME_DIR/pykvm, else /tmp/pykvm-<uid>; see docs/control.md.")
+    status_line = ("exit status: 0 done; 2 a bad name, no such VM, a stale socket or an "
+                   "unsafe directory; 8 the VM failed to do it")
+    ls = sub.add_parser("list", help="list the running VMs that have a control socket",
+                        description="List the VMs started with `pykvm run --name NAME` (or "
+                        "--control): name, pid, state (running, paused, idle), vCPUs, guest. "
+                        + where, epilog=status_line)
+    ls.add_argument("--json", action="store_true", help="print one JSON array")
+    ls.set_defaults(func=cmd_list)
+    verbs = (("pause", "pause a running VM: every vCPU held out of KVM_RUN"),
+             ("resume", "let a paused VM run on"),
+             ("stop", "stop a running VM (its pykvm run exits 0, saying so)"),
+             ("stat", "KVM's binary stats of a VM and its vCPUs, exit counts, device counters"),
+             ("debug", "debug a running VM: --dump prints every vCPU's registers"))
+    for verb, text in verbs:
+        v = sub.add_parser(verb, help=text, description=text[0].upper() + text[1:] + ". "
+                           + where, epilog=status_line)
+        v.add_argument("name", type=_vm_name, metavar="NAME", help="the VM's name (pykvm list)")
+        if verb == "debug":
+            v.add_argument("--dump", action="store_true", help="print the registers of every "
+                           "vCPU (the VM is paused for the reading, then resumed, unless it "
+                           "was paused already)")
+        if verb in ("stat", "debug"):
+            v.add_argument("--json", action="store_true", help="print one JSON object")
+        v.set_defaults(func=cmd_control)
 
 
 def _device_path(text: str) -> str:
@@ -890,8 +1021,15 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                    "(rv64imafdc), plus ,ext / ,-ext items, e.g. min,zabha or max,-sstc")
     r.add_argument("--suspend-seconds", type=_seconds, default=None, metavar="SECONDS",
                    help="RISC-V: how long an SBI system suspend sleeps (default 0)")
+    r.add_argument("--name", type=_vm_name, default=None, metavar="NAME",
+                   help="name the VM and serve its control socket (pykvm list, pause, "
+                   "resume, stop, stat, debug NAME; docs/control.md)")
+    r.add_argument("--control", action="store_true",
+                   help="serve the control socket under the name guest-<pid> (implied by "
+                   "--name)")
     _device_option(r)
     r.set_defaults(func=cmd_run)
+    _control_parsers(sub)
 
     c = sub.add_parser("caps", help="what this KVM offers")
     c.add_argument("--json", action="store_true", help="JSON output")
