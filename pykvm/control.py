@@ -235,13 +235,79 @@ def machine_state(m: Machine) -> str:
     return "running" if m.running else "idle"
 
 
+# -- the protocol ----------------------------------------------------------------------------
+class RequestError(ControlError):
+    """A request the protocol refuses; ``code`` names why: "bad_json" (not UTF-8 JSON, or
+    nested too deeply), "not_object", "bad_request" (no ``"cmd"`` string, or arguments the
+    command does not take), "unknown_cmd", "too_long"."""
+
+
+def validate_request(req: object) -> dict:
+    """``req`` (a parsed JSON value) when it is a request the server serves: an object whose
+    ``"cmd"`` is one of :data:`COMMANDS`, with no key but ``"cmd"`` and ``"id"``. Raises
+    :class:`RequestError` otherwise (messages stay short whatever the input)."""
+    if not isinstance(req, dict):
+        raise RequestError(f"a request is a JSON object, not {type(req).__name__}",
+                           "not_object")
+    cmd = req.get("cmd")
+    if not isinstance(cmd, str):
+        raise RequestError('a request needs "cmd": a string', "bad_request")
+    if cmd not in COMMANDS:
+        shown = cmd if len(cmd) <= 40 else cmd[:37] + "..."
+        raise RequestError(f"unknown command {shown!r}; commands: {', '.join(COMMANDS)}",
+                           "unknown_cmd")
+    unknown = sorted(k for k in req if k not in ("cmd", "id"))
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:5])
+        raise RequestError(f"{cmd} takes no arguments (got {shown})", "bad_request")
+    return req
+
+
+def parse_request(line: bytes) -> dict:
+    """One request line (bytes, without its newline) → the request (see
+    :func:`validate_request`). Raises :class:`RequestError` ("bad_json" for anything that is
+    not UTF-8 JSON, including nesting deeper than Python's parser takes)."""
+    try:
+        req = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RequestError(f"not a JSON request: {_brief(e)}", "bad_json") from None
+    return validate_request(req)
+
+
+class LineFramer:
+    """Cuts a byte stream into lines of at most ``max_line`` bytes (newline excluded)."""
+
+    def __init__(self, max_line: int = MAX_LINE):
+        self.max_line = max_line
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> "tuple[List[bytes], bool]":
+        """Add ``data``; return (the complete lines it finished, in order, without their
+        newlines; True when a line longer than ``max_line`` came after them, complete or
+        not: the stream cannot be followed any more and the buffer is emptied)."""
+        self.buf += data
+        lines: List[bytes] = []
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl < 0:
+                if len(self.buf) > self.max_line:
+                    self.buf.clear()
+                    return lines, True
+                return lines, False
+            if nl > self.max_line:
+                self.buf.clear()
+                return lines, True
+            lines.append(bytes(self.buf[:nl]))
+            del self.buf[:nl + 1]
+
+
 # -- the server ------------------------------------------------------------------------------
 class _Conn:
-    __slots__ = ("sock", "inbuf", "outbuf", "last", "closing", "events")
+    __slots__ = ("sock", "framer", "outbuf", "last", "closing", "events")
 
-    def __init__(self, sock):
+    def __init__(self, sock, max_line: int):
         self.sock = sock
-        self.inbuf = bytearray()
+        self.framer = LineFramer(max_line)
         self.outbuf = bytearray()
         self.last = time.monotonic()
         self.closing = False          # an error ended it: close once the output is sent
@@ -428,7 +494,7 @@ class ControlServer:
                 self._send_and_close(sock, _error("busy", f"too many connections (at most "
                                                   f"{self.max_clients}); try again"))
                 continue
-            conn = _Conn(sock)
+            conn = _Conn(sock, self.max_line)
             self._conns[sock.fileno()] = conn
             self._sel.register(sock, selectors.EVENT_READ, "conn")
 
@@ -454,25 +520,16 @@ class ControlServer:
             self._drop(conn)
             return
         conn.last = time.monotonic()
-        conn.inbuf += data
-        while not conn.closing:
-            nl = conn.inbuf.find(b"\n")
-            if nl < 0:
-                if len(conn.inbuf) > self.max_line:
-                    self._fail(conn, _error("too_long", f"request longer than "
-                                            f"{self.max_line} bytes; closing"))
-                return
-            line = bytes(conn.inbuf[:nl])
-            del conn.inbuf[:nl + 1]
-            if len(line) > self.max_line:
-                self._fail(conn, _error("too_long", f"request longer than {self.max_line} "
-                                        "bytes; closing"))
-                return
+        lines, too_long = conn.framer.feed(data)
+        for line in lines:
             if not line.strip():
                 continue                       # blank lines are nothing
             self._queue(conn, self.handle_line(line))
             if conn.sock.fileno() < 0:         # dropped while answering
                 return
+        if too_long:
+            self._fail(conn, _error("too_long", f"request longer than {self.max_line} bytes; "
+                                    "closing"))
 
     def _queue(self, conn: _Conn, resp: dict) -> None:
         try:
@@ -505,7 +562,6 @@ class ControlServer:
 
     def _fail(self, conn: _Conn, resp: dict) -> None:
         """Send ``resp`` (an error) and close the connection once it is out."""
-        conn.inbuf.clear()
         self._queue(conn, resp)
         if conn.sock.fileno() in self._conns:
             conn.closing = True
@@ -538,22 +594,13 @@ class ControlServer:
         """The response (a dict) to one parsed request. Never raises: an unknown command,
         arguments a command does not take, a closed machine or a failure while serving give
         ``{"ok": false, "code": ..., "error": ...}``."""
-        if not isinstance(req, dict):
-            return _error("not_object", f"a request is a JSON object, not "
-                          f"{type(req).__name__}")
-        rid = req.get("id")
-        extra = {"id": rid} if "id" in req else {}
-        cmd = req.get("cmd")
-        if not isinstance(cmd, str):
-            return _error("bad_request", 'a request needs "cmd": a string', **extra)
-        if cmd not in COMMANDS:
-            shown = cmd if len(cmd) <= 40 else cmd[:37] + "..."
-            return _error("unknown_cmd", f"unknown command {shown!r}; commands: "
-                          f"{', '.join(COMMANDS)}", **extra)
-        unknown = sorted(k for k in req if k not in ("cmd", "id"))
-        if unknown:
-            shown = ", ".join(repr(k[:40]) for k in unknown[:5])
-            return _error("bad_request", f"{cmd} takes no arguments (got {shown})", **extra)
+        extra = {"id": req["id"]} if isinstance(req, dict) and "id" in req else {}
+        try:
+            validate_request(req)
+        except RequestError as e:
+            return _error(e.code, str(e), **extra)
+        assert isinstance(req, dict)
+        cmd = req["cmd"]
         try:
             fields = getattr(self, "_cmd_" + cmd)()
         except Closed:
