@@ -19,7 +19,7 @@ import time
 import pytest
 
 from pykvm.devices.virtio.net import RX_PENDING_FRAMES, VirtioNet
-from pykvm.devices.virtio.net_backends import PasstBackend, TapBackend
+from pykvm.devices.virtio.net_backends import PasstBackend, StreamBackend, TapBackend
 
 pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_arch("x86_64")]
 
@@ -304,15 +304,27 @@ def test_user_networking_through_passt_answers_arp_and_dhcp(guest_vm, transport)
 # ---- hostile drivers --------------------------------------------------------------------
 
 def test_an_oversized_frame_is_dropped_and_a_chain_outside_ram_needs_reset(guest_vm):
-    dev = VirtioNet(PasstBackend(), mac=GUEST_MAC, mtu=576)
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    dev = VirtioNet(StreamBackend(ours), mac=GUEST_MAC, mtu=576)
     g = Guest(guest_vm("virtio_net.c", machine="pc", virtio_pci=[dev], mem_size=64 << 20))
     assert g.mtu == 576
-    used, status = g.send(eth(b"\xff" * 6, GUEST_MAC, 0x88B5, bytes(576 + 5)))
+    used, status = g.send(eth(b"\xff" * 6, GUEST_MAC, 0x88B5, bytes(576 + 18 + 1)))
     assert used == 0 and not status & NEEDS_RESET
     assert dev.counters()["tx_dropped_oversize"] == 1 and dev.counters()["tx_packets"] == 0
-    used, status = g.send(eth(b"\xff" * 6, GUEST_MAC, 0x88B5, bytes(576)))   # fits: sent
+    fits = eth(b"\xff" * 6, GUEST_MAC, 0x88B5, bytes(range(256)) * 2 + bytes(576 + 4 - 512))
+    g.send(fits)                                              # mtu + header + VLAN tag: sent
+    peer.settimeout(10)
+    got = b""
+    while len(got) < 4 + len(fits):
+        got += peer.recv(65536)
+    assert got == len(fits).to_bytes(4, "big") + fits          # QEMU's stream framing
     assert dev.counters()["tx_packets"] == 1
+    # a length past any frame from the peer: the stream is out of step, the backend stops
+    peer.sendall((1 << 20).to_bytes(4, "big"))
+    time.sleep(0.2)
+    assert "more than" in (dev.backend_error or "")
     used, status = g.send(bytes(8))                                         # no Ethernet header
     assert dev.counters()["tx_dropped_malformed"] == 1
     assert g.bad_tx(1 << 40, 64) & NEEDS_RESET
     g.done()
+    peer.close()

@@ -20,7 +20,8 @@ interface named is created when absent (that needs CAP_NET_ADMIN) or attached to
 (``TUNSETVNETHDRSZ``); no offload is switched on (``TUNSETOFFLOAD`` 0), so the kernel hands over
 whole, checksummed frames and the header is all zeroes both ways.
 
-:class:`PasstBackend` starts ``passt`` (https://passt.top, the Debian package ``passt``) with one
+:class:`StreamBackend` speaks QEMU's ``-netdev stream`` protocol over any connected stream
+socket (a test holds the other end of a socket pair). :class:`PasstBackend` starts ``passt`` (https://passt.top, the Debian package ``passt``) with one
 end of a Unix stream socket pair (``--fd``; no socket path exists anywhere) in its QEMU mode:
 each frame is preceded by its length, a 32-bit big-endian number (QEMU's ``-netdev stream``).
 passt answers ARP, DHCP, NDP and DHCPv6 itself and carries the guest's TCP, UDP and ICMP through
@@ -206,11 +207,99 @@ def _stop_passt(proc: Any, sock: Any, errf: Any) -> None:
     errf.close()
 
 
-class PasstBackend(NetBackend):
-    """User-mode networking through a passt process of our own (module docstring).
-    ``args``: more passt options (e.g. ``["-a", "10.0.2.15", "-g", "10.0.2.2"]``; none by
-    default: passt copies the host's addresses and routes, as it documents).
-    ``passt``: the program (default: ``passt`` on PATH).
+class StreamBackend(NetBackend):
+    """Frames over a connected stream socket ``sock`` (AF_UNIX or TCP), each preceded by its
+    length as a 32-bit big-endian number: QEMU's ``-netdev stream`` / ``-netdev socket``
+    protocol, which passt speaks (:class:`PasstBackend`) and a test can speak from the other end
+    of a socket pair. The backend owns ``sock`` and closes it. At most
+    :data:`STREAM_OUT_LIMIT` bytes wait to be written; the device holds the guest's transmit
+    buffers while they do."""
+
+    name = "stream"
+
+    def __init__(self, sock: socket.socket):
+        sock.setblocking(False)
+        self._sock = sock
+        self._in = bytearray()
+        self._out = bytearray()
+        self.error = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({'closed' if self.closed else 'open'})"
+
+    @property
+    def closed(self) -> bool:
+        return self._sock.fileno() < 0
+
+    def _eof(self) -> str:
+        return "the peer closed the socket"
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def recv(self) -> Optional[bytes]:
+        """The next whole frame, or None when none has fully arrived. EOF or a length past
+        :data:`MAX_FRAME` (the stream is then out of step) sets :attr:`error`."""
+        while self.error is None and not self.closed:
+            if len(self._in) >= 4:
+                n = int.from_bytes(self._in[:4], "big")
+                if n > MAX_FRAME:
+                    self.error = f"{self.name}: a frame of {n} bytes (more than {MAX_FRAME})"
+                    return None
+                if len(self._in) >= 4 + n:
+                    frame = bytes(self._in[4:4 + n])
+                    del self._in[:4 + n]
+                    return frame
+            try:
+                data = self._sock.recv(_STREAM_READ)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as e:
+                self.error = f"{self.name}: {e.strerror}"
+                return None
+            if not data:
+                self.error = self._eof()
+                return None
+            self._in += data
+        return None
+
+    def can_send(self) -> bool:
+        return len(self._out) < STREAM_OUT_LIMIT
+
+    def wants_write(self) -> bool:
+        return bool(self._out) and self.error is None
+
+    def send(self, frame: bytes) -> bool:
+        """Queue one frame (length-prefixed) and write what the socket takes; False (dropped)
+        when :data:`STREAM_OUT_LIMIT` bytes already wait or the peer is gone."""
+        if self.error is not None or self.closed or not self.can_send():
+            return False
+        self._out += len(frame).to_bytes(4, "big")
+        self._out += frame
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        while self._out and self.error is None and not self.closed:
+            try:
+                n = self._sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.error = f"{self.name}: {e.strerror}"
+                self._out.clear()
+                return
+            del self._out[:n]
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class PasstBackend(StreamBackend):
+    """User-mode networking through a passt process of our own (module docstring), over
+    :class:`StreamBackend`'s protocol. ``args``: more passt options (e.g. ``["-a",
+    "10.0.2.15", "-g", "10.0.2.2"]``; none by default: passt copies the host's addresses and
+    routes, as it documents). ``passt``: the program (default: ``passt`` on PATH).
 
     Raises :class:`NetError` when passt is missing (naming the Debian package) or exits at once
     (with its own last message, e.g. "External interface not usable" on a host without a
@@ -239,8 +328,8 @@ class PasstBackend(NetBackend):
             raise NetError(f"passt ({exe}): cannot start: {e.strerror}") from None
         finally:
             theirs.close()
+        super().__init__(ours)
         self.proc = proc
-        self._sock = ours
         self._errf = errf
         self._finalizer = weakref.finalize(self, _stop_passt, proc, ours, errf)
         try:
@@ -251,10 +340,6 @@ class PasstBackend(NetBackend):
             why = self._why_exited()
             self.close()
             raise NetError(why)
-        ours.setblocking(False)
-        self._in = bytearray()
-        self._out = bytearray()
-        self.error = None
 
     def __repr__(self) -> str:
         return f"PasstBackend(pid={self.proc.pid}{', closed' if self.closed else ''})"
@@ -277,64 +362,10 @@ class PasstBackend(NetBackend):
         rc = self.proc.poll()
         return f"passt exited (status {rc}){': ' + last if last else ''}"
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def recv(self) -> Optional[bytes]:
-        """The next whole frame passt sent, or None when none has fully arrived. EOF or a
-        length past :data:`MAX_FRAME` (the stream is then out of step) sets :attr:`error`."""
-        while self.error is None and not self.closed:
-            if len(self._in) >= 4:
-                n = int.from_bytes(self._in[:4], "big")
-                if n > MAX_FRAME:
-                    self.error = f"passt sent a frame of {n} bytes (more than {MAX_FRAME})"
-                    return None
-                if len(self._in) >= 4 + n:
-                    frame = bytes(self._in[4:4 + n])
-                    del self._in[:4 + n]
-                    return frame
-            try:
-                data = self._sock.recv(_STREAM_READ)
-            except (BlockingIOError, InterruptedError):
-                return None
-            except OSError as e:
-                self.error = f"passt's socket: {e.strerror}"
-                return None
-            if not data:
-                self.proc.poll()
-                self.error = self._why_exited() if self.proc.returncode is not None else \
-                    "passt closed its socket"
-                return None
-            self._in += data
-        return None
-
-    def can_send(self) -> bool:
-        return len(self._out) < STREAM_OUT_LIMIT
-
-    def wants_write(self) -> bool:
-        return bool(self._out) and self.error is None
-
-    def send(self, frame: bytes) -> bool:
-        """Queue one frame (length-prefixed) and write what the socket takes; False (dropped)
-        when :data:`STREAM_OUT_LIMIT` bytes already wait or passt is gone."""
-        if self.error is not None or self.closed or not self.can_send():
-            return False
-        self._out += len(frame).to_bytes(4, "big")
-        self._out += frame
-        self.flush()
-        return True
-
-    def flush(self) -> None:
-        while self._out and self.error is None and not self.closed:
-            try:
-                n = self._sock.send(self._out)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                self.error = f"passt's socket: {e.strerror}"
-                self._out.clear()
-                return
-            del self._out[:n]
+    def _eof(self) -> str:
+        self.proc.poll()
+        return self._why_exited() if self.proc.returncode is not None else \
+            "passt closed its socket"
 
     def close(self) -> None:
         """Kill passt, wait for it and close the socket. Idempotent."""
@@ -354,5 +385,5 @@ def make_backend(kind: str, *, ifname: Optional[str] = None,
     raise NetError(f"unknown network backend {kind!r} (known: user, tap)")
 
 
-__all__: List[str] = ["NetBackend", "TapBackend", "PasstBackend", "NetError", "make_backend",
+__all__: List[str] = ["NetBackend", "TapBackend", "StreamBackend", "PasstBackend", "NetError", "make_backend",
                       "check_ifname", "VNET_HDR_LEN", "MAX_FRAME"]
