@@ -63,9 +63,11 @@ MAX_CLIENTS = 32               # connections one server serves at once
 IDLE_TIMEOUT = 30.0            # seconds a connection may stay silent
 PAUSE_WAIT = 5.0               # seconds a pause waits for every vCPU to be held
 SUFFIX = ".sock"
+MAX_PATH = 107                 # bytes in a Unix socket's path (sun_path, NUL excluded)
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 COMMANDS = ("status", "pause", "resume", "stop", "stat", "dump", "help")
 _CRED = struct.Struct("3i")    # struct ucred: pid, uid, gid
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)   # a client gone: EPIPE, never SIGPIPE
 
 
 class ControlError(PykvmError):
@@ -127,7 +129,7 @@ def control_directory(directory: Optional[str] = None, *, create: bool = True) -
     try:
         st = os.lstat(d)
     except FileNotFoundError:
-        raise NoSuchVm(f"no VMs: the control directory {d} does not exist") from None
+        raise NoSuchVm(f"the control directory {d} does not exist") from None
     except OSError as e:
         raise ControlError(f"control directory {d}: {e.strerror or e}") from None
     if not _stat.S_ISDIR(st.st_mode):
@@ -145,7 +147,11 @@ def control_directory(directory: Optional[str] = None, *, create: bool = True) -
 def socket_path(name: str, directory: Optional[str] = None, *, create: bool = False) -> str:
     """``<directory>/<name>.sock`` for a valid ``name`` (see :func:`check_name`), the directory
     checked by :func:`control_directory`."""
-    return os.path.join(control_directory(directory, create=create), check_name(name) + SUFFIX)
+    path = os.path.join(control_directory(directory, create=create), check_name(name) + SUFFIX)
+    if len(os.fsencode(path)) > MAX_PATH:
+        raise ControlError(f"socket path {path} is longer than the {MAX_PATH} bytes a Unix "
+                           "socket takes; use a shorter name or $PYKVM_CONTROL_DIR")
+    return path
 
 
 def _probe(path: str) -> str:
@@ -393,7 +399,7 @@ class ControlServer:
                 pass
             s.bind(tmp)
             os.chmod(tmp, 0o600)
-            s.listen(16)
+            s.listen(64)
             s.setblocking(False)
             for _ in range(2):
                 try:
@@ -501,10 +507,10 @@ class ControlServer:
     @staticmethod
     def _send_and_close(sock, resp: dict) -> None:
         try:
-            sock.send((json.dumps(resp) + "\n").encode())
+            sock.send((json.dumps(resp) + "\n").encode(), _NOSIGNAL)
         except OSError:
             pass
-        sock.close()
+        _close_quietly(sock)
 
     def _read(self, conn: _Conn) -> None:
         if conn.closing:
@@ -545,7 +551,7 @@ class ControlServer:
     def _write(self, conn: _Conn) -> None:
         while conn.outbuf:
             try:
-                n = conn.sock.send(conn.outbuf)
+                n = conn.sock.send(conn.outbuf, _NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -576,7 +582,7 @@ class ControlServer:
             self._sel.unregister(conn.sock)
         except (KeyError, ValueError, OSError):
             pass
-        conn.sock.close()
+        _close_quietly(conn.sock)
 
     # -- the protocol ----------------------------------------------------------------------
     def handle_line(self, line: bytes) -> dict:
@@ -750,6 +756,21 @@ def serve(machine: Machine, name: Optional[str] = None, **options) -> ControlSer
     return ControlServer(machine, name, **options)
 
 
+def _close_quietly(sock: socket.socket) -> None:
+    """Close a client's connection so that it still reads what was sent to it: end our side
+    (EOF after the last response), then discard what the client sent that was not read (a
+    Unix socket closed with unread data makes the peer's next read fail with ECONNRESET,
+    losing the error line). Never blocks, never raises."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        for _ in range(16):
+            if not sock.recv(65536, socket.MSG_DONTWAIT):
+                break
+    except OSError:                            # nothing waiting (EAGAIN), or the peer gone
+        pass
+    sock.close()
+
+
 def _brief(e: BaseException) -> str:
     text = str(e).strip()
     text = text.splitlines()[0] if text else type(e).__name__
@@ -775,7 +796,10 @@ class Client:
         if path is None:
             if name is None:
                 raise ControlError("Client needs a VM name or a socket path")
-            path = socket_path(name, directory)
+            try:
+                path = socket_path(name, directory)
+            except NoSuchVm as e:
+                raise NoSuchVm(f"no VM named {name!r} ({e})") from None
         self.path = path
         self.name = name
         self._buf = bytearray()
@@ -783,7 +807,15 @@ class Client:
         self._sock.settimeout(timeout)
         label = repr(name) if name is not None else path
         try:
-            self._sock.connect(path)
+            end = time.monotonic() + timeout
+            while True:
+                try:
+                    self._sock.connect(path)
+                    break
+                except BlockingIOError:        # the server's backlog is full: it is busy
+                    if time.monotonic() >= end:
+                        raise
+                    time.sleep(0.01)
         except FileNotFoundError:
             self._sock.close()
             raise NoSuchVm(f"no VM named {label} (no socket {path})") from None
