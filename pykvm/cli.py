@@ -589,6 +589,8 @@ def cmd_run(args) -> int:
         opts["rng"] = True
     if args.net:
         opts["nets"] = list(args.net)
+    if args.vsock is not None:
+        opts["vsock"] = args.vsock
     if args.console != "serial":
         opts["console"] = args.console
     riscv_opts = {"cpu_type": args.cpu_type, "suspend_seconds": args.suspend_seconds}
@@ -1006,6 +1008,14 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                    "to; mac= the guest's MAC (default 52:54:00 and three random bytes), mtu= "
                    "68-65535 (default 1500), link=down starts with the link down; repeatable "
                    "(x86: on the pc machine's PCI bus)")
+    r.add_argument("--vsock", default=None, metavar="cid=N,uds=PATH",
+                   help="a virtio-vsock device (Firecracker's vsock; QEMU's guest-cid): the "
+                   "guest's CID N (3 or more) and a Unix socket PATH the VMM listens on (a "
+                   "stale socket file there is replaced, removed again at exit). A host "
+                   "process connects to PATH and writes 'CONNECT <port>\\n', gets 'OK "
+                   "<host port>\\n' once the guest accepts on that vsock port, then talks "
+                   "to it; the guest's connections to host port P (CID 2) go to the Unix "
+                   "socket PATH_P, where a host process listens")
     r.add_argument("--console", choices=("serial", "virtio"), default="serial",
                    help="the console the terminal or standard input talks to: the 16550 "
                    "serial port (default; Linux: console=ttyS0) or a virtio console "

@@ -142,7 +142,11 @@ class Machine:
     console, :attr:`virtio_console`, whose output joins :attr:`console` and whose ``feed(bytes)``
     is its input); ``nets``: virtio-net interfaces (a list), each
     ``"user|tap[,ifname=NAME][,mac=MAC][,mtu=N][,link=up|down]"`` (user: passt; tap: a tap
-    device created or attached) or a :class:`pykvm.devices.virtio.net.VirtioNet`. They are
+    device created or attached) or a :class:`pykvm.devices.virtio.net.VirtioNet`; ``vsock``: a
+    virtio-vsock device bridged to Unix sockets as Firecracker's (None: none), given as
+    ``"cid=N,uds=PATH"``, a :class:`pykvm.devices.virtio.vsock.VsockSpec` or a
+    :class:`~pykvm.devices.virtio.vsock.VirtioVsock` (host processes connect to PATH and write
+    ``CONNECT <port>``; the guest's connections to host port P go to ``PATH_P``). They are
     virtio 1.2 devices on the machine's transport (pc: PCI functions 00:04.0 onwards, in this
     order; auto picks pc for them); the machine closes them.
 
@@ -173,7 +177,7 @@ class Machine:
                  console_limit: int = 1 << 20, report_limit: int = 4096,
                  initrd: Sequence[str] = (), machine: str = "auto", disks: Sequence = (),
                  rng: bool = False, console: str = "serial", nets: Sequence = (),
-                 **platform_opts):
+                 vsock=None, **platform_opts):
         if not isinstance(vcpus, int) or isinstance(vcpus, bool):
             raise ValueError(f"vcpus must be an integer, not {vcpus!r}")
         if vcpus < 1:
@@ -223,8 +227,9 @@ class Machine:
                 nets = ()
             if isinstance(nets, (str, bytes)) or not isinstance(nets, (list, tuple)):
                 raise ValueError(f"nets must be a list of networks, not {nets!r}")
-            if disks or rng or console != "serial" or nets:
-                platform_opts["virtio_spec"] = (tuple(disks), bool(rng), console, tuple(nets))
+            if disks or rng or console != "serial" or nets or vsock is not None:
+                platform_opts["virtio_spec"] = (tuple(disks), bool(rng), console, tuple(nets),
+                                                vsock)
             image = guest
             if guest is None or (isinstance(guest, str) and not _is_image_path(guest)):
                 image = guests.path(guest or guests.DEFAULT_GUEST)
@@ -259,13 +264,13 @@ class Machine:
             raise
 
     def _make_virtio(self, cls, spec, platform_opts: dict) -> None:
-        """Build the virtio models ``spec`` = (disks, rng, console, nets) asks for through the
-        machine class's ``make_virtio`` (machines with a virtio transport have one) and add them to its
+        """Build the virtio models ``spec`` = (disks, rng, console, nets, vsock) asks for
+        through the machine class's ``make_virtio`` (machines with a virtio transport have one) and add them to its
         ``virtio`` option; the machine closes them. Raises ValueError for a bad value
         (:class:`~pykvm.devices.virtio.blk.DiskError` for a disk)."""
-        disks, rng, console, nets = spec        # choose_platform checked make_virtio is there
+        disks, rng, console, nets, vsock = spec   # choose_platform checked make_virtio is there
         devices, self.virtio_console = cls.make_virtio(disks, rng, console, self._console_out,
-                                                       nets)
+                                                       nets, vsock)
         self._virtio = tuple(devices)
         platform_opts["virtio"] = list(platform_opts.get("virtio") or ()) + devices
 
@@ -910,10 +915,10 @@ class Machine:
 
     def device_counters(self) -> dict:
         """{name: counters} of the virtio devices this machine made (``disks=``, ``rng=``,
-        ``console="virtio"``, ``nets=``), named by kind and index (``virtio-blk0``,
-        ``virtio-blk1``, ``virtio-rng0``, ``virtio-net0``...); each value is the device's
-        ``counters()`` (a dict of ints). Valid
-        while the machine runs and after :meth:`close` (then final)."""
+        ``console="virtio"``, ``nets=``, ``vsock=``), named by kind and index (``virtio-blk0``,
+        ``virtio-blk1``, ``virtio-rng0``, ``virtio-net0``, ``virtio-vsock0``...); each value is
+        the device's ``counters()`` (a dict of ints). Valid while the machine runs and after
+        :meth:`close` (then final)."""
         out: dict = {}
         for d in self._virtio:
             kind = "virtio-" + type(d).__name__.removeprefix("Virtio").lower()

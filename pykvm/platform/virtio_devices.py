@@ -11,6 +11,7 @@ from ..devices.virtio.blk import DiskError, VirtioBlk, disk_from_spec
 from ..devices.virtio.console import VirtioConsole
 from ..devices.virtio.net import NetError, VirtioNet, net_from_spec
 from ..devices.virtio.rng import VirtioRng
+from ..devices.virtio.vsock import VirtioVsock, VsockError, VsockSpec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -21,15 +22,20 @@ if TYPE_CHECKING:
 
 def build(disks: Sequence, rng: bool, console: str,
           console_out: Callable[[bytes], None],
-          nets: Sequence = ()) -> Tuple[List[VirtioDevice], Optional[VirtioConsole]]:
+          nets: Sequence = (),
+          vsock=None) -> Tuple[List[VirtioDevice], Optional[VirtioConsole]]:
     """(models, the virtio console or None) for ``disks`` (each a
     :class:`~pykvm.devices.virtio.blk.VirtioBlk` or its description ``FILE[,ro][,serial=NAME]``),
     ``rng``, ``console`` ("serial": none; "virtio": a console whose output goes to
     ``console_out``) and ``nets`` (each a :class:`~pykvm.devices.virtio.net.VirtioNet` or its
-    description ``user|tap[,ifname=NAME][,mac=MAC][,mtu=N][,link=up|down]``), in that order.
+    description ``user|tap[,ifname=NAME][,mac=MAC][,mtu=N][,link=up|down]``) and ``vsock``
+    (None, a :class:`~pykvm.devices.virtio.vsock.VirtioVsock`, a
+    :class:`~pykvm.devices.virtio.vsock.VsockSpec` or its description ``cid=N,uds=PATH``), in
+    that order.
     What this call opened is closed again if a later one fails (a model the caller gave stays
     open). Raises ValueError (:class:`~pykvm.devices.virtio.blk.DiskError` for a disk,
-    :class:`~pykvm.devices.virtio.net.NetError` for a network)."""
+    :class:`~pykvm.devices.virtio.net.NetError` for a network,
+    :class:`~pykvm.devices.virtio.vsock.VsockError` for the vsock)."""
     out: List[VirtioDevice] = []
     given: List[VirtioDevice] = []          # the caller's own models: not closed here on failure
     vcon: Optional[VirtioConsole] = None
@@ -67,6 +73,17 @@ def build(disks: Sequence, rng: bool, console: str,
             else:
                 raise NetError(f"a network is 'user|tap[,ifname=NAME][,mac=MAC][,mtu=N]"
                                f"[,link=up|down]' or a VirtioNet, not {n!r}")
+        if isinstance(vsock, VirtioVsock):
+            if vsock.closed:
+                raise VsockError(f"{vsock!r}: this VirtioVsock was closed (make a new one)")
+            out.append(vsock)
+            given.append(vsock)
+        elif isinstance(vsock, (str, VsockSpec)):
+            spec = VsockSpec.parse(vsock) if isinstance(vsock, str) else vsock
+            out.append(VirtioVsock(spec.cid, spec.uds))
+        elif vsock is not None:
+            raise VsockError(f"a vsock is 'cid=N,uds=PATH', a VsockSpec or a VirtioVsock, not "
+                             f"{vsock!r}")
     except BaseException:
         for dev in out:
             if not any(dev is g for g in given):
