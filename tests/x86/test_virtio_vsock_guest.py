@@ -14,7 +14,6 @@
 """
 import os
 import socket
-import struct
 import threading
 import time
 
