@@ -93,7 +93,11 @@ def _connect(path, line: bytes):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(20)
     s.connect(path)
-    s.sendall(line)
+    try:
+        if line:
+            s.sendall(line)
+    except (BrokenPipeError, ConnectionResetError):
+        pass                              # the device closed it already: the caller sees EOF
     return s
 
 

@@ -408,6 +408,7 @@ class VirtioVsock(VirtioDevice):
         self._conns: Dict[Tuple[int, int], _Conn] = {}
         self._rsts: List[bytes] = []            # RST headers for no connection
         self._next_port = LOCAL_PORT_BASE
+        self._accept_hold = 0.0                 # accept() failed (no fds): not before this
         self._count: Dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
@@ -553,7 +554,10 @@ class VirtioVsock(VirtioDevice):
         deadlines: List[float] = []
         if self._drop_all:
             return fds, 0
-        fds[self._listener.fileno()] = select.POLLIN
+        if time.monotonic() >= self._accept_hold:
+            fds[self._listener.fileno()] = select.POLLIN
+        else:
+            deadlines.append(self._accept_hold)
         for p in self._pending:
             fds[p.sock.fileno()] = select.POLLIN
             deadlines.append(p.deadline)
@@ -645,6 +649,7 @@ class VirtioVsock(VirtioDevice):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:                       # EMFILE and the like: try again later
+                self._accept_hold = now + 0.1
                 return
             if not self._room() or self._queues[RXQ] is None:
                 self._count["host_rejected"] += 1
