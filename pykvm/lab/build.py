@@ -38,7 +38,7 @@ from . import qemu as q
 from .debian import Archive, LabError, extract_deb, merged_usr_links, version_key
 from .progress import log, stage
 
-BASE_FORMAT = 3  # bump when the layout of the base archive changes
+BASE_FORMAT = 4  # bump when the layout of the base archive changes
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -72,9 +72,13 @@ RISCV = LabSpec(
         "busybox-static", "python3.13-minimal", "libpython3.13-minimal", "libpython3.13-stdlib",
         "python3-cffi", "python3-cffi-backend", "python3-pycparser", "python3-ply",
         "libffi8", "libc6", "zlib1g", "libexpat1", "libgcc-s1",
+        "passt",                     # user-mode networking (pykvm run --net user)
+        # what pyroute2 imports: Python's ssl, sqlite3 (its NDB), bz2, lzma, uuid
+        "libssl3t64", "libzstd1", "libsqlite3-0", "libbz2-1.0", "liblzma5", "libuuid1",
     ],
     py="3.13",
-    host_dists=HOST_PY_DISTS,
+    # pyroute2: the network namespace of the tap test (tests/riscv/test_linux_net_riscv.py)
+    host_dists=HOST_PY_DISTS + ["pyroute2"],
     default_tests=["tests/riscv", "tests/lab/inner_smoke"],
     qemu_tests=["tests/riscv/test_blk_bench_riscv.py"],
 )
@@ -86,11 +90,15 @@ NESTED = LabSpec(
     user_packages=[
         "busybox-static", "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
         "libffi8", "libc6", "zlib1g", "libexpat1", "libgcc-s1",
+        "passt",                     # user-mode networking (pykvm run --net user)
+        # what pyroute2 imports: Python's ssl, sqlite3 (its NDB), bz2, lzma, uuid
+        "libssl3", "libsqlite3-0", "libbz2-1.0", "liblzma5", "libuuid1",
     ],
     py="3.11",
     # the host's cffi built pykvm._native (same ABI tag as bookworm's python3.11), so ship the same cffi
     # pexpect drives the Linux guest's console under a pty (tests/nested/test_linux_virtio.py)
-    host_dists=HOST_PY_DISTS + ["cffi", "pycparser", "pexpect", "ptyprocess"],
+    # pyroute2 the network namespace of the tap test (tests/nested/test_linux_net.py)
+    host_dists=HOST_PY_DISTS + ["cffi", "pycparser", "pexpect", "ptyprocess", "pyroute2"],
     default_tests=["tests/nested", "tests/lab/inner_smoke"],
     qemu_tests=["tests/nested/test_blk_bench_nested.py"],
 )
@@ -214,7 +222,7 @@ def riscv_kernel(archive: Archive, suite: str) -> tuple[dict, Path, list[tuple[P
     cands.sort(key=lambda c: version_key(c[0]))
     pkgver, kver, binname = cands[-1]
     binp, modp = ix.get(binname), ix.get(f"linux-modules-{kver}-riscv64")
-    kdir = archive.cache / "unpacked" / f"kernel-riscv-{binp.sha256[:16]}-{modp.sha256[:16]}"
+    kdir = archive.cache / "unpacked" / f"kernel-riscv-{binp.sha256[:16]}-{modp.sha256[:16]}-net"
     stamp = kdir / ".done"
     log(f"riscv: kernel {kver} ({binname} {pkgver}, {suite})")
     bin_deb, mod_deb = archive.fetch(binp, "kernel"), archive.fetch(modp, "kernel modules")
@@ -223,19 +231,40 @@ def riscv_kernel(archive: Archive, suite: str) -> tuple[dict, Path, list[tuple[P
             if not stamp.exists():
                 kdir.mkdir(parents=True, exist_ok=True)
                 extract_deb(bin_deb, kdir, lambda r: r.endswith("/vmlinuz") or "/vmlinuz-" in r)
-                got = extract_deb(mod_deb, kdir, lambda r: "/kernel/arch/riscv/kvm/kvm.ko" in r,
-                                  label=f"kvm.ko from {modp.name}")
-                if not got:
+                wanted = ("/kernel/arch/riscv/kvm/kvm.ko",) + L1_NET_MODULES
+                got = extract_deb(mod_deb, kdir, lambda r: any(w in r for w in wanted),
+                                  label=f"kvm.ko, tun.ko, dummy.ko from {modp.name}")
+                kvm_got = [g for g in got if "/kvm/kvm.ko" in g]
+                if not kvm_got:
                     raise LabError(f"{modp.name}: no kernel/arch/riscv/kvm/kvm.ko*")
-                stamp.write_text(json.dumps({"kvm": got}))
+                stamp.write_text(json.dumps({"kvm": kvm_got, "net": [g for g in got if g not in kvm_got]}))
     vml = sorted(kdir.glob("usr/lib/modules/*/vmlinuz")) + sorted(kdir.glob("boot/vmlinuz-*"))
     if not vml:
         raise LabError(f"{binname}: no vmlinuz inside")
-    kvm = [kdir / r for r in json.loads(stamp.read_text())["kvm"]]
+    got = json.loads(stamp.read_text())
+    kvm = [kdir / r for r in got["kvm"]]
+    net = _l1_net_modules(got.get("net", []), modp.name)
     # modules_deb: for the root-disk guest (linux_guest.lab_part), as the nested lab's kernel has
     info = {"kernel_package": binname, "kernel_version": kver, "package_version": pkgver, "suite": suite,
             "modules_deb": str(mod_deb)}
-    return info, vml[0], [(kvm[0], "")]
+    return info, vml[0], [(kvm[0], "")] + [(kdir / r, "") for r in net]
+
+
+# Modules L1 loads for the network tests (tests/*/test_linux_net*.py): tun for pykvm's tap backend,
+# dummy for an interface with a default route, which passt (--net user) needs to copy its
+# addresses from (the lab's QEMU gives L1 no network card)
+L1_NET_MODULES = ("/kernel/drivers/net/tun.ko", "/kernel/drivers/net/dummy.ko")
+
+
+def _l1_net_modules(got: list[str], package: str) -> list[str]:
+    """The paths among ``got`` of :data:`L1_NET_MODULES`, in that order; LabError for one missing."""
+    out = []
+    for w in L1_NET_MODULES:
+        path = next((g for g in got if w in g), None)
+        if path is None:
+            raise LabError(f"{package}: module {w.rsplit('/', 1)[-1]} not found")
+        out.append(path)
+    return out
 
 
 # The nested lab's kernel comes from trixie (6.12): the kvm_run GUEST_MODE flag and
@@ -251,7 +280,7 @@ def nested_kernel(archive: Archive, suite: str = NESTED_KERNEL_SUITE) -> tuple[d
     if not img_name:
         raise LabError(f"linux-image-cloud-amd64 {meta.version}: no linux-image-* dependency")
     img = ix.get(img_name)
-    kdir = archive.cache / "unpacked" / f"kernel-x86-{img.sha256[:16]}"
+    kdir = archive.cache / "unpacked" / f"kernel-x86-{img.sha256[:16]}-net"
     stamp = kdir / ".done"
     wanted = ("/kernel/virt/lib/irqbypass.ko", "/kernel/arch/x86/kvm/kvm.ko", "/kernel/arch/x86/kvm/kvm-amd.ko")
     log(f"nested: kernel {img.name} {img.version} ({suite})")
@@ -260,8 +289,8 @@ def nested_kernel(archive: Archive, suite: str = NESTED_KERNEL_SUITE) -> tuple[d
         with archive.lock(f"unpacked-{kdir.name}", f"unpacking {img.name}"):
             if not stamp.exists():
                 kdir.mkdir(parents=True, exist_ok=True)
-                got = extract_deb(deb, kdir, lambda r: r.startswith("boot/vmlinuz-") or any(w in r for w in wanted),
-                                  label=img.name)
+                got = extract_deb(deb, kdir, lambda r: r.startswith("boot/vmlinuz-")
+                                  or any(w in r for w in wanted + L1_NET_MODULES), label=img.name)
                 stamp.write_text(json.dumps(got))
     got = json.loads(stamp.read_text())
     mods = []
@@ -270,6 +299,7 @@ def nested_kernel(archive: Archive, suite: str = NESTED_KERNEL_SUITE) -> tuple[d
         if path is None:
             raise LabError(f"{img.name}: module {w} not found")
         mods.append((kdir / path, args))
+    mods += [(kdir / p, "") for p in _l1_net_modules(got, img.name)]
     vml = sorted(kdir.glob("boot/vmlinuz-*"))
     if not vml:
         raise LabError(f"{img.name}: no /boot/vmlinuz-*")
@@ -330,6 +360,11 @@ def _build_base_image(spec: LabSpec, debs: list[Path], modules: list[tuple[Path,
             link = root / "usr/bin" / name
             if not link.exists() and not link.is_symlink():
                 link.symlink_to("busybox")
+        # passt, started as root, changes to the user nobody and exits when getpwnam finds none
+        (root / "etc").mkdir(exist_ok=True)
+        (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
+                                         "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
+        (root / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
         py = root / "usr/bin" / "python3"
         if not py.exists():
             py.symlink_to(f"python{spec.py}")

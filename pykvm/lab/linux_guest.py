@@ -24,6 +24,7 @@ printing the ``time`` CSR), so the guest can tell how long it slept.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import json
@@ -31,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -548,12 +550,13 @@ def console_echo(prefix: str):
 
 
 def run_guest(kernel, initrd, *, cmdline: str, extra=(), timeout: float = 600.0,
-              echo=None) -> GuestRun:
+              echo=None, env=None) -> GuestRun:
     """``python -m pykvm run KERNEL --initrd INITRD --cmdline CMDLINE EXTRA...`` with the console
-    read as it comes (each :data:`MARK` line timestamped); ``echo(line)`` sees every line."""
+    read as it comes (each :data:`MARK` line timestamped); ``echo(line)`` sees every line;
+    ``env``: its environment (default: this process's)."""
     argv = [sys.executable, "-m", "pykvm", "run", str(kernel), "--initrd", str(initrd),
             "--cmdline", cmdline, "--timeout", str(int(timeout)), *extra]
-    return run_console(argv, timeout=timeout + 60, echo=echo)
+    return run_console(argv, timeout=timeout + 60, echo=echo, env=env)
 
 
 def run_console(argv: list, *, timeout: float, echo=None, env=None) -> GuestRun:
@@ -606,18 +609,273 @@ def run_console(argv: list, *, timeout: float, echo=None, env=None) -> GuestRun:
 
 
 def boot_root(files: tuple, disk, cmdline: str, *, timeout: float, mem: str = "256M",
-              extra=()) -> GuestRun:
+              extra=(), env=None) -> GuestRun:
     """For tests: one boot of the root-disk guest (``files``: :func:`root_files`) by
     ``pykvm run KERNEL --initrd INITRD --cmdline CMDLINE --disk DISK --rng --mem MEM EXTRA...``
     (``disk``: a path, with ``,ro`` or other options after it as ``--disk`` takes them;
     ``timeout``: seconds). The command and console are printed (pytest shows them for a failing
-    test); returns the run."""
+    test); ``env``: the environment of ``pykvm run``. Returns the run."""
     kernel, initrd, _ = files
     r = run_guest(kernel, initrd, cmdline=cmdline,
                   extra=["--disk", str(disk), "--rng", "--mem", mem, *extra], timeout=timeout,
-                  echo=console_echo("guest"))
+                  echo=console_echo("guest"), env=env)
     print(f"\n$ {' '.join(r.argv[2:])}\n{r.console}\n(exit {r.status}, {r.seconds:.1f} s){r.stderr}")
     return r
+
+
+# -- networking, shared by the labs' net tests (tests/nested/test_linux_net.py,
+# tests/riscv/test_linux_net_riscv.py); pyroute2 is imported where it is used ------------------
+NET_DUMMY = "pkvmdummy0"              # the interface a lab without a default route gets for passt
+NET_DUMMY_ADDR, NET_DUMMY_GW = "10.0.2.15", "10.0.2.2"
+
+
+class Page:
+    """A one-page HTTP server (a thread) for a guest to fetch: ``/<name>`` answers with
+    :attr:`body`, which holds a random :attr:`token`; anything else is 404. :attr:`clients` lists
+    the (address, path) of each request. ``sock``: a bound, not yet listening TCP socket (e.g. one
+    made inside a network namespace); default: one on ``addr`` (127.0.0.1), port chosen by the
+    kernel. Use as a context manager; :attr:`port` is where it listens."""
+
+    def __init__(self, addr: str = "127.0.0.1", sock=None):
+        import http.server
+        import threading
+        self.token = secrets.token_hex(8)
+        self.name = f"pykvm-net-{secrets.token_hex(4)}.txt"
+        self.body = f"pykvm-net-page {self.token}\n".encode()
+        self.clients: list = []
+        page = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                page.clients.append((self.client_address[0], self.path))
+                ok = self.path == f"/{page.name}"
+                body = page.body if ok else b"not here\n"
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        if sock is None:
+            self.server = http.server.ThreadingHTTPServer((addr, 0), Handler)
+        else:
+            self.server = http.server.ThreadingHTTPServer(sock.getsockname()[:2], Handler,
+                                                          bind_and_activate=False)
+            self.server.socket.close()
+            self.server.socket = sock
+            self.server.server_activate()
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)
+
+
+def ipv4_default_gateway():
+    """The gateway of this host's IPv4 default route (a string), or None when it has none."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        for r in ipr.get_routes(family=socket.AF_INET):
+            if r["dst_len"] == 0 and r.get_attr("RTA_GATEWAY"):
+                return r.get_attr("RTA_GATEWAY")
+    return None
+
+
+@contextlib.contextmanager
+def passt_template():
+    """For the user-mode test: yields the gateway passt will give the guest (it maps that address
+    to the host's loopback). passt copies the host's address and default route, and exits at once
+    on a host with none, as a lab's L1 is (its QEMU gives it no network card): then a dummy
+    interface (:data:`NET_DUMMY`) with :data:`NET_DUMMY_ADDR`/24 and a default route via
+    :data:`NET_DUMMY_GW` stands in while the block runs. ``lo`` is brought up. Raises OSError
+    (pyroute2's NetlinkError) when the dummy cannot be made."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+    gw = ipv4_default_gateway()
+    if gw is not None:
+        yield gw
+        return
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=NET_DUMMY, kind="dummy")
+        try:
+            idx = ipr.link_lookup(ifname=NET_DUMMY)[0]
+            ipr.addr("add", index=idx, address=NET_DUMMY_ADDR, prefixlen=24)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=NET_DUMMY_GW)
+            yield NET_DUMMY_GW
+        finally:
+            ipr.link("del", index=ipr.link_lookup(ifname=NET_DUMMY)[0])
+
+
+# passt sandboxes itself by pivot_root into an empty tmpfs, which Linux refuses (EINVAL) where the
+# root is the initramfs itself (rootfs has no parent mount), as in the labs' L1: there the tests
+# run passt through this wrapper. In a mount namespace of its own it bind-mounts / and moves that
+# mount over / (what switch_root does: a plain chroot would keep passt from making its user
+# namespace), so passt's root has a parent mount; then it execs passt (the same process, with the
+# inherited --fd socket)
+PASST_WRAPPER = r"""#!/bin/sh
+# generated by pykvm/lab/linux_guest.py: passt on a bind mount of / (see PASST_WRAPPER there)
+exec busybox unshare -m busybox sh -c 'mkdir -p /run/passt-root &&
+  busybox mount -o rbind / /run/passt-root && cd /run/passt-root &&
+  busybox mount -o move /run/passt-root / && exec busybox chroot . "$0" "$@"' %s "$@"
+"""
+
+
+def root_is_initramfs() -> bool:
+    """Whether this process's / is the kernel's initramfs (rootfs), as in a lab's L1."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == "/":
+                    fstype = fields[fields.index("-") + 1]
+                    return fstype in ("rootfs", "ramfs")
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def passt_env(directory: Path):
+    """The environment for ``pykvm run --net user``: this process's, with :data:`PASST_WRAPPER`
+    first on PATH (written to ``directory``) where / is the initramfs; None elsewhere (no
+    change). None too where there is no passt (``pykvm run`` then says so)."""
+    passt = shutil.which("passt")
+    if passt is None or not root_is_initramfs():
+        return None
+    wrapper = Path(directory) / "passt"
+    wrapper.write_text(PASST_WRAPPER % passt)
+    wrapper.chmod(0o755)
+    return dict(os.environ, PATH=f"{directory}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+class TapNamespace:
+    """A network namespace made with pyroute2 (removed on exit), for a tap that ``pykvm run``
+    creates: :meth:`adopt` waits for the tap to appear, moves it in and gives it :attr:`addr`/24.
+    :meth:`socket` makes a socket inside the namespace."""
+
+    def __init__(self, name: str, addr: str):
+        from pyroute2 import netns
+        os.makedirs("/var/run", exist_ok=True)      # pyroute2 keeps namespaces in /var/run/netns
+        self.name, self.addr = name, addr
+        netns.create(name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        from pyroute2 import netns
+        netns.remove(self.name)
+
+    def adopt(self, ifname: str, timeout: float, alive=lambda: True) -> str:
+        """Wait up to ``timeout`` seconds (while ``alive()``) for ``ifname`` to appear in this
+        process's namespace, move it into this one, give it :attr:`addr`/24 and bring it up.
+        Returns its MAC address; raises AssertionError when it never appeared."""
+        import time
+        from pyroute2 import IPRoute, NetNS
+        deadline = time.monotonic() + timeout
+        with IPRoute() as ipr:
+            while not ipr.link_lookup(ifname=ifname):
+                if time.monotonic() > deadline or not alive():
+                    raise AssertionError(f"tap {ifname} did not appear")
+                time.sleep(0.1)
+            ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], net_ns_fd=self.name)
+        with NetNS(self.name) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            idx = ns.link_lookup(ifname=ifname)[0]
+            ns.addr("add", index=idx, address=self.addr, prefixlen=24)
+            ns.link("set", index=idx, state="up")
+            return ns.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+
+    def neighbours(self) -> dict:
+        """{IPv4 address: MAC} of this namespace's neighbour table."""
+        from pyroute2 import NetNS
+        with NetNS(self.name) as ns:
+            return {n.get_attr("NDA_DST"): n.get_attr("NDA_LLADDR")
+                    for n in ns.get_neighbours(family=socket.AF_INET)}
+
+    def socket(self, kind: int = socket.SOCK_STREAM):
+        """A socket of ``kind`` (AF_INET) inside the namespace."""
+        from pyroute2 import netns
+        return netns.create_socket(self.name, socket.AF_INET, kind)
+
+
+def boot_net_user(files, directory: Path, cmdline: str, *, timeout: float, mem: str = "256M",
+                  extra=()):
+    """For tests: one batch boot of the root-disk guest (``files``: :func:`root_files`, a fresh
+    root copy in ``directory``) with ``--net user`` (passt): the guest takes its address by DHCP
+    and fetches a :class:`Page` the host serves on 127.0.0.1 through the gateway passt gave it
+    (:func:`passt_template`). Returns (run, page, url)."""
+    disk = copy_root(files[2], directory)
+    wrappers = Path(directory) / "bin"
+    wrappers.mkdir(exist_ok=True)
+    with passt_template() as gw, Page("127.0.0.1") as page:
+        url = f"http://{gw}:{page.port}/{page.name}"
+        run = boot_root(files, disk, f"{cmdline} pykvm.net=dhcp pykvm.wget={url}", timeout=timeout,
+                        mem=mem, extra=["--net", "user", *extra], env=passt_env(wrappers))
+    return run, page, url
+
+
+def boot_net_tap(files, directory: Path, cmdline: str, *, timeout: float, mem: str = "256M",
+                 extra=(), ns_addr: str = "10.78.0.1", guest_addr: str = "10.78.0.2"):
+    """For tests: one batch boot of the root-disk guest with ``--net tap,ifname=T,mac=M``: while
+    it boots, the tap ``pykvm run`` created is moved into a :class:`TapNamespace` and given
+    ``ns_addr``/24; the guest takes ``guest_addr``/24, pings ``ns_addr`` and fetches a
+    :class:`Page` served from a socket inside the namespace. Returns (run, page, url, mac, the
+    namespace's neighbour table after the run, the tap's MAC)."""
+    import threading
+    import time
+    disk = copy_root(files[2], directory)
+    tag = f"{os.getpid() % 100000}{secrets.token_hex(1)}"
+    ifname, mac = f"pkvmtap{tag}", "52:54:00:" + ":".join(secrets.token_hex(3)[i:i + 2] for i in (0, 2, 4))
+    with TapNamespace(f"pkvmnet{tag}", ns_addr) as ns:
+        sock = ns.socket()
+        sock.bind((ns_addr, 0))
+        with Page(sock=sock) as page:
+            url = f"http://{ns_addr}:{page.port}/{page.name}"
+            out: list = []
+            th = threading.Thread(target=lambda: out.append(boot_root(
+                files, disk, f"{cmdline} pykvm.net={guest_addr}/24 pykvm.ping={ns_addr} pykvm.wget={url}",
+                timeout=timeout, mem=mem, extra=["--net", f"tap,ifname={ifname},mac={mac}", *extra])))
+            th.start()
+            try:
+                tap_mac = ns.adopt(ifname, timeout, alive=th.is_alive)
+            except AssertionError as e:
+                th.join()
+                r = out[0] if out else None
+                raise AssertionError(f"{e}; pykvm run exited {r and r.status}: "
+                                     f"{r and r.stderr}\n{r and r.tail()}") from None
+            # the tap (and the namespace's neighbour entries on it) go when pykvm run ends:
+            # read them while the guest runs, once it has spoken
+            neigh: dict = {}
+            while th.is_alive() and neigh.get(guest_addr) is None:
+                neigh = ns.neighbours()
+                time.sleep(0.2)
+            th.join()
+    return out[0], page, url, mac, neigh, tap_mac
+
+
+def check_net_eth0(run: GuestRun, mac: str | None = None) -> None:
+    """For tests: the guest's eth0 is virtio_net's (with the MAC ``mac`` when given)."""
+    eth0 = run.mark("net eth0:")
+    if "driver=virtio_net" not in eth0 or (mac and f"mac={mac}" not in eth0):
+        raise AssertionError(f"{eth0}\n{run.tail()}")
+
+
+def check_wget(run: GuestRun, page: Page, url: str) -> None:
+    """For tests: the guest fetched ``url`` and printed the page's body, token included."""
+    got = run.mark(f"wget {url}")
+    if f"pykvm-net-page {page.token}" not in got:
+        raise AssertionError(f"{got}\n{run.tail()}")
 
 
 def ensure_devpts() -> str | None:

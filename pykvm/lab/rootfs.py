@@ -62,12 +62,15 @@ DEFAULT_SIZE_MIB = 32
 # metadata_csum_seed)
 EXT4_FEATURES = "has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize"
 
-# The modules a guest needs for its root on virtio-blk, its rng and its consoles, by module name
+# The modules a guest needs for its root on virtio-blk, its rng, its consoles and its network
+# (virtio_net with net_failover and failover; af_packet for udhcpc's raw socket), by module name
 # ('-' and '_' are the same). Those a kernel builds in are skipped; a name the kernel has neither
 # built in nor as a module is left out (a kernel without virtio_console still mounts its root).
 GUEST_MODULES = {
-    "amd64": ("virtio_pci", "virtio_blk", "virtio_rng", "virtio_console", "ext4"),
-    "riscv64": ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_rng", "virtio_console", "ext4"),
+    "amd64": ("virtio_pci", "virtio_blk", "virtio_rng", "virtio_console", "ext4", "virtio_net",
+              "af_packet"),
+    "riscv64": ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_rng", "virtio_console", "ext4",
+                "virtio_net", "af_packet"),
 }
 # the modules without which the root cannot be mounted (an error if the kernel lacks them)
 REQUIRED_MODULES = ("virtio_blk", "ext4")
@@ -76,7 +79,8 @@ REQUIRED_MODULES = ("virtio_blk", "ext4")
 # over the (large) package extracts these, and dependencies are resolved among them.
 _MODULE_DIRS = ("kernel/drivers/virtio/", "kernel/drivers/block/", "kernel/drivers/char/",
                 "kernel/fs/ext4/", "kernel/fs/jbd2/", "kernel/fs/mbcache", "kernel/lib/",
-                "kernel/crypto/", "kernel/arch/")
+                "kernel/crypto/", "kernel/arch/", "kernel/drivers/net/virtio_net",
+                "kernel/drivers/net/net_failover", "kernel/net/core/failover", "kernel/net/packet/")
 
 # /init of the boot initramfs (busybox sh)
 BOOT_INIT = r"""#!/bin/sh
@@ -136,10 +140,13 @@ mkdir -p /dev/pts && mount -t devpts devpts /dev/pts 2>/dev/null
 hostname pykvm
 read up idle < /proc/uptime
 echo "$M root init: uptime ${up}s, $(uname -r) $(uname -m), root: $(grep ' / ' /proc/mounts | tail -1)"
-token=; batch=0; probe=0; bench=
+token=; batch=0; probe=0; bench=; net=; ping=; wget=
 for a in $(cat /proc/cmdline); do
   case "$a" in
     pykvm.token=*) token=${a#pykvm.token=} ;;
+    pykvm.net=*) net=${a#pykvm.net=} ;;
+    pykvm.ping=*) ping=${a#pykvm.ping=} ;;
+    pykvm.wget=*) wget=${a#pykvm.wget=} ;;
     pykvm.batch) batch=1 ;;
     pykvm.write-probe) probe=1 ;;
     pykvm.blkbench=*) bench=${a#pykvm.blkbench=} ;;
@@ -167,6 +174,43 @@ if [ -c /dev/hwrng ]; then
 else
   echo "$M hwrng: none"
 fi
+if [ -n "$net" ]; then
+  ip link set lo up
+  if [ ! -d /sys/class/net/eth0 ]; then
+    echo "$M net: no eth0 (interfaces: $(ls /sys/class/net | tr '\n' ' '))"
+  else
+    drv=$(readlink /sys/class/net/eth0/device/driver)
+    echo "$M net eth0: mac=$(cat /sys/class/net/eth0/address) mtu=$(cat /sys/class/net/eth0/mtu) driver=${drv##*/}"
+    ip link set eth0 up
+    case "$net" in
+      dhcp)
+        if udhcpc -i eth0 -n -q -f -t 5 -T 3 -s /usr/share/udhcpc/default.script >/run/udhcpc.log 2>&1
+        then echo "$M net dhcp: lease $(cat /run/udhcpc.lease)"
+        else echo "$M net dhcp failed: $(tail -3 /run/udhcpc.log | tr '\n' ' ')"; fi ;;
+      *) ip addr add "$net" dev eth0 ;;
+    esac
+    echo "$M net eth0 address: $(ip -o -4 addr show dev eth0 | sed 's/.* inet \([^ ]*\).*/\1/'), default route: $(ip route | grep '^default' | head -1)"
+  fi
+  if [ -n "$ping" ]; then
+    i=0; got=
+    while [ $i -lt 30 ] && [ -z "$got" ]; do
+      i=$((i + 1))
+      got=$(ping -c 1 -W 2 "$ping" 2>/dev/null | grep 'bytes from')
+    done
+    if [ -n "$got" ]; then echo "$M ping $ping: answered after $i tries: $got"
+    else echo "$M ping $ping: no answer after $i tries"; fi
+  fi
+  if [ -n "$wget" ]; then
+    i=0; ok=0
+    while [ $i -lt 5 ] && [ $ok = 0 ]; do
+      i=$((i + 1))
+      # busybox 1.35's static wget crashes with -T: timeout bounds it instead
+      timeout 20 wget -q -O /run/wget.out "$wget" 2>/run/wget.err && ok=1 || sleep 1
+    done
+    if [ $ok = 1 ]; then echo "$M wget $wget: $(head -c 300 /run/wget.out | tr '\n' ' ')"
+    else echo "$M wget $wget failed after $i tries: $(cat /run/wget.err | tr '\n' ' ')"; fi
+  fi
+fi
 if [ -n "$bench" ]; then
   dev=
   for b in /sys/block/vd*; do [ "$(cat $b/serial 2>/dev/null)" = pykvm-bench ] && dev=/dev/${b##*/}; done
@@ -184,6 +228,21 @@ grep -q ' / [^ ]* rw' /proc/mounts && mount -o remount,ro / 2>/dev/null
 stty -F /dev/console -echo 2>/dev/null      # let the console drain before the power goes
 poweroff -f
 sleep 5
+"""
+
+# udhcpc's script (busybox udhcpc runs it with deconfig, bound, renew, ...; the lease's fields in
+# its environment: ip, mask (prefix length), router, dns)
+UDHCPC_SCRIPT = r"""#!/bin/sh
+case "$1" in
+  deconfig) ip -4 addr flush dev "$interface"; ip link set "$interface" up ;;
+  bound|renew)
+    ip -4 addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    set -- $router
+    [ -n "$1" ] && ip route add default via "$1" dev "$interface"
+    echo "ip=$ip/${mask:-24} router=$1 dns=$(echo $dns)" > /run/udhcpc.lease ;;
+esac
+exit 0
 """
 
 PROFILE = """export PS1='pykvm:$PWD# '
@@ -307,6 +366,7 @@ def build_root_image(arch: str, out_dir=None, *, size_mib: int = DEFAULT_SIZE_MI
     bb, bb_sha, bb_desc = _busybox(archive, suite, darch)
     bench_cc = blkbench_compiler(darch)
     key = _key({"format": FORMAT, "busybox": bb_sha, "init": ROOT_INIT, "profile": PROFILE,
+                "udhcpc": UDHCPC_SCRIPT,
                 "links": _ROOT_LINKS, "features": EXT4_FEATURES, "size": int(size_mib), "mke2fs": mver,
                 "blkbench": bench_cc and blkbench_source()})
     cached = archive.cache / "rootfs" / f"root-{darch}-{key}.img"
@@ -339,6 +399,10 @@ def build_root_image(arch: str, out_dir=None, *, size_mib: int = DEFAULT_SIZE_MI
                     init.write_text(ROOT_INIT)
                     init.chmod(0o755)
                     (root / "etc/profile").write_text(PROFILE)
+                    script = root / "usr/share/udhcpc/default.script"
+                    script.parent.mkdir(parents=True)
+                    script.write_text(UDHCPC_SCRIPT)
+                    script.chmod(0o755)
                     (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
                     (root / "etc/group").write_text("root:x:0:\n")
                     (root / "etc/hostname").write_text("pykvm\n")
@@ -407,7 +471,8 @@ def kernel_modules(modules_deb: Path, names, dest: Path, *, archive=None, cache=
     archive = _archive(archive, cache)
     modules_deb = Path(modules_deb)
     digest = sha256_file(modules_deb)
-    kdir = archive.cache / "unpacked" / f"guest-modules-{digest[:16]}"
+    # the directories taken are part of the name: a new one in _MODULE_DIRS unpacks afresh
+    kdir = archive.cache / "unpacked" / f"guest-modules-{digest[:16]}-{_key(_MODULE_DIRS)[:8]}"
     stamp = kdir / ".done"
     if not stamp.exists():
         with archive.lock(f"unpacked-{kdir.name}", f"unpacking modules of {modules_deb.name}"):

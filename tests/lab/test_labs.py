@@ -50,7 +50,10 @@ NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           "test_l2_io_exit_has_guest_mode_flag_l1_exit_has_not",
           "test_nested_state_at_l2_io_exit_restores_into_fresh_vm",
           "test_asid_change_l2_sees_l1_writes", "test_round_trip_rate",
-          "test_linux_bzimage_boots_to_init_and_powers_off"]     # tests/nested/test_linux.py
+          "test_linux_bzimage_boots_to_init_and_powers_off",     # tests/nested/test_linux.py
+          # virtio-net with a Linux guest (tests/nested/test_linux_net.py): passt and tap
+          "test_virtio_net_user_mode_fetches_a_host_page",
+          "test_virtio_net_tap_in_a_namespace_ping_and_http"]
 EXPECTED = {"riscv": {"riscv-rv64": SMOKE + RISCV, "riscv-max": SMOKE + RISCV,
                       # the boot that carries the lab's QEMU (pykvm/lab/build.py, qemu_tests)
                       "riscv-rv64-qemu": ["test_virtio_blk_throughput_against_qemu_on_riscv"]},
