@@ -761,19 +761,42 @@ def passt_env(directory: Path):
 class TapNamespace:
     """A network namespace made with pyroute2 (removed on exit), for a tap that ``pykvm run``
     creates: :meth:`adopt` waits for the tap to appear, moves it in and gives it :attr:`addr`/24.
-    :meth:`socket` makes a socket inside the namespace."""
+    :meth:`socket` makes a socket inside the namespace. Make it before starting threads: only
+    the namespace's creation forks (pyroute2's NetNS would fork a helper each time); the rest
+    opens its netlink and other sockets while the calling thread, the main one, has briefly
+    entered the namespace (setns applies to that thread alone)."""
 
     def __init__(self, name: str, addr: str):
         from pyroute2 import netns
         os.makedirs("/var/run", exist_ok=True)      # pyroute2 keeps namespaces in /var/run/netns
         self.name, self.addr = name, addr
         netns.create(name)
+        try:
+            self._ipr = self._inside(self._iproute)
+        except BaseException:
+            netns.remove(name)
+            raise
+
+    @staticmethod
+    def _iproute():
+        from pyroute2 import IPRoute
+        return IPRoute()
+
+    def _inside(self, make):
+        """``make()`` called inside the namespace (sockets it opens belong there)."""
+        from pyroute2 import netns
+        netns.pushns(self.name)
+        try:
+            return make()
+        finally:
+            netns.popns()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         from pyroute2 import netns
+        self._ipr.close()
         netns.remove(self.name)
 
     def adopt(self, ifname: str, timeout: float, alive=lambda: True) -> str:
@@ -781,7 +804,7 @@ class TapNamespace:
         process's namespace, move it into this one, give it :attr:`addr`/24 and bring it up.
         Returns its MAC address; raises AssertionError when it never appeared."""
         import time
-        from pyroute2 import IPRoute, NetNS
+        from pyroute2 import IPRoute
         deadline = time.monotonic() + timeout
         with IPRoute() as ipr:
             while not ipr.link_lookup(ifname=ifname):
@@ -789,24 +812,21 @@ class TapNamespace:
                     raise AssertionError(f"tap {ifname} did not appear")
                 time.sleep(0.1)
             ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], net_ns_fd=self.name)
-        with NetNS(self.name) as ns:
-            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-            idx = ns.link_lookup(ifname=ifname)[0]
-            ns.addr("add", index=idx, address=self.addr, prefixlen=24)
-            ns.link("set", index=idx, state="up")
-            return ns.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+        ns = self._ipr
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        idx = ns.link_lookup(ifname=ifname)[0]
+        ns.addr("add", index=idx, address=self.addr, prefixlen=24)
+        ns.link("set", index=idx, state="up")
+        return ns.get_links(idx)[0].get_attr("IFLA_ADDRESS")
 
     def neighbours(self) -> dict:
         """{IPv4 address: MAC} of this namespace's neighbour table."""
-        from pyroute2 import NetNS
-        with NetNS(self.name) as ns:
-            return {n.get_attr("NDA_DST"): n.get_attr("NDA_LLADDR")
-                    for n in ns.get_neighbours(family=socket.AF_INET)}
+        return {n.get_attr("NDA_DST"): n.get_attr("NDA_LLADDR")
+                for n in self._ipr.get_neighbours(family=socket.AF_INET)}
 
     def socket(self, kind: int = socket.SOCK_STREAM):
         """A socket of ``kind`` (AF_INET) inside the namespace."""
-        from pyroute2 import netns
-        return netns.create_socket(self.name, socket.AF_INET, kind)
+        return self._inside(lambda: socket.socket(socket.AF_INET, kind))
 
 
 def boot_net_user(files, directory: Path, cmdline: str, *, timeout: float, mem: str = "256M",

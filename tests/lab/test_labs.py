@@ -42,7 +42,10 @@ RISCV = ["test_reg_list_fully_decoded", "test_new_isa_extensions_on_this_cpu_mod
          "test_pykvm_run_boots_the_default_riscv_guest", "test_regs_command_lists_named_registers",
          # a Linux guest (tests/riscv/test_linux.py): /init, SBI suspend/resume, SRST, cpu types
          "test_linux_boots_to_init_suspends_resumes_and_powers_off",
-         "test_linux_with_cpu_type_min_has_only_the_base_isa"]
+         "test_linux_with_cpu_type_min_has_only_the_base_isa",
+         # virtio-net with a Linux guest (tests/riscv/test_linux_net_riscv.py): passt and tap
+         "test_virtio_net_user_mode_fetches_a_host_page_riscv",
+         "test_virtio_net_tap_in_a_namespace_ping_and_http_riscv"]
 NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           "test_set_nested_state_size_below_header", "test_set_nested_state_bad_format",
           "test_set_nested_state_guest_mode_needs_svme", "test_set_nested_state_header_only_gif",
