@@ -886,6 +886,71 @@ def cmd_control(args) -> int:
     return 0
 
 
+def cmd_sandbox(args) -> int:
+    """``pykvm sandbox``: the command's exit status, or one line and 2 when the sandbox cannot
+    be set up (see :mod:`pykvm.sandbox`)."""
+    from . import sandbox
+    from .boot import LoadError
+    argv = list(args.command)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not argv:
+        return _report("bad_input", EXIT_USAGE, "sandbox: no command given "
+                       "(pykvm sandbox [OPTIONS] -- CMD [ARG...])", False)
+    try:
+        return sandbox.run(argv, kernel=args.kernel, root=args.root, modules=args.modules,
+                           busybox=args.busybox, writable=args.rw, cwd=args.cwd,
+                           mem_size=args.mem, vcpus=args.vcpus, timeout=args.timeout,
+                           cmdline=args.append)
+    except sandbox.SandboxTimeout as e:
+        return _report("timeout", 124, f"sandbox: {e}", False)      # pykvm.status.TIMEOUT
+    except sandbox.SandboxError as e:
+        return _report("bad_input", EXIT_USAGE, f"sandbox: {e}", False)
+    except (LoadError, ValueError) as e:     # a bad kernel image, --vcpus, a share refused
+        if _host_failure(e) is not None:
+            raise
+        return _report("bad_input", EXIT_USAGE, f"sandbox: {_one_line(e)}", False)
+
+
+def _sandbox_parser(sub) -> None:
+    """``pykvm sandbox`` (lkvm sandbox / virtme-ng): a command in a Linux guest over a host
+    directory."""
+    sb = sub.add_parser(
+        "sandbox", help="run a command in a Linux guest whose root is a host directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Boot a Linux guest whose root file system is a host directory (--root, "
+        "default /) shared through virtio-fs (virtiofsd), read-only with a writable tmpfs "
+        "overlay on top unless --rw; run CMD in it, print its output and exit with its "
+        "status, then power the guest off (what `lkvm sandbox` and virtme-ng do).",
+        epilog="needs: a Linux kernel with virtio-fs and overlayfs (built in or as modules in "
+        "--modules), a static busybox (Debian: busybox-static) and virtiofsd (Debian: "
+        "virtiofsd).\nexit status: CMD's; 2 the sandbox cannot be set up (one line saying "
+        "why); 124 timeout; 125 the guest ended without reporting CMD's status.\n"
+        "example: pykvm sandbox -- uname -r")
+    sb.add_argument("--kernel", metavar="FILE", help="the Linux kernel image (default: "
+                    "/boot/vmlinuz-$(uname -r), the host's running kernel)")
+    sb.add_argument("--modules", metavar="DIR", help="the kernel's modules (default: "
+                    "/lib/modules/<the kernel's release>; a flat directory of .ko files works)")
+    sb.add_argument("--busybox", metavar="FILE", help="a statically linked busybox for the "
+                    "guest's /init (default: busybox on PATH)")
+    sb.add_argument("--root", default="/", metavar="DIR", help="the host directory that is the "
+                    "guest's root (default: /)")
+    sb.add_argument("--rw", action="store_true", help="share --root read-write, with no "
+                    "overlay: CMD's writes reach the host")
+    sb.add_argument("--cwd", metavar="DIR", help="CMD's working directory inside the root "
+                    "(default: the current directory when it lies under --root, else /)")
+    sb.add_argument("--mem", type=_size, default=512 << 20, metavar="SIZE",
+                    help="guest RAM (default 512M)")
+    sb.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    sb.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                    help="limit for the whole run (default 600)")
+    sb.add_argument("--append", default="", metavar="PARAMS",
+                    help="more kernel command-line parameters")
+    sb.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]",
+                    help="the command and its arguments")
+    sb.set_defaults(func=cmd_sandbox)
+
+
 def _control_parsers(sub) -> None:
     """The verbs that talk to a running VM's control socket (kvmtool's words)."""
     where = ("The socket is <dir>/NAME.sock, dir being $PYKVM_CONTROL_DIR, else "
@@ -1040,6 +1105,7 @@ def build_parser(only=None) -> argparse.ArgumentParser:
     _device_option(r)
     r.set_defaults(func=cmd_run)
     _control_parsers(sub)
+    _sandbox_parser(sub)
 
     c = sub.add_parser("caps", help="what this KVM offers")
     c.add_argument("--json", action="store_true", help="JSON output")

@@ -28,7 +28,8 @@ LAYERS = [
     ("control", ("pykvm.control",)),  # a running machine's control socket
     ("facade", ("pykvm",)),          # the package's lazy public names (PEP 562)
     ("tools", ("pykvm.cli", "pykvm.__main__", "pykvm._cliutil", "pykvm._terminal",
-               "pykvm.testing", "pykvm.fuzz", "pykvm.bench", "pykvm._rawbench", "pykvm.lab")),
+               "pykvm.testing", "pykvm.fuzz", "pykvm.bench", "pykvm._rawbench", "pykvm.lab",
+               "pykvm.sandbox")),
 ]
 COMPILED = ("pykvm._native", "pykvm._rawbench")     # extension modules (no .py to read)
 # modules whose functions may import (downward) to keep start-up cheap
