@@ -693,9 +693,12 @@ def cmd_run(args) -> int:
             sys.stdout.flush()
         _err(f"pykvm: {detail}")
         return status.SIGINT
+    broken = m.device_errors()               # a backend that died (passt) says why, once
     if args.json:
         d = r.as_dict()
         d["devices"] = m.device_counters()
+        if broken:
+            d["device_errors"] = broken
         _emit_json(d)
         sys.stdout.flush()                   # a failure to write it is the run's outcome
         if r.exit_code and r.detail:         # as for every failure: one line on stderr too
@@ -706,6 +709,8 @@ def cmd_run(args) -> int:
             _err(f"pykvm: guest did not finish within {args.timeout} s; stopped")
         elif (r.exit_code or r.exit == "stopped") and r.detail:
             _err(f"pykvm: {r.detail}")
+        for name, why in broken.items():
+            _err(f"pykvm: {name}: {why}")
         if r.console_dropped and args.trace:
             _err(f"pykvm: {r.console_dropped} console bytes not retained")
         if args.trace:

@@ -926,6 +926,18 @@ class Machine:
             out[f"{kind}{n}"] = d.counters()
         return out
 
+    def device_errors(self) -> dict:
+        """{name: one line} for each virtio device (named as in :meth:`device_counters`) whose
+        host side stopped working, e.g. a network backend (passt) that exited; empty while all
+        work. Valid while the machine runs and after :meth:`close`."""
+        out: dict = {}
+        names = list(self.device_counters())
+        for name, d in zip(names, self._virtio):
+            why = getattr(d, "backend_error", None)
+            if why:
+                out[name] = why
+        return out
+
     def close(self) -> None:
         """Stop every vCPU (waiting until each has left KVM_RUN), then close the VM, its memory
         and (if the machine opened it) /dev/kvm. Idempotent; safe from any thread, including

@@ -301,6 +301,26 @@ def test_user_networking_through_passt_answers_arp_and_dhcp(guest_vm, transport)
     assert c["tx_packets"] == 2 and c["rx_packets"] >= 2
 
 
+def test_a_passt_that_dies_mid_run_is_named_by_device_errors(guest_vm, tmp_path, monkeypatch):
+    """A backend that stops after it started (here a stand-in passt that exits once the start
+    check is over) is not silent: Machine.device_errors() names the device and says why, in
+    passt's own words (``pykvm run`` prints it, and --json carries it)."""
+    fake = tmp_path / "passt"
+    fake.write_text("#!/bin/sh\nsleep 0.5\necho 'passt: gave up for the test' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    m = guest_vm("virtio_net.c", machine="pc", nets=[f"user,mac={GUEST_MAC.hex(':')}"])
+    g = Guest(m)
+    assert m.device_errors() == {}
+    deadline = time.monotonic() + 20
+    while not m.device_errors() and time.monotonic() < deadline:
+        g.send(arp_request(GUEST_MAC, "10.0.2.15", "10.0.2.2"))   # into the dead socket
+        time.sleep(0.1)
+    assert m.device_errors() == {"virtio-net0": "passt exited (status 3): passt: gave up for "
+                                                "the test"}
+    g.done()
+
+
 # ---- hostile drivers --------------------------------------------------------------------
 
 def test_an_oversized_frame_is_dropped_and_a_chain_outside_ram_needs_reset(guest_vm):

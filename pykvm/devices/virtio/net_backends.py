@@ -234,6 +234,10 @@ class StreamBackend(NetBackend):
     def _eof(self) -> str:
         return "the peer closed the socket"
 
+    def _lost(self, e: OSError) -> str:
+        """:attr:`error` for a socket that failed (ECONNRESET, EPIPE: the peer went away)."""
+        return f"{self.name}: {e.strerror}"
+
     def fileno(self) -> int:
         return self._sock.fileno()
 
@@ -255,7 +259,7 @@ class StreamBackend(NetBackend):
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as e:
-                self.error = f"{self.name}: {e.strerror}"
+                self.error = self._lost(e)
                 return None
             if not data:
                 self.error = self._eof()
@@ -286,7 +290,7 @@ class StreamBackend(NetBackend):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                self.error = f"{self.name}: {e.strerror}"
+                self.error = self._lost(e)
                 self._out.clear()
                 return
             del self._out[:n]
@@ -362,10 +366,21 @@ class PasstBackend(StreamBackend):
         rc = self.proc.poll()
         return f"passt exited (status {rc}){': ' + last if last else ''}"
 
+    EXIT_WAIT = 1.0                    # seconds a lost socket waits for passt's exit status
+
+    def _exited(self) -> bool:
+        try:                           # the socket goes a moment before the process is reaped
+            self.proc.wait(timeout=self.EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def _eof(self) -> str:
-        self.proc.poll()
-        return self._why_exited() if self.proc.returncode is not None else \
-            "passt closed its socket"
+        return self._why_exited() if self._exited() else "passt closed its socket"
+
+    def _lost(self, e: OSError) -> str:
+        # passt gone with frames of ours unread reads as ECONNRESET: say why it went
+        return self._why_exited() if self._exited() else super()._lost(e)
 
     def close(self) -> None:
         """Kill passt, wait for it and close the socket. Idempotent."""
