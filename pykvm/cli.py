@@ -591,6 +591,8 @@ def cmd_run(args) -> int:
         opts["nets"] = list(args.net)
     if args.vsock is not None:
         opts["vsock"] = args.vsock
+    if args.share:
+        opts["shares"] = list(args.share)
     if args.console != "serial":
         opts["console"] = args.console
     riscv_opts = {"cpu_type": args.cpu_type, "suspend_seconds": args.suspend_seconds}
@@ -1086,6 +1088,16 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                    "<host port>\\n' once the guest accepts on that vsock port, then talks "
                    "to it; the guest's connections to host port P (CID 2) go to the Unix "
                    "socket PATH_P, where a host process listens")
+    r.add_argument("--share", action="append", default=[],
+                   metavar="DIR[,tag=TAG][,ro][,cache=MODE][,sandbox=MODE]",
+                   help="a host directory in the guest through virtio-fs (QEMU's "
+                   "vhost-user-fs with virtiofsd; kvmtool's 9p share), served by virtiofsd "
+                   "(Debian package virtiofsd, trixie or later; or $PYKVM_VIRTIOFSD): the guest "
+                   "mounts it with 'mount -t virtiofs TAG /mnt' (tag default hostshare); ,ro "
+                   "shares it read-only; cache=auto|always|never|metadata and "
+                   "sandbox=namespace|chroot|none are virtiofsd's (namespace, the default, keeps "
+                   "symlinks and .. inside DIR; it needs root or user namespaces); a comma in DIR "
+                   "is written ,,; all guest RAM becomes a shared memfd; repeatable")
     r.add_argument("--console", choices=("serial", "virtio"), default="serial",
                    help="the console the terminal or standard input talks to: the 16550 "
                    "serial port (default; Linux: console=ttyS0) or a virtio console "

@@ -23,6 +23,7 @@ from .platform import MachineControl, choose as choose_platform
 from .errors import (Busy, Closed, GuestError, GuestMemoryError, HostResourceError,
                      KvmError, MachineEnded, PykvmError, host_resource_error)
 from .exits import Exit
+from .devices.virtio.fs import VirtioFs
 from .kvm import Kvm
 from .report import GuestAssertion, Report
 from .runloop import ConsoleBuffer, LoopBase, RunLoop, exit_reason
@@ -146,7 +147,12 @@ class Machine:
     virtio-vsock device bridged to Unix sockets as Firecracker's (None: none), given as
     ``"cid=N,uds=PATH"``, a :class:`pykvm.devices.virtio.vsock.VsockSpec` or a
     :class:`~pykvm.devices.virtio.vsock.VirtioVsock` (host processes connect to PATH and write
-    ``CONNECT <port>``; the guest's connections to host port P go to ``PATH_P``). They are
+    ``CONNECT <port>``; the guest's connections to host port P go to ``PATH_P``); ``shares``:
+    host directories in the guest through virtio-fs (a list), each ``"DIR[,tag=TAG][,ro]"``
+    (the guest mounts it with ``mount -t virtiofs TAG DIR``; tag default ``hostshare``), a
+    :class:`pykvm.devices.virtio.fs.ShareSpec` or a :class:`~pykvm.devices.virtio.fs.VirtioFs`,
+    each served by a virtiofsd of its own (the Debian package ``virtiofsd``); with a share, all
+    guest RAM is a shared memfd (:attr:`pykvm.vm.Vm.shared_memory`). They are
     virtio 1.2 devices on the machine's transport (pc: PCI functions 00:04.0 onwards, in this
     order; auto picks pc for them); the machine closes them.
 
@@ -177,7 +183,7 @@ class Machine:
                  console_limit: int = 1 << 20, report_limit: int = 4096,
                  initrd: Sequence[str] = (), machine: str = "auto", disks: Sequence = (),
                  rng: bool = False, console: str = "serial", nets: Sequence = (),
-                 vsock=None, **platform_opts):
+                 vsock=None, shares: Sequence = (), **platform_opts):
         if not isinstance(vcpus, int) or isinstance(vcpus, bool):
             raise ValueError(f"vcpus must be an integer, not {vcpus!r}")
         if vcpus < 1:
@@ -227,9 +233,13 @@ class Machine:
                 nets = ()
             if isinstance(nets, (str, bytes)) or not isinstance(nets, (list, tuple)):
                 raise ValueError(f"nets must be a list of networks, not {nets!r}")
-            if disks or rng or console != "serial" or nets or vsock is not None:
+            if shares is None:
+                shares = ()
+            if isinstance(shares, (str, bytes)) or not isinstance(shares, (list, tuple)):
+                raise ValueError(f"shares must be a list of shared directories, not {shares!r}")
+            if disks or rng or console != "serial" or nets or vsock is not None or shares:
                 platform_opts["virtio_spec"] = (tuple(disks), bool(rng), console, tuple(nets),
-                                                vsock)
+                                                vsock, tuple(shares))
             image = guest
             if guest is None or (isinstance(guest, str) and not _is_image_path(guest)):
                 image = guests.path(guest or guests.DEFAULT_GUEST)
@@ -241,6 +251,8 @@ class Machine:
                 self._make_virtio(cls, spec, platform_opts)
             self._check_vcpu_limits(vcpus, cls, fmt, dict(platform_opts, flat_mode=flat_mode))
             self.vm = self.kvm.create_vm()
+            # virtio-fs: virtiofsd maps guest RAM, so all of it is a shareable memfd
+            self.vm.shared_memory = any(isinstance(d, VirtioFs) for d in self._virtio)
             control = MachineControl(console=self._console_out, stopping=self._stopping,
                                      kick=self._kick_one, in_run=self._in_run)
             self.platform = cls(self.vm, self.kvm, control, vcpus=vcpus, mem_size=mem_size,
@@ -264,13 +276,13 @@ class Machine:
             raise
 
     def _make_virtio(self, cls, spec, platform_opts: dict) -> None:
-        """Build the virtio models ``spec`` = (disks, rng, console, nets, vsock) asks for
+        """Build the virtio models ``spec`` = (disks, rng, console, nets, vsock, shares) asks for
         through the machine class's ``make_virtio`` (machines with a virtio transport have one) and add them to its
         ``virtio`` option; the machine closes them. Raises ValueError for a bad value
         (:class:`~pykvm.devices.virtio.blk.DiskError` for a disk)."""
-        disks, rng, console, nets, vsock = spec   # choose_platform checked make_virtio is there
+        disks, rng, console, nets, vsock, shares = spec  # choose_platform checked make_virtio
         devices, self.virtio_console = cls.make_virtio(disks, rng, console, self._console_out,
-                                                       nets, vsock)
+                                                       nets, vsock, shares=shares)
         self._virtio = tuple(devices)
         platform_opts["virtio"] = list(platform_opts.get("virtio") or ()) + devices
 

@@ -1,8 +1,11 @@
 """Guest RAM: private anonymous (MAP_NORESERVE) mappings registered as KVM memory slots, and a
-bounds-checked guest-physical view over them."""
+bounds-checked guest-physical view over them. A slot may instead be *shared*: a memfd
+(``memfd_create``) mapped ``MAP_SHARED``, whose file descriptor another process can map to reach
+the same pages (a vhost-user backend such as virtiofsd, :mod:`pykvm.devices.virtio.vhost_user`)."""
 from __future__ import annotations
 
 import mmap
+import os
 
 from ._record import Record
 from . import abi
@@ -21,16 +24,27 @@ PAGE_SIZE = mmap.PAGESIZE
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 # madvise(2) advice that drops pages of a private anonymous mapping: they read as zeros after.
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
+# madvise(2) advice that frees the pages of a shared mapping in its backing file (a memfd):
+# MADV_DONTNEED only drops this process's view of them, the file keeps the data.
+_MADV_REMOVE = getattr(mmap, "MADV_REMOVE", 9)
 
 
 class MemorySlot(Record):
-    """One KVM memory slot backed by an anonymous mapping."""
+    """One KVM memory slot backed by an anonymous mapping, or, when :attr:`fd` is not -1, by a
+    shared mapping of that memfd (:attr:`shared`)."""
     slot: int
     gpa: int
     size: int
     flags: int
     _map: mmap.mmap
     _pin: object               # cffi buffer export that gives the host address
+    fd: int = -1               # the memfd behind a shared slot (owned by the slot), else -1
+
+    @property
+    def shared(self) -> bool:
+        """True if the slot is a ``MAP_SHARED`` mapping of the memfd :attr:`fd`, which another
+        process may map (at offset 0, :attr:`size` bytes) to see the same guest RAM."""
+        return self.fd >= 0
 
     @property
     def host_addr(self) -> int:
@@ -88,6 +102,9 @@ class MemorySlot(Record):
             self._map.close()
         except BufferError:
             pass
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 class GuestMemory:
@@ -165,9 +182,10 @@ class GuestMemory:
         """Make guest-physical ``[gpa, gpa + n)`` read as zeros without committing host memory
         for it: whole pages are handed back with ``madvise(MADV_DONTNEED)`` (guest RAM is a
         private anonymous mapping, so they read as zeros again and cost no host memory until
-        touched), partial pages at either end are written with zeros. Correct whatever the RAM
-        held before (a reload after a run); KVM drops its mappings of the pages through its
-        MMU notifier. Raises :class:`~pykvm.errors.GuestMemoryError` if any byte is unbacked
+        touched), partial pages at either end are written with zeros. A shared slot's pages are
+        freed in its memfd (``MADV_REMOVE``), so every process mapping it reads zeros. Correct
+        whatever the RAM held before (a reload after a run); KVM drops its mappings of the pages
+        through its MMU notifier. Raises :class:`~pykvm.errors.GuestMemoryError` if any byte is unbacked
         (checked before anything changes)."""
         chunks = list(self._chunks(gpa, n))
         for s, o, k in chunks:
@@ -181,7 +199,7 @@ class GuestMemory:
             if end < o + k:
                 s._map[end:o + k] = bytes(o + k - end)
             try:
-                s._map.madvise(_MADV_DONTNEED, start, end - start)
+                s._map.madvise(_MADV_REMOVE if s.shared else _MADV_DONTNEED, start, end - start)
             except (OSError, ValueError, AttributeError):
                 # no madvise here: write the zeros, a page-sized piece at a time, skipping
                 # pages that already read as zero (an untouched page reads as the shared zero
@@ -244,23 +262,59 @@ def _check_value(value: object) -> None:
         raise GuestMemoryError(f"guest memory values are ints, not {type(value).__name__}")
 
 
-def new_mapping(size: int, gpa: int = 0) -> Tuple[mmap.mmap, CData]:
+def new_mapping(size: int, gpa: int = 0, *, shared: bool = False
+                ) -> Tuple[mmap.mmap, CData]:
     """A private anonymous ``MAP_NORESERVE`` mapping of ``size`` bytes for guest RAM at
     guest-physical ``gpa`` (used only in messages), and the cffi pin that gives its host address.
+    With ``shared``, see :func:`new_shared_mapping` (this form closes the memfd at once).
 
     Raises :class:`ValueError` for a size that is not a positive multiple of the page size and
     :class:`~pykvm.errors.HostMemoryError` when the host cannot map that much."""
-    if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
-        raise ValueError(f"memory size must be a positive multiple of {PAGE_SIZE}, got {size!r}")
+    if shared:
+        m, pin, fd = new_shared_mapping(size, gpa)
+        os.close(fd)
+        return m, pin
+    _check_size(size)
     try:
         m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE,
                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except (OSError, OverflowError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise HostMemoryError(f"cannot map {_human(size)} of guest RAM at GPA {gpa:#x}: "
-                              f"{why}") from None
+        raise _no_memory(size, gpa, e) from None
     pin = ffi.from_buffer(m)
     return m, pin
+
+
+def new_shared_mapping(size: int, gpa: int = 0) -> Tuple[mmap.mmap, CData, int]:
+    """Shareable guest RAM: a memfd of ``size`` bytes (``memfd_create`` with ``MFD_CLOEXEC``,
+    sized with ``ftruncate``: a sparse file, so it costs host memory only as pages are touched)
+    mapped ``MAP_SHARED`` read-write; returns (mapping, cffi pin, memfd). The caller owns the
+    memfd (another process maps it to share the RAM: vhost-user's SET_MEM_TABLE).
+
+    Raises :class:`ValueError` for a bad size and :class:`~pykvm.errors.HostMemoryError` when
+    the host cannot make or map the memfd (no fds left counts too: one line saying why)."""
+    _check_size(size)
+    try:
+        fd = os.memfd_create("pykvm-guest-ram", os.MFD_CLOEXEC)
+    except OSError as e:
+        raise _no_memory(size, gpa, e, "memfd_create") from None
+    try:
+        os.ftruncate(fd, size)
+        m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, OverflowError) as e:
+        os.close(fd)
+        raise _no_memory(size, gpa, e, "shared memfd") from None
+    return m, ffi.from_buffer(m), fd
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
+        raise ValueError(f"memory size must be a positive multiple of {PAGE_SIZE}, got {size!r}")
+
+
+def _no_memory(size: int, gpa: int, e: BaseException, how: str = "") -> HostMemoryError:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return HostMemoryError(f"cannot map {_human(size)} of guest RAM at GPA {gpa:#x}"
+                           f"{' (' + how + ')' if how else ''}: {why}")
 
 
 def _human(n: int) -> str:

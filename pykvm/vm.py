@@ -10,7 +10,7 @@ from ._ioctl import stats as _stats
 from .abi import ffi, ioctls
 from .arch import current as _arch
 from .errors import GuestMemoryError, PykvmError, host_resource_error
-from .memory import PAGE_SIZE, GuestMemory, MemorySlot, new_mapping
+from .memory import PAGE_SIZE, GuestMemory, MemorySlot, new_mapping, new_shared_mapping
 from .vcpu import Vcpu
 
 TYPE_CHECKING = False
@@ -30,6 +30,9 @@ class Vm(_arch.VmArch, FdObject):
         self.vcpus: List[Vcpu] = []
         self._eventfds: List[int] = []
         self._coalesced: List[Tuple[int, int, bool]] = []       # (addr, size, pio)
+        # add_memory's default for ``shared``: a machine with a vhost-user device (virtio-fs)
+        # sets it before its platform adds the RAM, so every slot is a shareable memfd
+        self.shared_memory = False
         self._arch_init()
 
     # -- capabilities ---------------------------------------------------------------------
@@ -50,9 +53,15 @@ class Vm(_arch.VmArch, FdObject):
         return n
 
     def add_memory(self, gpa: int, size: int, *, readonly: bool = False,
-                   log_dirty: bool = False, slot: Optional[int] = None) -> MemorySlot:
+                   log_dirty: bool = False, slot: Optional[int] = None,
+                   shared: Optional[bool] = None) -> MemorySlot:
         """Back guest-physical [gpa, gpa + size) with fresh zeroed host memory
         (KVM_SET_USER_MEMORY_REGION) and return its :class:`~pykvm.memory.MemorySlot`.
+
+        ``shared`` (default: :attr:`shared_memory`, False unless a machine set it): back the
+        slot with a memfd mapped ``MAP_SHARED`` (:func:`pykvm.memory.new_shared_mapping`;
+        :attr:`MemorySlot.fd <pykvm.memory.MemorySlot.fd>`) that another process, a vhost-user
+        backend, can map; otherwise a private anonymous mapping.
 
         ``gpa`` and ``size`` are bytes, page aligned, inside the 64-bit guest-physical space;
         ``slot`` (default: the lowest free number) is KVM's slot number, 0..32767. Raises
@@ -79,8 +88,13 @@ class Vm(_arch.VmArch, FdObject):
         if slot is None:
             slot = self._free_slot_number()
         self._check_open()
-        m, pin = new_mapping(size, gpa)
-        ms = MemorySlot(slot, gpa, size, flags, m, pin)
+        if shared is None:
+            shared = self.shared_memory
+        if shared:
+            m, pin, mfd = new_shared_mapping(size, gpa)
+        else:
+            (m, pin), mfd = new_mapping(size, gpa), -1
+        ms = MemorySlot(slot, gpa, size, flags, m, pin, mfd)
         try:
             self._set_region(slot, flags, gpa, size, ms.host_addr)
         except BaseException:
@@ -165,6 +179,21 @@ class Vm(_arch.VmArch, FdObject):
             ioctl(self.fd, ioctls.KVM_IOEVENTFD, e,
                   what=f"{'pio' if pio else 'mmio'} addr={addr:#x} len={length}")
         return self._with_eventfd(fd, attach)
+
+    def remove_ioeventfd(self, addr: int, length: int, fd: int, *, pio: bool = False,
+                         datamatch: Optional[int] = None) -> None:
+        """KVM_IOEVENTFD with KVM_IOEVENTFD_FLAG_DEASSIGN: stop ``fd`` being signalled by guest
+        writes to ``addr``; ``length``, ``pio`` and ``datamatch`` as given to :meth:`ioeventfd`.
+        The eventfd stays open (an eventfd the VM made is still closed with it). Raises
+        :class:`~pykvm.errors.KvmError` (ENOENT) when no such registration exists."""
+        e = ffi.new("struct kvm_ioeventfd *")
+        e.addr, e.len, e.fd = addr, length, fd
+        e.flags = abi.IOEVENTFD_FLAG_DEASSIGN | (abi.IOEVENTFD_FLAG_PIO if pio else 0)
+        if datamatch is not None:
+            e.flags |= abi.IOEVENTFD_FLAG_DATAMATCH
+            e.datamatch = datamatch
+        ioctl(self.fd, ioctls.KVM_IOEVENTFD, e,
+              what=f"deassign {'pio' if pio else 'mmio'} addr={addr:#x} len={length}")
 
     def irqfd(self, gsi: int, fd: Optional[int] = None) -> int:
         """KVM_IRQFD: writing to the returned eventfd raises GSI ``gsi``."""

@@ -9,6 +9,7 @@ import os
 
 from ..devices.virtio.blk import DiskError, VirtioBlk, disk_from_spec
 from ..devices.virtio.console import VirtioConsole
+from ..devices.virtio.fs import FsError, ShareSpec, VirtioFs, share_from_spec
 from ..devices.virtio.net import NetError, VirtioNet, net_from_spec
 from ..devices.virtio.rng import VirtioRng
 from ..devices.virtio.vsock import VirtioVsock, VsockError, VsockSpec
@@ -23,19 +24,22 @@ if TYPE_CHECKING:
 def build(disks: Sequence, rng: bool, console: str,
           console_out: Callable[[bytes], None],
           nets: Sequence = (),
-          vsock=None) -> Tuple[List[VirtioDevice], Optional[VirtioConsole]]:
+          vsock=None, shares: Sequence = ()) -> Tuple[List[VirtioDevice], Optional[VirtioConsole]]:
     """(models, the virtio console or None) for ``disks`` (each a
     :class:`~pykvm.devices.virtio.blk.VirtioBlk` or its description ``FILE[,ro][,serial=NAME]``),
     ``rng``, ``console`` ("serial": none; "virtio": a console whose output goes to
     ``console_out``) and ``nets`` (each a :class:`~pykvm.devices.virtio.net.VirtioNet` or its
     description ``user|tap[,ifname=NAME][,mac=MAC][,mtu=N][,link=up|down]``) and ``vsock``
     (None, a :class:`~pykvm.devices.virtio.vsock.VirtioVsock`, a
-    :class:`~pykvm.devices.virtio.vsock.VsockSpec` or its description ``cid=N,uds=PATH``), in
-    that order.
+    :class:`~pykvm.devices.virtio.vsock.VsockSpec` or its description ``cid=N,uds=PATH``) and
+    ``shares`` (each a :class:`~pykvm.devices.virtio.fs.VirtioFs`, a
+    :class:`~pykvm.devices.virtio.fs.ShareSpec` or its description ``DIR[,tag=TAG][,ro]``:
+    virtio-fs served by virtiofsd, which needs the VM's RAM shared), in that order.
     What this call opened is closed again if a later one fails (a model the caller gave stays
     open). Raises ValueError (:class:`~pykvm.devices.virtio.blk.DiskError` for a disk,
     :class:`~pykvm.devices.virtio.net.NetError` for a network,
-    :class:`~pykvm.devices.virtio.vsock.VsockError` for the vsock)."""
+    :class:`~pykvm.devices.virtio.vsock.VsockError` for the vsock,
+    :class:`~pykvm.devices.virtio.fs.FsError` for a share)."""
     out: List[VirtioDevice] = []
     given: List[VirtioDevice] = []          # the caller's own models: not closed here on failure
     vcon: Optional[VirtioConsole] = None
@@ -84,6 +88,27 @@ def build(disks: Sequence, rng: bool, console: str,
         elif vsock is not None:
             raise VsockError(f"a vsock is 'cid=N,uds=PATH', a VsockSpec or a VirtioVsock, not "
                              f"{vsock!r}")
+        specs = []
+        for sh in shares:                       # parse every spec before any virtiofsd starts
+            if isinstance(sh, VirtioFs):
+                if sh.closed or any(sh is o for o in out):
+                    raise FsError(f"{sh!r}: closed, or given twice (one model serves one "
+                                  "transport)")
+            elif isinstance(sh, str):
+                sh = ShareSpec.parse(sh)
+            elif not isinstance(sh, ShareSpec):
+                raise FsError(f"a share is 'DIR[,tag=TAG][,ro]', a ShareSpec or a VirtioFs, not "
+                              f"{sh!r}")
+            specs.append(sh)
+        tags = [s.tag for s in specs]
+        if len(set(tags)) != len(tags):
+            raise FsError(f"two shares have the same tag (tags: {', '.join(tags)})")
+        for sh in specs:
+            if isinstance(sh, VirtioFs):
+                out.append(sh)
+                given.append(sh)
+            else:
+                out.append(share_from_spec(sh))
     except BaseException:
         for dev in out:
             if not any(dev is g for g in given):
