@@ -81,6 +81,11 @@ _MODULE_DIRS = ("kernel/drivers/virtio/", "kernel/drivers/block/", "kernel/drive
                 "kernel/fs/ext4/", "kernel/fs/jbd2/", "kernel/fs/mbcache", "kernel/lib/",
                 "kernel/crypto/", "kernel/arch/", "kernel/drivers/net/virtio_net",
                 "kernel/drivers/net/net_failover", "kernel/net/core/failover", "kernel/net/packet/")
+# virtio-fs (pykvm run --share; the root's init mounts the tags of pykvm.share=): the virtiofs
+# module and fuse, which it needs, added to every arch's list above
+FS_MODULES = ("fuse", "virtiofs")
+GUEST_MODULES = {arch: names + FS_MODULES for arch, names in GUEST_MODULES.items()}
+_MODULE_DIRS += ("kernel/fs/fuse/",)
 
 # /init of the boot initramfs (busybox sh)
 BOOT_INIT = r"""#!/bin/sh
@@ -148,6 +153,8 @@ for a in $(cat /proc/cmdline); do
     pykvm.ping=*) ping=${a#pykvm.ping=} ;;
     pykvm.wget=*) wget=${a#pykvm.wget=} ;;
     pykvm.batch) batch=1 ;;
+    pykvm.share=*) shares="$shares ${a#pykvm.share=}" ;;
+    pykvm.share-write=*) sharew=${a#pykvm.share-write=} ;;
     pykvm.write-probe) probe=1 ;;
     pykvm.blkbench=*) bench=${a#pykvm.blkbench=} ;;
   esac
@@ -211,6 +218,25 @@ if [ -n "$net" ]; then
     else echo "$M wget $wget failed after $i tries: $(cat /run/wget.err | tr '\n' ' ')"; fi
   fi
 fi
+for tag in $shares; do
+  # a virtio-fs share (pykvm run --share DIR,tag=TAG): mount it, read token.txt, try to write
+  # from-guest.txt (the pykvm.share-write= word), read the symlinks escape and escape-abs and a
+  # path up past the mount, list it
+  mnt=/run/share-$tag
+  mkdir -p $mnt
+  if ! mount -t virtiofs "$tag" $mnt 2>/run/share.err; then
+    echo "$M share $tag mount failed: $(cat /run/share.err) (filesystems: $(grep -c . /proc/filesystems), virtiofs: $(grep virtiofs /proc/filesystems))"
+    continue
+  fi
+  echo "$M share $tag mounted: $(grep " $mnt " /proc/mounts)"
+  echo "$M share $tag token: $(cat $mnt/token.txt 2>&1)"
+  if (echo "${sharew:-none}" > $mnt/from-guest.txt) 2>/run/share.werr; then sync; echo "$M share $tag write: written"
+  else echo "$M share $tag write: refused ($(cat /run/share.werr))"; fi
+  for l in escape escape-abs; do echo "$M share $tag $l: $(cat $mnt/$l 2>&1 | head -c 200 | tr '\n' ' ')"; done
+  echo "$M share $tag up: $(cat $mnt/../outside-secret.txt $mnt/../../outside-secret.txt 2>&1 | head -c 200 | tr '\n' ' ')"
+  echo "$M share $tag listing: $(ls -a $mnt | tr '\n' ' ')"
+  umount $mnt
+done
 if [ -n "$bench" ]; then
   dev=
   for b in /sys/block/vd*; do [ "$(cat $b/serial 2>/dev/null)" = pykvm-bench ] && dev=/dev/${b##*/}; done
