@@ -78,14 +78,14 @@ REQUIRED_MODULES = ("virtio_blk", "ext4")
 # Where, inside the kernel's package, the modules above and what they depend on live: one pass
 # over the (large) package extracts these, and dependencies are resolved among them.
 _MODULE_DIRS = ("kernel/drivers/virtio/", "kernel/drivers/block/", "kernel/drivers/char/",
-                "kernel/fs/ext4/", "kernel/fs/jbd2/", "kernel/fs/mbcache", "kernel/lib/",
+                "kernel/fs/ext4/", "kernel/fs/jbd2/", "kernel/fs/mbcache", "kernel/fs/fuse/",
+                "kernel/lib/",
                 "kernel/crypto/", "kernel/arch/", "kernel/drivers/net/virtio_net",
                 "kernel/drivers/net/net_failover", "kernel/net/core/failover", "kernel/net/packet/")
 # virtio-fs (pykvm run --share; the root's init mounts the tags of pykvm.share=): the virtiofs
 # module and fuse, which it needs, added to every arch's list above
 FS_MODULES = ("fuse", "virtiofs")
 GUEST_MODULES = {arch: names + FS_MODULES for arch, names in GUEST_MODULES.items()}
-_MODULE_DIRS += ("kernel/fs/fuse/",)
 
 # /init of the boot initramfs (busybox sh)
 BOOT_INIT = r"""#!/bin/sh
