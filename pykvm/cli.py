@@ -908,7 +908,7 @@ def cmd_sandbox(args) -> int:
         return sandbox.run(argv, kernel=args.kernel, root=args.root, modules=args.modules,
                            busybox=args.busybox, writable=args.rw, cwd=args.cwd,
                            mem_size=args.mem, vcpus=args.vcpus, timeout=args.timeout,
-                           cmdline=args.append)
+                           cmdline=args.append, note=lambda s: _err(f"pykvm: sandbox: {s}"))
     except sandbox.SandboxTimeout as e:
         return _report("timeout", 124, f"sandbox: {e}", False)      # pykvm.status.TIMEOUT
     except sandbox.SandboxError as e:

@@ -15,9 +15,12 @@ What happens, in order:
    ``/lib/modules/<release>``), and :data:`INIT` as ``/init``, with the command written into it
    (each argument quoted for ``sh``).
 3. The guest boots with the directory (``--root``, default ``/``) shared through virtio-fs
-   (virtiofsd, read-only unless ``--rw``). ``/init`` mounts it, and, read-only, puts an overlay
-   with a tmpfs upper layer on top, so the command may write anywhere and nothing reaches the
-   host. It moves ``/proc``, ``/sys`` and ``/dev`` into the new root, changes into the working
+   (virtiofsd, read-only unless ``--rw``; run as root with the root ``/``, virtiofsd's chroot
+   sandbox rather than its namespace one, which cannot pivot into the current root
+   everywhere). ``/init`` mounts it and, read-only, puts an overlay with a tmpfs upper layer
+   on each top-level directory, so the command may write anywhere below them and nothing
+   reaches the host (the top level itself stays read-only: overlayfs will not look up through
+   the host's own mounts inside the share, which one overlay over the whole root would cross). It mounts ``/proc``, ``/sys`` and ``/dev`` in the new root, changes into the working
    directory (``--cwd``, default: the host's current directory when it lies in the share, else
    ``/``), runs the command with ``chroot``, prints a marker line carrying its exit status and
    powers the guest off.
@@ -67,28 +70,37 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 M="@@PYKVM-SANDBOX:@NONCE@"
 fail() { echo "$M:ERROR=$*@@"; poweroff -f; sleep 5; }
+mnt() { out=$(mount "$@" 2>&1) || fail "mount $*: $out"; }
 while read -r mod; do
   [ -n "$mod" ] || continue
   insmod "/lib/modules/$mod" || fail "insmod $mod"
 done < /lib/modules/modules.list
 mkdir -p /share /rw /newroot
-mount -t virtiofs -o @MODE@ @TAG@ /share || fail "mount -t virtiofs @TAG@"
+mnt -t virtiofs -o @MODE@ @TAG@ /share
+mnt --bind /share /newroot
 if [ @MODE@ = ro ]; then
-  mount -t tmpfs -o mode=0755 tmpfs /rw || fail "mount tmpfs"
-  mkdir -p /rw/upper /rw/work
-  mount -t overlay overlay -o lowerdir=/share,upperdir=/rw/upper,workdir=/rw/work /newroot \
-    || fail "mount -t overlay"
-else
-  mount --bind /share /newroot || fail "mount --bind"
+  # one overlay per top-level directory: overlayfs refuses to look up through the share's
+  # submounts (the host's own mounts: EREMOTE), which an overlay of / would cross at once
+  mnt -t tmpfs -o mode=0755 tmpfs /rw
+  for p in /share/*; do
+    n=${p#/share/}
+    [ -d "$p" ] && [ ! -L "$p" ] || continue
+    case "$n" in proc|sys|dev) continue ;; esac
+    mkdir -p "/rw/$n/upper" "/rw/$n/work"
+    ls "$p/" >/dev/null 2>&1    # a host mount there is a virtio-fs submount: mount it first
+    out=$(mount -t overlay overlay -o "lowerdir=$p,upperdir=/rw/$n/upper,workdir=/rw/$n/work" \
+      "/newroot/$n" 2>&1) ||
+      echo "$M:NOTE=/$n stays read-only: ${out#mount: } ($(dmesg | grep overlay | tail -1))@@"
+  done
 fi
-for d in proc sys dev; do
-  mkdir -p /newroot/$d 2>/dev/null
-  mount --move /$d /newroot/$d || fail "mount --move /$d"
-done
+mnt -t proc proc /newroot/proc
+mnt -t sysfs sys /newroot/sys
+mnt -t devtmpfs dev /newroot/dev
 stty -F /newroot/dev/console -opost 2>/dev/null
 set -- @ARGS@
 dir=@CWD@
 [ -d "/newroot$dir" ] || dir=/
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
 echo "$M:START@@"
 if [ -x /newroot/bin/sh ]; then
   chroot /newroot /bin/sh -c 'cd "$0" && exec "$@"' "$dir" "$@"
@@ -298,6 +310,7 @@ class ConsoleFilter:
         self.started = False
         self.status: Optional[int] = None
         self.error: Optional[str] = None
+        self.notes: List[str] = []        # what /init could not do and went on without
         self.early = b""                  # the console before START (kept, bounded, for errors)
 
     def feed(self, data: bytes) -> None:
@@ -341,6 +354,8 @@ class ConsoleFilter:
                 self.status = NO_MARKER
         elif what.startswith("ERROR="):
             self.error = what[6:]
+        elif what.startswith("NOTE="):
+            self.notes.append(what[5:])
 
     def _emit(self, data: bytes) -> None:
         if not data:
@@ -362,6 +377,7 @@ def run(argv: Sequence[str], *, kernel: Optional[str] = None, root: str = "/",
         cwd: Optional[str] = None, mem_size: int = 512 << 20, vcpus: int = 1,
         timeout: Optional[float] = 600.0, cmdline: str = "",
         out: Optional[Callable[[bytes], None]] = None,
+        note: Optional[Callable[[str], None]] = None,
         machine_factory: Optional[Callable] = None) -> int:
     """Run ``argv`` in a Linux guest whose root is the host directory ``root`` (module
     docstring) and return its exit status (0-255; :data:`NO_MARKER` when the guest ended
@@ -372,8 +388,9 @@ def run(argv: Sequence[str], *, kernel: Optional[str] = None, root: str = "/",
     ``mem_size`` (bytes), ``vcpus``, ``timeout`` (seconds for the whole run; 0 or None: no
     limit; past it :class:`SandboxTimeout`), ``cmdline``
     (more kernel parameters); ``out(bytes)`` receives the command's output (default: this
-    process's stdout). Raises :class:`SandboxError` for what is missing, and what
-    :class:`pykvm.machine.Machine` raises."""
+    process's stdout); ``note(str)``: each thing /init could not do and went on without (a
+    top-level directory left read-only, with the reason). Raises :class:`SandboxError` for
+    what is missing, and what :class:`pykvm.machine.Machine` raises."""
     from .machine import Machine
     kernel = kernel or default_kernel()
     try:
@@ -401,7 +418,12 @@ def run(argv: Sequence[str], *, kernel: Optional[str] = None, root: str = "/",
     nonce = secrets.token_hex(6)
     write = out or _stdout_writer()
     filt = ConsoleFilter(nonce, write)
-    share = f"{root_p},tag={TAG}" + ("" if writable else ",ro")
+    share = f"{str(root_p).replace(',', ',,')},tag={TAG}" + ("" if writable else ",ro")
+    if str(root_p) == "/" and os.geteuid() == 0:
+        # virtiofsd's namespace sandbox pivots into the shared directory, which the current
+        # root itself cannot be on every host (EBUSY where / is an initramfs); as root, its
+        # chroot sandbox confines it to the same tree
+        share += ",sandbox=chroot"
     with tempfile.TemporaryDirectory(prefix="pykvm-sandbox-") as td:
         initrd = Path(td) / "initramfs.cpio.gz"
         build_initramfs(initrd, busybox=bb, modules=mods,
@@ -413,6 +435,9 @@ def run(argv: Sequence[str], *, kernel: Optional[str] = None, root: str = "/",
                   shares=[share], on_console=filt.feed) as m:
             res = m.run(timeout=timeout or None)
     filt.close()
+    for line in filt.notes:
+        if note is not None:
+            note(line)
     if getattr(res, "exit", None) == "timeout" and filt.status is None:
         raise SandboxTimeout(f"the guest did not finish within {timeout} s")
     if filt.error is not None:

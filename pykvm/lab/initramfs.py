@@ -96,6 +96,27 @@ class CpioWriter:
             self.f.write(b"\0" * (512 - pos % 512))
 
 
+def read_newc(data: bytes) -> dict[str, tuple[int, bytes]]:
+    """{name: (mode, data)} of a ``newc`` cpio archive (uncompressed), up to its trailer. Raises
+    ValueError for an entry that is not newc or runs past the end."""
+    out: dict[str, tuple[int, bytes]] = {}
+    at = 0
+    while at + 110 <= len(data):
+        hdr = data[at:at + 110]
+        if hdr[:6] != b"070701":
+            raise ValueError(f"not a newc entry at offset {at}")
+        mode, size, namesize = int(hdr[14:22], 16), int(hdr[54:62], 16), int(hdr[94:102], 16)
+        name = data[at + 110:at + 110 + namesize - 1].decode(errors="replace")
+        at = (at + 110 + namesize + 3) & ~3
+        if name == TRAILER:
+            break
+        if at + size > len(data):
+            raise ValueError(f"cpio entry {name} runs past the end")
+        out[name] = (mode, data[at:at + size])
+        at = (at + size + 3) & ~3
+    return out
+
+
 def write_part(out: Path, fill, *, level: int = 6) -> None:
     """Write a gzip'd newc archive to ``out`` atomically: ``fill(writer)`` adds the entries to a
     :class:`CpioWriter` (the trailer is added here); a temporary file beside ``out`` (named

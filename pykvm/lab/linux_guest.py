@@ -535,6 +535,90 @@ def root_files() -> tuple[Path, Path, Path] | None:
     return files if all(f.is_file() for f in files) else None
 
 
+def boot_modules(initrd: Path, dest: Path) -> Path:
+    """The kernel modules a boot initramfs (``root_files()[1]``, gzip'd newc) carries in
+    ``lib/modules/``, written to the directory ``dest`` as ``<name>.ko`` (what ``pykvm sandbox
+    --modules`` takes: the same kernel's virtiofs, fuse, overlay, virtio transports). Returns
+    ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, (_mode, data) in ird.read_newc(gzip.decompress(Path(initrd).read_bytes())).items():
+        if name.startswith("lib/modules/") and name.endswith(".ko"):
+            (dest / Path(name).name).write_bytes(data)
+    return dest
+
+
+# -- pykvm sandbox, shared by the labs' sandbox tests (tests/nested/test_linux_sandbox.py,
+# tests/riscv/test_linux_sandbox_riscv.py) ------------------------------------------------------
+SANDBOX_TIMEOUT = 300                  # seconds per sandbox run (one boot)
+
+
+def sandbox_args(moddir: Path) -> list:
+    """``pykvm sandbox`` options for the lab's root-disk guest kernel: ``--kernel``,
+    ``--modules`` (its boot initramfs's modules, written to ``moddir``), ``--busybox`` (the
+    lab's static one), ``--mem``, ``--timeout``. Skips (pytest) where the lab lacks them."""
+    import pytest
+    from pykvm.testing.plugin import LACKS, kvm_usable
+    if not kvm_usable():
+        pytest.skip(f"{LACKS} a usable /dev/kvm")
+    files = root_files()
+    if files is None:
+        pytest.skip(f"{LACKS} the root-disk Linux guest ({LAB_DIR}: the labs carry it)")
+    if shutil.which("virtiofsd") is None:
+        pytest.skip(f"{LACKS} virtiofsd (the lab image carries it)")
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip(f"{LACKS} a static busybox (the lab image carries busybox-static)")
+    return ["--kernel", str(files[0]), "--modules", str(boot_modules(files[1], moddir)),
+            "--busybox", busybox, "--mem", "256M", "--timeout", str(SANDBOX_TIMEOUT)]
+
+
+def run_sandbox(args: list, command: list, *, cwd=None):
+    """``python -m pykvm sandbox ARGS -- COMMAND`` (``cwd``: the host directory it starts in);
+    prints what it ran and got (pytest shows it for a failing test). Returns the
+    CompletedProcess (text)."""
+    import subprocess
+    argv = [sys.executable, "-m", "pykvm", "sandbox", *args, "--", *command]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=cwd,
+                       timeout=SANDBOX_TIMEOUT + 60)
+    print(f"\n$ {' '.join(argv[2:])}\n{r.stdout}(exit {r.returncode}){r.stderr}")
+    return r
+
+
+def check_sandbox_overlay(args: list, directory: Path) -> None:
+    """One sandbox run over the lab's read-only root: the command (a ``sh -c`` script) prints
+    the guest kernel's release and command line, its working directory (``directory``, given
+    by starting there), a token read from the host, then overwrites that file and reads its own
+    write back, and exits 7. Checks each line, the status and that the host file is unchanged."""
+    from pykvm import sandbox
+    token = secrets.token_hex(8)
+    work = directory / "work"
+    work.mkdir()
+    (work / "token.txt").write_text(token + "\n")
+    script = ("uname -r; cat /proc/cmdline; pwd; cat token.txt; echo overlay > token.txt; "
+              "cat token.txt; echo to-stderr >&2; exit 7")
+    r = run_sandbox(args, ["sh", "-c", script], cwd=work)
+    kernel = Path(args[args.index("--kernel") + 1])
+    release = sandbox.kernel_release(kernel.read_bytes())
+    lines = r.stdout.splitlines()
+    assert r.returncode == 7, (r.returncode, r.stderr)
+    assert lines[0] == release, lines
+    assert "rdinit=/init" in lines[1] and "quiet" in lines[1], lines        # the guest's own
+    assert lines[2:6] == [str(work.resolve()), token, "overlay", "to-stderr"], lines
+    assert (work / "token.txt").read_text() == token + "\n"               # the host's is intact
+    assert "EXIT=" not in r.stdout and "START" not in r.stdout
+
+
+def check_sandbox_rw(args: list, directory: Path) -> None:
+    """With ``--rw`` the command's write lands in the host directory; status 0 comes back."""
+    out = directory / "rw"
+    out.mkdir()
+    token = secrets.token_hex(8)
+    r = run_sandbox([*args, "--rw", "--cwd", str(out.resolve())],
+                    ["sh", "-c", f"echo {token} > written.txt"])
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert (out / "written.txt").read_text().strip() == token
+
+
 def console_echo(prefix: str):
     """With ``PYKVM_LINUX_ECHO=1`` in the environment (e.g. on the lab kernel's command line), a
     ``run_guest`` echo that writes each guest line to ``/dev/console`` as it comes (inside a lab:

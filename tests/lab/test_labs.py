@@ -45,7 +45,9 @@ RISCV = ["test_reg_list_fully_decoded", "test_new_isa_extensions_on_this_cpu_mod
          "test_linux_with_cpu_type_min_has_only_the_base_isa",
          # virtio-net with a Linux guest (tests/riscv/test_linux_net_riscv.py): passt and tap
          "test_virtio_net_user_mode_fetches_a_host_page_riscv",
-         "test_virtio_net_tap_in_a_namespace_ping_and_http_riscv"]
+         "test_virtio_net_tap_in_a_namespace_ping_and_http_riscv",
+         # pykvm sandbox (tests/riscv/test_linux_sandbox_riscv.py)
+         "test_sandbox_runs_the_command_in_the_riscv_guest_over_an_overlay"]
 NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           "test_set_nested_state_size_below_header", "test_set_nested_state_bad_format",
           "test_set_nested_state_guest_mode_needs_svme", "test_set_nested_state_header_only_gif",
@@ -56,7 +58,10 @@ NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           "test_linux_bzimage_boots_to_init_and_powers_off",     # tests/nested/test_linux.py
           # virtio-net with a Linux guest (tests/nested/test_linux_net.py): passt and tap
           "test_virtio_net_user_mode_fetches_a_host_page",
-          "test_virtio_net_tap_in_a_namespace_ping_and_http"]
+          "test_virtio_net_tap_in_a_namespace_ping_and_http",
+          # pykvm sandbox (tests/nested/test_linux_sandbox.py)
+          "test_sandbox_runs_the_command_in_the_guest_over_an_overlay",
+          "test_sandbox_rw_writes_reach_the_host"]
 EXPECTED = {"riscv": {"riscv-rv64": SMOKE + RISCV, "riscv-max": SMOKE + RISCV,
                       # the boot that carries the lab's QEMU (pykvm/lab/build.py, qemu_tests)
                       "riscv-rv64-qemu": ["test_virtio_blk_throughput_against_qemu_on_riscv"]},

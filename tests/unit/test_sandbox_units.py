@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from pykvm import sandbox as sb
+from pykvm.lab.initramfs import read_newc
 
 
 def _bzimage(version: bytes) -> bytes:
@@ -94,7 +95,7 @@ def test_the_command_reaches_sh_argument_for_argument(argv):
     out = subprocess.run(["sh", "-c", init[start:end] + '\nprintf "%s\\0" "$dir" "$@"'],
                          capture_output=True, check=True).stdout
     assert out.split(b"\0")[:-1] == [b"/home/o'brien"] + [a.encode() for a in argv]
-    assert "@@PYKVM-SANDBOX:n0" in init and "mount -t virtiofs -o ro pykvmroot" in init
+    assert "@@PYKVM-SANDBOX:n0" in init and "mnt -t virtiofs -o ro pykvmroot" in init
 
 
 def test_init_refuses_no_command_and_a_bad_tag():
@@ -102,22 +103,12 @@ def test_init_refuses_no_command_and_a_bad_tag():
         sb.init_script([], nonce="n")
     with pytest.raises(sb.SandboxError, match="bad virtio-fs tag"):
         sb.init_script(["true"], nonce="n", tag="a b")
-    assert "mount --bind /share /newroot" in sb.init_script(["true"], nonce="n", writable=True)
+    rw = sb.init_script(["true"], nonce="n", writable=True)
+    assert "mnt -t virtiofs -o rw pykvmroot" in rw and "[ rw = ro ]" in rw
 
 
 def _cpio_names(path) -> dict:
-    data = gzip.decompress(path.read_bytes())
-    out, at = {}, 0
-    while at < len(data):
-        hdr = data[at:at + 110]
-        size, namesize = int(hdr[54:62], 16), int(hdr[94:102], 16)
-        name = data[at + 110:at + 110 + namesize - 1].decode()
-        at += (110 + namesize + 3) & ~3
-        out[name] = data[at:at + size]
-        at += (size + 3) & ~3
-        if name == "TRAILER!!!":
-            break
-    return out
+    return {k: v for k, (_mode, v) in read_newc(gzip.decompress(path.read_bytes())).items()}
 
 
 def test_the_initramfs_carries_busybox_the_modules_in_order_and_init(tmp_path):
@@ -141,8 +132,10 @@ def test_the_console_filter_passes_only_the_commands_output():
     assert b"".join(got) == b"hello\n@@PYKVM-SANDBOX:other:EXIT=9@@\n"   # a forged one is output
     assert f.status == 3 and f.error is None and b"Linux boots" in f.early
     f = sb.ConsoleFilter("n", got.append)
-    f.feed(b"@@PYKVM-SANDBOX:n:ERROR=insmod virtiofs.ko@@\n")
+    f.feed(b"@@PYKVM-SANDBOX:n:NOTE=/boot stays read-only: why@@\n"
+           b"@@PYKVM-SANDBOX:n:ERROR=insmod virtiofs.ko@@\n")
     assert f.error == "insmod virtiofs.ko" and f.status is None
+    assert f.notes == ["/boot stays read-only: why"]
 
 
 def _pykvm(*args):
