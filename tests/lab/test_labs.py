@@ -46,6 +46,8 @@ RISCV = ["test_reg_list_fully_decoded", "test_new_isa_extensions_on_this_cpu_mod
          # virtio-net with a Linux guest (tests/riscv/test_linux_net_riscv.py): passt and tap
          "test_virtio_net_user_mode_fetches_a_host_page_riscv",
          "test_virtio_net_tap_in_a_namespace_ping_and_http_riscv",
+         # virtio-fs with a Linux guest (tests/riscv/test_linux_share_riscv.py)
+         "test_virtio_fs_share_rw_ro_and_no_escape",
          # pykvm sandbox (tests/riscv/test_linux_sandbox_riscv.py)
          "test_sandbox_runs_the_command_in_the_riscv_guest_over_an_overlay"]
 NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
@@ -59,6 +61,8 @@ NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           # virtio-net with a Linux guest (tests/nested/test_linux_net.py): passt and tap
           "test_virtio_net_user_mode_fetches_a_host_page",
           "test_virtio_net_tap_in_a_namespace_ping_and_http",
+          # virtio-fs with a Linux guest (tests/nested/test_linux_share.py)
+          "test_virtio_fs_share_rw_ro_and_no_escape",
           # pykvm sandbox (tests/nested/test_linux_sandbox.py)
           "test_sandbox_runs_the_command_in_the_guest_over_an_overlay",
           "test_sandbox_rw_writes_reach_the_host"]
