@@ -31,11 +31,11 @@ Limits, each a drop that is counted (:meth:`VirtioNet.counters`), never an error
 Chains that break the ring rules (:class:`~.queue.QueueError`: a buffer outside guest RAM, a
 loop ...) set DEVICE_NEEDS_RESET, as for every device here.
 
-Threads: one host thread per device, started at the first DRIVER_OK and stopped by
-:meth:`VirtioNet.close`, moves the frames: it polls the backend's fd and an eventfd the driver's
-notifications (of either queue) write, and does all the queue work under the device's lock. It
-raises interrupts after letting that lock go (the transport's lock, which a vCPU may hold while it
-waits for ours, is taken by an interrupt).
+Threads: one host thread per device (:class:`~.hostthread.HostThreadDevice`), started at the
+first DRIVER_OK and stopped by :meth:`VirtioNet.close`, moves the frames: it polls the backend's
+fd and an eventfd the driver's notifications (of either queue) write, and does all the queue work
+under the device's lock. It raises interrupts after letting that lock go (the transport's lock,
+which a vCPU may hold while it waits for ours, is taken by an interrupt).
 """
 from __future__ import annotations
 
@@ -43,16 +43,16 @@ import os
 import re
 import select
 import struct
-import threading
 
-from . import ID_NET, INT_CONFIG, INT_VRING, DeviceHandles, VirtioDevice
+from . import ID_NET, INT_CONFIG
+from .hostthread import HostThreadDevice
 from .net_backends import (MAX_FRAME, NetBackend, NetError, VNET_HDR_LEN, check_ifname,
                            make_backend)
 from .queue import QueueError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, List, Optional, Sequence, Union
+    from typing import Dict, List, Optional, Tuple, Union
 
 # feature bits (section 5.1.3)
 F_CSUM, F_GUEST_CSUM, F_MTU, F_MAC, F_MRG_RXBUF, F_STATUS, F_CTRL_VQ = 0, 1, 3, 5, 15, 16, 17
@@ -93,7 +93,7 @@ def random_mac() -> bytes:
     return b"\x52\x54\x00" + os.urandom(3)
 
 
-class VirtioNet(VirtioDevice):
+class VirtioNet(HostThreadDevice):
     """A virtio network device on ``backend`` (a :class:`~.net_backends.NetBackend`; the device
     owns it and closes it). ``mac``: the address the driver reads (str or 6 bytes; default a
     random 52:54:00:xx:xx:xx); ``mtu``: the largest payload in bytes (68..65535, default 1500);
@@ -102,6 +102,8 @@ class VirtioNet(VirtioDevice):
 
     device_id = ID_NET
     num_queues = 2
+    thread_name = "virtio-net"
+    wake_queues = (RXQ, TXQ)                # new receive buffers, frames to send
 
     def __init__(self, backend: NetBackend, *, mac: Union[str, bytes, None] = None,
                  mtu: int = 1500, link: bool = True):
@@ -114,18 +116,11 @@ class VirtioNet(VirtioDevice):
         self.max_frame = mtu + FRAME_OVERHEAD
         self.link_up = bool(link)
         self.backend = backend
-        self._lock = threading.Lock()          # queues, handles, pending frames, counters
-        self._queues: List[Optional[Any]] = [None, None]
-        self._handles: Optional[DeviceHandles] = None
+        super().__init__()                      # the lock guards pending frames and counters too
         self._features = 0
-        self._broken = False
         self._pending: List[bytes] = []
         self._pending_bytes = 0
         self._count: Dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._evfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._thread: Optional[threading.Thread] = None
-        self._stopping = False
-        self._closed = False
 
     def __repr__(self) -> str:
         return (f"VirtioNet({self.backend!r}, mac={self.mac_str}, mtu={self.mtu}, "
@@ -134,10 +129,6 @@ class VirtioNet(VirtioDevice):
     @property
     def mac_str(self) -> str:
         return ":".join(f"{b:02x}" for b in self.mac)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     # ---- features and configuration ----------------------------------------------------
 
@@ -166,48 +157,19 @@ class VirtioNet(VirtioDevice):
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    def activate(self, features: int, queues: Sequence[Optional[Any]],
-                 handles: DeviceHandles) -> None:
-        """Take the queues and start the frame thread (once)."""
-        with self._lock:
-            self._features = features
-            self._queues = [queues[i] if i < len(queues) else None for i in (RXQ, TXQ)]
-            self._handles = handles
-            self._broken = False
-            start = self._thread is None and not self._closed
-            if start:
-                self._thread = threading.Thread(target=self._run, name="virtio-net",
-                                                daemon=True)
-        if start:
-            assert self._thread is not None
-            self._thread.start()
-        self._kick()
+    # activate() takes the queues and starts the frame thread (once); close() stops it, closes
+    # the backend (a tap goes, passt is killed) and the eventfd (HostThreadDevice).
 
-    def reset(self) -> None:
-        """Drop the queues and the frames waiting for receive buffers."""
-        with self._lock:
-            self._queues = [None, None]
-            self._handles = None
-            self._features = 0
-            self._broken = False
-            self._drop_pending()
+    def _activated(self, features: int) -> None:
+        self._features = features
 
-    def close(self) -> None:
-        """Stop the thread, close the backend (a tap goes, passt is killed) and the eventfd.
-        Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self.reset()
-        self._stopping = True
-        self._kick()
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=10)
+    def _reset_locked(self) -> None:
+        """A reset also drops the frames waiting for receive buffers (counted)."""
+        self._features = 0
+        self._drop_pending()
+
+    def _release(self) -> None:
         self.backend.close()
-        fd, self._evfd = self._evfd, -1
-        if fd >= 0:
-            os.close(fd)
 
     def counters(self) -> Dict[str, int]:
         """Frames and bytes each way and the drops by reason (module docstring), plus
@@ -225,56 +187,21 @@ class VirtioNet(VirtioDevice):
         """Why the backend stopped working (one line), or None."""
         return self.backend.error
 
-    # ---- notifications ---------------------------------------------------------------
-
-    def notify(self, index: int) -> None:
-        """Either queue: wake the frame thread (new receive buffers, frames to send)."""
-        if index in (RXQ, TXQ):
-            self._kick()
-
-    def _kick(self) -> None:
-        fd = self._evfd
-        if fd >= 0:
-            try:
-                os.eventfd_write(fd, 1)
-            except OSError:
-                pass
-
     # ---- the frame thread ------------------------------------------------------------
 
-    def _run(self) -> None:
-        be, ev = self.backend, self._evfd
-        poller = select.poll()
-        poller.register(ev, select.POLLIN)
-        bfd = be.fileno()
-        while not self._stopping:
-            mask = 0
-            if be.error is None:
-                mask = select.POLLIN | (select.POLLOUT if be.wants_write() else 0)
-            if mask:
-                poller.register(bfd, mask)
-            else:
-                try:
-                    poller.unregister(bfd)
-                except KeyError:
-                    pass
-            try:
-                events = poller.poll()
-            except InterruptedError:
-                continue
-            for fd, _ in events:
-                if fd == ev:
-                    try:
-                        os.eventfd_read(ev)
-                    except OSError:
-                        pass
-            if self._stopping:
-                break
-            self._pump()
+    def _poll_set(self) -> Tuple[Dict[int, int], Optional[int]]:
+        """The backend's fd (readable; writable while it holds unsent bytes) until it fails;
+        no timeout."""
+        be = self.backend
+        fd = be.fileno() if be.error is None else -1
+        if fd < 0:
+            return {}, None
+        return {fd: select.POLLIN | (select.POLLOUT if be.wants_write() else 0)}, None
 
-    def _pump(self) -> None:
-        """One round: send what the driver queued, read up to :data:`RX_BATCH` frames, fill
-        receive buffers; then the interrupts (outside the lock)."""
+    def _pump(self, ready: Optional[Dict[int, int]] = None, woken: bool = True) -> None:
+        """One round (whatever woke the thread): send what the driver queued, read up to
+        :data:`RX_BATCH` frames, fill receive buffers; then the interrupts (outside the
+        lock)."""
         be = self.backend
         irq: List[int] = []
         failed = False
@@ -296,12 +223,7 @@ class VirtioNet(VirtioDevice):
             except QueueError:
                 self._broken = failed = True
                 self._drop_pending()
-        if h is None:
-            return
-        if failed:
-            h.needs_reset()
-        for q in irq:
-            h.interrupt(INT_VRING, q)
+        self._signal(h, failed, irq)
 
     def _drop_pending(self) -> None:
         self._count["rx_dropped_no_buffer"] += len(self._pending)

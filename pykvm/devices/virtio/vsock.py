@@ -47,8 +47,8 @@ Bounds, each counted (:meth:`VirtioVsock.counters`), never an error of the VMM:
   (``rx_dropped_small_buffer``);
 * chains that break the ring rules (:class:`~.queue.QueueError`) set DEVICE_NEEDS_RESET.
 
-Threads: one host thread per device (started at the first DRIVER_OK, stopped by
-:meth:`VirtioVsock.close`) polls the listener, every Unix connection and an eventfd the driver's
+Threads: one host thread per device (:class:`~.hostthread.HostThreadDevice`: started at the
+first DRIVER_OK, stopped by :meth:`VirtioVsock.close`) polls the listener, every Unix connection and an eventfd the driver's
 notifications write, and does all queue work under the device's lock; it raises interrupts after
 letting that lock go. A device reset closes every connection (from that thread). The listener's
 socket file is removed by :meth:`~VirtioVsock.close`.
@@ -60,16 +60,15 @@ import select
 import socket
 import stat
 import struct
-import threading
 import time
 
 from ...errors import PykvmError
-from . import INT_VRING, DeviceHandles, VirtioDevice
+from .hostthread import HostThreadDevice
 from .queue import QueueError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+    from typing import Any, Dict, List, Optional, Tuple, Union
 
 ID_VSOCK = 19
 F_STREAM, F_SEQPACKET = 0, 1
@@ -376,7 +375,7 @@ def _listen(path: str) -> Tuple[socket.socket, Tuple[int, int]]:
     return s, (st.st_dev, st.st_ino)
 
 
-class VirtioVsock(VirtioDevice):
+class VirtioVsock(HostThreadDevice):
     """A virtio-vsock device bridged to Unix sockets (module docstring). ``cid``: the guest's
     CID (3..2^32-2); ``uds``: the socket path the device listens on (created here; a stale
     socket file is replaced, anything else refused); ``max_connections``: Unix connections at
@@ -385,6 +384,8 @@ class VirtioVsock(VirtioDevice):
 
     device_id = ID_VSOCK
     num_queues = 3
+    thread_name = "virtio-vsock"
+    wake_queues = (RXQ, TXQ)                # the event queue is never used
 
     def __init__(self, cid: int, uds: Union[str, os.PathLike], *,
                  max_connections: int = MAX_CONNECTIONS, buf_alloc: int = BUF_ALLOC):
@@ -397,11 +398,7 @@ class VirtioVsock(VirtioDevice):
         self.uds = spec.uds
         self.max_connections = max_connections
         self.buf_alloc = buf_alloc
-        self._closed = False
-        self._lock = threading.Lock()
-        self._queues: List[Optional[Any]] = [None, None, None]
-        self._handles: Optional[DeviceHandles] = None
-        self._broken = False
+        super().__init__()
         self._drop_all = False                  # a reset asked the thread to close everything
         self._rx_starved = False                # the rx queue had no buffer: wait for a notify
         self._pending: List[_Pending] = []
@@ -410,9 +407,6 @@ class VirtioVsock(VirtioDevice):
         self._next_port = LOCAL_PORT_BASE
         self._accept_hold = 0.0                 # accept() failed (no fds): not before this
         self._count: Dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self._thread: Optional[threading.Thread] = None
-        self._stopping = False
-        self._evfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             self._listener, self._uds_id = _listen(self.uds)
         except BaseException:
@@ -421,10 +415,6 @@ class VirtioVsock(VirtioDevice):
 
     def __repr__(self) -> str:
         return f"VirtioVsock(cid={self.cid}, uds={self.uds!r})"
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     # ---- features and configuration ----------------------------------------------------
 
@@ -440,46 +430,18 @@ class VirtioVsock(VirtioDevice):
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    def activate(self, features: int, queues: Sequence[Optional[Any]],
-                 handles: DeviceHandles) -> None:
-        """Take the queues and start the thread (once)."""
-        with self._lock:
-            self._queues = [queues[i] if i < len(queues) else None for i in (RXQ, TXQ, EVQ)]
-            self._handles = handles
-            self._broken = False
-            self._rx_starved = False
-            start = self._thread is None and not self._closed
-            if start:
-                self._thread = threading.Thread(target=self._run, name="virtio-vsock",
-                                                daemon=True)
-        if start:
-            assert self._thread is not None
-            self._thread.start()
-        self._kick()
+    # activate() takes the queues and starts the thread (once); reset() drops the queues and
+    # every connection is closed (by the thread, or by close()); close() stops the thread,
+    # closes every connection and the listener, removes the listener's socket file (if it is
+    # still ours) and closes the eventfd (HostThreadDevice).
 
-    def reset(self) -> None:
-        """Drop the queues; every connection is closed (by the thread, or by :meth:`close`)."""
-        with self._lock:
-            self._queues = [None, None, None]
-            self._handles = None
-            self._broken = False
-            self._drop_all = True
-        self._kick()
+    def _activated(self, features: int) -> None:
+        self._rx_starved = False
 
-    def close(self) -> None:
-        """Stop the thread, close every connection and the listener, remove the listener's
-        socket file (if it is still ours) and close the eventfd. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        with self._lock:
-            self._queues = [None, None, None]
-            self._handles = None
-        self._stopping = True
-        self._kick()
-        t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout=10)
+    def _reset_locked(self) -> None:
+        self._drop_all = True
+
+    def _release(self) -> None:
         with self._lock:
             self._close_all()
         try:
@@ -489,9 +451,6 @@ class VirtioVsock(VirtioDevice):
         except OSError:
             pass
         self._listener.close()
-        fd, self._evfd = self._evfd, -1
-        if fd >= 0:
-            os.close(fd)
 
     def counters(self) -> Dict[str, int]:
         """Connections, packets and payload bytes each way (rx: to the guest, tx: from it),
@@ -503,49 +462,7 @@ class VirtioVsock(VirtioDevice):
         c["dropped"] = sum(c[k] for k in _DROPS)
         return c
 
-    # ---- notifications ---------------------------------------------------------------
-
-    def notify(self, index: int) -> None:
-        """rx (new receive buffers) or tx (packets): wake the thread; the event queue is never
-        used."""
-        if index in (RXQ, TXQ):
-            self._kick()
-
-    def _kick(self) -> None:
-        fd = self._evfd
-        if fd >= 0:
-            try:
-                os.eventfd_write(fd, 1)
-            except OSError:
-                pass
-
     # ---- the thread ------------------------------------------------------------------
-
-    def _run(self) -> None:
-        ev = self._evfd
-        while not self._stopping:
-            with self._lock:
-                fds, timeout = self._poll_set()
-            poller = select.poll()
-            poller.register(ev, select.POLLIN)
-            for fd, mask in fds.items():
-                poller.register(fd, mask)
-            try:
-                events = poller.poll(timeout)
-            except InterruptedError:
-                continue
-            ready: Dict[int, int] = {}
-            for fd, got in events:
-                if fd == ev:
-                    try:
-                        os.eventfd_read(ev)
-                    except OSError:
-                        pass
-                else:
-                    ready[fd] = got
-            if self._stopping:
-                break
-            self._pump(ready, woken=any(fd == ev for fd, _ in events))
 
     def _poll_set(self) -> Tuple[Dict[int, int], Optional[int]]:
         """{fd: events} to wait for and the poll timeout (ms; None: none) from the nearest
@@ -621,12 +538,7 @@ class VirtioVsock(VirtioDevice):
                     irq.append(RXQ)
             except QueueError:
                 self._broken = failed = True
-        if h is None:
-            return
-        if failed:
-            h.needs_reset()
-        for q in irq:
-            h.interrupt(INT_VRING, q)
+        self._signal(h, failed, irq)
 
     # ---- the Unix side ---------------------------------------------------------------
 
