@@ -20,7 +20,7 @@
  *   4 CONFIG: SYNC(n, config status, device status, mtu)
  *   0 DONE
  */
-#include "virtio.h"
+#include "virtio_poll.h"
 
 #define QSIZE 16
 #define NRX 8
@@ -28,7 +28,6 @@
 #define HDR 12
 #define WANT ((1ull << VIRTIO_F_VERSION_1) | (1ull << VIRTIO_F_EVENT_IDX) | (1ull << 3) | \
 	      (1ull << 5) | (1ull << 16))
-#define MMIO ((uintptr_t)PC_VIRTIO_MMIO_BASE)
 
 static uint8_t rx_ring[VQ_BYTES(QSIZE)] __attribute__((aligned(4096)));
 static uint8_t tx_ring[VQ_BYTES(QSIZE)] __attribute__((aligned(4096)));
@@ -37,46 +36,22 @@ static uint8_t tx_buf[70000] __attribute__((aligned(64)));
 static uint8_t rx_buf[RXBUF] __attribute__((aligned(64)));
 static uint8_t tx_hdr[HDR];
 static struct vq rxq, txq;
-static struct vpci pci;
-static int on_pci;
+static struct vq *const queues[] = { &rxq, &txq };
+static void *const rings[] = { rx_ring, tx_ring };
 
 static uint8_t cfg8(unsigned off)
 {
-	return on_pci ? *(volatile uint8_t *)(pci.devcfg + off)
-		      : *(volatile uint8_t *)(MMIO + VMMIO_CONFIG + off);
+	return *(volatile uint8_t *)vpoll_cfg(off);
 }
 
 static uint16_t cfg16(unsigned off)
 {
-	return on_pci ? *(volatile uint16_t *)(pci.devcfg + off)
-		      : *(volatile uint16_t *)(MMIO + VMMIO_CONFIG + off);
-}
-
-static uint32_t dev_status(void)
-{
-	return on_pci ? VPCI_C8(&pci, 0x14) : vmmio_read(MMIO, VMMIO_STATUS);
+	return *(volatile uint16_t *)vpoll_cfg(off);
 }
 
 static void post_rx(uint64_t addr)
 {
-	struct vq_buf b = { addr, RXBUF, 1 };
-	uint16_t old = rxq.avail_idx;
-
-	vq_add(&rxq, &b, 1);
-	vq_kick(&rxq, old);
-}
-
-/* wait for a used element of q for about `cycles` TSC cycles; its head or -1 */
-static int wait_used(struct vq *q, uint32_t *len, uint64_t cycles)
-{
-	uint64_t t0 = rdtsc();
-
-	while (!vq_has_used(q)) {
-		if (rdtsc() - t0 > cycles)
-			return -1;
-		__asm__ volatile("pause");
-	}
-	return vq_get_used(q, len);
+	post(&rxq, addr, RXBUF);
 }
 
 static uint64_t send_chain(uint64_t addr, uint32_t len, uint32_t *used)
@@ -91,29 +66,11 @@ static uint64_t send_chain(uint64_t addr, uint32_t len, uint32_t *used)
 
 void guest_main(void)
 {
-	int slot = vpci_slot_of(0x10411af4), stage, i;
+	int stage, i;
 	uint64_t feat, mac = 0;
 
 	cli();
-	on_pci = slot >= 0;
-	if (on_pci) {
-		vpci_find(&pci, slot);
-		GUEST_ASSERT(vpci_negotiate(&pci, WANT) & VIRTIO_STATUS_FEATURES_OK);
-		VPCI_C32(&pci, 0x08) = 0;
-		feat = VPCI_C32(&pci, 0x0c);
-		VPCI_C32(&pci, 0x08) = 1;
-		feat |= (uint64_t)VPCI_C32(&pci, 0x0c) << 32;
-		vpci_queue(&pci, &rxq, 0, rx_ring, QSIZE, 0xffff);
-		vpci_queue(&pci, &txq, 1, tx_ring, QSIZE, 0xffff);
-		vpci_driver_ok(&pci);
-	} else {
-		GUEST_ASSERT(vmmio_probe(MMIO) == 1);
-		feat = vmmio_negotiate(MMIO, WANT);
-		GUEST_ASSERT(feat);
-		GUEST_ASSERT(vmmio_setup_queue(MMIO, 0, &rxq, rx_ring, QSIZE, 1) == 1);
-		GUEST_ASSERT(vmmio_setup_queue(MMIO, 1, &txq, tx_ring, QSIZE, 1) == 1);
-		vmmio_driver_ok(MMIO);
-	}
+	feat = vpoll_start(1, WANT, queues, rings, 2, QSIZE);
 	for (i = 0; i < 6; i++)
 		mac |= (uint64_t)cfg8(i) << (8 * i);
 	for (i = 0; i < NRX; i++)

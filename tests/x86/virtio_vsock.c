@@ -22,15 +22,14 @@
  *     last op, host port, device status)
  *   0 DONE
  */
-#include "virtio.h"
+#include "virtio_poll.h"
 
 #define QSIZE 16
 #define NRX 8
 #define RXBUF 4352
 #define HDR 44
-#define ID_VSOCK 0x10531af4u
+#define ID_VSOCK 19
 #define WANT ((1ull << VIRTIO_F_VERSION_1) | (1ull << VIRTIO_F_EVENT_IDX) | 1ull)
-#define MMIO ((uintptr_t)PC_VIRTIO_MMIO_BASE)
 
 #define OP_REQUEST 1
 #define OP_RESPONSE 2
@@ -54,40 +53,12 @@ static uint8_t rx_buf[RXBUF] __attribute__((aligned(64)));
 static uint8_t ev_buf[8];
 static struct vhdr reply;
 static struct vq rxq, txq, evq;
-static struct vpci pci;
-static int on_pci;
+static struct vq *const queues[] = { &rxq, &txq, &evq };
+static void *const rings[] = { rx_ring, tx_ring, ev_ring };
 
 static uint32_t cfg32(unsigned off)
 {
-	return on_pci ? *(volatile uint32_t *)(pci.devcfg + off)
-		      : *(volatile uint32_t *)(MMIO + VMMIO_CONFIG + off);
-}
-
-static uint32_t dev_status(void)
-{
-	return on_pci ? VPCI_C8(&pci, 0x14) : vmmio_read(MMIO, VMMIO_STATUS);
-}
-
-static void post(struct vq *q, uint64_t addr, uint32_t len)
-{
-	struct vq_buf b = { addr, len, 1 };
-	uint16_t old = q->avail_idx;
-
-	vq_add(q, &b, 1);
-	vq_kick(q, old);
-}
-
-/* wait for a used element of q for about `cycles` TSC cycles; its head or -1 */
-static int wait_used(struct vq *q, uint32_t *len, uint64_t cycles)
-{
-	uint64_t t0 = rdtsc();
-
-	while (!vq_has_used(q)) {
-		if (rdtsc() - t0 > cycles)
-			return -1;
-		__asm__ volatile("pause");
-	}
-	return vq_get_used(q, len);
+	return *(volatile uint32_t *)vpoll_cfg(off);
 }
 
 /* header at hdr, payload of n bytes at data (n may be 0): one chain, waited for */
@@ -157,31 +128,11 @@ static void serve(int stage, uint32_t port)
 
 void guest_main(void)
 {
-	int slot = vpci_slot_of(ID_VSOCK), stage, i;
+	int stage, i;
 	uint64_t feat, cid;
 
 	cli();
-	on_pci = slot >= 0;
-	if (on_pci) {
-		vpci_find(&pci, slot);
-		GUEST_ASSERT(vpci_negotiate(&pci, WANT) & VIRTIO_STATUS_FEATURES_OK);
-		VPCI_C32(&pci, 0x08) = 0;
-		feat = VPCI_C32(&pci, 0x0c);
-		VPCI_C32(&pci, 0x08) = 1;
-		feat |= (uint64_t)VPCI_C32(&pci, 0x0c) << 32;
-		vpci_queue(&pci, &rxq, 0, rx_ring, QSIZE, 0xffff);
-		vpci_queue(&pci, &txq, 1, tx_ring, QSIZE, 0xffff);
-		vpci_queue(&pci, &evq, 2, ev_ring, QSIZE, 0xffff);
-		vpci_driver_ok(&pci);
-	} else {
-		GUEST_ASSERT(vmmio_probe(MMIO) == 19);
-		feat = vmmio_negotiate(MMIO, WANT);
-		GUEST_ASSERT(feat);
-		GUEST_ASSERT(vmmio_setup_queue(MMIO, 0, &rxq, rx_ring, QSIZE, 1) == 1);
-		GUEST_ASSERT(vmmio_setup_queue(MMIO, 1, &txq, tx_ring, QSIZE, 1) == 1);
-		GUEST_ASSERT(vmmio_setup_queue(MMIO, 2, &evq, ev_ring, QSIZE, 1) == 1);
-		vmmio_driver_ok(MMIO);
-	}
+	feat = vpoll_start(ID_VSOCK, WANT, queues, rings, 3, QSIZE);
 	cid = cfg32(0) | (uint64_t)cfg32(4) << 32;
 	for (i = 0; i < NRX; i++)
 		post(&rxq, (uintptr_t)rx_bufs[i], RXBUF);
