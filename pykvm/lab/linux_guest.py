@@ -535,6 +535,21 @@ def root_files() -> tuple[Path, Path, Path] | None:
     return files if all(f.is_file() for f in files) else None
 
 
+def root_files_or_skip(lab: str) -> tuple[Path, Path, Path]:
+    """:func:`root_files` for a lab test's fixture: skips the test (pytest) without a usable
+    /dev/kvm or without the root-disk guest; ``lab`` names the lab that carries the guest
+    ("nested", "riscv") in the skip reason."""
+    import pytest
+    from pykvm.testing.plugin import LACKS, kvm_usable
+    if not kvm_usable():
+        pytest.skip(f"{LACKS} a usable /dev/kvm")
+    files = root_files()
+    if files is None:
+        pytest.skip(f"{LACKS} the root-disk Linux guest ({LAB_DIR}/root.img: the {lab} lab "
+                    "carries it)")
+    return files
+
+
 def boot_modules(initrd: Path, dest: Path) -> Path:
     """The kernel modules a boot initramfs (``root_files()[1]``, gzip'd newc) carries in
     ``lib/modules/``, written to the directory ``dest`` as ``<name>.ko`` (what ``pykvm sandbox

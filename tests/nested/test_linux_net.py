@@ -21,7 +21,7 @@ import shutil
 import pytest
 
 from pykvm.lab import linux_guest
-from pykvm.testing.plugin import LACKS, kvm_usable
+from pykvm.testing.plugin import LACKS
 
 pytestmark = [
     pytest.mark.requires_arch("x86_64"),
@@ -35,12 +35,7 @@ CMDLINE = "console=ttyS0 panic=-1 loglevel=4 root=/dev/vda rw pykvm.batch"
 
 @pytest.fixture(scope="module")
 def files():
-    if not kvm_usable():
-        pytest.skip(f"{LACKS} a usable /dev/kvm")
-    f = linux_guest.root_files()
-    if f is None:
-        pytest.skip(f"{LACKS} the root-disk Linux guest ({linux_guest.LAB_DIR}/root.img: "
-                    "the nested lab carries it)")
+    f = linux_guest.root_files_or_skip("nested")
     pytest.importorskip("pyroute2")
     return f
 

@@ -27,7 +27,7 @@ import time
 import pytest
 
 from pykvm.lab import linux_guest
-from pykvm.testing.plugin import LACKS, kvm_usable
+from pykvm.testing.plugin import LACKS
 
 pytestmark = [
     pytest.mark.requires_arch("x86_64"),
@@ -46,12 +46,7 @@ PROMPT = r"pykvm:/[^\r\n#]*# "
 
 @pytest.fixture(scope="module")
 def files():
-    if not kvm_usable():
-        pytest.skip(f"{LACKS} a usable /dev/kvm")
-    f = linux_guest.root_files()
-    if f is None:
-        pytest.skip(f"{LACKS} the root-disk Linux guest ({linux_guest.LAB_DIR}/root.img: the nested lab carries it)")
-    return f
+    return linux_guest.root_files_or_skip("nested")
 
 
 def _boot(files, disk_arg, extra_cmdline, *, console="serial"):

@@ -42,10 +42,7 @@ def _host_has_aia():
 
 @pytest.fixture(scope="module")
 def files():
-    f = linux_guest.root_files()
-    if f is None:
-        pytest.skip(f"{LACKS} the root-disk Linux guest ({linux_guest.LAB_DIR}/root.img: "
-                    "the riscv lab carries it)")
+    f = linux_guest.root_files_or_skip("riscv")
     if not _host_has_aia():
         pytest.skip(f"{LACKS} KVM's in-kernel RISC-V AIA (KVM_DEV_TYPE_RISCV_AIA)")
     pytest.importorskip("pyroute2")

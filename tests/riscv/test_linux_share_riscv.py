@@ -13,7 +13,6 @@ with EROFS (ro), and the secret beside the share never on the console.
 import pytest
 
 from pykvm.lab import linux_guest
-from pykvm.testing.plugin import LACKS, kvm_usable
 
 pytestmark = [
     pytest.mark.requires_arch("riscv64"),
@@ -26,13 +25,7 @@ MEM = "256M"
 
 @pytest.fixture(scope="module")
 def files():
-    if not kvm_usable():
-        pytest.skip(f"{LACKS} a usable /dev/kvm")
-    f = linux_guest.root_files()
-    if f is None:
-        pytest.skip(f"{LACKS} the root-disk Linux guest ({linux_guest.LAB_DIR}/root.img: "
-                    "the riscv lab carries it)")
-    return f
+    return linux_guest.root_files_or_skip("riscv")
 
 
 def test_virtio_fs_share_rw_ro_and_no_escape(files, tmp_path, record_property):
