@@ -1,14 +1,7 @@
 """virtio-fs with a RISC-V Linux guest booted by ``pykvm run`` inside the riscv lab (virt machine,
-virtio-mmio): two host directories shared through virtiofsd (trixie's, from the lab image's
-/lab/virtiofsd), one read-write (``--share DIR,tag=hostshare``), one read-only
-(``--share DIR,tag=roshare,ro``).
-
-The guest is the root-disk guest of ``pykvm/lab/rootfs.py``; ``pykvm.share=TAG`` on its command
-line makes its init mount the tag with ``mount -t virtiofs``, print ``token.txt``, write
-``from-guest.txt`` (the ``pykvm.share-write=`` word), read two symlinks in the share that point
-outside it (``../outside-secret.txt`` and its absolute path) and a path up past the mount, then
-list the share. The host checks: the token read, the write seen on the host (rw) and refused
-with EROFS (ro), and the secret beside the share never on the console.
+virtio-mmio): the same two shares through virtiofsd (one read-write, one read-only) and the same
+checks as tests/nested/test_linux_share.py (the body is :func:`pykvm.lab.linux_guest.boot_shares`
+and :func:`~pykvm.lab.linux_guest.check_shares`).
 """
 import pytest
 
