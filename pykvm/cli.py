@@ -212,6 +212,16 @@ class _Unused:
         return lambda *args, **kw: self
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: a second one is a usage error (status 2), not a
+    silent override (e.g. ``--vsock``: a machine has one vsock device)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} may be given once (a machine has one such device)")
+        setattr(namespace, self.dest, values)
+
+
 class _Commands(argparse._SubParsersAction):
     """The subcommands. With ``only`` set (the command on this command line), every other
     command is listed (name, help) but its parser is not built: building all of them costs
@@ -564,6 +574,7 @@ def cmd_run(args) -> int:
     from . import status
     from .errors import GuestMemoryError, HostMemoryError, PykvmError
     from .boot import LoadError
+    from .devices.virtio import BackendUnavailable
     from .machine import Machine
 
     def outcome(exit_name: str, code: int, detail: str) -> int:
@@ -610,6 +621,8 @@ def cmd_run(args) -> int:
         host = _host_failure(e)             # the host ran out of fds, memory or threads
         if host is not None:
             return outcome("vmm_error", status.VMM_ERROR, host)
+        if isinstance(e, BackendUnavailable):   # passt/virtiofsd/tap: the host's side failed
+            return outcome("vmm_error", status.VMM_ERROR, _one_line(e))
         if isinstance(e, (LoadError, GuestMemoryError, ValueError)):
             # a bad image, or options this machine cannot honour (e.g. more vCPUs than its
             # tables can describe): refused up front, naming the limit
@@ -898,6 +911,7 @@ def cmd_sandbox(args) -> int:
     be set up (see :mod:`pykvm.sandbox`)."""
     from . import sandbox
     from .boot import LoadError
+    from .devices.virtio import BackendUnavailable
     argv = list(args.command)
     if argv[:1] == ["--"]:
         argv = argv[1:]
@@ -913,6 +927,8 @@ def cmd_sandbox(args) -> int:
         return _report("timeout", 124, f"sandbox: {e}", False)      # pykvm.status.TIMEOUT
     except sandbox.SandboxError as e:
         return _report("bad_input", EXIT_USAGE, f"sandbox: {e}", False)
+    except BackendUnavailable as e:          # virtiofsd missing, failing, not answering
+        return _report("vmm_error", EXIT_VMM, f"sandbox: {_one_line(e)}", False)
     except (LoadError, ValueError) as e:     # a bad kernel image, --vcpus, a share refused
         if _host_failure(e) is not None:
             raise
@@ -1080,7 +1096,7 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                    "to; mac= the guest's MAC (default 52:54:00 and three random bytes), mtu= "
                    "68-65535 (default 1500), link=down starts with the link down; repeatable "
                    "(x86: on the pc machine's PCI bus)")
-    r.add_argument("--vsock", default=None, metavar="cid=N,uds=PATH",
+    r.add_argument("--vsock", default=None, action=_Once, metavar="cid=N,uds=PATH",
                    help="a virtio-vsock device (Firecracker's vsock; QEMU's guest-cid): the "
                    "guest's CID N (3 or more) and a Unix socket PATH the VMM listens on (a "
                    "stale socket file there is replaced, removed again at exit). A host "

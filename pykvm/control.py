@@ -269,13 +269,42 @@ def validate_request(req: object) -> dict:
     return req
 
 
+def _unique_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"key {dup!r} given twice")
+    return dict(pairs)
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return v
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
+def loads_strict(line: bytes) -> object:
+    """``line`` (UTF-8) as RFC 8259 JSON, stricter than :func:`json.loads`: an object that
+    repeats a key, NaN, Infinity and numbers beyond a double's range are refused (a reply could
+    not carry them as JSON, and a repeated key would make the request ambiguous). Raises
+    ValueError (UnicodeDecodeError included) or RecursionError."""
+    return json.loads(line.decode("utf-8"), object_pairs_hook=_unique_keys,
+                      parse_float=_finite, parse_constant=_no_constant)
+
+
 def parse_request(line: bytes) -> dict:
     """One request line (bytes, without its newline) → the request (see
     :func:`validate_request`). Raises :class:`RequestError` ("bad_json" for anything that is
-    not UTF-8 JSON, including nesting deeper than Python's parser takes)."""
+    not UTF-8 JSON as :func:`loads_strict` reads it, including nesting deeper than Python's
+    parser takes)."""
     try:
-        req = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        req = loads_strict(line)
+    except (ValueError, RecursionError) as e:
         raise RequestError(f"not a JSON request: {_brief(e)}", "bad_json") from None
     return validate_request(req)
 
@@ -591,8 +620,8 @@ class ControlServer:
         ``"cmd"`` string gets an error response (``code`` "bad_json", "not_object",
         "bad_request"). Never raises."""
         try:
-            req = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            req = loads_strict(line)
+        except (ValueError, RecursionError) as e:
             return _error("bad_json", f"not a JSON request: {_brief(e)}")
         return self.handle(req)
 
@@ -835,6 +864,13 @@ class Client:
         try:
             self._sock.sendall((json.dumps(req) + "\n").encode())
         except OSError as e:
+            # a server that refused the connection (busy) wrote why before closing: say that
+            try:
+                resp = json.loads(self._read_line())
+            except (ControlError, ValueError):
+                resp = None
+            if isinstance(resp, dict) and resp.get("ok") is False:
+                return resp
             raise ControlError(f"{self.path}: cannot send: {e.strerror or e}") from None
         line = self._read_line()
         try:

@@ -406,7 +406,8 @@ def run(argv: Sequence[str], *, kernel: Optional[str] = None, root: str = "/",
             raise SandboxError(f"kernel {kernel}: its release cannot be read; give --modules")
         modules = f"/lib/modules/{release}"
     if not Path(modules).is_dir():
-        raise SandboxError(f"modules directory {modules} does not exist (give --modules: the "
+        why = "is not a directory" if Path(modules).exists() else "does not exist"
+        raise SandboxError(f"modules directory {modules} {why} (give --modules: the "
                            f"kernel's /lib/modules/<release>)")
     arch = os.uname().machine
     mods = find_modules(Path(modules), MODULES.get(arch, MODULES["x86_64"]))

@@ -82,7 +82,7 @@ _MODULE_DIRS = ("kernel/drivers/virtio/", "kernel/drivers/block/", "kernel/drive
                 "kernel/lib/",
                 "kernel/crypto/", "kernel/arch/", "kernel/drivers/net/virtio_net",
                 "kernel/drivers/net/net_failover", "kernel/net/core/failover", "kernel/net/packet/",
-                "kernel/net/vmw_vsock/")
+                "kernel/net/vmw_vsock/", "kernel/fs/overlayfs/")
 # virtio-fs (pykvm run --share; the root's init mounts the tags of pykvm.share=): the virtiofs
 # module and fuse, which it needs, added to every arch's list above
 FS_MODULES = ("fuse", "virtiofs")
@@ -90,7 +90,6 @@ GUEST_MODULES = {arch: names + FS_MODULES for arch, names in GUEST_MODULES.items
 # pykvm sandbox's overlay (tests/*/test_linux_sandbox*.py take the modules from the boot
 # initramfs: linux_guest.boot_modules)
 GUEST_MODULES = {arch: names + ("overlay",) for arch, names in GUEST_MODULES.items()}
-_MODULE_DIRS = _MODULE_DIRS + ("kernel/fs/overlayfs/",)
 
 # /init of the boot initramfs (busybox sh)
 BOOT_INIT = r"""#!/bin/sh

@@ -364,6 +364,22 @@ def test_an_oversized_request_is_refused_and_closed(running):
         assert c.status()["ok"]
 
 
+def test_a_client_of_a_full_server_is_told_it_is_busy(running):
+    """Past max_clients the server answers "busy" and closes; a Client whose request meets the
+    closed socket (EPIPE) still reports that answer, not the broken pipe."""
+    r = running(max_clients=2)
+    held = [raw(r.server.path) for _ in range(2)]
+    try:
+        wait_until(lambda: r.server.connections == 2, "two silent clients")
+        for _ in range(5):
+            with Client("vm") as c:
+                resp = c.request("status")
+            assert resp["ok"] is False and resp["code"] == "busy", resp
+    finally:
+        for s in held:
+            s.close()
+
+
 def test_flood_of_connections_silent_and_hung_up_clients_leak_nothing(running, capfd):
     r = running(idle_timeout=0.5, max_clients=4)
     path = r.server.path

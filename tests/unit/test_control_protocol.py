@@ -25,7 +25,12 @@ def test_every_command_parses(cmd):
     (b"\xff\xfe{}", "bad_json"),                             # not UTF-8
     (b"[" * 100000 + b"]" * 100000, "bad_json"),             # nested past the parser's depth
     (b"1" * 5000, "bad_json"),                               # past Python's int digit limit
-    (b"NaN", "not_object"),
+    (b"NaN", "bad_json"),                                    # not JSON (RFC 8259)
+    (b"{\"cmd\": \"status\", \"id\": NaN}", "bad_json"),
+    (b"{\"cmd\": \"status\", \"id\": -Infinity}", "bad_json"),
+    (b"{\"cmd\": \"status\", \"id\": 1e999999}", "bad_json"),     # past a double: inf
+    (b"{\"cmd\": \"status\", \"cmd\": \"stop\"}", "bad_json"),  # which one? neither
+
     (b"[\"pause\"]", "not_object"),
     (b"\"pause\"", "not_object"),
     (b"null", "not_object"),
@@ -153,3 +158,12 @@ def test_default_directory(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert control.default_directory() == f"/tmp/pykvm-{os.geteuid()}"
     assert control.default_name() == f"guest-{os.getpid()}"
+
+
+def test_every_reply_to_a_parsed_request_is_strict_json():
+    """Whatever id a request carries, parse_request only lets through values a reply can
+    carry as RFC 8259 JSON (json.dumps with allow_nan=False does not raise)."""
+    for line in (b'{"cmd": "status", "id": 1.5e308}', b'{"cmd": "status", "id": -0.0}',
+                 b'{"cmd": "status", "id": ' + b"9" * 4000 + b'}'):
+        req = parse_request(line)
+        json.dumps(req, allow_nan=False)

@@ -235,7 +235,7 @@ def _virtiofsd_or_skip():
     try:
         return vfs.find_virtiofsd()
     except vfs.FsError as e:
-        pytest.skip(f"no virtiofsd on this host ({e})")
+        pytest.skip(f"pykvm: host lacks virtiofsd ({e})")
 
 
 class Driver:

@@ -44,6 +44,7 @@ def test_configuration_space_and_features():
     ("tap,ifname=abcdefghijklmnop", "1-15 bytes"), ("tap,ifname=a b", "1-15 bytes"),
     ("user,mtu=67", "68..65535"), ("user,mtu=1e3", "68..65535"), ("user,mtu=65536", "68..65535"),
     ("user,mac=52:54:00:01:02", "six hex bytes"), ("user,mac=03:00:00:00:00:01", "multicast"),
+    ("user,mac=00:00:00:00:00:00", "all zeros"),
     ("user,link=maybe", "up or down"), ("user,speed=10", "unknown network option"),
     ("user,mtu=1500,mtu=1400", "given twice"), ("user,mtu", "unknown network option"),
 ])
@@ -55,7 +56,9 @@ def test_bad_descriptions_are_one_line(spec, match):
 
 def test_parse_mac_forms():
     assert parse_mac("52:54:00:AB:cd:ef") == bytes.fromhex("525400abcdef")
-    assert parse_mac(bytes(6)) == bytes(6)
+    assert parse_mac(bytes.fromhex("020000000001")) == bytes.fromhex("020000000001")
+    with pytest.raises(NetError, match="all zeros"):
+        parse_mac(bytes(6))
     with pytest.raises(NetError):
         parse_mac("52-54-00-ab-cd-ef")
 

@@ -18,6 +18,8 @@ DEVICE_NEEDS_RESET (section 2.1.2) or drop the request, never the VMM fail.
 """
 from __future__ import annotations
 
+from ...errors import PykvmError
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Callable, Dict, Optional, Sequence
@@ -45,6 +47,14 @@ INT_VRING = 1
 INT_CONFIG = 2
 
 QUEUE_MAX = 256            # queue size a device offers unless it says otherwise (power of 2)
+
+
+class BackendUnavailable(PykvmError):
+    """A device's host side cannot serve it: the program it runs is missing, will not start,
+    exited or does not answer (passt, virtiofsd), or the host refuses the resource it needs
+    (/dev/net/tun, creating a tap). A host problem, not bad input: ``pykvm run`` ends with
+    status 8. The modules' own error classes (NetError, FsError) are raised with it mixed in,
+    so callers that catch those still do."""
 
 
 class DeviceHandles:

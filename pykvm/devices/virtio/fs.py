@@ -57,7 +57,7 @@ import tempfile
 import threading
 import weakref
 
-from . import INT_VRING, TRANSPORT_FEATURES, DeviceHandles, VirtioDevice
+from . import INT_VRING, TRANSPORT_FEATURES, BackendUnavailable, DeviceHandles, VirtioDevice
 from .vhost_user import REPLY_TIMEOUT, VhostUserError, VhostUserFrontend
 from ...errors import PykvmError
 
@@ -86,6 +86,12 @@ class FsError(PykvmError, ValueError):
     start or not speaking vhost-user): one line naming what and why."""
 
 
+class FsBackendUnavailable(FsError, BackendUnavailable):
+    """virtiofsd is missing, will not start, exits or does not speak vhost-user as needed: a
+    :class:`FsError` that is a host problem (:class:`~pykvm.devices.virtio.BackendUnavailable`),
+    not bad input."""
+
+
 def check_tag(tag: str) -> bytes:
     """The tag's UTF-8 bytes when it is a valid virtio-fs tag (1..36 bytes, printable, no NUL,
     comma or white space, so that it survives ``mount`` and a command line). Raises
@@ -107,11 +113,11 @@ def find_virtiofsd(exe: Optional[str] = None) -> str:
         if cand:
             got = shutil.which(cand)
             if got is None:
-                raise FsError(f"virtiofsd {cand!r} is not an executable program")
+                raise FsBackendUnavailable(f"virtiofsd {cand!r} is not an executable program")
             return got
     got = shutil.which("virtiofsd") or next((p for p in _LIBEXEC if os.access(p, os.X_OK)), None)
     if got is None:
-        raise FsError(f"a shared directory needs virtiofsd, which is not installed (install the "
+        raise FsBackendUnavailable(f"a shared directory needs virtiofsd, which is not installed (install the "
                       f"Debian package '{PACKAGE}', Debian 13 trixie or later, or set {ENV})")
     return got
 
@@ -165,7 +171,7 @@ class Virtiofsd:
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=errf, start_new_session=True)
             except OSError as e:
-                raise FsError(f"virtiofsd ({prog}): cannot start: {e.strerror}") from None
+                raise FsBackendUnavailable(f"virtiofsd ({prog}): cannot start: {e.strerror}") from None
         except BaseException:
             ours.close()
             errf.close()
@@ -254,10 +260,10 @@ class VirtioFs(VirtioDevice):
                 self.vu.handshake()
             except VhostUserError as e:
                 why = self.daemon.why_exited(wait=1.0)
-                raise FsError(f"share {path}: {why if 'running' not in why else e}") from None
+                raise FsBackendUnavailable(f"share {path}: {why if 'running' not in why else e}") from None
             missing = TRANSPORT_FEATURES & ~self.vu.features
             if missing:
-                raise FsError(f"share {path}: virtiofsd does not offer virtio feature bits "
+                raise FsBackendUnavailable(f"share {path}: virtiofsd does not offer virtio feature bits "
                               f"{missing:#x} (features {self.vu.features:#x})")
             for _ in range(NUM_QUEUES):
                 self._kick.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))

@@ -76,7 +76,7 @@ _COUNTERS = ("rx_packets", "rx_bytes", "rx_dropped_no_buffer", "rx_dropped_overs
 
 def parse_mac(mac: Union[str, bytes]) -> bytes:
     """Six bytes from ``"52:54:00:12:34:56"`` (or six bytes as given); a multicast address (the
-    low bit of the first byte) is refused. Raises :class:`NetError`."""
+    low bit of the first byte) and 00:00:00:00:00:00 are refused. Raises :class:`NetError`."""
     if isinstance(mac, (bytes, bytearray)) and len(mac) == 6:
         raw = bytes(mac)
     elif isinstance(mac, str) and _MAC_RE.match(mac):
@@ -85,6 +85,8 @@ def parse_mac(mac: Union[str, bytes]) -> bytes:
         raise NetError(f"MAC address {mac!r} must be six hex bytes like 52:54:00:12:34:56")
     if raw[0] & 1:
         raise NetError(f"MAC address {mac!r} is a multicast address")
+    if raw == bytes(6):
+        raise NetError(f"MAC address {mac!r} is all zeros, which no interface may have")
     return raw
 
 

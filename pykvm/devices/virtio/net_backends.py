@@ -43,6 +43,7 @@ import tempfile
 import weakref
 
 from ...errors import PykvmError
+from . import BackendUnavailable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -67,6 +68,12 @@ PASST_PACKAGE = "passt"
 class NetError(PykvmError, ValueError):
     """A network backend cannot be set up (a bad option, no /dev/net/tun, no permission to
     create the tap, passt missing or refusing to start): one line naming what and why."""
+
+
+class NetBackendUnavailable(NetError, BackendUnavailable):
+    """The host cannot give the backend (no /dev/net/tun, no permission for the tap, passt
+    missing, failing to start or exiting at once): a :class:`NetError` that is a host
+    problem (:class:`~pykvm.devices.virtio.BackendUnavailable`), not bad input."""
 
 
 class NetBackend:
@@ -123,7 +130,7 @@ class TapBackend(NetBackend):
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
-            raise NetError(f"tap: cannot open /dev/net/tun: {e.strerror}") from None
+            raise NetBackendUnavailable(f"tap: cannot open /dev/net/tun: {e.strerror}") from None
         try:
             ifr = struct.pack("16sH22x", (ifname or "").encode(),
                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
@@ -136,7 +143,7 @@ class TapBackend(NetBackend):
                                       "vnet_hdr?)",
                         errno.EBUSY: " (a single-queue tap another process has open)"}
                 who = f"tap {ifname}" if ifname else "tap"
-                raise NetError(f"{who}: cannot create or attach: {e.strerror}"
+                raise NetBackendUnavailable(f"{who}: cannot create or attach: {e.strerror}"
                                f"{hint.get(e.errno or 0, '')}") from None
             self.ifname = got[:IFNAMSIZ].split(b"\0", 1)[0].decode()
             try:
@@ -315,7 +322,7 @@ class PasstBackend(StreamBackend):
     def __init__(self, args: Sequence[str] = (), *, passt: Optional[str] = None):
         exe = shutil.which(passt or "passt")
         if exe is None:
-            raise NetError(f"user-mode networking needs passt, which is not installed (install "
+            raise NetBackendUnavailable(f"user-mode networking needs passt, which is not installed (install "
                            f"the Debian/Ubuntu package '{PASST_PACKAGE}')")
         args = [str(a) for a in args]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -329,7 +336,7 @@ class PasstBackend(StreamBackend):
         except OSError as e:
             ours.close()
             errf.close()
-            raise NetError(f"passt ({exe}): cannot start: {e.strerror}") from None
+            raise NetBackendUnavailable(f"passt ({exe}): cannot start: {e.strerror}") from None
         finally:
             theirs.close()
         super().__init__(ours)
@@ -343,7 +350,7 @@ class PasstBackend(StreamBackend):
         else:
             why = self._why_exited()
             self.close()
-            raise NetError(why)
+            raise NetBackendUnavailable(why)
 
     def __repr__(self) -> str:
         return f"PasstBackend(pid={self.proc.pid}{', closed' if self.closed else ''})"
