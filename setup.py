@@ -91,6 +91,11 @@ class build_py(_build_py):
                 if f.endswith((".elf", ".bin")):
                     shutil.copy2(os.path.join(src, f), os.path.join(dst, sub, f))
                     n += 1
+                    # its source beside it: `pykvm guests` shows its leading comment
+                    c = os.path.join(GUESTS, sub, f.rsplit(".", 1)[0] + ".c")
+                    if os.path.isfile(c) and not os.path.exists(os.path.join(dst, sub,
+                                                                             os.path.basename(c))):
+                        shutil.copy2(c, os.path.join(dst, sub, os.path.basename(c)))
         _say(f"{n} built-in guest images in {dst}")
 
 

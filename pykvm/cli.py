@@ -759,8 +759,10 @@ def cmd_guests(args) -> int:
     from . import guests
     if args.build:
         guests.build(force=True)
-    for name in guests.available():
-        print(name)
+    names = guests.available()
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {guests.about(name)}".rstrip())
     return 0
 
 

@@ -15,6 +15,7 @@ your own: it is compiled with the packaged guest runtime (see :mod:`pykvm.guestb
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 from . import guestbuild
@@ -153,6 +154,31 @@ def available(arch: Optional[str] = None) -> List[str]:
         if os.path.isdir(d):
             names |= {f.rsplit(".", 1)[0] for f in os.listdir(d) if f.endswith((".elf", ".bin"))}
     return sorted(names)
+
+
+def about(name: str, arch: Optional[str] = None) -> str:
+    """One line on what the built-in guest ``name`` does: the first sentence of its source's
+    leading comment, without the ``name:`` it may start with (the source beside the image in a
+    wheel, or ``guests/<arch dir>/<name>.c`` in a checkout); "" when there is none."""
+    sub = _ARCH_DIR.get(arch or HOST_ARCH, "")
+    for d in [*guest_dirs(arch), os.path.join(SOURCE_DIR, sub)]:
+        try:
+            with open(os.path.join(d, f"{name}.c"), encoding="utf-8", errors="replace") as f:
+                text = f.read(4096)
+        except OSError:
+            continue
+        m = re.match(r"\s*/\*(.*?)\*/", text, re.S)
+        if not m:
+            return ""
+        words = " ".join(w.strip(" *") for w in m.group(1).splitlines()).split()
+        line = " ".join(words)
+        line = re.sub(rf"^{re.escape(name)}\s*:\s*", "", line)
+        end = re.search(r"(?<=[\w)\]])\.(\s|$)", line)
+        line = line[:end.start() + 1] if end else line
+        if len(line) > 100:
+            line = line[:97].rsplit(" ", 1)[0] + "..."
+        return line[0].upper() + line[1:] if line else ""
+    return ""
 
 
 DEFAULT_GUEST = "hello"

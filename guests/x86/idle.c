@@ -1,0 +1,12 @@
+/* idle: waits until it is stopped, halted with interrupts off on the pc machine
+ * (`pykvm run idle --machine pc --name NAME`), so that the control verbs have a running VM to
+ * act on: pykvm stop NAME, Ctrl-A x or --timeout end it.  Says so on COM1 first; never reports
+ * DONE.  (On the bare machine a halt with interrupts off ends the run at once.) */
+#include "pykvm_guest.h"
+
+void guest_main(void)
+{
+	com1_puts("idle: halted until stopped (pykvm stop NAME, Ctrl-A x or --timeout)\n");
+	for (;;)
+		__asm__ volatile("cli; hlt");
+}
