@@ -344,6 +344,12 @@ MEM_LOG_DIRTY_PAGES = 1 << 0
 MEM_READONLY = 1 << 1
 MEM_GUEST_MEMFD = 1 << 2
 
+# KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) args[0] bits: KVM_GET_DIRTY_LOG no longer
+# clears (and write-protects) what it reports, KVM_CLEAR_DIRTY_LOG does; new slots start with
+# every page dirty.
+DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+DIRTY_LOG_INITIALLY_SET = 1 << 1
+
 # ioeventfd / irqfd flags.
 IOEVENTFD_FLAG_DATAMATCH = 1 << 0
 IOEVENTFD_FLAG_PIO = 1 << 1

@@ -144,6 +144,95 @@ struct kvm_nested_state {
     /* followed by `size - 128` bytes of data: struct kvm_vmx_nested_state_data (vmcs12 and
        shadow vmcs12) or struct kvm_svm_nested_state_data (vmcb12) */
 };
+
+struct kvm_lapic_state {
+    char regs[1024];
+};
+
+struct kvm_sregs2 {
+    struct kvm_segment cs, ds, es, fs, gs, ss;
+    struct kvm_segment tr, ldt;
+    struct kvm_dtable gdt, idt;
+    uint64_t cr0, cr2, cr3, cr4, cr8;
+    uint64_t efer;
+    uint64_t apic_base;
+    uint64_t flags;
+    uint64_t pdptrs[4];
+};
+
+struct kvm_vcpu_events {
+    struct {
+        uint8_t injected;
+        uint8_t nr;
+        uint8_t has_error_code;
+        uint8_t pending;
+        uint32_t error_code;
+    } exception;
+    struct {
+        uint8_t injected;
+        uint8_t nr;
+        uint8_t soft;
+        uint8_t shadow;
+    } interrupt;
+    struct {
+        uint8_t injected;
+        uint8_t pending;
+        uint8_t masked;
+        uint8_t pad;
+    } nmi;
+    uint32_t sipi_vector;
+    uint32_t flags;
+    struct {
+        uint8_t smm;
+        uint8_t pending;
+        uint8_t smm_inside_nmi;
+        uint8_t latched_init;
+    } smi;
+    struct {
+        uint8_t pending;
+    } triple_fault;
+    uint8_t reserved[26];
+    uint8_t exception_has_payload;
+    uint64_t exception_payload;
+};
+
+struct kvm_debugregs {
+    uint64_t db[4];
+    uint64_t dr6;
+    uint64_t dr7;
+    uint64_t flags;
+    uint64_t reserved[9];
+};
+
+struct kvm_xsave {
+    uint32_t region[1024];
+    uint32_t extra[];
+};
+
+struct kvm_xcr {
+    uint32_t xcr;
+    uint32_t reserved;
+    uint64_t value;
+};
+
+struct kvm_xcrs {
+    uint32_t nr_xcrs;
+    uint32_t flags;
+    struct kvm_xcr xcrs[16];
+    uint64_t padding[16];
+};
+
+struct kvm_msr_filter_range {
+    uint32_t flags;
+    uint32_t nmsrs;
+    uint32_t base;
+    uint8_t *bitmap;
+};
+
+struct kvm_msr_filter {
+    uint32_t flags;
+    struct kvm_msr_filter_range ranges[16];
+};
 """
 
 # Pages of the vCPU mmap after kvm_run: PIO data, then the coalesced-MMIO ring.
@@ -174,3 +263,35 @@ GUESTDBG_USE_SW_BP = 0x00010000
 GUESTDBG_USE_HW_BP = 0x00020000
 GUESTDBG_INJECT_DB = 0x00040000
 GUESTDBG_INJECT_BP = 0x00080000
+
+# KVM_GET/SET_LAPIC: the local APIC's register page (KVM_APIC_REG_SIZE bytes).
+APIC_REG_SIZE = 0x400
+
+# KVM_GET/SET_SREGS2: kvm_sregs2.flags.
+SREGS2_FLAGS_PDPTRS_VALID = 1
+
+# KVM_SET_VCPU_EVENTS: kvm_vcpu_events.flags bits naming the fields that are to be set.
+VCPUEVENT_VALID = {
+    "NMI_PENDING": 0x00000001, "SIPI_VECTOR": 0x00000002, "SHADOW": 0x00000004,
+    "SMM": 0x00000008, "PAYLOAD": 0x00000010, "TRIPLE_FAULT": 0x00000020,
+}
+# kvm_vcpu_events.interrupt.shadow bits.
+X86_SHADOW_INT_MOV_SS = 0x01
+X86_SHADOW_INT_STI = 0x02
+
+# KVM_GET/SET_XCRS: the most XCRs struct kvm_xcrs holds.
+MAX_XCRS = 16
+
+# KVM_X86_SET_MSR_FILTER.
+MSR_FILTER_READ = 1 << 0
+MSR_FILTER_WRITE = 1 << 1
+MSR_FILTER_MAX_RANGES = 16
+MSR_FILTER_MAX_BITMAP_SIZE = 0x600          # bytes per range's bitmap
+MSR_FILTER_DEFAULT_ALLOW = 0 << 0
+MSR_FILTER_DEFAULT_DENY = 1 << 0
+
+# KVM_ENABLE_CAP(KVM_CAP_X86_USER_SPACE_MSR) args[0]: which failed MSR accesses exit to user
+# space (KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR); also kvm_run.msr.reason.
+MSR_EXIT_REASON_INVAL = 1 << 0
+MSR_EXIT_REASON_UNKNOWN = 1 << 1
+MSR_EXIT_REASON_FILTER = 1 << 2
