@@ -39,8 +39,9 @@ QEMU_DIR = Path("/lab/qemu")            # where a lab boot carries its inner QEM
 DISK_MIB = 64                           # the bench disk's size
 MIB = 1 << 20
 
-# one phase's line, as blkbench.c prints it (after an optional prefix, e.g. the console mark)
-_LINE = re.compile(r"(?:^|\s)blkbench (\S+) bytes=(\d+) ops=(\d+) seconds=(\d+(?:\.\d+)?)\s*$")
+# one phase's line, as blkbench.c (and netbench.c) print it (after an optional prefix, e.g. the
+# console mark); the program's name is filled in
+_LINE = r"(?:^|\s){} (\S+) bytes=(\d+) ops=(\d+) seconds=(\d+(?:\.\d+)?)\s*$"
 
 
 # -- running and comparing (inside a lab) -------------------------------------------------------------
@@ -63,13 +64,14 @@ class Phase:
         return self.ops / self.seconds if self.seconds > 0 else 0.0
 
 
-def parse(marks) -> dict[str, Phase]:
+def parse(marks, program: str = "blkbench") -> dict[str, Phase]:
     """The phases in ``marks`` (``GuestRun.marks``: (seconds, text) pairs; the text may carry a
-    prefix before ``blkbench``), by phase name. A line that is not exactly blkbench.c's form, or
-    reports no request or no time, is not a result."""
+    prefix before ``program``: ``blkbench`` or ``netbench``), by phase name. A line that is not
+    exactly blkbench.c's form, or reports no request or no time, is not a result."""
     out = {}
+    line = re.compile(_LINE.format(re.escape(program)))
     for _, text in marks:
-        m = _LINE.search(text)
+        m = line.search(text)
         if m and int(m[3]) > 0 and float(m[4]) > 0:
             out[m[1]] = Phase(m[1], int(m[2]), int(m[3]), float(m[4]))
     return out
@@ -122,32 +124,43 @@ def qemu_argv(arch: str, kernel, initrd, *, cmdline: str, disks, mem: str) -> li
     return argv
 
 
-def table(pykvm: dict[str, Phase], qemu: dict[str, Phase]) -> list[str]:
-    """The two runs side by side, one line per phase (MiB/s, IOPS, ratio pykvm / QEMU)."""
-    rows = [f"{'phase':14} {'pykvm MiB/s':>12} {'QEMU MiB/s':>11} {'pykvm IOPS':>11} {'QEMU IOPS':>10} "
+def rate(phase: Phase, by_ops: bool) -> float:
+    """What a phase is compared by: requests per second when ``by_ops`` (round trips, files),
+    else MiB/s."""
+    return phase.iops if by_ops else phase.mib_s
+
+
+def table(pykvm: dict[str, Phase], qemu: dict[str, Phase], phases=PHASES, by_ops=()) -> list[str]:
+    """The two runs side by side, one line per phase of ``phases`` (MiB/s, requests per second,
+    ratio pykvm / QEMU of the figure the phase is compared by: requests per second for those in
+    ``by_ops``, else MiB/s)."""
+    w = max([14, *map(len, phases)])
+    rows = [f"{'phase':{w}} {'pykvm MiB/s':>12} {'QEMU MiB/s':>11} {'pykvm op/s':>11} {'QEMU op/s':>10} "
             f"{'ratio':>6}"]
-    for name in PHASES:
+    for name in phases:
         p, q = pykvm.get(name), qemu.get(name)
         if p is None or q is None:
-            rows.append(f"{name:14} missing ({'pykvm' if p is None else 'QEMU'} printed no result)")
+            rows.append(f"{name:{w}} missing ({'pykvm' if p is None else 'QEMU'} printed no result)")
             continue
-        ratio = f"{p.mib_s / q.mib_s:6.2f}" if q.mib_s else f"{'n/a':>6}"
-        rows.append(f"{name:14} {p.mib_s:12.2f} {q.mib_s:11.2f} {p.iops:11.1f} {q.iops:10.1f} {ratio}")
+        qr = rate(q, name in by_ops)
+        ratio = f"{rate(p, name in by_ops) / qr:6.2f}" if qr else f"{'n/a':>6}"
+        rows.append(f"{name:{w}} {p.mib_s:12.2f} {q.mib_s:11.2f} {p.iops:11.1f} {q.iops:10.1f} {ratio}")
     return rows
 
 
-def ratios(pykvm: dict[str, Phase], qemu: dict[str, Phase]) -> dict[str, float]:
-    """Throughput ratio pykvm / QEMU per phase present in both (above 1: pykvm faster)."""
-    return {n: round(pykvm[n].mib_s / qemu[n].mib_s, 3) for n in PHASES
-            if n in pykvm and n in qemu and qemu[n].mib_s > 0}
+def ratios(pykvm: dict[str, Phase], qemu: dict[str, Phase], phases=PHASES, by_ops=()) -> dict[str, float]:
+    """Ratio pykvm / QEMU per phase of ``phases`` present in both (above 1: pykvm faster), of
+    requests per second for the phases in ``by_ops``, else of throughput."""
+    return {n: round(rate(pykvm[n], n in by_ops) / rate(qemu[n], n in by_ops), 3) for n in phases
+            if n in pykvm and n in qemu and rate(qemu[n], n in by_ops) > 0}
 
 
-def combine(runs: list[dict[str, Phase]]) -> dict[str, Phase]:
-    """One result per phase from several runs of it: bytes, requests and seconds summed, so the
-    throughput is the runs' total over their total time. A phase missing from any run is left
-    out (then :func:`report` names it)."""
+def combine(runs: list[dict[str, Phase]], phases=PHASES) -> dict[str, Phase]:
+    """One result per phase of ``phases`` from several runs of it: bytes, requests and seconds
+    summed, so the throughput is the runs' total over their total time. A phase missing from any
+    run is left out (then :func:`report` names it)."""
     out = {}
-    for name in PHASES:
+    for name in phases:
         got = [r[name] for r in runs if name in r]
         if runs and len(got) == len(runs):
             out[name] = Phase(name, sum(p.bytes for p in got), sum(p.ops for p in got),
@@ -157,48 +170,78 @@ def combine(runs: list[dict[str, Phase]]) -> dict[str, Phase]:
 
 @dataclass
 class Comparison:
-    """The boots of :func:`compare`: each VMM's runs (``GuestRun``, in boot order) and their
-    phases combined over those runs (:func:`combine`)."""
+    """The boots of :func:`compare` (or :func:`run_abba`): each VMM's runs (``GuestRun``, in
+    boot order) and their phases combined over those runs (:func:`combine`). ``kind`` names the
+    JUnit properties (``blk``, ``net``); ``program`` is the guest program whose lines the runs
+    carry; ``by_ops``: the phases compared by requests per second (:func:`ratios`)."""
     pykvm_runs: list[linux_guest.GuestRun]
     qemu_runs: list[linux_guest.GuestRun]
     pykvm: dict
     qemu: dict
+    kind: str = "blk"
+    phases: tuple = PHASES
+    program: str = "blkbench"
+    by_ops: tuple = ()
 
     def lines(self) -> list[str]:
-        return table(self.pykvm, self.qemu)
+        return table(self.pykvm, self.qemu, self.phases, self.by_ops)
 
     def properties(self) -> dict[str, object]:
-        """JUnit properties: ``bench_blk_<phase>`` (text, printed in the lab's summary) and
-        ``ratio_blk_<phase>`` (pykvm / QEMU throughput)."""
+        """JUnit properties: ``bench_<kind>_<phase>`` (text, printed in the lab's summary) and
+        ``ratio_<kind>_<phase>`` (pykvm / QEMU, :func:`ratios`)."""
         out: dict[str, object] = {}
-        for name, r in ratios(self.pykvm, self.qemu).items():
+        for name, r in ratios(self.pykvm, self.qemu, self.phases, self.by_ops).items():
             p, q = self.pykvm[name], self.qemu[name]
-            out[f"bench_blk_{name}"] = (f"pykvm {p.mib_s:.2f} MiB/s ({p.iops:.0f} IOPS), QEMU {q.mib_s:.2f} MiB/s "
-                                        f"({q.iops:.0f} IOPS), pykvm/QEMU {r:.2f}")
-            out[f"ratio_blk_{name}"] = r
+            if name in self.by_ops:
+                text = f"pykvm {p.iops:.0f}/s, QEMU {q.iops:.0f}/s, pykvm/QEMU {r:.2f}"
+            else:
+                text = (f"pykvm {p.mib_s:.2f} MiB/s ({p.iops:.0f} IOPS), QEMU {q.mib_s:.2f} MiB/s "
+                        f"({q.iops:.0f} IOPS), pykvm/QEMU {r:.2f}")
+            out[f"bench_{self.kind}_{name}"] = text
+            out[f"ratio_{self.kind}_{name}"] = r
         return out
+
+
+def abba(rounds: int) -> list[str]:
+    """The boot order of ``rounds`` rounds: pykvm, QEMU, QEMU, pykvm, ... (so a load that changes
+    steadily over the boots weighs on both alike). ValueError for ``rounds`` < 1."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, not {rounds}")
+    return [vmm for r in range(rounds) for vmm in (("pykvm", "qemu") if r % 2 == 0 else ("qemu", "pykvm"))]
+
+
+def run_abba(boot, workdir, rounds: int, *, kind: str = "blk", phases=PHASES, program: str = "blkbench",
+             by_ops=()) -> Comparison:
+    """``boot(vmm, directory) -> GuestRun`` for each boot of :func:`abba` (``vmm``: "pykvm" or
+    "qemu"; ``directory``: a fresh one under ``workdir``), the runs' phases parsed and combined
+    per VMM. ValueError for ``rounds`` < 1."""
+    workdir = Path(workdir)
+    runs: dict[str, list] = {"pykvm": [], "qemu": []}
+    for i, vmm in enumerate(abba(rounds)):
+        d = workdir / f"{i}-{vmm}"
+        d.mkdir(parents=True, exist_ok=True)
+        runs[vmm].append(boot(vmm, d))
+    return Comparison(runs["pykvm"], runs["qemu"],
+                      combine([parse(r.marks, program) for r in runs["pykvm"]], phases),
+                      combine([parse(r.marks, program) for r in runs["qemu"]], phases),
+                      kind, tuple(phases), program, tuple(by_ops))
 
 
 def compare(kernel, initrd, root_img, workdir, *, arch: str, cmdline: str, seconds: float = 1.5,
             rounds: int = 2, mem: str = "256M", pykvm_extra=(), timeout: float = 300.0,
             echo=None) -> Comparison:
     """Boot the root-disk guest ``2 * rounds`` times in ``workdir``, with ``pykvm run`` and with
-    the lab's QEMU in the order pykvm, QEMU, QEMU, pykvm, ... (so a load that changes steadily over
-    the boots weighs on both alike), each on a fresh copy of ``root_img`` and a fresh bench disk,
-    with ``pykvm.blkbench=seconds pykvm.batch`` added to ``cmdline``. Raises RuntimeError when
-    this lab boot carries no QEMU (:func:`inner_qemu`), ValueError for ``rounds`` < 1."""
+    the lab's QEMU in the order of :func:`abba`, each on a fresh copy of ``root_img`` and a fresh
+    bench disk, with ``pykvm.blkbench=seconds pykvm.batch`` added to ``cmdline``. Raises
+    RuntimeError when this lab boot carries no QEMU (:func:`inner_qemu`), ValueError for
+    ``rounds`` < 1."""
     qemu = inner_qemu()
     if qemu is None:
         raise RuntimeError(f"no QEMU in this lab boot ({QEMU_DIR})")
-    if rounds < 1:
-        raise ValueError(f"rounds must be at least 1, not {rounds}")
-    workdir = Path(workdir)
+    abba(rounds)
     cmd = f"{cmdline} pykvm.batch pykvm.blkbench={seconds:g}"
-    runs: dict[str, list] = {"pykvm": [], "qemu": []}
-    order = [vmm for r in range(rounds) for vmm in (("pykvm", "qemu") if r % 2 == 0 else ("qemu", "pykvm"))]
-    for i, vmm in enumerate(order):
-        d = workdir / f"{i}-{vmm}"
-        d.mkdir(parents=True, exist_ok=True)
+
+    def boot(vmm: str, d: Path) -> linux_guest.GuestRun:
         root = linux_guest.copy_root(Path(root_img), d)
         bench = make_disk(d / "bench.img")
         if vmm == "pykvm":
@@ -211,32 +254,34 @@ def compare(kernel, initrd, root_img, workdir, *, arch: str, cmdline: str, secon
             argv = prefix + qemu_argv(arch, kernel, initrd, cmdline=cmd, mem=mem,
                                       disks=[(root, None), (bench, SERIAL)])
             run = linux_guest.run_console(argv, timeout=timeout, echo=echo, env=env)
-        runs[vmm].append(run)
         for f in (root, bench):                     # the lab keeps its files in RAM
             f.unlink()
-    return Comparison(runs["pykvm"], runs["qemu"], combine([parse(r.marks) for r in runs["pykvm"]]),
-                      combine([parse(r.marks) for r in runs["qemu"]]))
+        return run
+
+    return run_abba(boot, workdir, rounds)
 
 
-def report(cmp: Comparison, record_property) -> None:
-    """For the labs' tests: print each run's console tail and phases and the side-by-side table,
-    record the JUnit properties (:meth:`Comparison.properties`), and raise AssertionError unless
-    every run of both VMMs ran every phase and exited 0 (the ratios are reported, never
-    asserted)."""
+def report(cmp: Comparison, record_property, title: str | None = None) -> None:
+    """For the labs' tests: print each run's console tail and phases and the side-by-side table
+    under ``title`` (default: the disk benchmark's), record the JUnit properties
+    (:meth:`Comparison.properties`), and raise AssertionError unless every run of both VMMs ran
+    every phase and exited 0 (the ratios are reported, never asserted)."""
     for vmm, vmm_runs in (("pykvm", cmp.pykvm_runs), ("QEMU", cmp.qemu_runs)):
         for run in vmm_runs:
-            got = parse(run.marks)
+            got = parse(run.marks, cmp.program)
             print(f"\n$ {' '.join(map(str, run.argv))}\n{run.tail(12)}\n({vmm}: exit {run.status}, "
                   f"{run.seconds:.1f} s; " + ", ".join(f"{n} {p.mib_s:.2f} MiB/s" for n, p in got.items())
                   + f"){run.stderr[-2000:]}")
-    print(f"\nvirtio-blk in the guest, pykvm against {qemu_version()} -accel kvm, queue depth 1, O_DIRECT, "
-          f"{len(cmp.pykvm_runs)} boots each:")
+    if title is None:
+        title = (f"virtio-blk in the guest, pykvm against {qemu_version()} -accel kvm, queue depth 1, "
+                 f"O_DIRECT, {len(cmp.pykvm_runs)} boots each:")
+    print(f"\n{title}")
     print("\n".join(cmp.lines()))
     for name, value in cmp.properties().items():
         record_property(name, value)
     for vmm, vmm_runs in (("pykvm", cmp.pykvm_runs), ("QEMU", cmp.qemu_runs)):
         for run in vmm_runs:
-            lost = [p for p in PHASES if p not in parse(run.marks)]
+            lost = [p for p in cmp.phases if p not in parse(run.marks, cmp.program)]
             assert not lost, (f"{vmm}: no result for {', '.join(lost)} (exit {run.status}):\n"
                               f"{run.tail()}\n{run.stderr[-2000:]}")
             assert run.status == 0, f"{vmm} exited {run.status}: {run.stderr[-2000:]}\n{run.tail()}"

@@ -714,17 +714,18 @@ def run_guest(kernel, initrd, *, cmdline: str, extra=(), timeout: float = 600.0,
     return run_console(argv, timeout=timeout + 60, echo=echo, env=env)
 
 
-def run_console(argv: list, *, timeout: float, echo=None, env=None) -> GuestRun:
+def run_console(argv: list, *, timeout: float, echo=None, env=None, pass_fds=()) -> GuestRun:
     """Run ``argv`` (a VMM whose standard output is the guest's console: ``pykvm run``, QEMU with
     ``-serial stdio``) with standard input closed, reading the console as it comes (each
     :data:`MARK` line timestamped; ``echo(line)`` sees every line). Killed after ``timeout``
-    seconds (then the status is the kill's, -9, and the console so far is kept)."""
+    seconds (then the status is the kill's, -9, and the console so far is kept). ``pass_fds``:
+    file descriptors it inherits (e.g. a backend's socket)."""
     import subprocess
     import threading
     import time
     t0 = time.monotonic()
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=env)
+                         env=env, pass_fds=tuple(pass_fds))
     err: list = []
     th = threading.Thread(target=lambda: err.append(p.stderr.read()), daemon=True)
     th.start()

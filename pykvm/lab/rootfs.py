@@ -149,7 +149,7 @@ mkdir -p /dev/pts && mount -t devpts devpts /dev/pts 2>/dev/null
 hostname pykvm
 read up idle < /proc/uptime
 echo "$M root init: uptime ${up}s, $(uname -r) $(uname -m), root: $(grep ' / ' /proc/mounts | tail -1)"
-token=; batch=0; probe=0; bench=; net=; ping=; wget=
+token=; batch=0; probe=0; bench=; net=; ping=; wget=; netbench=; fsbench=; benchsecs=
 for a in $(cat /proc/cmdline); do
   case "$a" in
     pykvm.token=*) token=${a#pykvm.token=} ;;
@@ -161,6 +161,9 @@ for a in $(cat /proc/cmdline); do
     pykvm.share-write=*) sharew=${a#pykvm.share-write=} ;;
     pykvm.write-probe) probe=1 ;;
     pykvm.blkbench=*) bench=${a#pykvm.blkbench=} ;;
+    pykvm.netbench=*) netbench="$netbench ${a#pykvm.netbench=}" ;;
+    pykvm.fsbench=*) fsbench=${a#pykvm.fsbench=} ;;
+    pykvm.benchsecs=*) benchsecs=${a#pykvm.benchsecs=} ;;
   esac
 done
 for b in /sys/block/vd*; do
@@ -248,6 +251,36 @@ if [ -n "$bench" ]; then
   elif [ ! -x /usr/bin/blkbench ]; then echo "$M blkbench: not in this root image"
   else blkbench "$dev" "$bench" "$M" 2>&1 || echo "$M blkbench failed"; fi
 fi
+for nb in $netbench; do
+  # pykvm.netbench=LABEL,MAC,ADDR,HOST,PORT (pykvm/lab/netbench.py): the interface with MAC takes
+  # ADDR (dhcp, or address/prefix), then netbench runs its TCP phases against HOST:PORT
+  set -- $(echo "$nb" | tr , ' ')
+  ifc=
+  for i in /sys/class/net/*; do [ "$(cat $i/address 2>/dev/null)" = "$2" ] && ifc=${i##*/}; done
+  if [ -z "$ifc" ]; then echo "$M netbench $1: no interface with MAC $2"; continue; fi
+  ip link set lo up; ip link set "$ifc" up
+  if [ "$3" = dhcp ]; then
+    udhcpc -i "$ifc" -n -q -f -t 5 -T 3 -s /usr/share/udhcpc/default.script >/run/udhcpc.log 2>&1 ||
+      echo "$M netbench $1: dhcp failed: $(tail -3 /run/udhcpc.log | tr '\n' ' ')"
+  else
+    ip addr add "$3" dev "$ifc"
+  fi
+  netbench tcp "$4" "$5" "${benchsecs:-1}" "$M" "$1" 2>&1 || echo "$M netbench $1 failed"
+done
+if [ -n "$fsbench" ]; then
+  # pykvm.fsbench=TAG (pykvm/lab/netbench.py): read big.bin and the files of small/ in the share,
+  # each after dropping the guest's caches
+  mkdir -p /run/fsbench
+  if mount -t virtiofs "$fsbench" /run/fsbench 2>/run/fsbench.err; then
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    netbench read /run/fsbench/big.bin "${benchsecs:-1}" "$M" fs 2>&1 || echo "$M netbench fs read failed"
+    echo 3 > /proc/sys/vm/drop_caches
+    netbench files /run/fsbench/small "$M" fs 2>&1 || echo "$M netbench fs files failed"
+    umount /run/fsbench
+  else
+    echo "$M fsbench $fsbench: mount failed: $(cat /run/fsbench.err)"
+  fi
+fi
 if [ "$batch" != 1 ]; then
   echo "$M shell (exit or Ctrl-D powers off)"
   setsid cttyhack sh -l
@@ -282,6 +315,8 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin:/run/bin
 # applets linked in the image's /bin (the root's /sbin/init links the rest into /run/bin, which
 # works on a read-only root too)
 BLKBENCH_SOURCE = Path(__file__).with_name("blkbench.c")
+# the network and share benchmark's guest program (pykvm/lab/netbench.py)
+NETBENCH_SOURCE = Path(__file__).with_name("netbench.c")
 
 _ROOT_LINKS = ("sh", "mount", "hostname", "mkdir", "cat", "grep", "tail", "uname", "sync", "poweroff",
                "setsid", "cttyhack", "stty", "sleep", "head", "od", "tr", "rm", "ls", "echo", "dmesg")
@@ -353,19 +388,20 @@ def blkbench_compiler(arch: str) -> str | None:
     return shutil.which(f"{native}-linux-gnu-gcc")
 
 
-def build_blkbench(arch: str) -> bytes | None:
-    """``pykvm/lab/blkbench.c`` built static for ``arch``; None where this host has no compiler for it.
-    Raises RuntimeError with the compiler's last line when the build fails."""
+def build_blkbench(arch: str, source: Path = BLKBENCH_SOURCE) -> bytes | None:
+    """``source`` (default ``pykvm/lab/blkbench.c``; also ``netbench.c``) built static for
+    ``arch``; None where this host has no compiler for it. Raises RuntimeError with the
+    compiler's last line when the build fails."""
     cc = blkbench_compiler(arch)
     if cc is None:
         return None
     with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "blkbench"
-        r = subprocess.run([cc, "-O2", "-static", "-Wall", "-o", str(out), str(BLKBENCH_SOURCE)],
+        out = Path(d) / source.stem
+        r = subprocess.run([cc, "-O2", "-static", "-Wall", "-o", str(out), str(source)],
                            capture_output=True, text=True)
         if r.returncode != 0:
             msg = (r.stderr or r.stdout).strip().splitlines()
-            raise RuntimeError(f"{cc} blkbench.c failed: {msg[-1] if msg else r.returncode}")
+            raise RuntimeError(f"{cc} {source.name} failed: {msg[-1] if msg else r.returncode}")
         return out.read_bytes()
 
 
@@ -398,7 +434,8 @@ def build_root_image(arch: str, out_dir=None, *, size_mib: int = DEFAULT_SIZE_MI
     key = _key({"format": FORMAT, "busybox": bb_sha, "init": ROOT_INIT, "profile": PROFILE,
                 "udhcpc": UDHCPC_SCRIPT,
                 "links": _ROOT_LINKS, "features": EXT4_FEATURES, "size": int(size_mib), "mke2fs": mver,
-                "blkbench": bench_cc and blkbench_source()})
+                "blkbench": bench_cc and blkbench_source(),
+                "netbench": bench_cc and NETBENCH_SOURCE.read_text()})
     cached = archive.cache / "rootfs" / f"root-{darch}-{key}.img"
     if info is not None:
         info.update(root_busybox=bb_desc, root_image_key=key, root_size_mib=int(size_mib), mke2fs=mver,
@@ -425,6 +462,13 @@ def build_root_image(arch: str, out_dir=None, *, size_mib: int = DEFAULT_SIZE_MI
                     if prog is not None:
                         (root / "usr/bin/blkbench").write_bytes(prog)
                         (root / "usr/bin/blkbench").chmod(0o755)
+                    try:
+                        nprog = build_blkbench(darch, NETBENCH_SOURCE)
+                    except RuntimeError as e:
+                        raise LabError(f"root disk: {e}") from None
+                    if nprog is not None:
+                        (root / "usr/bin/netbench").write_bytes(nprog)
+                        (root / "usr/bin/netbench").chmod(0o755)
                     init = root / "usr/sbin/init"
                     init.write_text(ROOT_INIT)
                     init.chmod(0o755)

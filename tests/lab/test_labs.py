@@ -68,9 +68,13 @@ NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           "test_sandbox_rw_writes_reach_the_host"]
 EXPECTED = {"riscv": {"riscv-rv64": SMOKE + RISCV, "riscv-max": SMOKE + RISCV,
                       # the boot that carries the lab's QEMU (pykvm/lab/build.py, qemu_tests)
-                      "riscv-rv64-qemu": ["test_virtio_blk_throughput_against_qemu_on_riscv"]},
+                      "riscv-rv64-qemu": ["test_virtio_blk_throughput_against_qemu_on_riscv",
+                                          # tests/riscv/test_net_fs_bench_riscv.py
+                                          "test_virtio_net_and_fs_throughput_against_qemu_on_riscv"]},
             "nested": {"nested": SMOKE + NESTED,
-                       "nested-qemu": ["test_virtio_blk_throughput_against_qemu"]}}
+                       "nested-qemu": ["test_virtio_blk_throughput_against_qemu",
+                                       # tests/nested/test_net_fs_bench_nested.py
+                                       "test_virtio_net_and_fs_throughput_against_qemu"]}}
 SUMMARIES: list = []          # (lab, line) for the terminal summary (see conftest.py)
 
 
