@@ -3,14 +3,16 @@ pykvm with QEMU inside the lab get a boot of their own whose initrd carries that
 from pykvm.lab.build import NESTED, RISCV, split_tests
 
 BENCH = "tests/nested/test_blk_bench_nested.py"
+NET_BENCH = "tests/nested/test_net_fs_bench_nested.py"
+IGNORED = [f"--ignore={BENCH}", f"--ignore={NET_BENCH}"]
 
 
 def test_a_folder_above_a_qemu_test_keeps_the_rest_and_sends_that_test_to_its_own_boot():
     main, qemu = split_tests(NESTED, ["tests/nested", "tests/lab/inner_smoke"])
-    assert main == ["tests/nested", f"--ignore={BENCH}", "tests/lab/inner_smoke"]
-    assert qemu == [BENCH]
+    assert main == ["tests/nested", *IGNORED, "tests/lab/inner_smoke"]
+    assert qemu == [BENCH, NET_BENCH]
     main, qemu = split_tests(NESTED, ["tests"])
-    assert main == ["tests", f"--ignore={BENCH}"] and qemu == [BENCH]
+    assert main == ["tests", *IGNORED] and qemu == [BENCH, NET_BENCH]
 
 
 def test_a_qemu_test_named_alone_or_by_node_id_runs_only_in_the_qemu_boot():
@@ -23,13 +25,14 @@ def test_tests_elsewhere_leave_the_qemu_boot_out():
     assert split_tests(RISCV, ["tests/riscv/test_riscv.py"]) == (["tests/riscv/test_riscv.py"], [])
     assert split_tests(RISCV, ["tests/riscvx"]) == (["tests/riscvx"], [])    # a prefix is no folder
     main, qemu = split_tests(RISCV, ["tests/riscv/"])
-    assert qemu == ["tests/riscv/test_blk_bench_riscv.py"] and main[0] == "tests/riscv/"
+    assert qemu == ["tests/riscv/test_blk_bench_riscv.py", "tests/riscv/test_net_fs_bench_riscv.py"]
+    assert main[0] == "tests/riscv/"
 
 
 def test_paths_are_normalised_before_they_are_split():
     from pykvm.lab.build import CHECKOUT
     for spelled in ("./tests/nested", "tests//nested/", str(CHECKOUT / "tests/nested")):
         main, qemu = split_tests(NESTED, [spelled])
-        assert qemu == [BENCH] and f"--ignore={BENCH}" in main, spelled
+        assert qemu == [BENCH, NET_BENCH] and f"--ignore={BENCH}" in main, spelled
     assert split_tests(NESTED, [f"./{BENCH}", BENCH, f"{BENCH}/"]) == ([], [BENCH])
-    assert split_tests(NESTED, ["tests/nested", BENCH])[1] == [BENCH]      # once
+    assert split_tests(NESTED, ["tests/nested", BENCH])[1] == [BENCH, NET_BENCH]      # once each
