@@ -14,12 +14,12 @@ import os
 from . import errors
 from ._native import lib as _nlib
 from .abi import Cap, CData, cap_name, cap_number, ffi
-from .abi.ioctls import KVM_CHECK_EXTENSION, KVM_ENABLE_CAP, KVM_GET_STATS_FD, Ioctl
+from .abi.ioctls import BY_NAME, KVM_CHECK_EXTENSION, KVM_ENABLE_CAP, KVM_GET_STATS_FD, Ioctl
 from .stats import read_stats
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Dict, Iterable, Optional
+    from typing import Dict, Iterable, Optional, Union
 
 # errnos with which a KVM that lacks an ioctl's capability answers it
 _GATED = frozenset((_errno.ENOTTY, _errno.EINVAL, _errno.ENXIO, _errno.EOPNOTSUPP,
@@ -46,6 +46,22 @@ def ioctl(fd: int, op: Ioctl, *arg: CData, what: str = "", hint: str = "") -> in
     if r < 0:
         raise error(fd, op, -r, what, hint)
     return r
+
+
+def raw_ioctl(fd: int, kind: str, row: Union[Ioctl, str], arg: Union[int, CData] = 0,
+              what: str = "") -> int:
+    """:func:`ioctl` for ``Vm.ioctl`` / ``Vcpu.ioctl``: ``row`` (an :class:`Ioctl` or the name
+    of a row of :mod:`pykvm.abi.ioctls`) must be issued on a ``kind`` fd ("vm", "vcpu") and
+    exist on this architecture. Raises KeyError for an unknown name, ValueError for a row of
+    another fd kind or architecture, else as :func:`ioctl`."""
+    op = BY_NAME[row] if isinstance(row, str) else row
+    if type(op) is not Ioctl:
+        raise TypeError(f"an ioctl row of pykvm.abi.ioctls or its name, not {row!r}")
+    if kind not in op.fd.split(","):
+        raise ValueError(f"{op.name} is issued on a {op.fd} fd, not on a {kind} fd")
+    if not op.available:
+        raise ValueError(f"{op.name} exists only on {'/'.join(op.arches)}")
+    return ioctl(fd, op, arg, what=what)
 
 
 def error(fd: int, op: Ioctl, err: int, what: str = "", hint: str = "") -> errors.KvmError:

@@ -7,10 +7,12 @@ import weakref
 
 from . import abi
 from ._fd import FdObject
-from ._ioctl import enable_cap as _enable_cap, ioctl, stats as _stats
+from ._ioctl import enable_cap as _enable_cap, ioctl, raw_ioctl as _raw_ioctl
+from ._ioctl import stats as _stats
 from ._loopstate import RunState
 from ._native import lib as _nlib
-from .abi import ffi, ioctls
+from .abi import CData, ffi, ioctls
+from .abi.ioctls import Ioctl
 from .arch import current as _arch
 from .errors import Busy, Closed, GuestError, KvmTooBig, kvm_error
 from .exits import Exit, decode_exit, kvm_run_error
@@ -201,6 +203,23 @@ class Vcpu(_arch.VcpuArch, FdObject):
     def stats(self) -> Dict[str, object]:
         """The vCPU's binary stats (KVM_GET_STATS_FD) as {name: value}."""
         return _stats(self.fd)
+
+    # -- raw ioctls -------------------------------------------------------------------------
+    def ioctl(self, row: Union[Ioctl, str], arg: Union[int, CData] = 0, *,
+              what: str = "") -> int:
+        """Issue a row of the ioctl table (:mod:`pykvm.abi.ioctls`) that has no method here on
+        the vCPU fd: ``row`` is the :class:`~pykvm.abi.ioctls.Ioctl` or its name
+        (``"KVM_GET_VCPU_EVENTS"``), ``arg`` an int or a cffi pointer to the row's argument
+        struct (``ffi.new(row.arg + " *")``; :data:`pykvm.abi.ffi` declares every row's
+        struct). Returns the ioctl's non-negative result. Raises KeyError for an unknown name,
+        ValueError for a row that is not issued on a vCPU fd or does not exist on this
+        architecture, :class:`~pykvm.errors.Busy` while another thread runs the vCPU, and
+        :class:`~pykvm.errors.KvmError` (naming the row, ``what`` and the errno, and a missing
+        capability) when KVM refuses. Not for KVM_RUN: use :meth:`run`."""
+        if (row if isinstance(row, str) else getattr(row, "name", "")) == "KVM_RUN":
+            raise ValueError("KVM_RUN goes through Vcpu.run() (it claims the vCPU and decodes "
+                             "the exit)")
+        return _raw_ioctl(self.fd, "vcpu", row, arg, what)
 
     # -- running --------------------------------------------------------------------------
     def run(self) -> Exit:

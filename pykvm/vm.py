@@ -6,8 +6,9 @@ import os
 from . import abi
 from ._fd import FdObject
 from ._ioctl import check_extension as _check_extension, enable_cap as _enable_cap, ioctl
-from ._ioctl import stats as _stats
-from .abi import ffi, ioctls
+from ._ioctl import raw_ioctl, stats as _stats
+from .abi import CData, ffi, ioctls
+from .abi.ioctls import Ioctl
 from .arch import current as _arch
 from .errors import GuestMemoryError, PykvmError, host_resource_error
 from .memory import PAGE_SIZE, GuestMemory, MemorySlot, new_mapping, new_shared_mapping
@@ -15,7 +16,7 @@ from .vcpu import Vcpu
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Dict, List, Optional, Tuple
+    from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 
 class Vm(_arch.VmArch, FdObject):
@@ -147,6 +148,48 @@ class Vm(_arch.VmArch, FdObject):
                 out.append(slot.gpa + (w * 64 + low.bit_length() - 1) * PAGE_SIZE)
                 bits ^= low
         return out
+
+    def clear_dirty_log(self, slot: MemorySlot, gpas: Optional[Iterable[int]] = None) -> None:
+        """KVM_CLEAR_DIRTY_LOG (api.rst "KVM_CLEAR_DIRTY_LOG", needs
+        KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): clear the dirty bits of the pages at ``gpas``
+        (guest-physical addresses inside ``slot``, each rounded down to its page; default:
+        every page of the slot) and write-protect them again, so the guest's next write to each
+        shows in :meth:`get_dirty_log`. Only meaningful once manual protection is enabled,
+        ``vm.enable_cap("MANUAL_DIRTY_LOG_PROTECT2", abi.DIRTY_LOG_MANUAL_PROTECT_ENABLE)``
+        (then :meth:`get_dirty_log` reports without clearing). Raises ValueError for an address
+        outside ``slot`` and :class:`~pykvm.errors.KvmError` if KVM refuses (EINVAL without
+        manual protection enabled)."""
+        pages = slot.size // PAGE_SIZE
+        words = max((pages + 63) // 64, 1)
+        bitmap = ffi.new("uint64_t[]", words)
+        if gpas is None:
+            for w in range(words):
+                bitmap[w] = (1 << 64) - 1
+        else:
+            for gpa in gpas:
+                if not slot.gpa <= gpa < slot.gpa + slot.size:
+                    raise ValueError(f"{gpa:#x} is outside slot {slot.slot} "
+                                     f"[{slot.gpa:#x}, {slot.gpa + slot.size:#x})")
+                page = (gpa - slot.gpa) // PAGE_SIZE
+                bitmap[page // 64] |= 1 << (page % 64)
+        c = ffi.new("struct kvm_clear_dirty_log *")
+        c.slot, c.first_page, c.num_pages = slot.slot, 0, pages
+        c.dirty_bitmap = bitmap
+        ioctl(self.fd, ioctls.KVM_CLEAR_DIRTY_LOG, c, what=f"slot={slot.slot} pages={pages}")
+
+    # -- raw ioctls -------------------------------------------------------------------------
+    def ioctl(self, row: Union[Ioctl, str], arg: Union[int, CData] = 0, *,
+              what: str = "") -> int:
+        """Issue a row of the ioctl table (:mod:`pykvm.abi.ioctls`) that has no method here on
+        the VM fd: ``row`` is the :class:`~pykvm.abi.ioctls.Ioctl` or its name
+        (``"KVM_CHECK_EXTENSION"``), ``arg`` an int or a cffi pointer to the row's argument
+        struct (``ffi.new(row.arg + " *")``; :data:`pykvm.abi.ffi` declares every row's
+        struct). Returns the ioctl's non-negative result. Raises KeyError for an unknown name,
+        ValueError for a row that is not issued on a VM fd or does not exist on this
+        architecture, and :class:`~pykvm.errors.KvmError` (naming the row, ``what`` and the
+        errno, and a missing capability) when KVM refuses. The escape hatch for selftests;
+        the typed methods remain the way to call the rows they cover."""
+        return raw_ioctl(self.fd, "vm", row, arg, what)
 
     # -- interrupts and eventfds ----------------------------------------------------------
     def create_irqchip(self) -> None:

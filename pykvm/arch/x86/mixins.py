@@ -1,5 +1,12 @@
-"""x86 parts of Kvm / Vm / Vcpu (the arch ioctl helpers below the vCPU layer): supported CPUID, MSR lists, regs/sregs/fpu, MSRs (KVM_GET_MSRS
-and ONE_REG), CPUID, TSS/identity map, PIT, nested state."""
+"""x86 parts of Kvm / Vm / Vcpu (the arch ioctl helpers below the vCPU layer): supported and
+emulated CPUID, MSR lists, regs/sregs/fpu, MSRs (KVM_GET_MSRS and ONE_REG), CPUID, TSS/identity
+map, PIT, nested state; the further state ioctls (vCPU events, LAPIC, XSAVE, XCRs, debug
+registers, SREGS2, the MSR filter) come from :mod:`pykvm.arch.x86.state`.
+
+:class:`KvmArch`, :class:`VmArch` and :class:`VcpuArch` are mixed into :class:`pykvm.Kvm`,
+:class:`pykvm.vm.Vm` and :class:`pykvm.vcpu.Vcpu` on x86 hosts; their methods are called on
+those objects (``vcpu.get_sregs()``). Every method raises :class:`~pykvm.errors.KvmError`
+naming the ioctl and the errno when KVM refuses it."""
 from __future__ import annotations
 
 import errno
@@ -10,6 +17,7 @@ from ...abi import ffi, ioctls
 from ...errors import KvmError, KvmTooBig, kvm_error
 from .nested import get_nested_state, nested_report, set_nested_state
 from .regs import REG_TYPE_MSR, CpuidEntry, cpuid_lookup, msr_reg_id  # noqa: F401 (public home)
+from .state import VcpuState, VmState
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,10 +46,22 @@ def _cpuid_entries(c) -> List[CpuidEntry]:
 
 
 class KvmArch:
+    """x86 methods of :class:`pykvm.Kvm` (the system fd)."""
+
     def supported_cpuid(self) -> List[CpuidEntry]:
-        """KVM_GET_SUPPORTED_CPUID."""
+        """KVM_GET_SUPPORTED_CPUID (api.rst "KVM_GET_SUPPORTED_CPUID"): the CPUID leaves KVM
+        can give a guest, as :class:`~pykvm.arch.x86.regs.CpuidEntry` values."""
         c = _grow(self.fd, ioctls.KVM_GET_SUPPORTED_CPUID,
                   "struct kvm_cpuid2", "nent", "entries", first=128)
+        return _cpuid_entries(c)
+
+    def emulated_cpuid(self) -> List[CpuidEntry]:
+        """KVM_GET_EMULATED_CPUID (api.rst "KVM_GET_EMULATED_CPUID", needs
+        KVM_CAP_EXT_EMUL_CPUID): the CPUID features KVM emulates in software (e.g. MOVBE,
+        RDPID), which the host CPU may lack; they are slow and not in
+        :meth:`supported_cpuid`. Raises :class:`~pykvm.errors.KvmError` if KVM refuses."""
+        c = _grow(self.fd, ioctls.KVM_GET_EMULATED_CPUID,
+                  "struct kvm_cpuid2", "nent", "entries", first=64)
         return _cpuid_entries(c)
 
     def msr_index_list(self) -> List[int]:
@@ -51,10 +71,13 @@ class KvmArch:
         return [m.indices[i] for i in range(m.nmsrs)]
 
     def arch_info(self) -> dict:
+        """x86 facts for ``pykvm caps``: the nested-virtualization report."""
         return {"nested": nested_report(self).as_dict()}
 
 
-class VmArch:
+class VmArch(VmState):
+    """x86 methods of :class:`pykvm.vm.Vm`."""
+
     def _arch_init(self) -> None:
         pass
 
@@ -63,6 +86,8 @@ class VmArch:
         ioctl(self.fd, ioctls.KVM_SET_TSS_ADDR, addr, what=f"{addr:#x}")
 
     def set_identity_map_addr(self, addr: int = 0xFFFBC000) -> None:
+        """KVM_SET_IDENTITY_MAP_ADDR: the guest-physical page KVM uses for the identity-mapped
+        page table of real-mode emulation on Intel."""
         v = ffi.new("uint64_t *", addr)
         ioctl(self.fd, ioctls.KVM_SET_IDENTITY_MAP_ADDR, v,
               what=f"{addr:#x}")
@@ -95,33 +120,46 @@ class VmArch:
               what=f"{len(routes)} routes")
 
 
-class VcpuArch:
+class VcpuArch(VcpuState):
+    """x86 methods of :class:`pykvm.vcpu.Vcpu`."""
+
     def _arch_init(self) -> None:
         pass
 
     # -- register files -------------------------------------------------------------------
     def get_regs(self):
+        """KVM_GET_REGS (api.rst "KVM_GET_REGS"): the general-purpose registers, RIP and
+        RFLAGS as a fresh ``struct kvm_regs *`` (``rax`` ... ``r15``, ``rip``, ``rflags``)."""
         r = ffi.new("struct kvm_regs *")
         ioctl(self.fd, ioctls.KVM_GET_REGS, r)
         return r
 
     def set_regs(self, regs) -> None:
+        """KVM_SET_REGS (api.rst "KVM_SET_REGS"): load ``regs`` (a ``struct kvm_regs *``)."""
         ioctl(self.fd, ioctls.KVM_SET_REGS, regs)
 
     def get_sregs(self):
+        """KVM_GET_SREGS (api.rst "KVM_GET_SREGS"): segment, descriptor-table and control
+        registers, EFER and the APIC base as a fresh ``struct kvm_sregs *`` (``cs`` ...
+        ``ldt``, ``gdt``, ``idt``, ``cr0`` ... ``cr8``, ``efer``, ``apic_base``)."""
         s = ffi.new("struct kvm_sregs *")
         ioctl(self.fd, ioctls.KVM_GET_SREGS, s)
         return s
 
     def set_sregs(self, sregs) -> None:
+        """KVM_SET_SREGS (api.rst "KVM_SET_SREGS"): load ``sregs`` (a
+        ``struct kvm_sregs *``); EINVAL for an invalid CR0/CR4/EFER combination."""
         ioctl(self.fd, ioctls.KVM_SET_SREGS, sregs)
 
     def get_fpu(self):
+        """KVM_GET_FPU (api.rst "KVM_GET_FPU"): x87 and SSE state as a fresh
+        ``struct kvm_fpu *`` (``fpr``, ``fcw``, ``fsw``, ``xmm``, ``mxcsr`` ...)."""
         f = ffi.new("struct kvm_fpu *")
         ioctl(self.fd, ioctls.KVM_GET_FPU, f)
         return f
 
     def set_fpu(self, fpu) -> None:
+        """KVM_SET_FPU (api.rst "KVM_SET_FPU"): load ``fpu`` (a ``struct kvm_fpu *``)."""
         ioctl(self.fd, ioctls.KVM_SET_FPU, fpu)
 
     def translate(self, gva: int) -> Optional[int]:
@@ -159,9 +197,11 @@ class VcpuArch:
                             f"MSR {items[got][0]:#x} refused value {items[got][1]:#x}")
 
     def get_msr(self, index: int) -> int:
+        """One MSR through KVM_GET_MSRS: its value (int); KvmError if KVM cannot read it."""
         return self.get_msrs([index])[index]
 
     def set_msr(self, index: int, value: int) -> None:
+        """One MSR through KVM_SET_MSRS; KvmError naming the MSR if KVM refuses the value."""
         self.set_msrs({index: value})
 
     def get_msr_one_reg(self, index: int) -> int:
@@ -169,11 +209,15 @@ class VcpuArch:
         return self.get_one_reg(msr_reg_id(index))
 
     def set_msr_one_reg(self, index: int, value: int) -> None:
+        """Write MSR ``index`` through KVM_SET_ONE_REG (Linux 6.18+)."""
         self.set_one_reg(msr_reg_id(index), value)
 
     # -- CPUID ----------------------------------------------------------------------------
     def set_cpuid(self, entries: Iterable[Tuple]) -> None:
-        """KVM_SET_CPUID2 from (function, index, flags, eax, ebx, ecx, edx) tuples."""
+        """KVM_SET_CPUID2 (api.rst "KVM_SET_CPUID2") from (function, index, flags, eax, ebx,
+        ecx, edx) tuples or :class:`~pykvm.arch.x86.regs.CpuidEntry` values (see
+        :func:`~pykvm.arch.x86.regs.cpuid_set` and
+        :func:`~pykvm.arch.x86.regs.cpuid_with_feature` to change one leaf or feature)."""
         es = list(entries)
         c = ffi.new("struct kvm_cpuid2 *", {"entries": len(es) or 1})
         c.nent = len(es)
@@ -193,6 +237,7 @@ class VcpuArch:
         return ioctl(self.fd, ioctls.KVM_GET_TSC_KHZ)
 
     def nmi(self) -> None:
+        """KVM_NMI (api.rst "KVM_NMI", needs KVM_CAP_USER_NMI): queue an NMI for the vCPU."""
         ioctl(self.fd, ioctls.KVM_NMI)
 
     def interrupt(self, vector: int) -> None:
@@ -207,6 +252,7 @@ class VcpuArch:
         return get_nested_state(self)
 
     def set_nested_state(self, state) -> None:
+        """KVM_SET_NESTED_STATE from a :class:`pykvm.arch.x86.nested.NestedState`."""
         set_nested_state(self, state)
 
 
