@@ -80,7 +80,8 @@ RISCV = LabSpec(
     ],
     py="3.13",
     # pyroute2: the network namespace of the tap test (tests/riscv/test_linux_net_riscv.py)
-    host_dists=HOST_PY_DISTS + ["pyroute2"],
+    # pexpect drives the Linux guest's shell (tests/riscv/test_linux_vsock_control_riscv.py)
+    host_dists=HOST_PY_DISTS + ["pyroute2", "pexpect", "ptyprocess"],
     default_tests=["tests/riscv", "tests/lab/inner_smoke"],
     qemu_tests=["tests/riscv/test_blk_bench_riscv.py",
                 "tests/riscv/test_net_fs_bench_riscv.py"],

@@ -72,6 +72,10 @@ GUEST_MODULES = {
     "riscv64": ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_rng", "virtio_console", "ext4",
                 "virtio_net", "af_packet"),
 }
+# vsock over virtio (pykvm run --vsock; /usr/bin/vsockecho in the root image speaks it), added to
+# every arch's list above
+VSOCK_MODULES = ("vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport")
+GUEST_MODULES = {arch: names + VSOCK_MODULES for arch, names in GUEST_MODULES.items()}
 # the modules without which the root cannot be mounted (an error if the kernel lacks them)
 REQUIRED_MODULES = ("virtio_blk", "ext4")
 
@@ -405,6 +409,27 @@ def build_blkbench(arch: str, source: Path = BLKBENCH_SOURCE) -> bytes | None:
         return out.read_bytes()
 
 
+# the vsock echo program of the vsock tests (tests/*/test_linux_vsock_control*.py)
+VSOCKECHO_SOURCE = Path(__file__).with_name("vsockecho.c")
+
+
+def build_vsockecho(arch: str) -> bytes | None:
+    """``pykvm/lab/vsockecho.c`` built static for ``arch``, as :func:`build_blkbench` builds its
+    program: None without a compiler for ``arch``; RuntimeError with the compiler's last line
+    when the build fails."""
+    cc = blkbench_compiler(arch)
+    if cc is None:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "vsockecho"
+        r = subprocess.run([cc, "-O2", "-static", "-Wall", "-o", str(out), str(VSOCKECHO_SOURCE)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            msg = (r.stderr or r.stdout).strip().splitlines()
+            raise RuntimeError(f"{cc} vsockecho.c failed: {msg[-1] if msg else r.returncode}")
+        return out.read_bytes()
+
+
 def blkbench_source() -> str:
     """What the built program depends on (its source), for cache keys."""
     return BLKBENCH_SOURCE.read_text()
@@ -435,7 +460,8 @@ def build_root_image(arch: str, out_dir=None, *, size_mib: int = DEFAULT_SIZE_MI
                 "udhcpc": UDHCPC_SCRIPT,
                 "links": _ROOT_LINKS, "features": EXT4_FEATURES, "size": int(size_mib), "mke2fs": mver,
                 "blkbench": bench_cc and blkbench_source(),
-                "netbench": bench_cc and NETBENCH_SOURCE.read_text()})
+                "netbench": bench_cc and NETBENCH_SOURCE.read_text(),
+                "vsockecho": bench_cc and VSOCKECHO_SOURCE.read_text()})
     cached = archive.cache / "rootfs" / f"root-{darch}-{key}.img"
     if info is not None:
         info.update(root_busybox=bb_desc, root_image_key=key, root_size_mib=int(size_mib), mke2fs=mver,
@@ -469,6 +495,13 @@ def build_root_image(arch: str, out_dir=None, *, size_mib: int = DEFAULT_SIZE_MI
                     if nprog is not None:
                         (root / "usr/bin/netbench").write_bytes(nprog)
                         (root / "usr/bin/netbench").chmod(0o755)
+                    try:
+                        echo = build_vsockecho(darch)
+                    except RuntimeError as e:
+                        raise LabError(f"root disk: {e}") from None
+                    if echo is not None:
+                        (root / "usr/bin/vsockecho").write_bytes(echo)
+                        (root / "usr/bin/vsockecho").chmod(0o755)
                     init = root / "usr/sbin/init"
                     init.write_text(ROOT_INIT)
                     init.chmod(0o755)

@@ -1,0 +1,143 @@
+"""virtio-vsock and the control socket with a RISC-V Linux guest booted by ``pykvm run`` inside
+the RISC-V lab (virt machine, virtio-mmio, interrupts through KVM's in-kernel AIA, 2 vCPUs).
+
+The guest is the root-disk guest of ``pykvm/lab/rootfs.py`` (``/lab/linux``: the lab's own
+kernel; a boot initramfs that loads virtio_blk ... and the vsock modules ``vsock``,
+``vmw_vsock_virtio_transport_common``, ``vmw_vsock_virtio_transport``; ``root.img`` with busybox
+and ``/usr/bin/vsockecho``, ``pykvm/lab/vsockecho.c`` cross-compiled). The tests drive its shell
+under a pty (pexpect, ``pykvm/lab/guest_shell.py``):
+
+* vsock, one boot with ``--vsock cid=3,uds=PATH``: host to guest (``CONNECT 1234``, ``OK
+  <port>``, a token line and 64 KiB of random bytes echoed back; the guest saw CID 2 on that
+  port) and guest to host (the guest connects to CID 2 port 5000, which the test serves on
+  ``PATH_5000``; tokens both ways); ``pykvm stat`` shows the device's connections, no drops;
+* control, one boot with ``--name``: ``pykvm list``, ``pause`` (a guest loop printing ``tick
+  N`` falls silent for 5 s), ``resume`` (the next number follows), ``stat --json`` (KVM stats,
+  device counters), ``debug --dump`` (``pc``, ``sp``, ... of both harts, the same twice while
+  paused), ``stop`` (status 0). No test asserts a duration.
+"""
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from pykvm.lab import guest_shell, linux_guest
+from pykvm.testing.plugin import LACKS
+
+pytestmark = [
+    pytest.mark.requires_arch("riscv64"),
+    pytest.mark.filterwarnings("ignore:record_property is incompatible:pytest.PytestWarning"),
+]
+
+TIMEOUT = 300             # seconds: the run's deadline and the longest wait for one answer
+MEM = "256M"
+VCPUS = 2
+CMDLINE = "console=ttyS0 panic=-1 loglevel=4 root=/dev/vda rw"
+RV_REGS = ("pc", "ra", "sp", "gp", "tp", "t0", "t1", "t2", "s0", "s1", "a0", "a1", "a2", "a3",
+           "a4", "a5", "a6", "a7", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9", "s10", "s11",
+           "t3", "t4", "t5", "t6")
+
+
+def _host_has_aia():
+    from pykvm.arch.riscv import aia
+    from pykvm.kvm import Kvm
+    with Kvm() as kvm, kvm.create_vm() as vm:
+        return aia.available(vm.fd)
+
+
+@pytest.fixture(scope="module")
+def files():
+    f = linux_guest.root_files()
+    if f is None:
+        pytest.skip(f"{LACKS} the root-disk Linux guest ({linux_guest.LAB_DIR}/root.img: "
+                    "the riscv lab carries it)")
+    if not _host_has_aia():
+        pytest.skip(f"{LACKS} KVM's in-kernel RISC-V AIA (KVM_DEV_TYPE_RISCV_AIA)")
+    pytest.importorskip("pexpect")
+    why = linux_guest.ensure_devpts()
+    if why:
+        pytest.skip(f"{LACKS} {why}")
+    return f
+
+
+@pytest.fixture(scope="module")
+def short_dir():
+    """A directory with a short path (Unix socket paths stop at 107 bytes), removed after."""
+    d = tempfile.mkdtemp(prefix="pkv")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def vsock_vm(files, short_dir, tmp_path_factory):
+    """One guest with ``--vsock cid=3,uds=PATH --name``, at its shell prompt; powered off by
+    ``exit`` after the module's tests (pykvm run must exit 0)."""
+    uds = os.path.join(short_dir, "vm.sock")
+    env = dict(os.environ, PYKVM_CONTROL_DIR=os.path.join(short_dir, "ctl"))
+    disk = guest_shell.fresh_disk(files, tmp_path_factory.mktemp("vsock"))
+    with guest_shell.GuestShell(files, disk, CMDLINE, timeout=TIMEOUT, mem=MEM, env=env,
+                                extra=["--vcpus", str(VCPUS), "--vsock", f"cid=3,uds={uds}",
+                                       "--name", "vsockvm"]) as shell:
+        shell.start()
+        shell.command("lsmod | grep vsock")
+        yield shell, uds, env
+        status = shell.exit_shell()
+    assert status == 0, f"pykvm run exited {status}"
+    assert not os.path.exists(uds), "the vsock socket file outlived the run"
+
+
+def _vsock_counters(env):
+    """The device's counters, those at zero left out."""
+    c = guest_shell.cli_json("stat", "vsockvm", env=env)["devices"]["virtio-vsock0"]
+    return {k: v for k, v in c.items() if v}
+
+
+def test_linux_vsock_host_connects_to_guest_echo_riscv(vsock_vm, record_property):
+    shell, uds, env = vsock_vm
+    record_property("riscv_vsock_prompt_s", round(shell.prompt_s, 1))
+    r = guest_shell.vsock_host_to_guest(shell, uds, port=1234)
+    assert r["ok_line"].startswith("OK ") and r["ok_line"].endswith("\n"), r["ok_line"]
+    host_port = int(r["ok_line"].split()[1])
+    assert r["echoed"] == r["sent"], (len(r["echoed"]), len(r["sent"]))
+    assert r["guest_line"] == (len(r["sent"]), 2, host_port), r["guest_line"]
+    c = _vsock_counters(env)
+    assert c["connections_host"] >= 1 and "dropped" not in c, f"{c}"
+    assert c["tx_bytes"] >= len(r["sent"]) and c["rx_bytes"] >= len(r["sent"]), f"{c}"
+
+
+def test_linux_vsock_guest_connects_to_host_riscv(vsock_vm):
+    shell, uds, env = vsock_vm
+    r = guest_shell.vsock_guest_to_host(shell, uds, port=5000)
+    assert r["received"] == f"{r['token']}\n".encode(), r["received"]
+    assert r["reply"] == f"reply: host-reply {r['token']} {r['host_token']}", r["reply"]
+    c = _vsock_counters(env)
+    assert c["connections_guest"] >= 1 and "guest_refused" not in c and "dropped" not in c, f"{c}"
+
+
+def test_linux_control_list_pause_resume_stat_dump_stop_riscv(files, short_dir, tmp_path,
+                                                              record_property):
+    env = dict(os.environ, PYKVM_CONTROL_DIR=os.path.join(short_dir, "ctl2"))
+    disk = guest_shell.fresh_disk(files, tmp_path)
+    with guest_shell.GuestShell(files, disk, CMDLINE, timeout=TIMEOUT, mem=MEM, env=env,
+                                extra=["--vcpus", str(VCPUS), "--name", "ctlvm"]) as shell:
+        shell.start()
+        record_property("riscv_control_prompt_s", round(shell.prompt_s, 1))
+        r = guest_shell.control_walkthrough(shell, "ctlvm", env, VCPUS)
+    assert r["first_after_resume"] == r["last_before_pause"] + 1, r
+    assert r["ticks"] == list(range(1, len(r["ticks"]) + 1)), r["ticks"]   # none lost or repeated
+    st = r["stat"]
+    assert st["state"] == "running"
+    assert isinstance(st["vm"]["remote_tlb_flush"], int), st["vm"]
+    assert len(st["vcpus"]) == VCPUS and all(v["exits"] > 0 for v in st["vcpus"]), st["vcpus"]
+    assert {"virtio-blk0", "virtio-rng0"} <= set(st["devices"]), st["devices"]
+    assert all(isinstance(n, int) for d in st["devices"].values() for n in d.values()), st["devices"]
+    for dump in (*r["paused_dumps"], r["running_dump"]):
+        assert dump["arch"] == "riscv64"
+        for v in dump["vcpus"]:
+            assert tuple(v["regs"]) == RV_REGS, v["regs"]
+            assert v["regs"]["pc"] != 0 and v["regs"]["sp"] != 0, v["regs"]
+            assert v["mode"] in (0, 1), v
+    assert "pc=0x" in r["dump_text"] and "sp=0x" in r["dump_text"], r["dump_text"]
+    assert r["status"] == 0, f"pykvm run exited {r['status']}"
+    assert "pykvm: stopped through the control socket (ctlvm)" in shell.log.text()
