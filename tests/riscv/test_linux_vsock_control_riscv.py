@@ -87,6 +87,10 @@ def vsock_vm(files, short_dir, tmp_path_factory):
     assert not os.path.exists(uds), "the vsock socket file outlived the run"
 
 
+DROPS = ("tx_malformed", "tx_bad_cid", "tx_unknown_op", "tx_unknown_connection",
+         "tx_credit_violation", "rst_dropped", "rx_dropped_small_buffer")
+
+
 def _vsock_counters(env):
     """The device's counters, those at zero left out."""
     c = guest_shell.cli_json("stat", "vsockvm", env=env)["devices"]["virtio-vsock0"]
@@ -112,7 +116,12 @@ def test_linux_vsock_guest_connects_to_host_riscv(vsock_vm):
     assert r["received"] == f"{r['token']}\n".encode(), r["received"]
     assert r["reply"] == f"reply: host-reply {r['token']} {r['host_token']}", r["reply"]
     c = _vsock_counters(env)
-    assert c["connections_guest"] >= 1 and "guest_refused" not in c and "dropped" not in c, f"{c}"
+    assert c["connections_guest"] >= 1 and "guest_refused" not in c, f"{c}"
+    # the device resets a connection once both sides are done sending (the host hung up after
+    # the guest's SHUT_WR); Linux's guest then sends a CREDIT_UPDATE as its reader takes the
+    # reply, which the device counts as tx_unknown_connection. Nothing else may be dropped.
+    assert set(c) & set(DROPS) <= {"tx_unknown_connection"}, f"{c}"
+    assert c.get("tx_unknown_connection", 0) <= 1, f"{c}"
 
 
 def test_linux_control_list_pause_resume_stat_dump_stop_riscv(files, short_dir, tmp_path,
