@@ -71,16 +71,18 @@ class GuestShell:
     """``python -m pykvm run KERNEL --initrd INITRD --disk DISK --rng --mem MEM --cmdline
     CMDLINE --timeout TIMEOUT EXTRA...`` under a pty (``files``: :func:`linux_guest.root_files`;
     ``disk``: a fresh copy of the root image), with ``env`` its environment. :meth:`start` waits
-    for the prompt. ``timeout``: seconds, the run's deadline and the longest wait for any one
-    answer. Use as a context manager (the process is killed on exit if it still runs)."""
+    for the prompt. ``timeout``: seconds, the run's deadline; ``answer_timeout``: the longest wait for any one
+    answer (seconds). Use as a context manager (the process is killed on exit if it still runs)."""
 
     def __init__(self, files, disk, cmdline: str, *, extra=(), timeout: float = 240.0,
-                 mem: str = "256M", env=None):
+                 mem: str = "256M", env=None, answer_timeout: float = 120.0):
         kernel, initrd, _ = files
         self.argv = ["-m", "pykvm", "run", str(kernel), "--initrd", str(initrd), "--disk",
                      str(disk), "--rng", "--mem", mem, "--timeout", str(int(timeout)),
                      "--cmdline", cmdline, *extra]
-        self.timeout = timeout
+        # the longest wait for any one answer: short enough that a stuck step fails with the
+        # console inside a lab boot's time
+        self.timeout = min(timeout, answer_timeout)
         self.env = dict(env if env is not None else os.environ, TERM="dumb")
         self.log = _Log(linux_guest.console_echo("guest"))
         self.child: Any = None           # the pexpect.spawn once started
