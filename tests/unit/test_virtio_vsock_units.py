@@ -15,7 +15,7 @@ import pytest
 from pykvm.devices.virtio import DeviceHandles
 from pykvm.devices.virtio.queue import Virtqueue
 from pykvm.devices.virtio.vsock import (HDR_LEN, HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST,
-                                        OP_RESPONSE, OP_RW, OP_SHUTDOWN, STAGE_MAX, Credit,
+                                        OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, STAGE_MAX, Credit,
                                         Header, VirtioVsock, VsockError, VsockSpec,
                                         parse_connect_line)
 from pykvm.memory import GuestMemory, MemorySlot, new_mapping
@@ -275,6 +275,55 @@ def test_a_host_flood_goes_only_as_far_as_the_guest_credit(plain, sockdir):
         host.close()
         dev.close()
     assert dev.counters()["connections_active"] == 0 and not os.path.exists(path)
+
+
+def test_a_late_packet_for_a_connection_just_closed_is_taken_in_silence(plain, sockdir):
+    """The guest shut its sending side, then the host hung up: the device ends the connection
+    with OP_RST and forgets it; a credit update the guest sends after that (Linux does) is not
+    an unknown connection (no RST back, not a drop), while a packet for a port never connected
+    still is."""
+    mem = plain
+    path = os.path.join(sockdir, "v.sock")
+    dev = VirtioVsock(9, path)
+    rx, tx, ev = Ring(mem, 0, 0x10000), Ring(mem, 1, 0x11000), Ring(mem, 2, 0x12000)
+    dev.activate(1 << 32, [rx.q, tx.q, ev.q], DeviceHandles(lambda c, q=-1: None, lambda: None))
+    bufs = {}
+    for k in range(8):
+        gpa = 0x20000 + 0x1000 * k
+        bufs[rx.add(gpa, 4096, True)] = gpa
+    dev.notify(0)
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.settimeout(10)
+    try:
+        host.connect(path)
+        host.sendall(b"CONNECT 77\n")
+        (req, _), = _packets(dev, rx, bufs, mem, 1)
+
+        at = iter(range(0x40000, 0x50000, 0x100))     # each packet in a buffer of its own
+
+        def send(op, port=req.src_port, flags=0):
+            h = Header(9, HOST_CID, 77, port, 0, 1, op, flags, 5000, 0)
+            gpa = next(at)
+            mem.write(gpa, h.pack())
+            tx.add(gpa, HDR_LEN, False)
+            dev.notify(1)
+
+        send(OP_RESPONSE)
+        assert host.recv(64) == f"OK {req.src_port}\n".encode()
+        send(OP_SHUTDOWN, flags=2)                     # the guest will send no more
+        host.close()                                   # and the host hangs up
+        end = _packets(dev, rx, bufs, mem, 5, seconds=5, until=OP_RST)
+        assert end and end[-1][0].op == OP_RST
+        send(OP_CREDIT_UPDATE)                         # late, for the closed connection
+        send(OP_CREDIT_UPDATE, port=req.src_port + 1000)   # for a port never connected
+        late = _packets(dev, rx, bufs, mem, 1, seconds=2)
+        assert [(h.op, h.dst_port) for h, _ in late] == [(OP_RST, 77)]
+        assert late[0][0].src_port == req.src_port + 1000      # only the unknown one is reset
+        c = dev.counters()
+        assert (c["tx_after_close"], c["tx_unknown_connection"]) == (1, 1)
+    finally:
+        host.close()
+        dev.close()
 
 
 @pytest.mark.requires_kvm                   # the machine (and /dev/kvm) is opened first

@@ -41,7 +41,10 @@ Bounds, each counted (:meth:`VirtioVsock.counters`), never an error of the VMM:
 * a packet with a header too short or a ``len`` past its payload or past
   :data:`MAX_PKT_PAYLOAD` (``tx_malformed``), from another CID or not to the host
   (``tx_bad_cid``), of another type or an unknown op (``tx_unknown_op``), for no known
-  connection (``tx_unknown_connection``) gets OP_RST unless it was one. OP_RSTs for no
+  connection (``tx_unknown_connection``) gets OP_RST unless it was one; a packet for a
+  connection closed less than :data:`CLOSE_TIMEOUT` ago (a Linux guest's last credit update
+  after both sides shut down, say) is taken in silence (``tx_after_close``, not a drop; at most
+  :data:`RECENT_MAX` such connections are remembered). OP_RSTs for no
   connection wait in a list of :data:`RST_QUEUE_MAX`; past it they are dropped
   (``rst_dropped``). A receive buffer smaller than a header is returned empty
   (``rx_dropped_small_buffer``);
@@ -100,12 +103,13 @@ CLOSE_TIMEOUT = 2.0                     # seconds for the guest's OP_RST after o
 LOCAL_PORT_BASE = 1 << 30               # host ports for host-initiated connections
 SUN_PATH_MAX = 107                      # sizeof(sun_path) - 1
 TX_BATCH = 256                          # chains taken from the tx queue per round at most
+RECENT_MAX = 256                        # closed connections whose late packets are ignored
 
 _COUNTERS = ("connections_host", "connections_guest", "host_rejected", "guest_refused",
              "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "resets_sent",
              "resets_received", "timeouts", "tx_malformed", "tx_bad_cid", "tx_unknown_op",
              "tx_unknown_connection", "tx_credit_violation", "rst_dropped",
-             "rx_dropped_small_buffer")
+             "rx_dropped_small_buffer", "tx_after_close")
 _DROPS = ("tx_malformed", "tx_bad_cid", "tx_unknown_op", "tx_unknown_connection",
           "tx_credit_violation", "rst_dropped", "rx_dropped_small_buffer")
 
@@ -403,6 +407,7 @@ class VirtioVsock(HostThreadDevice):
         self._rx_starved = False                # the rx queue had no buffer: wait for a notify
         self._pending: List[_Pending] = []
         self._conns: Dict[Tuple[int, int], _Conn] = {}
+        self._recent: Dict[Tuple[int, int], float] = {}   # closed key -> when to forget it
         self._rsts: List[bytes] = []            # RST headers for no connection
         self._next_port = LOCAL_PORT_BASE
         self._accept_hold = 0.0                 # accept() failed (no fds): not before this
@@ -650,10 +655,20 @@ class VirtioVsock(HostThreadDevice):
             except OSError:
                 pass
 
-    def _kill(self, c: _Conn, rst: bool) -> None:
-        """Close the connection; with ``rst`` tell the guest with OP_RST."""
+    def _forget(self, c: _Conn) -> None:
+        """Drop the connection, remembering its key for :data:`CLOSE_TIMEOUT` seconds."""
         self._conns.pop(c.key, None)
         c.sock.close()
+        now = time.monotonic()
+        if len(self._recent) >= RECENT_MAX:
+            self._recent = {k: t for k, t in self._recent.items() if t > now}
+            while len(self._recent) >= RECENT_MAX:
+                self._recent.pop(next(iter(self._recent)))
+        self._recent[c.key] = now + CLOSE_TIMEOUT
+
+    def _kill(self, c: _Conn, rst: bool) -> None:
+        """Close the connection; with ``rst`` tell the guest with OP_RST."""
+        self._forget(c)
         if rst:
             self._queue_rst(HOST_CID, self.cid, c.host_port, c.guest_port)
 
@@ -713,6 +728,10 @@ class VirtioVsock(HostThreadDevice):
         if h.op == OP_REQUEST:
             return self._guest_connect(h, c)
         if c is None:
+            gone = self._recent.get(key)
+            if gone is not None and gone > time.monotonic():
+                cnt["tx_after_close"] += 1                # late, not hostile: no RST either
+                return
             if h.op != OP_RST:
                 cnt["tx_unknown_connection"] += 1
                 self._reply_rst(h)
@@ -840,8 +859,7 @@ class VirtioVsock(HostThreadDevice):
         # the Unix side sent EOF: we send no more. Closed both ways: the guest should answer
         # with OP_RST soon; half-closed: it may still send (an answer to a request)
         if c.guest_shut & SHUTDOWN_SEND and not c.out:   # both sides are done: the end
-            self._conns.pop(c.key, None)
-            c.sock.close()
+            self._forget(c)
             return Header(op=OP_RST, **base), b""
         c.state = CLOSING
         flags = SHUTDOWN_SEND
