@@ -48,6 +48,10 @@ RISCV = ["test_reg_list_fully_decoded", "test_new_isa_extensions_on_this_cpu_mod
          "test_virtio_net_tap_in_a_namespace_ping_and_http_riscv",
          # virtio-fs with a Linux guest (tests/riscv/test_linux_share_riscv.py)
          "test_virtio_fs_share_rw_ro_and_no_escape",
+         # vsock and the control verbs (tests/riscv/test_linux_vsock_control_riscv.py)
+         "test_linux_vsock_host_connects_to_guest_echo_riscv",
+         "test_linux_vsock_guest_connects_to_host_riscv",
+         "test_linux_control_list_pause_resume_stat_dump_stop_riscv",
          # pykvm sandbox (tests/riscv/test_linux_sandbox_riscv.py)
          "test_sandbox_runs_the_command_in_the_riscv_guest_over_an_overlay"]
 NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
@@ -63,6 +67,10 @@ NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           "test_virtio_net_tap_in_a_namespace_ping_and_http",
           # virtio-fs with a Linux guest (tests/nested/test_linux_share.py)
           "test_virtio_fs_share_rw_ro_and_no_escape",
+          # vsock and the control verbs (tests/nested/test_linux_vsock_control.py)
+          "test_linux_vsock_host_connects_to_guest_echo",
+          "test_linux_vsock_guest_connects_to_host",
+          "test_linux_control_list_pause_resume_stat_dump_stop",
           # pykvm sandbox (tests/nested/test_linux_sandbox.py)
           "test_sandbox_runs_the_command_in_the_guest_over_an_overlay",
           "test_sandbox_rw_writes_reach_the_host"]
