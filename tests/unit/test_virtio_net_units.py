@@ -1,17 +1,24 @@
-"""virtio-net without KVM: the command-line description, the configuration space, the passt
+"""virtio-net without KVM: the command-line description, the configuration space, the features
+offered per backend (offloads on a tap only) and the vnet header's way through them, the passt
 backend's life (started, killed and reaped on close, on collection, and when passt is missing
 one line naming the package), and ``pykvm run --net`` refusing bad descriptions in one line."""
 import gc
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 
 import pytest
 
-from pykvm.devices.virtio.net import (F_MAC, F_MTU, F_STATUS, NetError, VirtioNet,
-                                      net_from_spec, parse_mac)
-from pykvm.devices.virtio.net_backends import PasstBackend, StreamBackend
+from pykvm.devices.virtio.net import (F_CSUM, F_GUEST_CSUM, F_GUEST_ECN, F_GUEST_TSO4,
+                                      F_GUEST_TSO6, F_HOST_ECN, F_HOST_TSO4, F_HOST_TSO6, F_MAC,
+                                      F_MTU, F_STATUS, OFFLOAD_FEATURES, NetError, VirtioNet,
+                                      gso_allowed, net_from_spec, parse_mac, rx_header,
+                                      tun_offload)
+from pykvm.devices.virtio.net_backends import (NetBackendUnavailable, PasstBackend,
+                                               StreamBackend, TapBackend, TUN_F_CSUM,
+                                               TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN)
 
 
 def _dev(**kw):
@@ -36,6 +43,68 @@ def test_configuration_space_and_features():
         dev.close()
         peer.close()
     dev.close()                                             # idempotent
+
+
+def test_offloads_are_offered_on_a_tap_only():
+    assert not PasstBackend.vnet_hdr and not StreamBackend.vnet_hdr   # no vnet header there
+    try:
+        be = TapBackend()
+    except NetBackendUnavailable as e:
+        pytest.skip(f"pykvm: host lacks a tap we may create ({e})")
+    dev = VirtioNet(be)
+    try:
+        assert OFFLOAD_FEATURES == sum(1 << b for b in (0, 1, 7, 8, 9, 11, 12, 13))
+        assert dev.device_features() == (1 << F_MAC) | (1 << F_STATUS) | (1 << F_MTU) | \
+            OFFLOAD_FEATURES
+        for flags in (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN, 0):
+            assert be.set_offload(flags)                    # the kernel takes every mix
+    finally:
+        dev.close()
+    assert not be.set_offload(0)                            # closed
+
+
+def test_tun_offload_follows_the_guest_features_accepted():
+    csum, tso4, tso6, ecn = (1 << F_GUEST_CSUM, 1 << F_GUEST_TSO4, 1 << F_GUEST_TSO6,
+                             1 << F_GUEST_ECN)
+    assert tun_offload(0) == 0
+    assert tun_offload(1 << F_CSUM | 1 << F_HOST_TSO4) == 0     # host-side features: no flags
+    assert tun_offload(tso4 | tso6 | ecn) == 0                  # TSO needs GUEST_CSUM
+    assert tun_offload(csum) == TUN_F_CSUM
+    assert tun_offload(csum | ecn) == TUN_F_CSUM                # ECN needs a TSO
+    assert tun_offload(csum | tso4) == TUN_F_CSUM | TUN_F_TSO4
+    assert tun_offload(csum | tso4 | tso6 | ecn) == TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | \
+        TUN_F_TSO_ECN
+
+
+# flags NEEDS_CSUM, gso_type TCPV4, hdr_len 54, gso_size 1448, csum_start 34, csum_offset 16,
+# num_buffers as the tap left it
+_GSO_HDR = struct.pack("<BBHHHHH", 1, 1, 54, 1448, 34, 16, 0xBEEF)
+
+
+def test_rx_header_passes_the_taps_fields_and_sets_num_buffers():
+    all_guest = 1 << F_GUEST_CSUM | 1 << F_GUEST_TSO4 | 1 << F_GUEST_TSO6 | 1 << F_GUEST_ECN
+    assert rx_header(_GSO_HDR, all_guest) == _GSO_HDR[:10] + b"\x01\x00"
+    assert rx_header(_GSO_HDR, 1 << F_GUEST_CSUM | 1 << F_GUEST_TSO6) is None   # no TSO4
+    assert rx_header(_GSO_HDR, 0) is None                   # nothing to finish it with
+    csum_only = struct.pack("<BBHHHHH", 1, 0, 0, 0, 34, 6, 0)
+    assert rx_header(csum_only, 1 << F_GUEST_CSUM) == csum_only[:10] + b"\x01\x00"
+    assert rx_header(csum_only, 0) is None
+    valid = struct.pack("<BBHHHHH", 2, 0, 0, 0, 0, 0, 7)     # DATA_VALID: zeroed without
+    assert rx_header(valid, 0) == bytes(10) + b"\x01\x00"     # GUEST_CSUM
+    assert rx_header(valid, 1 << F_GUEST_CSUM) == valid[:10] + b"\x01\x00"
+    ecn = struct.pack("<BBHHHHH", 1, 0x81, 54, 1448, 34, 16, 0)
+    assert rx_header(ecn, 1 << F_GUEST_CSUM | 1 << F_GUEST_TSO4) is None
+    assert rx_header(ecn, all_guest) == ecn[:10] + b"\x01\x00"
+
+
+def test_gso_types_allowed_per_direction():
+    host = 1 << F_CSUM | 1 << F_HOST_TSO4
+    args = (F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN)
+    assert gso_allowed(0, 0, *args) and gso_allowed(0, host, *args)
+    assert gso_allowed(1, host, *args) and not gso_allowed(4, host, *args)
+    assert not gso_allowed(0x81, host, *args) and gso_allowed(0x81, host | 1 << F_HOST_ECN, *args)
+    assert not gso_allowed(3, host | 1 << F_HOST_TSO6, *args)         # UDP: never offered
+    assert not gso_allowed(0x80, host | 1 << F_HOST_ECN, *args)       # ECN alone
 
 
 @pytest.mark.parametrize("spec, match", [

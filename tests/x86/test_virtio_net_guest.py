@@ -6,6 +6,7 @@ and writes them into the guest's transmit buffer; the guest reports what it rece
   guest resolves the namespace's address by ARP, sends it a UDP datagram a socket there
   receives, and receives one back; a flood from the namespace while the guest has no free
   receive buffers is dropped and counted with bounded host memory; the link goes down and up;
+  the tap's vnet header carries checksum requests both ways (the backend alone);
 * user (passt): the guest's ARP request for the gateway and its DHCP discover get passt's
   answers;
 * hostile: an oversized frame is dropped and counted, a transmit chain outside guest RAM sets
@@ -250,6 +251,66 @@ def test_tap_in_a_namespace_arp_udp_both_ways_flood_and_link(guest_vm, netns_tap
     finally:
         sock.close()
     g.done()
+
+
+def _udp_pseudo_sum(frame: bytes) -> int:
+    """The folded sum of an IPv4/UDP frame's pseudo-header: what a checksum-offload request
+    leaves in the UDP checksum field for the device to finish."""
+    ip = frame[14:]
+    return ~_csum(ip[12:20] + struct.pack("!BBH", 0, 17, len(ip) - 20)) & 0xFFFF
+
+
+def _tap_frame_to(be, dport: int, timeout: float = 5.0):
+    """The next frame read from tap backend ``be`` (header included) that is IPv4/UDP to
+    ``dport``; None when none comes in ``timeout`` seconds."""
+    import select
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        select.select([be.fileno()], [], [], 0.1)
+        data = be.recv_vnet()
+        if data is not None and data[12 + 12:12 + 14] == b"\x08\x00" and data[12 + 23] == 17 \
+                and parse_ipv4_udp(data[12:])[4] == dport:
+            return data
+    return None
+
+
+def test_tap_vnet_header_carries_checksum_requests_both_ways(netns_tap):
+    """Through the tap alone (the device not started): a frame whose UDP checksum is left to
+    the device reaches the namespace's socket only with the NEEDS_CSUM header passed on, and
+    with TUN_F_CSUM switched on the namespace's datagrams come with that request in their
+    header, without it fully checksummed with a zero header."""
+    name, dev, tap_mac, _ = netns_tap
+    be = dev.backend
+    assert be.vnet_hdr                                      # x86: both headers little-endian
+    sock = _ns_udp(name, 5556)
+    sock.settimeout(1)
+    try:
+        frame = bytearray(eth(tap_mac, GUEST_MAC, ETH_IP, ipv4_udp(
+            "10.77.0.2", "10.77.0.1", 4445, 5556, b"finish my checksum")))
+        frame[40:42] = struct.pack("!H", _udp_pseudo_sum(bytes(frame)))
+        assert be.send(bytes(frame))                        # zero header: a bad checksum
+        with pytest.raises(socket.timeout):
+            sock.recvfrom(2048)
+        needs_csum = struct.pack("<BBHHHHH", 1, 0, 0, 0, 34, 6, 0)
+        assert be.send_vnet(needs_csum + bytes(frame))
+        assert sock.recvfrom(2048) == (b"finish my checksum", ("10.77.0.2", 4445))
+
+        from pykvm.devices.virtio.net_backends import TUN_F_CSUM
+        assert be.set_offload(TUN_F_CSUM)
+        sock.sendto(b"offloaded", ("10.77.0.2", 4446))
+        data = _tap_frame_to(be, 4446)
+        assert data is not None
+        flags, _, _, _, start, off = struct.unpack("<BBHHHH", data[:10])
+        assert (flags & 1, start, off) == (1, 34, 6)        # the guest would finish it
+        assert be.set_offload(0)
+        sock.sendto(b"whole", ("10.77.0.2", 4447))
+        data = _tap_frame_to(be, 4447)
+        assert data is not None and data[:10] == bytes(10)
+        udp = data[12 + 34:]
+        assert parse_ipv4_udp(data[12:])[5] == b"whole" and udp[6:8] != b"\0\0"
+        assert _csum(data[12 + 26:12 + 34] + struct.pack("!BBH", 0, 17, len(udp)) + udp) == 0
+    finally:
+        sock.close()
 
 
 # ---- user-mode networking through passt ----------------------------------------------

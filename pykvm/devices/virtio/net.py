@@ -3,23 +3,36 @@ backend (:mod:`.net_backends`: a tap device, or user-mode networking through pas
 
 Queues: receiveq1 (0, host -> guest), transmitq1 (1, guest -> host); no control queue.
 Features (section 5.1.3): VIRTIO_NET_F_MTU (3), VIRTIO_NET_F_MAC (5), VIRTIO_NET_F_STATUS (16);
-no checksum or segmentation offloads and no VIRTIO_NET_F_MRG_RXBUF, so every frame goes whole,
-checksummed, in one buffer chain. Configuration space (section 5.1.4): mac[6] @0, status u16 @6
-(VIRTIO_NET_S_LINK_UP = 1), max_virtqueue_pairs u16 @8 (1), mtu u16 @10.
+on a backend whose frames carry a vnet header (:attr:`~.net_backends.NetBackend.vnet_hdr`: a tap
+on a little-endian host) also the offloads QEMU offers for a tap: VIRTIO_NET_F_CSUM (0),
+GUEST_CSUM (1), GUEST_TSO4 (7), GUEST_TSO6 (8), GUEST_ECN (9), HOST_TSO4 (11), HOST_TSO6 (12),
+HOST_ECN (13); no UFO and no VIRTIO_NET_F_MRG_RXBUF, so every frame goes whole in one buffer
+chain (a driver that takes GUEST_TSO posts chains big enough for 64 KiB). Configuration space
+(section 5.1.4): mac[6] @0, status u16 @6 (VIRTIO_NET_S_LINK_UP = 1), max_virtqueue_pairs u16
+@8 (1), mtu u16 @10.
 
 Every chain starts with the 12-byte ``struct virtio_net_hdr`` (section 5.1.6: flags, gso_type,
-hdr_len, gso_size, csum_start, csum_offset, num_buffers). The device writes it as zeroes with
-num_buffers 1 on receive, and ignores the driver's on transmit (nothing was negotiated that gives
-its fields a meaning).
+hdr_len, gso_size, csum_start, csum_offset, num_buffers), little-endian, the layout of the tap's
+own header. On transmit, with VIRTIO_NET_F_CSUM negotiated, the driver's header goes to the tap
+unchanged (its checksum and segmentation requests are the kernel's to carry out; a gso_type the
+driver did not negotiate is ``tx_dropped_malformed``); without, it is ignored and a zero header
+goes. On receive, with GUEST_CSUM negotiated, the tap's header goes to the driver unchanged but
+for num_buffers, set to 1 (sections 5.1.6.3-5.1.6.4); without, the header is zeroes with
+num_buffers 1. After feature negotiation the tap's ``TUNSETOFFLOAD`` gets the ``TUN_F_*`` flags of
+the GUEST_* features accepted (0 for none; 0 again at reset), so the kernel hands over only what
+the driver takes; a frame that still asks for more (queued before) is ``rx_dropped_offload``.
 
 Limits, each a drop that is counted (:meth:`VirtioNet.counters`), never an error of the VMM:
 
 * a transmitted frame (after the header) shorter than an Ethernet header (14 bytes) or with no
   header: ``tx_dropped_malformed``; longer than ``mtu`` + 18 (Ethernet header and one VLAN tag):
-  ``tx_dropped_oversize`` (its bytes are not even read); the backend had no room or is gone:
+  ``tx_dropped_oversize`` (its bytes are not even read), except that with HOST_TSO4/6 a frame
+  with a segmentation request may be up to :data:`~.net_backends.MAX_FRAME` bytes; the backend
+  had no room or is gone:
   ``tx_dropped_backend``; the link is down: ``tx_dropped_link_down``. The chain is returned
   (used length 0) in every case;
-* a received frame longer than ``mtu`` + 18: ``rx_dropped_oversize``; a frame that does not fit
+* a received frame longer than ``mtu`` + 18 (:data:`~.net_backends.MAX_FRAME` with GUEST_TSO4/6
+  negotiated): ``rx_dropped_oversize``; a frame that does not fit
   the next receive chain: ``rx_dropped_small_buffer`` (the chain is returned with length 0,
   which drivers count as a length error); the link is down or the driver has not started the
   device: ``rx_dropped_link_down`` / ``rx_dropped_no_buffer``;
@@ -46,8 +59,8 @@ import struct
 
 from . import ID_NET, INT_CONFIG
 from .hostthread import HostThreadDevice
-from .net_backends import (MAX_FRAME, NetBackend, NetError, VNET_HDR_LEN, check_ifname,
-                           make_backend)
+from .net_backends import (MAX_FRAME, NetBackend, NetError, TUN_F_CSUM, TUN_F_TSO4,
+                           TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_LEN, check_ifname, make_backend)
 from .queue import QueueError
 
 TYPE_CHECKING = False
@@ -56,6 +69,12 @@ if TYPE_CHECKING:
 
 # feature bits (section 5.1.3)
 F_CSUM, F_GUEST_CSUM, F_MTU, F_MAC, F_MRG_RXBUF, F_STATUS, F_CTRL_VQ = 0, 1, 3, 5, 15, 16, 17
+F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN, F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN = 7, 8, 9, 11, 12, 13
+OFFLOAD_FEATURES = sum(1 << b for b in (F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6,
+                                        F_GUEST_ECN, F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN))
+# struct virtio_net_hdr (section 5.1.6): flags, gso_type
+HDR_F_NEEDS_CSUM, HDR_F_DATA_VALID = 1, 2
+GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0, 1, 4, 0x80
 S_LINK_UP = 1
 RXQ, TXQ = 0, 1
 ETH_HLEN = 14
@@ -69,7 +88,8 @@ _RX_HDR = struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 1)      # num_buffers = 1
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 _COUNTERS = ("rx_packets", "rx_bytes", "rx_dropped_no_buffer", "rx_dropped_oversize",
-             "rx_dropped_small_buffer", "rx_dropped_link_down", "tx_packets", "tx_bytes",
+             "rx_dropped_small_buffer", "rx_dropped_link_down", "rx_dropped_offload",
+             "tx_packets", "tx_bytes",
              "tx_dropped_malformed", "tx_dropped_oversize", "tx_dropped_backend",
              "tx_dropped_link_down")
 
@@ -88,6 +108,49 @@ def parse_mac(mac: Union[str, bytes]) -> bytes:
     if raw == bytes(6):
         raise NetError(f"MAC address {mac!r} is all zeros, which no interface may have")
     return raw
+
+
+def tun_offload(features: int) -> int:
+    """The ``TUN_F_*`` flags for ``TUNSETOFFLOAD`` from negotiated virtio-net ``features``:
+    what the driver takes from the host (GUEST_CSUM: checksum requests; GUEST_TSO4/6 with it:
+    TCP segments; GUEST_ECN with one of those: their ECN bit). 0 when it takes none."""
+    if not features >> F_GUEST_CSUM & 1:
+        return 0
+    flags = TUN_F_CSUM
+    if features >> F_GUEST_TSO4 & 1:
+        flags |= TUN_F_TSO4
+    if features >> F_GUEST_TSO6 & 1:
+        flags |= TUN_F_TSO6
+    if flags & (TUN_F_TSO4 | TUN_F_TSO6) and features >> F_GUEST_ECN & 1:
+        flags |= TUN_F_TSO_ECN
+    return flags
+
+
+def gso_allowed(gso_type: int, features: int, tso4: int, tso6: int, ecn: int) -> bool:
+    """Whether a header's ``gso_type`` is one ``features`` allow, given the bit numbers of the
+    direction's TSO4, TSO6 and ECN features (GUEST_* on receive, HOST_* on transmit)."""
+    if gso_type & GSO_ECN and not features >> ecn & 1:
+        return False
+    kind = gso_type & ~GSO_ECN
+    return (kind == GSO_NONE and not gso_type & GSO_ECN
+            or kind == GSO_TCPV4 and bool(features >> tso4 & 1)
+            or kind == GSO_TCPV6 and bool(features >> tso6 & 1))
+
+
+def rx_header(hdr: bytes, features: int) -> Optional[bytes]:
+    """The 12-byte header the driver gets for a frame the tap gave with vnet header ``hdr``
+    (its first 10 bytes count) under negotiated ``features``: the tap's fields and num_buffers
+    1 when GUEST_CSUM was negotiated, zeroes and num_buffers 1 when not; None (drop it) when
+    the frame asks for what the driver did not take (a checksum to complete without
+    GUEST_CSUM, a segment size without the GUEST_TSO feature of its kind)."""
+    flags, gso_type = hdr[0], hdr[1]
+    if not features >> F_GUEST_CSUM & 1:
+        if flags & HDR_F_NEEDS_CSUM or gso_type != GSO_NONE:
+            return None
+        return _RX_HDR
+    if not gso_allowed(gso_type, features, F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN):
+        return None
+    return bytes(hdr[:10]) + b"\x01\x00"
 
 
 def random_mac() -> bytes:
@@ -120,7 +183,8 @@ class VirtioNet(HostThreadDevice):
         self.backend = backend
         super().__init__()                      # the lock guards pending frames and counters too
         self._features = 0
-        self._pending: List[bytes] = []
+        self._tx_max = self._rx_max = self.max_frame
+        self._pending: List[Tuple[bytes, Union[bytes, memoryview]]] = []   # (header, frame)
         self._pending_bytes = 0
         self._count: Dict[str, int] = dict.fromkeys(_COUNTERS, 0)
 
@@ -135,8 +199,10 @@ class VirtioNet(HostThreadDevice):
     # ---- features and configuration ----------------------------------------------------
 
     def device_features(self) -> int:
-        """VIRTIO_NET_F_MTU, VIRTIO_NET_F_MAC and VIRTIO_NET_F_STATUS."""
-        return (1 << F_MTU) | (1 << F_MAC) | (1 << F_STATUS)
+        """VIRTIO_NET_F_MTU, VIRTIO_NET_F_MAC and VIRTIO_NET_F_STATUS; with a backend whose
+        frames carry a vnet header (a tap) also :data:`OFFLOAD_FEATURES`."""
+        base = (1 << F_MTU) | (1 << F_MAC) | (1 << F_STATUS)
+        return base | (OFFLOAD_FEATURES if self.backend.vnet_hdr else 0)
 
     def config_read(self, offset: int, size: int) -> int:
         """Bytes of ``struct virtio_net_config`` (module docstring); past its end 0."""
@@ -163,12 +229,24 @@ class VirtioNet(HostThreadDevice):
     # the backend (a tap goes, passt is killed) and the eventfd (HostThreadDevice).
 
     def _activated(self, features: int) -> None:
+        """Keep the negotiated features, size the frame limits by them and give the tap the
+        offloads the driver takes (:func:`tun_offload`)."""
         self._features = features
+        tso = (features >> F_HOST_TSO4 | features >> F_HOST_TSO6) & features >> F_CSUM & 1
+        self._tx_max = MAX_FRAME if tso else self.max_frame
+        self._rx_max = MAX_FRAME if tun_offload(features) & (TUN_F_TSO4 | TUN_F_TSO6) \
+            else self.max_frame
+        if self.backend.vnet_hdr:
+            self.backend.set_offload(tun_offload(features))
 
     def _reset_locked(self) -> None:
-        """A reset also drops the frames waiting for receive buffers (counted)."""
+        """A reset also drops the frames waiting for receive buffers (counted) and switches
+        the tap's offloads off."""
         self._features = 0
+        self._tx_max = self._rx_max = self.max_frame
         self._drop_pending()
+        if self.backend.vnet_hdr:
+            self.backend.set_offload(0)
 
     def _release(self) -> None:
         self.backend.close()
@@ -216,6 +294,12 @@ class VirtioNet(HostThreadDevice):
                 for _ in range(RX_BATCH):
                     if be.error is not None:
                         break
+                    if be.vnet_hdr:
+                        data = be.recv_vnet()
+                        if data is None:
+                            break
+                        self._arrived(memoryview(data)[VNET_HDR_LEN:], data[:VNET_HDR_LEN])
+                        continue
                     frame = be.recv()
                     if frame is None:
                         break
@@ -232,11 +316,15 @@ class VirtioNet(HostThreadDevice):
         self._pending.clear()
         self._pending_bytes = 0
 
-    def _arrived(self, frame: bytes) -> None:
-        """A frame from the backend: counted and dropped, or kept for the receive queue."""
+    def _arrived(self, frame: Union[bytes, memoryview], vhdr: Optional[bytes] = None) -> None:
+        """A frame from the backend (``vhdr``: the vnet header it came with, None for a
+        backend without one): counted and dropped, or kept for the receive queue."""
         c = self._count
-        if len(frame) > self.max_frame:
+        hdr = _RX_HDR if vhdr is None else rx_header(vhdr, self._features)
+        if len(frame) > self._rx_max:
             c["rx_dropped_oversize"] += 1
+        elif hdr is None:
+            c["rx_dropped_offload"] += 1
         elif not self.link_up:
             c["rx_dropped_link_down"] += 1
         elif (self._queues[RXQ] is None or self._broken
@@ -244,7 +332,7 @@ class VirtioNet(HostThreadDevice):
               or self._pending_bytes + len(frame) > RX_PENDING_BYTES):
             c["rx_dropped_no_buffer"] += 1
         else:
-            self._pending.append(frame)
+            self._pending.append((hdr, frame))
             self._pending_bytes += len(frame)
 
     def _deliver(self) -> bool:
@@ -258,13 +346,13 @@ class VirtioNet(HostThreadDevice):
             chain = q.pop()
             if chain is None:
                 break
-            frame = self._pending.pop(0)
+            hdr, frame = self._pending.pop(0)
             self._pending_bytes -= len(frame)
             if chain.writable_len < VNET_HDR_LEN + len(frame):
                 c["rx_dropped_small_buffer"] += 1
                 q.push(chain, 0)
             else:
-                chain.write(_RX_HDR)
+                chain.write(hdr)
                 chain.write(frame, VNET_HDR_LEN)
                 q.push(chain, VNET_HDR_LEN + len(frame))
                 c["rx_packets"] += 1
@@ -279,6 +367,8 @@ class VirtioNet(HostThreadDevice):
         if q is None or self._broken:
             return False
         be, c = self.backend, self._count
+        feats = self._features
+        passthrough = be.vnet_hdr and bool(feats >> F_CSUM & 1)
         pushed = False
         for _ in range(q.size):
             if be.error is None and not be.can_send():
@@ -287,15 +377,21 @@ class VirtioNet(HostThreadDevice):
             if chain is None:
                 break
             n = chain.readable_len - VNET_HDR_LEN
+            gso = chain.read(1, 1)[0] if passthrough and n > 0 else GSO_NONE
             if n < ETH_HLEN:
                 c["tx_dropped_malformed"] += 1
-            elif n > self.max_frame:
+            elif n > (self._tx_max if gso != GSO_NONE else self.max_frame):
                 c["tx_dropped_oversize"] += 1
+            elif not gso_allowed(gso, feats, F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN):
+                c["tx_dropped_malformed"] += 1
             elif not self.link_up:
                 c["tx_dropped_link_down"] += 1
             else:
-                frame = chain.read(VNET_HDR_LEN, n)
-                if be.send(frame):
+                if passthrough:                 # the driver's header goes with the frame
+                    sent = be.send_vnet(chain.read(0, VNET_HDR_LEN + n))
+                else:
+                    sent = be.send(chain.read(VNET_HDR_LEN, n))
+                if sent:
                     c["tx_packets"] += 1
                     c["tx_bytes"] += n
                 else:
@@ -356,5 +452,6 @@ def net_from_spec(spec: str) -> VirtioNet:
         raise
 
 
-__all__ = ["VirtioNet", "net_from_spec", "parse_mac", "random_mac", "NetError",
+__all__ = ["VirtioNet", "net_from_spec", "parse_mac", "random_mac", "NetError", "tun_offload",
+           "rx_header", "gso_allowed", "OFFLOAD_FEATURES",
            "RX_PENDING_FRAMES", "RX_PENDING_BYTES"]

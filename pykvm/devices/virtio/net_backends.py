@@ -17,8 +17,14 @@ file descriptor the device's thread polls:
 :class:`TapBackend` opens ``/dev/net/tun`` with ``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR``: the
 interface named is created when absent (that needs CAP_NET_ADMIN) or attached to when it exists
 (a persistent tap the user may open). Every frame carries a 12-byte ``virtio_net_hdr``
-(``TUNSETVNETHDRSZ``); no offload is switched on (``TUNSETOFFLOAD`` 0), so the kernel hands over
-whole, checksummed frames and the header is all zeroes both ways.
+(``TUNSETVNETHDRSZ``). It starts with no offload switched on (``TUNSETOFFLOAD`` 0: the kernel
+hands over whole, checksummed frames); :meth:`TapBackend.set_offload` switches on what the
+guest's driver accepted (``TUN_F_CSUM``, ``TUN_F_TSO4``, ``TUN_F_TSO6``, ``TUN_F_TSO_ECN``), and
+then frames of up to 64 KiB with a checksum or segmentation request in their header pass both
+ways. The tap's header is in the host's byte order (no ``TUNSETVNETLE``), virtio 1.x's is
+little-endian: :attr:`TapBackend.vnet_hdr` (the device may pass headers through) is True only
+on a little-endian host. :meth:`TapBackend.recv_vnet` and :meth:`TapBackend.send_vnet` move a
+frame with its header.
 
 :class:`StreamBackend` speaks QEMU's ``-netdev stream`` protocol over any connected stream
 socket (a test holds the other end of a socket pair). :class:`PasstBackend` starts ``passt`` (https://passt.top, the Debian package ``passt``) with one
@@ -39,6 +45,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import weakref
 
@@ -58,6 +65,7 @@ TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 IFNAMSIZ = 16
 
 STREAM_OUT_LIMIT = 1 << 20              # bytes queued towards passt before the device waits
@@ -81,6 +89,7 @@ class NetBackend:
 
     name = "?"
     error: Optional[str] = None
+    vnet_hdr = False            # frames carry a virtio_net_hdr (recv_vnet/send_vnet/set_offload)
 
     def fileno(self) -> int:
         raise NotImplementedError
@@ -99,6 +108,18 @@ class NetBackend:
 
     def flush(self) -> None:
         """Write what :meth:`send` queued (nothing for datagram-like backends)."""
+
+    def recv_vnet(self) -> Optional[bytes]:
+        """The next frame with its vnet header in front (backends with :attr:`vnet_hdr`)."""
+        raise NotImplementedError
+
+    def send_vnet(self, data: bytes) -> bool:
+        """Send a frame with its vnet header in front (backends with :attr:`vnet_hdr`)."""
+        raise NotImplementedError
+
+    def set_offload(self, flags: int) -> bool:
+        """Set the ``TUN_F_*`` offloads the guest takes; False: not done (no vnet header)."""
+        return False
 
     def close(self) -> None:
         raise NotImplementedError
@@ -123,6 +144,7 @@ class TapBackend(NetBackend):
     tap (EBUSY)."""
 
     name = "tap"
+    vnet_hdr = sys.byteorder == "little"    # the tap's header order is the host's
 
     def __init__(self, ifname: Optional[str] = None):
         if ifname is not None:
@@ -164,9 +186,10 @@ class TapBackend(NetBackend):
     def fileno(self) -> int:
         return self._fd
 
-    def recv(self) -> Optional[bytes]:
-        """The next frame, without its vnet header; None when none is waiting. A read error
-        other than EAGAIN sets :attr:`error` and returns None."""
+    def recv_vnet(self) -> Optional[bytes]:
+        """The next frame with its 12-byte vnet header in front (bytes 10-11, num_buffers, are
+        not written by the kernel: whatever they hold is meaningless); None when none is
+        waiting. A read error other than EAGAIN sets :attr:`error` and returns None."""
         while self._fd >= 0:
             try:
                 data = os.read(self._fd, VNET_HDR_LEN + MAX_FRAME)
@@ -176,8 +199,26 @@ class TapBackend(NetBackend):
                 self.error = f"tap {self.ifname}: read failed: {e.strerror}"
                 return None
             if len(data) > VNET_HDR_LEN:
-                return data[VNET_HDR_LEN:]
+                return data
         return None
+
+    def recv(self) -> Optional[bytes]:
+        """The next frame, without its vnet header; None when none is waiting (as
+        :meth:`recv_vnet`)."""
+        data = self.recv_vnet()
+        return None if data is None else data[VNET_HDR_LEN:]
+
+    def send_vnet(self, data: bytes) -> bool:
+        """Write one frame with its 12-byte vnet header in front (``data``); False when the
+        kernel did not take it (EAGAIN; the interface down: EIO; a header the kernel refuses,
+        e.g. a checksum offset past the frame: EINVAL)."""
+        if self._fd < 0:
+            return False
+        try:
+            os.write(self._fd, data)
+        except OSError:
+            return False
+        return True
 
     def send(self, frame: bytes) -> bool:
         """Write one frame (with a zero vnet header); False when the kernel did not take it
@@ -186,6 +227,18 @@ class TapBackend(NetBackend):
             return False
         try:
             os.writev(self._fd, (_ZERO_HDR, frame))
+        except OSError:
+            return False
+        return True
+
+    def set_offload(self, flags: int) -> bool:
+        """``TUNSETOFFLOAD`` with ``flags`` (``TUN_F_*``: what the guest takes from the tap:
+        checksum requests, TCP segments of up to 64 KiB over IPv4/IPv6, with ECN); False when
+        the tap is closed or the kernel refused (the offloads it had stay)."""
+        if self._fd < 0:
+            return False
+        try:
+            fcntl.ioctl(self._fd, TUNSETOFFLOAD, flags)
         except OSError:
             return False
         return True
@@ -408,4 +461,5 @@ def make_backend(kind: str, *, ifname: Optional[str] = None,
 
 
 __all__: List[str] = ["NetBackend", "TapBackend", "StreamBackend", "PasstBackend", "NetError", "make_backend",
-                      "check_ifname", "VNET_HDR_LEN", "MAX_FRAME"]
+                      "check_ifname", "VNET_HDR_LEN", "MAX_FRAME", "TUN_F_CSUM",
+                      "TUN_F_TSO4", "TUN_F_TSO6", "TUN_F_TSO_ECN"]
