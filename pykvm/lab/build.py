@@ -64,6 +64,10 @@ class LabSpec:
     # the benchmark boot: 90-130 s for the disk benchmark, about as much again for the network
     # and share benchmark (four more Linux boots)
     qemu_timeout: float = 420.0
+    # tests that run in the first CPU model's boot only (riscv: rv64), the others --ignore them:
+    # device models driven by a Linux guest, which do not depend on the CPU model and each boot
+    # Linux several times (minutes under TCG per model)
+    once_tests: list[str] = field(default_factory=list)
 
 
 RISCV = LabSpec(
@@ -85,6 +89,9 @@ RISCV = LabSpec(
     default_tests=["tests/riscv", "tests/lab/inner_smoke"],
     qemu_tests=["tests/riscv/test_blk_bench_riscv.py",
                 "tests/riscv/test_net_fs_bench_riscv.py"],
+    once_tests=["tests/riscv/test_linux_net_riscv.py", "tests/riscv/test_linux_share_riscv.py",
+                "tests/riscv/test_linux_vsock_control_riscv.py",
+                "tests/riscv/test_linux_sandbox_riscv.py"],
 )
 
 NESTED = LabSpec(
@@ -609,6 +616,9 @@ def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[st
     main, qemu_only = split_tests(spec, tests)
     (lab / "pytest-args.json").write_text(json.dumps(main + common))
     (lab / "pytest-args-qemu.json").write_text(json.dumps(qemu_only + common))
+    more = later_boot_args(spec, main)
+    if more:
+        (lab / "pytest-args-more.json").write_text(json.dumps(more + common))
     (lab / "run_pytest.py").write_text(ird.RUN_PYTEST)
     (lab / "lab.conf").write_text(f"NONCE={nonce}\nSHELL_MODE={1 if opts.shell else 0}\nTESTS='{' '.join(tests)}'\n")
     init = root / "init"
@@ -617,6 +627,7 @@ def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[st
     out = workdir / "payload.cpio.gz"
     ird.write_initramfs(out, root)
     info["tests"], info["qemu_tests"] = main, qemu_only
+    info["more"] = more                        # the later main boots' arguments ([]: no such boot)
     return out, info
 
 
@@ -648,6 +659,26 @@ def split_tests(spec: LabSpec, tests: list[str]) -> tuple[list[str], list[str]]:
     if main and all(a.startswith("--ignore=") for a in main):
         main = []
     return main, qemu
+
+
+def later_boot_args(spec: LabSpec, main: list[str]) -> list[str]:
+    """The pytest arguments of the main boots after the first (riscv: the second CPU model):
+    ``main`` with ``--ignore`` for each of ``spec.once_tests``, or [] when those are all that
+    ``main`` selects (then only the first model's boot runs). ``main`` unchanged without
+    once_tests."""
+    if not spec.once_tests:
+        return main
+
+    def once(arg: str) -> bool:
+        p = os.path.normpath(arg.partition("::")[0])
+        return any(p == o or p.startswith(o + "/") for o in spec.once_tests)
+
+    # pytest collects a path named on its command line even when --ignore names it: those are
+    # left out here, --ignore covers the ones under a folder that is named
+    kept = [a for a in main if a.startswith("-") or not once(a)]
+    if not [a for a in kept if not a.startswith("-")]:
+        return []
+    return kept + [f"--ignore={o}" for o in spec.once_tests]
 
 
 def select_tests(spec: LabSpec, requested: list[str] | None) -> list[str]:
@@ -767,7 +798,13 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
                 "-append", f"{RISCV_CMDLINE} PYKVM_LAB_CPU={cpu}{extra}"]
         cpus = opts.cpus or ["rv64", "max"]
         if main:
-            runs += [(f"riscv-{cpu}", riscv(cpu, initrd_qemu if opts.shell else initrd), timeout) for cpu in cpus]
+            image = initrd_qemu if opts.shell else initrd
+            # the first model runs every main test, the others all but spec.once_tests
+            runs.append((f"riscv-{cpus[0]}", riscv(cpus[0], image), timeout))
+            if pinfo["more"] or opts.shell:
+                runs += [(f"riscv-{cpu}", riscv(cpu, image, "" if opts.shell else
+                                                " PYKVM_LAB_PYTEST=more"), timeout)
+                         for cpu in cpus[1:]]
         if qemu_boot:
             runs.append((f"riscv-{cpus[0]}-qemu", riscv(cpus[0], initrd_qemu, " PYKVM_LAB_PYTEST=qemu"),
                          opts.timeout or spec.qemu_timeout))

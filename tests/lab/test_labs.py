@@ -42,7 +42,9 @@ RISCV = ["test_reg_list_fully_decoded", "test_new_isa_extensions_on_this_cpu_mod
          "test_pykvm_run_boots_the_default_riscv_guest", "test_regs_command_lists_named_registers",
          # a Linux guest (tests/riscv/test_linux.py): /init, SBI suspend/resume, SRST, cpu types
          "test_linux_boots_to_init_suspends_resumes_and_powers_off",
-         "test_linux_with_cpu_type_min_has_only_the_base_isa",
+         "test_linux_with_cpu_type_min_has_only_the_base_isa"]
+# device models with a Linux guest: the first CPU model's boot only (LabSpec.once_tests)
+RISCV_ONCE = [
          # virtio-net with a Linux guest (tests/riscv/test_linux_net_riscv.py): passt and tap
          "test_virtio_net_user_mode_fetches_a_host_page_riscv",
          "test_virtio_net_tap_in_a_namespace_ping_and_http_riscv",
@@ -74,7 +76,7 @@ NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           # pykvm sandbox (tests/nested/test_linux_sandbox.py)
           "test_sandbox_runs_the_command_in_the_guest_over_an_overlay",
           "test_sandbox_rw_writes_reach_the_host"]
-EXPECTED = {"riscv": {"riscv-rv64": SMOKE + RISCV, "riscv-max": SMOKE + RISCV,
+EXPECTED = {"riscv": {"riscv-rv64": SMOKE + RISCV + RISCV_ONCE, "riscv-max": SMOKE + RISCV,
                       # the boot that carries the lab's QEMU (pykvm/lab/build.py, qemu_tests)
                       "riscv-rv64-qemu": ["test_virtio_blk_throughput_against_qemu_on_riscv",
                                           # tests/riscv/test_net_fs_bench_riscv.py

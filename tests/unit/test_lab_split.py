@@ -36,3 +36,19 @@ def test_paths_are_normalised_before_they_are_split():
         assert qemu == [BENCH, NET_BENCH] and f"--ignore={BENCH}" in main, spelled
     assert split_tests(NESTED, [f"./{BENCH}", BENCH, f"{BENCH}/"]) == ([], [BENCH])
     assert split_tests(NESTED, ["tests/nested", BENCH])[1] == [BENCH, NET_BENCH]      # once each
+
+
+def test_later_riscv_boots_ignore_the_once_tests_and_are_left_out_when_nothing_else_remains():
+    from pykvm.lab.build import later_boot_args
+    main, _ = split_tests(RISCV, ["tests/riscv", "tests/lab/inner_smoke"])
+    more = later_boot_args(RISCV, main)
+    assert more[:len(main)] == main
+    assert {a.removeprefix("--ignore=") for a in more[len(main):]} == set(RISCV.once_tests)
+    one = "tests/riscv/test_linux_sandbox_riscv.py"
+    assert one in RISCV.once_tests
+    assert later_boot_args(RISCV, [one]) == []                       # the first model's alone
+    assert later_boot_args(RISCV, [one + "::test_x", "./" + one]) == []
+    named = later_boot_args(RISCV, [one, "tests/riscv/test_riscv.py::test_x", "-k", "x"])
+    assert named[:3] == ["tests/riscv/test_riscv.py::test_x", "-k", "x"]   # the file named: out
+    assert all(a.startswith("--ignore=") for a in named[3:])
+    assert later_boot_args(NESTED, main) == main                      # no once_tests there
