@@ -44,7 +44,7 @@ import time
 
 from ._host import HOST_ARCH
 from ._ioctl import ioctl
-from .abi.ioctls import KVM_GET_STATS_FD
+from .abi import ioctls
 from .errors import Closed, PykvmError
 from .machine import Machine
 from .stats import read_stats
@@ -687,7 +687,7 @@ class ControlServer:
         fds: List[int] = []
         try:
             for v in m.vcpus:
-                fds.append(ioctl(v.fd, KVM_GET_STATS_FD))
+                fds.append(ioctl(v.fd, ioctls.KVM_GET_STATS_FD))
         except BaseException:
             for fd in fds:
                 os.close(fd)

@@ -165,7 +165,8 @@ class LabRun:
         self.done = False
         self.cond = threading.Condition()
         self.expired = threading.Event()
-        self.p = subprocess.Popen([sys.executable, "-m", "pykvm.lab", lab, "--timeout", "600"], cwd=ROOT,
+        # each boot's own limit (pykvm/lab/build.py: LabSpec.timeout, qemu_timeout)
+        self.p = subprocess.Popen([sys.executable, "-m", "pykvm.lab", lab], cwd=ROOT,
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True, start_new_session=True, preexec_fn=_background,
                                   env={**os.environ, "PYKVM_LAB_PROGRESS": "plain"})

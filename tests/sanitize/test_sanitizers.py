@@ -22,7 +22,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CHILD_TIMEOUT = 480
+CHILD_TIMEOUT = 900
 ERROR = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:")
 SUMMARY = []          # shown at the end of the host run (tests/sanitize/conftest.py)
 
