@@ -413,23 +413,6 @@ def build_blkbench(arch: str, source: Path = BLKBENCH_SOURCE) -> bytes | None:
 VSOCKECHO_SOURCE = Path(__file__).with_name("vsockecho.c")
 
 
-def build_vsockecho(arch: str) -> bytes | None:
-    """``pykvm/lab/vsockecho.c`` built static for ``arch``, as :func:`build_blkbench` builds its
-    program: None without a compiler for ``arch``; RuntimeError with the compiler's last line
-    when the build fails."""
-    cc = blkbench_compiler(arch)
-    if cc is None:
-        return None
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "vsockecho"
-        r = subprocess.run([cc, "-O2", "-static", "-Wall", "-o", str(out), str(VSOCKECHO_SOURCE)],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            msg = (r.stderr or r.stdout).strip().splitlines()
-            raise RuntimeError(f"{cc} vsockecho.c failed: {msg[-1] if msg else r.returncode}")
-        return out.read_bytes()
-
-
 def blkbench_source() -> str:
     """What the built program depends on (its source), for cache keys."""
     return BLKBENCH_SOURCE.read_text()
@@ -496,7 +479,7 @@ def build_root_image(arch: str, out_dir=None, *, size_mib: int = DEFAULT_SIZE_MI
                         (root / "usr/bin/netbench").write_bytes(nprog)
                         (root / "usr/bin/netbench").chmod(0o755)
                     try:
-                        echo = build_vsockecho(darch)
+                        echo = build_blkbench(darch, VSOCKECHO_SOURCE)
                     except RuntimeError as e:
                         raise LabError(f"root disk: {e}") from None
                     if echo is not None:
