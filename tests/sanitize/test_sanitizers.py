@@ -138,7 +138,13 @@ def test_hw_tests_pass_under_asan_and_ubsan(sanitized_native, tmp_path):
            # breaks now and then (a spurious "hang" finding); it exercises the Python
            # supervisor, not the C helper this rerun is for, and runs in the plain suite
            "--deselect",
-           "tests/hw/test_fuzz_devices.py::test_each_injected_finding_kind_is_saved_and_replays"]
+           "tests/hw/test_fuzz_devices.py::test_each_injected_finding_kind_is_saved_and_replays",
+           # and `pykvm run` under RLIMIT_AS of 80-120 MiB: ASan reserves terabytes of address
+           # space for its shadow, so under such a limit ASan itself fails; seen once
+           # (2026-12-06) as a run that did not end within 90 s in the child run, while the plain
+           # build answers in one line with status 8 at every limit from 60 to 160 MiB
+           "--deselect",
+           "tests/hw/test_cli_limits.py::test_threads_that_cannot_start_are_a_host_failure"]
     t0 = time.monotonic()
     r = subprocess.run(cmd, env=san.runtime_env(sanitized_native, logs), cwd=ROOT,
                        capture_output=True, text=True, timeout=CHILD_TIMEOUT)
