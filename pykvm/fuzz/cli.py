@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=_seconds, default=None, metavar="SECONDS",
                    help=f"how long each guest may run (default {generator.DEFAULT_DEADLINE}, "
                         f"{device_generator.DEFAULT_DEADLINE} with --devices); a case still "
-                        "running 2 s past its deadline is a hang")
+                        "running 2 s past its deadline is a hang (up to 10 s on a loaded host)")
     p.add_argument("--modes", type=_modes, default=None, metavar="LIST",
                    help="comma-separated CPU modes to draw from (default "
                         f"{','.join(generator.MODES)}; {','.join(device_generator.MODES)} "

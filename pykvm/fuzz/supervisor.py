@@ -5,7 +5,9 @@ A case that ends in an *outcome* (:mod:`pykvm.fuzz.runner`) is counted. Everythi
 *finding*, saved as a reproducer that ``--replay`` (:mod:`pykvm.fuzz.replay`) runs again:
 
 * ``crash``     the worker process died (a signal, or an exit status) while running the case;
-* ``hang``      the case ran past its deadline + 2 s;
+* ``hang``      the case ran past its deadline + 2 s (more on a loaded host: the grace grows
+                with the load average per CPU, up to 5 times, so a case that only waited for
+                a CPU is not taken for a hang);
 * ``exception`` pykvm raised something that is not a ``PykvmError`` (the traceback is kept);
 * ``leak``      the worker's fd count or RSS grew past a bound over the baseline taken after a
                 warm-up (the reproducer names the range of cases to run again);
@@ -398,7 +400,16 @@ class Supervisor:
                                                    "exit_status": rc})
         self._retire(w)
 
-    def _hang(self, w: Worker) -> None:
+    def _limit(self) -> float:
+        """Seconds a case may run before it is a hang: its deadline plus the grace, the grace
+        scaled by the host's 1-minute load average per CPU (1 to 5 times)."""
+        try:
+            load = os.getloadavg()[0] / (os.cpu_count() or 1)
+        except OSError:
+            load = 1.0
+        return self.deadline + self.grace * min(5.0, max(1.0, load))
+
+    def _hang(self, w: Worker, limit: float) -> None:
         index = w.queue.popleft()
         self.completed += 1
         try:                                   # ask faulthandler for every thread's stack
@@ -408,7 +419,7 @@ class Supervisor:
             pass
         tail = w.stderr_tail()
         self._finding("hang", index, detail=f"case {index} still running "
-                      f"{self.deadline + self.grace:.2f} s after it started "
+                      f"{limit:.2f} s after it started "
                       f"(deadline {self.deadline} s); worker {w.pid} killed",
                       extra={"stderr": tail})
         self._retire(w)
@@ -481,8 +492,9 @@ class Supervisor:
                     self._spawn()
                 now = time.monotonic()
                 wait = self.check_interval
+                case_limit = self._limit()
                 for w in self.workers:
-                    limit = WORKER_START_TIMEOUT if not w.ready else self.deadline + self.grace
+                    limit = WORKER_START_TIMEOUT if not w.ready else case_limit
                     if w.queue or not w.ready:
                         wait = min(wait, max(0.0, w.since + limit - now))
                 for key, _ in self.sel.select(timeout=max(0.01, wait)):
@@ -503,8 +515,8 @@ class Supervisor:
                             self.failed_starts += 1
                             self._retire(w)
                         continue
-                    if w.queue and now - w.since > self.deadline + self.grace:
-                        self._hang(w)
+                    if w.queue and now - w.since > case_limit:
+                        self._hang(w, case_limit)
                         continue
                     self._check_resources(w, now)
                     if w in self.workers:
