@@ -411,6 +411,8 @@ def build_blkbench(arch: str, source: Path = BLKBENCH_SOURCE) -> bytes | None:
 
 # the vsock echo program of the vsock tests (tests/*/test_linux_vsock_control*.py)
 VSOCKECHO_SOURCE = Path(__file__).with_name("vsockecho.c")
+# the guest programs of the root image, each /usr/bin/<its stem>
+GUEST_PROGRAMS = (BLKBENCH_SOURCE, NETBENCH_SOURCE, VSOCKECHO_SOURCE)
 
 
 def blkbench_source() -> str:
@@ -464,27 +466,14 @@ def build_root_image(arch: str, out_dir=None, *, size_mib: int = DEFAULT_SIZE_MI
                     bbp.chmod(0o755)
                     for a in _ROOT_LINKS:
                         (root / "usr/bin" / a).symlink_to("busybox")
-                    try:
-                        prog = build_blkbench(darch)
-                    except RuntimeError as e:
-                        raise LabError(f"root disk: {e}") from None
-                    if prog is not None:
-                        (root / "usr/bin/blkbench").write_bytes(prog)
-                        (root / "usr/bin/blkbench").chmod(0o755)
-                    try:
-                        nprog = build_blkbench(darch, NETBENCH_SOURCE)
-                    except RuntimeError as e:
-                        raise LabError(f"root disk: {e}") from None
-                    if nprog is not None:
-                        (root / "usr/bin/netbench").write_bytes(nprog)
-                        (root / "usr/bin/netbench").chmod(0o755)
-                    try:
-                        echo = build_blkbench(darch, VSOCKECHO_SOURCE)
-                    except RuntimeError as e:
-                        raise LabError(f"root disk: {e}") from None
-                    if echo is not None:
-                        (root / "usr/bin/vsockecho").write_bytes(echo)
-                        (root / "usr/bin/vsockecho").chmod(0o755)
+                    for source in GUEST_PROGRAMS:      # /usr/bin/<name>, built static
+                        try:
+                            prog = build_blkbench(darch, source)
+                        except RuntimeError as e:
+                            raise LabError(f"root disk: {e}") from None
+                        if prog is not None:
+                            (root / "usr/bin" / source.stem).write_bytes(prog)
+                            (root / "usr/bin" / source.stem).chmod(0o755)
                     init = root / "usr/sbin/init"
                     init.write_text(ROOT_INIT)
                     init.chmod(0o755)

@@ -212,12 +212,14 @@ def _packets(dev, rx, bufs, mem, want, seconds=5.0, until=None):
     return got
 
 
-def test_a_host_flood_goes_only_as_far_as_the_guest_credit(plain, sockdir):
-    mem = plain
+def _connected(mem, sockdir, irqs):
+    """A VirtioVsock (guest CID 9) on three rings in ``mem`` with 8 receive buffers posted, and a
+    host socket that asked for ``CONNECT 77``: (device, rx, tx, buffers by head, host socket,
+    the OP_REQUEST the guest got, the Unix socket's path). Interrupts and resets go to
+    ``irqs``."""
     path = os.path.join(sockdir, "v.sock")
     dev = VirtioVsock(9, path)
     rx, tx, ev = Ring(mem, 0, 0x10000), Ring(mem, 1, 0x11000), Ring(mem, 2, 0x12000)
-    irqs = []
     dev.activate(1 << 32, [rx.q, tx.q, ev.q], DeviceHandles(lambda c, q=-1: irqs.append(q),
                                                               lambda: irqs.append("reset")))
     bufs = {}
@@ -231,6 +233,18 @@ def test_a_host_flood_goes_only_as_far_as_the_guest_credit(plain, sockdir):
         host.connect(path)
         host.sendall(b"CONNECT 77\n")
         (req, _), = _packets(dev, rx, bufs, mem, 1)
+    except BaseException:
+        host.close()
+        dev.close()
+        raise
+    return dev, rx, tx, bufs, host, req, path
+
+
+def test_a_host_flood_goes_only_as_far_as_the_guest_credit(plain, sockdir):
+    mem = plain
+    irqs = []
+    dev, rx, tx, bufs, host, req, path = _connected(mem, sockdir, irqs)
+    try:
         assert (req.op, req.src_cid, req.dst_cid, req.dst_port) == (OP_REQUEST, HOST_CID, 9, 77)
 
         def send(op, n=0, payload=b"", fwd_cnt=0, flags=0, buf_alloc=5000):
@@ -283,22 +297,8 @@ def test_a_late_packet_for_a_connection_just_closed_is_taken_in_silence(plain, s
     an unknown connection (no RST back, not a drop), while a packet for a port never connected
     still is."""
     mem = plain
-    path = os.path.join(sockdir, "v.sock")
-    dev = VirtioVsock(9, path)
-    rx, tx, ev = Ring(mem, 0, 0x10000), Ring(mem, 1, 0x11000), Ring(mem, 2, 0x12000)
-    dev.activate(1 << 32, [rx.q, tx.q, ev.q], DeviceHandles(lambda c, q=-1: None, lambda: None))
-    bufs = {}
-    for k in range(8):
-        gpa = 0x20000 + 0x1000 * k
-        bufs[rx.add(gpa, 4096, True)] = gpa
-    dev.notify(0)
-    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    host.settimeout(10)
+    dev, rx, tx, bufs, host, req, _ = _connected(mem, sockdir, [])
     try:
-        host.connect(path)
-        host.sendall(b"CONNECT 77\n")
-        (req, _), = _packets(dev, rx, bufs, mem, 1)
-
         at = iter(range(0x40000, 0x50000, 0x100))     # each packet in a buffer of its own
 
         def send(op, port=req.src_port, flags=0):
