@@ -42,12 +42,12 @@ import hashlib
 import json
 import lzma
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+from ..sandbox import modinfo_depends
 from . import initramfs as ird
 
 FORMAT = 1  # bump when the layout of the root image or the boot initramfs changes
@@ -528,14 +528,6 @@ def _decompress(path: Path) -> bytes:
     return data
 
 
-def _modinfo_depends(ko: bytes) -> list[str]:
-    """The ``depends=`` names of an uncompressed module (``.modinfo`` strings are NUL-separated)."""
-    m = re.search(rb"(?:^|\x00)depends=([^\x00]*)\x00", ko)
-    if not m or not m.group(1):
-        return []
-    return [d.replace("-", "_") for d in m.group(1).decode("ascii", "replace").split(",") if d]
-
-
 def kernel_modules(modules_deb: Path, names, dest: Path, *, archive=None, cache=None,
                    required=REQUIRED_MODULES) -> list[str]:
     """Decompress the modules ``names`` (module names; '-' = '_') and their dependencies from
@@ -590,7 +582,7 @@ def kernel_modules(modules_deb: Path, names, dest: Path, *, archive=None, cache=
             return
         seen.add(name)
         data = _decompress(path)
-        for dep in _modinfo_depends(data):
+        for dep in modinfo_depends(data):
             visit(dep, chain + (name,))
         (dest / f"{name}.ko").write_bytes(data)
         order.append(f"{name}.ko")
