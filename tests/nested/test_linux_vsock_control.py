@@ -20,9 +20,6 @@ drive its shell under a pty (pexpect, ``pykvm/lab/guest_shell.py``):
   --dump`` shows the registers (the same twice while paused; 64-bit mode); ``pykvm stop`` ends
   the run with status 0. No test asserts a duration.
 """
-import os
-import shutil
-import tempfile
 
 import pytest
 
@@ -58,86 +55,32 @@ def files():
 
 @pytest.fixture(scope="module")
 def short_dir():
-    """A directory with a short path (Unix socket paths stop at 107 bytes), removed after."""
-    d = tempfile.mkdtemp(prefix="pkv")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with guest_shell.short_dir() as d:
+        yield d
 
 
 @pytest.fixture(scope="module")
 def vsock_vm(files, short_dir, tmp_path_factory):
-    """One guest with ``--vsock cid=3,uds=PATH --name``, at its shell prompt; powered off by
-    ``exit`` after the module's tests (pykvm run must exit 0)."""
-    uds = os.path.join(short_dir, "vm.sock")
-    ctl = os.path.join(short_dir, "ctl")
-    env = dict(os.environ, PYKVM_CONTROL_DIR=ctl)
-    disk = guest_shell.fresh_disk(files, tmp_path_factory.mktemp("vsock"))
-    with guest_shell.GuestShell(files, disk, CMDLINE, timeout=TIMEOUT, mem=MEM, env=env,
-                                extra=["--vcpus", str(VCPUS), "--vsock", f"cid=3,uds={uds}",
-                                       "--name", "vsockvm"]) as shell:
-        shell.start()
-        shell.command("lsmod | grep vsock")
-        yield shell, uds, env
-        status = shell.exit_shell()
-    assert status == 0, f"pykvm run exited {status}"
-    assert not os.path.exists(uds), "the vsock socket file outlived the run"
-
-
-DROPS = ("tx_malformed", "tx_bad_cid", "tx_unknown_op", "tx_unknown_connection",
-         "tx_credit_violation", "rst_dropped", "rx_dropped_small_buffer")
-
-
-def _vsock_counters(env):
-    """The device's counters, those at zero left out."""
-    c = guest_shell.cli_json("stat", "vsockvm", env=env)["devices"]["virtio-vsock0"]
-    return {k: v for k, v in c.items() if v}
+    with guest_shell.vsock_vm(files, short_dir, tmp_path_factory.mktemp("vsock"), CMDLINE,
+                              timeout=TIMEOUT, mem=MEM, vcpus=VCPUS) as vm:
+        yield vm
 
 
 def test_linux_vsock_host_connects_to_guest_echo(vsock_vm, record_property):
     shell, uds, env = vsock_vm
     record_property("vsock_prompt_s", round(shell.prompt_s, 1))
-    r = guest_shell.vsock_host_to_guest(shell, uds, port=1234)
-    assert r["ok_line"].startswith("OK ") and r["ok_line"].endswith("\n"), r["ok_line"]
-    host_port = int(r["ok_line"].split()[1])
-    assert r["echoed"] == r["sent"], (len(r["echoed"]), len(r["sent"]))
-    # the guest saw the host (CID 2) on the port the OK line named, and echoed every byte
-    assert r["guest_line"] == (len(r["sent"]), 2, host_port), r["guest_line"]
-    c = _vsock_counters(env)
-    assert c["connections_host"] >= 1 and "dropped" not in c, f"{c}"
-    assert c["tx_bytes"] >= len(r["sent"]) and c["rx_bytes"] >= len(r["sent"]), f"{c}"
+    guest_shell.check_vsock_host_to_guest(shell, uds, env)
 
 
 def test_linux_vsock_guest_connects_to_host(vsock_vm):
-    shell, uds, env = vsock_vm
-    r = guest_shell.vsock_guest_to_host(shell, uds, port=5000)
-    assert r["received"] == f"{r['token']}\n".encode(), r["received"]
-    assert r["reply"] == f"reply: host-reply {r['token']} {r['host_token']}", r["reply"]
-    c = _vsock_counters(env)
-    assert c["connections_guest"] >= 1 and "guest_refused" not in c, f"{c}"
-    # the device resets a connection once both sides are done sending (the host hung up after
-    # the guest's SHUT_WR); Linux's guest then sends a CREDIT_UPDATE as its reader takes the
-    # reply, which the device counts as tx_unknown_connection. Nothing else may be dropped.
-    assert set(c) & set(DROPS) <= {"tx_unknown_connection"}, f"{c}"
-    assert c.get("tx_unknown_connection", 0) <= 1, f"{c}"
+    guest_shell.check_vsock_guest_to_host(*vsock_vm)
 
 
 def test_linux_control_list_pause_resume_stat_dump_stop(files, short_dir, tmp_path,
                                                         record_property):
-    env = dict(os.environ, PYKVM_CONTROL_DIR=os.path.join(short_dir, "ctl2"))
-    disk = guest_shell.fresh_disk(files, tmp_path)
-    with guest_shell.GuestShell(files, disk, CMDLINE, timeout=TIMEOUT, mem=MEM, env=env,
-                                extra=["--vcpus", str(VCPUS), "--name", "ctlvm"]) as shell:
-        shell.start()
-        record_property("control_prompt_s", round(shell.prompt_s, 1))
-        r = guest_shell.control_walkthrough(shell, "ctlvm", env, VCPUS)
-    assert r["first_after_resume"] == r["last_before_pause"] + 1, r
-    assert r["ticks"] == list(range(1, len(r["ticks"]) + 1)), r["ticks"]   # none lost or repeated
-    st = r["stat"]
-    assert st["state"] == "running"
-    assert isinstance(st["vm"]["remote_tlb_flush"], int), st["vm"]
-    assert len(st["vcpus"]) == VCPUS and all(v["exits"] > 0 for v in st["vcpus"]), st["vcpus"]
-    assert {"virtio-blk0", "virtio-rng0"} <= set(st["devices"]), st["devices"]
-    assert all(isinstance(n, int) for d in st["devices"].values() for n in d.values()), st["devices"]
+    r = guest_shell.control_run(files, short_dir, tmp_path, CMDLINE, timeout=TIMEOUT, mem=MEM,
+                                vcpus=VCPUS,
+                                record=lambda k, v: record_property("" + k, v))
     for dump in (*r["paused_dumps"], r["running_dump"]):
         assert dump["arch"] == "x86_64"
         for v in dump["vcpus"]:
@@ -145,5 +88,3 @@ def test_linux_control_list_pause_resume_stat_dump_stop(files, short_dir, tmp_pa
             assert regs["rip"] != 0 and regs["rsp"] != 0, regs
             assert sregs["efer"] & EFER_LMA and sregs["cs"]["l"] == 1, sregs   # 64-bit mode
     assert "rip=0x" in r["dump_text"] and "cr0=0x" in r["dump_text"], r["dump_text"]
-    assert r["status"] == 0, f"pykvm run exited {r['status']}"
-    assert "pykvm: stopped through the control socket (ctlvm)" in shell.log.text()

@@ -110,7 +110,7 @@ _COUNTERS = ("connections_host", "connections_guest", "host_rejected", "guest_re
              "resets_received", "timeouts", "tx_malformed", "tx_bad_cid", "tx_unknown_op",
              "tx_unknown_connection", "tx_credit_violation", "rst_dropped",
              "rx_dropped_small_buffer", "tx_after_close")
-_DROPS = ("tx_malformed", "tx_bad_cid", "tx_unknown_op", "tx_unknown_connection",
+DROPS = ("tx_malformed", "tx_bad_cid", "tx_unknown_op", "tx_unknown_connection",
           "tx_credit_violation", "rst_dropped", "rx_dropped_small_buffer")
 
 
@@ -464,7 +464,7 @@ class VirtioVsock(HostThreadDevice):
         with self._lock:
             c = dict(self._count)
             c["connections_active"] = len(self._conns) + len(self._pending)
-        c["dropped"] = sum(c[k] for k in _DROPS)
+        c["dropped"] = sum(c[k] for k in DROPS)
         return c
 
     # ---- the thread ------------------------------------------------------------------
