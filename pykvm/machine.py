@@ -215,7 +215,9 @@ class Machine:
         # at once, or after it was already held) from one that ends the run
         self._pause_cv = threading.Condition()
         self._pause_wanted = False         # pause() asked, resume() not yet
-        self._pauses = 0
+        self._pauses = 0                   # pause() calls begun (counted before their kicks)
+        self._pauses_kicked = 0            # _pauses when no pause() was still kicking
+        self._pauses_kicking = 0           # pause() calls sending their kicks now
         self._kicks_seen: Dict[int, int] = {}   # vCPU -> _pauses when its last kick was taken
         self._held: set = set()            # vCPUs held by pause() now
         self._active: set = set()          # vCPUs inside run() now
@@ -607,12 +609,13 @@ class Machine:
                     results[index] = ev
                     break
                 left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
+                sent = self._pauses_kicked         # pauses whose kicks this step may take
                 ev = self.step(index, timeout=left)
                 if ev.kind == "report" and ev.report.kind == "sync":
                     continue                       # nobody waits for syncs in a plain run
                 if ev.kind == "kick" and not self._stop and self.platform.hold(index):
                     continue                       # the platform paused this vCPU (x86 S3)
-                if ev.kind == "kick" and not self._stop and self._pause_kick(index):
+                if ev.kind == "kick" and not self._stop and self._pause_kick(index, sent):
                     continue                       # pause()'s kick: the loop's top holds it
                 results[index] = ev
                 break
@@ -626,12 +629,19 @@ class Machine:
             self._kick_all()                       # one vCPU ending the machine stops the rest
 
     # -- pause, resume, stop (pykvm.control serves them on a socket) ---------------------------
-    def _pause_kick(self, index: int) -> bool:
+    def _pause_kick(self, index: int, sent: int) -> bool:
         """vCPU ``index``'s run returned "kick": True when pause() may have sent it (a pause
-        came since this vCPU last took a kick; kicks do not queue, so one taken kick answers
-        every kick sent before it), False when the kick ends the run."""
-        seen, self._kicks_seen[index] = self._kicks_seen.get(index, 0), self._pauses
-        return seen != self._pauses
+        came since this vCPU last took a kick), False when the kick ends the run.
+
+        Kicks do not queue: one taken kick answers every kick sent before it, but a pause
+        still kicking may send its kick after the C loop took this one, and that late kick
+        must read as the pause's, not as the run's end. So a taken kick answers only the
+        pauses that had sent all their kicks before the step began (``sent``: the step's
+        snapshot of ``_pauses_kicked``)."""
+        with self._pause_cv:
+            seen = self._kicks_seen.get(index, 0)
+            self._kicks_seen[index] = sent
+            return seen != self._pauses
 
     def _hold(self, index: int, deadline: Optional[float]) -> Optional[Event]:
         """Hold vCPU ``index`` (out of KVM_RUN, in its own thread) while :meth:`pause` is in
@@ -688,11 +698,18 @@ class Machine:
         with self._pause_cv:
             self._pause_wanted = True
             self._pauses += 1
-        for lp in getattr(self, "loops", ()):
-            try:
-                lp.kick()
-            except Closed:
-                pass
+            self._pauses_kicking += 1
+        try:
+            for lp in getattr(self, "loops", ()):
+                try:
+                    lp.kick()
+                except Closed:
+                    pass
+        finally:
+            with self._pause_cv:
+                self._pauses_kicking -= 1
+                if not self._pauses_kicking:
+                    self._pauses_kicked = self._pauses
         if timeout is None:
             return self.paused
         end = time.monotonic() + timeout
@@ -838,7 +855,7 @@ class Machine:
                 lp.clear_kick()
             except Closed:
                 pass
-            self._kicks_seen[i] = self._pauses     # no pause's kick is pending any more
+            self._kicks_seen[i] = self._pauses_kicked   # no sent pause kick is pending now
 
     @staticmethod
     def _decisive(results: List[Optional[Event]]) -> Event:

@@ -140,6 +140,31 @@ def test_pause_and_resume_many_times_never_end_the_run(running):
     assert r.thread.is_alive() and r.result is None
 
 
+def test_pause_kicks_racing_their_vcpus_never_end_the_run(guest_vm):
+    """Pauses sent while the vCPU is entering the run: the C loop takes one kick while later
+    pauses are still kicking, and their late kick must read as a pause's, not as the run's end
+    (each round once ended the run with "kick" about one time in two)."""
+    m = guest_vm("control_counter.c")
+    addr = m.sync(stage=1)[0]
+    for _ in range(12):
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("r", m.run(timeout=120)),
+                             daemon=True)
+        t.start()
+        wait_until(lambda: m.running, "the run to start")
+        for _ in range(20):
+            m.pause(timeout=None)
+            m.resume()
+        first = m.memory.read_u64(addr)
+        wait_until(lambda: m.memory.read_u64(addr) != first or not t.is_alive(),
+                   "the guest's counter to advance")
+        assert t.is_alive(), f"the run ended: {box.get('r')}"
+        m.stop("round over")
+        t.join(PATIENCE)
+        assert box["r"].exit == "stopped"
+
+
+
 def test_stat_has_kvm_binary_stats_exit_counts_and_device_counters(running):
     r = running(rng=True)                                 # a virtio-rng: a device to count
     with Client("vm") as c:
