@@ -147,8 +147,8 @@ def test_pause_kicks_racing_their_vcpus_never_end_the_run(guest_vm):
     m = guest_vm("control_counter.c")
     addr = m.sync(stage=1)[0]
     for _ in range(12):
-        box = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", m.run(timeout=120)),
+        box: dict = {}
+        t = threading.Thread(target=lambda b=box: b.setdefault("r", m.run(timeout=120)),
                              daemon=True)
         t.start()
         wait_until(lambda: m.running, "the run to start")
@@ -156,7 +156,7 @@ def test_pause_kicks_racing_their_vcpus_never_end_the_run(guest_vm):
             m.pause(timeout=None)
             m.resume()
         first = m.memory.read_u64(addr)
-        wait_until(lambda: m.memory.read_u64(addr) != first or not t.is_alive(),
+        wait_until(lambda f=first, th=t: m.memory.read_u64(addr) != f or not th.is_alive(),
                    "the guest's counter to advance")
         assert t.is_alive(), f"the run ended: {box.get('r')}"
         m.stop("round over")
