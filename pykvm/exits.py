@@ -551,10 +551,21 @@ class IoapicEoi(Exit):
     reason = abi.EXIT_REASONS["IOAPIC_EOI"]
 
 
+class DirtyRingFull(Exit):
+    """KVM_EXIT_DIRTY_RING_FULL (api.rst 8.29): this vCPU's dirty ring reached its soft limit,
+    and KVM_RUN will keep returning this exit until the ring has room. Harvest it
+    (:meth:`pykvm.vcpu.DirtyRing.harvest`, or :meth:`pykvm.vm.Vm.harvest_dirty_rings` for every
+    vCPU) and reset (:meth:`pykvm.vm.Vm.reset_dirty_rings`), then run the vCPU again. No
+    fields."""
+    __slots__ = ()
+    reason = abi.EXIT_REASONS["DIRTY_RING_FULL"]
+
+
 _CLASSES: Dict[int, Type[Exit]] = {
     c.reason: c for c in (Unknown, Io, Mmio, Hlt, Shutdown, Intr, IrqWindowOpen, Nmi, Exception_,
                           FailEntry, InternalError, SystemEvent, Debug, Hypercall, X86Rdmsr,
-                          X86Wrmsr, RiscvSbi, RiscvCsr, MemoryFault, Notify, IoapicEoi)
+                          X86Wrmsr, RiscvSbi, RiscvCsr, MemoryFault, Notify, IoapicEoi,
+                          DirtyRingFull)
 }
 for _c in _CLASSES.values():
     # a plain class attribute that shadows Exit.name (the property): no lookup per access

@@ -100,8 +100,27 @@ class Kvm(_arch.KvmArch, FdObject):
         """Every capability pykvm knows by name, with its KVM_CHECK_EXTENSION value."""
         return {name: self.check_extension(num) for name, num in abi.CAPS.items()}
 
-    def create_vm(self, vm_type: int = 0, **kwargs: Any) -> Vm:
-        """KVM_CREATE_VM → :class:`~pykvm.vm.Vm`."""
+    def vm_types(self) -> List[str]:
+        """The VM types KVM_CREATE_VM accepts here, by name (``"DEFAULT"``, x86:
+        ``"SW_PROTECTED"``, ``"SEV"``, ... as in :data:`pykvm.abi.arch.VM_TYPES`): the bits of
+        KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES) (api.rst 8.41); ``["DEFAULT"]`` on a KVM
+        without that capability. A bit pykvm has no name for shows as ``"TYPE_<n>"``."""
+        bits = self.check_extension("VM_TYPES") or 1
+        names = {v: k for k, v in abi.arch.VM_TYPES.items()}
+        return [names.get(n, f"TYPE_{n}") for n in range(bits.bit_length()) if bits >> n & 1]
+
+    def create_vm(self, vm_type: Union[int, str] = 0, **kwargs: Any) -> Vm:
+        """KVM_CREATE_VM (api.rst 4.2) → :class:`~pykvm.vm.Vm`. ``vm_type``: the machine
+        type, an int or a name of :data:`pykvm.abi.arch.VM_TYPES` (x86: ``"SW_PROTECTED"``
+        for KVM_X86_SW_PROTECTED_VM; see :meth:`vm_types` for what this KVM offers). Raises
+        ValueError for an unknown name and :class:`~pykvm.errors.KvmError` (EINVAL for a type
+        this KVM does not offer) when KVM refuses."""
+        if isinstance(vm_type, str):
+            try:
+                vm_type = abi.arch.VM_TYPES[vm_type.upper()]
+            except KeyError:
+                raise ValueError(f"unknown VM type {vm_type!r} (known: "
+                                 f"{', '.join(abi.arch.VM_TYPES)})") from None
         fd = ioctl(self.fd, ioctls.KVM_CREATE_VM, vm_type, what=str(vm_type))
         return Vm(self, fd, **kwargs)
 

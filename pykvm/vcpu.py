@@ -1,6 +1,7 @@
 """`Vcpu`: a vCPU file descriptor — ONE_REG, the mmapped kvm_run, run() → typed exits, kick."""
 from __future__ import annotations
 
+import mmap
 import signal
 import threading
 import weakref
@@ -14,17 +15,97 @@ from ._native import lib as _nlib
 from .abi import CData, ffi, ioctls
 from .abi.ioctls import Ioctl
 from .arch import current as _arch
-from .errors import Busy, Closed, GuestError, KvmTooBig, kvm_error
+from .errors import Busy, Closed, GuestError, HostResourceError, KvmTooBig, kvm_error
+from .errors import host_resource_error
 from .exits import Exit, decode_exit, kvm_run_error
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Callable, Dict, List, Optional, Union
+    from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 _get_ident = threading.get_ident
 _native_ioctl = _nlib.pykvm_ioctl
 _KVM_RUN = int(ioctls.KVM_RUN)
 _EXIT_INTR = abi.EXIT_REASONS["INTR"]
+
+
+_GFN_SIZE = ffi.sizeof("struct kvm_dirty_gfn")
+_GFN_DIRTY = abi.DIRTY_GFN_F_DIRTY
+_GFN_RESET = abi.DIRTY_GFN_F_RESET
+
+
+class DirtyRing:
+    """One vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING, api.rst 8.29): the array of
+    ``struct kvm_dirty_gfn`` KVM fills as the guest dirties pages of slots that log dirty
+    pages, mapped from page :data:`pykvm.abi.arch.DIRTY_LOG_PAGE_OFFSET` of the vCPU fd.
+
+    Made by :class:`Vcpu` when its VM enabled the ring (:meth:`pykvm.vm.Vm.enable_dirty_ring`);
+    read it with :meth:`harvest`, then :meth:`pykvm.vm.Vm.reset_dirty_rings`. Harvesting needs
+    no vCPU ioctl, so another thread may harvest while the vCPU runs (entries the CPU still
+    buffers appear once the vCPU exits, e.g. after a kick). ``entries`` (int): the ring's
+    size in entries; ``fetch_index`` (int): the free-running index of the next entry to read.
+    """
+
+    def __init__(self, fd: int, vcpu_id: int, size: int, ordered: bool):
+        """Map ``size`` bytes (the ring size given to KVM_ENABLE_CAP) of vCPU fd ``fd``.
+        ``ordered``: the ring was enabled as KVM_CAP_DIRTY_LOG_RING_ACQ_REL, so each entry's
+        flags are read before, and written after, its other fields with a memory barrier in
+        between (a lock's atomic acquire and release). Raises
+        :class:`~pykvm.errors.KvmError` naming ``mmap(dirty ring)`` if the mapping fails."""
+        self.entries = size // _GFN_SIZE
+        self.fetch_index = 0
+        self._ordered = ordered
+        self._fence = threading.Lock()
+        try:
+            self._map: Optional[mmap.mmap] = mmap.mmap(
+                fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=abi.arch.DIRTY_LOG_PAGE_OFFSET * mmap.PAGESIZE)
+        except OSError as e:
+            hr: Optional[HostResourceError] = host_resource_error(e)
+            if hr is not None:
+                raise hr from e
+            raise kvm_error("mmap(dirty ring)", e.errno or 0,
+                            f"vcpu {vcpu_id} size={size}") from None
+        self._gfns = ffi.from_buffer("struct kvm_dirty_gfn[]", self._map)
+
+    def harvest(self, limit: Optional[int] = None) -> List[Tuple[int, int]]:
+        """Collect the dirty entries from :attr:`fetch_index` on, in ring order, and mark each
+        harvested (flags RESET) for the next KVM_RESET_DIRTY_RINGS; stops at the first entry
+        that is not dirty, or after ``limit`` entries. Returns ``[(slot, offset), ...]``:
+        ``slot`` is ``address_space << 16 | slot number`` and ``offset`` the page's index
+        (pages of :data:`pykvm.memory.PAGE_SIZE` bytes) within that slot. Raises
+        :class:`~pykvm.errors.Closed` once the vCPU is closed."""
+        gfns = self._gfns
+        if gfns is None:
+            raise Closed("dirty ring used after its vCPU was closed")
+        out: List[Tuple[int, int]] = []
+        mask = self.entries - 1                  # a power of two
+        i = self.fetch_index
+        fence = self._fence if self._ordered else None
+        while limit is None or len(out) < limit:
+            e = gfns[i & mask]
+            if e.flags != _GFN_DIRTY:            # 0: not yet written; RESET: not yet reset
+                break
+            if fence is not None:                # load-acquire of flags
+                fence.acquire()
+                fence.release()
+            out.append((e.slot, e.offset))
+            if fence is not None:                # store-release of flags
+                fence.acquire()
+                fence.release()
+            e.flags = _GFN_RESET
+            i += 1
+        self.fetch_index = i
+        return out
+
+    def close(self) -> None:
+        """Unmap the ring (idempotent); :meth:`harvest` raises Closed afterwards."""
+        gfns, self._gfns = self._gfns, None
+        if gfns is not None:
+            ffi.release(gfns)
+        m, self._map = self._map, None
+        if m is not None:
+            m.close()
 
 
 class Vcpu(_arch.VcpuArch, FdObject):
@@ -67,6 +148,16 @@ class Vcpu(_arch.VcpuArch, FdObject):
         self._runner_kick: Optional[Callable[[], None]] = None  # how to make that run return
         self._run_depth = 0              # nested claims by the same thread (a loop, then run())
         self._closed_done = False
+        # the dirty ring, mapped here when the VM enabled one (Vm.enable_dirty_ring)
+        self.dirty_ring: Optional[DirtyRing] = None
+        ring = getattr(vm, "dirty_ring_bytes", 0)
+        if ring:
+            try:
+                self.dirty_ring = DirtyRing(fd, vcpu_id, ring, vm.dirty_ring_ordered)
+            except BaseException:
+                self._unmapper()
+                FdObject.close(self)
+                raise
         self._arch_init()
 
     @property
@@ -315,6 +406,8 @@ class Vcpu(_arch.VcpuArch, FdObject):
                 return
             self._closed_done = True
         _nlib.pykvm_retire_mapping(self._run_addr, self.run_size)
+        if self.dirty_ring is not None:
+            self.dirty_ring.close()
         super().close()
 
     def __repr__(self) -> str:

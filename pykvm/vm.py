@@ -10,7 +10,7 @@ from ._ioctl import raw_ioctl, stats as _stats
 from .abi import CData, ffi, ioctls
 from .abi.ioctls import Ioctl
 from .arch import current as _arch
-from .errors import GuestMemoryError, PykvmError, host_resource_error
+from .errors import CapabilityMissing, GuestMemoryError, PykvmError, host_resource_error
 from .memory import PAGE_SIZE, GuestMemory, MemorySlot, new_mapping, new_shared_mapping
 from .vcpu import Vcpu
 
@@ -34,6 +34,14 @@ class Vm(_arch.VmArch, FdObject):
         # add_memory's default for ``shared``: a machine with a vhost-user device (virtio-fs)
         # sets it before its platform adds the RAM, so every slot is a shareable memfd
         self.shared_memory = False
+        # the dirty ring's size in bytes once enable_dirty_ring() ran (0: none), and whether it
+        # was enabled as KVM_CAP_DIRTY_LOG_RING_ACQ_REL (entries then need ordered accesses)
+        self.dirty_ring_bytes = 0
+        self.dirty_ring_ordered = False
+        # slots set with KVM_SET_USER_MEMORY_REGION2: slot number -> (guest_memfd, its offset),
+        # (-1, 0) for one without guest_memfd; and the guest_memfds this VM made
+        self._region2: Dict[int, Tuple[int, int]] = {}
+        self._gmem_fds: List[int] = []
         self._arch_init()
 
     # -- capabilities ---------------------------------------------------------------------
@@ -55,9 +63,18 @@ class Vm(_arch.VmArch, FdObject):
 
     def add_memory(self, gpa: int, size: int, *, readonly: bool = False,
                    log_dirty: bool = False, slot: Optional[int] = None,
-                   shared: Optional[bool] = None) -> MemorySlot:
+                   shared: Optional[bool] = None, region2: bool = False,
+                   guest_memfd: Optional[int] = None,
+                   guest_memfd_offset: int = 0) -> MemorySlot:
         """Back guest-physical [gpa, gpa + size) with fresh zeroed host memory
         (KVM_SET_USER_MEMORY_REGION) and return its :class:`~pykvm.memory.MemorySlot`.
+
+        ``region2``: set the slot with KVM_SET_USER_MEMORY_REGION2 (api.rst 4.140, needs
+        KVM_CAP_USER_MEMORY2, Linux 6.8+) instead; later changes to the slot (flags, removal)
+        use it too. ``guest_memfd`` (an fd from :meth:`create_guest_memfd`; implies
+        ``region2``) backs the slot's private memory with that guest_memfd from byte
+        ``guest_memfd_offset`` (page aligned) on, and sets KVM_MEM_GUEST_MEMFD; the host
+        mapping still backs its shared memory.
 
         ``shared`` (default: :attr:`shared_memory`, False unless a machine set it): back the
         slot with a memfd mapped ``MAP_SHARED`` (:func:`pykvm.memory.new_shared_mapping`;
@@ -86,6 +103,16 @@ class Vm(_arch.VmArch, FdObject):
                 raise GuestMemoryError(
                     f"[{gpa:#x}, {gpa + size:#x}) overlaps slot {s.slot} [{s.gpa:#x}, {s.end:#x})")
         flags = (abi.MEM_READONLY if readonly else 0) | (abi.MEM_LOG_DIRTY_PAGES if log_dirty else 0)
+        gmem = None
+        if guest_memfd is not None:
+            if (not isinstance(guest_memfd_offset, int) or guest_memfd_offset < 0
+                    or guest_memfd_offset % PAGE_SIZE):
+                raise GuestMemoryError(f"guest_memfd offset {guest_memfd_offset!r} is not a "
+                                       "page-aligned byte offset")
+            flags |= abi.MEM_GUEST_MEMFD
+            gmem = (guest_memfd, guest_memfd_offset)
+        elif region2:
+            gmem = (-1, 0)
         if slot is None:
             slot = self._free_slot_number()
         self._check_open()
@@ -97,19 +124,33 @@ class Vm(_arch.VmArch, FdObject):
             (m, pin), mfd = new_mapping(size, gpa), -1
         ms = MemorySlot(slot, gpa, size, flags, m, pin, mfd)
         try:
-            self._set_region(slot, flags, gpa, size, ms.host_addr)
+            self._set_region(slot, flags, gpa, size, ms.host_addr, gmem)
         except BaseException:
             ms._release()
             raise
+        if gmem is not None:
+            self._region2[slot] = gmem
         self.memory._add(ms)
         return ms
 
-    def _set_region(self, slot: int, flags: int, gpa: int, size: int, host_addr: int) -> None:
-        r = ffi.new("struct kvm_userspace_memory_region *")
-        r.slot, r.flags, r.guest_phys_addr = slot, flags, gpa
-        r.memory_size, r.userspace_addr = size, host_addr
-        ioctl(self.fd, ioctls.KVM_SET_USER_MEMORY_REGION, r,
-              what=f"slot={slot} gpa={gpa:#x} size={size:#x} flags={flags:#x}")
+    def _set_region(self, slot: int, flags: int, gpa: int, size: int, host_addr: int,
+                    gmem: Optional[Tuple[int, int]] = None) -> None:
+        """KVM_SET_USER_MEMORY_REGION, or KVM_SET_USER_MEMORY_REGION2 when ``gmem`` is
+        (guest_memfd, offset) ((-1, 0): REGION2 without a guest_memfd)."""
+        what = f"slot={slot} gpa={gpa:#x} size={size:#x} flags={flags:#x}"
+        if gmem is None:
+            r = ffi.new("struct kvm_userspace_memory_region *")
+            r.slot, r.flags, r.guest_phys_addr = slot, flags, gpa
+            r.memory_size, r.userspace_addr = size, host_addr
+            ioctl(self.fd, ioctls.KVM_SET_USER_MEMORY_REGION, r, what=what)
+            return
+        r2 = ffi.new("struct kvm_userspace_memory_region2 *")
+        r2.slot, r2.flags, r2.guest_phys_addr = slot, flags, gpa
+        r2.memory_size, r2.userspace_addr = size, host_addr
+        if gmem[0] >= 0:
+            r2.guest_memfd, r2.guest_memfd_offset = gmem
+            what += f" guest_memfd={gmem[0]} offset={gmem[1]:#x}"
+        ioctl(self.fd, ioctls.KVM_SET_USER_MEMORY_REGION2, r2, what=what)
 
     def remove_memory(self, slot: MemorySlot) -> None:
         """Delete a slot this VM holds (KVM_SET_USER_MEMORY_REGION with size 0) and give its
@@ -121,14 +162,16 @@ class Vm(_arch.VmArch, FdObject):
                     else repr(slot))
             raise GuestMemoryError(f"{what} is not a memory slot of this VM (already removed, "
                                    "or another VM's)")
-        self._set_region(slot.slot, 0, slot.gpa, 0, 0)
+        gmem = self._region2.pop(slot.slot, None)
+        self._set_region(slot.slot, 0, slot.gpa, 0, 0, None if gmem is None else (-1, 0))
         self.memory._remove(slot)
         slot._release()
 
     def set_memory_flags(self, slot: MemorySlot, *, log_dirty: bool) -> None:
         """Turn dirty logging on or off for an existing slot."""
         flags = (slot.flags & ~abi.MEM_LOG_DIRTY_PAGES) | (abi.MEM_LOG_DIRTY_PAGES if log_dirty else 0)
-        self._set_region(slot.slot, flags, slot.gpa, slot.size, slot.host_addr)
+        self._set_region(slot.slot, flags, slot.gpa, slot.size, slot.host_addr,
+                         self._region2.get(slot.slot))
         slot.flags = flags
 
     def get_dirty_log(self, slot: MemorySlot) -> List[int]:
@@ -176,6 +219,107 @@ class Vm(_arch.VmArch, FdObject):
         c.slot, c.first_page, c.num_pages = slot.slot, 0, pages
         c.dirty_bitmap = bitmap
         ioctl(self.fd, ioctls.KVM_CLEAR_DIRTY_LOG, c, what=f"slot={slot.slot} pages={pages}")
+
+    # -- dirty ring -------------------------------------------------------------------------
+    def enable_dirty_ring(self, size: int) -> None:
+        """Enable per-vCPU dirty rings of ``size`` bytes each (KVM_ENABLE_CAP of
+        KVM_CAP_DIRTY_LOG_RING, or of KVM_CAP_DIRTY_LOG_RING_ACQ_REL where KVM offers only
+        that one, as on weakly ordered hosts; api.rst 8.29). ``size`` is a power of two, at
+        least one page, at most what KVM_CHECK_EXTENSION answers for the capability; each
+        entry (``struct kvm_dirty_gfn``) is 16 bytes. Only before the first vCPU exists: every
+        vCPU made afterwards maps its ring (:attr:`pykvm.vcpu.Vcpu.dirty_ring`). Slots that log
+        dirty pages (``add_memory(..., log_dirty=True)``) then report through the rings, not
+        :meth:`get_dirty_log` (KVM refuses that). Raises
+        :class:`~pykvm.errors.CapabilityMissing` when KVM offers neither capability, ValueError
+        for a bad size or once a vCPU exists, and :class:`~pykvm.errors.KvmError` when KVM
+        refuses (EINVAL: below KVM's reserved entries)."""
+        if self.vcpus:
+            raise ValueError("the dirty ring must be enabled before the first vCPU is created")
+        if self.dirty_ring_bytes:
+            raise ValueError(f"the dirty ring is already enabled ({self.dirty_ring_bytes} bytes)")
+        if (not isinstance(size, int) or isinstance(size, bool) or size < PAGE_SIZE
+                or size & (size - 1)):
+            raise ValueError(f"dirty ring size {size!r} must be a power of two of at least "
+                             f"{PAGE_SIZE} bytes")
+        cap = "DIRTY_LOG_RING"
+        most = self.check_extension(cap)
+        if not most:
+            cap = "DIRTY_LOG_RING_ACQ_REL"
+            most = self.check_extension(cap)
+        if not most:
+            raise CapabilityMissing("host lacks KVM_CAP_DIRTY_LOG_RING (and "
+                                    "KVM_CAP_DIRTY_LOG_RING_ACQ_REL)")
+        if size > most:
+            raise ValueError(f"dirty ring size {size} is above KVM's limit of {most} bytes "
+                             f"(KVM_CAP_{cap})")
+        self.enable_cap(cap, size)
+        self.dirty_ring_bytes = size
+        self.dirty_ring_ordered = cap.endswith("ACQ_REL")
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS (api.rst 8.29): KVM write-protects again the pages of every
+        ring entry marked harvested and frees those entries. Call it after harvesting and
+        before reading the dirty pages' contents. Returns the number of entries reset (int).
+        Raises :class:`~pykvm.errors.KvmError` naming the ioctl and errno."""
+        return ioctl(self.fd, ioctls.KVM_RESET_DIRTY_RINGS)
+
+    def harvest_dirty_rings(self, *, reset: bool = True) -> List[int]:
+        """Harvest every vCPU's dirty ring (:meth:`pykvm.vcpu.DirtyRing.harvest`) and, when
+        ``reset``, :meth:`reset_dirty_rings`. Returns the guest-physical addresses (int, one
+        per page, sorted, each once) of the pages reported. Raises ValueError when the dirty
+        ring is not enabled and :class:`~pykvm.errors.GuestMemoryError` for an entry naming a
+        slot this VM does not hold (KVM reports only its own)."""
+        if not self.dirty_ring_bytes:
+            raise ValueError("the dirty ring is not enabled (Vm.enable_dirty_ring)")
+        base = {s.slot: s.gpa for s in self.memory}
+        pages = set()
+        for v in self.vcpus:
+            ring = v.dirty_ring
+            if ring is None:
+                continue
+            for slot, offset in ring.harvest():
+                gpa = base.get(slot & 0xFFFF)
+                if gpa is None:
+                    raise GuestMemoryError(f"dirty ring entry names slot {slot:#x}, which "
+                                           "this VM does not hold")
+                pages.add(gpa + offset * PAGE_SIZE)
+        if reset:
+            self.reset_dirty_rings()
+        return sorted(pages)
+
+    # -- guest_memfd and memory attributes ------------------------------------------------
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """KVM_CREATE_GUEST_MEMFD (api.rst 4.142, needs KVM_CAP_GUEST_MEMFD): a file of
+        ``size`` bytes (page aligned) of guest-private memory bound to this VM, which user
+        space cannot map, read or write; pass it to :meth:`add_memory` (``guest_memfd=``).
+        ``flags``: KVM's GUEST_MEMFD_FLAG_* bits (0: none). Returns the fd (int), which the
+        VM owns and closes with itself. Raises ValueError for a bad size and
+        :class:`~pykvm.errors.KvmError` naming the ioctl and errno (saying the capability is
+        missing when it is)."""
+        if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"guest_memfd size {size!r} must be a positive multiple of "
+                             f"{PAGE_SIZE} bytes")
+        g = ffi.new("struct kvm_create_guest_memfd *")
+        g.size, g.flags = size, flags
+        fd = ioctl(self.fd, ioctls.KVM_CREATE_GUEST_MEMFD, g,
+                   what=f"size={size:#x} flags={flags:#x}")
+        self._gmem_fds.append(fd)
+        return fd
+
+    def set_memory_attributes(self, gpa: int, size: int, *, private: bool) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES (api.rst 4.141, needs KVM_CAP_MEMORY_ATTRIBUTES): make
+        guest-physical [gpa, gpa + size) (bytes, page aligned) private (backed by its slot's
+        guest_memfd: KVM_MEMORY_ATTRIBUTE_PRIVATE) or shared (``private=False``: backed by
+        the slot's host mapping). KVM keeps no "get"; track the state yourself. Raises
+        ValueError for an unaligned range and :class:`~pykvm.errors.KvmError` naming the
+        ioctl and errno."""
+        if gpa % PAGE_SIZE or size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"[{gpa:#x}, +{size:#x}) is not a page-aligned range")
+        a = ffi.new("struct kvm_memory_attributes *")
+        a.address, a.size = gpa, size
+        a.attributes = abi.MEMORY_ATTRIBUTE_PRIVATE if private else 0
+        ioctl(self.fd, ioctls.KVM_SET_MEMORY_ATTRIBUTES, a,
+              what=f"gpa={gpa:#x} size={size:#x} {'private' if private else 'shared'}")
 
     # -- raw ioctls -------------------------------------------------------------------------
     def ioctl(self, row: Union[Ioctl, str], arg: Union[int, CData] = 0, *,
@@ -313,7 +457,8 @@ class Vm(_arch.VmArch, FdObject):
             v.close()
         super().close()
         efds, self._eventfds = self._eventfds, []
-        for efd in efds:
+        gfds, self._gmem_fds = self._gmem_fds, []
+        for efd in efds + gfds:
             os.close(efd)
         self.memory._close()
 

@@ -29,6 +29,30 @@ struct kvm_userspace_memory_region2 {
     uint64_t pad2[14];
 };
 
+/* KVM_CREATE_GUEST_MEMFD (api.rst 4.142): size in bytes, flags, reserved zero. */
+struct kvm_create_guest_memfd {
+    uint64_t size;
+    uint64_t flags;
+    uint64_t reserved[6];
+};
+
+/* KVM_SET_MEMORY_ATTRIBUTES (api.rst 4.141): a page-aligned
+ * guest-physical range and the attributes (KVM_MEMORY_ATTRIBUTE_*) it takes. */
+struct kvm_memory_attributes {
+    uint64_t address;
+    uint64_t size;
+    uint64_t attributes;
+    uint64_t flags;
+};
+
+/* One entry of a vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING, api.rst 8.29): flags KVM_DIRTY_GFN_F_*, slot
+ * (address space << 16 | slot id), offset (the page's index within the slot). */
+struct kvm_dirty_gfn {
+    uint32_t flags;
+    uint32_t slot;
+    uint64_t offset;
+};
+
 struct kvm_irq_level {
     union {
         uint32_t irq;
@@ -343,6 +367,15 @@ RUN_FLAGS = {"X86_SMM": 1 << 0, "X86_BUS_LOCK": 1 << 1, "X86_GUEST_MODE": 1 << 2
 MEM_LOG_DIRTY_PAGES = 1 << 0
 MEM_READONLY = 1 << 1
 MEM_GUEST_MEMFD = 1 << 2
+
+# struct kvm_dirty_gfn.flags: KVM sets DIRTY when it logs the page; user space sets RESET once it
+# has harvested the entry (then KVM_RESET_DIRTY_RINGS re-protects the page and frees the entry).
+DIRTY_GFN_F_DIRTY = 1 << 0
+DIRTY_GFN_F_RESET = 1 << 1
+DIRTY_GFN_F_MASK = 0x3
+
+# KVM_SET_MEMORY_ATTRIBUTES attributes: the range is private (backed by the slot's guest_memfd).
+MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
 
 # KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) args[0] bits: KVM_GET_DIRTY_LOG no longer
 # clears (and write-protects) what it reports, KVM_CLEAR_DIRTY_LOG does; new slots start with

@@ -84,6 +84,11 @@ ROWS = (
          X86),
     _row("KVM_CLEAR_DIRTY_LOG", "vm", WR, 0xC0, "struct kvm_clear_dirty_log",
          "MANUAL_DIRTY_LOG_PROTECT2"),
+    _row("KVM_RESET_DIRTY_RINGS", "vm", NONE, 0xC7, None, "DIRTY_LOG_RING"),
+    _row("KVM_SET_MEMORY_ATTRIBUTES", "vm", W, 0xD2, "struct kvm_memory_attributes",
+         "MEMORY_ATTRIBUTES"),
+    _row("KVM_CREATE_GUEST_MEMFD", "vm", WR, 0xD4, "struct kvm_create_guest_memfd",
+         "GUEST_MEMFD"),
     _row("KVM_GET_STATS_FD", "vm,vcpu", NONE, 0xCE, None, "BINARY_STATS_FD"),
     # in-kernel devices (KVM_CREATE_DEVICE on the VM; the attribute ioctls on the fd it returns)
     _row("KVM_CREATE_DEVICE", "vm", WR, 0xE0, "struct kvm_create_device", "DEVICE_CTRL"),

@@ -41,6 +41,10 @@ _SINGLE_CONSTS = {
     "KVM_MEM_GUEST_MEMFD": common.MEM_GUEST_MEMFD,
     "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE": common.DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     "KVM_DIRTY_LOG_INITIALLY_SET": common.DIRTY_LOG_INITIALLY_SET,
+    "KVM_DIRTY_GFN_F_DIRTY": common.DIRTY_GFN_F_DIRTY,
+    "KVM_DIRTY_GFN_F_RESET": common.DIRTY_GFN_F_RESET,
+    "KVM_DIRTY_GFN_F_MASK": common.DIRTY_GFN_F_MASK,
+    "KVM_MEMORY_ATTRIBUTE_PRIVATE": common.MEMORY_ATTRIBUTE_PRIVATE,
     "KVM_IOEVENTFD_FLAG_DATAMATCH": common.IOEVENTFD_FLAG_DATAMATCH,
     "KVM_IOEVENTFD_FLAG_PIO": common.IOEVENTFD_FLAG_PIO,
     "KVM_IOEVENTFD_FLAG_DEASSIGN": common.IOEVENTFD_FLAG_DEASSIGN,
@@ -68,6 +72,8 @@ _SINGLE_CONSTS = {
 if ARCH == "x86_64":
     _SINGLE_CONSTS.update({
         "KVM_PIO_PAGE_OFFSET": arch.PIO_PAGE_OFFSET,
+        # (riscv's uAPI of 6.12 leaves it at the generic header's 0: no dirty ring there)
+        "KVM_DIRTY_LOG_PAGE_OFFSET": arch.DIRTY_LOG_PAGE_OFFSET,
         "KVM_IRQCHIP_PIC_MASTER": common.IRQCHIP_PIC_MASTER,
         "KVM_IRQCHIP_PIC_SLAVE": common.IRQCHIP_PIC_SLAVE,
         "KVM_IRQCHIP_IOAPIC": common.IRQCHIP_IOAPIC,
@@ -96,6 +102,8 @@ if ARCH == "x86_64":
         "KVM_MSR_EXIT_REASON_UNKNOWN": arch.MSR_EXIT_REASON_UNKNOWN,
         "KVM_MSR_EXIT_REASON_FILTER": arch.MSR_EXIT_REASON_FILTER,
     })
+    for n, v in arch.VM_TYPES.items():
+        _SINGLE_CONSTS[f"KVM_X86_{n}_VM"] = v
     for n, v in arch.VCPUEVENT_VALID.items():
         _SINGLE_CONSTS[f"KVM_VCPUEVENT_VALID_{n}"] = v
     for n, v in arch.NESTED_STATE_FLAGS.items():
@@ -104,6 +112,9 @@ if ARCH == "x86_64":
         _SINGLE_CONSTS[f"KVM_STATE_NESTED_SMM_{n}"] = v
     _SINGLE_CONSTS["KVM_STATE_VMX_PREEMPTION_TIMER_DEADLINE"] = \
         arch.NESTED_VMX_FLAGS["PREEMPTION_TIMER_DEADLINE"]
+elif ARCH == "riscv64":
+    _SINGLE_CONSTS.update({"KVM_INTERRUPT_SET": arch.KVM_INTERRUPT_SET,
+                           "KVM_INTERRUPT_UNSET": arch.KVM_INTERRUPT_UNSET})
 
 
 def _struct_names(f: Optional[CData] = None) -> List[str]:
@@ -172,8 +183,25 @@ def _probe_source(names: List[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def theirs(names: List[str], cc: str = "cc") -> Tuple[Dict[str, int], List[str]]:
-    """Compile and run the probe. Returns (header values, items the header lacks)."""
+def uapi_include_dirs(source: str) -> List[str]:
+    """The ``-I`` directories (str paths) that make ``<linux/kvm.h>`` the uAPI of the kernel
+    source tree ``source``, for :func:`compare` against a kernel newer than the installed
+    headers: ``source/usr/include``, where ``make headers`` (headers_install) puts the
+    sanitized uAPI headers of the architecture it was run for. Raises FileNotFoundError when
+    the tree has none."""
+    d = os.path.join(source, "usr", "include")
+    if not os.path.exists(os.path.join(d, "linux", "kvm.h")):
+        raise FileNotFoundError(f"{source} has no installed uAPI headers (run `make headers`)")
+    return [d]
+
+
+def theirs(names: List[str], cc: str = "cc",
+           include: Optional[List[str]] = None) -> Tuple[Dict[str, int], List[str]]:
+    """Compile and run the probe. Returns (header values, items the header lacks).
+
+    ``include``: directories searched before the installed headers (see
+    :func:`uapi_include_dirs`)."""
+    flags = [f"-I{d}" for d in include or ()]
     names = list(names)
     missing: List[str] = []
     with tempfile.TemporaryDirectory() as d:
@@ -182,7 +210,8 @@ def theirs(names: List[str], cc: str = "cc") -> Tuple[Dict[str, int], List[str]]
             text = _probe_source(names)
             with open(src, "w") as f:
                 f.write(text)
-            r = subprocess.run([cc, "-fmax-errors=0", "-o", exe, src], capture_output=True, text=True)
+            r = subprocess.run([cc, "-fmax-errors=0", *flags, "-o", exe, src],
+                               capture_output=True, text=True)
             if r.returncode == 0:
                 break
             src_lines = text.splitlines()
@@ -207,9 +236,11 @@ def theirs(names: List[str], cc: str = "cc") -> Tuple[Dict[str, int], List[str]]
     return vals, missing
 
 
-def compare(cc: str = "cc") -> Tuple[List[str], List[Tuple[str, int, int]], List[str]]:
-    """(checked, mismatches, missing): mismatches are (name, ours, theirs)."""
+def compare(cc: str = "cc", include: Optional[List[str]] = None
+            ) -> Tuple[List[str], List[Tuple[str, int, int]], List[str]]:
+    """(checked, mismatches, missing): mismatches are (name, ours, theirs). ``include`` as for
+    :func:`theirs` (default: the installed headers only)."""
     mine = ours()
-    hdr, missing = theirs(list(mine), cc)
+    hdr, missing = theirs(list(mine), cc, include)
     mismatches = [(k, mine[k], v) for k, v in sorted(hdr.items()) if mine[k] != v]
     return sorted(hdr), mismatches, missing

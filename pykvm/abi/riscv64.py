@@ -65,6 +65,18 @@ struct kvm_riscv_timer {
 
 # The coalesced-MMIO ring page follows kvm_run in the vCPU mmap.
 COALESCED_MMIO_PAGE_OFFSET = 1
+# Where a vCPU's dirty ring would be mapped (in pages of the vCPU fd). Every architecture whose
+# uAPI defines KVM_DIRTY_LOG_PAGE_OFFSET uses 64; the riscv uAPI of 6.12 does not define it (its
+# KVM offers no KVM_CAP_DIRTY_LOG_RING*), so pykvm only uses it where KVM offers the capability.
+DIRTY_LOG_PAGE_OFFSET = 64
+
+# KVM_CREATE_VM types: RISC-V has only the default one.
+VM_TYPES = {"DEFAULT": 0}
+
+# struct kvm_interrupt.irq values for KVM_INTERRUPT on RISC-V: raise or lower the vCPU's
+# VS-level external interrupt (arch/riscv/include/uapi/asm/kvm.h; api.rst 4.16).
+KVM_INTERRUPT_SET = 0xFFFFFFFF          # -1U
+KVM_INTERRUPT_UNSET = 0xFFFFFFFE        # -2U
 
 # The in-kernel AIA irqchip (APLIC + per-hart IMSIC), a KVM_CREATE_DEVICE device: facts from the
 # kernel's include/uapi/linux/kvm.h (enum kvm_device_type) and

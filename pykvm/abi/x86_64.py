@@ -238,6 +238,11 @@ struct kvm_msr_filter {
 # Pages of the vCPU mmap after kvm_run: PIO data, then the coalesced-MMIO ring.
 PIO_PAGE_OFFSET = 1
 COALESCED_MMIO_PAGE_OFFSET = 2
+# Each vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING) is mapped at this page offset of its fd.
+DIRTY_LOG_PAGE_OFFSET = 64
+
+# KVM_CREATE_VM types (the bits of KVM_CHECK_EXTENSION(KVM_CAP_VM_TYPES), api.rst 4.2 and 8.41).
+VM_TYPES = {"DEFAULT": 0, "SW_PROTECTED": 1, "SEV": 2, "SEV_ES": 3, "SNP": 4, "TDX": 5}
 
 # The ONE_REG arch prefix for this architecture and the x86 register types (Linux 6.18+).
 REG_TYPE_MSR = 2
