@@ -166,6 +166,117 @@ def _file_list(text: str) -> tuple:
     return items
 
 
+MAX_PARAMS = 16            # uint64_t pykvm_params[16] (docs/guest-abi.md; pykvm.boot.elf.PARAMS_SIZE)
+CPUID_REGS = ("eax", "ebx", "ecx", "edx")
+
+
+def _u(text: str, bits: int, what: str) -> int:
+    """``text`` as an unsigned integer of ``bits`` bits (decimal, 0x hex, 0o, 0b); raises
+    ArgumentTypeError naming ``what``."""
+    try:
+        n = int(text.strip(), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what}: not an integer: {text!r}") from None
+    if not 0 <= n < 1 << bits:
+        raise argparse.ArgumentTypeError(
+            f"{what}: {text!r} is out of range (0..{(1 << bits) - 1:#x})")
+    return n
+
+
+def _param_list(text: str) -> tuple:
+    """'1,0x80000001' → (1, 0x80000001): values for the guest's ``pykvm_params[]`` (unsigned
+    64-bit integers, decimal or 0x hex; at most :data:`MAX_PARAMS`)."""
+    out = tuple(_u(item, 64, "guest parameter") for item in text.split(","))
+    if len(out) > MAX_PARAMS:
+        raise argparse.ArgumentTypeError(f"{len(out)} values; the guest's pykvm_params[] "
+                                         f"holds {MAX_PARAMS}")
+    return out
+
+
+class _Params(argparse.Action):
+    """--param N[,N...], repeatable: the lists join, in order, up to MAX_PARAMS values."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        have = tuple(getattr(namespace, self.dest, None) or ()) + tuple(values)
+        if len(have) > MAX_PARAMS:
+            parser.error(f"argument {option_string}: {len(have)} values in all; the guest's "
+                         f"pykvm_params[] holds {MAX_PARAMS}")
+        setattr(namespace, self.dest, have)
+
+
+def _cpuid_spec(text: str) -> tuple:
+    """'0x80000001:edx=0x20100800' or '7.0:ebx=0' → (leaf, sub-leaf, register, value): one
+    CPUID register's whole value (32 bits) for ``pykvm run --cpuid``."""
+    import re
+    m = re.fullmatch(r"\s*([^.:=]+)(?:\.([^:=]+))?:\s*([A-Za-z]+)\s*=(.+)", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LEAF[.SUB]:REG=VALUE "
+                                         "(e.g. 0x80000001:edx=0x28100800)")
+    reg = m.group(3).lower()
+    if reg not in CPUID_REGS:
+        raise argparse.ArgumentTypeError(f"{text!r}: the register must be eax, ebx, ecx or "
+                                         f"edx, not {m.group(3)!r}")
+    return (_u(m.group(1), 32, "CPUID leaf"), _u(m.group(2) or "0", 32, "CPUID sub-leaf"),
+            reg, _u(m.group(4), 32, f"CPUID {reg}"))
+
+
+def _feature_list(text: str) -> tuple:
+    """'+rdtscp,-avx' (QEMU's ``-cpu host,+rdtscp,-avx``; also ``name=on|off`` and a bare
+    ``name`` for on; a leading ``host`` item is allowed) → (('rdtscp', True), ('avx', False)).
+    On an x86 host each name is checked against
+    :data:`pykvm.arch.x86.regs.CPUID_FEATURES`."""
+    items = [i.strip() for i in text.split(",")]
+    if items and items[0].lower() == "host":
+        items = items[1:]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r} names no CPU feature (e.g. +rdtscp,-avx)")
+    out = []
+    for item in items:
+        name, on = item, True
+        if item[:1] in ("+", "-"):
+            name, on = item[1:], item[0] == "+"
+        elif "=" in item:
+            name, value = item.split("=", 1)
+            if value.lower() not in ("on", "off"):
+                raise argparse.ArgumentTypeError(f"{item!r}: a feature is =on or =off")
+            on = value.lower() == "on"
+        if not name.strip() or not all(c.isalnum() or c in "_-." for c in name):
+            raise argparse.ArgumentTypeError(f"{item!r} is not +FEATURE, -FEATURE or "
+                                             "FEATURE=on|off (e.g. +rdtscp,-avx)")
+        if HOST_ARCH != "riscv64":             # a RISC-V host refuses the option as a whole
+            from .arch.x86.regs import cpuid_feature_bit
+            try:
+                cpuid_feature_bit(name)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        out.append((name.strip(), on))
+    return tuple(out)
+
+
+def _cpuid_for_run(args) -> list:
+    """KVM_GET_SUPPORTED_CPUID's entries with the hypervisor bit (CPUID.1:ECX[31], as the
+    machine sets it by default), then every ``--cpu-features`` item and every ``--cpuid``, each
+    option in the order given and --cpuid last: the entries every vCPU gets (the machine still
+    patches in each vCPU's APIC id). Raises KvmError/OSError if KVM cannot be asked."""
+    from .kvm import Kvm
+    from .arch.x86.regs import (CPUID_1_ECX_HYPERVISOR, CpuidEntry, cpuid_lookup, cpuid_set,
+                                cpuid_with_feature)
+    with Kvm() as kvm:
+        es = list(kvm.supported_cpuid())
+    leaf1 = cpuid_lookup(es, 1)
+    if leaf1 is not None:
+        es = cpuid_set(es, 1, 0, ecx=leaf1.ecx | CPUID_1_ECX_HYPERVISOR)
+    for features in args.cpu_features:
+        for name, on in features:
+            es = cpuid_with_feature(es, name, on)
+    for leaf, sub, reg, value in args.cpuid:
+        if sub and cpuid_lookup(es, leaf, sub) is None:
+            # a new sub-leaf: KVM_CPUID_FLAG_SIGNIFCANT_INDEX, or KVM would ignore its index
+            es.append(CpuidEntry(leaf, sub, 1, 0, 0, 0, 0))
+        es = cpuid_set(es, leaf, sub, **{reg: value})
+    return es
+
+
 _invocation = {"argv": None}      # the argument list main() was given (None: sys.argv[1:])
 
 
@@ -613,7 +724,12 @@ def cmd_run(args) -> int:
             flag = "--" + next(iter(riscv_opts)).replace("_", "-")
             return outcome("bad_input", status.BAD_INPUT, f"{flag} applies to RISC-V guests")
         opts.update(riscv_opts)
+    if (args.cpuid or args.cpu_features) and HOST_ARCH == "riscv64":
+        flag = "--cpuid" if args.cpuid else "--cpu-features"
+        return outcome("bad_input", status.BAD_INPUT, f"{flag} applies to x86 guests")
     try:
+        if args.cpuid or args.cpu_features:
+            opts["cpuid"] = _cpuid_for_run(args)
         m = Machine(guest, mem_size=args.mem, vcpus=args.vcpus, cmdline=args.cmdline,
                     initrd=args.initrd, machine=args.machine,
                     on_console=stream, loop=_python_loop() if args.python_loop else None, **opts)
@@ -634,6 +750,12 @@ def cmd_run(args) -> int:
             name = e.filename if e.filename is not None else (guest or "the guest image")
             return outcome("bad_input", status.BAD_INPUT, f"{name}: {e.strerror or e}")
         return outcome(*_classify(e))
+    if args.param:
+        try:
+            m.set_params(*args.param)
+        except PykvmError as e:               # the image has no pykvm_params[]
+            m.close()
+            return outcome("bad_input", status.BAD_INPUT, f"--param: {_one_line(e)}")
     trace_lost = []                           # --trace lines stderr did not take
 
     def trace(line: str) -> None:
@@ -743,15 +865,37 @@ def cmd_regs(args) -> int:
     with Kvm() as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu()
         rows = current.describe_registers(vcpu)
+    msr_base = None                           # x86: the ONE_REG id of MSR 0
+
+    def msr_of(reg_id):
+        """The MSR index an x86 MSR row's ONE_REG id names, else None."""
+        if msr_base is None or reg_id is None or reg_id & ~0xFFFFFFFF != msr_base:
+            return None
+        return reg_id & 0xFFFFFFFF
+    if HOST_ARCH != "riscv64":
+        from .arch.x86.msrs import msr_label, msr_name
+        from .arch.x86.regs import msr_reg_id
+        msr_base = msr_reg_id(0)
     if args.json:
-        _emit_json([{"name": n, "id": hex(i) if i is not None else None, "size": s,
-                     "value": hex(v) if isinstance(v, int) else v}
-                    for n, i, s, v in rows])
+        out = []
+        for n, i, s, v in rows:
+            d = {"name": n, "id": hex(i) if i is not None else None, "size": s,
+                 "value": hex(v) if isinstance(v, int) else v}
+            if msr_base is not None:          # x86: every row says whether it is an MSR
+                idx = msr_of(i)
+                d["msr"] = hex(idx) if idx is not None else None
+                d["msr_name"] = msr_name(idx) if idx is not None else None
+            out.append(d)
+        _emit_json(out)
         return 0
+    print(f"{'REGISTER':<40} {'ONE_REG ID':<20} {'SIZE':>4}  VALUE")
     for n, i, s, v in rows:
         ident = f"{i:#018x}" if i is not None else "-"
         val = f"{v:#x}" if isinstance(v, int) else str(v)
-        print(f"{n:<40} {ident:<20} {s:>3}  {val}")
+        idx = msr_of(i)
+        if idx is not None:
+            n = msr_label(idx)                # "msr 0x10 IA32_TIME_STAMP_COUNTER"
+        print(f"{n:<40} {ident:<20} {s:>4}  {val}")
     return 0
 
 
@@ -1124,6 +1268,25 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                    help="x86 pc machine: add a device by QEMU's -device name (edu: QEMU's "
                    "educational PCI device; intel-iommu: VT-d with DMA and interrupt "
                    "remapping); repeatable")
+    r.add_argument("--param", action=_Params, type=_param_list, default=(),
+                   metavar="N[,N...]",
+                   help=f"values for the guest's pykvm_params[] array, in order from index 0 "
+                   f"(unsigned 64-bit integers, decimal or 0x hex; at most {MAX_PARAMS} in "
+                   "all); repeatable, the lists join; the image must have the symbol (guests "
+                   "built with pykvm's runtime do)")
+    r.add_argument("--cpuid", action="append", type=_cpuid_spec, default=[],
+                   metavar="LEAF[.SUB]:REG=VALUE",
+                   help="x86: set register REG (eax, ebx, ecx or edx) of CPUID leaf LEAF, "
+                   "sub-leaf SUB (default 0), to the 32-bit VALUE in every vCPU, e.g. "
+                   "0x80000001:edx=0x28100800 (a leaf KVM does not list is added); applied "
+                   "after --cpu-features; repeatable")
+    r.add_argument("--cpu-features", action="append", type=_feature_list, default=[],
+                   metavar="[host,]+FEAT,-FEAT...",
+                   help="x86: CPU features on (+FEAT or FEAT=on) or off (-FEAT or FEAT=off) "
+                   "in every vCPU's CPUID, in QEMU's -cpu spelling, e.g. +rdtscp,-avx or "
+                   "host,-avx (write --cpu-features=-avx when the list starts with a minus); "
+                   "names as QEMU's (pykvm.arch.x86.regs.CPUID_FEATURES); repeatable; KVM "
+                   "keeps refusing what the host cannot do")
     r.add_argument("--python-loop", action="store_true", help="run the exit loop in Python "
                    "instead of the C helper")
     r.add_argument("--cpu-type", default=None, metavar="TYPE",
@@ -1147,8 +1310,15 @@ def build_parser(only=None) -> argparse.ArgumentParser:
     _device_option(c)
     c.set_defaults(func=cmd_caps)
 
-    g = sub.add_parser("regs", help="list a fresh vCPU's registers (name, id, size, value)")
-    g.add_argument("--json", action="store_true")
+    g = sub.add_parser("regs", help="list a fresh vCPU's registers (name, id, size, value)",
+                       description="List a fresh vCPU's registers, one row each under a "
+                       "header: name, ONE_REG id (- for none), size in bytes, value (or the "
+                       "errno KVM answered). x86 MSR rows read 'msr INDEX NAME', the name from "
+                       "the Intel SDM / AMD APM / KVM / Hyper-V tables "
+                       "(pykvm.arch.x86.msrs) where it has one.")
+    g.add_argument("--json", action="store_true", help="print one JSON array of objects with "
+                   "name, id, size, value, and on x86 msr (the index, or null) and msr_name "
+                   "(or null)")
     _device_option(g)
     g.set_defaults(func=cmd_regs)
 
