@@ -13,6 +13,10 @@ scripts, the same files ``guests/`` builds pykvm's own guests from) ships inside
 ``pykvm/guest_runtime``; in a source checkout ``guests/`` is used directly. The compiler and linker
 options below are those of ``guests/Makefile`` and ``guests/riscv/guests.mk``: building a built-in
 guest's source here gives the same bytes as ``make`` does (``tests/unit/test_guestbuild.py``).
+Guests carry DWARF line tables (``-g1``: functions and lines, no variables), with the source paths
+made relative as in ``__FILE__`` and the compile directory ".", so that an unexpected guest
+exception names its function and ``file.c:line`` (:mod:`pykvm.boot.symbols`); the debug sections
+are not loaded into guest RAM.
 
 Modes (x86_64): ``long`` (64-bit ELF at 1 MiB, entry ``guest_main()``), ``protected``
 (32-bit multiboot ELF, entry ``guest_main32(magic, info)``) and ``real`` (a flat binary at 0x8000,
@@ -70,7 +74,7 @@ _FORMAT = 1                     # bump when the cache layout or the key's recipe
 # -- options: guests/Makefile and guests/riscv/guests.mk ----------------------------------------
 _COMMON_SRCS = ("common/report.c", "common/printf.c", "common/string.c", "common/params.c")
 _X86_BASE_CFLAGS = (
-    "-std=gnu11", "-Os", "-g0", "-Wall", "-Wextra", "-Werror=implicit-function-declaration",
+    "-std=gnu11", "-Os", "-g1", "-Wall", "-Wextra", "-Werror=implicit-function-declaration",
     "-ffreestanding", "-fno-builtin", "-fno-pic", "-fno-pie", "-fno-stack-protector",
     "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-fno-common",
     "-fno-tree-loop-distribute-patterns", "-fcf-protection=none",
@@ -104,7 +108,7 @@ _RISCV_CFLAGS = (
     "-ffreestanding", "-fno-builtin", "-nostdlib", "-static", "-fno-pic", "-fno-pie",
     "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables",
     "-fno-common", "-fno-tree-loop-distribute-patterns",
-    "-Os", "-g0", "-Wall", "-Wextra", "-Werror=implicit-function-declaration")
+    "-Os", "-g1", "-Wall", "-Wextra", "-Werror=implicit-function-declaration")
 _RISCV_LDFLAGS = ("-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none",
                   "-Wl,-z,max-page-size=0x1000", "-Wl,-T,{rt}/riscv/rt/link.ld")
 _RISCV_RT_SRCS = ("riscv/rt/crt0.S", "riscv/rt/runtime.c", "riscv/rt/fdt.c") + _COMMON_SRCS
@@ -218,9 +222,9 @@ def _failure(what: str, cmd: Sequence[str], rc: int, out: str) -> GuestBuildErro
     return GuestBuildError(f"{what} failed: {first}\n{out}\n(command: {' '.join(cmd)})")
 
 
-def _run(cmd: Sequence[str], what: str) -> None:
+def _run(cmd: Sequence[str], what: str, cwd: Optional[str] = None) -> None:
     import subprocess
-    r = subprocess.run(list(cmd), capture_output=True, text=True)
+    r = subprocess.run(list(cmd), capture_output=True, text=True, cwd=cwd)
     if r.returncode != 0:
         raise _failure(what, cmd, r.returncode, r.stderr + r.stdout)
 
@@ -253,7 +257,9 @@ class _Plan:
         root = os.path.abspath(source_root) if source_root else os.path.dirname(source)
         self.root = root
         self.what = f"building {os.path.basename(source)} ({arch}, {mode} mode)"
-        maps = [f"-ffile-prefix-map={self.rt}/="]
+        # the debug map first: the compile directory (DW_AT_comp_dir, the runtime directory:
+        # compiles run there, as make's do) reads ".", and the file map after it wins for files
+        maps = [f"-fdebug-prefix-map={self.rt}=.", f"-ffile-prefix-map={self.rt}/="]
         if root != self.rt:
             maps.append(f"-ffile-prefix-map={root}/=")
         self.user_cflags = tuple(cflags)
@@ -317,7 +323,7 @@ class _Plan:
                 ld.append("-Wl,--no-warn-rwx-segments")
             # one driver call, as guests/riscv/guests.mk does: runtime first, then the guest
             _run([self.cc] + list(self.cflags) + ld + ["-o", elf] + list(self.rt_srcs) +
-                 [self.source], what)
+                 [self.source], what, cwd=self.rt)
             return
         objs = []
         jobs = []
@@ -333,7 +339,7 @@ class _Plan:
         jobs.append(([self.cc] + list(self.cflags) + ["-c", self.source, "-o", user_o], what))
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as ex:
-            for f in [ex.submit(_run, cmd, w) for cmd, w in jobs]:
+            for f in [ex.submit(_run, cmd, w, self.rt) for cmd, w in jobs]:
                 f.result()
         ld = list(self.ldflags)
         if _no_warn_rwx([self.ld, "--help"]):
@@ -366,7 +372,8 @@ def build(source, *, arch: Optional[str] = None, mode: Optional[str] = None,
     outs = check_output(src, out, arch=arch, mode=mode) if out else None   # before compiling
     plan = _Plan(src, arch, mode, cflags, source_root)
     key = plan.key()
-    base = os.path.join(cache or cache_dir(), "guests")
+    base = os.path.abspath(os.path.join(cache or cache_dir(), "guests"))   # compiles run in
+                                                                            # the runtime dir
     final = os.path.join(base, f"{plan.name}-{arch}-{mode}-{key[:20]}")
     names = plan.outputs()
     if not all(os.path.isfile(os.path.join(final, n)) for n in names):

@@ -18,7 +18,9 @@ from ._record import field, Record
 from . import abi, status
 from . import guests
 from .boot import read_head
-from .boot.symbols import Symbols
+from .arch.x86 import paging
+from .arch.x86.paging import PageAllocator
+from .boot.symbols import GuestGlobals, Symbols
 from .platform import MachineControl, choose as choose_platform
 from .errors import (Busy, Closed, GuestError, GuestMemoryError, HostResourceError,
                      KvmError, MachineEnded, PykvmError, host_resource_error)
@@ -471,6 +473,8 @@ class Machine:
         rep = self.platform.report_from_exit(index, ex)
         if rep is not None:
             rep.vcpu = index
+            if rep.kind in ("exception", "trap"):
+                rep.locate(self.symbols)       # "in guest_main (my_guest.c:12)"
             if self.trace:
                 self.trace(f"vcpu{index}: guest report {rep.describe()}")
             if rep.kind == "print":
@@ -941,6 +945,83 @@ class Machine:
         if self._symbols is None:
             self._symbols = Symbols.from_image(self.image_name)
         return self._symbols
+
+    # -- guest globals and page tables (the kernel selftests' kvm_util) ------------------------
+    @property
+    def globals(self) -> GuestGlobals:
+        """The guest image's variables by name, in guest RAM
+        (:class:`pykvm.boot.symbols.GuestGlobals`): ``m.globals["counter"]`` reads an integer
+        variable, ``m.globals["counter"] = 5`` writes one, ``m.globals.read_bytes("buf")`` any.
+        An unknown name raises KeyError naming it."""
+        self._check_open()
+        plan = getattr(self.image, "plan", None)
+        return GuestGlobals(self.symbols, self.memory, getattr(plan, "segments", None))
+
+    def read_global(self, name: str) -> int:
+        """Guest variable ``name`` (1, 2, 4 or 8 bytes) as an unsigned int (see :attr:`globals`;
+        KeyError for an unknown name, ValueError for another size)."""
+        return self.globals[name]
+
+    def write_global(self, name: str, value) -> None:
+        """Store ``value`` (an int that fits, or bytes of the variable's exact size) in guest
+        variable ``name`` (see :attr:`globals`; KeyError for an unknown name)."""
+        self.globals.write(name, value)
+
+    def _paging(self):
+        """(CR3, page allocator) of a long-mode x86 guest; PykvmError for any other."""
+        placed = getattr(self.platform, "placed", None)
+        sregs = self.vcpus[0].get_sregs() if placed is not None else None
+        if sregs is None or not (sregs.cr0 & (1 << 31)) or not (sregs.efer & (1 << 10)) or \
+                sregs.cr4 & (1 << 12):
+            raise PykvmError("guest page-table helpers need an x86 guest pykvm booted in long "
+                             "mode with 4-level paging")
+        if getattr(self, "_pages", None) is None:
+            ram = [(sl.gpa, sl.gpa + sl.size) for sl in self.vm.memory if not sl.readonly]
+            taken = [(0, 1 << 20)]             # the VMM's window, the PC's legacy ranges
+            taken += [(sg.addr, sg.end) for sg in placed.loaded.plan.segments]
+            taken += [(a, b) for a, b, *_ in placed.modules]
+            taken += placed.layout.ranges("long", self.vcpu_count, max(b for _, b in ram))
+            if placed.loaded.multiboot_info:
+                taken.append((placed.loaded.multiboot_info, placed.loaded.multiboot_info + 4096))
+            self._pages = PageAllocator(ram, taken)
+            self._vaddr_next = paging.VADDR_ALLOC_BASE
+        return sregs.cr3, self._pages
+
+    def alloc_pages(self, pages: int = 1) -> int:
+        """Guest-physical address of ``pages`` contiguous zeroed 4 KiB pages of RAM that
+        neither the image nor pykvm uses (taken from the top of RAM down; never handed out
+        twice). x86 long-mode guests; raises :class:`~pykvm.arch.x86.paging.PagingError` when
+        RAM runs out."""
+        gpa = self._paging()[1].alloc(pages)
+        self.memory.write(gpa, bytes(pages * 4096))
+        return gpa
+
+    def virt_map(self, vaddr: int, gpa: int, size: int, *, writable: bool = True) -> None:
+        """Map guest-virtual ``[vaddr, vaddr + size)`` to guest-physical ``gpa`` (4 KiB pages,
+        all multiples of 4 KiB) in the guest's page tables (CR3 of vCPU 0; new tables from
+        :meth:`alloc_pages`), as kvm_util's ``virt_map``. Raises
+        :class:`~pykvm.arch.x86.paging.PagingError` for a page already mapped or a bad range."""
+        cr3, pages = self._paging()
+        paging.virt_map(self.memory, cr3, vaddr, gpa, size, pages.alloc, writable=writable)
+
+    def vaddr_alloc(self, size: int, *, vaddr_min: Optional[int] = None) -> int:
+        """Allocate ``size`` bytes (rounded up to 4 KiB pages) of zeroed guest RAM, map them
+        at the lowest unmapped guest-virtual address >= ``vaddr_min`` (default 512 GiB, above
+        pykvm's identity map) and return that address, as kvm_util's ``vm_vaddr_alloc``; the
+        guest-physical address is :meth:`virt_to_phys` of it."""
+        cr3, _ = self._paging()
+        n = max(1, -(-size // 4096))
+        va = paging.find_unmapped(self.memory, cr3, max(self._vaddr_next, vaddr_min or 0), n)
+        self.virt_map(va, self.alloc_pages(n), n * 4096)
+        if vaddr_min is None:
+            self._vaddr_next = va + n * 4096
+        return va
+
+    def virt_to_phys(self, vaddr: int) -> Optional[int]:
+        """The guest-physical address guest-virtual ``vaddr`` maps to now (a walk of the
+        guest's 4-level page tables, CR3 of vCPU 0), or None where it is unmapped."""
+        cr3, _ = self._paging()
+        return paging.translate(self.memory, cr3, vaddr)
 
     def device_counters(self) -> dict:
         """{name: counters} of the virtio devices this machine made (``disks=``, ``rng=``,

@@ -34,6 +34,37 @@ class Report(Record, slots=True):
     values: Optional[Tuple[int, int]] = None
     message: str = ""
     vcpu: int = 0
+    where: str = ""                   # exception/trap: "function (file.c:12)" (see locate)
+
+    @property
+    def pc(self) -> Optional[int]:
+        """Where an exception (RIP, args[2]) or a trap (sepc, args[1]) happened; None for
+        other kinds."""
+        i = {"exception": 2, "trap": 1}.get(self.kind)
+        return self.args[i] if i is not None and len(self.args) > i else None
+
+    def locate(self, symbols) -> str:
+        """Fill :attr:`where` for an exception or trap from ``symbols`` (an object with
+        ``symbol(addr) -> (name, offset) | None`` and ``place(addr) -> (file, line) | None``,
+        such as :class:`pykvm.boot.symbols.Symbols`, which reads the image's symbol table and
+        DWARF line table): ``"guest_main (my_guest.c:12)"``, the known parts of it, or "".
+        For code inlined from a header (``wrmsr()`` of pykvm_guest.h) the line is that of the
+        call in the function's own file. Returns :attr:`where`; a look-up that fails leaves
+        it ""."""
+        pc = self.pc
+        if pc is None or symbols is None:
+            return self.where
+        try:
+            sym, ln = symbols.symbol(pc), symbols.place(pc)
+        except Exception:                 # noqa: BLE001 — the report stays without a place
+            return self.where
+        parts = []
+        if sym is not None:
+            parts.append(sym[0])
+        if ln is not None:
+            parts.append(f"({ln[0]}:{ln[1]})")
+        self.where = " ".join(parts)
+        return self.where
 
     @property
     def stage(self) -> Optional[int]:
@@ -46,7 +77,9 @@ class Report(Record, slots=True):
         return self.args[1:] if self.kind == "sync" else self.args
 
     def describe(self) -> str:
-        """One line describing the report, e.g. ``guest assertion failed at file.c:12: x == 1``."""
+        """One line describing the report, e.g. ``guest assertion failed at file.c:12: x == 1``
+        or ``unexpected guest exception #GP (vector 13) error code 0x0 at RIP 0x10183f in
+        guest_main (my_guest.c:12)`` (the place when :meth:`locate` found one)."""
         if self.kind == "assert":
             s = f"guest assertion failed at {self.file}:{self.line}: {self.text}"
             if self.values is not None:
@@ -58,11 +91,14 @@ class Report(Record, slots=True):
         if self.kind == "exception":
             vec, err, rip, cr2 = (list(self.args) + [0] * 4)[:4]
             name = X86_VECTORS.get(vec, f"vector {vec}")
+            at = f" in {self.where}" if self.where else ""
             return (f"unexpected guest exception {name} (vector {vec}) error code {err:#x} "
-                    f"at RIP {rip:#x}" + (f", CR2 {cr2:#x}" if vec == 14 else ""))
+                    f"at RIP {rip:#x}{at}" + (f", CR2 {cr2:#x}" if vec == 14 else ""))
         if self.kind == "trap":
             cause, epc, tval = (list(self.args) + [0] * 3)[:3]
-            return f"unexpected guest trap scause {cause:#x} sepc {epc:#x} stval {tval:#x}"
+            at = f" in {self.where}" if self.where else ""
+            return (f"unexpected guest trap scause {cause:#x} sepc {epc:#x}{at} "
+                    f"stval {tval:#x}")
         return f"{self.kind} {[hex(a) for a in self.args]}"
 
 

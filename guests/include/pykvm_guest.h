@@ -302,11 +302,127 @@ struct pykvm_intr_frame {
 
 typedef void (*pykvm_intr_handler_t)(struct pykvm_intr_frame *frame);
 
+/*
+ * What happens on an exception or interrupt, in this order:
+ *
+ *   1. a fixup: the RIP lies inside an asm_safe() sequence (below): the
+ *      sequence is abandoned, execution resumes just after it, and asm_safe()
+ *      returns the vector (the error code is there too, asm_safe_ec());
+ *   2. the vector's handler, if the test installed one with
+ *      pykvm_set_handler(): it may change the frame (e.g. step frame->rip
+ *      past the faulting instruction) and returns to the interrupted code;
+ *   3. otherwise an EXCEPTION report (vector, error code, RIP, CR2) to the
+ *      host, which names the guest's function and file:line, and the vCPU
+ *      stops.
+ *
+ * So fixups and handlers compose: a handler never sees a fault that an
+ * asm_safe() sequence expects, and a vector without a handler outside such
+ * a sequence is still reported.  Handlers run with interrupts off (the IDT
+ * holds interrupt gates) on the interrupted code's stack.
+ */
+
 /* Route one vector to a C handler instead of the default "report an
  * EXCEPTION and stop"; pass NULL to restore the default. */
 void pykvm_set_handler(unsigned int vector, pykvm_intr_handler_t fn);
 /* Install (and load) the runtime's IDT; _start already does this. */
 void pykvm_idt_install(void);
+
+/*
+ * Exception fixups, as the kernel selftests' KVM_ASM_SAFE.
+ *
+ * PYKVM_ASM_SAFE(insn) wraps an instruction sequence (a string of one or
+ * more instructions): an exception raised by any instruction of it (or, for
+ * the trap-type vectors #DB, #BP and #OF, just after its last one) is caught
+ * by the IDT path, which resumes execution after the sequence with the
+ * vector in R9 and the error code in R10 (0 when the CPU pushes none).  The
+ * sequence's address range is recorded in the .pykvm_extable section; the
+ * dispatcher looks the faulting RIP up there before any handler.  Without an
+ * exception R9 and R10 are 0.  R9 and R10 are clobbered, so the sequence must
+ * not use them.  Vector 0 (#DE) is indistinguishable from "no exception".
+ *
+ * Use it through asm_safe()/asm_safe_ec(), or in an asm statement of your
+ * own with PYKVM_ASM_SAFE_OUTPUTS and PYKVM_ASM_SAFE_CLOBBERS, e.g.
+ *
+ *	uint64_t vec, ec;
+ *	__asm__ volatile(PYKVM_ASM_SAFE("mov %[v], %%cr4")
+ *			 : PYKVM_ASM_SAFE_OUTPUTS(vec, ec)
+ *			 : [v] "r"(bad_cr4)
+ *			 : PYKVM_ASM_SAFE_CLOBBERS);
+ */
+#define PYKVM_ASM_SAFE(insn)                                                 \
+	"xorl %%r9d, %%r9d\n\t"                                            \
+	"xorl %%r10d, %%r10d\n\t"                                          \
+	"661:\n\t"                                                         \
+	insn "\n\t"                                                        \
+	"662:\n\t"                                                         \
+	".pushsection .pykvm_extable, \"a\"\n\t"                         \
+	".balign 8\n\t"                                                    \
+	".quad 661b, 662b\n\t"                                             \
+	".popsection\n\t"                                                  \
+	"movq %%r9, %[__pykvm_vec]\n\t"                                    \
+	"movq %%r10, %[__pykvm_ec]\n\t"
+
+#define PYKVM_ASM_SAFE_OUTPUTS(vector, error_code)                           \
+	[__pykvm_vec] "=r"(vector), [__pykvm_ec] "=r"(error_code)
+
+#define PYKVM_ASM_SAFE_CLOBBERS "r9", "r10", "cc", "memory"
+
+/* One entry of .pykvm_extable: the sequence's [start, end) addresses. */
+struct pykvm_extable_entry {
+	uint64_t start, end;
+};
+
+/*
+ * asm_safe(insn, inputs...): run the instruction sequence ``insn`` (an asm
+ * template; inputs are asm input operands, named or numbered from 2) and
+ * return the vector it raised, 0 if none: asm_safe("ud2") == 6.
+ * asm_safe_ec(insn, &error_code, inputs...) also stores the error code.
+ */
+#define asm_safe_ec(insn, ec_ptr, ...)                                       \
+	({                                                                   \
+		uint64_t __pykvm_v, __pykvm_e;                               \
+		__asm__ volatile(PYKVM_ASM_SAFE(insn)                        \
+				 : PYKVM_ASM_SAFE_OUTPUTS(__pykvm_v, __pykvm_e) \
+				 : __VA_ARGS__                               \
+				 : PYKVM_ASM_SAFE_CLOBBERS);                 \
+		*(ec_ptr) = __pykvm_e;                                       \
+		(uint8_t)__pykvm_v;                                          \
+	})
+
+#define asm_safe(insn, ...)                                                  \
+	({                                                                   \
+		uint64_t __pykvm_ign;                                        \
+		asm_safe_ec(insn, &__pykvm_ign, ##__VA_ARGS__);              \
+	})
+
+/* rdmsr/wrmsr that return the vector (13 for #GP: no such MSR, or a value
+ * it refuses) instead of stopping the guest; 0 on success.  rdmsr_safe
+ * stores the value read (0 after a fault). */
+static inline uint8_t rdmsr_safe(uint32_t msr, uint64_t *val)
+{
+	uint64_t vec, ec;
+	uint32_t lo = 0, hi = 0;
+
+	__asm__ volatile(PYKVM_ASM_SAFE("rdmsr")
+			 : "+a"(lo), "+d"(hi), PYKVM_ASM_SAFE_OUTPUTS(vec, ec)
+			 : "c"(msr)
+			 : PYKVM_ASM_SAFE_CLOBBERS);
+	(void)ec;
+	*val = ((uint64_t)hi << 32) | lo;
+	return (uint8_t)vec;
+}
+
+static inline uint8_t wrmsr_safe(uint32_t msr, uint64_t val)
+{
+	uint64_t vec, ec;
+
+	__asm__ volatile(PYKVM_ASM_SAFE("wrmsr")
+			 : PYKVM_ASM_SAFE_OUTPUTS(vec, ec)
+			 : "c"(msr), "a"((uint32_t)val), "d"((uint32_t)(val >> 32))
+			 : PYKVM_ASM_SAFE_CLOBBERS);
+	(void)ec;
+	return (uint8_t)vec;
+}
 #endif
 
 /* Entry point provided by each 64-bit x86 guest (the 32-bit multiboot

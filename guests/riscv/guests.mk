@@ -24,8 +24,8 @@ RISCV_CFLAGS := -std=gnu11 -march=rv64imac_zicsr_zifencei -mabi=lp64 -mcmodel=me
 	-ffreestanding -fno-builtin -nostdlib -static -fno-pic -fno-pie \
 	-fno-stack-protector -fno-asynchronous-unwind-tables -fno-unwind-tables \
 	-fno-common -fno-tree-loop-distribute-patterns \
-	-Os -g0 -Wall -Wextra -Werror=implicit-function-declaration \
-	-ffile-prefix-map=$(SRCDIR)/= -I$(GUEST_INCLUDE) -I$(RISCV_DIR)/rt
+	-Os -g1 -Wall -Wextra -Werror=implicit-function-declaration \
+	-fdebug-prefix-map=$(SRCDIR)=. -ffile-prefix-map=$(SRCDIR)/= -I$(GUEST_INCLUDE) -I$(RISCV_DIR)/rt
 RISCV_LDFLAGS := -nostdlib -static -no-pie -Wl,--build-id=none \
 	-Wl,-z,max-page-size=0x1000 -Wl,-T,$(RISCV_DIR)/rt/link.ld
 ifneq ($(shell $(RISCV_CC) -Wl,--help 2>/dev/null | grep -c no-warn-rwx-segments),0)

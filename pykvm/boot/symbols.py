@@ -14,6 +14,9 @@ section names bounded, no compressed sections (a decompression bomb), strings in
 compilation units whose abbreviation tables and line programs do not overlap, at most
 :data:`MAX_LINE_ROWS` rows. A malformed symbol table gives no symbols and malformed DWARF no
 lines, never an error.
+
+:class:`GuestGlobals` reads and writes the image's variables (``STT_OBJECT`` symbols, their size
+the symbol's) in guest RAM by name: ``Machine.globals``, ``read_global``, ``write_global``.
 """
 from __future__ import annotations
 
@@ -21,17 +24,24 @@ import bisect
 import os
 
 from .elf import (MAX_SYMBOL_NAME, SHN_ABS, SHN_UNDEF, SHT_NOBITS, STT_FUNC, STT_NOTYPE,
-                  STT_OBJECT, _Elf, _Shdr, _Sym, _symbols_and_sections)
+                  STT_OBJECT, _Elf, _Shdr, _Sym, _symbols_and_sections, _virt_to_phys)
 from .image import LoadError, _read_image
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import List, Optional, Tuple
+    from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+    from .image import Segment
 
 MAX_LINE_ROWS = 1 << 20        # DWARF line rows read at most (bounded work for a huge image)
 MAX_DWARF_UNITS = 1 << 14      # compilation units looked at, at most
 MAX_DWARF_BYTES = 256 << 20    # debug sections pyelftools copies into memory, at most
 MAX_DWARF_STRING = MAX_SYMBOL_NAME    # longest string in .debug_str / .debug_line_str
+MAX_DIES = 1 << 16             # DIEs call_site reads per look-up, at most
+_MAX_RANGES = 1 << 12          # address ranges of one DIE looked at, at most
+MAX_OBJECTS = 1 << 16          # variable names kept for look-up by name, at most
+MAX_GLOBAL_SIZE = 1 << 24      # the largest variable GuestGlobals reads or writes (bytes)
+_STB_LOCAL = 0
 _MAX_SECTION_NAME = 256        # longest section name looked up (bytes)
 _SHF_ALLOC, _SHF_COMPRESSED = 0x2, 0x800
 _SHN_XINDEX = 0xFFFF
@@ -55,6 +65,10 @@ class Symbols:
         self._syms: List[Tuple[int, int, str]] = []         # (start, size, name), by start;
         # size < 0: a label, reaching -size bytes at most (to its section's end)
         self._lines: List[Tuple[int, str, int]] = []        # (address, file, line), by address
+        self._dwarf = None                 # (DWARFInfo, [(unit, line program)]) once checked
+        self._pending = None               # (ELF, sections) until the line table is read
+        self._objects: Dict[str, List[Tuple[int, int, bool]]] = {}   # name -> [(addr, size,
+                                                                     # global?)] of variables
 
     @classmethod
     def from_image(cls, image) -> "Symbols":
@@ -75,12 +89,22 @@ class Symbols:
         if elf is None:
             return
         self._read_symbols(syms, sections)
+        self._syms.sort()
+        self._starts = [s[0] for s in self._syms]
+        self._pending = (elf, sections)    # the DWARF is read on the first line look-up
+
+    def _load_lines(self) -> None:
+        """Read the line table (pyelftools is imported here, not for symbols)."""
+        self._load()
+        if self._pending is None:
+            return
+        elf, sections = self._pending
+        self._pending = None
         try:
             self._read_lines(elf, sections)
         except Exception:                  # noqa: BLE001 — malformed DWARF: no lines
             self._lines = []
-        self._syms.sort()
-        self._starts = [s[0] for s in self._syms]
+            self._dwarf = None
         self._lines.sort()
 
     def _read_symbols(self, syms: List[Tuple[bytes, _Sym]], sections: List[_Shdr]) -> None:
@@ -97,6 +121,9 @@ class Symbols:
             if kind == STT_NOTYPE and name.startswith((".L", "$")):
                 continue                   # assembler-local labels and mapping symbols
             start, size = sym.value, sym.size
+            if kind == STT_OBJECT and size and len(self._objects) < MAX_OBJECTS:
+                self._objects.setdefault(name, []).append(
+                    (start, size, (sym.info >> 4) != _STB_LOCAL))
             if not size:
                 size = next((hi - start for lo, hi in ends if lo <= start < hi), 0)
                 if not size:
@@ -141,6 +168,7 @@ class Symbols:
         line_lo, line_size = debug[".debug_line"]
         line_stream = dwarf.debug_line_sec.stream
         end, rows = 0, 0
+        checked = []
         for off in sorted(programs):
             prog_end = _unit_end(data, line_lo, line_size, off)
             if off < end or prog_end is None:
@@ -152,6 +180,8 @@ class Symbols:
             entries = prog.get_entries()
             if line_stream.tell() > prog_end:
                 return
+            checked.append((programs[off], prog))
+            self._dwarf = (dwarf, checked)     # the units checked so far: call_site's
             files = prog["file_entry"]
             version = prog["version"]
             for entry in entries:
@@ -170,6 +200,27 @@ class Symbols:
                     name = name.decode("utf-8", "replace")
                 self._lines.append((st.address, os.path.basename(name), st.line))
 
+    def variable(self, name: str) -> Tuple[int, int]:
+        """(link address, size in bytes) of the variable ``name`` (an ``STT_OBJECT`` symbol of
+        non-zero size: a C global or static). A global symbol wins over file-local ``static``
+        ones of the same name; several statics and no global are ambiguous. Raises KeyError
+        naming ``name`` when there is no such variable (or it is ambiguous)."""
+        self._load()
+        found = self._objects.get(name)
+        if not found:
+            raise KeyError(f"the guest image {self.path or '(none)'} has no variable {name!r}")
+        glob = [f for f in found if f[2]]
+        pick = glob if glob else found
+        if len(pick) > 1:
+            raise KeyError(f"{name!r} names {len(pick)} different variables in the guest image "
+                           f"{self.path}")
+        return pick[0][0], pick[0][1]
+
+    def variables(self) -> List[str]:
+        """The names :meth:`variable` may find, sorted."""
+        self._load()
+        return sorted(self._objects)
+
     def symbol(self, addr: int) -> Optional[Tuple[str, int]]:
         """(name, offset) of the symbol whose range holds ``addr`` (a symbol of size 0 — an
         assembler label — holds the addresses up to the next symbol), or None."""
@@ -187,12 +238,39 @@ class Symbols:
 
     def line(self, addr: int) -> Optional[Tuple[str, int]]:
         """(file, line) of the DWARF line row that covers ``addr``, or None."""
-        self._load()
+        self._load_lines()
         i = bisect.bisect_right(self._lines, (addr, "\U0010ffff", 1 << 62)) - 1
         if i < 0:
             return None
         _, name, line = self._lines[i]
         return (name, line) if name else None
+
+    def call_site(self, addr: int) -> Optional[Tuple[str, int]]:
+        """Where the code at ``addr`` was inlined in its compilation unit's own source file:
+        (file, line) of the innermost inlined call (``DW_TAG_inlined_subroutine``'s
+        ``DW_AT_call_file`` and ``DW_AT_call_line``, DWARF 5 section 3.3.8.2) covering ``addr``
+        that was made from the unit's main file, or None when ``addr`` is not in inlined code
+        (or the image has no such information). So a fault in ``wrmsr()`` of pykvm_guest.h,
+        inlined into ``my_guest.c``, is placed at the line of ``my_guest.c`` that called it.
+        Reads the DIEs of the units whose range holds ``addr``, at most :data:`MAX_DIES` in
+        all; malformed DWARF gives None."""
+        self._load_lines()
+        if self._dwarf is None:
+            return None
+        try:
+            main, chain = _inline_chain(*self._dwarf, addr)
+        except Exception:                  # noqa: BLE001 — malformed DWARF: no call site
+            return None
+        return next((site for site in reversed(chain) if site[0] == main), None)
+
+    def place(self, addr: int) -> Optional[Tuple[str, int]]:
+        """(file, line) of ``addr`` in its compilation unit's own source file: the line table's
+        row when it is in that file, else :meth:`call_site` (code inlined from a header), else
+        the line table's row."""
+        ln = self.line(addr)
+        if ln is not None and ln[0].endswith((".c", ".S", ".s")):
+            return ln
+        return self.call_site(addr) or ln
 
     def describe(self, addr: int) -> str:
         """``"name+0x6, file.c:12"``, the parts that are known, or ""."""
@@ -204,6 +282,81 @@ class Symbols:
         if ln is not None:
             parts.append(f"{ln[0]}:{ln[1]}")
         return ", ".join(parts)
+
+
+def _pc_ranges(dwarf, cu, die) -> List[Tuple[int, int]]:
+    """[(low, high)) address ranges of ``die`` (``DW_AT_low_pc``/``DW_AT_high_pc`` or
+    ``DW_AT_ranges``; DWARF 5 section 2.17), at most :data:`_MAX_RANGES` of them."""
+    at = die.attributes
+    if "DW_AT_low_pc" in at and "DW_AT_high_pc" in at:
+        lo, hi = at["DW_AT_low_pc"].value, at["DW_AT_high_pc"]
+        end = hi.value if hi.form == "DW_FORM_addr" else lo + hi.value
+        return [(lo, end)]
+    if "DW_AT_ranges" not in at:
+        return []
+    base = cu.get_top_DIE().attributes.get("DW_AT_low_pc")
+    base_addr = base.value if base is not None else 0
+    out = []
+    for e in dwarf.range_lists().get_range_list_at_offset(at["DW_AT_ranges"].value, cu=cu):
+        if len(out) >= _MAX_RANGES:
+            break
+        if hasattr(e, "base_address"):
+            base_addr = e.base_address
+            continue
+        off = 0 if getattr(e, "is_absolute", False) else base_addr
+        out.append((e.begin_offset + off, e.end_offset + off))
+    return out
+
+
+def _file_name(prog, idx: int) -> str:
+    files = prog["file_entry"]
+    idx = idx if prog["version"] >= 5 else idx - 1
+    name = files[idx].name if 0 <= idx < len(files) else b"?"
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return os.path.basename(name)
+
+
+def _inline_chain(dwarf, units, addr: int) -> Tuple[str, List[Tuple[str, int]]]:
+    """(the main file of the unit holding ``addr``, [(call file, call line)] of the inlined
+    calls covering ``addr``, outermost first)."""
+    budget = MAX_DIES
+    for cu, prog in units:
+        top = cu.get_top_DIE()
+        spans = _pc_ranges(dwarf, cu, top)
+        if spans and not any(lo <= addr < hi for lo, hi in spans):
+            continue
+        name = top.attributes.get("DW_AT_name")
+        main = name.value if name is not None else b""
+        if isinstance(main, bytes):
+            main = main.decode("utf-8", "replace")
+        main = os.path.basename(main)
+        chain: List[Tuple[str, int]] = []
+        stack = [iter(top.iter_children())]
+        while stack:                       # depth first, into the DIEs that cover addr
+            die = next(stack[-1], None)
+            if die is None:
+                stack.pop()
+                continue
+            budget -= 1
+            if budget < 0:
+                return main, chain
+            if die.tag not in ("DW_TAG_subprogram", "DW_TAG_lexical_block",
+                               "DW_TAG_inlined_subroutine"):
+                continue
+            if not any(lo <= addr < hi for lo, hi in _pc_ranges(dwarf, cu, die)):
+                continue
+            at = die.attributes
+            if die.tag == "DW_TAG_inlined_subroutine" and "DW_AT_call_file" in at and \
+                    "DW_AT_call_line" in at:
+                chain.append((_file_name(prog, at["DW_AT_call_file"].value),
+                              at["DW_AT_call_line"].value))
+            if not die.has_children:
+                break
+            stack = [iter(die.iter_children())]   # the covering DIE's children only
+        if chain:
+            return main, chain
+    return "", []
 
 
 def _dwarf_sections(elf: _Elf, sections: List[_Shdr]) -> dict:
@@ -273,3 +426,85 @@ def _unit_end(data, lo: int, size: int, off: int) -> Optional[int]:
         return None
     end = off + head + length
     return end if end <= size else None
+
+
+class GuestGlobals:
+    """A guest image's variables by name, read and written in guest RAM (``m.globals``):
+    ``g["counter"]`` reads a 1-, 2-, 4- or 8-byte variable as an unsigned little-endian int,
+    ``g["counter"] = 5`` writes one; :meth:`read_bytes`/:meth:`write` work for any size (arrays,
+    structs). The size is the ELF symbol's.
+
+    ``symbols``: :class:`Symbols`; ``memory``: guest memory (``read(gpa, n)``,
+    ``write(gpa, data)``, bounds-checked: a variable outside guest RAM raises
+    :class:`pykvm.errors.GuestMemoryError`); ``segments``: the loaded image's
+    :class:`pykvm.Segment` list, which turns a link address into a guest-physical one (a
+    variable outside every segment raises KeyError); None: link address = guest-physical."""
+
+    def __init__(self, symbols: Symbols, memory, segments: Optional[Sequence[Segment]] = None):
+        self.symbols, self.memory = symbols, memory
+        self._segments = None if segments is None else list(segments)
+
+    def _to_gpa(self, addr: int, size: int) -> Optional[int]:
+        if self._segments is None:
+            return addr
+        return _virt_to_phys(self._segments, addr, size)
+
+    def where(self, name: str) -> Tuple[int, int]:
+        """(guest-physical address, size in bytes) of variable ``name``. Raises KeyError naming
+        it when the image has no such variable or does not load it, ValueError for one larger
+        than :data:`MAX_GLOBAL_SIZE`."""
+        addr, size = self.symbols.variable(name)
+        if size > MAX_GLOBAL_SIZE:
+            raise ValueError(f"guest variable {name!r} is {size} bytes, more than the "
+                             f"{MAX_GLOBAL_SIZE} read at once")
+        gpa = self._to_gpa(addr, size)
+        if gpa is None:
+            raise KeyError(f"guest variable {name!r} at {addr:#x} ({size} bytes) is not in a "
+                           f"loaded segment of the image")
+        return gpa, size
+
+    def read_bytes(self, name: str) -> bytes:
+        """The bytes of variable ``name`` (its whole ELF size)."""
+        gpa, size = self.where(name)
+        return self.memory.read(gpa, size)
+
+    def write(self, name: str, value: Union[int, bytes]) -> None:
+        """Store ``value`` in variable ``name``: an int (unsigned or negative, encoded
+        little-endian in the variable's size; ValueError if it does not fit) or exactly as many
+        bytes as the variable has (ValueError otherwise)."""
+        gpa, size = self.where(name)
+        if isinstance(value, bool) or not isinstance(value, (int, bytes, bytearray)):
+            raise TypeError(f"a guest variable takes an int or bytes, not {type(value).__name__}")
+        if isinstance(value, int):
+            if not -(1 << (8 * size - 1)) <= value < (1 << (8 * size)):
+                raise ValueError(f"{value} does not fit guest variable {name!r} ({size} bytes)")
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        else:
+            data = bytes(value)
+            if len(data) != size:
+                raise ValueError(f"guest variable {name!r} is {size} bytes, not {len(data)}")
+        self.memory.write(gpa, data)
+
+    def __getitem__(self, name: str) -> int:
+        """Variable ``name`` as an unsigned int (ValueError for a size other than 1, 2, 4 or 8:
+        use :meth:`read_bytes`)."""
+        gpa, size = self.where(name)
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"guest variable {name!r} is {size} bytes, not an integer: read "
+                             f"it with read_bytes()")
+        return int.from_bytes(self.memory.read(gpa, size), "little")
+
+    def __setitem__(self, name: str, value: Union[int, bytes]) -> None:
+        self.write(name, value)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        try:
+            self.where(name)
+        except (KeyError, ValueError):
+            return False
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.symbols.variables())

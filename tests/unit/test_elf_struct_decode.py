@@ -285,7 +285,7 @@ def test_loading_images_and_symbols_imports_no_elftools(tmp_path):
     code = ("from pykvm import boot\nfrom pykvm.boot.symbols import Symbols\n"
             f"for p, arch in {images!r}:\n"
             "    boot.parse_image(p, arch=arch); boot.elf_symbols(p)\n"
-            "    boot.find_symbol(p, 'pykvm_params'); Symbols.from_image(p).describe(0x100000)\n")
+            "    boot.find_symbol(p, 'pykvm_params'); Symbols.from_image(p).symbol(0x100000)\n")
     mods = _modules_after(code)
     assert not [m for m in mods if m.startswith("elftools")]
     # load_reader() imports what DWARF line tables need, for processes that preload

@@ -271,7 +271,7 @@ def test_converted_classes_construct_as_before():
         LoadedImage(plan, 0x1000, "long").written
     r = Report("sync", (1, 2), vcpu=1)
     assert repr(r) == ("Report(kind='sync', args=(1, 2), text='', file='', line=0, values=None, "
-                       "message='', vcpu=1)")
+                       "message='', vcpu=1, where='')")
     assert r.stage == 1 and r == Report("sync", (1, 2), vcpu=1)
     rr = RunResult("done", 0, b"hi", {}, 0.5)
     assert rr.reports == [] and rr.as_dict()["console"] == "hi"

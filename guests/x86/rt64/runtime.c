@@ -4,7 +4,8 @@
  * The IDT does not depend on a particular GDT: the gates use whatever code
  * selector the VMM booted us with.  By default every vector reports an
  * EXCEPTION to the host and stops the vCPU; a guest may route a vector to
- * its own C handler with pykvm_set_handler().
+ * its own C handler with pykvm_set_handler().  A fault inside an asm_safe()
+ * sequence is fixed up before any handler is looked at (pykvm_fixup).
  */
 #include "pykvm_guest.h"
 
@@ -63,12 +64,42 @@ void pykvm_set_handler(unsigned int vector, pykvm_intr_handler_t fn)
 	handlers[vector & 0xff] = fn;
 }
 
+extern const struct pykvm_extable_entry __pykvm_extable_start[];
+extern const struct pykvm_extable_entry __pykvm_extable_end[];
+
+/*
+ * An exception inside an asm_safe() sequence: resume after the sequence with
+ * the vector in R9 and the error code in R10 (pykvm_guest.h).  A fault leaves
+ * RIP at the faulting instruction, inside [start, end); the trap-type vectors
+ * (#DB, #BP, #OF) leave it after the instruction, which may be the end.
+ */
+static int pykvm_fixup(struct pykvm_intr_frame *f)
+{
+	const struct pykvm_extable_entry *e;
+	uint64_t v = f->vector;
+	int trap = v == 1 || v == 3 || v == 4;
+
+	if (v >= 32)
+		return 0;			/* interrupts are not the sequence's */
+	for (e = __pykvm_extable_start; e < __pykvm_extable_end; e++) {
+		if (f->rip >= e->start && (f->rip < e->end || (trap && f->rip == e->end))) {
+			f->r9 = v;
+			f->r10 = f->error_code;
+			f->rip = e->end;
+			return 1;
+		}
+	}
+	return 0;
+}
+
 void pykvm_isr_dispatch(struct pykvm_intr_frame *f)
 {
 	pykvm_intr_handler_t h = handlers[f->vector & 0xff];
 	uint64_t a[4];
 	uint64_t cr2;
 
+	if (pykvm_fixup(f))
+		return;
 	if (h) {
 		h(f);
 		return;
