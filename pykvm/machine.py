@@ -552,6 +552,7 @@ class Machine:
     def expect(self, kind: str, index: int = 0, *, timeout: Optional[float] = 10.0) -> Event:
         """Step and insist on a report of ``kind`` ("sync", "done"); a guest assertion or
         exception raises :class:`~pykvm.report.GuestAssertion`, anything else AssertionError."""
+        __tracebackhide__ = True         # pytest: the failure is reported at the caller's line
         ev = self.step(index, timeout=timeout)
         if ev.kind == "report" and ev.report.kind in ("assert", "exception", "trap"):
             raise GuestAssertion(ev.report)
@@ -562,6 +563,7 @@ class Machine:
 
     def sync(self, index: int = 0, stage: Optional[int] = None, *, timeout: float = 10.0):
         """Expect GUEST_SYNC (optionally of ``stage``) and return its values after the stage."""
+        __tracebackhide__ = True
         ev = self.expect("sync", index, timeout=timeout)
         if stage is not None and ev.report.stage != stage:
             raise AssertionError(f"guest synced stage {ev.report.stage}, expected {stage}")
@@ -569,6 +571,7 @@ class Machine:
 
     def done(self, index: int = 0, *, timeout: float = 10.0) -> None:
         """Expect GUEST_DONE from vCPU ``index`` within ``timeout`` seconds (see :meth:`expect`)."""
+        __tracebackhide__ = True
         self.expect("done", index, timeout=timeout)
 
     def describe(self, ev: Event) -> str:

@@ -7,15 +7,18 @@ core is imported only by those fixtures. On a host pykvm does not support, or wi
 ``/dev/kvm``, such tests are skipped ("pykvm: host lacks ..."), never errors.
 """
 import os
+import sys
 
 import pytest
 
 from .._host import host_arch
+from . import LACKS                  # prefix of the only skips allowed where /dev/kvm exists
 
-LACKS = "pykvm: host lacks"          # prefix of the only skips allowed where /dev/kvm exists
 DEFAULT_PATH = "/dev/kvm"            # pykvm.kvm.DEFAULT_PATH, without importing pykvm.kvm
 SUPPORTED_ARCHES = ("x86_64", "riscv64")
-HW_MARKERS = ("requires_kvm", "requires_cap", "requires_arch")
+HW_MARKERS = ("requires_kvm", "requires_cap", "requires_arch", "requires_cpuid")
+CPUID_REGS = ("eax", "ebx", "ecx", "edx")
+PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # .../pykvm
 HW_FIXTURES = ("kvm", "guest_vm")    # fixtures that need KVM (and those built on them)
 SOURCE_SUFFIXES = (".c", ".S")       # pykvm.guestbuild.SOURCE_SUFFIXES
 
@@ -28,8 +31,6 @@ def kvm_path() -> str:
 def kvm_usable() -> bool:
     """Whether :func:`kvm_path` can be opened for reading and writing."""
     return os.access(kvm_path(), os.R_OK | os.W_OK)
-
-
 
 
 def _lacks_host() -> str:
@@ -57,16 +58,85 @@ def pytest_configure(config):
     status 4, one line) before any test runs."""
     for line in ("requires_kvm: needs a usable /dev/kvm",
                  "requires_cap(name): needs KVM_CAP_<name> (implies requires_kvm)",
-                 "requires_arch(name): runs only on this host architecture (implies requires_kvm)"):
+                 "requires_arch(name): runs only on this host architecture (implies requires_kvm)",
+                 "requires_cpuid(*features, leaf=, sub=0, reg=, bit=): needs these CPUID "
+                 "features in KVM_GET_SUPPORTED_CPUID (x86; implies requires_kvm)"):
         config.addinivalue_line("markers", line)
     path = config.getoption("--ktap")
-    if path is not None:
+    if path is not None and not _is_worker(config):     # under xdist: the controller only
         from .ktap import KtapWriter
         try:
             config._pykvm_ktap = KtapWriter(path)
         except OSError as e:       # a directory, socket, block device: refused before any test
             raise pytest.UsageError(f"--ktap: {e}") from None
         config.pluginmanager.register(config._pykvm_ktap, "pykvm-ktap")
+
+
+def _is_worker(config) -> bool:
+    """Whether this process is a pytest-xdist worker (the controller sees every report)."""
+    return hasattr(config, "workerinput")
+
+
+def _cpuid_wants(marker):
+    """[(label, leaf, sub-leaf, register, bit)] that a ``requires_cpuid`` marker asks for: each
+    positional argument a feature name in QEMU's spelling (``"rdtscp"``,
+    :data:`pykvm.arch.x86.regs.CPUID_FEATURES`), and/or one bit given as ``leaf=, sub=0, reg=,
+    bit=`` (``name=`` labels it in the skip reason). Raises ValueError for an unknown name or a
+    malformed bit."""
+    from ..arch.x86.regs import cpuid_feature_bit
+    wants = [(str(n), *cpuid_feature_bit(n)) for n in marker.args]
+    kw = dict(marker.kwargs)
+    if kw:
+        leaf, sub, reg, bit = kw.pop("leaf", None), kw.pop("sub", 0), kw.pop("reg", None), \
+            kw.pop("bit", None)
+        name = kw.pop("name", None)
+        if kw:
+            raise ValueError(f"unknown argument {', '.join(sorted(kw))} "
+                             "(takes leaf=, sub=, reg=, bit=, name=)")
+        if not (isinstance(leaf, int) and isinstance(sub, int) and reg in CPUID_REGS
+                and isinstance(bit, int) and 0 <= bit < 32):
+            raise ValueError(f"needs leaf=<int>, reg= one of {'/'.join(CPUID_REGS)}, "
+                             f"bit=0..31 (sub= defaults to 0); got leaf={leaf!r}, sub={sub!r}, "
+                             f"reg={reg!r}, bit={bit!r}")
+        wants.append((name or f"CPUID.{leaf:#x}.{sub}:{reg.upper()}[{bit}]", leaf, sub, reg, bit))
+    if not wants:
+        raise ValueError("names no feature (requires_cpuid(\"rdtscp\") or "
+                         "requires_cpuid(leaf=, reg=, bit=))")
+    return wants
+
+
+_SUPPORTED_CPUID: dict = {}          # KVM device path -> KVM_GET_SUPPORTED_CPUID entries
+
+
+def _supported_cpuid():
+    """This host's KVM_GET_SUPPORTED_CPUID (read once per device path per process)."""
+    path = kvm_path()
+    if path not in _SUPPORTED_CPUID:
+        from ..kvm import Kvm
+        with Kvm() as k:
+            _SUPPORTED_CPUID[path] = k.supported_cpuid()
+    return _SUPPORTED_CPUID[path]
+
+
+def _check_cpuid(item) -> None:
+    """Skip ("pykvm: host lacks CPUID feature ...") unless KVM offers every CPUID feature the
+    item's ``requires_cpuid`` markers name; a malformed marker fails the test."""
+    markers = list(item.iter_markers("requires_cpuid"))
+    if not markers:
+        return
+    try:
+        wants = [w for m in markers for w in _cpuid_wants(m)]
+    except ValueError as e:
+        pytest.fail(f"requires_cpuid: {e}", pytrace=False)
+    if host_arch() != "x86_64":
+        pytest.skip(f"{LACKS} x86 CPUID (this is {host_arch()})")
+    from ..arch.x86.regs import cpuid_lookup
+    entries = _supported_cpuid()
+    for label, leaf, sub, reg, bit in wants:
+        entry = cpuid_lookup(entries, leaf, sub)
+        if entry is None or not getattr(entry, reg) >> bit & 1:
+            pytest.skip(f"{LACKS} CPUID feature {label} (KVM_GET_SUPPORTED_CPUID "
+                        f"{leaf:#x}.{sub}:{reg.upper()}[{bit}] is clear)")
 
 
 def _is_hw(item) -> bool:
@@ -79,7 +149,8 @@ def _uses_kvm(item) -> bool:
 
 def pytest_runtest_setup(item):
     """Skip a test that uses a pykvm marker or a KVM fixture where the host lacks what it needs
-    (architecture, a usable KVM device, a capability), with a "pykvm: host lacks" reason."""
+    (architecture, a usable KVM device, a capability, a CPUID feature), with a "pykvm: host
+    lacks" reason."""
     if not _uses_kvm(item):
         return
     for m in item.iter_markers("requires_arch"):
@@ -95,15 +166,70 @@ def pytest_runtest_setup(item):
             for c in caps:
                 if not k.check_extension(c):
                     pytest.skip(f"{LACKS} KVM_CAP_{c}")
+    _check_cpuid(item)
+
+
+def _guest_caused(excinfo) -> bool:
+    """Whether the exception is the guest's doing as pykvm reports it: a
+    :class:`~pykvm.report.GuestAssertion` (a failed GUEST_ASSERT or an unexpected guest
+    exception) or a :class:`~pykvm.errors.GuestError`. Costs nothing where pykvm's core was
+    never imported (then no such exception can exist)."""
+    errors = sys.modules.get("pykvm.errors")
+    if errors is None:
+        return False
+    e = excinfo.value
+    return isinstance(e, errors.PykvmError) and isinstance(e, (AssertionError, errors.GuestError))
+
+
+def _in_pykvm(tb) -> bool:
+    """Whether traceback entry ``tb`` (a :class:`types.TracebackType`) runs pykvm's code."""
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(PKG_DIR + os.sep)
+
+
+def _hide_pykvm_frames(item, call) -> None:
+    """Cut the frames inside pykvm from the end of the traceback of an exception the guest
+    caused (or one raised through a pykvm entry point that hides itself with
+    ``__tracebackhide__``, e.g. ``sync``'s "guest synced stage 2, expected 1"), so that pytest's traceback, its crash line and the KTAP "failed at" line end at the
+    test's own line (the call into pykvm), as ``__tracebackhide__`` does for
+    :meth:`~pykvm.machine.Machine.sync`. The exception's own traceback is cut (pytest rebuilds
+    its view from it), and a cause or context raised wholly inside pykvm is left out (one whose
+    traceback passes through the test's code, e.g. an exit handler of its own, is kept).
+    ``--fulltrace`` and ``--pdb`` keep every frame; so does an exception whose traceback is all
+    pykvm's."""
+    excinfo = call.excinfo
+    opt = item.config.getoption
+    if excinfo is None or opt("fulltrace", False) or opt("usepdb", False):
+        return
+    last, t = None, excinfo.tb                 # the last entry outside pykvm, walking inwards
+    while t is not None:
+        if not _in_pykvm(t):
+            last = t
+        t = t.tb_next
+    if last is None or last.tb_next is None or not _in_pykvm(last.tb_next):
+        return
+    if not (_guest_caused(excinfo) or last.tb_next.tb_frame.f_locals.get("__tracebackhide__")):
+        return
+    last.tb_next = None
+    excinfo.traceback = type(excinfo.traceback)(excinfo.tb)
+    e = excinfo.value
+    cause = e.__cause__ if e.__cause__ is not None else e.__context__
+    t = getattr(cause, "__traceback__", None)
+    while t is not None and _in_pykvm(t):
+        t = t.tb_next
+    if cause is not None and t is None:       # pykvm's own detail (no frame of the test's)
+        e.__cause__, e.__suppress_context__ = None, True
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Fail closed: where the KVM device is usable, a marked hardware test that skips for any
-    reason other than "pykvm: host lacks ..." is reported as failed."""
+    """Fail closed: where the KVM device is usable, a hardware test (one with a pykvm marker or
+    a KVM fixture) that skips for any reason other than "pykvm: host lacks ..." is reported as
+    failed (the rule: :mod:`pykvm.testing`, "Skips"). A failure the guest caused is reported at
+    the test's own line (see :func:`_hide_pykvm_frames`)."""
+    _hide_pykvm_frames(item, call)
     outcome = yield
     rep = outcome.get_result()
-    if rep.skipped and _is_hw(item) and kvm_usable() and not getattr(rep, "wasxfail", None):
+    if rep.skipped and _uses_kvm(item) and kvm_usable() and not getattr(rep, "wasxfail", None):
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         if not reason.startswith(("Skipped: " + LACKS, LACKS)):
             rep.outcome = "failed"
