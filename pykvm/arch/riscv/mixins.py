@@ -182,7 +182,9 @@ class VcpuArch:
         return self.get_one_reg(typed_reg_id("sbi_state", name))
 
     def set_sbi_state(self, name: str, value: int) -> None:
-        """Set an SBI-state register by name (as :meth:`get_sbi_state`)."""
+        """Set an SBI-state register by name (as :meth:`get_sbi_state`). On rv64 write
+        ``sta.shmem_hi`` (which must be 0) before ``sta.shmem_lo``: KVMs of Linux 7.x reset
+        the address to "none" when shmem_hi is written."""
         self.set_one_reg(typed_reg_id("sbi_state", name), value)
 
     # -- extensions --------------------------------------------------------------------------
