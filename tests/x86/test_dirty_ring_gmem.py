@@ -97,26 +97,36 @@ def test_dirty_ring_reports_each_written_page_once_per_reset(kvm):
 
 @pytest.mark.requires_cap("DIRTY_LOG_RING")
 def test_a_full_dirty_ring_exits_until_harvested_and_reset(kvm):
-    code = asm16(TWO_ROUNDS.format(first=1, second=224))
+    """224 pages into a 256-entry ring, whose soft limit is 256 less KVM's reserved entries
+    (64 or more): KVM_RUN answers DIRTY_RING_FULL, and keeps answering it, until the ring is
+    harvested and reset. (KVM raises the exit at a vCPU entry after the soft limit is reached:
+    on this host that is sometimes before the guest's next I/O exit and sometimes not, so the
+    test takes it wherever it comes.)"""
+    code = asm16(TWO_ROUNDS.replace("hlt", "out 0x11, al\n    hlt").format(first=1, second=224))
     try:
-        vm, slot, vcpu = _ring_vm(kvm, PAGE, code)      # 256 entries, 64+ of them reserved
+        vm, slot, vcpu = _ring_vm(kvm, PAGE, code)      # 256 entries
     except KvmError as e:
         assert e.errno_name == "EINVAL"
         pytest.skip("pykvm: host lacks a dirty ring of one page (its KVM reserves more than "
                     "256 entries)")
     with vm:
-        _run_to(vcpu, Io)
+        assert _run_to(vcpu, Io).port == 0x10
         assert vm.harvest_dirty_rings() == _pages(1)
-        fulls = []
-        seen = set()
+        fulls, seen = [], set()
 
         def on_full():
             fulls.append(vcpu.dirty_ring.fetch_index)
+            again = vcpu.run()                          # not harvested yet: refused again
+            assert isinstance(again, DirtyRingFull), again
             seen.update(vm.harvest_dirty_rings())
 
-        _run_to(vcpu, Hlt, on_full)
+        assert _run_to(vcpu, Io, on_full).port == 0x11   # all 224 pages written
+        if not fulls:                                    # the exit comes at this entry
+            assert isinstance(vcpu.run(), DirtyRingFull)
+            on_full()
+        _run_to(vcpu, Hlt)
         seen.update(vm.harvest_dirty_rings())
-        assert fulls, "224 pages never filled a 256-entry ring (soft limit <= 192)"
+        assert len(fulls) == 1
         assert seen == set(_pages(224))
         assert vm.memory.read(FIRST + 223 * PAGE, 1) == b"\x02"
 
