@@ -7,15 +7,17 @@ import stat
 
 from . import abi
 from ._fd import FdObject
-from ._ioctl import check_extension as _check_extension, ioctl
-from .abi import cap_number, ioctls
+from ._ioctl import check_extension as _check_extension, ioctl, raw_ioctl
+from .abi import CData, cap_number, ffi, ioctls
+from .abi.ioctls import Ioctl
 from .arch import current as _arch
-from .errors import (CapabilityMissing, KvmDeviceError, KvmError, host_resource_error)
+from .errors import (CapabilityMissing, KvmDeviceError, KvmError, host_resource_error,
+                     kvm_error)
 from .vm import Vm
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, List, Optional, Union
+    from typing import Any, Dict, Iterable, List, Optional, Union
 
 DEFAULT_PATH = "/dev/kvm"
 
@@ -83,6 +85,66 @@ class Kvm(_arch.KvmArch, FdObject):
             if cached is None:
                 cached = self._supported_cpuid = tuple(super().supported_cpuid())
             return list(cached)
+
+    if ioctls.row("KVM_GET_MSR_FEATURE_INDEX_LIST").available:    # x86
+        def feature_msr_index_list(self) -> List[int]:
+            """KVM_GET_MSR_FEATURE_INDEX_LIST (api.rst 4.3, needs KVM_CAP_GET_MSR_FEATURES): the
+            indices (ints) of the feature MSRs, the MSRs that describe what the host's CPU and
+            KVM offer a guest (e.g. IA32_ARCH_CAPABILITIES 0x10a, the VMX capability MSRs) and
+            that :meth:`get_feature_msrs` reads. Raises :class:`~pykvm.errors.KvmError` (naming
+            the missing capability) when KVM refuses."""
+            n = 64
+            while True:
+                m = ffi.new("struct kvm_msr_list *", {"indices": n})
+                m.nmsrs = n
+                try:
+                    ioctl(self.fd, ioctls.KVM_GET_MSR_FEATURE_INDEX_LIST, m)
+                except KvmError as e:
+                    # E2BIG: KVM wrote the count it needs into nmsrs; ask again with room
+                    if e.errno == errno.E2BIG and n < m.nmsrs <= 1 << 16:
+                        n = m.nmsrs
+                        continue
+                    raise
+                return [int(m.indices[i]) for i in range(min(m.nmsrs, n))]
+
+        def get_feature_msrs(self, indices: Iterable[int]) -> Dict[int, int]:
+            """KVM_GET_MSRS issued on /dev/kvm (api.rst 4.18, needs KVM_CAP_GET_MSR_FEATURES):
+            the values KVM reports for the feature MSRs ``indices`` (ints, 32-bit MSR numbers,
+            e.g. from :meth:`feature_msr_index_list`) as ``{index: value}`` (64-bit ints), in
+            the order asked. Raises ValueError for an index that is not a 32-bit number,
+            :class:`~pykvm.errors.CapabilityMissing` when this KVM lacks
+            KVM_CAP_GET_MSR_FEATURES, and :class:`~pykvm.errors.KvmError` when KVM refuses
+            or reads fewer MSRs than asked (KVM stops at the first index that is not a feature
+            MSR; the message names it)."""
+            idx = list(indices)
+            for i in idx:
+                if not isinstance(i, int) or not 0 <= i < 1 << 32:
+                    raise ValueError(f"an MSR index is a 32-bit number, not {i!r}")
+            self.require("GET_MSR_FEATURES")
+            m = ffi.new("struct kvm_msrs *", {"entries": max(1, len(idx))})
+            m.nmsrs = len(idx)
+            for k, i in enumerate(idx):
+                m.entries[k].index = i
+            got = ioctl(self.fd, ioctls.KVM_GET_MSRS, m, what=f"{len(idx)} feature MSRs")
+            if got != len(idx):
+                raise kvm_error("KVM_GET_MSRS", errno.EINVAL, f"{idx[got]:#x}",
+                                f"{idx[got]:#x} is not a feature MSR ({got} of {len(idx)} "
+                                f"read on {self.path})")
+            return {int(m.entries[k].index): int(m.entries[k].data) for k in range(got)}
+
+    def ioctl(self, row: Union[Ioctl, str], arg: Union[int, CData] = 0, *,
+              what: str = "") -> int:
+        """Issue a row of the ioctl table (:mod:`pykvm.abi.ioctls`) that has no method here on
+        /dev/kvm: ``row`` is the :class:`~pykvm.abi.ioctls.Ioctl` or its name
+        (``"KVM_GET_MSR_FEATURE_INDEX_LIST"``), ``arg`` an int or a cffi pointer to the row's
+        argument struct (``ffi.new(row.arg + " *")``). Returns the ioctl's non-negative result.
+        Raises KeyError for an unknown name, ValueError for a row that is not issued on the
+        system fd or does not exist on this architecture, and
+        :class:`~pykvm.errors.KvmError` (naming the row, ``what``, the errno and a missing
+        capability) when KVM refuses. The escape hatch for selftests, as
+        :meth:`pykvm.vm.Vm.ioctl` and :meth:`pykvm.vcpu.Vcpu.ioctl`; an fd KVM_CREATE_VM
+        returns this way is the caller's to close."""
+        return raw_ioctl(self.fd, "system", row, arg, what)
 
     def check_extension(self, cap: Union[str, int]) -> int:
         """KVM_CHECK_EXTENSION on /dev/kvm: 0 if absent, else a cap-specific value."""

@@ -166,7 +166,11 @@ class Machine:
     x86 multiboot each is a module; on RISC-V the one file is the initrd). ``loop``: the run-loop
     class for each vCPU, called as ``loop(vcpu, config=, on_console=)``
     (:class:`~pykvm.runloop.RunLoop`, the C loop, by default; the reference Python loop of
-    :mod:`pykvm.testing` serves differential tests).
+    :mod:`pykvm.testing` serves differential tests). ``vm_setup``: a callable taken with the
+    new :class:`~pykvm.vm.Vm` right after KVM_CREATE_VM, before the machine adds memory, the
+    irqchip and the vCPUs, for the VM ioctls KVM accepts only then (``vm.ioctl(
+    "KVM_SET_BOOT_CPU_ID", 1)``, ``vm.enable_cap(...)`` of a VM capability,
+    ``vm.enable_dirty_ring(size)``); what it raises closes the machine and propagates.
 
     Raises :class:`ValueError` for bad arguments — among them options the machine cannot
     honour, refused before any VM is created and naming the limit (more vCPUs than KVM allows,
@@ -185,7 +189,8 @@ class Machine:
                  console_limit: int = 1 << 20, report_limit: int = 4096,
                  initrd: Sequence[str] = (), machine: str = "auto", disks: Sequence = (),
                  rng: bool = False, console: str = "serial", nets: Sequence = (),
-                 vsock=None, shares: Sequence = (), **platform_opts):
+                 vsock=None, shares: Sequence = (), vm_setup: Optional[Callable] = None,
+                 **platform_opts):
         if not isinstance(vcpus, int) or isinstance(vcpus, bool):
             raise ValueError(f"vcpus must be an integer, not {vcpus!r}")
         if vcpus < 1:
@@ -255,6 +260,8 @@ class Machine:
                 self._make_virtio(cls, spec, platform_opts)
             self._check_vcpu_limits(vcpus, cls, fmt, dict(platform_opts, flat_mode=flat_mode))
             self.vm = self.kvm.create_vm()
+            if vm_setup is not None:
+                vm_setup(self.vm)          # VM ioctls that must come before memory and vCPUs
             # virtio-fs: virtiofsd maps guest RAM, so all of it is a shareable memfd
             self.vm.shared_memory = any(isinstance(d, VirtioFs) for d in self._virtio)
             control = MachineControl(console=self._console_out, stopping=self._stopping,

@@ -321,6 +321,41 @@ class Vm(_arch.VmArch, FdObject):
         ioctl(self.fd, ioctls.KVM_SET_MEMORY_ATTRIBUTES, a,
               what=f"gpa={gpa:#x} size={size:#x} {'private' if private else 'shared'}")
 
+    # -- kvm-clock (x86) --------------------------------------------------------------------
+    if ioctls.row("KVM_GET_CLOCK").available:
+        def get_clock(self) -> CData:
+            """KVM_GET_CLOCK (api.rst 4.56, needs KVM_CAP_ADJUST_CLOCK): the VM's kvm-clock as
+            a fresh ``struct kvm_clock_data *``: ``clock``, the kvm-clock (ns) the guest reads
+            now; ``flags``, a mask of ``abi.CLOCK_TSC_STABLE`` (every vCPU sees the same
+            clock), ``abi.CLOCK_REALTIME`` (``realtime``, the host's CLOCK_REALTIME in ns, was
+            sampled with it) and ``abi.CLOCK_HOST_TSC`` (``host_tsc``, the host's TSC in
+            cycles, was sampled with it); the bits KVM_CHECK_EXTENSION(KVM_CAP_ADJUST_CLOCK)
+            returns say which of them this KVM can set. Raises
+            :class:`~pykvm.errors.KvmError` if KVM refuses."""
+            d = ffi.new("struct kvm_clock_data *")
+            ioctl(self.fd, ioctls.KVM_GET_CLOCK, d)
+            return d
+
+        def set_clock(self, clock: int, *, realtime: Optional[int] = None) -> None:
+            """KVM_SET_CLOCK (api.rst 4.55, needs KVM_CAP_ADJUST_CLOCK): set the VM's
+            kvm-clock to ``clock`` (int, ns, 0 to 2**64-1). With ``realtime`` (int, ns of the
+            host's CLOCK_REALTIME, e.g. a :meth:`get_clock` ``realtime``), the flag
+            ``abi.CLOCK_REALTIME`` is set and KVM adds the time the host's CLOCK_REALTIME has
+            moved since ``realtime`` to ``clock`` (a ``realtime`` ahead of the host's clock
+            adds nothing). The guest sees the new value at its vCPUs' next entry. Raises
+            ValueError for a value outside 0..2**64-1 and :class:`~pykvm.errors.KvmError`
+            when KVM refuses (ENOTTY/EINVAL naming KVM_CAP_ADJUST_CLOCK where it is
+            missing)."""
+            for name, v in (("clock", clock), ("realtime", realtime)):
+                if v is not None and (not isinstance(v, int) or not 0 <= v < 1 << 64):
+                    raise ValueError(f"{name} must be an int in 0..2**64-1 (ns), not {v!r}")
+            d = ffi.new("struct kvm_clock_data *")
+            d.clock = clock
+            if realtime is not None:
+                d.flags, d.realtime = abi.CLOCK_REALTIME, realtime
+            ioctl(self.fd, ioctls.KVM_SET_CLOCK, d,
+                  what=f"clock={clock}" + ("" if realtime is None else f" realtime={realtime}"))
+
     # -- raw ioctls -------------------------------------------------------------------------
     def ioctl(self, row: Union[Ioctl, str], arg: Union[int, CData] = 0, *,
               what: str = "") -> int:

@@ -238,6 +238,15 @@ struct kvm_create_device {
     uint32_t fd;
     uint32_t flags;
 };
+
+struct kvm_clock_data {
+    uint64_t clock;
+    uint32_t flags;
+    uint32_t pad0;
+    uint64_t realtime;
+    uint64_t host_tsc;
+    uint32_t pad[4];
+};
 """
 
 # The kvm_run exit union. The arch module supplies `struct kvm_debug_exit_arch` and
@@ -391,6 +400,13 @@ IRQFD_FLAG_DEASSIGN = 1 << 0
 IRQFD_FLAG_RESAMPLE = 1 << 1
 
 PIT_SPEAKER_DUMMY = 1
+
+# struct kvm_clock_data flags (KVM_GET_CLOCK / KVM_SET_CLOCK, api.rst 4.55/4.56): the clock is
+# the same on every vCPU (TSC_STABLE); ``realtime`` is valid / to be honoured (REALTIME);
+# ``host_tsc`` is valid (HOST_TSC).
+CLOCK_TSC_STABLE = 1 << 1
+CLOCK_REALTIME = 1 << 2
+CLOCK_HOST_TSC = 1 << 3
 
 # GSI routing entry types (KVM_SET_GSI_ROUTING) and in-kernel irqchip numbers.
 IRQ_ROUTING_IRQCHIP = 1

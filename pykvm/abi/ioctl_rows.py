@@ -78,6 +78,8 @@ ROWS = (
     _row("KVM_CREATE_PIT2", "vm", W, 0x77, "struct kvm_pit_config", "PIT2", X86),
     _row("KVM_SET_BOOT_CPU_ID", "vm", NONE, 0x78, None, "SET_BOOT_CPU_ID", X86),
     _row("KVM_IOEVENTFD", "vm", W, 0x79, "struct kvm_ioeventfd", "IOEVENTFD"),
+    _row("KVM_SET_CLOCK", "vm", W, 0x7B, "struct kvm_clock_data", "ADJUST_CLOCK", X86),
+    _row("KVM_GET_CLOCK", "vm", R, 0x7C, "struct kvm_clock_data", "ADJUST_CLOCK", X86),
     _row("KVM_SIGNAL_MSI", "vm", W, 0xA5, "struct kvm_msi", "SIGNAL_MSI"),
     _row("KVM_ENABLE_CAP", "vm,vcpu", W, 0xA3, "struct kvm_enable_cap", "ENABLE_CAP"),
     _row("KVM_X86_SET_MSR_FILTER", "vm", W, 0xC6, "struct kvm_msr_filter", "X86_MSR_FILTER",
@@ -103,7 +105,8 @@ ROWS = (
     _row("KVM_SET_SREGS", "vcpu", W, 0x84, "struct kvm_sregs", arches=X86),
     _row("KVM_TRANSLATE", "vcpu", WR, 0x85, "struct kvm_translation", arches=X86),
     _row("KVM_INTERRUPT", "vcpu", W, 0x86, "struct kvm_interrupt"),
-    _row("KVM_GET_MSRS", "vcpu", WR, 0x88, "struct kvm_msrs", arches=X86),
+    # on /dev/kvm it reads feature MSRs (KVM_CAP_GET_MSR_FEATURES, api.rst 4.3 / 4.18)
+    _row("KVM_GET_MSRS", "system,vcpu", WR, 0x88, "struct kvm_msrs", arches=X86),
     _row("KVM_SET_MSRS", "vcpu", W, 0x89, "struct kvm_msrs", arches=X86),
     _row("KVM_SET_SIGNAL_MASK", "vcpu", W, 0x8B, "struct kvm_signal_mask"),
     _row("KVM_GET_FPU", "vcpu", R, 0x8C, "struct kvm_fpu", arches=X86),

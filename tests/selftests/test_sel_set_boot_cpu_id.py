@@ -4,9 +4,8 @@ turn, a two-vCPU VM's boot vCPU sees IA32_APIC_BASE.BSP set and the other clear;
 refused with EBUSY while a vCPU runs (at its SYNC), after vCPUs were added, and after they
 finished.
 
-pykvm's Machine creates its VM and vCPUs in one constructor, with no hook in between: the test
-wraps ``kvm.create_vm`` (pytest's monkeypatch) so that the Machine's VM gets the two invalid
-ids and the boot CPU id before its vCPUs exist, as vm_create() + KVM_SET_BOOT_CPU_ID +
+The two invalid ids and the boot CPU id go to the Machine's VM through its ``vm_setup`` hook,
+after KVM_CREATE_VM and before its vCPUs exist, as vm_create() + KVM_SET_BOOT_CPU_ID +
 vm_vcpu_add() do in C."""
 import errno
 
@@ -23,23 +22,15 @@ def _refused(vm, vcpu_id, err, msg):
     assert ei.value.errno == err, f"{msg}: {ei.value}"
 
 
-def _machine(kvm, guest_vm, monkeypatch, bsp):
-    create_vm = kvm.create_vm
-
-    def create_vm_with_bsp(*args, **kw):
-        vm = create_vm(*args, **kw)
+def _machine(guest_vm, bsp):
+    def set_bsp(vm):
         max_id = vm.check_extension("MAX_VCPU_ID")        # test_set_invalid_bsp()
         if max_id:
             _refused(vm, max_id + 1, errno.EINVAL, "BSP with ID > MAX should fail")
         _refused(vm, 1 << 32, errno.EINVAL, "BSP with ID[63:32]!=0 should fail")
         vm.ioctl("KVM_SET_BOOT_CPU_ID", bsp)
-        return vm
 
-    monkeypatch.setattr(kvm, "create_vm", create_vm_with_bsp)
-    try:
-        m = guest_vm("sel_set_boot_cpu_id.c", vcpus=2)
-    finally:
-        monkeypatch.setattr(kvm, "create_vm", create_vm)
+    m = guest_vm("sel_set_boot_cpu_id.c", vcpus=2, vm_setup=set_bsp)
     m.set_params(bsp)
     return m
 
@@ -52,15 +43,15 @@ def _run_vcpu(m, i):
 
 @pytest.mark.requires_cap("SET_BOOT_CPU_ID")
 @pytest.mark.parametrize("bsp", [0, 1, 0])
-def test_run_vm_bsp(kvm, guest_vm, monkeypatch, bsp):
-    m = _machine(kvm, guest_vm, monkeypatch, bsp)
+def test_run_vm_bsp(guest_vm, bsp):
+    m = _machine(guest_vm, bsp)
     _run_vcpu(m, 0)
     _run_vcpu(m, 1)
 
 
 @pytest.mark.requires_cap("SET_BOOT_CPU_ID")
-def test_check_set_bsp_busy(kvm, guest_vm, monkeypatch):
-    m = _machine(kvm, guest_vm, monkeypatch, 0)
+def test_check_set_bsp_busy(guest_vm):
+    m = _machine(guest_vm, 0)
     _refused(m.vm, 1, errno.EBUSY, "KVM_SET_BOOT_CPU_ID set after adding vcpu")
     _run_vcpu(m, 0)
     _run_vcpu(m, 1)
