@@ -41,10 +41,15 @@ RISCV = ["test_reg_list_fully_decoded", "test_new_isa_extensions_on_this_cpu_mod
          "test_extension_kvm_cannot_disable_is_not_allowed",
          "test_pykvm_run_boots_the_default_riscv_guest", "test_regs_command_lists_named_registers",
          # a Linux guest (tests/riscv/test_linux.py): /init, SBI suspend/resume, SRST, cpu types
-         "test_linux_boots_to_init_suspends_resumes_and_powers_off",
-         "test_linux_with_cpu_type_min_has_only_the_base_isa"]
+         "test_linux_boots_to_init_suspends_resumes_and_powers_off"]
 # device models with a Linux guest: the first CPU model's boot only (LabSpec.once_tests)
 RISCV_ONCE = [
+         # --cpu-type min with Linux (tests/riscv/test_linux.py)
+         "test_linux_with_cpu_type_min_has_only_the_base_isa",
+         # virtio-mmio with Linux (tests/riscv/test_virtio_riscv.py): blk root, rng, console
+         "test_virtio_blk_root_mounted_from_vda", "test_virtio_blk_data_survives_reboot",
+         "test_virtio_rng_hwrng_readable", "test_virtio_without_aia_is_one_line",
+         "test_virtio_console_serial_interactive",
          # virtio-net with a Linux guest (tests/riscv/test_linux_net_riscv.py): passt and tap
          "test_virtio_net_user_mode_fetches_a_host_page_riscv",
          "test_virtio_net_tap_in_a_namespace_ping_and_http_riscv",

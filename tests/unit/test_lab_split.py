@@ -43,12 +43,18 @@ def test_later_riscv_boots_ignore_the_once_tests_and_are_left_out_when_nothing_e
     main, _ = split_tests(RISCV, ["tests/riscv", "tests/lab/inner_smoke"])
     more = later_boot_args(RISCV, main)
     assert more[:len(main)] == main
-    assert {a.removeprefix("--ignore=") for a in more[len(main):]} == set(RISCV.once_tests)
+    assert {a.removeprefix("--ignore=").removeprefix("--deselect=")
+            for a in more[len(main):]} == set(RISCV.once_tests)
+    node = next(o for o in RISCV.once_tests if "::" in o)
+    assert f"--deselect={node}" in more and f"--ignore={node}" not in more
+    assert later_boot_args(RISCV, [node]) == []                      # a node id named alone
+    kept = later_boot_args(RISCV, [node.partition("::")[0]])         # its file: the rest runs
+    assert kept[0] == node.partition("::")[0] and f"--deselect={node}" in kept
     one = "tests/riscv/test_linux_sandbox_riscv.py"
     assert one in RISCV.once_tests
     assert later_boot_args(RISCV, [one]) == []                       # the first model's alone
     assert later_boot_args(RISCV, [one + "::test_x", "./" + one]) == []
     named = later_boot_args(RISCV, [one, "tests/riscv/test_riscv.py::test_x", "-k", "x"])
     assert named[:3] == ["tests/riscv/test_riscv.py::test_x", "-k", "x"]   # the file named: out
-    assert all(a.startswith("--ignore=") for a in named[3:])
+    assert all(a.startswith(("--ignore=", "--deselect=")) for a in named[3:])
     assert later_boot_args(NESTED, main) == main                      # no once_tests there
