@@ -124,6 +124,7 @@ def test_sanitized_helper_reports_an_overflow_we_provoke(sanitized_native, tmp_p
 
 
 @pytest.mark.requires_kvm
+@pytest.mark.timeout(CHILD_TIMEOUT + 300)   # the child's own limit, and the sanitized build
 def test_hw_tests_pass_under_asan_and_ubsan(sanitized_native, tmp_path):
     """tests/hw and tests/x86 against the sanitized helper: all pass, no process reports
     anything."""
