@@ -922,8 +922,8 @@ def cmd_bench(args) -> int:
 
 def cmd_guest_build(args) -> int:
     """``pykvm guest build FILE``: compile a guest of your own (one .c or .S file) with the
-    packaged guest runtime; print the image's path. 1 when it does not compile (the compiler's
-    own message goes to stderr), 2 on bad input."""
+    packaged guest runtime; print the image's path. 2 on bad input, a source that does not
+    compile included (pykvm's statuses are even; the compiler's own message follows the line)."""
     import shlex
     from .guestbuild import MODES, SOURCE_SUFFIXES, GuestBuildError, build, host_arch
     if not args.source.endswith(SOURCE_SUFFIXES):
@@ -946,7 +946,7 @@ def cmd_guest_build(args) -> int:
                       cflags=shlex.split(args.cflags or ""))
     except GuestBuildError as e:
         _err(f"pykvm: {e}")
-        return 1
+        return EXIT_USAGE
     except OSError as e:
         host = _host_failure(e)
         if host is not None:
@@ -1323,7 +1323,8 @@ def build_parser(only=None) -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_regs)
 
     gl = sub.add_parser("guests", help="list (or --build) the built-in guests")
-    gl.add_argument("--build", action="store_true")
+    gl.add_argument("--build", action="store_true",
+                    help="build the built-in guests from the runtime first (needs gcc/binutils)")
     gl.set_defaults(func=cmd_guests)
 
     b = sub.add_parser("bench", help="benchmarks against raw C, QEMU and the interpreter: exit "

@@ -188,11 +188,11 @@ def _in_pykvm(tb) -> bool:
 
 def _hide_pykvm_frames(item, call) -> None:
     """Cut the frames inside pykvm from the end of the traceback of an exception the guest
-    caused (or one raised through a pykvm entry point that hides itself with
-    ``__tracebackhide__``, e.g. ``sync``'s "guest synced stage 2, expected 1"), so that pytest's traceback, its crash line and the KTAP "failed at" line end at the
-    test's own line (the call into pykvm), as ``__tracebackhide__`` does for
-    :meth:`~pykvm.machine.Machine.sync`. The exception's own traceback is cut (pytest rebuilds
-    its view from it), and a cause or context raised wholly inside pykvm is left out (one whose
+    caused (or of one raised through a pykvm entry point that hides itself with
+    ``__tracebackhide__``, e.g. ``sync``'s "guest synced stage 2, expected 1"), so that
+    pytest's traceback (every ``--tb`` style, ``native`` too), its crash line and the KTAP
+    "failed at" line end at the test's own line: the call into pykvm. The exception's own
+    traceback is cut (pytest rebuilds its view from it), and a cause or context raised wholly inside pykvm is left out (one whose
     traceback passes through the test's code, e.g. an exit handler of its own, is kept).
     ``--fulltrace`` and ``--pdb`` keep every frame; so does an exception whose traceback is all
     pykvm's."""

@@ -173,7 +173,7 @@ def test_cli_guest_build(tmp_path, cache):
     assert out.stat().st_size > 0 and (tmp_path / "out" / "b.elf").exists()
     src.write_text('#include "pykvm_guest.h"\nvoid guest_main(void) { oops }\n')
     r = _cli(str(src))
-    assert r.returncode == 1 and "boot.c:2:" in r.stderr and "oops" in r.stderr
+    assert r.returncode == 2 and "boot.c:2:" in r.stderr and "oops" in r.stderr   # bad input
     assert "Traceback" not in r.stderr
     for bad in ([str(tmp_path / "none.c")], [str(tmp_path / "x.txt")],
                 [str(src), "--mode", "sideways"], [str(src), "--arch", "riscv64", "--mode", "long"]):
