@@ -1381,10 +1381,20 @@ def main(argv=None) -> int:
     at once with that status instead of returning: the interpreter's own teardown of every
     loaded module costs more than some whole commands (VMs and fds are closed by then)."""
     program = argv is None and _started_as_program()
+    # called in-process (tests, another program): the caller's signal handlers come back on
+    # return; a SIGTERM handler of ours left behind would turn a later child's (e.g. one that
+    # pyroute2 forks and ends with SIGTERM) termination into this module's exception
+    saved = {} if program else {s: signal.getsignal(s) for s in ENDING_SIGNALS}
     try:
         code = _main(argv, program)
     except (_Signalled, KeyboardInterrupt) as e:      # a second signal while the first was told
         code = _signal_status(e.signum if isinstance(e, _Signalled) else signal.SIGINT)
+    finally:
+        for s, handler in saved.items():
+            try:
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+            except (ValueError, TypeError):           # not the main thread: left alone
+                pass
     if program:
         code = _cliutil.finish_program(code, "pykvm", EXIT_VMM)
         os._exit(code)

@@ -192,3 +192,23 @@ def test_fuzz_reproducer_written_through_a_symlink(tmp_path):
     f = sup._finding("crash", 7, detail="x")
     assert os.path.islink(out / "crash-s0-i7.json")
     assert json.loads(target.read_text())["index"] == 7 and f["file"]
+
+
+def test_in_process_main_gives_the_callers_signal_handlers_back():
+    """cli.main() called from Python (a test, another program) restores the SIGINT/SIGTERM
+    handlers it found: one of pykvm's left behind made a child that pyroute2 forks and ends with
+    SIGTERM raise pykvm's exception instead of exiting, and run the rest of the test session."""
+    import signal
+
+    from pykvm import cli
+
+    def mine(signum, frame):
+        pass
+    old = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert cli.main(["run", "--no-input", "--vcpus", "0"]) == 2
+        assert cli.main(["guests", "--help"]) == 0
+        assert all(signal.getsignal(s) is mine for s in old)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
