@@ -61,7 +61,34 @@ def raw_ioctl(fd: int, kind: str, row: Union[Ioctl, str], arg: Union[int, CData]
         raise ValueError(f"{op.name} is issued on a {op.fd} fd, not on a {kind} fd")
     if not op.available:
         raise ValueError(f"{op.name} exists only on {'/'.join(op.arches)}")
+    _check_arg(op, arg)
     return ioctl(fd, op, arg, what=what)
+
+
+def _check_arg(op: Ioctl, arg: object) -> None:
+    """The escape hatch's guard: the kernel reads or writes ``sizeof(op.arg)`` bytes where the
+    argument points, so a row with an argument type takes a cffi pointer to (or array of) at
+    least that many bytes, never an int (it would be taken as a host address) nor a smaller
+    object (the kernel would write past it); a row without one takes an int. TypeError
+    otherwise."""
+    if not op.arg:
+        if type(arg) is not int:
+            raise TypeError(f"{op.name} takes an int argument, not {type(arg).__name__}")
+        return
+    need = ffi.sizeof(op.arg)
+    if not isinstance(arg, ffi.CData):
+        raise TypeError(f"{op.name} takes a pointer to {op.arg} ({need} bytes; e.g. "
+                        f"pykvm.abi.ffi.new({op.arg + ' *'!r})), not {type(arg).__name__}")
+    t = ffi.typeof(arg)
+    if t.kind == "array":
+        have = ffi.sizeof(arg)
+    elif t.kind == "pointer" and t.item.kind in ("struct", "union", "primitive", "array"):
+        have = ffi.sizeof(t.item)
+    else:
+        raise TypeError(f"{op.name} takes a pointer to {op.arg}, not {t.cname}")
+    if have < need:
+        raise TypeError(f"{op.name} needs a buffer of {need} bytes ({op.arg}); "
+                        f"{t.cname} holds {have}")
 
 
 def error(fd: int, op: Ioctl, err: int, what: str = "", hint: str = "") -> errors.KvmError:

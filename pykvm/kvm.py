@@ -136,9 +136,10 @@ class Kvm(_arch.KvmArch, FdObject):
               what: str = "") -> int:
         """Issue a row of the ioctl table (:mod:`pykvm.abi.ioctls`) that has no method here on
         /dev/kvm: ``row`` is the :class:`~pykvm.abi.ioctls.Ioctl` or its name
-        (``"KVM_GET_MSR_FEATURE_INDEX_LIST"``), ``arg`` an int or a cffi pointer to the row's
-        argument struct (``ffi.new(row.arg + " *")``). Returns the ioctl's non-negative result.
-        Raises KeyError for an unknown name, ValueError for a row that is not issued on the
+        (``"KVM_GET_MSR_FEATURE_INDEX_LIST"``), ``arg`` an int for a row without an argument type,
+        else a cffi pointer to (or array of at least the size of) the row's argument struct (``ffi.new(row.arg + " *")``). Returns the ioctl's non-negative result.
+        Raises TypeError for an argument of another kind or smaller than
+        the row's struct (the kernel would write past it), KeyError for an unknown name, ValueError for a row that is not issued on the
         system fd or does not exist on this architecture, and
         :class:`~pykvm.errors.KvmError` (naming the row, ``what``, the errno and a missing
         capability) when KVM refuses. The escape hatch for selftests, as

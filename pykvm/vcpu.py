@@ -300,9 +300,10 @@ class Vcpu(_arch.VcpuArch, FdObject):
               what: str = "") -> int:
         """Issue a row of the ioctl table (:mod:`pykvm.abi.ioctls`) that has no method here on
         the vCPU fd: ``row`` is the :class:`~pykvm.abi.ioctls.Ioctl` or its name
-        (``"KVM_GET_VCPU_EVENTS"``), ``arg`` an int or a cffi pointer to the row's argument
-        struct (``ffi.new(row.arg + " *")``; :data:`pykvm.abi.ffi` declares every row's
-        struct). Returns the ioctl's non-negative result. Raises KeyError for an unknown name,
+        (``"KVM_GET_VCPU_EVENTS"``), ``arg`` an int for a row without an argument type, else a cffi pointer
+        to (or array of at least the size of) the row's argument struct (``ffi.new(row.arg + " *")``; :data:`pykvm.abi.ffi` declares every row's
+        struct). Returns the ioctl's non-negative result. Raises TypeError for an argument of another kind or smaller than
+        the row's struct (the kernel would write past it), KeyError for an unknown name,
         ValueError for a row that is not issued on a vCPU fd or does not exist on this
         architecture, :class:`~pykvm.errors.Busy` while another thread runs the vCPU, and
         :class:`~pykvm.errors.KvmError` (naming the row, ``what`` and the errno, and a missing

@@ -361,9 +361,10 @@ class Vm(_arch.VmArch, FdObject):
               what: str = "") -> int:
         """Issue a row of the ioctl table (:mod:`pykvm.abi.ioctls`) that has no method here on
         the VM fd: ``row`` is the :class:`~pykvm.abi.ioctls.Ioctl` or its name
-        (``"KVM_CHECK_EXTENSION"``), ``arg`` an int or a cffi pointer to the row's argument
-        struct (``ffi.new(row.arg + " *")``; :data:`pykvm.abi.ffi` declares every row's
-        struct). Returns the ioctl's non-negative result. Raises KeyError for an unknown name,
+        (``"KVM_CHECK_EXTENSION"``), ``arg`` an int for a row without an argument type, else a cffi pointer
+        to (or array of at least the size of) the row's argument struct (``ffi.new(row.arg + " *")``; :data:`pykvm.abi.ffi` declares every row's
+        struct). Returns the ioctl's non-negative result. Raises TypeError for an argument of another kind or smaller than
+        the row's struct (the kernel would write past it), KeyError for an unknown name,
         ValueError for a row that is not issued on a VM fd or does not exist on this
         architecture, and :class:`~pykvm.errors.KvmError` (naming the row, ``what`` and the
         errno, and a missing capability) when KVM refuses. The escape hatch for selftests;

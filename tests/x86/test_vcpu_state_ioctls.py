@@ -219,6 +219,21 @@ def test_raw_ioctl_issues_a_row_without_a_method(vcpu):
         vcpu.ioctl("KVM_SET_DEBUGREGS", d)
 
 
+def test_raw_ioctl_refuses_an_argument_the_kernel_would_overrun(vcpu):
+    """The escape hatch checks the argument against the row's type before the kernel writes
+    sizeof(type) bytes there: a smaller struct or array, an int (a host address) or a float is a
+    TypeError, and nothing is written (the process stays healthy to read its registers)."""
+    for bad, what in ((ffi.new("struct kvm_regs *"), "4096 bytes"), (ffi.new("char[1]"), "holds 1"),
+                      (12345, "not int"), (1.5, "not float"), (True, "not bool")):
+        with pytest.raises(TypeError, match=what):
+            vcpu.ioctl("KVM_GET_XSAVE", bad)
+    with pytest.raises(TypeError, match="int argument"):
+        vcpu.vm.ioctl("KVM_CHECK_EXTENSION", ffi.new("int *"))
+    buf = ffi.new("char[]", ffi.sizeof("struct kvm_regs"))            # a byte buffer will do
+    assert vcpu.ioctl("KVM_GET_REGS", buf) == 0
+    assert ffi.cast("struct kvm_regs *", buf).rip == vcpu.get_regs().rip
+
+
 def test_cpuid_entry_replace_and_feature_helpers_reach_the_guest(guest_vm, kvm):
     entries = kvm.supported_cpuid()
     leaf1 = cpuid_lookup(entries, 1)
