@@ -1002,8 +1002,10 @@ class Machine:
         neither the image nor pykvm uses (taken from the top of RAM down; never handed out
         twice). x86 long-mode guests; raises :class:`~pykvm.arch.x86.paging.PagingError` when
         RAM runs out."""
+        if not isinstance(pages, int) or isinstance(pages, bool) or pages < 1:
+            raise ValueError(f"alloc_pages: allocate at least one page, not {pages!r}")
         gpa = self._paging()[1].alloc(pages)
-        self.memory.write(gpa, bytes(pages * 4096))
+        self.memory.zero(gpa, pages * 4096)        # no host memory committed for the zeros
         return gpa
 
     def virt_map(self, vaddr: int, gpa: int, size: int, *, writable: bool = True) -> None:
@@ -1012,6 +1014,12 @@ class Machine:
         :meth:`alloc_pages`), as kvm_util's ``virt_map``. Raises
         :class:`~pykvm.arch.x86.paging.PagingError` for a page already mapped or a bad range."""
         cr3, pages = self._paging()
+        if isinstance(vaddr, int) and isinstance(size, int) and 0 < size <= \
+                paging.MAX_MAP_PAGES * 4096 and not vaddr % 4096 and not size % 4096:
+            need = paging.tables_needed(self.memory, cr3, vaddr, size // 4096)
+            if need * 4096 > pages.free_bytes:      # refused before a page is taken
+                raise paging.PagingError(f"virt_map needs {need} new page tables; "
+                                  f"{pages.free_bytes // 4096} free pages left")
         paging.virt_map(self.memory, cr3, vaddr, gpa, size, pages.alloc, writable=writable)
 
     def vaddr_alloc(self, size: int, *, vaddr_min: Optional[int] = None) -> int:
@@ -1019,9 +1027,20 @@ class Machine:
         at the lowest unmapped guest-virtual address >= ``vaddr_min`` (default 512 GiB, above
         pykvm's identity map) and return that address, as kvm_util's ``vm_vaddr_alloc``; the
         guest-physical address is :meth:`virt_to_phys` of it."""
-        cr3, _ = self._paging()
-        n = max(1, -(-size // 4096))
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"vaddr_alloc: a size of at least 1 byte, not {size!r}")
+        cr3, pages = self._paging()
+        n = -(-size // 4096)
+        if n > paging.MAX_MAP_PAGES:
+            raise paging.PagingError(f"vaddr_alloc maps at most {paging.MAX_MAP_PAGES} pages "
+                              f"({paging.MAX_MAP_PAGES * 4096:#x} bytes), not {n}")
+        if n * 4096 > pages.free_bytes:
+            raise paging.PagingError(f"vaddr_alloc: {n} pages asked, {pages.free_bytes // 4096} free")
         va = paging.find_unmapped(self.memory, cr3, max(self._vaddr_next, vaddr_min or 0), n)
+        need = n + paging.tables_needed(self.memory, cr3, va, n)
+        if need * 4096 > pages.free_bytes:         # refused before a page is taken
+            raise paging.PagingError(f"vaddr_alloc: {need} pages (data and page tables) "
+                                     f"asked, {pages.free_bytes // 4096} free")
         self.virt_map(va, self.alloc_pages(n), n * 4096)
         if vaddr_min is None:
             self._vaddr_next = va + n * 4096

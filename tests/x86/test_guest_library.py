@@ -101,3 +101,31 @@ def test_vaddr_alloc_memory_is_what_the_guest_reads(guest_vm):
     m.set_params(2, va + 0x2010)
     assert m.sync(stage=5) == (0xABCDEF,)
     m.done()
+
+
+def test_page_helpers_refuse_before_taking_anything(guest_vm):
+    """Sizes out of range are refused at once (a 1 TiB vaddr_alloc used to scan for hours),
+    and a mapping that cannot get its page tables is refused before any page is taken or any
+    entry written: no RAM leaked, no half-made mapping."""
+    m = guest_vm("guest_library.c", mem_size=64 << 20)
+    m.set_params(2)
+    m.sync(stage=4)
+    for bad in (0, -5, True, 1.5):
+        with pytest.raises(ValueError):
+            m.vaddr_alloc(bad)
+        with pytest.raises(ValueError):
+            m.alloc_pages(bad)
+    _, pages = m._paging()
+    free = pages.free_bytes
+    with pytest.raises(PagingError, match="at most"):
+        m.vaddr_alloc(1 << 40)
+    with pytest.raises(PagingError, match="free"):
+        m.vaddr_alloc(free + 4096)
+    assert pages.free_bytes == free
+    while pages.free_bytes > 2 * 4096:                 # leave two pages: too few for 3 tables
+        pages.alloc(max(1, (pages.free_bytes - 2 * 4096) // 4096))
+    far = 3 << 39                                      # a PML4 slot with no tables yet
+    with pytest.raises(PagingError, match="page tables"):
+        m.virt_map(far, 0x200000, 0x2000)
+    assert pages.free_bytes == 2 * 4096
+    assert m.virt_to_phys(far) is None and m.virt_to_phys(far + 0x1000) is None

@@ -96,6 +96,9 @@ def virt_map(mem, cr3: int, vaddr: int, gpa: int, size: int,
     for i in range(pages):                           # check first, write after
         va = vaddr + i * PAGE_SIZE
         _check_unmapped(mem, cr3, va)
+    # every table the range needs is allocated before anything is written: a run out of RAM
+    # leaves no half-made mapping
+    spare = [alloc_page() for _ in range(tables_needed(mem, cr3, vaddr, pages))]
     made: List[int] = []
     leaf = PTE_P | (PTE_RW if writable else 0)
     for i in range(pages):
@@ -105,7 +108,7 @@ def virt_map(mem, cr3: int, vaddr: int, gpa: int, size: int,
             idx = _index(va, level)
             e = _entry(mem, table, idx)
             if not e & PTE_P:
-                new = alloc_page()
+                new = spare.pop()
                 mem.write(new, bytes(PAGE_SIZE))
                 made.append(new)
                 e = new | PTE_P | PTE_RW
@@ -113,6 +116,26 @@ def virt_map(mem, cr3: int, vaddr: int, gpa: int, size: int,
             table = e & PTE_ADDR
         mem.write(table + 8 * _index(va, 3), struct.pack("<Q", (gpa + i * PAGE_SIZE) | leaf))
     return made
+
+
+def tables_needed(mem, cr3: int, vaddr: int, pages: int) -> int:
+    """How many new page tables mapping ``pages`` 4 KiB pages from ``vaddr`` takes in the
+    tables at ``cr3``: one per PDPT, page directory or page table that is not there yet."""
+    missing = set()
+    for i in range(pages):
+        va = vaddr + i * PAGE_SIZE
+        table: Optional[int] = cr3 & PTE_ADDR
+        for level in range(3):
+            key = (level, va >> (39 - 9 * level))
+            if key in missing:
+                continue
+            e = _entry(mem, table, _index(va, level)) if table is not None else 0
+            if not e & PTE_P:
+                missing.add(key)
+                table = None                          # everything below it is new too
+                continue
+            table = e & PTE_ADDR
+    return len(missing)
 
 
 def find_unmapped(mem, cr3: int, start: int, pages: int) -> int:
