@@ -41,7 +41,7 @@ def _cases():
 
 def test_ids_equal_the_riscv_uapi_header(tmp_path):
     if not shutil.which(CC):
-        pytest.skip(f"no RISC-V cross compiler ({CC}) to expand the RISC-V uAPI header")
+        pytest.skip(f"pykvm: host lacks a RISC-V cross compiler ({CC}) to expand the uAPI header")
     lines = ["#include <stddef.h>", "#include <linux/kvm.h>"]
     cases = _cases()
     for i, (expr, ours) in enumerate(cases):
@@ -57,7 +57,7 @@ def test_ids_equal_the_riscv_uapi_header(tmp_path):
 def test_a_wrong_id_fails_the_check(tmp_path):
     """The check is not a rubber stamp: pc's id plus one does not compile."""
     if not shutil.which(CC):
-        pytest.skip(f"no RISC-V cross compiler ({CC}) to expand the RISC-V uAPI header")
+        pytest.skip(f"pykvm: host lacks a RISC-V cross compiler ({CC}) to expand the uAPI header")
     src = tmp_path / "bad.c"
     src.write_text("#include <stddef.h>\n#include <linux/kvm.h>\n"
                    f"_Static_assert(({BASE} | KVM_REG_RISCV_CORE | KVM_REG_RISCV_CORE_REG(regs.pc))"
