@@ -291,13 +291,13 @@ def missing(arch: str) -> str | None:
 
 
 def run_and_report(arch: str, cmdline: str, workdir, record_property) -> blkbench.Comparison:
-    """For the labs' tests: :func:`compare` on the lab's root-disk guest, then
-    :func:`blkbench.report`."""
+    """For the labs' tests: :func:`compare` on the lab's root-disk guest
+    (:data:`blkbench.LAB_ROUNDS` rounds), then :func:`blkbench.report`."""
     files = linux_guest.root_files()
     assert files is not None, "missing() first"
     kernel, initrd, root = files
     cmp = compare(kernel, initrd, root, workdir, arch=arch, cmdline=cmdline,
-                  echo=linux_guest.console_echo("guest"))
+                  rounds=blkbench.LAB_ROUNDS, echo=linux_guest.console_echo("guest"))
     blkbench.report(cmp, record_property, title=(
         f"virtio-net (passt, tap) and virtio-fs (virtiofsd, cache=auto) in the guest, pykvm against "
         f"{blkbench.qemu_version()} -accel kvm, {len(cmp.pykvm_runs)} boots each (rr, files: per second):"))
