@@ -148,11 +148,33 @@ def test_bad_arguments_are_one_line_errors(args, message):
     assert len(err.strip().splitlines()) == 1 and message in err, err
 
 
+def _children(pid: int) -> list:
+    """The pids of ``pid``'s child processes (Linux /proc), [] once it is gone."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    kids: list = []
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                kids += f.read().split()
+        except OSError:
+            pass
+    return kids
+
+
 def test_ctrl_c_prints_the_summary_so_far_and_exits_130():
     p = subprocess.Popen([sys.executable, "-m", "pykvm.fuzz", "--runs", "100000", "--seed", "8",
                           "--quiet"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    time.sleep(3)
+    # Ctrl-C once the runs are under way (the supervisor has started a worker process): the
+    # start-up alone (imports, the first VM) can take more than a few seconds on a loaded host
+    # or under ASan, and a Ctrl-C before any run ends it with one line and no summary
+    end = time.monotonic() + 120
+    while time.monotonic() < end and p.poll() is None and not _children(p.pid):
+        time.sleep(0.1)
+    time.sleep(1.0)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130, err
