@@ -668,6 +668,16 @@ def split_tests(spec: LabSpec, tests: list[str]) -> tuple[list[str], list[str]]:
     return main, qemu
 
 
+def _l1_panicked(serial_log: Path) -> bool:
+    """Whether the lab kernel's console (``serial_log``) shows it panicked (a benchmark boot
+    is then booted once more; the reason is printed)."""
+    try:
+        with open(serial_log, "rb") as f:
+            return b"Kernel panic - not syncing" in f.read()
+    except OSError:
+        return False
+
+
 def later_boot_args(spec: LabSpec, main: list[str]) -> list[str]:
     """The pytest arguments of the main boots after the first (riscv: the second CPU model):
     ``main`` with ``--ignore`` for each file of ``spec.once_tests`` and ``--deselect`` for each
@@ -834,12 +844,15 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
     for name, margs, boot_timeout in runs:
         res = q.boot(qemu, margs, workdir / f"serial-{name}.log", nonce, name,
                      boot_timeout, interactive=opts.shell, verbose=opts.verbose)
-        if res.status == 4 and name.endswith("-qemu") and not opts.shell:
+        if name.endswith("-qemu") and not opts.shell and (res.status == 4 or _l1_panicked(
+                workdir / f"serial-{name}.log")):
             # a TCG-run L1 has been seen to stop dead under the disk benchmark (no console output,
-            # not even its own timers; QEMU's L2 and pykvm's alike): that boot gets one more try,
-            # and the lab's output says so
-            print(f"--- {name}: timed out after {res.seconds:.0f} s ({res.reason}); booting it once more ---",
-                  flush=True)
+            # not even its own timers; QEMU's L2 and pykvm's alike), and to panic on an int3 in
+            # its own scheduler while it tore down the benchmark's network namespace (2026-12-06,
+            # Debian 6.12 under QEMU 7.2 TCG, two CPUs): that boot gets one more try, and the
+            # lab's output says so
+            print(f"--- {name}: {'timed out' if res.status == 4 else 'the L1 kernel panicked'} "
+                  f"after {res.seconds:.0f} s ({res.reason}); booting it once more ---", flush=True)
             res = q.boot(qemu, margs, workdir / f"serial-{name}-again.log", nonce, name,
                          boot_timeout, interactive=False, verbose=opts.verbose)
         results.append(res)

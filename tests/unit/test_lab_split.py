@@ -58,3 +58,14 @@ def test_later_riscv_boots_ignore_the_once_tests_and_are_left_out_when_nothing_e
     assert named[:3] == ["tests/riscv/test_riscv.py::test_x", "-k", "x"]   # the file named: out
     assert all(a.startswith(("--ignore=", "--deselect=")) for a in named[3:])
     assert later_boot_args(NESTED, main) == main                      # no once_tests there
+
+
+def test_a_panicked_lab_kernel_is_told_from_a_console_that_just_stopped(tmp_path):
+    from pykvm.lab.build import _l1_panicked
+    log = tmp_path / "serial-nested-qemu.log"
+    assert not _l1_panicked(log)                                     # no log yet
+    log.write_bytes(b"[  200.8] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n"
+                    b"[  200.9] Kernel panic - not syncing: Fatal exception in interrupt\n")
+    assert _l1_panicked(log)
+    log.write_bytes(b"[  200.8] reboot: Power down\n")
+    assert not _l1_panicked(log)
