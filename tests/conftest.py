@@ -1,4 +1,6 @@
 import os
+import threading
+import time
 
 import pytest
 
@@ -48,3 +50,47 @@ def pytest_ignore_collect(collection_path, config):
     if any(p == d or p.startswith(d + os.sep) for d in _LAB_ONLY):
         return True
     return None
+
+
+class Leftovers:
+    """What the code under test opened and left open since this was made: threads it started
+    that are still alive and fds whose number or target is new. Threads and fds that existed
+    before (an earlier test's, ending on their own schedule) are neither counted nor required
+    to stay, so a count that drops while a test runs is not taken for a leak."""
+
+    def __init__(self):
+        self.threads = set(threading.enumerate())
+        self.fds = self._fd_targets()
+
+    @staticmethod
+    def _fd_targets() -> dict:
+        out = {}
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:                 # the listing's own directory fd, closed by now
+                pass
+        return out
+
+    def threads_left(self, wait: float = 5.0) -> list:
+        """Names of threads started since and still alive after up to ``wait`` seconds."""
+        new = [t for t in threading.enumerate() if t not in self.threads]
+        end = time.monotonic() + wait
+        for t in new:
+            t.join(max(0.0, end - time.monotonic()))
+        return sorted(t.name for t in new if t.is_alive())
+
+    def fds_left(self) -> dict:
+        """{fd: target} of fds open now that were not open (to the same target) before."""
+        return {fd: t for fd, t in self._fd_targets().items() if self.fds.get(fd) != t}
+
+    def check(self) -> None:
+        assert self.fds_left() == {}, "fds left open"
+        assert self.threads_left() == [], "threads left running"
+
+
+@pytest.fixture
+def leftovers():
+    """``snap = leftovers()`` records the process's threads and fds; ``snap.check()`` asserts
+    that nothing opened since is still open (see :class:`Leftovers`)."""
+    return Leftovers

@@ -17,7 +17,8 @@ def replay(path: str, *, as_json: bool = False, grace: float = HANG_GRACE,
     """Run the reproducer at ``path`` (a finding file or a bare case file, either mode) again,
     supervised, and print the verdict (JSON with ``as_json``). A leak finding reruns its range
     of cases in one worker against the bounds it was found with; any other runs its one case.
-    ``grace``: seconds past the case's deadline before it is a hang; ``out_dir``: where a leak
+    ``grace``: seconds past the case's deadline before it is a hang, scaled by the host's load
+    per CPU as in :meth:`Supervisor.hang_limit`; ``out_dir``: where a leak
     rerun's new reproducers go. Returns the exit status: 0 no finding, 1 a finding, 130
     interrupted. Raises ValueError, KeyError or TypeError for a file that is not a reproducer,
     OSError when it cannot be read, RuntimeError when no worker can start."""
@@ -73,7 +74,7 @@ def replay(path: str, *, as_json: bool = False, grace: float = HANG_GRACE,
 
 def _replay_one(sup: Supervisor, case: dict, case_doc: dict) -> dict:
     w = Worker(sup, 0)
-    limit = case["deadline"] + sup.grace
+    limit = sup.hang_limit()         # the same load-scaled rule as the run that found it
     out = {"outcome": None, "finding": None, "detail": ""}
     try:
         t_start = time.monotonic()
@@ -98,7 +99,7 @@ def _replay_one(sup: Supervisor, case: dict, case_doc: dict) -> dict:
                 if msg.get("ev") == "ready":
                     ready = True
                     w.send({"op": "case", "case": case_doc})
-                    sent_at = time.monotonic()
+                    sent_at, limit = time.monotonic(), sup.hang_limit()
                 elif msg.get("ev") == "fatal":
                     raise RuntimeError(msg.get("error"))
                 elif msg.get("ev") == "result":

@@ -400,7 +400,7 @@ class Supervisor:
                                                    "exit_status": rc})
         self._retire(w)
 
-    def _limit(self) -> float:
+    def hang_limit(self) -> float:
         """Seconds a case may run before it is a hang: its deadline plus the grace, the grace
         scaled by the host's 1-minute load average per CPU (1 to 5 times)."""
         try:
@@ -492,7 +492,7 @@ class Supervisor:
                     self._spawn()
                 now = time.monotonic()
                 wait = self.check_interval
-                case_limit = self._limit()
+                case_limit = self.hang_limit()
                 for w in self.workers:
                     limit = WORKER_START_TIMEOUT if not w.ready else case_limit
                     if w.queue or not w.ready:

@@ -355,10 +355,6 @@ def read_lines(s):
         data += chunk
 
 
-def fds():
-    return len(os.listdir("/proc/self/fd"))
-
-
 def test_garbage_gets_errors_and_the_connection_goes_on(running):
     r = running()
     s = raw(r.server.path)
@@ -405,13 +401,13 @@ def test_a_client_of_a_full_server_is_told_it_is_busy(running):
             s.close()
 
 
-def test_flood_of_connections_silent_and_hung_up_clients_leak_nothing(running, capfd):
+def test_flood_of_connections_silent_and_hung_up_clients_leak_nothing(running, capfd, leftovers):
     r = running(idle_timeout=0.5, max_clients=4)
     path = r.server.path
     with Client("vm") as c:             # the server's fds (stats fds...) exist before counting
         c.stat()
     wait_until(lambda: r.server.connections == 0, "the first client to be gone")
-    fds0, threads0 = fds(), threading.active_count()
+    snap = leftovers()
     for _ in range(3):
         many = [raw(path) for _ in range(10)]
         answers = []
@@ -448,22 +444,22 @@ def test_flood_of_connections_silent_and_hung_up_clients_leak_nothing(running, c
         return resp["ok"] and resp["state"] == "running"
     wait_until(answered, "a status answered after the hung-up clients")
     wait_until(lambda: r.server.connections == 0, "the last client to be gone")
-    assert fds() == fds0 and threading.active_count() == threads0
+    snap.check()
     assert r.advances()
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_closing_the_server_frees_everything(guest_vm, ctl_dir):
+def test_closing_the_server_frees_everything(guest_vm, ctl_dir, leftovers):
     m = guest_vm("control_counter.c")
     m.sync(stage=1)
-    fds0, threads0 = fds(), threading.active_count()
+    snap = leftovers()
     for i in range(5):
         srv = ControlServer(m, f"v{i}")
         keep = raw(srv.path)                            # a client still connected at close
         srv.close()
         assert keep.recv(10) == b""
         keep.close()
-    assert fds() == fds0 and threading.active_count() == threads0
+    snap.check()
     assert os.listdir(ctl_dir) == []
 
 

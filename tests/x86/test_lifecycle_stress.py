@@ -22,10 +22,6 @@ HLT = b"\xf4"
 SPIN = b"\xeb\xfe"                       # jmp $
 
 
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def _vm_with(kvm, code: bytes):
     vm = kvm.create_vm()
     vm.add_memory(0, 1 << 20)
@@ -95,13 +91,13 @@ ACTIONS = [(_run_to_halt, 0.45), (_close_racing_run, 0.25), (_kick_at_random, 0.
            (_abandon, 0.15)]
 
 
-def test_thousands_of_cycles_leave_nothing_behind(kvm):
+def test_thousands_of_cycles_leave_nothing_behind(kvm, leftovers):
     rng = random.Random(8)
     funcs, weights = zip(*ACTIONS)
     for _ in range(50):                                  # warm up caches and allocators
         rng.choices(funcs, weights)[0](kvm, rng)
     gc.collect()
-    fds, threads, rss = _fds(), threading.active_count(), rss_kib()
+    snap, rss = leftovers(), rss_kib()
     done = {f.__name__: 0 for f in funcs}
     for i in range(CYCLES):
         f = rng.choices(funcs, weights)[0]
@@ -111,7 +107,6 @@ def test_thousands_of_cycles_leave_nothing_behind(kvm):
             gc.collect()
     gc.collect()
     assert all(done.values()), done
-    assert _fds() == fds
-    assert threading.active_count() == threads
+    snap.check()
     grown = rss_kib() - rss
     assert grown < 16 << 10, f"RSS grew {grown} KiB over {CYCLES} cycles {done}"
