@@ -35,7 +35,8 @@ from . import initramfs as ird
 from . import linux_guest
 from . import proc as procs
 from . import qemu as q
-from .debian import Archive, LabError, extract_deb, merged_usr_links, version_key
+from .debian import (NESTED_KERNEL_SUITE, Archive, LabError, extract_deb, merged_usr_links, nested_kernel_image,
+                     version_key)
 from .progress import log, stage
 
 BASE_FORMAT = 4  # bump when the layout of the base archive changes
@@ -320,19 +321,8 @@ def _l1_net_modules(got: list[str], package: str) -> list[str]:
     return out
 
 
-# The nested lab's kernel comes from trixie (6.12): the kvm_run GUEST_MODE flag and
-# KVM_CAP_X86_GUEST_MODE arrived in Linux 6.11, and bookworm's 6.1 has neither. Its userspace stays
-# bookworm's (python3.11, the host's ABI tag for pykvm._native).
-NESTED_KERNEL_SUITE = "trixie"
-
-
 def nested_kernel(archive: Archive, suite: str = NESTED_KERNEL_SUITE) -> tuple[dict, Path, list[tuple[Path, str]]]:
-    ix = archive.index(suite, "amd64")
-    meta = ix.get("linux-image-cloud-amd64")
-    img_name = next((a[0] for a in meta.dep_names() if a[0].startswith("linux-image-")), None)
-    if not img_name:
-        raise LabError(f"linux-image-cloud-amd64 {meta.version}: no linux-image-* dependency")
-    img = ix.get(img_name)
+    img = nested_kernel_image(archive, suite)  # shared with pykvm.lab.kmod (the KVM module rebuild)
     kdir = archive.cache / "unpacked" / f"kernel-x86-{img.sha256[:16]}-net"
     stamp = kdir / ".done"
     wanted = ("/kernel/virt/lib/irqbypass.ko", "/kernel/arch/x86/kvm/kvm.ko", "/kernel/arch/x86/kvm/kvm-amd.ko")

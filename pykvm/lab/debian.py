@@ -603,3 +603,27 @@ def extract_deb(
     if meter is not None:
         meter.close()
     return written
+
+
+# --------------------------------------------------------------------------------------------------
+# the nested lab's kernel
+
+# The nested lab's kernel comes from trixie (6.12): the kvm_run GUEST_MODE flag and
+# KVM_CAP_X86_GUEST_MODE arrived in Linux 6.11, and bookworm's 6.1 has neither. Its userspace stays
+# bookworm's (python3.11, the host's ABI tag for pykvm._native).
+NESTED_KERNEL_SUITE = "trixie"
+
+
+def nested_kernel_image(archive: Archive, suite: str = NESTED_KERNEL_SUITE) -> Package:
+    """The ``linux-image-<abi>-cloud-amd64`` package the nested lab boots: the one that the
+    ``linux-image-cloud-amd64`` meta-package of ``suite``'s amd64 index depends on.
+
+    Shared by the lab runner (:func:`pykvm.lab.build.nested_kernel`) and the KVM module rebuild
+    (:mod:`pykvm.lab.kmod`), so both name the same kernel. Raises :class:`LabError` when the
+    meta-package has no such dependency."""
+    ix = archive.index(suite, "amd64")
+    meta = ix.get("linux-image-cloud-amd64")
+    img_name = next((a[0] for a in meta.dep_names() if a[0].startswith("linux-image-")), None)
+    if not img_name:
+        raise LabError(f"linux-image-cloud-amd64 {meta.version}: no linux-image-* dependency")
+    return ix.get(img_name)
