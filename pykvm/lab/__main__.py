@@ -1,7 +1,9 @@
 """``python -m pykvm.lab {riscv,nested}``: build a lab image, boot it in QEMU, run pytest inside.
 
 Exit status: the inner pytest's status; 2 bad arguments (including an --out or --cache that
-is not, and cannot become, a directory); 3 when the lab could not be prepared or booted (or
+is not, and cannot become, a directory, a --kernel that is not a kernel image for the lab, a
+module built for another kernel release than the one that boots, a --param naming a module or
+parameter the lab's KVM does not have); 3 when the lab could not be prepared or booted (or
 /init failed), a directory it needs could not be created, or its results (JUnit XML, manifest)
 could not be written; 4 on timeout; 5 when no results came back; 8 when stdout cannot take the
 output (closed, a full disk; 141 when its reader went away), as for every pykvm command;
@@ -27,6 +29,8 @@ from pathlib import Path
 
 from .. import _cliutil
 from ..outfile import ReportPathError, check_report_path
+from . import devkernel as dk
+from . import matrix as mx
 from . import progress
 from .build import CHECKOUT, Options, run_lab
 
@@ -61,6 +65,39 @@ def _dir_argument(text: str) -> Path:
     except ReportPathError as e:
         raise argparse.ArgumentTypeError(f"{text}: {os.strerror(e.errno)}") from None
     return p
+
+
+def _file_argument(text: str) -> Path:
+    """A --kernel / --kvm-module file: one that exists and is a regular file (or a link to one)."""
+    p = Path(text).expanduser()
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: {'not a file' if p.exists() else 'no such file'}")
+    return p
+
+
+def _modules(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[Path]:
+    """The module files of --modules DIR and --kvm-module FILE (a --kvm-module replaces the module
+    of the same name found in DIR); one line and status 2 for a directory without the lab's KVM
+    modules or a --param naming a module outside the lab's KVM stack."""
+    found: list[Path] = []
+    try:
+        if a.modules:
+            found = dk.find_modules(a.modules.expanduser(), a.lab, with_net=bool(a.kernel))
+        if a.kernel:
+            dk.check_kernel_image(a.kernel, a.lab)
+    except dk.LabInputError as e:
+        p.error(str(e))
+    names = {dk.module_name(f) for f in a.kvm_module or []}
+    mods = [f for f in found if dk.module_name(f) not in names] + list(a.kvm_module or [])
+    given = [n for n in (dk.module_name(m) for m in mods) if n not in dk.NET_MODULES]
+    # the modules a --param may name: the lab's KVM stack (Debian's, or built into --kernel) and
+    # whatever else is given to load
+    known = list(dict.fromkeys([*dk.KVM_STACK[a.lab], *given]))
+    try:
+        mx.check_modules(mx.parse_params(a.param or []), known)
+    except ValueError as e:
+        p.error(str(e))
+    return mods
 
 
 def _make_dirs(opts: Options) -> "tuple[int, str] | None":
@@ -102,15 +139,49 @@ def _parse(argv: list[str] | None) -> tuple[str, Options]:
     p.add_argument("--kernel-suite", default="sid", help="Debian suite for the riscv kernel (default sid; forky also works)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="echo QEMU's serial console to stderr instead of the live status line")
+    g = p.add_argument_group(
+        "a KVM developer's kernel and modules",
+        "Each module's vermagic (its .modinfo) must name the release of the kernel that boots "
+        "(Debian's, or that of --kernel as its image says; a release the image does not say is "
+        "warned about, not checked); a mismatch is refused before booting. Kernel and modules "
+        "(path, sha256, vermagic) go into manifest.json.")
+    g.add_argument("--kernel", type=_file_argument, metavar="FILE",
+                   help="boot this kernel instead of Debian's: nested an x86 bzImage "
+                   "(arch/x86/boot/bzImage), riscv a RISC-V Image (arch/riscv/boot/Image). With no "
+                   "KVM module given, KVM must be built in (the lab says so); Debian's modules are "
+                   "not loaded into it (give tun and dummy too for the network tests). L2 Linux "
+                   "guests keep Debian's kernel")
+    g.add_argument("--modules", type=_dir_argument, metavar="DIR",
+                   help="load the KVM modules found in DIR instead of Debian's: nested irqbypass.ko, "
+                   "kvm.ko, kvm-amd.ko, riscv kvm.ko (also .ko.xz/.ko.zst/.ko.gz, at any depth: a "
+                   "build tree or lib/modules/<release>; with --kernel also tun.ko, dummy.ko); "
+                   "Debian's are kept for those not found")
+    g.add_argument("--kvm-module", action="append", type=_file_argument, metavar="FILE",
+                   help="load this module instead of Debian's of the same name (repeatable; replaces "
+                   "the same module found by --modules); modules load in dependency order, "
+                   "kvm_amd with the lab's nested=1")
+    g.add_argument("--param", action="append", metavar="MOD.PARAM=V1,V2",
+                   help="run the tests once per combination of these module parameter values (the "
+                   "cartesian product of all --param), in one boot: the KVM modules are unloaded and "
+                   "loaded again between combinations with the combination's values over the lab's "
+                   "defaults (kvm_amd nested=1). Result names end in [MOD.PARAM=V] for the "
+                   "parameters with several values, and a table per combination follows each boot. "
+                   "Repeatable, e.g. --param kvm_amd.npt=0,1 --param kvm_amd.nested=1. --timeout is "
+                   "per combination. With KVM built into --kernel, one value each (kernel command line)")
     a = p.parse_intermixed_args(argv)
     cpus = None
     if a.cpu:
         cpus = [c for arg in a.cpu for c in arg.split(",") if c]
         if a.lab != "riscv":
             p.error("--cpu applies to the riscv lab only")
+    if a.param and a.shell:
+        p.error("--param runs the tests once per combination; not with --shell")
+    mods = _modules(p, a)
     return a.lab, Options(cache=a.cache.expanduser(), out=a.out.expanduser().resolve(), keep=a.keep,
                           timeout=a.timeout, cpus=cpus, k=a.k, tests=a.tests or None, shell=a.shell,
-                          refresh=a.refresh, kernel_suite=a.kernel_suite, verbose=a.verbose)
+                          refresh=a.refresh, kernel_suite=a.kernel_suite, verbose=a.verbose,
+                          kernel=a.kernel.resolve() if a.kernel else None,
+                          modules=[m.resolve() for m in mods], params=list(a.param or []))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ import importlib.metadata as md
 import json
 import lzma
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -31,12 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..outfile import write_report
+from . import devkernel as dk
 from . import initramfs as ird
 from . import linux_guest
+from . import matrix as mx
 from . import proc as procs
 from . import qemu as q
 from .debian import (NESTED_KERNEL_SUITE, Archive, LabError, extract_deb, merged_usr_links, nested_kernel_image,
-                     version_key)
+                     sha256_file, version_key)
 from .progress import log, stage
 
 BASE_FORMAT = 4  # bump when the layout of the base archive changes
@@ -162,6 +165,34 @@ NESTED_CMDLINE = "console=ttyS0 quiet loglevel=4 panic=-1 rdinit=/init"
 
 
 @dataclass
+class ExtraBoot:
+    """One more boot of a lab, after its usual ones, with modules and parameters of its own: how a
+    caller (a test command, a CI job) runs some tests against, say, rebuilt KVM modules beside a
+    run on Debian's. Give it to :class:`Options` (``extra_boots``); ``python -m pykvm.lab`` has
+    no option for it.
+
+    ``name``: lower-case letters, digits, ``-`` and ``_`` (not ``more`` or ``qemu``); the boot is
+    ``<lab>-<name>`` (riscv: ``riscv-<first CPU model>-<name>``) and its results are named so in
+    the lab's JUnit. ``tests``: inner test paths, as on the command line. ``modules``: module
+    files loaded instead of Debian's of the same name (``.ko``, ``.ko.xz``, ``.ko.zst``;
+    :func:`pykvm.lab.devkernel.find_modules` lists those of a directory); [] loads the same
+    modules as the lab's main boot. ``params``: ``MOD.PARAM=V1,V2`` strings as ``--param`` takes
+    (a matrix in this boot). ``timeout``: seconds (default: the lab's per boot, times the number of
+    combinations). The boot uses the lab's kernel (``--kernel`` or Debian's); each module's
+    vermagic is checked against it as for ``--kvm-module``, and a mismatch, a bad ``params`` or an
+    unknown name stops the lab before it boots (exit status 2).
+
+    Example: ``Options(..., extra_boots=[ExtraBoot("rebuilt", ["tests/nested/test_nested.py"],
+    modules=find_modules(Path("build/kvm"), "nested"))])``."""
+
+    name: str
+    tests: list[str]
+    modules: list[Path] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)
+    timeout: float | None = None
+
+
+@dataclass
 class Options:
     cache: Path
     out: Path
@@ -174,6 +205,14 @@ class Options:
     refresh: bool = False
     kernel_suite: str = "sid"
     verbose: bool = False  # echo the serial console instead of the live status line
+    # a KVM developer's kernel and modules (pykvm/lab/devkernel.py): --kernel boots this image
+    # instead of Debian's (L2 Linux guests keep Debian's); --modules / --kvm-module files are
+    # loaded instead of Debian's modules of the same name
+    kernel: Path | None = None
+    modules: list[Path] = field(default_factory=list)
+    # --param MOD.PARAM=V1,V2: the tests run once per combination (pykvm/lab/matrix.py)
+    params: list[str] = field(default_factory=list)
+    extra_boots: list[ExtraBoot] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -576,7 +615,11 @@ def copy_extra_trees(lab: str, dst: Path) -> dict:
 
 
 def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[str], nonce: str,
-                  workdir: Path, compiler: str | None) -> tuple[Path, dict]:
+                  workdir: Path, compiler: str | None, extra: dict[str, bytes | Path] | None = None,
+                  boot_tests: dict[str, list[str]] | None = None) -> tuple[Path, dict]:
+    """The per-run archive part (see the module's docstring). ``extra``: more files, {path under
+    the payload's root: content or host file} (a boot's modules and their lists); ``boot_tests``:
+    {extra boot name: its inner test paths}, written as ``/lab/pytest-args-<name>.json``."""
     root = workdir / "payload"
     if root.exists():
         shutil.rmtree(root)
@@ -616,6 +659,16 @@ def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[st
     more = later_boot_args(spec, main)
     if more:
         (lab / "pytest-args-more.json").write_text(json.dumps(more + common))
+    for name, paths in (boot_tests or {}).items():
+        bmain, bqemu = split_tests(spec, paths)
+        (lab / f"pytest-args-{name}.json").write_text(json.dumps(bmain + bqemu + common))
+    for rel_path, content in (extra or {}).items():
+        dest = root / rel_path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Path):
+            shutil.copyfile(content, dest)
+        else:
+            dest.write_bytes(content)
     (lab / "run_pytest.py").write_text(ird.RUN_PYTEST)
     (lab / "lab.conf").write_text(f"NONCE={nonce}\nSHELL_MODE={1 if opts.shell else 0}\nTESTS='{' '.join(tests)}'\n")
     init = root / "init"
@@ -705,6 +758,85 @@ def select_tests(spec: LabSpec, requested: list[str] | None) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# a developer's kernel and modules, the module-parameter matrix, extra boots
+
+EXTRA_BOOT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+RESERVED_BOOTS = ("more", "qemu")          # PYKVM_LAB_PYTEST names of the lab's own boots
+
+
+def _user_modules(lab: str, opts: Options, workdir: Path, manifest: dict) -> dict[str, list[dk.ModuleFile]]:
+    """{boot: the modules given for it} ("" for the main boots, else an extra boot's name), read
+    and decompressed into ``workdir/kmod``; with ``--kernel`` also its release, recorded in
+    ``manifest``, and each module's vermagic checked against it. Raises
+    :class:`pykvm.lab.devkernel.LabInputError`."""
+    user = {"": [dk.read_module(m, workdir / "kmod" / "main") for m in opts.modules]}
+    for eb in opts.extra_boots:
+        if not EXTRA_BOOT_NAME.match(eb.name) or eb.name in RESERVED_BOOTS or eb.name == "main":
+            raise dk.LabInputError(f"extra boot name {eb.name!r}: use lower-case letters, digits, - and _ "
+                                   f"(not {', '.join(RESERVED_BOOTS)} or main)")
+        if eb.name in user:
+            raise dk.LabInputError(f"extra boot {eb.name} given twice")
+        if not eb.tests:
+            raise dk.LabInputError(f"extra boot {eb.name}: no tests")
+        user[eb.name] = [dk.read_module(m, workdir / "kmod" / eb.name) for m in eb.modules]
+    if opts.kernel:
+        stage("reading the kernel under test")
+        release = dk.kernel_release(opts.kernel, lab)
+        manifest["kernel_under_test"] = {"path": str(opts.kernel), "sha256": sha256_file(opts.kernel),
+                                         "release": release}
+        log(f"{lab}: kernel under test {opts.kernel} ({release or 'release unreadable'})")
+        _check_releases(lab, user, release, f"--kernel {opts.kernel}")
+    return user
+
+
+def _check_releases(lab: str, user: dict[str, list[dk.ModuleFile]], release: str | None, kernel: str) -> None:
+    if release is None and any(user.values()):
+        log(f"{lab}: WARNING: cannot read the release of {kernel}: module vermagic not checked")
+    for mods in user.values():
+        dk.check_release(mods, release, kernel)
+
+
+def _plan_boots(lab: str, opts: Options, user: dict[str, list[dk.ModuleFile]], debian_kernel: Path,
+                debian_modules: list[tuple[Path, str]], manifest: dict) -> dict[str, dk.BootModules]:
+    """{boot: what it loads} (:func:`pykvm.lab.devkernel.plan_boot`); the modules given for Debian's
+    kernel are checked against its release here. Raises LabInputError."""
+    kernel = f"--kernel {opts.kernel}" if opts.kernel else f"Debian's {debian_kernel.name}"
+    if not opts.kernel and any(user.values()):
+        _check_releases(lab, user, dk.kernel_release(debian_kernel, lab), kernel)
+    plans = {}
+    for eb in [None, *opts.extra_boots]:
+        boot = eb.name if eb else ""
+        own = bool(eb and user[boot])          # an extra boot without modules loads the main boot's
+        plan = dk.plan_boot(lab, boot if own else "", user[boot] if own else user[""], debian_modules,
+                            bool(opts.kernel), eb.params if eb else opts.params, kernel)
+        if eb or plan.lines is not None or plan.matrix is not None:
+            manifest.setdefault("boots", {})[boot or "main"] = plan.manifest
+        plans[boot] = plan
+    return plans
+
+
+def _boot_files(spec: LabSpec, opts: Options, plans: dict[str, dk.BootModules]
+                ) -> tuple[dict[str, bytes | Path], dict[str, list[str]]]:
+    """The payload's files for ``plans`` ({path under its root: content}: the modules, each boot's
+    ``lab/modules-run[-<boot>].list`` and ``lab/matrix[-<boot>].json``; the main boots' files
+    serve the later riscv CPU models' and the QEMU boot too) and {extra boot: its tests}."""
+    files: dict[str, bytes | Path] = {}
+    boot_tests = {}
+    for boot, plan in plans.items():
+        suffixes = [f"-{boot}"] if boot else ["", *(f"-{r}" for r in RESERVED_BOOTS)]
+        for lab_path, host in plan.files.items():
+            files[lab_path.lstrip("/")] = host
+        for suf in suffixes:
+            if plan.lines is not None:
+                files[f"lab/modules-run{suf}.list"] = ("\n".join(plan.lines) + "\n").encode()
+            if plan.matrix is not None:
+                files[f"lab/matrix{suf}.json"] = json.dumps(plan.matrix, indent=1).encode()
+    for eb in opts.extra_boots:
+        boot_tests[eb.name] = select_tests(spec, eb.tests)
+    return files, boot_tests
+
+
+# --------------------------------------------------------------------------------------------------
 # running a lab
 
 
@@ -725,6 +857,7 @@ def run_lab(lab: str, opts: Options) -> int:
             if not opts.keep:
                 shutil.rmtree(workdir / "payload", ignore_errors=True)
                 shutil.rmtree(workdir / "native", ignore_errors=True)
+                shutil.rmtree(workdir / "kmod", ignore_errors=True)
                 (workdir / "payload.cpio.gz").unlink(missing_ok=True)
 
 
@@ -742,6 +875,8 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
             for suite in {spec.user_suite, opts.kernel_suite if lab == "riscv" else NESTED_KERNEL_SUITE}:
                 archive.index(suite, spec.arch, refresh=True)
         tests = select_tests(spec, opts.tests)
+        # the developer's kernel and modules are checked before anything is downloaded for them
+        user = _user_modules(lab, opts, workdir, manifest)
         stage("getting the kernel")
         if lab == "riscv":
             kinfo, kernel, modules = riscv_kernel(archive, opts.kernel_suite)
@@ -753,6 +888,8 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
             qemu = q.x86_qemu(archive)
         log(f"{lab}: {qemu.version}")
         manifest.update(kernel=kinfo, qemu=qemu.version)
+        plans = _plan_boots(lab, opts, user, kernel, modules, manifest)
+        extra, boot_tests = _boot_files(spec, opts, plans)
         stage("getting the base image")
         base, binfo = build_base(archive, spec, modules, opts)
         manifest.update(binfo)
@@ -763,7 +900,8 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
         nonce = secrets.token_hex(8)
         stage("building the payload")
         log(f"{lab}: building the payload (this checkout, guests, pykvm._native for {spec.arch})")
-        payload, pinfo = build_payload(spec, archive, opts, tests, nonce, workdir, _host_python(spec.py))
+        payload, pinfo = build_payload(spec, archive, opts, tests, nonce, workdir, _host_python(spec.py),
+                                       extra, boot_tests)
         manifest.update(pinfo)
         stage("writing the initrd")
         initrd, initrd_qemu = workdir / "initrd.img", workdir / "initrd-qemu.img"
@@ -778,27 +916,43 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
 
         _write_atomically(initrd, concat((base, lpart, payload)))
         with_qemu = ""
-        if pinfo["qemu_tests"] or opts.shell:
+        extra_qemu = any(split_tests(spec, t)[1] for t in boot_tests.values())
+        if pinfo["qemu_tests"] or opts.shell or extra_qemu:
             # QEMU for the lab's own arch (pykvm/lab/blkbench.py compares pykvm with it): only in
             # the boot that runs spec.qemu_tests (and a --shell)
             qpart, qinfo = q.inner_qemu_part(archive, spec.user_suite, spec.arch, spec.user_packages, spec.name)
             manifest.update(qinfo)
             _write_atomically(initrd_qemu, concat((base, lpart, qpart, payload)))
             with_qemu = f", {initrd_qemu.stat().st_size / 1e6:.1f} MB with QEMU"
-        _write_atomically(workdir / "vmlinuz", lambda tmp: shutil.copy2(kernel, tmp))
+        # the L1 kernel: --kernel, else Debian's (which L2 Linux guests use either way)
+        _write_atomically(workdir / "vmlinuz", lambda tmp: shutil.copy2(opts.kernel or kernel, tmp))
         log(f"{lab}: initrd {initrd.stat().st_size / 1e6:.1f} MB{with_qemu}; "
             f"prepared in {time.monotonic() - t_start:.1f} s")
     except LabError as e:
+        code = getattr(e, "status", 3)         # 2: a kernel, module or --param the lab cannot use
         _write_manifest(opts.out, lab, archive, manifest, error=str(e))
-        q.merge_junit([q.BootResult(lab, 3, str(e))], xml_out, lab)
+        q.merge_junit([q.BootResult(lab, code, str(e))], xml_out, lab)
         print(f"lab {lab}: FAILED: {e}")
-        return 3
+        return code
     main = bool(pinfo["tests"]) or opts.shell
     qemu_boot = bool(pinfo["qemu_tests"]) and not opts.shell
     runs: list[tuple[str, list[str], float]] = []     # (name, QEMU arguments, timeout)
-    timeout = opts.timeout or spec.timeout
+    main_plan = plans[""]
+    # a matrix runs the tests once per combination in the same boot
+    timeout = (opts.timeout or spec.timeout) * main_plan.combos
+    qemu_timeout = (opts.timeout or spec.qemu_timeout) * main_plan.combos
+    # module parameters of a KVM built into --kernel go on its command line
+    kcmd = f" {main_plan.cmdline}" if main_plan.cmdline else ""
+
+    def extra_boots(name_prefix: str, machine) -> None:
+        for eb in opts.extra_boots:
+            plan = plans[eb.name]
+            image = initrd_qemu if split_tests(spec, boot_tests[eb.name])[1] else initrd
+            kparams = f" {plan.cmdline}" if plan.cmdline else ""
+            runs.append((f"{name_prefix}-{eb.name}", machine(image, f" PYKVM_LAB_PYTEST={eb.name}", kparams),
+                         eb.timeout or (opts.timeout or spec.timeout) * plan.combos))
     if lab == "riscv":
-        def riscv(cpu: str, image: Path, extra: str = "") -> list[str]:
+        def riscv(cpu: str, image: Path, extra: str = "", kparams: str = kcmd) -> list[str]:
             return [
                 # AIA (APLIC + IMSIC, with Smaia/Ssaia on the harts): L1's KVM then offers its
                 # in-kernel AIA irqchip (KVM_DEV_TYPE_RISCV_AIA), which pykvm's virtio devices need
@@ -807,7 +961,7 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
                 "-no-reboot", "-nic", "none", "-kernel", str(workdir / "vmlinuz"), "-initrd", str(image),
                 # an unknown name=value on the kernel command line reaches /init's environment:
                 # the inner tests learn which CPU model they run on (and which tests to run)
-                "-append", f"{RISCV_CMDLINE} PYKVM_LAB_CPU={cpu}{extra}"]
+                "-append", f"{RISCV_CMDLINE} PYKVM_LAB_CPU={cpu}{extra}{kparams}"]
         cpus = opts.cpus or ["rv64", "max"]
         if main:
             image = initrd_qemu if opts.shell else initrd
@@ -819,17 +973,22 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
                          for cpu in cpus[1:]]
         if qemu_boot:
             runs.append((f"riscv-{cpus[0]}-qemu", riscv(cpus[0], initrd_qemu, " PYKVM_LAB_PYTEST=qemu"),
-                         opts.timeout or spec.qemu_timeout))
+                         qemu_timeout))
+        if not opts.shell:
+            extra_boots(f"riscv-{cpus[0]}", lambda image, cmd, kparams: riscv(cpus[0], image, cmd, kparams))
     else:
-        def nested(image: Path, extra: str = "", smp: str = "1") -> list[str]:
+        def nested(image: Path, extra: str = "", smp: str = "1", kparams: str = kcmd) -> list[str]:
             return ["-accel", "tcg", "-cpu", "max", "-smp", smp, "-m", "1024", "-no-reboot", "-nic", "none",
-                    "-kernel", str(workdir / "vmlinuz"), "-initrd", str(image), "-append", NESTED_CMDLINE + extra]
+                    "-kernel", str(workdir / "vmlinuz"), "-initrd", str(image),
+                    "-append", NESTED_CMDLINE + extra + kparams]
         if main:
             runs.append(("nested", nested(initrd_qemu if opts.shell else initrd), timeout))
         if qemu_boot:
             # two L1 CPUs: the benchmark's two VMMs keep a vCPU thread and an I/O thread busy
             runs.append(("nested-qemu", nested(initrd_qemu, " PYKVM_LAB_PYTEST=qemu", smp="2"),
-                         opts.timeout or spec.qemu_timeout))
+                         qemu_timeout))
+        if not opts.shell:
+            extra_boots("nested", lambda image, cmd, kparams: nested(image, cmd, kparams=kparams))
     results = []
     for name, margs, boot_timeout in runs:
         res = q.boot(qemu, margs, workdir / f"serial-{name}.log", nonce, name,
@@ -853,6 +1012,11 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
         print(f"--- {name}: inner pytest ({res.seconds:.1f} s in QEMU) ---", flush=True)
         for line in res.summary + q.bench_lines(res.junit):
             print(f"    {line}")
+        table = mx.combo_table(res.junit)
+        if table:
+            print("    per module-parameter combination:")
+            for line in table:
+                print(f"      {line}")
         if res.reason:
             print(f"    {res.reason}")
         sys.stdout.flush()

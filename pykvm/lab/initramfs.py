@@ -161,10 +161,21 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 mount -t tmpfs tmp /tmp
 mkdir -p /root
+# the modules to load: the base image's /lab/modules.list (Debian's), or this boot's own list from
+# the payload (--kernel, --modules, --kvm-module; PYKVM_LAB_PYTEST names the boot); a name is
+# under /lab/modules, a path is absolute
+list=/lab/modules.list
+run_list="/lab/modules-run${PYKVM_LAB_PYTEST:+-$PYKVM_LAB_PYTEST}.list"
+[ -f "$run_list" ] && list="$run_list"
 while read -r mod args; do
   [ -n "$mod" ] || continue
-  insmod "/lab/modules/$mod" $args || fail "insmod $mod $args failed"
-done < /lab/modules.list
+  case "$mod" in /*) path="$mod" ;; *) path="/lab/modules/$mod" ;; esac
+  insmod "$path" $args || fail "insmod $path $args failed"
+done < "$list"
+if [ -d /sys/module/kvm ] && [ ! -e /sys/module/kvm/initstate ]; then
+  echo "[lab] KVM is built into $(uname -r): nothing to insmod for it"
+fi
+[ -d /sys/module/kvm ] || fail "no KVM in $(uname -r): no kvm module loaded and none built in"
 [ -c /dev/kvm ] || mknod /dev/kvm c 10 232 || fail "no /dev/kvm"
 echo "[lab] $(uname -r) $(uname -m); kvm: $(ls -l /dev/kvm)"
 if [ "$SHELL_MODE" = 1 ]; then
@@ -193,8 +204,15 @@ sleep 10
 # spaces or quotes needs no shell quoting.
 # PYKVM_LAB_PYTEST=<name> on the lab kernel's command line (it reaches /init's environment) picks
 # /lab/pytest-args-<name>.json: a boot of its own for some tests (pykvm/lab/build.py, qemu_tests)
+# A boot with a module-parameter matrix (/lab/matrix[-<name>].json, --param) runs pytest once per
+# combination, reloading the KVM modules between them (pykvm/lab/matrix.py, guest_main).
 RUN_PYTEST = """import json, os, runpy, sys
 name = os.environ.get("PYKVM_LAB_PYTEST", "")
-sys.argv = ["pytest"] + json.load(open(f"/lab/pytest-args-{name}.json" if name else "/lab/pytest-args.json"))
+args = f"/lab/pytest-args-{name}.json" if name else "/lab/pytest-args.json"
+matrix = f"/lab/matrix-{name}.json" if name else "/lab/matrix.json"
+if os.path.exists(matrix):
+    from pykvm.lab import matrix as m
+    sys.exit(m.guest_main(matrix, args))
+sys.argv = ["pytest"] + json.load(open(args))
 runpy.run_module("pytest", run_name="__main__", alter_sys=True)
 """
