@@ -7,8 +7,8 @@ that makes ``pykvm._native`` resolve to that build in every Python process start
 * the toolchain and the runtime wiring catch a heap overflow and undefined behaviour in a
   small library of our own (so a clean run below means something);
 * the sanitized helper itself reports a console buffer overflow that we provoke on purpose;
-* the hardware tests (tests/hw and tests/x86, but the files about Python-side code listed in
-  PYTHON_SIDE) pass against the sanitized helper with no sanitizer report from any process, and
+* the hardware-test files that drive the C helper's paths (C_SIDE; those about Python-side code
+  are in PLAIN_ONLY) pass against the sanitized helper with no sanitizer report from any process, and
   the child run proves it used that build
   (tests/sanitize/sanitized_checks.py).
 """
@@ -26,13 +26,45 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CHILD_TIMEOUT = 900
 ERROR = re.compile(r"ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:")
 SUMMARY = []          # shown at the end of the host run (tests/sanitize/conftest.py)
-# hardware-test files the sanitized rerun leaves to the plain run (see the child run's command)
-PYTHON_SIDE = ["tests/hw/test_cli_limits.py", "tests/x86/test_cli_hostile.py",
-               "tests/x86/test_cli_edges.py", "tests/x86/test_cli_run_options.py",
-               "tests/x86/test_image_loader_qemu_rules.py", "tests/x86/test_image_loader_qemu.py",
-               "tests/x86/test_image_loader_hostile.py", "tests/x86/test_vcpu_state_ioctls.py",
-               "tests/x86/test_clock_feature_msrs.py", "tests/x86/test_dirty_ring_gmem.py",
-               "tests/x86/test_ioctl_table.py", "tests/hw/test_guest_build_output.py"]
+# The hardware-test files the sanitized rerun runs: each drives a path of the C helper
+# (csrc/: the run loop and its kicks, the Python exit-handler call, the C 16550 and its input,
+# the virtio-mmio interrupt helper, the virtio-blk data path, shared mappings) and together they
+# reach every one of them, hostile guests and fuzzers included.
+C_SIDE = ["tests/x86/test_core.py", "tests/x86/test_exit_fast_path.py",
+          "tests/x86/test_dispatch.py", "tests/x86/test_run_again.py", "tests/x86/test_hostile.py",
+          "tests/x86/test_robustness.py", "tests/x86/test_lifecycle_stress.py",
+          "tests/x86/test_guest_faults.py", "tests/x86/test_emulation_failure.py",
+          "tests/x86/test_host_limits.py", "tests/x86/test_shared_ram.py",
+          "tests/x86/test_serial_input.py", "tests/x86/test_uart_loopback.py",
+          "tests/x86/test_uart_widths.py", "tests/x86/test_uart_mmio.py",
+          "tests/x86/test_uart_one_model.py", "tests/x86/test_virtio_mmio.py",
+          "tests/x86/test_virtio_blk_fastpath.py", "tests/x86/test_virtio_pci_guest.py",
+          "tests/x86/test_pc_devices.py", "tests/x86/test_framework.py",
+          "tests/hw/test_fuzz.py", "tests/hw/test_fuzz_devices.py",
+          "tests/hw/test_control_socket.py", "tests/hw/test_machine_options.py",
+          "tests/hw/test_device_errors.py", "tests/hw/test_builtin_guests.py"]
+# The files left to the plain run: their subject is Python code (command-line parsing and its
+# limits, image loaders, ioctl wrappers and their structs, the pc machine's device models, the
+# guest build, the kselftest install). They reach the C helper only through the run loop and
+# the exit-handler call that the files above drive too, and many start Python processes, which
+# ASan makes several times slower. A new hardware-test file must be put in one of the two lists
+# (test_every_hardware_test_file_is_placed).
+PLAIN_ONLY = ["tests/hw/test_cli_limits.py", "tests/x86/test_cli_hostile.py",
+              "tests/x86/test_cli_edges.py", "tests/x86/test_cli_run_options.py",
+              "tests/x86/test_cli_console.py", "tests/hw/test_cli_trace_output.py",
+              "tests/x86/test_image_loader_qemu_rules.py", "tests/x86/test_image_loader_qemu.py",
+              "tests/x86/test_image_loader_hostile.py", "tests/x86/test_vcpu_state_ioctls.py",
+              "tests/x86/test_clock_feature_msrs.py", "tests/x86/test_dirty_ring_gmem.py",
+              "tests/x86/test_ioctl_table.py", "tests/hw/test_guest_build_output.py",
+              "tests/hw/test_kselftest_install.py",
+              "tests/x86/test_pc_acpi.py", "tests/x86/test_pc_boot.py",
+              "tests/x86/test_pc_fwcfg_qemu.py", "tests/x86/test_pc_iommu.py",
+              "tests/x86/test_pc_qemu_devices.py", "tests/x86/test_pc_rtc.py",
+              "tests/x86/test_pc_startup.py", "tests/x86/test_pc_vtd_faults.py",
+              "tests/x86/test_pc_vtd_queue.py", "tests/x86/test_uart_linux.py",
+              "tests/x86/test_user_guests.py", "tests/x86/test_x86_guests.py",
+              "tests/x86/test_guest_library.py", "tests/x86/test_virtio_console_guest.py",
+              "tests/x86/test_virtio_net_guest.py", "tests/x86/test_virtio_vsock_guest.py"]
 
 
 def _load_builder():
@@ -126,15 +158,14 @@ def test_sanitized_helper_reports_an_overflow_we_provoke(sanitized_native, tmp_p
 @pytest.mark.requires_kvm
 @pytest.mark.timeout(CHILD_TIMEOUT + 300)   # the child's own limit, and the sanitized build
 def test_hw_tests_pass_under_asan_and_ubsan(sanitized_native, tmp_path):
-    """tests/hw and tests/x86 against the sanitized helper: all pass, no process reports
+    """The C_SIDE hardware-test files against the sanitized helper: all pass, no process reports
     anything."""
     logs = san.DEFAULT_REPORTS
     for old in san.reports(logs):
         os.unlink(os.path.join(logs, old))
     junit = tmp_path / "child.xml"
     checks = os.path.join(ROOT, "tests", "sanitize", "sanitized_checks.py")
-    cmd = [sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "hw"),
-           os.path.join(ROOT, "tests", "x86"), checks,
+    cmd = [sys.executable, "-m", "pytest", *[os.path.join(ROOT, p) for p in C_SIDE], checks,
            "-p", "no:cacheprovider", "-q", "-rfEs", f"--junitxml={junit}",
            "--basetemp", str(tmp_path / "child"),
            # the one test this rerun leaves to the plain run: a process at a memory cgroup's
@@ -147,18 +178,7 @@ def test_hw_tests_pass_under_asan_and_ubsan(sanitized_native, tmp_path):
            # breaks now and then (a spurious "hang" finding); it exercises the Python
            # supervisor, not the C helper this rerun is for, and runs in the plain suite
            "--deselect",
-           "tests/hw/test_fuzz_devices.py::test_each_injected_finding_kind_is_saved_and_replays",
-           # and `pykvm run` under RLIMIT_AS of 80-120 MiB: ASan reserves terabytes of address
-           # space for its shadow, so under such a limit ASan itself fails; seen once
-           # (2026-12-06) as a run that did not end within 90 s in the child run, while the plain
-           # build answers in one line with status 8 at every limit from 60 to 160 MiB
-           "--deselect",
-           "tests/hw/test_cli_limits.py::test_threads_that_cannot_start_are_a_host_failure"]
-    # files whose subject is Python code (command-line parsing and its limits, image loaders,
-    # ioctl wrappers and their structs, the guest build): they reach the C helper only through
-    # the run loop and console paths the files kept here drive too, and mostly by starting
-    # Python processes, which ASan makes several times slower; the plain suite runs them
-    cmd += [f"--ignore={os.path.join(ROOT, p)}" for p in PYTHON_SIDE]
+           "tests/hw/test_fuzz_devices.py::test_each_injected_finding_kind_is_saved_and_replays"]
     t0 = time.monotonic()
     r = subprocess.run(cmd, env=san.runtime_env(sanitized_native, logs), cwd=ROOT,
                        capture_output=True, text=True, timeout=CHILD_TIMEOUT)
@@ -167,7 +187,7 @@ def test_hw_tests_pass_under_asan_and_ubsan(sanitized_native, tmp_path):
     print(f"sanitized child run: {took:.1f}s, exit {r.returncode}\n{out[-3000:]}")
     found = _errors(logs)
     last = (out.strip().splitlines() or ["(no output)"])[-1]
-    SUMMARY.append(f"tests/hw and tests/x86 under ASan+UBSan: {last.strip('= ')} (child "
+    SUMMARY.append(f"C-side hardware tests ({len(C_SIDE)} files) under ASan+UBSan: {last.strip('= ')} (child "
                    f"{took:.1f}s, exit {r.returncode}); sanitizer error reports: {len(found)}")
     assert not found, f"sanitizer reports:\n{_fmt(found)}"
     assert not ERROR.search(out), out[-6000:]
@@ -181,3 +201,14 @@ def test_hw_tests_pass_under_asan_and_ubsan(sanitized_native, tmp_path):
     for name in ("test_pykvm_uses_the_sanitized_helper", "test_python_subprocesses_use_it_too"):
         c = [v for k, v in cases.items() if k[1] == name]
         assert c and not list(c[0]), f"{name} did not pass in the child: {names}"
+
+
+def test_every_hardware_test_file_is_placed():
+    """Each tests/hw and tests/x86 file is in C_SIDE or PLAIN_ONLY (one of them), so a new
+    file is a decision, not an omission."""
+    found = sorted(f"tests/{d}/{n}" for d in ("hw", "x86")
+                   for n in os.listdir(os.path.join(ROOT, "tests", d))
+                   if n.startswith("test_") and n.endswith(".py"))
+    placed = C_SIDE + PLAIN_ONLY
+    assert len(placed) == len(set(placed)), "a file is listed twice"
+    assert sorted(placed) == found, (set(found) - set(placed), set(placed) - set(found))
