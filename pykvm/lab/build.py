@@ -802,7 +802,9 @@ def _plan_boots(lab: str, opts: Options, user: dict[str, list[dk.ModuleFile]], d
     kernel are checked against its release here. Raises LabInputError."""
     kernel = f"--kernel {opts.kernel}" if opts.kernel else f"Debian's {debian_kernel.name}"
     if not opts.kernel and any(user.values()):
-        _check_releases(lab, user, dk.kernel_release(debian_kernel, lab), kernel)
+        release = dk.kernel_release(debian_kernel, lab)
+        manifest["kernel_release"] = release
+        _check_releases(lab, user, release, kernel)
     plans = {}
     for eb in [None, *opts.extra_boots]:
         boot = eb.name if eb else ""

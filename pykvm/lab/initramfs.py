@@ -166,7 +166,7 @@ mkdir -p /root
 # under /lab/modules, a path is absolute
 list=/lab/modules.list
 run_list="/lab/modules-run${PYKVM_LAB_PYTEST:+-$PYKVM_LAB_PYTEST}.list"
-[ -f "$run_list" ] && list="$run_list"
+if [ -f "$run_list" ]; then list="$run_list"; echo "[lab] modules from $run_list"; fi
 while read -r mod args; do
   [ -n "$mod" ] || continue
   case "$mod" in /*) path="$mod" ;; *) path="/lab/modules/$mod" ;; esac
