@@ -6,8 +6,10 @@
   (``make -C guests``) into ``pykvm/guests_bin/<x86|riscv>/`` and copies the guest runtime
   (header, start-up code, helpers, linker scripts) into ``pykvm/guest_runtime/``, so a wheel, and
   a wheel built from the sdist, can run its guests and build users' own
-  (``pykvm guest build``). RISC-V guests are included when riscv64-linux-gnu-gcc is on PATH
-  (or the host is riscv64). ``PYKVM_BUILD_GUESTS=0`` builds a wheel without guests.
+  (``pykvm guest build``); it copies tests/selftests and tests/x86 into
+  ``pykvm/kselftest_src/`` for ``pykvm kselftest-install``. RISC-V guests are included when
+  riscv64-linux-gnu-gcc is on PATH (or the host is riscv64). ``PYKVM_BUILD_GUESTS=0`` builds a
+  wheel without guests.
 
 Editable installs (``pip install -e .``) skip both: a checkout finds its runtime in guests/ and
 builds its guests into build/guests (see pykvm/guests.py and .ci/setup).
@@ -27,6 +29,9 @@ RUNTIME_PARTS = ("include", "common", "x86/rt16", "x86/rt32", "x86/rt64", "x86/s
 # single files of the runtime: its README, and the x86 helpers guests include by name (the PC's
 # ports and PCI, the virtio drivers)
 RUNTIME_FILES = ("README.md", "x86/pc.h", "x86/virtio.h")
+# test directories a wheel carries for `pykvm kselftest-install` (pykvm/testing/kselftest.py
+# COLLECTIONS; tests/hw/test_kselftest_install.py checks)
+KSELFTEST_PARTS = ("selftests", "x86")
 
 
 def _say(msg):
@@ -38,6 +43,7 @@ class build_py(_build_py):
         super().run()
         if getattr(self, "editable_mode", False):
             return
+        self._copy_kselftests(os.path.join(self.build_lib, "pykvm", "kselftest_src"))
         if os.environ.get("PYKVM_BUILD_GUESTS", "1") == "0":
             _say("PYKVM_BUILD_GUESTS=0: no built-in guests and no guest runtime in this build")
             return
@@ -56,6 +62,16 @@ class build_py(_build_py):
         for name in RUNTIME_FILES:
             os.makedirs(os.path.dirname(os.path.join(dst, name)), exist_ok=True)
             shutil.copy2(os.path.join(GUESTS, name), os.path.join(dst, name))
+
+    def _copy_kselftests(self, dst):
+        # the test files `pykvm kselftest-install` installs (pykvm/testing/kselftest.py)
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)
+        for part in KSELFTEST_PARTS:
+            if not os.path.isdir(os.path.join(HERE, "tests", part)):
+                raise SystemExit(f"pykvm build: tests/{part} is missing (an incomplete sdist?)")
+            shutil.copytree(os.path.join(HERE, "tests", part), os.path.join(dst, part),
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.o"))
 
     def _build_guests(self, dst):
         tmp = os.path.join(self.get_finalized_command("build").build_temp, "guests")

@@ -585,8 +585,10 @@ def _install_signal_handlers() -> None:
 
 def cmd_caps(args) -> int:
     from .kvm import Kvm
+    from .testing.kselftest import host_tags
     with Kvm() as kvm:
         info = kvm.info()
+    info["tags"] = host_tags(info)          # what a scheduler matches hosts on (kselftest.md)
     if args.json:
         _emit_json(info)
         return 0
@@ -601,6 +603,19 @@ def cmd_caps(args) -> int:
             print(f"{section}:")
             for k, v in info[section].items():
                 print(f"  {k}: {v}")
+    print(f"tags: {' '.join(info['tags'])}")
+    return 0
+
+
+def cmd_kselftest_install(args) -> int:
+    """``pykvm kselftest-install DIR``: see :mod:`pykvm.testing.kselftest`."""
+    from .testing.kselftest import KselftestError, install
+    try:
+        entries = install(args.dir, args.collection or (), args.tests or ())
+    except KselftestError as e:
+        return _fail(str(e))
+    print(f"{len(entries)} tests in {os.path.abspath(args.dir)}: "
+          f"{os.path.join(os.path.abspath(args.dir), 'run_kselftest.sh')} -l lists them")
     return 0
 
 
@@ -1348,6 +1363,26 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                    help="exits per exit-cost measurement (1..100000000; default 10000, "
                    "with --quick too: fewer let the loop's set-up weigh on each exit)")
     b.set_defaults(func=cmd_bench)
+
+    ks = sub.add_parser("kselftest-install", help="write pykvm's tests as a kselftest install "
+                        "(run_kselftest.sh, KTAP) for KernelCI, LAVA or a lab's CI",
+                        description="Write DIR (new or empty, or an earlier install) as the "
+                        "kernel's selftests install: run_kselftest.sh (the kernel's options: "
+                        "-l, -t COLLECTION:TEST, -c, -s, -p, -o SECONDS; TAP 13 output with "
+                        "heartbeats and a summary of failures), kselftest-list.txt, and per "
+                        "collection a settings file (timeout=) and one executable per pytest "
+                        "file, run under pytest with pykvm's plugin by this Python (or "
+                        "$PYKVM_PYTHON). Collections: pykvm_selftests (the ported KVM "
+                        "selftests), pykvm_x86 (KVM uAPI checks). See docs/kselftest.md.",
+                        epilog="exit status: 0 written; 2 bad input (one line); 8 a write "
+                        "failed")
+    ks.add_argument("dir", metavar="DIR", help="the directory to write")
+    ks.add_argument("--collection", action="append", metavar="NAME",
+                    help="install only this collection (repeatable; default: all)")
+    ks.add_argument("--tests", nargs="+", metavar="PATTERN",
+                    help="install only the tests whose name (test_sel_cpuid) or "
+                    "collection:name matches a shell pattern (test_sel_*)")
+    ks.set_defaults(func=cmd_kselftest_install)
 
     gu = sub.add_parser("guest", help="build a guest of your own (pykvm guest build FILE)")
     gua = gu.add_subparsers(dest="guest_cmd", metavar="ACTION", parser_class=_Parser)

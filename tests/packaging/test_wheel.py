@@ -242,3 +242,21 @@ def test_no_kvm_skips_and_the_plugin_costs_nothing(venv):
         assert "pykvm.testing.plugin" in [n for _, _, n in rows], r.stderr[-1500:]
         costs.append(pykvm_cost_us(rows))
     assert min(costs) < 5000, costs
+
+
+@pytest.mark.requires_kvm
+def test_kselftest_install_runs_from_the_wheel(venv):
+    """Issue 22 item 5: the kselftest install is made from the wheel's own copy of the tests and
+    its runner runs them with the venv's pykvm (docs/kselftest.md)."""
+    d = os.path.join(venv.home, "kselftest")
+    r = venv.run("pykvm", "kselftest-install", d, "--tests", "test_sel_get_msr_index_features")
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(os.path.join(d, "pykvm_selftests", "test_zz_where.py"), "w") as f:
+        f.write("import os, pykvm\n\ndef test_where():\n"
+                f"    assert os.path.dirname(pykvm.__file__).startswith({venv.root!r})\n")
+    with open(os.path.join(d, "kselftest-list.txt"), "a") as f:
+        f.write("pykvm_selftests:test_zz_where\n")
+    r = venv.run("sh", os.path.join(d, "run_kselftest.sh"), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok 1 selftests: pykvm_selftests: test_sel_get_msr_index_features\n" in r.stdout
+    assert "ok 2 selftests: pykvm_selftests: test_zz_where\n" in r.stdout, r.stdout
