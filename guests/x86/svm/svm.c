@@ -88,11 +88,16 @@ int svm_supported(void)
 	return !!(cpuid(0x80000001).ecx & CPUID_80000001_ECX_SVM);
 }
 
-void svm_init(void)
+void svm_enable(void *hsave)
 {
 	GUEST_ASSERT(svm_supported());
 	wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SVME);
-	wrmsr(MSR_VM_HSAVE_PA, (uint64_t)(uintptr_t)svm_hsave);
+	wrmsr(MSR_VM_HSAVE_PA, (uint64_t)(uintptr_t)hsave);
+}
+
+void svm_init(void)
+{
+	svm_enable(svm_hsave);
 }
 
 /* The VMCB form of the GDT descriptor behind `sel` in L1's GDT. */
@@ -119,7 +124,12 @@ static void svm_seg_from_gdt(struct vmcb_seg *seg, uint16_t sel, uint64_t gdt_ba
 
 struct vmcb *svm_vmcb_setup(void (*rip)(void), void *rsp)
 {
-	struct vmcb *v = &svm_vmcb_page;
+	svm_vmcb_init(&svm_vmcb_page, rip, rsp);
+	return &svm_vmcb_page;
+}
+
+void svm_vmcb_init(struct vmcb *v, void (*rip)(void), void *rsp)
+{
 	struct vmcb_control *c = &v->control;
 	struct vmcb_save *s = &v->save;
 	struct svm_dtr gdtr, idtr;
@@ -167,7 +177,6 @@ struct vmcb *svm_vmcb_setup(void (*rip)(void), void *rsp)
 	s->rip = (uint64_t)(uintptr_t)rip;
 	s->rsp = (uint64_t)(uintptr_t)rsp;
 	s->g_pat = rdmsr(0x277);
-	return v;
 }
 
 void svm_intercept_port(uint16_t port)
@@ -175,11 +184,16 @@ void svm_intercept_port(uint16_t port)
 	svm_iopm[port >> 3] |= (uint8_t)(1u << (port & 7));
 }
 
-uint64_t svm_run(struct vmcb *vmcb)
+uint64_t svm_run_gprs(struct vmcb *vmcb, struct svm_gprs *gprs)
 {
 	vmcb->control.clean = 0;	/* L1 may have changed anything */
-	__svm_vmrun((uint64_t)(uintptr_t)vmcb, &svm_l2_gprs);
+	__svm_vmrun((uint64_t)(uintptr_t)vmcb, gprs);
 	return vmcb->control.exit_code;
+}
+
+uint64_t svm_run(struct vmcb *vmcb)
+{
+	return svm_run_gprs(vmcb, &svm_l2_gprs);
 }
 
 void svm_skip(struct vmcb *vmcb, unsigned int len)
@@ -192,6 +206,7 @@ const char *svm_exit_name(uint64_t code)
 	switch (code) {
 	case SVM_EXIT_CPUID: return "CPUID";
 	case SVM_EXIT_HLT: return "HLT";
+	case SVM_EXIT_INVLPGA: return "INVLPGA";
 	case SVM_EXIT_IOIO: return "IOIO";
 	case SVM_EXIT_MSR: return "MSR";
 	case SVM_EXIT_SHUTDOWN: return "SHUTDOWN";
@@ -206,3 +221,72 @@ const char *svm_exit_name(uint64_t code)
 		return "EXCP";
 	return "?";
 }
+
+/* -- L2 address spaces ------------------------------------------------------ */
+
+#define SVM_PTE_ADDR	0x000ffffffffff000ull
+
+void svm_l2_space_init(struct svm_l2_space *s)
+{
+	uint64_t *l1_pml4 = (uint64_t *)(uintptr_t)(read_cr3() & SVM_PTE_ADDR);
+	unsigned int i;
+
+	for (i = 0; i < 512; i++) {
+		s->pml4[i] = 0;
+		s->pdpt[i] = 0;
+		s->pd[i] = 0;
+		s->pt[i] = 0;
+	}
+	s->pml4[0] = l1_pml4[0];
+	s->pml4[1] = (uint64_t)(uintptr_t)s->pdpt | SVM_PTE_P | SVM_PTE_W;
+	s->pdpt[0] = (uint64_t)(uintptr_t)s->pd | SVM_PTE_P | SVM_PTE_W;
+	s->pd[0] = (uint64_t)(uintptr_t)s->pt | SVM_PTE_P | SVM_PTE_W;
+}
+
+void svm_l2_map(struct svm_l2_space *s, unsigned int slot, const volatile void *page,
+		int global)
+{
+	GUEST_ASSERT(slot < SVM_L2_WINDOW_PAGES);
+	GUEST_ASSERT(((uintptr_t)page & 0xfff) == 0);
+	*(volatile uint64_t *)&s->pt[slot] = (uint64_t)(uintptr_t)page | SVM_PTE_P | SVM_PTE_W |
+					      (global ? SVM_PTE_G : 0);
+}
+
+/* L2 code for the TLB tests (svm.h).  Each loop starts over after the
+ * VMMCALL: L1 steps L2's RIP past it. */
+__asm__(
+	"	.text\n"
+	"	.globl svm_l2_load2\n"
+	"	.type svm_l2_load2, @function\n"
+	"svm_l2_load2:\n"
+	"	mov (%rdi), %rbx\n"
+	"	mov (%rsi), %rcx\n"
+	"	vmmcall\n"
+	"	jmp svm_l2_load2\n"
+	"	.size svm_l2_load2, . - svm_l2_load2\n"
+	"\n"
+	"	.globl svm_l2_invlpga_load2\n"
+	"	.type svm_l2_invlpga_load2, @function\n"
+	"svm_l2_invlpga_load2:\n"
+	"	test %r9, %r9\n"
+	"	jz 1f\n"
+	"	mov %rdi, %rax\n"
+	"	mov %r8d, %ecx\n"
+	"	invlpga %rax, %ecx\n"
+	"1:	mov (%rdi), %rbx\n"
+	"	mov (%rsi), %rcx\n"
+	"	vmmcall\n"
+	"	jmp svm_l2_invlpga_load2\n"
+	"	.size svm_l2_invlpga_load2, . - svm_l2_invlpga_load2\n"
+	"\n"
+	"	.globl svm_l2_load_out_load\n"
+	"	.type svm_l2_load_out_load, @function\n"
+	"svm_l2_load_out_load:\n"
+	"	mov (%rdi), %rbx\n"
+	"	mov %r8d, %edx\n"
+	"	mov $1, %eax\n"
+	"	outb %al, %dx\n"
+	"	mov (%rdi), %rcx\n"
+	"	vmmcall\n"
+	"	jmp svm_l2_load_out_load\n"
+	"	.size svm_l2_load_out_load, . - svm_l2_load_out_load\n");

@@ -17,6 +17,15 @@
  * IDT: an exception in L2 is reported to the host by the runtime's default
  * handler.
  *
+ * Several L2 guests, several vCPUs (the TLB tests, guests/x86/svm_tlb*.c):
+ * each vCPU enables SVM with its own host save page (svm_enable()), each L2
+ * has a VMCB (svm_vmcb_init()) and a register block of its own
+ * (svm_run_gprs()), and may run in an address space of its own
+ * (struct svm_l2_space): L1's identity map plus a window of 4 KiB pages at
+ * SVM_L2_WINDOW whose mappings L1 changes between runs.  The svm_l2_*
+ * functions are L2 code for those tests: small loops that read the window
+ * and VMMCALL, taking their arguments in L2's registers.
+ *
  * The helpers' code lives in svm.c, which a guest includes once (the guest
  * Makefile links one object per guest).  Offsets and bit numbers follow the
  * AMD APM vol. 2, appendix B.
@@ -35,6 +44,8 @@
 
 /* intercept word 3 (control area offset 0x00c) */
 #define SVM_INTERCEPT_HLT	(1u << 24)
+#define SVM_INTERCEPT_INVLPG	(1u << 25)
+#define SVM_INTERCEPT_INVLPGA	(1u << 26)
 #define SVM_INTERCEPT_IOIO_PROT	(1u << 27)
 #define SVM_INTERCEPT_MSR_PROT	(1u << 28)
 #define SVM_INTERCEPT_SHUTDOWN	(1u << 31)
@@ -42,13 +53,21 @@
 #define SVM_INTERCEPT_VMRUN	(1u << 0)
 #define SVM_INTERCEPT_VMMCALL	(1u << 1)
 
-/* TLB_CONTROL values */
+/* TLB_CONTROL values (APM vol. 2, 15.16.1 "TLB Flush"; 3 and 7 need
+ * FlushByAsid, CPUID 0x8000000a EDX[6]) */
 #define SVM_TLB_DO_NOTHING	0
-#define SVM_TLB_FLUSH_ALL	1
+#define SVM_TLB_FLUSH_ALL	1	/* every ASID's entries */
+#define SVM_TLB_FLUSH_ASID	3	/* this guest's ASID, global entries too */
+#define SVM_TLB_FLUSH_ASID_LOCAL 7	/* this guest's ASID, non-global entries */
+#define CPUID_8000000A_EDX_FLUSHBYASID (1u << 6)
+
+/* CR4.PGE: global pages (a PTE's G bit counts only with it) */
+#define X86_CR4_PGE		(1ull << 7)
 
 /* #VMEXIT codes */
 #define SVM_EXIT_CPUID		0x072
 #define SVM_EXIT_HLT		0x078
+#define SVM_EXIT_INVLPGA	0x07a
 #define SVM_EXIT_IOIO		0x07b
 #define SVM_EXIT_MSR		0x07c
 #define SVM_EXIT_SHUTDOWN	0x07f
@@ -197,6 +216,67 @@ uint64_t svm_run(struct vmcb *vmcb);
 void svm_skip(struct vmcb *vmcb, unsigned int len);
 /* A short name for an exit code ("VMMCALL", "HLT", ...) or "?" */
 const char *svm_exit_name(uint64_t code);
+
+/* -- several vCPUs, several L2 guests --------------------------------------- */
+
+/* Assert SVM support, set EFER.SVME and VM_HSAVE_PA = `hsave` (a 4 KiB
+ * page of this vCPU's own). */
+void svm_enable(void *hsave);
+/* svm_vmcb_setup() on a VMCB of the caller's (4 KiB aligned). */
+void svm_vmcb_init(struct vmcb *vmcb, void (*rip)(void), void *rsp);
+/* svm_run() with L2's GPRs in `gprs` instead of svm_l2_gprs. */
+uint64_t svm_run_gprs(struct vmcb *vmcb, struct svm_gprs *gprs);
+
+/* An L2 address space: the first PML4 slot is L1's (its identity map of
+ * the low 512 GiB), the second holds SVM_L2_WINDOW_PAGES pages of 4 KiB at
+ * SVM_L2_WINDOW, each mapped with svm_l2_map(). */
+#define SVM_L2_WINDOW		(1ull << 39)	/* 512 GiB: PML4 slot 1 */
+#define SVM_L2_WINDOW_PAGES	512
+#define SVM_PTE_P		(1ull << 0)
+#define SVM_PTE_W		(1ull << 1)
+#define SVM_PTE_G		(1ull << 8)
+
+struct svm_l2_space {
+	uint64_t pml4[512];
+	uint64_t pdpt[512];
+	uint64_t pd[512];
+	uint64_t pt[512];
+} __attribute__((aligned(4096)));
+
+/* Build `s`: PML4 slot 0 copied from L1's CR3, the window's tables empty. */
+void svm_l2_space_init(struct svm_l2_space *s);
+/* Map window page `slot` to `page` (4 KiB aligned), global if `global`.
+ * Only the page table entry changes: nothing is flushed. */
+void svm_l2_map(struct svm_l2_space *s, unsigned int slot, const volatile void *page,
+		int global);
+/* The L2 virtual address of window page `slot`. */
+static inline uint64_t svm_l2_va(unsigned int slot)
+{
+	return SVM_L2_WINDOW + (uint64_t)slot * 4096;
+}
+
+/* INVLPGA: invalidate the translation of `va` in ASID `asid` (L1 code). */
+static inline void invlpga(uint64_t va, uint32_t asid)
+{
+	__asm__ volatile("invlpga %%rax, %%ecx" : : "a"(va), "c"(asid) : "memory");
+}
+/* INVLPGA is 0f 01 df */
+#define SVM_INVLPGA_LEN 3
+
+/*
+ * L2 code (no stack use, no calls; resumed past the VMMCALL with
+ * svm_skip(vmcb, SVM_VMMCALL_LEN) each starts over):
+ *
+ * svm_l2_load2:         RBX = *(u64 *)RDI; RCX = *(u64 *)RSI; VMMCALL
+ * svm_l2_invlpga_load2: if R9 != 0: INVLPGA RAX = RDI, ECX = R8D; then as
+ *                       svm_l2_load2 (an INVLPGA #VMEXIT that L1 handles
+ *                       resumes past the INVLPGA: svm_skip(SVM_INVLPGA_LEN))
+ * svm_l2_load_out_load: RBX = *(u64 *)RDI; OUT of AL = 1 to port DX = R8W;
+ *                       RCX = *(u64 *)RDI; VMMCALL
+ */
+void svm_l2_load2(void);
+void svm_l2_invlpga_load2(void);
+void svm_l2_load_out_load(void);
 
 static inline uint64_t rdtsc(void)
 {

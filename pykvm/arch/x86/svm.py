@@ -39,7 +39,7 @@ VMCB = {
 # Intercept bits: (intercept word offset, bit).
 INTERCEPTS = {
     "INTR": (0x00C, 0), "NMI": (0x00C, 1), "CPUID": (0x00C, 18), "HLT": (0x00C, 24),
-    "INVLPG": (0x00C, 25), "IOIO_PROT": (0x00C, 27), "MSR_PROT": (0x00C, 28),
+    "INVLPG": (0x00C, 25), "INVLPGA": (0x00C, 26), "IOIO_PROT": (0x00C, 27), "MSR_PROT": (0x00C, 28),
     "SHUTDOWN": (0x00C, 31), "VMRUN": (0x010, 0), "VMMCALL": (0x010, 1), "VMLOAD": (0x010, 2),
     "VMSAVE": (0x010, 3), "STGI": (0x010, 4), "CLGI": (0x010, 5),
 }
@@ -60,7 +60,36 @@ EXIT_CODES: Dict[int, str] = {
     0xFFFFFFFFFFFFFFFF: "INVALID",
 }
 EXIT_NUMBERS = {v: k for k, v in EXIT_CODES.items()}
-EXIT_VMMCALL, EXIT_HLT, EXIT_IOIO = 0x081, 0x078, 0x07B
+EXIT_VMMCALL, EXIT_HLT, EXIT_IOIO, EXIT_INVLPGA = 0x081, 0x078, 0x07B, 0x07A
+
+# TLB_CONTROL, VMCB offset 0x05C (APM vol. 2, 15.16.1 "TLB Flush"): what VMRUN flushes before it
+# enters the guest. 3 and 7 exist only with FlushByAsid (CPUID 0x8000000A EDX[6]).
+TLB_CONTROL = {
+    "DO_NOTHING": 0,        # nothing
+    "FLUSH_ALL": 1,         # every ASID's entries
+    "FLUSH_ASID": 3,        # the guest's ASID, global entries included
+    "FLUSH_ASID_LOCAL": 7,  # the guest's ASID, non-global entries only
+}
+
+# CPUID 0x8000000A EDX feature bits the nested tests look at (APM vol. 3, CPUID Fn8000_000A).
+SVM_FEATURES_EDX = {"NP": 0, "LBRV": 1, "SVM_LOCK": 2, "NRIPS": 3, "TSC_RATE": 4,
+                    "VMCB_CLEAN": 5, "FLUSH_BY_ASID": 6, "DECODE_ASSISTS": 7,
+                    "PAUSE_FILTER": 10, "PAUSE_FILTER_THRESHOLD": 12, "AVIC": 13,
+                    "V_VMSAVE_VMLOAD": 15, "VGIF": 16}
+
+
+def svm_features(cpuid) -> Dict[str, object]:
+    """The SVM leaf (CPUID 0x8000000A) of ``cpuid`` (entries as
+    :meth:`pykvm.kvm.Kvm.supported_cpuid` returns them: ``function``, ``eax``...) as
+    ``{"revision": int, "asids": int (NASID: ASIDs 1..asids-1 are usable), "edx": int,
+    <each name of SVM_FEATURES_EDX>: bool}``; an empty dict when the leaf is absent."""
+    leaf = next((e for e in cpuid if e.function == CPUID_SVM_FEATURES), None)
+    if leaf is None:
+        return {}
+    out: Dict[str, object] = {"revision": leaf.eax & 0xFF, "asids": leaf.ebx, "edx": leaf.edx}
+    for name, bit in SVM_FEATURES_EDX.items():
+        out[name] = bool(leaf.edx >> bit & 1)
+    return out
 
 
 def exit_name(code: int) -> str:
