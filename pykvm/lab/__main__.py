@@ -67,6 +67,17 @@ def _dir_argument(text: str) -> Path:
     return p
 
 
+def _cpus_argument(text: str) -> int:
+    """--smp N: 1 to 8 CPUs (QEMU TCG on the host's own CPUs: more only slows the lab)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number of CPUs") from None
+    if not 1 <= n <= 8:
+        raise argparse.ArgumentTypeError(f"{n}: the lab VM takes 1 to 8 CPUs")
+    return n
+
+
 def _file_argument(text: str) -> Path:
     """A --kernel / --kvm-module file: one that exists and is a regular file (or a link to one)."""
     p = Path(text).expanduser()
@@ -132,6 +143,10 @@ def _parse(argv: list[str] | None) -> tuple[str, Options]:
     p.add_argument("--out", type=_dir_argument, default=CHECKOUT / "build" / "lab", help="output dir (default <checkout>/build/lab)")
     p.add_argument("--keep", action="store_true", help="keep the staging trees of the run in <out>/<lab>/")
     p.add_argument("--timeout", type=float, help="seconds per QEMU boot (default 600)")
+    p.add_argument("--smp", type=_cpus_argument, metavar="N",
+                   help="CPUs of the lab VM (QEMU -smp) for the boots that run the selected tests "
+                   "(default: nested 1, riscv 2; the benchmark boot keeps its 2). The nested-SVM "
+                   "check that moves a vCPU thread between CPUs needs 2")
     p.add_argument("--cpu", action="append", help="riscv CPU model (rv64 or max; repeatable; default both)")
     p.add_argument("-k", dest="k", metavar="EXPR", help="passed to the inner pytest as -k EXPR")
     p.add_argument("--shell", action="store_true", help="boot to an interactive busybox shell instead of running tests")
@@ -179,7 +194,7 @@ def _parse(argv: list[str] | None) -> tuple[str, Options]:
     mods = _modules(p, a)
     return a.lab, Options(cache=a.cache.expanduser(), out=a.out.expanduser().resolve(), keep=a.keep,
                           timeout=a.timeout, cpus=cpus, k=a.k, tests=a.tests or None, shell=a.shell,
-                          refresh=a.refresh, kernel_suite=a.kernel_suite, verbose=a.verbose,
+                          refresh=a.refresh, kernel_suite=a.kernel_suite, verbose=a.verbose, smp=a.smp,
                           kernel=a.kernel.resolve() if a.kernel else None,
                           modules=[m.resolve() for m in mods], params=list(a.param or []))
 

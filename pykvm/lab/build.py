@@ -205,6 +205,7 @@ class Options:
     refresh: bool = False
     kernel_suite: str = "sid"
     verbose: bool = False  # echo the serial console instead of the live status line
+    smp: int | None = None  # the lab VM's CPUs for the main and extra boots (None: nested 1, riscv 2)
     # a KVM developer's kernel and modules (pykvm/lab/devkernel.py): --kernel boots this image
     # instead of Debian's (L2 Linux guests keep Debian's); --modules / --kvm-module files are
     # loaded instead of Debian's modules of the same name
@@ -959,7 +960,7 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
                 # AIA (APLIC + IMSIC, with Smaia/Ssaia on the harts): L1's KVM then offers its
                 # in-kernel AIA irqchip (KVM_DEV_TYPE_RISCV_AIA), which pykvm's virtio devices need
                 "-machine", "virt,aia=aplic-imsic",
-                "-cpu", "rv64,h=true,smaia=true,ssaia=true" if cpu == "rv64" else cpu, "-m", "2G", "-smp", "2",
+                "-cpu", "rv64,h=true,smaia=true,ssaia=true" if cpu == "rv64" else cpu, "-m", "2G", "-smp", str(opts.smp or 2),
                 "-no-reboot", "-nic", "none", "-kernel", str(workdir / "vmlinuz"), "-initrd", str(image),
                 # an unknown name=value on the kernel command line reaches /init's environment:
                 # the inner tests learn which CPU model they run on (and which tests to run)
@@ -979,7 +980,8 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
         if not opts.shell:
             extra_boots(f"riscv-{cpus[0]}", lambda image, cmd, kparams: riscv(cpus[0], image, cmd, kparams))
     else:
-        def nested(image: Path, extra: str = "", smp: str = "1", kparams: str = kcmd) -> list[str]:
+        def nested(image: Path, extra: str = "", smp: str = str(opts.smp or 1),
+                   kparams: str = kcmd) -> list[str]:
             return ["-accel", "tcg", "-cpu", "max", "-smp", smp, "-m", "1024", "-no-reboot", "-nic", "none",
                     "-kernel", str(workdir / "vmlinuz"), "-initrd", str(image),
                     "-append", NESTED_CMDLINE + extra + kparams]

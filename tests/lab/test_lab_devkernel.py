@@ -391,3 +391,10 @@ def test_extra_boot_names_and_files(tmp_path):
     assert "lab/modules-run.list" not in files               # the main boots: Debian's, from the base
     assert files["lab/modules-run-rebuilt.list"].decode().splitlines()[:3] == [
         "/lab/kmod/rebuilt/irqbypass.ko", "/lab/kmod/rebuilt/kvm.ko", "/lab/kmod/rebuilt/kvm-amd.ko nested=1"]
+
+
+def test_smp_argument(capsys):
+    assert _parse(["nested"])[1].smp is None                     # the lab's default
+    assert _parse(["nested", "--smp", "2", "tests/nested/test_svm_tlb.py"])[1].smp == 2
+    assert "1 to 8 CPUs" in parse_error(capsys, ["nested", "--smp", "0"])
+    assert "not a number of CPUs" in parse_error(capsys, ["riscv", "--smp", "two"])
