@@ -521,7 +521,7 @@ def build_kvm_modules(archive: Archive, patches: Sequence[Path | str] = (), jobs
 
     ``jobs``: parallel compiler jobs (default: the CPUs this process may use). ``out``: a directory
     the result is copied into (the return value then); otherwise the result stays in the cache,
-    ``<cache>/kmod/modules-<key>``. A result already in the cache for the same kernel version and
+    ``<cache>/kmod/modules-<key>`` (with the compiler's output in ``build.log``). A result already in the cache for the same kernel version and
     patches is reused unless ``rebuild``. ``log`` gets the progress lines.
 
     Raises :class:`KmodError` (a :class:`~pykvm.lab.debian.LabError`) with a one-line reason: a
@@ -644,6 +644,7 @@ def _build(archive: Archive, plan: Plan, patch_paths: list[Path], patch_info: li
         for name in names:
             shutil.copy2(work / "out" / name, staged / name)
         _write_json(staged / "manifest.json", manifest)
+        shutil.move(str(logfile), staged / "build.log")
         if result.exists():
             shutil.rmtree(result)
         os.replace(staged, result)

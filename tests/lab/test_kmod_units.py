@@ -291,12 +291,40 @@ def test_command_help(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
+# the mutations of tests/nested/mutations (issue 22 item 4)
+
+MUTATIONS = sorted((Path(__file__).resolve().parents[1] / "nested" / "mutations").glob("*.patch"))
+
+
+def _lab_cache() -> Path:
+    return Path(os.environ.get("PYKVM_LAB_CACHE", "~/.cache/pykvm/lab")).expanduser()
+
+
+@pytest.mark.parametrize("patch", MUTATIONS, ids=lambda p: p.stem)
+def test_mutations_change_kvm_sources_only_and_apply_to_a_cached_source(patch, tmp_path):
+    level, _ = kmod.check_patch(patch)
+    assert level == 1
+    sources = sorted((_lab_cache() / "kmod").glob("source-*/.pykvm-source.json"))
+    if not sources:
+        pytest.skip("no KVM source in the lab cache (python -m pykvm.lab.kmod unpacks it)")
+    for stamp in sources:
+        tree = tmp_path / stamp.parent.name
+        for d in kmod.SOURCE_DIRS:
+            shutil.copytree(stamp.parent / d, tree / d)
+        kmod.apply_patches(tree, [patch], log=lambda m: None)
+        assert "MUTATION (pykvm)" in "".join(f.read_text() for f in (tree / "arch/x86/kvm/svm").glob("*.[ch]"))
+
+
+def test_there_are_at_least_two_mutations():
+    assert len(MUTATIONS) >= 2
+
+
+# --------------------------------------------------------------------------------------------------
 # a build already in the cache (none is made here)
 
 
 def _cached_results() -> list[Path]:
-    cache = Path(os.environ.get("PYKVM_LAB_CACHE", "~/.cache/pykvm/lab")).expanduser()
-    return sorted((cache / "kmod").glob("modules-*/manifest.json"))
+    return sorted((_lab_cache() / "kmod").glob("modules-*/manifest.json"))
 
 
 def test_a_cached_build_matches_its_manifest_and_debians_vermagic():
