@@ -205,7 +205,7 @@ class Options:
     refresh: bool = False
     kernel_suite: str = "sid"
     verbose: bool = False  # echo the serial console instead of the live status line
-    smp: int | None = None  # the lab VM's CPUs for the main and extra boots (None: nested 1, riscv 2)
+    smp: int | None = None  # the lab VM's CPUs for the main and extra boots (None: 2)
     # a KVM developer's kernel and modules (pykvm/lab/devkernel.py): --kernel boots this image
     # instead of Debian's (L2 Linux guests keep Debian's); --modules / --kvm-module files are
     # loaded instead of Debian's modules of the same name
@@ -980,7 +980,9 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
         if not opts.shell:
             extra_boots(f"riscv-{cpus[0]}", lambda image, cmd, kparams: riscv(cpus[0], image, cmd, kparams))
     else:
-        def nested(image: Path, extra: str = "", smp: str = str(opts.smp or 1),
+        # two L1 CPUs: the nested-SVM suite moves a vCPU thread between them, the Linux guests'
+        # I/O threads run beside their vCPU, and the benchmark's two VMMs each keep two busy
+        def nested(image: Path, extra: str = "", smp: str = str(opts.smp or 2),
                    kparams: str = kcmd) -> list[str]:
             return ["-accel", "tcg", "-cpu", "max", "-smp", smp, "-m", "1024", "-no-reboot", "-nic", "none",
                     "-kernel", str(workdir / "vmlinuz"), "-initrd", str(image),
@@ -988,7 +990,6 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
         if main:
             runs.append(("nested", nested(initrd_qemu if opts.shell else initrd), timeout))
         if qemu_boot:
-            # two L1 CPUs: the benchmark's two VMMs keep a vCPU thread and an I/O thread busy
             runs.append(("nested-qemu", nested(initrd_qemu, " PYKVM_LAB_PYTEST=qemu", smp="2"),
                          qemu_timeout))
         if not opts.shell:
