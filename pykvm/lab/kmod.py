@@ -539,9 +539,7 @@ def build_kvm_modules(archive: Archive, patches: Sequence[Path | str] = (), jobs
     result = archive.cache / "kmod" / f"modules-{key[:20]}"
     log(f"kernel {plan.image.name} {plan.image.version}; {len(patch_paths)} patch(es); key {key[:20]}")
     with archive.lock(f"kmod-modules-{key[:20]}", "a KVM module build with the same key"):
-        if rebuild and result.exists():
-            shutil.rmtree(result)
-        if not _result_ok(result):
+        if rebuild or not _result_ok(result):  # the old result stays until the new one replaces it
             _build(archive, plan, patch_paths, patch_info, names, key, result, jobs, log, t_start)
         else:
             log(f"reusing the cached build in {result}")
