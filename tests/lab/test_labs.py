@@ -61,6 +61,11 @@ RISCV_ONCE = [
          "test_linux_control_list_pause_resume_stat_dump_stop_riscv",
          # pykvm sandbox (tests/riscv/test_linux_sandbox_riscv.py)
          "test_sandbox_runs_the_command_in_the_riscv_guest_over_an_overlay"]
+# the nested-SVM suite (tests/nested/test_svm_tlb.py, docs/nested.md)
+SVM_SUITE = ["test_tlb_control_honoured_on_next_vmrun", "test_invlpga_invalidates_that_asids_translation",
+             "test_l2_guests_multiplexed_on_one_vcpu", "test_vcpus_with_same_l2_asids_moved_between_cpus",
+             "test_overcommitted_cpus_keep_l2_translations", "test_overcommit_under_memory_pressure",
+             "test_nested_state_restore_keeps_l2_asid_behaviour", "test_flushes_per_round_trip"]
 NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           "test_set_nested_state_size_below_header", "test_set_nested_state_bad_format",
           "test_set_nested_state_guest_mode_needs_svme", "test_set_nested_state_header_only_gif",
@@ -68,6 +73,7 @@ NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           "test_l2_io_exit_has_guest_mode_flag_l1_exit_has_not",
           "test_nested_state_at_l2_io_exit_restores_into_fresh_vm",
           "test_asid_change_l2_sees_l1_writes", "test_round_trip_rate",
+          *SVM_SUITE,
           "test_linux_bzimage_boots_to_init_and_powers_off",     # tests/nested/test_linux.py
           # virtio-net with a Linux guest (tests/nested/test_linux_net.py): passt and tap
           "test_virtio_net_user_mode_fetches_a_host_page",
@@ -90,6 +96,22 @@ EXPECTED = {"riscv": {"riscv-rv64": SMOKE + RISCV + RISCV_ONCE, "riscv-max": SMO
                        "nested-qemu": ["test_virtio_blk_throughput_against_qemu",
                                        # tests/nested/test_net_fs_bench_nested.py
                                        "test_virtio_net_and_fs_throughput_against_qemu"]}}
+# KVM modules rebuilt from Debian's source (python -m pykvm.lab.kmod), unmodified, loaded with
+# --modules and run under a two-value module-parameter matrix: the SVM tests must pass in each
+# combination, as with Debian's own modules
+REBUILT_DIR, REBUILT_OUT = OUT / "kvm-rebuilt", OUT / "rebuilt"
+REBUILT_TESTS = ["tests/nested/test_nested.py", "tests/nested/test_svm_tlb.py"]
+REBUILT_PARAM = "kvm_amd.npt=0,1"
+REBUILT_COMBOS = ["kvm_amd.npt=0", "kvm_amd.npt=1"]
+EXPECTED["nested-rebuilt"] = {"nested": [n for n in NESTED if n.startswith("test_") and
+                                         not n.startswith(("test_linux", "test_virtio", "test_sandbox"))]}
+# what each entry runs, in order (python -m ...), and the JUnit file its checks read
+COMMANDS = {"riscv": [["pykvm.lab", "riscv"]], "nested": [["pykvm.lab", "nested"]],
+            "nested-rebuilt": [["pykvm.lab.kmod", "--out", str(REBUILT_DIR)],
+                               ["pykvm.lab", "nested", "--out", str(REBUILT_OUT), "--modules",
+                                str(REBUILT_DIR), "--param", REBUILT_PARAM, *REBUILT_TESTS]]}
+XML = {"riscv": OUT / "riscv.xml", "nested": OUT / "nested.xml",
+       "nested-rebuilt": REBUILT_OUT / "nested.xml"}
 SUMMARIES: list = []          # (lab, line) for the terminal summary (see conftest.py)
 
 
@@ -155,45 +177,68 @@ def _background() -> None:
 
 
 class LabRun:
-    """``python -m pykvm.lab <lab>`` running in the background from its start: its output lines are
-    kept as they come, and :meth:`follow` passes them (those so far, then the rest as they come) to
-    a ``say`` and returns (status, output). The lab runs in its own process group: after
-    ``timeout`` seconds, or on :meth:`stop`, it gets SIGINT (it then stops QEMU and cleans up), and
-    SIGKILL if it has not ended 30 s later. Its ``<lab>.xml`` of an earlier run is removed first."""
+    """A lab entry's commands (``python -m pykvm.lab <lab>``, or a chain such as rebuilding the
+    KVM modules and then a lab run that loads them) running in the background, one after the
+    other, from the start: their output lines are kept as they come, and :meth:`follow` passes them
+    (those so far, then the rest as they come) to a ``say`` and returns (status, output): the first
+    non-zero status, after which the chain stops. Each command runs in its own process group: after
+    ``timeout`` seconds for the whole chain, or on :meth:`stop`, it gets SIGINT (a lab then stops
+    QEMU and cleans up), and SIGKILL if it has not ended 30 s later. The entry's JUnit file of an
+    earlier run is removed first."""
 
     def __init__(self, lab: str, timeout: float = 1800):
         self.lab, self.timeout = lab, timeout
-        xml = OUT / f"{lab}.xml"
-        if xml.exists():
-            xml.unlink()
+        if XML[lab].exists():
+            XML[lab].unlink()
         self.lines: list[str] = []
         self.done = False
+        self.returncode: int | None = None
         self.cond = threading.Condition()
         self.expired = threading.Event()
-        # each boot's own limit (pykvm/lab/build.py: LabSpec.timeout, qemu_timeout)
-        self.p = subprocess.Popen([sys.executable, "-m", "pykvm.lab", lab], cwd=ROOT,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, start_new_session=True, preexec_fn=_background,
-                                  env={**os.environ, "PYKVM_LAB_PROGRESS": "plain"})
+        self.stopping = False
+        self.p: subprocess.Popen | None = None
         self.timer = threading.Timer(timeout, self._expire)
         self.timer.daemon = True
         self.timer.start()
-        threading.Thread(target=self._read, name=f"lab-{lab}", daemon=True).start()
+        threading.Thread(target=self._chain, name=f"lab-{lab}", daemon=True).start()
 
-    def _read(self) -> None:
-        for line in self.p.stdout:  # type: ignore[union-attr]
+    def _chain(self) -> None:
+        rc = 0
+        for args in COMMANDS[self.lab]:
             with self.cond:
-                self.lines.append(line.rstrip("\n"))
+                if self.stopping:
+                    break
+                # each boot's own limit (pykvm/lab/build.py: LabSpec.timeout, qemu_timeout)
+                self.p = p = subprocess.Popen(
+                    [sys.executable, "-m", *args], cwd=ROOT, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                    start_new_session=True, preexec_fn=_background,
+                    env={**os.environ, "PYKVM_LAB_PROGRESS": "plain"})
+                self.lines.append(f"$ python -m {' '.join(args)}")
                 self.cond.notify_all()
-        self.p.wait()
+            for line in p.stdout:  # type: ignore[union-attr]
+                with self.cond:
+                    self.lines.append(line.rstrip("\n"))
+                    self.cond.notify_all()
+            rc = p.wait()
+            if rc != 0:
+                break
         with self.cond:
+            self.returncode = rc
             self.done = True
             self.cond.notify_all()
 
+    def _finished(self) -> bool:
+        return self.done
+
     def _expire(self) -> None:
         self.expired.set()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.p.pid, signal.SIGINT)
+        with self.cond:
+            self.stopping = True
+            p = self.p
+        if p is not None and p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGINT)
 
     def follow(self, say) -> tuple[int, str]:
         shown = 0
@@ -212,19 +257,24 @@ class LabRun:
         lines = list(self.lines)
         if self.expired.is_set():
             lines.append(f"(test: lab {self.lab} stopped after {self.timeout:.0f} s)")
-        return self.p.returncode, "\n".join(lines)
+        return self.returncode if self.returncode is not None else -1, "\n".join(lines)
 
     def stop(self) -> None:
-        """Stop the lab if it still runs (SIGINT, then SIGKILL 30 s later). Idempotent."""
+        """Stop the chain if it still runs (SIGINT, then SIGKILL 30 s later). Idempotent."""
         self.timer.cancel()
-        if self.p.poll() is None:
+        with self.cond:
+            self.stopping = True
+            p = self.p
+        if p is not None and p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.p.pid, signal.SIGINT)
+                os.killpg(p.pid, signal.SIGINT)
             try:
-                self.p.wait(timeout=30)
+                p.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait()
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        with self.cond:                     # the reader ends with the process
+            self.cond.wait_for(self._finished, timeout=35)
 
 
 # labs started when collection ended (tests/lab/conftest.py), so that they run beside the rest of
@@ -252,14 +302,15 @@ def _run_lab(lab: str, say) -> tuple[int, str]:
     return run.follow(say)
 
 
-@pytest.mark.parametrize("lab", ["riscv", "nested"])
+@pytest.mark.parametrize("lab", ["riscv", "nested", "nested-rebuilt"])
 def test_lab(lab, pytestconfig):
     why = _can_build()
     if why:
         pytest.skip(why)
-    xml = OUT / f"{lab}.xml"
+    xml = XML[lab]
     say = _terminal(pytestconfig)
-    say(f"lab {lab}: python -m pykvm.lab {lab} (progress as it comes)")
+    say(f"lab {lab}: " + " && ".join(f"python -m {' '.join(c)}" for c in COMMANDS[lab]) +
+        " (progress as it comes)")
     returncode, output = _run_lab(lab, say)
     tail = "\n".join(output.strip().splitlines()[-25:])
     assert xml.exists(), f"lab {lab} wrote no {xml} (exit {returncode}):\n{tail}"
@@ -267,9 +318,12 @@ def test_lab(lab, pytestconfig):
     table = "\n".join(f"  [{run}] {name}: {outcome}" for run, name, outcome in cases)
     print(f"inner tests of lab {lab}:\n{table}")
     for suite in ET.parse(xml).getroot().iter("testsuite"):      # figures the inner tests recorded
+        props = {p.get("name"): p.get("value") for p in suite.iter("property")}
+        combo = props.get("lab_combination")                    # a matrix boot's combination
+        where = suite.get("hostname", "") + (f"[{combo}]" if combo else "")
         for prop in suite.iter("property"):
-            SUMMARIES.append((lab, f"{suite.get('hostname', '')}: {prop.get('name')} = "
-                                   f"{prop.get('value')}"))
+            if not (prop.get("name") or "").startswith("lab_"):     # the matrix's own labels
+                SUMMARIES.append((lab, f"{where}: {prop.get('name')} = {prop.get('value')}"))
     for run in sorted({c[0] for c in cases}):
         mine = [c for c in cases if c[0] == run]
         counts = {k: sum(1 for c in mine if c[2].startswith(k)) for k in
@@ -285,4 +339,8 @@ def test_lab(lab, pytestconfig):
                    (c[1].endswith("::" + n) or f"::{n}[" in c[1])]       # parametrized too
             assert hit and all(c[2] == "passed" for c in hit), \
                 f"lab {lab}: inner {n} did not pass in {run}:\n{table}"
+            if lab == "nested-rebuilt":                # and in every combination of the matrix
+                for combo in REBUILT_COMBOS:
+                    assert any(c[1].endswith(f"[{combo}]") for c in hit), \
+                        f"lab {lab}: inner {n} did not run with {combo}:\n{table}"
     assert returncode == 0, f"lab {lab} exited {returncode}:\n{tail}"
