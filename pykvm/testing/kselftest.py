@@ -34,6 +34,11 @@ A test that runs past its timeout is killed (its whole process group) and report
 ``not ok N selftests: C: T # TIMEOUT S seconds``; any other failure ``# exit=STATUS`` (pytest's
 status). Every ``heartbeat`` seconds of a running test the runner prints ``# heartbeat: C:T
 running for N s`` on stdout (with ``-s`` too), so a CI that watches for output sees progress.
+``-j N`` (pykvm's addition; default 1, ``0``/``auto``: :func:`cpu_count`) keeps up to N tests
+running at once, each under its own timeout and heartbeat; each test's lines are printed
+together when it ends, in list order (a test that ends early waits for those before it), so
+the TAP is what a serial run prints, heartbeats aside. SIGTERM, SIGHUP or SIGINT kills every
+running test's process group and exits 128 + the signal number.
 The run ends with kselftest's ``# Totals:`` line and one ``# FAILED: C:T (why)`` line per
 failed test (``# FAILED: none`` when none failed); its exit status is 1 when a test failed
 (0 with ``-f``), as the kernel's. A test whose every case was skipped is ``ok ... # SKIP`` with
@@ -378,21 +383,80 @@ def run_one(test_file: str, extra: Sequence[str] = ()) -> int:
 
 # -- the runner --------------------------------------------------------------------------------
 
-class _Out:
-    """Where the runner writes: results and heartbeats on stdout, test output and the timeout
-    notes on the log (stdout, output.log with -s, one file per test with -p)."""
+class _Test:
+    """One entry of a run: where it stands (``proc`` while it runs, ``done`` once it ended),
+    its limits, and the lines it has printed that still wait for their turn."""
 
-    def __init__(self) -> None:
-        self.log: TextIO = sys.stdout
+    def __init__(self, coll: str, test: str, num: int, plan: int):
+        self.coll, self.test, self.num = coll, test, num
+        self.plan = plan                   # the block's test count, on a collection's first test
+        self.label, self.header = f"{coll}:{test}", f"selftests: {coll}: {test}"
+        self.proc: "Optional[subprocess.Popen[bytes]]" = None
+        self.ktap = ""
+        self.log: Optional[TextIO] = None  # its own log file (-p)
+        self.waiting: List[Tuple[bool, str]] = []      # (a stdout line?, line) not yet printed
+        self.timeout = 0
+        self.start = 0.0
+        self.deadline: Optional[float] = None
+        self.beat: Optional[float] = None
+        self.kill_at: Optional[float] = None
+        self.every = 0                     # seconds between its heartbeats
+        self.eof, self.timed_out, self.done, self.headed = False, False, False, False
+        self.pending = b""
+        self.kind, self.directive = "", ""
+
+
+class _Printer:
+    """Where the runner writes: result, header and heartbeat lines on stdout; a test's output
+    and its timeout note on the log (stdout, ``output.log`` with -s, one file per test with
+    -p). ``live`` (one test at a time) prints a test's lines as they come; otherwise a test's
+    lines wait until it ended and every test before it was printed (:meth:`release`)."""
+
+    def __init__(self, live: bool, log: Optional[TextIO]):
+        self.live, self.log, self.next = live, log, 0
 
     @staticmethod
-    def say(line: str) -> None:
+    def stdout(line: str) -> None:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
-    def note(self, line: str) -> None:
-        self.log.write(line + "\n")
-        self.log.flush()
+    def _log(self, line: str) -> None:
+        if self.log is None:
+            self.stdout(line)
+        else:
+            self.log.write(line + "\n")
+            self.log.flush()
+
+    def say(self, t: _Test, line: str) -> None:
+        if self.live:
+            self.stdout(line)
+        else:
+            t.waiting.append((True, line))
+
+    def note(self, t: _Test, line: str) -> None:
+        if t.log is not None:
+            t.log.write(line + "\n")
+            t.log.flush()
+        elif self.live:
+            self._log(line)
+        else:
+            t.waiting.append((False, line))
+
+    def release(self, tests: Sequence[_Test]) -> None:
+        """Print the ended tests whose turn it is, in list order, then the TAP header of the
+        next block when the next test is a collection's first."""
+        while True:
+            if self.next < len(tests) and tests[self.next].plan and \
+                    not tests[self.next].headed:
+                tests[self.next].headed = True
+                self.stdout("TAP version 13")
+                self.stdout(f"1..{tests[self.next].plan}")
+            if self.next >= len(tests) or not tests[self.next].done:
+                return
+            for to_stdout, line in tests[self.next].waiting:
+                (self.stdout if to_stdout else self._log)(line)
+            tests[self.next].waiting = []
+            self.next += 1
 
 
 def read_settings(path: str) -> Dict[str, str]:
@@ -418,57 +482,36 @@ def _seconds(text: str, what: str) -> int:
     return n
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (``sched_getaffinity``; ``os.cpu_count()`` where that
+    is missing), at least 1: what ``-j 0`` and ``-j auto`` mean."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    n = len(getaffinity(0)) if getaffinity is not None else os.cpu_count()
+    return max(1, n or 1)
+
+
+def jobs_of(text: str) -> int:
+    """The number of tests ``-j``/``--jobs`` lets run at once: a whole number >= 1, or ``0`` /
+    ``auto`` for :func:`cpu_count`. Exits with one line for anything else."""
+    if text.strip().lower() == "auto":
+        return cpu_count()
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n == 0:
+        return cpu_count()
+    if n < 0:
+        raise SystemExit(f"run_kselftest.sh: --jobs must be a whole number >= 0 or 'auto', "
+                         f"not {text!r}")
+    return n
+
+
 def _stop(proc: "subprocess.Popen[bytes]", sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _supervise(proc: "subprocess.Popen[bytes]", out: _Out, label: str, timeout: int,
-               heartbeat: int) -> bool:
-    """Pass the test's output to the log line by line ("# " before each), print a heartbeat
-    every ``heartbeat`` seconds, and end its process group after ``timeout`` seconds (SIGTERM,
-    then SIGKILL after KILL_GRACE seconds). Returns whether it timed out."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    start = time.monotonic()
-    deadline = start + timeout if timeout else None
-    beat = start + heartbeat if heartbeat else None
-    kill_at: Optional[float] = None
-    timed_out, pending = False, b""
-    while True:
-        now = time.monotonic()
-        waits = [t - now for t in (deadline, beat, kill_at) if t is not None]
-        ready, _, _ = select.select([fd], [], [], max(0.0, min(waits)) if waits else None)
-        if ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                text = line.decode("utf-8", "replace").rstrip("\r")
-                out.note("#" + (" " + text if text else ""))
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            timed_out, deadline, beat, kill_at = True, None, None, now + KILL_GRACE
-            _stop(proc, signal.SIGTERM)
-        if beat is not None and now >= beat:
-            out.say(f"# heartbeat: {label} running for {int(now - start)} s")
-            beat += heartbeat
-        if kill_at is not None and now >= kill_at:
-            kill_at = None
-            _stop(proc, signal.SIGKILL)
-    if pending:
-        out.note("# " + pending.decode("utf-8", "replace"))
-    try:                                   # its output ended: its own end, or its timeout's
-        proc.wait(max(0.0, deadline - time.monotonic()) if deadline is not None else None)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    if timed_out:
-        _stop(proc, signal.SIGKILL)        # anything of its group still alive
-        proc.wait()
-    return timed_out
 
 
 def _args_of(test: str) -> List[str]:
@@ -478,11 +521,11 @@ def _args_of(test: str) -> List[str]:
     return shlex.split(os.environ.get(f"KSELFTEST_{key}_ARGS", ""))
 
 
-def _run_test(base: str, coll: str, test: str, num: int, out: _Out, override: Optional[int],
-              heartbeat_override: Optional[int]) -> Tuple[str, str]:
-    """Run one installed test; print its header, log and result line; return (kind,
-    directive)."""
-    settings = read_settings(os.path.join(base, coll, "settings"))
+def _start(base: str, t: _Test, pr: _Printer, override: Optional[int],
+           heartbeat_override: Optional[int]) -> None:
+    """Print a test's header and start it in a process group of its own, its output on a pipe;
+    a test whose file is missing ends at once (``not ok``)."""
+    settings = read_settings(os.path.join(base, t.coll, "settings"))
     timeout = _seconds(settings.get("timeout", str(DEFAULT_TIMEOUT)), "timeout in settings")
     heartbeat = _seconds(settings.get("heartbeat", str(DEFAULT_HEARTBEAT)),
                          "heartbeat in settings")
@@ -490,40 +533,149 @@ def _run_test(base: str, coll: str, test: str, num: int, out: _Out, override: Op
         heartbeat = heartbeat_override
     if override is not None:
         timeout = override
-        out.note(f"# overriding timeout to {timeout}")
+        pr.note(t, f"# overriding timeout to {timeout}")
     else:
-        out.note(f"# timeout set to {timeout}")
-    header = f"selftests: {coll}: {test}"
-    out.say(f"# {header}")
-    cwd, py = os.path.join(base, coll), f"{test}.py"
+        pr.note(t, f"# timeout set to {timeout}")
+    pr.say(t, f"# {t.header}")
+    cwd, py = os.path.join(base, t.coll), f"{t.test}.py"
     if not os.path.isfile(os.path.join(cwd, py)):
-        out.say(f"# Warning: file {coll}/{py} is missing!")
-        out.say(f"not ok {num} {header}")
-        return "fail", "missing"
-    ktap = _ktap_file()
+        pr.say(t, f"# Warning: file {t.coll}/{py} is missing!")
+        pr.say(t, f"not ok {t.num} {t.header}")
+        t.kind, t.directive, t.done = "fail", "missing", True
+        return
+    t.ktap = _ktap_file()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    try:
-        proc = subprocess.Popen(pytest_command(py, ktap, _args_of(test)), cwd=cwd, env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            timed_out = _supervise(proc, out, f"{coll}:{test}", timeout, heartbeat)
-        except BaseException:
-            _stop(proc, signal.SIGKILL)
-            raise
-        report = _read(ktap)
-    finally:
-        os.unlink(ktap)
+    t.proc = subprocess.Popen(pytest_command(py, t.ktap, _args_of(t.test)), cwd=cwd, env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    t.timeout, t.every, t.start = timeout, heartbeat, time.monotonic()
+    t.deadline = t.start + timeout if timeout else None
+    t.beat = t.start + heartbeat if heartbeat else None
+
+
+def _read_output(t: _Test, pr: _Printer) -> None:
+    """Pass what the test wrote to its log, line by line, "# " before each."""
+    assert t.proc is not None and t.proc.stdout is not None
+    chunk = os.read(t.proc.stdout.fileno(), 65536)
+    if not chunk:
+        t.eof, t.beat = True, None
+        if t.pending:
+            pr.note(t, "# " + t.pending.decode("utf-8", "replace"))
+        return
+    *lines, t.pending = (t.pending + chunk).split(b"\n")
+    for line in lines:
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        pr.note(t, "#" + (" " + text if text else ""))
+
+
+def _tick(t: _Test, now: float, pr: _Printer) -> None:
+    """A running test's clock: a heartbeat line every ``every`` seconds; past its timeout,
+    SIGTERM to its process group, and SIGKILL KILL_GRACE seconds later."""
+    assert t.proc is not None
+    if t.deadline is not None and now >= t.deadline:
+        t.timed_out, t.deadline, t.beat, t.kill_at = True, None, None, now + KILL_GRACE
+        _stop(t.proc, signal.SIGTERM)
+    if t.beat is not None and now >= t.beat:
+        pr.stdout(f"# heartbeat: {t.label} running for {int(now - t.start)} s")
+        t.beat += t.every
+    if t.kill_at is not None and now >= t.kill_at:
+        t.kill_at = None
+        _stop(t.proc, signal.SIGKILL)
+
+
+def _finish(t: _Test, pr: _Printer) -> None:
+    """A test whose output ended and whose process exited: its KTAP report to the log, then
+    its result line."""
+    assert t.proc is not None
+    if t.timed_out:
+        _stop(t.proc, signal.SIGKILL)      # anything of its group still alive
+    t.proc.wait()
+    if t.proc.stdout is not None:
+        t.proc.stdout.close()
+    report = _read(t.ktap)
+    os.unlink(t.ktap)
+    t.ktap = ""
     for line in report.splitlines():
-        out.note("# " + line if line else "#")
-    if timed_out:
-        out.say("#")
-        kind, directive = "fail", f"TIMEOUT {timeout} seconds"
+        pr.note(t, "# " + line if line else "#")
+    if t.timed_out:
+        pr.say(t, "#")
+        t.kind, t.directive = "fail", f"TIMEOUT {t.timeout} seconds"
     else:
-        kind, directive = verdict(proc.returncode, report)
-    ok = "not ok" if kind == "fail" else "ok"
-    out.say(f"{ok} {num} {header}" + (f" # {directive}" if directive else ""))
-    return kind, directive
+        t.kind, t.directive = verdict(t.proc.returncode, report)
+    ok = "not ok" if t.kind == "fail" else "ok"
+    pr.say(t, f"{ok} {t.num} {t.header}" + (f" # {t.directive}" if t.directive else ""))
+    t.done = True
+
+
+def _abandon(t: _Test) -> None:
+    """End a test that is still running when the runner stops: SIGKILL to its process group,
+    its report file removed."""
+    if t.proc is not None and t.proc.returncode is None:
+        _stop(t.proc, signal.SIGKILL)
+        t.proc.wait()
+    if t.proc is not None and t.proc.stdout is not None:
+        t.proc.stdout.close()
+    if t.ktap:
+        os.unlink(t.ktap)
+        t.ktap = ""
+
+
+POLL = 0.05     # seconds between looks at a test whose output ended but whose process lives on
+
+
+def _run_tests(base: str, tests: List[_Test], jobs: int, pr: _Printer, override: Optional[int],
+               heartbeat: Optional[int], per_test_log: Optional[str]) -> None:
+    """Run ``tests`` with up to ``jobs`` at once, starting them in list order; each ends by
+    itself or at its own timeout, and is printed in its turn. On any exception (SIGTERM,
+    Ctrl-C) every running test's process group is killed before it goes on."""
+    started = 0
+    running: List[_Test] = []
+    try:
+        pr.release(tests)
+        while started < len(tests) or running:
+            while started < len(tests) and len(running) < jobs:
+                t = tests[started]
+                started += 1
+                if per_test_log is not None:
+                    os.makedirs(per_test_log, exist_ok=True)
+                    t.log = open(os.path.join(per_test_log, t.test), "w", encoding="utf-8",
+                                 errors="backslashreplace")
+                running.append(t)
+                _start(base, t, pr, override, heartbeat)
+                if t.done:
+                    running.remove(t)
+                    if t.log is not None:
+                        t.log.close()
+                        t.log = None
+                    pr.release(tests)
+            if not running:
+                continue
+            now = time.monotonic()
+            reading = {t.proc.stdout.fileno(): t for t in running
+                       if not t.eof and t.proc is not None and t.proc.stdout is not None}
+            waits = [w - now for t in running for w in (t.deadline, t.beat, t.kill_at)
+                     if w is not None]
+            if len(reading) < len(running):
+                waits.append(POLL)
+            ready, _, _ = select.select(list(reading), [], [],
+                                        max(0.0, min(waits)) if waits else None)
+            for fd in ready:
+                _read_output(reading[fd], pr)
+            now = time.monotonic()
+            for t in list(running):
+                _tick(t, now, pr)
+                if t.eof and t.proc is not None and t.proc.poll() is not None:
+                    _finish(t, pr)
+                    running.remove(t)
+                    if t.log is not None:
+                        t.log.close()
+                        t.log = None
+            pr.release(tests)
+    finally:
+        for t in running:
+            _abandon(t)
+            if t.log is not None:
+                t.log.close()
 
 
 USAGE = """Usage: run_kselftest.sh [OPTIONS]
@@ -538,6 +690,8 @@ USAGE = """Usage: run_kselftest.sh [OPTIONS]
   -n | --netns                  Accepted; ignored (pykvm's tests use no network namespace)
   -o | --override-timeout SECS  Number of seconds after which a test times out (0: never)
   -b | --heartbeat SECS         Seconds between heartbeat lines (0: none; default: settings)
+  -j | --jobs N                 Run up to N tests at once (default 1; 0 or auto: one per CPU);
+                                each test's lines are printed together when it ends, in order
   -h | --help                   Show this usage info
 Environment: PYKVM_PYTHON (the Python to run), KSELFTEST_<TEST>_ARGS (extra pytest arguments)."""
 
@@ -561,14 +715,15 @@ def _runner_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--netns", action="store_true")
     p.add_argument("-o", "--override-timeout", default=None)
     p.add_argument("-b", "--heartbeat", default=None)
+    p.add_argument("-j", "--jobs", default="1")
     p.add_argument("-h", "--help", action="store_true")
     return p
 
 
 def run(base: str, argv: Sequence[str]) -> int:
     """``run_kselftest.sh`` in install directory ``base`` with options ``argv`` (see
-    :data:`USAGE`; the kernel's options and meanings). Returns the exit status: 1 when a
-    test failed (0 with -f) or for bad options, else 0."""
+    :data:`USAGE`; the kernel's options and meanings, and ``-j``). Returns the exit status: 1
+    when a test failed (0 with -f) or for bad options, else 0."""
     a = _runner_parser().parse_args(list(argv))
     if a.help:
         print(USAGE)
@@ -583,6 +738,7 @@ def run(base: str, argv: Sequence[str]) -> int:
     override = None if a.override_timeout is None else _seconds(a.override_timeout,
                                                                  "--override-timeout")
     heartbeat = None if a.heartbeat is None else _seconds(a.heartbeat, "--heartbeat")
+    jobs = jobs_of(a.jobs)
     chosen = list(a.test)
     for c in a.collection:
         found = [e for e in entries if e.split(":", 1)[0] == c]
@@ -595,47 +751,43 @@ def run(base: str, argv: Sequence[str]) -> int:
             sys.stderr.write(f"No such test '{t}'\n")
             return 1
     selected = [e for e in (chosen or entries) if e not in a.skip]
-    out = _Out()
-    if a.summary:
-        out.log = open(os.path.join(base, "output.log"), "w", encoding="utf-8",
-                       errors="backslashreplace")
-    if a.netns:
-        out.say("# --netns: ignored (pykvm's tests use no network namespace)")
-    failed: List[Tuple[str, str]] = []
-    counts = {"pass": 0, "fail": 0, "xfail": 0, "skip": 0}
+    tests: List[_Test] = []
     for coll in sorted({e.split(":", 1)[0] for e in selected}):
-        tests = [e.split(":", 1)[1] for e in selected if e.split(":", 1)[0] == coll]
+        names = [e.split(":", 1)[1] for e in selected if e.split(":", 1)[0] == coll]
         if a.dry_run:
-            out.say(f"# dry run: {coll}: {' '.join(tests)}")
+            _Printer.stdout(f"# dry run: {coll}: {' '.join(names)}")
             continue
-        out.say("TAP version 13")
-        out.say(f"1..{len(tests)}")
-        for num, test in enumerate(tests, 1):
-            if a.per_test_log is not None:
-                os.makedirs(a.per_test_log, exist_ok=True)
-                if out.log is not sys.stdout:
-                    out.log.close()
-                out.log = open(os.path.join(a.per_test_log, test), "w", encoding="utf-8",
-                               errors="backslashreplace")
-            kind, directive = _run_test(base, coll, test, num, out, override, heartbeat)
-            counts[kind] += 1
-            if kind == "fail":
-                failed.append((f"{coll}:{test}", directive))
-    if out.log is not sys.stdout:
-        out.log.close()
+        tests += [_Test(coll, name, num, len(names) if num == 1 else 0)
+                  for num, name in enumerate(names, 1)]
     if a.dry_run:
         return 0
-    out.say(f"# Totals: pass:{counts['pass']} fail:{counts['fail']} xfail:{counts['xfail']} "
-            f"xpass:0 skip:{counts['skip']} error:0")
-    for name, why in failed:
-        out.say(f"# FAILED: {name} ({why})")
+    log: Optional[TextIO] = None
+    if a.summary:
+        log = open(os.path.join(base, "output.log"), "w", encoding="utf-8",
+                   errors="backslashreplace")
+    pr = _Printer(jobs == 1, log)
+    if a.netns:
+        pr.stdout("# --netns: ignored (pykvm's tests use no network namespace)")
+    try:
+        _run_tests(base, tests, jobs, pr, override, heartbeat, a.per_test_log)
+    finally:
+        if log is not None:
+            log.close()
+    counts = {"pass": 0, "fail": 0, "xfail": 0, "skip": 0}
+    for t in tests:
+        counts[t.kind] += 1
+    pr.stdout(f"# Totals: pass:{counts['pass']} fail:{counts['fail']} xfail:{counts['xfail']} "
+              f"xpass:0 skip:{counts['skip']} error:0")
+    failed = [t for t in tests if t.kind == "fail"]
+    for t in failed:
+        pr.stdout(f"# FAILED: {t.label} ({t.directive})")
     if not failed:
-        out.say("# FAILED: none")
+        pr.stdout("# FAILED: none")
     return 1 if failed and not a.no_error_on_fail else 0
 
 
 class _Ended(Exception):
-    """SIGTERM or SIGHUP reached the runner (the running test's group is ended as it unwinds)."""
+    """SIGTERM or SIGHUP reached the runner (every running test's group is ended as it unwinds)."""
 
     def __init__(self, signum: int):
         super().__init__(signum)

@@ -10,9 +10,11 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -243,3 +245,106 @@ def test_verdicts_from_pytest_status_and_ktap():
     assert verdict(0, "") == ("pass", "")
     assert verdict(1, skip) == ("fail", "exit=1")
     assert verdict(5, "") == ("fail", "exit=5")       # pytest: no tests collected
+
+
+def _par_test(d, name, marks, waits_for):
+    """An installed test that writes ``<marks>/<name>.start`` (its start time), waits (at most
+    60 s) until the file ``waits_for`` exists, then writes ``<marks>/<name>.end``."""
+    _add_test(d, name, f"""
+        import os, time
+        def test_meets_the_other():
+            with open(os.path.join({str(marks)!r}, "{name}.start"), "w") as f:
+                f.write(repr(time.time()))
+            for _ in range(600):
+                if os.path.exists({str(waits_for)!r}):
+                    break
+                time.sleep(0.1)
+            with open(os.path.join({str(marks)!r}, "{name}.end"), "w") as f:
+                f.write(repr(time.time()))
+    """)
+
+
+def _times(marks, name):
+    return [float((marks / f"{name}.{e}").read_text()) for e in ("start", "end")]
+
+
+def test_jobs_run_tests_at_once_and_print_each_whole_in_order(install, tmp_path):
+    """-j 2: the first test waits until the second has ended, so the second ends first; the
+    output still gives each test's lines together, in list order, numbered 1..N."""
+    home, d = install
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    _par_test(d, "test_zz_par_first", marks, marks / "test_zz_par_second.end")
+    _par_test(d, "test_zz_par_second", marks, marks / "test_zz_par_first.start")
+    _add_test(d, "test_zz_par_fails", """
+        def test_fails():
+            assert 1 + 1 == 3, "made to fail"
+    """)
+    tests = ["test_zz_par_first", "test_zz_par_second", "test_zz_par_fails"]
+    args = [a for t in tests for a in ("-t", f"{COLL}:{t}")]
+    r = _run(["sh", os.path.join(d, "run_kselftest.sh"), "-j", "2", "-b", "1", *args], cwd=home)
+    assert r.returncode == 1, r.stdout + r.stderr
+    # both ran at once: each started before the other ended
+    (s1, e1), (s2, e2) = _times(marks, tests[0]), _times(marks, tests[1])
+    assert s1 < e2 and s2 < e1 and e2 <= e1, (s1, e1, s2, e2)
+    lines = [line for line in r.stdout.splitlines() if not line.startswith("# heartbeat: ")]
+    assert lines[:2] == ["TAP version 13", "1..3"], r.stdout
+    results = [line for line in lines if re.match(r"(not )?ok \d", line)]
+    assert results == [f"ok 1 selftests: {COLL}: {tests[0]}", f"ok 2 selftests: {COLL}: {tests[1]}",
+                       f"not ok 3 selftests: {COLL}: {tests[2]} # exit=1"], r.stdout
+    # each test's lines in one piece: its header, its output, its result, then the next test's
+    starts = [lines.index(f"# selftests: {COLL}: {t}") for t in tests]
+    ends = [lines.index(line) for line in results]
+    assert starts[0] < ends[0] < starts[1] < ends[1] < starts[2] < ends[2], r.stdout
+    for i, t in enumerate(tests):
+        own = lines[starts[i]:ends[i]]
+        assert not any(o in line for line in own for o in tests if o != t), own
+    for i in (0, 1):                                  # with its own KTAP report
+        assert "#   ok 1 test_meets_the_other" in lines[starts[i]:ends[i]], r.stdout
+    assert lines[ends[2] + 1:] == ["# Totals: pass:2 fail:1 xfail:0 xpass:0 skip:0 error:0",
+                                   f"# FAILED: {COLL}:{tests[2]} (exit=1)"], r.stdout
+    r = _run(["sh", os.path.join(d, "run_kselftest.sh"), "-j", "many"], cwd=home)
+    assert (r.returncode, r.stdout) == (1, "") and r.stderr == \
+        "run_kselftest.sh: --jobs must be a whole number >= 0 or 'auto', not 'many'\n", r.stderr
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_every_running_test(install, tmp_path, sig, status):
+    home, d = install
+    marks, tmp = tmp_path / "marks", tmp_path / "tmp"
+    marks.mkdir()
+    tmp.mkdir()
+    tests = [f"test_zz_stop_{n}" for n in ("a", "b")]
+    for t in tests:                                   # each waits for a file that never comes
+        _par_test(d, t, marks, marks / "never")
+    proc = subprocess.Popen(
+        ["sh", os.path.join(d, "run_kselftest.sh"), "-j", "auto", "-b", "0", "-o", "0",
+         *[a for t in tests for a in ("-t", f"{COLL}:{t}")]],
+        cwd=home, env=_env(TMPDIR=str(tmp)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        for _ in range(600):                          # both started: they run at once
+            if all((marks / f"{t}.start").exists() for t in tests) or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert all((marks / f"{t}.start").exists() for t in tests)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == status, out + err
+    assert err == f"run_kselftest.sh: interrupted by {signal.Signals(sig).name}\n", err
+    assert out.splitlines() == ["TAP version 13", "1..2"], out
+    assert not any((marks / f"{t}.end").exists() for t in tests)
+    coll_dir = os.path.realpath(os.path.join(d, COLL))
+    left = []                                                  # their process groups are gone
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.path.realpath(os.readlink(f"/proc/{pid}/cwd")) == coll_dir:
+                left.append(pid)
+        except OSError:
+            pass
+    assert left == []
+    assert [f for f in os.listdir(tmp) if not f.startswith("pytest-of-")] == []
