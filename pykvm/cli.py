@@ -1368,8 +1368,9 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                         "(run_kselftest.sh, KTAP) for KernelCI, LAVA or a lab's CI",
                         description="Write DIR (new or empty, or an earlier install) as the "
                         "kernel's selftests install: run_kselftest.sh (the kernel's options: "
-                        "-l, -t COLLECTION:TEST, -c, -s, -p, -o SECONDS, -j N tests at once; TAP 13 output with "
-                        "heartbeats and a summary of failures), kselftest-list.txt, and per "
+                        "-l, -t COLLECTION:TEST, -c, -s, -p, -o SECONDS; -j N tests at once; "
+                        "TAP 13 output with heartbeats and a summary of failures), "
+                        "kselftest-list.txt, and per "
                         "collection a settings file (timeout=) and one executable per pytest "
                         "file, run under pytest with pykvm's plugin by this Python (or "
                         "$PYKVM_PYTHON). Collections: pykvm_selftests (the ported KVM "
