@@ -130,7 +130,7 @@ def _parse(argv: list[str] | None) -> tuple[str, Options]:
         prog=PROG,
         description="Run pykvm's inner test suites on real KVM inside QEMU: 'riscv' (a RISC-V hart with "
         "the H extension, Debian sid kernel) or 'nested' (x86_64 with nested SVM under TCG, Debian "
-        "bookworm cloud kernel). Results go to <out>/<lab>.xml (JUnit) and <out>/manifest.json. "
+        "bookworm cloud kernel). Results go to <out>/<lab>.xml (JUnit), <out>/<lab>.ktap (KTAP) and <out>/manifest.json. "
         "Progress goes to stderr: bars and a live status line on a terminal, plain lines elsewhere "
         "(PYKVM_LAB_PROGRESS=tty|plain overrides). Ctrl-C stops QEMU and cleans up (exit 130).",
     )

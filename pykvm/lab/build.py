@@ -1036,7 +1036,7 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
     total = time.monotonic() - t_start
     fails = [r.reason or f"{r.name}: inner pytest exit status {r.status}" for r in results if r.status]
     print(f"lab {lab}: {root.get('tests')} tests, {root.get('failures')} failures, {root.get('errors')} errors, "
-          f"{root.get('skipped')} skipped; {xml_out}; {total:.0f} s total")
+          f"{root.get('skipped')} skipped; {xml_out}, {xml_out.with_suffix('.ktap')}; {total:.0f} s total")
     if fails:
         print(f"lab {lab}: FAILED: {fails[0]}")
     return status

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..outfile import write_report
 from . import initramfs as ird
+from . import ktap_junit as kj
 from . import proc as procs
 from .debian import Archive, LabError, extract_deb
 from .progress import LiveLine, log, stage
@@ -548,7 +549,8 @@ def bench_lines(junit: bytes | None) -> list[str]:
 
 
 def merge_junit(results: list[BootResult], out: Path, lab: str) -> ET.Element:
-    """One JUnit file per lab; with several runs (CPU models) testsuite and testcase names carry the run name."""
+    """One JUnit file per lab; with several runs (CPU models) testsuite and testcase names carry the run name.
+    Its KTAP (:mod:`pykvm.lab.ktap_junit`) goes beside ``out``, ``.ktap`` for its suffix."""
     root = ET.Element("testsuites", name=f"pykvm-lab-{lab}")
     tot = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     tagged = len(results) > 1
@@ -578,4 +580,6 @@ def merge_junit(results: list[BootResult], out: Path, lab: str) -> ET.Element:
     ET.ElementTree(root).write(buf, encoding="utf-8", xml_declaration=True)
     # atomic for a regular file; a symlink, device or FIFO is written through, never replaced
     write_report(out, buf.getvalue(), "the JUnit XML")
+    # the same results as KTAP, beside it (<lab>.ktap: one subtest per boot and combination)
+    write_report(kj.ktap_path(Path(out)), kj.junit_to_ktap(root, lab), "the KTAP report")
     return root
