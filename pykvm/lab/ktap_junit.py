@@ -64,22 +64,12 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from .._ktap import escape_name
+
 INDENT = "  "
 MAX_DATA = 200
 KINDS = ("pass", "fail", "xfail", "xpass", "skip", "error")
 PROP_COMBO = "lab_combination"         # pykvm.lab.matrix's suite and testcase property
-
-
-def escape_name(text: str) -> str:
-    """A KTAP description for ``text``: ``#``, ``%`` and control characters percent-encoded
-    (their UTF-8 bytes), as :func:`pykvm.testing.ktap.escape_name` does; ``%20`` for a blank."""
-    out = []
-    for ch in text:
-        if ch in "#%" or ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or ch in "\u2028\u2029":
-            out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8")))
-        else:
-            out.append(ch)
-    return "".join(out).strip() or "%20"
 
 
 def one_line(text: str) -> str:

@@ -84,22 +84,12 @@ import sys
 import pytest
 
 from ..outfile import check_report_path, write_report
+from .._ktap import escape_name
 
 INDENT = "  "
 MAX_DIAG_LINES = 20
 MAX_DATA = 200
 KINDS = ("pass", "fail", "xfail", "xpass", "skip", "error")
-
-
-def escape_name(text: str) -> str:
-    """A KTAP description for ``text``: ``#``, ``%`` and control characters percent-encoded."""
-    out = []
-    for ch in text:
-        if ch in "#%" or ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 or ch in "\u2028\u2029":
-            out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8")))
-        else:
-            out.append(ch)
-    return "".join(out).strip() or "%20"
 
 
 def _printable(line: str) -> str:

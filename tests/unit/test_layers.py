@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PKG = os.path.join(ROOT, "pykvm")
 
 LAYERS = [
-    ("abi", ("pykvm._host", "pykvm.abi", "pykvm._native", "pykvm._loopstate", "pykvm.errors",
+    ("abi", ("pykvm._host", "pykvm.abi", "pykvm._native", "pykvm._loopstate", "pykvm.errors", "pykvm._ktap",
              "pykvm.status", "pykvm.outfile", "pykvm._record")),
     ("ioctl", ("pykvm._ioctl", "pykvm._fd", "pykvm.stats")),
     ("arch", ("pykvm.arch",)),
