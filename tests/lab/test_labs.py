@@ -63,6 +63,7 @@ RISCV_ONCE = [
          "test_sandbox_runs_the_command_in_the_riscv_guest_over_an_overlay"]
 # the nested-SVM suite (tests/nested/test_svm_tlb.py, docs/nested.md)
 SVM_SUITE = ["test_tlb_control_honoured_on_next_vmrun", "test_invlpga_invalidates_that_asids_translation",
+             "test_invlpga_after_l2_rewrites_its_own_pte",
              "test_l2_guests_multiplexed_on_one_vcpu", "test_vcpus_with_same_l2_asids_moved_between_cpus",
              "test_overcommitted_cpus_keep_l2_translations", "test_overcommit_under_memory_pressure",
              "test_nested_state_restore_keeps_l2_asid_behaviour", "test_flushes_per_round_trip"]

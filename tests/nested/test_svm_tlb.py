@@ -170,6 +170,59 @@ def test_invlpga_invalidates_that_asids_translation(svm_vm, nested, mode):
     m.done(timeout=STEP)
 
 
+SELF_MODES = {0: "not-intercepted-by-l1", 1: "intercepted-by-l1"}
+
+
+def tag_self(x, i):
+    return 0x5E1F0000 + x * 16 + i
+
+
+@pytest.mark.parametrize("mode", sorted(SELF_MODES), ids=SELF_MODES.values())
+def test_invlpga_after_l2_rewrites_its_own_pte(svm_vm, nested, mode, record_property):
+    """Series: "Handle INVLPGA interception correctly", with no nested transition to hide it.
+    L2 A (ASID 1) reads a window address, then each round stores a new PTE for it into its own
+    page table (writable through L1's identity map), runs INVLPGA for that address and its ASID
+    and reads again: it must see the page it just mapped. Not intercepted by L1, L0 serves the
+    INVLPGA in L2's context (invlpga_interception) and no VMRUN lies between the write and the
+    read; under L0 shadow paging (kvm_amd.npt=0) the page table may be unsync, so only that
+    INVLPGA brings L0's shadow PTE up to date. Intercepted by L1, L1 runs it for A and resumes
+    it. L2 B (ASID 2) maps the same address to a page of its own and must keep reading it."""
+    need_asids(nested, 2)
+    m = svm_vm("svm_tlb_invlpga_self")
+    m.set_params(mode, 0)
+    v = m.vcpus[0]
+    got_mode, rounds, b_first = m.sync(stage=1, timeout=STEP)
+    assert (got_mode, b_first) == (mode, tag_self(1, 0))
+    s0, vm0 = v.stats(), m.vm.stats()
+    stale = []
+    for r in range(rounds):
+        got_r, seen, new, old = m.sync(stage=2, timeout=STEP)
+        if r == 0:
+            s1, vm1 = v.stats(), m.vm.stats()
+        assert got_r == r
+        assert seen in (new, old), \
+            f"round {r}: L2 read {seen:#x}, neither its new page ({new:#x}) nor its old one ({old:#x})"
+        if seen != new:
+            stale.append(r)
+    a_first, b_after, exits = m.sync(stage=3, timeout=STEP)
+    m.done(timeout=STEP)
+    moved = {k: s1[k] - s0[k] for k in ("invlpg", "pf_fixed", "pf_emulate", "exits", "nested_run")
+             if k in s0 and s1[k] != s0[k]}
+    moved.update({k: vm1[k] - vm0[k] for k in ("mmu_unsync", "mmu_pte_write", "mmu_flooded")
+                  if k in vm0 and vm1[k] != vm0[k]})
+    record_property(f"svm_invlpga_self_{SELF_MODES[mode]}_stats", str(moved))
+    print(f"\n{SELF_MODES[mode]}: {rounds} rounds, stale reads in rounds {stale}; stats moved "
+          f"over A's run: {moved}")
+    assert a_first == tag_self(0, 0)
+    assert not stale, \
+        f"L2 read its old page after rewriting its own PTE and INVLPGA ({SELF_MODES[mode]}) in " \
+        f"{len(stale)} of {rounds} rounds: {stale}"
+    assert b_after == tag_self(1, 0), \
+        f"the L2 with ASID 2 read {b_after:#x} at the same address, its own page holds " \
+        f"{tag_self(1, 0):#x}"
+    assert exits == (rounds if mode == 1 else 0), f"INVLPGA #VMEXITs taken by L1: {exits}"
+
+
 # -- several L2 guests on one vCPU -------------------------------------------------------------
 
 BY_INVLPGA = "invlpga"
