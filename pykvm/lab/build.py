@@ -47,7 +47,9 @@ BASE_FORMAT = 4  # bump when the layout of the base archive changes
 CHECKOUT = Path(__file__).resolve().parents[2]
 
 # pure-Python distributions copied from the host interpreter's site-packages into the image
-HOST_PY_DISTS = ["pytest", "pluggy", "iniconfig", "packaging", "pygments", "ioctl-opt", "pyelftools"]
+HOST_PY_DISTS = ["pytest", "pluggy", "iniconfig", "packaging", "pygments", "ioctl-opt", "pyelftools",
+                 # the per-test timeout of pyproject.toml ([tool.pytest.ini_options] timeout) inside too
+                 "pytest-timeout"]
 
 
 @dataclass
