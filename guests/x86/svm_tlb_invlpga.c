@@ -26,18 +26,9 @@
 
 #define TAG(x, i) (0xa5a50000ull + (x) * 16 + (i))
 
-struct l2 {
-	struct vmcb vmcb;
-	struct svm_l2_space space;
-	volatile uint64_t page[2][512] __attribute__((aligned(4096)));
-	uint8_t stack[4096] __attribute__((aligned(16)));
-	struct svm_gprs gprs;
-	unsigned int cur;
-};
+static struct svm_l2 l2s[2];
 
-static struct l2 l2s[2];
-
-static uint64_t run(struct l2 *g, uint64_t *invlpga_exits)
+static uint64_t run(struct svm_l2 *g, uint64_t *invlpga_exits)
 {
 	uint64_t code;
 
@@ -65,7 +56,7 @@ void guest_main(void)
 	GUEST_ASSERT(mode <= 3);
 	svm_init();
 	for (x = 0; x < 2; x++) {
-		struct l2 *g = &l2s[x];
+		struct svm_l2 *g = &l2s[x];
 
 		g->page[0][0] = TAG(x, 0);
 		g->page[1][0] = TAG(x, 1);
@@ -88,7 +79,7 @@ void guest_main(void)
 
 	for (r = 0; r < rounds; r++) {
 		unsigned int t = r & 1;
-		struct l2 *tg = &l2s[t], *other = &l2s[t ^ 1];
+		struct svm_l2 *tg = &l2s[t], *other = &l2s[t ^ 1];
 		uint64_t seen_t, seen_o;
 		unsigned int old = tg->cur;
 

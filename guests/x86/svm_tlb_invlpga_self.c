@@ -32,15 +32,7 @@
 #define TAG(x, i) (0x5e1f0000ull + (x) * 16 + (i))
 #define MAX_ROUNDS 64
 
-struct l2 {
-	struct vmcb vmcb;
-	struct svm_l2_space space;
-	volatile uint64_t page[2][512] __attribute__((aligned(4096)));
-	uint8_t stack[4096] __attribute__((aligned(16)));
-	struct svm_gprs gprs;
-};
-
-static struct l2 l2s[2];
+static struct svm_l2 l2s[2];
 /* what A read: [0] before its first remap, [r + 1] after round r */
 static volatile uint64_t seen[MAX_ROUNDS + 1] __attribute__((aligned(4096)));
 
@@ -83,7 +75,7 @@ static uint64_t pte(const volatile void *page)
 }
 
 /* Run `g` to its VMMCALL, doing the INVLPGAs L1 intercepts for it. */
-static void run(struct l2 *g, uint64_t *invlpga_exits)
+static void run(struct svm_l2 *g, uint64_t *invlpga_exits)
 {
 	uint64_t code;
 
@@ -104,14 +96,14 @@ void guest_main(void)
 	uint64_t mode = pykvm_params[0];
 	uint64_t rounds = pykvm_params[1] ? pykvm_params[1] : 16;
 	uint64_t exits = 0, r;
-	struct l2 *a = &l2s[0], *b = &l2s[1];
+	struct svm_l2 *a = &l2s[0], *b = &l2s[1];
 	unsigned int x;
 
 	GUEST_ASSERT(mode <= 1);
 	GUEST_ASSERT(rounds <= MAX_ROUNDS);
 	svm_init();
 	for (x = 0; x < 2; x++) {
-		struct l2 *g = &l2s[x];
+		struct svm_l2 *g = &l2s[x];
 
 		g->page[0][0] = TAG(x, 0);
 		g->page[1][0] = TAG(x, 1);

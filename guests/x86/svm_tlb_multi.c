@@ -30,16 +30,7 @@
 #define MAX_L2 7
 #define TAG(cpu, k, i) (0x5a00000000ull | (uint64_t)(cpu) << 16 | (uint64_t)(k) << 8 | (i))
 
-struct l2 {
-	struct vmcb vmcb;
-	struct svm_l2_space space;
-	volatile uint64_t page[2][512] __attribute__((aligned(4096)));
-	uint8_t stack[4096] __attribute__((aligned(16)));
-	struct svm_gprs gprs;
-	unsigned int cur;
-};
-
-static struct l2 l2s[MAX_CPUS][MAX_L2];
+static struct svm_l2 l2s[MAX_CPUS][MAX_L2];
 static uint8_t hsave[MAX_CPUS][4096] __attribute__((aligned(4096)));
 
 /* flush methods, in turn: a TLB_CONTROL value, or 0xff for INVLPGA from L1 */
@@ -64,7 +55,7 @@ void guest_main(void)
 	GUEST_ASSERT(nl2 >= 1 && nl2 <= MAX_L2);
 	svm_enable(hsave[cpu]);
 	for (k = 0; k < nl2; k++) {
-		struct l2 *g = &l2s[cpu][k];
+		struct svm_l2 *g = &l2s[cpu][k];
 
 		g->page[0][0] = TAG(cpu, k, 0);
 		g->page[1][0] = TAG(cpu, k, 1);
@@ -82,7 +73,7 @@ void guest_main(void)
 
 	for (r = 0; rounds ? r < rounds : !pykvm_params[3]; r++) {
 		for (k = 0; k < nl2; k++) {
-			struct l2 *g = &l2s[cpu][k];
+			struct svm_l2 *g = &l2s[cpu][k];
 			uint8_t how = 0;
 			uint64_t code, want;
 

@@ -24,17 +24,9 @@
 
 #define TAG(x, i) (0x57a70000ull + (x) * 16 + (i))
 
-struct l2 {
-	struct vmcb vmcb;
-	struct svm_l2_space space;
-	volatile uint64_t page[2][512] __attribute__((aligned(4096)));
-	uint8_t stack[4096] __attribute__((aligned(16)));
-	struct svm_gprs gprs;
-};
+static struct svm_l2 l2s[2];
 
-static struct l2 l2s[2];
-
-static void run(struct l2 *g, uint8_t tlb_ctl)
+static void run(struct svm_l2 *g, uint8_t tlb_ctl)
 {
 	uint64_t code;
 
@@ -48,13 +40,13 @@ static void run(struct l2 *g, uint8_t tlb_ctl)
 void guest_main(void)
 {
 	uint64_t port = pykvm_params[0] ? pykvm_params[0] : 0x5000;
-	struct l2 *a = &l2s[0], *b = &l2s[1];
+	struct svm_l2 *a = &l2s[0], *b = &l2s[1];
 	unsigned int x;
 
 	GUEST_ASSERT(cpuid(0x8000000a).edx & CPUID_8000000A_EDX_FLUSHBYASID);
 	svm_init();
 	for (x = 0; x < 2; x++) {
-		struct l2 *g = &l2s[x];
+		struct svm_l2 *g = &l2s[x];
 
 		g->page[0][0] = TAG(x, 0);
 		g->page[1][0] = TAG(x, 1);

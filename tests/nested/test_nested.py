@@ -12,12 +12,11 @@ import time
 
 import pytest
 
-from pykvm import Kvm, KvmError, abi
+from pykvm import KvmError, abi
 from pykvm.arch.x86 import svm
 from pykvm.arch.x86.nested import (FLAGS, NestedState, enable_svm_cpuid, has_svm_cpuid,
                                    set_efer_svme)
 from pykvm.machine import Machine
-from pykvm.testing.plugin import LACKS, kvm_usable
 
 pytestmark = [
     pytest.mark.requires_arch("x86_64"),
@@ -32,30 +31,6 @@ SVM_STATE_SIZE = HDR + 0x1000           # header + VMCB image: 4224
 PASS_PORT, TRAP_PORT = 0x5000, 0x5001
 MEM = 8 << 20
 STEP = 120.0                            # seconds per step: TCG is slow, but never this slow
-
-
-@pytest.fixture(scope="module")
-def nested():
-    """The nested verdict of this host's KVM; skips (allowed) where there is no nested SVM."""
-    if not kvm_usable():
-        pytest.skip(f"{LACKS} a usable /dev/kvm")
-    with Kvm() as k:
-        info = k.info()["nested"]
-    if not info["available"]:
-        pytest.skip(f"{LACKS} nested virtualization: {info['reason']}")
-    if info["backend"] != "svm":
-        pytest.skip(f"{LACKS} nested SVM (nested backend is {info['backend']})")
-    return info
-
-
-@pytest.fixture
-def svm_vm(nested, kvm, guest_vm):
-    """``svm_vm(guest)``: a Machine running an L1 guest with SVM explicitly in its CPUID."""
-    def factory(guest, **kw):
-        kw.setdefault("mem_size", MEM)
-        kw.setdefault("cpuid", enable_svm_cpuid(kvm.supported_cpuid()))
-        return guest_vm(guest, **kw)
-    return factory
 
 
 @pytest.fixture

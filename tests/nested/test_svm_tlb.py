@@ -28,7 +28,7 @@ from pykvm import Kvm
 from pykvm.arch.x86 import svm
 from pykvm.arch.x86.nested import enable_svm_cpuid
 from pykvm.machine import Machine
-from pykvm.testing.plugin import LACKS, kvm_usable
+from pykvm.testing.plugin import LACKS
 
 pytestmark = [
     pytest.mark.requires_arch("x86_64"),
@@ -42,31 +42,6 @@ PASS_PORT = 0x5000
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TLB = svm.TLB_CONTROL
 FLUSH_ALL, FLUSH_ASID, FLUSH_ASID_LOCAL = TLB["FLUSH_ALL"], TLB["FLUSH_ASID"], TLB["FLUSH_ASID_LOCAL"]
-
-
-@pytest.fixture(scope="module")
-def nested():
-    """The nested verdict of this host's KVM; skips (allowed) where there is no nested SVM."""
-    if not kvm_usable():
-        pytest.skip(f"{LACKS} a usable /dev/kvm")
-    with Kvm() as k:
-        info = k.info()["nested"]
-        features = svm.svm_features(k.supported_cpuid())
-    if not info["available"]:
-        pytest.skip(f"{LACKS} nested virtualization: {info['reason']}")
-    if info["backend"] != "svm":
-        pytest.skip(f"{LACKS} nested SVM (nested backend is {info['backend']})")
-    return dict(info, svm_features=features)
-
-
-@pytest.fixture
-def svm_vm(nested, kvm, guest_vm):
-    """``svm_vm(guest, **machine_options)``: a Machine running an L1 guest with SVM in its CPUID."""
-    def factory(guest, **kw):
-        kw.setdefault("mem_size", MEM)
-        kw.setdefault("cpuid", enable_svm_cpuid(kvm.supported_cpuid()))
-        return guest_vm(guest, **kw)
-    return factory
 
 
 def need_flush_by_asid(nested):

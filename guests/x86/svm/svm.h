@@ -243,6 +243,18 @@ struct svm_l2_space {
 	uint64_t pt[512];
 } __attribute__((aligned(4096)));
 
+/* One L2 guest of the TLB checks: its VMCB, address space, two pages its
+ * window maps in turn, stack, registers while L1 runs, and which page is
+ * mapped now (`cur`, for the guests that track it). */
+struct svm_l2 {
+	struct vmcb vmcb;
+	struct svm_l2_space space;
+	volatile uint64_t page[2][512] __attribute__((aligned(4096)));
+	uint8_t stack[4096] __attribute__((aligned(16)));
+	struct svm_gprs gprs;
+	unsigned int cur;
+};
+
 /* Build `s`: PML4 slot 0 copied from L1's CR3, the window's tables empty. */
 void svm_l2_space_init(struct svm_l2_space *s);
 /* Map window page `slot` to `page` (4 KiB aligned), global if `global`.
