@@ -85,7 +85,7 @@ def _replay_one(sup: Supervisor, case: dict, case_doc: dict) -> dict:
             if not ready and now - t_start > WORKER_START_TIMEOUT:
                 out.update(outcome="error", detail="worker did not start")
                 break
-            if sent_at is not None and now - sent_at > limit:
+            if sent_at is not None and now - sent_at > limit and w.elapsed(now) > limit:
                 try:
                     os.kill(w.pid, signal.SIGUSR1)
                     time.sleep(0.3)
@@ -100,6 +100,7 @@ def _replay_one(sup: Supervisor, case: dict, case_doc: dict) -> dict:
                     ready = True
                     w.send({"op": "case", "case": case_doc})
                     sent_at, limit = time.monotonic(), sup.hang_limit()
+                    w.restart_clock()
                 elif msg.get("ev") == "fatal":
                     raise RuntimeError(msg.get("error"))
                 elif msg.get("ev") == "result":

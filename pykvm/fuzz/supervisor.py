@@ -6,8 +6,10 @@ A case that ends in an *outcome* (:mod:`pykvm.fuzz.runner`) is counted. Everythi
 
 * ``crash``     the worker process died (a signal, or an exit status) while running the case;
 * ``hang``      the case ran past its deadline + 2 s (more on a loaded host: the grace grows
-                with the load average per CPU, up to 5 times, so a case that only waited for
-                a CPU is not taken for a hang);
+                with the load average per CPU, up to 5 times), counting only the time the
+                worker could run (time its threads waited on a run queue, from
+                ``/proc/PID/task/*/schedstat``, is left out), so a case that only waited for
+                a CPU is not taken for a hang;
 * ``exception`` pykvm raised something that is not a ``PykvmError`` (the traceback is kept);
 * ``leak``      the worker's fd count or RSS grew past a bound over the baseline taken after a
                 warm-up (the reproducer names the range of cases to run again);
@@ -150,6 +152,7 @@ class Worker:
         self.queue: collections.deque = collections.deque()     # indices sent, not reported
         self.ready = False
         self.since = time.monotonic()       # when the in-flight case (or the start) began
+        self.delays: dict = {}              # {thread id: run-queue wait in ns} at `since`
         self.done = 0                       # cases reported by this process
         self.baseline = None                # (fds, rss KiB, cases done) after the warm-up
         self.baseline_index = None
@@ -159,6 +162,37 @@ class Worker:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def _run_delays(self) -> dict:
+        """{thread id: ns it has waited on a run queue} (``/proc/PID/task/TID/schedstat``, second
+        field; {} where the kernel has no schedstats)."""
+        out = {}
+        try:
+            tids = os.listdir(f"/proc/{self.proc.pid}/task")
+        except OSError:
+            return out
+        for tid in tids:
+            try:
+                with open(f"/proc/{self.proc.pid}/task/{tid}/schedstat") as f:
+                    out[tid] = int(f.read().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+        return out
+
+    def restart_clock(self) -> None:
+        """A case (or the start) begins now: :meth:`elapsed` counts from here."""
+        self.since = time.monotonic()
+        self.delays = self._run_delays()
+
+    def elapsed(self, now: float) -> float:
+        """Seconds since :meth:`restart_clock` in which the worker could run: the wall time less
+        the longest time any of its threads waited for a CPU since then (a thread that started
+        later counts from 0). On a loaded host a case that only waited for a CPU is not a hang;
+        one that is blocked or spinning still is."""
+        wall = now - self.since
+        waited = max((d - self.delays.get(tid, 0) for tid, d in self._run_delays().items()),
+                     default=0)
+        return wall - min(wall, max(0, waited) / 1e9)
 
     def send(self, obj) -> bool:
         try:
@@ -266,7 +300,7 @@ class Supervisor:
                 w.queue.remove(index)
             except ValueError:
                 pass
-        w.since = time.monotonic()
+        w.restart_clock()
         w.done += 1
         w.last_index = index
         self.completed += 1
@@ -362,7 +396,7 @@ class Supervisor:
                 self.pending.popleft()
                 stop += 1
             if not w.queue:
-                w.since = time.monotonic()
+                w.restart_clock()
             w.queue.extend(range(start, stop))
             if not w.send({"op": "run", "gen": self.gen, "start": start, "stop": stop}):
                 break
@@ -459,7 +493,7 @@ class Supervisor:
         ev = msg.get("ev")
         if ev == "ready":
             w.ready = True
-            w.since = time.monotonic()
+            w.restart_clock()
             self._feed(w)
         elif ev == "result":
             self._record(w, msg)
@@ -515,7 +549,7 @@ class Supervisor:
                             self.failed_starts += 1
                             self._retire(w)
                         continue
-                    if w.queue and now - w.since > case_limit:
+                    if w.queue and now - w.since > case_limit and w.elapsed(now) > case_limit:
                         self._hang(w, case_limit)
                         continue
                     self._check_resources(w, now)
