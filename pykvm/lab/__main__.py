@@ -145,8 +145,8 @@ def _parse(argv: list[str] | None) -> tuple[str, Options]:
     p.add_argument("--timeout", type=float, help="seconds per QEMU boot (default 600)")
     p.add_argument("--smp", type=_cpus_argument, metavar="N",
                    help="CPUs of the lab VM (QEMU -smp) for the boots that run the selected tests "
-                   "(default 2; the benchmark boot keeps its 2). The nested-SVM check that moves a "
-                   "vCPU thread between CPUs needs 2")
+                   "(default: nested 1, riscv 2; the nested-SVM suite's boot of its own and the "
+                   "benchmark boot keep their 2). Several nested CPUs share one TCG thread")
     p.add_argument("--cpu", action="append", help="riscv CPU model (rv64 or max; repeatable; default both)")
     p.add_argument("-k", dest="k", metavar="EXPR", help="passed to the inner pytest as -k EXPR")
     p.add_argument("--shell", action="store_true", help="boot to an interactive busybox shell instead of running tests")

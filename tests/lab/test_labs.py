@@ -74,7 +74,6 @@ NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           "test_l2_io_exit_has_guest_mode_flag_l1_exit_has_not",
           "test_nested_state_at_l2_io_exit_restores_into_fresh_vm",
           "test_asid_change_l2_sees_l1_writes", "test_round_trip_rate",
-          *SVM_SUITE,
           "test_linux_bzimage_boots_to_init_and_powers_off",     # tests/nested/test_linux.py
           # virtio-net with a Linux guest (tests/nested/test_linux_net.py): passt and tap
           "test_virtio_net_user_mode_fetches_a_host_page",
@@ -94,6 +93,8 @@ EXPECTED = {"riscv": {"riscv-rv64": SMOKE + RISCV + RISCV_ONCE, "riscv-max": SMO
                                           # tests/riscv/test_net_fs_bench_riscv.py
                                           "test_virtio_net_and_fs_throughput_against_qemu_on_riscv"]},
             "nested": {"nested": SMOKE + NESTED,
+                       # two L1 CPUs on one TCG thread (LabSpec.two_cpu_tests)
+                       "nested-smp2": SVM_SUITE,
                        "nested-qemu": ["test_virtio_blk_throughput_against_qemu",
                                        # tests/nested/test_net_fs_bench_nested.py
                                        "test_virtio_net_and_fs_throughput_against_qemu"]}}
@@ -104,8 +105,9 @@ REBUILT_DIR, REBUILT_OUT = OUT / "kvm-rebuilt", OUT / "rebuilt"
 REBUILT_TESTS = ["tests/nested/test_nested.py", "tests/nested/test_svm_tlb.py"]
 REBUILT_PARAM = "kvm_amd.npt=0,1"
 REBUILT_COMBOS = ["kvm_amd.npt=0", "kvm_amd.npt=1"]
-EXPECTED["nested-rebuilt"] = {"nested": [n for n in NESTED if n.startswith("test_") and
-                                         not n.startswith(("test_linux", "test_virtio", "test_sandbox"))]}
+EXPECTED["nested-rebuilt"] = {"nested": [n for n in NESTED if not n.startswith(
+                                  ("test_linux", "test_virtio", "test_sandbox"))],
+                              "nested-smp2": SVM_SUITE}
 # what each entry runs, in order (python -m ...), and the JUnit file its checks read
 COMMANDS = {"riscv": [["pykvm.lab", "riscv"]], "nested": [["pykvm.lab", "nested"]],
             "nested-rebuilt": [["pykvm.lab.kmod", "--out", str(REBUILT_DIR)],
