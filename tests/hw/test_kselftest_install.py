@@ -308,6 +308,13 @@ def test_jobs_run_tests_at_once_and_print_each_whole_in_order(install, tmp_path)
         "run_kselftest.sh: --jobs must be a whole number >= 0 or 'auto', not 'many'\n", r.stderr
 
 
+def _default_sigint() -> None:
+    """In the runner's child before exec: SIGINT as a terminal's Ctrl-C finds it. A suite run as
+    a background job inherits SIGINT ignored, and Python then leaves it ignored (as shells do for
+    background jobs), so the runner would rightly not see it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_every_running_test(install, tmp_path, sig, status):
     home, d = install
@@ -321,7 +328,7 @@ def test_a_signal_stops_every_running_test(install, tmp_path, sig, status):
         ["sh", os.path.join(d, "run_kselftest.sh"), "-j", "auto", "-b", "0", "-o", "0",
          *[a for t in tests for a in ("-t", f"{COLL}:{t}")]],
         cwd=home, env=_env(TMPDIR=str(tmp)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        text=True, preexec_fn=_default_sigint)
     try:
         for _ in range(600):                          # both started: they run at once
             if all((marks / f"{t}.start").exists() for t in tests) or proc.poll() is not None:
