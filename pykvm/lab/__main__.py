@@ -78,6 +78,15 @@ def _cpus_argument(text: str) -> int:
     return n
 
 
+def _module_argument(text: str) -> Path:
+    """A --kvm-module file: an existing file named as a kernel module (read before anything is
+    downloaded; its contents are checked when the lab reads its .modinfo)."""
+    p = _file_argument(text)
+    if not p.name.endswith(dk.MODULE_SUFFIXES):
+        raise argparse.ArgumentTypeError(f"{text}: not a module file name (*.ko, *.ko.xz, *.ko.zst, *.ko.gz)")
+    return p
+
+
 def _file_argument(text: str) -> Path:
     """A --kernel / --kvm-module file: one that exists and is a regular file (or a link to one)."""
     p = Path(text).expanduser()
@@ -171,7 +180,7 @@ def _parse(argv: list[str] | None) -> tuple[str, Options]:
                    "kvm.ko, kvm-amd.ko, riscv kvm.ko (also .ko.xz/.ko.zst/.ko.gz, at any depth: a "
                    "build tree or lib/modules/<release>; with --kernel also tun.ko, dummy.ko); "
                    "Debian's are kept for those not found")
-    g.add_argument("--kvm-module", action="append", type=_file_argument, metavar="FILE",
+    g.add_argument("--kvm-module", action="append", type=_module_argument, metavar="FILE",
                    help="load this module instead of Debian's of the same name (repeatable; replaces "
                    "the same module found by --modules); modules load in dependency order, "
                    "kvm_amd with the lab's nested=1")

@@ -236,8 +236,9 @@ def find_modules(directory: Path, lab: str, with_net: bool = False) -> list[Path
     twice = {n: p for n, p in found.items() if len(p) > 1}
     if twice:
         n, paths = sorted(twice.items())[0]
+        shown = ", ".join(str(p) for p in paths[:3]) + (f", and {len(paths) - 3} more" if len(paths) > 3 else "")
         raise LabInputError(f"--modules {directory}: {n} found {len(paths)} times "
-                            f"({', '.join(str(p) for p in paths)}); name the one to load with --kvm-module")
+                            f"({shown}); name the one to load with --kvm-module")
     if not any(n in found for n in KVM_STACK[lab]):
         names = ", ".join(n.replace("_", "-") + ".ko" for n in KVM_STACK[lab])
         raise LabInputError(f"--modules {directory}: none of {names} (or .ko.xz/.ko.zst) there")

@@ -43,6 +43,7 @@ import io
 import json
 import lzma
 import os
+import posixpath
 import re
 import resource
 import shutil
@@ -291,7 +292,9 @@ def check_patch(patch: Path) -> tuple[int, bytes]:
     level = _strip_level(paths)
     for p in paths:
         rel = p.split("/", level)[-1] if level else p
-        if not any(rel.startswith(d + "/") for d in SOURCE_DIRS):
+        norm = posixpath.normpath(rel)             # arch/x86/kvm/../../../fs/x.c is fs/x.c
+        if rel.startswith("/") or norm != rel.rstrip("/") or \
+                not any(norm.startswith(d + "/") for d in SOURCE_DIRS):
             raise KmodError(f"patch {patch}: changes {rel}, outside {' and '.join(SOURCE_DIRS)} "
                             "(only the KVM modules are rebuilt; the kernel and its headers stay Debian's)")
     return level, data

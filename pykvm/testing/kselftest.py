@@ -761,6 +761,12 @@ def run(base: str, argv: Sequence[str]) -> int:
                   for num, name in enumerate(names, 1)]
     if a.dry_run:
         return 0
+    if a.per_test_log is not None:               # before any TAP line: one line if it cannot be
+        try:
+            os.makedirs(a.per_test_log, exist_ok=True)
+        except OSError as e:
+            sys.stderr.write(f"--per-test-log {a.per_test_log}: {e.strerror or e}\n")
+            return 1
     log: Optional[TextIO] = None
     if a.summary:
         log = open(os.path.join(base, "output.log"), "w", encoding="utf-8",

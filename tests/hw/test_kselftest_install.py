@@ -172,6 +172,11 @@ def test_bad_selections_are_one_line(install, tmp_path):
     assert (r.returncode, r.stdout, r.stderr) == (1, "", f"No such test '{COLL}:nope'\n")
     r = _run(["sh", os.path.join(d, "run_kselftest.sh"), "-c", "nope"], cwd=home)
     assert (r.returncode, r.stderr) == (1, "No such collection 'nope'\n")
+    (tmp_path / "afile").write_text("")              # a --per-test-log that cannot be a directory
+    r = _run(["sh", os.path.join(d, "run_kselftest.sh"), "-p", str(tmp_path / "afile" / "logs"),
+              "-c", COLL], cwd=home)
+    assert (r.returncode, r.stdout) == (1, "") and r.stderr.startswith("--per-test-log "), r
+    assert len(r.stderr.splitlines()) == 1, r.stderr
     for args, why in (([str(tmp_path / "a"), "--collection", "kvm"], "no collection 'kvm'"),
                       ([str(tmp_path / "b"), "--tests", "nope*"], "no test matches 'nope*'")):
         r = _run([sys.executable, "-m", "pykvm", "kselftest-install", *args], cwd=home)

@@ -187,6 +187,11 @@ def test_check_patch_refuses_files_outside_kvm(tmp_path):
     q.write_text("just words\n")
     with pytest.raises(KmodError, match="not a unified diff"):
         kmod.check_patch(q)
+    for sneaky in ("arch/x86/kvm/../../../fs/open.c", "arch/x86/kvm/./x86.c", "virt/kvm/../../mm/x.c"):
+        r = tmp_path / "sneaky.patch"                 # a path that only looks like KVM's
+        r.write_text(f"--- {sneaky}\n+++ {sneaky}\n@@ -1 +1 @@\n-a\n+b\n")
+        with pytest.raises(KmodError, match="outside arch/x86/kvm and virt/kvm"):
+            kmod.check_patch(r)
 
 
 def test_apply_patches_applies_a_git_diff(tmp_path):

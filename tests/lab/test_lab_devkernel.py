@@ -251,6 +251,7 @@ def test_arguments(tmp_path, capsys):
     assert o.kernel == k.resolve()
     assert "not an x86 bzImage" in parse_error(capsys, ["nested", "--kernel", str(mods[0])])
     assert "no such file" in parse_error(capsys, ["nested", "--kvm-module", str(tmp_path / "nope.ko")])
+    assert "not a module file name" in parse_error(capsys, ["nested", "--kvm-module", str(k)])
     assert "expected MODULE.PARAM" in parse_error(capsys, ["nested", "--param", "npt=0,1"])
     assert "no module kvm_intel" in parse_error(capsys, ["nested", "--param", "kvm_intel.ept=0"])
     assert "not with --shell" in parse_error(capsys, ["nested", "--shell", "--param", "kvm_amd.npt=0"])
