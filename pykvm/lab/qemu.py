@@ -372,10 +372,14 @@ def boot(
     timeout: float,
     interactive: bool = False,
     verbose: bool = False,
+    silence: float | None = None,
 ) -> BootResult:
     """Run QEMU, tee the serial console to ``log_path``, show progress, and parse the /init markers.
 
-    QEMU is killed (with its process group) on every way out of here, an interrupt included."""
+    ``silence``: seconds without any console output (a test's progress dot counts) after which
+    the boot is taken as stalled and stopped (status 4, the reason says "stalled"); None: only
+    ``timeout`` ends it. QEMU is killed (with its process group) on every way out of here, an
+    interrupt included."""
     argv = list(qemu.argv_prefix) + ["-no-user-config"]
     if qemu.share:
         argv += ["-L", qemu.share]
@@ -402,7 +406,7 @@ def boot(
     lines: list[str] = []
     partial = [""]  # the console line being written (pump thread -> main thread)
     watch = ConsoleProgress(nonce)
-    timed_out = False
+    timed_out = stalled = False
     shown = 0
     with open(log_path, "w") as logf:
         logf.write("# " + " ".join(argv) + "\n")
@@ -442,6 +446,7 @@ def boot(
             th.start()
             deadline = t0 + timeout
             end_seen_at = None
+            heard, heard_at, stalled = (0, ""), t0, False
             while True:
                 running = proc.poll() is None
                 # everything drawn from here, the main thread: an interrupt stops it all at once
@@ -461,8 +466,13 @@ def boot(
                 if not running:
                     break
                 now = time.monotonic()
+                if (n, partial[0]) != heard:
+                    heard, heard_at = (n, partial[0]), now
                 if now > deadline:
                     timed_out = True
+                    break
+                if silence is not None and now - heard_at > silence and not interactive:
+                    timed_out = stalled = True
                     break
                 if seen_end.is_set():
                     # /init powers off right after the last marker; do not wait forever if it doesn't
@@ -483,7 +493,10 @@ def boot(
     res = parse_console(lines, nonce, name)
     res.seconds = seconds
     res.log = str(log_path)
-    if res.reason and timed_out:
+    if res.reason and stalled:
+        res.status, res.reason = 4, (f"{name}: stalled: no console output for {silence:.0f} s "
+                                     f"({res.reason}); see {log_path}")
+    elif res.reason and timed_out:
         res.status, res.reason = 4, f"{name}: timed out after {timeout:.0f} s ({res.reason}); see {log_path}"
     elif res.reason:
         res.reason = f"{res.reason} (QEMU exit {proc.returncode}); see {log_path}"

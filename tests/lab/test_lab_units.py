@@ -220,3 +220,12 @@ def test_init_error_marker():
     lines = ["@@PYKVM-LAB:n1:INIT-ERROR=insmod kvm.ko  failed@@"]
     r = qemu.parse_console(lines, "n1", "nested")
     assert r.status == 3 and "insmod kvm.ko" in r.reason
+
+
+def test_a_silent_boot_is_stopped_as_stalled(tmp_path):
+    """boot(silence=S): a machine that prints and then says nothing for S seconds is stopped
+    with status 4 and a reason naming the stall (what the nested lab boots once more)."""
+    from pykvm.lab import qemu as q
+    fake = q.Qemu(argv_prefix=["sh", "-c", 'echo "booting"; printf "partial"; exec sleep 60', "fake"])
+    res = q.boot(fake, [], tmp_path / "serial.log", "n0nce", "fake", timeout=50, silence=1.5)
+    assert res.status == 4 and "stalled: no console output for 2 s" in res.reason, res.reason
