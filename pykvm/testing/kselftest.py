@@ -636,8 +636,7 @@ def _run_tests(base: str, tests: List[_Test], jobs: int, pr: _Printer, override:
             while started < len(tests) and len(running) < jobs:
                 t = tests[started]
                 started += 1
-                if per_test_log is not None:
-                    os.makedirs(per_test_log, exist_ok=True)
+                if per_test_log is not None:          # made (or refused) before any TAP line
                     t.log = open(os.path.join(per_test_log, t.test), "w", encoding="utf-8",
                                  errors="backslashreplace")
                 running.append(t)

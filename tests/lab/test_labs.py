@@ -236,12 +236,17 @@ class LabRun:
 
     def _expire(self) -> None:
         self.expired.set()
+        self._interrupt()
+
+    def _interrupt(self) -> "subprocess.Popen | None":
+        """No more commands; SIGINT to the running one's process group. Returns that process."""
         with self.cond:
             self.stopping = True
             p = self.p
         if p is not None and p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGINT)
+        return p
 
     def follow(self, say) -> tuple[int, str]:
         shown = 0
@@ -265,12 +270,8 @@ class LabRun:
     def stop(self) -> None:
         """Stop the chain if it still runs (SIGINT, then SIGKILL 30 s later). Idempotent."""
         self.timer.cancel()
-        with self.cond:
-            self.stopping = True
-            p = self.p
+        p = self._interrupt()
         if p is not None and p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGINT)
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
