@@ -704,6 +704,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "The result (modules and manifest.json, with each module's vermagic checked against Debian's "
         "kvm.ko) is cached by kernel version and patches; its directory is printed on stdout's last "
         "line. Needs root or unprivileged user namespaces.",
+        epilog="exit status: 0 built or found in the cache (the directory on stdout's last line); "
+        "2 bad arguments; 3 the modules could not be built (one line on stderr says why); "
+        "130, 143, 129 on SIGINT, SIGTERM, SIGHUP (the build stopped, temporary files removed)",
     )
     p.add_argument("--patch", action="append", type=_patch_arg, default=[], metavar="FILE",
                    help="a unified diff to apply before building (repeatable; applied in order)")

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib.util
 import os
 import re
 import select
@@ -366,10 +367,24 @@ def _read(path: str) -> str:
         return ""
 
 
+def missing_pytest() -> Optional[str]:
+    """One line saying that this Python (``sys.executable``) cannot import pytest, which every
+    installed test needs, or None when it can."""
+    if importlib.util.find_spec("pytest") is not None:
+        return None
+    return (f"{sys.executable} has no pytest: install it there (python -m pip install pytest) "
+            "or set PYKVM_PYTHON to a Python that has pykvm and pytest")
+
+
 def run_one(test_file: str, extra: Sequence[str] = ()) -> int:
     """A test's own executable (``DIR/<collection>/<test>``): run ``test_file`` with pytest in
     the current directory, its output passed through; returns kselftest's status: 0 pass (an
-    XFAIL too), 4 all skipped (the reasons on the last line), 1 failed."""
+    XFAIL too), 4 all skipped (the reasons on the last line), 1 failed (also when this Python
+    has no pytest: one line on stderr says so)."""
+    why = missing_pytest()
+    if why is not None:
+        sys.stderr.write(f"{test_file}: {why}\n")
+        return KSFT_FAIL
     ktap = _ktap_file()
     try:
         status = subprocess.call(pytest_command(test_file, ktap, extra))
@@ -760,6 +775,10 @@ def run(base: str, argv: Sequence[str]) -> int:
                   for num, name in enumerate(names, 1)]
     if a.dry_run:
         return 0
+    why = missing_pytest()                       # before any TAP line: one line, not N failures
+    if why is not None:
+        sys.stderr.write(f"run_kselftest.sh: {why}\n")
+        return 1
     if a.per_test_log is not None:               # before any TAP line: one line if it cannot be
         try:
             os.makedirs(a.per_test_log, exist_ok=True)

@@ -205,6 +205,28 @@ def test_setup_py_packs_every_collections_sources():
         sorted({c.source for c in COLLECTIONS.values()})
 
 
+def test_a_python_without_pytest_is_one_line_before_any_tap(install):
+    """The system Python has pykvm (through PYTHONPATH) but no pytest: the runner and a test's
+    own executable each say so in one line instead of failing every test with a traceback."""
+    home, d = install
+    py = "/usr/bin/python3"
+    if not os.path.exists(py) or subprocess.run([py, "-c", "import pytest"],
+                                                capture_output=True).returncode == 0:
+        pytest.skip(f"host lacks a Python without pytest at {py}")
+    env = _env(PYKVM_PYTHON=py, PYTHONPATH=ROOT)
+    r = subprocess.run(["sh", os.path.join(d, "run_kselftest.sh"), "-c", COLL], cwd=home,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout) == (1, ""), r
+    assert r.stderr == (f"run_kselftest.sh: {py} has no pytest: install it there (python -m pip "
+                        "install pytest) or set PYKVM_PYTHON to a Python that has pykvm and "
+                        "pytest\n"), r.stderr
+    r = subprocess.run([os.path.join(d, COLL, FAST[0])], cwd=home, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == "", r
+    assert r.stderr.startswith(f"{FAST[0]}.py: {py} has no pytest") and \
+        len(r.stderr.splitlines()) == 1, r.stderr
+
+
 def test_caps_json_lists_the_tags(kvm):
     r = _run([sys.executable, "-m", "pykvm", "caps", "--json"], cwd="/")
     assert r.returncode == 0, r.stderr
