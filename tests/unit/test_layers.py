@@ -26,6 +26,7 @@ LAYERS = [
     ("platform", ("pykvm.platform",)),
     ("machine", ("pykvm.machine",)),
     ("control", ("pykvm.control",)),  # a running machine's control socket
+    ("debug", ("pykvm.gdbstub",)),   # the GDB remote-protocol stub (uses Machine)
     ("facade", ("pykvm",)),          # the package's lazy public names (PEP 562)
     ("tools", ("pykvm.cli", "pykvm.__main__", "pykvm._cliutil", "pykvm._terminal",
                "pykvm.testing", "pykvm.fuzz", "pykvm.bench", "pykvm._rawbench", "pykvm.lab",
