@@ -169,6 +169,13 @@ def kvm_error(ioctl: str, err: int, what: str = "", hint: str = "") -> KvmError:
     return _BY_ERRNO.get(err, KvmError)(ioctl, err, what, hint)
 
 
+class SnapshotError(PykvmError):
+    """A VM snapshot cannot be taken or restored: a corrupted, truncated or foreign snapshot
+    file (another architecture, CPU vendor or CPUID, an unknown format version), a state that
+    does not fit the machine, or a device that cannot be snapshotted. The message is one line
+    naming what is wrong; nothing was restored when it is raised."""
+
+
 class CapabilityMissing(PykvmError):
     """A capability the call needs is not offered by this KVM."""
 

@@ -67,6 +67,11 @@ ROWS = (
     _row("KVM_CREATE_IRQCHIP", "vm", NONE, 0x60, None, "IRQCHIP"),
     _row("KVM_IRQ_LINE", "vm", W, 0x61, "struct kvm_irq_level", "IRQCHIP"),
     _row("KVM_CREATE_PIT", "vm", NONE, 0x64, None, "PIT", X86),
+    # KVM_SET_IRQCHIP is _IOR in the uAPI header (a historical slip the number keeps)
+    _row("KVM_GET_IRQCHIP", "vm", WR, 0x62, "struct kvm_irqchip", "IRQCHIP", X86),
+    _row("KVM_SET_IRQCHIP", "vm", R, 0x63, "struct kvm_irqchip", "IRQCHIP", X86),
+    _row("KVM_GET_PIT2", "vm", R, 0x9F, "struct kvm_pit_state2", "PIT_STATE2", X86),
+    _row("KVM_SET_PIT2", "vm", W, 0xA0, "struct kvm_pit_state2", "PIT_STATE2", X86),
     _row("KVM_REGISTER_COALESCED_MMIO", "vm", W, 0x67, "struct kvm_coalesced_mmio_zone",
          "COALESCED_MMIO"),
     _row("KVM_IRQ_LINE_STATUS", "vm", WR, 0x67, "struct kvm_irq_level", "IRQ_INJECT_STATUS"),

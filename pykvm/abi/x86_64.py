@@ -3,6 +3,34 @@
 ARCH = "x86_64"
 
 CDEF = r"""
+struct kvm_irqchip {
+    uint32_t chip_id;              /* KVM_IRQCHIP_PIC_MASTER 0, PIC_SLAVE 1, IOAPIC 2 */
+    uint32_t pad;
+    uint8_t chip[512];             /* union of kvm_pic_state / kvm_ioapic_state, kept opaque */
+};
+
+struct kvm_pit_channel_state {
+    uint32_t count;
+    uint16_t latched_count;
+    uint8_t count_latched;
+    uint8_t status_latched;
+    uint8_t status;
+    uint8_t read_state;
+    uint8_t write_state;
+    uint8_t write_latch;
+    uint8_t rw_mode;
+    uint8_t mode;
+    uint8_t bcd;
+    uint8_t gate;
+    int64_t count_load_time;
+};
+
+struct kvm_pit_state2 {
+    struct kvm_pit_channel_state channels[3];
+    uint32_t flags;
+    uint32_t reserved[9];
+};
+
 struct kvm_reinject_control {
     uint8_t pit_reinject;
     uint8_t reserved[31];

@@ -21,6 +21,7 @@ from .cpu import (isa_extensions as _isa_extensions, named_reg_list, sbi_extensi
                   _sbi_extensions, set_isa_extension, set_sbi_extension)
 from .extensions import ISA_EXT_IDS, SBI_EXT_IDS
 from .report import riscv_report
+from .snapshot import VcpuSnapshot, VmSnapshot
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class KvmArch:
         return {"riscv": riscv_report(self)}
 
 
-class VmArch:
+class VmArch(VmSnapshot):
     """RISC-V methods of :class:`pykvm.vm.Vm`."""
 
     if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class VmArch:
         return Aia(self.fd, harts, **kwargs)
 
 
-class VcpuArch:
+class VcpuArch(VcpuSnapshot):
     """RISC-V methods of :class:`pykvm.vcpu.Vcpu`: ONE_REG by register name, the core, CSR,
     timer, config and SBI-state register files, ISA and SBI extensions, and KVM_INTERRUPT."""
 

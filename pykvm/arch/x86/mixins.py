@@ -17,6 +17,7 @@ from ...abi import ffi, ioctls
 from ...errors import KvmError, KvmTooBig, kvm_error
 from .nested import get_nested_state, nested_report, set_nested_state
 from .regs import REG_TYPE_MSR, CpuidEntry, cpuid_lookup, msr_reg_id  # noqa: F401 (public home)
+from .snapshot import VcpuSnapshot, VmSnapshot
 from .state import VcpuState, VmState
 
 TYPE_CHECKING = False
@@ -75,7 +76,7 @@ class KvmArch:
         return {"nested": nested_report(self).as_dict()}
 
 
-class VmArch(VmState):
+class VmArch(VmState, VmSnapshot):
     """x86 methods of :class:`pykvm.vm.Vm`."""
 
     def _arch_init(self) -> None:
@@ -120,7 +121,7 @@ class VmArch(VmState):
               what=f"{len(routes)} routes")
 
 
-class VcpuArch(VcpuState):
+class VcpuArch(VcpuState, VcpuSnapshot):
     """x86 methods of :class:`pykvm.vcpu.Vcpu`."""
 
     def _arch_init(self) -> None:

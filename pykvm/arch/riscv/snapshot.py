@@ -1,0 +1,194 @@
+"""RISC-V vCPU and VM state capture and load for snapshots and resets, as an
+:class:`~pykvm.arch.snapstate.ArchState`.
+
+RISC-V KVM holds a vCPU's state in ONE_REG registers (api.rst 4.68 KVM_SET_ONE_REG lists the
+RISC-V ids) and its multiprocessing state. vCPU blobs, in load order:
+
+``one_reg``   every register of KVM_GET_REG_LIST that this vCPU reads and takes back
+              (config, core, CSR, FP, vector, ISA/SBI extension switches, SBI state ...),
+              then the timer registers ``time``, ``compare``, ``state`` in that order (as
+              QEMU's ``kvm_riscv_put_regs_timer``; ``frequency`` is read-only). Encoded as
+              a run of records: the register id (8 bytes, little-endian) followed by its
+              value (``1 << size field`` bytes, as KVM exchanges it).
+``mp_state``  KVM_GET/SET_MP_STATE, ``struct kvm_mp_state`` (STOPPED or RUNNABLE).
+
+The VM has no state of its own without an irqchip; a machine with the in-kernel AIA irqchip
+is refused by the machine's snapshot (its APLIC/IMSIC attributes are not captured here), so
+the VM state records ``aia`` absent.
+
+Functions raise :class:`~pykvm.errors.KvmError` where KVM refuses and
+:class:`~pykvm.errors.SnapshotError` for a state that does not fit the vCPU.
+"""
+from __future__ import annotations
+
+from ... import abi
+from ..._ioctl import ioctl
+from ...abi import ffi, ioctls
+from ...errors import KvmError, SnapshotError
+from ..snapstate import ArchState
+from . import regs as _regs
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, List, Tuple
+
+_TYPE_SHIFT = 24
+_TYPE_MASK = 0xFF << _TYPE_SHIFT
+_TIMER_ORDER = ("time", "compare", "state")
+VCPU_BLOBS = ("one_reg", "mp_state")
+VM_BLOBS: Tuple[str, ...] = ()
+
+
+def _reg_type(reg_id: int) -> int:
+    return (reg_id & _TYPE_MASK) >> _TYPE_SHIFT
+
+
+def _timer_id(name: str) -> int:
+    return _regs.reg_id(f"timer.{name}")
+
+
+class _Plan:
+    """The register ids a VM's vCPUs capture, in load order (worked out once per VM)."""
+
+    def __init__(self, vcpu: Any):
+        timers = {_timer_id(n): n for n in _TIMER_ORDER}
+        ids: List[int] = []
+        one = ffi.new("struct kvm_one_reg *")
+        for rid in vcpu.reg_list():
+            if _reg_type(rid) == _regs.TYPE_TIMER:
+                continue                       # added below, in their order
+            n = abi.reg_size_bytes(rid)
+            buf = ffi.new("uint8_t[]", n)
+            one.id, one.addr = rid, int(ffi.cast("uintptr_t", buf))
+            try:                               # read it and write its own value back
+                ioctl(vcpu.fd, ioctls.KVM_GET_ONE_REG, one)
+                ioctl(vcpu.fd, ioctls.KVM_SET_ONE_REG, one)
+            except KvmError:
+                continue                       # read-only here (or not readable): not state
+            ids.append(rid)
+        ids.extend(t for t in timers)
+        self.ids: Tuple[int, ...] = tuple(ids)
+        self.size = sum(8 + abi.reg_size_bytes(r) for r in self.ids)
+        self.buf = ffi.new("uint8_t[]", max(abi.reg_size_bytes(r) for r in self.ids))
+        self.one = ffi.new("struct kvm_one_reg *")
+        self.one.addr = int(ffi.cast("uintptr_t", self.buf))
+
+
+def _plan(vcpu: Any) -> _Plan:
+    vm = vcpu.vm
+    p = getattr(vm, "_snapshot_plan", None)
+    if p is None:
+        p = vm._snapshot_plan = _Plan(vcpu)
+    return p
+
+
+def save_vcpu_state(vcpu: Any) -> ArchState:
+    """Capture ``vcpu``'s registers and MP state (module docstring). Call it while the vCPU is
+    not running. Raises :class:`~pykvm.errors.KvmError` if KVM refuses a read."""
+    p = _plan(vcpu)
+    fd = vcpu.fd
+    out = bytearray()
+    one, buf = p.one, p.buf
+    for rid in p.ids:
+        n = abi.reg_size_bytes(rid)
+        one.id = rid
+        ioctl(fd, ioctls.KVM_GET_ONE_REG, one, what=f"{rid:#x}")
+        out += rid.to_bytes(8, "little")
+        out += ffi.buffer(buf, n)
+    mp = ffi.new("struct kvm_mp_state *")
+    ioctl(fd, ioctls.KVM_GET_MP_STATE, mp)
+    return ArchState({"one_reg": bytes(out), "mp_state": bytes(ffi.buffer(mp))},
+                     {"nested": "RISC-V KVM has no nested state"})
+
+
+def parse_one_reg(blob: bytes) -> List[Tuple[int, bytes]]:
+    """The (register id, value bytes) records of a ``one_reg`` blob. Raises
+    :class:`~pykvm.errors.SnapshotError` for a truncated record or a size field above 256
+    bytes."""
+    out: List[Tuple[int, bytes]] = []
+    i = 0
+    while i < len(blob):
+        if i + 8 > len(blob):
+            raise SnapshotError(f"ONE_REG record at byte {i} is truncated")
+        rid = int.from_bytes(blob[i:i + 8], "little")
+        n = abi.reg_size_bytes(rid)
+        if n > 256 or i + 8 + n > len(blob):
+            raise SnapshotError(f"ONE_REG record {rid:#x} at byte {i} is truncated or too large")
+        out.append((rid, bytes(blob[i + 8:i + 8 + n])))
+        i += 8 + n
+    return out
+
+
+def check_vcpu_state(vcpu: Any, state: ArchState) -> None:
+    """Raise :class:`~pykvm.errors.SnapshotError` unless ``state`` holds exactly the registers
+    this vCPU captures, in its order, and an MP state (touches nothing)."""
+    p = _plan(vcpu)
+    if "one_reg" not in state or "mp_state" not in state:
+        raise SnapshotError(f"vCPU {vcpu.id} state lacks its registers or MP state")
+    ids = tuple(r for r, _ in parse_one_reg(state["one_reg"]))
+    if ids != p.ids:
+        missing = sorted(set(p.ids) - set(ids))
+        extra = sorted(set(ids) - set(p.ids))
+        raise SnapshotError(f"vCPU {vcpu.id} registers differ from this vCPU's: "
+                            f"{len(missing)} missing ({', '.join(hex(r) for r in missing[:3])}), "
+                            f"{len(extra)} unknown ({', '.join(hex(r) for r in extra[:3])})")
+    if len(state["mp_state"]) != ffi.sizeof("struct kvm_mp_state"):
+        raise SnapshotError(f"vCPU {vcpu.id} MP state is {len(state['mp_state'])} bytes")
+
+
+def load_vcpu_state(vcpu: Any, state: ArchState) -> None:
+    """Load ``state`` (from :func:`save_vcpu_state`) into ``vcpu``: its registers in order,
+    then the MP state. Raises :class:`~pykvm.errors.SnapshotError` for a state that does not
+    fit and :class:`~pykvm.errors.KvmError` when KVM refuses a register."""
+    check_vcpu_state(vcpu, state)
+    p = _plan(vcpu)
+    fd = vcpu.fd
+    one, buf = p.one, p.buf
+    for rid, raw in parse_one_reg(state["one_reg"]):
+        ffi.memmove(buf, raw, len(raw))
+        one.id = rid
+        ioctl(fd, ioctls.KVM_SET_ONE_REG, one, what=f"vcpu {vcpu.id} reg {rid:#x}")
+    mp = ffi.new("struct kvm_mp_state *")
+    ffi.memmove(mp, state["mp_state"], len(state["mp_state"]))
+    ioctl(fd, ioctls.KVM_SET_MP_STATE, mp, what=f"vcpu {vcpu.id}")
+
+
+def save_vm_state(vm: Any) -> ArchState:
+    """The VM's own state: none without an irqchip (module docstring)."""
+    return ArchState({}, {"aia": "no VM-wide state is captured on RISC-V (a machine with the "
+                                 "AIA irqchip is refused)"})
+
+
+def check_vm_state(vm: Any, state: ArchState) -> None:
+    """Raise :class:`~pykvm.errors.SnapshotError` for a VM state with pieces RISC-V lacks."""
+    for name in state:
+        raise SnapshotError(f"VM state has a piece {name!r} a RISC-V VM does not have")
+
+
+def load_vm_state(vm: Any, state: ArchState) -> None:
+    """Load a VM state of :func:`save_vm_state` (nothing to load; checked)."""
+    check_vm_state(vm, state)
+
+
+class VcpuSnapshot:
+    """``save_state()`` / ``load_state()`` on :class:`pykvm.vcpu.Vcpu` (RISC-V)."""
+
+    def save_state(self) -> ArchState:
+        """:func:`save_vcpu_state` of this vCPU."""
+        return save_vcpu_state(self)
+
+    def load_state(self, state: ArchState) -> None:
+        """:func:`load_vcpu_state` into this vCPU."""
+        load_vcpu_state(self, state)
+
+
+class VmSnapshot:
+    """``save_state()`` / ``load_state()`` on :class:`pykvm.vm.Vm` (RISC-V)."""
+
+    def save_state(self) -> ArchState:
+        """:func:`save_vm_state` of this VM."""
+        return save_vm_state(self)
+
+    def load_state(self, state: ArchState) -> None:
+        """:func:`load_vm_state` into this VM."""
+        load_vm_state(self, state)
