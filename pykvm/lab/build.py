@@ -91,6 +91,18 @@ RISCV = LabSpec(
         "passt",                     # user-mode networking (pykvm run --net user)
         # what pyroute2 imports: Python's ssl, sqlite3 (its NDB), bz2, lzma, uuid
         "libssl3t64", "libzstd1", "libsqlite3-0", "libbz2-1.0", "liblzma5", "libuuid1",
+        # gdb against `pykvm run --gdb` (tests/riscv/test_gdb_riscv.py): the shared objects its
+        # NEEDED chain loads, i.e. Index.closure(["gdb"]) less the packages above and less what is
+        # only a package-level dependency (debconf, perl-base, procps, *-common data)
+        "gdb", "libbabeltrace1", "libdebuginfod1t64", "libgmp10", "libmpfr6", "libncursesw6",
+        "libpython3.13", "libreadline8t64", "libsource-highlight4t64", "libstdc++6", "libtinfo6",
+        "libxxhash0", "libdw1t64", "libelf1t64", "libglib2.0-0t64", "libcurl3t64-gnutls",
+        "libjson-c5", "libatomic1", "libmount1", "libpcre2-8-0", "libselinux1", "libbrotli1",
+        "libgnutls30t64", "libgssapi-krb5-2", "libidn2-0", "libldap2", "libnettle8t64",
+        "libnghttp2-14", "libnghttp3-9", "libngtcp2-16", "libngtcp2-crypto-gnutls8", "libpsl5t64",
+        "librtmp1", "libssh2-1t64", "libblkid1", "libhogweed6t64", "libp11-kit0", "libtasn1-6",
+        "libunistring5", "libkrb5-3", "libcom-err2", "libk5crypto3", "libkrb5support0",
+        "libsasl2-2", "libkeyutils1", "libsasl2-modules-db", "libdb5.3t64",
     ],
     py="3.13",
     # pyroute2: the network namespace of the tap test (tests/riscv/test_linux_net_riscv.py)
