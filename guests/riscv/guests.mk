@@ -52,6 +52,9 @@ $(OUT)/riscv/%.elf: $(RISCV_DIR)/%.c $(RISCV_DEPS)
 	@$(if $(Q),echo "  RV64    riscv/$*.elf")
 	$(Q)$(RISCV_CC) $(RISCV_CFLAGS) $(RISCV_LDFLAGS) -o $@ $(RISCV_RT_SRCS) $<
 
+# gdb reads gdb_target's globals by type and steps it by line (tests/riscv/test_gdb_riscv.py)
+$(OUT)/riscv/gdb_target.elf: RISCV_CFLAGS += -g
+
 $(OUT)/riscv/%.bin: $(OUT)/riscv/%.elf
 	@$(if $(Q),echo "  IMAGE   riscv/$*.bin")
 	$(Q)$(RISCV_OBJCOPY) -O binary $< $@

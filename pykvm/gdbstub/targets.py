@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..arch import HOST_ARCH
 from ..errors import PykvmError
 from .arch import GdbTarget
+from .riscv import RiscvTarget
 from .x86 import X86Target
 
 TYPE_CHECKING = False
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
 #: architecture name -> the GdbTarget subclass that serves it
 TARGETS: Dict[str, Type[GdbTarget]] = {
     "x86_64": X86Target,
+    "riscv64": RiscvTarget,
 }
 
 
