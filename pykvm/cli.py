@@ -712,8 +712,10 @@ def cmd_run(args) -> int:
         return outcome("bad_input", status.BAD_INPUT, f"no such file: {guest}")
     input_fd = None if args.no_input else _stdin_fd()
     interactive = input_fd is not None and not args.json and os.isatty(input_fd)
+    if args.gdb_wait and args.gdb is None:
+        return outcome("bad_input", status.BAD_INPUT, "--gdb-wait needs --gdb")
     if args.timeout is None:                  # a person at the console decides when it ends
-        args.timeout = 0.0 if interactive else 10.0
+        args.timeout = 0.0 if interactive or args.gdb is not None else 10.0
     stream = None if args.json else _console_stream()
     opts = {}
     if args.irqchip:
@@ -782,8 +784,18 @@ def cmd_run(args) -> int:
     def on_quit() -> None:
         quit_key.append(True)
         m._kick_all()
-    term = pump = control = None
+    term = pump = control = gdb = None
     try:
+        if args.gdb is not None:
+            from .gdbstub import server as gdbstub
+            try:
+                gdb = gdbstub.serve(m, args.gdb, wait=args.gdb_wait, log=gdbstub.stderr_log)
+            except ValueError as e:            # a bad address
+                return outcome("bad_input", status.BAD_INPUT, f"--gdb: {_one_line(e)}")
+            except OSError as e:               # the port is taken, the path not a socket
+                return outcome("bad_input", status.BAD_INPUT,
+                               f"--gdb: cannot listen on {args.gdb}: {e.strerror or e}")
+            _err(f"pykvm: gdb server listening on {gdb.address}")
         if args.name is not None or args.control:
             from .control import ControlError, ControlServer
             try:
@@ -801,7 +813,10 @@ def cmd_run(args) -> int:
             m._kick_all()
         try:
             term, pump = _console_session(m, args, input_fd, interactive, on_quit)
-            r = m.run(timeout=args.timeout or None)
+            if gdb is not None:
+                r = gdb.run(timeout=args.timeout or None)
+            else:
+                r = m.run(timeout=args.timeout or None)
         finally:
             _sig.machine = None
             if pump is not None:
@@ -809,6 +824,8 @@ def cmd_run(args) -> int:
             if term is not None:
                 term.restore()                # before any line of ours reaches the terminal
     finally:
+        if gdb is not None:
+            gdb.close()                       # detaches a client, before the machine goes
         if control is not None:
             control.close()                   # the socket goes before the machine
         m.close()
@@ -1315,6 +1332,13 @@ def build_parser(only=None) -> argparse.ArgumentParser:
     r.add_argument("--control", action="store_true",
                    help="serve the control socket under the name guest-<pid> (implied by "
                    "--name)")
+    r.add_argument("--gdb", default=None, metavar="tcp::PORT|tcp:HOST:PORT|unix:PATH",
+                   help="serve GDB's remote protocol there (QEMU's -gdb; tcp::PORT listens on "
+                   "localhost): gdb's 'target remote :PORT' attaches, one thread per vCPU "
+                   "(docs/gdb.md); no run deadline unless --timeout is given")
+    r.add_argument("--gdb-wait", action="store_true",
+                   help="with --gdb: hold the guest before its first instruction until gdb "
+                   "attaches and continues (QEMU's -S)")
     _device_option(r)
     r.set_defaults(func=cmd_run)
     _control_parsers(sub)

@@ -1,0 +1,824 @@
+"""The GDB stub's common code: a listening socket, one client at a time, the remote serial
+protocol's packets (GDB manual, Appendix E), all-stop over the machine's pause/resume, one
+thread per vCPU (thread id = vCPU index + 1), memory by guest-virtual address, breakpoint
+bookkeeping. Everything that differs between architectures goes through the
+:class:`~pykvm.gdbstub.arch.GdbTarget` that :func:`~pykvm.gdbstub.targets.target_for` picks.
+
+How a debug stop holds the machine (all-stop): the stub installs a handler (through
+:meth:`pykvm.machine.Machine.on`) for each of the target's ``stop_exits``. On the vCPU's own
+thread the handler asks the target whether the exit is a debug stop; if so it records it and
+calls :meth:`~pykvm.machine.Machine.pause` without waiting, then returns so the vCPU's loop
+takes the pause's kick: every vCPU is then held out of KVM_RUN in its own thread, where the
+stub's thread may use their ioctls (registers, KVM_TRANSLATE, KVM_SET_GUEST_DEBUG). ``c``,
+``s`` and ``vCont`` set each vCPU up (:meth:`GdbTarget.prepare_resume`) and
+:meth:`~pykvm.machine.Machine.resume`. Ctrl-C (the 0x03 byte) pauses and reports SIGINT.
+An exit that is not a debug stop goes on as without the stub (the handler that was there
+before, else the platform, else it ends the run)."""
+from __future__ import annotations
+
+import os
+import select
+import socket
+import stat
+import sys
+import threading
+
+from ..errors import Busy, Closed, GuestMemoryError, KvmError, PykvmError
+from . import packets as pk
+from .arch import SIGINT, SIGTRAP, GuestAccess, Stop, TargetError, Unsupported
+from .targets import target_for
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Callable, Dict, List, Optional, Tuple
+
+_PAGE = 4096
+_EFAULT, _EINVAL, _EBUSY = 14, 22, 16
+_SEND_TIMEOUT = 10.0          # seconds a reply may wait for a client that does not read
+
+
+class GdbAddressError(ValueError, PykvmError):
+    """A listening address the stub cannot parse (want ``tcp::PORT``, ``tcp:HOST:PORT`` or
+    ``unix:PATH``)."""
+
+
+def parse_address(address: str) -> Tuple[str, Any]:
+    """``("tcp", (host, port))`` or ``("unix", path)`` for QEMU's ``-gdb`` spellings:
+    ``tcp::PORT`` (localhost), ``tcp:HOST:PORT`` (``[v6]`` brackets allowed), ``unix:PATH``;
+    PORT 0 picks a free port. Raises :class:`GdbAddressError` otherwise."""
+    if not isinstance(address, str):
+        raise GdbAddressError(f"a gdb address is a string, not {address!r}")
+    kind, sep, rest = address.partition(":")
+    if sep and kind == "unix":
+        if not rest or "\0" in rest:
+            raise GdbAddressError(f"bad unix socket path in {address!r}")
+        return "unix", rest
+    if sep and kind == "tcp":
+        host, sep2, port = rest.rpartition(":")
+        if not sep2 or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise GdbAddressError(f"bad TCP port in {address!r} (tcp::PORT or tcp:HOST:PORT)")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        return "tcp", (host or "127.0.0.1", int(port))
+    raise GdbAddressError(f"bad gdb address {address!r}: tcp::PORT, tcp:HOST:PORT or "
+                          "unix:PATH")
+
+
+class _Memory(GuestAccess):
+    """Guest-virtual memory of one vCPU: translated page by page by the target, read and
+    written in guest RAM (never outside it: :class:`~pykvm.memory.GuestMemory` checks)."""
+
+    def __init__(self, server: "GdbServer", index: int):
+        self.server, self.index = server, index
+
+    def _pieces(self, gva: int, n: int):
+        if gva < 0 or n < 0 or gva + n > 1 << 64:
+            raise TargetError(f"address range {gva:#x}+{n:#x} outside the address space",
+                              _EFAULT)
+        s = self.server
+        vcpu = s.machine.vcpus[self.index]
+        while n > 0:
+            page = gva & ~(_PAGE - 1)
+            chunk = min(n, page + _PAGE - gva)
+            try:
+                gpa = s.target.translate(vcpu, page)
+            except KvmError as e:
+                raise TargetError(f"cannot translate {gva:#x}: {e}", _EFAULT) from None
+            if gpa is None:
+                raise TargetError(f"{gva:#x} is not mapped", _EFAULT)
+            yield gva, gpa + (gva - page), chunk
+            gva += chunk
+            n -= chunk
+
+    def read(self, gva: int, n: int) -> bytes:
+        out = bytearray()
+        for _v, gpa, chunk in self._pieces(gva, n):
+            try:
+                out += self.server.machine.memory.read(gpa, chunk)
+            except GuestMemoryError:
+                raise TargetError(f"GPA {gpa:#x} is not guest RAM", _EFAULT) from None
+        return bytes(out)
+
+    def read_partial(self, gva: int, n: int) -> bytes:
+        """As :meth:`read`, but what could be read before the first unmapped page (gdb
+        takes a short ``m`` reply); raises only when not even the first byte is readable."""
+        out = bytearray()
+        try:
+            for _v, gpa, chunk in self._pieces(gva, n):
+                out += self.server.machine.memory.read(gpa, chunk)
+        except (TargetError, GuestMemoryError):
+            if not out:
+                raise TargetError(f"{gva:#x} is not readable", _EFAULT) from None
+        return bytes(out)
+
+    def write(self, gva: int, data: bytes) -> None:
+        pieces = list(self._pieces(gva, len(data)))    # every page mapped before any write
+        off = 0
+        for _v, gpa, chunk in pieces:
+            try:
+                self.server.machine.memory.write(gpa, data[off:off + chunk])
+            except GuestMemoryError:
+                raise TargetError(f"GPA {gpa:#x} is not guest RAM", _EFAULT) from None
+            off += chunk
+
+
+class _Breakpoint:
+    __slots__ = ("gva", "insn", "saved")
+
+    def __init__(self, gva: int, insn: bytes, saved: bytearray):
+        self.gva, self.insn, self.saved = gva, insn, saved
+
+
+class GdbServer:
+    """A GDB remote-protocol server for ``machine`` (:class:`pykvm.machine.Machine`) on
+    ``address`` (see :func:`parse_address`; ``tcp::0`` picks a free port, read
+    :attr:`address`). ``wait``: hold every vCPU before its first instruction until a debugger
+    attaches and continues (QEMU's ``-S``, pykvm's ``--gdb-wait``).
+
+    Serves one client at a time, on a thread of its own, from now until :meth:`close` (the
+    machine's close does not close it: close the server first). Run the machine with
+    :meth:`run` (or :meth:`pykvm.machine.Machine.run`: then a run that ends between the
+    stub's checks, every 50 ms, is still reported when gdb next asks).
+
+    Raises :class:`GdbAddressError` for a bad address, :class:`OSError` when it cannot
+    listen there (port taken, unix path that exists and is not a socket), and
+    :class:`~pykvm.errors.PykvmError` for an architecture the stub does not serve."""
+
+    def __init__(self, machine: Any, address: str = "tcp::1234", *, wait: bool = False,
+                 log: Optional[Callable[[str], None]] = None):
+        if machine.closed:
+            raise Closed("Machine is closed")
+        kind, where = parse_address(address)
+        self.machine = machine
+        self.target = target_for(machine)
+        self._log = log
+        self._lock = threading.RLock()           # debug state: breakpoints, stops, target
+        self._sw: Dict[int, _Breakpoint] = {}    # planted software breakpoints by GVA
+        self._hw: List[Tuple[int, int, int]] = []  # (ztype, gva, kind) given to the target
+        self._stops: List[Tuple[int, Stop]] = []  # debug stops recorded by vCPU threads
+        self._attached = False
+        self._closing = False
+        self._unix_path: Optional[str] = None
+        self._sock = self._listen(kind, where)
+        self._wake_r, self._wake_w = os.pipe()
+        self._prev: Dict[str, Optional[Callable]] = {}
+        self._docs: Optional[Dict[str, str]] = None
+        self._exit_status: Optional[int] = None  # the run's status once it ended
+        self._seen_running = False
+        self._thread: Optional[threading.Thread] = None
+        try:
+            for name in self.target.stop_exits:
+                self._prev[name] = machine.handlers.get(name)
+                machine.on(name, self._on_exit)
+            if wait:
+                machine.pause(timeout=None)      # held as the run starts, until gdb resumes
+            self._thread = threading.Thread(target=self._serve, name="gdbstub", daemon=True)
+            self._thread.start()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the socket ------------------------------------------------------------------------
+    def _listen(self, kind: str, where: Any) -> socket.socket:
+        if kind == "unix":
+            path = where
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None:
+                if not stat.S_ISSOCK(st.st_mode):
+                    raise FileExistsError(17, f"{path} exists and is not a socket", path)
+                os.unlink(path)                  # a stale socket of an earlier run
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.bind(path)
+                s.listen(1)
+            except BaseException:
+                s.close()
+                raise
+            self._unix_path = path
+            return s
+        host, port = where
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+            s.listen(1)
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    @property
+    def address(self) -> str:
+        """Where the server listens, as an address this module parses (``tcp:HOST:PORT`` with
+        the port actually bound, or ``unix:PATH``)."""
+        if self._unix_path is not None:
+            return f"unix:{self._unix_path}"
+        host, port = self._sock.getsockname()[:2]
+        return f"tcp:{host}:{port}" if ":" not in host else f"tcp:[{host}]:{port}"
+
+    @property
+    def port(self) -> Optional[int]:
+        """The TCP port bound (None for a unix socket)."""
+        return None if self._unix_path is not None else self._sock.getsockname()[1]
+
+    @property
+    def attached(self) -> bool:
+        """True while a client is connected."""
+        return self._attached
+
+    def _say(self, line: str) -> None:
+        if self._log is not None:
+            try:
+                self._log(line)
+            except Exception:  # noqa: BLE001 — a log line is never worth the server
+                pass
+
+    # -- running the machine ---------------------------------------------------------------
+    def run(self, timeout: Optional[float] = None):
+        """:meth:`pykvm.machine.Machine.run` (``timeout`` seconds, None: none), telling the
+        client how it ended (``W`` and the run's status) as it ends. Returns the
+        :class:`~pykvm.machine.RunResult`; raises what the machine's run raises."""
+        self._seen_running = True
+        status = 255
+        try:
+            result = self.machine.run(timeout)
+            status = result.exit_code & 0xFF
+            return result
+        finally:
+            self._exit_status = status
+            self._wake()
+
+    def _run_over(self) -> bool:
+        if self._exit_status is not None:
+            return True
+        m = self.machine
+        if m.closed:
+            return True
+        if m.running:
+            self._seen_running = True
+            return False
+        return self._seen_running
+
+    # -- the vCPU side: exits that may be debug stops --------------------------------------
+    def _on_exit(self, machine: Any, index: int, ex: Any) -> Optional[object]:
+        """The handler of the target's stop exits, on vCPU ``index``'s thread."""
+        with self._lock:
+            planted = tuple(self._sw)
+            armed = self._attached or bool(planted) or bool(self._hw)
+            stop = None
+            if armed and not self._closing:
+                stop = self.target.classify_stop(machine.vcpus[index], ex, planted)
+            if stop is not None:
+                if not self._stops:
+                    self._stops.append((index, stop))
+        if stop is None:
+            prev = self._prev.get(ex.name)
+            if prev is not None:
+                return prev(machine, index, ex)
+            return None if machine.platform.handle_exit(index, ex) else True
+        machine.pause(timeout=None)              # every vCPU, this one included, is held
+        self._wake()
+        return None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass                                 # full (a wake-up is pending) or closed
+
+    def close(self) -> None:
+        """Stop serving (idempotent, any thread but the server's own): the client is detached
+        (breakpoints removed, guest debugging off, the machine resumed when the stub held
+        it), the socket closed (a unix socket's path removed), the thread joined, the exit
+        handlers given back."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+        self._wake()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(30)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        if self._unix_path is not None:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+        m = self.machine
+        if not m.closed:
+            for name, prev in self._prev.items():
+                try:
+                    if m.handlers.get(name) == self._on_exit:
+                        m.on(name, prev)
+                except (Closed, ValueError):
+                    pass
+
+    def __enter__(self) -> "GdbServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _serve(self) -> None:
+        while not self._closing:
+            try:
+                r, _, _ = select.select([self._sock, self._wake_r], [], [])
+            except (OSError, ValueError):
+                return
+            if self._wake_r in r:
+                self._drain_wake()
+            if self._sock in r and not self._closing:
+                try:
+                    conn, peer = self._sock.accept()
+                except OSError:
+                    continue
+                try:
+                    self._say(f"gdb client connected from {peer or 'a unix socket'}")
+                    _Session(self, conn).serve()
+                except Exception as e:  # noqa: BLE001 — a session's bug never ends the server
+                    self._say(f"gdb session ended: {type(e).__name__}: {e}")
+                finally:
+                    try:
+                        conn.close()
+                    except OSError:
+                        pass
+                    try:
+                        self._detach()
+                    except Exception as e:  # noqa: BLE001
+                        self._say(f"gdb detach failed: {type(e).__name__}: {e}")
+        try:
+            self._detach()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except OSError:
+            pass
+
+    # -- debug state ----------------------------------------------------------------------
+    def _memory(self, index: int) -> _Memory:
+        return _Memory(self, index)
+
+    def _hold_all(self, timeout: float = 5.0) -> bool:
+        """Pause the machine (every vCPU out of KVM_RUN); True when all are held."""
+        m = self.machine
+        if m.closed:
+            return False
+        return m.pause(timeout=timeout)
+
+    def _detach(self) -> None:
+        """Forget the client: remove every breakpoint and hardware point, guest debugging
+        off, resume the machine (the guest runs on as without a debugger)."""
+        with self._lock:
+            was = self._attached
+            self._attached = False
+            if not (was or self._sw or self._hw or self.machine.paused):
+                return
+        m = self.machine
+        if not m.closed:
+            self._hold_all()                      # not under the lock: vCPU handlers take it
+        with self._lock:
+            if m.closed:
+                self._sw.clear()
+                self._hw.clear()
+                return
+            for bp in list(self._sw.values()):
+                self._unplant(bp)
+            self._sw.clear()
+            for ztype, gva, kind in self._hw:
+                try:
+                    self.target.remove_hw(ztype, gva, kind)
+                except (TargetError, Unsupported):
+                    pass
+            self._hw.clear()
+            for i, vcpu in enumerate(m.vcpus):
+                try:
+                    self.target.prepare_resume(vcpu, step=False, sw_breakpoints=False,
+                                               mem=self._memory(i))
+                except (PykvmError, TargetError):
+                    pass
+            self._stops.clear()
+            try:
+                m.resume()
+            except Closed:
+                pass
+
+    def _unplant(self, bp: _Breakpoint) -> None:
+        try:
+            self._memory(0).write(bp.gva, bytes(bp.saved))
+        except (TargetError, PykvmError):
+            pass                                  # the page went away: nothing to restore
+
+
+class _Session:
+    """One client's connection (on the server's thread)."""
+
+    def __init__(self, server: GdbServer, conn: socket.socket):
+        self.s = server
+        self.m = server.machine
+        self.conn = conn
+        conn.settimeout(_SEND_TIMEOUT)
+        self.reader = pk.PacketReader()
+        self.ack = True
+        self.last_reply = b""
+        self.running = False                     # resumed; a stop reply is owed
+        self.gthread = 0                         # vCPU index for g/G/p/P/m/M
+        self.cthread = 0                         # vCPU index for s
+        self.last_stop: Optional[bytes] = None
+        self.done = False
+
+    # -- I/O --------------------------------------------------------------------------------
+    def send(self, payload: bytes) -> None:
+        data = pk.frame(payload)
+        self.last_reply = data
+        self.conn.sendall(data)
+
+    def serve(self) -> None:
+        s = self.s
+        with s._lock:
+            s._attached = True
+        s._hold_all(10.0)                        # gdb finds the target stopped
+        self.last_stop = self._take_stop(default_signal=SIGTRAP)
+        while not self.done and not s._closing:
+            try:
+                r, _, _ = select.select([self.conn, s._wake_r], [], [],
+                                        0.05 if self.running else 0.5)
+            except (OSError, ValueError):
+                return
+            if s._wake_r in r:
+                s._drain_wake()
+            if self.conn in r:
+                try:
+                    data = self.conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    s._say("gdb client disconnected")
+                    return
+                for ev in self.reader.feed(data):
+                    self._event(ev)
+                    if self.done:
+                        return
+            if self.running:
+                self._poll_stop()
+
+    def _event(self, ev: pk.Event) -> None:
+        if ev.kind == "interrupt":
+            if self.running:
+                self.s._hold_all()
+                self._report_stop(SIGINT)
+            return
+        if ev.kind == "nak":
+            if self.ack and self.last_reply:
+                self.conn.sendall(self.last_reply)
+            return
+        if ev.kind == "ack":
+            return
+        if ev.kind == "bad":
+            if self.ack:
+                self.conn.sendall(b"-")
+            return
+        if self.ack:
+            self.conn.sendall(b"+")
+        reply = self._dispatch_safely(ev.data)
+        if reply is not None:
+            self.send(reply)
+        if ev.data == b"QStartNoAckMode" and reply == b"OK":
+            self.ack = False
+
+    def _dispatch_safely(self, data: bytes) -> Optional[bytes]:
+        try:
+            return self.dispatch(data)
+        except pk.PacketError:
+            return b"E%02x" % _EINVAL
+        except TargetError as e:
+            return b"E%02x" % (e.errno & 0xFF)
+        except Unsupported:
+            return b""
+        except GuestMemoryError:
+            return b"E%02x" % _EFAULT
+        except Busy:
+            return b"E%02x" % _EBUSY
+        except Closed:
+            return b"E%02x" % _EBUSY
+        except Exception as e:  # noqa: BLE001 — a bug answers E01, the server goes on
+            self.s._say(f"gdb packet {data[:40]!r} failed: {type(e).__name__}: {e}")
+            return b"E01"
+
+    # -- stops ------------------------------------------------------------------------------
+    def _take_stop(self, default_signal: int) -> bytes:
+        """The stop reply for the stop that holds the machine now (a recorded debug stop,
+        else ``default_signal`` on the current thread); the target undoes its step plumbing
+        first."""
+        s = self.s
+        if s._exit_status is not None or (s._run_over() and not self.m.paused):
+            return self._exit_reply()
+        with s._lock:
+            index, stop = s._stops[0] if s._stops else (self.cthread, Stop(signal=default_signal))
+            s._stops.clear()
+            for i, vcpu in enumerate(self.m.vcpus):
+                try:
+                    s.target.stopped(vcpu, s._memory(i))
+                except (PykvmError, TargetError):
+                    pass
+        self.gthread = self.cthread = index
+        reply = b"T%02xthread:%x;" % (stop.signal, index + 1)
+        if stop.reason in ("watch", "rwatch", "awatch") and stop.addr is not None:
+            reply += b"%s:%x;" % (stop.reason.encode(), stop.addr)
+        elif stop.reason:
+            reply += stop.reason.encode() + b":;"
+        return reply
+
+    def _exit_reply(self) -> bytes:
+        st = self.s._exit_status
+        return b"W%02x" % (0 if st is None else st & 0xFF)
+
+    def _report_stop(self, default_signal: int) -> None:
+        self.running = False
+        self.last_stop = self._take_stop(default_signal)
+        self.send(self.last_stop)
+
+    def _poll_stop(self) -> None:
+        s = self.s
+        with s._lock:
+            pending = bool(s._stops)
+        if pending and self.m.paused:
+            self._report_stop(SIGTRAP)
+        elif s._run_over():
+            self.running = False
+            self.last_stop = self._exit_reply()
+            self.send(self.last_stop)
+
+    def _resume(self, step_index: Optional[int]) -> Optional[bytes]:
+        s = self.s
+        if s._run_over() and not self.m.paused:
+            self.last_stop = self._exit_reply()
+            return self.last_stop
+        with s._lock:
+            if s._stops:                         # a stop came while gdb was busy: report it
+                self.last_stop = self._take_stop(SIGTRAP)
+                return self.last_stop
+            for i, vcpu in enumerate(self.m.vcpus):
+                s.target.prepare_resume(vcpu, step=(i == step_index),
+                                        sw_breakpoints=bool(s._sw), mem=s._memory(i))
+            self.running = True
+            s._seen_running = s._seen_running or self.m.running
+            self.m.resume()
+        return None
+
+    # -- packets ----------------------------------------------------------------------------
+    def _thread_index(self, tid: int, *, allow_all: bool = True) -> int:
+        n = len(self.m.vcpus)
+        if tid == 0 or (tid == -1 and allow_all):
+            return -1
+        if not 1 <= tid <= n:
+            raise TargetError(f"no thread {tid}", _EINVAL)
+        return tid - 1
+
+    def _vcpu(self, index: int):
+        return self.m.vcpus[max(index, 0)]
+
+    def _need_stopped(self) -> None:
+        if self.running:
+            raise Busy("the target is running")
+
+    def dispatch(self, data: bytes) -> Optional[bytes]:
+        """The reply to one packet (None: no reply now — a resume, whose stop reply comes
+        later, or a kill)."""
+        if not data:
+            return b""
+        c, rest = data[:1], data[1:]
+        if c == b"?":
+            if self.running:
+                return None
+            return self.last_stop or self._take_stop(SIGTRAP)
+        if c == b"q":
+            return self._query(data)
+        if c == b"Q":
+            return b"OK" if data == b"QStartNoAckMode" else b""
+        if c == b"H":
+            if rest[:1] not in (b"g", b"c"):
+                return b"E%02x" % _EINVAL
+            idx = self._thread_index(pk.parse_signed_hex(rest[1:]))
+            if rest[:1] == b"g":
+                self.gthread = max(idx, 0)
+            else:
+                self.cthread = max(idx, 0)
+            return b"OK"
+        if c == b"T":
+            self._thread_index(pk.parse_signed_hex(rest), allow_all=False)
+            return b"OK"
+        if c == b"g":
+            self._need_stopped()
+            return pk.hex_encode(self.s.target.read_registers(self._vcpu(self.gthread)))
+        if c == b"G":
+            self._need_stopped()
+            self.s.target.write_registers(self._vcpu(self.gthread), pk.hex_decode(rest))
+            return b"OK"
+        if c == b"p":
+            self._need_stopped()
+            return pk.hex_encode(self.s.target.read_register(self._vcpu(self.gthread),
+                                                             pk.parse_hex(rest)))
+        if c == b"P":
+            self._need_stopped()
+            n, sep, v = rest.partition(b"=")
+            if not sep:
+                raise pk.PacketError("P needs n=value")
+            self.s.target.write_register(self._vcpu(self.gthread), pk.parse_hex(n),
+                                         pk.hex_decode(v))
+            return b"OK"
+        if c == b"m":
+            self._need_stopped()
+            addr, n = pk.parse_addr_len(rest)
+            return pk.hex_encode(self._read(addr, n))
+        if c in (b"M", b"X"):
+            self._need_stopped()
+            head, sep, payload = rest.partition(b":")
+            if not sep:
+                raise pk.PacketError(f"{c.decode()} needs addr,length:data")
+            addr, n = pk.parse_addr_len(head)
+            blob = pk.hex_decode(payload) if c == b"M" else pk.unescape(payload)
+            if len(blob) != n:
+                raise pk.PacketError(f"{len(blob)} bytes of data for a length of {n}")
+            self._write(addr, blob)
+            return b"OK"
+        if c in (b"c", b"C"):
+            self._need_stopped()
+            return self._resume(None)
+        if c in (b"s", b"S"):
+            self._need_stopped()
+            return self._resume(self.cthread)
+        if c == b"v":
+            return self._v(data)
+        if c in (b"Z", b"z"):
+            self._need_stopped()
+            return self._z(c == b"Z", rest)
+        if c == b"D":
+            self.send(b"OK")
+            self.s._detach()
+            self.done = True
+            return None
+        if c == b"k":
+            self._kill()
+            return None
+        return b""
+
+    def _kill(self) -> None:
+        try:
+            self.m.stop("killed by gdb")
+        except Closed:
+            pass
+        self.done = True
+
+    def _query(self, data: bytes) -> bytes:
+        if data.startswith(b"qSupported"):
+            return (b"PacketSize=%x;qXfer:features:read+;swbreak+;hwbreak+;"
+                    b"QStartNoAckMode+;vContSupported+" % pk.MAX_PACKET)
+        if data.startswith(b"qXfer:features:read:"):
+            annex, sep, span = data[len(b"qXfer:features:read:"):].partition(b":")
+            if not sep:
+                raise pk.PacketError("qXfer needs annex:offset,length")
+            off, n = pk.parse_addr_len(span, max_len=pk.MAX_PACKET // 2)
+            docs = self._documents()
+            doc = docs.get(annex.decode("ascii", "replace"))
+            if doc is None:
+                return b"E00"
+            raw = doc.encode()
+            chunk = raw[off:off + n]
+            return (b"m" if off + n < len(raw) else b"l") + pk.escape(chunk)
+        if data == b"qAttached" or data.startswith(b"qAttached:"):
+            return b"1"
+        if data == b"qC":
+            return b"QC%x" % (self.gthread + 1)
+        if data == b"qfThreadInfo":
+            return b"m" + b",".join(b"%x" % (i + 1) for i in range(len(self.m.vcpus)))
+        if data == b"qsThreadInfo":
+            return b"l"
+        if data.startswith(b"qThreadExtraInfo,"):
+            idx = self._thread_index(pk.parse_hex(data[len(b"qThreadExtraInfo,"):]),
+                                     allow_all=False)
+            return pk.hex_encode(f"vCPU {idx}".encode())
+        if data.startswith(b"qSymbol"):
+            return b"OK"
+        return b""
+
+    def _documents(self) -> Dict[str, str]:
+        s = self.s
+        if s._docs is None:
+            self._need_stopped()
+            s._docs = s.target.documents(self.m.vcpus[0])
+        return s._docs
+
+    def _v(self, data: bytes) -> Optional[bytes]:
+        if data == b"vCont?":
+            return b"vCont;c;C;s;S"
+        if data.startswith(b"vCont;"):
+            self._need_stopped()
+            step: Optional[int] = None
+            for action in data[len(b"vCont;"):].split(b";"):
+                verb, _, tid = action.partition(b":")
+                if not verb or verb[:1] not in (b"c", b"C", b"s", b"S"):
+                    raise pk.PacketError(f"bad vCont action {action[:20]!r}")
+                if verb[:1] in (b"s", b"S"):
+                    idx = self._thread_index(pk.parse_signed_hex(tid)) if tid else self.cthread
+                    if step is None:
+                        step = idx if idx >= 0 else self.cthread
+            return self._resume(step)
+        if data.startswith(b"vKill"):
+            self.send(b"OK")
+            self._kill()
+            return None
+        return b""
+
+    def _z(self, insert: bool, rest: bytes) -> bytes:
+        parts = rest.split(b";", 1)[0].split(b",")
+        if len(parts) != 3:
+            raise pk.PacketError("Z/z needs type,addr,kind")
+        ztype, gva, kind = (pk.parse_hex(p) for p in parts)
+        s = self.s
+        with s._lock:
+            if ztype == 0:
+                if insert:
+                    self._plant(gva, kind)
+                else:
+                    bp = s._sw.pop(gva, None)
+                    if bp is not None:
+                        s._unplant(bp)
+                return b"OK"
+            if insert:
+                if (ztype, gva, kind) not in s._hw:
+                    s.target.insert_hw(ztype, gva, kind)
+                    s._hw.append((ztype, gva, kind))
+            else:
+                if (ztype, gva, kind) in s._hw:
+                    s.target.remove_hw(ztype, gva, kind)
+                    s._hw.remove((ztype, gva, kind))
+            return b"OK"
+
+    def _plant(self, gva: int, kind: int) -> None:
+        s = self.s
+        if gva in s._sw:
+            return
+        insn = s.target.breakpoint_bytes(kind)
+        mem = s._memory(self.gthread)
+        saved = bytearray(mem.read(gva, len(insn)))
+        mem.write(gva, insn)
+        s._sw[gva] = _Breakpoint(gva, insn, saved)
+
+    def _shadowed(self, addr: int, n: int):
+        """The planted breakpoints overlapping [addr, addr+n)."""
+        for bp in self.s._sw.values():
+            if bp.gva < addr + n and addr < bp.gva + len(bp.insn):
+                yield bp
+
+    def _read(self, addr: int, n: int) -> bytes:
+        with self.s._lock:
+            data = bytearray(self.s._memory(self.gthread).read_partial(addr, n)) if n else \
+                bytearray()
+            for bp in self._shadowed(addr, len(data)):     # show the original bytes
+                for k, b in enumerate(bp.saved):
+                    if 0 <= bp.gva + k - addr < len(data):
+                        data[bp.gva + k - addr] = b
+            return bytes(data)
+
+    def _write(self, addr: int, blob: bytes) -> None:
+        with self.s._lock:
+            data = bytearray(blob)
+            for bp in list(self._shadowed(addr, len(data))):  # keep the breakpoint planted
+                for k in range(len(bp.insn)):
+                    i = bp.gva + k - addr
+                    if 0 <= i < len(data):
+                        bp.saved[k] = data[i]
+                        data[i] = bp.insn[k]
+            if data:
+                self.s._memory(self.gthread).write(addr, bytes(data))
+
+
+def serve(machine: Any, address: str = "tcp::1234", *, wait: bool = False,
+          log: Optional[Callable[[str], None]] = None) -> GdbServer:
+    """Start a :class:`GdbServer` for ``machine`` on ``address`` (``wait``: hold the guest
+    before its first instruction until gdb continues). ``log``: called with one line (str)
+    per connection event. See :class:`GdbServer` for what it raises."""
+    return GdbServer(machine, address, wait=wait, log=log)
+
+
+def stderr_log(line: str) -> None:
+    """Write ``pykvm: <line>`` to standard error (the CLI's log of connection events)."""
+    print(f"pykvm: {line}", file=sys.stderr, flush=True)
