@@ -20,6 +20,7 @@ software breakpoint bytes (Z0)      :meth:`GdbTarget.breakpoint_bytes`
 hardware breakpoints/watchpoints    :meth:`GdbTarget.insert_hw`, :meth:`GdbTarget.remove_hw`
 KVM guest-debug control + stepping  :meth:`GdbTarget.prepare_resume`
 recognising a debug stop            :attr:`GdbTarget.stop_exits`, :meth:`GdbTarget.classify_stop`
+guest's own trap under guest debug  :meth:`GdbTarget.give_to_guest`
 undoing step plumbing after a stop  :meth:`GdbTarget.stopped`
 ==================================  ==============================================================
 
@@ -216,6 +217,15 @@ class GdbTarget(abc.ABC):
         guest's own ``int3``). Runs on the vCPU's thread, inside its exit handler; the PC
         must be left at the breakpoint's address for a software breakpoint (gdb is told
         ``swbreak`` and does not adjust it)."""
+
+    def give_to_guest(self, vcpu: Any, ex: Any) -> bool:
+        """Called (on the vCPU's thread, like :meth:`classify_stop`) for an exit that
+        :meth:`classify_stop` found not to be the debugger's: deliver it to the guest as the
+        guest would have seen it without guest debugging (RISC-V: the breakpoint exception of
+        the guest's own ``ebreak``, which KVM_GUESTDBG_ENABLE turned into a KVM exit), and
+        return True, so that the vCPU simply runs on; False (the default) leaves the exit to
+        the machine's handlers."""
+        return False
 
     def stopped(self, vcpu: Any, mem: GuestAccess) -> None:
         """Called for every vCPU once all are held after a stop, before gdb sees anything:

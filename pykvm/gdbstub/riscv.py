@@ -263,8 +263,13 @@ class RiscvTarget(GdbTarget):
             # another vCPU's step breakpoint: "swbreak" at an address with no breakpoint of
             # gdb's is a trap gdb knows to be from a breakpoint since removed, and resumes
             return Stop(reason="swbreak")
-        self.deliver_breakpoint(vcpu, pc)
         return None
+
+    def give_to_guest(self, vcpu: Any, ex: Any) -> bool:
+        if ex.name != "DEBUG":
+            return False
+        self.deliver_breakpoint(vcpu, self.pc(vcpu))
+        return True
 
     @staticmethod
     def deliver_breakpoint(vcpu: Any, pc: int) -> None:

@@ -272,6 +272,8 @@ class GdbServer:
             stop = None
             if armed and not self._closing:
                 stop = self.target.classify_stop(machine.vcpus[index], ex, planted)
+                if stop is None and self.target.give_to_guest(machine.vcpus[index], ex):
+                    return None                  # the guest's own trap, delivered to it
             if stop is not None:
                 if not self._stops:
                     self._stops.append((index, stop))
