@@ -59,14 +59,17 @@ class Translation:
 
     @property
     def readable(self) -> bool:
+        """R: loads may read the page (Bare: always)."""
         return self.level < 0 or bool(self.pte & PTE_R)
 
     @property
     def writable(self) -> bool:
+        """W: stores may write the page (Bare: always)."""
         return self.level < 0 or bool(self.pte & PTE_W)
 
     @property
     def executable(self) -> bool:
+        """X: the hart may fetch instructions from the page (Bare: always)."""
         return self.level < 0 or bool(self.pte & PTE_X)
 
     @property
