@@ -184,7 +184,11 @@ class GdbTarget(abc.ABC):
         watched length in bytes) at ``gva``, for every vCPU; it takes effect at the next
         :meth:`prepare_resume`. Raises :class:`Unsupported` where the architecture has none
         (the default), :class:`TargetError` when the slots are full (errno 28) or the
-        length/alignment cannot be watched (errno 22)."""
+        length/alignment cannot be watched (errno 22). For a write watchpoint
+        (:data:`Z_WRITE_WATCH`) :class:`Unsupported` makes the stub emulate it: it
+        single-steps every vCPU (:meth:`prepare_resume` ``step=True``) and compares the
+        watched bytes after each instruction, as gdb's software watchpoints do, only
+        without a round trip per instruction."""
         raise Unsupported("no hardware breakpoints on this architecture")
 
     def remove_hw(self, ztype: int, gva: int, kind: int) -> None:

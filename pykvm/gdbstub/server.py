@@ -25,7 +25,8 @@ import threading
 
 from ..errors import Busy, Closed, GuestMemoryError, KvmError, PykvmError
 from . import packets as pk
-from .arch import SIGINT, SIGTRAP, GuestAccess, Stop, TargetError, Unsupported
+from .arch import (SIGINT, SIGTRAP, Z_SW_BREAK, Z_WRITE_WATCH, GuestAccess, Stop,
+                   TargetError, Unsupported)
 from .targets import target_for
 
 TYPE_CHECKING = False
@@ -122,6 +123,18 @@ class _Memory(GuestAccess):
             off += chunk
 
 
+class _SoftWatch:
+    """A write watchpoint the stub emulates: the GPA pieces of the watched GVA range (taken
+    when it was set) and their bytes when the vCPUs last resumed."""
+    __slots__ = ("gva", "kind", "pieces", "value")
+
+    def __init__(self, gva: int, kind: int, pieces: List[Tuple[int, int]]):
+        self.gva, self.kind, self.pieces, self.value = gva, kind, pieces, b""
+
+    def read(self, memory: Any) -> bytes:
+        return b"".join(memory.read(gpa, n) for gpa, n in self.pieces)
+
+
 class _Breakpoint:
     __slots__ = ("gva", "insn", "saved")
 
@@ -155,6 +168,8 @@ class GdbServer:
         self._lock = threading.RLock()           # debug state: breakpoints, stops, target
         self._sw: Dict[int, _Breakpoint] = {}    # planted software breakpoints by GVA
         self._hw: List[Tuple[int, int, int]] = []  # (ztype, gva, kind) given to the target
+        self._soft: List[_SoftWatch] = []         # write watchpoints emulated by stepping
+        self._gdb_step: Optional[int] = None     # the vCPU gdb asked to step, if any
         self._stops: List[Tuple[int, Stop]] = []  # debug stops recorded by vCPU threads
         self._attached = False
         self._closing = False
@@ -268,12 +283,23 @@ class GdbServer:
         """The handler of the target's stop exits, on vCPU ``index``'s thread."""
         with self._lock:
             planted = tuple(self._sw)
-            armed = self._attached or bool(planted) or bool(self._hw)
+            armed = self._attached or bool(planted) or bool(self._hw) or bool(self._soft)
             stop = None
+            vcpu = machine.vcpus[index]
             if armed and not self._closing:
-                stop = self.target.classify_stop(machine.vcpus[index], ex, planted)
-                if stop is None and self.target.give_to_guest(machine.vcpus[index], ex):
+                stop = self.target.classify_stop(vcpu, ex, planted)
+                if stop is None and self.target.give_to_guest(vcpu, ex):
                     return None                  # the guest's own trap, delivered to it
+            if stop is not None and not stop.reason and self._soft:   # a step: watched?
+                hit = self._soft_hit()
+                if hit is not None:
+                    stop = Stop(reason="watch", addr=hit.gva)
+                elif self._gdb_step != index:      # nothing changed: step on, no stop
+                    mem = self._memory(index)
+                    self.target.stopped(vcpu, mem)
+                    self.target.prepare_resume(vcpu, step=True, sw_breakpoints=bool(planted),
+                                               mem=mem)
+                    return None
             if stop is not None:
                 if not self._stops:
                     self._stops.append((index, stop))
@@ -284,6 +310,18 @@ class GdbServer:
             return None if machine.platform.handle_exit(index, ex) else True
         machine.pause(timeout=None)              # every vCPU, this one included, is held
         self._wake()
+        return None
+
+    def _soft_hit(self) -> Optional[_SoftWatch]:
+        """The first emulated watchpoint whose bytes changed (its value updated), or None."""
+        for w in self._soft:
+            try:
+                now = w.read(self.machine.memory)
+            except GuestMemoryError:
+                continue
+            if now != w.value:
+                w.value = now
+                return w
         return None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -410,6 +448,8 @@ class GdbServer:
                 except (TargetError, Unsupported):
                     pass
             self._hw.clear()
+            self._soft.clear()
+            self._gdb_step = None
             for i, vcpu in enumerate(m.vcpus):
                 try:
                     self.target.prepare_resume(vcpu, step=False, sw_breakpoints=False,
@@ -577,8 +617,11 @@ class _Session:
             if s._stops:                         # a stop came while gdb was busy: report it
                 self.last_stop = self._take_stop(SIGTRAP)
                 return self.last_stop
+            for w in s._soft:                    # gdb may have written them meanwhile
+                w.value = w.read(self.m.memory)
+            s._gdb_step = step_index
             for i, vcpu in enumerate(self.m.vcpus):
-                s.target.prepare_resume(vcpu, step=(i == step_index),
+                s.target.prepare_resume(vcpu, step=(i == step_index) or bool(s._soft),
                                         sw_breakpoints=bool(s._sw), mem=s._memory(i))
             self.running = True
             s._seen_running = s._seen_running or self.m.running
@@ -756,7 +799,14 @@ class _Session:
         ztype, gva, kind = (pk.parse_hex(p) for p in parts)
         s = self.s
         with s._lock:
-            if ztype == 0:
+            soft = [w for w in s._soft if (w.gva, w.kind) == (gva, kind)]
+            if ztype == Z_WRITE_WATCH and (soft or not insert and
+                                           (ztype, gva, kind) not in s._hw):
+                if not insert:
+                    for w in soft:
+                        s._soft.remove(w)
+                return b"OK"
+            if ztype == Z_SW_BREAK:
                 if insert:
                     self._plant(gva, kind)
                 else:
@@ -766,13 +816,31 @@ class _Session:
                 return b"OK"
             if insert:
                 if (ztype, gva, kind) not in s._hw:
-                    s.target.insert_hw(ztype, gva, kind)
+                    try:
+                        s.target.insert_hw(ztype, gva, kind)
+                    except Unsupported:
+                        if ztype != Z_WRITE_WATCH:
+                            raise
+                        self._soft_watch(gva, kind)
+                        return b"OK"
                     s._hw.append((ztype, gva, kind))
             else:
                 if (ztype, gva, kind) in s._hw:
                     s.target.remove_hw(ztype, gva, kind)
                     s._hw.remove((ztype, gva, kind))
             return b"OK"
+
+    def _soft_watch(self, gva: int, kind: int) -> None:
+        if not 1 <= kind <= pk.MAX_MEMORY:
+            raise TargetError(f"cannot watch {kind} bytes", _EINVAL)
+        s = self.s
+        pieces = [(gpa, n) for _v, gpa, n in s._memory(self.gthread)._pieces(gva, kind)]
+        w = _SoftWatch(gva, kind, pieces)
+        try:
+            w.value = w.read(self.m.memory)
+        except GuestMemoryError:
+            raise TargetError(f"{gva:#x} is not guest RAM", _EFAULT) from None
+        s._soft.append(w)
 
     def _plant(self, gva: int, kind: int) -> None:
         s = self.s

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from .. import abi
 from ..abi import ffi
+from ..errors import PykvmError
+from ..machine import Machine
 from .arch import (GdbTarget, GuestAccess, Stop, TargetError, Unsupported, Z_ACCESS_WATCH,
                    Z_HW_BREAK, Z_READ_WATCH, Z_WRITE_WATCH)
 
@@ -142,6 +144,36 @@ def _full_tag(abridged: int, fsw: int) -> int:
 
 def _abridged_tag(full: int) -> int:
     return sum(1 << i for i in range(8) if (full >> (2 * i)) & 3 != 3)
+
+
+_PROBE_CODE = bytes([0xC6, 0x06, 0x00, 0x05, 0x01,   # mov byte [0x500], 1  (real mode)
+                     0xF4])                           # hlt
+_probe_result: Dict[int, bool] = {}
+
+
+def data_breakpoints_fire(kvm: Any) -> bool:
+    """Whether a data breakpoint in DR0/DR7 (KVM_GUESTDBG_USE_HW_BP) stops a guest's write on
+    this host: a throw-away real-mode VM writes a byte that DR0 watches. False where KVM
+    runs the guest's code in its instruction emulator (kvm_pvm: the emulator checks
+    instruction breakpoints, not data ones). Cached per process; a probe that fails to run
+    counts as False."""
+    key = 0
+    if key not in _probe_result:
+        fired = False
+        try:
+            with Machine(_PROBE_CODE, kvm=kvm, machine="bare", flat_mode="real",
+                         flat_addr=0x8000, mem_size=1 << 20) as m:
+                g = ffi.new("struct kvm_guest_debug *")
+                g.control = abi.GUESTDBG_ENABLE | abi.arch.GUESTDBG_USE_HW_BP
+                g.arch.debugreg[0] = 0x500
+                g.arch.debugreg[7] = _DR7_FIXED | 2 | (_RW_BITS[Z_WRITE_WATCH] << 16)
+                m.vcpus[0].ioctl("KVM_SET_GUEST_DEBUG", g)
+                ev = m.step(0, timeout=5)
+                fired = ev.kind == "exit" and ev.exit.name == "DEBUG"
+        except (PykvmError, OSError):
+            fired = False
+        _probe_result[key] = fired
+    return _probe_result[key]
 
 
 class X86Target(GdbTarget):
@@ -293,6 +325,9 @@ class X86Target(GdbTarget):
             raise Unsupported("x86 debug registers have no read-only watchpoint")
         if ztype not in _RW_BITS:
             raise Unsupported(f"no Z{ztype} on x86")
+        if ztype != Z_HW_BREAK and not data_breakpoints_fire(self.machine.kvm):
+            raise Unsupported("data breakpoints do not fire on this host (KVM emulates the "
+                              "guest's code)")
         length = 1 if ztype == Z_HW_BREAK else kind
         if ztype != Z_HW_BREAK and (length not in _LEN_BITS or gva % length):
             raise TargetError(f"cannot watch {kind} bytes at {gva:#x} (1, 2, 4 or 8, "
