@@ -235,3 +235,4 @@ class GdbTarget(abc.ABC):
         """Called for every vCPU once all are held after a stop, before gdb sees anything:
         undo what :meth:`prepare_resume` planted for a step (RISC-V: remove the temporary
         ``ebreak``\\ s). The default does nothing."""
+        return None

@@ -377,7 +377,8 @@ class GdbServer:
     def _serve(self) -> None:
         while not self._closing:
             try:
-                r, _, _ = select.select([self._sock, self._wake_r], [], [])
+                watched: List[Any] = [self._sock, self._wake_r]
+                r, _, _ = select.select(watched, [], [])
             except (OSError, ValueError):
                 return
             if self._wake_r in r:
@@ -500,8 +501,8 @@ class _Session:
         self.last_stop = self._take_stop(default_signal=SIGTRAP)
         while not self.done and not s._closing:
             try:
-                r, _, _ = select.select([self.conn, s._wake_r], [], [],
-                                        0.05 if self.running else 0.5)
+                watched: List[Any] = [self.conn, s._wake_r]
+                r, _, _ = select.select(watched, [], [], 0.05 if self.running else 0.5)
             except (OSError, ValueError):
                 return
             if s._wake_r in r:
@@ -683,10 +684,10 @@ class _Session:
                                                              pk.parse_hex(rest)))
         if c == b"P":
             self._need_stopped()
-            n, sep, v = rest.partition(b"=")
+            num, sep, v = rest.partition(b"=")
             if not sep:
                 raise pk.PacketError("P needs n=value")
-            self.s.target.write_register(self._vcpu(self.gthread), pk.parse_hex(n),
+            self.s.target.write_register(self._vcpu(self.gthread), pk.parse_hex(num),
                                          pk.hex_decode(v))
             return b"OK"
         if c == b"m":
