@@ -30,6 +30,7 @@ from .kvm import Kvm
 from .report import GuestAssertion, Report
 from .runloop import ConsoleBuffer, LoopBase, RunLoop, exit_reason
 from .status import debug_exit_status
+from . import snapshot as _snapshot
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -253,6 +254,11 @@ class Machine:
             if guest is None or (isinstance(guest, str) and not _is_image_path(guest)):
                 image = guests.path(guest or guests.DEFAULT_GUEST)
             self.image_name = image if isinstance(image, str) else "<bytes>"
+            # what Machine.snapshot() records to build the machine again (pykvm.snapshot)
+            self._snapshot_config = dict(
+                image=image, initrd=tuple(initrd), mem_size=mem_size, cmdline=cmdline,
+                flat_addr=flat_addr, flat_mode=flat_mode, machine=machine,
+                platform_opts={k: v for k, v in platform_opts.items() if k != "virtio_spec"})
             cls, fmt, platform_opts = choose_platform(machine, read_head(image),
                                                       **platform_opts)
             spec = platform_opts.pop("virtio_spec", None)
@@ -1076,6 +1082,27 @@ class Machine:
             if why:
                 out[name] = why
         return out
+
+    # -- snapshots (pykvm.snapshot, docs/snapshots.md) ------------------------------------------
+    def snapshot(self, path: str) -> int:
+        """Write a snapshot of this machine to ``path`` (:func:`pykvm.snapshot.take`): every
+        vCPU's and the VM's KVM state, the device models' state and the non-zero pages of RAM,
+        with the configuration to rebuild the machine. A running machine is paused for it and
+        resumed after; one between runs or steps is captured as it stands. Returns the file's
+        size in bytes. Raises :class:`~pykvm.errors.SnapshotError` (one line) for a machine
+        with a device that cannot be snapshotted, naming it; OSError when the file cannot be
+        written; :class:`~pykvm.errors.Closed` after :meth:`close`."""
+        return _snapshot.take(self, path)
+
+    @classmethod
+    def restore(cls, path: str, **overrides) -> "Machine":
+        """A new machine built from the snapshot at ``path`` (:func:`pykvm.snapshot.restore`),
+        in this process or any other: :meth:`run` it and the guest continues where the
+        snapshot left it. ``overrides``: ``loop``, ``on_console``, ``console_limit``,
+        ``report_limit``, ``kvm``, ``vm_setup``. Raises :class:`~pykvm.errors.SnapshotError`
+        (one line) for a missing, corrupted, truncated or foreign snapshot; nothing is left
+        half restored."""
+        return _snapshot.restore(cls, path, **overrides)
 
     def close(self) -> None:
         """Stop every vCPU (waiting until each has left KVM_RUN), then close the VM, its memory

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import threading
 import time
+from .snapstate import DeviceState
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -93,11 +94,14 @@ def ticks_since(t0_ns: int, now_ns: int) -> int:
     return (now_ns - t0_ns) * PM_TIMER_HZ // 1_000_000_000
 
 
-class AcpiPm:
+class AcpiPm(DeviceState):
     """The PM1a event/control blocks and the PM timer. ``set_sci(level)``: drive the SCI line;
     ``on_sleep(slp_typ)``: a write of SLP_EN (called without the device lock held);
     ``on_change()``: after every register write (without the lock; TMR_EN may have changed);
     ``clock``: nanoseconds (time.monotonic_ns). :attr:`PIO_RANGES`: the block at 0x600."""
+
+    SNAPSHOT_FIELDS = ('t0', 'sts', 'en', 'cnt', '_epoch', '_sci')
+    SNAPSHOT_MONO = ('t0',)
 
     PIO_RANGES = pio_ranges(PM_BASE)
 

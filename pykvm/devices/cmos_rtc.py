@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import threading
 import time
+from .snapstate import DeviceState
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ def periodic_ns(rate_select: int) -> Optional[int]:
     return (1 << (rs - 1)) * NS // 32768
 
 
-class CmosRtc:
+class CmosRtc(DeviceState):
     """The RTC and its CMOS. ``set_irq(level)`` drives IRQ 8; ``on_alarm()`` is called for
     every alarm; ``on_change()`` after every port write (reschedule :meth:`poll`); ``clock``
     gives monotonic nanoseconds; ``wall_ns`` the host's UTC time in nanoseconds at start-up
@@ -123,6 +124,10 @@ class CmosRtc:
 
     On the port bus: one two-port block at 0x70 (offset 0: index, 1: data) taking accesses of
     up to 4 bytes, QEMU's "rtc" I/O region (the bus cuts an access at 0x71 to one byte)."""
+
+    SNAPSHOT_FIELDS = ('cmos', 'index', 'nmi_masked', 'offset_ns', '_last_ns', '_last_a_ns', '_a_showed_uip', '_irq', '_raw', '_raw_s', '_raw_mode')
+    SNAPSHOT_MONO = ('_last_ns', '_last_a_ns')
+    SNAPSHOT_OFFSET = ('offset_ns',)
 
     PIO_RANGES = ((INDEX_PORT, 2, 0, 4),)
 

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from .snapstate import DeviceState
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -92,11 +93,13 @@ HPET_FW_ENTRIES = 8           # struct hpet_fw_config: u8 count, 8 x {u32, u64, 
 HPET_FW_ENTRY_SIZE = 15
 
 
-class FwCfg:
+class FwCfg(DeviceState):
     """The two item tables and the selector state. Thread-safe: vCPUs share one selector, as on
     a real machine (a guest serialises its accesses itself). ``ram_size``: bytes of RAM;
     ``nb_cpus``/``max_cpus``: vCPUs at start and at most (default ``nb_cpus``). Items beyond
     the built-in ones are added with :meth:`add`."""
+
+    SNAPSHOT_FIELDS = ('selected', 'offset')
 
     PIO_RANGES = ((SELECTOR_PORT, 1, SELECTOR_OFFSET, 4), (DATA_PORT, 1, DATA_OFFSET, 4))
 

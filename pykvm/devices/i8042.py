@@ -45,6 +45,7 @@ dropped, as QEMU's PS/2 queue does when full).
 from __future__ import annotations
 
 import threading
+from .snapstate import DeviceState
 from collections import deque
 
 TYPE_CHECKING = False
@@ -113,7 +114,7 @@ _EXPECTS_DATA = (CCMD_WRITE_MODE, CCMD_WRITE_OBUF, CCMD_WRITE_AUX_OBUF, CCMD_WRI
 _KBD, _AUX = 1, 2
 
 
-class I8042:
+class I8042(DeviceState):
     """The controller. ``on_reset()``: a CPU reset request (called without the lock held);
     ``set_irq(irq, level)``: drive ISA IRQ 1 or 12.
 
@@ -121,6 +122,8 @@ class I8042:
     4 bytes, so that an access starting at 0x60 or 0x64 reaches it whole (a run of byte
     accesses to that register, as the module docstring says); an access starting at another
     port is cut by the bus and its bytes at 0x60/0x64 reach the register one at a time."""
+
+    SNAPSHOT_FIELDS = ('status', 'mode', 'outport', 'write_cmd', 'kbd', 'aux', 'last', 'kbd_cmd', 'scancode_set', 'aux_param', '_irq')
 
     PIO_RANGES = ((DATA_PORT, 1, DATA_OFFSET, 4), (STATUS_PORT, 1, STATUS_OFFSET, 4))
 

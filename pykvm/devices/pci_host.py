@@ -50,6 +50,8 @@ PIRQ routing (0x60-0x63) stays disabled (0x80) where SeaBIOS would route PIRQA-D
 from __future__ import annotations
 
 import threading
+from .snapstate import DeviceState, decode, encode
+from ..errors import SnapshotError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -239,7 +241,7 @@ def piix4_pm(pm_base: int = 0x600, sci_irq: int = 9) -> PciFunction:
     return f
 
 
-class PciHost:
+class PciHost(DeviceState):
     """Configuration mechanism #1 over a set of functions on bus 0, keyed (device, function).
     ``on_reset`` is called for a hard reset request through 0xCF9.
 
@@ -247,6 +249,39 @@ class PciHost:
     4 bytes, so that every IN or OUT reaches the device whole at the port it starts at and the
     device judges its alignment (module docstring). The platform keeps the PM block where
     00:01.3 says: it sets ``functions[PM_FUNCTION].on_write`` and reads :meth:`pm_io_space`."""
+
+    SNAPSHOT_FIELDS = ('address', 'rcr')
+
+    def snapshot_state(self) -> dict:
+        """As :meth:`DeviceState.snapshot_state`, with every function's configuration space
+        (``"functions"``: ``{"slot.fn": bytes}``)."""
+        out = super().snapshot_state()
+        with self._lock:
+            out["functions"] = {f"{s}.{f}": encode(bytes(fn.config))
+                                for (s, f), fn in sorted(self.functions.items())}
+        return out
+
+    def restore_state(self, state: dict, *, mono_delta: int = 0) -> None:
+        """As :meth:`DeviceState.restore_state`, with the functions' configuration spaces;
+        the snapshot must have the same functions (checked before anything is set)."""
+        if not isinstance(state, dict) or not isinstance(state.get("functions"), dict):
+            raise SnapshotError("PciHost state lacks its functions")
+        rest = {k: v for k, v in state.items() if k != "functions"}
+        self._check_state(rest)
+        want = {f"{s}.{f}": fn for (s, f), fn in self.functions.items()}
+        got = state["functions"]
+        if set(got) != set(want):
+            raise SnapshotError(f"PCI functions {sorted(got)} in the snapshot, "
+                                f"{sorted(want)} here")
+        configs = {k: decode(v) for k, v in got.items()}
+        for k, c in configs.items():
+            if not isinstance(c, bytes) or len(c) != len(want[k].config):
+                raise SnapshotError(f"PCI function {k}: configuration space is not "
+                                    f"{len(want[k].config)} bytes")
+        super().restore_state(rest, mono_delta=mono_delta)
+        with self._lock:
+            for k, c in configs.items():
+                want[k].config[:] = c
 
     PIO_RANGES = tuple((CONFIG_ADDRESS + i, 1, i, 4) for i in range(8))
 

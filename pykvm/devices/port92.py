@@ -13,6 +13,7 @@ the value's low byte. Each access costs constant work.
 from __future__ import annotations
 
 import threading
+from .snapstate import DeviceState
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -23,9 +24,11 @@ RESET = 0x01
 A20 = 0x02
 
 
-class Port92:
+class Port92(DeviceState):
     """The register. ``on_reset()``: called (without the lock held) for every write with bit 0
     set."""
+
+    SNAPSHOT_FIELDS = ('value',)
 
     PIO_RANGES = ((PORT, 1, 0, 4),)
 

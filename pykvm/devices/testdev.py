@@ -19,6 +19,8 @@ port at 0x04, the scratch bytes at 0x08, IRQ line n at 0x20 + n.
 from __future__ import annotations
 
 import threading
+from ..errors import SnapshotError
+from .snapstate import DeviceState
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -39,9 +41,11 @@ SCRATCH_BYTE_OFFSET = 0x08
 IRQ_OFFSET = 0x20
 
 
-class TestdevIomem:
+class TestdevIomem(DeviceState):
     """pc-testdev's 64 KiB of I/O memory, the device's MMIO-bus object: bytes kept as written,
     little-endian. Slicing it (``iomem[a:b]``) gives the bytes at those offsets."""
+
+    SNAPSHOT_FIELDS = ('data',)
 
     MMIO_RANGES = ((IOMEM_BASE, IOMEM_SIZE, 0, 8),)
     __test__ = False                      # not a pytest class, whatever its name says
@@ -75,11 +79,29 @@ class TestdevIomem:
         return IOMEM_SIZE
 
 
-class PcTestdev:
+class PcTestdev(DeviceState):
     """QEMU's ``pc-testdev``: the scratch register, the flush port, the IRQ ports and 64 KiB of I/O
     memory (see the module docstring). ``set_irq(line, level)``, if given, drives ISA IRQ
     ``line``. Its port-bus object is itself (:attr:`PIO_RANGES`); its MMIO-bus object is
     :attr:`iomem` (:attr:`TestdevIomem.MMIO_RANGES`)."""
+
+    SNAPSHOT_FIELDS = ('data', 'flushes')
+
+    def snapshot_state(self) -> dict:
+        """As :meth:`DeviceState.snapshot_state`, with the MMIO window's bytes."""
+        out = super().snapshot_state()
+        out["iomem"] = self.iomem.snapshot_state()
+        return out
+
+    def restore_state(self, state: dict, *, mono_delta: int = 0) -> None:
+        """As :meth:`DeviceState.restore_state`, with the MMIO window's bytes."""
+        if not isinstance(state, dict) or "iomem" not in state:
+            raise SnapshotError("PcTestdev state lacks its MMIO window")
+        rest = {k: v for k, v in state.items() if k != "iomem"}
+        self._check_state(rest)
+        self.iomem._check_state(state["iomem"])
+        super().restore_state(rest, mono_delta=mono_delta)
+        self.iomem.restore_state(state["iomem"], mono_delta=mono_delta)
 
     # QEMU's pc-testdev I/O regions, each with its largest valid access
     PIO_RANGES = ((SCRATCH_PORT, 4, SCRATCH_OFFSET, 4), (FLUSH_PORT, 4, FLUSH_OFFSET, 4),

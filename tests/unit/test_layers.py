@@ -15,7 +15,8 @@ PKG = os.path.join(ROOT, "pykvm")
 
 LAYERS = [
     ("abi", ("pykvm._host", "pykvm.abi", "pykvm._native", "pykvm._loopstate", "pykvm.errors", "pykvm._ktap",
-             "pykvm.status", "pykvm.outfile", "pykvm._record")),
+             "pykvm.status", "pykvm.outfile", "pykvm._record",
+             "pykvm.snapfile")),             # the snapshot file format (pure Python)
     ("ioctl", ("pykvm._ioctl", "pykvm._fd", "pykvm.stats")),
     ("arch", ("pykvm.arch",)),
     ("memory/exits", ("pykvm.memory", "pykvm.exits", "pykvm.report")),
@@ -24,6 +25,7 @@ LAYERS = [
     ("boot", ("pykvm.boot", "pykvm.guestbuild", "pykvm.guests")),
     ("devices", ("pykvm.devices",)),
     ("platform", ("pykvm.platform",)),
+    ("snapshot", ("pykvm.snapshot",)),   # Machine.snapshot()/restore() (docs/snapshots.md)
     ("machine", ("pykvm.machine",)),
     ("control", ("pykvm.control",)),  # a running machine's control socket
     ("debug", ("pykvm.gdbstub",)),   # the GDB remote-protocol stub (uses Machine)

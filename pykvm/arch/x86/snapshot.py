@@ -431,6 +431,10 @@ class VcpuSnapshot:
         """:func:`load_vcpu_state` into this vCPU."""
         load_vcpu_state(self, state)
 
+    def check_state(self, state: ArchState) -> None:
+        """:func:`check_vcpu_state`: raise SnapshotError unless ``state`` fits this vCPU."""
+        check_vcpu_state(self, state)
+
 
 class VmSnapshot:
     """``save_state()`` / ``load_state()`` on :class:`pykvm.vm.Vm` (x86)."""
@@ -442,3 +446,7 @@ class VmSnapshot:
     def load_state(self, state: ArchState) -> None:
         """:func:`load_vm_state` into this VM."""
         load_vm_state(self, state)
+
+    def check_state(self, state: ArchState) -> None:
+        """:func:`check_vm_state`: raise SnapshotError unless ``state`` fits this VM."""
+        check_vm_state(self, state)

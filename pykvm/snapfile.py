@@ -1,0 +1,292 @@
+"""The pykvm snapshot file format, version 1 (docs/snapshots.md): reading, writing and checking
+it, in pure Python with nothing but the standard library and :mod:`pykvm.errors`.
+
+Layout (all integers little-endian)::
+
+    offset 0   magic            8 bytes  b"PYKVMSNP"
+           8   format version   u32      FORMAT_VERSION (1)
+          12   section count    u32      at most MAX_SECTIONS
+          16   section table    count x 48 bytes:
+                   name         32 bytes ASCII, NUL-padded
+                   offset       u64      from the start of the file
+                   length       u64      bytes stored (after compression)
+                   crc32        u32      zlib.crc32 of the stored bytes
+                   flags        u32      bit 0: zlib-compressed
+               section data     the sections, in table order, back to back
+    end - 32   digest           SHA-256 of every byte before it
+
+:func:`read` parses and verifies the whole file (sizes, offsets inside the file and in
+order, each section's CRC, the digest, the decompressed sizes, which are bounded) before it
+returns anything, so a caller that restores only what :func:`read` returned never sees a
+truncated, corrupted or oversized file: each is refused with one line
+(:class:`~pykvm.errors.SnapshotError`).
+
+The RAM section's payload (:func:`encode_ram` / :func:`decode_ram`) is a run of records
+``gpa u64, length u32, flags u32, data`` (``length`` bytes, page multiples): only pages that
+are not all zeros are stored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+
+from .errors import SnapshotError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+MAGIC = b"PYKVMSNP"
+FORMAT_VERSION = 1
+MAX_SECTIONS = 4096
+NAME_LEN = 32
+_HEAD = struct.Struct("<8sII")
+_ENTRY = struct.Struct(f"<{NAME_LEN}sQQII")
+_RUN = struct.Struct("<QII")
+DIGEST_LEN = 32
+FLAG_ZLIB = 1
+PAGE = 4096
+# the most bytes a JSON section may decompress to (the metadata, device and vCPU states are
+# kilobytes; this bounds what a hostile file can make the reader allocate)
+MAX_JSON = 64 << 20
+
+
+class Section:
+    """One section as read: ``name`` (str), ``data`` (the bytes stored, still compressed when
+    ``compressed``)."""
+
+    __slots__ = ("name", "data", "compressed")
+
+    def __init__(self, name: str, data: bytes, compressed: bool):
+        self.name, self.data, self.compressed = name, data, compressed
+
+    def payload(self, limit: int) -> bytes:
+        """The section's bytes, decompressed; at most ``limit`` bytes (more, or a corrupt zlib
+        stream, raises :class:`~pykvm.errors.SnapshotError`)."""
+        if not self.compressed:
+            if len(self.data) > limit:
+                raise SnapshotError(f"section {self.name!r} holds {len(self.data)} bytes, more "
+                                    f"than the {limit} it may")
+            return self.data
+        d = zlib.decompressobj()
+        try:
+            out = d.decompress(self.data, limit + 1)
+        except zlib.error as e:
+            raise SnapshotError(f"section {self.name!r}: corrupt compressed data ({e})") from None
+        if len(out) > limit or d.unconsumed_tail:
+            raise SnapshotError(f"section {self.name!r} decompresses to more than the {limit} "
+                                "bytes it may")
+        if not d.eof or d.unused_data:
+            raise SnapshotError(f"section {self.name!r}: compressed data is truncated or has "
+                                "bytes after its end")
+        return out
+
+
+class Writer:
+    """Builds a snapshot file: :meth:`add` sections, then :meth:`write` them to a path."""
+
+    def __init__(self) -> None:
+        self._sections: List[Tuple[str, bytes, int]] = []
+
+    def add(self, name: str, data: bytes, *, compress: bool = False) -> None:
+        """Add section ``name`` (ASCII, at most 32 bytes, unique) holding ``data``
+        (zlib-compressed, level 1, when ``compress``). Raises ValueError for a bad name."""
+        raw = name.encode("ascii", "strict")
+        if not raw or len(raw) > NAME_LEN or b"\0" in raw:
+            raise ValueError(f"section name {name!r} is not 1-{NAME_LEN} ASCII bytes")
+        if any(n == name for n, _, _ in self._sections):
+            raise ValueError(f"section {name!r} added twice")
+        if len(self._sections) >= MAX_SECTIONS:
+            raise ValueError(f"a snapshot holds at most {MAX_SECTIONS} sections")
+        if compress:
+            self._sections.append((name, zlib.compress(data, 1), FLAG_ZLIB))
+        else:
+            self._sections.append((name, bytes(data), 0))
+
+    def add_json(self, name: str, value: Any) -> None:
+        """Add section ``name`` holding ``value`` as compact UTF-8 JSON (compressed)."""
+        self.add(name, json.dumps(value, separators=(",", ":"), sort_keys=True).encode(),
+                 compress=True)
+
+    def write(self, path: str) -> int:
+        """Write the file to ``path`` (through a temporary file renamed over it, so a reader
+        never sees half a file). Returns its size in bytes. Raises OSError."""
+        n = len(self._sections)
+        offset = _HEAD.size + n * _ENTRY.size
+        h = hashlib.sha256()
+        head = bytearray(_HEAD.pack(MAGIC, FORMAT_VERSION, n))
+        for name, data, flags in self._sections:
+            head += _ENTRY.pack(name.encode("ascii"), offset, len(data),
+                                zlib.crc32(data) & 0xFFFFFFFF, flags)
+            offset += len(data)
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(head)
+                h.update(head)
+                for _, data, _ in self._sections:
+                    f.write(data)
+                    h.update(data)
+                f.write(h.digest())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return offset + DIGEST_LEN
+
+
+def read(path: str, *, max_size: int = 1 << 40) -> Dict[str, Section]:
+    """Read and verify the snapshot file at ``path`` (module docstring): ``{name: Section}``
+    in file order. Raises :class:`~pykvm.errors.SnapshotError` (one line) for a file that is
+    not a snapshot, of another format version, truncated, corrupted, or larger than
+    ``max_size`` bytes, and for an unreadable path."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_size:
+                raise SnapshotError(f"{path}: {size} bytes is larger than the {max_size} a "
+                                    "snapshot may be")
+            blob = f.read(size + 1)
+    except SnapshotError:
+        raise
+    except OSError as e:
+        raise SnapshotError(f"{path}: cannot read the snapshot: {e.strerror or e}") from None
+    return parse(blob, what=path)
+
+
+def parse(blob: bytes, *, what: str = "snapshot") -> Dict[str, Section]:
+    """:func:`read` over bytes already in memory (``what`` names them in errors)."""
+    if len(blob) < len(MAGIC) or blob[:len(MAGIC)] != MAGIC:
+        raise SnapshotError(f"{what}: not a pykvm snapshot (bad magic)")
+    if len(blob) < _HEAD.size + DIGEST_LEN:
+        raise SnapshotError(f"{what}: truncated ({len(blob)} bytes)")
+    _, version, n = _HEAD.unpack_from(blob, 0)
+    if version != FORMAT_VERSION:
+        raise SnapshotError(f"{what}: snapshot format version {version}; this pykvm reads "
+                            f"version {FORMAT_VERSION}")
+    if n > MAX_SECTIONS:
+        raise SnapshotError(f"{what}: {n} sections, more than the {MAX_SECTIONS} allowed")
+    body_end = len(blob) - DIGEST_LEN
+    table_end = _HEAD.size + n * _ENTRY.size
+    if table_end > body_end:
+        raise SnapshotError(f"{what}: truncated (its section table runs past the end)")
+    if hashlib.sha256(blob[:body_end]).digest() != blob[body_end:]:
+        # say which section is damaged where the table still reads, else the file
+        where = _damaged_section(blob, n, table_end, body_end)
+        raise SnapshotError(f"{what}: corrupted or truncated (SHA-256 digest mismatch"
+                            f"{'; ' + where if where else ''})")
+    out: Dict[str, Section] = {}
+    pos = table_end
+    for i in range(n):
+        raw_name, off, length, crc, flags = _ENTRY.unpack_from(blob, _HEAD.size + i * _ENTRY.size)
+        name = _name(raw_name, what, i)
+        if off != pos or length > body_end - off:
+            raise SnapshotError(f"{what}: section {name!r} at {off} length {length} is not "
+                                f"where the file holds it")
+        if flags & ~FLAG_ZLIB:
+            raise SnapshotError(f"{what}: section {name!r} has unknown flags {flags:#x}")
+        data = blob[off:off + length]
+        if zlib.crc32(data) & 0xFFFFFFFF != crc:
+            raise SnapshotError(f"{what}: section {name!r} is corrupted (CRC-32 mismatch)")
+        if name in out:
+            raise SnapshotError(f"{what}: section {name!r} appears twice")
+        out[name] = Section(name, data, bool(flags & FLAG_ZLIB))
+        pos = off + length
+    if pos != body_end:
+        raise SnapshotError(f"{what}: {body_end - pos} bytes after the last section")
+    return out
+
+
+def _name(raw: bytes, what: str, i: int) -> str:
+    name = raw.rstrip(b"\0")
+    if not name or b"\0" in name or any(c < 0x20 or c > 0x7E for c in name):
+        raise SnapshotError(f"{what}: section {i} has a malformed name")
+    return name.decode("ascii")
+
+
+def _damaged_section(blob: bytes, n: int, table_end: int, body_end: int) -> str:
+    try:
+        for i in range(n):
+            raw, off, length, crc, _ = _ENTRY.unpack_from(blob, _HEAD.size + i * _ENTRY.size)
+            if off < table_end or off + length > body_end:
+                return f"section {i} lies outside the file"
+            if zlib.crc32(blob[off:off + length]) & 0xFFFFFFFF != crc:
+                return f"section {raw.rstrip(bytes(1)).decode('ascii', 'replace')!r} fails its CRC-32"
+    except struct.error:
+        return ""
+    return ""
+
+
+def json_section(sections: Dict[str, Section], name: str, *, what: str = "snapshot") -> Any:
+    """Section ``name`` decoded as JSON. Raises :class:`~pykvm.errors.SnapshotError` when it is
+    missing or not valid UTF-8 JSON."""
+    s = sections.get(name)
+    if s is None:
+        raise SnapshotError(f"{what}: the {name!r} section is missing")
+    try:
+        return json.loads(s.payload(MAX_JSON).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SnapshotError(f"{what}: section {name!r} is not valid JSON ({e})") from None
+
+
+# -- RAM ---------------------------------------------------------------------------------------
+
+def nonzero_runs(view: memoryview, base: int) -> Iterator[Tuple[int, int]]:
+    """(gpa, length) of the runs of pages of ``view`` (guest RAM from guest-physical ``base``)
+    that are not all zeros."""
+    zero = bytes(PAGE)
+    n = len(view) // PAGE
+    start: Optional[int] = None
+    for i in range(n):
+        nz = view[i * PAGE:(i + 1) * PAGE] != zero
+        if nz and start is None:
+            start = i
+        elif not nz and start is not None:
+            yield base + start * PAGE, (i - start) * PAGE
+            start = None
+    if start is not None:
+        yield base + start * PAGE, (n - start) * PAGE
+
+
+def encode_ram(slots: Iterable[Tuple[int, memoryview]]) -> bytes:
+    """The RAM section's payload for ``slots`` ((guest-physical base, contents) each): a record
+    per run of non-zero pages."""
+    out = bytearray()
+    for base, view in slots:
+        for gpa, length in nonzero_runs(view, base):
+            off = gpa - base
+            out += _RUN.pack(gpa, length, 0)
+            out += view[off:off + length]
+    return bytes(out)
+
+
+def decode_ram(payload: bytes, ranges: List[Tuple[int, int]]) -> List[Tuple[int, int, int]]:
+    """The (gpa, offset in ``payload``, length) of each RAM record, checked: each lies inside one
+    of ``ranges`` ((start, end) guest-physical, end exclusive), page aligned, the records in
+    ascending order, not overlapping. Raises :class:`~pykvm.errors.SnapshotError`."""
+    out: List[Tuple[int, int, int]] = []
+    i, last = 0, -1
+    while i < len(payload):
+        if i + _RUN.size > len(payload):
+            raise SnapshotError(f"RAM record at byte {i} is truncated")
+        gpa, length, flags = _RUN.unpack_from(payload, i)
+        i += _RUN.size
+        if flags or gpa % PAGE or length % PAGE or not length:
+            raise SnapshotError(f"RAM record at GPA {gpa:#x} length {length:#x} is malformed")
+        if length > len(payload) - i:
+            raise SnapshotError(f"RAM record at GPA {gpa:#x} is truncated")
+        if gpa <= last:
+            raise SnapshotError(f"RAM record at GPA {gpa:#x} is out of order")
+        if not any(lo <= gpa and gpa + length <= hi for lo, hi in ranges):
+            raise SnapshotError(f"RAM record [{gpa:#x}, {gpa + length:#x}) lies outside guest "
+                                "RAM")
+        out.append((gpa, i, length))
+        i += length
+        last = gpa + length - 1
+    return out

@@ -1,0 +1,517 @@
+"""Machine snapshots: :func:`take` writes a running or stopped :class:`~pykvm.machine.Machine`
+to a snapshot file (:mod:`pykvm.snapfile`, format in docs/snapshots.md), :func:`restore` builds
+a machine from one, in this process or another, so that the guest continues exactly where it
+was.
+
+What a snapshot holds (sections):
+
+``meta``        JSON: format facts (host architecture, KVM API version, CPU vendor, the
+                monotonic clock at the snapshot), the machine's configuration (platform,
+                RAM size, vCPUs, image name, command line, flat-image options, platform
+                options), the RAM ranges, the platform's own state (pc: whether the PIT
+                was made, the PM block's place, power events)
+``image``       the guest image's bytes (the machine is rebuilt from them)
+``initrd.N``    each initrd / multiboot module's bytes
+``vm``          the VM's :class:`~pykvm.arch.snapstate.ArchState` (JSON, blobs base64)
+``vcpu.N``      vCPU N's :class:`~pykvm.arch.snapstate.ArchState`
+``devices``     JSON: each device model's ``snapshot_state()`` and the 16550's registers
+``ram``         the non-zero pages of guest RAM (zlib-compressed runs)
+
+A restore validates everything first — the file (:func:`pykvm.snapfile.read`), the metadata's
+types, the host (architecture, KVM API version, CPU vendor, the CPUID features the guest was
+given), every state's shape and every RAM run's place — then builds a fresh machine and loads
+RAM, vCPU, VM and device state into it; any failure closes that machine, so nothing half
+restored is left. Errors are :class:`~pykvm.errors.SnapshotError` with one line.
+
+A machine with a device whose state lives outside pykvm (virtio devices: a disk image, passt,
+virtiofsd, vsock sockets; VT-d and edu, whose in-flight work is not captured; the RISC-V AIA
+irqchip) is refused by :func:`take`, naming the device.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import tempfile
+import time
+
+from . import snapfile
+from ._host import HOST_ARCH
+from .abi import ffi
+from .arch.snapstate import ArchState
+from .errors import PykvmError, SnapshotError
+from .kvm import Kvm
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Tuple
+
+# the leaves whose feature bits a restoring host must offer: (leaf, subleaf, register)
+_FEATURE_WORDS = ((1, 0, "ecx"), (1, 0, "edx"), (7, 0, "ebx"), (7, 0, "ecx"), (7, 0, "edx"),
+                  (0xD, 1, "eax"), (0x80000001, 0, "ecx"), (0x80000001, 0, "edx"))
+_HYPERVISOR_BIT = 1 << 31          # CPUID.1:ECX[31], which pykvm sets for its guests
+_UART_FIELDS = ("uart_dll", "uart_dlm", "uart_thre", "uart_irq_level", "uart_rbr", "uart_lsr",
+                "uart_fcr", "uart_rx_head", "uart_rx_count")
+_PC_FIELDS = ("power_event", "msi_dropped", "edu_bar_conflicts", "sleeps", "pm_base",
+              "virtio_bar_conflicts")
+MAX_VCPUS = 4096
+
+
+# -- encoding helpers ----------------------------------------------------------------------------
+
+def _state_json(s: ArchState) -> dict:
+    return {"blobs": {k: base64.b64encode(v).decode() for k, v in s.items()},
+            "absent": dict(s.absent)}
+
+
+def _state_from_json(v: Any, what: str) -> ArchState:
+    if not isinstance(v, dict) or not isinstance(v.get("blobs"), dict) or \
+            not isinstance(v.get("absent", {}), dict):
+        raise SnapshotError(f"{what} state is malformed")
+    try:
+        blobs = {str(k): base64.b64decode(b, validate=True) for k, b in v["blobs"].items()}
+    except (TypeError, ValueError):
+        raise SnapshotError(f"{what} state has a malformed blob") from None
+    return ArchState(blobs, {str(k): str(x) for k, x in v.get("absent", {}).items()})
+
+
+def host_vendor(kvm: Any) -> str:
+    """The host CPU's vendor string (CPUID leaf 0 as KVM_GET_SUPPORTED_CPUID gives it) on x86,
+    else the architecture's name."""
+    if HOST_ARCH != "x86_64":
+        return HOST_ARCH
+    for e in kvm.supported_cpuid():
+        if e.function == 0:
+            return _vendor_of(e.ebx, e.edx, e.ecx)
+    return "unknown"
+
+
+def _vendor_of(ebx: int, edx: int, ecx: int) -> str:
+    raw = b"".join(int(x).to_bytes(4, "little") for x in (ebx, edx, ecx))
+    return raw.decode("ascii", "replace")
+
+
+# -- taking a snapshot ----------------------------------------------------------------------------
+
+def refusals(machine: Any) -> List[str]:
+    """One line for each device of ``machine`` whose state a snapshot cannot hold (see the
+    module docstring); empty when the machine can be snapshotted."""
+    out: List[str] = []
+    p = machine.platform
+    n = len(getattr(p, "virtio_mmio_devices", ())) + len(getattr(p, "virtio_pci_devices", ()))
+    for d in getattr(machine, "_virtio", ()):
+        out.append(f"{type(d).__name__} (virtio device state is not captured)")
+    if n > len(out):
+        out.append(f"{n - len(out)} virtio transport(s) (virtio device state is not captured)")
+    if getattr(p, "vtd", None) is not None:
+        out.append("intel-iommu (VT-d queued work is not captured)")
+    if getattr(p, "edu", None) is not None:
+        out.append("edu (its DMA and timer work is not captured)")
+    if getattr(p, "aia", None) is not None:
+        out.append("the RISC-V AIA irqchip (APLIC/IMSIC state is not captured)")
+    if getattr(p, "_sleeping", False):
+        out.append("the pc machine in S3 sleep")
+    return out
+
+
+def _uart_state(group: Any) -> Dict[str, Any]:
+    s = group.state
+    out: Dict[str, Any] = {k: int(getattr(s, k)) for k in _UART_FIELDS}
+    out["uart"] = bytes(ffi.buffer(s.uart, 8)).hex()
+    out["uart_rx"] = bytes(ffi.buffer(s.uart_rx, 16)).hex()
+    pending = b""
+    if s.uart_in and s.uart_in_len:
+        ring = ffi.buffer(ffi.cast("uint8_t *", s.uart_in), s.uart_in_cap)
+        head, n, cap = int(s.uart_in_head), int(s.uart_in_len), int(s.uart_in_cap)
+        pending = bytes(ring[head:min(head + n, cap)]) + bytes(ring[:max(0, head + n - cap)])
+    out["input"] = pending.hex()
+    return out
+
+
+def _load_uart(group: Any, st: Dict[str, Any]) -> None:
+    s = group.state
+    for k in _UART_FIELDS:
+        setattr(s, k, st[k])
+    ffi.memmove(s.uart, bytes.fromhex(st["uart"]), 8)
+    ffi.memmove(s.uart_rx, bytes.fromhex(st["uart_rx"]), 16)
+    if st["input"]:
+        group.feed(bytes.fromhex(st["input"]))
+
+
+def _check_uart(st: Any) -> None:
+    if not isinstance(st, dict):
+        raise SnapshotError("the UART state is malformed")
+    try:
+        for k in _UART_FIELDS:
+            v = st[k]
+            if not isinstance(v, int) or not 0 <= v <= 0xFF:
+                raise SnapshotError(f"the UART's {k} is not a byte")
+        if len(bytes.fromhex(st["uart"])) != 8 or len(bytes.fromhex(st["uart_rx"])) != 16:
+            raise SnapshotError("the UART's register file is malformed")
+        if len(bytes.fromhex(st["input"])) > 1 << 12:
+            raise SnapshotError("the UART's pending input is too long")
+    except (KeyError, TypeError, ValueError):
+        raise SnapshotError("the UART state is malformed") from None
+
+
+def _devices(platform: Any) -> Dict[str, Any]:
+    """{name: model} of the snapshot-protocol device models ``platform`` has."""
+    out: Dict[str, Any] = {}
+    for name in ("i8042", "rtc", "pci", "fwcfg", "port92", "testdev", "pm"):
+        d = getattr(platform, name, None)
+        if d is not None and hasattr(d, "snapshot_state"):
+            out[name] = d
+    return out
+
+
+def _complete_pending(machine: Any) -> None:
+    """Finish each vCPU's pending I/O or MMIO exit (api.rst: the state is consistent only
+    once KVM_RUN was entered again) without running the guest."""
+    for v in machine.vcpus:
+        try:
+            v.complete_io()
+        except PykvmError:
+            pass                       # a vCPU that never ran, or another exit: nothing pending
+
+
+def take(machine: Any, path: str) -> int:
+    """Write a snapshot of ``machine`` to ``path`` (module docstring). A running machine is
+    paused for the capture and resumed after; a stopped one (between runs or steps) is
+    captured as it is. Returns the file's size in bytes. Raises
+    :class:`~pykvm.errors.SnapshotError` for a machine with a device that cannot be
+    snapshotted (naming it) or one that could not be paused, OSError when the file cannot be
+    written, :class:`~pykvm.errors.KvmError` when KVM refuses a read."""
+    machine._check_open()
+    refused = refusals(machine)
+    if refused:
+        raise SnapshotError("cannot snapshot this machine: " + "; ".join(refused))
+    paused_here = False
+    if machine.running and not machine.paused:
+        if not machine.pause(timeout=10.0):
+            raise SnapshotError("cannot snapshot: the machine did not pause within 10 s")
+        paused_here = True
+    try:
+        return _write(machine, path)
+    finally:
+        if paused_here:
+            machine.resume()
+
+
+def _write(machine: Any, path: str) -> int:
+    p = machine.platform
+    group = getattr(p, "_uart_group", None)
+    if group is not None:
+        machine.flush_console()
+    _complete_pending(machine)
+    w = snapfile.Writer()
+    cfg = dict(machine._snapshot_config)
+    src = cfg.pop("image")
+    image = src if isinstance(src, bytes) else _read_file(src, "guest image")
+    initrds = [_read_file(f, "initrd") for f in cfg.pop("initrd")]
+    cfg["image_name"] = machine.image_name
+    try:
+        json.dumps(cfg["platform_opts"])
+    except (TypeError, ValueError):
+        raise SnapshotError("cannot snapshot this machine: its platform options "
+                            f"{sorted(cfg['platform_opts'])} are not plain values") from None
+    ranges = sorted((s.gpa, s.end) for s in machine.vm.memory)
+    vcpus = [v.save_state() for v in machine.vcpus]
+    vm_state = machine.vm.save_state()
+    devices = {name: d.snapshot_state() for name, d in _devices(p).items()}
+    if group is not None:
+        devices["uart16550"] = _uart_state(group)
+    plat: Dict[str, Any] = {"name": p.name}
+    for k in _PC_FIELDS:
+        if hasattr(p, k):
+            plat[k] = getattr(p, k)
+    if hasattr(p, "pit_created"):
+        plat["pit_created"] = bool(p.pit_created)
+    given = p.vcpu_cpuid(0) if hasattr(p, "vcpu_cpuid") else []   # x86: what vCPU 0 was given
+    meta = {
+        "format": snapfile.FORMAT_VERSION, "arch": HOST_ARCH,
+        "kvm_api_version": machine.kvm.api_version, "vendor": host_vendor(machine.kvm),
+        "mono_ns": time.monotonic_ns(), "taken_unix_ns": time.time_ns(),
+        "config": cfg, "vcpus": len(machine.vcpus), "ram": [list(r) for r in ranges],
+        "platform": plat, "initrds": len(initrds),
+        "image_sha256": hashlib.sha256(image).hexdigest(),
+        "cpuid": [list(map(int, e)) for e in given],
+    }
+    w.add_json("meta", meta)
+    w.add("image", image, compress=True)
+    for i, data in enumerate(initrds):
+        w.add(f"initrd.{i}", data, compress=True)
+    w.add_json("vm", _state_json(vm_state))
+    for i, s in enumerate(vcpus):
+        w.add_json(f"vcpu.{i}", _state_json(s))
+    w.add_json("devices", devices)
+    slots = [(s.gpa, machine.vm.memory.view(s.gpa, s.size)) for s in sorted(
+        machine.vm.memory, key=lambda s: s.gpa)]
+    w.add("ram", snapfile.encode_ram(slots), compress=True)
+    return w.write(path)
+
+
+# -- restoring -----------------------------------------------------------------------------------
+
+class Plan:
+    """A snapshot file read and checked, ready to build a machine from: ``meta`` (dict),
+    ``image`` (bytes), ``initrds`` (list of bytes), ``vm`` and ``vcpus`` (ArchStates),
+    ``devices`` (dict), ``ram`` (the decompressed RAM payload) and ``runs`` ((gpa, offset,
+    length) in it)."""
+
+    def __init__(self, path: str):
+        secs = snapfile.read(path)
+        what = path
+        meta = snapfile.json_section(secs, "meta", what=what)
+        self.meta = _check_meta(meta, what)
+        self.cpuid: List[Tuple[int, ...]] = [tuple(e) for e in meta["cpuid"]]
+        if "image" not in secs:
+            raise SnapshotError(f"{what}: the 'image' section is missing")
+        self.image = secs["image"].payload(1 << 32)
+        if hashlib.sha256(self.image).hexdigest() != meta["image_sha256"]:
+            raise SnapshotError(f"{what}: the guest image does not match its recorded digest")
+        self.initrds = []
+        for i in range(meta["initrds"]):
+            s = secs.get(f"initrd.{i}")
+            if s is None:
+                raise SnapshotError(f"{what}: the 'initrd.{i}' section is missing")
+            self.initrds.append(s.payload(1 << 32))
+        self.vm = _state_from_json(snapfile.json_section(secs, "vm", what=what), "VM")
+        self.vcpus = [_state_from_json(snapfile.json_section(secs, f"vcpu.{i}", what=what),
+                                       f"vCPU {i}") for i in range(meta["vcpus"])]
+        devices = snapfile.json_section(secs, "devices", what=what)
+        if not isinstance(devices, dict):
+            raise SnapshotError(f"{what}: the device states are malformed")
+        if "uart16550" in devices:
+            _check_uart(devices["uart16550"])
+        self.devices = devices
+        ranges = [(lo, hi) for lo, hi in meta["ram"]]
+        total = sum(hi - lo for lo, hi in ranges)
+        if "ram" not in secs:
+            raise SnapshotError(f"{what}: the 'ram' section is missing")
+        # a run record per page at most: RAM plus 16 bytes a page bounds the payload
+        self.ram = secs["ram"].payload(total + (total // snapfile.PAGE + 1) * 16)
+        self.runs = snapfile.decode_ram(self.ram, ranges)
+        known = {"meta", "image", "vm", "devices", "ram"} | \
+            {f"initrd.{i}" for i in range(meta["initrds"])} | \
+            {f"vcpu.{i}" for i in range(meta["vcpus"])}
+        extra = sorted(set(secs) - known)
+        if extra:
+            raise SnapshotError(f"{what}: unknown sections {', '.join(extra[:4])}")
+
+    def check_host(self, kvm: Any) -> None:
+        """Refuse (SnapshotError, one line) a snapshot foreign to this host: another
+        architecture, KVM API version or CPU vendor, or CPUID features the host's KVM does not
+        offer."""
+        m = self.meta
+        if m["arch"] != HOST_ARCH:
+            raise SnapshotError(f"foreign snapshot: taken on {m['arch']}, this host is "
+                                f"{HOST_ARCH}")
+        if m["kvm_api_version"] != kvm.api_version:
+            raise SnapshotError(f"foreign snapshot: KVM API version {m['kvm_api_version']}, "
+                                f"this host's is {kvm.api_version}")
+        vendor = host_vendor(kvm)
+        if m["vendor"] != vendor:
+            raise SnapshotError(f"foreign snapshot: taken on a {m['vendor']} CPU, this host "
+                                f"is {vendor}")
+        if HOST_ARCH == "x86_64":
+            from_cpuid = _cpuid_vendor(self.cpuid)
+            if from_cpuid is not None and from_cpuid != vendor:
+                raise SnapshotError(f"foreign snapshot: its guest CPUID says {from_cpuid}, "
+                                    f"this host is {vendor}")
+            missing = _missing_features(self.cpuid, kvm.supported_cpuid())
+            if missing:
+                raise SnapshotError(f"foreign snapshot: the guest was given CPUID features "
+                                    f"this host's KVM does not offer ({missing})")
+
+
+def _cpuid_vendor(entries: List[Tuple[int, ...]]) -> Optional[str]:
+    for e in entries:
+        if e[0] == 0:
+            return _vendor_of(e[4], e[6], e[5])
+    return None
+
+
+def _missing_features(entries: List[Tuple[int, ...]], supported: Any) -> str:
+    have: Dict[Tuple[int, int], Any] = {}
+    for e in supported:
+        have.setdefault((e.function, e.index), e)
+    regs = {"eax": 3, "ebx": 4, "ecx": 5, "edx": 6}
+    for e in entries:
+        for leaf, sub, reg in _FEATURE_WORDS:
+            if e[0] != leaf or e[1] != sub:
+                continue
+            want = e[regs[reg]]
+            if (leaf, reg) == (1, "ecx"):
+                want &= ~_HYPERVISOR_BIT
+            h = have.get((leaf, sub))
+            got = getattr(h, reg) if h is not None else 0
+            if want & ~got:
+                return f"leaf {leaf:#x}.{sub} {reg.upper()} bits {want & ~got:#x}"
+    return ""
+
+
+def _check_meta(m: Any, what: str) -> dict:
+    def bad(field: str) -> SnapshotError:
+        return SnapshotError(f"{what}: metadata field {field!r} is missing or malformed")
+
+    if not isinstance(m, dict):
+        raise SnapshotError(f"{what}: metadata is not a JSON object")
+    for k, t in (("arch", str), ("vendor", str), ("kvm_api_version", int), ("mono_ns", int),
+                 ("vcpus", int), ("initrds", int), ("image_sha256", str), ("config", dict),
+                 ("ram", list), ("platform", dict)):
+        if not isinstance(m.get(k), t) or isinstance(m.get(k), bool):
+            raise bad(k)
+    if not 1 <= m["vcpus"] <= MAX_VCPUS:
+        raise bad("vcpus")
+    if not 0 <= m["initrds"] <= 64:
+        raise bad("initrds")
+    cpuid = m.get("cpuid")
+    if not isinstance(cpuid, list) or len(cpuid) > 4096 or not all(
+            isinstance(e, list) and len(e) == 7 and all(
+                isinstance(x, int) and 0 <= x < 1 << 32 for x in e) for e in cpuid):
+        raise bad("cpuid")
+    for r in m["ram"]:
+        if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r)
+                and 0 <= r[0] < r[1] <= 1 << 52):
+            raise bad("ram")
+    cfg = m["config"]
+    for k, t in (("mem_size", int), ("machine", str), ("cmdline", str), ("flat_mode", str),
+                 ("image_name", str), ("platform_opts", dict)):
+        if not isinstance(cfg.get(k), t):
+            raise bad(f"config.{k}")
+    if cfg.get("flat_addr") is not None and not isinstance(cfg["flat_addr"], int):
+        raise bad("config.flat_addr")
+    if not 0 < cfg["mem_size"] <= 1 << 46:
+        raise bad("config.mem_size")
+    return m
+
+
+def restore(cls: Any, path: str, **overrides: Any) -> Any:
+    """A new machine of class ``cls`` (:class:`~pykvm.machine.Machine`) built from the snapshot
+    at ``path`` and loaded with its state: run it and the guest continues where it was.
+    ``overrides``: Machine keyword arguments for what a snapshot does not record (``loop``,
+    ``on_console``, ``console_limit``, ``report_limit``, ``kvm``, ``vm_setup``). Raises
+    :class:`~pykvm.errors.SnapshotError` (one line) for a missing, unreadable, corrupted or
+    foreign snapshot, or state that does not fit the machine built; nothing is left running
+    then."""
+    allowed = {"loop", "on_console", "console_limit", "report_limit", "kvm", "vm_setup"}
+    bad = sorted(set(overrides) - allowed)
+    if bad:
+        raise ValueError(f"restore() cannot override {', '.join(bad)} (allowed: "
+                         f"{', '.join(sorted(allowed))})")
+    plan = Plan(path)
+    meta = plan.meta
+    cfg = meta["config"]
+    kvm = overrides.get("kvm")
+    own_kvm = None
+    if kvm is None:
+        kvm = own_kvm = Kvm()
+    try:
+        plan.check_host(kvm)
+    except BaseException:
+        if own_kvm is not None:
+            own_kvm.close()
+        raise
+    opts = dict(cfg["platform_opts"])
+    if plan.cpuid:
+        opts["cpuid"] = [tuple(e) for e in plan.cpuid]
+    with tempfile.TemporaryDirectory(prefix="pykvm-restore-") as tmp:
+        image: Any = plan.image
+        name = cfg["image_name"]
+        if os.path.isfile(name) and _sha256_file(name) == meta["image_sha256"]:
+            image = name               # the same file: keep its path (symbols, params)
+        elif name != "<bytes>":
+            image = os.path.join(tmp, os.path.basename(name) or "image")
+            with open(image, "wb") as f:
+                f.write(plan.image)
+        initrd = []
+        for i, data in enumerate(plan.initrds):
+            p = os.path.join(tmp, f"initrd{i}")
+            with open(p, "wb") as f:
+                f.write(data)
+            initrd.append(p)
+        kw = {k: v for k, v in overrides.items()}
+        kw["kvm"] = kvm
+        m = cls(image, mem_size=cfg["mem_size"], vcpus=meta["vcpus"], cmdline=cfg["cmdline"],
+                flat_addr=cfg.get("flat_addr"), flat_mode=cfg["flat_mode"], initrd=initrd,
+                machine=meta["platform"].get("name", cfg["machine"]), **opts, **kw)
+    if own_kvm is not None:
+        m._own_kvm = True
+    try:
+        _load(m, plan)
+    except BaseException:
+        m.close()
+        raise
+    return m
+
+
+def _read_file(path: Any, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SnapshotError(f"cannot snapshot: the {what} {path} cannot be read again "
+                            f"({e.strerror or e})") from None
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load(m: Any, plan: Plan) -> None:
+    meta = plan.meta
+    p = m.platform
+    ranges = sorted([s.gpa, s.end] for s in m.vm.memory)
+    if ranges != sorted(meta["ram"]):
+        raise SnapshotError(f"the machine built has RAM {ranges}, the snapshot {meta['ram']}")
+    if len(m.vcpus) != len(plan.vcpus):
+        raise SnapshotError(f"the machine built has {len(m.vcpus)} vCPUs, the snapshot "
+                            f"{len(plan.vcpus)}")
+    plat = meta["platform"]
+    if plat.get("pit_created") and hasattr(p, "_ensure_pit"):
+        p._ensure_pit()
+    # check every piece before anything is loaded
+    for v, s in zip(m.vcpus, plan.vcpus):
+        v.check_state(s)
+    m.vm.check_state(plan.vm)
+    devs = _devices(p)
+    if set(plan.devices) - {"uart16550"} != set(devs):
+        raise SnapshotError(f"the snapshot has devices {sorted(plan.devices)}, the machine "
+                            f"built {sorted(devs)}")
+    for name, d in devs.items():
+        d._check_state(_strip_nested(name, plan.devices[name]))
+    # RAM: zero it all, then write the stored pages
+    mem = m.vm.memory
+    for s in m.vm.memory:
+        mem.zero(s.gpa, s.size)
+    ram = plan.ram
+    for gpa, off, length in plan.runs:
+        mem.write(gpa, memoryview(ram)[off:off + length])
+    for v, s in zip(m.vcpus, plan.vcpus):
+        v.load_state(s)
+    m.vm.load_state(plan.vm)
+    delta = time.monotonic_ns() - meta["mono_ns"]
+    for name, d in devs.items():
+        d.restore_state(plan.devices[name], mono_delta=delta)
+    if "uart16550" in plan.devices and getattr(p, "_uart_group", None) is not None:
+        _load_uart(p._uart_group, plan.devices["uart16550"])
+    for k in _PC_FIELDS:
+        if k in plat and hasattr(p, k):
+            setattr(p, k, plat[k])
+    for hook in ("_map_pm", "_rtc_changed", "_pm_changed"):
+        fn = getattr(p, hook, None)
+        if fn is not None:
+            fn()
+
+
+def _strip_nested(name: str, state: Any) -> Any:
+    """The part of a device's state its own fields check (the composite models check the
+    rest in restore_state)."""
+    if isinstance(state, dict) and name in ("pci", "testdev"):
+        return {k: v for k, v in state.items() if k not in ("functions", "iomem")}
+    return state
