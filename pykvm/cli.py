@@ -71,6 +71,7 @@ import argparse  # noqa: E402
 import errno  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import threading  # noqa: E402
 
 from . import __version__  # noqa: E402
 from . import _cliutil  # noqa: E402
@@ -696,9 +697,93 @@ def _console_session(m, args, input_fd, interactive, on_quit):
     return term, pump
 
 
+def _snapshot_spec(spec: str):
+    """``--snapshot-at`` SPEC as ("time", seconds) for ``2.5s`` / ``2.5``, or ("console", bytes)
+    for ``console:TEXT``; ValueError with the reason for anything else."""
+    if spec.startswith("console:"):
+        text = spec[len("console:"):].encode()
+        if not text:
+            raise ValueError("--snapshot-at console:TEXT needs some TEXT")
+        return "console", text
+    num = spec[:-1] if spec.endswith("s") else spec
+    try:
+        secs = float(num)
+    except ValueError:
+        raise ValueError(f"--snapshot-at {spec!r} is neither SECONDS (e.g. 2.5s) nor "
+                         "console:TEXT") from None
+    if not 0 <= secs < 1e9:
+        raise ValueError(f"--snapshot-at {spec!r}: seconds must be 0 or more")
+    return "time", secs
+
+
+class _SnapshotTrigger:
+    """Takes ``--snapshot PATH`` once ``--snapshot-at`` SPEC happens during a run (a time after
+    the run's start, or TEXT seen on the console), then stops the run. ``written``: the
+    snapshot's size in bytes once taken; ``error``: the one line of a failed snapshot."""
+
+    def __init__(self, m, spec, path: str):
+        self.m, self.path = m, path
+        self.kind, self.what = spec
+        self.written = None
+        self.error = None
+        self._hit = threading.Event()
+        self._done = threading.Event()
+        self._tail = b""
+        self._thread = threading.Thread(target=self._main, name="pykvm-snapshot", daemon=True)
+
+    def feed(self, data: bytes) -> None:
+        """Console bytes (the machine's on_console): TEXT may straddle two pieces."""
+        if self.kind != "console" or self._hit.is_set():
+            return
+        seen = self._tail + bytes(data)
+        if self.what in seen:
+            self._hit.set()
+        self._tail = seen[-(len(self.what) - 1):] if len(self.what) > 1 else b""
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _main(self) -> None:
+        if self.kind == "time":
+            if self._done.wait(self.what):
+                return
+        else:
+            while not self._hit.wait(0.05):
+                if self._done.is_set():
+                    return
+        try:
+            self.written = self.m.snapshot(self.path)
+        except Exception as e:  # noqa: BLE001 — reported as the run's outcome
+            self.error = _one_line(e)
+        try:
+            self.m.stop("snapshot taken" if self.error is None else "snapshot failed")
+        except Exception:  # noqa: BLE001 — the machine closed meanwhile
+            pass
+
+    def finish(self) -> None:
+        """After the run: the trigger thread ends (a run that ended first takes nothing)."""
+        self._done.set()
+        if self._thread.ident is not None:
+            self._thread.join()
+
+
+def cmd_restore(args) -> int:
+    """``pykvm restore PATH``: build the machine a snapshot recorded and run it on, as
+    ``pykvm run`` runs a guest (console, exit status, --json)."""
+    defaults = dict(guest=None, gdb=None, gdb_wait=False, name=None, control=False, param=None,
+                    python_loop=False, irqchip=False, pc_device=None, disk=None, rng=False,
+                    net=None, vsock=None, share=None, console="serial", cpu_type=None,
+                    suspend_seconds=None, cpuid=None, cpu_features=None, mem=None, vcpus=None,
+                    cmdline="", initrd=(), machine="auto")
+    for k, v in defaults.items():
+        if not hasattr(args, k):
+            setattr(args, k, v)
+    return cmd_run(args)
+
+
 def cmd_run(args) -> int:
     from . import status
-    from .errors import GuestMemoryError, HostMemoryError, PykvmError
+    from .errors import GuestMemoryError, HostMemoryError, PykvmError, SnapshotError
     from .boot import LoadError
     from .devices.virtio import BackendUnavailable
     from .machine import Machine
@@ -714,6 +799,17 @@ def cmd_run(args) -> int:
     interactive = input_fd is not None and not args.json and os.isatty(input_fd)
     if args.gdb_wait and args.gdb is None:
         return outcome("bad_input", status.BAD_INPUT, "--gdb-wait needs --gdb")
+    snap_spec = None
+    if (args.snapshot_at is None) != (args.snapshot is None):
+        return outcome("bad_input", status.BAD_INPUT, "--snapshot-at and --snapshot go together")
+    if args.snapshot_at is not None:
+        try:
+            snap_spec = _snapshot_spec(args.snapshot_at)
+        except ValueError as e:
+            return outcome("bad_input", status.BAD_INPUT, str(e))
+    restore_path = getattr(args, "restore", None)
+    if restore_path is not None and not os.path.isfile(restore_path):
+        return outcome("bad_input", status.BAD_INPUT, f"no such snapshot file: {restore_path}")
     if args.timeout is None:                  # a person at the console decides when it ends
         args.timeout = 0.0 if interactive or args.gdb is not None else 10.0
     stream = None if args.json else _console_stream()
@@ -747,10 +843,16 @@ def cmd_run(args) -> int:
     try:
         if args.cpuid or args.cpu_features:
             opts["cpuid"] = _cpuid_for_run(args)
-        m = Machine(guest, mem_size=args.mem, vcpus=args.vcpus, cmdline=args.cmdline,
-                    initrd=args.initrd, machine=args.machine,
-                    on_console=stream, loop=_python_loop() if args.python_loop else None, **opts)
+        if restore_path is not None:
+            m = Machine.restore(restore_path, on_console=stream,
+                                loop=_python_loop() if args.python_loop else None)
+        else:
+            m = Machine(guest, mem_size=args.mem, vcpus=args.vcpus, cmdline=args.cmdline,
+                        initrd=args.initrd, machine=args.machine, on_console=stream,
+                        loop=_python_loop() if args.python_loop else None, **opts)
     except Exception as e:  # noqa: BLE001 — every failure is classified into an outcome below
+        if isinstance(e, SnapshotError):        # a missing, corrupted or foreign snapshot
+            return outcome("bad_input", status.BAD_INPUT, _one_line(e))
         host = _host_failure(e)             # the host ran out of fds, memory or threads
         if host is not None:
             return outcome("vmm_error", status.VMM_ERROR, host)
@@ -773,6 +875,11 @@ def cmd_run(args) -> int:
         except PykvmError as e:               # the image has no pykvm_params[]
             m.close()
             return outcome("bad_input", status.BAD_INPUT, f"--param: {_one_line(e)}")
+    snap = None
+    if snap_spec is not None:                 # --snapshot-at: watch the console or the clock
+        snap = _SnapshotTrigger(m, snap_spec, args.snapshot)
+        m.on_console = (lambda d, f=stream, t=snap: (f(d) if f else None, t.feed(d))[0])
+        snap.start()
     trace_lost = []                           # --trace lines stderr did not take
 
     def trace(line: str) -> None:
@@ -824,11 +931,31 @@ def cmd_run(args) -> int:
             if term is not None:
                 term.restore()                # before any line of ours reaches the terminal
     finally:
+        if snap is not None:
+            snap.finish()
         if gdb is not None:
             gdb.close()                       # detaches a client, before the machine goes
         if control is not None:
             control.close()                   # the socket goes before the machine
         m.close()
+    if snap is not None:
+        sys.stdout.flush()
+        if snap.error is not None:
+            return outcome("snapshot_error", status.BAD_INPUT
+                           if "cannot snapshot" in snap.error else status.VMM_ERROR,
+                           snap.error)
+        if snap.written is not None:
+            _err(f"pykvm: snapshot written to {args.snapshot} ({snap.written} bytes)")
+            if args.json:
+                d = r.as_dict()
+                d.update(exit="snapshot", exit_code=status.OK, snapshot=args.snapshot,
+                         detail=f"snapshot written to {args.snapshot}")
+                _emit_json(d)
+            return status.OK
+        _err(f"pykvm: the run ended before --snapshot-at {args.snapshot_at}; no snapshot "
+             "written")
+        if r.exit_code == status.OK:          # the guest finished first: the snapshot failed
+            return status.GUEST_FAILURE
     if _output["error"] is not None:
         return _output_failure()
     if trace_lost:
@@ -1339,8 +1466,34 @@ def build_parser(only=None) -> argparse.ArgumentParser:
     r.add_argument("--gdb-wait", action="store_true",
                    help="with --gdb: hold the guest before its first instruction until gdb "
                    "attaches and continues (QEMU's -S)")
+    r.add_argument("--snapshot-at", default=None, metavar="SPEC",
+                   help="with --snapshot: when to take it: SECONDS after the start (2.5s) or "
+                   "console:TEXT (once TEXT appears on the console); the run then stops with "
+                   "status 0 (docs/snapshots.md)")
+    r.add_argument("--snapshot", default=None, metavar="PATH",
+                   help="write a snapshot of the machine there at --snapshot-at; continue it "
+                   "with pykvm restore PATH")
     _device_option(r)
     r.set_defaults(func=cmd_run)
+    rs = sub.add_parser("restore", help="continue a guest from a snapshot (pykvm run "
+                        "--snapshot)",
+                        description="Build the machine the snapshot PATH recorded, load its "
+                        "state and run the guest on from there, its console on stdout as "
+                        "pykvm run streams it (docs/snapshots.md).",
+                        epilog="exit status as pykvm run's; 2 for a missing, corrupted, "
+                        "truncated or foreign snapshot (one line on stderr).")
+    rs.add_argument("restore", metavar="PATH", help="the snapshot file")
+    rs.add_argument("--timeout", type=float, default=None,
+                    help="seconds before the run is stopped (default 10; 0: none)")
+    rs.add_argument("--json", action="store_true", help="one JSON object with the outcome")
+    rs.add_argument("--trace", action="store_true", help="print exits and events on stderr")
+    rs.add_argument("--no-input", action="store_true",
+                    help="do not feed standard input to the guest's console")
+    rs.add_argument("--snapshot-at", default=None, metavar="SPEC",
+                    help="as pykvm run's: snapshot the restored machine again")
+    rs.add_argument("--snapshot", default=None, metavar="PATH", help="as pykvm run's")
+    _device_option(rs)
+    rs.set_defaults(func=cmd_restore)
     _control_parsers(sub)
     _sandbox_parser(sub)
 

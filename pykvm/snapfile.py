@@ -215,7 +215,7 @@ def _damaged_section(blob: bytes, n: int, table_end: int, body_end: int) -> str:
         for i in range(n):
             raw, off, length, crc, _ = _ENTRY.unpack_from(blob, _HEAD.size + i * _ENTRY.size)
             if off < table_end or off + length > body_end:
-                return f"section {i} lies outside the file"
+                return f"section {i} runs past the end of the file (truncated?)"
             if zlib.crc32(blob[off:off + length]) & 0xFFFFFFFF != crc:
                 return f"section {raw.rstrip(bytes(1)).decode('ascii', 'replace')!r} fails its CRC-32"
     except struct.error:
