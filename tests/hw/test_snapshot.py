@@ -1,0 +1,332 @@
+"""Snapshots restored in another process (Machine.snapshot / Machine.restore, pykvm run
+--snapshot-at / pykvm restore; docs/snapshots.md), on real KVM.
+
+The guest snap_counter (guests/x86/snap_counter.c) fills a region of memory per vCPU, changes it
+round by round and prints "snap cpu<N> count=<round> sum=<checksum of its region>" every ten
+rounds. Its lines depend on nothing but its code, so the lines printed before a snapshot in one
+process and after the restore in another must be, vCPU by vCPU, exactly those of an
+uninterrupted run: same counts, same checksums, same final line."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from pykvm import snapfile
+from pykvm import snapshot as snapmod
+from pykvm.errors import SnapshotError
+from pykvm.machine import Machine
+
+pytestmark = pytest.mark.requires_kvm
+
+GUEST = "snap_counter"
+ROUNDS = 600
+
+
+def _lines(text, cpu=None):
+    out = [ln.split(" aps=")[0] for ln in text.splitlines() if ln.startswith("snap cpu")]
+    if cpu is not None:
+        out = [ln for ln in out if ln.startswith(f"snap cpu{cpu} ")]
+    return out
+
+
+def _uninterrupted(machine, vcpus):
+    with Machine(GUEST, machine=machine, vcpus=vcpus) as m:
+        r = m.run(timeout=120)
+        assert r.exit == "done", r.detail
+        return r.console_text
+
+
+def _snapshot_at(path, text, *, machine, vcpus, params=(0, 0)):
+    """Run GUEST until ``text`` appears on its console, snapshot it to ``path`` (the machine
+    running), stop; the console printed before the snapshot."""
+    hit = threading.Event()
+    tail = [b""]
+
+    def watch(data):
+        seen = tail[0] + data
+        if text.encode() in seen:
+            hit.set()
+        tail[0] = seen[-len(text):]
+    m = Machine(GUEST, machine=machine, vcpus=vcpus, on_console=watch)
+    try:
+        m.set_params(*params)
+        result = []
+        t = threading.Thread(target=lambda: result.append(m.run(timeout=120)))
+        t.start()
+        assert hit.wait(60), "the guest never printed " + text
+        size = m.snapshot(path)
+        before = m.console.decode()
+        m.stop("test")
+        t.join()
+        assert result[0].exit == "stopped"
+    finally:
+        m.close()
+    assert size == os.path.getsize(path)
+    return before
+
+
+_RESTORE = """
+import sys
+from pykvm.machine import Machine
+m = Machine.restore(sys.argv[1])
+if len(sys.argv) > 2:
+    m.snapshot(sys.argv[2])      # the state as loaded, before the guest runs on
+r = m.run(timeout=120)
+sys.stdout.write(r.console_text)
+sys.stderr.write(f"EXIT {r.exit} {r.exit_code}\\n")
+m.close()
+"""
+
+
+def _restore_elsewhere(path, again=None):
+    """Restore ``path`` in a new Python process and run it to the end: (console, exit line)."""
+    argv = [sys.executable, "-c", _RESTORE, path] + ([again] if again else [])
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout, p.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("machine, vcpus", [("bare", 1), ("bare", 2), ("bare", 4), ("pc", 1)])
+def test_restored_in_another_process_the_guest_continues_identically(tmp_path, machine, vcpus):
+    full = _uninterrupted(machine, vcpus)
+    path = str(tmp_path / "a.snap")
+    before = _snapshot_at(path, "cpu0 count=200 ", machine=machine, vcpus=vcpus)
+    after, exit_line = _restore_elsewhere(path)
+    assert exit_line == "EXIT done 0"
+    for cpu in range(vcpus):
+        want = _lines(full, cpu)
+        assert len(want) == ROUNDS // 10 + 1
+        b, a = _lines(before, cpu), _lines(after, cpu)
+        assert b and a, (b, a)                       # the snapshot landed mid-run
+        assert b + a == want
+
+
+@pytest.mark.parametrize("vcpus", [2, 4])
+def test_pc_application_processors_run_on_after_restore(tmp_path, vcpus):
+    """On the pc machine vCPU 0 wakes the others by INIT/SIPI into a loop that counts in
+    memory: after the restore in another process they are running that loop again (their
+    total goes on growing from where the snapshot had it) and vCPU 0's lines continue exactly."""
+    full = _uninterrupted("pc", 1)
+    path = str(tmp_path / "pc.snap")
+    before = _snapshot_at(path, "cpu0 count=200 ", machine="pc", vcpus=vcpus,
+                          params=(vcpus - 1, 0))
+    after, exit_line = _restore_elsewhere(path)
+    assert exit_line == "EXIT debug_exit 1"
+    assert _lines(before, 0) + _lines(after, 0) == _lines(full, 0)
+
+    def totals(text):
+        return [int(ln.split(" aps=")[1]) for ln in text.splitlines() if " aps=" in ln]
+    tb, ta = totals(before), totals(after)
+    assert tb and len(ta) >= 2
+    assert tb[-1] < ta[0] < ta[-1]                   # the APs count on from the snapshot's value
+
+
+def _vcpu_states(path):
+    plan = snapmod.Plan(path)
+    return plan.vcpus, plan.vm
+
+
+def _msrs(blob):
+    return {int.from_bytes(blob[i:i + 4], "little"): int.from_bytes(blob[i + 8:i + 16], "little")
+            for i in range(0, len(blob), 16)}
+
+
+@pytest.mark.parametrize("machine, vcpus", [("pc", 1), ("bare", 2)])
+def test_every_piece_of_x86_state_reads_back_as_saved(tmp_path, machine, vcpus):
+    """Restore in another process, read the state back before the guest runs on (a second
+    snapshot): regs, sregs2, the XSAVE area, XCRs, debug registers, every MSR but the TSC
+    (which counts on), the LAPIC, vCPU events, MP state, the PICs and IOAPIC are the bytes that
+    were saved."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        pytest.skip("x86 state")
+    first, second = str(tmp_path / "1.snap"), str(tmp_path / "2.snap")
+    _snapshot_at(first, "cpu0 count=100 ", machine=machine, vcpus=vcpus)
+    _restore_elsewhere(first, again=second)
+    (saved, saved_vm), (loaded, loaded_vm) = _vcpu_states(first), _vcpu_states(second)
+    for s, t in zip(saved, loaded):
+        names = set(s.blobs) - {"msrs"}
+        assert {"regs", "sregs2", "xsave", "xcrs", "debugregs", "events", "mp_state"} <= names
+        assert (machine == "pc") == ("lapic" in names)
+        for name in names:
+            assert s[name] == t[name], name
+        ms, mt = _msrs(s["msrs"]), _msrs(t["msrs"])
+        assert ms.keys() == mt.keys() and len(ms) > 10
+        assert {k: v for k, v in ms.items() if k != 0x10} == \
+            {k: v for k, v in mt.items() if k != 0x10}
+        assert s.absent == t.absent
+        assert ("nested" in s.absent) != ("nested" in s.blobs)     # captured, or said absent
+    for name in ("pic_master", "pic_slave", "ioapic"):
+        assert (name in saved_vm) == (machine == "pc")
+        if name in saved_vm:
+            assert saved_vm[name] == loaded_vm[name], name
+
+
+def test_cli_snapshot_and_restore_in_two_processes(tmp_path):
+    path = str(tmp_path / "cli.snap")
+    cmd = [sys.executable, "-m", "pykvm"]
+    full = subprocess.run(cmd + ["run", GUEST, "--vcpus", "2", "--timeout", "120", "--no-input"],
+                          capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    a = subprocess.run(cmd + ["run", GUEST, "--vcpus", "2", "--timeout", "120", "--no-input",
+                              "--snapshot-at", "console:cpu1 count=150 ", "--snapshot", path],
+                       capture_output=True, text=True, timeout=300)
+    assert a.returncode == 0, a.stderr
+    assert f"snapshot written to {path}" in a.stderr
+    b = subprocess.run(cmd + ["restore", path, "--timeout", "120", "--no-input", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert b.returncode == 0, b.stderr
+    out = json.loads(b.stdout)
+    assert out["exit"] == "done"
+    for cpu in (0, 1):
+        assert _lines(a.stdout, cpu) + _lines(out["console"], cpu) == _lines(full.stdout, cpu)
+
+
+# -- refused snapshots -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def good_snapshot(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("snap") / "good.snap")
+    _snapshot_at(path, "cpu0 count=50 ", machine="bare", vcpus=1)
+    return path
+
+
+def _rewrite(src, dst, change):
+    """Copy snapshot ``src`` to ``dst`` with valid checksums, ``change(sections)`` applied to
+    {name: bytes payload}: a well-formed file whose content is wrong."""
+    secs = snapfile.read(src)
+    payloads = {n: s.payload(1 << 30) for n, s in secs.items()}
+    change(payloads)
+    w = snapfile.Writer()
+    for n, data in payloads.items():
+        w.add(n, data, compress=True)
+    w.write(dst)
+    return dst
+
+
+def _meta(change):
+    def edit(p):
+        m = json.loads(p["meta"])
+        change(m)
+        p["meta"] = json.dumps(m).encode()
+    return edit
+
+
+def _ram_outside(p):
+    rec = snapfile._RUN.pack(0x7FFF0000000, 4096, 0) + bytes(4096)
+    p["ram"] = p["ram"] + rec
+
+
+def _header(blob, *, version=None, length=None):
+    b = bytearray(blob)
+    if version is not None:
+        b[8:12] = version.to_bytes(4, "little")
+    if length is not None:            # the first section's length, digest made valid again
+        off = snapfile._HEAD.size + snapfile.NAME_LEN + 8
+        b[off:off + 8] = length.to_bytes(8, "little")
+    body = bytes(b[:-snapfile.DIGEST_LEN])
+    return body + hashlib.sha256(body).digest()
+
+
+CASES = {
+    "wrong magic": (lambda blob, d: b"NOTASNAP" + blob[8:], "not a pykvm snapshot"),
+    "future version": (lambda blob, d: _header(blob, version=2), "format version 2"),
+    "huge length": (lambda blob, d: _header(blob, length=1 << 62), "not where the file holds"),
+    "truncated": (lambda blob, d: blob[:len(blob) // 2], "corrupted or truncated"),
+    "empty": (lambda blob, d: b"", "not a pykvm snapshot"),
+    "foreign arch": (lambda blob, d: _rewrite_bytes(blob, d, _meta(
+        lambda m: m.update(arch="riscv64"))), "foreign snapshot: taken on riscv64"),
+    "foreign vendor": (lambda blob, d: _rewrite_bytes(blob, d, _meta(
+        lambda m: m.update(vendor="AuthenticAMD" if m["vendor"] != "AuthenticAMD"
+                           else "GenuineIntel"))), "foreign snapshot: taken on a"),
+    "foreign cpuid": (lambda blob, d: _rewrite_bytes(blob, d, _meta(
+        lambda m: [e.__setitem__(5, 0xFFFFFFFF) for e in m["cpuid"] if e[0] == 1])),
+        "CPUID features this host's KVM does not offer"),
+    "ram outside guest memory": (lambda blob, d: _rewrite_bytes(blob, d, _ram_outside),
+                                 "lies outside guest RAM"),
+    "unknown section": (lambda blob, d: _rewrite_bytes(
+        blob, d, lambda p: p.update(extra=b"x")), "unknown sections extra"),
+    "vcpu state missing": (lambda blob, d: _rewrite_bytes(
+        blob, d, lambda p: p.pop("vcpu.0")), "'vcpu.0' section is missing"),
+    "bad meta": (lambda blob, d: _rewrite_bytes(blob, d, _meta(
+        lambda m: m.update(vcpus="two"))), "metadata field 'vcpus'"),
+}
+
+
+def _rewrite_bytes(blob, d, change):
+    src, dst = os.path.join(d, "src.snap"), os.path.join(d, "dst.snap")
+    with open(src, "wb") as f:
+        f.write(blob)
+    _rewrite(src, dst, change)
+    with open(dst, "rb") as f:
+        return f.read()
+
+
+def _section_offsets(blob):
+    n = int.from_bytes(blob[12:16], "little")
+    out = {}
+    for i in range(n):
+        raw, off, length, _, _ = snapfile._ENTRY.unpack_from(blob, snapfile._HEAD.size +
+                                                             i * snapfile._ENTRY.size)
+        out[raw.rstrip(b"\0").decode()] = (off, length)
+    return out
+
+
+def _refused(path, match, leftovers):
+    snap = leftovers()
+    with pytest.raises(SnapshotError, match=match) as e:
+        Machine.restore(path)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400
+    snap.check()                                  # no fd, VM or thread left behind
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_bad_snapshot_is_refused_in_one_line(tmp_path, good_snapshot, leftovers, case):
+    make, match = CASES[case]
+    with open(good_snapshot, "rb") as f:
+        blob = f.read()
+    path = str(tmp_path / "bad.snap")
+    with open(path, "wb") as f:
+        f.write(make(blob, str(tmp_path)))
+    _refused(path, match, leftovers)
+
+
+def test_a_flipped_byte_in_any_section_is_refused(tmp_path, good_snapshot, leftovers):
+    with open(good_snapshot, "rb") as f:
+        blob = f.read()
+    offsets = _section_offsets(blob)
+    assert {"meta", "image", "vm", "vcpu.0", "devices", "ram"} <= set(offsets)
+    for name, (off, length) in offsets.items():
+        b = bytearray(blob)
+        b[off + length // 2] ^= 0x40
+        path = str(tmp_path / f"flip-{name}.snap")
+        with open(path, "wb") as f:
+            f.write(b)
+        _refused(path, f"section '{name}' fails its CRC-32", leftovers)
+
+
+def test_the_good_snapshot_restores_after_all_that(good_snapshot):
+    with Machine.restore(good_snapshot) as m:
+        r = m.run(timeout=120)
+    assert r.exit == "done" and _lines(r.console_text)[-1] == "snap cpu0 done"
+
+
+def test_cli_refuses_a_bad_snapshot_with_status_2(tmp_path):
+    bad = tmp_path / "bad.snap"
+    bad.write_bytes(b"PYKVMSNP" + (1).to_bytes(4, "little") + bytes(100))
+    for path, text in ((str(bad), "corrupted or truncated"),
+                       (str(tmp_path / "none.snap"), "no such snapshot file")):
+        p = subprocess.run([sys.executable, "-m", "pykvm", "restore", path],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2
+        assert p.stderr.count("\n") == 1 and text in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_machine_with_a_virtio_device_is_refused_naming_it(tmp_path):
+    with Machine(GUEST, machine="pc", rng=True) as m:
+        with pytest.raises(SnapshotError, match="VirtioRng"):
+            m.snapshot(str(tmp_path / "x.snap"))
+    assert not os.path.exists(tmp_path / "x.snap")
