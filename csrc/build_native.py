@@ -162,7 +162,8 @@ def make_builder(arch: str, _Builder=_Builder) -> cffi.FFI:
         "pykvm._native",
         _source(arch, ioctl_numbers(b, arch)),
         sources=[os.path.relpath(os.path.join(HERE, f))
-                 for f in ("runloop.c", "pyexit.c", "virtio_blk.c", "virtio_irq.c")],
+                 for f in ("runloop.c", "pyexit.c", "virtio_blk.c", "virtio_irq.c",
+                           "rewind.c")],
         include_dirs=[os.path.relpath(HERE)],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         libraries=["rt", "pthread"],

@@ -256,6 +256,37 @@ void pykvm_blk_stop(void *h, struct pykvm_blk_state *out);
 uint32_t pykvm_blk_wait_events(void *h);
 void pykvm_blk_free(void *h);
 
+/* csrc/rewind.c: dirty-page copy-back for Machine.reset() (pykvm/rewind.py). One RAM slot's
+ * sparse baseline: nonzero (a bitmap, one bit per page that held a non-zero byte), rank (per
+ * bitmap word, the set bits of the words before it), store (those pages one after the other,
+ * store_pages of them); dirty: a bitmap KVM_GET_DIRTY_LOG fills (words of 64 pages). Addresses are host virtual. */
+struct pykvm_rewind_slot {
+    uint64_t host;                   /* the slot's live mapping */
+    uint64_t size;                   /* bytes, a multiple of page_size */
+    uint64_t nonzero;
+    uint64_t rank;
+    uint64_t store;
+    uint64_t store_pages;
+    uint64_t dirty;
+    uint64_t extra;                  /* a bitmap of pages the host wrote (OR'ed into dirty by
+                                        pykvm_rewind_reset, then cleared), 0 = none */
+    uint32_t slot;                   /* KVM's slot number */
+    uint32_t page_size;
+};
+/* One ioctl of the state put back after the pages: ioctl(fd, request, arg). */
+struct pykvm_rewind_ioctl {
+    int32_t fd;
+    uint32_t _pad;
+    uint64_t request;
+    uint64_t arg;
+};
+int64_t pykvm_rewind_scan(struct pykvm_rewind_slot *s, int pagemap_fd, int memfd);
+int64_t pykvm_rewind_capture(struct pykvm_rewind_slot *s);
+int64_t pykvm_rewind_restore(const struct pykvm_rewind_slot *s, const uint64_t *dirty);
+int64_t pykvm_rewind_reset(int vm_fd, const struct pykvm_rewind_slot *slots, uint32_t nslots,
+                           int manual, const struct pykvm_rewind_ioctl *put, uint32_t nput,
+                           int32_t *out_failed);
+
 /* csrc/pyexit.c: adds run_handlers() to the pykvm._native module (once, at import; 0 or -1). */
 int pykvm_pyapi_install(void);
 /* csrc/pyexit.c, for the loop only (not given to cffi): runs the Python exit handler of `reason`

@@ -9,6 +9,7 @@ selftests' "run, read the guest's report, assert" loop).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import threading
@@ -30,11 +31,12 @@ from .kvm import Kvm
 from .report import GuestAssertion, Report
 from .runloop import ConsoleBuffer, LoopBase, RunLoop, exit_reason
 from .status import debug_exit_status
+from .rewind import MachineBaseline
 from . import snapshot as _snapshot
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, Dict, List, Optional, Sequence, Union
+    from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 
 class Event(Record, slots=True):
@@ -230,6 +232,7 @@ class Machine:
         self._held: set = set()            # vCPUs held by pause() now
         self._active: set = set()          # vCPUs inside run() now
         self._stop_reason: Optional[str] = None   # why stop() ends the run
+        self._baseline: Optional[MachineBaseline] = None   # checkpoint()'s, for reset()
         try:
             if console not in ("serial", "virtio"):
                 raise ValueError(f"console must be 'serial' or 'virtio', not {console!r}")
@@ -1104,6 +1107,64 @@ class Machine:
         half restored."""
         return _snapshot.restore(cls, path, **overrides)
 
+    # -- reset to an in-memory baseline (pykvm.rewind, docs/reset.md) ----------------------------
+    def checkpoint(self) -> int:
+        """Make the machine as it stands now the baseline :meth:`reset` returns it to
+        (:class:`pykvm.rewind.MachineBaseline`): dirty logging is turned on for the RAM slots
+        and a sparse private copy of RAM is kept (its non-zero pages), with every vCPU's and the
+        VM's KVM state and the device models' state. A pending I/O or MMIO exit is completed
+        first. A running machine (:meth:`run` in another thread) is paused for it and resumed.
+        Returns the pages of RAM the baseline stores (int). A second call replaces the
+        baseline. Raises :class:`~pykvm.errors.Closed` after :meth:`close`,
+        :class:`~pykvm.errors.Busy` when a running machine does not pause within 10 s,
+        :class:`~pykvm.errors.PykvmError` for a machine a reset cannot serve (virtio devices)
+        and :class:`~pykvm.errors.KvmError` when KVM refuses a step."""
+        self._check_open()
+        with self._held_for_reset():
+            old, self._baseline = self._baseline, None
+            if old is not None:
+                old.close()
+            self._baseline = MachineBaseline(self)
+            return self._baseline.ram.pages_stored
+
+    def reset(self) -> int:
+        """Return the machine to its :meth:`checkpoint` in-process, in microseconds: only the
+        pages the guest (or the host, through :attr:`memory`) wrote since are copied back (KVM's
+        dirty log), then the vCPU, VM and device state is loaded again; the guest's next run
+        continues from the checkpoint. The console output, :attr:`reports` (and their dropped
+        counts) are emptied, and a machine whose guest ended it (powered off) can run again, so
+        that each reset machine looks freshly made to a test. Without a checkpoint, this takes
+        one (and returns 0). A running machine is paused, reset and resumed. Returns the pages
+        copied back (int). Raises what :meth:`checkpoint` raises."""
+        self._check_open()
+        if self._baseline is None:
+            self.checkpoint()
+            return 0
+        with self._held_for_reset():
+            pages = self._baseline.restore()
+            self._console.clear()
+            with self._lock:
+                self.reports.clear()
+                self.reports_dropped = 0
+            self._ended = None
+        return pages
+
+    @contextlib.contextmanager
+    def _held_for_reset(self) -> Iterator[None]:
+        """Every vCPU out of KVM_RUN for the block: a run in another thread is paused (and
+        resumed after, unless it was paused already); Busy if it does not pause in 10 s."""
+        paused_here = False
+        if self.running and not self.paused:
+            if not self.pause(timeout=10.0):
+                self.resume()
+                raise Busy("reset: the running machine did not pause within 10 s")
+            paused_here = True
+        try:
+            yield
+        finally:
+            if paused_here and not self._closed:
+                self.resume()
+
     def close(self) -> None:
         """Stop every vCPU (waiting until each has left KVM_RUN), then close the VM, its memory
         and (if the machine opened it) /dev/kvm. Idempotent; safe from any thread, including
@@ -1121,6 +1182,8 @@ class Machine:
             self.platform.close_devices()  # no vCPU can be inside a device any more
         for d in getattr(self, "_virtio", ()):
             d.close()                      # those a failed start never gave a platform
+        if getattr(self, "_baseline", None) is not None:
+            self._baseline.close()
         if getattr(self, "vm", None) is not None:
             self.vm.close()
         if self._own_kvm and getattr(self, "kvm", None) is not None:

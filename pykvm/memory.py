@@ -15,7 +15,7 @@ from .errors import Closed, GuestMemoryError, HostMemoryError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Iterator, List, Optional, Tuple, Union
+    from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 PAGE_SIZE = mmap.PAGESIZE
 # Linux's MAP_NORESERVE (0x4000 on x86_64 and riscv64; Python's mmap module does not export it):
@@ -113,6 +113,9 @@ class GuestMemory:
     def __init__(self) -> None:
         self._slots: List[MemorySlot] = []
         self.closed = False
+        # called as hook(gpa, size) after write() and zero() change guest RAM (a reset's RAM
+        # baseline, pykvm.rewind, records the host's writes, which KVM's dirty log misses)
+        self.write_hooks: List[Callable[[int, int], None]] = []
 
     def _close(self) -> None:
         for s in list(self._slots):
@@ -177,6 +180,8 @@ class GuestMemory:
         for s, o, k in list(self._chunks(gpa, len(data))):
             s._map[o:o + k] = data[pos:pos + k]
             pos += k
+        for hook in self.write_hooks:
+            hook(gpa, len(data))
 
     def zero(self, gpa: int, n: int) -> None:
         """Make guest-physical ``[gpa, gpa + n)`` read as zeros without committing host memory
@@ -188,6 +193,8 @@ class GuestMemory:
         through its MMU notifier. Raises :class:`~pykvm.errors.GuestMemoryError` if any byte is unbacked
         (checked before anything changes)."""
         chunks = list(self._chunks(gpa, n))
+        for hook in self.write_hooks:
+            hook(gpa, n)
         for s, o, k in chunks:
             start = -(-o // PAGE_SIZE) * PAGE_SIZE          # first whole page
             end = (o + k) // PAGE_SIZE * PAGE_SIZE          # end of the last whole page

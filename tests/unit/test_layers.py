@@ -26,6 +26,7 @@ LAYERS = [
     ("devices", ("pykvm.devices",)),
     ("platform", ("pykvm.platform",)),
     ("snapshot", ("pykvm.snapshot",)),   # Machine.snapshot()/restore() (docs/snapshots.md)
+    ("rewind", ("pykvm.rewind",)),   # Machine.reset(): dirty-page copy-back (docs/reset.md)
     ("machine", ("pykvm.machine",)),
     ("control", ("pykvm.control",)),  # a running machine's control socket
     ("debug", ("pykvm.gdbstub",)),   # the GDB remote-protocol stub (uses Machine)
