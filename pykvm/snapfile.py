@@ -6,7 +6,7 @@ Layout (all integers little-endian)::
     offset 0   magic            8 bytes  b"PYKVMSNP"
            8   format version   u32      FORMAT_VERSION (1)
           12   section count    u32      at most MAX_SECTIONS
-          16   section table    count x 48 bytes:
+          16   section table    count x 56 bytes:
                    name         32 bytes ASCII, NUL-padded
                    offset       u64      from the start of the file
                    length       u64      bytes stored (after compression)
