@@ -5,17 +5,17 @@ was.
 
 What a snapshot holds (sections):
 
-``meta``        JSON: format facts (host architecture, KVM API version, CPU vendor, the
-                monotonic clock at the snapshot), the machine's configuration (platform,
-                RAM size, vCPUs, image name, command line, flat-image options, platform
-                options), the RAM ranges, the platform's own state (pc: whether the PIT
-                was made, the PM block's place, power events)
-``image``       the guest image's bytes (the machine is rebuilt from them)
-``initrd.N``    each initrd / multiboot module's bytes
-``vm``          the VM's :class:`~pykvm.arch.snapstate.ArchState` (JSON, blobs base64)
-``vcpu.N``      vCPU N's :class:`~pykvm.arch.snapstate.ArchState`
-``devices``     JSON: each device model's ``snapshot_state()`` and the 16550's registers
-``ram``         the non-zero pages of guest RAM (zlib-compressed runs)
+* ``meta``: JSON: format facts (host architecture, KVM API version, CPU vendor, the
+  monotonic clock at the snapshot), the machine's configuration (platform,
+  RAM size, vCPUs, image name, command line, flat-image options, platform
+  options), the RAM ranges, the platform's own state (pc: whether the PIT
+  was made, the PM block's place, power events)
+* ``image``: the guest image's bytes (the machine is rebuilt from them)
+* ``initrd.N``: each initrd / multiboot module's bytes
+* ``vm``: the VM's :class:`~pykvm.arch.snapstate.ArchState` (JSON, blobs base64)
+* ``vcpu.N``: vCPU N's :class:`~pykvm.arch.snapstate.ArchState`
+* ``devices``: JSON: each device model's ``snapshot_state()`` and the 16550's registers
+* ``ram``: the non-zero pages of guest RAM (zlib-compressed runs)
 
 A restore validates everything first — the file (:func:`pykvm.snapfile.read`), the metadata's
 types, the host (architecture, KVM API version, CPU vendor, the CPUID features the guest was

@@ -4,13 +4,13 @@
 RISC-V KVM holds a vCPU's state in ONE_REG registers (api.rst 4.68 KVM_SET_ONE_REG lists the
 RISC-V ids) and its multiprocessing state. vCPU blobs, in load order:
 
-``one_reg``   every register of KVM_GET_REG_LIST that this vCPU reads and takes back
-              (config, core, CSR, FP, vector, ISA/SBI extension switches, SBI state ...),
-              then the timer registers ``time``, ``compare``, ``state`` in that order (as
-              QEMU's ``kvm_riscv_put_regs_timer``; ``frequency`` is read-only). Encoded as
-              a run of records: the register id (8 bytes, little-endian) followed by its
-              value (``1 << size field`` bytes, as KVM exchanges it).
-``mp_state``  KVM_GET/SET_MP_STATE, ``struct kvm_mp_state`` (STOPPED or RUNNABLE).
+* ``one_reg``: every register of KVM_GET_REG_LIST that this vCPU reads and takes back
+  (config, core, CSR, FP, vector, ISA/SBI extension switches, SBI state ...),
+  then the timer registers ``time``, ``compare``, ``state`` in that order (as
+  QEMU's ``kvm_riscv_put_regs_timer``; ``frequency`` is read-only). Encoded as
+  a run of records: the register id (8 bytes, little-endian) followed by its
+  value (``1 << size field`` bytes, as KVM exchanges it).
+* ``mp_state``: KVM_GET/SET_MP_STATE, ``struct kvm_mp_state`` (STOPPED or RUNNABLE).
 
 The VM has no state of its own without an irqchip; a machine with the in-kernel AIA irqchip
 is refused by the machine's snapshot (its APLIC/IMSIC attributes are not captured here), so
