@@ -1,0 +1,125 @@
+"""Snapshots on RISC-V KVM, run inside the RISC-V lab (docs/snapshots.md): a guest snapshotted
+in this process and restored in another continues exactly, its ONE_REG state reads back as
+saved, and a bad snapshot is refused in one line.
+
+The guest is snap_counter (guests/riscv/snap_counter.c): it changes a region of memory round
+by round and prints "snap cpu0 count=<round> sum=<checksum>" every ten rounds, lines that
+depend only on its code."""
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from pykvm import snapfile
+from pykvm import snapshot as snapmod
+from pykvm.arch.riscv import regs as rregs
+from pykvm.arch.riscv import snapshot as rsnap
+from pykvm.errors import SnapshotError
+from pykvm.machine import Machine
+
+pytestmark = pytest.mark.requires_arch("riscv64")
+GUEST = "snap_counter"
+
+
+def _lines(text):
+    return [ln for ln in text.splitlines() if ln.startswith("snap cpu")]
+
+
+def _snapshot_at(path, text, vcpus=1):
+    hit = threading.Event()
+    tail = [b""]
+
+    def watch(data):
+        seen = tail[0] + data
+        if text.encode() in seen:
+            hit.set()
+        tail[0] = seen[-len(text):]
+    m = Machine(GUEST, vcpus=vcpus, on_console=watch)
+    try:
+        out = []
+        t = threading.Thread(target=lambda: out.append(m.run(timeout=600)))
+        t.start()
+        assert hit.wait(600), "the guest never printed " + text
+        m.snapshot(path)
+        before = m.console.decode()
+        m.stop("test")
+        t.join()
+    finally:
+        m.close()
+    return before
+
+
+_RESTORE = """
+import sys
+from pykvm.machine import Machine
+m = Machine.restore(sys.argv[1])
+if len(sys.argv) > 2:
+    m.snapshot(sys.argv[2])
+r = m.run(timeout=600)
+sys.stdout.write(r.console_text)
+sys.stderr.write(f"EXIT {r.exit} {r.exit_code}\\n")
+m.close()
+"""
+
+
+def _restore_elsewhere(path, again=None):
+    p = subprocess.run([sys.executable, "-c", _RESTORE, path] + ([again] if again else []),
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout, p.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_restored_in_another_process_the_guest_continues_identically(tmp_path, vcpus):
+    """With two harts the second stays STOPPED (SBI HSM): its MP state travels too."""
+    with Machine(GUEST) as m:
+        full = m.run(timeout=600)
+    assert full.exit == "done", full.detail
+    path = str(tmp_path / "rv.snap")
+    before = _snapshot_at(path, "cpu0 count=200 ", vcpus)
+    after, exit_line = _restore_elsewhere(path)
+    assert exit_line == "EXIT done 0"
+    want = _lines(full.console_text)
+    assert len(want) == 61
+    b, a = _lines(before), _lines(after)
+    assert b and a and b + a == want
+
+
+def test_one_reg_state_reads_back_as_saved(tmp_path):
+    first, second = str(tmp_path / "1.snap"), str(tmp_path / "2.snap")
+    _snapshot_at(first, "cpu0 count=100 ", 2)
+    _restore_elsewhere(first, again=second)
+    saved, loaded = snapmod.Plan(first).vcpus, snapmod.Plan(second).vcpus
+    time_id = rregs.reg_id("timer.time")
+    for s, t in zip(saved, loaded):
+        rs = dict(rsnap.parse_one_reg(s["one_reg"]))
+        rt = dict(rsnap.parse_one_reg(t["one_reg"]))
+        assert rs.keys() == rt.keys() and len(rs) > 50
+        assert rregs.reg_id("core.regs.pc") in rs
+        assert {k: v for k, v in rs.items() if k != time_id} == \
+            {k: v for k, v in rt.items() if k != time_id}
+        assert s["mp_state"] == t["mp_state"]
+    assert saved[1]["mp_state"] != saved[0]["mp_state"]        # hart 1 STOPPED, hart 0 not
+
+
+def test_a_corrupted_snapshot_is_refused(tmp_path):
+    path = str(tmp_path / "ok.snap")
+    _snapshot_at(path, "cpu0 count=50 ")
+    with open(path, "rb") as f:
+        blob = bytearray(f.read())
+    n = int.from_bytes(blob[12:16], "little")
+    for i in range(n):
+        raw, off, length, _, _ = snapfile._ENTRY.unpack_from(blob, 16 + i * snapfile._ENTRY.size)
+        b = bytearray(blob)
+        b[off + length // 2] ^= 1
+        bad = str(tmp_path / "bad.snap")
+        with open(bad, "wb") as f:
+            f.write(b)
+        with pytest.raises(SnapshotError, match="fails its CRC-32") as e:
+            Machine.restore(bad)
+        assert "\n" not in str(e.value)
+    os.truncate(path, len(blob) - 100)
+    with pytest.raises(SnapshotError, match="corrupted or truncated"):
+        Machine.restore(path)
