@@ -330,3 +330,20 @@ def test_a_machine_with_a_virtio_device_is_refused_naming_it(tmp_path):
         with pytest.raises(SnapshotError, match="VirtioRng"):
             m.snapshot(str(tmp_path / "x.snap"))
     assert not os.path.exists(tmp_path / "x.snap")
+
+
+def test_a_machine_between_runs_is_snapshotted_as_it_stands(tmp_path):
+    """No run in progress: a run that ended by its deadline leaves the guest mid-way, and the
+    snapshot taken then continues elsewhere exactly."""
+    full = _uninterrupted("bare", 1)
+    path = str(tmp_path / "between.snap")
+    with Machine(GUEST, machine="bare") as m:
+        m.set_params(0, 2000)                        # slow enough that 0.3 s is mid-run
+        r = m.run(timeout=0.3)
+        assert r.exit == "timeout"
+        m.snapshot(path)
+        before = m.console.decode()
+    assert 0 < len(_lines(before)) < len(_lines(full))
+    after, exit_line = _restore_elsewhere(path)
+    assert exit_line == "EXIT done 0"
+    assert _lines(before) + _lines(after) == _lines(full)
