@@ -4,7 +4,9 @@
  * gdb_tick() adds its argument to the global gdb_counter; the loop's total is printed as
  * "counter: N" (15 untouched). gdb_buffer holds "unchanged" unless a debugger writes it
  * ("buffer: ..."). gdb_value (7) is printed as "value: N". With pykvm_params[0] nonzero (pykvm
- * run --param 1) the guest first spins until a debugger sets gdb_hold to 0 (for Ctrl-C tests).
+ * run --param 1) the guest first spins until a debugger sets gdb_hold to 0 (for Ctrl-C tests);
+ * with pykvm_params[1] nonzero it then executes an int3 of its own (a debugger must leave it to
+ * the guest: with the runtime's IDT that is a #BP report, or what KVM makes of it).
  * The names are global so that gdb finds them by name in the ELF's symbols and DWARF. */
 #include "pykvm_guest.h"
 
@@ -31,6 +33,8 @@ void guest_main(void)
 
 	gdb_hold = pykvm_params[0];
 	gdb_spin();
+	if (pykvm_params[1])
+		__asm__ volatile("int3");
 	for (i = 1; i <= 5; i++)
 		gdb_tick(i);
 	gdb_buffer[sizeof(gdb_buffer) - 1] = '\0';
