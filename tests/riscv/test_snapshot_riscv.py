@@ -101,6 +101,7 @@ def test_one_reg_state_reads_back_as_saved(tmp_path):
         assert {k: v for k, v in rs.items() if k != time_id} == \
             {k: v for k, v in rt.items() if k != time_id}
         assert s["mp_state"] == t["mp_state"]
+        assert s["fixed_regs"] == t["fixed_regs"]         # the configuration, compared
     assert saved[1]["mp_state"] != saved[0]["mp_state"]        # hart 1 STOPPED, hart 0 not
 
 

@@ -11,6 +11,9 @@ RISC-V ids) and its multiprocessing state. vCPU blobs, in load order:
   a run of records: the register id (8 bytes, little-endian) followed by its
   value (``1 << size field`` bytes, as KVM exchanges it).
 * ``mp_state``: KVM_GET/SET_MP_STATE, ``struct kvm_mp_state`` (STOPPED or RUNNABLE).
+* ``fixed_regs``: the config, ISA-extension and SBI-extension registers, which KVM fixes once
+  the vCPU has run (EBUSY): the vCPU's configuration, set by the machine when it makes the
+  vCPU. Compared with the loading vCPU's (another value is a foreign snapshot), not loaded.
 
 The VM has no state of its own without an irqchip; a machine with the in-kernel AIA irqchip
 is refused by the machine's snapshot (its APLIC/IMSIC attributes are not captured here), so
@@ -35,6 +38,9 @@ if TYPE_CHECKING:
 _TYPE_SHIFT = 24
 _TYPE_MASK = 0xFF << _TYPE_SHIFT
 _TIMER_ORDER = ("time", "compare", "state")
+# register types KVM fixes once the vCPU first runs (EBUSY after): the vCPU's configuration,
+# which the machine sets when it makes the vCPU (cpu type, SBI extensions)
+_FIXED_TYPES = (_regs.TYPE_CONFIG, _regs.TYPE_ISA_EXT, _regs.TYPE_SBI_EXT)
 VCPU_BLOBS = ("one_reg", "mp_state")
 VM_BLOBS: Tuple[str, ...] = ()
 
@@ -54,9 +60,13 @@ class _Plan:
         timers = {_timer_id(n): n for n in _TIMER_ORDER}
         ids: List[int] = []
         one = ffi.new("struct kvm_one_reg *")
+        fixed: List[int] = []
         for rid in vcpu.reg_list():
             if _reg_type(rid) == _regs.TYPE_TIMER:
                 continue                       # added below, in their order
+            if _reg_type(rid) in _FIXED_TYPES:
+                fixed.append(rid)              # set when the vCPU is made: compared, not loaded
+                continue
             n = abi.reg_size_bytes(rid)
             buf = ffi.new("uint8_t[]", n)
             one.id, one.addr = rid, int(ffi.cast("uintptr_t", buf))
@@ -68,8 +78,9 @@ class _Plan:
             ids.append(rid)
         ids.extend(t for t in timers)
         self.ids: Tuple[int, ...] = tuple(ids)
+        self.fixed: Tuple[int, ...] = tuple(fixed)
         self.size = sum(8 + abi.reg_size_bytes(r) for r in self.ids)
-        self.buf = ffi.new("uint8_t[]", max(abi.reg_size_bytes(r) for r in self.ids))
+        self.buf = ffi.new("uint8_t[]", max(abi.reg_size_bytes(r) for r in self.ids + self.fixed))
         self.one = ffi.new("struct kvm_one_reg *")
         self.one.addr = int(ffi.cast("uintptr_t", self.buf))
 
@@ -86,19 +97,25 @@ def save_vcpu_state(vcpu: Any) -> ArchState:
     """Capture ``vcpu``'s registers and MP state (module docstring). Call it while the vCPU is
     not running. Raises :class:`~pykvm.errors.KvmError` if KVM refuses a read."""
     p = _plan(vcpu)
+    mp = ffi.new("struct kvm_mp_state *")
+    ioctl(vcpu.fd, ioctls.KVM_GET_MP_STATE, mp)
+    return ArchState({"one_reg": _read_regs(vcpu, p, p.ids),
+                      "mp_state": bytes(ffi.buffer(mp)),
+                      "fixed_regs": _read_regs(vcpu, p, p.fixed)},
+                     {"nested": "RISC-V KVM has no nested state"})
+
+
+def _read_regs(vcpu: Any, p: _Plan, ids: Tuple[int, ...]) -> bytes:
     fd = vcpu.fd
     out = bytearray()
     one, buf = p.one, p.buf
-    for rid in p.ids:
+    for rid in ids:
         n = abi.reg_size_bytes(rid)
         one.id = rid
         ioctl(fd, ioctls.KVM_GET_ONE_REG, one, what=f"{rid:#x}")
         out += rid.to_bytes(8, "little")
         out += ffi.buffer(buf, n)
-    mp = ffi.new("struct kvm_mp_state *")
-    ioctl(fd, ioctls.KVM_GET_MP_STATE, mp)
-    return ArchState({"one_reg": bytes(out), "mp_state": bytes(ffi.buffer(mp))},
-                     {"nested": "RISC-V KVM has no nested state"})
+    return bytes(out)
 
 
 def parse_one_reg(blob: bytes) -> List[Tuple[int, bytes]]:
@@ -134,6 +151,14 @@ def check_vcpu_state(vcpu: Any, state: ArchState) -> None:
                             f"{len(extra)} unknown ({', '.join(hex(r) for r in extra[:3])})")
     if len(state["mp_state"]) != ffi.sizeof("struct kvm_mp_state"):
         raise SnapshotError(f"vCPU {vcpu.id} MP state is {len(state['mp_state'])} bytes")
+    fixed = state.get("fixed_regs")
+    if fixed is not None:
+        here = dict(parse_one_reg(_read_regs(vcpu, p, p.fixed)))
+        for rid, value in parse_one_reg(fixed):
+            if here.get(rid) != value:
+                raise SnapshotError(f"vCPU {vcpu.id} was made with another configuration: "
+                                    f"register {_regs.decode(rid).name} "
+                                    "differs (cpu type, ISA or SBI extensions)")
 
 
 def load_vcpu_state(vcpu: Any, state: ArchState) -> None:
