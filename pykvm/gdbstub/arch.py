@@ -216,7 +216,7 @@ class GdbTarget(abc.ABC):
     def classify_stop(self, vcpu: Any, ex: Any, planted: Sequence[int]) -> Optional[Stop]:
         """Whether exit ``ex`` (a :class:`pykvm.exits.Exit` of one of :attr:`stop_exits`) of
         ``vcpu`` is a debug stop, and which. ``planted``: the GVAs where the stub has
-        breakpoint instructions now. Returns the :class:`Stop`, or None when the exit is
+        breakpoint instructions now. Returns the :class:`~pykvm.gdbstub.arch.Stop`, or None when the exit is
         not the debugger's (then the machine handles it as without a debugger: e.g. the
         guest's own ``int3``). Runs on the vCPU's thread, inside its exit handler; the PC
         must be left at the breakpoint's address for a software breakpoint (gdb is told

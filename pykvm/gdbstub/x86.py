@@ -20,8 +20,8 @@ from .. import abi
 from ..abi import ffi
 from ..errors import PykvmError
 from ..machine import Machine
-from .arch import (GdbTarget, GuestAccess, Stop, TargetError, Unsupported, Z_ACCESS_WATCH,
-                   Z_HW_BREAK, Z_READ_WATCH, Z_WRITE_WATCH)
+from .arch import (GdbTarget, GuestAccess, Stop as DebugStop, TargetError, Unsupported,
+                   Z_ACCESS_WATCH, Z_HW_BREAK, Z_READ_WATCH, Z_WRITE_WATCH)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -379,11 +379,11 @@ class X86Target(GdbTarget):
         g.control = control
         vcpu.ioctl("KVM_SET_GUEST_DEBUG", g)
 
-    def classify_stop(self, vcpu: Any, ex: Any, planted: Sequence[int]) -> Optional[Stop]:
+    def classify_stop(self, vcpu: Any, ex: Any, planted: Sequence[int]) -> Optional[DebugStop]:
         if ex.name == "DEBUG":
             arch = ex.run.debug.arch
             if arch.exception == 3:                   # #BP: ours only where we planted one
-                return Stop(reason="swbreak") if arch.pc in planted else None
+                return DebugStop(reason="swbreak") if arch.pc in planted else None
             if arch.exception != 1:
                 return None
             dr6 = arch.dr6
@@ -391,12 +391,12 @@ class X86Target(GdbTarget):
                 if s is not None and dr6 >> i & 1:
                     ztype, gva, _len = s
                     if ztype == Z_HW_BREAK:
-                        return Stop(reason="hwbreak")
-                    return Stop(reason="watch" if ztype == Z_WRITE_WATCH else "awatch",
+                        return DebugStop(reason="hwbreak")
+                    return DebugStop(reason="watch" if ztype == Z_WRITE_WATCH else "awatch",
                                 addr=gva)
-            return Stop()                             # a single step (DR6.BS) or other #DB
+            return DebugStop()                        # a single step (DR6.BS) or other #DB
         if ex.name == "INTERNAL_ERROR" and ex.suberror == _EMULATION and planted:
             pc = self.pc(vcpu)
             if pc in planted:                         # KVM's emulator stopped at our int3
-                return Stop(reason="swbreak")
+                return DebugStop(reason="swbreak")
         return None
