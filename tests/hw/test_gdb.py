@@ -29,6 +29,13 @@ pytestmark = pytest.mark.skipif(GDB is None, reason="gdb is not installed (Debia
 TIMEOUT = 120                     # seconds any one gdb or pykvm process may take
 
 
+def _line_of(text, source="gdb_target.c"):
+    """The line number of the first line of guests/x86/<source> that holds ``text``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", "..", "guests", "x86", source)) as f:
+        return next(i for i, ln in enumerate(f, 1) if text in ln)
+
+
 def _elf(name):
     path = guests.path(name)
     return path if path.endswith(".elf") else os.path.splitext(path)[0] + ".elf"
@@ -108,12 +115,13 @@ def test_gdb_breaks_steps_reads_writes_and_continues():
                       "x/s &gdb_buffer",
                       "delete", "continue")
         code, stdout, stderr = vm.finish()
-    assert "Breakpoint 1, gdb_tick () at x86/gdb_target.c:19" in out, out
+    body = _line_of("gdb_counter += n;")
+    assert f"Breakpoint 1, gdb_tick () at x86/gdb_target.c:{body}" in out, out
     assert "$1 = 0" in out, out                         # the first call, before it adds
     rips = [ln.split()[1] for ln in out.splitlines() if ln.startswith("rip ")]
     assert len(rips) == 2 and rips[0] != rips[1], out   # stepi moved RIP
     assert "<gdb_tick>" in out and "<gdb_tick+" in out, out
-    assert "\n20\t" in out, out                         # step reached the next line
+    assert f"\n{body + 1}\t" in out, out                # step reached the next line
     assert '"by gdb!"' in out, out                      # read back through gdb
     assert "[Inferior 1 (Remote target) exited normally]" in out, out
     assert code == 0, stderr
