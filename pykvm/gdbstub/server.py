@@ -22,6 +22,7 @@ import socket
 import stat
 import sys
 import threading
+import weakref
 
 from ..errors import Busy, Closed, GuestMemoryError, KvmError, PykvmError
 from . import packets as pk
@@ -176,6 +177,8 @@ class GdbServer:
         self._unix_path: Optional[str] = None
         self._sock = self._listen(kind, where)
         self._wake_r, self._wake_w = os.pipe()
+        self._fds = weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
+        self._released = False
         self._prev: Dict[str, Optional[Callable]] = {}
         self._docs: Optional[Dict[str, str]] = None
         self._exit_status: Optional[int] = None  # the run's status once it ended
@@ -326,6 +329,8 @@ class GdbServer:
 
     # -- lifecycle -------------------------------------------------------------------------
     def _wake(self) -> None:
+        if not self._fds.alive:
+            return
         try:
             os.write(self._wake_w, b"x")
         except OSError:
@@ -344,21 +349,9 @@ class GdbServer:
         t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(30)
-        try:
-            self._sock.close()
-        except OSError:
-            pass
-        if self._unix_path is not None:
-            try:
-                os.unlink(self._unix_path)
-            except OSError:
-                pass
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._wake_r = self._wake_w = -1
+        self._release()
+        if t is None or not t.is_alive():
+            self._fds()                          # the wake-up pipe, once nobody selects on it
         m = self.machine
         if not m.closed:
             for name, prev in self._prev.items():
@@ -374,11 +367,37 @@ class GdbServer:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _release(self) -> None:
+        """Close the listening socket and remove a unix socket's path (idempotent)."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        if self._unix_path is not None:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
+
     def _serve(self) -> None:
-        while not self._closing:
+        try:
+            self._accept_loop()
+        finally:
+            try:
+                self._detach()
+            except Exception:  # noqa: BLE001
+                pass
+            self._release()                      # also when the machine closed under us
+
+    def _accept_loop(self) -> None:
+        while not self._closing and not self.machine.closed:
             try:
                 watched: List[Any] = [self._sock, self._wake_r]
-                r, _, _ = select.select(watched, [], [])
+                r, _, _ = select.select(watched, [], [], 0.5)
             except (OSError, ValueError):
                 return
             if self._wake_r in r:
@@ -402,10 +421,6 @@ class GdbServer:
                         self._detach()
                     except Exception as e:  # noqa: BLE001
                         self._say(f"gdb detach failed: {type(e).__name__}: {e}")
-        try:
-            self._detach()
-        except Exception:  # noqa: BLE001
-            pass
 
     def _drain_wake(self) -> None:
         try:
@@ -521,6 +536,8 @@ class _Session:
                         return
             if self.running:
                 self._poll_stop()
+            if self.m.closed:
+                return                           # the machine is gone: so is the session
 
     def _event(self, ev: pk.Event) -> None:
         if ev.kind == "interrupt":
@@ -888,6 +905,14 @@ def serve(machine: Any, address: str = "tcp::1234", *, wait: bool = False,
     before its first instruction until gdb continues). ``log``: called with one line (str)
     per connection event. See :class:`GdbServer` for what it raises."""
     return GdbServer(machine, address, wait=wait, log=log)
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def stderr_log(line: str) -> None:

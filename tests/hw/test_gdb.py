@@ -426,6 +426,30 @@ def test_the_guests_own_int3_is_left_to_it():
     assert want[1][-1] in stderr, stderr
 
 
+def test_the_server_ends_when_the_machine_closes(leftovers):
+    snap = leftovers()
+    m = Machine(_elf("gdb_target"))
+    server = serve(m, "tcp:127.0.0.1:0", wait=True)
+    port = server.port
+    c = Raw(port)
+    try:
+        assert c.ask(b"?").startswith(b"T05")
+        m.close()                                   # the machine goes first
+        end = time.monotonic() + TIMEOUT
+        with pytest.raises((EOFError, OSError)):
+            while time.monotonic() < end:           # the session ends: the stub hangs up
+                c.ask(b"qC")
+                time.sleep(0.05)
+    finally:
+        c.close()
+    server._thread.join(TIMEOUT)
+    assert not server._thread.is_alive()
+    with pytest.raises(OSError):                    # and stops listening
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    server.close()
+    snap.check()
+
+
 def test_cli_refuses_bad_gdb_options():
     r = subprocess.run([sys.executable, "-m", "pykvm", "run", "--gdb", "nonsense", "--no-input",
                         _elf("gdb_target")], capture_output=True, text=True, timeout=TIMEOUT)
