@@ -5,9 +5,10 @@ RISC-V KVM holds a vCPU's state in ONE_REG registers (api.rst 4.68 KVM_SET_ONE_R
 RISC-V ids) and its multiprocessing state. vCPU blobs, in load order:
 
 * ``one_reg``: every register of KVM_GET_REG_LIST that this vCPU reads and takes back
-  (config, core, CSR, FP, vector, ISA/SBI extension switches, SBI state ...),
+  (core, CSR, FP, vector, SBI state ...),
   then the timer registers ``time``, ``compare``, ``state`` in that order (as
-  QEMU's ``kvm_riscv_put_regs_timer``; ``frequency`` is read-only). Encoded as
+  QEMU's ``kvm_riscv_put_regs_timer``; ``frequency`` is read-only; ``state`` is loaded
+  only when ON: KVM refuses OFF with EINVAL, so a timer armed now stays armed). Encoded as
   a run of records: the register id (8 bytes, little-endian) followed by its
   value (``1 << size field`` bytes, as KVM exchanges it).
 * ``mp_state``: KVM_GET/SET_MP_STATE, ``struct kvm_mp_state`` (STOPPED or RUNNABLE).
@@ -79,6 +80,7 @@ class _Plan:
         ids.extend(t for t in timers)
         self.ids: Tuple[int, ...] = tuple(ids)
         self.fixed: Tuple[int, ...] = tuple(fixed)
+        self.timer_state = _timer_id("state")
         self.size = sum(8 + abi.reg_size_bytes(r) for r in self.ids)
         self.buf = ffi.new("uint8_t[]", max(abi.reg_size_bytes(r) for r in self.ids + self.fixed))
         self.one = ffi.new("struct kvm_one_reg *")
@@ -170,6 +172,8 @@ def load_vcpu_state(vcpu: Any, state: ArchState) -> None:
     fd = vcpu.fd
     one, buf = p.one, p.buf
     for rid, raw in parse_one_reg(state["one_reg"]):
+        if rid == p.timer_state and not any(raw):
+            continue      # KVM refuses timer.state OFF (EINVAL); a new vCPU's timer is off
         ffi.memmove(buf, raw, len(raw))
         one.id = rid
         ioctl(fd, ioctls.KVM_SET_ONE_REG, one, what=f"vcpu {vcpu.id} reg {rid:#x}")
