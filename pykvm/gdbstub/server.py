@@ -149,8 +149,9 @@ class GdbServer:
     :attr:`address`). ``wait``: hold every vCPU before its first instruction until a debugger
     attaches and continues (QEMU's ``-S``, pykvm's ``--gdb-wait``).
 
-    Serves one client at a time, on a thread of its own, from now until :meth:`close` (the
-    machine's close does not close it: close the server first). Run the machine with
+    Serves one client at a time, on a thread of its own, from now until :meth:`close` or
+    the machine's close (then the client is hung up on and the listening socket closed;
+    :meth:`close` still gives back the rest). Start it before the run. Run the machine with
     :meth:`run` (or :meth:`pykvm.machine.Machine.run`: then a run that ends between the
     stub's checks, every 50 ms, is still reported when gdb next asks).
 
