@@ -216,3 +216,35 @@ def test_raw_client_on_a_unix_socket_registers_and_garbage(tmp_path):
     # detached: the guest ran on to the end
     assert rc == 0, out + err
     assert "own_breaks=4" in out + err, out + err
+
+
+def test_ctrl_c_stops_a_guest_waiting_in_wfi(tmp_path):
+    """The 0x03 byte while the guest runs: every vCPU is kicked out of KVM_RUN (here one
+    sleeping in WFI with interrupts off) and gdb hears SIGINT; `k` ends the run."""
+    path = str(tmp_path / "gdb.sock")
+    p = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--gdb", f"unix:{path}",
+                          guests.path("idle", arch="riscv64")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None and not os.path.exists(path):
+            time.sleep(0.2)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(120)
+            s.connect(path)
+            s.sendall(b"+" + _packet(b"?"))
+            assert _reply(s).startswith(b"T05")           # attaching stops the guest
+            s.sendall(b"+" + _packet(b"c"))
+            time.sleep(2)                                  # it runs into its WFI loop
+            s.sendall(b"\x03")
+            assert _reply(s).startswith(b"T02thread:1;")
+            s.sendall(b"+" + _packet(b"p20"))              # pc (register 32)
+            pc = int.from_bytes(bytes.fromhex(_reply(s).decode()), "little")
+            assert 0x80200000 <= pc < 0x80400000, hex(pc)
+            s.sendall(b"+" + _packet(b"k"))
+            time.sleep(1)
+    except BaseException:
+        p.kill()
+        raise
+    rc, out, err = _finish(p)
+    assert "Traceback" not in err, err
