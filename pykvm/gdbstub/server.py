@@ -494,6 +494,10 @@ class _Session:
         self.m = server.machine
         self.conn = conn
         conn.settimeout(_SEND_TIMEOUT)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            # small request/reply packets: no Nagle delay waiting for the client's ACK
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.ack_owed = False                    # a '+' to send before the next reply
         self.reader = pk.PacketReader()
         self.ack = True
         self.last_reply = b""
@@ -507,6 +511,9 @@ class _Session:
     def send(self, payload: bytes) -> None:
         data = pk.frame(payload)
         self.last_reply = data
+        if self.ack_owed:
+            self.ack_owed = False
+            data = b"+" + data
         self.conn.sendall(data)
 
     def serve(self) -> None:
@@ -556,11 +563,13 @@ class _Session:
             if self.ack:
                 self.conn.sendall(b"-")
             return
-        if self.ack:
-            self.conn.sendall(b"+")
+        self.ack_owed = self.ack                 # sent with the reply: one segment, not two
         reply = self._dispatch_safely(ev.data)
         if reply is not None:
             self.send(reply)
+        if self.ack_owed:                        # no reply now (a resume): the ack alone
+            self.ack_owed = False
+            self.conn.sendall(b"+")
         if ev.data == b"QStartNoAckMode" and reply == b"OK":
             self.ack = False
 

@@ -7,6 +7,7 @@ Every gdb and pykvm process runs under a subprocess timeout, so a hang fails the
 asserted is gdb's output and the guest's own report of what it saw (the values gdb wrote), and
 the run's exit status."""
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -210,6 +211,7 @@ class Raw:
     def __init__(self, where):
         if isinstance(where, int):
             self.s = socket.create_connection(("127.0.0.1", where), timeout=60)
+            self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as gdb does
         else:
             self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.s.settimeout(60)
@@ -325,6 +327,40 @@ def test_hostile_client_gets_errors_and_the_vm_still_finishes():
         code, stdout, stderr = vm.finish()
     assert code == 0 and "counter: 15" in stdout, (stdout, stderr)
     assert "Traceback" not in stderr, stderr
+
+
+def test_random_packets_never_break_the_stub():
+    """500 seeded random packets (every read-only or breakpoint command with random, often
+    malformed, arguments; nothing that resumes, kills or writes registers or memory): each gets a
+    reply and the connection stays up; then the guest, detached, finishes unharmed."""
+    rng = random.Random(23)
+    heads = [b"m", b"p", b"g", b"H", b"Hg", b"Hc", b"T", b"q", b"qXfer:features:read:",
+             b"qXfer:features:read:target.xml:", b"qThreadExtraInfo,", b"qSupported:", b"Z0,",
+             b"z0,", b"Z1,", b"z1,", b"Z2,", b"z2,", b"Z4,", b"z4,", b"Z", b"z", b"v", b"vCont?",
+             b"Q", b"?", b"qC", b"qfThreadInfo", b"qsThreadInfo", b"qAttached", b""]
+    alphabet = b"0123456789abcdefABCDEF,:;=-#$}*xyz\x00\xff"
+    elf = _elf("gdb_target")
+    with PykvmGdb(elf) as vm:
+        c = Raw(vm.port)
+        try:
+            for _ in range(500):
+                tail = bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+                if rng.random() < 0.5:
+                    tail = b"%x,%x" % (rng.getrandbits(rng.choice((8, 20, 48, 64))),
+                                       rng.getrandbits(rng.choice((2, 8, 17, 64))))
+                payload = pk.escape(rng.choice(heads) + tail)
+                if payload[:1] in (b"c", b"C", b"s", b"S", b"D", b"k", b"M", b"X", b"G",
+                                   b"P") or payload.startswith((b"vCont;", b"vKill")):
+                    continue                        # resumes, kills or writes: not these
+                reply = c.ask(payload)
+                assert isinstance(reply, bytes)
+            assert c.ask(b"?").startswith(b"T05")
+            assert c.ask(b"D") == b"OK"
+        finally:
+            c.close()
+        code, stdout, stderr = vm.finish()
+    assert code == 0 and "counter: 15" in stdout, (stdout, stderr)
+    assert "Traceback" not in stderr and "failed:" not in stderr, stderr
 
 
 def test_disconnect_removes_breakpoints_and_the_guest_finishes():
