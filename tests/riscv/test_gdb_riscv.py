@@ -7,7 +7,6 @@ gdb_tick(1..5) and prints what gdb may have changed. gdb breaks at gdb_tick by n
 global and registers, single-steps (emulated by the stub with a temporary ebreak), writes a
 global and guest memory through a second mapping of RAM, and continues to the end.
 """
-import os
 import re
 import shutil
 import socket
@@ -48,21 +47,13 @@ def loopback():
         subprocess.run(["busybox", "ip", "link", "set", "lo", "up"], check=True, timeout=60)
 
 
-def _start(*extra, address="tcp::0"):
-    """`pykvm run --gdb ADDRESS ... gdb_target.elf`: the process and its TCP port (None for a
-    unix socket)."""
+def _start(*extra, address="tcp::0", guest=None):
+    """`pykvm run --gdb ADDRESS ... GUEST` (default gdb_target.elf), once it says it listens
+    (after listen(): a unix socket's file exists from bind() on): the process and its TCP port
+    (None for a unix socket)."""
     p = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--gdb", address, *extra,
-                          _elf()], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if address.startswith("unix:"):
-        path = address[5:]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and p.poll() is None and not os.path.exists(path):
-            time.sleep(0.2)
-        if os.path.exists(path):
-            return p, None
-        p.kill()
-        out, err = p.communicate(timeout=30)
-        pytest.fail(f"pykvm run --gdb {address} made no socket: {out}{err}")
+                          guest or _elf()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     deadline = time.monotonic() + 120
     seen = []
     while time.monotonic() < deadline:
@@ -70,9 +61,9 @@ def _start(*extra, address="tcp::0"):
         if not line:
             break
         seen.append(line)
-        m = re.search(r"gdb server listening on .*?:(\d+)\s*$", line)
-        if m:
-            return p, int(m.group(1))
+        if "gdb server listening on" in line:
+            m = re.search(r":(\d+)\s*$", line)
+            return p, (int(m.group(1)) if m and address.startswith("tcp:") else None)
     p.kill()
     out, err = p.communicate(timeout=30)
     pytest.fail(f"pykvm run --gdb did not say where it listens: {''.join(seen)}{err}")
@@ -222,13 +213,8 @@ def test_ctrl_c_stops_a_guest_waiting_in_wfi(tmp_path):
     """The 0x03 byte while the guest runs: every vCPU is kicked out of KVM_RUN (here one
     sleeping in WFI with interrupts off) and gdb hears SIGINT; `k` ends the run."""
     path = str(tmp_path / "gdb.sock")
-    p = subprocess.Popen([sys.executable, "-m", "pykvm", "run", "--gdb", f"unix:{path}",
-                          guests.path("idle", arch="riscv64")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p, _ = _start(address=f"unix:{path}", guest=guests.path("idle", arch="riscv64"))
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and p.poll() is None and not os.path.exists(path):
-            time.sleep(0.2)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(120)
             s.connect(path)
