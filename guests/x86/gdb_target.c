@@ -1,5 +1,5 @@
-/* gdb_target: a guest for debugger tests: calls gdb_tick() five times, prints what a debugger
- * may have changed, then reports DONE.
+/* gdb_target: the gdb stub's test guest: gdb_tick() five times, its findings, then DONE.
+ * It prints what a debugger may have changed, then reports DONE.
  *
  * gdb_tick() adds its argument to the global gdb_counter; the loop's total is printed as
  * "counter: N" (15 untouched). gdb_buffer holds "unchanged" unless a debugger writes it
