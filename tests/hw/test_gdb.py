@@ -111,6 +111,8 @@ def test_gdb_breaks_steps_reads_writes_and_continues():
                       "stepi", "info registers rip",
                       "step",
                       "print/x $rsp",
+                      "set var $r11 = 0x1234abcd",      # caller-saved: the guest does not care
+                      "print/x $r11",
                       "set var gdb_value = 42",
                       'set {char[8]}&gdb_buffer = "by gdb!"',
                       "x/s &gdb_buffer",
@@ -124,6 +126,7 @@ def test_gdb_breaks_steps_reads_writes_and_continues():
     assert "<gdb_tick>" in out and "<gdb_tick+" in out, out
     assert f"\n{body + 1}\t" in out, out                # step reached the next line
     assert '"by gdb!"' in out, out                      # read back through gdb
+    assert "= 0x1234abcd" in out, out                   # a register written (P) and read
     assert "[Inferior 1 (Remote target) exited normally]" in out, out
     assert code == 0, stderr
     assert "value: 42" in stdout and "buffer: by gdb!" in stdout, stdout
