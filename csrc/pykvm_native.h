@@ -273,12 +273,19 @@ struct pykvm_rewind_slot {
     uint32_t slot;                   /* KVM's slot number */
     uint32_t page_size;
 };
-/* One ioctl of the state put back after the pages: ioctl(fd, request, arg). */
+/* One ioctl of the state put back after the pages: ioctl(fd, request, arg), which must
+ * return `expect` (>= 0), or any non-negative value (expect < 0). With flags
+ * PYKVM_REWIND_COMPLETE (fd: a vCPU, arg: its kvm_run's address, request: KVM_RUN): when
+ * the vCPU's last exit is one KVM completes on the next KVM_RUN (I/O, MMIO, ...), one KVM_RUN
+ * with immediate_exit set completes it (EINTR is its success); otherwise nothing is issued.
+ * Such entries come before the pages and the others, whatever their place in the list. */
+#define PYKVM_REWIND_COMPLETE 1
 struct pykvm_rewind_ioctl {
     int32_t fd;
-    uint32_t _pad;
+    uint32_t flags;
     uint64_t request;
     uint64_t arg;
+    int64_t expect;
 };
 int64_t pykvm_rewind_scan(struct pykvm_rewind_slot *s, int pagemap_fd, int memfd);
 int64_t pykvm_rewind_capture(struct pykvm_rewind_slot *s);

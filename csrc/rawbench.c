@@ -294,3 +294,227 @@ int pykvm_resident_pages(uint64_t addr, uint64_t size, uint8_t *bitmap)
     free(vec);
     return 0;
 }
+
+/* -- reset: return a VM to a baseline, as a hand-written C VMM would -------------------------
+ *
+ * The VM of raw_create() (real-mode `code` at CODE_GPA) runs until its first exit that is not
+ * HLT (the guest ends on an OUT to a port); the baseline is the state before the first run:
+ * a copy of all RAM, and the vCPU and VM state pykvm's Machine.reset() loads (the same set, in
+ * the same order: pykvm/arch/x86/snapshot.py) — SREGS2 (SREGS without KVM_CAP_SREGS2), REGS,
+ * XSAVE (KVM_GET_XSAVE2's size), XCRS, MSRS (the caller's list: the one pykvm saves), DEBUGREGS,
+ * VCPU_EVENTS, MP_STATE, then the VM's CLOCK. Dirty logging is on for the slot. Each reset:
+ * KVM_RUN with immediate_exit (the OUT exit KVM waits on is completed, as pykvm does),
+ * KVM_GET_DIRTY_LOG, copy back the dirty pages, then the SET ioctls. */
+#ifdef __x86_64__
+struct raw_state {
+    int sregs2;
+    struct kvm_sregs2 s2;
+    struct kvm_sregs s;
+    struct kvm_regs regs;
+    struct kvm_xsave *xsave;
+    struct kvm_xcrs xcrs;
+    struct kvm_msrs *msrs;
+    struct kvm_debugregs dbg;
+    struct kvm_vcpu_events ev;
+    struct kvm_mp_state mp;
+    struct kvm_clock_data clock;
+};
+
+static int raw_save(struct raw_vm *v, struct raw_state *st, int kvm, const uint32_t *msrs,
+                    uint32_t nmsrs)
+{
+    int xsize = ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAP_XSAVE2);
+    uint32_t i;
+
+    if (xsize < (int)sizeof(struct kvm_xsave))
+        xsize = sizeof(struct kvm_xsave);
+    st->sregs2 = ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAP_SREGS2) > 0;
+    st->xsave = calloc(1, xsize);
+    st->msrs = calloc(1, sizeof(struct kvm_msrs) + nmsrs * sizeof(struct kvm_msr_entry));
+    if (!st->xsave || !st->msrs)
+        return -ENOMEM;
+    if (st->sregs2 ? ioctl(v->vcpu, KVM_GET_SREGS2, &st->s2) : ioctl(v->vcpu, KVM_GET_SREGS, &st->s))
+        return -errno;
+    if (ioctl(v->vcpu, KVM_GET_REGS, &st->regs) < 0 ||
+        ioctl(v->vcpu, KVM_GET_XSAVE2, st->xsave) < 0 ||
+        ioctl(v->vcpu, KVM_GET_XCRS, &st->xcrs) < 0)
+        return -errno;
+    st->msrs->nmsrs = nmsrs;
+    for (i = 0; i < nmsrs; i++)
+        st->msrs->entries[i].index = msrs[i];
+    if (ioctl(v->vcpu, KVM_GET_MSRS, st->msrs) != (int)nmsrs)
+        return -EIO;
+    if (ioctl(v->vcpu, KVM_GET_DEBUGREGS, &st->dbg) < 0 ||
+        ioctl(v->vcpu, KVM_GET_VCPU_EVENTS, &st->ev) < 0 ||
+        ioctl(v->vcpu, KVM_GET_MP_STATE, &st->mp) < 0 ||
+        ioctl(v->vm, KVM_GET_CLOCK, &st->clock) < 0)
+        return -errno;
+    st->ev.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SIPI_VECTOR;
+    st->clock.flags = 0;
+    return 0;
+}
+
+/* Put the state back: 9 vCPU/VM ioctls. */
+static int raw_load(struct raw_vm *v, struct raw_state *st)
+{
+    if ((st->sregs2 ? ioctl(v->vcpu, KVM_SET_SREGS2, &st->s2) : ioctl(v->vcpu, KVM_SET_SREGS, &st->s)) ||
+        ioctl(v->vcpu, KVM_SET_REGS, &st->regs) < 0 ||
+        ioctl(v->vcpu, KVM_SET_XSAVE, st->xsave) < 0 ||
+        ioctl(v->vcpu, KVM_SET_XCRS, &st->xcrs) < 0)
+        return -errno;
+    if (ioctl(v->vcpu, KVM_SET_MSRS, st->msrs) != (int)st->msrs->nmsrs)
+        return -EIO;
+    if (ioctl(v->vcpu, KVM_SET_DEBUGREGS, &st->dbg) < 0 ||
+        ioctl(v->vcpu, KVM_SET_VCPU_EVENTS, &st->ev) < 0 ||
+        ioctl(v->vcpu, KVM_SET_MP_STATE, &st->mp) < 0 ||
+        ioctl(v->vm, KVM_SET_CLOCK, &st->clock) < 0)
+        return -errno;
+    return 0;
+}
+
+/* Run until the first exit that is not HLT; 0 if it is an I/O exit, else -EPROTO. */
+static int raw_run_to_io(struct raw_vm *v)
+{
+    for (;;) {
+        if (ioctl(v->vcpu, KVM_RUN, 0) < 0)
+            return -errno;
+        if (v->run->exit_reason == KVM_EXIT_HLT)
+            continue;
+        return v->run->exit_reason == KVM_EXIT_IO ? 0 : -EPROTO;
+    }
+}
+#endif
+
+int pykvm_raw_reset(const char *dev, const uint8_t *code, uint32_t code_len, uint64_t ram_size,
+                    const uint32_t *msrs, uint32_t nmsrs, uint32_t n, int64_t *ns, int64_t *out)
+{
+#ifdef __x86_64__
+    struct raw_vm v;
+    struct raw_state st;
+    struct kvm_userspace_memory_region region;
+    struct kvm_dirty_log log;
+    uint64_t *bitmap, pages = ram_size / 4096, words = (pages + 63) / 64, copied = 0, w;
+    uint8_t *base;
+    uint32_t i;
+    int kvm, r;
+
+    memset(&st, 0, sizeof(st));
+    kvm = open(dev, O_RDWR | O_CLOEXEC);
+    if (kvm < 0)
+        return -errno;
+    r = raw_create(&v, kvm, ram_size, code, code_len, NULL, 1);
+    if (r < 0) {
+        close(kvm);
+        return r;
+    }
+    base = malloc(ram_size);
+    bitmap = calloc(words ? words : 1, 8);
+    if (!base || !bitmap) {
+        r = -ENOMEM;
+        goto out;
+    }
+    memset(&region, 0, sizeof(region));
+    region.flags = KVM_MEM_LOG_DIRTY_PAGES;
+    region.memory_size = ram_size;
+    region.userspace_addr = (uint64_t)(uintptr_t)v.ram;
+    if (ioctl(v.vm, KVM_SET_USER_MEMORY_REGION, &region) < 0) {
+        r = -errno;
+        goto out;
+    }
+    r = raw_save(&v, &st, kvm, msrs, nmsrs);
+    if (r < 0)
+        goto out;
+    memcpy(base, v.ram, ram_size);
+    memset(&log, 0, sizeof(log));
+    log.dirty_bitmap = bitmap;
+    if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) {      /* start from an empty log */
+        r = -errno;
+        goto out;
+    }
+    for (i = 0; i < n; i++) {
+        int64_t t0, t1;
+        r = raw_run_to_io(&v);
+        if (r < 0)
+            break;
+        t0 = clock_ns(CLOCK_MONOTONIC);
+        v.run->immediate_exit = 1;                      /* complete the OUT KVM waits on */
+        if (ioctl(v.vcpu, KVM_RUN, 0) == 0 || errno != EINTR) {
+            r = -EPROTO;
+            break;
+        }
+        v.run->immediate_exit = 0;
+        if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) {
+            r = -errno;
+            break;
+        }
+        for (w = 0; w < words; w++) {
+            uint64_t b = bitmap[w];
+            while (b) {
+                uint64_t p = w * 64 + (uint64_t)__builtin_ctzll(b);
+                b &= b - 1;
+                if (p < pages) {
+                    memcpy(v.ram + p * 4096, base + p * 4096, 4096);
+                    copied++;
+                }
+            }
+        }
+        r = raw_load(&v, &st);
+        t1 = clock_ns(CLOCK_MONOTONIC);
+        if (r < 0)
+            break;
+        ns[i] = t1 - t0;
+    }
+    if (r == 0 && memcmp(base, v.ram, ram_size) != 0)
+        r = -EIO;                                       /* a reset that lost a page */
+    out[0] = (int64_t)copied;
+    out[1] = 12;                                        /* ioctls per reset (above) */
+    out[2] = i;
+out:
+    free(base);
+    free(bitmap);
+    free(st.xsave);
+    free(st.msrs);
+    raw_destroy(&v);
+    close(kvm);
+    return r;
+#else
+    return -ENOTSUP;
+#endif
+}
+
+/* Destroy the VM and make it again to the same point (raw_create(): VM, slot, code, vCPU,
+ * registers), `n` times after running the guest to its exit each time; ns[i]: the wall time
+ * of destroy + create. */
+int pykvm_raw_recreate(const char *dev, const uint8_t *code, uint32_t code_len,
+                       uint64_t ram_size, uint32_t n, int64_t *ns)
+{
+#ifdef __x86_64__
+    struct raw_vm v;
+    uint32_t i;
+    int kvm, r;
+
+    kvm = open(dev, O_RDWR | O_CLOEXEC);
+    if (kvm < 0)
+        return -errno;
+    r = raw_create(&v, kvm, ram_size, code, code_len, NULL, 1);
+    for (i = 0; r == 0 && i < n; i++) {
+        int64_t t0, t1;
+        r = raw_run_to_io(&v);
+        if (r < 0) {
+            raw_destroy(&v);
+            break;
+        }
+        t0 = clock_ns(CLOCK_MONOTONIC);
+        raw_destroy(&v);
+        r = raw_create(&v, kvm, ram_size, code, code_len, NULL, 1);
+        t1 = clock_ns(CLOCK_MONOTONIC);
+        ns[i] = t1 - t0;
+    }
+    if (r == 0)
+        raw_destroy(&v);
+    close(kvm);
+    return r;
+#else
+    return -ENOTSUP;
+#endif
+}

@@ -10,8 +10,9 @@
  * against the slot's size and every store index against the store's size, so a bitmap with
  * stray bits cannot make this touch memory outside the slot or the store.
  *
- * After the pages, the vCPU and VM state is put back by a list of ioctls the caller prepared
- * (fd, request, argument), issued in order in the same call: one crossing from Python for the
+ * Before the pages, each vCPU's pending exit is completed (KVM_RUN with immediate_exit); after
+ * them, the vCPU and VM state is put back by a list of ioctls the caller prepared (fd,
+ * request, argument), issued in order in the same call: one crossing from Python for the
  * whole reset.
  */
 #define _GNU_SOURCE
@@ -168,6 +169,27 @@ int64_t pykvm_rewind_restore(const struct pykvm_rewind_slot *s, const uint64_t *
     return (int64_t)n;
 }
 
+/* Exits KVM completes on the next KVM_RUN (api.rst, "KVM_RUN"): a state loaded over one
+ * would be overwritten by the completion. */
+static int pending_exit(uint32_t reason)
+{
+    switch (reason) {
+    case KVM_EXIT_IO:
+    case KVM_EXIT_MMIO:
+    case KVM_EXIT_HYPERCALL:
+#ifdef KVM_EXIT_X86_RDMSR
+    case KVM_EXIT_X86_RDMSR:
+    case KVM_EXIT_X86_WRMSR:
+#endif
+#ifdef KVM_EXIT_RISCV_SBI
+    case KVM_EXIT_RISCV_SBI:
+    case KVM_EXIT_RISCV_CSR:
+#endif
+        return 1;
+    }
+    return 0;
+}
+
 /* Fetch the dirty bitmap of every slot (and with `manual`, clear exactly those bits again,
  * which write-protects those pages once more), copy the pages back, then issue the `nput`
  * ioctls of `put` in order. Returns the pages copied back, or -errno of the first ioctl that
@@ -179,6 +201,19 @@ int64_t pykvm_rewind_reset(int vm_fd, const struct pykvm_rewind_slot *slots, uin
     uint32_t i;
     int64_t total = 0, r;
 
+    for (i = 0; i < nput; i++) {
+        struct kvm_run *run = (struct kvm_run *)(uintptr_t)put[i].arg;
+        if (!(put[i].flags & PYKVM_REWIND_COMPLETE) || !run || !pending_exit(run->exit_reason))
+            continue;
+        run->immediate_exit = 1;
+        r = ioctl(put[i].fd, (unsigned long)put[i].request, 0);
+        run->immediate_exit = 0;
+        if (r == 0 || errno != EINTR) {
+            *out_failed = (int32_t)(nslots + i);
+            return r == 0 ? -EPROTO : -errno;      /* KVM_RUN ran the guest: another exit */
+        }
+        run->exit_reason = KVM_EXIT_INTR;
+    }
     for (i = 0; i < nslots; i++) {
         const struct pykvm_rewind_slot *s = &slots[i];
         uint64_t *dirty = (uint64_t *)(uintptr_t)s->dirty;
@@ -224,9 +259,12 @@ fail_slot:
         return -errno;
     }
     for (i = 0; i < nput; i++) {
-        if (ioctl(put[i].fd, (unsigned long)put[i].request, (void *)(uintptr_t)put[i].arg) < 0) {
+        if (put[i].flags & PYKVM_REWIND_COMPLETE)
+            continue;
+        r = ioctl(put[i].fd, (unsigned long)put[i].request, (void *)(uintptr_t)put[i].arg);
+        if (r < 0 || (put[i].expect >= 0 && r != put[i].expect)) {
             *out_failed = (int32_t)(nslots + i);
-            return -errno;
+            return r < 0 ? -errno : -EIO;
         }
     }
     *out_failed = -1;

@@ -30,9 +30,16 @@ import os
 import time
 
 from . import abi, snapshot as _snapshot
+from ._host import HOST_ARCH
 from ._native import ffi as _nffi, lib as _nlib
+from .abi import ffi, ioctls
 from .errors import Closed, HostMemoryError, PykvmError, kvm_error
 from .memory import PAGE_SIZE
+
+if HOST_ARCH == "x86_64":                  # the x86 state tables the fast path follows
+    from .arch.x86 import snapshot as _x86
+else:
+    _x86 = None  # type: ignore[assignment]
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -264,6 +271,96 @@ def complete_pending(vcpu: Any) -> bool:
     return False
 
 
+class StatePut:
+    """The ioctls that load a captured state again, prepared once: each state blob copied into
+    a cffi buffer of its uAPI structure and listed as (fd, SET request, buffer) in the order
+    and with the adjustments :func:`pykvm.arch.x86.snapshot.load_vcpu_state` and
+    :func:`~pykvm.arch.x86.snapshot.load_vm_state` use (their tables), so that
+    :meth:`RamBaseline.restore` issues them from C in the same call as the page copy, with no
+    Python per ioctl. Each vCPU's list starts with a completion of its pending exit
+    (``PYKVM_REWIND_COMPLETE``). x86 only, and only for states without nested state
+    (:attr:`supported`); elsewhere the states are loaded through ``load_state()``.
+
+    ``vcpus``/``states``: the vCPUs and their :class:`~pykvm.arch.snapstate.ArchState`;
+    ``vm``/``vm_state`` likewise. Each state must have passed ``load_state()`` once (which
+    checks it against KVM)."""
+
+    def __init__(self, vcpus: Sequence[Any], states: Sequence[Any], vm: Any, vm_state: Any):
+        self.supported = HOST_ARCH == "x86_64" and not any("nested" in s for s in states)
+        self._keep: List[Any] = []
+        self.names: List[str] = []
+        rows: List[Tuple[int, int, int, Any, int]] = []   # (fd, flags, request, buffer, expect)
+        if self.supported:
+            for v, s in zip(vcpus, states):
+                rows.append((v.fd, _nlib.PYKVM_REWIND_COMPLETE, int(ioctls.KVM_RUN),
+                             v.run_struct, -1))
+                self.names.append(f"KVM_RUN (vCPU {v.id}: completing its exit)")
+                rows.extend(self._vcpu_rows(v, s))
+            rows.extend(self._vm_rows(vm, vm_state))
+        self.count = len(rows)
+        self.array = _nffi.new("struct pykvm_rewind_ioctl[]", max(len(rows), 1))
+        for i, (fd, flags, request, buf, expect) in enumerate(rows):
+            e = self.array[i]
+            e.fd, e.flags, e.request, e.expect = fd, flags, request, expect
+            e.arg = int(_nffi.cast("uintptr_t", buf))
+            self._keep.append(buf)
+
+    def _new(self, ctype: str, blob: bytes, init: Any = None) -> Any:
+        buf = ffi.new(ctype + " *", init) if init is not None else ffi.new(ctype + " *")
+        ffi.memmove(buf, blob, len(blob))
+        return buf
+
+    def _vcpu_rows(self, v: Any, s: Any) -> List[Tuple[int, int, int, Any, int]]:
+        rows = []
+        for name in _x86._VCPU_ORDER:
+            blob = s.get(name)
+            if blob is None:
+                continue
+            if name in _x86._FIXED:
+                ctype, _get, set_ = _x86._FIXED[name]
+                buf = self._new(ctype, blob)
+                if name == "events":
+                    buf.flags |= _x86._EVENTS_LOAD_FLAGS
+                row = set_ if isinstance(set_, int) else getattr(ioctls, set_)
+                rows.append((v.fd, 0, int(row), buf, -1))
+                self.names.append(f"{getattr(row, 'name', set_)} (vCPU {v.id})")
+            elif name == "xsave":
+                extra = (len(blob) - 4096) // 4 or 1
+                buf = self._new("struct kvm_xsave", blob, {"extra": extra})
+                rows.append((v.fd, 0, int(ioctls.KVM_SET_XSAVE), buf, -1))
+                self.names.append(f"KVM_SET_XSAVE (vCPU {v.id})")
+            elif name == "msrs":
+                n = len(blob) // _x86._MSR_ENTRY
+                buf = ffi.new("struct kvm_msrs *", {"entries": max(n, 1)})
+                buf.nmsrs = n
+                ffi.memmove(buf.entries, blob, len(blob))
+                rows.append((v.fd, 0, int(ioctls.KVM_SET_MSRS), buf, n))
+                self.names.append(f"KVM_SET_MSRS (vCPU {v.id}, {n} MSRs)")
+        return rows
+
+    def _vm_rows(self, vm: Any, st: Any) -> List[Tuple[int, int, int, Any, int]]:
+        rows = []
+        for name, chip in _x86.IRQCHIPS:
+            blob = st.get(name)
+            if blob is None:
+                continue
+            buf = self._new("struct kvm_irqchip", blob)
+            buf.chip_id = chip
+            rows.append((vm.fd, 0, int(ioctls.KVM_SET_IRQCHIP), buf, -1))
+            self.names.append(f"KVM_SET_IRQCHIP ({name})")
+        blob = st.get("pit2")
+        if blob is not None:
+            rows.append((vm.fd, 0, int(ioctls.KVM_SET_PIT2),
+                         self._new("struct kvm_pit_state2", blob), -1))
+            self.names.append("KVM_SET_PIT2")
+        saved = ffi.from_buffer("struct kvm_clock_data *", bytearray(st["clock"]))
+        clock = ffi.new("struct kvm_clock_data *")
+        clock.clock, clock.flags = saved.clock, 0
+        rows.append((vm.fd, 0, int(ioctls.KVM_SET_CLOCK), clock, -1))
+        self.names.append("KVM_SET_CLOCK")
+        return rows
+
+
 class MachineBaseline:
     """What :meth:`pykvm.machine.Machine.reset` returns a machine to: its RAM
     (:class:`RamBaseline`), every vCPU's and the VM's KVM state (``save_state()`` of
@@ -303,18 +400,27 @@ class MachineBaseline:
             raise
         self.taken_ns = time.monotonic_ns()
         self.resets = 0
+        # load each state once through the snapshot API (KVM checks it), then prepare the
+        # same ioctls for the C path
+        for v, s in zip(machine.vcpus, self.vcpu_states):
+            v.load_state(s)
+        vm.load_state(self.vm_state)
+        self.put = StatePut(machine.vcpus, self.vcpu_states, vm, self.vm_state)
 
     def restore(self) -> int:
         """Put the machine back: pages, vCPU state, VM state, device state. The vCPUs must be
         out of KVM_RUN. Returns the pages copied back (int). Raises
         :class:`~pykvm.errors.KvmError` naming the ioctl KVM refused."""
         m = self.machine
-        for v in m.vcpus:
-            complete_pending(v)
-        pages = self.ram.restore()
-        for v, s in zip(m.vcpus, self.vcpu_states):
-            v.load_state(s)
-        m.vm.load_state(self.vm_state)
+        if self.put.supported:
+            pages = self.ram.restore(self.put.array, self.put.count, self.put.names)
+        else:
+            for v in m.vcpus:
+                complete_pending(v)
+            pages = self.ram.restore()
+            for v, s in zip(m.vcpus, self.vcpu_states):
+                v.load_state(s)
+            m.vm.load_state(self.vm_state)
         self._restore_devices()
         self.resets += 1
         return pages
