@@ -379,6 +379,23 @@ class X86Target(GdbTarget):
         g.control = control
         vcpu.ioctl("KVM_SET_GUEST_DEBUG", g)
 
+    def give_to_guest(self, vcpu: Any, ex: Any) -> bool:
+        """A ``#BP`` KVM stopped for (KVM_GUESTDBG_USE_SW_BP is on while breakpoints are
+        planted) at an ``int3`` the stub did not plant is the guest's own: queue it back into
+        the guest through KVM_SET_VCPU_EVENTS (exception 3, injected), as QEMU's
+        kvm_handle_debug does, so the guest's IDT sees it as without a debugger. Only VMX/SVM
+        KVM exits this way; on a host that emulates ring-0 code the guest's ``int3`` is an
+        emulation failure instead, which is left to the machine."""
+        if ex.name != "DEBUG" or ex.run.debug.arch.exception != 3:
+            return False
+        events = vcpu.get_vcpu_events()
+        events.exception.injected = 1
+        events.exception.nr = 3
+        events.exception.has_error_code = 0
+        events.exception.pending = 0
+        vcpu.set_vcpu_events(events)
+        return True
+
     def classify_stop(self, vcpu: Any, ex: Any, planted: Sequence[int]) -> Optional[DebugStop]:
         if ex.name == "DEBUG":
             arch = ex.run.debug.arch
