@@ -137,10 +137,13 @@ class _SoftWatch:
 
 
 class _Breakpoint:
-    __slots__ = ("gva", "insn", "saved")
+    """A planted software breakpoint: its GVA, the instruction bytes planted, the guest's
+    bytes they replaced, and the GPA pieces they sit in (taken when planted, so that removing
+    it writes back where it was planted whichever vCPU's page tables are current then)."""
+    __slots__ = ("gva", "insn", "saved", "pieces")
 
-    def __init__(self, gva: int, insn: bytes, saved: bytearray):
-        self.gva, self.insn, self.saved = gva, insn, saved
+    def __init__(self, gva: int, insn: bytes, saved: bytearray, pieces: List[Tuple[int, int]]):
+        self.gva, self.insn, self.saved, self.pieces = gva, insn, saved, pieces
 
 
 class GdbServer:
@@ -480,10 +483,13 @@ class GdbServer:
                 pass
 
     def _unplant(self, bp: _Breakpoint) -> None:
-        try:
-            self._memory(0).write(bp.gva, bytes(bp.saved))
-        except (TargetError, PykvmError):
-            pass                                  # the page went away: nothing to restore
+        off = 0
+        for gpa, n in bp.pieces:
+            try:
+                self.machine.memory.write(gpa, bytes(bp.saved[off:off + n]))
+            except PykvmError:
+                pass                              # the RAM went away: nothing to restore
+            off += n
 
 
 class _Session:
@@ -876,9 +882,10 @@ class _Session:
             return
         insn = s.target.breakpoint_bytes(kind)
         mem = s._memory(self.gthread)
+        pieces = [(gpa, n) for _v, gpa, n in mem._pieces(gva, len(insn))]
         saved = bytearray(mem.read(gva, len(insn)))
         mem.write(gva, insn)
-        s._sw[gva] = _Breakpoint(gva, insn, saved)
+        s._sw[gva] = _Breakpoint(gva, insn, saved, pieces)
 
     def _shadowed(self, addr: int, n: int):
         """The planted breakpoints overlapping [addr, addr+n)."""
