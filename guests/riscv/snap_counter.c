@@ -6,8 +6,9 @@
  *     "snap cpu<N> count=<round> sum=<checksum of the region>\n"
  * through the report channel (one line per report).  The lines depend on nothing but
  * the code, so an uninterrupted run and a run snapshotted and restored in another
- * process print the same ones.  Ends with "snap cpu<N> done" and DONE.
- * pykvm_params[1]: extra busy iterations per round (0: none). */
+ * process print the same ones.  Ends with "snap cpu<N> done" and DONE, or, with
+ * pykvm_params[0] = 1, an SBI system reset (shutdown): the run ends even while other
+ * harts are STOPPED.  pykvm_params[1]: extra busy iterations per round (0: none). */
 #include "pykvm_guest.h"
 #include "riscv.h"
 
@@ -57,5 +58,7 @@ void guest_main(unsigned long hartid, void *dtb)
 			GUEST_PRINTF("snap cpu%u count=%u sum=%08x\n", id, round, checksum(w));
 	}
 	GUEST_PRINTF("snap cpu%u done\n", id);
+	if (pykvm_params[0])
+		sbi_ecall(SBI_EXT_SRST, SBI_SRST_RESET, 0, 0, 0, 0, 0, 0);
 	GUEST_DONE();
 }

@@ -6,9 +6,11 @@ The guest is snap_counter (guests/riscv/snap_counter.c): it changes a region of 
 by round and prints "snap cpu0 count=<round> sum=<checksum>" every ten rounds, lines that
 depend only on its code."""
 import os
+import re
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -17,7 +19,9 @@ from pykvm import snapshot as snapmod
 from pykvm.arch.riscv import regs as rregs
 from pykvm.arch.riscv import snapshot as rsnap
 from pykvm.errors import SnapshotError
+from pykvm.lab import linux_guest
 from pykvm.machine import Machine
+from pykvm.testing.plugin import LACKS
 
 pytestmark = pytest.mark.requires_arch("riscv64")
 GUEST = "snap_counter"
@@ -38,6 +42,7 @@ def _snapshot_at(path, text, vcpus=1):
         tail[0] = seen[-len(text):]
     m = Machine(GUEST, vcpus=vcpus, on_console=watch)
     try:
+        m.set_params(1 if vcpus > 1 else 0, 0)       # power off at the end: hart 1 stays STOPPED
         out = []
         t = threading.Thread(target=lambda: out.append(m.run(timeout=600)))
         t.start()
@@ -80,7 +85,7 @@ def test_restored_in_another_process_the_guest_continues_identically(tmp_path, v
     path = str(tmp_path / "rv.snap")
     before = _snapshot_at(path, "cpu0 count=200 ", vcpus)
     after, exit_line = _restore_elsewhere(path)
-    assert exit_line == "EXIT done 0"
+    assert exit_line == ("EXIT SYSTEM_EVENT 0" if vcpus > 1 else "EXIT done 0")
     want = _lines(full.console_text)
     assert len(want) == 61
     b, a = _lines(before), _lines(after)
@@ -124,3 +129,72 @@ def test_a_corrupted_snapshot_is_refused(tmp_path):
     os.truncate(path, len(blob) - 100)
     with pytest.raises(SnapshotError, match="corrupted or truncated"):
         Machine.restore(path)
+
+
+# -- a Linux guest at its shell ----------------------------------------------------------------
+
+_LINUX_B = r"""
+import sys, threading, time
+from pykvm.machine import Machine
+seen = bytearray()
+m = Machine.restore(sys.argv[1], on_console=seen.extend)
+out = []
+t = threading.Thread(target=lambda: out.append(m.run(timeout=600)))
+t.start()
+m.send_console(b"echo after $((6*9)) uptime $(cut -d' ' -f1 /proc/uptime)\n")
+end = time.monotonic() + 300
+while b"after 54" not in seen and time.monotonic() < end and t.is_alive():
+    time.sleep(0.1)
+m.send_console(b"poweroff -f\n")
+t.join(600)
+sys.stdout.write(seen.decode(errors="replace"))
+sys.stderr.write(f"EXIT {out[0].exit} {out[0].exit_code}\n" if out else "EXIT none\n")
+m.close()
+"""
+
+
+def _wait_for(seen, text, t, seconds):
+    end = time.monotonic() + seconds
+    while text not in seen and time.monotonic() < end and t.is_alive():
+        time.sleep(0.1)
+    return text in seen
+
+
+def test_linux_at_its_shell_continues_in_another_process(tmp_path):
+    """The strongest proof: a Linux guest (the lab's kernel and busybox initramfs, two harts)
+    snapshotted at its shell prompt, restored in another process, reads a command from the
+    console and runs it, with its uptime continuing from where it was, then powers off."""
+    files = linux_guest.lab_files()
+    if files is None:
+        pytest.skip(f"{LACKS} the lab's Linux guest kernel and initramfs")
+    kernel, initrd = files
+    path = str(tmp_path / "linux.snap")
+    seen = bytearray()
+    m = Machine(str(kernel), initrd=[str(initrd)], vcpus=2, mem_size=256 << 20,
+                cmdline="console=ttyS0 panic=-1 loglevel=4 pykvm.shell", on_console=seen.extend)
+    try:
+        out = []
+        t = threading.Thread(target=lambda: out.append(m.run(timeout=900)))
+        t.start()
+        assert _wait_for(seen, b"shell (poweroff -f", t, 600), seen[-2000:].decode(errors="replace")
+        m.send_console(b"echo before $((6*7)) uptime $(cut -d' ' -f1 /proc/uptime)\n")
+        assert _wait_for(seen, b"before 42", t, 120), seen[-2000:].decode(errors="replace")
+        time.sleep(1)                                  # the prompt again: the shell waits
+        m.snapshot(path)
+        before = seen.decode(errors="replace")
+        m.stop("test")
+        t.join(60)
+    finally:
+        m.close()
+    print(f"snapshot of Linux at its shell: {os.path.getsize(path)} bytes")
+    p = subprocess.run([sys.executable, "-c", _LINUX_B, path], capture_output=True, text=True,
+                       timeout=1200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    after = p.stdout
+    assert "after 54" in after, after[-2000:]
+    up_before = float(re.search(r"before 42 uptime ([\d.]+)", before).group(1))
+    up_after = float(re.search(r"after 54 uptime ([\d.]+)", after).group(1))
+    assert up_after >= up_before                     # the guest's clock went on, not back
+    assert "/init reached" not in after              # no new boot: the same kernel went on
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("EXIT ") and last.endswith(" 0"), p.stderr[-2000:]   # powered off
