@@ -32,6 +32,8 @@ struct raw_vm {
     uint64_t ram_size;
     struct kvm_run *run;
     int run_size;
+    struct kvm_dirty_gfn *ring;      /* the vCPU's dirty ring (raw_create's ring_bytes), or NULL */
+    uint32_t ring_n, ring_idx;       /* its entries, and the next one to harvest */
 };
 
 static int64_t clock_ns(clockid_t c)
@@ -43,6 +45,9 @@ static int64_t clock_ns(clockid_t c)
 
 static void raw_destroy(struct raw_vm *v)
 {
+    if (v->ring && (void *)v->ring != MAP_FAILED)
+        munmap(v->ring, (size_t)v->ring_n * sizeof(struct kvm_dirty_gfn));
+    v->ring = NULL;
     if (v->run && v->run != MAP_FAILED)
         munmap(v->run, v->run_size);
     if (v->vcpu >= 0)
@@ -59,8 +64,21 @@ static void raw_destroy(struct raw_vm *v)
 /* KVM_CREATE_VM, one RAM slot at GPA 0 holding `code` at CODE_GPA (or, with `pages`, the
  * pages a bitmap names copied from `image`), one vCPU with kvm_run mapped, in real mode at
  * CODE_GPA when `boot` is set. */
+static int raw_create_ring(struct raw_vm *v, int kvm, uint64_t ram_size, const uint8_t *code,
+                           uint32_t code_len, const uint8_t *pages, int boot,
+                           uint32_t ring_bytes);
+
 static int raw_create(struct raw_vm *v, int kvm, uint64_t ram_size, const uint8_t *code,
                       uint32_t code_len, const uint8_t *pages, int boot)
+{
+    return raw_create_ring(v, kvm, ram_size, code, code_len, pages, boot, 0);
+}
+
+/* raw_create(), and with ring_bytes a dirty ring of that many bytes per vCPU
+ * (KVM_CAP_DIRTY_LOG_RING, enabled before the vCPU; the slot then logs dirty pages). */
+static int raw_create_ring(struct raw_vm *v, int kvm, uint64_t ram_size, const uint8_t *code,
+                           uint32_t code_len, const uint8_t *pages, int boot,
+                           uint32_t ring_bytes)
 {
     struct kvm_userspace_memory_region region;
 #ifdef __x86_64__
@@ -87,14 +105,32 @@ static int raw_create(struct raw_vm *v, int kvm, uint64_t ram_size, const uint8_
     } else if (code_len) {
         memcpy(v->ram + CODE_GPA, code, code_len);
     }
+    if (ring_bytes) {
+        struct kvm_enable_cap cap;
+        memset(&cap, 0, sizeof(cap));
+        cap.cap = KVM_CAP_DIRTY_LOG_RING;
+        cap.args[0] = ring_bytes;
+        if (ioctl(v->vm, KVM_ENABLE_CAP, &cap) < 0)
+            goto fail;
+    }
     memset(&region, 0, sizeof(region));
     region.memory_size = ram_size;
     region.userspace_addr = (uint64_t)(uintptr_t)v->ram;
+    region.flags = ring_bytes ? KVM_MEM_LOG_DIRTY_PAGES : 0;
     if (ioctl(v->vm, KVM_SET_USER_MEMORY_REGION, &region) < 0)
         goto fail;
     v->vcpu = ioctl(v->vm, KVM_CREATE_VCPU, 0);
     if (v->vcpu < 0)
         goto fail;
+    if (ring_bytes) {
+        v->ring_n = ring_bytes / sizeof(struct kvm_dirty_gfn);
+        v->ring = mmap(NULL, ring_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, v->vcpu,
+                       KVM_DIRTY_LOG_PAGE_OFFSET * 4096);
+        if ((void *)v->ring == MAP_FAILED) {
+            v->ring = NULL;
+            goto fail;
+        }
+    }
     v->run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
     if (v->run_size < 0)
         goto fail;
@@ -303,8 +339,11 @@ int pykvm_resident_pages(uint64_t addr, uint64_t size, uint8_t *bitmap)
  * the same order: pykvm/arch/x86/snapshot.py) — SREGS2 (SREGS without KVM_CAP_SREGS2), REGS,
  * XSAVE (KVM_GET_XSAVE2's size), XCRS, MSRS (the caller's list: the one pykvm saves), DEBUGREGS,
  * VCPU_EVENTS, MP_STATE, then the VM's CLOCK. Dirty logging is on for the slot. Each reset:
- * KVM_RUN with immediate_exit (the OUT exit KVM waits on is completed, as pykvm does),
- * KVM_GET_DIRTY_LOG, copy back the dirty pages, then the SET ioctls. */
+ * KVM_RUN with immediate_exit (the OUT exit KVM waits on is completed, as pykvm does), the
+ * dirty pages (`mode`: PYKVM_RAW_RESET_LOG, KVM_GET_DIRTY_LOG; PYKVM_RAW_RESET_LOG_MANUAL,
+ * with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, GET then KVM_CLEAR_DIRTY_LOG of those pages;
+ * PYKVM_RAW_RESET_RING, a 64 KiB dirty ring harvested, then KVM_RESET_DIRTY_RINGS), copy them
+ * back, then the SET ioctls. */
 #ifdef __x86_64__
 struct raw_state {
     int sregs2;
@@ -385,8 +424,9 @@ static int raw_run_to_io(struct raw_vm *v)
 }
 #endif
 
-int pykvm_raw_reset(const char *dev, const uint8_t *code, uint32_t code_len, uint64_t ram_size,
-                    const uint32_t *msrs, uint32_t nmsrs, uint32_t n, int64_t *ns, int64_t *out)
+int pykvm_raw_reset(const char *dev, int mode, const uint8_t *code, uint32_t code_len,
+                    uint64_t ram_size, const uint32_t *msrs, uint32_t nmsrs, uint32_t n,
+                    int64_t *ns, int64_t *out)
 {
 #ifdef __x86_64__
     struct raw_vm v;
@@ -402,10 +442,23 @@ int pykvm_raw_reset(const char *dev, const uint8_t *code, uint32_t code_len, uin
     kvm = open(dev, O_RDWR | O_CLOEXEC);
     if (kvm < 0)
         return -errno;
-    r = raw_create(&v, kvm, ram_size, code, code_len, NULL, 1);
+    r = raw_create_ring(&v, kvm, ram_size, code, code_len, NULL, 1,
+                        mode == PYKVM_RAW_RESET_RING ? 1 << 16 : 0);
     if (r < 0) {
         close(kvm);
         return r;
+    }
+    if (mode == PYKVM_RAW_RESET_LOG_MANUAL) {
+        struct kvm_enable_cap cap;
+        memset(&cap, 0, sizeof(cap));
+        cap.cap = KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+        cap.args[0] = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
+        if (ioctl(v.vm, KVM_ENABLE_CAP, &cap) < 0) {
+            r = -errno;
+            raw_destroy(&v);
+            close(kvm);
+            return r;
+        }
     }
     base = malloc(ram_size);
     bitmap = calloc(words ? words : 1, 8);
@@ -417,7 +470,8 @@ int pykvm_raw_reset(const char *dev, const uint8_t *code, uint32_t code_len, uin
     region.flags = KVM_MEM_LOG_DIRTY_PAGES;
     region.memory_size = ram_size;
     region.userspace_addr = (uint64_t)(uintptr_t)v.ram;
-    if (ioctl(v.vm, KVM_SET_USER_MEMORY_REGION, &region) < 0) {
+    if (mode != PYKVM_RAW_RESET_RING &&
+        ioctl(v.vm, KVM_SET_USER_MEMORY_REGION, &region) < 0) {
         r = -errno;
         goto out;
     }
@@ -427,7 +481,8 @@ int pykvm_raw_reset(const char *dev, const uint8_t *code, uint32_t code_len, uin
     memcpy(base, v.ram, ram_size);
     memset(&log, 0, sizeof(log));
     log.dirty_bitmap = bitmap;
-    if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) {      /* start from an empty log */
+    if (mode != PYKVM_RAW_RESET_RING &&
+        ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) {     /* start from an empty log */
         r = -errno;
         goto out;
     }
@@ -443,9 +498,32 @@ int pykvm_raw_reset(const char *dev, const uint8_t *code, uint32_t code_len, uin
             break;
         }
         v.run->immediate_exit = 0;
-        if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) {
+        if (mode == PYKVM_RAW_RESET_RING) {
+            /* harvest: each entry KVM marked dirty names a page; mark it for reset */
+            memset(bitmap, 0, words * 8);
+            while (v.ring[v.ring_idx % v.ring_n].flags & KVM_DIRTY_GFN_F_DIRTY) {
+                struct kvm_dirty_gfn *g = &v.ring[v.ring_idx % v.ring_n];
+                if (g->slot == 0 && g->offset < pages)
+                    bitmap[g->offset / 64] |= 1ULL << (g->offset % 64);
+                g->flags = KVM_DIRTY_GFN_F_RESET;
+                v.ring_idx++;
+            }
+            if (ioctl(v.vm, KVM_RESET_DIRTY_RINGS, 0) < 0) {
+                r = -errno;
+                break;
+            }
+        } else if (ioctl(v.vm, KVM_GET_DIRTY_LOG, &log) < 0) {
             r = -errno;
             break;
+        } else if (mode == PYKVM_RAW_RESET_LOG_MANUAL) {
+            struct kvm_clear_dirty_log clear;
+            memset(&clear, 0, sizeof(clear));
+            clear.num_pages = (uint32_t)pages;
+            clear.dirty_bitmap = bitmap;
+            if (ioctl(v.vm, KVM_CLEAR_DIRTY_LOG, &clear) < 0) {
+                r = -errno;
+                break;
+            }
         }
         for (w = 0; w < words; w++) {
             uint64_t b = bitmap[w];
@@ -467,7 +545,7 @@ int pykvm_raw_reset(const char *dev, const uint8_t *code, uint32_t code_len, uin
     if (r == 0 && memcmp(base, v.ram, ram_size) != 0)
         r = -EIO;                                       /* a reset that lost a page */
     out[0] = (int64_t)copied;
-    out[1] = 12;                                        /* ioctls per reset (above) */
+    out[1] = mode == PYKVM_RAW_RESET_LOG_MANUAL ? 13 : 12;   /* ioctls per reset (above) */
     out[2] = i;
 out:
     free(base);

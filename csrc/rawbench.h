@@ -24,8 +24,12 @@ void pykvm_raw_vms_destroy(void *handle, uint32_t count);
 int pykvm_resident_pages(uint64_t addr, uint64_t size, uint8_t *bitmap);
 /* Reset (pykvm bench's reset comparison): see rawbench.c. ns: one wall-clock figure per
  * iteration; out[0] pages copied back in all, out[1] ioctls per reset, out[2] iterations. */
-int pykvm_raw_reset(const char *dev, const uint8_t *code, uint32_t code_len, uint64_t ram_size,
-                    const uint32_t *msrs, uint32_t nmsrs, uint32_t n, int64_t *ns, int64_t *out);
+#define PYKVM_RAW_RESET_LOG 0
+#define PYKVM_RAW_RESET_LOG_MANUAL 1
+#define PYKVM_RAW_RESET_RING 2
+int pykvm_raw_reset(const char *dev, int mode, const uint8_t *code, uint32_t code_len,
+                    uint64_t ram_size, const uint32_t *msrs, uint32_t nmsrs, uint32_t n,
+                    int64_t *ns, int64_t *out);
 int pykvm_raw_recreate(const char *dev, const uint8_t *code, uint32_t code_len,
                        uint64_t ram_size, uint32_t n, int64_t *ns);
 

@@ -16,6 +16,10 @@ min–max, and each ratio is the median of the per-round ratios (min–max of th
   (what the exit costs, whatever else runs on the machine); wall-clock figures are given beside.
 * **VM lifecycle**: create a VM, one 512 KiB slot, one vCPU, run it to HLT, destroy it: raw C vs
   pykvm (``Kvm.create_vm`` ... ``Vm.close``); VMs per second.
+* **reset**: return a VM to a checkpoint (:meth:`pykvm.machine.Machine.reset`: the pages the
+  guest dirtied copied back, vCPU/VM state loaded) against a raw-C reset of the same state
+  (with the dirty log, the dirty log under manual protection, the dirty ring) and against
+  destroying and re-creating the VM (Machine, raw C); µs per operation, median and p10–p90.
 * **memory**: resident host memory per VM, with 16 MiB of RAM and the same guest pages resident
   (a tiny ELF64 guest, long mode): raw C, pykvm's ``Vm`` API, and a
   :class:`~pykvm.machine.Machine`.
@@ -75,9 +79,11 @@ THRESHOLDS = {"c_loop_vs_raw": 1.05, "python_vs_raw": 1.3, "machine_on_vs_python
               "virtio_blk_cpu_vs_qemu": 1.0}
 
 QUICK = dict(rounds=5, exits=10000, life=20, mem_vms=128, mem_rounds=3, boot=5, boot_qemu=1,
-             scale_exits=3000, blk_rounds=1, blk_requests=10000)
+             scale_exits=3000, blk_rounds=1, blk_requests=10000, reset_rounds=3, resets=1000,
+             recreates=20)
 FULL = dict(rounds=9, exits=10000, life=40, mem_vms=128, mem_rounds=5, boot=15, boot_qemu=5,
-            scale_exits=30000, blk_rounds=3, blk_requests=10000)
+            scale_exits=30000, blk_rounds=3, blk_requests=10000, reset_rounds=5, resets=3000,
+            recreates=50)
 
 
 # -- guests ----------------------------------------------------------------------------------
@@ -319,6 +325,155 @@ def lifecycle(kvm, rounds: int, count: int) -> dict:
         "cpu_vs_raw": _ratio(cpu["pykvm"], cpu["raw"]),
         "wall_vs_raw": _ratio(wall["pykvm"], wall["raw"]),
     }
+
+
+# -- reset ------------------------------------------------------------------------------------
+RESET_PAGES = 8               # pages the reset guest dirties each run
+RESET_DS = 0x2000             # ... in the segment at GPA 0x20000 (inside the 512 KiB of RAM)
+_RAW_RESET_MODES = {"log": _rawbench.lib.PYKVM_RAW_RESET_LOG,
+                    "log_manual": _rawbench.lib.PYKVM_RAW_RESET_LOG_MANUAL,
+                    "ring": _rawbench.lib.PYKVM_RAW_RESET_RING}
+
+
+def reset_guest() -> bytes:
+    """Real-mode code for CODE_GPA: DS = RESET_DS, ``inc byte [i * 0x1000]`` for each of
+    RESET_PAGES pages, then ``out 0xf4, al`` (the exit port: the run's end), ``hlt``."""
+    body = b"".join(b"\xFE\x06" + (i * 0x1000).to_bytes(2, "little") for i in range(RESET_PAGES))
+    return bytes.fromhex("B8") + RESET_DS.to_bytes(2, "little") + bytes.fromhex("8ED8") + body \
+        + bytes.fromhex("E6F4" "F4")
+
+
+_RESET_MACHINE = dict(machine="bare", flat_addr=CODE_GPA, flat_mode="real", mem_size=RAM)
+
+
+def _reset_machine(kvm):
+    from .machine import Machine
+    return Machine(reset_guest(), kvm=kvm, **_RESET_MACHINE)
+
+
+def _run_to_exit(m) -> None:
+    ev = m.step(timeout=10)
+    if ev.kind != "debug_exit":
+        raise RuntimeError(f"reset guest: {m.describe(ev)}")
+
+
+def _reset_pykvm(kvm, n: int) -> tuple:
+    """Machine.reset() ``n`` times, each after the guest ran to its exit (dirtying
+    RESET_PAGES pages): (µs per reset, wall, a list), True when the state was back each time
+    it was checked (RAM pages, registers)."""
+    m = _reset_machine(kvm)
+    with m:
+        m.checkpoint()
+        v = m.vcpus[0]
+        base = RESET_DS * 16
+        ram0 = m.memory.read(base, RESET_PAGES * 4096)
+        rip0 = v.get_regs().rip
+        us, ok = [], True
+        for i in range(n):
+            _run_to_exit(m)
+            t0 = time.perf_counter_ns()
+            m.reset()
+            us.append((time.perf_counter_ns() - t0) / 1e3)
+            if i % 100 == 0 or i == n - 1:
+                ok = ok and m.memory.read(base, RESET_PAGES * 4096) == ram0 \
+                    and v.get_regs().rip == rip0
+        ok = ok and m._baseline.ram.last_pages >= RESET_PAGES
+    return us, ok
+
+
+def _reset_raw(mode: str, n: int, msrs) -> list:
+    """The raw-C reset (csrc/rawbench.c) ``n`` times: µs per reset (wall). It loads the same
+    vCPU/VM state pykvm's reset loads (``msrs``: the same MSR list) and checks RAM itself."""
+    ffi, lib = _rawbench.ffi, _rawbench.lib
+    code = reset_guest()
+    ns = ffi.new("int64_t[]", max(n, 1))
+    out = ffi.new("int64_t[3]")
+    arr = ffi.new("uint32_t[]", list(msrs) or [0])
+    r = lib.pykvm_raw_reset(_device().encode(), _RAW_RESET_MODES[mode], code, len(code), RAM,
+                            arr, len(msrs), n, ns, out)
+    if r < 0:
+        raise RuntimeError(f"raw C reset ({mode}) failed: {os.strerror(-r)}")
+    return [ns[i] / 1e3 for i in range(n)]
+
+
+def _recreate_pykvm(kvm, n: int) -> list:
+    """Machine.close() and Machine(...) of the same guest (back at its first instruction),
+    ``n`` times, each after the guest ran to its exit: µs each (wall)."""
+    us = []
+    m = _reset_machine(kvm)
+    try:
+        for _ in range(n):
+            _run_to_exit(m)
+            t0 = time.perf_counter_ns()
+            m.close()
+            m = _reset_machine(kvm)
+            us.append((time.perf_counter_ns() - t0) / 1e3)
+    finally:
+        m.close()
+    return us
+
+
+def _recreate_raw(n: int) -> list:
+    ffi, lib = _rawbench.ffi, _rawbench.lib
+    code = reset_guest()
+    ns = ffi.new("int64_t[]", max(n, 1))
+    r = lib.pykvm_raw_recreate(_device().encode(), code, len(code), RAM, n, ns)
+    if r < 0:
+        raise RuntimeError(f"raw C re-create failed: {os.strerror(-r)}")
+    return [ns[i] / 1e3 for i in range(n)]
+
+
+def _spread(values) -> dict:
+    """{"median", "p10", "p90", "min", "max", "n"} of per-iteration figures (µs)."""
+    v = sorted(values)
+    n = len(v)
+    return {"median": round(statistics.median(v), 2), "p10": round(v[n // 10], 2),
+            "p90": round(v[(9 * n) // 10], 2), "min": round(v[0], 2), "max": round(v[-1], 2),
+            "n": n}
+
+
+def reset(kvm, rounds: int, n: int, recreate: int) -> dict:
+    """Returning a VM to a baseline (a real-mode guest that dirties RESET_PAGES pages and
+    exits; the baseline is its first instruction): ``Machine.reset()`` against the raw-C reset
+    (the same state loaded, the dirty log), the raw C reset with the dirty log under manual
+    protection and with the dirty ring, and destroying and re-creating the VM (pykvm's Machine,
+    raw C). ``rounds`` rounds, the contenders' order rotating; ``n`` resets and ``recreate``
+    re-creations per contender and round. Returns each contender's µs per operation (wall:
+    median, p10, p90, min, max over every iteration), the per-round ratios ``reset_vs_raw``
+    (Machine.reset / raw C reset) and ``recreate_vs_reset`` (Machine re-create /
+    Machine.reset), ``restored`` (every check of RAM and registers after a reset held) and the
+    ioctls each reset issues."""
+    from .arch.x86.snapshot import msr_indices
+    with _reset_machine(kvm) as m:
+        msrs = msr_indices(m.vcpus[0])
+    runs = {"machine_reset": lambda: _reset_pykvm(kvm, n),
+            "raw_reset": lambda: _reset_raw("log", n, msrs),
+            "raw_reset_log_manual": lambda: _reset_raw("log_manual", n, msrs),
+            "raw_reset_ring": lambda: _reset_raw("ring", n, msrs),
+            "machine_recreate": lambda: _recreate_pykvm(kvm, recreate),
+            "raw_recreate": lambda: _recreate_raw(recreate)}
+    names = list(runs)
+    per: dict = {k: [] for k in names}
+    medians: dict = {k: [] for k in names}
+    restored = True
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            got = runs[name]()
+            if name == "machine_reset":
+                got, ok = got
+                restored = restored and ok
+            per[name].extend(got)
+            medians[name].append(statistics.median(got))
+    out: dict = {name: {"us": _spread(per[name])} for name in names}
+    out["reset_vs_raw"] = _ratio(medians["machine_reset"], medians["raw_reset"])
+    out["recreate_vs_reset"] = _ratio(medians["machine_recreate"], medians["machine_reset"])
+    out["raw_recreate_vs_reset"] = _ratio(medians["raw_recreate"], medians["raw_reset"])
+    out["restored"] = restored
+    out["pages_per_reset"] = RESET_PAGES
+    out["ioctls_per_reset"] = {"raw_reset": 12, "raw_reset_log_manual": 13, "raw_reset_ring": 12,
+                               "machine_reset": 12}
+    return out
 
 
 # -- memory ----------------------------------------------------------------------------------
@@ -683,6 +838,8 @@ def _headline(res: dict) -> tuple:
         put(f"c_loop_vs_raw_{kind}", ex[kind]["c_loop"]["cpu_vs_raw"])
         put(f"python_vs_raw_{kind}", ex[kind]["python"]["cpu_vs_raw"])
     put("lifecycle_vs_raw", res["lifecycle"]["cpu_vs_raw"])
+    put("reset_vs_raw", res["reset"]["reset_vs_raw"])
+    put("recreate_vs_reset", res["reset"]["recreate_vs_reset"])
     put("machine_mem_vs_raw", res["memory"]["machine_vs_raw"])
     put("boot_vs_qemu", res["boot"].get("pykvm_run_multiboot_vs_qemu"))
     put("boot_vs_python_floor", res["boot"].get("pykvm_run_vs_python_floor"))
@@ -711,6 +868,7 @@ def run(quick: bool = False, exits: int = 0) -> dict:
             f.write(tiny_elf64())
         res["exit_cost"] = exit_cost(kvm, s["rounds"], s["exits"])
         res["lifecycle"] = lifecycle(kvm, s["rounds"], s["life"])
+        res["reset"] = reset(kvm, s["reset_rounds"], s["resets"], s["recreates"])
         res["memory"] = memory(kvm, image, s["mem_rounds"], s["mem_vms"])
         res["scaling"] = scaling(kvm, s["scale_exits"])
         res["boot"] = boot(tmp, s["boot"], s["boot_qemu"], notes)
@@ -718,6 +876,11 @@ def run(quick: bool = False, exits: int = 0) -> dict:
     notes.append("exit cost and lifecycle ratios compare the calling thread's CPU time (per-round "
                  "medians of contender/raw): what the work costs, however loaded the machine "
                  "is; wall-clock figures and ratios are reported beside them (ratios_wall)")
+    notes.append("reset: wall time of each reset (they are all synchronous ioctls), the raw-C "
+                 "reset loading the same vCPU/VM state (12 ioctls: completing the guest's "
+                 "pending exit, KVM_GET_DIRTY_LOG, 9 SETs, KVM_SET_CLOCK); recreate_vs_reset: "
+                 "how many times longer destroying and re-creating the Machine takes than "
+                 "Machine.reset()")
     notes.append("memory: resident set growth per VM for a second batch of VMs made after a "
                  "first (the marginal cost per VM), each measured in a fresh process; 16 "
                  "MiB of RAM with the same guest pages resident: raw C copies the pages a "
@@ -753,6 +916,17 @@ def report(res: dict) -> str:
     lines += ["", f"VM lifecycle, µs of CPU per VM: raw C {_fmt(lc['raw']['cpu_us'], digits=0)}, "
                   f"pykvm {_fmt(lc['pykvm']['cpu_us'], digits=0)}; VMs/s (wall): raw C "
                   f"{lc['raw']['vms_per_s']}, pykvm {lc['pykvm']['vms_per_s']}"]
+    rs = res["reset"]
+
+    def us(k):
+        s = rs[k]["us"]
+        return f"{s['median']:.1f} ({s['p10']:.1f}–{s['p90']:.1f})"
+    lines.append(f"reset to a checkpoint ({rs['pages_per_reset']} pages dirtied), µs per reset, "
+                 f"median (p10–p90): Machine.reset() {us('machine_reset')}, raw C "
+                 f"{us('raw_reset')} (dirty ring {us('raw_reset_ring')}, manual protect "
+                 f"{us('raw_reset_log_manual')}); destroy + re-create: Machine "
+                 f"{us('machine_recreate')}, raw C {us('raw_recreate')}; state restored: "
+                 f"{'yes' if rs['restored'] else 'NO'}")
     m = res["memory"]
     lines.append(f"memory per VM ({m['ram_kib']} KiB RAM, {m['resident_guest_pages']} guest pages "
                  f"resident), KiB: raw C {_fmt(m['raw_kib'], digits=1)}, Vm API "
@@ -794,6 +968,7 @@ def plot(res: dict, path: str) -> None:
     names = [k for k in ("c_loop_vs_raw", "python_vs_raw", "machine_on_vs_raw",
                          "machine_on_vs_python", "python_vs_raw_io_in", "python_vs_raw_mmio_write",
                          "python_vs_raw_mmio_read", "python_vs_raw_hlt", "lifecycle_vs_raw",
+                         "reset_vs_raw",
                          "machine_mem_vs_raw", "boot_vs_python_floor",
                          "boot_multiboot_vs_python_floor", "boot_vs_qemu")
              if res["ratios"].get(k) is not None]

@@ -136,3 +136,16 @@ def test_every_contender_serves_every_exit_kind(kvm):
                 continue
             cpu, wall = fn(kvm, kind, 50)
             assert cpu > 0 and wall > 0, (kind, name)
+
+
+@pytest.mark.requires_kvm
+def test_quick_json_has_the_reset_figures(quick):
+    """Machine.reset() beside the raw-C reset and beside re-creating the VM, in µs."""
+    res, _ = quick
+    rs = res["reset"]
+    assert rs["restored"] is True
+    for name in ("machine_reset", "raw_reset", "raw_reset_ring", "machine_recreate",
+                 "raw_recreate"):
+        s = rs[name]["us"]
+        assert 0 < s["p10"] <= s["median"] <= s["p90"], (name, s)
+    assert res["ratios"]["reset_vs_raw"] > 0 and res["ratios"]["recreate_vs_reset"] > 0
