@@ -395,6 +395,17 @@ def test_gdb_detach_lets_the_guest_run_to_completion():
     assert code == 0 and "value: 9" in stdout and "counter: 15" in stdout, (stdout, stderr)
 
 
+def test_gdb_kill_stops_the_run():
+    elf = _elf("gdb_target")
+    with PykvmGdb(elf) as vm:
+        out = run_gdb(vm.port, elf, "break gdb_tick", "continue", "kill")
+        code, stdout, stderr = vm.finish()
+    assert "Breakpoint 1, gdb_tick ()" in out and "[Inferior 1 (Remote target) killed]" in out, \
+        out
+    assert code == 0 and "killed by gdb" in stderr, stderr     # "stopped", as pykvm stop
+    assert "counter:" not in stdout, stdout
+
+
 def test_api_serve_from_python(leftovers):
     snap = leftovers()
     elf = _elf("gdb_target")
