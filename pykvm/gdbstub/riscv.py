@@ -235,6 +235,9 @@ class RiscvTarget(GdbTarget):
 
     def prepare_resume(self, vcpu: Any, *, step: bool, sw_breakpoints: bool,
                        mem: GuestAccess) -> None:
+        # a step breakpoint still planted (no stop came since: a detach while stepping) goes
+        # first, so that its original bytes are never lost under a second one
+        self.stopped(vcpu, mem)
         if step:
             target = self._next_pc(vcpu, mem)
             first = int.from_bytes(mem.read(target, 2), "little")
