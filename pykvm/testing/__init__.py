@@ -8,7 +8,9 @@ pykvm gets:
   bit=9)``), each checked against this host's KVM before the test runs;
 * fixtures ``kvm`` (an open :class:`pykvm.Kvm`), ``guest_vm`` (a factory for a VM running a
   built-in guest, an image, or a guest source of your own beside the test:
-  ``guest_vm("my_guest.c")``) and ``guest_image`` (just the build: the image's path);
+  ``guest_vm("my_guest.c")``), ``fresh_vm`` (the same, but one machine per test module,
+  returned to its checkpoint before each test by ``Machine.reset()``, in microseconds) and
+  ``guest_image`` (just the build: the image's path);
 * :func:`require`, the skip for a host feature a test finds missing at run time;
 * fail-closed skipping (see "Skips" below);
 * failures at the test's own line: a failing ``m.sync()``, ``m.done()`` or ``m.expect()`` (a

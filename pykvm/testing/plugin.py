@@ -19,7 +19,7 @@ SUPPORTED_ARCHES = ("x86_64", "riscv64")
 HW_MARKERS = ("requires_kvm", "requires_cap", "requires_arch", "requires_cpuid")
 CPUID_REGS = ("eax", "ebx", "ecx", "edx")
 PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # .../pykvm
-HW_FIXTURES = ("kvm", "guest_vm")    # fixtures that need KVM (and those built on them)
+HW_FIXTURES = ("kvm", "guest_vm", "fresh_vm")   # fixtures that need KVM (and those built on them)
 SOURCE_SUFFIXES = (".c", ".S")       # pykvm.guestbuild.SOURCE_SUFFIXES
 
 
@@ -313,3 +313,74 @@ def guest_vm(request, kvm):
     yield factory
     for m in made:
         m.close()
+
+
+@pytest.fixture(scope="module")
+def _pykvm_fresh_machines():
+    """The machines :func:`fresh_vm` keeps for a test module: {key: Machine}, closed (with
+    the /dev/kvm they opened) when the module's tests are done."""
+    made: dict = {}
+    yield made
+    for m in made.values():
+        m.close()
+
+
+@pytest.fixture
+def fresh_vm(request, _pykvm_fresh_machines):
+    """A factory: ``fresh_vm(guest, setup=None, **machine_options)`` → a
+    :class:`pykvm.machine.Machine` running ``guest`` (a built-in guest's name, an image path or
+    a guest source beside the test, as :func:`guest_vm` takes it) that is fresh for this test,
+    made once per test module and returned to the same checkpoint before every test by
+    :meth:`~pykvm.machine.Machine.reset` (microseconds, where making a machine costs
+    milliseconds).
+
+    The first call in a module makes the machine, calls ``setup(machine)`` if given (bring the
+    guest to the point every test starts from, e.g. ``lambda m: m.sync(stage=0)``) and takes
+    the checkpoint (:meth:`~pykvm.machine.Machine.checkpoint`); each later call with the same
+    arguments resets that machine: RAM, vCPU, VM and device state as they were at the
+    checkpoint, console output and reports empty; exit handlers of
+    :meth:`~pykvm.machine.Machine.on`, ``trace`` and ``on_console`` set by an earlier test are
+    removed. A machine a test closed is made again. Different arguments give different
+    machines (``setup`` counts as itself: define it once, at module level, so that every test
+    gets the same machine)::
+
+        def at_start(m):
+            m.sync(stage=0)
+
+        @pytest.fixture
+        def counter_vm(fresh_vm):
+            return fresh_vm("counter.c", setup=at_start)
+ Machines with virtio devices
+    cannot be reset (:class:`~pykvm.errors.PykvmError`); use :func:`guest_vm` for them.
+    Raises what :class:`~pykvm.machine.Machine` raises; a guest that does not compile fails
+    the test with the compiler's message."""
+    from ..machine import Machine
+    made = _pykvm_fresh_machines
+
+    def factory(guest, *, setup=None, mode=None, cflags=(), **kw):
+        if isinstance(guest, (str, os.PathLike)) and os.fspath(guest).endswith(SOURCE_SUFFIXES):
+            image = _build_source(request, guest, mode, None, cflags)
+        else:
+            if mode is not None or cflags:
+                raise ValueError("mode= and cflags= apply to a guest source (.c or .S)")
+            image = guest
+            if isinstance(guest, os.PathLike) or (isinstance(guest, str) and (
+                    os.sep in guest or guest.endswith((".elf", ".bin")))):
+                image = _beside_test(request, guest)
+        key = repr((image if isinstance(image, (str, bytes)) else os.fspath(image), setup,
+                    sorted(kw.items())))
+        m = made.get(key)
+        if m is not None and not m.closed:
+            for name in list(m.handlers):
+                m.on(name, None)
+            m.trace = None
+            m.on_console = None
+            m.reset()
+            return m
+        m = made[key] = Machine(image, **kw)
+        if setup is not None:
+            setup(m)
+        m.checkpoint()
+        m.reset()                              # the console and reports of setup() go too
+        return m
+    return factory
