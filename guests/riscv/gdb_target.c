@@ -1,5 +1,5 @@
-/* gdb_target: a RISC-V guest for gdb against `pykvm run --gdb` (tests/riscv/test_gdb_riscv.py,
- * docs/gdb.md).
+/* gdb_target: the gdb stub's RISC-V test guest: Sv39, gdb_tick() five times, then DONE.
+ * For gdb against `pykvm run --gdb` (tests/riscv/test_gdb_riscv.py, docs/gdb.md).
  *
  * It turns on Sv39 paging (1 GiB identity pages for the first 4 GiB, and an alias of RAM at
  * GVA GDB_ALIAS, so that gdb's GVAs go through the guest's own page tables), calls
