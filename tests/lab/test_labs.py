@@ -41,7 +41,10 @@ RISCV = ["test_reg_list_fully_decoded", "test_new_isa_extensions_on_this_cpu_mod
          "test_extension_kvm_cannot_disable_is_not_allowed",
          "test_pykvm_run_boots_the_default_riscv_guest", "test_regs_command_lists_named_registers",
          # a Linux guest (tests/riscv/test_linux.py): /init, SBI suspend/resume, SRST, cpu types
-         "test_linux_boots_to_init_suspends_resumes_and_powers_off"]
+         "test_linux_boots_to_init_suspends_resumes_and_powers_off",
+         # snapshots restored in another process (tests/riscv/test_snapshot_riscv.py)
+         "test_restored_in_another_process_the_guest_continues_identically",
+         "test_one_reg_state_reads_back_as_saved", "test_a_corrupted_snapshot_is_refused"]
 # device models with a Linux guest: the first CPU model's boot only (LabSpec.once_tests)
 RISCV_ONCE = [
          # --cpu-type min with Linux (tests/riscv/test_linux.py)
@@ -60,7 +63,14 @@ RISCV_ONCE = [
          "test_linux_vsock_guest_connects_to_host_riscv",
          "test_linux_control_list_pause_resume_stat_dump_stop_riscv",
          # pykvm sandbox (tests/riscv/test_linux_sandbox_riscv.py)
-         "test_sandbox_runs_the_command_in_the_riscv_guest_over_an_overlay"]
+         "test_sandbox_runs_the_command_in_the_riscv_guest_over_an_overlay",
+         # the gdb stub with the lab's riscv64 gdb (tests/riscv/test_gdb_riscv.py)
+         "test_gdb_version_runs_in_the_lab", "test_gdb_breaks_steps_reads_writes_and_continues",
+         "test_gdb_target_without_a_debugger_takes_its_own_ebreaks",
+         "test_raw_client_on_a_unix_socket_registers_and_garbage",
+         "test_ctrl_c_stops_a_guest_waiting_in_wfi",
+         # a Linux guest snapshotted at its shell (tests/riscv/test_snapshot_riscv.py)
+         "test_linux_at_its_shell_continues_in_another_process"]
 # the nested-SVM suite (tests/nested/test_svm_tlb.py, docs/nested.md)
 SVM_SUITE = ["test_tlb_control_honoured_on_next_vmrun", "test_invlpga_invalidates_that_asids_translation",
              "test_invlpga_after_l2_rewrites_its_own_pte",
@@ -87,12 +97,15 @@ NESTED = ["test_caps_nested_verdict", "test_machine_cpuid_passes_svm_through",
           # pykvm sandbox (tests/nested/test_linux_sandbox.py)
           "test_sandbox_runs_the_command_in_the_guest_over_an_overlay",
           "test_sandbox_rw_writes_reach_the_host"]
+# in the nested lab's main boot only (not in nested-rebuilt, which runs two files): an L1 guest
+# snapshotted with its nested state while L2 runs (tests/nested/test_snapshot_nested.py)
+NESTED_ONLY = ["test_l1_with_l2_running_restores_in_another_process"]
 EXPECTED = {"riscv": {"riscv-rv64": SMOKE + RISCV + RISCV_ONCE, "riscv-max": SMOKE + RISCV,
                       # the boot that carries the lab's QEMU (pykvm/lab/build.py, qemu_tests)
                       "riscv-rv64-qemu": ["test_virtio_blk_throughput_against_qemu_on_riscv",
                                           # tests/riscv/test_net_fs_bench_riscv.py
                                           "test_virtio_net_and_fs_throughput_against_qemu_on_riscv"]},
-            "nested": {"nested": SMOKE + NESTED,
+            "nested": {"nested": SMOKE + NESTED + NESTED_ONLY,
                        # two L1 CPUs on one TCG thread (LabSpec.two_cpu_tests)
                        "nested-smp2": SVM_SUITE,
                        "nested-qemu": ["test_virtio_blk_throughput_against_qemu",
