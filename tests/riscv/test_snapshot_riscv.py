@@ -144,6 +144,7 @@ t.start()
 m.send_console(b"echo after $((6*9)) uptime $(cut -d' ' -f1 /proc/uptime)\n")
 end = time.monotonic() + 300
 while b"after 54" not in seen and time.monotonic() < end and t.is_alive():
+    m.flush_console()           # a guest halted waiting for input keeps its output otherwise
     time.sleep(0.1)
 m.send_console(b"poweroff -f\n")
 t.join(600)
@@ -153,9 +154,10 @@ m.close()
 """
 
 
-def _wait_for(seen, text, t, seconds):
+def _wait_for(m, seen, text, t, seconds):
     end = time.monotonic() + seconds
     while text not in seen and time.monotonic() < end and t.is_alive():
+        m.flush_console()           # a guest halted waiting for input keeps its output otherwise
         time.sleep(0.1)
     return text in seen
 
@@ -176,9 +178,9 @@ def test_linux_at_its_shell_continues_in_another_process(tmp_path):
         out = []
         t = threading.Thread(target=lambda: out.append(m.run(timeout=900)))
         t.start()
-        assert _wait_for(seen, b"shell (poweroff -f", t, 600), seen[-2000:].decode(errors="replace")
+        assert _wait_for(m, seen, b"shell (poweroff -f", t, 600), seen[-2000:].decode(errors="replace")
         m.send_console(b"echo before $((6*7)) uptime $(cut -d' ' -f1 /proc/uptime)\n")
-        assert _wait_for(seen, b"before 42", t, 120), seen[-2000:].decode(errors="replace")
+        assert _wait_for(m, seen, b"before 42", t, 120), seen[-2000:].decode(errors="replace")
         time.sleep(1)                                  # the prompt again: the shell waits
         m.snapshot(path)
         before = seen.decode(errors="replace")
