@@ -56,6 +56,7 @@ _UART_FIELDS = ("uart_dll", "uart_dlm", "uart_thre", "uart_irq_level", "uart_rbr
 _PC_FIELDS = ("power_event", "msi_dropped", "edu_bar_conflicts", "sleeps", "pm_base",
               "virtio_bar_conflicts")
 MAX_VCPUS = 4096
+MAX_IMAGE = 1 << 30                # bytes an image or initrd section may decompress to
 
 
 # -- encoding helpers ----------------------------------------------------------------------------
@@ -267,7 +268,7 @@ class Plan:
         self.cpuid: List[Tuple[int, ...]] = [tuple(e) for e in meta["cpuid"]]
         if "image" not in secs:
             raise SnapshotError(f"{what}: the 'image' section is missing")
-        self.image = secs["image"].payload(1 << 32)
+        self.image = secs["image"].payload(MAX_IMAGE)
         if hashlib.sha256(self.image).hexdigest() != meta["image_sha256"]:
             raise SnapshotError(f"{what}: the guest image does not match its recorded digest")
         self.initrds = []
@@ -275,7 +276,7 @@ class Plan:
             s = secs.get(f"initrd.{i}")
             if s is None:
                 raise SnapshotError(f"{what}: the 'initrd.{i}' section is missing")
-            self.initrds.append(s.payload(1 << 32))
+            self.initrds.append(s.payload(MAX_IMAGE))
         self.vm = _state_from_json(snapfile.json_section(secs, "vm", what=what), "VM")
         self.vcpus = [_state_from_json(snapfile.json_section(secs, f"vcpu.{i}", what=what),
                                        f"vCPU {i}") for i in range(meta["vcpus"])]
@@ -287,6 +288,11 @@ class Plan:
         self.devices = devices
         ranges = [(lo, hi) for lo, hi in meta["ram"]]
         total = sum(hi - lo for lo, hi in ranges)
+        host = _host_memory()
+        if host and total > host:
+            # the RAM payload is decompressed in memory: a hostile file's claim is bounded
+            raise SnapshotError(f"{what}: the snapshot's {total} bytes of guest RAM are more "
+                                f"than this host's {host}")
         if "ram" not in secs:
             raise SnapshotError(f"{what}: the 'ram' section is missing")
         # a run record per page at most: RAM plus 16 bytes a page bounds the payload
@@ -453,6 +459,14 @@ def _read_file(path: Any, what: str) -> bytes:
     except OSError as e:
         raise SnapshotError(f"cannot snapshot: the {what} {path} cannot be read again "
                             f"({e.strerror or e})") from None
+
+
+def _host_memory() -> int:
+    """The host's physical memory in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def _sha256_file(path: str) -> str:

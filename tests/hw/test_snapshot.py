@@ -247,6 +247,8 @@ CASES = {
         "CPUID features this host's KVM does not offer"),
     "ram outside guest memory": (lambda blob, d: _rewrite_bytes(blob, d, _ram_outside),
                                  "lies outside guest RAM"),
+    "ram claim beyond the host": (lambda blob, d: _rewrite_bytes(blob, d, _meta(
+        lambda m: m.update(ram=[[0, 1 << 50]]))), "more than this host's"),
     "unknown section": (lambda blob, d: _rewrite_bytes(
         blob, d, lambda p: p.update(extra=b"x")), "unknown sections extra"),
     "vcpu state missing": (lambda blob, d: _rewrite_bytes(
