@@ -213,8 +213,15 @@ class RamBaseline:
         ``struct pykvm_rewind_ioctl[]``; ``names`` names each for errors) in order, all in one
         call into C. Returns the pages copied back (int). The vCPUs must be out of KVM_RUN.
         Raises :class:`~pykvm.errors.Closed` after :meth:`close` or once the VM's memory is
-        closed, :class:`~pykvm.errors.KvmError` naming the ioctl KVM refused."""
+        closed, :class:`~pykvm.errors.PykvmError` when the VM's writable slots are no longer
+        the baseline's (one added or removed since), :class:`~pykvm.errors.KvmError` naming
+        the ioctl KVM refused."""
         self._check()
+        now = [s for s in self.vm.memory if not s.readonly]
+        if len(now) != len(self._slots) or any(a is not b.mslot
+                                                for a, b in zip(now, self._slots)):
+            raise PykvmError("the VM's RAM slots changed since the baseline was taken; take "
+                             "it again")
         failed = _nffi.new("int32_t *")
         r = _nlib.pykvm_rewind_reset(self.vm.fd, self._descs, len(self._slots),
                                      1 if self.manual else 0,

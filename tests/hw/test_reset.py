@@ -226,3 +226,18 @@ def test_ram_baseline_refuses_a_dirty_ring_vm(kvm):
             RamBaseline(vm)
     finally:
         vm.close()
+
+
+def test_ram_baseline_refuses_changed_slots(kvm):
+    vm = kvm.create_vm()
+    try:
+        vm.add_memory(0, 1 << 20)
+        rb = RamBaseline(vm)
+        extra = vm.add_memory(1 << 30, 1 << 20)
+        with pytest.raises(PykvmError, match="slots changed"):
+            rb.restore()
+        vm.remove_memory(extra)
+        assert rb.restore() == 0
+        rb.close()
+    finally:
+        vm.close()
