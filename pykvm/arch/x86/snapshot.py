@@ -5,10 +5,12 @@ architectural state KVM holds for a vCPU and for the VM, as an
 vCPU blobs (Linux ``Documentation/virt/kvm/api.rst`` names each ioctl), in load order:
 
 ==============  =====================================================================
-``nested``      KVM_GET/SET_NESTED_STATE, ``struct kvm_nested_state`` and its data
-                (only where KVM_CAP_NESTED_STATE > 0; else recorded absent)
 ``sregs2``      KVM_GET/SET_SREGS2, ``struct kvm_sregs2`` (``sregs``, ``struct
                 kvm_sregs``, where KVM_CAP_SREGS2 is missing)
+``nested``      KVM_GET/SET_NESTED_STATE, ``struct kvm_nested_state`` and its data
+                (only where KVM_CAP_NESTED_STATE > 0; else recorded absent); after the
+                special registers, whose EFER.SVME KVM requires for an SVM guest-mode
+                state (QEMU's kvm_arch_put_registers orders them so too)
 ``regs``        KVM_GET/SET_REGS, ``struct kvm_regs``
 ``xsave``       KVM_GET_XSAVE2 (or KVM_GET_XSAVE) / KVM_SET_XSAVE, the XSAVE area
                 (``fpu``, ``struct kvm_fpu``, without KVM_CAP_XSAVE)
@@ -76,7 +78,7 @@ _FIXED = {
     "events": ("struct kvm_vcpu_events", ioctls.KVM_GET_VCPU_EVENTS, ioctls.KVM_SET_VCPU_EVENTS),
     "mp_state": ("struct kvm_mp_state", ioctls.KVM_GET_MP_STATE, ioctls.KVM_SET_MP_STATE),
 }
-_VCPU_ORDER = ("nested", "sregs2", "sregs", "regs", "xsave", "fpu", "xcrs", "lapic", "msrs",
+_VCPU_ORDER = ("sregs2", "sregs", "nested", "regs", "xsave", "fpu", "xcrs", "lapic", "msrs",
                "debugregs", "events", "mp_state")
 _VM_ORDER = ("pic_master", "pic_slave", "ioapic", "pit2", "clock")
 VCPU_BLOBS = _VCPU_ORDER + ("cpuid",)
