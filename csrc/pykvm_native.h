@@ -268,8 +268,8 @@ struct pykvm_rewind_slot {
     uint64_t store;
     uint64_t store_pages;
     uint64_t dirty;
-    uint64_t extra;                  /* a bitmap of pages the host wrote (OR'ed into dirty by
-                                        pykvm_rewind_reset, then cleared), 0 = none */
+    uint64_t extra;                  /* a bitmap of pages the host wrote, 0 = none: restored
+                                        with the dirty pages, then cleared (and this set to 0) */
     uint32_t slot;                   /* KVM's slot number */
     uint32_t page_size;
 };
@@ -287,12 +287,23 @@ struct pykvm_rewind_ioctl {
     uint64_t arg;
     int64_t expect;
 };
+/* One vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING): the address of its struct kvm_dirty_gfn
+ * array, its entries (a power of two) and the free-running index of the next entry to harvest
+ * (advanced by the calls below). */
+struct pykvm_rewind_ring {
+    uint64_t gfns;
+    uint32_t entries;
+    uint32_t _pad;
+    uint64_t next;
+};
 int64_t pykvm_rewind_scan(struct pykvm_rewind_slot *s, int pagemap_fd, int memfd);
 int64_t pykvm_rewind_capture(struct pykvm_rewind_slot *s);
 int64_t pykvm_rewind_restore(const struct pykvm_rewind_slot *s, const uint64_t *dirty);
-int64_t pykvm_rewind_reset(int vm_fd, const struct pykvm_rewind_slot *slots, uint32_t nslots,
-                           int manual, const struct pykvm_rewind_ioctl *put, uint32_t nput,
+int64_t pykvm_rewind_reset(int vm_fd, struct pykvm_rewind_slot *slots, uint32_t nslots,
+                           int manual, struct pykvm_rewind_ring *rings, uint32_t nrings,
+                           const struct pykvm_rewind_ioctl *put, uint32_t nput,
                            int32_t *out_failed);
+int64_t pykvm_rewind_ring_drop(int vm_fd, struct pykvm_rewind_ring *rings, uint32_t nrings);
 
 /* csrc/pyexit.c: adds run_handlers() to the pykvm._native module (once, at import; 0 or -1). */
 int pykvm_pyapi_install(void);

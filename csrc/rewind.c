@@ -141,6 +141,22 @@ int64_t pykvm_rewind_capture(struct pykvm_rewind_slot *s)
     return (int64_t)k;
 }
 
+/* Put page `p` (< the slot's pages) back: from the store, or zeros. 0, or -ERANGE. */
+static int copy_page(const struct pykvm_rewind_slot *s, uint64_t p)
+{
+    void *dst = (void *)(uintptr_t)(s->host + p * s->page_size);
+    int64_t i = store_index(s, p);
+
+    if (i < 0)
+        memset(dst, 0, s->page_size);
+    else if ((uint64_t)i < s->store_pages)
+        memcpy(dst, (const void *)(uintptr_t)(s->store + (uint64_t)i * s->page_size),
+               s->page_size);
+    else
+        return -ERANGE;
+    return 0;
+}
+
 int64_t pykvm_rewind_restore(const struct pykvm_rewind_slot *s, const uint64_t *dirty)
 {
     uint64_t npages = slot_pages(s), words = (npages + 63) / 64, w, n = 0;
@@ -149,24 +165,67 @@ int64_t pykvm_rewind_restore(const struct pykvm_rewind_slot *s, const uint64_t *
         uint64_t b = dirty[w];
         while (b) {
             uint64_t p = w * 64 + (uint64_t)__builtin_ctzll(b);
-            int64_t i;
-            void *dst;
             b &= b - 1;
             if (p >= npages)
                 break;                       /* bits past the slot's end: none are pages */
-            dst = (void *)(uintptr_t)(s->host + p * s->page_size);
-            i = store_index(s, p);
-            if (i < 0)
-                memset(dst, 0, s->page_size);
-            else if ((uint64_t)i < s->store_pages)
-                memcpy(dst, (const void *)(uintptr_t)(s->store + (uint64_t)i * s->page_size),
-                       s->page_size);
-            else
+            if (copy_page(s, p) < 0)
                 return -ERANGE;
             n++;
         }
     }
     return (int64_t)n;
+}
+
+/* Harvest every ring: each dirty entry is marked for KVM_RESET_DIRTY_RINGS and, with
+ * `slots`, its page is put back (an entry naming another address space, a slot not in
+ * `slots` or a page past its end is skipped). Entries are read and released with acquire and
+ * release ordering (KVM_CAP_DIRTY_LOG_RING_ACQ_REL). Returns the entries harvested, or
+ * -ERANGE; `*copied` counts the pages put back. */
+static int64_t harvest(struct pykvm_rewind_ring *rings, uint32_t nrings,
+                       const struct pykvm_rewind_slot *slots, uint32_t nslots,
+                       int64_t *copied)
+{
+    uint32_t r, k;
+    int64_t n = 0;
+
+    for (r = 0; r < nrings; r++) {
+        struct kvm_dirty_gfn *g = (struct kvm_dirty_gfn *)(uintptr_t)rings[r].gfns;
+        uint64_t mask = (uint64_t)rings[r].entries - 1;
+        if (!g || !rings[r].entries || (rings[r].entries & mask))
+            continue;
+        for (;;) {
+            struct kvm_dirty_gfn *e = &g[rings[r].next & mask];
+            uint32_t flags = __atomic_load_n(&e->flags, __ATOMIC_ACQUIRE);
+            uint32_t slot = e->slot;
+            uint64_t off = e->offset;
+            if (flags != KVM_DIRTY_GFN_F_DIRTY)
+                break;
+            for (k = 0; k < nslots; k++) {
+                const struct pykvm_rewind_slot *s = &slots[k];
+                if ((slot >> 16) == 0 && (slot & 0xFFFF) == s->slot) {
+                    if (off < slot_pages(s)) {
+                        if (copy_page(s, off) < 0)
+                            return -ERANGE;
+                        (*copied)++;
+                    }
+                    break;
+                }
+            }
+            __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+            rings[r].next++;
+            n++;
+        }
+    }
+    return n;
+}
+
+int64_t pykvm_rewind_ring_drop(int vm_fd, struct pykvm_rewind_ring *rings, uint32_t nrings)
+{
+    int64_t copied = 0, n = harvest(rings, nrings, NULL, 0, &copied);
+
+    if (n > 0 && ioctl(vm_fd, KVM_RESET_DIRTY_RINGS, 0) < 0)
+        return -errno;
+    return n;
 }
 
 /* Exits KVM completes on the next KVM_RUN (api.rst, "KVM_RUN"): a state loaded over one
@@ -190,12 +249,17 @@ static int pending_exit(uint32_t reason)
     return 0;
 }
 
-/* Fetch the dirty bitmap of every slot (and with `manual`, clear exactly those bits again,
- * which write-protects those pages once more), copy the pages back, then issue the `nput`
- * ioctls of `put` in order. Returns the pages copied back, or -errno of the first ioctl that
- * failed (its index in out_failed: slot i as i, put ioctl j as nslots + j). */
-int64_t pykvm_rewind_reset(int vm_fd, const struct pykvm_rewind_slot *slots, uint32_t nslots,
-                           int manual, const struct pykvm_rewind_ioctl *put, uint32_t nput,
+/* Complete the vCPUs' pending exits (`put` entries flagged PYKVM_REWIND_COMPLETE); then
+ * either, with `rings`, harvest the dirty rings putting each page back, and
+ * KVM_RESET_DIRTY_RINGS; or fetch the dirty bitmap of every slot (and with `manual`, clear
+ * exactly those bits again, which write-protects those pages once more) and copy the pages
+ * back; the pages the host wrote (`extra`) too; then issue the other ioctls of `put` in
+ * order. Returns the pages copied back, or -errno (-ERANGE: a store index out of range) of the
+ * first step that failed, named in out_failed: slot i as i, put ioctl j as nslots + j, the
+ * rings' harvest as -1, KVM_RESET_DIRTY_RINGS as -2. */
+int64_t pykvm_rewind_reset(int vm_fd, struct pykvm_rewind_slot *slots, uint32_t nslots,
+                           int manual, struct pykvm_rewind_ring *rings, uint32_t nrings,
+                           const struct pykvm_rewind_ioctl *put, uint32_t nput,
                            int32_t *out_failed)
 {
     uint32_t i;
@@ -214,8 +278,35 @@ int64_t pykvm_rewind_reset(int vm_fd, const struct pykvm_rewind_slot *slots, uin
         }
         run->exit_reason = KVM_EXIT_INTR;
     }
+    if (rings && nrings) {
+        /* the dirty ring: O(pages written), whatever the size of RAM */
+        r = harvest(rings, nrings, slots, nslots, &total);
+        if (r < 0) {
+            *out_failed = -1;
+            return r;
+        }
+        if (r > 0 && ioctl(vm_fd, KVM_RESET_DIRTY_RINGS, 0) < 0) {
+            *out_failed = -2;
+            return -errno;
+        }
+        for (i = 0; i < nslots; i++) {
+            struct pykvm_rewind_slot *s = &slots[i];
+            uint64_t *extra = (uint64_t *)(uintptr_t)s->extra;
+            if (!extra)
+                continue;
+            r = pykvm_rewind_restore(s, extra);
+            if (r < 0) {
+                *out_failed = (int32_t)i;
+                return r;
+            }
+            total += r;
+            memset(extra, 0, (slot_pages(s) + 63) / 64 * 8);
+            s->extra = 0;
+        }
+        goto state;
+    }
     for (i = 0; i < nslots; i++) {
-        const struct pykvm_rewind_slot *s = &slots[i];
+        struct pykvm_rewind_slot *s = &slots[i];
         uint64_t *dirty = (uint64_t *)(uintptr_t)s->dirty;
         struct kvm_dirty_log log;
 
@@ -246,6 +337,7 @@ int64_t pykvm_rewind_reset(int vm_fd, const struct pykvm_rewind_slot *slots, uin
                 dirty[w] |= extra[w];
                 extra[w] = 0;
             }
+            s->extra = 0;
         }
         r = pykvm_rewind_restore(s, dirty);
         if (r < 0) {
@@ -258,6 +350,7 @@ fail_slot:
         *out_failed = (int32_t)i;
         return -errno;
     }
+state:
     for (i = 0; i < nput; i++) {
         if (put[i].flags & PYKVM_REWIND_COMPLETE)
             continue;

@@ -71,19 +71,30 @@ class RamBaseline:
 
     ``vm``: a :class:`pykvm.vm.Vm` whose vCPUs are stopped while :meth:`take` and
     :meth:`restore` run. ``manual_protect``: use KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (GET then
-    CLEAR of the fetched pages; two ioctls a slot instead of one); default False, the faster
-    here for the few pages a reset copies (docs/reset.md). Slots whose dirty pages go to a dirty
-    ring (:meth:`pykvm.vm.Vm.enable_dirty_ring`) are refused: KVM gives no dirty log for them.
+    CLEAR of the fetched pages; two ioctls a slot instead of one); default False, no slower for
+    the few pages a reset copies (docs/reset.md).
 
-    Raises :class:`~pykvm.errors.PykvmError` when the VM has no writable RAM slot or uses the
-    dirty ring, :class:`~pykvm.errors.KvmError` when KVM refuses dirty logging, and
-    :class:`~pykvm.errors.HostMemoryError` when the baseline cannot be stored."""
+    A VM that enabled the dirty ring (:meth:`pykvm.vm.Vm.enable_dirty_ring`, before its first
+    vCPU; KVM then has no dirty log) is served through the rings instead: each vCPU's ring is
+    harvested (the pages it names put back as they are read) and KVM_RESET_DIRTY_RINGS issued,
+    a cost that follows the pages written rather than the size of RAM (KVM_GET_DIRTY_LOG copies
+    the whole bitmap). The baseline then harvests the rings itself (keeping each
+    :class:`~pykvm.vcpu.DirtyRing`'s ``fetch_index``); a guest that writes more pages than a
+    ring holds between two resets stops with KVM_EXIT_DIRTY_RING_FULL.
+
+    Raises :class:`~pykvm.errors.PykvmError` when the VM has no writable RAM slot (or for
+    manual protection with the dirty ring), :class:`~pykvm.errors.KvmError` when KVM refuses
+    dirty logging, and :class:`~pykvm.errors.HostMemoryError` when the baseline cannot be
+    stored."""
 
     def __init__(self, vm: Any, *, manual_protect: bool = False):
-        if vm.dirty_ring_bytes:
-            raise PykvmError("reset needs KVM's dirty log; this VM reports dirty pages through "
-                             "the dirty ring (KVM_CAP_DIRTY_LOG_RING), which has none")
         self.vm = vm
+        self.ring = bool(vm.dirty_ring_bytes)
+        if self.ring and manual_protect:
+            raise PykvmError("manual dirty-log protection applies to the dirty log; this VM "
+                             "reports dirty pages through the dirty ring")
+        self._rings: Any = None
+        self._ring_vcpus: List[Any] = []
         self.manual = bool(manual_protect)
         self._slots: List[_Slot] = []
         self._descs: Any = None
@@ -105,7 +116,7 @@ class RamBaseline:
                 d.nonzero = int(_nffi.cast("uintptr_t", st.nonzero))
                 d.rank = int(_nffi.cast("uintptr_t", st.rank))
                 d.dirty = int(_nffi.cast("uintptr_t", st.dirty))
-                d.extra = int(_nffi.cast("uintptr_t", st.extra))
+                d.extra = 0                   # set by mark() when the host wrote a page
                 if not ms.log_dirty:
                     vm.set_memory_flags(ms, log_dirty=True)   # write-protects every page
                     st.turned_on = True
@@ -160,6 +171,7 @@ class RamBaseline:
                 os.close(pagemap)
         for st in self._slots:
             _nffi.memmove(st.extra, bytes(st.words * 8), st.words * 8)
+            st.desc.extra = 0
         self.pages_stored = total
         return total
 
@@ -183,8 +195,36 @@ class RamBaseline:
         st.desc.store = int(_nffi.cast("uintptr_t", st.store_pin))
         st.desc.store_pages = pages
 
+    def _ring_array(self) -> Any:
+        """The C descriptors of the vCPUs' dirty rings (made again when vCPUs were added),
+        their next indices taken from each ring's ``fetch_index``."""
+        vcpus = [v for v in self.vm.vcpus if v.dirty_ring is not None]
+        if self._rings is None or len(vcpus) != len(self._ring_vcpus):
+            self._rings = _nffi.new("struct pykvm_rewind_ring[]", max(len(vcpus), 1))
+            self._ring_vcpus = vcpus
+            for i, v in enumerate(vcpus):
+                ring = v.dirty_ring
+                self._rings[i].gfns = int(_nffi.cast("uintptr_t", ring._gfns))
+                self._rings[i].entries = ring.entries
+        for i, v in enumerate(self._ring_vcpus):
+            self._rings[i].next = v.dirty_ring.fetch_index
+        return self._rings
+
+    def _ring_done(self) -> None:
+        """Give each ring's harvest index back to its :class:`~pykvm.vcpu.DirtyRing`."""
+        for i, v in enumerate(self._ring_vcpus):
+            v.dirty_ring.fetch_index = int(self._rings[i].next)
+
     def _fetch_and_clear(self) -> None:
-        """Empty every slot's dirty log (the pages written so far stop counting)."""
+        """Empty every slot's dirty log, or the dirty rings (the pages written so far stop
+        counting)."""
+        if self.ring:
+            r = _nlib.pykvm_rewind_ring_drop(self.vm.fd, self._ring_array(),
+                                             len(self._ring_vcpus))
+            self._ring_done()
+            if r < 0:
+                raise kvm_error("KVM_RESET_DIRTY_RINGS", -r)
+            return
         for st in self._slots:
             self.vm.get_dirty_log(st.mslot)
             if self.manual:
@@ -205,6 +245,7 @@ class RamBaseline:
                 continue
             for p in range((lo - ms.gpa) // PAGE_SIZE, (hi - 1 - ms.gpa) // PAGE_SIZE + 1):
                 st.extra[p // 64] |= 1 << (p % 64)
+            st.desc.extra = int(_nffi.cast("uintptr_t", st.extra))   # C clears it after use
 
     def restore(self, put: Any = None, nput: int = 0,
                 names: Sequence[str] = ()) -> int:
@@ -223,11 +264,19 @@ class RamBaseline:
             raise PykvmError("the VM's RAM slots changed since the baseline was taken; take "
                              "it again")
         failed = _nffi.new("int32_t *")
+        rings = self._ring_array() if self.ring else _nffi.NULL
         r = _nlib.pykvm_rewind_reset(self.vm.fd, self._descs, len(self._slots),
-                                     1 if self.manual else 0,
+                                     1 if self.manual else 0, rings, len(self._ring_vcpus),
                                      put if put is not None else _nffi.NULL, nput, failed)
+        if self.ring:
+            self._ring_done()
         if r < 0:
             i = failed[0]
+            if i == -2:
+                raise kvm_error("KVM_RESET_DIRTY_RINGS", -r)
+            if i == -1:
+                raise PykvmError(f"copying back the pages of the dirty rings failed: "
+                                 f"{os.strerror(-r)}")
             if i < len(self._slots):
                 what = f"slot={self._slots[i].mslot.slot}" if i >= 0 else ""
                 raise kvm_error(_GET_DIRTY_LOG if not self.manual else

@@ -8,8 +8,10 @@ import time
 
 import pytest
 
+from pykvm import bench
 from pykvm.errors import Closed, PykvmError
 from pykvm.rewind import RamBaseline
+from pykvm.testing import require
 
 GUEST = "reset_dirty.c"
 PAGE = 4096
@@ -214,18 +216,57 @@ def test_ram_baseline_is_sparse_and_bounded(kvm):
         vm.close()
 
 
-def test_ram_baseline_refuses_a_dirty_ring_vm(kvm):
-    from pykvm.testing import require
-    require(kvm.check_extension("DIRTY_LOG_RING") or kvm.check_extension("DIRTY_LOG_RING_ACQ_REL"),
-            "KVM_CAP_DIRTY_LOG_RING")
+def _has_ring(kvm) -> bool:
+    return bool(kvm.check_extension("DIRTY_LOG_RING")
+                or kvm.check_extension("DIRTY_LOG_RING_ACQ_REL"))
+
+
+def test_ram_baseline_through_the_dirty_ring(kvm):
+    """A VM with the dirty ring (no dirty log): the rings are harvested, each page they name
+    put back, KVM_RESET_DIRTY_RINGS re-arms them; the DirtyRing's index follows."""
+    require(_has_ring(kvm), "KVM_CAP_DIRTY_LOG_RING")
     vm = kvm.create_vm()
     try:
         vm.enable_dirty_ring(1 << 16)
         vm.add_memory(0, 1 << 20)
-        with pytest.raises(PykvmError, match="dirty ring"):
-            RamBaseline(vm)
+        vm.memory.write(bench.CODE_GPA, bench.reset_guest())
+        v = bench._real_mode_start(vm.create_vcpu())
+        regs = v.get_regs()
+        rb = RamBaseline(vm)
+        assert rb.ring and rb.pages_stored == 1              # the code page
+        base = bench.RESET_DS * 16
+        for _ in range(50):
+            ex = v.run()
+            assert ex.name == "IO", ex
+            v.complete_io()
+            assert vm.memory.read(base, 1) == bytes([1])
+            assert rb.restore() == bench.RESET_PAGES
+            assert vm.memory.read(base, bench.RESET_PAGES * PAGE) == bytes(bench.RESET_PAGES * PAGE)
+            v.set_regs(regs)
+        assert v.dirty_ring.fetch_index == 50 * bench.RESET_PAGES
+        vm.memory.write(base + 3 * PAGE, b"host")            # host writes: put back too
+        assert rb.restore() == 1
+        rb.close()
     finally:
         vm.close()
+
+
+def test_machine_reset_through_the_dirty_ring(guest_vm, kvm):
+    require(_has_ring(kvm), "KVM_CAP_DIRTY_LOG_RING")
+    m = guest_vm(GUEST, vm_setup=lambda vm: vm.enable_dirty_ring(1 << 16))
+    m.set_params(8)
+    m.sync(stage=0)
+    m.checkpoint()
+    assert m._baseline.ram.ring
+    vcpu0 = _state(m.vcpus[0])
+    first = m.sync(stage=1)
+    m.done()
+    for _ in range(500):
+        assert m.reset() >= 10
+        assert m.sync(stage=1) == first
+        m.done()
+    m.reset()
+    assert _state(m.vcpus[0]) == vcpu0
 
 
 def test_ram_baseline_refuses_changed_slots(kvm):
