@@ -9,9 +9,11 @@ skips the pages ``/proc/self/pagemap`` shows neither present nor swapped, so a 6
 which the guest used 1 MiB costs 1 MiB and a bitmap). :meth:`RamBaseline.restore` fetches each
 slot's dirty bitmap (KVM_GET_DIRTY_LOG, api.rst 4.37; with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
 KVM_CLEAR_DIRTY_LOG of exactly the pages fetched, api.rst 4.117) and copies back exactly those
-pages (zeroing the ones that were zero), then may issue a prepared list of ioctls that put vCPU
-and VM state back, all in one call into C (csrc/rewind.c, in ``pykvm._native``), with every
-page index checked against the slot's size and the baseline store's size.
+pages (zeroing the ones that were zero) — or, for a VM with the dirty ring, harvests the
+vCPUs' rings (api.rst 8.29) and puts back the pages they name —, then may issue a prepared list
+of ioctls that put vCPU and VM state back, all in one call into C (csrc/rewind.c, in
+``pykvm._native``), with every page index checked against the slot's size and the baseline
+store's size.
 
 KVM's log sees only the guest's writes. Writes the host makes through
 :class:`~pykvm.memory.GuestMemory` (``write``, ``zero``, and so ``Machine.set_params`` and
@@ -19,8 +21,9 @@ KVM's log sees only the guest's writes. Writes the host makes through
 writes through a raw :meth:`~pykvm.memory.GuestMemory.view` or by a device model in C (virtio
 DMA) are not: call :meth:`RamBaseline.mark` for them.
 
-Which dirty-tracking mode is used and why (the dirty log, not the dirty ring) is measured in
-docs/reset.md.
+The dirty log is the default (it can be turned on for an existing VM); the dirty ring, where
+the VM enabled it, keeps a reset's cost independent of the size of RAM. docs/reset.md measures
+both.
 """
 from __future__ import annotations
 
