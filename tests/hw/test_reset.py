@@ -282,3 +282,22 @@ def test_ram_baseline_refuses_changed_slots(kvm):
         rb.close()
     finally:
         vm.close()
+
+
+def test_reset_of_a_pc_machine(guest_vm):
+    """The pc machine: in-kernel irqchip (LAPIC, PICs, IOAPIC loaded too) and the device
+    models' state (their snapshot protocol) put back with the rest."""
+    m = guest_vm(GUEST, machine="pc")
+    m.sync(stage=0)
+    m.checkpoint()
+    names = m._baseline.put.names
+    assert any("KVM_SET_LAPIC" in n for n in names) and any("ioapic" in n for n in names)
+    vcpu0 = _state(m.vcpus[0])
+    first = m.sync(stage=1)
+    m.done()
+    for _ in range(100):
+        m.reset()
+        assert m.sync(stage=1) == first
+        m.done()
+    m.reset()
+    assert _state(m.vcpus[0]) == vcpu0
