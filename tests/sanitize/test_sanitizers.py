@@ -42,14 +42,15 @@ C_SIDE = ["tests/x86/test_core.py", "tests/x86/test_exit_fast_path.py",
           "tests/x86/test_pc_devices.py", "tests/x86/test_framework.py",
           "tests/hw/test_fuzz.py", "tests/hw/test_fuzz_devices.py",
           "tests/hw/test_control_socket.py", "tests/hw/test_machine_options.py",
-          "tests/hw/test_device_errors.py", "tests/hw/test_builtin_guests.py"]
+          "tests/hw/test_device_errors.py", "tests/hw/test_builtin_guests.py",
+          "tests/hw/test_reset.py"]     # csrc/rewind.c: the reset's copy-back and ioctls
 # The files left to the plain run: their subject is Python code (command-line parsing and its
 # limits, image loaders, ioctl wrappers and their structs, the pc machine's device models, the
 # guest build, the kselftest install). They reach the C helper only through the run loop and
 # the exit-handler call that the files above drive too, and many start Python processes, which
 # ASan makes several times slower. A new hardware-test file must be put in one of the two lists
 # (test_every_hardware_test_file_is_placed).
-PLAIN_ONLY = ["tests/hw/test_cli_limits.py", "tests/x86/test_cli_hostile.py",
+PLAIN_ONLY = ["tests/hw/test_reset_fixture.py", "tests/hw/test_cli_limits.py", "tests/x86/test_cli_hostile.py",
               "tests/x86/test_cli_edges.py", "tests/x86/test_cli_run_options.py",
               "tests/x86/test_cli_console.py", "tests/hw/test_cli_trace_output.py",
               "tests/x86/test_image_loader_qemu_rules.py", "tests/x86/test_image_loader_qemu.py",
