@@ -27,6 +27,7 @@ both.
 """
 from __future__ import annotations
 
+import base64
 import mmap
 import os
 
@@ -330,6 +331,36 @@ def complete_pending(vcpu: Any) -> bool:
     return False
 
 
+def _predecode(v: Any) -> Any:
+    """A device state (JSON-able, :mod:`pykvm.devices.snapstate`) with its ``$bytes`` and
+    ``$bytearray`` leaves decoded once (``bytes``, ``bytearray``): ``restore_state()`` takes
+    such leaves as they are (its ``decode`` passes anything but lists and dicts through), so a
+    reset does not decode base64 again each time. Other tags are left to ``decode``."""
+    if isinstance(v, list):
+        return [_predecode(x) for x in v]
+    if isinstance(v, dict):
+        if len(v) == 1:
+            (tag, x), = v.items()
+            if tag == "$bytes" and isinstance(x, str):
+                return base64.b64decode(x, validate=True)
+            if tag == "$bytearray" and isinstance(x, str):
+                return bytearray(base64.b64decode(x, validate=True))
+        return {k: _predecode(x) for k, x in v.items()}
+    return v
+
+
+def _fresh(v: Any) -> Any:
+    """A copy of a :func:`_predecode` state whose lists, dicts and bytearrays are new objects,
+    so that a device given it cannot change the baseline (its ``bytes`` are immutable)."""
+    if isinstance(v, list):
+        return [_fresh(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _fresh(x) for k, x in v.items()}
+    if isinstance(v, bytearray):
+        return bytearray(v)
+    return v
+
+
 class StatePut:
     """The ioctls that load a captured state again, prepared once: each state blob copied into
     a cffi buffer of its uAPI structure and listed as (fd, SET request, buffer) in the order
@@ -449,7 +480,8 @@ class MachineBaseline:
             self.vm_state = vm.save_state()
             p = machine.platform
             self._devices = _snapshot._devices(p)
-            self.device_state = {name: d.snapshot_state() for name, d in self._devices.items()}
+            self.device_state = {name: _predecode(d.snapshot_state())
+                                 for name, d in self._devices.items()}
             group = getattr(p, "_uart_group", None)
             self.uart_state = _snapshot._uart_state(group) if group is not None else None
             self.platform_fields = {k: getattr(p, k) for k in _snapshot._PC_FIELDS
@@ -490,7 +522,7 @@ class MachineBaseline:
         p = self.machine.platform
         delta = time.monotonic_ns() - self.taken_ns   # device clocks stand still, as kvm-clock
         for name, d in self._devices.items():
-            d.restore_state(self.device_state[name], mono_delta=delta)
+            d.restore_state(_fresh(self.device_state[name]), mono_delta=delta)
         group = getattr(p, "_uart_group", None)
         if self.uart_state is not None and group is not None:
             s = group.state
