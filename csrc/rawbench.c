@@ -393,7 +393,7 @@ static int raw_save(struct raw_vm *v, struct raw_state *st, int kvm, const uint3
     return 0;
 }
 
-/* Put the state back: 9 vCPU/VM ioctls. */
+/* Put the state back: 8 vCPU ioctls and the VM's clock. */
 static int raw_load(struct raw_vm *v, struct raw_state *st)
 {
     if ((st->sregs2 ? ioctl(v->vcpu, KVM_SET_SREGS2, &st->s2) : ioctl(v->vcpu, KVM_SET_SREGS, &st->s)) ||
@@ -545,7 +545,7 @@ int pykvm_raw_reset(const char *dev, int mode, const uint8_t *code, uint32_t cod
     if (r == 0 && memcmp(base, v.ram, ram_size) != 0)
         r = -EIO;                                       /* a reset that lost a page */
     out[0] = (int64_t)copied;
-    out[1] = mode == PYKVM_RAW_RESET_LOG_MANUAL ? 13 : 12;   /* ioctls per reset (above) */
+    out[1] = mode == PYKVM_RAW_RESET_LOG_MANUAL ? 12 : 11;   /* ioctls per reset (above) */
     out[2] = i;
 out:
     free(base);
