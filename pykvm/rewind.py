@@ -34,16 +34,10 @@ import os
 import time
 
 from . import abi, snapshot as _snapshot
-from ._host import HOST_ARCH
 from ._native import ffi as _nffi, lib as _nlib
-from .abi import ffi, ioctls
+from .abi import ioctls
 from .errors import Closed, HostMemoryError, PykvmError, kvm_error
 from .memory import PAGE_SIZE
-
-if HOST_ARCH == "x86_64":                  # the x86 state tables the fast path follows
-    from .arch.x86 import snapshot as _x86
-else:
-    _x86 = None  # type: ignore[assignment]
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -376,17 +370,24 @@ class StatePut:
     checks it against KVM)."""
 
     def __init__(self, vcpus: Sequence[Any], states: Sequence[Any], vm: Any, vm_state: Any):
-        self.supported = HOST_ARCH == "x86_64" and not any("nested" in s for s in states)
         self._keep: List[Any] = []
         self.names: List[str] = []
         rows: List[Tuple[int, int, int, Any, int]] = []   # (fd, flags, request, buffer, expect)
+        # each arch prepares its own SET ioctls (load_rows()), or None where it has no fast path
+        per_vcpu = [v.load_rows(s) for v, s in zip(vcpus, states)]
+        vm_rows = vm.load_rows(vm_state)
+        self.supported = vm_rows is not None and all(r is not None for r in per_vcpu)
         if self.supported:
-            for v, s in zip(vcpus, states):
+            for v, vrows in zip(vcpus, per_vcpu):
                 rows.append((v.fd, _nlib.PYKVM_REWIND_COMPLETE, int(ioctls.KVM_RUN),
                              v.run_struct, -1))
                 self.names.append(f"KVM_RUN (vCPU {v.id}: completing its exit)")
-                rows.extend(self._vcpu_rows(v, s))
-            rows.extend(self._vm_rows(vm, vm_state))
+                for fd, request, buf, expect, name in vrows:
+                    rows.append((fd, 0, request, buf, expect))
+                    self.names.append(name)
+            for fd, request, buf, expect, name in vm_rows:
+                rows.append((fd, 0, request, buf, expect))
+                self.names.append(name)
         self.count = len(rows)
         self.array = _nffi.new("struct pykvm_rewind_ioctl[]", max(len(rows), 1))
         for i, (fd, flags, request, buf, expect) in enumerate(rows):
@@ -394,61 +395,6 @@ class StatePut:
             e.fd, e.flags, e.request, e.expect = fd, flags, request, expect
             e.arg = int(_nffi.cast("uintptr_t", buf))
             self._keep.append(buf)
-
-    def _new(self, ctype: str, blob: bytes, init: Any = None) -> Any:
-        buf = ffi.new(ctype + " *", init) if init is not None else ffi.new(ctype + " *")
-        ffi.memmove(buf, blob, len(blob))
-        return buf
-
-    def _vcpu_rows(self, v: Any, s: Any) -> List[Tuple[int, int, int, Any, int]]:
-        rows = []
-        for name in _x86._VCPU_ORDER:
-            blob = s.get(name)
-            if blob is None:
-                continue
-            if name in _x86._FIXED:
-                ctype, _get, set_ = _x86._FIXED[name]
-                buf = self._new(ctype, blob)
-                if name == "events":
-                    buf.flags |= _x86._EVENTS_LOAD_FLAGS
-                row = set_ if isinstance(set_, int) else getattr(ioctls, set_)
-                rows.append((v.fd, 0, int(row), buf, -1))
-                self.names.append(f"{getattr(row, 'name', set_)} (vCPU {v.id})")
-            elif name == "xsave":
-                extra = (len(blob) - 4096) // 4 or 1
-                buf = self._new("struct kvm_xsave", blob, {"extra": extra})
-                rows.append((v.fd, 0, int(ioctls.KVM_SET_XSAVE), buf, -1))
-                self.names.append(f"KVM_SET_XSAVE (vCPU {v.id})")
-            elif name == "msrs":
-                n = len(blob) // _x86._MSR_ENTRY
-                buf = ffi.new("struct kvm_msrs *", {"entries": max(n, 1)})
-                buf.nmsrs = n
-                ffi.memmove(buf.entries, blob, len(blob))
-                rows.append((v.fd, 0, int(ioctls.KVM_SET_MSRS), buf, n))
-                self.names.append(f"KVM_SET_MSRS (vCPU {v.id}, {n} MSRs)")
-        return rows
-
-    def _vm_rows(self, vm: Any, st: Any) -> List[Tuple[int, int, int, Any, int]]:
-        rows = []
-        for name, chip in _x86.IRQCHIPS:
-            blob = st.get(name)
-            if blob is None:
-                continue
-            buf = self._new("struct kvm_irqchip", blob)
-            buf.chip_id = chip
-            rows.append((vm.fd, 0, int(ioctls.KVM_SET_IRQCHIP), buf, -1))
-            self.names.append(f"KVM_SET_IRQCHIP ({name})")
-        blob = st.get("pit2")
-        if blob is not None:
-            rows.append((vm.fd, 0, int(ioctls.KVM_SET_PIT2),
-                         self._new("struct kvm_pit_state2", blob), -1))
-            self.names.append("KVM_SET_PIT2")
-        saved = ffi.from_buffer("struct kvm_clock_data *", bytearray(st["clock"]))
-        clock = ffi.new("struct kvm_clock_data *")
-        clock.clock, clock.flags = saved.clock, 0
-        rows.append((vm.fd, 0, int(ioctls.KVM_SET_CLOCK), clock, -1))
-        self.names.append("KVM_SET_CLOCK")
-        return rows
 
 
 class MachineBaseline:
@@ -479,12 +425,12 @@ class MachineBaseline:
             self.vcpu_states = [v.save_state() for v in machine.vcpus]
             self.vm_state = vm.save_state()
             p = machine.platform
-            self._devices = _snapshot._devices(p)
+            self._devices = _snapshot.device_models(p)
             self.device_state = {name: _predecode(d.snapshot_state())
                                  for name, d in self._devices.items()}
             group = getattr(p, "_uart_group", None)
-            self.uart_state = _snapshot._uart_state(group) if group is not None else None
-            self.platform_fields = {k: getattr(p, k) for k in _snapshot._PC_FIELDS
+            self.uart_state = _snapshot.uart_state(group) if group is not None else None
+            self.platform_fields = {k: getattr(p, k) for k in _snapshot.PC_FIELDS
                                     if hasattr(p, k)}
         except BaseException:
             self.ram.close()
@@ -527,7 +473,7 @@ class MachineBaseline:
         if self.uart_state is not None and group is not None:
             s = group.state
             s.uart_in_len = 0                  # host input typed since is dropped
-            _snapshot._load_uart(group, self.uart_state)
+            _snapshot.load_uart(group, self.uart_state)
         for k, v in self.platform_fields.items():
             setattr(p, k, v)
         for hook in ("_map_pm", "_rtc_changed", "_pm_changed"):

@@ -53,8 +53,8 @@ _FEATURE_WORDS = ((1, 0, "ecx"), (1, 0, "edx"), (7, 0, "ebx"), (7, 0, "ecx"), (7
 _HYPERVISOR_BIT = 1 << 31          # CPUID.1:ECX[31], which pykvm sets for its guests
 _UART_FIELDS = ("uart_dll", "uart_dlm", "uart_thre", "uart_irq_level", "uart_rbr", "uart_lsr",
                 "uart_fcr", "uart_rx_head", "uart_rx_count")
-_PC_FIELDS = ("power_event", "msi_dropped", "edu_bar_conflicts", "sleeps", "pm_base",
-              "virtio_bar_conflicts")
+PC_FIELDS = ("power_event", "msi_dropped", "edu_bar_conflicts", "sleeps", "pm_base",
+             "virtio_bar_conflicts")
 MAX_VCPUS = 4096
 MAX_IMAGE = 1 << 30                # bytes an image or initrd section may decompress to
 
@@ -116,7 +116,10 @@ def refusals(machine: Any) -> List[str]:
     return out
 
 
-def _uart_state(group: Any) -> Dict[str, Any]:
+def uart_state(group: Any) -> Dict[str, Any]:
+    """The state of the 16550 the C run loop serves for the vCPUs of ``group`` (its registers,
+    its receive FIFO and the host input not yet taken) as JSON-able values: hex strings for
+    the byte arrays. Used by snapshots and by :mod:`pykvm.rewind`."""
     s = group.state
     out: Dict[str, Any] = {k: int(getattr(s, k)) for k in _UART_FIELDS}
     out["uart"] = bytes(ffi.buffer(s.uart, 8)).hex()
@@ -130,7 +133,8 @@ def _uart_state(group: Any) -> Dict[str, Any]:
     return out
 
 
-def _load_uart(group: Any, st: Dict[str, Any]) -> None:
+def load_uart(group: Any, st: Dict[str, Any]) -> None:
+    """Put :func:`uart_state`'s ``st`` back into ``group``'s 16550 (pending input fed again)."""
     s = group.state
     for k in _UART_FIELDS:
         setattr(s, k, st[k])
@@ -156,7 +160,7 @@ def _check_uart(st: Any) -> None:
         raise SnapshotError("the UART state is malformed") from None
 
 
-def _devices(platform: Any) -> Dict[str, Any]:
+def device_models(platform: Any) -> Dict[str, Any]:
     """{name: model} of the snapshot-protocol device models ``platform`` has."""
     out: Dict[str, Any] = {}
     for name in ("i8042", "rtc", "pci", "fwcfg", "port92", "testdev", "pm"):
@@ -219,11 +223,11 @@ def _write(machine: Any, path: str) -> int:
     ranges = sorted((s.gpa, s.end) for s in machine.vm.memory)
     vcpus = [v.save_state() for v in machine.vcpus]
     vm_state = machine.vm.save_state()
-    devices = {name: d.snapshot_state() for name, d in _devices(p).items()}
+    devices = {name: d.snapshot_state() for name, d in device_models(p).items()}
     if group is not None:
-        devices["uart16550"] = _uart_state(group)
+        devices["uart16550"] = uart_state(group)
     plat: Dict[str, Any] = {"name": p.name}
-    for k in _PC_FIELDS:
+    for k in PC_FIELDS:
         if hasattr(p, k):
             plat[k] = getattr(p, k)
     if hasattr(p, "pit_created"):
@@ -493,7 +497,7 @@ def _load(m: Any, plan: Plan) -> None:
     for v, s in zip(m.vcpus, plan.vcpus):
         v.check_state(s)
     m.vm.check_state(plan.vm)
-    devs = _devices(p)
+    devs = device_models(p)
     if set(plan.devices) - {"uart16550"} != set(devs):
         raise SnapshotError(f"the snapshot has devices {sorted(plan.devices)}, the machine "
                             f"built {sorted(devs)}")
@@ -513,8 +517,8 @@ def _load(m: Any, plan: Plan) -> None:
     for name, d in devs.items():
         d.restore_state(plan.devices[name], mono_delta=delta)
     if "uart16550" in plan.devices and getattr(p, "_uart_group", None) is not None:
-        _load_uart(p._uart_group, plan.devices["uart16550"])
-    for k in _PC_FIELDS:
+        load_uart(p._uart_group, plan.devices["uart16550"])
+    for k in PC_FIELDS:
         if k in plat and hasattr(p, k):
             setattr(p, k, plat[k])
     for hook in ("_map_pm", "_rtc_changed", "_pm_changed"):

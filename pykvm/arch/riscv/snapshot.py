@@ -34,7 +34,7 @@ from . import regs as _regs
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, List, Tuple
+    from typing import Any, List, Optional, Tuple
 
 _TYPE_SHIFT = 24
 _TYPE_MASK = 0xFF << _TYPE_SHIFT
@@ -202,6 +202,11 @@ def load_vm_state(vm: Any, state: ArchState) -> None:
 class VcpuSnapshot:
     """``save_state()`` / ``load_state()`` on :class:`pykvm.vcpu.Vcpu` (RISC-V)."""
 
+    def load_rows(self, state: ArchState) -> Optional[List[Any]]:
+        """None: a RISC-V state loads through :meth:`load_state` only (its ONE_REG writes are
+        one ioctl per register; no prepared fast path)."""
+        return None
+
     def save_state(self) -> ArchState:
         """:func:`save_vcpu_state` of this vCPU."""
         return save_vcpu_state(self)
@@ -217,6 +222,10 @@ class VcpuSnapshot:
 
 class VmSnapshot:
     """``save_state()`` / ``load_state()`` on :class:`pykvm.vm.Vm` (RISC-V)."""
+
+    def load_rows(self, state: ArchState) -> Optional[List[Any]]:
+        """None: as :meth:`VcpuSnapshot.load_rows`."""
+        return None
 
     def save_state(self) -> ArchState:
         """:func:`save_vm_state` of this VM."""

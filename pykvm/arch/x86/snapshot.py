@@ -54,7 +54,12 @@ from ..snapstate import ArchState
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, List, Tuple
+    from typing import Any, Dict, List, Optional, Tuple
+
+    # One prepared SET ioctl of a state load: (fd, uAPI request number, argument buffer (cffi;
+    # the caller keeps it alive), the return value expected (-1: any non-negative), a name for
+    # errors)
+    LoadRow = Tuple[int, int, Any, int, str]
 
 _arch = abi.arch
 MSR_IA32_TSC = 0x10
@@ -422,8 +427,74 @@ def load_vm_state(vm: Any, state: ArchState) -> None:
     ioctl(fd, ioctls.KVM_SET_CLOCK, d, what=f"clock={int(saved.clock)}")
 
 
+def _new(ctype: str, blob: bytes, init: Any = None) -> Any:
+    buf = ffi.new(ctype + " *", init) if init is not None else ffi.new(ctype + " *")
+    ffi.memmove(buf, blob, len(blob))
+    return buf
+
+
+def vcpu_load_rows(vcpu: Any, state: ArchState) -> Optional[List[LoadRow]]:
+    """The SET ioctls :func:`load_vcpu_state` issues for ``state``, in its order and with its
+    adjustments, each with its argument already in a buffer: for a caller that issues them
+    again and again with no Python per ioctl (:class:`pykvm.rewind.StatePut`, from C). None
+    for a state with nested state, whose size and flags :func:`load_vcpu_state` works out on
+    each load. ``state`` must have passed :func:`load_vcpu_state` once (which checks it)."""
+    if state.get("nested") is not None:
+        return None
+    rows: List[LoadRow] = []
+    for name in _VCPU_ORDER:
+        blob = state.get(name)
+        if blob is None:
+            continue
+        if name in _FIXED:
+            ctype, _get, set_ = _FIXED[name]
+            buf = _new(ctype, blob)
+            if name == "events":
+                buf.flags |= _EVENTS_LOAD_FLAGS
+            rows.append((vcpu.fd, int(set_), buf, -1, f"{set_.name} (vCPU {vcpu.id})"))
+        elif name == "xsave":
+            extra = (len(blob) - _XSAVE_BASE) // 4 or 1
+            buf = _new("struct kvm_xsave", blob, {"extra": extra})
+            rows.append((vcpu.fd, int(ioctls.KVM_SET_XSAVE), buf, -1,
+                         f"KVM_SET_XSAVE (vCPU {vcpu.id})"))
+        elif name == "msrs":
+            n = len(blob) // _MSR_ENTRY
+            buf = ffi.new("struct kvm_msrs *", {"entries": max(n, 1)})
+            buf.nmsrs = n
+            ffi.memmove(buf.entries, blob, len(blob))
+            rows.append((vcpu.fd, int(ioctls.KVM_SET_MSRS), buf, n,
+                         f"KVM_SET_MSRS (vCPU {vcpu.id}, {n} MSRs)"))
+    return rows
+
+
+def vm_load_rows(vm: Any, state: ArchState) -> Optional[List[LoadRow]]:
+    """The SET ioctls :func:`load_vm_state` issues for ``state`` (irqchips, PIT, clock),
+    prepared as :func:`vcpu_load_rows` prepares a vCPU's."""
+    rows: List[LoadRow] = []
+    for name, chip in IRQCHIPS:
+        blob = state.get(name)
+        if blob is None:
+            continue
+        buf = _new("struct kvm_irqchip", blob)
+        buf.chip_id = chip
+        rows.append((vm.fd, int(ioctls.KVM_SET_IRQCHIP), buf, -1, f"KVM_SET_IRQCHIP ({name})"))
+    blob = state.get("pit2")
+    if blob is not None:
+        rows.append((vm.fd, int(ioctls.KVM_SET_PIT2), _new("struct kvm_pit_state2", blob), -1,
+                     "KVM_SET_PIT2"))
+    saved = ffi.from_buffer("struct kvm_clock_data *", bytearray(state["clock"]))
+    clock = ffi.new("struct kvm_clock_data *")
+    clock.clock, clock.flags = saved.clock, 0
+    rows.append((vm.fd, int(ioctls.KVM_SET_CLOCK), clock, -1, "KVM_SET_CLOCK"))
+    return rows
+
+
 class VcpuSnapshot:
     """``save_state()`` / ``load_state()`` on :class:`pykvm.vcpu.Vcpu` (x86)."""
+
+    def load_rows(self, state: ArchState) -> Optional[List[LoadRow]]:
+        """:func:`vcpu_load_rows` for this vCPU."""
+        return vcpu_load_rows(self, state)
 
     def save_state(self) -> ArchState:
         """:func:`save_vcpu_state` of this vCPU."""
@@ -440,6 +511,10 @@ class VcpuSnapshot:
 
 class VmSnapshot:
     """``save_state()`` / ``load_state()`` on :class:`pykvm.vm.Vm` (x86)."""
+
+    def load_rows(self, state: ArchState) -> Optional[List[LoadRow]]:
+        """:func:`vm_load_rows` for this VM."""
+        return vm_load_rows(self, state)
 
     def save_state(self) -> ArchState:
         """:func:`save_vm_state` of this VM."""
