@@ -3,64 +3,27 @@ named ``insn`` because ``pykvm.arch.riscv.decode`` is the ONE_REG id decoder): t
 guest symbol and file:line, the privilege mode and address translation, and the instruction at
 pc, decoded.
 
-RISC-V KVM has no KVM_TRANSLATE: the instruction is fetched through the guest's own page tables,
-walked here as the privileged spec's "Virtual Address Translation Process" (RISC-V privileged
-ISA, 12.3.2, for Sv39/Sv48/Sv57; satp.MODE 8/9/10, 0 = Bare), each table read from guest RAM
-(the guest-physical addresses KVM's G-stage maps). The decoder is capstone (RV64GC); where it
+RISC-V KVM has no KVM_TRANSLATE: the instruction is fetched through the guest's own page tables
+(:func:`pykvm.arch.riscv.pagewalk.translate`, the walk the gdb stub uses too). The decoder is capstone (RV64GC); where it
 is missing the instruction is given as hex bytes.
 """
 from __future__ import annotations
 
 from ...abi import INTERNAL_ERROR_SUBERRORS
 from . import regs as _regs
+from .pagewalk import PTE_R, PTE_V, PTE_W, PTE_X, SATP_MODES, translate  # noqa: F401 (re-exported)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Optional, Tuple
+    from typing import Tuple
 
 PAGE = 4096
-SATP_MODES = {0: ("bare", 0), 8: ("Sv39", 3), 9: ("Sv48", 4), 10: ("Sv57", 5)}
-PTE_V, PTE_R, PTE_W, PTE_X = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 MODES = {_regs.KVM_RISCV_MODE_S: "S-mode", _regs.KVM_RISCV_MODE_U: "U-mode"}
 
 _SUBERRORS = {v: k for k, v in INTERNAL_ERROR_SUBERRORS.items()}
 _SUBERROR_TEXT = {
     "EMULATION": "KVM could not emulate the instruction",
 }
-
-
-def translate(memory, satp: int, va: int) -> Optional[int]:
-    """The guest-physical address for virtual ``va`` under ``satp`` (RV64: MODE in bits
-    63:60, root page number in 43:0), or None when the walk faults: an invalid or reserved
-    PTE (V = 0, or W without R), a table outside RAM, a misaligned superpage, or a
-    non-canonical address. Pure: ``memory.read(gpa, n)`` is all it uses; at most 5 reads."""
-    mode = (satp >> 60) & 0xF
-    if mode not in SATP_MODES:
-        return None
-    name, levels = SATP_MODES[mode]
-    if levels == 0:
-        return va
-    va_bits = 12 + 9 * levels
-    top = va >> (va_bits - 1)
-    if top not in (0, (1 << (64 - va_bits + 1)) - 1):        # bits above must copy the top
-        return None
-    table = (satp & ((1 << 44) - 1)) * PAGE
-    for level in range(levels - 1, -1, -1):
-        vpn = (va >> (12 + 9 * level)) & 0x1FF
-        try:
-            pte = int.from_bytes(memory.read(table + vpn * 8, 8), "little")
-        except Exception:                  # noqa: BLE001 — a table outside guest RAM
-            return None
-        if not pte & PTE_V or (pte & PTE_W and not pte & PTE_R):
-            return None
-        ppn = (pte >> 10) & ((1 << 44) - 1)
-        if pte & (PTE_R | PTE_X):          # a leaf
-            low = (1 << (12 + 9 * level)) - 1
-            if (ppn << 12) & low:
-                return None                # a misaligned superpage
-            return (ppn << 12) | (va & low)
-        table = ppn * PAGE
-    return None
 
 
 def fetch_instruction(memory, satp: int, pc: int) -> bytes:
