@@ -36,7 +36,7 @@ from . import snapshot as _snapshot
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+    from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 
 class Event(Record, slots=True):
@@ -233,6 +233,9 @@ class Machine:
         self._active: set = set()          # vCPUs inside run() now
         self._stop_reason: Optional[str] = None   # why stop() ends the run
         self._baseline: Optional[MachineBaseline] = None   # checkpoint()'s, for reset()
+        # host patches to guest RAM (a debugger's breakpoints): GPA -> (original, patched)
+        self.ram_patches: Dict[int, Tuple[bytes, bytes]] = {}
+        self._patch_lock = threading.RLock()
         try:
             if console not in ("serial", "virtio"):
                 raise ValueError(f"console must be 'serial' or 'virtio', not {console!r}")
@@ -1124,7 +1127,8 @@ class Machine:
             old, self._baseline = self._baseline, None
             if old is not None:
                 old.close()
-            self._baseline = MachineBaseline(self)
+            with self.original_ram():          # the baseline holds the guest's own bytes
+                self._baseline = MachineBaseline(self)
             return self._baseline.ram.pages_stored
 
     def reset(self) -> int:
@@ -1142,12 +1146,62 @@ class Machine:
             return 0
         with self._held_for_reset():
             pages = self._baseline.restore()
+            self._reapply_patches()
             self._console.clear()
             with self._lock:
                 self.reports.clear()
                 self.reports_dropped = 0
             self._ended = None
         return pages
+
+    # -- host patches to guest RAM (a debugger's breakpoints; docs/gdb.md) ------------------------
+    def patch_ram(self, gpa: int, data: bytes) -> None:
+        """Write ``data`` (bytes) at guest-physical ``gpa`` as a host patch (a debugger's
+        breakpoint instruction), recording the bytes it replaces in :attr:`ram_patches`
+        (``{gpa: (original, patched)}``). A patched range reads as its original bytes in what
+        :meth:`snapshot` writes and in the baseline :meth:`checkpoint` takes, and :meth:`reset`
+        plants it again after copying RAM back. Raises
+        :class:`~pykvm.errors.GuestMemoryError` when the range is not guest RAM and
+        ``ValueError`` when it overlaps a patch already recorded (nothing written then)."""
+        data = bytes(data)
+        with self._patch_lock:
+            for at, (orig, _p) in self.ram_patches.items():
+                if at < gpa + len(data) and gpa < at + len(orig):
+                    raise ValueError(f"GPA {gpa:#x}+{len(data)} overlaps the RAM patch at "
+                                     f"{at:#x}")
+            original = self.memory.read(gpa, len(data))
+            self.memory.write(gpa, data)
+            self.ram_patches[gpa] = (original, data)
+
+    def unpatch_ram(self, gpa: int) -> None:
+        """Put back the original bytes of the patch at ``gpa`` (:meth:`patch_ram`) and forget
+        it; a GPA with no patch is ignored."""
+        with self._patch_lock:
+            entry = self.ram_patches.pop(gpa, None)
+            if entry is not None:
+                self.memory.write(gpa, entry[0])
+
+    @contextlib.contextmanager
+    def original_ram(self) -> Iterator[None]:
+        """The guest's own bytes in place of every :attr:`ram_patches` entry for the block
+        (the vCPUs must be out of KVM_RUN), the patches planted again after it: what snapshots
+        and baselines hold."""
+        with self._patch_lock:
+            for gpa, (orig, _p) in self.ram_patches.items():
+                self.memory.write(gpa, orig)
+            try:
+                yield
+            finally:
+                for gpa, (_o, patched) in self.ram_patches.items():
+                    self.memory.write(gpa, patched)
+
+    def _reapply_patches(self) -> None:
+        """After RAM was copied back: plant each patch again over what RAM holds now, which
+        becomes its original."""
+        with self._patch_lock:
+            for gpa, (_o, patched) in list(self.ram_patches.items()):
+                self.ram_patches[gpa] = (self.memory.read(gpa, len(patched)), patched)
+                self.memory.write(gpa, patched)
 
     @contextlib.contextmanager
     def _held_for_reset(self) -> Iterator[None]:

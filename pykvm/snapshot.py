@@ -252,7 +252,9 @@ def _write(machine: Any, path: str) -> int:
     w.add_json("devices", devices)
     slots = [(s.gpa, machine.vm.memory.view(s.gpa, s.size)) for s in sorted(
         machine.vm.memory, key=lambda s: s.gpa)]
-    w.add("ram", snapfile.encode_ram(slots), compress=True)
+    with machine.original_ram():       # a debugger's breakpoints: the guest's own bytes
+        ram = snapfile.encode_ram(slots)
+    w.add("ram", ram, compress=True)
     return w.write(path)
 
 

@@ -16,6 +16,7 @@ An exit that is not a debug stop goes on as without the stub (the handler that w
 before, else the platform, else it ends the run)."""
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -35,13 +36,39 @@ if TYPE_CHECKING:
     from typing import Any, Callable, Dict, List, Optional, Tuple
 
 _PAGE = 4096
-_EFAULT, _EINVAL, _EBUSY = 14, 22, 16
+_EFAULT, _EINVAL, _EBUSY, _EEXIST, _ENOSPC = 14, 22, 16, 17, 28
 _SEND_TIMEOUT = 10.0          # seconds a reply may wait for a client that does not read
+
+#: the most software breakpoints (Z0) planted at once; one more is answered E1c (ENOSPC)
+MAX_BREAKPOINTS = 1024
+#: the most write watchpoints the stub emulates (Z2 beyond the target's debug registers)
+MAX_SOFT_WATCHES = 64
+#: the most bytes those emulated watchpoints watch in total (each keeps a copy of its bytes)
+MAX_WATCHED_BYTES = 0x10000
+
+# the live server of each machine (one at a time: two clients would fight over breakpoints)
+_SERVERS: "weakref.WeakKeyDictionary[Any, GdbServer]" = weakref.WeakKeyDictionary()
+_SERVERS_LOCK = threading.Lock()
 
 
 class GdbAddressError(ValueError, PykvmError):
     """A listening address the stub cannot parse (want ``tcp::PORT``, ``tcp:HOST:PORT`` or
     ``unix:PATH``)."""
+
+
+class GdbAddressInUse(PykvmError, OSError):
+    """``unix:PATH`` names the socket of a live server (it accepts a connection, or its
+    backlog is full, or it cannot be probed): it is left alone, not unlinked. An
+    :class:`OSError` with errno EADDRINUSE."""
+
+
+class GdbServerExists(Busy):
+    """The machine already has a live :class:`GdbServer` (named in the message, and in
+    :attr:`server`); close it before serving the machine again."""
+
+    def __init__(self, message: str, server: "GdbServer"):
+        super().__init__(message)
+        self.server = server
 
 
 def parse_address(address: str) -> Tuple[str, Any]:
@@ -113,10 +140,21 @@ class _Memory(GuestAccess):
                 raise TargetError(f"{gva:#x} is not readable", _EFAULT) from None
         return bytes(out)
 
+    def check(self, gva: int, n: int) -> List[Tuple[int, int]]:
+        """The (GPA, length) pieces of ``[gva, gva + n)``, every page translated and every
+        piece inside guest RAM; raises :class:`TargetError` (EFAULT) otherwise, before
+        anything is written."""
+        pieces = [(gpa, k) for _v, gpa, k in self._pieces(gva, n)]
+        mem = self.server.machine.memory
+        for gpa, k in pieces:
+            if not any(sl.contains(gpa, k) for sl in mem):
+                raise TargetError(f"GPA {gpa:#x}+{k:#x} is not guest RAM", _EFAULT)
+        return pieces
+
     def write(self, gva: int, data: bytes) -> None:
-        pieces = list(self._pieces(gva, len(data)))    # every page mapped before any write
+        pieces = self.check(gva, len(data))   # all mapped and in RAM before any write
         off = 0
-        for _v, gpa, chunk in pieces:
+        for gpa, chunk in pieces:
             try:
                 self.server.machine.memory.write(gpa, data[off:off + chunk])
             except GuestMemoryError:
@@ -137,13 +175,23 @@ class _SoftWatch:
 
 
 class _Breakpoint:
-    """A planted software breakpoint: its GVA, the instruction bytes planted, the guest's
-    bytes they replaced, and the GPA pieces they sit in (taken when planted, so that removing
-    it writes back where it was planted whichever vCPU's page tables are current then)."""
-    __slots__ = ("gva", "insn", "saved", "pieces")
+    """A planted software breakpoint: its GVA, the instruction bytes planted and the GPA
+    pieces they sit in (taken when planted, so that removing it writes back where it was
+    planted whichever vCPU's page tables are current then). Each piece is a host patch of
+    the machine (:meth:`pykvm.machine.Machine.patch_ram`), which keeps the guest's bytes it
+    replaced (:meth:`saved`): snapshots and resets see those, not the breakpoint."""
+    __slots__ = ("gva", "insn", "pieces")
 
-    def __init__(self, gva: int, insn: bytes, saved: bytearray, pieces: List[Tuple[int, int]]):
-        self.gva, self.insn, self.saved, self.pieces = gva, insn, saved, pieces
+    def __init__(self, gva: int, insn: bytes, pieces: List[Tuple[int, int]]):
+        self.gva, self.insn, self.pieces = gva, insn, pieces
+
+    def saved(self, machine: Any) -> bytes:
+        """The guest's own bytes under the breakpoint (as the machine's patches hold them)."""
+        out = b""
+        for gpa, n in self.pieces:
+            entry = machine.ram_patches.get(gpa)
+            out += entry[0] if entry is not None else self.insn[len(out):len(out) + n]
+        return out
 
 
 class GdbServer:
@@ -167,6 +215,14 @@ class GdbServer:
         if machine.closed:
             raise Closed("Machine is closed")
         kind, where = parse_address(address)
+        with _SERVERS_LOCK:
+            other = _SERVERS.get(machine)
+            if other is not None and other._live():
+                raise GdbServerExists(f"the machine already has a gdb server on "
+                                      f"{other.address}; close it first", other)
+            self._closing = True                 # not live until the socket listens
+            self._released = True
+            _SERVERS[machine] = self
         self.machine = machine
         self.target = target_for(machine)
         self._log = log
@@ -177,11 +233,11 @@ class GdbServer:
         self._gdb_step: Optional[int] = None     # the vCPU gdb asked to step, if any
         self._stops: List[Tuple[int, Stop]] = []  # debug stops recorded by vCPU threads
         self._attached = False
-        self._closing = False
         self._unix_path: Optional[str] = None
         self._sock = self._listen(kind, where)
         self._wake_r, self._wake_w = os.pipe()
         self._fds = weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
+        self._closing = False
         self._released = False
         self._prev: Dict[str, Optional[Callable]] = {}
         self._docs: Optional[Dict[str, str]] = None
@@ -200,6 +256,10 @@ class GdbServer:
             self.close()
             raise
 
+    def _live(self) -> bool:
+        """Listening and not closed (what a second server for the machine is refused by)."""
+        return not self._closing and not self._released and not self.machine.closed
+
     # -- the socket ------------------------------------------------------------------------
     def _listen(self, kind: str, where: Any) -> socket.socket:
         if kind == "unix":
@@ -211,6 +271,9 @@ class GdbServer:
             if st is not None:
                 if not stat.S_ISSOCK(st.st_mode):
                     raise FileExistsError(17, f"{path} exists and is not a socket", path)
+                if _unix_listener_alive(path):
+                    raise GdbAddressInUse(errno.EADDRINUSE, f"{path} is the socket of a live "
+                                          "server (it accepts connections); left alone", path)
                 os.unlink(path)                  # a stale socket of an earlier run
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -349,6 +412,9 @@ class GdbServer:
             if self._closing:
                 return
             self._closing = True
+        with _SERVERS_LOCK:
+            if _SERVERS.get(self.machine) is self:
+                del _SERVERS[self.machine]
         self._wake()
         t = self._thread
         if t is not None and t is not threading.current_thread():
@@ -483,13 +549,11 @@ class GdbServer:
                 pass
 
     def _unplant(self, bp: _Breakpoint) -> None:
-        off = 0
-        for gpa, n in bp.pieces:
+        for gpa, _n in bp.pieces:
             try:
-                self.machine.memory.write(gpa, bytes(bp.saved[off:off + n]))
+                self.machine.unpatch_ram(gpa)     # the guest's own bytes back
             except PykvmError:
                 pass                              # the RAM went away: nothing to restore
-            off += n
 
 
 class _Session:
@@ -522,12 +586,20 @@ class _Session:
             data = b"+" + data
         self.conn.sendall(data)
 
-    def serve(self) -> None:
+    def _attach(self) -> None:
+        """The client's first bytes: it is attached, and finds the target stopped. (Not at
+        connect: a peer that connects and hangs up without a byte, as a second pykvm probing
+        whether this unix socket is live, leaves the guest untouched.)"""
         s = self.s
         with s._lock:
             s._attached = True
-        s._hold_all(10.0)                        # gdb finds the target stopped
+        s._hold_all(10.0)
         self.last_stop = self._take_stop(default_signal=SIGTRAP)
+        self.attached = True
+
+    def serve(self) -> None:
+        s = self.s
+        self.attached = False
         while not self.done and not s._closing:
             try:
                 watched: List[Any] = [self.conn, s._wake_r]
@@ -544,6 +616,8 @@ class _Session:
                 if not data:
                     s._say("gdb client disconnected")
                     return
+                if not self.attached:
+                    self._attach()
                 for ev in self.reader.feed(data):
                     self._event(ev)
                     if self.done:
@@ -664,9 +738,14 @@ class _Session:
 
     # -- packets ----------------------------------------------------------------------------
     def _thread_index(self, tid: int, *, allow_all: bool = True) -> int:
+        """The vCPU index of thread ``tid`` (1-based); -1 for ``0`` (any) and ``-1`` (all)
+        where ``allow_all``, else those are refused. Raises :class:`TargetError` (EINVAL) for
+        a thread that does not exist."""
         n = len(self.m.vcpus)
-        if tid == 0 or (tid == -1 and allow_all):
-            return -1
+        if tid in (0, -1):
+            if allow_all:
+                return -1
+            raise TargetError(f"thread id {tid} names no one thread", _EINVAL)
         if not 1 <= tid <= n:
             raise TargetError(f"no thread {tid}", _EINVAL)
         return tid - 1
@@ -811,14 +890,16 @@ class _Session:
         if data.startswith(b"vCont;"):
             self._need_stopped()
             step: Optional[int] = None
-            for action in data[len(b"vCont;"):].split(b";"):
-                verb, _, tid = action.partition(b":")
-                if not verb or verb[:1] not in (b"c", b"C", b"s", b"S"):
+            for action in data[len(b"vCont;"):].split(b";"):   # all parsed before resuming
+                verb, sep, tid = action.partition(b":")
+                if verb[:1] not in (b"c", b"C", b"s", b"S") or \
+                        (len(verb) > 1 and verb[:1] in (b"c", b"s")):
                     raise pk.PacketError(f"bad vCont action {action[:20]!r}")
-                if verb[:1] in (b"s", b"S"):
-                    idx = self._thread_index(pk.parse_signed_hex(tid)) if tid else self.cthread
-                    if step is None:
-                        step = idx if idx >= 0 else self.cthread
+                if len(verb) > 1:
+                    pk.parse_hex(verb[1:], max_digits=2)          # C/S's signal number
+                idx = self._thread_index(pk.parse_signed_hex(tid)) if sep else -1
+                if verb[:1] in (b"s", b"S") and step is None:
+                    step = idx if idx >= 0 else self.cthread
             return self._resume(step)
         if data.startswith(b"vKill"):
             self.send(b"OK")
@@ -868,7 +949,12 @@ class _Session:
         if not 1 <= kind <= pk.MAX_MEMORY:
             raise TargetError(f"cannot watch {kind} bytes", _EINVAL)
         s = self.s
-        pieces = [(gpa, n) for _v, gpa, n in s._memory(self.gthread)._pieces(gva, kind)]
+        watched = sum(w.kind for w in s._soft)
+        if len(s._soft) >= MAX_SOFT_WATCHES or watched + kind > MAX_WATCHED_BYTES:
+            raise TargetError(f"at most {MAX_SOFT_WATCHES} emulated watchpoints of "
+                              f"{MAX_WATCHED_BYTES} bytes in total ({watched} watched)",
+                              _ENOSPC)
+        pieces = s._memory(self.gthread).check(gva, kind)
         w = _SoftWatch(gva, kind, pieces)
         try:
             w.value = w.read(self.m.memory)
@@ -880,12 +966,30 @@ class _Session:
         s = self.s
         if gva in s._sw:
             return
+        if len(s._sw) >= MAX_BREAKPOINTS:
+            raise TargetError(f"at most {MAX_BREAKPOINTS} breakpoints", _ENOSPC)
         insn = s.target.breakpoint_bytes(kind)
-        mem = s._memory(self.gthread)
-        pieces = [(gpa, n) for _v, gpa, n in mem._pieces(gva, len(insn))]
-        saved = bytearray(mem.read(gva, len(insn)))
-        mem.write(gva, insn)
-        s._sw[gva] = _Breakpoint(gva, insn, saved, pieces)
+        pieces = s._memory(self.gthread).check(gva, len(insn))   # all of it, before a write
+        self._patch(insn, pieces)
+        s._sw[gva] = _Breakpoint(gva, insn, pieces)
+
+    def _patch(self, insn: bytes, pieces: List[Tuple[int, int]]) -> None:
+        """Plant ``insn`` over ``pieces`` as the machine's RAM patches, all or none."""
+        done: List[int] = []
+        off = 0
+        try:
+            for gpa, n in pieces:
+                try:
+                    self.m.patch_ram(gpa, insn[off:off + n])
+                except ValueError:               # another breakpoint's bytes (an alias)
+                    raise TargetError(f"GPA {gpa:#x} already holds a breakpoint",
+                                      _EEXIST) from None
+                done.append(gpa)
+                off += n
+        except BaseException:
+            for gpa in done:
+                self.m.unpatch_ram(gpa)
+            raise
 
     def _shadowed(self, addr: int, n: int):
         """The planted breakpoints overlapping [addr, addr+n)."""
@@ -898,22 +1002,26 @@ class _Session:
             data = bytearray(self.s._memory(self.gthread).read_partial(addr, n)) if n else \
                 bytearray()
             for bp in self._shadowed(addr, len(data)):     # show the original bytes
-                for k, b in enumerate(bp.saved):
+                for k, b in enumerate(bp.saved(self.m)):
                     if 0 <= bp.gva + k - addr < len(data):
                         data[bp.gva + k - addr] = b
             return bytes(data)
 
     def _write(self, addr: int, blob: bytes) -> None:
+        if not blob:
+            return
         with self.s._lock:
-            data = bytearray(blob)
-            for bp in list(self._shadowed(addr, len(data))):  # keep the breakpoint planted
-                for k in range(len(bp.insn)):
-                    i = bp.gva + k - addr
-                    if 0 <= i < len(data):
-                        bp.saved[k] = data[i]
-                        data[i] = bp.insn[k]
-            if data:
-                self.s._memory(self.gthread).write(addr, bytes(data))
+            mem = self.s._memory(self.gthread)
+            mem.check(addr, len(blob))                   # the whole range, before any write
+            shadowed = list(self._shadowed(addr, len(blob)))
+            for bp in shadowed:                          # written under the breakpoint: the
+                for gpa, _n in bp.pieces:                # new bytes become its original ones
+                    self.m.unpatch_ram(gpa)
+            try:
+                mem.write(addr, blob)
+            finally:
+                for bp in shadowed:
+                    self._patch(bp.insn, bp.pieces)      # planted again
 
 
 def serve(machine: Any, address: str = "tcp::1234", *, wait: bool = False,
@@ -922,6 +1030,21 @@ def serve(machine: Any, address: str = "tcp::1234", *, wait: bool = False,
     before its first instruction until gdb continues). ``log``: called with one line (str)
     per connection event. See :class:`GdbServer` for what it raises."""
     return GdbServer(machine, address, wait=wait, log=log)
+
+
+def _unix_listener_alive(path: str) -> bool:
+    """True when something accepts connections on the unix socket ``path`` (a connect that
+    succeeds, or finds the backlog full), or when that cannot be told (no permission):
+    then the socket is not removed. False for a stale socket (ECONNREFUSED)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        err = probe.connect_ex(path)
+    except OSError as e:
+        err = e.errno or errno.EIO
+    finally:
+        probe.close()
+    return err not in (errno.ECONNREFUSED, errno.ENOENT)
 
 
 def _close_fds(*fds: int) -> None:
