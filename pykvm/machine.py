@@ -1147,6 +1147,8 @@ class Machine:
         with self._held_for_reset():
             pages = self._baseline.restore()
             self._reapply_patches()
+            if not self.running:
+                self._stop_reason = None       # a stop() that found no run: not for the next
             self._console.clear()
             with self._lock:
                 self.reports.clear()

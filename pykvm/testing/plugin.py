@@ -7,6 +7,7 @@ core is imported only by those fixtures. On a host pykvm does not support, or wi
 ``/dev/kvm``, such tests are skipped ("pykvm: host lacks ..."), never errors.
 """
 import os
+import time
 import sys
 
 import pytest
@@ -340,7 +341,8 @@ def fresh_vm(request, _pykvm_fresh_machines):
     arguments resets that machine: RAM, vCPU, VM and device state as they were at the
     checkpoint, console output and reports empty; exit handlers of
     :meth:`~pykvm.machine.Machine.on`, ``trace`` and ``on_console`` set by an earlier test are
-    removed. A machine a test closed is made again. Different arguments give different
+    removed; a run an earlier test left going (in a thread) is stopped first. A machine a test
+    closed, or whose ``setup`` raised, is made again (``setup`` runs again). Different arguments give different
     machines (``setup`` counts as itself: define it once, at module level, so that every test
     gets the same machine)::
 
@@ -370,6 +372,15 @@ def fresh_vm(request, _pykvm_fresh_machines):
         key = repr((image if isinstance(image, (str, bytes)) else os.fspath(image), setup,
                     sorted(kw.items())))
         m = made.get(key)
+        if m is not None and not m.closed and m.running:
+            # a run an earlier test left going (in a thread of its own): end it first; a run
+            # that does not end in 10 s costs the machine, made again below
+            m.stop("fresh_vm: the run an earlier test left going")
+            end = time.monotonic() + 10
+            while m.running and time.monotonic() < end:
+                time.sleep(0.005)
+            if m.running:
+                m.close()
         if m is not None and not m.closed:
             for name in list(m.handlers):
                 m.on(name, None)
@@ -377,10 +388,16 @@ def fresh_vm(request, _pykvm_fresh_machines):
             m.on_console = None
             m.reset()
             return m
-        m = made[key] = Machine(image, **kw)
-        if setup is not None:
-            setup(m)
-        m.checkpoint()
-        m.reset()                              # the console and reports of setup() go too
+        made.pop(key, None)
+        m = Machine(image, **kw)
+        try:
+            if setup is not None:
+                setup(m)
+            m.checkpoint()
+            m.reset()                          # the console and reports of setup() go too
+        except BaseException:
+            m.close()                          # a setup that failed: the next test starts over
+            raise
+        made[key] = m
         return m
     return factory

@@ -51,3 +51,54 @@ def test_a_closed_machine_is_made_again(counter_vm, fresh_vm):
     other = fresh_vm(GUEST)                          # other arguments: another machine
     assert other is not m
     assert other.sync(stage=0)[0] == 1000
+
+
+SPIN = "gdb_target"             # pykvm_params[0] = 1: it spins until gdb_hold is cleared
+SETUPS: list = []
+
+
+def spinning(m):
+    m.set_params(1)
+
+
+def flaky(m):
+    """A setup that changes the machine, then fails the first time it runs."""
+    SETUPS.append(1)
+    m.write_global("gdb_value", 99)
+    if len(SETUPS) == 1:
+        raise RuntimeError("setup failed once")
+    m.write_global("gdb_value", 7)
+
+
+def test_a_test_may_leave_a_run_going(fresh_vm):
+    import threading
+    m = fresh_vm(SPIN, setup=spinning)
+    t = threading.Thread(target=lambda: m.run(timeout=120), daemon=True)
+    t.start()
+    for _ in range(2000):
+        if m.running:
+            break
+        t.join(0.005)
+    assert m.running
+    SEEN.append(("spin", id(m), t))
+
+
+def test_the_next_test_gets_it_stopped_and_reset(fresh_vm):
+    m = fresh_vm(SPIN, setup=spinning)
+    (_, made, t), = [s for s in SEEN if s[0] == "spin"]
+    assert id(m) == made and not m.running
+    t.join(10)
+    assert not t.is_alive()
+    m.set_params(0)                          # no spinning this time
+    r = m.run(timeout=60)                    # a stop() meant for the old run does not end it
+    assert (r.exit, r.exit_code) == ("done", 0), r.detail
+
+
+def test_a_setup_that_fails_fails_its_test(fresh_vm):
+    with pytest.raises(RuntimeError, match="setup failed once"):
+        fresh_vm(SPIN, setup=flaky)
+
+
+def test_the_next_test_gets_the_setup_run_again(fresh_vm):
+    m = fresh_vm(SPIN, setup=flaky)
+    assert len(SETUPS) == 2 and m.read_global("gdb_value") == 7
