@@ -508,3 +508,233 @@ def test_cli_refuses_bad_gdb_options():
     r = subprocess.run([sys.executable, "-m", "pykvm", "run", "--gdb-wait", "--no-input",
                         _elf("gdb_target")], capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 2 and "--gdb-wait needs --gdb" in r.stderr, r.stderr
+
+
+# -- the hostile-test findings: bounds, whole-range checks, thread ids, ownership ------------
+
+def _address_of(elf, name):
+    """``name``'s link address in ``elf``, as gdb reads it from the symbols."""
+    r = subprocess.run([GDB, "-batch", "-nx", "-ex", f"print/x (long)&{name}", elf],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    return int(r.stdout.strip().rsplit("=", 1)[1], 16)
+
+
+def _rss_pages():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1])
+
+
+class _Served:
+    """A gdb_target machine served on ``tcp:127.0.0.1:0`` (held for gdb), a raw client
+    attached, and a thread that runs the machine (``start()``)."""
+
+    def __init__(self, *params):
+        self.elf = _elf("gdb_target")
+        self.m = Machine(self.elf)
+        if params:
+            self.m.set_params(*params)
+        self.server = serve(self.m, "tcp:127.0.0.1:0", wait=True)
+        self.c = Raw(self.server.port)
+        assert self.c.ask(b"?").startswith(b"T05")
+        self.result = []
+        self.t = None
+
+    def start(self):
+        self.t = threading.Thread(target=lambda: self.result.append(
+            self.server.run(timeout=TIMEOUT)))
+        self.t.start()
+
+    def close(self):
+        self.c.close()
+        self.server.close()
+        if self.t is not None:
+            self.t.join(TIMEOUT)
+        self.m.close()
+
+
+def test_breakpoint_and_watchpoint_counts_are_capped_and_memory_bounded(leftovers):
+    """Finding 2: 3000 64 KiB write watchpoints and 2000 breakpoints: the stub takes
+    MAX_WATCHED_BYTES in total and MAX_BREAKPOINTS, answers the rest E1c (ENOSPC), and the
+    process grows by a bounded amount (it grew 200 MB before the caps)."""
+    from pykvm.gdbstub.server import MAX_BREAKPOINTS, MAX_SOFT_WATCHES, MAX_WATCHED_BYTES
+    snap = leftovers()
+    v = _Served()
+    try:
+        before = _rss_pages()
+        replies = [v.c.ask(b"Z2,%x,10000" % (0x1000000 + i * 0x10)) for i in range(3000)]
+        taken = replies.count(b"OK")
+        assert taken * 0x10000 <= MAX_WATCHED_BYTES and taken >= 1, replies[:3]
+        assert set(replies[taken:]) == {b"E1c"}, set(replies[taken:])
+        small = [v.c.ask(b"Z2,%x,4" % (0x2000000 + i * 8)) for i in range(200)]
+        assert small.count(b"OK") <= MAX_SOFT_WATCHES and small[-1] == b"E1c"
+        bps = [v.c.ask(b"Z0,%x,1" % (0x200000 + i)) for i in range(2000)]
+        assert bps.count(b"OK") == MAX_BREAKPOINTS and set(bps[MAX_BREAKPOINTS:]) == {b"E1c"}
+        assert len(v.m.ram_patches) == MAX_BREAKPOINTS
+        grown = (_rss_pages() - before) * 4096
+        assert grown < 32 << 20, f"the VMM grew {grown} bytes"
+        for i in range(2000):
+            assert v.c.ask(b"z0,%x,1" % (0x200000 + i)) == b"OK"
+        assert v.m.ram_patches == {}
+        assert v.m.memory.read(0x200000, 2000) == bytes(2000)   # the guest's zeros back
+    finally:
+        v.close()
+    snap.check()
+
+
+def test_writes_spanning_the_end_of_ram_write_nothing(leftovers):
+    """Finding 16: an M or X packet whose range runs past guest RAM (or into an unmapped
+    page) is refused before any byte is written: no partial write."""
+    snap = leftovers()
+    v = _Served()
+    try:
+        end = v.m.memory.read(0x3fffff0, 0x10)
+        assert v.c.ask(b"M3fffffe,4:aabbccdd") == b"E0e"
+        assert v.c.ask(b"X3fffffe,4:" + pk.escape(b"\x11\x22\x33\x44")) == b"E0e"
+        assert v.m.memory.read(0x3fffff0, 0x10) == end
+        assert v.c.ask(b"m3fffffe,4") == pk.hex_encode(end[-2:])    # the readable part
+        assert v.c.ask(b"Mfee00000,4:00000000") == b"E0e"          # the LAPIC is not RAM
+        assert v.c.ask(b"M3fffffc,4:aabbccdd") == b"OK"            # the last 4 bytes: fine
+        assert v.m.memory.read(0x3fffffc, 4) == bytes.fromhex("aabbccdd")
+    finally:
+        v.close()
+    snap.check()
+
+
+def test_thread_ids_that_do_not_exist_are_refused(leftovers):
+    """Findings 14 and 15: qThreadExtraInfo and T of thread 0 (no one thread) or a thread
+    that does not exist answer E; every vCont action's thread id is parsed, a bad one answers
+    E and resumes nothing."""
+    snap = leftovers()
+    v = _Served()
+    try:
+        v.start()
+        for bad in (b"qThreadExtraInfo,0", b"qThreadExtraInfo,2", b"T0", b"T2", b"T-1",
+                    b"vCont;c:zz", b"vCont;c:2", b"vCont;s:1;c:zz", b"vCont;c:", b"vCont;x",
+                    b"vCont;Czz"):
+            assert v.c.ask(bad) == b"E16", bad
+        assert v.c.ask(b"qThreadExtraInfo,1") == pk.hex_encode(b"vCPU 0")
+        assert v.m.paused                                   # nothing was resumed
+        assert v.c.ask(b"qC") == b"QC1"                    # the stub still answers, stopped
+        assert v.c.ask(b"vCont;c:1") == b"W00"             # a good one runs to the end
+    finally:
+        v.close()
+    assert v.result and v.result[0].exit == "done", v.result
+    snap.check()
+
+
+def test_a_second_server_on_a_machine_is_refused(leftovers):
+    """Finding 18: while a machine's gdb server lives, another serve() of it raises
+    GdbServerExists naming the first; once the first is closed, a new one may serve."""
+    from pykvm.errors import Busy
+    from pykvm.gdbstub.server import GdbServerExists
+    snap = leftovers()
+    with Machine(_elf("gdb_target")) as m:
+        first = serve(m, "tcp:127.0.0.1:0")
+        try:
+            with pytest.raises(GdbServerExists, match=first.address) as e:
+                serve(m, "tcp:127.0.0.1:0")
+            assert isinstance(e.value, Busy) and e.value.server is first
+            c = Raw(first.port)
+            assert c.ask(b"qC") == b"QC1"                  # the first is untouched
+            c.close()
+        finally:
+            first.close()
+        second = serve(m, "tcp:127.0.0.1:0")
+        second.close()
+    snap.check()
+
+
+def test_the_unix_socket_of_a_live_server_is_left_alone(tmp_path, leftovers):
+    """Finding 13: ``unix:PATH`` where a live server listens is refused (GdbAddressInUse;
+    the CLI: one line, status 2) and the first server stays reachable; a stale socket (no
+    listener) is replaced; a file that is not a socket is refused."""
+    from pykvm.gdbstub.server import GdbAddressInUse
+    snap = leftovers()
+    path = str(tmp_path / "g.sock")
+    with Machine(_elf("gdb_target")) as m1, Machine(_elf("gdb_target")) as m2:
+        first = serve(m1, f"unix:{path}")
+        try:
+            with pytest.raises(GdbAddressInUse):
+                serve(m2, f"unix:{path}")
+            r = subprocess.run([sys.executable, "-m", "pykvm", "run", "--gdb", f"unix:{path}",
+                                "--no-input", _elf("gdb_target")], capture_output=True,
+                               text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+            assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1 and "live server" in r.stderr
+            c = Raw(path)                                   # the first still serves
+            assert c.ask(b"qC") == b"QC1"
+            c.close()
+        finally:
+            first.close()
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(path)                                    # bound, never listening: stale
+        stale.close()
+        again = serve(m2, f"unix:{path}")
+        assert again.address == f"unix:{path}"
+        again.close()
+        plain = tmp_path / "plain"
+        plain.write_text("keep me")
+        with pytest.raises(FileExistsError):
+            serve(m2, f"unix:{plain}")
+        assert plain.read_text() == "keep me"
+    snap.check()
+
+
+def test_snapshot_with_a_planted_breakpoint_holds_the_guests_bytes(tmp_path, leftovers):
+    """Finding 3 (snapshots): a snapshot taken while gdb has a breakpoint planted holds the
+    guest's own instruction bytes (Machine.ram_patches), so it restores and runs to the end
+    in another process; the breakpoint stays planted in the machine that took it."""
+    snap = leftovers()
+    elf = _elf("gdb_target")
+    tick = _address_of(elf, "gdb_tick")
+    path = str(tmp_path / "bp.snap")
+    v = _Served()
+    try:
+        own = v.m.memory.read(tick, 1)
+        assert v.c.ask(b"Z0,%x,1" % tick) == b"OK"
+        assert v.m.memory.read(tick, 1) == b"\xcc" and v.m.ram_patches[tick] == (own, b"\xcc")
+        v.m.snapshot(path)
+        assert v.m.memory.read(tick, 1) == b"\xcc"         # still planted
+        v.start()
+        assert v.c.ask(b"c").startswith(b"T05")             # and it still stops the guest
+        assert v.c.ask(b"z0,%x,1" % tick) == b"OK"
+        assert v.c.ask(b"c") == b"W00"
+    finally:
+        v.close()
+    r = subprocess.run([sys.executable, "-m", "pykvm", "restore", "--no-input", path],
+                       capture_output=True, text=True, timeout=TIMEOUT,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and "counter: 15" in r.stdout, (r.stdout, r.stderr)
+    snap.check()
+
+
+def test_reset_keeps_the_debuggers_breakpoints_and_the_guests_bytes(leftovers):
+    """Finding 3 (checkpoint/reset): checkpoint -> plant -> reset keeps the breakpoint
+    planted and working; plant -> checkpoint -> remove -> reset leaves the guest's own byte
+    (the baseline never holds int3)."""
+    snap = leftovers()
+    elf = _elf("gdb_target")
+    tick = _address_of(elf, "gdb_tick")
+    v = _Served()
+    try:
+        own = v.m.memory.read(tick, 1)
+        assert own != b"\xcc"
+        assert v.c.ask(b"Z0,%x,1" % tick) == b"OK"
+        v.m.checkpoint()                                    # taken with the breakpoint in
+        assert v.c.ask(b"z0,%x,1" % tick) == b"OK"
+        v.m.reset()
+        assert v.m.memory.read(tick, 1) == own and v.m.ram_patches == {}
+        v.m.checkpoint()                                    # taken without it
+        assert v.c.ask(b"Z0,%x,1" % tick) == b"OK"
+        v.m.reset()
+        assert v.m.memory.read(tick, 1) == b"\xcc" and v.m.ram_patches[tick] == (own, b"\xcc")
+        assert v.c.ask(b"m%x,1" % tick) == pk.hex_encode(own)   # gdb sees the guest's byte
+        v.start()
+        stop = v.c.ask(b"c")
+        assert stop.startswith(b"T05") and b"swbreak" in stop, stop
+        assert v.c.ask(b"z0,%x,1" % tick) == b"OK"
+        assert v.c.ask(b"c") == b"W00"
+    finally:
+        v.close()
+    assert v.result and "counter: 15" in v.result[0].console_text
+    snap.check()
