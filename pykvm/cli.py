@@ -700,19 +700,23 @@ def _console_session(m, args, input_fd, interactive, on_quit):
 def _snapshot_spec(spec: str):
     """``--snapshot-at`` SPEC as ("time", seconds) for ``2.5s`` / ``2.5``, or ("console", bytes)
     for ``console:TEXT``; ValueError with the reason for anything else."""
+    shown = repr(spec) if len(spec) <= 60 else repr(spec[:60]) + "..."
     if spec.startswith("console:"):
         text = spec[len("console:"):].encode()
         if not text:
             raise ValueError("--snapshot-at console:TEXT needs some TEXT")
+        if len(text) > 4096:
+            raise ValueError(f"--snapshot-at {shown}: TEXT is {len(text)} bytes; at most 4096")
         return "console", text
     num = spec[:-1] if spec.endswith("s") else spec
     try:
         secs = float(num)
     except ValueError:
-        raise ValueError(f"--snapshot-at {spec!r} is neither SECONDS (e.g. 2.5s) nor "
+        raise ValueError(f"--snapshot-at {shown} is neither SECONDS (e.g. 2.5s) nor "
                          "console:TEXT") from None
-    if not 0 <= secs < 1e9:
-        raise ValueError(f"--snapshot-at {spec!r}: seconds must be 0 or more")
+    if not math.isfinite(secs) or not 0 <= secs <= MAX_TIMEOUT:
+        raise ValueError(f"--snapshot-at {shown}: seconds must be a number from 0 to "
+                         f"{MAX_TIMEOUT}")
     return "time", secs
 
 
@@ -785,6 +789,7 @@ def cmd_run(args) -> int:
     from . import status
     from .errors import GuestMemoryError, HostMemoryError, PykvmError, SnapshotError
     from .boot import LoadError
+    from .snapfile import check_target as check_snapshot_target
     from .devices.virtio import BackendUnavailable
     from .machine import Machine
 
@@ -807,8 +812,13 @@ def cmd_run(args) -> int:
             snap_spec = _snapshot_spec(args.snapshot_at)
         except ValueError as e:
             return outcome("bad_input", status.BAD_INPUT, str(e))
+    if args.snapshot is not None:             # refused now, not after the guest ran
+        try:
+            check_snapshot_target(args.snapshot)
+        except SnapshotError as e:
+            return outcome("bad_input", status.BAD_INPUT, _one_line(e))
     restore_path = getattr(args, "restore", None)
-    if restore_path is not None and not os.path.isfile(restore_path):
+    if restore_path is not None and not os.path.lexists(restore_path):
         return outcome("bad_input", status.BAD_INPUT, f"no such snapshot file: {restore_path}")
     if args.timeout is None:                  # a person at the console decides when it ends
         args.timeout = 0.0 if interactive or args.gdb is not None else 10.0
@@ -1483,7 +1493,7 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                         epilog="exit status as pykvm run's; 2 for a missing, corrupted, "
                         "truncated or foreign snapshot (one line on stderr).")
     rs.add_argument("restore", metavar="PATH", help="the snapshot file")
-    rs.add_argument("--timeout", type=float, default=None,
+    rs.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                     help="seconds before the run is stopped (default 10; 0: none)")
     rs.add_argument("--json", action="store_true", help="one JSON object with the outcome")
     rs.add_argument("--trace", action="store_true", help="print exits and events on stderr")

@@ -30,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
+import tempfile
 import zlib
 
 from .errors import SnapshotError
@@ -112,8 +114,12 @@ class Writer:
                  compress=True)
 
     def write(self, path: str) -> int:
-        """Write the file to ``path`` (through a temporary file renamed over it, so a reader
-        never sees half a file). Returns its size in bytes. Raises OSError."""
+        """Write the file to ``path`` (a str or os.PathLike) through a temporary file made
+        with O_CREAT|O_EXCL|O_NOFOLLOW under a random name in the same directory
+        (:func:`tempfile.mkstemp`, mode 0600), renamed over ``path``, so a reader never sees
+        half a file and no link planted in the directory is followed. Returns its size in
+        bytes. Raises :class:`~pykvm.errors.SnapshotError` for a path :func:`check_target`
+        refuses, OSError when the file cannot be written."""
         n = len(self._sections)
         offset = _HEAD.size + n * _ENTRY.size
         h = hashlib.sha256()
@@ -122,9 +128,12 @@ class Writer:
             head += _ENTRY.pack(name.encode("ascii"), offset, len(data),
                                 zlib.crc32(data) & 0xFFFFFFFF, flags)
             offset += len(data)
-        tmp = f"{path}.tmp{os.getpid()}"
+        check_target(path)
+        d = os.path.dirname(os.path.abspath(path))
+        # a fresh, unpredictable name made with O_CREAT|O_EXCL (and never through a link)
+        fd, tmp = tempfile.mkstemp(prefix=".pykvm-snap-", suffix=".tmp", dir=d)
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 f.write(head)
                 h.update(head)
                 for _, data, _ in self._sections:
@@ -141,23 +150,178 @@ class Writer:
         return offset + DIGEST_LEN
 
 
-def read(path: str, *, max_size: int = 1 << 40) -> Dict[str, Section]:
-    """Read and verify the snapshot file at ``path`` (module docstring): ``{name: Section}``
-    in file order. Raises :class:`~pykvm.errors.SnapshotError` (one line) for a file that is
-    not a snapshot, of another format version, truncated, corrupted, or larger than
-    ``max_size`` bytes, and for an unreadable path."""
+def check_target(path: Any) -> None:
+    """Refuse (:class:`~pykvm.errors.SnapshotError`, one line) a path a snapshot cannot be
+    written to: not a str/PathLike, empty, in a directory that does not exist, or naming
+    something that exists and is not a regular file (a directory, a FIFO, a device), which
+    the rename that writes the file would replace."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise SnapshotError(f"a snapshot path must be a str or os.PathLike, not "
+                            f"{type(path).__name__}")
+    path = os.fspath(path)
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise SnapshotError(f"bad snapshot path {echo(path)}")
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise SnapshotError(f"cannot write the snapshot {echo(path)}: no directory {echo(d)}")
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > max_size:
-                raise SnapshotError(f"{path}: {size} bytes is larger than the {max_size} a "
-                                    "snapshot may be")
-            blob = f.read(size + 1)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise SnapshotError(f"cannot write the snapshot {echo(path)}: "
+                            f"{e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SnapshotError(f"cannot write the snapshot {echo(path)}: it exists and is not "
+                            "a regular file")
+
+
+def echo(v: Any, n: int = 60) -> str:
+    """``repr(v)`` cut to ``n`` characters (then ending in "..."): how an error line shows a
+    value taken from a file or a command line, which may be of any length."""
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def read(path: Any, *, max_size: int = 1 << 40) -> Dict[str, Section]:
+    """Read and verify the snapshot file at ``path`` (a str or os.PathLike; module docstring):
+    ``{name: Section}`` in file order. The file is opened without blocking (O_NONBLOCK) and
+    must be a regular file; its fixed header and section table are read and checked first
+    (magic, version, every section inside the file's real size, in order), the SHA-256
+    digest is then verified in 1 MiB chunks, and only then are the sections read, so what is
+    held in memory is bounded by the sections the header declares and the file really has.
+    Raises :class:`~pykvm.errors.SnapshotError` (one line) for a file that is not a snapshot,
+    of another format version, truncated, corrupted, larger than ``max_size`` bytes (or than
+    the host's memory), not a regular file, and for an unreadable path."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise SnapshotError(f"a snapshot path must be a str or os.PathLike, not "
+                            f"{type(path).__name__}")
+    what = str(os.fspath(path))
+    if len(what) > 200:
+        what = what[:200] + "..."
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as e:
+        raise SnapshotError(f"{what}: cannot read the snapshot: "
+                            f"{getattr(e, 'strerror', None) or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if \
+                stat.S_ISFIFO(st.st_mode) else "a device" if \
+                stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a special file"
+            raise SnapshotError(f"{what}: not a regular file ({kind})")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            return _read_open(f, st.st_size, what, max_size)
     except SnapshotError:
         raise
     except OSError as e:
-        raise SnapshotError(f"{path}: cannot read the snapshot: {e.strerror or e}") from None
-    return parse(blob, what=path)
+        raise SnapshotError(f"{what}: cannot read the snapshot: {e.strerror or e}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _read_exact(f: Any, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise SnapshotError(f"{what}: truncated (the file changed while it was read)")
+    return data
+
+
+def _read_open(f: Any, size: int, what: str, max_size: int) -> Dict[str, Section]:
+    head = f.read(_HEAD.size)
+    if len(head) < len(MAGIC) or head[:len(MAGIC)] != MAGIC:
+        raise SnapshotError(f"{what}: not a pykvm snapshot (bad magic)")
+    if size < _HEAD.size + DIGEST_LEN:
+        raise SnapshotError(f"{what}: truncated ({size} bytes)")
+    _, version, n = _HEAD.unpack(head)
+    if version != FORMAT_VERSION:
+        raise SnapshotError(f"{what}: snapshot format version {version}; this pykvm reads "
+                            f"version {FORMAT_VERSION}")
+    if n > MAX_SECTIONS:
+        raise SnapshotError(f"{what}: {n} sections, more than the {MAX_SECTIONS} allowed")
+    limit = max_size
+    host = _host_memory()
+    if host:
+        limit = min(limit, host)
+    if size > limit:
+        raise SnapshotError(f"{what}: {size} bytes is larger than the {limit} a snapshot "
+                            "may be (the host's memory or the limit given)")
+    body_end = size - DIGEST_LEN
+    table_end = _HEAD.size + n * _ENTRY.size
+    if table_end > body_end:
+        raise SnapshotError(f"{what}: truncated (its section table runs past the end)")
+    table = _read_exact(f, n * _ENTRY.size, what)
+    entries = []
+    pos = table_end
+    for i in range(n):
+        raw_name, off, length, crc, flags = _ENTRY.unpack_from(table, i * _ENTRY.size)
+        entries.append((raw_name, off, length, crc, flags))
+    # the digest over the whole body, streamed (the sections are not yet held)
+    h = hashlib.sha256(head)
+    h.update(table)
+    left = body_end - table_end
+    while left:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            raise SnapshotError(f"{what}: truncated (the file changed while it was read)")
+        h.update(chunk)
+        left -= len(chunk)
+    digest = _read_exact(f, DIGEST_LEN, what)
+    if h.digest() != digest:
+        where = _damaged_entry(f, entries, table_end, body_end)
+        raise SnapshotError(f"{what}: corrupted or truncated (SHA-256 digest mismatch"
+                            f"{'; ' + where if where else ''})")
+    out: Dict[str, Section] = {}
+    for i, (raw_name, off, length, _crc, flags) in enumerate(entries):
+        name = _name(raw_name, what, i)
+        if off != pos or length > body_end - off:
+            raise SnapshotError(f"{what}: section {name!r} at {off} length {length} is not "
+                                f"where the file holds it")
+        if flags & ~FLAG_ZLIB:
+            raise SnapshotError(f"{what}: section {name!r} has unknown flags {flags:#x}")
+        if name in out:
+            raise SnapshotError(f"{what}: section {name!r} appears twice")
+        pos = off + length
+    if pos != body_end:
+        raise SnapshotError(f"{what}: {body_end - pos} bytes after the last section")
+    f.seek(table_end)
+    for i, (raw_name, _off, length, crc, flags) in enumerate(entries):
+        name = _name(raw_name, what, i)
+        data = _read_exact(f, length, what)
+        if zlib.crc32(data) & 0xFFFFFFFF != crc:
+            raise SnapshotError(f"{what}: section {name!r} is corrupted (CRC-32 mismatch)")
+        out[name] = Section(name, data, bool(flags & FLAG_ZLIB))
+    return out
+
+
+def _damaged_entry(f: Any, entries: List[Tuple[bytes, int, int, int, int]], table_end: int,
+                   body_end: int) -> str:
+    for i, (raw, off, length, crc, _) in enumerate(entries):
+        if off < table_end or off + length > body_end:
+            return f"section {i} runs past the end of the file (truncated?)"
+        f.seek(off)
+        c = 0
+        left = length
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                return ""
+            c = zlib.crc32(chunk, c)
+            left -= len(chunk)
+        if c & 0xFFFFFFFF != crc:
+            return f"section {raw.rstrip(bytes(1)).decode('ascii', 'replace')!r} fails its CRC-32"
+    return ""
+
+
+def _host_memory() -> int:
+    """The host's physical memory in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def parse(blob: bytes, *, what: str = "snapshot") -> Dict[str, Section]:
@@ -223,16 +387,25 @@ def _damaged_section(blob: bytes, n: int, table_end: int, body_end: int) -> str:
     return ""
 
 
-def json_section(sections: Dict[str, Section], name: str, *, what: str = "snapshot") -> Any:
-    """Section ``name`` decoded as JSON. Raises :class:`~pykvm.errors.SnapshotError` when it is
-    missing or not valid UTF-8 JSON."""
+def json_section(sections: Dict[str, Section], name: str, *, what: str = "snapshot",
+                 limit: int = MAX_JSON) -> Any:
+    """Section ``name`` decoded as JSON (at most ``limit`` bytes decompressed). Raises
+    :class:`~pykvm.errors.SnapshotError` when it is missing, larger, not valid UTF-8 JSON, or
+    nested too deeply."""
     s = sections.get(name)
     if s is None:
         raise SnapshotError(f"{what}: the {name!r} section is missing")
     try:
-        return json.loads(s.payload(MAX_JSON).decode("utf-8"))
+        return json.loads(s.payload(limit).decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise SnapshotError(f"{what}: section {name!r} is JSON nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise SnapshotError(f"{what}: section {name!r} is not valid JSON ({e})") from None
+        raise SnapshotError(f"{what}: section {name!r} is not valid JSON "
+                            f"({echo(str(e), 80)})") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 # -- RAM ---------------------------------------------------------------------------------------

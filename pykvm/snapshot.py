@@ -33,6 +33,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 
@@ -53,10 +54,21 @@ _FEATURE_WORDS = ((1, 0, "ecx"), (1, 0, "edx"), (7, 0, "ebx"), (7, 0, "ecx"), (7
 _HYPERVISOR_BIT = 1 << 31          # CPUID.1:ECX[31], which pykvm sets for its guests
 _UART_FIELDS = ("uart_dll", "uart_dlm", "uart_thre", "uart_irq_level", "uart_rbr", "uart_lsr",
                 "uart_fcr", "uart_rx_head", "uart_rx_count")
+# the receive FIFO holds 16 bytes (csrc/pykvm_native.h): its head indexes it, its count is 0-16
+_UART_RANGE = {"uart_rx_head": 15, "uart_rx_count": 16, "uart_thre": 1, "uart_irq_level": 1}
 PC_FIELDS = ("power_event", "msi_dropped", "edu_bar_conflicts", "sleeps", "pm_base",
              "virtio_bar_conflicts")
 MAX_VCPUS = 4096
 MAX_IMAGE = 1 << 30                # bytes an image or initrd section may decompress to
+# the most bytes each JSON section may decompress to. A real x86 vCPU state (registers,
+# XSAVE area, MSRs, CPUID, LAPIC, nested state) is tens of KiB of base64; the VM's
+# (irqchips, PIT, clock) a few KiB; the devices' (PCI config spaces, the testdev window)
+# under a MiB; the metadata's CPUID table at most 4096 entries
+MAX_VCPU_JSON = 256 << 10
+VCPU_JSON_AVERAGE = 64 << 10
+MAX_VM_JSON = 256 << 10
+MAX_DEVICES_JSON = 2 << 20
+MAX_META_JSON = 1 << 20
 
 
 # -- encoding helpers ----------------------------------------------------------------------------
@@ -116,6 +128,20 @@ def refusals(machine: Any) -> List[str]:
     return out
 
 
+def finished(machine: Any) -> str:
+    """Why ``machine``'s guest has ended for good ("" if it has not): a run ended it (the
+    guest powered off or reset the pc machine: :class:`~pykvm.errors.MachineEnded`), or the
+    guest reported it finished (a ``done`` report, kept until :meth:`Machine.reset`). A
+    snapshot of such a guest would only restore a machine with nothing left to run, so
+    :func:`take` refuses it (docs/snapshots.md)."""
+    ended = getattr(machine, "_ended", None)
+    if ended:
+        return str(ended)
+    if any(getattr(r, "kind", None) == "done" for r in list(machine.reports)):
+        return "it reported done"
+    return ""
+
+
 def uart_state(group: Any) -> Dict[str, Any]:
     """The state of the 16550 the C run loop serves for the vCPUs of ``group`` (its registers,
     its receive FIFO and the host input not yet taken) as JSON-able values: hex strings for
@@ -148,10 +174,18 @@ def _check_uart(st: Any) -> None:
     if not isinstance(st, dict):
         raise SnapshotError("the UART state is malformed")
     try:
+        if set(st) - set(_UART_FIELDS) - {"uart", "uart_rx", "input"}:
+            raise SnapshotError("the UART state has unknown fields")
         for k in _UART_FIELDS:
             v = st[k]
-            if not isinstance(v, int) or not 0 <= v <= 0xFF:
-                raise SnapshotError(f"the UART's {k} is not a byte")
+            hi = _UART_RANGE.get(k, 0xFF)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
+                raise SnapshotError(f"the UART's {k} is {snapfile.echo(v)}, not 0-{hi}")
+        if st["uart_fcr"] & ~0xC9 or st["uart_lsr"] & ~0x1F:
+            raise SnapshotError("the UART's FCR or LSR has bits the 16550 model never keeps")
+        for k in ("uart", "uart_rx", "input"):
+            if not isinstance(st[k], str):
+                raise SnapshotError(f"the UART's {k} is not a hex string")
         if len(bytes.fromhex(st["uart"])) != 8 or len(bytes.fromhex(st["uart_rx"])) != 16:
             raise SnapshotError("the UART's register file is malformed")
         if len(bytes.fromhex(st["input"])) > 1 << 12:
@@ -185,9 +219,17 @@ def take(machine: Any, path: str) -> int:
     paused for the capture and resumed after; a stopped one (between runs or steps) is
     captured as it is. Returns the file's size in bytes. Raises
     :class:`~pykvm.errors.SnapshotError` for a machine with a device that cannot be
-    snapshotted (naming it) or one that could not be paused, OSError when the file cannot be
-    written, :class:`~pykvm.errors.KvmError` when KVM refuses a read."""
+    snapshotted (naming it), whose guest has ended (:func:`finished`), or one that could not
+    be paused, and for a ``path`` :func:`pykvm.snapfile.check_target` refuses (not a str or
+    PathLike, empty, in a missing directory, naming a directory, FIFO or device); OSError
+    when the file cannot be written, :class:`~pykvm.errors.KvmError` when KVM refuses a
+    read."""
     machine._check_open()
+    snapfile.check_target(path)            # a bad path is refused before the machine pauses
+    ended = finished(machine)
+    if ended:
+        raise SnapshotError(f"cannot snapshot this machine: its guest has ended ({ended}); "
+                            "there is nothing to continue")
     refused = refusals(machine)
     if refused:
         raise SnapshotError("cannot snapshot this machine: " + "; ".join(refused))
@@ -213,7 +255,7 @@ def _write(machine: Any, path: str) -> int:
     cfg = dict(machine._snapshot_config)
     src = cfg.pop("image")
     image = src if isinstance(src, bytes) else _read_file(src, "guest image")
-    initrds = [_read_file(f, "initrd") for f in cfg.pop("initrd")]
+    initrds = [f if isinstance(f, bytes) else _read_file(f, "initrd") for f in cfg.pop("initrd")]
     cfg["image_name"] = machine.image_name
     try:
         json.dumps(cfg["platform_opts"])
@@ -266,10 +308,10 @@ class Plan:
     ``devices`` (dict), ``ram`` (the decompressed RAM payload) and ``runs`` ((gpa, offset,
     length) in it)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: Any):
         secs = snapfile.read(path)
-        what = path
-        meta = snapfile.json_section(secs, "meta", what=what)
+        what = str(os.fspath(path))[:200]
+        meta = snapfile.json_section(secs, "meta", what=what, limit=MAX_META_JSON)
         self.meta = _check_meta(meta, what)
         self.cpuid: List[Tuple[int, ...]] = [tuple(e) for e in meta["cpuid"]]
         if "image" not in secs:
@@ -283,10 +325,23 @@ class Plan:
             if s is None:
                 raise SnapshotError(f"{what}: the 'initrd.{i}' section is missing")
             self.initrds.append(s.payload(MAX_IMAGE))
-        self.vm = _state_from_json(snapfile.json_section(secs, "vm", what=what), "VM")
-        self.vcpus = [_state_from_json(snapfile.json_section(secs, f"vcpu.{i}", what=what),
-                                       f"vCPU {i}") for i in range(meta["vcpus"])]
-        devices = snapfile.json_section(secs, "devices", what=what)
+        # the JSON sections' decompressed sizes: each bounded by what a real state of its kind
+        # needs, and their sum by what the recorded vCPU count needs on average
+        left = [MAX_VM_JSON + MAX_DEVICES_JSON + meta["vcpus"] * VCPU_JSON_AVERAGE]
+
+        def state_json(name: str, limit: int) -> Any:
+            s = secs.get(name)
+            if s is None:
+                raise SnapshotError(f"{what}: the {name!r} section is missing")
+            raw = s.payload(min(limit, left[0]))
+            left[0] -= len(raw)
+            return snapfile.json_section({name: snapfile.Section(name, raw, False)}, name,
+                                         what=what, limit=len(raw))
+
+        self.vm = _state_from_json(state_json("vm", MAX_VM_JSON), "VM")
+        self.vcpus = [_state_from_json(state_json(f"vcpu.{i}", MAX_VCPU_JSON), f"vCPU {i}")
+                      for i in range(meta["vcpus"])]
+        devices = state_json("devices", MAX_DEVICES_JSON)
         if not isinstance(devices, dict):
             raise SnapshotError(f"{what}: the device states are malformed")
         if "uart16550" in devices:
@@ -387,16 +442,115 @@ def _check_meta(m: Any, what: str) -> dict:
         if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r)
                 and 0 <= r[0] < r[1] <= 1 << 52):
             raise bad("ram")
+    if not 0 <= m["mono_ns"] < 1 << 63 or not 0 <= m["kvm_api_version"] < 1 << 31:
+        raise bad("mono_ns" if not 0 <= m["mono_ns"] < 1 << 63 else "kvm_api_version")
+    if not _RE_SHA256.fullmatch(m["image_sha256"]):
+        raise bad("image_sha256")
+    if HOST_ARCH == "x86_64" and m["arch"] == "x86_64" and not cpuid:
+        raise bad("cpuid")                 # every x86 machine gives its vCPUs a CPUID table
+    ram = sorted(m["ram"])
+    if not ram or len(ram) > 16 or any(a[1] > b[0] for a, b in zip(ram, ram[1:])):
+        raise bad("ram")
     cfg = m["config"]
+    if set(cfg) != _CONFIG_KEYS:
+        raise SnapshotError(f"{what}: the machine configuration has fields "
+                            f"{snapfile.echo(sorted(set(cfg) ^ _CONFIG_KEYS))} it may not")
     for k, t in (("mem_size", int), ("machine", str), ("cmdline", str), ("flat_mode", str),
                  ("image_name", str), ("platform_opts", dict)):
-        if not isinstance(cfg.get(k), t):
+        if not isinstance(cfg.get(k), t) or isinstance(cfg.get(k), bool):
             raise bad(f"config.{k}")
-    if cfg.get("flat_addr") is not None and not isinstance(cfg["flat_addr"], int):
+    if cfg["flat_mode"] not in _FLAT_MODES:
+        raise bad("config.flat_mode")
+    fa = cfg["flat_addr"]
+    if fa is not None and (not isinstance(fa, int) or isinstance(fa, bool) or
+                           not 0 <= fa < 1 << 52):
         raise bad("config.flat_addr")
-    if not 0 < cfg["mem_size"] <= 1 << 46:
+    if len(cfg["cmdline"]) > 1 << 16 or "\0" in cfg["cmdline"]:
+        raise bad("config.cmdline")
+    if len(cfg["image_name"]) > 4096 or any(ord(c) < 0x20 or ord(c) == 0x7F
+                                            for c in cfg["image_name"]):
+        raise bad("config.image_name")
+    total = sum(hi - lo for lo, hi in ram)
+    host = _host_memory()
+    if host and total > host:
+        # the RAM payload is decompressed in memory: a hostile file's claim is bounded
+        raise SnapshotError(f"{what}: the snapshot's {total} bytes of guest RAM are more "
+                            f"than this host's {host}")
+    if not 0 < cfg["mem_size"] <= 1 << 46 or cfg["mem_size"] % snapfile.PAGE or \
+            cfg["mem_size"] != total:
         raise bad("config.mem_size")
+    plat = m["platform"]
+    name = plat.get("name", cfg["machine"])
+    if not isinstance(name, str) or name not in _PLATFORM_OPTIONS:
+        raise SnapshotError(f"{what}: the snapshot's machine {snapfile.echo(name)} is not one "
+                            f"a snapshot can restore ({', '.join(sorted(_PLATFORM_OPTIONS))})")
+    if cfg["machine"] not in ("auto", name):
+        raise bad("config.machine")
+    for k, v in plat.items():
+        check = _PLATFORM_FIELDS.get(k)
+        if check is None or not check(v):
+            raise SnapshotError(f"{what}: the platform state's {snapfile.echo(k)} is unknown "
+                                f"or malformed")
+    _check_platform_opts(name, cfg["platform_opts"], what)
     return m
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+
+
+def _is_names(v: Any, allowed: Any) -> bool:
+    return isinstance(v, list) and len(v) <= 16 and all(
+        isinstance(x, str) and x in allowed for x in v)
+
+
+# what restore() accepts of meta["platform"] (the fields _write records)
+_PLATFORM_FIELDS = {
+    "name": lambda v: isinstance(v, str),
+    "pit_created": lambda v: isinstance(v, bool),
+    "power_event": lambda v: v is None,            # a machine that powered off is not taken
+    "msi_dropped": _is_count, "edu_bar_conflicts": _is_count, "sleeps": _is_count,
+    "virtio_bar_conflicts": _is_count,
+    "pm_base": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and
+                                       0 <= v <= 0xFFC0),
+}
+_CONFIG_KEYS = {"mem_size", "machine", "cmdline", "flat_addr", "flat_mode", "image_name",
+                "platform_opts"}
+_FLAT_MODES = {"x86_64": ("real", "protected", "long"), "riscv64": ("riscv",)}.get(HOST_ARCH, ())
+_RE_SHA256 = re.compile("[0-9a-f]{64}")
+# the platform options restore() passes on, per machine: only those a machine that
+# take() accepts can have (no virtio devices, no edu / VT-d), each with its check. Anything
+# else a snapshot names (disks, shares, nets, vsock, Machine's own arguments) is refused:
+# a snapshot is data, never a way to open host files or sockets.
+_PLATFORM_OPTIONS: Dict[str, Dict[str, Any]] = {
+    "bare": {"irqchip": lambda v: isinstance(v, bool), "pit": lambda v: isinstance(v, bool),
+             "cpuid": lambda v: v is None or isinstance(v, list)},
+    "pc": {"irqchip": lambda v: v is True, "pit": lambda v: v is True,
+           "lost_tick_policy": lambda v: v in ("delay", "discard"),
+           "devices": lambda v: _is_names(v, ()),
+           "cpuid": lambda v: v is None or isinstance(v, list)},
+    "virt": {"cpu_type": lambda v: isinstance(v, str) and len(v) <= 64,
+             "disable": lambda v: isinstance(v, list) and len(v) <= 64 and all(
+                 isinstance(x, str) and len(x) <= 64 for x in v),
+             "sbi_extensions": lambda v: isinstance(v, list) and len(v) <= 64 and all(
+                 isinstance(x, str) and len(x) <= 64 for x in v),
+             "suspend_seconds": lambda v: isinstance(v, (int, float)) and
+             not isinstance(v, bool) and 0 <= v <= 3600,
+             "uart": lambda v: isinstance(v, bool), "aia": lambda v: v is None or v is False},
+}
+
+
+def _check_platform_opts(machine: str, opts: Dict[str, Any], what: str) -> None:
+    allowed = _PLATFORM_OPTIONS[machine]
+    for k, v in opts.items():
+        check = allowed.get(k)
+        if check is None:
+            raise SnapshotError(f"{what}: the {machine} machine's options in the snapshot name "
+                                f"{snapfile.echo(k)}, which a snapshot may not set (allowed: "
+                                f"{', '.join(sorted(allowed))})")
+        if not check(v):
+            raise SnapshotError(f"{what}: the {machine} machine's option {k!r} is "
+                                f"{snapfile.echo(v)}, which it may not be")
 
 
 def restore(cls: Any, path: str, **overrides: Any) -> Any:
@@ -412,6 +566,9 @@ def restore(cls: Any, path: str, **overrides: Any) -> Any:
     if bad:
         raise ValueError(f"restore() cannot override {', '.join(bad)} (allowed: "
                          f"{', '.join(sorted(allowed))})")
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise TypeError(f"restore() takes a snapshot path (str or os.PathLike), not "
+                        f"{type(path).__name__}")
     plan = Plan(path)
     meta = plan.meta
     cfg = meta["config"]
@@ -426,35 +583,49 @@ def restore(cls: Any, path: str, **overrides: Any) -> Any:
             own_kvm.close()
         raise
     opts = dict(cfg["platform_opts"])
+    opts.pop("cpuid", None)
     if plan.cpuid:
         opts["cpuid"] = [tuple(e) for e in plan.cpuid]
-    with tempfile.TemporaryDirectory(prefix="pykvm-restore-") as tmp:
-        image: Any = plan.image
-        name = cfg["image_name"]
-        if os.path.isfile(name) and _sha256_file(name) == meta["image_sha256"]:
-            image = name               # the same file: keep its path (symbols, params)
-        elif name != "<bytes>":
-            image = os.path.join(tmp, os.path.basename(name) or "image")
+    m = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="pykvm-restore-") as tmp:
+            # the image and initrds are the bytes the snapshot carries, written to files of
+            # names chosen here: image_name is only shown (machine.image_name), never opened
+            image = os.path.join(tmp, "image")
             with open(image, "wb") as f:
                 f.write(plan.image)
-        initrd = []
-        for i, data in enumerate(plan.initrds):
-            p = os.path.join(tmp, f"initrd{i}")
-            with open(p, "wb") as f:
-                f.write(data)
-            initrd.append(p)
-        kw = {k: v for k, v in overrides.items()}
-        kw["kvm"] = kvm
-        m = cls(image, mem_size=cfg["mem_size"], vcpus=meta["vcpus"], cmdline=cfg["cmdline"],
-                flat_addr=cfg.get("flat_addr"), flat_mode=cfg["flat_mode"], initrd=initrd,
-                machine=meta["platform"].get("name", cfg["machine"]), **opts, **kw)
-    if own_kvm is not None:
-        m._own_kvm = True
-    try:
+            initrd = []
+            for i, data in enumerate(plan.initrds):
+                p = os.path.join(tmp, f"initrd{i}")
+                with open(p, "wb") as f:
+                    f.write(data)
+                initrd.append(p)
+            kw = {k: v for k, v in overrides.items()}
+            kw["kvm"] = kvm
+            m = cls(image, mem_size=cfg["mem_size"], vcpus=meta["vcpus"],
+                    cmdline=cfg["cmdline"], flat_addr=cfg["flat_addr"],
+                    flat_mode=cfg["flat_mode"], initrd=initrd,
+                    machine=meta["platform"].get("name", cfg["machine"]), **opts, **kw)
+            m.symbols.variables()          # read the symbols while the image file is there
+        if own_kvm is not None:
+            m._own_kvm = True
+            own_kvm = None
+        m.image_name = cfg["image_name"]
+        m._snapshot_config["image"] = plan.image      # a later snapshot carries these bytes
+        m._snapshot_config["initrd"] = tuple(plan.initrds)
         _load(m, plan)
-    except BaseException:
-        m.close()
-        raise
+    except BaseException as e:
+        if m is not None:
+            m.close()
+        if own_kvm is not None:
+            own_kvm.close()
+        if isinstance(e, SnapshotError) or not isinstance(e, (PykvmError, ValueError,
+                                                                TypeError, OSError,
+                                                                OverflowError, KeyError)):
+            raise
+        raise SnapshotError(f"the snapshot does not build a machine: {type(e).__name__}: "
+                            f"{snapfile.echo(str(e).splitlines()[0] if str(e) else '', 160)}"
+                            ) from None
     return m
 
 
@@ -475,14 +646,6 @@ def _host_memory() -> int:
         return 0
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _load(m: Any, plan: Plan) -> None:
     meta = plan.meta
     p = m.platform
@@ -495,9 +658,15 @@ def _load(m: Any, plan: Plan) -> None:
     plat = meta["platform"]
     if plat.get("pit_created") and hasattr(p, "_ensure_pit"):
         p._ensure_pit()
-    # check every piece before anything is loaded
-    for v, s in zip(m.vcpus, plan.vcpus):
+    # check every piece before anything is loaded: each state names only the pieces this
+    # machine's own vCPUs and VM have (what save_state() of the fresh ones gives), holds no
+    # more MSRs than they do, and fits their structs (check_state)
+    fresh_vcpu = m.vcpus[0].save_state()
+    fresh_vm = m.vm.save_state()
+    for i, (v, s) in enumerate(zip(m.vcpus, plan.vcpus)):
+        _check_names(s, fresh_vcpu, f"vCPU {i}")
         v.check_state(s)
+    _check_names(plan.vm, fresh_vm, "VM")
     m.vm.check_state(plan.vm)
     devs = device_models(p)
     if set(plan.devices) - {"uart16550"} != set(devs):
@@ -527,6 +696,18 @@ def _load(m: Any, plan: Plan) -> None:
         fn = getattr(p, hook, None)
         if fn is not None:
             fn()
+
+
+def _check_names(state: ArchState, fresh: ArchState, what: str) -> None:
+    known = set(fresh) | set(fresh.absent)
+    unknown = sorted(n for n in list(state) + list(state.absent) if n not in known)
+    if unknown:
+        raise SnapshotError(f"{what} state has pieces this machine does not have: "
+                            f"{snapfile.echo(', '.join(unknown))}")
+    mine, theirs = state.get("msrs"), fresh.get("msrs")
+    if mine is not None and theirs is not None and len(mine) > len(theirs):
+        raise SnapshotError(f"{what} state holds {len(mine)} bytes of MSRs, more than the "
+                            f"{len(theirs)} this vCPU's MSR list gives")
 
 
 def _strip_nested(name: str, state: Any) -> Any:

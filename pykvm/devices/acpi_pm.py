@@ -102,6 +102,7 @@ class AcpiPm(DeviceState):
 
     SNAPSHOT_FIELDS = ('t0', 'sts', 'en', 'cnt', '_epoch', '_sci')
     SNAPSHOT_MONO = ('t0',)
+    SNAPSHOT_RANGES = {"sts": (0, 0xFFFF), "en": (0, 0xFFFF), "cnt": (0, 0xFFFF)}
 
     PIO_RANGES = pio_ranges(PM_BASE)
 

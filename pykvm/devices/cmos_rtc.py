@@ -128,6 +128,7 @@ class CmosRtc(DeviceState):
     SNAPSHOT_FIELDS = ('cmos', 'index', 'nmi_masked', 'offset_ns', '_last_ns', '_last_a_ns', '_a_showed_uip', '_irq', '_raw', '_raw_s', '_raw_mode')
     SNAPSHOT_MONO = ('_last_ns', '_last_a_ns')
     SNAPSHOT_OFFSET = ('offset_ns',)
+    SNAPSHOT_RANGES = {"index": (0, 0x7F), "_raw_mode": (0, 0xFF)}
 
     PIO_RANGES = ((INDEX_PORT, 2, 0, 4),)
 

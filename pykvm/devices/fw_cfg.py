@@ -100,6 +100,7 @@ class FwCfg(DeviceState):
     the built-in ones are added with :meth:`add`."""
 
     SNAPSHOT_FIELDS = ('selected', 'offset')
+    SNAPSHOT_RANGES = {"selected": (0, 0xFFFF), "offset": (0, 1 << 32)}
 
     PIO_RANGES = ((SELECTOR_PORT, 1, SELECTOR_OFFSET, 4), (DATA_PORT, 1, DATA_OFFSET, 4))
 

@@ -124,6 +124,9 @@ class I8042(DeviceState):
     port is cut by the bus and its bytes at 0x60/0x64 reach the register one at a time."""
 
     SNAPSHOT_FIELDS = ('status', 'mode', 'outport', 'write_cmd', 'kbd', 'aux', 'last', 'kbd_cmd', 'scancode_set', 'aux_param', '_irq')
+    SNAPSHOT_RANGES = {"status": (0, 0xFF), "mode": (0, 0xFF), "outport": (0, 0xFF),
+                       "write_cmd": (0, 0xFF), "kbd_cmd": (0, 0xFF), "scancode_set": (1, 3)}
+    SNAPSHOT_LENGTHS = {"kbd": QUEUE_SIZE, "aux": QUEUE_SIZE}
 
     PIO_RANGES = ((DATA_PORT, 1, DATA_OFFSET, 4), (STATUS_PORT, 1, STATUS_OFFSET, 4))
 

@@ -251,6 +251,7 @@ class PciHost(DeviceState):
     00:01.3 says: it sets ``functions[PM_FUNCTION].on_write`` and reads :meth:`pm_io_space`."""
 
     SNAPSHOT_FIELDS = ('address', 'rcr')
+    SNAPSHOT_RANGES = {"address": (0, 0xFFFFFFFF), "rcr": (0, 0xFF)}
 
     def snapshot_state(self) -> dict:
         """As :meth:`DeviceState.snapshot_state`, with every function's configuration space

@@ -29,6 +29,7 @@ class Port92(DeviceState):
     set."""
 
     SNAPSHOT_FIELDS = ('value',)
+    SNAPSHOT_RANGES = {"value": (0, 0xFF)}
 
     PIO_RANGES = ((PORT, 1, 0, 4),)
 

@@ -85,6 +85,11 @@ class DeviceState:
     SNAPSHOT_FIELDS: ClassVar[Tuple[str, ...]] = ()
     SNAPSHOT_MONO: ClassVar[Tuple[str, ...]] = ()
     SNAPSHOT_OFFSET: ClassVar[Tuple[str, ...]] = ()
+    # {field: (lowest, highest)} for the integer fields a restore range-checks against the
+    # register or index they model; {field: most items} for the queues. Every other int is
+    # bounded to 64 bits, every bytes field to its current length, every dict to its keys.
+    SNAPSHOT_RANGES: ClassVar[Dict[str, Tuple[int, int]]] = {}
+    SNAPSHOT_LENGTHS: ClassVar[Dict[str, int]] = {}
 
     def snapshot_state(self) -> Dict[str, Any]:
         """The model's guest-visible state as a JSON-able dict (taken under its lock)."""
@@ -119,13 +124,41 @@ class DeviceState:
         if missing or extra:
             raise SnapshotError(f"{name} state: missing {missing or 'nothing'}, unknown "
                                 f"{extra or 'nothing'}")
-        values = {k: decode(v) for k, v in state.items()}
+        try:
+            values = {k: decode(v) for k, v in state.items()}
+        except RecursionError:
+            raise SnapshotError(f"{name} state is nested too deeply") from None
         for k, v in values.items():
             cur = getattr(self, k)
             if cur is not None and v is not None and not _same_kind(cur, v):
                 raise SnapshotError(f"{name}.{k} is a {type(v).__name__} in the snapshot, "
                                     f"a {type(cur).__name__} here")
+            self._check_value(name, k, cur, v)
         return values
+
+    def _check_value(self, name: str, k: str, cur: Any, v: Any) -> None:
+        """Refuse (SnapshotError) a value out of the field's range (class docstring)."""
+        rng = self.SNAPSHOT_RANGES.get(k)
+        if rng is not None and v is not None and (
+                not isinstance(v, int) or not rng[0] <= v <= rng[1]):
+            raise SnapshotError(f"{name}.{k} is {_shown(v)}, not {rng[0]}-{rng[1]}")
+        if isinstance(cur, (bytes, bytearray)) and isinstance(v, (bytes, bytearray)) and \
+                len(v) != len(cur):
+            raise SnapshotError(f"{name}.{k} is {len(v)} bytes, not {len(cur)}")
+        if isinstance(v, (deque, list, tuple, set)):
+            most = self.SNAPSHOT_LENGTHS.get(k, 4096)
+            if len(v) > most:
+                raise SnapshotError(f"{name}.{k} holds {len(v)} items, more than {most}")
+            if any(not _bounded(x) for x in v):
+                raise SnapshotError(f"{name}.{k} holds a malformed item")
+        elif isinstance(v, dict):
+            if isinstance(cur, dict) and cur and set(v) != set(cur):
+                raise SnapshotError(f"{name}.{k} has keys {_shown(sorted(map(str, v)))}, not "
+                                    f"{_shown(sorted(map(str, cur)))}")
+            if any(not _bounded(x) for x in v.values()):
+                raise SnapshotError(f"{name}.{k} holds a malformed value")
+        elif not _bounded(v):
+            raise SnapshotError(f"{name}.{k} is out of range")
 
     def _apply(self, values: Dict[str, Any], mono_delta: int) -> None:
         for k, v in values.items():
@@ -141,6 +174,24 @@ class DeviceState:
                 cur[:] = v                   # others may hold this buffer: keep it
             else:
                 setattr(self, k, v)
+
+
+def _bounded(v: Any) -> bool:
+    """A scalar a device field may hold: None, a bool, an int of at most 64 bits (signed or
+    not), a float, a string or bytes of at most 64 KiB."""
+    if v is None or isinstance(v, (bool, float)):
+        return True
+    if isinstance(v, int):
+        return -(1 << 63) <= v < 1 << 64
+    if isinstance(v, (str, bytes, bytearray)):
+        return len(v) <= 1 << 16
+    return isinstance(v, (dict, list, tuple, deque, set)) and len(v) <= 4096 and all(
+        _bounded(x) for x in (v.values() if isinstance(v, dict) else v))
+
+
+def _shown(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:60] + "..."
 
 
 def _same_kind(a: Any, b: Any) -> bool:

@@ -125,7 +125,7 @@ def test_decompression_is_bounded(tmp_path):
 def test_an_unreadable_path_is_one_line(tmp_path):
     with pytest.raises(SnapshotError, match="cannot read the snapshot"):
         snapfile.read(str(tmp_path / "missing.snap"))
-    with pytest.raises(SnapshotError, match="cannot read the snapshot"):
+    with pytest.raises(SnapshotError, match="not a regular file \\(a directory\\)"):
         snapfile.read(str(tmp_path))
 
 
@@ -169,3 +169,102 @@ def test_arch_state_compares_and_explains():
     assert a != b and a == ArchState(a.blobs, a.absent)
     assert a.differences(b) == {"regs": "differs from byte 0x1 (0x01 != 0x02)"}
     assert list(a) == ["regs", "msrs"] and a.size() == 3
+
+
+# -- hostile paths and files (docs/snapshots.md, "What restore trusts") -----------------------
+
+def test_the_writer_never_follows_a_planted_link_nor_replaces_a_special_file(tmp_path):
+    """Another user may plant a link at any name in a shared directory: the temporary file
+    is created O_EXCL|O_NOFOLLOW under a random name, so the victim stays untouched; a FIFO
+    or a directory as the target is refused, not replaced."""
+    import os
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    path = tmp_path / "s.snap"
+    for pid in range(os.getpid() - 2, os.getpid() + 3):     # the names the old writer used
+        os.symlink(victim, f"{path}.tmp{pid}")
+    w = snapfile.Writer()
+    w.add("a", b"data")
+    w.write(str(path))
+    assert victim.read_bytes() == b"precious"
+    assert snapfile.read(str(path))["a"].data == b"data"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".pykvm-snap-")]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target, kind in ((fifo, "not a regular file"), (tmp_path, "not a regular file"),
+                         (tmp_path / "nodir" / "x.snap", "no directory"), ("", "bad snapshot path")):
+        with pytest.raises(SnapshotError, match=kind) as e:
+            w.write(str(target))
+        assert "\n" not in str(e.value)
+    assert os.path.exists(fifo) and not os.path.isfile(fifo)
+    with pytest.raises(SnapshotError, match="str or os.PathLike"):
+        w.write(3)
+
+
+def test_a_non_regular_snapshot_path_is_refused_without_blocking(tmp_path):
+    """A FIFO with no writer would block a plain open() for ever: read() opens with
+    O_NONBLOCK and refuses anything but a regular file, saying what it is."""
+    import os
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "a FIFO"), (tmp_path, "a directory"), ("/dev/zero", "a device")):
+        with pytest.raises(SnapshotError, match=f"not a regular file \\({kind}\\)"):
+            snapfile.read(str(path))
+    with pytest.raises(SnapshotError, match="str or os.PathLike"):
+        snapfile.read(3)
+
+
+def test_a_huge_file_is_refused_from_its_header_without_reading_it(tmp_path):
+    """The fixed header is checked first and the digest is streamed: a 4 GiB sparse file of
+    zeros, or one whose header is right but whose body is 512 MiB of zeros, costs no
+    memory."""
+    import resource
+    zeros = tmp_path / "zeros.snap"
+    with open(zeros, "wb") as f:
+        f.truncate(4 << 30)
+    good, _ = _write(tmp_path, {"a": (b"x", False)})
+    with open(good, "rb") as f:
+        head = f.read(snapfile._HEAD.size + snapfile._ENTRY.size)
+    padded = tmp_path / "padded.snap"
+    with open(padded, "wb") as f:
+        f.write(head)
+        f.truncate(512 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(SnapshotError, match="bad magic"):
+        snapfile.read(str(zeros))
+    with pytest.raises(SnapshotError, match="digest mismatch"):
+        snapfile.read(str(padded))
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 << 10, grown_kib
+
+
+def test_json_nested_too_deeply_or_with_constants_is_one_line(tmp_path):
+    deep = b"[" * 200000 + b"]" * 200000
+    path, _ = _write(tmp_path, {"d": (deep, True), "n": (b'{"x": NaN}', False)})
+    secs = snapfile.read(path)
+    with pytest.raises(SnapshotError, match="nested too deeply"):
+        snapfile.json_section(secs, "d")
+    with pytest.raises(SnapshotError, match="NaN is not JSON"):
+        snapfile.json_section(secs, "n")
+
+
+@pytest.mark.parametrize("model, field, value, message", [
+    ("cmos_rtc.CmosRtc", "index", 200, "index is 200, not 0-127"),
+    ("i8042.I8042", "scancode_set", 9, "scancode_set is 9, not 1-3"),
+    ("i8042.I8042", "kbd", {"$deque": [1] * 17}, "kbd holds 17 items, more than 16"),
+    ("port92.Port92", "value", 256, "value is 256, not 0-255"),
+    ("cmos_rtc.CmosRtc", "cmos", {"$bytearray": "AAAA"}, "cmos is 3 bytes, not 128"),
+])
+def test_device_fields_are_range_checked_before_any_is_set(model, field, value, message):
+    """Each device model's restore_state() range-checks the registers and indices it
+    loads (its SNAPSHOT_RANGES / SNAPSHOT_LENGTHS, bytes lengths), and sets nothing when
+    one is out of range."""
+    import importlib
+    mod, cls = model.split(".")
+    dev = getattr(importlib.import_module(f"pykvm.devices.{mod}"), cls)()
+    state = dev.snapshot_state()
+    before = json.dumps(state, sort_keys=True)
+    state[field] = value
+    with pytest.raises(SnapshotError, match=message):
+        dev.restore_state(state)
+    assert json.dumps(dev.snapshot_state(), sort_keys=True) == before
