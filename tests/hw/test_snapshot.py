@@ -6,6 +6,7 @@ round by round and prints "snap cpu<N> count=<round> sum=<checksum of its region
 rounds. Its lines depend on nothing but its code, so the lines printed before a snapshot in one
 process and after the restore in another must be, vCPU by vCPU, exactly those of an
 uninterrupted run: same counts, same checksums, same final line."""
+import base64
 import hashlib
 import json
 import os
@@ -255,7 +256,78 @@ CASES = {
         blob, d, lambda p: p.pop("vcpu.0")), "'vcpu.0' section is missing"),
     "bad meta": (lambda blob, d: _rewrite_bytes(blob, d, _meta(
         lambda m: m.update(vcpus="two"))), "metadata field 'vcpus'"),
+    # a snapshot is data, never a capability: no platform option beyond each machine's
+    # whitelist (a disk attaching a host file, Machine's own arguments)
+    "option attaching a host file as a disk": (lambda blob, d: _rewrite_bytes(blob, d, _opts(
+        disks=["/etc/passwd"])), "name 'disks', which a snapshot may not set"),
+    "option clashing with Machine's arguments": (lambda blob, d: _rewrite_bytes(
+        blob, d, _opts(kvm=1)), "name 'kvm', which a snapshot may not set"),
+    "option of the wrong type": (lambda blob, d: _rewrite_bytes(
+        blob, d, _opts(irqchip="yes")), "option 'irqchip' is 'yes'"),
+    "unknown machine": (lambda blob, d: _rewrite_bytes(blob, d, _meta(
+        lambda m: m["platform"].update(name="zzz"))), "machine 'zzz' is not one"),
+    # every decoded structure checked: types, ranges, sizes
+    "json nested too deeply": (lambda blob, d: _rewrite_bytes(blob, d, lambda p: p.update(
+        devices=b"[" * 100000 + b"]" * 100000)), "nested too deeply"),
+    "mem_size KVM would refuse": (lambda blob, d: _rewrite_bytes(blob, d, _cfg(
+        mem_size=1 << 46)), "config.mem_size"),
+    "mem_size of one byte": (lambda blob, d: _rewrite_bytes(blob, d, _cfg(mem_size=1)),
+                             "config.mem_size"),
+    "bogus flat_mode": (lambda blob, d: _rewrite_bytes(blob, d, _cfg(flat_mode="zzz")),
+                        "config.flat_mode"),
+    "negative flat_addr": (lambda blob, d: _rewrite_bytes(blob, d, _cfg(flat_addr=-4096)),
+                           "config.flat_addr"),
+    "control characters in image_name": (lambda blob, d: _rewrite_bytes(blob, d, _cfg(
+        image_name="a\x1b[2Jb\x00")), "config.image_name"),
+    "empty cpuid": (lambda blob, d: _rewrite_bytes(blob, d, _meta(
+        lambda m: m.update(cpuid=[]))), "metadata field 'cpuid'"),
+    "garbage image": (lambda blob, d: _rewrite_bytes(blob, d, _image(b"\x7fELF\xff" +
+                      bytes(60))), "does not build a machine: LoadError"),
+    "unknown vcpu blob": (lambda blob, d: _rewrite_bytes(blob, d, _vcpu0(
+        lambda v: v["blobs"].update(zzz="AAAA"))), "pieces this machine does not have: 'zzz'"),
+    "junk msrs": (lambda blob, d: _rewrite_bytes(blob, d, _vcpu0(
+        lambda v: v["blobs"].update(msrs=base64.b64encode(bytes(16 * 5000)).decode()))),
+        "more than the .* this vCPU's MSR list gives"),
+    "vcpu json beyond any real state": (lambda blob, d: _rewrite_bytes(blob, d, _vcpu0(
+        lambda v: v.update(pad="A" * (1 << 20)))), "decompresses to more than"),
+    "uart fifo count beyond its 16 bytes": (lambda blob, d: _rewrite_bytes(blob, d, _uart(
+        uart_rx_count=17)), "uart_rx_count is 17, not 0-16"),
+    "uart fifo head beyond its 16 bytes": (lambda blob, d: _rewrite_bytes(blob, d, _uart(
+        uart_rx_head=16)), "uart_rx_head is 16, not 0-15"),
 }
+
+
+def _cfg(**change):
+    return _meta(lambda m: m["config"].update(change))
+
+
+def _opts(**change):
+    return _meta(lambda m: m["config"]["platform_opts"].update(change))
+
+
+def _image(data):
+    def edit(p):
+        p["image"] = data
+        m = json.loads(p["meta"])
+        m["image_sha256"] = hashlib.sha256(data).hexdigest()
+        p["meta"] = json.dumps(m).encode()
+    return edit
+
+
+def _vcpu0(change):
+    def edit(p):
+        v = json.loads(p["vcpu.0"])
+        change(v)
+        p["vcpu.0"] = json.dumps(v).encode()
+    return edit
+
+
+def _uart(**change):
+    def edit(p):
+        d = json.loads(p["devices"])
+        d["uart16550"].update(change)
+        p["devices"] = json.dumps(d).encode()
+    return edit
 
 
 def _rewrite_bytes(blob, d, change):
@@ -349,3 +421,105 @@ def test_a_machine_between_runs_is_snapshotted_as_it_stands(tmp_path):
     after, exit_line = _restore_elsewhere(path)
     assert exit_line == "EXIT done 0"
     assert _lines(before) + _lines(after) == _lines(full)
+
+
+# -- what restore trusts (docs/snapshots.md): hostile files and paths ---------------------------
+
+def test_image_name_is_only_shown_never_opened(tmp_path, good_snapshot):
+    """image_name naming a FIFO (an open would block for ever) or the directory '..': the
+    restore builds the machine from the image bytes the snapshot carries and the guest runs
+    on; image_name is what machine.image_name shows."""
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    for name in (fifo, ".."):
+        path = _rewrite(good_snapshot, str(tmp_path / "named.snap"), _cfg(image_name=name))
+        with Machine.restore(path) as m:
+            assert m.image_name == name
+            r = m.run(timeout=120)
+        assert r.exit == "done", r.detail
+
+
+def test_restore_takes_a_path_never_a_file_descriptor(good_snapshot):
+    with open(good_snapshot, "rb") as f:
+        with pytest.raises(TypeError, match="str or os.PathLike"):
+            Machine.restore(f.fileno())
+        os.fstat(f.fileno())                      # still open: restore did not close it
+        assert f.read(8) == snapfile.MAGIC
+
+
+def test_a_non_regular_snapshot_file_is_refused_at_once(tmp_path, leftovers):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    _refused(fifo, r"not a regular file \(a FIFO\)", leftovers)
+    _refused(str(tmp_path), r"not a regular file \(a directory\)", leftovers)
+
+
+def test_a_snapshot_is_never_written_over_a_special_file(tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    with Machine(GUEST, machine="bare") as m:
+        for target in (fifo, str(tmp_path), str(tmp_path / "no" / "x.snap")):
+            with pytest.raises(SnapshotError, match="not a regular file|no directory"):
+                m.snapshot(target)
+    assert os.path.exists(fifo) and not os.path.isfile(fifo)
+
+
+def test_a_guest_that_has_ended_is_not_snapshotted(tmp_path):
+    """Decision (docs/snapshots.md): a guest that reported done (or powered off) has nothing
+    left to continue, so snapshot() refuses it in one line instead of writing a file whose
+    restore only finishes again."""
+    with Machine(GUEST, machine="bare") as m:
+        assert m.run(timeout=120).exit == "done"
+        with pytest.raises(SnapshotError, match="its guest has ended"):
+            m.snapshot(str(tmp_path / "fin.snap"))
+    assert not os.path.exists(tmp_path / "fin.snap")
+
+
+def _cli(*argv, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pykvm", *argv], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e308", "-1"])
+def test_cli_restore_timeout_is_checked_as_run_does(good_snapshot, value):
+    p = _cli("restore", good_snapshot, "--timeout", value)
+    assert p.returncode == 2, p.stderr
+    assert "not a number of seconds" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_cli_bad_snapshot_arguments_are_refused_before_the_guest_runs(tmp_path):
+    """A --snapshot path in a missing directory, a directory, an empty path; --snapshot-at
+    beyond any deadline; a huge console: TEXT — one short line and status 2, and the guest
+    never started (no console output)."""
+    cases = [
+        (["--snapshot", str(tmp_path / "no" / "x.snap"), "--snapshot-at", "1s"], "no directory"),
+        (["--snapshot", str(tmp_path), "--snapshot-at", "1s"], "not a regular file"),
+        (["--snapshot", "", "--snapshot-at", "1s"], "bad snapshot path"),
+        (["--snapshot", str(tmp_path / "x.snap"), "--snapshot-at", "1e308"],
+         "seconds must be a number from 0 to"),
+        (["--snapshot", str(tmp_path / "x.snap"), "--snapshot-at", "1e20s"],
+         "seconds must be a number from 0 to"),
+        (["--snapshot", str(tmp_path / "x.snap"), "--snapshot-at", "console:" + "A" * 100000],
+         "TEXT is 100000 bytes"),
+    ]
+    for extra, text in cases:
+        p = _cli("run", GUEST, "--no-input", *extra)
+        assert p.returncode == 2, (extra[:3], p.stderr[-300:])
+        assert p.stderr.count("\n") == 1 and text in p.stderr, p.stderr[-300:]
+        assert len(p.stderr) < 400 and p.stdout == ""
+
+
+def test_cli_restore_says_what_a_non_regular_path_is(tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    for path, text in ((fifo, "not a regular file (a FIFO)"),
+                       (str(tmp_path), "not a regular file (a directory)"),
+                       ("/dev/zero", "not a regular file (a device)")):
+        p = _cli("restore", path)
+        assert p.returncode == 2 and text in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_cli_refuses_a_crafted_option_with_status_2(tmp_path, good_snapshot):
+    path = _rewrite(good_snapshot, str(tmp_path / "disk.snap"), _opts(disks=["/etc/passwd"]))
+    p = _cli("restore", path)
+    assert p.returncode == 2 and "may not set" in p.stderr and p.stderr.count("\n") == 1
