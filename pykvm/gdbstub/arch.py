@@ -110,8 +110,12 @@ class GuestAccess(abc.ABC):
     @abc.abstractmethod
     def write(self, gva: int, data: bytes) -> None:
         """Write ``data`` at guest-virtual ``gva`` (into guest RAM, whatever the page
-        table's permissions say, as a debugger writes). Raises :class:`TargetError` (errno 14)
-        when a page is unmapped or not guest RAM."""
+        table's permissions say, as a debugger writes). The common code keeps such writes as
+        temporary RAM patches (:attr:`pykvm.machine.Machine.ram_patches`): the first write at a
+        place plants ``data``, the next one there puts the guest's own bytes back (whatever
+        ``data`` it gives), so a target writes an instruction, then "restores" it. Snapshots
+        and checkpoints never hold the planted bytes. Raises :class:`TargetError` (errno 14)
+        when a page is unmapped or not guest RAM (nothing written then)."""
 
 
 class GdbTarget(abc.ABC):

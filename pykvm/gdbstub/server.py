@@ -162,6 +162,33 @@ class _Memory(GuestAccess):
             off += chunk
 
 
+class _TargetMemory(_Memory):
+    """The guest memory a target is given (:class:`~pykvm.gdbstub.arch.GuestAccess`): its
+    writes are temporary instruction patches (RISC-V's step ``ebreak``), kept as the
+    machine's RAM patches so that snapshots and baselines never hold them. A write where the
+    target has no patch plants one; the next write there removes it, putting back the guest's
+    own bytes as the machine recorded them (after a reset, what RAM holds then). A write over
+    a gdb breakpoint (the same instruction, as a step onto it plants) is written as it is."""
+
+    def write(self, gva: int, data: bytes) -> None:
+        s = self.server
+        m = s.machine
+        off = 0
+        for gpa, n in self.check(gva, len(data)):
+            chunk = bytes(data[off:off + n])
+            off += n
+            if gpa in s._target_patches:
+                s._target_patches.discard(gpa)
+                m.unpatch_ram(gpa)
+                continue
+            try:
+                m.patch_ram(gpa, chunk)
+            except ValueError:                   # a gdb breakpoint's bytes: written as is
+                m.memory.write(gpa, chunk)
+                continue
+            s._target_patches.add(gpa)
+
+
 class _SoftWatch:
     """A write watchpoint the stub emulates: the GPA pieces of the watched GVA range (taken
     when it was set) and their bytes when the vCPUs last resumed."""
@@ -230,6 +257,7 @@ class GdbServer:
         self._sw: Dict[int, _Breakpoint] = {}    # planted software breakpoints by GVA
         self._hw: List[Tuple[int, int, int]] = []  # (ztype, gva, kind) given to the target
         self._soft: List[_SoftWatch] = []         # write watchpoints emulated by stepping
+        self._target_patches: set = set()         # GPAs the target patched (_TargetMemory)
         self._gdb_step: Optional[int] = None     # the vCPU gdb asked to step, if any
         self._stops: List[Tuple[int, Stop]] = []  # debug stops recorded by vCPU threads
         self._attached = False
@@ -365,7 +393,7 @@ class GdbServer:
                 if hit is not None:
                     stop = Stop(reason="watch", addr=hit.gva)
                 elif self._gdb_step != index:      # nothing changed: step on, no stop
-                    mem = self._memory(index)
+                    mem = self._target_memory(index)
                     self.target.stopped(vcpu, mem)
                     self.target.prepare_resume(vcpu, step=True, sw_breakpoints=bool(planted),
                                                mem=mem)
@@ -502,6 +530,9 @@ class GdbServer:
     def _memory(self, index: int) -> _Memory:
         return _Memory(self, index)
 
+    def _target_memory(self, index: int) -> _TargetMemory:
+        return _TargetMemory(self, index)
+
     def _hold_all(self, timeout: float = 5.0) -> bool:
         """Pause the machine (every vCPU out of KVM_RUN); True when all are held."""
         m = self.machine
@@ -524,6 +555,7 @@ class GdbServer:
             if m.closed:
                 self._sw.clear()
                 self._hw.clear()
+                self._target_patches.clear()
                 return
             for bp in list(self._sw.values()):
                 self._unplant(bp)
@@ -539,9 +571,15 @@ class GdbServer:
             for i, vcpu in enumerate(m.vcpus):
                 try:
                     self.target.prepare_resume(vcpu, step=False, sw_breakpoints=False,
-                                               mem=self._memory(i))
+                                               mem=self._target_memory(i))
                 except (PykvmError, TargetError):
                     pass
+            for gpa in list(self._target_patches):   # none left normally: stopped() undid them
+                try:
+                    m.unpatch_ram(gpa)
+                except PykvmError:
+                    pass
+            self._target_patches.clear()
             self._stops.clear()
             try:
                 m.resume()
@@ -685,7 +723,7 @@ class _Session:
             s._stops.clear()
             for i, vcpu in enumerate(self.m.vcpus):
                 try:
-                    s.target.stopped(vcpu, s._memory(i))
+                    s.target.stopped(vcpu, s._target_memory(i))
                 except (PykvmError, TargetError):
                     pass
         self.gthread = self.cthread = index
@@ -730,7 +768,8 @@ class _Session:
             s._gdb_step = step_index
             for i, vcpu in enumerate(self.m.vcpus):
                 s.target.prepare_resume(vcpu, step=(i == step_index) or bool(s._soft),
-                                        sw_breakpoints=bool(s._sw), mem=s._memory(i))
+                                        sw_breakpoints=bool(s._sw),
+                                        mem=s._target_memory(i))
             self.running = True
             s._seen_running = s._seen_running or self.m.running
             self.m.resume()

@@ -738,3 +738,39 @@ def test_reset_keeps_the_debuggers_breakpoints_and_the_guests_bytes(leftovers):
         v.close()
     assert v.result and "counter: 15" in v.result[0].console_text
     snap.check()
+
+
+def test_a_targets_temporary_patches_are_ram_patches_too(tmp_path, leftovers):
+    """Finding 3, the target's side: the instruction bytes a target writes through the
+    GuestAccess the stub gives it (RISC-V's single-step ``ebreak``; driven here on x86 through
+    the same object) are RAM patches: a snapshot and a checkpoint hold the guest's bytes, a
+    reset plants the patch again, and the target's next write there puts the guest's bytes
+    back; over a gdb breakpoint the write goes through as it is."""
+    snap = leftovers()
+    tick = _address_of(_elf("gdb_target"), "gdb_tick")
+    path = str(tmp_path / "t.snap")
+    v = _Served()
+    try:
+        mem = v.server._target_memory(0)
+        own = v.m.memory.read(tick, 1)
+        mem.write(tick, b"\xcc")
+        assert v.m.ram_patches == {tick: (own, b"\xcc")}
+        v.m.checkpoint()
+        v.m.snapshot(path)
+        v.m.reset()
+        assert v.m.memory.read(tick, 1) == b"\xcc"        # planted again after the copy-back
+        mem.write(tick, b"\x00")                           # the next write: the guest's bytes
+        assert v.m.memory.read(tick, 1) == own and v.m.ram_patches == {}
+        v.m.reset()
+        assert v.m.memory.read(tick, 1) == own             # the baseline never held 0xcc
+        with Machine.restore(path) as r:
+            assert r.memory.read(tick, 1) == own           # nor did the snapshot
+        assert v.c.ask(b"Z0,%x,1" % tick) == b"OK"
+        mem.write(tick, b"\xcc")                           # a step onto gdb's breakpoint
+        mem.write(tick, b"\xcc")
+        assert v.m.ram_patches == {tick: (own, b"\xcc")}
+        assert v.c.ask(b"z0,%x,1" % tick) == b"OK"
+        assert v.m.memory.read(tick, 1) == own and v.m.ram_patches == {}
+    finally:
+        v.close()
+    snap.check()
