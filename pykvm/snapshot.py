@@ -23,6 +23,12 @@ given), every state's shape and every RAM run's place — then builds a fresh ma
 RAM, vCPU, VM and device state into it; any failure closes that machine, so nothing half
 restored is left. Errors are :class:`~pykvm.errors.SnapshotError` with one line.
 
+A snapshot is data, never a capability (docs/snapshots.md, "What restore trusts"): the
+platform options pass only through each machine's whitelist (``_PLATFORM_OPTIONS``; no
+disks, shares, networks or Machine arguments), no path the file names is opened (the image is
+the bytes it carries; ``image_name`` is a label), every JSON section is bounded by what a real
+state of its kind needs, and every field loaded is type- and range-checked.
+
 A machine with a device whose state lives outside pykvm (virtio devices: a disk image, passt,
 virtiofsd, vsock sockets; VT-d and edu, whose in-flight work is not captured; the RISC-V AIA
 irqchip) is refused by :func:`take`, naming the device.
@@ -516,7 +522,8 @@ _PLATFORM_FIELDS = {
 }
 _CONFIG_KEYS = {"mem_size", "machine", "cmdline", "flat_addr", "flat_mode", "image_name",
                 "platform_opts"}
-_FLAT_MODES = {"x86_64": ("real", "protected", "long"), "riscv64": ("riscv",)}.get(HOST_ARCH, ())
+_FLAT_MODES = {"x86_64": ("real", "protected", "long"),
+               "riscv64": ("real", "riscv")}.get(HOST_ARCH, ())   # "real": the default
 _RE_SHA256 = re.compile("[0-9a-f]{64}")
 # the platform options restore() passes on, per machine: only those a machine that
 # take() accepts can have (no virtio devices, no edu / VT-d), each with its check. Anything
@@ -553,14 +560,16 @@ def _check_platform_opts(machine: str, opts: Dict[str, Any], what: str) -> None:
                                 f"{snapfile.echo(v)}, which it may not be")
 
 
-def restore(cls: Any, path: str, **overrides: Any) -> Any:
+def restore(cls: Any, path: Any, **overrides: Any) -> Any:
     """A new machine of class ``cls`` (:class:`~pykvm.machine.Machine`) built from the snapshot
     at ``path`` and loaded with its state: run it and the guest continues where it was.
     ``overrides``: Machine keyword arguments for what a snapshot does not record (``loop``,
     ``on_console``, ``console_limit``, ``report_limit``, ``kvm``, ``vm_setup``). Raises
-    :class:`~pykvm.errors.SnapshotError` (one line) for a missing, unreadable, corrupted or
-    foreign snapshot, or state that does not fit the machine built; nothing is left running
-    then."""
+    :class:`~pykvm.errors.SnapshotError` (one line) for a missing, unreadable, non-regular,
+    corrupted, crafted or foreign snapshot, or state that does not fit the machine built
+    (errors KVM or the loader raise while building and loading are wrapped in it); nothing is
+    left running then. Raises TypeError when ``path`` is not a str or os.PathLike (an int is
+    never taken as a file descriptor), ValueError for an override not listed."""
     allowed = {"loop", "on_console", "console_limit", "report_limit", "kvm", "vm_setup"}
     bad = sorted(set(overrides) - allowed)
     if bad:
