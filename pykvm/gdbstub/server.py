@@ -856,12 +856,15 @@ class _Session:
                 raise pk.PacketError(f"{len(blob)} bytes of data for a length of {n}")
             self._write(addr, blob)
             return b"OK"
-        if c in (b"c", b"C"):
+        if c in (b"c", b"C", b"s", b"S"):
             self._need_stopped()
-            return self._resume(None)
-        if c in (b"s", b"S"):
-            self._need_stopped()
-            return self._resume(self.cthread)
+            if c in (b"C", b"S"):                # C sig[;addr]: the signal is not delivered
+                sig, _, rest = rest.partition(b";")
+                pk.parse_hex(sig, max_digits=2)
+            if rest:                             # all parsed before resuming: a bad one is E
+                pk.parse_hex(rest)
+                raise pk.PacketError("resuming at another address is not supported")
+            return self._resume(None if c in (b"c", b"C") else self.cthread)
         if c == b"v":
             return self._v(data)
         if c in (b"Z", b"z"):

@@ -603,14 +603,14 @@ def test_writes_spanning_the_end_of_ram_write_nothing(leftovers):
 def test_thread_ids_that_do_not_exist_are_refused(leftovers):
     """Findings 14 and 15: qThreadExtraInfo and T of thread 0 (no one thread) or a thread
     that does not exist answer E; every vCont action's thread id is parsed, a bad one answers
-    E and resumes nothing."""
+    E and resumes nothing; so do c/C/s/S with a bad signal or an address (not supported)."""
     snap = leftovers()
     v = _Served()
     try:
         v.start()
         for bad in (b"qThreadExtraInfo,0", b"qThreadExtraInfo,2", b"T0", b"T2", b"T-1",
                     b"vCont;c:zz", b"vCont;c:2", b"vCont;s:1;c:zz", b"vCont;c:", b"vCont;x",
-                    b"vCont;Czz"):
+                    b"vCont;Czz", b"czz", b"Czz", b"C05;zz", b"szz", b"s1000", b"S05;1000"):
             assert v.c.ask(bad) == b"E16", bad
         assert v.c.ask(b"qThreadExtraInfo,1") == pk.hex_encode(b"vCPU 0")
         assert v.m.paused                                   # nothing was resumed
