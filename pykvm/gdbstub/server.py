@@ -505,9 +505,11 @@ class GdbServer:
                     conn, peer = self._sock.accept()
                 except OSError:
                     continue
+                session: Optional[_Session] = None
                 try:
                     self._say(f"gdb client connected from {peer or 'a unix socket'}")
-                    _Session(self, conn).serve()
+                    session = _Session(self, conn)
+                    session.serve()
                 except Exception as e:  # noqa: BLE001 — a session's bug never ends the server
                     self._say(f"gdb session ended: {type(e).__name__}: {e}")
                 finally:
@@ -515,8 +517,9 @@ class GdbServer:
                         conn.close()
                     except OSError:
                         pass
-                    try:
-                        self._detach()
+                    try:                         # a peer that never sent a byte (a probe)
+                        if session is None or session.attached:   # changed nothing
+                            self._detach()
                     except Exception as e:  # noqa: BLE001
                         self._say(f"gdb detach failed: {type(e).__name__}: {e}")
 
@@ -614,6 +617,7 @@ class _Session:
         self.cthread = 0                         # vCPU index for s
         self.last_stop: Optional[bytes] = None
         self.done = False
+        self.attached = False                    # the client's first bytes came
 
     # -- I/O --------------------------------------------------------------------------------
     def send(self, payload: bytes) -> None:
@@ -637,7 +641,6 @@ class _Session:
 
     def serve(self) -> None:
         s = self.s
-        self.attached = False
         while not self.done and not s._closing:
             try:
                 watched: List[Any] = [self.conn, s._wake_r]

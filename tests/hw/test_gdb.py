@@ -646,13 +646,17 @@ def test_a_second_server_on_a_machine_is_refused(leftovers):
 
 def test_the_unix_socket_of_a_live_server_is_left_alone(tmp_path, leftovers):
     """Finding 13: ``unix:PATH`` where a live server listens is refused (GdbAddressInUse;
-    the CLI: one line, status 2) and the first server stays reachable; a stale socket (no
-    listener) is replaced; a file that is not a socket is refused."""
+    the CLI: one line, status 2) and the first server stays reachable, its guest still held
+    (--gdb-wait) after the probes; a stale socket (no listener) is replaced; a file that is
+    not a socket is refused."""
     from pykvm.gdbstub.server import GdbAddressInUse
     snap = leftovers()
     path = str(tmp_path / "g.sock")
+    result = []
     with Machine(_elf("gdb_target")) as m1, Machine(_elf("gdb_target")) as m2:
-        first = serve(m1, f"unix:{path}")
+        first = serve(m1, f"unix:{path}", wait=True)
+        t = threading.Thread(target=lambda: result.append(first.run(timeout=TIMEOUT)))
+        t.start()
         try:
             with pytest.raises(GdbAddressInUse):
                 serve(m2, f"unix:{path}")
@@ -661,11 +665,15 @@ def test_the_unix_socket_of_a_live_server_is_left_alone(tmp_path, leftovers):
                                text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
             assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
             assert len(r.stderr.strip().splitlines()) == 1 and "live server" in r.stderr
+            assert m1.paused and not result                 # the probes released nothing
             c = Raw(path)                                   # the first still serves
             assert c.ask(b"qC") == b"QC1"
+            assert c.ask(b"c") == b"W00"
             c.close()
         finally:
             first.close()
+            t.join(TIMEOUT)
+        assert result and result[0].exit == "done"
         stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stale.bind(path)                                    # bound, never listening: stale
         stale.close()
