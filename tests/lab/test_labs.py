@@ -44,7 +44,9 @@ RISCV = ["test_reg_list_fully_decoded", "test_new_isa_extensions_on_this_cpu_mod
          "test_linux_boots_to_init_suspends_resumes_and_powers_off",
          # snapshots restored in another process (tests/riscv/test_snapshot_riscv.py)
          "test_restored_in_another_process_the_guest_continues_identically",
-         "test_one_reg_state_reads_back_as_saved", "test_a_corrupted_snapshot_is_refused"]
+         "test_one_reg_state_reads_back_as_saved", "test_a_corrupted_snapshot_is_refused",
+         # Machine.checkpoint()/reset() on RISC-V (tests/riscv/test_snapshot_riscv.py)
+         "test_reset_to_a_checkpoint_taken_mid_run_repeats_exactly"]
 # device models with a Linux guest: the first CPU model's boot only (LabSpec.once_tests)
 RISCV_ONCE = [
          # --cpu-type min with Linux (tests/riscv/test_linux.py)

@@ -200,3 +200,47 @@ def test_linux_at_its_shell_continues_in_another_process(tmp_path):
     assert "/init reached" not in after              # no new boot: the same kernel went on
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("EXIT ") and last.endswith(" 0"), p.stderr[-2000:]   # powered off
+
+
+def test_reset_to_a_checkpoint_taken_mid_run_repeats_exactly():
+    """Machine.checkpoint()/reset() on RISC-V (docs/reset.md): the vCPU state goes back through
+    ONE_REG (load_state(); no prepared fast path here) and RAM through KVM's dirty log. A
+    checkpoint taken while the guest runs, past its 100th round, and reset to again and again:
+    every run after a reset prints the same lines, which are the last lines of the
+    uninterrupted run, and RAM is the checkpoint's again after each reset."""
+    with Machine(GUEST) as m:
+        full = m.run(timeout=600)
+    assert full.exit == "done", full.detail
+    want = _lines(full.console_text)
+    mark = [i for i, ln in enumerate(want) if ln.startswith("snap cpu0 count=100 ")][0]
+    hit = threading.Event()
+    seen = [b""]
+
+    def watch(data):
+        seen[0] = seen[0][-64:] + data
+        if b"cpu0 count=100 " in seen[0]:
+            hit.set()
+    m = Machine(GUEST, on_console=watch)
+    try:
+        out = []
+        t = threading.Thread(target=lambda: out.append(m.run(timeout=600)))
+        t.start()
+        assert hit.wait(600), "the guest never reached round 100"
+        assert m.checkpoint() > 0                  # paused for it, and resumed
+        t.join()
+        assert out[0].exit == "done", out[0].detail
+        window = (0x80200000, 1 << 20)             # the image, its data, stacks and counters
+        tail, ram = None, None
+        for _ in range(20):
+            assert m.reset() > 0                   # the run wrote pages since
+            now = m.memory.read(*window)
+            ram = now if ram is None else ram
+            assert now == ram                      # RAM is the checkpoint's again
+            r = m.run(timeout=600)
+            assert r.exit == "done", r.detail
+            lines = _lines(r.console_text)
+            tail = lines if tail is None else tail
+            assert lines == tail                   # each run after a reset the same
+        assert tail and len(tail) < len(want) - mark and tail == want[len(want) - len(tail):]
+    finally:
+        m.close()
