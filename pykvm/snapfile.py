@@ -259,6 +259,17 @@ def _read_open(f: Any, size: int, what: str, max_size: int) -> Dict[str, Section
     for i in range(n):
         raw_name, off, length, crc, flags = _ENTRY.unpack_from(table, i * _ENTRY.size)
         entries.append((raw_name, off, length, crc, flags))
+    # sections declared back to back that end before the digest: the file is longer than
+    # its table says (e.g. a valid header padded with gigabytes): refused before hashing it
+    end = table_end
+    for _, off, length, _, _ in entries:
+        if off != end:
+            break
+        end = off + length
+    else:
+        if end < body_end:
+            raise SnapshotError(f"{what}: corrupted or truncated ({body_end - end} bytes after "
+                                "the last section its table declares)")
     # the digest over the whole body, streamed (the sections are not yet held)
     h = hashlib.sha256(head)
     h.update(table)
