@@ -260,3 +260,49 @@ def test_kselftest_install_runs_from_the_wheel(venv):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ok 1 selftests: pykvm_selftests: test_sel_get_msr_index_features\n" in r.stdout
     assert "ok 2 selftests: pykvm_selftests: test_zz_where\n" in r.stdout, r.stdout
+
+
+@pytest.mark.requires_kvm
+def test_snapshot_restore_and_gdb_from_the_wheel(venv):
+    """Issue 23 from the installed package: a snapshot written by one `pykvm run` is continued
+    by `pykvm restore` in another process, and Debian's gdb breaks, reads and continues a
+    built-in guest through `pykvm run --gdb` (both with the guests the wheel carries)."""
+    snap = os.path.join(venv.home, "s.snap")
+    full = venv.run("pykvm", "run", "snap_counter", "--no-input", "--timeout", "120",
+                    timeout=300)
+    assert full.returncode == 0, full.stderr
+    a = venv.run("pykvm", "run", "snap_counter", "--no-input", "--timeout", "120",
+                 "--snapshot-at", "console:cpu0 count=300 ", "--snapshot", snap, timeout=300)
+    assert a.returncode == 0 and f"snapshot written to {snap}" in a.stderr, a.stderr
+    b = venv.run("pykvm", "restore", snap, "--no-input", "--timeout", "120", timeout=300)
+    assert b.returncode == 0, b.stderr
+    lines = [ln for ln in (a.stdout + b.stdout).splitlines() if ln.startswith("snap cpu0 ")]
+    assert lines == [ln for ln in full.stdout.splitlines() if ln.startswith("snap cpu0 ")]
+    gdb = shutil.which("gdb")
+    assert gdb, "gdb is not installed (Debian: apt install gdb)"
+    r = venv.run("python", "-c", "from pykvm import guests; print(guests.path('gdb_target'))")
+    elf = os.path.splitext(r.stdout.strip())[0] + ".elf"
+    assert r.returncode == 0 and os.path.isfile(elf), r.stdout + r.stderr
+    p = subprocess.Popen([os.path.join(venv.bin, "pykvm"), "run", "--gdb", "tcp:127.0.0.1:0",
+                          "--gdb-wait", "--no-input", elf], cwd=venv.home, env=venv.env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL, text=True)
+    try:
+        head = ""
+        while "listening on" not in head:
+            line = p.stderr.readline()
+            assert line, f"pykvm did not start its gdb server: {head!r}"
+            head += line
+        port = head.split("listening on", 1)[1].split()[0].rsplit(":", 1)[1]
+        g = subprocess.run([gdb, "-batch", "-nx", "-ex", f"target remote :{port}",
+                            "-ex", "break gdb_tick", "-ex", "continue", "-ex", "print gdb_counter",
+                            "-ex", "delete", "-ex", "continue", elf],
+                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        out = g.stdout + g.stderr
+        assert "Breakpoint 1, gdb_tick" in out and "$1 = 0" in out, out
+        assert "exited normally" in out, out
+        assert p.wait(timeout=120) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
