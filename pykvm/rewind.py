@@ -415,7 +415,7 @@ class MachineBaseline:
     def __init__(self, machine: Any, *, manual_protect: bool = False):
         refused = _snapshot.refusals(machine)
         if refused:
-            raise PykvmError("reset cannot put back the state of " + "; ".join(refused))
+            raise PykvmError("checkpoint/reset cannot put back the state of " + "; ".join(refused))
         self.machine = machine
         vm = machine.vm
         for v in machine.vcpus:

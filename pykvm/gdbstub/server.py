@@ -507,7 +507,9 @@ class GdbServer:
                     continue
                 session: Optional[_Session] = None
                 try:
-                    self._say(f"gdb client connected from {peer or 'a unix socket'}")
+                    self._say("gdb client connected from " + (
+                        f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2
+                        else "a unix socket"))
                     session = _Session(self, conn)
                     session.serve()
                 except Exception as e:  # noqa: BLE001 — a session's bug never ends the server
