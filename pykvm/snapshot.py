@@ -46,18 +46,16 @@ import time
 from . import snapfile
 from ._host import HOST_ARCH
 from .abi import ffi
+from .arch import current_snapshot as _arch_snapshot
 from .arch.snapstate import ArchState
 from .errors import PykvmError, SnapshotError
 from .kvm import Kvm
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, List, Optional, Tuple
+    from typing import Any, Dict, List, Tuple
 
 # the leaves whose feature bits a restoring host must offer: (leaf, subleaf, register)
-_FEATURE_WORDS = ((1, 0, "ecx"), (1, 0, "edx"), (7, 0, "ebx"), (7, 0, "ecx"), (7, 0, "edx"),
-                  (0xD, 1, "eax"), (0x80000001, 0, "ecx"), (0x80000001, 0, "edx"))
-_HYPERVISOR_BIT = 1 << 31          # CPUID.1:ECX[31], which pykvm sets for its guests
 _UART_FIELDS = ("uart_dll", "uart_dlm", "uart_thre", "uart_irq_level", "uart_rbr", "uart_lsr",
                 "uart_fcr", "uart_rx_head", "uart_rx_count")
 # the receive FIFO holds 16 bytes (csrc/pykvm_native.h): its head indexes it, its count is 0-16
@@ -96,19 +94,11 @@ def _state_from_json(v: Any, what: str) -> ArchState:
 
 
 def host_vendor(kvm: Any) -> str:
-    """The host CPU's vendor string (CPUID leaf 0 as KVM_GET_SUPPORTED_CPUID gives it) on x86,
-    else the architecture's name."""
-    if HOST_ARCH != "x86_64":
-        return HOST_ARCH
-    for e in kvm.supported_cpuid():
-        if e.function == 0:
-            return _vendor_of(e.ebx, e.edx, e.ecx)
-    return "unknown"
-
-
-def _vendor_of(ebx: int, edx: int, ecx: int) -> str:
-    raw = b"".join(int(x).to_bytes(4, "little") for x in (ebx, edx, ecx))
-    return raw.decode("ascii", "replace")
+    """The host's identity a snapshot records and a restore must match: the CPU vendor string
+    on x86 (CPUID leaf 0 as KVM_GET_SUPPORTED_CPUID gives it), the architecture's name
+    elsewhere (:func:`pykvm.arch.x86.snapshot.host_vendor`,
+    :func:`pykvm.arch.riscv.snapshot.host_vendor`)."""
+    return _arch_snapshot.host_vendor(kvm)
 
 
 # -- taking a snapshot ----------------------------------------------------------------------------
@@ -387,41 +377,9 @@ class Plan:
         if m["vendor"] != vendor:
             raise SnapshotError(f"foreign snapshot: taken on a {m['vendor']} CPU, this host "
                                 f"is {vendor}")
-        if HOST_ARCH == "x86_64":
-            from_cpuid = _cpuid_vendor(self.cpuid)
-            if from_cpuid is not None and from_cpuid != vendor:
-                raise SnapshotError(f"foreign snapshot: its guest CPUID says {from_cpuid}, "
-                                    f"this host is {vendor}")
-            missing = _missing_features(self.cpuid, kvm.supported_cpuid())
-            if missing:
-                raise SnapshotError(f"foreign snapshot: the guest was given CPUID features "
-                                    f"this host's KVM does not offer ({missing})")
-
-
-def _cpuid_vendor(entries: List[Tuple[int, ...]]) -> Optional[str]:
-    for e in entries:
-        if e[0] == 0:
-            return _vendor_of(e[4], e[6], e[5])
-    return None
-
-
-def _missing_features(entries: List[Tuple[int, ...]], supported: Any) -> str:
-    have: Dict[Tuple[int, int], Any] = {}
-    for e in supported:
-        have.setdefault((e.function, e.index), e)
-    regs = {"eax": 3, "ebx": 4, "ecx": 5, "edx": 6}
-    for e in entries:
-        for leaf, sub, reg in _FEATURE_WORDS:
-            if e[0] != leaf or e[1] != sub:
-                continue
-            want = e[regs[reg]]
-            if (leaf, reg) == (1, "ecx"):
-                want &= ~_HYPERVISOR_BIT
-            h = have.get((leaf, sub))
-            got = getattr(h, reg) if h is not None else 0
-            if want & ~got:
-                return f"leaf {leaf:#x}.{sub} {reg.upper()} bits {want & ~got:#x}"
-    return ""
+        why = _arch_snapshot.cpuid_mismatch(self.cpuid, kvm, vendor)
+        if why:
+            raise SnapshotError(f"foreign snapshot: {why}")
 
 
 def _check_meta(m: Any, what: str) -> dict:
@@ -452,7 +410,7 @@ def _check_meta(m: Any, what: str) -> dict:
         raise bad("mono_ns" if not 0 <= m["mono_ns"] < 1 << 63 else "kvm_api_version")
     if not _RE_SHA256.fullmatch(m["image_sha256"]):
         raise bad("image_sha256")
-    if HOST_ARCH == "x86_64" and m["arch"] == "x86_64" and not cpuid:
+    if _arch_snapshot.CPUID_REQUIRED and m["arch"] == HOST_ARCH and not cpuid:
         raise bad("cpuid")                 # every x86 machine gives its vCPUs a CPUID table
     ram = sorted(m["ram"])
     if not ram or len(ram) > 16 or any(a[1] > b[0] for a, b in zip(ram, ram[1:])):

@@ -407,14 +407,20 @@ def test_a_machine_with_a_virtio_device_is_refused_naming_it(tmp_path):
 
 
 def test_a_machine_between_runs_is_snapshotted_as_it_stands(tmp_path):
-    """No run in progress: a run that ended by its deadline leaves the guest mid-way, and the
-    snapshot taken then continues elsewhere exactly."""
+    """No run in progress: a run stopped mid-way (here as soon as round 100's line is out;
+    a run ended by its deadline is the same) leaves the guest where it was, and the snapshot
+    taken then continues elsewhere exactly."""
     full = _uninterrupted("bare", 1)
     path = str(tmp_path / "between.snap")
-    with Machine(GUEST, machine="bare") as m:
-        m.set_params(0, 2000)                        # slow enough that 0.3 s is mid-run
-        r = m.run(timeout=0.3)
-        assert r.exit == "timeout"
+    seen = [b""]
+
+    def stop_at_round_100(data):
+        seen[0] = seen[0][-64:] + data
+        if b"cpu0 count=100 " in seen[0]:
+            m.stop("round 100")
+    with Machine(GUEST, machine="bare", on_console=stop_at_round_100) as m:
+        r = m.run(timeout=120)
+        assert (r.exit, r.detail) == ("stopped", "round 100")
         m.snapshot(path)
         before = m.console.decode()
     assert 0 < len(_lines(before)) < len(_lines(full))

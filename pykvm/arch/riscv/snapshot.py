@@ -199,6 +199,22 @@ def load_vm_state(vm: Any, state: ArchState) -> None:
     check_vm_state(vm, state)
 
 
+# -- the host identity a snapshot records (pykvm.snapshot) ---------------------------------------
+
+CPUID_REQUIRED = False               # RISC-V has no CPUID; the ISA registers travel as ONE_REG
+
+
+def host_vendor(kvm: Any) -> str:
+    """"riscv64": a RISC-V snapshot is checked register by register (the config and ISA
+    registers are compared on restore), not by a vendor string."""
+    return "riscv64"
+
+
+def cpuid_mismatch(entries: List[Tuple[int, ...]], kvm: Any, vendor: str) -> str:
+    """"": RISC-V has no CPUID table to check."""
+    return ""
+
+
 class VcpuSnapshot:
     """``save_state()`` / ``load_state()`` on :class:`pykvm.vcpu.Vcpu` (RISC-V)."""
 

@@ -489,6 +489,56 @@ def vm_load_rows(vm: Any, state: ArchState) -> Optional[List[LoadRow]]:
     return rows
 
 
+# -- the host identity a snapshot records (pykvm.snapshot) ---------------------------------------
+
+CPUID_REQUIRED = True                # every x86 machine gives its vCPUs a CPUID table
+# the leaves whose feature bits a restoring host must offer: (leaf, subleaf, register)
+_FEATURE_WORDS = ((1, 0, "ecx"), (1, 0, "edx"), (7, 0, "ebx"), (7, 0, "ecx"), (7, 0, "edx"),
+                  (0xD, 1, "eax"), (0x80000001, 0, "ecx"), (0x80000001, 0, "edx"))
+_HYPERVISOR_BIT = 1 << 31          # CPUID.1:ECX[31], which pykvm sets for its guests
+
+
+def _vendor_of(ebx: int, edx: int, ecx: int) -> str:
+    raw = b"".join(int(x).to_bytes(4, "little") for x in (ebx, edx, ecx))
+    return raw.decode("ascii", "replace")
+
+
+def host_vendor(kvm: Any) -> str:
+    """The host CPU's vendor string ("GenuineIntel", "AuthenticAMD"): CPUID leaf 0 as
+    KVM_GET_SUPPORTED_CPUID gives it; "unknown" without that leaf."""
+    for e in kvm.supported_cpuid():
+        if e.function == 0:
+            return _vendor_of(e.ebx, e.edx, e.ecx)
+    return "unknown"
+
+
+def cpuid_mismatch(entries: List[Tuple[int, ...]], kvm: Any, vendor: str) -> str:
+    """Why the CPUID table a snapshot's guest was given (``entries``: (function, index, flags,
+    eax, ebx, ecx, edx) tuples) does not fit this host, whose vendor is ``vendor``: another
+    vendor in leaf 0, or feature bits (leaves 1, 7, 0xD.1, 0x80000001; the hypervisor bit
+    aside) this host's KVM_GET_SUPPORTED_CPUID does not offer. "" when it fits."""
+    for e in entries:
+        if e[0] == 0 and _vendor_of(e[4], e[6], e[5]) != vendor:
+            return f"its guest CPUID says {_vendor_of(e[4], e[6], e[5])}, this host is {vendor}"
+    have: Dict[Tuple[int, int], Any] = {}
+    for s in kvm.supported_cpuid():
+        have.setdefault((s.function, s.index), s)
+    regs = {"eax": 3, "ebx": 4, "ecx": 5, "edx": 6}
+    for e in entries:
+        for leaf, sub, reg in _FEATURE_WORDS:
+            if e[0] != leaf or e[1] != sub:
+                continue
+            want = e[regs[reg]]
+            if (leaf, reg) == (1, "ecx"):
+                want &= ~_HYPERVISOR_BIT
+            h = have.get((leaf, sub))
+            got = getattr(h, reg) if h is not None else 0
+            if want & ~got:
+                return (f"the guest was given CPUID features this host's KVM does not offer "
+                        f"(leaf {leaf:#x}.{sub} {reg.upper()} bits {want & ~got:#x})")
+    return ""
+
+
 class VcpuSnapshot:
     """``save_state()`` / ``load_state()`` on :class:`pykvm.vcpu.Vcpu` (x86)."""
 
