@@ -230,6 +230,7 @@ class Machine:
         self._pauses_kicking = 0           # pause() calls sending their kicks now
         self._kicks_seen: Dict[int, int] = {}   # vCPU -> _pauses when its last kick was taken
         self._held: set = set()            # vCPUs held by pause() now
+        self._held_time: Optional[int] = None   # the guest's time while every vCPU is held
         self._active: set = set()          # vCPUs inside run() now
         self._stop_reason: Optional[str] = None   # why stop() ends the run
         self._baseline: Optional[MachineBaseline] = None   # checkpoint()'s, for reset()
@@ -673,9 +674,21 @@ class Machine:
         """Hold vCPU ``index`` (out of KVM_RUN, in its own thread) while :meth:`pause` is in
         force; None once :meth:`resume` lets it run on, else the :class:`Event` that ends its
         part of the run: "timeout" when ``deadline`` (``time.monotonic()`` seconds) passes
-        while held, "kick" when the machine is stopped or closed."""
+        while held, "kick" when the machine is stopped or closed.
+
+        A Linux guest held for longer than its watchdog threshold must not report a soft
+        lockup or an RCU stall when it runs on, so each arch does what QEMU does for a stopped
+        VM: before it counts as held, the vCPU tells its guest it is being held
+        (:meth:`pykvm.vcpu.Vcpu.notify_paused`: KVM_KVMCLOCK_CTRL on x86); the last vCPU to be
+        held saves the guest's time (:meth:`pykvm.vcpu.Vcpu.save_guest_time`: the RISC-V timer's
+        ``time``) and the first to leave puts it back before any vCPU re-enters KVM_RUN, so
+        that the guest's time stands still while it is held."""
+        vcpu = self.vcpus[index]
+        vcpu.notify_paused()
         with self._pause_cv:
             self._held.add(index)
+            if self._held_time is None and self._active <= self._held:
+                self._held_time = vcpu.save_guest_time()
             self._pause_cv.notify_all()
             try:
                 while self._pause_wanted and not self._stop and not self._closed:
@@ -687,6 +700,9 @@ class Machine:
                         wait = min(wait, left)
                     self._pause_cv.wait(wait)
             finally:
+                if self._held_time is not None:    # under the lock: no vCPU runs before it
+                    saved, self._held_time = self._held_time, None
+                    vcpu.restore_guest_time(saved)
                 self._held.discard(index)
                 self._pause_cv.notify_all()
         if self._stop or self._closed:

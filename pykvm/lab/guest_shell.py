@@ -40,6 +40,13 @@ PROMPT = r"pykvm:/[^\r\n#]*# "
 TICK = re.compile(r"tick (\d+)\r*\n")
 # the guest loop of the control test: one numbered line every 0.2 s of guest time
 TICK_LOOP = "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done"
+# ticks waited for after the first one that follows a resume: 6 s of guest time, past the
+# next check of Linux's soft-lockup watchdog (every 4 s at its default 10 s threshold)
+AFTER_TICKS = 30
+# what a Linux guest prints when it takes a held vCPU for a stuck one (kernel/watchdog.c,
+# kernel/rcu/tree_stall.h, kernel/hung_task.c)
+GUEST_COMPLAINT = re.compile(r"soft lockup|rcu: INFO: \S+ (?:self-)?detected stall|"
+                             r"blocked for more than \d+ seconds")
 
 
 def _pexpect():
@@ -319,7 +326,7 @@ def fresh_disk(files, directory) -> Path:
 
 
 def control_walkthrough(shell: GuestShell, name: str, env: dict, vcpus: int,
-                        quiet: float = 5.0) -> dict:
+                        quiet: float = 5.0, hold: float = 0.0) -> dict:
     """The control verbs on a running guest started with ``--name NAME`` (``env``: the
     environment naming the control directory), at its shell prompt, in order, each checked
     as it goes (AssertionError):
@@ -329,15 +336,19 @@ def control_walkthrough(shell: GuestShell, name: str, env: dict, vcpus: int,
     3. ``pykvm pause NAME`` says ``NAME: paused``; the console goes quiet and stays so for
        ``quiet`` seconds; ``pykvm list`` says ``paused``; two ``debug --dump --json`` give the
        same registers (read without pausing again);
+       the pause lasts at least ``hold`` seconds in all (Linux's soft-lockup threshold is
+       20 s: a longer hold shows whether the guest was told it was held);
     4. ``pykvm resume NAME`` says ``NAME: running``; the next tick is the one after the last
-       before the pause;
+       before the pause; :data:`AFTER_TICKS` more ticks come (past the guest watchdog's
+       next check);
     5. ``pykvm stat NAME --json`` while it runs; ``debug --dump`` (text, pausing for the read);
     6. ``pykvm stop NAME`` says ``NAME: stopping``; ``pykvm run`` ends; NAME is no longer
        listed and ``pykvm pause NAME`` is refused with status 2.
 
     Returns {"listed", "paused_dumps", "dump_text", "running_dump", "stat", "status" (of pykvm
     run), "ticks" (every complete tick line's number), "last_before_pause",
-    "first_after_resume", "late" (what came while watching the paused console)}."""
+    "first_after_resume", "late" (what came while watching the paused console), "held_s"
+    (seconds from the pause command to the resume command)}."""
     out: dict = {}
     listed = [d for d in cli_json("list", env=env) if d.get("name") == name]
     assert len(listed) == 1, listed
@@ -352,6 +363,7 @@ def control_walkthrough(shell: GuestShell, name: str, env: dict, vcpus: int,
     shell.expect(TICK)
     shell.expect(TICK)
 
+    paused_at = time.monotonic()
     p = cli("pause", name, env=env)
     assert (p.returncode, p.stdout) == (0, f"{name}: paused\n"), p.stderr
     _, late = pause_silence(shell, quiet)
@@ -366,7 +378,9 @@ def control_walkthrough(shell: GuestShell, name: str, env: dict, vcpus: int,
     assert d1["paused_for_dump"] is False and len(d1["vcpus"]) == vcpus, d1
     assert d1["vcpus"] == d2["vcpus"], "registers moved while paused"
     out["paused_dumps"] = (d1, d2)
+    time.sleep(max(0.0, paused_at + hold - time.monotonic()))
 
+    out["held_s"] = round(time.monotonic() - paused_at, 1)
     p = cli("resume", name, env=env)
     assert (p.returncode, p.stdout) == (0, f"{name}: running\n"), p.stderr
     # the first complete tick line after those seen before the pause (a line cut by the pause
@@ -376,6 +390,8 @@ def control_walkthrough(shell: GuestShell, name: str, env: dict, vcpus: int,
     after = ticks(shell.log.text())
     assert after[:len(seen)] == seen, (seen, after)
     out["first_after_resume"] = after[len(seen)]
+    while int(shell.expect(TICK).group(1)) < out["first_after_resume"] + AFTER_TICKS:
+        pass
 
     st = cli_json("stat", name, env=env)
     out["stat"] = st
@@ -467,10 +483,19 @@ def check_vsock_guest_to_host(shell: GuestShell, uds: str, env: dict) -> None:
     assert c.get("tx_unknown_connection", 0) <= 1, f"{c}"
 
 
+def _around_ticks(text: str, r: dict) -> str:
+    """The console from the last tick before the pause to the first after it (at most 3000
+    characters): what came between them, when a tick went missing."""
+    start = text.rfind(f"tick {r['last_before_pause']}")
+    end = text.find(f"tick {r['first_after_resume']}", max(start, 0))
+    return text[max(start, 0):end + 20][-3000:]
+
+
 def control_run(files, short: str, directory, cmdline: str, *, timeout: float, mem: str,
-                vcpus: int, record=None) -> dict:
-    """One guest with ``--name ctlvm``: :func:`control_walkthrough`, then the checks every
-    arch shares (the ticks, ``stat``, ``pykvm run``'s status and its last line). Returns the
+                vcpus: int, record=None, hold: float = 0.0) -> dict:
+    """One guest with ``--name ctlvm``: :func:`control_walkthrough` (its pause lasting at
+    least ``hold`` seconds), then the checks every arch shares (no lockup or stall reported
+    by the guest, the ticks, ``stat``, ``pykvm run``'s status and its last line). Returns the
     walkthrough's dict for the arch's own register checks; ``record(name, value)``: pytest's
     record_property."""
     env = dict(os.environ, PYKVM_CONTROL_DIR=os.path.join(short, "ctl2"))
@@ -481,9 +506,18 @@ def control_run(files, short: str, directory, cmdline: str, *, timeout: float, m
         if record is not None:
             assert shell.prompt_s is not None           # start() saw the prompt
             record("control_prompt_s", round(shell.prompt_s, 1))
-        r = control_walkthrough(shell, "ctlvm", env, vcpus)
-    assert r["first_after_resume"] == r["last_before_pause"] + 1, r
-    assert r["ticks"] == list(range(1, len(r["ticks"]) + 1)), r["ticks"]   # none lost or repeated
+        r = control_walkthrough(shell, "ctlvm", env, vcpus, hold=hold)
+    if record is not None:
+        record("control_held_s", r["held_s"])
+    text = shell.log.text()
+    complaint = GUEST_COMPLAINT.search(text)
+    assert not complaint, (f"the guest complained after a pause of {r['held_s']} s: "
+                           f"{text[complaint.start():complaint.start() + 300]!r}")
+    assert r["first_after_resume"] == r["last_before_pause"] + 1, (
+        f"first tick after resume {r['first_after_resume']}, last before the pause "
+        f"{r['last_before_pause']}; console around the pause:\n{_around_ticks(text, r)}")
+    gaps = [(a, b) for a, b in zip(r["ticks"], r["ticks"][1:]) if b != a + 1]
+    assert r["ticks"][:1] == [1] and not gaps, f"ticks lost or repeated: {gaps}"
     st = r["stat"]
     assert st["state"] == "running"
     assert isinstance(st["vm"]["remote_tlb_flush"], int), st["vm"]

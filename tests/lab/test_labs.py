@@ -72,7 +72,9 @@ RISCV_ONCE = [
          "test_raw_client_on_a_unix_socket_registers_and_garbage",
          "test_ctrl_c_stops_a_guest_waiting_in_wfi",
          # a Linux guest snapshotted at its shell (tests/riscv/test_snapshot_riscv.py)
-         "test_linux_at_its_shell_continues_in_another_process"]
+         "test_linux_at_its_shell_continues_in_another_process",
+         # pause holds the guest's time still (tests/riscv/test_pause_riscv.py)
+         "test_the_guests_time_stands_still_while_paused"]
 # the nested-SVM suite (tests/nested/test_svm_tlb.py, docs/nested.md)
 SVM_SUITE = ["test_tlb_control_honoured_on_next_vmrun", "test_invlpga_invalidates_that_asids_translation",
              "test_invlpga_after_l2_rewrites_its_own_pte",

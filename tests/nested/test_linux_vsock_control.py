@@ -15,8 +15,9 @@ drive its shell under a pty (pexpect, ``pykvm/lab/guest_shell.py``):
   its own, which the guest prints. ``pykvm stat`` shows the device's connection counters, no
   drops;
 * control, one boot with ``--name``: ``pykvm list`` shows the VM; ``pykvm pause`` stops a guest
-  loop printing ``tick N`` (no console output for 5 s); ``pykvm resume`` lets it go on with the
-  next number; ``pykvm stat --json`` has KVM's stats and the device counters; ``pykvm debug
+  loop printing ``tick N`` (no console output for 5 s; paused 25 s in all, past the guest's
+  soft-lockup threshold); ``pykvm resume`` lets it go on with the next number and the guest
+  reports no lockup (pause tells it of the hold through KVM_KVMCLOCK_CTRL); ``pykvm stat --json`` has KVM's stats and the device counters; ``pykvm debug
   --dump`` shows the registers (the same twice while paused; 64-bit mode); ``pykvm stop`` ends
   the run with status 0. No test asserts a duration.
 """
@@ -36,6 +37,9 @@ MEM = "256M"
 VCPUS = 1
 CMDLINE = "console=ttyS0 panic=-1 loglevel=4 root=/dev/vda rw"
 EFER_LMA = 1 << 10
+# seconds the control test keeps the guest paused: past Linux's 20 s soft-lockup threshold, so
+# a guest not told of the pause (KVM_KVMCLOCK_CTRL) reports a lockup when it runs on
+HOLD = 25.0
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +83,7 @@ def test_linux_vsock_guest_connects_to_host(vsock_vm):
 def test_linux_control_list_pause_resume_stat_dump_stop(files, short_dir, tmp_path,
                                                         record_property):
     r = guest_shell.control_run(files, short_dir, tmp_path, CMDLINE, timeout=TIMEOUT, mem=MEM,
-                                vcpus=VCPUS,
+                                vcpus=VCPUS, hold=HOLD,
                                 record=lambda k, v: record_property("" + k, v))
     for dump in (*r["paused_dumps"], r["running_dump"]):
         assert dump["arch"] == "x86_64"

@@ -12,7 +12,9 @@ under a pty (pexpect, ``pykvm/lab/guest_shell.py``):
   port) and guest to host (the guest connects to CID 2 port 5000, which the test serves on
   ``PATH_5000``; tokens both ways); ``pykvm stat`` shows the device's connections, no drops;
 * control, one boot with ``--name``: ``pykvm list``, ``pause`` (a guest loop printing ``tick
-  N`` falls silent for 5 s), ``resume`` (the next number follows), ``stat --json`` (KVM stats,
+  N`` falls silent for 5 s; paused 25 s in all, past the guest's soft-lockup threshold),
+  ``resume`` (the next number follows; the guest reports no lockup, its time having stood still
+  while held), ``stat --json`` (KVM stats,
   device counters), ``debug --dump`` (``pc``, ``sp``, ... of both harts, the same twice while
   paused), ``stop`` (status 0). No test asserts a duration.
 """
@@ -31,6 +33,9 @@ TIMEOUT = 300             # seconds: the run's deadline and the longest wait for
 MEM = "256M"
 VCPUS = 2
 CMDLINE = "console=ttyS0 panic=-1 loglevel=4 root=/dev/vda rw"
+# seconds the control test keeps the guest paused: past Linux's 20 s soft-lockup threshold, so
+# a guest whose time ran on while it was held reports a lockup when it runs on
+HOLD = 25.0
 RV_REGS = ("pc", "ra", "sp", "gp", "tp", "t0", "t1", "t2", "s0", "s1", "a0", "a1", "a2", "a3",
            "a4", "a5", "a6", "a7", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9", "s10", "s11",
            "t3", "t4", "t5", "t6")
@@ -84,7 +89,7 @@ def test_linux_vsock_guest_connects_to_host_riscv(vsock_vm):
 def test_linux_control_list_pause_resume_stat_dump_stop_riscv(files, short_dir, tmp_path,
                                                               record_property):
     r = guest_shell.control_run(files, short_dir, tmp_path, CMDLINE, timeout=TIMEOUT, mem=MEM,
-                                vcpus=VCPUS,
+                                vcpus=VCPUS, hold=HOLD,
                                 record=lambda k, v: record_property("riscv_" + k, v))
     for dump in (*r["paused_dumps"], r["running_dump"]):
         assert dump["arch"] == "riscv64"

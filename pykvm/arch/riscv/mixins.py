@@ -108,6 +108,27 @@ class VcpuArch(VcpuSnapshot):
     def _arch_init(self) -> None:
         pass
 
+    def notify_paused(self) -> bool:
+        """What x86's KVM_KVMCLOCK_CTRL does when the host holds a vCPU; RISC-V KVM has no such
+        notice (the SBI STA extension reports steal time, not a stop), so this returns False
+        and does nothing: a held RISC-V guest's time stands still instead
+        (:meth:`save_guest_time`). :meth:`pykvm.machine.Machine.pause` calls it on every arch.
+        """
+        return False
+
+    def save_guest_time(self) -> Optional[int]:
+        """The guest's time now (the ``timer.time`` register, in timebase ticks), read while
+        every vCPU of the VM is held, for :meth:`restore_guest_time` when the hold ends: what
+        QEMU's kvm_riscv_vm_state_change does on a stop. KVM keeps one time offset per VM, so
+        one vCPU's register stands for all."""
+        return self.get_reg("timer.time")
+
+    def restore_guest_time(self, saved: int) -> None:
+        """KVM_SET_ONE_REG of ``timer.time`` to ``saved`` (ticks): KVM sets the VM's time offset
+        so that the guest's time goes on from there and the hold is not seen. Call it before
+        any vCPU of the VM re-enters KVM_RUN."""
+        self.set_reg("timer.time", saved)
+
     # -- any register by name ---------------------------------------------------------------
     def get_reg(self, name: str, *, vlenb: Optional[int] = None) -> int:
         """KVM_GET_ONE_REG of the register named ``name`` (:func:`pykvm.arch.riscv.regs.reg_id`:

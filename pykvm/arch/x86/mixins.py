@@ -247,6 +247,33 @@ class VcpuArch(VcpuState, VcpuSnapshot):
         i.irq = vector
         ioctl(self.fd, ioctls.KVM_INTERRUPT, i, what=str(vector))
 
+    def notify_paused(self) -> bool:
+        """KVM_KVMCLOCK_CTRL (api.rst "KVM_KVMCLOCK_CTRL"): tell the guest that the host held
+        this vCPU, as QEMU does for each vCPU when a VM stops. At the vCPU's next entry KVM sets
+        PVCLOCK_GUEST_STOPPED (bit 1 of ``flags``) in the guest's kvmclock area; Linux's
+        soft-lockup and RCU-stall detectors read and clear it (kvm_check_and_clear_guest_paused)
+        and so do not report the held time as a lockup. Call it while the vCPU is out of
+        KVM_RUN (:meth:`pykvm.machine.Machine.pause` does, in the vCPU's own thread).
+
+        Returns True when the notice is set; False when the guest has not enabled kvmclock
+        (EINVAL: nothing to tell) or KVM lacks KVM_CAP_KVMCLOCK_CTRL. Raises
+        :class:`~pykvm.errors.KvmError` for any other refusal."""
+        try:
+            ioctl(self.fd, ioctls.KVM_KVMCLOCK_CTRL)
+        except KvmError as e:
+            if e.errno in (errno.EINVAL, errno.ENOTTY):
+                return False
+            raise
+        return True
+
+    def save_guest_time(self) -> Optional[int]:
+        """The guest time to put back when a pause ends: None on x86, whose guests learn of a
+        pause from :meth:`notify_paused` instead (their kvmclock runs on, as the TSC does)."""
+        return None
+
+    def restore_guest_time(self, saved: int) -> None:
+        """Nothing on x86 (see :meth:`save_guest_time`)."""
+
     # -- nested ---------------------------------------------------------------------------
     def nested_state(self):
         """KVM_GET_NESTED_STATE → :class:`pykvm.arch.x86.nested.NestedState`."""
