@@ -726,23 +726,19 @@ class _SnapshotTrigger:
     snapshot's size in bytes once taken; ``error``: the one line of a failed snapshot."""
 
     def __init__(self, m, spec, path: str):
+        from .runloop import ConsoleWatch
         self.m, self.path = m, path
         self.kind, self.what = spec
         self.written = None
         self.error = None
-        self._hit = threading.Event()
+        self._watch = ConsoleWatch(self.what) if self.kind == "console" else None
         self._done = threading.Event()
-        self._tail = b""
         self._thread = threading.Thread(target=self._main, name="pykvm-snapshot", daemon=True)
 
     def feed(self, data: bytes) -> None:
         """Console bytes (the machine's on_console): TEXT may straddle two pieces."""
-        if self.kind != "console" or self._hit.is_set():
-            return
-        seen = self._tail + bytes(data)
-        if self.what in seen:
-            self._hit.set()
-        self._tail = seen[-(len(self.what) - 1):] if len(self.what) > 1 else b""
+        if self._watch is not None:
+            self._watch(data)
 
     def start(self) -> None:
         self._thread.start()
@@ -752,7 +748,8 @@ class _SnapshotTrigger:
             if self._done.wait(self.what):
                 return
         else:
-            while not self._hit.wait(0.05):
+            assert self._watch is not None
+            while not self._watch.wait(0.05):
                 if self._done.is_set():
                     return
         try:

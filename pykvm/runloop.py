@@ -238,6 +238,43 @@ class UartGroup:
         return self.state.uart_in_delivered
 
 
+class ConsoleWatch:
+    """An ``on_console`` callback (``Machine(on_console=...)``) that notices ``text`` (bytes,
+    or str taken as UTF-8) in console output given in pieces of any size: the text may
+    straddle two or more pieces. The first time it appears, :attr:`hit` (a
+    :class:`threading.Event`) is set and ``then()``, if given, is called once, in the thread
+    that passed the bytes (a vCPU thread: ``then`` must not wait for the run, though it may
+    call :meth:`pykvm.machine.Machine.stop`). Keeps ``len(text) - 1`` bytes between pieces.
+    Thread-safe. Raises ValueError for an empty ``text``."""
+
+    __slots__ = ("text", "then", "hit", "_tail", "_lock")
+
+    def __init__(self, text: Union[str, bytes], then: Optional[Callable[[], None]] = None):
+        self.text = text.encode() if isinstance(text, str) else bytes(text)
+        if not self.text:
+            raise ValueError("ConsoleWatch needs a non-empty text to look for")
+        self.then = then
+        self.hit = threading.Event()
+        self._tail = b""
+        self._lock = threading.Lock()
+
+    def __call__(self, data: bytes) -> None:
+        with self._lock:
+            if self.hit.is_set():
+                return
+            seen = self._tail + bytes(data)
+            found = self.text in seen
+            if found:
+                self.hit.set()
+            self._tail = seen[-(len(self.text) - 1):] if len(self.text) > 1 else b""
+        if found and self.then is not None:
+            self.then()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait up to ``timeout`` seconds (None: for ever) for the text; whether it came."""
+        return self.hit.wait(timeout)
+
+
 class ConsoleBuffer:
     """Console output as a machine or a run loop keeps it: the last ``limit`` bytes
     (:attr:`data`), a count of older bytes no longer held (:attr:`dropped`), and an optional

@@ -20,6 +20,7 @@ from pykvm import snapfile
 from pykvm import snapshot as snapmod
 from pykvm.errors import SnapshotError
 from pykvm.machine import Machine
+from pykvm.runloop import ConsoleWatch
 
 pytestmark = pytest.mark.requires_kvm
 
@@ -44,15 +45,8 @@ def _uninterrupted(machine, vcpus):
 def _snapshot_at(path, text, *, machine, vcpus, params=(0, 0)):
     """Run GUEST until ``text`` appears on its console, snapshot it to ``path`` (the machine
     running), stop; the console printed before the snapshot."""
-    hit = threading.Event()
-    tail = [b""]
-
-    def watch(data):
-        seen = tail[0] + data
-        if text.encode() in seen:
-            hit.set()
-        tail[0] = seen[-len(text):]
-    m = Machine(GUEST, machine=machine, vcpus=vcpus, on_console=watch)
+    hit = ConsoleWatch(text)
+    m = Machine(GUEST, machine=machine, vcpus=vcpus, on_console=hit)
     try:
         m.set_params(*params)
         result = []
@@ -412,12 +406,7 @@ def test_a_machine_between_runs_is_snapshotted_as_it_stands(tmp_path):
     taken then continues elsewhere exactly."""
     full = _uninterrupted("bare", 1)
     path = str(tmp_path / "between.snap")
-    seen = [b""]
-
-    def stop_at_round_100(data):
-        seen[0] = seen[0][-64:] + data
-        if b"cpu0 count=100 " in seen[0]:
-            m.stop("round 100")
+    stop_at_round_100 = ConsoleWatch("cpu0 count=100 ", then=lambda: m.stop("round 100"))
     with Machine(GUEST, machine="bare", on_console=stop_at_round_100) as m:
         r = m.run(timeout=120)
         assert (r.exit, r.detail) == ("stopped", "round 100")

@@ -21,6 +21,7 @@ from pykvm.arch.riscv import snapshot as rsnap
 from pykvm.errors import SnapshotError
 from pykvm.lab import linux_guest
 from pykvm.machine import Machine
+from pykvm.runloop import ConsoleWatch
 from pykvm.testing.plugin import LACKS
 
 pytestmark = pytest.mark.requires_arch("riscv64")
@@ -32,15 +33,8 @@ def _lines(text):
 
 
 def _snapshot_at(path, text, vcpus=1):
-    hit = threading.Event()
-    tail = [b""]
-
-    def watch(data):
-        seen = tail[0] + data
-        if text.encode() in seen:
-            hit.set()
-        tail[0] = seen[-len(text):]
-    m = Machine(GUEST, vcpus=vcpus, on_console=watch)
+    hit = ConsoleWatch(text)
+    m = Machine(GUEST, vcpus=vcpus, on_console=hit)
     try:
         m.set_params(1 if vcpus > 1 else 0, 0)       # power off at the end: hart 1 stays STOPPED
         out = []
@@ -213,14 +207,8 @@ def test_reset_to_a_checkpoint_taken_mid_run_repeats_exactly():
     assert full.exit == "done", full.detail
     want = _lines(full.console_text)
     mark = [i for i, ln in enumerate(want) if ln.startswith("snap cpu0 count=100 ")][0]
-    hit = threading.Event()
-    seen = [b""]
-
-    def watch(data):
-        seen[0] = seen[0][-64:] + data
-        if b"cpu0 count=100 " in seen[0]:
-            hit.set()
-    m = Machine(GUEST, on_console=watch)
+    hit = ConsoleWatch("cpu0 count=100 ")
+    m = Machine(GUEST, on_console=hit)
     try:
         out = []
         t = threading.Thread(target=lambda: out.append(m.run(timeout=600)))

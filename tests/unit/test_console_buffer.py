@@ -1,8 +1,11 @@
 """pykvm.runloop.ConsoleBuffer: the one console retention (last `limit` bytes, a dropped count,
-bounded memory, every byte streamed), used by the run loops."""
+bounded memory, every byte streamed), used by the run loops; and ConsoleWatch, which finds a text
+in console output given in pieces (``--snapshot-at console:TEXT``, tests waiting for a line)."""
 import threading
 
-from pykvm.runloop import ConsoleBuffer
+import pytest
+
+from pykvm.runloop import ConsoleBuffer, ConsoleWatch
 
 
 def test_keeps_the_last_limit_bytes_and_counts_the_rest():
@@ -55,3 +58,56 @@ def test_appends_from_many_threads_lose_nothing():
     assert len(d) == c.total == 4 * 2000 * 3 and c.dropped == 0
     assert all(d.count(bytes([0x41 + i])) == 6000 for i in range(4))
     assert all(d[k:k + 3] == d[k:k + 1] * 3 for k in range(0, len(d), 3))   # appends whole
+
+
+# -- ConsoleWatch: text seen in a console given in pieces ----------------------------------------
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64])
+def test_console_watch_finds_text_straddling_pieces_of_any_size(size):
+    stream = b"x" * 50 + b"cpu0 count=100 sum=1" + b"y" * 30
+    fired = []
+    w = ConsoleWatch("cpu0 count=100 ", then=lambda: fired.append(1))
+    for i in range(0, len(stream), size):
+        assert w.hit.is_set() == (b"cpu0 count=100 " in stream[:i])
+        w(stream[i:i + size])
+    assert w.wait(0) and fired == [1]                # then() once, however often it comes
+    w(b"cpu0 count=100 ")
+    assert fired == [1]
+
+
+def test_console_watch_misses_a_text_that_never_came_whole():
+    w = ConsoleWatch(b"done")
+    for piece in (b"do", b"n", b"\ne", b"don", b"", b"dome"):
+        w(piece)
+    assert not w.wait(0)
+    w(b"do")
+    w(b"ne")
+    assert w.wait(0)
+
+
+def test_console_watch_of_one_byte_and_its_refusals():
+    w = ConsoleWatch("#")
+    w(b"ab")
+    assert not w.hit.is_set()
+    w(b"c#")
+    assert w.hit.is_set()
+    with pytest.raises(ValueError):
+        ConsoleWatch("")
+
+
+def test_console_watch_from_several_threads_at_once():
+    """vCPU threads append concurrently: each thread's text is whole in its own pieces, and the
+    watch finds it whichever thread gives it."""
+    w = ConsoleWatch("needle")
+    start = threading.Barrier(4)
+
+    def feed(data):
+        start.wait()
+        for _ in range(2000):
+            w(data)
+    ts = [threading.Thread(target=feed, args=(b"hay",)) for _ in range(3)]
+    ts.append(threading.Thread(target=feed, args=(b"needle",)))
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert w.wait(0)

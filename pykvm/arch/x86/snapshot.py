@@ -299,45 +299,52 @@ def check_vcpu_state(vcpu: Any, state: ArchState) -> None:
                             f"{_MSR_ENTRY}")
 
 
+def _vcpu_sets(vcpu: Any, state: ArchState) -> List[Tuple[int, Any, Any, int, str]]:
+    """The SET ioctls that load ``state`` into ``vcpu``, in the module docstring's order and
+    with its adjustments (vCPU events also load the NMI and SIPI fields), each argument in a
+    fresh buffer: (fd, ioctl row, buffer, the count it must return or -1, what it sets). The
+    one place that builds them, for :func:`load_vcpu_state` and :func:`vcpu_load_rows`."""
+    sets = []
+    for name in _VCPU_ORDER:
+        blob = state.get(name)
+        if blob is None:
+            continue
+        what = f"vCPU {vcpu.id}"
+        if name in _FIXED:
+            ctype, _get, op = _FIXED[name]
+            buf = _new(ctype, blob)
+            if name == "events":
+                buf.flags |= _EVENTS_LOAD_FLAGS
+            sets.append((vcpu.fd, op, buf, -1, what))
+        elif name == "xsave":
+            extra = (len(blob) - _XSAVE_BASE) // 4 or 1
+            sets.append((vcpu.fd, ioctls.KVM_SET_XSAVE,
+                         _new("struct kvm_xsave", blob, {"extra": extra}), -1, what))
+        elif name == "msrs":
+            n = len(blob) // _MSR_ENTRY
+            buf = ffi.new("struct kvm_msrs *", {"entries": max(n, 1)})
+            buf.nmsrs = n
+            ffi.memmove(buf.entries, blob, len(blob))
+            sets.append((vcpu.fd, ioctls.KVM_SET_MSRS, buf, n, f"{what}, {n} MSRs"))
+        elif name == "nested":
+            buf = ffi.from_buffer("struct kvm_nested_state *", bytearray(blob))
+            sets.append((vcpu.fd, ioctls.KVM_SET_NESTED_STATE, buf, -1,
+                         f"{what}, size={len(blob)}"))
+    return sets
+
+
 def load_vcpu_state(vcpu: Any, state: ArchState) -> None:
     """Load ``state`` (from :func:`save_vcpu_state` of a vCPU of the same kind) into ``vcpu``,
     in the module docstring's order. Checks it first (:func:`check_vcpu_state`). Raises
     :class:`~pykvm.errors.SnapshotError` for a state that does not fit or an MSR KVM does not
     take back, :class:`~pykvm.errors.KvmError` when KVM refuses a piece."""
     check_vcpu_state(vcpu, state)
-    fd = vcpu.fd
-    for name in _VCPU_ORDER:
-        blob = state.get(name)
-        if blob is None:
-            continue
-        if name in _FIXED:
-            ctype, _, set_ = _FIXED[name]
-            x = _buf(vcpu, name, ctype)
-            ffi.memmove(x, blob, len(blob))
-            if name == "events":
-                x.flags |= _EVENTS_LOAD_FLAGS
-            ioctl(fd, set_, x, what=f"vcpu {vcpu.id}")
-        elif name == "xsave":
-            x = _xsave_buf(vcpu, len(blob))
-            ffi.memmove(x, blob, len(blob))
-            ioctl(fd, ioctls.KVM_SET_XSAVE, x, what=f"vcpu {vcpu.id}")
-        elif name == "msrs":
-            n = len(blob) // _MSR_ENTRY
-            m = _bufs(vcpu).get("msrs_load")
-            if m is None or len(m.entries) < n:
-                m = _bufs(vcpu)["msrs_load"] = ffi.new("struct kvm_msrs *",
-                                                       {"entries": max(n, 1)})
-            m.nmsrs = n
-            ffi.memmove(m.entries, blob, len(blob))
-            got = ioctl(fd, ioctls.KVM_SET_MSRS, m, what=f"vcpu {vcpu.id}: {n} MSRs")
-            if got != n:
-                bad = m.entries[got]
-                raise SnapshotError(f"vCPU {vcpu.id}: KVM refused MSR {int(bad.index):#x} = "
-                                    f"{int(bad.data):#x} ({got} of {n} MSRs loaded)")
-        elif name == "nested":
-            buf = bytearray(blob)
-            s = ffi.from_buffer("struct kvm_nested_state *", buf)
-            ioctl(fd, ioctls.KVM_SET_NESTED_STATE, s, what=f"vcpu {vcpu.id} size={len(buf)}")
+    for fd, op, buf, expect, what in _vcpu_sets(vcpu, state):
+        got = ioctl(fd, op, buf, what=what)
+        if expect >= 0 and got != expect:
+            bad = buf.entries[got]
+            raise SnapshotError(f"vCPU {vcpu.id}: KVM refused MSR {int(bad.index):#x} = "
+                                f"{int(bad.data):#x} ({got} of {expect} MSRs loaded)")
 
 
 def cpuid_entries(blob: bytes) -> List[Tuple[int, ...]]:
@@ -401,30 +408,35 @@ def check_vm_state(vm: Any, state: ArchState) -> None:
         raise SnapshotError("VM state lacks the kvm-clock")
 
 
+def _vm_sets(vm: Any, state: ArchState) -> List[Tuple[int, Any, Any, int, str]]:
+    """The SET ioctls that load ``state`` into ``vm`` (irqchips, PIT, then the kvm-clock with
+    no flags), as :func:`_vcpu_sets` gives a vCPU's."""
+    sets = []
+    for name, chip in IRQCHIPS:
+        blob = state.get(name)
+        if blob is None:
+            continue
+        buf = _new("struct kvm_irqchip", blob)
+        buf.chip_id = chip
+        sets.append((vm.fd, ioctls.KVM_SET_IRQCHIP, buf, -1, name))
+    blob = state.get("pit2")
+    if blob is not None:
+        sets.append((vm.fd, ioctls.KVM_SET_PIT2, _new("struct kvm_pit_state2", blob), -1, "pit2"))
+    saved = ffi.from_buffer("struct kvm_clock_data *", bytearray(state["clock"]))
+    clock = ffi.new("struct kvm_clock_data *")
+    clock.clock, clock.flags = saved.clock, 0
+    sets.append((vm.fd, ioctls.KVM_SET_CLOCK, clock, -1, f"clock={int(saved.clock)}"))
+    return sets
+
+
 def load_vm_state(vm: Any, state: ArchState) -> None:
     """Load ``state`` (from :func:`save_vm_state`) into ``vm``: irqchip, PIT, then the
     kvm-clock. The VM must have the same in-kernel devices (irqchip, PIT) the state has.
     Raises :class:`~pykvm.errors.SnapshotError` for a state that does not fit and
     :class:`~pykvm.errors.KvmError` when KVM refuses."""
     check_vm_state(vm, state)
-    fd = vm.fd
-    for name, chip in IRQCHIPS:
-        blob = state.get(name)
-        if blob is None:
-            continue
-        c = _buf(vm, name, "struct kvm_irqchip")
-        ffi.memmove(c, blob, len(blob))
-        c.chip_id = chip
-        ioctl(fd, ioctls.KVM_SET_IRQCHIP, c, what=name)
-    blob = state.get("pit2")
-    if blob is not None:
-        p = _buf(vm, "pit2", "struct kvm_pit_state2")
-        ffi.memmove(p, blob, len(blob))
-        ioctl(fd, ioctls.KVM_SET_PIT2, p)
-    d = _buf(vm, "clock_load", "struct kvm_clock_data")
-    saved = ffi.from_buffer("struct kvm_clock_data *", bytearray(state["clock"]))
-    d.clock, d.flags = saved.clock, 0
-    ioctl(fd, ioctls.KVM_SET_CLOCK, d, what=f"clock={int(saved.clock)}")
+    for fd, op, buf, _expect, what in _vm_sets(vm, state):
+        ioctl(fd, op, buf, what=what)
 
 
 def _new(ctype: str, blob: bytes, init: Any = None) -> Any:
@@ -433,60 +445,25 @@ def _new(ctype: str, blob: bytes, init: Any = None) -> Any:
     return buf
 
 
+def _rows(sets: List[Tuple[int, Any, Any, int, str]]) -> List[LoadRow]:
+    return [(fd, int(op), buf, expect, f"{op.name} ({what})") for fd, op, buf, expect, what in sets]
+
+
 def vcpu_load_rows(vcpu: Any, state: ArchState) -> Optional[List[LoadRow]]:
-    """The SET ioctls :func:`load_vcpu_state` issues for ``state``, in its order and with its
-    adjustments, each with its argument already in a buffer: for a caller that issues them
-    again and again with no Python per ioctl (:class:`pykvm.rewind.StatePut`, from C). None
-    for a state with nested state, whose size and flags :func:`load_vcpu_state` works out on
-    each load. ``state`` must have passed :func:`load_vcpu_state` once (which checks it)."""
+    """The SET ioctls :func:`load_vcpu_state` issues for ``state`` (the same buffers), as
+    (fd, request, buffer, the count it must return or -1, label) rows: for a caller that
+    issues them again and again with no Python per ioctl (:class:`pykvm.rewind.StatePut`,
+    from C). None for a state with nested state, which :meth:`pykvm.machine.Machine.reset`
+    loads through :func:`load_vcpu_state` instead. ``state`` must have passed :func:`load_vcpu_state` once (which checks it)."""
     if state.get("nested") is not None:
         return None
-    rows: List[LoadRow] = []
-    for name in _VCPU_ORDER:
-        blob = state.get(name)
-        if blob is None:
-            continue
-        if name in _FIXED:
-            ctype, _get, set_ = _FIXED[name]
-            buf = _new(ctype, blob)
-            if name == "events":
-                buf.flags |= _EVENTS_LOAD_FLAGS
-            rows.append((vcpu.fd, int(set_), buf, -1, f"{set_.name} (vCPU {vcpu.id})"))
-        elif name == "xsave":
-            extra = (len(blob) - _XSAVE_BASE) // 4 or 1
-            buf = _new("struct kvm_xsave", blob, {"extra": extra})
-            rows.append((vcpu.fd, int(ioctls.KVM_SET_XSAVE), buf, -1,
-                         f"KVM_SET_XSAVE (vCPU {vcpu.id})"))
-        elif name == "msrs":
-            n = len(blob) // _MSR_ENTRY
-            buf = ffi.new("struct kvm_msrs *", {"entries": max(n, 1)})
-            buf.nmsrs = n
-            ffi.memmove(buf.entries, blob, len(blob))
-            rows.append((vcpu.fd, int(ioctls.KVM_SET_MSRS), buf, n,
-                         f"KVM_SET_MSRS (vCPU {vcpu.id}, {n} MSRs)"))
-    return rows
+    return _rows(_vcpu_sets(vcpu, state))
 
 
 def vm_load_rows(vm: Any, state: ArchState) -> Optional[List[LoadRow]]:
     """The SET ioctls :func:`load_vm_state` issues for ``state`` (irqchips, PIT, clock),
-    prepared as :func:`vcpu_load_rows` prepares a vCPU's."""
-    rows: List[LoadRow] = []
-    for name, chip in IRQCHIPS:
-        blob = state.get(name)
-        if blob is None:
-            continue
-        buf = _new("struct kvm_irqchip", blob)
-        buf.chip_id = chip
-        rows.append((vm.fd, int(ioctls.KVM_SET_IRQCHIP), buf, -1, f"KVM_SET_IRQCHIP ({name})"))
-    blob = state.get("pit2")
-    if blob is not None:
-        rows.append((vm.fd, int(ioctls.KVM_SET_PIT2), _new("struct kvm_pit_state2", blob), -1,
-                     "KVM_SET_PIT2"))
-    saved = ffi.from_buffer("struct kvm_clock_data *", bytearray(state["clock"]))
-    clock = ffi.new("struct kvm_clock_data *")
-    clock.clock, clock.flags = saved.clock, 0
-    rows.append((vm.fd, int(ioctls.KVM_SET_CLOCK), clock, -1, "KVM_SET_CLOCK"))
-    return rows
+    as :func:`vcpu_load_rows` gives a vCPU's."""
+    return _rows(_vm_sets(vm, state))
 
 
 # -- the host identity a snapshot records (pykvm.snapshot) ---------------------------------------
