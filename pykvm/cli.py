@@ -768,10 +768,22 @@ class _SnapshotTrigger:
             self._thread.join()
 
 
+def _gdb_options(p, first: str) -> None:
+    """``--gdb`` and ``--gdb-wait`` on parser ``p`` (pykvm run and pykvm restore); ``first``:
+    where --gdb-wait holds the guest."""
+    p.add_argument("--gdb", default=None, metavar="tcp::PORT|tcp:HOST:PORT|unix:PATH",
+                   help="serve GDB's remote protocol there (QEMU's -gdb; tcp::PORT listens on "
+                   "localhost): gdb's 'target remote :PORT' attaches, one thread per vCPU "
+                   "(docs/gdb.md); no run deadline unless --timeout is given")
+    p.add_argument("--gdb-wait", action="store_true",
+                   help=f"with --gdb: hold the guest before {first} until gdb attaches and "
+                   "continues (QEMU's -S)")
+
+
 def cmd_restore(args) -> int:
     """``pykvm restore PATH``: build the machine a snapshot recorded and run it on, as
     ``pykvm run`` runs a guest (console, exit status, --json)."""
-    defaults = dict(guest=None, gdb=None, gdb_wait=False, name=None, control=False, param=None,
+    defaults = dict(guest=None, name=None, control=False, param=None,
                     python_loop=False, irqchip=False, pc_device=None, disk=None, rng=False,
                     net=None, vsock=None, share=None, console="serial", cpu_type=None,
                     suspend_seconds=None, cpuid=None, cpu_features=None, mem=None, vcpus=None,
@@ -1466,13 +1478,7 @@ def build_parser(only=None) -> argparse.ArgumentParser:
     r.add_argument("--control", action="store_true",
                    help="serve the control socket under the name guest-<pid> (implied by "
                    "--name)")
-    r.add_argument("--gdb", default=None, metavar="tcp::PORT|tcp:HOST:PORT|unix:PATH",
-                   help="serve GDB's remote protocol there (QEMU's -gdb; tcp::PORT listens on "
-                   "localhost): gdb's 'target remote :PORT' attaches, one thread per vCPU "
-                   "(docs/gdb.md); no run deadline unless --timeout is given")
-    r.add_argument("--gdb-wait", action="store_true",
-                   help="with --gdb: hold the guest before its first instruction until gdb "
-                   "attaches and continues (QEMU's -S)")
+    _gdb_options(r, "its first instruction")
     r.add_argument("--snapshot-at", default=None, metavar="SPEC",
                    help="with --snapshot: when to take it: SECONDS after the start (2.5s) or "
                    "console:TEXT (once TEXT appears on the console); the run then stops with "
@@ -1496,6 +1502,7 @@ def build_parser(only=None) -> argparse.ArgumentParser:
     rs.add_argument("--trace", action="store_true", help="print exits and events on stderr")
     rs.add_argument("--no-input", action="store_true",
                     help="do not feed standard input to the guest's console")
+    _gdb_options(rs, "the snapshot's next instruction")
     rs.add_argument("--snapshot-at", default=None, metavar="SPEC",
                     help="as pykvm run's: snapshot the restored machine again")
     rs.add_argument("--snapshot", default=None, metavar="PATH", help="as pykvm run's")

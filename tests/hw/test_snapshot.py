@@ -10,13 +10,15 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
-from pykvm import snapfile
+from pykvm import guests, snapfile
 from pykvm import snapshot as snapmod
 from pykvm.errors import SnapshotError
 from pykvm.machine import Machine
@@ -178,6 +180,48 @@ def test_cli_snapshot_and_restore_in_two_processes(tmp_path):
     assert out["exit"] == "done"
     for cpu in (0, 1):
         assert _lines(a.stdout, cpu) + _lines(out["console"], cpu) == _lines(full.stdout, cpu)
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None,
+                    reason="gdb is not installed (Debian: apt install gdb)")
+def test_cli_restore_serves_gdb_from_the_snapshot_on(tmp_path):
+    """``pykvm restore PATH --gdb ... --gdb-wait``: gdb attaches to the restored guest where
+    the snapshot left it (spinning in gdb_spin, guests/x86/gdb_target.c), releases it, breaks
+    in gdb_tick by name and continues to the end; the guest prints its untouched total."""
+    path = str(tmp_path / "gdb.snap")
+    cmd = [sys.executable, "-m", "pykvm"]
+    a = subprocess.run(cmd + ["run", "gdb_target", "--param", "1", "--no-input",
+                              "--snapshot-at", "1s", "--snapshot", path],
+                       capture_output=True, text=True, timeout=120)
+    assert a.returncode == 0, a.stderr
+    sock = str(tmp_path / "gdb.sock")
+    b = subprocess.Popen(cmd + ["restore", path, "--no-input", "--timeout", "120",
+                                "--gdb", f"unix:{sock}", "--gdb-wait"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         stdin=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 60
+        while not os.path.exists(sock):
+            assert b.poll() is None and time.monotonic() < end, b.stderr.read() if b.stderr else ""
+            time.sleep(0.05)
+        elf = os.path.splitext(guests.path("gdb_target"))[0] + ".elf"
+        g = subprocess.run(["gdb", "-batch", "-nx", "-ex", "set pagination off",
+                            "-ex", f"target remote {sock}", "-ex", "print gdb_spins > 0",
+                            "-ex", "set var gdb_hold = 0", "-ex", "break gdb_tick",
+                            "-ex", "continue", "-ex", "print gdb_counter", "-ex", "delete",
+                            "-ex", "continue", elf],
+                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        out = g.stdout + g.stderr
+        stdout, stderr = b.communicate(timeout=120)
+    finally:
+        if b.poll() is None:
+            b.kill()
+            b.communicate()
+    assert "gdb_spin () at x86/gdb_target.c" in out, out      # where the snapshot was taken
+    assert "$1 = 1" in out, out                                # it had spun before
+    assert "Breakpoint 1, gdb_tick ()" in out and "$2 = 0" in out, out
+    assert "exited normally" in out, out
+    assert b.returncode == 0 and "counter: 15" in stdout, (stdout, stderr)
 
 
 # -- refused snapshots -------------------------------------------------------------------------
