@@ -27,7 +27,7 @@ import weakref
 
 from ..errors import Busy, Closed, GuestMemoryError, KvmError, PykvmError
 from . import packets as pk
-from .arch import (SIGINT, SIGTRAP, Z_SW_BREAK, Z_WRITE_WATCH, GuestAccess, Stop,
+from .arch import (SIGINT, SIGTRAP, Z_ACCESS_WATCH, Z_SW_BREAK, Z_WRITE_WATCH, GuestAccess, Stop,
                    TargetError, Unsupported)
 from .targets import target_for
 
@@ -620,6 +620,7 @@ class _Session:
         self.last_stop: Optional[bytes] = None
         self.done = False
         self.attached = False                    # the client's first bytes came
+        self.watch_mode_said = ""                # the watchpoint mode last logged (_watch_mode)
 
     # -- I/O --------------------------------------------------------------------------------
     def send(self, payload: bytes) -> None:
@@ -984,13 +985,25 @@ class _Session:
                         if ztype != Z_WRITE_WATCH:
                             raise
                         self._soft_watch(gva, kind)
+                        self._watch_mode("emulated by single-stepping every vCPU (data "
+                                         "breakpoints do not fire on this host)")
                         return b"OK"
                     s._hw.append((ztype, gva, kind))
+                    if ztype in (Z_WRITE_WATCH, Z_ACCESS_WATCH):
+                        self._watch_mode("in the target's debug registers (hardware)")
             else:
                 if (ztype, gva, kind) in s._hw:
                     s.target.remove_hw(ztype, gva, kind)
                     s._hw.remove((ztype, gva, kind))
             return b"OK"
+
+    def _watch_mode(self, how: str) -> None:
+        """Log (the server's ``log``; ``pykvm run``: stderr) how this session's watchpoints
+        are served, once per session and again only when that changes, as "pykvm: gdb
+        watchpoints: HOW": gdb says "Hardware watchpoint" either way."""
+        if how != self.watch_mode_said:
+            self.watch_mode_said = how
+            self.s._say(f"gdb watchpoints: {how}")
 
     def _soft_watch(self, gva: int, kind: int) -> None:
         if not 1 <= kind <= pk.MAX_MEMORY:

@@ -140,6 +140,19 @@ NESTED = LabSpec(
         "passt",                     # user-mode networking (pykvm run --net user)
         # what pyroute2 imports: Python's ssl, sqlite3 (its NDB), bz2, lzma, uuid
         "libssl3", "libsqlite3-0", "libbz2-1.0", "liblzma5", "libuuid1",
+        # gdb 13.1 against `pykvm run --gdb` on real (nested) SVM (tests/nested/test_gdb_nested.py):
+        # the packages of the shared objects its NEEDED chain loads (ldd of bookworm's gdb), i.e.
+        # Index.closure(["gdb"]) less the packages above and less what is only a package-level
+        # dependency (debconf, ucf, dpkg, readline-common, *-common data); libicu72 (for
+        # libboost-regex) is most of the growth (base image: GROWTH)
+        "gdb", "libbabeltrace1", "libboost-regex1.74.0", "libbrotli1", "libcom-err2",
+        "libcurl3-gnutls", "libdebuginfod1", "libdw1", "libelf1", "libglib2.0-0", "libgmp10",
+        "libgnutls30", "libgssapi-krb5-2", "libhogweed6", "libicu72", "libidn2-0", "libipt2",
+        "libk5crypto3", "libkeyutils1", "libkrb5-3", "libkrb5support0", "libldap-2.5-0",
+        "libmpfr6", "libncursesw6", "libnettle8", "libnghttp2-14", "libp11-kit0", "libpcre2-8-0",
+        "libpsl5", "libpython3.11", "libreadline8", "librtmp1", "libsasl2-2",
+        "libsource-highlight4v5", "libssh2-1", "libstdc++6", "libtasn1-6", "libtinfo6",
+        "libunistring2", "libxxhash0", "libzstd1",
     ],
     py="3.11",
     # the host's cffi built pykvm._native (same ABI tag as bookworm's python3.11), so ship the same cffi

@@ -9,7 +9,6 @@ the run's exit status."""
 import os
 import random
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,87 +18,15 @@ import time
 
 import pytest
 
-from pykvm import guests
+from pykvm import Kvm
 from pykvm.gdbstub import packets as pk
 from pykvm.gdbstub.server import serve
+from pykvm.gdbstub.x86 import data_breakpoints_fire
 from pykvm.machine import Machine
+from pykvm.testing.gdb import (GDB, TIMEOUT, PykvmGdb, gdb_args as _gdb_args,
+                               guest_elf as _elf, run_gdb, source_line as _line_of)
 
-GDB = shutil.which("gdb")
 pytestmark = pytest.mark.skipif(GDB is None, reason="gdb is not installed (Debian: apt install gdb)")
-
-TIMEOUT = 120                     # seconds any one gdb or pykvm process may take
-
-
-def _line_of(text, source="gdb_target.c"):
-    """The line number of the first line of guests/x86/<source> that holds ``text``."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "..", "..", "guests", "x86", source)) as f:
-        return next(i for i, ln in enumerate(f, 1) if text in ln)
-
-
-def _elf(name):
-    path = guests.path(name)
-    return path if path.endswith(".elf") else os.path.splitext(path)[0] + ".elf"
-
-
-class PykvmGdb:
-    """``pykvm run --gdb tcp:127.0.0.1:0 --gdb-wait IMAGE`` as a subprocess; ``port`` is read
-    from its 'listening on' line."""
-
-    def __init__(self, image, *extra, wait=True):
-        args = [sys.executable, "-m", "pykvm", "run", "--gdb", "tcp:127.0.0.1:0", "--no-input",
-                *(["--gdb-wait"] if wait else []), image, *extra]
-        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  stdin=subprocess.DEVNULL)
-        self.err_head = b""
-        sel = selectors.DefaultSelector()
-        sel.register(self.p.stderr, selectors.EVENT_READ)
-        end = time.monotonic() + 60
-        while b"listening on" not in self.err_head:
-            if time.monotonic() > end or self.p.poll() is not None:
-                self.kill()
-                raise AssertionError(f"pykvm did not start its gdb server: {self.err_head!r}")
-            if sel.select(1):
-                chunk = os.read(self.p.stderr.fileno(), 4096)
-                if not chunk:
-                    break
-                self.err_head += chunk
-        sel.close()
-        lines = [ln for ln in self.err_head.decode().splitlines() if "listening on" in ln]
-        if not lines:
-            self.kill()
-            raise AssertionError(f"pykvm did not start its gdb server: {self.err_head!r}")
-        line = lines[0]
-        self.port = int(line.rsplit(":", 1)[1])
-
-    def finish(self):
-        """(exit status, stdout, stderr) once pykvm ends (within TIMEOUT)."""
-        out, err = self.p.communicate(timeout=TIMEOUT)
-        return self.p.returncode, out.decode(), (self.err_head + err).decode()
-
-    def kill(self):
-        if self.p.poll() is None:
-            self.p.kill()
-        self.p.communicate()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.kill()
-
-
-def _gdb_args(port, elf, cmds):
-    args = [GDB, "-batch", "-nx", "-ex", "set pagination off", "-ex", f"target remote :{port}"]
-    for c in cmds:
-        args += ["-ex", c]
-    return args + [elf]
-
-
-def run_gdb(port, elf, *cmds):
-    r = subprocess.run(_gdb_args(port, elf, cmds), capture_output=True, text=True,
-                       timeout=TIMEOUT, stdin=subprocess.DEVNULL)
-    return r.stdout + r.stderr
 
 
 def test_gdb_breaks_steps_reads_writes_and_continues():
@@ -149,6 +76,10 @@ def test_hardware_breakpoint_and_watchpoint():
     assert "$2 = 3" in out, out
     assert "exited normally" in out, out
     assert code == 0 and "counter: 15" in stdout, (stdout, stderr)
+    with Kvm() as k:                                     # the stub says which watch it used
+        hardware = data_breakpoints_fire(k)
+    assert ("pykvm: gdb watchpoints: in the target's debug registers" if hardware else
+            "pykvm: gdb watchpoints: emulated by single-stepping") in stderr, stderr
 
 
 def test_ctrl_c_interrupts_a_spinning_guest():

@@ -1,0 +1,163 @@
+"""The GDB stub's x86 paths that need VMX/SVM hardware, on the nested lab's real (nested) SVM:
+Debian bookworm's gdb 13.1 in batch mode against ``pykvm run --gdb`` with the gdb_target guest
+(guests/x86/gdb_target.c), L1's kvm_amd running it on QEMU TCG's emulated SVM (docs/gdb.md,
+"What the nested lab proves").
+
+On the kvm_pvm development host none of these can run: a planted ``int3`` is an emulation
+failure there, data breakpoints never fire (``watch`` is emulated by single-stepping) and the
+guest's own ``int3`` never reaches the stub. Here each test asserts which path ran, from what
+``pykvm run --trace`` prints for every exit the stub sees (``<Debug exception=0x3, pc=...>`` is
+KVM_EXIT_DEBUG with #BP; ``exception=0x1`` with DR6's B0-B3 is a debug-register hit, with DR6.BS
+a single step) and from ``--json``'s exit counts, as well as from gdb's output and the guest's
+own report. Every gdb and pykvm process runs under a timeout."""
+import json
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from pykvm import Kvm
+from pykvm.gdbstub.x86 import data_breakpoints_fire
+from pykvm.testing.gdb import GDB, PykvmGdb, guest_elf, run_gdb, source_line
+
+TIMEOUT = 300                  # seconds for one gdb or pykvm process under TCG (~10-30 s seen)
+_DEBUG = re.compile(r"<Debug exception=(0x[0-9a-f]+), pc=(0x[0-9a-f]+), dr6=(0x[0-9a-f]+)")
+_DR6_B03 = 0xF                 # DR6 B0-B3: which debug register hit (Intel SDM vol. 3, 18.2.3)
+_DR6_BS = 1 << 14              # DR6.BS: a single step
+
+
+@pytest.fixture
+def gdb(nested):
+    """gdb's path (the nested lab's image carries bookworm's gdb: pykvm/lab/build.py NESTED);
+    ``nested`` skips where this host's KVM has no (nested) SVM."""
+    assert GDB, "the nested lab carries bookworm's gdb (pykvm/lab/build.py NESTED.user_packages)"
+    # 127.0.0.1 reachable: the lab's initramfs may leave ``lo`` down
+    try:
+        socket.create_connection(("127.0.0.1", 9), timeout=5).close()
+    except ConnectionRefusedError:
+        pass
+    except OSError:
+        subprocess.run(["busybox", "ip", "link", "set", "lo", "up"], check=True, timeout=60)
+    return GDB
+
+
+def _debug_exits(stderr):
+    """(exception, pc, dr6) of each KVM_EXIT_DEBUG ``--trace`` printed, in order."""
+    return [tuple(int(v, 16) for v in m.groups()) for m in _DEBUG.finditer(stderr)]
+
+
+def _session(*cmds, params=None):
+    """``pykvm run --gdb ... --trace --json gdb_target.elf [--param P]`` with gdb running
+    ``cmds``: (gdb's output, exit status, the --json object, stderr)."""
+    elf = guest_elf("gdb_target")
+    extra = ["--trace", "--json"] + (["--param", params] if params else [])
+    with PykvmGdb(elf, *extra, timeout=TIMEOUT) as vm:
+        out = run_gdb(vm.port, elf, *cmds, timeout=TIMEOUT)
+        code, stdout, stderr = vm.finish()
+    return out, code, json.loads(stdout), stderr
+
+
+def _address(out, what):
+    """The address gdb gave breakpoint/watchpoint ``what`` ("Breakpoint 1 at 0x...")."""
+    m = re.search(what + r" at (0x[0-9a-f]+)", out)
+    assert m, out
+    return int(m.group(1), 16)
+
+
+def test_gdb_13_runs_in_the_nested_lab(gdb):
+    r = subprocess.run([gdb, "--version"], capture_output=True, text=True, timeout=TIMEOUT,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and "GNU gdb (Debian 13.1" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_planted_int3_is_a_kvm_exit_debug_bp(gdb):
+    """``break`` plants int3; on SVM, KVM_GUESTDBG_USE_SW_BP makes the #BP a KVM_EXIT_DEBUG
+    (exception 3) at the int3, not the emulation failure of kvm_pvm; ``stepi`` is one
+    KVM_GUESTDBG_SINGLESTEP (#DB with DR6.BS)."""
+    out, code, res, stderr = _session("break gdb_tick", "continue", "print gdb_counter",
+                                      "info registers rip", "stepi", "info registers rip",
+                                      "continue", "print gdb_counter", "delete", "continue")
+    bp = _address(out, "Breakpoint 1")
+    body = source_line("gdb_counter += n;")
+    assert f"Breakpoint 1, gdb_tick () at x86/gdb_target.c:{body}" in out, out
+    assert "$1 = 0" in out and "$2 = 1" in out, out          # the first, then the second call
+    rips = [int(ln.split()[1], 16) for ln in out.splitlines() if ln.startswith("rip ")]
+    assert len(rips) == 2 and rips[0] == bp and rips[1] != bp, out
+    assert "[Inferior 1 (Remote target) exited normally]" in out, out
+    assert code == 0 and "counter: 15" in res["console"], (res, stderr)
+    exits = _debug_exits(stderr)
+    assert [e for e in exits if e[0] == 3 and e[1] == bp], stderr   # #BP at the planted int3
+    assert all(e[1] == bp for e in exits if e[0] == 3), stderr
+    assert [e for e in exits if e[0] == 1 and e[2] & _DR6_BS], stderr   # the stepi
+    assert "INTERNAL_ERROR" not in res["exits"] and "InternalError" not in stderr, stderr
+    assert res["exits"]["DEBUG"] == len(exits), (res, stderr)
+
+
+def test_hbreak_is_a_debug_register_hit(gdb):
+    """``hbreak`` puts the address in DR0 through KVM_SET_GUEST_DEBUG (KVM_GUESTDBG_USE_HW_BP):
+    each hit is KVM_EXIT_DEBUG #DB at the address with DR6.B0."""
+    out, code, res, stderr = _session("hbreak gdb_tick", "continue", "continue",
+                                      "print gdb_counter", "delete", "continue")
+    bp = _address(out, "Hardware assisted breakpoint 1")
+    assert out.count("Breakpoint 1, gdb_tick ()") == 2 and "$1 = 1" in out, out
+    assert "exited normally" in out, out
+    assert code == 0 and "counter: 15" in res["console"], (res, stderr)
+    hits = [e for e in _debug_exits(stderr) if e[0] == 1 and e[1] == bp and e[2] & 1]
+    assert len(hits) == 2, stderr
+    assert "INTERNAL_ERROR" not in res["exits"], res
+
+
+def test_data_breakpoints_fire_on_nested_svm(nested):
+    """The stub's probe (a real-mode VM writing a byte DR0 watches) finds that data breakpoints
+    fire here, so ``watch`` goes to the debug registers (on kvm_pvm it finds they do not)."""
+    with Kvm() as k:
+        assert data_breakpoints_fire(k) is True
+
+
+def test_watch_uses_the_debug_registers(gdb):
+    """``watch gdb_counter`` from the first instruction: both changes (0 -> 1, 1 -> 3) stop as
+    DR hits (#DB with a B0-B3 bit, no DR6.BS), and the guest is never single-stepped (the
+    emulated watchpoint would step every instruction from _start on); the stub logs which mode
+    it used."""
+    out, code, res, stderr = _session("watch gdb_counter", "continue", "continue",
+                                      "print gdb_counter", "delete", "continue")
+    assert "Hardware watchpoint 1: gdb_counter" in out, out
+    assert "Old value = 0\nNew value = 1" in out, out
+    assert "Old value = 1\nNew value = 3" in out and "$1 = 3" in out, out
+    assert "exited normally" in out, out
+    assert code == 0 and "counter: 15" in res["console"], (res, stderr)
+    assert "pykvm: gdb watchpoints: in the target's debug registers (hardware)" in stderr, stderr
+    assert "emulated by single-stepping" not in stderr, stderr
+    exits = _debug_exits(stderr)
+    hits = [e for e in exits if e[0] == 1 and e[2] & _DR6_B03]
+    assert len(hits) >= 2, stderr
+    assert not [e for e in exits if e[2] & _DR6_BS], stderr          # no single step at all
+    assert res["exits"]["DEBUG"] == len(exits), (res, stderr)
+
+
+def _without_gdb():
+    r = subprocess.run([sys.executable, "-m", "pykvm", "run", "--no-input", "--json",
+                        guest_elf("gdb_target"), "--param", "0,1"], capture_output=True,
+                       text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    return r.returncode, json.loads(r.stdout)
+
+
+def test_the_guests_own_int3_is_given_back_to_it(gdb):
+    """gdb_target's own int3 (``--param 0,1``) with gdb attached and a breakpoint planted
+    elsewhere: KVM_GUESTDBG_USE_SW_BP makes it a KVM_EXIT_DEBUG #BP at an address the stub did
+    not plant; the stub queues the #BP back into the guest (KVM_SET_VCPU_EVENTS), whose IDT
+    reports it, and the run ends as it does without gdb: same status and the same report of
+    vector 3 at the RIP after the int3."""
+    want_code, want = _without_gdb()
+    assert want_code != 0 and "(vector 3)" in want["detail"], want
+    out, code, res, stderr = _session("break gdb_tick", "continue", params="0,1")
+    bp = _address(out, "Breakpoint 1")
+    assert code == want_code and res["detail"] == want["detail"], (res, want, stderr)
+    assert f"exited with code {want_code:02o}" in out or f"exited with code {want_code:02}" \
+        in out, out
+    assert "SIGTRAP" not in out and "Breakpoint 1, gdb_tick" not in out, out
+    own = [e for e in _debug_exits(stderr) if e[0] == 3 and e[1] != bp]
+    assert len(own) == 1, stderr                                   # it reached the stub once
+    assert f"RIP {own[0][1] + 1:#x}" in res["detail"], (res, stderr)   # a trap: after the int3
