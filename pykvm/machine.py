@@ -1143,6 +1143,7 @@ class Machine:
             old, self._baseline = self._baseline, None
             if old is not None:
                 old.close()
+            self.settle_held_time()
             with self.original_ram():          # the baseline holds the guest's own bytes
                 self._baseline = MachineBaseline(self)
             return self._baseline.ram.pages_stored
@@ -1162,6 +1163,7 @@ class Machine:
             return 0
         with self._held_for_reset():
             pages = self._baseline.restore()
+            self.settle_held_time(loaded=True)
             self._reapply_patches()
             if not self.running:
                 self._stop_reason = None       # a stop() that found no run: not for the next
@@ -1220,6 +1222,22 @@ class Machine:
             for gpa, (_o, patched) in list(self.ram_patches.items()):
                 self.ram_patches[gpa] = (self.memory.read(gpa, len(patched)), patched)
                 self.memory.write(gpa, patched)
+
+    def settle_held_time(self, loaded: bool = False) -> None:
+        """Make the guest time a pause holds (:meth:`pause`; RISC-V) agree with the vCPU state
+        around a state read or load done while every vCPU is held, so that the held time never
+        reaches the guest: before a read (``loaded`` False: :meth:`snapshot`,
+        :meth:`checkpoint`) the held time is put back and saved again, so that the state read
+        has the time the guest was held at, not that plus the length of the hold; after a load
+        (``loaded`` True: :meth:`reset`) the loaded time becomes the one the hold puts back.
+        Nothing where no guest time is held (x86, or a machine not paused)."""
+        with self._pause_cv:
+            if self._held_time is None or not self.vcpus:
+                return
+            vcpu = self.vcpus[0]
+            if not loaded:
+                vcpu.restore_guest_time(self._held_time)
+            self._held_time = vcpu.save_guest_time()
 
     @contextlib.contextmanager
     def _held_for_reset(self) -> Iterator[None]:

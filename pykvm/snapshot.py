@@ -247,6 +247,7 @@ def _write(machine: Any, path: str) -> int:
     if group is not None:
         machine.flush_console()
     _complete_pending(machine)
+    machine.settle_held_time()             # a paused RISC-V guest's time: the one it was held at
     w = snapfile.Writer()
     cfg = dict(machine._snapshot_config)
     src = cfg.pop("image")

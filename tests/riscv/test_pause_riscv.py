@@ -8,6 +8,8 @@ The guest is time_hold (guests/riscv/time_hold.c): every hart reads the time CSR
 loop and keeps the largest step between two reads and a count of reads that went backwards.
 A hold of HOLD seconds must not show up as a step of anywhere near that length; the bound,
 half the hold, leaves the rest for the host's own scheduling of a loaded lab."""
+import subprocess
+import sys
 import threading
 import time
 
@@ -27,42 +29,120 @@ def _wait(cond, what):
         time.sleep(0.02)
 
 
+class Watching:
+    """time_hold run by Machine.run in a thread; reads its per-hart counters by address."""
+
+    def __init__(self, m, vcpus):
+        self.m, self.vcpus, self.box = m, vcpus, {}
+        self.where = {n: m.globals.where(n)[0] for n in ("max_step", "reads", "backwards")}
+        self.freq = m.vcpus[0].get_reg("timer.frequency")
+        self.t = threading.Thread(target=lambda: self.box.setdefault("r", m.run(timeout=600)),
+                                  daemon=True)
+        self.t.start()
+
+    def per_hart(self, name):
+        return [self.m.memory.read_u64(self.where[name] + 8 * h) for h in range(self.vcpus)]
+
+    def advance(self, by=1000):
+        first = self.per_hart("reads")
+        _wait(lambda: all(r >= f + by for r, f in zip(self.per_hart("reads"), first))
+              or not self.t.is_alive(), f"every hart to read the time {by} more times")
+        assert self.t.is_alive(), f"the run ended: {self.box.get('r')}"
+
+    def largest_step_s(self):
+        assert self.per_hart("backwards") == [0] * self.vcpus, "the guest's time went backwards"
+        return max(self.per_hart("max_step")) / self.freq
+
+    def finish(self):
+        if self.t.is_alive():
+            self.m.stop("test over")
+            self.t.join(PATIENCE)
+
+
+
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_the_guests_time_stands_still_while_paused(vcpus, record_property):
     m = Machine("time_hold", vcpus=vcpus)
-    box: dict = {}
-    t = threading.Thread(target=lambda: box.setdefault("r", m.run(timeout=600)), daemon=True)
+    w = Watching(m, vcpus)
     try:
-        where = {n: m.globals.where(n)[0] for n in ("max_step", "reads", "backwards")}
-
-        def per_hart(name):
-            return [m.memory.read_u64(where[name] + 8 * h) for h in range(vcpus)]
-
-        def all_advance(by):
-            first = per_hart("reads")
-            _wait(lambda: all(r >= f + by for r, f in zip(per_hart("reads"), first))
-                  or not t.is_alive(), f"every hart to read the time {by} more times")
-            assert t.is_alive(), f"the run ended: {box.get('r')}"
-
-        freq = m.vcpus[0].get_reg("timer.frequency")
-        t.start()
-        all_advance(1000)
-        before = per_hart("max_step")
+        w.advance()
+        before = w.largest_step_s()
         for _ in range(2):
             assert m.pause(timeout=PATIENCE)
             time.sleep(HOLD)
             m.resume()
-            all_advance(1000)
-        steps = [s / freq for s in per_hart("max_step")]
-        record_property(f"riscv_pause_max_step_s_{vcpus}", [round(s, 3) for s in steps])
-        record_property(f"riscv_pause_step_before_s_{vcpus}", [round(s / freq, 3) for s in before])
-        assert per_hart("backwards") == [0] * vcpus, "the guest's time went backwards"
-        assert max(steps) < HOLD / 2, (
-            f"the guest's time moved {max(steps):.2f} s between two reads across a "
-            f"{HOLD} s pause (largest step before the pause: {max(before) / freq:.3f} s)")
+            w.advance()
+        step = w.largest_step_s()
+        record_property(f"riscv_pause_max_step_s_{vcpus}", round(step, 3))
+        assert step < HOLD / 2, (
+            f"the guest's time moved {step:.2f} s between two reads across a {HOLD} s pause "
+            f"(largest step before the pause: {before:.3f} s)")
     finally:
-        if t.is_alive():
-            m.stop("test over")
-            t.join(PATIENCE)
+        w.finish()
         m.close()
-    assert box["r"].exit == "stopped", box["r"]
+    assert w.box["r"].exit == "stopped", w.box["r"]
+
+
+def test_a_reset_while_running_resumes_at_the_checkpoints_time():
+    """Machine.reset() of a running machine holds it, loads the checkpoint (RAM and the
+    timer's time with it) and lets it run on: from the checkpoint's time, not from the time the
+    hold began, which lies HOLD seconds of running later."""
+    m = Machine("time_hold", vcpus=2)
+    w = Watching(m, 2)
+    try:
+        w.advance()
+        assert m.checkpoint() > 0
+        time.sleep(HOLD)                           # the guest runs on meanwhile
+        w.advance()
+        assert m.reset() > 0
+        w.advance()
+        assert w.largest_step_s() < HOLD / 2, f"a step of {w.largest_step_s():.2f} s"
+    finally:
+        w.finish()
+        m.close()
+
+
+_RESTORED = """
+import sys, threading, time
+from pykvm.machine import Machine
+path, freq, reads, steps, backwards = sys.argv[1], *map(int, sys.argv[2:])
+m = Machine.restore(path)
+t = threading.Thread(target=lambda: m.run(timeout=600), daemon=True)
+t.start()
+first = m.memory.read_u64(reads)
+end = time.monotonic() + 120
+while m.memory.read_u64(reads) < first + 1000 and time.monotonic() < end and t.is_alive():
+    time.sleep(0.02)
+print(m.memory.read_u64(reads) - first, m.memory.read_u64(steps) / freq,
+      m.memory.read_u64(backwards))
+m.stop("test over")
+t.join(60)
+m.close()
+"""
+
+
+def test_a_snapshot_of_a_paused_guest_has_the_time_it_was_held_at(tmp_path):
+    """Paused HOLD seconds, then snapshotted: the snapshot records the time the guest was held
+    at, so the guest restored in another process sees no jump either."""
+    path = str(tmp_path / "held.snap")
+    m = Machine("time_hold")
+    w = Watching(m, 1)
+    try:
+        w.advance()
+        assert m.pause(timeout=PATIENCE)
+        time.sleep(HOLD)
+        m.snapshot(path)
+        m.resume()
+        w.advance()
+        assert w.largest_step_s() < HOLD / 2, f"a step of {w.largest_step_s():.2f} s here"
+    finally:
+        w.finish()
+        m.close()
+    p = subprocess.run([sys.executable, "-c", _RESTORED, path, str(w.freq),
+                        *(str(w.where[n]) for n in ("reads", "max_step", "backwards"))],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    more, step, back = p.stdout.split()
+    assert int(more) >= 1000, p.stdout                  # the restored guest ran
+    assert int(back) == 0 and float(step) < HOLD / 2, (
+        f"the restored guest saw a step of {float(step):.2f} s after a {HOLD} s hold")
