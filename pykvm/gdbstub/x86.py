@@ -151,29 +151,45 @@ _PROBE_CODE = bytes([0xC6, 0x06, 0x00, 0x05, 0x01,   # mov byte [0x500], 1  (rea
 _probe_result: Dict[int, bool] = {}
 
 
-def data_breakpoints_fire(kvm: Any) -> bool:
-    """Whether a data breakpoint in DR0/DR7 (KVM_GUESTDBG_USE_HW_BP) stops a guest's write on
-    this host: a throw-away real-mode VM writes a byte that DR0 watches. False where KVM
-    runs the guest's code in its instruction emulator (kvm_pvm: the emulator checks
-    instruction breakpoints, not data ones). Cached per process; a probe that fails to run
-    counts as False."""
-    key = 0
-    if key not in _probe_result:
+def _dr0_fires(kvm: Any, rw: int, addr: int) -> bool:
+    """Whether DR0 at ``addr`` with DR7 R/W0 = ``rw`` (0 execute, 1 write) stops
+    :data:`_PROBE_CODE` (a throw-away real-mode VM) with KVM_EXIT_DEBUG; cached per process
+    and kind; a probe that fails to run counts as False."""
+    if rw not in _probe_result:
         fired = False
         try:
             with Machine(_PROBE_CODE, kvm=kvm, machine="bare", flat_mode="real",
                          flat_addr=0x8000, mem_size=1 << 20) as m:
                 g = ffi.new("struct kvm_guest_debug *")
                 g.control = abi.GUESTDBG_ENABLE | abi.arch.GUESTDBG_USE_HW_BP
-                g.arch.debugreg[0] = 0x500
-                g.arch.debugreg[7] = _DR7_FIXED | 2 | (_RW_BITS[Z_WRITE_WATCH] << 16)
+                g.arch.debugreg[0] = addr
+                g.arch.debugreg[7] = _DR7_FIXED | 2 | (rw << 16)
                 m.vcpus[0].ioctl("KVM_SET_GUEST_DEBUG", g)
                 ev = m.step(0, timeout=5)
                 fired = ev.kind == "exit" and ev.exit.name == "DEBUG"
         except (PykvmError, OSError):
             fired = False
-        _probe_result[key] = fired
-    return _probe_result[key]
+        _probe_result[rw] = fired
+    return _probe_result[rw]
+
+
+def data_breakpoints_fire(kvm: Any) -> bool:
+    """Whether a data breakpoint in DR0/DR7 (KVM_GUESTDBG_USE_HW_BP) stops a guest's write on
+    this host: a throw-away real-mode VM writes a byte that DR0 watches. False where KVM
+    runs the guest's code in its instruction emulator (kvm_pvm: the emulator checks
+    instruction breakpoints, not data ones), and on QEMU 7.2's emulated SVM (the nested lab:
+    its VMRUN loads the VMCB's DR7 without arming the breakpoints). Cached per process; a
+    probe that fails to run counts as False."""
+    return _dr0_fires(kvm, _RW_BITS[Z_WRITE_WATCH], 0x500)
+
+
+def instruction_breakpoints_fire(kvm: Any) -> bool:
+    """Whether an instruction breakpoint in DR0/DR7 (KVM_GUESTDBG_USE_HW_BP; gdb's
+    ``hbreak``) stops a guest on this host: the same throw-away VM as
+    :func:`data_breakpoints_fire`, DR0 at its ``hlt``. True on VMX/SVM hardware and on
+    kvm_pvm; False on QEMU 7.2's emulated SVM (the nested lab). Not consulted by the stub
+    (``Z1`` is accepted either way); for tests and diagnostics. Cached per process."""
+    return _dr0_fires(kvm, _RW_BITS[Z_HW_BREAK], 0x8000 + len(_PROBE_CODE) - 1)
 
 
 class X86Target(GdbTarget):

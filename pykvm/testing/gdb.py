@@ -122,12 +122,14 @@ class PykvmGdb:
 
 
 def gdb_args(port: int, elf: str, cmds: Sequence[str]) -> List[str]:
-    """gdb's command line: batch mode, no init files, no pager, ``target remote :PORT``, then
-    each of ``cmds`` as an ``-ex``, with ``elf`` as the symbol file. Raises
-    :class:`RuntimeError` where gdb is not installed."""
+    """gdb's command line: batch mode, no init files, no pager, ``target remote
+    127.0.0.1:PORT`` (an address: where there is no /etc/hosts, as in the labs, gdb cannot
+    resolve the name ``:PORT`` stands for), then each of ``cmds`` as an ``-ex``, with ``elf``
+    as the symbol file. Raises :class:`RuntimeError` where gdb is not installed."""
     if GDB is None:
         raise RuntimeError("gdb is not installed (Debian: apt install gdb)")
-    args = [GDB, "-batch", "-nx", "-ex", "set pagination off", "-ex", f"target remote :{port}"]
+    args = [GDB, "-batch", "-nx", "-ex", "set pagination off",
+            "-ex", f"target remote 127.0.0.1:{port}"]
     for c in cmds:
         args += ["-ex", c]
     return args + [elf]

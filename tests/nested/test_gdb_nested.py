@@ -19,10 +19,10 @@ import sys
 import pytest
 
 from pykvm import Kvm
-from pykvm.gdbstub.x86 import data_breakpoints_fire
-from pykvm.testing.gdb import GDB, PykvmGdb, guest_elf, run_gdb, source_line
+from pykvm.gdbstub.x86 import data_breakpoints_fire, instruction_breakpoints_fire
+from pykvm.testing.gdb import GDB, PykvmGdb, gdb_args, guest_elf, source_line
 
-TIMEOUT = 300                  # seconds for one gdb or pykvm process under TCG (~10-30 s seen)
+TIMEOUT = 90                   # seconds for one gdb or pykvm process under TCG
 _DEBUG = re.compile(r"<Debug exception=(0x[0-9a-f]+), pc=(0x[0-9a-f]+), dr6=(0x[0-9a-f]+)")
 _DR6_B03 = 0xF                 # DR6 B0-B3: which debug register hit (Intel SDM vol. 3, 18.2.3)
 _DR6_BS = 1 << 14              # DR6.BS: a single step
@@ -50,13 +50,33 @@ def _debug_exits(stderr):
 
 def _session(*cmds, params=None):
     """``pykvm run --gdb ... --trace --json gdb_target.elf [--param P]`` with gdb running
-    ``cmds``: (gdb's output, exit status, the --json object, stderr)."""
+    ``cmds``: (gdb's output, exit status, the --json object, stderr). A gdb that does not end
+    within :data:`TIMEOUT` fails the test with what gdb and pykvm (its trace) printed."""
     elf = guest_elf("gdb_target")
     extra = ["--trace", "--json"] + (["--param", params] if params else [])
     with PykvmGdb(elf, *extra, timeout=TIMEOUT) as vm:
-        out = run_gdb(vm.port, elf, *cmds, timeout=TIMEOUT)
-        code, stdout, stderr = vm.finish()
-    return out, code, json.loads(stdout), stderr
+        g = subprocess.Popen(gdb_args(vm.port, elf, cmds), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+        try:
+            out, _ = g.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            g.kill()
+            out, _ = g.communicate()
+            vm.kill()
+            pytest.fail(f"gdb did not end within {TIMEOUT} s:\n{out}\n--- pykvm's stderr:\n"
+                        f"{vm.err_head.decode(errors='replace')[-8000:]}")
+        try:
+            code, stdout, stderr = vm.finish()
+        except subprocess.TimeoutExpired:
+            vm.p.kill()
+            _code, _stdout, stderr = vm.finish()
+            pytest.fail(f"pykvm did not end within {TIMEOUT} s of gdb's end; gdb:\n{out}\n"
+                        f"--- pykvm's stderr:\n{stderr[-8000:]}")
+    try:
+        res = json.loads(stdout)
+    except ValueError:
+        pytest.fail(f"pykvm printed no JSON (status {code}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    return out, code, res, stderr
 
 
 def _address(out, what):
@@ -95,46 +115,61 @@ def test_planted_int3_is_a_kvm_exit_debug_bp(gdb):
     assert res["exits"]["DEBUG"] == len(exits), (res, stderr)
 
 
-def test_hbreak_is_a_debug_register_hit(gdb):
-    """``hbreak`` puts the address in DR0 through KVM_SET_GUEST_DEBUG (KVM_GUESTDBG_USE_HW_BP):
-    each hit is KVM_EXIT_DEBUG #DB at the address with DR6.B0."""
+def test_hbreak_follows_the_instruction_breakpoint_probe(gdb, record_property):
+    """``hbreak`` puts the address in DR0 through KVM_SET_GUEST_DEBUG (KVM_GUESTDBG_USE_HW_BP).
+    Where instruction breakpoints fire (:func:`pykvm.gdbstub.x86.instruction_breakpoints_fire`;
+    VMX/SVM hardware, kvm_pvm) each hit is KVM_EXIT_DEBUG #DB at the address with DR6.B0.
+    Measured in the nested lab (QEMU 7.2 TCG, emulated SVM): they do NOT fire there (QEMU
+    before 9.1 loads the VMCB's DR7 at VMRUN without arming its breakpoints), so the guest runs
+    past the hbreak to its end and KVM reports no DR hit: asserted as such."""
+    with Kvm() as k:
+        fires = instruction_breakpoints_fire(k)
+    record_property("instruction_breakpoints_fire", fires)
+    print(f"instruction_breakpoints_fire() = {fires}")
     out, code, res, stderr = _session("hbreak gdb_tick", "continue", "continue",
                                       "print gdb_counter", "delete", "continue")
     bp = _address(out, "Hardware assisted breakpoint 1")
-    assert out.count("Breakpoint 1, gdb_tick ()") == 2 and "$1 = 1" in out, out
+    assert code == 0 and "counter: 15" in res["console"], (res, stderr[-4000:])
     assert "exited normally" in out, out
-    assert code == 0 and "counter: 15" in res["console"], (res, stderr)
     hits = [e for e in _debug_exits(stderr) if e[0] == 1 and e[1] == bp and e[2] & 1]
-    assert len(hits) == 2, stderr
+    if fires:
+        assert out.count("Breakpoint 1, gdb_tick ()") == 2 and "$1 = 1" in out, out
+        assert len(hits) == 2, stderr[-4000:]
+    else:
+        assert "Breakpoint 1, gdb_tick ()" not in out and not hits, (out, stderr[-4000:])
     assert "INTERNAL_ERROR" not in res["exits"], res
 
 
-def test_data_breakpoints_fire_on_nested_svm(nested):
-    """The stub's probe (a real-mode VM writing a byte DR0 watches) finds that data breakpoints
-    fire here, so ``watch`` goes to the debug registers (on kvm_pvm it finds they do not)."""
+def test_watch_follows_the_data_breakpoint_probe(gdb, record_property):
+    """``watch gdb_counter`` from the first instruction, served the way the stub's probe
+    (:func:`pykvm.gdbstub.x86.data_breakpoints_fire`: a real-mode VM writing a byte DR0
+    watches) decides, and the stub's log line says which: where data breakpoints fire, both
+    changes (0 -> 1, 1 -> 3) stop as DR hits (#DB with a B0-B3 bit) and the guest is never
+    single-stepped; where they do not, every instruction from _start on is a
+    KVM_GUESTDBG_SINGLESTEP (#DB with DR6.BS) on SVM. Measured in the nested lab (QEMU 7.2 TCG,
+    emulated SVM): the probe finds they do NOT fire there (QEMU before 9.1 loads the VMCB's DR7
+    at VMRUN without arming its breakpoints; docs/gdb.md), so the emulated path runs on SVM."""
     with Kvm() as k:
-        assert data_breakpoints_fire(k) is True
-
-
-def test_watch_uses_the_debug_registers(gdb):
-    """``watch gdb_counter`` from the first instruction: both changes (0 -> 1, 1 -> 3) stop as
-    DR hits (#DB with a B0-B3 bit, no DR6.BS), and the guest is never single-stepped (the
-    emulated watchpoint would step every instruction from _start on); the stub logs which mode
-    it used."""
+        hardware = data_breakpoints_fire(k)
+    record_property("data_breakpoints_fire", hardware)
+    print(f"data_breakpoints_fire() = {hardware}")
     out, code, res, stderr = _session("watch gdb_counter", "continue", "continue",
                                       "print gdb_counter", "delete", "continue")
     assert "Hardware watchpoint 1: gdb_counter" in out, out
     assert "Old value = 0\nNew value = 1" in out, out
     assert "Old value = 1\nNew value = 3" in out and "$1 = 3" in out, out
     assert "exited normally" in out, out
-    assert code == 0 and "counter: 15" in res["console"], (res, stderr)
-    assert "pykvm: gdb watchpoints: in the target's debug registers (hardware)" in stderr, stderr
-    assert "emulated by single-stepping" not in stderr, stderr
+    assert code == 0 and "counter: 15" in res["console"], (res, stderr[-4000:])
     exits = _debug_exits(stderr)
-    hits = [e for e in exits if e[0] == 1 and e[2] & _DR6_B03]
-    assert len(hits) >= 2, stderr
-    assert not [e for e in exits if e[2] & _DR6_BS], stderr          # no single step at all
-    assert res["exits"]["DEBUG"] == len(exits), (res, stderr)
+    steps = [e for e in exits if e[0] == 1 and e[2] & _DR6_BS]
+    assert res["exits"]["DEBUG"] == len(exits), res
+    if hardware:
+        assert "pykvm: gdb watchpoints: in the target's debug registers" in stderr, stderr
+        assert len([e for e in exits if e[0] == 1 and e[2] & _DR6_B03]) >= 2, stderr
+        assert not steps, stderr[-4000:]                             # no single step at all
+    else:
+        assert "pykvm: gdb watchpoints: emulated by single-stepping" in stderr, stderr[-4000:]
+        assert len(steps) > 100, stderr[-4000:]        # _start to the first call, step by step
 
 
 def _without_gdb():
