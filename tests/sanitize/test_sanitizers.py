@@ -43,7 +43,8 @@ C_SIDE = ["tests/x86/test_core.py", "tests/x86/test_exit_fast_path.py",
           "tests/hw/test_fuzz.py", "tests/hw/test_fuzz_devices.py",
           "tests/hw/test_control_socket.py", "tests/hw/test_machine_options.py",
           "tests/hw/test_device_errors.py", "tests/hw/test_builtin_guests.py",
-          "tests/hw/test_reset.py"]     # csrc/rewind.c: the reset's copy-back and ioctls
+          "tests/hw/test_reset.py",     # csrc/rewind.c: the reset's copy-back and ioctls
+          "tests/hw/test_pause_kvmclock.py"]   # the run loop's kicks around each pause
 # The files left to the plain run: their subject is Python code (command-line parsing and its
 # limits, image loaders, ioctl wrappers and their structs, the pc machine's device models, the
 # guest build, the kselftest install). They reach the C helper only through the run loop and
