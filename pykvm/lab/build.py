@@ -143,8 +143,9 @@ NESTED = LabSpec(
         # gdb 13.1 against `pykvm run --gdb` on real (nested) SVM (tests/nested/test_gdb_nested.py):
         # the packages of the shared objects its NEEDED chain loads (ldd of bookworm's gdb), i.e.
         # Index.closure(["gdb"]) less the packages above and less what is only a package-level
-        # dependency (debconf, ucf, dpkg, readline-common, *-common data); libicu72 (for
-        # libboost-regex) is most of the growth (base image: GROWTH)
+        # dependency (debconf, ucf, dpkg, readline-common, *-common data): 41 packages, 26 MB of
+        # .debs (libicu72, for libboost-regex, 9.4 MB of them); the base image grew from 31.1 to
+        # 62.0 MB, the initrd from 51.3 to 82.3 MB; boot to "KVM ready" stayed at 9-11 s
         "gdb", "libbabeltrace1", "libboost-regex1.74.0", "libbrotli1", "libcom-err2",
         "libcurl3-gnutls", "libdebuginfod1", "libdw1", "libelf1", "libglib2.0-0", "libgmp10",
         "libgnutls30", "libgssapi-krb5-2", "libhogweed6", "libicu72", "libidn2-0", "libipt2",
