@@ -17,7 +17,10 @@ import pytest
 
 from pykvm.machine import Machine
 
-pytestmark = pytest.mark.requires_arch("riscv64")
+pytestmark = [
+    pytest.mark.requires_arch("riscv64"),
+    pytest.mark.filterwarnings("ignore:record_property is incompatible:pytest.PytestWarning"),
+]
 HOLD = 4.0                      # seconds the guest is held
 PATIENCE = 120.0                # seconds to wait for guest progress (QEMU TCG is slow)
 
