@@ -48,6 +48,7 @@ imports pykvm's core; the fixtures do, when a test uses them. Tests that need KV
 not errored, on a host without a usable ``/dev/kvm`` (``$PYKVM_DEVICE``) or on an architecture
 pykvm does not support.
 """
+import time
 
 LACKS = "pykvm: host lacks"          # the prefix of every skip the rule above allows
 
@@ -67,3 +68,17 @@ def require(condition, what: str) -> None:
         return
     import pytest                    # only where a test skips: pykvm.testing works without it
     pytest.skip(f"{LACKS} {what.strip()}")
+
+
+def wait_until(condition, what: str, timeout: float = 30.0, interval: float = 0.01) -> None:
+    """Poll ``condition()`` (a callable; its result's truth is what counts) every ``interval``
+    seconds until it holds, for at most ``timeout`` seconds; then raise AssertionError
+    "gave up waiting: <what>" (``what``: str, what the test was waiting for). For a test that
+    waits for a guest or a thread to make progress: the limit is a hang guard, generous on a
+    loaded host, never a claim about speed (tests assert no durations). Returns None."""
+    __tracebackhide__ = True
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= end:
+            raise AssertionError(f"gave up waiting: {what}")
+        time.sleep(interval)

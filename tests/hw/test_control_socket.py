@@ -7,6 +7,7 @@ protocol's error or are closed, with no fd or thread left behind; the CLI verbs 
 
 The guest (control_counter.c) counts in memory and in RAX without ever exiting. No test
 asserts a duration: "the counter advances" is waited for, with a generous limit."""
+import functools
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import time
 
 import pytest
 
-from pykvm import control
+from pykvm import control, testing
 from pykvm.control import Client, ControlError, ControlServer, NoSuchVm
 from pykvm.guestbuild import build
 
@@ -30,11 +31,7 @@ PYKVM = [sys.executable, "-m", "pykvm"]
 PATIENCE = 30.0                 # seconds to wait for something that should happen promptly
 
 
-def wait_until(cond, what):
-    end = time.monotonic() + PATIENCE
-    while not cond():
-        assert time.monotonic() < end, f"gave up waiting: {what}"
-        time.sleep(0.01)
+wait_until = functools.partial(testing.wait_until, timeout=PATIENCE)
 
 
 @pytest.fixture

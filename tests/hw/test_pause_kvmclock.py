@@ -7,20 +7,16 @@ report (the nested lab's control test once failed that way).
 The guest (kvmclock_pause.c) enables kvmclock and counts, in its own memory, the notices it
 sees, clearing each as Linux does. No test asserts a duration: progress is waited for with a
 generous limit."""
+import functools
 import threading
-import time
 
 import pytest
 
+from pykvm import testing
+
 pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_arch("x86_64")]
 PATIENCE = 30.0                 # seconds to wait for something that should happen promptly
-
-
-def wait_until(cond, what):
-    end = time.monotonic() + PATIENCE
-    while not cond():
-        assert time.monotonic() < end, f"gave up waiting: {what}"
-        time.sleep(0.01)
+wait_until = functools.partial(testing.wait_until, timeout=PATIENCE)
 
 
 class Counting:

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from pykvm.machine import Machine
+from pykvm.testing import wait_until
 
 pytestmark = [
     pytest.mark.requires_arch("riscv64"),
@@ -26,10 +27,7 @@ PATIENCE = 120.0                # seconds to wait for guest progress (QEMU TCG i
 
 
 def _wait(cond, what):
-    end = time.monotonic() + PATIENCE
-    while not cond():
-        assert time.monotonic() < end, f"gave up waiting: {what}"
-        time.sleep(0.02)
+    wait_until(cond, what, timeout=PATIENCE, interval=0.02)
 
 
 class Watching:
