@@ -187,8 +187,9 @@ def instruction_breakpoints_fire(kvm: Any) -> bool:
     """Whether an instruction breakpoint in DR0/DR7 (KVM_GUESTDBG_USE_HW_BP; gdb's
     ``hbreak``) stops a guest on this host: the same throw-away VM as
     :func:`data_breakpoints_fire`, DR0 at its ``hlt``. True on VMX/SVM hardware and on
-    kvm_pvm; False on QEMU 7.2's emulated SVM (the nested lab). Not consulted by the stub
-    (``Z1`` is accepted either way); for tests and diagnostics. Cached per process."""
+    kvm_pvm; False on QEMU 7.2's emulated SVM (the nested lab), where the stub then refuses
+    ``Z1`` (gdb says it cannot insert the hardware breakpoint) rather than accept one that
+    would never stop the guest. Cached per process."""
     return _dr0_fires(kvm, _RW_BITS[Z_HW_BREAK], 0x8000 + len(_PROBE_CODE) - 1)
 
 
@@ -341,6 +342,9 @@ class X86Target(GdbTarget):
             raise Unsupported("x86 debug registers have no read-only watchpoint")
         if ztype not in _RW_BITS:
             raise Unsupported(f"no Z{ztype} on x86")
+        if ztype == Z_HW_BREAK and not instruction_breakpoints_fire(self.machine.kvm):
+            raise Unsupported("instruction breakpoints in the debug registers do not fire on "
+                              "this host")
         if ztype != Z_HW_BREAK and not data_breakpoints_fire(self.machine.kvm):
             raise Unsupported("data breakpoints do not fire on this host (KVM emulates the "
                               "guest's code)")

@@ -163,18 +163,24 @@ def inner_qemu_part(archive: Archive, suite: str, arch: str, provided: list[str]
     (``bin/<program>``, ``lib/`` with the shared libraries it loads, ``share/`` with the firmware
     it needs, ``info.json``), for QEMU ``-accel kvm`` inside the lab
     (:mod:`pykvm.lab.blkbench`). The libraries are the DT_NEEDED closure of the program among
-    its packages' dependency closure, less the packages in ``provided`` (the lab's userspace
-    already has them). Cached in ``<cache>/base/``. Returns (path, info); raises LabError."""
+    its packages' dependency closure, less those of the packages in ``provided`` (the lab's
+    userspace already has them). The walk goes through the provided packages' libraries too:
+    what they load is shipped when the lab's userspace lacks it (QEMU's libgio, from a provided
+    libglib2.0-0, loads libmount, which nothing provided has). Cached in ``<cache>/base/``.
+    Returns (path, info); raises LabError."""
     binpkg, prog, triplet = _INNER[arch]
     ix = archive.index(suite, arch)
     if binpkg not in ix:
         binpkg = "qemu-system-misc"
     main = ix.get(binpkg)
     keep = set(provided)
-    pkgs = ix.closure([binpkg], skip=lambda n: n in keep or (
-        n != binpkg and not (n.startswith("lib") or n == "zlib1g")))
+    every = ix.closure([binpkg], skip=lambda n: n != binpkg and not (
+        n.startswith("lib") or n == "zlib1g"))
+    pkgs = [p for p in every if p.name not in keep]          # shipped from
+    held = [p for p in every if p.name in keep]              # walked through, not shipped
     data = [(ix.get(p), files) for p, files in _INNER_DATA[arch]]
-    key = _hash_pkgs([p.sha256 for p in pkgs] + [p.sha256 for p, _ in data] + [INNER_FORMAT])
+    key = _hash_pkgs([p.sha256 for p in pkgs] + [p.sha256 for p in held] +
+                     [p.sha256 for p, _ in data] + [INNER_FORMAT])
     out = archive.cache / "base" / f"qemu-{name}-{key}.cpio.gz"
     info = {"inner_qemu": f"{main.name} {main.version} ({suite}/{arch})"}
     if out.exists():
@@ -187,18 +193,28 @@ def inner_qemu_part(archive: Archive, suite: str, arch: str, provided: list[str]
     _unpack_all(archive, root, [
         (p, (lambda r: r == f"usr/bin/{prog}") if p.name == binpkg else lib, "lab QEMU") for p in pkgs
     ] + [(p, (lambda r, f=files: r in f), "lab QEMU firmware") for p, files in data])
+    theirs_root = archive.cache / "unpacked" / f"inner-qemu-{name}-{key}-provided"
+    _unpack_all(archive, theirs_root, [(p, lib, "lab QEMU (libraries the lab has)") for p in held])
     exe = root / "usr/bin" / prog
     if not exe.exists():
         raise LabError(f"{main.name}: no usr/bin/{prog} inside")
-    found = {f.name: f for d in libdirs if (root / d).is_dir() for f in (root / d).iterdir()}
+
+    def sos(top: Path) -> dict[str, Path]:
+        return {f.name: f for d in libdirs if (top / d).is_dir() for f in (top / d).iterdir()}
+    found, theirs = sos(root), sos(theirs_root)
     libs: dict[str, Path] = {}
+    walked: set[str] = set()
     todo = _needed(exe)
     while todo:
         so = todo.pop()
-        if so in libs or so not in found:
-            continue            # not ours: the lab's userspace provides it (libc, zlib ...)
-        libs[so] = found[so].resolve()
-        todo += _needed(libs[so])
+        if so in walked:
+            continue
+        walked.add(so)
+        if so in found:
+            libs[so] = found[so].resolve()
+            todo += _needed(libs[so])
+        elif so in theirs:      # the lab's userspace has it; what it loads may be ours to ship
+            todo += _needed(theirs[so].resolve())
     with archive.lock(f"base-{out.name}", f"building {out.name}"):
         if not out.exists():
             def fill(w: ird.CpioWriter) -> None:
