@@ -702,7 +702,7 @@ def _snapshot_spec(spec: str):
     for ``console:TEXT``; ValueError with the reason for anything else."""
     shown = repr(spec) if len(spec) <= 60 else repr(spec[:60]) + "..."
     if spec.startswith("console:"):
-        text = spec[len("console:"):].encode()
+        text = os.fsencode(spec[len("console:"):])   # the bytes given, as the console has them
         if not text:
             raise ValueError("--snapshot-at console:TEXT needs some TEXT")
         if len(text) > 4096:
@@ -974,6 +974,12 @@ def cmd_run(args) -> int:
         _err(f"pykvm: the run ended before --snapshot-at {args.snapshot_at}; no snapshot "
              "written")
         if r.exit_code == status.OK:          # the guest finished first: the snapshot failed
+            if args.json:
+                d = r.as_dict()
+                d.update(exit_code=status.GUEST_FAILURE,             # exit: the run's own
+                         detail=f"the guest finished before --snapshot-at {args.snapshot_at}; "
+                                "no snapshot written")
+                _emit_json(d)
             return status.GUEST_FAILURE
     if _output["error"] is not None:
         return _output_failure()

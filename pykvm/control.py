@@ -45,7 +45,7 @@ import time
 from ._host import HOST_ARCH
 from ._ioctl import ioctl
 from .abi import ioctls
-from .errors import Closed, PykvmError
+from .errors import Busy, Closed, PykvmError
 from .machine import Machine
 from .stats import read_stats
 
@@ -230,14 +230,19 @@ def vcpu_registers(vcpu) -> dict:
 
 
 def machine_state(m: Machine) -> str:
-    """"closed", "paused" (every vCPU held), "pausing" (a pause waits for a vCPU), "running"
-    (a run in progress) or "idle" (no run in progress)."""
+    """"closed", "paused" (every vCPU held by ``pause``), "pausing" (a pause waits for a
+    vCPU), "held" (not paused, but every vCPU held by another hold: a debugger's stop, a
+    snapshot being written; :meth:`pykvm.machine.Machine.hold`), "running" (a run in
+    progress) or "idle" (no run in progress)."""
     if m.closed:
         return "closed"
     if m.paused:
         return "paused"
-    if m._pause_wanted:
+    holders = m.holders
+    if "pause" in holders:
         return "pausing"
+    if holders and m.running and any(m.held_for(h) for h in holders):
+        return "held"
     return "running" if m.running else "idle"
 
 
@@ -679,22 +684,18 @@ class ControlServer:
         if self._stats_fds is not None:
             return self._stats_fds
         m = self.machine
-        brief = m.running and not m.paused
-        if brief and not m.pause(timeout=PAUSE_WAIT):
-            m.resume()
-            raise ControlError(f"could not hold every vCPU within {PAUSE_WAIT:g} s to open "
-                               "its stats")
         fds: List[int] = []
         try:
-            for v in m.vcpus:
-                fds.append(ioctl(v.fd, ioctls.KVM_GET_STATS_FD))
+            with m.holding("opening the vCPUs' stats", PAUSE_WAIT):
+                for v in m.vcpus:
+                    fds.append(ioctl(v.fd, ioctls.KVM_GET_STATS_FD))
+        except Busy:
+            raise ControlError(f"could not hold every vCPU within {PAUSE_WAIT:g} s to open "
+                               "its stats") from None
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        finally:
-            if brief:
-                m.resume()
         if self._closed:                       # closed meanwhile: keep nothing open
             for fd in fds:
                 os.close(fd)
@@ -718,15 +719,12 @@ class ControlServer:
         reading when it was not (then resuming it)."""
         m = self.machine
         was_paused = m.paused
-        if not was_paused and not m.pause(timeout=PAUSE_WAIT):
-            m.resume()
+        try:
+            with m.holding("reading the registers", PAUSE_WAIT):
+                vcpus = [dict(index=i, **vcpu_registers(v)) for i, v in enumerate(m.vcpus)]
+        except Busy:
             return {"code": "timeout", "error": f"could not hold every vCPU within "
                     f"{PAUSE_WAIT:g} s to read its registers"}
-        try:
-            vcpus = [dict(index=i, **vcpu_registers(v)) for i, v in enumerate(m.vcpus)]
-        finally:
-            if not was_paused:
-                m.resume()
         return {"arch": HOST_ARCH, "paused_for_dump": not was_paused, "vcpus": vcpus}
 
     # -- lifecycle -------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from . import snapshot as _snapshot
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+    from typing import (Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple,
+                        Union)
 
 
 class Event(Record, slots=True):
@@ -110,6 +111,7 @@ def _is_image_path(name: str) -> bool:
 # Kept for callers of earlier versions; see pykvm.status for the whole table.
 EXIT_TIMEOUT = status.TIMEOUT
 EXIT_GUEST_FAILURE = status.GUEST_FAILURE
+PAUSE = "pause"                      # the owner of pause()'s hold (Machine.hold)
 
 
 def _one_line(e: BaseException) -> str:
@@ -224,7 +226,9 @@ class Machine:
         # _pause_cv; _pauses counts pause() calls, so that a vCPU tells a pause's kick (taken
         # at once, or after it was already held) from one that ends the run
         self._pause_cv = threading.Condition()
-        self._pause_wanted = False         # pause() asked, resume() not yet
+        # who holds the vCPUs out of KVM_RUN now (hold()): "pause" for pause() until resume(),
+        # "gdb" for a debugger's stop, a token of its own for each short internal hold
+        self._holders: set = set()
         self._pauses = 0                   # pause() calls begun (counted before their kicks)
         self._pauses_kicked = 0            # _pauses when no pause() was still kicking
         self._pauses_kicking = 0           # pause() calls sending their kicks now
@@ -629,7 +633,7 @@ class Machine:
                 if self._stop:
                     results[index] = Event("kick", index)
                     return
-                if self._pause_wanted:             # pause(): held here until resume()
+                if self._holders:                  # pause()/hold(): held here until released
                     ev = self._hold(index, deadline)
                     if ev is None:
                         continue
@@ -691,7 +695,7 @@ class Machine:
                 self._held_time = vcpu.save_guest_time()
             self._pause_cv.notify_all()
             try:
-                while self._pause_wanted and not self._stop and not self._closed:
+                while self._holders and not self._stop and not self._closed:
                     wait = 0.05                    # signals and _kick_all() notify nobody
                     if deadline is not None:
                         left = deadline - time.monotonic()
@@ -718,8 +722,21 @@ class Machine:
     def paused(self) -> bool:
         """True while :meth:`pause` is in force and every vCPU of the run in progress (if
         any) is held out of KVM_RUN: the guest does not advance."""
+        return self.held_for(PAUSE)
+
+    @property
+    def holders(self) -> frozenset:
+        """Who holds the vCPUs out of KVM_RUN now (:meth:`hold`): ``"pause"`` (:meth:`pause`),
+        ``"gdb"`` (a debugger's stop) and the private tokens of short internal holds
+        (:meth:`holding`). Empty when nothing holds the guest."""
         with self._pause_cv:
-            return self._pause_wanted and self._active <= self._held
+            return frozenset(self._holders)
+
+    def held_for(self, owner: Hashable) -> bool:
+        """True while ``owner`` holds the machine (:meth:`hold`) and every vCPU of the run in
+        progress (if any) is held out of KVM_RUN."""
+        with self._pause_cv:
+            return owner in self._holders and self._active <= self._held
 
     def pause(self, timeout: Optional[float] = 5.0) -> bool:
         """Stop every vCPU and hold it out of KVM_RUN until :meth:`resume` (kvmtool's
@@ -730,15 +747,29 @@ class Machine:
         holds itself in its own thread when its run returns. A pause before :meth:`run` (or
         between runs) holds the vCPUs as the next run starts. A run's deadline still counts
         while it is paused: a run paused past its deadline ends with "timeout".
-        :meth:`stop` and :meth:`close` end a paused run. Idempotent.
+        :meth:`stop` and :meth:`close` end a paused run. Idempotent. This is the hold of
+        owner ``"pause"`` (:meth:`hold`): a debugger's stop or a snapshot in progress holds the
+        guest on its own, and :meth:`resume` does not release those.
 
         ``timeout``: seconds to wait until every running vCPU is held (None: no wait).
         Returns :attr:`paused` (False when some vCPU was not held in time, e.g. inside a
         slow exit handler: it is held when it next returns to the loop). Raises
         :class:`~pykvm.errors.Closed` after :meth:`close`."""
+        return self.hold(PAUSE, timeout)
+
+    def hold(self, owner: Hashable, timeout: Optional[float] = 5.0) -> bool:
+        """Hold every vCPU out of KVM_RUN on behalf of ``owner`` (any hashable) until
+        :meth:`release` of that owner, as :meth:`pause` does (it is ``hold("pause")``).
+        Holds of different owners are independent: the guest runs again only once every
+        owner has released it, so that a user's resume cannot let a guest go while a snapshot
+        reads it or a debugger has it stopped. Idempotent per owner.
+
+        ``timeout``: seconds to wait until every running vCPU is held (None: no wait).
+        Returns :meth:`held_for` ``owner``. Raises :class:`~pykvm.errors.Closed` after
+        :meth:`close`."""
         self._check_open()
         with self._pause_cv:
-            self._pause_wanted = True
+            self._holders.add(owner)
             self._pauses += 1
             self._pauses_kicking += 1
         try:
@@ -753,23 +784,48 @@ class Machine:
                 if not self._pauses_kicking:
                     self._pauses_kicked = self._pauses
         if timeout is None:
-            return self.paused
+            return self.held_for(owner)
         end = time.monotonic() + timeout
         with self._pause_cv:
-            while self._pause_wanted and not (self._active <= self._held):
+            while owner in self._holders and not (self._active <= self._held):
                 left = end - time.monotonic()
                 if left <= 0 or self._closed:
                     break
                 self._pause_cv.wait(min(left, 0.05))
-            return self._pause_wanted and self._active <= self._held
+            return owner in self._holders and self._active <= self._held
+
+    def release(self, owner: Hashable) -> None:
+        """End ``owner``'s hold (:meth:`hold`); the vCPUs run on once no other owner holds
+        them. Nothing when ``owner`` holds nothing. Safe from any thread, also after
+        :meth:`close`."""
+        with self._pause_cv:
+            self._holders.discard(owner)
+            self._pause_cv.notify_all()
+
+    @contextlib.contextmanager
+    def holding(self, what: str, timeout: float = 10.0) -> Iterator[None]:
+        """Every vCPU of a run in progress held out of KVM_RUN for the ``with`` block, by a
+        hold of its own (:meth:`hold`) that no :meth:`resume` releases; nothing is held when
+        no run is in progress. Raises :class:`~pykvm.errors.Busy` ("``what``: the running
+        machine did not pause within ``timeout`` s") when the vCPUs are not all held in time
+        (nothing stays held then)."""
+        token = object()
+        if self.running:
+            if not self.hold(token, timeout):
+                self.release(token)
+                raise Busy(f"{what}: the running machine did not pause within {timeout:g} s")
+        try:
+            yield
+        finally:
+            self.release(token)
 
     def resume(self) -> None:
         """Let the vCPUs :meth:`pause` holds run on (kvmtool's ``resume``); nothing when the
-        machine is not paused. Raises :class:`~pykvm.errors.Closed` after :meth:`close`."""
+        machine is not paused. Other holds (:meth:`hold`: a debugger's stop, a snapshot in
+        progress) keep the guest held until they end. Raises
+        :class:`~pykvm.errors.Closed` after :meth:`close`."""
         self._check_open()
-        with self._pause_cv:
-            self._pause_wanted = False
-            self._pause_cv.notify_all()
+        self.release(PAUSE)
 
     def stop(self, reason: str = "stopped on request") -> None:
         """End the run in progress (or the next one, at once) as kvmtool's ``stop`` does: its
@@ -780,7 +836,7 @@ class Machine:
         self._stop_reason = str(reason)
         self._kick_all()
         with self._pause_cv:
-            self._pause_wanted = False
+            self._holders.clear()
             self._pause_cv.notify_all()
 
     def _vcpu_thread(self, index: int, deadline: Optional[float], results: list) -> None:
@@ -1139,7 +1195,7 @@ class Machine:
         :class:`~pykvm.errors.PykvmError` for a machine a reset cannot serve (virtio devices)
         and :class:`~pykvm.errors.KvmError` when KVM refuses a step."""
         self._check_open()
-        with self._held_for_reset():
+        with self.holding("reset"):
             old, self._baseline = self._baseline, None
             if old is not None:
                 old.close()
@@ -1161,7 +1217,7 @@ class Machine:
         if self._baseline is None:
             self.checkpoint()
             return 0
-        with self._held_for_reset():
+        with self.holding("reset"):
             pages = self._baseline.restore()
             self.settle_held_time(loaded=True)
             self._reapply_patches()
@@ -1238,22 +1294,6 @@ class Machine:
             if not loaded:
                 vcpu.restore_guest_time(self._held_time)
             self._held_time = vcpu.save_guest_time()
-
-    @contextlib.contextmanager
-    def _held_for_reset(self) -> Iterator[None]:
-        """Every vCPU out of KVM_RUN for the block: a run in another thread is paused (and
-        resumed after, unless it was paused already); Busy if it does not pause in 10 s."""
-        paused_here = False
-        if self.running and not self.paused:
-            if not self.pause(timeout=10.0):
-                self.resume()
-                raise Busy("reset: the running machine did not pause within 10 s")
-            paused_here = True
-        try:
-            yield
-        finally:
-            if paused_here and not self._closed:
-                self.resume()
 
     def close(self) -> None:
         """Stop every vCPU (waiting until each has left KVM_RUN), then close the VM, its memory

@@ -245,20 +245,30 @@ class ConsoleWatch:
     :class:`threading.Event`) is set and ``then()``, if given, is called once, in the thread
     that passed the bytes (a vCPU thread: ``then`` must not wait for the run, though it may
     call :meth:`pykvm.machine.Machine.stop`). Keeps ``len(text) - 1`` bytes between pieces.
-    Thread-safe. Raises ValueError for an empty ``text``."""
+    Thread-safe. Raises ValueError for an empty ``text``, TypeError for a ``text`` or a piece
+    that is not str/bytes (a piece: bytes-like only)."""
 
     __slots__ = ("text", "then", "hit", "_tail", "_lock")
 
     def __init__(self, text: Union[str, bytes], then: Optional[Callable[[], None]] = None):
-        self.text = text.encode() if isinstance(text, str) else bytes(text)
+        if isinstance(text, str):
+            self.text = text.encode()
+        elif isinstance(text, (bytes, bytearray, memoryview)):
+            self.text = bytes(text)
+        else:
+            raise TypeError(f"ConsoleWatch looks for str or bytes, not {type(text).__name__}")
         if not self.text:
             raise ValueError("ConsoleWatch needs a non-empty text to look for")
+        if then is not None and not callable(then):
+            raise TypeError(f"ConsoleWatch's then must be callable or None, not {then!r}")
         self.then = then
         self.hit = threading.Event()
         self._tail = b""
         self._lock = threading.Lock()
 
     def __call__(self, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"console output is bytes, not {type(data).__name__}")
         with self._lock:
             if self.hit.is_set():
                 return

@@ -36,6 +36,7 @@ irqchip) is refused by :func:`take`, naming the device.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ from ._host import HOST_ARCH
 from .abi import ffi
 from .arch import current_snapshot as _arch_snapshot
 from .arch.snapstate import ArchState
-from .errors import PykvmError, SnapshotError
+from .errors import Busy, PykvmError, SnapshotError
 from .kvm import Kvm
 
 TYPE_CHECKING = False
@@ -229,16 +230,12 @@ def take(machine: Any, path: str) -> int:
     refused = refusals(machine)
     if refused:
         raise SnapshotError("cannot snapshot this machine: " + "; ".join(refused))
-    paused_here = False
-    if machine.running and not machine.paused:
-        if not machine.pause(timeout=10.0):
-            raise SnapshotError("cannot snapshot: the machine did not pause within 10 s")
-        paused_here = True
-    try:
+    with contextlib.ExitStack() as held:
+        try:                                   # a hold of its own: no resume() ends it
+            held.enter_context(machine.holding("snapshot", 10.0))
+        except Busy:
+            raise SnapshotError("cannot snapshot: the machine did not pause within 10 s") from None
         return _write(machine, path)
-    finally:
-        if paused_here:
-            machine.resume()
 
 
 def _write(machine: Any, path: str) -> int:

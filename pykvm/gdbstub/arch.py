@@ -26,7 +26,7 @@ undoing step plumbing after a stop  :meth:`GdbTarget.stopped`
 
 Threading contract. Every method that takes a ``vcpu`` (:class:`pykvm.vcpu.Vcpu`) is called
 while that vCPU is out of KVM_RUN — held by the stub's all-stop (the machine's
-:meth:`~pykvm.machine.Machine.pause`), or before the first run — except
+:meth:`~pykvm.machine.Machine.hold` of owner ``"gdb"``), or before the first run — except
 :meth:`GdbTarget.classify_stop`, which runs on the vCPU's own thread from inside its exit
 handler (so vCPU ioctls work there too). The common code serialises calls: a target needs no
 lock of its own.

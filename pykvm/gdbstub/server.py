@@ -1,5 +1,5 @@
 """The GDB stub's common code: a listening socket, one client at a time, the remote serial
-protocol's packets (GDB manual, Appendix E), all-stop over the machine's pause/resume, one
+protocol's packets (GDB manual, Appendix E), all-stop over a hold of the machine, one
 thread per vCPU (thread id = vCPU index + 1), memory by guest-virtual address, breakpoint
 bookkeeping. Everything that differs between architectures goes through the
 :class:`~pykvm.gdbstub.arch.GdbTarget` that :func:`~pykvm.gdbstub.targets.target_for` picks.
@@ -7,11 +7,13 @@ bookkeeping. Everything that differs between architectures goes through the
 How a debug stop holds the machine (all-stop): the stub installs a handler (through
 :meth:`pykvm.machine.Machine.on`) for each of the target's ``stop_exits``. On the vCPU's own
 thread the handler asks the target whether the exit is a debug stop; if so it records it and
-calls :meth:`~pykvm.machine.Machine.pause` without waiting, then returns so the vCPU's loop
-takes the pause's kick: every vCPU is then held out of KVM_RUN in its own thread, where the
-stub's thread may use their ioctls (registers, KVM_TRANSLATE, KVM_SET_GUEST_DEBUG). ``c``,
-``s`` and ``vCont`` set each vCPU up (:meth:`GdbTarget.prepare_resume`) and
-:meth:`~pykvm.machine.Machine.resume`. Ctrl-C (the 0x03 byte) pauses and reports SIGINT.
+takes the machine's hold of owner ``"gdb"`` (:meth:`~pykvm.machine.Machine.hold`) without
+waiting, then returns so the vCPU's loop takes the hold's kick: every vCPU is then held out of
+KVM_RUN in its own thread, where the stub's thread may use their ioctls (registers, KVM_TRANSLATE, KVM_SET_GUEST_DEBUG). ``c``,
+``s`` and ``vCont`` set each vCPU up (:meth:`GdbTarget.prepare_resume`) and release the hold.
+Ctrl-C (the 0x03 byte) holds and reports SIGINT. The hold is the stub's own: ``pykvm resume``
+(:meth:`~pykvm.machine.Machine.resume`, which ends only a ``pause``) does not let a guest go
+that gdb has stopped, and a ``pause`` stays in force when gdb continues.
 An exit that is not a debug stop goes on as without the stub (the handler that was there
 before, else the platform, else it ends the run)."""
 from __future__ import annotations
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from typing import Any, Callable, Dict, List, Optional, Tuple
 
 _PAGE = 4096
+GDB = "gdb"                    # the owner of the stub's hold (Machine.hold)
 _EFAULT, _EINVAL, _EBUSY, _EEXIST, _ENOSPC = 14, 22, 16, 17, 28
 _SEND_TIMEOUT = 10.0          # seconds a reply may wait for a client that does not read
 
@@ -277,7 +280,7 @@ class GdbServer:
                 self._prev[name] = machine.handlers.get(name)
                 machine.on(name, self._on_exit)
             if wait:
-                machine.pause(timeout=None)      # held as the run starts, until gdb resumes
+                machine.hold(GDB, timeout=None)  # held as the run starts, until gdb resumes
             self._thread = threading.Thread(target=self._serve, name="gdbstub", daemon=True)
             self._thread.start()
         except BaseException:
@@ -406,7 +409,7 @@ class GdbServer:
             if prev is not None:
                 return prev(machine, index, ex)
             return None if machine.platform.handle_exit(index, ex) else True
-        machine.pause(timeout=None)              # every vCPU, this one included, is held
+        machine.hold(GDB, timeout=None)          # every vCPU, this one included, is held
         self._wake()
         return None
 
@@ -543,7 +546,7 @@ class GdbServer:
         m = self.machine
         if m.closed:
             return False
-        return m.pause(timeout=timeout)
+        return m.hold(GDB, timeout=timeout)
 
     def _detach(self) -> None:
         """Forget the client: remove every breakpoint and hardware point, guest debugging
@@ -551,7 +554,7 @@ class GdbServer:
         with self._lock:
             was = self._attached
             self._attached = False
-            if not (was or self._sw or self._hw or self.machine.paused):
+            if not (was or self._sw or self._hw or self.machine.held_for(GDB)):
                 return
         m = self.machine
         if not m.closed:
@@ -587,7 +590,7 @@ class GdbServer:
             self._target_patches.clear()
             self._stops.clear()
             try:
-                m.resume()
+                m.release(GDB)
             except Closed:
                 pass
 
@@ -722,7 +725,7 @@ class _Session:
         else ``default_signal`` on the current thread); the target undoes its step plumbing
         first."""
         s = self.s
-        if s._exit_status is not None or (s._run_over() and not self.m.paused):
+        if s._exit_status is not None or (s._run_over() and not self.m.held_for(GDB)):
             return self._exit_reply()
         with s._lock:
             index, stop = s._stops[0] if s._stops else (self.cthread, Stop(signal=default_signal))
@@ -753,7 +756,7 @@ class _Session:
         s = self.s
         with s._lock:
             pending = bool(s._stops)
-        if pending and self.m.paused:
+        if pending and self.m.held_for(GDB):
             self._report_stop(SIGTRAP)
         elif s._run_over():
             self.running = False
@@ -762,7 +765,7 @@ class _Session:
 
     def _resume(self, step_index: Optional[int]) -> Optional[bytes]:
         s = self.s
-        if s._run_over() and not self.m.paused:
+        if s._run_over() and not self.m.held_for(GDB):
             self.last_stop = self._exit_reply()
             return self.last_stop
         with s._lock:
@@ -778,7 +781,7 @@ class _Session:
                                         mem=s._target_memory(i))
             self.running = True
             s._seen_running = s._seen_running or self.m.running
-            self.m.resume()
+            self.m.release(GDB)
         return None
 
     # -- packets ----------------------------------------------------------------------------

@@ -75,8 +75,14 @@ def wait_until(condition, what: str, timeout: float = 30.0, interval: float = 0.
     seconds until it holds, for at most ``timeout`` seconds; then raise AssertionError
     "gave up waiting: <what>" (``what``: str, what the test was waiting for). For a test that
     waits for a guest or a thread to make progress: the limit is a hang guard, generous on a
-    loaded host, never a claim about speed (tests assert no durations). Returns None."""
+    loaded host, never a claim about speed (tests assert no durations). Returns None; raises
+    ValueError for a ``timeout`` that is not finite and >= 0 or an ``interval`` that is not
+    finite and > 0 (NaN would never end)."""
     __tracebackhide__ = True
+    if not (isinstance(timeout, (int, float)) and 0 <= timeout < float("inf")):
+        raise ValueError(f"wait_until: timeout must be finite seconds >= 0, not {timeout!r}")
+    if not (isinstance(interval, (int, float)) and 0 < interval < float("inf")):
+        raise ValueError(f"wait_until: interval must be finite seconds > 0, not {interval!r}")
     end = time.monotonic() + timeout
     while not condition():
         if time.monotonic() >= end:

@@ -590,3 +590,63 @@ def test_cli_unsafe_directory_is_one_line(ctl_dir):
 def test_cli_verbs_have_help(verb):
     p = cli(verb, "--help")
     assert p.returncode == 0 and "docs/control.md" in p.stdout and not p.stderr
+
+
+# -- holds of different owners (Machine.hold): a resume ends only a pause ------------------------
+def test_a_resume_during_a_snapshot_neither_ends_the_run_nor_breaks_the_snapshot(running,
+                                                                              tmp_path):
+    """A user's pause, a snapshot taken meanwhile in another thread, the user's resume: the
+    snapshot holds the guest on its own, so the resume cannot let a vCPU back into KVM_RUN
+    while the snapshot reads it (that once ended the run with "vCPU 0 is already running in
+    another thread" within a few rounds)."""
+    r = running(vcpus=2)
+    m = r.m
+    for i in range(30):
+        assert m.pause(timeout=PATIENCE)
+        errors = []
+
+        def snap(i=i, errors=errors):
+            try:
+                m.snapshot(str(tmp_path / f"s{i % 2}.snap"))
+            except Exception as e:  # noqa: BLE001 — asserted below
+                errors.append(e)
+        s = threading.Thread(target=snap)
+        s.start()
+        m.resume()
+        s.join(PATIENCE)
+        assert not errors, errors
+        assert r.thread.is_alive(), f"the run ended in round {i}: {r.result}"
+    assert r.advances()
+
+
+def test_a_snapshot_does_not_undo_a_users_pause(running, tmp_path):
+    r = running()
+    m = r.m
+    assert m.pause(timeout=PATIENCE)
+    m.snapshot(str(tmp_path / "p.snap"))
+    with Client("vm") as c:
+        m.checkpoint()
+        c.dump()                                   # reads registers under a hold of its own
+        c.stat()
+    held = r.counter()
+    time.sleep(0.2)
+    assert m.paused and r.counter() == held        # still paused: nothing resumed it
+    m.resume()
+    assert r.advances()
+
+
+def test_resume_does_not_release_a_hold_of_another_owner(running):
+    """A debugger's stop is a hold of owner "gdb": ``pykvm resume`` ends only a pause, so the
+    guest stays held (state "held") until the debugger lets it go."""
+    r = running()
+    m = r.m
+    assert m.hold("gdb", timeout=PATIENCE)
+    with Client("vm") as c:
+        assert c.resume()["state"] == "held"
+        held = r.counter()
+        time.sleep(0.2)
+        assert r.counter() == held and m.held_for("gdb") and not m.paused
+        assert c.status()["state"] == "held"
+        m.release("gdb")
+        assert r.advances()
+        assert c.status()["state"] == "running"

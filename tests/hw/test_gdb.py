@@ -544,7 +544,7 @@ def test_thread_ids_that_do_not_exist_are_refused(leftovers):
                     b"vCont;Czz", b"czz", b"Czz", b"C05;zz", b"szz", b"s1000", b"S05;1000"):
             assert v.c.ask(bad) == b"E16", bad
         assert v.c.ask(b"qThreadExtraInfo,1") == pk.hex_encode(b"vCPU 0")
-        assert v.m.paused                                   # nothing was resumed
+        assert v.m.held_for("gdb")                        # nothing was resumed
         assert v.c.ask(b"qC") == b"QC1"                    # the stub still answers, stopped
         assert v.c.ask(b"vCont;c:1") == b"W00"             # a good one runs to the end
     finally:
@@ -596,7 +596,7 @@ def test_the_unix_socket_of_a_live_server_is_left_alone(tmp_path, leftovers):
                                text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
             assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
             assert len(r.stderr.strip().splitlines()) == 1 and "live server" in r.stderr
-            assert m1.paused and not result                 # the probes released nothing
+            assert m1.held_for("gdb") and not result       # the probes released nothing
             c = Raw(path)                                   # the first still serves
             assert c.ask(b"qC") == b"QC1"
             assert c.ask(b"c") == b"W00"

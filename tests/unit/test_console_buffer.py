@@ -111,3 +111,18 @@ def test_console_watch_from_several_threads_at_once():
     for t in ts:
         t.join()
     assert w.wait(0)
+
+
+def test_console_watch_refuses_what_is_not_text_or_bytes():
+    for bad in (3, None, 2.5, ["x"]):
+        with pytest.raises(TypeError):
+            ConsoleWatch(bad)
+    with pytest.raises(TypeError):
+        ConsoleWatch("x", then="not callable")
+    w = ConsoleWatch(b"\0\0")
+    for piece in (5, "text", None):
+        with pytest.raises(TypeError):
+            w(piece)
+    assert not w.hit.is_set()                        # an int was never taken as NUL bytes
+    w(memoryview(b"a\0\0"))
+    assert w.hit.is_set()

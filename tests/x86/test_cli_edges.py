@@ -75,13 +75,19 @@ def test_sigterm_at_every_moment_gives_one_json_object(spin, entry):
 
 
 # -- every entry point, every broken stream --------------------------------------------------
+# one source per pytest-xdist worker: each worker sets up this module's fixture on its own
+EDGES_SOURCE = f"_edges_guest{os.environ.get('PYTEST_XDIST_WORKER', '')}.c"
 PYKVM_COMMANDS = ["", "run", "run --json", "caps", "caps --json", "regs", "regs --json",
-                  "guests", "guest build tests/x86/_edges_guest.c"]
+                  "guests", "guest build SOURCE"]   # SOURCE: this worker's (_cmd)
+
+
+def _cmd(cmd):
+    return cmd.replace("SOURCE", f"tests/x86/{EDGES_SOURCE}")
 
 
 @pytest.fixture(scope="module")
 def guest_source():
-    path = os.path.join(ROOT, "tests", "x86", "_edges_guest.c")
+    path = os.path.join(ROOT, "tests", "x86", EDGES_SOURCE)
     with open(path, "w") as f:
         f.write('#include "pykvm_guest.h"\nvoid guest_main(void) { }\n')
     yield path
@@ -91,7 +97,7 @@ def guest_source():
 @pytest.mark.parametrize("cmd", PYKVM_COMMANDS)
 @pytest.mark.parametrize("redir", [">&-", ">/dev/full"])
 def test_pykvm_lost_stdout_is_never_success(guest_source, cmd, redir):
-    r = sh(f"{PY} pykvm {cmd} {redir}")
+    r = sh(f"{PY} pykvm {_cmd(cmd)} {redir}")
     assert r.returncode == 8, (cmd, redir, r)
     assert len(lines(r.stderr)) == 1 and "cannot write to stdout" in r.stderr
 
@@ -101,7 +107,7 @@ def test_pykvm_lost_stdout_is_never_success(guest_source, cmd, redir):
 def test_pykvm_broken_stderr(guest_source, cmd, redir):
     """Without stderr a command still does its work and tells its outcome by its status (the
     bare ``pykvm`` prints its help and 2, as with stderr open)."""
-    r = sh(f"{PY} pykvm {cmd} {redir}")
+    r = sh(f"{PY} pykvm {_cmd(cmd)} {redir}")
     assert r.returncode == (2 if cmd == "" else 0), (cmd, r)
     assert r.stdout and "Traceback" not in r.stdout
     if "--json" in cmd:
@@ -111,15 +117,15 @@ def test_pykvm_broken_stderr(guest_source, cmd, redir):
 @pytest.mark.parametrize("cmd", ["", "run", "caps", "regs", "guests", "bench", "guest",
                                  "guest build"])
 def test_pykvm_help(cmd):
-    r = sh(f"{PY} pykvm {cmd} --help")
+    r = sh(f"{PY} pykvm {_cmd(cmd)} --help")
     assert r.returncode == 0 and "usage:" in r.stdout and lines(r.stderr) == []
-    r = sh(f"{PY} pykvm {cmd} --help >/dev/full")
+    r = sh(f"{PY} pykvm {_cmd(cmd)} --help >/dev/full")
     assert r.returncode == 8 and len(lines(r.stderr)) == 1
 
 
 @pytest.mark.parametrize("cmd", ["run", "caps", "regs", "bench"])
 def test_pykvm_json_bad_option_gives_one_object(cmd):
-    r = sh(f"{PY} pykvm {cmd} --json --no-such-option")
+    r = sh(f"{PY} pykvm {_cmd(cmd)} --json --no-such-option")
     assert r.returncode == 2
     (line,) = lines(r.stderr)
     obj = json.loads(r.stdout)

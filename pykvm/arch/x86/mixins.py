@@ -257,7 +257,9 @@ class VcpuArch(VcpuState, VcpuSnapshot):
 
         Returns True when the notice is set; False when the guest has not enabled kvmclock
         (EINVAL: nothing to tell) or KVM lacks KVM_CAP_KVMCLOCK_CTRL. Raises
-        :class:`~pykvm.errors.KvmError` for any other refusal."""
+        :class:`~pykvm.errors.KvmError` for any other refusal, :class:`~pykvm.errors.Busy`
+        when the vCPU is in KVM_RUN in another thread, :class:`~pykvm.errors.Closed` after the
+        vCPU was closed."""
         try:
             ioctl(self.fd, ioctls.KVM_KVMCLOCK_CTRL)
         except KvmError as e:
