@@ -736,7 +736,11 @@ class Machine:
         """True while ``owner`` holds the machine (:meth:`hold`) and every vCPU of the run in
         progress (if any) is held out of KVM_RUN."""
         with self._pause_cv:
-            return owner in self._holders and self._active <= self._held
+            return self._all_held_for(owner)
+
+    def _all_held_for(self, owner: Hashable) -> bool:
+        """:meth:`held_for` with ``_pause_cv`` already held."""
+        return owner in self._holders and self._active <= self._held
 
     def pause(self, timeout: Optional[float] = 5.0) -> bool:
         """Stop every vCPU and hold it out of KVM_RUN until :meth:`resume` (kvmtool's
@@ -787,12 +791,12 @@ class Machine:
             return self.held_for(owner)
         end = time.monotonic() + timeout
         with self._pause_cv:
-            while owner in self._holders and not (self._active <= self._held):
+            while owner in self._holders and not self._all_held_for(owner):
                 left = end - time.monotonic()
                 if left <= 0 or self._closed:
                     break
                 self._pause_cv.wait(min(left, 0.05))
-            return owner in self._holders and self._active <= self._held
+            return self._all_held_for(owner)
 
     def release(self, owner: Hashable) -> None:
         """End ``owner``'s hold (:meth:`hold`); the vCPUs run on once no other owner holds
