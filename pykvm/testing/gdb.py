@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import selectors
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,19 @@ GDB: Optional[str] = shutil.which("gdb")
 TIMEOUT = 120
 #: seconds :class:`PykvmGdb` waits for the server's "listening on" line
 START_TIMEOUT = 60
+
+
+def ensure_loopback() -> None:
+    """Make 127.0.0.1 reachable, where gdb and the stub meet: a lab's initramfs (python -m
+    pykvm.lab) may leave ``lo`` down, and this brings it up with busybox's ``ip``, as the labs'
+    Linux guests' scripts do for theirs. Nothing where a connection to port 9 is refused (the
+    address is up). Raises subprocess.CalledProcessError when ``ip`` fails."""
+    try:
+        socket.create_connection(("127.0.0.1", 9), timeout=5).close()
+    except ConnectionRefusedError:
+        return
+    except OSError:
+        subprocess.run(["busybox", "ip", "link", "set", "lo", "up"], check=True, timeout=60)
 
 
 def source_line(text: str, source: str = "gdb_target.c", arch_dir: str = "x86") -> int:

@@ -16,7 +16,6 @@ those outcomes there and the hardware ones where they happen. Every gdb and pykv
 under a timeout."""
 import json
 import re
-import socket
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ import pytest
 
 from pykvm import Kvm
 from pykvm.gdbstub.x86 import data_breakpoints_fire, instruction_breakpoints_fire
-from pykvm.testing.gdb import GDB, PykvmGdb, gdb_args, guest_elf
+from pykvm.testing.gdb import GDB, PykvmGdb, ensure_loopback, gdb_args, guest_elf
 
 # the lab's JUnit is xunit2; the properties still reach the lab's own nested.xml
 pytestmark = pytest.mark.filterwarnings("ignore:record_property is incompatible:pytest.PytestWarning")
@@ -40,13 +39,7 @@ def gdb(nested):
     """gdb's path (the nested lab's image carries bookworm's gdb: pykvm/lab/build.py NESTED);
     ``nested`` skips where this host's KVM has no (nested) SVM."""
     assert GDB, "the nested lab carries bookworm's gdb (pykvm/lab/build.py NESTED.user_packages)"
-    # 127.0.0.1 reachable: the lab's initramfs may leave ``lo`` down
-    try:
-        socket.create_connection(("127.0.0.1", 9), timeout=5).close()
-    except ConnectionRefusedError:
-        pass
-    except OSError:
-        subprocess.run(["busybox", "ip", "link", "set", "lo", "up"], check=True, timeout=60)
+    ensure_loopback()
     return GDB
 
 

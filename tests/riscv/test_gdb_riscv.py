@@ -17,6 +17,7 @@ import time
 import pytest
 
 from pykvm import guests
+from pykvm.testing.gdb import ensure_loopback
 
 pytestmark = pytest.mark.requires_arch("riscv64")
 
@@ -39,12 +40,7 @@ def _elf() -> str:
 def loopback():
     """127.0.0.1 reachable: the lab's initramfs leaves ``lo`` down (this brings it up, as the
     lab's Linux guests' scripts do for theirs)."""
-    try:
-        socket.create_connection(("127.0.0.1", 9), timeout=5).close()
-    except ConnectionRefusedError:
-        return
-    except OSError:
-        subprocess.run(["busybox", "ip", "link", "set", "lo", "up"], check=True, timeout=60)
+    ensure_loopback()
 
 
 def _start(*extra, address="tcp::0", guest=None):
