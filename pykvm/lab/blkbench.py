@@ -77,6 +77,15 @@ def parse(marks, program: str = "blkbench") -> dict[str, Phase]:
     return out
 
 
+def unparsed(console: str, program: str = "blkbench") -> list[str]:
+    """The lines of ``console`` that name ``program`` but are not a result :func:`parse` takes:
+    the guest program's failures (``netbench: read: Connection reset by peer``), the root init's
+    (``... netbench user failed``) and result lines that something else printed into."""
+    line = re.compile(_LINE.format(re.escape(program)))
+    named = re.compile(rf"(?:^|\s){re.escape(program)}[\s:]")
+    return [t for t in console.splitlines() if named.search(t) and not line.search(t)]
+
+
 def make_disk(path: Path, mib: int = DISK_MIB) -> Path:
     """``path`` as a raw image of ``mib`` MiB, every block written (no holes)."""
     block = bytes((i * 131 + 7) & 0xFF for i in range(256)) * (MIB // 256)
@@ -269,9 +278,10 @@ def report(cmp: Comparison, record_property, title: str | None = None) -> None:
     for vmm, vmm_runs in (("pykvm", cmp.pykvm_runs), ("QEMU", cmp.qemu_runs)):
         for run in vmm_runs:
             got = parse(run.marks, cmp.program)
+            other = "".join(f"\n  {t}" for t in unparsed(run.console, cmp.program))
             print(f"\n$ {' '.join(map(str, run.argv))}\n{run.tail(12)}\n({vmm}: exit {run.status}, "
                   f"{run.seconds:.1f} s; " + ", ".join(f"{n} {p.mib_s:.2f} MiB/s" for n, p in got.items())
-                  + f"){run.stderr[-2000:]}")
+                  + f"){other}{run.stderr[-2000:]}")
     if title is None:
         title = (f"virtio-blk in the guest, pykvm against {qemu_version()} -accel kvm, queue depth 1, "
                  f"O_DIRECT, {len(cmp.pykvm_runs)} boots each:")
@@ -282,8 +292,10 @@ def report(cmp: Comparison, record_property, title: str | None = None) -> None:
     for vmm, vmm_runs in (("pykvm", cmp.pykvm_runs), ("QEMU", cmp.qemu_runs)):
         for run in vmm_runs:
             lost = [p for p in cmp.phases if p not in parse(run.marks, cmp.program)]
-            assert not lost, (f"{vmm}: no result for {', '.join(lost)} (exit {run.status}):\n"
-                              f"{run.tail()}\n{run.stderr[-2000:]}")
+            said = "\n".join(unparsed(run.console, cmp.program)) or "(nothing)"
+            assert not lost, (f"{vmm}: no result for {', '.join(lost)} (exit {run.status}); the guest's "
+                              f"other {cmp.program} lines:\n{said}\nconsole tail:\n{run.tail()}\n"
+                              f"{run.stderr[-2000:]}")
             assert run.status == 0, f"{vmm} exited {run.status}: {run.stderr[-2000:]}\n{run.tail()}"
 
 

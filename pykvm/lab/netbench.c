@@ -26,7 +26,8 @@
  *   PREFIX netbench PHASE bytes=N ops=N seconds=S
  *
  * Exit status 0; 1 with one line on stderr naming the failed call and errno; 2 for a bad command
- * line. Connecting is retried for 20 s (the link may come up late). Built static.
+ * line. Connecting is retried for 20 s (the link may come up late); a TCP phase whose connection
+ * breaks is said on stderr and run once more. Built static.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -98,19 +99,29 @@ static int dial(const char *host, int port, char what)
     }
 }
 
-static void tcp(const char *host, int port, double seconds, const char *prefix, const char *label)
+/* One TCP phase on the connection fd (its first byte sent): returns its bytes, ops and seconds,
+ * or sets *failed to the call that failed (errno says why) when the connection broke. */
+struct result {
+    uint64_t bytes, ops;
+    double seconds;
+    const char *failed;
+};
+
+static struct result to_host(int fd, double seconds)
 {
-    /* guest -> host */
-    int fd = dial(host, port, 'T');
-    uint64_t ops = 0;
+    struct result r = {0};
     double t0 = now();
     do {
-        if (write(fd, buf, CHUNK) < 0)
-            die("write");
-        ops++;
+        if (write(fd, buf, CHUNK) < 0) {
+            r.failed = "write";
+            return r;
+        }
+        r.ops++;
     } while (now() - t0 < seconds);
-    if (shutdown(fd, SHUT_WR) != 0)
-        die("shutdown");
+    if (shutdown(fd, SHUT_WR) != 0) {
+        r.failed = "shutdown";
+        return r;
+    }
     unsigned char cnt[8];
     size_t got = 0;
     while (got < sizeof cnt) {
@@ -118,54 +129,89 @@ static void tcp(const char *host, int port, double seconds, const char *prefix, 
         if (n <= 0) {
             if (n == 0)
                 errno = EPIPE;
-            die("read (the host's count)");
+            r.failed = "read (the host's count)";
+            return r;
         }
         got += (size_t)n;
     }
-    double t = now() - t0;
-    uint64_t bytes = 0;
+    r.seconds = now() - t0;
     for (int i = 0; i < 8; i++)
-        bytes = bytes << 8 | cnt[i];
-    close(fd);
-    report(prefix, label, "tx", bytes, ops, t);
+        r.bytes = r.bytes << 8 | cnt[i];
+    return r;
+}
 
-    /* host -> guest */
-    fd = dial(host, port, 'R');
-    uint64_t total = 0;
-    ops = 0;
-    t0 = now();
+static struct result from_host(int fd, double seconds)
+{
+    struct result r = {0};
+    double t0 = now();
     do {
         ssize_t n = read(fd, buf, MIB);
-        if (n < 0)
-            die("read");
+        if (n < 0) {
+            r.failed = "read";
+            return r;
+        }
         if (n == 0)
             break;
-        total += (uint64_t)n;
-        ops++;
+        r.bytes += (uint64_t)n;
+        r.ops++;
     } while (now() - t0 < seconds);
-    t = now() - t0;
-    close(fd);
-    report(prefix, label, "rx", total, ops, t);
+    r.seconds = now() - t0;
+    return r;
+}
 
-    /* request / response */
-    fd = dial(host, port, 'P');
-    ops = 0;
-    t0 = now();
+static struct result round_trips(int fd, double seconds)
+{
+    struct result r = {0};
+    double t0 = now();
     do {
-        char c = (char)ops;
-        if (write(fd, &c, 1) != 1)
-            die("write");
+        char c = (char)r.ops;
+        if (write(fd, &c, 1) != 1) {
+            r.failed = "write";
+            return r;
+        }
         ssize_t n = read(fd, &c, 1);
         if (n != 1) {
             if (n == 0)
                 errno = EPIPE;
-            die("read");
+            r.failed = "read";
+            return r;
         }
-        ops++;
+        r.ops++;
     } while (now() - t0 < seconds);
-    t = now() - t0;
-    close(fd);
-    report(prefix, label, "rr", ops, ops, t);
+    r.seconds = now() - t0;
+    r.bytes = r.ops;
+    return r;
+}
+
+/* A phase on a connection of its own; a phase whose connection broke is said on stderr and run
+ * once more on a new connection (a host starved of CPU can make a user-mode network's stack
+ * reset a connection), a second break ends netbench with status 1. */
+static void phase(const char *host, int port, char what, struct result (*run)(int, double),
+                  double seconds, const char *prefix, const char *label, const char *name)
+{
+    for (int attempt = 1;; attempt++) {
+        int fd = dial(host, port, what);
+        struct result r = run(fd, seconds);
+        int err = errno;
+        close(fd);
+        if (r.failed == NULL) {
+            report(prefix, label, name, r.bytes, r.ops, r.seconds);
+            return;
+        }
+        errno = err;
+        if (attempt == 2)
+            die(r.failed);
+        fprintf(stderr, "netbench: %s-%s: %s: %s (after %llu ops); once more\n", label, name,
+                r.failed, strerror(err), (unsigned long long)r.ops);
+        fflush(stderr);
+    }
+}
+
+static void tcp(const char *host, int port, double seconds, const char *prefix, const char *label)
+{
+    phase(host, port, 'T', to_host, seconds, prefix, label, "tx");
+    phase(host, port, 'R', from_host, seconds, prefix, label, "rx");
+    phase(host, port, 'P', round_trips, seconds, prefix, label, "rr");
 }
 
 static void readfile(const char *path, double seconds, const char *prefix, const char *label)

@@ -32,6 +32,7 @@ Runs inside the lab on the standard library (and pyroute2 for the tap's namespac
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import secrets
@@ -60,7 +61,9 @@ class Server:
     """The host end of netbench.c's TCP phases on the listening-ready socket ``sock`` (bound, not
     listening): a thread accepts connections and serves each in a thread of its own by its first
     byte: ``T`` read to the end, then answer with the count (8 bytes, big-endian); ``R`` write
-    until the peer goes; ``P`` echo each byte. :attr:`served` counts the connections by that byte.
+    until the peer goes; ``P`` echo each byte. :attr:`served` counts the connections by that byte;
+    :attr:`faults` says how each connection that did not end as its phase ends went (``P`` reset
+    after 12 echoes: ConnectionResetError ...), for a failed benchmark's report.
     Use as a context manager; :attr:`port` is where it listens."""
 
     def __init__(self, sock: socket.socket):
@@ -68,6 +71,7 @@ class Server:
         sock.listen(8)
         self.port = sock.getsockname()[1]
         self.served: dict[str, int] = {}
+        self.faults: list[str] = []
         self._conns: list[socket.socket] = []
         self._stop = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -100,6 +104,7 @@ class Server:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket):
+        kind, count = "?", 0
         with conn:
             try:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -109,19 +114,22 @@ class Server:
                 kind = what.decode("latin-1")
                 self.served[kind] = self.served.get(kind, 0) + 1
                 if kind == "T":
-                    buf, total = bytearray(CHUNK), 0
+                    buf = bytearray(CHUNK)
                     while n := conn.recv_into(buf):
-                        total += n
-                    conn.sendall(total.to_bytes(8, "big"))
+                        count += n
+                    conn.sendall(count.to_bytes(8, "big"))
                 elif kind == "R":
                     data = bytes(CHUNK)
                     while True:
                         conn.sendall(data)
+                        count += len(data)
                 elif kind == "P":
                     while b := conn.recv(1):
                         conn.sendall(b)
-            except OSError:
-                pass                         # the guest closed (R) or went away
+                        count += 1
+            except OSError as e:
+                if kind != "R" and not self._stop:    # R ends so: the guest closes mid-stream
+                    self.faults.append(f"{kind} ended after {count} bytes: {type(e).__name__}: {e}")
 
 
 def make_share(directory: Path) -> Path:
@@ -268,6 +276,10 @@ def compare(kernel, initrd, root_img, workdir, *, arch: str, cmdline: str, secon
                 th.join()
                 for p in procs:
                     _stop(p)
+                faults = [f"host server {label}: {f}" for label, srv in (("user", user), ("tap", tapsrv))
+                          for f in srv.faults]
+                if faults:                   # beside the VMM's stderr in a failed run's report
+                    out[0] = dataclasses.replace(out[0], stderr="\n".join([out[0].stderr, *faults]))
         root.unlink()                        # the lab keeps its files in RAM
         return out[0]
 

@@ -174,7 +174,7 @@ def _cases(xml: Path) -> list[tuple[str, str, str]]:
             for kind in ("failure", "error", "skipped"):
                 el = tc.find(kind)
                 if el is not None:
-                    outcome = f"{kind}: {(el.get('message') or '')[:200]}"
+                    outcome = f"{kind}: {el.get('message') or ''}"
                     break
             out.append((run, f"{tc.get('classname')}::{name}", outcome))
     return out
@@ -344,7 +344,7 @@ def test_lab(lab, pytestconfig):
     tail = "\n".join(output.strip().splitlines()[-25:])
     assert xml.exists(), f"lab {lab} wrote no {xml} (exit {returncode}):\n{tail}"
     cases = _cases(xml)
-    table = "\n".join(f"  [{run}] {name}: {outcome}" for run, name, outcome in cases)
+    table = "\n".join(f"  [{run}] {name}: {outcome[:200]}" for run, name, outcome in cases)
     print(f"inner tests of lab {lab}:\n{table}")
     for suite in ET.parse(xml).getroot().iter("testsuite"):      # figures the inner tests recorded
         props = {p.get("name"): p.get("value") for p in suite.iter("property")}
@@ -361,7 +361,10 @@ def test_lab(lab, pytestconfig):
                                f"{counts['error']} errors, {counts['skipped']} skipped "
                                f"(inner pytest; JUnit {xml})"))
     bad = [c for c in cases if c[2].startswith(("failure", "error"))]
-    assert not bad, f"lab {lab}: {len(bad)} inner failures/errors:\n{table}\n{tail}"
+    if bad:     # the failures last, whole (to 3000 characters): what a log's tail shows first
+        failed = "\n".join(f"  [{run}] {name}: {outcome[:3000]}" for run, name, outcome in bad)
+        pytest.fail(f"lab {lab}: {len(bad)} inner failures/errors:\n{table}\n{tail}\n"
+                    f"lab {lab}, the inner failures/errors:\n{failed}", pytrace=False)
     for run, names in EXPECTED[lab].items():
         for n in names:
             hit = [c for c in cases if c[0] == run and

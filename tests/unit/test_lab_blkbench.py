@@ -20,6 +20,21 @@ def test_parse_takes_only_whole_well_formed_lines():
         assert blkbench.parse([(0.0, bad)]) == {}, bad
 
 
+def test_unparsed_names_the_guest_programs_other_lines():
+    console = "\n".join((
+        "[    1.0] Kernel command line: console=ttyS0 pykvm.netbench=user,52:54:00:12:34:56,dhcp",
+        "pykvm-linux-guest: netbench user-tx bytes=10 ops=1 seconds=1.000000",
+        "netbench: read: Connection reset by peer",
+        "pykvm-linux-guest: netbench user failed",
+        "pykvm-linux-guest: netbench user-rr bytes=9 ops=9 sec[    3.2] rcu: INFO: stall",
+        "onds=1.000000",
+    ))
+    assert blkbench.unparsed(console, "netbench") == [
+        "netbench: read: Connection reset by peer", "pykvm-linux-guest: netbench user failed",
+        "pykvm-linux-guest: netbench user-rr bytes=9 ops=9 sec[    3.2] rcu: INFO: stall"]
+    assert blkbench.unparsed(console, "blkbench") == []
+
+
 def test_table_and_ratios():
     p = blkbench.parse([(0, "blkbench seq-read-1m bytes=2097152 ops=2 seconds=1.0")])
     q = blkbench.parse([(0, "blkbench seq-read-1m bytes=1048576 ops=1 seconds=1.0")])

@@ -2,6 +2,7 @@
 built for this host against the real :class:`Server` over loopback and on a real directory, its
 lines parsed and combined with blkbench.py's machinery, the table and ratios (round trips and
 files compared per second), QEMU's device arguments, and the ABBA boot order."""
+import re
 import socket
 import subprocess
 
@@ -9,6 +10,7 @@ import pytest
 
 from pykvm.lab import blkbench, netbench
 from pykvm.lab.rootfs import NETBENCH_SOURCE, blkbench_compiler
+from pykvm.testing import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,52 @@ def test_tcp_phases_against_the_host_server(exe):
     assert got["user-tx"].bytes >= 64 << 10           # the host's count of what arrived
     assert got["user-rr"].bytes == got["user-rr"].ops > 0
     assert blkbench.parse(marks(r.stdout)) == {}      # blkbench's lines only for "blkbench"
+
+
+class ResetsRoundTrips(netbench.Server):
+    """The benchmark's server, but the first ``resets`` round-trip connections are reset at once."""
+    resets = 1
+
+    def _serve(self, conn):
+        if conn.recv(1, socket.MSG_PEEK) == b"P" and self.resets > 0:
+            self.resets -= 1
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            conn.close()                                  # RST
+            return
+        super()._serve(conn)
+
+
+@pytest.mark.parametrize("resets", [1, 2])
+def test_a_broken_phase_is_said_and_run_once_more(exe, resets):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    with ResetsRoundTrips(s) as srv:
+        srv.resets = resets
+        r = subprocess.run([str(exe), "tcp", "127.0.0.1", str(srv.port), "0.2", "M:", "user"],
+                           capture_output=True, text=True, timeout=60)
+    said = r.stderr.splitlines()
+    assert re.fullmatch(r"netbench: user-rr: (read|write): .+ \(after 0 ops\); once more", said[0]), said
+    got = blkbench.parse(marks(r.stdout), netbench.PROGRAM)
+    if resets == 1:
+        assert r.returncode == 0 and len(said) == 1, r.stderr
+        assert set(got) == {"user-tx", "user-rx", "user-rr"} and srv.served["P"] == 1
+    else:                                                 # a second break ends it, as before
+        assert r.returncode == 1 and set(got) == {"user-tx", "user-rx"}
+        assert re.fullmatch(r"netbench: (read|write): .+", said[1]) and len(said) == 2, said
+
+
+def test_server_names_a_connection_that_was_reset():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    with netbench.Server(s) as srv:
+        assert srv.faults == []
+        c = socket.create_connection(("127.0.0.1", srv.port))
+        c.sendall(b"Pab")
+        assert c.recv(2, socket.MSG_WAITALL) == b"ab"
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")   # close = RST
+        c.close()
+        wait_until(lambda: srv.faults, "the server's note of the reset")
+    assert len(srv.faults) == 1 and srv.faults[0].startswith("P ended after 2 bytes: ConnectionResetError")
 
 
 def test_share_phases_on_a_directory(exe, tmp_path):

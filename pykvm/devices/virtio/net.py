@@ -37,9 +37,15 @@ Limits, each a drop that is counted (:meth:`VirtioNet.counters`), never an error
   which drivers count as a length error); the link is down or the driver has not started the
   device: ``rx_dropped_link_down`` / ``rx_dropped_no_buffer``;
 * frames that arrive while the driver has no receive buffers wait in a bounded list
-  (:data:`RX_PENDING_FRAMES` frames, :data:`RX_PENDING_BYTES` bytes); past it they are dropped
-  (``rx_dropped_no_buffer``): a flood from the host side costs bounded memory, and the thread
-  reads at most :data:`RX_BATCH` frames before it serves the queues again.
+  (:data:`RX_PENDING_FRAMES` frames, :data:`RX_PENDING_BYTES` bytes). While it is full the
+  thread reads no more from the backend, so frames wait where they are: a user-mode stack
+  (passt) sees its socket fill and paces its TCP peers; a tap's queue in the host kernel holds
+  or drops them there, as it does for QEMU (whose net layer stops polling a backend that the
+  device cannot take frames from). A flood from the host side costs bounded memory, and the
+  thread reads at most :data:`RX_BATCH` frames before it serves the queues again (it comes back
+  at once for frames a backend has already read into its own buffer:
+  :meth:`~.net_backends.NetBackend.buffered`). ``rx_dropped_no_buffer`` counts frames that
+  came while the driver had not set up its receive queue, or after the device broke.
 
 Chains that break the ring rules (:class:`~.queue.QueueError`: a buffer outside guest RAM, a
 loop ...) set DEVICE_NEEDS_RESET, as for every device here.
@@ -220,6 +226,7 @@ class VirtioNet(HostThreadDevice):
         self.link_up = up
         with self._lock:
             h = self._handles
+        self._kick()                            # the thread reads (and drops) or paces anew
         if h is not None:
             h.interrupt(INT_CONFIG, -1)
 
@@ -269,14 +276,25 @@ class VirtioNet(HostThreadDevice):
 
     # ---- the frame thread ------------------------------------------------------------
 
+    def _rx_full(self) -> bool:
+        """Whether the list of frames waiting for receive buffers has no room for one more
+        frame of the largest size the driver takes (then the backend is not read); never
+        while the link is down (frames are then read and dropped)."""
+        return self.link_up and (len(self._pending) >= RX_PENDING_FRAMES
+                                 or self._pending_bytes + self._rx_max > RX_PENDING_BYTES)
+
     def _poll_set(self) -> Tuple[Dict[int, int], Optional[int]]:
-        """The backend's fd (readable; writable while it holds unsent bytes) until it fails;
-        no timeout."""
+        """The backend's fd until it fails: readable unless the waiting list is full, writable
+        while it holds unsent bytes; no timeout, or 0 when the backend holds a whole frame in
+        its own buffer (its fd would not say so) and there is room for it."""
         be = self.backend
         fd = be.fileno() if be.error is None else -1
         if fd < 0:
             return {}, None
-        return {fd: select.POLLIN | (select.POLLOUT if be.wants_write() else 0)}, None
+        room = not self._rx_full()
+        events = (select.POLLIN if room else 0) | (select.POLLOUT if be.wants_write() else 0)
+        timeout = 0 if room and be.buffered() else None
+        return ({fd: events} if events else {}), timeout
 
     def _pump(self, ready: Optional[Dict[int, int]] = None, woken: bool = True) -> None:
         """One round (whatever woke the thread): send what the driver queued, read up to
@@ -292,7 +310,7 @@ class VirtioNet(HostThreadDevice):
                 if self._transmit():
                     irq.append(TXQ)
                 for _ in range(RX_BATCH):
-                    if be.error is not None:
+                    if be.error is not None or self._rx_full():
                         break
                     if be.vnet_hdr:
                         data = be.recv_vnet()

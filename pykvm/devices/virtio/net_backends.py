@@ -109,6 +109,11 @@ class NetBackend:
     def flush(self) -> None:
         """Write what :meth:`send` queued (nothing for datagram-like backends)."""
 
+    def buffered(self) -> bool:
+        """Whether :meth:`recv` has a whole frame to return from what this backend already read
+        (its fd may then not be readable); False for a backend that reads a frame at a time."""
+        return False
+
     def recv_vnet(self) -> Optional[bytes]:
         """The next frame with its vnet header in front (backends with :attr:`vnet_hdr`)."""
         raise NotImplementedError
@@ -326,6 +331,15 @@ class StreamBackend(NetBackend):
                 return None
             self._in += data
         return None
+
+    def buffered(self) -> bool:
+        """Whether a whole frame, or a length past :data:`MAX_FRAME` (:meth:`recv` then sets
+        :attr:`error`), waits in what was read from the socket: one read takes up to
+        ``_STREAM_READ`` bytes, many frames."""
+        if self.error is not None or len(self._in) < 4:
+            return False
+        n = int.from_bytes(self._in[:4], "big")
+        return n > MAX_FRAME or len(self._in) >= 4 + n
 
     def can_send(self) -> bool:
         return len(self._out) < STREAM_OUT_LIMIT
