@@ -45,7 +45,8 @@ Limits, each a drop that is counted (:meth:`VirtioNet.counters`), never an error
   thread reads at most :data:`RX_BATCH` frames before it serves the queues again (it comes back
   at once for frames a backend has already read into its own buffer:
   :meth:`~.net_backends.NetBackend.buffered`). ``rx_dropped_no_buffer`` counts frames that
-  came while the driver had not set up its receive queue, or after the device broke.
+  came while the driver had not set up its receive queue, were waiting when it reset the
+  device, or came after the device broke.
 
 Chains that break the ring rules (:class:`~.queue.QueueError`: a buffer outside guest RAM, a
 loop ...) set DEVICE_NEEDS_RESET, as for every device here.
