@@ -28,7 +28,7 @@ GUESTS = os.path.join(HERE, "guests")
 RUNTIME_PARTS = ("include", "common", "x86/rt16", "x86/rt32", "x86/rt64", "x86/svm", "riscv/rt")
 # single files of the runtime: its README, and the x86 helpers guests include by name (the PC's
 # ports and PCI, the virtio drivers)
-RUNTIME_FILES = ("README.md", "x86/pc.h", "x86/virtio.h")
+RUNTIME_FILES = ("README.md", "x86/pc.h", "x86/pvclock.h", "x86/virtio.h")
 # test directories a wheel carries for `pykvm kselftest-install` (pykvm/testing/kselftest.py
 # COLLECTIONS; tests/hw/test_kselftest_install.py checks)
 KSELFTEST_PARTS = ("selftests", "x86")

@@ -963,6 +963,8 @@ class _Session:
         if len(parts) != 3:
             raise pk.PacketError("Z/z needs type,addr,kind")
         ztype, gva, kind = (pk.parse_hex(p) for p in parts)
+        if ztype > Z_ACCESS_WATCH:               # RSP: types 0-4; another is not supported
+            raise Unsupported(f"breakpoint type {ztype}")
         s = self.s
         with s._lock:
             soft = [w for w in s._soft if (w.gva, w.kind) == (gva, kind)]

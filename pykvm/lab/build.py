@@ -78,6 +78,19 @@ class LabSpec:
     # tests that need two lab CPUs when the lab's boots have one (nested): when selected they run
     # in a boot of their own, ``<lab>-smp2``, with two CPUs on one TCG thread (docs/nested.md)
     two_cpu_tests: list[str] = field(default_factory=list)
+    # seconds without console output after which a boot (not the benchmark boot) is taken as
+    # stalled, stopped and booted once more (None: only the timeout ends it). Its tests then run
+    # with a per-test limit :data:`SILENCE_MARGIN` s shorter, so that a test that hangs, rather
+    # than an L1 that stops dead, fails in time with pytest-timeout's dump of every thread's
+    # stack instead of passing for a stall
+    silence: float | None = None
+
+
+# how much sooner than a lab's silence a test in a watched boot is stopped (pytest-timeout)
+SILENCE_MARGIN = 60.0
+# seconds without console output after which a nested boot (not the benchmark boot) is taken as
+# stalled: its quietest stretch, one test booting L2 Linux guests, is 60-100 s in CI
+NESTED_SILENCE = 420.0
 
 
 RISCV = LabSpec(
@@ -165,6 +178,7 @@ NESTED = LabSpec(
                 "tests/nested/test_net_fs_bench_nested.py"],
     # the nested-SVM suite moves a vCPU thread between CPUs and overcommits them
     two_cpu_tests=["tests/nested/test_svm_tlb.py"],
+    silence=NESTED_SILENCE,
 )
 
 # virtiofsd (pykvm run --share) in L1: trixie's, with its own libc, libgcc, libcap-ng and
@@ -656,6 +670,34 @@ def copy_extra_trees(lab: str, dst: Path) -> dict:
     return info
 
 
+def boot_split(spec: LabSpec, tests: list[str]) -> tuple[list[str], list[str], list[str], list[str]]:
+    """``tests`` split by boot: (the main boot's, the benchmark boot's, the ``-smp2`` boot's,
+    the later main boots' arguments: :func:`later_boot_args`)."""
+    main, qemu_only = split_tests(spec, tests)
+    main, two_cpu = split_tests(spec, main, spec.two_cpu_tests)
+    return main, qemu_only, two_cpu, later_boot_args(spec, main)
+
+
+def pytest_args(spec: LabSpec, tests: list[str], common: list[str],
+                boot_tests: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """The inner pytest's arguments per boot, {file name under /lab: argv after "pytest"}:
+    ``pytest-args.json`` (the main boot), ``-qemu`` (the benchmark boot), ``-smp2``, ``-more``
+    and one per extra boot in ``boot_tests``; ``common`` ends each. The boots watched for
+    silence (:attr:`LabSpec.silence`; all but the benchmark boot and the extra boots) also get
+    ``--timeout`` :data:`SILENCE_MARGIN` s under it."""
+    watched = common + ([f"--timeout={spec.silence - SILENCE_MARGIN:g}"] if spec.silence else [])
+    main, qemu_only, two_cpu, more = boot_split(spec, tests)
+    out = {"pytest-args.json": main + watched, "pytest-args-qemu.json": qemu_only + common}
+    if two_cpu:
+        out["pytest-args-smp2.json"] = two_cpu + watched
+    if more:
+        out["pytest-args-more.json"] = more + watched
+    for name, paths in (boot_tests or {}).items():
+        bmain, bqemu = split_tests(spec, paths)
+        out[f"pytest-args-{name}.json"] = bmain + bqemu + common
+    return out
+
+
 def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[str], nonce: str,
                   workdir: Path, compiler: str | None, extra: dict[str, bytes | Path] | None = None,
                   boot_tests: dict[str, list[str]] | None = None) -> tuple[Path, dict]:
@@ -695,18 +737,9 @@ def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[st
         common += ["-p", "pykvm.testing.plugin"]
     if opts.k:
         common += ["-k", opts.k]
-    main, qemu_only = split_tests(spec, tests)
-    main, two_cpu = split_tests(spec, main, spec.two_cpu_tests)
-    (lab / "pytest-args.json").write_text(json.dumps(main + common))
-    (lab / "pytest-args-qemu.json").write_text(json.dumps(qemu_only + common))
-    if two_cpu:
-        (lab / "pytest-args-smp2.json").write_text(json.dumps(two_cpu + common))
-    more = later_boot_args(spec, main)
-    if more:
-        (lab / "pytest-args-more.json").write_text(json.dumps(more + common))
-    for name, paths in (boot_tests or {}).items():
-        bmain, bqemu = split_tests(spec, paths)
-        (lab / f"pytest-args-{name}.json").write_text(json.dumps(bmain + bqemu + common))
+    for file, args in pytest_args(spec, tests, common, boot_tests).items():
+        (lab / file).write_text(json.dumps(args))
+    main, qemu_only, two_cpu, more = boot_split(spec, tests)
     for rel_path, content in (extra or {}).items():
         dest = root / rel_path
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -725,10 +758,6 @@ def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[st
     info["more"] = more                        # the later main boots' arguments ([]: no such boot)
     return out, info
 
-
-# seconds without console output after which a nested boot (not the benchmark boot) is taken as
-# stalled: its quietest stretch, one test booting L2 Linux guests, is 60-100 s in CI
-NESTED_SILENCE = 420.0
 
 
 def split_tests(spec: LabSpec, tests: list[str], own: list[str] | None = None) -> tuple[list[str], list[str]]:
@@ -1056,11 +1085,13 @@ def _run_lab(lab: str, opts: Options, workdir: Path) -> int:
             extra_boots("nested", lambda image, cmd, kparams: nested(image, cmd, kparams=kparams))
     results = []
     for name, margs, boot_timeout in runs:
-        # a nested boot's L1 has stopped dead under QEMU's TCG (no console output at all, its
-        # own timers and the inner pytest's per-test timeout included; 2026-12-07 CI, at the
-        # start of an L2 Linux guest): a boot silent for NESTED_SILENCE s is stopped and booted
-        # once more. Not the benchmark boot, whose runs are long and quiet (it has its retry)
-        silence = NESTED_SILENCE if lab == "nested" and not name.endswith("-qemu") else None
+        # a nested boot has gone silent under QEMU's TCG (2026-12-07 CI, twice: at the start of
+        # an L2 Linux guest, and in the vsock guest-to-host test): a boot silent for
+        # spec.silence s is stopped and booted once more. Its tests' own limit is shorter
+        # (LabSpec.silence), so a test that hangs fails with its stacks before that; only an L1
+        # that stops dead is booted again. Not the benchmark boot, whose runs are long and quiet
+        # (it has its retry)
+        silence = spec.silence if not name.endswith("-qemu") else None
         res = q.boot(qemu, margs, workdir / f"serial-{name}.log", nonce, name,
                      boot_timeout, interactive=opts.shell, verbose=opts.verbose, silence=silence)
         if silence and not opts.shell and res.status == 4 and "stalled" in (res.reason or ""):

@@ -7,29 +7,14 @@
  * SYNC(1, &stops, &loops, wrmsr vector (0: accepted), flags at the start)
  * then no more exits: `loops` counts up, `stops` counts the notices seen.
  */
-#include "pykvm_guest.h"
-
-#define MSR_KVM_SYSTEM_TIME_NEW 0x4b564d01
-#define PVCLOCK_GUEST_STOPPED   (1 << 1)
-
-/* struct pvclock_vcpu_time_info (Documentation/virt/kvm/x86/msr.rst) */
-struct pvclock_vcpu_time_info {
-	uint32_t version;
-	uint32_t pad0;
-	uint64_t tsc_timestamp;
-	uint64_t system_time;
-	uint32_t tsc_to_system_mul;
-	int8_t tsc_shift;
-	uint8_t flags;
-	uint8_t pad[2];
-} __attribute__((packed));
+#include "pvclock.h"
 
 static volatile struct pvclock_vcpu_time_info clk __attribute__((aligned(64)));
 static volatile uint64_t stops, loops;
 
 void guest_main(void)
 {
-	uint8_t vec = wrmsr_safe(MSR_KVM_SYSTEM_TIME_NEW, (uint64_t)&clk | 1);
+	uint8_t vec = wrmsr_safe(MSR_KVM_SYSTEM_TIME_NEW, (uint64_t)&clk | KVM_MSR_ENABLED);
 
 	GUEST_SYNC(1, (uint64_t)&stops, (uint64_t)&loops, vec, clk.flags);
 	for (;;) {

@@ -245,6 +245,7 @@ def test_hostile_client_gets_errors_and_the_vm_still_finishes():
             assert c.ask(b"Z0,1000,7") == b"E16"                # no such breakpoint kind
             assert c.ask(b"Z0,ffff800000000000,1") == b"E0e"
             assert c.ask(b"Z9,1000,1") == b""                   # unknown type: unsupported
+            assert c.ask(b"z9,1000,1") == b""                   # removing one too
             assert c.ask(b"Z3,1000,4") == b""                   # no read watchpoints on x86
             assert c.ask(b"qXfer:features:read:nope.xml:0,100") == b"E00"
             assert c.ask(b"vCont;x") == b"E16"

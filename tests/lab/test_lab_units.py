@@ -229,3 +229,20 @@ def test_a_silent_boot_is_stopped_as_stalled(tmp_path):
     fake = q.Qemu(argv_prefix=["sh", "-c", 'echo "booting"; printf "partial"; exec sleep 60', "fake"])
     res = q.boot(fake, [], tmp_path / "serial.log", "n0nce", "fake", timeout=50, silence=1.5)
     assert res.status == 4 and "stalled: no console output for 2 s" in res.reason, res.reason
+
+
+def test_watched_boots_stop_a_hung_test_before_the_silence():
+    """The nested lab's boots watched for silence run their tests with a per-test limit a
+    margin under it (a hung test fails with its stacks; only a dead L1 is booted again); the
+    benchmark boot and the riscv lab keep pyproject's limit."""
+    from pykvm.lab import build
+    common = ["-q"]
+    args = build.pytest_args(build.NESTED, list(build.NESTED.default_tests), common)
+    limit = f"--timeout={build.NESTED_SILENCE - build.SILENCE_MARGIN:g}"
+    assert 0 < build.NESTED_SILENCE - build.SILENCE_MARGIN < build.NESTED_SILENCE
+    assert args["pytest-args.json"][-2:] == common + [limit]
+    assert args["pytest-args-smp2.json"][-2:] == common + [limit]
+    assert args["pytest-args-qemu.json"][-1:] == common and limit not in args["pytest-args-qemu.json"]
+    assert all(t in args["pytest-args-qemu.json"] for t in build.NESTED.qemu_tests)
+    riscv = build.pytest_args(build.RISCV, list(build.RISCV.default_tests), common)
+    assert not any(a.startswith("--timeout") for v in riscv.values() for a in v)

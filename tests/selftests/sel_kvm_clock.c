@@ -4,21 +4,7 @@
  * kvm-clock value read from that page and RDTSC once per host test case:
  * SYNC(i, clock) for i = 0..3.
  */
-#include "pykvm_guest.h"
-
-#define MSR_KVM_SYSTEM_TIME_NEW 0x4b564d01
-#define KVM_MSR_ENABLED 1
-
-struct pvclock_vcpu_time_info {
-	uint32_t version;
-	uint32_t pad0;
-	uint64_t tsc_timestamp;
-	uint64_t system_time;
-	uint32_t tsc_to_system_mul;
-	int8_t tsc_shift;
-	uint8_t flags;
-	uint8_t pad[2];
-};
+#include "pvclock.h"
 
 static volatile struct pvclock_vcpu_time_info pvti __attribute__((aligned(4096)));
 
