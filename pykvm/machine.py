@@ -1155,12 +1155,12 @@ class Machine:
 
     def device_errors(self) -> dict:
         """{name: one line} for each virtio device (named as in :meth:`device_counters`) whose
-        host side stopped working, e.g. a network backend (passt) that exited; empty while all
-        work. Valid while the machine runs and after :meth:`close`."""
+        host side stopped working, e.g. a network backend (passt) that exited, or a device
+        thread that stopped (``HostThreadDevice.thread_error``); empty while all work. Valid while the machine runs and after :meth:`close`."""
         out: dict = {}
         names = list(self.device_counters())
         for name, d in zip(names, self._virtio):
-            why = getattr(d, "backend_error", None)
+            why = getattr(d, "backend_error", None) or getattr(d, "thread_error", None)
             if why:
                 out[name] = why
         return out

@@ -7,6 +7,11 @@ lock), and after every wake-up calls :meth:`~HostThreadDevice._pump`, which does
 under that lock and raises the interrupts after letting it go (the transport's lock, which a
 vCPU may hold while it waits for ours, is taken by an interrupt).
 
+A round that raises (a fault of pykvm's own, or of the host such as running out of file
+descriptors; what the guest does wrong is handled in the round) does not end the device in
+silence: it sets DEVICE_NEEDS_RESET and :attr:`HostThreadDevice.thread_error`, which
+``Machine.device_errors()`` reports.
+
 A subclass sets :attr:`~.VirtioDevice.device_id`, :attr:`~.VirtioDevice.num_queues`,
 :attr:`thread_name` and :attr:`wake_queues`, calls ``super().__init__()`` first, and overrides
 :meth:`~HostThreadDevice._poll_set` and :meth:`~HostThreadDevice._pump`; the hooks
@@ -40,6 +45,7 @@ class HostThreadDevice(VirtioDevice):
 
     thread_name = "virtio"
     wake_queues: Tuple[int, ...] = ()       # queue indexes whose notification wakes the thread
+    thread_error: Optional[str] = None      # why the thread stopped serving (module docstring)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -70,6 +76,8 @@ class HostThreadDevice(VirtioDevice):
             self._broken = False
             self._activated(features)
             start = self._thread is None and not self._closed
+            if start:
+                self.thread_error = None
             if start:
                 self._thread = threading.Thread(target=self._run, name=self.thread_name,
                                                 daemon=True)
@@ -156,6 +164,12 @@ class HostThreadDevice(VirtioDevice):
             h.interrupt(INT_VRING, q)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # noqa: BLE001 — pykvm's own fault; the guest's are handled in _pump
+            self._died(e)
+
+    def _serve(self) -> None:
         ev = self._evfd
         while not self._stopping:
             with self._lock:
@@ -182,6 +196,20 @@ class HostThreadDevice(VirtioDevice):
             if self._stopping:
                 break
             self._pump(ready, woken)
+
+    def _died(self, e: Exception) -> None:
+        """The thread's round raised (a fault of pykvm's, or of the host: out of file
+        descriptors): rather than a device that silently stops, it stops serving with
+        DEVICE_NEEDS_RESET (virtio 1.2 section 2.1.2) and :attr:`thread_error` saying why
+        (``Machine.device_errors()``); the driver's reset and next DRIVER_OK start a thread
+        again."""
+        with self._lock:
+            self.thread_error = f"{self.thread_name} thread stopped: {type(e).__name__}: {e}"
+            self._broken = True
+            self._thread = None
+            h = self._handles
+        if h is not None:
+            h.needs_reset()
 
 
 __all__ = ["HostThreadDevice", "JOIN_TIMEOUT"]

@@ -787,8 +787,12 @@ class VirtioVsock(HostThreadDevice):
             cnt["guest_refused"] += 1
             return self._reply_rst(h)
         path = f"{self.uds}_{h.dst_port}"
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-                          | socket.SOCK_NONBLOCK)
+        try:                                              # EMFILE too: refused, not a dead thread
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+                              | socket.SOCK_NONBLOCK)
+        except OSError:
+            cnt["guest_refused"] += 1
+            return self._reply_rst(h)
         try:
             s.connect(path)
         except OSError:
