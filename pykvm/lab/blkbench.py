@@ -71,19 +71,28 @@ def parse(marks, program: str = "blkbench") -> dict[str, Phase]:
     out = {}
     line = re.compile(_LINE.format(re.escape(program)))
     for _, text in marks:
-        m = line.search(text)
-        if m and int(m[3]) > 0 and float(m[4]) > 0:
-            out[m[1]] = Phase(m[1], int(m[2]), int(m[3]), float(m[4]))
+        phase = _result(line, text)
+        if phase is not None:
+            out[phase.name] = phase
     return out
+
+
+def _result(line: re.Pattern, text: str) -> Phase | None:
+    """The phase ``text`` reports (``line``: :data:`_LINE` for the program), or None."""
+    m = line.search(text)
+    if m and int(m[3]) > 0 and float(m[4]) > 0:
+        return Phase(m[1], int(m[2]), int(m[3]), float(m[4]))
+    return None
 
 
 def unparsed(console: str, program: str = "blkbench") -> list[str]:
     """The lines of ``console`` that name ``program`` but are not a result :func:`parse` takes:
     the guest program's failures (``netbench: read: Connection reset by peer``), the root init's
-    (``... netbench user failed``) and result lines that something else printed into."""
+    (``... netbench user failed``), result lines that something else printed into, and results
+    of no request or no time."""
     line = re.compile(_LINE.format(re.escape(program)))
     named = re.compile(rf"(?:^|\s){re.escape(program)}[\s:]")
-    return [t for t in console.splitlines() if named.search(t) and not line.search(t)]
+    return [t for t in console.splitlines() if named.search(t) and _result(line, t) is None]
 
 
 def make_disk(path: Path, mib: int = DISK_MIB) -> Path:

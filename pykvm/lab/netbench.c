@@ -27,7 +27,8 @@
  *
  * Exit status 0; 1 with one line on stderr naming the failed call and errno; 2 for a bad command
  * line. Connecting is retried for 20 s (the link may come up late); a TCP phase whose connection
- * breaks is said on stderr and run once more. Built static.
+ * breaks (reset, closed, an rx phase with no byte, or no progress for STALL seconds either way)
+ * is said on stderr and run once more. Built static.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -40,12 +41,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
 #define CHUNK (64u << 10)
 #define MIB (1u << 20)
+#ifndef STALL
+#define STALL 60 /* seconds a connection may make no progress (SO_RCVTIMEO, SO_SNDTIMEO) */
+#endif
 
 static char buf[MIB];
 
@@ -56,9 +62,13 @@ static double now(void)
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+#define STR_(x) #x
+#define STR(x) STR_(x)
+
 static void die(const char *what)
 {
-    fprintf(stderr, "netbench: %s: %s\n", what, strerror(errno));
+    fprintf(stderr, "netbench: %s: %s\n", what,
+            errno == EAGAIN ? "no progress for " STR(STALL) " s" : strerror(errno));
     exit(1);
 }
 
@@ -82,11 +92,18 @@ static int dial(const char *host, int port, char what)
         int fd = socket(AF_INET, SOCK_STREAM, 0);
         if (fd < 0)
             die("socket");
+        struct timeval stall = {.tv_sec = STALL};
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &stall, sizeof stall);
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &stall, sizeof stall);   /* connect too */
         if (connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0) {
             int one = 1;
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-            if (write(fd, &what, 1) != 1)
-                die("write");
+            if (write(fd, &what, 1) != 1) {
+                int err = errno;
+                close(fd);
+                errno = err;
+                return -1;                 /* the phase's first byte: a broken connection */
+            }
             return fd;
         }
         int err = errno;
@@ -150,8 +167,14 @@ static struct result from_host(int fd, double seconds)
             r.failed = "read";
             return r;
         }
-        if (n == 0)
+        if (n == 0) {
+            if (r.ops == 0) {              /* the host closed before it sent a byte */
+                errno = EPIPE;
+                r.failed = "read (the host sent nothing)";
+                return r;
+            }
             break;
+        }
         r.bytes += (uint64_t)n;
         r.ops++;
     } while (now() - t0 < seconds);
@@ -191,9 +214,12 @@ static void phase(const char *host, int port, char what, struct result (*run)(in
 {
     for (int attempt = 1;; attempt++) {
         int fd = dial(host, port, what);
-        struct result r = run(fd, seconds);
+        struct result r = {.failed = "write (the phase's first byte)"};
+        if (fd >= 0)
+            r = run(fd, seconds);
         int err = errno;
-        close(fd);
+        if (fd >= 0)
+            close(fd);
         if (r.failed == NULL) {
             report(prefix, label, name, r.bytes, r.ops, r.seconds);
             return;
@@ -202,7 +228,8 @@ static void phase(const char *host, int port, char what, struct result (*run)(in
         if (attempt == 2)
             die(r.failed);
         fprintf(stderr, "netbench: %s-%s: %s: %s (after %llu ops); once more\n", label, name,
-                r.failed, strerror(err), (unsigned long long)r.ops);
+                r.failed, err == EAGAIN ? "no progress for " STR(STALL) " s" : strerror(err),
+                (unsigned long long)r.ops);
         fflush(stderr);
     }
 }
@@ -277,6 +304,7 @@ static double secs(const char *s)
 
 int main(int argc, char **argv)
 {
+    signal(SIGPIPE, SIG_IGN);              /* a peer that went: EPIPE from write, said and retried */
     for (size_t i = 0; i < sizeof buf; i++)
         buf[i] = (char)(i * 131u + 7u);
     if (argc == 7 && strcmp(argv[1], "tcp") == 0) {

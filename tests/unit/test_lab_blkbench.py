@@ -28,10 +28,12 @@ def test_unparsed_names_the_guest_programs_other_lines():
         "pykvm-linux-guest: netbench user failed",
         "pykvm-linux-guest: netbench user-rr bytes=9 ops=9 sec[    3.2] rcu: INFO: stall",
         "onds=1.000000",
+        "pykvm-linux-guest: netbench tap-rx bytes=0 ops=0 seconds=0.000400",
     ))
     assert blkbench.unparsed(console, "netbench") == [
         "netbench: read: Connection reset by peer", "pykvm-linux-guest: netbench user failed",
-        "pykvm-linux-guest: netbench user-rr bytes=9 ops=9 sec[    3.2] rcu: INFO: stall"]
+        "pykvm-linux-guest: netbench user-rr bytes=9 ops=9 sec[    3.2] rcu: INFO: stall",
+        "pykvm-linux-guest: netbench tap-rx bytes=0 ops=0 seconds=0.000400"]
     assert blkbench.unparsed(console, "blkbench") == []
 
 

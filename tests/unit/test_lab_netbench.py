@@ -5,6 +5,7 @@ files compared per second), QEMU's device arguments, and the ABBA boot order."""
 import re
 import socket
 import subprocess
+import time
 
 import pytest
 
@@ -73,6 +74,61 @@ def test_a_broken_phase_is_said_and_run_once_more(exe, resets):
     else:                                                 # a second break ends it, as before
         assert r.returncode == 1 and set(got) == {"user-tx", "user-rx"}
         assert re.fullmatch(r"netbench: (read|write): .+", said[1]) and len(said) == 2, said
+
+
+@pytest.fixture(scope="module")
+def exe_stall2(tmp_path_factory):
+    """netbench.c built with a connection taken as stalled after 2 s without progress (60 s in
+    the labs' build)."""
+    cc = blkbench_compiler("x86_64")
+    if cc is None:
+        pytest.skip("no C compiler for this host's arch")
+    out = tmp_path_factory.mktemp("nb2") / "netbench"
+    subprocess.run([cc, "-O2", "-static", "-Wall", "-Werror", "-DSTALL=2", "-o", str(out),
+                    str(NETBENCH_SOURCE)], check=True)
+    return out
+
+
+class Hostile(netbench.Server):
+    """The benchmark's server gone wrong for one phase (``kind``, its first byte): ``fin-rst``
+    closes its end, then resets; ``silent`` holds the connection and does nothing; ``empty``
+    closes at once (no byte of rx)."""
+    kind, how = "T", "fin-rst"
+
+    def _serve(self, conn):
+        if conn.recv(1, socket.MSG_PEEK) != self.kind.encode():
+            return super()._serve(conn)
+        conn.recv(1)
+        if self.how == "fin-rst":
+            conn.shutdown(socket.SHUT_WR)
+            time.sleep(0.05)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+        elif self.how == "silent":
+            self._conns.append(conn)                      # closed by __exit__
+            return
+        conn.close()
+
+
+@pytest.mark.parametrize("kind,how,phase", [
+    ("T", "fin-rst", "tx"), ("P", "fin-rst", "rr"),          # a write to a peer gone: no SIGPIPE death
+    ("T", "silent", "tx"), ("R", "silent", "rx"), ("P", "silent", "rr"),   # no progress: bounded
+    ("R", "empty", "rx"),                                      # an rx phase of no byte is broken
+])
+def test_a_hostile_host_ends_the_program_with_its_lines(exe_stall2, kind, how, phase):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    with Hostile(s) as srv:
+        srv.kind, srv.how = kind, how
+        r = subprocess.run([str(exe_stall2), "tcp", "127.0.0.1", str(srv.port), "0.2", "M:", "user"],
+                           capture_output=True, text=True, timeout=60)
+    said = r.stderr.splitlines()
+    assert r.returncode == 1 and len(said) == 2, (r.returncode, said)
+    assert re.fullmatch(rf"netbench: user-{phase}: .+; once more", said[0]), said
+    assert said[1].startswith("netbench: ") and "once more" not in said[1], said
+    if how == "silent":
+        assert said[1].endswith("no progress for 2 s"), said
+    got = blkbench.parse(marks(r.stdout), netbench.PROGRAM)
+    assert f"user-{phase}" not in got and all(p.ops > 0 for p in got.values())
 
 
 def test_server_names_a_connection_that_was_reset():

@@ -31,8 +31,9 @@ Limits, each a drop that is counted (:meth:`VirtioNet.counters`), never an error
   had no room or is gone:
   ``tx_dropped_backend``; the link is down: ``tx_dropped_link_down``. The chain is returned
   (used length 0) in every case;
-* a received frame longer than ``mtu`` + 18 (:data:`~.net_backends.MAX_FRAME` with GUEST_TSO4/6
-  negotiated): ``rx_dropped_oversize``; a frame that does not fit
+* a received frame shorter than an Ethernet header (a stream backend's length may say so):
+  ``rx_dropped_malformed``; longer than ``mtu`` + 18 (:data:`~.net_backends.MAX_FRAME` with
+  GUEST_TSO4/6 negotiated): ``rx_dropped_oversize``; a frame that does not fit
   the next receive chain: ``rx_dropped_small_buffer`` (the chain is returned with length 0,
   which drivers count as a length error); the link is down or the driver has not started the
   device: ``rx_dropped_link_down`` / ``rx_dropped_no_buffer``;
@@ -95,6 +96,7 @@ _RX_HDR = struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, 1)      # num_buffers = 1
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 
 _COUNTERS = ("rx_packets", "rx_bytes", "rx_dropped_no_buffer", "rx_dropped_oversize",
+             "rx_dropped_malformed",
              "rx_dropped_small_buffer", "rx_dropped_link_down", "rx_dropped_offload",
              "tx_packets", "tx_bytes",
              "tx_dropped_malformed", "tx_dropped_oversize", "tx_dropped_backend",
@@ -220,13 +222,18 @@ class VirtioNet(HostThreadDevice):
 
     def set_link(self, up: bool) -> None:
         """Set the link up or down; the driver is told with a configuration-change interrupt
-        when the device is running. While down, frames both ways are dropped and counted."""
+        when the device is running. While down, frames both ways are dropped and counted,
+        those already waiting for receive buffers with them."""
         up = bool(up)
         if up == self.link_up:
             return
         self.link_up = up
         with self._lock:
             h = self._handles
+            if not up:                          # what waits goes too (QEMU purges its queue)
+                self._count["rx_dropped_link_down"] += len(self._pending)
+                self._pending.clear()
+                self._pending_bytes = 0
         self._kick()                            # the thread reads (and drops) or paces anew
         if h is not None:
             h.interrupt(INT_CONFIG, -1)
@@ -342,6 +349,8 @@ class VirtioNet(HostThreadDevice):
         hdr = _RX_HDR if vhdr is None else rx_header(vhdr, self._features)
         if len(frame) > self._rx_max:
             c["rx_dropped_oversize"] += 1
+        elif len(frame) < ETH_HLEN:
+            c["rx_dropped_malformed"] += 1
         elif hdr is None:
             c["rx_dropped_offload"] += 1
         elif not self.link_up:
