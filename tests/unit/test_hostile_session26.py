@@ -1,9 +1,9 @@
 """Hostile checks of session 26's changes, without KVM: virtio-net's receive pacing driven through
 real virtqueues in plain memory by a socket-pair peer (a burst far past the waiting list, frames
 split across writes, a bad length prefix while the list is full, the link going down and up,
-a driver reset, close() against a peer that keeps writing), the host-thread guard (a fault in
-``_poll_set``, close() racing a dying thread) and a vsock guest connect refused with RST when no
-socket can be made (the process out of file descriptors), after which the device still works."""
+a driver reset, close() against a peer that keeps writing, runt frames) and a vsock guest
+connect refused with RST when no socket can be made (the process out of file descriptors),
+after which the device still works. (The host-thread guard's: test_hostthread_units.py.)"""
 import os
 import resource
 import socket
@@ -14,7 +14,6 @@ import time
 import pytest
 
 from pykvm.devices.virtio import DeviceHandles
-from pykvm.devices.virtio.hostthread import HostThreadDevice
 from pykvm.devices.virtio.net import RX_PENDING_FRAMES, VirtioNet
 from pykvm.devices.virtio.net_backends import MAX_FRAME, StreamBackend
 from pykvm.devices.virtio.queue import DESC_F_WRITE, Virtqueue
@@ -210,72 +209,7 @@ def test_close_while_full_against_a_peer_that_keeps_writing(mem):
         peer.close()
 
 
-class Faulty(HostThreadDevice):
-    device_id = 4
-    num_queues = 1
-    thread_name = "hostile26"
-
-    def __init__(self, fail_poll=False, fail_pump=False):
-        super().__init__()
-        self.fail_poll, self.fail_pump, self.rounds = fail_poll, fail_pump, 0
-
-    def _poll_set(self):
-        if self.fail_poll:
-            raise RuntimeError("poll set failed")
-        return {}, None
-
-    def _pump(self, ready, woken):
-        self.rounds += 1
-        if self.fail_pump:
-            raise ValueError("round failed")
-
-
-def test_a_fault_in_poll_set_needs_reset_and_the_next_activation_serves():
-    dev = Faulty(fail_poll=True)
-    resets = threading.Event()
-    h = DeviceHandles(lambda *a: None, resets.set)
-    try:
-        dev.activate(0, [None], h)
-        wait_until(resets.is_set, "DEVICE_NEEDS_RESET")
-        assert dev.thread_error == "hostile26 thread stopped: RuntimeError: poll set failed"
-        wait_until(lambda: dev._thread is None, "the thread to go")
-        dev.fail_poll = False
-        dev.reset()
-        dev.activate(0, [None], h)
-        assert dev.thread_error is None
-        wait_until(lambda: dev.rounds >= 1, "a round of the new thread")
-    finally:
-        dev.close()
-
-
-def test_close_racing_a_dying_thread_leaves_no_thread():
-    h = DeviceHandles(lambda *a: None, lambda: None)
-    for k in range(50):
-        dev = Faulty(fail_pump=True)
-        dev.activate(0, [None], h)
-        if k % 2:
-            time.sleep(0.0005 * (k % 7))
-        thread = dev._thread
-        dev.close()
-        if thread is not None:
-            thread.join(10)
-            assert not thread.is_alive()
-        dev.activate(0, [None], h)                       # never started after close
-        assert dev._thread is None or not dev._thread.is_alive()
-    assert not [t for t in threading.enumerate() if t.name == "hostile26"]
-
-
 # ---- vsock: a guest connect with no file descriptor left --------------------------------------
-
-@pytest.fixture
-def sockdir():
-    d = f"/tmp/pykvm-h26-{os.getpid()}-{time.monotonic_ns() % 10**6}"
-    os.mkdir(d, 0o700)
-    yield d
-    for f in os.listdir(d):
-        os.unlink(os.path.join(d, f))
-    os.rmdir(d)
-
 
 def test_a_guest_connect_without_a_free_fd_is_refused_and_the_device_still_serves(mem, sockdir):
     path = os.path.join(sockdir, "v.sock")

@@ -111,16 +111,6 @@ def test_bad_specs_are_one_line(spec, match):
     assert "\n" not in str(ei.value) and isinstance(ei.value, ValueError)
 
 
-@pytest.fixture
-def sockdir():
-    d = f"/tmp/pykvm-vsu-{os.getpid()}-{time.monotonic_ns() % 10**6}"
-    os.mkdir(d, 0o700)
-    yield d
-    for f in os.listdir(d):
-        os.unlink(os.path.join(d, f))
-    os.rmdir(d)
-
-
 def test_listener_file_stale_live_and_removal(sockdir):
     path = os.path.join(sockdir, "v.sock")
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
