@@ -151,7 +151,8 @@ def _parse(argv: list[str] | None) -> tuple[str, Options]:
                    "labs may share one at the same time")
     p.add_argument("--out", type=_dir_argument, default=CHECKOUT / "build" / "lab", help="output dir (default <checkout>/build/lab)")
     p.add_argument("--keep", action="store_true", help="keep the staging trees of the run in <out>/<lab>/")
-    p.add_argument("--timeout", type=float, help="seconds per QEMU boot (default 600)")
+    p.add_argument("--timeout", type=float, help="seconds per QEMU boot (default: the lab's, 1200 s for a nested boot, 2400 s for "
+                   "riscv's, 600 s for the benchmark boot)")
     p.add_argument("--smp", type=_cpus_argument, metavar="N",
                    help="CPUs of the lab VM (QEMU -smp) for the boots that run the selected tests "
                    "(default: nested 1, riscv 2; the nested-SVM suite's boot of its own and the "

@@ -214,7 +214,10 @@ class LabRun:
     QEMU and cleans up), and SIGKILL if it has not ended 30 s later. The entry's JUnit file of an
     earlier run is removed first."""
 
-    def __init__(self, lab: str, timeout: float = 1800):
+    # the whole chain's limit: above the riscv lab's slowest run that finished (1613 s at half
+    # speed, 2026-12-07, its rv64 boot then stopped by the 1200 s it had) plus that boot's
+    # longer guard; the CI job's own limit is 90 minutes
+    def __init__(self, lab: str, timeout: float = 3000):
         self.lab, self.timeout = lab, timeout
         if XML[lab].exists():
             XML[lab].unlink()
