@@ -1156,7 +1156,8 @@ class Machine:
     def device_errors(self) -> dict:
         """{name: one line} for each virtio device (named as in :meth:`device_counters`) whose
         host side stopped working, e.g. a network backend (passt) that exited, or a device
-        thread that stopped (``HostThreadDevice.thread_error``); empty while all work. Valid while the machine runs and after :meth:`close`."""
+        thread that stopped (``HostThreadDevice.thread_error``); empty while all work. Valid
+        while the machine runs and after :meth:`close`."""
         out: dict = {}
         names = list(self.device_counters())
         for name, d in zip(names, self._virtio):

@@ -9,8 +9,9 @@ How a debug stop holds the machine (all-stop): the stub installs a handler (thro
 thread the handler asks the target whether the exit is a debug stop; if so it records it and
 takes the machine's hold of owner ``"gdb"`` (:meth:`~pykvm.machine.Machine.hold`) without
 waiting, then returns so the vCPU's loop takes the hold's kick: every vCPU is then held out of
-KVM_RUN in its own thread, where the stub's thread may use their ioctls (registers, KVM_TRANSLATE, KVM_SET_GUEST_DEBUG). ``c``,
-``s`` and ``vCont`` set each vCPU up (:meth:`GdbTarget.prepare_resume`) and release the hold.
+KVM_RUN in its own thread, where the stub's thread may use their ioctls (registers,
+KVM_TRANSLATE, KVM_SET_GUEST_DEBUG). ``c``, ``s`` and ``vCont`` set each vCPU up
+(:meth:`GdbTarget.prepare_resume`) and release the hold.
 Ctrl-C (the 0x03 byte) holds and reports SIGINT. The hold is the stub's own: ``pykvm resume``
 (:meth:`~pykvm.machine.Machine.resume`, which ends only a ``pause``) does not let a guest go
 that gdb has stopped, and a ``pause`` stays in force when gdb continues.

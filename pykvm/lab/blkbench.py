@@ -284,13 +284,14 @@ def report(cmp: Comparison, record_property, title: str | None = None) -> None:
     under ``title`` (default: the disk benchmark's), record the JUnit properties
     (:meth:`Comparison.properties`), and raise AssertionError unless every run of both VMMs ran
     every phase and exited 0 (the ratios are reported, never asserted)."""
-    for vmm, vmm_runs in (("pykvm", cmp.pykvm_runs), ("QEMU", cmp.qemu_runs)):
-        for run in vmm_runs:
-            got = parse(run.marks, cmp.program)
-            other = "".join(f"\n  {t}" for t in unparsed(run.console, cmp.program))
-            print(f"\n$ {' '.join(map(str, run.argv))}\n{run.tail(12)}\n({vmm}: exit {run.status}, "
-                  f"{run.seconds:.1f} s; " + ", ".join(f"{n} {p.mib_s:.2f} MiB/s" for n, p in got.items())
-                  + f"){other}{run.stderr[-2000:]}")
+    # (VMM, run, its phases, its other lines naming the program), read once for both passes
+    runs = [(vmm, run, parse(run.marks, cmp.program), unparsed(run.console, cmp.program))
+            for vmm, vmm_runs in (("pykvm", cmp.pykvm_runs), ("QEMU", cmp.qemu_runs))
+            for run in vmm_runs]
+    for vmm, run, got, other in runs:
+        print(f"\n$ {' '.join(map(str, run.argv))}\n{run.tail(12)}\n({vmm}: exit {run.status}, "
+              f"{run.seconds:.1f} s; " + ", ".join(f"{n} {p.mib_s:.2f} MiB/s" for n, p in got.items())
+              + ")" + "".join(f"\n  {t}" for t in other) + run.stderr[-2000:])
     if title is None:
         title = (f"virtio-blk in the guest, pykvm against {qemu_version()} -accel kvm, queue depth 1, "
                  f"O_DIRECT, {len(cmp.pykvm_runs)} boots each:")
@@ -298,14 +299,13 @@ def report(cmp: Comparison, record_property, title: str | None = None) -> None:
     print("\n".join(cmp.lines()))
     for name, value in cmp.properties().items():
         record_property(name, value)
-    for vmm, vmm_runs in (("pykvm", cmp.pykvm_runs), ("QEMU", cmp.qemu_runs)):
-        for run in vmm_runs:
-            lost = [p for p in cmp.phases if p not in parse(run.marks, cmp.program)]
-            said = "\n".join(unparsed(run.console, cmp.program)) or "(nothing)"
-            assert not lost, (f"{vmm}: no result for {', '.join(lost)} (exit {run.status}); the guest's "
-                              f"other {cmp.program} lines:\n{said}\nconsole tail:\n{run.tail()}\n"
-                              f"{run.stderr[-2000:]}")
-            assert run.status == 0, f"{vmm} exited {run.status}: {run.stderr[-2000:]}\n{run.tail()}"
+    for vmm, run, got, other in runs:
+        lost = [p for p in cmp.phases if p not in got]
+        said = "\n".join(other) or "(nothing)"
+        assert not lost, (f"{vmm}: no result for {', '.join(lost)} (exit {run.status}); the guest's "
+                          f"other {cmp.program} lines:\n{said}\nconsole tail:\n{run.tail()}\n"
+                          f"{run.stderr[-2000:]}")
+        assert run.status == 0, f"{vmm} exited {run.status}: {run.stderr[-2000:]}\n{run.tail()}"
 
 
 def missing(arch: str) -> str | None:

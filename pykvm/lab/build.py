@@ -682,15 +682,17 @@ def boot_split(spec: LabSpec, tests: list[str]) -> tuple[list[str], list[str], l
     return main, qemu_only, two_cpu, later_boot_args(spec, main)
 
 
-def pytest_args(spec: LabSpec, tests: list[str], common: list[str],
-                boot_tests: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
-    """The inner pytest's arguments per boot, {file name under /lab: argv after "pytest"}:
-    ``pytest-args.json`` (the main boot), ``-qemu`` (the benchmark boot), ``-smp2``, ``-more``
-    and one per extra boot in ``boot_tests``; ``common`` ends each. The boots watched for
-    silence (:attr:`LabSpec.silence`; all but the benchmark boot and the extra boots) also get
+def pytest_args(spec: LabSpec, split: tuple[list[str], list[str], list[str], list[str]],
+                common: list[str], boot_tests: dict[str, list[str]] | None = None
+                ) -> dict[str, list[str]]:
+    """The inner pytest's arguments per boot, {file name under /lab: argv after "pytest"}, from
+    the selected tests' :func:`boot_split` ``split``: ``pytest-args.json`` (the main boot),
+    ``-qemu`` (the benchmark boot), ``-smp2``, ``-more`` and one per extra boot in
+    ``boot_tests``; ``common`` ends each. The boots watched for silence
+    (:attr:`LabSpec.silence`; all but the benchmark boot and the extra boots) also get
     ``--timeout`` :data:`SILENCE_MARGIN` s under it."""
     watched = common + ([f"--timeout={spec.silence - SILENCE_MARGIN:g}"] if spec.silence else [])
-    main, qemu_only, two_cpu, more = boot_split(spec, tests)
+    main, qemu_only, two_cpu, more = split
     out = {"pytest-args.json": main + watched, "pytest-args-qemu.json": qemu_only + common}
     if two_cpu:
         out["pytest-args-smp2.json"] = two_cpu + watched
@@ -741,9 +743,10 @@ def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[st
         common += ["-p", "pykvm.testing.plugin"]
     if opts.k:
         common += ["-k", opts.k]
-    for file, args in pytest_args(spec, tests, common, boot_tests).items():
+    split = boot_split(spec, tests)
+    for file, args in pytest_args(spec, split, common, boot_tests).items():
         (lab / file).write_text(json.dumps(args))
-    main, qemu_only, two_cpu, more = boot_split(spec, tests)
+    main, qemu_only, two_cpu, more = split
     for rel_path, content in (extra or {}).items():
         dest = root / rel_path
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -761,7 +764,6 @@ def build_payload(spec: LabSpec, archive: Archive, opts: Options, tests: list[st
     info["tests"], info["qemu_tests"], info["two_cpu_tests"] = main, qemu_only, two_cpu
     info["more"] = more                        # the later main boots' arguments ([]: no such boot)
     return out, info
-
 
 
 def split_tests(spec: LabSpec, tests: list[str], own: list[str] | None = None) -> tuple[list[str], list[str]]:

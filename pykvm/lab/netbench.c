@@ -65,10 +65,15 @@ static double now(void)
 #define STR_(x) #x
 #define STR(x) STR_(x)
 
+/* Why a call failed: errno's text, or the stall that SO_RCVTIMEO/SO_SNDTIMEO ended. */
+static const char *why(int err)
+{
+    return err == EAGAIN ? "no progress for " STR(STALL) " s" : strerror(err);
+}
+
 static void die(const char *what)
 {
-    fprintf(stderr, "netbench: %s: %s\n", what,
-            errno == EAGAIN ? "no progress for " STR(STALL) " s" : strerror(errno));
+    fprintf(stderr, "netbench: %s: %s\n", what, why(errno));
     exit(1);
 }
 
@@ -116,8 +121,8 @@ static int dial(const char *host, int port, char what)
     }
 }
 
-/* One TCP phase on the connection fd (its first byte sent): returns its bytes, ops and seconds,
- * or sets *failed to the call that failed (errno says why) when the connection broke. */
+/* One TCP phase on the connection fd (its first byte sent): its bytes, ops and seconds, or,
+ * when the connection broke, `failed` naming the call that failed (errno says why). */
 struct result {
     uint64_t bytes, ops;
     double seconds;
@@ -215,11 +220,12 @@ static void phase(const char *host, int port, char what, struct result (*run)(in
     for (int attempt = 1;; attempt++) {
         int fd = dial(host, port, what);
         struct result r = {.failed = "write (the phase's first byte)"};
-        if (fd >= 0)
-            r = run(fd, seconds);
         int err = errno;
-        if (fd >= 0)
+        if (fd >= 0) {
+            r = run(fd, seconds);
+            err = errno;
             close(fd);
+        }
         if (r.failed == NULL) {
             report(prefix, label, name, r.bytes, r.ops, r.seconds);
             return;
@@ -228,8 +234,7 @@ static void phase(const char *host, int port, char what, struct result (*run)(in
         if (attempt == 2)
             die(r.failed);
         fprintf(stderr, "netbench: %s-%s: %s: %s (after %llu ops); once more\n", label, name,
-                r.failed, err == EAGAIN ? "no progress for " STR(STALL) " s" : strerror(err),
-                (unsigned long long)r.ops);
+                r.failed, why(err), (unsigned long long)r.ops);
         fflush(stderr);
     }
 }

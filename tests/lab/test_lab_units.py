@@ -237,12 +237,14 @@ def test_watched_boots_stop_a_hung_test_before_the_silence():
     benchmark boot and the riscv lab keep pyproject's limit."""
     from pykvm.lab import build
     common = ["-q"]
-    args = build.pytest_args(build.NESTED, list(build.NESTED.default_tests), common)
+    args = build.pytest_args(build.NESTED, build.boot_split(build.NESTED, list(build.NESTED.default_tests)),
+                             common)
     limit = f"--timeout={build.NESTED_SILENCE - build.SILENCE_MARGIN:g}"
     assert 0 < build.NESTED_SILENCE - build.SILENCE_MARGIN < build.NESTED_SILENCE
     assert args["pytest-args.json"][-2:] == common + [limit]
     assert args["pytest-args-smp2.json"][-2:] == common + [limit]
     assert args["pytest-args-qemu.json"][-1:] == common and limit not in args["pytest-args-qemu.json"]
     assert all(t in args["pytest-args-qemu.json"] for t in build.NESTED.qemu_tests)
-    riscv = build.pytest_args(build.RISCV, list(build.RISCV.default_tests), common)
+    riscv = build.pytest_args(build.RISCV, build.boot_split(build.RISCV, list(build.RISCV.default_tests)),
+                              common)
     assert not any(a.startswith("--timeout") for v in riscv.values() for a in v)

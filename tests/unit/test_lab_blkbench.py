@@ -101,3 +101,30 @@ def test_combine_sums_runs_and_drops_a_phase_one_run_lacks():
     both = blkbench.combine([a, b])
     assert set(both) == {"seq-read-1m"} and both["seq-read-1m"].mib_s == 2.0
     assert blkbench.combine([]) == {}
+
+
+def test_report_records_the_figures_and_names_a_lost_phase_with_the_guests_lines(capsys):
+    from pykvm.lab.linux_guest import MARK, GuestRun
+
+    def run(*lines):
+        console = "\n".join(f"{MARK} {t}" if t.startswith("netbench ") else t for t in lines)
+        marks = [(0.0, t) for t in lines if t.startswith("netbench ")]
+        return GuestRun(["vmm"], 0, console, marks, 1.0)
+    whole = run("netbench a bytes=1048576 ops=1 seconds=1.0", "netbench b bytes=2 ops=2 seconds=1.0")
+    broken = run("netbench a bytes=1048576 ops=1 seconds=1.0", "netbench: read: Connection reset by peer")
+    props = {}
+
+    def cmp_of(qemu_run):
+        return blkbench.Comparison([whole], [qemu_run],
+                                   blkbench.combine([blkbench.parse(whole.marks, "netbench")], ("a", "b")),
+                                   blkbench.combine([blkbench.parse(qemu_run.marks, "netbench")], ("a", "b")),
+                                   kind="net", phases=("a", "b"), program="netbench", by_ops=("b",))
+    blkbench.report(cmp_of(whole), props.__setitem__, title="T")
+    assert props and "T" in capsys.readouterr().out
+    with pytest.raises(AssertionError) as ei:
+        blkbench.report(cmp_of(broken), props.__setitem__, title="T")
+    msg = str(ei.value)                                   # (pytest indents its lines)
+    assert msg.startswith("QEMU: no result for b (exit 0); the guest's other netbench lines:"), msg
+    said = msg.split("other netbench lines:", 1)[1].split("console tail:", 1)[0]
+    assert said.split() == "netbench: read: Connection reset by peer".split(), msg
+    assert "\n  netbench: read: Connection reset by peer" in capsys.readouterr().out

@@ -78,7 +78,6 @@ class HostThreadDevice(VirtioDevice):
             start = self._thread is None and not self._closed
             if start:
                 self.thread_error = None
-            if start:
                 self._thread = threading.Thread(target=self._run, name=self.thread_name,
                                                 daemon=True)
         if start:

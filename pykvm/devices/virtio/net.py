@@ -231,9 +231,7 @@ class VirtioNet(HostThreadDevice):
         with self._lock:
             h = self._handles
             if not up:                          # what waits goes too (QEMU purges its queue)
-                self._count["rx_dropped_link_down"] += len(self._pending)
-                self._pending.clear()
-                self._pending_bytes = 0
+                self._drop_pending("rx_dropped_link_down")
         self._kick()                            # the thread reads (and drops) or paces anew
         if h is not None:
             h.interrupt(INT_CONFIG, -1)
@@ -337,8 +335,9 @@ class VirtioNet(HostThreadDevice):
                 self._drop_pending()
         self._signal(h, failed, irq)
 
-    def _drop_pending(self) -> None:
-        self._count["rx_dropped_no_buffer"] += len(self._pending)
+    def _drop_pending(self, counter: str = "rx_dropped_no_buffer") -> None:
+        """Drop the frames waiting for receive buffers, counted under ``counter``."""
+        self._count[counter] += len(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
 
