@@ -117,6 +117,17 @@ class GuestMemory:
         # baseline, pykvm.rewind, records the host's writes, which KVM's dirty log misses)
         self.write_hooks: List[Callable[[int, int], None]] = []
 
+    @classmethod
+    def anonymous(cls, size: int) -> "GuestMemory":
+        """Guest RAM with no VM behind it: one private anonymous mapping of ``size`` bytes at
+        guest-physical 0 (:func:`new_mapping`), as slot 0, for driving a device model or a
+        loader without KVM (unit tests, :mod:`pykvm.testing.blk_driver`). ``_close()``
+        releases it. Raises what :func:`new_mapping` raises."""
+        mem = cls()
+        m, pin = new_mapping(size)
+        mem._add(MemorySlot(0, 0, size, 0, m, pin))
+        return mem
+
     def _close(self) -> None:
         for s in list(self._slots):
             self._slots.remove(s)

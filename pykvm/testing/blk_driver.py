@@ -18,7 +18,7 @@ from ..devices.virtio import F_VERSION_1, DeviceHandles
 from ..devices.virtio.blk import S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_IN, T_OUT, VirtioBlk
 from ..devices.virtio.queue import DESC_F_NEXT, DESC_F_WRITE, Virtqueue
 from ..kvm import Kvm
-from ..memory import GuestMemory, MemorySlot, new_mapping
+from ..memory import GuestMemory
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -207,9 +207,7 @@ def _killed_child(image: str, payload_hex: str, path: str) -> None:
         vm.add_memory(SLOT, SLOT)
         memory = vm.memory
     else:
-        memory = GuestMemory()
-        m, pin = new_mapping(SLOT)
-        memory._add(MemorySlot(0, 0, SLOT, 0, m, pin))
+        memory = GuestMemory.anonymous(SLOT)
     dev = VirtioBlk(image)
     d = BlkDriver(memory, dev, indirect=False)
     if vm is not None:

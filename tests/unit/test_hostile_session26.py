@@ -19,7 +19,7 @@ from pykvm.devices.virtio.net_backends import MAX_FRAME, StreamBackend
 from pykvm.devices.virtio.queue import DESC_F_WRITE, Virtqueue
 from pykvm.devices.virtio.vsock import (HDR_LEN, HOST_CID, OP_REQUEST, OP_RESPONSE, OP_RST,
                                         Header, VirtioVsock)
-from pykvm.memory import GuestMemory, MemorySlot, new_mapping
+from pykvm.memory import GuestMemory
 from pykvm.testing import wait_until
 
 RAM = 4 << 20
@@ -32,9 +32,7 @@ SETTLE = 0.3                             # seconds a device that read on would n
 
 @pytest.fixture
 def mem():
-    m = GuestMemory()
-    mapping, pin = new_mapping(RAM)
-    m._add(MemorySlot(0, 0, RAM, 0, mapping, pin))
+    m = GuestMemory.anonymous(RAM)
     yield m
     m._close()
 

@@ -28,7 +28,7 @@ from pykvm.devices.virtio import F_VERSION_1, DeviceHandles
 from pykvm.devices.virtio import fs as vfs
 from pykvm.devices.virtio import vhost_user as vu
 from pykvm.devices.virtio.queue import Virtqueue
-from pykvm.memory import GuestMemory, MemorySlot, new_mapping, new_shared_mapping
+from pykvm.memory import GuestMemory, MemorySlot, new_shared_mapping
 
 
 # ---- encoding -------------------------------------------------------------------------------
@@ -381,9 +381,7 @@ def test_virtiofsd_readonly_share_refuses_writes(tree):
 def test_private_ram_is_refused_with_one_line(tree):
     _virtiofsd_or_skip()
     share, _, _ = tree
-    mem = GuestMemory()
-    m, pin = new_mapping(RAM)
-    mem._add(MemorySlot(0, 0, RAM, 0, m, pin))
+    mem = GuestMemory.anonymous(RAM)
     dev = vfs.VirtioFs(str(share))
     try:
         drv = Driver(dev, mem)

@@ -12,7 +12,7 @@ from pykvm.devices.virtio import F_VERSION_1, ID_CONSOLE, INT_CONFIG, INT_VRING,
 from pykvm.devices.virtio.console import (
     F_EMERG_WRITE, F_SIZE, INPUT_LIMIT, OUTPUT_PIECE, VirtioConsole)
 from pykvm.devices.virtio.queue import DESC_F_NEXT, DESC_F_WRITE, Virtqueue
-from pykvm.memory import GuestMemory, MemorySlot, new_mapping
+from pykvm.memory import GuestMemory
 
 RAM = 4 << 20
 QSIZE = 32
@@ -22,9 +22,7 @@ RINGS = {0: (0x1000, 0x2000, 0x3000, 0x100000), 1: (0x5000, 0x6000, 0x7000, 0x20
 
 @pytest.fixture(scope="module")
 def memory():
-    mem = GuestMemory()
-    m, pin = new_mapping(RAM)
-    mem._add(MemorySlot(0, 0, RAM, 0, m, pin))
+    mem = GuestMemory.anonymous(RAM)
     yield mem
     mem._close()
 

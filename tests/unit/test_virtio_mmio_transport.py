@@ -10,7 +10,7 @@ from pykvm.devices.bus import Device
 from pykvm.devices.virtio.mmio import MMIO_SIZE, VirtioMmio, cmdline_fragment
 from pykvm.devices.virtio.queue import DESC_F_NEXT, DESC_F_WRITE
 from pykvm.devices.virtio.rng import VirtioRng
-from pykvm.memory import GuestMemory, MemorySlot, new_mapping
+from pykvm.memory import GuestMemory
 
 RAM = 1 << 20
 DESC, AVAIL, USED, BUF = 0x1000, 0x2000, 0x3000, 0x8000
@@ -19,9 +19,7 @@ V1_EVENT = (1 << 32) | (1 << 29)
 
 @pytest.fixture
 def dev():
-    mem = GuestMemory()
-    m, pin = new_mapping(RAM)
-    mem._add(MemorySlot(0, 0, RAM, 0, m, pin))
+    mem = GuestMemory.anonymous(RAM)
     levels = []
     t = VirtioMmio(VirtioRng(), mem, levels.append)
     t.levels, t.mem = levels, mem

@@ -18,7 +18,7 @@ from pykvm.devices.virtio.vsock import (HDR_LEN, HOST_CID, OP_CREDIT_UPDATE, OP_
                                         OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, STAGE_MAX, Credit,
                                         Header, VirtioVsock, VsockError, VsockSpec,
                                         parse_connect_line)
-from pykvm.memory import GuestMemory, MemorySlot, new_mapping
+from pykvm.memory import GuestMemory
 
 
 def test_header_layout_is_44_little_endian_bytes():
@@ -177,9 +177,7 @@ class Ring:
 
 @pytest.fixture
 def plain():
-    mem = GuestMemory()
-    m, pin = new_mapping(1 << 20)
-    mem._add(MemorySlot(0, 0, 1 << 20, 0, m, pin))
+    mem = GuestMemory.anonymous(1 << 20)
     yield mem
     mem._close()
 
