@@ -235,7 +235,12 @@ class Machine:
         self._kicks_seen: Dict[int, int] = {}   # vCPU -> _pauses when its last kick was taken
         self._held: set = set()            # vCPUs held by pause() now
         self._held_time: Optional[int] = None   # the guest's time while every vCPU is held
-        self._active: set = set()          # vCPUs inside run() now
+        # vCPUs of the run in progress not yet out of it: all of them from the moment the run
+        # starts (under _pause_cv, with _run_lock), so a hold never counts a vCPU whose
+        # thread has not started yet as held
+        self._active: set = set()
+        # threads inside holding() of a machine that was not running: no run starts meanwhile
+        self._exclusive: List[int] = []
         self._stop_reason: Optional[str] = None   # why stop() ends the run
         self._baseline: Optional[MachineBaseline] = None   # checkpoint()'s, for reset()
         # host patches to guest RAM (a debugger's breakpoints): GPA -> (original, patched)
@@ -626,8 +631,6 @@ class Machine:
     def _run_one(self, index: int, deadline: Optional[float], results: list) -> None:
         """One vCPU's part of :meth:`run`: every outcome, exceptions included, lands in
         ``results[index]``; anything but DONE stops the other vCPUs."""
-        with self._pause_cv:
-            self._active.add(index)
         try:
             while True:
                 if self._stop:
@@ -809,15 +812,29 @@ class Machine:
     @contextlib.contextmanager
     def holding(self, what: str, timeout: float = 10.0) -> Iterator[None]:
         """Every vCPU of a run in progress held out of KVM_RUN for the ``with`` block, by a
-        hold of its own (:meth:`hold`) that no :meth:`resume` releases; nothing is held when
-        no run is in progress. Raises :class:`~pykvm.errors.Busy` ("``what``: the running
+        hold of its own (:meth:`hold`) that no :meth:`resume` releases. When no run is in
+        progress nothing needs holding, and a :meth:`run` another thread starts meanwhile
+        waits until the block ends (one started by the block's own thread raises
+        :class:`~pykvm.errors.Busy`). Raises :class:`~pykvm.errors.Busy` ("``what``: the running
         machine did not pause within ``timeout`` s") when the vCPUs are not all held in time
         (nothing stays held then)."""
         token = object()
-        if self.running:
-            if not self.hold(token, timeout):
-                self.release(token)
-                raise Busy(f"{what}: the running machine did not pause within {timeout:g} s")
+        me = threading.get_ident()
+        with self._pause_cv:
+            idle = not self.running
+            if idle:                           # no run may start until the block ends
+                self._exclusive.append(me)
+        if idle:
+            try:
+                yield
+            finally:
+                with self._pause_cv:
+                    self._exclusive.remove(me)
+                    self._pause_cv.notify_all()
+            return
+        if not self.hold(token, timeout):
+            self.release(token)
+            raise Busy(f"{what}: the running machine did not pause within {timeout:g} s")
         try:
             yield
         finally:
@@ -875,12 +892,34 @@ class Machine:
         self._check_open()
         if self._ended is not None:
             raise MachineEnded(self._ended)
-        if not self._run_lock.acquire(blocking=False):
-            raise Busy("Machine.run: this machine is already running in another thread")
+        self._start_run()
         try:
             return self._run_locked(timeout)
         finally:
-            self._run_lock.release()
+            with self._pause_cv:
+                self._active.clear()
+                self._run_lock.release()
+                self._pause_cv.notify_all()
+
+    def _start_run(self) -> None:
+        """Claim the machine for a run: wait while another thread is inside :meth:`holding`
+        of the idle machine (a snapshot, checkpoint or reset reading it), then take
+        ``_run_lock`` and count every vCPU as in the run, in one step under ``_pause_cv`` so
+        that a hold sees the run either not started or with all its vCPUs. Raises
+        :class:`~pykvm.errors.Busy` when another thread runs the machine or when this thread
+        is itself inside such a :meth:`holding` block (it would wait for itself), and
+        :class:`~pykvm.errors.Closed` when the machine is closed meanwhile."""
+        me = threading.get_ident()
+        with self._pause_cv:
+            while self._exclusive:
+                if me in self._exclusive:
+                    raise Busy("Machine.run: called inside a hold of the idle machine "
+                               "(Machine.holding) by the same thread")
+                self._check_open()
+                self._pause_cv.wait(0.05)
+            if not self._run_lock.acquire(blocking=False):
+                raise Busy("Machine.run: this machine is already running in another thread")
+            self._active = set(range(len(self.vcpus)))
 
     def _run_locked(self, timeout: Optional[float]) -> RunResult:
         self._stop = self._stop_reason is not None     # stop() before the run: it ends at once
@@ -932,6 +971,9 @@ class Machine:
                                            "address space under ulimit -v)", "threads")
                     hr.__cause__ = e
                     results[i] = Event("error", i, error=hr)
+                    with self._pause_cv:           # never started: not in the run
+                        self._active -= set(range(i, len(threads)))
+                        self._pause_cv.notify_all()
                     self._kick_all()
                     break
             for t in threads:

@@ -22,6 +22,7 @@ import pytest
 
 from pykvm import control, testing
 from pykvm.control import Client, ControlError, ControlServer, NoSuchVm
+from pykvm.errors import Busy
 from pykvm.guestbuild import build
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -617,6 +618,69 @@ def test_a_resume_during_a_snapshot_neither_ends_the_run_nor_breaks_the_snapshot
         assert not errors, errors
         assert r.thread.is_alive(), f"the run ended in round {i}: {r.result}"
     assert r.advances()
+
+
+def test_a_pause_waits_for_vcpus_whose_threads_have_not_started(guest_vm, tmp_path):
+    """A pause (or a snapshot's hold) sent as a run starts counts every vCPU of the run, also
+    those whose thread has not reached the loop yet: it returns True only once each was held
+    and told so (KVM_KVMCLOCK_CTRL), and a snapshot taken then does not race their first
+    ioctls (a vCPU thread slow to start, as on a loaded host, once let the snapshot read the
+    vCPUs and end the run with "vCPU 0 is running in another thread")."""
+    m = guest_vm("control_counter.c", vcpus=2)
+    addr = m.sync(stage=1)[0]
+    told = []
+    for v in m.vcpus:                                  # record each vCPU's "you are held"
+        def notify(real=v.notify_paused, i=v.id):
+            told.append(i)
+            return real()
+        v.notify_paused = notify
+    started = threading.Event()
+    real_thread = m._vcpu_thread
+
+    def slow_start(*args):                             # a vCPU thread the host starts late
+        started.wait(PATIENCE)
+        time.sleep(0.3)
+        real_thread(*args)
+    m._vcpu_thread = slow_start
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=m.run(timeout=120)), daemon=True)
+    t.start()
+    wait_until(lambda: m.running, "the run to start")
+    started.set()
+    try:
+        assert m.pause(timeout=PATIENCE)
+        assert sorted(told) == [0, 1], told
+        m.snapshot(str(tmp_path / "early.snap"))
+        assert t.is_alive(), out
+    finally:
+        m.resume()
+    first = m.memory.read_u64(addr)
+    wait_until(lambda: m.memory.read_u64(addr) != first, "the guest's counter to advance")
+    m.stop("test over")
+    t.join(PATIENCE)
+    assert out["r"].exit == "stopped", out["r"]
+
+
+def test_a_run_started_during_a_hold_of_the_idle_machine_waits_for_it(guest_vm):
+    """holding() of a machine between runs (a snapshot, checkpoint or reset reading it): a run
+    another thread starts meanwhile does not enter KVM_RUN until the block ends; one the
+    block's own thread starts is refused (it would wait for itself)."""
+    m = guest_vm("control_counter.c")
+    addr = m.sync(stage=1)[0]
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=m.run(timeout=120)), daemon=True)
+    with m.holding("test"):
+        with pytest.raises(Busy, match="inside a hold of the idle machine"):
+            m.run(timeout=1)
+        t.start()
+        held = m.memory.read_u64(addr)
+        time.sleep(0.3)
+        assert m.memory.read_u64(addr) == held and not m.vcpus[0].running
+        assert t.is_alive() and not m.running
+    wait_until(lambda: m.memory.read_u64(addr) != held, "the guest's counter to advance")
+    m.stop("test over")
+    t.join(PATIENCE)
+    assert out["r"].exit == "stopped", out["r"]
 
 
 def test_a_snapshot_does_not_undo_a_users_pause(running, tmp_path):

@@ -221,7 +221,9 @@ def test_two_labs_fetch_one_deb_once(tmp_path):
             print(a.fetch(p))
         """
         ps = [_py(code)]
-        time.sleep(0.3)  # the first one is downloading
+        end = time.monotonic() + 60                    # the first one is downloading (holds the lock)
+        while not srv.gets and ps[0].poll() is None and time.monotonic() < end:
+            time.sleep(0.01)
         ps.append(_py(code))
         outs = [p.communicate(timeout=120) for p in ps]
     finally:

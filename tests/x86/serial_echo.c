@@ -8,7 +8,10 @@
  * CR, LF and TAB as ^X, everything else as it is. Byte 0x04 (Ctrl-D) ends the echo.
  *
  * prints "serial_echo: ready" (CR LF) on COM1, then
- * SYNC(1)                                                ready: input may come
+ * SYNC(1, &irqs, &idle_at)                               ready: input may come. The host
+ *      reads the two counters from guest memory: idle_at == irqs says the last interrupt's
+ *      handler has returned and the guest is in (or about to enter) its HLT with interrupts
+ *      off until then, so input sent from now on is taken by a new interrupt
  * SYNC(2, bytes received before Ctrl-D, their sum, LSR.OE seen, interrupts, bytes after the
  *      first RBR read of an interrupt (more than one: the FIFO or the host ring refilled it))
  * then DONE
@@ -20,6 +23,7 @@
 #define EOT 0x04
 
 static volatile uint64_t received, sum, overruns, irqs, batched;
+static volatile uint64_t idle_at;	/* irqs when the idle loop last went to sleep */
 static volatile int ended;
 
 static void put(uint8_t c)
@@ -82,11 +86,13 @@ void guest_main(void)
 	outb(COM1 + 4, 0x0b);			/* DTR, RTS, OUT2 */
 	outb(COM1 + 1, 0x01);			/* IER: received data */
 	puts_com1("serial_echo: ready\r\n");
-	GUEST_SYNC(1);
+	GUEST_SYNC(1, (uint64_t)&irqs, (uint64_t)&idle_at);
 	while (!ended) {
 		cli();
-		if (!ended)
+		if (!ended) {
+			idle_at = irqs;
 			sti_hlt();		/* sti's shadow: no interrupt slips in before hlt */
+		}
 	}
 	cli();
 	outb(COM1 + 1, 0x00);

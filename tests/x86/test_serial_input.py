@@ -133,6 +133,18 @@ def _send_all(m, data: bytes, deadline: float) -> None:
             time.sleep(0.002)
 
 
+def _wait_idle(m, irqs_at: int, idle_at: int, least: int, deadline: float) -> None:
+    """Wait until serial_echo.c sleeps in its idle loop with every interrupt handled (its
+    ``idle_at`` equals its ``irqs``, at least ``least``): input sent after this wakes it
+    with a new interrupt, whatever the host's load."""
+    while True:
+        irqs = m.memory.read_u64(irqs_at)
+        if irqs >= least and m.memory.read_u64(idle_at) == irqs:
+            return
+        assert time.monotonic() < deadline, f"the guest never went idle ({irqs} interrupts)"
+        time.sleep(0.002)
+
+
 def _wait_console(m, text: bytes, deadline: float) -> None:
     while text not in m.console:
         assert time.monotonic() < deadline, f"no {text!r} in {m.console[-200:]!r}"
@@ -150,7 +162,7 @@ def test_guest_echoes_input_sent_while_it_runs(guest_vm, loop_cls, fcr):
     ring hold, from another thread: every byte echoed once, in order, no overrun."""
     m = guest_vm("serial_echo.c", machine="pc", loop=loop_cls)
     m.set_params(fcr)
-    m.sync(stage=1)
+    irqs_at, idle_at = m.sync(stage=1)[:2]
     rng = random.Random(fcr)
     alphabet = bytes(range(0x20, 0x7F)) + b"\x01\x1b\r\n\t"
     bulk = bytes(rng.choice(alphabet) for _ in range(10 * 1024 if loop_cls.native else 2048))
@@ -160,9 +172,9 @@ def test_guest_echoes_input_sent_while_it_runs(guest_vm, loop_cls, fcr):
     def sender():
         try:
             deadline = time.monotonic() + 60
-            time.sleep(0.05)                        # the guest is asleep in HLT by now
             _send_all(m, first, deadline)
             _wait_console(m, _echo(first), deadline)     # echoed while the guest runs on
+            _wait_idle(m, irqs_at, idle_at, 1, deadline)  # the line's handler has returned
             _send_all(m, bulk + bytes([EOT]), deadline)
         except BaseException as e:  # noqa: BLE001 — handed to the test's thread
             failure.append(e)
