@@ -13,6 +13,7 @@ from pykvm import status
 from pykvm.errors import Busy, Closed, PykvmError
 from pykvm.machine import Machine
 from pykvm.runloop import RunLoop
+from pykvm.testing import wait_until
 
 from _asm import BY_VCPU, PRINT_FLOOD, REPORT, SPIN, asm16, rss_kib
 from _loops import LOOP_IDS, LOOPS, pc_config
@@ -20,6 +21,7 @@ from _loops import LOOP_IDS, LOOPS, pc_config
 pytestmark = pytest.mark.requires_kvm
 
 LOAD = 0x8000
+PATIENCE = 60.0                 # seconds to wait for a thread to be in its run (a hang guard)
 
 
 CONSOLE_LOOP = """
@@ -48,7 +50,10 @@ def test_close_while_running_waits_for_every_vcpu(loop_cls, vcpus):
 
     t = threading.Thread(target=runner)
     t.start()
-    time.sleep(0.2)
+    # every vCPU in its run (a fixed sleep let a loaded host close before the run began)
+    wait_until(lambda: all(v.running for v in m.vcpus) or not t.is_alive(),
+               "every vCPU running", timeout=PATIENCE)
+    assert t.is_alive(), out
     t0 = time.monotonic()
     m.close()                                     # kicks, waits, then unmaps and closes
     t.join(10)
@@ -116,11 +121,20 @@ def test_vcpu_close_from_inside_its_own_run_completes_when_the_run_returns():
     m.close()
 
 
+def _wait_running(v, t):
+    """Until thread ``t`` is inside its run of vCPU ``v`` (``v.running``): only then is a
+    second caller's Busy the behaviour under test (a fixed sleep let a loaded host ask first,
+    and the second run or ioctl then simply succeeded)."""
+    wait_until(lambda: v.running or not t.is_alive(), "the first thread's run to begin",
+               timeout=PATIENCE)
+    assert t.is_alive(), "the first thread's run ended before it was observed running"
+
+
 def test_a_second_thread_cannot_run_a_running_vcpu():
     with machine(SPIN) as m:
-        t = threading.Thread(target=m.step, kwargs={"timeout": 30})
+        t = threading.Thread(target=m.step, kwargs={"timeout": 120})
         t.start()
-        time.sleep(0.2)
+        _wait_running(m.vcpus[0], t)
         with pytest.raises(Busy):
             m.loops[0].run(deadline=time.monotonic() + 1)
         m.kick_all()
@@ -281,9 +295,9 @@ def test_careless_arguments_get_typed_errors(kvm, call):
 def test_other_vcpu_ioctls_while_another_thread_runs_it_are_busy():
     with machine(SPIN) as m:
         v = m.vcpus[0]
-        t = threading.Thread(target=m.step, kwargs={"timeout": 30})
+        t = threading.Thread(target=m.step, kwargs={"timeout": 120})
         t.start()
-        time.sleep(0.2)
+        _wait_running(m.vcpus[0], t)
         for call in (v.get_regs, v.get_sregs, lambda: v.get_one_reg(0x2030000200000010)):
             with pytest.raises(Busy):
                 call()                   # KVM would block it until the run ends
