@@ -17,11 +17,13 @@ from pykvm.devices.virtio.blk import (F_FLUSH, S_OK, T_FLUSH, T_GET_ID, T_IN,
                                       T_OUT, VirtioBlk)
 from pykvm.devices.virtio.queue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from pykvm.kvm import Kvm
+from pykvm.testing import wait_until
 from pykvm.testing.blk_driver import HOSTILE as SHARED_HOSTILE
 from pykvm.testing.blk_driver import (AVAIL, DESC, HEAP, KILLED_AT, NOTIFY, QSIZE, SLOT, USED,
                                       BlkDriver, header, kill_after_flush, make_image, segment)
 
 pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_arch("x86_64")]
+PATIENCE = 60.0                 # seconds to wait for the worker or the events thread (a hang guard)
 
 @pytest.fixture
 def vm():
@@ -59,7 +61,9 @@ def test_round_trip_through_the_worker(vm, tmp_path):
         st, data, used = d.request(T_GET_ID, in_len=20)
         assert (st, data, used) == (S_OK, b"fast0".ljust(20, b"\0"), 21)
         assert d.request(T_IN, 0, in_len=512)[1] == orig[:512]
-        assert d.irqs and set(d.irqs) == {(INT_VRING, 0)}   # through Python: msi=None
+        # the events thread raises them after the used ring moved: wait until one is seen
+        wait_until(lambda: d.irqs, "an interrupt through Python", timeout=PATIENCE)
+        assert set(d.irqs) == {(INT_VRING, 0)}               # through Python: msi=None
         dev.reset()                                          # stops and joins the worker
         assert dev._worker is None and dev.native_stats["requests"] == 5
         assert dev.native_stats["python_irqs"] >= 1 and dev.native_stats["direct_msis"] == 0
@@ -77,7 +81,10 @@ def test_the_worker_sends_an_unmasked_vector_itself(vm, tmp_path):
             assert d.request(T_IN, 0, in_len=512)[0] == S_OK
         dev.fastpath_update(vm, NOTIFY, None)               # masked: Python raises it
         assert d.request(T_IN, 0, in_len=512)[0] == S_OK
-        time.sleep(0.05)
+        # Python's events thread raises it some time after the used ring moved (a fixed 0.05 s
+        # sleep was not always enough on a loaded host): wait until it has
+        wait_until(lambda: d.irqs, "the masked vector's interrupt through Python",
+                   timeout=PATIENCE)
         dev.reset()
         assert dev.native_stats["direct_msis"] == 3 and dev.native_stats["python_irqs"] == 1
         assert len(d.irqs) == 1
@@ -245,7 +252,7 @@ def test_the_pci_transport_tells_the_worker_each_change_it_mirrors(vm, tmp_path)
         assert w.msi == (0xFEE00000, 0x41)
         _make_one_read_available(vm)
         t.write(0x3000, 2, 0)                                    # a notify the worker sees
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + PATIENCE
         while vm.memory.read(USED + 2, 2) != b"\x01\x00" and time.monotonic() < deadline:
             time.sleep(0.001)
         assert vm.memory.read(HEAP + 640, 1) == b"\0" and vm.memory.read(HEAP + 64, 512) == \
@@ -311,7 +318,7 @@ def test_the_mmio_transport_starts_the_worker_at_driver_ok_and_raises_its_line(v
         assert w is not None and w.notify_gpa == base + M.QUEUE_NOTIFY and w.msi is None
         _make_one_read_available(vm)
         t.write(M.QUEUE_NOTIFY, 4, 0)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + PATIENCE
         while not t.interrupt_status and time.monotonic() < deadline:
             time.sleep(0.001)
         if not c_line:
