@@ -59,7 +59,7 @@ PLAIN_ONLY = ["tests/hw/test_reset_fixture.py", "tests/hw/test_gdb.py", "tests/h
               "tests/x86/test_image_loader_hostile.py", "tests/x86/test_vcpu_state_ioctls.py",
               "tests/x86/test_clock_feature_msrs.py", "tests/x86/test_dirty_ring_gmem.py",
               "tests/x86/test_ioctl_table.py", "tests/hw/test_guest_build_output.py",
-              "tests/hw/test_kselftest_install.py",
+              "tests/hw/test_kselftest_install.py", "tests/hw/test_hold_races.py",
               "tests/x86/test_pc_acpi.py", "tests/x86/test_pc_boot.py",
               "tests/x86/test_pc_fwcfg_qemu.py", "tests/x86/test_pc_iommu.py",
               "tests/x86/test_pc_qemu_devices.py", "tests/x86/test_pc_rtc.py",
