@@ -28,6 +28,9 @@ pytestmark = [pytest.mark.requires_kvm, pytest.mark.requires_arch("x86_64")]
 SEND, RECV, BADTX, SERVE, DONE = 1, 2, 3, 4, 0
 NEEDS_RESET = 64
 CID = 42
+PATIENCE = 60.0                 # seconds to wait for the device or a host thread (a hang guard)
+EXPECT = 160                    # RECV's wait for a packet that must come, 10^9 TSC cycles (~1 min)
+NONE_COMES = 8                  # RECV's wait where none may come, 10^9 TSC cycles (2-4 s)
 
 
 class Guest:
@@ -39,7 +42,7 @@ class Guest:
         self.tx_buf, self.rx_buf = bufs & 0xFFFFFFFF, bufs >> 32
         self.stage = 1
 
-    def _cmd(self, *params, timeout=30):
+    def _cmd(self, *params, timeout=120):              # past virtio_vsock.c's longest wait
         self.m.set_params(*params, *([0] * (3 - len(params))))
         self.stage += 1
         return self.m.sync(stage=self.stage, timeout=timeout)
@@ -50,9 +53,12 @@ class Guest:
         self.m.memory.write(self.tx_buf, data)
         return self._cmd(SEND, len(data))
 
-    def recv(self):
-        """(Header, payload) of the next packet, or None when none came in about 2 s."""
-        used, status = self._cmd(RECV)
+    def recv(self, wait=EXPECT):
+        """(Header, payload) of the next packet, or None when none came in ``wait`` * 10^9
+        TSC cycles (EXPECT: about a minute, for a packet the device must send from its host
+        thread however late a loaded host runs it; NONE_COMES: a few seconds, to see that none
+        comes)."""
+        used, status = self._cmd(RECV, wait)
         assert not status & NEEDS_RESET
         if not used:
             return None
@@ -69,7 +75,7 @@ class Guest:
                 assert got[0].op == op, got[0]
                 return got
 
-    def serve(self, port, timeout=60):
+    def serve(self, port, timeout=120):
         return self._cmd(SERVE, port, timeout=timeout)
 
     def bad_tx(self, addr, n):
@@ -119,7 +125,7 @@ def _closed(s) -> bool:
         return True
 
 
-def _wait(cond, seconds=10.0):
+def _wait(cond, seconds=PATIENCE):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if cond():
@@ -173,7 +179,7 @@ def test_host_connects_to_a_guest_echo_server(guest_vm, uds, transport):
     t = threading.Thread(target=host)
     t.start()
     seen, echoed, accepted, last, host_port, status = g.serve(1234)
-    t.join(30)
+    t.join(PATIENCE)
     assert not t.is_alive()
     assert result["ok"] == f"OK {host_port}\n".encode() and host_port >= 1 << 30
     assert result["echo"] == payload
@@ -246,7 +252,7 @@ def test_guest_connects_to_a_host_listener(guest_vm, uds, transport):
         g.send(_hdr(OP_SHUTDOWN, 7777, 5000, flags=3, fwd_cnt=len(msg)))
         h, _ = g.recv_op(OP_RST)
         assert (h.src_port, h.dst_port) == (5000, 7777)
-        t.join(10)
+        t.join(PATIENCE)                              # the listener sees EOF, then ends
         assert box == {"data": msg, "eof": True}
         c = dev.counters()
         assert c["connections_guest"] == 1 and c["guest_refused"] == 1
@@ -327,7 +333,7 @@ def test_hostile_host_and_guest(guest_vm, uds):
         before = dev.counters()["tx_malformed"]
         g.send(None, raw=bytes(20))
         assert dev.counters()["tx_malformed"] == before + 1
-        assert g.recv() is None
+        assert g.recv(wait=NONE_COMES) is None
 
         # descriptor abuse: a chain outside RAM sets DEVICE_NEEDS_RESET
         assert g.bad_tx(1 << 40, 64) & NEEDS_RESET
