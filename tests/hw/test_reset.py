@@ -5,19 +5,19 @@ it dirties each round). Nothing here asserts a time; the loops assert that nothi
 reports, RAM, vCPU state, fds, threads and resident memory."""
 import os
 import threading
-import time
 
 import pytest
 
 from pykvm import bench
 from pykvm.errors import Closed, PykvmError
 from pykvm.rewind import RamBaseline
-from pykvm.testing import require
+from pykvm.testing import require, wait_until
 
 GUEST = "reset_dirty.c"
 PAGE = 4096
 LOOPS = 2000
 TSC_MSR = 0x10                      # IA32_TSC: reads the guest's TSC now, moves by itself
+PATIENCE = 60.0                     # seconds to wait for the guest's progress (a hang guard)
 
 
 # The rerun against the ASan+UBSan helper (tests/sanitize): ASan's allocator keeps freed blocks
@@ -149,21 +149,20 @@ def test_reset_while_running_in_another_thread(guest_vm):
     base = _counter(m)
     first = m.sync(stage=1)
     out = {}
-    t = threading.Thread(target=lambda: out.setdefault("r", m.run(timeout=30)))
+    # the run's own deadline only guards a hang: stop() ends it (30 s, with two silent 10 s
+    # waits before the stop, could end it first on a slow host, as "timeout")
+    t = threading.Thread(target=lambda: out.setdefault("r", m.run(timeout=600)))
     t.start()
     try:
-        deadline = time.monotonic() + 10
-        while _counter(m) < base + 1000 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: _counter(m) >= base + 1000, "1000 rounds of the running guest",
+                   timeout=PATIENCE)
         assert m.running
         n = m.reset()                                 # pauses the run, resets, resumes it
         assert n > 0 and m.running and not m.paused
-        deadline = time.monotonic() + 10
-        while _counter(m) < base + 10 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: _counter(m) >= base + 10, "rounds after the reset", timeout=PATIENCE)
     finally:
         m.stop()
-        t.join(20)
+        t.join(PATIENCE)
     assert not t.is_alive() and out["r"].exit == "stopped"
     m.reset()
     assert _counter(m) == base
