@@ -8,7 +8,7 @@ asserted is gdb's output and the guest's own report of what it saw (the values g
 the run's exit status."""
 import os
 import random
-import selectors
+import re
 import signal
 import socket
 import subprocess
@@ -86,14 +86,14 @@ def test_ctrl_c_interrupts_a_spinning_guest():
     """gdb's Ctrl-C (SIGINT to gdb while it waits in ``continue``) sends 0x03; the stub stops
     every vCPU and reports SIGINT; gdb then releases the guest's spin loop."""
     elf = _elf("gdb_target")
-    with PykvmGdb(elf, "--param", "1") as vm:
-        g = subprocess.Popen(_gdb_args(vm.port, elf, [
+    with PykvmGdb(elf, "--param", "1") as vm, _ResumeWatch(vm.port) as watch:
+        g = subprocess.Popen(_gdb_args(watch.port, elf, [
             "continue", "info threads", "print gdb_spins > 0", "set var gdb_hold = 0",
             "continue"]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             stdin=subprocess.DEVNULL)
         try:
-            # interrupt once the guest has spun (it is held until gdb's continue)
-            _wait_for_spins(vm, elf)
+            # interrupt once gdb waits in its continue and the guest has spun
+            _wait_for_spins(vm, watch)
             g.send_signal(signal.SIGINT)
             out, _ = g.communicate(timeout=TIMEOUT)
         finally:
@@ -109,19 +109,92 @@ def test_ctrl_c_interrupts_a_spinning_guest():
     assert code == 0 and "counter: 15" in stdout, (stdout, stderr)
 
 
-def _wait_for_spins(vm, elf):
-    """Give the guest time to reach its spin loop: wait until the stub's client connected,
-    then a moment more (no assertion rests on this delay: the guest spins until gdb says)."""
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        if b"connected" in vm.err_head:
-            break
-        sel = selectors.DefaultSelector()
-        sel.register(vm.p.stderr, selectors.EVENT_READ)
-        if sel.select(0.5):
-            vm.err_head += os.read(vm.p.stderr.fileno(), 4096)
-        sel.close()
-    time.sleep(2)
+# gdb's packets that resume the target: c, C<sig>, vCont;c and vCont;C (GDB RSP, "Packets")
+_RESUME = re.compile(rb"\$(?:[cC]|vCont;[cC])[#:;0-9a-fA-F]")
+
+
+class _ResumeWatch:
+    """A TCP relay between gdb and the stub at ``port`` on localhost that notes when gdb sends
+    a resume packet (:attr:`resumed`): from then on gdb waits in ``continue``, where a SIGINT
+    becomes the interrupt byte. (A SIGINT before that stops gdb's own command instead, and
+    the batch then waits for ever on the held guest: a fixed sleep guessed when that was.)"""
+
+    def __init__(self, port):
+        self.stub_port = port
+        self.resumed = threading.Event()
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(1)
+        self.port = self.lsock.getsockname()[1]
+        self.socks = [self.lsock]
+        self.threads = [threading.Thread(target=self._serve, daemon=True)]
+        self.threads[0].start()
+
+    def _serve(self):
+        try:
+            self.lsock.settimeout(TIMEOUT)
+            client, _ = self.lsock.accept()
+            stub = socket.create_connection(("127.0.0.1", self.stub_port), timeout=TIMEOUT)
+        except OSError:
+            return
+        for sk in (client, stub):
+            sk.settimeout(None)
+            sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.socks += [client, stub]
+        back = threading.Thread(target=self._pump, args=(stub, client, False), daemon=True)
+        self.threads.append(back)
+        back.start()
+        self._pump(client, stub, True)
+
+    def _pump(self, src, dst, from_gdb):
+        tail = b""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if from_gdb:
+                    tail = (tail + data)[-64:]
+                    if _RESUME.search(tail):
+                        self.resumed.set()
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for sk in self.socks:
+            sk.close()
+        for t in self.threads:
+            t.join(TIMEOUT)
+
+
+def _cpu_ticks(pid):
+    """User plus system CPU time of process ``pid`` so far, in clock ticks (proc(5) stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _wait_for_spins(vm, watch):
+    """Until gdb has resumed the guest (its resume packet went through ``watch``) and the
+    pykvm process has then used 0.3 s more CPU time: the held guest spinning in gdb_spin is
+    what runs then (far less takes it from its entry into the loop), observed in the CPU time
+    its vCPU thread is given, however late a loaded host gives it."""
+    assert watch.resumed.wait(TIMEOUT), "gdb never resumed the guest"
+    start = _cpu_ticks(vm.p.pid)
+    need = 0.3 * os.sysconf("SC_CLK_TCK")
+    end = time.monotonic() + TIMEOUT
+    while _cpu_ticks(vm.p.pid) - start < need:
+        assert vm.p.poll() is None and time.monotonic() < end, "the resumed guest never ran"
+        time.sleep(0.02)
 
 
 def test_32_bit_guest():
