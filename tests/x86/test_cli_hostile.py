@@ -59,12 +59,14 @@ def images(tmp_path_factory):
 
 
 # -- 2: signals ---------------------------------------------------------------------------------
-def _wait_for_handlers(p, timeout=20.0):
+def _wait_for_handlers(p, timeout=60.0):
     """Wait until the child catches SIGTERM (bit 15 of SigCgt): from then on pykvm's own code
     handles signals. What comes before is the interpreter starting up, which pykvm cannot
-    reach (the shell still reports a default-killed process as 128 + signal)."""
+    reach (the shell still reports a default-killed process as 128 + signal). AssertionError
+    after ``timeout`` seconds (a signal sent before would kill it by the kernel's default)."""
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    while True:
+        assert time.monotonic() < end, "pykvm never caught SIGTERM"
         try:
             with open(f"/proc/{p.pid}/status") as f:
                 for line in f:
