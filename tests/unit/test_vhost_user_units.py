@@ -271,7 +271,7 @@ class Driver:
         m.write(a + 2, struct.pack("<H", self.avail[queue] & 0xFFFF))
         self.dev.notify(queue)
         used = d + 0x2000
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60              # virtiofsd, however loaded the host
         while struct.unpack("<H", m.read(used + 2, 2))[0] == self.used_seen[queue]:
             assert time.monotonic() < deadline, "virtiofsd did not answer"
             self.irq.wait(0.1)
