@@ -173,6 +173,7 @@ def test_stop_ends_a_paused_run_and_close_ends_a_waiting_hold(guest_vm):
     hold = Bg(m.hold, "h", None)                      # no wait: returns at once, not held
     assert hold.join() and hold.result is False
     waiter = Bg(m.hold, "w", PATIENCE)
+    wait_until(lambda: "w" in m.holders, "the second hold to begin")
     closer = Bg(m.close)
     assert waiter.join() and waiter.result is False, (waiter.result, waiter.error)
     gate.set()
