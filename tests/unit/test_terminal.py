@@ -123,7 +123,7 @@ class SlowSink:
             return n
 
 
-def _wait(cond, timeout=10.0):
+def _wait(cond, timeout=60.0):                     # a hang guard: returns when cond holds
     end = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < end
