@@ -3,8 +3,10 @@
  *
  * SYNC(1, A, B, D, century, year, month, day)          registers at start
  * SYNC(2, hours, minutes, seconds, seconds after the next update, UIP seen)
+ *      (all read before the one sync: no host round trip between the two updates)
  * SYNC(3, alarm second set, second at the alarm interrupt, C read in the
- *      handler, interrupts, vector)                    AIE through IOAPIC pin 8
+ *      handler, interrupts, vector)                    AIE through IOAPIC pin 8; the
+ *      alarm is set two seconds after an update the guest has just seen itself
  * SYNC(4, update-ended interrupts counted, C of the last)    UIE
  * SYNC(5, B, hours read in binary 12-hour mode after 12:34:56 PM was
  *      written with SET, then hh mm ss read as BCD 24-hour, CMOS RAM byte 0x40)
@@ -36,7 +38,7 @@ static int wait_irqs(uint64_t n)
 
 void guest_main(void)
 {
-	uint8_t s0, s1, alarm, b;
+	uint8_t s0, s1, hours, minutes, alarm, b;
 	int uip = 0;
 
 	GUEST_SYNC(1, cmos_read(RTC_REG_A), cmos_read(RTC_REG_B), cmos_read(RTC_REG_D),
@@ -50,16 +52,21 @@ void guest_main(void)
 	while (cmos_read(RTC_REG_A) & RTC_A_UIP)
 		;
 	s0 = cmos_read(RTC_SECONDS);
-	GUEST_SYNC(2, cmos_read(RTC_HOURS), cmos_read(RTC_MINUTES), s0, s0, uip);
+	hours = cmos_read(RTC_HOURS);
+	minutes = cmos_read(RTC_MINUTES);
 	rtc_wait_update();
 	s1 = cmos_read(RTC_SECONDS);
-	GUEST_SYNC(2, cmos_read(RTC_HOURS), cmos_read(RTC_MINUTES), s0, s1, uip);
+	GUEST_SYNC(2, hours, minutes, s0, s1, uip);
 
-	/* alarm two seconds from now, any minute and hour */
+	/* alarm two seconds after the next update, any minute and hour: timed from an update
+	 * seen here, not from s1 (the host's handling of the sync above, however long a loaded
+	 * host takes, would count against the two seconds, and a missed alarm comes a minute
+	 * later) */
 	pykvm_set_handler(VEC, isr);
 	pc_interrupts_via_ioapic();
 	ioapic_route(8, VEC, 0);
-	alarm = to_bcd((from_bcd(s1) + 2) % 60);
+	rtc_wait_update();
+	alarm = to_bcd((from_bcd(cmos_read(RTC_SECONDS)) + 2) % 60);
 	cmos_write(RTC_SECONDS_ALARM, alarm);
 	cmos_write(RTC_MINUTES_ALARM, 0xc0);
 	cmos_write(RTC_HOURS_ALARM, 0xc0);
