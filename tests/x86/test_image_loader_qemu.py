@@ -162,7 +162,7 @@ def test_qemu_boots_it_the_same(imgs, name):
                         "-kernel", imgs[name], "-display", "none", "-nodefaults",
                         "-serial", "stdio", "-monitor", "none", "-no-reboot",
                         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"],
-                       capture_output=True, text=True, timeout=10)
+                       capture_output=True, text=True, timeout=60)
     p = subprocess.run(PYKVM + ["run", imgs[name], "--timeout", "20"], capture_output=True,
                        text=True, timeout=60)
     assert (p.stdout, p.returncode) == (q.stdout, q.returncode) == (CONSOLE, 7), q.stderr
