@@ -387,7 +387,7 @@ def test_a_passt_that_dies_mid_run_is_named_by_device_errors(guest_vm, tmp_path,
     m = guest_vm("virtio_net.c", machine="pc", nets=[f"user,mac={GUEST_MAC.hex(':')}"])
     g = Guest(m)
     assert m.device_errors() == {}
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + PATIENCE
     while not m.device_errors() and time.monotonic() < deadline:
         g.send(arp_request(GUEST_MAC, "10.0.2.15", "10.0.2.2"))   # into the dead socket
         time.sleep(0.1)
