@@ -215,7 +215,7 @@ class Machine:
         self._in_loops: Dict[str, Callable] = {}   # the handlers the run loops call now
         self._lock = threading.Lock()
         self._close_lock = threading.Lock()
-        self._run_lock = threading.Lock()  # one run() at a time
+        self._run_owner: Optional[object] = None   # the token of the run() in progress
         self._stop = False                 # a plain flag: set from signal handlers too
         self.vcpu_count = vcpus            # known to the platform before the vCPUs exist
         self._ended: Optional[str] = None  # why the machine cannot run again, once it cannot
@@ -235,12 +235,14 @@ class Machine:
         self._kicks_seen: Dict[int, int] = {}   # vCPU -> _pauses when its last kick was taken
         self._held: set = set()            # vCPUs held by pause() now
         self._held_time: Optional[int] = None   # the guest's time while every vCPU is held
-        # vCPUs of the run in progress not yet out of it: all of them from the moment the run
-        # starts (under _pause_cv, with _run_lock), so a hold never counts a vCPU whose
-        # thread has not started yet as held
+        # vCPUs that may enter KVM_RUN now: every vCPU of the run in progress from the moment
+        # it starts (set under _pause_cv with _run_owner, so a hold never counts a vCPU whose
+        # thread has not started yet as held) until its part ends, and the vCPU of each step()
+        # another thread makes between runs
         self._active: set = set()
-        # threads inside holding() of a machine that was not running: no run starts meanwhile
-        self._exclusive: List[int] = []
+        # (thread ident, token) of each holding() block in force: no run or step starts and no
+        # other thread's block begins until they end (blocks of one thread may nest)
+        self._exclusive: List[Tuple[int, object]] = []
         self._stop_reason: Optional[str] = None   # why stop() ends the run
         self._baseline: Optional[MachineBaseline] = None   # checkpoint()'s, for reset()
         # host patches to guest RAM (a debugger's breakpoints): GPA -> (original, patched)
@@ -552,8 +554,52 @@ class Machine:
         self._check_open()
         if not isinstance(index, int) or not 0 <= index < len(self.loops):
             raise IndexError(f"no vCPU {index!r} (this machine has {len(self.loops)})")
-        loop = self.loops[index]
         deadline = time.monotonic() + timeout if timeout else None
+        if not self._start_step(index, deadline):
+            return Event("timeout", index)
+        try:
+            return self._step(index, deadline, budget)
+        finally:
+            with self._pause_cv:
+                self._active.discard(index)
+                self._pause_cv.notify_all()
+
+    def _start_step(self, index: int, deadline: Optional[float]) -> bool:
+        """Claim vCPU ``index`` for a :meth:`step` between runs: wait while a hold
+        (:meth:`pause`, :meth:`hold`) or another thread's :meth:`holding` block is in force,
+        then count the vCPU as able to enter KVM_RUN (a hold sent from now on kicks the step
+        and waits for it to end). False when ``deadline`` passes while waiting. Raises
+        :class:`~pykvm.errors.Busy` while :meth:`run` is in progress, when the vCPU is being
+        stepped in another thread, or when the caller is inside a :meth:`holding` block of its
+        own; :class:`~pykvm.errors.Closed` when the machine is closed."""
+        me = threading.get_ident()
+        with self._pause_cv:
+            while True:
+                self._check_open()
+                if self._run_owner is not None:
+                    raise Busy("Machine.step: the machine is running (Machine.run in another "
+                               "thread)")
+                if any(t == me for t, _ in self._exclusive):
+                    raise Busy("Machine.step: called inside a hold of the machine "
+                               "(Machine.holding) by the same thread")
+                if not self._exclusive and not self._holders:
+                    break
+                wait = 0.05
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    wait = min(wait, left)
+                self._pause_cv.wait(wait)
+            if index in self._active:
+                raise Busy(f"Machine.step: vCPU {index} is being stepped in another thread")
+            self._active.add(index)
+        return True
+
+    def _step(self, index: int, deadline: Optional[float], budget: int) -> Event:
+        """The body of :meth:`step` (``deadline``: ``time.monotonic()`` seconds or None), for a
+        step or a run that has claimed the vCPU."""
+        loop = self.loops[index]
         start_exits = loop.exits_total
         while True:
             left = 0
@@ -644,7 +690,7 @@ class Machine:
                     break
                 left = None if deadline is None else max(deadline - time.monotonic(), 1e-3)
                 sent = self._pauses_kicked         # pauses whose kicks this step may take
-                ev = self.step(index, timeout=left)
+                ev = self._step(index, None if left is None else time.monotonic() + left, 0)
                 if ev.kind == "report" and ev.report.kind == "sync":
                     continue                       # nobody waits for syncs in a plain run
                 if ev.kind == "kick" and not self._stop and self.platform.hold(index):
@@ -719,7 +765,7 @@ class Machine:
     @property
     def running(self) -> bool:
         """True while :meth:`run` is in progress (in any thread), paused or not."""
-        return self._run_lock.locked()
+        return self._run_owner is not None
 
     @property
     def paused(self) -> bool:
@@ -811,34 +857,50 @@ class Machine:
 
     @contextlib.contextmanager
     def holding(self, what: str, timeout: float = 10.0) -> Iterator[None]:
-        """Every vCPU of a run in progress held out of KVM_RUN for the ``with`` block, by a
-        hold of its own (:meth:`hold`) that no :meth:`resume` releases. When no run is in
-        progress nothing needs holding, and a :meth:`run` another thread starts meanwhile
-        waits until the block ends (one started by the block's own thread raises
-        :class:`~pykvm.errors.Busy`). Raises :class:`~pykvm.errors.Busy` ("``what``: the running
-        machine did not pause within ``timeout`` s") when the vCPUs are not all held in time
-        (nothing stays held then)."""
-        token = object()
+        """The machine's vCPUs kept out of KVM_RUN for the ``with`` block, for one thread to
+        read or load their state (a snapshot, :meth:`checkpoint`, :meth:`reset`, the control
+        socket's ``dump``). Every vCPU of a run in progress, or of a :meth:`step` another
+        thread makes, is held by a hold of the block's own (:meth:`hold`) that no
+        :meth:`resume` or :meth:`stop` releases. Whether the machine runs or not, no
+        :meth:`run` or :meth:`step` starts and no other thread's block begins until the block
+        ends (they wait; blocks of one thread nest), and a run that ends during the block
+        leaves the vCPUs alone. A run or step the block's own thread starts raises
+        :class:`~pykvm.errors.Busy`.
+
+        ``timeout``: seconds to wait for another thread's block to end and for the vCPUs to
+        be held. Raises :class:`~pykvm.errors.Busy` ("``what``: ...") when they are not in
+        time; nothing stays held then, also when the wait is interrupted (KeyboardInterrupt)."""
         me = threading.get_ident()
-        with self._pause_cv:
-            idle = not self.running
-            if idle:                           # no run may start until the block ends
-                self._exclusive.append(me)
-        if idle:
-            try:
-                yield
-            finally:
-                with self._pause_cv:
-                    self._exclusive.remove(me)
-                    self._pause_cv.notify_all()
-            return
-        if not self.hold(token, timeout):
-            self.release(token)
-            raise Busy(f"{what}: the running machine did not pause within {timeout:g} s")
+        entry = (me, object())
+        end = time.monotonic() + timeout
         try:
+            with self._pause_cv:
+                while any(t != me for t, _ in self._exclusive):
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        raise Busy(f"{what}: another thread held the machine for longer than "
+                                   f"{timeout:g} s")
+                    self._pause_cv.wait(min(left, 0.05))
+                self._exclusive.append(entry)
+                busy = self._run_owner is not None or bool(self._active)
+            if busy:
+                if not self.hold(entry[1], max(end - time.monotonic(), 0.0)):
+                    raise Busy(f"{what}: the running machine did not pause within "
+                               f"{timeout:g} s")
+                with self._pause_cv:        # a run whose vCPUs all left: let it finish
+                    while self._run_owner is not None and not self._active:
+                        left = end - time.monotonic()
+                        if left <= 0:
+                            raise Busy(f"{what}: the ending run did not finish within "
+                                       f"{timeout:g} s")
+                        self._pause_cv.wait(min(left, 0.05))
             yield
         finally:
-            self.release(token)
+            self.release(entry[1])
+            with self._pause_cv:
+                if entry in self._exclusive:
+                    self._exclusive.remove(entry)
+                self._pause_cv.notify_all()
 
     def resume(self) -> None:
         """Let the vCPUs :meth:`pause` holds run on (kvmtool's ``resume``); nothing when the
@@ -851,14 +913,15 @@ class Machine:
     def stop(self, reason: str = "stopped on request") -> None:
         """End the run in progress (or the next one, at once) as kvmtool's ``stop`` does: its
         :class:`RunResult` has ``exit`` "stopped", status 0 and ``detail`` ``reason`` (str).
-        A paused machine is resumed first, so that its vCPUs leave their hold. Safe from any
-        thread. Raises :class:`~pykvm.errors.Closed` after :meth:`close`."""
+        A paused machine's :meth:`pause` is released and its held vCPUs leave the run; other
+        holds (:meth:`hold`: a debugger's stop, a snapshot being written) stay until their
+        owners release them. Safe from any thread. Raises :class:`~pykvm.errors.Closed`
+        after :meth:`close`."""
         self._check_open()
-        self._stop_reason = str(reason)
-        self._kick_all()
         with self._pause_cv:
-            self._holders.clear()
-            self._pause_cv.notify_all()
+            self._stop_reason = str(reason)
+        self._kick_all()
+        self.release(PAUSE)
 
     def _vcpu_thread(self, index: int, deadline: Optional[float], results: list) -> None:
         # Process-directed signals (Ctrl-C, SIGTERM) belong to the main thread, which reacts
@@ -892,37 +955,47 @@ class Machine:
         self._check_open()
         if self._ended is not None:
             raise MachineEnded(self._ended)
-        self._start_run()
+        token = object()
         try:
+            self._start_run(token)
             return self._run_locked(timeout)
         finally:
             with self._pause_cv:
-                self._active.clear()
-                self._run_lock.release()
+                if self._run_owner is token:   # also when interrupted as the run started
+                    self._active.clear()
+                    self._run_owner = None
                 self._pause_cv.notify_all()
 
-    def _start_run(self) -> None:
-        """Claim the machine for a run: wait while another thread is inside :meth:`holding`
-        of the idle machine (a snapshot, checkpoint or reset reading it), then take
-        ``_run_lock`` and count every vCPU as in the run, in one step under ``_pause_cv`` so
-        that a hold sees the run either not started or with all its vCPUs. Raises
-        :class:`~pykvm.errors.Busy` when another thread runs the machine or when this thread
-        is itself inside such a :meth:`holding` block (it would wait for itself), and
-        :class:`~pykvm.errors.Closed` when the machine is closed meanwhile."""
+    def _start_run(self, token: object) -> None:
+        """Claim the machine for a run (``_run_owner`` = ``token``): wait while another thread
+        is inside :meth:`holding`, then count every vCPU as in the run, in one
+        step under ``_pause_cv`` so that a hold sees the run either not started or with all
+        its vCPUs; a :meth:`stop` that came before (``_stop_reason``) ends it at once. Raises
+        :class:`~pykvm.errors.Busy` when another thread runs the machine or steps one of its
+        vCPUs, or when this thread is itself inside a :meth:`holding` block (it would wait for
+        itself), and :class:`~pykvm.errors.Closed` when the machine is closed meanwhile."""
         me = threading.get_ident()
         with self._pause_cv:
-            while self._exclusive:
-                if me in self._exclusive:
-                    raise Busy("Machine.run: called inside a hold of the idle machine "
-                               "(Machine.holding) by the same thread")
+            while True:
                 self._check_open()
+                if self._run_owner is not None:
+                    raise Busy("Machine.run: this machine is already running in another thread")
+                if any(t == me for t, _ in self._exclusive):
+                    raise Busy("Machine.run: called inside a hold of the machine "
+                               "(Machine.holding) by the same thread")
+                if self._active:
+                    raise Busy(f"Machine.run: vCPU {min(self._active)} is being stepped in "
+                               "another thread (Machine.step)")
+                if not self._exclusive:
+                    break
                 self._pause_cv.wait(0.05)
-            if not self._run_lock.acquire(blocking=False):
-                raise Busy("Machine.run: this machine is already running in another thread")
+            self._run_owner = token
             self._active = set(range(len(self.vcpus)))
+            # a stop() before the run ends it at once; one after this sets _stop itself (it
+            # records its reason under _pause_cv, so it cannot fall between this read and write)
+            self._stop = self._stop_reason is not None
 
     def _run_locked(self, timeout: Optional[float]) -> RunResult:
-        self._stop = self._stop_reason is not None     # stop() before the run: it ends at once
         t0 = time.monotonic()
         deadline = t0 + timeout if timeout else None
         results: List[Optional[Event]] = [None] * len(self.vcpus)
@@ -993,6 +1066,10 @@ class Machine:
         "kick" at once."""
         if not self._stop or self._closed:
             return
+        self._withdraw_kicks()
+
+    def _withdraw_kicks(self) -> None:
+        """Clear ``_stop`` and every kick no run has taken (:meth:`_settle`)."""
         self._stop = False
         for i, lp in enumerate(self.loops):
             try:
@@ -1268,8 +1345,9 @@ class Machine:
             pages = self._baseline.restore()
             self.settle_held_time(loaded=True)
             self._reapply_patches()
-            if not self.running:
-                self._stop_reason = None       # a stop() that found no run: not for the next
+            if not self.running:               # a stop() that found no run: not for the next
+                self._stop_reason = None
+                self._withdraw_kicks()
             self._console.clear()
             with self._lock:
                 self.reports.clear()

@@ -694,8 +694,13 @@ class RunLoop(LoopBase):
     def clear_kick(self) -> None:
         """Withdraw a kick that no run has taken yet (the next ``run()`` then runs the guest).
         For the owner of the loop, between runs. Raises :class:`~pykvm.errors.Closed` once
-        the vCPU is closed."""
-        if self.vcpu._rs.closing:
-            raise Closed(f"vCPU {self.vcpu.id} is closed")
+        the vCPU is closed. A vCPU another thread has claimed meanwhile (a snapshot's
+        :meth:`~pykvm.vcpu.Vcpu.complete_io`) keeps its ``kvm_run.immediate_exit``: that run
+        set it on purpose."""
+        v = self.vcpu
+        if v._rs.closing:
+            raise Closed(f"vCPU {v.id} is closed")
         self._l.kick = 0
-        self.vcpu.run_struct.immediate_exit = 0
+        with v._lock:
+            if v._runner is None or v._runner == threading.get_ident():
+                v.run_struct.immediate_exit = 0

@@ -314,17 +314,22 @@ class Vcpu(_arch.VcpuArch, FdObject):
         return _raw_ioctl(self.fd, "vcpu", row, arg, what)
 
     # -- running --------------------------------------------------------------------------
-    def run(self) -> Exit:
+    def run(self, immediate_exit: bool = False) -> Exit:
         """One KVM_RUN from Python; returns the typed exit (see :mod:`pykvm.exits`), which
         borrows ``kvm_run`` until the next run.
 
-        A kick (:meth:`kick`) makes it return an :class:`~pykvm.exits.Intr` exit. Raises
+        A kick (:meth:`kick`) makes it return an :class:`~pykvm.exits.Intr` exit.
+        ``immediate_exit``: set ``kvm_run.immediate_exit`` once the vCPU is claimed (so that
+        nothing another thread does between runs can clear it first): KVM completes a pending
+        exit and returns at once (:meth:`complete_io`). Raises
         :class:`~pykvm.errors.Closed` after :meth:`close`, :class:`~pykvm.errors.Busy` while
         another thread runs this vCPU, and a :class:`~pykvm.errors.KvmError` if KVM_RUN fails
         (:class:`~pykvm.errors.GuestRamUnbacked` for EFAULT: the host could not back guest
         RAM)."""
         self._enter_run(self._kick_thread)
         try:
+            if immediate_exit:
+                self.run_struct.immediate_exit = 1
             self._thread_ident = _get_ident()
             self._rs.seq += 1
             r = _native_ioctl(self._fd, _KVM_RUN, 0)     # the cheapest call: no wrapper
@@ -350,8 +355,7 @@ class Vcpu(_arch.VcpuArch, FdObject):
         :class:`~pykvm.errors.Closed` after :meth:`close`, :class:`~pykvm.errors.KvmError` if
         KVM_RUN fails, and :class:`~pykvm.errors.GuestError` if completing the exit needs
         userspace again (KVM returned another exit: a string I/O with iterations left)."""
-        self.run_struct.immediate_exit = 1
-        ex = self.run()
+        ex = self.run(immediate_exit=True)
         if ex.name != "INTR":
             self.run_struct.immediate_exit = 0
             raise GuestError(f"vCPU {self.id}: completing the pending exit gave another "

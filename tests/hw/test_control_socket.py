@@ -670,7 +670,7 @@ def test_a_run_started_during_a_hold_of_the_idle_machine_waits_for_it(guest_vm):
     out = {}
     t = threading.Thread(target=lambda: out.update(r=m.run(timeout=120)), daemon=True)
     with m.holding("test"):
-        with pytest.raises(Busy, match="inside a hold of the idle machine"):
+        with pytest.raises(Busy, match="inside a hold of the machine"):
             m.run(timeout=1)
         t.start()
         held = m.memory.read_u64(addr)

@@ -9,7 +9,10 @@ an Event (a gate the test opens), never by sleeping: the instrumentation only de
 at a chosen point, KVM is the real one. The guest (control_counter.c) counts in RAM without
 ever exiting. No test asserts a duration; the waits are hang guards."""
 import functools
+import signal
 import threading
+
+import pytest
 
 from pykvm import testing
 
@@ -160,14 +163,14 @@ def test_stop_ends_a_paused_run_and_close_ends_a_waiting_hold(guest_vm):
 
     # a vCPU that never comes back to the loop: the hold waits until close()
     in_step, gate = threading.Event(), threading.Event()
-    real_step = m.step
+    real_step = m._step
 
-    def stuck_step(index=0, **kw):
+    def stuck_step(*args):                            # the run's step of a vCPU
         if threading.current_thread().name == "runner2":
             in_step.set()
             gate.wait(PATIENCE)
-        return real_step(index, **kw)
-    m.step = stuck_step
+        return real_step(*args)
+    m._step = stuck_step
     run2 = Bg(m.run, 120, name="runner2")
     assert in_step.wait(PATIENCE)
     hold = Bg(m.hold, "h", None)                      # no wait: returns at once, not held
@@ -180,3 +183,475 @@ def test_stop_ends_a_paused_run_and_close_ends_a_waiting_hold(guest_vm):
     assert closer.join() and closer.error is None
     assert run2.join()
     assert type(run2.error).__name__ == "Closed", repr(run2.error)
+
+
+# -- still-present faults (see the report): these fail now -----------------------------------
+
+def test_a_run_after_stop_does_not_race_a_snapshot_in_progress(guest_vm, tmp_path):
+    """stop() while a snapshot holds the running machine, then run() again (a CLI or test
+    loop does): the snapshot's hold must outlast the stop, so the new run does not enter
+    KVM_RUN while the snapshot reads the vCPUs. Gate: the snapshot waits just before it
+    completes vCPU 0's pending exit."""
+    m, _addr = counting(guest_vm)
+    v = m.vcpus[0]
+    at_gate, gate = threading.Event(), threading.Event()
+    real_complete = v.complete_io
+
+    def gated_complete():
+        at_gate.set()
+        gate.wait(PATIENCE)
+        return real_complete()
+    v.complete_io = gated_complete
+    run1 = Bg(m.run, 120, name="runner1")
+    wait_until(lambda: v.running, "vCPU 0 to enter KVM_RUN")
+    snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
+    assert at_gate.wait(PATIENCE), "the snapshot did not hold the machine"
+    assert finish_run(m, run1, "stopped during a snapshot").exit == "stopped"
+    claimed = threading.Event()
+    real_enter = v._enter_run
+
+    def enter(kick):
+        real_enter(kick)
+        if threading.current_thread().name == "runner2":
+            claimed.set()
+    v._enter_run = enter
+    run2 = Bg(m.run, 120, name="runner2")
+    claimed.wait(5.0)            # the fault: the new run claims vCPU 0 during the snapshot
+    raced = claimed.is_set()
+    gate.set()
+    assert snap.join(), "the snapshot hangs"
+    try:
+        assert not raced and snap.error is None, \
+            f"the new run entered KVM_RUN while the snapshot held the machine ({raced}); " \
+            f"snapshot: {snap.error!r}"
+    finally:
+        res = finish_run(m, run2)
+    assert res.exit == "stopped", res
+
+
+def test_a_run_ending_during_a_snapshot_does_not_make_its_complete_io_run_the_guest(
+        guest_vm, tmp_path):
+    """The run ends (kick_all() here; a deadline that passes while held, or any vCPU's end,
+    does the same) while a snapshot holds it, just as the snapshot's complete_io has set
+    kvm_run.immediate_exit and is about to enter KVM_RUN on the snapshot's thread. The run's
+    end (_settle: RunLoop.clear_kick) must not clear that immediate_exit: else the
+    snapshot's KVM_RUN runs the guest, which (never exiting) keeps the snapshot's thread in
+    KVM_RUN for ever, and the guest advances during its own snapshot."""
+    m, addr = counting(guest_vm)
+    v = m.vcpus[0]
+    at_gate, gate = threading.Event(), threading.Event()
+    real_run = v.run
+
+    def gated_run(*args, **kwargs):
+        if threading.current_thread().name == "snapshot":
+            at_gate.set()
+            gate.wait(PATIENCE)
+        return real_run(*args, **kwargs)
+    v.run = gated_run
+    run = Bg(m.run, 120, name="runner")
+    wait_until(lambda: v.running, "vCPU 0 to enter KVM_RUN")
+    snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
+    assert at_gate.wait(PATIENCE), "the snapshot did not reach complete_io"
+    m.kick_all()                                     # the run ends while the snapshot holds
+    assert run.join() and run.error is None, run.error
+    assert run.result.exit in ("kick", "stopped"), run.result
+    at_end = v.run_struct.immediate_exit
+    before = m.memory.read_u64(addr)
+    gate.set()
+    done = snap.join()
+    if not done:                                     # free the snapshot's thread from KVM_RUN
+        v.kick()
+        snap.join()
+    after = m.memory.read_u64(addr)
+    assert done, ("the snapshot's complete_io entered KVM_RUN without immediate_exit "
+                  f"(cleared to {at_end} by the run's end) and ran the guest until kicked")
+    assert snap.error is None, repr(snap.error)
+    assert after == before, "the guest ran during its snapshot"
+
+
+def test_a_run_started_after_one_ended_during_a_snapshot_waits_for_it(guest_vm, tmp_path):
+    """A run ends while a snapshot holds it (kick_all(); a deadline passing while held does the
+    same) and another run starts at once: its vCPU thread's first vCPU ioctl (notify_paused:
+    KVM_KVMCLOCK_CTRL, the hold still in force) must not meet the snapshot's complete_io
+    (a KVM_RUN on the snapshot's thread) — the CI failure of 1860339 again, by this road:
+    holding() of a running machine does not keep a new run from starting. Gate: the
+    snapshot has claimed vCPU 0 for its complete_io."""
+    m, _addr = counting(guest_vm)
+    v = m.vcpus[0]
+    at_complete, go_complete = threading.Event(), threading.Event()
+    claimed, go_run = threading.Event(), threading.Event()
+    real_complete, real_enter = v.complete_io, v._enter_run
+
+    def gated_complete():
+        at_complete.set()
+        go_complete.wait(PATIENCE)
+        return real_complete()
+
+    def enter(kick):
+        real_enter(kick)
+        if threading.current_thread().name == "snapshot":
+            claimed.set()
+            go_run.wait(PATIENCE)
+    v.complete_io, v._enter_run = gated_complete, enter
+    told = threading.Event()
+    real_notify = v.notify_paused
+
+    def notify():
+        if threading.current_thread().name == "runner2":
+            told.set()
+        return real_notify()
+    v.notify_paused = notify
+    run1 = Bg(m.run, 120, name="runner1")
+    wait_until(lambda: v.running, "vCPU 0 to enter KVM_RUN")
+    snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
+    assert at_complete.wait(PATIENCE), "the snapshot did not hold the machine"
+    m.kick_all()
+    assert run1.join() and run1.error is None and run1.result.exit == "kick", \
+        (run1.result, run1.error)
+    go_complete.set()
+    assert claimed.wait(PATIENCE)                    # the snapshot is in complete_io's run
+    run2 = Bg(m.run, 120, name="runner2")
+    if told.wait(5.0):           # the fault: run2's vCPU thread reaches its hold's ioctl now
+        run2.join()
+    ended = None if run2.thread.is_alive() else (run2.result, run2.error)
+    go_run.set()
+    done = snap.join()
+    if not done:                 # see the test above: free the snapshot's thread
+        v.kick()
+        snap.join()
+    try:
+        assert ended is None, f"the second run ended during the snapshot: {ended!r}"
+        assert done and snap.error is None, (done, snap.error)
+    finally:
+        res = finish_run(m, run2)
+    assert res.exit == "stopped", res
+
+
+def test_a_pause_holds_a_step_of_another_thread(guest_vm):
+    """pause() while another thread steps the machine (Machine.step/sync between runs, as a
+    test drives a guest): once pause() returned True (paused), that thread's next step must
+    not enter KVM_RUN until resume() — the guest must not advance while paused reads True."""
+    m, addr = counting(guest_vm)
+    v = m.vcpus[0]
+    entries = []
+    record_entries(m, entries)
+    kicked, again, calling = threading.Event(), threading.Event(), threading.Event()
+    events = []
+
+    def stepper():
+        events.append(m.step(timeout=PATIENCE))      # ends with pause()'s kick
+        kicked.set()
+        again.wait(PATIENCE)
+        calling.set()
+        events.append(m.step(timeout=2.0))           # "timeout" unless the pause holds it
+    s = Bg(stepper, name="stepper")
+    wait_until(lambda: v.running, "the step to enter KVM_RUN")
+    assert m.pause(timeout=PATIENCE)
+    assert kicked.wait(PATIENCE)
+    held = m.memory.read_u64(addr)
+    entries.clear()
+    again.set()
+    assert calling.wait(PATIENCE)
+    s.join(5.0)
+    try:
+        assert m.paused
+        advanced = m.memory.read_u64(addr) != held
+        in_run = [e for e in entries if e[0] == "stepper"]
+        assert not in_run and not advanced, \
+            f"paused, yet the stepping thread entered KVM_RUN {len(in_run)} time(s) " \
+            f"(guest advanced: {advanced}; its step: {events[1:] or s.error!r})"
+    finally:
+        m.resume()
+        assert s.join()
+
+
+def test_a_snapshot_during_a_step_of_another_thread(guest_vm, tmp_path):
+    """A snapshot (or checkpoint, reset, control dump) while another thread steps the machine:
+    holding() counts only Machine.run as running, so it takes the stepped machine for idle
+    and reads its vCPU while the step has it in KVM_RUN. It must either hold the step or
+    fail as a SnapshotError; the step must not be disturbed."""
+    m, addr = counting(guest_vm)
+    v = m.vcpus[0]
+    s = Bg(m.step, 0, name="stepper")
+    wait_until(lambda: v.running, "the step to enter KVM_RUN")
+    snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
+    assert snap.join()
+    m.kick_all()
+    assert s.join()
+    assert s.error is None and s.result.kind in ("kick", "timeout"), (s.result, s.error)
+    assert snap.error is None or type(snap.error).__name__ == "SnapshotError", repr(snap.error)
+
+
+def test_a_step_started_during_a_snapshot_of_the_idle_machine_waits_for_it(guest_vm, tmp_path):
+    """A thread steps the machine (Machine.step) while a snapshot of the idle machine has vCPU
+    0 in its complete_io (a KVM_RUN on the snapshot's thread): 1860339 made a run() started
+    then wait for the block, but step() does not, and raises Busy in the stepping thread (a
+    test's own m.sync() failing because a control client took a snapshot). Gate: the
+    snapshot has claimed vCPU 0."""
+    m, _addr = counting(guest_vm)
+    v = m.vcpus[0]
+    claimed, go = threading.Event(), threading.Event()
+    real_enter = v._enter_run
+
+    def enter(kick):
+        real_enter(kick)
+        if threading.current_thread().name == "snapshot":
+            claimed.set()
+            go.wait(PATIENCE)
+    v._enter_run = enter
+    snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
+    assert claimed.wait(PATIENCE)
+    step = Bg(functools.partial(m.step, 0, timeout=2.0), name="stepper")
+    step.join(5.0)
+    early = None if step.thread.is_alive() else (step.result, step.error)
+    go.set()
+    assert snap.join() and step.join()
+    assert snap.error is None, repr(snap.error)
+    assert early is None or early[1] is None, f"the step failed during the snapshot: {early!r}"
+    assert step.error is None, repr(step.error)
+
+
+class _InterruptingVcpus(list):
+    """Machine.vcpus with SIGINT raised (once) when run() counts them: what a Ctrl-C landing
+    just after run() has claimed the machine does (its handler runs at that point)."""
+    fired = False
+
+    def __len__(self):
+        if not self.fired and threading.current_thread() is threading.main_thread():
+            self.fired = True
+            signal.raise_signal(signal.SIGINT)
+        return super().__len__()
+
+
+def test_a_keyboard_interrupt_as_run_starts_leaves_the_machine_runnable(guest_vm):
+    """Ctrl-C (KeyboardInterrupt in run()'s thread) landing just as run() has claimed the
+    machine: the exception propagates, and the machine is not left "running" for ever
+    (every later run() Busy, holding() waiting on a run that does not exist)."""
+    m, _addr = counting(guest_vm)
+    m.vcpus = _InterruptingVcpus(m.vcpus)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            m.run(timeout=1)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert m.vcpus.fired
+    assert not m.running, "run() left the machine claimed"
+    assert m.run(timeout=0.5).exit == "timeout"
+
+
+class _InterruptingList(list):
+    """Machine._exclusive with SIGINT raised (once) right after holding() registers in it."""
+    fired = False
+
+    def append(self, item):
+        super().append(item)
+        if not self.fired:
+            self.fired = True
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_a_keyboard_interrupt_as_holding_starts_does_not_block_later_runs(guest_vm):
+    """Ctrl-C landing just as holding() of the idle machine (a snapshot, checkpoint or reset
+    from the main thread) has registered itself: the exception propagates, and a run another
+    thread starts afterwards is not left waiting for the end of a block that never began."""
+    m, _addr = counting(guest_vm)
+    m._exclusive = _InterruptingList(m._exclusive)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with m.holding("interrupted"):
+                pass
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert m._exclusive.fired
+    run = Bg(m.run, 0.5, name="runner")
+    stuck = not run.join(5.0)
+    if stuck:
+        del m._exclusive[:]      # free the waiting run (test cleanup only)
+        run.join()
+    assert not stuck, "a run started after the interrupted holding() waits for ever"
+    assert run.error is None and run.result.exit == "timeout", (run.result, run.error)
+
+
+def test_a_snapshot_as_a_run_ends_by_its_deadline_does_not_run_the_guest(guest_vm, tmp_path):
+    """No stop, no kick: a run ends by its deadline, and a snapshot begins while that run is
+    still settling (holding() sees it running; its hold is granted at once, no vCPU being
+    left in the run). The run's _settle (RunLoop.clear_kick) then clears the
+    kvm_run.immediate_exit that the snapshot's complete_io has just set, and the
+    snapshot's KVM_RUN runs the guest (never exiting: until kicked). Gates: the run's
+    _settle waits for the snapshot to reach complete_io's KVM_RUN."""
+    m, addr = counting(guest_vm)
+    v = m.vcpus[0]
+    settling, go_settle = threading.Event(), threading.Event()
+    at_gate, gate = threading.Event(), threading.Event()
+    real_settle, real_run = m._settle, v.run
+
+    def gated_settle():
+        settling.set()
+        go_settle.wait(PATIENCE)
+        return real_settle()
+
+    def gated_run(*args, **kwargs):
+        if threading.current_thread().name == "snapshot":
+            at_gate.set()
+            gate.wait(PATIENCE)
+        return real_run(*args, **kwargs)
+    m._settle, v.run = gated_settle, gated_run
+    run = Bg(m.run, 0.5, name="runner")
+    assert settling.wait(PATIENCE)
+    snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
+    at_gate.wait(5.0)            # the fault's order: complete_io begins during the _settle
+    go_settle.set()
+    assert run.join() and run.error is None and run.result.exit == "timeout", \
+        (run.result, run.error)
+    at_end = v.run_struct.immediate_exit
+    before = m.memory.read_u64(addr)
+    gate.set()
+    done = snap.join()
+    if not done:
+        v.kick()
+        snap.join()
+    after = m.memory.read_u64(addr)
+    assert done, ("the snapshot's complete_io entered KVM_RUN without immediate_exit "
+                  f"(cleared to {at_end} by the run's end) and ran the guest until kicked")
+    assert snap.error is None, repr(snap.error)
+    assert after == before, "the guest ran during its snapshot"
+
+
+def test_a_reset_after_a_stop_of_the_idle_machine_lets_the_next_run_run(guest_vm):
+    """stop() between runs, then reset(): reset() drops the stop ("a stop() that found no run:
+    not for the next"), but not the kicks stop() left pending in the run loops, so the next
+    run ends at once as "kick" ("run stopped before the guest finished") instead of running
+    the guest (here until its deadline)."""
+    m, addr = counting(guest_vm)
+    m.checkpoint()
+    m.stop("before the reset")
+    m.reset()
+    before = m.memory.read_u64(addr)
+    r = m.run(timeout=1.0)
+    assert r.exit == "timeout", (r.exit, r.detail)
+    assert m.memory.read_u64(addr) != before
+
+
+def test_a_stop_as_the_run_starts_is_not_lost_after_a_pause(guest_vm):
+    """stop() (the control socket's, from another thread) landing as run() begins, while the
+    run reads _stop_reason to set _stop: the stop must end the run, as "stopped", also after
+    an earlier pause of the idle machine (pause, resume, then run), whose kick the run would
+    otherwise take the stop's kick for. The instrumentation: _stop_reason made a property of
+    this one machine whose first read on the run's thread lets a stopping thread go and gives
+    it a moment to act before the read returns."""
+    m, _addr = counting(guest_vm)
+    assert m.pause(timeout=PATIENCE)
+    m.resume()
+    state = {"reason": m._stop_reason, "armed": True}
+    go = threading.Event()
+    stopper = threading.Thread(target=lambda: (go.wait(PATIENCE),
+                                               m.stop("stopped as the run started")),
+                               name="stopper", daemon=True)
+    stopper.start()
+
+    def get(self):
+        value = state["reason"]
+        if state["armed"] and threading.current_thread().name == "runner":
+            state["armed"] = False
+            go.set()
+            stopper.join(0.3)       # a stop that can land between this read and its use does
+        return value
+
+    def put(self, value):
+        state["reason"] = value
+    m.__class__ = type("StopAtRunStart", (type(m),), {"_stop_reason": property(get, put)})
+    run = Bg(m.run, 3.0, name="runner")
+    assert run.join() and run.error is None, run.error
+    assert not state["armed"]
+    stopper.join(PATIENCE)
+    assert run.result.exit == "stopped", (run.result.exit, run.result.detail)
+
+
+def test_two_holding_blocks_at_once_do_not_meet_on_a_vcpu(guest_vm, tmp_path):
+    """Two holders at once on a running machine: a snapshot (its complete_io: a KVM_RUN on
+    the snapshot's thread) and a register read (the control socket's dump) in another
+    thread. Each holding() is granted (the vCPU threads are held), and both blocks then use
+    vCPU 0 at the same time: the reader's KVM_GET_REGS raises Busy (the dump would answer
+    "could not hold every vCPU"), or the snapshot's does. Gate: the snapshot has claimed
+    vCPU 0 for its complete_io."""
+    m, _addr = counting(guest_vm)
+    v = m.vcpus[0]
+    claimed, go = threading.Event(), threading.Event()
+    real_enter = v._enter_run
+
+    def enter(kick):
+        real_enter(kick)
+        if threading.current_thread().name == "snapshot":
+            claimed.set()
+            go.wait(PATIENCE)
+    v._enter_run = enter
+    run = Bg(m.run, 120, name="runner")
+    wait_until(lambda: v.running, "vCPU 0 to enter KVM_RUN")
+    snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
+    assert claimed.wait(PATIENCE)
+
+    def read():
+        with m.holding("reading the registers", PATIENCE):
+            return v.get_regs().rip
+    reader = Bg(read, name="reader")
+    reader.join(5.0)             # the fault: it reads vCPU 0 during the snapshot's KVM_RUN
+    early = None if reader.thread.is_alive() else (reader.result, reader.error)
+    go.set()
+    assert snap.join() and reader.join()
+    try:
+        assert early is None or early[1] is None, f"the reader met the snapshot: {early!r}"
+        assert reader.error is None and snap.error is None, (reader.error, snap.error)
+    finally:
+        res = finish_run(m, run)
+    assert res.exit == "stopped", res
+
+
+def test_a_keyboard_interrupt_while_holding_waits_leaks_no_hold(guest_vm):
+    """Ctrl-C in the main thread while its snapshot/checkpoint/reset of a running machine
+    waits for the vCPUs to be held (holding() inside hold()'s wait, up to 10 s): the
+    KeyboardInterrupt propagates, and the block's private hold must be withdrawn — else the
+    guest stays held for ever (resume() releases only "pause"). The vCPU is kept from being
+    held by a gate before its next step; a helper thread sends SIGINT to the main thread once
+    the hold is in force."""
+    m, addr = counting(guest_vm)
+    v = m.vcpus[0]
+    in_step, gate = threading.Event(), threading.Event()
+    real_step = m._step
+
+    def slow_step(*args):                      # a vCPU slow to come back to the loop
+        if threading.current_thread().name == "runner" and not gate.is_set():
+            in_step.set()
+            gate.wait(PATIENCE)
+        return real_step(*args)
+    m._step = slow_step
+    run = Bg(m.run, 120, name="runner")
+    assert in_step.wait(PATIENCE)
+    main = threading.get_ident()
+
+    def interrupt():
+        wait_until(lambda: len(m.holders) == 1, "the block's hold")
+        signal.pthread_kill(main, signal.SIGINT)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        sender = Bg(interrupt, name="interrupter")
+        with pytest.raises(KeyboardInterrupt):
+            with m.holding("snapshot", PATIENCE):
+                pass
+        assert sender.join() and sender.error is None, sender.error
+    finally:
+        signal.signal(signal.SIGINT, old)
+    leaked = m.holders
+    if leaked:
+        for owner in leaked:             # let the test end cleanly
+            m.release(owner)
+    gate.set()
+    try:
+        assert not leaked, f"the interrupted holding() left its hold: {leaked}"
+        wait_until(lambda: v.running, "vCPU 0 to run again")
+        held = m.memory.read_u64(addr)
+        wait_until(lambda: m.memory.read_u64(addr) != held, "the guest's counter to advance")
+    finally:
+        res = finish_run(m, run)
+    assert res.exit == "stopped", res
