@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -34,10 +33,8 @@ def fuzz_json(*args, timeout=180):
 
 
 def test_seeded_quick_run_of_the_device_mode_finds_nothing(tmp_path):
-    t0 = time.monotonic()
     rc, s, err = fuzz_json("--devices", "--runs", "400", "--seed", "1", "--jobs", "2",
                            "--out", str(tmp_path))
-    elapsed = time.monotonic() - t0
     sigs = s["finding_signatures"]
     assert rc == 0 and s["findings"] == [], (sigs, s["findings"][:3], err)
     assert s["devices"] is True and s["runs"] == 400 and sum(s["outcomes"].values()) == 400
@@ -51,7 +48,6 @@ def test_seeded_quick_run_of_the_device_mode_finds_nothing(tmp_path):
     for mode in device_generator.MODES:
         assert sum(s["outcomes_by_mode"][mode].values()) > 100, s["outcomes_by_mode"]
     assert s["stops"].get("IO", 0) > 5000 and s["stops"].get("MMIO", 0) > 2000, s["stops"]
-    assert elapsed < 120
 
 
 def _index_with_device_exits(seed: int, start: int) -> int:

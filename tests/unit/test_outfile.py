@@ -94,10 +94,8 @@ def test_fifo_is_written_through_to_its_reader(tmp_path):
 def test_fifo_without_a_reader_is_refused_at_once(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    t0 = time.monotonic()
     with pytest.raises(ReportPathError) as ei:
         write_report(fifo, "x", what="KTAP")
-    assert time.monotonic() - t0 < 5
     assert ei.value.errno == errno.ENXIO
     assert str(ei.value).startswith(f"cannot write KTAP to {fifo}: ") and "\n" not in str(ei.value)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)

@@ -127,10 +127,8 @@ def test_handshake_takes_reply_ack_and_acks_are_awaited():
 
 def test_a_peer_that_never_answers_times_out_once():
     fe, peer = _pair(timeout=0.3)
-    t0 = time.monotonic()
     with pytest.raises(vu.VhostUserError, match="did not answer GET_FEATURES within 0.3 s"):
         fe.get_u64(vu.GET_FEATURES)
-    assert time.monotonic() - t0 < 3
     with pytest.raises(vu.VhostUserError, match="did not answer"):   # dead from now on, at once
         fe.call(vu.SET_OWNER)
     fe.close()
@@ -213,10 +211,8 @@ def test_a_daemon_that_exits_at_once_gives_its_last_line(tmp_path):
 def test_a_daemon_that_hangs_times_out_and_is_reaped(tmp_path):
     pidfile = tmp_path / "pid"
     prog = _script(tmp_path, f"echo $$ > {pidfile}; exec sleep 60")
-    t0 = time.monotonic()
     with pytest.raises(vfs.FsError, match="virtiofsd did not answer GET_FEATURES within 0.5 s"):
         vfs.VirtioFs(str(tmp_path), virtiofsd=prog, timeout=0.5)
-    assert time.monotonic() - t0 < 5
     pid = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):                  # killed and reaped
         os.kill(pid, 0)

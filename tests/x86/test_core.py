@@ -204,7 +204,6 @@ def test_deadline_and_kick_stop_a_spinning_guest(kvm, loop_cls):
         loop = loop_cls(v)
         t0 = time.monotonic()
         assert loop.run(deadline=t0 + 0.2).kind == "deadline"
-        assert time.monotonic() - t0 < 5
         threading.Timer(0.1, loop.kick).start()
         assert loop.run().kind == "kick"
         loop.kick()                                 # a kick before the run: returns at once

@@ -54,12 +54,10 @@ def test_close_while_running_waits_for_every_vcpu(loop_cls, vcpus):
     wait_until(lambda: all(v.running for v in m.vcpus) or not t.is_alive(),
                "every vCPU running", timeout=PATIENCE)
     assert t.is_alive(), out
-    t0 = time.monotonic()
     m.close()                                     # kicks, waits, then unmaps and closes
     t.join(10)
     assert not t.is_alive()
     assert isinstance(out.get("error"), Closed), out
-    assert time.monotonic() - t0 < 10
     for call in (lambda: m.run(timeout=1), m.kick_all, lambda: m.step(0),
                  lambda: m.memory, lambda: m.set_params(1)):
         with pytest.raises(Closed):
@@ -147,9 +145,7 @@ def test_a_second_thread_cannot_run_a_running_vcpu():
 def test_bad_report_on_one_vcpu_stops_all_and_is_the_result(vcpus):
     code = BY_VCPU.format(first=REPORT.format(addr="0xfffff000") + SPIN, others=SPIN)
     with machine(code, vcpus=vcpus) as m:
-        t0 = time.monotonic()
         r = m.run(timeout=60)
-        assert time.monotonic() - t0 < 30
     assert r.exit == "guest_error" and r.exit_code == status.GUEST_FAILURE
     assert "outside guest RAM" in r.detail and r.vcpu == 0
 
