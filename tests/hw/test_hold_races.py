@@ -62,6 +62,71 @@ def record_entries(m, log):
         v._enter_run = enter
 
 
+def gate_claims(v, name):
+    """Gate vCPU ``v``'s claims for KVM_RUN (Vcpu._enter_run) by the thread called ``name``:
+    each sets the returned ``claimed`` Event, then waits (holding the claim) until the
+    returned ``go`` Event is set."""
+    claimed, go = threading.Event(), threading.Event()
+    real_enter = v._enter_run
+
+    def enter(kick):
+        real_enter(kick)
+        if threading.current_thread().name == name:
+            claimed.set()
+            go.wait(PATIENCE)
+    v._enter_run = enter
+    return claimed, go
+
+
+def gate_complete_io(v):
+    """Gate vCPU ``v``'s complete_io (a snapshot's or checkpoint's): it sets the returned
+    ``at`` Event, then waits until the returned ``go`` Event is set before it claims the
+    vCPU."""
+    at, go = threading.Event(), threading.Event()
+    real_complete = v.complete_io
+
+    def gated():
+        at.set()
+        go.wait(PATIENCE)
+        return real_complete()
+    v.complete_io = gated
+    return at, go
+
+
+def assert_snapshot_left_the_guest_alone(m, v, addr, snap, gate):
+    """Open ``gate`` (the snapshot ``snap`` waits at it, the run already ended) and assert the
+    snapshot ends with its complete_io's KVM_RUN returning at once: the guest's counter at
+    ``addr`` does not move. A snapshot stuck in KVM_RUN is kicked free before failing."""
+    at_end = v.run_struct.immediate_exit
+    before = m.memory.read_u64(addr)
+    gate.set()
+    done = snap.join()
+    if not done:                                     # free the snapshot's thread from KVM_RUN
+        v.kick()
+        snap.join()
+    after = m.memory.read_u64(addr)
+    assert done, ("the snapshot's complete_io entered KVM_RUN without immediate_exit "
+                  f"(cleared to {at_end} by the run's end) and ran the guest until kicked")
+    assert snap.error is None, repr(snap.error)
+    assert after == before, "the guest ran during its snapshot"
+
+
+def gate_steps(m, name):
+    """Gate the run's steps (Machine._step) on the thread called ``name``: until the returned
+    ``gate`` Event is set, each sets ``in_step`` and waits there, a vCPU that does not come
+    back to the run loop (to be held) meanwhile."""
+    in_step, gate = threading.Event(), threading.Event()
+    real_step = m._step
+
+    def gated(*args):
+        if threading.current_thread().name == name and not gate.is_set():
+            in_step.set()
+            gate.wait(PATIENCE)
+        return real_step(*args)
+    m._step = gated
+    return in_step, gate
+
+
 def finish_run(m, bg, why="test over"):
     """Stop the run ``bg`` carries out (if it still runs) and return its RunResult."""
     if bg.thread.is_alive():
@@ -162,15 +227,7 @@ def test_stop_ends_a_paused_run_and_close_ends_a_waiting_hold(guest_vm):
     assert m.holders == frozenset()
 
     # a vCPU that never comes back to the loop: the hold waits until close()
-    in_step, gate = threading.Event(), threading.Event()
-    real_step = m._step
-
-    def stuck_step(*args):                            # the run's step of a vCPU
-        if threading.current_thread().name == "runner2":
-            in_step.set()
-            gate.wait(PATIENCE)
-        return real_step(*args)
-    m._step = stuck_step
+    in_step, gate = gate_steps(m, "runner2")
     run2 = Bg(m.run, 120, name="runner2")
     assert in_step.wait(PATIENCE)
     hold = Bg(m.hold, "h", None)                      # no wait: returns at once, not held
@@ -194,27 +251,14 @@ def test_a_run_after_stop_does_not_race_a_snapshot_in_progress(guest_vm, tmp_pat
     completes vCPU 0's pending exit."""
     m, _addr = counting(guest_vm)
     v = m.vcpus[0]
-    at_gate, gate = threading.Event(), threading.Event()
-    real_complete = v.complete_io
-
-    def gated_complete():
-        at_gate.set()
-        gate.wait(PATIENCE)
-        return real_complete()
-    v.complete_io = gated_complete
+    at_gate, gate = gate_complete_io(v)
     run1 = Bg(m.run, 120, name="runner1")
     wait_until(lambda: v.running, "vCPU 0 to enter KVM_RUN")
     snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
     assert at_gate.wait(PATIENCE), "the snapshot did not hold the machine"
     assert finish_run(m, run1, "stopped during a snapshot").exit == "stopped"
-    claimed = threading.Event()
-    real_enter = v._enter_run
-
-    def enter(kick):
-        real_enter(kick)
-        if threading.current_thread().name == "runner2":
-            claimed.set()
-    v._enter_run = enter
+    claimed, go = gate_claims(v, "runner2")
+    go.set()                                         # recorded, not held
     run2 = Bg(m.run, 120, name="runner2")
     claimed.wait(5.0)            # the fault: the new run claims vCPU 0 during the snapshot
     raced = claimed.is_set()
@@ -255,18 +299,7 @@ def test_a_run_ending_during_a_snapshot_does_not_make_its_complete_io_run_the_gu
     m.kick_all()                                     # the run ends while the snapshot holds
     assert run.join() and run.error is None, run.error
     assert run.result.exit in ("kick", "stopped"), run.result
-    at_end = v.run_struct.immediate_exit
-    before = m.memory.read_u64(addr)
-    gate.set()
-    done = snap.join()
-    if not done:                                     # free the snapshot's thread from KVM_RUN
-        v.kick()
-        snap.join()
-    after = m.memory.read_u64(addr)
-    assert done, ("the snapshot's complete_io entered KVM_RUN without immediate_exit "
-                  f"(cleared to {at_end} by the run's end) and ran the guest until kicked")
-    assert snap.error is None, repr(snap.error)
-    assert after == before, "the guest ran during its snapshot"
+    assert_snapshot_left_the_guest_alone(m, v, addr, snap, gate)
 
 
 def test_a_run_started_after_one_ended_during_a_snapshot_waits_for_it(guest_vm, tmp_path):
@@ -278,21 +311,8 @@ def test_a_run_started_after_one_ended_during_a_snapshot_waits_for_it(guest_vm, 
     snapshot has claimed vCPU 0 for its complete_io."""
     m, _addr = counting(guest_vm)
     v = m.vcpus[0]
-    at_complete, go_complete = threading.Event(), threading.Event()
-    claimed, go_run = threading.Event(), threading.Event()
-    real_complete, real_enter = v.complete_io, v._enter_run
-
-    def gated_complete():
-        at_complete.set()
-        go_complete.wait(PATIENCE)
-        return real_complete()
-
-    def enter(kick):
-        real_enter(kick)
-        if threading.current_thread().name == "snapshot":
-            claimed.set()
-            go_run.wait(PATIENCE)
-    v.complete_io, v._enter_run = gated_complete, enter
+    at_complete, go_complete = gate_complete_io(v)
+    claimed, go_run = gate_claims(v, "snapshot")
     told = threading.Event()
     real_notify = v.notify_paused
 
@@ -390,15 +410,7 @@ def test_a_step_started_during_a_snapshot_of_the_idle_machine_waits_for_it(guest
     snapshot has claimed vCPU 0."""
     m, _addr = counting(guest_vm)
     v = m.vcpus[0]
-    claimed, go = threading.Event(), threading.Event()
-    real_enter = v._enter_run
-
-    def enter(kick):
-        real_enter(kick)
-        if threading.current_thread().name == "snapshot":
-            claimed.set()
-            go.wait(PATIENCE)
-    v._enter_run = enter
+    claimed, go = gate_claims(v, "snapshot")
     snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
     assert claimed.wait(PATIENCE)
     step = Bg(functools.partial(m.step, 0, timeout=2.0), name="stepper")
@@ -505,18 +517,7 @@ def test_a_snapshot_as_a_run_ends_by_its_deadline_does_not_run_the_guest(guest_v
     go_settle.set()
     assert run.join() and run.error is None and run.result.exit == "timeout", \
         (run.result, run.error)
-    at_end = v.run_struct.immediate_exit
-    before = m.memory.read_u64(addr)
-    gate.set()
-    done = snap.join()
-    if not done:
-        v.kick()
-        snap.join()
-    after = m.memory.read_u64(addr)
-    assert done, ("the snapshot's complete_io entered KVM_RUN without immediate_exit "
-                  f"(cleared to {at_end} by the run's end) and ran the guest until kicked")
-    assert snap.error is None, repr(snap.error)
-    assert after == before, "the guest ran during its snapshot"
+    assert_snapshot_left_the_guest_alone(m, v, addr, snap, gate)
 
 
 def test_a_reset_after_a_stop_of_the_idle_machine_lets_the_next_run_run(guest_vm):
@@ -578,15 +579,7 @@ def test_two_holding_blocks_at_once_do_not_meet_on_a_vcpu(guest_vm, tmp_path):
     vCPU 0 for its complete_io."""
     m, _addr = counting(guest_vm)
     v = m.vcpus[0]
-    claimed, go = threading.Event(), threading.Event()
-    real_enter = v._enter_run
-
-    def enter(kick):
-        real_enter(kick)
-        if threading.current_thread().name == "snapshot":
-            claimed.set()
-            go.wait(PATIENCE)
-    v._enter_run = enter
+    claimed, go = gate_claims(v, "snapshot")
     run = Bg(m.run, 120, name="runner")
     wait_until(lambda: v.running, "vCPU 0 to enter KVM_RUN")
     snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
@@ -617,15 +610,7 @@ def test_a_keyboard_interrupt_while_holding_waits_leaks_no_hold(guest_vm):
     the hold is in force."""
     m, addr = counting(guest_vm)
     v = m.vcpus[0]
-    in_step, gate = threading.Event(), threading.Event()
-    real_step = m._step
-
-    def slow_step(*args):                      # a vCPU slow to come back to the loop
-        if threading.current_thread().name == "runner" and not gate.is_set():
-            in_step.set()
-            gate.wait(PATIENCE)
-        return real_step(*args)
-    m._step = slow_step
+    in_step, gate = gate_steps(m, "runner")
     run = Bg(m.run, 120, name="runner")
     assert in_step.wait(PATIENCE)
     main = threading.get_ident()
