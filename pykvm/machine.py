@@ -243,6 +243,8 @@ class Machine:
         # (thread ident, token) of each holding() block in force: no run or step starts and no
         # other thread's block begins until they end (blocks of one thread may nest)
         self._exclusive: List[Tuple[int, object]] = []
+        # vCPU index -> (thread ident, token) of each step() in progress between runs
+        self._steppers: Dict[int, Tuple[int, object]] = {}
         self._stop_reason: Optional[str] = None   # why stop() ends the run
         self._baseline: Optional[MachineBaseline] = None   # checkpoint()'s, for reset()
         # host patches to guest RAM (a debugger's breakpoints): GPA -> (original, patched)
@@ -544,8 +546,19 @@ class Machine:
 
         ``timeout``: seconds (None or 0 = no deadline). ``budget``: the most exits this step
         handles (0 = no cap), PRINT reports included. A step that ends by its deadline or
-        budget leaves the vCPU where it stopped: the next step runs on from there. Raises
-        :class:`~pykvm.errors.Closed` after :meth:`close`, :class:`~pykvm.errors.GuestError`
+        budget leaves the vCPU where it stopped: the next step runs on from there.
+
+        A step is a run of one vCPU for the holds (:meth:`pause`, :meth:`hold`,
+        :meth:`holding` of another thread): it waits while one is in force (its deadline still
+        counts: "timeout" when it passes, the guest not having run; a hold of the calling
+        thread's own therefore waits until that deadline), and a hold that comes during the
+        step kicks it out of KVM_RUN, holds it, then lets it step on. :meth:`kick_all` and
+        :meth:`stop` end it with "kick".
+
+        Raises :class:`~pykvm.errors.Busy` while :meth:`run` is in progress, while another
+        thread (or an exit handler of this step) steps the same vCPU, and inside a
+        :meth:`holding` block of the calling thread; :class:`~pykvm.errors.Closed` after
+        :meth:`close`, :class:`~pykvm.errors.GuestError`
         for a report pykvm cannot read or a guest-chosen address outside guest RAM met while
         serving an exit (a :class:`~pykvm.errors.GuestMemoryError` from a handler or device
         becomes one, naming the exit), :class:`~pykvm.errors.KvmError` if KVM_RUN fails
@@ -555,30 +568,53 @@ class Machine:
         if not isinstance(index, int) or not 0 <= index < len(self.loops):
             raise IndexError(f"no vCPU {index!r} (this machine has {len(self.loops)})")
         deadline = time.monotonic() + timeout if timeout else None
-        if not self._start_step(index, deadline):
-            return Event("timeout", index)
+        loop = self.loops[index]
+        start_exits = loop.exits_total
+        entry = (threading.get_ident(), object())
         try:
-            return self._step(index, deadline, budget)
+            while True:
+                left = 0
+                if budget:
+                    left = budget - (loop.exits_total - start_exits)
+                    if left <= 0:
+                        return Event("budget", index)
+                if not self._start_step(index, deadline, entry):
+                    return Event("timeout", index)
+                sent = self._pauses_kicked         # holds whose kicks this step may take
+                ev = self._step(index, deadline, left)
+                if ev.kind == "kick" and not self._stop and self._pause_kick(index, sent):
+                    self._end_step(index, entry)   # a hold's kick: wait for it, then on
+                    continue
+                return ev
         finally:
-            with self._pause_cv:
+            self._end_step(index, entry)
+
+    def _end_step(self, index: int, entry: Tuple[int, object]) -> None:
+        """Drop the claim ``entry`` of :meth:`_start_step` (by identity: nothing when it is
+        not the claim in force, e.g. a step interrupted before it claimed)."""
+        with self._pause_cv:
+            if self._steppers.get(index) is entry:
+                del self._steppers[index]
                 self._active.discard(index)
                 self._pause_cv.notify_all()
 
-    def _start_step(self, index: int, deadline: Optional[float]) -> bool:
-        """Claim vCPU ``index`` for a :meth:`step` between runs: wait while a hold
-        (:meth:`pause`, :meth:`hold`) or another thread's :meth:`holding` block is in force,
-        then count the vCPU as able to enter KVM_RUN (a hold sent from now on kicks the step
-        and waits for it to end). False when ``deadline`` passes while waiting. Raises
+    def _start_step(self, index: int, deadline: Optional[float],
+                    entry: Tuple[int, object]) -> bool:
+        """Claim vCPU ``index`` for a :meth:`step` between runs (``entry``: the caller's
+        thread ident and a token): wait while a hold (:meth:`pause`, :meth:`hold`) or another
+        thread's :meth:`holding` block is in force, then count the vCPU as able to enter
+        KVM_RUN (a hold sent from now on kicks the step, which waits for it to end and steps
+        on). False when ``deadline`` passes while waiting. Raises
         :class:`~pykvm.errors.Busy` while :meth:`run` is in progress, when the vCPU is being
         stepped in another thread, or when the caller is inside a :meth:`holding` block of its
         own; :class:`~pykvm.errors.Closed` when the machine is closed."""
-        me = threading.get_ident()
+        me = entry[0]
         with self._pause_cv:
             while True:
                 self._check_open()
                 if self._run_owner is not None:
-                    raise Busy("Machine.step: the machine is running (Machine.run in another "
-                               "thread)")
+                    raise Busy("Machine.step: the machine is running (Machine.run is in "
+                               "progress)")
                 if any(t == me for t, _ in self._exclusive):
                     raise Busy("Machine.step: called inside a hold of the machine "
                                "(Machine.holding) by the same thread")
@@ -592,7 +628,9 @@ class Machine:
                     wait = min(wait, left)
                 self._pause_cv.wait(wait)
             if index in self._active:
-                raise Busy(f"Machine.step: vCPU {index} is being stepped in another thread")
+                raise Busy(f"Machine.step: vCPU {index} is being stepped already (another "
+                           "thread, or an exit handler of this step)")
+            self._steppers[index] = entry
             self._active.add(index)
         return True
 
@@ -753,11 +791,14 @@ class Machine:
                         wait = min(wait, left)
                     self._pause_cv.wait(wait)
             finally:
-                if self._held_time is not None:    # under the lock: no vCPU runs before it
-                    saved, self._held_time = self._held_time, None
-                    vcpu.restore_guest_time(saved)
-                self._held.discard(index)
-                self._pause_cv.notify_all()
+                try:
+                    # under the lock: no vCPU runs before it. While a holding() block reads
+                    # or loads the vCPUs (a run ending under it), the block's end does it.
+                    if self._held_time is not None and not self._exclusive:
+                        self._put_back_held_time()
+                finally:
+                    self._held.discard(index)
+                    self._pause_cv.notify_all()
         if self._stop or self._closed:
             return Event("kick", index)
         return None
@@ -821,12 +862,19 @@ class Machine:
         Returns :meth:`held_for` ``owner``. Raises :class:`~pykvm.errors.Closed` after
         :meth:`close`."""
         self._check_open()
+        loops = getattr(self, "loops", ())
         with self._pause_cv:
             self._holders.add(owner)
             self._pauses += 1
             self._pauses_kicking += 1
+            # only a vCPU that may be in KVM_RUN needs a kick: any other one checks _holders
+            # before it enters (a run's loop top, _start_step), and takes no kick meant for it
+            kick = [lp for i, lp in enumerate(loops) if i in self._active]
+            for i in range(len(loops)):
+                if i not in self._active:
+                    self._kicks_seen[i] = self._pauses
         try:
-            for lp in getattr(self, "loops", ()):
+            for lp in kick:
                 try:
                     lp.kick()
                 except Closed:
@@ -861,7 +909,9 @@ class Machine:
         read or load their state (a snapshot, :meth:`checkpoint`, :meth:`reset`, the control
         socket's ``dump``). Every vCPU of a run in progress, or of a :meth:`step` another
         thread makes, is held by a hold of the block's own (:meth:`hold`) that no
-        :meth:`resume` or :meth:`stop` releases. Whether the machine runs or not, no
+        :meth:`resume` or :meth:`stop` releases (a step is kicked out of KVM_RUN and waits for
+        the block's end to step on); a vCPU the calling thread itself steps (the block opened
+        from an exit handler or a console callback of that step) is out of KVM_RUN already. Whether the machine runs or not, no
         :meth:`run` or :meth:`step` starts and no other thread's block begins until the block
         ends (they wait; blocks of one thread nest), and a run that ends during the block
         leaves the vCPUs alone. A run or step the block's own thread starts raises
@@ -873,34 +923,49 @@ class Machine:
         me = threading.get_ident()
         entry = (me, object())
         end = time.monotonic() + timeout
+        mine: set = set()                      # vCPUs this thread steps (out of KVM_RUN here)
         try:
             with self._pause_cv:
                 while any(t != me for t, _ in self._exclusive):
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        raise Busy(f"{what}: another thread held the machine for longer than "
-                                   f"{timeout:g} s")
-                    self._pause_cv.wait(min(left, 0.05))
+                    self._wait_in_block(what, end, timeout, "another thread held the machine")
                 self._exclusive.append(entry)
-                busy = self._run_owner is not None or bool(self._active)
+                mine = {i for i, (t, _) in self._steppers.items() if t == me} - self._held
+                self._held |= mine
+                busy = self._run_owner is not None or bool(self._active - mine)
             if busy:
                 if not self.hold(entry[1], max(end - time.monotonic(), 0.0)):
+                    self._check_open()
                     raise Busy(f"{what}: the running machine did not pause within "
                                f"{timeout:g} s")
                 with self._pause_cv:        # a run whose vCPUs all left: let it finish
                     while self._run_owner is not None and not self._active:
-                        left = end - time.monotonic()
-                        if left <= 0:
-                            raise Busy(f"{what}: the ending run did not finish within "
-                                       f"{timeout:g} s")
-                        self._pause_cv.wait(min(left, 0.05))
+                        self._wait_in_block(what, end, timeout, "the ending run did not finish")
             yield
         finally:
             self.release(entry[1])
             with self._pause_cv:
+                self._held -= mine
                 if entry in self._exclusive:
                     self._exclusive.remove(entry)
+                if not self._exclusive and not self._held and self._held_time is not None:
+                    self._put_back_held_time()
                 self._pause_cv.notify_all()
+
+    def _wait_in_block(self, what: str, end: float, timeout: float, why: str) -> None:
+        """One wait of :meth:`holding` on ``_pause_cv`` (held by the caller): Closed once
+        the machine is closed, Busy ("``what``: ``why`` within ``timeout`` s") at ``end``."""
+        self._check_open()
+        left = end - time.monotonic()
+        if left <= 0:
+            raise Busy(f"{what}: {why} within {timeout:g} s")
+        self._pause_cv.wait(min(left, 0.05))
+
+    def _put_back_held_time(self) -> None:
+        """Give the guest back the time saved while every vCPU was held (``_held_time``, under
+        ``_pause_cv``), before any vCPU enters KVM_RUN again (:meth:`_hold`)."""
+        saved, self._held_time = self._held_time, None
+        if saved is not None and self.vcpus:
+            self.vcpus[0].restore_guest_time(saved)
 
     def resume(self) -> None:
         """Let the vCPUs :meth:`pause` holds run on (kvmtool's ``resume``); nothing when the
@@ -918,9 +983,9 @@ class Machine:
         owners release them. Safe from any thread. Raises :class:`~pykvm.errors.Closed`
         after :meth:`close`."""
         self._check_open()
-        with self._pause_cv:
+        with self._pause_cv:                   # one step with a run's start and its end
             self._stop_reason = str(reason)
-        self._kick_all()
+            self._kick_all()
         self.release(PAUSE)
 
     def _vcpu_thread(self, index: int, deadline: Optional[float], results: list) -> None:
@@ -947,8 +1012,11 @@ class Machine:
         the host out of memory, file descriptors or threads, guest RAM the host could not
         back: ``vmm_error``, status 8) and exceptions of exit handlers (``handler_error``, 8).
 
-        Raises :class:`~pykvm.errors.Closed` if the machine is (or gets) closed,
-        :class:`~pykvm.errors.Busy` if another thread is running it, and
+        A run starts only once no other thread is inside :meth:`holding` (it waits for the
+        block to end). Raises :class:`~pykvm.errors.Closed` if the machine is (or gets)
+        closed, :class:`~pykvm.errors.Busy` if another thread is running it or stepping one
+        of its vCPUs (:meth:`step`) or when called inside a :meth:`holding` block of the
+        calling thread, and
         :class:`~pykvm.errors.MachineEnded` (one line saying why) when an earlier run ended
         the machine for good: the guest powered off, or asked for a reset pykvm does not
         perform."""
@@ -1005,7 +1073,9 @@ class Machine:
             else:
                 self._run_threads(deadline, results)
         finally:
-            self._settle()
+            with self._pause_cv:               # a stop() lands before both or after both
+                self._settle()
+                stop_reason, self._stop_reason = self._stop_reason, None
         if self._closed:
             raise Closed("Machine was closed while it ran")
         seconds = time.monotonic() - t0
@@ -1015,10 +1085,8 @@ class Machine:
                 counts[k] = counts.get(k, 0) + v
         ev = self._decisive(results)
         exit_name, code, detail, dbg = self._verdict(ev)
-        if self._stop_reason is not None:
-            if ev.kind == "kick":                      # stop() ended it, nothing else did
-                exit_name, code, detail, dbg = "stopped", status.OK, self._stop_reason, None
-            self._stop_reason = None
+        if stop_reason is not None and ev.kind == "kick":   # stop() ended it, nothing else
+            exit_name, code, detail, dbg = "stopped", status.OK, stop_reason, None
         ended = self.platform.ended(ev.exit if ev.kind == "exit" else None)
         if ended:
             self._ended = ended

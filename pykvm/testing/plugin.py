@@ -386,6 +386,8 @@ def fresh_vm(request, _pykvm_fresh_machines):
                 m.on(name, None)
             m.trace = None
             m.on_console = None
+            for owner in m.holders:        # an earlier test's pause or debugger stop
+                m.release(owner)
             m.reset()
             return m
         made.pop(key, None)

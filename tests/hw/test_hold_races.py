@@ -349,40 +349,108 @@ def test_a_run_started_after_one_ended_during_a_snapshot_waits_for_it(guest_vm, 
 
 def test_a_pause_holds_a_step_of_another_thread(guest_vm):
     """pause() while another thread steps the machine (Machine.step/sync between runs, as a
-    test drives a guest): once pause() returned True (paused), that thread's next step must
-    not enter KVM_RUN until resume() — the guest must not advance while paused reads True."""
+    test drives a guest): pause() returns True once the step is out of KVM_RUN, the guest
+    does not advance while paused reads True, and the step is not ended by the pause: after
+    resume() it steps on (the guest advances) until something ends it (kick_all here)."""
     m, addr = counting(guest_vm)
     v = m.vcpus[0]
     entries = []
     record_entries(m, entries)
-    kicked, again, calling = threading.Event(), threading.Event(), threading.Event()
-    events = []
-
-    def stepper():
-        events.append(m.step(timeout=PATIENCE))      # ends with pause()'s kick
-        kicked.set()
-        again.wait(PATIENCE)
-        calling.set()
-        events.append(m.step(timeout=2.0))           # "timeout" unless the pause holds it
-    s = Bg(stepper, name="stepper")
+    s = Bg(functools.partial(m.step, 0, timeout=600), name="stepper")
     wait_until(lambda: v.running, "the step to enter KVM_RUN")
     assert m.pause(timeout=PATIENCE)
-    assert kicked.wait(PATIENCE)
     held = m.memory.read_u64(addr)
     entries.clear()
-    again.set()
-    assert calling.wait(PATIENCE)
-    s.join(5.0)
+    s.join(0.5)                                       # a step the pause did not hold runs on
     try:
-        assert m.paused
+        assert m.paused and s.thread.is_alive(), (s.result, s.error)
         advanced = m.memory.read_u64(addr) != held
         in_run = [e for e in entries if e[0] == "stepper"]
         assert not in_run and not advanced, \
             f"paused, yet the stepping thread entered KVM_RUN {len(in_run)} time(s) " \
-            f"(guest advanced: {advanced}; its step: {events[1:] or s.error!r})"
+            f"(guest advanced: {advanced}; its step: {s.result or s.error!r})"
     finally:
         m.resume()
-        assert s.join()
+    wait_until(lambda: m.memory.read_u64(addr) != held, "the step to run the guest on")
+    m.kick_all()
+    assert s.join() and s.error is None and s.result.kind == "kick", (s.result, s.error)
+
+
+def test_holds_leave_no_kick_for_later_steps(guest_vm, tmp_path):
+    """A checkpoint taken from another thread while vCPU 0 is stepped, a pause of the idle
+    machine: neither leaves a kick behind that makes a later step of any vCPU return "kick"
+    without running the guest (a sync() would then fail with "got kick"); a step waiting
+    through an idle pause runs the guest once resumed."""
+    m = guest_vm(GUEST, vcpus=2)
+    addr = m.sync(0, stage=1)[0]
+    m.sync(1, stage=1)
+    s = Bg(functools.partial(m.step, 0, timeout=600), name="stepper")
+    wait_until(lambda: m.vcpus[0].running, "the step to enter KVM_RUN")
+    m.checkpoint()                                    # holds the step, then lets it go on
+    at = m.memory.read_u64(addr)
+    wait_until(lambda: m.memory.read_u64(addr) != at, "the step to run the guest on")
+    assert m.step(1, timeout=0.5).kind == "timeout"   # no kick left for idle vCPU 1
+    m.kick_all()
+    assert s.join() and s.result.kind == "kick", (s.result, s.error)
+    m.reset()                                         # withdraws kick_all's pending kicks
+    assert m.step(1, timeout=0.5).kind == "timeout"
+    assert m.pause(timeout=PATIENCE)                  # idle: nothing to kick
+    s = Bg(functools.partial(m.step, 0, timeout=600), name="stepper2")
+    s.join(0.3)
+    assert s.thread.is_alive(), (s.result, s.error)   # waits while paused
+    at = m.memory.read_u64(addr)
+    m.resume()
+    wait_until(lambda: m.memory.read_u64(addr) != at, "the waiting step to run the guest")
+    m.kick_all()
+    assert s.join() and s.result.kind == "kick", (s.result, s.error)
+
+
+def test_a_checkpoint_from_the_stepping_threads_own_callback(guest_vm):
+    """A console callback (or exit handler) of a step that checkpoints the machine: the
+    stepped vCPU is out of KVM_RUN on that very thread, so the block proceeds at once instead
+    of waiting 10 s for a hold that vCPU can never reach, and the step goes on to its sync."""
+    src = "print_then_sync.c"
+    m = guest_vm(src)
+    took = []
+
+    def on_console(data):
+        if not took:
+            took.append(m.checkpoint())
+    m.on_console = on_console
+    assert m.sync(stage=1, timeout=PATIENCE) == (7,)
+    assert took and took[0] > 0
+    m.done(timeout=PATIENCE)
+
+
+def test_a_stop_as_a_run_ends_is_kept_for_the_next_run(guest_vm):
+    """stop() landing while a run ends by its deadline (between its vCPUs' end and the
+    run's settling): the run takes the stop as a whole, ending as "timeout" or "stopped",
+    and the next run is neither stopped by stale kicks nor by a reason the first run
+    consumed. Gate: the run's _settle waits for the stop."""
+    m, addr = counting(guest_vm)
+    settling, go = threading.Event(), threading.Event()
+    real_settle = m._settle
+
+    def gated_settle():
+        settling.set()
+        go.wait(PATIENCE)
+        return real_settle()
+    m._settle = gated_settle
+    run = Bg(m.run, 0.3, name="runner")
+    assert settling.wait(PATIENCE)
+    stopper = Bg(m.stop, "stopped as the run ended", name="stopper")
+    stopper.join(0.3)                                 # a stop that can land now does
+    go.set()
+    assert run.join() and stopper.join() and run.error is None, run.error
+    assert run.result.exit in ("timeout", "stopped"), run.result
+    m._settle = real_settle
+    second = m.run(timeout=0.5)
+    if run.result.exit == "stopped":                  # the first run took the stop
+        assert second.exit == "timeout", (second.exit, second.detail)
+    else:                                             # the stop came after: for this run
+        assert second.exit == "stopped", (second.exit, second.detail)
+    third = m.run(timeout=0.5)
+    assert third.exit == "timeout", (third.exit, third.detail)
 
 
 def test_a_snapshot_during_a_step_of_another_thread(guest_vm, tmp_path):
