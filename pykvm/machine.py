@@ -136,6 +136,15 @@ def _guest_fault(ex, e: GuestMemoryError) -> GuestError:
     return GuestError(f"guest fault: {_one_line(e)}" + (f" (serving its {what})" if what else ""))
 
 
+def _budget_left(loop: "LoopBase", budget: int, start_exits: int) -> Optional[int]:
+    """The exits a step of ``budget`` exits (0: no cap) begun when ``loop`` had handled
+    ``start_exits`` may still handle: 0 for no cap, None once the budget is spent."""
+    if not budget:
+        return 0
+    left = budget - (loop.exits_total - start_exits)
+    return left if left > 0 else None
+
+
 class Machine:
     """A VM with RAM, ``vcpus`` vCPUs and ``guest`` loaded (a built-in guest name, a path, or
     image bytes) on the machine ``machine``: "pc" or "bare" on x86, "virt" on RISC-V, or "auto"
@@ -573,11 +582,9 @@ class Machine:
         entry = (threading.get_ident(), object())
         try:
             while True:
-                left = 0
-                if budget:
-                    left = budget - (loop.exits_total - start_exits)
-                    if left <= 0:
-                        return Event("budget", index)
+                left = _budget_left(loop, budget, start_exits)
+                if left is None:
+                    return Event("budget", index)
                 if not self._start_step(index, deadline, entry):
                     return Event("timeout", index)
                 sent = self._pauses_kicked         # holds whose kicks this step may take
@@ -640,11 +647,9 @@ class Machine:
         loop = self.loops[index]
         start_exits = loop.exits_total
         while True:
-            left = 0
-            if budget:
-                left = budget - (loop.exits_total - start_exits)
-                if left <= 0:
-                    return Event("budget", index)
+            left = _budget_left(loop, budget, start_exits)
+            if left is None:
+                return Event("budget", index)
             try:
                 stop = loop.run(deadline=deadline, budget=left)
             except GuestMemoryError as e:      # from a handler of on(): the guest's fault

@@ -78,18 +78,20 @@ def gate_claims(v, name):
     return claimed, go
 
 
-def gate_complete_io(v):
-    """Gate vCPU ``v``'s complete_io (a snapshot's or checkpoint's): it sets the returned
-    ``at`` Event, then waits until the returned ``go`` Event is set before it claims the
-    vCPU."""
+def gate_call(obj, name, thread=None):
+    """Gate ``obj``'s method ``name`` (e.g. a vCPU's complete_io, a snapshot's or
+    checkpoint's; the machine's _settle, a run's end), for calls from the thread called
+    ``thread`` (None: every call): each sets the returned ``at`` Event, then waits until the
+    returned ``go`` Event is set before it does its work."""
     at, go = threading.Event(), threading.Event()
-    real_complete = v.complete_io
+    real = getattr(obj, name)
 
-    def gated():
-        at.set()
-        go.wait(PATIENCE)
-        return real_complete()
-    v.complete_io = gated
+    def gated(*args, **kwargs):
+        if thread is None or threading.current_thread().name == thread:
+            at.set()
+            go.wait(PATIENCE)
+        return real(*args, **kwargs)
+    setattr(obj, name, gated)
     return at, go
 
 
@@ -127,6 +129,14 @@ def gate_steps(m, name):
     return in_step, gate
 
 
+def run_then_snapshot(m, tmp_path, name):
+    """Start ``m.run`` (a thread called ``name``), wait until vCPU 0 is in KVM_RUN, then start
+    a snapshot of the running machine (a thread called "snapshot"); both as :class:`Bg`."""
+    run = Bg(m.run, 120, name=name)
+    wait_until(lambda: m.vcpus[0].running, "vCPU 0 to enter KVM_RUN")
+    return run, Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
+
+
 def finish_run(m, bg, why="test over"):
     """Stop the run ``bg`` carries out (if it still runs) and return its RunResult."""
     if bg.thread.is_alive():
@@ -136,7 +146,7 @@ def finish_run(m, bg, why="test over"):
     return bg.result
 
 
-# -- behaviour that holds now ------------------------------------------------------------------
+# -- behaviour that held from the start -----------------------------------------------------
 
 def test_a_pause_of_the_idle_machine_holds_the_next_run_from_its_start(guest_vm):
     """pause() between runs, then run(): the run's vCPU is held before its first KVM_RUN (no
@@ -242,7 +252,7 @@ def test_stop_ends_a_paused_run_and_close_ends_a_waiting_hold(guest_vm):
     assert type(run2.error).__name__ == "Closed", repr(run2.error)
 
 
-# -- still-present faults (see the report): these fail now -----------------------------------
+# -- interleavings that failed before 66d1dfc / 080a2d2 (each fixed there) -----------------
 
 def test_a_run_after_stop_does_not_race_a_snapshot_in_progress(guest_vm, tmp_path):
     """stop() while a snapshot holds the running machine, then run() again (a CLI or test
@@ -251,10 +261,8 @@ def test_a_run_after_stop_does_not_race_a_snapshot_in_progress(guest_vm, tmp_pat
     completes vCPU 0's pending exit."""
     m, _addr = counting(guest_vm)
     v = m.vcpus[0]
-    at_gate, gate = gate_complete_io(v)
-    run1 = Bg(m.run, 120, name="runner1")
-    wait_until(lambda: v.running, "vCPU 0 to enter KVM_RUN")
-    snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
+    at_gate, gate = gate_call(v, "complete_io")
+    run1, snap = run_then_snapshot(m, tmp_path, "runner1")
     assert at_gate.wait(PATIENCE), "the snapshot did not hold the machine"
     assert finish_run(m, run1, "stopped during a snapshot").exit == "stopped"
     claimed, go = gate_claims(v, "runner2")
@@ -283,18 +291,8 @@ def test_a_run_ending_during_a_snapshot_does_not_make_its_complete_io_run_the_gu
     KVM_RUN for ever, and the guest advances during its own snapshot."""
     m, addr = counting(guest_vm)
     v = m.vcpus[0]
-    at_gate, gate = threading.Event(), threading.Event()
-    real_run = v.run
-
-    def gated_run(*args, **kwargs):
-        if threading.current_thread().name == "snapshot":
-            at_gate.set()
-            gate.wait(PATIENCE)
-        return real_run(*args, **kwargs)
-    v.run = gated_run
-    run = Bg(m.run, 120, name="runner")
-    wait_until(lambda: v.running, "vCPU 0 to enter KVM_RUN")
-    snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
+    at_gate, gate = gate_call(v, "run", thread="snapshot")
+    run, snap = run_then_snapshot(m, tmp_path, "runner")
     assert at_gate.wait(PATIENCE), "the snapshot did not reach complete_io"
     m.kick_all()                                     # the run ends while the snapshot holds
     assert run.join() and run.error is None, run.error
@@ -311,7 +309,7 @@ def test_a_run_started_after_one_ended_during_a_snapshot_waits_for_it(guest_vm, 
     snapshot has claimed vCPU 0 for its complete_io."""
     m, _addr = counting(guest_vm)
     v = m.vcpus[0]
-    at_complete, go_complete = gate_complete_io(v)
+    at_complete, go_complete = gate_call(v, "complete_io")
     claimed, go_run = gate_claims(v, "snapshot")
     told = threading.Event()
     real_notify = v.notify_paused
@@ -321,9 +319,7 @@ def test_a_run_started_after_one_ended_during_a_snapshot_waits_for_it(guest_vm, 
             told.set()
         return real_notify()
     v.notify_paused = notify
-    run1 = Bg(m.run, 120, name="runner1")
-    wait_until(lambda: v.running, "vCPU 0 to enter KVM_RUN")
-    snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
+    run1, snap = run_then_snapshot(m, tmp_path, "runner1")
     assert at_complete.wait(PATIENCE), "the snapshot did not hold the machine"
     m.kick_all()
     assert run1.join() and run1.error is None and run1.result.exit == "kick", \
@@ -428,14 +424,8 @@ def test_a_stop_as_a_run_ends_is_kept_for_the_next_run(guest_vm):
     and the next run is neither stopped by stale kicks nor by a reason the first run
     consumed. Gate: the run's _settle waits for the stop."""
     m, addr = counting(guest_vm)
-    settling, go = threading.Event(), threading.Event()
     real_settle = m._settle
-
-    def gated_settle():
-        settling.set()
-        go.wait(PATIENCE)
-        return real_settle()
-    m._settle = gated_settle
+    settling, go = gate_call(m, "_settle")
     run = Bg(m.run, 0.3, name="runner")
     assert settling.wait(PATIENCE)
     stopper = Bg(m.stop, "stopped as the run ended", name="stopper")
@@ -563,21 +553,8 @@ def test_a_snapshot_as_a_run_ends_by_its_deadline_does_not_run_the_guest(guest_v
     _settle waits for the snapshot to reach complete_io's KVM_RUN."""
     m, addr = counting(guest_vm)
     v = m.vcpus[0]
-    settling, go_settle = threading.Event(), threading.Event()
-    at_gate, gate = threading.Event(), threading.Event()
-    real_settle, real_run = m._settle, v.run
-
-    def gated_settle():
-        settling.set()
-        go_settle.wait(PATIENCE)
-        return real_settle()
-
-    def gated_run(*args, **kwargs):
-        if threading.current_thread().name == "snapshot":
-            at_gate.set()
-            gate.wait(PATIENCE)
-        return real_run(*args, **kwargs)
-    m._settle, v.run = gated_settle, gated_run
+    settling, go_settle = gate_call(m, "_settle")
+    at_gate, gate = gate_call(v, "run", thread="snapshot")
     run = Bg(m.run, 0.5, name="runner")
     assert settling.wait(PATIENCE)
     snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
@@ -648,9 +625,7 @@ def test_two_holding_blocks_at_once_do_not_meet_on_a_vcpu(guest_vm, tmp_path):
     m, _addr = counting(guest_vm)
     v = m.vcpus[0]
     claimed, go = gate_claims(v, "snapshot")
-    run = Bg(m.run, 120, name="runner")
-    wait_until(lambda: v.running, "vCPU 0 to enter KVM_RUN")
-    snap = Bg(m.snapshot, str(tmp_path / "s.snap"), name="snapshot")
+    run, snap = run_then_snapshot(m, tmp_path, "runner")
     assert claimed.wait(PATIENCE)
 
     def read():
