@@ -31,6 +31,10 @@ min–max, and each ratio is the median of the per-round ratios (min–max of th
   installed.
 * **scaling**: aggregate exits/s of the C loop with 1, 2, 4, ... vCPUs (one thread each), up to
   the host's CPU count.
+* **plugin import**: what the pytest plugin (:mod:`pykvm.testing.plugin`, registered in every
+  pytest run of the environment) adds to a pytest start-up, from ``python -X importtime`` of
+  ``import pytest; import pykvm.testing.plugin`` with bytecode cached: pykvm's modules'
+  cumulative µs against pytest's own in the same process (``plugin_import_vs_pytest``).
 
 ``--quick`` finishes in well under a minute; ``--plot FILE.png`` draws the ratios with their
 min–max (matplotlib, the ``bench`` extra).
@@ -45,6 +49,7 @@ matching curves; ``--plot`` then draws one panel per curve. docs/cost-curves.md 
 import gc
 import os
 import platform
+import re
 import shutil
 import statistics
 import struct
@@ -76,14 +81,14 @@ MEM_RAM = 16 << 20            # memory comparison: 16 MiB of guest RAM
 THRESHOLDS = {"c_loop_vs_raw": 1.05, "python_vs_raw": 1.3, "machine_on_vs_python": 1.1,
               "lifecycle_vs_raw": 1.5, "machine_mem_vs_raw": 1.5, "boot_vs_python_floor": 2.0,
               "boot_multiboot_vs_python_floor": 2.0, "boot_vs_qemu": 0.1,
-              "virtio_blk_cpu_vs_qemu": 1.0}
+              "virtio_blk_cpu_vs_qemu": 1.0, "plugin_import_vs_pytest": 0.04}
 
 QUICK = dict(rounds=5, exits=10000, life=20, mem_vms=128, mem_rounds=3, boot=5, boot_qemu=1,
              scale_exits=3000, blk_rounds=1, blk_requests=10000, reset_rounds=3, resets=1000,
-             recreates=20)
+             recreates=20, plugin_rounds=5)
 FULL = dict(rounds=9, exits=10000, life=40, mem_vms=128, mem_rounds=5, boot=15, boot_qemu=5,
             scale_exits=30000, blk_rounds=3, blk_requests=10000, reset_rounds=5, resets=3000,
-            recreates=50)
+            recreates=50, plugin_rounds=15)
 
 
 # -- guests ----------------------------------------------------------------------------------
@@ -791,6 +796,74 @@ def virtio_blk(tmp: str, rounds: int, n: int, notes: list, cases=BLK_CASES) -> d
     return out
 
 
+# -- pytest plugin import --------------------------------------------------------------------
+def importtime_lines(stderr: str) -> list:
+    """[(indent level, cumulative µs, module)] for each line of ``python -X importtime`` output
+    in ``stderr`` (other lines are skipped)."""
+    rows = []
+    for line in stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$", line)
+        if m:
+            rows.append((len(m.group(3)) // 2, int(m.group(2)), m.group(4)))
+    return rows
+
+
+def pykvm_cost_us(rows: list) -> int:
+    """Cumulative import time (µs) of pykvm's modules in :func:`importtime_lines` ``rows``, each
+    counted once: a pykvm line nested under another pykvm line (its cost is already in that
+    line's cumulative figure) is not added again. importtime prints children before their
+    parent, one indent level deeper."""
+    def is_ours(name):
+        return name == "pykvm" or name.startswith("pykvm.")
+    total = 0
+    for i, (level, cum, name) in enumerate(rows):
+        if not is_ours(name):
+            continue
+        lvl, nested = level, False
+        for plevel, _, pname in rows[i + 1:]:     # walk up through the enclosing imports
+            if plevel < lvl:
+                if is_ours(pname):
+                    nested = True
+                    break
+                lvl = plevel
+        if not nested:
+            total += cum
+    return total
+
+
+PLUGIN_PROBE = "import pytest; import pykvm.testing.plugin"
+
+
+def plugin_import(tmp: str, rounds: int, notes: list):
+    """What registering pykvm's pytest plugin adds to a pytest start-up: ``rounds`` runs of
+    ``python -X importtime -c`` :data:`PLUGIN_PROBE` with bytecode cached in ``tmp`` (as after
+    an install). pytest loads entry-point plugins through ``importlib``, which importtime does
+    not list at top level, so the plugin module is imported explicitly, after pytest. Returns
+    {"plugin_us", "pytest_us": summaries of µs, "vs_pytest": per-round ratio plugin/pytest,
+    "modules": the pykvm modules imported}, or None (with a note) where pytest is not installed.
+    Raises RuntimeError if the probe fails."""
+    import importlib.util
+    if importlib.util.find_spec("pytest") is None:
+        notes.append("plugin import: pytest is not installed here, so there is no pytest run "
+                     "for the plugin to cost anything in; not measured")
+        return None
+    env = _cached_bytecode_env(tmp)
+    cmd = [sys.executable, "-X", "importtime", "-c", PLUGIN_PROBE]
+    subprocess.run(cmd, env=env, capture_output=True, timeout=120)         # warm the cache
+    ours, theirs, modules = [], [], set()
+    for _ in range(rounds):
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        rows = importtime_lines(p.stderr)
+        top = [cum for level, cum, name in rows if level == 0 and name == "pytest"]
+        if p.returncode != 0 or not top:
+            raise RuntimeError(f"plugin import probe exited {p.returncode}: {p.stderr[-300:]}")
+        ours.append(pykvm_cost_us(rows))
+        theirs.append(top[0])
+        modules |= {n for _, _, n in rows if n == "pykvm" or n.startswith("pykvm.")}
+    return {"probe": PLUGIN_PROBE, "plugin_us": _summary(ours), "pytest_us": _summary(theirs),
+            "vs_pytest": _ratio(ours, theirs), "modules": sorted(modules)}
+
+
 # -- scaling ---------------------------------------------------------------------------------
 def scaling(kvm, n: int) -> list:
     """Aggregate exit rate of the C run loop (I/O out to port 0x80) with 1, 2, 4, ... vCPUs up to
@@ -857,6 +930,8 @@ def _headline(res: dict) -> tuple:
     put("boot_vs_kvmtool", res["boot"].get("pykvm_run_multiboot_vs_kvmtool"))
     blk = res.get("virtio_blk")
     put("virtio_blk_cpu_vs_qemu", blk["cpu_vs_qemu"]["read"]["c"] if blk else None)
+    pl = res.get("plugin_import")
+    put("plugin_import_vs_pytest", pl["vs_pytest"] if pl else None)
     wall = {"c_loop_vs_raw": ex["io_out"]["c_loop"]["wall_vs_raw"],
             "python_vs_raw": ex["io_out"]["python"]["wall_vs_raw"],
             "lifecycle_vs_raw": res["lifecycle"]["wall_vs_raw"]}
@@ -883,6 +958,7 @@ def run(quick: bool = False, exits: int = 0) -> dict:
         res["scaling"] = scaling(kvm, s["scale_exits"])
         res["boot"] = boot(tmp, s["boot"], s["boot_qemu"], notes)
         res["virtio_blk"] = virtio_blk(tmp, s["blk_rounds"], s["blk_requests"], notes)
+        res["plugin_import"] = plugin_import(tmp, s["plugin_rounds"], notes)
     notes.append("exit cost and lifecycle ratios compare the calling thread's CPU time (per-round "
                  "medians of contender/raw): what the work costs, however loaded the machine "
                  "is; wall-clock figures and ratios are reported beside them (ratios_wall)")
@@ -951,6 +1027,11 @@ def report(res: dict) -> str:
         lines.append(f"virtio-blk 4 KiB {case}, µs of host CPU per request (requests/s): " +
                      ", ".join(f"{w} {_fmt(v['cpu_us'], digits=1)} ({v['req_per_s']['median']:.0f})"
                                for w, v in blk[case].items()))
+    pl = res.get("plugin_import")
+    if pl:
+        lines.append(f"pytest plugin import, µs: pykvm's modules {_fmt(pl['plugin_us'], digits=0)} "
+                     f"against pytest's own {_fmt(pl['pytest_us'], digits=0)} "
+                     f"({', '.join(pl['modules'])})")
     lines.append("scaling (C loop, I/O out): " + ", ".join(
         f"{r['vcpus']} vCPU {r['exits_per_s'] / 1e3:.0f}k exits/s" for r in res["scaling"]))
     lines += ["", "ratios (median of per-round ratios; limit):"]
@@ -980,7 +1061,8 @@ def plot(res: dict, path: str) -> None:
                          "python_vs_raw_mmio_read", "python_vs_raw_hlt", "lifecycle_vs_raw",
                          "reset_vs_raw",
                          "machine_mem_vs_raw", "boot_vs_python_floor",
-                         "boot_multiboot_vs_python_floor", "boot_vs_qemu")
+                         "boot_multiboot_vs_python_floor", "boot_vs_qemu",
+                         "plugin_import_vs_pytest")
              if res["ratios"].get(k) is not None]
     vals = [res["ratios"][k] for k in names]
     lo = [v - res["ratio_ranges"].get(k, [v, v])[0] for k, v in zip(names, vals)]

@@ -44,7 +44,9 @@ not a skip. Where no usable KVM device exists at all (a laptop without KVM, a CI
 another architecture), every hardware test skips with "pykvm: host lacks a usable /dev/kvm".
 
 Loading the plugin costs pytest next to nothing: neither this package nor the plugin module
-imports pykvm's core; the fixtures do, when a test uses them. Tests that need KVM are skipped,
+imports pykvm's core (the plugin adds ``pykvm``, ``pykvm._host``, this package and itself to
+what pytest loads); the fixtures do, when a test uses them. ``pykvm bench`` measures the import
+against pytest's own (``plugin_import_vs_pytest``). Tests that need KVM are skipped,
 not errored, on a host without a usable ``/dev/kvm`` (``$PYKVM_DEVICE``) or on an architecture
 pykvm does not support.
 """

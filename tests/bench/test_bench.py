@@ -15,7 +15,7 @@ pytestmark = pytest.mark.requires_arch("x86_64")
 RESULTS: list = []            # shown in the terminal summary (conftest.py)
 REQUIRED = ("c_loop_vs_raw", "python_vs_raw", "machine_on_vs_python", "lifecycle_vs_raw",
             "machine_mem_vs_raw", "boot_vs_qemu", "boot_vs_python_floor",
-            "boot_multiboot_vs_python_floor", "virtio_blk_cpu_vs_qemu")
+            "boot_multiboot_vs_python_floor", "virtio_blk_cpu_vs_qemu", "plugin_import_vs_pytest")
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,9 @@ def test_quick_json_has_the_figures_behind_the_ratios(quick):
     assert [r["vcpus"] for r in res["scaling"]][0] == 1
     assert res["scaling"][-1]["vcpus"] == os.cpu_count()
     assert all(r["exits_per_s"] > 0 for r in res["scaling"])
+    pl = res["plugin_import"]                  # what the pytest plugin adds to pytest's start
+    assert pl["modules"] == ["pykvm", "pykvm._host", "pykvm.testing", "pykvm.testing.plugin"]
+    assert 0 < pl["plugin_us"]["median"] and 0 < pl["pytest_us"]["median"]
     for key in ("cpu", "cpus", "kernel", "kvm_module", "python"):
         assert key in res["host"]
 

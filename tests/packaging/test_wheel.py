@@ -14,7 +14,8 @@ import textwrap
 
 import pytest
 
-from importtime import importtime_lines, pykvm_cost_us
+from pykvm.bench import importtime_lines
+from plugin_modules import NEW_MODULES, OWN
 from readme_example import write_example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -233,15 +234,10 @@ def test_no_kvm_skips_and_the_plugin_costs_nothing(venv):
     assert r.returncode == 5, r.stdout + r.stderr
     rows = importtime_lines(r.stderr)
     assert rows and not [n for _, _, n in rows if n.split(".")[0] in ("cffi", "_cffi_backend")]
-    assert pykvm_cost_us(rows) < 5000    # entry-point loads are not listed; heavy imports would be
-    costs = []
-    for _ in range(3):
-        r = venv.run("python", "-X", "importtime", "-c", "import pytest, pykvm.testing.plugin",
-                     cwd=empty)
-        rows = importtime_lines(r.stderr)
-        assert "pykvm.testing.plugin" in [n for _, _, n in rows], r.stderr[-1500:]
-        costs.append(pykvm_cost_us(rows))
-    assert min(costs) < 5000, costs
+    # what importing the installed plugin adds to pytest's modules (its import time is a
+    # `pykvm bench` figure, plugin_import_vs_pytest; tests hold no wall-clock time to a limit)
+    r = venv.run("python", "-c", NEW_MODULES, cwd=empty)
+    assert r.returncode == 0 and r.stdout.strip() == repr(OWN), r.stdout + r.stderr
 
 
 @pytest.mark.requires_kvm

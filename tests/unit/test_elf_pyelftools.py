@@ -6,7 +6,6 @@ the file and walks every section for each PT_DYNAMIC segment)."""
 import shutil
 import struct
 import subprocess
-import time
 
 import pytest
 from elftools.elf.elffile import ELFFile
@@ -17,15 +16,7 @@ from pykvm.boot import elf as elfmod
 from pykvm.boot.symbols import Symbols
 
 from test_loader import CODE, make_elf, seg, with_symbols
-
-
-def _seconds(fn, repeat=3):
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+from workcount import line_events
 
 
 def test_elf_images_are_read_by_pyelftools():
@@ -42,10 +33,11 @@ def test_elf_images_are_read_by_pyelftools():
 
 
 def _name_bomb(n, run):
-    """n symbols, every name pointing at the start of one ``run``-byte string with no NUL."""
+    """n symbols, every name pointing at the start of one ``run``-byte string, its NUL the
+    string table's last byte."""
     img = bytearray(make_elf([seg(0x100000, CODE, 0x1000)], 0x100000))
     img += bytes((-len(img)) % 8)
-    strtab = b"\0" + b"A" * run                      # unterminated
+    strtab = b"\0" + b"A" * run + b"\0"              # one name, far too long
     syms = bytes(24) + struct.pack("<IBBHQQ", 1, 0x11, 0, 1, 0x100000, 8) * n
     sym_off = len(img)
     img += syms
@@ -56,7 +48,8 @@ def _name_bomb(n, run):
     img += sh.pack(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     img += sh.pack(0, 3, 0, 0, str_off, len(strtab), 0, 0, 1, 0)
     img += sh.pack(0, 2, 0, 0, sym_off, len(syms), 1, 1, 8, 24)
-    struct.pack_into("<QHHHH", img, 0x28, sh_off, 64, 56, 64, 3)  # e_shoff ... e_shnum
+    struct.pack_into("<Q", img, 0x28, sh_off)                     # e_shoff
+    struct.pack_into("<HH", img, 0x3A, 64, 3)                     # e_shentsize, e_shnum
     struct.pack_into("<H", img, 0x3E, 0)                          # e_shstrndx
     return bytes(img)
 
@@ -66,10 +59,23 @@ def test_symbol_name_bomb_is_linear():
     small, big = _name_bomb(2000, 200_000), _name_bomb(8000, 800_000)
     assert boot.elf_symbols(small) == {}                # every name too long: skipped
     assert boot.find_symbol(big, "pykvm_params") is None
-    t_small = _seconds(lambda: boot.elf_symbols(small))
-    t_big = _seconds(lambda: boot.elf_symbols(big))
-    assert t_big < 10 * t_small + 0.05, (t_small, t_big)   # 4x the input: ~4x the time
-    assert t_big < 5
+    # the bytes searched for names' ends, counted: at most MAX_SYMBOL_NAME + 1 per symbol (the
+    # search is bytes.find, C code, so its extent is what is measured, not Python steps)
+    for img, n in ((small, 2000), (big, 8000)):
+        elf = elfmod._Elf(img)
+        data = _CountingBytes(img)
+        for _, sh, st in elfmod._symbol_tables(elf):
+            assert list(elfmod._read_symbols(elf, data, sh, st)) == []
+        assert 0 < data.searched <= n * (elfmod.MAX_SYMBOL_NAME + 1), (n, data.searched)
+
+
+class _CountingBytes(bytes):
+    """bytes that add up the extent of every ``find`` made on them."""
+    searched = 0
+
+    def find(self, sub, start=0, end=None):
+        self.searched += (len(self) if end is None else end) - start
+        return super().find(sub, start, end)
 
 
 def test_pt_dynamic_segments_do_not_walk_every_section():
@@ -82,8 +88,10 @@ def test_pt_dynamic_segments_do_not_walk_every_section():
     img += bytes(64 * elfmod.MAX_SECTION_HEADERS)
     struct.pack_into("<Q", img, 0x28, sh_off)
     struct.pack_into("<HHH", img, 0x3A, 64, elfmod.MAX_SECTION_HEADERS, 0)
-    t = _seconds(lambda: boot.parse_image(bytes(img)), repeat=1)
-    assert t < 2, t
+    # the work, counted in Python steps: linear in the headers (walking the sections once per
+    # dynamic segment would take n * MAX_SECTION_HEADERS steps)
+    _, steps = line_events(boot.parse_image, bytes(img))
+    assert steps < 20 * n + 10 * elfmod.MAX_SECTION_HEADERS, steps
     assert boot.elf_symbols(bytes(img)) == {}
 
 
@@ -143,13 +151,15 @@ def test_hostile_dwarf_gives_no_lines_and_never_raises(tmp_path):
     b = bytearray(good)
     b[ioff:ioff + isize] = b"\xff" * isize                # garbage .debug_info
     variants.append(b)
+    # the work of a lookup, counted in Python steps: garbage never costs more than twice what
+    # the intact image's lookup does (a bad length read as a loop bound would)
+    _, intact = line_events(Symbols.from_image(str(elf)).describe, 0x200001)
     for i, v in enumerate(variants):
         p = tmp_path / f"v{i}.elf"
         p.write_bytes(bytes(v))
         s = Symbols.from_image(str(p))
-        t = time.perf_counter()
-        d = s.describe(0x200001)
-        assert time.perf_counter() - t < 2
+        d, steps = line_events(s.describe, 0x200001)
+        assert steps <= 2 * intact, (i, steps, intact)
         assert d.startswith("_start+0x1")                 # symbols survive bad DWARF
 
 

@@ -7,9 +7,9 @@ import sys
 import textwrap
 
 
-from importtime import importtime_lines, pykvm_cost_us
+from pykvm.bench import importtime_lines, pykvm_cost_us
+from plugin_modules import NEW_MODULES, OWN
 
-BUDGET_US = 5000
 HEAVY = ("cffi", "_cffi_backend", "pycparser", "pykvm.abi", "pykvm._native", "pykvm.kvm",
          "pykvm.machine", "elftools")
 
@@ -31,38 +31,34 @@ def test_importtime_parser():
     assert pykvm_cost_us(rows) == 360
 
 
-def test_plugin_adds_under_5ms_and_loads_no_core(tmp_path):
+def test_plugin_loads_only_its_own_small_modules(tmp_path):
+    """What the plugin costs a pytest run that uses none of it, as facts that hold on any host:
+    the modules it brings in. Its import time is a figure of `pykvm bench`
+    (``plugin_import_vs_pytest``, against pytest's own import in the same run): a test never
+    holds wall-clock time to a limit."""
     empty = tmp_path / "empty"
     empty.mkdir()
     env = _env(tmp_path)
     cmd = [sys.executable, "-X", "importtime", "-m", "pytest", "--co", "-q"]
-    subprocess.run(cmd, cwd=empty, env=env, capture_output=True)        # warm the .pyc cache
     r = subprocess.run(cmd, cwd=empty, env=env, capture_output=True, text=True)
     assert r.returncode == 5, r.stdout + r.stderr                       # 5: no tests collected
     rows = importtime_lines(r.stderr)
     assert rows, r.stderr[-2000:]
     heavy = [n for _, _, n in rows if n.split(".")[0] in HEAVY or n in HEAVY]
     assert not heavy, f"a pytest run without pykvm tests imported {heavy}"
-    assert pykvm_cost_us(rows) < BUDGET_US
-    # pytest loads entry-point plugins through importlib.import_module, which -X importtime does
-    # not report at the top level: time the plugin module's own import (after pytest's) as well
-    probe = "import pytest; import pykvm.testing.plugin"
-    costs = []
-    for _ in range(3):
-        r = subprocess.run([sys.executable, "-X", "importtime", "-c", probe], cwd=empty, env=env,
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        rows = importtime_lines(r.stderr)
-        assert "pykvm.testing.plugin" in [n for _, _, n in rows]
-        costs.append(pykvm_cost_us(rows))
-    assert min(costs) < BUDGET_US, costs
+    # everything the plugin's import adds to what pytest has loaded: pykvm's three small modules
+    # and the plugin (os, sys and time are pytest's already), nothing from the core
+    r = subprocess.run([sys.executable, "-c", NEW_MODULES], cwd=empty, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == repr(OWN)
     # and what a whole collection run leaves loaded
     r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         import sys, pytest
         pytest.main(["--co", "-q", "-p", "no:cacheprovider"])
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("pykvm", "cffi", "_cffi_backend")))
     """)], cwd=empty, env=env, capture_output=True, text=True)
-    assert r.stdout.strip().splitlines()[-1] == "['pykvm', 'pykvm._host', 'pykvm.testing', 'pykvm.testing.plugin']"
+    assert r.stdout.strip().splitlines()[-1] == repr(OWN)
 
 
 TESTS = """
