@@ -5,9 +5,13 @@
  * params[0] = reads (default 2000); params[1] = 1: also count PM timer ticks
  * over one RTC second.
  *
- * SYNC(1, pm_tmr_blk, first value, last value, ticks elapsed (sum of deltas),
- *      tsc cycles elapsed, largest single delta, reads)
- * SYNC(2, PM1_CNT, PM1_EN after writing 0x0401, PM1_STS & ~TMR_STS after
+ * SYNC(1, first value, last value, ticks elapsed (sum of deltas), TSC cycles from
+ *      before the first read to after the last, TSC cycles from after the first read
+ *      to before the last, largest single delta, reads)
+ *      The two TSC spans bracket the span the PM timer counted, however long the host
+ *      took to serve the first and the last read (a descheduled vCPU thread widens the
+ *      bracket; it never moves the true span outside it).
+ * SYNC(2, pm_tmr_blk, PM1_CNT, PM1_EN after writing 0x0401, PM1_STS & ~TMR_STS after
  *      writing all-ones, byte read of PM1_EN's low half)
  * SYNC(3, PM ticks in each of three RTC seconds)      (params[1] = 1)
  */
@@ -19,7 +23,7 @@ void guest_main(void)
 	uint32_t n = pykvm_params[0] ? (uint32_t)pykvm_params[0] : 2000;
 	uint16_t tmr, evt, cnt;
 	uint32_t first, prev, cur, delta, max = 0, i;
-	uint64_t total = 0, tsc0, tsc1;
+	uint64_t total = 0, tsc0, tsc0_after, tsc1_before, tsc1;
 
 	GUEST_ASSERT(fadt != NULL);
 	tmr = (uint16_t)rd32(fadt, 76);
@@ -27,8 +31,11 @@ void guest_main(void)
 	cnt = (uint16_t)rd32(fadt, 64);
 	tsc0 = rdtsc();
 	first = prev = cur = inl(tmr);
+	tsc0_after = rdtsc();
 	GUEST_ASSERT_EQ(first >> 24, 0);
+	tsc1_before = tsc0_after;
 	for (i = 0; i < n; i++) {
+		tsc1_before = rdtsc();
 		cur = inl(tmr);
 		GUEST_ASSERT_EQ(cur >> 24, 0);
 		delta = (cur - prev) & 0xffffff;
@@ -40,11 +47,11 @@ void guest_main(void)
 		prev = cur;
 	}
 	tsc1 = rdtsc();
-	GUEST_SYNC(1, tmr, first, cur, total, tsc1 - tsc0, max, n);
+	GUEST_SYNC(1, first, cur, total, tsc1 - tsc0, tsc1_before - tsc0_after, max, n);
 
 	outw(evt + 2, 0x0401);
 	outw(evt, 0xffff);
-	GUEST_SYNC(2, inw(cnt), inw(evt + 2), inw(evt) & ~1u, inb(evt + 2));
+	GUEST_SYNC(2, tmr, inw(cnt), inw(evt + 2), inw(evt) & ~1u, inb(evt + 2));
 	outw(evt + 2, 0);
 
 	if (pykvm_params[1]) {
