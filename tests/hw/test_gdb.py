@@ -23,6 +23,7 @@ from pykvm.gdbstub import packets as pk
 from pykvm.gdbstub.server import serve
 from pykvm.gdbstub.x86 import data_breakpoints_fire
 from pykvm.machine import Machine
+from pykvm.testing import wait_until
 from pykvm.testing.gdb import (GDB, TIMEOUT, PykvmGdb, gdb_args as _gdb_args,
                                guest_elf as _elf, run_gdb, source_line as _line_of)
 
@@ -618,7 +619,10 @@ def test_thread_ids_that_do_not_exist_are_refused(leftovers):
                     b"vCont;Czz", b"czz", b"Czz", b"C05;zz", b"szz", b"s1000", b"S05;1000"):
             assert v.c.ask(bad) == b"E16", bad
         assert v.c.ask(b"qThreadExtraInfo,1") == pk.hex_encode(b"vCPU 0")
-        assert v.m.held_for("gdb")                        # nothing was resumed
+        # nothing was resumed: the run's vCPU reaches gdb's hold (the run thread may start
+        # after the packets were answered) and stays there
+        wait_until(lambda: v.m.held_for("gdb"), "the started run to be held for gdb",
+                   timeout=TIMEOUT)
         assert v.c.ask(b"qC") == b"QC1"                    # the stub still answers, stopped
         assert v.c.ask(b"vCont;c:1") == b"W00"             # a good one runs to the end
     finally:
@@ -670,7 +674,10 @@ def test_the_unix_socket_of_a_live_server_is_left_alone(tmp_path, leftovers):
                                text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
             assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
             assert len(r.stderr.strip().splitlines()) == 1 and "live server" in r.stderr
-            assert m1.held_for("gdb") and not result       # the probes released nothing
+            # the probes released nothing: the run is held for gdb (once its vCPU thread has
+            # reached the hold) and has not ended
+            wait_until(lambda: m1.held_for("gdb"), "the run to be held for gdb", timeout=TIMEOUT)
+            assert not result
             c = Raw(path)                                   # the first still serves
             assert c.ask(b"qC") == b"QC1"
             assert c.ask(b"c") == b"W00"
