@@ -263,8 +263,10 @@ def test_tap_in_a_namespace_arp_udp_both_ways_flood_and_link(guest_vm, netns_tap
             wait_until(lambda: arrived() >= full, f"{full} frames taken by the device",
                        timeout=PATIENCE)
         except AssertionError as e:          # say where the frames stopped, for the next reader
-            raise AssertionError(f"{e}: {arrived()} taken; device {dev.counters()}; the tap "
-                                 f"in the namespace {_tap_stats(name)}") from None
+            raise AssertionError(f"{e}: {arrived()} taken; device {dev.counters()}, its thread "
+                                 f"{dev.thread_error or 'serving'}, backend "
+                                 f"{dev.backend.error or 'ok'}; the tap in the namespace "
+                                 f"{_tap_stats(name)}") from None
         time.sleep(0.2)                                  # a device that read on would show it here
         c = dev.counters()
         assert c["rx_packets"] + c["rx_pending"] - before["rx_packets"] == full, c
