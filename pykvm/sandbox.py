@@ -34,8 +34,6 @@ without the marker exits with status 125.
 """
 from __future__ import annotations
 
-import gzip
-import io
 import lzma
 import os
 import re
@@ -48,6 +46,8 @@ import zlib
 import tempfile
 from pathlib import Path
 
+from .boot.image import (MAX_IMAGE_SIZE, STREAM_CHUNK, LoadError, _data_extents, _open_regular,
+                         _read_image, _too_big)
 from .errors import PykvmError
 from .lab.initramfs import write_part
 
@@ -60,6 +60,12 @@ NO_MARKER = 125                          # exit status when the guest never repo
 # modules the guest loads to mount its root, by architecture (module names, '-' = '_')
 MODULES = {"x86_64": ("virtio_pci", "virtio_console", "virtiofs", "overlay"),
            "riscv64": ("virtio_mmio", "virtio_console", "virtiofs", "overlay")}
+# Limits on the host files the sandbox reads (each is read as the boot loader reads images:
+# regular files only, opened without blocking, the size checked before reading; pykvm.boot.image)
+MAX_BUSYBOX_SIZE = 64 << 20              # bytes of --busybox (a static busybox is 1-3 MiB)
+MAX_MODULE_SIZE = 64 << 20               # bytes of a module file, and of its decompressed ELF
+MAX_LIST_SIZE = 16 << 20                 # bytes of modules.builtin (a few hundred KiB)
+MAX_MODULE_ENTRIES = 200_000             # directory entries looked at under --modules
 
 # /init (busybox sh). @TAG@, @MODE@, @NONCE@, @CWD@ and @ARGS@ are filled in by build_initramfs.
 INIT = r"""#!/bin/busybox sh
@@ -124,37 +130,146 @@ class SandboxTimeout(SandboxError):
 
 
 # -- the kernel ------------------------------------------------------------------------------
-_BANNER = re.compile(rb"Linux version (\S+) \(")
+_BANNER = re.compile(rb"Linux version (\S{1,200}) \(")
+_GZIP_MAGIC = b"\x1f\x8b\x08"            # a gzip member: ID1, ID2, CM=deflate (RFC 1952 2.3.1)
+# bytes of an image read for the bzImage setup header and the string its 16-bit kernel_version
+# pointer (offset 0x20E) names: at most 0xFFFF + 0x200, plus the string
+KERNEL_HEAD = 0x10200 + 256
+_CARRY = 256                             # bytes kept between chunks so no banner is cut in two
+MAX_GZIP_TRIES = 64                      # gzip members tried for the banner, the first found
+MAX_GUNZIP = 64 << 20                    # bytes inflated from one gzip member, at most
+MAX_GUNZIP_TOTAL = 128 << 20             # bytes inflated from all of them together, at most
+
+
+def _word_release(text: bytes) -> Optional[str]:
+    """The first word of ``text`` as a release, or None where there is none or it could not be
+    one (a release names a directory under /lib/modules: no '/', not '.' or '..')."""
+    words = text.split()
+    if not words:
+        return None
+    rel = words[0].decode("ascii", "replace")
+    return None if "/" in rel or rel in (".", "..") else rel
+
+
+def _header_release(head: bytes) -> Optional[str]:
+    """The release in an x86 bzImage setup header (Linux boot protocol 2.00+: ``HdrS`` at 0x202,
+    ``kernel_version`` at 0x20E, a pointer less 0x200 to a NUL-terminated string), or None."""
+    if len(head) <= 0x210 or head[0x202:0x206] != b"HdrS":
+        return None
+    (ptr,) = struct.unpack_from("<H", head, 0x20E)
+    start = ptr + 0x200
+    if not ptr or start >= len(head):
+        return None
+    end = head.find(b"\0", start, start + 256)
+    return _word_release(head[start:end if end > 0 else start + 256])
+
+
+def _gunzip_release(read: Callable[[int, int], bytes], at: int, budget: int) -> tuple:
+    """(release or None, bytes inflated) for the gzip member at offset ``at``: its output is
+    searched for the banner as it is inflated, ``budget`` bytes at most."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    pos, used, carry = at, 0, b""
+    while used < budget:
+        data = d.unconsumed_tail
+        if not data:
+            data = read(pos, 1 << 16)
+            pos += len(data)
+            if not data:
+                break
+        try:
+            out = d.decompress(data, min(STREAM_CHUNK, budget - used))
+        except zlib.error:
+            break
+        used += len(out)
+        buf = carry + out
+        m = _BANNER.search(buf)
+        if m:
+            return _word_release(m.group(1)), used
+        carry = buf[-_CARRY:]
+        if d.eof:
+            break
+    return None, used
+
+
+def _release(read: Callable[[int, int], bytes], extents: Iterable[tuple], limit: int,
+             what: str, limit_name: str) -> Optional[str]:
+    """The release of the image that ``read(offset, n)`` gives the bytes of (see
+    :func:`kernel_release`). Past the bzImage header, the ``[start, end)`` ranges in
+    ``extents`` (those that may hold data: a sparse file's holes are skipped) are read front
+    to back in :data:`STREAM_CHUNK` pieces, up to where ``read`` gives no more and no more than
+    ``limit`` bytes (past that :class:`~pykvm.boot.LoadError` naming ``limit_name``), and the
+    image is never held whole; gzip members are inflated as a stream,
+    :data:`MAX_GUNZIP_TOTAL` bytes at most."""
+    release = _header_release(read(0, KERNEL_HEAD))
+    if release is not None:
+        return release
+    members: List[int] = []
+    next_member = 0
+    for lo, hi in extents:
+        pos, carry = lo, b""
+        while pos < hi:
+            chunk = read(pos, min(STREAM_CHUNK, hi - pos, limit + 1 - pos))
+            if not chunk:
+                break
+            if pos + len(chunk) > limit:
+                raise _too_big(what, pos + len(chunk), limit, limit_name)
+            buf, base = carry + chunk, pos - len(carry)
+            m = _BANNER.search(buf)
+            if m:
+                return _word_release(m.group(1))
+            at = buf.find(_GZIP_MAGIC, max(0, next_member - base))
+            while at >= 0 and len(members) < MAX_GZIP_TRIES:
+                members.append(base + at)
+                next_member = base + at + 1
+                at = buf.find(_GZIP_MAGIC, at + 1)
+            carry = buf[-_CARRY:]
+            pos += len(chunk)
+    budget = MAX_GUNZIP_TOTAL
+    for at in members:
+        release, used = _gunzip_release(read, at, min(MAX_GUNZIP, budget))
+        if release is not None:
+            return release
+        budget -= used
+        if budget <= 0:
+            break
+    return None
 
 
 def kernel_release(image: bytes) -> Optional[str]:
-    """The kernel release (``uname -r``) of a Linux image, or None when it cannot be told.
-    x86 bzImage: the header's ``kernel_version`` (Linux boot protocol, offset 0x20E: a pointer
-    less 0x200 to a NUL-terminated string whose first word is the release); otherwise the
-    ``Linux version <release> (`` banner in the image or in the first gzip member inside it
-    (RISC-V ``Image`` files are uncompressed; Debian's ``vmlinuz`` may be gzip'd)."""
-    if len(image) > 0x210 and image[0x202:0x206] == b"HdrS":
-        (ptr,) = struct.unpack_from("<H", image, 0x20E)
-        start = ptr + 0x200
-        if ptr and start < len(image):
-            end = image.find(b"\0", start, start + 256)
-            words = image[start:end if end > 0 else start + 256].split()
-            if words:
-                return words[0].decode("ascii", "replace")
-    m = _BANNER.search(image)
-    if m:
-        return m.group(1).decode("ascii", "replace")
-    at = image.find(b"\x1f\x8b\x08")
-    while at >= 0:
-        try:
-            data = gzip.GzipFile(fileobj=io.BytesIO(image[at:])).read(64 << 20)
-        except (OSError, EOFError, zlib.error):
-            data = b""
-        m = _BANNER.search(data)
-        if m:
-            return m.group(1).decode("ascii", "replace")
-        at = image.find(b"\x1f\x8b\x08", at + 1)
-    return None
+    """The kernel release (``uname -r``) of a Linux image's bytes, or None when it cannot be
+    told. x86 bzImage: the header's ``kernel_version`` (Linux boot protocol, offset 0x20E: a
+    pointer less 0x200 to a NUL-terminated string whose first word is the release); otherwise
+    the ``Linux version <release> (`` banner in the image or in one of the first
+    :data:`MAX_GZIP_TRIES` gzip members inside it (RISC-V ``Image`` files are uncompressed;
+    Debian's ``vmlinuz`` may be gzip'd). A release holding '/' counts as none."""
+    view = memoryview(image).cast("B")
+    return _release(lambda off, n: bytes(view[off:off + n]), [(0, len(view))], len(view),
+                    "kernel image", "its size")
+
+
+def read_kernel_release(path: str, limit: int = MAX_IMAGE_SIZE,
+                        limit_name: str = "guest RAM (--mem)") -> Optional[str]:
+    """:func:`kernel_release` of the kernel file ``path``, read as the boot loader reads images
+    (:mod:`pykvm.boot.image`): a regular file only (opened with ``O_NONBLOCK``, so a FIFO or a
+    device never blocks or streams), ``limit`` bytes at most (and never more than
+    :data:`~pykvm.boot.MAX_IMAGE_SIZE`), checked against its size before any read; a bzImage
+    costs :data:`KERNEL_HEAD` bytes of reading, other images are scanned in
+    :data:`STREAM_CHUNK` pieces, skipping a sparse file's holes (``SEEK_DATA``). Raises :class:`~pykvm.boot.LoadError` (one line) for a file
+    that cannot be read, is not a regular file or is too large."""
+    if limit > MAX_IMAGE_SIZE:
+        limit, limit_name = MAX_IMAGE_SIZE, "the loader's limit MAX_IMAGE_SIZE"
+    fd, st, shown = _open_regular(path, "kernel")
+    what = f"kernel {shown}"
+    try:
+        if st.st_size > limit:
+            raise _too_big(what, st.st_size, limit, limit_name)
+        # a file whose st_size is 0 (/proc, /sys) is read to its end, ``limit`` bytes at most
+        extents = _data_extents(fd, st.st_size) if st.st_size else [(0, limit + 1)]
+        return _release(lambda off, n: os.pread(fd, n, off), extents, limit, what, limit_name)
+    except OSError as e:
+        raise LoadError(f"cannot read {what}: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
 
 
 def default_kernel() -> str:
@@ -168,20 +283,46 @@ def module_name(path: str) -> str:
     return os.path.basename(path).split(".ko")[0].replace("-", "_")
 
 
-def decompress_module(path: Path) -> bytes:
-    """A module file's ELF bytes (``.ko``, ``.ko.xz``, ``.ko.gz``). Raises SandboxError for
-    ``.ko.zst`` (Python's standard library cannot read zstd) and unreadable files."""
+def _read_input(path, limit: int, limit_name: str, what: str, hint: str = "") -> bytes:
+    """The bytes of the host file ``path``, read by the boot loader's reader
+    (:func:`pykvm.boot.image._read_image`: a regular file only, opened with ``O_NONBLOCK``, no
+    more than ``limit`` bytes, checked against its size before reading). Raises
+    :class:`SandboxError` with the loader's one-line message and ``hint``."""
     try:
-        data = Path(path).read_bytes()
-        if path.name.endswith(".xz"):
-            return lzma.decompress(data)
-        if path.name.endswith(".gz"):
-            return gzip.decompress(data)
-    except (OSError, lzma.LZMAError, EOFError) as e:
-        raise SandboxError(f"module {path}: {e}") from None
+        return bytes(_read_image(path, limit, limit_name, what))
+    except LoadError as e:
+        raise SandboxError(f"{e}{hint}") from None
+
+
+def _inflate(d, data: bytes, path: Path) -> bytes:
+    """``data`` through the decompressor ``d`` (an ``lzma.LZMADecompressor`` or a
+    ``zlib.decompressobj``), :data:`MAX_MODULE_SIZE` bytes of output at most."""
+    out = d.decompress(data, MAX_MODULE_SIZE + 1)
+    if len(out) > MAX_MODULE_SIZE:
+        raise SandboxError(f"module {path} decompresses to more than MAX_MODULE_SIZE "
+                           f"({MAX_MODULE_SIZE:#x} bytes)")
+    if not d.eof:
+        raise SandboxError(f"module {path}: the compressed data end early")
+    return out
+
+
+def decompress_module(path: Path) -> bytes:
+    """A module file's ELF bytes (``.ko``, ``.ko.xz``, ``.ko.gz``): a regular file of at most
+    :data:`MAX_MODULE_SIZE` bytes, decompressing to no more than that. Raises SandboxError for
+    ``.ko.zst`` (Python's standard library cannot read zstd), a file that is not regular, too
+    large or unreadable, and bad compressed data."""
+    path = Path(path)
     if path.name.endswith(".zst"):
         raise SandboxError(f"module {path}: zstd-compressed modules are not supported; give "
                            f"--modules a directory of decompressed ones")
+    data = _read_input(path, MAX_MODULE_SIZE, "MAX_MODULE_SIZE", "module")
+    try:
+        if path.name.endswith(".xz"):
+            return _inflate(lzma.LZMADecompressor(), data, path)
+        if path.name.endswith(".gz"):
+            return _inflate(zlib.decompressobj(16 + zlib.MAX_WBITS), data, path)
+    except (lzma.LZMAError, zlib.error) as e:
+        raise SandboxError(f"module {path}: {e}") from None
     return data
 
 
@@ -197,20 +338,30 @@ def modinfo_depends(ko: bytes) -> List[str]:
 def find_modules(moddir: Path, names: Iterable[str]) -> List[tuple]:
     """``[(name, ELF bytes)]`` in load order (dependencies first) for the modules ``names`` and
     what they depend on, found anywhere under ``moddir`` (a ``/lib/modules/<release>`` tree or
-    a flat directory of ``.ko`` files). A name listed in ``moddir/modules.builtin`` is skipped;
-    so is one found neither there nor as a file when ``modules.builtin`` is absent (the kernel
-    may build it in). Raises SandboxError for a module the kernel has neither way."""
+    a flat directory of ``.ko`` files; no more than :data:`MAX_MODULE_ENTRIES` entries are
+    looked at). A name listed in ``moddir/modules.builtin`` is skipped; so is one found neither
+    there nor as a file when ``modules.builtin`` is absent (the kernel may build it in). Only
+    the modules needed are read (:func:`decompress_module`); ``modules.builtin`` must be a
+    regular file of at most :data:`MAX_LIST_SIZE` bytes. Raises SandboxError for a module the
+    kernel has neither way, and for a file that cannot be read so."""
     moddir = Path(moddir)
     files: Dict[str, Path] = {}
-    for dirpath, _dirs, fnames in os.walk(moddir):
+    seen_entries = 0
+    for dirpath, dirs, fnames in os.walk(moddir):
+        seen_entries += len(dirs) + len(fnames)
+        if seen_entries > MAX_MODULE_ENTRIES:
+            raise SandboxError(f"modules directory {moddir} holds more than "
+                               f"{MAX_MODULE_ENTRIES} entries; give --modules the kernel's "
+                               f"/lib/modules/<release>")
         for f in fnames:
             if ".ko" in f:
                 files.setdefault(module_name(f), Path(dirpath) / f)
     builtin_file = moddir / "modules.builtin"
     builtin = None
-    if builtin_file.is_file():
-        builtin = {module_name(line.strip()) for line in builtin_file.read_text().splitlines()
-                   if line.strip()}
+    if os.path.lexists(builtin_file):
+        text = _read_input(builtin_file, MAX_LIST_SIZE, "MAX_LIST_SIZE", "modules.builtin")
+        builtin = {module_name(line.strip())
+                   for line in text.decode("utf-8", "replace").splitlines() if line.strip()}
     out: List[tuple] = []
     seen: set = set()
 
@@ -236,18 +387,17 @@ def find_modules(moddir: Path, names: Iterable[str]) -> List[tuple]:
 
 
 def static_busybox(path: Optional[str] = None) -> bytes:
-    """The bytes of a statically linked busybox: ``path``, else ``busybox`` on PATH. Raises
-    SandboxError when there is none or it is dynamically linked (an ELF with a PT_INTERP
-    program header)."""
+    """The bytes of a statically linked busybox: ``path``, else ``busybox`` on PATH; a regular
+    file of at most :data:`MAX_BUSYBOX_SIZE` bytes. Raises SandboxError when there is none,
+    it cannot be read so, or it is dynamically linked (an ELF with a PT_INTERP program
+    header)."""
     found = path or shutil.which("busybox")
     if not found:
         raise SandboxError("no busybox found: give --busybox, or install a static one "
                            "(Debian: busybox-static)")
-    try:
-        data = Path(found).read_bytes()
-    except OSError as e:
-        raise SandboxError(f"busybox {found}: {e.strerror}") from None
-    if data[:4] != b"\x7fELF" or data[4] != 2:
+    data = _read_input(found, MAX_BUSYBOX_SIZE, "MAX_BUSYBOX_SIZE", "busybox",
+                       " (give --busybox a static busybox; Debian: busybox-static)")
+    if data[:4] != b"\x7fELF" or len(data) < 0x40 or data[4] != 2:
         raise SandboxError(f"busybox {found}: not a 64-bit ELF program")
     (phoff,) = struct.unpack_from("<Q", data, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
@@ -394,13 +544,12 @@ def run(argv: Sequence[str], *, kernel: Optional[str] = None, root: str = "/",
     from .machine import Machine
     kernel = kernel or default_kernel()
     try:
-        image = Path(kernel).read_bytes()
-    except OSError as e:
-        raise SandboxError(f"kernel {kernel}: {e.strerror} (give --kernel)") from None
+        release = read_kernel_release(kernel, mem_size)
+    except LoadError as e:
+        raise SandboxError(f"{e} (give --kernel)") from None
     root_p = Path(root).resolve()
     if not root_p.is_dir():
         raise SandboxError(f"root {root}: not a directory")
-    release = kernel_release(image)
     if modules is None:
         if release is None:
             raise SandboxError(f"kernel {kernel}: its release cannot be read; give --modules")
@@ -459,6 +608,7 @@ def _stdout_writer() -> Callable[[bytes], None]:
     return write
 
 
-__all__ = ["run", "SandboxError", "SandboxTimeout", "kernel_release", "find_modules", "build_initramfs",
+__all__ = ["run", "SandboxError", "SandboxTimeout", "kernel_release", "read_kernel_release",
+           "find_modules", "decompress_module", "build_initramfs",
            "init_script", "ConsoleFilter", "static_busybox", "default_kernel", "MODULES",
            "INIT", "TAG", "NO_MARKER"]
