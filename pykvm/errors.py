@@ -198,6 +198,24 @@ class Closed(PykvmError, ValueError):
     Python's own closed files raise."""
 
 
+class InvalidArgument(PykvmError, ValueError):
+    """An argument of a pykvm call is of the wrong type or outside its documented range (a
+    timeout that is not a finite number of seconds >= 0, a memory size that is not a positive
+    number of bytes, an empty guest name...). The message names the argument and shows the
+    value given, shortened to :data:`SHOWN_CHARS` characters. A subclass of
+    :class:`ValueError`, which pykvm raised for these before."""
+
+
+SHOWN_CHARS = 60                  # how much of a bad value a message quotes
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for a message: control and non-ASCII characters escaped, at most
+    :data:`SHOWN_CHARS` characters (then ending in "...")."""
+    text = ascii(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
 class Busy(PykvmError):
     """The vCPU is already running in another thread (one ``KVM_RUN`` caller at a time)."""
 

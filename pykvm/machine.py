@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 import threading
 import time
@@ -24,7 +25,8 @@ from .arch.x86.paging import PageAllocator
 from .boot.symbols import GuestGlobals, Symbols
 from .platform import MachineControl, choose as choose_platform
 from .errors import (Busy, Closed, GuestError, GuestMemoryError, HostResourceError,
-                     KvmError, MachineEnded, PykvmError, host_resource_error)
+                     InvalidArgument, KvmError, MachineEnded, PykvmError, host_resource_error,
+                     shown)
 from .exits import Exit
 from .devices.virtio.fs import VirtioFs
 from .kvm import Kvm
@@ -104,8 +106,11 @@ class RunResult(Record):
 
 def _is_image_path(name: str) -> bool:
     """A name pykvm.guests.path() would return as it is (a path to an image, not a built-in
-    guest's name or a source to build)."""
-    return not name.endswith((".c", ".S")) and ("/" in name or name.endswith((".elf", ".bin")))
+    guest's name or a source to build), or a file that exists under that name (``Image``,
+    ``vmlinux`` in the current directory: as for QEMU's -kernel, a path naming a file wins over
+    a built-in guest's name)."""
+    return not name.endswith((".c", ".S")) and ("/" in name or name.endswith((".elf", ".bin"))
+                                                or os.path.isfile(name))
 
 
 # Kept for callers of earlier versions; see pykvm.status for the whole table.
@@ -134,6 +139,22 @@ def _guest_fault(ex, e: GuestMemoryError) -> GuestError:
     ``ex`` (or None when unknown): one line naming both."""
     what = _exit_brief(ex)
     return GuestError(f"guest fault: {_one_line(e)}" + (f" (serving its {what})" if what else ""))
+
+
+def _seconds(what: str, value: object, none_ok: bool = True) -> Optional[float]:
+    """``value`` checked as the duration argument ``what`` of a public method: None where
+    ``none_ok``, else an int or float (not a bool) from 0 to ``threading.TIMEOUT_MAX``
+    seconds, returned as a float. Raises :class:`~pykvm.errors.InvalidArgument` for anything
+    else (NaN, infinities, negative or absurdly large values, strings)."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{what} must be a number of seconds"
+                              f"{' or None' if none_ok else ''}, not {shown(value)}")
+    if not 0 <= value <= threading.TIMEOUT_MAX:        # NaN fails the comparison too
+        raise InvalidArgument(f"{what} must be a finite number of seconds from 0 to "
+                              f"{threading.TIMEOUT_MAX:.0f}, not {shown(value)}")
+    return float(value)
 
 
 def _budget_left(loop: "LoopBase", budget: int, start_exits: int) -> Optional[int]:
@@ -206,12 +227,17 @@ class Machine:
                  vsock=None, shares: Sequence = (), vm_setup: Optional[Callable] = None,
                  **platform_opts):
         if not isinstance(vcpus, int) or isinstance(vcpus, bool):
-            raise ValueError(f"vcpus must be an integer, not {vcpus!r}")
+            raise InvalidArgument(f"vcpus must be an integer, not {shown(vcpus)}")
         if vcpus < 1:
-            raise ValueError(f"a machine needs at least one vCPU, got {vcpus!r}")
+            raise InvalidArgument(f"a machine needs at least one vCPU, got {shown(vcpus)}")
+        if not isinstance(mem_size, int) or isinstance(mem_size, bool) or mem_size < 1:
+            raise InvalidArgument(f"mem_size must be a positive number of bytes (an int), "
+                                  f"not {shown(mem_size)}")
+        if isinstance(guest, str) and not guest:
+            raise InvalidArgument("guest must name a built-in guest or an image file, not ''")
         if not (isinstance(loop, type) and issubclass(loop, LoopBase)) and loop is not None:
-            raise ValueError(f"loop must be a run-loop class (pykvm.runloop.RunLoop or a "
-                             f"subclass of LoopBase), not {loop!r}")
+            raise InvalidArgument(f"loop must be a run-loop class (pykvm.runloop.RunLoop or a "
+                                  f"subclass of LoopBase), not {shown(loop)}")
         self._closed = False
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
@@ -261,21 +287,22 @@ class Machine:
         self._patch_lock = threading.RLock()
         try:
             if console not in ("serial", "virtio"):
-                raise ValueError(f"console must be 'serial' or 'virtio', not {console!r}")
+                raise InvalidArgument(f"console must be 'serial' or 'virtio', not {shown(console)}")
             if disks is None:
                 disks = ()
             if isinstance(disks, (str, bytes)) or not isinstance(disks, (list, tuple)):
-                raise ValueError(f"disks must be a list of disk images, not {disks!r}")
+                raise InvalidArgument(f"disks must be a list of disk images, not {shown(disks)}")
             if not isinstance(rng, bool):
-                raise ValueError(f"rng must be True or False, not {rng!r}")
+                raise InvalidArgument(f"rng must be True or False, not {shown(rng)}")
             if nets is None:
                 nets = ()
             if isinstance(nets, (str, bytes)) or not isinstance(nets, (list, tuple)):
-                raise ValueError(f"nets must be a list of networks, not {nets!r}")
+                raise InvalidArgument(f"nets must be a list of networks, not {shown(nets)}")
             if shares is None:
                 shares = ()
             if isinstance(shares, (str, bytes)) or not isinstance(shares, (list, tuple)):
-                raise ValueError(f"shares must be a list of shared directories, not {shares!r}")
+                raise InvalidArgument(f"shares must be a list of shared directories, "
+                                      f"not {shown(shares)}")
             if disks or rng or console != "serial" or nets or vsock is not None or shares:
                 platform_opts["virtio_spec"] = (tuple(disks), bool(rng), console, tuple(nets),
                                                 vsock, tuple(shares))
@@ -576,6 +603,10 @@ class Machine:
         self._check_open()
         if not isinstance(index, int) or not 0 <= index < len(self.loops):
             raise IndexError(f"no vCPU {index!r} (this machine has {len(self.loops)})")
+        timeout = _seconds("Machine.step: timeout", timeout)
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise InvalidArgument(f"Machine.step: budget must be an int >= 0 (0: no cap), "
+                                  f"not {shown(budget)}")
         deadline = time.monotonic() + timeout if timeout else None
         loop = self.loops[index]
         start_exits = loop.exits_total
@@ -865,8 +896,10 @@ class Machine:
 
         ``timeout``: seconds to wait until every running vCPU is held (None: no wait).
         Returns :meth:`held_for` ``owner``. Raises :class:`~pykvm.errors.Closed` after
-        :meth:`close`."""
+        :meth:`close`, :class:`~pykvm.errors.InvalidArgument` for a ``timeout`` that is not
+        None or a finite number of seconds >= 0."""
         self._check_open()
+        timeout = _seconds("Machine.hold: timeout", timeout)
         loops = getattr(self, "loops", ())
         with self._pause_cv:
             self._holders.add(owner)
@@ -925,6 +958,7 @@ class Machine:
         ``timeout``: seconds to wait for another thread's block to end and for the vCPUs to
         be held. Raises :class:`~pykvm.errors.Busy` ("``what``: ...") when they are not in
         time; nothing stays held then, also when the wait is interrupted (KeyboardInterrupt)."""
+        timeout = _seconds("Machine.holding: timeout", timeout, none_ok=False)
         me = threading.get_ident()
         entry = (me, object())
         end = time.monotonic() + timeout
@@ -1024,8 +1058,10 @@ class Machine:
         calling thread, and
         :class:`~pykvm.errors.MachineEnded` (one line saying why) when an earlier run ended
         the machine for good: the guest powered off, or asked for a reset pykvm does not
-        perform."""
+        perform. A ``timeout`` that is not None or a finite number of seconds >= 0 raises
+        :class:`~pykvm.errors.InvalidArgument` before anything runs."""
         self._check_open()
+        timeout = _seconds("Machine.run: timeout", timeout)
         if self._ended is not None:
             raise MachineEnded(self._ended)
         token = object()

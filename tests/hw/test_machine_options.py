@@ -2,6 +2,7 @@
 as one ValueError naming the option; the empty defaults are accepted on every machine."""
 import pytest
 
+from pykvm.errors import InvalidArgument
 from pykvm.machine import Machine
 from pykvm.testing.reference_loop import ReferenceLoop
 
@@ -15,6 +16,9 @@ from pykvm.testing.reference_loop import ReferenceLoop
     ({"vcpus": 2.0}, "vcpus must be an integer"),
     ({"vcpus": True}, "vcpus must be an integer"),
     ({"vcpus": 0}, "at least one vCPU"),
+    ({"mem_size": "64M"}, "mem_size must be a positive number of bytes"),
+    ({"mem_size": 0}, "mem_size must be a positive number of bytes"),
+    ({"mem_size": 64.0 * 2**20}, "mem_size must be a positive number of bytes"),
     ({"machine": ["pc"]}, "machine must be a name"),
     ({"machine": "x" * 10000}, r"no machine 'x{40}'\.\.\. on this"),
     ({"machine": "pc", "cpu_type": "max"}, "the pc machine has no option 'cpu_type'"),
@@ -32,3 +36,34 @@ def test_empty_defaults_are_accepted(options):
     with Machine("hello", **options) as m:
         assert m.run(timeout=10).exit == "done"
         assert m.platform.name == "bare"
+
+
+@pytest.mark.requires_kvm
+def test_an_empty_guest_name_is_refused():
+    with pytest.raises(InvalidArgument, match="guest must name a built-in guest"):
+        Machine("")
+
+
+BAD_SECONDS = [float("nan"), float("inf"), -1, 10**30, "1", True, b"1"]
+
+
+@pytest.mark.requires_kvm
+def test_bad_timeouts_are_argument_errors_and_the_machine_runs_on():
+    """A duration that is not None or a finite number of seconds >= 0 is refused by the call
+    (InvalidArgument, one line naming the call) before anything runs: NaN once ran the guest
+    and then reported a failing exit handler. The machine is unharmed and runs afterwards."""
+    with Machine("hello") as m:
+        for bad in BAD_SECONDS:
+            for call, args in ((m.run, ()), (m.step, ()), (m.pause, ()), (m.hold, ("x",))):
+                with pytest.raises(InvalidArgument, match=r"timeout must be a ") as e:
+                    call(*args, timeout=bad)
+                assert "\n" not in str(e.value) and len(str(e.value)) < 200
+            with pytest.raises(InvalidArgument, match="Machine.holding: timeout"):
+                with m.holding("test", bad):
+                    pass
+        for bad in (-1, 1.5, "2", True):
+            with pytest.raises(InvalidArgument, match="budget must be an int"):
+                m.step(budget=bad)
+        assert not m.paused and not m.held_for("x")
+        r = m.run(timeout=60)
+        assert r.exit == "done", r
