@@ -54,6 +54,10 @@ PAGE = 4096
 # the most bytes a JSON section may decompress to (the metadata, device and vCPU states are
 # kilobytes; this bounds what a hostile file can make the reader allocate)
 MAX_JSON = 64 << 20
+# bytes of output a zlib stream is inflated by at a time (its bound is checked after each)
+INFLATE_STEP = 1 << 20
+# characters of a path the user named that an error line quotes (a value from a file: 60)
+PATH_SHOWN = 200
 
 
 class Section:
@@ -65,26 +69,39 @@ class Section:
     def __init__(self, name: str, data: bytes, compressed: bool):
         self.name, self.data, self.compressed = name, data, compressed
 
-    def payload(self, limit: int) -> bytes:
-        """The section's bytes, decompressed; at most ``limit`` bytes (more, or a corrupt zlib
-        stream, raises :class:`~pykvm.errors.SnapshotError`)."""
+    def payload(self, limit: int, why: str = "") -> bytes:
+        """The section's bytes, decompressed; at most ``limit`` bytes (``why``: what sets that
+        bound, named in the error). The zlib stream is inflated :data:`INFLATE_STEP` bytes at
+        a time and refused as soon as its output passes ``limit``, so a stream that inflates
+        to far more (a "zip bomb") costs at most ``limit`` bytes of memory and the time to
+        inflate them. Raises :class:`~pykvm.errors.SnapshotError` for more bytes than
+        ``limit`` and for a corrupt, truncated or overlong zlib stream."""
+        bound = f" ({why})" if why else ""
         if not self.compressed:
             if len(self.data) > limit:
                 raise SnapshotError(f"section {self.name!r} holds {len(self.data)} bytes, more "
-                                    f"than the {limit} it may")
+                                    f"than the {limit} it may{bound}")
             return self.data
         d = zlib.decompressobj()
+        out = bytearray()
+        pending: Any = self.data
         try:
-            out = d.decompress(self.data, limit + 1)
+            while True:
+                piece = d.decompress(pending, min(INFLATE_STEP, limit + 1 - len(out)))
+                out += piece
+                if len(out) > limit:
+                    raise SnapshotError(f"section {self.name!r} decompresses to more than the "
+                                        f"{limit} bytes it may{bound}")
+                pending = d.unconsumed_tail
+                if d.eof or (not pending and not piece):
+                    break
         except zlib.error as e:
-            raise SnapshotError(f"section {self.name!r}: corrupt compressed data ({e})") from None
-        if len(out) > limit or d.unconsumed_tail:
-            raise SnapshotError(f"section {self.name!r} decompresses to more than the {limit} "
-                                "bytes it may")
+            raise SnapshotError(f"section {self.name!r}: corrupt compressed data "
+                                f"({echo(str(e))})") from None
         if not d.eof or d.unused_data:
             raise SnapshotError(f"section {self.name!r}: compressed data is truncated or has "
                                 "bytes after its end")
-        return out
+        return bytes(out)
 
 
 class Writer:
@@ -118,8 +135,10 @@ class Writer:
         with O_CREAT|O_EXCL|O_NOFOLLOW under a random name in the same directory
         (:func:`tempfile.mkstemp`, mode 0600), renamed over ``path``, so a reader never sees
         half a file and no link planted in the directory is followed. Returns its size in
-        bytes. Raises :class:`~pykvm.errors.SnapshotError` for a path :func:`check_target`
-        refuses, OSError when the file cannot be written."""
+        bytes. Raises :class:`~pykvm.errors.SnapshotError` (one line) for a path
+        :func:`check_target` refuses and for any OSError while the file is made, written or
+        renamed (naming ``path`` and the error's strerror: no space left, a read-only file
+        system, ...); the temporary file is removed then."""
         n = len(self._sections)
         offset = _HEAD.size + n * _ENTRY.size
         h = hashlib.sha256()
@@ -129,9 +148,13 @@ class Writer:
                                 zlib.crc32(data) & 0xFFFFFFFF, flags)
             offset += len(data)
         check_target(path)
+        path = os.fspath(path)
         d = os.path.dirname(os.path.abspath(path))
-        # a fresh, unpredictable name made with O_CREAT|O_EXCL (and never through a link)
-        fd, tmp = tempfile.mkstemp(prefix=".pykvm-snap-", suffix=".tmp", dir=d)
+        try:
+            # a fresh, unpredictable name made with O_CREAT|O_EXCL (and never through a link)
+            fd, tmp = tempfile.mkstemp(prefix=".pykvm-snap-", suffix=".tmp", dir=d)
+        except OSError as e:
+            raise _cannot_write(path, e) from None
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(head)
@@ -141,46 +164,76 @@ class Writer:
                     h.update(data)
                 f.write(h.digest())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+            if isinstance(e, OSError):
+                raise _cannot_write(path, e) from None
             raise
         return offset + DIGEST_LEN
 
 
+def _cannot_write(path: str, e: OSError) -> SnapshotError:
+    return SnapshotError(f"cannot write the snapshot {echo(path, PATH_SHOWN)}: "
+                         f"{e.strerror or type(e).__name__}")
+
+
 def check_target(path: Any) -> None:
     """Refuse (:class:`~pykvm.errors.SnapshotError`, one line) a path a snapshot cannot be
-    written to: not a str/PathLike, empty, in a directory that does not exist, or naming
-    something that exists and is not a regular file (a directory, a FIFO, a device), which
-    the rename that writes the file would replace."""
+    written to: not a str/PathLike, empty, in a directory that does not exist or in which
+    :meth:`Writer.write`'s temporary file cannot be made (it is made and removed here, as
+    the write will: a read-only or pseudo file system such as /proc or /sys, no permission),
+    or naming something that exists and is not a regular file (a directory, a FIFO, a
+    device), which the rename that writes the file would replace. The line names the path
+    and the error's strerror."""
     if not isinstance(path, (str, os.PathLike)):
         raise SnapshotError(f"a snapshot path must be a str or os.PathLike, not "
                             f"{type(path).__name__}")
     path = os.fspath(path)
     if not isinstance(path, str) or not path or "\0" in path:
-        raise SnapshotError(f"bad snapshot path {echo(path)}")
+        raise SnapshotError(f"bad snapshot path {echo(path, PATH_SHOWN)}")
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
-        raise SnapshotError(f"cannot write the snapshot {echo(path)}: no directory {echo(d)}")
+        raise SnapshotError(f"cannot write the snapshot {echo(path, PATH_SHOWN)}: no "
+                            f"directory {echo(d, PATH_SHOWN)}")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return
+        pass
     except OSError as e:
-        raise SnapshotError(f"cannot write the snapshot {echo(path)}: "
-                            f"{e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SnapshotError(f"cannot write the snapshot {echo(path)}: it exists and is not "
-                            "a regular file")
+        raise _cannot_write(path, e) from None
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError(f"cannot write the snapshot {echo(path, PATH_SHOWN)}: it "
+                                "exists and is not a regular file")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".pykvm-snap-", suffix=".tmp", dir=d)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+    except OSError as e:
+        raise _cannot_write(path, e) from None
 
 
 def echo(v: Any, n: int = 60) -> str:
-    """``repr(v)`` cut to ``n`` characters (then ending in "..."): how an error line shows a
-    value taken from a file or a command line, which may be of any length."""
-    r = repr(v)
-    return r if len(r) <= n else r[:n] + "..."
+    """``v`` as an error line quotes a value taken from a file or a command line, which may
+    be of any length and hold any character: its repr with every character that is not
+    printable ASCII escaped (``ascii()``: ``\\x1b``, ``\\ufffd``, never the raw control or
+    replacement character), cut to at most ``n`` characters (then ending in "...")."""
+    r = ascii(v)
+    return r if len(r) <= n else r[:max(n - 3, 1)] + "..."
+
+
+def printable(text: str, n: int = 400) -> str:
+    """``text`` (a message line) with every character that is not printable ASCII shown as
+    its escape (as :func:`echo` does, without the quotes) and cut to ``n`` characters: for a
+    line built elsewhere that may hold a value from a file."""
+    r = ascii(text)[1:-1] if any(not " " <= c <= "~" for c in text) else text
+    return r if len(r) <= n else r[:max(n - 3, 1)] + "..."
 
 
 def read(path: Any, *, max_size: int = 1 << 40) -> Dict[str, Section]:
@@ -286,6 +339,7 @@ def _read_open(f: Any, size: int, what: str, max_size: int) -> Dict[str, Section
         raise SnapshotError(f"{what}: corrupted or truncated (SHA-256 digest mismatch"
                             f"{'; ' + where if where else ''})")
     out: Dict[str, Section] = {}
+    seen = set()
     for i, (raw_name, off, length, _crc, flags) in enumerate(entries):
         name = _name(raw_name, what, i)
         if off != pos or length > body_end - off:
@@ -293,8 +347,9 @@ def _read_open(f: Any, size: int, what: str, max_size: int) -> Dict[str, Section
                                 f"where the file holds it")
         if flags & ~FLAG_ZLIB:
             raise SnapshotError(f"{what}: section {name!r} has unknown flags {flags:#x}")
-        if name in out:
+        if name in seen:
             raise SnapshotError(f"{what}: section {name!r} appears twice")
+        seen.add(name)
         pos = off + length
     if pos != body_end:
         raise SnapshotError(f"{what}: {body_end - pos} bytes after the last section")
@@ -323,7 +378,7 @@ def _damaged_entry(f: Any, entries: List[Tuple[bytes, int, int, int, int]], tabl
             c = zlib.crc32(chunk, c)
             left -= len(chunk)
         if c & 0xFFFFFFFF != crc:
-            return f"section {raw.rstrip(bytes(1)).decode('ascii', 'replace')!r} fails its CRC-32"
+            return f"section {_shown_name(raw)} fails its CRC-32"
     return ""
 
 
@@ -378,6 +433,15 @@ def parse(blob: bytes, *, what: str = "snapshot") -> Dict[str, Section]:
     return out
 
 
+def _shown_name(raw: bytes) -> str:
+    """A section name from a table entry not yet checked, as an error line quotes it."""
+    name = raw.rstrip(b"\0")
+    try:
+        return echo(name.decode("ascii"), NAME_LEN + 6)
+    except UnicodeDecodeError:
+        return echo(name, NAME_LEN + 6)
+
+
 def _name(raw: bytes, what: str, i: int) -> str:
     name = raw.rstrip(b"\0")
     if not name or b"\0" in name or any(c < 0x20 or c > 0x7E for c in name):
@@ -392,7 +456,7 @@ def _damaged_section(blob: bytes, n: int, table_end: int, body_end: int) -> str:
             if off < table_end or off + length > body_end:
                 return f"section {i} runs past the end of the file (truncated?)"
             if zlib.crc32(blob[off:off + length]) & 0xFFFFFFFF != crc:
-                return f"section {raw.rstrip(bytes(1)).decode('ascii', 'replace')!r} fails its CRC-32"
+                return f"section {_shown_name(raw)} fails its CRC-32"
     except struct.error:
         return ""
     return ""

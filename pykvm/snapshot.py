@@ -26,8 +26,11 @@ restored is left. Errors are :class:`~pykvm.errors.SnapshotError` with one line.
 A snapshot is data, never a capability (docs/snapshots.md, "What restore trusts"): the
 platform options pass only through each machine's whitelist (``_PLATFORM_OPTIONS``; no
 disks, shares, networks or Machine arguments), no path the file names is opened (the image is
-the bytes it carries; ``image_name`` is a label), every JSON section is bounded by what a real
-state of its kind needs, and every field loaded is type- and range-checked.
+the bytes it carries; ``image_name`` is a label), every section's decompressed size is bounded
+by what the machine the metadata describes can need (the image and initrds by its RAM and the
+loader's limit, the RAM by its size, each JSON section by what a real state of its kind needs)
+and checked while it is inflated, a section name appears once, every field loaded is type- and
+range-checked, and a refusal quotes a value from the file in at most 60 characters, escaped.
 
 A machine with a device whose state lives outside pykvm (virtio devices: a disk image, passt,
 virtiofsd, vsock sockets; VT-d and edu, whose in-flight work is not captured; the RISC-V AIA
@@ -49,6 +52,7 @@ from ._host import HOST_ARCH
 from .abi import ffi
 from .arch import current_snapshot as _arch_snapshot
 from .arch.snapstate import ArchState
+from .boot import MAX_IMAGE_SIZE
 from .errors import Busy, PykvmError, SnapshotError
 from .kvm import Kvm
 
@@ -64,7 +68,9 @@ _UART_RANGE = {"uart_rx_head": 15, "uart_rx_count": 16, "uart_thre": 1, "uart_ir
 PC_FIELDS = ("power_event", "msi_dropped", "edu_bar_conflicts", "sleeps", "pm_base",
              "virtio_bar_conflicts")
 MAX_VCPUS = 4096
-MAX_IMAGE = 1 << 30                # bytes an image or initrd section may decompress to
+# the most bytes an image or initrd section may decompress to, whatever the RAM: the loader's
+# limit (the RAM size bounds them further: image_limit)
+MAX_IMAGE = MAX_IMAGE_SIZE
 # the most bytes each JSON section may decompress to. A real x86 vCPU state (registers,
 # XSAVE area, MSRs, CPUID, LAPIC, nested state) is tens of KiB of base64; the VM's
 # (irqchips, PIT, clock) a few KiB; the devices' (PCI config spaces, the testdev window)
@@ -218,9 +224,10 @@ def take(machine: Any, path: str) -> int:
     :class:`~pykvm.errors.SnapshotError` for a machine with a device that cannot be
     snapshotted (naming it), whose guest has ended (:func:`finished`), or one that could not
     be paused, and for a ``path`` :func:`pykvm.snapfile.check_target` refuses (not a str or
-    PathLike, empty, in a missing directory, naming a directory, FIFO or device); OSError
-    when the file cannot be written, :class:`~pykvm.errors.KvmError` when KVM refuses a
-    read."""
+    PathLike, empty, in a missing directory or one where the file cannot be made, naming a
+    directory, FIFO or device), for an image larger than a restore accepts
+    (:func:`image_limit`), and for any OSError while the file is written (naming the path
+    and the error); :class:`~pykvm.errors.KvmError` when KVM refuses a read."""
     machine._check_open()
     snapfile.check_target(path)            # a bad path is refused before the machine pauses
     ended = finished(machine)
@@ -251,6 +258,13 @@ def _write(machine: Any, path: str) -> int:
     image = src if isinstance(src, bytes) else _read_file(src, "guest image")
     initrds = [f if isinstance(f, bytes) else _read_file(f, "initrd") for f in cfg.pop("initrd")]
     cfg["image_name"] = machine.image_name
+    limit, why = image_limit(cfg["mem_size"])
+    for data, name in [(image, "image")] + [(d, f"initrd {i}") for i, d in enumerate(initrds)]:
+        if len(data) > limit:              # restore() would refuse it: refused here instead
+            raise SnapshotError(f"cannot snapshot this machine: its {name} is {len(data)} "
+                                f"bytes, more than {why} ({limit} bytes) a snapshot's may be")
+    if sum(map(len, initrds)) > cfg["mem_size"]:
+        raise SnapshotError("cannot snapshot this machine: its initrds are larger than its RAM")
     try:
         json.dumps(cfg["platform_opts"])
     except (TypeError, ValueError):
@@ -308,17 +322,33 @@ class Plan:
         meta = snapfile.json_section(secs, "meta", what=what, limit=MAX_META_JSON)
         self.meta = _check_meta(meta, what)
         self.cpuid: List[Tuple[int, ...]] = [tuple(e) for e in meta["cpuid"]]
+        known = {"meta", "image", "vm", "devices", "ram"} | \
+            {f"initrd.{i}" for i in range(meta["initrds"])} | \
+            {f"vcpu.{i}" for i in range(meta["vcpus"])}
+        extra = sorted(set(secs) - known)
+        if extra:                      # refused before any other section is decompressed
+            raise SnapshotError(f"{what}: unknown sections {', '.join(extra[:4])}")
+        # every section's decompressed size is bounded by what the machine the metadata
+        # describes can need, and checked while it is inflated (Section.payload): the image
+        # and the initrds by its RAM (the loader puts them there) and the loader's limit
+        mem_size = meta["config"]["mem_size"]
         if "image" not in secs:
             raise SnapshotError(f"{what}: the 'image' section is missing")
-        self.image = secs["image"].payload(MAX_IMAGE)
+        limit, why = image_limit(mem_size)
+        self.image = _payload(secs["image"], limit, why, what)
         if hashlib.sha256(self.image).hexdigest() != meta["image_sha256"]:
             raise SnapshotError(f"{what}: the guest image does not match its recorded digest")
         self.initrds = []
+        ram_left = mem_size                # every initrd goes into guest RAM whole
         for i in range(meta["initrds"]):
             s = secs.get(f"initrd.{i}")
             if s is None:
                 raise SnapshotError(f"{what}: the 'initrd.{i}' section is missing")
-            self.initrds.append(s.payload(MAX_IMAGE))
+            limit, why = image_limit(ram_left)
+            if ram_left < mem_size:
+                why += " less the initrds before it"
+            self.initrds.append(_payload(s, limit, why, what))
+            ram_left -= len(self.initrds[-1])
         # the JSON sections' decompressed sizes: each bounded by what a real state of its kind
         # needs, and their sum by what the recorded vCPU count needs on average
         left = [MAX_VM_JSON + MAX_DEVICES_JSON + meta["vcpus"] * VCPU_JSON_AVERAGE]
@@ -327,7 +357,7 @@ class Plan:
             s = secs.get(name)
             if s is None:
                 raise SnapshotError(f"{what}: the {name!r} section is missing")
-            raw = s.payload(min(limit, left[0]))
+            raw = _payload(s, min(limit, left[0]), "what a real state needs", what)
             left[0] -= len(raw)
             return snapfile.json_section({name: snapfile.Section(name, raw, False)}, name,
                                          what=what, limit=len(raw))
@@ -351,33 +381,45 @@ class Plan:
         if "ram" not in secs:
             raise SnapshotError(f"{what}: the 'ram' section is missing")
         # a run record per page at most: RAM plus 16 bytes a page bounds the payload
-        self.ram = secs["ram"].payload(total + (total // snapfile.PAGE + 1) * 16)
+        self.ram = _payload(secs["ram"], total + (total // snapfile.PAGE + 1) * 16,
+                            "the guest RAM size and a record header a page", what)
         self.runs = snapfile.decode_ram(self.ram, ranges)
-        known = {"meta", "image", "vm", "devices", "ram"} | \
-            {f"initrd.{i}" for i in range(meta["initrds"])} | \
-            {f"vcpu.{i}" for i in range(meta["vcpus"])}
-        extra = sorted(set(secs) - known)
-        if extra:
-            raise SnapshotError(f"{what}: unknown sections {', '.join(extra[:4])}")
 
     def check_host(self, kvm: Any) -> None:
         """Refuse (SnapshotError, one line) a snapshot foreign to this host: another
         architecture, KVM API version or CPU vendor, or CPUID features the host's KVM does not
-        offer."""
+        offer. Values from the file are quoted as :func:`pykvm.snapfile.echo` shows them."""
         m = self.meta
         if m["arch"] != HOST_ARCH:
-            raise SnapshotError(f"foreign snapshot: taken on {m['arch']}, this host is "
-                                f"{HOST_ARCH}")
+            raise SnapshotError(f"foreign snapshot: taken on {snapfile.echo(m['arch'])}, this "
+                                f"host is {HOST_ARCH}")
         if m["kvm_api_version"] != kvm.api_version:
             raise SnapshotError(f"foreign snapshot: KVM API version {m['kvm_api_version']}, "
                                 f"this host's is {kvm.api_version}")
         vendor = host_vendor(kvm)
         if m["vendor"] != vendor:
-            raise SnapshotError(f"foreign snapshot: taken on a {m['vendor']} CPU, this host "
-                                f"is {vendor}")
+            raise SnapshotError(f"foreign snapshot: taken on a {snapfile.echo(m['vendor'])} "
+                                f"CPU, this host is {vendor}")
         why = _arch_snapshot.cpuid_mismatch(self.cpuid, kvm, vendor)
-        if why:
-            raise SnapshotError(f"foreign snapshot: {why}")
+        if why:                            # it may hold a vendor string from the file
+            raise SnapshotError(f"foreign snapshot: {snapfile.printable(why, 200)}")
+
+
+def image_limit(ram: int) -> Tuple[int, str]:
+    """(bytes, what sets them): the most an image or initrd of a machine with ``ram`` bytes of
+    guest RAM (left) may be in a snapshot: that RAM, which the loader puts it in, or the
+    loader's limit :data:`pykvm.boot.MAX_IMAGE_SIZE`, whichever is smaller. :func:`take`
+    refuses a machine whose image is larger, so that every snapshot written restores."""
+    if ram < MAX_IMAGE:
+        return max(ram, 0), "the guest RAM size"
+    return MAX_IMAGE, "the loader's limit"
+
+
+def _payload(s: snapfile.Section, limit: int, why: str, what: str) -> bytes:
+    try:
+        return s.payload(limit, why)
+    except SnapshotError as e:
+        raise SnapshotError(f"{what}: {e}") from None
 
 
 def _check_meta(m: Any, what: str) -> dict:
@@ -525,7 +567,20 @@ def restore(cls: Any, path: Any, **overrides: Any) -> Any:
     corrupted, crafted or foreign snapshot, or state that does not fit the machine built
     (errors KVM or the loader raise while building and loading are wrapped in it); nothing is
     left running then. Raises TypeError when ``path`` is not a str or os.PathLike (an int is
-    never taken as a file descriptor), ValueError for an override not listed."""
+    never taken as a file descriptor), ValueError for an override not listed. A refusal's
+    line shows every character that is not printable ASCII as its escape
+    (:func:`pykvm.snapfile.printable`), whatever check raised it."""
+    try:
+        return _restore(cls, path, **overrides)
+    except SnapshotError as e:
+        line = str(e)
+        clean = snapfile.printable(line.splitlines()[0] if line else "", 400)
+        if clean == line:
+            raise
+        raise SnapshotError(clean) from None
+
+
+def _restore(cls: Any, path: Any, **overrides: Any) -> Any:
     allowed = {"loop", "on_console", "console_limit", "report_limit", "kvm", "vm_setup"}
     bad = sorted(set(overrides) - allowed)
     if bad:
@@ -616,7 +671,8 @@ def _load(m: Any, plan: Plan) -> None:
     p = m.platform
     ranges = sorted([s.gpa, s.end] for s in m.vm.memory)
     if ranges != sorted(meta["ram"]):
-        raise SnapshotError(f"the machine built has RAM {ranges}, the snapshot {meta['ram']}")
+        raise SnapshotError(f"the machine built has RAM {ranges}, the snapshot "
+                            f"{snapfile.echo(meta['ram'])}")
     if len(m.vcpus) != len(plan.vcpus):
         raise SnapshotError(f"the machine built has {len(m.vcpus)} vCPUs, the snapshot "
                             f"{len(plan.vcpus)}")
@@ -635,8 +691,8 @@ def _load(m: Any, plan: Plan) -> None:
     m.vm.check_state(plan.vm)
     devs = device_models(p)
     if set(plan.devices) - {"uart16550"} != set(devs):
-        raise SnapshotError(f"the snapshot has devices {sorted(plan.devices)}, the machine "
-                            f"built {sorted(devs)}")
+        raise SnapshotError(f"the snapshot has devices {snapfile.echo(sorted(plan.devices))}, "
+                            f"the machine built {sorted(devs)}")
     for name, d in devs.items():
         d._check_state(_strip_nested(name, plan.devices[name]))
     # RAM: zero it all, then write the stored pages

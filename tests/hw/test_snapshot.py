@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 
 import pytest
 
@@ -277,7 +278,18 @@ CASES = {
     "truncated": (lambda blob, d: blob[:len(blob) // 2], "corrupted or truncated"),
     "empty": (lambda blob, d: b"", "not a pykvm snapshot"),
     "foreign arch": (lambda blob, d: _rewrite_bytes(blob, d, _meta(
-        lambda m: m.update(arch="riscv64"))), "foreign snapshot: taken on riscv64"),
+        lambda m: m.update(arch="riscv64"))), "foreign snapshot: taken on 'riscv64'"),
+    # values from the file are quoted in at most 60 characters, escaped
+    "arch of 1000 characters": (lambda blob, d: _rewrite_bytes(blob, d, _meta(
+        lambda m: m.update(arch="x" * 1000))), "taken on 'x{50,57}\\.\\.\\., this host"),
+    "cpuid vendor of bytes 0xff": (lambda blob, d: _rewrite_bytes(blob, d, _meta(
+        lambda m: [e.__setitem__(slice(4, 7), [0xFFFFFFFF] * 3) for e in m["cpuid"]
+                   if e[0] == 0])), r"its guest CPUID says (\\ufffd){12}, this host"),
+    # a section name appears once: a foreign 'meta' in front of the real one, a second 'ram'
+    "a second meta in front": (lambda blob, d: _duplicate(blob, d, "meta", _meta(
+        lambda m: m.update(arch="riscv64")), first=True), "section 'meta' appears twice"),
+    "a second ram": (lambda blob, d: _duplicate(blob, d, "ram", lambda p: None),
+                     "section 'ram' appears twice"),
     "foreign vendor": (lambda blob, d: _rewrite_bytes(blob, d, _meta(
         lambda m: m.update(vendor="AuthenticAMD" if m["vendor"] != "AuthenticAMD"
                            else "GenuineIntel"))), "foreign snapshot: taken on a"),
@@ -377,6 +389,33 @@ def _rewrite_bytes(blob, d, change):
         return f.read()
 
 
+def _duplicate(blob, d, name, change, first=False):
+    """``blob`` with a second section ``name`` (its payload with ``change`` applied), before
+    the real one when ``first``, else after it; CRCs and digest valid (Writer refuses a name
+    twice, so the file is assembled here as a crafter would)."""
+    src = os.path.join(d, "src.snap")
+    with open(src, "wb") as f:
+        f.write(blob)
+    secs = snapfile.read(src)
+    payloads = {n: s.payload(1 << 30) for n, s in secs.items()}
+    copy = dict(payloads)
+    change(copy)
+    extra = (name, zlib.compress(copy[name]), snapfile.FLAG_ZLIB)
+    entries = []
+    for n, data in payloads.items():
+        own = (n, zlib.compress(data), snapfile.FLAG_ZLIB)
+        entries += ([extra, own] if first else [own, extra]) if n == name else [own]
+    off = snapfile._HEAD.size + len(entries) * snapfile._ENTRY.size
+    table, body = b"", b""
+    for n, data, flags in entries:
+        table += snapfile._ENTRY.pack(n.encode(), off + len(body), len(data),
+                                      zlib.crc32(data), flags)
+        body += data
+    out = snapfile._HEAD.pack(snapfile.MAGIC, snapfile.FORMAT_VERSION, len(entries)) + \
+        table + body
+    return out + hashlib.sha256(out).digest()
+
+
 def _section_offsets(blob):
     n = int.from_bytes(blob[12:16], "little")
     out = {}
@@ -391,7 +430,9 @@ def _refused(path, match, leftovers):
     snap = leftovers()
     with pytest.raises(SnapshotError, match=match) as e:
         Machine.restore(path)
-    assert "\n" not in str(e.value) and len(str(e.value)) < 400
+    line = str(e.value)
+    assert "\n" not in line and len(line) < 400, line
+    assert all(" " <= c <= "~" for c in line), line      # no raw control or U+FFFD
     snap.check()                                  # no fd, VM or thread left behind
 
 
@@ -534,6 +575,11 @@ def test_cli_bad_snapshot_arguments_are_refused_before_the_guest_runs(tmp_path):
         (["--snapshot", str(tmp_path / "no" / "x.snap"), "--snapshot-at", "1s"], "no directory"),
         (["--snapshot", str(tmp_path), "--snapshot-at", "1s"], "not a regular file"),
         (["--snapshot", "", "--snapshot-at", "1s"], "bad snapshot path"),
+        # a directory in which no file can be made: refused now, not after the run
+        (["--snapshot", "/proc/x.snap", "--snapshot-at", "0.1s"],
+         "cannot write the snapshot '/proc/x.snap': No such file or directory"),
+        (["--snapshot", "/sys/kernel/x.snap", "--snapshot-at", "0.1s"],
+         "cannot write the snapshot '/sys/kernel/x.snap': "),
         (["--snapshot", str(tmp_path / "x.snap"), "--snapshot-at", "1e308"],
          "seconds must be a number from 0 to"),
         (["--snapshot", str(tmp_path / "x.snap"), "--snapshot-at", "1e20s"],
@@ -562,3 +608,34 @@ def test_cli_refuses_a_crafted_option_with_status_2(tmp_path, good_snapshot):
     path = _rewrite(good_snapshot, str(tmp_path / "disk.snap"), _opts(disks=["/etc/passwd"]))
     p = _cli("restore", path)
     assert p.returncode == 2 and "may not set" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_an_unwritable_target_is_a_snapshot_error_and_the_machine_runs_on(tmp_path):
+    """Machine.snapshot() into a directory that takes no new file (/proc) raises SnapshotError
+    naming the path and the error, before the machine is paused; the machine runs on and a
+    snapshot to a good path works."""
+    with Machine(GUEST, machine="bare") as m:
+        m.run(timeout=0.05)
+        with pytest.raises(SnapshotError, match="cannot write the snapshot '/proc/x.snap': "
+                                                "No such file or directory") as e:
+            m.snapshot("/proc/x.snap")
+        assert "\n" not in str(e.value)
+        assert m.snapshot(str(tmp_path / "ok.snap")) > 0
+        assert m.run(timeout=120).exit == "done"
+
+
+def test_an_image_larger_than_what_restore_accepts_is_not_snapshotted(tmp_path):
+    """The image a snapshot carries may be no larger than the guest RAM (restore bounds it so,
+    docs/snapshots.md "Sizes"): an ELF padded past the RAM size boots, but snapshot() refuses
+    it in one line instead of writing a file restore would refuse."""
+    with open(guests.path(GUEST), "rb") as f:
+        image = f.read()
+    mem = 16 << 20
+    padded = tmp_path / "padded.elf"
+    padded.write_bytes(image + bytes(mem + 4096 - len(image)))
+    with Machine(str(padded), machine="bare", mem_size=mem) as m:
+        m.run(timeout=0.05)
+        with pytest.raises(SnapshotError, match=f"its image is {mem + 4096} bytes, more than "
+                                                f"the guest RAM size \\({mem} bytes\\)"):
+            m.snapshot(str(tmp_path / "big.snap"))
+    assert not os.path.exists(tmp_path / "big.snap")

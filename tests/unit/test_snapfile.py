@@ -268,3 +268,198 @@ def test_device_fields_are_range_checked_before_any_is_set(model, field, value, 
     with pytest.raises(SnapshotError, match=message):
         dev.restore_state(state)
     assert json.dumps(dev.snapshot_state(), sort_keys=True) == before
+
+
+# -- bounds from the machine described, duplicate sections, unwritable targets, quoting ----------
+
+def _raw_snapshot(sections):
+    """A snapshot file's bytes from (name, stored bytes, flags) triples exactly as given, with
+    valid CRCs and digest: what a crafter writes, where Writer refuses (e.g. a name twice)."""
+    n = len(sections)
+    off = snapfile._HEAD.size + n * snapfile._ENTRY.size
+    table, body = b"", b""
+    for name, data, flags in sections:
+        table += snapfile._ENTRY.pack(name.encode(), off + len(body), len(data),
+                                      zlib.crc32(data), flags)
+        body += data
+    out = snapfile._HEAD.pack(snapfile.MAGIC, snapfile.FORMAT_VERSION, n) + table + body
+    return out + hashlib.sha256(out).digest()
+
+
+def _zeros_bomb(mib):
+    """A valid zlib stream of ``mib`` MiB of zeros in about a KiB per MiB, made without
+    compressing them all: a fully flushed block of 1 MiB of zeros, repeated, and the
+    Adler-32 of the whole (RFC 1950/1951)."""
+    z = bytes(1 << 20)
+    c = zlib.compressobj(9)
+    first = c.compress(z) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(z) + c.flush(zlib.Z_FULL_FLUSH)
+    end = c.flush()
+    adler = 1
+    for _ in range(mib):
+        adler = zlib.adler32(z, adler)
+    return first + block * (mib - 1) + end[:-4] + adler.to_bytes(4, "big")
+
+
+def test_a_section_name_may_appear_only_once(tmp_path):
+    """A second 'meta' in front of the real one, or a second 'ram', is refused in one line by
+    read() and parse() alike, never "the last wins"."""
+    meta = zlib.compress(b'{"arch": "riscv64"}')
+    for dup in ("meta", "ram"):
+        blob = _raw_snapshot([(dup, meta, 1), ("meta", meta, 1), ("ram", b"r" * 100, 0)]
+                             if dup == "meta" else
+                             [("meta", meta, 1), ("ram", b"r" * 100, 0), ("ram", b"s", 0)])
+        path = tmp_path / f"dup-{dup}.snap"
+        path.write_bytes(blob)
+        for reader, arg in ((snapfile.read, str(path)), (snapfile.parse, blob)):
+            with pytest.raises(SnapshotError, match=f"section '{dup}' appears twice") as e:
+                reader(arg)
+            assert "\n" not in str(e.value)
+
+
+def test_inflating_stops_as_soon_as_the_bound_is_passed():
+    """A 256 MiB stream of zeros against a 4 MiB bound: refused after about the bound's worth
+    of output, so the memory it costs is the bound's, not the stream's (traced allocations)."""
+    import tracemalloc
+    s = snapfile.Section("image", _zeros_bomb(256), True)
+    tracemalloc.start()
+    try:
+        with pytest.raises(SnapshotError, match=r"more than the 4194304 bytes it may "
+                                                r"\(the guest RAM size\)"):
+            s.payload(4 << 20, "the guest RAM size")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    assert snapfile.Section("x", _zeros_bomb(3), True).payload(3 << 20) == bytes(3 << 20)
+    with pytest.raises(SnapshotError, match="truncated or has bytes after its end"):
+        snapfile.Section("x", _zeros_bomb(3)[:-10], True).payload(3 << 20)
+
+
+def _meta(**change):
+    """Metadata that passes restore's checks on this host, for a 64 MiB bare machine."""
+    from pykvm._host import HOST_ARCH
+    m = {"format": 1, "arch": HOST_ARCH, "kvm_api_version": 12, "vendor": "GenuineIntel",
+         "mono_ns": 1, "taken_unix_ns": 1, "vcpus": 1, "initrds": 0, "ram": [[0, 64 << 20]],
+         "image_sha256": "0" * 64, "cpuid": [[0, 0, 0, 0, 0, 0, 0]],
+         "platform": {"name": "bare"},
+         "config": {"mem_size": 64 << 20, "machine": "bare", "cmdline": "", "flat_addr": None,
+                    "flat_mode": "real", "image_name": "g", "platform_opts": {}}}
+    m.update(change)
+    return m
+
+
+def _snapshot_file(path, meta, image, extra=()):
+    path.write_bytes(_raw_snapshot([("meta", zlib.compress(json.dumps(meta).encode()), 1),
+                                    ("image", image, 1), *extra]))
+    return str(path)
+
+
+def test_cli_refuses_an_image_bomb_within_the_guest_ram_it_describes(tmp_path):
+    """A 1.1 MB snapshot whose image inflates to 1.1 GiB, for a machine of 64 MiB: `pykvm
+    restore` refuses it once 64 MiB are inflated (the loader puts the image in guest RAM),
+    in one line with status 2, in a child whose address space is held to 1 GiB so that a
+    reader bounded only by the 1 GiB loader limit fails here instead of eating the host."""
+    import resource
+    import subprocess
+    import sys
+    path = _snapshot_file(tmp_path / "bomb.snap", _meta(), _zeros_bomb(1100))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    p = subprocess.run([sys.executable, "-m", "pykvm", "restore", path, "--timeout", "2"],
+                       capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert ("section 'image' decompresses to more than the 67108864 bytes it may "
+            "(the guest RAM size)") in p.stderr
+    assert p.stdout == ""
+
+
+def test_restore_bounds_every_section_by_the_machine_described(tmp_path):
+    """The reader (snapshot.Plan, before any VM exists): an image larger than the RAM, an
+    initrd larger than the RAM the image... leaves, and a duplicate or unknown section are
+    each one line."""
+    from pykvm import snapshot
+    meta = _meta()
+    path = _snapshot_file(tmp_path / "big.snap", meta, zlib.compress(bytes((64 << 20) + 1)))
+    with pytest.raises(SnapshotError, match="'image' decompresses to more than the 67108864"):
+        snapshot.Plan(path)
+    image = b"\x7fELF"
+    meta = _meta(initrds=2, image_sha256=hashlib.sha256(image).hexdigest())
+    path = _snapshot_file(tmp_path / "rd.snap", meta, zlib.compress(image), [
+        ("initrd.0", zlib.compress(bytes(40 << 20)), 1),
+        ("initrd.1", zlib.compress(bytes(40 << 20)), 1)])
+    with pytest.raises(SnapshotError, match=r"'initrd.1' decompresses to more than the "
+                                            r"25165824 bytes it may \(the guest RAM size less"):
+        snapshot.Plan(path)
+    path = _snapshot_file(tmp_path / "x.snap", _meta(), _zeros_bomb(8),
+                          [("zzz", b"", 0)])
+    with pytest.raises(SnapshotError, match="unknown sections zzz"):
+        snapshot.Plan(path)                # before the image is inflated
+
+
+def test_quoted_values_are_short_and_escaped(tmp_path):
+    """A value from the file is quoted in at most 60 characters with every character that
+    is not printable ASCII escaped: no raw control character, no U+FFFD."""
+    from pykvm import snapshot
+    assert snapfile.echo("x" * 1000) == "'" + "x" * 56 + "..."
+    assert snapfile.echo("a\x1b[2J\ufffd") == "'a\\x1b[2J\\ufffd'"
+    assert snapfile.printable("says \ufffd\ufffd\x07 here") == "says \\ufffd\\ufffd\\x07 here"
+    hostile = "\x1b[2J\ufffd" + "m" * 1000
+    for meta in (_meta(platform={"name": hostile}),
+                 _meta(config=dict(_meta()["config"], platform_opts={hostile: 1})),
+                 _meta(platform={"name": "bare", hostile: 1})):
+        path = _snapshot_file(tmp_path / "q.snap", meta, zlib.compress(b""))
+        with pytest.raises(SnapshotError) as e:
+            snapshot.Plan(path)
+        line = str(e.value)
+        assert "\\x1b[2J\\ufffd" in line and "m" * 61 not in line, line
+        assert all(" " <= c <= "~" for c in line) and len(line) < 400, line
+
+
+def test_an_unwritable_directory_is_refused_before_anything_is_written(tmp_path):
+    """/proc and /sys take no new files: check_target (which `pykvm run --snapshot` calls
+    before the guest starts) makes and removes the temporary file the write will make, and
+    refuses in one line naming the path and the error; Writer.write does the same."""
+    import os
+    w = snapfile.Writer()
+    w.add("a", b"data")
+    for path in ("/proc/x.snap", "/sys/kernel/x.snap"):
+        if not os.path.isdir(os.path.dirname(path)):
+            continue
+        for call in (snapfile.check_target, w.write):
+            with pytest.raises(SnapshotError, match=f"cannot write the snapshot '{path}': "
+                                                    "(No such file|Permission denied|"
+                                                    "Read-only)") as e:
+                call(path)
+            assert "\n" not in str(e.value)
+    snapfile.check_target(str(tmp_path / "ok.snap"))
+    assert os.listdir(tmp_path) == []          # the probe leaves nothing behind
+
+
+def test_an_error_while_writing_is_a_snapshot_error_naming_the_path(tmp_path):
+    """A write that fails after the checks (here: the file size limit, RLIMIT_FSIZE, in a
+    child, as a full disk would) is one SnapshotError line naming the path and strerror, and
+    the temporary file is removed."""
+    import subprocess
+    import sys
+    code = (
+        "import resource, signal, sys\n"
+        "from pykvm import snapfile\n"
+        "from pykvm.errors import SnapshotError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "w = snapfile.Writer()\n"
+        "w.add('a', bytes(1 << 20))\n"
+        "try:\n"
+        "    w.write(sys.argv[1])\n"
+        "except SnapshotError as e:\n"
+        "    print(type(e).__name__, e)\n")
+    target = str(tmp_path / "big.snap")
+    p = subprocess.run([sys.executable, "-c", code, target], capture_output=True, text=True,
+                       timeout=120)
+    assert p.stdout == f"SnapshotError cannot write the snapshot '{target}': File too large\n", \
+        p.stdout + p.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
