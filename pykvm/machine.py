@@ -1401,8 +1401,9 @@ class Machine:
         with the configuration to rebuild the machine. A running machine is paused for it and
         resumed after; one between runs or steps is captured as it stands. Returns the file's
         size in bytes. Raises :class:`~pykvm.errors.SnapshotError` (one line) for a machine
-        with a device that cannot be snapshotted, naming it; OSError when the file cannot be
-        written; :class:`~pykvm.errors.Closed` after :meth:`close`."""
+        with a device that cannot be snapshotted, naming it, and for a path the file cannot
+        be written to or an OSError while writing it (naming the path and the error);
+        :class:`~pykvm.errors.Closed` after :meth:`close`."""
         return _snapshot.take(self, path)
 
     @classmethod
