@@ -28,9 +28,18 @@ What happens, in order:
    ``\\n`` untranslated); pykvm prints it, minus the kernel's boot messages before the command
    starts and the marker, and exits with the command's status.
 
-Errors (no kernel, no static busybox, a module the kernel lacks, virtiofsd missing, a guest
-that never reaches the command) are one line each (:class:`SandboxError`); a guest that ends
-without the marker exits with status 125.
+Every host file the sandbox reads (the kernel, busybox, the modules it needs and
+``modules.builtin``) is read as the boot loader reads guest images (:mod:`pykvm.boot.image`):
+a regular file only, opened with ``O_NONBLOCK`` (a FIFO or a device never blocks or streams),
+its size checked against a cap before any read (the kernel: the guest RAM and
+:data:`~pykvm.boot.MAX_IMAGE_SIZE`; :data:`MAX_BUSYBOX_SIZE`, :data:`MAX_MODULE_SIZE` and
+:data:`MAX_LIST_SIZE`), a decompressed module held to :data:`MAX_MODULE_SIZE`, and the
+kernel's release read from its header area (or a streamed scan), not from the whole image.
+
+Errors (no kernel, no static busybox, a module the kernel lacks, an input file that is not a
+regular file or is too large, virtiofsd missing, a guest that never reaches the command) are
+one line each (:class:`SandboxError`; the command line exits 2); a guest that ends without the
+marker exits with status 125.
 """
 from __future__ import annotations
 
