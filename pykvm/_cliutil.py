@@ -27,6 +27,51 @@ output = {"error": None,     # the first OSError writing to stdout
           "wrapped": False}  # sys.stdout is a _StdoutRaw (so output["error"] is exact)
 
 
+QUOTE_LIMIT = 60                            # characters of a user's value an error line quotes
+BARE_LIMIT = 256                            # ... and of one it shows bare (a path, as typed)
+
+
+def quote(value, limit: int = QUOTE_LIMIT) -> str:
+    """A user's value (an argument, a file name) as an error line quotes it: ``repr()``-escaped
+    (control characters, quotes and undecodable bytes visible) and, when it is longer than
+    ``limit`` characters, its first ``limit`` followed by ``...`` -- a 5000-character argument
+    is not echoed whole."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + "..."
+
+
+def shorten_values(line: str, values, limit: int = QUOTE_LIMIT,
+                   bare_limit: int = BARE_LIMIT) -> str:
+    """``line`` with every one of ``values`` (the command line's arguments) that it quotes
+    (``repr``) and that is longer than ``limit`` characters shortened as :func:`quote` does;
+    a path (a value with a ``/``), and any value the line shows bare ("cannot write the image
+    to PATH: ..."), is shortened so only beyond ``bare_limit`` characters, so that an ordinary
+    path stays whole. A message made by
+    a lower layer or by argparse, which quote the whole value, so still names it in a readable
+    line. For ``--opt=value`` arguments and comma-separated lists the parts count as values
+    too."""
+    parts = set()
+    for v in values or ():
+        if not isinstance(v, str):
+            continue
+        parts.add(v)
+        if v.startswith("-") and "=" in v:
+            v = v.split("=", 1)[1]
+            parts.add(v)
+        parts.update(v.split(","))
+    for v in sorted((p for p in parts if len(p) > limit), key=len, reverse=True):
+        if v not in line and repr(v) not in line:
+            continue
+        most = bare_limit if "/" in v else limit        # a path is named whole up to bare_limit
+        if len(v) > most:
+            line = line.replace(repr(v), quote(v, most))
+        if len(v) > bare_limit:
+            line = line.replace(v, quote(v, bare_limit if "/" in v else limit))
+    return line
+
+
 def err(line: str) -> bool:
     """``line`` on stderr; where stderr is closed or cannot be written, nothing (the exit
     status still tells the failure). Returns whether the line was written."""

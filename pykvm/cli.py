@@ -100,8 +100,25 @@ MAX_TIMEOUT = 10 ** 7      # seconds (about 115 days)
 MAX_CMDLINE = 1 << 16
 
 
+def _quote(value, path: bool = False) -> str:
+    """A user's value as an error line quotes it: repr-escaped, at most
+    :data:`pykvm._cliutil.QUOTE_LIMIT` characters then "..." (:func:`pykvm._cliutil.quote`);
+    a file's ``path`` up to :data:`pykvm._cliutil.BARE_LIMIT`, so that an ordinary path
+    (a test's temporary directory) is named whole."""
+    return _cliutil.quote(value, _cliutil.BARE_LIMIT if path else _cliutil.QUOTE_LIMIT)
+
+
+def _ascii_number(text: str) -> bool:
+    """Whether ``text`` is written in ASCII: Python's int() and float() also take other
+    scripts' digits (``６４``, ``٢``), which no option of pykvm (nor QEMU's) accepts."""
+    return text.isascii()
+
+
 def _size(text: str) -> int:
     """'64M', '1G', '4096', '0x100000' → bytes (a positive multiple of 4 KiB, at most 1 TiB)."""
+    if not _ascii_number(text):
+        raise argparse.ArgumentTypeError(f"not a size: {_quote(text)} (ASCII digits, e.g. 64M, "
+                                         "1G)")
     t = text.strip().upper()
     if t.endswith("IB"):
         t = t[:-2]
@@ -114,22 +131,24 @@ def _size(text: str) -> int:
     try:
         n = int(t, 0) * mult
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 64M, 1G)") from None
+        raise argparse.ArgumentTypeError(f"not a size: {_quote(text)} (use e.g. 64M, 1G)") from None
     if n <= 0 or n % 4096:
-        raise argparse.ArgumentTypeError(f"size must be a positive multiple of 4 KiB: {text!r}")
+        raise argparse.ArgumentTypeError(f"size must be a positive multiple of 4 KiB: {_quote(text)}")
     if n > MAX_MEM:
-        raise argparse.ArgumentTypeError(f"{text!r} is more than the 1T pykvm accepts")
+        raise argparse.ArgumentTypeError(f"{_quote(text)} is more than the 1T pykvm accepts")
     return n
 
 
 def _int_range(lo: int, hi: int):
     def parse(text: str) -> int:
         try:
+            if not _ascii_number(text):
+                raise ValueError(text)
             n = int(text, 0)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+            raise argparse.ArgumentTypeError(f"not an integer: {_quote(text)}") from None
         if not lo <= n <= hi:
-            raise argparse.ArgumentTypeError(f"{text!r} is out of range ({lo}..{hi})")
+            raise argparse.ArgumentTypeError(f"{_quote(text)} is out of range ({lo}..{hi})")
         return n
     parse.__name__ = "integer"
     return parse
@@ -138,12 +157,14 @@ def _int_range(lo: int, hi: int):
 def _seconds(text: str) -> float:
     """A finite number of seconds in [0, MAX_TIMEOUT]; 0 means no deadline."""
     try:
+        if not _ascii_number(text):
+            raise ValueError(text)
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {_quote(text)}") from None
     if not math.isfinite(v) or v < 0 or v > MAX_TIMEOUT:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number of seconds between 0 and {MAX_TIMEOUT}")
+            f"{_quote(text)} is not a number of seconds between 0 and {MAX_TIMEOUT}")
     return v
 
 
@@ -163,7 +184,7 @@ def _file_list(text: str) -> tuple:
     for item in items:
         path = initrd_module_path(item)
         if not os.path.isfile(path):
-            raise argparse.ArgumentTypeError(f"{path!r} is not a regular file")
+            raise argparse.ArgumentTypeError(f"{_quote(path, path=True)} is not a regular file")
     return items
 
 
@@ -175,12 +196,14 @@ def _u(text: str, bits: int, what: str) -> int:
     """``text`` as an unsigned integer of ``bits`` bits (decimal, 0x hex, 0o, 0b); raises
     ArgumentTypeError naming ``what``."""
     try:
+        if not _ascii_number(text):
+            raise ValueError(text)
         n = int(text.strip(), 0)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{what}: not an integer: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"{what}: not an integer: {_quote(text)}") from None
     if not 0 <= n < 1 << bits:
         raise argparse.ArgumentTypeError(
-            f"{what}: {text!r} is out of range (0..{(1 << bits) - 1:#x})")
+            f"{what}: {_quote(text)} is out of range (0..{(1 << bits) - 1:#x})")
     return n
 
 
@@ -211,12 +234,12 @@ def _cpuid_spec(text: str) -> tuple:
     import re
     m = re.fullmatch(r"\s*([^.:=]+)(?:\.([^:=]+))?:\s*([A-Za-z]+)\s*=(.+)", text)
     if m is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not LEAF[.SUB]:REG=VALUE "
+        raise argparse.ArgumentTypeError(f"{_quote(text)} is not LEAF[.SUB]:REG=VALUE "
                                          "(e.g. 0x80000001:edx=0x28100800)")
     reg = m.group(3).lower()
     if reg not in CPUID_REGS:
-        raise argparse.ArgumentTypeError(f"{text!r}: the register must be eax, ebx, ecx or "
-                                         f"edx, not {m.group(3)!r}")
+        raise argparse.ArgumentTypeError(f"{_quote(text)}: the register must be eax, ebx, ecx or "
+                                         f"edx, not {_quote(m.group(3))}")
     return (_u(m.group(1), 32, "CPUID leaf"), _u(m.group(2) or "0", 32, "CPUID sub-leaf"),
             reg, _u(m.group(4), 32, f"CPUID {reg}"))
 
@@ -230,7 +253,7 @@ def _feature_list(text: str) -> tuple:
     if items and items[0].lower() == "host":
         items = items[1:]
     if not items:
-        raise argparse.ArgumentTypeError(f"{text!r} names no CPU feature (e.g. +rdtscp,-avx)")
+        raise argparse.ArgumentTypeError(f"{_quote(text)} names no CPU feature (e.g. +rdtscp,-avx)")
     out = []
     for item in items:
         name, on = item, True
@@ -239,10 +262,10 @@ def _feature_list(text: str) -> tuple:
         elif "=" in item:
             name, value = item.split("=", 1)
             if value.lower() not in ("on", "off"):
-                raise argparse.ArgumentTypeError(f"{item!r}: a feature is =on or =off")
+                raise argparse.ArgumentTypeError(f"{_quote(item)}: a feature is =on or =off")
             on = value.lower() == "on"
         if not name.strip() or not all(c.isalnum() or c in "_-." for c in name):
-            raise argparse.ArgumentTypeError(f"{item!r} is not +FEATURE, -FEATURE or "
+            raise argparse.ArgumentTypeError(f"{_quote(item)} is not +FEATURE, -FEATURE or "
                                              "FEATURE=on|off (e.g. +rdtscp,-avx)")
         if HOST_ARCH != "riscv64":             # a RISC-V host refuses the option as a whole
             from .arch.x86.regs import cpuid_feature_bit
@@ -311,10 +334,18 @@ def _print_json_outcome(exit_name: str, code: int, detail: str) -> None:
 def _report(exit_name: str, code: int, detail: str, as_json: bool) -> int:
     """Report an outcome that is not a command's own result: the JSON object on stdout with
     --json, and always one line on stderr. Returns ``code``."""
+    detail = _shorten(detail)
     if as_json:
         _print_json_outcome(exit_name, code, detail)
     _err(f"pykvm: {detail}")
     return code
+
+
+def _shorten(line: str) -> str:
+    """``line`` with each long value of this command line quoted short
+    (:func:`pykvm._cliutil.shorten_values`), whoever made the message."""
+    argv = _invocation["argv"]
+    return _cliutil.shorten_values(line, sys.argv[1:] if argv is None else argv)
 
 
 class _Unused:
@@ -388,7 +419,7 @@ class _Parser(argparse.ArgumentParser):
             self._for_output = False
 
     def error(self, message):
-        line = f"{self.prog}: error: {message}"
+        line = _shorten(f"{self.prog}: error: {message}")
         if _wants_json():
             _print_json_outcome("bad_input", EXIT_USAGE, line)
         _err(line)
@@ -396,7 +427,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(msg: str, code: int = EXIT_USAGE) -> int:
-    _err(f"pykvm: {msg}")
+    _err(f"pykvm: {_shorten(msg)}")
     return code
 
 
@@ -710,6 +741,8 @@ def _snapshot_spec(spec: str):
         return "console", text
     num = spec[:-1] if spec.endswith("s") else spec
     try:
+        if not _ascii_number(num):             # float() takes any script's digits
+            raise ValueError(num)
         secs = float(num)
     except ValueError:
         raise ValueError(f"--snapshot-at {shown} is neither SECONDS (e.g. 2.5s) nor "
@@ -780,6 +813,14 @@ def _gdb_options(p, first: str) -> None:
                    "continues (QEMU's -S)")
 
 
+def _names_a_file(guest: str) -> bool:
+    """Whether ``pykvm run GUEST`` takes ``guest`` as a file, not a built-in guest's name: a
+    path (with a ``/``), an image or source suffix (.elf .bin .c .S), or a file that exists
+    under that name (``Image``, ``vmlinux``: as QEMU's -kernel, a path naming a file wins)."""
+    return (os.sep in guest or guest.endswith((".elf", ".bin", ".c", ".S"))
+            or os.path.isfile(guest))
+
+
 def cmd_restore(args) -> int:
     """``pykvm restore PATH``: build the machine a snapshot recorded and run it on, as
     ``pykvm run`` runs a guest (console, exit status, --json)."""
@@ -807,8 +848,11 @@ def cmd_run(args) -> int:
         return _report(exit_name, code, detail, args.json)
 
     guest = args.guest
-    if guest and not os.path.exists(guest) and os.sep in guest:
-        return outcome("bad_input", status.BAD_INPUT, f"no such file: {guest}")
+    if guest == "":                           # not the default guest: a name left out by mistake
+        return outcome("bad_input", status.BAD_INPUT, "the guest is an empty name: give an "
+                       "image path or a built-in guest's name (`pykvm guests`)")
+    if guest is not None and _names_a_file(guest) and not os.path.exists(guest):
+        return outcome("bad_input", status.BAD_INPUT, f"no such file: {_quote(guest, path=True)}")
     input_fd = None if args.no_input else _stdin_fd()
     interactive = input_fd is not None and not args.json and os.isatty(input_fd)
     if args.gdb_wait and args.gdb is None:
@@ -1095,11 +1139,18 @@ def cmd_guests(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    """``pykvm bench``: every option's prerequisites (--plot: a path that can be written and
+    matplotlib) are checked before anything is measured, a failure one line and 2."""
     if args.plot is not None:
         try:
             check_report_path(args.plot, "the plot")    # refused before minutes of measuring
         except OSError as e:
             return _report("bad_input", EXIT_USAGE, f"--plot: {e}", args.json)
+        try:
+            import matplotlib  # noqa: F401  (only whether it imports: bench.plot draws)
+        except ImportError:
+            return _report("bad_input", EXIT_USAGE, "--plot needs matplotlib (pip install "
+                           "'pykvm-vmm[bench]'); nothing was measured", args.json)
     from .bench import main as bench_main
     return bench_main(args)
 
@@ -1118,7 +1169,7 @@ def cmd_guest_build(args) -> int:
     if arch not in MODES:
         return _fail(f"no guest runtime for {arch}; use --arch {' or --arch '.join(MODES)}")
     if args.mode and args.mode not in MODES[arch]:
-        return _fail(f"{arch} guests have mode {', '.join(MODES[arch])}, not {args.mode!r}")
+        return _fail(f"{arch} guests have mode {', '.join(MODES[arch])}, not {_quote(args.mode)}")
     if args.output is not None:
         from .guestbuild import check_output
         try:          # not the source itself, not a missing directory, no directory/socket/disk
@@ -1336,7 +1387,7 @@ def _control_parsers(sub) -> None:
 
 def _device_path(text: str) -> str:
     if not text or "\0" in text:
-        raise argparse.ArgumentTypeError(f"not a device path: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a device path: {_quote(text, path=True)}")
     return text
 
 
@@ -1590,8 +1641,10 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                         "ships (pykvm_guest.h, start-up code, linker scripts) and print the "
                         "image's path. Images are cached by content in $PYKVM_CACHE/guests "
                         "(default ~/.cache/pykvm/guests): pykvm run $(pykvm guest build g.c)",
-                        epilog="exit status: 0 built; 1 the compiler or linker failed (its "
-                        "message is on stderr); 2 bad input")
+                        epilog="exit status (see pykvm.status): 0 built; 2 bad input: a bad "
+                        "option or output path, a source that does not compile or link (the "
+                        "compiler's message follows the line on stderr); 8 the image could not "
+                        "be written (a full disk, a read-only or forbidden place)")
     gb.add_argument("source", metavar="FILE", help="the guest's .c or .S file")
     gb.add_argument("--arch", choices=("x86_64", "riscv64"), default=None,
                     help="target architecture (default: this host's)")
@@ -1600,7 +1653,9 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                     "32-bit, guest_main32), real (flat .bin at 0x8000, guest_main16); default: "
                     "the entry point the source defines. RISC-V: supervisor")
     gb.add_argument("-o", "--output", metavar="OUT", default=None,
-                    help="also copy the image to OUT (real mode: OUT.bin, with OUT.elf beside it)")
+                    help="also copy the image to OUT and print that path (real mode: OUT.bin, "
+                    "with OUT.elf beside it; an OUT ending in .bin is that name, one ending in "
+                    ".elf is refused)")
     gb.add_argument("--cflags", default="", metavar="FLAGS",
                     help="extra compiler options for FILE, e.g. \"-DSTEPS=4 -Iinclude\"")
     gb.set_defaults(func=cmd_guest_build)

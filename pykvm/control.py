@@ -137,11 +137,23 @@ def control_directory(directory: Optional[str] = None, *, create: bool = True) -
                            "refusing it")
     if st.st_uid != os.geteuid():
         raise ControlError(f"control directory {d} belongs to uid {st.st_uid}, not to you "
-                           f"(uid {os.geteuid()}); refusing it")
+                           f"(uid {os.geteuid()}); refusing it: {_private_advice(directory)}")
     if st.st_mode & 0o077:
         raise ControlError(f"control directory {d} has mode {st.st_mode & 0o777:o}: others "
-                           f"may use it; run chmod 700 {d}")
+                           f"may use it; refusing it: {_private_advice(directory)}")
     return d
+
+
+def _private_advice(directory: Optional[str]) -> str:
+    """What to do about a control directory refused as not private: choose another one, never
+    change a directory that may be shared (chmod of /tmp would break every other user)."""
+    if directory:
+        return "choose a directory of your own that only you can use (mode 700)"
+    if os.environ.get("PYKVM_CONTROL_DIR"):
+        return ("unset PYKVM_CONTROL_DIR (for the default directory) or point it at a "
+                "directory of your own that only you can use (mode 700)")
+    return ("set PYKVM_CONTROL_DIR to a directory of your own that only you can use "
+            "(mode 700)")
 
 
 def socket_path(name: str, directory: Optional[str] = None, *, create: bool = False) -> str:

@@ -360,8 +360,9 @@ def build(source, *, arch: Optional[str] = None, mode: Optional[str] = None,
 
     ``arch``: "x86_64" (default on x86 hosts) or "riscv64". ``mode``: see the module doc.
     ``cflags``: extra compiler options for the guest's own file (``-DNAME=1``, ``-Idir``).
-    ``out``: also copy the image there (for a flat binary, the ELF goes next to it with the
-    suffix ``.elf``). ``cache``: the cache directory (default :func:`cache_dir`).
+    ``out``: also copy the image there, and return that path; a real-mode flat binary is
+    written as ``OUT.bin`` with its ELF beside it as ``OUT.elf``, OUT being ``out`` without
+    a ``.bin`` suffix it may have (see :func:`check_output`). ``cache``: the cache directory (default :func:`cache_dir`).
     ``source_root``: the directory whose prefix is stripped from ``__FILE__`` (default: the
     source's own directory, so a guest assertion reads ``my_guest.c:12``).
 
@@ -412,25 +413,31 @@ def _same_file(a: str, b: str) -> bool:
 
 def check_output(source, out, *, arch: Optional[str] = None,
                  mode: Optional[str] = None) -> List[str]:
-    """The paths ``build(source, out=out)`` writes (``[out]``, or for a real-mode flat binary
-    ``[out, out-without-suffix.elf]``), checked before anything is compiled, as gcc's ``-o``:
-    an output that names the source itself (by any path: a symlink, a hard link) is refused,
-    as is an output in a directory that does not exist (gcc: "No such file or directory"), a
-    directory, socket or block device (see :func:`pykvm.outfile.check_report_path`), and a
-    real-mode output named ``*.elf`` (its ELF would overwrite it).
+    """The paths ``build(source, out=out)`` writes, as absolute paths: ``[out]`` (an ELF), or
+    for a real-mode flat binary ``[OUT.bin, OUT.elf]``, where OUT is ``out`` without a
+    ``.bin`` suffix it may have (``-o boot`` and ``-o boot.bin`` both write ``boot.bin`` and
+    ``boot.elf``). Checked before anything is compiled, as gcc's ``-o``: an output that names
+    the source itself (by any path: a symlink, a hard link) is refused, as is an output in a
+    directory that does not exist (gcc: "No such file or directory"), a directory, socket or
+    block device (see :func:`pykvm.outfile.check_report_path`), and a real-mode ``out``
+    named ``*.elf`` (the flat binary's ELF has that name).
 
     Raises :class:`pykvm.outfile.ReportPathError` (an OSError, one line) for a path refused;
     :class:`GuestBuildError` when ``source``, ``arch`` or ``mode`` is not usable."""
     src, arch, mode = _check_args(source, arch, mode)
-    o = os.path.abspath(os.fspath(out))
+    out = os.fspath(out)
+    o = os.path.abspath(out)
     outs = [o]
     if arch == "x86_64" and _X86_MODES[mode].flat:
-        elf_out = os.path.splitext(o)[0] + ".elf"
-        if elf_out == o:
+        # a flat binary is run by its suffix (no header says what it is): OUT.bin, and the ELF
+        # (for pykvm_params and symbols) beside it as OUT.elf; an OUT already ending in .bin
+        # is that name
+        if o.endswith(".elf"):
             raise ReportPathError(errno.EINVAL, f"cannot write the image to {out}: a real-mode "
-                                  "guest is a flat binary; name it *.bin (its ELF goes next to "
-                                  "it as *.elf)", out)
-        outs.append(elf_out)
+                                  "guest is a flat binary; name it OUT or OUT.bin (written as "
+                                  "OUT.bin, its ELF beside it as OUT.elf)", out)
+        stem = o[:-len(".bin")] if o.endswith(".bin") else o
+        outs = [stem + ".bin", stem + ".elf"]
     for p in outs:
         shown = out if p == o else p
         if _same_file(p, src):

@@ -78,12 +78,13 @@ phase it failed, then the exception message, one diagnostic line per line of it 
 never a raw traceback. The module summary and the kselftest-style ``# Totals:`` line count
 tests by kind; the last line gives pytest's exit status.
 """
+import errno
 import os
 import sys
 
 import pytest
 
-from ..outfile import check_report_path, write_report
+from ..outfile import ReportPathError, check_report_path, write_report
 from .._ktap import escape_name
 
 INDENT = "  "
@@ -136,9 +137,15 @@ class KtapWriter:
 
     def __init__(self, path: str):
         """``path``: where the KTAP document goes (see :func:`pykvm.outfile.write_report`).
-        A path that can never take it (a directory, socket or block device) raises
-        :class:`pykvm.outfile.ReportPathError` at once, before any test runs."""
+        A path that can never take it (a directory, socket or block device, or a file in a
+        directory that does not exist: no directory is made, as ``pykvm guest build -o`` and
+        ``pykvm run --snapshot`` make none) raises :class:`pykvm.outfile.ReportPathError` at
+        once, before any test runs."""
         check_report_path(path, "KTAP")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ReportPathError(errno.ENOENT, f"cannot write KTAP to {path}: "
+                                  f"{os.strerror(errno.ENOENT)}: {parent}", path)
         self.path = os.path.abspath(path)      # as given: symlinks are followed when written
         self.tests = {}        # nodeid -> {when: TestReport}, in the order tests first reported
         self.collected = {}    # nodeid -> failed or skipped CollectReport

@@ -50,13 +50,14 @@ def pytest_addoption(parser):
     g = parser.getgroup("pykvm")
     g.addoption("--ktap", metavar="FILE", default=None,
                 help="write test results in KTAP format to FILE (a regular file is replaced "
-                "atomically; a symlink, device or FIFO is written through)")
+                "atomically; a symlink, device or FIFO is written through; FILE's directory "
+                "must exist)")
 
 
 def pytest_configure(config):
     """Register the markers; with ``--ktap``, the KTAP writer. A ``--ktap`` path that can never
-    take the report (empty, a directory, a socket, a block device) is a usage error (pytest
-    status 4, one line) before any test runs."""
+    take the report (empty, a directory, a socket, a block device, in a directory that does
+    not exist) is a usage error (pytest status 4, one line) before any test runs."""
     for line in ("requires_kvm: needs a usable /dev/kvm",
                  "requires_cap(name): needs KVM_CAP_<name> (implies requires_kvm)",
                  "requires_arch(name): runs only on this host architecture (implies requires_kvm)",

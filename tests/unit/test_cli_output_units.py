@@ -71,7 +71,7 @@ def test_guest_build_output_paths(tmp_path, source):
     real = tmp_path / "r.c"
     real.write_text('#include "pykvm_guest.h"\nvoid guest_main16(void) { }\n')
     r = sh(f"{PY} pykvm guest build {real} -o {tmp_path / 'r.elf'}")
-    assert r.returncode == 2 and "*.bin" in one_line(r.stderr)
+    assert r.returncode == 2 and "OUT.bin" in one_line(r.stderr)
     # a real-mode image whose ELF (OUT.elf) would be the source: refused
     src_elf = tmp_path / "s.elf"
     os.link(real, src_elf)
@@ -212,3 +212,114 @@ def test_in_process_main_gives_the_callers_signal_handlers_back():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+# -- a newcomer's findings: guest build -o in real mode, statuses, quoting, digits --------------
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
+def test_real_mode_output_is_out_bin_with_out_elf_as_help_says(tmp_path):
+    """`guest build -o OUT` of a real-mode guest writes OUT.bin and OUT.elf (its --help), and
+    prints OUT.bin, which `pykvm run` takes as the flat binary it is; -o X.bin is that name."""
+    real = tmp_path / "r.c"
+    real.write_text('#include "pykvm_guest.h"\nvoid guest_main16(void) { }\n')
+    r = sh(f"{PY} pykvm guest build {real} -o {tmp_path / 'OUT'}")
+    assert r.returncode == 0 and r.stdout.strip() == str(tmp_path / "OUT.bin"), r
+    assert sorted(os.listdir(tmp_path)) == ["OUT.bin", "OUT.elf", "r.c"]
+    r = sh(f"{PY} pykvm guest build {real} -o {tmp_path / 'b.bin'}")
+    assert r.returncode == 0 and r.stdout.strip() == str(tmp_path / "b.bin"), r
+    assert (tmp_path / "b.elf").exists() and not (tmp_path / "b.bin.bin").exists()
+    help_text = sh(f"{PY} pykvm guest build --help").stdout
+    assert "real mode: OUT.bin, with OUT.elf beside it" in " ".join(help_text.split())
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
+def test_guest_build_failure_status_is_what_help_and_the_status_table_say(tmp_path):
+    """A source that does not compile is bad input (pykvm.status.BAD_INPUT, the table has no
+    1), and `guest build --help` says so."""
+    from pykvm import status
+    help_text = " ".join(sh(f"{PY} pykvm guest build --help").stdout.split())
+    assert "exit status (see pykvm.status): 0 built; 2 bad input" in help_text
+    assert "1 the compiler" not in help_text and "compile" in help_text
+    bad = tmp_path / "bad.c"
+    bad.write_text("void guest_main(void) { oops }\n")
+    r = sh(f"{PY} pykvm guest build {bad}")
+    assert r.returncode == status.BAD_INPUT and "oops" in r.stderr and "Traceback" not in r.stderr
+
+
+def _status_codes_of_table(doc: str) -> set:
+    """The statuses in pykvm.status's table (its first column; "odd" left out)."""
+    body = doc.split("======  ")[2].split("\n======")[0]
+    codes = set()
+    for ln in body.splitlines():
+        head = ln[:8].strip().rstrip(",")
+        if head.isdigit():
+            codes.add(int(head))
+    return codes
+
+
+def test_readme_exit_status_list_matches_the_status_table():
+    """README's list and pykvm/status.py's table name the same statuses, both ways."""
+    import re
+
+    from pykvm import status
+    table = _status_codes_of_table(status.__doc__)
+    assert {0, 2, 4, 6, 8, 10, 124, 130, 141, 143, 129, 131, 138, 140} == table
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    para = readme[readme.index("Exit statuses: odd ones"):]
+    para = para[:para.index("(table in `pykvm/status.py`")]
+    listed = {int(n) for n in re.findall(r"(?<![\w<(+])(\d+)(?![\w)])", para)}
+    listed -= {1}                                   # "(V << 1) | 1": the odd statuses
+    assert listed == table, (sorted(listed - table), sorted(table - listed))
+
+
+def test_bench_plot_without_matplotlib_is_refused_before_measuring(tmp_path):
+    """--plot's prerequisites are checked first: with matplotlib not importable (a package of
+    that name that raises ImportError, first on the path) `pykvm bench --quick --plot` is one
+    line and 2, and nothing is measured (nothing printed on stdout, no plot written)."""
+    shadow = tmp_path / "shadow" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    env = f"PYTHONPATH={shadow.parent}:{ROOT}"
+    r = sh(f"{env} {PY} pykvm bench --quick --plot {tmp_path / 'x.png'}")
+    assert r.returncode == 2 and "needs matplotlib" in one_line(r.stderr), r
+    assert r.stdout == "" and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("args", [["run", "--mem", "６４M"], ["run", "--vcpus", "２"],
+                                  ["run", "--timeout", "１"], ["run", "--mem", "٦٤M"],
+                                  ["run", "--param", "１"], ["run", "--snapshot-at", "１s", "--snapshot", "/tmp/x.snap"],
+                                  ["bench", "--exits", "１０"]])
+def test_options_take_ascii_digits_only(args):
+    """Python's int() and float() take any script's digits; pykvm's options (as QEMU's) do
+    not: one line, 2, before anything runs."""
+    extra = ["--no-input"] if args[0] == "run" else []
+    r = subprocess.run([sys.executable, "-m", "pykvm", *args, *extra],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    value = next(a for a in args if not a.isascii())
+    assert r.returncode == 2 and value in one_line(r.stderr), r
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["run", "--mem", "m" * 5000], ["run", "--machine", "q" * 5000],
+                                  ["run", "--cpuid", "z" * 5000], ["caps", "--bogus=" + "y" * 5000],
+                                  ["run", "--console", "c" * 5000]])
+def test_long_values_are_quoted_short(args):
+    """A user's value in an error line is repr-escaped and at most 60 characters, then "...",
+    whoever made the message (pykvm's option types, argparse, a lower layer)."""
+    r = subprocess.run([sys.executable, "-m", "pykvm", *args], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    line = one_line(r.stderr)
+    ch = args[-1][-1]
+    assert r.returncode == 2 and "'..." in line and ch * 61 not in line, line
+    assert len(line) < 400
+
+
+def test_quote_helper():
+    from pykvm import _cliutil
+    assert _cliutil.quote("abc") == "'abc'"
+    assert _cliutil.quote("a\x1b[2J") == repr("a\x1b[2J")
+    assert _cliutil.quote("x" * 61) == repr("x" * 60) + "..."
+    line = "bad: " + repr("p" * 100) + " and " + "p" * 100
+    assert _cliutil.shorten_values(line, ["p" * 100]) == \
+        "bad: " + repr("p" * 60) + "... and " + "p" * 100          # bare, under 256: kept
+    path = "/" + "d" * 99
+    assert _cliutil.shorten_values(f"x {path!r}", [path]) == f"x {path!r}"   # a path: whole

@@ -3,6 +3,8 @@ validation, line framing with its size cap, VM names, and the socket directory's
 (pykvm.control; the socket itself, on real KVM, is in tests/hw/test_control_socket.py)."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -109,8 +111,23 @@ def test_directory_others_may_use_is_refused(tmp_path, mode):
     d = tmp_path / "ctl"
     d.mkdir()
     os.chmod(d, mode)
-    with pytest.raises(ControlError, match="others may use it; run chmod 700"):
+    with pytest.raises(ControlError, match="others may use it; refusing it: choose a "
+                       "directory of your own") as e:
         control_directory(str(d))
+    assert "chmod" not in str(e.value)          # never advice to open up or lock a shared dir
+
+
+def test_shared_control_dir_from_environment_is_refused_without_chmod_advice():
+    """PYKVM_CONTROL_DIR=/tmp (root's, mode 1777, or another user's): the real CLI refuses it
+    in one line, advising another directory, never a chmod of the shared one."""
+    env = dict(os.environ, PYKVM_CONTROL_DIR="/tmp")
+    r = subprocess.run([sys.executable, "-m", "pykvm", "list"], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "refusing it" in lines[0] and "unset PYKVM_CONTROL_DIR" in lines[0]
+    assert "chmod" not in lines[0]
 
 
 def test_symlinked_directory_is_refused(tmp_path):

@@ -282,6 +282,7 @@ def _plugin_args():
 
 def run_ktap(pytester, *args):
     ktap = pytester.path / "out" / "results.ktap"
+    ktap.parent.mkdir(exist_ok=True)          # --ktap makes no directory
     res = pytester.runpytest_subprocess("-p", "no:cacheprovider", *_plugin_args(),
                                         f"--ktap={ktap}", *args)
     text = ktap.read_text()

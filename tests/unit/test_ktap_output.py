@@ -147,6 +147,18 @@ def test_unusable_paths_are_refused_before_any_test(sample, kind):
         s.close()
 
 
+def test_missing_directory_is_refused_not_made(sample):
+    """As `pykvm guest build -o` and `pykvm run --snapshot`: a report in a directory that does
+    not exist is a usage error in one line naming it, before any test, and nothing is made."""
+    missing = sample / "nodir" / "deeper"
+    r = run_pytest(sample, missing / "x.ktap")
+    assert r.returncode == pytest.ExitCode.USAGE_ERROR, (r.stdout, r.stderr)
+    line = one_line(r.stderr)
+    assert "--ktap: cannot write KTAP to" in line and "No such file or directory" in line
+    assert str(missing) in line and "passed" not in r.stdout
+    assert not (sample / "nodir").exists()
+
+
 def test_regular_file_is_replaced_atomically(sample):
     out = sample / "out.ktap"
     out.write_text("previous report\n")

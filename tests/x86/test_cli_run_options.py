@@ -167,3 +167,51 @@ def test_regs_json_keeps_its_keys_and_adds_msr_names():
         else:
             assert d["msr"] is None and d["msr_name"] is None
     assert msrs > 0 and rows[0]["name"] == "rax"
+
+
+# -- GUEST: a file wins over a built-in name; empty and missing names (a newcomer's findings) ---
+def _one_line(r) -> str:
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["Image", "vmlinux", "myguest"])
+def test_a_file_in_the_current_directory_is_run_not_looked_up(tmp_path, name):
+    """`pykvm run Image` with ./Image a guest: the file is booted (as QEMU's -kernel Image),
+    not refused as an unknown built-in guest's name; a name that is no file still is one."""
+    from pykvm import guests
+    with open(guests.path("hello"), "rb") as f:
+        (tmp_path / name).write_bytes(f.read())
+    r = subprocess.run(PYKVM + ["run", name, "--no-input", "--timeout", "30"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and "Hello from pykvm guest!" in r.stdout, r
+    (tmp_path / name).unlink()
+    r = subprocess.run(PYKVM + ["run", name, "--no-input"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and f"no built-in x86_64 guest named '{name}'" in _one_line(r)
+
+
+def test_an_empty_guest_name_is_refused_not_the_default():
+    r = pykvm("run", "", "--no-input")
+    assert r.returncode == 2 and "empty name" in _one_line(r) and r.stdout == ""
+
+
+def test_a_missing_image_is_one_message_however_it_is_named(tmp_path):
+    seen = set()
+    for name in ("x.bin", "./x.bin", "x.elf", "x.c", str(tmp_path / "x.bin")):
+        r = subprocess.run(PYKVM + ["run", name, "--no-input"], capture_output=True,
+                           text=True, timeout=60, cwd=tmp_path)
+        line = _one_line(r)
+        assert r.returncode == 2 and line == f"pykvm: no such file: {name!r}", line
+        seen.add(line.split(":")[1])
+    assert seen == {" no such file"}
+
+
+def test_a_long_guest_name_is_quoted_short():
+    """A 5000-character name is not echoed whole: 60 characters, then "..."."""
+    r = pykvm("run", "a" * 5000, "--no-input")
+    line = _one_line(r)
+    assert r.returncode == 2 and f"'{'a' * 60}'..." in line and "a" * 61 not in line
+    assert len(line) < 400
