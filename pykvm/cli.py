@@ -1162,9 +1162,9 @@ def cmd_guest_build(args) -> int:
     import shlex
     from .guestbuild import MODES, SOURCE_SUFFIXES, GuestBuildError, build, host_arch
     if not args.source.endswith(SOURCE_SUFFIXES):
-        return _fail(f"{args.source}: a guest source is a .c or .S file")
+        return _fail(f"{_quote(args.source, path=True)}: a guest source is a .c or .S file")
     if not os.path.isfile(args.source):
-        return _fail(f"no such file: {args.source}")
+        return _fail(f"no such file: {_quote(args.source, path=True)}")
     arch = args.arch or host_arch()
     if arch not in MODES:
         return _fail(f"no guest runtime for {arch}; use --arch {' or --arch '.join(MODES)}")
@@ -1426,7 +1426,8 @@ def build_parser(only=None) -> argparse.ArgumentParser:
                        "prints help, Ctrl-A Ctrl-A sends Ctrl-A. Other input (a pipe, a file) is "
                        "sent as it is until its end. --no-input turns this off.")
     r.add_argument("guest", nargs="?", help="image path or built-in guest name (default: hello, "
-                   "the greeting guest; `pykvm guests` lists them)")
+                   "the greeting guest; `pykvm guests` lists them); a name that is a file here "
+                   "(Image, vmlinux) is that file")
     r.add_argument("--mem", type=_size, default=64 << 20, metavar="SIZE",
                    help="guest RAM, e.g. 64M, 2G (default 64M; mapped lazily; at most 1T, and 31G for "
                    "an x86 guest pykvm starts in long mode, whose boot page tables map 32 GiB "
