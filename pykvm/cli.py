@@ -571,6 +571,8 @@ class _SignalState:
     signum = None             # the first SIGINT/SIGTERM received
     committed = False         # the one JSON object is being (or was) printed: signals end nothing
     reported = False          # the command has already reported it
+    in_hook = False           # the unraisable hook is running (see _quiet_unraisable)
+    said = False              # "pykvm: interrupted by ..." is written
 
 
 def _quiet_unraisable(hook):
@@ -578,9 +580,13 @@ def _quiet_unraisable(hook):
     inside a finalizer or weakref callback, where Python cannot propagate it); main() still sees
     the signal through _sig.signum."""
     def unraisable(info):
-        if isinstance(info.exc_value, _Signalled):
-            return
-        hook(info)
+        _sig.in_hook = True
+        try:
+            if isinstance(info.exc_value, _Signalled):
+                return
+            hook(info)
+        finally:
+            _sig.in_hook = False
     return unraisable
 
 
@@ -588,7 +594,10 @@ _sig = _SignalState()
 
 
 def _on_signal(signum, frame):
-    if _sig.committed:        # the outcome's JSON object is out (or going out): it stands
+    if _sig.committed or _sig.reported or _sig.in_hook:
+        # the outcome stands (its JSON object is out or going out, or the signal was already
+        # reported), or Python is reporting an earlier signal's exception that landed in a
+        # finalizer: raising here would show as a traceback instead of changing the outcome
         return
     if _sig.signum is None:
         _sig.signum = signum
@@ -1047,6 +1056,7 @@ def cmd_run(args) -> int:
         else:
             sys.stdout.flush()
         _err(f"pykvm: {detail}")
+        _sig.said = True
         return code
     if quit_key:                              # stopped at the console: as a Ctrl-C would
         detail = "stopped at the console (Ctrl-A x)"
@@ -1345,7 +1355,7 @@ def _sandbox_parser(sub) -> None:
                     "(default: the current directory when it lies under --root, else /)")
     sb.add_argument("--mem", type=_size, default=512 << 20, metavar="SIZE",
                     help="guest RAM (default 512M)")
-    sb.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    sb.add_argument("--vcpus", type=_int_range(1, MAX_VCPUS), default=1, metavar="N", help="vCPUs (default 1)")
     sb.add_argument("--timeout", type=_seconds, default=600.0, metavar="SECONDS",
                     help="limit for the whole run (default 600)")
     sb.add_argument("--append", default="", metavar="PARAMS",
@@ -1677,8 +1687,16 @@ def main(argv=None) -> int:
     try:
         code = _main(argv, program)
     except (_Signalled, KeyboardInterrupt) as e:      # a second signal while the first was told
-        code = _signal_status(e.signum if isinstance(e, _Signalled) else signal.SIGINT)
+        signum = e.signum if isinstance(e, _Signalled) else signal.SIGINT
+        code = _signal_status(signum)
+        _sig.committed = True
+        if not _sig.said:             # it came before _main could say it: say it here
+            try:
+                _err(f"pykvm: interrupted by {_signal_name(signum)}")
+            except (OSError, ValueError):
+                pass
     finally:
+        _sig.committed = True          # the outcome is decided: a signal from here on ends nothing
         for s, handler in saved.items():
             try:
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
@@ -1702,6 +1720,7 @@ def _main(argv=None, program=False) -> int:
     _sig.signum = None
     _sig.reported = False
     _sig.committed = False
+    _sig.said = False
     _invocation["argv"] = argv
     if program:
         code = _cliutil.start_program("pykvm", EXIT_VMM)   # stdout closed: one line, 8
@@ -1768,6 +1787,7 @@ def _main(argv=None, program=False) -> int:
             if _wants_json(argv) and not committed:
                 _print_json_outcome("interrupted", _signal_status(signum), detail)
             _err(f"pykvm: {detail}")
+            _sig.said = True
         except (_Signalled, OSError, ValueError):
             pass
         return _signal_status(signum)
