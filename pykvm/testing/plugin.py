@@ -265,7 +265,10 @@ def _build_source(request, source, mode=None, arch=None, cflags=()):
     try:
         return build(path, arch=arch, mode=mode, cflags=cflags)
     except GuestBuildError as e:
-        pytest.fail(str(e), pytrace=False)
+        failure = str(e)
+    # outside the except block: the compiler's message once, not again as the context of
+    # pytest's own exception ("During handling of the above exception...")
+    pytest.fail(failure, pytrace=False)
 
 
 @pytest.fixture

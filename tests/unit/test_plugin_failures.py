@@ -204,3 +204,17 @@ def test_require_needs_a_reason():
     require(1, "anything")               # truthy: returns None
     with pytest.raises(pytest.skip.Exception, match="^pykvm: host lacks rdpid$"):
         require([], "rdpid")
+
+
+@pytest.mark.requires_kvm
+def test_a_guest_that_does_not_compile_fails_its_test_once(pytester):
+    """guest_vm("bad.c") of a source that does not compile fails the test with the compiler's
+    message once: not again as the context of pytest's own failure ("During handling of the
+    above exception, another exception occurred")."""
+    pytester.makefile(".c", bad="void guest_main(void) { this is not C; }\n")
+    pytester.makepyfile(test_bad="def test_bad(guest_vm):\n    guest_vm('bad.c')\n")
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    res.assert_outcomes(failed=1)
+    out = res.stdout.str()
+    assert "During handling" not in out, out
+    assert "building bad.c" in out and "error:" in out, out      # the compiler's message
