@@ -209,11 +209,13 @@ class InvalidArgument(PykvmError, ValueError):
 SHOWN_CHARS = 60                  # how much of a bad value a message quotes
 
 
-def shown(value: object) -> str:
-    """``repr(value)`` for a message: control and non-ASCII characters escaped, at most
-    :data:`SHOWN_CHARS` characters (then ending in "...")."""
+def shown(value: object, n: int = SHOWN_CHARS) -> str:
+    """``value`` as an error line quotes it (an argument, or a value taken from a file, which
+    may be of any length and hold any character): its repr with every character that is not
+    printable ASCII escaped (``ascii()``: ``\\x1b``, ``\\ufffd``, never the raw control or
+    replacement character), at most ``n`` characters (then ending in "...")."""
     text = ascii(value)
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+    return text if len(text) <= n else text[:max(n - 3, 1)] + "..."
 
 
 class Busy(PykvmError):

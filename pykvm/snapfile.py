@@ -35,7 +35,7 @@ import struct
 import tempfile
 import zlib
 
-from .errors import SnapshotError
+from .errors import SnapshotError, shown
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class Section:
                     break
         except zlib.error as e:
             raise SnapshotError(f"section {self.name!r}: corrupt compressed data "
-                                f"({echo(str(e))})") from None
+                                f"({shown(str(e))})") from None
         if not d.eof or d.unused_data:
             raise SnapshotError(f"section {self.name!r}: compressed data is truncated or has "
                                 "bytes after its end")
@@ -176,7 +176,7 @@ class Writer:
 
 
 def _cannot_write(path: str, e: OSError) -> SnapshotError:
-    return SnapshotError(f"cannot write the snapshot {echo(path, PATH_SHOWN)}: "
+    return SnapshotError(f"cannot write the snapshot {shown(path, PATH_SHOWN)}: "
                          f"{e.strerror or type(e).__name__}")
 
 
@@ -193,11 +193,11 @@ def check_target(path: Any) -> None:
                             f"{type(path).__name__}")
     path = os.fspath(path)
     if not isinstance(path, str) or not path or "\0" in path:
-        raise SnapshotError(f"bad snapshot path {echo(path, PATH_SHOWN)}")
+        raise SnapshotError(f"bad snapshot path {shown(path, PATH_SHOWN)}")
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
-        raise SnapshotError(f"cannot write the snapshot {echo(path, PATH_SHOWN)}: no "
-                            f"directory {echo(d, PATH_SHOWN)}")
+        raise SnapshotError(f"cannot write the snapshot {shown(path, PATH_SHOWN)}: no "
+                            f"directory {shown(d, PATH_SHOWN)}")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -206,7 +206,7 @@ def check_target(path: Any) -> None:
         raise _cannot_write(path, e) from None
     else:
         if not stat.S_ISREG(st.st_mode):
-            raise SnapshotError(f"cannot write the snapshot {echo(path, PATH_SHOWN)}: it "
+            raise SnapshotError(f"cannot write the snapshot {shown(path, PATH_SHOWN)}: it "
                                 "exists and is not a regular file")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".pykvm-snap-", suffix=".tmp", dir=d)
@@ -219,18 +219,9 @@ def check_target(path: Any) -> None:
         raise _cannot_write(path, e) from None
 
 
-def echo(v: Any, n: int = 60) -> str:
-    """``v`` as an error line quotes a value taken from a file or a command line, which may
-    be of any length and hold any character: its repr with every character that is not
-    printable ASCII escaped (``ascii()``: ``\\x1b``, ``\\ufffd``, never the raw control or
-    replacement character), cut to at most ``n`` characters (then ending in "...")."""
-    r = ascii(v)
-    return r if len(r) <= n else r[:max(n - 3, 1)] + "..."
-
-
 def printable(text: str, n: int = 400) -> str:
     """``text`` (a message line) with every character that is not printable ASCII shown as
-    its escape (as :func:`echo` does, without the quotes) and cut to ``n`` characters: for a
+    its escape (as :func:`pykvm.errors.shown` does, without the quotes) and cut to ``n`` characters: for a
     line built elsewhere that may hold a value from a file."""
     r = ascii(text)[1:-1] if any(not " " <= c <= "~" for c in text) else text
     return r if len(r) <= n else r[:max(n - 3, 1)] + "..."
@@ -437,9 +428,9 @@ def _shown_name(raw: bytes) -> str:
     """A section name from a table entry not yet checked, as an error line quotes it."""
     name = raw.rstrip(b"\0")
     try:
-        return echo(name.decode("ascii"), NAME_LEN + 6)
+        return shown(name.decode("ascii"), NAME_LEN + 6)
     except UnicodeDecodeError:
-        return echo(name, NAME_LEN + 6)
+        return shown(name, NAME_LEN + 6)
 
 
 def _name(raw: bytes, what: str, i: int) -> str:
@@ -476,7 +467,7 @@ def json_section(sections: Dict[str, Section], name: str, *, what: str = "snapsh
         raise SnapshotError(f"{what}: section {name!r} is JSON nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise SnapshotError(f"{what}: section {name!r} is not valid JSON "
-                            f"({echo(str(e), 80)})") from None
+                            f"({shown(str(e), 80)})") from None
 
 
 def _no_constant(name: str) -> Any:

@@ -53,7 +53,7 @@ from .abi import ffi
 from .arch import current_snapshot as _arch_snapshot
 from .arch.snapstate import ArchState
 from .boot import MAX_IMAGE_SIZE
-from .errors import Busy, PykvmError, SnapshotError
+from .errors import Busy, PykvmError, SnapshotError, shown
 from .kvm import Kvm
 
 TYPE_CHECKING = False
@@ -183,7 +183,7 @@ def _check_uart(st: Any) -> None:
             v = st[k]
             hi = _UART_RANGE.get(k, 0xFF)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
-                raise SnapshotError(f"the UART's {k} is {snapfile.echo(v)}, not 0-{hi}")
+                raise SnapshotError(f"the UART's {k} is {shown(v)}, not 0-{hi}")
         if st["uart_fcr"] & ~0xC9 or st["uart_lsr"] & ~0x1F:
             raise SnapshotError("the UART's FCR or LSR has bits the 16550 model never keeps")
         for k in ("uart", "uart_rx", "input"):
@@ -388,17 +388,17 @@ class Plan:
     def check_host(self, kvm: Any) -> None:
         """Refuse (SnapshotError, one line) a snapshot foreign to this host: another
         architecture, KVM API version or CPU vendor, or CPUID features the host's KVM does not
-        offer. Values from the file are quoted as :func:`pykvm.snapfile.echo` shows them."""
+        offer. Values from the file are quoted as :func:`pykvm.errors.shown` shows them."""
         m = self.meta
         if m["arch"] != HOST_ARCH:
-            raise SnapshotError(f"foreign snapshot: taken on {snapfile.echo(m['arch'])}, this "
+            raise SnapshotError(f"foreign snapshot: taken on {shown(m['arch'])}, this "
                                 f"host is {HOST_ARCH}")
         if m["kvm_api_version"] != kvm.api_version:
             raise SnapshotError(f"foreign snapshot: KVM API version {m['kvm_api_version']}, "
                                 f"this host's is {kvm.api_version}")
         vendor = host_vendor(kvm)
         if m["vendor"] != vendor:
-            raise SnapshotError(f"foreign snapshot: taken on a {snapfile.echo(m['vendor'])} "
+            raise SnapshotError(f"foreign snapshot: taken on a {shown(m['vendor'])} "
                                 f"CPU, this host is {vendor}")
         why = _arch_snapshot.cpuid_mismatch(self.cpuid, kvm, vendor)
         if why:                            # it may hold a vendor string from the file
@@ -458,7 +458,7 @@ def _check_meta(m: Any, what: str) -> dict:
     cfg = m["config"]
     if set(cfg) != _CONFIG_KEYS:
         raise SnapshotError(f"{what}: the machine configuration has fields "
-                            f"{snapfile.echo(sorted(set(cfg) ^ _CONFIG_KEYS))} it may not")
+                            f"{shown(sorted(set(cfg) ^ _CONFIG_KEYS))} it may not")
     for k, t in (("mem_size", int), ("machine", str), ("cmdline", str), ("flat_mode", str),
                  ("image_name", str), ("platform_opts", dict)):
         if not isinstance(cfg.get(k), t) or isinstance(cfg.get(k), bool):
@@ -486,14 +486,14 @@ def _check_meta(m: Any, what: str) -> dict:
     plat = m["platform"]
     name = plat.get("name", cfg["machine"])
     if not isinstance(name, str) or name not in _PLATFORM_OPTIONS:
-        raise SnapshotError(f"{what}: the snapshot's machine {snapfile.echo(name)} is not one "
+        raise SnapshotError(f"{what}: the snapshot's machine {shown(name)} is not one "
                             f"a snapshot can restore ({', '.join(sorted(_PLATFORM_OPTIONS))})")
     if cfg["machine"] not in ("auto", name):
         raise bad("config.machine")
     for k, v in plat.items():
         check = _PLATFORM_FIELDS.get(k)
         if check is None or not check(v):
-            raise SnapshotError(f"{what}: the platform state's {snapfile.echo(k)} is unknown "
+            raise SnapshotError(f"{what}: the platform state's {shown(k)} is unknown "
                                 f"or malformed")
     _check_platform_opts(name, cfg["platform_opts"], what)
     return m
@@ -551,11 +551,11 @@ def _check_platform_opts(machine: str, opts: Dict[str, Any], what: str) -> None:
         check = allowed.get(k)
         if check is None:
             raise SnapshotError(f"{what}: the {machine} machine's options in the snapshot name "
-                                f"{snapfile.echo(k)}, which a snapshot may not set (allowed: "
+                                f"{shown(k)}, which a snapshot may not set (allowed: "
                                 f"{', '.join(sorted(allowed))})")
         if not check(v):
             raise SnapshotError(f"{what}: the {machine} machine's option {k!r} is "
-                                f"{snapfile.echo(v)}, which it may not be")
+                                f"{shown(v)}, which it may not be")
 
 
 def restore(cls: Any, path: Any, **overrides: Any) -> Any:
@@ -644,7 +644,7 @@ def _restore(cls: Any, path: Any, **overrides: Any) -> Any:
                                                                 OverflowError, KeyError)):
             raise
         raise SnapshotError(f"the snapshot does not build a machine: {type(e).__name__}: "
-                            f"{snapfile.echo(str(e).splitlines()[0] if str(e) else '', 160)}"
+                            f"{shown(str(e).splitlines()[0] if str(e) else '', 160)}"
                             ) from None
     return m
 
@@ -672,7 +672,7 @@ def _load(m: Any, plan: Plan) -> None:
     ranges = sorted([s.gpa, s.end] for s in m.vm.memory)
     if ranges != sorted(meta["ram"]):
         raise SnapshotError(f"the machine built has RAM {ranges}, the snapshot "
-                            f"{snapfile.echo(meta['ram'])}")
+                            f"{shown(meta['ram'])}")
     if len(m.vcpus) != len(plan.vcpus):
         raise SnapshotError(f"the machine built has {len(m.vcpus)} vCPUs, the snapshot "
                             f"{len(plan.vcpus)}")
@@ -691,7 +691,7 @@ def _load(m: Any, plan: Plan) -> None:
     m.vm.check_state(plan.vm)
     devs = device_models(p)
     if set(plan.devices) - {"uart16550"} != set(devs):
-        raise SnapshotError(f"the snapshot has devices {snapfile.echo(sorted(plan.devices))}, "
+        raise SnapshotError(f"the snapshot has devices {shown(sorted(plan.devices))}, "
                             f"the machine built {sorted(devs)}")
     for name, d in devs.items():
         d._check_state(_strip_nested(name, plan.devices[name]))
@@ -724,7 +724,7 @@ def _check_names(state: ArchState, fresh: ArchState, what: str) -> None:
     unknown = sorted(n for n in list(state) + list(state.absent) if n not in known)
     if unknown:
         raise SnapshotError(f"{what} state has pieces this machine does not have: "
-                            f"{snapfile.echo(', '.join(unknown))}")
+                            f"{shown(', '.join(unknown))}")
     mine, theirs = state.get("msrs"), fresh.get("msrs")
     if mine is not None and theirs is not None and len(mine) > len(theirs):
         raise SnapshotError(f"{what} state holds {len(mine)} bytes of MSRs, more than the "

@@ -10,7 +10,7 @@ import pytest
 from pykvm import snapfile
 from pykvm.arch.snapstate import ArchState
 from pykvm.devices.snapstate import decode, encode
-from pykvm.errors import SnapshotError
+from pykvm.errors import SnapshotError, shown
 
 
 def _write(tmp_path, sections, name="s.snap"):
@@ -404,8 +404,8 @@ def test_quoted_values_are_short_and_escaped(tmp_path):
     """A value from the file is quoted in at most 60 characters with every character that
     is not printable ASCII escaped: no raw control character, no U+FFFD."""
     from pykvm import snapshot
-    assert snapfile.echo("x" * 1000) == "'" + "x" * 56 + "..."
-    assert snapfile.echo("a\x1b[2J\ufffd") == "'a\\x1b[2J\\ufffd'"
+    assert shown("x" * 1000) == "'" + "x" * 56 + "..."
+    assert shown("a\x1b[2J\ufffd") == "'a\\x1b[2J\\ufffd'"
     assert snapfile.printable("says \ufffd\ufffd\x07 here") == "says \\ufffd\\ufffd\\x07 here"
     hostile = "\x1b[2J\ufffd" + "m" * 1000
     for meta in (_meta(platform={"name": hostile}),
