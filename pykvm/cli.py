@@ -765,7 +765,12 @@ def _snapshot_spec(spec: str):
 class _SnapshotTrigger:
     """Takes ``--snapshot PATH`` once ``--snapshot-at`` SPEC happens during a run (a time after
     the run's start, or TEXT seen on the console), then stops the run. ``written``: the
-    snapshot's size in bytes once taken; ``error``: the one line of a failed snapshot."""
+    snapshot's size in bytes once taken; ``error``: the one line of a failed snapshot.
+
+    For ``console:TEXT`` the vCPUs are held (Machine.hold, without waiting) by the thread that
+    passes the text on, at once: the snapshot is of the guest as it stood when TEXT appeared
+    (for a guest's report print, right after the print; for a UART, at its next flush), not
+    of wherever the guest had run on to by the time the snapshot thread woke."""
 
     def __init__(self, m, spec, path: str):
         from .runloop import ConsoleWatch
@@ -773,7 +778,8 @@ class _SnapshotTrigger:
         self.kind, self.what = spec
         self.written = None
         self.error = None
-        self._watch = ConsoleWatch(self.what) if self.kind == "console" else None
+        self._watch = ConsoleWatch(self.what, then=self._hold) \
+            if self.kind == "console" else None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._main, name="pykvm-snapshot", daemon=True)
 
@@ -784,6 +790,14 @@ class _SnapshotTrigger:
 
     def start(self) -> None:
         self._thread.start()
+
+    def _hold(self) -> None:
+        """ConsoleWatch's ``then``, in the thread that passed TEXT (a vCPU's): hold the
+        vCPUs where they are; the snapshot thread takes them as they are held."""
+        try:
+            self.m.hold(self, timeout=None)
+        except Exception:  # noqa: BLE001 — the machine closed meanwhile: nothing to hold
+            pass
 
     def _main(self) -> None:
         if self.kind == "time":
@@ -802,6 +816,7 @@ class _SnapshotTrigger:
             self.m.stop("snapshot taken" if self.error is None else "snapshot failed")
         except Exception:  # noqa: BLE001 — the machine closed meanwhile
             pass
+        self.m.release(self)                  # after the stop: the guest does not run on
 
     def finish(self) -> None:
         """After the run: the trigger thread ends (a run that ended first takes nothing)."""
@@ -1549,8 +1564,8 @@ def build_parser(only=None) -> argparse.ArgumentParser:
     _gdb_options(r, "its first instruction")
     r.add_argument("--snapshot-at", default=None, metavar="SPEC",
                    help="with --snapshot: when to take it: SECONDS after the start (2.5s) or "
-                   "console:TEXT (once TEXT appears on the console); the run then stops with "
-                   "status 0 (docs/snapshots.md)")
+                   "console:TEXT (the guest held as TEXT appears on the console); the run "
+                   "then stops with status 0 (docs/snapshots.md)")
     r.add_argument("--snapshot", default=None, metavar="PATH",
                    help="write a snapshot of the machine there at --snapshot-at; continue it "
                    "with pykvm restore PATH")

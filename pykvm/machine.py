@@ -254,6 +254,10 @@ class Machine:
         self._stop = False                 # a plain flag: set from signal handlers too
         self.vcpu_count = vcpus            # known to the platform before the vCPUs exist
         self._ended: Optional[str] = None  # why the machine cannot run again, once it cannot
+        # vCPUs whose guest reported done (index -> the report): a later run or step does not
+        # resume them past it; kept by checkpoint()/reset() and by snapshots (finished_vcpus)
+        self._finished: Dict[int, Report] = {}
+        self._finished_at_checkpoint: Dict[int, Report] = {}
         self._symbols = None               # the image's symbol table, read on first need
         self.virtio_console = None         # the virtio console (console="virtio"), if any
         self._virtio: Sequence = ()        # virtio models made here, closed with the machine
@@ -618,14 +622,32 @@ class Machine:
                     return Event("budget", index)
                 if not self._start_step(index, deadline, entry):
                     return Event("timeout", index)
+                done = self._finished.get(index)
+                if done is not None:               # not resumed past its DONE report
+                    return Event("report", index, report=done)
                 sent = self._pauses_kicked         # holds whose kicks this step may take
                 ev = self._step(index, deadline, left)
                 if ev.kind == "kick" and not self._stop and self._pause_kick(index, sent):
                     self._end_step(index, entry)   # a hold's kick: wait for it, then on
                     continue
+                self._note_done(ev)
                 return ev
         finally:
             self._end_step(index, entry)
+
+    def _note_done(self, ev: Event) -> None:
+        """Remember a vCPU whose guest reported done (:attr:`finished_vcpus`)."""
+        if ev.kind == "report" and ev.report is not None and ev.report.kind == "done":
+            self._finished[ev.vcpu] = ev.report
+
+    @property
+    def finished_vcpus(self) -> frozenset:
+        """The indices (ints) of the vCPUs whose guest reported done (GUEST_DONE) in a run or
+        a step. Such a vCPU is not resumed past its report: a later :meth:`run` counts it as
+        done at once, and :meth:`step` returns its DONE report again without entering
+        KVM_RUN. The guest has finished once every vCPU is in it. :meth:`reset` returns the
+        set to the one at :meth:`checkpoint`; a snapshot carries it (docs/snapshots.md)."""
+        return frozenset(self._finished)
 
     def _end_step(self, index: int, entry: Tuple[int, object]) -> None:
         """Drop the claim ``entry`` of :meth:`_start_step` (by identity: nothing when it is
@@ -752,6 +774,10 @@ class Machine:
         """One vCPU's part of :meth:`run`: every outcome, exceptions included, lands in
         ``results[index]``; anything but DONE stops the other vCPUs."""
         try:
+            done = self._finished.get(index)
+            if done is not None:               # reported done in an earlier run or step
+                ev = results[index] = Event("report", index, report=done)
+                return
             while True:
                 if self._stop:
                     results[index] = Event("kick", index)
@@ -772,6 +798,7 @@ class Machine:
                 if ev.kind == "kick" and not self._stop and self._pause_kick(index, sent):
                     continue                       # pause()'s kick: the loop's top holds it
                 results[index] = ev
+                self._note_done(ev)
                 break
         except Exception as e:  # noqa: BLE001 — guest, KVM or handler error: the result
             ev = results[index] = Event("error", index, error=e)
@@ -1036,7 +1063,8 @@ class Machine:
     def run(self, timeout: Optional[float] = None) -> RunResult:
         """Run every vCPU (one thread each) until the guest is done, exits, fails or times
         out, and return a :class:`RunResult` (console output, exit counts, verdict and
-        status).
+        status). A vCPU whose guest reported done earlier (:attr:`finished_vcpus`) is not run
+        again: it counts as done at once.
 
         ``timeout``: seconds (None or 0 = no deadline). The first vCPU to fail (a guest
         failure, an unhandled exit, a KVM error, an exception from an exit handler) stops all
@@ -1436,6 +1464,7 @@ class Machine:
             self.settle_held_time()
             with self.original_ram():          # the baseline holds the guest's own bytes
                 self._baseline = MachineBaseline(self)
+            self._finished_at_checkpoint = dict(self._finished)
             return self._baseline.ram.pages_stored
 
     def reset(self) -> int:
@@ -1443,7 +1472,8 @@ class Machine:
         pages the guest (or the host, through :attr:`memory`) wrote since are copied back (KVM's
         dirty log), then the vCPU, VM and device state is loaded again; the guest's next run
         continues from the checkpoint. The console output, :attr:`reports` (and their dropped
-        counts) are emptied, and a machine whose guest ended it (powered off) can run again, so
+        counts) are emptied, :attr:`finished_vcpus` is again what it was at the checkpoint,
+        and a machine whose guest ended it (powered off) can run again, so
         that each reset machine looks freshly made to a test. Without a checkpoint, this takes
         one (and returns 0). A running machine is paused, reset and resumed. Returns the pages
         copied back (int). Raises what :meth:`checkpoint` raises."""
@@ -1463,6 +1493,7 @@ class Machine:
                 self.reports.clear()
                 self.reports_dropped = 0
             self._ended = None
+            self._finished = dict(self._finished_at_checkpoint)
         return pages
 
     # -- host patches to guest RAM (a debugger's breakpoints; docs/gdb.md) ------------------------

@@ -1,10 +1,10 @@
-"""The pykvm snapshot file format, version 1 (docs/snapshots.md): reading, writing and checking
+"""The pykvm snapshot file format, version 2 (docs/snapshots.md; version 1 files are read too): reading, writing and checking
 it, in pure Python with nothing but the standard library and :mod:`pykvm.errors`.
 
 Layout (all integers little-endian)::
 
     offset 0   magic            8 bytes  b"PYKVMSNP"
-           8   format version   u32      FORMAT_VERSION (1)
+           8   format version   u32      FORMAT_VERSION (2; READ_VERSIONS are read)
           12   section count    u32      at most MAX_SECTIONS
           16   section table    count x 56 bytes:
                    name         32 bytes ASCII, NUL-padded
@@ -42,7 +42,9 @@ if TYPE_CHECKING:
     from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 MAGIC = b"PYKVMSNP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# version 2 added meta.finished_vcpus, which a reader must act on (version 1: none finished)
+READ_VERSIONS = (1, 2)
 MAX_SECTIONS = 4096
 NAME_LEN = 32
 _HEAD = struct.Struct("<8sII")
@@ -281,9 +283,9 @@ def _read_open(f: Any, size: int, what: str, max_size: int) -> Dict[str, Section
     if size < _HEAD.size + DIGEST_LEN:
         raise SnapshotError(f"{what}: truncated ({size} bytes)")
     _, version, n = _HEAD.unpack(head)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise SnapshotError(f"{what}: snapshot format version {version}; this pykvm reads "
-                            f"version {FORMAT_VERSION}")
+                            f"versions {', '.join(map(str, READ_VERSIONS))}")
     if n > MAX_SECTIONS:
         raise SnapshotError(f"{what}: {n} sections, more than the {MAX_SECTIONS} allowed")
     limit = max_size

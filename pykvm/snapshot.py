@@ -54,6 +54,7 @@ from .arch import current_snapshot as _arch_snapshot
 from .arch.snapstate import ArchState
 from .boot import MAX_IMAGE_SIZE
 from .errors import Busy, PykvmError, SnapshotError, shown
+from .report import Report
 from .kvm import Kvm
 
 TYPE_CHECKING = False
@@ -134,14 +135,15 @@ def refusals(machine: Any) -> List[str]:
 def finished(machine: Any) -> str:
     """Why ``machine``'s guest has ended for good ("" if it has not): a run ended it (the
     guest powered off or reset the pc machine: :class:`~pykvm.errors.MachineEnded`), or the
-    guest reported it finished (a ``done`` report, kept until :meth:`Machine.reset`). A
-    snapshot of such a guest would only restore a machine with nothing left to run, so
-    :func:`take` refuses it (docs/snapshots.md)."""
+    guest reported it finished: every vCPU reported done (:attr:`Machine.finished_vcpus`;
+    one vCPU done while another runs on is not the end). A snapshot of such a guest would
+    only restore a machine with nothing left to run, so :func:`take` refuses it
+    (docs/snapshots.md)."""
     ended = getattr(machine, "_ended", None)
     if ended:
         return str(ended)
-    if any(getattr(r, "kind", None) == "done" for r in list(machine.reports)):
-        return "it reported done"
+    if len(machine.finished_vcpus) >= len(machine.vcpus):
+        return "it reported done" if len(machine.vcpus) == 1 else "every vCPU reported done"
     return ""
 
 
@@ -291,6 +293,7 @@ def _write(machine: Any, path: str) -> int:
         "platform": plat, "initrds": len(initrds),
         "image_sha256": hashlib.sha256(image).hexdigest(),
         "cpuid": [list(map(int, e)) for e in given],
+        "finished_vcpus": sorted(machine.finished_vcpus),
     }
     w.add_json("meta", meta)
     w.add("image", image, compress=True)
@@ -437,6 +440,11 @@ def _check_meta(m: Any, what: str) -> dict:
         raise bad("vcpus")
     if not 0 <= m["initrds"] <= 64:
         raise bad("initrds")
+    done = m.setdefault("finished_vcpus", [])      # format 1 files: no vCPU had finished
+    if not isinstance(done, list) or len(done) >= m["vcpus"] or done != sorted(set(done)) or \
+            not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < m["vcpus"]
+                    for i in done):
+        raise bad("finished_vcpus")
     cpuid = m.get("cpuid")
     if not isinstance(cpuid, list) or len(cpuid) > 4096 or not all(
             isinstance(e, list) and len(e) == 7 and all(
@@ -713,6 +721,7 @@ def _load(m: Any, plan: Plan) -> None:
     for k in PC_FIELDS:
         if k in plat and hasattr(p, k):
             setattr(p, k, plat[k])
+    m._finished = {i: Report("done", vcpu=i) for i in meta["finished_vcpus"]}
     for hook in ("_map_pm", "_rtc_changed", "_pm_changed"):
         fn = getattr(p, hook, None)
         if fn is not None:

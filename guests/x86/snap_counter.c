@@ -14,8 +14,13 @@
  * 32-bit word at 0x7f00 + 4 x APIC id; vCPU 0's lines then add
  * " aps=<sum of the AP counters>" (a value that grows while the APs run).
  *
- * Ends with DONE ("snap cpu<N> done"; with APs, isa-debug-exit 0: exit status 1).  pykvm_params[1]: extra pause iterations per
- * round (0: none), to slow the guest down for a snapshot to land mid-run. */
+ * Ends with DONE ("snap cpu<N> done"; with APs, isa-debug-exit 0: exit status 1).
+ * pykvm_params[1]: extra pause iterations per round (0: none), to slow the guest
+ * down for a snapshot to land mid-run.  pykvm_params[2]: with N > 1, vCPUs 0..N-1
+ * run in loose step: none starts a round more than SLACK rounds ahead of the
+ * slowest of them, so that while one of them is mid-run every one is (host
+ * threads scheduled unevenly cannot let one vCPU finish before another starts).
+ * The lines do not depend on it. */
 #include "pc.h"
 
 #define REGION_BASE 0x2000000ul
@@ -25,6 +30,9 @@
 #define REPORT_EVERY 10
 #define TRAMPOLINE 0x7000u
 #define AP_COUNTERS 0x7f00u
+#define SLACK 100
+
+static volatile unsigned progress[64];	/* the last round each vCPU finished */
 
 extern char snap_ap_start[], snap_ap_end[];
 
@@ -81,6 +89,18 @@ static void wake_aps(void)
 	lapic_write(LAPIC_ICR_LO, 0xc4600 | (TRAMPOLINE >> 12));	/* SIPI */
 }
 
+/* Wait until every vCPU below n has finished round r - SLACK. */
+static void keep_step(unsigned n, unsigned r)
+{
+	unsigned j;
+
+	if (r <= SLACK)
+		return;
+	for (j = 0; j < n && j < 64; j++)
+		while (progress[j] < r - SLACK)
+			__asm__ volatile("pause");
+}
+
 static uint64_t ap_total(unsigned aps)
 {
 	uint64_t t = 0;
@@ -97,6 +117,7 @@ void guest_main(void)
 	volatile uint64_t *w = (volatile uint64_t *)(REGION_BASE + id * REGION_STRIDE);
 	unsigned aps = id == 0 ? (unsigned)pykvm_params[0] : 0;
 	uint64_t delay = pykvm_params[1];
+	unsigned step = (unsigned)pykvm_params[2];
 	uint64_t v = mix(id + 1), d;
 	unsigned i, round;
 
@@ -105,11 +126,15 @@ void guest_main(void)
 	if (aps)
 		wake_aps();
 	for (round = 1; round <= ROUNDS; round++) {
+		if (step > 1)
+			keep_step(step, round);
 		v = mix(v + round);
 		for (i = 0; i < 4; i++)
 			w[(v >> (i * 11)) % REGION_WORDS] ^= v + i;
 		for (d = 0; d < delay; d++)
 			__asm__ volatile("pause");
+		if (id < 64)
+			progress[id] = round;
 		if (round % REPORT_EVERY)
 			continue;
 		if (aps)

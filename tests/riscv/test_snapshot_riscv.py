@@ -33,7 +33,10 @@ def _lines(text):
 
 
 def _snapshot_at(path, text, vcpus=1):
-    hit = ConsoleWatch(text)
+    """Run GUEST until ``text`` appears, held there by the vCPU thread that printed it (as
+    ``pykvm run --snapshot-at console:TEXT`` does: the guest cannot run on to its end before
+    this thread wakes), snapshot it to ``path``, stop; the console before the snapshot."""
+    hit = ConsoleWatch(text, then=lambda: m.hold("test", timeout=None))
     m = Machine(GUEST, vcpus=vcpus, on_console=hit)
     try:
         m.set_params(1 if vcpus > 1 else 0, 0)       # power off at the end: hart 1 stays STOPPED
@@ -207,14 +210,15 @@ def test_reset_to_a_checkpoint_taken_mid_run_repeats_exactly():
     assert full.exit == "done", full.detail
     want = _lines(full.console_text)
     mark = [i for i, ln in enumerate(want) if ln.startswith("snap cpu0 count=100 ")][0]
-    hit = ConsoleWatch("cpu0 count=100 ")
+    hit = ConsoleWatch("cpu0 count=100 ", then=lambda: m.hold("test", timeout=None))
     m = Machine(GUEST, on_console=hit)
     try:
         out = []
         t = threading.Thread(target=lambda: out.append(m.run(timeout=600)))
         t.start()
         assert hit.wait(600), "the guest never reached round 100"
-        assert m.checkpoint() > 0                  # paused for it, and resumed
+        assert m.checkpoint() > 0                  # held at round 100 (cannot have ended)
+        m.release("test")
         t.join()
         assert out[0].exit == "done", out[0].detail
         window = (0x80200000, 1 << 20)             # the image, its data, stacks and counters
