@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 _PAGE = 4096
 GDB = "gdb"                    # the owner of the stub's hold (Machine.hold)
 _EFAULT, _EINVAL, _EBUSY, _EEXIST, _ENOSPC = 14, 22, 16, 17, 28
+# packets that read or change the stopped guest's registers, memory or breakpoints: served
+# inside Machine.holding(), so that another thread's snapshot, checkpoint or reset (which may
+# enter KVM_RUN to complete a pending exit, and reads every vCPU) is never interleaved with them
+_STATE_PACKETS = frozenset(b"gGpPmMXZz")
+_STATE_WAIT = 10.0                     # seconds a packet waits for another thread's block
 _SEND_TIMEOUT = 10.0          # seconds a reply may wait for a client that does not read
 
 #: the most software breakpoints (Z0) planted at once; one more is answered E1c (ENOSPC)
@@ -703,6 +708,9 @@ class _Session:
 
     def _dispatch_safely(self, data: bytes) -> Optional[bytes]:
         try:
+            if data[:1] and data[0] in _STATE_PACKETS and not self.running:
+                with self.m.holding("gdb", _STATE_WAIT):
+                    return self.dispatch(data)
             return self.dispatch(data)
         except pk.PacketError:
             return b"E%02x" % _EINVAL

@@ -794,3 +794,41 @@ def test_a_targets_temporary_patches_are_ram_patches_too(tmp_path, leftovers):
     finally:
         v.close()
     snap.check()
+
+
+def test_register_packets_wait_for_another_threads_hold_of_the_machine(leftovers):
+    """gdb's register and memory packets are served inside Machine.holding(): while another
+    thread reads or loads the vCPUs (a snapshot, a checkpoint or reset, the control socket's
+    dump; a snapshot may enter KVM_RUN to complete a pending exit, where a register read
+    from the gdb thread answered E10), a packet waits for the block to end, then sees what
+    the block left. Here the block writes RBX just before it ends; gdb's ``p 1`` (RBX), sent
+    while the block is open, answers the new value."""
+    snap = leftovers()
+    v = _Served()
+    try:
+        value = 0x1122334455667788
+        opened, inside, replies = threading.Event(), [], []
+
+        def block():
+            with v.m.holding("test"):
+                inside.append(True)
+                opened.set()
+                time.sleep(0.5)                # gdb's packet arrives meanwhile
+                regs = v.m.vcpus[0].get_regs()
+                regs.rbx = value
+                v.m.vcpus[0].set_regs(regs)
+                inside.clear()
+
+        t = threading.Thread(target=block)
+        t.start()
+        assert opened.wait(TIMEOUT)
+        replies.append((v.c.ask(b"p1"), bool(inside)))           # x86-64: rax, rbx, ...
+        t.join(TIMEOUT)
+        reply, while_inside = replies[0]
+        assert not while_inside, "the packet was answered inside the other thread's block"
+        assert reply == value.to_bytes(8, "little").hex().encode(), reply
+        v.start()
+        assert v.c.ask(b"c") == b"W00"
+    finally:
+        v.close()
+    snap.check()
