@@ -104,12 +104,20 @@ def test_step_after_its_exit_budget_runs_on(tmp_path, loop_cls):
 
 
 def test_kick_all_then_run_again(tmp_path):
-    """A kick that stopped a run is used up: the run after it runs the guest."""
+    """A kick that stopped a run is used up: the run after it runs the guest. The kick lands
+    once both vCPUs are seen in KVM_RUN (a 0.1 s timer stood in for that, and a run whose
+    5 s deadline passed first on a loaded host would have ended as "timeout")."""
     path = elf_guest(tmp_path, COUNT)
     with Machine(path, vcpus=2) as m:
-        import threading
-        threading.Timer(0.1, m.kick_all).start()
-        assert m.run(timeout=5).exit == "kick"
+        got = []
+        t = threading.Thread(target=lambda: got.append(m.run(timeout=600)))
+        t.start()
+        wait_until(lambda: all(v.running for v in m.vcpus) or not t.is_alive(),
+                   "both vCPUs to enter KVM_RUN", timeout=60)
+        assert t.is_alive(), got
+        m.kick_all()
+        t.join(60)
+        assert not t.is_alive() and got[0].exit == "kick", got
         before = m.memory.read_u64(COUNTER)
 
         def run():
@@ -133,14 +141,19 @@ def test_a_second_concurrent_run_raises_busy(tmp_path):
     path = elf_guest(tmp_path, COUNT)
     with Machine(path) as m:
         got = []
-        t = threading.Thread(target=lambda: got.append(m.run(timeout=1.0)))
+        # the first run lasts until stop(): a 1 s deadline let a test thread that a loaded
+        # host did not schedule for a second call run() after the first run had ended
+        t = threading.Thread(target=lambda: got.append(m.run(timeout=600)))
         t.start()
-        # the first run observed in progress (a silent 10 s limit went on to a run that then
-        # simply ran); it lasts 1 s, the check below takes microseconds
         wait_until(lambda: m.vcpus[0].running or not t.is_alive(), "the first run to begin",
                    timeout=60, interval=0.001)
         assert t.is_alive(), got
         with pytest.raises(Busy, match="already running"):
             m.run(timeout=0.1)
-        t.join()
-        assert got[0].exit == "timeout"
+        assert t.is_alive(), got                       # not disturbed: it runs the guest on
+        before = m.memory.read_u64(COUNTER)
+        wait_until(lambda: m.memory.read_u64(COUNTER) != before or not t.is_alive(),
+                   "the first run to count on", timeout=60)
+        m.stop("test over")
+        t.join(60)
+        assert not t.is_alive() and got[0].exit == "stopped", got
