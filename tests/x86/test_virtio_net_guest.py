@@ -415,14 +415,19 @@ def test_user_networking_through_passt_answers_arp_and_dhcp(guest_vm, transport)
 def test_a_passt_that_dies_mid_run_is_named_by_device_errors(guest_vm, tmp_path, monkeypatch):
     """A backend that stops after it started (here a stand-in passt that exits once the start
     check is over) is not silent: Machine.device_errors() names the device and says why, in
-    passt's own words (``pykvm run`` prints it, and --json carries it)."""
+    passt's own words (``pykvm run`` prints it, and --json carries it). The stand-in exits
+    when the test tells it to, once the machine is made (it slept 0.5 s: a loaded host that
+    kept pykvm from its start check for that long saw it exit at start)."""
     fake = tmp_path / "passt"
-    fake.write_text("#!/bin/sh\nsleep 0.5\necho 'passt: gave up for the test' >&2\nexit 3\n")
+    go = tmp_path / "exit-now"
+    fake.write_text(f"#!/bin/sh\nwhile [ ! -e '{go}' ]; do sleep 0.02; done\n"
+                    "echo 'passt: gave up for the test' >&2\nexit 3\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
     m = guest_vm("virtio_net.c", machine="pc", nets=[f"user,mac={GUEST_MAC.hex(':')}"])
     g = Guest(m)
     assert m.device_errors() == {}
+    go.touch()
     deadline = time.monotonic() + PATIENCE
     while not m.device_errors() and time.monotonic() < deadline:
         g.send(arp_request(GUEST_MAC, "10.0.2.15", "10.0.2.2"))   # into the dead socket
