@@ -106,6 +106,16 @@ class Section:
         return bytes(out)
 
 
+class Sections(dict):
+    """The sections of a file as read (``{name: Section}`` in file order), with ``version``:
+    the format version its header gives (one of :data:`READ_VERSIONS`), which decides what
+    its metadata must hold (docs/snapshots.md "The file format")."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__()
+        self.version = version
+
+
 class Writer:
     """Builds a snapshot file: :meth:`add` sections, then :meth:`write` them to a path."""
 
@@ -229,13 +239,14 @@ def printable(text: str, n: int = 400) -> str:
     return r if len(r) <= n else r[:max(n - 3, 1)] + "..."
 
 
-def read(path: Any, *, max_size: int = 1 << 40) -> Dict[str, Section]:
+def read(path: Any, *, max_size: int = 1 << 40) -> Sections:
     """Read and verify the snapshot file at ``path`` (a str or os.PathLike; module docstring):
     ``{name: Section}`` in file order. The file is opened without blocking (O_NONBLOCK) and
     must be a regular file; its fixed header and section table are read and checked first
     (magic, version, every section inside the file's real size, in order), the SHA-256
     digest is then verified in 1 MiB chunks, and only then are the sections read, so what is
     held in memory is bounded by the sections the header declares and the file really has.
+    Returns :class:`Sections` (its ``version``: the header's format version).
     Raises :class:`~pykvm.errors.SnapshotError` (one line) for a file that is not a snapshot,
     of another format version, truncated, corrupted, larger than ``max_size`` bytes (or than
     the host's memory), not a regular file, and for an unreadable path."""
@@ -276,7 +287,7 @@ def _read_exact(f: Any, n: int, what: str) -> bytes:
     return data
 
 
-def _read_open(f: Any, size: int, what: str, max_size: int) -> Dict[str, Section]:
+def _read_open(f: Any, size: int, what: str, max_size: int) -> Sections:
     head = f.read(_HEAD.size)
     if len(head) < len(MAGIC) or head[:len(MAGIC)] != MAGIC:
         raise SnapshotError(f"{what}: not a pykvm snapshot (bad magic)")
@@ -331,7 +342,7 @@ def _read_open(f: Any, size: int, what: str, max_size: int) -> Dict[str, Section
         where = _damaged_entry(f, entries, table_end, body_end)
         raise SnapshotError(f"{what}: corrupted or truncated (SHA-256 digest mismatch"
                             f"{'; ' + where if where else ''})")
-    out: Dict[str, Section] = {}
+    out = Sections(version)
     seen = set()
     for i, (raw_name, off, length, _crc, flags) in enumerate(entries):
         name = _name(raw_name, what, i)
@@ -383,16 +394,16 @@ def _host_memory() -> int:
         return 0
 
 
-def parse(blob: bytes, *, what: str = "snapshot") -> Dict[str, Section]:
+def parse(blob: bytes, *, what: str = "snapshot") -> Sections:
     """:func:`read` over bytes already in memory (``what`` names them in errors)."""
     if len(blob) < len(MAGIC) or blob[:len(MAGIC)] != MAGIC:
         raise SnapshotError(f"{what}: not a pykvm snapshot (bad magic)")
     if len(blob) < _HEAD.size + DIGEST_LEN:
         raise SnapshotError(f"{what}: truncated ({len(blob)} bytes)")
     _, version, n = _HEAD.unpack_from(blob, 0)
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise SnapshotError(f"{what}: snapshot format version {version}; this pykvm reads "
-                            f"version {FORMAT_VERSION}")
+                            f"versions {', '.join(map(str, READ_VERSIONS))}")
     if n > MAX_SECTIONS:
         raise SnapshotError(f"{what}: {n} sections, more than the {MAX_SECTIONS} allowed")
     body_end = len(blob) - DIGEST_LEN
@@ -404,7 +415,7 @@ def parse(blob: bytes, *, what: str = "snapshot") -> Dict[str, Section]:
         where = _damaged_section(blob, n, table_end, body_end)
         raise SnapshotError(f"{what}: corrupted or truncated (SHA-256 digest mismatch"
                             f"{'; ' + where if where else ''})")
-    out: Dict[str, Section] = {}
+    out = Sections(version)
     pos = table_end
     for i in range(n):
         raw_name, off, length, crc, flags = _ENTRY.unpack_from(blob, _HEAD.size + i * _ENTRY.size)

@@ -323,7 +323,7 @@ class Plan:
         secs = snapfile.read(path)
         what = str(os.fspath(path))[:200]
         meta = snapfile.json_section(secs, "meta", what=what, limit=MAX_META_JSON)
-        self.meta = _check_meta(meta, what)
+        self.meta = _check_meta(meta, what, secs.version)
         self.cpuid: List[Tuple[int, ...]] = [tuple(e) for e in meta["cpuid"]]
         known = {"meta", "image", "vm", "devices", "ram"} | \
             {f"initrd.{i}" for i in range(meta["initrds"])} | \
@@ -425,12 +425,25 @@ def _payload(s: snapfile.Section, limit: int, why: str, what: str) -> bytes:
         raise SnapshotError(f"{what}: {e}") from None
 
 
-def _check_meta(m: Any, what: str) -> dict:
+def _check_meta(m: Any, what: str, version: int = snapfile.FORMAT_VERSION) -> dict:
+    """The metadata ``m`` of a file whose header gives format ``version``, checked (types,
+    ranges, what that version must and may hold); raises SnapshotError naming the field."""
     def bad(field: str) -> SnapshotError:
         return SnapshotError(f"{what}: metadata field {field!r} is missing or malformed")
 
     if not isinstance(m, dict):
         raise SnapshotError(f"{what}: metadata is not a JSON object")
+    # the metadata's own format must be the header's: a file whose header and metadata
+    # disagree is crafted or corrupted, and which rules apply (finished_vcpus) would be a guess
+    if type(m.get("format")) is not int or m["format"] != version:
+        raise SnapshotError(f"{what}: metadata field 'format' is {shown(m.get('format'))}, "
+                            f"the file's header says format version {version}")
+    # version 2 added finished_vcpus and always writes it; a version 1 file cannot hold it
+    if version >= 2 and "finished_vcpus" not in m:
+        raise bad("finished_vcpus")
+    if version == 1 and "finished_vcpus" in m:
+        raise SnapshotError(f"{what}: metadata field 'finished_vcpus' in a format version 1 "
+                            "file (version 2 added it)")
     for k, t in (("arch", str), ("vendor", str), ("kvm_api_version", int), ("mono_ns", int),
                  ("vcpus", int), ("initrds", int), ("image_sha256", str), ("config", dict),
                  ("ram", list), ("platform", dict)):
@@ -441,9 +454,11 @@ def _check_meta(m: Any, what: str) -> dict:
     if not 0 <= m["initrds"] <= 64:
         raise bad("initrds")
     done = m.setdefault("finished_vcpus", [])      # format 1 files: no vCPU had finished
-    if not isinstance(done, list) or len(done) >= m["vcpus"] or done != sorted(set(done)) or \
-            not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < m["vcpus"]
-                    for i in done):
+    # the elements' types are checked before they are hashed or compared (a nested list or
+    # a mix of types must be "malformed", not a TypeError)
+    if not isinstance(done, list) or len(done) >= m["vcpus"] or \
+            not all(type(i) is int and 0 <= i < m["vcpus"] for i in done) or \
+            done != sorted(set(done)):
         raise bad("finished_vcpus")
     cpuid = m.get("cpuid")
     if not isinstance(cpuid, list) or len(cpuid) > 4096 or not all(
