@@ -781,6 +781,14 @@ class _Session:
             if s._stops:                         # a stop came while gdb was busy: report it
                 self.last_stop = self._take_stop(SIGTRAP)
                 return self.last_stop
+            if step_index is not None and step_index in self.m.finished_vcpus:
+                # a vCPU whose guest reported done is never resumed (Machine.finished_vcpus):
+                # its step could never end, and the others ran on to the guest's end (a
+                # stop at once instead makes gdb's next/step spin for ever on an unchanged
+                # pc). The step is refused (gdb: "Remote failure reply: E16", the thread
+                # stopped where it is) and nothing runs.
+                s._say(f"vCPU {step_index} reported done: gdb's step of it is refused")
+                return b"E%02x" % _EINVAL
             for w in s._soft:                    # gdb may have written them meanwhile
                 w.value = w.read(self.m.memory)
             s._gdb_step = step_index
@@ -932,7 +940,8 @@ class _Session:
         if data.startswith(b"qThreadExtraInfo,"):
             idx = self._thread_index(pk.parse_hex(data[len(b"qThreadExtraInfo,"):]),
                                      allow_all=False)
-            return pk.hex_encode(f"vCPU {idx}".encode())
+            done = " (done)" if idx in self.m.finished_vcpus else ""
+            return pk.hex_encode(f"vCPU {idx}{done}".encode())
         if data.startswith(b"qSymbol"):
             return b"OK"
         return b""

@@ -52,7 +52,7 @@ C_SIDE = ["tests/x86/test_core.py", "tests/x86/test_exit_fast_path.py",
 # ASan makes several times slower. A new hardware-test file must be put in one of the two lists
 # (test_every_hardware_test_file_is_placed).
 PLAIN_ONLY = ["tests/hw/test_reset_fixture.py", "tests/hw/test_gdb.py", "tests/hw/test_snapshot.py",
-              "tests/hw/test_snapshot_hostile2.py",
+              "tests/hw/test_snapshot_hostile2.py", "tests/hw/test_gdb_hostile2.py",
               "tests/hw/test_cli_limits.py", "tests/x86/test_cli_hostile.py",
               "tests/x86/test_cli_edges.py", "tests/x86/test_cli_run_options.py",
               "tests/x86/test_cli_console.py", "tests/hw/test_cli_trace_output.py",
