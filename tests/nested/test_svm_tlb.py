@@ -284,8 +284,8 @@ def test_vcpus_with_same_l2_asids_moved_between_cpus(svm_vm, nested, placement):
 def overcommit_run(kvm, vcpus: int, seconds: float, nl2: int = 3, ready=None) -> dict:
     """``vcpus`` L1 vCPUs of svm_tlb_multi (``nl2`` L2 guests each, one remapped per round),
     one host thread per vCPU, each thread moved to the next of this process's CPUs every round
-    when there are several; they run for ``seconds``, then the guest's stop flag ends them at
-    the end of a round. ``ready()`` is called once every vCPU has set up its L2 guests. Returns
+    when there are several; they run for ``seconds`` and until each has done a round, then the
+    guest's stop flag ends them at the end of a round. ``ready()`` is called once every vCPU has set up its L2 guests. Returns
     per-vCPU rounds and runs, and the KVM stats' change over the run; raises what a vCPU's
     thread raised (a GuestAssertion for a wrong read)."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -325,8 +325,13 @@ def overcommit_run(kvm, vcpus: int, seconds: float, nl2: int = 3, ready=None) ->
                    for i in range(vcpus)]
         for t in threads:
             t.start()
+        # for ``seconds``, and on until every vCPU has done a round: the callers require each
+        # to make progress, which a loaded host that kept one vCPU's thread off the CPUs for
+        # the whole time would fail though nothing is wrong (STEP more is a hang guard)
         end = time.monotonic() + seconds
-        while time.monotonic() < end and not errors:
+        give_up = end + STEP
+        while (time.monotonic() < end or min(syncs) < 1) and not errors \
+                and time.monotonic() < give_up:
             time.sleep(0.05)
         m.memory.write_u64(stop_addr, 1)
         for t in threads:
