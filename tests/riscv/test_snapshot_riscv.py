@@ -152,11 +152,24 @@ m.close()
 
 
 def _wait_for(m, seen, text, t, seconds):
+    """Whether ``text`` (bytes, or a predicate of the console so far) came within
+    ``seconds`` while the run (thread ``t``) goes on."""
+    found = text if callable(text) else (lambda s: text in s)
     end = time.monotonic() + seconds
-    while text not in seen and time.monotonic() < end and t.is_alive():
+    while not found(seen) and time.monotonic() < end and t.is_alive():
         m.flush_console()           # a guest halted waiting for input keeps its output otherwise
         time.sleep(0.1)
-    return text in seen
+    return found(seen)
+
+
+def _answered_and_prompting(seen):
+    """The whole "before 42 uptime N" line is out and, after it, the prompt that preceded the
+    command: the shell waits for its next line."""
+    s = bytes(seen)
+    line = re.search(rb"before 42 uptime [\d.]+\r?\n", s)
+    at = s.find(b"echo before")
+    prompt = s[s.rfind(b"\n", 0, at) + 1:at] if at >= 0 else b""
+    return line is not None and prompt in s[line.end():]
 
 
 def test_linux_at_its_shell_continues_in_another_process(tmp_path):
@@ -177,8 +190,10 @@ def test_linux_at_its_shell_continues_in_another_process(tmp_path):
         t.start()
         assert _wait_for(m, seen, b"shell (poweroff -f", t, 600), seen[-2000:].decode(errors="replace")
         m.send_console(b"echo before $((6*7)) uptime $(cut -d' ' -f1 /proc/uptime)\n")
-        assert _wait_for(m, seen, b"before 42", t, 120), seen[-2000:].decode(errors="replace")
-        time.sleep(1)                                  # the prompt again: the shell waits
+        # the line in full and the prompt again (a fixed 1 s sleep stood in for that: on a
+        # loaded lab host the snapshot could cut the line before its uptime)
+        assert _wait_for(m, seen, _answered_and_prompting, t, 120), \
+            seen[-2000:].decode(errors="replace")
         m.snapshot(path)
         before = seen.decode(errors="replace")
         m.stop("test")
