@@ -60,7 +60,9 @@ class Running:
         self.result = None
         self.thread = threading.Thread(target=self._run, args=(timeout,), daemon=True)
         self.thread.start()
-        wait_until(lambda: m.running, "the run to start")
+        # or already over: a run with a short deadline (1 s) that a loaded host let pass before
+        # this thread looked was never seen running
+        wait_until(lambda: m.running or self.result is not None, "the run to start")
 
     def _run(self, timeout):
         self.result = self.m.run(timeout=timeout)
