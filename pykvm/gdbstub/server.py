@@ -19,6 +19,7 @@ An exit that is not a debug stop goes on as without the stub (the handler that w
 before, else the platform, else it ends the run)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -45,6 +46,11 @@ _EFAULT, _EINVAL, _EBUSY, _EEXIST, _ENOSPC = 14, 22, 16, 17, 28
 # inside Machine.holding(), so that another thread's snapshot, checkpoint or reset (which may
 # enter KVM_RUN to complete a pending exit, and reads every vCPU) is never interleaved with them
 _STATE_PACKETS = frozenset(b"gGpPmMXZz")
+# packets that resume the stopped guest (or detach, which resumes it): they load guest-debug
+# state into every vCPU (KVM_SET_GUEST_DEBUG), so they too are served inside
+# Machine.holding(): a snapshot, checkpoint or reset in another thread completes pending exits
+# with KVM_RUN, and a resume served meanwhile had been refused E10 (vCPU busy)
+_RESUME_PACKETS = frozenset(b"cCsSD")
 _STATE_WAIT = 10.0                     # seconds a packet waits for another thread's block
 _SEND_TIMEOUT = 10.0          # seconds a reply may wait for a client that does not read
 
@@ -708,7 +714,17 @@ class _Session:
 
     def _dispatch_safely(self, data: bytes) -> Optional[bytes]:
         try:
-            if data[:1] and data[0] in _STATE_PACKETS and not self.running:
+            first = data[:1]
+            if first == b"D":                    # a detach happens, held or (closed) not
+                with contextlib.ExitStack() as block:
+                    try:
+                        block.enter_context(self.m.holding("gdb detach", _STATE_WAIT))
+                    except (Busy, Closed):
+                        pass
+                    return self.dispatch(data)
+            if not self.running and first and (
+                    data[0] in _STATE_PACKETS or data[0] in _RESUME_PACKETS or
+                    data.startswith(b"vCont;")):
                 with self.m.holding("gdb", _STATE_WAIT):
                     return self.dispatch(data)
             return self.dispatch(data)

@@ -7,7 +7,13 @@ off). gdb still lists it as a thread and may select it and step it: ``stepi`` se
 guest's end: gdb's ``stepi`` on such a thread answered "exited normally" (the whole guest run
 away under a single step). The step is now refused (``E16``: gdb says "Remote failure reply"
 and the thread stays stopped where it is), nothing runs, and ``qThreadExtraInfo`` says the
-vCPU is done."""
+vCPU is done.
+
+Resuming packets (``c``, ``s``, ``vCont``, and ``D``, which resumes) load guest-debug state
+into every vCPU (KVM_SET_GUEST_DEBUG). While another thread of the process snapshotted,
+checkpointed or reset the machine (which completes pending exits with KVM_RUN), such a packet
+had been answered ``E10`` (the vCPU "running in another thread"): gdb's ``continue`` failed at
+random. They are now served inside ``Machine.holding()`` as the state packets are."""
 import socket
 import subprocess
 import sys
@@ -38,12 +44,15 @@ class _Client:
             raise EOFError("the stub closed the connection")
         self.buf += chunk
 
-    def ask(self, payload):
-        self.s.sendall(pk.frame(payload))
+    def ack(self):
+        """The next byte from the stub, which must be the ack of the packet just sent."""
         while not self.buf:
             self._more()
-        assert self.buf[:1] == b"+", self.buf[:20]
-        self.buf = self.buf[1:]
+        first, self.buf = self.buf[:1], self.buf[1:]
+        assert first == b"+", first + self.buf[:40]
+
+    def reply(self):
+        """The next packet from the stub (acked)."""
         while True:
             i = self.buf.find(b"$")
             j = self.buf.find(b"#", i) if i >= 0 else -1
@@ -52,6 +61,11 @@ class _Client:
                 self.s.sendall(b"+")
                 return payload
             self._more()
+
+    def ask(self, payload):
+        self.s.sendall(pk.frame(payload))
+        self.ack()
+        return self.reply()
 
     def close(self):
         self.s.close()
@@ -141,3 +155,61 @@ def test_gdb_stepi_and_next_on_a_restored_finished_vcpu_stop_there(tmp_path):
     assert p.returncode == 0, err
     assert [ln for ln in out.splitlines() if ln.startswith("snap cpu")][-1] == "snap cpu0 done"
     assert "snap cpu1" not in out
+
+
+def test_continue_and_detach_while_another_thread_snapshots_and_resets(tmp_path, leftovers):
+    """A raw client continues, interrupts (0x03) and reads the registers, over and over,
+    while another thread of the same process snapshots, checkpoints and resets the machine:
+    every continue is accepted (the ack alone, no E10), every interrupt stops the guest, and
+    a detach during it lets the guest run to its end."""
+    snap = leftovers()
+    path = str(tmp_path / "hammer.snap")
+    with Machine("snap_counter", vcpus=2) as m:
+        m.set_params(0, 3000, 2)            # slow rounds: the guest runs through the loop
+        with serve(m, "tcp:127.0.0.1:0", wait=True) as server:
+            result = []
+            t = threading.Thread(target=lambda: result.append(server.run(timeout=600)))
+            t.start()
+            c = _Client(server.port)
+            stop = threading.Event()
+            errors = []
+
+            def hammer():
+                ops = (lambda: m.snapshot(path), m.checkpoint, m.reset)
+                i = 0
+                while not stop.is_set():
+                    try:
+                        ops[i % 3]()
+                    except Exception as e:  # noqa: BLE001 — recorded, asserted below
+                        errors.append(repr(e))
+                    i += 1
+
+            h = threading.Thread(target=hammer)
+            try:
+                c.ask(b"qSupported")
+                c.ask(b"?")
+                h.start()
+                for k in range(120):
+                    c.s.sendall(pk.frame(b"vCont;c"))
+                    c.ack()
+                    # a resume is answered by the ack alone (its stop reply comes later);
+                    # it had been "$E10" now and then, the guest left stopped
+                    assert c.ask(b"g") == b"E10", k           # running: busy
+                    c.s.sendall(b"\x03")
+                    reply = c.reply()
+                    assert reply.startswith(b"T02thread:"), (k, reply)
+                    assert not c.ask(b"g").startswith(b"E"), k
+                c.s.sendall(pk.frame(b"vCont;c"))
+                c.ack()
+                c.s.sendall(pk.frame(b"D"))               # detach while the hammer goes on
+                c.ack()
+                assert c.reply() == b"OK"
+            finally:
+                stop.set()
+                if h.ident:
+                    h.join(TIMEOUT)
+                c.close()
+                t.join(TIMEOUT)
+            assert errors == []
+        assert result and result[0].exit == "done", result
+    snap.check()
