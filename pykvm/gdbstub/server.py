@@ -46,7 +46,8 @@ _EFAULT, _EINVAL, _EBUSY, _EEXIST, _ENOSPC = 14, 22, 16, 17, 28
 # inside Machine.holding(), so that another thread's snapshot, checkpoint or reset (which may
 # enter KVM_RUN to complete a pending exit, and reads every vCPU) is never interleaved with them
 _STATE_PACKETS = frozenset(b"gGpPmMXZz")
-# packets that resume the stopped guest (or detach, which resumes it): they load guest-debug
+# packets that resume the stopped guest (or detach, which resumes it; and the target
+# description, which reads vCPU 0's mode the first time): they load guest-debug
 # state into every vCPU (KVM_SET_GUEST_DEBUG), so they too are served inside
 # Machine.holding(): a snapshot, checkpoint or reset in another thread completes pending exits
 # with KVM_RUN, and a resume served meanwhile had been refused E10 (vCPU busy)
@@ -724,7 +725,7 @@ class _Session:
                     return self.dispatch(data)
             if not self.running and first and (
                     data[0] in _STATE_PACKETS or data[0] in _RESUME_PACKETS or
-                    data.startswith(b"vCont;")):
+                    data.startswith((b"vCont;", b"qXfer:features:read:"))):
                 with self.m.holding("gdb", _STATE_WAIT):
                     return self.dispatch(data)
             return self.dispatch(data)
