@@ -53,7 +53,7 @@ from .abi import ffi
 from .arch import current_snapshot as _arch_snapshot
 from .arch.snapstate import ArchState
 from .boot import MAX_IMAGE_SIZE
-from .errors import Busy, PykvmError, SnapshotError, shown
+from .errors import Busy, InvalidArgument, PykvmError, SnapshotError, shown
 from .report import Report
 from .kvm import Kvm
 
@@ -607,11 +607,19 @@ def _restore(cls: Any, path: Any, **overrides: Any) -> Any:
     allowed = {"loop", "on_console", "console_limit", "report_limit", "kvm", "vm_setup"}
     bad = sorted(set(overrides) - allowed)
     if bad:
-        raise ValueError(f"restore() cannot override {', '.join(bad)} (allowed: "
-                         f"{', '.join(sorted(allowed))})")
+        raise InvalidArgument(f"restore() cannot override {', '.join(bad)} (allowed: "
+                              f"{', '.join(sorted(allowed))})")
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
         raise TypeError(f"restore() takes a snapshot path (str or os.PathLike), not "
                         f"{type(path).__name__}")
+    # the overrides used before the machine is built are checked here, so that a wrong one
+    # is a typed error naming it, not an AttributeError from the host check
+    if overrides.get("kvm") is not None and not isinstance(overrides["kvm"], Kvm):
+        raise InvalidArgument(f"restore(): kvm must be a pykvm.kvm.Kvm or None, not "
+                              f"{type(overrides['kvm']).__name__}")
+    if overrides.get("vm_setup") is not None and not callable(overrides["vm_setup"]):
+        raise InvalidArgument(f"restore(): vm_setup must be callable or None, not "
+                              f"{type(overrides['vm_setup']).__name__}")
     plan = Plan(path)
     meta = plan.meta
     cfg = meta["config"]

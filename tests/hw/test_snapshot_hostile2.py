@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from pykvm import snapfile
-from pykvm.errors import SnapshotError
+from pykvm.errors import InvalidArgument, SnapshotError
 from pykvm.machine import Machine
 
 pytestmark = pytest.mark.requires_kvm
@@ -116,3 +116,15 @@ def test_a_true_version_1_file_restores_and_parse_reads_it(snap, tmp_path):
     assert r.exit == "done", r.detail
     assert {ln for ln in r.console_text.splitlines() if ln.endswith(" done")} == \
         {"snap cpu0 done", "snap cpu1 done"}
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"vcpus": 4}, "cannot override vcpus"),
+    ({"kvm": "/dev/kvm"}, "kvm must be a pykvm.kvm.Kvm or None, not str"),
+    ({"vm_setup": 5}, "vm_setup must be callable or None, not int"),
+])
+def test_restore_overrides_are_typed_errors(snap, overrides, match):
+    """An override restore() does not take, or of the wrong type, is InvalidArgument naming
+    it (had been a bare ValueError, and for kvm an AttributeError from the host check)."""
+    with pytest.raises(InvalidArgument, match=match):
+        Machine.restore(snap, **overrides).close()
