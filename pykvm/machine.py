@@ -279,6 +279,9 @@ class Machine:
         # thread has not started yet as held) until its part ends, and the vCPU of each step()
         # another thread makes between runs
         self._active: set = set()
+        # in a run's vCPU thread: the index of the vCPU it runs (a holding() block opened from
+        # its exit handler or console callback counts that vCPU as out of KVM_RUN)
+        self._run_tls = threading.local()
         # (thread ident, token) of each holding() block in force: no run or step starts and no
         # other thread's block begins until they end (blocks of one thread may nest)
         self._exclusive: List[Tuple[int, object]] = []
@@ -976,7 +979,8 @@ class Machine:
         thread makes, is held by a hold of the block's own (:meth:`hold`) that no
         :meth:`resume` or :meth:`stop` releases (a step is kicked out of KVM_RUN and waits for
         the block's end to step on); a vCPU the calling thread itself steps (the block opened
-        from an exit handler or a console callback of that step) is out of KVM_RUN already. Whether the machine runs or not, no
+        from an exit handler or a console callback of that step, or of that vCPU's thread of a
+        run) is out of KVM_RUN already. Whether the machine runs or not, no
         :meth:`run` or :meth:`step` starts and no other thread's block begins until the block
         ends (they wait; blocks of one thread nest), and a run that ends during the block
         leaves the vCPUs alone. A run or step the block's own thread starts raises
@@ -995,7 +999,11 @@ class Machine:
                 while any(t != me for t, _ in self._exclusive):
                     self._wait_in_block(what, end, timeout, "another thread held the machine")
                 self._exclusive.append(entry)
-                mine = {i for i, (t, _) in self._steppers.items() if t == me} - self._held
+                mine = {i for i, (t, _) in self._steppers.items() if t == me}
+                own = getattr(self._run_tls, "index", None)
+                if own is not None and self._run_owner is not None and own in self._active:
+                    mine.add(own)              # a run's vCPU thread: its own vCPU is here
+                mine -= self._held
                 self._held |= mine
                 busy = self._run_owner is not None or bool(self._active - mine)
             if busy:
@@ -1058,7 +1066,11 @@ class Machine:
         # Process-directed signals (Ctrl-C, SIGTERM) belong to the main thread, which reacts
         # to them; a vCPU thread blocks them so they cannot stall in KVM_RUN there.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        self._run_one(index, deadline, results)
+        self._run_tls.index = index
+        try:
+            self._run_one(index, deadline, results)
+        finally:
+            self._run_tls.index = None
 
     def run(self, timeout: Optional[float] = None) -> RunResult:
         """Run every vCPU (one thread each) until the guest is done, exits, fails or times
