@@ -285,6 +285,10 @@ class Machine:
         # (thread ident, token) of each holding() block in force: no run or step starts and no
         # other thread's block begins until they end (blocks of one thread may nest)
         self._exclusive: List[Tuple[int, object]] = []
+        # holding() calls waiting for another thread's block to end, in arrival order: a block
+        # begins only when no other thread's waiter is ahead of it, so a thread that resets in
+        # a loop cannot starve another thread's snapshot
+        self._block_waiters: List[Tuple[int, object]] = []
         # vCPU index -> (thread ident, token) of each step() in progress between runs
         self._steppers: Dict[int, Tuple[int, object]] = {}
         self._stop_reason: Optional[str] = None   # why stop() ends the run
@@ -982,7 +986,8 @@ class Machine:
         from an exit handler or a console callback of that step, or of that vCPU's thread of a
         run) is out of KVM_RUN already. Whether the machine runs or not, no
         :meth:`run` or :meth:`step` starts and no other thread's block begins until the block
-        ends (they wait; blocks of one thread nest), and a run that ends during the block
+        ends (they wait, blocks of other threads in the order they came; blocks of one thread
+        nest), and a run that ends during the block
         leaves the vCPUs alone. A run or step the block's own thread starts raises
         :class:`~pykvm.errors.Busy`.
 
@@ -996,8 +1001,17 @@ class Machine:
         mine: set = set()                      # vCPUs this thread steps (out of KVM_RUN here)
         try:
             with self._pause_cv:
-                while any(t != me for t, _ in self._exclusive):
-                    self._wait_in_block(what, end, timeout, "another thread held the machine")
+                if not any(t == me for t, _ in self._exclusive):     # not a nested block
+                    self._block_waiters.append(entry)
+                    try:
+                        while any(t != me for t, _ in self._exclusive) or any(
+                                t != me for t, _ in
+                                self._block_waiters[:self._block_waiters.index(entry)]):
+                            self._wait_in_block(what, end, timeout,
+                                                "another thread held the machine")
+                    finally:
+                        self._block_waiters.remove(entry)
+                        self._pause_cv.notify_all()
                 self._exclusive.append(entry)
                 mine = {i for i, (t, _) in self._steppers.items() if t == me}
                 own = getattr(self._run_tls, "index", None)

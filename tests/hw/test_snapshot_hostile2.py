@@ -171,3 +171,34 @@ def test_snapshot_checkpoint_reset_from_a_console_callback_of_a_run(tmp_path, op
         for cpu in (0, 1):
             tail = _lines(after, cpu)
             assert tail and _lines(full, cpu)[-len(tail):] == tail
+
+
+def test_a_reset_loop_in_one_thread_does_not_starve_a_snapshot_in_another(tmp_path):
+    """One thread resets the machine in a tight loop (checkpoint/reset around tests, as the
+    fresh_vm fixture does), another snapshots it: Machine.holding() lets blocks begin in
+    arrival order, so each snapshot gets its turn. The reset loop had re-taken the machine
+    each time before the waiting snapshot woke, until the snapshot's 10 s were spent
+    ("did not pause within 10 s")."""
+    import threading
+    with Machine("snap_counter", vcpus=2) as m:
+        m.set_params(0, 200, 0)
+        assert m.run(timeout=0.02).exit == "timeout"
+        m.checkpoint()
+        stop = threading.Event()
+        resets = []
+
+        def loop():
+            while not stop.is_set():
+                resets.append(m.reset())
+
+        t = threading.Thread(target=loop)
+        t.start()
+        try:
+            for i in range(5):
+                assert m.snapshot(str(tmp_path / f"s{i}.snap")) > 0
+        finally:
+            stop.set()
+            t.join(60)
+        assert len(resets) >= 5
+    with Machine.restore(str(tmp_path / "s4.snap")) as m2:
+        assert m2.run(timeout=120).exit == "done"
