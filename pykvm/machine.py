@@ -238,6 +238,15 @@ class Machine:
         if not (isinstance(loop, type) and issubclass(loop, LoopBase)) and loop is not None:
             raise InvalidArgument(f"loop must be a run-loop class (pykvm.runloop.RunLoop or a "
                                   f"subclass of LoopBase), not {shown(loop)}")
+        for name, value in (("console_limit", console_limit), ("report_limit", report_limit)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidArgument(f"{name} must be an int >= 0, not {shown(value)}")
+        for name, fn in (("on_console", on_console), ("vm_setup", vm_setup)):
+            if fn is not None and not callable(fn):
+                raise InvalidArgument(f"{name} must be callable or None, not {shown(fn)}")
+        if kvm is not None and not isinstance(kvm, Kvm):
+            raise InvalidArgument(f"kvm must be a pykvm.kvm.Kvm (an open /dev/kvm) or None, "
+                                  f"not {shown(kvm)}")
         self._closed = False
         self._own_kvm = kvm is None
         self.kvm = kvm or Kvm()
@@ -432,6 +441,8 @@ class Machine:
 
     @console_limit.setter
     def console_limit(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidArgument(f"console_limit must be an int >= 0, not {shown(value)}")
         self._console.limit = value
 
     @property

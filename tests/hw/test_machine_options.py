@@ -22,6 +22,13 @@ from pykvm.testing.reference_loop import ReferenceLoop
     ({"machine": ["pc"]}, "machine must be a name"),
     ({"machine": "x" * 10000}, r"no machine 'x{40}'\.\.\. on this"),
     ({"machine": "pc", "cpu_type": "max"}, "the pc machine has no option 'cpu_type'"),
+    ({"console_limit": -1}, r"console_limit must be an int >= 0, not -1"),
+    ({"console_limit": 1.5}, r"console_limit must be an int >= 0"),
+    ({"report_limit": -3}, r"report_limit must be an int >= 0, not -3"),
+    ({"report_limit": "9"}, r"report_limit must be an int >= 0"),
+    ({"vm_setup": 5}, r"vm_setup must be callable or None, not 5"),
+    ({"on_console": "print"}, r"on_console must be callable or None"),
+    ({"kvm": "x"}, r"kvm must be a pykvm.kvm.Kvm"),
 ])
 def test_wrong_options_are_one_value_error(options, message):
     with pytest.raises(ValueError, match=message) as e:
@@ -36,6 +43,16 @@ def test_empty_defaults_are_accepted(options):
     with Machine("hello", **options) as m:
         assert m.run(timeout=10).exit == "done"
         assert m.platform.name == "bare"
+
+
+@pytest.mark.requires_kvm
+def test_a_bad_console_limit_set_later_is_refused_and_kept():
+    with Machine("hello", console_limit=100) as m:
+        with pytest.raises(InvalidArgument, match="console_limit must be an int >= 0"):
+            m.console_limit = -1
+        assert m.console_limit == 100
+        m.console_limit = 0
+        assert m.run(timeout=10).exit == "done" and m.console == b""
 
 
 @pytest.mark.requires_kvm

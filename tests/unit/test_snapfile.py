@@ -339,7 +339,7 @@ def test_inflating_stops_as_soon_as_the_bound_is_passed():
 def _meta(**change):
     """Metadata that passes restore's checks on this host, for a 64 MiB bare machine."""
     from pykvm._host import HOST_ARCH
-    m = {"format": 1, "arch": HOST_ARCH, "kvm_api_version": 12, "vendor": "GenuineIntel",
+    m = {"format": snapfile.FORMAT_VERSION, "finished_vcpus": [], "arch": HOST_ARCH, "kvm_api_version": 12, "vendor": "GenuineIntel",
          "mono_ns": 1, "taken_unix_ns": 1, "vcpus": 1, "initrds": 0, "ram": [[0, 64 << 20]],
          "image_sha256": "0" * 64, "cpuid": [[0, 0, 0, 0, 0, 0, 0]],
          "platform": {"name": "bare"},
