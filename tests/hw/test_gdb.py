@@ -23,6 +23,7 @@ from pykvm.gdbstub import packets as pk
 from pykvm.gdbstub.server import serve
 from pykvm.gdbstub.x86 import data_breakpoints_fire
 from pykvm.machine import Machine
+from rsp_client import Raw
 from pykvm.testing import wait_until
 from pykvm.testing.gdb import (GDB, TIMEOUT, PykvmGdb, gdb_args as _gdb_args,
                                guest_elf as _elf, run_gdb, source_line as _line_of)
@@ -210,57 +211,6 @@ def test_32_bit_guest():
     assert "<guest_main32+" in out, out
     assert "exited with code 01" in out, out            # isa-debug-exit 0: status 1
     assert code == 1 and "Hello from pykvm guest! (32-bit multiboot)" in stdout, stderr
-
-
-class Raw:
-    """A raw RSP client: send one packet, read one reply (acks handled). ``where``: a TCP
-    port on localhost or a unix socket path."""
-
-    def __init__(self, where):
-        if isinstance(where, int):
-            self.s = socket.create_connection(("127.0.0.1", where), timeout=60)
-            self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as gdb does
-        else:
-            self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.s.settimeout(60)
-            self.s.connect(where)
-        self.buf = b""
-
-    def send_raw(self, data):
-        self.s.sendall(data)
-
-    def _read_more(self):
-        chunk = self.s.recv(65536)
-        if not chunk:
-            raise EOFError("the stub closed the connection")
-        self.buf += chunk
-
-    def read_byte(self):
-        while not self.buf:
-            self._read_more()
-        b, self.buf = self.buf[:1], self.buf[1:]
-        return b
-
-    def reply(self):
-        while True:
-            i = self.buf.find(b"$")
-            if i >= 0:
-                j = self.buf.find(b"#", i)
-                if j >= 0 and len(self.buf) >= j + 3:
-                    payload = self.buf[i + 1:j]
-                    assert int(self.buf[j + 1:j + 3], 16) == pk.checksum(payload)
-                    self.buf = self.buf[j + 3:]
-                    self.s.sendall(b"+")
-                    return payload
-            self._read_more()
-
-    def ask(self, payload):
-        self.s.sendall(pk.frame(payload))
-        assert self.read_byte() == b"+"
-        return self.reply()
-
-    def close(self):
-        self.s.close()
 
 
 def test_real_mode_guest_with_a_hardware_breakpoint():

@@ -14,7 +14,6 @@ into every vCPU (KVM_SET_GUEST_DEBUG). While another thread of the process snaps
 checkpointed or reset the machine (which completes pending exits with KVM_RUN), such a packet
 had been answered ``E10`` (the vCPU "running in another thread"): gdb's ``continue`` failed at
 random. They are now served inside ``Machine.holding()`` as the state packets are."""
-import socket
 import subprocess
 import sys
 import threading
@@ -24,51 +23,12 @@ import pytest
 from pykvm.gdbstub import packets as pk
 from pykvm.gdbstub.server import serve
 from pykvm.machine import Machine
+from rsp_client import Raw
 from pykvm.testing import wait_until
 from pykvm.testing.gdb import GDB, TIMEOUT
 from pykvm import guests
 
 pytestmark = pytest.mark.requires_kvm
-
-
-class _Client:
-    """One RSP packet out, one reply back (acks handled), over TCP on localhost."""
-
-    def __init__(self, port):
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=60)
-        self.buf = b""
-
-    def _more(self):
-        chunk = self.s.recv(65536)
-        if not chunk:
-            raise EOFError("the stub closed the connection")
-        self.buf += chunk
-
-    def ack(self):
-        """The next byte from the stub, which must be the ack of the packet just sent."""
-        while not self.buf:
-            self._more()
-        first, self.buf = self.buf[:1], self.buf[1:]
-        assert first == b"+", first + self.buf[:40]
-
-    def reply(self):
-        """The next packet from the stub (acked)."""
-        while True:
-            i = self.buf.find(b"$")
-            j = self.buf.find(b"#", i) if i >= 0 else -1
-            if j >= 0 and len(self.buf) >= j + 3:
-                payload, self.buf = self.buf[i + 1:j], self.buf[j + 3:]
-                self.s.sendall(b"+")
-                return payload
-            self._more()
-
-    def ask(self, payload):
-        self.s.sendall(pk.frame(payload))
-        self.ack()
-        return self.reply()
-
-    def close(self):
-        self.s.close()
 
 
 def _one_vcpu_done(m):
@@ -86,7 +46,7 @@ def test_a_step_of_a_finished_vcpu_is_refused_and_nothing_runs(leftovers):
             result = []
             t = threading.Thread(target=lambda: result.append(server.run(timeout=TIMEOUT)))
             t.start()
-            c = _Client(server.port)
+            c = Raw(server.port)
             try:
                 c.ask(b"qSupported")
                 wait_until(lambda: m.held_for("gdb"), "the run to be held for gdb",
@@ -170,7 +130,7 @@ def test_continue_and_detach_while_another_thread_snapshots_and_resets(tmp_path,
             result = []
             t = threading.Thread(target=lambda: result.append(server.run(timeout=600)))
             t.start()
-            c = _Client(server.port)
+            c = Raw(server.port)
             stop = threading.Event()
             errors = []
 
