@@ -995,7 +995,8 @@ class Machine:
         :meth:`resume` or :meth:`stop` releases (a step is kicked out of KVM_RUN and waits for
         the block's end to step on); a vCPU the calling thread itself steps (the block opened
         from an exit handler or a console callback of that step, or of that vCPU's thread of a
-        run) is out of KVM_RUN already. Whether the machine runs or not, no
+        run) is out of KVM_RUN already, and counts as held from the call on, also while the
+        block waits for another thread's (whose hold would otherwise wait for it). Whether the machine runs or not, no
         :meth:`run` or :meth:`step` starts and no other thread's block begins until the block
         ends (they wait, blocks of other threads in the order they came; blocks of one thread
         nest), and a run that ends during the block
@@ -1012,6 +1013,18 @@ class Machine:
         mine: set = set()                      # vCPUs this thread steps (out of KVM_RUN here)
         try:
             with self._pause_cv:
+                # the vCPUs this thread itself steps or runs are out of KVM_RUN while it is
+                # here: they count as held from now, also while the block waits for another
+                # thread's, whose hold would otherwise wait for them (two vCPU threads opening
+                # blocks at once from their callbacks would each wait out the timeout)
+                here = {i for i, (t, _) in self._steppers.items() if t == me}
+                own = getattr(self._run_tls, "index", None)
+                if own is not None and self._run_owner is not None and own in self._active:
+                    here.add(own)              # a run's vCPU thread: its own vCPU is here
+                mine = here - self._held
+                if mine:
+                    self._held |= mine
+                    self._pause_cv.notify_all()
                 if not any(t == me for t, _ in self._exclusive):     # not a nested block
                     self._block_waiters.append(entry)
                     try:
@@ -1024,13 +1037,7 @@ class Machine:
                         self._block_waiters.remove(entry)
                         self._pause_cv.notify_all()
                 self._exclusive.append(entry)
-                mine = {i for i, (t, _) in self._steppers.items() if t == me}
-                own = getattr(self._run_tls, "index", None)
-                if own is not None and self._run_owner is not None and own in self._active:
-                    mine.add(own)              # a run's vCPU thread: its own vCPU is here
-                mine -= self._held
-                self._held |= mine
-                busy = self._run_owner is not None or bool(self._active - mine)
+                busy = self._run_owner is not None or bool(self._active - here)
             if busy:
                 if not self.hold(entry[1], max(end - time.monotonic(), 0.0)):
                     self._check_open()

@@ -670,6 +670,37 @@ def test_reset_returns_the_finished_vcpus_of_its_checkpoint():
         assert _lines(r.console_text, 0) == _lines(first.console_text, 0)
 
 
+def test_two_vcpu_threads_snapshot_from_their_callbacks_at_once(tmp_path):
+    """Each vCPU's thread, in the console callback of its own round-100 line, snapshots the
+    running machine, both at the same moment (a barrier): one block waits for the other, and
+    the other's hold counts the waiting thread's vCPU as held (it is out of KVM_RUN, in its
+    callback). Before, each waited for the other's vCPU until its 10 s ran out (Busy). Both
+    snapshots restore and run to the end."""
+    barrier = threading.Barrier(2, timeout=60)
+    errors, paths = [], {}
+
+    def at_round_100(cpu):
+        def then():
+            try:
+                barrier.wait()
+                paths[cpu] = str(tmp_path / f"cpu{cpu}.snap")
+                m.snapshot(paths[cpu])
+            except Exception as e:  # noqa: BLE001 — asserted below, not raised in the vCPU
+                errors.append((cpu, e))
+        return ConsoleWatch(f"cpu{cpu} count=100 ", then=then)
+
+    watches = [at_round_100(0), at_round_100(1)]
+    with Machine(GUEST, machine="bare", vcpus=2,
+                 on_console=lambda d: [w(d) for w in watches]) as m:
+        m.set_params(0, 0, 2)
+        r = m.run(timeout=120)
+    assert not errors, errors
+    assert r.exit == "done", r.detail
+    for cpu in (0, 1):
+        with Machine.restore(paths[cpu]) as m2:
+            assert m2.run(timeout=120).exit == "done"
+
+
 def test_a_version_1_snapshot_is_still_read(tmp_path, good_snapshot):
     """Format version 2 added meta.finished_vcpus; a version 1 file (no such field: no vCPU
     had finished) restores and runs to the end."""
