@@ -790,7 +790,10 @@ class Machine:
 
     def _run_one(self, index: int, deadline: Optional[float], results: list) -> None:
         """One vCPU's part of :meth:`run`: every outcome, exceptions included, lands in
-        ``results[index]``; anything but DONE stops the other vCPUs."""
+        ``results[index]``; anything but DONE stops the other vCPUs. The calling thread (a
+        vCPU thread, or run()'s own for a one-vCPU machine) is marked as running vCPU
+        ``index`` meanwhile (``_run_tls``: see :meth:`holding`)."""
+        self._run_tls.index = index
         try:
             done = self._finished.get(index)
             if done is not None:               # reported done in an earlier run or step
@@ -821,6 +824,7 @@ class Machine:
         except Exception as e:  # noqa: BLE001 — guest, KVM or handler error: the result
             ev = results[index] = Event("error", index, error=e)
         finally:
+            self._run_tls.index = None
             with self._pause_cv:
                 self._active.discard(index)
                 self._pause_cv.notify_all()
@@ -1098,11 +1102,7 @@ class Machine:
         # Process-directed signals (Ctrl-C, SIGTERM) belong to the main thread, which reacts
         # to them; a vCPU thread blocks them so they cannot stall in KVM_RUN there.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        self._run_tls.index = index
-        try:
-            self._run_one(index, deadline, results)
-        finally:
-            self._run_tls.index = None
+        self._run_one(index, deadline, results)
 
     def run(self, timeout: Optional[float] = None) -> RunResult:
         """Run every vCPU (one thread each) until the guest is done, exits, fails or times

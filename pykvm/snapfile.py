@@ -1,5 +1,6 @@
-"""The pykvm snapshot file format, version 2 (docs/snapshots.md; version 1 files are read too): reading, writing and checking
-it, in pure Python with nothing but the standard library and :mod:`pykvm.errors`.
+"""The pykvm snapshot file format, version 2 (docs/snapshots.md; version 1 files are read too):
+reading, writing and checking it, in pure Python with nothing but the standard library and
+:mod:`pykvm.errors`.
 
 Layout (all integers little-endian)::
 
@@ -287,6 +288,15 @@ def _read_exact(f: Any, n: int, what: str) -> bytes:
     return data
 
 
+def _check_head(version: int, n: int, what: str) -> None:
+    """The header's format version and section count, for :func:`read` and :func:`parse`."""
+    if version not in READ_VERSIONS:
+        raise SnapshotError(f"{what}: snapshot format version {version}; this pykvm reads "
+                            f"versions {', '.join(map(str, READ_VERSIONS))}")
+    if n > MAX_SECTIONS:
+        raise SnapshotError(f"{what}: {n} sections, more than the {MAX_SECTIONS} allowed")
+
+
 def _read_open(f: Any, size: int, what: str, max_size: int) -> Sections:
     head = f.read(_HEAD.size)
     if len(head) < len(MAGIC) or head[:len(MAGIC)] != MAGIC:
@@ -294,11 +304,7 @@ def _read_open(f: Any, size: int, what: str, max_size: int) -> Sections:
     if size < _HEAD.size + DIGEST_LEN:
         raise SnapshotError(f"{what}: truncated ({size} bytes)")
     _, version, n = _HEAD.unpack(head)
-    if version not in READ_VERSIONS:
-        raise SnapshotError(f"{what}: snapshot format version {version}; this pykvm reads "
-                            f"versions {', '.join(map(str, READ_VERSIONS))}")
-    if n > MAX_SECTIONS:
-        raise SnapshotError(f"{what}: {n} sections, more than the {MAX_SECTIONS} allowed")
+    _check_head(version, n, what)
     limit = max_size
     host = _host_memory()
     if host:
@@ -401,11 +407,7 @@ def parse(blob: bytes, *, what: str = "snapshot") -> Sections:
     if len(blob) < _HEAD.size + DIGEST_LEN:
         raise SnapshotError(f"{what}: truncated ({len(blob)} bytes)")
     _, version, n = _HEAD.unpack_from(blob, 0)
-    if version not in READ_VERSIONS:
-        raise SnapshotError(f"{what}: snapshot format version {version}; this pykvm reads "
-                            f"versions {', '.join(map(str, READ_VERSIONS))}")
-    if n > MAX_SECTIONS:
-        raise SnapshotError(f"{what}: {n} sections, more than the {MAX_SECTIONS} allowed")
+    _check_head(version, n, what)
     body_end = len(blob) - DIGEST_LEN
     table_end = _HEAD.size + n * _ENTRY.size
     if table_end > body_end:

@@ -134,15 +134,17 @@ def _lines(text, cpu):
     return [ln for ln in text.splitlines() if ln.startswith(f"snap cpu{cpu} ")]
 
 
+@pytest.mark.parametrize("vcpus", [1, 2])
 @pytest.mark.parametrize("op", ["snapshot", "checkpoint", "reset"])
-def test_snapshot_checkpoint_reset_from_a_console_callback_of_a_run(tmp_path, op):
+def test_snapshot_checkpoint_reset_from_a_console_callback_of_a_run(tmp_path, op, vcpus):
     """Machine.snapshot(), checkpoint() and reset() called from a console callback (a run's
     vCPU thread: its vCPU is out of KVM_RUN there) had waited for that vCPU to pause, which
     it could not while the callback ran: Busy ("did not pause within 10 s"). They now count
     it as held, as they do for a step's own thread; the snapshot restores to exactly the
-    lines an uninterrupted run prints after it."""
+    lines an uninterrupted run prints after it. One vCPU too: run() runs it in the calling
+    thread itself, not in a vCPU thread of its own."""
     from pykvm.runloop import ConsoleWatch
-    with Machine("snap_counter", vcpus=2) as m:
+    with Machine("snap_counter", vcpus=vcpus) as m:
         full = m.run(timeout=120).console_text
     path = str(tmp_path / "cb.snap")
     outcome = []
@@ -159,16 +161,17 @@ def test_snapshot_checkpoint_reset_from_a_console_callback_of_a_run(tmp_path, op
         except Exception as e:  # noqa: BLE001 — recorded, asserted below
             outcome.append(repr(e))
 
-    m2 = Machine("snap_counter", vcpus=2, on_console=ConsoleWatch("cpu0 count=100 ", then=then))
+    m2 = Machine("snap_counter", vcpus=vcpus,
+                 on_console=ConsoleWatch("cpu0 count=100 ", then=then))
     with m2:
-        m2.set_params(0, 0, 2)
+        m2.set_params(0, 0, vcpus)
         r = m2.run(timeout=120)
     assert outcome == ["ok"], outcome
     assert r.exit == "done", r.detail
     if op == "snapshot":
         with Machine.restore(path) as m3:
             after = m3.run(timeout=120).console_text
-        for cpu in (0, 1):
+        for cpu in range(vcpus):
             tail = _lines(after, cpu)
             assert tail and _lines(full, cpu)[-len(tail):] == tail
 
